@@ -1,0 +1,323 @@
+"""Workflow API: ``workflow`` > ``phase`` > ``step`` > ``redo``.
+
+Each is a context manager (``with`` / ``async with``) and a decorator (sync or async
+functions; every call opens a fresh span). Nesting is checked when the block is entered:
+
+* ``phase`` outside a ``workflow``, ``step`` outside a ``phase``, ``redo`` outside the
+  ``step`` it redoes raise :class:`WorkflowNestingError` before the block runs;
+* ``redo`` with ``attempt`` above the workflow's ``max_redos`` raises
+  :class:`RedoLimitExceeded`;
+* a ``workflow`` opened inside another workflow joins it (no second run, no new span),
+  which is how nested cmbagent instances stay in the parent's trace.
+
+An exception inside a block marks that span and every enclosing one failed and propagates
+unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from . import semconv
+from ._context import RunState, Scope, current_scope
+from ._spans import NodeSpec, TracedSpan
+from .redaction import truncate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PLANNING_PHASES = frozenset({"planning", "hitl_planning"})
+
+
+class WorkflowNestingError(ValueError):
+    """A phase, step or redo was opened where the workflow hierarchy does not allow it."""
+
+
+class RedoLimitExceeded(WorkflowNestingError):
+    """A redo attempt number is above the workflow's ``max_redos``."""
+
+
+class _Block:
+    """Shared machinery: context manager (sync/async) and decorator."""
+
+    _traced: TracedSpan | None
+
+    def _open(self) -> TracedSpan | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self) -> _Block:
+        self._traced = self._open()
+        if self._traced is not None:
+            self._traced.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        traced, self._traced = self._traced, None
+        if traced is not None:
+            traced.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> _Block:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _copy(self) -> _Block:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async with self._copy():
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self._copy():
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    # --- handle API, usable inside the block -------------------------------------------
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set an attribute on this block's span (no-op outside the block)."""
+        if self._traced is not None:
+            self._traced.set(key, value)
+
+    def fail(self, description: str) -> None:
+        """Mark this block failed without raising (e.g. a step judged unsuccessful)."""
+        if self._traced is not None:
+            self._traced.fail(description)
+
+
+class workflow(_Block):  # noqa: N801 - reads like the keyword it stands for
+    """One run: the root span of a trace, stored as one ``workflow_runs`` row.
+
+    ``mode`` uses cmbagent's mode strings (``planning-control``, ``one-shot``, ...).
+    ``session_id`` defaults to ``default_session``. ``max_redos`` bounds ``redo``
+    attempts (``None``: unbounded). ``agent``/``model`` fill the run's columns of the same
+    name; ``work_dir`` and ``task_id`` are kept in the run's meta.
+    """
+
+    def __init__(
+        self,
+        name: str = "workflow",
+        *,
+        mode: str = "one-shot",
+        session_id: str | None = None,
+        task: str | None = None,
+        agent: str | None = None,
+        model: str | None = None,
+        work_dir: str | None = None,
+        task_id: str | None = None,
+        max_redos: int | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._args = dict(
+            name=name, mode=mode, session_id=session_id, task=task, agent=agent, model=model,
+            work_dir=work_dir, task_id=task_id, max_redos=max_redos, attributes=attributes,
+        )
+        self.name = name
+        self.mode = mode
+        self.session_id = session_id or semconv.DEFAULT_SESSION_ID
+        self.task = task
+        self.agent = agent
+        self.model = model
+        self.work_dir = work_dir
+        self.task_id = task_id
+        self.max_redos = max_redos
+        self.attributes = attributes
+        self._traced = None
+        self.joined = False
+
+    def _copy(self) -> workflow:
+        return workflow(**self._args)  # type: ignore[arg-type]
+
+    def _open(self) -> TracedSpan | None:
+        parent = current_scope()
+        if parent is not None and parent.in_workflow:
+            self.joined = True
+            return None
+        attrs: dict[str, Any] = {
+            semconv.WORKFLOW_NAME: self.name,
+            semconv.WORKFLOW_MODE: self.mode,
+        }
+        for key, value in (
+            (semconv.WORKFLOW_TASK, truncate(self.task)),
+            (semconv.WORKFLOW_AGENT, self.agent),
+            (semconv.WORKFLOW_MODEL, self.model),
+            (semconv.WORKFLOW_WORK_DIR, self.work_dir),
+            (semconv.WORKFLOW_TASK_ID, self.task_id),
+        ):
+            if value is not None:
+                attrs[key] = value
+        if self.attributes:
+            attrs.update(self.attributes)
+        run = RunState(session_id=self.session_id, max_redos=self.max_redos)
+        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run)
+
+
+def _require(scope: Scope | None, what: str, inside: str) -> Scope:
+    if scope is None or not scope.in_workflow:
+        raise WorkflowNestingError(f"{what} must be opened inside {inside}; no workflow is active")
+    return scope
+
+
+class phase(_Block):  # noqa: N801
+    """A phase of a workflow (``planning``, ``control``, ``hitl_control``, ``one_shot``...).
+
+    Becomes a DAG node whose short id is the phase name (``control_2`` when a name repeats
+    in the run). Planning phases get node type ``planning``, order index 0 and
+    ``gen_ai.operation.name=plan``; other phases get node type ``control`` and their
+    1-based position in the run as order index.
+    """
+
+    def __init__(self, name: str, *, attributes: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("phase name must be a non-empty string")
+        self.name = name
+        self.attributes = attributes
+        self._traced = None
+
+    def _copy(self) -> phase:
+        return phase(self.name, attributes=self.attributes)
+
+    def _open(self) -> TracedSpan:
+        scope = _require(current_scope(), f"phase({self.name!r})", "a workflow")
+        if scope.phase is not None:
+            raise WorkflowNestingError(
+                f"phase({self.name!r}) opened inside phase({scope.phase!r}); phases do not nest"
+            )
+        index = scope.run.next_phase_index()
+        planning = self.name in PLANNING_PHASES or self.name.endswith("planning")
+        attrs: dict[str, Any] = {semconv.PHASE: self.name, semconv.PHASE_INDEX: index}
+        if planning:
+            attrs[semconv.GEN_AI_OPERATION_NAME] = semconv.OP_PLAN
+        if self.attributes:
+            attrs.update(self.attributes)
+        node = NodeSpec(
+            self.name,
+            semconv.NODE_PLANNING if planning else semconv.NODE_CONTROL,
+            order_index=0 if planning else index,
+        )
+        return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,
+                          scope_changes={"phase": self.name})
+
+
+class step(_Block):  # noqa: N801
+    """A numbered plan step inside a phase; DAG node ``step_<number>`` (order index = number)."""
+
+    def __init__(
+        self,
+        number: int,
+        goal: str = "",
+        *,
+        agent: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError(f"step number must be a positive int, got {number!r}")
+        self.number = number
+        self.goal = goal
+        self.agent = agent
+        self.attributes = attributes
+        self._traced = None
+
+    def _copy(self) -> step:
+        return step(self.number, self.goal, agent=self.agent, attributes=self.attributes)
+
+    def set_summary(self, summary: str) -> None:
+        """Record the step's outcome summary (``cmbagent.step.summary``)."""
+        self.set_attribute(semconv.STEP_SUMMARY, truncate(summary))
+
+    def _open(self) -> TracedSpan:
+        scope = _require(current_scope(), f"step({self.number})", "a phase")
+        if scope.phase is None:
+            raise WorkflowNestingError(f"step({self.number}) must be opened inside a phase")
+        if scope.step is not None:
+            raise WorkflowNestingError(f"step({self.number}) opened inside step({scope.step}); steps do not nest")
+        attrs: dict[str, Any] = {
+            semconv.STEP_NUMBER: self.number,
+            semconv.STEP_GOAL: truncate(self.goal) or "",
+            semconv.PHASE: scope.phase,
+        }
+        if self.agent:
+            attrs[semconv.STEP_AGENT] = self.agent
+        if self.attributes:
+            attrs.update(self.attributes)
+        node = NodeSpec(f"step_{self.number}", semconv.NODE_AGENT, order_index=self.number)
+        return TracedSpan(f"step {self.number}", semconv.KIND_STEP, attrs, node=node,
+                          scope_changes={"step": self.number})
+
+
+class redo(_Block):  # noqa: N801
+    """Redo attempt ``attempt`` (1-based) of step ``step``: a branch of that step.
+
+    Must be opened inside ``step(step)``. Becomes DAG node ``step_<n>_redo_<attempt>`` of
+    type ``redo`` with ``cmbagent.branch.name`` = ``redo_<attempt>``; the DAG exporter adds
+    the ``branch_at_step_<n>`` branch point and a conditional edge ``branch_redo_<attempt>``.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        attempt: int,
+        hypothesis: str | None = None,
+        *,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        for label, value in (("step", step), ("attempt", attempt)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"redo {label} must be a positive int, got {value!r}")
+        self.step = step
+        self.attempt = attempt
+        self.hypothesis = hypothesis
+        self.attributes = attributes
+        self._traced = None
+
+    def _copy(self) -> redo:
+        return redo(self.step, self.attempt, self.hypothesis, attributes=self.attributes)
+
+    def _open(self) -> TracedSpan:
+        scope = _require(current_scope(), f"redo(step={self.step})", f"step({self.step})")
+        if scope.step != self.step or scope.dag_node_type != semconv.NODE_AGENT:
+            raise WorkflowNestingError(
+                f"redo(step={self.step}, attempt={self.attempt}) must be opened directly inside "
+                f"step({self.step}); current step is {scope.step!r}"
+            )
+        limit = scope.run.max_redos
+        if limit is not None and self.attempt > limit:
+            raise RedoLimitExceeded(
+                f"redo attempt {self.attempt} of step {self.step} exceeds max_redos={limit}"
+            )
+        name = f"redo_{self.attempt}"
+        attrs: dict[str, Any] = {
+            semconv.STEP_NUMBER: self.step,
+            semconv.BRANCH_NAME: name,
+            semconv.BRANCH_ATTEMPT: self.attempt,
+            semconv.PHASE: scope.phase,
+        }
+        if self.hypothesis:
+            attrs[semconv.BRANCH_HYPOTHESIS] = truncate(self.hypothesis)
+        if self.attributes:
+            attrs.update(self.attributes)
+        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, order_index=self.step)
+        return TracedSpan(f"redo step {self.step} attempt {self.attempt}", semconv.KIND_BRANCH, attrs,
+                          node=node)
