@@ -67,6 +67,7 @@ class Scope:
     dag_node_type: str | None = None
     dag_depth: int = -1
     event_depth: int = 0
+    agent_depth: int = 0
     phase: str | None = None
     step: int | None = None
     in_workflow: bool = False

@@ -147,7 +147,7 @@ class TracedSpan:
             if node.order_index is not None:
                 attrs[semconv.DAG_ORDER_INDEX] = node.order_index
             new_scope = scope.evolve(
-                dag_node=node_id, dag_node_type=node.node_type, dag_depth=depth, event_depth=0,
+                dag_node=node_id, dag_node_type=node.node_type, dag_depth=depth, event_depth=0, agent_depth=0,
                 conversation_id=conversation_id,
             )
         else:

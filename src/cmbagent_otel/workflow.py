@@ -107,7 +107,7 @@ class _Block:
             self._traced.fail(description)
 
 
-class workflow(_Block):  # noqa: N801 - reads like the keyword it stands for
+class workflow(_Block):
     """One run: the root span of a trace, stored as one ``workflow_runs`` row.
 
     ``mode`` uses cmbagent's mode strings (``planning-control``, ``one-shot``, ...).
@@ -180,7 +180,7 @@ def _require(scope: Scope | None, what: str, inside: str) -> Scope:
     return scope
 
 
-class phase(_Block):  # noqa: N801
+class phase(_Block):
     """A phase of a workflow (``planning``, ``control``, ``hitl_control``, ``one_shot``...).
 
     Becomes a DAG node whose short id is the phase name (``control_2`` when a name repeats
@@ -221,7 +221,7 @@ class phase(_Block):  # noqa: N801
                           scope_changes={"phase": self.name})
 
 
-class step(_Block):  # noqa: N801
+class step(_Block):
     """A numbered plan step inside a phase; DAG node ``step_<number>`` (order index = number)."""
 
     def __init__(
@@ -267,7 +267,7 @@ class step(_Block):  # noqa: N801
                           scope_changes={"step": self.number})
 
 
-class redo(_Block):  # noqa: N801
+class redo(_Block):
     """Redo attempt ``attempt`` (1-based) of step ``step``: a branch of that step.
 
     Must be opened inside ``step(step)``. Becomes DAG node ``step_<n>_redo_<attempt>`` of

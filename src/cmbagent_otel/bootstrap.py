@@ -1,0 +1,147 @@
+"""``instrument()`` / ``uninstrument()``: the one-line setup, and the auto-instrumentation hook."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from . import _spans
+from .instrumentation.ag2 import AG2Instrumentor
+from .provider import build_tracer_provider, sdk_disabled
+from .redaction import reload_settings
+
+logger = logging.getLogger("cmbagent_otel")
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False}
+
+
+def _app_provider() -> trace.TracerProvider | None:
+    """The SDK provider the application already installed globally, if any."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    return provider
+
+
+def instrument(
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+    exporters: str | Sequence[str] | None = None,
+    span_exporters: Sequence[SpanExporter] = (),
+    service_name: str | None = None,
+    capture_content: bool | None = None,
+    set_global: bool = True,
+    instrument_threading: bool = True,
+    instrument_cmbagent: bool = True,
+) -> trace.TracerProvider | None:
+    """Turn tracing on for AG2 / cmbagent in this process; returns the provider in use.
+
+    Provider choice: ``tracer_provider`` if given; else the SDK provider the application
+    already set globally (never replaced); else a new one built from ``OTEL_*`` variables
+    (``exporters`` overrides ``OTEL_TRACES_EXPORTER``, ``span_exporters`` adds instances),
+    installed as the global provider when ``set_global``. With ``OTEL_SDK_DISABLED=true``
+    nothing is patched and ``None`` is returned. Calling it again while active returns the
+    same provider without patching twice. ``capture_content`` overrides
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
+    """
+    with _lock:
+        if _state["active"]:
+            return _state["provider"]  # type: ignore[no-any-return]
+        if sdk_disabled():
+            logger.info("cmbagent_otel: OTEL_SDK_DISABLED=true, instrumentation not installed")
+            return None
+        reload_settings()
+        owned = False
+        provider = tracer_provider or _app_provider()
+        if provider is None or (provider is _state.get("last_owned")):
+            provider = build_tracer_provider(exporters, service_name=service_name, span_exporters=span_exporters)
+            owned = True
+            if set_global and _app_provider() is None:
+                trace.set_tracer_provider(provider)
+        _spans.set_tracer_provider(provider)
+        AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content)
+        threaded = False
+        if instrument_threading:
+            threaded = _instrument_threading()
+        cmbagent = False
+        if instrument_cmbagent:
+            cmbagent = _instrument_cmbagent()
+        _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent)
+        return provider
+
+
+def _instrument_threading() -> bool:
+    try:
+        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+    except ImportError:
+        return False
+    instrumentor = ThreadingInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        return False  # someone else owns it; leave it to them
+    instrumentor.instrument()
+    return True
+
+
+def _instrument_cmbagent() -> bool:
+    try:
+        from .integrations import cmbagent as integration
+    except ImportError:
+        return False
+    try:
+        return bool(integration.instrument_cmbagent())
+    except Exception:
+        logger.debug("cmbagent_otel: cmbagent integration failed", exc_info=True)
+        return False
+
+
+def uninstrument() -> None:
+    """Undo :func:`instrument`: restore every patched method, flush and shut down an owned provider."""
+    with _lock:
+        if not _state["active"]:
+            return
+        AG2Instrumentor().uninstrument()
+        if _state["threading"]:
+            from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+            ThreadingInstrumentor().uninstrument()
+        if _state["cmbagent"]:
+            try:
+                from .integrations import cmbagent as integration
+
+                integration.uninstrument_cmbagent()
+            except Exception:
+                logger.debug("cmbagent_otel: cmbagent integration removal failed", exc_info=True)
+        provider = _state["provider"]
+        if _state["owned"] and isinstance(provider, TracerProvider):
+            try:
+                provider.force_flush()
+                provider.shutdown()
+            except Exception:
+                logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
+            _state["last_owned"] = provider
+        _spans.set_tracer_provider(None)
+        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False)
+
+
+def is_instrumented() -> bool:
+    return bool(_state["active"])
+
+
+class AutoConfigurator:
+    """``opentelemetry_configurator`` entry point for ``opentelemetry-instrument``.
+
+    Builds the provider from ``OTEL_*`` variables (as :func:`instrument` does) and installs
+    it globally; the AG2 instrumentor itself is loaded through its own entry point.
+    """
+
+    def configure(self, **kwargs: Any) -> None:
+        if sdk_disabled() or _app_provider() is not None:
+            return
+        trace.set_tracer_provider(build_tracer_provider())

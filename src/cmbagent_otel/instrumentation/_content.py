@@ -1,0 +1,56 @@
+"""Message-content capture switch and safe extraction helpers for AG2 objects."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..redaction import register_secret, safe_text
+
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_ON_VALUES = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
+
+
+def capture_from_env() -> bool:
+    """Whether the environment asks for message content (off unless explicitly on)."""
+    return os.environ.get(CAPTURE_ENV, "").strip().lower() in _ON_VALUES
+
+
+class Settings:
+    """Runtime switches of the AG2 instrumentation (set by ``instrument``)."""
+
+    capture_content: bool = False
+
+
+settings = Settings()
+
+
+def agent_name(agent: Any) -> str:
+    try:
+        name = getattr(agent, "name", None)
+        return str(name) if name is not None else type(agent).__name__
+    except Exception:
+        return "unknown"
+
+
+def content_of(message: Any) -> str | None:
+    """Text of an AG2 message (str or dict), redacted and bounded; ``None`` if absent."""
+    if message is None:
+        return None
+    if isinstance(message, dict):
+        if message.get("content") is None and (message.get("tool_calls") or message.get("function_call")):
+            return safe_text({k: message.get(k) for k in ("tool_calls", "function_call") if message.get(k)})
+        return safe_text(message.get("content"))
+    return safe_text(message)
+
+
+def register_llm_config_secrets(config_list: Any) -> None:
+    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere."""
+    try:
+        for config in config_list or ():
+            if isinstance(config, dict):
+                for key, value in config.items():
+                    if isinstance(value, str) and ("key" in key.lower() or "token" in key.lower()):
+                        register_secret(value)
+    except Exception:
+        pass

@@ -1,0 +1,517 @@
+"""OpenTelemetry instrumentor for AG2 (``autogen``: ag2 0.9-0.14 and ``cmbagent_autogen``).
+
+Patching is class-level (wrapt), on methods AG2 looks up at call time, so agents built
+before ``instrument()`` are covered too (AG2 stores *reply functions* per agent at
+construction; those are never patched, only what they call):
+
+==========================================================  ==================================
+patched                                                      span
+==========================================================  ==================================
+``ConversableAgent.initiate_chat`` / ``a_initiate_chat``     ``conversation {recipient}``
+``initiate_chats`` / ``a_initiate_chats`` (nested chats)     ``initiate_chats {sender}``
+``ConversableAgent.generate_reply`` / ``a_generate_reply``   ``invoke_agent {agent}``
+``OpenAIWrapper.create``                                     ``chat {model}``
+``ConversableAgent.execute_function`` / ``a_...``            ``execute_tool {tool}``
+``ConversableAgent.execute_code_blocks`` and every           ``execute_code {language}``
+code executor's ``execute_code_blocks``
+``GroupChat.select_speaker`` / ``a_select_speaker``          ``select_speaker {last speaker}``
+``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
+==========================================================  ==================================
+
+Inside a plan step (or redo), an agent invocation that is not nested in another agent
+invocation is a *sub-agent call*: its span is a DAG node of type ``sub_agent`` under the
+step. Group chat managers are transparent for that purpose.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
+
+from .. import semconv
+from .._context import current_scope
+from .._spans import NodeSpec, TracedSpan, set_tracer_provider
+from ..redaction import safe_text, truncate
+from ._content import agent_name, capture_from_env, content_of, register_llm_config_secrets, settings
+
+logger = logging.getLogger("cmbagent_otel")
+
+try:
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _otel_enabled
+except ImportError:  # older opentelemetry-instrumentation
+    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
+
+    def _otel_enabled() -> bool:
+        return not otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY)
+
+
+_in_code_span: contextvars.ContextVar[bool] = contextvars.ContextVar("cmbagent_otel_in_code", default=False)
+
+CODE_EXECUTOR_CLASSES = (
+    ("autogen.coding.local_commandline_code_executor", "LocalCommandLineCodeExecutor"),
+    ("autogen.coding.docker_commandline_code_executor", "DockerCommandLineCodeExecutor"),
+)
+# Importing these prints install hints when jupyter extras are absent: patch them only when
+# the application has imported them already.
+OPTIONAL_EXECUTOR_CLASSES = (
+    ("autogen.coding.jupyter.jupyter_code_executor", "JupyterCodeExecutor"),
+    ("autogen.coding.jupyter.embedded_ipython_code_executor", "EmbeddedIPythonCodeExecutor"),
+)
+
+
+def _enabled() -> bool:
+    try:
+        return _otel_enabled()
+    except Exception:
+        return False
+
+
+def _safe(builder: Callable[..., TracedSpan | None], *args: Any) -> TracedSpan | None:
+    """Build a span description; any telemetry error means: no span, call through."""
+    try:
+        return builder(*args)
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in %s", getattr(builder, "__name__", builder), exc_info=True)
+        return None
+
+
+def _after(hook: Callable[..., None], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:
+        logger.debug("cmbagent_otel: result recording failed in %s", getattr(hook, "__name__", hook), exc_info=True)
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def _traced_sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not _enabled():
+            return wrapped(*args, **kwargs)
+        traced = _safe(build, instance, args, kwargs)
+        if traced is None:
+            return wrapped(*args, **kwargs)
+        with traced:
+            result = wrapped(*args, **kwargs)
+            if record is not None:
+                _after(record, traced, instance, args, kwargs, result)
+            return result
+
+    return wrapper
+
+
+def _traced_async(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not _enabled():
+            return await wrapped(*args, **kwargs)
+        traced = _safe(build, instance, args, kwargs)
+        if traced is None:
+            return await wrapped(*args, **kwargs)
+        with traced:
+            result = await wrapped(*args, **kwargs)
+            if record is not None:
+                _after(record, traced, instance, args, kwargs, result)
+            return result
+
+    return wrapper
+
+
+# --- conversation ---------------------------------------------------------------------------
+def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    recipient = _arg(args, kwargs, 0, "recipient")
+    recipient_name = agent_name(recipient)
+    attrs: dict[str, Any] = {
+        semconv.GEN_AI_AGENT_NAME: recipient_name,
+        semconv.CONVERSATION_INITIATOR: agent_name(instance),
+        semconv.CONVERSATION_RECIPIENT: recipient_name,
+    }
+    max_turns = kwargs.get("max_turns")
+    if isinstance(max_turns, int):
+        attrs[semconv.CONVERSATION_MAX_TURNS] = max_turns
+    if settings.capture_content:
+        message = kwargs.get("message")
+        if isinstance(message, (str, dict)):
+            text = content_of(message)
+            if text is not None:
+                attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
+    return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True)
+
+
+def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    history = getattr(result, "chat_history", None)
+    if isinstance(history, list):
+        traced.set(semconv.CONVERSATION_CHAT_COUNT, len(history))
+    cost = getattr(result, "cost", None)
+    if isinstance(cost, dict):
+        total = cost.get("usage_including_cached_inference", {})
+        if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
+            traced.set(semconv.LLM_COST_USD, float(total["total_cost"]))
+    if settings.capture_content:
+        traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
+
+
+def _initiate_chats(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    queue = _arg(args, kwargs, 0, "chat_queue")
+    count = len(queue) if isinstance(queue, list) else 0
+    sender = "unknown"
+    if count and isinstance(queue[0], dict):
+        sender = agent_name(queue[0].get("sender"))
+    attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
+    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs)
+
+
+# --- agent invocation -------------------------------------------------------------------------
+_group_chat_manager_cls: type | None = None
+
+
+def _is_manager(agent: Any) -> bool:
+    cls = _group_chat_manager_cls
+    return cls is not None and isinstance(agent, cls)
+
+
+def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    name = agent_name(instance)
+    sender = _arg(args, kwargs, 1, "sender")
+    attrs: dict[str, Any] = {
+        semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+        semconv.GEN_AI_AGENT_NAME: name,
+    }
+    if sender is not None:
+        attrs[semconv.AGENT_SENDER] = agent_name(sender)
+    description = getattr(instance, "description", None)
+    if isinstance(description, str) and description:
+        attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = truncate(description, 512)
+    node = None
+    changes = None
+    if not _is_manager(instance):
+        scope = current_scope()
+        depth = scope.agent_depth if scope is not None else 0
+        if (
+            scope is not None
+            and depth == 0
+            and scope.dag_node is not None
+            and scope.dag_node_type in (semconv.NODE_AGENT, semconv.NODE_REDO)
+        ):
+            node = NodeSpec(
+                f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT,
+                order_index=scope.run.next_child_index(scope.dag_node),
+            )
+        changes = {"agent_depth": depth + 1}
+    return TracedSpan(f"invoke_agent {name}", semconv.KIND_AGENT, attrs, node=node, scope_changes=changes)
+
+
+def _record_reply(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if settings.capture_content and result is not None:
+        traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, content_of(result))
+
+
+# --- LLM call ------------------------------------------------------------------------------------
+def _provider_of(config: dict[str, Any]) -> str:
+    api_type = config.get("api_type")
+    if isinstance(api_type, str) and api_type:
+        return api_type
+    client_cls = config.get("model_client_cls")
+    if isinstance(client_cls, str) and client_cls:
+        return client_cls
+    return "openai"
+
+
+def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    config_list = getattr(instance, "_config_list", None) or []
+    register_llm_config_secrets(config_list)
+    first = config_list[0] if config_list and isinstance(config_list[0], dict) else {}
+    model = kwargs.get("model") or first.get("model") or "unknown"
+    provider = _provider_of(first)
+    attrs: dict[str, Any] = {
+        semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT,
+        semconv.GEN_AI_PROVIDER_NAME: provider,
+        semconv.GEN_AI_SYSTEM: provider,
+        semconv.GEN_AI_REQUEST_MODEL: str(model),
+    }
+    agent = kwargs.get("agent")
+    if agent is not None:
+        attrs[semconv.GEN_AI_AGENT_NAME] = agent_name(agent)
+    for key, attr in (
+        ("temperature", semconv.GEN_AI_REQUEST_TEMPERATURE),
+        ("max_tokens", semconv.GEN_AI_REQUEST_MAX_TOKENS),
+    ):
+        value = kwargs.get(key, first.get(key))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            attrs[attr] = value
+    if settings.capture_content:
+        messages = kwargs.get("messages")
+        if messages is not None:
+            attrs[semconv.GEN_AI_INPUT_MESSAGES] = safe_text(messages)
+    return TracedSpan(f"chat {model}", semconv.KIND_LLM, attrs)
+
+
+def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
+    model = getattr(response, "model", None)
+    if isinstance(model, str):
+        traced.set(semconv.GEN_AI_RESPONSE_MODEL, model)
+    response_id = getattr(response, "id", None)
+    if isinstance(response_id, str):
+        traced.set(semconv.GEN_AI_RESPONSE_ID, response_id)
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            traced.set(semconv.GEN_AI_USAGE_INPUT_TOKENS, prompt)
+        if isinstance(completion, int):
+            traced.set(semconv.GEN_AI_USAGE_OUTPUT_TOKENS, completion)
+    cost = getattr(response, "cost", None)
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+        traced.set(semconv.LLM_COST_USD, float(cost))
+    choices = getattr(response, "choices", None)
+    if isinstance(choices, list):
+        reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
+        if reasons:
+            traced.set(semconv.GEN_AI_RESPONSE_FINISH_REASONS, reasons)
+        if settings.capture_content:
+            out = []
+            for choice in choices:
+                message = getattr(choice, "message", None)
+                text = getattr(message, "content", None)
+                if text is None and getattr(message, "tool_calls", None):
+                    text = safe_text([getattr(t, "model_dump", lambda t=t: repr(t))() for t in message.tool_calls])
+                if text is not None:
+                    out.append(text)
+            if out:
+                traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, safe_text(out))
+
+
+# --- tools -----------------------------------------------------------------------------------------
+def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    func_call = _arg(args, kwargs, 0, "func_call")
+    name = "unknown"
+    arguments = None
+    if isinstance(func_call, dict):
+        name = str(func_call.get("name") or "unknown")
+        arguments = func_call.get("arguments")
+    attrs: dict[str, Any] = {
+        semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
+        semconv.GEN_AI_TOOL_NAME: name,
+        semconv.GEN_AI_TOOL_TYPE: "function",
+        semconv.GEN_AI_AGENT_NAME: agent_name(instance),
+    }
+    call_id = _arg(args, kwargs, 1, "call_id")
+    if isinstance(call_id, str):
+        attrs[semconv.GEN_AI_TOOL_CALL_ID] = call_id
+    if settings.capture_content and arguments is not None:
+        attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = safe_text(arguments)
+    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs)
+
+
+def _record_tool(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if not (isinstance(result, tuple) and len(result) == 2):
+        return
+    success, payload = result
+    content = payload.get("content") if isinstance(payload, dict) else None
+    if success is False:
+        traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
+    if settings.capture_content and content is not None:
+        traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content))
+
+
+# --- code execution ---------------------------------------------------------------------------------
+def _block_parts(block: Any) -> tuple[str, str]:
+    if isinstance(block, (tuple, list)) and len(block) >= 2:
+        return str(block[0] or "unknown"), str(block[1])
+    return str(getattr(block, "language", "unknown") or "unknown"), str(getattr(block, "code", ""))
+
+
+def _code(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
+    if _in_code_span.get():
+        return None  # an executor subclass calling super(): one span per execution
+    blocks = _arg(args, kwargs, 0, "code_blocks")
+    blocks = list(blocks) if isinstance(blocks, Iterable) and not isinstance(blocks, (str, bytes)) else []
+    languages = sorted({_block_parts(b)[0] for b in blocks}) or ["unknown"]
+    language = languages[0] if len(languages) == 1 else ",".join(languages)
+    attrs: dict[str, Any] = {
+        semconv.CODE_LANGUAGE: language,
+        semconv.CODE_BLOCK_COUNT: len(blocks),
+        semconv.CODE_EXECUTOR: type(instance).__name__,
+    }
+    if settings.capture_content and blocks:
+        attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
+    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs)
+
+
+class _CodeSpan(TracedSpan):
+    """Marks the context so nested executor calls do not open a second code span."""
+
+    __slots__ = ("_flag",)
+
+    def __enter__(self) -> TracedSpan:
+        self._flag = _in_code_span.set(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            _in_code_span.reset(self._flag)
+
+
+def _record_code(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if isinstance(result, tuple) and len(result) >= 2:  # ConversableAgent.execute_code_blocks
+        exit_code, output = result[0], result[1]
+    else:  # CodeExecutor -> CodeResult
+        exit_code, output = getattr(result, "exit_code", None), getattr(result, "output", None)
+    if isinstance(exit_code, int):
+        traced.set(semconv.CODE_EXIT_CODE, exit_code)
+        if exit_code != 0:
+            traced.fail(f"code execution exited with {exit_code}", "nonzero_exit_code")
+    if output is not None:
+        traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
+
+
+# --- speaker selection / handoffs ------------------------------------------------------------------
+def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    last = _arg(args, kwargs, 0, "last_speaker")
+    method = getattr(instance, "speaker_selection_method", None)
+    if callable(method):
+        reason = getattr(method, "__name__", type(method).__name__)
+    else:
+        reason = str(method) if method is not None else "unknown"
+    candidates = [agent_name(a) for a in (getattr(instance, "agents", None) or [])]
+    from_name = agent_name(last) if last is not None else "none"
+    attrs: dict[str, Any] = {
+        semconv.HANDOFF_FROM: from_name,
+        semconv.HANDOFF_REASON: reason,
+        semconv.HANDOFF_CANDIDATES: candidates,
+    }
+    return TracedSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs)
+
+
+def _record_speaker(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if result is not None:
+        traced.set(semconv.HANDOFF_TO, agent_name(result))
+
+
+# --- human input --------------------------------------------------------------------------------------
+def _human(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    name = agent_name(instance)
+    attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
+    if settings.capture_content:
+        attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs)
+
+
+def _record_human(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if settings.capture_content:
+        traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
+
+
+# --- targets ------------------------------------------------------------------------------------------
+SYNC, ASYNC = False, True
+
+# (module, class name or "" for a module attribute, attribute, builder, recorder, is_async)
+_AGENT_MODULE = "autogen.agentchat.conversable_agent"
+TARGETS: tuple[tuple[str, str, str, Callable[..., Any], Callable[..., Any] | None, bool], ...] = (
+    (_AGENT_MODULE, "ConversableAgent", "initiate_chat", _conversation, _record_chat_result, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "a_initiate_chat", _conversation, _record_chat_result, ASYNC),
+    (_AGENT_MODULE, "", "initiate_chats", _initiate_chats, None, SYNC),
+    (_AGENT_MODULE, "", "a_initiate_chats", _initiate_chats, None, ASYNC),
+    ("autogen", "", "initiate_chats", _initiate_chats, None, SYNC),
+    ("autogen.agentchat", "", "initiate_chats", _initiate_chats, None, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "generate_reply", _agent, _record_reply, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _agent, _record_reply, ASYNC),
+    ("autogen.oai.client", "OpenAIWrapper", "create", _llm, _record_llm, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "execute_function", _tool, _record_tool, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _tool, _record_tool, ASYNC),
+    (_AGENT_MODULE, "ConversableAgent", "execute_code_blocks", _code, _record_code, SYNC),
+    *(
+        (module, cls, "execute_code_blocks", _code, _record_code, SYNC)
+        for module, cls in CODE_EXECUTOR_CLASSES + OPTIONAL_EXECUTOR_CLASSES
+    ),
+    ("autogen.agentchat.groupchat", "GroupChat", "select_speaker", _speaker, _record_speaker, SYNC),
+    ("autogen.agentchat.groupchat", "GroupChat", "a_select_speaker", _speaker, _record_speaker, ASYNC),
+    (_AGENT_MODULE, "ConversableAgent", "get_human_input", _human, _record_human, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _human, _record_human, ASYNC),
+)
+
+
+def _resolve(module_name: str, owner_name: str) -> Any:
+    if (module_name, owner_name) in OPTIONAL_EXECUTOR_CLASSES and module_name not in sys.modules:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # optional dependency of AG2 missing, or another AG2 line
+        return None
+    return getattr(module, owner_name, None) if owner_name else module
+
+
+class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Instruments AG2 agents, group chats, LLM calls, tools and code execution.
+
+    ``instrument(tracer_provider=None, capture_content=None)``: ``capture_content``
+    defaults to ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``. Safe to call twice
+    (idempotent); ``uninstrument()`` restores every patched attribute.
+    """
+
+    _patched: list[tuple[Any, str]]
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        # AG2 ships as `ag2`, `autogen` or `cmbagent_autogen` distributions, all importing
+        # `autogen`; importability is checked in _instrument instead of by distribution name.
+        return ()
+
+    def _instrument(self, **kwargs: Any) -> None:
+        global _group_chat_manager_cls
+        provider = kwargs.get("tracer_provider")
+        if provider is not None:
+            set_tracer_provider(provider)
+        capture = kwargs.get("capture_content")
+        settings.capture_content = capture_from_env() if capture is None else bool(capture)
+        self._patched = []
+        if _resolve("autogen", "") is None:
+            logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
+            return
+        _group_chat_manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
+        seen: set[tuple[int, str]] = set()
+        for module_name, owner_name, attr, build, record, is_async in TARGETS:
+            owner = _resolve(module_name, owner_name)
+            if owner is None or not hasattr(owner, attr):
+                continue
+            if isinstance(getattr(owner, attr), wrapt.ObjectProxy) or (id(owner), attr) in seen:
+                continue
+            if owner_name and attr not in vars(owner):
+                continue  # inherited: patching the defining class covers it
+            wrapper = _traced_async(build, record) if is_async else _traced_sync(build, record)
+            try:
+                wrapt.wrap_function_wrapper(owner, attr, wrapper)
+            except Exception:
+                logger.debug("cmbagent_otel: could not patch %s.%s", owner, attr, exc_info=True)
+                continue
+            seen.add((id(owner), attr))
+            self._patched.append((owner, attr))
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for owner, attr in reversed(getattr(self, "_patched", [])):
+            try:
+                unwrap(owner, attr)
+            except Exception:
+                logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
+        self._patched = []
+
+    @property
+    def patched(self) -> list[tuple[Any, str]]:
+        """The (owner, attribute) pairs currently patched."""
+        return list(getattr(self, "_patched", []))
