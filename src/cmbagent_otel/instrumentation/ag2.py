@@ -219,13 +219,22 @@ def _record_reply(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, res
 
 
 # --- LLM call ------------------------------------------------------------------------------------
+# AG2 api_type -> gen_ai.provider.name (GenAI semantic conventions' well-known values)
+_PROVIDERS = {
+    "openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "google": "gcp.gemini",
+    "gemini": "gcp.gemini", "vertexai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "mistral": "mistral_ai",
+    "groq": "groq", "cohere": "cohere", "deepseek": "deepseek", "ollama": "ollama", "together": "together",
+    "cerebras": "cerebras", "responses": "openai",
+}
+
+
 def _provider_of(config: dict[str, Any]) -> str:
-    api_type = config.get("api_type")
-    if isinstance(api_type, str) and api_type:
-        return api_type
     client_cls = config.get("model_client_cls")
     if isinstance(client_cls, str) and client_cls:
-        return client_cls
+        return client_cls  # a custom ModelClient: its class name is the most precise answer
+    api_type = config.get("api_type")
+    if isinstance(api_type, str) and api_type:
+        return _PROVIDERS.get(api_type.lower(), api_type.lower())
     return "openai"
 
 

@@ -1,0 +1,386 @@
+"""AG2 instrumentor: real agents and group chats, offline model client or loopback OpenAI server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import autogen
+import pytest
+from autogen import ConversableAgent, GroupChat, GroupChatManager
+from autogen.agentchat import conversable_agent, groupchat
+from autogen.coding import LocalCommandLineCodeExecutor
+from autogen.oai import client as oai_client
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import StatusCode
+
+import cmbagent_otel
+from cmbagent_otel import semconv
+from cmbagent_otel.demo import group_chat_step, order_speakers
+from cmbagent_otel.instrumentation.ag2 import AG2Instrumentor
+from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient, scripted_llm_config
+
+
+def scripted(name: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
+    agent = ConversableAgent(name, llm_config=scripted_llm_config(), human_input_mode="NEVER", **kwargs)
+    agent.register_model_client(ScriptedModelClient, script=script)
+    return agent
+
+
+FOUR_AGENT_TREE = [
+    "conversation chat_manager",
+    "  invoke_agent chat_manager",
+    "    select_speaker control",
+    "    invoke_agent engineer",
+    "      chat scripted",
+    "    select_speaker engineer",
+    "    invoke_agent executor",
+    "      execute_tool peak_position",
+    "    select_speaker executor",
+    "    invoke_agent engineer",
+    "      chat scripted",
+    "    select_speaker engineer",
+    "    invoke_agent executor",
+    "      execute_code python",
+    "    select_speaker executor",
+    "    invoke_agent researcher",
+    "      chat scripted",
+]
+
+
+def run_four_agent_chat(tmp_path: Any) -> Any:
+    return group_chat_step(
+        str(tmp_path),
+        [{"tool_calls": [{"name": "peak_position", "arguments": {"multipole": 2}}]},
+         "```python\nprint('peaks at 220, 540')\n```"],
+        ["engineer", "executor", "engineer", "executor", "researcher"],
+    )
+
+
+def test_four_agent_group_chat_with_tool_and_code(instrumented, tmp_path):
+    result = run_four_agent_chat(tmp_path)
+    assert "TERMINATE" in result.chat_history[-1]["content"]
+    assert instrumented.tree() == FOUR_AGENT_TREE
+
+    spans = instrumented.spans
+    conversation = instrumented.one("conversation chat_manager")
+    conversation_id = conversation.attributes[semconv.GEN_AI_CONVERSATION_ID]
+    assert isinstance(conversation_id, str) and len(conversation_id) == 32
+    # every span of the chat carries the conversation id, not only the root
+    assert {s.attributes.get(semconv.GEN_AI_CONVERSATION_ID) for s in spans} == {conversation_id}
+    # one trace, execution order strictly increasing with start order
+    assert len({s.context.trace_id for s in spans}) == 1
+    orders = [s.attributes[semconv.EXECUTION_ORDER] for s in spans]
+    assert orders == sorted(orders) and len(set(orders)) == len(orders)
+
+    agent = instrumented.named("invoke_agent engineer")[0]
+    assert agent.attributes[semconv.GEN_AI_OPERATION_NAME] == "invoke_agent"
+    assert agent.attributes[semconv.GEN_AI_AGENT_NAME] == "engineer"
+    assert agent.attributes[semconv.AGENT_SENDER] == "chat_manager"
+
+    chat = instrumented.named("chat scripted")[0]
+    attrs = chat.attributes
+    assert attrs[semconv.GEN_AI_OPERATION_NAME] == "chat"
+    assert attrs[semconv.GEN_AI_PROVIDER_NAME] == "ScriptedModelClient"
+    assert attrs[semconv.GEN_AI_REQUEST_MODEL] == "scripted"
+    assert attrs[semconv.GEN_AI_RESPONSE_MODEL] == "scripted"
+    assert isinstance(attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS], int) and attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] > 0
+    assert isinstance(attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS], int)
+    assert isinstance(attrs[semconv.LLM_COST_USD], float) and attrs[semconv.LLM_COST_USD] > 0
+    assert attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] == ("tool_calls",)
+    assert instrumented.parent_of(chat) is agent
+
+    tool = instrumented.one("execute_tool peak_position")
+    assert tool.attributes[semconv.GEN_AI_OPERATION_NAME] == "execute_tool"
+    assert tool.attributes[semconv.GEN_AI_TOOL_NAME] == "peak_position"
+    assert tool.attributes[semconv.GEN_AI_TOOL_CALL_ID].startswith("call_")
+    assert tool.status.status_code is StatusCode.UNSET
+
+    code = instrumented.one("execute_code python")
+    assert code.attributes[semconv.CODE_LANGUAGE] == "python"
+    assert code.attributes[semconv.CODE_EXIT_CODE] == 0
+    assert code.attributes[semconv.CODE_BLOCK_COUNT] == 1
+    assert "peaks at 220, 540" in code.attributes[semconv.CODE_OUTPUT]
+    assert code.attributes[semconv.CODE_EXECUTOR] == "LocalCommandLineCodeExecutor"
+
+    handoff = instrumented.named("select_speaker engineer")[0]
+    assert handoff.attributes[semconv.HANDOFF_FROM] == "engineer"
+    assert handoff.attributes[semconv.HANDOFF_TO] == "executor"
+    assert handoff.attributes[semconv.HANDOFF_REASON] == "scripted_handoff"
+    assert handoff.attributes[semconv.HANDOFF_CANDIDATES] == ("control", "engineer", "executor", "researcher")
+
+
+def test_agents_built_before_instrument_are_traced(capture, tmp_path):
+    alice = scripted("alice", ["hello", "TERMINATE"])
+    bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok")
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        bob.initiate_chat(alice, message="hi", max_turns=2, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    assert capture.tree() == [
+        "conversation alice",
+        "  invoke_agent alice",
+        "    chat scripted",
+        "  invoke_agent bob",
+        "  invoke_agent alice",
+        "    chat scripted",
+    ]
+
+
+def test_openai_client_path_over_loopback(instrumented):
+    with FakeOpenAIServer(script=["The answer is 42.", "TERMINATE"]) as server:
+        config = {"config_list": [{"model": "gpt-4o-mini", "api_key": "sk-test-loopback-key-000000",
+                                   "base_url": server.base_url}], "cache_seed": None, "temperature": 0.2}
+        assistant = ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER")
+        user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", default_auto_reply="thanks")
+        user.initiate_chat(assistant, message="question?", max_turns=2, silent=True)
+        assert len(server.requests) == 2
+    chats = instrumented.named("chat gpt-4o-mini")
+    assert len(chats) == 2
+    attrs = chats[0].attributes
+    assert attrs[semconv.GEN_AI_PROVIDER_NAME] == "openai"
+    assert attrs[semconv.GEN_AI_REQUEST_MODEL] == "gpt-4o-mini"
+    assert attrs[semconv.GEN_AI_RESPONSE_ID].startswith("chatcmpl-")
+    assert attrs[semconv.GEN_AI_REQUEST_TEMPERATURE] == 0.2
+    assert attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] == ("stop",)
+    assert attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] > 0 and attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] > 0
+    for span in instrumented.spans:
+        assert "sk-test-loopback-key" not in json.dumps(dict(span.attributes), default=str)
+        # content capture is off by default
+        assert semconv.GEN_AI_INPUT_MESSAGES not in span.attributes
+        assert semconv.GEN_AI_OUTPUT_MESSAGES not in span.attributes
+
+
+def test_llm_error_marks_span_and_propagates_unchanged(instrumented):
+    with FakeOpenAIServer(status=400) as server:
+        config = {"config_list": [{"model": "gpt-4o-mini", "api_key": "sk-test-loopback-key-111111",
+                                   "base_url": server.base_url, "max_retries": 0}], "cache_seed": None}
+        assistant = ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER")
+        user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as raised:
+            user.initiate_chat(assistant, message="question?", max_turns=1, silent=True)
+    chat = instrumented.one("chat gpt-4o-mini")
+    assert chat.status.status_code is StatusCode.ERROR
+    assert chat.attributes[semconv.ERROR_TYPE] == "BadRequestError"
+    assert chat.events[0].name == "exception"
+    # the exception recorded is the one the app sees, and it fails every enclosing span
+    assert raised.value.__class__.__name__ in chat.status.description
+    assert instrumented.one("invoke_agent assistant").status.status_code is StatusCode.ERROR
+    assert instrumented.one("conversation assistant").status.status_code is StatusCode.ERROR
+
+
+def test_failed_tool_and_failing_code_set_error_status(instrumented, tmp_path):
+    executor = ConversableAgent(
+        "executor", llm_config=False, human_input_mode="NEVER",
+        code_execution_config={"executor": LocalCommandLineCodeExecutor(work_dir=str(tmp_path))},
+    )
+
+    def divide(a: int, b: int) -> float:
+        return a / b
+
+    engineer = ConversableAgent("engineer", llm_config=scripted_llm_config(), human_input_mode="NEVER")
+    autogen.register_function(divide, caller=engineer, executor=executor, description="divide")
+    engineer.register_model_client(ScriptedModelClient, script=[
+        {"tool_calls": [{"name": "divide", "arguments": {"a": 1, "b": 0}}]},
+        "```python\nimport sys\nprint('boom')\nsys.exit(7)\n```",
+        "TERMINATE",
+    ])
+    executor.initiate_chat(engineer, message="go", max_turns=3, silent=True)
+    tool = instrumented.one("execute_tool divide")
+    assert tool.status.status_code is StatusCode.ERROR
+    assert "division by zero" in tool.status.description
+    code = instrumented.one("execute_code python")
+    assert code.status.status_code is StatusCode.ERROR
+    assert code.attributes[semconv.CODE_EXIT_CODE] == 7
+    assert "boom" in code.attributes[semconv.CODE_OUTPUT]
+
+
+def test_content_capture_is_opt_in_and_bounded(capture, monkeypatch):
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    monkeypatch.setenv("CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH", "200")
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        alice = scripted("alice", ["x" * 1000])
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+        bob.initiate_chat(alice, message="tell me", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+        monkeypatch.delenv("CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH")
+        from cmbagent_otel.redaction import reload_settings
+
+        reload_settings()
+    chat = capture.one("chat scripted")
+    assert "tell me" in chat.attributes[semconv.GEN_AI_INPUT_MESSAGES]
+    output = chat.attributes[semconv.GEN_AI_OUTPUT_MESSAGES]
+    assert len(output) == 200 and output.endswith("...[truncated]")
+    assert capture.one("conversation alice").attributes[semconv.GEN_AI_INPUT_MESSAGES] == "tell me"
+
+
+def test_suppressed_instrumentation_calls_through(instrumented):
+    alice = scripted("alice", ["hi"])
+    bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+    with suppress_instrumentation():
+        result = bob.initiate_chat(alice, message="hello", max_turns=1, silent=True)
+    assert result.chat_history[-1]["content"] == "hi"
+    assert instrumented.spans == []
+
+
+def test_uninstrument_restores_every_patched_attribute_by_identity(capture):
+    owners = {
+        "ConversableAgent": conversable_agent.ConversableAgent,
+        "GroupChat": groupchat.GroupChat,
+        "OpenAIWrapper": oai_client.OpenAIWrapper,
+        "LocalCommandLineCodeExecutor": LocalCommandLineCodeExecutor,
+    }
+    before = {(name, attr): value for name, owner in owners.items() for attr, value in vars(owner).items()}
+    module_before = dict(vars(conversable_agent))
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    patched = AG2Instrumentor().patched
+    try:
+        assert len(patched) >= 12
+        assert conversable_agent.ConversableAgent.__dict__["generate_reply"] is not before[
+            ("ConversableAgent", "generate_reply")]
+        # instrument() is idempotent: a second call patches nothing twice
+        assert cmbagent_otel.instrument(tracer_provider=capture.provider) is capture.provider
+        assert AG2Instrumentor().patched == patched
+    finally:
+        cmbagent_otel.uninstrument()
+    after = {(name, attr): value for name, owner in owners.items() for attr, value in vars(owner).items()}
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key] is value, key
+    for name, value in module_before.items():
+        assert vars(conversable_agent)[name] is value, name
+    alice = scripted("alice", ["hi"])
+    ConversableAgent("bob", llm_config=False, human_input_mode="NEVER").initiate_chat(
+        alice, message="x", max_turns=1, silent=True)
+    assert capture.spans == []
+
+
+def test_async_chat_and_async_tools(instrumented):
+    async def lookup(key: str) -> str:
+        return f"value-of-{key}"
+
+    caller = ConversableAgent("caller", llm_config=scripted_llm_config(), human_input_mode="NEVER")
+    runner = ConversableAgent("runner", llm_config=False, human_input_mode="NEVER")
+    autogen.register_function(lookup, caller=caller, executor=runner, description="lookup")
+    caller.register_model_client(ScriptedModelClient, script=[
+        {"tool_calls": [{"name": "lookup", "arguments": {"key": "h0"}}]}, "TERMINATE"])
+
+    async def main() -> Any:
+        return await runner.a_initiate_chat(caller, message="find h0", max_turns=2, silent=True)
+
+    result = asyncio.run(main())
+    assert "value-of-h0" in json.dumps(result.chat_history)
+    tree = instrumented.tree()
+    assert tree[0] == "conversation caller"
+    assert "  invoke_agent runner" in tree
+    assert "    execute_tool lookup" in tree
+    assert len({s.context.trace_id for s in instrumented.spans}) == 1
+
+
+def test_nested_chats_are_traced(instrumented):
+    writer = scripted("writer", ["draft text", "TERMINATE"])
+    critic = scripted("critic", ["looks good"])
+    reviewer = ConversableAgent("reviewer", llm_config=False, human_input_mode="NEVER")
+    writer.register_nested_chats(
+        [{"recipient": critic, "message": "review this", "max_turns": 1, "summary_method": "last_msg"}],
+        trigger=reviewer,
+    )
+    reviewer.initiate_chat(writer, message="write", max_turns=1, silent=True)
+    tree = instrumented.tree()
+    assert tree[:2] == ["conversation writer", "  invoke_agent writer"]
+    assert "    initiate_chats writer" in tree
+    assert "      conversation critic" in tree
+    nested = instrumented.one("conversation critic")
+    outer = instrumented.one("conversation writer")
+    # a nested chat is a conversation of its own
+    assert nested.attributes[semconv.GEN_AI_CONVERSATION_ID] != outer.attributes[semconv.GEN_AI_CONVERSATION_ID]
+
+
+def test_human_input_is_traced_without_content_by_default(instrumented):
+    from autogen.io import IOStream
+
+    class Console:
+        def print(self, *objects: Any, sep: str = " ", end: str = "\n", flush: bool = False) -> None:
+            pass
+
+        def send(self, message: Any) -> None:
+            pass
+
+        def input(self, prompt: str = "", *, password: bool = False) -> str:
+            return "exit"
+
+    alice = scripted("alice", ["what next?"])
+    human = ConversableAgent("human", llm_config=False, human_input_mode="ALWAYS")
+    with IOStream.set_default(Console()):
+        human.initiate_chat(alice, message="start", max_turns=2)
+    span = instrumented.one("await_human_input human")
+    assert span.attributes[semconv.GEN_AI_AGENT_NAME] == "human"
+    assert semconv.HUMAN_INPUT_RESPONSE not in span.attributes
+
+
+def test_round_robin_selection_reason_and_targets(instrumented):
+    first = scripted("first", ["one"])
+    second = scripted("second", ["two TERMINATE"])
+    chat = GroupChat([first, second], messages=[], max_round=3, speaker_selection_method="round_robin")
+    manager = GroupChatManager(chat, llm_config=False,
+                               is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+    first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    selections = instrumented.named("select_speaker")
+    assert [s.attributes[semconv.HANDOFF_TO] for s in selections] == ["second"]
+    assert selections[0].attributes[semconv.HANDOFF_FROM] == "first"
+    assert selections[0].attributes[semconv.HANDOFF_REASON] == "round_robin"
+
+
+def test_threads_started_inside_a_chat_keep_the_trace(instrumented):
+    alice = scripted("alice", ["a"] * 4)
+    results: list[Any] = []
+
+    def worker() -> None:
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+        results.append(bob.initiate_chat(alice, message="hi", max_turns=1, silent=True))
+
+    with cmbagent_otel.workflow("threads"):
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 3
+    root = instrumented.one("workflow threads")
+    conversations = instrumented.named("conversation alice")
+    assert len(conversations) == 3
+    assert {c.parent.span_id for c in conversations} == {root.context.span_id}
+    assert len({c.attributes[semconv.GEN_AI_CONVERSATION_ID] for c in conversations}) == 3
+
+
+def test_group_chat_handoff_function_raising_propagates(instrumented, tmp_path):
+    class HandoffError(RuntimeError):
+        pass
+
+    def broken(last_speaker: Any, chat: Any) -> Any:
+        raise HandoffError("no route")
+
+    first = scripted("first", ["one"])
+    chat = GroupChat([first, scripted("second", ["two"])], messages=[], max_round=3,
+                     speaker_selection_method=broken)
+    manager = GroupChatManager(chat, llm_config=False)
+    with pytest.raises(HandoffError, match="no route"):
+        first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    selection = instrumented.named("select_speaker")[0]
+    assert selection.status.status_code is StatusCode.ERROR
+    assert selection.attributes[semconv.ERROR_TYPE].endswith("HandoffError")
+
+
+def test_order_speakers_helper_stops_cleanly():
+    agents = [scripted("a", ["x"]), scripted("b", ["y"])]
+    chat = GroupChat(agents, messages=[], max_round=5)
+    pick = order_speakers(["b"])
+    assert pick(agents[0], chat) is agents[1]
+    assert pick(agents[1], chat) is None

@@ -1,0 +1,25 @@
+"""A tiny AG2 app used by the provider tests (run in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from autogen import ConversableAgent
+
+from cmbagent_otel.testing import ScriptedModelClient, scripted_llm_config
+
+if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
+    import cmbagent_otel
+
+    provider = cmbagent_otel.instrument()
+    print("PROVIDER", type(provider).__name__ if provider is not None else None, flush=True)
+
+alice = ConversableAgent("alice", llm_config=scripted_llm_config(), human_input_mode="NEVER")
+alice.register_model_client(ScriptedModelClient, script=["pong"])
+bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+result = bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
+print("RESULT", result.chat_history[-1]["content"], flush=True)
+if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
+    cmbagent_otel.uninstrument()
+sys.exit(0)

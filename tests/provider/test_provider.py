@@ -1,0 +1,114 @@
+"""instrument() and opentelemetry-instrument configured from OTEL_* variables (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+import cmbagent_otel
+from cmbagent_otel.provider import ConfigurationError, build_tracer_provider, exporter_names
+
+APP = Path(__file__).with_name("app.py")
+BIN = Path(sys.executable).parent
+
+
+def run_app(env: dict[str, str], *, auto: bool = False) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full.update(env)
+    cmd = [str(BIN / "opentelemetry-instrument"), sys.executable, str(APP)] if auto else [sys.executable, str(APP)]
+    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_console_exporter_and_resource_from_env():
+    proc = run_app({
+        "APP_CALLS_INSTRUMENT": "1", "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "svc-under-test",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci", "OTEL_BSP_SCHEDULE_DELAY": "50",
+    })
+    assert proc.returncode == 0, proc.stderr
+    assert "PROVIDER TracerProvider" in proc.stdout and "RESULT pong" in proc.stdout
+    for name in ('"name": "conversation alice"', '"name": "invoke_agent alice"', '"name": "chat scripted"'):
+        assert name in proc.stdout
+    assert '"service.name": "svc-under-test"' in proc.stdout
+    assert '"deployment.environment": "ci"' in proc.stdout
+
+
+def test_sampler_from_env_drops_everything():
+    proc = run_app({"APP_CALLS_INSTRUMENT": "1", "OTEL_TRACES_EXPORTER": "console",
+                    "OTEL_TRACES_SAMPLER": "always_off"})
+    assert proc.returncode == 0, proc.stderr
+    assert "RESULT pong" in proc.stdout and '"name":' not in proc.stdout
+
+
+def test_sdk_disabled_patches_nothing():
+    proc = run_app({"APP_CALLS_INSTRUMENT": "1", "OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"})
+    assert proc.returncode == 0, proc.stderr
+    assert "PROVIDER None" in proc.stdout and "RESULT pong" in proc.stdout and '"name":' not in proc.stdout
+
+
+def test_opentelemetry_instrument_auto_instrumentation():
+    proc = run_app({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "auto-svc"}, auto=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '"name": "invoke_agent alice"' in proc.stdout
+    assert '"service.name": "auto-svc"' in proc.stdout
+
+
+def test_unknown_exporter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,zipkin-typo")
+    with pytest.raises(ConfigurationError, match="unknown traces exporter 'zipkin-typo'"):
+        build_tracer_provider()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+    with pytest.raises(ConfigurationError, match="unsupported OTLP protocol"):
+        build_tracer_provider()
+
+
+def test_exporter_names_resolution(monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert exporter_names() == ["cmbagent_dag"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", " OTLP , none,console ")
+    assert exporter_names() == ["otlp", "console"]
+    assert exporter_names("none") == []
+    assert exporter_names(["console"]) == ["console"]
+
+
+def test_entry_points_are_registered():
+    instrumentors = {e.name: e.value for e in entry_points(group="opentelemetry_instrumentor")}
+    assert instrumentors["ag2"] == "cmbagent_otel.instrumentation.ag2:AG2Instrumentor"
+    exporters = {e.name: e.value for e in entry_points(group="opentelemetry_traces_exporter")}
+    assert exporters["cmbagent_dag"] == "cmbagent_otel.exporters.dag:DagSpanExporter"
+    configurators = {e.name for e in entry_points(group="opentelemetry_configurator")}
+    assert "cmbagent_otel" in configurators
+
+
+def test_app_provider_is_never_replaced():
+    script = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "import cmbagent_otel\n"
+        "mine = TracerProvider()\n"
+        "trace.set_tracer_provider(mine)\n"
+        "got = cmbagent_otel.instrument()\n"
+        "assert got is mine and trace.get_tracer_provider() is mine\n"
+        "assert cmbagent_otel.instrument() is mine\n"
+        "cmbagent_otel.uninstrument()\n"
+        "print('OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+def test_explicit_provider_wins(capture):
+    provider = cmbagent_otel.instrument(tracer_provider=capture.provider)
+    try:
+        assert provider is capture.provider
+        assert not isinstance(trace.get_tracer_provider(), type(None))
+    finally:
+        cmbagent_otel.uninstrument()
+    assert isinstance(capture.provider, TracerProvider)
