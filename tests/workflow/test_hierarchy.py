@@ -157,9 +157,8 @@ def test_redo_limit_from_max_redos(capture):
 def test_nested_workflow_joins_the_parent_run(capture):
     with workflow("outer", mode="planning-control"), phase("control"), step(1, "spawn"):
         inner = workflow("inner", mode="one-shot")
-        with inner:
-            with TracedSpan("inner work", "custom"):
-                pass
+        with inner, TracedSpan("inner work", "custom"):
+            pass
         assert inner.joined
     assert [s.name for s in capture.named("workflow")] == ["workflow outer"]
     work = capture.one("inner work")
@@ -306,9 +305,8 @@ def test_execution_order_is_unique_under_contention(capture):
 
 
 def test_spans_outside_any_workflow_form_an_implicit_run(capture):
-    with TracedSpan("lonely", "custom"):
-        with TracedSpan("child", "custom"):
-            pass
+    with TracedSpan("lonely", "custom"), TracedSpan("child", "custom"):
+        pass
     lonely, child = capture.one("lonely"), capture.one("child")
     assert lonely.attributes[semconv.SESSION_ID] == semconv.DEFAULT_SESSION_ID
     assert lonely.attributes[semconv.EXECUTION_ORDER] == 1
