@@ -8,11 +8,12 @@ control); step 2's first code execution fails and is redone twice.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .testing import ScriptedModelClient, scripted_llm_config
+from .testing import activate, offline_agent
 from .workflow import phase, redo, step, workflow
 
 PLAN = [
@@ -22,12 +23,14 @@ PLAN = [
 ]
 
 
-def _agent(name: str, script: Sequence[Any], **kwargs: Any) -> Any:
-    from autogen import ConversableAgent
-
-    agent = ConversableAgent(name, llm_config=scripted_llm_config(), human_input_mode="NEVER", **kwargs)
-    agent.register_model_client(ScriptedModelClient, script=list(script))
-    return agent
+def prepare_group(agents: Sequence[Any], work_dir: str) -> None:
+    """Give group-chat members a work dir: cmbagent_autogen's run_chat saves each chat
+    under ``<context work_dir>/chats``."""
+    os.makedirs(os.path.join(work_dir, "chats"), exist_ok=True)
+    for agent in agents:
+        variables = getattr(agent, "context_variables", None)
+        if variables is not None:
+            variables["work_dir"] = work_dir
 
 
 def order_speakers(order: Sequence[str]) -> Callable[[Any, Any], Any]:
@@ -57,9 +60,9 @@ def group_chat_step(
     from autogen import GroupChat, GroupChatManager
     from autogen.coding import LocalCommandLineCodeExecutor
 
-    engineer = _agent("engineer", engineer_script)
-    researcher = _agent("researcher", researcher_script)
-    control = _agent("control", control_script)
+    engineer = offline_agent("engineer", engineer_script)
+    researcher = offline_agent("researcher", researcher_script)
+    control = offline_agent("control", control_script)
     executor = autogen.ConversableAgent(
         "executor", llm_config=False, human_input_mode="NEVER",
         code_execution_config={"executor": LocalCommandLineCodeExecutor(work_dir=work_dir, timeout=60)},
@@ -71,9 +74,11 @@ def group_chat_step(
 
     autogen.register_function(peak_position, caller=engineer, executor=executor, description="acoustic peak")
     # registering a tool rebuilds the caller's model client: activate the script again
-    engineer.register_model_client(ScriptedModelClient, script=list(engineer_script))
+    activate(engineer, engineer_script)
+    agents = [control, engineer, executor, researcher]
+    prepare_group(agents, work_dir)
     chat = GroupChat(
-        [control, engineer, executor, researcher], messages=[], max_round=len(order) + 1,
+        agents, messages=[], max_round=len(order) + 1,
         speaker_selection_method=order_speakers(order),
     )
     manager = GroupChatManager(
@@ -94,8 +99,8 @@ def run_demo(work_dir: str | None = None, *, task: str = "Measure the CMB acoust
                      model="scripted", work_dir=work_dir, max_redos=2):
         run_id = str(uuid.UUID(int=trace.get_current_span().get_span_context().trace_id))
         with phase("planning"):
-            planner = _agent("planner", [plan_text])
-            reviewer = _agent("plan_reviewer", ["The plan is sound. TERMINATE"])
+            planner = offline_agent("planner", [plan_text])
+            reviewer = offline_agent("plan_reviewer", ["The plan is sound. TERMINATE"])
             reviewer.initiate_chat(planner, message=task, max_turns=1, silent=True)
         with phase("control"):
             with step(1, PLAN[0][1], agent="engineer"):

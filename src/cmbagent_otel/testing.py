@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -154,6 +155,8 @@ class FakeOpenAIServer:
         status: int = 200,
     ) -> None:
         self._script = _Script(script, responder, default)
+        self._default = default
+        self._routes: dict[str, _Script] = {}
         self.status = status
         self.requests: list[dict[str, Any]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -180,7 +183,9 @@ class FakeOpenAIServer:
                     self._send(owner.status, payload)
                     return
                 messages = body.get("messages") or []
-                message = _message(owner._script.next(messages))
+                token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+                script = owner._routes.get(token, owner._script)
+                message = _message(script.next(messages))
                 prompt_tokens = sum(_tokens(str(m.get("content") or "")) for m in messages)
                 completion_tokens = _tokens(json.dumps(message))
                 if message.get("tool_calls") is None:
@@ -213,6 +218,10 @@ class FakeOpenAIServer:
         self._thread.start()
         return self
 
+    def route(self, api_key: str, script: Iterable[str | dict[str, Any]]) -> None:
+        """Answer requests made with ``api_key`` from ``script`` (one script per agent)."""
+        self._routes[api_key] = _Script(script, None, self._default)
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -224,3 +233,60 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- one offline agent factory for every AG2 line ----------------------------------------------
+BACKEND_ENV = "CMBAGENT_OTEL_OFFLINE_BACKEND"
+_shared_server: FakeOpenAIServer | None = None
+_shared_lock = threading.Lock()
+
+
+def offline_backend() -> str:
+    """``client`` (ScriptedModelClient) where the AG2 line accepts custom model clients in
+    ``llm_config`` (ag2 0.14), else ``server`` (the loopback FakeOpenAIServer: cmbagent_autogen
+    validates config entries strictly). ``CMBAGENT_OTEL_OFFLINE_BACKEND`` forces one."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced in ("client", "server"):
+        return forced
+    try:
+        from autogen import LLMConfig
+
+        LLMConfig(config_list=[{"model": "scripted", "model_client_cls": "ScriptedModelClient"}])
+        return "client"
+    except Exception:
+        return "server"
+
+
+def shared_server() -> FakeOpenAIServer:
+    """A process-wide FakeOpenAIServer, started on first use."""
+    global _shared_server
+    with _shared_lock:
+        if _shared_server is None:
+            _shared_server = FakeOpenAIServer().start()
+        return _shared_server
+
+
+def offline_agent(name: str, script: Iterable[str | dict[str, Any]], **kwargs: Any) -> Any:
+    """A ``ConversableAgent`` whose model answers from ``script``, on any AG2 line."""
+    from autogen import ConversableAgent
+
+    kwargs.setdefault("human_input_mode", "NEVER")
+    if offline_backend() == "client":
+        agent = ConversableAgent(name, llm_config=scripted_llm_config(), **kwargs)
+    else:
+        server = shared_server()
+        key = f"offline-{name}-{next(_ids)}"
+        config = {"model": "scripted", "api_key": key, "base_url": server.base_url}
+        agent = ConversableAgent(name, llm_config={"config_list": [config], "cache_seed": None}, **kwargs)
+        agent._offline_api_key = key
+    activate(agent, script)
+    return agent
+
+
+def activate(agent: Any, script: Iterable[str | dict[str, Any]]) -> None:
+    """(Re)attach ``script`` to ``agent``'s model; needed again after registering a tool,
+    which rebuilds the agent's model client."""
+    if offline_backend() == "client":
+        agent.register_model_client(ScriptedModelClient, script=list(script))
+        return
+    shared_server().route(agent._offline_api_key, list(script))

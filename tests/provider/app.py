@@ -7,7 +7,7 @@ import sys
 
 from autogen import ConversableAgent
 
-from cmbagent_otel.testing import ScriptedModelClient, scripted_llm_config
+from cmbagent_otel.testing import offline_agent
 
 if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
     import cmbagent_otel
@@ -15,8 +15,7 @@ if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
     provider = cmbagent_otel.instrument()
     print("PROVIDER", type(provider).__name__ if provider is not None else None, flush=True)
 
-alice = ConversableAgent("alice", llm_config=scripted_llm_config(), human_input_mode="NEVER")
-alice.register_model_client(ScriptedModelClient, script=["pong"])
+alice = offline_agent("alice", ["pong"])
 bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
 result = bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
 print("RESULT", result.chat_history[-1]["content"], flush=True)

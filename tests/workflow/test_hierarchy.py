@@ -15,7 +15,7 @@ import cmbagent_otel
 from cmbagent_otel import RedoLimitExceeded, WorkflowNestingError, phase, redo, semconv, step, workflow
 from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.demo import run_demo
-from cmbagent_otel.testing import ScriptedModelClient, scripted_llm_config
+from cmbagent_otel.testing import offline_agent
 
 STRUCTURE = ("workflow ", "phase ", "step ", "redo ", "execute_code", "execute_tool", "conversation")
 
@@ -201,8 +201,7 @@ def test_decorators_sync_and_async(capture):
 
 
 def _chat_in_step(label: str) -> None:
-    alice = ConversableAgent(f"alice_{label}", llm_config=scripted_llm_config(), human_input_mode="NEVER")
-    alice.register_model_client(ScriptedModelClient, script=[f"reply {label}"])
+    alice = offline_agent(f"alice_{label}", [f"reply {label}"])
     bob = ConversableAgent(f"bob_{label}", llm_config=False, human_input_mode="NEVER")
     bob.initiate_chat(alice, message=f"hello {label}", max_turns=1, silent=True)
 
@@ -226,9 +225,7 @@ def test_eight_concurrent_workflows_get_disjoint_traces(instrumented):
             for number in (1, 2):
                 async with step(number, f"{label} step {number}"):
                     tag = f"{label}{number}"
-                    alice = ConversableAgent(f"alice_{tag}", llm_config=scripted_llm_config(),
-                                             human_input_mode="NEVER")
-                    alice.register_model_client(ScriptedModelClient, script=[f"reply {tag}"])
+                    alice = offline_agent(f"alice_{tag}", [f"reply {tag}"])
                     bob = ConversableAgent(f"bob_{tag}", llm_config=False, human_input_mode="NEVER")
                     await asyncio.sleep(0)  # let the other tasks interleave
                     await bob.a_initiate_chat(alice, message=f"hello {tag}", max_turns=1, silent=True)
