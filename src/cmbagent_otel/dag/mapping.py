@@ -1,0 +1,643 @@
+"""Pure span -> row mapping for cmbagent's tracking tables (no database access here).
+
+:func:`map_spans` turns a batch of finished spans into row dicts per table, with the
+placeholders needed to satisfy foreign keys; :func:`derive_run_rows` computes the rows
+that depend on a run's whole node set (edges, terminator, branch points, branch runs).
+Every id is deterministic, so writing the same spans twice or in any order converges to
+the same rows. See ``docs/dag.md`` for the mapping tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
+
+from .. import semconv as sc
+from ..redaction import scrub, truncate
+
+_EPOCH = datetime(1970, 1, 1)
+DEFAULT_SESSION_NAME = "Default Session"
+CHECKPOINT_FREQUENCY_MINUTES = 10
+
+# Run-row precedence: a workflow span beats a plain root span beats a placeholder.
+RANK_PLACEHOLDER = 0
+RANK_ROOT = 1
+RANK_WORKFLOW = 2
+RANK_NAMES = {RANK_PLACEHOLDER: "placeholder", RANK_ROOT: "root", RANK_WORKFLOW: "workflow"}
+RANK_BY_NAME = {v: k for k, v in RANK_NAMES.items()}
+
+EVENT_TYPES: dict[str, tuple[str, str]] = {
+    sc.KIND_LLM: ("agent_call", "llm"),
+    sc.KIND_AGENT: ("agent_call", "invoke"),
+    sc.KIND_CONVERSATION: ("agent_call", "conversation"),
+    sc.KIND_MULTI_CONVERSATION: ("agent_call", "conversation"),
+    sc.KIND_TOOL: ("tool_call", "execute"),
+    sc.KIND_SPEAKER_SELECTION: ("handoff", "transfer"),
+    sc.KIND_HUMAN_INPUT: ("agent_call", "human_input"),
+}
+FOREIGN_TYPE = ("info", "otel")
+PLACEHOLDER_SUBTYPE = "pending_span"
+NODE_TERMINATOR = "terminator"
+_STEP_RE = re.compile(r"^step_\d+$")
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+def run_id_of(trace_id: int) -> str:
+    """``workflow_runs.id`` of a trace."""
+    return str(uuid.UUID(int=trace_id))
+
+
+def node_db_id(run_id: str, short_id: str) -> str:
+    """cmbagent's node id scheme: first 32 hex chars of ``md5("<run>:<short>")``."""
+    return hashlib.md5(f"{run_id}:{short_id}".encode()).hexdigest()[:32]
+
+
+def event_db_id(trace_id: int, span_id: int) -> str:
+    """Deterministic 36-char event id: 80 bits of the trace id + the 64-bit span id."""
+    return f"{trace_id:032x}"[:20] + f"{span_id:016x}"
+
+
+def derived_uuid(*parts: str) -> str:
+    """A uuid-shaped id derived from ``parts``."""
+    return str(uuid.UUID(hex=hashlib.md5(":".join(parts).encode()).hexdigest()))
+
+
+def ts(ns: int | None) -> datetime | None:
+    """Nanoseconds since the epoch -> naive UTC datetime (cmbagent's storage convention)."""
+    if ns is None:
+        return None
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat(sep=" ") if value is not None else None
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _str(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text[:limit]
+
+
+def status_of(span: ReadableSpan) -> str:
+    return "failed" if span.status.status_code is StatusCode.ERROR else "completed"
+
+
+def _error_of(span: ReadableSpan) -> str | None:
+    if span.status.status_code is not StatusCode.ERROR:
+        return None
+    return truncate(span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error")
+
+
+def _duration_ms(span: ReadableSpan) -> int | None:
+    if span.start_time is None or span.end_time is None:
+        return None
+    return max(0, (span.end_time - span.start_time) // 1_000_000)
+
+
+def _is_root(span: ReadableSpan) -> bool:
+    parent = span.parent
+    return parent is None or parent.is_remote
+
+
+# --- batch container ----------------------------------------------------------------------
+
+@dataclass
+class RunCandidate:
+    """The best ``workflow_runs`` row a batch knows for a run, with its precedence rank."""
+
+    rank: int
+    row: dict[str, Any]
+
+
+@dataclass
+class MappedBatch:
+    """Rows for one batch of spans, keyed by primary key where the table has a natural one."""
+
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, RunCandidate] = field(default_factory=dict)
+    node_placeholders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_placeholders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    costs: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    # foreign event id -> (event id its parent span would have, run id)
+    foreign_parents: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+    # runs whose nodes or run row changed: derived rows must be recomputed
+    dag_runs: set[str] = field(default_factory=set)
+
+
+def _touch_session(batch: MappedBatch, session_id: str, start: datetime | None, end: datetime | None) -> None:
+    start = start or end or _EPOCH
+    end = end or start
+    row = batch.sessions.get(session_id)
+    if row is None:
+        batch.sessions[session_id] = {
+            "id": session_id,
+            "user_id": None,
+            "name": DEFAULT_SESSION_NAME if session_id == sc.DEFAULT_SESSION_ID else session_id[:255],
+            "created_at": start,
+            "last_active_at": end,
+            "status": "active",
+            "meta": {"source": "cmbagent-otel"},
+            "resource_limits": None,
+        }
+    else:
+        if start < row["created_at"]:
+            row["created_at"] = start
+        if end > row["last_active_at"]:
+            row["last_active_at"] = end
+
+
+def run_row(run_id: str, session_id: str, **values: Any) -> dict[str, Any]:
+    """A full ``workflow_runs`` row with every NOT NULL column set."""
+    row: dict[str, Any] = {
+        "id": run_id, "session_id": session_id, "project_id": None, "mode": "unknown", "agent": "unknown",
+        "model": "unknown", "status": "executing", "started_at": None, "completed_at": None,
+        "last_heartbeat_at": None, "checkpoint_frequency_minutes": CHECKPOINT_FREQUENCY_MINUTES,
+        "task_description": None, "meta": {"otel_source": "placeholder"}, "branch_parent_id": None,
+        "is_branch": False, "branch_depth": 0, "parent_run_id": None, "stage_number": None, "stage_name": None,
+    }
+    row.update(values)
+    return row
+
+
+def _offer_run(batch: MappedBatch, run_id: str, rank: int, row: dict[str, Any]) -> None:
+    current = batch.runs.get(run_id)
+    if current is None or better_run(rank, row, current.rank, current.row):
+        batch.runs[run_id] = RunCandidate(rank, row)
+
+
+def better_run(rank: int, row: Mapping[str, Any], other_rank: int, other: Mapping[str, Any]) -> bool:
+    """Whether ``row`` should replace ``other`` (higher rank; then earlier start; then span id)."""
+    if rank != other_rank:
+        return rank > other_rank
+    if rank == RANK_PLACEHOLDER:
+        return False
+    key = (row.get("started_at") or _EPOCH, (row.get("meta") or {}).get("span_id", ""))
+    other_key = (other.get("started_at") or _EPOCH, (other.get("meta") or {}).get("span_id", ""))
+    return key < other_key
+
+
+def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, Any]:
+    """A node row standing in for a node span that has not arrived yet."""
+    return {
+        "id": node_db_id(run_id, short_id), "run_id": run_id, "session_id": session_id, "parent_node_id": None,
+        "node_type": sc.NODE_AGENT, "agent": "unknown", "status": "running", "order_index": 0, "depth": 0,
+        "meta": {"id": short_id, "label": short_id, "type": sc.NODE_AGENT, "agent": "unknown", "status": "running",
+                 "step_number": 0, "description": "", "placeholder": True},
+    }
+
+
+# --- nodes --------------------------------------------------------------------------------
+
+def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str) -> dict[str, Any]:
+    short = str(attrs[sc.DAG_NODE])
+    node_type = str(attrs.get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
+    kind = attrs.get(sc.SPAN_KIND)
+    parent_short = attrs.get(sc.DAG_PARENT_NODE)
+    order_index = _int(attrs.get(sc.DAG_ORDER_INDEX), 0)
+    status = status_of(span)
+    error = _error_of(span)
+    goal = attrs.get(sc.STEP_GOAL)
+    summary = attrs.get(sc.STEP_SUMMARY)
+    phase_name = attrs.get(sc.PHASE)
+    agent = attrs.get(sc.STEP_AGENT) or attrs.get(sc.GEN_AI_AGENT_NAME)
+    step_number: int = order_index
+    if kind == sc.KIND_PHASE:
+        agent = agent or ("planner" if node_type == sc.NODE_PLANNING else phase_name)
+        label = str(phase_name or short)
+        description = f"{phase_name} phase"
+    elif kind == sc.KIND_STEP:
+        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
+        label = f"Step {step_number}: {str(goal or '')[:80]}"
+        description = str(goal or "")
+    elif node_type == sc.NODE_REDO:
+        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
+        label = f"Redo {attrs.get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
+        description = str(attrs.get(sc.BRANCH_HYPOTHESIS) or label)
+    else:
+        label = str(agent or span.name)
+        description = span.name
+    agent = _str(agent or "unknown", 100)
+    started, completed = ts(span.start_time), ts(span.end_time)
+    meta: dict[str, Any] = {
+        "id": short, "label": label, "type": node_type, "agent": agent, "status": status,
+        "step_number": step_number, "description": description,
+    }
+    if goal is not None:
+        meta["goal"] = goal
+        meta["task"] = goal
+    if summary is not None:
+        meta["summary"] = summary
+    if error is not None:
+        meta["error"] = error
+    if phase_name is not None:
+        meta["phase"] = phase_name
+    if node_type == sc.NODE_REDO:
+        meta["branch_name"] = attrs.get(sc.BRANCH_NAME)
+        meta["attempt"] = attrs.get(sc.BRANCH_ATTEMPT)
+        meta["hypothesis"] = attrs.get(sc.BRANCH_HYPOTHESIS)
+    meta.update({
+        "span_kind": kind, "span_name": span.name, "span_id": f"{span.context.span_id:016x}",
+        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "started_at": iso(started),
+        "completed_at": iso(completed), "duration_ms": _duration_ms(span),
+    })
+    return {
+        "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
+        "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
+        "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
+        "depth": _int(attrs.get(sc.DAG_DEPTH), 0), "meta": meta,
+    }
+
+
+# --- events -------------------------------------------------------------------------------
+
+def _event_io(kind: Any, attrs: Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    g = attrs.get
+    if kind == sc.KIND_LLM:
+        return ({"model": g(sc.GEN_AI_REQUEST_MODEL)},
+                {"model": g(sc.GEN_AI_RESPONSE_MODEL), "finish_reasons": _plain(g(sc.GEN_AI_RESPONSE_FINISH_REASONS))})
+    if kind == sc.KIND_TOOL:
+        return ({"tool": g(sc.GEN_AI_TOOL_NAME), "args": g(sc.GEN_AI_TOOL_CALL_ARGUMENTS)},
+                {"result": g(sc.GEN_AI_TOOL_CALL_RESULT)})
+    if kind == sc.KIND_CODE:
+        return ({"language": g(sc.CODE_LANGUAGE), "code": g(sc.CODE_SOURCE)},
+                {"exit_code": g(sc.CODE_EXIT_CODE), "result": g(sc.CODE_OUTPUT)})
+    if kind == sc.KIND_SPEAKER_SELECTION:
+        return ({"from": g(sc.HANDOFF_FROM), "candidates": _plain(g(sc.HANDOFF_CANDIDATES))},
+                {"to": g(sc.HANDOFF_TO), "reason": g(sc.HANDOFF_REASON)})
+    if kind == sc.KIND_HUMAN_INPUT:
+        return {"prompt": g(sc.HUMAN_INPUT_PROMPT)}, {"response": g(sc.HUMAN_INPUT_RESPONSE)}
+    if kind in (sc.KIND_CONVERSATION, sc.KIND_MULTI_CONVERSATION):
+        return ({"initiator": g(sc.CONVERSATION_INITIATOR), "recipient": g(sc.CONVERSATION_RECIPIENT)},
+                {"summary": g(sc.CONVERSATION_SUMMARY), "chat_count": g(sc.CONVERSATION_CHAT_COUNT)})
+    if kind == sc.KIND_AGENT:
+        return {"sender": g(sc.AGENT_SENDER)}, None
+    return None, None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _event_type(kind: Any, span: ReadableSpan, attrs: Mapping[str, Any]) -> tuple[str, str]:
+    if kind is None:
+        return FOREIGN_TYPE
+    if kind == sc.KIND_CODE:
+        exit_code = attrs.get(sc.CODE_EXIT_CODE)
+        failed = span.status.status_code is StatusCode.ERROR or (exit_code is not None and _int(exit_code, 1) != 0)
+        return ("code_exec", "error" if failed else "complete")
+    return EVENT_TYPES.get(kind, ("info", str(kind)[:50]))
+
+
+def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return scrub({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
+
+
+def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
+               trace_id: int) -> dict[str, Any]:
+    kind = attrs.get(sc.SPAN_KIND)
+    event_type, subtype = _event_type(kind, span, attrs)
+    started, completed = ts(span.start_time), ts(span.end_time)
+    inputs, outputs = _event_io(kind, attrs)
+    parent = span.parent
+    meta: dict[str, Any] = {
+        "span_name": span.name,
+        "trace_id": f"{trace_id:032x}",
+        "span_id": f"{span.context.span_id:016x}",
+        "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
+    }
+    if kind is None:
+        meta["name"] = span.name
+    phase = attrs.get(sc.PHASE)
+    if phase is not None:
+        meta["workflow_phase"] = phase
+    if kind == sc.KIND_LLM:
+        prompt = _int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
+        completion = _int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
+        meta["tokens"] = {"prompt": prompt, "completion": completion, "total": prompt + completion}
+        meta["cost_usd"] = float(attrs.get(sc.LLM_COST_USD) or 0.0)
+        meta["model"] = attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL)
+    meta["attributes"] = _attributes_meta(attrs)
+    short = attrs.get(sc.DAG_NODE)
+    depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
+    return {
+        "id": event_db_id(trace_id, span.context.span_id), "run_id": run_id,
+        "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
+        "parent_event_id": (event_db_id(trace_id, parent.span_id)
+                            if depth > 0 and parent is not None and kind is not None else None),
+        "event_type": event_type, "event_subtype": subtype,
+        "agent_name": _str(attrs.get(sc.GEN_AI_AGENT_NAME), 100), "agent_role": None,
+        "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
+        "duration_ms": _duration_ms(span), "inputs": scrub(inputs) if inputs else None,
+        "outputs": scrub(outputs) if outputs else None, "error_message": _error_of(span), "meta": meta,
+        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "depth": depth,
+        "status": status_of(span),
+    }
+
+
+def event_placeholder(child: Mapping[str, Any], parent_id: str) -> dict[str, Any]:
+    """An event row standing in for a parent span that has not arrived yet."""
+    return {
+        "id": parent_id, "run_id": child["run_id"], "node_id": child["node_id"], "step_id": None,
+        "session_id": child["session_id"], "parent_event_id": None, "event_type": "info",
+        "event_subtype": PLACEHOLDER_SUBTYPE, "agent_name": None, "agent_role": None,
+        "timestamp": child["timestamp"], "started_at": None, "completed_at": None, "duration_ms": None,
+        "inputs": None, "outputs": None, "error_message": None, "meta": {"placeholder": True},
+        "execution_order": child["execution_order"], "depth": max(0, child["depth"] - 1), "status": "running",
+    }
+
+
+def _messages(span: ReadableSpan, attrs: Mapping[str, Any], event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    agent = str(attrs.get(sc.GEN_AI_AGENT_NAME) or attrs.get(sc.CONVERSATION_RECIPIENT) or "assistant")[:100]
+    other = str(attrs.get(sc.AGENT_SENDER) or attrs.get(sc.CONVERSATION_INITIATOR) or "user")[:100]
+    rows: list[dict[str, Any]] = []
+    for key, inbound, when in ((sc.GEN_AI_INPUT_MESSAGES, True, event["started_at"]),
+                               (sc.GEN_AI_OUTPUT_MESSAGES, False, event["completed_at"])):
+        raw = attrs.get(key)
+        if raw is None:
+            continue
+        for index, (sender, content) in enumerate(_split_messages(raw)):
+            rows.append({
+                "run_id": event["run_id"], "step_id": None, "event_id": event["id"], "node_id": event["node_id"],
+                "sender": (sender or other)[:100] if inbound else agent,
+                "recipient": agent if inbound else other,
+                "content": scrub(content), "timestamp": when or event["timestamp"], "tokens": None,
+                "meta": {"direction": "input" if inbound else "output", "index": index},
+            })
+    return rows
+
+
+def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return [(None, raw)]
+    if isinstance(value, (list, tuple)):
+        out: list[tuple[str | None, str]] = []
+        for item in value:
+            if isinstance(item, dict):
+                sender = item.get("name") or item.get("role")
+                content = item.get("content")
+                out.append((str(sender) if sender else None,
+                            content if isinstance(content, str) else json.dumps(content, default=str)))
+            else:
+                out.append((None, str(item)))
+        return out
+    if isinstance(value, dict):
+        return _split_messages([value])
+    return [(None, str(raw))]
+
+
+def _cost_row(attrs: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any] | None:
+    if sc.GEN_AI_USAGE_INPUT_TOKENS not in attrs and sc.GEN_AI_USAGE_OUTPUT_TOKENS not in attrs:
+        return None
+    tokens = event["meta"]["tokens"]
+    return {
+        "run_id": event["run_id"], "step_id": None, "session_id": event["session_id"],
+        "model": str(event["meta"].get("model") or "unknown")[:100], "agent_name": _str(event["agent_name"], 200),
+        "parent_run_id": None, "prompt_tokens": tokens["prompt"], "completion_tokens": tokens["completion"],
+        "total_tokens": tokens["total"], "cost_usd": event["meta"]["cost_usd"],
+        "timestamp": event["completed_at"] or event["timestamp"],
+    }
+
+
+# --- the batch ----------------------------------------------------------------------------
+
+def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
+    """Map finished spans (any order, duplicates allowed) to rows for every table."""
+    batch = MappedBatch()
+    for span in spans:
+        ctx = span.context
+        if ctx is None:
+            continue
+        attrs = span.attributes or {}
+        trace_id = ctx.trace_id
+        run_id = run_id_of(trace_id)
+        session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
+        started, completed = ts(span.start_time), ts(span.end_time)
+        _touch_session(batch, session_id, started, completed)
+        kind = attrs.get(sc.SPAN_KIND)
+        if run_id not in batch.runs:
+            batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
+        if kind == sc.KIND_WORKFLOW:
+            pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
+                     ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
+            meta = {k: v for k, v in pairs if v is not None}
+            meta.update({"otel_source": "workflow", "trace_id": f"{trace_id:032x}",
+                         "span_id": f"{ctx.span_id:016x}", "error": _error_of(span)})
+            _offer_run(batch, run_id, RANK_WORKFLOW, run_row(
+                run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
+                agent=_str(attrs.get(sc.WORKFLOW_AGENT) or "unknown", 100),
+                model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100), status=status_of(span),
+                started_at=started, completed_at=completed, task_description=attrs.get(sc.WORKFLOW_TASK),
+                meta=meta,
+            ))
+            batch.dag_runs.add(run_id)
+            continue
+        if _is_root(span):
+            _offer_run(batch, run_id, RANK_ROOT, run_row(
+                run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
+                agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
+                model=_str(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL) or "unknown", 100),
+                status=status_of(span), started_at=started, completed_at=completed, task_description=span.name,
+                meta={"otel_source": "root", "name": span.name, "trace_id": f"{trace_id:032x}",
+                      "span_id": f"{ctx.span_id:016x}", "error": _error_of(span)},
+            ))
+            batch.dag_runs.add(run_id)
+        if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
+            node = _node_row(span, attrs, run_id, session_id)
+            batch.nodes[node["id"]] = node
+            parent_short = attrs.get(sc.DAG_PARENT_NODE)
+            if parent_short:
+                ph = node_placeholder(run_id, session_id, str(parent_short))
+                batch.node_placeholders.setdefault(ph["id"], ph)
+            batch.dag_runs.add(run_id)
+            continue
+        event = _event_row(span, attrs, run_id, session_id, trace_id)
+        batch.events[event["id"]] = event
+        short = attrs.get(sc.DAG_NODE)
+        if short:
+            ph = node_placeholder(run_id, session_id, str(short))
+            batch.node_placeholders.setdefault(ph["id"], ph)
+        if kind is None:
+            parent = span.parent
+            parent_id = event_db_id(trace_id, parent.span_id) if parent is not None and not parent.is_remote else None
+            batch.foreign_parents[event["id"]] = (parent_id, run_id)
+        elif event["parent_event_id"] is not None:
+            batch.event_placeholders.setdefault(event["parent_event_id"],
+                                                event_placeholder(event, event["parent_event_id"]))
+        if kind == sc.KIND_LLM:
+            cost = _cost_row(attrs, event)
+            if cost is not None:
+                batch.costs.append(cost)
+        if sc.GEN_AI_INPUT_MESSAGES in attrs or sc.GEN_AI_OUTPUT_MESSAGES in attrs:
+            batch.messages.extend(_messages(span, attrs, event))
+    for node_id in batch.nodes:
+        batch.node_placeholders.pop(node_id, None)
+    for event_id in batch.events:
+        batch.event_placeholders.pop(event_id, None)
+    return batch
+
+
+# --- rows derived from a run's node set ---------------------------------------------------
+
+@dataclass
+class DerivedRows:
+    """Rows computed from a run's whole node set; the writer upserts/diffs them."""
+
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    edges: set[tuple[str, str, str, str | None]] = field(default_factory=set)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    child_runs: list[dict[str, Any]] = field(default_factory=list)
+    branches: list[dict[str, Any]] = field(default_factory=list)
+    session_state: dict[str, Any] | None = None
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _order_key(node: Mapping[str, Any]) -> tuple[int, int, str]:
+    meta = node.get("meta") or {}
+    return (node["order_index"], _int(meta.get("execution_order"), 0), str(meta.get("id", "")))
+
+
+def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> DerivedRows:
+    """Edges, terminator, branch points, branch runs/steps/rows and session state for one run.
+
+    ``run`` is the run's row, ``nodes`` its ``dag_nodes`` rows (meta decoded). Derived nodes
+    (terminator, branch points) in ``nodes`` are ignored and recomputed.
+    """
+    out = DerivedRows()
+    run_id = run["id"]
+    session_id = run["session_id"]
+    run_meta = run.get("meta") or {}
+    real = [n for n in nodes if not (n.get("meta") or {}).get("derived")]
+    by_id = {n["id"]: n for n in real}
+    real_run = run_meta.get("otel_source") in ("workflow", "root")
+
+    planning = sorted((n for n in real if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
+    steps = sorted((n for n in real if n["node_type"] == sc.NODE_AGENT and (n.get("meta") or {}).get("span_kind")
+                    == sc.KIND_STEP), key=_order_key)
+    chain = planning + steps
+    if not steps:
+        chain = planning + sorted((n for n in real if n["node_type"] == sc.NODE_CONTROL and n["depth"] == 0),
+                                  key=_order_key)
+    for a, b in itertools.pairwise(chain):
+        out.edges.add((a["id"], b["id"], "sequential", None))
+
+    if run_meta.get("otel_source") == "workflow":
+        last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
+        term_id = node_db_id(run_id, NODE_TERMINATOR)
+        term_status = "completed" if run["status"] == "completed" else ("failed" if run["status"] == "failed"
+                                                                         else "pending")
+        out.nodes.append({
+            "id": term_id, "run_id": run_id, "session_id": session_id, "parent_node_id": None,
+            "node_type": NODE_TERMINATOR, "agent": "system", "status": term_status, "order_index": last_order + 1,
+            "depth": 0, "meta": {"id": NODE_TERMINATOR, "label": "Terminator", "type": NODE_TERMINATOR,
+                                 "agent": "system", "status": term_status, "step_number": last_order + 1,
+                                 "description": "End of workflow", "derived": True,
+                                 "completed_at": iso(run.get("completed_at"))},
+        })
+        if chain:
+            out.edges.add((chain[-1]["id"], term_id, "sequential", None))
+
+    for redo in sorted((n for n in real if n["node_type"] == sc.NODE_REDO), key=_order_key):
+        step = by_id.get(redo.get("parent_node_id") or "")
+        if step is None:
+            continue
+        rmeta = redo.get("meta") or {}
+        smeta = step.get("meta") or {}
+        step_short = str(smeta.get("id"))
+        bp_short = f"branch_at_{step_short}"
+        bp_id = node_db_id(run_id, bp_short)
+        out.nodes.append({
+            "id": bp_id, "run_id": run_id, "session_id": session_id, "parent_node_id": step["id"],
+            "node_type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed", "order_index": -1,
+            "depth": redo["depth"], "meta": {"id": bp_short, "label": f"Branch point at {step_short}",
+                                             "type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed",
+                                             "step_number": -1, "description": f"Redo branches of {step_short}",
+                                             "derived": True},
+        })
+        branch_name = str(rmeta.get("branch_name") or rmeta.get("id"))
+        out.edges.add((step["id"], bp_id, "sequential", None))
+        out.edges.add((bp_id, redo["id"], "conditional", f"branch_{branch_name}"))
+        if not real_run:
+            continue
+        step_row_id = node_db_id(run_id, f"workflow_step:{step_short}")
+        out.steps.append({
+            "id": step_row_id, "run_id": run_id, "session_id": session_id, "step_number": step["order_index"],
+            "goal": str(smeta.get("goal") or f"Branch point at {step_short}"), "summary": smeta.get("summary"),
+            "status": step["status"] if step["status"] in ("completed", "failed") else "running",
+            "started_at": _parse_ts(smeta.get("started_at")), "completed_at": _parse_ts(smeta.get("completed_at")),
+            "progress_percentage": 0, "inputs": None, "outputs": None, "error_message": smeta.get("error"),
+            "meta": {"created_for_branch": True, "dag_node_id": step["id"], "node_short_id": step_short},
+        })
+        child_id = derived_uuid(run_id, "branch", str(rmeta.get("id")))
+        hypothesis = rmeta.get("hypothesis")
+        out.child_runs.append(run_row(
+            child_id, session_id, mode=run["mode"], agent=run["agent"], model=run["model"], status=redo["status"],
+            started_at=_parse_ts(rmeta.get("started_at")), completed_at=_parse_ts(rmeta.get("completed_at")),
+            task_description=hypothesis or run.get("task_description"), is_branch=True, branch_parent_id=run_id,
+            branch_depth=_int(run.get("branch_depth"), 0) + 1,
+            meta={"otel_source": "branch", "branch_name": str(rmeta.get("id")), "hypothesis": hypothesis,
+                  "redo_attempt": rmeta.get("attempt"), "branched_from_node": step_short,
+                  "branched_from_step": step["order_index"], "dag_node_id": redo["id"]},
+        ))
+        out.branches.append({
+            "id": derived_uuid(run_id, "branch_row", str(rmeta.get("id"))), "parent_run_id": run_id,
+            "parent_step_id": step_row_id, "child_run_id": child_id, "branch_name": str(rmeta.get("id"))[:255],
+            "created_at": _parse_ts(rmeta.get("started_at")) or run.get("started_at") or _EPOCH,
+            "hypothesis": hypothesis, "status": "completed" if redo["status"] == "completed" else "abandoned",
+            "meta": {"dag_node_id": redo["id"], "branch_point_node_id": bp_id, "condition": f"branch_{branch_name}"},
+            "racing_group_id": None, "racing_priority": None, "racing_status": None,
+        })
+
+    if real_run:
+        phases = sorted((n for n in real if n["node_type"] in (sc.NODE_PLANNING, sc.NODE_CONTROL)),
+                        key=lambda n: _int((n.get("meta") or {}).get("execution_order"), 0))
+        updated = run.get("completed_at") or run.get("started_at") or _EPOCH
+        out.session_state = {
+            "id": node_db_id("session_state", session_id), "session_id": session_id, "mode": run["mode"],
+            "conversation_history": [], "context_variables": {"run_id": run_id}, "plan_data": None,
+            "current_phase": (str((phases[-1].get("meta") or {}).get("phase") or phases[-1]["meta"].get("id"))[:50]
+                              if phases else None),
+            "current_step": steps[-1]["order_index"] if steps else None,
+            "status": "active" if run["status"] == "executing" else "completed",
+            "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
+            "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
+        }
+    return out

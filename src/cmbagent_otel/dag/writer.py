@@ -1,0 +1,366 @@
+"""Writes mapped span batches into the tracking tables: one transaction per batch.
+
+Rows with a natural key are upserted (placeholders ``DO NOTHING``, real rows ``DO
+UPDATE``), so repeated or reordered batches converge to the same contents. Tables without
+one (``dag_edges``, ``cost_records``, ``messages``) are diffed against what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from sqlalchemy import JSON, Connection, Integer, Engine, Table, bindparam, case, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from . import schema
+from .database import ensure_schema, make_engine, redacted, resolve_url
+from .mapping import (
+    FOREIGN_TYPE,
+    PLACEHOLDER_SUBTYPE,
+    RANK_BY_NAME,
+    MappedBatch,
+    better_run,
+    derive_run_rows,
+    map_spans,
+)
+
+logger = logging.getLogger("cmbagent_otel.dag")
+
+T = {name: schema.metadata.tables[name] for name in schema.TABLE_ORDER}
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be reached or was busy; the batch may be retried later."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one :meth:`DagWriter.write` call stored."""
+
+    spans: int
+    runs: int
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def _naive(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).replace(tzinfo=None)
+        except ValueError:
+            return None
+    return None
+
+
+class DagWriter:
+    """Writes finished spans into cmbagent's tracking schema.
+
+    ``url`` is resolved argument > ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_DATABASE_URL``
+    > the default SQLite file. With ``migrate`` (default) the schema is brought to head
+    once per process before the first write. Thread-safe.
+    """
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True, engine: Engine | None = None) -> None:
+        self.url = resolve_url(url)
+        self._migrate = migrate
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._ready = False
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (created on first use)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = make_engine(self.url)
+            return self._engine
+
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        if self._migrate:
+            ensure_schema(self.url)
+        self._ready = True
+
+    def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan]) -> WriteResult:
+        """Write ``spans`` in one transaction.
+
+        Raises :class:`DatabaseUnavailable` on connection/operational errors (retryable);
+        other errors propagate.
+        """
+        spans = list(spans)
+        if not spans:
+            return WriteResult(0, 0)
+        batch = map_spans(spans)
+        try:
+            self._prepare()
+            with self.engine.begin() as conn:
+                _write_batch(conn, batch)
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"database {redacted(self.url)} unavailable: {exc.orig or exc}") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise DatabaseUnavailable(f"database {redacted(self.url)} connection lost: {exc}") from exc
+            raise
+        return WriteResult(len(spans), len(batch.runs))
+
+    def close(self) -> None:
+        """Dispose of the engine's connections (idempotent)."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.dispose()
+
+
+# --- statements -----------------------------------------------------------------------------
+
+def _insert(conn: Connection, table: Table) -> Any:
+    return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
+
+
+def _upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
+    if not rows:
+        return
+    ins = _insert(conn, table)
+    if replace:
+        stmt = ins.on_conflict_do_update(
+            index_elements=["id"], set_={c.name: ins.excluded[c.name] for c in table.columns if c.name != "id"}
+        )
+    else:
+        stmt = ins.on_conflict_do_nothing(index_elements=["id"])
+    conn.execute(stmt, list(rows))
+
+
+def _write_batch(conn: Connection, batch: MappedBatch) -> None:
+    _write_sessions(conn, batch)
+    _write_runs(conn, batch)
+    _upsert(conn, T["dag_nodes"], list(batch.node_placeholders.values()), replace=False)
+    _upsert(conn, T["dag_nodes"], sorted(batch.nodes.values(), key=lambda r: r["depth"]), replace=True)
+    _upsert(conn, T["execution_events"], list(batch.event_placeholders.values()), replace=False)
+    _upsert(conn, T["execution_events"], sorted(batch.events.values(), key=lambda r: r["depth"]), replace=True)
+    runs_with_events = {e["run_id"] for e in batch.events.values()}
+    if runs_with_events:
+        _repair_foreign(conn, runs_with_events)
+    _write_costs(conn, batch.costs)
+    _write_messages(conn, batch.messages)
+    for run_id in sorted(batch.dag_runs):
+        _write_derived(conn, run_id)
+
+
+def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
+    if not batch.sessions:
+        return
+    table = T["sessions"]
+    ins = _insert(conn, table)
+    stmt = ins.on_conflict_do_update(index_elements=["id"], set_={
+        "created_at": case((ins.excluded.created_at < table.c.created_at, ins.excluded.created_at),
+                           else_=table.c.created_at),
+        "last_active_at": case((ins.excluded.last_active_at > table.c.last_active_at, ins.excluded.last_active_at),
+                               else_=table.c.last_active_at),
+    })
+    conn.execute(stmt, list(batch.sessions.values()))
+
+
+def _write_runs(conn: Connection, batch: MappedBatch) -> None:
+    table = T["workflow_runs"]
+    ids = list(batch.runs)
+    existing = {r.id: r for r in conn.execute(
+        select(table.c.id, table.c.meta, table.c.started_at).where(table.c.id.in_(ids)))}
+    inserts = []
+    for run_id, cand in batch.runs.items():
+        old = existing.get(run_id)
+        if old is None:
+            inserts.append(cand.row)
+            continue
+        old_meta = _json(old.meta) or {}
+        old_rank = RANK_BY_NAME.get(old_meta.get("otel_source"), 99)
+        old_row = {"started_at": _naive(old.started_at), "meta": old_meta}
+        if better_run(cand.rank, cand.row, old_rank, old_row):
+            values = {k: v for k, v in cand.row.items() if k != "id"}
+            conn.execute(update(table).where(table.c.id == run_id).values(**values))
+    if inserts:
+        conn.execute(table.insert(), inserts)
+
+
+def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
+    """Attach spans from other instrumentations under their parent event once it is known."""
+    ev = T["execution_events"]
+    foreign = conn.execute(
+        select(ev.c.id, ev.c.parent_event_id, ev.c.depth, ev.c.execution_order, ev.c.node_id, ev.c.meta).where(
+            ev.c.event_type == FOREIGN_TYPE[0], ev.c.event_subtype == FOREIGN_TYPE[1], ev.c.run_id.in_(run_ids))
+    ).all()
+    if not foreign:
+        return
+    candidates: dict[str, str | None] = {}
+    for row in foreign:
+        meta = _json(row.meta) or {}
+        parent_span = meta.get("parent_span_id")
+        candidates[row.id] = row.id[:20] + parent_span if parent_span else None
+    wanted = {c for c in candidates.values() if c}
+    known: dict[str, tuple[int, int, str | None]] = {}
+    if wanted:
+        for r in conn.execute(select(ev.c.id, ev.c.depth, ev.c.execution_order, ev.c.node_id, ev.c.event_subtype,
+                                     ev.c.event_type).where(ev.c.id.in_(wanted))):
+            if r.event_subtype == PLACEHOLDER_SUBTYPE:
+                continue
+            if (r.event_type, r.event_subtype) != FOREIGN_TYPE:
+                known[r.id] = (r.depth, r.execution_order, r.node_id)
+    resolved: dict[str, tuple[str | None, int, int, str | None]] = {}
+
+    def resolve(event_id: str, seen: frozenset[str]) -> tuple[int, int, str | None] | None:
+        if event_id in known:
+            return known[event_id]
+        if event_id not in candidates or event_id in seen:
+            return None
+        target = want(event_id, seen | {event_id})
+        return target[1], target[2], target[3]
+
+    def want(event_id: str, seen: frozenset[str]) -> tuple[str | None, int, int, str | None]:
+        if event_id in resolved:
+            return resolved[event_id]
+        parent = candidates.get(event_id)
+        info = resolve(parent, seen) if parent else None
+        result = (None, 0, 0, None) if info is None else (parent, info[0] + 1, info[1], info[2])
+        resolved[event_id] = result
+        return result
+
+    updates = []
+    for row in foreign:
+        parent, depth, order, node = want(row.id, frozenset({row.id}))
+        if (row.parent_event_id, row.depth, row.execution_order, row.node_id) != (parent, depth, order, node):
+            updates.append({"b_id": row.id, "p": parent, "d": depth, "o": order, "n": node})
+    if updates:
+        conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(
+            parent_event_id=bindparam("p"), depth=bindparam("d"), execution_order=bindparam("o"),
+            node_id=bindparam("n")), updates)
+
+
+def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (row["run_id"], _naive(row["timestamp"]), row["model"], row["agent_name"], int(row["prompt_tokens"]),
+            int(row["completion_tokens"]))
+
+
+def _write_costs(conn: Connection, costs: list[dict[str, Any]]) -> None:
+    if not costs:
+        return
+    table = T["cost_records"]
+    unique = {_cost_key(c): c for c in costs}
+    stamps = [c["timestamp"] for c in costs]
+    stored = {_cost_key(r._mapping) for r in conn.execute(
+        select(table.c.run_id, table.c.timestamp, table.c.model, table.c.agent_name, table.c.prompt_tokens,
+               table.c.completion_tokens).where(
+            table.c.run_id.in_({c["run_id"] for c in costs}), table.c.timestamp >= min(stamps),
+            table.c.timestamp <= max(stamps)))}
+    rows = [row for key, row in unique.items() if key not in stored]
+    if rows:
+        conn.execute(table.insert(), rows)
+
+
+def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        return
+    table = T["messages"]
+    event_ids = {m["event_id"] for m in messages}
+    stored = set(conn.execute(select(table.c.event_id).where(table.c.event_id.in_(event_ids))).scalars())
+    seen: set[tuple[Any, ...]] = set()
+    rows = []
+    for m in messages:
+        key = (m["event_id"], m["meta"]["direction"], m["meta"]["index"])
+        if m["event_id"] in stored or key in seen:
+            continue
+        seen.add(key)
+        rows.append(m)
+    if rows:
+        conn.execute(table.insert(), rows)
+
+
+def _write_derived(conn: Connection, run_id: str) -> None:
+    runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
+    run_row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+    if run_row is None:
+        return
+    run = dict(run_row)
+    run["meta"] = _json(run["meta"]) or {}
+    run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
+    nodes = []
+    for r in conn.execute(select(nodes_t).where(nodes_t.c.run_id == run_id)).mappings():
+        node = dict(r)
+        node["meta"] = _json(node["meta"]) or {}
+        nodes.append(node)
+    derived = derive_run_rows(run, nodes)
+    _upsert(conn, nodes_t, derived.nodes, replace=True)
+    stale = [n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in {d["id"] for d in derived.nodes}]
+    if stale:
+        conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(stale)))
+
+    run_nodes = select(nodes_t.c.id).where(nodes_t.c.run_id == run_id).scalar_subquery()
+    existing = conn.execute(select(edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
+                                   edges_t.c.dependency_type, edges_t.c.condition).where(
+        edges_t.c.from_node_id.in_(run_nodes))).all()
+    kept: set[tuple[str, str, str, str | None]] = set()
+    drop = []
+    for e in existing:
+        key = (e.from_node_id, e.to_node_id, e.dependency_type, e.condition)
+        if key in derived.edges and key not in kept:
+            kept.add(key)
+        else:
+            drop.append(e.id)
+    if drop:
+        conn.execute(delete(edges_t).where(edges_t.c.id.in_(drop)))
+    missing = sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or ""))
+    if missing:
+        conn.execute(edges_t.insert(), [
+            {"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in missing])
+
+    _upsert(conn, T["workflow_steps"], derived.steps, replace=True)
+    _upsert(conn, runs, derived.child_runs, replace=True)
+    _upsert(conn, T["branches"], derived.branches, replace=True)
+    if derived.session_state is not None:
+        _write_session_state(conn, derived.session_state)
+
+
+def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
+    table = T["session_states"]
+    old = conn.execute(select(table.c.updated_at, table.c.context_variables).where(table.c.id == row["id"])).first()
+    if old is None:
+        conn.execute(table.insert(), [row])
+        return
+    old_key = (_naive(old.updated_at) or datetime.min, str((_json(old.context_variables) or {}).get("run_id", "")))
+    new_key = (_naive(row["updated_at"]) or datetime.min, row["context_variables"]["run_id"])
+    if new_key >= old_key:
+        values = {k: v for k, v in row.items() if k != "id"}
+        conn.execute(update(table).where(table.c.id == row["id"]).values(**values))
+
+
+def dump_tables(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every tracking table's rows (autoincrement ids left out), sorted: for comparisons."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for name in schema.TABLE_ORDER:
+        table = T[name]
+        cols = [c for c in table.columns if not (c.name == "id" and isinstance(c.type, Integer))]
+        rows = [tuple(json.dumps(_json(v), sort_keys=True, default=str) if isinstance(c.type, JSON) else
+                      (str(v) if v is not None else None) for c, v in zip(cols, r, strict=True))
+                for r in conn.execute(select(*cols))]
+        out[name] = sorted(rows, key=lambda t: tuple("" if x is None else x for x in t))
+
+    return out
