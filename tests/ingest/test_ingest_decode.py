@@ -1,0 +1,209 @@
+"""OTLP decoding: what the SDK's own encoder produces decodes back to the same spans."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+import cmbagent_otel
+from cmbagent_otel import _spans, semconv
+from cmbagent_otel.otlp_decode import MalformedPayload, decode_json, decode_protobuf, encode_response
+
+
+def otlp_json(spans: list[ReadableSpan]) -> dict[str, Any]:
+    """The OTLP/JSON encoding of ``spans``: proto3 JSON with hex ids, as OTLP/JSON exporters send."""
+    doc = json_format.MessageToDict(encode_spans(spans))
+
+    def hexify(obj: dict[str, Any]) -> None:
+        for key in ("traceId", "spanId", "parentSpanId"):
+            if key in obj:
+                obj[key] = base64.b64decode(obj[key]).hex()
+
+    for rs in doc["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                hexify(span)
+                for link in span.get("links", []):
+                    hexify(link)
+    return doc
+
+
+@pytest.fixture
+def workflow_spans() -> list[ReadableSpan]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "decode-test", "host.cores": 2}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _spans.set_tracer_provider(provider)
+    try:
+        with cmbagent_otel.workflow("decode", mode="planning-control", task="t"):
+            with cmbagent_otel.phase("planning"):
+                pass
+            with cmbagent_otel.phase("control"), cmbagent_otel.step(1, "goal", agent="engineer") as st:
+                st.set_attribute("custom.list", ["a", "b"])
+                st.set_attribute("custom.float", 1.5)
+                st.set_attribute("custom.bool", True)
+                try:
+                    with cmbagent_otel.redo(1, 1, "retry"):
+                        raise RuntimeError("boom")
+                except RuntimeError:
+                    pass
+        tracer = provider.get_tracer("other.scope", "9.9", schema_url="https://example/schema")
+        root = exporter.get_finished_spans()[-1]
+        links = [Link(root.context, {"why": "x"})]
+        with tracer.start_as_current_span("linked", kind=SpanKind.CLIENT, links=links) as sp:
+            sp.add_event("evt", {"n": 3, "vals": [1, 2]})
+            sp.set_status(Status(StatusCode.OK))
+    finally:
+        _spans.set_tracer_provider(None)
+        provider.shutdown()
+    return list(exporter.get_finished_spans())
+
+
+def assert_same(decoded: list[ReadableSpan], original: list[ReadableSpan]) -> None:
+    assert len(decoded) == len(original)
+    by_id = {s.context.span_id: s for s in decoded}
+    for orig in original:
+        got = by_id[orig.context.span_id]
+        assert got.name == orig.name
+        assert got.context.trace_id == orig.context.trace_id
+        assert (got.parent.span_id if got.parent else None) == (orig.parent.span_id if orig.parent else None)
+        assert dict(got.attributes) == {k: tuple(v) if isinstance(v, list | tuple) else v
+                                        for k, v in orig.attributes.items()}
+        assert got.kind == orig.kind
+        assert got.status.status_code == orig.status.status_code
+        assert got.status.description == orig.status.description
+        assert got.start_time == orig.start_time and got.end_time == orig.end_time
+        assert dict(got.resource.attributes) == dict(orig.resource.attributes)
+        assert got.instrumentation_scope.name == orig.instrumentation_scope.name
+        assert got.instrumentation_scope.version == orig.instrumentation_scope.version
+        assert [(e.name, dict(e.attributes), e.timestamp) for e in got.events] == [
+            (e.name, {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in e.attributes.items()},
+             e.timestamp) for e in orig.events
+        ]
+        assert [(ln.context.trace_id, ln.context.span_id, dict(ln.attributes)) for ln in got.links] == [
+            (ln.context.trace_id, ln.context.span_id, dict(ln.attributes)) for ln in orig.links
+        ]
+
+
+def test_protobuf_round_trip(workflow_spans: list[ReadableSpan]) -> None:
+    body = encode_spans(workflow_spans).SerializeToString()
+    batch = decode_protobuf(body)
+    assert batch.rejected == 0
+    assert_same(batch.spans, workflow_spans)
+    failed = next(s for s in batch.spans if s.name.startswith("redo"))
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes[semconv.ERROR_TYPE] == "RuntimeError"
+    assert failed.events[0].name == "exception"
+    linked = next(s for s in batch.spans if s.name == "linked")
+    assert linked.kind is SpanKind.CLIENT
+    assert linked.instrumentation_scope.schema_url == "https://example/schema"
+
+
+def test_json_round_trip(workflow_spans: list[ReadableSpan]) -> None:
+    body = json.dumps(otlp_json(workflow_spans)).encode()
+    batch = decode_json(body)
+    assert batch.rejected == 0
+    assert_same(batch.spans, workflow_spans)
+
+
+def test_json_any_value_kinds_and_unknown_fields() -> None:
+    doc = {
+        "resourceSpans": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "js"}}]},
+            "futureField": {"ignored": True},
+            "scopeSpans": [{
+                "scope": {"name": "s", "version": "1", "attributes": [{"key": "a", "value": {"intValue": "1"}}]},
+                "spans": [{
+                    "traceId": "5b8efff798038103d269b633813fc60c",
+                    "spanId": "eee19b7ec3c1b174",
+                    "parentSpanId": "eee19b7ec3c1b173",
+                    "name": "all kinds",
+                    "kind": 3,
+                    "startTimeUnixNano": "1544712660000000000",
+                    "endTimeUnixNano": "1544712661000000000",
+                    "attributes": [
+                        {"key": "s", "value": {"stringValue": "x"}},
+                        {"key": "i", "value": {"intValue": "9007199254740993"}},
+                        {"key": "d", "value": {"doubleValue": 0.25}},
+                        {"key": "b", "value": {"boolValue": False}},
+                        {"key": "bytes", "value": {"bytesValue": base64.b64encode(b"\x00\x01").decode()}},
+                        {"key": "arr", "value": {"arrayValue": {"values": [{"intValue": 1}, {"stringValue": "two"}]}}},
+                        {"key": "kv",
+                         "value": {"kvlistValue": {"values": [{"key": "k", "value": {"boolValue": True}}]}}},
+                        {"key": "empty", "value": {}},
+                    ],
+                    "events": [{"timeUnixNano": "1544712660500000000", "name": "e",
+                                "attributes": [{"key": "n", "value": {"intValue": 2}}]}],
+                    "links": [{"traceId": "5b8efff798038103d269b633813fc60d", "spanId": "eee19b7ec3c1b175"}],
+                    "status": {"code": 2, "message": "bad"},
+                }],
+            }],
+        }],
+    }
+    batch = decode_json(json.dumps(doc).encode())
+    assert batch.rejected == 0
+    (span,) = batch.spans
+    assert span.context.trace_id == 0x5B8EFFF798038103D269B633813FC60C
+    assert span.parent is not None and span.parent.span_id == 0xEEE19B7EC3C1B173
+    assert span.kind is SpanKind.CLIENT
+    assert dict(span.attributes) == {
+        "s": "x", "i": 9007199254740993, "d": 0.25, "b": False, "bytes": b"\x00\x01",
+        "arr": (1, "two"), "kv": {"k": True},
+    }
+    assert span.events[0].timestamp == 1544712660500000000 and span.events[0].attributes == {"n": 2}
+    assert span.links[0].context.span_id == 0xEEE19B7EC3C1B175
+    assert span.status.status_code is StatusCode.ERROR and span.status.description == "bad"
+    assert span.resource.attributes["service.name"] == "js"
+    assert span.instrumentation_scope.attributes == {"a": 1}
+
+
+def test_invalid_spans_are_rejected_not_fatal() -> None:
+    good = {"traceId": "01" * 16, "spanId": "02" * 8, "name": "ok"}
+    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
+        good,
+        {"traceId": "00" * 16, "spanId": "02" * 8, "name": "zero trace"},
+        {"traceId": "01" * 15, "spanId": "02" * 8, "name": "short trace"},
+        {"traceId": "01" * 16, "spanId": "03" * 8, "name": ""},
+    ]}]}]}
+    batch = decode_json(json.dumps(doc).encode())
+    assert [s.name for s in batch.spans] == ["ok"]
+    assert batch.rejected == 3
+    response = ExportTraceServiceResponse()
+    response.ParseFromString(encode_response("protobuf", batch.rejected, batch.error_message))
+    assert response.partial_success.rejected_spans == 3
+    assert "trace_id" in response.partial_success.error_message
+    as_json = json.loads(encode_response("json", batch.rejected, batch.error_message))
+    assert int(as_json["partialSuccess"]["rejectedSpans"]) == 3
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"resourceSpans": {}}',
+    b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+    b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 5}]}]}]}', b"\xff\xfe",
+])
+def test_malformed_json(body: bytes) -> None:
+    with pytest.raises(MalformedPayload):
+        decode_json(body)
+
+
+@pytest.mark.parametrize("body", [b"\x0a\xff\xff\xff\xff\x0f", b"\x0b", b"\x0a\x05abc"])
+def test_malformed_protobuf(body: bytes) -> None:
+    with pytest.raises(MalformedPayload):
+        decode_protobuf(body)
+
+
+def test_empty_bodies_are_empty_batches() -> None:
+    assert decode_protobuf(b"").spans == []
+    assert decode_json(b"{}").spans == []
+    assert encode_response("protobuf") == b""
