@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,10 +84,11 @@ class DecodedBatch:
         return "; ".join(self.errors)
 
 
-def any_value(value: AnyValue, _depth: int = 0) -> Any:
+def any_value(value: AnyValue, *, json_safe: bool = False, _depth: int = 0) -> Any:
     """The Python value of an OTLP ``AnyValue``.
 
-    Scalars map to ``str``/``bool``/``int``/``float``, ``bytes_value`` to ``bytes``,
+    Scalars map to ``str``/``bool``/``int``/``float``, ``bytes_value`` to ``bytes`` (a
+    base64 ``str`` with ``json_safe``, so the value can be stored in a JSON column),
     ``array_value`` to a ``tuple`` and ``kvlist_value`` to a ``dict``; an empty value is
     ``None``.
     """
@@ -96,16 +98,23 @@ def any_value(value: AnyValue, _depth: int = 0) -> Any:
     if which is None:
         return None
     if which == "array_value":
-        return tuple(any_value(item, _depth + 1) for item in value.array_value.values)
+        return tuple(any_value(item, json_safe=json_safe, _depth=_depth + 1) for item in value.array_value.values)
     if which == "kvlist_value":
-        return {kv.key: any_value(kv.value, _depth + 1) for kv in value.kvlist_value.values}
+        return {kv.key: any_value(kv.value, json_safe=json_safe, _depth=_depth + 1)
+                for kv in value.kvlist_value.values}
+    if which == "bytes_value" and json_safe:
+        return base64.b64encode(value.bytes_value).decode("ascii")
     return getattr(value, which)
+
+
+_json_safe = threading.local()
 
 
 def _attributes(items: Iterable[KeyValue]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    safe = getattr(_json_safe, "on", False)
     for kv in items:
-        decoded = any_value(kv.value)
+        decoded = any_value(kv.value, json_safe=safe)
         if decoded is not None:
             out[kv.key] = decoded
     return out
@@ -190,8 +199,20 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope) -> ReadableSpan:
     )
 
 
-def spans_from_request(request: ExportTraceServiceRequest) -> DecodedBatch:
-    """Convert a parsed request into ``ReadableSpan`` objects; invalid spans are rejected, not fatal."""
+def spans_from_request(request: ExportTraceServiceRequest, *, json_safe: bool = False) -> DecodedBatch:
+    """Convert a parsed request into ``ReadableSpan`` objects; invalid spans are rejected, not fatal.
+
+    ``json_safe`` turns ``bytes`` attribute values into base64 strings (see :func:`any_value`).
+    """
+    previous = getattr(_json_safe, "on", False)
+    _json_safe.on = json_safe
+    try:
+        return _convert(request)
+    finally:
+        _json_safe.on = previous
+
+
+def _convert(request: ExportTraceServiceRequest) -> DecodedBatch:
     batch = DecodedBatch()
     for resource_spans in request.resource_spans:
         resource = Resource(_attributes(resource_spans.resource.attributes), resource_spans.schema_url or None)
@@ -205,14 +226,14 @@ def spans_from_request(request: ExportTraceServiceRequest) -> DecodedBatch:
     return batch
 
 
-def decode_protobuf(body: bytes) -> DecodedBatch:
+def decode_protobuf(body: bytes, *, json_safe: bool = False) -> DecodedBatch:
     """Decode an ``application/x-protobuf`` request body."""
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise MalformedPayload(f"invalid protobuf ExportTraceServiceRequest: {exc}") from None
-    return spans_from_request(request)
+    return spans_from_request(request, json_safe=json_safe)
 
 
 def _hex_to_b64(value: Any, where: str) -> Any:
@@ -251,7 +272,7 @@ def _require_object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def decode_json(body: bytes) -> DecodedBatch:
+def decode_json(body: bytes, *, json_safe: bool = False) -> DecodedBatch:
     """Decode an ``application/json`` (OTLP/JSON encoding) request body."""
     try:
         doc = json.loads(body)
@@ -273,15 +294,15 @@ def decode_json(body: bytes) -> DecodedBatch:
         json_format.ParseDict(doc, request, ignore_unknown_fields=True, max_recursion_depth=_MAX_JSON_DEPTH)
     except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise MalformedPayload(f"invalid OTLP/JSON ExportTraceServiceRequest: {exc}") from None
-    return spans_from_request(request)
+    return spans_from_request(request, json_safe=json_safe)
 
 
-def decode_request(body: bytes, content_type: str) -> DecodedBatch:
+def decode_request(body: bytes, content_type: str, *, json_safe: bool = False) -> DecodedBatch:
     """Decode ``body`` according to ``content_type`` (``protobuf`` or ``json``)."""
     if content_type == "protobuf":
-        return decode_protobuf(body)
+        return decode_protobuf(body, json_safe=json_safe)
     if content_type == "json":
-        return decode_json(body)
+        return decode_json(body, json_safe=json_safe)
     raise ValueError(f"unknown content type {content_type!r}")
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 
 import pytest
-from google.protobuf import json_format
+from ingest_app import otlp_json
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
@@ -19,24 +18,6 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 import cmbagent_otel
 from cmbagent_otel import _spans, semconv
 from cmbagent_otel.otlp_decode import MalformedPayload, decode_json, decode_protobuf, encode_response
-
-
-def otlp_json(spans: list[ReadableSpan]) -> dict[str, Any]:
-    """The OTLP/JSON encoding of ``spans``: proto3 JSON with hex ids, as OTLP/JSON exporters send."""
-    doc = json_format.MessageToDict(encode_spans(spans))
-
-    def hexify(obj: dict[str, Any]) -> None:
-        for key in ("traceId", "spanId", "parentSpanId"):
-            if key in obj:
-                obj[key] = base64.b64decode(obj[key]).hex()
-
-    for rs in doc["resourceSpans"]:
-        for ss in rs["scopeSpans"]:
-            for span in ss["spans"]:
-                hexify(span)
-                for link in span.get("links", []):
-                    hexify(link)
-    return doc
 
 
 @pytest.fixture
