@@ -406,14 +406,15 @@ def add_ingest_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Receive OTLP/HTTP traces (POST /v1/traces, protobuf or JSON, optionally gzip) "
         "and store them in the cmbagent DAG database.",
     )
-    configure_parser(parser)
+    # SUPPRESS: a default here would overwrite the top-level ``cmbagent-otel --db URL``.
+    configure_parser(parser, db_default=argparse.SUPPRESS)
     parser.set_defaults(func=run_ingest)
     return parser
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def configure_parser(parser: argparse.ArgumentParser, *, db_default: Any = None) -> None:
     """Add the ingest options to ``parser``."""
-    parser.add_argument("--db", dest="db", default=None,
+    parser.add_argument("--db", dest="db", metavar="URL", default=db_default,
                         help="database URL (default: CMBAGENT_OTEL_DATABASE_URL or the default SQLite file)")
     parser.add_argument("--host", default=None, help=f"bind address (default: ${ENV_HOST} or {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=None, help=f"port (default: ${ENV_PORT} or {DEFAULT_PORT})")
@@ -426,17 +427,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit code."""
-    server = IngestServer(args.db, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    import sys
+
+    from .dag.database import BadDatabaseURL, redacted, resolve_url
+
+    db = getattr(args, "db", None)
     try:
+        target = redacted(resolve_url(db))
+        server = IngestServer(db, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
         server.bind()
+    except (BadDatabaseURL, ValueError) as exc:
+        print(f"cmbagent-otel ingest: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"cmbagent-otel ingest: cannot bind {server.host}:{server.requested_port}: {exc}")
+        print(f"cmbagent-otel ingest: error: cannot listen on {args.host or DEFAULT_HOST}:{args.port}: {exc}",
+              file=sys.stderr)
         return 2
     if server.host not in ("127.0.0.1", "::1", "localhost") and server._token is None:
         logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, ENV_TOKEN)
-    from .dag.database import redacted, resolve_url
-
-    print(f"cmbagent-otel ingest: listening on {server.endpoint} -> {redacted(resolve_url(args.db))}"
+    print(f"cmbagent-otel ingest: listening on {server.endpoint} -> {target}"
           f"{' (bearer token required)' if server._token else ''}", flush=True)
 
     def _terminate(signum: int, frame: Any) -> None:
@@ -463,6 +472,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return run_ingest(parser.parse_args(argv))
 
+
+def _register_cli() -> None:
+    try:
+        from .cli import subcommand
+    except ImportError:  # the CLI module is optional for library use
+        return
+    subcommand("ingest")(add_ingest_parser)
+
+
+_register_cli()
 
 if __name__ == "__main__":
     raise SystemExit(main())
