@@ -9,6 +9,7 @@ the same rows. See ``docs/dag.md`` for the mapping tables.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -22,8 +23,9 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
+from .. import redaction
 from .. import semconv as sc
-from ..redaction import scrub, truncate
+from ..redaction import REDACTED, is_secret_key, redact, register_secret, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -53,11 +55,13 @@ _STEP_RE = re.compile(r"^step_\d+$")
 
 # --- small helpers ------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1024)
 def run_id_of(trace_id: int) -> str:
     """``workflow_runs.id`` of a trace."""
     return str(uuid.UUID(int=trace_id))
 
 
+@functools.lru_cache(maxsize=8192)
 def node_db_id(run_id: str, short_id: str) -> str:
     """cmbagent's node id scheme: first 32 hex chars of ``md5("<run>:<short>")``."""
     return hashlib.md5(f"{run_id}:{short_id}".encode()).hexdigest()[:32]
@@ -313,8 +317,52 @@ def _event_type(kind: Any, span: ReadableSpan, attrs: Mapping[str, Any]) -> tupl
     return EVENT_TYPES.get(kind, ("info", str(kind)[:50]))
 
 
+# Attribute keys and short values repeat across spans; caching their scrubbed form is what
+# makes the writer fast. The value cache is dropped whenever a new secret is registered.
+_secret_keys: dict[str, bool] = {}
+_redacted: dict[str, str] = {}
+_redacted_pattern: list[Any] = [None]
+_CACHE_MAX_LEN = 256
+_CACHE_MAX_ITEMS = 50_000
+
+
+def _redact_cached(text: str) -> str:
+    if len(text) > _CACHE_MAX_LEN:
+        return redact(text) or ""
+    pattern = redaction._known_pattern
+    if pattern is not _redacted_pattern[0]:
+        _redacted.clear()
+        _redacted_pattern[0] = pattern
+    out = _redacted.get(text)
+    if out is None:
+        out = redact(text) or ""
+        if len(_redacted) < _CACHE_MAX_ITEMS:
+            _redacted[text] = out
+    return out
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _redact_cached(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_scrub_value(v) for v in value]
+    return scrub(value)
+
+
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    return scrub({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        secret = _secret_keys.get(key)
+        if secret is None:
+            secret = _secret_keys[key] = is_secret_key(key)
+        if secret:
+            register_secret(value)
+            out[key] = REDACTED
+        else:
+            out[key] = _scrub_value(value)
+    return out
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
@@ -322,7 +370,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     kind = attrs.get(sc.SPAN_KIND)
     event_type, subtype = _event_type(kind, span, attrs)
     started, completed = ts(span.start_time), ts(span.end_time)
-    inputs, outputs = _event_io(kind, attrs)
+    clean = _attributes_meta(attrs)
+    inputs, outputs = _event_io(kind, clean)
     parent = span.parent
     meta: dict[str, Any] = {
         "span_name": span.name,
@@ -341,7 +390,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["tokens"] = {"prompt": prompt, "completion": completion, "total": prompt + completion}
         meta["cost_usd"] = float(attrs.get(sc.LLM_COST_USD) or 0.0)
         meta["model"] = attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL)
-    meta["attributes"] = _attributes_meta(attrs)
+    meta["attributes"] = clean
     short = attrs.get(sc.DAG_NODE)
     depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
     return {
@@ -352,8 +401,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": _str(attrs.get(sc.GEN_AI_AGENT_NAME), 100), "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": _duration_ms(span), "inputs": scrub(inputs) if inputs else None,
-        "outputs": scrub(outputs) if outputs else None, "error_message": _error_of(span), "meta": meta,
+        "duration_ms": _duration_ms(span), "inputs": inputs or None,
+        "outputs": outputs or None, "error_message": _error_of(span), "meta": meta,
         "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "depth": depth,
         "status": status_of(span),
     }
@@ -436,7 +485,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         ctx = span.context
         if ctx is None:
             continue
-        attrs = span.attributes or {}
+        # one plain-dict copy: lookups on the SDK's attribute mapping go through Python ABCs
+        attrs = dict(span.attributes) if span.attributes else {}
         trace_id = ctx.trace_id
         run_id = run_id_of(trace_id)
         session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]

@@ -65,8 +65,8 @@ class Session(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     last_active_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     status: Mapped[str] = mapped_column(String(50), nullable=False)
-    meta: Mapped[Any] = mapped_column(JSON)
-    resource_limits: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    resource_limits: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (
         Index("idx_sessions_status", "status"),
         Index("idx_sessions_user_id", "user_id"),
@@ -81,9 +81,9 @@ class SessionState(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     session_id: Mapped[str] = mapped_column(String(36), ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False)
     mode: Mapped[str] = mapped_column(String(50), nullable=False)
-    conversation_history: Mapped[Any] = mapped_column(JSON)
-    context_variables: Mapped[Any] = mapped_column(JSON)
-    plan_data: Mapped[Any] = mapped_column(JSON)
+    conversation_history: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    context_variables: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    plan_data: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     current_phase: Mapped[str | None] = mapped_column(String(50))
     current_step: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str | None] = mapped_column(String(20))
@@ -116,7 +116,7 @@ class WorkflowRun(Base):
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
     checkpoint_frequency_minutes: Mapped[int] = mapped_column(Integer, nullable=False)
     task_description: Mapped[str | None] = mapped_column(Text)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     branch_parent_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("workflow_runs.id", ondelete="SET NULL"), index=True
     )
@@ -151,10 +151,10 @@ class WorkflowStep(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     progress_percentage: Mapped[int] = mapped_column(Integer, nullable=False)
-    inputs: Mapped[Any] = mapped_column(JSON)
-    outputs: Mapped[Any] = mapped_column(JSON)
+    inputs: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    outputs: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (
         CheckConstraint("progress_percentage >= 0 AND progress_percentage <= 100", name="check_progress_range"),
         Index("idx_workflow_steps_run_id", "run_id"),
@@ -178,7 +178,7 @@ class DAGNode(Base):
     status: Mapped[str] = mapped_column(String(50), nullable=False)
     order_index: Mapped[int] = mapped_column(Integer, nullable=False)
     depth: Mapped[int] = mapped_column(Integer, nullable=False)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (
         Index("idx_dag_nodes_run_id", "run_id"),
         Index("idx_dag_nodes_session_id", "session_id"),
@@ -228,10 +228,10 @@ class ExecutionEvent(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
-    inputs: Mapped[Any] = mapped_column(JSON)
-    outputs: Mapped[Any] = mapped_column(JSON)
+    inputs: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    outputs: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     execution_order: Mapped[int] = mapped_column(Integer, nullable=False)
     depth: Mapped[int] = mapped_column(Integer, nullable=False)
     status: Mapped[str] = mapped_column(String(50), nullable=False)
@@ -265,7 +265,7 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text, nullable=False)
     timestamp: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     tokens: Mapped[int | None] = mapped_column(Integer)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (
         Index("idx_messages_run_id", "run_id"),
         Index("idx_messages_step_id", "step_id"),
@@ -324,7 +324,7 @@ class Branch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     hypothesis: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(50), nullable=False)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
     racing_group_id: Mapped[str | None] = mapped_column(String(36))
     racing_priority: Mapped[int | None] = mapped_column(Integer)
     racing_status: Mapped[str | None] = mapped_column(String(20))

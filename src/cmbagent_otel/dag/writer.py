@@ -10,14 +10,26 @@ from __future__ import annotations
 import json
 import logging
 import threading
-
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from sqlalchemy import JSON, Connection, Integer, Engine, Table, bindparam, case, delete, select, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    Table,
+    bindparam,
+    case,
+    delete,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -138,9 +150,86 @@ def _insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
 
 
-def _upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
+_JSON = json.JSONEncoder(default=str)
+_SQL_CACHE: dict[tuple[str, str], tuple[str, tuple[tuple[str, str], ...]]] = {}
+
+
+def _sqlite_sql(table: Table, mode: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Plain ``INSERT`` text for SQLite plus per-column value kinds (json/datetime/bool/plain)."""
+    key = (table.name, mode)
+    cached = _SQL_CACHE.get(key)
+    if cached is None:
+        cols = [c for c in table.columns if not (mode == "insert" and c.name == "id" and isinstance(c.type, Integer))]
+        kinds = tuple((c.name, "json" if isinstance(c.type, JSON) else "dt" if isinstance(c.type, DateTime)
+                       else "bool" if isinstance(c.type, Boolean) else "") for c in cols)
+        sql = f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) VALUES ({', '.join('?' * len(cols))})"
+        if mode == "update":
+            cols = [c for c in cols if c.name != "id"] + [table.c.id]
+            kinds = kinds[1:] + kinds[:1]
+            sql = f"UPDATE {table.name} SET {', '.join(f'{c.name} = ?' for c in cols[:-1])} WHERE id = ?"
+        elif mode == "replace":
+            sql += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+                f"{c.name} = excluded.{c.name}" for c in cols if c.name != "id")
+        elif mode == "ignore":
+            sql += " ON CONFLICT (id) DO NOTHING"
+        cached = _SQL_CACHE[key] = (sql, kinds)
+    return cached
+
+
+def _sqlite_params(rows: Iterable[Mapping[str, Any]], kinds: tuple[tuple[str, str], ...]) -> list[tuple[Any, ...]]:
+    dumps = _JSON.encode
+    out = []
+    for row in rows:
+        values = []
+        for name, kind in kinds:
+            v = row.get(name)
+            if v is not None:
+                if kind == "json":
+                    v = dumps(v)
+                elif kind == "dt":
+                    # SQLAlchemy's own SQLite storage format, so reads come back naive
+                    v = v.replace(tzinfo=None).isoformat(" ", "microseconds")
+                elif kind == "bool":
+                    v = int(v)
+            values.append(v)
+        out.append(tuple(values))
+    return out
+
+
+def _execute_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], mode: str) -> None:
+    """Bulk insert (``mode``: insert/ignore/replace on id). SQLite skips SQLAlchemy's per-row processing."""
     if not rows:
         return
+    if conn.dialect.name == "sqlite":
+        if mode == "replace":
+            # An upsert with DO UPDATE is ~3x slower than a plain insert in SQLite when
+            # foreign keys are on, and most rows are new: insert those, update the rest.
+            ids = [r["id"] for r in rows]
+            existing: set[str] = set()
+            for start in range(0, len(ids), 5000):
+                existing.update(conn.execute(select(table.c.id).where(table.c.id.in_(ids[start:start + 5000])))
+                                .scalars())
+            if existing:
+                sql, kinds = _sqlite_sql(table, "update")
+                conn.exec_driver_sql(sql, _sqlite_params([r for r in rows if r["id"] in existing], kinds))
+                rows = [r for r in rows if r["id"] not in existing]
+                if not rows:
+                    return
+            mode = "ignore"
+        sql, kinds = _sqlite_sql(table, mode)
+        conn.exec_driver_sql(sql, _sqlite_params(rows, kinds))
+        return
+    if mode == "insert":
+        conn.execute(table.insert(), list(rows))
+    else:
+        _upsert_core(conn, table, rows, replace=mode == "replace")
+
+
+def _upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
+    _execute_rows(conn, table, rows, "replace" if replace else "ignore")
+
+
+def _upsert_core(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
     ins = _insert(conn, table)
     if replace:
         stmt = ins.on_conflict_do_update(
@@ -272,8 +361,7 @@ def _write_costs(conn: Connection, costs: list[dict[str, Any]]) -> None:
             table.c.run_id.in_({c["run_id"] for c in costs}), table.c.timestamp >= min(stamps),
             table.c.timestamp <= max(stamps)))}
     rows = [row for key, row in unique.items() if key not in stored]
-    if rows:
-        conn.execute(table.insert(), rows)
+    _execute_rows(conn, table, rows, "insert")
 
 
 def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
