@@ -1,0 +1,216 @@
+"""A scripted planning/control run lands in the tracking tables exactly as specified."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text
+
+from cmbagent_otel.dag.mapping import event_db_id, node_db_id
+from cmbagent_otel.dag.writer import T, DagWriter
+
+from .scenario import TASK, run_scenario
+
+
+def _rows(url: str, table: str) -> list[dict[str, Any]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            out = []
+            for r in conn.execute(select(T[table])).mappings():
+                row = dict(r)
+                for key, value in row.items():
+                    if isinstance(value, str) and key in ("meta", "inputs", "outputs", "conversation_history",
+                                                          "context_variables"):
+                        row[key] = json.loads(value)
+                out.append(row)
+            return out
+    finally:
+        engine.dispose()
+
+
+def _write(url: str, provider: Any) -> tuple[str, list[Any]]:
+    spans = list(provider.memory.get_finished_spans())
+    DagWriter(url).write(spans)
+    run_id = str(uuid.UUID(int=spans[0].context.trace_id))
+    return run_id, spans
+
+
+def test_scripted_run_rows(db_url: str, provider: Any) -> None:
+    run_scenario()
+    run_id, spans = _write(db_url, provider)
+
+    runs = {r["id"]: r for r in _rows(db_url, "workflow_runs")}
+    main = runs.pop(run_id)
+    assert (main["mode"], main["agent"], main["model"], main["status"]) == (
+        "planning-control", "engineer", "gpt-4o", "completed")
+    assert main["task_description"] == TASK
+    assert main["meta"]["task_id"] == "task-42" and main["meta"]["work_dir"] == "/tmp/work"
+    assert main["meta"]["name"] == "scripted"
+    assert (main["checkpoint_frequency_minutes"], main["is_branch"], main["branch_depth"]) == (10, False, 0)
+    assert main["session_id"] == "default_session"
+    assert main["started_at"].tzinfo is None and main["completed_at"] >= main["started_at"]
+
+    nodes = {r["meta"]["id"]: r for r in _rows(db_url, "dag_nodes")}
+    expected_nodes = {
+        # short id: (node_type, status, order_index, depth, parent short id, agent)
+        "planning": ("planning", "completed", 0, 0, None, "planner"),
+        "control": ("control", "completed", 2, 0, None, "control"),
+        "step_1": ("agent", "completed", 1, 1, "control", "engineer"),
+        "step_2": ("agent", "failed", 2, 1, "control", "engineer"),
+        "step_3": ("agent", "completed", 3, 1, "control", "engineer"),
+        "step_2_redo_1": ("redo", "failed", 2, 2, "step_2", "unknown"),
+        "step_2_redo_2": ("redo", "completed", 2, 2, "step_2", "unknown"),
+        "branch_at_step_2": ("branch_point", "completed", -1, 2, "step_2", "system"),
+        "terminator": ("terminator", "completed", 4, 0, None, "system"),
+    }
+    assert set(nodes) == set(expected_nodes)
+    for short, (node_type, status, order, depth, parent, agent) in expected_nodes.items():
+        node = nodes[short]
+        assert node["id"] == node_db_id(run_id, short)
+        assert node["run_id"] == run_id
+        got = (node["node_type"], node["status"], node["order_index"], node["depth"], node["parent_node_id"],
+               node["agent"])
+        assert got == (node_type, status, order, depth, parent and node_db_id(run_id, parent), agent), short
+        assert node["meta"]["status"] == status and node["meta"]["type"] == node_type
+    assert nodes["step_2"]["meta"]["label"] == "Step 2: fit the model"
+    assert nodes["step_2"]["meta"]["goal"] == "fit the model"
+    assert nodes["step_2"]["meta"]["error"] == "initial attempt failed"
+    assert nodes["step_2"]["meta"]["step_number"] == 2
+    assert nodes["step_2_redo_1"]["meta"]["error"] == "still failing"
+    assert nodes["step_2_redo_2"]["meta"]["hypothesis"] == "switch to MCMC"
+
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    edges = sorted((short_of[e["from_node_id"]], short_of[e["to_node_id"]], e["dependency_type"], e["condition"])
+                   for e in _rows(db_url, "dag_edges"))
+    assert edges == sorted([
+        ("planning", "step_1", "sequential", None),
+        ("step_1", "step_2", "sequential", None),
+        ("step_2", "step_3", "sequential", None),
+        ("step_3", "terminator", "sequential", None),
+        ("step_2", "branch_at_step_2", "sequential", None),
+        ("branch_at_step_2", "step_2_redo_1", "conditional", "branch_redo_1"),
+        ("branch_at_step_2", "step_2_redo_2", "conditional", "branch_redo_2"),
+    ])
+
+    events = sorted(_rows(db_url, "execution_events"), key=lambda e: e["execution_order"])
+    got_events = [(short_of[e["node_id"]], e["event_type"], e["event_subtype"], e["agent_name"], e["status"],
+                   e["depth"], e["parent_event_id"]) for e in events]
+    assert got_events == [
+        ("planning", "agent_call", "llm", "planner", "completed", 0, None),
+        ("step_1", "agent_call", "llm", "engineer", "completed", 0, None),
+        ("step_1", "code_exec", "complete", "executor", "completed", 0, None),
+        ("step_2", "code_exec", "error", "executor", "failed", 0, None),
+        ("step_2_redo_1", "agent_call", "llm", "engineer", "completed", 0, None),
+        ("step_2_redo_1", "code_exec", "error", "executor", "failed", 0, None),
+        ("step_2_redo_2", "agent_call", "llm", "engineer", "completed", 0, None),
+        ("step_2_redo_2", "code_exec", "complete", "executor", "completed", 0, None),
+        ("step_3", "agent_call", "llm", "engineer", "completed", 0, None),
+    ]
+    orders = [e["execution_order"] for e in events]
+    assert orders == sorted(set(orders))
+    by_span = {s.context.span_id: s for s in spans}
+    for e in events:
+        span = by_span[int(e["meta"]["span_id"], 16)]
+        assert e["id"] == event_db_id(span.context.trace_id, span.context.span_id)
+        assert e["timestamp"] == e["started_at"] and e["completed_at"] >= e["started_at"]
+        assert e["duration_ms"] is not None and e["run_id"] == run_id and e["session_id"] == "default_session"
+        assert e["meta"]["span_name"] == span.name and e["meta"]["attributes"]["cmbagent.span.kind"]
+    llm_meta = [e["meta"] for e in events if e["event_subtype"] == "llm"]
+    assert [m["tokens"] for m in llm_meta] == [
+        {"prompt": p, "completion": c, "total": p + c} for p, c in ((100, 50), (200, 80), (300, 90), (310, 95),
+                                                                    (50, 20))]
+    assert [m["cost_usd"] for m in llm_meta] == [0.001, 0.002, 0.003, 0.004, 0.0005]
+    failed_code = [e for e in events if e["event_subtype"] == "error"]
+    assert {e["error_message"] for e in failed_code} == {"exit code 1"}
+    assert all(e["outputs"]["exit_code"] == 1 for e in failed_code)
+
+    costs = sorted((c["model"], c["agent_name"], c["prompt_tokens"], c["completion_tokens"], c["total_tokens"],
+                    Decimal(str(c["cost_usd"])).quantize(Decimal("0.000001")), c["run_id"], c["session_id"])
+                   for c in _rows(db_url, "cost_records"))
+    q = Decimal("0.000001")
+    assert costs == sorted([
+        ("gpt-4o", "planner", 100, 50, 150, Decimal("0.001").quantize(q), run_id, "default_session"),
+        ("gpt-4o", "engineer", 200, 80, 280, Decimal("0.002").quantize(q), run_id, "default_session"),
+        ("gpt-4o", "engineer", 300, 90, 390, Decimal("0.003").quantize(q), run_id, "default_session"),
+        ("gpt-4o", "engineer", 310, 95, 405, Decimal("0.004").quantize(q), run_id, "default_session"),
+        ("gpt-4o", "engineer", 50, 20, 70, Decimal("0.0005").quantize(q), run_id, "default_session"),
+    ])
+
+    # branches: a workflow_steps row in the parent run, child runs and branches rows
+    steps = _rows(db_url, "workflow_steps")
+    assert [(s["run_id"], s["step_number"], s["goal"], s["status"], s["progress_percentage"]) for s in steps] == [
+        (run_id, 2, "fit the model", "failed", 0)]
+    children = sorted(runs.values(), key=lambda r: r["meta"]["branch_name"])
+    assert [(r["is_branch"], r["branch_parent_id"], r["branch_depth"], r["status"], r["meta"]["branch_name"],
+             r["meta"]["hypothesis"], r["mode"]) for r in children] == [
+        (True, run_id, 1, "failed", "step_2_redo_1", "use a smaller learning rate", "planning-control"),
+        (True, run_id, 1, "completed", "step_2_redo_2", "switch to MCMC", "planning-control"),
+    ]
+    branches = sorted(_rows(db_url, "branches"), key=lambda b: b["branch_name"])
+    assert [(b["parent_run_id"], b["parent_step_id"], b["child_run_id"], b["branch_name"], b["status"])
+            for b in branches] == [
+        (run_id, steps[0]["id"], children[0]["id"], "step_2_redo_1", "abandoned"),
+        (run_id, steps[0]["id"], children[1]["id"], "step_2_redo_2", "completed"),
+    ]
+
+    sessions = _rows(db_url, "sessions")
+    assert [(s["id"], s["name"], s["status"]) for s in sessions] == [("default_session", "Default Session", "active")]
+    states = _rows(db_url, "session_states")
+    assert [(s["session_id"], s["mode"], s["status"], s["current_phase"], s["conversation_history"], s["version"])
+            for s in states] == [("default_session", "planning-control", "completed", "control", [], 1)]
+    assert _rows(db_url, "messages") == []
+
+
+def test_idempotent_rewrite(db_url: str, provider: Any) -> None:
+    run_scenario()
+    spans = list(provider.memory.get_finished_spans())
+    writer = DagWriter(db_url)
+    writer.write(spans)
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        before = {name: conn.execute(text(f"SELECT COUNT(*) FROM {name}")).scalar() for name in T}
+    writer.write(spans)
+    writer.write(spans[::-1])
+    with engine.connect() as conn:
+        after = {name: conn.execute(text(f"SELECT COUNT(*) FROM {name}")).scalar() for name in T}
+    engine.dispose()
+    writer.close()
+    assert before == after
+    assert after["cost_records"] == 5 and after["dag_edges"] == 7 and after["execution_events"] == 9
+
+
+def test_trace_without_workflow_is_a_run(sqlite_url: str, provider: Any) -> None:
+    from .scenario import llm
+
+    with llm("assistant", 1, 2, 0.0):
+        pass
+    spans = list(provider.memory.get_finished_spans())
+    DagWriter(sqlite_url).write(spans)
+    runs = _rows(sqlite_url, "workflow_runs")
+    assert [(r["mode"], r["status"], r["meta"]["otel_source"]) for r in runs] == [("ag2-chat", "completed", "root")]
+    events = _rows(sqlite_url, "execution_events")
+    assert [(e["event_type"], e["event_subtype"], e["node_id"]) for e in events] == [("agent_call", "llm", None)]
+    assert _rows(sqlite_url, "dag_nodes") == []
+
+
+@pytest.mark.parametrize("capture", [True])
+def test_messages_only_with_content(sqlite_url: str, provider: Any, capture: bool) -> None:
+    from cmbagent_otel import semconv as sc
+    from cmbagent_otel._spans import TracedSpan
+
+    with TracedSpan("chat gpt-4o", sc.KIND_LLM, {
+        sc.GEN_AI_AGENT_NAME: "engineer",
+        sc.GEN_AI_INPUT_MESSAGES: json.dumps([{"role": "user", "content": "hi"}]),
+        sc.GEN_AI_OUTPUT_MESSAGES: json.dumps(["hello there"]),
+    }):
+        pass
+    spans = list(provider.memory.get_finished_spans())
+    DagWriter(sqlite_url).write(spans)
+    DagWriter(sqlite_url).write(spans)
+    msgs = sorted((m["sender"], m["recipient"], m["content"]) for m in _rows(sqlite_url, "messages"))
+    assert msgs == [("engineer", "user", "hello there"), ("user", "engineer", "hi")]
