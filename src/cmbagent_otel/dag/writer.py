@@ -12,7 +12,8 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -209,13 +210,15 @@ def _execute_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, An
             for start in range(0, len(ids), 5000):
                 existing.update(conn.execute(select(table.c.id).where(table.c.id.in_(ids[start:start + 5000])))
                                 .scalars())
+            new = [r for r in rows if r["id"] not in existing]
+            if new:
+                # new rows first: an updated row may point at a parent that is new in this batch
+                sql, kinds = _sqlite_sql(table, "ignore")
+                conn.exec_driver_sql(sql, _sqlite_params(new, kinds))
             if existing:
                 sql, kinds = _sqlite_sql(table, "update")
                 conn.exec_driver_sql(sql, _sqlite_params([r for r in rows if r["id"] in existing], kinds))
-                rows = [r for r in rows if r["id"] not in existing]
-                if not rows:
-                    return
-            mode = "ignore"
+            return
         sql, kinds = _sqlite_sql(table, mode)
         conn.exec_driver_sql(sql, _sqlite_params(rows, kinds))
         return
@@ -446,9 +449,21 @@ def dump_tables(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
     for name in schema.TABLE_ORDER:
         table = T[name]
         cols = [c for c in table.columns if not (c.name == "id" and isinstance(c.type, Integer))]
-        rows = [tuple(json.dumps(_json(v), sort_keys=True, default=str) if isinstance(c.type, JSON) else
-                      (str(v) if v is not None else None) for c, v in zip(cols, r, strict=True))
-                for r in conn.execute(select(*cols))]
+        rows = [tuple(_dump_value(c, v) for c, v in zip(cols, r, strict=True)) for r in conn.execute(select(*cols))]
         out[name] = sorted(rows, key=lambda t: tuple("" if x is None else x for x in t))
 
     return out
+
+
+def _dump_value(column: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(column.type, JSON):
+        return json.dumps(_json(value), sort_keys=True, default=str)
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.isoformat(" ", "microseconds")
+    if isinstance(value, (float, Decimal)):
+        return f"{float(value):.6f}"
+    return str(value)

@@ -1,0 +1,111 @@
+"""Any order, batching and duplication of a run's spans gives identical database contents."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel.dag.database import upgrade
+from cmbagent_otel.dag.mapping import event_db_id
+from cmbagent_otel.dag.writer import DagWriter, dump_tables
+
+from .scenario import run_scenario
+
+
+def _dump(url: str) -> dict[str, Any]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return dump_tables(conn)
+    finally:
+        engine.dispose()
+
+
+def _batches(spans: list[Any], seed: int) -> list[list[Any]]:
+    rng = random.Random(seed)
+    pool = spans + rng.sample(spans, k=len(spans) // 3)  # duplicates
+    rng.shuffle(pool)
+    out, i = [], 0
+    while i < len(pool):
+        size = rng.randint(1, 7)
+        out.append(pool[i:i + size])
+        i += size
+    return out
+
+
+def _reset(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for name in ("branches", "cost_records", "messages", "execution_events", "dag_edges", "dag_nodes",
+                     "workflow_steps", "workflow_runs", "session_states", "sessions"):
+            conn.execute(text(f"DELETE FROM {name}"))
+    engine.dispose()
+
+
+def test_shuffled_duplicated_batches_identical(db_url: str, tmp_path: Any, provider: Any) -> None:
+    run_scenario(foreign=provider)
+    spans = list(provider.memory.get_finished_spans())
+    reference_url = f"sqlite:///{tmp_path}/reference.db"
+    DagWriter(reference_url).write(spans)
+    reference = _dump(reference_url)
+    assert len(reference["execution_events"]) == 11
+    upgrade(db_url)
+    writer = DagWriter(db_url)
+    for seed in range(4):
+        _reset(db_url)
+        for batch in _batches(spans, seed):
+            writer.write(batch)
+        assert _dump(db_url) == reference, f"seed {seed}"
+    writer.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_any_order_sqlite(sqlite_url: str, provider: Any, seed: int) -> None:
+    provider.memory.clear()
+    run_scenario(foreign=provider)
+    spans = list(provider.memory.get_finished_spans())
+    upgrade(sqlite_url)
+    _reset(sqlite_url)
+    writer = DagWriter(sqlite_url)
+    writer.write(spans)
+    reference = _dump(sqlite_url)
+    _reset(sqlite_url)
+    for batch in _batches(spans, seed):
+        writer.write(batch)
+    assert _dump(sqlite_url) == reference
+    writer.close()
+
+
+def test_foreign_spans_are_info_events(db_url: str, provider: Any) -> None:
+    run_scenario(foreign=provider)
+    spans = list(provider.memory.get_finished_spans())
+    DagWriter(db_url).write(spans[::-1])
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT id, event_type, event_subtype, parent_event_id, depth, node_id, execution_order, meta "
+            "FROM execution_events")).all()
+    engine.dispose()
+    by_id = {r.id: r for r in rows}
+    by_name = {}
+    for r in rows:
+        meta = json.loads(r.meta) if isinstance(r.meta, str) else r.meta
+        by_name[meta["span_name"]] = (r, meta)
+    post, post_meta = by_name["POST /v1/chat/completions"]
+    dns, _ = by_name["dns lookup"]
+    llm_span = next(s for s in spans if s.name == "chat gpt-4o" and s.attributes["gen_ai.usage.input_tokens"] == 200)
+    llm_id = event_db_id(llm_span.context.trace_id, llm_span.context.span_id)
+    assert (post.event_type, post.event_subtype) == ("info", "otel")
+    assert post_meta["name"] == "POST /v1/chat/completions"
+    assert post.parent_event_id == llm_id and post.depth == by_id[llm_id].depth + 1
+    assert post.node_id == by_id[llm_id].node_id and post.execution_order == by_id[llm_id].execution_order
+    assert dns.parent_event_id == post.id and dns.depth == post.depth + 1
+    assert post_meta["attributes"]["api_key"] == "[REDACTED]"
+    assert "sk-secret-123456" not in json.dumps([json.loads(r.meta) if isinstance(r.meta, str) else r.meta
+                                                 for r in rows])
