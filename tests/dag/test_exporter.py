@@ -1,0 +1,89 @@
+"""DagSpanExporter with the SDK's BatchSpanProcessor; failure handling and stats."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel._spans import set_tracer_provider
+from cmbagent_otel.dag.database import default_sqlite_path, resolve_url
+from cmbagent_otel.exporters.dag import DagSpanExporter
+
+from .scenario import run_scenario
+
+
+def test_batch_processor_end_to_end(db_url: str) -> None:
+    exporter = DagSpanExporter(db_url)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=4))
+    set_tracer_provider(provider)
+    try:
+        run_scenario()
+        assert provider.force_flush()
+    finally:
+        set_tracer_provider(None)
+        provider.shutdown()
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        counts = {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar()
+                  for t in ("dag_nodes", "dag_edges", "execution_events", "cost_records", "branches")}
+    engine.dispose()
+    assert counts == {"dag_nodes": 9, "dag_edges": 7, "execution_events": 9, "cost_records": 5, "branches": 2}
+    assert exporter.stats() == {"exported": 17, "retried": 0, "failed": 0}
+    exporter.shutdown()
+    exporter.shutdown()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_database_retries_then_fails(provider: Any) -> None:
+    run_scenario()
+    spans = provider.memory.get_finished_spans()
+    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=0.5)
+    assert exporter.export(spans) is SpanExportResult.FAILURE
+    stats = exporter.stats()
+    assert stats["failed"] == len(spans) and stats["retried"] >= len(spans) and stats["exported"] == 0
+    exporter.shutdown()
+    assert exporter.export(spans) is SpanExportResult.FAILURE
+
+
+def test_bad_url_fails_without_raising(provider: Any) -> None:
+    run_scenario()
+    exporter = DagSpanExporter("mysql://nowhere/db", timeout=0.1)
+    assert exporter.export(provider.memory.get_finished_spans()) is SpanExportResult.FAILURE
+    exporter.shutdown()
+
+
+def test_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.delenv("CMBAGENT_OTEL_DATABASE_URL", raising=False)
+    monkeypatch.delenv("CMBAGENT_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CMBAGENT_DEFAULT_WORK_DIR", str(tmp_path))
+    assert default_sqlite_path() == tmp_path / "database" / "cmbagent.db"
+    assert resolve_url() == f"sqlite:///{tmp_path}/database/cmbagent.db"
+    monkeypatch.setenv("CMBAGENT_DATABASE_URL", "postgresql://u@h/cmb")
+    assert resolve_url() == "postgresql+psycopg://u@h/cmb"
+    monkeypatch.setenv("CMBAGENT_OTEL_DATABASE_URL", "sqlite:///ours.db")
+    assert resolve_url() == "sqlite:///ours.db"
+    assert resolve_url("sqlite:///arg.db") == "sqlite:///arg.db"
+
+
+def test_timeout_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CMBAGENT_OTEL_EXPORT_TIMEOUT", "3.5")
+    assert DagSpanExporter("sqlite://")._timeout == 3.5
+    assert DagSpanExporter("sqlite://", timeout=1)._timeout == 1.0
+
+
+def test_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="opentelemetry_traces_exporter") if e.name == "cmbagent_dag"]
+    assert ep.load() is DagSpanExporter
