@@ -469,7 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cmbagent_otel.ingest``: the ``ingest`` subcommand on its own."""
     parser = argparse.ArgumentParser(prog="cmbagent-otel ingest")
     configure_parser(parser)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     return run_ingest(parser.parse_args(argv))
 
 
