@@ -6,13 +6,13 @@ import socket
 from typing import Any
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel._spans import set_tracer_provider
 from cmbagent_otel.dag.database import default_sqlite_path, resolve_url
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from .scenario import run_scenario
 
