@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from cmbagent_otel.dag.mapping import event_db_id, node_db_id
-from cmbagent_otel.dag.writer import T, DagWriter
+from cmbagent_otel.dag.writer import DagWriter, T
 
 from .scenario import TASK, run_scenario
 
