@@ -285,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
     ingest: IngestServer
     server_version = "cmbagent-otel-ingest"
     protocol_version = "HTTP/1.1"
+    # Idle keep-alive connections and stalled uploads release their thread after this.
+    timeout = 120
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,12 +106,8 @@ def any_value(value: AnyValue, *, json_safe: bool = False, _depth: int = 0) -> A
     return getattr(value, which)
 
 
-_json_safe = threading.local()
-
-
-def _attributes(items: Iterable[KeyValue]) -> dict[str, Any]:
+def _attributes(items: Iterable[KeyValue], safe: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    safe = getattr(_json_safe, "on", False)
     for kv in items:
         decoded = any_value(kv.value, json_safe=safe)
         if decoded is not None:
@@ -145,16 +140,16 @@ def _is_remote(flags: int) -> bool:
     return bool(flags & _FLAGS_HAS_IS_REMOTE and flags & _FLAGS_IS_REMOTE)
 
 
-def _scope(scope: InstrumentationScope, schema_url: str) -> SdkScope:
+def _scope(scope: InstrumentationScope, schema_url: str, safe: bool) -> SdkScope:
     return SdkScope(
         scope.name,
         scope.version or None,
         schema_url or None,
-        _attributes(scope.attributes) or None,
+        _attributes(scope.attributes, safe) or None,
     )
 
 
-def _span(pb: PbSpan, resource: Resource, scope: SdkScope) -> ReadableSpan:
+def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool) -> ReadableSpan:
     trace_id = _id(pb.trace_id, 16, "trace_id")
     span_id = _id(pb.span_id, 8, "span_id")
     flags = _trace_flags(pb.flags)
@@ -164,7 +159,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope) -> ReadableSpan:
     if pb.parent_span_id:
         parent = SpanContext(trace_id, _id(pb.parent_span_id, 8, "parent_span_id"),
                              is_remote=_is_remote(pb.flags), trace_flags=flags)
-    events = [Event(ev.name, _attributes(ev.attributes), ev.time_unix_nano or None) for ev in pb.events]
+    events = [Event(ev.name, _attributes(ev.attributes, safe), ev.time_unix_nano or None) for ev in pb.events]
     links = []
     for ln in pb.links:
         link_ctx = SpanContext(
@@ -172,7 +167,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope) -> ReadableSpan:
             is_remote=_is_remote(ln.flags), trace_flags=_trace_flags(ln.flags),
             trace_state=_trace_state(ln.trace_state),
         )
-        links.append(Link(link_ctx, _attributes(ln.attributes)))
+        links.append(Link(link_ctx, _attributes(ln.attributes, safe)))
     code = _STATUS.get(pb.status.code, StatusCode.UNSET)
     # The SDK refuses a description on non-error statuses; keep it only where it is allowed.
     status = Status(code, pb.status.message or None) if code is StatusCode.ERROR else Status(code)
@@ -188,7 +183,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope) -> ReadableSpan:
         context=context,
         parent=parent,
         resource=resource,
-        attributes=_attributes(pb.attributes),
+        attributes=_attributes(pb.attributes, safe),
         events=events,
         links=links,
         kind=kind,
@@ -204,23 +199,15 @@ def spans_from_request(request: ExportTraceServiceRequest, *, json_safe: bool = 
 
     ``json_safe`` turns ``bytes`` attribute values into base64 strings (see :func:`any_value`).
     """
-    previous = getattr(_json_safe, "on", False)
-    _json_safe.on = json_safe
-    try:
-        return _convert(request)
-    finally:
-        _json_safe.on = previous
-
-
-def _convert(request: ExportTraceServiceRequest) -> DecodedBatch:
     batch = DecodedBatch()
     for resource_spans in request.resource_spans:
-        resource = Resource(_attributes(resource_spans.resource.attributes), resource_spans.schema_url or None)
+        resource = Resource(_attributes(resource_spans.resource.attributes, json_safe),
+                            resource_spans.schema_url or None)
         for scope_spans in resource_spans.scope_spans:
-            scope = _scope(scope_spans.scope, scope_spans.schema_url)
+            scope = _scope(scope_spans.scope, scope_spans.schema_url, json_safe)
             for pb in scope_spans.spans:
                 try:
-                    batch.spans.append(_span(pb, resource, scope))
+                    batch.spans.append(_span(pb, resource, scope, json_safe))
                 except (ValueError, TypeError) as exc:
                     batch.reject(f"span {pb.name!r}: {exc}")
     return batch

@@ -118,7 +118,12 @@ def test_json_payload_lands_and_answers_json(server: IngestServer, tmp_path: Pat
 
 def test_partial_success_reports_rejected_spans(server: IngestServer) -> None:
     doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
-        {"traceId": "0a" * 16, "spanId": "0b" * 8, "name": "good", "startTimeUnixNano": "1", "endTimeUnixNano": "2"},
+        {"traceId": "0a" * 16, "spanId": "0b" * 8, "name": "good", "startTimeUnixNano": "1", "endTimeUnixNano": "2",
+         "attributes": [  # non-SDK attribute kinds must still be storable
+             {"key": "raw", "value": {"bytesValue": "AAE="}},
+             {"key": "map", "value": {"kvlistValue": {"values": [{"key": "k", "value": {"intValue": "3"}}]}}},
+             {"key": "mixed", "value": {"arrayValue": {"values": [{"intValue": "1"}, {"stringValue": "x"}]}}},
+         ]},
         {"traceId": "00" * 16, "spanId": "0c" * 8, "name": "bad"},
     ]}]}]}
     status, _, body = post(server, json.dumps(doc).encode(), JS)
