@@ -1,0 +1,167 @@
+"""MARS PhaseExecutionManager lifecycle -> phase/step/redo spans (runs without cmbagent installed).
+
+The MARS fork is not on PyPI, so the class here reproduces the method names and call
+order of its ``hitl_control`` phase (start, start_step, create_redo_branch,
+complete_step/fail_step, complete/fail, __exit__); the patching under test is the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+from cmbagent_otel import semconv
+from cmbagent_otel.integrations import cmbagent as integration
+from cmbagent_otel.workflow import workflow
+
+
+class _Phase:
+    phase_type = "hitl_control"
+
+    class config:  # mirrors MARS's phase.config attribute
+        max_redos = 2
+
+
+class _Context:
+    task = "fit the spectrum"
+    work_dir = "/tmp/run"
+    shared_state: dict[str, Any] = {"mode": "hitl-interactive"}
+
+
+class PhaseExecutionManager:
+    """Same method names and signatures as MARS's cmbagent.phases.execution_manager."""
+
+    def __init__(self, context: Any, phase: Any) -> None:
+        self.context = context
+        self.phase = phase
+        self.calls: list[str] = []
+
+    def __enter__(self) -> PhaseExecutionManager:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        if exc_type is not None:
+            self.fail(str(exc_val), None)
+        return False
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def start_step(self, step_number: int, description: str = "") -> None:
+        self.calls.append(f"start_step {step_number}")
+
+    def create_redo_branch(self, step_number: int, redo_number: int, hypothesis: str | None = None) -> None:
+        self.calls.append(f"redo {step_number}.{redo_number}")
+
+    def complete_step(self, step_number: int, summary: str | None = None, result: Any = None) -> None:
+        self.calls.append(f"complete_step {step_number}")
+
+    def fail_step(self, step_number: int, error: str) -> None:
+        self.calls.append(f"fail_step {step_number}")
+
+    def complete(self, output_data: Any = None, chat_history: Any = None) -> str:
+        self.calls.append("complete")
+        return "result"
+
+    def fail(self, error: str, traceback_str: str | None = None) -> str:
+        self.calls.append("fail")
+        return "failed"
+
+
+ORIGINALS = {name: PhaseExecutionManager.__dict__[name] for name in (
+    "start", "start_step", "create_redo_branch", "complete_step", "fail_step", "complete", "fail", "__exit__",
+)}
+
+
+@pytest.fixture
+def patched() -> Iterator[None]:
+    integration.instrument_phase_manager(PhaseExecutionManager)
+    try:
+        yield
+    finally:
+        integration.uninstrument_cmbagent()
+
+
+def _run_hitl_control(manager: PhaseExecutionManager) -> Any:
+    manager.start()
+    manager.start_step(1, "load the data")
+    manager.create_redo_branch(step_number=1, redo_number=1, hypothesis="use the other file")
+    manager.complete_step(1, "### Step 1\nloaded")
+    manager.start_step(2, "fit")
+    manager.fail_step(2, "fit diverged")
+    return manager.complete({"ok": True})
+
+
+def test_lifecycle_maps_to_span_tree(capture: Any, patched: None) -> None:
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("deep_research", mode="hitl-interactive"):
+        assert _run_hitl_control(manager) == "result"
+    assert manager.calls == ["start", "start_step 1", "redo 1.1", "complete_step 1", "start_step 2",
+                             "fail_step 2", "complete"]
+    assert capture.tree() == [
+        "workflow deep_research",
+        "  phase hitl_control",
+        "    step 1",
+        "      redo step 1 attempt 1",
+        "    step 2",
+    ]
+    step1 = capture.one("step 1")
+    assert step1.attributes[semconv.STEP_GOAL] == "load the data"
+    assert step1.attributes[semconv.STEP_SUMMARY] == "### Step 1\nloaded"
+    assert capture.one("redo step 1 attempt 1").attributes[semconv.BRANCH_HYPOTHESIS] == "use the other file"
+    step2 = capture.one("step 2")
+    assert step2.status.status_code is StatusCode.ERROR
+    assert step2.status.description == "fit diverged"
+    assert capture.one("phase hitl_control").status.status_code is StatusCode.UNSET
+
+
+def test_manager_outside_workflow_opens_one(capture: Any, patched: None) -> None:
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with manager:
+        manager.start_step(1, "only step")
+        manager.complete_step(1, "done")
+    assert capture.tree() == ["workflow hitl_control", "  phase hitl_control", "    step 1"]
+    root = capture.one("workflow hitl_control")
+    assert root.attributes[semconv.WORKFLOW_MODE] == "hitl-interactive"
+    assert root.attributes[semconv.WORKFLOW_TASK] == "fit the spectrum"
+    assert root.attributes[semconv.WORKFLOW_WORK_DIR] == "/tmp/run"
+
+
+def test_exception_in_phase_fails_phase_and_reaches_caller(capture: Any, patched: None) -> None:
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with pytest.raises(RuntimeError, match="boom"), workflow("w", mode="planning-control"), manager:
+        manager.start_step(1, "x")
+        raise RuntimeError("boom")
+    assert manager.calls[-1] == "fail"
+    phase_span = capture.one("phase hitl_control")
+    assert phase_span.status.status_code is StatusCode.ERROR
+    assert capture.one("step 1").end_time is not None
+    assert capture.one("workflow w").status.status_code is StatusCode.ERROR
+
+
+def test_redo_above_max_redos_is_skipped_not_raised(capture: Any, patched: None) -> None:
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("w", mode="hitl-interactive", max_redos=1):
+        manager.start()
+        manager.start_step(1, "x")
+        manager.create_redo_branch(1, 1)
+        manager.create_redo_branch(1, 2)  # above max_redos: no span, no error
+        manager.complete_step(1)
+        manager.complete()
+    assert [s.name for s in capture.named("redo")] == ["redo step 1 attempt 1"]
+
+
+def test_uninstrument_restores_methods_by_identity(capture: Any) -> None:
+    integration.instrument_phase_manager(PhaseExecutionManager)
+    assert PhaseExecutionManager.__dict__["start"] is not ORIGINALS["start"]
+    integration.uninstrument_cmbagent()
+    for name, original in ORIGINALS.items():
+        assert PhaseExecutionManager.__dict__[name] is original, name
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("w"):
+        _run_hitl_control(manager)
+    assert capture.tree() == ["workflow w"]
