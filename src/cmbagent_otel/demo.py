@@ -126,3 +126,45 @@ def run_demo(work_dir: str | None = None, *, task: str = "Measure the CMB acoust
                                 researcher_script=["theta_s = 1.0411; TERMINATE"])
                 third.set_summary("Acoustic scale fitted")
     return run_id
+
+
+def _cmd_demo(args: Any) -> int:
+    """Run the offline demo into the DAG database, then print the run's DAG."""
+    import contextlib
+    import io
+    import logging
+
+    from .bootstrap import instrument, uninstrument
+    from .cli import CLIError, main
+    from .exporters.dag import DagSpanExporter
+    from .provider import exporter_names
+
+    for name in ("autogen", "autogen.oai.client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    exporter = DagSpanExporter(args.db)
+    others = [name for name in exporter_names() if name != "cmbagent_dag"]
+    instrument(exporters=others, span_exporters=[exporter], service_name="cmbagent-otel-demo",
+               instrument_cmbagent=False)
+    transcript = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(transcript):
+            run_id = run_demo(args.work_dir)
+    finally:
+        uninstrument()  # flushes every batch into the database
+    stats = exporter.stats()
+    if stats["failed"]:
+        raise CLIError(f"{stats['failed']} spans could not be written to the database (see the log above)")
+    print(f"demo run {run_id}: {stats['exported']} spans written to the DAG database")
+    argv = ["dag", run_id, "--format", args.format]
+    if args.db:
+        argv = ["--db", args.db, *argv]
+    return main(argv)
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    """Register ``cmbagent-otel demo``."""
+    parser = subparsers.add_parser(
+        "demo", help="run an offline planning/control workflow (no API key) and print its DAG")
+    parser.add_argument("--work-dir", default=None, help="where the demo's code runs (default: a temp dir)")
+    parser.add_argument("--format", choices=("tree", "json", "dot", "mermaid"), default="tree")
+    parser.set_defaults(func=_cmd_demo)

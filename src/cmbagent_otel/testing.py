@@ -12,6 +12,7 @@ A script item is a string (assistant text), or a dict ``{"tool_calls": [{"name":
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -248,10 +249,15 @@ def offline_backend() -> str:
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced in ("client", "server"):
         return forced
-    try:
-        from autogen import LLMConfig
+    return _probed_backend()
 
-        LLMConfig(config_list=[{"model": "scripted", "model_client_cls": "ScriptedModelClient"}])
+
+@functools.lru_cache(maxsize=1)
+def _probed_backend() -> str:
+    try:
+        from autogen import ConversableAgent
+
+        ConversableAgent("backend_probe", llm_config=scripted_llm_config(), human_input_mode="NEVER")
         return "client"
     except Exception:
         return "server"

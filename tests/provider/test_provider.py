@@ -80,7 +80,7 @@ def test_exporter_names_resolution(monkeypatch):
 
 def test_entry_points_are_registered():
     instrumentors = {e.name: e.value for e in entry_points(group="opentelemetry_instrumentor")}
-    assert instrumentors["ag2"] == "cmbagent_otel.instrumentation.ag2:AG2Instrumentor"
+    assert instrumentors["cmbagent_ag2"] == "cmbagent_otel.instrumentation.ag2:AG2Instrumentor"
     exporters = {e.name: e.value for e in entry_points(group="opentelemetry_traces_exporter")}
     assert exporters["cmbagent_dag"] == "cmbagent_otel.exporters.dag:DagSpanExporter"
     configurators = {e.name for e in entry_points(group="opentelemetry_configurator")}
