@@ -212,3 +212,32 @@ def test_instrument_enables_the_integration(capture: Any, chat: ScriptedChat, tm
     assert not integration.is_instrumented()
     assert cmbagent.one_shot is original
     assert capture.tree() == ["workflow one_shot", "  phase one_shot"]
+
+
+IMPORT_LATER = """
+import sys
+from cmbagent_otel.integrations import cmbagent as integration
+assert "cmbagent" not in sys.modules
+assert integration.instrument_cmbagent() is True
+assert "cmbagent" not in sys.modules  # instrumenting does not import cmbagent
+import cmbagent, cmbagent.cmbagent as m
+wrapped = {n: getattr(cmbagent, n) for n in ("one_shot", "deep_research", "planning_and_control")}
+assert all(hasattr(f, "__wrapped__") for f in wrapped.values()), wrapped
+assert hasattr(m.CMBAgent.__dict__["solve"], "__wrapped__")
+integration.uninstrument_cmbagent()
+assert cmbagent.one_shot is m.one_shot and not hasattr(m.one_shot, "__wrapped__")
+assert cmbagent.deep_research is m.planning_and_control_context_carryover
+assert not hasattr(m.CMBAgent.__dict__["solve"], "__wrapped__")
+print("ok")
+"""
+
+
+def test_instrument_before_cmbagent_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CMBAGENT_DISABLE_DISPLAY": "true"}
+    done = subprocess.run([sys.executable, "-c", IMPORT_LATER], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
