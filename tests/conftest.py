@@ -60,6 +60,12 @@ class SpanCapture:
         return lines
 
 
+@pytest.fixture(autouse=True)
+def _isolated_spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exporters built without a spill dir must not write into the user's home."""
+    monkeypatch.setenv("CMBAGENT_OTEL_SPILL_DIR", str(tmp_path_factory.mktemp("spill")))
+
+
 @pytest.fixture
 def capture() -> Iterator[SpanCapture]:
     """Routes cmbagent-otel's workflow spans to an in-memory exporter (no AG2 patching)."""

@@ -34,7 +34,7 @@ def test_batch_processor_end_to_end(db_url: str) -> None:
                   for t in ("dag_nodes", "dag_edges", "execution_events", "cost_records", "branches")}
     engine.dispose()
     assert counts == {"dag_nodes": 9, "dag_edges": 7, "execution_events": 9, "cost_records": 5, "branches": 2}
-    assert exporter.stats() == {"exported": 17, "retried": 0, "failed": 0}
+    assert exporter.stats() == {"exported": 17, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
     exporter.shutdown()
     exporter.shutdown()
 
@@ -45,13 +45,14 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_unreachable_database_retries_then_fails(provider: Any) -> None:
+def test_unreachable_database_retries_then_fails_without_spill(provider: Any) -> None:
     run_scenario()
     spans = provider.memory.get_finished_spans()
-    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=0.5)
+    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=0.5,
+                               spill=False)
     assert exporter.export(spans) is SpanExportResult.FAILURE
     stats = exporter.stats()
-    assert stats["failed"] == len(spans) and stats["retried"] >= len(spans) and stats["exported"] == 0
+    assert stats["dropped"] == len(spans) and stats["retried"] >= len(spans) and stats["exported"] == 0
     exporter.shutdown()
     assert exporter.export(spans) is SpanExportResult.FAILURE
 

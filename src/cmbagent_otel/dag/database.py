@@ -24,6 +24,18 @@ WORK_DIR_ENV = "CMBAGENT_DEFAULT_WORK_DIR"
 DEFAULT_WORK_DIR = "~/.cmbagent-otel"
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
+
+
+def sqlite_busy_timeout_ms() -> int:
+    """How long a SQLite write waits for a lock: ``CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS`` or 30000."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if raw:
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            pass
+    return SQLITE_BUSY_TIMEOUT_MS
 
 
 class BadDatabaseURL(ValueError):
@@ -62,12 +74,12 @@ def redacted(url: str) -> str:
         return "<invalid url>"
 
 
-def _sqlite_pragmas(foreign_keys: bool) -> Any:
+def _sqlite_pragmas(foreign_keys: bool, busy_ms: int) -> Any:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         try:
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA cache_size=-65536")
             cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
@@ -92,12 +104,13 @@ def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
         db = parsed.database
         if db and db != ":memory:" and not db.startswith("file:"):
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = sqlite_busy_timeout_ms()
         engine = create_engine(
             resolved,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"check_same_thread": False, "timeout": busy_ms / 1000},
             poolclass=NullPool if db in (None, "", ":memory:") else None,
         )
-        event.listen(engine, "connect", _sqlite_pragmas(foreign_keys))
+        event.listen(engine, "connect", _sqlite_pragmas(foreign_keys, busy_ms))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(resolved, pool_pre_ping=True, pool_size=5, max_overflow=10)
