@@ -384,7 +384,8 @@ def _add_db(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="cmbagent-otel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cmbagent-otel", description="Inspect runs stored by the DAG exporter and manage the schema.")
     parser.add_argument("--db", metavar="URL", default=None,
                         help="database URL (default: $CMBAGENT_OTEL_DATABASE_URL, $CMBAGENT_DATABASE_URL, "
                              "or <$CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/database/cmbagent.db)")

@@ -152,8 +152,9 @@ def _cmd_demo(args: Any) -> int:
     finally:
         uninstrument()  # flushes every batch into the database
     stats = exporter.stats()
-    if stats["failed"]:
-        raise CLIError(f"{stats['failed']} spans could not be written to the database (see the log above)")
+    if stats["dropped"] or stats["spilled"]:
+        raise CLIError(f"{stats['dropped']} spans lost and {stats['spilled']} spilled instead of written "
+                       "to the database (see the log above)")
     print(f"demo run {run_id}: {stats['exported']} spans written to the DAG database")
     argv = ["dag", run_id, "--format", args.format]
     if args.db:
