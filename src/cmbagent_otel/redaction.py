@@ -10,6 +10,7 @@ environment variables whose name looks secret (``*_API_KEY``, ``*TOKEN*``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -85,6 +86,62 @@ def register_secret(value: Any) -> None:
         _known.add(value)
         ordered = sorted(_known, key=len, reverse=True)
         _known_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+
+
+def register_secrets_in(value: Any) -> None:
+    """Register every secret found in a configuration object (never raises).
+
+    Walks dicts, lists and pydantic models (AG2's ``LLMConfig`` and its config entries):
+    values under secret-named keys at any depth (``api_key``, ``azure_ad_token``,
+    ``default_headers["Authorization"]``, ``X-Api-Key``...), ``Bearer`` header values, and
+    every pydantic ``SecretStr``. AG2 0.14 strips ``api_key`` from
+    ``OpenAIWrapper._config_list``, so the agent's ``llm_config`` is where keys are found.
+    """
+    with contextlib.suppress(Exception):  # telemetry must never break the app
+        _register_walk(value, 0, False)
+
+
+def _register_walk(value: Any, depth: int, secret: bool) -> None:
+    if value is None or depth > 8 or isinstance(value, (bool, int, float)):
+        return
+    reveal = getattr(value, "get_secret_value", None)
+    if callable(reveal):  # pydantic SecretStr / SecretBytes
+        revealed = reveal()
+        if isinstance(revealed, bytes):
+            revealed = revealed.decode("utf-8", "replace")
+        _register_value(revealed)
+        return
+    if isinstance(value, str):
+        if secret:
+            _register_value(value)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _register_walk(item, depth + 1, secret or is_secret_key(str(key)))
+        return
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _register_walk(item, depth + 1, secret)
+        return
+    config_list = getattr(value, "config_list", None)  # LLMConfig
+    if isinstance(config_list, (list, tuple)):
+        _register_walk(config_list, depth + 1, secret)
+    fields = getattr(type(value), "model_fields", None)  # pydantic v2 model
+    if isinstance(fields, dict):
+        for name in fields:
+            _register_walk(getattr(value, name, None), depth + 1, secret or is_secret_key(name))
+        extra = getattr(value, "__pydantic_extra__", None)
+        if isinstance(extra, dict):
+            _register_walk(extra, depth + 1, secret)
+
+
+def _register_value(value: Any) -> None:
+    if not isinstance(value, str):
+        return
+    register_secret(value)
+    scheme, _, token = value.strip().partition(" ")
+    if token and scheme.lower() in ("bearer", "basic", "token"):
+        register_secret(token.strip())
 
 
 def redact(text: str | None) -> str | None:

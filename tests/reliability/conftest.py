@@ -116,7 +116,7 @@ class Capture:
 
     def __init__(self, *processors: SpanProcessor, provider: TracerProvider | None = None) -> None:
         self.exporter = InMemorySpanExporter()
-        self.provider = provider or TracerProvider()
+        self.provider = provider or TracerProvider(shutdown_on_exit=False)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         for processor in processors:
             self.provider.add_span_processor(processor)
