@@ -163,6 +163,19 @@ def test_one_shot_and_nested_workflow_join(capture: Any, patched: None, chat: Sc
     assert capture.tree() == ["workflow outer", "  phase one_shot"]
 
 
+def test_carryover_inside_user_workflow_keeps_one_control_phase(capture: Any, patched: None, chat: ScriptedChat,
+                                                                 tmp_path: Path) -> None:
+    with workflow("campaign", mode="planning-control"):
+        cmbagent.deep_research("Measure the spectrum", work_dir=str(tmp_path), api_keys=API_KEYS)
+    assert capture.tree() == [
+        "workflow campaign",
+        "  phase planning",
+        "  phase control",
+        "    step 1",
+        "    step 2",
+    ]
+
+
 def test_one_shot_workflow_attributes(capture: Any, patched: None, chat: ScriptedChat, tmp_path: Path) -> None:
     cmbagent.one_shot("Plot a spectrum", work_dir=str(tmp_path), api_keys=API_KEYS, agent="researcher",
                       researcher_model="gpt-4o-mini")

@@ -305,7 +305,10 @@ _slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("cmbagent_o
 def _run(block: workflow) -> Iterator[None]:
     """Open a workflow (or join the active one) with its own phase slot."""
     entered = _enter(block)
-    token = _slot.set(_Slot()) if entered is not None and not block.joined else None
+    # a joined workflow reuses the enclosing entry point's slot; a user's plain `with workflow()`
+    # has none, so the first entry point inside it provides one
+    own_slot = entered is not None and (not block.joined or _slot.get() is None)
+    token = _slot.set(_Slot()) if own_slot else None
     try:
         yield
     except BaseException as exc:
