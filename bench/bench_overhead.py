@@ -184,14 +184,18 @@ def main_bench(args: argparse.Namespace) -> int:
           f"baseline median chat {statistics.median(base) * 1e3:.1f} ms; {args.reps} chats per variant "
           f"(lockstep, rotating order, {args.warmup} warm-up)")
     header = (f"{'variant':<21}{'spans/chat':>11}{'median chat ms':>16}{'added us/LLM call':>19}"
-              f"{'paired us/call':>16}  description")
+              f"{'paired us/call':>16}{'us/span':>9}  description")
     print(header)
     print("-" * len(header))
+    def per_span(v: str) -> str:
+        spans = last[v]["spans"]
+        return f"{added[v] * calls / spans * 1e6:.1f}" if spans else "-"
+
     for v in variants:
         print(f"{v:<21}{last[v]['spans']:>11}{statistics.median(times[v]) * 1e3:>16.2f}{added[v] * 1e6:>19.1f}"
-              f"{paired[v] * 1e6:>16.1f}  {DESCRIPTIONS[v]}")
+              f"{paired[v] * 1e6:>16.1f}{per_span(v):>9}  {DESCRIPTIONS[v]}")
     for v, why in skipped.items():
-        print(f"{v:<21}{'n/a':>11}{'n/a':>16}{'n/a':>19}{'n/a':>16}  {why}")
+        print(f"{v:<21}{'n/a':>11}{'n/a':>16}{'n/a':>19}{'n/a':>16}{'n/a':>9}  {why}")
     status = 0
     if "ours" in added and "ag2_builtin" in added and added["ag2_builtin"] > 0:
         ratio = added["ours"] / added["ag2_builtin"]

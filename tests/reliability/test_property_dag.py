@@ -234,8 +234,11 @@ def check_invariants(path: Path, forest: Forest) -> None:
         conn.close()
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+# derandomize: CI runs the same 50 forests every time (no flakes); to explore further, run
+# locally with derandomize=False and a larger max_examples.
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
 @given(forest=forests(), batch=st.sampled_from([1, 3, 7, 1000]))
 def test_any_forest_leaves_a_consistent_database(template_db: Path, forest: Forest, batch: int) -> None:
     with tempfile.TemporaryDirectory(prefix="cmbagent-otel-prop-") as tmp:
