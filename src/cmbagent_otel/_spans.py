@@ -179,7 +179,7 @@ class TracedSpan:
     def fail(self, description: str, error_type: str | None = None) -> None:
         """Mark the span failed without an exception (e.g. a non-zero exit code)."""
         try:
-            self.span.set_status(Status(StatusCode.ERROR, description[:1024]))
+            self.span.set_status(Status(StatusCode.ERROR, truncate(redact(description), 1024)))
             self.span.set_attribute(semconv.ERROR_TYPE, error_type or "error")
         except Exception:
             logger.debug("cmbagent_otel: could not set status", exc_info=True)

@@ -105,12 +105,10 @@ def assert_clean(sink: Sink, caplog: pytest.LogCaptureFixture, *markers: str, ex
     assert not leaks, f"secret leaked into: {leaks}"
 
 
-# AG2 0.14 strips api_key (and headers) from OpenAIWrapper._config_list, where the instrumentor
-# looks for keys; they live in the agent's llm_config. Until the instrumentor registers
-# them from there (redaction.register_secrets_in(agent.llm_config)), shapeless keys leak.
+# AG2 0.14 strips api_key (and headers) from OpenAIWrapper._config_list; the instrumentor
+# learns them from each agent's llm_config. "app-registers" also checks the explicit API.
 KEYS_FROM_LLM_CONFIG = pytest.mark.parametrize("registered", [
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="instrumentor does not yet register keys from agent.llm_config (AG2 0.14)")),
+    pytest.param(False, id="instrumentor-registers"),
     pytest.param(True, id="app-registers"),
 ])
 
@@ -251,11 +249,7 @@ def test_exception_messages_with_key(sink: Sink, caplog: pytest.LogCaptureFixtur
 
 
 @needs_custom_client
-@pytest.mark.parametrize("fails", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="TracedSpan.fail() puts the tool's error text in the status unredacted")),
-])
+@pytest.mark.parametrize("fails", [False, True])
 def test_tool_arguments_and_errors_with_key(sink: Sink, caplog: pytest.LogCaptureFixture, tmp_path: Path,
                                             fails: bool) -> None:
     shaped, _ = new_markers()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..redaction import register_secret, safe_text
+from collections import OrderedDict
+
+from ..redaction import register_secret, register_secrets_in, safe_text
 
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 _ON_VALUES = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
@@ -52,5 +54,28 @@ def register_llm_config_secrets(config_list: Any) -> None:
                 for key, value in config.items():
                     if isinstance(value, str) and ("key" in key.lower() or "token" in key.lower()):
                         register_secret(value)
+    except Exception:
+        pass
+
+
+_SEEN_CONFIGS_MAX = 4096
+# id -> config object: holding the object keeps its id from being reused by another config
+_seen_configs: OrderedDict[int, Any] = OrderedDict()
+
+
+def register_agent_secrets(agent: Any) -> None:
+    """Register the secrets of ``agent.llm_config`` once per config object (AG2 0.14 keeps
+    API keys there, not in ``OpenAIWrapper._config_list``)."""
+    try:
+        config = getattr(agent, "llm_config", None)
+        if not config:
+            return
+        key = id(config)
+        if _seen_configs.get(key) is config:
+            return
+        register_secrets_in(config)
+        _seen_configs[key] = config
+        if len(_seen_configs) > _SEEN_CONFIGS_MAX:
+            _seen_configs.popitem(last=False)
     except Exception:
         pass

@@ -41,7 +41,14 @@ from .. import semconv
 from .._context import current_scope
 from .._spans import NodeSpec, TracedSpan, set_tracer_provider
 from ..redaction import safe_text, truncate
-from ._content import agent_name, capture_from_env, content_of, register_llm_config_secrets, settings
+from ._content import (
+    agent_name,
+    capture_from_env,
+    content_of,
+    register_agent_secrets,
+    register_llm_config_secrets,
+    settings,
+)
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -132,6 +139,8 @@ def _traced_async(build: Callable[..., TracedSpan | None], record: Callable[...,
 # --- conversation ---------------------------------------------------------------------------
 def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     recipient = _arg(args, kwargs, 0, "recipient")
+    register_agent_secrets(instance)
+    register_agent_secrets(recipient)
     recipient_name = agent_name(recipient)
     attrs: dict[str, Any] = {
         semconv.GEN_AI_AGENT_NAME: recipient_name,
@@ -183,6 +192,7 @@ def _is_manager(agent: Any) -> bool:
 
 
 def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    register_agent_secrets(instance)
     name = agent_name(instance)
     sender = _arg(args, kwargs, 1, "sender")
     attrs: dict[str, Any] = {
@@ -252,6 +262,7 @@ def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Traced
     }
     agent = kwargs.get("agent")
     if agent is not None:
+        register_agent_secrets(agent)
         attrs[semconv.GEN_AI_AGENT_NAME] = agent_name(agent)
     for key, attr in (
         ("temperature", semconv.GEN_AI_REQUEST_TEMPERATURE),
