@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 from collections import OrderedDict
+from typing import Any
 
 from ..redaction import register_secret, register_secrets_in, safe_text
 
