@@ -279,30 +279,31 @@ def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Traced
 
 
 def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
+    attrs: dict[str, Any] = {}
     model = getattr(response, "model", None)
     if isinstance(model, str):
-        traced.set(semconv.GEN_AI_RESPONSE_MODEL, model)
+        attrs[semconv.GEN_AI_RESPONSE_MODEL] = model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
-        traced.set(semconv.GEN_AI_RESPONSE_ID, response_id)
+        attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
     usage = getattr(response, "usage", None)
     if usage is not None:
-        prompt = getattr(usage, "prompt_tokens", None)
-        completion = getattr(usage, "completion_tokens", None)
         if isinstance(usage, dict):
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        else:
+            prompt, completion = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
         if isinstance(prompt, int):
-            traced.set(semconv.GEN_AI_USAGE_INPUT_TOKENS, prompt)
+            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
         if isinstance(completion, int):
-            traced.set(semconv.GEN_AI_USAGE_OUTPUT_TOKENS, completion)
+            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
     cost = getattr(response, "cost", None)
     if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-        traced.set(semconv.LLM_COST_USD, float(cost))
+        attrs[semconv.LLM_COST_USD] = float(cost)
     choices = getattr(response, "choices", None)
     if isinstance(choices, list):
         reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
         if reasons:
-            traced.set(semconv.GEN_AI_RESPONSE_FINISH_REASONS, reasons)
+            attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if settings.capture_content:
             out = []
             for choice in choices:
@@ -313,7 +314,8 @@ def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, respo
                 if text is not None:
                     out.append(text)
             if out:
-                traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, safe_text(out))
+                attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = safe_text(out)
+    traced.set_many(attrs)
 
 
 # --- tools -----------------------------------------------------------------------------------------
