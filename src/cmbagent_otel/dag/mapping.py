@@ -353,16 +353,27 @@ def _scrub_value(value: Any) -> Any:
 
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    secret_keys = _secret_keys
+    # the cache is only trusted while the known-secret pattern it was built under is current
+    cache = _redacted if redaction._known_pattern is _redacted_pattern[0] else None
     for key, value in attrs.items():
-        secret = _secret_keys.get(key)
+        secret = secret_keys.get(key)
         if secret is None:
-            secret = _secret_keys[key] = is_secret_key(key)
+            secret = secret_keys[key] = is_secret_key(key)
         if secret:
             register_secret(value)
+            cache = None
             out[key] = REDACTED
+        elif value is None or type(value) in _PLAIN_TYPES:
+            out[key] = value
+        elif cache is not None and type(value) is str and (hit := cache.get(value)) is not None:
+            out[key] = hit
         else:
             out[key] = _scrub_value(value)
     return out
+
+
+_PLAIN_TYPES = frozenset({bool, int, float})
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,

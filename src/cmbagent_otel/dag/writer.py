@@ -177,23 +177,72 @@ def _sqlite_sql(table: Table, mode: str) -> tuple[str, tuple[tuple[str, str], ..
     return cached
 
 
+def _json_encoder() -> Any:
+    # One C encoder for the process: JSONEncoder.encode builds a new one on every call.
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _JSON.encode
+    iterencode = make(None, str, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return json.encoder.encode_basestring_ascii(value)
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+_encode_json = _json_encoder()
+
+
+def _sqlite_dt(value: datetime) -> str:
+    # SQLAlchemy's own SQLite storage format, so reads come back naive
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+_CONVERTERS: dict[str, Any] = {"json": _encode_json, "dt": _sqlite_dt, "bool": int, "": None}
+
+
 def _sqlite_params(rows: Iterable[Mapping[str, Any]], kinds: tuple[tuple[str, str], ...]) -> list[tuple[Any, ...]]:
-    dumps = _JSON.encode
+    convs = [(name, _CONVERTERS[kind]) for name, kind in kinds]
     out = []
     for row in rows:
-        values = []
-        for name, kind in kinds:
-            v = row.get(name)
+        get = row.get
+        out.append(tuple([get(name) if conv is None or (v := get(name)) is None else conv(v)
+                          for name, conv in convs]))
+    return out
+
+
+def _sqlite_existing_ids(conn: Connection, table: str, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are stored, as plain driver SQL (no statement compilation per batch)."""
+    existing: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = tuple(ids[start:start + 500])
+        sql = f"SELECT id FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})"
+        existing.update(r[0] for r in conn.exec_driver_sql(sql, chunk))
+    return existing
+
+
+def _sqlite_select(conn: Connection, table: Table, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Rows of ``table`` as dicts decoded like SQLAlchemy would (JSON parsed, datetimes naive)."""
+    cols = list(table.columns)
+    sql = f"SELECT {', '.join(c.name for c in cols)} FROM {table.name} WHERE {where}"
+    kinds = [("json" if isinstance(c.type, JSON) else "dt" if isinstance(c.type, DateTime)
+              else "bool" if isinstance(c.type, Boolean) else "") for c in cols]
+    names = [c.name for c in cols]
+    out = []
+    for raw in conn.exec_driver_sql(sql, params):
+        row: dict[str, Any] = {}
+        for name, kind, v in zip(names, kinds, raw, strict=True):
             if v is not None:
                 if kind == "json":
-                    v = dumps(v)
+                    v = _json(v)
                 elif kind == "dt":
-                    # SQLAlchemy's own SQLite storage format, so reads come back naive
-                    v = v.replace(tzinfo=None).isoformat(" ", "microseconds")
+                    v = _naive(v)
                 elif kind == "bool":
-                    v = int(v)
-            values.append(v)
-        out.append(tuple(values))
+                    v = bool(v)
+            row[name] = v
+        out.append(row)
     return out
 
 
@@ -205,11 +254,7 @@ def _execute_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, An
         if mode == "replace":
             # An upsert with DO UPDATE is ~3x slower than a plain insert in SQLite when
             # foreign keys are on, and most rows are new: insert those, update the rest.
-            ids = [r["id"] for r in rows]
-            existing: set[str] = set()
-            for start in range(0, len(ids), 5000):
-                existing.update(conn.execute(select(table.c.id).where(table.c.id.in_(ids[start:start + 5000])))
-                                .scalars())
+            existing = _sqlite_existing_ids(conn, table.name, [r["id"] for r in rows])
             new = [r for r in rows if r["id"] not in existing]
             if new:
                 # new rows first: an updated row may point at a parent that is new in this batch
@@ -387,27 +432,41 @@ def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
 
 def _write_derived(conn: Connection, run_id: str) -> None:
     runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
-    run_row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+    fast = conn.dialect.name == "sqlite"
+    if fast:
+        found = _sqlite_select(conn, runs, "id = ?", (run_id,))
+        run_row: Mapping[str, Any] | None = found[0] if found else None
+    else:
+        run_row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
     if run_row is None:
         return
     run = dict(run_row)
     run["meta"] = _json(run["meta"]) or {}
     run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
     nodes = []
-    for r in conn.execute(select(nodes_t).where(nodes_t.c.run_id == run_id)).mappings():
+    stored = (_sqlite_select(conn, nodes_t, "run_id = ?", (run_id,)) if fast
+              else conn.execute(select(nodes_t).where(nodes_t.c.run_id == run_id)).mappings())
+    for r in stored:
         node = dict(r)
         node["meta"] = _json(node["meta"]) or {}
         nodes.append(node)
     derived = derive_run_rows(run, nodes)
-    _upsert(conn, nodes_t, derived.nodes, replace=True)
+    stored_by_id = {n["id"]: n for n in nodes}
+    # most batches leave a run's derived nodes as they are: rewrite only the changed ones
+    _upsert(conn, nodes_t, [d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"]))], replace=True)
     stale = [n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in {d["id"] for d in derived.nodes}]
     if stale:
         conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(stale)))
 
-    run_nodes = select(nodes_t.c.id).where(nodes_t.c.run_id == run_id).scalar_subquery()
-    existing = conn.execute(select(edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
-                                   edges_t.c.dependency_type, edges_t.c.condition).where(
-        edges_t.c.from_node_id.in_(run_nodes))).all()
+    if fast:
+        existing: Sequence[Any] = conn.exec_driver_sql(
+            "SELECT e.id, e.from_node_id, e.to_node_id, e.dependency_type, e.condition FROM dag_edges e"
+            " JOIN dag_nodes n ON n.id = e.from_node_id WHERE n.run_id = ?", (run_id,)).all()
+    else:
+        run_nodes = select(nodes_t.c.id).where(nodes_t.c.run_id == run_id).scalar_subquery()
+        existing = conn.execute(select(edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
+                                       edges_t.c.dependency_type, edges_t.c.condition).where(
+            edges_t.c.from_node_id.in_(run_nodes))).all()
     kept: set[tuple[str, str, str, str | None]] = set()
     drop = []
     for e in existing:
@@ -428,6 +487,20 @@ def _write_derived(conn: Connection, run_id: str) -> None:
     _upsert(conn, T["branches"], derived.branches, replace=True)
     if derived.session_state is not None:
         _write_session_state(conn, derived.session_state)
+
+
+def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
+    """Whether ``stored`` (decoded from the DB) already holds ``row``'s values; unsure means no."""
+    if stored is None:
+        return False
+    for key, value in row.items():
+        old = stored.get(key)
+        if key == "meta":
+            old = _json(old)
+            value = json.loads(_JSON.encode(value)) if value is not None else None
+        if old != value:
+            return False
+    return True
 
 
 def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
