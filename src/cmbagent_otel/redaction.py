@@ -23,7 +23,7 @@ MAX_LENGTH_ENV = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 
 _SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 _SECRET_KEY_NAME = re.compile(
-    r"^(api[_-]?key|.*_api_key|apikey|.*token.*|.*secret.*|password|passwd|authorization|"
+    r"^(api[_-]?key|.*_api_key|apikey|.*token|.*secret.*|password|passwd|authorization|"
     r"x-api-key|.*credential.*|private[_-]?key)$",
     re.IGNORECASE,
 )

@@ -125,6 +125,9 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
         {"prompt": p, "completion": c, "total": p + c} for p, c in ((100, 50), (200, 80), (300, 90), (310, 95),
                                                                     (50, 20))]
     assert [m["cost_usd"] for m in llm_meta] == [0.001, 0.002, 0.003, 0.004, 0.0005]
+    # usage counts are not secrets: "*_tokens" keys are kept, only "*token" keys are redacted
+    assert [(m["attributes"]["gen_ai.usage.input_tokens"], m["attributes"]["gen_ai.usage.output_tokens"])
+            for m in llm_meta] == [(100, 50), (200, 80), (300, 90), (310, 95), (50, 20)]
     failed_code = [e for e in events if e["event_subtype"] == "error"]
     assert {e["error_message"] for e in failed_code} == {"exit code 1"}
     assert all(e["outputs"]["exit_code"] == 1 for e in failed_code)
