@@ -389,3 +389,47 @@ def test_order_speakers_helper_stops_cleanly():
     pick = order_speakers(["b"])
     assert pick(agents[0], chat) is agents[1]
     assert pick(agents[1], chat) is None
+
+
+class _RecordingExecutor:
+    """A ``CodeExecutor`` written from scratch (no AG2 base class), as a user might ship."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    @property
+    def code_extractor(self) -> Any:
+        from autogen.coding import MarkdownCodeExtractor
+
+        return MarkdownCodeExtractor()
+
+    def execute_code_blocks(self, code_blocks: Any) -> Any:
+        from autogen.coding import CodeResult
+
+        self.ran.extend(block.code for block in code_blocks)
+        return CodeResult(exit_code=3, output="custom ran")
+
+    def restart(self) -> None:
+        pass
+
+
+def test_custom_code_executor_is_traced_and_restored(capture):
+    original = _RecordingExecutor.__dict__["execute_code_blocks"]
+    custom = _RecordingExecutor()
+    executor = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER",
+                                code_execution_config={"executor": custom})
+    script = ["```python\nprint(1)\n```", "TERMINATE"]
+    engineer = offline_agent("engineer", script)
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        activate(engineer, script)
+        executor.initiate_chat(engineer, message="go", max_turns=2, silent=True)
+        assert _RecordingExecutor.__dict__["execute_code_blocks"] is not original
+    finally:
+        cmbagent_otel.uninstrument()
+    assert custom.ran == ["print(1)"]
+    code = capture.one("execute_code python")
+    assert code.attributes[semconv.CODE_EXIT_CODE] == 3
+    assert code.status.status_code is StatusCode.ERROR
+    assert capture.parent_of(code).name == "invoke_agent executor"
+    assert _RecordingExecutor.__dict__["execute_code_blocks"] is original

@@ -13,7 +13,9 @@ patched                                                      span
 ``OpenAIWrapper.create``                                     ``chat {model}``
 ``ConversableAgent.execute_function`` / ``a_...``            ``execute_tool {tool}``
 ``ConversableAgent.execute_code_blocks`` and every           ``execute_code {language}``
-code executor's ``execute_code_blocks``
+code executor's ``execute_code_blocks`` (AG2's at
+instrument(); a custom executor's class when an
+agent holding it first replies)
 ``GroupChat.select_speaker`` / ``a_select_speaker``          ``select_speaker {last speaker}``
 ``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
 ==========================================================  ==================================
@@ -29,6 +31,7 @@ import contextvars
 import importlib
 import logging
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -191,8 +194,37 @@ def _is_manager(agent: Any) -> bool:
     return cls is not None and isinstance(agent, cls)
 
 
+_known_executor_types: set[type] = set()
+_executor_lock = threading.Lock()
+
+
+def _adopt_code_executor(agent: Any) -> None:
+    """Trace the agent's code executor even when its class is not one AG2 ships.
+
+    Custom executors (a ``CodeExecutor`` written from scratch, or a subclass that overrides
+    ``execute_code_blocks``) are only discovered at run time; their class is patched the
+    first time an agent holding one replies, and restored by ``uninstrument()``.
+    """
+    try:
+        executor = vars(agent).get("_code_executor")
+        if executor is None or type(executor) in _known_executor_types:
+            return
+        with _executor_lock:
+            cls = type(executor)
+            if cls in _known_executor_types:
+                return
+            _known_executor_types.add(cls)
+            owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
+            if owner is None or owner is object or isinstance(vars(owner)["execute_code_blocks"], wrapt.ObjectProxy):
+                return
+            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(_code, _record_code))
+    except Exception:
+        logger.debug("cmbagent_otel: could not adopt a code executor", exc_info=True)
+
+
 def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     register_agent_secrets(instance)
+    _adopt_code_executor(instance)
     name = agent_name(instance)
     sender = _arg(args, kwargs, 1, "sender")
     attrs: dict[str, Any] = {
@@ -525,6 +557,13 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
 
+    def patch_late(self, owner: Any, attr: str, wrapper: Callable[..., Any]) -> None:
+        """Patch ``owner.attr`` found after ``instrument()`` (e.g. a custom code executor class)."""
+        if not self.is_instrumented_by_opentelemetry:
+            return
+        wrapt.wrap_function_wrapper(owner, attr, wrapper)
+        self._patched.append((owner, attr))
+
     def _uninstrument(self, **kwargs: Any) -> None:
         for owner, attr in reversed(getattr(self, "_patched", [])):
             try:
@@ -532,6 +571,8 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
         self._patched = []
+        with _executor_lock:
+            _known_executor_types.clear()
 
     @property
     def patched(self) -> list[tuple[Any, str]]:
