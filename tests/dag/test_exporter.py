@@ -48,7 +48,7 @@ def _closed_port() -> int:
 def test_unreachable_database_retries_then_fails_without_spill(provider: Any) -> None:
     run_scenario()
     spans = provider.memory.get_finished_spans()
-    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=0.5,
+    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=2.0,
                                spill=False)
     assert exporter.export(spans) is SpanExportResult.FAILURE
     stats = exporter.stats()

@@ -14,7 +14,7 @@ values, odd and non-UTF-8 strings, end before start. Invariants checked on the f
 
 from __future__ import annotations
 
-import contextlib
+import os
 import random
 import shutil
 import sqlite3
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
@@ -33,7 +33,7 @@ from sqlalchemy import create_engine
 
 from cmbagent_otel import semconv as sc
 from cmbagent_otel.dag.database import ensure_schema
-from cmbagent_otel.dag.mapping import event_db_id, node_db_id, run_id_of
+from cmbagent_otel.dag.mapping import db_text, event_db_id, node_db_id, run_id_of
 from cmbagent_otel.dag.writer import DagWriter, dump_tables
 
 EVENT_KINDS = [sc.KIND_AGENT, sc.KIND_LLM, sc.KIND_TOOL, sc.KIND_CODE, sc.KIND_SPEAKER_SELECTION,
@@ -214,13 +214,14 @@ def check_invariants(path: Path, forest: Forest) -> None:
             key = (span.context.trace_id, span.context.span_id)
             short = (span.attributes or {}).get(sc.DAG_NODE)
             if key in forest.damaged and isinstance(short, str):
-                with contextlib.suppress(UnicodeEncodeError):  # no row can have such an id
-                    damaged_nodes.add(node_db_id(run_id_of(key[0]), short))
-        # a cmbagent event under another instrumentation's span: see test_event_under_foreign_span
+                damaged_nodes.add(node_db_id(run_id_of(key[0]), db_text(short)))
+            if span.parent is not None and (key[0], span.parent.span_id) in forest.damaged:
+                # a parent that lost its kind is another instrumentation's span: the child is
+                # re-attached to its nearest cmbagent ancestor, whose depth it cannot match
+                damaged_events.add(event_db_id(*key))
         bad_events = q(
             "SELECT e.id, e.depth, p.id, p.depth FROM execution_events e JOIN execution_events p "
-            "ON e.parent_event_id = p.id WHERE e.depth != p.depth + 1 "
-            "AND NOT (p.event_type = 'info' AND p.event_subtype = 'otel')").fetchall()
+            "ON e.parent_event_id = p.id WHERE e.depth != p.depth + 1").fetchall()
         assert [r for r in bad_events if r[0] not in damaged_events and r[2] not in damaged_events] == []
         bad_nodes = q(
             "SELECT n.id, n.depth, p.id, p.depth, p.meta, n.meta FROM dag_nodes n JOIN dag_nodes p "
@@ -234,9 +235,12 @@ def check_invariants(path: Path, forest: Forest) -> None:
         conn.close()
 
 
-# derandomize: CI runs the same 50 forests every time (no flakes); to explore further, run
-# locally with derandomize=False and a larger max_examples.
-@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+# CI runs the same 50 forests every time (derandomized: no flakes); to explore further, run
+# locally with CMBAGENT_OTEL_PROPERTY_EXAMPLES=500 (random forests, a fresh seed each run).
+EXPLORE = int(os.environ.get("CMBAGENT_OTEL_PROPERTY_EXAMPLES", "0"))
+
+
+@settings(max_examples=EXPLORE or 50, deadline=None, derandomize=not EXPLORE, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(forest=forests(), batch=st.sampled_from([1, 3, 7, 1000]))
@@ -246,9 +250,8 @@ def test_any_forest_leaves_a_consistent_database(template_db: Path, forest: Fore
         shutil.copy(template_db, db)
         error = write(db, forest.spans, batch)
         check_invariants(db, forest)
-        event(f"write failed: {type(error).__name__}" if error else "write succeeded")
-        if error is not None:
-            return  # the failing batch was rolled back (checked in write); the rest is consistent
+        # bad spans get a documented fallback, never a failed batch (which would lose the good ones)
+        assert error is None, repr(error)[:500]
         first = dump(db)
         assert write(db, forest.spans, batch) is None
         second = dump(db)
@@ -273,8 +276,6 @@ def _depth_pairs(db: Path) -> list[tuple[int, int]]:
         conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason="an event's parent_event_id points at the foreign span, whose repaired depth "
-                                       "already counts one level: child depth == parent depth")
 def test_event_under_foreign_span(template_db: Path, tmp_path: Path) -> None:
     """workflow > conversation (event depth 0) > user's own span > speaker selection (event depth 1)."""
     base = {sc.SESSION_ID: "s1"}
@@ -293,8 +294,6 @@ def test_event_under_foreign_span(template_db: Path, tmp_path: Path) -> None:
     assert len(rows) == 2 and all(child == parent + 1 for child, parent in rows), rows
 
 
-@pytest.mark.xfail(strict=True, reason="new nodes are inserted in order of their depth attribute: a child whose "
-                                       "depth is missing goes in before its parent and the batch fails (FK)")
 def test_node_with_missing_depth_before_its_parent(template_db: Path, tmp_path: Path) -> None:
     base = {sc.SESSION_ID: "s1", sc.DAG_ORDER_INDEX: 1}
     spans = [
@@ -307,3 +306,49 @@ def test_node_with_missing_depth_before_its_parent(template_db: Path, tmp_path: 
     shutil.copy(template_db, db)
     error = write(db, spans, 10)
     assert error is None, repr(error)
+
+
+def test_node_cycle_is_broken_not_fatal(template_db: Path, tmp_path: Path) -> None:
+    base = {sc.SESSION_ID: "s1", sc.SPAN_KIND: sc.KIND_STEP, sc.DAG_NODE_TYPE: sc.NODE_AGENT}
+    spans = [
+        _plain(6, 1, None, "a", {**base, sc.DAG_NODE: "a", sc.DAG_PARENT_NODE: "b", sc.DAG_DEPTH: 1}),
+        _plain(6, 2, None, "b", {**base, sc.DAG_NODE: "b", sc.DAG_PARENT_NODE: "a", sc.DAG_DEPTH: 1}),
+    ]
+    db = tmp_path / "dag.db"
+    shutil.copy(template_db, db)
+    assert write(db, spans, 10) is None
+    conn = sqlite3.connect(db)
+    try:
+        parents = dict(conn.execute("SELECT json_extract(meta, '$.id'), parent_node_id FROM dag_nodes "
+                                    "WHERE json_extract(meta, '$.id') IN ('a', 'b')").fetchall())
+    finally:
+        conn.close()
+    assert sorted(parents) == ["a", "b"]
+    assert sorted(p is None for p in parents.values()) == [False, True]  # one link kept, the closing one dropped
+
+
+def test_text_no_database_accepts_is_replaced(template_db: Path, tmp_path: Path) -> None:
+    """Lone surrogates and NUL in names, ids and columns; a tuple goal; a non-numeric cost."""
+    odd = "bad\ud800text\x00end"
+    base = {sc.SESSION_ID: "s1"}
+    spans = [
+        _plain(7, 1, None, "workflow " + odd, {**base, sc.SPAN_KIND: sc.KIND_WORKFLOW, sc.WORKFLOW_TASK: ("a", odd)}),
+        _plain(7, 2, 1, odd, {**base, sc.SPAN_KIND: sc.KIND_STEP, sc.DAG_NODE: "step_" + odd,
+                              sc.DAG_NODE_TYPE: sc.NODE_AGENT, sc.DAG_DEPTH: 0, sc.STEP_GOAL: ("g", odd)}),
+        _plain(7, 3, 2, "chat", {**base, sc.SPAN_KIND: sc.KIND_LLM, sc.DAG_NODE: "step_" + odd, sc.EVENT_DEPTH: 0,
+                                 sc.GEN_AI_AGENT_NAME: odd, sc.GEN_AI_USAGE_INPUT_TOKENS: 5,
+                                 sc.LLM_COST_USD: "free", sc.EXECUTION_ORDER: 2**40}),
+    ]
+    db = tmp_path / "dag.db"
+    shutil.copy(template_db, db)
+    assert write(db, spans, 10) is None
+    conn = sqlite3.connect(db)
+    try:
+        task, = conn.execute("SELECT task_description FROM workflow_runs").fetchone()
+        agent, order = conn.execute("SELECT agent_name, execution_order FROM execution_events").fetchone()
+        short, = conn.execute("SELECT json_extract(meta, '$.id') FROM dag_nodes").fetchone()
+        cost, = conn.execute("SELECT cost_usd FROM cost_records").fetchone()
+    finally:
+        conn.close()
+    clean = "bad\ufffdtext\ufffdend"
+    assert (task, agent, short, cost, order) == (f"a\n{clean}", clean, f"step_{clean}", 0.0, 2**31 - 1)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
@@ -88,11 +89,33 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(sep=" ") if value is not None else None
 
 
+_INT32 = 2**31 - 1
+
+
 def _int(value: Any, default: int = 0) -> int:
+    """An INTEGER column's value: ``default`` when not a number, clamped to 32 bits (PostgreSQL)."""
     try:
-        return int(value)
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return max(-_INT32, min(_INT32, number))
+
+
+def _float(value: Any, default: float = 0.0) -> float:
+    try:
+        number = float(value)
     except (TypeError, ValueError):
         return default
+    return number if math.isfinite(number) else default
+
+
+def _text(value: Any) -> str | None:
+    """A text column's value from an attribute of any type (sequences joined by newlines)."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, (tuple, list)):
+        return "\n".join(str(v) for v in value)
+    return str(value)
 
 
 def _str(value: Any, limit: int) -> str | None:
@@ -100,6 +123,52 @@ def _str(value: Any, limit: int) -> str | None:
         return None
     text = str(value)
     return text[:limit]
+
+
+_DB_REJECTS = re.compile("[\x00\ud800-\udfff]")
+
+
+def db_text(text: str) -> str:
+    """``text`` as every database accepts it: lone surrogates and NUL become U+FFFD."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _DB_REJECTS.sub("\ufffd", text)
+
+
+def _clean_value(value: Any) -> Any:
+    if type(value) is str:
+        return db_text(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(db_text(v) if type(v) is str else v for v in value)
+    return value
+
+
+def _needs_cleaning(value: Any) -> bool:
+    if type(value) is str:
+        return not value.isascii() or "\x00" in value
+    if isinstance(value, (tuple, list)):
+        return any(_needs_cleaning(v) for v in value if type(v) is str)
+    return False
+
+
+def sanitized(span: ReadableSpan) -> ReadableSpan:
+    """``span`` itself, or a copy whose name, status and attributes hold no text a database rejects.
+
+    Lone surrogates (UTF-8 cannot encode them) and NUL (PostgreSQL text cannot hold it) come
+    from instrumented apps that pass odd strings through; they must not fail a whole batch.
+    """
+    attrs = span.attributes or {}
+    description = span.status.description
+    if not (_needs_cleaning(span.name) or (description is not None and _needs_cleaning(description))
+            or any(_needs_cleaning(v) for v in attrs.values())):
+        return span
+    return ReadableSpan(
+        name=db_text(span.name), context=span.context, parent=span.parent, resource=span.resource,
+        attributes={db_text(k): _clean_value(v) for k, v in attrs.items()}, events=span.events, links=span.links,
+        kind=span.kind, instrumentation_scope=span.instrumentation_scope,
+        status=Status(span.status.status_code, db_text(description) if description is not None else None),
+        start_time=span.start_time, end_time=span.end_time,
+    )
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -223,9 +292,9 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     order_index = _int(attrs.get(sc.DAG_ORDER_INDEX), 0)
     status = status_of(span)
     error = _error_of(span)
-    goal = attrs.get(sc.STEP_GOAL)
-    summary = attrs.get(sc.STEP_SUMMARY)
-    phase_name = attrs.get(sc.PHASE)
+    goal = _text(attrs.get(sc.STEP_GOAL))
+    summary = _text(attrs.get(sc.STEP_SUMMARY))
+    phase_name = _text(attrs.get(sc.PHASE))
     agent = attrs.get(sc.STEP_AGENT) or attrs.get(sc.GEN_AI_AGENT_NAME)
     step_number: int = order_index
     if kind == sc.KIND_PHASE:
@@ -259,9 +328,9 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     if phase_name is not None:
         meta["phase"] = phase_name
     if node_type == sc.NODE_REDO:
-        meta["branch_name"] = attrs.get(sc.BRANCH_NAME)
+        meta["branch_name"] = _text(attrs.get(sc.BRANCH_NAME))
         meta["attempt"] = attrs.get(sc.BRANCH_ATTEMPT)
-        meta["hypothesis"] = attrs.get(sc.BRANCH_HYPOTHESIS)
+        meta["hypothesis"] = _text(attrs.get(sc.BRANCH_HYPOTHESIS))
     meta.update({
         "span_kind": kind, "span_name": span.name, "span_id": f"{span.context.span_id:016x}",
         "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "started_at": iso(started),
@@ -399,7 +468,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         prompt = _int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
         completion = _int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
         meta["tokens"] = {"prompt": prompt, "completion": completion, "total": prompt + completion}
-        meta["cost_usd"] = float(attrs.get(sc.LLM_COST_USD) or 0.0)
+        meta["cost_usd"] = _float(attrs.get(sc.LLM_COST_USD))
         meta["model"] = attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL)
     meta["attributes"] = clean
     short = attrs.get(sc.DAG_NODE)
@@ -496,6 +565,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         ctx = span.context
         if ctx is None:
             continue
+        span = sanitized(span)
         # one plain-dict copy: lookups on the SDK's attribute mapping go through Python ABCs
         attrs = dict(span.attributes) if span.attributes else {}
         trace_id = ctx.trace_id
@@ -516,7 +586,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
                 agent=_str(attrs.get(sc.WORKFLOW_AGENT) or "unknown", 100),
                 model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100), status=status_of(span),
-                started_at=started, completed_at=completed, task_description=attrs.get(sc.WORKFLOW_TASK),
+                started_at=started, completed_at=completed, task_description=_text(attrs.get(sc.WORKFLOW_TASK)),
                 meta=meta,
             ))
             batch.dag_runs.add(run_id)

@@ -288,13 +288,39 @@ def _upsert_core(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any
     conn.execute(stmt, list(rows))
 
 
+def parents_first(rows: Mapping[str, Mapping[str, Any]], parent_key: str) -> list[Mapping[str, Any]]:
+    """``rows`` (by id) ordered so that a row whose parent is also in ``rows`` comes after it.
+
+    The depth attribute cannot be trusted for this (it may be missing or wrong), and a
+    child inserted before its parent fails the foreign key. Rows whose parent links form a
+    cycle (damaged spans) keep all links but one: the row that closes the cycle loses its parent.
+    """
+    ordered: list[Mapping[str, Any]] = []
+    placed: set[str] = set()
+    for row_id, row in rows.items():
+        chain: list[Mapping[str, Any]] = []
+        in_chain: set[str] = set()
+        current: Mapping[str, Any] | None = row
+        current_id: str | None = row_id
+        while current is not None and current_id not in placed:
+            placed.add(current_id)  # type: ignore[arg-type]
+            in_chain.add(current_id)  # type: ignore[arg-type]
+            chain.append(current)
+            current_id = current.get(parent_key)
+            current = rows.get(current_id) if current_id is not None else None
+        if current_id is not None and current_id in in_chain:
+            chain[-1] = {**chain[-1], parent_key: None}
+        ordered.extend(reversed(chain))
+    return ordered
+
+
 def _write_batch(conn: Connection, batch: MappedBatch) -> None:
     _write_sessions(conn, batch)
     _write_runs(conn, batch)
     _upsert(conn, T["dag_nodes"], list(batch.node_placeholders.values()), replace=False)
-    _upsert(conn, T["dag_nodes"], sorted(batch.nodes.values(), key=lambda r: r["depth"]), replace=True)
+    _upsert(conn, T["dag_nodes"], parents_first(batch.nodes, "parent_node_id"), replace=True)
     _upsert(conn, T["execution_events"], list(batch.event_placeholders.values()), replace=False)
-    _upsert(conn, T["execution_events"], sorted(batch.events.values(), key=lambda r: r["depth"]), replace=True)
+    _upsert(conn, T["execution_events"], parents_first(batch.events, "parent_event_id"), replace=True)
     runs_with_events = {e["run_id"] for e in batch.events.values()}
     if runs_with_events:
         _repair_foreign(conn, runs_with_events)
@@ -381,6 +407,17 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         resolved[event_id] = result
         return result
 
+    def nearest_own(event_id: str) -> str | None:
+        """The closest ancestor of foreign event ``event_id`` that is a cmbagent event."""
+        seen = {event_id}
+        parent = candidates.get(event_id)
+        while parent is not None and parent not in known:
+            if parent not in candidates or parent in seen:
+                return None
+            seen.add(parent)
+            parent = candidates.get(parent)
+        return parent
+
     updates = []
     for row in foreign:
         parent, depth, order, node = want(row.id, frozenset({row.id}))
@@ -390,6 +427,18 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(
             parent_event_id=bindparam("p"), depth=bindparam("d"), execution_order=bindparam("o"),
             node_id=bindparam("n")), updates)
+    # A cmbagent event under a foreign span counts its depth without that span (the
+    # instrumentation cannot see it): hang it under its nearest cmbagent ancestor instead.
+    own_children = conn.execute(select(ev.c.id, ev.c.parent_event_id).where(
+        ev.c.parent_event_id.in_(list(candidates)),
+        ~((ev.c.event_type == FOREIGN_TYPE[0]) & (ev.c.event_subtype == FOREIGN_TYPE[1])))).all()
+    moves = []
+    for child in own_children:
+        target = nearest_own(child.parent_event_id)
+        if target is not None and target != child.parent_event_id:
+            moves.append({"b_id": child.id, "p": target})
+    if moves:
+        conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(parent_event_id=bindparam("p")), moves)
 
 
 def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -482,25 +531,43 @@ def _write_derived(conn: Connection, run_id: str) -> None:
         conn.execute(edges_t.insert(), [
             {"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in missing])
 
-    _upsert(conn, T["workflow_steps"], derived.steps, replace=True)
-    _upsert(conn, runs, derived.child_runs, replace=True)
-    _upsert(conn, T["branches"], derived.branches, replace=True)
+    for table, rows in ((T["workflow_steps"], derived.steps), (runs, derived.child_runs),
+                        (T["branches"], derived.branches)):
+        if fast and rows:
+            rows = _changed_rows(conn, table, rows)
+        _upsert(conn, table, rows, replace=True)
     if derived.session_state is not None:
         _write_session_state(conn, derived.session_state)
 
 
-def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
+def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None,
+              json_cols: frozenset[str] = frozenset({"meta"})) -> bool:
     """Whether ``stored`` (decoded from the DB) already holds ``row``'s values; unsure means no."""
     if stored is None:
         return False
     for key, value in row.items():
         old = stored.get(key)
-        if key == "meta":
+        if key in json_cols:
             old = _json(old)
-            value = json.loads(_JSON.encode(value)) if value is not None else None
+            value = json.loads(_encode_json(value)) if value is not None else None
+        elif isinstance(value, datetime):
+            # stored as written by _sqlite_dt: wall time with the zone dropped
+            value = value.replace(tzinfo=None)
         if old != value:
             return False
     return True
+
+
+def _changed_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The ``rows`` (SQLite) whose stored copy is missing or differs: rewriting the rest changes nothing."""
+    ids = [r["id"] for r in rows]
+    stored: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = tuple(ids[start:start + 500])
+        for row in _sqlite_select(conn, table, f"id IN ({', '.join('?' * len(chunk))})", chunk):
+            stored[row["id"]] = row
+    json_cols = frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
+    return [r for r in rows if not _same_row(r, stored.get(r["id"]), json_cols)]
 
 
 def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
