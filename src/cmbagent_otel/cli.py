@@ -71,15 +71,6 @@ def _connect(args: argparse.Namespace) -> Any:
     return conn
 
 
-def _loads(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    return value
-
-
 def resolve_run(conn: Any, ref: str) -> dict[str, Any]:
     """The run row for ``ref``: a full id, a unique id prefix, or ``latest``."""
     from sqlalchemy import select
@@ -178,12 +169,12 @@ def load_dag(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
     """Nodes (with per-node event/token/cost totals) and edges of ``run``, JSON-ready."""
     from sqlalchemy import select
 
-    from .dag.writer import T
+    from .dag.writer import T, decode_json
 
     nodes_t, edges_t, events_t = T["dag_nodes"], T["dag_edges"], T["execution_events"]
     nodes = []
     for r in conn.execute(select(nodes_t).where(nodes_t.c.run_id == run["id"])).mappings():
-        meta = _loads(r["meta"]) or {}
+        meta = decode_json(r["meta"]) or {}
         nodes.append({"db_id": r["id"], "id": meta.get("id", r["id"]), "parent": r["parent_node_id"],
                       "type": r["node_type"], "agent": r["agent"], "status": r["status"],
                       "order_index": r["order_index"], "depth": r["depth"], "label": meta.get("label"),
@@ -195,7 +186,7 @@ def load_dag(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
         node = by_db.get(node_id)
         if node is None:
             continue
-        meta = _loads(meta) or {}
+        meta = decode_json(meta) or {}
         node["events"] += 1
         node["tokens"] += int((meta.get("tokens") or {}).get("total") or 0)
         node["cost_usd"] += float(meta.get("cost_usd") or 0.0)
@@ -303,12 +294,12 @@ def _cmd_events(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from .dag.mapping import node_db_id
-    from .dag.writer import T
+    from .dag.writer import T, decode_json
 
     events_t, nodes_t = T["execution_events"], T["dag_nodes"]
     with _connect(args) as conn:
         run = resolve_run(conn, args.run)
-        shorts = {r.id: (_loads(r.meta) or {}).get("id", r.id) for r in conn.execute(
+        shorts = {r.id: (decode_json(r.meta) or {}).get("id", r.id) for r in conn.execute(
             select(nodes_t.c.id, nodes_t.c.meta).where(nodes_t.c.run_id == run["id"]))}
         query = select(events_t).where(events_t.c.run_id == run["id"])
         if args.node:
@@ -320,7 +311,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
                                            events_t.c.id)).mappings().all()
     records = []
     for r in rows:
-        meta = _loads(r["meta"]) or {}
+        meta = decode_json(r["meta"]) or {}
         records.append({
             "id": r["id"], "order": r["execution_order"], "depth": r["depth"], "type": r["event_type"],
             "subtype": r["event_subtype"], "agent": r["agent_name"], "node": shorts.get(r["node_id"]),

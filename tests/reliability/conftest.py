@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import cmbagent_otel
 from cmbagent_otel import _spans
+from cmbagent_otel.demo import order_speakers
 from cmbagent_otel.testing import ScriptedModelClient, offline_backend
 
 needs_custom_client = pytest.mark.skipif(
@@ -30,20 +31,6 @@ ORDER = ["engineer", "executor", "engineer", "executor", "researcher"]
 def peak_position(multipole: int) -> str:
     """Position of an acoustic peak (toy model)."""
     return f"peak near l={220 * multipole}"
-
-
-def order_speakers(order: Sequence[str]) -> Callable[[Any, Any], Any]:
-    names = list(order)
-    state = {"i": 0}
-
-    def scripted_handoff(last_speaker: Any, groupchat: Any) -> Any:
-        if state["i"] >= len(names):
-            return None
-        name = names[state["i"]]
-        state["i"] += 1
-        return groupchat.agent_by_name(name)
-
-    return scripted_handoff
 
 
 def scripted_agent(name: str, script: Sequence[Any], *, cls: Any = None, client: Any = ScriptedModelClient,

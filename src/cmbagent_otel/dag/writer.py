@@ -65,7 +65,8 @@ class WriteResult:
     runs: int
 
 
-def _json(value: Any) -> Any:
+def decode_json(value: Any) -> Any:
+    """A JSON column's value as read back: drivers return text (SQLite) or objects (PostgreSQL)."""
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -236,7 +237,7 @@ def _sqlite_select(conn: Connection, table: Table, where: str, params: tuple[Any
         for name, kind, v in zip(names, kinds, raw, strict=True):
             if v is not None:
                 if kind == "json":
-                    v = _json(v)
+                    v = decode_json(v)
                 elif kind == "dt":
                     v = _naive(v)
                 elif kind == "bool":
@@ -355,7 +356,7 @@ def _write_runs(conn: Connection, batch: MappedBatch) -> None:
         if old is None:
             inserts.append(cand.row)
             continue
-        old_meta = _json(old.meta) or {}
+        old_meta = decode_json(old.meta) or {}
         old_rank = RANK_BY_NAME.get(old_meta.get("otel_source"), 99)
         old_row = {"started_at": _naive(old.started_at), "meta": old_meta}
         if better_run(cand.rank, cand.row, old_rank, old_row):
@@ -376,7 +377,7 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         return
     candidates: dict[str, str | None] = {}
     for row in foreign:
-        meta = _json(row.meta) or {}
+        meta = decode_json(row.meta) or {}
         parent_span = meta.get("parent_span_id")
         candidates[row.id] = row.id[:20] + parent_span if parent_span else None
     wanted = {c for c in candidates.values() if c}
@@ -490,14 +491,14 @@ def _write_derived(conn: Connection, run_id: str) -> None:
     if run_row is None:
         return
     run = dict(run_row)
-    run["meta"] = _json(run["meta"]) or {}
+    run["meta"] = decode_json(run["meta"]) or {}
     run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
     nodes = []
     stored = (_sqlite_select(conn, nodes_t, "run_id = ?", (run_id,)) if fast
               else conn.execute(select(nodes_t).where(nodes_t.c.run_id == run_id)).mappings())
     for r in stored:
         node = dict(r)
-        node["meta"] = _json(node["meta"]) or {}
+        node["meta"] = decode_json(node["meta"]) or {}
         nodes.append(node)
     derived = derive_run_rows(run, nodes)
     stored_by_id = {n["id"]: n for n in nodes}
@@ -548,7 +549,7 @@ def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None,
     for key, value in row.items():
         old = stored.get(key)
         if key in json_cols:
-            old = _json(old)
+            old = decode_json(old)
             value = json.loads(_encode_json(value)) if value is not None else None
         elif isinstance(value, datetime):
             # stored as written by _sqlite_dt: wall time with the zone dropped
@@ -576,7 +577,8 @@ def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
     if old is None:
         conn.execute(table.insert(), [row])
         return
-    old_key = (_naive(old.updated_at) or datetime.min, str((_json(old.context_variables) or {}).get("run_id", "")))
+    old_run = str((decode_json(old.context_variables) or {}).get("run_id", ""))
+    old_key = (_naive(old.updated_at) or datetime.min, old_run)
     new_key = (_naive(row["updated_at"]) or datetime.min, row["context_variables"]["run_id"])
     if new_key >= old_key:
         values = {k: v for k, v in row.items() if k != "id"}
@@ -599,7 +601,7 @@ def _dump_value(column: Any, value: Any) -> Any:
     if value is None:
         return None
     if isinstance(column.type, JSON):
-        return json.dumps(_json(value), sort_keys=True, default=str)
+        return json.dumps(decode_json(value), sort_keys=True, default=str)
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
