@@ -532,43 +532,25 @@ def _write_derived(conn: Connection, run_id: str) -> None:
         conn.execute(edges_t.insert(), [
             {"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in missing])
 
-    for table, rows in ((T["workflow_steps"], derived.steps), (runs, derived.child_runs),
-                        (T["branches"], derived.branches)):
-        if fast and rows:
-            rows = _changed_rows(conn, table, rows)
-        _upsert(conn, table, rows, replace=True)
+    _upsert(conn, T["workflow_steps"], derived.steps, replace=True)
+    _upsert(conn, runs, derived.child_runs, replace=True)
+    _upsert(conn, T["branches"], derived.branches, replace=True)
     if derived.session_state is not None:
         _write_session_state(conn, derived.session_state)
 
 
-def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None,
-              json_cols: frozenset[str] = frozenset({"meta"})) -> bool:
+def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
     """Whether ``stored`` (decoded from the DB) already holds ``row``'s values; unsure means no."""
     if stored is None:
         return False
     for key, value in row.items():
         old = stored.get(key)
-        if key in json_cols:
+        if key == "meta":
             old = decode_json(old)
             value = json.loads(_encode_json(value)) if value is not None else None
-        elif isinstance(value, datetime):
-            # stored as written by _sqlite_dt: wall time with the zone dropped
-            value = value.replace(tzinfo=None)
         if old != value:
             return False
     return True
-
-
-def _changed_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The ``rows`` (SQLite) whose stored copy is missing or differs: rewriting the rest changes nothing."""
-    ids = [r["id"] for r in rows]
-    stored: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(ids), 500):
-        chunk = tuple(ids[start:start + 500])
-        for row in _sqlite_select(conn, table, f"id IN ({', '.join('?' * len(chunk))})", chunk):
-            stored[row["id"]] = row
-    json_cols = frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
-    return [r for r in rows if not _same_row(r, stored.get(r["id"]), json_cols)]
 
 
 def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
