@@ -135,6 +135,12 @@ def db_text(text: str) -> str:
     return _DB_REJECTS.sub("\ufffd", text)
 
 
+def _rejected(text: str) -> bool:
+    if text.isascii():
+        return "\x00" in text
+    return _DB_REJECTS.search(text) is not None
+
+
 def _clean_value(value: Any) -> Any:
     if type(value) is str:
         return db_text(value)
@@ -143,32 +149,39 @@ def _clean_value(value: Any) -> Any:
     return value
 
 
-def _needs_cleaning(value: Any) -> bool:
-    if type(value) is str:
-        return not value.isascii() or "\x00" in value
-    if isinstance(value, (tuple, list)):
-        return any(_needs_cleaning(v) for v in value if type(v) is str)
+def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
+    for key, value in attrs.items():
+        kind = type(value)
+        if kind is str:
+            if not (value.isascii() and "\x00" not in value) and _rejected(value):
+                return True
+        elif (kind is tuple or kind is list) and any(type(v) is str and _rejected(v) for v in value):
+            return True
+        if not key.isascii() and _rejected(key):
+            return True
     return False
 
 
-def sanitized(span: ReadableSpan) -> ReadableSpan:
-    """``span`` itself, or a copy whose name, status and attributes hold no text a database rejects.
+def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, dict[str, Any]]:
+    """``span`` and its attributes ``attrs`` (a plain-dict copy), or copies whose name, status and
+    attributes hold no text a database rejects.
 
     Lone surrogates (UTF-8 cannot encode them) and NUL (PostgreSQL text cannot hold it) come
     from instrumented apps that pass odd strings through; they must not fail a whole batch.
     """
-    attrs = span.attributes or {}
     description = span.status.description
-    if not (_needs_cleaning(span.name) or (description is not None and _needs_cleaning(description))
-            or any(_needs_cleaning(v) for v in attrs.values())):
-        return span
-    return ReadableSpan(
+    if not (_rejected(span.name) or (type(description) is str and _rejected(description))
+            or _attrs_rejected(attrs)):
+        return span, attrs
+    clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
+    copy = ReadableSpan(
         name=db_text(span.name), context=span.context, parent=span.parent, resource=span.resource,
-        attributes={db_text(k): _clean_value(v) for k, v in attrs.items()}, events=span.events, links=span.links,
-        kind=span.kind, instrumentation_scope=span.instrumentation_scope,
-        status=Status(span.status.status_code, db_text(description) if description is not None else None),
+        attributes=clean, events=span.events, links=span.links, kind=span.kind,
+        instrumentation_scope=span.instrumentation_scope,
+        status=Status(span.status.status_code, db_text(description) if type(description) is str else None),
         start_time=span.start_time, end_time=span.end_time,
     )
+    return copy, clean
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -565,9 +578,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         ctx = span.context
         if ctx is None:
             continue
-        span = sanitized(span)
         # one plain-dict copy: lookups on the SDK's attribute mapping go through Python ABCs
-        attrs = dict(span.attributes) if span.attributes else {}
+        span, attrs = sanitized(span, dict(span.attributes) if span.attributes else {})
         trace_id = ctx.trace_id
         run_id = run_id_of(trace_id)
         session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
