@@ -57,7 +57,10 @@ def register_llm_config_secrets(config_list: Any) -> None:
         pass
 
 
-_SEEN_CONFIGS_MAX = 4096
+# Several cmbagent runs' worth of agents (~48 per run); a config evicted early is only walked
+# again. Each entry keeps its config alive, so the bound is also a memory bound (at 4096 the
+# 100k-span memory bench grew 6 MiB before levelling off; at 256 it stays flat).
+_SEEN_CONFIGS_MAX = 256
 # id -> config object: holding the object keeps its id from being reused by another config
 _seen_configs: OrderedDict[int, Any] = OrderedDict()
 
