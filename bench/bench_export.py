@@ -79,7 +79,7 @@ def run_raw(batches: list[list[Any]], path: str) -> float:
     ensure_schema(f"sqlite:///{path}")
     prepared = [_raw_statements(b) for b in batches]
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-65536", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-16384", "foreign_keys=ON"):
         conn.execute(f"PRAGMA {pragma}")
     start = time.perf_counter()
     for statements in prepared:
