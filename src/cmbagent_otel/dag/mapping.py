@@ -128,17 +128,15 @@ def _str(value: Any, limit: int) -> str | None:
 _DB_REJECTS = re.compile("[\x00\ud800-\udfff]")
 
 
-def db_text(text: str) -> str:
-    """``text`` as every database accepts it: lone surrogates and NUL become U+FFFD."""
-    if text.isascii() and "\x00" not in text:
-        return text
-    return _DB_REJECTS.sub("\ufffd", text)
-
-
 def _rejected(text: str) -> bool:
     if text.isascii():
         return "\x00" in text
     return _DB_REJECTS.search(text) is not None
+
+
+def db_text(text: str) -> str:
+    """``text`` as every database accepts it: lone surrogates and NUL become U+FFFD."""
+    return _DB_REJECTS.sub("\ufffd", text) if _rejected(text) else text
 
 
 def _clean_value(value: Any) -> Any:

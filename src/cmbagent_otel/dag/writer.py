@@ -389,39 +389,28 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
                 continue
             if (r.event_type, r.event_subtype) != FOREIGN_TYPE:
                 known[r.id] = (r.depth, r.execution_order, r.node_id)
-    resolved: dict[str, tuple[str | None, int, int, str | None]] = {}
+    # event id -> (parent, depth, order, node, nearest cmbagent ancestor)
+    resolved: dict[str, tuple[str | None, int, int, str | None, str | None]] = {}
 
-    def resolve(event_id: str, seen: frozenset[str]) -> tuple[int, int, str | None] | None:
+    def resolve(event_id: str, seen: frozenset[str]) -> tuple[int, int, str | None, str | None] | None:
         if event_id in known:
-            return known[event_id]
+            return (*known[event_id], event_id)
         if event_id not in candidates or event_id in seen:
             return None
-        target = want(event_id, seen | {event_id})
-        return target[1], target[2], target[3]
+        return want(event_id, seen | {event_id})[1:]
 
-    def want(event_id: str, seen: frozenset[str]) -> tuple[str | None, int, int, str | None]:
+    def want(event_id: str, seen: frozenset[str]) -> tuple[str | None, int, int, str | None, str | None]:
         if event_id in resolved:
             return resolved[event_id]
         parent = candidates.get(event_id)
         info = resolve(parent, seen) if parent else None
-        result = (None, 0, 0, None) if info is None else (parent, info[0] + 1, info[1], info[2])
+        result = (None, 0, 0, None, None) if info is None else (parent, info[0] + 1, *info[1:])
         resolved[event_id] = result
         return result
 
-    def nearest_own(event_id: str) -> str | None:
-        """The closest ancestor of foreign event ``event_id`` that is a cmbagent event."""
-        seen = {event_id}
-        parent = candidates.get(event_id)
-        while parent is not None and parent not in known:
-            if parent not in candidates or parent in seen:
-                return None
-            seen.add(parent)
-            parent = candidates.get(parent)
-        return parent
-
     updates = []
     for row in foreign:
-        parent, depth, order, node = want(row.id, frozenset({row.id}))
+        parent, depth, order, node, _ = want(row.id, frozenset({row.id}))
         if (row.parent_event_id, row.depth, row.execution_order, row.node_id) != (parent, depth, order, node):
             updates.append({"b_id": row.id, "p": parent, "d": depth, "o": order, "n": node})
     if updates:
@@ -435,8 +424,8 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         ~((ev.c.event_type == FOREIGN_TYPE[0]) & (ev.c.event_subtype == FOREIGN_TYPE[1])))).all()
     moves = []
     for child in own_children:
-        target = nearest_own(child.parent_event_id)
-        if target is not None and target != child.parent_event_id:
+        target = resolved[child.parent_event_id][4]  # never the foreign parent itself
+        if target is not None:
             moves.append({"b_id": child.id, "p": target})
     if moves:
         conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(parent_event_id=bindparam("p")), moves)
