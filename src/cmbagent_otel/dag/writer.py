@@ -327,8 +327,8 @@ def _write_batch(conn: Connection, batch: MappedBatch) -> None:
         _repair_foreign(conn, runs_with_events)
     _write_costs(conn, batch.costs)
     _write_messages(conn, batch.messages)
-    for run_id in sorted(batch.dag_runs):
-        _write_derived(conn, run_id)
+    if batch.dag_runs:
+        _write_derived(conn, sorted(batch.dag_runs))
 
 
 def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
@@ -469,63 +469,86 @@ def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
         conn.execute(table.insert(), rows)
 
 
-def _write_derived(conn: Connection, run_id: str) -> None:
-    runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
-    fast = conn.dialect.name == "sqlite"
-    if fast:
-        found = _sqlite_select(conn, runs, "id = ?", (run_id,))
-        run_row: Mapping[str, Any] | None = found[0] if found else None
-    else:
-        run_row = conn.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
-    if run_row is None:
-        return
-    run = dict(run_row)
-    run["meta"] = decode_json(run["meta"]) or {}
-    run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
-    nodes = []
-    stored = (_sqlite_select(conn, nodes_t, "run_id = ?", (run_id,)) if fast
-              else conn.execute(select(nodes_t).where(nodes_t.c.run_id == run_id)).mappings())
-    for r in stored:
-        node = dict(r)
-        node["meta"] = decode_json(node["meta"]) or {}
-        nodes.append(node)
-    derived = derive_run_rows(run, nodes)
-    stored_by_id = {n["id"]: n for n in nodes}
-    # most batches leave a run's derived nodes as they are: rewrite only the changed ones
-    _upsert(conn, nodes_t, [d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"]))], replace=True)
-    stale = [n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in {d["id"] for d in derived.nodes}]
-    if stale:
-        conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(stale)))
+def _chunks(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
 
-    if fast:
-        existing: Sequence[Any] = conn.exec_driver_sql(
-            "SELECT e.id, e.from_node_id, e.to_node_id, e.dependency_type, e.condition FROM dag_edges e"
-            " JOIN dag_nodes n ON n.id = e.from_node_id WHERE n.run_id = ?", (run_id,)).all()
-    else:
-        run_nodes = select(nodes_t.c.id).where(nodes_t.c.run_id == run_id).scalar_subquery()
-        existing = conn.execute(select(edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
-                                       edges_t.c.dependency_type, edges_t.c.condition).where(
-            edges_t.c.from_node_id.in_(run_nodes))).all()
-    kept: set[tuple[str, str, str, str | None]] = set()
-    drop = []
-    for e in existing:
-        key = (e.from_node_id, e.to_node_id, e.dependency_type, e.condition)
-        if key in derived.edges and key not in kept:
-            kept.add(key)
-        else:
-            drop.append(e.id)
-    if drop:
-        conn.execute(delete(edges_t).where(edges_t.c.id.in_(drop)))
-    missing = sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or ""))
+
+def _rows_of_runs(conn: Connection, table: Table, column: str, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of ``table`` whose ``column`` is one of ``run_ids``, decoded (JSON parsed, datetimes naive)."""
+    if conn.dialect.name == "sqlite":
+        out: list[dict[str, Any]] = []
+        for chunk in _chunks(run_ids):
+            out.extend(_sqlite_select(conn, table, f"{column} IN ({', '.join('?' * len(chunk))})", tuple(chunk)))
+        return out
+    return [dict(r) for chunk in _chunks(run_ids)
+            for r in conn.execute(select(table).where(table.c[column].in_(chunk))).mappings()]
+
+
+def _write_derived(conn: Connection, run_ids: Sequence[str]) -> None:
+    """Recompute and store the rows derived from each run's whole node set (one query per table for all runs)."""
+    runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
+    nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
+    for node in _rows_of_runs(conn, nodes_t, "run_id", run_ids):
+        node["meta"] = decode_json(node["meta"]) or {}
+        nodes_by_run[node["run_id"]].append(node)
+    edges_by_run: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
+    for chunk in _chunks(run_ids):
+        query = (select(nodes_t.c.run_id, edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
+                        edges_t.c.dependency_type, edges_t.c.condition)
+                 .join(nodes_t, nodes_t.c.id == edges_t.c.from_node_id).where(nodes_t.c.run_id.in_(chunk)))
+        for e in conn.execute(query):
+            edges_by_run[e.run_id].append(e)
+
+    changed_nodes: list[dict[str, Any]] = []
+    stale: list[str] = []
+    drop: list[Any] = []
+    missing: list[tuple[str, str, str, str | None]] = []
+    steps: list[dict[str, Any]] = []
+    child_runs: list[dict[str, Any]] = []
+    branches: list[dict[str, Any]] = []
+    states: dict[str, dict[str, Any]] = {}
+    for run_row in sorted(_rows_of_runs(conn, runs, "id", run_ids), key=lambda r: r["id"]):
+        run = dict(run_row)
+        run["meta"] = decode_json(run["meta"]) or {}
+        run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
+        nodes = nodes_by_run[run["id"]]
+        derived = derive_run_rows(run, nodes)
+        stored_by_id = {n["id"]: n for n in nodes}
+        # most batches leave a run's derived nodes as they are: rewrite only the changed ones
+        changed_nodes.extend(d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"])))
+        derived_ids = {d["id"] for d in derived.nodes}
+        stale.extend(n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in derived_ids)
+        kept: set[tuple[str, str, str, str | None]] = set()
+        for e in edges_by_run[run["id"]]:
+            key = (e.from_node_id, e.to_node_id, e.dependency_type, e.condition)
+            if key in derived.edges and key not in kept:
+                kept.add(key)
+            else:
+                drop.append(e.id)
+        missing.extend(sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or "")))
+        steps.extend(derived.steps)
+        child_runs.extend(derived.child_runs)
+        branches.extend(derived.branches)
+        state = derived.session_state
+        if state is not None and (
+            state["id"] not in states or _state_key(state) >= _state_key(states[state["id"]])
+        ):
+            states[state["id"]] = state
+
+    _upsert(conn, nodes_t, changed_nodes, replace=True)
+    for chunk in _chunks(stale):
+        conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(chunk)))
+    for chunk in _chunks(drop):
+        conn.execute(delete(edges_t).where(edges_t.c.id.in_(chunk)))
     if missing:
         conn.execute(edges_t.insert(), [
             {"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in missing])
-
-    _upsert(conn, T["workflow_steps"], derived.steps, replace=True)
-    _upsert(conn, runs, derived.child_runs, replace=True)
-    _upsert(conn, T["branches"], derived.branches, replace=True)
-    if derived.session_state is not None:
-        _write_session_state(conn, derived.session_state)
+    _upsert(conn, T["workflow_steps"], steps, replace=True)
+    _upsert(conn, runs, child_runs, replace=True)
+    _upsert(conn, T["branches"], branches, replace=True)
+    for state in states.values():
+        _write_session_state(conn, state)
 
 
 def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
@@ -542,16 +565,21 @@ def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
     return True
 
 
+def _state_key(row: Mapping[str, Any]) -> tuple[datetime, str]:
+    """Which session state is the latest: by update time, then run id (any order of arrival)."""
+    context = row.get("context_variables")
+    run_id = context.get("run_id", "") if isinstance(context, dict) else ""
+    return (_naive(row.get("updated_at")) or datetime.min, str(run_id))
+
+
 def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
     table = T["session_states"]
     old = conn.execute(select(table.c.updated_at, table.c.context_variables).where(table.c.id == row["id"])).first()
     if old is None:
         conn.execute(table.insert(), [row])
         return
-    old_run = str((decode_json(old.context_variables) or {}).get("run_id", ""))
-    old_key = (_naive(old.updated_at) or datetime.min, old_run)
-    new_key = (_naive(row["updated_at"]) or datetime.min, row["context_variables"]["run_id"])
-    if new_key >= old_key:
+    old_key = _state_key({"updated_at": old.updated_at, "context_variables": decode_json(old.context_variables)})
+    if _state_key(row) >= old_key:
         values = {k: v for k, v in row.items() if k != "id"}
         conn.execute(update(table).where(table.c.id == row["id"]).values(**values))
 
