@@ -295,7 +295,8 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 
 # --- nodes --------------------------------------------------------------------------------
 
-def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str) -> dict[str, Any]:
+def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
+              started: datetime | None, completed: datetime | None) -> dict[str, Any]:
     short = str(attrs[sc.DAG_NODE])
     node_type = str(attrs.get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
     kind = attrs.get(sc.SPAN_KIND)
@@ -324,7 +325,6 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         label = str(agent or span.name)
         description = span.name
     agent = _str(agent or "unknown", 100)
-    started, completed = ts(span.start_time), ts(span.end_time)
     meta: dict[str, Any] = {
         "id": short, "label": label, "type": node_type, "agent": agent, "status": status,
         "step_number": step_number, "description": description,
@@ -457,10 +457,9 @@ _PLAIN_TYPES = frozenset({bool, int, float})
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-               trace_id: int) -> dict[str, Any]:
+               trace_id: int, started: datetime | None, completed: datetime | None) -> dict[str, Any]:
     kind = attrs.get(sc.SPAN_KIND)
     event_type, subtype = _event_type(kind, span, attrs)
-    started, completed = ts(span.start_time), ts(span.end_time)
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
@@ -612,7 +611,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             ))
             batch.dag_runs.add(run_id)
         if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
-            node = _node_row(span, attrs, run_id, session_id)
+            node = _node_row(span, attrs, run_id, session_id, started, completed)
             batch.nodes[node["id"]] = node
             parent_short = attrs.get(sc.DAG_PARENT_NODE)
             if parent_short:
@@ -620,7 +619,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                 batch.node_placeholders.setdefault(ph["id"], ph)
             batch.dag_runs.add(run_id)
             continue
-        event = _event_row(span, attrs, run_id, session_id, trace_id)
+        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed)
         batch.events[event["id"]] = event
         short = attrs.get(sc.DAG_NODE)
         if short:
