@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from sqlalchemy import create_engine, select, text
 
-from cmbagent_otel.dag.mapping import event_db_id, node_db_id
+from cmbagent_otel.dag.mapping import event_db_id, node_db_id, plain_attributes
 from cmbagent_otel.dag.writer import DagWriter, T
 
 from .scenario import TASK, run_scenario
@@ -217,3 +219,35 @@ def test_messages_only_with_content(sqlite_url: str, provider: Any, capture: boo
     DagWriter(sqlite_url).write(spans)
     msgs = sorted((m["sender"], m["recipient"], m["content"]) for m in _rows(sqlite_url, "messages"))
     assert msgs == [("engineer", "user", "hello there"), ("user", "engineer", "hi")]
+
+
+class _MappingWithoutCopy(Mapping[str, Any]):
+    """An attribute mapping without ``copy()`` (older SDKs' BoundedAttributes had none)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@pytest.mark.parametrize("container", [dict, _MappingWithoutCopy])
+def test_plain_attributes_copies_any_attribute_mapping(provider: Any, container: Any) -> None:
+    with provider.get_tracer("test").start_as_current_span("s", attributes={"a": 1, "b": ("x", "y")}):
+        pass
+    recorded = provider.memory.get_finished_spans()[0]
+    assert plain_attributes(recorded) == {"a": 1, "b": ("x", "y")}
+    copy = plain_attributes(recorded)
+    copy["a"] = 2
+    assert recorded.attributes["a"] == 1  # a copy, never the span's own mapping
+
+    span = ReadableSpan(name="s", context=recorded.context, attributes=container({"a": 1}))
+    assert plain_attributes(span) == {"a": 1}
+    assert type(plain_attributes(span)) is dict
+    assert plain_attributes(ReadableSpan(name="s", context=recorded.context)) == {}

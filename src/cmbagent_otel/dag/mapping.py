@@ -160,6 +160,24 @@ def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
     return False
 
 
+def plain_attributes(span: ReadableSpan) -> dict[str, Any]:
+    """A plain-dict copy of the span's attributes (lookups on the SDK's mapping go through Python ABCs)."""
+    attrs = span.attributes
+    if not attrs:
+        return {}
+    # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
+    # copy; building the dict key by key through the view costs ~25x more
+    copy = getattr(attrs, "copy", None)
+    if copy is not None:
+        try:
+            copied = copy()
+        except Exception:
+            copied = None
+        if type(copied) is dict:
+            return copied
+    return dict(attrs)
+
+
 def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, dict[str, Any]]:
     """``span`` and its attributes ``attrs`` (a plain-dict copy), or copies whose name, status and
     attributes hold no text a database rejects.
@@ -575,8 +593,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         ctx = span.context
         if ctx is None:
             continue
-        # one plain-dict copy: lookups on the SDK's attribute mapping go through Python ABCs
-        span, attrs = sanitized(span, dict(span.attributes) if span.attributes else {})
+        span, attrs = sanitized(span, plain_attributes(span))
         trace_id = ctx.trace_id
         run_id = run_id_of(trace_id)
         session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
