@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from cmbagent_otel.dag.database import upgrade
 from cmbagent_otel.dag.mapping import event_db_id
-from cmbagent_otel.dag.writer import DagWriter, dump_tables
+from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
 
 from .scenario import run_scenario
 
@@ -109,3 +110,35 @@ def test_foreign_spans_are_info_events(db_url: str, provider: Any) -> None:
     assert post_meta["attributes"]["api_key"] == "[REDACTED]"
     assert "sk-secret-123456" not in json.dumps([json.loads(r.meta) if isinstance(r.meta, str) else r.meta
                                                  for r in rows])
+
+
+def test_several_runs_in_one_batch_equal_one_batch_per_run(db_url: str, tmp_path: Any, provider: Any) -> None:
+    """Derived rows are computed for all runs of a batch at once; that must not change them."""
+    for _ in range(3):
+        run_scenario()
+    spans = list(provider.memory.get_finished_spans())
+    runs: dict[int, list[Any]] = {}
+    for span in spans:
+        runs.setdefault(span.context.trace_id, []).append(span)
+    assert len(runs) == 3
+    reference_url = f"sqlite:///{tmp_path}/reference.db"
+    reference_writer = DagWriter(reference_url)
+    for run_spans in runs.values():
+        reference_writer.write(run_spans)
+    reference_writer.close()
+    reference = _dump(reference_url)
+    assert len(reference["branches"]) == 6 and len(reference["workflow_steps"]) == 3
+    # one session, three runs: its state must come from the newest run whatever the arrival order
+    newest = max(runs.values(), key=lambda run_spans: max(s.end_time for s in run_spans))
+    newest_run = str(uuid.UUID(int=newest[0].context.trace_id))
+    context = [c.name for c in T["session_states"].columns].index("context_variables")
+    assert [json.loads(row[context])["run_id"] for row in reference["session_states"]] == [newest_run]
+
+    upgrade(db_url)
+    writer = DagWriter(db_url)
+    for batches in ([spans], [spans[::-1]], [s for run_spans in reversed(runs.values()) for s in [run_spans]]):
+        _reset(db_url)
+        for batch in batches:
+            writer.write(batch)
+        assert _dump(db_url) == reference
+    writer.close()
