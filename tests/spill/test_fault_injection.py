@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine, event
 
 from cmbagent_otel import _spans, phase, step, workflow
 from cmbagent_otel._spans import TracedSpan
+from cmbagent_otel.dag.database import upgrade
 from cmbagent_otel.dag.writer import DagWriter, dump_tables
 from cmbagent_otel.spill import SpillStore, record_to_span
 
@@ -55,6 +56,17 @@ def reference(spans, tmp_path: Path) -> dict:
     writer.write(spans)
     writer.close()
     return dump(url)
+
+
+@pytest.fixture
+def provider_with_memory() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    try:
+        yield provider, memory
+    finally:
+        provider.shutdown()
 
 
 @pytest.fixture
@@ -128,3 +140,53 @@ def test_process_killed_between_batches_loses_nothing(tmp_path, short_lock_wait)
     again = subprocess.run([str(cli), "--db", url, "replay", "--spill-dir", str(spill_dir)],
                            capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0 and dump(url) == reference(produced, tmp_path)
+
+
+@contextlib.contextmanager
+def database_full(db_path: Path) -> Iterator[None]:
+    """Cap every new connection to ``db_path`` at its current size: writes fail with SQLite's
+    'database or disk is full' (SQLITE_FULL), as on a full disk."""
+    pages = sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0]
+
+    def cap(dbapi_connection, connection_record) -> None:
+        if Path(dbapi_connection.execute("PRAGMA database_list").fetchone()[2]) == db_path:
+            dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    event.listen(Engine, "connect", cap)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "connect", cap)
+
+
+def test_database_full_spills_then_replays_exactly_once(tmp_path, provider_with_memory, caplog):
+    provider, memory = provider_with_memory
+    db_path = tmp_path / "cmbagent.db"
+    url = f"sqlite:///{db_path}"
+    upgrade(url)
+    spill_dir = tmp_path / "spill"
+    _spans.set_tracer_provider(provider)
+    try:
+        with workflow("full disk", mode="planning-control"), phase("control"), step(1, "fit"):
+            for call in range(20):
+                with TracedSpan(f"chat m{call}", "llm", {"gen_ai.usage.input_tokens": call}):
+                    pass
+    finally:
+        _spans.set_tracer_provider(None)
+    spans = memory.get_finished_spans()
+
+    with database_full(db_path):
+        exporter = DagSpanExporter(url, timeout=0.2, spill_dir=spill_dir)
+        assert exporter.export(spans) is SpanExportResult.SUCCESS  # kept on disk, not lost
+        exporter.shutdown()
+    stats = exporter.stats()
+    assert stats["retried"] > 0 and stats["spilled"] == len(spans) and stats["dropped"] == 0
+    assert "database or disk is full" in caplog.text  # SQLite's own SQLITE_FULL error, retried then spilled
+    assert SpillStore(spill_dir).pending()
+    assert dump(url)["execution_events"] == []
+
+    # space is back: the next process replays the spill into the database, exactly once
+    later = DagSpanExporter(url, spill_dir=spill_dir)
+    assert later.replay() == (len(spans), 0)
+    later.shutdown()
+    assert dump(url) == reference(spans, tmp_path)
