@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from .._jsontext import compact_encoder
 from . import schema
 from .database import ensure_schema, make_engine, redacted, resolve_url
 from .mapping import (
@@ -152,7 +153,6 @@ def _insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
 
 
-_JSON = json.JSONEncoder(default=str)
 _SQL_CACHE: dict[tuple[str, str], tuple[str, tuple[tuple[str, str], ...]]] = {}
 
 
@@ -178,22 +178,7 @@ def _sqlite_sql(table: Table, mode: str) -> tuple[str, tuple[tuple[str, str], ..
     return cached
 
 
-def _json_encoder() -> Any:
-    # One C encoder for the process: JSONEncoder.encode builds a new one on every call.
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return _JSON.encode
-    iterencode = make(None, str, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
-
-    def encode(value: Any) -> str:
-        if isinstance(value, str):
-            return json.encoder.encode_basestring_ascii(value)
-        return "".join(iterencode(value, 0))
-
-    return encode
-
-
-_encode_json = _json_encoder()
+_encode_json = compact_encoder(str, ensure_ascii=True)
 
 
 def _sqlite_dt(value: datetime) -> str:
