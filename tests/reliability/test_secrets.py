@@ -295,3 +295,26 @@ def test_owned_provider_resource_and_logs(tmp_path: Path, caplog: pytest.LogCapt
     assert not [t for t in texts if shaped in t or shapeless in t]
     ours = [r for r in caplog.records if r.name.split(".")[0] in ("cmbagent_otel", "opentelemetry")]
     assert not [r for r in ours if shaped in r.getMessage() or shapeless in r.getMessage()]
+
+
+def test_memoised_redaction_catches_secrets_registered_after_caching() -> None:
+    """Histories are redacted through a memo; a secret learned later must still be caught."""
+    _, shapeless = new_markers()
+    text = f"use {shapeless} for the archive"
+    cache = redaction.RedactionCache(max_len=64, max_chars=10**6)
+    message = {"role": "user", "content": text}
+    assert cache.redact(text) == text  # not known as a secret yet: memoised as is
+    assert shapeless in (redaction.safe_text([message]) or "")
+    redaction.register_secret(shapeless)
+    assert cache.redact(text) == f"use {redaction.REDACTED} for the archive"
+    after = redaction.safe_text([message])
+    assert after is not None and shapeless not in after and redaction.REDACTED in after
+
+
+def test_redaction_memo_is_bounded() -> None:
+    cache = redaction.RedactionCache(max_len=100, max_chars=1000)
+    for i in range(200):
+        assert cache.redact(f"value number {i:03d}") == f"value number {i:03d}"
+        assert sum(len(k) + len(v) for k, v in cache.entries().items()) <= 1000
+    long_text = "x" * 101
+    assert cache.redact(long_text) == long_text and long_text not in cache.entries()

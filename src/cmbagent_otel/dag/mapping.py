@@ -26,7 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
-from ..redaction import REDACTED, is_secret_key, redact, register_secret, scrub, truncate
+from ..redaction import REDACTED, is_secret_key, register_secret, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -416,32 +416,13 @@ def _event_type(kind: Any, span: ReadableSpan, attrs: Mapping[str, Any]) -> tupl
 
 
 # Attribute keys and short values repeat across spans; caching their scrubbed form is what
-# makes the writer fast. The value cache is dropped whenever a new secret is registered.
-_secret_keys: dict[str, bool] = {}
-_redacted: dict[str, str] = {}
-_redacted_pattern: list[Any] = [None]
-_CACHE_MAX_LEN = 256
-_CACHE_MAX_ITEMS = 50_000
-
-
-def _redact_cached(text: str) -> str:
-    if len(text) > _CACHE_MAX_LEN:
-        return redact(text) or ""
-    pattern = redaction._known_pattern
-    if pattern is not _redacted_pattern[0]:
-        _redacted.clear()
-        _redacted_pattern[0] = pattern
-    out = _redacted.get(text)
-    if out is None:
-        out = redact(text) or ""
-        if len(_redacted) < _CACHE_MAX_ITEMS:
-            _redacted[text] = out
-    return out
+# makes the writer fast. The value cache starts afresh whenever a new secret is registered.
+_values = redaction.RedactionCache(max_len=256, max_chars=4_000_000)
 
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _redact_cached(value)
+        return _values.redact(value)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, (tuple, list)):
@@ -451,14 +432,9 @@ def _scrub_value(value: Any) -> Any:
 
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    secret_keys = _secret_keys
-    # the cache is only trusted while the known-secret pattern it was built under is current
-    cache = _redacted if redaction._known_pattern is _redacted_pattern[0] else None
+    cache: dict[str, str] | None = _values.entries()  # computed with the secrets known now
     for key, value in attrs.items():
-        secret = secret_keys.get(key)
-        if secret is None:
-            secret = secret_keys[key] = is_secret_key(key)
-        if secret:
+        if is_secret_key(key):
             register_secret(value)
             cache = None
             out[key] = REDACTED
