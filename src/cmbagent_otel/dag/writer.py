@@ -199,13 +199,18 @@ def _sqlite_params(rows: Iterable[Mapping[str, Any]], kinds: tuple[tuple[str, st
     return out
 
 
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
+    """``values`` in slices of ``size`` (SQLite allows at most 999 bound parameters in old builds)."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 def _sqlite_existing_ids(conn: Connection, table: str, ids: Sequence[str]) -> set[str]:
     """Which of ``ids`` are stored, as plain driver SQL (no statement compilation per batch)."""
     existing: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = tuple(ids[start:start + 500])
+    for chunk in _chunks(ids):
         sql = f"SELECT id FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})"
-        existing.update(r[0] for r in conn.exec_driver_sql(sql, chunk))
+        existing.update(r[0] for r in conn.exec_driver_sql(sql, tuple(chunk)))
     return existing
 
 
@@ -454,13 +459,8 @@ def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
         conn.execute(table.insert(), rows)
 
 
-def _chunks(values: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
-
-
 def _rows_of_runs(conn: Connection, table: Table, column: str, run_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of ``table`` whose ``column`` is one of ``run_ids``, decoded (JSON parsed, datetimes naive)."""
+    """Rows of ``table`` whose ``column`` is one of ``run_ids``, as dicts (JSON values decoded)."""
     if conn.dialect.name == "sqlite":
         out: list[dict[str, Any]] = []
         for chunk in _chunks(run_ids):
