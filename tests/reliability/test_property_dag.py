@@ -213,8 +213,10 @@ def check_invariants(path: Path, forest: Forest) -> None:
         for span in forest.spans:
             key = (span.context.trace_id, span.context.span_id)
             short = (span.attributes or {}).get(sc.DAG_NODE)
-            if key in forest.damaged and isinstance(short, str):
-                damaged_nodes.add(node_db_id(run_id_of(key[0]), db_text(short)))
+            if key in forest.damaged and short is not None:
+                # the writer's node id from a damaged short id: text made DB-safe, other types str()
+                short_id = db_text(short) if isinstance(short, str) else str(short)
+                damaged_nodes.add(node_db_id(run_id_of(key[0]), short_id))
             if span.parent is not None and (key[0], span.parent.span_id) in forest.damaged:
                 # a parent that lost its kind is another instrumentation's span: the child is
                 # re-attached to its nearest cmbagent ancestor, whose depth it cannot match
