@@ -9,6 +9,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import ReadableSpan
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel.dag.database import upgrade
@@ -142,3 +143,31 @@ def test_several_runs_in_one_batch_equal_one_batch_per_run(db_url: str, tmp_path
             writer.write(batch)
         assert _dump(db_url) == reference
     writer.close()
+
+
+def test_sibling_redos_with_different_depths_write_idempotently(sqlite_url: str, provider: Any) -> None:
+    """A step's branch point is derived once, from its first redo: a damaged depth on a later
+    redo must not make the row depend on the batch (it used to flip on a rewrite)."""
+    run_scenario()
+    spans = []
+    for span in provider.memory.get_finished_spans():
+        if (span.attributes or {}).get("cmbagent.dag.node") == "step_2_redo_2":
+            span = ReadableSpan(name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+                                attributes={**span.attributes, "cmbagent.dag.depth": 7}, events=span.events,
+                                links=span.links, kind=span.kind, status=span.status, start_time=span.start_time,
+                                end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
+        spans.append(span)
+    upgrade(sqlite_url)
+    writer = DagWriter(sqlite_url)
+    writer.write(spans)
+    first = _dump(sqlite_url)
+    writer.write(spans)
+    assert _dump(sqlite_url) == first
+    writer.close()
+    engine = create_engine(sqlite_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT n.depth, r.depth FROM dag_nodes n JOIN dag_nodes r ON r.parent_node_id = "
+                                 "n.parent_node_id WHERE n.node_type = 'branch_point' AND r.node_type = 'redo' "
+                                 "ORDER BY r.order_index")).all()
+    engine.dispose()
+    assert rows and rows[0][0] == rows[0][1] and {r[1] for r in rows} == {rows[0][1], 7}

@@ -708,6 +708,7 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) 
         if chain:
             out.edges.add((chain[-1]["id"], term_id, "sequential", None))
 
+    branch_points: set[str] = set()
     for redo in sorted((n for n in real if n["node_type"] == sc.NODE_REDO), key=_order_key):
         step = by_id.get(redo.get("parent_node_id") or "")
         if step is None:
@@ -717,28 +718,35 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) 
         step_short = str(smeta.get("id"))
         bp_short = f"branch_at_{step_short}"
         bp_id = node_db_id(run_id, bp_short)
-        out.nodes.append({
-            "id": bp_id, "run_id": run_id, "session_id": session_id, "parent_node_id": step["id"],
-            "node_type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed", "order_index": -1,
-            "depth": redo["depth"], "meta": {"id": bp_short, "label": f"Branch point at {step_short}",
-                                             "type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed",
-                                             "step_number": -1, "description": f"Redo branches of {step_short}",
-                                             "derived": True},
-        })
+        first_redo = bp_id not in branch_points
+        branch_points.add(bp_id)
+        # one branch point per step, shaped by its first redo: sibling redos with different
+        # (damaged) depths must not make the row depend on which write saw which last
+        if first_redo:
+            out.nodes.append({
+                "id": bp_id, "run_id": run_id, "session_id": session_id, "parent_node_id": step["id"],
+                "node_type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed", "order_index": -1,
+                "depth": redo["depth"], "meta": {"id": bp_short, "label": f"Branch point at {step_short}",
+                                                 "type": sc.NODE_BRANCH_POINT, "agent": "system",
+                                                 "status": "completed", "step_number": -1,
+                                                 "description": f"Redo branches of {step_short}", "derived": True},
+            })
         branch_name = str(rmeta.get("branch_name") or rmeta.get("id"))
         out.edges.add((step["id"], bp_id, "sequential", None))
         out.edges.add((bp_id, redo["id"], "conditional", f"branch_{branch_name}"))
         if not real_run:
             continue
         step_row_id = node_db_id(run_id, f"workflow_step:{step_short}")
-        out.steps.append({
-            "id": step_row_id, "run_id": run_id, "session_id": session_id, "step_number": step["order_index"],
-            "goal": str(smeta.get("goal") or f"Branch point at {step_short}"), "summary": smeta.get("summary"),
-            "status": step["status"] if step["status"] in ("completed", "failed") else "running",
-            "started_at": _parse_ts(smeta.get("started_at")), "completed_at": _parse_ts(smeta.get("completed_at")),
-            "progress_percentage": 0, "inputs": None, "outputs": None, "error_message": smeta.get("error"),
-            "meta": {"created_for_branch": True, "dag_node_id": step["id"], "node_short_id": step_short},
-        })
+        if first_redo:
+            out.steps.append({
+                "id": step_row_id, "run_id": run_id, "session_id": session_id, "step_number": step["order_index"],
+                "goal": str(smeta.get("goal") or f"Branch point at {step_short}"), "summary": smeta.get("summary"),
+                "status": step["status"] if step["status"] in ("completed", "failed") else "running",
+                "started_at": _parse_ts(smeta.get("started_at")),
+                "completed_at": _parse_ts(smeta.get("completed_at")),
+                "progress_percentage": 0, "inputs": None, "outputs": None, "error_message": smeta.get("error"),
+                "meta": {"created_for_branch": True, "dag_node_id": step["id"], "node_short_id": step_short},
+            })
         child_id = derived_uuid(run_id, "branch", str(rmeta.get("id")))
         hypothesis = rmeta.get("hypothesis")
         out.child_runs.append(run_row(
