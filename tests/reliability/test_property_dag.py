@@ -210,6 +210,7 @@ def check_invariants(path: Path, forest: Forest) -> None:
 
         damaged_events = {event_db_id(t, s) for t, s in forest.damaged}
         damaged_nodes: set[str] = set()
+        by_key = {(s.context.trace_id, s.context.span_id): s for s in forest.spans}
         for span in forest.spans:
             key = (span.context.trace_id, span.context.span_id)
             short = (span.attributes or {}).get(sc.DAG_NODE)
@@ -217,9 +218,7 @@ def check_invariants(path: Path, forest: Forest) -> None:
                 # the writer's node id from a damaged short id: text made DB-safe, other types str()
                 short_id = db_text(short) if isinstance(short, str) else str(short)
                 damaged_nodes.add(node_db_id(run_id_of(key[0]), short_id))
-            if span.parent is not None and (key[0], span.parent.span_id) in forest.damaged:
-                # a parent that lost its kind is another instrumentation's span: the child is
-                # re-attached to its nearest cmbagent ancestor, whose depth it cannot match
+            if _chain_damaged(span, by_key, forest.damaged):
                 damaged_events.add(event_db_id(*key))
         bad_events = q(
             "SELECT e.id, e.depth, p.id, p.depth FROM execution_events e JOIN execution_events p "
@@ -235,6 +234,29 @@ def check_invariants(path: Path, forest: Forest) -> None:
                 and '"derived": true' not in (r[4] or "") + (r[5] or "")] == []
     finally:
         conn.close()
+
+
+def _chain_damaged(span: ReadableSpan, by_key: dict[tuple[int, int], ReadableSpan],
+                   damaged: set[tuple[int, int]]) -> bool:
+    """Whether the way up from ``span`` to its nearest cmbagent ancestor is broken, so its
+    ``cmbagent.event.depth`` cannot match the writer's parent: a span on the way is damaged
+    (a parent that lost its kind counts as another instrumentation's span, and the child is
+    re-attached past it), or another instrumentation's span on the way has a parent that
+    never arrives (the child then stays under that span, keeping its own depth)."""
+    parent = span.parent
+    passed_foreign = False
+    while parent is not None:
+        key = (span.context.trace_id, parent.span_id)
+        if key in damaged:
+            return True
+        above = by_key.get(key)
+        if above is None:
+            return passed_foreign
+        if (above.attributes or {}).get(sc.SPAN_KIND) is not None:
+            return False
+        passed_foreign = True
+        parent = above.parent
+    return passed_foreign
 
 
 # CI runs the same 50 forests every time (derandomized: no flakes); to explore further, run
