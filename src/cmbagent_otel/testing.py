@@ -23,6 +23,8 @@ from types import SimpleNamespace
 from typing import Any
 
 Responder = Callable[[list[dict[str, Any]]], "str | dict[str, Any]"]
+#: Answers from the whole chat-completions request body (messages, tools, response_format...).
+RequestResponder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 
 _ids = itertools.count(1)
 
@@ -145,7 +147,9 @@ class FakeOpenAIServer:
 
     ``with FakeOpenAIServer(script=[...]) as server:`` then use ``server.base_url`` and
     any api key in ``llm_config``. ``server.requests`` keeps the received request bodies
-    and headers for assertions.
+    and headers for assertions. ``request_responder`` answers from the whole request body
+    (which agent asks can be told from its system prompt, tools or response_format); it
+    takes precedence over ``script``/``responder`` and the API-key routes.
     """
 
     def __init__(
@@ -154,8 +158,10 @@ class FakeOpenAIServer:
         responder: Responder | None = None,
         default: str = "TERMINATE",
         status: int = 200,
+        request_responder: RequestResponder | None = None,
     ) -> None:
         self._script = _Script(script, responder, default)
+        self._request_responder = request_responder
         self._default = default
         self._routes: dict[str, _Script] = {}
         self.status = status
@@ -185,8 +191,15 @@ class FakeOpenAIServer:
                     return
                 messages = body.get("messages") or []
                 token = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
-                script = owner._routes.get(token, owner._script)
-                message = _message(script.next(messages))
+                if owner._request_responder is not None:
+                    try:
+                        message = _message(owner._request_responder(body))
+                    except Exception as exc:  # the scenario's own error: make the client see it
+                        self._send(500, {"error": {"message": f"responder failed: {exc!r}", "type": "server_error"}})
+                        return
+                else:
+                    script = owner._routes.get(token, owner._script)
+                    message = _message(script.next(messages))
                 prompt_tokens = sum(_tokens(str(m.get("content") or "")) for m in messages)
                 completion_tokens = _tokens(json.dumps(message))
                 if message.get("tool_calls") is None:

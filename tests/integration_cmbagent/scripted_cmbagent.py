@@ -1,0 +1,219 @@
+"""A scripted OpenAI-compatible backend that plays every LLM role of the real cmbagent package.
+
+cmbagent (PyPI) builds its OpenAI clients from ``api_keys`` without a base URL, so the
+``openai`` client falls back to ``OPENAI_BASE_URL``: pointing that at a loopback
+:class:`~cmbagent_otel.testing.FakeOpenAIServer` runs cmbagent's real AG2 group chats
+(planner, plan_reviewer, control, engineer, formatters, executor, researcher...) with real
+handoffs, real tool calls (``record_plan``, ``record_status``, ``post_execution_transfer``...)
+and real code execution, offline.
+
+Each request is answered according to the agent asking, recognised from its system
+prompt (the first line of the agent's instructions in cmbagent's own YAML files) and, for
+the formatters, from the ``response_format`` schema. The engineer's code really runs in
+cmbagent's executor; the executor's formatter reads the real execution result from the
+request, so a failing first attempt goes through cmbagent's own retry path
+(``post_execution_transfer`` -> ``n_attempts`` + 1 -> engineer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FAILING_CODE = 'import sys\nprint("loading the spectrum")\nraise RuntimeError("deliberate failure: no such file")\n'
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One step of the scripted plan."""
+
+    task: str
+    agent: str  # "engineer" or "researcher"
+
+
+DEFAULT_PLAN = (
+    PlanStep("Generate the mock power spectrum", "engineer"),
+    PlanStep("Interpret the spectrum", "researcher"),
+    PlanStep("Fit the acoustic peak", "engineer"),
+)
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def agent_signatures(cmbagent_dir: Path) -> dict[str, str]:
+    """First line of each cmbagent agent's instructions -> agent name (from cmbagent's YAML)."""
+    signatures: dict[str, str] = {}
+    for path in sorted((cmbagent_dir / "agents").glob("*/*.yaml")):
+        try:
+            info = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("instructions"), str):
+            continue
+        line = _first_line(info["instructions"])
+        if line and "{" not in line:
+            signatures.setdefault(line, str(info.get("name") or path.stem))
+    return signatures
+
+
+def _tool(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+_PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+@dataclass
+class CmbagentScript:
+    """Answers cmbagent's LLM calls for a plan of ``plan`` steps.
+
+    ``fail_first_code``: the engineer's first program raises, cmbagent's executor reports the
+    failure and the engineer's second program (the retry) succeeds. ``mode``:
+    ``"planning_and_control"``, ``"carryover"`` (one chat per step, control only runs its
+    step) or ``"one_shot"``.
+    """
+
+    signatures: dict[str, str]
+    plan: tuple[PlanStep, ...] = DEFAULT_PLAN
+    fail_first_code: bool = False
+    mode: str = "planning_and_control"
+    calls: Counter[str] = field(default_factory=Counter)
+    unexpected: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _engineer_runs: int = 0
+
+    # --- dispatch -----------------------------------------------------------------------
+    def __call__(self, body: dict[str, Any]) -> str | dict[str, Any]:
+        with self._lock:
+            agent = self.agent_of(body)
+            self.calls[agent] += 1
+            handler = getattr(self, f"_{agent}", None)
+            if handler is None:
+                self.unexpected.append(agent)
+                return "TERMINATE"
+            return handler(body)  # type: ignore[no-any-return]
+
+    def agent_of(self, body: dict[str, Any]) -> str:
+        schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
+        props = set((schema.get("properties") or {}).keys())
+        if "sub_tasks" in props:
+            return "planner_response_formatter"
+        if "recommendations" in props:
+            return "reviewer_response_formatter"
+        if "python_code" in props:
+            return "engineer_response_formatter"
+        if "markdown_block" in props:
+            return "researcher_response_formatter"
+        messages = body.get("messages") or []
+        system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+        line = _first_line(system) if isinstance(system, str) else ""
+        return self.signatures.get(line, f"unknown:{line[:60]}")
+
+    @staticmethod
+    def _last_content(body: dict[str, Any]) -> str:
+        for message in reversed(body.get("messages") or []):
+            content = message.get("content")
+            if isinstance(content, str) and message.get("role") != "system":
+                return content
+        return ""
+
+    # --- planning -----------------------------------------------------------------------
+    def _plan_setter(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_plan_constraints", needed_agents=sorted({s.agent for s in self.plan}))
+
+    def _planner(self, body: dict[str, Any]) -> str:
+        lines = [f"Step {i}: {s.task} ({s.agent})" for i, s in enumerate(self.plan, 1)]
+        return "Proposed plan:\n" + "\n".join(lines)
+
+    def _planner_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"sub_tasks": [
+            {"sub_task": s.task, "sub_task_agent": s.agent, "bullet_points": [f"do: {s.task.lower()}"]}
+            for s in self.plan
+        ]})
+
+    def _plan_recorder(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_plan", plan_suggestion=self._last_content(body), number_of_steps_in_plan=len(self.plan))
+
+    def _plan_reviewer(self, body: dict[str, Any]) -> str:
+        return "Recommendations: keep the plan short and check the units."
+
+    def _reviewer_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"recommendations": ["Keep the plan short.", "Check the units."]})
+
+    def _review_recorder(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_review", plan_review="Keep the plan short. Check the units.")
+
+    def _terminator(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("terminate_session")
+
+    # --- control --------------------------------------------------------------------------
+    def _status(self, status: str, number: int) -> dict[str, Any]:
+        step = self.plan[number - 1]
+        return _tool("record_status", current_status=status, current_plan_step_number=number,
+                     current_sub_task=step.task, current_instructions=f"Carry out: {step.task}",
+                     agent_for_sub_task=step.agent)
+
+    def _control(self, body: dict[str, Any]) -> dict[str, Any]:
+        # control reads the workflow state cmbagent puts in its system prompt
+        system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+        number = re.search(r"\*\*Current step in plan:\*\*\s*(\d+)", system or "")
+        status = re.search(r"\*\*Current status:\*\*\s*([^\n]*)", system or "")
+        n = int(number.group(1)) if number else 1
+        current = status.group(1).strip().lower() if status else ""
+        chat_started = any(m.get("role") == "tool" for m in body.get("messages") or [])
+        if not chat_started:
+            return self._status("in progress", n)
+        if current == "in progress":
+            return self._status("completed", n)
+        return self._status("in progress", min(n + 1, len(self.plan)))
+
+    def _control_starter(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_status_starter")
+
+    # --- engineer -------------------------------------------------------------------------
+    def _engineer(self, body: dict[str, Any]) -> str:
+        self._engineer_runs += 1
+        if self.fail_first_code and self._engineer_runs == 1:
+            code = FAILING_CODE
+        else:
+            code = (f'import math\nvalues = [math.sin(0.1 * i) ** 2 for i in range(50)]\n'
+                    f'print("run {self._engineer_runs}: peak", round(max(values), 3))\n')
+        return f"**Code Explanation:**\n\nComputes the spectrum.\n\n**Python Code:**\n\n```python\n{code}```\n"
+
+    def _engineer_response_formatter(self, body: dict[str, Any]) -> str:
+        match = None
+        for message in reversed(body.get("messages") or []):
+            content = message.get("content")
+            if isinstance(content, str) and (match := _PYTHON_BLOCK.search(content)):
+                break
+        code = match.group(1) if match else 'print("nothing to run")\n'
+        return json.dumps({"filename": f"step_code_{self._engineer_runs}", "relative_path": "codebase",
+                           "code_explanation": "Computes the spectrum.", "modification_summary": None,
+                           "python_code": code})
+
+    def _executor_response_formatter(self, body: dict[str, Any]) -> dict[str, Any]:
+        # cmbagent's executor reports "Execution results:" on exit code 0, "execution results:" otherwise
+        failed = "Execution results:" not in self._last_content(body)
+        return _tool("post_execution_transfer", next_agent_suggestion="engineer" if failed else "control",
+                     execution_status="failure" if failed else "success",
+                     fix_suggestion="read the right file" if failed else None)
+
+    # --- researcher -----------------------------------------------------------------------
+    def _researcher(self, body: dict[str, Any]) -> str:
+        return "## Interpretation\n\nThe spectrum peaks where expected."
+
+    def _researcher_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"markdown_block": "## Interpretation\n\nThe spectrum peaks where expected.",
+                           "filename": "interpretation.md"})
