@@ -4,14 +4,25 @@ The state lives inside the OTel ``Context`` (itself a contextvar), so it follows
 active span everywhere OTel context goes: asyncio tasks copy it, and
 opentelemetry-instrumentation-threading carries it into threads and executor workers.
 There is deliberately no process-global "current run".
+
+Some DAG nodes are opened and closed by calls that are not ``with`` blocks: a plan step
+derived from cmbagent's ``record_status`` tool calls inside one group chat, a MARS
+``PhaseExecutionManager`` phase or step, the control phase kept open across the
+context-carryover step loop. Their spans are never attached to the context (so attach
+and detach stay strictly last-in-first-out); instead a :class:`Cursor` on the *anchor*
+scope (the scope in which that later work starts: the group chat manager's, the run's)
+names the innermost open :class:`Frame`, and every span started directly in the anchor
+scope is parented under that frame by explicit context (see ``_spans.TracedSpan``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +76,8 @@ class Scope:
     ``dataclasses.replace``, which costs several microseconds on every span).
     """
 
-    __slots__ = ("agent_depth", "conversation_id", "dag_depth", "dag_node", "dag_node_type", "event_depth",
-                 "in_workflow", "phase", "run", "step")
+    __slots__ = ("agent_depth", "conversation_id", "cursor", "dag_depth", "dag_node", "dag_node_type", "dag_order",
+                 "event_depth", "in_workflow", "phase", "run", "step", "steps")
 
     def __init__(
         self,
@@ -80,17 +91,22 @@ class Scope:
         phase: str | None = None,
         step: int | None = None,
         in_workflow: bool = False,
+        dag_order: int = 0,
+        steps: Any = None,
     ) -> None:
         self.run = run
         self.conversation_id = conversation_id
         self.dag_node = dag_node
         self.dag_node_type = dag_node_type
         self.dag_depth = dag_depth
+        self.dag_order = dag_order  # order_index of dag_node: the base of its children's order_index
         self.event_depth = event_depth
         self.agent_depth = agent_depth
         self.phase = phase
         self.step = step
         self.in_workflow = in_workflow
+        self.steps = steps  # the StepTracker of the enclosing cmbagent control chat (inherited)
+        self.cursor: Cursor | None = None  # set only on an anchor scope; never inherited
 
     def evolve(self, **changes: Any) -> Scope:
         new = Scope.__new__(Scope)
@@ -99,20 +115,160 @@ class Scope:
         new.dag_node = self.dag_node
         new.dag_node_type = self.dag_node_type
         new.dag_depth = self.dag_depth
+        new.dag_order = self.dag_order
         new.event_depth = self.event_depth
         new.agent_depth = self.agent_depth
         new.phase = self.phase
         new.step = self.step
         new.in_workflow = self.in_workflow
+        new.steps = self.steps
+        new.cursor = None
         for name, value in changes.items():
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
         return new
 
+    def ensure_cursor(self) -> Cursor:
+        """This scope's cursor, created on first use (the scope becomes an anchor)."""
+        cursor = self.cursor
+        if cursor is None:
+            with _cursor_lock:
+                cursor = self.cursor
+                if cursor is None:
+                    cursor = self.cursor = Cursor()
+        return cursor
 
-def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
-    """The scope of the active context, or ``None`` outside any run."""
+
+_cursor_lock = threading.Lock()
+
+
+class Frame:
+    """A node span opened without attaching its context, and the scope of its children.
+
+    ``active`` counts the spans currently running under it through the cursor;
+    ``close`` asks for the frame to end, which happens once ``active`` is back to 0 (so a
+    step ends after the tool call that completed it, never before its own children).
+    ``finish`` (set by the owner) ends the span; it is called exactly once.
+    """
+
+    __slots__ = ("active", "closing", "finish", "kind", "owner", "scope", "span")
+
+    def __init__(self, span: Any, scope: Scope, kind: str, owner: Any = None,
+                 finish: Callable[[Frame], None] | None = None) -> None:
+        self.span = span
+        self.scope = scope
+        self.kind = kind
+        self.owner = owner
+        self.finish = finish
+        self.active = 0
+        self.closing = False
+
+
+class Cursor:
+    """Stack of open :class:`Frame` s of an anchor scope; ``top`` is where new work goes.
+
+    ``pending`` (optional) is called under the lock when work starts and no frame is open:
+    it may push the frame that work belongs to (a plan step announced but not started yet).
+    """
+
+    __slots__ = ("frames", "lock", "pending", "top")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.frames: list[Frame] = []
+        self.top: Frame | None = None
+        self.pending: Callable[[], None] | None = None
+
+    def push(self, frame: Frame) -> None:
+        with self.lock:
+            self.frames.append(frame)
+            self.top = frame
+
+    def resolve(self) -> Frame | None:
+        """The frame new work in the anchor scope belongs to (opening a pending one)."""
+        if self.pending is None:
+            return self.top
+        with self.lock:
+            pending = self.pending
+            if pending is not None:
+                self.pending = None
+                # telemetry must never break the app: on error the work just stays in the anchor
+                with contextlib.suppress(Exception):
+                    pending()
+            return self.top
+
+    def enter(self) -> Frame | None:
+        """Like :meth:`resolve`, for a span starting now: counted as active until :meth:`leave`."""
+        with self.lock:
+            frame = self.resolve()
+            if frame is not None:
+                frame.active += 1
+            return frame
+
+    def leave(self, frame: Frame) -> None:
+        """A span counted by :meth:`enter` ended; end the frame if it was asked to close."""
+        with self.lock:
+            frame.active -= 1
+            ready = frame.closing and frame.active <= 0
+            if ready:
+                self._remove(frame)
+        if ready:
+            _finish(frame)
+
+    def close(self, frame: Frame) -> None:
+        """End ``frame`` now, or when its last running child ends."""
+        with self.lock:
+            if frame.closing or frame not in self.frames:
+                return
+            frame.closing = True
+            ready = frame.active <= 0
+            if ready:
+                self._remove(frame)
+        if ready:
+            _finish(frame)
+
+    def close_all(self, frames: list[Frame] | None = None) -> None:
+        """End ``frames`` (default: every open frame) now, innermost first, whatever runs under them."""
+        with self.lock:
+            targets = list(self.frames) if frames is None else [f for f in self.frames if f in frames]
+            for frame in targets:
+                frame.closing = True
+                self._remove(frame)
+        for frame in reversed(targets):
+            _finish(frame)
+
+    def _remove(self, frame: Frame) -> None:
+        if frame in self.frames:
+            self.frames.remove(frame)
+        self.top = self.frames[-1] if self.frames else None
+
+
+def _finish(frame: Frame) -> None:
+    finish, frame.finish = frame.finish, None
+    if finish is not None:
+        finish(frame)
+
+
+def raw_scope(ctx: otel_context.Context | None = None) -> Scope | None:
+    """The scope stored in the active context (an anchor's own scope, not its open frame)."""
     value = otel_context.get_value(_SCOPE_KEY, ctx)
     return value if isinstance(value, Scope) else None
+
+
+def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
+    """Where new work stands in the run, or ``None`` outside any run.
+
+    The scope of the active context, or, when that scope is an anchor with an open frame,
+    the frame's scope (the work belongs to the frame's node).
+    """
+    value = otel_context.get_value(_SCOPE_KEY, ctx)
+    if not isinstance(value, Scope):
+        return None
+    cursor = value.cursor
+    if cursor is not None:
+        frame = cursor.resolve()
+        if frame is not None:
+            return frame.scope
+    return value
 
 
 def with_scope(scope: Scope, ctx: otel_context.Context | None = None) -> otel_context.Context:

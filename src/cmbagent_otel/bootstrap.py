@@ -72,7 +72,7 @@ def instrument(
             threaded = _instrument_threading()
         cmbagent = False
         if instrument_cmbagent:
-            cmbagent = _instrument_cmbagent()
+            cmbagent = _instrument_cmbagent(provider)
         _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent)
         return provider
 
@@ -89,13 +89,13 @@ def _instrument_threading() -> bool:
     return True
 
 
-def _instrument_cmbagent() -> bool:
+def _instrument_cmbagent(provider: trace.TracerProvider | None) -> bool:
     try:
-        from .integrations import cmbagent as integration
-    except ImportError:
-        return False
-    try:
-        return bool(integration.instrument_cmbagent())
+        from .integrations.cmbagent import CmbagentInstrumentor, instrument_cmbagent
+
+        if CmbagentInstrumentor().is_instrumented_by_opentelemetry:
+            return False  # someone else (opentelemetry-instrument) owns it; leave it to them
+        return instrument_cmbagent(tracer_provider=provider)
     except Exception:
         logger.debug("cmbagent_otel: cmbagent integration failed", exc_info=True)
         return False
@@ -113,9 +113,9 @@ def uninstrument() -> None:
             ThreadingInstrumentor().uninstrument()
         if _state["cmbagent"]:
             try:
-                from .integrations import cmbagent as integration
+                from .integrations.cmbagent import CmbagentInstrumentor
 
-                integration.uninstrument_cmbagent()
+                CmbagentInstrumentor().uninstrument()
             except Exception:
                 logger.debug("cmbagent_otel: cmbagent integration removal failed", exc_info=True)
         provider = _state["provider"]
@@ -138,7 +138,7 @@ class AutoConfigurator:
     """``opentelemetry_configurator`` entry point for ``opentelemetry-instrument``.
 
     Builds the provider from ``OTEL_*`` variables (as :func:`instrument` does) and installs
-    it globally; the AG2 instrumentor itself is loaded through its own entry point.
+    it globally; the AG2 and cmbagent instrumentors are loaded through their own entry points.
     """
 
     def configure(self, **kwargs: Any) -> None:

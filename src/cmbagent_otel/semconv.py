@@ -83,6 +83,13 @@ STEP_NUMBER: Final = "cmbagent.step.number"
 STEP_GOAL: Final = "cmbagent.step.goal"
 STEP_AGENT: Final = "cmbagent.step.agent"
 STEP_SUMMARY: Final = "cmbagent.step.summary"
+# cmbagent's retries inside a step: failed attempts it counted (its n_attempts), its limit
+# (max_n_attempts), the failed attempt's 1-based number (on attempt events), and the last
+# status record_status reported for the step
+STEP_ATTEMPTS: Final = "cmbagent.step.attempts"
+STEP_MAX_ATTEMPTS: Final = "cmbagent.step.max_attempts"
+STEP_ATTEMPT: Final = "cmbagent.step.attempt"
+STEP_STATUS: Final = "cmbagent.step.status"
 BRANCH_NAME: Final = "cmbagent.branch.name"
 BRANCH_ATTEMPT: Final = "cmbagent.branch.attempt"
 BRANCH_HYPOTHESIS: Final = "cmbagent.branch.hypothesis"
@@ -108,6 +115,7 @@ HANDOFF_FROM: Final = "cmbagent.handoff.from"
 HANDOFF_TO: Final = "cmbagent.handoff.to"
 HANDOFF_CANDIDATES: Final = "cmbagent.handoff.candidates"
 HANDOFF_REASON: Final = "cmbagent.handoff.reason"
+HANDOFF_ENDS_CHAT: Final = "cmbagent.handoff.ends_chat"  # no eligible next speaker: the chat ends normally
 
 HUMAN_INPUT_PROMPT: Final = "cmbagent.human_input.prompt"
 HUMAN_INPUT_RESPONSE: Final = "cmbagent.human_input.response"
@@ -125,6 +133,7 @@ KIND_TOOL: Final = "tool"
 KIND_CODE: Final = "code_execution"
 KIND_SPEAKER_SELECTION: Final = "speaker_selection"
 KIND_HUMAN_INPUT: Final = "human_input"
+KIND_ATTEMPT: Final = "attempt"  # a failed attempt inside a plan step (zero-length, ERROR status)
 
 # Values of cmbagent.dag.node_type (cmbagent's dag_nodes.node_type vocabulary)
 NODE_PLANNING: Final = "planning"

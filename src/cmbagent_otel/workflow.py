@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from . import semconv
 from ._context import RunState, Scope, current_scope
-from ._spans import NodeSpec, TracedSpan
+from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan
 from .redaction import truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,7 +45,8 @@ class _Block:
 
     _traced: TracedSpan | None
 
-    def _open(self) -> TracedSpan | None:  # pragma: no cover - abstract
+    def _open(self, scope: Scope | None = None) -> TracedSpan | None:  # pragma: no cover - abstract
+        """Check the nesting at ``scope`` (default: where new work stands now) and describe the span."""
         raise NotImplementedError
 
     def __enter__(self) -> _Block:
@@ -150,8 +151,8 @@ class workflow(_Block):
     def _copy(self) -> workflow:
         return workflow(**self._args)  # type: ignore[arg-type]
 
-    def _open(self) -> TracedSpan | None:
-        parent = current_scope()
+    def _open(self, scope: Scope | None = None) -> TracedSpan | None:
+        parent = scope or current_scope()
         if parent is not None and parent.in_workflow:
             self.joined = True
             return None
@@ -180,13 +181,19 @@ def _require(scope: Scope | None, what: str, inside: str) -> Scope:
     return scope
 
 
+ONE_SHOT_PHASE = "one_shot"
+EXECUTE_NODE = "execute"
+
+
 class phase(_Block):
     """A phase of a workflow (``planning``, ``control``, ``hitl_control``, ``one_shot``...).
 
     Becomes a DAG node whose short id is the phase name (``control_2`` when a name repeats
     in the run). Planning phases get node type ``planning``, order index 0 and
-    ``gen_ai.operation.name=plan``; other phases get node type ``control`` and their
-    1-based position in the run as order index.
+    ``gen_ai.operation.name=plan``; other phases get node type ``control`` and order index
+    ``1000 + <1-based position of the phase in the run>`` (never a step number). The first
+    ``one_shot`` phase of a run is cmbagent's fixed-pipeline ``execute`` node (node type
+    ``agent``, order index 1, between the derived ``init`` and ``terminator`` nodes).
     """
 
     def __init__(self, name: str, *, attributes: Mapping[str, Any] | None = None) -> None:
@@ -199,8 +206,8 @@ class phase(_Block):
     def _copy(self) -> phase:
         return phase(self.name, attributes=self.attributes)
 
-    def _open(self) -> TracedSpan:
-        scope = _require(current_scope(), f"phase({self.name!r})", "a workflow")
+    def _open(self, scope: Scope | None = None) -> TracedSpan:
+        scope = _require(scope or current_scope(), f"phase({self.name!r})", "a workflow")
         if scope.phase is not None:
             raise WorkflowNestingError(
                 f"phase({self.name!r}) opened inside phase({scope.phase!r}); phases do not nest"
@@ -212,11 +219,12 @@ class phase(_Block):
             attrs[semconv.GEN_AI_OPERATION_NAME] = semconv.OP_PLAN
         if self.attributes:
             attrs.update(self.attributes)
-        node = NodeSpec(
-            self.name,
-            semconv.NODE_PLANNING if planning else semconv.NODE_CONTROL,
-            order_index=0 if planning else index,
-        )
+        if planning:
+            node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=0)
+        elif self.name == ONE_SHOT_PHASE and (node_id := scope.run.unique_node_id(EXECUTE_NODE)) == EXECUTE_NODE:
+            node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=1, unique=False)
+        else:
+            node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index)
         return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,
                           scope_changes={"phase": self.name})
 
@@ -247,8 +255,8 @@ class step(_Block):
         """Record the step's outcome summary (``cmbagent.step.summary``)."""
         self.set_attribute(semconv.STEP_SUMMARY, truncate(summary))
 
-    def _open(self) -> TracedSpan:
-        scope = _require(current_scope(), f"step({self.number})", "a phase")
+    def _open(self, scope: Scope | None = None) -> TracedSpan:
+        scope = _require(scope or current_scope(), f"step({self.number})", "a phase")
         if scope.phase is None:
             raise WorkflowNestingError(f"step({self.number}) must be opened inside a phase")
         if scope.step is not None:
@@ -271,8 +279,9 @@ class redo(_Block):
     """Redo attempt ``attempt`` (1-based) of step ``step``: a branch of that step.
 
     Must be opened inside ``step(step)``. Becomes DAG node ``step_<n>_redo_<attempt>`` of
-    type ``redo`` with ``cmbagent.branch.name`` = ``redo_<attempt>``; the DAG exporter adds
-    the ``branch_at_step_<n>`` branch point and a conditional edge ``branch_redo_<attempt>``.
+    type ``redo`` with ``cmbagent.branch.name`` = ``redo_<attempt>`` and order index
+    ``n * 1000 + k`` (k-th child of the step, counted with its sub-agents); the DAG exporter
+    adds the ``branch_at_step_<n>`` branch point and a conditional edge ``branch_redo_<attempt>``.
     """
 
     def __init__(
@@ -295,8 +304,8 @@ class redo(_Block):
     def _copy(self) -> redo:
         return redo(self.step, self.attempt, self.hypothesis, attributes=self.attributes)
 
-    def _open(self) -> TracedSpan:
-        scope = _require(current_scope(), f"redo(step={self.step})", f"step({self.step})")
+    def _open(self, scope: Scope | None = None) -> TracedSpan:
+        scope = _require(scope or current_scope(), f"redo(step={self.step})", f"step({self.step})")
         if scope.step != self.step or scope.dag_node_type != semconv.NODE_AGENT:
             raise WorkflowNestingError(
                 f"redo(step={self.step}, attempt={self.attempt}) must be opened directly inside "
@@ -318,6 +327,6 @@ class redo(_Block):
             attrs[semconv.BRANCH_HYPOTHESIS] = truncate(self.hypothesis)
         if self.attributes:
             attrs.update(self.attributes)
-        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, order_index=self.step)
+        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True)
         return TracedSpan(f"redo step {self.step} attempt {self.attempt}", semconv.KIND_BRANCH, attrs,
                           node=node)

