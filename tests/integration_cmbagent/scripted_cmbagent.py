@@ -90,6 +90,7 @@ class CmbagentScript:
     fail_first_code: bool = False
     mode: str = "planning_and_control"
     calls: Counter[str] = field(default_factory=Counter)
+    sequence: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _engineer_runs: int = 0
@@ -99,6 +100,7 @@ class CmbagentScript:
         with self._lock:
             agent = self.agent_of(body)
             self.calls[agent] += 1
+            self.sequence.append(agent)
             handler = getattr(self, f"_{agent}", None)
             if handler is None:
                 self.unexpected.append(agent)
@@ -217,3 +219,32 @@ class CmbagentScript:
     def _researcher_response_formatter(self, body: dict[str, Any]) -> str:
         return json.dumps({"markdown_block": "## Interpretation\n\nThe spectrum peaks where expected.",
                            "filename": "interpretation.md"})
+
+
+# --- running cmbagent against the script ------------------------------------------------------
+API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
+TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot")
+
+
+def call_workflow(kind: str, work_dir: Path, function: Any = None) -> dict[str, Any]:
+    """Call one of cmbagent's workflow entry points (``function`` overrides the entry point used)."""
+    import cmbagent
+
+    if kind == "one_shot":
+        fn = function or cmbagent.one_shot
+        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS, agent="engineer")  # type: ignore[no-any-return]
+    if kind == "carryover":
+        fn = function or cmbagent.planning_and_control_context_carryover
+        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+    fn = function or cmbagent.planning_and_control
+    return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+
+
+def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
+    import importlib.util
+
+    spec = importlib.util.find_spec("cmbagent")
+    assert spec is not None and spec.origin is not None, "cmbagent is not installed"
+    mode = {"carryover": "carryover", "one_shot": "one_shot"}.get(kind, "planning_and_control")
+    return CmbagentScript(agent_signatures(Path(spec.origin).parent), fail_first_code=fail_first_code, mode=mode)
