@@ -433,3 +433,96 @@ def test_custom_code_executor_is_traced_and_restored(capture):
     assert code.status.status_code is StatusCode.ERROR
     assert capture.parent_of(code).name == "invoke_agent executor"
     assert _RecordingExecutor.__dict__["execute_code_blocks"] is original
+
+
+def test_plain_ag2_program_gets_conversation_and_turn_nodes(instrumented, tmp_path):
+    run_four_agent_chat(tmp_path)
+    nodes = {s.attributes[semconv.DAG_NODE]: s for s in instrumented.spans
+             if semconv.DAG_NODE_TYPE in s.attributes}
+    shape = {short: (s.name, s.attributes[semconv.DAG_NODE_TYPE], s.attributes[semconv.DAG_ORDER_INDEX],
+                     s.attributes.get(semconv.DAG_PARENT_NODE)) for short, s in nodes.items()}
+    # the group chat manager is transparent: its turns are the conversation's sub-agents, in speaking order
+    assert shape == {
+        "conversation_1": ("conversation chat_manager", "agent", 1001, None),
+        "conversation_1_engineer": ("invoke_agent engineer", "sub_agent", 1001001, "conversation_1"),
+        "conversation_1_executor": ("invoke_agent executor", "sub_agent", 1001002, "conversation_1"),
+        "conversation_1_engineer_2": ("invoke_agent engineer", "sub_agent", 1001003, "conversation_1"),
+        "conversation_1_executor_2": ("invoke_agent executor", "sub_agent", 1001004, "conversation_1"),
+        "conversation_1_researcher": ("invoke_agent researcher", "sub_agent", 1001005, "conversation_1"),
+    }
+    tool = instrumented.one("execute_tool peak_position")
+    assert tool.attributes[semconv.DAG_NODE] == "conversation_1_executor"
+    handoff = instrumented.named("select_speaker engineer")[0]
+    assert handoff.attributes[semconv.DAG_NODE] == "conversation_1"
+    assert handoff.attributes[semconv.GEN_AI_AGENT_NAME] == "engineer"  # the agent handing off
+
+
+def test_sequential_chats_are_one_node_each(instrumented):
+    writer = scripted("writer", ["draft", "final"])
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+    user.initiate_chats([
+        {"recipient": writer, "message": "write", "max_turns": 1, "silent": True},
+        {"recipient": writer, "message": "polish", "max_turns": 1, "silent": True},
+    ])
+    conversations = instrumented.named("conversation writer")
+    assert [c.attributes[semconv.DAG_NODE] for c in conversations] == ["conversation_1", "conversation_2"]
+    assert [c.attributes[semconv.DAG_ORDER_INDEX] for c in conversations] == [1001, 1002]
+    turns = instrumented.named("invoke_agent writer")
+    assert [t.attributes[semconv.DAG_PARENT_NODE] for t in turns] == ["conversation_1", "conversation_2"]
+
+
+def test_conversations_inside_a_workflow_are_not_extra_nodes(instrumented):
+    alice = scripted("alice", ["pong"])
+    bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+    with cmbagent_otel.workflow("w"), cmbagent_otel.phase("control"), cmbagent_otel.step(1, "ping"):
+        bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
+    conversation = instrumented.one("conversation alice")
+    assert semconv.DAG_NODE_TYPE not in conversation.attributes
+    assert conversation.attributes[semconv.DAG_NODE] == "step_1"
+    turn = instrumented.one("invoke_agent alice")
+    assert (turn.attributes[semconv.DAG_NODE], turn.attributes[semconv.DAG_ORDER_INDEX]) == ("step_1_alice", 1001)
+
+
+def test_chat_ending_with_no_eligible_speaker_is_success(instrumented, tmp_path):
+    first = scripted("first", ["one"])
+    second = scripted("second", ["two"])
+    prepare_group([first, second], str(tmp_path))
+
+    def pick(last_speaker: Any, chat: Any) -> Any:
+        return second if last_speaker is first else None  # None: AG2 raises NoEligibleSpeakerError, ends the chat
+
+    chat = GroupChat([first, second], messages=[], max_round=5, speaker_selection_method=pick)
+    manager = GroupChatManager(chat, llm_config=False)
+    result = first.initiate_chat(manager, message="begin", silent=True)
+    assert result.chat_history[-1]["content"] == "two"
+    last = instrumented.named("select_speaker second")
+    assert len(last) == 1
+    assert last[0].status.status_code is StatusCode.UNSET and not last[0].events
+    assert last[0].attributes[semconv.HANDOFF_ENDS_CHAT] is True
+    assert semconv.HANDOFF_TO not in last[0].attributes
+    assert all(s.status.status_code is StatusCode.UNSET for s in instrumented.spans)
+
+
+def test_group_tool_runner_is_never_a_node(instrumented, monkeypatch, tmp_path):
+    from autogen.agentchat import initiate_group_chat
+    from autogen.agentchat.group import ContextVariables, ReplyResult, TerminateTarget
+    from autogen.agentchat.group.patterns import RoundRobinPattern
+
+    def finish(context_variables: Any) -> Any:
+        """Finish the task."""
+        return ReplyResult(target=TerminateTarget(), message="done", context_variables=context_variables)
+
+    # the pattern rebuilds the agents' model clients: the loopback server routes by API key, which survives that
+    monkeypatch.setenv("CMBAGENT_OTEL_OFFLINE_BACKEND", "server")
+    worker = scripted("worker", [{"tool_calls": [{"name": "finish", "arguments": {}}]}], functions=[finish])
+    helper = scripted("helper", ["unused"])
+    (tmp_path / "chats").mkdir()
+    pattern = RoundRobinPattern(initial_agent=worker, agents=[worker, helper], group_manager_args={"llm_config": False},
+                                context_variables=ContextVariables(data={"work_dir": str(tmp_path)}))
+    with cmbagent_otel.workflow("w"), cmbagent_otel.phase("control"), cmbagent_otel.step(1, "finish"):
+        initiate_group_chat(pattern=pattern, messages="go", max_rounds=4)
+    runner = [s for s in instrumented.spans if s.name == "invoke_agent _Group_Tool_Executor"]
+    assert runner and all(semconv.DAG_NODE_TYPE not in s.attributes for s in runner)
+    assert instrumented.one("execute_tool finish").attributes[semconv.DAG_NODE] == "step_1"
+    nodes = [s.attributes[semconv.DAG_NODE] for s in instrumented.spans if semconv.DAG_NODE_TYPE in s.attributes]
+    assert nodes == ["control", "step_1", "step_1_worker"]

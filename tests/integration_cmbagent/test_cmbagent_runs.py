@@ -412,3 +412,21 @@ def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monke
     names = [s.name for s in spans if sc.DAG_NODE_TYPE in (s.attributes or {}) and _kind(s) != sc.KIND_AGENT]
     assert {"phase planning", "phase control", "step 1", "step 2", "step 3"} <= set(names)
     assert root[0].end_time >= max(s.end_time for s in spans)
+
+
+# --- opentelemetry-instrument, without touching the app ------------------------------------------------
+def test_opentelemetry_instrument_gives_workflow_phase_and_step_spans(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
+    env.update({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "cmbagent-auto",
+                "OTEL_BSP_SCHEDULE_DELAY": "50", "CMBAGENT_DISABLE_DISPLAY": "true", "SSL_CERT_DIR": str(tmp_path)})
+    app = Path(__file__).with_name("auto_app.py")
+    proc = subprocess.run([str(Path(sys.executable).parent / "opentelemetry-instrument"), sys.executable, str(app)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STEPS DONE 3" in proc.stdout
+    for name in ("workflow planning_and_control", "phase planning", "phase control", "step 1", "step 2", "step 3",
+                 "invoke_agent engineer", "execute_tool record_status"):
+        assert f'"name": "{name}"' in proc.stdout, name

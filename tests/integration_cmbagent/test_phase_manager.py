@@ -8,13 +8,19 @@ complete_step/fail_step, complete/fail, __exit__); the patching under test is th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
+from autogen import ConversableAgent
+from opentelemetry import context as otel_context
 from opentelemetry.trace import StatusCode
 
+import cmbagent_otel
 from cmbagent_otel import semconv
 from cmbagent_otel.integrations import cmbagent as integration
+from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor
+from cmbagent_otel.testing import offline_agent
 from cmbagent_otel.workflow import workflow
 
 
@@ -73,7 +79,8 @@ class PhaseExecutionManager:
 
 
 ORIGINALS = {name: PhaseExecutionManager.__dict__[name] for name in (
-    "start", "start_step", "create_redo_branch", "complete_step", "fail_step", "complete", "fail", "__exit__",
+    "__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step", "complete", "fail",
+    "__exit__",
 )}
 
 
@@ -165,3 +172,64 @@ def test_uninstrument_restores_methods_by_identity(capture: Any) -> None:
     with workflow("w"):
         _run_hitl_control(manager)
     assert capture.tree() == ["workflow w"]
+
+
+def test_manager_attaches_nothing_and_parents_the_work_by_explicit_context(instrumented: Any, patched: None) -> None:
+    alice = offline_agent("alice", ["pong", "pong again"])
+    bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("deep_research", mode="hitl-interactive"):
+        before = otel_context.get_current()
+        manager.start()
+        manager.start_step(1, "ask")
+        assert otel_context.get_current() is before  # phase and step spans are not attached
+        bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
+        manager.complete_step(1, "asked")
+        manager.start_step(2, "ask again")
+        bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
+        manager.complete_step(2)
+        manager.complete()
+        assert otel_context.get_current() is before
+    tree = instrumented.tree()
+    assert tree[:5] == ["workflow deep_research", "  phase hitl_control", "    step 1", "      conversation alice",
+                        "        invoke_agent alice"]
+    assert "    step 2" in tree and tree.index("    step 2") > tree.index("      conversation alice")
+    turns = instrumented.named("invoke_agent alice")
+    assert [t.attributes[semconv.DAG_NODE] for t in turns] == ["step_1_alice", "step_2_alice"]
+    assert [t.attributes[semconv.DAG_ORDER_INDEX] for t in turns] == [1001, 2001]
+    assert instrumented.one("phase hitl_control").attributes[semconv.DAG_ORDER_INDEX] == 1001
+
+
+def test_complete_called_in_another_context_leaves_the_callers_context_alone(capture: Any, patched: None) -> None:
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("w", mode="hitl-interactive"):
+        outer = otel_context.get_current()
+        with workflow("nested joins"), cmbagent_otel.phase("other"):
+            inner = otel_context.get_current()
+            manager.start()  # opened inside a phase: joins it, opens nothing
+            manager.start_step(1, "x")
+            assert otel_context.get_current() is inner
+        manager.complete_step(1)
+        manager.complete()  # called outside the block start() ran in
+        assert otel_context.get_current() is outer
+    assert capture.tree() == ["workflow w", "  phase other", "    step 1"]
+
+
+def test_instrumentor_is_registered_idempotent_and_keeps_no_state(capture: Any) -> None:
+    registered = {e.name: e.value for e in entry_points(group="opentelemetry_instrumentor")}
+    assert registered["cmbagent"] == "cmbagent_otel.integrations.cmbagent:CmbagentInstrumentor"
+    instrumentor = CmbagentInstrumentor()
+    instrumentor.instrument_phase_manager(PhaseExecutionManager)
+    instrumentor.instrument_phase_manager(PhaseExecutionManager)  # idempotent: wrapped once
+    wrapped = instrumentor.patched
+    assert sorted(name for owner, name in wrapped if owner is PhaseExecutionManager) == sorted(ORIGINALS)
+    assert not hasattr(PhaseExecutionManager.__dict__["start"].__wrapped__, "__wrapped__")
+    manager = PhaseExecutionManager(_Context(), _Phase())
+    with workflow("w"):
+        manager.start()
+        instrumentor.uninstrument()  # mid-phase: the wrappers go, and so does their state
+        manager.complete()
+    assert instrumentor._state is None and instrumentor.patched == []
+    assert all(PhaseExecutionManager.__dict__[n] is f for n, f in ORIGINALS.items())
+    instrumentor.uninstrument()  # idempotent
+    assert not integration.is_instrumented()

@@ -497,15 +497,20 @@ class _CallerRuns:
 class _ManagerSpans:
     """The frames one PhaseExecutionManager opened (phase, step, redo; a fallback workflow)."""
 
-    __slots__ = ("block", "cursor", "frames")
+    __slots__ = ("block", "cursor", "frames", "joined")
 
     def __init__(self) -> None:
         self.cursor: Cursor | None = None
         self.frames: list[tuple[str, Frame]] = []
         self.block: _Block | None = None  # the fallback workflow entered by __enter__ (closed by __exit__)
+        self.joined: tuple[Scope, Any] | None = None  # started inside a phase someone else opened: join it
 
     def find(self, kind: str) -> Frame | None:
         return next((f for k, f in reversed(self.frames) if k == kind), None)
+
+    def step_parent(self) -> tuple[Scope, Any] | None:
+        frame = self.find("phase")
+        return (frame.scope, frame.span) if frame is not None else self.joined
 
     def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
         """End this manager's frames of ``kinds`` (innermost first)."""
@@ -780,7 +785,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
             spans = state.manager(instance, create=True)
-            if spans is not None and not spans.frames:
+            if spans is not None and not spans.frames and spans.joined is None:
                 _manager_start(spans, instance)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start", exc_info=True)
@@ -795,6 +800,9 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
     if raw is not None and raw.in_workflow:
         scope, span = effective_parent()
         spans.cursor = raw.ensure_cursor()
+        if scope is not None and scope.phase is not None:
+            spans.joined = (scope, span)  # a phase is open already (phases do not nest): its steps go there
+            return
         spans.push("phase", _detached(phase(phase_type), scope, span, "phase", instance))
         return
     # no run, and not entered as a context manager: the spans exist, but the work the phase
@@ -814,11 +822,10 @@ def _pm_start_step(state: _State) -> Callable[..., Any]:
             number = _int(call.get("step_number", args[0] if args else None))
             if spans is not None and number is not None and number > 0:
                 spans.close({"redo", "step"})
-                parent = spans.find("phase")
+                parent = spans.step_parent()
                 if parent is not None:
                     description = _text(call.get("description", args[1] if len(args) > 1 else None)) or ""
-                    spans.push("step", _detached(step(number, description), parent.scope, parent.span, "step",
-                                                 instance))
+                    spans.push("step", _detached(step(number, description), parent[0], parent[1], "step", instance))
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start_step", exc_info=True)
         return wrapped(*args, **kwargs)
@@ -899,6 +906,7 @@ def _pm_complete(state: _State) -> Callable[..., Any]:
             spans = state.manager(instance)
             if spans is not None:
                 spans.close(_FRAME_KINDS)
+                spans.joined = None
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.complete", exc_info=True)
         return result
@@ -916,6 +924,7 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                 if spans is not None:
                     call = _bind(wrapped, args, kwargs)
                     spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
+                    spans.joined = None
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
 
@@ -932,6 +941,7 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                 spans = state.manager(instance)
                 if spans is not None:
                     spans.close(_FRAME_KINDS, exc=exc)
+                    spans.joined = None
                     block, spans.block = spans.block, None
                     _exit(block, exc)
             except Exception:

@@ -1,0 +1,20 @@
+"""An unmodified cmbagent app, run under ``opentelemetry-instrument`` by the tests (no instrument() call)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from scripted_cmbagent import call_workflow, script_for
+
+from cmbagent_otel.testing import FakeOpenAIServer
+
+with FakeOpenAIServer(request_responder=script_for("planning_and_control")) as server, \
+        tempfile.TemporaryDirectory() as work_dir:
+    os.environ["OPENAI_BASE_URL"] = server.base_url
+    results = call_workflow("planning_and_control", Path(work_dir))
+    print("STEPS DONE", results["final_context"]["current_plan_step_number"], flush=True)
