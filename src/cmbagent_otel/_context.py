@@ -150,10 +150,11 @@ class Frame:
     ``finish`` (set by the owner) ends the span; it is called exactly once.
     """
 
-    __slots__ = ("active", "closing", "finish", "kind", "owner", "scope", "span")
+    __slots__ = ("active", "closing", "cursor", "finish", "kind", "owner", "scope", "span")
 
     def __init__(self, span: Any, scope: Scope, kind: str, owner: Any = None,
                  finish: Callable[[Frame], None] | None = None) -> None:
+        self.cursor: Cursor | None = None  # the cursor it was pushed on
         self.span = span
         self.scope = scope
         self.kind = kind
@@ -180,6 +181,7 @@ class Cursor:
 
     def push(self, frame: Frame) -> None:
         with self.lock:
+            frame.cursor = self
             self.frames.append(frame)
             self.top = frame
 

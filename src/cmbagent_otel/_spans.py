@@ -229,7 +229,7 @@ class TracedSpan:
     context, or start an implicit one when there is none.
     """
 
-    __slots__ = ("_attrs", "_cursor", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
+    __slots__ = ("_attrs", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
                  "_scope_changes", "_token", "scope", "span")
 
     def __init__(
@@ -252,7 +252,6 @@ class TracedSpan:
         self._scope_changes = scope_changes
         self._token: object | None = None
         self._frame: Frame | None = None
-        self._cursor: Any = None
         self.span: Span = trace.INVALID_SPAN
         self.scope: Scope | None = None
 
@@ -272,7 +271,7 @@ class TracedSpan:
                 # work started directly in an anchor scope belongs to its innermost open frame
                 frame = cursor.enter()
                 if frame is not None:
-                    self._cursor, self._frame = cursor, frame
+                    self._frame = frame
                     scope = frame.scope
                     parent_ctx = trace.set_span_in_context(frame.span)
         attrs, new_scope = compose(scope, self._kind, self._attrs, self._node, self._new_conversation, self._run,
@@ -290,6 +289,10 @@ class TracedSpan:
                            owner, self._scope_changes, self._run)
         self.span, self.scope = frame.span, frame.scope
         return frame
+
+    def _exception(self, exc: BaseException) -> None:
+        """The wrapped call raised ``exc`` (re-raised unchanged afterwards); subclasses may judge it no failure."""
+        record_exception(self.span, exc)
 
     def set(self, key: str, value: Any) -> None:
         """Set an attribute, ignoring ``None`` and any telemetry error."""
@@ -325,7 +328,7 @@ class TracedSpan:
     ) -> None:
         try:
             if exc is not None and self.span.is_recording():
-                record_exception(self.span, exc)
+                self._exception(exc)
         except Exception:
             logger.debug("cmbagent_otel: could not record exception", exc_info=True)
         finally:
@@ -343,7 +346,7 @@ class TracedSpan:
             if frame is not None:
                 self._frame = None
                 try:
-                    self._cursor.leave(frame)
+                    frame.cursor.leave(frame)  # type: ignore[union-attr]
                 except Exception:
                     logger.debug("cmbagent_otel: could not release frame", exc_info=True)
         # returning None lets the application's exception propagate unchanged

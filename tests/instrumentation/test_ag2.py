@@ -454,7 +454,7 @@ def test_plain_ag2_program_gets_conversation_and_turn_nodes(instrumented, tmp_pa
     assert tool.attributes[semconv.DAG_NODE] == "conversation_1_executor"
     handoff = instrumented.named("select_speaker engineer")[0]
     assert handoff.attributes[semconv.DAG_NODE] == "conversation_1"
-    assert handoff.attributes[semconv.GEN_AI_AGENT_NAME] == "engineer"  # the agent handing off
+    assert handoff.attributes[semconv.HANDOFF_FROM] == "engineer"  # the agent handing off
 
 
 def test_sequential_chats_are_one_node_each(instrumented):

@@ -516,8 +516,7 @@ def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tr
     candidates = [agent_name(a) for a in (getattr(instance, "agents", None) or [])]
     from_name = agent_name(last) if last is not None else "none"
     attrs: dict[str, Any] = {
-        semconv.GEN_AI_AGENT_NAME: from_name,  # the agent handing off (execution_events.agent_name)
-        semconv.HANDOFF_FROM: from_name,
+        semconv.HANDOFF_FROM: from_name,  # the agent handing off: execution_events.agent_name of the handoff
         semconv.HANDOFF_REASON: reason,
         semconv.HANDOFF_CANDIDATES: candidates,
     }
@@ -539,11 +538,11 @@ class _SpeakerSpan(TracedSpan):
 
     __slots__ = ()
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+    def _exception(self, exc: BaseException) -> None:
         if _ends_chat(exc):
-            self.set(semconv.HANDOFF_ENDS_CHAT, True)
-            exc_type, exc, tb = None, None, None  # the exception still propagates to AG2, which expects it
-        super().__exit__(exc_type, exc, tb)
+            self.set(semconv.HANDOFF_ENDS_CHAT, True)  # AG2 catches it and ends the chat normally
+            return
+        super()._exception(exc)
 
 
 def _record_speaker(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
