@@ -43,7 +43,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from .. import semconv
 from .._context import Cursor, Frame, Scope
 from .._spans import NodeSpec, compose, end_frame, get_tracer, open_frame
-from ..redaction import truncate
+from ..redaction import redact, truncate
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -235,7 +235,7 @@ class StepTracker:
             self.cursor.pending = None
             attrs: dict[str, Any] = {
                 semconv.STEP_NUMBER: step.number,
-                semconv.STEP_GOAL: truncate(step.goal) or "",
+                semconv.STEP_GOAL: truncate(redact(step.goal)) or "",
             }
             if self._scope.phase is not None:
                 attrs[semconv.PHASE] = self._scope.phase

@@ -261,8 +261,11 @@ class _GroupChatSpan(TracedSpan):
 
     def __enter__(self) -> TracedSpan:
         super().__enter__()
-        if self.scope is not None:
-            self._tracker.bind(self.scope, self.span)
+        try:
+            if self.scope is not None:
+                self._tracker.bind(self.scope, self.span)
+        except Exception:
+            logger.debug("cmbagent_otel: could not bind the chat's step tracker", exc_info=True)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -187,7 +187,11 @@ def _detached(block: _Block, scope: Scope | None, parent_span: Any, kind: str, o
 @contextmanager
 def _anchored() -> Iterator[None]:
     """Run the block in its own anchor scope; frames opened on it are closed when the block ends."""
-    anchored = attach_anchor()
+    try:
+        anchored = attach_anchor()
+    except Exception:  # telemetry must never break the app
+        logger.debug("cmbagent_otel: could not anchor the run", exc_info=True)
+        anchored = None
     try:
         yield
     except BaseException as exc:
@@ -286,14 +290,18 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
         return result
 
 
-def _open_sticky(cursor: Cursor, name: str) -> Frame | None:
-    """Open the phase that spans every step solve of the carryover loop (closed with the entry call)."""
-    scope, span = effective_parent()
-    frame = _detached(phase(name), scope, span, STICKY, owner=name)
-    if frame is not None:
-        frame.finish = end_frame
-        cursor.push(frame)
-    return frame
+def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> None:
+    """Close the phase kept open across the carryover step loop; open ``name`` instead (closed with the entry)."""
+    try:
+        if sticky is not None:
+            cursor.close(sticky)
+        if name is not None:
+            scope, span = effective_parent()
+            frame = _detached(phase(name), scope, span, STICKY, owner=name)
+            if frame is not None:
+                cursor.push(frame)
+    except Exception:  # telemetry must never break the app
+        logger.debug("cmbagent_otel: could not switch the carryover phase", exc_info=True)
 
 
 def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -317,12 +325,10 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
             with _opened(phase(name)):
                 return _solve_with_step(wrapped, instance, args, kwargs, number, context)
         if sticky is None or sticky.owner != name:
-            if sticky is not None:
-                cursor.close(sticky)
-            _open_sticky(cursor, name)
+            _switch_sticky(cursor, sticky, name)
         return _solve_with_step(wrapped, instance, args, kwargs, number, context)
     if sticky is not None and cursor is not None:
-        cursor.close(sticky)
+        _switch_sticky(cursor, sticky, None)
     with _opened(phase(name)):
         return wrapped(*args, **kwargs)
 
