@@ -48,6 +48,7 @@ from ..redaction import redact, truncate
 logger = logging.getLogger("cmbagent_otel")
 
 STATUS_TOOLS = frozenset({"record_status", "record_status_starter"})
+_MAX_STEP = 2**31 - 1  # a step number is an order_index (INTEGER column); anything larger is not a plan step
 
 _STEP_RE = re.compile(r"^\s*-\s*Step\s+(\d+)\s*:", re.IGNORECASE)
 _SUBTASK_RE = re.compile(r"^\s*\*\s*sub-task:\s*(.*)$", re.IGNORECASE)
@@ -194,7 +195,7 @@ class StepTracker:
     def _transition(self, context: Any) -> None:
         number = _int(context_get(context, "current_plan_step_number"))
         status = _text(context_get(context, "current_status"))
-        if number is None or number < 1 or status is None:
+        if number is None or not 0 < number <= _MAX_STEP or status is None:
             return
         status = status.strip().lower()
         current = self.current
