@@ -303,10 +303,11 @@ def test_planning_and_control_dag_rows(dag_db: str) -> None:
     failed_code = [e for e in events if e["event_type"] == "code_exec" and e["status"] == "failed"]
     assert [short_of[e["node_id"]] for e in failed_code] == ["step_1_engineer_nest"]
     handoffs = [e for e in events if e["event_type"] == "handoff"]
-    assert handoffs and all(e["status"] == "completed" and e["agent_name"] for e in handoffs)
+    assert handoffs and all(e["status"] == "completed" for e in handoffs)  # the chat's end is no failure
 
 
-@pytest.mark.xfail(strict=True, reason="needs b-dag's issue-11 mapping: integer meta.tokens, connecting edges")
+@pytest.mark.xfail(strict=True, reason="needs b-dag's issue-11 mapping: integer meta.tokens, connecting edges, "
+                                       "handoff agent names")
 def test_planning_and_control_dag_contract_of_the_dag_side(dag_db: str) -> None:
     nodes = {r["id"]: r for r in _rows(dag_db, "dag_nodes")}
     events = _rows(dag_db, "execution_events")
@@ -315,6 +316,8 @@ def test_planning_and_control_dag_contract_of_the_dag_side(dag_db: str) -> None:
     edges = {(e["from_node_id"], e["to_node_id"]) for e in _rows(dag_db, "dag_edges")}
     linked = {a for a, _ in edges} | {b for _, b in edges}
     assert set(nodes) <= linked
+    handoffs = [e for e in events if e["event_type"] == "handoff"]
+    assert all(e["agent_name"] for e in handoffs)  # from cmbagent.handoff.from
 
 
 # --- context carryover and one_shot ------------------------------------------------------------------
