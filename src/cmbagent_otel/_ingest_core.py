@@ -171,8 +171,11 @@ class IngestCore:
         limits: Limits,
         writer: SpanWriter | None,
         writer_factory: Callable[[], SpanWriter] | None,
+        max_pending: int,
     ) -> None:
         self.db_url = db_url
+        self.max_pending = max_pending
+        self._pending = 0
         self._token = token.encode() if token else None
         self.max_bytes = max_bytes
         self.admission = Admission(budget)
@@ -202,6 +205,20 @@ class IngestCore:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(value.strip().encode(), self._token)
+
+    def enter(self) -> bool:
+        """Admit one more request (reading, waiting for a worker or being processed), or
+        False when ``max_pending`` are in flight: answer 503/UNAVAILABLE then, since a
+        request that waits longer than its client's timeout is lost work on both sides."""
+        with self._count_lock:
+            if self._pending >= self.max_pending:
+                return False
+            self._pending += 1
+            return True
+
+    def leave(self) -> None:
+        with self._count_lock:
+            self._pending -= 1
 
     @staticmethod
     def factor(kind: str) -> int:

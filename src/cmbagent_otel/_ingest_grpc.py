@@ -50,11 +50,13 @@ class TraceService:
 
     def export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         core = self.core
+        metadata = dict(context.invocation_metadata() or ())
+        if not core.authorized(metadata.get("authorization")):
+            self._abort(context, IngestError("unauthenticated", "missing or invalid bearer token"))
+        if not core.enter():
+            self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
         ticket = core.admission.ticket()
         try:
-            metadata = dict(context.invocation_metadata() or ())
-            if not core.authorized(metadata.get("authorization")):
-                raise IngestError("unauthenticated", "missing or invalid bearer token")
             ticket.hold(len(request) * core.factor("protobuf"))
             outcome = core.process(request, "protobuf", False, ticket)
         except IngestError as err:
@@ -64,6 +66,7 @@ class TraceService:
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             ticket.close()
+            core.leave()
         return encode_response("protobuf", outcome.rejected, outcome.error_message)
 
     def _abort(self, context: grpc.ServicerContext, err: IngestError) -> None:

@@ -141,7 +141,7 @@ class OtlpHttpApp:
         declared = int(headers["content-length"]) if "content-length" in headers else None  # h11 checked it
         if declared is not None and declared > core.max_bytes:
             raise _Reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body exceeds {core.max_bytes} bytes")
-        if self.active >= self.max_requests:
+        if self.active >= self.max_requests or not core.enter():
             raise self._busy("too many requests in flight")
         self.active += 1
         ticket = core.admission.ticket()
@@ -161,6 +161,7 @@ class OtlpHttpApp:
                                 encode_response(kind, outcome.rejected, outcome.error_message), _MIME[kind])
         finally:
             ticket.close()
+            core.leave()
             self.active -= 1
 
     def _busy(self, why: str) -> _Reject:

@@ -58,7 +58,7 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_INFLIGHT_BYTES = 128 * 1024 * 1024
 DEFAULT_WORKERS = 2
 DEFAULT_RETRY_AFTER = 5
-MAX_HTTP_REQUESTS = 64  # requests handled at once; more get 503 + Retry-After
+MAX_HTTP_REQUESTS = 64  # HTTP requests handled at once (rejections included); more get 503 + Retry-After
 MAX_CONNECTIONS = 1024  # uvicorn's own cap (a plain 503): idle keep-alive connections are cheap
 TRACES_PATH = "/v1/traces"
 OFF = "off"
@@ -118,7 +118,9 @@ class IngestServer:
     requests into 503s). ``token`` requires ``Authorization: Bearer <token>`` (HTTP header or
     gRPC metadata). ``max_bytes`` bounds one request (compressed and decompressed),
     ``max_inflight_bytes`` the memory all requests in flight may reserve (their bodies and
-    decoding), ``workers`` the decoding/writing threads of each receiver.
+    decoding), ``workers`` the decoding/writing threads of each receiver; at most twice
+    ``workers`` requests are in flight at once (both receivers together), more are answered
+    503/UNAVAILABLE with a retry delay at once rather than queued past their client's timeout.
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class IngestServer:
             raise ValueError("max_bytes, max_inflight_bytes and workers must be positive")
         self.core = IngestCore(db_url=db_url, token=token or None, max_bytes=self.max_bytes, budget=budget,
                                retry_after=retry_after, limits=limits or Limits.default(), writer=writer,
-                               writer_factory=writer_factory)
+                               writer_factory=writer_factory, max_pending=2 * self.workers)
         self.retry_after = retry_after
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -223,7 +225,7 @@ class IngestServer:
                     from ._ingest_grpc import GrpcReceiver
 
                     self._grpc = GrpcReceiver(self.core, self.host, self.requested_grpc_port, workers=self.workers,
-                                              max_concurrent=max(4 * self.workers, 8))
+                                              max_concurrent=4 * self.workers)
             except BaseException:
                 self._close_sockets()
                 raise
