@@ -216,6 +216,11 @@ class IngestCore:
             self._pending += 1
             return True
 
+    @property
+    def pending(self) -> int:
+        """Requests in flight now (both receivers)."""
+        return self._pending
+
     def leave(self) -> None:
         with self._count_lock:
             self._pending -= 1

@@ -120,7 +120,9 @@ class OtlpHttpApp:
         method, path = scope["method"], scope["path"]
         if path in HEALTH_PATHS and method in ("GET", "HEAD"):
             state["body_read"] = True
-            await self._respond(send, state, HTTPStatus.OK, b'{"status":"ok"}', b"application/json")
+            health = {"status": "ok", "in_flight": self.core.pending, "memory_reserved": self.core.admission.used,
+                      "spans_written": self.core.spans_written}
+            await self._respond(send, state, HTTPStatus.OK, json.dumps(health).encode(), b"application/json")
             return
         if path != TRACES_PATH:
             raise _Reject(HTTPStatus.NOT_FOUND, f"only POST {TRACES_PATH} is served")

@@ -276,6 +276,13 @@ def test_disconnects_mid_body(server: tuple[IngestProcess, Path]) -> None:
     for cut in (0, 1, len(body) // 2, len(body) - 1):
         exchange(proc.port, post_head(len(body)), body, close_after=cut)
     exchange(proc.port, post_head(None, chunked=True), b"10\r\n0123", close_after=8)
+    for _ in range(10_000):  # until the server has seen every hang-up (each frees its place at once)
+        health = exchange(proc.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert health is not None
+        if json.loads(health.body)["in_flight"] == 0:
+            break
+    assert json.loads(health.body) == {"status": "ok", "in_flight": 0, "memory_reserved": 0,
+                                       "spans_written": json.loads(health.body)["spans_written"]}
     assert_serving(proc, db)
 
 
