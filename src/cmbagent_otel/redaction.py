@@ -44,18 +44,18 @@ _SECRET_KEY_NAME = re.compile(
 )
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-    r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*|(?i:basic)\s+[A-Za-z0-9+/]{8,}=*|"
-    r"(?<=://)[^/\s:@\"']{1,256}:[^/\s@\"']{1,256}(?=@))"
+    r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
+_URL_CREDENTIALS = re.compile(r"://[^/\s:@\"']{1,256}:[^/\s@\"']{1,256}@")  # scheme://user:password@host
 _MIN_SECRET_LEN = 6
 MAX_LEARNED = 256
 
 # Key/value text: a secret-looking word, the rest of the key name, an optional closing quote
-# (JSON, escaped JSON, Python repr), ":" or "=", then a quoted or bare value. Found by
-# scanning the lower-cased text for the words first: far cheaper than one case-insensitive
-# pattern tried at every position. The full key name is checked with is_secret_key.
+# (JSON, escaped JSON, Python repr), ":" or "=", then a quoted or bare value. The words are
+# found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
+# tried at every position), then matched in full there; the key name is checked with
+# is_secret_key.
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie")
-_KV_WORD = re.compile(r"key|token|secret|pass|pwd|auth|credential|cookie")
 _KV_AT = re.compile(
     r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*"""
     r"""(?:(?P<vq>\\*["'])(?P<qv>.*?)(?P=vq)|(?P<bv>(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+))""",
@@ -275,12 +275,18 @@ def _register_value(value: Any, register: Any) -> None:
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
-    if not any(hint in lower for hint in _KV_HINTS):
+    starts: list[int] = []
+    for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
+        at = lower.find(hint)
+        while at >= 0:
+            starts.append(at)
+            at = lower.find(hint, at + 1)
+    if not starts:
         return text
+    starts.sort()
     out: list[str] = []
     last = 0
-    for word in _KV_WORD.finditer(lower):
-        start = word.start()
+    for start in starts:
         if start < last:
             continue
         match = _KV_AT.match(text, start)
@@ -331,7 +337,10 @@ def _redact_with(known: re.Pattern[str] | None, text: str) -> str:
         known = _known_pattern
     if known is not None:
         text = known.sub(REDACTED, text)
-    return _SECRET_SHAPES.sub(REDACTED, text)
+    text = _SECRET_SHAPES.sub(REDACTED, text)
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
+    return text
 
 
 class _Memo:
@@ -473,8 +482,9 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
         parts.append(_dumps(scrub(item, 1)))
         size += len(parts[-1]) + 2
         if size > check_at and not _secret_with_comma:
+            memo = _scrub_cache.entries()
             for rest in items[index + 1:]:
-                _learn_ahead(rest, 1)
+                _learn_ahead(rest, 1, memo)
             if _secret_with_comma:
                 continue  # learned a value with a comma: no shortcut
             prefix = redact("[" + ", ".join(parts)) or ""
@@ -484,24 +494,28 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
     return redact("[" + ", ".join(parts) + "]") or ""
 
 
-def _learn_ahead(value: Any, depth: int) -> None:
+def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
     """Learn the secrets :func:`scrub` and :func:`redact` would learn from ``value``, without
-    copying it."""
+    copying it (``memo``: strings redacted already, with nothing left to learn)."""
     if depth > 20:
         return
     if isinstance(value, str):
-        _kv_scan(value, learn=True)
+        if value not in memo:
+            _scrub_cache.redact(value)
     elif isinstance(value, dict):
         for key, item in value.items():
             skey = str(key)
             if is_secret_key(skey):
                 learn_secrets_in({skey: item})
-            else:
-                _kv_scan(skey, learn=True)
-                _learn_ahead(item, depth + 1)
+                continue
+            if skey not in memo:
+                _scrub_cache.redact(skey)
+            if item is not None and not isinstance(item, (bool, int, float)):
+                _learn_ahead(item, depth + 1, memo)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            _learn_ahead(item, depth + 1)
+            if item is not None and not isinstance(item, (bool, int, float)):
+                _learn_ahead(item, depth + 1, memo)
     elif value is not None and not isinstance(value, (bool, int, float)):
         _kv_scan(repr(value), learn=True)
 
