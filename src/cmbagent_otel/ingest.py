@@ -244,6 +244,7 @@ class IngestServer:
     def start(self) -> IngestServer:
         """Bind and serve in daemon threads; returns ``self``."""
         self.bind()
+        self._stopped.clear()
         with self._lock:
             if self._grpc is not None:
                 self._grpc.start()
