@@ -56,7 +56,8 @@ def test_dag_tree_and_formats(filled: tuple[str, str], capsys: pytest.CaptureFix
 
     assert main(["--db", url, "dag", run_id[:8], "--format", "json"]) == 0
     dag = json.loads(capsys.readouterr().out)
-    assert dag["run"]["id"] == run_id and len(dag["nodes"]) == 9 and len(dag["edges"]) == 7
+    assert dag["run"]["id"] == run_id and len(dag["nodes"]) == 9 and len(dag["edges"]) == 11
+    assert dag["run"]["tokens"] == 1295 and dag["run"]["cost_usd"] == pytest.approx(0.0105)
     assert {"source": "branch_at_step_2", "target": "step_2_redo_2", "type": "conditional",
             "condition": "branch_redo_2"} in dag["edges"]
 
@@ -99,9 +100,9 @@ def test_db_commands(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["--db", sqlite_url, "db", "current"]) == 0
     assert "<none>" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "upgrade"]) == 0
-    assert "0002_dag_hierarchy_columns (head: 0002_dag_hierarchy_columns)" in capsys.readouterr().out
+    assert "0003_cmbagent_tables (head: 0003_cmbagent_tables)" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "downgrade"]) == 0
-    assert ": 0001_tracking_schema" in capsys.readouterr().out
+    assert ": 0002_dag_hierarchy_columns" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "upgrade"]) == 0
     capsys.readouterr()
 

@@ -33,7 +33,7 @@ def test_batch_processor_end_to_end(db_url: str) -> None:
         counts = {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar()
                   for t in ("dag_nodes", "dag_edges", "execution_events", "cost_records", "branches")}
     engine.dispose()
-    assert counts == {"dag_nodes": 9, "dag_edges": 7, "execution_events": 9, "cost_records": 5, "branches": 2}
+    assert counts == {"dag_nodes": 9, "dag_edges": 11, "execution_events": 9, "cost_records": 5, "branches": 2}
     assert exporter.stats() == {"exported": 17, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
     exporter.shutdown()
     exporter.shutdown()
