@@ -851,8 +851,11 @@ def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[st
         # one branch point per step, shaped by its first redo: sibling redos with different
         # (damaged) depths must not make the row depend on which write saw which last
         if first_redo:
+            # base(step) * 1000: before the step's children (k >= 1), never a step number, and
+            # not cmbagent's -1, which would put it ahead of the run's first node (order 0)
             out.nodes.append(_derived_node(
-                run_id, session_id, bp_short, sc.NODE_BRANCH_POINT, "completed", -1, agent="system",
+                run_id, session_id, bp_short, sc.NODE_BRANCH_POINT, "completed",
+                _int(_step_base(step) * 1000), agent="system",
                 label=f"Branch point at {step_short}", description=f"Redo branches of {step_short}",
                 parent=step["id"], depth=redo["depth"]))
         branch_name = str(rmeta.get("branch_name") or rmeta.get("id"))
@@ -892,6 +895,13 @@ def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[st
             "racing_group_id": None, "racing_priority": None, "racing_status": None,
         })
     return step_rows
+
+
+def _step_base(node: Mapping[str, Any]) -> int:
+    """The contract's base(P) of a node: its step number for a step, else its order_index."""
+    if _is_step(node):
+        return _int(_meta(node).get("step_number"), node["order_index"])
+    return _int(node["order_index"])
 
 
 def _usage_values(prompt: int, completion: int, costs: list[float]) -> dict[str, Any]:
