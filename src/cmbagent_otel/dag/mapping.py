@@ -747,14 +747,18 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     real_run = source in ("workflow", "root")
     real = [n for n in nodes if not _meta(n).get("derived")]
     by_id = {n["id"]: n for n in real}
+    # A placeholder stands for a node span that has not arrived (it may never: a damaged
+    # span). An event can insert one in a batch that recomputes nothing, so the layout
+    # (edges, terminator, init) must not depend on placeholders, only link to them as parents.
+    arrived = [n for n in real if not _meta(n).get("placeholder")]
 
     def parent_of(node: Mapping[str, Any]) -> str | None:
         parent = node.get("parent_node_id")
         return parent if parent in by_id and parent != node["id"] else None
 
-    planning = sorted((n for n in real if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
-    steps = sorted((n for n in real if _is_step(n)), key=_order_key)
-    top = sorted((n for n in real if parent_of(n) is None), key=_order_key)
+    planning = sorted((n for n in arrived if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
+    steps = sorted((n for n in arrived if _is_step(n)), key=_order_key)
+    top = sorted((n for n in arrived if parent_of(n) is None), key=_order_key)
 
     # cmbagent's fixed-pipeline layout (one-shot): init (order 0) -> execute -> terminator
     if not planning and (run.get("mode") == ONE_SHOT_MODE
@@ -780,7 +784,7 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     for a, b in itertools.pairwise(chain):
         link(a["id"], b["id"])
 
-    if source == "workflow" or (source == "root" and real):
+    if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
         status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
         term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
@@ -796,7 +800,7 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     # order (sub-agents, redos, steps of a phase, agent turns of a conversation); the
     # top-level nodes in order. Pairs already linked above keep their first edge.
     children: dict[str, list[Mapping[str, Any]]] = {}
-    for n in real:
+    for n in arrived:
         parent = parent_of(n)
         if parent is not None:
             children.setdefault(parent, []).append(n)
