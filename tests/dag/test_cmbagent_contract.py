@@ -229,7 +229,7 @@ def test_planning_and_control(export: Callable[..., Exported]) -> None:
         events = {(e["event_type"], e["event_subtype"], e["agent_name"]) for e in _events(conn, run.run_id)}
         assert ("handoff", "transfer", "planner") in events  # first selection: no previous speaker, the chosen one
         assert ("handoff", "transfer", "engineer") in events and ("code_exec", "complete", "executor") in events
-        assert ("agent_call", "conversation", "control") in events
+        assert ("agent_call", "conversation", "admin") in events  # the initiator, not the chat's recipient
 
         step_row = next(iter(conn.execute(select(T["workflow_steps"].c.id)).scalars()))
         assert _costs(conn, run.run_id) == sorted([

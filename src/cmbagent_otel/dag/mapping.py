@@ -418,8 +418,9 @@ def _agent_of(kind: Any, attrs: Mapping[str, Any]) -> Any:
 
     A handoff is named after the agent handing off (its target is in ``outputs``; AG2's
     first selection has no previous speaker, then the chosen one names it); a
-    conversation after its recipient (``gen_ai.agent.name``), else its initiator. Code
-    executions without an agent get the agent of their DAG node in the writer's derived pass.
+    conversation after its initiator (its recipient, ``gen_ai.agent.name``, is often a
+    group chat manager), else its recipient. Code executions without an agent get the
+    agent of their DAG node in the writer's derived pass.
     """
     g = attrs.get
     if kind == sc.KIND_SPEAKER_SELECTION:
@@ -427,10 +428,9 @@ def _agent_of(kind: Any, attrs: Mapping[str, Any]) -> Any:
         if source is None or source == "none":
             return g(sc.HANDOFF_TO) or g(sc.GEN_AI_AGENT_NAME)
         return source
-    name = g(sc.GEN_AI_AGENT_NAME)
-    if name is None and kind in (sc.KIND_CONVERSATION, sc.KIND_MULTI_CONVERSATION):
-        return g(sc.CONVERSATION_INITIATOR)
-    return name
+    if kind in (sc.KIND_CONVERSATION, sc.KIND_MULTI_CONVERSATION):
+        return g(sc.CONVERSATION_INITIATOR) or g(sc.GEN_AI_AGENT_NAME)
+    return g(sc.GEN_AI_AGENT_NAME)
 
 
 def _plain(value: Any) -> Any:
