@@ -62,7 +62,12 @@ if [ ! -f "$DATA/PG_VERSION" ]; then
   chmod 700 "$DATA"
   as_owner "'$INITDB' -D '$DATA' -U postgres --auth=trust -E UTF8 >/dev/null"
 fi
+note="was already running, not started from this checkout: ./dev stop-services leaves it alone"
+if [ -f "$STATE" ] && grep -qxF "PGDATA=$(printf %q "$DATA")" "$STATE"; then
+  note="started earlier from this checkout: stop it with ./dev stop-services"
+fi
 if ! running; then
+  note="stop it with ./dev stop-services"
   # unix socket inside the data dir: never collides with another user's server on /tmp
   as_owner "'$PG_CTL' -D '$DATA' -l '$DATA/server.log' -w -t 60 -o \"-h 127.0.0.1 -p $PORT -k '$DATA'\" start >&2"
   mkdir -p "$(dirname "$STATE")"
@@ -79,5 +84,5 @@ done
 if ! "$PSQL" -h 127.0.0.1 -p "$PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$DB'" | grep -q 1; then
   "$PSQL" -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE $DB" >&2
 fi
-echo "PGDATA=$DATA (stop it with ./dev stop-services)" >&2
+echo "PGDATA=$DATA ($note)" >&2
 echo "postgresql+psycopg://postgres@127.0.0.1:${PORT}/${DB}"
