@@ -27,6 +27,8 @@ finish() {
 }
 
 if usable; then finish; fi
+# Go's own installer puts it in /usr/local/go, which is not always on PATH
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then PATH="/usr/local/go/bin:$PATH"; fi
 if ! command -v go >/dev/null 2>&1; then
   echo "build-jaeger: the Go toolchain ('go') is not on PATH: cannot build Jaeger $VERSION." >&2
   echo "  Install Go (https://go.dev/doc/install, or your distribution's golang package) and rerun," >&2
