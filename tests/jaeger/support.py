@@ -186,8 +186,9 @@ def run_jaeger(config: Path, workdir: Path, name: str, **extra_env: str) -> Iter
 def run_ingest(db_url: str, workdir: Path) -> Iterator[str]:
     """``cmbagent-otel ingest`` as a real subprocess on a free port; yields its base URL."""
     (port,) = free_ports(1)
-    cli = Path(sys.executable).with_name("cmbagent-otel")
-    argv = [str(cli), "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
+    cli = Path(sys.executable).with_name("cmbagent-otel")   # the console script of this environment
+    command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "cmbagent_otel.commands"]
+    argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     env = clean_env(CMBAGENT_OTEL_INGEST_TOKEN=INGEST_TOKEN)
     with service("ingest", argv, env, workdir / "ingest.log", lambda: reachable(f"{base}/health")):
@@ -200,6 +201,8 @@ def app_env(protocol: str, jaeger: Jaeger, service_name: str) -> dict[str, str]:
     """``OTEL_TRACES_EXPORTER=otlp`` over ``protocol`` (grpc or http/protobuf) to ``jaeger``."""
     endpoint = jaeger.otlp_grpc if protocol == "grpc" else jaeger.otlp_http
     return clean_env(
+        # AG2's code executor runs `python` from PATH: this environment's, as if activated
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         OTEL_TRACES_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
         OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
