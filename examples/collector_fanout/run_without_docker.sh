@@ -13,7 +13,8 @@
 #   JAEGER_BIN  the Jaeger v2 binary (default: $CMBAGENT_OTEL_JAEGER_BIN, else .tools/jaeger/current/jaeger,
 #               which `./dev setup --jaeger` builds)
 #   CMBAGENT_OTEL_DATABASE_URL   default sqlite:///<this folder>/fanout.db
-#   CMBAGENT_OTEL_INGEST_PORT    default 4319; Jaeger's addresses: the JAEGER_* variables listed in
+#   CMBAGENT_OTEL_INGEST_PORT    default 4319 (CMBAGENT_OTEL_INGEST_GRPC_PORT, its unused gRPC port: 4320);
+#               Jaeger's addresses: the JAEGER_* variables listed in
 #               jaeger-collector.yaml (defaults 127.0.0.1:4317, 4318, 16686, 16685, 13133)
 #   KEEP_RUNNING=1  leave Jaeger and the ingest running afterwards to browse the UI (Ctrl-C stops them)
 set -euo pipefail
@@ -29,6 +30,7 @@ if [ ! -x "$jaeger" ]; then
 fi
 db="${CMBAGENT_OTEL_DATABASE_URL:-sqlite:///$here/fanout.db}"
 ingest_port="${CMBAGENT_OTEL_INGEST_PORT:-4319}"
+ingest_grpc_port="${CMBAGENT_OTEL_INGEST_GRPC_PORT:-4320}"   # 4317 is the collector's
 export CMBAGENT_OTEL_INGEST_TOKEN="${CMBAGENT_OTEL_INGEST_TOKEN:-local-demo-token}"
 export CMBAGENT_OTEL_INGEST_ENDPOINT="http://127.0.0.1:$ingest_port"
 grpc="${JAEGER_OTLP_GRPC_ENDPOINT:-127.0.0.1:4317}"
@@ -63,7 +65,7 @@ while True:
 PY
 }
 
-"$py" -m cmbagent_otel.ingest --db "$db" --host 127.0.0.1 --port "$ingest_port" &
+"$py" -m cmbagent_otel.ingest --db "$db" --host 127.0.0.1 --port "$ingest_port" --grpc-port "$ingest_grpc_port" &
 pids+=($!)
 "$jaeger" --config "$here/jaeger-collector.yaml" >"$log" 2>&1 &
 pids+=($!)

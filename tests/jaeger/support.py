@@ -184,11 +184,12 @@ def run_jaeger(config: Path, workdir: Path, name: str, **extra_env: str) -> Iter
 
 @contextmanager
 def run_ingest(db_url: str, workdir: Path) -> Iterator[str]:
-    """``cmbagent-otel ingest`` as a real subprocess on a free port; yields its base URL."""
-    (port,) = free_ports(1)
+    """``cmbagent-otel ingest`` as a real subprocess on a free port; yields its base URL (OTLP/HTTP)."""
+    port, grpc_port = free_ports(2)
     cli = Path(sys.executable).with_name("cmbagent-otel")   # the console script of this environment
     command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "cmbagent_otel.commands"]
-    argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
+    argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port),
+            "--grpc-port", str(grpc_port)]   # not used here: the collector exports OTLP/HTTP to it
     base = f"http://127.0.0.1:{port}"
     env = clean_env(CMBAGENT_OTEL_INGEST_TOKEN=INGEST_TOKEN)
     with service("ingest", argv, env, workdir / "ingest.log", lambda: reachable(f"{base}/health")):

@@ -49,11 +49,17 @@ def test_jaeger_variant_matches_the_shipped_config() -> None:
     shipped, variant = load(SHIPPED_COLLECTOR_CONFIG), load(COLLECTOR_CONFIG)
     assert variant["processors"] == shipped["processors"]
     assert variant["receivers"]["otlp"]["protocols"].keys() == shipped["receivers"]["otlp"]["protocols"].keys()
-    ingest_shipped = dict(shipped["exporters"]["otlphttp/cmbagent"])
-    ingest_variant = dict(variant["exporters"]["otlphttp/cmbagent"])
-    assert ingest_variant.pop("endpoint") == "${env:CMBAGENT_OTEL_INGEST_ENDPOINT:-http://127.0.0.1:4319}"
-    assert ingest_shipped.pop("endpoint") == "http://cmbagent-ingest:4319"
-    assert ingest_variant == ingest_shipped
+    endpoints = {   # exporter: (variant, shipped)
+        "otlphttp/cmbagent": ("${env:CMBAGENT_OTEL_INGEST_ENDPOINT:-http://127.0.0.1:4319}",
+                              "http://cmbagent-ingest:4319"),
+        "otlp/cmbagent-grpc": ("${env:CMBAGENT_OTEL_INGEST_GRPC_ENDPOINT:-127.0.0.1:4320}", "cmbagent-ingest:4320"),
+    }
+    for name, (variant_endpoint, shipped_endpoint) in endpoints.items():
+        ingest_shipped = dict(shipped["exporters"][name])
+        ingest_variant = dict(variant["exporters"][name])
+        assert (ingest_variant.pop("endpoint"), ingest_shipped.pop("endpoint")) == (variant_endpoint, shipped_endpoint)
+        assert ingest_variant == ingest_shipped, name
+    assert set(variant["exporters"]) == {"jaeger_storage_exporter", *endpoints}
     pipeline_shipped = shipped["service"]["pipelines"]["traces"]
     pipeline_variant = variant["service"]["pipelines"]["traces"]
     assert pipeline_variant["receivers"] == pipeline_shipped["receivers"] == ["otlp"]

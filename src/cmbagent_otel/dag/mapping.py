@@ -26,7 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
-from ..redaction import REDACTED, is_secret_key, register_secret, scrub, truncate
+from ..redaction import REDACTED, is_secret_key, learn_secrets_in, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -207,7 +207,8 @@ def status_of(span: ReadableSpan) -> str:
 def _error_of(span: ReadableSpan) -> str | None:
     if span.status.status_code is not StatusCode.ERROR:
         return None
-    return truncate(span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error")
+    description = span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error"
+    return truncate(_values.redact(str(description)))
 
 
 def _duration_ms(span: ReadableSpan) -> int | None:
@@ -435,7 +436,7 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     cache: dict[str, str] | None = _values.entries()  # computed with the secrets known now
     for key, value in attrs.items():
         if is_secret_key(key):
-            register_secret(value)
+            learn_secrets_in({key: value})
             cache = None
             out[key] = REDACTED
         elif value is None or type(value) in _PLAIN_TYPES:
