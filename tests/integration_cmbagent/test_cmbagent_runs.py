@@ -306,9 +306,8 @@ def test_planning_and_control_dag_rows(dag_db: str) -> None:
     assert handoffs and all(e["status"] == "completed" for e in handoffs)  # the chat's end is no failure
 
 
-@pytest.mark.xfail(strict=True, reason="needs b-dag's issue-11 mapping: integer meta.tokens, connecting edges, "
-                                       "handoff agent names")
 def test_planning_and_control_dag_contract_of_the_dag_side(dag_db: str) -> None:
+    """Integer meta.tokens, every node connected, handoffs named after the agent handing off."""
     nodes = {r["id"]: r for r in _rows(dag_db, "dag_nodes")}
     events = _rows(dag_db, "execution_events")
     llm = [e for e in events if e["event_subtype"] == "llm"]
