@@ -48,6 +48,7 @@ DEFAULT_SCHEDULE_DELAY_MS = 1000
 DEFAULT_MAX_QUEUE_SIZE = 2048
 DEFAULT_MAX_EXPORT_BATCH_SIZE = 512
 SHUTDOWN_TIMEOUT_S = 30.0
+SHUTDOWN_REPLAY_MS = 10_000  # at shutdown, time given to replaying this run's spill files
 _IDLE_REPLAY_S = 1.0
 
 
@@ -253,7 +254,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
             return False
 
     def shutdown(self) -> None:
-        """Export what is queued, stop the worker, shut the exporter down (idempotent)."""
+        """Export what is queued, stop the worker, let the exporter replay its spill files for
+        up to 10 s, then shut it down (idempotent). What is left stays on disk for the next process."""
         if self._shutdown:
             return
         self._shutdown = True
@@ -270,6 +272,12 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 pass
             if rest:
                 self._take_overflow(rest)
+        flush = getattr(self.exporter, "force_flush", None)
+        if flush is not None and hasattr(self.exporter, "replay_due"):
+            try:
+                flush(SHUTDOWN_REPLAY_MS)  # write what was spilled while the database is here
+            except Exception:
+                logger.debug("cmbagent_otel: exporter flush at shutdown failed", exc_info=True)
         try:
             self.exporter.shutdown()
         except Exception:
