@@ -248,7 +248,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             return True
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))
         try:
-            return bool(flush(left_ms))
+            return flush(left_ms) is not False  # the SDK's SpanExporter.force_flush returns None
         except Exception:
             logger.debug("cmbagent_otel: exporter force_flush failed", exc_info=True)
             return False

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
@@ -118,9 +118,9 @@ def target_of(url: str | None = None) -> str:
     parameters removed, a SQLite file path made absolute. Two URLs of one database give the
     same text, so it identifies where spilled spans belong."""
     parsed = make_url(resolve_url(url))
-    parsed = parsed.set(password=None)
     query = {k: v for k, v in parsed.query.items() if k.lower() not in _SECRET_QUERY_KEYS}
-    parsed = parsed.set(query=query)
+    # URL.set() cannot remove a password (None means "unchanged"): build the URL again
+    parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
             and not parsed.database.startswith("file:"):
         parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
