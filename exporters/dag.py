@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from cmbagent_otel.dag.database import BadDatabaseURL, default_sqlite_path, redacted, resolve_url, target_of
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
-from cmbagent_otel.spill import SPILL_DIR_ENV, PermanentFailure, SpillFailed, SpillStore
+from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
@@ -210,7 +210,9 @@ class DagSpanExporter(SpanExporter):
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             except Exception as exc:
-                return self._isolate(spans, exc, deadline)
+                stored, dropped = self._isolate(spans, exc, deadline)
+                self._count("exported", stored)
+                return SpanExportResult.FAILURE if dropped else SpanExportResult.SUCCESS
             self._count("exported", count)
             self._degraded_until = 0.0
             if self._replay_due and self.replay_after_export:
@@ -226,13 +228,14 @@ class DagSpanExporter(SpanExporter):
                            self._spill.directory if self._spill else None)
         return SpanExportResult.SUCCESS if kept == count else SpanExportResult.FAILURE
 
-    def _isolate(self, spans: Sequence[ReadableSpan], exc: Exception, deadline: float) -> SpanExportResult:
+    def _isolate(self, spans: Sequence[ReadableSpan], exc: Exception, deadline: float) -> tuple[int, int]:
         """A non-retryable error: write the batch in halves so only the spans that cause it
-        are dropped (each with a log line); past the deadline the rest are spilled."""
+        are dropped (each with a log line); past the deadline the rest are spilled again.
+        Returns ``(spans written, spans dropped)``; the caller counts the written ones."""
         logger.error("cmbagent_otel: could not write %d spans to the DAG database %s: %s", len(spans),
                      redacted(resolve_url(self._url)), exc, exc_info=exc)
         pending = [list(spans)]
-        failed = 0
+        stored = dropped = 0
         while pending:
             part = pending.pop()
             if len(part) == 1:
@@ -240,7 +243,7 @@ class DagSpanExporter(SpanExporter):
                 logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
                              getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
                 self._dropped(1, "a span the database refuses (logged above)")
-                failed += 1
+                dropped += 1
                 continue
             half = len(part) // 2
             for piece in (part[:half], part[half:]):
@@ -254,8 +257,8 @@ class DagSpanExporter(SpanExporter):
                 except Exception:
                     pending.append(piece)
                 else:
-                    self._count("exported", len(piece))
-        return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+                    stored += len(piece)
+        return stored, dropped
 
     # --- the durable processor's overflow -------------------------------------------------------
 
@@ -273,14 +276,17 @@ class DagSpanExporter(SpanExporter):
     # --- replay --------------------------------------------------------------------------------
 
     def _write_for_replay(self, end: float) -> Any:
-        def write(spans: Sequence[ReadableSpan]) -> bool:
+        def write(spans: Sequence[ReadableSpan]) -> bool | int:
+            limit = max(0.0, min(end - time.monotonic(), self._timeout))
             try:
-                self._get_writer().write(spans, timeout=max(0.0, min(end - time.monotonic(), self._timeout)))
+                self._get_writer().write(spans, timeout=limit)
             except DatabaseUnavailable:
                 return False
             except Exception as exc:
-                logger.error("cmbagent_otel: a spilled batch cannot be written: %s", exc, exc_info=exc)
-                raise PermanentFailure(str(exc)) from exc
+                # the spans the database refuses are dropped (logged); the rest are written
+                # or, past the deadline, spilled again: either way this file is done
+                stored, _ = self._isolate(spans, exc, time.monotonic() + max(limit, DEGRADED_ATTEMPT_S))
+                return stored  # the spill store counts these as replayed
             return True
 
         return write

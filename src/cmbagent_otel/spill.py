@@ -442,10 +442,13 @@ class SpillStore:
             handled += 1
         return handled
 
-    def replay(self, write: Callable[[Sequence[ReadableSpan]], bool], *, budget_s: float | None = None,
+    def replay(self, write: Callable[[Sequence[ReadableSpan]], bool | int], *, budget_s: float | None = None,
                files: Sequence[Path] | None = None, on_rejected: Callable[[Path, int], None] | None = None,
                ) -> tuple[int, int]:
-        """Feed pending files (or ``files``) to ``write`` (True = stored); delete the stored ones.
+        """Feed pending files (or ``files``) to ``write``; delete the files it is done with.
+
+        ``write`` returns True (all stored), False (not now: stop here) or the number of
+        spans it stored when it dealt with the others itself (dropped them, with a log line).
 
         Returns ``(spans replayed, files left)``. Stops at the first file ``write`` refuses,
         and, with ``budget_s``, before starting a file once that many seconds have passed,
@@ -473,7 +476,7 @@ class SpillStore:
             if self.target is not None and spill.target != self.target:
                 continue  # a key collision or a renamed file: not ours
             try:
-                stored = not spill.spans or write(spill.spans)
+                stored: bool | int = True if not spill.spans else write(spill.spans)
             except PermanentFailure:
                 logger.warning("cmbagent_otel: spill file %s cannot be written (see the error above); kept as .bad",
                                path)
@@ -482,9 +485,9 @@ class SpillStore:
                 with contextlib.suppress(OSError):
                     path.rename(path.with_name(path.name + ".bad"))
                 continue
-            if not stored:
+            if stored is False:
                 return replayed, len(todo) - index
-            replayed += len(spill.spans)
+            replayed += len(spill.spans) if stored is True else int(stored)
             if spill.rejected:
                 logger.warning("cmbagent_otel: %d spans of spill file %s could not be decoded; kept as .bad",
                                spill.rejected, path)

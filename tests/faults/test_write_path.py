@@ -197,3 +197,39 @@ def test_spill_targets_never_hold_credentials(tmp_path, monkeypatch):
     assert with_credentials(target_of(full), full) == full
     assert with_credentials(target_of(full), "postgresql://bob:x@elsewhere/db") == target_of(full)
 
+
+
+POISON = ("CREATE TRIGGER poison BEFORE INSERT ON execution_events WHEN NEW.event_subtype = 'llm' "
+          "AND json_extract(NEW.meta, '$.span_name') = 'chat poison' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+
+
+def test_a_span_the_database_refuses_is_dropped_alone_with_a_log_line(tmp_path, capture, caplog):
+    """A non-retryable error (here a real trigger refusing one row): the batch is written in
+    halves around it, only that span is dropped and logged; a spilled batch holding it too."""
+    from cmbagent_otel.exporters.dag import DagSpanExporter
+
+    from cmbagent_otel.spill import SpillStore
+
+    with workflow("w", mode="planning-control"), phase("control"), step(1, "s"):
+        for name in ("chat a", "chat poison", "chat b", "chat c"):
+            with TracedSpan(name, "llm", {"gen_ai.usage.input_tokens": 1}):
+                pass
+    spans = capture.spans
+    url = f"sqlite:///{tmp_path}/c.db"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(POISON)
+    exporter = DagSpanExporter(url, spill_dir=tmp_path / "spill")
+    assert exporter.export(spans).name == "FAILURE"
+    assert exporter.stats()["exported"] == len(spans) - 1 and exporter.stats()["dropped"] == 1
+    assert "dropping span 'chat poison'" in caplog.text
+    # the same spans waiting in a spill file: replayed around the refused one, the file done
+    SpillStore(tmp_path / "spill", exporter.target).append(spans)
+    assert exporter.replay() == (len(spans) - 1, 0)
+    assert exporter.stats()["dropped"] == 2
+    exporter.shutdown()
+    with engine.connect() as conn:
+        names = {r[0] for r in conn.exec_driver_sql("SELECT json_extract(meta, '$.span_name') FROM execution_events")}
+    engine.dispose()
+    assert names == {"chat a", "chat b", "chat c"}
