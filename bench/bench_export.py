@@ -6,7 +6,7 @@
   ``sqlite3`` ``executemany`` of those rows into an identical schema (same Alembic
   migrations, same pragmas: WAL, synchronous=NORMAL, foreign_keys=ON), one transaction
   per batch. The rows ours derives from a run's node set (edges, steps, branches, branch
-  runs, derived nodes, session state) are taken from an untimed reference export and
+  runs, derived nodes, cost records, session state) are taken from an untimed reference export and
   inserted once, in the batch that completes their run, so both writers end with the
   same rows. This is the floor any writer of these rows pays.
 
@@ -61,6 +61,7 @@ DERIVED_TABLES: tuple[tuple[str, str], ...] = (
     ("dag_nodes", "SELECT n.run_id, n.* FROM dag_nodes n WHERE json_extract(n.meta, '$.derived')"),
     ("dag_edges", "SELECT n.run_id, e.* FROM dag_edges e JOIN dag_nodes n ON n.id = e.from_node_id"),
     ("branches", "SELECT b.parent_run_id, b.* FROM branches b"),
+    ("cost_records", "SELECT c.run_id, c.* FROM cost_records c"),
     ("session_states", "SELECT NULL, s.* FROM session_states s"),
 )
 
@@ -84,12 +85,13 @@ def derived_rows(batches: list[list[Any]], tmp: str) -> list[list[tuple[str, lis
         for table, query in DERIVED_TABLES:
             cursor = conn.execute(query)
             columns = [d[0] for d in cursor.description][1:]
-            if table == "dag_edges":
+            autoincrement = table in ("dag_edges", "cost_records")
+            if autoincrement:
                 columns = columns[1:]  # autoincrement id: raw lets SQLite assign it, as ours does
             sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             per_batch: dict[int, list[tuple[Any, ...]]] = {}
             for owner, *values in cursor:
-                if table == "dag_edges":
+                if autoincrement:
                     values = values[1:]
                 index = last_batch.get(owner, len(batches) - 1) if owner is not None else len(batches) - 1
                 per_batch.setdefault(index, []).append(tuple(values))
@@ -116,7 +118,6 @@ def _raw_statements(batch: list[Any]) -> list[tuple[str, list[tuple[Any, ...]]]]
         ("dag_nodes", sorted(mapped.nodes.values(), key=lambda r: r["depth"]), "replace"),
         ("execution_events", list(mapped.event_placeholders.values()), "ignore"),
         ("execution_events", sorted(mapped.events.values(), key=lambda r: r["depth"]), "replace"),
-        ("cost_records", mapped.costs, "insert"),
         ("messages", mapped.messages, "insert"),
     ]
     out = []

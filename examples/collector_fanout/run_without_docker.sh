@@ -5,7 +5,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 db="${CMBAGENT_OTEL_DATABASE_URL:-sqlite:///$here/fanout.db}"
 export CMBAGENT_OTEL_INGEST_TOKEN="${CMBAGENT_OTEL_INGEST_TOKEN:-local-demo-token}"
-python -m cmbagent_otel.ingest --db "$db" --port 4319 &
+python -m cmbagent_otel.ingest --db "$db" --port 4319 --grpc-port 4320 &
 ingest=$!
 trap 'kill $ingest' EXIT
 python - <<'PY'

@@ -9,12 +9,18 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from cmbagent_otel.dag.schema import TABLE_ORDER, metadata
+from cmbagent_otel.dag.schema import metadata
 
 revision = "0001_tracking_schema"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+# Frozen here: later revisions add tables to the models, not to this revision.
+TABLE_ORDER = (
+    "sessions", "session_states", "workflow_runs", "workflow_steps", "dag_nodes", "dag_edges",
+    "execution_events", "messages", "cost_records", "branches",
+)
 
 
 def upgrade() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -165,31 +166,55 @@ def _add_runs(sub: Any) -> None:
 
 # --- dag ----------------------------------------------------------------------------------
 
+def meta_tokens(meta: Any) -> int:
+    """Total tokens in an event's or node's ``meta`` (an int; rows from older versions held a dict)."""
+    tokens = meta.get("tokens") if isinstance(meta, dict) else None
+    if isinstance(tokens, dict):
+        tokens = tokens.get("total")
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
+        return 0
+    return int(tokens)
+
+
+def _meta_cost(meta: Any) -> float:
+    cost = meta.get("cost_usd") if isinstance(meta, dict) else None
+    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else 0.0
+
+
 def load_dag(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
-    """Nodes (with per-node event/token/cost totals) and edges of ``run``, JSON-ready."""
-    from sqlalchemy import select
+    """Nodes (event count, and tokens/cost of their whole subtree), edges and run totals of ``run``, JSON-ready."""
+    from sqlalchemy import func, select
 
     from .dag.writer import T, decode_json
 
     nodes_t, edges_t, events_t = T["dag_nodes"], T["dag_edges"], T["execution_events"]
+    counts = dict(conn.execute(select(events_t.c.node_id, func.count()).where(events_t.c.run_id == run["id"])
+                               .group_by(events_t.c.node_id)).all())
     nodes = []
+    legacy = False
     for r in conn.execute(select(nodes_t).where(nodes_t.c.run_id == run["id"])).mappings():
         meta = decode_json(r["meta"]) or {}
+        legacy = legacy or "tokens" not in meta
         nodes.append({"db_id": r["id"], "id": meta.get("id", r["id"]), "parent": r["parent_node_id"],
                       "type": r["node_type"], "agent": r["agent"], "status": r["status"],
                       "order_index": r["order_index"], "depth": r["depth"], "label": meta.get("label"),
                       "duration_ms": meta.get("duration_ms"), "execution_order": meta.get("execution_order") or 0,
-                      "events": 0, "tokens": 0, "cost_usd": 0.0})
+                      "events": counts.get(r["id"], 0), "tokens": meta_tokens(meta), "cost_usd": _meta_cost(meta)})
     by_db = {n["db_id"]: n for n in nodes}
+    # Node meta holds subtree totals; events outside any node (a plain program's calls before
+    # its first conversation node, or another writer's rows) count for the run only. Rows of
+    # older versions carry no node totals: their nodes show their own events' sums.
+    outside = {"events": counts.get(None, 0), "tokens": 0, "cost_usd": 0.0}
+    wanted = events_t.c.node_id.is_(None) if not legacy else events_t.c.run_id == run["id"]
     for node_id, meta in conn.execute(select(events_t.c.node_id, events_t.c.meta).where(
-            events_t.c.run_id == run["id"])):
-        node = by_db.get(node_id)
-        if node is None:
-            continue
+            events_t.c.run_id == run["id"], wanted)):
         meta = decode_json(meta) or {}
-        node["events"] += 1
-        node["tokens"] += int((meta.get("tokens") or {}).get("total") or 0)
-        node["cost_usd"] += float(meta.get("cost_usd") or 0.0)
+        target = by_db.get(node_id) if legacy else None
+        if target is None and node_id is None:
+            target = outside
+        if target is not None:
+            target["tokens"] += meta_tokens(meta)
+            target["cost_usd"] += _meta_cost(meta)
     edges = []
     for f, t, d, c in conn.execute(select(edges_t.c.from_node_id, edges_t.c.to_node_id, edges_t.c.dependency_type,
                                           edges_t.c.condition).where(edges_t.c.from_node_id.in_(list(by_db)))):
@@ -197,70 +222,109 @@ def load_dag(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
                       "condition": c})
     nodes.sort(key=lambda n: (n["depth"], n["order_index"], n["execution_order"], n["id"]))
     edges.sort(key=lambda e: (e["source"], e["target"]))
+    roots = [n for n in nodes if n["parent"] not in by_db]
     return {
         "run": {"id": run["id"], "mode": run["mode"], "status": run["status"],
                 "started_at": str(run["started_at"]) if run["started_at"] else None,
                 "completed_at": str(run["completed_at"]) if run["completed_at"] else None,
-                "task": run["task_description"], "is_branch": bool(run["is_branch"])},
+                "task": run["task_description"], "is_branch": bool(run["is_branch"]),
+                "tokens": outside["tokens"] + (sum(n["tokens"] for n in roots) if not legacy else
+                                               sum(n["tokens"] for n in nodes)),
+                "cost_usd": outside["cost_usd"] + (sum(n["cost_usd"] for n in roots) if not legacy else
+                                                   sum(n["cost_usd"] for n in nodes)),
+                "events_outside_nodes": outside["events"]},
         "nodes": nodes, "edges": edges,
     }
 
 
+def _usage_parts(item: dict[str, Any]) -> list[str]:
+    parts = []
+    if item.get("events"):
+        parts.append(f"events={item['events']}")
+    if item.get("tokens"):
+        parts.append(f"tokens={item['tokens']}")
+    if item.get("cost_usd"):
+        parts.append(_fmt_cost(item["cost_usd"]))
+    return parts
+
+
 def _node_line(n: dict[str, Any]) -> str:
-    parts = [f"[bold]{n['id']}[/bold]", f"({n['type']})", _status(n["status"]), f"agent={n['agent']}",
-             _fmt_ms(n["duration_ms"])]
-    if n["events"]:
-        parts.append(f"events={n['events']}")
-    if n["tokens"]:
-        parts.append(f"tokens={n['tokens']}")
-    if n["cost_usd"]:
-        parts.append(_fmt_cost(n["cost_usd"]))
-    return " ".join(parts)
+    parts = [f"[bold]{escape(str(n['id']))}[/bold]", f"({escape(str(n['type']))})", _status(n["status"]),
+             f"agent={escape(str(n['agent']))}", _fmt_ms(n["duration_ms"])]
+    return " ".join(parts + _usage_parts(n))
 
 
 def _render_tree(dag: dict[str, Any]) -> Tree:
     run = dag["run"]
-    tree = Tree(f"[bold]run {run['id']}[/bold] {run['mode']} {_status(run['status'])}")
+    head = [f"[bold]run {run['id']}[/bold]", escape(str(run["mode"])), _status(run["status"])]
+    tree = Tree(" ".join(head + _usage_parts({"tokens": run["tokens"], "cost_usd": run["cost_usd"]})))
     children: dict[str | None, list[dict[str, Any]]] = {}
     ids = {n["db_id"] for n in dag["nodes"]}
     for n in dag["nodes"]:
         parent = n["parent"] if n["parent"] in ids else None
         children.setdefault(parent, []).append(n)
+    shown: set[str] = set()
 
     def add(branch: Tree, parent: str | None) -> None:
         for n in children.get(parent, []):
-            add(branch.add(_node_line(n)), n["db_id"])
+            if n["db_id"] not in shown:  # a damaged parent cycle must not recurse forever
+                shown.add(n["db_id"])
+                add(branch.add(_node_line(n)), n["db_id"])
 
     add(tree, None)
+    outside = run["events_outside_nodes"]
+    if outside:
+        tree.add(f"[dim]{outside} event(s) outside any DAG node[/dim]")
+    elif not dag["nodes"]:
+        tree.add("[dim]no DAG nodes and no events[/dim]")
     return tree
 
 
+def _dot_text(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _dot(dag: dict[str, Any]) -> str:
-    lines = [f'digraph "{dag["run"]["id"]}" {{', "  rankdir=TB;"]
+    lines = [f'digraph "{_dot_text(dag["run"]["id"])}" {{', "  rankdir=TB;"]
     for n in dag["nodes"]:
-        label = f"{n['id']}\\n{n['type']} {n['status']}"
-        lines.append(f'  "{n["id"]}" [label="{label}"];')
+        label = f"{_dot_text(n['id'])}\\n{_dot_text(n['type'])} {_dot_text(n['status'])}"
+        lines.append(f'  "{_dot_text(n["id"])}" [label="{label}"];')
     for e in dag["edges"]:
-        attr = f' [style=dashed, label="{e["condition"]}"]' if e["type"] == "conditional" else ""
-        lines.append(f'  "{e["source"]}" -> "{e["target"]}"{attr};')
+        attr = f' [style=dashed, label="{_dot_text(e["condition"])}"]' if e["type"] == "conditional" else ""
+        lines.append(f'  "{_dot_text(e["source"])}" -> "{_dot_text(e["target"])}"{attr};')
+    by_db = {n["db_id"]: n for n in dag["nodes"]}
     for n in dag["nodes"]:
-        if n["parent"]:
-            parent = next((p for p in dag["nodes"] if p["db_id"] == n["parent"]), None)
-            if parent is not None:
-                lines.append(f'  "{parent["id"]}" -> "{n["id"]}" [style=dotted, arrowhead=none];')
+        parent = by_db.get(n["parent"]) if n["parent"] else None
+        if parent is not None:
+            lines.append(f'  "{_dot_text(parent["id"])}" -> "{_dot_text(n["id"])}" [style=dotted, arrowhead=none];')
     lines.append("}")
     return "\n".join(lines)
 
 
 def _mermaid(dag: dict[str, Any]) -> str:
-    def key(short: str) -> str:
-        return "n_" + "".join(ch if ch.isalnum() else "_" for ch in short)
+    keys: dict[str, str] = {}
+    used: set[str] = set()
+
+    def key(short: Any) -> str:
+        short = str(short)
+        if short not in keys:
+            base = candidate = "n_" + "".join(ch if ch.isalnum() else "_" for ch in short)
+            suffix = 1
+            while candidate in used:  # "a-b" and "a_b" must stay two mermaid nodes
+                suffix += 1
+                candidate = f"{base}__{suffix}"
+            used.add(candidate)
+            keys[short] = candidate
+        return keys[short]
+
+    def text(value: Any) -> str:
+        return "".join(ch if ch.isalnum() or ch in " _-.:,/" else f"#{ord(ch)};" for ch in str(value))
 
     lines = ["flowchart TD"]
     for n in dag["nodes"]:
-        lines.append(f'  {key(n["id"])}["{n["id"]} ({n["type"]}, {n["status"]})"]')
+        lines.append(f'  {key(n["id"])}["{text(n["id"])} ({text(n["type"])}, {text(n["status"])})"]')
     for e in dag["edges"]:
-        arrow = f' -.->|{e["condition"]}| ' if e["type"] == "conditional" else " --> "
+        arrow = f' -.->|{text(e["condition"])}| ' if e["type"] == "conditional" else " --> "
         lines.append(f"  {key(e['source'])}{arrow}{key(e['target'])}")
     return "\n".join(lines)
 
@@ -316,7 +380,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
             "id": r["id"], "order": r["execution_order"], "depth": r["depth"], "type": r["event_type"],
             "subtype": r["event_subtype"], "agent": r["agent_name"], "node": shorts.get(r["node_id"]),
             "status": r["status"], "duration_ms": r["duration_ms"], "name": meta.get("span_name"),
-            "tokens": (meta.get("tokens") or {}).get("total"), "cost_usd": meta.get("cost_usd"),
+            "tokens": meta_tokens(meta) if "tokens" in meta else None, "cost_usd": meta.get("cost_usd"),
             "parent": r["parent_event_id"], "error": r["error_message"],
         })
     if args.format == "json":

@@ -8,6 +8,17 @@ OTLP/JSON differs from the canonical proto3 JSON mapping in one way that matters
 converted before handing the document to ``json_format``, which already accepts
 lowerCamelCase names, integer enums and 64-bit integers written as strings. Unknown
 fields are ignored, as the OTLP specification requires of receivers.
+
+Memory stays bounded by the body, whatever the body holds. Protobuf's parser has no lazy
+or bounded mode, and an OTLP message costs up to ~100 times its wire size once parsed (an
+empty ``Span`` is 2 bytes on the wire and ~200 in memory: 10 MiB of them take 950 MiB).
+So the three outer levels (request, resource spans, scope spans) are walked here on the
+wire format, without parsing, and each span is parsed on its own; a span larger than
+64 KiB is first trimmed on the wire to the :class:`Limits` (attribute, event, link and
+array counts, AnyValue depth), so its parsed form is bounded too. OTLP/JSON cannot be
+parsed piecewise by the standard library: :func:`json_cost` estimates the memory
+``json.loads`` would take from the body's structural characters, and the ingest server
+admits a JSON body only within its memory budget.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +45,17 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 
 __all__ = [
     "DecodedBatch",
+    "Limits",
     "MalformedPayload",
     "any_value",
     "decode_json",
     "decode_protobuf",
     "decode_request",
     "encode_response",
+    "iter_json",
+    "iter_protobuf",
+    "json_cost",
+    "spans_from_request",
 ]
 
 # Span.flags bits (opentelemetry/proto/trace/v1/trace.proto, SpanFlags)
@@ -58,7 +74,13 @@ _KINDS = {
 }
 _STATUS = {0: StatusCode.UNSET, 1: StatusCode.OK, 2: StatusCode.ERROR}
 
-_MAX_JSON_DEPTH = 64
+MAX_ANY_VALUE_DEPTH = 32  # AnyValue nesting (arrays and maps inside arrays and maps)
+# json_format counts message levels: three per AnyValue level (AnyValue > KeyValueList >
+# KeyValue), plus request > resource spans > scope spans > span > event > key value.
+_JSON_FORMAT_DEPTH = 3 * MAX_ANY_VALUE_DEPTH + 16
+_SMALL_SPAN = 64 * 1024  # parsed as is: at most ~100x its size in memory
+_MIN_SPAN = 28  # a trace id (18 bytes with its key) and a span id (10) at least
+MAX_REJECTED = 10_000  # past this many unreadable spans a request is malformed, not partly valid
 
 
 class MalformedPayload(ValueError):
@@ -82,36 +104,127 @@ class DecodedBatch:
     def error_message(self) -> str:
         return "; ".join(self.errors)
 
+    def merge(self, other: DecodedBatch) -> None:
+        """Add ``other``'s spans and rejections to this batch."""
+        self.spans.extend(other.spans)
+        self.rejected += other.rejected
+        for reason in other.errors:
+            if len(self.errors) < 5 and reason not in self.errors:
+                self.errors.append(reason)
 
-def any_value(value: AnyValue, *, json_safe: bool = False, _depth: int = 0) -> Any:
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds applied to decoded spans, like the SDK's span limits.
+
+    Every string (attribute values, array elements, map keys and values, span and event
+    names, status messages) is cut to ``max_value_length`` characters (marked
+    ``...[truncated]``); an array or map value holds at most ``max_array_length`` elements
+    and ``max_value_length`` characters in all, like one string; a span keeps its first
+    ``max_attributes`` attributes, ``max_events`` events and ``max_links`` links. A value
+    nested deeper than ``max_depth`` AnyValue levels rejects its span.
+    """
+
+    max_value_length: int = 4096
+    max_array_length: int = 128
+    max_attributes: int = 128
+    max_events: int = 128
+    max_links: int = 128
+    max_depth: int = MAX_ANY_VALUE_DEPTH
+
+    @classmethod
+    def default(cls) -> Limits:
+        """The limits with ``max_value_length`` from ``CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH``."""
+        from .redaction import max_length
+
+        return cls(max_value_length=max_length())
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 14, 0)] + "...[truncated]"
+
+
+class _Budget:
+    """What is left of one attribute value's character allowance."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+
+def any_value(value: AnyValue, *, json_safe: bool = False, limits: Limits | None = None, _depth: int = 0,
+              _budget: _Budget | None = None) -> Any:
     """The Python value of an OTLP ``AnyValue``.
 
     Scalars map to ``str``/``bool``/``int``/``float``, ``bytes_value`` to ``bytes`` (a
     base64 ``str`` with ``json_safe``, so the value can be stored in a JSON column),
     ``array_value`` to a ``tuple`` and ``kvlist_value`` to a ``dict``; an empty value is
-    ``None``.
+    ``None``. With ``limits``, strings, arrays and maps are bounded (see :class:`Limits`).
+    Raises ``ValueError`` for a value nested deeper than ``limits.max_depth`` (default
+    :data:`MAX_ANY_VALUE_DEPTH`) levels.
     """
-    if _depth > _MAX_JSON_DEPTH:
-        raise MalformedPayload("AnyValue nested too deeply")
+    if _depth > (limits.max_depth if limits is not None else MAX_ANY_VALUE_DEPTH):
+        raise ValueError("attribute value nested too deeply")
+    if limits is not None and _budget is None:
+        _budget = _Budget(limits.max_value_length)
     which = value.WhichOneof("value")
     if which is None:
         return None
     if which == "array_value":
-        return tuple(any_value(item, json_safe=json_safe, _depth=_depth + 1) for item in value.array_value.values)
+        items = value.array_value.values
+        if limits is None:
+            return tuple(any_value(item, json_safe=json_safe, _depth=_depth + 1) for item in items)
+        out = []
+        for item in items[: limits.max_array_length]:
+            if _budget is not None and _budget.left <= 0:
+                break
+            out.append(any_value(item, json_safe=json_safe, limits=limits, _depth=_depth + 1, _budget=_budget))
+        return tuple(out)
     if which == "kvlist_value":
-        return {kv.key: any_value(kv.value, json_safe=json_safe, _depth=_depth + 1)
-                for kv in value.kvlist_value.values}
-    if which == "bytes_value" and json_safe:
-        return base64.b64encode(value.bytes_value).decode("ascii")
+        pairs = value.kvlist_value.values
+        if limits is None:
+            return {kv.key: any_value(kv.value, json_safe=json_safe, _depth=_depth + 1) for kv in pairs}
+        mapping: dict[str, Any] = {}
+        for kv in pairs[: limits.max_array_length]:
+            if _budget is not None and _budget.left <= 0:
+                break
+            key = _bounded_str(kv.key, _budget)
+            mapping[key] = any_value(kv.value, json_safe=json_safe, limits=limits, _depth=_depth + 1,
+                                     _budget=_budget)
+        return mapping
+    if which == "bytes_value":
+        raw = value.bytes_value
+        if _budget is not None:
+            raw = raw[: max(_budget.left, 0)]
+            _budget.left -= len(raw)
+        return base64.b64encode(raw).decode("ascii") if json_safe else raw
+    if which == "string_value":
+        return _bounded_str(value.string_value, _budget)
+    if _budget is not None:
+        _budget.left -= 1
     return getattr(value, which)
 
 
-def _attributes(items: Iterable[KeyValue], safe: bool) -> dict[str, Any]:
+def _bounded_str(text: str, budget: _Budget | None) -> str:
+    if budget is None:
+        return text
+    text = _cut(text, max(budget.left, 14))
+    budget.left -= len(text)
+    return text
+
+
+def _attributes(items: Iterable[KeyValue], safe: bool, limits: Limits | None = None,
+                count: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if limits is not None:
+        items = list(items)[: count if count is not None else limits.max_attributes]
     for kv in items:
-        decoded = any_value(kv.value, json_safe=safe)
+        decoded = any_value(kv.value, json_safe=safe, limits=limits)
         if decoded is not None:
-            out[kv.key] = decoded
+            out[_cut(kv.key, limits.max_value_length) if limits is not None else kv.key] = decoded
     return out
 
 
@@ -140,16 +253,20 @@ def _is_remote(flags: int) -> bool:
     return bool(flags & _FLAGS_HAS_IS_REMOTE and flags & _FLAGS_IS_REMOTE)
 
 
-def _scope(scope: InstrumentationScope, schema_url: str, safe: bool) -> SdkScope:
+def _scope(scope: InstrumentationScope, schema_url: str, safe: bool, limits: Limits | None) -> SdkScope:
     return SdkScope(
-        scope.name,
-        scope.version or None,
+        _text(scope.name, limits),
+        _text(scope.version, limits) or None,
         schema_url or None,
-        _attributes(scope.attributes, safe) or None,
+        _attributes(scope.attributes, safe, limits) or None,
     )
 
 
-def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool) -> ReadableSpan:
+def _text(value: str, limits: Limits | None) -> str:
+    return _cut(value, limits.max_value_length) if limits is not None else value
+
+
+def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None = None) -> ReadableSpan:
     trace_id = _id(pb.trace_id, 16, "trace_id")
     span_id = _id(pb.span_id, 8, "span_id")
     flags = _trace_flags(pb.flags)
@@ -159,18 +276,20 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool) -> Readab
     if pb.parent_span_id:
         parent = SpanContext(trace_id, _id(pb.parent_span_id, 8, "parent_span_id"),
                              is_remote=_is_remote(pb.flags), trace_flags=flags)
-    events = [Event(ev.name, _attributes(ev.attributes, safe), ev.time_unix_nano or None) for ev in pb.events]
+    pb_events = pb.events if limits is None else list(pb.events)[: limits.max_events]
+    events = [Event(_text(ev.name, limits), _attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
+              for ev in pb_events]
     links = []
-    for ln in pb.links:
+    for ln in (pb.links if limits is None else list(pb.links)[: limits.max_links]):
         link_ctx = SpanContext(
             _id(ln.trace_id, 16, "link trace_id"), _id(ln.span_id, 8, "link span_id"),
             is_remote=_is_remote(ln.flags), trace_flags=_trace_flags(ln.flags),
             trace_state=_trace_state(ln.trace_state),
         )
-        links.append(Link(link_ctx, _attributes(ln.attributes, safe)))
+        links.append(Link(link_ctx, _attributes(ln.attributes, safe, limits)))
     code = _STATUS.get(pb.status.code, StatusCode.UNSET)
     # The SDK refuses a description on non-error statuses; keep it only where it is allowed.
-    status = Status(code, pb.status.message or None) if code is StatusCode.ERROR else Status(code)
+    status = Status(code, _text(pb.status.message, limits) or None) if code is StatusCode.ERROR else Status(code)
     kind = _KINDS.get(pb.kind)
     if kind is None:
         raise ValueError(f"unknown span kind {pb.kind}")
@@ -179,11 +298,11 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool) -> Readab
     if pb.end_time_unix_nano and pb.end_time_unix_nano < pb.start_time_unix_nano:
         raise ValueError("span ends before it starts")
     return ReadableSpan(
-        name=pb.name,
+        name=_text(pb.name, limits),
         context=context,
         parent=parent,
         resource=resource,
-        attributes=_attributes(pb.attributes, safe),
+        attributes=_attributes(pb.attributes, safe, limits),
         events=events,
         links=links,
         kind=kind,
@@ -194,33 +313,209 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool) -> Readab
     )
 
 
-def spans_from_request(request: ExportTraceServiceRequest, *, json_safe: bool = False) -> DecodedBatch:
+def spans_from_request(request: ExportTraceServiceRequest, *, json_safe: bool = False,
+                       limits: Limits | None = None) -> DecodedBatch:
     """Convert a parsed request into ``ReadableSpan`` objects; invalid spans are rejected, not fatal.
 
-    ``json_safe`` turns ``bytes`` attribute values into base64 strings (see :func:`any_value`).
+    ``json_safe`` turns ``bytes`` attribute values into base64 strings (see :func:`any_value`);
+    ``limits`` bounds what is kept (see :class:`Limits`; ``None``: nothing is cut).
     """
     batch = DecodedBatch()
-    for resource_spans in request.resource_spans:
-        resource = Resource(_attributes(resource_spans.resource.attributes, json_safe),
-                            resource_spans.schema_url or None)
-        for scope_spans in resource_spans.scope_spans:
-            scope = _scope(scope_spans.scope, scope_spans.schema_url, json_safe)
-            for pb in scope_spans.spans:
-                try:
-                    batch.spans.append(_span(pb, resource, scope, json_safe))
-                except (ValueError, TypeError) as exc:
-                    batch.reject(f"span {pb.name!r}: {exc}")
+    for part in _iter_request(request, json_safe, limits, None):
+        batch.merge(part)
     return batch
 
 
-def decode_protobuf(body: bytes, *, json_safe: bool = False) -> DecodedBatch:
-    """Decode an ``application/x-protobuf`` request body."""
-    request = ExportTraceServiceRequest()
+def _iter_request(request: ExportTraceServiceRequest, safe: bool, limits: Limits | None,
+                  chunk: int | None) -> Iterator[DecodedBatch]:
+    batch = DecodedBatch()
+    for resource_spans in request.resource_spans:
+        resource = Resource(_attributes(resource_spans.resource.attributes, safe, limits),
+                            resource_spans.schema_url or None)
+        for scope_spans in resource_spans.scope_spans:
+            scope = _scope(scope_spans.scope, scope_spans.schema_url, safe, limits)
+            for pb in scope_spans.spans:
+                try:
+                    batch.spans.append(_span(pb, resource, scope, safe, limits))
+                except (ValueError, TypeError) as exc:
+                    batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                if chunk and len(batch.spans) >= chunk:
+                    yield batch
+                    batch = DecodedBatch()
+    yield batch
+
+
+# --- the protobuf wire format, walked without parsing ------------------------------------------
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise MalformedPayload("invalid protobuf: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field number, wire type, value start, value end, field start)`` of each field of
+    the message in ``buf[start:end]``; only length-delimited values have a meaningful start."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise MalformedPayload("invalid protobuf: field number 0")
+        if wire == 2:
+            size, pos = _varint(buf, pos, end)
+            if size > end - pos:
+                raise MalformedPayload("invalid protobuf: length exceeds the message")
+            yield number, wire, pos, pos + size, first
+            pos += size
+        elif wire == 0:
+            _, pos = _varint(buf, pos, end)
+            yield number, wire, pos, pos, first
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise MalformedPayload("invalid protobuf: truncated fixed-width field")
+            yield number, wire, pos, pos, first
+        else:  # groups (3, 4) are not used by OTLP; 6 and 7 do not exist
+            raise MalformedPayload(f"invalid protobuf: wire type {wire}")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# message -> {field number: (child message, Limits attribute bounding its count or None)}
+_TRIM: dict[str, dict[int, tuple[str, str | None]]] = {
+    "span": {9: ("kv", "max_attributes"), 11: ("event", "max_events"), 13: ("link", "max_links")},
+    "event": {3: ("kv", "max_attributes")},
+    "link": {4: ("kv", "max_attributes")},
+    "resource": {1: ("kv", "max_attributes")},
+    "scope": {3: ("kv", "max_attributes")},
+    "kv": {2: ("any", None)},
+    "any": {5: ("array", None), 6: ("kvlist", None)},
+    "array": {1: ("any", "max_array_length")},
+    "kvlist": {1: ("kv", "max_array_length")},
+}
+
+
+def _trim(buf: bytes, start: int, end: int, message: str, limits: Limits, depth: int = 0) -> bytes:
+    """The message in ``buf[start:end]`` with its repeated fields cut to ``limits``, so that
+    parsing it allocates a bounded amount; raises ``ValueError`` past ``limits.max_depth``."""
+    rules = _TRIM[message]
+    out = bytearray()
+    counts: dict[int, int] = {}
+    for number, wire, value_start, value_end, field_start in _fields(buf, start, end):
+        rule = rules.get(number) if wire == 2 else None
+        if rule is None:
+            out += buf[field_start:value_end]
+            continue
+        child, bound = rule
+        if bound is not None:
+            seen = counts.get(number, 0)
+            if seen >= getattr(limits, bound):
+                continue
+            counts[number] = seen + 1
+        child_depth = depth + 1 if message == "any" else depth
+        if child_depth > limits.max_depth:
+            raise ValueError("attribute value nested too deeply")
+        inner = _trim(buf, value_start, value_end, child, limits, child_depth)
+        out += _encode_varint(number << 3 | 2) + _encode_varint(len(inner)) + inner
+    return bytes(out)
+
+
+def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None) -> Any:
+    if limits is not None and end - start > _SMALL_SPAN:
+        raw = _trim(buf, start, end, message, limits)
+    else:
+        raw = buf[start:end]
+    return cls.FromString(raw)
+
+
+def _utf8(buf: bytes, start: int, end: int, what: str) -> str:
     try:
-        request.ParseFromString(body)
+        return buf[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPayload(f"invalid protobuf: {what} is not UTF-8") from None
+
+
+def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None = None,
+                  chunk: int | None = None) -> Iterator[DecodedBatch]:
+    """Decode an ``application/x-protobuf`` request body lazily, ``chunk`` spans at a time
+    (``None``: one batch). Raises :class:`MalformedPayload` when the request's structure is
+    unreadable; a span that cannot be read is rejected (counted in the batch)."""
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+
+    batch = DecodedBatch()
+    earlier = 0  # spans rejected in batches already yielded
+    size = len(body)
+    try:
+        for number, wire, rs_start, rs_end, _ in _fields(body, 0, size):
+            if number != 1 or wire != 2:
+                continue  # unknown field: ignored, as OTLP receivers must
+            resource_pb, schema = PbResource(), ""
+            for n2, w2, start, end, _ in _fields(body, rs_start, rs_end):
+                if n2 == 1 and w2 == 2:
+                    resource_pb = _parse(PbResource, body, start, end, "resource", limits)
+                elif n2 == 3 and w2 == 2:
+                    schema = _utf8(body, start, end, "schema_url")
+            resource = Resource(_attributes(resource_pb.attributes, json_safe, limits), schema or None)
+            for n2, w2, ss_start, ss_end, _ in _fields(body, rs_start, rs_end):
+                if n2 != 2 or w2 != 2:
+                    continue
+                scope_pb, scope_schema = InstrumentationScope(), ""
+                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end):
+                    if n3 == 1 and w3 == 2:
+                        scope_pb = _parse(InstrumentationScope, body, start, end, "scope", limits)
+                    elif n3 == 3 and w3 == 2:
+                        scope_schema = _utf8(body, start, end, "schema_url")
+                scope = _scope(scope_pb, scope_schema, json_safe, limits)
+                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end):
+                    if n3 != 2 or w3 != 2:
+                        continue
+                    if earlier + batch.rejected >= MAX_REJECTED:
+                        raise MalformedPayload(f"more than {MAX_REJECTED} invalid spans: {batch.error_message}")
+                    if end - start < _MIN_SPAN:  # cheaply: a flood of empty spans must not cost a parse each
+                        batch.reject("span without trace_id and span_id")
+                        continue
+                    try:
+                        pb = _parse(PbSpan, body, start, end, "span", limits)
+                    except (DecodeError, RuntimeError, ValueError, MalformedPayload) as exc:
+                        batch.reject(f"unreadable span: {_cut(str(exc), 200)}")
+                        continue
+                    try:
+                        batch.spans.append(_span(pb, resource, scope, json_safe, limits))
+                    except (ValueError, TypeError) as exc:
+                        batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                    if chunk and len(batch.spans) >= chunk:
+                        earlier += batch.rejected
+                        yield batch
+                        batch = DecodedBatch()
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise MalformedPayload(f"invalid protobuf ExportTraceServiceRequest: {exc}") from None
-    return spans_from_request(request, json_safe=json_safe)
+        if isinstance(exc, MalformedPayload):
+            raise
+        raise MalformedPayload(f"invalid protobuf ExportTraceServiceRequest: {_cut(str(exc), 200)}") from None
+    yield batch
+
+
+def decode_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None = None) -> DecodedBatch:
+    """Decode an ``application/x-protobuf`` request body (see :func:`iter_protobuf`)."""
+    batch = DecodedBatch()
+    for part in iter_protobuf(body, json_safe=json_safe, limits=limits):
+        batch.merge(part)
+    return batch
 
 
 def _hex_to_b64(value: Any, where: str) -> Any:
@@ -259,37 +554,123 @@ def _require_object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def decode_json(body: bytes, *, json_safe: bool = False) -> DecodedBatch:
-    """Decode an ``application/json`` (OTLP/JSON encoding) request body."""
+def json_cost(body: bytes) -> int:
+    """Bytes of memory ``json.loads`` and the protobuf conversion may take for ``body``: an
+    upper estimate from its structural characters (an object costs ~200 bytes as a dict, a
+    string ~50 as ``str``, however short they are on the wire)."""
+    return (len(body) + 240 * body.count(b"{") + 100 * body.count(b"[") + 40 * body.count(b'"')
+            + 16 * body.count(b","))
+
+
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Whether an OTLP/JSON AnyValue nests arrays/maps deeper than ``max_depth`` levels."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        for key in ("arrayValue", "array_value", "kvlistValue", "kvlist_value"):
+            inner = item.get(key)
+            values = inner.get("values") if isinstance(inner, dict) else None
+            if not isinstance(values, list) or not values:
+                continue
+            if depth + 1 > max_depth:
+                return True
+            kv = key.startswith("kv")
+            stack.extend((v.get("value") if kv and isinstance(v, dict) else v, depth + 1) for v in values)
+    return False
+
+
+def _attributes_too_deep(obj: dict[str, Any], max_depth: int) -> bool:
+    attributes = obj.get("attributes")
+    if not isinstance(attributes, list):
+        return False
+    return any(isinstance(kv, dict) and _too_deep(kv.get("value"), max_depth) for kv in attributes)
+
+
+def _span_too_deep(span: dict[str, Any], max_depth: int) -> bool:
+    if _attributes_too_deep(span, max_depth):
+        return True
+    for key in ("events", "links"):
+        items = span.get(key)
+        if isinstance(items, list) and any(isinstance(i, dict) and _attributes_too_deep(i, max_depth)
+                                           for i in items):
+            return True
+    return False
+
+
+def _prepare_json(body: bytes, limits: Limits | None, batch: DecodedBatch) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MalformedPayload(f"invalid JSON: {exc}") from None
+        raise MalformedPayload(f"invalid JSON: {_cut(str(exc), 200)}") from None
     doc = _require_object(doc, "request")
+    max_depth = limits.max_depth if limits is not None else MAX_ANY_VALUE_DEPTH
     for i, rs in enumerate(_items(doc, "resourceSpans", "resource_spans", "request")):
         rs = _require_object(rs, f"resourceSpans[{i}]")
+        resource = rs.get("resource")
+        if isinstance(resource, dict) and _attributes_too_deep(resource, max_depth):
+            raise MalformedPayload(f"resourceSpans[{i}].resource: attribute value nested too deeply")
         for j, ss in enumerate(_items(rs, "scopeSpans", "scope_spans", f"resourceSpans[{i}]")):
             ss = _require_object(ss, f"resourceSpans[{i}].scopeSpans[{j}]")
-            for k, span in enumerate(_items(ss, "spans", "spans", f"resourceSpans[{i}].scopeSpans[{j}]")):
+            scope = ss.get("scope")
+            if isinstance(scope, dict) and _attributes_too_deep(scope, max_depth):
+                raise MalformedPayload(f"resourceSpans[{i}].scopeSpans[{j}].scope: attribute value nested too deeply")
+            spans = _items(ss, "spans", "spans", f"resourceSpans[{i}].scopeSpans[{j}]")
+            kept = []
+            for k, span in enumerate(spans):
                 where = f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]"
                 span = _require_object(span, where)
+                if _span_too_deep(span, max_depth):
+                    name = span.get("name")
+                    batch.reject(f"span {_cut(str(name), 100)!r}: attribute value nested too deeply")
+                    continue
                 _fix_ids(span, where)
                 for n, link in enumerate(_items(span, "links", "links", where)):
                     _fix_ids(_require_object(link, f"{where}.links[{n}]"), f"{where}.links[{n}]")
+                kept.append(span)
+            if len(kept) != len(spans):
+                ss["spans"] = kept
     request = ExportTraceServiceRequest()
     try:
-        json_format.ParseDict(doc, request, ignore_unknown_fields=True, max_recursion_depth=_MAX_JSON_DEPTH)
+        json_format.ParseDict(doc, request, ignore_unknown_fields=True, max_recursion_depth=_JSON_FORMAT_DEPTH)
     except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as exc:
-        raise MalformedPayload(f"invalid OTLP/JSON ExportTraceServiceRequest: {exc}") from None
-    return spans_from_request(request, json_safe=json_safe)
+        raise MalformedPayload(f"invalid OTLP/JSON ExportTraceServiceRequest: {_cut(str(exc), 300)}") from None
+    return request
 
 
-def decode_request(body: bytes, content_type: str, *, json_safe: bool = False) -> DecodedBatch:
+def iter_json(body: bytes, *, json_safe: bool = False, limits: Limits | None = None,
+              chunk: int | None = None) -> Iterator[DecodedBatch]:
+    """Decode an ``application/json`` (OTLP/JSON encoding) request body, ``chunk`` spans at
+    a time (``None``: one batch). A span whose attribute values nest deeper than
+    ``limits.max_depth`` AnyValue levels is rejected (counted in the first batch)."""
+    first = DecodedBatch()
+    request = _prepare_json(body, limits, first)
+    parts = _iter_request(request, json_safe, limits, chunk)
+    head = next(parts)
+    head.rejected += first.rejected
+    for reason in first.errors:
+        if len(head.errors) < 5 and reason not in head.errors:
+            head.errors.append(reason)
+    yield head
+    yield from parts
+
+
+def decode_json(body: bytes, *, json_safe: bool = False, limits: Limits | None = None) -> DecodedBatch:
+    """Decode an ``application/json`` (OTLP/JSON encoding) request body (see :func:`iter_json`)."""
+    batch = DecodedBatch()
+    for part in iter_json(body, json_safe=json_safe, limits=limits):
+        batch.merge(part)
+    return batch
+
+
+def decode_request(body: bytes, content_type: str, *, json_safe: bool = False,
+                   limits: Limits | None = None) -> DecodedBatch:
     """Decode ``body`` according to ``content_type`` (``protobuf`` or ``json``)."""
     if content_type == "protobuf":
-        return decode_protobuf(body, json_safe=json_safe)
+        return decode_protobuf(body, json_safe=json_safe, limits=limits)
     if content_type == "json":
-        return decode_json(body, json_safe=json_safe)
+        return decode_json(body, json_safe=json_safe, limits=limits)
     raise ValueError(f"unknown content type {content_type!r}")
 
 

@@ -2,18 +2,32 @@
 
 Every string cmbagent-otel puts on a span passes through :func:`truncate` (length bound)
 and, when it can carry user or provider text, :func:`redact` (secret scrubbing). Secrets
-are recognised three ways: values registered with :func:`register_secret` (API keys
-found in ``llm_config`` are registered automatically by the instrumentor), values of
-environment variables whose name looks secret (``*_API_KEY``, ``*TOKEN*``,
-``*SECRET*``, ``*PASSWORD*``), and well-known key shapes (``sk-...``, ``Bearer ...``).
+are recognised four ways:
+
+* values registered with :func:`register_secret` (API keys found in ``llm_config`` are
+  registered automatically by the instrumentor) and values of environment variables whose
+  name looks secret (``*_API_KEY``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``);
+* values learned from data (:func:`learn_secret`): whatever sits under a secret-named key
+  (``password``, ``api_key``, ``token``, ``authorization``... see :func:`is_secret_key`) in
+  a dict, in tool-call arguments, or in text written as ``key: value`` / ``"key": "value"``
+  / ``key=value`` (JSON, JSON nested in JSON strings, Python reprs, query strings);
+  the most recent 256 learned values are kept;
+* the value part of such key/value text, replaced in place even when it is too short to
+  be learned;
+* well-known key shapes (``sk-...``, ``Bearer ...``, ``Basic ...``, URL credentials).
+
+A learned value is redacted wherever it appears afterwards, so a password passed to a tool
+is also scrubbed from the exception message or the result the tool produces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from ._jsontext import compact_encoder
@@ -24,18 +38,34 @@ MAX_LENGTH_ENV = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 
 _SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 _SECRET_KEY_NAME = re.compile(
-    r"^(api[_-]?key|.*_api_key|apikey|.*token|.*secret.*|password|passwd|authorization|"
-    r"x-api-key|.*credential.*|private[_-]?key)$",
+    r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
+    r"auth[_-]?token)\w*|.*token|.*authorization|auth|pass|pwd|.*cookie)$",
     re.IGNORECASE,
 )
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-    r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
+    r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
+_URL_CREDENTIALS = re.compile(r"://[^/\s:@\"']{1,256}:[^/\s@\"']{1,256}@")  # scheme://user:password@host
 _MIN_SECRET_LEN = 6
+MAX_LEARNED = 256
 
-_lock = threading.Lock()
+# Key/value text: a secret-looking word, the rest of the key name, an optional closing quote
+# (JSON, escaped JSON, Python repr), ":" or "=", then a quoted or bare value. The words are
+# found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
+# tried at every position), then matched in full there; the key name is checked with
+# is_secret_key.
+_KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie")
+_KV_AT = re.compile(
+    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*"""
+    r"""(?:(?P<vq>\\*["'])(?P<qv>.*?)(?P=vq)|(?P<bv>(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+))""",
+    re.IGNORECASE,
+)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+_lock = threading.RLock()
 _known: set[str] = set()
+_learned: OrderedDict[str, None] = OrderedDict()
 _known_pattern: re.Pattern[str] | None = None
 _secret_with_comma = False
 
@@ -77,18 +107,83 @@ def truncate(value: str | None, limit: int | None = None) -> str | None:
     return value[: max(bound - 14, 0)] + "...[truncated]"
 
 
+def _trie_pattern(words: list[str]) -> str:
+    """One regex alternation shaped as a trie: each position is tried against the first
+    characters once, not against every secret (hundreds of learned values stay cheap), and
+    the longest secret wins where one is a prefix of another."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        branches = []
+        for ch, child in sorted(node.items()):
+            if not ch:
+                continue
+            run = [ch]
+            while len(child) == 1 and "" not in child:  # a chain without branches: one literal
+                ((next_ch, child),) = child.items()
+                run.append(next_ch)
+            branches.append(re.escape("".join(run)) + build(child))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
+
+
+def _rebuild() -> None:
+    global _known_pattern, _secret_with_comma
+    values = _known | _learned.keys()
+    _secret_with_comma = any("," in v for v in values)
+    if not values:
+        _known_pattern = None
+        return
+    try:
+        _known_pattern = re.compile(_trie_pattern(sorted(values)))
+    except (RecursionError, re.error):  # secrets nested as prefixes hundreds deep: plain alternation
+        _known_pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+
+
 def register_secret(value: Any) -> None:
     """Never let ``value`` appear in telemetry (spans, logs, DB rows)."""
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN:
         return
-    global _known_pattern, _secret_with_comma
     with _lock:
         if value in _known:
             return
         _known.add(value)
-        _secret_with_comma = _secret_with_comma or "," in value
-        ordered = sorted(_known, key=len, reverse=True)
-        _known_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+        _learned.pop(value, None)
+        _rebuild()
+
+
+def learn_secret(value: Any) -> bool:
+    """Redact ``value`` from now on: a value found under a secret-named key in data.
+
+    Unlike :func:`register_secret` (configuration: kept for the process's life), learned
+    values are bounded: the :data:`MAX_LEARNED` most recently seen are kept. The
+    JSON-escaped form is learned too, so the value is caught inside serialised JSON.
+    Returns whether the set of secrets changed.
+    """
+    if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
+        return False
+    forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
+    with _lock:
+        for form in forms & _learned.keys():
+            _learned.move_to_end(form)
+        new = [form for form in forms if form not in _known and form not in _learned]
+        if not new:
+            return False
+        for form in new:
+            _learned[form] = None
+        while len(_learned) > MAX_LEARNED:
+            _learned.popitem(last=False)
+        _rebuild()
+        return True
 
 
 def register_secrets_in(value: Any) -> None:
@@ -101,63 +196,151 @@ def register_secrets_in(value: Any) -> None:
     ``OpenAIWrapper._config_list``, so the agent's ``llm_config`` is where keys are found.
     """
     with contextlib.suppress(Exception):  # telemetry must never break the app
-        _register_walk(value, 0, False)
+        _register_walk(value, 0, False, register_secret)
 
 
-def _register_walk(value: Any, depth: int, secret: bool) -> None:
-    if value is None or depth > 8 or isinstance(value, (bool, int, float)):
+def learn_secrets_in(value: Any) -> None:
+    """Learn (:func:`learn_secret`) every secret found in data, e.g. a tool call's arguments.
+
+    Like :func:`register_secrets_in`, and also looks inside strings: a JSON object or array
+    written as a string (tool arguments arrive that way, sometimes JSON nested in JSON) is
+    parsed and walked, and ``key: value`` text is scanned. Never raises.
+    """
+    with contextlib.suppress(Exception):
+        _register_walk(value, 0, False, learn_secret)
+
+
+_MAX_JSON_TEXT = 1 << 20  # longer strings are scanned as text, not parsed
+
+
+def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
+    if value is None or depth > 20 or isinstance(value, (bool, int, float)):
         return
     reveal = getattr(value, "get_secret_value", None)
     if callable(reveal):  # pydantic SecretStr / SecretBytes
         revealed = reveal()
         if isinstance(revealed, bytes):
             revealed = revealed.decode("utf-8", "replace")
-        _register_value(revealed)
+        _register_value(revealed, register)
         return
     if isinstance(value, str):
         if secret:
-            _register_value(value)
+            _register_value(value, register)
+        elif register is learn_secret:
+            _learn_text(value, depth)
         return
     if isinstance(value, dict):
         for key, item in value.items():
-            _register_walk(item, depth + 1, secret or is_secret_key(str(key)))
+            _register_walk(item, depth + 1, secret or is_secret_key(str(key)), register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
-            _register_walk(item, depth + 1, secret)
+            _register_walk(item, depth + 1, secret, register)
         return
     config_list = getattr(value, "config_list", None)  # LLMConfig
     if isinstance(config_list, (list, tuple)):
-        _register_walk(config_list, depth + 1, secret)
+        _register_walk(config_list, depth + 1, secret, register)
     fields = getattr(type(value), "model_fields", None)  # pydantic v2 model
     if isinstance(fields, dict):
         for name in fields:
-            _register_walk(getattr(value, name, None), depth + 1, secret or is_secret_key(name))
+            _register_walk(getattr(value, name, None), depth + 1, secret or is_secret_key(name), register)
         extra = getattr(value, "__pydantic_extra__", None)
         if isinstance(extra, dict):
-            _register_walk(extra, depth + 1, secret)
+            _register_walk(extra, depth + 1, secret, register)
 
 
-def _register_value(value: Any) -> None:
+def _learn_text(text: str, depth: int) -> None:
+    """Learn the secrets in a string that is JSON (parsed and walked) or key/value text."""
+    stripped = text.strip()
+    if len(stripped) <= _MAX_JSON_TEXT and stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
+        try:
+            parsed = json.loads(stripped)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            _register_walk(parsed, depth + 1, False, learn_secret)
+            return
+    _kv_scan(text, learn=True)
+
+
+def _register_value(value: Any, register: Any) -> None:
     if not isinstance(value, str):
         return
-    register_secret(value)
+    register(value)
     scheme, _, token = value.strip().partition(" ")
     if token and scheme.lower() in ("bearer", "basic", "token"):
-        register_secret(token.strip())
+        register(token.strip())
+
+
+def _kv_scan(text: str, learn: bool) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
+    lower = text.lower()
+    starts: list[int] = []
+    for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
+        at = lower.find(hint)
+        while at >= 0:
+            starts.append(at)
+            at = lower.find(hint, at + 1)
+    if not starts:
+        return text
+    starts.sort()
+    out: list[str] = []
+    last = 0
+    for start in starts:
+        if start < last:
+            continue
+        match = _KV_AT.match(text, start)
+        if match is None:
+            continue
+        quoted = match.group("vq") is not None
+        group = "qv" if quoted else "bv"
+        value = match.group(group)
+        if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
+            continue
+        if '", "' in match.group(0):
+            continue  # never across two serialised list items (see _redacted_json_list)
+        name_start = start
+        while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+            name_start -= 1
+        if not is_secret_key(text[name_start:match.end("name")]):
+            continue
+        if learn:
+            scheme, _, token = value.partition(" ")
+            learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+        value_start, value_end = match.span(group)
+        out.append(text[last:value_start])
+        quote = match.group("q")
+        # a bare value after a quoted key (JSON number, unquoted YAML) stays valid JSON when quoted
+        out.append(REDACTED if quoted or not quote else f"{quote}{REDACTED}{quote}")
+        last = value_end
+    if not out:
+        return text
+    out.append(text[last:])
+    return "".join(out)
+
+
+_JSON_LITERALS = frozenset({"null", "true", "false", "None", "True", "False"})
 
 
 def redact(text: str | None) -> str | None:
-    """Replace every known secret and secret-shaped token in ``text`` by ``[REDACTED]``."""
+    """Replace every secret in ``text`` by ``[REDACTED]``: values of secret-named key/value
+    pairs (learned on the way), registered and learned secrets, and secret-shaped tokens."""
     if not text or not isinstance(text, str):
         return text
     return _redact_with(_known_pattern, text)
 
 
 def _redact_with(known: re.Pattern[str] | None, text: str) -> str:
+    before = _known_pattern
+    text = _kv_scan(text, learn=True)
+    if _known_pattern is not before:  # learned a value here: catch its other occurrences too
+        known = _known_pattern
     if known is not None:
         text = known.sub(REDACTED, text)
-    return _SECRET_SHAPES.sub(REDACTED, text)
+    text = _SECRET_SHAPES.sub(REDACTED, text)
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
+    return text
 
 
 class _Memo:
@@ -173,10 +356,11 @@ class RedactionCache:
     """Memo of :func:`redact` for strings that come back again and again (a chat's message
     history is sent on every LLM call; attribute values repeat across spans).
 
-    Each memo belongs to the set of known secrets it was computed with: registering a new
-    secret makes the next lookup start an empty memo, so a cached result never lets a
-    secret through. Strings longer than ``max_len`` are not memoised; the memo is emptied
-    when its keys and values exceed ``max_chars`` characters in total (a memory bound).
+    Each memo belongs to the set of known secrets it was computed with: registering or
+    learning a new secret makes the next lookup start an empty memo, so a cached result
+    never lets a secret through. Strings longer than ``max_len`` are not memoised; the memo
+    is emptied when its keys and values exceed ``max_chars`` characters in total (a memory
+    bound).
     """
 
     __slots__ = ("_memo", "max_chars", "max_len")
@@ -206,7 +390,10 @@ class RedactionCache:
         memo = self._current()
         out = memo.entries.get(text)
         if out is None:
-            out = _redact_with(memo.known, text)  # the secrets this memo stands for, not newer ones
+            # the secrets this memo stands for (or newer ones learned from this very text)
+            out = _redact_with(memo.known, text)
+            if memo.known is not _known_pattern:
+                return out  # learned something: this memo is stale, the next lookup starts afresh
             memo.chars += len(text) + len(out)
             if memo.chars > self.max_chars:
                 memo = self._memo = _Memo(memo.known)
@@ -221,7 +408,8 @@ _secret_key_names: dict[str, bool] = {}
 
 
 def is_secret_key(name: str) -> bool:
-    """Whether a dict key or attribute name holds a secret (``api_key``, ``*token``, ...)."""
+    """Whether a dict key or attribute name holds a secret (``api_key``, ``*token``,
+    ``*password*``, ``*secret*``, ``authorization``, ``cookie``, ...)."""
     known = _secret_key_names.get(name)
     if known is None:
         known = bool(_SECRET_KEY_NAME.match(name))
@@ -232,7 +420,8 @@ def is_secret_key(name: str) -> bool:
 
 
 def scrub(value: Any, _depth: int = 0) -> Any:
-    """Deep copy of ``value`` with secret-named keys dropped and strings redacted."""
+    """Deep copy of ``value`` with secret-named keys' values replaced (and learned) and
+    strings redacted."""
     if _depth > 20:
         return "[too deep]"
     if isinstance(value, str):
@@ -242,7 +431,7 @@ def scrub(value: Any, _depth: int = 0) -> Any:
         for key, item in value.items():
             skey = str(key)
             if is_secret_key(skey):
-                register_secret(item)
+                learn_secrets_in({skey: item})
                 out[skey] = REDACTED
             else:
                 out[skey] = scrub(item, _depth + 1)
@@ -278,12 +467,13 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
     caller truncates there anyway), so a long message history is not scrubbed and
     serialised in full on every LLM call.
 
-    Exact: the items left out are still walked for the secrets ``scrub`` would learn from
-    them (values under secret-named keys), so a secret stated in a later message is redacted
-    in the prefix as well; and no redaction match can run across the ", " between two items
-    (secret shapes exclude both characters; a registered secret containing a comma turns
-    the shortcut off), so redacting a prefix that ends between items gives a prefix of
-    redacting the whole.
+    Exact: the items left out are still walked for the secrets ``scrub`` and ``redact``
+    would learn from them (values under secret-named keys, ``key: value`` text), so a
+    secret stated in a later message is redacted in the prefix as well; and no redaction
+    match can run across the ", " between two items (secret shapes exclude both characters,
+    key/value matches containing it are skipped; a registered secret containing a comma
+    turns the shortcut off), so redacting a prefix that ends between items gives a prefix
+    of redacting the whole.
     """
     parts: list[str] = []
     size = 1
@@ -292,8 +482,11 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
         parts.append(_dumps(scrub(item, 1)))
         size += len(parts[-1]) + 2
         if size > check_at and not _secret_with_comma:
+            memo = _scrub_cache.entries()
             for rest in items[index + 1:]:
-                _register_secret_keys(rest, 1)
+                _learn_ahead(rest, 1, memo)
+            if _secret_with_comma:
+                continue  # learned a value with a comma: no shortcut
             prefix = redact("[" + ", ".join(parts)) or ""
             if len(prefix) > bound:
                 return prefix
@@ -301,19 +494,30 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
     return redact("[" + ", ".join(parts) + "]") or ""
 
 
-def _register_secret_keys(value: Any, depth: int) -> None:
-    """Register the secrets :func:`scrub` would register in ``value``, without copying it."""
+def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
+    """Learn the secrets :func:`scrub` and :func:`redact` would learn from ``value``, without
+    copying it (``memo``: strings redacted already, with nothing left to learn)."""
     if depth > 20:
         return
-    if isinstance(value, dict):
+    if isinstance(value, str):
+        if value not in memo:
+            _scrub_cache.redact(value)
+    elif isinstance(value, dict):
         for key, item in value.items():
-            if is_secret_key(str(key)):
-                register_secret(item)
-            else:
-                _register_secret_keys(item, depth + 1)
+            skey = str(key)
+            if is_secret_key(skey):
+                learn_secrets_in({skey: item})
+                continue
+            if skey not in memo:
+                _scrub_cache.redact(skey)
+            if item is not None and not isinstance(item, (bool, int, float)):
+                _learn_ahead(item, depth + 1, memo)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            _register_secret_keys(item, depth + 1)
+            if item is not None and not isinstance(item, (bool, int, float)):
+                _learn_ahead(item, depth + 1, memo)
+    elif value is not None and not isinstance(value, (bool, int, float)):
+        _kv_scan(repr(value), learn=True)
 
 
 reload_settings()

@@ -56,7 +56,8 @@ def test_dag_tree_and_formats(filled: tuple[str, str], capsys: pytest.CaptureFix
 
     assert main(["--db", url, "dag", run_id[:8], "--format", "json"]) == 0
     dag = json.loads(capsys.readouterr().out)
-    assert dag["run"]["id"] == run_id and len(dag["nodes"]) == 9 and len(dag["edges"]) == 7
+    assert dag["run"]["id"] == run_id and len(dag["nodes"]) == 9 and len(dag["edges"]) == 11
+    assert dag["run"]["tokens"] == 1295 and dag["run"]["cost_usd"] == pytest.approx(0.0105)
     assert {"source": "branch_at_step_2", "target": "step_2_redo_2", "type": "conditional",
             "condition": "branch_redo_2"} in dag["edges"]
 
@@ -99,9 +100,9 @@ def test_db_commands(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["--db", sqlite_url, "db", "current"]) == 0
     assert "<none>" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "upgrade"]) == 0
-    assert "0002_dag_hierarchy_columns (head: 0002_dag_hierarchy_columns)" in capsys.readouterr().out
+    assert "0003_cmbagent_tables (head: 0003_cmbagent_tables)" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "downgrade"]) == 0
-    assert ": 0001_tracking_schema" in capsys.readouterr().out
+    assert ": 0002_dag_hierarchy_columns" in capsys.readouterr().out
     assert main(["--db", sqlite_url, "db", "upgrade"]) == 0
     capsys.readouterr()
 
@@ -120,3 +121,46 @@ def test_console_script(tmp_path: Path, provider: Any) -> None:
     bad = subprocess.run([str(script), "dag", "nope"], capture_output=True, text=True, env=env_url, timeout=120,
                          check=False)
     assert bad.returncode == 2 and "unknown run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_without_nodes_counts_its_events(sqlite_url: str, provider: Any,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A trace with no DAG node (e.g. a lone LLM call) still shows its usage on the run."""
+    from .scenario import llm
+
+    with llm("assistant", 30, 12, 0.0004):
+        pass
+    DagWriter(sqlite_url).write(provider.memory.get_finished_spans())
+    assert main(["--db", sqlite_url, "dag", "latest"]) == 0
+    tree = capsys.readouterr().out
+    assert "tokens=42" in tree and "1 event(s) outside any DAG node" in tree
+    assert main(["--db", sqlite_url, "dag", "latest", "--format", "json"]) == 0
+    dag = json.loads(capsys.readouterr().out)
+    assert (dag["run"]["tokens"], dag["run"]["events_outside_nodes"], dag["nodes"]) == (42, 1, [])
+
+
+def test_rows_of_older_versions_are_read(filled: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows written before issue 11: a dict in event meta.tokens, no usage totals on nodes."""
+    from sqlalchemy import create_engine, text
+
+    url, run_id = filled
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for node_id, meta in conn.execute(text("SELECT id, meta FROM dag_nodes")).all():
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            for key in ("tokens", "prompt_tokens", "completion_tokens", "cost_usd"):
+                meta.pop(key, None)
+            conn.execute(text("UPDATE dag_nodes SET meta = :m WHERE id = :i"), {"m": json.dumps(meta), "i": node_id})
+        for event_id, meta in conn.execute(text("SELECT id, meta FROM execution_events")).all():
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            if "tokens" in meta:
+                meta["tokens"] = {"prompt": meta.pop("prompt_tokens"), "completion": meta.pop("completion_tokens"),
+                                  "total": meta["tokens"]}
+                conn.execute(text("UPDATE execution_events SET meta = :m WHERE id = :i"),
+                             {"m": json.dumps(meta), "i": event_id})
+    engine.dispose()
+    assert main(["--db", url, "dag", run_id]) == 0
+    step1 = next(line for line in capsys.readouterr().out.splitlines() if "step_1 " in line)
+    assert "tokens=280" in step1
+    assert main(["--db", url, "events", run_id, "--node", "step_1", "--format", "json"]) == 0
+    assert [e["tokens"] for e in json.loads(capsys.readouterr().out)] == [280, None]

@@ -33,7 +33,7 @@ def test_batch_processor_end_to_end(db_url: str) -> None:
         counts = {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar()
                   for t in ("dag_nodes", "dag_edges", "execution_events", "cost_records", "branches")}
     engine.dispose()
-    assert counts == {"dag_nodes": 9, "dag_edges": 7, "execution_events": 9, "cost_records": 5, "branches": 2}
+    assert counts == {"dag_nodes": 9, "dag_edges": 11, "execution_events": 9, "cost_records": 5, "branches": 2}
     assert exporter.stats() == {"exported": 17, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
     exporter.shutdown()
     exporter.shutdown()
@@ -88,3 +88,18 @@ def test_entry_point() -> None:
 
     (ep,) = [e for e in entry_points(group="opentelemetry_traces_exporter") if e.name == "cmbagent_dag"]
     assert ep.load() is DagSpanExporter
+
+
+def test_cost_records_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from cmbagent_otel.dag.writer import DagWriter, resolve_cost_records
+
+    monkeypatch.delenv("CMBAGENT_OTEL_COST_RECORDS", raising=False)
+    assert resolve_cost_records() == "per_agent"
+    monkeypatch.setenv("CMBAGENT_OTEL_COST_RECORDS", " OFF ")
+    assert resolve_cost_records() == "off" and DagWriter("sqlite://").cost_records == "off"
+    assert resolve_cost_records("per-agent") == "per_agent"  # the argument wins
+    assert DagWriter("sqlite://", cost_records="per_agent").cost_records == "per_agent"
+    monkeypatch.setenv("CMBAGENT_OTEL_COST_RECORDS", "per_call")
+    with caplog.at_level("WARNING", logger="cmbagent_otel.dag"):
+        assert resolve_cost_records() == "per_agent"
+    assert "CMBAGENT_OTEL_COST_RECORDS='per_call'" in caplog.text

@@ -58,16 +58,19 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
     assert main["started_at"].tzinfo is None and main["completed_at"] >= main["started_at"]
 
     nodes = {r["meta"]["id"]: r for r in _rows(db_url, "dag_nodes")}
+    # the order index of phases and redos is the span side's (docs/spans.md); the writer copies it
+    order = {s.attributes["cmbagent.dag.node"]: s.attributes["cmbagent.dag.order_index"] for s in spans
+             if "cmbagent.dag.order_index" in s.attributes}
     expected_nodes = {
         # short id: (node_type, status, order_index, depth, parent short id, agent)
         "planning": ("planning", "completed", 0, 0, None, "planner"),
-        "control": ("control", "completed", 2, 0, None, "control"),
+        "control": ("control", "completed", order["control"], 0, None, "control"),
         "step_1": ("agent", "completed", 1, 1, "control", "engineer"),
         "step_2": ("agent", "failed", 2, 1, "control", "engineer"),
         "step_3": ("agent", "completed", 3, 1, "control", "engineer"),
-        "step_2_redo_1": ("redo", "failed", 2, 2, "step_2", "unknown"),
-        "step_2_redo_2": ("redo", "completed", 2, 2, "step_2", "unknown"),
-        "branch_at_step_2": ("branch_point", "completed", -1, 2, "step_2", "system"),
+        "step_2_redo_1": ("redo", "failed", order["step_2_redo_1"], 2, "step_2", "unknown"),
+        "step_2_redo_2": ("redo", "completed", order["step_2_redo_2"], 2, "step_2", "unknown"),
+        "branch_at_step_2": ("branch_point", "completed", 2000, 2, "step_2", "system"),
         "terminator": ("terminator", "completed", 4, 0, None, "system"),
     }
     assert set(nodes) == set(expected_nodes)
@@ -85,18 +88,35 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
     assert nodes["step_2"]["meta"]["step_number"] == 2
     assert nodes["step_2_redo_1"]["meta"]["error"] == "still failing"
     assert nodes["step_2_redo_2"]["meta"]["hypothesis"] == "switch to MCMC"
+    # usage totals over each node's subtree: integers (cmbagent adds meta["tokens"] to an int)
+    usage = {short: (n["meta"]["tokens"], n["meta"]["prompt_tokens"], n["meta"]["completion_tokens"],
+                     round(n["meta"]["cost_usd"], 9)) for short, n in nodes.items()}
+    assert usage == {
+        "planning": (150, 100, 50, 0.001), "step_1": (280, 200, 80, 0.002),
+        "step_2_redo_1": (390, 300, 90, 0.003), "step_2_redo_2": (405, 310, 95, 0.004),
+        "step_2": (795, 610, 185, 0.007), "step_3": (70, 50, 20, 0.0005),
+        "control": (1145, 860, 285, 0.0095), "branch_at_step_2": (0, 0, 0, 0.0), "terminator": (0, 0, 0, 0.0),
+    }
+    assert all(type(n["meta"]["tokens"]) is int for n in nodes.values())
 
     short_of = {n["id"]: s for s, n in nodes.items()}
     edges = sorted((short_of[e["from_node_id"]], short_of[e["to_node_id"]], e["dependency_type"], e["condition"])
                    for e in _rows(db_url, "dag_edges"))
     assert edges == sorted([
+        # cmbagent's chain
         ("planning", "step_1", "sequential", None),
         ("step_1", "step_2", "sequential", None),
         ("step_2", "step_3", "sequential", None),
         ("step_3", "terminator", "sequential", None),
+        # redo branches
         ("step_2", "branch_at_step_2", "sequential", None),
         ("branch_at_step_2", "step_2_redo_1", "conditional", "branch_redo_1"),
         ("branch_at_step_2", "step_2_redo_2", "conditional", "branch_redo_2"),
+        # top-level siblings, parent -> first child, consecutive siblings
+        ("planning", "control", "sequential", None),
+        ("control", "step_1", "sequential", None),
+        ("step_2", "step_2_redo_1", "sequential", None),
+        ("step_2_redo_1", "step_2_redo_2", "sequential", None),
     ])
 
     events = sorted(_rows(db_url, "execution_events"), key=lambda e: e["execution_order"])
@@ -123,9 +143,9 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
         assert e["duration_ms"] is not None and e["run_id"] == run_id and e["session_id"] == "default_session"
         assert e["meta"]["span_name"] == span.name and e["meta"]["attributes"]["cmbagent.span.kind"]
     llm_meta = [e["meta"] for e in events if e["event_subtype"] == "llm"]
-    assert [m["tokens"] for m in llm_meta] == [
-        {"prompt": p, "completion": c, "total": p + c} for p, c in ((100, 50), (200, 80), (300, 90), (310, 95),
-                                                                    (50, 20))]
+    assert [(m["tokens"], m["prompt_tokens"], m["completion_tokens"]) for m in llm_meta] == [
+        (p + c, p, c) for p, c in ((100, 50), (200, 80), (300, 90), (310, 95), (50, 20))]
+    assert all(type(m["tokens"]) is int for m in llm_meta)
     assert [m["cost_usd"] for m in llm_meta] == [0.001, 0.002, 0.003, 0.004, 0.0005]
     # usage counts are not secrets: "*_tokens" keys are kept, only "*token" keys are redacted
     assert [(m["attributes"]["gen_ai.usage.input_tokens"], m["attributes"]["gen_ai.usage.output_tokens"])
@@ -134,20 +154,28 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
     assert {e["error_message"] for e in failed_code} == {"exit code 1"}
     assert all(e["outputs"]["exit_code"] == 1 for e in failed_code)
 
-    costs = sorted((c["model"], c["agent_name"], c["prompt_tokens"], c["completion_tokens"], c["total_tokens"],
-                    Decimal(str(c["cost_usd"])).quantize(Decimal("0.000001")), c["run_id"], c["session_id"])
-                   for c in _rows(db_url, "cost_records"))
-    q = Decimal("0.000001")
-    assert costs == sorted([
-        ("gpt-4o", "planner", 100, 50, 150, Decimal("0.001").quantize(q), run_id, "default_session"),
-        ("gpt-4o", "engineer", 200, 80, 280, Decimal("0.002").quantize(q), run_id, "default_session"),
-        ("gpt-4o", "engineer", 300, 90, 390, Decimal("0.003").quantize(q), run_id, "default_session"),
-        ("gpt-4o", "engineer", 310, 95, 405, Decimal("0.004").quantize(q), run_id, "default_session"),
-        ("gpt-4o", "engineer", 50, 20, 70, Decimal("0.0005").quantize(q), run_id, "default_session"),
-    ])
-
     # branches: a workflow_steps row in the parent run, child runs and branches rows
     steps = _rows(db_url, "workflow_steps")
+
+    # one cost record per agent and model per phase/step/redo (what cmbagent's cost collector
+    # writes per CMBAgent instance), timestamped at the scope's last LLM call
+    costs = sorted((c["model"], c["agent_name"], c["prompt_tokens"], c["completion_tokens"], c["total_tokens"],
+                    Decimal(str(c["cost_usd"])).quantize(Decimal("0.000001")), c["run_id"], c["session_id"],
+                    c["step_id"], c["parent_run_id"]) for c in _rows(db_url, "cost_records"))
+    q = Decimal("0.000001")
+    step_2_row = steps[0]["id"]
+    assert costs == sorted([
+        ("gpt-4o", "planner", 100, 50, 150, Decimal("0.001").quantize(q), run_id, "default_session", None, None),
+        ("gpt-4o", "engineer", 200, 80, 280, Decimal("0.002").quantize(q), run_id, "default_session", None, None),
+        ("gpt-4o", "engineer", 300, 90, 390, Decimal("0.003").quantize(q), run_id, "default_session", step_2_row,
+         None),
+        ("gpt-4o", "engineer", 310, 95, 405, Decimal("0.004").quantize(q), run_id, "default_session", step_2_row,
+         None),
+        ("gpt-4o", "engineer", 50, 20, 70, Decimal("0.0005").quantize(q), run_id, "default_session", None, None),
+    ])
+    llm_end = {e["meta"]["tokens"]: e["completed_at"] for e in events if e["event_subtype"] == "llm"}
+    assert sorted(c["timestamp"] for c in _rows(db_url, "cost_records")) == sorted(llm_end.values())
+
     assert [(s["run_id"], s["step_number"], s["goal"], s["status"], s["progress_percentage"]) for s in steps] == [
         (run_id, 2, "fit the model", "failed", 0)]
     children = sorted(runs.values(), key=lambda r: r["meta"]["branch_name"])
@@ -186,7 +214,7 @@ def test_idempotent_rewrite(db_url: str, provider: Any) -> None:
     engine.dispose()
     writer.close()
     assert before == after
-    assert after["cost_records"] == 5 and after["dag_edges"] == 7 and after["execution_events"] == 9
+    assert after["cost_records"] == 5 and after["dag_edges"] == 11 and after["execution_events"] == 9
 
 
 def test_trace_without_workflow_is_a_run(sqlite_url: str, provider: Any) -> None:

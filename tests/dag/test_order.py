@@ -171,3 +171,43 @@ def test_sibling_redos_with_different_depths_write_idempotently(sqlite_url: str,
                                  "ORDER BY r.order_index")).all()
     engine.dispose()
     assert rows and rows[0][0] == rows[0][1] and {r[1] for r in rows} == {rows[0][1], 7}
+
+
+def test_node_placeholder_from_an_event_batch_leaves_the_layout_alone(sqlite_url: str) -> None:
+    """An event naming a node whose span never arrives inserts a placeholder node in a batch
+    that recomputes no derived rows; edges and terminator must not depend on it (found by
+    random exploration of the property test: a rewrite added an edge to the placeholder)."""
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from cmbagent_otel import semconv as sc
+
+    def span(span_id: int, parent: int | None, name: str, attrs: dict[str, Any]) -> ReadableSpan:
+        ctx = SpanContext(77, span_id, False, TraceFlags(TraceFlags.SAMPLED))
+        parent_ctx = SpanContext(77, parent, False, TraceFlags(TraceFlags.SAMPLED)) if parent else None
+        start = 1_700_000_000_000_000_000 + span_id * 1_000_000
+        return ReadableSpan(name=name, context=ctx, parent=parent_ctx, attributes=attrs, start_time=start,
+                            end_time=start + 500_000)
+
+    base = {sc.SESSION_ID: "s1"}
+    layout = [
+        span(1, None, "workflow", {**base, sc.SPAN_KIND: sc.KIND_WORKFLOW, sc.EXECUTION_ORDER: 1}),
+        span(2, 1, "phase planning", {**base, sc.SPAN_KIND: sc.KIND_PHASE, sc.DAG_NODE: "planning",
+                                      sc.DAG_NODE_TYPE: sc.NODE_PLANNING, sc.DAG_DEPTH: 0, sc.DAG_ORDER_INDEX: 0,
+                                      sc.EXECUTION_ORDER: 2}),
+    ]
+    ghost_event = span(4, 3, "execute_tool", {**base, sc.SPAN_KIND: sc.KIND_TOOL, sc.DAG_NODE: "ghost",
+                                              sc.EVENT_DEPTH: 0, sc.GEN_AI_AGENT_NAME: "engineer",
+                                              sc.EXECUTION_ORDER: 4})
+    upgrade(sqlite_url)
+    writer = DagWriter(sqlite_url)
+    writer.write(layout)
+    writer.write([ghost_event])
+    first = _dump(sqlite_url)
+    writer.write([*layout, ghost_event])
+    writer.write(layout)
+    assert _dump(sqlite_url) == first
+    _reset(sqlite_url)
+    writer.write([ghost_event])
+    writer.write(layout)
+    assert _dump(sqlite_url) == first
+    writer.close()

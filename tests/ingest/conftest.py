@@ -38,3 +38,42 @@ def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+class IngestProcess:
+    """``cmbagent-otel ingest`` in a subprocess (ephemeral ports), as an operator runs it."""
+
+    def __init__(self, db_url: str, *args: str, env: dict[str, str] | None = None) -> None:
+        import re
+        import subprocess
+
+        code = "import cmbagent_otel.ingest; from cmbagent_otel.cli import main; raise SystemExit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "--db", db_url, "ingest", "--port", "0", "--grpc-port", "0", *args],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1/traces \(OTLP/HTTP\) and 127\.0\.0\.1:(\d+)",
+                          line)
+        if match is None:
+            self.proc.kill()
+            raise AssertionError(f"ingest did not start: {line}{self.proc.communicate()[1]}")
+        self.port, self.grpc_port = int(match.group(1)), int(match.group(2))
+
+    def status(self, field: str) -> int:
+        """A ``/proc/PID/status`` figure in KiB (``VmHWM``: peak resident set size)."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
+    def stop(self) -> tuple[int, str, str]:
+        """SIGTERM, then (exit code, stdout, stderr)."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, err

@@ -75,7 +75,7 @@ def reference_signature(tmp_path: Path) -> dict[str, Any]:
 def test_four_processes_one_database(tmp_path: Path, shared_db: str) -> None:
     url = shared_db
     expected = reference_signature(tmp_path)
-    with IngestServer(url, port=0, token=TOKEN) as srv:
+    with IngestServer(url, port=0, grpc_port=0, token=TOKEN) as srv:
         env = {
             **os.environ,
             "OTEL_TRACES_EXPORTER": "otlp",
@@ -109,8 +109,8 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     code = "import cmbagent_otel.ingest; from cmbagent_otel.cli import main; raise SystemExit(main())"
     env = {**os.environ, "CMBAGENT_OTEL_INGEST_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-c", code, "--db", url, "ingest", "--port", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "--db", url, "ingest", "--port", "0", "--grpc-port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

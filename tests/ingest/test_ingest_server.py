@@ -37,7 +37,7 @@ def sqlite_url(path: Path) -> str:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[IngestServer]:
-    with IngestServer(sqlite_url(tmp_path / "ingest.db"), host="127.0.0.1", port=0, token=TOKEN) as srv:
+    with IngestServer(sqlite_url(tmp_path / "ingest.db"), host="127.0.0.1", port=0, grpc_port=0, token=TOKEN) as srv:
         yield srv
 
 
@@ -169,7 +169,7 @@ def test_unknown_path_is_404(server: IngestServer) -> None:
 
 
 def test_oversize_bodies_are_413(tmp_path: Path) -> None:
-    with IngestServer(sqlite_url(tmp_path / "small.db"), port=0, max_bytes=1024) as srv:
+    with IngestServer(sqlite_url(tmp_path / "small.db"), port=0, grpc_port=0, max_bytes=1024) as srv:
         status, _, body = post(srv, b"{" + b" " * 2048 + b"}", {"Content-Type": "application/json"})
         assert status == 413 and "1024" in error_message(body, False)
         bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")
@@ -181,14 +181,14 @@ def test_oversize_bodies_are_413(tmp_path: Path) -> None:
 
 def test_token_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CMBAGENT_OTEL_INGEST_TOKEN", "from-env")
-    with IngestServer(sqlite_url(tmp_path / "env.db"), port=0) as srv:
+    with IngestServer(sqlite_url(tmp_path / "env.db"), port=0, grpc_port=0) as srv:
         assert "from-env" not in repr(srv)
         assert post(srv, b"{}", {"Content-Type": "application/json"})[0] == 401
         assert post(srv, b"{}", {"Content-Type": "application/json", "Authorization": "Bearer from-env"})[0] == 200
 
 
 def test_unreachable_postgres_is_503_with_retry_after(tmp_path: Path) -> None:
-    with IngestServer("postgresql+psycopg://u:p@127.0.0.1:1/nodb", port=0, retry_after=7) as srv:
+    with IngestServer("postgresql+psycopg://u:p@127.0.0.1:1/nodb", port=0, grpc_port=0, retry_after=7) as srv:
         spans = run_spans(tag="pg")
         status, headers, body = post(srv, encode_spans(spans).SerializeToString(),
                                      {"Content-Type": "application/x-protobuf"})
@@ -202,7 +202,7 @@ def test_exporter_retries_503_until_the_database_is_back(tmp_path: Path) -> None
     db_path = tmp_path / "later.db"
     db_path.mkdir()  # a directory where the SQLite file should be: "unable to open database file"
     spans = run_spans(tag="later")
-    with IngestServer(sqlite_url(db_path), port=0, retry_after=1) as srv:
+    with IngestServer(sqlite_url(db_path), port=0, grpc_port=0, retry_after=1) as srv:
         exporter = OTLPSpanExporter(endpoint=srv.endpoint, timeout=60)
         result: list[SpanExportResult] = []
         sender = threading.Thread(target=lambda: result.append(exporter.export(spans)))
@@ -230,7 +230,7 @@ def test_protobuf_response_is_export_trace_service_response(server: IngestServer
 
 
 def test_start_stop_are_idempotent(tmp_path: Path) -> None:
-    srv = IngestServer(sqlite_url(tmp_path / "x.db"), port=0)
+    srv = IngestServer(sqlite_url(tmp_path / "x.db"), port=0, grpc_port=0)
     assert srv.port is None
     srv.start()
     port = srv.port

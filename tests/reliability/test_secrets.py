@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
-from cmbagent_otel import _spans, redaction
+from cmbagent_otel import _spans, redaction, semconv
 from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient
 
 from .conftest import group_chat, needs_custom_client
@@ -318,3 +318,206 @@ def test_redaction_memo_is_bounded() -> None:
         assert sum(len(k) + len(v) for k, v in cache.entries().items()) <= 1000
     long_text = "x" * 101
     assert cache.redact(long_text) == long_text and long_text not in cache.entries()
+
+
+# --- a secret-named tool argument through every path ------------------------------------------------
+
+PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
+
+
+class UpstreamRejected(Exception):
+    pass
+
+
+class OtlpGrpcReceiver:
+    """A real OTLP/gRPC trace receiver on loopback that keeps every request's raw bytes."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        self.payloads: list[bytes] = []
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(self._export)},  # raw bytes in and out
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    def _export(self, request: bytes, context: Any) -> bytes:
+        self.payloads.append(request)
+        return b""  # an empty ExportTraceServiceResponse: full success
+
+    def stop(self) -> None:
+        self._server.stop(None)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str | None]:
+    """A fresh schema on the test PostgreSQL (``None`` when it is not configured)."""
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = os.environ.get(PG_ENV)
+    if not base:
+        yield None
+        return
+    schema = f"secrets_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def db_texts(url: str) -> Iterator[tuple[str, str]]:
+    """(table, repr(row)) for every row of every table of the database at ``url``."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for table in inspect(conn).get_table_names():
+                for row in conn.execute(text(f'SELECT * FROM "{table}"')):
+                    yield table, repr(tuple(row))
+    finally:
+        engine.dispose()
+
+
+def spill_texts(directory: Path) -> Iterator[tuple[str, str]]:
+    import gzip
+
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        yield str(path.name), raw.decode("latin-1")
+
+
+def login_chat(marker: str, nested: str) -> None:
+    """A real AG2 chat: the model asks for the ``login`` tool with a password (and a JSON
+    string argument nesting a token), the tool raises with both in its message, then the
+    model provider fails with an exception quoting them again."""
+    import json
+
+    import autogen
+
+    calls = {"n": 0}
+
+    def responder(messages: list[dict[str, Any]]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            options = json.dumps({"region": "eu", "api_token": nested})
+            return {"tool_calls": [{"id": "call_login", "name": "login",
+                                    "arguments": {"user": "ana", "password": marker, "options": options}}]}
+        raise UpstreamRejected(f"upstream rejected the login of ana with {marker} ({nested})")
+
+    assistant = ConversableAgent(
+        "assistant", human_input_mode="NEVER",
+        llm_config={"config_list": [{"model": "scripted", "model_client_cls": "ScriptedModelClient"}],
+                    "cache_seed": None})
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+
+    def login(user: str, password: str, options: str = "") -> str:
+        raise PermissionError(f"login refused for {user}: password {password} options {options}")
+
+    autogen.register_function(login, caller=assistant, executor=user, name="login", description="log in")
+    assistant.register_model_client(ScriptedModelClient, responder=responder)  # after: tools rebuild the client
+    with pytest.raises(UpstreamRejected) as info:
+        user.initiate_chat(assistant, message="log in as ana", max_turns=2, silent=True)
+    assert marker in str(info.value)  # the application still sees its own exception unchanged
+    assert calls["n"] == 2
+
+
+@needs_custom_client
+@pytest.mark.parametrize("capture", [False, True], ids=["capture-off", "capture-on"])
+def test_tool_password_never_leaks_on_any_path(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              pg_url: str | None, capture: bool) -> None:
+    import io
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    from cmbagent_otel.ingest import IngestServer
+
+    caplog.set_level(logging.DEBUG)  # every logger, every level
+    marker, nested = f"MARKER{secrets.token_hex(12)}", f"NESTED{secrets.token_hex(12)}"
+    console = io.StringIO()
+    memory = InMemorySpanExporter()
+    receiver = OtlpGrpcReceiver()
+    direct_url = f"sqlite:///{tmp_path / 'direct.db'}"
+    ingest_url = f"sqlite:///{tmp_path / 'ingest.db'}"
+    spill_dir = tmp_path / "spill"
+    # the database is down: every batch goes to the spill directory
+    spilling = DagSpanExporter("postgresql+psycopg://u:p@127.0.0.1:1/down", timeout=0, spill_dir=spill_dir)
+    ingest = IngestServer(ingest_url, host="127.0.0.1", port=0, grpc_port=0).start()
+    exporters: list[Any] = [
+        memory,
+        ConsoleSpanExporter(out=console),
+        GrpcExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True),
+        HttpExporter(endpoint=ingest.endpoint),
+        GrpcExporter(endpoint=ingest.grpc_endpoint, insecure=True),
+        DagSpanExporter(direct_url),
+        spilling,
+    ]
+    if pg_url is not None:
+        exporters.append(DagSpanExporter(pg_url))
+    provider = TracerProvider()
+    for exporter in exporters:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cmbagent_otel.instrument(tracer_provider=provider, capture_content=capture, instrument_cmbagent=False)
+    try:
+        login_chat(marker, nested)
+    finally:
+        cmbagent_otel.uninstrument()
+        _spans.set_tracer_provider(None)
+        provider.shutdown()
+        receiver.stop()
+        ingest.stop()
+
+    spans = memory.get_finished_spans()
+    tools = [s for s in spans if s.name == "execute_tool login"]
+    assert len(tools) == 1 and tools[0].status.description  # the tool failed, with its error text
+    assert any(e.name == "exception" for s in spans for e in s.events)  # the provider's exception
+    assert spilling.stats()["spilled"] == len(spans)
+    assert receiver.payloads and ingest.spans_written == 2 * len(spans)
+
+    texts: list[tuple[str, str]] = []
+    for span in spans:
+        texts += [(f"span {span.name}", span.name), (f"span {span.name} status", str(span.status.description))]
+        texts += [(f"span {span.name} attribute {k}", f"{k}={v!r}") for k, v in (span.attributes or {}).items()]
+        for event in span.events:
+            texts += [(f"span {span.name} event {event.name} {k}", f"{k}={v!r}")
+                      for k, v in (event.attributes or {}).items()]
+    texts.append(("console exporter", console.getvalue()))
+    texts += [("otlp payload", p.decode("latin-1")) for p in receiver.payloads]
+    texts.append(("otlp encoding", encode_spans(spans).SerializeToString().decode("latin-1")))
+    texts += [(f"direct db {t}", r) for t, r in db_texts(direct_url)]
+    texts += [(f"ingest db {t}", r) for t, r in db_texts(ingest_url)]
+    if pg_url is not None:
+        texts += [(f"postgresql db {t}", r) for t, r in db_texts(pg_url)]
+    texts += [(f"spill {name}", text) for name, text in spill_texts(spill_dir)]
+    # every log record but AG2's own (the application logs its own events as it sees fit)
+    texts += [(f"log {r.name}", r.getMessage() + (caplog.handler.format(r) if r.exc_info else ""))
+              for r in caplog.records if r.name.split(".")[0] not in ("ag2", "autogen")]
+    assert any(r.name.startswith("cmbagent_otel") for r in caplog.records)
+    assert any(where.startswith("direct db execution_events") for where, _ in texts)
+    assert any(where.startswith("spill ") for where, _ in texts)
+    if capture:  # the arguments are recorded, with the secret values replaced
+        arguments = tools[0].attributes[semconv.GEN_AI_TOOL_CALL_ARGUMENTS]
+        assert "ana" in arguments and redaction.REDACTED in arguments
+    leaks = sorted({where for where, text in texts if marker in text or nested in text})
+    assert not leaks, f"secret leaked into: {leaks}"

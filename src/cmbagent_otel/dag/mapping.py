@@ -27,7 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
-from ..redaction import REDACTED, is_secret_key, register_secret, scrub, truncate
+from ..redaction import REDACTED, is_secret_key, learn_secrets_in, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -50,8 +50,15 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     sc.KIND_HUMAN_INPUT: ("agent_call", "human_input"),
 }
 FOREIGN_TYPE = ("info", "otel")
+LLM_TYPE = EVENT_TYPES[sc.KIND_LLM]
 PLACEHOLDER_SUBTYPE = "pending_span"
 NODE_TERMINATOR = "terminator"
+NODE_INIT = "init"
+ONE_SHOT_EXECUTE = "execute"  # short id of the one_shot phase node (cmbagent's fixed-pipeline layout)
+ONE_SHOT_MODE = "one-shot"
+# token and cost keys of node meta: totals over the node's whole subtree
+USAGE_KEYS = ("tokens", "prompt_tokens", "completion_tokens", "cost_usd")
+ZERO_USAGE: dict[str, Any] = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 _STEP_RE = re.compile(r"^step_\d+$")
 
 
@@ -214,7 +221,8 @@ def status_of(span: ReadableSpan) -> str:
 def _error_of(span: ReadableSpan) -> str | None:
     if span.status.status_code is not StatusCode.ERROR:
         return None
-    return truncate(span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error")
+    description = span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error"
+    return truncate(_values.redact(str(description)))
 
 
 def _duration_ms(span: ReadableSpan) -> int | None:
@@ -248,12 +256,13 @@ class MappedBatch:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_placeholders: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    costs: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     # foreign event id -> (event id its parent span would have, run id)
     foreign_parents: dict[str, tuple[str | None, str]] = field(default_factory=dict)
     # runs whose nodes or run row changed: derived rows must be recomputed
     dag_runs: set[str] = field(default_factory=set)
+    # runs with events the derived roll-ups read (LLM usage; code runs without an agent name)
+    rollup_runs: set[str] = field(default_factory=set)
 
 
 def _touch_session(batch: MappedBatch, session_id: str, start: datetime | None, end: datetime | None) -> None:
@@ -314,7 +323,7 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
         "id": node_db_id(run_id, short_id), "run_id": run_id, "session_id": session_id, "parent_node_id": None,
         "node_type": sc.NODE_AGENT, "agent": "unknown", "status": "running", "order_index": 0, "depth": 0,
         "meta": {"id": short_id, "label": short_id, "type": sc.NODE_AGENT, "agent": "unknown", "status": "running",
-                 "step_number": 0, "description": "", "placeholder": True},
+                 "step_number": 0, "description": "", "placeholder": True, **ZERO_USAGE},
     }
 
 
@@ -346,13 +355,19 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
         label = f"Redo {attrs.get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
         description = str(attrs.get(sc.BRANCH_HYPOTHESIS) or label)
+    elif kind == sc.KIND_CONVERSATION:
+        initiator = _text(attrs.get(sc.CONVERSATION_INITIATOR))
+        recipient = _text(attrs.get(sc.CONVERSATION_RECIPIENT)) or _text(agent)
+        agent = agent or recipient or initiator
+        label = f"{initiator or '?'} -> {recipient or '?'}"
+        description = _text(attrs.get(sc.CONVERSATION_SUMMARY)) or span.name
     else:
         label = str(agent or span.name)
         description = span.name
     agent = _str(agent or "unknown", 100)
     meta: dict[str, Any] = {
         "id": short, "label": label, "type": node_type, "agent": agent, "status": status,
-        "step_number": step_number, "description": description,
+        "step_number": step_number, "description": description, **ZERO_USAGE,
     }
     if goal is not None:
         meta["goal"] = goal
@@ -406,6 +421,26 @@ def _event_io(kind: Any, attrs: Mapping[str, Any]) -> tuple[dict[str, Any] | Non
     return None, None
 
 
+def _agent_of(kind: Any, attrs: Mapping[str, Any]) -> Any:
+    """The agent an event belongs to: the acting agent, not the one it talks to.
+
+    A handoff is named after the agent handing off (its target is in ``outputs``; AG2's
+    first selection has no previous speaker, then the chosen one names it); a
+    conversation after its initiator (its recipient, ``gen_ai.agent.name``, is often a
+    group chat manager), else its recipient. Code executions without an agent get the
+    agent of their DAG node in the writer's derived pass.
+    """
+    g = attrs.get
+    if kind == sc.KIND_SPEAKER_SELECTION:
+        source = g(sc.HANDOFF_FROM)
+        if source is None or source == "none":
+            return g(sc.HANDOFF_TO) or g(sc.GEN_AI_AGENT_NAME)
+        return source
+    if kind in (sc.KIND_CONVERSATION, sc.KIND_MULTI_CONVERSATION):
+        return g(sc.CONVERSATION_INITIATOR) or g(sc.GEN_AI_AGENT_NAME)
+    return g(sc.GEN_AI_AGENT_NAME)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
@@ -442,7 +477,7 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     cache: dict[str, str] | None = _values.entries()  # computed with the secrets known now
     for key, value in attrs.items():
         if is_secret_key(key):
-            register_secret(value)
+            learn_secrets_in({key: value})
             cache = None
             out[key] = REDACTED
         elif value is None or type(value) in _PLAIN_TYPES:
@@ -476,11 +511,15 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     if phase is not None:
         meta["workflow_phase"] = phase
     if kind == sc.KIND_LLM:
+        # cmbagent's node execution summary adds meta["tokens"] to an int: the total goes
+        # there, the split under its own keys
         prompt = _int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
         completion = _int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
-        meta["tokens"] = {"prompt": prompt, "completion": completion, "total": prompt + completion}
+        meta["tokens"] = _int(prompt + completion)
+        meta["prompt_tokens"] = prompt
+        meta["completion_tokens"] = completion
         meta["cost_usd"] = _float(attrs.get(sc.LLM_COST_USD))
-        meta["model"] = attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL)
+        meta["model"] = _text(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = attrs.get(sc.DAG_NODE)
     depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
@@ -490,7 +529,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "parent_event_id": (event_db_id(trace_id, parent.span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
         "event_type": event_type, "event_subtype": subtype,
-        "agent_name": _str(attrs.get(sc.GEN_AI_AGENT_NAME), 100), "agent_role": None,
+        "agent_name": _str(_agent_of(kind, attrs), 100), "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
         "duration_ms": _duration_ms(span), "inputs": inputs or None,
         "outputs": outputs or None, "error_message": _error_of(span), "meta": meta,
@@ -552,19 +591,6 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
     if isinstance(value, dict):
         return _split_messages([value])
     return [(None, str(raw))]
-
-
-def _cost_row(attrs: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any] | None:
-    if sc.GEN_AI_USAGE_INPUT_TOKENS not in attrs and sc.GEN_AI_USAGE_OUTPUT_TOKENS not in attrs:
-        return None
-    tokens = event["meta"]["tokens"]
-    return {
-        "run_id": event["run_id"], "step_id": None, "session_id": event["session_id"],
-        "model": str(event["meta"].get("model") or "unknown")[:100], "agent_name": _str(event["agent_name"], 200),
-        "parent_run_id": None, "prompt_tokens": tokens["prompt"], "completion_tokens": tokens["completion"],
-        "total_tokens": tokens["total"], "cost_usd": event["meta"]["cost_usd"],
-        "timestamp": event["completed_at"] or event["timestamp"],
-    }
 
 
 # --- the batch ----------------------------------------------------------------------------
@@ -632,10 +658,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         elif event["parent_event_id"] is not None:
             batch.event_placeholders.setdefault(event["parent_event_id"],
                                                 event_placeholder(event, event["parent_event_id"]))
-        if kind == sc.KIND_LLM:
-            cost = _cost_row(attrs, event)
-            if cost is not None:
-                batch.costs.append(cost)
+        if kind == sc.KIND_LLM or (kind == sc.KIND_CODE and event["agent_name"] is None):
+            batch.rollup_runs.add(run_id)
         if sc.GEN_AI_INPUT_MESSAGES in attrs or sc.GEN_AI_OUTPUT_MESSAGES in attrs:
             batch.messages.extend(_messages(span, attrs, event))
     for node_id in batch.nodes:
@@ -647,15 +671,35 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
 
 # --- rows derived from a run's node set ---------------------------------------------------
 
+@dataclass(frozen=True)
+class LlmUsage:
+    """One LLM event's usage as stored (``meta.prompt_tokens``/``completion_tokens``/``cost_usd``)."""
+
+    node_id: str | None
+    agent_name: str | None
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    at: datetime | None
+
+
 @dataclass
 class DerivedRows:
-    """Rows computed from a run's whole node set; the writer upserts/diffs them."""
+    """Rows computed from a run's whole node set and LLM usage; the writer upserts/diffs them.
+
+    ``nodes`` are derived nodes (terminator, ``init``, branch points); ``node_updates`` are
+    stored real nodes whose usage totals changed (full rows, meta updated); ``edges`` hold
+    at most one edge per (from, to) pair.
+    """
 
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    node_updates: list[dict[str, Any]] = field(default_factory=list)
     edges: set[tuple[str, str, str, str | None]] = field(default_factory=set)
     steps: list[dict[str, Any]] = field(default_factory=list)
     child_runs: list[dict[str, Any]] = field(default_factory=list)
     branches: list[dict[str, Any]] = field(default_factory=list)
+    costs: list[dict[str, Any]] = field(default_factory=list)
     session_state: dict[str, Any] | None = None
 
 
@@ -670,58 +714,147 @@ def _parse_ts(value: Any) -> datetime | None:
     return None
 
 
+def _meta(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = node.get("meta")
+    return meta if isinstance(meta, Mapping) else {}
+
+
 def _order_key(node: Mapping[str, Any]) -> tuple[int, int, str]:
-    meta = node.get("meta") or {}
+    meta = _meta(node)
     return (node["order_index"], _int(meta.get("execution_order"), 0), str(meta.get("id", "")))
 
 
-def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> DerivedRows:
-    """Edges, terminator, branch points, branch runs/steps/rows and session state for one run.
+def _derived_node(run_id: str, session_id: str, short: str, node_type: str, status: str, order: int, *,
+                  agent: str, label: str, description: str, parent: str | None = None, depth: int = 0,
+                  **extra: Any) -> dict[str, Any]:
+    return {
+        "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id, "parent_node_id": parent,
+        "node_type": node_type, "agent": agent, "status": status, "order_index": order, "depth": depth,
+        "meta": {"id": short, "label": label, "type": node_type, "agent": agent, "status": status,
+                 "step_number": order, "description": description, **ZERO_USAGE, "derived": True, **extra},
+    }
 
-    ``run`` is the run's row, ``nodes`` its ``dag_nodes`` rows (meta decoded). Derived nodes
-    (terminator, branch points) in ``nodes`` are ignored and recomputed.
+
+def _is_step(node: Mapping[str, Any]) -> bool:
+    return node["node_type"] == sc.NODE_AGENT and _meta(node).get("span_kind") == sc.KIND_STEP
+
+
+def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
+                    usage: Sequence[LlmUsage] = ()) -> DerivedRows:
+    """Derived nodes, edges, branch rows, node usage totals, cost records and session state of one run.
+
+    ``run`` is the run's row, ``nodes`` its ``dag_nodes`` rows (meta decoded), ``usage`` its
+    LLM events' usage. Derived nodes in ``nodes`` are ignored and recomputed. Everything
+    depends only on these inputs (never on their order), so recomputing after any batch
+    converges to the same rows.
     """
     out = DerivedRows()
     run_id = run["id"]
     session_id = run["session_id"]
-    run_meta = run.get("meta") or {}
-    real = [n for n in nodes if not (n.get("meta") or {}).get("derived")]
+    source = (run.get("meta") or {}).get("otel_source")
+    real_run = source in ("workflow", "root")
+    real = [n for n in nodes if not _meta(n).get("derived")]
     by_id = {n["id"]: n for n in real}
-    real_run = run_meta.get("otel_source") in ("workflow", "root")
+    # A placeholder stands for a node span that has not arrived (it may never: a damaged
+    # span). An event can insert one in a batch that recomputes nothing, so the layout
+    # (edges, terminator, init) must not depend on placeholders, only link to them as parents.
+    arrived = [n for n in real if not _meta(n).get("placeholder")]
 
-    planning = sorted((n for n in real if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
-    steps = sorted((n for n in real if n["node_type"] == sc.NODE_AGENT and (n.get("meta") or {}).get("span_kind")
-                    == sc.KIND_STEP), key=_order_key)
-    chain = planning + steps
-    if not steps:
-        chain = planning + sorted((n for n in real if n["node_type"] == sc.NODE_CONTROL and n["depth"] == 0),
-                                  key=_order_key)
+    def parent_of(node: Mapping[str, Any]) -> str | None:
+        parent = node.get("parent_node_id")
+        return parent if parent in by_id and parent != node["id"] else None
+
+    planning = sorted((n for n in arrived if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
+    steps = sorted((n for n in arrived if _is_step(n)), key=_order_key)
+    top = sorted((n for n in arrived if parent_of(n) is None), key=_order_key)
+
+    # cmbagent's fixed-pipeline layout (one-shot): init (order 0) -> execute -> terminator
+    if not planning and (run.get("mode") == ONE_SHOT_MODE
+                         or any(_meta(n).get("id") == ONE_SHOT_EXECUTE for n in top)):
+        task = str(run.get("task_description") or "")
+        init = _derived_node(run_id, session_id, NODE_INIT, sc.NODE_PLANNING, "completed", 0, agent="unknown",
+                             label="Initialize", description="Initialize agent",
+                             task=task[:100] + "..." if len(task) > 100 else task,
+                             started_at=iso(run.get("started_at")))
+        out.nodes.append(init)
+        planning = [init]
+        top = [init, *top]
+
+    edges: dict[tuple[str, str], tuple[str, str | None]] = {}
+
+    def link(a: str, b: str, kind: str = "sequential", condition: str | None = None) -> None:
+        if a != b:
+            edges.setdefault((a, b), (kind, condition))
+
+    # cmbagent's chain: planning -> step_1 -> ... -> step_N -> terminator (without steps,
+    # the run's top-level nodes in order)
+    chain = planning + steps if steps else top
     for a, b in itertools.pairwise(chain):
-        out.edges.add((a["id"], b["id"], "sequential", None))
+        link(a["id"], b["id"])
 
-    if run_meta.get("otel_source") == "workflow":
+    if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
-        term_id = node_db_id(run_id, NODE_TERMINATOR)
-        term_status = "completed" if run["status"] == "completed" else ("failed" if run["status"] == "failed"
-                                                                         else "pending")
-        out.nodes.append({
-            "id": term_id, "run_id": run_id, "session_id": session_id, "parent_node_id": None,
-            "node_type": NODE_TERMINATOR, "agent": "system", "status": term_status, "order_index": last_order + 1,
-            "depth": 0, "meta": {"id": NODE_TERMINATOR, "label": "Terminator", "type": NODE_TERMINATOR,
-                                 "agent": "system", "status": term_status, "step_number": last_order + 1,
-                                 "description": "End of workflow", "derived": True,
-                                 "completed_at": iso(run.get("completed_at"))},
-        })
+        status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
+        term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
+                             agent="system", label="Completion", description="End of workflow",
+                             completed_at=iso(run.get("completed_at")))
+        out.nodes.append(term)
         if chain:
-            out.edges.add((chain[-1]["id"], term_id, "sequential", None))
+            link(chain[-1]["id"], term["id"])
 
+    step_rows = _derive_branches(out, run, by_id, real_run, link)
+
+    # Every node reachable: parent -> first child, then consecutive siblings in order_index
+    # order (sub-agents, redos, steps of a phase, agent turns of a conversation); the
+    # top-level nodes in order. Pairs already linked above keep their first edge.
+    children: dict[str, list[Mapping[str, Any]]] = {}
+    for n in arrived:
+        parent = parent_of(n)
+        if parent is not None:
+            children.setdefault(parent, []).append(n)
+    for parent, kids in children.items():
+        kids.sort(key=_order_key)
+        link(parent, kids[0]["id"])
+        for a, b in itertools.pairwise(kids):
+            link(a["id"], b["id"])
+    step_ids = {n["id"] for n in steps}
+    for a, b in itertools.pairwise([n for n in top if n["id"] not in step_ids]):
+        link(a["id"], b["id"])
+    out.edges = {(a, b, kind, condition) for (a, b), (kind, condition) in edges.items()}
+
+    _derive_usage(out, run, real, by_id, usage, step_rows)
+
+    if real_run:
+        phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
+                         or n["node_type"] in (sc.NODE_PLANNING, sc.NODE_CONTROL)),
+                        key=lambda n: _int(_meta(n).get("execution_order"), 0))
+        updated = run.get("completed_at") or run.get("started_at") or _EPOCH
+        last_phase = _meta(phases[-1]) if phases else {}
+        out.session_state = {
+            "id": node_db_id("session_state", session_id), "session_id": session_id, "mode": run["mode"],
+            "conversation_history": [], "context_variables": {"run_id": run_id}, "plan_data": None,
+            "current_phase": str(last_phase.get("phase") or last_phase.get("id"))[:50] if phases else None,
+            "current_step": steps[-1]["order_index"] if steps else None,
+            "status": "active" if run["status"] == "executing" else "completed",
+            "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
+            "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
+        }
+    return out
+
+
+def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]],
+                     real_run: bool, link: Any) -> dict[str, str]:
+    """Branch points, edges and branch rows of the run's redo nodes; returns step node id -> workflow_steps id."""
+    run_id = run["id"]
+    session_id = run["session_id"]
+    step_rows: dict[str, str] = {}
     branch_points: set[str] = set()
-    for redo in sorted((n for n in real if n["node_type"] == sc.NODE_REDO), key=_order_key):
+    for redo in sorted((n for n in by_id.values() if n["node_type"] == sc.NODE_REDO), key=_order_key):
         step = by_id.get(redo.get("parent_node_id") or "")
         if step is None:
             continue
-        rmeta = redo.get("meta") or {}
-        smeta = step.get("meta") or {}
+        rmeta = _meta(redo)
+        smeta = _meta(step)
         step_short = str(smeta.get("id"))
         bp_short = f"branch_at_{step_short}"
         bp_id = node_db_id(run_id, bp_short)
@@ -730,21 +863,21 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) 
         # one branch point per step, shaped by its first redo: sibling redos with different
         # (damaged) depths must not make the row depend on which write saw which last
         if first_redo:
-            out.nodes.append({
-                "id": bp_id, "run_id": run_id, "session_id": session_id, "parent_node_id": step["id"],
-                "node_type": sc.NODE_BRANCH_POINT, "agent": "system", "status": "completed", "order_index": -1,
-                "depth": redo["depth"], "meta": {"id": bp_short, "label": f"Branch point at {step_short}",
-                                                 "type": sc.NODE_BRANCH_POINT, "agent": "system",
-                                                 "status": "completed", "step_number": -1,
-                                                 "description": f"Redo branches of {step_short}", "derived": True},
-            })
+            # base(step) * 1000: before the step's children (k >= 1), never a step number, and
+            # not cmbagent's -1, which would put it ahead of the run's first node (order 0)
+            out.nodes.append(_derived_node(
+                run_id, session_id, bp_short, sc.NODE_BRANCH_POINT, "completed",
+                _int(_step_base(step) * 1000), agent="system",
+                label=f"Branch point at {step_short}", description=f"Redo branches of {step_short}",
+                parent=step["id"], depth=redo["depth"]))
         branch_name = str(rmeta.get("branch_name") or rmeta.get("id"))
-        out.edges.add((step["id"], bp_id, "sequential", None))
-        out.edges.add((bp_id, redo["id"], "conditional", f"branch_{branch_name}"))
+        link(step["id"], bp_id)
+        link(bp_id, redo["id"], "conditional", f"branch_{branch_name}")
         if not real_run:
             continue
         step_row_id = node_db_id(run_id, f"workflow_step:{step_short}")
         if first_redo:
+            step_rows[step["id"]] = step_row_id
             out.steps.append({
                 "id": step_row_id, "run_id": run_id, "session_id": session_id, "step_number": step["order_index"],
                 "goal": str(smeta.get("goal") or f"Branch point at {step_short}"), "summary": smeta.get("summary"),
@@ -773,19 +906,94 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) 
             "meta": {"dag_node_id": redo["id"], "branch_point_node_id": bp_id, "condition": f"branch_{branch_name}"},
             "racing_group_id": None, "racing_priority": None, "racing_status": None,
         })
+    return step_rows
 
-    if real_run:
-        phases = sorted((n for n in real if n["node_type"] in (sc.NODE_PLANNING, sc.NODE_CONTROL)),
-                        key=lambda n: _int((n.get("meta") or {}).get("execution_order"), 0))
-        updated = run.get("completed_at") or run.get("started_at") or _EPOCH
-        out.session_state = {
-            "id": node_db_id("session_state", session_id), "session_id": session_id, "mode": run["mode"],
-            "conversation_history": [], "context_variables": {"run_id": run_id}, "plan_data": None,
-            "current_phase": (str((phases[-1].get("meta") or {}).get("phase") or phases[-1]["meta"].get("id"))[:50]
-                              if phases else None),
-            "current_step": steps[-1]["order_index"] if steps else None,
-            "status": "active" if run["status"] == "executing" else "completed",
-            "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
-            "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
-        }
-    return out
+
+def _step_base(node: Mapping[str, Any]) -> int:
+    """The contract's base(P) of a node: its step number for a step, else its order_index."""
+    if _is_step(node):
+        return _int(_meta(node).get("step_number"), node["order_index"])
+    return _int(node["order_index"])
+
+
+def _usage_values(prompt: int, completion: int, costs: list[float]) -> dict[str, Any]:
+    # fsum is correctly rounded, so the total does not depend on the order events were read in
+    return {"tokens": prompt + completion, "prompt_tokens": prompt, "completion_tokens": completion,
+            "cost_usd": math.fsum(costs)}
+
+
+def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mapping[str, Any]],
+                  by_id: Mapping[str, Mapping[str, Any]], usage: Sequence[LlmUsage],
+                  step_rows: Mapping[str, str]) -> None:
+    """Usage totals on every node (its whole subtree) and one cost record per agent, model and scope node.
+
+    The scope of an LLM call is its nearest enclosing node that is not a sub-agent turn:
+    a step, a redo attempt, a phase, a conversation. That is what cmbagent's cost
+    collector records: one row per agent per CMBAgent instance (per phase or step).
+    """
+    every = {**by_id, **{n["id"]: n for n in out.nodes}}
+    totals: dict[str, tuple[list[int], list[float]]] = {}
+    groups: dict[tuple[str | None, str | None, str], tuple[list[int], list[float], list[datetime]]] = {}
+    scopes: dict[str | None, str | None] = {}
+    for u in usage:
+        node_id = u.node_id
+        seen: set[str] = set()
+        while node_id is not None and node_id in every and node_id not in seen:
+            seen.add(node_id)
+            counts, costs = totals.setdefault(node_id, ([0, 0], []))
+            counts[0] += u.prompt_tokens
+            counts[1] += u.completion_tokens
+            costs.append(u.cost_usd)
+            node_id = every[node_id].get("parent_node_id")
+        if u.node_id not in scopes:
+            scopes[u.node_id] = _cost_scope(u.node_id, by_id)
+        key = (scopes[u.node_id], u.agent_name, str(u.model or "unknown")[:100])
+        counts, costs, stamps = groups.setdefault(key, ([0, 0], [], []))
+        counts[0] += u.prompt_tokens
+        counts[1] += u.completion_tokens
+        costs.append(u.cost_usd)
+        if u.at is not None:
+            stamps.append(u.at)
+
+    def values(node_id: str) -> dict[str, Any]:
+        found = totals.get(node_id)
+        return dict(ZERO_USAGE) if found is None else _usage_values(*found[0], found[1])
+
+    for node in out.nodes:
+        node["meta"].update(values(node["id"]))
+    for node in real:
+        wanted = values(node["id"])
+        meta = _meta(node)
+        if any(type(meta.get(k)) is not type(v) or meta.get(k) != v for k, v in wanted.items()):
+            out.node_updates.append({**node, "meta": {**meta, **wanted}})
+
+    fallback = run.get("started_at") or _EPOCH
+    for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():
+        cost = math.fsum(costs)
+        if prompt <= 0 and completion <= 0 and cost <= 0:
+            continue  # cmbagent records only agents that used something
+        step_id = None
+        node = by_id.get(scope) if scope is not None else None
+        if node is not None:
+            step_id = step_rows.get(node["id"] if node["node_type"] != sc.NODE_REDO
+                                    else str(node.get("parent_node_id")))
+        out.costs.append({
+            "run_id": run["id"], "step_id": step_id, "session_id": run["session_id"], "model": model,
+            "agent_name": _str(agent, 200), "parent_run_id": None, "prompt_tokens": _int(prompt),
+            "completion_tokens": _int(completion), "total_tokens": _int(prompt + completion),
+            "cost_usd": round(cost, 6), "timestamp": max(stamps) if stamps else fallback,
+        })
+
+
+def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The nearest node at or above ``node_id`` that is not a sub-agent turn (else the outermost one)."""
+    scope = None
+    seen: set[str] = set()
+    while node_id is not None and node_id in by_id and node_id not in seen:
+        seen.add(node_id)
+        scope = node_id
+        node = by_id[node_id]
+        if node["node_type"] != sc.NODE_SUB_AGENT:
+            break
+        node_id = node.get("parent_node_id")
+    return scope

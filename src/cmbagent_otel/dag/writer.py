@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,19 +34,23 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .. import semconv as sc
 from .._jsontext import compact_encoder
 from . import schema
 from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
 from .errors import Fault, classify
 from .mapping import (
     FOREIGN_TYPE,
+    LLM_TYPE,
     PLACEHOLDER_SUBTYPE,
     RANK_BY_NAME,
+    LlmUsage,
     MappedBatch,
     better_run,
     derive_run_rows,
@@ -56,6 +62,29 @@ logger = logging.getLogger("cmbagent_otel.dag")
 
 T = {name: schema.metadata.tables[name] for name in schema.TABLE_ORDER}
 _MAX_REPAIRS = 2  # reconnects / re-migrations within one write before it counts as unavailable
+
+
+COST_RECORDS_ENV = "CMBAGENT_OTEL_COST_RECORDS"
+COST_RECORDS_MODES = ("per_agent", "off")
+
+
+def resolve_cost_records(mode: str | None = None) -> str:
+    """How ``cost_records`` are written: argument > ``CMBAGENT_OTEL_COST_RECORDS`` > ``per_agent``.
+
+    ``per_agent``: one row per agent, model and phase/step node of a run, derived from its
+    LLM events like cmbagent's cost collector writes them; ``off``: none (for a database
+    whose costs cmbagent's own backend records). Unknown values fall back to the default
+    with a warning.
+    """
+    chosen = mode if mode is not None else os.environ.get(COST_RECORDS_ENV)
+    if chosen is None or chosen.strip() == "":
+        return COST_RECORDS_MODES[0]
+    normalized = chosen.strip().lower().replace("-", "_")
+    if normalized not in COST_RECORDS_MODES:
+        logger.warning("cmbagent_otel: %s=%r is not one of %s; using per_agent", COST_RECORDS_ENV, chosen,
+                       "/".join(COST_RECORDS_MODES))
+        return COST_RECORDS_MODES[0]
+    return normalized
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -97,11 +126,14 @@ class DagWriter:
 
     ``url`` is resolved argument > ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_DATABASE_URL``
     > the default SQLite file. With ``migrate`` (default) the schema is brought to head
-    once per process before the first write. Thread-safe.
+    once per process before the first write. ``cost_records`` (``per_agent``/``off``) is
+    resolved by :func:`resolve_cost_records`. Thread-safe.
     """
 
-    def __init__(self, url: str | None = None, *, migrate: bool = True, engine: Engine | None = None) -> None:
+    def __init__(self, url: str | None = None, *, migrate: bool = True, engine: Engine | None = None,
+                 cost_records: str | None = None) -> None:
         self.url = resolve_url(url)
+        self.cost_records = resolve_cost_records(cost_records)
         self._migrate = migrate
         self._engine = engine
         self._lock = threading.Lock()
@@ -205,7 +237,7 @@ class DagWriter:
         self._prepare()
         expected = self._file_id
         with self.engine.begin() as conn:
-            _write_batch(conn, batch)
+            _write_batch(conn, batch, costs=self.cost_records != "off")
         if file is not None and expected is not None and _identity(file) != expected:
             # committed into a file that is no longer the database: write it again
             self._reopen(f"file {file} was deleted or replaced during a write", repair=True)
@@ -411,7 +443,7 @@ def _lock_runs(conn: Connection, batch: MappedBatch) -> None:
     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
 
 
-def _write_batch(conn: Connection, batch: MappedBatch) -> None:
+def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) -> None:
     _lock_runs(conn, batch)
     _write_sessions(conn, batch)
     _write_runs(conn, batch)
@@ -422,10 +454,9 @@ def _write_batch(conn: Connection, batch: MappedBatch) -> None:
     runs_with_events = {e["run_id"] for e in batch.events.values()}
     if runs_with_events:
         _repair_foreign(conn, runs_with_events)
-    _write_costs(conn, batch.costs)
     _write_messages(conn, batch.messages)
-    if batch.dag_runs:
-        _write_derived(conn, sorted(batch.dag_runs))
+    if batch.dag_runs or batch.rollup_runs:
+        _write_derived(conn, sorted(batch.dag_runs | batch.rollup_runs), costs=costs)
     if conn.dialect.name == "postgresql":
         _touch_sessions(conn, batch)
 
@@ -571,26 +602,6 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(parent_event_id=bindparam("p")), moves)
 
 
-def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (row["run_id"], _naive(row["timestamp"]), row["model"], row["agent_name"], int(row["prompt_tokens"]),
-            int(row["completion_tokens"]))
-
-
-def _write_costs(conn: Connection, costs: list[dict[str, Any]]) -> None:
-    if not costs:
-        return
-    table = T["cost_records"]
-    unique = {_cost_key(c): c for c in costs}
-    stamps = [c["timestamp"] for c in costs]
-    stored = {_cost_key(r._mapping) for r in conn.execute(
-        select(table.c.run_id, table.c.timestamp, table.c.model, table.c.agent_name, table.c.prompt_tokens,
-               table.c.completion_tokens).where(
-            table.c.run_id.in_({c["run_id"] for c in costs}), table.c.timestamp >= min(stamps),
-            table.c.timestamp <= max(stamps)))}
-    rows = [row for key, row in unique.items() if key not in stored]
-    _execute_rows(conn, table, rows, "insert")
-
-
 def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
     if not messages:
         return
@@ -620,8 +631,45 @@ def _rows_of_runs(conn: Connection, table: Table, column: str, run_ids: Sequence
             for r in conn.execute(select(table).where(table.c[column].in_(chunk))).mappings()]
 
 
-def _write_derived(conn: Connection, run_ids: Sequence[str]) -> None:
-    """Recompute and store the rows derived from each run's whole node set (one query per table for all runs)."""
+def _count(value: Any) -> int:
+    return value if type(value) is int else int(value) if isinstance(value, float) and math.isfinite(value) else 0
+
+
+def _amount(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
+def _usage_of_runs(conn: Connection, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
+    """The LLM events' usage of ``run_ids``: a few scalars per event, read out of ``meta`` by the database."""
+    ev = T["execution_events"]
+    meta = ev.c.meta
+    query_cols = (ev.c.run_id, ev.c.node_id, ev.c.agent_name, meta["model"].as_string(),
+                  meta["prompt_tokens"].as_integer(), meta["completion_tokens"].as_integer(),
+                  meta["cost_usd"].as_float(), ev.c.completed_at, ev.c.timestamp)
+    out: dict[str, list[LlmUsage]] = {run_id: [] for run_id in run_ids}
+    sqlite_ = conn.dialect.name == "sqlite"
+    for chunk in _chunks(run_ids):
+        if sqlite_:  # plain driver SQL: no statement compilation per batch
+            rows = conn.exec_driver_sql(
+                "SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), "
+                "json_extract(meta, '$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), "
+                "json_extract(meta, '$.cost_usd'), completed_at, timestamp FROM execution_events "
+                f"WHERE event_type = ? AND event_subtype = ? AND run_id IN ({', '.join('?' * len(chunk))})",
+                (*LLM_TYPE, *chunk))
+        else:
+            rows = conn.execute(select(*query_cols).where(
+                ev.c.run_id.in_(chunk), ev.c.event_type == LLM_TYPE[0], ev.c.event_subtype == LLM_TYPE[1]))
+        for run_id, node_id, agent, model, prompt, completion, cost, completed, stamp in rows:
+            out[run_id].append(LlmUsage(node_id, agent, None if model is None else str(model), _count(prompt),
+                                        _count(completion), _amount(cost), _naive(completed) or _naive(stamp)))
+    return out
+
+
+def _write_derived(conn: Connection, run_ids: Sequence[str], *, costs: bool = True) -> None:
+    """Recompute and store the rows derived from each run's node set and LLM usage.
+
+    One query per table for all runs of the batch.
+    """
     runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
     for node in _rows_of_runs(conn, nodes_t, "run_id", run_ids):
@@ -634,25 +682,30 @@ def _write_derived(conn: Connection, run_ids: Sequence[str]) -> None:
                  .join(nodes_t, nodes_t.c.id == edges_t.c.from_node_id).where(nodes_t.c.run_id.in_(chunk)))
         for e in conn.execute(query):
             edges_by_run[e.run_id].append(e)
+    usage_by_run = _usage_of_runs(conn, run_ids)
 
     changed_nodes: list[dict[str, Any]] = []
+    node_metas: list[tuple[dict[str, Any], str]] = []
     stale: list[str] = []
     drop: list[Any] = []
     missing: list[tuple[str, str, str, str | None]] = []
     steps: list[dict[str, Any]] = []
     child_runs: list[dict[str, Any]] = []
     branches: list[dict[str, Any]] = []
+    wanted_costs: dict[str, list[dict[str, Any]]] = {}
     states: dict[str, dict[str, Any]] = {}
     for run_row in sorted(_rows_of_runs(conn, runs, "id", run_ids), key=lambda r: r["id"]):
         run = dict(run_row)
         run["meta"] = decode_json(run["meta"]) or {}
         run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
         nodes = nodes_by_run[run["id"]]
-        derived = derive_run_rows(run, nodes)
+        derived = derive_run_rows(run, nodes, usage_by_run[run["id"]])
         stored_by_id = {n["id"]: n for n in nodes}
         # most batches leave a run's derived nodes as they are: rewrite only the changed ones
         changed_nodes.extend(d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"])))
         derived_ids = {d["id"] for d in derived.nodes}
+        # a derived node wins over a real node whose damaged short id took its id
+        node_metas.extend((n["meta"], n["id"]) for n in derived.node_updates if n["id"] not in derived_ids)
         stale.extend(n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in derived_ids)
         kept: set[tuple[str, str, str, str | None]] = set()
         for e in edges_by_run[run["id"]]:
@@ -665,13 +718,22 @@ def _write_derived(conn: Connection, run_ids: Sequence[str]) -> None:
         steps.extend(derived.steps)
         child_runs.extend(derived.child_runs)
         branches.extend(derived.branches)
+        wanted_costs[run["id"]] = derived.costs
         state = derived.session_state
         if state is not None and (
             state["id"] not in states or _state_key(state) >= _state_key(states[state["id"]])
         ):
             states[state["id"]] = state
 
-    _upsert(conn, nodes_t, changed_nodes, replace=True)
+    _upsert(conn, nodes_t, parents_first({n["id"]: n for n in changed_nodes}, "parent_node_id"), replace=True)
+    if node_metas:
+        # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("UPDATE dag_nodes SET meta = ? WHERE id = ?",
+                                 [(_encode_json(meta), node_id) for meta, node_id in node_metas])
+        else:
+            conn.execute(update(nodes_t).where(nodes_t.c.id == bindparam("b_id")).values(meta=bindparam("b_meta")),
+                         [{"b_id": node_id, "b_meta": meta} for meta, node_id in node_metas])
     for chunk in _chunks(stale):
         conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(chunk)))
     for chunk in _chunks(drop):
@@ -682,8 +744,54 @@ def _write_derived(conn: Connection, run_ids: Sequence[str]) -> None:
     _upsert(conn, T["workflow_steps"], steps, replace=True)
     _upsert(conn, runs, child_runs, replace=True)
     _upsert(conn, T["branches"], branches, replace=True)
+    _name_code_events(conn, run_ids)
+    if costs:
+        _write_cost_records(conn, wanted_costs)
     for _, state in sorted(states.items()):
         _write_session_state(conn, state)
+
+
+def _name_code_events(conn: Connection, run_ids: Sequence[str]) -> None:
+    """A code execution without an agent name takes its DAG node's agent (the agent turn running it)."""
+    ev, nodes_t = T["execution_events"], T["dag_nodes"]
+    owner = (nodes_t.c.id == ev.c.node_id) & nodes_t.c.node_type.in_((sc.NODE_SUB_AGENT, sc.NODE_AGENT)) & \
+        nodes_t.c.agent.is_not(None) & (nodes_t.c.agent != "unknown")
+    for chunk in _chunks(run_ids):
+        conn.execute(update(ev).where(
+            ev.c.run_id.in_(chunk), ev.c.event_type == "code_exec", ev.c.agent_name.is_(None),
+            ev.c.node_id.is_not(None), exists(select(nodes_t.c.id).where(owner)),
+        ).values(agent_name=select(nodes_t.c.agent).where(owner).scalar_subquery()))
+
+
+def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (row["run_id"], row["step_id"], row["session_id"], row["model"], row["agent_name"], row["parent_run_id"],
+            int(row["prompt_tokens"]), int(row["completion_tokens"]), int(row["total_tokens"]),
+            f"{float(row['cost_usd']):.6f}", _naive(row["timestamp"]))
+
+
+def _write_cost_records(conn: Connection, wanted: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Make each run's ``cost_records`` exactly ``wanted`` (autoincrement ids: diff, then delete/insert)."""
+    if not wanted:
+        return
+    table = T["cost_records"]
+    remaining = Counter(_cost_key(row) for rows in wanted.values() for row in rows)
+    drop = []
+    for row in _rows_of_runs(conn, table, "run_id", list(wanted)):
+        key = _cost_key(row)
+        if remaining[key] > 0:
+            remaining[key] -= 1
+        else:
+            drop.append(row["id"])
+    for chunk in _chunks(drop):
+        conn.execute(delete(table).where(table.c.id.in_(chunk)))
+    inserts = []
+    for rows in wanted.values():
+        for row in rows:
+            key = _cost_key(row)
+            if remaining[key] > 0:
+                remaining[key] -= 1
+                inserts.append(row)
+    _execute_rows(conn, table, inserts, "insert")
 
 
 def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:

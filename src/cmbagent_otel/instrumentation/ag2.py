@@ -43,7 +43,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from .. import semconv
 from .._context import current_scope
 from .._spans import NodeSpec, TracedSpan, set_tracer_provider
-from ..redaction import safe_text, truncate
+from ..redaction import learn_secrets_in, safe_text, truncate
 from ._content import (
     agent_name,
     capture_from_env,
@@ -358,6 +358,9 @@ def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace
     if isinstance(func_call, dict):
         name = str(func_call.get("name") or "unknown")
         arguments = func_call.get("arguments")
+        # Before the tool runs, content capture on or off: a password passed to the tool must
+        # also be redacted from the exception message or result it produces.
+        learn_secrets_in(arguments)
     attrs: dict[str, Any] = {
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,

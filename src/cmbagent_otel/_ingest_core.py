@@ -1,0 +1,310 @@
+"""What the OTLP/HTTP and OTLP/gRPC receivers of ``cmbagent-otel ingest`` share.
+
+Authentication (a bearer token), the memory budget (:class:`Admission`: every request
+reserves what its body and its decoding may take, or is turned away with a retryable
+503/UNAVAILABLE), decompression of gzip bodies (every member, bounded), bounded decoding
+(:mod:`cmbagent_otel.otlp_decode`) and writing the spans to the DAG database in chunks, so
+a large request never holds all its spans in memory at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
+
+logger = logging.getLogger("cmbagent_otel.ingest")
+
+# Memory a request may take per byte of body, reserved when it is admitted (before the body
+# is read). JSON: json.loads builds a dict per object and a str per string, ~12 times the
+# text for OTLP/JSON (corrected from the body's own structure once it is read). Protobuf:
+# the body plus the spans of one chunk and their rows.
+JSON_FACTOR = 12
+PROTOBUF_FACTOR = 2
+CHUNK_SPANS = 1000  # spans written per transaction: a large request never holds all its spans
+
+
+class SpanWriter(Protocol):
+    """What the server needs from a writer: store one batch in one transaction."""
+
+    def write(self, spans: Sequence[ReadableSpan]) -> Any: ...
+
+
+class IngestError(Exception):
+    """A request that cannot be served: ``kind`` is one of ``invalid``, ``too_large``,
+    ``unavailable`` (retry later), ``unauthenticated``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class Outcome:
+    """A served request: how many spans were stored and how many rejected (and why)."""
+
+    written: int = 0
+    rejected: int = 0
+    error_message: str = ""
+
+
+class Admission:
+    """A byte budget shared by every request in flight on both receivers."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._used = 0
+        self._lock = threading.Lock()
+        self.peak = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self, amount: int) -> bool:
+        with self._lock:
+            if self._used + amount > self.budget:
+                return False
+            self._used += amount
+            self.peak = max(self.peak, self._used)
+            return True
+
+    def give(self, amount: int) -> None:
+        with self._lock:
+            self._used -= amount
+
+    def ticket(self) -> Ticket:
+        return Ticket(self)
+
+
+class Ticket:
+    """One request's share of the budget; :meth:`close` returns it (idempotent)."""
+
+    __slots__ = ("_admission", "held")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.held = 0
+
+    def grow(self, amount: int) -> bool:
+        """Reserve ``amount`` more bytes; False when the budget has no room now."""
+        if amount <= 0:
+            return True
+        if not self._admission.take(amount):
+            return False
+        self.held += amount
+        return True
+
+    def hold(self, total: int) -> None:
+        """Reserve exactly ``total`` bytes: grow (raising ``IngestError``) or give back."""
+        if total > self.held:
+            if total > self._admission.budget:
+                raise IngestError("too_large", f"request needs ~{total >> 20} MiB to decode, more than the "
+                                  f"ingest memory budget ({self._admission.budget >> 20} MiB); "
+                                  "send smaller batches (or protobuf rather than JSON)")
+            if not self.grow(total - self.held):
+                raise IngestError("unavailable", "ingest is busy (memory budget in use), retry later")
+        elif total < self.held:
+            self._admission.give(self.held - total)
+            self.held = total
+
+    def close(self) -> None:
+        held, self.held = self.held, 0
+        if held:
+            self._admission.give(held)
+
+
+def gunzip(body: bytes, limit: int) -> bytes:
+    """Every member of a gzip body, at most ``limit`` bytes in all.
+
+    A gzip file may hold several members one after another (``cat a.gz b.gz``); each is
+    decompressed in turn, so no span is silently lost. Anything that is not a complete
+    member (truncated data, trailing garbage) raises ``IngestError('invalid')``; more than
+    ``limit`` bytes raises ``IngestError('too_large')`` as soon as the output passes it.
+    """
+    out = bytearray()
+    data = memoryview(body)
+    while True:
+        decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            chunk = decomp.decompress(data, limit + 1 - len(out))
+            out += chunk
+            if len(out) > limit:
+                raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
+            while decomp.unconsumed_tail:
+                out += decomp.decompress(decomp.unconsumed_tail, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
+            out += decomp.flush()
+        except zlib.error as exc:
+            raise IngestError("invalid", f"invalid gzip body: {exc}") from None
+        if len(out) > limit:
+            raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
+        if not decomp.eof:
+            raise IngestError("invalid", "truncated gzip body")
+        rest = decomp.unused_data
+        if not rest:
+            return bytes(out)
+        data = memoryview(rest)
+
+
+class IngestCore:
+    """Authentication, admission, decoding and writing; used by both receivers."""
+
+    def __init__(
+        self,
+        *,
+        db_url: str | None,
+        token: str | None,
+        max_bytes: int,
+        budget: int,
+        retry_after: int,
+        limits: Limits,
+        writer: SpanWriter | None,
+        writer_factory: Callable[[], SpanWriter] | None,
+        max_pending: int,
+    ) -> None:
+        self.db_url = db_url
+        self.max_pending = max_pending
+        self._pending = 0
+        self._token = token.encode() if token else None
+        self.max_bytes = max_bytes
+        self.admission = Admission(budget)
+        self.retry_after = retry_after
+        self.limits = limits
+        self._writer = writer
+        self._writer_factory = writer_factory
+        self._writer_lock = threading.Lock()
+        self._write_lock: threading.Lock | None = None
+        self._count_lock = threading.Lock()
+        self._db_down = False
+        self.spans_written = 0
+        self.unavailable_responses = 0
+        self.disconnects = 0
+
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header value carries the configured bearer token."""
+        if self._token is None:
+            return True
+        if not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode(), self._token)
+
+    def enter(self) -> bool:
+        """Admit one more request (reading, waiting for a worker or being processed), or
+        False when ``max_pending`` are in flight: answer 503/UNAVAILABLE then, since a
+        request that waits longer than its client's timeout is lost work on both sides."""
+        with self._count_lock:
+            if self._pending >= self.max_pending:
+                return False
+            self._pending += 1
+            return True
+
+    @property
+    def pending(self) -> int:
+        """Requests in flight now (both receivers)."""
+        return self._pending
+
+    def leave(self) -> None:
+        with self._count_lock:
+            self._pending -= 1
+
+    @staticmethod
+    def factor(kind: str) -> int:
+        """Bytes reserved per body byte when a request of this encoding is admitted."""
+        return JSON_FACTOR if kind == "json" else PROTOBUF_FACTOR
+
+    def count(self, what: str, amount: int = 1) -> None:
+        with self._count_lock:
+            setattr(self, what, getattr(self, what) + amount)
+
+    # --- decoding and writing (worker threads) ----------------------------------------------
+    def process(self, body: bytes, kind: str, compressed: bool, ticket: Ticket) -> Outcome:
+        """Decompress, decode and store one request body; raises :class:`IngestError`."""
+        if compressed:
+            ticket.hold(ticket.held + min(self.max_bytes, len(body) * 8))  # the output, before knowing it
+            body = gunzip(body, self.max_bytes)
+        cost = json_cost(body) if kind == "json" else len(body) * PROTOBUF_FACTOR
+        ticket.hold(cost + (len(body) if compressed else 0))
+        outcome = Outcome()
+        try:
+            batches = (iter_json if kind == "json" else iter_protobuf)(
+                body, json_safe=True, limits=self.limits, chunk=CHUNK_SPANS)
+            for batch in batches:
+                outcome.rejected += batch.rejected
+                for reason in batch.errors:
+                    if len(outcome.error_message) < 1000 and reason not in outcome.error_message:
+                        outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
+                            else reason
+                if batch.spans:
+                    self.write(batch.spans)
+                    outcome.written += len(batch.spans)
+        except MalformedPayload as exc:
+            raise IngestError("invalid", str(exc)[:1000]) from None
+        if outcome.rejected:
+            logger.info("cmbagent-otel ingest: rejected %d span(s): %s", outcome.rejected, outcome.error_message)
+        return outcome
+
+    def _get_writer(self) -> SpanWriter:
+        with self._writer_lock:
+            if self._writer is None:
+                if self._writer_factory is not None:
+                    self._writer = self._writer_factory()
+                else:
+                    from .dag.writer import DagWriter
+
+                    self._writer = DagWriter(self.db_url)
+                if self._write_lock is None and self._is_sqlite():
+                    # SQLite has one writer at a time; queueing here beats "database is locked".
+                    self._write_lock = threading.Lock()
+            return self._writer
+
+    def _is_sqlite(self) -> bool:
+        try:
+            from .dag.database import resolve_url
+
+            return resolve_url(self.db_url).startswith("sqlite")
+        except Exception:
+            return False
+
+    def write(self, spans: Sequence[ReadableSpan]) -> None:
+        """Store ``spans``; raises ``IngestError('unavailable')`` while the database is down."""
+        from .dag.writer import DatabaseUnavailable
+
+        try:
+            writer = self._get_writer()
+            lock = self._write_lock
+            if lock is not None:
+                with lock:
+                    writer.write(spans)
+            else:
+                writer.write(spans)
+        except (DatabaseUnavailable, OSError) as exc:
+            # OSError: the SQLite directory cannot be created/opened right now (full disk,
+            # unmounted volume); retryable like a refused connection.
+            self.count("unavailable_responses")
+            if not self._db_down:  # once per outage, not once per request
+                self._db_down = True
+                logger.warning("cmbagent-otel ingest: database unavailable (%s); asking clients to retry",
+                               type(exc).__name__)
+            raise IngestError("unavailable", "database unavailable, retry later") from None
+        if self._db_down:
+            self._db_down = False
+            logger.warning("cmbagent-otel ingest: database available again")
+        self.count("spans_written", len(spans))
