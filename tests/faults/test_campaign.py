@@ -82,8 +82,8 @@ def test_burst_of_20k_spans_is_stored_exactly_once(tmp_path):
     assert stats["dropped"] == 0 and stats["spilled"] == queue["overflowed"] == stats["replayed"]
     assert stats["exported"] + stats["replayed"] == len(spans)
     assert stored_spans(url) == expected_keys(spans)
-    with sqlite3.connect(tmp_path / "cmbagent.db") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM cost_records").fetchone()[0] == 200 * 99
+    with sqlite3.connect(tmp_path / "cmbagent.db") as conn:  # usage counted once: no cost row twice
+        assert conn.execute("SELECT SUM(prompt_tokens) FROM cost_records").fetchone()[0] == 200 * sum(range(99))
     assert SpillStore(tmp_path / "spill").pending() == []
 
 
