@@ -29,7 +29,14 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from cmbagent_otel.dag.database import BadDatabaseURL, default_sqlite_path, redacted, resolve_url, target_of
+from cmbagent_otel.dag.database import (
+    BadDatabaseURL,
+    default_sqlite_path,
+    prepare_in_background,
+    redacted,
+    resolve_url,
+    target_of,
+)
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
 
@@ -97,8 +104,10 @@ class DagSpanExporter(SpanExporter):
     ``migrate``: bring the schema to head before the first write (and again when it is
     found missing). ``spill_dir``: where batches that could not be written are kept
     (argument > ``CMBAGENT_OTEL_SPILL_DIR`` > ``<work dir>/spill``); ``spill=False`` drops
-    them instead (counted and logged). Nothing touches the database until the first
-    export, so construction never fails on an unreachable database.
+    them instead (counted and logged). Construction never touches the database (it never
+    fails on an unreachable one); :meth:`warm_up` (called by the durable batch processor
+    that ``instrument()`` builds) checks and, if needed, migrates the schema in a background
+    thread, else the first export does.
     """
 
     def __init__(
@@ -146,9 +155,23 @@ class DagSpanExporter(SpanExporter):
         self._drop_log(n, why)
 
     def _get_writer(self) -> DagWriter:
-        if self._writer is None:
-            self._writer = DagWriter(self._url, migrate=self._migrate)
-        return self._writer
+        with self._stats_lock:  # warm_up() (application thread) and export() may both create it
+            if self._writer is None:
+                self._writer = DagWriter(self._url, migrate=self._migrate)
+            return self._writer
+
+    def warm_up(self) -> threading.Thread | None:
+        """Connect and check (or migrate) the schema in a background thread, once per
+        database per process, so that no export (and no application thread) pays for it
+        during a run. Returns the thread (None when there is nothing to do). Never raises."""
+        if self.target is None or not self._migrate or self._closed.is_set():
+            return None
+        try:
+            writer = self._get_writer()
+            return prepare_in_background(writer.prepare, writer.url)
+        except Exception:
+            logger.debug("cmbagent_otel: could not start the schema preparation", exc_info=True)
+            return None
 
     def _keep(self, spans: Sequence[ReadableSpan], why: str) -> int:
         """Spill ``spans``; returns how many are on disk (the rest are counted dropped)."""

@@ -69,7 +69,9 @@ class DurableBatchSpanProcessor(SpanProcessor):
     """Batches finished spans to ``exporter``; a full queue spills (or counts drops), never silently.
 
     ``exporter`` may offer ``spill_overflow(spans)`` (full queue), ``replay_due()`` and
-    ``replay_slice(seconds)`` (idle-time replay), as :class:`DagSpanExporter` does.
+    ``replay_slice(seconds)`` (idle-time replay), and ``warm_up()`` (called once here, to
+    prepare in the background what the first export would otherwise pay for), as
+    :class:`DagSpanExporter` does.
     """
 
     def __init__(
@@ -95,6 +97,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
             exporter.replay_after_export = False  # type: ignore[attr-defined]
         self._stats_lock = threading.Lock()
         self._stats = {"overflowed": 0, "dropped": 0}
+        warm_up = getattr(exporter, "warm_up", None)
+        if warm_up is not None:
+            # the DAG exporter checks (or migrates) its schema in the background now, so the
+            # first export during the run does not
+            try:
+                warm_up()
+            except Exception:
+                logger.debug("cmbagent_otel: exporter warm-up failed", exc_info=True)
         self._next_drop_log = 0.0
         self._shutdown = False
         self._init_worker()

@@ -13,6 +13,9 @@ SQLite (``sqlite3.Error.sqlite_errorcode``, primary code = low byte):
   (re-migrate);
 * anything else (constraint, misuse, a bug of ours): not retryable.
 
+:class:`~cmbagent_otel.dag.database.SchemaBusy` (another thread of this process is still
+migrating past the caller's deadline): retry.
+
 PostgreSQL (SQLSTATE of psycopg's exception):
 
 * retry: class ``08`` (connection), ``53`` (insufficient resources), ``57P`` (server
@@ -32,6 +35,8 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from .database import SchemaBusy
 
 __all__ = ["Fault", "classify"]
 
@@ -102,6 +107,8 @@ def _postgres(error: Any) -> Fault:
 
 def classify(exc: BaseException) -> Fault:
     """How a write that raised ``exc`` should proceed (see the module docstring)."""
+    if isinstance(exc, SchemaBusy):
+        return Fault.RETRY  # another thread of this process is still migrating
     if isinstance(exc, (DisconnectionError, PoolTimeoutError)):
         return Fault.RETRY
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -163,7 +163,7 @@ class DagWriter:
             repair, self._repair = self._repair, False
         if self._migrate:
             try:
-                ensure_schema(self.url, repair=repair)
+                ensure_schema(self.url, repair=repair, engine=self.engine)
             except BaseException:
                 with self._lock:
                     self._repair = self._repair or repair
@@ -171,6 +171,11 @@ class DagWriter:
         if self._file is not None and self._file_id is None:
             self._file_id = _identity(self._file)
         self._ready = True
+
+    def prepare(self) -> None:
+        """Connect and check (or migrate) the schema now rather than at the first write;
+        raises what connecting or migrating raises. Thread-safe; a no-op once done."""
+        self._prepare()
 
     def _reopen(self, why: str, *, repair: bool) -> None:
         """Drop every connection and migrate again before the next write.

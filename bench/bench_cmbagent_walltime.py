@@ -1,0 +1,186 @@
+"""Wall time of a real cmbagent run, traced by cmbagent-otel vs plain (Python 3.12 venv).
+
+The real cmbagent package (PyPI) runs its workflows offline against the scripted
+OpenAI-compatible backend of the integration tests
+(``tests/integration_cmbagent/scripted_cmbagent.py``): every LLM role answered on loopback,
+real AG2 group chats, real tool calls, real code execution. Each run is a fresh child
+process; the timer covers the workflow call (``cmbagent.one_shot(...)`` /
+``cmbagent.planning_and_control(...)``) and, traced, the final flush
+(``cmbagent_otel.uninstrument()``: every span in the database, what the process exit waits for).
+
+* **plain**: the workflow as is;
+* **traced**: ``cmbagent_otel.instrument()`` (defaults: the ``cmbagent_dag`` exporter behind the
+  durable batch processor) as the first line of the program, before ``import cmbagent``, as
+  the README shows (and as ``opentelemetry-instrument`` does); the database was created by
+  ``cmbagent-otel db upgrade`` before the runs (``--fresh-db``: a new one per run);
+* **traced_late**: ``instrument()`` after ``import cmbagent``. Reported, no target: the ~45k
+  objects that importing SQLAlchemy and the schema adds after the application's own imports
+  can tip CPython's full (generation 2) garbage collection of the whole heap (~580k objects,
+  0.3-0.5 s) into the run; the ``full GCs`` column shows when it does.
+
+Variants alternate (order rotating per repetition); the figure is median(traced) /
+median(plain) per workflow, with IQRs; the main thread's CPU time and the number of full
+collections during the call are reported beside it.
+
+    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 5 reps each
+    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
+
+Target: traced / plain <= 1.03 for one_shot and planning_and_control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPTED = HERE.parent / "tests" / "integration_cmbagent"
+TARGET = 1.03
+WORKFLOWS = ("one_shot", "planning_and_control")
+
+
+def child(variant: str, workflow: str, work_dir: str) -> dict[str, Any]:
+    """One run in this (child) process; returns its timings."""
+    import gc
+    import logging
+
+    logging.disable(logging.WARNING)  # cmbagent/AG2 chatter; the same for every variant
+    cpu0 = os.times()
+    began = time.perf_counter()
+    if variant == "traced":
+        import cmbagent_otel  # the README's one line, at the top of the program
+
+        cmbagent_otel.instrument()
+    sys.path.insert(0, str(SCRIPTED))
+    import cmbagent  # noqa: F401
+    from scripted_cmbagent import call_workflow, script_for
+
+    if variant == "traced_late":
+        import cmbagent_otel  # after cmbagent (and AG2) were imported
+
+        cmbagent_otel.instrument()
+    from cmbagent_otel.testing import FakeOpenAIServer
+
+    full_collections = [0]
+
+    def count_full(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and info.get("generation") == 2:
+            full_collections[0] += 1
+
+    script = script_for(workflow)
+    with FakeOpenAIServer(request_responder=script) as server:
+        os.environ["OPENAI_BASE_URL"] = server.base_url
+        gc.callbacks.append(count_full)
+        start = time.perf_counter()
+        main_cpu = time.thread_time()
+        call_workflow(workflow, Path(work_dir))
+        returned = time.perf_counter()
+        main_cpu = time.thread_time() - main_cpu
+        if variant != "plain":
+            cmbagent_otel.uninstrument()  # every span into the database, as the exit would
+        end = time.perf_counter()
+        gc.callbacks.remove(count_full)
+    cpu1 = os.times()
+    if script.unexpected:
+        raise SystemExit(f"scripted backend met unexpected agents: {script.unexpected}")
+    return {"wall": end - start, "workflow": returned - start, "flush": end - returned, "main_cpu": main_cpu,
+            "process_wall": end - began, "cpu": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+            "full_gc": full_collections[0], "llm_calls": len(script.sequence)}
+
+
+def _spawn(variant: str, workflow: str, tmp: str, env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="run-", dir=tmp) as work_dir:
+        out = subprocess.run([sys.executable, __file__, "--child", variant, workflow, work_dir],
+                             env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} {workflow} child failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    if len(ordered) < 2:
+        return f"{ordered[0]:.2f} s"
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return f"{statistics.median(ordered):.2f} s (IQR {q1:.2f}-{q3:.2f})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--workflows", nargs="+", default=list(WORKFLOWS), choices=WORKFLOWS)
+    parser.add_argument("--variants", nargs="+", default=["plain", "traced", "traced_late"],
+                        choices=("plain", "traced", "traced_late"))
+    parser.add_argument("--fresh-db", action="store_true", help="a new, unmigrated database for every traced run")
+    parser.add_argument("--json", help="write every run's timings here")
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "WORKFLOW", "WORKDIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+    try:
+        import cmbagent  # noqa: F401
+    except ImportError:
+        raise SystemExit("cmbagent is not importable: run this with the Python 3.12 venv "
+                         "(.venv-cmbagent-autogen/bin/python, created by ./dev setup --all)") from None
+    from cmbagent_otel.dag.database import upgrade
+
+    variants = ["plain", *[v for v in args.variants if v != "plain"]]
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {w: {v: [] for v in variants} for w in args.workflows}
+    with tempfile.TemporaryDirectory(prefix="cmbagent-otel-walltime-") as tmp:
+        empty_ca = Path(tmp, "no-ca-certs")
+        empty_ca.mkdir()
+        # as the integration tests do: cmbagent builds hundreds of OpenAI clients and each loads
+        # the CA bundle; the backend is plain HTTP on loopback (the same for every variant)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_OTEL_"))
+               and k not in ("SSL_CERT_FILE", "CMBAGENT_DATABASE_URL")}
+        env.update(SSL_CERT_DIR=str(empty_ca), CMBAGENT_DISABLE_DISPLAY="true", AUTOGEN_USE_DOCKER="False",
+                   CMBAGENT_OTEL_SPILL_DIR=str(Path(tmp, "spill")))
+        shared_db = f"sqlite:///{tmp}/cmbagent.db"
+        upgrade(shared_db)  # what `cmbagent-otel db upgrade` (or the first traced run) leaves behind
+        for rep in range(args.reps):
+            for workflow in args.workflows:
+                shift = rep % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    db_url = f"sqlite:///{tmp}/fresh-{rep}-{workflow}-{variant}.db" if args.fresh_db else shared_db
+                    result = _spawn(variant, workflow, tmp, {**env, "CMBAGENT_OTEL_DATABASE_URL": db_url})
+                    results[workflow][variant].append(result)
+                    print(f"rep {rep + 1} {workflow:<22} {variant:<12} {result['wall']:.2f} s (flush "
+                          f"{result['flush']:.2f}), main thread CPU {result['main_cpu']:.2f} s, full GCs "
+                          f"{result['full_gc']}, {result['llm_calls']} LLM calls", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    ok = True
+    print(f"real cmbagent, offline scripted backend, median of {args.reps}; wall time of the workflow call "
+          f"plus the final flush{' (a fresh database per traced run)' if args.fresh_db else ''}")
+    for workflow, by_variant in results.items():
+        plain = [r["wall"] for r in by_variant["plain"]]
+        print(f"{workflow}: plain {_summary(plain)}")
+        for variant in variants[1:]:
+            walls = [r["wall"] for r in by_variant[variant]]
+            ratio = statistics.median(walls) / statistics.median(plain)
+            cpu = statistics.median(r["main_cpu"] for r in by_variant[variant]) / statistics.median(
+                r["main_cpu"] for r in by_variant["plain"])
+            gcs = statistics.median(r["full_gc"] for r in by_variant[variant])
+            line = (f"  {variant:<12} {_summary(walls)}  {variant}/plain wall {ratio:.3f}, main-thread CPU "
+                    f"{cpu:.3f}, full GCs {gcs:g} (plain "
+                    f"{statistics.median(r['full_gc'] for r in by_variant['plain']):g})")
+            if variant == "traced":
+                passed = ratio <= TARGET
+                ok = ok and passed
+                line += f"; target <= {TARGET}: {'PASS' if passed else 'MISS'}"
+            print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Schema preparation off the export path: a cheap version check, Alembic only when needed,
+migration in the background step the durable processor starts, once per process per URL."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel import phase, step, workflow
+from cmbagent_otel.dag import database
+from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+
+def _spans(provider: Any) -> list[Any]:
+    with workflow("prepare", mode="one-shot", task="t"), phase("control"), step(1, "g"):
+        pass
+    return list(provider.memory.get_finished_spans())
+
+
+def test_script_heads_match_alembic() -> None:
+    assert database.script_heads() == frozenset(database.head_revisions())
+
+
+def test_schema_current_is_one_query_on_the_version_table(db_url: str) -> None:
+    engine = database.make_engine(db_url)
+    try:
+        assert not database.schema_current(engine)  # empty database: no version table
+        database.upgrade(db_url)
+        assert database.schema_current(engine)
+        with engine.begin() as conn:
+            conn.execute(text(f"UPDATE {database.VERSION_TABLE} SET version_num = '0002_dag_hierarchy_columns'"))
+        assert not database.schema_current(engine)  # older revision: Alembic must run
+    finally:
+        engine.dispose()
+
+
+def test_a_database_at_head_is_written_without_importing_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/at-head.db"
+    database.upgrade(url)
+    script = textwrap.dedent(f"""
+        import sys
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from cmbagent_otel import _spans, phase, step, workflow
+        from cmbagent_otel.exporters.dag import DagSpanExporter
+        provider = TracerProvider()
+        memory = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        _spans.set_tracer_provider(provider)
+        with workflow("w", mode="one-shot", task="t"), phase("control"), step(1, "g"):
+            pass
+        exporter = DagSpanExporter({url!r}, spill=False)
+        print(exporter.export(memory.get_finished_spans()).name, "alembic" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["SUCCESS", "False"], out.stderr
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM dag_nodes WHERE json_extract(meta, '$.id') IN "
+                                 "('control', 'step_1')")).scalar() == 2
+    engine.dispose()
+
+
+def test_the_processor_migrates_in_the_background_once(tmp_path: Path, provider: Any,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path}/new.db"
+    spans = _spans(provider)
+    caplog.set_level(logging.INFO, logger="cmbagent_otel.dag")
+    exporter = DagSpanExporter(url, spill=False)
+    processor = DurableBatchSpanProcessor(exporter)  # what instrument() builds: starts the warm-up
+    try:
+        running = exporter.warm_up()  # the thread already started (or None when it is done)
+        if running is not None:
+            running.join()
+        assert database.schema_ready(url)
+        migrations = [r for r in caplog.records if "migrating the schema" in r.getMessage()]
+        assert [r.threadName for r in migrations] == ["cmbagent-otel-schema"]
+        for span in spans:
+            processor.on_end(span)
+        assert processor.force_flush()
+        assert exporter.stats()["exported"] == len(spans)
+        assert exporter.warm_up() is None  # nothing left to prepare
+        second = DagSpanExporter(url, spill=False)
+        assert second.export(spans).name == "SUCCESS"
+        second.shutdown()
+    finally:
+        processor.shutdown()
+    assert len([r for r in caplog.records if "migrating the schema" in r.getMessage()]) == 1
+
+
+def test_an_export_waits_for_the_background_step_no_longer_than_its_deadline(tmp_path: Path, provider: Any) -> None:
+    url = f"sqlite:///{tmp_path}/busy.db"
+    spans = _spans(provider)
+    exporter = DagSpanExporter(url, timeout=0.3, spill=True, spill_dir=tmp_path / "spill")
+    database._migrate_lock.acquire()  # another thread of this process is preparing the schema
+    try:
+        assert exporter.export(spans).name == "SUCCESS"  # kept in the spill store, not lost
+        assert exporter.stats()["spilled"] == len(spans)
+    finally:
+        database._migrate_lock.release()
+    assert exporter.replay() == (len(spans), 0)
+    exporter.shutdown()
