@@ -1,0 +1,138 @@
+"""``cmbagent-otel ingest``: server CPU per span into the DAG, and its RSS over 30k spans.
+
+The server runs as an operator runs it (``python -m cmbagent_otel.ingest``, a subprocess,
+OTLP/HTTP on an ephemeral port, gRPC off) writing a fresh SQLite database (``--db`` for
+another). The client posts the corpus of ``bench_export.py`` (the offline demo run cloned
+under fresh trace ids, end-time order) as OTLP/HTTP protobuf requests of ``--batch`` spans
+(512: the SDK's OTLP exporter default), encoded before the clock starts, one request at a
+time on a keep-alive connection. A first request (not counted) migrates the schema and
+warms the server up. Server CPU (user + system from ``/proc/<pid>/stat``) per span and RSS
+(``VmRSS``) after every request are read from outside; each repetition is a new server
+and database. Reported: CPU us/span median and IQR, RSS after warm-up, at 10k/20k/30k
+spans and the peak.
+
+    python bench/bench_ingest.py                   # 30k spans, 3 repetitions
+    python bench/bench_ingest.py --spans 30000 --batch 512 --repeat 5
+
+Targets: <= 90 us server CPU per span; RSS plateau <= 96 MiB at 30k spans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGET_CPU_US = 90.0
+TARGET_RSS_MIB = 96.0
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def server_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def server_rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+
+
+def encode(batches: list[list[object]]) -> list[bytes]:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    return [encode_spans(batch).SerializeToString() for batch in batches]  # type: ignore[arg-type]
+
+
+def one_server(bodies: list[bytes], warm: bytes, db: str) -> tuple[float, list[float]]:
+    """Serve ``bodies`` with a new server; returns (CPU seconds, RSS MiB after each body)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cmbagent_otel.ingest", "--db", db, "--port", "0",
+                             "--grpc-port", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise SystemExit(f"ingest did not start: {line}{proc.stderr.read() if proc.stderr else ''}")
+        url = line.split("listening on ", 1)[1].split()[0]
+        host_port = url.split("//", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+        def post(body: bytes) -> None:
+            conn.request("POST", "/v1/traces", body=body, headers={"Content-Type": "application/x-protobuf"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise SystemExit(f"ingest answered {response.status}")
+
+        post(warm)  # the reply comes after the spans are written: nothing of it is left to run
+        cpu0 = server_cpu(proc.pid)
+        rss = [server_rss_mib(proc.pid)]
+        for body in bodies:
+            post(body)
+            rss.append(server_rss_mib(proc.pid))
+        cpu = server_cpu(proc.pid) - cpu0
+        conn.close()
+        return cpu, rss
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spans", type=int, default=30_000)
+    parser.add_argument("--batch", type=int, default=512, help="spans per OTLP request (SDK default 512)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--db", help="database URL (default: a fresh SQLite file per repetition)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    import _corpus
+    from bench_export import quiet_corpus
+
+    template = quiet_corpus(False)
+    warm = encode([list(_corpus.replicate(template, 66, seed=10_000))])[0]
+    cpus: list[float] = []
+    rss_runs: list[list[float]] = []
+    with tempfile.TemporaryDirectory(prefix="cmbagent-otel-ingest-bench-") as tmp:
+        for rep in range(args.repeat):
+            batches = list(_corpus.batches(_corpus.replicate(template, args.spans, seed=rep + 1), args.batch))
+            bodies = encode(batches)
+            db = args.db or f"sqlite:///{tmp}/ingest-{rep}.db"
+            cpu, rss = one_server(bodies, warm, db)
+            cpus.append(cpu / args.spans * 1e6)
+            rss_runs.append(rss)
+            print(f"  rep {rep + 1}: {cpus[-1]:.1f} us server CPU/span, RSS {rss[0]:.1f} -> {rss[-1]:.1f} MiB "
+                  f"(peak {max(rss):.1f})", file=sys.stderr)
+    ordered = sorted(cpus)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else (ordered[0],) * 3
+    median = statistics.median(ordered)
+    per_body = args.batch
+
+    def at(run: list[float], spans: int) -> float:
+        return run[min(len(run) - 1, max(0, spans // per_body))]
+
+    print(f"ingest (OTLP/HTTP protobuf, {args.batch} spans per request) into "
+          f"{'the given database' if args.db else 'SQLite'}: {args.spans:,} spans, {args.repeat} repetitions")
+    print(f"server CPU per span: {median:.1f} us (IQR {q1:.1f}-{q3:.1f})")
+    marks = [m for m in (10_000, 20_000, 30_000) if m <= args.spans]
+    for index, run in enumerate(rss_runs):
+        print(f"  RSS run {index + 1}: after warm-up {run[0]:.1f} MiB, " + ", ".join(
+            f"{m // 1000}k {at(run, m):.1f}" for m in marks) + f", peak {max(run):.1f} MiB")
+    peak = statistics.median(max(run) for run in rss_runs)
+    cpu_ok, rss_ok = median <= TARGET_CPU_US, peak <= TARGET_RSS_MIB
+    print(f"CPU <= {TARGET_CPU_US:g} us/span: {'PASS' if cpu_ok else 'MISS'}; "
+          f"RSS peak {peak:.1f} MiB <= {TARGET_RSS_MIB:g}: {'PASS' if rss_ok else 'MISS'}")
+    return 0 if cpu_ok and rss_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
