@@ -123,7 +123,7 @@ class FloorPlan:
     def __init__(self, batches: list[list[Any]], reference: str) -> None:
         from cmbagent_otel.dag import schema
         from cmbagent_otel.dag.mapping import better_run, map_spans, run_id_of
-        from cmbagent_otel.dag.writer import _sqlite_params, _sqlite_sql, parents_first
+        from cmbagent_otel.dag.writer import parents_first
 
         self.tables = schema.metadata.tables
         conn = sqlite3.connect(reference)
@@ -145,9 +145,8 @@ class FloorPlan:
 
             def put(table: str, rows: Iterable[dict[str, Any]], mode: str,
                     out: dict[tuple[str, str], list[tuple[Any, ...]]] = out) -> None:
-                sql_kinds = _sqlite_sql(self.tables[table], "insert")
                 for row in rows:
-                    params = _sqlite_params([row], sql_kinds[1])[0]
+                    params = self._params(table, row)
                     key = (table, row["id"])
                     if key not in written:
                         out.setdefault((table, "insert"), []).append(params)
@@ -199,6 +198,25 @@ class FloorPlan:
                     if params:
                         statements.append((self._sql(table, mode), params))
             self.batches.append(statements)
+
+    def _params(self, table: str, row: dict[str, Any]) -> tuple[Any, ...]:
+        """A mapped row as SQLite parameters (JSON text, SQLAlchemy's datetime text, 0/1)."""
+        from sqlalchemy import JSON, Boolean, DateTime
+
+        out = []
+        for column in self.tables[table].columns:
+            if column.name == "id" and table in self.AUTOINCREMENT:
+                continue
+            value = row.get(column.name)
+            if value is not None:
+                if isinstance(column.type, JSON):
+                    value = json.dumps(value, default=str)
+                elif isinstance(column.type, DateTime):
+                    value = value.replace(tzinfo=None).isoformat(" ", "microseconds")
+                elif isinstance(column.type, Boolean):
+                    value = int(value)
+            out.append(value)
+        return tuple(out)
 
     def _final_rows(self, conn: sqlite3.Connection) -> dict[str, list[tuple[str | None, Any, tuple[Any, ...]]]]:
         """Every row of the reference export, as stored, with the run that owns it."""

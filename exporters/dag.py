@@ -98,6 +98,11 @@ class _Throttled:
 class DagSpanExporter(SpanExporter):
     """Writes each exported batch into the tracking DB (see ``docs/dag.md``).
 
+    Besides finished spans it takes *started* records (spans without an end time, which
+    :class:`~cmbagent_otel.processor.DurableBatchSpanProcessor` sends when a workflow or
+    DAG-node span starts): their rows show ``running`` until the finished span replaces
+    them (the live DAG). Started records are never spilled nor counted in :meth:`stats`.
+
     ``url``: database URL (argument > ``CMBAGENT_OTEL_DATABASE_URL`` >
     ``CMBAGENT_DATABASE_URL`` > default SQLite file). ``timeout``: seconds one ``export()``
     may spend on a batch, waits included (argument > ``CMBAGENT_OTEL_EXPORT_TIMEOUT`` > 10).
@@ -109,6 +114,9 @@ class DagSpanExporter(SpanExporter):
     that ``instrument()`` builds) checks and, if needed, migrates the schema in a background
     thread, else the first export does.
     """
+
+    #: the durable batch processor sends started records of workflow and DAG-node spans
+    accepts_started_spans = True
 
     def __init__(
         self,
@@ -174,7 +182,11 @@ class DagSpanExporter(SpanExporter):
             return None
 
     def _keep(self, spans: Sequence[ReadableSpan], why: str) -> int:
-        """Spill ``spans``; returns how many are on disk (the rest are counted dropped)."""
+        """Spill ``spans``; returns how many are on disk (the rest are counted dropped).
+        Started records (no end time) are left out: the finished span carries the final row."""
+        spans = [s for s in spans if s.end_time is not None]
+        if not spans:
+            return 0
         if self._spill is None:
             self._dropped(len(spans), why)
             return 0
@@ -201,19 +213,19 @@ class DagSpanExporter(SpanExporter):
         """Write ``spans`` (or spill them durably); SUCCESS or FAILURE, never an exception."""
         if self._closed.is_set():
             kept = self._keep(spans, "the exporter is shut down") if spans else 0
-            return SpanExportResult.SUCCESS if kept == len(spans) else SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS if kept == _finished(spans) else SpanExportResult.FAILURE
         try:
             with self._lock:
                 return self._export(spans)
         except Exception:  # a bug of ours must not reach the batch processor's thread
             logger.exception("cmbagent_otel: DAG export failed unexpectedly")
-            self._dropped(len(spans), "unexpected error (logged above)")
+            self._dropped(_finished(spans), "unexpected error (logged above)")
             return SpanExportResult.FAILURE
 
     def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        count = len(spans)
-        if not count:
+        if not spans:
             return SpanExportResult.SUCCESS
+        count = _finished(spans)
         if self.target is None:
             self._dropped(count, "invalid database URL")
             return SpanExportResult.FAILURE
@@ -243,7 +255,7 @@ class DagSpanExporter(SpanExporter):
             return SpanExportResult.SUCCESS
 
     def _give_up(self, spans: Sequence[ReadableSpan], exc: Exception) -> SpanExportResult:
-        count = len(spans)
+        count = _finished(spans)
         self._degraded_until = time.monotonic() + DEGRADED_S
         kept = self._keep(spans, f"database unavailable: {exc}")
         if kept:
@@ -263,6 +275,8 @@ class DagSpanExporter(SpanExporter):
             part = pending.pop()
             if len(part) == 1:
                 span = part[0]
+                if span.end_time is None:
+                    continue  # a started record: the finished span carries the row
                 logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
                              getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
                 self._dropped(1, "a span the database refuses (logged above)")
@@ -280,7 +294,7 @@ class DagSpanExporter(SpanExporter):
                 except Exception:
                     pending.append(piece)
                 else:
-                    stored += len(piece)
+                    stored += _finished(piece)
         return stored, dropped
 
     # --- the durable processor's overflow -------------------------------------------------------
@@ -390,6 +404,11 @@ class DagSpanExporter(SpanExporter):
         stats = self.stats()
         level = logging.WARNING if stats["spilled"] or stats["dropped"] else logging.INFO
         logger.log(level, "cmbagent_otel: DAG exporter shut down: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+def _finished(spans: Sequence[ReadableSpan]) -> int:
+    """How many of ``spans`` are spans (not started records)."""
+    return sum(1 for span in spans if span.end_time is not None)
 
 
 def span_processor(exporter: DagSpanExporter | None = None, **settings: Any) -> Any:

@@ -41,12 +41,17 @@ from typing import Any
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from . import semconv as sc
 
 logger = logging.getLogger("cmbagent_otel")
 
 DEFAULT_SCHEDULE_DELAY_MS = 1000
 DEFAULT_MAX_QUEUE_SIZE = 2048
 DEFAULT_MAX_EXPORT_BATCH_SIZE = 512
+DEFAULT_LIVE_DELAY_MS = 500  # a started DAG node is exported at most this long after its span started
+LIVE_ENV = "CMBAGENT_OTEL_LIVE_DAG"
 SHUTDOWN_TIMEOUT_S = 30.0
 SHUTDOWN_REPLAY_MS = 10_000  # at shutdown, time given to replaying this run's spill files
 _IDLE_REPLAY_S = 1.0
@@ -65,6 +70,57 @@ def _setting(value: float | None, names: Sequence[str], default: float, *, minim
     return default
 
 
+class _Started:
+    """A workflow or DAG-node span that has started: queued by ``on_start`` (one append on the
+    application's thread), turned into a snapshot by the worker when it exports."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+
+def started_snapshot(span: Span) -> ReadableSpan | None:
+    """A ``ReadableSpan`` of a span that has not ended (no end time, status unset), or None
+    once it has ended (its finished self is queued then)."""
+    if span.end_time is not None:
+        return None
+    attributes = span.attributes
+    copy = getattr(attributes, "copy", None)
+    return ReadableSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=copy() if copy is not None else dict(attributes or {}), kind=span.kind,
+        instrumentation_scope=span.instrumentation_scope, status=Status(StatusCode.UNSET),
+        start_time=span.start_time, end_time=None,
+    )
+
+
+def _snapshots(items: list[Any]) -> list[ReadableSpan]:
+    """The batch as the exporter gets it: started records as snapshots (dropped once ended)."""
+    if not any(type(item) is _Started for item in items):
+        return items
+    out = []
+    for item in items:
+        if type(item) is _Started:
+            snapshot = started_snapshot(item.span)
+            if snapshot is not None:
+                out.append(snapshot)
+        else:
+            out.append(item)
+    return out
+
+
+def _live_setting(value: bool | None) -> bool:
+    if value is not None:
+        return bool(value)
+    raw = os.environ.get(LIVE_ENV, "").strip().lower()
+    if raw in ("0", "false", "off", "no"):
+        return False
+    if raw and raw not in ("1", "true", "on", "yes"):
+        logger.warning("cmbagent_otel: ignoring invalid %s=%r", LIVE_ENV, raw)
+    return True
+
+
 class DurableBatchSpanProcessor(SpanProcessor):
     """Batches finished spans to ``exporter``; a full queue spills (or counts drops), never silently.
 
@@ -81,6 +137,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         max_queue_size: int | None = None,
         schedule_delay_millis: float | None = None,
         max_export_batch_size: int | None = None,
+        live: bool | None = None,
     ) -> None:
         self.exporter = exporter
         self._delay_s = _setting(schedule_delay_millis, ("CMBAGENT_OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_SCHEDULE_DELAY"),
@@ -91,6 +148,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
             max_export_batch_size, ("CMBAGENT_OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
             DEFAULT_MAX_EXPORT_BATCH_SIZE, minimum=1)))
         self._overflow: Callable[[Sequence[ReadableSpan]], None] | None = getattr(exporter, "spill_overflow", None)
+        # the live DAG: started records of workflow and DAG-node spans, for exporters that want them
+        self._live = _live_setting(live) and bool(getattr(exporter, "accepts_started_spans", False))
+        self._live_delay_s = DEFAULT_LIVE_DELAY_MS / 1000
+        self._live_due: float | None = None
         if hasattr(exporter, "replay_slice"):
             # this processor replays when its queue is idle; replaying after every export
             # would hold up fresh spans while a burst is still arriving
@@ -130,7 +191,23 @@ class DurableBatchSpanProcessor(SpanProcessor):
     # --- application thread --------------------------------------------------------------------
 
     def on_start(self, span: Span, parent_context: Any = None) -> None:
-        """Nothing to do when a span starts."""
+        """Queue a started record of a workflow or DAG-node span (the live DAG), so its row
+        shows ``running`` while it runs; the export follows within ~0.5 s. Other spans: nothing."""
+        if not self._live or self._shutdown or not span.context.trace_flags.sampled:
+            return
+        try:
+            attrs = span.attributes
+            if sc.DAG_NODE_TYPE not in attrs and attrs.get(sc.SPAN_KIND) != sc.KIND_WORKFLOW:
+                return
+        except Exception:
+            return
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            return  # a full queue: the finished span still comes, the live record is not worth a spill
+        queue.append(_Started(span))  # type: ignore[arg-type]
+        if self._live_due is None:
+            self._live_due = time.monotonic() + self._live_delay_s
+            self._wake.set()  # the worker plans its next export by the due time
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue a finished sampled span; when the queue is full, spill the oldest batch."""
@@ -161,6 +238,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self._take_overflow(chunk)
 
     def _take_overflow(self, spans: Sequence[ReadableSpan]) -> None:
+        # started records are live hints, not spans: never spilled (the finished span is)
+        spans = [s for s in spans if type(s) is not _Started]
+        if not spans:
+            return
         with self._stats_lock:
             self._stats["overflowed"] += len(spans)
         if self._overflow is not None:
@@ -190,12 +271,20 @@ class DurableBatchSpanProcessor(SpanProcessor):
 
     def _run(self) -> None:
         while True:
-            woken = self._wake.wait(self._delay_s)
+            timeout = self._delay_s
+            due = self._live_due
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - time.monotonic()))
+            woken = self._wake.wait(timeout)
             self._wake.clear()
             if self._shutdown:
                 self._drain(everything=True)
                 return
-            self._drain(everything=not woken)
+            due = self._live_due
+            live = due is not None and time.monotonic() >= due
+            if live:
+                self._live_due = None
+            self._drain(everything=live or not woken)
             if not self._queue and not self._wake.is_set():
                 self._idle_replay()
 
@@ -212,6 +301,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 batch.append(pop())
         except IndexError:
             pass
+        batch = _snapshots(batch)
         if not batch:
             return
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))

@@ -14,8 +14,9 @@ argv: DB_URL SPILL_DIR RECORD_FILE. Settings come from the environment:
   when it is stdout).
 
 The independent record: every span this process ends is written, before the DAG processor
-sees it, as one JSON line (``cmbagent_otel.spill.span_to_record``) to RECORD_FILE (``-`` for
-stdout) with an unbuffered ``write`` (survives ``kill -9``: it is in the kernel at once).
+sees it (and every workflow or DAG-node span when it starts, as ``{"started": record}``), as
+one JSON line (``cmbagent_otel.spill.span_to_record``) to RECORD_FILE (``-`` for stdout)
+with an unbuffered ``write`` (survives ``kill -9``: it is in the kernel at once).
 ``{"flushed": n}`` lines mark the points where everything before was flushed. At the end
 ``DONE <exporter stats> <processor stats>`` is printed.
 """
@@ -50,6 +51,12 @@ class Recorder(SpanProcessor):
         data = (json.dumps(obj, ensure_ascii=True) + "\n").encode("ascii")
         while data:
             data = data[os.write(self.fd, data):]
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        # what the DAG processor sends for the live DAG when a workflow or DAG-node span starts
+        attrs = span.attributes or {}
+        if "cmbagent.dag.node_type" in attrs or attrs.get("cmbagent.span.kind") == "workflow":
+            self.line({"started": span_to_record(span)})
 
     def on_end(self, span: ReadableSpan) -> None:
         self.line(span_to_record(span))

@@ -65,11 +65,13 @@ def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
         engine.dispose()
 
 
-def reference(spans: Sequence[ReadableSpan], url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """The tables one direct write of ``spans`` into the empty database ``url`` gives."""
+def reference(spans: Sequence[ReadableSpan], url: str,
+              started: Sequence[ReadableSpan] = ()) -> dict[str, list[tuple[Any, ...]]]:
+    """The tables one direct write of ``spans`` (and the started records of spans that never
+    ended: the live DAG's running rows) into the empty database ``url`` gives."""
     writer = DagWriter(url)
     try:
-        writer.write(spans)
+        writer.write([*started, *spans])
     finally:
         writer.close()
     return dump(url)
@@ -81,11 +83,27 @@ def read_record(path: Path | str) -> tuple[list[ReadableSpan], list[int]]:
     marks: list[int] = []
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
+        if "started" in record:
+            continue
         if "flushed" in record:
             marks.append(len(spans))
         else:
             spans.append(record_to_span(record))
     return spans, marks
+
+
+def read_started(path: Path | str) -> list[ReadableSpan]:
+    """Started records (see app.py) of the spans in a record file that never ended."""
+    started: dict[tuple[str, str], ReadableSpan] = {}
+    ended: set[tuple[str, str]] = set()
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if "started" in record:
+            span = record_to_span(record["started"])
+            started[span_key(span)] = span
+        elif "flushed" not in record:
+            ended.add(span_key(record_to_span(record)))
+    return [span for key, span in started.items() if key not in ended]
 
 
 def span_key(span: ReadableSpan) -> tuple[str, str]:
@@ -94,7 +112,8 @@ def span_key(span: ReadableSpan) -> tuple[str, str]:
 
 def stored_spans(url: str) -> Counter[tuple[str, str]]:
     """(trace id, span id) of every span stored in ``url``, counted once per row that stores it:
-    the workflow span's run row, node rows (DAG-node spans) and event rows (all other spans)."""
+    the workflow span's run row, node rows (DAG-node spans; not the ``running`` rows of spans
+    that have only started) and event rows (all other spans)."""
     found: Counter[tuple[str, str]] = Counter()
     engine = create_engine(url)
     try:
@@ -103,9 +122,10 @@ def stored_spans(url: str) -> Counter[tuple[str, str]]:
                 meta = decode_json(meta) or {}
                 if meta.get("span_id"):
                     found[(meta["trace_id"], meta["span_id"])] += 1
-            for run_id, meta in conn.execute(text("SELECT run_id, meta FROM dag_nodes")):
+            for run_id, meta, status in conn.execute(text("SELECT run_id, meta, status FROM dag_nodes")):
                 meta = decode_json(meta) or {}
-                if meta.get("span_id") and not meta.get("derived"):
+                # a running row is the live DAG's view of a span that has not ended: not a stored span
+                if meta.get("span_id") and not meta.get("derived") and status != "running":
                     found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
             for run_id, meta in conn.execute(text("SELECT id, meta FROM workflow_runs")):
                 meta = decode_json(meta) or {}

@@ -1,7 +1,8 @@
 """Child process for the kill test: exports a run step by step, then waits to be killed.
 
 argv: DB_URL SPILL_DIR RECORD_FILE. Every finished span is also appended (fsynced) to
-RECORD_FILE, so the test knows exactly which spans the process produced. The parent
+RECORD_FILE, so the test knows exactly which spans the process produced (and every workflow
+or DAG-node span when it starts, as ``{"started": record}``: what the live DAG writes). The parent
 synchronises through stdin/stdout: ``FLUSHED n`` after each step's batch is exported.
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
@@ -34,11 +36,27 @@ class Recorder(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+class StartRecorder(SimpleSpanProcessor):
+    """Records the started records the live DAG sends (workflow and DAG-node spans) as well."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(recorder)
+        self.recorder = recorder
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        attrs = span.attributes or {}
+        if "cmbagent.dag.node_type" in attrs or attrs.get("cmbagent.span.kind") == "workflow":
+            file = self.recorder._file
+            file.write(json.dumps({"started": span_to_record(span)}) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+
 def main() -> None:
     db_url, spill_dir, record = sys.argv[1:4]
     exporter = DagSpanExporter(db_url, timeout=0.3, spill_dir=spill_dir)
     provider = cmbagent_otel.instrument(exporters="none", span_exporters=[exporter], instrument_cmbagent=False)
-    provider.add_span_processor(SimpleSpanProcessor(Recorder(record)))
+    provider.add_span_processor(StartRecorder(Recorder(record)))
     with workflow("killed", mode="planning-control"), phase("control"):
         for number in (1, 2, 3):
             with step(number, f"step {number}"):

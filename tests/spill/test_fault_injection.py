@@ -133,8 +133,15 @@ def test_process_killed_between_batches_loses_nothing(tmp_path, short_lock_wait)
                             capture_output=True, text=True, timeout=120, check=False)
     assert replay.returncode == 0, replay.stderr
     assert "0 spill files left" in replay.stdout
-    produced = [record_to_span(json.loads(line)) for line in record.read_text().splitlines()]
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    produced = [record_to_span(r) for r in lines if "started" not in r]
     assert len(produced) == 2 * 4  # two finished steps of (step + 3 chats); workflow/phase never ended
+    ended = {(s.context.trace_id, s.context.span_id) for s in produced}
+    # the workflow and phase never ended: the live DAG's started records left them running
+    open_spans = [s for s in (record_to_span(r["started"]) for r in lines if "started" in r)
+                  if (s.context.trace_id, s.context.span_id) not in ended]
+    assert [s.name for s in open_spans] == ["workflow killed", "phase control"]
+    produced = open_spans + produced
     assert dump(url) == reference(produced, tmp_path)
     # replaying again (a second process starting) changes nothing
     again = subprocess.run([str(cli), "--db", url, "replay", "--spill-dir", str(spill_dir)],

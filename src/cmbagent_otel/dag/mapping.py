@@ -33,11 +33,15 @@ _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
 CHECKPOINT_FREQUENCY_MINUTES = 10
 
-# Run-row precedence: a workflow span beats a plain root span beats a placeholder.
+# Run-row precedence: a finished workflow span beats a started one (the live DAG) beats a
+# plain root span beats a placeholder. Stored by name (meta.otel_source), never by number.
 RANK_PLACEHOLDER = 0
 RANK_ROOT = 1
-RANK_WORKFLOW = 2
-RANK_NAMES = {RANK_PLACEHOLDER: "placeholder", RANK_ROOT: "root", RANK_WORKFLOW: "workflow"}
+RANK_STARTED = 2
+RANK_WORKFLOW = 3
+RANK_NAMES = {RANK_PLACEHOLDER: "placeholder", RANK_ROOT: "root", RANK_STARTED: "workflow_started",
+              RANK_WORKFLOW: "workflow"}
+RUNNING = "running"  # status of a node whose span has started and not ended yet
 RANK_BY_NAME = {v: k for k, v in RANK_NAMES.items()}
 
 EVENT_TYPES: dict[str, tuple[str, str]] = {
@@ -254,6 +258,8 @@ class MappedBatch:
     runs: dict[str, RunCandidate] = field(default_factory=dict)
     node_placeholders: dict[str, dict[str, Any]] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # node rows of spans that have started, not ended (the live DAG): never replace a finished row
+    started_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_placeholders: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -330,14 +336,14 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 # --- nodes --------------------------------------------------------------------------------
 
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-              started: datetime | None, completed: datetime | None) -> dict[str, Any]:
+              started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
     short = str(attrs[sc.DAG_NODE])
     node_type = str(attrs.get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
     kind = attrs.get(sc.SPAN_KIND)
     parent_short = attrs.get(sc.DAG_PARENT_NODE)
     order_index = _int(attrs.get(sc.DAG_ORDER_INDEX), 0)
-    status = status_of(span)
-    error = _error_of(span)
+    status = RUNNING if running else status_of(span)
+    error = None if running else _error_of(span)
     goal = _text(attrs.get(sc.STEP_GOAL))
     summary = _text(attrs.get(sc.STEP_SUMMARY))
     phase_name = _text(attrs.get(sc.PHASE))
@@ -595,8 +601,21 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
 
 # --- the batch ----------------------------------------------------------------------------
 
+def _node_placeholder(batch: MappedBatch, run_id: str, session_id: str, short: Any) -> None:
+    short = str(short)
+    node_id = node_db_id(run_id, short)
+    if node_id not in batch.node_placeholders:
+        batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
+
+
 def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
-    """Map finished spans (any order, duplicates allowed) to rows for every table."""
+    """Map spans (any order, duplicates allowed) to rows for every table.
+
+    A span without an end time is a *started* record (the durable processor sends one when
+    a workflow or DAG-node span starts: the live DAG): it gives a run row of rank
+    ``workflow_started`` (status ``executing``) or a ``running`` node row that the writer
+    never lets replace a finished one; started records of other spans are ignored.
+    """
     batch = MappedBatch()
     for span in spans:
         ctx = span.context
@@ -607,26 +626,31 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         run_id = run_id_of(trace_id)
         session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
         started, completed = ts(span.start_time), ts(span.end_time)
-        _touch_session(batch, session_id, started, completed)
+        running = span.end_time is None
         kind = attrs.get(sc.SPAN_KIND)
+        if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
+            continue
+        _touch_session(batch, session_id, started, completed)
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
             meta = {k: v for k, v in pairs if v is not None}
-            meta.update({"otel_source": "workflow", "trace_id": f"{trace_id:032x}",
-                         "span_id": f"{ctx.span_id:016x}", "error": _error_of(span)})
-            _offer_run(batch, run_id, RANK_WORKFLOW, run_row(
+            meta.update({"otel_source": RANK_NAMES[RANK_STARTED if running else RANK_WORKFLOW],
+                         "trace_id": f"{trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
+                         "error": None if running else _error_of(span)})
+            _offer_run(batch, run_id, RANK_STARTED if running else RANK_WORKFLOW, run_row(
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
                 agent=_str(attrs.get(sc.WORKFLOW_AGENT) or "unknown", 100),
-                model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100), status=status_of(span),
+                model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100),
+                status="executing" if running else status_of(span),
                 started_at=started, completed_at=completed, task_description=_text(attrs.get(sc.WORKFLOW_TASK)),
                 meta=meta,
             ))
             batch.dag_runs.add(run_id)
             continue
-        if _is_root(span):
+        if not running and _is_root(span):
             _offer_run(batch, run_id, RANK_ROOT, run_row(
                 run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
                 agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
@@ -637,33 +661,31 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             ))
             batch.dag_runs.add(run_id)
         if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
-            node = _node_row(span, attrs, run_id, session_id, started, completed)
-            batch.nodes[node["id"]] = node
+            node = _node_row(span, attrs, run_id, session_id, started, completed, running=running)
+            (batch.started_nodes if running else batch.nodes)[node["id"]] = node
             parent_short = attrs.get(sc.DAG_PARENT_NODE)
             if parent_short:
-                ph = node_placeholder(run_id, session_id, str(parent_short))
-                batch.node_placeholders.setdefault(ph["id"], ph)
+                _node_placeholder(batch, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
         event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed)
         batch.events[event["id"]] = event
         short = attrs.get(sc.DAG_NODE)
         if short:
-            ph = node_placeholder(run_id, session_id, str(short))
-            batch.node_placeholders.setdefault(ph["id"], ph)
+            _node_placeholder(batch, run_id, session_id, short)
         if kind is None:
             parent = span.parent
             parent_id = event_db_id(trace_id, parent.span_id) if parent is not None and not parent.is_remote else None
             batch.foreign_parents[event["id"]] = (parent_id, run_id)
-        elif event["parent_event_id"] is not None:
-            batch.event_placeholders.setdefault(event["parent_event_id"],
-                                                event_placeholder(event, event["parent_event_id"]))
+        elif (parent_event := event["parent_event_id"]) is not None and parent_event not in batch.event_placeholders:
+            batch.event_placeholders[parent_event] = event_placeholder(event, parent_event)
         if kind == sc.KIND_LLM or (kind == sc.KIND_CODE and event["agent_name"] is None):
             batch.rollup_runs.add(run_id)
         if sc.GEN_AI_INPUT_MESSAGES in attrs or sc.GEN_AI_OUTPUT_MESSAGES in attrs:
             batch.messages.extend(_messages(span, attrs, event))
     for node_id in batch.nodes:
         batch.node_placeholders.pop(node_id, None)
+        batch.started_nodes.pop(node_id, None)  # the span ended within the batch
     for event_id in batch.events:
         batch.event_placeholders.pop(event_id, None)
     return batch
@@ -752,6 +774,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     run_id = run["id"]
     session_id = run["session_id"]
     source = (run.get("meta") or {}).get("otel_source")
+    if source == RANK_NAMES[RANK_STARTED]:
+        source = "workflow"  # a live run is laid out like a finished one (its terminator pending)
     real_run = source in ("workflow", "root")
     real = [n for n in nodes if not _meta(n).get("derived")]
     by_id = {n["id"]: n for n in real}

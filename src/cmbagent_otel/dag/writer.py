@@ -3,6 +3,8 @@
 Rows with a natural key are upserted (placeholders ``DO NOTHING``, real rows ``DO
 UPDATE``), so repeated or reordered batches converge to the same contents. Tables without
 one (``dag_edges``, ``cost_records``, ``messages``) are diffed against what is stored.
+Every statement is precompiled SQL text run through the driver (:mod:`.statements`); rows
+derived from a run's whole node set are recomputed only for runs whose inputs a batch changed.
 """
 
 from __future__ import annotations
@@ -23,25 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Connection,
-    DateTime,
-    Engine,
-    Integer,
-    Table,
-    bindparam,
-    case,
-    delete,
-    exists,
-    select,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 
 from .. import semconv as sc
-from .._jsontext import compact_encoder
 from . import schema
 from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
 from .errors import Fault, classify
@@ -50,6 +36,7 @@ from .mapping import (
     LLM_TYPE,
     PLACEHOLDER_SUBTYPE,
     RANK_BY_NAME,
+    RUNNING,
     LlmUsage,
     MappedBatch,
     better_run,
@@ -57,6 +44,9 @@ from .mapping import (
     event_db_id,
     map_spans,
 )
+from .statements import Sql, chunks, decode_json, encode_json, naive, sql_for
+
+__all__ = ["DagWriter", "DatabaseUnavailable", "WriteResult", "decode_json", "dump_tables", "parents_first"]
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
@@ -98,27 +88,6 @@ class WriteResult:
 
     spans: int
     runs: int
-
-
-def decode_json(value: Any) -> Any:
-    """A JSON column's value as read back: drivers return text (SQLite) or objects (PostgreSQL)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    return value
-
-
-def _naive(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=None)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value).replace(tzinfo=None)
-        except ValueError:
-            return None
-    return None
 
 
 class DagWriter:
@@ -271,136 +240,51 @@ def _first_line(exc: BaseException) -> str:
     return (str(orig if orig is not None else exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-# --- statements -----------------------------------------------------------------------------
+# --- upserts -----------------------------------------------------------------------------------
 
-def _insert(conn: Connection, table: Table) -> Any:
-    return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
+def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Insert ``rows`` or replace the stored ones (by id); returns the ids that were new.
 
-
-_SQL_CACHE: dict[tuple[str, str], tuple[str, tuple[tuple[str, str], ...]]] = {}
-
-
-def _sqlite_sql(table: Table, mode: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """Plain ``INSERT`` text for SQLite plus per-column value kinds (json/datetime/bool/plain)."""
-    key = (table.name, mode)
-    cached = _SQL_CACHE.get(key)
-    if cached is None:
-        cols = [c for c in table.columns if not (mode == "insert" and c.name == "id" and isinstance(c.type, Integer))]
-        kinds = tuple((c.name, "json" if isinstance(c.type, JSON) else "dt" if isinstance(c.type, DateTime)
-                       else "bool" if isinstance(c.type, Boolean) else "") for c in cols)
-        sql = f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) VALUES ({', '.join('?' * len(cols))})"
-        if mode == "update":
-            cols = [c for c in cols if c.name != "id"] + [table.c.id]
-            kinds = kinds[1:] + kinds[:1]
-            sql = f"UPDATE {table.name} SET {', '.join(f'{c.name} = ?' for c in cols[:-1])} WHERE id = ?"
-        elif mode == "replace":
-            sql += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
-                f"{c.name} = excluded.{c.name}" for c in cols if c.name != "id")
-        elif mode == "ignore":
-            sql += " ON CONFLICT (id) DO NOTHING"
-        cached = _SQL_CACHE[key] = (sql, kinds)
-    return cached
+    Split, not ``INSERT ... ON CONFLICT DO UPDATE``: most rows are new, and an upsert costs
+    SQLite ~3x a plain insert when foreign keys are on; PostgreSQL takes the new ones by
+    ``COPY``. Safe against other writers: SQLite's ``BEGIN IMMEDIATE`` keeps them out until
+    commit, and on PostgreSQL every row written here belongs to a run whose advisory lock
+    this transaction holds (row ids derive from the run's trace id).
+    """
+    if not rows:
+        return set()
+    ids = [r["id"] for r in rows]
+    existing = sql.existing_ids(conn, table.name, ids)
+    # new rows first: an updated row may point at a parent that is new in this batch
+    sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
+    if existing:
+        sql.update(conn, table, [r for r in rows if r["id"] in existing])
+    return {i for i in ids if i not in existing}
 
 
-_encode_json = compact_encoder(str, ensure_ascii=True)
-
-
-def _sqlite_dt(value: datetime) -> str:
-    # SQLAlchemy's own SQLite storage format, so reads come back naive
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
-_CONVERTERS: dict[str, Any] = {"json": _encode_json, "dt": _sqlite_dt, "bool": int, "": None}
-
-
-def _sqlite_params(rows: Iterable[Mapping[str, Any]], kinds: tuple[tuple[str, str], ...]) -> list[tuple[Any, ...]]:
-    convs = [(name, _CONVERTERS[kind]) for name, kind in kinds]
-    out = []
-    for row in rows:
-        get = row.get
-        out.append(tuple([get(name) if conv is None or (v := get(name)) is None else conv(v)
-                          for name, conv in convs]))
-    return out
-
-
-def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
-    """``values`` in slices of ``size`` (SQLite allows at most 999 bound parameters in old builds)."""
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
-
-
-def _sqlite_existing_ids(conn: Connection, table: str, ids: Sequence[str]) -> set[str]:
-    """Which of ``ids`` are stored, as plain driver SQL (no statement compilation per batch)."""
-    existing: set[str] = set()
-    for chunk in _chunks(ids):
-        sql = f"SELECT id FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})"
-        existing.update(r[0] for r in conn.exec_driver_sql(sql, tuple(chunk)))
-    return existing
-
-
-def _sqlite_select(conn: Connection, table: Table, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """Rows of ``table`` as dicts decoded like SQLAlchemy would (JSON parsed, datetimes naive)."""
-    cols = list(table.columns)
-    sql = f"SELECT {', '.join(c.name for c in cols)} FROM {table.name} WHERE {where}"
-    kinds = [("json" if isinstance(c.type, JSON) else "dt" if isinstance(c.type, DateTime)
-              else "bool" if isinstance(c.type, Boolean) else "") for c in cols]
-    names = [c.name for c in cols]
-    out = []
-    for raw in conn.exec_driver_sql(sql, params):
-        row: dict[str, Any] = {}
-        for name, kind, v in zip(names, kinds, raw, strict=True):
-            if v is not None:
-                if kind == "json":
-                    v = decode_json(v)
-                elif kind == "dt":
-                    v = _naive(v)
-                elif kind == "bool":
-                    v = bool(v)
-            row[name] = v
-        out.append(row)
-    return out
-
-
-def _execute_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], mode: str) -> None:
-    """Bulk insert (``mode``: insert/ignore/replace on id). SQLite skips SQLAlchemy's per-row processing."""
+def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert those of ``rows`` (placeholders) whose id is not stored yet; leave the rest alone."""
     if not rows:
         return
-    if conn.dialect.name == "sqlite":
-        if mode == "replace":
-            # An upsert with DO UPDATE is ~3x slower than a plain insert in SQLite when
-            # foreign keys are on, and most rows are new: insert those, update the rest.
-            existing = _sqlite_existing_ids(conn, table.name, [r["id"] for r in rows])
-            new = [r for r in rows if r["id"] not in existing]
-            if new:
-                # new rows first: an updated row may point at a parent that is new in this batch
-                sql, kinds = _sqlite_sql(table, "ignore")
-                conn.exec_driver_sql(sql, _sqlite_params(new, kinds))
-            if existing:
-                sql, kinds = _sqlite_sql(table, "update")
-                conn.exec_driver_sql(sql, _sqlite_params([r for r in rows if r["id"] in existing], kinds))
-            return
-        sql, kinds = _sqlite_sql(table, mode)
-        conn.exec_driver_sql(sql, _sqlite_params(rows, kinds))
+    if not sql.pg:
+        sql.insert(conn, table, rows, "nothing")
         return
-    if mode == "insert":
-        conn.execute(table.insert(), list(rows))
-    else:
-        _upsert_core(conn, table, rows, replace=mode == "replace")
+    existing = sql.existing_ids(conn, table.name, [r["id"] for r in rows])
+    sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
 
 
-def _upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
-    _execute_rows(conn, table, rows, "replace" if replace else "ignore")
-
-
-def _upsert_core(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, replace: bool) -> None:
-    ins = _insert(conn, table)
-    if replace:
-        stmt = ins.on_conflict_do_update(
-            index_elements=["id"], set_={c.name: ins.excluded[c.name] for c in table.columns if c.name != "id"}
-        )
-    else:
-        stmt = ins.on_conflict_do_nothing(index_elements=["id"])
-    conn.execute(stmt, list(rows))
+def _write_started(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``running`` rows of spans that have started (the live DAG): inserted when missing,
+    replacing only a row that is itself running (a placeholder or an earlier started
+    record), never a finished one, so a started record arriving late changes nothing."""
+    if not rows:
+        return
+    status: dict[str, Any] = {}
+    for part in sql.in_chunks([r["id"] for r in rows]):
+        status.update(conn.exec_driver_sql(f"SELECT id, status FROM {table.name} WHERE {sql.where_in('id', len(part))}",
+                                           sql.in_params(part)).all())
+    sql.insert(conn, table, [r for r in rows if r["id"] not in status])
+    sql.update(conn, table, [r for r in rows if status.get(r["id"]) == RUNNING])
 
 
 def parents_first(rows: Mapping[str, Mapping[str, Any]], parent_key: str) -> list[Mapping[str, Any]]:
@@ -449,24 +333,32 @@ def _lock_runs(conn: Connection, batch: MappedBatch) -> None:
 
 
 def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) -> None:
+    sql = sql_for(conn)
     _lock_runs(conn, batch)
-    _write_sessions(conn, batch)
-    _write_runs(conn, batch)
-    _upsert(conn, T["dag_nodes"], list(batch.node_placeholders.values()), replace=False)
-    _upsert(conn, T["dag_nodes"], parents_first(batch.nodes, "parent_node_id"), replace=True)
-    _upsert(conn, T["execution_events"], list(batch.event_placeholders.values()), replace=False)
-    _upsert(conn, T["execution_events"], parents_first(batch.events, "parent_event_id"), replace=True)
+    _write_sessions(conn, sql, batch)
+    changed_runs = _write_runs(conn, sql, batch)
+    nodes_t, events_t = T["dag_nodes"], T["execution_events"]
+    _insert_missing(conn, sql, nodes_t, list(batch.node_placeholders.values()))
+    _upsert(conn, sql, nodes_t, parents_first(batch.nodes, "parent_node_id"))
+    _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
+    _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()))
+    _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"))
     runs_with_events = {e["run_id"] for e in batch.events.values()}
     if runs_with_events:
-        _repair_foreign(conn, runs_with_events)
-    _write_messages(conn, batch.messages)
-    if batch.dag_runs or batch.rollup_runs:
-        _write_derived(conn, sorted(batch.dag_runs | batch.rollup_runs), costs=costs)
-    if conn.dialect.name == "postgresql":
-        _touch_sessions(conn, batch)
+        _repair_foreign(conn, sql, runs_with_events)
+    _write_messages(conn, sql, batch.messages)
+    # The layout (edges, derived nodes, branch rows, session state) depends on a run's row
+    # and its nodes; usage totals and cost records also on its LLM events. A batch that
+    # changed neither for a run (a repeated workflow span, only tool events) leaves them be.
+    layout = {n["run_id"] for n in batch.nodes.values()} | {n["run_id"] for n in batch.started_nodes.values()} | (
+        batch.dag_runs & changed_runs)
+    if layout or batch.rollup_runs:
+        _write_derived(conn, sql, layout, batch.rollup_runs, costs=costs)
+    if sql.pg:
+        _touch_sessions(conn, sql, batch)
 
 
-def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
+def _write_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
     """Create missing session rows; extend the active range of existing ones.
 
     On PostgreSQL the range update runs last (``_touch_sessions``): it locks the session
@@ -475,60 +367,71 @@ def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
     """
     if not batch.sessions:
         return
-    if conn.dialect.name == "postgresql":
-        stmt = _insert(conn, T["sessions"]).on_conflict_do_nothing(index_elements=["id"])
-        conn.execute(stmt, [batch.sessions[k] for k in sorted(batch.sessions)])
+    if sql.pg:
+        sql.insert(conn, T["sessions"], [batch.sessions[k] for k in sorted(batch.sessions)], "nothing")
         return
-    _touch_sessions(conn, batch)
+    _touch_sessions(conn, sql, batch)
 
 
-def _touch_sessions(conn: Connection, batch: MappedBatch) -> None:
+_TOUCH = ("created_at = CASE WHEN (excluded.created_at < sessions.created_at) THEN excluded.created_at "
+          "ELSE sessions.created_at END, last_active_at = CASE WHEN (excluded.last_active_at > "
+          "sessions.last_active_at) THEN excluded.last_active_at ELSE sessions.last_active_at END")
+
+
+def _touch_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
     if not batch.sessions:
         return
     table = T["sessions"]
-    ins = _insert(conn, table)
-    stmt = ins.on_conflict_do_update(index_elements=["id"], set_={
-        "created_at": case((ins.excluded.created_at < table.c.created_at, ins.excluded.created_at),
-                           else_=table.c.created_at),
-        "last_active_at": case((ins.excluded.last_active_at > table.c.last_active_at, ins.excluded.last_active_at),
-                               else_=table.c.last_active_at),
-    })
-    conn.execute(stmt, [batch.sessions[k] for k in sorted(batch.sessions)])
+    conn.exec_driver_sql(f"{sql.insert_sql(table)} ON CONFLICT (id) DO UPDATE SET {_TOUCH}",
+                         sql.params([batch.sessions[k] for k in sorted(batch.sessions)], sql.columns(table)))
 
 
-def _insert_new(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+_RETURNING_PAGE = 40  # rows per multi-row INSERT ... RETURNING (SQLite: at most 999 parameters)
+
+
+def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
     """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id``: the ids of ``rows`` this call
     created. Rows another writer created first are left alone, never a unique violation."""
+    created: set[str] = set()
     if not rows:
-        return set()
-    stmt = _insert(conn, table).on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)
-    return set(conn.execute(stmt, list(rows)).scalars())
+        return created
+    cols = sql.columns(table)
+    head = sql.insert_sql(table).split(" VALUES ", 1)[0]
+    values = "(" + ", ".join(sql.mark + ("::json" if sql.pg and kind == "json" else "") for _, kind in cols) + ")"
+    for part in chunks(rows, _RETURNING_PAGE):
+        params = [v for row in sql.params(part, cols) for v in row]
+        created.update(r[0] for r in conn.exec_driver_sql(
+            f"{head} VALUES {', '.join([values] * len(part))} ON CONFLICT (id) DO NOTHING RETURNING id",
+            tuple(params)))
+    return created
 
 
-def _locked_select(conn: Connection, query: Any) -> Any:
-    """``query`` taking row locks on PostgreSQL (SQLite's write transaction already excludes others)."""
-    return query.with_for_update() if conn.dialect.name == "postgresql" else query
-
-
-def _write_runs(conn: Connection, batch: MappedBatch) -> None:
+def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> set[str]:
+    """Insert new run rows, replace stored ones a better candidate beats; returns the runs changed."""
     table = T["workflow_runs"]
     ids = sorted(batch.runs)
-    created = _insert_new(conn, table, [batch.runs[run_id].row for run_id in ids])
+    created = _insert_new(conn, sql, table, [batch.runs[run_id].row for run_id in ids])
     rest = [run_id for run_id in ids if run_id not in created]
     if not rest:
-        return
-    existing = {r.id: r for r in conn.execute(_locked_select(conn, select(
-        table.c.id, table.c.meta, table.c.started_at).where(table.c.id.in_(rest))))}
+        return created
+    lock = " FOR UPDATE" if sql.pg else ""
+    existing = {}
+    for part in sql.in_chunks(rest):
+        for run_id, meta, started in conn.exec_driver_sql(
+                f"SELECT id, meta, started_at FROM workflow_runs WHERE {sql.where_in('id', len(part))}{lock}",
+                sql.in_params(part)):
+            existing[run_id] = (meta, started)
+    better = []
     for run_id in rest:
         old, cand = existing.get(run_id), batch.runs[run_id]
         if old is None:
             continue  # deleted by someone else since the insert: nothing to compare with
-        old_meta = decode_json(old.meta) or {}
+        old_meta = decode_json(old[0]) or {}
         old_rank = RANK_BY_NAME.get(old_meta.get("otel_source"), 99)
-        old_row = {"started_at": _naive(old.started_at), "meta": old_meta}
-        if better_run(cand.rank, cand.row, old_rank, old_row):
-            values = {k: v for k, v in cand.row.items() if k != "id"}
-            conn.execute(update(table).where(table.c.id == run_id).values(**values))
+        if better_run(cand.rank, cand.row, old_rank, {"started_at": naive(old[1]), "meta": old_meta}):
+            better.append(cand.row)
+    sql.update(conn, table, better)
+    return created | {row["id"] for row in better}
 
 
 def _parent_event_id(meta: Any) -> str | None:
@@ -544,23 +447,26 @@ def _parent_event_id(meta: Any) -> str | None:
         return None
 
 
-def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
+def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     """Attach spans from other instrumentations under their parent event once it is known."""
-    ev = T["execution_events"]
-    foreign = conn.execute(
-        select(ev.c.id, ev.c.parent_event_id, ev.c.depth, ev.c.execution_order, ev.c.node_id, ev.c.meta).where(
-            ev.c.event_type == FOREIGN_TYPE[0], ev.c.event_subtype == FOREIGN_TYPE[1], ev.c.run_id.in_(run_ids))
-    ).all()
+    m = sql.mark
+    foreign = []
+    for part in sql.in_chunks(sorted(run_ids)):
+        foreign.extend(conn.exec_driver_sql(
+            "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
+            f"WHERE event_type = {m} AND event_subtype = {m} AND {sql.where_in('run_id', len(part))}",
+            (*FOREIGN_TYPE, *sql.in_params(part))).all())
     if not foreign:
         return
     candidates: dict[str, str | None] = {}
     for row in foreign:
         candidates[row.id] = _parent_event_id(decode_json(row.meta))
-    wanted = {c for c in candidates.values() if c}
+    wanted = sorted({c for c in candidates.values() if c})
     known: dict[str, tuple[int, int, str | None]] = {}
-    if wanted:
-        for r in conn.execute(select(ev.c.id, ev.c.depth, ev.c.execution_order, ev.c.node_id, ev.c.event_subtype,
-                                     ev.c.event_type).where(ev.c.id.in_(wanted))):
+    for part in sql.in_chunks(wanted):
+        for r in conn.exec_driver_sql(
+                "SELECT id, depth, execution_order, node_id, event_subtype, event_type FROM execution_events "
+                f"WHERE {sql.where_in('id', len(part))}", sql.in_params(part)):
             if r.event_subtype == PLACEHOLDER_SUBTYPE:
                 continue
             if (r.event_type, r.event_subtype) != FOREIGN_TYPE:
@@ -588,31 +494,34 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
     for row in foreign:
         parent, depth, order, node, _ = want(row.id, frozenset({row.id}))
         if (row.parent_event_id, row.depth, row.execution_order, row.node_id) != (parent, depth, order, node):
-            updates.append({"b_id": row.id, "p": parent, "d": depth, "o": order, "n": node})
+            updates.append((parent, depth, order, node, row.id))
     if updates:
-        conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(
-            parent_event_id=bindparam("p"), depth=bindparam("d"), execution_order=bindparam("o"),
-            node_id=bindparam("n")), updates)
+        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m}, depth = {m}, execution_order = {m}, "
+                             f"node_id = {m} WHERE id = {m}", updates)
     # A cmbagent event under a foreign span counts its depth without that span (the
     # instrumentation cannot see it): hang it under its nearest cmbagent ancestor instead.
-    own_children = conn.execute(select(ev.c.id, ev.c.parent_event_id).where(
-        ev.c.parent_event_id.in_(list(candidates)),
-        ~((ev.c.event_type == FOREIGN_TYPE[0]) & (ev.c.event_subtype == FOREIGN_TYPE[1])))).all()
+    parents = sorted(candidates)
     moves = []
-    for child in own_children:
-        target = resolved[child.parent_event_id][4]  # never the foreign parent itself
-        if target is not None:
-            moves.append({"b_id": child.id, "p": target})
+    for part in sql.in_chunks(parents):
+        for child_id, parent_id in conn.exec_driver_sql(
+                "SELECT id, parent_event_id FROM execution_events WHERE "
+                f"{sql.where_in('parent_event_id', len(part))} AND NOT (event_type = {m} AND event_subtype = {m})",
+                (*sql.in_params(part), *FOREIGN_TYPE)):
+            target = resolved[parent_id][4]  # never the foreign parent itself
+            if target is not None:
+                moves.append((target, child_id))
     if moves:
-        conn.execute(update(ev).where(ev.c.id == bindparam("b_id")).values(parent_event_id=bindparam("p")), moves)
+        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves)
 
 
-def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
+def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) -> None:
     if not messages:
         return
-    table = T["messages"]
-    event_ids = {m["event_id"] for m in messages}
-    stored = set(conn.execute(select(table.c.event_id).where(table.c.event_id.in_(event_ids))).scalars())
+    event_ids = sorted({m["event_id"] for m in messages})
+    stored: set[Any] = set()
+    for part in sql.in_chunks(event_ids):
+        stored.update(r[0] for r in conn.exec_driver_sql(
+            f"SELECT event_id FROM messages WHERE {sql.where_in('event_id', len(part))}", sql.in_params(part)))
     seen: set[tuple[Any, ...]] = set()
     rows = []
     for m in messages:
@@ -621,19 +530,7 @@ def _write_messages(conn: Connection, messages: list[dict[str, Any]]) -> None:
             continue
         seen.add(key)
         rows.append(m)
-    if rows:
-        conn.execute(table.insert(), rows)
-
-
-def _rows_of_runs(conn: Connection, table: Table, column: str, run_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of ``table`` whose ``column`` is one of ``run_ids``, as dicts (JSON values decoded)."""
-    if conn.dialect.name == "sqlite":
-        out: list[dict[str, Any]] = []
-        for chunk in _chunks(run_ids):
-            out.extend(_sqlite_select(conn, table, f"{column} IN ({', '.join('?' * len(chunk))})", tuple(chunk)))
-        return out
-    return [dict(r) for chunk in _chunks(run_ids)
-            for r in conn.execute(select(table).where(table.c[column].in_(chunk))).mappings()]
+    sql.insert(conn, T["messages"], rows)
 
 
 def _count(value: Any) -> int:
@@ -644,151 +541,152 @@ def _amount(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
 
-def _usage_of_runs(conn: Connection, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
+_USAGE_SQLITE = ("SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), json_extract(meta, "
+                 "'$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), json_extract(meta, '$.cost_usd'), "
+                 "completed_at, timestamp FROM execution_events WHERE event_type = ? AND event_subtype = ? AND ")
+_USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model', CAST((meta ->> 'prompt_tokens') AS INTEGER), "
+             "CAST((meta ->> 'completion_tokens') AS INTEGER), CAST((meta ->> 'cost_usd') AS FLOAT), completed_at, "
+             "timestamp FROM execution_events WHERE event_type = %s AND event_subtype = %s AND ")
+
+
+def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
     """The LLM events' usage of ``run_ids``: a few scalars per event, read out of ``meta`` by the database."""
-    ev = T["execution_events"]
-    meta = ev.c.meta
-    query_cols = (ev.c.run_id, ev.c.node_id, ev.c.agent_name, meta["model"].as_string(),
-                  meta["prompt_tokens"].as_integer(), meta["completion_tokens"].as_integer(),
-                  meta["cost_usd"].as_float(), ev.c.completed_at, ev.c.timestamp)
     out: dict[str, list[LlmUsage]] = {run_id: [] for run_id in run_ids}
-    sqlite_ = conn.dialect.name == "sqlite"
-    for chunk in _chunks(run_ids):
-        if sqlite_:  # plain driver SQL: no statement compilation per batch
-            rows = conn.exec_driver_sql(
-                "SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), "
-                "json_extract(meta, '$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), "
-                "json_extract(meta, '$.cost_usd'), completed_at, timestamp FROM execution_events "
-                f"WHERE event_type = ? AND event_subtype = ? AND run_id IN ({', '.join('?' * len(chunk))})",
-                (*LLM_TYPE, *chunk))
-        else:
-            rows = conn.execute(select(*query_cols).where(
-                ev.c.run_id.in_(chunk), ev.c.event_type == LLM_TYPE[0], ev.c.event_subtype == LLM_TYPE[1]))
+    head = _USAGE_PG if sql.pg else _USAGE_SQLITE
+    for part in sql.in_chunks(run_ids):
+        rows = conn.exec_driver_sql(head + sql.where_in("run_id", len(part)), (*LLM_TYPE, *sql.in_params(part)))
         for run_id, node_id, agent, model, prompt, completion, cost, completed, stamp in rows:
             out[run_id].append(LlmUsage(node_id, agent, None if model is None else str(model), _count(prompt),
-                                        _count(completion), _amount(cost), _naive(completed) or _naive(stamp)))
+                                        _count(completion), _amount(cost), naive(completed) or naive(stamp)))
     return out
 
 
-def _write_derived(conn: Connection, run_ids: Sequence[str], *, costs: bool = True) -> None:
+def _edges_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
+    for part in sql.in_chunks(run_ids):
+        for e in conn.exec_driver_sql(
+                "SELECT dag_nodes.run_id, dag_edges.id, dag_edges.from_node_id, dag_edges.to_node_id, "
+                "dag_edges.dependency_type, dag_edges.condition FROM dag_nodes JOIN dag_edges ON dag_nodes.id = "
+                f"dag_edges.from_node_id WHERE {sql.where_in('dag_nodes.run_id', len(part))} ORDER BY dag_edges.id",
+                sql.in_params(part)):
+            out[e.run_id].append(e)
+    return out
+
+
+def _write_derived(conn: Connection, sql: Sql, layout_runs: set[str], rollup_runs: set[str], *,
+                   costs: bool = True) -> None:
     """Recompute and store the rows derived from each run's node set and LLM usage.
 
+    ``layout_runs``: runs whose row or nodes changed: everything is rewritten where it
+    differs (derived nodes, edges, branch rows, usage totals, cost records, session state).
+    ``rollup_runs``: runs with new LLM usage (or code runs without an agent name): usage
+    totals, the derived nodes that carry them, cost records and code events' agent names.
     One query per table for all runs of the batch.
     """
+    run_ids = sorted(layout_runs | rollup_runs)
     runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
-    for node in _rows_of_runs(conn, nodes_t, "run_id", run_ids):
-        node["meta"] = decode_json(node["meta"]) or {}
+    for node in sql.select(conn, nodes_t, "run_id", run_ids):
+        node["meta"] = node["meta"] or {}
         nodes_by_run[node["run_id"]].append(node)
-    edges_by_run: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
-    for chunk in _chunks(run_ids):
-        query = (select(nodes_t.c.run_id, edges_t.c.id, edges_t.c.from_node_id, edges_t.c.to_node_id,
-                        edges_t.c.dependency_type, edges_t.c.condition)
-                 .join(nodes_t, nodes_t.c.id == edges_t.c.from_node_id).where(nodes_t.c.run_id.in_(chunk)))
-        for e in conn.execute(query):
-            edges_by_run[e.run_id].append(e)
-    usage_by_run = _usage_of_runs(conn, run_ids)
+    edges_by_run = _edges_of_runs(conn, sql, sorted(layout_runs))
+    usage_by_run = _usage_of_runs(conn, sql, run_ids)
 
     changed_nodes: list[dict[str, Any]] = []
-    node_metas: list[tuple[dict[str, Any], str]] = []
+    node_metas: list[dict[str, Any]] = []
     stale: list[str] = []
     drop: list[Any] = []
-    missing: list[tuple[str, str, str, str | None]] = []
+    missing: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     child_runs: list[dict[str, Any]] = []
     branches: list[dict[str, Any]] = []
     wanted_costs: dict[str, list[dict[str, Any]]] = {}
     states: dict[str, dict[str, Any]] = {}
-    for run_row in sorted(_rows_of_runs(conn, runs, "id", run_ids), key=lambda r: r["id"]):
-        run = dict(run_row)
-        run["meta"] = decode_json(run["meta"]) or {}
-        run["started_at"], run["completed_at"] = _naive(run["started_at"]), _naive(run["completed_at"])
-        nodes = nodes_by_run[run["id"]]
-        derived = derive_run_rows(run, nodes, usage_by_run[run["id"]])
+    for run in sorted(sql.select(conn, runs, "id", run_ids), key=lambda r: r["id"]):
+        run["meta"] = run["meta"] or {}
+        run_id = run["id"]
+        nodes = nodes_by_run[run_id]
+        derived = derive_run_rows(run, nodes, usage_by_run[run_id])
         stored_by_id = {n["id"]: n for n in nodes}
         # most batches leave a run's derived nodes as they are: rewrite only the changed ones
         changed_nodes.extend(d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"])))
         derived_ids = {d["id"] for d in derived.nodes}
         # a derived node wins over a real node whose damaged short id took its id
-        node_metas.extend((n["meta"], n["id"]) for n in derived.node_updates if n["id"] not in derived_ids)
+        node_metas.extend({"id": n["id"], "meta": n["meta"]} for n in derived.node_updates
+                          if n["id"] not in derived_ids)
+        wanted_costs[run_id] = derived.costs
+        if run_id not in layout_runs:
+            continue
         stale.extend(n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in derived_ids)
         kept: set[tuple[str, str, str, str | None]] = set()
-        for e in edges_by_run[run["id"]]:
+        for e in edges_by_run[run_id]:
             key = (e.from_node_id, e.to_node_id, e.dependency_type, e.condition)
             if key in derived.edges and key not in kept:
                 kept.add(key)
             else:
                 drop.append(e.id)
-        missing.extend(sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or "")))
+        missing.extend({"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c}
+                       for f, t, d, c in sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or "")))
         steps.extend(derived.steps)
         child_runs.extend(derived.child_runs)
         branches.extend(derived.branches)
-        wanted_costs[run["id"]] = derived.costs
         state = derived.session_state
         if state is not None and (
             state["id"] not in states or _state_key(state) >= _state_key(states[state["id"]])
         ):
             states[state["id"]] = state
 
-    _upsert(conn, nodes_t, parents_first({n["id"]: n for n in changed_nodes}, "parent_node_id"), replace=True)
-    if node_metas:
-        # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("UPDATE dag_nodes SET meta = ? WHERE id = ?",
-                                 [(_encode_json(meta), node_id) for meta, node_id in node_metas])
-        else:
-            conn.execute(update(nodes_t).where(nodes_t.c.id == bindparam("b_id")).values(meta=bindparam("b_meta")),
-                         [{"b_id": node_id, "b_meta": meta} for meta, node_id in node_metas])
-    for chunk in _chunks(stale):
-        conn.execute(delete(nodes_t).where(nodes_t.c.id.in_(chunk)))
-    for chunk in _chunks(drop):
-        conn.execute(delete(edges_t).where(edges_t.c.id.in_(chunk)))
-    if missing:
-        conn.execute(edges_t.insert(), [
-            {"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in missing])
-    _upsert(conn, T["workflow_steps"], steps, replace=True)
-    _upsert(conn, runs, child_runs, replace=True)
-    _upsert(conn, T["branches"], branches, replace=True)
-    _name_code_events(conn, run_ids)
+    _upsert(conn, sql, nodes_t, parents_first({n["id"]: n for n in changed_nodes}, "parent_node_id"))
+    # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
+    sql.update(conn, nodes_t, node_metas, ("meta",))
+    sql.delete_ids(conn, "dag_nodes", stale)
+    sql.delete_ids(conn, "dag_edges", drop)
+    sql.insert(conn, edges_t, missing)
+    _upsert(conn, sql, T["workflow_steps"], steps)
+    _upsert(conn, sql, runs, child_runs)
+    _upsert(conn, sql, T["branches"], branches)
+    _name_code_events(conn, sql, run_ids)
     if costs:
-        _write_cost_records(conn, wanted_costs)
+        _write_cost_records(conn, sql, wanted_costs)
     for _, state in sorted(states.items()):
-        _write_session_state(conn, state)
+        _write_session_state(conn, sql, state)
 
 
-def _name_code_events(conn: Connection, run_ids: Sequence[str]) -> None:
+def _name_code_events(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> None:
     """A code execution without an agent name takes its DAG node's agent (the agent turn running it)."""
-    ev, nodes_t = T["execution_events"], T["dag_nodes"]
-    owner = (nodes_t.c.id == ev.c.node_id) & nodes_t.c.node_type.in_((sc.NODE_SUB_AGENT, sc.NODE_AGENT)) & \
-        nodes_t.c.agent.is_not(None) & (nodes_t.c.agent != "unknown")
-    for chunk in _chunks(run_ids):
-        conn.execute(update(ev).where(
-            ev.c.run_id.in_(chunk), ev.c.event_type == "code_exec", ev.c.agent_name.is_(None),
-            ev.c.node_id.is_not(None), exists(select(nodes_t.c.id).where(owner)),
-        ).values(agent_name=select(nodes_t.c.agent).where(owner).scalar_subquery()))
+    m = sql.mark
+    owner = (f"dag_nodes.id = execution_events.node_id AND dag_nodes.node_type IN ({m}, {m}) AND dag_nodes.agent "
+             f"IS NOT NULL AND dag_nodes.agent != {m}")
+    owner_params = (sc.NODE_SUB_AGENT, sc.NODE_AGENT, "unknown")
+    for part in sql.in_chunks(run_ids):
+        conn.exec_driver_sql(
+            f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
+            f"WHERE {sql.where_in('execution_events.run_id', len(part))} AND execution_events.event_type = {m} "
+            "AND execution_events.agent_name IS NULL AND execution_events.node_id IS NOT NULL AND "
+            f"(EXISTS (SELECT dag_nodes.id FROM dag_nodes WHERE {owner}))",
+            (*owner_params, *sql.in_params(part), "code_exec", *owner_params))
 
 
 def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     return (row["run_id"], row["step_id"], row["session_id"], row["model"], row["agent_name"], row["parent_run_id"],
             int(row["prompt_tokens"]), int(row["completion_tokens"]), int(row["total_tokens"]),
-            f"{float(row['cost_usd']):.6f}", _naive(row["timestamp"]))
+            f"{float(row['cost_usd']):.6f}", naive(row["timestamp"]))
 
 
-def _write_cost_records(conn: Connection, wanted: Mapping[str, list[dict[str, Any]]]) -> None:
+def _write_cost_records(conn: Connection, sql: Sql, wanted: Mapping[str, list[dict[str, Any]]]) -> None:
     """Make each run's ``cost_records`` exactly ``wanted`` (autoincrement ids: diff, then delete/insert)."""
     if not wanted:
         return
     table = T["cost_records"]
     remaining = Counter(_cost_key(row) for rows in wanted.values() for row in rows)
     drop = []
-    for row in _rows_of_runs(conn, table, "run_id", list(wanted)):
+    for row in sql.select(conn, table, "run_id", list(wanted)):
         key = _cost_key(row)
         if remaining[key] > 0:
             remaining[key] -= 1
         else:
             drop.append(row["id"])
-    for chunk in _chunks(drop):
-        conn.execute(delete(table).where(table.c.id.in_(chunk)))
+    sql.delete_ids(conn, "cost_records", drop)
     inserts = []
     for rows in wanted.values():
         for row in rows:
@@ -796,7 +694,7 @@ def _write_cost_records(conn: Connection, wanted: Mapping[str, list[dict[str, An
             if remaining[key] > 0:
                 remaining[key] -= 1
                 inserts.append(row)
-    _execute_rows(conn, table, inserts, "insert")
+    sql.insert(conn, table, inserts)
 
 
 def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
@@ -807,7 +705,7 @@ def _same_row(row: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
         old = stored.get(key)
         if key == "meta":
             old = decode_json(old)
-            value = json.loads(_encode_json(value)) if value is not None else None
+            value = json.loads(encode_json(value)) if value is not None else None
         if old != value:
             return False
     return True
@@ -817,21 +715,21 @@ def _state_key(row: Mapping[str, Any]) -> tuple[datetime, str]:
     """Which session state is the latest: by update time, then run id (any order of arrival)."""
     context = row.get("context_variables")
     run_id = context.get("run_id", "") if isinstance(context, dict) else ""
-    return (_naive(row.get("updated_at")) or datetime.min, str(run_id))
+    return (naive(row.get("updated_at")) or datetime.min, str(run_id))
 
 
-def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
+def _write_session_state(conn: Connection, sql: Sql, row: dict[str, Any]) -> None:
     table = T["session_states"]
-    if _insert_new(conn, table, [row]):
+    if _insert_new(conn, sql, table, [row]):
         return
-    old = conn.execute(_locked_select(conn, select(table.c.updated_at, table.c.context_variables).where(
-        table.c.id == row["id"]))).first()
+    lock = " FOR UPDATE" if sql.pg else ""
+    old = conn.exec_driver_sql(f"SELECT updated_at, context_variables FROM session_states WHERE id = {sql.mark}{lock}",
+                               (row["id"],)).first()
     if old is None:
         return
     old_key = _state_key({"updated_at": old.updated_at, "context_variables": decode_json(old.context_variables)})
     if _state_key(row) >= old_key:
-        values = {k: v for k, v in row.items() if k != "id"}
-        conn.execute(update(table).where(table.c.id == row["id"]).values(**values))
+        sql.update(conn, table, [row], [c for c in row if c != "id"])
 
 
 def dump_tables(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:

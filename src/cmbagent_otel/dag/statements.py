@@ -1,0 +1,247 @@
+"""The DAG writer's SQL: statement text built once per dialect, run through the driver's executemany.
+
+Compiling SQLAlchemy Core statements (upserts with many columns above all) for every batch
+cost more than the database's own work. Here every statement the writer runs is plain SQL
+text, built once per process for SQLite (``?`` parameters) and PostgreSQL (psycopg 3:
+``%s`` parameters; its ``executemany`` sends all rows in one pipeline), and rows become
+parameter tuples as SQLAlchemy's types would have converted them: JSON encoded like
+``json.dumps`` (``None`` stays SQL NULL: every JSON column is ``none_as_null``; PostgreSQL
+casts the text with ``::json``), datetimes as SQLAlchemy's SQLite storage format or as is for
+psycopg, booleans as 0/1 on SQLite. Reading back decodes the same way SQLAlchemy would (JSON
+parsed, datetimes naive, booleans). ``tests/dag/test_reference_rows.py`` checks the rows
+stored are byte for byte those of the SQLAlchemy Core statements the writer used before.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
+
+from .._jsontext import compact_encoder
+
+__all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
+
+IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 999 parameters)
+
+encode_json = compact_encoder(str, ensure_ascii=True)
+
+
+def decode_json(value: Any) -> Any:
+    """A JSON column's value as read back: drivers return text (SQLite) or objects (PostgreSQL)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def naive(value: Any) -> datetime | None:
+    """A datetime column's value as a naive datetime (text from SQLite, objects from psycopg)."""
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).replace(tzinfo=None)
+        except ValueError:
+            return None
+    return None
+
+
+def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    """``values`` in slices of ``size``."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _sqlite_dt(value: datetime) -> str:
+    # SQLAlchemy's own SQLite storage format, so reads come back naive
+    return (value if value.tzinfo is None else value.replace(tzinfo=None)).isoformat(" ", "microseconds")
+
+
+def _kind(column: Any) -> str:
+    kind = column.type
+    if isinstance(kind, JSON):
+        return "json"
+    if isinstance(kind, DateTime):
+        return "dt"
+    if isinstance(kind, Boolean):
+        return "bool"
+    return ""
+
+
+_SQLITE_CONVERT: dict[str, Any] = {"json": encode_json, "dt": _sqlite_dt, "bool": int, "": None}
+_PG_CONVERT: dict[str, Any] = {"json": encode_json, "dt": None, "bool": None, "": None}
+
+
+class Sql:
+    """Statements and parameter conversion for one dialect (``sqlite`` or ``postgresql``)."""
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+        self.mark = "%s" if self.pg else "?"
+        self._convert = _PG_CONVERT if self.pg else _SQLITE_CONVERT
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    # --- statement text ----------------------------------------------------------------------
+
+    def _value(self, kind: str) -> str:
+        return f"{self.mark}::json" if self.pg and kind == "json" else self.mark
+
+    def columns(self, table: Table, *, with_autoincrement_id: bool = False) -> tuple[tuple[str, str], ...]:
+        """``(name, kind)`` of the columns the writer sets (an autoincrement id left to the database)."""
+        key = ("cols", table.name, with_autoincrement_id)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = tuple(
+                (c.name, _kind(c)) for c in table.columns
+                if with_autoincrement_id or not (c.name == "id" and isinstance(c.type, Integer)))
+        return found  # type: ignore[no-any-return]
+
+    def insert_sql(self, table: Table, on_conflict: str = "") -> str:
+        """``INSERT`` of every column; ``on_conflict``: ``""``, ``"nothing"`` or ``"update"`` (on id)."""
+        key = ("insert", table.name, on_conflict)
+        found = self._cache.get(key)
+        if found is None:
+            cols = self.columns(table)
+            found = (f"INSERT INTO {table.name} ({', '.join(n for n, _ in cols)}) "
+                     f"VALUES ({', '.join(self._value(k) for _, k in cols)})")
+            if on_conflict == "nothing":
+                found += " ON CONFLICT (id) DO NOTHING"
+            elif on_conflict == "update":
+                found += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+                    f"{n} = excluded.{n}" for n, _ in cols if n != "id")
+            self._cache[key] = found
+        return found  # type: ignore[no-any-return]
+
+    def update_sql(self, table: Table, names: Sequence[str] | None = None) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """``UPDATE table SET <names or every column> WHERE id = ?`` and the parameter columns (id last)."""
+        key = ("update", table.name, tuple(names) if names is not None else None)
+        found = self._cache.get(key)
+        if found is None:
+            kinds = dict(self.columns(table))
+            cols = tuple((n, kinds[n]) for n in (names if names is not None else kinds) if n != "id")
+            sql = (f"UPDATE {table.name} SET {', '.join(f'{n} = {self._value(k)}' for n, k in cols)} "
+                   f"WHERE id = {self.mark}")
+            found = self._cache[key] = (sql, (*cols, ("id", kinds["id"])))
+        return found  # type: ignore[no-any-return]
+
+    def where_in(self, column: str, count: int) -> str:
+        """``column IN (?, ...)`` for ``count`` values (SQLite), ``column = ANY(%s)`` (PostgreSQL: one list)."""
+        if self.pg:
+            return f"{column} = ANY({self.mark})"
+        return f"{column} IN ({', '.join('?' * count)})"
+
+    def in_params(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        return (list(values),) if self.pg else tuple(values)
+
+    def in_chunks(self, values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        """IN-list slices: one for PostgreSQL (an array parameter), slices of 500 for SQLite."""
+        if not values:
+            return iter(())
+        return iter((values,)) if self.pg else chunks(values)
+
+    # --- parameters ----------------------------------------------------------------------------
+
+    def params(self, rows: Iterable[Mapping[str, Any]], cols: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
+        """Rows as parameter tuples in ``cols`` order, values converted as SQLAlchemy's types would."""
+        key = ("params", tuple(cols))
+        plan = self._cache.get(key)
+        if plan is None:
+            names = [name for name, _ in cols]
+            plan = self._cache[key] = (
+                operator.itemgetter(*names) if len(names) > 1 else (lambda row, _n=names[0]: (row[_n],)),
+                tuple((i, self._convert[kind]) for i, (_, kind) in enumerate(cols) if self._convert[kind]),
+                names,
+            )
+        getter, convs, names = plan
+        out = []
+        for row in rows:
+            try:
+                values = list(getter(row))
+            except KeyError:  # a row without some columns: those are NULL
+                values = [row.get(name) for name in names]
+            for index, conv in convs:
+                value = values[index]
+                if value is not None:
+                    values[index] = conv(value)
+            out.append(tuple(values))
+        return out
+
+    # --- execution -----------------------------------------------------------------------------
+
+    def insert(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], on_conflict: str = "") -> None:
+        """Insert ``rows``: one executemany; on PostgreSQL without ``on_conflict`` one ``COPY``
+        (the rows must be new: the writer checked, holding the runs' advisory locks)."""
+        if not rows:
+            return
+        if self.pg and not on_conflict:
+            self.copy(conn, table, rows)
+            return
+        conn.exec_driver_sql(self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)))
+
+    def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text)."""
+        cols = self.columns(table)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(f"COPY {table.name} ({', '.join(n for n, _ in cols)}) FROM STDIN") as copy:
+                for row in self.params(rows, cols):
+                    copy.write_row(row)
+        finally:
+            cursor.close()
+
+    def update(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
+               names: Sequence[str] | None = None) -> None:
+        """Update ``rows`` by id (every column, or ``names``)."""
+        if rows:
+            sql, cols = self.update_sql(table, names)
+            conn.exec_driver_sql(sql, self.params(rows, cols))
+
+    def existing_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> set[Any]:
+        """Which of ``ids`` are stored in ``table``."""
+        found: set[Any] = set()
+        for part in self.in_chunks(ids):
+            found.update(r[0] for r in conn.exec_driver_sql(
+                f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part)))
+        return found
+
+    def delete_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> None:
+        for part in self.in_chunks(ids):
+            conn.exec_driver_sql(f"DELETE FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part))
+
+    def select(self, conn: Connection, table: Table, column: str, values: Sequence[Any],
+               extra: str = "", extra_params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of ``table`` whose ``column`` is in ``values`` (and ``extra`` holds), decoded."""
+        cols = self.columns(table, with_autoincrement_id=True)
+        names = [n for n, _ in cols]
+        kinds = [k for _, k in cols]
+        head = f"SELECT {', '.join(names)} FROM {table.name} WHERE "
+        out: list[dict[str, Any]] = []
+        for part in self.in_chunks(values):
+            sql = head + self.where_in(column, len(part)) + extra
+            for raw in conn.exec_driver_sql(sql, self.in_params(part) + extra_params):
+                row: dict[str, Any] = {}
+                for name, kind, v in zip(names, kinds, raw, strict=True):
+                    if v is not None and kind:
+                        v = decode_json(v) if kind == "json" else naive(v) if kind == "dt" else bool(v)
+                    row[name] = v
+                out.append(row)
+        return out
+
+
+_BY_DIALECT: dict[str, Sql] = {}
+
+
+def sql_for(conn: Connection) -> Sql:
+    """The statements of ``conn``'s dialect (built once per process)."""
+    name = conn.dialect.name
+    found = _BY_DIALECT.get(name)
+    if found is None:
+        found = _BY_DIALECT.setdefault(name, Sql(name))
+    return found
