@@ -18,7 +18,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -336,7 +336,11 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     sql = sql_for(conn)
     _lock_runs(conn, batch)
     _write_sessions(conn, sql, batch)
-    changed_runs = _write_runs(conn, sql, batch)
+    created, changed = _write_runs(conn, sql, batch)
+    # A run this batch created has nothing stored but what the batch writes: its derived rows
+    # come from the batch itself (no reading back), and its nodes go in once, usage totals included.
+    derived = _Derived()
+    _derive_fresh(batch, created, derived)
     nodes_t, events_t = T["dag_nodes"], T["execution_events"]
     _insert_missing(conn, sql, nodes_t, list(batch.node_placeholders.values()))
     _upsert(conn, sql, nodes_t, parents_first(batch.nodes, "parent_node_id"))
@@ -351,9 +355,9 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     # and its nodes; usage totals and cost records also on its LLM events. A batch that
     # changed neither for a run (a repeated workflow span, only tool events) leaves them be.
     layout = {n["run_id"] for n in batch.nodes.values()} | {n["run_id"] for n in batch.started_nodes.values()} | (
-        batch.dag_runs & changed_runs)
-    if layout or batch.rollup_runs:
-        _write_derived(conn, sql, layout, batch.rollup_runs, costs=costs)
+        batch.dag_runs & changed)
+    _derive_stored(conn, sql, layout - created, batch.rollup_runs - created, derived)
+    _write_derived(conn, sql, derived, costs=costs)
     if sql.pg:
         _touch_sessions(conn, sql, batch)
 
@@ -406,14 +410,15 @@ def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping
     return created
 
 
-def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> set[str]:
-    """Insert new run rows, replace stored ones a better candidate beats; returns the runs changed."""
+def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> tuple[set[str], set[str]]:
+    """Insert new run rows, replace stored ones a better candidate beats; returns the runs
+    created and the runs changed (created or replaced)."""
     table = T["workflow_runs"]
     ids = sorted(batch.runs)
     created = _insert_new(conn, sql, table, [batch.runs[run_id].row for run_id in ids])
     rest = [run_id for run_id in ids if run_id not in created]
     if not rest:
-        return created
+        return created, created
     lock = " FOR UPDATE" if sql.pg else ""
     existing = {}
     for part in sql.in_chunks(rest):
@@ -431,7 +436,7 @@ def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> set[str]:
         if better_run(cand.rank, cand.row, old_rank, {"started_at": naive(old[1]), "meta": old_meta}):
             better.append(cand.row)
     sql.update(conn, table, better)
-    return created | {row["id"] for row in better}
+    return created, created | {row["id"] for row in better}
 
 
 def _parent_event_id(meta: Any) -> str | None:
@@ -573,9 +578,99 @@ def _edges_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[s
     return out
 
 
-def _write_derived(conn: Connection, sql: Sql, layout_runs: set[str], rollup_runs: set[str], *,
-                   costs: bool = True) -> None:
-    """Recompute and store the rows derived from each run's node set and LLM usage.
+@dataclass
+class _Derived:
+    """The derived rows a batch writes (see :func:`_derive_fresh` and :func:`_derive_stored`)."""
+
+    nodes: list[dict[str, Any]] = field(default_factory=list)  # derived nodes new or changed
+    node_metas: list[dict[str, Any]] = field(default_factory=list)  # stored nodes whose usage totals changed
+    stale: list[str] = field(default_factory=list)  # derived nodes no longer derived
+    drop: list[Any] = field(default_factory=list)  # edges no longer derived
+    edges: list[dict[str, Any]] = field(default_factory=list)  # edges to add
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    child_runs: list[dict[str, Any]] = field(default_factory=list)
+    branches: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per run, diffed against the stored
+    new_costs: list[dict[str, Any]] = field(default_factory=list)  # of runs with none stored
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)  # the newest per session
+    named_runs: list[str] = field(default_factory=list)  # runs whose code events take their node's agent
+
+    def offer_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None and (
+            state["id"] not in self.states or _state_key(state) >= _state_key(self.states[state["id"]])
+        ):
+            self.states[state["id"]] = state
+
+
+def _edge_rows(edges: Iterable[tuple[str, str, str, str | None]]) -> list[dict[str, Any]]:
+    return [{"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c}
+            for f, t, d, c in sorted(edges, key=lambda k: (k[0], k[1], k[2], k[3] or ""))]
+
+
+def _as_stored(value: Any) -> Any:
+    """A JSON value as the database gives it back (tuples become lists, keys text...)."""
+    return None if value is None else json.loads(encode_json(value))
+
+
+def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
+    """Derived rows of the runs this batch created, from the batch alone.
+
+    Nothing of such a run was stored before (every span of a run creates its run row, and
+    writers of one run take turns), so after the batch's writes its nodes are the batch's
+    placeholders, started and finished node rows (in that order of precedence) and its LLM
+    events the batch's: exactly what :func:`_derive_stored` would read back. The usage
+    totals go into the batch's node rows before they are written (no second write), and
+    code executions take their node's agent as :func:`_name_code_events` would.
+    """
+    if not created:
+        return
+    final: dict[str, dict[str, Any]] = {}  # node id -> the batch row stored last for it
+    for source in (batch.node_placeholders, batch.started_nodes, batch.nodes):
+        for node_id, row in source.items():
+            if row["run_id"] in created:
+                final[node_id] = row
+    nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in created}
+    for row in final.values():
+        nodes_by_run[row["run_id"]].append({**row, "meta": _as_stored(row["meta"]) or {}})
+    usage_by_run: dict[str, list[LlmUsage]] = {run_id: [] for run_id in created}
+    for event in batch.events.values():
+        if event["run_id"] in created and (event["event_type"], event["event_subtype"]) == LLM_TYPE:
+            meta = event["meta"] if isinstance(event["meta"], dict) else {}
+            model = meta.get("model")
+            usage_by_run[event["run_id"]].append(LlmUsage(
+                event["node_id"], event["agent_name"], None if model is None else str(model),
+                _count(meta.get("prompt_tokens")), _count(meta.get("completion_tokens")),
+                _amount(meta.get("cost_usd")), naive(event["completed_at"]) or naive(event["timestamp"])))
+    after = dict(final)
+    for run_id in sorted(created):
+        candidate = batch.runs[run_id].row
+        derived = derive_run_rows({**candidate, "meta": _as_stored(candidate["meta"]) or {}},
+                                  nodes_by_run[run_id], usage_by_run[run_id])
+        derived_ids = {d["id"] for d in derived.nodes}
+        out.nodes.extend(derived.nodes)
+        after.update((d["id"], d) for d in derived.nodes)
+        for node in derived.node_updates:
+            if node["id"] not in derived_ids:  # a derived node wins over a real node that took its id
+                final[node["id"]]["meta"] = node["meta"]
+        out.edges.extend(_edge_rows(derived.edges))
+        out.steps.extend(derived.steps)
+        out.child_runs.extend(derived.child_runs)
+        out.branches.extend(derived.branches)
+        out.new_costs.extend(derived.costs)
+        out.offer_state(derived.session_state)
+    for event in batch.events.values():
+        if event["run_id"] in created and event["event_type"] == "code_exec" and event["agent_name"] is None \
+                and event["node_id"] is not None:
+            node = after.get(event["node_id"])
+            if node is not None and node["node_type"] in _NAMING_NODES and node["agent"] not in (None, "unknown"):
+                event["agent_name"] = node["agent"]
+
+
+_NAMING_NODES = (sc.NODE_SUB_AGENT, sc.NODE_AGENT)
+
+
+def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_runs: set[str], out: _Derived) -> None:
+    """Recompute the rows derived from each run's stored node set and LLM usage.
 
     ``layout_runs``: runs whose row or nodes changed: everything is rewritten where it
     differs (derived nodes, edges, branch rows, usage totals, cost records, session state).
@@ -584,71 +679,62 @@ def _write_derived(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
     One query per table for all runs of the batch.
     """
     run_ids = sorted(layout_runs | rollup_runs)
-    runs, nodes_t, edges_t = T["workflow_runs"], T["dag_nodes"], T["dag_edges"]
+    if not run_ids:
+        return
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
-    for node in sql.select(conn, nodes_t, "run_id", run_ids):
+    for node in sql.select(conn, T["dag_nodes"], "run_id", run_ids):
         node["meta"] = node["meta"] or {}
         nodes_by_run[node["run_id"]].append(node)
     edges_by_run = _edges_of_runs(conn, sql, sorted(layout_runs))
     usage_by_run = _usage_of_runs(conn, sql, run_ids)
-
-    changed_nodes: list[dict[str, Any]] = []
-    node_metas: list[dict[str, Any]] = []
-    stale: list[str] = []
-    drop: list[Any] = []
-    missing: list[dict[str, Any]] = []
-    steps: list[dict[str, Any]] = []
-    child_runs: list[dict[str, Any]] = []
-    branches: list[dict[str, Any]] = []
-    wanted_costs: dict[str, list[dict[str, Any]]] = {}
-    states: dict[str, dict[str, Any]] = {}
-    for run in sorted(sql.select(conn, runs, "id", run_ids), key=lambda r: r["id"]):
+    out.named_runs.extend(run_ids)
+    for run in sorted(sql.select(conn, T["workflow_runs"], "id", run_ids), key=lambda r: r["id"]):
         run["meta"] = run["meta"] or {}
         run_id = run["id"]
         nodes = nodes_by_run[run_id]
         derived = derive_run_rows(run, nodes, usage_by_run[run_id])
         stored_by_id = {n["id"]: n for n in nodes}
         # most batches leave a run's derived nodes as they are: rewrite only the changed ones
-        changed_nodes.extend(d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"])))
+        out.nodes.extend(d for d in derived.nodes if not _same_row(d, stored_by_id.get(d["id"])))
         derived_ids = {d["id"] for d in derived.nodes}
         # a derived node wins over a real node whose damaged short id took its id
-        node_metas.extend({"id": n["id"], "meta": n["meta"]} for n in derived.node_updates
-                          if n["id"] not in derived_ids)
-        wanted_costs[run_id] = derived.costs
+        out.node_metas.extend({"id": n["id"], "meta": n["meta"]} for n in derived.node_updates
+                              if n["id"] not in derived_ids)
+        out.costs[run_id] = derived.costs
         if run_id not in layout_runs:
             continue
-        stale.extend(n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in derived_ids)
+        out.stale.extend(n["id"] for n in nodes if n["meta"].get("derived") and n["id"] not in derived_ids)
         kept: set[tuple[str, str, str, str | None]] = set()
         for e in edges_by_run[run_id]:
             key = (e.from_node_id, e.to_node_id, e.dependency_type, e.condition)
             if key in derived.edges and key not in kept:
                 kept.add(key)
             else:
-                drop.append(e.id)
-        missing.extend({"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c}
-                       for f, t, d, c in sorted(derived.edges - kept, key=lambda k: (k[0], k[1], k[2], k[3] or "")))
-        steps.extend(derived.steps)
-        child_runs.extend(derived.child_runs)
-        branches.extend(derived.branches)
-        state = derived.session_state
-        if state is not None and (
-            state["id"] not in states or _state_key(state) >= _state_key(states[state["id"]])
-        ):
-            states[state["id"]] = state
+                out.drop.append(e.id)
+        out.edges.extend(_edge_rows(derived.edges - kept))
+        out.steps.extend(derived.steps)
+        out.child_runs.extend(derived.child_runs)
+        out.branches.extend(derived.branches)
+        out.offer_state(derived.session_state)
 
-    _upsert(conn, sql, nodes_t, parents_first({n["id"]: n for n in changed_nodes}, "parent_node_id"))
+
+def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = True) -> None:
+    nodes_t = T["dag_nodes"]
+    _upsert(conn, sql, nodes_t, parents_first({n["id"]: n for n in rows.nodes}, "parent_node_id"))
     # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
-    sql.update(conn, nodes_t, node_metas, ("meta",))
-    sql.delete_ids(conn, "dag_nodes", stale)
-    sql.delete_ids(conn, "dag_edges", drop)
-    sql.insert(conn, edges_t, missing)
-    _upsert(conn, sql, T["workflow_steps"], steps)
-    _upsert(conn, sql, runs, child_runs)
-    _upsert(conn, sql, T["branches"], branches)
-    _name_code_events(conn, sql, run_ids)
+    sql.update(conn, nodes_t, rows.node_metas, ("meta",))
+    sql.delete_ids(conn, "dag_nodes", rows.stale)
+    sql.delete_ids(conn, "dag_edges", rows.drop)
+    sql.insert(conn, T["dag_edges"], rows.edges)
+    _upsert(conn, sql, T["workflow_steps"], rows.steps)
+    _upsert(conn, sql, T["workflow_runs"], rows.child_runs)
+    _upsert(conn, sql, T["branches"], rows.branches)
+    if rows.named_runs:
+        _name_code_events(conn, sql, rows.named_runs)
     if costs:
-        _write_cost_records(conn, sql, wanted_costs)
-    for _, state in sorted(states.items()):
+        sql.insert(conn, T["cost_records"], rows.new_costs)
+        _write_cost_records(conn, sql, rows.costs)
+    for _, state in sorted(rows.states.items()):
         _write_session_state(conn, sql, state)
 
 
