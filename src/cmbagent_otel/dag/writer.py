@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -242,34 +242,38 @@ def _first_line(exc: BaseException) -> str:
 
 # --- upserts -----------------------------------------------------------------------------------
 
-def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
+            new_runs: Set[str] = frozenset()) -> set[str]:
     """Insert ``rows`` or replace the stored ones (by id); returns the ids that were new.
 
     Split, not ``INSERT ... ON CONFLICT DO UPDATE``: most rows are new, and an upsert costs
     SQLite ~3x a plain insert when foreign keys are on; PostgreSQL takes the new ones by
     ``COPY``. Safe against other writers: SQLite's ``BEGIN IMMEDIATE`` keeps them out until
     commit, and on PostgreSQL every row written here belongs to a run whose advisory lock
-    this transaction holds (row ids derive from the run's trace id).
+    this transaction holds (row ids derive from the run's trace id). Rows of ``new_runs``
+    (runs this transaction created: nothing of them is stored) are new without asking.
     """
     if not rows:
         return set()
-    ids = [r["id"] for r in rows]
-    existing = sql.existing_ids(conn, table.name, ids)
+    ask = [r["id"] for r in rows if r.get("run_id") not in new_runs]
+    existing = sql.existing_ids(conn, table.name, ask) if ask else set()
     # new rows first: an updated row may point at a parent that is new in this batch
     sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
     if existing:
         sql.update(conn, table, [r for r in rows if r["id"] in existing])
-    return {i for i in ids if i not in existing}
+    return {r["id"] for r in rows if r["id"] not in existing}
 
 
-def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
+                    new_runs: Set[str] = frozenset()) -> None:
     """Insert those of ``rows`` (placeholders) whose id is not stored yet; leave the rest alone."""
     if not rows:
         return
-    if not sql.pg:
+    ask = [r["id"] for r in rows if r["run_id"] not in new_runs]
+    if not sql.pg and ask:
         sql.insert(conn, table, rows, "nothing")
         return
-    existing = sql.existing_ids(conn, table.name, [r["id"] for r in rows])
+    existing = sql.existing_ids(conn, table.name, ask) if ask else set()
     sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
 
 
@@ -342,11 +346,11 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     derived = _Derived()
     _derive_fresh(batch, created, derived)
     nodes_t, events_t = T["dag_nodes"], T["execution_events"]
-    _insert_missing(conn, sql, nodes_t, list(batch.node_placeholders.values()))
-    _upsert(conn, sql, nodes_t, parents_first(batch.nodes, "parent_node_id"))
+    _insert_missing(conn, sql, nodes_t, list(batch.node_placeholders.values()), created)
+    _upsert(conn, sql, nodes_t, parents_first(batch.nodes, "parent_node_id"), created)
     _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
-    _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()))
-    _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"))
+    _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()), created)
+    _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"), created)
     runs_with_events = {e["run_id"] for e in batch.events.values()}
     if runs_with_events:
         _repair_foreign(conn, sql, runs_with_events)
