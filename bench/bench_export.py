@@ -252,7 +252,7 @@ def run_floor(plan: FloorPlan, path: str) -> tuple[float, float]:
 
     ensure_schema(f"sqlite:///{path}")
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-16384", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-8192", "foreign_keys=ON"):
         conn.execute(f"PRAGMA {pragma}")
     start, cpu = time.perf_counter(), time.thread_time()
     for statements in plan.batches:

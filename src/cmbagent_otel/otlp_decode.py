@@ -221,11 +221,28 @@ def _attributes(items: Iterable[KeyValue], safe: bool, limits: Limits | None = N
     out: dict[str, Any] = {}
     if limits is not None:
         items = list(items)[: count if count is not None else limits.max_attributes]
+        cut = limits.max_value_length
+        scalars = limits.max_depth >= 0  # else any_value refuses every value
+    else:
+        cut, scalars = 0, True
     for kv in items:
-        decoded = any_value(kv.value, json_safe=safe, limits=limits)
+        # scalars (nearly every attribute) as any_value decodes them, without its per-value set-up
+        value = kv.value
+        which = value.WhichOneof("value") if scalars else None
+        if which == "string_value":
+            decoded: Any = value.string_value
+            if limits is not None:
+                decoded = _cut(decoded, max(cut, 14))
+        elif which in _SCALAR_FIELDS:
+            decoded = getattr(value, which)
+        else:
+            decoded = any_value(value, json_safe=safe, limits=limits)
         if decoded is not None:
-            out[_cut(kv.key, limits.max_value_length) if limits is not None else kv.key] = decoded
+            out[_cut(kv.key, cut) if limits is not None else kv.key] = decoded
     return out
+
+
+_SCALAR_FIELDS = frozenset({"bool_value", "int_value", "double_value"})
 
 
 def _id(raw: bytes, size: int, what: str) -> int:

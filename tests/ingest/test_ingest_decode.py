@@ -188,3 +188,26 @@ def test_empty_bodies_are_empty_batches() -> None:
     assert decode_protobuf(b"").spans == []
     assert decode_json(b"{}").spans == []
     assert encode_response("protobuf") == b""
+
+
+@pytest.mark.parametrize("limits", [None, "default", "tiny"])
+def test_attributes_decode_each_value_as_any_value_does(limits: str | None) -> None:
+    """The scalar shortcut of attribute decoding gives what ``any_value`` gives for every kind."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
+    from cmbagent_otel.otlp_decode import Limits, _attributes, _cut, any_value
+
+    chosen = {None: None, "default": Limits.default(),
+              "tiny": Limits(**{**Limits.default().__dict__, "max_value_length": 20})}[limits]
+    values = [AnyValue(string_value="short"), AnyValue(string_value="x" * 5000), AnyValue(string_value=""),
+              AnyValue(int_value=-(2**63)), AnyValue(bool_value=False), AnyValue(double_value=float("inf")),
+              AnyValue(bytes_value=b"\x00\xff"), AnyValue(),
+              AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a" * 40), AnyValue(int_value=3)])),
+              AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="k", value=AnyValue(double_value=1.5))]))]
+    items = [KeyValue(key=f"key.{i}" + "y" * (30 * (i % 2)), value=v) for i, v in enumerate(values)]
+    expected = {}
+    for kv in items:
+        decoded = any_value(kv.value, json_safe=True, limits=chosen)
+        if decoded is not None:
+            expected[_cut(kv.key, chosen.max_value_length) if chosen is not None else kv.key] = decoded
+    assert _attributes(items, True, chosen) == expected

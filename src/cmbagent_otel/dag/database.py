@@ -162,7 +162,7 @@ def _sqlite_pragmas(foreign_keys: bool, busy_ms: int) -> Any:
             cur.execute(f"PRAGMA busy_timeout={_attempt_busy_ms(busy_ms)}")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA cache_size=-16384")
+            cur.execute("PRAGMA cache_size=-8192")
             cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         finally:
             cur.close()
