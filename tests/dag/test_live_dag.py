@@ -162,9 +162,13 @@ def test_started_records_alone_give_running_rows_and_repeat_idempotently(db_url:
     assert _dump(db_url, [started]) == first
     nodes, runs = _state(db_url)
     # the run, and the branch runs of its two redo attempts, all still going
-    assert sorted(runs) == [("executing", "workflow_started"), ("running", "branch"), ("running", "branch")]
+    assert sorted(runs) == [("executing", "branch"), ("executing", "branch"), ("executing", "workflow_started")]
     assert {status for short, status in nodes.items() if short != "terminator"} == {"running", "completed"}
     assert {short for short, status in nodes.items() if status == "completed"} == {"branch_at_step_2"}
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert [r.status for r in conn.execute(select(T["branches"]))] == ["active", "active"]  # cmbagent's word
+    engine.dispose()
 
 
 def test_started_records_are_never_spilled_nor_counted(tmp_path: Path, provider: Any) -> None:

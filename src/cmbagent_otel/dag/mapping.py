@@ -914,7 +914,8 @@ def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[st
         child_id = derived_uuid(run_id, "branch", str(rmeta.get("id")))
         hypothesis = rmeta.get("hypothesis")
         out.child_runs.append(run_row(
-            child_id, session_id, mode=run["mode"], agent=run["agent"], model=run["model"], status=redo["status"],
+            child_id, session_id, mode=run["mode"], agent=run["agent"], model=run["model"],
+            status="executing" if redo["status"] == RUNNING else redo["status"],  # a live redo: its run runs
             started_at=_parse_ts(rmeta.get("started_at")), completed_at=_parse_ts(rmeta.get("completed_at")),
             task_description=hypothesis or run.get("task_description"), is_branch=True, branch_parent_id=run_id,
             branch_depth=_int(run.get("branch_depth"), 0) + 1,
@@ -926,7 +927,8 @@ def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[st
             "id": derived_uuid(run_id, "branch_row", str(rmeta.get("id"))), "parent_run_id": run_id,
             "parent_step_id": step_row_id, "child_run_id": child_id, "branch_name": str(rmeta.get("id"))[:255],
             "created_at": _parse_ts(rmeta.get("started_at")) or run.get("started_at") or _EPOCH,
-            "hypothesis": hypothesis, "status": "completed" if redo["status"] == "completed" else "abandoned",
+            "hypothesis": hypothesis,
+            "status": {"completed": "completed", RUNNING: "active"}.get(redo["status"], "abandoned"),
             "meta": {"dag_node_id": redo["id"], "branch_point_node_id": bp_id, "condition": f"branch_{branch_name}"},
             "racing_group_id": None, "racing_priority": None, "racing_status": None,
         })
