@@ -456,6 +456,17 @@ def _parent_event_id(meta: Any) -> str | None:
         return None
 
 
+def _unindexed(sql: Sql, column: str) -> str:
+    """``column`` in a form no index matches.
+
+    Both planners (SQLite without statistics, PostgreSQL before ANALYZE) prefer the
+    (event_type, event_subtype) index to the run_id one for ``type = ? AND run_id IN (...)``:
+    every event of that type in the whole database is then read, and the cost of a batch grows
+    with the database. A unary ``+`` (SQLite) or ``|| ''`` (PostgreSQL) leaves run_id's index.
+    """
+    return f"({column} || '')" if sql.pg else f"+{column}"
+
+
 def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     """Attach spans from other instrumentations under their parent event once it is known."""
     m = sql.mark
@@ -463,7 +474,8 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     for part in sql.in_chunks(sorted(run_ids)):
         foreign.extend(conn.exec_driver_sql(
             "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
-            f"WHERE event_type = {m} AND event_subtype = {m} AND {sql.where_in('run_id', len(part))}",
+            f"WHERE {_unindexed(sql, 'event_type')} = {m} AND {_unindexed(sql, 'event_subtype')} = {m} AND "
+            f"{sql.where_in('run_id', len(part))}",
             (*FOREIGN_TYPE, *sql.in_params(part))).all())
     if not foreign:
         return
@@ -552,10 +564,10 @@ def _amount(value: Any) -> float:
 
 _USAGE_SQLITE = ("SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), json_extract(meta, "
                  "'$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), json_extract(meta, '$.cost_usd'), "
-                 "completed_at, timestamp FROM execution_events WHERE event_type = ? AND event_subtype = ? AND ")
+                 "completed_at, timestamp FROM execution_events WHERE +event_type = ? AND +event_subtype = ? AND ")
 _USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model', CAST((meta ->> 'prompt_tokens') AS INTEGER), "
              "CAST((meta ->> 'completion_tokens') AS INTEGER), CAST((meta ->> 'cost_usd') AS FLOAT), completed_at, "
-             "timestamp FROM execution_events WHERE event_type = %s AND event_subtype = %s AND ")
+             "timestamp FROM execution_events WHERE (event_type || '') = %s AND (event_subtype || '') = %s AND ")
 
 
 def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
@@ -751,7 +763,8 @@ def _name_code_events(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> Non
     for part in sql.in_chunks(run_ids):
         conn.exec_driver_sql(
             f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
-            f"WHERE {sql.where_in('execution_events.run_id', len(part))} AND execution_events.event_type = {m} "
+            f"WHERE {sql.where_in('execution_events.run_id', len(part))} AND "
+            f"{_unindexed(sql, 'execution_events.event_type')} = {m} "
             "AND execution_events.agent_name IS NULL AND execution_events.node_id IS NOT NULL AND "
             f"(EXISTS (SELECT dag_nodes.id FROM dag_nodes WHERE {owner}))",
             (*owner_params, *sql.in_params(part), "code_exec", *owner_params))
