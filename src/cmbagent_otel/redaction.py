@@ -30,11 +30,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from . import environment_variables
 from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
-DEFAULT_MAX_LENGTH = 4096
-MAX_LENGTH_ENV = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 
 _SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 _SECRET_KEY_NAME = re.compile(
@@ -72,15 +71,7 @@ _secret_with_comma = False
 
 def max_length() -> int:
     """The attribute length bound: ``CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH`` or 4096."""
-    raw = os.environ.get(MAX_LENGTH_ENV)
-    if raw:
-        try:
-            value = int(raw)
-            if value > 0:
-                return value
-        except ValueError:
-            pass
-    return DEFAULT_MAX_LENGTH
+    return int(environment_variables.get(environment_variables.MAX_ATTRIBUTE_LENGTH))
 
 
 _max_len = max_length()

@@ -10,7 +10,6 @@ only with ``--to``. Every line of output says which database was written.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ def _replay_into(url: str, files: list[Path], target: str | None, timeout: float
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .cli import CLIError
     from .dag.database import BadDatabaseURL, redacted, resolve_url, target_of, with_credentials
+    from .environment_variables import database_url
     from .exporters.dag import _timeout, default_spill_dir
     from .spill import SpillStore, file_target
 
@@ -86,8 +86,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         elif only is not None and target != only:
             continue  # another database's files: not asked for
         else:
-            url = with_credentials(target, args.db or os.environ.get("CMBAGENT_OTEL_DATABASE_URL")
-                                   or os.environ.get("CMBAGENT_DATABASE_URL"))
+            url = with_credentials(target, database_url(args.db))
         recorded = "no recorded database" if target is None else f"recorded for {target}"
         replayed, files_left, bad = _replay_into(url, files, target if to is None else None, timeout)
         left += files_left
