@@ -40,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .. import environment_variables
 from .. import semconv as sc
 from .._jsontext import compact_encoder
 from . import schema
@@ -76,7 +77,7 @@ def resolve_cost_records(mode: str | None = None) -> str:
     whose costs cmbagent's own backend records). Unknown values fall back to the default
     with a warning.
     """
-    chosen = mode if mode is not None else os.environ.get(COST_RECORDS_ENV)
+    chosen = mode if mode is not None else environment_variables.get(COST_RECORDS_ENV)
     if chosen is None or chosen.strip() == "":
         return COST_RECORDS_MODES[0]
     normalized = chosen.strip().lower().replace("-", "_")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any
 
+from .. import environment_variables
 from ..redaction import register_secret, register_secrets_in, safe_text
 
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-_ON_VALUES = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
 
 
 def capture_from_env() -> bool:
     """Whether the environment asks for message content (off unless explicitly on)."""
-    return os.environ.get(CAPTURE_ENV, "").strip().lower() in _ON_VALUES
+    return bool(environment_variables.get(CAPTURE_ENV))
 
 
 class Settings:
