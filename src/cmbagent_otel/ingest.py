@@ -22,12 +22,10 @@ in :mod:`cmbagent_otel.environment_variables`.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +35,7 @@ from .otlp_decode import Limits
 
 logger = logging.getLogger("cmbagent_otel.ingest")
 
-__all__ = ["IngestServer", "SpanWriter", "main"]
+__all__ = ["IngestServer", "SpanWriter"]
 
 DEFAULT_RETRY_AFTER = 5
 MAX_HTTP_REQUESTS = 64  # HTTP requests handled at once (rejections included); more get 503 + Retry-After
@@ -262,114 +260,9 @@ class IngestServer:
         self.stop()
 
 
-# --- CLI ---------------------------------------------------------------------------------
-def add_ingest_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``ingest`` subcommand on an argparse ``subparsers`` object."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "ingest",
-        help="run an OTLP/HTTP receiver that writes spans into the DAG database",
-        description="Receive OTLP/HTTP traces (POST /v1/traces, protobuf or JSON, optionally gzip) "
-        "and store them in the cmbagent DAG database.",
-    )
-    # SUPPRESS: a default here would overwrite the top-level ``cmbagent-otel --db URL``.
-    configure_parser(parser, db_default=argparse.SUPPRESS)
-    parser.set_defaults(func=run_ingest)
-    return parser
-
-
-def configure_parser(parser: argparse.ArgumentParser, *, db_default: Any = None) -> None:
-    """Add the ingest options to ``parser``."""
-
-    def default(name: str) -> str:
-        return f"${name} or {env.SETTINGS[name].shown_default()}"
-
-    parser.add_argument("--db", dest="db", metavar="URL", default=db_default,
-                        help="database URL (default: CMBAGENT_OTEL_DATABASE_URL or the default SQLite file)")
-    parser.add_argument("--host", default=None, help=f"bind address (default: {default(env.INGEST_HOST)})")
-    parser.add_argument("--port", default=None, metavar="PORT",
-                        help=f"OTLP/HTTP port, 0 = any free port, 'off' = none (default: {default(env.INGEST_PORT)})")
-    parser.add_argument("--grpc-port", default=None, metavar="PORT",
-                        help=f"OTLP/gRPC port, 0 = any free port, 'off' = none "
-                        f"(default: {default(env.INGEST_GRPC_PORT)})")
-    parser.add_argument("--token", default=None,
-                        help=f"require 'Authorization: Bearer <token>' (default: ${env.INGEST_TOKEN}; prefer the env "
-                        "var, command lines are visible to other users)")
-    parser.add_argument("--max-bytes", type=int, default=None,
-                        help=f"request size limit in bytes, compressed and decompressed "
-                        f"(default: {default(env.INGEST_MAX_BYTES)})")
-    parser.add_argument("--max-inflight-bytes", type=int, default=None,
-                        help="memory budget of all requests in flight "
-                        f"(default: {default(env.INGEST_MAX_INFLIGHT_BYTES)})")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"decoding/writing threads per receiver (default: {default(env.INGEST_WORKERS)})")
-
-
-def run_ingest(args: argparse.Namespace) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code."""
+if __name__ == "__main__":  # ``python -m cmbagent_otel.ingest ...``: the same as ``cmbagent-otel ingest ...``
     import sys
 
-    from .dag.database import BadDatabaseURL, redacted, resolve_url
+    from .cli import main
 
-    db = getattr(args, "db", None)
-    try:
-        target = redacted(resolve_url(db))
-        server = IngestServer(db, host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
-                              max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
-                              workers=args.workers)
-        server.bind()
-    except (BadDatabaseURL, ValueError) as exc:
-        print(f"cmbagent-otel ingest: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"cmbagent-otel ingest: error: cannot listen on {server.host}: {exc}", file=sys.stderr)
-        return 2
-    if server.host not in ("127.0.0.1", "::1", "localhost") and not server.core.token_required:
-        logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, env.INGEST_TOKEN)
-    listening = []
-    if server.port is not None:
-        listening.append(f"{server.endpoint} (OTLP/HTTP)")
-    if server.grpc_port is not None:
-        listening.append(f"{server.grpc_endpoint} (OTLP/gRPC)")
-    print(f"cmbagent-otel ingest: listening on {' and '.join(listening)} -> {target}"
-          f"{' (bearer token required)' if server.core.token_required else ''}", flush=True)
-
-    stop = threading.Event()
-
-    def _terminate(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop()
-    print(f"cmbagent-otel ingest: stopped after {server.spans_written} span(s)", flush=True)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cmbagent_otel.ingest``: the ``ingest`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="cmbagent-otel ingest")
-    configure_parser(parser)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return run_ingest(parser.parse_args(argv))
-
-
-def _register_cli() -> None:
-    try:
-        from .cli import subcommand
-    except ImportError:  # the CLI module is optional for library use
-        return
-    subcommand("ingest")(add_ingest_parser)
-
-
-_register_cli()
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["ingest", *sys.argv[1:]]))
