@@ -356,29 +356,15 @@ class OtlpGrpcReceiver:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str | None]:
-    """A fresh schema on the test PostgreSQL (``None`` when it is not configured)."""
+def pg_url(pg_schema: Any) -> Iterator[str | None]:
+    """A fresh schema on the test PostgreSQL (``None`` when it is not configured: the test runs without it)."""
     import os
-    import uuid
 
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = os.environ.get(PG_ENV)
-    if not base:
+    if not os.environ.get(PG_ENV):
         yield None
         return
-    schema = f"secrets_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with pg_schema() as url:
+        yield url
 
 
 def db_texts(url: str) -> Iterator[tuple[str, str]]:
