@@ -269,3 +269,26 @@ def test_svg_without_graphviz_is_a_clear_error(filled: tuple[str, str], tmp_path
                           text=True, env={"PATH": str(tmp_path)}, timeout=120, check=False)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("cmbagent-otel: error: --format svg needs Graphviz's `dot` program")
+
+
+def test_a_database_cmbagent_wrote_is_read_as_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cmbagent's own schema (no parent_node_id/depth before our revision 0002) is read without
+    upgrading it, and reading leaves the file byte for byte as it was (read-only)."""
+    import hashlib
+    import shutil
+
+    path = tmp_path / "cmbagent.db"
+    shutil.copy(Path(__file__).parent.parent / "fixtures" / "old_cmbagent.db", path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    url = f"sqlite:///{path}"
+    assert main(["--db", url, "runs", "--format", "json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    assert run["nodes"] == 3 and run["cost_usd"] == pytest.approx(0.003)
+    assert main(["--db", url, "dag", "latest", "--format", "json"]) == 0
+    dag = json.loads(capsys.readouterr().out)
+    assert [n["id"] for n in dag["nodes"]] == ["planning", "step_1", "terminator"]
+    assert main(["--db", url, "events", "latest", "--node", "step_1", "--recursive"]) == 0
+    assert main(["--db", url, "db", "current"]) == 0
+    capsys.readouterr()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmbagent.db"]

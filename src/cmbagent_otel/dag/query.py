@@ -15,7 +15,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Connection, Engine, String, create_engine, exists, func, inspect, or_, select, type_coerce
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    create_engine,
+    exists,
+    func,
+    inspect,
+    literal,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -100,6 +112,7 @@ class DagReader:
         self.where = redacted(self.url)
         self._engine = self._open_engine()
         self._conn: Connection | None = None
+        self._node_columns: set[str] = set()
 
     def _open_engine(self) -> Engine:
         path = sqlite_file(self.url)
@@ -121,7 +134,11 @@ class DagReader:
             if conn.dialect.name == "postgresql":
                 conn = conn.execution_options(postgresql_readonly=True)
             self._conn = conn
-            has_runs = inspect(conn).has_table("workflow_runs")
+            inspector = inspect(conn)
+            has_runs = inspector.has_table("workflow_runs")
+            # cmbagent's own databases (before our revision 0002) have no parent_node_id or depth
+            self._node_columns = {c["name"] for c in inspector.get_columns("dag_nodes")} \
+                if inspector.has_table("dag_nodes") else set()
         except SQLAlchemyError as exc:
             self.close()
             raise ReadError(f"cannot open database {self.where}: {getattr(exc, 'orig', None) or exc}") from None
@@ -225,15 +242,17 @@ class DagReader:
     # --- a run's DAG ------------------------------------------------------------------------
     def _nodes(self, run_id: str) -> list[dict[str, Any]]:
         nodes = []
-        for r in self._rows(select(NODES.c.id, NODES.c.parent_node_id, NODES.c.node_type, NODES.c.agent,
-                                   NODES.c.status, NODES.c.order_index, NODES.c.depth, _raw(NODES.c.meta))
+        optional = [NODES.c[name] if name in self._node_columns else literal(None).label(name)
+                    for name in ("parent_node_id", "depth")]
+        for r in self._rows(select(NODES.c.id, NODES.c.node_type, NODES.c.agent, NODES.c.status,
+                                   NODES.c.order_index, _raw(NODES.c.meta), *optional)
                             .where(NODES.c.run_id == run_id)):
             meta = decode(r["meta"])
             meta = meta if isinstance(meta, dict) else {}
             nodes.append({
                 "db_id": r["id"], "id": str(meta.get("id") or r["id"]), "parent_db_id": r["parent_node_id"],
                 "type": r["node_type"], "agent": r["agent"], "status": r["status"],
-                "order_index": r["order_index"], "depth": r["depth"], "label": meta.get("label"),
+                "order_index": r["order_index"], "depth": r["depth"] or 0, "label": meta.get("label"),
                 "duration_ms": meta.get("duration_ms"), "execution_order": meta.get("execution_order") or 0,
                 "error": meta.get("error") if r["status"] == "failed" else None,
                 "tokens": meta_tokens(meta), "cost_usd": _meta_cost(meta), "_meta": meta,
@@ -395,7 +414,10 @@ def _display_order(nodes: list[dict[str, Any]], edges: list[dict[str, Any]]) -> 
     timed = any(n["execution_order"] for n in nodes)
     children = _children(nodes)
     for siblings in children.values():
-        siblings.sort(key=lambda n: ((key(n), n["order_index"]) if timed else (n["order_index"], 0), n["id"]))
+        try:
+            siblings.sort(key=lambda n: ((key(n), n["order_index"]) if timed else (n["order_index"], 0), n["id"]))
+        except RecursionError:  # a chain of derived nodes deeper than the recursion limit
+            siblings.sort(key=lambda n: (n["order_index"], n["id"]))
     ordered: list[dict[str, Any]] = []
     seen: set[str] = set()
     stack = list(reversed(children.get(None, [])))
