@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
-from cmbagent_otel import _spans
+from cmbagent_otel._spans import workflow_tracers
 
 
 class SpanCapture:
@@ -70,11 +70,10 @@ def _isolated_spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 def capture() -> Iterator[SpanCapture]:
     """Routes cmbagent-otel's workflow spans to an in-memory exporter (no AG2 patching)."""
     cap = SpanCapture()
-    _spans.set_tracer_provider(cap.provider)
     try:
-        yield cap
+        with workflow_tracers.routed_to(cap.provider):
+            yield cap
     finally:
-        _spans.set_tracer_provider(None)
         cap.provider.shutdown()
 
 

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import _spans
+from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
 from .provider import build_tracer_provider, sdk_disabled
 from .redaction import reload_settings
@@ -19,7 +19,8 @@ from .redaction import reload_settings
 logger = logging.getLogger("cmbagent_otel")
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False}
+_state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False,
+                          "binding": None}
 
 
 def _app_provider() -> trace.TracerProvider | None:
@@ -65,7 +66,7 @@ def instrument(
             owned = True
             if set_global and _app_provider() is None:
                 trace.set_tracer_provider(provider)
-        _spans.set_tracer_provider(provider)
+        binding = workflow_tracers.bind(provider)
         AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content)
         threaded = False
         if instrument_threading:
@@ -73,7 +74,8 @@ def instrument(
         cmbagent = False
         if instrument_cmbagent:
             cmbagent = _instrument_cmbagent(provider)
-        _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent)
+        _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
+                      binding=binding)
         return provider
 
 
@@ -126,8 +128,9 @@ def uninstrument() -> None:
             except Exception:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
             _state["last_owned"] = provider
-        _spans.set_tracer_provider(None)
-        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False)
+        if _state["binding"] is not None:
+            workflow_tracers.release(_state["binding"])
+        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False, binding=None)
 
 
 def is_instrumented() -> bool:

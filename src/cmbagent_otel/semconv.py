@@ -24,6 +24,12 @@ from __future__ import annotations
 from typing import Final
 
 INSTRUMENTATION_NAME: Final = "cmbagent_otel"
+# Instrumentation scopes: spans of AG2 operations (agents, model calls, tools, code, speaker
+# selection, human input, conversations) come from the AG2 instrumentor; the run structure
+# (workflow, phase, step, redo, failed-attempt events), whoever derives it, from the workflow
+# scope. Nothing downstream (DAG mapping, ingest) depends on the scope name.
+SCOPE_AG2: Final = "cmbagent_otel.ag2"
+SCOPE_WORKFLOW: Final = "cmbagent_otel.workflow"
 
 # --- GenAI semantic conventions -------------------------------------------------------
 GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"

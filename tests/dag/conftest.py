@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from cmbagent_otel._spans import set_tracer_provider
+from cmbagent_otel._spans import workflow_tracers
 
 PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
 
@@ -56,9 +56,8 @@ def provider() -> Iterator[TracerProvider]:
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.memory = exporter  # type: ignore[attr-defined]
-    set_tracer_provider(provider)
     try:
-        yield provider
+        with workflow_tracers.routed_to(provider):
+            yield provider
     finally:
-        set_tracer_provider(None)
         provider.shutdown()

@@ -17,15 +17,6 @@ def capture_from_env() -> bool:
     return os.environ.get(CAPTURE_ENV, "").strip().lower() in _ON_VALUES
 
 
-class Settings:
-    """Runtime switches of the AG2 instrumentation (set by ``instrument``)."""
-
-    capture_content: bool = False
-
-
-settings = Settings()
-
-
 def agent_name(agent: Any) -> str:
     try:
         name = getattr(agent, "name", None)

@@ -45,10 +45,11 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Tracer
 
 from .. import semconv
 from .._context import current_scope
-from .._spans import NodeSpec, TracedSpan, set_tracer_provider
+from .._spans import NodeSpec, TracedSpan, make_tracer, workflow_tracers
 from ..redaction import learn_secrets_in, safe_text, truncate
 from . import _steps
 from ._content import (
@@ -57,7 +58,6 @@ from ._content import (
     content_of,
     register_agent_secrets,
     register_llm_config_secrets,
-    settings,
 )
 
 logger = logging.getLogger("cmbagent_otel")
@@ -83,6 +83,25 @@ OPTIONAL_EXECUTOR_CLASSES = (
     ("autogen.coding.jupyter.jupyter_code_executor", "JupyterCodeExecutor"),
     ("autogen.coding.jupyter.embedded_ipython_code_executor", "EmbeddedIPythonCodeExecutor"),
 )
+
+
+class _State:
+    """Everything one ``instrument()`` ... ``uninstrument()`` cycle of :class:`AG2Instrumentor` holds.
+
+    Built in ``_instrument`` from the arguments it was given and handed to every wrapper it
+    installs; ``uninstrument()`` drops it, so nothing (provider, capture settings, AG2 classes)
+    outlives the cycle.
+    """
+
+    __slots__ = ("capture", "manager_cls", "no_speaker_cls", "tool_executor_cls", "tracer", "workflow_tracer")
+
+    def __init__(self, tracer: Tracer, workflow_tracer: Tracer, capture: bool) -> None:
+        self.tracer = tracer  # AG2 operations (scope cmbagent_otel.ag2)
+        self.workflow_tracer = workflow_tracer  # plan steps derived in group chats (scope cmbagent_otel.workflow)
+        self.capture = capture
+        self.manager_cls: type | None = None
+        self.tool_executor_cls: type | None = None
+        self.no_speaker_cls: type | None = None
 
 
 def _enabled() -> bool:
@@ -114,40 +133,44 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
     return args[index] if len(args) > index else None
 
 
-def _traced_sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
+                 record: Callable[..., None] | None = None) -> Any:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not _enabled():
             return wrapped(*args, **kwargs)
-        traced = _safe(build, instance, args, kwargs)
+        traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
             return wrapped(*args, **kwargs)
         with traced:
             result = wrapped(*args, **kwargs)
             if record is not None:
-                _after(record, traced, instance, args, kwargs, result)
+                _after(record, state, traced, instance, args, kwargs, result)
             return result
 
+    wrapper._cmbagent_otel = True  # type: ignore[attr-defined]
     return wrapper
 
 
-def _traced_async(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
+                  record: Callable[..., None] | None = None) -> Any:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not _enabled():
             return await wrapped(*args, **kwargs)
-        traced = _safe(build, instance, args, kwargs)
+        traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
             return await wrapped(*args, **kwargs)
         with traced:
             result = await wrapped(*args, **kwargs)
             if record is not None:
-                _after(record, traced, instance, args, kwargs, result)
+                _after(record, state, traced, instance, args, kwargs, result)
             return result
 
+    wrapper._cmbagent_otel = True  # type: ignore[attr-defined]
     return wrapper
 
 
 # --- conversation ---------------------------------------------------------------------------
-def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _conversation(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     recipient = _arg(args, kwargs, 0, "recipient")
     register_agent_secrets(instance)
     register_agent_secrets(recipient)
@@ -160,14 +183,14 @@ def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     max_turns = kwargs.get("max_turns")
     if isinstance(max_turns, int):
         attrs[semconv.CONVERSATION_MAX_TURNS] = max_turns
-    if settings.capture_content:
+    if state.capture:
         message = kwargs.get("message")
         if isinstance(message, (str, dict)):
             text = content_of(message)
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
-                      node=_top_level_node())
+                      node=_top_level_node(), tracer=state.tracer)
 
 
 def _top_level_node() -> NodeSpec | None:
@@ -178,7 +201,7 @@ def _top_level_node() -> NodeSpec | None:
     return None
 
 
-def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     history = getattr(result, "chat_history", None)
     if isinstance(history, list):
         traced.set(semconv.CONVERSATION_CHAT_COUNT, len(history))
@@ -187,35 +210,33 @@ def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: An
         total = cost.get("usage_including_cached_inference", {})
         if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
             traced.set(semconv.LLM_COST_USD, float(total["total_cost"]))
-    if settings.capture_content:
+    if state.capture:
         traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
 
 
-def _initiate_chats(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _initiate_chats(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     queue = _arg(args, kwargs, 0, "chat_queue")
     count = len(queue) if isinstance(queue, list) else 0
     sender = "unknown"
     if count and isinstance(queue[0], dict):
         sender = agent_name(queue[0].get("sender"))
     attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
-    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs)
+    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer)
 
 
 # --- agent invocation -------------------------------------------------------------------------
-_group_chat_manager_cls: type | None = None
-_tool_executor_cls: type | None = None
 # AG2's internal tool runners: GroupToolExecutor (group chats), a plain agent in older swarms
 TOOL_EXECUTOR_NAMES = frozenset({"_Group_Tool_Executor", "_Swarm_Tool_Executor"})
 SUB_AGENT_PARENTS = frozenset({semconv.NODE_AGENT, semconv.NODE_REDO})
 
 
-def _is_manager(agent: Any) -> bool:
-    cls = _group_chat_manager_cls
+def _is_manager(state: _State, agent: Any) -> bool:
+    cls = state.manager_cls
     return cls is not None and isinstance(agent, cls)
 
 
-def _is_tool_executor(agent: Any) -> bool:
-    cls = _tool_executor_cls
+def _is_tool_executor(state: _State, agent: Any) -> bool:
+    cls = state.tool_executor_cls
     if cls is not None and isinstance(agent, cls):
         return True
     return getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
@@ -225,7 +246,7 @@ _known_executor_types: set[type] = set()
 _executor_lock = threading.Lock()
 
 
-def _adopt_code_executor(agent: Any) -> None:
+def _adopt_code_executor(state: _State, agent: Any) -> None:
     """Trace the agent's code executor even when its class is not one AG2 ships.
 
     Custom executors (a ``CodeExecutor`` written from scratch, or a subclass that overrides
@@ -244,7 +265,7 @@ def _adopt_code_executor(agent: Any) -> None:
             owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
             if owner is None or owner is object or isinstance(vars(owner)["execute_code_blocks"], wrapt.ObjectProxy):
                 return
-            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(_code, _record_code))
+            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code))
     except Exception:
         logger.debug("cmbagent_otel: could not adopt a code executor", exc_info=True)
 
@@ -254,9 +275,11 @@ class _GroupChatSpan(TracedSpan):
 
     __slots__ = ("_tracker",)
 
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker) -> None:
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker,
+                 tracer: Tracer) -> None:
         super().__init__(name, kind, attributes,
-                         scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None})
+                         scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None},
+                         tracer=tracer)
         self._tracker = tracker
 
     def __enter__(self) -> TracedSpan:
@@ -276,9 +299,9 @@ class _GroupChatSpan(TracedSpan):
         super().__exit__(*exc_info)
 
 
-def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     register_agent_secrets(instance)
-    _adopt_code_executor(instance)
+    _adopt_code_executor(state, instance)
     name = agent_name(instance)
     sender = _arg(args, kwargs, 1, "sender")
     attrs: dict[str, Any] = {
@@ -292,26 +315,27 @@ def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trac
         attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = truncate(description, 512)
     span_name = f"invoke_agent {name}"
     scope = current_scope()
-    if _is_manager(instance):
+    if _is_manager(state, instance):
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
-        tracker = _steps.tracker_for(scope)
+        tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker)
-        return TracedSpan(span_name, semconv.KIND_AGENT, attrs)
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer)
+        return TracedSpan(span_name, semconv.KIND_AGENT, attrs, tracer=state.tracer)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
         scope is not None
         and depth == 0
         and scope.dag_node_type in SUB_AGENT_PARENTS
-        and not _is_tool_executor(instance)
+        and not _is_tool_executor(state, instance)
     ):
         node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT, child=True)
-    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1})
+    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1},
+                      tracer=state.tracer)
 
 
-def _record_reply(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if settings.capture_content and result is not None:
+def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if state.capture and result is not None:
         traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, content_of(result))
 
 
@@ -335,7 +359,7 @@ def _provider_of(config: dict[str, Any]) -> str:
     return "openai"
 
 
-def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     config_list = getattr(instance, "_config_list", None) or []
     register_llm_config_secrets(config_list)
     first = config_list[0] if config_list and isinstance(config_list[0], dict) else {}
@@ -358,14 +382,14 @@ def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Traced
         value = kwargs.get(key, first.get(key))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             attrs[attr] = value
-    if settings.capture_content:
+    if state.capture:
         messages = kwargs.get("messages")
         if messages is not None:
             attrs[semconv.GEN_AI_INPUT_MESSAGES] = safe_text(messages)
-    return TracedSpan(f"chat {model}", semconv.KIND_LLM, attrs)
+    return TracedSpan(f"chat {model}", semconv.KIND_LLM, attrs, tracer=state.tracer)
 
 
-def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
+def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     attrs: dict[str, Any] = {}
     model = getattr(response, "model", None)
     if isinstance(model, str):
@@ -391,7 +415,7 @@ def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, respo
         reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-        if settings.capture_content:
+        if state.capture:
             out = []
             for choice in choices:
                 message = getattr(choice, "message", None)
@@ -406,7 +430,7 @@ def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, respo
 
 
 # --- tools -----------------------------------------------------------------------------------------
-def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     func_call = _arg(args, kwargs, 0, "func_call")
     name = "unknown"
     arguments = None
@@ -425,24 +449,24 @@ def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):
         attrs[semconv.GEN_AI_TOOL_CALL_ID] = call_id
-    if settings.capture_content and arguments is not None:
+    if state.capture and arguments is not None:
         attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = safe_text(arguments)
-    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs)
+    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs, tracer=state.tracer)
 
 
-def _record_tool(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if not (isinstance(result, tuple) and len(result) == 2):
         return
     success, payload = result
     content = payload.get("content") if isinstance(payload, dict) else None
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
-    if settings.capture_content and content is not None:
+    if state.capture and content is not None:
         traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content))
 
 
-def _record_tool_call(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    _record_tool(traced, instance, args, kwargs, result)
+def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    _record_tool(state, traced, instance, args, kwargs, result)
     scope = traced.scope
     tracker = scope.steps if scope is not None else None
     if tracker is None or not (isinstance(result, tuple) and len(result) == 2) or result[0] is False:
@@ -465,7 +489,7 @@ def _block_parts(block: Any) -> tuple[str, str]:
     return str(getattr(block, "language", "unknown") or "unknown"), str(getattr(block, "code", ""))
 
 
-def _code(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
+def _code(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
     if _in_code_span.get():
         return None  # an executor subclass calling super(): one span per execution
     blocks = _arg(args, kwargs, 0, "code_blocks")
@@ -477,9 +501,9 @@ def _code(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace
         semconv.CODE_BLOCK_COUNT: len(blocks),
         semconv.CODE_EXECUTOR: type(instance).__name__,
     }
-    if settings.capture_content and blocks:
+    if state.capture and blocks:
         attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
-    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs)
+    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer)
 
 
 class _CodeSpan(TracedSpan):
@@ -498,7 +522,7 @@ class _CodeSpan(TracedSpan):
             _in_code_span.reset(self._flag)
 
 
-def _record_code(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if isinstance(result, tuple) and len(result) >= 2:  # ConversableAgent.execute_code_blocks
         exit_code, output = result[0], result[1]
     else:  # CodeExecutor -> CodeResult
@@ -512,7 +536,7 @@ def _record_code(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, resu
 
 
 # --- speaker selection / handoffs ------------------------------------------------------------------
-def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _speaker(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     last = _arg(args, kwargs, 0, "last_speaker")
     method = getattr(instance, "speaker_selection_method", None)
     if callable(method):
@@ -526,47 +550,49 @@ def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tr
         semconv.HANDOFF_REASON: reason,
         semconv.HANDOFF_CANDIDATES: candidates,
     }
-    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs)
+    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs, tracer=state.tracer,
+                        no_speaker_cls=state.no_speaker_cls)
 
 
-def _ends_chat(exc: BaseException | None) -> bool:
+def _ends_chat(exc: BaseException | None, cls: type | None) -> bool:
     if exc is None:
         return False
-    cls = _no_eligible_speaker_cls
     return (cls is not None and isinstance(exc, cls)) or type(exc).__name__ == "NoEligibleSpeakerError"
-
-
-_no_eligible_speaker_cls: type | None = None
 
 
 class _SpeakerSpan(TracedSpan):
     """AG2 ends a group chat by raising NoEligibleSpeakerError from speaker selection: not a failure."""
 
-    __slots__ = ()
+    __slots__ = ("_no_speaker_cls",)
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
+                 no_speaker_cls: type | None) -> None:
+        super().__init__(name, kind, attributes, tracer=tracer)
+        self._no_speaker_cls = no_speaker_cls
 
     def _exception(self, exc: BaseException) -> None:
-        if _ends_chat(exc):
+        if _ends_chat(exc, self._no_speaker_cls):
             self.set(semconv.HANDOFF_ENDS_CHAT, True)  # AG2 catches it and ends the chat normally
             return
         super()._exception(exc)
 
 
-def _record_speaker(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_speaker(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if result is not None:
         traced.set(semconv.HANDOFF_TO, agent_name(result))
 
 
 # --- human input --------------------------------------------------------------------------------------
-def _human(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _human(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     name = agent_name(instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
-    if settings.capture_content:
+    if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs)
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer)
 
 
-def _record_human(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if settings.capture_content:
+def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if state.capture:
         traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
 
 
@@ -614,10 +640,13 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     ``instrument(tracer_provider=None, capture_content=None)``: ``capture_content``
     defaults to ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``. Safe to call twice
-    (idempotent); ``uninstrument()`` restores every patched attribute.
+    (idempotent); ``uninstrument()`` restores every patched attribute and drops all state
+    (tracers, capture settings, AG2 classes, the provider binding of the workflow API).
     """
 
     _patched: list[tuple[Any, str]]
+    _state: _State | None = None
+    _binding: object | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         # AG2 ships as `ag2`, `autogen` or `cmbagent_autogen` distributions, all importing
@@ -625,19 +654,23 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
-        global _group_chat_manager_cls, _tool_executor_cls, _no_eligible_speaker_cls
         provider = kwargs.get("tracer_provider")
-        if provider is not None:
-            set_tracer_provider(provider)
         capture = kwargs.get("capture_content")
-        settings.capture_content = capture_from_env() if capture is None else bool(capture)
+        state = _State(
+            make_tracer(semconv.SCOPE_AG2, provider),
+            make_tracer(semconv.SCOPE_WORKFLOW, provider),
+            capture_from_env() if capture is None else bool(capture),
+        )
+        self._state = state
+        # workflow blocks opened by the application go to the same provider as the AG2 spans
+        self._binding = workflow_tracers.bind(provider) if provider is not None else None
         self._patched = []
         if _resolve("autogen", "") is None:
             logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
             return
-        _group_chat_manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
-        _tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
-        _no_eligible_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
+        state.manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
+        state.tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
+        state.no_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
         seen: set[tuple[int, str]] = set()
         for module_name, owner_name, attr, build, record, is_async in TARGETS:
             owner = _resolve(module_name, owner_name)
@@ -647,7 +680,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue
             if owner_name and attr not in vars(owner):
                 continue  # inherited: patching the defining class covers it
-            wrapper = _traced_async(build, record) if is_async else _traced_sync(build, record)
+            wrapper = _traced_async(state, build, record) if is_async else _traced_sync(state, build, record)
             try:
                 wrapt.wrap_function_wrapper(owner, attr, wrapper)
             except Exception:
@@ -672,6 +705,10 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patched = []
         with _executor_lock:
             _known_executor_types.clear()
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            workflow_tracers.release(binding)
+        self._state = None
 
     @property
     def patched(self) -> list[tuple[Any, str]]:

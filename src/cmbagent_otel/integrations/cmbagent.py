@@ -60,7 +60,14 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
-from .._spans import attach_anchor, detach_anchor, effective_parent, end_frame, record_exception, set_tracer_provider
+from .._spans import (
+    attach_anchor,
+    detach_anchor,
+    effective_parent,
+    end_frame,
+    record_exception,
+    workflow_tracers,
+)
 from ..instrumentation._steps import context_get, plan_steps
 from ..redaction import truncate
 from ..workflow import _Block, phase, redo, step, workflow
@@ -588,6 +595,7 @@ class _State:
         self.codes: dict[CodeType, tuple[str, str]] = {}
         self.callers = _CallerRuns(self.codes)
         self.managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
+        self.binding: object | None = None  # the provider routing of the workflow API it holds
 
     def manager(self, instance: Any, create: bool = False) -> _ManagerSpans | None:
         try:
@@ -615,9 +623,9 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         provider = kwargs.get("tracer_provider")
-        if provider is not None:
-            set_tracer_provider(provider)
         self._state = _State()
+        if provider is not None:  # its workflow/phase/step spans go to that provider; released at uninstrument
+            self._state.binding = workflow_tracers.bind(provider)
         if not hasattr(self, "_hooked"):
             self._hooked = set()
         try:
@@ -640,6 +648,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if state is None:
             return
         state.active = False
+        if state.binding is not None:
+            workflow_tracers.release(state.binding)
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
