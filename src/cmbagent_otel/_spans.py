@@ -133,6 +133,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         semconv.SPAN_KIND: kind,
         semconv.EXECUTION_ORDER: scope.run.next_order(),
         semconv.SESSION_ID: scope.run.session_id,
+        semconv.GENERIC_SESSION_ID: scope.run.session_id,
     }
     conversation_id = scope.conversation_id
     if new_conversation:

@@ -33,29 +33,36 @@ group chat) leaves the ``select_speaker`` span successful, marked ``cmbagent.han
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
+import json
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import wrapt
+from opentelemetry import _logs
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import SpanKind, Tracer
 
 from .. import semconv
 from .._context import current_scope
-from .._spans import NodeSpec, TracedSpan, make_tracer, workflow_tracers
+from .._spans import SCHEMA_URL, NodeSpec, TracedSpan, make_tracer, workflow_tracers
 from ..redaction import learn_secrets_in, safe_text, truncate
-from . import _steps
+from ..version import __version__
+from . import _messages, _models, _steps
 from ._content import (
+    ContentMode,
     agent_name,
     capture_from_env,
-    content_of,
+    content_mode,
     register_agent_secrets,
     register_llm_config_secrets,
 )
@@ -93,15 +100,21 @@ class _State:
     outlives the cycle.
     """
 
-    __slots__ = ("capture", "manager_cls", "no_speaker_cls", "tool_executor_cls", "tracer", "workflow_tracer")
+    __slots__ = ("agents", "capture", "content", "event_logger", "manager_cls", "no_speaker_cls", "tool_executor_cls",
+                 "tracer", "workflow_tracer")
 
-    def __init__(self, tracer: Tracer, workflow_tracer: Tracer, capture: bool) -> None:
+    def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
+                 event_logger: _logs.Logger | None = None) -> None:
         self.tracer = tracer  # AG2 operations (scope cmbagent_otel.ag2)
         self.workflow_tracer = workflow_tracer  # plan steps derived in group chats (scope cmbagent_otel.workflow)
-        self.capture = capture
+        self.content = content
+        self.capture = content.on_spans  # content attributes on spans
+        self.event_logger = event_logger  # GenAI content events (EVENT_ONLY / SPAN_AND_EVENT)
         self.manager_cls: type | None = None
         self.tool_executor_cls: type | None = None
         self.no_speaker_cls: type | None = None
+        # per agent: what does not change between its calls (see _agent_static)
+        self.agents: weakref.WeakKeyDictionary[Any, _AgentStatic] = weakref.WeakKeyDictionary()
 
 
 def _enabled() -> bool:
@@ -125,6 +138,15 @@ def _after(hook: Callable[..., None], *args: Any) -> None:
         hook(*args)
     except Exception:
         logger.debug("cmbagent_otel: result recording failed in %s", getattr(hook, "__name__", hook), exc_info=True)
+
+
+def _content(render: Callable[..., Any], *args: Any) -> Any:
+    """Content for an attribute; a value that cannot be rendered leaves the attribute out, never the span."""
+    try:
+        return render(*args)
+    except Exception:
+        logger.debug("cmbagent_otel: content left out (%s)", getattr(render, "__name__", render), exc_info=True)
+        return None
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
@@ -186,11 +208,18 @@ def _conversation(state: _State, instance: Any, args: tuple[Any, ...], kwargs: d
     if state.capture:
         message = kwargs.get("message")
         if isinstance(message, (str, dict)):
-            text = content_of(message)
+            text = _content(_conversation_input, message, attrs[semconv.CONVERSATION_INITIATOR])
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
                       node=_top_level_node(), tracer=state.tracer)
+
+
+def _conversation_input(message: Any, initiator: str) -> str:
+    first = _messages.message(message)
+    if "name" not in first:
+        first["name"] = initiator
+    return _messages.render([first])[0]
 
 
 def _top_level_node() -> NodeSpec | None:
@@ -299,20 +328,101 @@ class _GroupChatSpan(TracedSpan):
         super().__exit__(*exc_info)
 
 
+class _AgentStatic:
+    """What an agent's invoke_agent spans share until its llm_config or description changes."""
+
+    __slots__ = ("attributes", "config", "description", "name", "system_messages")
+
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.description: Any = None
+        self.name = "unknown"
+        self.attributes: dict[str, Any] = {}
+        self.system_messages: list[str] = []
+
+
+def _user_description(agent: Any, static: _AgentStatic) -> str | None:
+    """The agent's description when the application set one.
+
+    AG2 falls back to the system message when no description is given: that fallback is
+    the system prompt, content only recorded with opt-in, so it is never taken for a
+    description (the current system message, one seen earlier, or the class default).
+    """
+    description = getattr(agent, "description", None)
+    if not isinstance(description, str) or not description.strip():
+        return None
+    system = getattr(agent, "system_message", None)
+    if description == system or description in static.system_messages:
+        return None
+    for cls in type(agent).__mro__:
+        if description == vars(cls).get("DEFAULT_SYSTEM_MESSAGE"):
+            return None
+    return truncate(description, 512)
+
+
+def _agent_static(state: _State, agent: Any) -> _AgentStatic:
+    """Name, description, provider, model and server of ``agent``: computed once per agent,
+    again only when its ``llm_config`` or ``description`` object changes."""
+    config = getattr(agent, "llm_config", None)
+    description = getattr(agent, "description", None)
+    try:
+        static = state.agents.get(agent)
+    except TypeError:  # not weak-referenceable / hashable: computed each time
+        static = None
+    if static is not None and static.config is config and static.description is description:
+        return static
+    if static is None:
+        static = _AgentStatic()
+    register_agent_secrets(agent)
+    system = getattr(agent, "system_message", None)
+    if isinstance(system, str) and system not in static.system_messages:
+        static.system_messages = [*static.system_messages[-3:], system]
+    static.config, static.description = config, description
+    static.name = agent_name(agent)
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+                             semconv.GEN_AI_AGENT_NAME: static.name}
+    user_description = _user_description(agent, static)
+    if user_description is not None:
+        attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = user_description
+    client = getattr(agent, "client", None) if config else None
+    first = _models.first_config(client) if client is not None else None
+    if first is not None:
+        info = _models.config_info(first)
+        attrs.update(info.attributes)
+        if info.model:
+            attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
+    static.attributes = attrs
+    with contextlib.suppress(TypeError):
+        state.agents[agent] = static
+    return static
+
+
+def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
+    """The messages the agent replies to (opt-in content), newest kept first."""
+    messages = _arg(args, kwargs, 0, "messages")
+    if messages is None and sender is not None:
+        history = getattr(instance, "_oai_messages", None)
+        try:
+            messages = history.get(sender) if history is not None else None
+        except TypeError:
+            messages = None
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return None
+    return _messages.render([_messages.message(m) for m in messages])[0]
+
+
 def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    register_agent_secrets(instance)
     _adopt_code_executor(state, instance)
-    name = agent_name(instance)
+    static = _agent_static(state, instance)
+    name = static.name
     sender = _arg(args, kwargs, 1, "sender")
-    attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-        semconv.GEN_AI_AGENT_NAME: name,
-    }
+    attrs: dict[str, Any] = dict(static.attributes)
     if sender is not None:
         attrs[semconv.AGENT_SENDER] = agent_name(sender)
-    description = getattr(instance, "description", None)
-    if isinstance(description, str) and description:
-        attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = truncate(description, 512)
+    if state.capture:
+        text = _content(_agent_input, instance, args, kwargs, sender)
+        if text is not None:
+            attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     span_name = f"invoke_agent {name}"
     scope = current_scope()
     if _is_manager(state, instance):
@@ -336,57 +446,93 @@ def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str
 
 def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if state.capture and result is not None:
-        traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, content_of(result))
+        traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, _content(_reply_output, result))
+
+
+def _reply_output(result: Any) -> str:
+    return _messages.render([_messages.output_message(result)])[0]
 
 
 # --- LLM call ------------------------------------------------------------------------------------
-# AG2 api_type -> gen_ai.provider.name (GenAI semantic conventions' well-known values)
-_PROVIDERS = {
-    "openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "google": "gcp.gemini",
-    "gemini": "gcp.gemini", "vertexai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "mistral": "mistral_ai",
-    "groq": "groq", "cohere": "cohere", "deepseek": "deepseek", "ollama": "ollama", "together": "together",
-    "cerebras": "cerebras", "responses": "openai",
-}
+class _ChatSpan(TracedSpan):
+    """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
+    ``gen_ai.client.inference.operation.details`` event (a log record in the span's context)."""
+
+    __slots__ = ("event", "event_logger")
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
+                 event_logger: _logs.Logger | None, event: dict[str, Any] | None) -> None:
+        super().__init__(name, kind, attributes, tracer=tracer, span_kind=SpanKind.CLIENT)
+        self.event_logger = event_logger
+        self.event = event
+
+    def __exit__(self, *exc_info: Any) -> None:
+        event, self.event = self.event, None
+        if event is not None and self.event_logger is not None:
+            try:
+                if exc_info[1] is not None:
+                    event[semconv.ERROR_TYPE] = type(exc_info[1]).__qualname__
+                self.event_logger.emit(_logs.LogRecord(
+                    event_name=semconv.EVENT_INFERENCE_DETAILS, attributes=event,
+                    context=otel_trace.set_span_in_context(self.span)))
+            except Exception:
+                logger.debug("cmbagent_otel: could not emit the content event", exc_info=True)
+        super().__exit__(*exc_info)
 
 
-def _provider_of(config: dict[str, Any]) -> str:
-    client_cls = config.get("model_client_cls")
-    if isinstance(client_cls, str) and client_cls:
-        return client_cls  # a custom ModelClient: its class name is the most precise answer
-    api_type = config.get("api_type")
-    if isinstance(api_type, str) and api_type:
-        return _PROVIDERS.get(api_type.lower(), api_type.lower())
-    return "openai"
+# attributes of the model call the content event repeats (the conventions' event attributes)
+_EVENT_KEYS = ("gen_ai.", "server.")
+
+
+def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k.startswith(_EVENT_KEYS) and k not in semconv.JSON_CONTENT_ATTRIBUTES}
 
 
 def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     config_list = getattr(instance, "_config_list", None) or []
     register_llm_config_secrets(config_list)
-    first = config_list[0] if config_list and isinstance(config_list[0], dict) else {}
-    model = kwargs.get("model") or first.get("model") or "unknown"
-    provider = _provider_of(first)
-    attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT,
-        semconv.GEN_AI_PROVIDER_NAME: provider,
-        semconv.GEN_AI_SYSTEM: provider,
-        semconv.GEN_AI_REQUEST_MODEL: str(model),
-    }
+    first = _models.first_config(instance) or {}
+    info = _models.config_info(first)
+    model = kwargs.get("model") or info.model or "unknown"
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.attributes,
+                             semconv.GEN_AI_REQUEST_MODEL: str(model)}
     agent = kwargs.get("agent")
     if agent is not None:
         register_agent_secrets(agent)
         attrs[semconv.GEN_AI_AGENT_NAME] = agent_name(agent)
-    for key, attr in (
-        ("temperature", semconv.GEN_AI_REQUEST_TEMPERATURE),
-        ("max_tokens", semconv.GEN_AI_REQUEST_MAX_TOKENS),
-    ):
-        value = kwargs.get(key, first.get(key))
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            attrs[attr] = value
-    if state.capture:
-        messages = kwargs.get("messages")
-        if messages is not None:
-            attrs[semconv.GEN_AI_INPUT_MESSAGES] = safe_text(messages)
-    return TracedSpan(f"chat {model}", semconv.KIND_LLM, attrs, tracer=state.tracer)
+    attrs.update(_models.request_attributes(kwargs, first))
+    event = None
+    content = state.content
+    if content is not ContentMode.NO_CONTENT:
+        found, dropped = _content(_model_input, kwargs.get("messages")) or ({}, 0)
+        if content.on_events:
+            event = _event_base(attrs)
+            event.update({k: json.loads(v) for k, v in found.items()})
+        if content.on_spans:
+            attrs.update(found)
+            if dropped:
+                attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
+    return _ChatSpan(f"chat {model}", semconv.KIND_LLM, attrs, tracer=state.tracer,
+                     event_logger=state.event_logger, event=event)
+
+
+def _model_input(messages: Any) -> tuple[dict[str, str], int]:
+    """(system instructions and input messages as attribute texts, input messages left out)."""
+    found: dict[str, str] = {}
+    dropped = 0
+    if isinstance(messages, (list, tuple)) and messages:
+        system, rest = _messages.split_system(messages)
+        if system:
+            found[semconv.GEN_AI_SYSTEM_INSTRUCTIONS] = _messages.render(system)[0]
+        if rest:
+            text, dropped = _messages.render([_messages.message(m) for m in rest])
+            found[semconv.GEN_AI_INPUT_MESSAGES] = text
+    return found, dropped
+
+
+def _response_output(response: Any) -> str | None:
+    out = _messages.response_messages(response)
+    return _messages.render(out)[0] if out else None
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
@@ -397,36 +543,26 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    usage = getattr(response, "usage", None)
-    if usage is not None:
-        if isinstance(usage, dict):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        else:
-            prompt, completion = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
-        if isinstance(prompt, int):
-            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-        if isinstance(completion, int):
-            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    attrs.update(_models.usage_attributes(getattr(response, "usage", None)))
     cost = getattr(response, "cost", None)
     if isinstance(cost, (int, float)) and not isinstance(cost, bool):
         attrs[semconv.LLM_COST_USD] = float(cost)
     choices = getattr(response, "choices", None)
+    output = None
     if isinstance(choices, list):
         reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-        if state.capture:
-            out = []
-            for choice in choices:
-                message = getattr(choice, "message", None)
-                text = getattr(message, "content", None)
-                if text is None and getattr(message, "tool_calls", None):
-                    text = safe_text([getattr(t, "model_dump", lambda t=t: repr(t))() for t in message.tool_calls])
-                if text is not None:
-                    out.append(text)
-            if out:
-                attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = safe_text(out)
+        if state.content is not ContentMode.NO_CONTENT:
+            output = _content(_response_output, response)
+            if output is not None and state.capture:
+                attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
     traced.set_many(attrs)
+    event = getattr(traced, "event", None)
+    if event is not None:
+        event.update(_event_base(attrs))
+        if output is not None:
+            event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
 
 
 # --- tools -----------------------------------------------------------------------------------------
@@ -450,7 +586,9 @@ def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str,
     if isinstance(call_id, str):
         attrs[semconv.GEN_AI_TOOL_CALL_ID] = call_id
     if state.capture and arguments is not None:
-        attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = safe_text(arguments)
+        text = _content(_tool_arguments_text, arguments)
+        if text is not None:
+            attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
     return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs, tracer=state.tracer)
 
 
@@ -462,7 +600,15 @@ def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
     if state.capture and content is not None:
-        traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content))
+        traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, _content(_tool_result_text, content))
+
+
+def _tool_arguments_text(arguments: Any) -> str:
+    return _messages.render_value(_messages.tool_arguments(arguments))
+
+
+def _tool_result_text(content: Any) -> str:
+    return _messages.render_value(_messages.tool_result(content))
 
 
 def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -638,8 +784,10 @@ def _resolve(module_name: str, owner_name: str) -> Any:
 class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instruments AG2 agents, group chats, LLM calls, tools and code execution.
 
-    ``instrument(tracer_provider=None, capture_content=None)``: ``capture_content``
-    defaults to ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``. Safe to call twice
+    ``instrument(tracer_provider=None, capture_content=None, logger_provider=None)``:
+    ``capture_content`` (a bool, a :class:`ContentMode` or its name) defaults to
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
+    ``logger_provider`` (default: the global one). Safe to call twice
     (idempotent); ``uninstrument()`` restores every patched attribute and drops all state
     (tracers, capture settings, AG2 classes, the provider binding of the workflow API).
     """
@@ -656,11 +804,16 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         provider = kwargs.get("tracer_provider")
         capture = kwargs.get("capture_content")
-        state = _State(
-            make_tracer(semconv.SCOPE_AG2, provider),
-            make_tracer(semconv.SCOPE_WORKFLOW, provider),
-            capture_from_env() if capture is None else bool(capture),
-        )
+        mode = capture_from_env() if capture is None else content_mode(capture)
+        event_logger = None
+        if mode.on_events:
+            try:
+                event_logger = _logs.get_logger(semconv.SCOPE_AG2, __version__, schema_url=SCHEMA_URL,
+                                                logger_provider=kwargs.get("logger_provider"))
+            except Exception:
+                logger.warning("cmbagent_otel: no logger for content events; they are off", exc_info=True)
+        state = _State(make_tracer(semconv.SCOPE_AG2, provider), make_tracer(semconv.SCOPE_WORKFLOW, provider), mode,
+                       event_logger)
         self._state = state
         # workflow blocks opened by the application go to the same provider as the AG2 spans
         self._binding = workflow_tracers.bind(provider) if provider is not None else None

@@ -70,7 +70,7 @@ from .._spans import (
 )
 from ..instrumentation._steps import context_get, plan_steps
 from ..redaction import truncate
-from ..workflow import _Block, phase, redo, step, workflow
+from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -114,6 +114,7 @@ PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch
                          "complete", "fail", "__exit__")
 
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
+PLANNER = "planner"  # the agent that writes cmbagent's plan
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 
 
@@ -236,6 +237,11 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
 
 
 # --- CMBAgent.solve --------------------------------------------------------------------
+def _phase(name: str) -> phase:
+    """A phase block; a planning phase names cmbagent's planner (``gen_ai.agent.name`` of the ``plan`` span)."""
+    return phase(name, agent=PLANNER if is_planning_phase(name) else None)
+
+
 def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: str | None) -> str:
     if initial_agent in PLANNER_AGENTS:
         return "planning"
@@ -304,7 +310,7 @@ def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> No
             cursor.close(sticky)
         if name is not None:
             scope, span = effective_parent()
-            frame = _detached(phase(name), scope, span, STICKY, owner=name)
+            frame = _detached(_phase(name), scope, span, STICKY, owner=name)
             if frame is not None:
                 cursor.push(frame)
     except Exception:  # telemetry must never break the app
@@ -329,14 +335,14 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
                        _text(getattr(instance, "mode", None)))
     if number is not None and number > 0:
         if cursor is None:
-            with _opened(phase(name)):
+            with _opened(_phase(name)):
                 return _solve_with_step(wrapped, instance, args, kwargs, number, context)
         if sticky is None or sticky.owner != name:
             _switch_sticky(cursor, sticky, name)
         return _solve_with_step(wrapped, instance, args, kwargs, number, context)
     if sticky is not None and cursor is not None:
         _switch_sticky(cursor, sticky, None)
-    with _opened(phase(name)):
+    with _opened(_phase(name)):
         return wrapped(*args, **kwargs)
 
 
@@ -819,7 +825,7 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
         if scope is not None and scope.phase is not None:
             spans.joined = (scope, span)  # a phase is open already (phases do not nest): its steps go there
             return
-        spans.push("phase", _detached(phase(phase_type), scope, span, "phase", instance))
+        spans.push("phase", _detached(_phase(phase_type), scope, span, "phase", instance))
         return
     # no run, and not entered as a context manager: the spans exist, but the work the phase
     # runs cannot be parented under them without attaching (documented limitation)
@@ -827,7 +833,7 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
     if wf is None:
         return
     spans.push("workflow", wf)
-    spans.push("phase", _detached(phase(phase_type), wf.scope, wf.span, "phase", instance))
+    spans.push("phase", _detached(_phase(phase_type), wf.scope, wf.span, "phase", instance))
 
 
 def _pm_start_step(state: _State) -> Callable[..., Any]:
