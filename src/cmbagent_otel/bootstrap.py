@@ -37,7 +37,8 @@ def instrument(
     exporters: str | Sequence[str] | None = None,
     span_exporters: Sequence[SpanExporter] = (),
     service_name: str | None = None,
-    capture_content: bool | None = None,
+    capture_content: bool | str | None = None,
+    logger_provider: Any = None,
     set_global: bool = True,
     instrument_threading: bool = True,
     instrument_cmbagent: bool = True,
@@ -49,8 +50,10 @@ def instrument(
     (``exporters`` overrides ``OTEL_TRACES_EXPORTER``, ``span_exporters`` adds instances),
     installed as the global provider when ``set_global``. With ``OTEL_SDK_DISABLED=true``
     nothing is patched and ``None`` is returned. Calling it again while active returns the
-    same provider without patching twice. ``capture_content`` overrides
-    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
+    same provider without patching twice. ``capture_content`` (a bool, or a mode name:
+    ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT``, ``NO_CONTENT``) overrides
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
+    ``logger_provider`` (default: the global LoggerProvider).
     """
     with _lock:
         if _state["active"]:
@@ -67,7 +70,8 @@ def instrument(
             if set_global and _app_provider() is None:
                 trace.set_tracer_provider(provider)
         binding = workflow_tracers.bind(provider)
-        AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content)
+        AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content,
+                                     logger_provider=logger_provider)
         threaded = False
         if instrument_threading:
             threaded = _instrument_threading()

@@ -46,15 +46,23 @@ def _arguments(raw: Any) -> Any:
     return raw
 
 
+def _field(obj: Any, key: str) -> Any:
+    """A field of a dict or of an object (OpenAI's pydantic models, SimpleNamespace)."""
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
 def _tool_call_part(call: Any) -> dict[str, Any] | None:
-    if not isinstance(call, Mapping):
-        call = getattr(call, "model_dump", lambda: None)() or {}
-    function = call.get("function") if isinstance(call.get("function"), Mapping) else call
-    name = function.get("name")
+    if call is None:
+        return None
+    function = _field(call, "function")
+    if function is None:
+        function = call  # a legacy function_call carries name and arguments itself
+    name = _field(function, "name")
     part: dict[str, Any] = {"type": "tool_call", "name": str(name) if name is not None else "unknown"}
-    if call.get("id") is not None:
-        part["id"] = str(call["id"])
-    arguments = function.get("arguments")
+    call_id = _field(call, "id")
+    if call_id is not None:
+        part["id"] = str(call_id)
+    arguments = _field(function, "arguments")
     if arguments is not None:
         part["arguments"] = _arguments(arguments)
     return part
@@ -108,7 +116,7 @@ def message(raw: Any, default_role: str = "user") -> dict[str, Any]:
         if tool_part is not None:
             parts.append(tool_part)
     function_call = raw.get("function_call")
-    if isinstance(function_call, Mapping):
+    if function_call is not None:
         parts.append(_tool_call_part(function_call) or {"type": "tool_call", "name": "unknown"})
     out: dict[str, Any] = {"role": role, "parts": parts}
     name = raw.get("name")
@@ -188,8 +196,7 @@ def response_messages(response: Any) -> list[dict[str, Any]]:
             raw["tool_calls"] = calls
         function_call = getattr(msg, "function_call", None)
         if function_call is not None:
-            dump = getattr(function_call, "model_dump", None)
-            raw["function_call"] = dump() if callable(dump) else function_call
+            raw["function_call"] = function_call
         out.append(output_message(raw, getattr(choice, "finish_reason", None)))
     return out
 

@@ -60,9 +60,20 @@ def provider_name(config: Mapping[str, Any]) -> str:
     return "openai"  # AG2's default client
 
 
-def server_of(config: Mapping[str, Any], provider: str) -> tuple[str, int] | None:
+def client_base_url(wrapper: Any) -> str | None:
+    """The base URL of an ``OpenAIWrapper``'s first client (AG2 keeps ``base_url`` there, not in
+    ``_config_list``)."""
+    clients = getattr(wrapper, "_clients", None)
+    if not clients:
+        return None
+    inner = getattr(clients[0], "_oai_client", None)
+    url = getattr(inner, "base_url", None)
+    return str(url) if url is not None else None
+
+
+def server_of(config: Mapping[str, Any], provider: str, base_url: Any = None) -> tuple[str, int] | None:
     """(``server.address``, ``server.port``) the config's client talks to, if known."""
-    base_url = config.get("base_url")
+    base_url = config.get("base_url") or base_url
     if isinstance(base_url, str) and base_url:
         try:
             parts = urlsplit(base_url if "://" in base_url else f"https://{base_url}")
@@ -83,13 +94,13 @@ class ConfigInfo:
 
     __slots__ = ("attributes", "config", "model", "provider")
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], base_url: str | None = None) -> None:
         self.config = config  # held so its id is not reused while cached
         self.provider = provider_name(config)
         model = config.get("model")
         self.model = str(model) if model else None
         attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider, semconv.GEN_AI_SYSTEM: self.provider}
-        server = server_of(config, self.provider)
+        server = server_of(config, self.provider, base_url)
         if server is not None:
             attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = server
         self.attributes = attrs
@@ -101,15 +112,16 @@ _infos_lock = threading.Lock()
 _EMPTY: Mapping[str, Any] = {}
 
 
-def config_info(config: Mapping[str, Any] | None) -> ConfigInfo:
-    """:class:`ConfigInfo` of ``config``, computed once per config object (bounded cache)."""
+def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> ConfigInfo:
+    """:class:`ConfigInfo` of ``config`` (an entry of ``wrapper``'s config list), computed once per
+    config object (bounded cache)."""
     if not isinstance(config, Mapping):
         config = _EMPTY
     key = id(config)
     info = _infos.get(key)
     if info is not None and info.config is config:
         return info
-    info = ConfigInfo(config)
+    info = ConfigInfo(config, client_base_url(wrapper) if wrapper is not None and config is not _EMPTY else None)
     with _infos_lock:
         _infos[key] = info
         while len(_infos) > _INFO_MAX:

@@ -387,7 +387,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     client = getattr(agent, "client", None) if config else None
     first = _models.first_config(client) if client is not None else None
     if first is not None:
-        info = _models.config_info(first)
+        info = _models.config_info(first, client)
         attrs.update(info.attributes)
         if info.model:
             attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
@@ -492,7 +492,7 @@ def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
     config_list = getattr(instance, "_config_list", None) or []
     register_llm_config_secrets(config_list)
     first = _models.first_config(instance) or {}
-    info = _models.config_info(first)
+    info = _models.config_info(first, instance)
     model = kwargs.get("model") or info.model or "unknown"
     attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.attributes,
                              semconv.GEN_AI_REQUEST_MODEL: str(model)}
