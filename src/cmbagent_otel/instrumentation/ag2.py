@@ -38,6 +38,7 @@ import contextvars
 import importlib
 import json
 import logging
+import subprocess
 import sys
 import threading
 import weakref
@@ -57,7 +58,7 @@ from .._context import current_scope
 from .._spans import SCHEMA_URL, NodeSpec, TracedSpan, make_tracer, workflow_tracers
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
-from . import _messages, _models, _steps
+from . import _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
     agent_name,
@@ -653,15 +654,26 @@ def _code(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str,
 
 
 class _CodeSpan(TracedSpan):
-    """Marks the context so nested executor calls do not open a second code span."""
+    """Marks the context so nested executor calls do not open a second code span, and hands the
+    span's trace context to the processes the execution starts (:mod:`._subprocess_context`)."""
 
-    __slots__ = ("_flag",)
+    __slots__ = ("_carrier", "_flag")
 
     def __enter__(self) -> TracedSpan:
         self._flag = _in_code_span.set(True)
-        return super().__enter__()
+        super().__enter__()
+        try:
+            self._carrier = _subprocess_context.enter(self.span)
+        except Exception:
+            self._carrier = None
+            logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
+        return self
 
     def __exit__(self, *exc: Any) -> None:
+        try:
+            _subprocess_context.leave(self._carrier)
+        except Exception:
+            logger.debug("cmbagent_otel: could not reset the executed code's trace context", exc_info=True)
         try:
             super().__exit__(*exc)
         finally:
@@ -841,6 +853,12 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
+        try:  # code executions hand their trace context to the processes they start
+            _subprocess_context.popen_init._cmbagent_otel = True  # type: ignore[attr-defined]
+            wrapt.wrap_function_wrapper(subprocess.Popen, "__init__", _subprocess_context.popen_init)
+            self._patched.append((subprocess.Popen, "__init__"))
+        except Exception:
+            logger.debug("cmbagent_otel: could not patch subprocess.Popen", exc_info=True)
 
     def patch_late(self, owner: Any, attr: str, wrapper: Callable[..., Any]) -> None:
         """Patch ``owner.attr`` found after ``instrument()`` (e.g. a custom code executor class)."""
