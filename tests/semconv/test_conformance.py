@@ -45,6 +45,7 @@ class Recorded:
         self.logger_provider = LoggerProvider()
         self.logger_provider.add_log_record_processor(SimpleLogRecordProcessor(self.logs_memory))
         self.capture = capture
+        self.openai_request: dict[str, Any] = {}
 
     @property
     def spans(self) -> list[ReadableSpan]:
@@ -66,8 +67,26 @@ class _Console:
         return "exit"
 
 
-def scenario(work_dir: str) -> None:
-    """Every span kind cmbagent-otel emits, in one run."""
+REQUEST_PARAMETERS = {"temperature": 0.2, "top_p": 0.9, "seed": 7, "frequency_penalty": 0.1, "presence_penalty": 0.3}
+
+
+def openai_agent(base_url: str) -> ConversableAgent:
+    """The assistant on the OpenAI client path, with every request parameter the AG2 line accepts
+    (ag2 0.14 takes them in the config entry; cmbagent_autogen's stricter schema at the top level)."""
+    entry = {"model": "gpt-4o-mini", "api_key": "sk-test-conformance-000000000", "base_url": base_url}
+    for config in ({"config_list": [{**entry, **REQUEST_PARAMETERS}], "cache_seed": None},
+                   {"config_list": [entry], "cache_seed": None, **REQUEST_PARAMETERS},
+                   {"config_list": [entry], "cache_seed": None, "temperature": 0.2}):
+        try:
+            return ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER",
+                                    system_message="You answer. Secret plan inside.")
+        except Exception:  # this AG2 line rejects these keys: try the next form
+            continue
+    raise AssertionError("no llm_config form accepted")
+
+
+def scenario(work_dir: str) -> dict[str, Any]:
+    """Every span kind cmbagent-otel emits, in one run; returns the body of the first OpenAI request."""
     from autogen.io import IOStream
 
     with cmbagent_otel.workflow("conformance", mode="planning-control", task="measure the peaks", max_redos=1):
@@ -83,15 +102,11 @@ def scenario(work_dir: str) -> None:
                             ["engineer", "executor", "engineer", "executor", "researcher"])
             with cmbagent_otel.redo(1, 1, "retry with the OpenAI client"), FakeOpenAIServer(
                     script=["The answer is 42.", "TERMINATE"]) as server:
-                config = {"config_list": [{"model": "gpt-4o-mini", "api_key": "sk-test-conformance-000000000",
-                                           "base_url": server.base_url, "temperature": 0.2, "top_p": 0.9,
-                                           "seed": 7, "frequency_penalty": 0.1, "presence_penalty": 0.3}],
-                          "cache_seed": None}
-                assistant = ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER",
-                                             system_message="You answer. Secret plan inside.")
+                assistant = openai_agent(server.base_url)
                 user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER",
                                         default_auto_reply="thanks")
                 user.initiate_chat(assistant, message="question?", max_turns=2, silent=True)
+                request = server.requests[0]["body"]
             writer = offline_agent("writer", ["draft text", "TERMINATE"])
             critic = offline_agent("critic", ["looks good"])
             editor = ConversableAgent("editor", llm_config=False, human_input_mode="NEVER")
@@ -103,6 +118,7 @@ def scenario(work_dir: str) -> None:
             human = ConversableAgent("human", llm_config=False, human_input_mode="ALWAYS")
             with IOStream.set_default(_Console()):
                 human.initiate_chat(alice, message="start", max_turns=2)
+    return request  # type: ignore[no-any-return]
 
 
 def record(tmp_path: Any, capture: Any) -> Recorded:
@@ -110,7 +126,7 @@ def record(tmp_path: Any, capture: Any) -> Recorded:
     cmbagent_otel.instrument(tracer_provider=rec.provider, capture_content=capture, instrument_cmbagent=False,
                              logger_provider=rec.logger_provider)
     try:
-        scenario(str(tmp_path))
+        rec.openai_request = scenario(str(tmp_path))
     finally:
         cmbagent_otel.uninstrument()
     return rec
@@ -195,9 +211,13 @@ def test_agent_and_model_call_details(span_and_event):
     assert semconv.GEN_AI_AGENT_DESCRIPTION not in assistant
     chat = by_name["chat gpt-4o-mini"].attributes
     assert chat[semconv.SERVER_ADDRESS] == "127.0.0.1" and chat[semconv.SERVER_PORT] > 0
-    assert chat[semconv.GEN_AI_REQUEST_TOP_P] == 0.9 and chat[semconv.GEN_AI_REQUEST_SEED] == 7
-    assert chat[semconv.GEN_AI_REQUEST_FREQUENCY_PENALTY] == 0.1
-    assert chat[semconv.GEN_AI_REQUEST_PRESENCE_PENALTY] == 0.3
+    assert chat[semconv.GEN_AI_REQUEST_TEMPERATURE] == 0.2
+    sent = span_and_event.openai_request
+    for key, attr in (("top_p", semconv.GEN_AI_REQUEST_TOP_P), ("seed", semconv.GEN_AI_REQUEST_SEED),
+                      ("frequency_penalty", semconv.GEN_AI_REQUEST_FREQUENCY_PENALTY),
+                      ("presence_penalty", semconv.GEN_AI_REQUEST_PRESENCE_PENALTY)):
+        if key in sent:  # every parameter the request carried is on the span
+            assert chat[attr] == REQUEST_PARAMETERS[key], key
     assert chat[semconv.GEN_AI_RESPONSE_ID].startswith("chatcmpl-")
     system = json.loads(chat[semconv.GEN_AI_SYSTEM_INSTRUCTIONS])
     assert system == [{"type": "text", "content": "You answer. Secret plan inside."}]

@@ -50,7 +50,6 @@ from opentelemetry import _logs
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import semconv
@@ -101,11 +100,14 @@ class _State:
     outlives the cycle.
     """
 
-    __slots__ = ("agents", "capture", "content", "event_logger", "manager_cls", "no_speaker_cls", "tool_executor_cls",
-                 "tracer", "workflow_tracer")
+    __slots__ = ("active", "agents", "capture", "content", "event_logger", "manager_cls", "no_speaker_cls",
+                 "tool_executor_cls", "tracer", "workflow_tracer")
 
     def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
                  event_logger: _logs.Logger | None = None) -> None:
+        # False once uninstrumented: a wrapper of ours that another instrumentation restores later
+        # (OpenInference puts back the methods it found, ours among them) only calls through
+        self.active = True
         self.tracer = tracer  # AG2 operations (scope cmbagent_otel.ag2)
         self.workflow_tracer = workflow_tracer  # plan steps derived in group chats (scope cmbagent_otel.workflow)
         self.content = content
@@ -159,7 +161,7 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None) -> Any:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not _enabled():
+        if not state.active or not _enabled():
             return wrapped(*args, **kwargs)
         traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
@@ -170,14 +172,14 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 _after(record, state, traced, instance, args, kwargs, result)
             return result
 
-    wrapper._cmbagent_otel = True  # type: ignore[attr-defined]
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None) -> Any:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not _enabled():
+        if not state.active or not _enabled():
             return await wrapped(*args, **kwargs)
         traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
@@ -188,7 +190,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                 _after(record, state, traced, instance, args, kwargs, result)
             return result
 
-    wrapper._cmbagent_otel = True  # type: ignore[attr-defined]
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -293,7 +295,7 @@ def _adopt_code_executor(state: _State, agent: Any) -> None:
                 return
             _known_executor_types.add(cls)
             owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
-            if owner is None or owner is object or isinstance(vars(owner)["execute_code_blocks"], wrapt.ObjectProxy):
+            if owner is None or owner is object or _ours_in_chain(vars(owner)["execute_code_blocks"]):
                 return
             AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code))
     except Exception:
@@ -783,6 +785,54 @@ TARGETS: tuple[tuple[str, str, str, Callable[..., Any], Callable[..., Any] | Non
 )
 
 
+def _popen_wrapper(state: _State) -> Callable[..., Any]:
+    def popen_init(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state.active:
+            return wrapped(*args, **kwargs)
+        return _subprocess_context.popen_init(wrapped, instance, args, kwargs)
+
+    popen_init._cmbagent_otel = state  # type: ignore[attr-defined]
+    return popen_init
+
+
+def _state_of(node: Any) -> Any:
+    """The :class:`_State` a wrapt wrapper of ours belongs to (``None``: not ours)."""
+    return getattr(getattr(node, "_self_wrapper", None), "_cmbagent_otel", None)
+
+
+def _ours_in_chain(value: Any) -> bool:
+    """Whether a live wrapper of ours is somewhere in ``value``'s chain of wrapt wrappers (another
+    instrumentation, e.g. OpenInference, may have wrapped before or after us)."""
+    node = value
+    for _ in range(32):
+        if not isinstance(node, wrapt.ObjectProxy):
+            return False
+        state = _state_of(node)
+        if isinstance(state, _State) and state.active:
+            return True
+        node = node.__wrapped__
+    return False
+
+
+def _unwrap_ours(owner: Any, attr: str, state: _State | None) -> None:
+    """Remove the wrapper ``state``'s cycle installed on ``owner.attr`` and only that one, wherever it
+    is in the chain: a wrapper applied after ours stays (it then wraps what ours wrapped), one
+    applied before stays inside."""
+    current = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+    parent = None
+    node = current
+    for _ in range(32):
+        if not isinstance(node, wrapt.ObjectProxy):
+            return  # not there any more (someone else restored the original): nothing of ours to remove
+        if _state_of(node) is state:
+            if parent is None:
+                setattr(owner, attr, node.__wrapped__)
+            else:
+                parent.__wrapped__ = node.__wrapped__
+            return
+        parent, node = node, node.__wrapped__
+
+
 def _resolve(module_name: str, owner_name: str) -> Any:
     if (module_name, owner_name) in OPTIONAL_EXECUTOR_CLASSES and module_name not in sys.modules:
         return None
@@ -841,10 +891,13 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             owner = _resolve(module_name, owner_name)
             if owner is None or not hasattr(owner, attr):
                 continue
-            if isinstance(getattr(owner, attr), wrapt.ObjectProxy) or (id(owner), attr) in seen:
+            if (id(owner), attr) in seen:
                 continue
             if owner_name and attr not in vars(owner):
                 continue  # inherited: patching the defining class covers it
+            current = vars(owner)[attr] if owner_name else getattr(owner, attr)
+            if _ours_in_chain(current):
+                continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
             wrapper = _traced_async(state, build, record) if is_async else _traced_sync(state, build, record)
             try:
                 wrapt.wrap_function_wrapper(owner, attr, wrapper)
@@ -854,8 +907,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
         try:  # code executions hand their trace context to the processes they start
-            _subprocess_context.popen_init._cmbagent_otel = True  # type: ignore[attr-defined]
-            wrapt.wrap_function_wrapper(subprocess.Popen, "__init__", _subprocess_context.popen_init)
+            wrapt.wrap_function_wrapper(subprocess.Popen, "__init__", _popen_wrapper(state))
             self._patched.append((subprocess.Popen, "__init__"))
         except Exception:
             logger.debug("cmbagent_otel: could not patch subprocess.Popen", exc_info=True)
@@ -868,9 +920,12 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patched.append((owner, attr))
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        state = self._state
+        if state is not None:
+            state.active = False
         for owner, attr in reversed(getattr(self, "_patched", [])):
             try:
-                unwrap(owner, attr)
+                _unwrap_ours(owner, attr, state)
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
         self._patched = []
