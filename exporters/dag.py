@@ -1,12 +1,20 @@
 """``DagSpanExporter``: an OpenTelemetry ``SpanExporter`` writing cmbagent's tracking tables.
 
-Use it with a ``BatchSpanProcessor`` (or as the ``cmbagent_dag`` traces exporter entry
-point). ``export()`` never raises: operational database errors (down, locked, full) are
-retried with exponential backoff until the export deadline; then the batch is written to a
-durable spill file (see :mod:`cmbagent_otel.spill`) and replayed by the next successful
-export, the next process that exports, or ``cmbagent-otel replay``. While the database
-stays unavailable, later batches are tried once and spilled at once, so the batch
-processor's queue keeps draining instead of dropping spans.
+Use it with :func:`span_processor` (what ``instrument()`` and the ``cmbagent_dag`` entry
+point get): a batch processor that never drops a span when its queue is full, but spills
+it (see :class:`cmbagent_otel.processor.DurableBatchSpanProcessor`). The SDK's
+``BatchSpanProcessor`` works too, but drops spans when its queue is full, before this
+exporter sees them.
+
+``export()`` never raises. Retryable database faults (down, locked, full, file deleted,
+schema missing; classified by driver error codes in :mod:`cmbagent_otel.dag.errors`) are
+retried with exponential backoff until the export deadline, and every wait inside an
+attempt (SQLite's busy timeout, PostgreSQL's connect, lock and statement timeouts) is cut
+to the time left. Then the batch is written to a durable spill file recorded for this
+database (see :mod:`cmbagent_otel.spill`) and replayed, in slices of bounded time, after
+later successful exports, by the next process that exports to the same database, or by
+``cmbagent-otel replay``. While the database stays unavailable, later batches get one short
+attempt and are spilled at once, so the batch processor's queue keeps draining.
 """
 
 from __future__ import annotations
@@ -16,27 +24,35 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from cmbagent_otel.dag.database import default_sqlite_path
+from cmbagent_otel.dag.database import BadDatabaseURL, default_sqlite_path, redacted, resolve_url, target_of
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
-from cmbagent_otel.spill import SPILL_DIR_ENV, SpillStore
+from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
 TIMEOUT_ENV = "CMBAGENT_OTEL_EXPORT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 10.0
-DEGRADED_S = 5.0  # after a spill, how long later batches skip the retry loop
+DEGRADED_S = 5.0  # after a spill, how long later batches get only one short attempt
+DEGRADED_ATTEMPT_S = 0.1  # that attempt's deadline
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
+REPLAY_SLICE_S = 1.0  # most time one export (or one idle turn of the processor) spends replaying
+LOG_EVERY_S = 30.0  # overflow and drop warnings: the first at once, then at most this often
 
-__all__ = ["DagSpanExporter", "default_spill_dir"]
+__all__ = ["DagSpanExporter", "default_spill_dir", "span_processor"]
 
 
 def default_spill_dir() -> str:
-    """``CMBAGENT_OTEL_SPILL_DIR`` or ``<CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/spill``."""
+    """``CMBAGENT_OTEL_SPILL_DIR`` or ``<CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/spill``.
+
+    Several databases may share it: every spill file records its database, and each
+    exporter replays only its own database's files.
+    """
     return os.environ.get(SPILL_DIR_ENV) or str(default_sqlite_path().parent.parent / "spill")
 
 
@@ -52,16 +68,37 @@ def _timeout(value: float | None) -> float:
     return DEFAULT_TIMEOUT_S
 
 
+class _Throttled:
+    """A warning logged at once, then at most every ``LOG_EVERY_S`` with the running total."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._next = 0.0
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int, *args: Any) -> None:
+        with self._lock:
+            self._total += count
+            now = time.monotonic()
+            if now < self._next:
+                return
+            self._next = now + LOG_EVERY_S
+            total = self._total
+        logger.warning(self._message, count, *args, total)
+
+
 class DagSpanExporter(SpanExporter):
     """Writes each exported batch into the tracking DB (see ``docs/dag.md``).
 
     ``url``: database URL (argument > ``CMBAGENT_OTEL_DATABASE_URL`` >
     ``CMBAGENT_DATABASE_URL`` > default SQLite file). ``timeout``: seconds one ``export()``
-    may spend retrying (argument > ``CMBAGENT_OTEL_EXPORT_TIMEOUT`` > 10). ``migrate``: bring
-    the schema to head before the first write. ``spill_dir``: where batches that could not be
-    written are kept (argument > ``CMBAGENT_OTEL_SPILL_DIR`` > ``<work dir>/spill``);
-    ``spill=False`` drops them instead (counted). Nothing touches the database until the
-    first export, so construction never fails on an unreachable database.
+    may spend on a batch, waits included (argument > ``CMBAGENT_OTEL_EXPORT_TIMEOUT`` > 10).
+    ``migrate``: bring the schema to head before the first write (and again when it is
+    found missing). ``spill_dir``: where batches that could not be written are kept
+    (argument > ``CMBAGENT_OTEL_SPILL_DIR`` > ``<work dir>/spill``); ``spill=False`` drops
+    them instead (counted and logged). Nothing touches the database until the first
+    export, so construction never fails on an unreachable database.
     """
 
     def __init__(
@@ -76,108 +113,247 @@ class DagSpanExporter(SpanExporter):
         self._url = url
         self._timeout = _timeout(timeout)
         self._migrate = migrate
-        self._spill = SpillStore(spill_dir or default_spill_dir()) if spill else None
-        self._replay_due = spill
+        try:
+            self.target: str | None = target_of(url)
+        except BadDatabaseURL as exc:
+            logger.error("cmbagent_otel: %s; the DAG exporter will drop every span", exc)
+            self.target = None
+        self._spill = SpillStore(spill_dir or default_spill_dir(), self.target) \
+            if spill and self.target is not None else None
+        self._replay_due = self._spill is not None  # files an earlier process left for this database
+        #: replay a slice of pending spill files after each successful export (the durable
+        #: processor turns this off and replays when its queue is idle instead)
+        self.replay_after_export = True
+        self._recovered = False
         self._degraded_until = 0.0
         self._writer: DagWriter | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch (export or replay) at a time
+        self._stats_lock = threading.Lock()
         self._closed = threading.Event()
         self._stats = {"exported": 0, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
+        self._overflow_log = _Throttled("cmbagent_otel: span queue full, %d spans kept in the spill store %s "
+                                        "(%d so far); they are written when the database catches up")
+        self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int) -> None:
+        with self._stats_lock:
+            self._stats[key] += n
+
+    def _dropped(self, n: int, why: str) -> None:
+        self._count("dropped", n)
+        self._drop_log(n, why)
 
     def _get_writer(self) -> DagWriter:
         if self._writer is None:
             self._writer = DagWriter(self._url, migrate=self._migrate)
         return self._writer
 
+    def _keep(self, spans: Sequence[ReadableSpan], why: str) -> int:
+        """Spill ``spans``; returns how many are on disk (the rest are counted dropped)."""
+        if self._spill is None:
+            self._dropped(len(spans), why)
+            return 0
+        try:
+            self._spill.append(spans)
+        except SpillFailed as exc:
+            self._count("spilled", exc.spilled)
+            logger.error("cmbagent_otel: could not spill %d spans: %s", len(spans) - exc.spilled, exc)
+            self._dropped(len(spans) - exc.spilled, f"{why}, and the spill store failed ({exc.strerror})")
+            if exc.spilled:
+                self._replay_due = True
+            return exc.spilled
+        except Exception as exc:
+            logger.exception("cmbagent_otel: could not spill %d spans", len(spans))
+            self._dropped(len(spans), f"{why}, and the spill store failed ({exc})")
+            return 0
+        self._count("spilled", len(spans))
+        self._replay_due = True
+        return len(spans)
+
+    # --- SpanExporter ------------------------------------------------------------------------
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write ``spans`` (or spill them durably); SUCCESS or FAILURE, never an exception."""
         if self._closed.is_set():
-            return SpanExportResult.FAILURE
+            kept = self._keep(spans, "the exporter is shut down") if spans else 0
+            return SpanExportResult.SUCCESS if kept == len(spans) else SpanExportResult.FAILURE
         try:
             with self._lock:
                 return self._export(spans)
         except Exception:  # a bug of ours must not reach the batch processor's thread
             logger.exception("cmbagent_otel: DAG export failed unexpectedly")
-            self._stats["dropped"] += len(spans)
+            self._dropped(len(spans), "unexpected error (logged above)")
             return SpanExportResult.FAILURE
 
     def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         count = len(spans)
+        if not count:
+            return SpanExportResult.SUCCESS
+        if self.target is None:
+            self._dropped(count, "invalid database URL")
+            return SpanExportResult.FAILURE
         now = time.monotonic()
-        deadline = now if now < self._degraded_until else now + self._timeout
+        deadline = now + (DEGRADED_ATTEMPT_S if now < self._degraded_until else self._timeout)
         backoff = INITIAL_BACKOFF_S
         while True:
             try:
-                self._get_writer().write(spans)
+                self._get_writer().write(spans, timeout=max(0.0, deadline - time.monotonic()))
             except DatabaseUnavailable as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed.is_set():
                     return self._give_up(spans, exc)
-                self._stats["retried"] += count
+                self._count("retried", count)
                 # waits on the shutdown event so shutdown() cuts the backoff short
                 self._closed.wait(min(backoff, remaining))
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            except Exception:
-                logger.exception("cmbagent_otel: could not write %d spans to the DAG database", count)
-                self._stats["dropped"] += count
-                return SpanExportResult.FAILURE
-            self._stats["exported"] += count
+            except Exception as exc:
+                stored, dropped = self._isolate(spans, exc, deadline)
+                self._count("exported", stored)
+                return SpanExportResult.FAILURE if dropped else SpanExportResult.SUCCESS
+            self._count("exported", count)
             self._degraded_until = 0.0
-            if self._replay_due:
-                self._replay()
+            if self._replay_due and self.replay_after_export:
+                self._replay(min(REPLAY_SLICE_S, self._timeout))
             return SpanExportResult.SUCCESS
 
     def _give_up(self, spans: Sequence[ReadableSpan], exc: Exception) -> SpanExportResult:
         count = len(spans)
-        if self._spill is not None:
-            try:
-                path = self._spill.append(spans)
-            except OSError:
-                logger.exception("cmbagent_otel: could not spill %d spans", count)
-            else:
-                logger.warning("cmbagent_otel: database unavailable (%s); %d spans kept in %s", exc, count, path)
-                self._stats["spilled"] += count
-                self._replay_due = True
-                self._degraded_until = time.monotonic() + DEGRADED_S
-                return SpanExportResult.SUCCESS
-        logger.warning("cmbagent_otel: dropping %d spans, database unavailable: %s", count, exc)
-        self._stats["dropped"] += count
-        return SpanExportResult.FAILURE
+        self._degraded_until = time.monotonic() + DEGRADED_S
+        kept = self._keep(spans, f"database unavailable: {exc}")
+        if kept:
+            logger.warning("cmbagent_otel: %s; %d spans kept in the spill store %s", exc, kept,
+                           self._spill.directory if self._spill else None)
+        return SpanExportResult.SUCCESS if kept == count else SpanExportResult.FAILURE
 
-    def _write_quietly(self, spans: Sequence[ReadableSpan]) -> bool:
+    def _isolate(self, spans: Sequence[ReadableSpan], exc: Exception, deadline: float) -> tuple[int, int]:
+        """A non-retryable error: write the batch in halves so only the spans that cause it
+        are dropped (each with a log line); past the deadline the rest are spilled again.
+        Returns ``(spans written, spans dropped)``; the caller counts the written ones."""
+        logger.error("cmbagent_otel: could not write %d spans to the DAG database %s: %s", len(spans),
+                     redacted(resolve_url(self._url)), exc, exc_info=exc)
+        pending = [list(spans)]
+        stored = dropped = 0
+        while pending:
+            part = pending.pop()
+            if len(part) == 1:
+                span = part[0]
+                logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
+                             getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
+                self._dropped(1, "a span the database refuses (logged above)")
+                dropped += 1
+                continue
+            half = len(part) // 2
+            for piece in (part[:half], part[half:]):
+                if time.monotonic() >= deadline or self._closed.is_set():
+                    self._keep(piece, "database refused a batch")
+                    continue
+                try:
+                    self._get_writer().write(piece, timeout=max(0.0, deadline - time.monotonic()))
+                except DatabaseUnavailable:
+                    self._keep(piece, "database unavailable")
+                except Exception:
+                    pending.append(piece)
+                else:
+                    stored += len(piece)
+        return stored, dropped
+
+    # --- the durable processor's overflow -------------------------------------------------------
+
+    def spill_overflow(self, spans: Sequence[ReadableSpan]) -> None:
+        """Keep spans a full processor queue could not take (called in the application's
+        thread): one spill file per call, counted ``spilled``; ``dropped`` with a log line
+        only when the spill store itself fails (or ``spill=False``)."""
         try:
-            self._get_writer().write(spans)
-        except DatabaseUnavailable:
-            return False
-        return True
+            kept = self._keep(spans, "span queue full")
+            if kept:
+                self._overflow_log(kept, self._spill.directory if self._spill else None)
+        except Exception:
+            logger.debug("cmbagent_otel: overflow spill failed", exc_info=True)
 
-    def _replay(self) -> None:
-        assert self._spill is not None
-        replayed, left = self._spill.replay(self._write_quietly)
-        self._stats["replayed"] += replayed
+    # --- replay --------------------------------------------------------------------------------
+
+    def _write_for_replay(self, end: float) -> Any:
+        def write(spans: Sequence[ReadableSpan]) -> bool | int:
+            limit = max(0.0, min(end - time.monotonic(), self._timeout))
+            try:
+                self._get_writer().write(spans, timeout=limit)
+            except DatabaseUnavailable:
+                return False
+            except Exception as exc:
+                # the spans the database refuses are dropped (logged); the rest are written
+                # or, past the deadline, spilled again: either way this file is done
+                stored, _ = self._isolate(spans, exc, time.monotonic() + max(limit, DEGRADED_ATTEMPT_S))
+                return stored  # the spill store counts these as replayed
+            return True
+
+        return write
+
+    def _on_rejected(self, path: Any, count: int) -> None:
+        self._dropped(count, f"spill file {path} holds spans that cannot be written (kept as .bad)")
+
+    def _replay(self, budget_s: float | None) -> tuple[int, int]:
+        """Replay this database's spill files for at most ``budget_s`` (None: all of them)."""
+        if self._spill is None:
+            return 0, 0
+        if not self._recovered:
+            self._recovered = True
+            self._spill.recover()
+            legacy = self._spill.legacy()
+            if legacy:
+                logger.warning("cmbagent_otel: %d spill files in %s do not record their database; write them "
+                               "with `cmbagent-otel replay --to URL`", len(legacy), self._spill.directory)
+        end = time.monotonic() + budget_s if budget_s is not None else float("inf")
+        replayed, left = self._spill.replay(self._write_for_replay(end), budget_s=budget_s,
+                                            on_rejected=self._on_rejected)
+        self._count("replayed", replayed)
         self._replay_due = left > 0
         if replayed:
             logger.info("cmbagent_otel: replayed %d spilled spans into the DAG database", replayed)
+        return replayed, left
 
     def replay(self) -> tuple[int, int]:
-        """Write every pending spill file now; returns ``(spans replayed, files left)``."""
-        if self._spill is None:
+        """Write every pending spill file of this database now; returns ``(spans replayed, files left)``."""
+        if self._spill is None or self._closed.is_set():
             return 0, 0
         with self._lock:
-            replayed, left = self._spill.replay(self._write_quietly)
-            self._stats["replayed"] += replayed
-            self._replay_due = left > 0
-            return replayed, left
+            return self._replay(None)
+
+    def replay_due(self) -> bool:
+        """Whether spill files of this database may be waiting (the processor replays when idle)."""
+        return self._replay_due and self._spill is not None and not self._closed.is_set()
+
+    def replay_slice(self, budget_s: float = REPLAY_SLICE_S) -> tuple[int, int]:
+        """Replay for at most ``budget_s`` seconds: ``(spans replayed, files left)``. Never raises."""
+        if not self.replay_due():
+            return 0, 0
+        try:
+            with self._lock:
+                return self._replay(budget_s)
+        except Exception:
+            logger.exception("cmbagent_otel: replay failed unexpectedly")
+            return 0, 0
 
     def stats(self) -> dict[str, int]:
         """Span counts so far: exported (written), retried (per attempt), spilled (kept on
-        disk), replayed (written from spill files) and dropped (lost, with a log line)."""
-        return dict(self._stats)
+        disk: after a failed export or from a full queue), replayed (written from spill
+        files) and dropped (lost, each time with a log line)."""
+        with self._stats_lock:
+            return dict(self._stats)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Nothing is buffered here; always True."""
-        return True
+        """Replay pending spill files of this database within ``timeout_millis``; True when none are left."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        while self.replay_due():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            replayed, files_left = self.replay_slice(min(REPLAY_SLICE_S, left))
+            if not files_left or not replayed:
+                break  # done, or the database refuses: the files wait for a later export
+        return not self.replay_due()
 
     def shutdown(self) -> None:
         """Stop exporting and release connections (idempotent)."""
@@ -188,6 +364,18 @@ class DagSpanExporter(SpanExporter):
             writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
-        stats = self._stats
+        stats = self.stats()
         level = logging.WARNING if stats["spilled"] or stats["dropped"] else logging.INFO
         logger.log(level, "cmbagent_otel: DAG exporter shut down: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
+
+
+def span_processor(exporter: DagSpanExporter | None = None, **settings: Any) -> Any:
+    """A :class:`~cmbagent_otel.processor.DurableBatchSpanProcessor` for ``exporter`` (a new
+    ``DagSpanExporter()`` by default): a full queue spills instead of dropping.
+
+    ``settings``: ``max_queue_size``, ``schedule_delay_millis``, ``max_export_batch_size``
+    (see :mod:`cmbagent_otel.processor` for their environment variables and defaults).
+    """
+    from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+    return DurableBatchSpanProcessor(exporter or DagSpanExporter(), **settings)

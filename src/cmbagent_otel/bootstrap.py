@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
-from .provider import build_tracer_provider, sdk_disabled
+from .provider import build_tracer_provider, sdk_disabled, slot_of, span_processors
 from .redaction import reload_settings
 
 logger = logging.getLogger("cmbagent_otel")
@@ -21,6 +21,9 @@ logger = logging.getLogger("cmbagent_otel")
 _lock = threading.RLock()
 _state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False,
                           "binding": None}
+# The provider instrument() built, kept across uninstrument(): the global provider can be set
+# only once per process, so a later instrument() puts fresh processors into this one.
+_built: dict[str, TracerProvider | None] = {"provider": None}
 
 
 def _app_provider() -> trace.TracerProvider | None:
@@ -64,8 +67,16 @@ def instrument(
         reload_settings()
         owned = False
         provider = tracer_provider or _app_provider()
-        if provider is None or (provider is _state.get("last_owned")):
-            provider = build_tracer_provider(exporters, service_name=service_name, span_exporters=span_exporters)
+        built = _built["provider"]
+        if provider is None or (provider is built and tracer_provider is None):
+            if built is not None and (slot := slot_of(built)) is not None:
+                # a provider from an earlier round (maybe the global one): fresh processors
+                for processor in span_processors(exporters, span_exporters):
+                    slot.add_span_processor(processor)
+                provider = built
+            else:
+                provider = build_tracer_provider(exporters, service_name=service_name, span_exporters=span_exporters)
+                _built["provider"] = provider
             owned = True
             if set_global and _app_provider() is None:
                 trace.set_tracer_provider(provider)
@@ -108,7 +119,10 @@ def _instrument_cmbagent(provider: trace.TracerProvider | None) -> bool:
 
 
 def uninstrument() -> None:
-    """Undo :func:`instrument`: restore every patched method, flush and shut down an owned provider."""
+    """Undo :func:`instrument`: restore every patched method; flush and shut down the span
+    processors (and exporters) of a provider :func:`instrument` built. That provider stays
+    (it may be the global one, which cannot be replaced), so a later :func:`instrument`
+    records again through fresh processors."""
     with _lock:
         if not _state["active"]:
             return
@@ -127,11 +141,14 @@ def uninstrument() -> None:
         provider = _state["provider"]
         if _state["owned"] and isinstance(provider, TracerProvider):
             try:
-                provider.force_flush()
-                provider.shutdown()
+                slot = slot_of(provider)
+                if slot is not None:
+                    slot.release()  # the provider stays usable for the next instrument()
+                else:
+                    provider.force_flush()
+                    provider.shutdown()
             except Exception:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
-            _state["last_owned"] = provider
         if _state["binding"] is not None:
             workflow_tracers.release(_state["binding"])
         _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False, binding=None)

@@ -8,17 +8,26 @@ Honoured: ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUT
 default as with ``opentelemetry-instrument``, or ``http/protobuf``), ``console``,
 ``none``, ``cmbagent_dag`` (the relational DAG exporter) or any other name registered
 under the ``opentelemetry_traces_exporter`` entry point group. Default: ``cmbagent_dag``.
+
+Each exporter gets its own batch processor: the DAG exporter a
+:class:`~cmbagent_otel.processor.DurableBatchSpanProcessor` (a full queue spills instead
+of dropping), every other one the SDK's ``BatchSpanProcessor``. The provider's processors
+sit in a :class:`ProcessorSlot`, so ``uninstrument()`` can shut them down and a later
+``instrument()`` can put fresh ones into the same provider (the global provider can be set
+only once per process).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Sequence
-from importlib.metadata import entry_points
+from typing import Any
 
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 logger = logging.getLogger("cmbagent_otel")
@@ -71,6 +80,8 @@ def create_exporter(name: str) -> SpanExporter:
         from .exporters.dag import DagSpanExporter
 
         return DagSpanExporter()
+    from importlib.metadata import entry_points
+
     for entry in entry_points(group="opentelemetry_traces_exporter"):
         if entry.name == name:
             return entry.load()()  # type: ignore[no-any-return]
@@ -79,13 +90,75 @@ def create_exporter(name: str) -> SpanExporter:
     )
 
 
+class ProcessorSlot(SpanProcessor):
+    """The active span processor of a provider built here: forwards to the processors it
+    holds, which :meth:`release` shuts down and removes while the provider lives on."""
+
+    def __init__(self) -> None:
+        self._processors: tuple[SpanProcessor, ...] = ()
+        self._lock = threading.Lock()
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        with self._lock:
+            self._processors += (span_processor,)
+
+    @property
+    def processors(self) -> tuple[SpanProcessor, ...]:
+        return self._processors
+
+    def on_start(self, span: Span, parent_context: Any = None) -> None:
+        for processor in self._processors:
+            processor.on_start(span, parent_context=parent_context)
+
+    def _on_ending(self, span: Span) -> None:
+        for processor in self._processors:
+            hook = getattr(processor, "_on_ending", None)
+            if hook is not None:
+                hook(span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        for processor in self._processors:
+            processor.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all([processor.force_flush(timeout_millis) for processor in self._processors])
+
+    def shutdown(self) -> None:
+        for processor in self._processors:
+            processor.shutdown()
+
+    def release(self) -> None:
+        """Flush and shut down every processor held, and hold none from now on."""
+        with self._lock:
+            processors, self._processors = self._processors, ()
+        for processor in processors:
+            try:
+                processor.force_flush()
+            finally:
+                processor.shutdown()
+
+
+def span_processors(
+    exporters: str | Sequence[str] | None = None,
+    span_exporters: Sequence[SpanExporter] = (),
+) -> list[SpanProcessor]:
+    """One batch processor per configured exporter (see the module docstring)."""
+    from .exporters.dag import DagSpanExporter
+    from .processor import DurableBatchSpanProcessor
+
+    instances = [create_exporter(name) for name in exporter_names(exporters)]
+    instances.extend(span_exporters)
+    return [DurableBatchSpanProcessor(e) if isinstance(e, DagSpanExporter) else BatchSpanProcessor(e)
+            for e in instances]
+
+
 def build_tracer_provider(
     exporters: str | Sequence[str] | None = None,
     *,
     service_name: str | None = None,
     span_exporters: Sequence[SpanExporter] = (),
 ) -> TracerProvider:
-    """A TracerProvider with one ``BatchSpanProcessor`` per configured exporter.
+    """A TracerProvider with one batch processor per configured exporter.
 
     ``exporters`` overrides ``OTEL_TRACES_EXPORTER``; ``span_exporters`` adds exporter
     instances (each behind its own batch processor); ``service_name`` is used only when
@@ -97,9 +170,21 @@ def build_tracer_provider(
     )
     if not env_has_name:
         attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
-    provider = TracerProvider(resource=Resource.create(attributes))
-    instances = [create_exporter(name) for name in exporter_names(exporters)]
-    instances.extend(span_exporters)
-    for exporter in instances:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    processors = span_processors(exporters, span_exporters)
+    slot = ProcessorSlot()
+    provider = TracerProvider(resource=Resource.create(attributes), active_span_processor=slot)  # type: ignore[arg-type]
+    _slots[provider] = slot
+    for processor in processors:
+        provider.add_span_processor(processor)
     return provider
+
+
+_slots: weakref.WeakKeyDictionary[TracerProvider, ProcessorSlot] = weakref.WeakKeyDictionary()
+
+
+def slot_of(provider: Any) -> ProcessorSlot | None:
+    """The :class:`ProcessorSlot` of a provider :func:`build_tracer_provider` built, else None."""
+    try:
+        return _slots.get(provider)
+    except TypeError:
+        return None

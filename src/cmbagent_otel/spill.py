@@ -1,20 +1,35 @@
 """Durable spill files: span batches that could not be written are kept on disk and replayed.
 
-A spill file is one batch as JSON lines, written to ``*.tmp``, fsynced, then renamed, so a
-file either exists complete or not at all (a crash mid-write leaves only a ``.tmp`` that is
-ignored). Replay deletes a file only after its batch was written; because the DAG writer is
-idempotent (row ids derive from trace and span ids), replaying a batch twice, or a batch
-that partly reached the database before, still leaves every span in the database once.
+A spill file starts with one JSON header line naming the database the spans belong to
+(:func:`cmbagent_otel.dag.database.target_of`: the URL without credentials) and how the
+rest is encoded, then holds the spans as one OTLP ``ExportTraceServiceRequest`` in
+protobuf (``.otlp``, decoded by :mod:`cmbagent_otel.otlp_decode`, the ingest server's
+decoder). Spans that OTLP cannot carry exactly (text that is not valid UTF-8, integers
+beyond 64 bits, an empty name...) go to a JSON-lines file with the same header
+(``.jsonl``) instead of being altered. Files written before headers existed (JSON lines,
+no header, no recorded database) are still read; they replay only where
+``cmbagent-otel replay --to URL`` says.
+
+A file is written to ``*.tmp``, fsynced, then renamed, so it either exists complete or not
+at all. A ``.tmp`` left by a process that died mid-write is renamed into place when its
+header shows it complete, else removed (:meth:`SpillStore.recover`). Replay deletes a file
+only after its batch was written; because the DAG writer is idempotent (row ids derive from
+trace and span ids), replaying a batch twice, or a batch that partly reached the database
+before, still leaves every span in the database once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +41,23 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 logger = logging.getLogger("cmbagent_otel")
 
 SPILL_DIR_ENV = "CMBAGENT_OTEL_SPILL_DIR"
-SUFFIX = ".jsonl"
-FORMAT_VERSION = 1
+FORMAT = "cmbagent-otel-spill"
+FORMAT_VERSION = 2
+OTLP_SUFFIX = ".otlp"
+SUFFIX = ".jsonl"  # JSON lines: spans OTLP cannot carry exactly, and files from before headers
+SUFFIXES = (OTLP_SUFFIX, SUFFIX)
+MAX_SPANS_PER_FILE = 1024  # bounds the time one file takes to replay
+STALE_TMP_S = 60.0  # a .tmp this old is never still being written (a write takes milliseconds)
+_NAME = re.compile(r"^spill-(?P<ns>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?:-(?P<key>[0-9a-f]{12}))?\.(?:otlp|jsonl)$")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
+
+def target_key(target: str) -> str:
+    """The short key of a database target used in spill file names."""
+    return hashlib.sha256(target.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+# --- JSON-lines records (spans OTLP cannot carry exactly, and old files) ------------------------
 
 def _attrs(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -53,7 +82,7 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
     """A JSON-safe dict holding everything the exporters read from ``span``."""
     scope = span.instrumentation_scope
     return {
-        "v": FORMAT_VERSION,
+        "v": 1,
         "name": span.name,
         "context": _context(span.context),
         "parent": _context(span.parent),
@@ -97,71 +126,377 @@ def record_to_span(record: dict[str, Any]) -> ReadableSpan:
     )
 
 
-class SpillStore:
-    """A directory of durable spill files (one batch per file)."""
+# --- OTLP ----------------------------------------------------------------------------------------
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+def _text_ok(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _value_ok(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, float)):
+        return True
+    if isinstance(value, str):
+        return _text_ok(value)
+    if isinstance(value, int):
+        return _INT64[0] <= value <= _INT64[1]
+    if isinstance(value, (tuple, list)):
+        return all(item is not None and not isinstance(item, (tuple, list)) and _value_ok(item) for item in value)
+    return False
+
+
+def _attributes_ok(attributes: Any) -> bool:
+    return all(isinstance(k, str) and _text_ok(k) and _value_ok(v) for k, v in (attributes or {}).items())
+
+
+def _context_ok(ctx: SpanContext | None) -> bool:
+    return ctx is not None and 0 < ctx.trace_id < (1 << 128) and 0 < ctx.span_id < (1 << 64)
+
+
+def otlp_exact(span: ReadableSpan) -> bool:
+    """Whether OTLP protobuf carries ``span`` without loss and our decoder accepts it back.
+
+    The SDK's encoder silently leaves out an attribute it cannot encode (a lone surrogate,
+    an integer beyond 64 bits), and the decoder rejects spans without a name, ids, or that
+    end before they start; such spans are spilled as JSON lines instead.
+    """
+    try:
+        if not span.name or not isinstance(span.name, str) or not _text_ok(span.name):
+            return False
+        if not _context_ok(span.context) or (span.parent is not None and not 0 < span.parent.span_id < (1 << 64)):
+            return False
+        if span.start_time is None or (span.end_time is not None and span.end_time < span.start_time):
+            return False
+        if not _attributes_ok(span.attributes) or not _attributes_ok(span.resource.attributes):
+            return False
+        description = span.status.description
+        if description is not None and not _text_ok(description):
+            return False
+        for event in span.events:
+            if not isinstance(event.name, str) or not _text_ok(event.name) or not _attributes_ok(event.attributes):
+                return False
+        for link in span.links:
+            if not _context_ok(link.context) or not _attributes_ok(link.attributes):
+                return False
+        scope = span.instrumentation_scope
+        return scope is None or all(part is None or _text_ok(part) for part in (scope.name, scope.version))
+    except Exception:  # a span we cannot even inspect goes the JSON way
+        return False
+
+
+def _encode_otlp(spans: Sequence[ReadableSpan]) -> bytes:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    return encode_spans(spans).SerializeToString()  # type: ignore[no-any-return]
+
+
+def _decode_otlp(body: bytes) -> tuple[list[ReadableSpan], int]:
+    from .otlp_decode import decode_protobuf
+
+    batch = decode_protobuf(body)
+    return list(batch.spans), batch.rejected
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+class SpillFileError(ValueError):
+    """A spill file cannot be read (truncated, corrupt, or not a spill file)."""
+
+
+class SpillFailed(OSError):
+    """Writing spill files failed (disk full, no permission) after ``spilled`` spans were
+    already kept in ``paths``; the other spans are not on disk."""
+
+    def __init__(self, error: OSError, spilled: int, paths: list[Path]) -> None:
+        super().__init__(error.errno, error.strerror or str(error), error.filename)
+        self.spilled = spilled
+        self.paths = paths
+
+
+class PermanentFailure(Exception):
+    """Raised by a replay ``write`` callback: this batch can never be written (not retryable)."""
+
+
+@dataclass
+class SpillFile:
+    """One spill file's contents."""
+
+    path: Path
+    target: str | None  # None: written before headers existed, its database is unknown
+    spans: list[ReadableSpan]
+    rejected: int = 0  # spans the decoder refused (none unless the file was altered)
+
+
+def _header(target: str | None, encoding: str, spans: int, size: int | None) -> bytes:
+    head: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "target": target,
+                            "encoding": encoding, "spans": spans, "created": time.time()}
+    if size is not None:
+        head["bytes"] = size
+    return json.dumps(head, ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def _parse_header(line: bytes) -> dict[str, Any] | None:
+    if not line.startswith(b'{"format"'):
+        return None
+    try:
+        head = json.loads(line)
+    except ValueError:
+        return None
+    return head if isinstance(head, dict) and head.get("format") == FORMAT else None
+
+
+def file_target(path: Path) -> str | None:
+    """The database a spill file records (``None`` for files from before headers, or unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            head = _parse_header(handle.readline(65536))
+    except OSError:
+        return None
+    target = head.get("target") if head else None
+    return target if isinstance(target, str) else None
+
+
+def read_spill(path: Path) -> SpillFile:
+    """Read a spill file (any version). Raises :class:`SpillFileError` when it is not whole."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline()
+            head = _parse_header(first)
+            rest = handle.read()
+    except OSError as exc:
+        raise SpillFileError(f"{path}: {exc}") from exc
+    if head is None:
+        return SpillFile(path, None, _jsonl_spans(path, first + rest))
+    target = head.get("target")
+    if head.get("encoding") == "otlp-protobuf":
+        if head.get("bytes") != len(rest):
+            raise SpillFileError(f"{path}: truncated ({len(rest)} of {head.get('bytes')} bytes)")
+        try:
+            spans, rejected = _decode_otlp(rest)
+        except ValueError as exc:
+            raise SpillFileError(f"{path}: {exc}") from exc
+        return SpillFile(path, target, spans, rejected)
+    if head.get("encoding") == "jsonl":
+        spans = _jsonl_spans(path, rest)
+        if len(spans) != head.get("spans"):
+            raise SpillFileError(f"{path}: truncated ({len(spans)} of {head.get('spans')} spans)")
+        return SpillFile(path, target, spans)
+    raise SpillFileError(f"{path}: unknown encoding {head.get('encoding')!r}")
+
+
+def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
+    spans = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            spans.append(record_to_span(json.loads(line)))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise SpillFileError(f"{path}:{number}: not a spill record ({exc})") from exc
+    return spans
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class SpillStore:
+    """A directory of durable spill files (one batch, or a slice of one, per file).
+
+    ``target`` (see :func:`cmbagent_otel.dag.database.target_of`) is recorded in every file
+    this store writes, and :meth:`pending`/:meth:`replay` only see files recorded for it;
+    ``target=None`` sees every file (for inspection and ``cmbagent-otel replay``).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], target: str | None = None) -> None:
         self.directory = Path(directory)
+        self.target = target
+        self._key = target_key(target) if target is not None else None
         self._lock = threading.Lock()
         self._seq = 0
 
-    def append(self, spans: Sequence[ReadableSpan]) -> Path:
-        """Write ``spans`` durably as one new spill file; returns its path."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def _name(self, suffix: str) -> Path:
         with self._lock:
             self._seq += 1
             seq = self._seq
-        final = self.directory / f"spill-{time.time_ns():020d}-{os.getpid()}-{seq:06d}{SUFFIX}"
+        key = f"-{self._key}" if self._key else ""
+        return self.directory / f"spill-{time.time_ns():020d}-{os.getpid()}-{seq:06d}{key}{suffix}"
+
+    def append(self, spans: Sequence[ReadableSpan]) -> list[Path]:
+        """Write ``spans`` durably (OTLP protobuf where exact, else JSON lines), at most
+        :data:`MAX_SPANS_PER_FILE` per file; returns the new files. Raises ``OSError``
+        (disk full, no permission) having removed any partial file."""
+        paths: list[Path] = []
+        spilled = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            exact = [s for s in spans if otlp_exact(s)]
+            other = [s for s in spans if not otlp_exact(s)] if len(exact) != len(spans) else []
+            for start in range(0, len(exact), MAX_SPANS_PER_FILE):
+                chunk = exact[start:start + MAX_SPANS_PER_FILE]
+                try:
+                    body = _encode_otlp(chunk)
+                except Exception:  # an encoder surprise: keep the spans as JSON lines, never lose them
+                    logger.debug("cmbagent_otel: OTLP encoding failed, spilling JSON lines", exc_info=True)
+                    other.extend(chunk)
+                    continue
+                paths.append(self._write(self._name(OTLP_SUFFIX),
+                                         _header(self.target, "otlp-protobuf", len(chunk), len(body)) + body))
+                spilled += len(chunk)
+            for start in range(0, len(other), MAX_SPANS_PER_FILE):
+                chunk = other[start:start + MAX_SPANS_PER_FILE]
+                lines = b"".join(
+                    json.dumps(span_to_record(s), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
+                    for s in chunk)
+                paths.append(self._write(self._name(SUFFIX), _header(self.target, "jsonl", len(chunk), None) + lines))
+                spilled += len(chunk)
+        except OSError as exc:
+            if paths:
+                _fsync_dir(self.directory)
+            raise SpillFailed(exc, spilled, paths) from exc
+        if paths:
+            _fsync_dir(self.directory)
+        return paths
+
+    @staticmethod
+    def _write(final: Path, data: bytes) -> Path:
         tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for span in spans:
-                handle.write(json.dumps(span_to_record(span), ensure_ascii=False, default=repr))
-                handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         return final
 
-    def pending(self) -> list[Path]:
-        """Complete spill files, oldest first."""
+    def _files(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir() if p.name.endswith(SUFFIX))
+        try:
+            names = [p for p in self.directory.iterdir() if p.name.endswith(SUFFIXES)]
+        except OSError:
+            return []
+        return sorted(names, key=lambda p: p.name)
+
+    def pending(self) -> list[Path]:
+        """Complete spill files of this store's target (every file when it has none), oldest first."""
+        files = self._files()
+        if self._key is None:
+            return files
+        return [p for p in files if (m := _NAME.match(p.name)) is not None and m.group("key") == self._key]
+
+    def legacy(self) -> list[Path]:
+        """Files written before spill files recorded their database (no target: replay needs ``--to``)."""
+        return [p for p in self._files() if (m := _NAME.match(p.name)) is None or m.group("key") is None]
 
     @staticmethod
     def read(path: Path) -> list[ReadableSpan]:
-        spans = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    spans.append(record_to_span(json.loads(line)))
-                except (ValueError, KeyError, TypeError, IndexError) as exc:
-                    raise ValueError(f"{path}:{number}: not a spill record ({exc})") from exc
-        return spans
+        """The spans of one spill file (raises :class:`SpillFileError`)."""
+        return read_spill(path).spans
 
-    def replay(self, write: Callable[[Sequence[ReadableSpan]], bool]) -> tuple[int, int]:
-        """Feed every pending file to ``write`` (True = stored); delete the stored ones.
+    def recover(self) -> int:
+        """Deal with ``.tmp`` files left by processes that died while writing them: a complete
+        one is renamed into place (replayed like any other), an incomplete one removed
+        (its spans had not been reported spilled). Returns how many were handled."""
+        if not self.directory.is_dir():
+            return 0
+        handled = 0
+        now = time.time()
+        for tmp in sorted(self.directory.glob("spill-*.tmp")):
+            final = tmp.with_name(tmp.name[: -len(".tmp")])
+            match = _NAME.match(final.name)
+            try:
+                age = now - tmp.stat().st_mtime
+            except OSError:
+                continue
+            pid = int(match.group("pid")) if match else -1
+            if pid == os.getpid() or (age < STALE_TMP_S and pid > 0 and _pid_alive(pid)):
+                continue  # possibly still being written
+            try:
+                read_spill(tmp)
+            except SpillFileError:
+                logger.warning("cmbagent_otel: removing incomplete spill file %s (its writer died mid-write)", tmp)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            else:
+                if match is None:
+                    continue
+                logger.info("cmbagent_otel: recovered complete spill file %s", final)
+                with contextlib.suppress(OSError):
+                    os.replace(tmp, final)
+            handled += 1
+        return handled
+
+    def replay(self, write: Callable[[Sequence[ReadableSpan]], bool | int], *, budget_s: float | None = None,
+               files: Sequence[Path] | None = None, on_rejected: Callable[[Path, int], None] | None = None,
+               ) -> tuple[int, int]:
+        """Feed pending files (or ``files``) to ``write``; delete the files it is done with.
+
+        ``write`` returns True (all stored), False (not now: stop here) or the number of
+        spans it stored when it dealt with the others itself (dropped them, with a log line).
 
         Returns ``(spans replayed, files left)``. Stops at the first file ``write`` refuses,
-        keeping it and the newer ones for the next attempt. A corrupt file is renamed to
-        ``*.bad`` and skipped, never deleted.
+        and, with ``budget_s``, before starting a file once that many seconds have passed,
+        keeping the rest for the next call. A corrupt file is renamed to ``*.bad`` and
+        skipped, never deleted; so is a file ``write`` refuses for good (it raised
+        :class:`PermanentFailure`) and a file some of whose spans the decoder refused (after
+        its other spans were written); ``on_rejected(path, count)`` is told of the spans
+        left out in those two cases.
         """
         replayed = 0
-        files = self.pending()
-        for index, path in enumerate(files):
+        todo = list(self.pending() if files is None else files)
+        started = time.monotonic()
+        for index, path in enumerate(todo):
+            if budget_s is not None and index and time.monotonic() - started >= budget_s:
+                return replayed, len(todo) - index
             try:
-                spans = self.read(path)
-            except (OSError, ValueError):
+                spill = read_spill(path)
+            except SpillFileError:
+                if not path.exists():
+                    continue  # replayed meanwhile by another process
                 logger.warning("cmbagent_otel: unreadable spill file %s kept as .bad", path, exc_info=True)
-                path.rename(path.with_name(path.name + ".bad"))
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".bad"))
                 continue
-            if not write(spans):
-                return replayed, len(files) - index
+            if self.target is not None and spill.target != self.target:
+                continue  # a key collision or a renamed file: not ours
+            try:
+                stored: bool | int = True if not spill.spans else write(spill.spans)
+            except PermanentFailure:
+                logger.warning("cmbagent_otel: spill file %s cannot be written (see the error above); kept as .bad",
+                               path)
+                if on_rejected is not None:
+                    on_rejected(path, len(spill.spans))
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".bad"))
+                continue
+            if stored is False:
+                return replayed, len(todo) - index
+            replayed += len(spill.spans) if stored is True else int(stored)
+            if spill.rejected:
+                logger.warning("cmbagent_otel: %d spans of spill file %s could not be decoded; kept as .bad",
+                               spill.rejected, path)
+                if on_rejected is not None:
+                    on_rejected(path, spill.rejected)
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".bad"))
+                continue
             path.unlink(missing_ok=True)
-            replayed += len(spans)
         return replayed, 0
 
     def __iter__(self) -> Iterator[Path]:

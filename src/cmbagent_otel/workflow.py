@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -29,12 +30,57 @@ from .redaction import truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+logger = logging.getLogger("cmbagent_otel")
+
 PLANNING_PHASES = frozenset({"planning", "hitl_planning"})
 
 
 def is_planning_phase(name: str) -> bool:
     """Planning phases: DAG node type ``planning``, order 0, a ``plan`` operation."""
     return name in PLANNING_PHASES or name.endswith("planning")
+
+
+def _text(value: Any) -> str | None:
+    """``value`` as plain text for a span, never raising: ``None`` stays ``None``; an object
+    whose ``str()`` raises becomes ``<unprintable TYPE>``. A ``str`` (or ``int``) subclass
+    becomes the plain value, so its own methods are never called again."""
+    if value is None or type(value) is str:
+        return value
+    try:
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int.__repr__(value)
+        return str(value)
+    except Exception:
+        logger.debug("cmbagent_otel: str() of a workflow argument raised", exc_info=True)
+        try:
+            return f"<unprintable {type(value).__qualname__}>"
+        except Exception:
+            return "<unprintable>"
+
+
+def _plain_value(value: Any) -> Any:
+    # str/int subclasses become their plain value (their own methods may raise later);
+    # other types go to the SDK, which drops what it cannot store
+    if type(value) in (str, int, bool, float) or not isinstance(value, (str, int)) or isinstance(value, bool):
+        return value
+    return str.__str__(value) if isinstance(value, str) else int.__int__(value)
+
+
+def _attributes(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A plain copy of user ``attributes`` (None when the mapping cannot be read)."""
+    if not value:
+        return None
+    try:
+        return {_text(k): _plain_value(v) for k, v in dict(value).items()}
+    except Exception:
+        logger.debug("cmbagent_otel: workflow attributes could not be read", exc_info=True)
+        return None
+
+
+def _plain_int(value: Any) -> int:
+    return int.__int__(value)  # an int subclass's own __int__/__format__ may raise
 
 
 class WorkflowNestingError(ValueError):
@@ -140,16 +186,18 @@ class workflow(_Block):
             name=name, mode=mode, session_id=session_id, task=task, agent=agent, model=model,
             work_dir=work_dir, task_id=task_id, max_redos=max_redos, attributes=attributes,
         )
-        self.name = name
-        self.mode = mode
-        self.session_id = session_id or semconv.DEFAULT_SESSION_ID
-        self.task = task
-        self.agent = agent
-        self.model = model
-        self.work_dir = work_dir
-        self.task_id = task_id
-        self.max_redos = max_redos
-        self.attributes = attributes
+        self.name = _text(name) or "workflow"
+        self.mode = _text(mode) or "one-shot"
+        self.session_id = _text(session_id) or semconv.DEFAULT_SESSION_ID
+        self.task = _text(task)
+        self.agent = _text(agent)
+        self.model = _text(model)
+        self.work_dir = _text(work_dir)
+        self.task_id = _text(task_id)
+        # a max_redos that is not an int cannot bound anything: unbounded, as with None
+        self.max_redos = (_plain_int(max_redos)
+                          if isinstance(max_redos, int) and not isinstance(max_redos, bool) else None)
+        self.attributes = _attributes(attributes)
         self._traced = None
         self.joined = False
 
@@ -206,11 +254,11 @@ class phase(_Block):
     """
 
     def __init__(self, name: str, *, agent: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not str.__len__(name):
             raise ValueError("phase name must be a non-empty string")
-        self.name = name
-        self.agent = agent
-        self.attributes = attributes
+        self.name: str = str.__str__(name)
+        self.agent = _text(agent)
+        self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> phase:
@@ -252,12 +300,12 @@ class step(_Block):
         agent: str | None = None,
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            raise ValueError(f"step number must be a positive int, got {number!r}")
-        self.number = number
-        self.goal = goal
-        self.agent = agent
-        self.attributes = attributes
+        if isinstance(number, bool) or not isinstance(number, int) or _plain_int(number) < 1:
+            raise ValueError(f"step number must be a positive int, got {_text(number)}")
+        self.number = _plain_int(number)
+        self.goal = _text(goal) or ""
+        self.agent = _text(agent)
+        self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> step:
@@ -265,7 +313,7 @@ class step(_Block):
 
     def set_summary(self, summary: str) -> None:
         """Record the step's outcome summary (``cmbagent.step.summary``)."""
-        self.set_attribute(semconv.STEP_SUMMARY, truncate(summary))
+        self.set_attribute(semconv.STEP_SUMMARY, truncate(_text(summary)))
 
     def _open(self, scope: Scope | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"step({self.number})", "a phase")
@@ -305,12 +353,12 @@ class redo(_Block):
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         for label, value in (("step", step), ("attempt", attempt)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"redo {label} must be a positive int, got {value!r}")
-        self.step = step
-        self.attempt = attempt
-        self.hypothesis = hypothesis
-        self.attributes = attributes
+            if isinstance(value, bool) or not isinstance(value, int) or _plain_int(value) < 1:
+                raise ValueError(f"redo {label} must be a positive int, got {_text(value)}")
+        self.step = _plain_int(step)
+        self.attempt = _plain_int(attempt)
+        self.hypothesis = _text(hypothesis)
+        self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> redo:

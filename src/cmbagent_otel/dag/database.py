@@ -7,14 +7,20 @@ URL precedence: explicit argument > ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
+import math
 import os
 import threading
+import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
@@ -25,6 +31,39 @@ DEFAULT_WORK_DIR = "~/.cmbagent-otel"
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
+PG_CONNECT_TIMEOUT_S = 10  # libpq's own default is to wait as long as the OS does
+# Credentials that may sit in a URL's query string; never written into a spill file.
+_SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey", "token", "auth_token", "api_key"})
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cmbagent_otel_db_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Bound every database wait inside the block to ``seconds`` from now (``None``: no bound).
+
+    Read when a connection is opened and when a transaction begins: SQLite's busy timeout,
+    PostgreSQL's ``connect_timeout``, ``lock_timeout`` and ``statement_timeout`` are set to
+    the time left (a nested block never extends an outer one).
+    """
+    if seconds is None:
+        yield
+        return
+    end = time.monotonic() + max(0.0, seconds)
+    outer = _deadline.get()
+    token = _deadline.set(end if outer is None else min(outer, end))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_left_ms() -> int | None:
+    """Milliseconds left before the current :func:`deadline` (0 when passed), or ``None``."""
+    end = _deadline.get()
+    if end is None:
+        return None
+    return max(0, int((end - time.monotonic()) * 1000))
 
 
 def sqlite_busy_timeout_ms() -> int:
@@ -74,12 +113,52 @@ def redacted(url: str) -> str:
         return "<invalid url>"
 
 
+def target_of(url: str | None = None) -> str:
+    """The database ``url`` names, without credentials: resolved, password and secret query
+    parameters removed, a SQLite file path made absolute. Two URLs of one database give the
+    same text, so it identifies where spilled spans belong."""
+    parsed = make_url(resolve_url(url))
+    query = {k: v for k, v in parsed.query.items() if k.lower() not in _SECRET_QUERY_KEYS}
+    # URL.set() cannot remove a password (None means "unchanged"): build the URL again
+    parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not parsed.database.startswith("file:"):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
+    return parsed.render_as_string(hide_password=False)
+
+
+def with_credentials(target: str, url: str | None) -> str:
+    """``target`` (from :func:`target_of`) with the password of ``url`` when ``url`` names the
+    same database; otherwise ``target`` itself (libpq still reads ``PGPASSWORD``/``~/.pgpass``)."""
+    if url is not None:
+        try:
+            if target_of(url) == target:
+                return resolve_url(url)
+        except BadDatabaseURL:
+            pass
+    return target
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite ``url`` (``None`` for PostgreSQL and in-memory databases)."""
+    parsed = make_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).expanduser()
+
+
+def _attempt_busy_ms(configured: int) -> int:
+    left = time_left_ms()
+    return configured if left is None else min(configured, left)
+
+
 def _sqlite_pragmas(foreign_keys: bool, busy_ms: int) -> Any:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         try:
+            cur.execute(f"PRAGMA busy_timeout={_attempt_busy_ms(busy_ms)}")
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA cache_size=-16384")
             cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
@@ -92,8 +171,38 @@ def _sqlite_pragmas(foreign_keys: bool, busy_ms: int) -> Any:
     return on_connect
 
 
-def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_begin(busy_ms: int) -> Any:
+    def on_begin(conn: Any) -> None:
+        # Each transaction waits for the write lock at most the time left before the
+        # caller's deadline (see ``deadline``); a pooled connection keeps its last value.
+        wait = _attempt_busy_ms(busy_ms)
+        info = conn.connection.info
+        if info.get("busy_ms") != wait:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={wait}")
+            info["busy_ms"] = wait
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return on_begin
+
+
+def _pg_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+    left = time_left_ms()
+    if left is not None:
+        # libpq counts whole seconds and treats 1 as 2
+        cparams["connect_timeout"] = max(2, math.ceil(left / 1000))
+    else:
+        cparams.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+
+
+def _pg_begin(conn: Any) -> None:
+    left = time_left_ms()
+    if left is None:
+        return
+    wait = max(1, left)  # 0 would mean "no timeout"
+    conn.exec_driver_sql(
+        "SELECT set_config('lock_timeout', %(w)s, true), set_config('statement_timeout', %(w)s, true)",
+        {"w": str(wait)},
+    )
 
 
 def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
@@ -111,9 +220,12 @@ def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
             poolclass=NullPool if db in (None, "", ":memory:") else None,
         )
         event.listen(engine, "connect", _sqlite_pragmas(foreign_keys, busy_ms))
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", _sqlite_begin(busy_ms))
         return engine
-    return create_engine(resolved, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(resolved, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    event.listen(engine, "do_connect", _pg_connect)
+    event.listen(engine, "begin", _pg_begin)
+    return engine
 
 
 # --- Alembic --------------------------------------------------------------------------
@@ -131,10 +243,42 @@ def alembic_config(url: str | None = None) -> Any:
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Upgrade the schema to ``revision`` (idempotent; a no-op at head)."""
+    """Upgrade the schema to ``revision`` (idempotent; a no-op at head).
+
+    On PostgreSQL concurrent upgrades of one database (several processes starting at
+    once) take turns on an advisory lock; on SQLite the migration's ``BEGIN IMMEDIATE``
+    already makes them take turns.
+    """
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    cfg = alembic_config(url)
+    with _migration_lock(cfg.attributes["url"]):
+        command.upgrade(cfg, revision)
+
+
+@contextlib.contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    key = int.from_bytes(hashlib.blake2b(f"cmbagent-otel migrate {target_of(url)}".encode(),
+                                         digest_size=8).digest(), "big", signed=True)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            # session-level lock, released below even when the migration fails
+            left = time_left_ms()
+            if left is not None:
+                conn.exec_driver_sql("SELECT set_config('lock_timeout', %(w)s, false)", {"w": str(max(1, left))})
+            conn.exec_driver_sql("SELECT pg_advisory_lock(%(k)s)", {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%(k)s)", {"k": key})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str | None = None, revision: str = "-1") -> None:
@@ -168,11 +312,26 @@ _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 
 
-def ensure_schema(url: str | None = None) -> None:
-    """Run ``upgrade head`` once per URL per process."""
+def ensure_schema(url: str | None = None, *, repair: bool = False) -> None:
+    """Run ``upgrade head`` once per URL per process.
+
+    ``repair``: the schema was found missing (a table is gone, or the SQLite file was
+    deleted and is created again): upgrade again, then create any table of the current
+    schema that is still missing (a database whose version table says head but lost a
+    table).
+    """
     resolved = resolve_url(url)
     with _migrate_lock:
-        if resolved in _migrated:
+        if resolved in _migrated and not repair:
             return
+        _migrated.discard(resolved)
         upgrade(resolved)
+        if repair:
+            from .schema import metadata
+
+            engine = make_engine(resolved)
+            try:
+                metadata.create_all(engine, checkfirst=True)
+            finally:
+                engine.dispose()
         _migrated.add(resolved)

@@ -9,6 +9,7 @@ the same rows. See ``docs/dag.md`` for the mapping tables.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import itertools
@@ -75,9 +76,15 @@ def node_db_id(run_id: str, short_id: str) -> str:
     return hashlib.md5(f"{run_id}:{short_id}".encode()).hexdigest()[:32]
 
 
+_ID128 = (1 << 128) - 1
+_ID64 = (1 << 64) - 1
+
+
 def event_db_id(trace_id: int, span_id: int) -> str:
-    """Deterministic 36-char event id: 80 bits of the trace id + the 64-bit span id."""
-    return f"{trace_id:032x}"[:20] + f"{span_id:016x}"
+    """Deterministic 32-char event id: base64url (no padding) of the whole 128-bit trace id
+    followed by the whole 64-bit span id, so distinct spans never share a row."""
+    raw = (trace_id & _ID128).to_bytes(16, "big") + (span_id & _ID64).to_bytes(8, "big")
+    return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
 def derived_uuid(*parts: str) -> str:

@@ -7,6 +7,8 @@ one (``dag_edges``, ``cost_records``, ``messages``) are diffed against what is s
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -36,13 +39,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .. import semconv as sc
 from .._jsontext import compact_encoder
 from . import schema
-from .database import ensure_schema, make_engine, redacted, resolve_url
+from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
+from .errors import Fault, classify
 from .mapping import (
     FOREIGN_TYPE,
     LLM_TYPE,
@@ -52,13 +54,14 @@ from .mapping import (
     MappedBatch,
     better_run,
     derive_run_rows,
+    event_db_id,
     map_spans,
 )
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
 T = {name: schema.metadata.tables[name] for name in schema.TABLE_ORDER}
-_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+_MAX_REPAIRS = 2  # reconnects / re-migrations within one write before it counts as unavailable
 
 
 COST_RECORDS_ENV = "CMBAGENT_OTEL_COST_RECORDS"
@@ -85,7 +88,8 @@ def resolve_cost_records(mode: str | None = None) -> str:
 
 
 class DatabaseUnavailable(RuntimeError):
-    """The database could not be reached or was busy; the batch may be retried later."""
+    """The database could not be reached, was busy, full, or lost its schema or file; the
+    batch may be retried later (classified by driver error codes, see :mod:`.errors`)."""
 
 
 @dataclass(frozen=True)
@@ -134,43 +138,111 @@ class DagWriter:
         self._engine = engine
         self._lock = threading.Lock()
         self._ready = False
+        self._repair = False
+        self._file = sqlite_file(self.url) if engine is None else None
+        self._file_id: tuple[int, int] | None = None
+        self._pid = os.getpid()
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine (created on first use)."""
+        """The SQLAlchemy engine (created on first use, and again in a forked child)."""
         with self._lock:
+            if self._engine is not None and self._pid != os.getpid():
+                # connections inherited from the parent process must not be used (nor closed) here
+                self._engine.dispose(close=False)
+                self._engine = None
             if self._engine is None:
                 self._engine = make_engine(self.url)
+                self._pid = os.getpid()
             return self._engine
 
     def _prepare(self) -> None:
         if self._ready:
             return
+        with self._lock:
+            repair, self._repair = self._repair, False
         if self._migrate:
-            ensure_schema(self.url)
+            try:
+                ensure_schema(self.url, repair=repair)
+            except BaseException:
+                with self._lock:
+                    self._repair = self._repair or repair
+                raise
+        if self._file is not None and self._file_id is None:
+            self._file_id = _identity(self._file)
         self._ready = True
 
-    def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan]) -> WriteResult:
+    def _reopen(self, why: str, *, repair: bool) -> None:
+        """Drop every connection and migrate again before the next write.
+
+        A SQLite file deleted or replaced under open connections keeps taking writes into
+        the old, unlinked inode: those connections must go, and the new file needs the schema.
+        """
+        with self._lock:
+            engine, self._engine = self._engine, None
+            self._ready = False
+            self._file_id = None
+            self._repair = self._repair or repair
+        logger.warning("cmbagent_otel: database %s %s; reconnecting%s", redacted(self.url), why,
+                       " and migrating again" if repair and self._migrate else "")
+        if engine is not None:
+            engine.dispose()
+        if self._file is not None and _identity(self._file) is None:
+            # WAL and shared-memory files of the deleted database must not meet the new one
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    Path(f"{self._file}{suffix}").unlink(missing_ok=True)
+
+    def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan], *,
+              timeout: float | None = None) -> WriteResult:
         """Write ``spans`` in one transaction.
 
-        Raises :class:`DatabaseUnavailable` on connection/operational errors (retryable);
-        other errors propagate.
+        ``timeout``: seconds this call may wait in total (for a lock, a connection, a
+        statement); ``None`` uses the engine's own limits. A SQLite file that was deleted or
+        replaced is detected before and after the transaction (its identity on disk), and a
+        missing schema is migrated again; both are retried here a couple of times. Raises
+        :class:`DatabaseUnavailable` for retryable faults (classified by driver error codes:
+        :func:`cmbagent_otel.dag.errors.classify`); other errors propagate.
         """
         spans = list(spans)
         if not spans:
             return WriteResult(0, 0)
         batch = map_spans(spans)
-        try:
-            self._prepare()
-            with self.engine.begin() as conn:
-                _write_batch(conn, batch, costs=self.cost_records != "off")
-        except _UNAVAILABLE as exc:
-            raise DatabaseUnavailable(f"database {redacted(self.url)} unavailable: {exc.orig or exc}") from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise DatabaseUnavailable(f"database {redacted(self.url)} connection lost: {exc}") from exc
-            raise
-        return WriteResult(len(spans), len(batch.runs))
+        with deadline(timeout):
+            for attempt in range(_MAX_REPAIRS + 1):
+                last = attempt == _MAX_REPAIRS
+                try:
+                    stored = self._attempt(batch)
+                except Exception as exc:
+                    fault = classify(exc)
+                    if fault is Fault.FATAL:
+                        raise
+                    if fault is Fault.REOPEN and not last:
+                        self._reopen("cannot be opened or was moved", repair=True)
+                        continue
+                    if fault is Fault.SCHEMA and self._migrate and not last:
+                        self._reopen(f"lost its schema ({_first_line(exc)})", repair=True)
+                        continue
+                    raise DatabaseUnavailable(
+                        f"database {redacted(self.url)} unavailable ({fault.value}): {_first_line(exc)}") from exc
+                if stored:
+                    return WriteResult(len(spans), len(batch.runs))
+            raise DatabaseUnavailable(f"database {redacted(self.url)}: its file keeps being replaced")
+
+    def _attempt(self, batch: MappedBatch) -> bool:
+        """One transaction; False when the SQLite file turned out to be replaced (nothing counted)."""
+        file = self._file
+        if file is not None and self._file_id is not None and _identity(file) != self._file_id:
+            self._reopen(f"file {file} was deleted or replaced", repair=True)
+        self._prepare()
+        expected = self._file_id
+        with self.engine.begin() as conn:
+            _write_batch(conn, batch, costs=self.cost_records != "off")
+        if file is not None and expected is not None and _identity(file) != expected:
+            # committed into a file that is no longer the database: write it again
+            self._reopen(f"file {file} was deleted or replaced during a write", repair=True)
+            return False
+        return True
 
     def close(self) -> None:
         """Dispose of the engine's connections (idempotent)."""
@@ -178,6 +250,20 @@ class DagWriter:
             engine, self._engine = self._engine, None
         if engine is not None:
             engine.dispose()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return (str(orig if orig is not None else exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # --- statements -----------------------------------------------------------------------------
@@ -338,7 +424,27 @@ def parents_first(rows: Mapping[str, Mapping[str, Any]], parent_key: str) -> lis
     return ordered
 
 
+def _lock_key(run_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"cmbagent-otel run {run_id}".encode(), digest_size=8).digest(),
+                          "big", signed=True)
+
+
+def _lock_runs(conn: Connection, batch: MappedBatch) -> None:
+    """PostgreSQL: writers of the same run take turns (transaction-scoped advisory locks,
+    taken in one sorted order so two batches never wait on each other in a cycle).
+
+    Rows derived from a run's whole node set (edges, costs, messages are diffed against
+    what is stored) would otherwise race between processes or ingest threads writing spans
+    of one run at the same time. SQLite's ``BEGIN IMMEDIATE`` already serialises writers.
+    """
+    if conn.dialect.name != "postgresql" or not batch.runs:
+        return
+    keys = sorted({_lock_key(run_id) for run_id in batch.runs})
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
+
+
 def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) -> None:
+    _lock_runs(conn, batch)
     _write_sessions(conn, batch)
     _write_runs(conn, batch)
     _upsert(conn, T["dag_nodes"], list(batch.node_placeholders.values()), replace=False)
@@ -351,9 +457,27 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     _write_messages(conn, batch.messages)
     if batch.dag_runs or batch.rollup_runs:
         _write_derived(conn, sorted(batch.dag_runs | batch.rollup_runs), costs=costs)
+    if conn.dialect.name == "postgresql":
+        _touch_sessions(conn, batch)
 
 
 def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
+    """Create missing session rows; extend the active range of existing ones.
+
+    On PostgreSQL the range update runs last (``_touch_sessions``): it locks the session
+    row until commit, and every writer of the session needs that row, so holding it for
+    the whole transaction would make them wait for each other's entire batch.
+    """
+    if not batch.sessions:
+        return
+    if conn.dialect.name == "postgresql":
+        stmt = _insert(conn, T["sessions"]).on_conflict_do_nothing(index_elements=["id"])
+        conn.execute(stmt, [batch.sessions[k] for k in sorted(batch.sessions)])
+        return
+    _touch_sessions(conn, batch)
+
+
+def _touch_sessions(conn: Connection, batch: MappedBatch) -> None:
     if not batch.sessions:
         return
     table = T["sessions"]
@@ -364,28 +488,55 @@ def _write_sessions(conn: Connection, batch: MappedBatch) -> None:
         "last_active_at": case((ins.excluded.last_active_at > table.c.last_active_at, ins.excluded.last_active_at),
                                else_=table.c.last_active_at),
     })
-    conn.execute(stmt, list(batch.sessions.values()))
+    conn.execute(stmt, [batch.sessions[k] for k in sorted(batch.sessions)])
+
+
+def _insert_new(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id``: the ids of ``rows`` this call
+    created. Rows another writer created first are left alone, never a unique violation."""
+    if not rows:
+        return set()
+    stmt = _insert(conn, table).on_conflict_do_nothing(index_elements=["id"]).returning(table.c.id)
+    return set(conn.execute(stmt, list(rows)).scalars())
+
+
+def _locked_select(conn: Connection, query: Any) -> Any:
+    """``query`` taking row locks on PostgreSQL (SQLite's write transaction already excludes others)."""
+    return query.with_for_update() if conn.dialect.name == "postgresql" else query
 
 
 def _write_runs(conn: Connection, batch: MappedBatch) -> None:
     table = T["workflow_runs"]
-    ids = list(batch.runs)
-    existing = {r.id: r for r in conn.execute(
-        select(table.c.id, table.c.meta, table.c.started_at).where(table.c.id.in_(ids)))}
-    inserts = []
-    for run_id, cand in batch.runs.items():
-        old = existing.get(run_id)
+    ids = sorted(batch.runs)
+    created = _insert_new(conn, table, [batch.runs[run_id].row for run_id in ids])
+    rest = [run_id for run_id in ids if run_id not in created]
+    if not rest:
+        return
+    existing = {r.id: r for r in conn.execute(_locked_select(conn, select(
+        table.c.id, table.c.meta, table.c.started_at).where(table.c.id.in_(rest))))}
+    for run_id in rest:
+        old, cand = existing.get(run_id), batch.runs[run_id]
         if old is None:
-            inserts.append(cand.row)
-            continue
+            continue  # deleted by someone else since the insert: nothing to compare with
         old_meta = decode_json(old.meta) or {}
         old_rank = RANK_BY_NAME.get(old_meta.get("otel_source"), 99)
         old_row = {"started_at": _naive(old.started_at), "meta": old_meta}
         if better_run(cand.rank, cand.row, old_rank, old_row):
             values = {k: v for k, v in cand.row.items() if k != "id"}
             conn.execute(update(table).where(table.c.id == run_id).values(**values))
-    if inserts:
-        conn.execute(table.insert(), inserts)
+
+
+def _parent_event_id(meta: Any) -> str | None:
+    """The event id of a foreign event's parent span, from the full trace and parent span ids in its meta."""
+    if not isinstance(meta, dict):
+        return None
+    trace_hex, parent_hex = meta.get("trace_id"), meta.get("parent_span_id")
+    if not trace_hex or not parent_hex:
+        return None
+    try:
+        return event_db_id(int(trace_hex, 16), int(parent_hex, 16))
+    except (TypeError, ValueError):
+        return None
 
 
 def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
@@ -399,9 +550,7 @@ def _repair_foreign(conn: Connection, run_ids: set[str]) -> None:
         return
     candidates: dict[str, str | None] = {}
     for row in foreign:
-        meta = decode_json(row.meta) or {}
-        parent_span = meta.get("parent_span_id")
-        candidates[row.id] = row.id[:20] + parent_span if parent_span else None
+        candidates[row.id] = _parent_event_id(decode_json(row.meta))
     wanted = {c for c in candidates.values() if c}
     known: dict[str, tuple[int, int, str | None]] = {}
     if wanted:
@@ -598,7 +747,7 @@ def _write_derived(conn: Connection, run_ids: Sequence[str], *, costs: bool = Tr
     _name_code_events(conn, run_ids)
     if costs:
         _write_cost_records(conn, wanted_costs)
-    for state in states.values():
+    for _, state in sorted(states.items()):
         _write_session_state(conn, state)
 
 
@@ -668,9 +817,11 @@ def _state_key(row: Mapping[str, Any]) -> tuple[datetime, str]:
 
 def _write_session_state(conn: Connection, row: dict[str, Any]) -> None:
     table = T["session_states"]
-    old = conn.execute(select(table.c.updated_at, table.c.context_variables).where(table.c.id == row["id"])).first()
+    if _insert_new(conn, table, [row]):
+        return
+    old = conn.execute(_locked_select(conn, select(table.c.updated_at, table.c.context_variables).where(
+        table.c.id == row["id"]))).first()
     if old is None:
-        conn.execute(table.insert(), [row])
         return
     old_key = _state_key({"updated_at": old.updated_at, "context_variables": decode_json(old.context_variables)})
     if _state_key(row) >= old_key:

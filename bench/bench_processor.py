@@ -1,0 +1,134 @@
+"""What the application thread pays per span: the SDK's BatchSpanProcessor vs ours.
+
+Every variant starts and ends the same spans (11 attributes each, like ours' mean) on the
+measuring thread; the CPU time of that thread (time.thread_time) per span is reported as
+median and IQR over interleaved repetitions in one process.
+
+* **normal path** (the queue never fills: the exporter keeps up): SDK ``BatchSpanProcessor``
+  vs ``DurableBatchSpanProcessor``, both in front of an exporter that discards;
+* **full queue** (the exporter is stuck, as on a locked database): the SDK drops the span;
+  ours hands the oldest batch to ``DagSpanExporter.spill_overflow`` (OTLP encoding and one
+  fsynced spill file per batch, in the application thread) — the price of not losing it.
+
+    python bench/bench_processor.py               # 20k spans per repetition, 7 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+ATTRS = {f"cmbagent.attr.{i}": f"value {i}" for i in range(8)}
+ATTRS.update({"gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 3, "cmbagent.execution_order": 1})
+
+
+class Discard(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class Stuck(SpanExporter):
+    """Blocks every export until released: the queue fills and stays full."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.release.wait()
+        return SpanExportResult.SUCCESS
+
+
+def measure(make_processor: Callable[[], tuple[Any, Callable[[], None]]], spans: int) -> float:
+    """CPU seconds of this thread per span, starting and ending ``spans`` spans."""
+    processor, release = make_processor()
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("bench")
+    for _ in range(200):  # warm-up
+        tracer.start_span("warm", attributes=ATTRS).end()
+    start = time.thread_time()
+    for _ in range(spans):
+        tracer.start_span("chat m", attributes=ATTRS).end()
+    elapsed = time.thread_time() - start
+    release()
+    provider.shutdown()
+    return elapsed / spans
+
+
+def normal(make: Callable[[SpanExporter], Any]) -> Callable[[], tuple[Any, Callable[[], None]]]:
+    return lambda: (make(Discard()), lambda: None)
+
+
+def stuck_sdk() -> tuple[Any, Callable[[], None]]:
+    exporter = Stuck()
+    return BatchSpanProcessor(exporter), exporter.release.set
+
+
+def stuck_ours(tmp: str) -> Callable[[], tuple[Any, Callable[[], None]]]:
+    def make() -> tuple[Any, Callable[[], None]]:
+        from cmbagent_otel.exporters.dag import DagSpanExporter
+
+        from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+        class StuckDag(DagSpanExporter):
+            """The real spill path; export blocks like a database that never answers."""
+
+            def __init__(self) -> None:
+                super().__init__(f"sqlite:///{tmp}/never.db", spill_dir=f"{tmp}/spill", spill=True)
+                self.release = threading.Event()
+
+            def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+                self.release.wait()
+                return SpanExportResult.SUCCESS
+
+            def force_flush(self, timeout_millis: int = 30000) -> bool:
+                return True  # the bench measures the spilling, not the replay
+
+        exporter = StuckDag()
+        return DurableBatchSpanProcessor(exporter, schedule_delay_millis=5000), exporter.release.set
+
+    return make
+
+
+def summary(values: list[float]) -> str:
+    us = sorted(v * 1e6 for v in values)
+    q1, _, q3 = statistics.quantiles(us, n=4, method="inclusive")
+    return f"{statistics.median(us):7.1f} us  (IQR {q1:.1f}-{q3:.1f})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spans", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args(argv)
+    from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+    with tempfile.TemporaryDirectory(prefix="cmbagent-otel-bench-") as tmp:
+        variants: dict[str, Callable[[], tuple[Any, Callable[[], None]]]] = {
+            "normal: SDK BatchSpanProcessor": normal(BatchSpanProcessor),
+            "normal: DurableBatchSpanProcessor": normal(DurableBatchSpanProcessor),
+            "full queue: SDK (drops)": stuck_sdk,
+            "full queue: ours (spills)": stuck_ours(tmp),
+        }
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        for rep in range(args.repeat):
+            order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+            for name in order:
+                results[name].append(measure(variants[name], args.spans))
+    print(f"{args.spans} spans per repetition, {args.repeat} repetitions interleaved; "
+          "CPU time of the application thread per span (start + end)")
+    for name, values in results.items():
+        print(f"{name:<36}{summary(values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Shared pieces of the fault-injection suite: databases, the child app, the independent record."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from cmbagent_otel.dag.mapping import run_id_of
+from cmbagent_otel.dag.writer import DagWriter, decode_json, dump_tables
+from cmbagent_otel.spill import record_to_span
+
+APP = Path(__file__).with_name("app.py")
+PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
+
+
+def pg_base() -> str:
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
+    return base
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A URL whose connections use a fresh schema of the test PostgreSQL (dropped afterwards)."""
+    base = pg_base()
+    schema = f"f_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_schema() as url:
+        yield url
+
+
+def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return dump_tables(conn)
+    finally:
+        engine.dispose()
+
+
+def reference(spans: Sequence[ReadableSpan], url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The tables one direct write of ``spans`` into the empty database ``url`` gives."""
+    writer = DagWriter(url)
+    try:
+        writer.write(spans)
+    finally:
+        writer.close()
+    return dump(url)
+
+
+def read_record(path: Path | str) -> tuple[list[ReadableSpan], list[int]]:
+    """Spans in a record file (see app.py) and, per ``flushed`` marker, how many spans preceded it."""
+    spans: list[ReadableSpan] = []
+    marks: list[int] = []
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if "flushed" in record:
+            marks.append(len(spans))
+        else:
+            spans.append(record_to_span(record))
+    return spans, marks
+
+
+def span_key(span: ReadableSpan) -> tuple[str, str]:
+    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
+
+
+def stored_spans(url: str) -> Counter[tuple[str, str]]:
+    """(trace id, span id) of every span stored in ``url``, counted once per row that stores it:
+    the workflow span's run row, node rows (DAG-node spans) and event rows (all other spans)."""
+    found: Counter[tuple[str, str]] = Counter()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for meta, in conn.execute(text("SELECT meta FROM execution_events")):
+                meta = decode_json(meta) or {}
+                if meta.get("span_id"):
+                    found[(meta["trace_id"], meta["span_id"])] += 1
+            for run_id, meta in conn.execute(text("SELECT run_id, meta FROM dag_nodes")):
+                meta = decode_json(meta) or {}
+                if meta.get("span_id") and not meta.get("derived"):
+                    found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
+            for run_id, meta in conn.execute(text("SELECT id, meta FROM workflow_runs")):
+                meta = decode_json(meta) or {}
+                if meta.get("otel_source") == "workflow":
+                    found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
+    finally:
+        engine.dispose()
+    return found
+
+
+def expected_keys(spans: Sequence[ReadableSpan]) -> Counter[tuple[str, str]]:
+    assert all(run_id_of(s.context.trace_id) for s in spans)
+    return Counter(span_key(s) for s in spans)
+
+
+def spawn(db_url: str, spill_dir: Path, record: str, **settings: Any) -> subprocess.Popen[str]:
+    """Start app.py; ``settings`` become ``FAULT_<NAME>`` variables."""
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
+    env.update({f"FAULT_{k.upper()}": str(v) for k, v in settings.items()})
+    return subprocess.Popen([sys.executable, str(APP), db_url, str(spill_dir), record], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("cmbagent-otel")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, check=False)
