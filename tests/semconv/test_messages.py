@@ -99,3 +99,16 @@ def test_dag_messages_rows_keep_sender_recipient_and_content(tmp_path):
     # as before); the system prompt is an instruction (gen_ai.system_instructions), not a message row
     assert sorted(by_span["chat scripted"]) == [("alice", "user", "hello bob"), ("bob", "alice", "tell me")]
     assert set(by_span) == {"chat scripted"}  # the conversation and agent turns are DAG nodes here, not events
+
+
+def test_history_rendered_again_reflects_changes_and_later_secrets():
+    from cmbagent_otel.redaction import register_secret
+
+    history = [{"role": "user", "content": "first text with tok-7a1c93e5d2", "name": "bob"},
+               {"role": "assistant", "content": "second"}]
+    first, _ = _messages.render(history, 4096, convert=_messages.message)
+    assert "tok-7a1c93e5d2" in first
+    history[1]["content"] = "second, edited"  # AG2 replaced the content: rendered anew
+    register_secret("tok-7a1c93e5d2")  # learned after the first rendering
+    again, _ = _messages.render(history, 4096, convert=_messages.message)
+    assert "second, edited" in again and "tok-7a1c93e5d2" not in again and "[REDACTED]" in again

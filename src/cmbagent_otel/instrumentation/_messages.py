@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._jsontext import compact_encoder
@@ -233,13 +235,42 @@ def _fit(item: Any, budget: int) -> str | None:
     return None
 
 
-def _render(items: Sequence[Any], budget: int) -> tuple[str, int]:
+# JSON pieces of AG2 messages already rendered, by the message dict's identity: AG2 keeps the
+# same dicts in an agent's history, so each call renders only what is new. A piece made before a
+# secret was learned is still caught by the redaction of the whole text in render().
+_PIECES_MAX = 512  # with pieces of at most _PIECE_CHARS: a few MiB at most
+_PIECE_CHARS = 8192
+_pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str]] = OrderedDict()
+_pieces_lock = threading.Lock()
+
+
+def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
+    """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged."""
+    if convert is None or type(raw) is not dict:
+        clean = scrub(raw if convert is None else convert(raw))
+        return clean, _dumps(clean)
+    key = id(raw)
+    hit = _pieces.get(key)
+    content, calls = raw.get("content"), raw.get("tool_calls")
+    if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls:
+        return hit[3], hit[4]
+    clean = scrub(convert(raw))
+    piece = _dumps(clean)
+    if len(piece) > _PIECE_CHARS:
+        return clean, piece
+    with _pieces_lock:
+        _pieces[key] = (raw, content, calls, clean, piece)
+        if len(_pieces) > _PIECES_MAX:
+            _pieces.popitem(last=False)
+    return clean, piece
+
+
+def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[str, int]:
     kept: list[str] = []
     size = 2  # the brackets
     index = len(items) - 1
     while index >= 0:
-        clean = scrub(items[index])
-        piece = _dumps(clean)
+        clean, piece = _piece(items[index], convert)
         extra = len(piece) + (2 if kept else 0)
         if size + extra > budget:
             room = budget - size - (2 if kept else 0)
@@ -259,13 +290,18 @@ def _render(items: Sequence[Any], budget: int) -> tuple[str, int]:
     return "[" + ", ".join(kept) + "]", dropped
 
 
-def render(items: Sequence[Any], bound: int | None = None) -> tuple[str, int]:
+def render(items: Sequence[Any], bound: int | None = None,
+           convert: Callable[[Any], Any] | None = None) -> tuple[str, int]:
     """(JSON text of ``items``, number of items left out), redacted, at most ``bound`` characters
-    (default: the attribute bound) and always valid JSON; newest (last) items kept first."""
+    (default: the attribute bound) and always valid JSON; newest (last) items kept first.
+
+    ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
+    items that are kept.
+    """
     bound = bound or max_length()
     budget = bound
     for _ in range(3):
-        text, dropped = _render(items, budget)
+        text, dropped = _render(items, budget, convert)
         final = redact(text) or "[]"
         if final != text:
             # a secret replaced by the marker can change the length; the marker never breaks

@@ -92,18 +92,20 @@ def server_of(config: Mapping[str, Any], provider: str, base_url: Any = None) ->
 class ConfigInfo:
     """The static facts of one config entry."""
 
-    __slots__ = ("attributes", "config", "model", "provider")
+    __slots__ = ("attributes", "call_attributes", "config", "model", "provider")
 
     def __init__(self, config: Mapping[str, Any], base_url: str | None = None) -> None:
         self.config = config  # held so its id is not reused while cached
         self.provider = provider_name(config)
         model = config.get("model")
         self.model = str(model) if model else None
-        attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider, semconv.GEN_AI_SYSTEM: self.provider}
+        attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider}
         server = server_of(config, self.provider, base_url)
         if server is not None:
             attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = server
-        self.attributes = attrs
+        self.attributes = attrs  # invoke_agent and chat
+        # model calls also carry the deprecated gen_ai.system, still read by some backends
+        self.call_attributes = {**attrs, semconv.GEN_AI_SYSTEM: self.provider}
 
 
 _INFO_MAX = 256

@@ -411,7 +411,7 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
             messages = None
     if not isinstance(messages, (list, tuple)) or not messages:
         return None
-    return _messages.render([_messages.message(m) for m in messages])[0]
+    return _messages.render(messages, convert=_messages.message)[0]
 
 
 def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
@@ -497,7 +497,7 @@ def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
     first = _models.first_config(instance) or {}
     info = _models.config_info(first, instance)
     model = kwargs.get("model") or info.model or "unknown"
-    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.attributes,
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
                              semconv.GEN_AI_REQUEST_MODEL: str(model)}
     agent = kwargs.get("agent")
     if agent is not None:
@@ -528,7 +528,7 @@ def _model_input(messages: Any) -> tuple[dict[str, str], int]:
         if system:
             found[semconv.GEN_AI_SYSTEM_INSTRUCTIONS] = _messages.render(system)[0]
         if rest:
-            text, dropped = _messages.render([_messages.message(m) for m in rest])
+            text, dropped = _messages.render(rest, convert=_messages.message)
             found[semconv.GEN_AI_INPUT_MESSAGES] = text
     return found, dropped
 
