@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 import cmbagent_otel
-from cmbagent_otel import _spans
+from cmbagent_otel._spans import workflow_tracers
 
 
 class SpanCapture:
@@ -84,11 +84,10 @@ def _isolated_spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 def capture() -> Iterator[SpanCapture]:
     """Routes cmbagent-otel's workflow spans to an in-memory exporter (no AG2 patching)."""
     cap = SpanCapture()
-    _spans.set_tracer_provider(cap.provider)
     try:
-        yield cap
+        with workflow_tracers.routed_to(cap.provider):
+            yield cap
     finally:
-        _spans.set_tracer_provider(None)
         cap.provider.shutdown()
 
 
@@ -109,11 +108,10 @@ def provider() -> Iterator[TracerProvider]:
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.memory = exporter  # type: ignore[attr-defined]
-    _spans.set_tracer_provider(provider)
     try:
-        yield provider
+        with workflow_tracers.routed_to(provider):
+            yield provider
     finally:
-        _spans.set_tracer_provider(None)
         provider.shutdown()
 
 

@@ -190,8 +190,10 @@ class Setting:
         return str(value)
 
 
-_ON = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
-_OFF_VALUES = frozenset({"false", "0", "no", "off", "no_content", ""})
+_CONTENT_MODES = ("no_content", "span_only", "event_only", "span_and_event")
+_CONTENT_ALIASES = {"true": "span_only", "1": "span_only", "yes": "span_only", "on": "span_only",
+                    "false": "no_content", "0": "no_content", "no": "no_content", "off": "no_content",
+                    "": "no_content"}
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # where runs are stored
@@ -220,9 +222,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(BSP_MAX_EXPORT_BATCH_SIZE, 512, "Most spans per DAG batch", _number(int, 1),
             also=("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",)),
     # what spans carry
-    Setting(CAPTURE_MESSAGE_CONTENT, False,
-            "Record message content (prompts, replies, tool arguments): `true`/`span_only`/`span_and_event` on, "
-            "`false`/`no_content` off", _boolean(_ON, _OFF_VALUES)),
+    Setting(CAPTURE_MESSAGE_CONTENT, "no_content",
+            "Where message content (prompts, replies, tool arguments) goes: `span_only` (or `true`) on spans, "
+            "`event_only` in GenAI content log events, `span_and_event` both, `no_content` (or `false`) nowhere",
+            _choice(*_CONTENT_MODES, aliases=_CONTENT_ALIASES)),
     Setting(MAX_ATTRIBUTE_LENGTH, 4096, "Longest attribute value kept (longer ones are cut and marked)",
             _number(int, 1)),
     # which exporters instrument() builds

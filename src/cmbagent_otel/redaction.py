@@ -28,6 +28,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from . import environment_variables
@@ -483,6 +484,17 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
                 return prefix
             check_at = size * 2  # redaction shrank it below the bound: look again further on
     return redact("[" + ", ".join(parts) + "]") or ""
+
+
+def learn_secrets_ahead(values: Iterable[Any]) -> None:
+    """Learn what :func:`scrub` and :func:`redact` would learn from ``values`` without copying
+    them: for items left out of a bounded rendering, so a secret they state is still redacted
+    where it appears in the items kept. Never raises."""
+    with contextlib.suppress(Exception):
+        memo = _scrub_cache.entries()
+        for value in values:
+            if value is not None and not isinstance(value, (bool, int, float)):
+                _learn_ahead(value, 1, memo)
 
 
 def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:

@@ -42,6 +42,11 @@ logger = logging.getLogger("cmbagent_otel")
 PLANNING_PHASES = frozenset({"planning", "hitl_planning"})
 
 
+def is_planning_phase(name: str) -> bool:
+    """Planning phases: DAG node type ``planning``, order 0, a ``plan`` operation."""
+    return name in PLANNING_PHASES or name.endswith("planning")
+
+
 def _text(value: Any) -> str | None:
     """``value`` as plain text for a span, never raising: ``None`` stays ``None``; an object
     whose ``str()`` raises becomes ``<unprintable TYPE>``. A ``str`` (or ``int``) subclass
@@ -398,6 +403,8 @@ class workflow(_Block):
         if parent is not None and parent.in_workflow:
             return None
         attrs: dict[str, Any] = {
+            semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
+            semconv.GEN_AI_WORKFLOW_NAME: self.name,
             semconv.WORKFLOW_NAME: self.name,
             semconv.WORKFLOW_MODE: self.mode,
         }
@@ -435,17 +442,20 @@ class phase(_Block):
     ``1000 + <1-based position of the phase in the run>`` (never a step number). The first
     ``one_shot`` phase of a run is cmbagent's fixed-pipeline ``execute`` node (node type
     ``agent``, order index 1, between the derived ``init`` and ``terminator`` nodes).
+    ``agent``: the agent that runs the phase (for a planning phase, the planner: the
+    ``plan`` span's ``gen_ai.agent.name``).
     """
 
-    def __init__(self, name: str, *, attributes: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str, *, agent: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
         if not isinstance(name, str) or not str.__len__(name):
             raise ValueError("phase name must be a non-empty string")
         self.name: str = str.__str__(name)
+        self.agent = _text(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> phase:
-        return phase(self.name, attributes=self.attributes)
+        return phase(self.name, agent=self.agent, attributes=self.attributes)
 
     def _open(self, scope: Scope | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"phase({self.name!r})", "a workflow")
@@ -454,10 +464,12 @@ class phase(_Block):
                 f"phase({self.name!r}) opened inside phase({scope.phase!r}); phases do not nest"
             )
         index = scope.run.next_phase_index()
-        planning = self.name in PLANNING_PHASES or self.name.endswith("planning")
+        planning = is_planning_phase(self.name)
         attrs: dict[str, Any] = {semconv.PHASE: self.name, semconv.PHASE_INDEX: index}
         if planning:
             attrs[semconv.GEN_AI_OPERATION_NAME] = semconv.OP_PLAN
+        if self.agent:
+            attrs[semconv.GEN_AI_AGENT_NAME] = self.agent
         if self.attributes:
             attrs.update(self.attributes)
         if planning:

@@ -124,7 +124,7 @@ def test_consumers_fall_back_instead_of_failing(monkeypatch: pytest.MonkeyPatch,
     from cmbagent_otel.exporters.dag import DagSpanExporter
 
     from cmbagent_otel.ingest import IngestServer
-    from cmbagent_otel.instrumentation._content import capture_from_env
+    from cmbagent_otel.instrumentation._content import ContentMode, capture_from_env
     from cmbagent_otel.provider import exporter_names
     from cmbagent_otel.redaction import max_length
 
@@ -137,7 +137,7 @@ def test_consumers_fall_back_instead_of_failing(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(env.TRACES_EXPORTER, "console,zipkin-typo")
     assert exporter_names() == ["cmbagent_dag"]
     monkeypatch.setenv(env.CAPTURE_MESSAGE_CONTENT, "sometimes")
-    assert capture_from_env() is False
+    assert capture_from_env() is ContentMode.NO_CONTENT
     monkeypatch.setenv(env.MAX_ATTRIBUTE_LENGTH, "-5")
     assert max_length() == 4096
     monkeypatch.setenv(env.EXPORT_TIMEOUT, "a while")

@@ -47,11 +47,10 @@ def traced(exporter: DagSpanExporter, **settings: int) -> Iterator[
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(record))
     provider.add_span_processor(processor)
-    _spans.set_tracer_provider(provider)
     try:
-        yield provider, record, processor
+        with _spans.workflow_tracers.routed_to(provider):
+            yield provider, record, processor
     finally:
-        _spans.set_tracer_provider(None)
         provider.shutdown()  # drains the queue and replays what was spilled
 
 

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
-from cmbagent_otel import _spans, redaction, semconv
+from cmbagent_otel import redaction, semconv
 from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient
 
 from .conftest import group_chat, needs_custom_client
@@ -83,7 +83,6 @@ def sink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Sink]:
     s = Sink(tmp_path)
     yield s
     cmbagent_otel.uninstrument()
-    _spans.set_tracer_provider(None)
     s.provider.shutdown()
 
 
@@ -469,7 +468,6 @@ def test_tool_password_never_leaks_on_any_path(tmp_path: Path, caplog: pytest.Lo
         login_chat(marker, nested)
     finally:
         cmbagent_otel.uninstrument()
-        _spans.set_tracer_provider(None)
         provider.shutdown()
         receiver.stop()
         ingest.stop()
