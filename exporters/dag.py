@@ -29,14 +29,8 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from cmbagent_otel.dag.database import (
-    BadDatabaseURL,
-    default_sqlite_path,
-    prepare_in_background,
-    redacted,
-    resolve_url,
-    target_of,
-)
+from cmbagent_otel import environment_variables
+from cmbagent_otel.dag.database import BadDatabaseURL, prepare_in_background, redacted, resolve_url, target_of
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
 
@@ -60,19 +54,13 @@ def default_spill_dir() -> str:
     Several databases may share it: every spill file records its database, and each
     exporter replays only its own database's files.
     """
-    return os.environ.get(SPILL_DIR_ENV) or str(default_sqlite_path().parent.parent / "spill")
+    return str(environment_variables.get(SPILL_DIR_ENV))
 
 
 def _timeout(value: float | None) -> float:
     if value is not None:
         return float(value)
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw:
-        try:
-            return float(raw)
-        except ValueError:
-            logger.warning("cmbagent_otel: ignoring invalid %s=%r", TIMEOUT_ENV, raw)
-    return DEFAULT_TIMEOUT_S
+    return float(environment_variables.get(TIMEOUT_ENV))
 
 
 class _Throttled:

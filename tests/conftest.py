@@ -1,16 +1,30 @@
-"""Fixtures shared by every test package: an SDK provider with an in-memory exporter."""
+"""Fixtures shared by every test package.
+
+Convention: each folder under ``tests/`` is a package named after the part it tests (its
+helpers are modules imported relatively, or from its own ``conftest.py``); what several
+folders need lives here: ``capture`` / ``instrumented`` (cmbagent-otel's spans in memory),
+``provider`` (the same as a bare SDK provider with ``.memory``), ``sqlite_url``, ``pg_url``,
+``pg_schema`` (a factory of fresh PostgreSQL schemas) and ``db_url`` (each test once per
+backend). PostgreSQL tests skip unless ``CMBAGENT_OTEL_TEST_PG_URL`` names a server.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 import cmbagent_otel
-from cmbagent_otel import _spans
+from cmbagent_otel._spans import workflow_tracers
 
 
 class SpanCapture:
@@ -70,11 +84,10 @@ def _isolated_spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 def capture() -> Iterator[SpanCapture]:
     """Routes cmbagent-otel's workflow spans to an in-memory exporter (no AG2 patching)."""
     cap = SpanCapture()
-    _spans.set_tracer_provider(cap.provider)
     try:
-        yield cap
+        with workflow_tracers.routed_to(cap.provider):
+            yield cap
     finally:
-        _spans.set_tracer_provider(None)
         cap.provider.shutdown()
 
 
@@ -86,3 +99,69 @@ def instrumented(capture: SpanCapture) -> Iterator[SpanCapture]:
         yield capture
     finally:
         cmbagent_otel.uninstrument()
+
+
+@pytest.fixture
+def provider() -> Iterator[TracerProvider]:
+    """An SDK provider recording into ``provider.memory``; cmbagent-otel's spans go to it."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.memory = exporter  # type: ignore[attr-defined]
+    try:
+        with workflow_tracers.routed_to(provider):
+            yield provider
+    finally:
+        provider.shutdown()
+
+
+# --- databases ----------------------------------------------------------------------------------
+PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
+
+
+@contextlib.contextmanager
+def _fresh_schema() -> Iterator[str]:
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_schema() -> Callable[[], contextlib.AbstractContextManager[str]]:
+    """A factory: each ``with pg_schema() as url`` is a URL whose connections use a fresh schema
+    of the test PostgreSQL, dropped afterwards (the test skips when none is configured)."""
+    return _fresh_schema
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the test PostgreSQL, as a URL."""
+    with _fresh_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file in the test's tmp_path (not created)."""
+    return f"sqlite:///{tmp_path}/cmbagent.db"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL: a SQLite file, or a new schema on the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/cmbagent.db"
+        return
+    with _fresh_schema() as url:
+        yield url

@@ -112,7 +112,7 @@ while True:
 print(run_id)
 PY
 )"
-"$py" -m cmbagent_otel.commands --db "$db" dag "$run_id"
+"$py" -m cmbagent_otel.cli --db "$db" dag "$run_id"
 echo "Jaeger UI: $query/trace/${run_id//-/}"
 if [ "${KEEP_RUNNING:-0}" = 1 ]; then
   echo "Jaeger and the ingest keep running; Ctrl-C stops them"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,29 +27,69 @@ from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
 
-_tracer_provider: trace.TracerProvider | None = None
-_tracer: Tracer | None = None
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
-def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
-    """Route cmbagent-otel's spans to ``provider`` (``None``: the global provider)."""
-    global _tracer_provider, _tracer
-    _tracer_provider = provider
-    _tracer = None
+def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -> Tracer:
+    """The tracer of one instrumentation scope (``semconv.SCOPE_*``) from ``provider`` (``None``: the global one).
+
+    A provider that fails to give one yields a no-op tracer: telemetry off, never an error in the app.
+    """
+    try:
+        return trace.get_tracer(scope_name, __version__, tracer_provider=provider, schema_url=SCHEMA_URL)
+    except Exception:
+        logger.warning("cmbagent_otel: the tracer provider failed to create a tracer; %s spans are off",
+                       scope_name, exc_info=True)
+        return trace.NoOpTracer()
 
 
-def get_tracer() -> Tracer:
-    global _tracer
-    tracer = _tracer
-    if tracer is None:
-        tracer = trace.get_tracer(
-            semconv.INSTRUMENTATION_NAME,
-            __version__,
-            tracer_provider=_tracer_provider,
-            schema_url="https://opentelemetry.io/schemas/1.37.0",
-        )
-        _tracer = tracer
-    return tracer
+class WorkflowTracers:
+    """Where the workflow API (``workflow``/``phase``/``step``/``redo``) starts its spans.
+
+    The workflow API is called by the application, not through a patched method, so it has
+    no instrumentor of its own: each active instrumentor that was given a provider (the AG2
+    and cmbagent instrumentors, through ``instrument(tracer_provider=...)``) binds one here
+    and releases it when uninstrumented; the latest binding still held wins, and with none
+    the global provider is used. Nothing outlives the instrumentors that bound it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bindings: list[tuple[object, Tracer]] = []
+        self._global: Tracer | None = None
+
+    def bind(self, provider: trace.TracerProvider) -> object:
+        """Route workflow spans to ``provider`` until :meth:`release` of the returned token."""
+        token = object()
+        tracer = make_tracer(semconv.SCOPE_WORKFLOW, provider)
+        with self._lock:
+            self._bindings = [*self._bindings, (token, tracer)]
+        return token
+
+    def release(self, token: object) -> None:
+        with self._lock:
+            self._bindings = [b for b in self._bindings if b[0] is not token]
+
+    def current(self) -> Tracer:
+        bindings = self._bindings  # replaced, never mutated: no lock needed to read
+        if bindings:
+            return bindings[-1][1]
+        tracer = self._global
+        if tracer is None:  # a proxy: follows the global provider once the application sets one
+            tracer = self._global = make_tracer(semconv.SCOPE_WORKFLOW)
+        return tracer
+
+    @contextlib.contextmanager
+    def routed_to(self, provider: trace.TracerProvider) -> Iterator[None]:
+        """Workflow spans go to ``provider`` inside the block (tests, embedding applications)."""
+        token = self.bind(provider)
+        try:
+            yield
+        finally:
+            self.release(token)
+
+
+workflow_tracers = WorkflowTracers()
 
 
 _INT32 = 2**31 - 1
@@ -92,6 +133,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         semconv.SPAN_KIND: kind,
         semconv.EXECUTION_ORDER: scope.run.next_order(),
         semconv.SESSION_ID: scope.run.session_id,
+        semconv.GENERIC_SESSION_ID: scope.run.session_id,
     }
     conversation_id = scope.conversation_id
     if new_conversation:
@@ -137,7 +179,8 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
 
 def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
                parent_scope: Scope | None, parent_span: Span | None, kind_of_frame: str, owner: Any = None,
-               scope_changes: Mapping[str, Any] | None = None, run: RunState | None = None) -> Frame:
+               scope_changes: Mapping[str, Any] | None = None, run: RunState | None = None,
+               tracer: Tracer | None = None) -> Frame:
     """Start a span under ``parent_span`` (explicit parent, nothing attached) as a :class:`Frame`.
 
     ``parent_span`` ``None``: the active span is the parent (a new run's root). The caller
@@ -146,7 +189,8 @@ def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node:
     """
     attrs, scope = compose(parent_scope, kind, attributes, node, False, run, scope_changes)
     parent = trace.set_span_in_context(parent_span) if parent_span is not None else None
-    span = get_tracer().start_span(name, context=parent, kind=SpanKind.INTERNAL, attributes=attrs)
+    span = (tracer or workflow_tracers.current()).start_span(name, context=parent, kind=SpanKind.INTERNAL,
+                                                            attributes=attrs)
     return Frame(span, scope, kind_of_frame, owner, finish=end_frame)
 
 
@@ -226,11 +270,13 @@ class TracedSpan:
     otherwise it is an execution event. ``new_conversation`` starts a new
     ``gen_ai.conversation.id`` for the span and its descendants. ``run`` is used when the
     span starts a new run (workflow spans); other spans join the run of the active
-    context, or start an implicit one when there is none.
+    context, or start an implicit one when there is none. ``tracer`` is the instrumentor's
+    (built from the provider it was given); ``None``: the workflow API's
+    (:data:`workflow_tracers`). ``span_kind``: the OTel span kind (model calls are CLIENT).
     """
 
     __slots__ = ("_attrs", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
-                 "_scope_changes", "_token", "scope", "span")
+                 "_scope_changes", "_span_kind", "_token", "_tracer", "scope", "span")
 
     def __init__(
         self,
@@ -242,7 +288,11 @@ class TracedSpan:
         new_conversation: bool = False,
         run: RunState | None = None,
         scope_changes: Mapping[str, Any] | None = None,
+        tracer: Tracer | None = None,
+        span_kind: SpanKind = SpanKind.INTERNAL,
     ) -> None:
+        self._tracer = tracer
+        self._span_kind = span_kind
         self._name = name
         self._kind = kind
         self._attrs = attributes
@@ -276,8 +326,8 @@ class TracedSpan:
                     parent_ctx = trace.set_span_in_context(frame.span)
         attrs, new_scope = compose(scope, self._kind, self._attrs, self._node, self._new_conversation, self._run,
                                    self._scope_changes)
-        self.span = get_tracer().start_span(self._name, context=parent_ctx, kind=SpanKind.INTERNAL,
-                                            attributes=attrs)
+        tracer = self._tracer or workflow_tracers.current()
+        self.span = tracer.start_span(self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
         self.scope = new_scope
         ctx = with_scope(new_scope, trace.set_span_in_context(self.span, parent_ctx))
         self._token = otel_context.attach(ctx)
@@ -286,7 +336,7 @@ class TracedSpan:
                        owner: Any = None) -> Frame:
         """Start this span as a :class:`Frame` under ``parent_span`` instead of entering it (nothing attached)."""
         frame = open_frame(self._name, self._kind, self._attrs, self._node, parent_scope, parent_span, frame_kind,
-                           owner, self._scope_changes, self._run)
+                           owner, self._scope_changes, self._run, self._tracer)
         self.span, self.scope = frame.span, frame.scope
         return frame
 

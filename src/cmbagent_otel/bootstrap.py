@@ -11,7 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import _spans
+from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
 from .provider import build_tracer_provider, sdk_disabled, slot_of, span_processors
 from .redaction import reload_settings
@@ -19,7 +19,8 @@ from .redaction import reload_settings
 logger = logging.getLogger("cmbagent_otel")
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False}
+_state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False,
+                          "binding": None}
 # The provider instrument() built, kept across uninstrument(): the global provider can be set
 # only once per process, so a later instrument() puts fresh processors into this one.
 _built: dict[str, TracerProvider | None] = {"provider": None}
@@ -39,7 +40,8 @@ def instrument(
     exporters: str | Sequence[str] | None = None,
     span_exporters: Sequence[SpanExporter] = (),
     service_name: str | None = None,
-    capture_content: bool | None = None,
+    capture_content: bool | str | None = None,
+    logger_provider: Any = None,
     set_global: bool = True,
     instrument_threading: bool = True,
     instrument_cmbagent: bool = True,
@@ -51,8 +53,10 @@ def instrument(
     (``exporters`` overrides ``OTEL_TRACES_EXPORTER``, ``span_exporters`` adds instances),
     installed as the global provider when ``set_global``. With ``OTEL_SDK_DISABLED=true``
     nothing is patched and ``None`` is returned. Calling it again while active returns the
-    same provider without patching twice. ``capture_content`` overrides
-    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
+    same provider without patching twice. ``capture_content`` (a bool, or a mode name:
+    ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT``, ``NO_CONTENT``) overrides
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
+    ``logger_provider`` (default: the global LoggerProvider).
     """
     with _lock:
         if _state["active"]:
@@ -76,15 +80,17 @@ def instrument(
             owned = True
             if set_global and _app_provider() is None:
                 trace.set_tracer_provider(provider)
-        _spans.set_tracer_provider(provider)
-        AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content)
+        binding = workflow_tracers.bind(provider)
+        AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content,
+                                     logger_provider=logger_provider)
         threaded = False
         if instrument_threading:
             threaded = _instrument_threading()
         cmbagent = False
         if instrument_cmbagent:
             cmbagent = _instrument_cmbagent(provider)
-        _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent)
+        _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
+                      binding=binding)
         return provider
 
 
@@ -143,8 +149,9 @@ def uninstrument() -> None:
                     provider.shutdown()
             except Exception:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
-        _spans.set_tracer_provider(None)
-        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False)
+        if _state["binding"] is not None:
+            workflow_tracers.release(_state["binding"])
+        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False, binding=None)
 
 
 def is_instrumented() -> bool:

@@ -9,8 +9,12 @@ control); step 2's first code execution fails and is redone twice.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .testing import activate, offline_agent
@@ -48,6 +52,42 @@ def order_speakers(order: Sequence[str]) -> Callable[[Any, Any], Any]:
     return scripted_handoff
 
 
+def interpreter_context(work_dir: str) -> SimpleNamespace:
+    """A virtual-env context that makes AG2's LocalCommandLineCodeExecutor run code with this
+    interpreter: it runs ``python`` found on PATH, with the context's ``bin_path`` put first.
+
+    That is this interpreter's own directory when its ``python`` is this interpreter (a
+    virtual env); otherwise a ``python`` shim under ``work_dir`` that execs it, so a machine
+    without ``python`` on PATH (only ``python3``) runs the demo all the same.
+    """
+    exe = Path(sys.executable)
+    own = exe.with_name("python.exe" if os.name == "nt" else "python")
+    try:
+        same = own.exists() and os.path.samefile(own, exe)
+    except OSError:
+        same = False
+    if same or os.name == "nt":
+        return SimpleNamespace(bin_path=str(exe.parent), env_exe=str(exe))
+    shim_dir = Path(work_dir) / ".interpreter"
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    shim = shim_dir / "python"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(str(exe))} "$@"\n')
+    shim.chmod(0o755)
+    return SimpleNamespace(bin_path=str(shim_dir), env_exe=str(exe))
+
+
+def local_executor(work_dir: str) -> Any:
+    """AG2's LocalCommandLineCodeExecutor in ``work_dir``, running code with this interpreter."""
+    import inspect
+
+    from autogen.coding import LocalCommandLineCodeExecutor
+
+    kwargs: dict[str, Any] = {"work_dir": work_dir, "timeout": 60}
+    if "virtual_env_context" in inspect.signature(LocalCommandLineCodeExecutor).parameters:
+        kwargs["virtual_env_context"] = interpreter_context(work_dir)
+    return LocalCommandLineCodeExecutor(**kwargs)
+
+
 def group_chat_step(
     work_dir: str,
     engineer_script: Sequence[Any],
@@ -58,14 +98,13 @@ def group_chat_step(
     """Run one 4-agent group chat (engineer/executor/researcher/control) with a tool and code."""
     import autogen
     from autogen import GroupChat, GroupChatManager
-    from autogen.coding import LocalCommandLineCodeExecutor
 
     engineer = offline_agent("engineer", engineer_script)
     researcher = offline_agent("researcher", researcher_script)
     control = offline_agent("control", control_script)
     executor = autogen.ConversableAgent(
         "executor", llm_config=False, human_input_mode="NEVER",
-        code_execution_config={"executor": LocalCommandLineCodeExecutor(work_dir=work_dir, timeout=60)},
+        code_execution_config={"executor": local_executor(work_dir)},
     )
 
     def peak_position(multipole: int) -> str:
@@ -126,46 +165,3 @@ def run_demo(work_dir: str | None = None, *, task: str = "Measure the CMB acoust
                                 researcher_script=["theta_s = 1.0411; TERMINATE"])
                 third.set_summary("Acoustic scale fitted")
     return run_id
-
-
-def _cmd_demo(args: Any) -> int:
-    """Run the offline demo into the DAG database, then print the run's DAG."""
-    import contextlib
-    import io
-    import logging
-
-    from .bootstrap import instrument, uninstrument
-    from .cli import CLIError, main
-    from .exporters.dag import DagSpanExporter
-    from .provider import exporter_names
-
-    for name in ("autogen", "autogen.oai.client"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    exporter = DagSpanExporter(args.db)
-    others = [name for name in exporter_names() if name != "cmbagent_dag"]
-    instrument(exporters=others, span_exporters=[exporter], service_name="cmbagent-otel-demo",
-               instrument_cmbagent=False)
-    transcript = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(transcript):
-            run_id = run_demo(args.work_dir)
-    finally:
-        uninstrument()  # flushes every batch into the database
-    stats = exporter.stats()
-    if stats["dropped"] or stats["spilled"]:
-        raise CLIError(f"{stats['dropped']} spans lost and {stats['spilled']} spilled instead of written "
-                       "to the database (see the log above)")
-    print(f"demo run {run_id}: {stats['exported']} spans written to the DAG database")
-    argv = ["dag", run_id, "--format", args.format]
-    if args.db:
-        argv = ["--db", args.db, *argv]
-    return main(argv)
-
-
-def add_demo_parser(subparsers: Any) -> None:
-    """Register ``cmbagent-otel demo``."""
-    parser = subparsers.add_parser(
-        "demo", help="run an offline planning/control workflow (no API key) and print its DAG")
-    parser.add_argument("--work-dir", default=None, help="where the demo's code runs (default: a temp dir)")
-    parser.add_argument("--format", choices=("tree", "json", "dot", "mermaid"), default="tree")
-    parser.set_defaults(func=_cmd_demo)

@@ -15,87 +15,42 @@ unsupported content types or encodings, and 503 with ``Retry-After`` while the d
 unreachable or the memory budget is in use, which the SDK's OTLP exporter retries. The
 gRPC codes are the matching ones (see :mod:`cmbagent_otel._ingest_grpc`).
 
-Settings resolve argument > environment variable > default:
-
-=========================================  ===========================================
-``CMBAGENT_OTEL_INGEST_HOST``              bind address (``127.0.0.1``)
-``CMBAGENT_OTEL_INGEST_PORT``              OTLP/HTTP port (``4318``; ``0``: ephemeral,
-                                           ``off``: no HTTP receiver)
-``CMBAGENT_OTEL_INGEST_GRPC_PORT``         OTLP/gRPC port (``4317``; ``0``, ``off``)
-``CMBAGENT_OTEL_INGEST_TOKEN``             bearer token clients must send (none)
-``CMBAGENT_OTEL_INGEST_MAX_BYTES``         request size limit, compressed and
-                                           decompressed (16 MiB)
-``CMBAGENT_OTEL_INGEST_MAX_INFLIGHT_BYTES`` memory budget of all requests in flight
-                                           (128 MiB)
-``CMBAGENT_OTEL_INGEST_WORKERS``           decoding/writing threads per receiver (2)
-``CMBAGENT_OTEL_DATABASE_URL``             the database (read by the writer)
-=========================================  ===========================================
+Settings resolve argument > environment variable > default; the ``CMBAGENT_OTEL_INGEST_*``
+variables (bind address, ports, token, size limits, workers) and their defaults are listed
+in :mod:`cmbagent_otel.environment_variables`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from . import environment_variables as env
 from ._ingest_core import IngestCore, SpanWriter
 from .otlp_decode import Limits
 
 logger = logging.getLogger("cmbagent_otel.ingest")
 
-__all__ = ["IngestServer", "SpanWriter", "main"]
+__all__ = ["IngestServer", "SpanWriter"]
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 4318
-DEFAULT_GRPC_PORT = 4317
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
-DEFAULT_INFLIGHT_BYTES = 128 * 1024 * 1024
-DEFAULT_WORKERS = 2
 DEFAULT_RETRY_AFTER = 5
 MAX_HTTP_REQUESTS = 64  # HTTP requests handled at once (rejections included); more get 503 + Retry-After
 MAX_CONNECTIONS = 1024  # uvicorn's own cap (a plain 503): idle keep-alive connections are cheap
 TRACES_PATH = "/v1/traces"
-OFF = "off"
-
-ENV_HOST = "CMBAGENT_OTEL_INGEST_HOST"
-ENV_PORT = "CMBAGENT_OTEL_INGEST_PORT"
-ENV_GRPC_PORT = "CMBAGENT_OTEL_INGEST_GRPC_PORT"
-ENV_TOKEN = "CMBAGENT_OTEL_INGEST_TOKEN"
-ENV_MAX_BYTES = "CMBAGENT_OTEL_INGEST_MAX_BYTES"
-ENV_INFLIGHT = "CMBAGENT_OTEL_INGEST_MAX_INFLIGHT_BYTES"
-ENV_WORKERS = "CMBAGENT_OTEL_INGEST_WORKERS"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _port(value: int | str | None, env: str, default: int) -> int | None:
-    """A port setting: argument > environment > default; ``None`` means off."""
+def _port(value: int | str | None, name: str) -> int | None:
+    """A port setting: argument (a bad one raises ValueError) > environment > default; ``None`` means off."""
     if value is None:
-        value = os.environ.get(env, "").strip() or default
-    if isinstance(value, str):
-        if value.strip().lower() in (OFF, "none", "disabled"):
-            return None
-        try:
-            value = int(value)
-        except ValueError:
-            raise ValueError(f"{env} must be a port number or 'off', got {value!r}") from None
-    if not 0 <= value <= 65535:
-        raise ValueError(f"port must be within 0-65535 (0: any free port), got {value}")
-    return value
+        return env.get(name)  # type: ignore[no-any-return]
+    try:
+        return env.parse_port(value)
+    except ValueError:
+        raise ValueError(f"port must be within 0-65535 (0: any free port) or 'off', got {value!r}") from None
 
 
 def _quiet_uvicorn() -> None:
@@ -140,16 +95,15 @@ class IngestServer:
         limits: Limits | None = None,
     ) -> None:
         self.db_url = db_url
-        self.host = host if host is not None else (os.environ.get(ENV_HOST) or DEFAULT_HOST)
-        self.requested_port = _port(port, ENV_PORT, DEFAULT_PORT)
-        self.requested_grpc_port = _port(grpc_port, ENV_GRPC_PORT, DEFAULT_GRPC_PORT)
+        self.host = str(env.get(env.INGEST_HOST, host))
+        self.requested_port = _port(port, env.INGEST_PORT)
+        self.requested_grpc_port = _port(grpc_port, env.INGEST_GRPC_PORT)
         if self.requested_port is None and self.requested_grpc_port is None:
             raise ValueError("both receivers are off: set a port for HTTP or gRPC")
-        token = token if token is not None else os.environ.get(ENV_TOKEN)
-        self.max_bytes = max_bytes if max_bytes is not None else _env_int(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
-        budget = max_inflight_bytes if max_inflight_bytes is not None else _env_int(ENV_INFLIGHT,
-                                                                                    DEFAULT_INFLIGHT_BYTES)
-        self.workers = workers if workers is not None else _env_int(ENV_WORKERS, DEFAULT_WORKERS)
+        token = env.get(env.INGEST_TOKEN, token)
+        self.max_bytes = int(env.get(env.INGEST_MAX_BYTES, max_bytes))
+        budget = int(env.get(env.INGEST_MAX_INFLIGHT_BYTES, max_inflight_bytes))
+        self.workers = int(env.get(env.INGEST_WORKERS, workers))
         if self.max_bytes <= 0 or budget <= 0 or self.workers <= 0:
             raise ValueError("max_bytes, max_inflight_bytes and workers must be positive")
         self.core = IngestCore(db_url=db_url, token=token or None, max_bytes=self.max_bytes, budget=budget,
@@ -306,111 +260,9 @@ class IngestServer:
         self.stop()
 
 
-# --- CLI ---------------------------------------------------------------------------------
-def add_ingest_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``ingest`` subcommand on an argparse ``subparsers`` object."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "ingest",
-        help="run an OTLP/HTTP receiver that writes spans into the DAG database",
-        description="Receive OTLP/HTTP traces (POST /v1/traces, protobuf or JSON, optionally gzip) "
-        "and store them in the cmbagent DAG database.",
-    )
-    # SUPPRESS: a default here would overwrite the top-level ``cmbagent-otel --db URL``.
-    configure_parser(parser, db_default=argparse.SUPPRESS)
-    parser.set_defaults(func=run_ingest)
-    return parser
-
-
-def configure_parser(parser: argparse.ArgumentParser, *, db_default: Any = None) -> None:
-    """Add the ingest options to ``parser``."""
-    parser.add_argument("--db", dest="db", metavar="URL", default=db_default,
-                        help="database URL (default: CMBAGENT_OTEL_DATABASE_URL or the default SQLite file)")
-    parser.add_argument("--host", default=None, help=f"bind address (default: ${ENV_HOST} or {DEFAULT_HOST})")
-    parser.add_argument("--port", default=None, metavar="PORT",
-                        help=f"OTLP/HTTP port, 0 = any free port, 'off' = none "
-                        f"(default: ${ENV_PORT} or {DEFAULT_PORT})")
-    parser.add_argument("--grpc-port", default=None, metavar="PORT",
-                        help=f"OTLP/gRPC port, 0 = any free port, 'off' = none "
-                        f"(default: ${ENV_GRPC_PORT} or {DEFAULT_GRPC_PORT})")
-    parser.add_argument("--token", default=None,
-                        help=f"require 'Authorization: Bearer <token>' (default: ${ENV_TOKEN}; prefer the env var, "
-                        "command lines are visible to other users)")
-    parser.add_argument("--max-bytes", type=int, default=None,
-                        help=f"request size limit in bytes, compressed and decompressed (default: ${ENV_MAX_BYTES} "
-                        f"or {DEFAULT_MAX_BYTES})")
-    parser.add_argument("--max-inflight-bytes", type=int, default=None,
-                        help=f"memory budget of all requests in flight (default: ${ENV_INFLIGHT} or "
-                        f"{DEFAULT_INFLIGHT_BYTES})")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"decoding/writing threads per receiver (default: ${ENV_WORKERS} or {DEFAULT_WORKERS})")
-
-
-def run_ingest(args: argparse.Namespace) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code."""
+if __name__ == "__main__":  # ``python -m cmbagent_otel.ingest ...``: the same as ``cmbagent-otel ingest ...``
     import sys
 
-    from .dag.database import BadDatabaseURL, redacted, resolve_url
+    from .cli import main
 
-    db = getattr(args, "db", None)
-    try:
-        target = redacted(resolve_url(db))
-        server = IngestServer(db, host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
-                              max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
-                              workers=args.workers)
-        server.bind()
-    except (BadDatabaseURL, ValueError) as exc:
-        print(f"cmbagent-otel ingest: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"cmbagent-otel ingest: error: cannot listen on {args.host or DEFAULT_HOST}: {exc}", file=sys.stderr)
-        return 2
-    if server.host not in ("127.0.0.1", "::1", "localhost") and not server.core.token_required:
-        logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, ENV_TOKEN)
-    listening = []
-    if server.port is not None:
-        listening.append(f"{server.endpoint} (OTLP/HTTP)")
-    if server.grpc_port is not None:
-        listening.append(f"{server.grpc_endpoint} (OTLP/gRPC)")
-    print(f"cmbagent-otel ingest: listening on {' and '.join(listening)} -> {target}"
-          f"{' (bearer token required)' if server.core.token_required else ''}", flush=True)
-
-    stop = threading.Event()
-
-    def _terminate(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop()
-    print(f"cmbagent-otel ingest: stopped after {server.spans_written} span(s)", flush=True)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cmbagent_otel.ingest``: the ``ingest`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="cmbagent-otel ingest")
-    configure_parser(parser)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    return run_ingest(parser.parse_args(argv))
-
-
-def _register_cli() -> None:
-    try:
-        from .cli import subcommand
-    except ImportError:  # the CLI module is optional for library use
-        return
-    subcommand("ingest")(add_ingest_parser)
-
-
-_register_cli()
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["ingest", *sys.argv[1:]]))

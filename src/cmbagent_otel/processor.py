@@ -43,31 +43,21 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from . import environment_variables
 from . import semconv as sc
 
 logger = logging.getLogger("cmbagent_otel")
 
-DEFAULT_SCHEDULE_DELAY_MS = 1000
-DEFAULT_MAX_QUEUE_SIZE = 2048
-DEFAULT_MAX_EXPORT_BATCH_SIZE = 512
 DEFAULT_LIVE_DELAY_MS = 500  # a started DAG node is exported at most this long after its span started
-LIVE_ENV = "CMBAGENT_OTEL_LIVE_DAG"
 SHUTDOWN_TIMEOUT_S = 30.0
 SHUTDOWN_REPLAY_MS = 10_000  # at shutdown, time given to replaying this run's spill files
 _IDLE_REPLAY_S = 1.0
 
 
-def _setting(value: float | None, names: Sequence[str], default: float, *, minimum: float) -> float:
+def _setting(value: float | None, name: str, *, minimum: float) -> float:
     if value is not None:
         return max(minimum, float(value))
-    for name in names:
-        raw = os.environ.get(name)
-        if raw:
-            try:
-                return max(minimum, float(raw))
-            except ValueError:
-                logger.warning("cmbagent_otel: ignoring invalid %s=%r", name, raw)
-    return default
+    return float(environment_variables.get(name))
 
 
 class _Started:
@@ -111,14 +101,7 @@ def _snapshots(items: list[Any]) -> list[ReadableSpan]:
 
 
 def _live_setting(value: bool | None) -> bool:
-    if value is not None:
-        return bool(value)
-    raw = os.environ.get(LIVE_ENV, "").strip().lower()
-    if raw in ("0", "false", "off", "no"):
-        return False
-    if raw and raw not in ("1", "true", "on", "yes"):
-        logger.warning("cmbagent_otel: ignoring invalid %s=%r", LIVE_ENV, raw)
-    return True
+    return bool(value) if value is not None else bool(environment_variables.get(environment_variables.LIVE_DAG))
 
 
 class DurableBatchSpanProcessor(SpanProcessor):
@@ -140,13 +123,10 @@ class DurableBatchSpanProcessor(SpanProcessor):
         live: bool | None = None,
     ) -> None:
         self.exporter = exporter
-        self._delay_s = _setting(schedule_delay_millis, ("CMBAGENT_OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_SCHEDULE_DELAY"),
-                                 DEFAULT_SCHEDULE_DELAY_MS, minimum=1) / 1000
-        self._max_queue = int(_setting(max_queue_size, ("CMBAGENT_OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE"),
-                                       DEFAULT_MAX_QUEUE_SIZE, minimum=1))
+        self._delay_s = _setting(schedule_delay_millis, environment_variables.BSP_SCHEDULE_DELAY, minimum=1) / 1000
+        self._max_queue = int(_setting(max_queue_size, environment_variables.BSP_MAX_QUEUE_SIZE, minimum=1))
         self._batch = min(self._max_queue, int(_setting(
-            max_export_batch_size, ("CMBAGENT_OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-            DEFAULT_MAX_EXPORT_BATCH_SIZE, minimum=1)))
+            max_export_batch_size, environment_variables.BSP_MAX_EXPORT_BATCH_SIZE, minimum=1)))
         self._overflow: Callable[[Sequence[ReadableSpan]], None] | None = getattr(exporter, "spill_overflow", None)
         # the live DAG: started records of workflow and DAG-node spans, for exporters that want them
         self._live = _live_setting(live) and bool(getattr(exporter, "accepts_started_spans", False))

@@ -20,7 +20,6 @@ only once per process).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -30,9 +29,10 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from . import environment_variables as env
+
 logger = logging.getLogger("cmbagent_otel")
 
-DEFAULT_EXPORTERS = "cmbagent_dag"
 DEFAULT_SERVICE_NAME = "cmbagent"
 
 
@@ -41,24 +41,20 @@ class ConfigurationError(ValueError):
 
 
 def sdk_disabled() -> bool:
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    """``OTEL_SDK_DISABLED=true``: record nothing."""
+    return bool(env.get(env.SDK_DISABLED))
 
 
 def exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
     """Exporter names: argument > ``OTEL_TRACES_EXPORTER`` > ``cmbagent_dag``."""
-    if value is None:
-        value = os.environ.get("OTEL_TRACES_EXPORTER") or DEFAULT_EXPORTERS
+    value = env.get(env.TRACES_EXPORTER, value)
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [name.strip().lower() for name in items if name and name.strip()]
     return [name for name in names if name != "none"]
 
 
 def _otlp_protocol() -> str:
-    return (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    ).strip().lower()
+    return str(env.get(env.OTLP_TRACES_PROTOCOL))
 
 
 def create_exporter(name: str) -> SpanExporter:
@@ -165,9 +161,7 @@ def build_tracer_provider(
     neither ``OTEL_SERVICE_NAME`` nor ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` is set.
     """
     attributes = {}
-    env_has_name = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    )
+    env_has_name = bool(env.get(env.SERVICE_NAME)) or "service.name=" in (env.get(env.RESOURCE_ATTRIBUTES) or "")
     if not env_has_name:
         attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
     processors = span_processors(exporters, span_exporters)

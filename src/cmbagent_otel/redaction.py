@@ -28,13 +28,13 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
+from . import environment_variables
 from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
-DEFAULT_MAX_LENGTH = 4096
-MAX_LENGTH_ENV = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 
 _SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 _SECRET_KEY_NAME = re.compile(
@@ -72,15 +72,7 @@ _secret_with_comma = False
 
 def max_length() -> int:
     """The attribute length bound: ``CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH`` or 4096."""
-    raw = os.environ.get(MAX_LENGTH_ENV)
-    if raw:
-        try:
-            value = int(raw)
-            if value > 0:
-                return value
-        except ValueError:
-            pass
-    return DEFAULT_MAX_LENGTH
+    return int(environment_variables.get(environment_variables.MAX_ATTRIBUTE_LENGTH))
 
 
 _max_len = max_length()
@@ -492,6 +484,17 @@ def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:
                 return prefix
             check_at = size * 2  # redaction shrank it below the bound: look again further on
     return redact("[" + ", ".join(parts) + "]") or ""
+
+
+def learn_secrets_ahead(values: Iterable[Any]) -> None:
+    """Learn what :func:`scrub` and :func:`redact` would learn from ``values`` without copying
+    them: for items left out of a bounded rendering, so a secret they state is still redacted
+    where it appears in the items kept. Never raises."""
+    with contextlib.suppress(Exception):
+        memo = _scrub_cache.entries()
+        for value in values:
+            if value is not None and not isinstance(value, (bool, int, float)):
+                _learn_ahead(value, 1, memo)
 
 
 def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:

@@ -9,16 +9,15 @@ only with ``--to``. Every line of output says which database was written.
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 
 
-def _writer_call(writer: Any, timeout: float) -> Any:
+def _writer_call(writer: Any, timeout: float, say: Callable[[str], None]) -> Any:
     from .dag.writer import DatabaseUnavailable
     from .spill import PermanentFailure
 
@@ -28,14 +27,15 @@ def _writer_call(writer: Any, timeout: float) -> Any:
         except DatabaseUnavailable:
             return False
         except Exception as exc:
-            print(f"  cannot write a spilled batch: {exc}")
+            say(f"  cannot write a spilled batch: {exc}")
             raise PermanentFailure(str(exc)) from exc
         return True
 
     return write
 
 
-def _replay_into(url: str, files: list[Path], target: str | None, timeout: float) -> tuple[int, int, int]:
+def _replay_into(url: str, files: list[Path], target: str | None, timeout: float,
+                 say: Callable[[str], None]) -> tuple[int, int, int]:
     """Write ``files`` into ``url``: ``(spans replayed, files left, spans set aside as .bad)``."""
     from .dag.writer import DagWriter
     from .spill import SpillStore
@@ -49,27 +49,31 @@ def _replay_into(url: str, files: list[Path], target: str | None, timeout: float
     store = SpillStore(files[0].parent, target)
     writer = DagWriter(url)
     try:
-        replayed, left = store.replay(_writer_call(writer, timeout), files=files, on_rejected=rejected)
+        replayed, left = store.replay(_writer_call(writer, timeout, say), files=files, on_rejected=rejected)
     finally:
         writer.close()
     return replayed, left, bad
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-    from .dag.database import BadDatabaseURL, redacted, resolve_url, target_of, with_credentials
-    from .exporters.dag import _timeout, default_spill_dir
+def replay(spill_dir: str | os.PathLike[str] | None = None, db: str | None = None, to: str | None = None,
+           say: Callable[[str], None] = print) -> list[str]:
+    """Write the spill files of ``spill_dir`` (default: ``CMBAGENT_OTEL_SPILL_DIR``) into the
+    database each records (``db``: only the files recorded for that database; ``to``: every
+    file into that database instead). Reports each database written through ``say``;
+    returns the problems left (files kept), empty when everything was written.
+
+    Raises :class:`~cmbagent_otel.dag.database.BadDatabaseURL` for an invalid ``db`` or ``to``.
+    """
+    from . import environment_variables
+    from .dag.database import redacted, resolve_url, target_of, with_credentials
     from .spill import SpillStore, file_target
 
-    spill_dir = Path(args.spill_dir or default_spill_dir())
-    store = SpillStore(spill_dir)
+    directory = Path(spill_dir or environment_variables.get(environment_variables.SPILL_DIR))
+    store = SpillStore(directory)
     store.recover()
-    timeout = _timeout(None)
-    try:
-        only = target_of(args.db) if args.db else None
-        to = resolve_url(args.to) if args.to else None
-    except BadDatabaseURL as exc:
-        raise CLIError(str(exc)) from None
+    timeout = float(environment_variables.get(environment_variables.EXPORT_TIMEOUT))
+    only = target_of(db) if db else None
+    into = resolve_url(to) if to else None
 
     groups: dict[str | None, list[Path]] = {}
     for path in store.pending():
@@ -77,8 +81,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     left = 0
     problems: list[str] = []
     for target, files in sorted(groups.items(), key=lambda item: item[0] or ""):
-        if to is not None:
-            url = to
+        if into is not None:
+            url = into
         elif target is None:
             left += len(files)
             problems.append(f"{len(files)} spill files do not record their database: pass --to URL to write them")
@@ -86,30 +90,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         elif only is not None and target != only:
             continue  # another database's files: not asked for
         else:
-            url = with_credentials(target, args.db or os.environ.get("CMBAGENT_OTEL_DATABASE_URL")
-                                   or os.environ.get("CMBAGENT_DATABASE_URL"))
+            url = with_credentials(target, environment_variables.database_url(db))
         recorded = "no recorded database" if target is None else f"recorded for {target}"
-        replayed, files_left, bad = _replay_into(url, files, target if to is None else None, timeout)
+        replayed, files_left, bad = _replay_into(url, files, target if into is None else None, timeout, say)
         left += files_left
-        print(f"replayed {replayed} spans from {spill_dir} ({len(files)} files, {recorded}) into {redacted(url)}"
-              + (f"; {bad} spans could not be written, files kept as .bad" if bad else ""))
+        say(f"replayed {replayed} spans from {directory} ({len(files)} files, {recorded}) into {redacted(url)}"
+            + (f"; {bad} spans could not be written, files kept as .bad" if bad else ""))
         if files_left:
             problems.append(f"database {redacted(url)} is unavailable; {files_left} of its spill files are kept")
     if not groups:
-        print(f"no spill files in {spill_dir}")
-    print(f"{left} spill files left")
-    if problems:
-        raise CLIError("; ".join(problems))
-    return 0
-
-
-def add_replay_parser(subparsers: Any) -> None:
-    """Register ``cmbagent-otel replay``."""
-    parser = subparsers.add_parser(
-        "replay", help="write spilled span batches into the database each was recorded for",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spill-dir", default=None,
-                        help="spill directory (default: $CMBAGENT_OTEL_SPILL_DIR or <work dir>/spill)")
-    parser.add_argument("--to", default=None, metavar="URL",
-                        help="write every spill file into this database instead of the one it records")
-    parser.set_defaults(func=_cmd_replay)
+        say(f"no spill files in {directory}")
+    say(f"{left} spill files left")
+    return problems

@@ -24,6 +24,12 @@ from __future__ import annotations
 from typing import Final
 
 INSTRUMENTATION_NAME: Final = "cmbagent_otel"
+# Instrumentation scopes: spans of AG2 operations (agents, model calls, tools, code, speaker
+# selection, human input, conversations) come from the AG2 instrumentor; the run structure
+# (workflow, phase, step, redo, failed-attempt events), whoever derives it, from the workflow
+# scope. Nothing downstream (DAG mapping, ingest) depends on the scope name.
+SCOPE_AG2: Final = "cmbagent_otel.ag2"
+SCOPE_WORKFLOW: Final = "cmbagent_otel.workflow"
 
 # --- GenAI semantic conventions -------------------------------------------------------
 GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
@@ -36,24 +42,50 @@ GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
+GEN_AI_REQUEST_FREQUENCY_PENALTY: Final = "gen_ai.request.frequency_penalty"
+GEN_AI_REQUEST_PRESENCE_PENALTY: Final = "gen_ai.request.presence_penalty"
+GEN_AI_REQUEST_SEED: Final = "gen_ai.request.seed"
+GEN_AI_REQUEST_CHOICE_COUNT: Final = "gen_ai.request.choice.count"
+GEN_AI_REQUEST_STOP_SEQUENCES: Final = "gen_ai.request.stop_sequences"
+GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
 GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
 GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
 GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
 GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID: Final = "gen_ai.tool.call.id"
 GEN_AI_TOOL_TYPE: Final = "gen_ai.tool.type"
 GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
+GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
 GEN_AI_TOOL_CALL_ARGUMENTS: Final = "gen_ai.tool.call.arguments"
 GEN_AI_TOOL_CALL_RESULT: Final = "gen_ai.tool.call.result"
 ERROR_TYPE: Final = "error.type"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+# the general session attribute, beside cmbagent.session.id (same value), for UIs grouping by session
+GENERIC_SESSION_ID: Final = "session.id"
+
+# Content attributes whose value is JSON text following the GenAI conventions' schemas
+# (messages: role + parts; system instructions: parts; tool arguments/result: any JSON value)
+JSON_CONTENT_ATTRIBUTES: Final = frozenset({
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
+    "gen_ai.tool.call.arguments", "gen_ai.tool.call.result",
+})
+# The GenAI conventions' content event (a log record), emitted with EVENT_ONLY / SPAN_AND_EVENT
+EVENT_INFERENCE_DETAILS: Final = "gen_ai.client.inference.operation.details"
 
 OP_INVOKE_AGENT: Final = "invoke_agent"
 OP_CHAT: Final = "chat"
 OP_EXECUTE_TOOL: Final = "execute_tool"
 OP_PLAN: Final = "plan"
+OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
 
 # --- cmbagent.* -----------------------------------------------------------------------
 SPAN_KIND: Final = "cmbagent.span.kind"
@@ -100,6 +132,9 @@ CONVERSATION_MAX_TURNS: Final = "cmbagent.conversation.max_turns"
 CONVERSATION_CHAT_COUNT: Final = "cmbagent.conversation.chat_count"
 CONVERSATION_SUMMARY: Final = "cmbagent.conversation.summary"
 AGENT_SENDER: Final = "cmbagent.agent.sender"
+
+# messages left out of gen_ai.input.messages to keep it within the attribute bound (oldest first)
+CONTENT_DROPPED_MESSAGES: Final = "cmbagent.content.dropped_messages"
 
 LLM_COST_USD: Final = "cmbagent.llm.cost_usd"
 LLM_CACHE_HIT: Final = "cmbagent.llm.cache_hit"

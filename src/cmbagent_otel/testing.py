@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -250,7 +249,6 @@ class FakeOpenAIServer:
 
 
 # --- one offline agent factory for every AG2 line ----------------------------------------------
-BACKEND_ENV = "CMBAGENT_OTEL_OFFLINE_BACKEND"
 _shared_server: FakeOpenAIServer | None = None
 _shared_lock = threading.Lock()
 
@@ -259,9 +257,11 @@ def offline_backend() -> str:
     """``client`` (ScriptedModelClient) where the AG2 line accepts custom model clients in
     ``llm_config`` (ag2 0.14), else ``server`` (the loopback FakeOpenAIServer: cmbagent_autogen
     validates config entries strictly). ``CMBAGENT_OTEL_OFFLINE_BACKEND`` forces one."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced in ("client", "server"):
-        return forced
+    from . import environment_variables
+
+    forced = environment_variables.get(environment_variables.OFFLINE_BACKEND)
+    if forced is not None:
+        return str(forced)
     return _probed_backend()
 
 

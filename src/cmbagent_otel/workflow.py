@@ -1,7 +1,10 @@
 """Workflow API: ``workflow`` > ``phase`` > ``step`` > ``redo``.
 
-Each is a context manager (``with`` / ``async with``) and a decorator (sync or async
-functions; every call opens a fresh span). Nesting is checked when the block is entered:
+Each is a context manager (``with`` / ``async with``) and a decorator (sync, async,
+generator and async-generator functions; every call opens a fresh span, and a generator's
+span stays open until its iteration ends, current only while the generator's own code
+runs). A block object may be entered again while open, and from several threads or tasks
+at once: each entry is its own span. Nesting is checked when the block is entered:
 
 * ``phase`` outside a ``workflow``, ``step`` outside a ``phase``, ``redo`` outside the
   ``step`` it redoes raise :class:`WorkflowNestingError` before the block runs;
@@ -16,16 +19,20 @@ unchanged.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+
 from . import semconv
 from ._context import RunState, Scope, current_scope
-from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan
+from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
 from .redaction import truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,6 +40,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cmbagent_otel")
 
 PLANNING_PHASES = frozenset({"planning", "hitl_planning"})
+
+
+def is_planning_phase(name: str) -> bool:
+    """Planning phases: DAG node type ``planning``, order 0, a ``plan`` operation."""
+    return name in PLANNING_PHASES or name.endswith("planning")
 
 
 def _text(value: Any) -> str | None:
@@ -86,19 +98,52 @@ class RedoLimitExceeded(WorkflowNestingError):
     """A redo attempt number is above the workflow's ``max_redos``."""
 
 
+class _Entry:
+    """One entry into a block: its span (``None`` for a workflow that joined an enclosing run)."""
+
+    __slots__ = ("block", "traced")
+
+    def __init__(self, block: _Block, traced: TracedSpan | None) -> None:
+        self.block = block
+        self.traced = traced
+
+
+# The blocks entered in the current context, innermost last: each entry of a block object
+# (nested, in another thread, in another asyncio task) is its own span, and the handle API
+# acts on the entry of the context it is called from.
+_ENTRIES: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("cmbagent_otel_blocks", default=())
+_open_lock = threading.Lock()
+
+
 class _Block:
-    """Shared machinery: context manager (sync/async) and decorator."""
+    """Shared machinery: context manager (sync/async) and decorator (sync, async, generator and
+    async-generator functions).
+
+    A block object may be entered again while open, and from several threads or tasks at
+    once: every entry opens its own span. ``set_attribute``/``fail`` act on the innermost
+    entry of the calling context, else (a thread the context did not follow) on the most
+    recent entry still open, else on the span an integration attached (``_traced``).
+    """
 
     _traced: TracedSpan | None
+    _open_entries: list[_Entry]
 
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:  # pragma: no cover - abstract
         """Check the nesting at ``scope`` (default: where new work stands now) and describe the span."""
         raise NotImplementedError
 
+    def _entered(self, traced: TracedSpan | None) -> None:
+        """Hook: an entry opened ``traced`` (``None``: nothing was opened)."""
+
     def __enter__(self) -> _Block:
-        self._traced = self._open()
-        if self._traced is not None:
-            self._traced.__enter__()
+        traced = self._open()
+        self._entered(traced)
+        if traced is not None:
+            traced.__enter__()
+        entry = _Entry(self, traced)
+        _ENTRIES.set((*_ENTRIES.get(), entry))
+        with _open_lock:
+            self.__dict__.setdefault("_open_entries", []).append(entry)
         return self
 
     def __exit__(
@@ -107,9 +152,21 @@ class _Block:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        traced, self._traced = self._traced, None
-        if traced is not None:
-            traced.__exit__(exc_type, exc, tb)
+        entry = None
+        stack = _ENTRIES.get()
+        for index in range(len(stack) - 1, -1, -1):
+            if stack[index].block is self:
+                entry = stack[index]
+                _ENTRIES.set(stack[:index] + stack[index + 1:])
+                break
+        with _open_lock:
+            entries = self.__dict__.get("_open_entries") or []
+            if entry is None and entries:  # exited in a context the entry was not made in
+                entry = entries[-1]
+            if entry in entries:
+                entries.remove(entry)
+        if entry is not None and entry.traced is not None:
+            entry.traced.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> _Block:
         return self.__enter__()
@@ -126,6 +183,10 @@ class _Block:
         raise NotImplementedError
 
     def __call__(self, func: F) -> F:
+        if inspect.isasyncgenfunction(func):
+            return _wrap_async_generator(self, func)  # type: ignore[return-value]
+        if inspect.isgeneratorfunction(func):
+            return _wrap_generator(self, func)  # type: ignore[return-value]
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
@@ -143,15 +204,141 @@ class _Block:
         return wrapper  # type: ignore[return-value]
 
     # --- handle API, usable inside the block -------------------------------------------
+    def _current(self) -> TracedSpan | None:
+        for entry in reversed(_ENTRIES.get()):
+            if entry.block is self:
+                return entry.traced
+        with _open_lock:
+            entries = self.__dict__.get("_open_entries")
+            if entries:
+                return entries[-1].traced
+        return self._traced
+
     def set_attribute(self, key: str, value: Any) -> None:
         """Set an attribute on this block's span (no-op outside the block)."""
-        if self._traced is not None:
-            self._traced.set(key, value)
+        traced = self._current()
+        if traced is not None:
+            traced.set(key, value)
 
     def fail(self, description: str) -> None:
         """Mark this block failed without raising (e.g. a step judged unsuccessful)."""
-        if self._traced is not None:
-            self._traced.fail(description)
+        traced = self._current()
+        if traced is not None:
+            traced.fail(description)
+
+
+class _Suspended:
+    """A block opened for a generator: its span stays open while the generator is suspended,
+    but is current only while the generator's own code runs (between two ``next``), so the
+    caller's work between iterations is never parented under it."""
+
+    __slots__ = ("_block", "_context", "_otel")
+
+    def __init__(self, block: _Block) -> None:
+        self._block = block
+        self._context = contextvars.copy_context()
+        self._context.run(block.__enter__)  # nesting errors propagate to the first next()
+        self._otel = self._context.run(otel_context.get_current)
+
+    def resume(self) -> object:
+        """Make the block's span current; pass the result to :meth:`pause`."""
+        try:
+            return otel_context.attach(self._otel)
+        except Exception:
+            logger.debug("cmbagent_otel: could not attach the generator's context", exc_info=True)
+            return None
+
+    @staticmethod
+    def pause(token: object) -> None:
+        if token is not None:
+            try:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            except Exception:
+                logger.debug("cmbagent_otel: could not detach the generator's context", exc_info=True)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        self._context.run(self._block.__exit__, type(exc) if exc is not None else None, exc,
+                          exc.__traceback__ if exc is not None else None)
+
+
+def _wrap_generator(block: _Block, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        span = _Suspended(block._copy())
+        failure: BaseException | None = None
+        try:
+            gen = func(*args, **kwargs)
+            sent: Any = None
+            thrown: BaseException | None = None
+            while True:
+                token = span.resume()
+                try:
+                    value = gen.send(sent) if thrown is None else gen.throw(thrown)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    span.pause(token)
+                thrown = None
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    token = span.resume()
+                    try:
+                        gen.close()
+                    finally:
+                        span.pause(token)
+                    raise
+                except BaseException as exc:  # thrown in by the caller: the generator handles it or fails
+                    thrown = exc
+        except GeneratorExit:
+            raise  # closed early (a `break` in the caller's loop): not a failure
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            span.close(failure)
+
+    return wrapper
+
+
+def _wrap_async_generator(block: _Block, func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        span = _Suspended(block._copy())
+        failure: BaseException | None = None
+        try:
+            agen = func(*args, **kwargs)
+            sent: Any = None
+            thrown: BaseException | None = None
+            while True:
+                token = span.resume()
+                try:
+                    value = await (agen.asend(sent) if thrown is None else agen.athrow(thrown))
+                except StopAsyncIteration:
+                    return
+                finally:
+                    span.pause(token)
+                thrown = None
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    token = span.resume()
+                    try:
+                        await agen.aclose()
+                    finally:
+                        span.pause(token)
+                    raise
+                except BaseException as exc:
+                    thrown = exc
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            span.close(failure)
+
+    return wrapper
 
 
 class workflow(_Block):
@@ -194,17 +381,30 @@ class workflow(_Block):
                           if isinstance(max_redos, int) and not isinstance(max_redos, bool) else None)
         self.attributes = _attributes(attributes)
         self._traced = None
-        self.joined = False
+        self._joined = False
 
     def _copy(self) -> workflow:
         return workflow(**self._args)  # type: ignore[arg-type]
 
+    def _entered(self, traced: TracedSpan | None) -> None:
+        self._joined = traced is None
+
+    @property
+    def joined(self) -> bool:
+        """Whether this block (its innermost entry in the calling context, else its last one)
+        joined an enclosing run instead of starting one."""
+        for entry in reversed(_ENTRIES.get()):
+            if entry.block is self:
+                return entry.traced is None
+        return self._joined
+
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:
         parent = scope or current_scope()
         if parent is not None and parent.in_workflow:
-            self.joined = True
             return None
         attrs: dict[str, Any] = {
+            semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
+            semconv.GEN_AI_WORKFLOW_NAME: self.name,
             semconv.WORKFLOW_NAME: self.name,
             semconv.WORKFLOW_MODE: self.mode,
         }
@@ -242,17 +442,20 @@ class phase(_Block):
     ``1000 + <1-based position of the phase in the run>`` (never a step number). The first
     ``one_shot`` phase of a run is cmbagent's fixed-pipeline ``execute`` node (node type
     ``agent``, order index 1, between the derived ``init`` and ``terminator`` nodes).
+    ``agent``: the agent that runs the phase (for a planning phase, the planner: the
+    ``plan`` span's ``gen_ai.agent.name``).
     """
 
-    def __init__(self, name: str, *, attributes: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str, *, agent: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
         if not isinstance(name, str) or not str.__len__(name):
             raise ValueError("phase name must be a non-empty string")
         self.name: str = str.__str__(name)
+        self.agent = _text(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> phase:
-        return phase(self.name, attributes=self.attributes)
+        return phase(self.name, agent=self.agent, attributes=self.attributes)
 
     def _open(self, scope: Scope | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"phase({self.name!r})", "a workflow")
@@ -261,10 +464,12 @@ class phase(_Block):
                 f"phase({self.name!r}) opened inside phase({scope.phase!r}); phases do not nest"
             )
         index = scope.run.next_phase_index()
-        planning = self.name in PLANNING_PHASES or self.name.endswith("planning")
+        planning = is_planning_phase(self.name)
         attrs: dict[str, Any] = {semconv.PHASE: self.name, semconv.PHASE_INDEX: index}
         if planning:
             attrs[semconv.GEN_AI_OPERATION_NAME] = semconv.OP_PLAN
+        if self.agent:
+            attrs[semconv.GEN_AI_AGENT_NAME] = self.agent
         if self.attributes:
             attrs.update(self.attributes)
         if planning:
@@ -323,11 +528,23 @@ class step(_Block):
                           scope_changes={"step": self.number})
 
 
+def _step_agent() -> str | None:
+    """The agent of the step whose span is where new work stands now (``None`` if unknown)."""
+    try:
+        attributes = getattr(effective_parent()[1], "attributes", None)
+        agent = attributes.get(semconv.STEP_AGENT) if attributes is not None else None
+        return agent if isinstance(agent, str) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the step's agent", exc_info=True)
+        return None
+
+
 class redo(_Block):
     """Redo attempt ``attempt`` (1-based) of step ``step``: a branch of that step.
 
-    Must be opened inside ``step(step)``. Becomes DAG node ``step_<n>_redo_<attempt>`` of
-    type ``redo`` with ``cmbagent.branch.name`` = ``redo_<attempt>`` and order index
+    Must be opened inside ``step(step)``; ``agent`` defaults to the step's agent. Becomes DAG
+    node ``step_<n>_redo_<attempt>`` of type ``redo`` with ``cmbagent.branch.name`` =
+    ``redo_<attempt>`` and order index
     ``n * 1000 + k`` (k-th child of the step, counted with its sub-agents); the DAG exporter
     adds the ``branch_at_step_<n>`` branch point and a conditional edge ``branch_redo_<attempt>``.
     """
@@ -338,6 +555,7 @@ class redo(_Block):
         attempt: int,
         hypothesis: str | None = None,
         *,
+        agent: str | None = None,
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         for label, value in (("step", step), ("attempt", attempt)):
@@ -346,13 +564,16 @@ class redo(_Block):
         self.step = _plain_int(step)
         self.attempt = _plain_int(attempt)
         self.hypothesis = _text(hypothesis)
+        self.agent = _text(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 
     def _copy(self) -> redo:
-        return redo(self.step, self.attempt, self.hypothesis, attributes=self.attributes)
+        return redo(self.step, self.attempt, self.hypothesis, agent=self.agent, attributes=self.attributes)
 
     def _open(self, scope: Scope | None = None) -> TracedSpan:
+        # the redo is the step's agent's work unless told otherwise: read it off the step's span
+        agent = self.agent or (_step_agent() if scope is None else None)
         scope = _require(scope or current_scope(), f"redo(step={self.step})", f"step({self.step})")
         if scope.step != self.step or scope.dag_node_type != semconv.NODE_AGENT:
             raise WorkflowNestingError(
@@ -373,6 +594,8 @@ class redo(_Block):
         }
         if self.hypothesis:
             attrs[semconv.BRANCH_HYPOTHESIS] = truncate(self.hypothesis)
+        if agent:
+            attrs[semconv.STEP_AGENT] = agent
         if self.attributes:
             attrs.update(self.attributes)
         node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True)

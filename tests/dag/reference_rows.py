@@ -67,16 +67,15 @@ def _normalised(spans: list[ReadableSpan], trace_id: int, extra: Callable[[Reada
 
 
 def _recorded(run: Callable[[Any], None]) -> list[ReadableSpan]:
-    from cmbagent_otel._spans import set_tracer_provider
+    from cmbagent_otel._spans import workflow_tracers
 
     memory = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    set_tracer_provider(provider)
     try:
-        run(provider)
+        with workflow_tracers.routed_to(provider):
+            run(provider)
     finally:
-        set_tracer_provider(None)
         provider.shutdown()
     return list(memory.get_finished_spans())
 

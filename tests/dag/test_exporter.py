@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from sqlalchemy import create_engine, text
 
-from cmbagent_otel._spans import set_tracer_provider
+from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.dag.database import default_sqlite_path, resolve_url
 
 from .scenario import run_scenario
@@ -21,12 +21,11 @@ def test_batch_processor_end_to_end(db_url: str) -> None:
     exporter = DagSpanExporter(db_url)
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=4))
-    set_tracer_provider(provider)
     try:
-        run_scenario()
+        with workflow_tracers.routed_to(provider):
+            run_scenario()
         assert provider.force_flush()
     finally:
-        set_tracer_provider(None)
         provider.shutdown()
     engine = create_engine(db_url)
     with engine.connect() as conn:

@@ -22,7 +22,7 @@ from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import create_engine, inspect, select
 
 from cmbagent_otel import phase, step, workflow
-from cmbagent_otel._spans import set_tracer_provider
+from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
 from cmbagent_otel.processor import DurableBatchSpanProcessor
 
@@ -65,11 +65,10 @@ def live(db_url: str, tmp_path: Path) -> Iterator[tuple[NotifyingExporter, Trace
     exporter = NotifyingExporter(db_url, spill_dir=tmp_path / "spill")
     provider = TracerProvider()
     provider.add_span_processor(DurableBatchSpanProcessor(exporter))
-    set_tracer_provider(provider)
     try:
-        yield exporter, provider
+        with workflow_tracers.routed_to(provider):
+            yield exporter, provider
     finally:
-        set_tracer_provider(None)
         provider.shutdown()
 
 
@@ -198,13 +197,11 @@ def test_only_workflow_and_node_spans_are_sent_started_and_only_to_exporters_tha
         provider = TracerProvider()
         processor = DurableBatchSpanProcessor(exporter)
         provider.add_span_processor(processor)
-        set_tracer_provider(provider)
         try:
-            with workflow("w", mode="one-shot", task="t"), phase("control"):
+            with workflow_tracers.routed_to(provider), workflow("w", mode="one-shot", task="t"), phase("control"):
                 assert processor.force_flush()
                 running = [s.name for s in exporter.got if s.end_time is None]
         finally:
-            set_tracer_provider(None)
             provider.shutdown()
         assert running == (["workflow w", "phase control"] if expect else [])
         assert all(s.end_time is not None for s in exporter.got[len(running):])

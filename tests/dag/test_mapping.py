@@ -68,8 +68,8 @@ def test_scripted_run_rows(db_url: str, provider: Any) -> None:
         "step_1": ("agent", "completed", 1, 1, "control", "engineer"),
         "step_2": ("agent", "failed", 2, 1, "control", "engineer"),
         "step_3": ("agent", "completed", 3, 1, "control", "engineer"),
-        "step_2_redo_1": ("redo", "failed", order["step_2_redo_1"], 2, "step_2", "unknown"),
-        "step_2_redo_2": ("redo", "completed", order["step_2_redo_2"], 2, "step_2", "unknown"),
+        "step_2_redo_1": ("redo", "failed", order["step_2_redo_1"], 2, "step_2", "engineer"),
+        "step_2_redo_2": ("redo", "completed", order["step_2_redo_2"], 2, "step_2", "engineer"),  # the step's agent
         "branch_at_step_2": ("branch_point", "completed", 2000, 2, "step_2", "system"),
         "terminator": ("terminator", "completed", 4, 0, None, "system"),
     }

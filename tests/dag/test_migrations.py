@@ -163,3 +163,18 @@ def test_cmbagent_table_already_there_is_left_alone(tmp_path: Path, table: str) 
     with engine.connect() as conn:
         assert conn.execute(text(f"SELECT id, cmbagent_only FROM {table}")).all() == [("row-1", "x")]
     engine.dispose()
+
+
+def test_revisions_never_read_the_live_models() -> None:
+    """Each revision writes its DDL out (op.create_table ...): a later change to schema.py must
+    not change what an old revision creates."""
+    versions = Path(database.__file__).resolve().parents[3] / "migrations" / "versions"
+    import ast
+
+    for path in sorted(versions.glob("0*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m.startswith("cmbagent_otel") for m in modules), (path.name, modules)
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "create_all", path.name

@@ -55,8 +55,8 @@ def test_a_database_at_head_is_written_without_importing_alembic(tmp_path: Path)
         provider = TracerProvider()
         memory = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(memory))
-        _spans.set_tracer_provider(provider)
-        with workflow("w", mode="one-shot", task="t"), phase("control"), step(1, "g"):
+        with _spans.workflow_tracers.routed_to(provider), workflow("w", mode="one-shot", task="t"), \
+                phase("control"), step(1, "g"):
             pass
         exporter = DagSpanExporter({url!r}, spill=False)
         print(exporter.export(memory.get_finished_spans()).name, "alembic" in sys.modules)

@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from cmbagent_otel.dag.mapping import run_id_of
 from cmbagent_otel.dag.writer import DagWriter, decode_json, dump_tables
 from cmbagent_otel.spill import record_to_span
 
 APP = Path(__file__).with_name("app.py")
-PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
-
-
-def pg_base() -> str:
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
-    return base
-
-
-@contextlib.contextmanager
-def pg_schema() -> Iterator[str]:
-    """A URL whose connections use a fresh schema of the test PostgreSQL (dropped afterwards)."""
-    base = pg_base()
-    schema = f"f_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with pg_schema() as url:
-        yield url
-
-
 def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = create_engine(url)
     try:

@@ -35,17 +35,7 @@ from cmbagent_otel.dag.writer import DagWriter
 from cmbagent_otel.processor import DurableBatchSpanProcessor
 from cmbagent_otel.spill import SpillStore
 
-from .conftest import (
-    cli,
-    dump,
-    expected_keys,
-    pg_schema,
-    read_record,
-    read_started,
-    reference,
-    spawn,
-    stored_spans,
-)
+from .conftest import cli, dump, expected_keys, read_record, read_started, reference, spawn, stored_spans
 
 
 @contextlib.contextmanager
@@ -57,11 +47,10 @@ def traced(exporter: DagSpanExporter, **settings: int) -> Iterator[
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(record))
     provider.add_span_processor(processor)
-    _spans.set_tracer_provider(provider)
     try:
-        yield provider, record, processor
+        with _spans.workflow_tracers.routed_to(provider):
+            yield provider, record, processor
     finally:
-        _spans.set_tracer_provider(None)
         provider.shutdown()  # drains the queue and replays what was spilled
 
 
@@ -209,7 +198,7 @@ def test_sqlite_locked_past_the_deadline_spills_within_it_and_replays(tmp_path, 
 
 
 @pytest.mark.postgres
-def test_postgres_locked_past_the_deadline_spills_within_it_and_replays(tmp_path):
+def test_postgres_locked_past_the_deadline_spills_within_it_and_replays(tmp_path, pg_schema):
     with pg_schema() as url, pg_schema() as ref_url:
         upgrade(url)
         exporter = DagSpanExporter(url, timeout=0.5, spill_dir=tmp_path / "spill")
@@ -407,7 +396,7 @@ def _run_processes(url: str, tmp_path: Path, count: int = 4) -> list[ReadableSpa
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh-schema", "existing-session"])
-def test_four_processes_write_one_session_into_postgres(tmp_path, fresh):
+def test_four_processes_write_one_session_into_postgres(tmp_path, fresh, pg_schema):
     with pg_schema() as url, pg_schema() as ref_url:
         if not fresh:  # else they also race to migrate the schema and to create the session
             for target in (url, ref_url):
@@ -455,7 +444,7 @@ def _write_concurrently(url: str, slices: list[list[ReadableSpan]]) -> list[Base
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_concurrent_writers_of_one_run_converge(tmp_path, backend, capture):
+def test_concurrent_writers_of_one_run_converge(tmp_path, backend, capture, pg_schema):
     """Four writers (ingest threads, or processes behind a collector) store disjoint slices of
     the same run at once: run, session state, edges, costs and branch rows come out as one
     writer storing everything gives."""

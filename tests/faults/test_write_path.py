@@ -20,8 +20,6 @@ from cmbagent_otel.dag.errors import Fault, classify
 from cmbagent_otel.dag.mapping import event_db_id
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 
-from .conftest import pg_schema
-
 
 def _span(trace_id: int, span_id: int, parent: int | None, name: str, attrs: dict) -> ReadableSpan:
     ctx = SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED))
@@ -91,7 +89,7 @@ def test_sqlite_codes_classify_real_errors(tmp_path):
 
 
 @pytest.mark.postgres
-def test_postgres_sqlstates_classify_real_errors():
+def test_postgres_sqlstates_classify_real_errors(pg_schema):
     with pg_schema() as url:
         engine = create_engine(url)
         with engine.connect() as conn:
@@ -136,7 +134,7 @@ def test_postgres_sqlstates_classify_real_errors():
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_a_dropped_table_is_migrated_again_not_retried_forever(tmp_path, capture, backend):
+def test_a_dropped_table_is_migrated_again_not_retried_forever(tmp_path, capture, backend, pg_schema):
     spans = _run(capture)
     with pg_schema() if backend == "postgres" else contextlib.nullcontext(f"sqlite:///{tmp_path}/c.db") as url:
         writer = DagWriter(url)

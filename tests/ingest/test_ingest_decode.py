@@ -25,7 +25,8 @@ def workflow_spans() -> list[ReadableSpan]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "decode-test", "host.cores": 2}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    _spans.set_tracer_provider(provider)
+    routed = _spans.workflow_tracers.routed_to(provider)
+    routed.__enter__()
     try:
         with cmbagent_otel.workflow("decode", mode="planning-control", task="t"):
             with cmbagent_otel.phase("planning"):
@@ -46,7 +47,7 @@ def workflow_spans() -> list[ReadableSpan]:
             sp.add_event("evt", {"n": 3, "vals": [1, 2]})
             sp.set_status(Status(StatusCode.OK))
     finally:
-        _spans.set_tracer_provider(None)
+        routed.__exit__(None, None, None)
         provider.shutdown()
     return list(exporter.get_finished_spans())
 

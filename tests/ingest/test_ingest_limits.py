@@ -17,13 +17,14 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import IngestProcess
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from .conftest import IngestProcess
 
 MiB = 1 << 20
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

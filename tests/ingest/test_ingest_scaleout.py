@@ -72,8 +72,8 @@ def reference_signature(tmp_path: Path) -> dict[str, Any]:
     return signature(url, runs_by_task(url)["task ref"][0])
 
 
-def test_four_processes_one_database(tmp_path: Path, shared_db: str) -> None:
-    url = shared_db
+def test_four_processes_one_database(tmp_path: Path, db_url: str) -> None:
+    url = db_url
     expected = reference_signature(tmp_path)
     with IngestServer(url, port=0, grpc_port=0, token=TOKEN) as srv:
         env = {

@@ -187,7 +187,7 @@ def run_ingest(db_url: str, workdir: Path) -> Iterator[str]:
     """``cmbagent-otel ingest`` as a real subprocess on a free port; yields its base URL (OTLP/HTTP)."""
     port, grpc_port = free_ports(2)
     cli = Path(sys.executable).with_name("cmbagent-otel")   # the console script of this environment
-    command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "cmbagent_otel.commands"]
+    command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "cmbagent_otel.cli"]
     argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port),
             "--grpc-port", str(grpc_port)]   # not used here: the collector exports OTLP/HTTP to it
     base = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import cmbagent_otel
-from cmbagent_otel.provider import ConfigurationError, build_tracer_provider, exporter_names
+from cmbagent_otel.provider import ConfigurationError, build_tracer_provider, exporter_names, span_processors
 
 APP = Path(__file__).with_name("app.py")
 BIN = Path(sys.executable).parent
@@ -59,14 +59,28 @@ def test_opentelemetry_instrument_auto_instrumentation():
     assert '"service.name": "auto-svc"' in proc.stdout
 
 
-def test_unknown_exporter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,zipkin-typo")
+def test_unknown_exporter_argument_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     with pytest.raises(ConfigurationError, match="unknown traces exporter 'zipkin-typo'"):
-        build_tracer_provider()
+        build_tracer_provider(["console", "zipkin-typo"])
+
+
+def test_bad_exporter_settings_in_the_environment_fall_back_with_a_warning(monkeypatch, caplog):
+    """The environment's one policy (docs/configuration.md): warn once, use the default."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,zipkin-typ0")
+    with caplog.at_level("WARNING", logger="cmbagent_otel"):
+        assert exporter_names() == ["cmbagent_dag"]
+    assert "OTEL_TRACES_EXPORTER='console,zipkin-typ0'" in caplog.text and "zipkin-typ0" in caplog.text
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
-    with pytest.raises(ConfigurationError, match="unsupported OTLP protocol"):
-        build_tracer_provider()
+    with caplog.at_level("WARNING", logger="cmbagent_otel"):
+        processors = span_processors()
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon'" in caplog.text
+    try:
+        assert type(processors[0].span_exporter).__module__.endswith("proto.grpc.trace_exporter")  # the default
+    finally:
+        for processor in processors:
+            processor.shutdown()
 
 
 def test_exporter_names_resolution(monkeypatch):

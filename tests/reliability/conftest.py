@@ -13,7 +13,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
-from cmbagent_otel import _spans
 from cmbagent_otel.demo import order_speakers
 from cmbagent_otel.testing import ScriptedModelClient, offline_backend
 
@@ -125,7 +124,6 @@ def instrumented_with(capture: Capture, capture_content: bool | None = None) -> 
         yield capture
     finally:
         cmbagent_otel.uninstrument()
-        _spans.set_tracer_provider(None)
         with contextlib.suppress(Exception):  # a hostile processor may fail its shutdown too
             capture.provider.shutdown()
 

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
-from cmbagent_otel import _spans, redaction, semconv
+from cmbagent_otel import redaction, semconv
 from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient
 
 from .conftest import group_chat, needs_custom_client
@@ -83,7 +83,6 @@ def sink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Sink]:
     s = Sink(tmp_path)
     yield s
     cmbagent_otel.uninstrument()
-    _spans.set_tracer_provider(None)
     s.provider.shutdown()
 
 
@@ -356,29 +355,15 @@ class OtlpGrpcReceiver:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str | None]:
-    """A fresh schema on the test PostgreSQL (``None`` when it is not configured)."""
+def pg_url(pg_schema: Any) -> Iterator[str | None]:
+    """A fresh schema on the test PostgreSQL (``None`` when it is not configured: the test runs without it)."""
     import os
-    import uuid
 
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = os.environ.get(PG_ENV)
-    if not base:
+    if not os.environ.get(PG_ENV):
         yield None
         return
-    schema = f"secrets_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with pg_schema() as url:
+        yield url
 
 
 def db_texts(url: str) -> Iterator[tuple[str, str]]:
@@ -483,7 +468,6 @@ def test_tool_password_never_leaks_on_any_path(tmp_path: Path, caplog: pytest.Lo
         login_chat(marker, nested)
     finally:
         cmbagent_otel.uninstrument()
-        _spans.set_tracer_provider(None)
         provider.shutdown()
         receiver.stop()
         ingest.stop()

@@ -83,7 +83,8 @@ def test_database_locked_mid_run_spills_then_replays_exactly_once(tmp_path, shor
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    _spans.set_tracer_provider(provider)
+    routed = _spans.workflow_tracers.routed_to(provider)
+    routed.__enter__()
     try:
         with workflow("outage", mode="planning-control"), phase("control"):
             for number in (1, 2, 3):
@@ -99,7 +100,7 @@ def test_database_locked_mid_run_spills_then_replays_exactly_once(tmp_path, shor
                     assert provider.force_flush()
         assert provider.force_flush()
     finally:
-        _spans.set_tracer_provider(None)
+        routed.__exit__(None, None, None)
         provider.shutdown()
     stats = exporter.stats()
     assert stats["spilled"] > 0 and stats["replayed"] == stats["spilled"] and stats["dropped"] == 0
@@ -172,14 +173,15 @@ def test_database_full_spills_then_replays_exactly_once(tmp_path, provider_with_
     url = f"sqlite:///{db_path}"
     upgrade(url)
     spill_dir = tmp_path / "spill"
-    _spans.set_tracer_provider(provider)
+    routed = _spans.workflow_tracers.routed_to(provider)
+    routed.__enter__()
     try:
         with workflow("full disk", mode="planning-control"), phase("control"), step(1, "fit"):
             for call in range(20):
                 with TracedSpan(f"chat m{call}", "llm", {"gen_ai.usage.input_tokens": call}):
                     pass
     finally:
-        _spans.set_tracer_provider(None)
+        routed.__exit__(None, None, None)
     spans = memory.get_finished_spans()
 
     with database_full(db_path):

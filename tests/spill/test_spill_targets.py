@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,7 @@ from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel._spans import TracedSpan
@@ -55,25 +51,6 @@ def written(spans, url: str) -> dict:
     writer.write(spans)
     writer.close()
     return dump(url)
-
-
-@contextlib.contextmanager
-def pg_schema(pytest_module) -> Iterator[str]:
-    """A fresh schema on the test PostgreSQL, as a URL (dropped afterwards)."""
-    base = os.environ.get("CMBAGENT_OTEL_TEST_PG_URL")
-    if not base:
-        pytest_module.skip("CMBAGENT_OTEL_TEST_PG_URL not set")
-    schema = f"s_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -127,12 +104,12 @@ def test_exporter_replays_only_its_own_database(capture, tmp_path):
 
 
 @pytest.mark.postgres
-def test_plain_replay_writes_a_postgres_spill_into_postgres_and_says_so(capture, tmp_path, monkeypatch):
+def test_plain_replay_writes_a_postgres_spill_into_postgres_and_says_so(capture, tmp_path, monkeypatch, pg_schema):
     spans = run(capture)
     monkeypatch.setenv("CMBAGENT_DEFAULT_WORK_DIR", str(tmp_path / "work"))  # the default SQLite DB
     monkeypatch.delenv("CMBAGENT_OTEL_DATABASE_URL", raising=False)
     spill_dir = tmp_path / "spill"
-    with pg_schema(pytest) as pg:
+    with pg_schema() as pg:
         upgrade(pg)
         SpillStore(spill_dir, target_of(pg)).append(spans)
         done = replay_cli("replay", "--spill-dir", str(spill_dir))

@@ -12,7 +12,6 @@ import contextvars
 import hashlib
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -25,6 +24,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
+
+from .. import environment_variables
 
 URL_ENV = "CMBAGENT_OTEL_DATABASE_URL"
 CMBAGENT_URL_ENV = "CMBAGENT_DATABASE_URL"
@@ -70,13 +71,7 @@ def time_left_ms() -> int | None:
 
 def sqlite_busy_timeout_ms() -> int:
     """How long a SQLite write waits for a lock: ``CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS`` or 30000."""
-    raw = os.environ.get(BUSY_TIMEOUT_ENV)
-    if raw:
-        try:
-            return max(0, int(raw))
-        except ValueError:
-            pass
-    return SQLITE_BUSY_TIMEOUT_MS
+    return int(environment_variables.get(BUSY_TIMEOUT_ENV))
 
 
 class BadDatabaseURL(ValueError):
@@ -85,15 +80,12 @@ class BadDatabaseURL(ValueError):
 
 def default_sqlite_path() -> Path:
     """``<CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/database/cmbagent.db``."""
-    work = os.environ.get(WORK_DIR_ENV) or DEFAULT_WORK_DIR
-    return Path(work).expanduser() / "database" / "cmbagent.db"
+    return environment_variables.default_sqlite_path()
 
 
 def resolve_url(url: str | None = None) -> str:
     """Resolve the database URL (argument > env > default) and normalise its driver."""
-    chosen = url or os.environ.get(URL_ENV) or os.environ.get(CMBAGENT_URL_ENV)
-    if not chosen:
-        chosen = f"sqlite:///{default_sqlite_path()}"
+    chosen = environment_variables.database_url(url)
     try:
         parsed = make_url(chosen)
     except ArgumentError as exc:

@@ -410,7 +410,7 @@ def _event_io(kind: Any, attrs: Mapping[str, Any]) -> tuple[dict[str, Any] | Non
                 {"model": g(sc.GEN_AI_RESPONSE_MODEL), "finish_reasons": _plain(g(sc.GEN_AI_RESPONSE_FINISH_REASONS))})
     if kind == sc.KIND_TOOL:
         return ({"tool": g(sc.GEN_AI_TOOL_NAME), "args": g(sc.GEN_AI_TOOL_CALL_ARGUMENTS)},
-                {"result": g(sc.GEN_AI_TOOL_CALL_RESULT)})
+                {"result": _json_string(g(sc.GEN_AI_TOOL_CALL_RESULT))})
     if kind == sc.KIND_CODE:
         return ({"language": g(sc.CODE_LANGUAGE), "code": g(sc.CODE_SOURCE)},
                 {"exit_code": g(sc.CODE_EXIT_CODE), "result": g(sc.CODE_OUTPUT)})
@@ -425,6 +425,29 @@ def _event_io(kind: Any, attrs: Mapping[str, Any]) -> tuple[dict[str, Any] | Non
     if kind == sc.KIND_AGENT:
         return {"sender": g(sc.AGENT_SENDER)}, None
     return None, None
+
+
+def _json_string(value: Any) -> Any:
+    """A content attribute holding a JSON string literal (a tool's text result) as that text."""
+    if isinstance(value, str) and value.startswith('"'):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, str) else value
+    return value
+
+
+def _parts_text(parts: Any) -> str:
+    """Text of a GenAI-conventions message: its text parts as they are, other parts (tool calls,
+    tool responses) as JSON."""
+    if not isinstance(parts, list):
+        return json.dumps(parts, default=str)
+    texts = []
+    for part in parts:
+        text = part.get("content") if isinstance(part, dict) and part.get("type") == "text" else None
+        texts.append(text if isinstance(text, str) else json.dumps(part, default=str))
+    return "\n".join(texts)
 
 
 def _agent_of(kind: Any, attrs: Mapping[str, Any]) -> Any:
@@ -588,7 +611,7 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
         for item in value:
             if isinstance(item, dict):
                 sender = item.get("name") or item.get("role")
-                content = item.get("content")
+                content = _parts_text(item["parts"]) if "parts" in item else item.get("content")
                 out.append((str(sender) if sender else None,
                             content if isinstance(content, str) else json.dumps(content, default=str)))
             else:

@@ -27,6 +27,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 
+from .. import environment_variables
 from .. import semconv as sc
 from . import schema
 from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
@@ -66,7 +67,7 @@ def resolve_cost_records(mode: str | None = None) -> str:
     whose costs cmbagent's own backend records). Unknown values fall back to the default
     with a warning.
     """
-    chosen = mode if mode is not None else os.environ.get(COST_RECORDS_ENV)
+    chosen = mode if mode is not None else environment_variables.get(COST_RECORDS_ENV)
     if chosen is None or chosen.strip() == "":
         return COST_RECORDS_MODES[0]
     normalized = chosen.strip().lower().replace("-", "_")

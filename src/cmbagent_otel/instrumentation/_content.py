@@ -1,29 +1,73 @@
-"""Message-content capture switch and safe extraction helpers for AG2 objects."""
+"""Message-content capture mode and safe extraction helpers for AG2 objects."""
 
 from __future__ import annotations
 
-import os
+import enum
+import logging
 from collections import OrderedDict
 from typing import Any
 
-from ..redaction import register_secret, register_secrets_in, safe_text
+from .. import environment_variables
+from ..redaction import register_secret, register_secrets_in
 
-CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-_ON_VALUES = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
+logger = logging.getLogger("cmbagent_otel")
 
-
-def capture_from_env() -> bool:
-    """Whether the environment asks for message content (off unless explicitly on)."""
-    return os.environ.get(CAPTURE_ENV, "").strip().lower() in _ON_VALUES
+CAPTURE_ENV = environment_variables.CAPTURE_MESSAGE_CONTENT
 
 
-class Settings:
-    """Runtime switches of the AG2 instrumentation (set by ``instrument``)."""
+class ContentMode(enum.Enum):
+    """Where message content goes (the values of ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``).
 
-    capture_content: bool = False
+    ``SPAN_ONLY``: content attributes on the spans; ``EVENT_ONLY``: only in the GenAI content
+    events (``gen_ai.client.inference.operation.details`` log records, one per model call);
+    ``SPAN_AND_EVENT``: both; ``NO_CONTENT``: neither (the default).
+    """
+
+    NO_CONTENT = "no_content"
+    SPAN_ONLY = "span_only"
+    EVENT_ONLY = "event_only"
+    SPAN_AND_EVENT = "span_and_event"
+
+    @property
+    def on_spans(self) -> bool:
+        return self in (ContentMode.SPAN_ONLY, ContentMode.SPAN_AND_EVENT)
+
+    @property
+    def on_events(self) -> bool:
+        return self in (ContentMode.EVENT_ONLY, ContentMode.SPAN_AND_EVENT)
 
 
-settings = Settings()
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"", "false", "0", "no", "off"})
+_warned: set[str] = set()
+
+
+def content_mode(value: Any) -> ContentMode:
+    """Parse a capture setting: a :class:`ContentMode`, a bool (true = ``SPAN_ONLY``), or the
+    variable's text (mode names in any case, or the boolean forms). Anything else: warn once,
+    ``NO_CONTENT``."""
+    if isinstance(value, ContentMode):
+        return value
+    if isinstance(value, bool):
+        return ContentMode.SPAN_ONLY if value else ContentMode.NO_CONTENT
+    text = str(value).strip().lower() if value is not None else ""
+    if text in _TRUE:
+        return ContentMode.SPAN_ONLY
+    if text in _FALSE:
+        return ContentMode.NO_CONTENT
+    try:
+        return ContentMode(text)
+    except ValueError:
+        if text not in _warned:
+            _warned.add(text)
+            logger.warning("cmbagent_otel: %s=%r is not one of NO_CONTENT, SPAN_ONLY, EVENT_ONLY, SPAN_AND_EVENT, "
+                           "true, false; message content stays off", CAPTURE_ENV, value)
+        return ContentMode.NO_CONTENT
+
+
+def capture_from_env() -> ContentMode:
+    """The capture mode the environment asks for (off unless explicitly on)."""
+    return content_mode(environment_variables.get(CAPTURE_ENV))
 
 
 def agent_name(agent: Any) -> str:
@@ -32,17 +76,6 @@ def agent_name(agent: Any) -> str:
         return str(name) if name is not None else type(agent).__name__
     except Exception:
         return "unknown"
-
-
-def content_of(message: Any) -> str | None:
-    """Text of an AG2 message (str or dict), redacted and bounded; ``None`` if absent."""
-    if message is None:
-        return None
-    if isinstance(message, dict):
-        if message.get("content") is None and (message.get("tool_calls") or message.get("function_call")):
-            return safe_text({k: message.get(k) for k in ("tool_calls", "function_call") if message.get(k)})
-        return safe_text(message.get("content"))
-    return safe_text(message)
 
 
 def register_llm_config_secrets(config_list: Any) -> None:

@@ -38,11 +38,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from .. import semconv
 from .._context import Cursor, Frame, Scope
-from .._spans import NodeSpec, compose, end_frame, get_tracer, open_frame
+from .._spans import NodeSpec, compose, end_frame, open_frame
 from ..redaction import redact, truncate
 
 logger = logging.getLogger("cmbagent_otel")
@@ -91,14 +91,17 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def tracker_for(scope: Scope | None) -> StepTracker | None:
-    """A tracker for a group chat starting at ``scope``, when that chat can hold plan steps."""
+def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:
+    """A tracker for a group chat starting at ``scope``, when that chat can hold plan steps.
+
+    ``tracer``: the workflow-scope tracer its step and attempt spans are started with.
+    """
     if scope is None or not scope.in_workflow or scope.steps is not None:
         return None
     if scope.step is None and scope.dag_node_type == semconv.NODE_CONTROL:
-        return StepTracker(derive=True)
+        return StepTracker(tracer, derive=True)
     if scope.step is not None and scope.dag_node_type == semconv.NODE_AGENT:
-        return StepTracker(derive=False)
+        return StepTracker(tracer, derive=False)
     return None
 
 
@@ -123,9 +126,11 @@ class _Step:
 class StepTracker:
     """Plan steps of one group chat (see the module docstring)."""
 
-    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "seen")
+    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "seen",
+                 "tracer")
 
-    def __init__(self, derive: bool = True) -> None:
+    def __init__(self, tracer: Tracer, derive: bool = True) -> None:
+        self.tracer = tracer
         self.derive = derive
         self.cursor = Cursor()
         self._lock = self.cursor.lock  # one lock: the cursor calls back into the tracker
@@ -188,7 +193,7 @@ class StepTracker:
         if step is not None and step.agent:
             attrs[semconv.GEN_AI_AGENT_NAME] = step.agent
         label = f"step {number} attempt {k if k is not None else attempts}" if number is not None else "attempt"
-        emit_event(f"{label} failed", semconv.KIND_ATTEMPT, attrs, parent_scope, parent_span,
+        emit_event(self.tracer, f"{label} failed", semconv.KIND_ATTEMPT, attrs, parent_scope, parent_span,
                    f"{label} failed (cmbagent n_attempts={attempts}"
                    + (f" of max_n_attempts={limit})" if limit is not None else ")"), "attempt_failed")
 
@@ -224,8 +229,9 @@ class StepTracker:
                     attrs = {semconv.STEP_NUMBER: number}
                     if current.agent:
                         attrs[semconv.GEN_AI_AGENT_NAME] = current.agent
-                    emit_event(f"step {number} reported failed", semconv.KIND_ATTEMPT, attrs, current.frame.scope,
-                               current.frame.span, f"record_status reported step {number} failed", "step_failed")
+                    emit_event(self.tracer, f"step {number} reported failed", semconv.KIND_ATTEMPT, attrs,
+                               current.frame.scope, current.frame.span, f"record_status reported step {number} failed",
+                               "step_failed")
 
     # --- opening and closing --------------------------------------------------------------
     def _open_pending(self) -> None:
@@ -244,7 +250,7 @@ class StepTracker:
                 attrs[semconv.STEP_AGENT] = step.agent
             node = NodeSpec(f"step_{step.number}", semconv.NODE_AGENT, order_index=step.number)
             frame = open_frame(f"step {step.number}", semconv.KIND_STEP, attrs, node, self._scope, self._span,
-                               "step", owner=self, scope_changes={"step": step.number})
+                               "step", owner=self, scope_changes={"step": step.number}, tracer=self.tracer)
             frame.finish = lambda f, step=step: self._finish(step, f)  # type: ignore[misc]
             step.frame = frame
             self.cursor.push(frame)
@@ -311,12 +317,12 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     return goal, agent
 
 
-def emit_event(name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope, parent_span: Span,
-               error: str | None = None, error_type: str | None = None) -> None:
+def emit_event(tracer: Tracer, name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope,
+               parent_span: Span, error: str | None = None, error_type: str | None = None) -> None:
     """A zero-length event span under ``parent_span`` (explicit parent; nothing attached)."""
     try:
         attrs, _ = compose(parent_scope, kind, attributes, None, False, None, None)
-        span = get_tracer().start_span(name, context=trace.set_span_in_context(parent_span),
+        span = tracer.start_span(name, context=trace.set_span_in_context(parent_span),
                                        kind=SpanKind.INTERNAL, attributes=attrs)
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, truncate(error, 1024)))

@@ -33,31 +33,38 @@ group chat) leaves the ``select_speaker`` span successful, marked ``cmbagent.han
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
+import json
 import logging
+import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import wrapt
+from opentelemetry import _logs
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import SpanKind, Tracer
 
 from .. import semconv
 from .._context import current_scope
-from .._spans import NodeSpec, TracedSpan, set_tracer_provider
+from .._spans import SCHEMA_URL, NodeSpec, TracedSpan, make_tracer, workflow_tracers
 from ..redaction import learn_secrets_in, safe_text, truncate
-from . import _steps
+from ..version import __version__
+from . import _messages, _models, _steps, _subprocess_context
 from ._content import (
+    ContentMode,
     agent_name,
     capture_from_env,
-    content_of,
+    content_mode,
     register_agent_secrets,
     register_llm_config_secrets,
-    settings,
 )
 
 logger = logging.getLogger("cmbagent_otel")
@@ -85,6 +92,34 @@ OPTIONAL_EXECUTOR_CLASSES = (
 )
 
 
+class _State:
+    """Everything one ``instrument()`` ... ``uninstrument()`` cycle of :class:`AG2Instrumentor` holds.
+
+    Built in ``_instrument`` from the arguments it was given and handed to every wrapper it
+    installs; ``uninstrument()`` drops it, so nothing (provider, capture settings, AG2 classes)
+    outlives the cycle.
+    """
+
+    __slots__ = ("active", "agents", "capture", "content", "event_logger", "manager_cls", "no_speaker_cls",
+                 "tool_executor_cls", "tracer", "workflow_tracer")
+
+    def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
+                 event_logger: _logs.Logger | None = None) -> None:
+        # False once uninstrumented: a wrapper of ours that another instrumentation restores later
+        # (OpenInference puts back the methods it found, ours among them) only calls through
+        self.active = True
+        self.tracer = tracer  # AG2 operations (scope cmbagent_otel.ag2)
+        self.workflow_tracer = workflow_tracer  # plan steps derived in group chats (scope cmbagent_otel.workflow)
+        self.content = content
+        self.capture = content.on_spans  # content attributes on spans
+        self.event_logger = event_logger  # GenAI content events (EVENT_ONLY / SPAN_AND_EVENT)
+        self.manager_cls: type | None = None
+        self.tool_executor_cls: type | None = None
+        self.no_speaker_cls: type | None = None
+        # per agent: what does not change between its calls (see _agent_static)
+        self.agents: weakref.WeakKeyDictionary[Any, _AgentStatic] = weakref.WeakKeyDictionary()
+
+
 def _enabled() -> bool:
     try:
         return _otel_enabled()
@@ -108,46 +143,59 @@ def _after(hook: Callable[..., None], *args: Any) -> None:
         logger.debug("cmbagent_otel: result recording failed in %s", getattr(hook, "__name__", hook), exc_info=True)
 
 
+def _content(render: Callable[..., Any], *args: Any) -> Any:
+    """Content for an attribute; a value that cannot be rendered leaves the attribute out, never the span."""
+    try:
+        return render(*args)
+    except Exception:
+        logger.debug("cmbagent_otel: content left out (%s)", getattr(render, "__name__", render), exc_info=True)
+        return None
+
+
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
     if name in kwargs:
         return kwargs[name]
     return args[index] if len(args) > index else None
 
 
-def _traced_sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
+                 record: Callable[..., None] | None = None) -> Any:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not _enabled():
+        if not state.active or not _enabled():
             return wrapped(*args, **kwargs)
-        traced = _safe(build, instance, args, kwargs)
+        traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
             return wrapped(*args, **kwargs)
         with traced:
             result = wrapped(*args, **kwargs)
             if record is not None:
-                _after(record, traced, instance, args, kwargs, result)
+                _after(record, state, traced, instance, args, kwargs, result)
             return result
 
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
 
-def _traced_async(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None) -> Any:
+def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
+                  record: Callable[..., None] | None = None) -> Any:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not _enabled():
+        if not state.active or not _enabled():
             return await wrapped(*args, **kwargs)
-        traced = _safe(build, instance, args, kwargs)
+        traced = _safe(build, state, instance, args, kwargs)
         if traced is None:
             return await wrapped(*args, **kwargs)
         with traced:
             result = await wrapped(*args, **kwargs)
             if record is not None:
-                _after(record, traced, instance, args, kwargs, result)
+                _after(record, state, traced, instance, args, kwargs, result)
             return result
 
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
 
 # --- conversation ---------------------------------------------------------------------------
-def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _conversation(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     recipient = _arg(args, kwargs, 0, "recipient")
     register_agent_secrets(instance)
     register_agent_secrets(recipient)
@@ -160,14 +208,21 @@ def _conversation(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     max_turns = kwargs.get("max_turns")
     if isinstance(max_turns, int):
         attrs[semconv.CONVERSATION_MAX_TURNS] = max_turns
-    if settings.capture_content:
+    if state.capture:
         message = kwargs.get("message")
         if isinstance(message, (str, dict)):
-            text = content_of(message)
+            text = _content(_conversation_input, message, attrs[semconv.CONVERSATION_INITIATOR])
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
-                      node=_top_level_node())
+                      node=_top_level_node(), tracer=state.tracer)
+
+
+def _conversation_input(message: Any, initiator: str) -> str:
+    first = _messages.message(message)
+    if "name" not in first:
+        first["name"] = initiator
+    return _messages.render([first])[0]
 
 
 def _top_level_node() -> NodeSpec | None:
@@ -178,7 +233,7 @@ def _top_level_node() -> NodeSpec | None:
     return None
 
 
-def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     history = getattr(result, "chat_history", None)
     if isinstance(history, list):
         traced.set(semconv.CONVERSATION_CHAT_COUNT, len(history))
@@ -187,35 +242,33 @@ def _record_chat_result(traced: TracedSpan, instance: Any, args: Any, kwargs: An
         total = cost.get("usage_including_cached_inference", {})
         if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
             traced.set(semconv.LLM_COST_USD, float(total["total_cost"]))
-    if settings.capture_content:
+    if state.capture:
         traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
 
 
-def _initiate_chats(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _initiate_chats(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     queue = _arg(args, kwargs, 0, "chat_queue")
     count = len(queue) if isinstance(queue, list) else 0
     sender = "unknown"
     if count and isinstance(queue[0], dict):
         sender = agent_name(queue[0].get("sender"))
     attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
-    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs)
+    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer)
 
 
 # --- agent invocation -------------------------------------------------------------------------
-_group_chat_manager_cls: type | None = None
-_tool_executor_cls: type | None = None
 # AG2's internal tool runners: GroupToolExecutor (group chats), a plain agent in older swarms
 TOOL_EXECUTOR_NAMES = frozenset({"_Group_Tool_Executor", "_Swarm_Tool_Executor"})
 SUB_AGENT_PARENTS = frozenset({semconv.NODE_AGENT, semconv.NODE_REDO})
 
 
-def _is_manager(agent: Any) -> bool:
-    cls = _group_chat_manager_cls
+def _is_manager(state: _State, agent: Any) -> bool:
+    cls = state.manager_cls
     return cls is not None and isinstance(agent, cls)
 
 
-def _is_tool_executor(agent: Any) -> bool:
-    cls = _tool_executor_cls
+def _is_tool_executor(state: _State, agent: Any) -> bool:
+    cls = state.tool_executor_cls
     if cls is not None and isinstance(agent, cls):
         return True
     return getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
@@ -225,7 +278,7 @@ _known_executor_types: set[type] = set()
 _executor_lock = threading.Lock()
 
 
-def _adopt_code_executor(agent: Any) -> None:
+def _adopt_code_executor(state: _State, agent: Any) -> None:
     """Trace the agent's code executor even when its class is not one AG2 ships.
 
     Custom executors (a ``CodeExecutor`` written from scratch, or a subclass that overrides
@@ -242,9 +295,9 @@ def _adopt_code_executor(agent: Any) -> None:
                 return
             _known_executor_types.add(cls)
             owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
-            if owner is None or owner is object or isinstance(vars(owner)["execute_code_blocks"], wrapt.ObjectProxy):
+            if owner is None or owner is object or _ours_in_chain(vars(owner)["execute_code_blocks"]):
                 return
-            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(_code, _record_code))
+            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code))
     except Exception:
         logger.debug("cmbagent_otel: could not adopt a code executor", exc_info=True)
 
@@ -254,9 +307,11 @@ class _GroupChatSpan(TracedSpan):
 
     __slots__ = ("_tracker",)
 
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker) -> None:
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker,
+                 tracer: Tracer) -> None:
         super().__init__(name, kind, attributes,
-                         scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None})
+                         scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None},
+                         tracer=tracer)
         self._tracker = tracker
 
     def __enter__(self) -> TracedSpan:
@@ -276,96 +331,214 @@ class _GroupChatSpan(TracedSpan):
         super().__exit__(*exc_info)
 
 
-def _agent(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    register_agent_secrets(instance)
-    _adopt_code_executor(instance)
-    name = agent_name(instance)
+class _AgentStatic:
+    """What an agent's invoke_agent spans share until its llm_config or description changes."""
+
+    __slots__ = ("attributes", "config", "description", "name", "system_messages")
+
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.description: Any = None
+        self.name = "unknown"
+        self.attributes: dict[str, Any] = {}
+        self.system_messages: list[str] = []
+
+
+def _user_description(agent: Any, static: _AgentStatic) -> str | None:
+    """The agent's description when the application set one.
+
+    AG2 falls back to the system message when no description is given: that fallback is
+    the system prompt, content only recorded with opt-in, so it is never taken for a
+    description (the current system message, one seen earlier, or the class default).
+    """
+    description = getattr(agent, "description", None)
+    if not isinstance(description, str) or not description.strip():
+        return None
+    system = getattr(agent, "system_message", None)
+    if description == system or description in static.system_messages:
+        return None
+    for cls in type(agent).__mro__:
+        if description == vars(cls).get("DEFAULT_SYSTEM_MESSAGE"):
+            return None
+    return truncate(description, 512)
+
+
+def _agent_static(state: _State, agent: Any) -> _AgentStatic:
+    """Name, description, provider, model and server of ``agent``: computed once per agent,
+    again only when its ``llm_config`` or ``description`` object changes."""
+    config = getattr(agent, "llm_config", None)
+    description = getattr(agent, "description", None)
+    try:
+        static = state.agents.get(agent)
+    except TypeError:  # not weak-referenceable / hashable: computed each time
+        static = None
+    if static is not None and static.config is config and static.description is description:
+        return static
+    if static is None:
+        static = _AgentStatic()
+    register_agent_secrets(agent)
+    system = getattr(agent, "system_message", None)
+    if isinstance(system, str) and system not in static.system_messages:
+        static.system_messages = [*static.system_messages[-3:], system]
+    static.config, static.description = config, description
+    static.name = agent_name(agent)
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+                             semconv.GEN_AI_AGENT_NAME: static.name}
+    user_description = _user_description(agent, static)
+    if user_description is not None:
+        attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = user_description
+    client = getattr(agent, "client", None) if config else None
+    first = _models.first_config(client) if client is not None else None
+    if first is not None:
+        info = _models.config_info(first, client)
+        attrs.update(info.attributes)
+        if info.model:
+            attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
+    static.attributes = attrs
+    with contextlib.suppress(TypeError):
+        state.agents[agent] = static
+    return static
+
+
+def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
+    """The messages the agent replies to (opt-in content), newest kept first."""
+    messages = _arg(args, kwargs, 0, "messages")
+    if messages is None and sender is not None:
+        history = getattr(instance, "_oai_messages", None)
+        try:
+            messages = history.get(sender) if history is not None else None
+        except TypeError:
+            messages = None
+    if not isinstance(messages, (list, tuple)) or not messages:
+        return None
+    return _messages.render(messages, convert=_messages.message)[0]
+
+
+def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    _adopt_code_executor(state, instance)
+    static = _agent_static(state, instance)
+    name = static.name
     sender = _arg(args, kwargs, 1, "sender")
-    attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-        semconv.GEN_AI_AGENT_NAME: name,
-    }
+    attrs: dict[str, Any] = dict(static.attributes)
     if sender is not None:
         attrs[semconv.AGENT_SENDER] = agent_name(sender)
-    description = getattr(instance, "description", None)
-    if isinstance(description, str) and description:
-        attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = truncate(description, 512)
+    if state.capture:
+        text = _content(_agent_input, instance, args, kwargs, sender)
+        if text is not None:
+            attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     span_name = f"invoke_agent {name}"
     scope = current_scope()
-    if _is_manager(instance):
+    if _is_manager(state, instance):
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
-        tracker = _steps.tracker_for(scope)
+        tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker)
-        return TracedSpan(span_name, semconv.KIND_AGENT, attrs)
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer)
+        return TracedSpan(span_name, semconv.KIND_AGENT, attrs, tracer=state.tracer)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
         scope is not None
         and depth == 0
         and scope.dag_node_type in SUB_AGENT_PARENTS
-        and not _is_tool_executor(instance)
+        and not _is_tool_executor(state, instance)
     ):
         node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT, child=True)
-    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1})
+    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1},
+                      tracer=state.tracer)
 
 
-def _record_reply(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if settings.capture_content and result is not None:
-        traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, content_of(result))
+def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if state.capture and result is not None:
+        traced.set(semconv.GEN_AI_OUTPUT_MESSAGES, _content(_reply_output, result))
+
+
+def _reply_output(result: Any) -> str:
+    return _messages.render([_messages.output_message(result)])[0]
 
 
 # --- LLM call ------------------------------------------------------------------------------------
-# AG2 api_type -> gen_ai.provider.name (GenAI semantic conventions' well-known values)
-_PROVIDERS = {
-    "openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "google": "gcp.gemini",
-    "gemini": "gcp.gemini", "vertexai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "mistral": "mistral_ai",
-    "groq": "groq", "cohere": "cohere", "deepseek": "deepseek", "ollama": "ollama", "together": "together",
-    "cerebras": "cerebras", "responses": "openai",
-}
+class _ChatSpan(TracedSpan):
+    """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
+    ``gen_ai.client.inference.operation.details`` event (a log record in the span's context)."""
+
+    __slots__ = ("event", "event_logger")
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
+                 event_logger: _logs.Logger | None, event: dict[str, Any] | None) -> None:
+        super().__init__(name, kind, attributes, tracer=tracer, span_kind=SpanKind.CLIENT)
+        self.event_logger = event_logger
+        self.event = event
+
+    def __exit__(self, *exc_info: Any) -> None:
+        event, self.event = self.event, None
+        if event is not None and self.event_logger is not None:
+            try:
+                if exc_info[1] is not None:
+                    event[semconv.ERROR_TYPE] = type(exc_info[1]).__qualname__
+                self.event_logger.emit(_logs.LogRecord(
+                    event_name=semconv.EVENT_INFERENCE_DETAILS, attributes=event,
+                    context=otel_trace.set_span_in_context(self.span)))
+            except Exception:
+                logger.debug("cmbagent_otel: could not emit the content event", exc_info=True)
+        super().__exit__(*exc_info)
 
 
-def _provider_of(config: dict[str, Any]) -> str:
-    client_cls = config.get("model_client_cls")
-    if isinstance(client_cls, str) and client_cls:
-        return client_cls  # a custom ModelClient: its class name is the most precise answer
-    api_type = config.get("api_type")
-    if isinstance(api_type, str) and api_type:
-        return _PROVIDERS.get(api_type.lower(), api_type.lower())
-    return "openai"
+# attributes of the model call the content event repeats (the conventions' event attributes)
+_EVENT_KEYS = ("gen_ai.", "server.")
 
 
-def _llm(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k.startswith(_EVENT_KEYS) and k not in semconv.JSON_CONTENT_ATTRIBUTES}
+
+
+def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     config_list = getattr(instance, "_config_list", None) or []
     register_llm_config_secrets(config_list)
-    first = config_list[0] if config_list and isinstance(config_list[0], dict) else {}
-    model = kwargs.get("model") or first.get("model") or "unknown"
-    provider = _provider_of(first)
-    attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT,
-        semconv.GEN_AI_PROVIDER_NAME: provider,
-        semconv.GEN_AI_SYSTEM: provider,
-        semconv.GEN_AI_REQUEST_MODEL: str(model),
-    }
+    first = _models.first_config(instance) or {}
+    info = _models.config_info(first, instance)
+    model = kwargs.get("model") or info.model or "unknown"
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
+                             semconv.GEN_AI_REQUEST_MODEL: str(model)}
     agent = kwargs.get("agent")
     if agent is not None:
         register_agent_secrets(agent)
         attrs[semconv.GEN_AI_AGENT_NAME] = agent_name(agent)
-    for key, attr in (
-        ("temperature", semconv.GEN_AI_REQUEST_TEMPERATURE),
-        ("max_tokens", semconv.GEN_AI_REQUEST_MAX_TOKENS),
-    ):
-        value = kwargs.get(key, first.get(key))
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            attrs[attr] = value
-    if settings.capture_content:
-        messages = kwargs.get("messages")
-        if messages is not None:
-            attrs[semconv.GEN_AI_INPUT_MESSAGES] = safe_text(messages)
-    return TracedSpan(f"chat {model}", semconv.KIND_LLM, attrs)
+    attrs.update(_models.request_attributes(kwargs, first))
+    event = None
+    content = state.content
+    if content is not ContentMode.NO_CONTENT:
+        found, dropped = _content(_model_input, kwargs.get("messages")) or ({}, 0)
+        if content.on_events:
+            event = _event_base(attrs)
+            event.update({k: json.loads(v) for k, v in found.items()})
+        if content.on_spans:
+            attrs.update(found)
+            if dropped:
+                attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
+    return _ChatSpan(f"chat {model}", semconv.KIND_LLM, attrs, tracer=state.tracer,
+                     event_logger=state.event_logger, event=event)
 
 
-def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
+def _model_input(messages: Any) -> tuple[dict[str, str], int]:
+    """(system instructions and input messages as attribute texts, input messages left out)."""
+    found: dict[str, str] = {}
+    dropped = 0
+    if isinstance(messages, (list, tuple)) and messages:
+        system, rest = _messages.split_system(messages)
+        if system:
+            found[semconv.GEN_AI_SYSTEM_INSTRUCTIONS] = _messages.render(system)[0]
+        if rest:
+            text, dropped = _messages.render(rest, convert=_messages.message)
+            found[semconv.GEN_AI_INPUT_MESSAGES] = text
+    return found, dropped
+
+
+def _response_output(response: Any) -> str | None:
+    out = _messages.response_messages(response)
+    return _messages.render(out)[0] if out else None
+
+
+def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     attrs: dict[str, Any] = {}
     model = getattr(response, "model", None)
     if isinstance(model, str):
@@ -373,40 +546,30 @@ def _record_llm(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, respo
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    usage = getattr(response, "usage", None)
-    if usage is not None:
-        if isinstance(usage, dict):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        else:
-            prompt, completion = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
-        if isinstance(prompt, int):
-            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-        if isinstance(completion, int):
-            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    attrs.update(_models.usage_attributes(getattr(response, "usage", None)))
     cost = getattr(response, "cost", None)
     if isinstance(cost, (int, float)) and not isinstance(cost, bool):
         attrs[semconv.LLM_COST_USD] = float(cost)
     choices = getattr(response, "choices", None)
+    output = None
     if isinstance(choices, list):
         reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-        if settings.capture_content:
-            out = []
-            for choice in choices:
-                message = getattr(choice, "message", None)
-                text = getattr(message, "content", None)
-                if text is None and getattr(message, "tool_calls", None):
-                    text = safe_text([getattr(t, "model_dump", lambda t=t: repr(t))() for t in message.tool_calls])
-                if text is not None:
-                    out.append(text)
-            if out:
-                attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = safe_text(out)
+        if state.content is not ContentMode.NO_CONTENT:
+            output = _content(_response_output, response)
+            if output is not None and state.capture:
+                attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
     traced.set_many(attrs)
+    event = getattr(traced, "event", None)
+    if event is not None:
+        event.update(_event_base(attrs))
+        if output is not None:
+            event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
 
 
 # --- tools -----------------------------------------------------------------------------------------
-def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     func_call = _arg(args, kwargs, 0, "func_call")
     name = "unknown"
     arguments = None
@@ -425,24 +588,34 @@ def _tool(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):
         attrs[semconv.GEN_AI_TOOL_CALL_ID] = call_id
-    if settings.capture_content and arguments is not None:
-        attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = safe_text(arguments)
-    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs)
+    if state.capture and arguments is not None:
+        text = _content(_tool_arguments_text, arguments)
+        if text is not None:
+            attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
+    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs, tracer=state.tracer)
 
 
-def _record_tool(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if not (isinstance(result, tuple) and len(result) == 2):
         return
     success, payload = result
     content = payload.get("content") if isinstance(payload, dict) else None
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
-    if settings.capture_content and content is not None:
-        traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content))
+    if state.capture and content is not None:
+        traced.set(semconv.GEN_AI_TOOL_CALL_RESULT, _content(_tool_result_text, content))
 
 
-def _record_tool_call(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    _record_tool(traced, instance, args, kwargs, result)
+def _tool_arguments_text(arguments: Any) -> str:
+    return _messages.render_value(_messages.tool_arguments(arguments))
+
+
+def _tool_result_text(content: Any) -> str:
+    return _messages.render_value(_messages.tool_result(content))
+
+
+def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    _record_tool(state, traced, instance, args, kwargs, result)
     scope = traced.scope
     tracker = scope.steps if scope is not None else None
     if tracker is None or not (isinstance(result, tuple) and len(result) == 2) or result[0] is False:
@@ -465,7 +638,7 @@ def _block_parts(block: Any) -> tuple[str, str]:
     return str(getattr(block, "language", "unknown") or "unknown"), str(getattr(block, "code", ""))
 
 
-def _code(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
+def _code(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
     if _in_code_span.get():
         return None  # an executor subclass calling super(): one span per execution
     blocks = _arg(args, kwargs, 0, "code_blocks")
@@ -477,28 +650,39 @@ def _code(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace
         semconv.CODE_BLOCK_COUNT: len(blocks),
         semconv.CODE_EXECUTOR: type(instance).__name__,
     }
-    if settings.capture_content and blocks:
+    if state.capture and blocks:
         attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
-    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs)
+    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer)
 
 
 class _CodeSpan(TracedSpan):
-    """Marks the context so nested executor calls do not open a second code span."""
+    """Marks the context so nested executor calls do not open a second code span, and hands the
+    span's trace context to the processes the execution starts (:mod:`._subprocess_context`)."""
 
-    __slots__ = ("_flag",)
+    __slots__ = ("_carrier", "_flag")
 
     def __enter__(self) -> TracedSpan:
         self._flag = _in_code_span.set(True)
-        return super().__enter__()
+        super().__enter__()
+        try:
+            self._carrier = _subprocess_context.enter(self.span)
+        except Exception:
+            self._carrier = None
+            logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
+        return self
 
     def __exit__(self, *exc: Any) -> None:
+        try:
+            _subprocess_context.leave(self._carrier)
+        except Exception:
+            logger.debug("cmbagent_otel: could not reset the executed code's trace context", exc_info=True)
         try:
             super().__exit__(*exc)
         finally:
             _in_code_span.reset(self._flag)
 
 
-def _record_code(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if isinstance(result, tuple) and len(result) >= 2:  # ConversableAgent.execute_code_blocks
         exit_code, output = result[0], result[1]
     else:  # CodeExecutor -> CodeResult
@@ -512,7 +696,7 @@ def _record_code(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, resu
 
 
 # --- speaker selection / handoffs ------------------------------------------------------------------
-def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _speaker(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     last = _arg(args, kwargs, 0, "last_speaker")
     method = getattr(instance, "speaker_selection_method", None)
     if callable(method):
@@ -526,47 +710,49 @@ def _speaker(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tr
         semconv.HANDOFF_REASON: reason,
         semconv.HANDOFF_CANDIDATES: candidates,
     }
-    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs)
+    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs, tracer=state.tracer,
+                        no_speaker_cls=state.no_speaker_cls)
 
 
-def _ends_chat(exc: BaseException | None) -> bool:
+def _ends_chat(exc: BaseException | None, cls: type | None) -> bool:
     if exc is None:
         return False
-    cls = _no_eligible_speaker_cls
     return (cls is not None and isinstance(exc, cls)) or type(exc).__name__ == "NoEligibleSpeakerError"
-
-
-_no_eligible_speaker_cls: type | None = None
 
 
 class _SpeakerSpan(TracedSpan):
     """AG2 ends a group chat by raising NoEligibleSpeakerError from speaker selection: not a failure."""
 
-    __slots__ = ()
+    __slots__ = ("_no_speaker_cls",)
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
+                 no_speaker_cls: type | None) -> None:
+        super().__init__(name, kind, attributes, tracer=tracer)
+        self._no_speaker_cls = no_speaker_cls
 
     def _exception(self, exc: BaseException) -> None:
-        if _ends_chat(exc):
+        if _ends_chat(exc, self._no_speaker_cls):
             self.set(semconv.HANDOFF_ENDS_CHAT, True)  # AG2 catches it and ends the chat normally
             return
         super()._exception(exc)
 
 
-def _record_speaker(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+def _record_speaker(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if result is not None:
         traced.set(semconv.HANDOFF_TO, agent_name(result))
 
 
 # --- human input --------------------------------------------------------------------------------------
-def _human(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _human(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     name = agent_name(instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
-    if settings.capture_content:
+    if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs)
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer)
 
 
-def _record_human(traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if settings.capture_content:
+def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    if state.capture:
         traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
 
 
@@ -599,6 +785,54 @@ TARGETS: tuple[tuple[str, str, str, Callable[..., Any], Callable[..., Any] | Non
 )
 
 
+def _popen_wrapper(state: _State) -> Callable[..., Any]:
+    def popen_init(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state.active:
+            return wrapped(*args, **kwargs)
+        return _subprocess_context.popen_init(wrapped, instance, args, kwargs)
+
+    popen_init._cmbagent_otel = state  # type: ignore[attr-defined]
+    return popen_init
+
+
+def _state_of(node: Any) -> Any:
+    """The :class:`_State` a wrapt wrapper of ours belongs to (``None``: not ours)."""
+    return getattr(getattr(node, "_self_wrapper", None), "_cmbagent_otel", None)
+
+
+def _ours_in_chain(value: Any) -> bool:
+    """Whether a live wrapper of ours is somewhere in ``value``'s chain of wrapt wrappers (another
+    instrumentation, e.g. OpenInference, may have wrapped before or after us)."""
+    node = value
+    for _ in range(32):
+        if not isinstance(node, wrapt.ObjectProxy):
+            return False
+        state = _state_of(node)
+        if isinstance(state, _State) and state.active:
+            return True
+        node = node.__wrapped__
+    return False
+
+
+def _unwrap_ours(owner: Any, attr: str, state: _State | None) -> None:
+    """Remove the wrapper ``state``'s cycle installed on ``owner.attr`` and only that one, wherever it
+    is in the chain: a wrapper applied after ours stays (it then wraps what ours wrapped), one
+    applied before stays inside."""
+    current = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+    parent = None
+    node = current
+    for _ in range(32):
+        if not isinstance(node, wrapt.ObjectProxy):
+            return  # not there any more (someone else restored the original): nothing of ours to remove
+        if _state_of(node) is state:
+            if parent is None:
+                setattr(owner, attr, node.__wrapped__)
+            else:
+                parent.__wrapped__ = node.__wrapped__
+            return
+        parent, node = node, node.__wrapped__
+
+
 def _resolve(module_name: str, owner_name: str) -> Any:
     if (module_name, owner_name) in OPTIONAL_EXECUTOR_CLASSES and module_name not in sys.modules:
         return None
@@ -612,12 +846,17 @@ def _resolve(module_name: str, owner_name: str) -> Any:
 class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instruments AG2 agents, group chats, LLM calls, tools and code execution.
 
-    ``instrument(tracer_provider=None, capture_content=None)``: ``capture_content``
-    defaults to ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``. Safe to call twice
-    (idempotent); ``uninstrument()`` restores every patched attribute.
+    ``instrument(tracer_provider=None, capture_content=None, logger_provider=None)``:
+    ``capture_content`` (a bool, a :class:`ContentMode` or its name) defaults to
+    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
+    ``logger_provider`` (default: the global one). Safe to call twice
+    (idempotent); ``uninstrument()`` restores every patched attribute and drops all state
+    (tracers, capture settings, AG2 classes, the provider binding of the workflow API).
     """
 
     _patched: list[tuple[Any, str]]
+    _state: _State | None = None
+    _binding: object | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         # AG2 ships as `ag2`, `autogen` or `cmbagent_autogen` distributions, all importing
@@ -625,29 +864,41 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
-        global _group_chat_manager_cls, _tool_executor_cls, _no_eligible_speaker_cls
         provider = kwargs.get("tracer_provider")
-        if provider is not None:
-            set_tracer_provider(provider)
         capture = kwargs.get("capture_content")
-        settings.capture_content = capture_from_env() if capture is None else bool(capture)
+        mode = capture_from_env() if capture is None else content_mode(capture)
+        event_logger = None
+        if mode.on_events:
+            try:
+                event_logger = _logs.get_logger(semconv.SCOPE_AG2, __version__, schema_url=SCHEMA_URL,
+                                                logger_provider=kwargs.get("logger_provider"))
+            except Exception:
+                logger.warning("cmbagent_otel: no logger for content events; they are off", exc_info=True)
+        state = _State(make_tracer(semconv.SCOPE_AG2, provider), make_tracer(semconv.SCOPE_WORKFLOW, provider), mode,
+                       event_logger)
+        self._state = state
+        # workflow blocks opened by the application go to the same provider as the AG2 spans
+        self._binding = workflow_tracers.bind(provider) if provider is not None else None
         self._patched = []
         if _resolve("autogen", "") is None:
             logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
             return
-        _group_chat_manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
-        _tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
-        _no_eligible_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
+        state.manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
+        state.tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
+        state.no_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
         seen: set[tuple[int, str]] = set()
         for module_name, owner_name, attr, build, record, is_async in TARGETS:
             owner = _resolve(module_name, owner_name)
             if owner is None or not hasattr(owner, attr):
                 continue
-            if isinstance(getattr(owner, attr), wrapt.ObjectProxy) or (id(owner), attr) in seen:
+            if (id(owner), attr) in seen:
                 continue
             if owner_name and attr not in vars(owner):
                 continue  # inherited: patching the defining class covers it
-            wrapper = _traced_async(build, record) if is_async else _traced_sync(build, record)
+            current = vars(owner)[attr] if owner_name else getattr(owner, attr)
+            if _ours_in_chain(current):
+                continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
+            wrapper = _traced_async(state, build, record) if is_async else _traced_sync(state, build, record)
             try:
                 wrapt.wrap_function_wrapper(owner, attr, wrapper)
             except Exception:
@@ -655,6 +906,11 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
+        try:  # code executions hand their trace context to the processes they start
+            wrapt.wrap_function_wrapper(subprocess.Popen, "__init__", _popen_wrapper(state))
+            self._patched.append((subprocess.Popen, "__init__"))
+        except Exception:
+            logger.debug("cmbagent_otel: could not patch subprocess.Popen", exc_info=True)
 
     def patch_late(self, owner: Any, attr: str, wrapper: Callable[..., Any]) -> None:
         """Patch ``owner.attr`` found after ``instrument()`` (e.g. a custom code executor class)."""
@@ -664,14 +920,21 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patched.append((owner, attr))
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        state = self._state
+        if state is not None:
+            state.active = False
         for owner, attr in reversed(getattr(self, "_patched", [])):
             try:
-                unwrap(owner, attr)
+                _unwrap_ours(owner, attr, state)
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
         self._patched = []
         with _executor_lock:
             _known_executor_types.clear()
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            workflow_tracers.release(binding)
+        self._state = None
 
     @property
     def patched(self) -> list[tuple[Any, str]]:

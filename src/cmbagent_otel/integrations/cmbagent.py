@@ -60,10 +60,17 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
-from .._spans import attach_anchor, detach_anchor, effective_parent, end_frame, record_exception, set_tracer_provider
+from .._spans import (
+    attach_anchor,
+    detach_anchor,
+    effective_parent,
+    end_frame,
+    record_exception,
+    workflow_tracers,
+)
 from ..instrumentation._steps import context_get, plan_steps
 from ..redaction import truncate
-from ..workflow import _Block, phase, redo, step, workflow
+from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -107,6 +114,7 @@ PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch
                          "complete", "fail", "__exit__")
 
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
+PLANNER = "planner"  # the agent that writes cmbagent's plan
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 
 
@@ -229,6 +237,11 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
 
 
 # --- CMBAgent.solve --------------------------------------------------------------------
+def _phase(name: str) -> phase:
+    """A phase block; a planning phase names cmbagent's planner (``gen_ai.agent.name`` of the ``plan`` span)."""
+    return phase(name, agent=PLANNER if is_planning_phase(name) else None)
+
+
 def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: str | None) -> str:
     if initial_agent in PLANNER_AGENTS:
         return "planning"
@@ -297,7 +310,7 @@ def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> No
             cursor.close(sticky)
         if name is not None:
             scope, span = effective_parent()
-            frame = _detached(phase(name), scope, span, STICKY, owner=name)
+            frame = _detached(_phase(name), scope, span, STICKY, owner=name)
             if frame is not None:
                 cursor.push(frame)
     except Exception:  # telemetry must never break the app
@@ -322,14 +335,14 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
                        _text(getattr(instance, "mode", None)))
     if number is not None and number > 0:
         if cursor is None:
-            with _opened(phase(name)):
+            with _opened(_phase(name)):
                 return _solve_with_step(wrapped, instance, args, kwargs, number, context)
         if sticky is None or sticky.owner != name:
             _switch_sticky(cursor, sticky, name)
         return _solve_with_step(wrapped, instance, args, kwargs, number, context)
     if sticky is not None and cursor is not None:
         _switch_sticky(cursor, sticky, None)
-    with _opened(phase(name)):
+    with _opened(_phase(name)):
         return wrapped(*args, **kwargs)
 
 
@@ -588,6 +601,7 @@ class _State:
         self.codes: dict[CodeType, tuple[str, str]] = {}
         self.callers = _CallerRuns(self.codes)
         self.managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
+        self.binding: object | None = None  # the provider routing of the workflow API it holds
 
     def manager(self, instance: Any, create: bool = False) -> _ManagerSpans | None:
         try:
@@ -615,9 +629,9 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         provider = kwargs.get("tracer_provider")
-        if provider is not None:
-            set_tracer_provider(provider)
         self._state = _State()
+        if provider is not None:  # its workflow/phase/step spans go to that provider; released at uninstrument
+            self._state.binding = workflow_tracers.bind(provider)
         if not hasattr(self, "_hooked"):
             self._hooked = set()
         try:
@@ -640,6 +654,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if state is None:
             return
         state.active = False
+        if state.binding is not None:
+            workflow_tracers.release(state.binding)
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
@@ -809,7 +825,7 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
         if scope is not None and scope.phase is not None:
             spans.joined = (scope, span)  # a phase is open already (phases do not nest): its steps go there
             return
-        spans.push("phase", _detached(phase(phase_type), scope, span, "phase", instance))
+        spans.push("phase", _detached(_phase(phase_type), scope, span, "phase", instance))
         return
     # no run, and not entered as a context manager: the spans exist, but the work the phase
     # runs cannot be parented under them without attaching (documented limitation)
@@ -817,7 +833,7 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
     if wf is None:
         return
     spans.push("workflow", wf)
-    spans.push("phase", _detached(phase(phase_type), wf.scope, wf.span, "phase", instance))
+    spans.push("phase", _detached(_phase(phase_type), wf.scope, wf.span, "phase", instance))
 
 
 def _pm_start_step(state: _State) -> Callable[..., Any]:

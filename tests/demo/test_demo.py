@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,16 +19,24 @@ def test_demo_writes_the_run_and_prints_its_dag(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_"))}
     env["CMBAGENT_DEFAULT_WORK_DIR"] = str(tmp_path / "work")  # the embedded default location
     env["CMBAGENT_OTEL_SPILL_DIR"] = str(tmp_path / "spill")
+    env["PATH"] = str(tmp_path / "empty-bin")  # no `python` to be found: the demo's code runs with its interpreter
     demo = run_cli("demo", "--work-dir", str(tmp_path / "code"), env=env)
     assert demo.returncode == 0, demo.stderr
     out = demo.stdout
-    assert (tmp_path / "work" / "database" / "cmbagent.db").exists()
-    assert "spans written to the DAG database" in out
+    database = tmp_path / "work" / "database" / "cmbagent.db"
+    assert database.exists()
+    assert f"spans written to the DAG database sqlite:///{database}" in out
     for line in ("planning (planning) completed", "step_1 (agent) completed", "step_2_redo_1 (redo) failed",
                  "step_2_redo_2 (redo) completed", "branch_at_step_2 (branch_point)", "step_3 (agent) completed",
                  "terminator (terminator)", "step_1_engineer (sub_agent)"):
         assert line in out, line
+    assert "step_2_redo_1 (redo) failed agent=engineer" in out and "error: fit diverged again" in out
     assert "Traceback" not in demo.stderr
+    events = run_cli("events", "latest", "--node", "step_2", "--recursive", "--format", "json", env=env)
+    codes = [e for e in json.loads(events.stdout) if e["type"] == "code_exec"]
+    # the code really ran: the first two attempts exit 1 and 3, the third succeeds
+    assert [(e["status"], e["error"]) for e in codes] == [
+        ("failed", "code execution exited with 1"), ("failed", "code execution exited with 3"), ("completed", None)]
     runs = run_cli("runs", env=env)
     assert runs.returncode == 0 and "planning-control" in runs.stdout
     mermaid = run_cli("dag", "latest", "--format", "mermaid", env=env)

@@ -1,0 +1,65 @@
+"""The ``cmbagent-otel`` command line.
+
+:data:`COMMANDS` lists every subcommand, in the order ``--help`` shows them. Each is a
+module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION``),
+``add_arguments(parser)`` and ``run(args) -> exit code``; the ingest, replay and demo
+modules of the library hold no command-line code. ``--db URL`` is accepted before and after
+the subcommand. A :class:`CLIError` (bad input, nothing to read) prints one line on stderr
+and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from ..version import __version__
+from . import dag, db, demo, events, ingest, replay, runs
+from ._common import CLIError, add_db_option
+
+__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
+
+COMMANDS: tuple[ModuleType, ...] = (runs, dag, events, db, replay, ingest, demo)
+"""Every subcommand (see the module docstring)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="cmbagent-otel",
+        description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_db_option(parser, top_level=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        description = getattr(command, "DESCRIPTION", None) or command.HELP
+        p = sub.add_parser(command.NAME, help=command.HELP, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_db_option(p)
+        command.add_arguments(p)
+        p.set_defaults(_command=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cmbagent-otel`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = getattr(args, "_command", None)
+    if command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(command(args) or 0)
+    except CLIError as exc:
+        print(f"cmbagent-otel: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like: the reader is gone, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

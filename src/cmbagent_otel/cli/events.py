@@ -1,0 +1,49 @@
+"""``cmbagent-otel events RUN``: a run's execution events in execution order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.markup import escape
+from rich.table import Table
+
+from ._common import console, fmt_ms, reading, styled_status
+
+NAME = "events"
+HELP = "list a run's execution events"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run id, unique id prefix, or 'latest'")
+    parser.add_argument("--node", help="only events of this DAG node (short id, e.g. step_2)")
+    parser.add_argument("--recursive", "-r", action="store_true",
+                        help="with --node: also the events of the node's descendants (sub-agents, redos)")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run(args: argparse.Namespace) -> int:
+    with reading(args.db) as reader:
+        run_row = reader.run(args.run)
+        records = reader.events(run_row, args.node, recursive=args.recursive)
+    if args.format == "json":
+        print(json.dumps(records, indent=2, default=str))
+        return 0
+    what = f"node {args.node}{' and its descendants' if args.recursive else ''} of run" if args.node else "run"
+    table = Table(title=f"events of {what} {run_row['id']}")
+    for col in ("order", "event", "agent", "node", "status", "duration", "tokens", "name", "error"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(str(r["order"]), "  " * (r["depth"] or 0) + escape(f"{r['type']}/{r['subtype']}"),
+                      escape(r["agent"] or "-"), escape(r["node"] or "-"), styled_status(r["status"]),
+                      fmt_ms(r["duration_ms"]), str(r["tokens"]) if r["tokens"] is not None else "-",
+                      escape(r["name"] or "-"), escape(_short(r["error"])))
+    console().print(table)
+    return 0
+
+
+def _short(text: str | None, limit: int = 80) -> str:
+    if not text:
+        return ""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,0 +1,89 @@
+"""``cmbagent-otel ingest``: OTLP/gRPC and OTLP/HTTP receivers writing into the DAG database."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from .. import environment_variables as env
+from ._common import CLIError
+
+NAME = "ingest"
+HELP = "run OTLP receivers (gRPC and HTTP) that write spans into the DAG database"
+DESCRIPTION = ("Receive OTLP traces over gRPC (TraceService/Export) and HTTP (POST /v1/traces, protobuf or JSON, "
+               "optionally gzip; GET /health) and store them in the cmbagent DAG database.")
+
+
+def _default(name: str) -> str:
+    return f"${name} or {env.SETTINGS[name].shown_default()}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help=f"bind address (default: {_default(env.INGEST_HOST)})")
+    parser.add_argument("--port", default=None, metavar="PORT",
+                        help=f"OTLP/HTTP port, 0 = any free port, 'off' = none (default: {_default(env.INGEST_PORT)})")
+    parser.add_argument("--grpc-port", default=None, metavar="PORT",
+                        help=f"OTLP/gRPC port, 0 = any free port, 'off' = none "
+                        f"(default: {_default(env.INGEST_GRPC_PORT)})")
+    parser.add_argument("--token", default=None,
+                        help=f"require 'Authorization: Bearer <token>' (default: ${env.INGEST_TOKEN}; prefer the env "
+                        "var, command lines are visible to other users)")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help=f"request size limit in bytes, compressed and decompressed "
+                        f"(default: {_default(env.INGEST_MAX_BYTES)})")
+    parser.add_argument("--max-inflight-bytes", type=int, default=None,
+                        help="memory budget of all requests in flight "
+                        f"(default: {_default(env.INGEST_MAX_INFLIGHT_BYTES)})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"decoding/writing threads per receiver (default: {_default(env.INGEST_WORKERS)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    from ..dag.database import BadDatabaseURL, redacted, resolve_url
+    from ..ingest import IngestServer, logger
+
+    if not logger.handlers:  # the server's own warnings (no token on a public address, ...) reach the operator
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        target = redacted(resolve_url(args.db))
+        server = IngestServer(args.db, host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
+                              max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
+                              workers=args.workers)
+    except (BadDatabaseURL, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        server.bind()
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {server.host}: {exc}") from None
+    if server.host not in ("127.0.0.1", "::1", "localhost") and not server.core.token_required:
+        logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, env.INGEST_TOKEN)
+    listening = []
+    if server.port is not None:
+        listening.append(f"{server.endpoint} (OTLP/HTTP)")
+    if server.grpc_port is not None:
+        listening.append(f"{server.grpc_endpoint} (OTLP/gRPC)")
+    print(f"cmbagent-otel ingest: listening on {' and '.join(listening)} -> {target}"
+          f"{' (bearer token required)' if server.core.token_required else ''}", flush=True)
+
+    stop = threading.Event()
+
+    def _terminate(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop()
+    print(f"cmbagent-otel ingest: stopped after {server.spans_written} span(s)", flush=True)
+    return 0

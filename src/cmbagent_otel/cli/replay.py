@@ -1,0 +1,36 @@
+"""``cmbagent-otel replay``: write spilled span batches into the database each was recorded for."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import CLIError
+
+NAME = "replay"
+HELP = "write spilled span batches into the database each was recorded for"
+DESCRIPTION = """\
+Every spill file records its database (the URL without credentials). Without options each
+file goes to its own database; --db URL replays only the files recorded for that database
+(and supplies its password); --to URL writes every file, whatever it records, into URL.
+Files from before spill files recorded their database are written only with --to. Every
+line of output says which database was written."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spill-dir", default=None,
+                        help="spill directory (default: $CMBAGENT_OTEL_SPILL_DIR or <work dir>/spill)")
+    parser.add_argument("--to", default=None, metavar="URL",
+                        help="write every spill file into this database instead of the one it records")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..dag.database import BadDatabaseURL
+    from ..replay import replay
+
+    try:
+        problems = replay(args.spill_dir, args.db, args.to)
+    except BadDatabaseURL as exc:
+        raise CLIError(str(exc)) from None
+    if problems:
+        raise CLIError("; ".join(problems))
+    return 0

@@ -1,0 +1,316 @@
+"""Every environment variable cmbagent-otel reads: its name, default and meaning, and the one way to read it.
+
+Modules never read ``os.environ`` for a setting themselves: they call :func:`get` (an
+argument given in code wins over the environment, which wins over the default). One
+policy for a value that cannot be parsed: it is logged once (WARNING on the
+``cmbagent_otel`` logger, per variable and value; the values of secret settings are never
+logged) and ignored, so the next variable of the row, else the default, applies.
+
+The table in ``docs/configuration.md`` is :func:`markdown_table`'s output (a test keeps it so).
+
+The OpenTelemetry SDK reads more ``OTEL_*`` variables itself (``OTEL_EXPORTER_OTLP_*`` in
+the OTLP exporters, ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_BSP_*`` in the SDK's batch
+processor, ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` in ``Resource``); they
+work as documented by OpenTelemetry and are not repeated here unless we read them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("cmbagent_otel")
+
+__all__ = [
+    "SETTINGS",
+    "Setting",
+    "database_url",
+    "default_sqlite_path",
+    "get",
+    "markdown_table",
+]
+
+# --- names (import these instead of spelling the strings) --------------------------------
+DATABASE_URL = "CMBAGENT_OTEL_DATABASE_URL"
+CMBAGENT_DATABASE_URL = "CMBAGENT_DATABASE_URL"
+WORK_DIR = "CMBAGENT_DEFAULT_WORK_DIR"
+SPILL_DIR = "CMBAGENT_OTEL_SPILL_DIR"
+EXPORT_TIMEOUT = "CMBAGENT_OTEL_EXPORT_TIMEOUT"
+SQLITE_BUSY_TIMEOUT_MS = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
+COST_RECORDS = "CMBAGENT_OTEL_COST_RECORDS"
+BSP_SCHEDULE_DELAY = "CMBAGENT_OTEL_BSP_SCHEDULE_DELAY"
+BSP_MAX_QUEUE_SIZE = "CMBAGENT_OTEL_BSP_MAX_QUEUE_SIZE"
+BSP_MAX_EXPORT_BATCH_SIZE = "CMBAGENT_OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+LIVE_DAG = "CMBAGENT_OTEL_LIVE_DAG"
+MAX_ATTRIBUTE_LENGTH = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
+INGEST_HOST = "CMBAGENT_OTEL_INGEST_HOST"
+INGEST_PORT = "CMBAGENT_OTEL_INGEST_PORT"
+INGEST_GRPC_PORT = "CMBAGENT_OTEL_INGEST_GRPC_PORT"
+INGEST_TOKEN = "CMBAGENT_OTEL_INGEST_TOKEN"
+INGEST_MAX_BYTES = "CMBAGENT_OTEL_INGEST_MAX_BYTES"
+INGEST_MAX_INFLIGHT_BYTES = "CMBAGENT_OTEL_INGEST_MAX_INFLIGHT_BYTES"
+INGEST_WORKERS = "CMBAGENT_OTEL_INGEST_WORKERS"
+OFFLINE_BACKEND = "CMBAGENT_OTEL_OFFLINE_BACKEND"
+SDK_DISABLED = "OTEL_SDK_DISABLED"
+TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+SERVICE_NAME = "OTEL_SERVICE_NAME"
+RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+DEFAULT_WORK_DIR = "~/.cmbagent-otel"
+OFF = None  # what a port setting of ``off`` parses to
+
+
+# --- parsers: text -> value, ValueError when the text is not a valid value ---------------------------
+def _text(raw: str) -> str:
+    return raw
+
+
+def _number(kind: type, minimum: float) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        value = kind(raw)
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, infinity
+            raise ValueError("not a finite number")
+        if value < minimum:
+            raise ValueError(f"below the minimum {minimum:g}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str, aliases: dict[str, str] | None = None) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower().replace("-", "_")
+        value = (aliases or {}).get(value, value)
+        if value not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _boolean(true: frozenset[str], false: frozenset[str]) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        value = raw.strip().lower()
+        if value in true:
+            return True
+        if value in false:
+            return False
+        raise ValueError(f"not one of {', '.join(sorted(true | false))}")
+
+    return parse
+
+
+def parse_port(raw: str | int) -> int | None:
+    """A port number (0: any free port) or ``off``/``none``/``disabled`` (``None``: no receiver)."""
+    if isinstance(raw, str):
+        if raw.strip().lower() in ("off", "none", "disabled"):
+            return OFF
+        raw = int(raw)
+    if isinstance(raw, bool) or not 0 <= raw <= 65535:
+        raise ValueError(f"port must be within 0-65535 (0: any free port) or 'off', got {raw!r}")
+    return raw
+
+
+def _database_url(raw: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(raw).get_backend_name()
+    except ArgumentError:
+        raise ValueError("not a database URL") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
+    return raw
+
+
+def _path(raw: str) -> str:
+    return str(Path(raw).expanduser())
+
+
+def _exporters(raw: str) -> tuple[str, ...]:
+    names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
+    known = {"otlp", "console", "none", "cmbagent_dag"}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        from importlib.metadata import entry_points
+
+        known |= {entry.name for entry in entry_points(group="opentelemetry_traces_exporter")}
+        unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown exporter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return names
+
+
+def default_sqlite_path() -> Path:
+    """``<CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/database/cmbagent.db``."""
+    return Path(get(WORK_DIR)) / "database" / "cmbagent.db"
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{default_sqlite_path()}"
+
+
+def _default_spill_dir() -> str:
+    return str(Path(get(WORK_DIR)) / "spill")
+
+
+# --- the table ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: ``also`` are older or wider names read after it, with the same parser."""
+
+    name: str
+    default: Any
+    meaning: str
+    parse: Callable[[str], Any] = _text
+    also: tuple[str, ...] = ()
+    default_text: str | None = None  # how the docs show a computed default
+    secret: bool = False  # its value is never logged
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+    def shown_default(self) -> str:
+        if self.default_text is not None:
+            return self.default_text
+        value = self.default
+        if value is None:
+            return "(none)"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return str(value)
+
+
+_CONTENT_MODES = ("no_content", "span_only", "event_only", "span_and_event")
+_CONTENT_ALIASES = {"true": "span_only", "1": "span_only", "yes": "span_only", "on": "span_only",
+                    "false": "no_content", "0": "no_content", "no": "no_content", "off": "no_content",
+                    "": "no_content"}
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    # where runs are stored
+    Setting(DATABASE_URL, _default_database_url,
+            "Database of the DAG (`sqlite:///path` or `postgresql+psycopg://...`); `CMBAGENT_DATABASE_URL` is "
+            "cmbagent's own variable", _database_url, also=(CMBAGENT_DATABASE_URL,),
+            default_text="`sqlite:///<work dir>/database/cmbagent.db`", secret=True),
+    Setting(WORK_DIR, DEFAULT_WORK_DIR,
+            "Work dir (cmbagent's variable): holds the default database and spill dir", _path),
+    Setting(SPILL_DIR, _default_spill_dir,
+            "Where batches the database refused wait for replay (shared by every database)", _path,
+            default_text="`<work dir>/spill`"),
+    Setting(EXPORT_TIMEOUT, 10.0,
+            "Seconds the DAG exporter retries a batch (every lock or connection wait included) before spilling it",
+            _number(float, 0)),
+    Setting(SQLITE_BUSY_TIMEOUT_MS, 30_000, "Most milliseconds a SQLite write waits for a lock", _number(int, 0)),
+    Setting(COST_RECORDS, "per_agent",
+            "`per_agent`: one `cost_records` row per agent, model and phase/step; `off`: none (cmbagent's backend "
+            "records costs into the same database)", _choice("per_agent", "off")),
+    # batching in the DAG exporter's processor
+    Setting(BSP_SCHEDULE_DELAY, 1000,
+            "Milliseconds between DAG batch exports (bounds what a `kill -9` loses)", _number(float, 1),
+            also=("OTEL_BSP_SCHEDULE_DELAY",)),
+    Setting(BSP_MAX_QUEUE_SIZE, 2048, "Spans queued for the DAG exporter before the oldest batch spills",
+            _number(int, 1), also=("OTEL_BSP_MAX_QUEUE_SIZE",)),
+    Setting(BSP_MAX_EXPORT_BATCH_SIZE, 512, "Most spans per DAG batch", _number(int, 1),
+            also=("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",)),
+    Setting(LIVE_DAG, True, "`true`: run and DAG-node rows show `executing`/`running` while their spans run "
+            "(the live DAG); `false`: rows appear when spans end",
+            _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
+    # what spans carry
+    Setting(CAPTURE_MESSAGE_CONTENT, "no_content",
+            "Where message content (prompts, replies, tool arguments) goes: `span_only` (or `true`) on spans, "
+            "`event_only` in GenAI content log events, `span_and_event` both, `no_content` (or `false`) nowhere",
+            _choice(*_CONTENT_MODES, aliases=_CONTENT_ALIASES)),
+    Setting(MAX_ATTRIBUTE_LENGTH, 4096, "Longest attribute value kept (longer ones are cut and marked)",
+            _number(int, 1)),
+    # which exporters instrument() builds
+    Setting(SDK_DISABLED, False, "`true`: instrument() records nothing (OpenTelemetry's switch)",
+            _boolean(frozenset({"true"}), frozenset({"false", ""}))),
+    Setting(TRACES_EXPORTER, ("cmbagent_dag",),
+            "Comma list of `otlp`, `console`, `none`, `cmbagent_dag` or another registered exporter",
+            _exporters),
+    Setting(OTLP_TRACES_PROTOCOL, "grpc", "Protocol of the `otlp` exporter: `grpc` or `http/protobuf`",
+            _choice("grpc", "http/protobuf", aliases={"http": "http/protobuf"}),
+            also=("OTEL_EXPORTER_OTLP_PROTOCOL",)),
+    Setting(SERVICE_NAME, None,
+            "`service.name` of the spans (read by the SDK; unset: `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, "
+            "else instrument(service_name=), else `cmbagent`)"),
+    Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK)"),
+    # cmbagent-otel ingest
+    Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds"),
+    Setting(INGEST_PORT, 4318, "OTLP/HTTP port of the ingest (`0`: any free port, `off`: none)", parse_port),
+    Setting(INGEST_GRPC_PORT, 4317, "OTLP/gRPC port of the ingest (`0`: any free port, `off`: none)", parse_port),
+    Setting(INGEST_TOKEN, None, "Bearer token the ingest requires from clients", secret=True),
+    Setting(INGEST_MAX_BYTES, 16 * 1024 * 1024, "Largest ingest request, compressed and decompressed (bytes)",
+            _number(int, 1)),
+    Setting(INGEST_MAX_INFLIGHT_BYTES, 128 * 1024 * 1024, "Memory budget of all ingest requests in flight (bytes)",
+            _number(int, 1)),
+    Setting(INGEST_WORKERS, 2, "Decoding/writing threads per ingest receiver", _number(int, 1)),
+    # tests and examples
+    Setting(OFFLINE_BACKEND, None,
+            "Offline model of `cmbagent_otel.testing`: `client` or `server` (unset: the first the AG2 line accepts)",
+            _choice("client", "server")),
+)}
+"""Every setting, by its (first) name."""
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(name: str, raw: str, reason: str, setting: Setting, fallback: str) -> None:
+    key = (name, raw)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    shown = "<hidden>" if setting.secret else repr(raw)
+    logger.warning("cmbagent_otel: ignoring %s=%s (%s); using %s", name, shown, reason, fallback)
+
+
+def get(name: str, argument: Any = None) -> Any:
+    """The value of setting ``name``: ``argument`` when not ``None``, else the first of the
+    setting's variables that is set and valid, else its default. An invalid value is
+    logged once and skipped (see the module docstring); this never raises for one."""
+    if argument is not None:
+        return argument
+    setting = SETTINGS[name]
+    names = (setting.name, *setting.also)
+    for index, variable in enumerate(names):
+        raw = os.environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            return setting.parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            rest = [n for n in names[index + 1:] if (os.environ.get(n) or "").strip()]
+            _warn_once(variable, raw, str(exc) or "invalid", setting,
+                       rest[0] if rest else f"the default {setting.shown_default()}")
+    return setting.default_value()
+
+
+def database_url(argument: str | None = None) -> str:
+    """The database URL as given (not normalised): ``argument`` > ``CMBAGENT_OTEL_DATABASE_URL``
+    > ``CMBAGENT_DATABASE_URL`` > the SQLite file in the work dir. The one place it is resolved;
+    :func:`cmbagent_otel.dag.database.resolve_url` normalises it."""
+    return str(get(DATABASE_URL, argument or None))
+
+
+def markdown_table() -> str:
+    """The settings as a Markdown table (what ``docs/configuration.md`` shows)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for setting in SETTINGS.values():
+        names = " (else " + ", ".join(f"`{n}`" for n in setting.also) + ")" if setting.also else ""
+        default = setting.shown_default()
+        if not default.startswith(("`", "(")):
+            default = f"`{default}`"
+        lines.append(f"| `{setting.name}`{names} | {default} | {setting.meaning} |")
+    return "\n".join(lines)

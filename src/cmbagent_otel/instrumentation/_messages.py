@@ -1,0 +1,335 @@
+"""Message content in the GenAI conventions' JSON schemas, redacted and bounded.
+
+AG2 passes OpenAI-style messages (``{"role", "content", "name", "tool_calls",
+"tool_call_id"}``); the conventions want ``{"role", "parts": [...], "name"}`` with parts of
+type ``text``, ``tool_call`` (arguments as an object) and ``tool_call_response``, output
+messages with a ``finish_reason``, and system messages apart, as ``gen_ai.system_instructions``
+(a list of parts). :func:`render` turns such a list into the attribute's JSON text:
+
+* every string is redacted (:func:`cmbagent_otel.redaction.scrub`: secret-named keys, known
+  and learned secrets, secret-shaped tokens) and the whole text is redacted again, exactly as
+  before; the items left out are still read for secrets they would teach;
+* the text is at most the attribute bound and is ALWAYS valid JSON: messages are taken newest
+  first while they fit, the newest one (and an older one that only partly fits) has its strings
+  cut (``...[truncated]``) until it fits; older messages are left out (the number left out is
+  returned, for ``cmbagent.content.dropped_messages``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from .._jsontext import compact_encoder
+from ..redaction import learn_secrets_ahead, max_length, redact, scrub, truncate
+
+logger = logging.getLogger("cmbagent_otel")
+
+_dumps = compact_encoder(repr, ensure_ascii=False)  # scrub() output is acyclic and JSON-typed
+SYSTEM_ROLES = frozenset({"system", "developer"})
+# OpenAI finish reasons -> the output schema's FinishReason values (others pass through)
+FINISH_REASONS: Mapping[str, str] = {"tool_calls": "tool_call", "function_call": "tool_call"}
+MIN_PARTIAL = 256  # an older message cut to fit is worth keeping only with this much room left
+_MIN_STRING = 16
+
+
+# --- conversion ---------------------------------------------------------------------------------
+def _arguments(raw: Any) -> Any:
+    """Tool-call arguments as an object: AG2 passes the model's JSON text."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _field(obj: Any, key: str) -> Any:
+    """A field of a dict or of an object (OpenAI's pydantic models, SimpleNamespace)."""
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
+def _tool_call_part(call: Any) -> dict[str, Any] | None:
+    if call is None:
+        return None
+    function = _field(call, "function")
+    if function is None:
+        function = call  # a legacy function_call carries name and arguments itself
+    name = _field(function, "name")
+    part: dict[str, Any] = {"type": "tool_call", "name": str(name) if name is not None else "unknown"}
+    call_id = _field(call, "id")
+    if call_id is not None:
+        part["id"] = str(call_id)
+    arguments = _field(function, "arguments")
+    if arguments is not None:
+        part["arguments"] = _arguments(arguments)
+    return part
+
+
+def content_parts(content: Any) -> list[dict[str, Any]]:
+    """Parts of an OpenAI ``content`` (text, or a list of typed parts)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "content": content}]
+    if isinstance(content, (list, tuple)):
+        parts: list[dict[str, Any]] = []
+        for item in content:
+            if isinstance(item, str):
+                parts.append({"type": "text", "content": item})
+            elif isinstance(item, Mapping):
+                kind = item.get("type")
+                if kind == "text" and isinstance(item.get("text"), str):
+                    parts.append({"type": "text", "content": item["text"]})
+                elif kind == "image_url":
+                    image = item.get("image_url")
+                    url = image.get("url") if isinstance(image, Mapping) else image
+                    if isinstance(url, str) and not url.startswith("data:"):
+                        parts.append({"type": "uri", "modality": "image", "uri": url})
+                    else:  # inline bytes are not telemetry: keep only that an image was there
+                        parts.append({"type": "image"})
+                else:
+                    parts.append({"type": str(kind or "unknown")})
+        return parts
+    return [{"type": "text", "content": content if isinstance(content, str) else str(content)}]
+
+
+def message(raw: Any, default_role: str = "user") -> dict[str, Any]:
+    """One AG2 / OpenAI message as a ChatMessage (role, parts, name)."""
+    if not isinstance(raw, Mapping):
+        return {"role": default_role, "parts": content_parts(raw)}
+    role = raw.get("role")
+    role = str(role) if role else default_role
+    parts: list[dict[str, Any]]
+    if role in ("tool", "function"):
+        part: dict[str, Any] = {"type": "tool_call_response", "response": _arguments_or_text(raw.get("content"))}
+        call_id = raw.get("tool_call_id")
+        if call_id is not None:
+            part["id"] = str(call_id)
+        parts = [part]
+    else:
+        parts = content_parts(raw.get("content"))
+    for call in raw.get("tool_calls") or ():
+        tool_part = _tool_call_part(call)
+        if tool_part is not None:
+            parts.append(tool_part)
+    function_call = raw.get("function_call")
+    if function_call is not None:
+        parts.append(_tool_call_part(function_call) or {"type": "tool_call", "name": "unknown"})
+    out: dict[str, Any] = {"role": role, "parts": parts}
+    name = raw.get("name")
+    if name:
+        out["name"] = str(name)
+    return out
+
+
+def _arguments_or_text(value: Any) -> Any:
+    """A tool response: kept as given (text stays text; AG2 tool responses are strings)."""
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return str(value)
+
+
+def tool_arguments(raw: Any) -> Any:
+    """A tool call's arguments as the object the model sent (AG2 passes JSON text)."""
+    return _arguments(raw)
+
+
+def tool_result(content: Any) -> Any:
+    """A tool's result: a JSON object or array given as text is deserialised, other text stays text."""
+    if isinstance(content, str):
+        stripped = content.lstrip()
+        if stripped[:1] in ("{", "["):
+            try:
+                return json.loads(content)
+            except ValueError:
+                return content
+        return content
+    return _arguments_or_text(content)
+
+
+def split_system(messages: Iterable[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(system instruction parts, the other messages) of a model call's input."""
+    system: list[dict[str, Any]] = []
+    rest: list[Any] = []
+    for raw in messages:
+        if isinstance(raw, Mapping) and raw.get("role") in SYSTEM_ROLES:
+            system.extend(content_parts(raw.get("content")))
+        else:
+            rest.append(raw)
+    return system, rest
+
+
+def finish_reason(reason: Any) -> str:
+    if not reason:
+        return "stop"
+    text = str(reason)
+    return FINISH_REASONS.get(text, text)
+
+
+def output_message(raw: Any, reason: Any = None, name: str | None = None) -> dict[str, Any]:
+    """An OutputMessage (role assistant unless given, parts, finish_reason)."""
+    out = message(raw, default_role="assistant")
+    if isinstance(raw, Mapping) and raw.get("role") is None:
+        out["role"] = "assistant"
+    if reason is None:
+        reason = "tool_call" if any(p.get("type") == "tool_call" for p in out["parts"]) else "stop"
+    out["finish_reason"] = finish_reason(reason)
+    if name and "name" not in out:
+        out["name"] = name
+    return out
+
+
+def response_messages(response: Any) -> list[dict[str, Any]]:
+    """Output messages of an OpenAI-shaped response: one per choice."""
+    out: list[dict[str, Any]] = []
+    for choice in getattr(response, "choices", None) or ():
+        msg = getattr(choice, "message", None)
+        if msg is None:
+            continue
+        raw: dict[str, Any] = {"role": getattr(msg, "role", None) or "assistant",
+                               "content": getattr(msg, "content", None)}
+        calls = getattr(msg, "tool_calls", None)
+        if calls:
+            raw["tool_calls"] = calls
+        function_call = getattr(msg, "function_call", None)
+        if function_call is not None:
+            raw["function_call"] = function_call
+        out.append(output_message(raw, getattr(choice, "finish_reason", None)))
+    return out
+
+
+# --- bounded, redacted JSON text -------------------------------------------------------------------
+def _shrink(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return truncate(value, limit) if len(value) > limit else value
+    if isinstance(value, dict):
+        return {k: (v if k in ("type", "role") else _shrink(v, limit)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shrink(v, limit) for v in value]
+    return value
+
+
+def _fit(item: Any, budget: int) -> str | None:
+    """JSON text of ``item`` (already scrubbed) in at most ``budget`` characters, strings cut as needed."""
+    text = _dumps(item)
+    if len(text) <= budget:
+        return text
+    limit = max(budget // 2, _MIN_STRING)
+    while limit >= _MIN_STRING:
+        text = _dumps(_shrink(item, limit))
+        if len(text) <= budget:
+            return text
+        limit //= 2
+    if isinstance(item, dict) and isinstance(item.get("parts"), list):
+        # too many parts for the room: keep the message, its parts as one cut text part
+        head = {k: v for k, v in item.items() if k != "parts"}
+        text = _dumps({**head, "parts": [{"type": "text", "content": ""}]})
+        room = budget - len(text)
+        if room >= _MIN_STRING:
+            return _dumps({**head, "parts": [{"type": "text", "content": truncate(_dumps(item["parts"]), room // 2)}]})
+    return None
+
+
+# JSON pieces of AG2 messages already rendered, by the message dict's identity: AG2 keeps the
+# same dicts in an agent's history, so each call renders only what is new. A piece made before a
+# secret was learned is still caught by the redaction of the whole text in render().
+_PIECES_MAX = 512  # with pieces of at most _PIECE_CHARS: a few MiB at most
+_PIECE_CHARS = 8192
+_pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str]] = OrderedDict()
+_pieces_lock = threading.Lock()
+
+
+def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
+    """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged."""
+    if convert is None or type(raw) is not dict:
+        clean = scrub(raw if convert is None else convert(raw))
+        return clean, _dumps(clean)
+    key = id(raw)
+    hit = _pieces.get(key)
+    content, calls = raw.get("content"), raw.get("tool_calls")
+    if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls:
+        return hit[3], hit[4]
+    clean = scrub(convert(raw))
+    piece = _dumps(clean)
+    if len(piece) > _PIECE_CHARS:
+        return clean, piece
+    with _pieces_lock:
+        _pieces[key] = (raw, content, calls, clean, piece)
+        if len(_pieces) > _PIECES_MAX:
+            _pieces.popitem(last=False)
+    return clean, piece
+
+
+def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[str, int]:
+    kept: list[str] = []
+    size = 2  # the brackets
+    index = len(items) - 1
+    while index >= 0:
+        clean, piece = _piece(items[index], convert)
+        extra = len(piece) + (2 if kept else 0)
+        if size + extra > budget:
+            room = budget - size - (2 if kept else 0)
+            if not kept or room >= MIN_PARTIAL:
+                fitted = _fit(clean, room)
+                if fitted is not None:
+                    kept.append(fitted)
+                    index -= 1
+            break
+        kept.append(piece)
+        size += extra
+        index -= 1
+    dropped = index + 1
+    if dropped:
+        learn_secrets_ahead(items[:dropped])
+    kept.reverse()
+    return "[" + ", ".join(kept) + "]", dropped
+
+
+def render(items: Sequence[Any], bound: int | None = None,
+           convert: Callable[[Any], Any] | None = None) -> tuple[str, int]:
+    """(JSON text of ``items``, number of items left out), redacted, at most ``bound`` characters
+    (default: the attribute bound) and always valid JSON; newest (last) items kept first.
+
+    ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
+    items that are kept.
+    """
+    bound = bound or max_length()
+    budget = bound
+    for _ in range(3):
+        text, dropped = _render(items, budget, convert)
+        final = redact(text) or "[]"
+        if final != text:
+            # a secret replaced by the marker can change the length; the marker never breaks
+            # JSON, but verify rather than assume
+            try:
+                json.loads(final)
+            except ValueError:
+                logger.debug("cmbagent_otel: redaction broke message JSON; content left out")
+                return "[]", len(items)
+        if len(final) <= bound:
+            return final, dropped
+        budget -= len(final) - bound + 16
+    return "[]", len(items)
+
+
+def render_value(value: Any, bound: int | None = None) -> str:
+    """Any JSON value (tool arguments, tool result) as redacted JSON text of at most ``bound`` characters."""
+    bound = bound or max_length()
+    clean = scrub(value)
+    text = _fit(clean, bound)
+    if text is None:
+        text = _dumps(truncate(_dumps(clean), max(bound // 2, _MIN_STRING)))
+    final = redact(text) or "null"
+    if final != text:
+        try:
+            json.loads(final)
+        except ValueError:
+            return _dumps("[REDACTED]")
+    if len(final) > bound:
+        return _dumps(truncate(final, max(bound // 2 - 2, _MIN_STRING)))
+    return final
