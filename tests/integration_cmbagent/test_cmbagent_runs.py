@@ -149,10 +149,26 @@ def _check_common_shape(run: Run) -> None:
         if _kind(span) != sc.KIND_STEP:
             assert span.attributes[sc.DAG_ORDER_INDEX] not in steps, span.name
     for span in run.spans:
-        if _kind(span) == sc.KIND_SPEAKER_SELECTION:
+        if _kind(span) == sc.KIND_SPEAKER_SELECTION:  # a selection that asked the model
             assert span.status.status_code is not StatusCode.ERROR, span.name
-            assert span.attributes[sc.HANDOFF_FROM]  # the agent handing off: the handoff event's agent_name
-    assert any(s.attributes.get(sc.HANDOFF_ENDS_CHAT) for s in run.spans if _kind(s) == sc.KIND_SPEAKER_SELECTION)
+    handoffs = _handoffs(run)
+    for attrs, _, _ in handoffs:
+        assert attrs[sc.HANDOFF_FROM]  # the agent handing off: the handoff event's agent_name
+        assert sc.ERROR_TYPE not in attrs
+    assert any(attrs.get(sc.HANDOFF_ENDS_CHAT) for attrs, _, _ in handoffs)
+
+
+def _handoffs(run: Run) -> list[tuple[Any, ReadableSpan, int]]:
+    """Every speaker selection: (its attributes, the span it is on or is, its time in ns), from either
+    form (a ``cmbagent.handoff`` event, or a ``select_speaker`` span when it asked the model)."""
+    found = []
+    for span in run.spans:
+        if _kind(span) == sc.KIND_SPEAKER_SELECTION:
+            found.append((span.attributes, span, span.start_time))
+        for event in span.events:
+            if event.name == "cmbagent.handoff":
+                found.append((event.attributes, span, event.timestamp))
+    return found
 
 
 def _step_members(run: Run, step_span: ReadableSpan) -> list[ReadableSpan]:
@@ -194,6 +210,10 @@ def test_planning_and_control_steps_inside_one_chat(runner: Any, fail: bool) -> 
         if inside:
             assert inside[0] in _ancestors(span, by_id), f"{span.name} escapes {inside[0].name}"
             assert span.attributes[sc.DAG_NODE].startswith(inside[0].attributes[sc.DAG_NODE])
+    for attrs, span, when in _handoffs(run):  # handoff events: on the step they happen in
+        inside = [st for st in steps if st.start_time <= when <= st.end_time]
+        if inside and manager in [*_ancestors(span, by_id), span]:
+            assert span is inside[0] or inside[0] in _ancestors(span, by_id), attrs[sc.HANDOFF_FROM]
 
     # children per step: the sub-agent nodes, in speaking order
     expected = {

@@ -79,13 +79,23 @@ def agent_name(agent: Any) -> str:
 
 
 def register_llm_config_secrets(config_list: Any) -> None:
-    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere."""
+    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere (once per
+    list object and length: AG2 builds the list with the wrapper and keeps it)."""
     try:
-        for config in config_list or ():
+        if not config_list:
+            return
+        key = id(config_list)
+        seen = _seen_lists.get(key)
+        if seen is not None and seen[0] is config_list and seen[1] == len(config_list):
+            return
+        for config in config_list:
             if isinstance(config, dict):
-                for key, value in config.items():
-                    if isinstance(value, str) and ("key" in key.lower() or "token" in key.lower()):
+                for name, value in config.items():
+                    if isinstance(value, str) and ("key" in name.lower() or "token" in name.lower()):
                         register_secret(value)
+        _seen_lists[key] = (config_list, len(config_list))
+        if len(_seen_lists) > _SEEN_CONFIGS_MAX:
+            _seen_lists.popitem(last=False)
     except Exception:
         pass
 
@@ -96,6 +106,7 @@ def register_llm_config_secrets(config_list: Any) -> None:
 _SEEN_CONFIGS_MAX = 256
 # id -> config object: holding the object keeps its id from being reused by another config
 _seen_configs: OrderedDict[int, Any] = OrderedDict()
+_seen_lists: OrderedDict[int, tuple[Any, int]] = OrderedDict()
 
 
 def register_agent_secrets(agent: Any) -> None:

@@ -90,9 +90,10 @@ def server_of(config: Mapping[str, Any], provider: str, base_url: Any = None) ->
 
 
 class ConfigInfo:
-    """The static facts of one config entry."""
+    """The static facts of one config entry (its request parameters included: AG2 merges them
+    into every call made with it)."""
 
-    __slots__ = ("attributes", "call_attributes", "config", "model", "provider")
+    __slots__ = ("attributes", "call_attributes", "config", "model", "provider", "request", "server")
 
     def __init__(self, config: Mapping[str, Any], base_url: str | None = None) -> None:
         self.config = config  # held so its id is not reused while cached
@@ -100,12 +101,13 @@ class ConfigInfo:
         model = config.get("model")
         self.model = str(model) if model else None
         attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider}
-        server = server_of(config, self.provider, base_url)
-        if server is not None:
-            attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = server
+        self.server = server_of(config, self.provider, base_url)
+        if self.server is not None:
+            attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = self.server
         self.attributes = attrs  # invoke_agent and chat
         # model calls also carry the deprecated gen_ai.system, still read by some backends
         self.call_attributes = {**attrs, semconv.GEN_AI_SYSTEM: self.provider}
+        self.request = request_attributes(_EMPTY, config)  # a call passing none of its own
 
 
 _INFO_MAX = 256
@@ -139,8 +141,16 @@ def first_config(wrapper: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """Request parameters of a model call: the call's own, else its config entry's."""
+_REQUEST_KEYS = frozenset({key for key, _ in REQUEST_PARAMETERS} | {"stop", "stream"})
+
+
+def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
+                       info: ConfigInfo | None = None) -> dict[str, Any]:
+    """Request parameters of a model call: the call's own, else its config entry's. With ``info``
+    (the entry's :class:`ConfigInfo`) and a call passing none of its own, the entry's, computed
+    once (the returned dict is shared: read it, never change it)."""
+    if info is not None and info.config is config and not (kwargs.keys() & _REQUEST_KEYS):
+        return info.request
     attrs: dict[str, Any] = {}
     for key, attr in REQUEST_PARAMETERS:
         value = kwargs.get(key)
@@ -190,3 +200,10 @@ def usage_attributes(usage: Any) -> dict[str, Any]:
     if reasoning is not None:
         attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
     return attrs
+
+
+def usage_counts(usage: Any) -> tuple[int | None, int | None]:
+    """(input tokens, output tokens) of a response's ``usage`` (OpenAI shape), where present."""
+    if usage is None:
+        return None, None
+    return _count(_get(usage, "prompt_tokens")), _count(_get(usage, "completion_tokens"))
