@@ -18,11 +18,11 @@ scope is parented under that frame by explicit context (see ``_spans.TracedSpan`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import sys
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,30 @@ _SCOPE_KEY = otel_context.create_key("cmbagent_otel.scope")
 # The key the OTel API keeps the current span under: with it a span's context (span + scope) is
 # built with one dict copy instead of two set_value calls. Absent in some API: the two-step path.
 SPAN_KEY: str | None = getattr(_trace_propagation, "_SPAN_KEY", None)
-get_current = otel_context.get_current
+
+
+def _context_var() -> contextvars.ContextVar[Context] | None:
+    """The contextvar behind OTel's default runtime context (``None`` with another runtime context)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime).__name__ != "ContextVarsRuntimeContext":
+        return None
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
+
+
+# The current Context, read and set on the hot path of every span: straight on the contextvar of
+# OTel's default runtime context (what get_current/attach/detach do, two Python calls fewer each);
+# through the public API with any other runtime context. ``detach`` raises ValueError for a token
+# of another context (OTel's would log it): callers catch it.
+_VAR = _context_var()
+if _VAR is not None:
+    get_current: Callable[[], Context] = _VAR.get
+    attach: Callable[[Context], Any] = _VAR.set
+    detach: Callable[[Any], None] = _VAR.reset
+else:  # pragma: no cover - another OTEL_PYTHON_CONTEXT
+    get_current = otel_context.get_current
+    attach = otel_context.attach
+    detach = otel_context.detach
 
 try:
     from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
@@ -88,8 +111,7 @@ class RunState:
     name: str | None = None  # the workflow's name (None: a plain AG2 program)
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _names: Counter[str] = field(default_factory=Counter)
-    _phase_index: int = 0
+    _counters: dict[str, itertools.count[int]] = field(default_factory=dict)
 
     def next_order(self) -> int:
         """Return the next execution order of this run (1, 2, 3, ...).
@@ -101,24 +123,27 @@ class RunState:
         with self._lock:
             return next(self._order)
 
+    def _next(self, key: str) -> int:
+        # one itertools.count per key: setdefault and next() are atomic under the GIL
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, itertools.count(1))
+        if _GIL:
+            return next(counter)
+        with self._lock:
+            return next(counter)
+
     def unique_node_id(self, base: str) -> str:
         """Return ``base`` the first time it is asked for in this run, then ``base_2``, ..."""
-        with self._lock:
-            self._names[base] += 1
-            count = self._names[base]
+        count = self._next(base)
         return base if count == 1 else f"{base}_{count}"
 
     def next_phase_index(self) -> int:
-        with self._lock:
-            self._phase_index += 1
-            return self._phase_index
+        return self._next("\x00phases")
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""
-        with self._lock:
-            key = f"\x00children:{parent_node}"
-            self._names[key] += 1
-            return self._names[key]
+        return self._next("\x00children:" + parent_node)
 
 
 class Scope:
@@ -180,6 +205,17 @@ class Scope:
         new.handoffs = 0
         for name, value in changes.items():
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
+        return new
+
+    def child_node(self, dag_node: str, node_type: str, depth: int, order: int, conversation_id: str | None) -> Scope:
+        """The scope under a span that is DAG node ``dag_node`` started in this scope."""
+        new = self.child_event(conversation_id)
+        new.dag_node = dag_node
+        new.dag_node_type = node_type
+        new.dag_depth = depth
+        new.dag_order = order
+        new.event_depth = 0
+        new.agent_depth = 0
         return new
 
     def child_event(self, conversation_id: str | None) -> Scope:

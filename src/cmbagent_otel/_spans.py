@@ -30,7 +30,9 @@ from ._context import (
     Frame,
     RunState,
     Scope,
+    attach,
     child_context,
+    detach,
     get_current,
     new_conversation_id,
     raw_scope,
@@ -179,7 +181,8 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         attrs[semconv.EVENT_DEPTH] = scope.event_depth
         new_scope = scope.child_event(conversation_id)
         if scope_changes:
-            new_scope = new_scope.evolve(**scope_changes)
+            for name, value in scope_changes.items():  # a fresh scope nobody holds yet
+                setattr(new_scope, name, value)
         if attributes:
             attrs.update(attributes)
         return attrs, new_scope
@@ -209,16 +212,14 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
             attrs[semconv.DAG_PARENT_NODE] = scope.dag_node
         if order is not None:
             attrs[semconv.DAG_ORDER_INDEX] = order
-        new_scope = scope.evolve(
-            dag_node=node_id, dag_node_type=node.node_type, dag_depth=depth, event_depth=0, agent_depth=0,
-            conversation_id=conversation_id, dag_order=order or 0,
-        )
+        new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
             attrs[semconv.DAG_NODE] = scope.dag_node
         new_scope = scope.evolve(conversation_id=conversation_id)
     if scope_changes:
-        new_scope = new_scope.evolve(**scope_changes)
+        for name, value in scope_changes.items():  # a fresh scope nobody holds yet
+            setattr(new_scope, name, value)
     if attributes:
         attrs.update(attributes)
     return attrs, new_scope
@@ -501,7 +502,7 @@ class TracedSpan:
         span = tracer.start_span(self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
         self.span = span
         self.scope = new_scope
-        self._token = otel_context.attach(child_context(parent_ctx, span, new_scope))
+        self._token = attach(child_context(parent_ctx, span, new_scope))
         if self._kind in TIMED_KINDS:
             self._timing = _timing(self._kind, attrs, new_scope)
 
@@ -569,8 +570,8 @@ class TracedSpan:
             if token is not None:
                 self._token = None
                 try:
-                    otel_context.detach(token)  # type: ignore[arg-type]
-                except Exception:
+                    detach(token)
+                except Exception:  # a token of another context (an async generator's): nothing to undo here
                     logger.debug("cmbagent_otel: could not detach context", exc_info=True)
             frame = self._frame
             if frame is not None:

@@ -101,6 +101,12 @@ class ModelMetrics:
                                                   description="Code executions that failed (non-zero exit code "
                                                               "or an exception).")
 
+    def live(self) -> bool:
+        """Whether recording does anything: ``False`` for the global provider's proxy instruments
+        while no MeterProvider is set, and for no-op ones, so a model call skips its metric work."""
+        real = getattr(self.duration, "_real_instrument", self.duration)  # a proxy's delegate, once set
+        return real is not None and not isinstance(real, otel_metrics.NoOpHistogram)
+
     def model_call(self, attributes: CallAttributes, seconds: float, error_type: str | None,
                    input_tokens: int | None, output_tokens: int | None, cost: float | None) -> None:
         """One model call ended after ``seconds``. Token counts (and cost) are recorded only for a

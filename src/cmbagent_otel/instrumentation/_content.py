@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
@@ -76,6 +77,15 @@ def agent_name(agent: Any) -> str:
         return str(name) if name is not None else type(agent).__name__
     except Exception:
         return "unknown"
+
+
+def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:
+    """``agent``'s name from an instrumentor's per-agent cache (id -> (weak reference, facts with a
+    ``name``)) when it is there, else read from the agent."""
+    entry = agents.get(id(agent))
+    if entry is not None and entry[0]() is agent:
+        return str(entry[1].name)
+    return agent_name(agent)
 
 
 def register_llm_config_secrets(config_list: Any) -> None:

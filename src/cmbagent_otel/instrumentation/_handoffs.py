@@ -28,10 +28,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
-from .._context import SPAN_KEY, Scope, get_current, raw_scope, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
 from .._spans import TracedSpan, compose, record_exception
 from ..redaction import redact, truncate
-from ._content import agent_name
+from ._content import agent_name, cached_name
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -62,16 +62,16 @@ class Selection:
 
     __slots__ = ("attributes", "from_name", "groupchat", "promoted", "scope", "span")
 
-    def __init__(self, groupchat: Any, last: Any, scope: Scope | None, span: Span) -> None:
+    def __init__(self, state: Any, groupchat: Any, last: Any, scope: Scope | None, span: Span) -> None:
         self.groupchat = groupchat
         self.scope = scope  # the scope of the enclosing span's children
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        self.from_name = agent_name(last) if last is not None else "none"
+        self.from_name = cached_name(state.agents, last) if last is not None else "none"
         self.attributes: dict[str, Any] = {
             semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
             semconv.HANDOFF_REASON: _reason(groupchat),
-            semconv.HANDOFF_CANDIDATES: [agent_name(a) for a in (getattr(groupchat, "agents", None) or ())],
+            semconv.HANDOFF_CANDIDATES: _candidates(state, groupchat),
         }
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
@@ -114,6 +114,20 @@ class Selection:
             span.end()
 
 
+def _candidates(state: Any, groupchat: Any) -> list[str]:
+    """The names of a group chat's agents, computed again only when its agents list changes."""
+    agents = getattr(groupchat, "agents", None) or ()
+    cache = state.candidates
+    entry = cache.get(id(agents))
+    if entry is not None and entry[0] is agents and entry[1] == len(agents):
+        return entry[2]
+    names = [cached_name(state.agents, a) for a in agents]
+    if len(cache) >= 64:
+        cache.clear()  # group chats of one process: a bound, not a cache policy
+    cache[id(agents)] = (agents, len(agents), names)
+    return names
+
+
 def _room_for_event(scope: Scope, span: Span) -> bool:
     limits = getattr(span, "_limits", None)  # the SDK span's SpanLimits (None: unlimited)
     limit = getattr(limits, "max_events", DEFAULT_EVENT_LIMIT) if limits is not None else DEFAULT_EVENT_LIMIT
@@ -123,19 +137,21 @@ def _room_for_event(scope: Scope, span: Span) -> bool:
 def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
     """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled)."""
     ctx = get_current()
-    if suppressed(ctx):
+    if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
         return None
-    scope = raw_scope(ctx)
+    scope = ctx.get(_SCOPE_KEY)
+    if not isinstance(scope, Scope):
+        scope = None
     span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
     if scope is not None and scope.cursor is not None:
         # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
         frame = scope.cursor.resolve()
         if frame is not None:
             scope, span = frame.scope, frame.span
-    if span is None or not span.is_recording() or state.probe.drops(ctx):
+    if span is None or not span.is_recording():  # unsampled: nothing to record it on
         return None
     last = kwargs.get("last_speaker", args[0] if args else None)
-    return Selection(groupchat, last, scope, span)
+    return Selection(state, groupchat, last, scope, span)
 
 
 def selection_sync(state: Any) -> Callable[..., Any]:

@@ -119,7 +119,7 @@ _EMPTY: Mapping[str, Any] = {}
 def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> ConfigInfo:
     """:class:`ConfigInfo` of ``config`` (an entry of ``wrapper``'s config list), computed once per
     config object (bounded cache)."""
-    if not isinstance(config, Mapping):
+    if type(config) is not dict and not isinstance(config, Mapping):
         config = _EMPTY
     key = id(config)
     info = _infos.get(key)
@@ -136,12 +136,15 @@ def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> Config
 def first_config(wrapper: Any) -> Mapping[str, Any] | None:
     """The first config entry of an ``OpenAIWrapper`` (the one AG2 tries first)."""
     configs = getattr(wrapper, "_config_list", None)
-    if configs and isinstance(configs[0], Mapping):
-        return configs[0]  # type: ignore[no-any-return]
+    if configs:
+        first = configs[0]
+        if type(first) is dict or isinstance(first, Mapping):  # a dict first: no ABC check on the hot path
+            return first  # type: ignore[no-any-return]
     return None
 
 
-_REQUEST_KEYS = frozenset({key for key, _ in REQUEST_PARAMETERS} | {"stop", "stream"})
+REQUEST_KEYS = frozenset({key for key, _ in REQUEST_PARAMETERS} | {"stop", "stream"})
+"""The call arguments that are request parameters (a call passing none has its config's)."""
 
 
 def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
@@ -149,7 +152,7 @@ def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
     """Request parameters of a model call: the call's own, else its config entry's. With ``info``
     (the entry's :class:`ConfigInfo`) and a call passing none of its own, the entry's, computed
     once (the returned dict is shared: read it, never change it)."""
-    if info is not None and info.config is config and not (kwargs.keys() & _REQUEST_KEYS):
+    if info is not None and info.config is config and kwargs.keys().isdisjoint(REQUEST_KEYS):
         return info.request
     attrs: dict[str, Any] = {}
     for key, attr in REQUEST_PARAMETERS:
@@ -176,7 +179,12 @@ def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
 
 
 def _get(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+    if type(obj) is dict:
+        return obj.get(key)
+    value = getattr(obj, key, None)  # OpenAI's response objects: an attribute (no ABC check first)
+    if value is None and isinstance(obj, Mapping):
+        return obj.get(key)
+    return value
 
 
 def _count(value: Any) -> int | None:
@@ -202,8 +210,3 @@ def usage_attributes(usage: Any) -> dict[str, Any]:
     return attrs
 
 
-def usage_counts(usage: Any) -> tuple[int | None, int | None]:
-    """(input tokens, output tokens) of a response's ``usage`` (OpenAI shape), where present."""
-    if usage is None:
-        return None, None
-    return _count(_get(usage, "prompt_tokens")), _count(_get(usage, "completion_tokens"))

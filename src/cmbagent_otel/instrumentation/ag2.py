@@ -61,7 +61,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import current_scope, get_current, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current
 from .._spans import SCHEMA_URL, NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -70,6 +70,7 @@ from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
     agent_name,
+    cached_name,
     capture_from_env,
     content_mode,
     register_agent_secrets,
@@ -100,8 +101,10 @@ class _State:
     per-agent facts) outlives the cycle.
     """
 
-    __slots__ = ("active", "agents", "call_attributes", "capture", "content", "event_logger", "manager_cls",
-                 "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types", "workflow_tracer")
+    __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
+                 "event_logger",
+                 "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
+                 "workflow_tracer")
 
     def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
                  event_logger: _logs.Logger | None = None, metrics: ModelMetrics | None = None) -> None:
@@ -118,13 +121,17 @@ class _State:
         self.manager_cls: type | None = None
         self.tool_executor_cls: type | None = None
         self.no_speaker_cls: type | None = None
-        # per agent: what does not change between its calls (see _agent_static)
-        self.agents: weakref.WeakKeyDictionary[Any, _AgentStatic] = weakref.WeakKeyDictionary()
+        # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
+        self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
         # Protocol-derived classes is slow, a class's answer never changes
         self.types: dict[type, tuple[bool, bool]] = {}
         # model-call metric attributes by (config facts, request model, response model)
         self.call_attributes: dict[tuple[Any, ...], CallAttributes] = {}
+        # a model call's attributes by (config facts, request model, agent), when the call sets no parameter
+        self.chat_attributes: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
+        # a group chat's candidate names by its agents list (see _handoffs)
+        self.candidates: dict[int, tuple[Any, int, list[str]]] = {}
 
 
 def _content(render: Callable[..., Any], *args: Any) -> Any:
@@ -171,41 +178,39 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
         return result
 
 
-_THROUGH = object()  # the call goes through untouched
-_FAST = object()  # not recorded: the operation's fast path (metrics, step tracking, context only)
-
-
-def _plan(state: _State, build: Callable[..., TracedSpan | None], instance: Any, args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> Any:
-    """What a wrapper does with this call: ``_THROUGH``, ``_FAST`` (the span cannot be recorded),
-    or the :class:`TracedSpan` to run it in. Reads the context once; never raises."""
-    try:
-        ctx = get_current()
-        if suppressed(ctx):
-            return _THROUGH
-        if state.probe.drops(ctx):
-            return _FAST
-        return build(state, ctx, instance, args, kwargs) or _THROUGH
-    except Exception:
-        logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-        return _THROUGH
-
-
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """A wrapt wrapper: the call in a span from ``build`` (``record`` reads its result), or, when the
-    span cannot be recorded, through ``fast`` (``None``: straight through)."""
+    span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
+    straight through). The context is read once; telemetry errors mean "call through"."""
+    probe = state.probe
+
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return wrapped(*args, **kwargs)
-        plan = _plan(state, build, instance, args, kwargs)
-        if plan is _THROUGH:
+        traced = ctx = None
+        try:  # never around the application's call: its exceptions must not be taken for ours
+            ctx = get_current()
+            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                ctx = None
+            elif not probe.drops(ctx):
+                traced = build(state, ctx, instance, args, kwargs)
+                ctx = None
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = ctx = None
+        if ctx is not None and fast is not None:  # not recorded: the fast path
+            return fast(state, ctx, wrapped, instance, args, kwargs)
+        if traced is None:
             return wrapped(*args, **kwargs)
-        if plan is _FAST:
-            if fast is None:
-                return wrapped(*args, **kwargs)
-            return fast(state, wrapped, instance, args, kwargs)
-        return _run_traced(state, plan, record, wrapped, instance, args, kwargs)
+        with traced:
+            result = wrapped(*args, **kwargs)
+            if record is not None:
+                try:
+                    record(state, traced, instance, args, kwargs, result)
+                except Exception:
+                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
@@ -213,17 +218,25 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
+    probe = state.probe
+
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        plan = _plan(state, build, instance, args, kwargs)
-        if plan is _THROUGH:
-            return await wrapped(*args, **kwargs)
-        if plan is _FAST:
-            if fast is None:
-                return await wrapped(*args, **kwargs)
-            return await fast(state, wrapped, instance, args, kwargs)
-        return await _run_traced_async(state, plan, record, wrapped, instance, args, kwargs)
+        traced = ctx = None
+        try:  # never around the application's call
+            ctx = get_current()
+            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                ctx = None
+            elif not probe.drops(ctx):
+                traced = build(state, ctx, instance, args, kwargs)
+                ctx = None
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = ctx = None
+        if ctx is not None and fast is not None:
+            return await fast(state, ctx, wrapped, instance, args, kwargs)
+        return await _run_traced_async(state, traced, record, wrapped, instance, args, kwargs)
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
@@ -371,14 +384,17 @@ class _GroupChatSpan(TracedSpan):
 class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
-    __slots__ = ("attributes", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "system_messages")
+    __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
+                 "nodes", "span_name", "system_messages")
 
     def __init__(self) -> None:
         self.config: Any = None
         self.description: Any = None
         self.name = "unknown"
+        self.span_name = "invoke_agent unknown"
         self.attributes: dict[str, Any] = {}
+        self.by_sender: dict[str, dict[str, Any]] = {}  # attributes with cmbagent.agent.sender, per sender
+        self.nodes: dict[str, NodeSpec] = {}  # its sub-agent node description, per parent node
         self.system_messages: list[str] = []
         self.is_manager = False
         self.is_tool_executor = False
@@ -409,10 +425,8 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     object changes."""
     config = getattr(agent, "llm_config", None)
     description = getattr(agent, "description", None)
-    try:
-        static = state.agents.get(agent)
-    except TypeError:  # not weak-referenceable / hashable: computed each time
-        static = None
+    entry = state.agents.get(id(agent))
+    static = entry[1] if entry is not None and entry[0]() is agent else None
     if static is not None and static.config is config and static.description is description:
         return static
     if static is None:
@@ -423,6 +437,9 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
         static.system_messages = [*static.system_messages[-3:], system]
     static.config, static.description = config, description
     static.name = agent_name(agent)
+    static.span_name = f"invoke_agent {static.name}"
+    static.by_sender = {}
+    static.nodes = {}
     manager, runner = _type_facts(state, agent)
     static.is_manager = manager
     static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
@@ -439,18 +456,25 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
         if info.model:
             attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
     static.attributes = attrs
-    with contextlib.suppress(TypeError):
-        state.agents[agent] = static
+    _remember(state.agents, agent, static)
     return static
+
+
+def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: Any, static: _AgentStatic) -> None:
+    key = id(agent)
+    if key in agents and agents[key][0]() is agent:
+        agents[key] = (agents[key][0], static)
+        return
+    try:  # the entry goes when the agent does (its id may then be reused)
+        ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
+    except TypeError:  # not weak-referenceable: computed each time
+        return
+    agents[key] = (ref, static)
 
 
 def _name_of(state: _State, agent: Any) -> str:
     """An agent's name, from its cached static facts when it has them."""
-    try:
-        static = state.agents.get(agent)
-    except TypeError:
-        static = None
-    return static.name if static is not None else agent_name(agent)
+    return cached_name(state.agents, agent)
 
 
 def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
@@ -467,18 +491,27 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
+_DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
+
+
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     _adopt_code_executor(state, instance)
     static = _agent_static(state, instance)
     sender = _arg(args, kwargs, 1, "sender")
-    attrs: dict[str, Any] = static.attributes.copy()
-    if sender is not None:
-        attrs[semconv.AGENT_SENDER] = _name_of(state, sender)
+    if sender is None:
+        attrs = static.attributes  # compose copies it: shared, never changed
+    else:
+        sender_name = _name_of(state, sender)
+        attrs = static.by_sender.get(sender_name)  # the same few senders again and again
+        if attrs is None:
+            if len(static.by_sender) >= 32:
+                static.by_sender.clear()
+            attrs = static.by_sender[sender_name] = {**static.attributes, semconv.AGENT_SENDER: sender_name}
     if state.capture:
         text = _content(_agent_input, instance, args, kwargs, sender)
         if text is not None:
-            attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
-    span_name = f"invoke_agent {static.name}"
+            attrs = {**attrs, semconv.GEN_AI_INPUT_MESSAGES: text}
+    span_name = static.span_name
     scope = current_scope(ctx)
     if static.is_manager:
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
@@ -494,39 +527,47 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         and scope.dag_node_type in SUB_AGENT_PARENTS
         and not static.is_tool_executor
     ):
-        node = NodeSpec(f"{scope.dag_node}_{static.name}", semconv.NODE_SUB_AGENT, child=True)
-    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1},
+        node = static.nodes.get(scope.dag_node)
+        if node is None:
+            if len(static.nodes) >= 64:
+                static.nodes.clear()
+            node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
+                                                           semconv.NODE_SUB_AGENT, child=True)
+    changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
+    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes=changes,
                       tracer=state.tracer, context=ctx)
 
 
 def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
-    """Whether ``instance`` is a group chat manager whose chat may hold cmbagent's plan steps (then
-    its span runs even unsampled: the steps' duration metrics and later turns depend on it)."""
-    if not _agent_static(state, instance).is_manager:
+    """Whether ``instance`` is a group chat manager whose chat may hold cmbagent's plan steps (its
+    span then runs even unsampled: the steps' duration metrics and later turns depend on it)."""
+    if not _type_facts(state, instance)[0]:
         return False
     scope = current_scope(ctx)
     return scope is not None and scope.in_workflow and scope.steps is None
 
 
-def _agent_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+    traced = None
     try:
-        traced = _agent(state, get_current(), instance, args, kwargs) if _derives_steps(
-            state, instance, get_current()) else None
+        if _derives_steps(state, instance, ctx):
+            traced = _agent(state, ctx, instance, args, kwargs)
     except Exception:
         logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
-        traced = None
+    if traced is None:
+        return wrapped(*args, **kwargs)
     return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
-async def _agent_fast_async(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                            kwargs: dict[str, Any]) -> Any:
+async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+                            args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    traced = None
     try:
-        traced = _agent(state, get_current(), instance, args, kwargs) if _derives_steps(
-            state, instance, get_current()) else None
+        if _derives_steps(state, instance, ctx):
+            traced = _agent(state, ctx, instance, args, kwargs)
     except Exception:
         logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
-        traced = None
     return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
@@ -540,17 +581,19 @@ def _reply_output(result: Any) -> str:
 
 
 # --- LLM call ------------------------------------------------------------------------------------
+_NO_USAGE: dict[str, Any] = {}
+
+
 class _ModelCall:
     """What the metrics of one model call need, recorded when it ends whether or not its span is."""
 
-    __slots__ = ("cost", "info", "input_tokens", "output_tokens", "request_model", "response_model", "started")
+    __slots__ = ("cost", "info", "request_model", "response_model", "started", "usage")
 
     def __init__(self, info: _models.ConfigInfo, request_model: Any) -> None:
         self.info = info
         self.request_model = str(request_model) if request_model else None
         self.response_model: str | None = None
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
+        self.usage: dict[str, Any] = _NO_USAGE  # the gen_ai.usage.* attributes of the response
         self.cost: float | None = None
         self.started = perf_counter()
 
@@ -558,14 +601,14 @@ class _ModelCall:
         model = getattr(response, "model", None)
         if isinstance(model, str):
             self.response_model = model
-        self.input_tokens, self.output_tokens = _models.usage_counts(getattr(response, "usage", None))
+        self.usage = _models.usage_attributes(getattr(response, "usage", None))
         cost = getattr(response, "cost", None)
         if isinstance(cost, (int, float)) and not isinstance(cost, bool):
             self.cost = float(cost)
 
     def ended(self, state: _State, exc: BaseException | None) -> None:
         metrics = state.metrics
-        if metrics is None:
+        if metrics is None or not metrics.live():
             return
         seconds = perf_counter() - self.started
         try:
@@ -580,8 +623,10 @@ class _ModelCall:
         except Exception:
             logger.debug("cmbagent_otel: no metric attributes for a model call", exc_info=True)
             return
+        usage = self.usage
         metrics.model_call(attributes, seconds, type(exc).__qualname__ if exc is not None else None,
-                           self.input_tokens, self.output_tokens, self.cost)
+                           usage.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), usage.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS),
+                           self.cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -637,12 +682,23 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     call = _model_call(instance, kwargs)
     info = call.info
     model = call.request_model or "unknown"
-    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
-                             semconv.GEN_AI_REQUEST_MODEL: model}
     agent = kwargs.get("agent")
-    if agent is not None:
-        attrs[semconv.GEN_AI_AGENT_NAME] = _agent_static(state, agent).name  # registers its secrets once
-    attrs.update(_models.request_attributes(kwargs, info.config, info))
+    agent_label = _agent_static(state, agent).name if agent is not None else None  # registers its secrets once
+    own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
+    key = (info, model, agent_label)
+    cached = None if own_parameters else state.chat_attributes.get(key)
+    if cached is None:
+        attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
+                                 semconv.GEN_AI_REQUEST_MODEL: model}
+        if agent_label is not None:
+            attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
+        attrs.update(_models.request_attributes(kwargs, info.config, info))
+        cached = (attrs, f"chat {model}")
+        if not own_parameters:  # the call's attributes are its config's: the same every time
+            if len(state.chat_attributes) >= 256:
+                state.chat_attributes.clear()
+            state.chat_attributes[key] = cached
+    attrs, span_name = cached  # compose copies the attributes: shared, never changed
     event = None
     content = state.content
     if content is not ContentMode.NO_CONTENT:
@@ -651,16 +707,17 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             event = _event_base(attrs)
             event.update({k: json.loads(v) for k, v in found.items()})
         if content.on_spans:
-            attrs.update(found)
+            attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    return _ChatSpan(f"chat {model}", semconv.KIND_LLM, attrs, state=state, call=call, event=event, context=ctx)
+    return _ChatSpan(span_name, semconv.KIND_LLM, attrs, state=state, call=call, event=event, context=ctx)
 
 
-def _llm_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
-    """An unrecorded model call: its metrics only."""
-    if state.metrics is None:
+    """An unrecorded model call: its metrics only (when a meter provider records them)."""
+    metrics = state.metrics
+    if metrics is None or not metrics.live():
         return wrapped(*args, **kwargs)
     try:
         call = _model_call(instance, kwargs)
@@ -708,7 +765,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(_models.usage_attributes(getattr(response, "usage", None)))
+    attrs.update(call.usage)
     if call.cost is not None:
         attrs[semconv.LLM_COST_USD] = call.cost
     choices = getattr(response, "choices", None)
@@ -798,19 +855,22 @@ def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: A
     tracker.after_tool(str(name), context)
 
 
-def _steps_of_context() -> _steps.StepTracker | None:
+def _steps_of(ctx: Any) -> _steps.StepTracker | None:
     try:
-        scope = current_scope()  # a turn starting: opens a step announced before it, as a span would
-        return scope.steps if scope is not None else None
+        value = ctx.get(_SCOPE_KEY)
+        tracker = value.steps if isinstance(value, Scope) else None
+        if tracker is not None:
+            current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
+        return tracker
     except Exception:
         logger.debug("cmbagent_otel: no step tracker", exc_info=True)
         return None
 
 
-def _tool_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded tool call: the plan-step tracker still sees it."""
-    tracker = _steps_of_context()
+    tracker = _steps_of(ctx)
     result = wrapped(*args, **kwargs)
     if tracker is not None:
         try:
@@ -820,9 +880,9 @@ def _tool_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: 
     return result
 
 
-async def _tool_fast_async(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                           kwargs: dict[str, Any]) -> Any:
-    tracker = _steps_of_context()
+async def _tool_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    tracker = _steps_of(ctx)
     result = await wrapped(*args, **kwargs)
     if tracker is not None:
         try:
@@ -918,7 +978,7 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
-def _code_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded code execution: the processes it starts still get the (unsampled) trace context,
     so a script's own spans are not sampled either, and a failure is still counted."""
@@ -927,7 +987,7 @@ def _code_fast(state: _State, wrapped: Callable[..., Any], instance: Any, args: 
     flag = _in_code_span.set(True)
     carrier = language = None
     try:
-        carrier = _subprocess_context.enter(otel_trace.get_current_span())
+        carrier = _subprocess_context.enter(otel_trace.get_current_span(ctx))
         if state.metrics is not None:
             language = _code_blocks(args, kwargs)[1]
     except Exception:
