@@ -410,6 +410,44 @@ def test_identical_app_outputs_with_and_without_instrumentation(runner: Any, kin
     assert _normalized(traced) == _normalized(plain)
 
 
+def test_unsampled_run_records_its_metrics_and_runs_the_same(runner: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """always_off: no span, yet the plan steps derived from record_status are timed and every model
+    call counted, and the app does exactly what it does without telemetry."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from cmbagent_otel import metrics as m
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    script = script_for("planning_and_control")
+    with FakeOpenAIServer(request_responder=script) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        cmbagent_otel.instrument(tracer_provider=provider, meter_provider=meters, set_global=False,
+                                 instrument_threading=False)
+        try:
+            results = call_workflow("planning_and_control", tmp_path)
+        finally:
+            cmbagent_otel.uninstrument()
+    assert memory.get_finished_spans() == ()
+    plain = runner("planning_and_control", instrumented=False)
+    assert list(script.sequence) == plain.sequence and script.unexpected == []
+    assert results["final_context"]["current_plan_step_number"] == 3
+    found = {metric.name: list(metric.data.data_points) for resource in reader.get_metrics_data().resource_metrics
+             for scope in resource.scope_metrics for metric in scope.metrics}
+    steps = found[m.STEP_DURATION]
+    assert sum(p.count for p in steps) == 3 and all(p.attributes[sc.PHASE] == "control" for p in steps)
+    assert all(sc.ERROR_TYPE not in p.attributes for p in steps)
+    assert sum(p.count for p in found[m.WORKFLOW_DURATION]) == 1
+    assert sum(p.count for p in found[m.GEN_AI_CLIENT_OPERATION_DURATION]) == len(script.sequence)
+    meters.shutdown()
+
+
 # --- a workflow function bound before instrument() --------------------------------------------------------
 def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cmbagent.cmbagent as module
