@@ -412,6 +412,8 @@ class SamplingProbe:
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if span is None:
             return root
+        if span.is_recording():
+            return False  # a recording parent: the full path, the SDK decides (sampled, in practice)
         span_context = span.get_span_context()
         if not span_context.is_valid:
             return root

@@ -179,6 +179,8 @@ def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
 
 
 def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
     if type(obj) is dict:
         return obj.get(key)
     value = getattr(obj, key, None)  # OpenAI's response objects: an attribute (no ABC check first)
