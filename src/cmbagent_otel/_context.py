@@ -184,8 +184,9 @@ class Scope:
         self.in_workflow = in_workflow
         self.steps = steps  # the StepTracker of the enclosing cmbagent control chat (inherited)
         self.cursor: Cursor | None = None  # set only on an anchor scope; never inherited
-        # handoff events recorded on the span this is the children's scope of (never inherited)
-        self.handoffs = 0
+        # handoff events the span this is the children's scope of can still take (None: not known yet;
+        # never inherited)
+        self.handoffs: int | None = None
 
     def evolve(self, **changes: Any) -> Scope:
         new = Scope.__new__(Scope)
@@ -202,7 +203,7 @@ class Scope:
         new.in_workflow = self.in_workflow
         new.steps = self.steps
         new.cursor = None
-        new.handoffs = 0
+        new.handoffs = None
         for name, value in changes.items():
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
         return new
@@ -235,7 +236,7 @@ class Scope:
         new.in_workflow = self.in_workflow
         new.steps = self.steps
         new.cursor = None
-        new.handoffs = 0
+        new.handoffs = None
         return new
 
     def ensure_cursor(self) -> Cursor:

@@ -471,42 +471,63 @@ class TracedSpan:
         self.scope: Scope | None = None
 
     def __enter__(self) -> TracedSpan:
-        try:
-            self._start()
-        except Exception:  # telemetry must never break the app
+        try:  # telemetry must never break the app
+            ctx = self._ctx
+            if ctx is None:
+                ctx = get_current()
+            else:
+                self._ctx = None
+            run = self._run
+            scope = None
+            if run is None:
+                scope = ctx.get(_SCOPE_KEY)
+                if type(scope) is not Scope:
+                    scope = None
+            parent_ctx = ctx
+            if scope is not None:
+                cursor = scope.cursor
+                if cursor is not None:
+                    # work started directly in an anchor scope belongs to its innermost open frame
+                    frame = cursor.enter()
+                    if frame is not None:
+                        self._frame = frame
+                        scope = frame.scope
+                        parent_ctx = span_context(ctx, frame.span)
+            kind = self._kind
+            if scope is not None and self._node is None and run is None:
+                # an execution event inside a run, most spans: compose()'s event case, inline
+                state = scope.run
+                session = state.session_id
+                conversation_id = new_conversation_id() if self._new_conversation else scope.conversation_id
+                attrs: dict[str, Any] = {
+                    semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
+                    semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
+                }
+                if conversation_id is not None:
+                    attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+                if scope.dag_node is not None:
+                    attrs[semconv.DAG_NODE] = scope.dag_node
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                new_scope = scope.child_event(conversation_id)
+                changes = self._scope_changes
+                if changes:
+                    for name, value in changes.items():  # a fresh scope nobody holds yet
+                        setattr(new_scope, name, value)
+                if self._attrs:
+                    attrs.update(self._attrs)
+            else:
+                attrs, new_scope = compose(scope, kind, self._attrs, self._node, self._new_conversation, run,
+                                           self._scope_changes)
+            span = (self._tracer or workflow_tracers.current()).start_span(
+                self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
+            self.span = span
+            self.scope = new_scope
+            self._token = attach(child_context(parent_ctx, span, new_scope))
+            if kind in TIMED_KINDS:
+                self._timing = _timing(kind, attrs, new_scope)
+        except Exception:
             logger.debug("cmbagent_otel: could not start span %s", self._name, exc_info=True)
         return self
-
-    def _start(self) -> None:
-        ctx = self._ctx
-        if ctx is None:
-            ctx = get_current()
-        else:
-            self._ctx = None
-        scope = None
-        if self._run is None:
-            value = ctx.get(_SCOPE_KEY)
-            if isinstance(value, Scope):
-                scope = value
-        parent_ctx = ctx
-        if scope is not None:
-            cursor = scope.cursor
-            if cursor is not None:
-                # work started directly in an anchor scope belongs to its innermost open frame
-                frame = cursor.enter()
-                if frame is not None:
-                    self._frame = frame
-                    scope = frame.scope
-                    parent_ctx = span_context(ctx, frame.span)
-        attrs, new_scope = compose(scope, self._kind, self._attrs, self._node, self._new_conversation, self._run,
-                                   self._scope_changes)
-        tracer = self._tracer or workflow_tracers.current()
-        span = tracer.start_span(self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
-        self.span = span
-        self.scope = new_scope
-        self._token = attach(child_context(parent_ctx, span, new_scope))
-        if self._kind in TIMED_KINDS:
-            self._timing = _timing(self._kind, attrs, new_scope)
 
     def start_detached(self, parent_scope: Scope | None, parent_span: Span | None, frame_kind: str,
                        owner: Any = None) -> Frame:

@@ -68,10 +68,11 @@ class Selection:
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
         self.from_name = cached_name(state.agents, last) if last is not None else "none"
+        reason, candidates = _group_facts(state, groupchat)
         self.attributes: dict[str, Any] = {
             semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-            semconv.HANDOFF_REASON: _reason(groupchat),
-            semconv.HANDOFF_CANDIDATES: _candidates(state, groupchat),
+            semconv.HANDOFF_REASON: reason,
+            semconv.HANDOFF_CANDIDATES: candidates,
         }
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
@@ -81,7 +82,7 @@ class Selection:
         try:
             attrs = self.attributes
             if result is not None:
-                attrs[semconv.HANDOFF_TO] = agent_name(result)
+                attrs[semconv.HANDOFF_TO] = cached_name(state.agents, result)
             if exc is not None:
                 if ends_chat(exc, state.no_speaker_cls):
                     attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
@@ -89,8 +90,13 @@ class Selection:
                     attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
                     attrs["exception.message"] = truncate(redact(str(exc))) or ""
             scope = self.scope
-            if scope is not None and _room_for_event(scope, self.span):
-                scope.handoffs += 1
+            room = None
+            if scope is not None:
+                room = scope.handoffs
+                if room is None:
+                    room = _event_room(self.span)
+            if room:
+                scope.handoffs = room - 1  # type: ignore[union-attr]
                 attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
                 attrs[semconv.EXECUTION_ORDER] = scope.run.next_order()
                 attrs[semconv.EVENT_DEPTH] = scope.event_depth
@@ -114,24 +120,29 @@ class Selection:
             span.end()
 
 
-def _candidates(state: Any, groupchat: Any) -> list[str]:
-    """The names of a group chat's agents, computed again only when its agents list changes."""
+def _group_facts(state: Any, groupchat: Any) -> tuple[str, list[str]]:
+    """(selection method's name, the names of the agents) of a group chat, computed again only when
+    its method or its agents list changes."""
+    method = getattr(groupchat, "speaker_selection_method", None)
     agents = getattr(groupchat, "agents", None) or ()
     cache = state.candidates
-    entry = cache.get(id(agents))
-    if entry is not None and entry[0] is agents and entry[1] == len(agents):
-        return entry[2]
+    entry = cache.get(id(groupchat))
+    if entry is not None and entry[0] is groupchat and entry[1] is method and entry[2] is agents \
+            and entry[3] == len(agents):
+        return entry[4], entry[5]
+    reason = _reason(groupchat)
     names = [cached_name(state.agents, a) for a in agents]
     if len(cache) >= 64:
         cache.clear()  # group chats of one process: a bound, not a cache policy
-    cache[id(agents)] = (agents, len(agents), names)
-    return names
+    cache[id(groupchat)] = (groupchat, method, agents, len(agents), reason, names)
+    return reason, names
 
 
-def _room_for_event(scope: Scope, span: Span) -> bool:
+def _event_room(span: Span) -> int:
+    """How many handoff events a span takes before they become spans (its event limit less a margin)."""
     limits = getattr(span, "_limits", None)  # the SDK span's SpanLimits (None: unlimited)
     limit = getattr(limits, "max_events", DEFAULT_EVENT_LIMIT) if limits is not None else DEFAULT_EVENT_LIMIT
-    return limit is None or scope.handoffs < limit - EVENT_MARGIN
+    return 2**31 if limit is None else max(limit - EVENT_MARGIN, 0)
 
 
 def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:

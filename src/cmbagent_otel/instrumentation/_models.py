@@ -198,17 +198,25 @@ def usage_attributes(usage: Any) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     if usage is None:
         return attrs
-    for key, attr in (("prompt_tokens", semconv.GEN_AI_USAGE_INPUT_TOKENS),
-                      ("completion_tokens", semconv.GEN_AI_USAGE_OUTPUT_TOKENS)):
-        count = _count(_get(usage, key))
-        if count is not None:
-            attrs[attr] = count
-    cached = _count(_get(_get(usage, "prompt_tokens_details"), "cached_tokens"))
-    if cached is not None:
-        attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
-    reasoning = _count(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
-    if reasoning is not None:
-        attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
+    if type(usage) is dict or isinstance(usage, Mapping):
+        get = usage.get
+        prompt, completion = get("prompt_tokens"), get("completion_tokens")
+        prompt_details, completion_details = get("prompt_tokens_details"), get("completion_tokens_details")
+    else:  # OpenAI's CompletionUsage and the like: plain attributes
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        prompt_details = getattr(usage, "prompt_tokens_details", None)
+        completion_details = getattr(usage, "completion_tokens_details", None)
+    if type(prompt) is int or _count(prompt) is not None:
+        attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+    if type(completion) is int or _count(completion) is not None:
+        attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    if prompt_details is not None:
+        cached = _count(_get(prompt_details, "cached_tokens"))
+        if cached is not None:
+            attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
+    if completion_details is not None:
+        reasoning = _count(_get(completion_details, "reasoning_tokens"))
+        if reasoning is not None:
+            attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
     return attrs
-
-

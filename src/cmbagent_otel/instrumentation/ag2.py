@@ -130,8 +130,8 @@ class _State:
         self.call_attributes: dict[tuple[Any, ...], CallAttributes] = {}
         # a model call's attributes by (config facts, request model, agent), when the call sets no parameter
         self.chat_attributes: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
-        # a group chat's candidate names by its agents list (see _handoffs)
-        self.candidates: dict[int, tuple[Any, int, list[str]]] = {}
+        # a group chat's selection method name and candidate names (see _handoffs)
+        self.candidates: dict[int, tuple[Any, ...]] = {}
 
 
 def _content(render: Callable[..., Any], *args: Any) -> Any:
