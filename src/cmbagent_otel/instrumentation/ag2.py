@@ -184,6 +184,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
     straight through). The context is read once; telemetry errors mean "call through"."""
     probe = state.probe
+    if record in _CONTENT_ONLY and not state.capture:
+        record = None  # it records message content only: nothing to do with capture off
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
@@ -219,6 +221,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     probe = state.probe
+    if record in _CONTENT_ONLY and not state.capture:
+        record = None
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
@@ -432,6 +436,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     if static is None:
         static = _AgentStatic()
     register_agent_secrets(agent)
+    _adopt_code_executor(state, agent)  # its code executor's class, when AG2 does not ship it
     system = getattr(agent, "system_message", None)
     if isinstance(system, str) and system not in static.system_messages:
         static.system_messages = [*static.system_messages[-3:], system]
@@ -495,7 +500,6 @@ _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scop
 
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    _adopt_code_executor(state, instance)
     static = _agent_static(state, instance)
     sender = _arg(args, kwargs, 1, "sender")
     if sender is None:
@@ -1025,6 +1029,8 @@ def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, k
     if state.capture:
         traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
 
+
+_CONTENT_ONLY = frozenset({_record_reply, _record_human})  # recorders with nothing to do while capture is off
 
 # --- targets ------------------------------------------------------------------------------------------
 def _sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None,
