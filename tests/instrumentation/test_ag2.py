@@ -393,6 +393,32 @@ def test_auto_selection_asks_the_model_in_its_own_span(instrumented, tmp_path):
     assert not manager_span.events
 
 
+def test_async_group_chat_handoffs_and_auto_selection(instrumented, tmp_path):
+    """a_select_speaker / a_auto_select_speaker: the same two forms as the sync path."""
+    first = scripted("first", ["one"])
+    second = scripted("second", ["two"])
+    third = scripted("third", ["three TERMINATE"])
+    prepare_group([first, second, third], str(tmp_path))
+    with FakeOpenAIServer(script=["third"]) as server:
+        config = {"model": "gpt-4o-mini", "api_key": "sk-test-async-selection-000", "base_url": server.base_url}
+
+        def route(last_speaker: Any, chat: Any) -> Any:  # a handoff, then the model decides
+            return second if last_speaker is first else "auto"
+
+        chat = GroupChat([first, second, third], messages=[], max_round=4, speaker_selection_method=route)
+        manager = GroupChatManager(chat, llm_config={"config_list": [config], "cache_seed": None},
+                                   is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+        asyncio.run(first.a_initiate_chat(manager, message="begin", max_turns=1, silent=True))
+    assert [m["content"] for m in chat.messages] == ["begin", "two", "three TERMINATE"]
+    handoffs = instrumented.handoffs()
+    assert [(h[semconv.HANDOFF_FROM], h[semconv.HANDOFF_TO]) for h in handoffs] == [
+        ("first", "second"), ("second", "third")]
+    event, span = handoffs
+    assert event["span"].name == "invoke_agent chat_manager" and event[semconv.HANDOFF_REASON] == "route"
+    assert span["span"].name == "select_speaker second"  # the model was asked: a span
+    assert any(s.name == "chat gpt-4o-mini" and _descends(instrumented, s, span["span"]) for s in instrumented.spans)
+
+
 def _descends(capture: Any, span: Any, ancestor: Any) -> bool:
     parent = capture.parent_of(span)
     while parent is not None:
