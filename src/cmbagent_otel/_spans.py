@@ -375,12 +375,15 @@ class SamplingProbe:
     tracing implementation) counts as "may record": the full path then runs and the SDK decides.
     """
 
-    __slots__ = ("_kind", "_root_drops", "_tracer")
+    __slots__ = ("_kind", "_last", "_root_drops", "_tracer")
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
         self._kind: int | None = None
         self._root_drops = False
+        # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
+        # same parent again and again (one tuple, so threads never pair a span with another's answer)
+        self._last: tuple[Any, bool] = (None, False)
 
     def _classify(self) -> tuple[int, bool]:
         tracer = self._tracer
@@ -414,10 +417,13 @@ class SamplingProbe:
             return root
         if span.is_recording():
             return False  # a recording parent: the full path, the SDK decides (sampled, in practice)
+        last = self._last
+        if last[0] is span:
+            return last[1]
         span_context = span.get_span_context()
-        if not span_context.is_valid:
-            return root
-        return not span_context.trace_flags.sampled
+        decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
+        self._last = (span, decision)
+        return decision
 
 
 class TracedSpan:
