@@ -380,48 +380,73 @@ def main_bench(args: argparse.Namespace) -> int:
 
 
 def profile(variant: str, args: argparse.Namespace) -> int:
-    """cProfile ``variant``: ours' own functions, the SDK's and AG2's, as time per span."""
+    """cProfile ``variant`` against the baseline: the profiled time the variant adds, split into
+    ours (cmbagent_otel, its test model client aside), the SDK (opentelemetry), wrapt and the rest;
+    then ours' share applied to the unprofiled added time per span (interleaved chats)."""
     import cProfile
     import pstats
 
     import _workload
 
     bench = Bench()
-    prof = cProfile.Profile()
     spans = 0
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    profiles = {name: cProfile.Profile() for name in ("baseline", variant)}
+    plain: dict[str, list[float]] = {"baseline": [], variant: []}
     try:
-        for _ in range(args.reps):
-            per_chat = bench.enter(variant)
-            try:
-                counter = _workload.Counter()
-                initiator, manager, agents = _workload.build_chat(args.cycles, counter)
-                per_chat([*agents, manager])
-                before = bench.exporter.spans
-                prof.enable()
-                _workload.run_chat(initiator, manager)
-                prof.disable()
-                bench.provider.force_flush()
-                spans += bench.exporter.spans - before
-            finally:
-                bench.leave(variant)
+        for rep in range(args.reps):
+            for name in ("baseline", variant) if rep % 2 else (variant, "baseline"):
+                per_chat = bench.enter(name)
+                try:
+                    for profiled in (True, False):
+                        counter = _workload.Counter()
+                        initiator, manager, agents = _workload.build_chat(args.cycles, counter)
+                        per_chat([*agents, manager])
+                        before = bench.exporter.spans
+                        gc.collect()
+                        if profiled:
+                            profiles[name].enable()
+                            _workload.run_chat(initiator, manager)
+                            profiles[name].disable()
+                        else:
+                            start = time.thread_time()
+                            _workload.run_chat(initiator, manager)
+                            plain[name].append(time.thread_time() - start)
+                        bench.provider.force_flush()
+                        if name == variant and profiled:
+                            spans += bench.exporter.spans - before
+                finally:
+                    bench.leave(name)
     finally:
         sys.stdout.close()
         sys.stdout = out
-    stats = pstats.Stats(prof)
-    groups = {"cmbagent_otel": 0.0, "opentelemetry": 0.0, "wrapt": 0.0, "other": 0.0}
-    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
-        key = next((g for g in ("cmbagent_otel", "opentelemetry", "wrapt") if f"/{g}/" in filename
-                    or f"site-packages/{g}" in filename), "other")
-        groups[key] += tottime
-    print(f"cProfile of {variant}: {args.reps} chats, {spans} spans (profiler overhead included)")
-    for key, total in groups.items():
-        print(f"  {key:<14}{total * 1e3:9.1f} ms  {total / max(spans, 1) * 1e6:7.1f} us per span (own time)")
+
+    def groups(prof: cProfile.Profile) -> dict[str, float]:
+        found = {"cmbagent_otel": 0.0, "opentelemetry": 0.0, "wrapt": 0.0, "other": 0.0}
+        for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+            key = "other" if "cmbagent_otel/testing" in filename else next(
+                (g for g in ("cmbagent_otel", "opentelemetry", "wrapt") if f"/{g}/" in filename), "other")
+            found[key] += tottime
+        return found
+
+    base, ours = groups(profiles["baseline"]), groups(profiles[variant])
+    added = {key: ours[key] - base[key] for key in ours}
+    total = sum(added.values())
+    per_span = max(spans, 1)
+    print(f"cProfile of {variant}: {args.reps} chats ({spans} spans) against as many baseline chats; "
+          f"time the variant adds, by where it is spent (profiled, so inflated):")
+    for key, value in added.items():
+        print(f"  {key:<14}{value * 1e3:9.1f} ms  {value / per_span * 1e6:7.1f} us per span  "
+              f"{value / total * 100 if total else 0:5.1f} %")
+    unprofiled = (statistics.median(plain[variant]) - statistics.median(plain["baseline"])) * args.reps / per_span
+    if total:
+        share, sdk = added["cmbagent_otel"] / total, added["opentelemetry"] / total
+        print(f"unprofiled added time {unprofiled * 1e6:.1f} us per span; ours' share {share * 100:.0f} % of it: "
+              f"own code ~ {share * unprofiled * 1e6:.1f} us per span (SDK ~ {sdk * unprofiled * 1e6:.1f})")
+    stats = pstats.Stats(profiles[variant])
     stats.sort_stats("tottime")
     stats.print_stats(r"cmbagent_otel|opentelemetry|wrapt", 30)
-    stats.sort_stats("cumulative")
-    stats.print_stats(r"cmbagent_otel", 20)
     return 0
 
 
