@@ -40,7 +40,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("baseline", "ours", "ours_content", "ours_metrics", "ours_sampler_off", "ag2_builtin",
-            "ag2_builtin_content", "openinference", "sdk_floor")
+            "ag2_builtin_content", "openinference", "sdk_floor", "sdk_floor_lean")
 DESCRIPTIONS = {
     "baseline": "no instrumentation (same provider, unused)",
     "ours": "cmbagent_otel.instrument() defaults (content off; metrics: no MeterProvider configured)",
@@ -51,6 +51,7 @@ DESCRIPTIONS = {
     "ag2_builtin_content": "same, instrument_llm_wrapper(capture_messages=True)",
     "openinference": "openinference-instrumentation-ag2 AG2Instrumentor",
     "sdk_floor": "ours' spans and events, same attributes, from minimal wrappers (the SDK's share in this chat)",
+    "sdk_floor_lean": "the same spans with AG2 built-in's attribute count and no events (what ours' data adds)",
 }
 TARGET = 0.95
 TARGET_OPENINFERENCE = 0.55
@@ -109,11 +110,12 @@ class Bench:
         self.shape: dict[str, float] = {}  # ours' spans, attributes per span, events, attributes per event
         self.floor_attributes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self.floor_event: dict[str, Any] = {}
+        self.lean_attributes = 6.0  # AG2 built-in's mean attributes per span (measured when it runs)
 
     def enter(self, variant: str) -> Callable[[Sequence[Any]], None]:
         """Install ``variant``; returns a per-chat hook (AG2's built-in tracing is per agent)."""
-        if variant == "sdk_floor":
-            self.enter_floor()
+        if variant.startswith("sdk_floor"):
+            self.enter_floor(lean=variant == "sdk_floor_lean")
         elif variant.startswith("ours"):
             import cmbagent_otel
 
@@ -142,7 +144,7 @@ class Bench:
         return lambda agents: None
 
     def leave(self, variant: str) -> None:
-        if variant == "sdk_floor":
+        if variant.startswith("sdk_floor"):
             self.leave_floor()
         elif variant.startswith("ours"):
             import cmbagent_otel
@@ -191,8 +193,9 @@ class Bench:
                       "attributes_per_span": sum(len(s.attributes or ()) for s in spans) / max(len(spans), 1),
                       "attributes_per_event": len(event)}
 
-    def enter_floor(self) -> None:
-        """Minimal wrappers emitting ours' spans (same attributes) and handoff events."""
+    def enter_floor(self, lean: bool = False) -> None:
+        """Minimal wrappers emitting ours' spans (same attributes) and handoff events; ``lean``: each
+        span with AG2 built-in's mean attribute count (ours' first ones), no events."""
         import wrapt
         from autogen.agentchat import conversable_agent, groupchat
         from autogen.oai import client as oai_client
@@ -201,7 +204,12 @@ class Bench:
 
         tracer = self.provider.get_tracer("sdk-floor")
         shapes = self.floor_attributes
-        event = self.floor_event
+        event: dict[str, Any] | None = self.floor_event
+        if lean:
+            count = round(self.lean_attributes)
+            shapes = {kind: (dict(list({**start, **after}.items())[:count]), {})
+                      for kind, (start, after) in shapes.items()}
+            event = None
 
         def spanning(kind: str, span_kind: SpanKind = SpanKind.INTERNAL) -> Any:
             start, after = shapes.get(kind, ({}, {}))
@@ -218,7 +226,8 @@ class Bench:
 
         def handoff(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             result = wrapped(*args, **kwargs)
-            trace.get_current_span().add_event("floor", event)
+            if event is not None:
+                trace.get_current_span().add_event("floor", event)
             return result
 
         agent = conversable_agent.ConversableAgent
@@ -295,6 +304,9 @@ def main_bench(args: argparse.Namespace) -> int:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - AG2 prints tool executions even in silent chats
     try:
         bench.learn_shape(args.cycles)  # what the floor variant emits: ours' spans, from an untimed chat
+        if "sdk_floor_lean" in variants and "ag2_builtin" in variants:
+            ag2 = bench.chat("ag2_builtin", args.cycles)
+            bench.lean_attributes = ag2["attributes"] / max(ag2["spans"], 1)
         for rep in range(args.warmup + args.reps):
             k = rep % len(variants)  # rotate the order so no variant always runs right after another
             for v in variants[k:] + variants[:k]:
@@ -367,6 +379,11 @@ def main_bench(args: argparse.Namespace) -> int:
         print(f"SDK floor: ours' {spans} spans ({bench.shape['attributes_per_span']:.1f} attributes each) and "
               f"{events} handoff events ({bench.shape['attributes_per_event']} attributes each) per chat, from "
               f"minimal wrappers, add {floor_call:.1f} us per LLM call{versus}")
+        if "sdk_floor_lean" in added:
+            lean = added["sdk_floor_lean"] * 1e6
+            print(f"SDK floor with AG2 built-in's attribute load ({bench.lean_attributes:.1f} per span, no events): "
+                  f"{lean:.1f} us per LLM call; ours' attributes and handoff events cost {floor_call - lean:.1f} us "
+                  f"per LLM call in the SDK")
         own = (statistics.median(times["ours"]) - statistics.median(times["sdk_floor"])) * 1e6 / spans
         paired_own = quartiles([(o - f) * 1e6 / spans for o, f in zip(times["ours"], times["sdk_floor"], strict=True)])
         print(f"own code: {own:.1f} us per span (paired {paired_own[1]:.1f}, IQR {paired_own[0]:.1f}-"
@@ -457,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=10, help="4-agent cycles per chat (3 LLM calls each)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write raw per-round figures here")
-    parser.add_argument("--profile", choices=[v for v in VARIANTS if v != "sdk_floor"])
+    parser.add_argument("--profile", choices=[v for v in VARIANTS if not v.startswith("sdk_floor")])
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     os.environ["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = ""
@@ -466,8 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return profile(args.profile, args)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
-    if "sdk_floor" in args.variants and "ours" not in args.variants:
-        args.variants.remove("sdk_floor")
+    if "ours" not in args.variants:  # the floors copy ours' spans
+        args.variants = [v for v in args.variants if not v.startswith("sdk_floor")]
     return main_bench(args)
 
 
