@@ -1,24 +1,28 @@
-"""Per-LLM-call overhead: cmbagent-otel vs AG2's built-in tracing vs OpenInference.
+"""Per-LLM-call overhead: cmbagent-otel vs AG2's built-in tracing vs OpenInference, in one process.
 
-Every variant runs the same offline 4-agent group chat (``_workload.py``) in its own
-worker process, so no variant can leave patches behind for another. Each worker has an
-SDK ``TracerProvider`` + ``BatchSpanProcessor`` into a counting no-op exporter, so export
-cost is the same for all. The workers run in lockstep: one chat of each variant in turn
-(rotating order), so every variant sees the same machine load over time. A chat's time is
-the CPU time of the thread that runs it (``time.thread_time``: wall time on a shared
-machine varies 2x and misleads; the batch processor's export thread is not counted, for
-any variant). Added CPU per LLM call = ``(median chat CPU of the variant - median of the
-baseline) / LLM calls``; "paired" is the median (with its interquartile range) over chats
-of the same difference taken per lockstep turn.
+Every variant runs the same offline 4-agent group chat (``_workload.py``) in THIS process,
+interleaved: each round installs one variant, builds a fresh chat, times it, and removes the
+variant again (``uninstrument()``, AG2's patched ``OpenAIWrapper.create`` put back, OpenInference's
+``uninstrument()``), rotating the order every round, so all variants share the machine's load
+and the interpreter's state. A chat's time is the CPU time of the thread that runs it
+(``time.thread_time``; wall time on a shared machine varies 2x and misleads); every variant's
+spans go through the same SDK ``TracerProvider`` + ``BatchSpanProcessor`` into a counting no-op
+exporter (its export thread is not counted, for any variant). Added CPU per LLM call =
+``(median chat CPU of the variant - median of the baseline) / LLM calls``; "paired" is the
+median (with its interquartile range) of the same difference taken per round.
 
-    python bench/bench_overhead.py                 # table + ratio ours / AG2 built-in
+    python bench/bench_overhead.py                 # table, ratios, sampler-off and own-code figures
     python bench/bench_overhead.py --reps 100 --cycles 10
-    python bench/bench_overhead.py --profile ours  # cProfile of our wrappers' hot spots
+    python bench/bench_overhead.py --profile ours  # cProfile: where ours' time goes, SDK apart
 
-Targets (issue 13): ours / AG2-built-in <= 0.95 and ours / OpenInference <= 0.55 (per-LLM-call
-added CPU, default settings of each).
-The run ends with the SDK floor: what ours' spans would cost per LLM call if our wrappers
-cost nothing, i.e. bare SDK spans with ours' mean attribute count, as a ratio to AG2's.
+Targets (issue 13): ours / AG2 built-in <= 0.95 and ours / OpenInference <= 0.55 (added CPU per
+LLM call, default settings of each); ours with the sampler off <= 30 us per LLM call; our own
+code <= 10 us per span, i.e. ours' added time less what the SDK alone costs for ours' spans and
+span events. That SDK share is the ``sdk_floor`` variant, timed in the same rotation: the same
+chat with minimal wrappers (a wrapt wrapper and ``start_as_current_span``) on the same AG2 methods,
+emitting ours' spans with ours' attributes (copied from a chat of ours: the same keys and values,
+the ones ours sets after the call set after it) and ours' handoff events; so cache and
+allocation effects of the real workload are in the floor too, not in "our code".
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,139 +39,234 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("baseline", "ours", "ours_content", "ag2_builtin", "ag2_builtin_content", "openinference")
+VARIANTS = ("baseline", "ours", "ours_content", "ours_metrics", "ours_sampler_off", "ag2_builtin",
+            "ag2_builtin_content", "openinference", "sdk_floor", "sdk_floor_lean")
 DESCRIPTIONS = {
     "baseline": "no instrumentation (same provider, unused)",
-    "ours": "cmbagent_otel.instrument() defaults (content capture off)",
+    "ours": "cmbagent_otel.instrument() defaults (content off; metrics: no MeterProvider configured)",
     "ours_content": "cmbagent_otel.instrument(capture_content=True)",
+    "ours_metrics": "ours + an SDK MeterProvider (in-memory reader): the GenAI metrics recorded",
+    "ours_sampler_off": "ours into a TracerProvider with the always_off sampler",
     "ag2_builtin": "autogen.opentelemetry instrument_agent + instrument_llm_wrapper",
     "ag2_builtin_content": "same, instrument_llm_wrapper(capture_messages=True)",
     "openinference": "openinference-instrumentation-ag2 AG2Instrumentor",
+    "sdk_floor": "ours' spans and events, same attributes, from minimal wrappers (the SDK's share in this chat)",
+    "sdk_floor_lean": "the same spans with AG2 built-in's attribute count and no events (what ours' data adds)",
 }
 TARGET = 0.95
 TARGET_OPENINFERENCE = 0.55
+TARGET_SAMPLER_OFF_US = 30.0
+TARGET_OWN_US = 10.0
+# attributes ours sets when the call has returned (the floor sets them then too)
+SET_AFTER = frozenset({"gen_ai.response.model", "gen_ai.response.id", "gen_ai.response.finish_reasons",
+                       "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
+                       "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.reasoning.output_tokens",
+                       "cmbagent.llm.cost_usd", "gen_ai.output.messages",
+                       "cmbagent.conversation.chat_count", "cmbagent.conversation.summary", "cmbagent.code.exit_code",
+                       "cmbagent.code.output", "gen_ai.tool.call.result"})
 
 
-def _provider() -> tuple[Any, Any]:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+class Counting:
+    """A span exporter that only counts (spans, their attributes, their events)."""
 
-    class CountingExporter(SpanExporter):
-        def __init__(self) -> None:
-            self.count = 0
-            self.attributes = 0
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
 
-        def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            self.count += len(spans)
-            self.attributes += sum(len(s.attributes or ()) for s in spans)
-            return SpanExportResult.SUCCESS
+        self.success = SpanExportResult.SUCCESS
+        self.spans = self.attributes = self.events = self.event_attributes = 0
 
-    exporter = CountingExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=65536))
-    return provider, exporter
+    def export(self, spans: Sequence[Any]) -> Any:
+        for span in spans:
+            self.spans += 1
+            self.attributes += len(span.attributes or ())
+            self.events += len(span.events)
+            self.event_attributes += sum(len(e.attributes or ()) for e in span.events)
+        return self.success
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
 
 
-def _setup(variant: str, provider: Any) -> Callable[[Sequence[Any]], None]:
-    """Install ``variant``; returns a per-chat hook (AG2's built-in tracing is per agent)."""
-    if variant in ("ours", "ours_content"):
+class Bench:
+    """The providers every variant shares, and how to install / remove each variant."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+        self.exporter = Counting()
+        processor = BatchSpanProcessor(self.exporter, max_queue_size=65536)  # type: ignore[arg-type]
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(processor)
+        self.off_provider = TracerProvider(sampler=ALWAYS_OFF)
+        self.off_provider.add_span_processor(processor)
+        self.meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        self.shape: dict[str, float] = {}  # ours' spans, attributes per span, events, attributes per event
+        self.floor_attributes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.floor_event: dict[str, Any] = {}
+        self.lean_attributes = 6.0  # AG2 built-in's mean attributes per span (measured when it runs)
+
+    def enter(self, variant: str) -> Callable[[Sequence[Any]], None]:
+        """Install ``variant``; returns a per-chat hook (AG2's built-in tracing is per agent)."""
+        if variant.startswith("sdk_floor"):
+            self.enter_floor(lean=variant == "sdk_floor_lean")
+        elif variant.startswith("ours"):
+            import cmbagent_otel
+
+            options: dict[str, Any] = {"instrument_cmbagent": False, "instrument_threading": False,
+                                       "capture_content": variant == "ours_content"}
+            if variant == "ours_metrics":
+                options["meter_provider"] = self.meter_provider
+            provider = self.off_provider if variant == "ours_sampler_off" else self.provider
+            cmbagent_otel.instrument(tracer_provider=provider, **options)
+        elif variant.startswith("ag2_builtin"):
+            from autogen.oai import client as oai_client
+            from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
+
+            self._create = oai_client.OpenAIWrapper.__dict__["create"]
+            instrument_llm_wrapper(tracer_provider=self.provider, capture_messages=variant == "ag2_builtin_content")
+
+            def per_chat(agents: Sequence[Any]) -> None:
+                for agent in agents:
+                    instrument_agent(agent, tracer_provider=self.provider)
+
+            return per_chat
+        elif variant == "openinference":
+            from openinference.instrumentation.ag2 import AG2Instrumentor
+
+            AG2Instrumentor().instrument(tracer_provider=self.provider)
+        return lambda agents: None
+
+    def leave(self, variant: str) -> None:
+        if variant.startswith("sdk_floor"):
+            self.leave_floor()
+        elif variant.startswith("ours"):
+            import cmbagent_otel
+
+            cmbagent_otel.uninstrument()
+        elif variant.startswith("ag2_builtin"):
+            from autogen.oai import client as oai_client
+
+            oai_client.OpenAIWrapper.create = self._create  # what instrument_llm_wrapper replaced
+        elif variant == "openinference":
+            from openinference.instrumentation.ag2 import AG2Instrumentor
+
+            AG2Instrumentor().uninstrument()
+
+    def learn_shape(self, cycles: int) -> None:
+        """Record one chat of ours in memory: what the floor variant emits, and ours' counts."""
+        import _workload
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
         import cmbagent_otel
 
-        cmbagent_otel.instrument(tracer_provider=provider, capture_content=variant == "ours_content",
-                                 instrument_cmbagent=False)
-    elif variant in ("ag2_builtin", "ag2_builtin_content"):
-        from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
+        memory = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
+        try:
+            initiator, manager, _ = _workload.build_chat(cycles, _workload.Counter())
+            _workload.run_chat(initiator, manager)
+        finally:
+            cmbagent_otel.uninstrument()
+        spans = memory.get_finished_spans()
+        self.floor_attributes = {}
+        event: dict[str, Any] = {}
+        for span in spans:
+            kind = span.name.split()[0]
+            attrs = dict(span.attributes or {})
+            self.floor_attributes.setdefault(kind, ({k: v for k, v in attrs.items() if k not in SET_AFTER},
+                                                    {k: v for k, v in attrs.items() if k in SET_AFTER}))
+            for e in span.events:
+                event = dict(e.attributes or {})
+        self.floor_event = event
+        events = sum(len(s.events) for s in spans)
+        self.shape = {"spans": len(spans), "events": events,
+                      "attributes_per_span": sum(len(s.attributes or ()) for s in spans) / max(len(spans), 1),
+                      "attributes_per_event": len(event)}
 
-        instrument_llm_wrapper(tracer_provider=provider, capture_messages=variant == "ag2_builtin_content")
+    def enter_floor(self, lean: bool = False) -> None:
+        """Minimal wrappers emitting ours' spans (same attributes) and handoff events; ``lean``: each
+        span with AG2 built-in's mean attribute count (ours' first ones), no events."""
+        import wrapt
+        from autogen.agentchat import conversable_agent, groupchat
+        from autogen.oai import client as oai_client
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
 
-        def per_chat(agents: Sequence[Any]) -> None:
-            for agent in agents:
-                instrument_agent(agent, tracer_provider=provider)
+        tracer = self.provider.get_tracer("sdk-floor")
+        shapes = self.floor_attributes
+        event: dict[str, Any] | None = self.floor_event
+        if lean:
+            count = round(self.lean_attributes)
+            shapes = {kind: (dict(list({**start, **after}.items())[:count]), {})
+                      for kind, (start, after) in shapes.items()}
+            event = None
 
-        return per_chat
-    elif variant == "openinference":
-        from openinference.instrumentation.ag2 import AG2Instrumentor
+        def spanning(kind: str, span_kind: SpanKind = SpanKind.INTERNAL) -> Any:
+            start, after = shapes.get(kind, ({}, {}))
+            name = f"{kind} floor"
 
-        AG2Instrumentor().instrument(tracer_provider=provider)
-    elif variant != "baseline":
-        raise SystemExit(f"unknown variant {variant}")
-    return lambda agents: None
+            def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+                with tracer.start_as_current_span(name, kind=span_kind, attributes=start) as span:
+                    result = wrapped(*args, **kwargs)
+                    if after:
+                        span.set_attributes(after)
+                    return result
 
+            return wrapper
 
-class Worker:
-    """One variant in its own process, running one chat per request (lockstep with the others)."""
+        def handoff(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            result = wrapped(*args, **kwargs)
+            if event is not None:
+                trace.get_current_span().add_event("floor", event)
+            return result
 
-    def __init__(self, variant: str, cycles: int) -> None:
-        self.variant = variant
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--cycles", str(cycles)]
-        env = {**os.environ, "OTEL_SDK_DISABLED": "false", "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": ""}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=str(HERE), bufsize=1)
+        agent = conversable_agent.ConversableAgent
+        self._floor = [(agent, "initiate_chat"), (agent, "generate_reply"), (agent, "execute_function"),
+                       (oai_client.OpenAIWrapper, "create"), (groupchat.GroupChat, "select_speaker")]
+        self._floor_originals = [vars(owner)[attr] for owner, attr in self._floor]
+        for (owner, attr), wrapper in zip(self._floor, (
+                spanning("conversation"), spanning("invoke_agent"), spanning("execute_tool"),
+                spanning("chat", SpanKind.CLIENT), handoff), strict=True):
+            wrapt.wrap_function_wrapper(owner, attr, wrapper)
 
-    def chat(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("chat\n")
-        self.proc.stdin.flush()
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit(f"worker {self.variant} died (exit {self.proc.wait()})")
-            if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])  # type: ignore[no-any-return]
+    def leave_floor(self) -> None:
+        for (owner, attr), original in zip(self._floor, self._floor_originals, strict=True):
+            setattr(owner, attr, original)
 
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+    def chat(self, variant: str, cycles: int) -> dict[str, Any]:
+        """One timed chat of ``variant`` (installed and removed around it)."""
+        import _workload
 
-
-RESULT = "@@result "
-
-
-def worker(variant: str, cycles: int) -> None:
-    """Serve ``chat`` requests on stdin: build a fresh chat, time it, flush, report one JSON line."""
-    import _workload
-
-    provider, exporter = _provider()
-    per_chat = _setup(variant, provider)
-    out = sys.stdout
-    # AG2 prints tool executions even in silent chats: keep that off the result pipe
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    for line in sys.stdin:
-        if line.strip() != "chat":
-            break
-        counter = _workload.Counter()
-        initiator, manager, agents = _workload.build_chat(cycles, counter)
-        per_chat([*agents, manager])
-        provider.force_flush()
-        before, attributes_before = exporter.count, exporter.attributes
-        gc.collect()
-        start = time.thread_time()
-        _workload.run_chat(initiator, manager)
-        elapsed = time.thread_time() - start
-        provider.force_flush()
-        out.write(RESULT + json.dumps({"s": elapsed, "calls": counter.calls, "spans": exporter.count - before,
-                                       "attributes": exporter.attributes - attributes_before}) + "\n")
-        out.flush()
-    provider.shutdown()
-
-
-def sdk_floor_us(attributes: int, spans: int = 20_000) -> float:
-    """What the SDK alone costs per span here: a bare span with ``attributes`` attributes,
-    made current and ended, through the same provider set-up as the workers (no AG2, no wrapper)."""
-    provider, _ = _provider()
-    tracer = provider.get_tracer("sdk-floor")
-    attrs = {f"floor.attribute_{i}": (i if i % 2 else "value") for i in range(attributes)}
-    best = float("inf")
-    for _ in range(3):  # best of 3: the floor, not the noise
-        gc.collect()
-        start = time.thread_time()
-        for _ in range(spans):
-            with tracer.start_as_current_span("floor", attributes=attrs):
-                pass
-        best = min(best, (time.thread_time() - start) / spans)
-    provider.shutdown()
-    return best * 1e6
+        exporter = self.exporter
+        per_chat = self.enter(variant)
+        try:
+            counter = _workload.Counter()
+            initiator, manager, agents = _workload.build_chat(cycles, counter)
+            per_chat([*agents, manager])
+            self.provider.force_flush()
+            before = (exporter.spans, exporter.attributes, exporter.events, exporter.event_attributes)
+            gc.collect()
+            start = time.thread_time()
+            _workload.run_chat(initiator, manager)
+            elapsed = time.thread_time() - start
+            self.provider.force_flush()
+        finally:
+            self.leave(variant)
+        spans, attributes, events, event_attributes = (
+            now - then for now, then in zip((exporter.spans, exporter.attributes, exporter.events,
+                                             exporter.event_attributes), before, strict=True))
+        return {"s": elapsed, "calls": counter.calls, "spans": spans, "events": events,
+                "attributes": attributes, "event_attributes": event_attributes}
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -187,6 +285,11 @@ def available(variant: str) -> str | None:
             import openinference.instrumentation.ag2  # noqa: F401
         except ImportError as exc:
             return f"openinference-instrumentation-ag2 not installed ({exc})"
+    if variant.startswith("ag2_builtin"):
+        try:
+            import autogen.opentelemetry  # noqa: F401
+        except ImportError as exc:
+            return f"this AG2 has no autogen.opentelemetry ({exc})"
     return None
 
 
@@ -194,22 +297,27 @@ def main_bench(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v in args.variants]
     skipped = {v: why for v in variants if (why := available(v)) is not None}
     variants = [v for v in variants if v not in skipped]
-    workers = {v: Worker(v, args.cycles) for v in variants}
+    bench = Bench()
     times: dict[str, list[float]] = {v: [] for v in variants}
     last: dict[str, dict[str, Any]] = {}
+    out = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - AG2 prints tool executions even in silent chats
     try:
+        bench.learn_shape(args.cycles)  # what the floor variant emits: ours' spans, from an untimed chat
+        if "sdk_floor_lean" in variants and "ag2_builtin" in variants:
+            ag2 = bench.chat("ag2_builtin", args.cycles)
+            bench.lean_attributes = ag2["attributes"] / max(ag2["spans"], 1)
         for rep in range(args.warmup + args.reps):
-            # rotate the order so no variant always runs right after another
-            k = rep % len(variants)
+            k = rep % len(variants)  # rotate the order so no variant always runs right after another
             for v in variants[k:] + variants[:k]:
-                last[v] = workers[v].chat()
+                last[v] = bench.chat(v, args.cycles)
                 if rep >= args.warmup:
                     times[v].append(last[v]["s"])
             if rep >= args.warmup and (rep - args.warmup + 1) % 10 == 0:
-                print(f"{rep - args.warmup + 1}/{args.reps} chats per variant", file=sys.stderr)
+                print(f"{rep - args.warmup + 1}/{args.reps} rounds", file=sys.stderr)
     finally:
-        for w in workers.values():
-            w.close()
+        sys.stdout.close()
+        sys.stdout = out
     calls = last["baseline"]["calls"]
     base = times["baseline"]
     added: dict[str, float] = {}
@@ -218,97 +326,165 @@ def main_bench(args: argparse.Namespace) -> int:
         added[v] = (statistics.median(times[v]) - statistics.median(base)) / calls
         paired[v] = quartiles([(t - b) / calls for t, b in zip(times[v], base, strict=True)])
     print(f"\nworkload: 4-agent group chat, {args.cycles} cycles = {calls} LLM calls/chat; "
-          f"baseline median chat {statistics.median(base) * 1e3:.1f} ms CPU; {args.reps} chats per variant "
-          f"(lockstep, rotating order, {args.warmup} warm-up); CPU time of the chat's thread")
-    header = (f"{'variant':<21}{'spans/chat':>11}{'chat CPU ms (IQR)':>22}{'added us/LLM call':>19}"
-              f"{'paired us/call (IQR)':>26}{'us/span':>9}  description")
+          f"baseline median chat {statistics.median(base) * 1e3:.1f} ms CPU; {args.reps} rounds "
+          f"(all variants interleaved in one process, rotating order, {args.warmup} warm-up); "
+          f"CPU time of the chat's thread")
+    header = (f"{'variant':<21}{'spans':>6}{'events':>7}{'chat CPU ms (IQR)':>22}{'added us/LLM call':>19}"
+              f"{'paired us/call (IQR)':>26}  description")
     print(header)
     print("-" * len(header))
-
-    def per_span(v: str) -> str:
-        spans = last[v]["spans"]
-        return f"{added[v] * calls / spans * 1e6:.1f}" if spans else "-"
-
     for v in variants:
         q1, q2, q3 = quartiles(times[v])
         chat = f"{q2 * 1e3:.2f} ({q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
         p1, p2, p3 = paired[v]
         pair = f"{p2 * 1e6:.1f} ({p1 * 1e6:.1f}-{p3 * 1e6:.1f})"
-        print(f"{v:<21}{last[v]['spans']:>11}{chat:>22}{added[v] * 1e6:>19.1f}{pair:>26}{per_span(v):>9}  "
-              f"{DESCRIPTIONS[v]}")
+        spans, events = last[v]["spans"], last[v]["events"]
+        print(f"{v:<21}{spans:>6}{events:>7}{chat:>22}{added[v] * 1e6:>19.1f}{pair:>26}  {DESCRIPTIONS[v]}")
     for v, why in skipped.items():
-        print(f"{v:<21}{'n/a':>11}{'n/a':>22}{'n/a':>19}{'n/a':>26}{'n/a':>9}  {why}")
+        print(f"{v:<21}{'n/a':>6}{'n/a':>7}{'n/a':>22}{'n/a':>19}{'n/a':>26}  {why}")
     status = 0
-    if "ours" in added and "ag2_builtin" in added and added["ag2_builtin"] > 0:
-        ratio = added["ours"] / added["ag2_builtin"]
-        ok = ratio <= TARGET
-        paired_ratio = paired["ours"][1] / paired["ag2_builtin"][1]
-        print(f"\nratio ours / ag2_builtin = {ratio:.2f} (paired medians: {paired_ratio:.2f}); "
-              f"target <= {TARGET:.2f}: {'PASS' if ok else 'MISS'}")
-        for a, b in (("ours_content", "ag2_builtin_content"), ("ours", "openinference")):
-            if a in added and b in added and added[b] > 0:
-                note = f"; target <= {TARGET_OPENINFERENCE:.2f}" if b == "openinference" else ""
-                print(f"ratio {a} / {b} = {added[a] / added[b]:.2f}{note}")
-        status = 0 if ok else 1
-        spans, attributes = last["ours"]["spans"], last["ours"]["attributes"]
-        if spans:
-            per_span = round(attributes / spans)
-            floor = sdk_floor_us(per_span)
-            floor_call = floor * spans / calls
-            print(f"SDK floor: a bare span with {per_span} attributes (ours' mean) costs {floor:.1f} us "
-                  f"here; ours' {spans} spans/chat at that cost alone = {floor_call:.1f} us per LLM call = "
-                  f"{floor_call / (added['ag2_builtin'] * 1e6):.2f} x ag2_builtin's added time, before any "
-                  f"instrumentation code of ours runs")
+    print()
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    def ratio(a: str, b: str, target: float | None) -> None:
+        nonlocal status
+        if a not in added or b not in added or added[b] <= 0:
+            return
+        value = added[a] / added[b]
+        pair = paired[a][1] / paired[b][1] if paired[b][1] > 0 else float("nan")
+        line = f"ratio {a} / {b} = {value:.2f} (paired medians: {pair:.2f})"
+        if target is not None:
+            line += f"; target <= {target:.2f}: {verdict(value <= target)}"
+            status |= int(value > target)
+        print(line)
+
+    ratio("ours", "ag2_builtin", TARGET)
+    ratio("ours", "openinference", TARGET_OPENINFERENCE)
+    ratio("ours_content", "ag2_builtin_content", None)
+    if "ours_sampler_off" in added:
+        off = added["ours_sampler_off"] * 1e6
+        print(f"sampler off: {off:.1f} us per LLM call (paired {paired['ours_sampler_off'][1] * 1e6:.1f}); "
+              f"target <= {TARGET_SAMPLER_OFF_US:.0f}: {verdict(off <= TARGET_SAMPLER_OFF_US)}")
+        status |= int(off > TARGET_SAMPLER_OFF_US)
+    if "ours_metrics" in added and "ours" in added:
+        print(f"metrics recorded (SDK MeterProvider): +{(added['ours_metrics'] - added['ours']) * 1e6:.1f} us "
+              f"per LLM call over ours")
+    if "sdk_floor" in added and "ours" in added:
+        spans, events = last["ours"]["spans"], last["ours"]["events"]
+        floor_call = added["sdk_floor"] * 1e6
+        versus = (f" = {floor_call / (added['ag2_builtin'] * 1e6):.2f} x ag2_builtin's added time"
+                  if "ag2_builtin" in added and added["ag2_builtin"] > 0 else "")
+        print(f"SDK floor: ours' {spans} spans ({bench.shape['attributes_per_span']:.1f} attributes each) and "
+              f"{events} handoff events ({bench.shape['attributes_per_event']} attributes each) per chat, from "
+              f"minimal wrappers, add {floor_call:.1f} us per LLM call{versus}")
+        if "sdk_floor_lean" in added:
+            lean = added["sdk_floor_lean"] * 1e6
+            print(f"SDK floor with AG2 built-in's attribute load ({bench.lean_attributes:.1f} per span, no events): "
+                  f"{lean:.1f} us per LLM call; ours' attributes and handoff events cost {floor_call - lean:.1f} us "
+                  f"per LLM call in the SDK")
+        own = (statistics.median(times["ours"]) - statistics.median(times["sdk_floor"])) * 1e6 / spans
+        paired_own = quartiles([(o - f) * 1e6 / spans for o, f in zip(times["ours"], times["sdk_floor"], strict=True)])
+        print(f"own code: {own:.1f} us per span (paired {paired_own[1]:.1f}, IQR {paired_own[0]:.1f}-"
+              f"{paired_own[2]:.1f}): ours' chat less the floor's, per span; "
+              f"target <= {TARGET_OWN_US:.0f}: {verdict(own <= TARGET_OWN_US)}")
+        status |= int(own > TARGET_OWN_US)
     if args.json:
-        Path(args.json).write_text(json.dumps({"times_s": times, "calls": calls, "skipped": skipped}, indent=1))
+        Path(args.json).write_text(json.dumps({"times_s": times, "calls": calls, "skipped": skipped,
+                                               "shape": bench.shape}, indent=1))
     return status
 
 
 def profile(variant: str, args: argparse.Namespace) -> int:
-    """cProfile ``variant`` in-process; print the top functions of cmbagent_otel and wrapt."""
+    """cProfile ``variant`` against the baseline: the profiled time the variant adds, split into
+    ours (cmbagent_otel, its test model client aside), the SDK (opentelemetry), wrapt and the rest;
+    then ours' share applied to the unprofiled added time per span (interleaved chats)."""
     import cProfile
     import pstats
 
     import _workload
 
-    provider, _ = _provider()
-    per_chat = _setup(variant, provider)
-    prof = cProfile.Profile()
-    for _ in range(args.reps):
-        counter = _workload.Counter()
-        initiator, manager, agents = _workload.build_chat(args.cycles, counter)
-        per_chat([*agents, manager])
-        prof.enable()
-        _workload.run_chat(initiator, manager)
-        prof.disable()
-    provider.shutdown()
-    stats = pstats.Stats(prof)
+    bench = Bench()
+    spans = 0
+    out = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    profiles = {name: cProfile.Profile() for name in ("baseline", variant)}
+    plain: dict[str, list[float]] = {"baseline": [], variant: []}
+    try:
+        for rep in range(args.reps):
+            for name in ("baseline", variant) if rep % 2 else (variant, "baseline"):
+                per_chat = bench.enter(name)
+                try:
+                    for profiled in (True, False):
+                        counter = _workload.Counter()
+                        initiator, manager, agents = _workload.build_chat(args.cycles, counter)
+                        per_chat([*agents, manager])
+                        before = bench.exporter.spans
+                        gc.collect()
+                        if profiled:
+                            profiles[name].enable()
+                            _workload.run_chat(initiator, manager)
+                            profiles[name].disable()
+                        else:
+                            start = time.thread_time()
+                            _workload.run_chat(initiator, manager)
+                            plain[name].append(time.thread_time() - start)
+                        bench.provider.force_flush()
+                        if name == variant and profiled:
+                            spans += bench.exporter.spans - before
+                finally:
+                    bench.leave(name)
+    finally:
+        sys.stdout.close()
+        sys.stdout = out
+
+    def groups(prof: cProfile.Profile) -> dict[str, float]:
+        found = {"cmbagent_otel": 0.0, "opentelemetry": 0.0, "wrapt": 0.0, "other": 0.0}
+        for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+            key = "other" if "cmbagent_otel/testing" in filename else next(
+                (g for g in ("cmbagent_otel", "opentelemetry", "wrapt") if f"/{g}/" in filename), "other")
+            found[key] += tottime
+        return found
+
+    base, ours = groups(profiles["baseline"]), groups(profiles[variant])
+    added = {key: ours[key] - base[key] for key in ours}
+    total = sum(added.values())
+    per_span = max(spans, 1)
+    print(f"cProfile of {variant}: {args.reps} chats ({spans} spans) against as many baseline chats; "
+          f"time the variant adds, by where it is spent (profiled, so inflated):")
+    for key, value in added.items():
+        print(f"  {key:<14}{value * 1e3:9.1f} ms  {value / per_span * 1e6:7.1f} us per span  "
+              f"{value / total * 100 if total else 0:5.1f} %")
+    unprofiled = (statistics.median(plain[variant]) - statistics.median(plain["baseline"])) * args.reps / per_span
+    if total:
+        share, sdk = added["cmbagent_otel"] / total, added["opentelemetry"] / total
+        print(f"unprofiled added time {unprofiled * 1e6:.1f} us per span; ours' share {share * 100:.0f} % of it: "
+              f"own code ~ {share * unprofiled * 1e6:.1f} us per span (SDK ~ {sdk * unprofiled * 1e6:.1f})")
+    stats = pstats.Stats(profiles[variant])
     stats.sort_stats("tottime")
-    print(f"cProfile of {variant}: {args.reps} chats; functions of cmbagent_otel / opentelemetry by own time")
     stats.print_stats(r"cmbagent_otel|opentelemetry|wrapt", 30)
-    stats.sort_stats("cumulative")
-    stats.print_stats(r"cmbagent_otel", 20)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=60, help="timed chats per variant")
+    parser.add_argument("--reps", type=int, default=60, help="timed rounds (one chat of each variant per round)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--cycles", type=int, default=10, help="4-agent cycles per chat (3 LLM calls each)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write raw per-round figures here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", choices=VARIANTS)
+    parser.add_argument("--profile", choices=[v for v in VARIANTS if not v.startswith("sdk_floor")])
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    if args.worker:
-        worker(args.worker, args.cycles)
-        return 0
+    os.environ["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = ""
+    os.environ["OTEL_SDK_DISABLED"] = "false"
     if args.profile:
         return profile(args.profile, args)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
+    if "ours" not in args.variants:  # the floors copy ours' spans
+        args.variants = [v for v in args.variants if not v.startswith("sdk_floor")]
     return main_bench(args)
 
 

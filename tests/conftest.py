@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -24,7 +25,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 import cmbagent_otel
+from cmbagent_otel import semconv
 from cmbagent_otel._spans import workflow_tracers
+from cmbagent_otel.instrumentation._handoffs import EVENT_NAME as HANDOFF_EVENT
 
 
 class SpanCapture:
@@ -55,20 +58,40 @@ class SpanCapture:
                 return candidate
         return None
 
+    def handoffs(self) -> list[dict[str, Any]]:
+        """Every speaker selection in execution order, from either form: a ``cmbagent.handoff``
+        event (its attributes, plus ``"span"``: the span it is on) or a ``select_speaker`` span
+        (its attributes, plus ``"span"``: itself)."""
+        found: list[dict[str, Any]] = []
+        for s in self.spans:
+            if (s.attributes or {}).get(semconv.SPAN_KIND) == semconv.KIND_SPEAKER_SELECTION:
+                found.append({**s.attributes, "span": s})
+            for event in s.events:
+                if event.name == HANDOFF_EVENT:
+                    found.append({**event.attributes, "span": s})
+        return sorted(found, key=lambda h: h[semconv.EXECUTION_ORDER])
+
     def tree(self) -> list[str]:
-        """Span names indented by depth, children in start order."""
+        """Span names indented by depth, children in start order; a handoff event is a line
+        ``handoff <from> -> <to>`` among its span's children, at its time."""
         spans = self.spans
         ids = {s.context.span_id for s in spans}
-        children: dict[int | None, list[ReadableSpan]] = {}
+        children: dict[int | None, list[tuple[int, str, int | None]]] = {}
         for s in spans:
             parent = s.parent.span_id if s.parent is not None and s.parent.span_id in ids else None
-            children.setdefault(parent, []).append(s)
+            children.setdefault(parent, []).append((s.start_time or 0, s.name, s.context.span_id))
+            for event in s.events:
+                if event.name == HANDOFF_EVENT:
+                    attrs = event.attributes or {}
+                    label = f"handoff {attrs.get(semconv.HANDOFF_FROM)} -> {attrs.get(semconv.HANDOFF_TO, '(end)')}"
+                    children.setdefault(s.context.span_id, []).append((event.timestamp or 0, label, None))
         lines: list[str] = []
 
         def walk(parent: int | None, depth: int) -> None:
-            for child in children.get(parent, []):
-                lines.append("  " * depth + child.name)
-                walk(child.context.span_id, depth + 1)
+            for _, name, span_id in sorted(children.get(parent, []), key=lambda c: c[0]):
+                lines.append("  " * depth + name)
+                if span_id is not None:
+                    walk(span_id, depth + 1)
 
         walk(None, 0)
         return lines

@@ -18,19 +18,88 @@ scope is parented under that frame by explicit context (see ``_spans.TracedSpan`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
+import sys
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
+from opentelemetry.context.context import Context
+from opentelemetry.trace import propagation as _trace_propagation
 
 from . import semconv
 
 _SCOPE_KEY = otel_context.create_key("cmbagent_otel.scope")
+# The key the OTel API keeps the current span under: with it a span's context (span + scope) is
+# built with one dict copy instead of two set_value calls. Absent in some API: the two-step path.
+SPAN_KEY: str | None = getattr(_trace_propagation, "_SPAN_KEY", None)
+
+
+def _context_var() -> contextvars.ContextVar[Context] | None:
+    """The contextvar behind OTel's default runtime context (``None`` with another runtime context)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime).__name__ != "ContextVarsRuntimeContext":
+        return None
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, contextvars.ContextVar) else None
+
+
+# The current Context, read and set on the hot path of every span: straight on the contextvar of
+# OTel's default runtime context (what get_current/attach/detach do, two Python calls fewer each);
+# through the public API with any other runtime context. ``detach`` raises ValueError for a token
+# of another context (OTel's would log it): callers catch it.
+_VAR = _context_var()
+if _VAR is not None:
+    get_current: Callable[[], Context] = _VAR.get
+    attach: Callable[[Context], Any] = _VAR.set
+    detach: Callable[[Any], None] = _VAR.reset
+else:  # pragma: no cover - another OTEL_PYTHON_CONTEXT
+    get_current = otel_context.get_current
+    attach = otel_context.attach
+    detach = otel_context.detach
+
+try:
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
+except ImportError:  # older API: the instrumentation package holds it
+    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
+try:
+    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as _SUPPRESS_PLAIN
+except ImportError:
+    _SUPPRESS_PLAIN = "suppress_instrumentation"
+
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+_fill = dict.__setitem__  # Context forbids item assignment; used only on a copy not yet shared
+
+
+def suppressed(ctx: Context) -> bool:
+    """Whether instrumentation is suppressed in ``ctx`` (what ``is_instrumentation_enabled`` reads)."""
+    return bool(ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN))
+
+
+def child_context(ctx: Context, span: Any, scope: Scope) -> Context:
+    """``ctx`` with ``span`` current and ``scope`` as the run scope: one new Context."""
+    if SPAN_KEY is None:
+        return otel_context.set_value(_SCOPE_KEY, scope, span_context(ctx, span))
+    new = Context(ctx)
+    # a fresh copy nobody else holds yet: filling it in place keeps the Context immutable to all
+    _fill(new, SPAN_KEY, span)
+    _fill(new, _SCOPE_KEY, scope)
+    return new
+
+
+def span_context(ctx: Context, span: Any) -> Context:
+    """``ctx`` with ``span`` as the current span."""
+    if SPAN_KEY is None:
+        from opentelemetry import trace
+
+        return trace.set_span_in_context(span, ctx)
+    new = Context(ctx)
+    _fill(new, SPAN_KEY, span)
+    return new
 
 
 @dataclass
@@ -39,34 +108,42 @@ class RunState:
 
     session_id: str = semconv.DEFAULT_SESSION_ID
     max_redos: int | None = None
+    name: str | None = None  # the workflow's name (None: a plain AG2 program)
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _names: Counter[str] = field(default_factory=Counter)
-    _phase_index: int = 0
+    _counters: dict[str, itertools.count[int]] = field(default_factory=dict)
 
     def next_order(self) -> int:
-        """Return the next execution order of this run (1, 2, 3, ...)."""
+        """Return the next execution order of this run (1, 2, 3, ...).
+
+        ``itertools.count`` advances atomically (one C call under the GIL): no lock needed then.
+        """
+        if _GIL:
+            return next(self._order)
         with self._lock:
             return next(self._order)
 
+    def _next(self, key: str) -> int:
+        # one itertools.count per key: setdefault and next() are atomic under the GIL
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, itertools.count(1))
+        if _GIL:
+            return next(counter)
+        with self._lock:
+            return next(counter)
+
     def unique_node_id(self, base: str) -> str:
         """Return ``base`` the first time it is asked for in this run, then ``base_2``, ..."""
-        with self._lock:
-            self._names[base] += 1
-            count = self._names[base]
+        count = self._next(base)
         return base if count == 1 else f"{base}_{count}"
 
     def next_phase_index(self) -> int:
-        with self._lock:
-            self._phase_index += 1
-            return self._phase_index
+        return self._next("\x00phases")
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""
-        with self._lock:
-            key = f"\x00children:{parent_node}"
-            self._names[key] += 1
-            return self._names[key]
+        return self._next("\x00children:" + parent_node)
 
 
 class Scope:
@@ -77,7 +154,7 @@ class Scope:
     """
 
     __slots__ = ("agent_depth", "conversation_id", "cursor", "dag_depth", "dag_node", "dag_node_type", "dag_order",
-                 "event_depth", "in_workflow", "phase", "run", "step", "steps")
+                 "event_depth", "handoffs", "in_workflow", "phase", "run", "step", "steps")
 
     def __init__(
         self,
@@ -107,6 +184,9 @@ class Scope:
         self.in_workflow = in_workflow
         self.steps = steps  # the StepTracker of the enclosing cmbagent control chat (inherited)
         self.cursor: Cursor | None = None  # set only on an anchor scope; never inherited
+        # handoff events the span this is the children's scope of can still take (None: not known yet;
+        # never inherited)
+        self.handoffs: int | None = None
 
     def evolve(self, **changes: Any) -> Scope:
         new = Scope.__new__(Scope)
@@ -123,8 +203,40 @@ class Scope:
         new.in_workflow = self.in_workflow
         new.steps = self.steps
         new.cursor = None
+        new.handoffs = None
         for name, value in changes.items():
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
+        return new
+
+    def child_node(self, dag_node: str, node_type: str, depth: int, order: int, conversation_id: str | None) -> Scope:
+        """The scope under a span that is DAG node ``dag_node`` started in this scope."""
+        new = self.child_event(conversation_id)
+        new.dag_node = dag_node
+        new.dag_node_type = node_type
+        new.dag_depth = depth
+        new.dag_order = order
+        new.event_depth = 0
+        new.agent_depth = 0
+        return new
+
+    def child_event(self, conversation_id: str | None) -> Scope:
+        """The scope under an execution event span started in this scope (``evolve`` without keywords:
+        this runs for most spans)."""
+        new = Scope.__new__(Scope)
+        new.run = self.run
+        new.conversation_id = conversation_id
+        new.dag_node = self.dag_node
+        new.dag_node_type = self.dag_node_type
+        new.dag_depth = self.dag_depth
+        new.dag_order = self.dag_order
+        new.event_depth = self.event_depth + 1
+        new.agent_depth = self.agent_depth
+        new.phase = self.phase
+        new.step = self.step
+        new.in_workflow = self.in_workflow
+        new.steps = self.steps
+        new.cursor = None
+        new.handoffs = None
         return new
 
     def ensure_cursor(self) -> Cursor:
@@ -147,10 +259,12 @@ class Frame:
     ``active`` counts the spans currently running under it through the cursor;
     ``close`` asks for the frame to end, which happens once ``active`` is back to 0 (so a
     step ends after the tool call that completed it, never before its own children).
-    ``finish`` (set by the owner) ends the span; it is called exactly once.
+    ``finish`` (set by the owner) ends the span; it is called exactly once. ``timing`` (set when
+    its span kind has a duration metric) and ``error`` (its failure's ``error.type``) feed the
+    run-level metrics when it ends.
     """
 
-    __slots__ = ("active", "closing", "cursor", "finish", "kind", "owner", "scope", "span")
+    __slots__ = ("active", "closing", "cursor", "error", "finish", "kind", "owner", "scope", "span", "timing")
 
     def __init__(self, span: Any, scope: Scope, kind: str, owner: Any = None,
                  finish: Callable[[Frame], None] | None = None) -> None:
@@ -162,6 +276,8 @@ class Frame:
         self.finish = finish
         self.active = 0
         self.closing = False
+        self.timing: Any = None
+        self.error: str | None = None
 
 
 class Cursor:

@@ -13,15 +13,33 @@ import logging
 import threading
 import traceback
 from collections.abc import Iterator, Mapping
+from time import perf_counter
 from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from . import semconv
-from ._context import Frame, RunState, Scope, new_conversation_id, raw_scope, with_scope
+from ._context import (
+    _SCOPE_KEY,
+    SPAN_KEY,
+    Frame,
+    RunState,
+    Scope,
+    attach,
+    child_context,
+    detach,
+    get_current,
+    new_conversation_id,
+    raw_scope,
+    span_context,
+    with_scope,
+)
+from .metrics import TIMED_KINDS, RunMetrics, run_metrics
 from .redaction import redact, truncate
 from .version import __version__
 
@@ -43,27 +61,35 @@ def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -
         return trace.NoOpTracer()
 
 
+_GLOBAL_METRICS: Any = object()  # a binding that leaves the run metrics to the global meter provider
+
+
 class WorkflowTracers:
-    """Where the workflow API (``workflow``/``phase``/``step``/``redo``) starts its spans.
+    """Where the workflow API (``workflow``/``phase``/``step``/``redo``) starts its spans and
+    records its run-level metrics.
 
     The workflow API is called by the application, not through a patched method, so it has
     no instrumentor of its own: each active instrumentor that was given a provider (the AG2
     and cmbagent instrumentors, through ``instrument(tracer_provider=...)``) binds one here
     and releases it when uninstrumented; the latest binding still held wins, and with none
-    the global provider is used. Nothing outlives the instrumentors that bound it.
+    the global providers are used. A binding also carries the run metrics of the meter
+    provider it was given (``None``: metrics off). Nothing outlives the instrumentors that bound it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bindings: list[tuple[object, Tracer]] = []
+        self._bindings: list[tuple[object, Tracer, Any]] = []
         self._global: Tracer | None = None
+        self._global_metrics: RunMetrics | None = None
 
-    def bind(self, provider: trace.TracerProvider) -> object:
-        """Route workflow spans to ``provider`` until :meth:`release` of the returned token."""
+    def bind(self, provider: trace.TracerProvider | None, metrics: RunMetrics | None = _GLOBAL_METRICS) -> object:
+        """Route workflow spans to ``provider`` (``None``: the global one) and run metrics to
+        ``metrics`` (default: the global meter provider's; ``None``: none) until :meth:`release`
+        of the returned token."""
         token = object()
         tracer = make_tracer(semconv.SCOPE_WORKFLOW, provider)
         with self._lock:
-            self._bindings = [*self._bindings, (token, tracer)]
+            self._bindings = [*self._bindings, (token, tracer, metrics)]
         return token
 
     def release(self, token: object) -> None:
@@ -78,6 +104,17 @@ class WorkflowTracers:
         if tracer is None:  # a proxy: follows the global provider once the application sets one
             tracer = self._global = make_tracer(semconv.SCOPE_WORKFLOW)
         return tracer
+
+    def current_metrics(self) -> RunMetrics | None:
+        """The run metrics of the latest binding (``None``: metrics off), else the global meter provider's."""
+        bindings = self._bindings
+        metrics = bindings[-1][2] if bindings else _GLOBAL_METRICS
+        if metrics is not _GLOBAL_METRICS:
+            return metrics  # type: ignore[no-any-return]
+        found = self._global_metrics
+        if found is None:  # proxy instruments: follow the global meter provider once one is set
+            found = self._global_metrics = run_metrics(None)
+        return found
 
     @contextlib.contextmanager
     def routed_to(self, provider: trace.TracerProvider) -> Iterator[None]:
@@ -129,27 +166,44 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         scope = Scope(run=run, in_workflow=True)
     elif scope is None:
         scope = Scope(run=RunState())
-    attrs: dict[str, Any] = {
+    state = scope.run
+    session = state.session_id
+    conversation_id = new_conversation_id() if new_conversation else scope.conversation_id
+    if node is None and run is None:  # an execution event: most spans
+        attrs: dict[str, Any] = {
+            semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
+            semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
+        }
+        if conversation_id is not None:
+            attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+        if scope.dag_node is not None:
+            attrs[semconv.DAG_NODE] = scope.dag_node
+        attrs[semconv.EVENT_DEPTH] = scope.event_depth
+        new_scope = scope.child_event(conversation_id)
+        if scope_changes:
+            for name, value in scope_changes.items():  # a fresh scope nobody holds yet
+                setattr(new_scope, name, value)
+        if attributes:
+            attrs.update(attributes)
+        return attrs, new_scope
+    attrs = {
         semconv.SPAN_KIND: kind,
-        semconv.EXECUTION_ORDER: scope.run.next_order(),
-        semconv.SESSION_ID: scope.run.session_id,
-        semconv.GENERIC_SESSION_ID: scope.run.session_id,
+        semconv.EXECUTION_ORDER: state.next_order(),
+        semconv.SESSION_ID: session,
+        semconv.GENERIC_SESSION_ID: session,
     }
-    conversation_id = scope.conversation_id
-    if new_conversation:
-        conversation_id = new_conversation_id()
     if conversation_id is not None:
         attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
         order = node.order_index
         base_id = node.base_id
         if node.child:
-            k = scope.run.next_child_index(scope.dag_node or "")
+            k = state.next_child_index(scope.dag_node or "")
             parent_order = scope.dag_order if scope.dag_node is not None else 1
             order = _clamp(parent_order * CHILD_ORDER_BASE + k)
             if node.numbered:
                 base_id = f"{base_id}_{k}"
-        node_id = scope.run.unique_node_id(base_id) if node.unique else base_id
+        node_id = state.unique_node_id(base_id) if node.unique else base_id
         depth = scope.dag_depth + 1
         attrs[semconv.DAG_NODE] = node_id
         attrs[semconv.DAG_NODE_TYPE] = node.node_type
@@ -158,23 +212,32 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
             attrs[semconv.DAG_PARENT_NODE] = scope.dag_node
         if order is not None:
             attrs[semconv.DAG_ORDER_INDEX] = order
-        new_scope = scope.evolve(
-            dag_node=node_id, dag_node_type=node.node_type, dag_depth=depth, event_depth=0, agent_depth=0,
-            conversation_id=conversation_id, dag_order=order or 0,
-        )
-    else:
+        new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
+    else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
             attrs[semconv.DAG_NODE] = scope.dag_node
-        if run is None:  # the workflow span is the run itself, not an event in it
-            attrs[semconv.EVENT_DEPTH] = scope.event_depth
-            new_scope = scope.evolve(event_depth=scope.event_depth + 1, conversation_id=conversation_id)
-        else:
-            new_scope = scope.evolve(conversation_id=conversation_id)
+        new_scope = scope.evolve(conversation_id=conversation_id)
     if scope_changes:
-        new_scope = new_scope.evolve(**scope_changes)
+        for name, value in scope_changes.items():  # a fresh scope nobody holds yet
+            setattr(new_scope, name, value)
     if attributes:
         attrs.update(attributes)
     return attrs, new_scope
+
+
+def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope) -> tuple[Any, ...] | None:
+    """What a span of ``kind`` needs to record its run-level duration metric when it ends (``None``: none)."""
+    if kind not in TIMED_KINDS:
+        return None
+    metrics = workflow_tracers.current_metrics()
+    if metrics is None:
+        return None
+    return metrics, kind, attributes, scope.run.name, perf_counter()
+
+
+def _record_timing(timing: tuple[Any, ...], error_type: str | None) -> None:
+    metrics, kind, attributes, workflow_name, started = timing
+    metrics.ended(kind, attributes, perf_counter() - started, error_type, workflow_name)
 
 
 def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
@@ -191,7 +254,12 @@ def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node:
     parent = trace.set_span_in_context(parent_span) if parent_span is not None else None
     span = (tracer or workflow_tracers.current()).start_span(name, context=parent, kind=SpanKind.INTERNAL,
                                                             attributes=attrs)
-    return Frame(span, scope, kind_of_frame, owner, finish=end_frame)
+    frame = Frame(span, scope, kind_of_frame, owner, finish=end_frame)
+    try:
+        frame.timing = _timing(kind, attrs, scope)
+    except Exception:
+        logger.debug("cmbagent_otel: no duration metric for %s", name, exc_info=True)
+    return frame
 
 
 def effective_parent() -> tuple[Scope | None, Span]:
@@ -228,6 +296,7 @@ def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None
                 for frame in frames:
                     with contextlib.suppress(Exception):
                         record_exception(frame.span, exc)
+                    frame.error = frame.error or type(exc).__qualname__
             cursor.close_all(frames)
     except Exception:
         logger.debug("cmbagent_otel: could not close anchored frames", exc_info=True)
@@ -240,14 +309,32 @@ def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None
 def end_frame(frame: Frame, exc: BaseException | None = None) -> None:
     """End a frame's span (recording ``exc``); never raises."""
     try:
-        if exc is not None and frame.span.is_recording():
-            record_exception(frame.span, exc)
+        if exc is not None:
+            frame.error = frame.error or type(exc).__qualname__
+            if frame.span.is_recording():
+                record_exception(frame.span, exc)
     except Exception:
         logger.debug("cmbagent_otel: could not record exception", exc_info=True)
     try:
         frame.span.end()
     except Exception:
         logger.debug("cmbagent_otel: could not end span", exc_info=True)
+    timing, frame.timing = frame.timing, None
+    if timing is not None:
+        try:
+            _record_timing(timing, frame.error)
+        except Exception:
+            logger.debug("cmbagent_otel: could not record a duration", exc_info=True)
+
+
+def fail_frame(frame: Frame, description: str, error_type: str = "error") -> None:
+    """Mark a frame's span failed without an exception (its duration metric gets ``error_type``); never raises."""
+    frame.error = error_type
+    try:
+        frame.span.set_status(Status(StatusCode.ERROR, truncate(redact(description), 1024)))
+        frame.span.set_attribute(semconv.ERROR_TYPE, error_type)
+    except Exception:
+        logger.debug("cmbagent_otel: could not mark a span failed", exc_info=True)
 
 
 def record_exception(span: Span, exc: BaseException) -> None:
@@ -263,6 +350,82 @@ def record_exception(span: Span, exc: BaseException) -> None:
     span.set_attribute(semconv.ERROR_TYPE, type_name)
 
 
+# --- sampling decided before anything is built ------------------------------------------------
+_UNKNOWN, _ALWAYS, _PARENT = 0, 1, 2
+
+
+def _sampler_kind(sampler: Any) -> tuple[int, bool]:
+    """(what a sampler decides without looking at the span, whether it drops root spans)."""
+    if sampler is sampling.ALWAYS_OFF:
+        return _ALWAYS, True
+    if isinstance(sampler, sampling.ParentBased):
+        # private fields of the SDK's ParentBased: anything unexpected means "cannot tell"
+        not_sampled = (getattr(sampler, "_remote_parent_not_sampled", None),
+                       getattr(sampler, "_local_parent_not_sampled", None))
+        if all(d is sampling.ALWAYS_OFF for d in not_sampled):
+            return _PARENT, getattr(sampler, "_root", None) is sampling.ALWAYS_OFF
+    return _UNKNOWN, False
+
+
+class SamplingProbe:
+    """Tells, before any attribute is built, that a span started now through ``tracer`` cannot be
+    recording: the tracer is a no-op one (no SDK provider, ``OTEL_SDK_DISABLED``), its sampler
+    drops everything (``always_off``), or it follows the parent (``parentbased_*``, the default)
+    and the parent is not sampled. Anything it cannot tell for sure (a custom sampler, another
+    tracing implementation) counts as "may record": the full path then runs and the SDK decides.
+    """
+
+    __slots__ = ("_kind", "_last", "_root_drops", "_tracer")
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+        self._kind: int | None = None
+        self._root_drops = False
+        # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
+        # same parent again and again (one tuple, so threads never pair a span with another's answer)
+        self._last: tuple[Any, bool] = (None, False)
+
+    def _classify(self) -> tuple[int, bool]:
+        tracer = self._tracer
+        if isinstance(tracer, trace.ProxyTracer):  # global provider: may be set any time
+            real = getattr(tracer, "_tracer", None)
+            if real is None or real is getattr(tracer, "_noop_tracer", None):
+                return (_ALWAYS, True) if real is not None else (_UNKNOWN, False)
+            tracer = real
+        if isinstance(tracer, trace.NoOpTracer):
+            kind, root = _ALWAYS, True
+        elif isinstance(tracer, SdkTracer):
+            kind, root = _sampler_kind(getattr(tracer, "sampler", None))
+        else:
+            kind, root = _UNKNOWN, False
+        if self._tracer is tracer:  # a proxy's delegate could still change: classify it again next time
+            self._kind, self._root_drops = kind, root
+        return kind, root
+
+    def drops(self, ctx: otel_context.Context) -> bool:
+        """Whether a span started in ``ctx`` now is sure not to be recorded."""
+        kind = self._kind
+        root = self._root_drops
+        if kind is None:
+            kind, root = self._classify()
+        if kind == _UNKNOWN:
+            return False
+        if kind == _ALWAYS:
+            return True
+        span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+        if span is None:
+            return root
+        if span.is_recording():
+            return False  # a recording parent: the full path, the SDK decides (sampled, in practice)
+        last = self._last
+        if last[0] is span:
+            return last[1]
+        span_context = span.get_span_context()
+        decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
+        self._last = (span, decision)
+        return decision
+
+
 class TracedSpan:
     """Context manager that opens a span with cmbagent-otel's bookkeeping.
 
@@ -273,10 +436,14 @@ class TracedSpan:
     context, or start an implicit one when there is none. ``tracer`` is the instrumentor's
     (built from the provider it was given); ``None``: the workflow API's
     (:data:`workflow_tracers`). ``span_kind``: the OTel span kind (model calls are CLIENT).
+    ``context``: the current context as the caller already read it (read at start otherwise).
+
+    Starting reads the context once and attaches one new Context (the span and the scope of
+    its children); workflow and step spans also time themselves for the run-level metrics.
     """
 
-    __slots__ = ("_attrs", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
-                 "_scope_changes", "_span_kind", "_token", "_tracer", "scope", "span")
+    __slots__ = ("_attrs", "_ctx", "_error", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
+                 "_scope_changes", "_span_kind", "_timing", "_token", "_tracer", "scope", "span")
 
     def __init__(
         self,
@@ -290,6 +457,7 @@ class TracedSpan:
         scope_changes: Mapping[str, Any] | None = None,
         tracer: Tracer | None = None,
         span_kind: SpanKind = SpanKind.INTERNAL,
+        context: otel_context.Context | None = None,
     ) -> None:
         self._tracer = tracer
         self._span_kind = span_kind
@@ -300,37 +468,72 @@ class TracedSpan:
         self._new_conversation = new_conversation
         self._run = run
         self._scope_changes = scope_changes
+        self._ctx = context
         self._token: object | None = None
         self._frame: Frame | None = None
+        self._timing: Any = None
+        self._error: str | None = None
         self.span: Span = trace.INVALID_SPAN
         self.scope: Scope | None = None
 
     def __enter__(self) -> TracedSpan:
-        try:
-            self._start()
-        except Exception:  # telemetry must never break the app
+        try:  # telemetry must never break the app
+            ctx = self._ctx
+            if ctx is None:
+                ctx = get_current()
+            else:
+                self._ctx = None
+            run = self._run
+            scope = None
+            if run is None:
+                scope = ctx.get(_SCOPE_KEY)
+                if type(scope) is not Scope:
+                    scope = None
+            parent_ctx = ctx
+            if scope is not None:
+                cursor = scope.cursor
+                if cursor is not None:
+                    # work started directly in an anchor scope belongs to its innermost open frame
+                    frame = cursor.enter()
+                    if frame is not None:
+                        self._frame = frame
+                        scope = frame.scope
+                        parent_ctx = span_context(ctx, frame.span)
+            kind = self._kind
+            if scope is not None and self._node is None and run is None:
+                # an execution event inside a run, most spans: compose()'s event case, inline
+                state = scope.run
+                session = state.session_id
+                conversation_id = new_conversation_id() if self._new_conversation else scope.conversation_id
+                attrs: dict[str, Any] = {
+                    semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
+                    semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
+                }
+                if conversation_id is not None:
+                    attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+                if scope.dag_node is not None:
+                    attrs[semconv.DAG_NODE] = scope.dag_node
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                new_scope = scope.child_event(conversation_id)
+                changes = self._scope_changes
+                if changes:
+                    for name, value in changes.items():  # a fresh scope nobody holds yet
+                        setattr(new_scope, name, value)
+                if self._attrs:
+                    attrs.update(self._attrs)
+            else:
+                attrs, new_scope = compose(scope, kind, self._attrs, self._node, self._new_conversation, run,
+                                           self._scope_changes)
+            span = (self._tracer or workflow_tracers.current()).start_span(
+                self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
+            self.span = span
+            self.scope = new_scope
+            self._token = attach(child_context(parent_ctx, span, new_scope))
+            if kind in TIMED_KINDS:
+                self._timing = _timing(kind, attrs, new_scope)
+        except Exception:
             logger.debug("cmbagent_otel: could not start span %s", self._name, exc_info=True)
         return self
-
-    def _start(self) -> None:
-        scope = raw_scope() if self._run is None else None
-        parent_ctx = None
-        if scope is not None:
-            cursor = scope.cursor
-            if cursor is not None:
-                # work started directly in an anchor scope belongs to its innermost open frame
-                frame = cursor.enter()
-                if frame is not None:
-                    self._frame = frame
-                    scope = frame.scope
-                    parent_ctx = trace.set_span_in_context(frame.span)
-        attrs, new_scope = compose(scope, self._kind, self._attrs, self._node, self._new_conversation, self._run,
-                                   self._scope_changes)
-        tracer = self._tracer or workflow_tracers.current()
-        self.span = tracer.start_span(self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
-        self.scope = new_scope
-        ctx = with_scope(new_scope, trace.set_span_in_context(self.span, parent_ctx))
-        self._token = otel_context.attach(ctx)
 
     def start_detached(self, parent_scope: Scope | None, parent_span: Span | None, frame_kind: str,
                        owner: Any = None) -> Frame:
@@ -338,6 +541,8 @@ class TracedSpan:
         frame = open_frame(self._name, self._kind, self._attrs, self._node, parent_scope, parent_span, frame_kind,
                            owner, self._scope_changes, self._run, self._tracer)
         self.span, self.scope = frame.span, frame.scope
+        self._frame = None
+        self._timing = frame  # fail() marks the frame: its duration metric is recorded when it ends
         return frame
 
     def _exception(self, exc: BaseException) -> None:
@@ -364,9 +569,12 @@ class TracedSpan:
 
     def fail(self, description: str, error_type: str | None = None) -> None:
         """Mark the span failed without an exception (e.g. a non-zero exit code)."""
+        self._error = error_type or "error"
+        if isinstance(self._timing, Frame):
+            self._timing.error = self._error
         try:
             self.span.set_status(Status(StatusCode.ERROR, truncate(redact(description), 1024)))
-            self.span.set_attribute(semconv.ERROR_TYPE, error_type or "error")
+            self.span.set_attribute(semconv.ERROR_TYPE, self._error)
         except Exception:
             logger.debug("cmbagent_otel: could not set status", exc_info=True)
 
@@ -376,22 +584,24 @@ class TracedSpan:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        span = self.span
         try:
-            if exc is not None and self.span.is_recording():
+            if exc is not None and span.is_recording():
                 self._exception(exc)
         except Exception:
             logger.debug("cmbagent_otel: could not record exception", exc_info=True)
         finally:
             try:
-                self.span.end()
+                span.end()
             except Exception:
                 logger.debug("cmbagent_otel: could not end span", exc_info=True)
-            if self._token is not None:
-                try:
-                    otel_context.detach(self._token)  # type: ignore[arg-type]
-                except Exception:
-                    logger.debug("cmbagent_otel: could not detach context", exc_info=True)
+            token = self._token
+            if token is not None:
                 self._token = None
+                try:
+                    detach(token)
+                except Exception:  # a token of another context (an async generator's): nothing to undo here
+                    logger.debug("cmbagent_otel: could not detach context", exc_info=True)
             frame = self._frame
             if frame is not None:
                 self._frame = None
@@ -399,4 +609,12 @@ class TracedSpan:
                     frame.cursor.leave(frame)  # type: ignore[union-attr]
                 except Exception:
                     logger.debug("cmbagent_otel: could not release frame", exc_info=True)
+            timing = self._timing
+            if timing is not None and not isinstance(timing, Frame):
+                self._timing = None
+                try:
+                    error = self._error or (type(exc).__qualname__ if exc is not None else None)
+                    _record_timing(timing, error)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not record a duration", exc_info=True)
         # returning None lets the application's exception propagate unchanged

@@ -7,23 +7,28 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from . import environment_variables as env
 from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
-from .provider import build_tracer_provider, sdk_disabled, slot_of, span_processors
+from .metrics import run_metrics
+from .provider import build_meter_provider, build_tracer_provider, sdk_disabled, slot_of, span_processors
 from .redaction import reload_settings
 
 logger = logging.getLogger("cmbagent_otel")
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False,
-                          "binding": None}
-# The provider instrument() built, kept across uninstrument(): the global provider can be set
-# only once per process, so a later instrument() puts fresh processors into this one.
-_built: dict[str, TracerProvider | None] = {"provider": None}
+                          "binding": None, "meter_provider": None}
+# The providers instrument() built, kept across uninstrument() while they are the global ones (a
+# global provider can be set only once per process): a later instrument() puts fresh span
+# processors into the tracer provider, and records into the same meter provider again.
+_built: dict[str, Any] = {"provider": None, "meter_provider": None}
 
 
 def _app_provider() -> trace.TracerProvider | None:
@@ -34,6 +39,33 @@ def _app_provider() -> trace.TracerProvider | None:
     return provider
 
 
+def _app_meter_provider() -> otel_metrics.MeterProvider | None:
+    """The meter provider the application already installed globally, if any."""
+    provider = otel_metrics.get_meter_provider()
+    if isinstance(provider, otel_metrics.NoOpMeterProvider) or type(provider).__name__ == "_ProxyMeterProvider":
+        return None
+    return provider
+
+
+def _meter_provider(meter_provider: otel_metrics.MeterProvider | None, service_name: str | None,
+                    set_global: bool) -> tuple[otel_metrics.MeterProvider | None, bool]:
+    """(the meter provider to record into, ``None``: the global one; whether instrument() built it)."""
+    if meter_provider is not None:
+        return meter_provider, False
+    built = _built["meter_provider"]
+    if built is not None:
+        return built, True
+    if _app_meter_provider() is not None:
+        return None, False
+    provider = build_meter_provider(service_name=service_name)  # None with OTEL_METRICS_EXPORTER unset / none
+    if provider is None:
+        return None, False
+    if set_global and _app_meter_provider() is None:
+        otel_metrics.set_meter_provider(provider)
+        _built["meter_provider"] = provider  # the global one now: kept for the next instrument()
+    return provider, True
+
+
 def instrument(
     *,
     tracer_provider: trace.TracerProvider | None = None,
@@ -42,6 +74,8 @@ def instrument(
     service_name: str | None = None,
     capture_content: bool | str | None = None,
     logger_provider: Any = None,
+    meter_provider: otel_metrics.MeterProvider | None = None,
+    metrics: bool | None = None,
     set_global: bool = True,
     instrument_threading: bool = True,
     instrument_cmbagent: bool = True,
@@ -57,6 +91,12 @@ def instrument(
     ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT``, ``NO_CONTENT``) overrides
     ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
     ``logger_provider`` (default: the global LoggerProvider).
+
+    Metrics (``docs/metrics.md``) go to ``meter_provider`` if given; else to the meter provider
+    the application already set globally; else to one built from ``OTEL_METRICS_EXPORTER``
+    (``otlp``, ``console``; installed globally when ``set_global``); with that unset or
+    ``none``, to the global provider (a no-op until the application sets one). ``metrics=False``
+    (or ``CMBAGENT_OTEL_METRICS=false``) records none.
     """
     with _lock:
         if _state["active"]:
@@ -80,17 +120,20 @@ def instrument(
             owned = True
             if set_global and _app_provider() is None:
                 trace.set_tracer_provider(provider)
-        binding = workflow_tracers.bind(provider)
+        metrics_on = bool(env.get(env.METRICS, metrics))
+        meters, meters_owned = (_meter_provider(meter_provider, service_name, set_global) if metrics_on
+                                else (None, False))
+        binding = workflow_tracers.bind(provider, run_metrics(meters) if metrics_on else None)
         AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content,
-                                     logger_provider=logger_provider)
+                                     logger_provider=logger_provider, meter_provider=meters, metrics=metrics_on)
         threaded = False
         if instrument_threading:
             threaded = _instrument_threading()
         cmbagent = False
         if instrument_cmbagent:
-            cmbagent = _instrument_cmbagent(provider)
+            cmbagent = _instrument_cmbagent(provider, meters, metrics_on)
         _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
-                      binding=binding)
+                      binding=binding, meter_provider=meters if meters_owned else None)
         return provider
 
 
@@ -106,13 +149,14 @@ def _instrument_threading() -> bool:
     return True
 
 
-def _instrument_cmbagent(provider: trace.TracerProvider | None) -> bool:
+def _instrument_cmbagent(provider: trace.TracerProvider | None, meter_provider: otel_metrics.MeterProvider | None,
+                         metrics_on: bool) -> bool:
     try:
         from .integrations.cmbagent import CmbagentInstrumentor, instrument_cmbagent
 
         if CmbagentInstrumentor().is_instrumented_by_opentelemetry:
             return False  # someone else (opentelemetry-instrument) owns it; leave it to them
-        return instrument_cmbagent(tracer_provider=provider)
+        return instrument_cmbagent(tracer_provider=provider, meter_provider=meter_provider, metrics=metrics_on)
     except Exception:
         logger.debug("cmbagent_otel: cmbagent integration failed", exc_info=True)
         return False
@@ -122,7 +166,8 @@ def uninstrument() -> None:
     """Undo :func:`instrument`: restore every patched method; flush and shut down the span
     processors (and exporters) of a provider :func:`instrument` built. That provider stays
     (it may be the global one, which cannot be replaced), so a later :func:`instrument`
-    records again through fresh processors."""
+    records again through fresh processors. A meter provider it built is flushed, and shut
+    down unless it is the global one (a later :func:`instrument` records into it again)."""
     with _lock:
         if not _state["active"]:
             return
@@ -151,7 +196,16 @@ def uninstrument() -> None:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
         if _state["binding"] is not None:
             workflow_tracers.release(_state["binding"])
-        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False, binding=None)
+        meters = _state["meter_provider"]
+        if isinstance(meters, MeterProvider):
+            try:
+                meters.force_flush()
+                if meters is not _built["meter_provider"]:
+                    meters.shutdown()
+            except Exception:
+                logger.debug("cmbagent_otel: meter provider flush failed", exc_info=True)
+        _state.update(active=False, provider=None, owned=False, threading=False, cmbagent=False, binding=None,
+                      meter_provider=None)
 
 
 def is_instrumented() -> bool:
@@ -161,11 +215,17 @@ def is_instrumented() -> bool:
 class AutoConfigurator:
     """``opentelemetry_configurator`` entry point for ``opentelemetry-instrument``.
 
-    Builds the provider from ``OTEL_*`` variables (as :func:`instrument` does) and installs
-    it globally; the AG2 and cmbagent instrumentors are loaded through their own entry points.
+    Builds the tracer provider (and, when ``OTEL_METRICS_EXPORTER`` names an exporter, the meter
+    provider) from ``OTEL_*`` variables (as :func:`instrument` does) and installs them globally;
+    the AG2 and cmbagent instrumentors are loaded through their own entry points.
     """
 
     def configure(self, **kwargs: Any) -> None:
-        if sdk_disabled() or _app_provider() is not None:
+        if sdk_disabled():
             return
-        trace.set_tracer_provider(build_tracer_provider())
+        if _app_provider() is None:
+            trace.set_tracer_provider(build_tracer_provider())
+        if _app_meter_provider() is None:
+            meters = build_meter_provider()  # None unless OTEL_METRICS_EXPORTER names an exporter
+            if meters is not None:
+                otel_metrics.set_meter_provider(meters)

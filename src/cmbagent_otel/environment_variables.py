@@ -62,6 +62,9 @@ OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 CAPTURE_MESSAGE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+METRICS = "CMBAGENT_OTEL_METRICS"
+METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
+OTLP_METRICS_PROTOCOL = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
 
 DEFAULT_WORK_DIR = "~/.cmbagent-otel"
 OFF = None  # what a port setting of ``off`` parses to
@@ -146,6 +149,20 @@ def _exporters(raw: str) -> tuple[str, ...]:
         unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"unknown exporter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return names
+
+
+def _metrics_exporters(raw: str) -> tuple[str, ...]:
+    names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
+    known = {"otlp", "console", "none"}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        from importlib.metadata import entry_points
+
+        known |= {entry.name for entry in entry_points(group="opentelemetry_metrics_exporter")}
+        unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown metrics exporter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return names
 
 
@@ -239,6 +256,17 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Comma list of `otlp`, `console`, `none`, `cmbagent_dag` or another registered exporter",
             _exporters),
     Setting(OTLP_TRACES_PROTOCOL, "grpc", "Protocol of the `otlp` exporter: `grpc` or `http/protobuf`",
+            _choice("grpc", "http/protobuf", aliases={"http": "http/protobuf"}),
+            also=("OTEL_EXPORTER_OTLP_PROTOCOL",)),
+    # metrics
+    Setting(METRICS, True,
+            "`false`: instrument() records no metrics (`instrument(metrics=...)` wins over it)",
+            _boolean(frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"}))),
+    Setting(METRICS_EXPORTER, ("none",),
+            "Comma list of `otlp`, `console`, `none` or another registered metrics exporter: instrument() builds "
+            "a MeterProvider only when one is named (`none`: metrics go to the global MeterProvider, if the "
+            "application set one)", _metrics_exporters),
+    Setting(OTLP_METRICS_PROTOCOL, "grpc", "Protocol of the `otlp` metrics exporter: `grpc` or `http/protobuf`",
             _choice("grpc", "http/protobuf", aliases={"http": "http/protobuf"}),
             also=("OTEL_EXPORTER_OTLP_PROTOCOL",)),
     Setting(SERVICE_NAME, None,

@@ -1,4 +1,4 @@
-"""Build a TracerProvider from the standard ``OTEL_*`` environment variables.
+"""Build a TracerProvider (and a MeterProvider) from the standard ``OTEL_*`` environment variables.
 
 Honoured: ``OTEL_SDK_DISABLED``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER`` (+ ``_ARG``), ``OTEL_BSP_*`` (batch processor), every
@@ -15,6 +15,14 @@ of dropping), every other one the SDK's ``BatchSpanProcessor``. The provider's p
 sit in a :class:`ProcessorSlot`, so ``uninstrument()`` can shut them down and a later
 ``instrument()`` can put fresh ones into the same provider (the global provider can be set
 only once per process).
+
+:func:`build_meter_provider` does the same for metrics from ``OTEL_METRICS_EXPORTER`` (a
+comma list of ``otlp``, with ``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`` /
+``OTEL_EXPORTER_OTLP_PROTOCOL``, ``console``, ``none`` or a name registered under
+``opentelemetry_metrics_exporter``; default ``none``): one ``PeriodicExportingMetricReader``
+per exporter (``OTEL_METRIC_EXPORT_INTERVAL`` / ``_TIMEOUT`` are read by the reader; every
+``OTEL_EXPORTER_OTLP_METRICS_*`` variable by the OTLP exporters), the same resource as the
+tracer provider. With no exporter named there is no provider to build (``None``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -148,6 +158,16 @@ def span_processors(
             for e in instances]
 
 
+def resource(service_name: str | None = None) -> Resource:
+    """The resource of the providers built here: ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``
+    (read by the SDK), else ``service_name``, else ``cmbagent``."""
+    attributes = {}
+    env_has_name = bool(env.get(env.SERVICE_NAME)) or "service.name=" in (env.get(env.RESOURCE_ATTRIBUTES) or "")
+    if not env_has_name:
+        attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
+    return Resource.create(attributes)
+
+
 def build_tracer_provider(
     exporters: str | Sequence[str] | None = None,
     *,
@@ -160,13 +180,9 @@ def build_tracer_provider(
     instances (each behind its own batch processor); ``service_name`` is used only when
     neither ``OTEL_SERVICE_NAME`` nor ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` is set.
     """
-    attributes = {}
-    env_has_name = bool(env.get(env.SERVICE_NAME)) or "service.name=" in (env.get(env.RESOURCE_ATTRIBUTES) or "")
-    if not env_has_name:
-        attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
     processors = span_processors(exporters, span_exporters)
     slot = ProcessorSlot()
-    provider = TracerProvider(resource=Resource.create(attributes), active_span_processor=slot)  # type: ignore[arg-type]
+    provider = TracerProvider(resource=resource(service_name), active_span_processor=slot)  # type: ignore[arg-type]
     _slots[provider] = slot
     for processor in processors:
         provider.add_span_processor(processor)
@@ -182,3 +198,57 @@ def slot_of(provider: Any) -> ProcessorSlot | None:
         return _slots.get(provider)
     except TypeError:
         return None
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+def metrics_exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
+    """Metrics exporter names: argument > ``OTEL_METRICS_EXPORTER`` > none."""
+    value = env.get(env.METRICS_EXPORTER, value)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [name.strip().lower() for name in items if name and name.strip()]
+    return [name for name in names if name != "none"]
+
+
+def create_metric_exporter(name: str) -> MetricExporter:
+    """Instantiate one metric exporter by its ``OTEL_METRICS_EXPORTER`` name."""
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return ConsoleMetricExporter()
+    if name == "otlp":
+        protocol = str(env.get(env.OTLP_METRICS_PROTOCOL))
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            return OTLPMetricExporter()
+        if protocol in ("http/protobuf", "http"):
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPExporter
+
+            return HTTPExporter()
+        raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="opentelemetry_metrics_exporter"):
+        if entry.name == name:
+            return entry.load()()  # type: ignore[no-any-return]
+    raise ConfigurationError(f"unknown metrics exporter {name!r} in OTEL_METRICS_EXPORTER (known: otlp, console, none)")
+
+
+def build_meter_provider(
+    exporters: str | Sequence[str] | None = None,
+    *,
+    service_name: str | None = None,
+    metric_readers: Sequence[MetricReader] = (),
+) -> MeterProvider | None:
+    """A MeterProvider with one periodic reader per configured exporter, plus ``metric_readers``;
+    ``None`` when there is neither (``OTEL_METRICS_EXPORTER`` unset or ``none``).
+
+    ``exporters`` overrides ``OTEL_METRICS_EXPORTER``; the resource is the tracer provider's
+    (:func:`resource`).
+    """
+    readers: list[MetricReader] = [PeriodicExportingMetricReader(create_metric_exporter(name))
+                                   for name in metrics_exporter_names(exporters)]
+    readers.extend(metric_readers)
+    if not readers:
+        return None
+    return MeterProvider(metric_readers=readers, resource=resource(service_name))

@@ -419,7 +419,7 @@ class workflow(_Block):
                 attrs[key] = value
         if self.attributes:
             attrs.update(self.attributes)
-        run = RunState(session_id=self.session_id, max_redos=self.max_redos)
+        run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name)
         return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run)
 
 

@@ -33,19 +33,19 @@ EXPECTED_PROVIDER = "ag2.custom_client" if offline_backend() == "client" else "o
 FOUR_AGENT_TREE = [
     "conversation chat_manager",
     "  invoke_agent chat_manager",
-    "    select_speaker control",
+    "    handoff control -> engineer",
     "    invoke_agent engineer",
     "      chat scripted",
-    "    select_speaker engineer",
+    "    handoff engineer -> executor",
     "    invoke_agent executor",
     "      execute_tool peak_position",
-    "    select_speaker executor",
+    "    handoff executor -> engineer",
     "    invoke_agent engineer",
     "      chat scripted",
-    "    select_speaker engineer",
+    "    handoff engineer -> executor",
     "    invoke_agent executor",
     "      execute_code python",
-    "    select_speaker executor",
+    "    handoff executor -> researcher",
     "    invoke_agent researcher",
     "      chat scripted",
 ]
@@ -108,11 +108,26 @@ def test_four_agent_group_chat_with_tool_and_code(instrumented, tmp_path):
     assert "peaks at 220, 540" in code.attributes[semconv.CODE_OUTPUT]
     assert code.attributes[semconv.CODE_EXECUTOR] == "LocalCommandLineCodeExecutor"
 
-    handoff = instrumented.named("select_speaker engineer")[0]
-    assert handoff.attributes[semconv.HANDOFF_FROM] == "engineer"
-    assert handoff.attributes[semconv.HANDOFF_TO] == "executor"
-    assert handoff.attributes[semconv.HANDOFF_REASON] == "scripted_handoff"
-    assert handoff.attributes[semconv.HANDOFF_CANDIDATES] == ("control", "engineer", "executor", "researcher")
+    # speaker selections that do not ask the model are events on the manager's span, not spans
+    assert not instrumented.named("select_speaker")
+    manager = instrumented.one("invoke_agent chat_manager")
+    handoffs = instrumented.handoffs()
+    assert [(h[semconv.HANDOFF_FROM], h[semconv.HANDOFF_TO]) for h in handoffs] == [
+        ("control", "engineer"), ("engineer", "executor"), ("executor", "engineer"), ("engineer", "executor"),
+        ("executor", "researcher")]
+    handoff = handoffs[1]
+    assert handoff["span"] is manager
+    assert handoff[semconv.SPAN_KIND] == semconv.KIND_SPEAKER_SELECTION
+    assert handoff[semconv.HANDOFF_REASON] == "scripted_handoff"
+    assert handoff[semconv.HANDOFF_CANDIDATES] == ("control", "engineer", "executor", "researcher")
+    assert handoff[semconv.EVENT_DEPTH] == manager.attributes[semconv.EVENT_DEPTH] + 1
+    # handoffs take their place in the run's execution order, between the turns they separate
+    engineer_turns = instrumented.named("invoke_agent engineer")
+    executor_turns = instrumented.named("invoke_agent executor")
+    assert (engineer_turns[0].attributes[semconv.EXECUTION_ORDER] < handoff[semconv.EXECUTION_ORDER]
+            < executor_turns[0].attributes[semconv.EXECUTION_ORDER])
+    all_orders = orders + [h[semconv.EXECUTION_ORDER] for h in handoffs]
+    assert len(set(all_orders)) == len(all_orders)
 
 
 def test_agents_built_before_instrument_are_traced(capture, tmp_path):
@@ -343,10 +358,101 @@ def test_round_robin_selection_reason_and_targets(instrumented, tmp_path):
     manager = GroupChatManager(chat, llm_config=False,
                                is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
     first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    assert not instrumented.named("select_speaker")
+    selections = instrumented.handoffs()
+    assert [s[semconv.HANDOFF_TO] for s in selections] == ["second"]
+    assert selections[0][semconv.HANDOFF_FROM] == "first"
+    assert selections[0][semconv.HANDOFF_REASON] == "round_robin"
+    assert selections[0]["span"].name == "invoke_agent chat_manager"
+
+
+def test_auto_selection_asks_the_model_in_its_own_span(instrumented, tmp_path):
+    first = scripted("first", ["one"])
+    second = scripted("second", ["two"])
+    third = scripted("third", ["three TERMINATE"])
+    prepare_group([first, second, third], str(tmp_path))
+    with FakeOpenAIServer(script=["second", "third"]) as server:
+        config = {"model": "gpt-4o-mini", "api_key": "sk-test-auto-selection-0000", "base_url": server.base_url}
+        chat = GroupChat([first, second, third], messages=[], max_round=4, speaker_selection_method="auto")
+        manager = GroupChatManager(chat, llm_config={"config_list": [config], "cache_seed": None},
+                                   is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+        first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    assert [m["content"] for m in chat.messages] == ["begin", "two", "three TERMINATE"]
     selections = instrumented.named("select_speaker")
-    assert [s.attributes[semconv.HANDOFF_TO] for s in selections] == ["second"]
-    assert selections[0].attributes[semconv.HANDOFF_FROM] == "first"
-    assert selections[0].attributes[semconv.HANDOFF_REASON] == "round_robin"
+    assert [s.name for s in selections] == ["select_speaker first", "select_speaker second"]
+    assert [s.attributes[semconv.HANDOFF_TO] for s in selections] == ["second", "third"]
+    assert selections[0].attributes[semconv.HANDOFF_REASON] == "auto"
+    assert selections[0].attributes[semconv.HANDOFF_CANDIDATES] == ("first", "second", "third")
+    manager_span = instrumented.one("invoke_agent chat_manager")
+    assert all(instrumented.parent_of(s) is manager_span for s in selections)
+    # the model calls of the selection stay under its span; no handoff event doubles it
+    for selection in selections:
+        below = [s for s in instrumented.spans if _descends(instrumented, s, selection)]
+        assert any(s.name == "chat gpt-4o-mini" for s in below)
+    assert [h["span"] for h in instrumented.handoffs()] == selections
+    assert not manager_span.events
+
+
+def test_async_group_chat_handoffs_and_auto_selection(instrumented, tmp_path):
+    """a_select_speaker / a_auto_select_speaker: the same two forms as the sync path."""
+    first = scripted("first", ["one"])
+    second = scripted("second", ["two"])
+    third = scripted("third", ["three TERMINATE"])
+    prepare_group([first, second, third], str(tmp_path))
+    with FakeOpenAIServer(script=["third"]) as server:
+        config = {"model": "gpt-4o-mini", "api_key": "sk-test-async-selection-000", "base_url": server.base_url}
+
+        def route(last_speaker: Any, chat: Any) -> Any:  # a handoff, then the model decides
+            return second if last_speaker is first else "auto"
+
+        chat = GroupChat([first, second, third], messages=[], max_round=4, speaker_selection_method=route)
+        manager = GroupChatManager(chat, llm_config={"config_list": [config], "cache_seed": None},
+                                   is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+        asyncio.run(first.a_initiate_chat(manager, message="begin", max_turns=1, silent=True))
+    assert [m["content"] for m in chat.messages] == ["begin", "two", "three TERMINATE"]
+    handoffs = instrumented.handoffs()
+    assert [(h[semconv.HANDOFF_FROM], h[semconv.HANDOFF_TO]) for h in handoffs] == [
+        ("first", "second"), ("second", "third")]
+    event, span = handoffs
+    assert event["span"].name == "invoke_agent chat_manager" and event[semconv.HANDOFF_REASON] == "route"
+    assert span["span"].name == "select_speaker second"  # the model was asked: a span
+    assert any(s.name == "chat gpt-4o-mini" and _descends(instrumented, s, span["span"]) for s in instrumented.spans)
+
+
+def _descends(capture: Any, span: Any, ancestor: Any) -> bool:
+    parent = capture.parent_of(span)
+    while parent is not None:
+        if parent is ancestor:
+            return True
+        parent = capture.parent_of(parent)
+    return False
+
+
+def test_handoffs_past_the_span_event_limit_become_spans(capture, tmp_path, monkeypatch):
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    limited = TracerProvider(span_limits=SpanLimits(max_events=6))
+    limited.add_span_processor(SimpleSpanProcessor(capture.exporter))
+    first = scripted("first", ["one"] * 10)
+    second = scripted("second", ["two"] * 10)
+    prepare_group([first, second], str(tmp_path))
+    chat = GroupChat([first, second], messages=[], max_round=10, speaker_selection_method="round_robin")
+    manager = GroupChatManager(chat, llm_config=False)
+    cmbagent_otel.instrument(tracer_provider=limited, instrument_cmbagent=False, instrument_threading=False)
+    try:
+        first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    handoffs = capture.handoffs()
+    assert len(handoffs) == 9  # every selection of the 10 rounds, none dropped
+    manager_span = capture.one("invoke_agent chat_manager")
+    assert [e.name for e in manager_span.events] == ["cmbagent.handoff"] * 4  # the limit less a margin
+    assert manager_span.dropped_events == 0
+    spans = capture.named("select_speaker")
+    assert len(spans) == 5 and all(capture.parent_of(s) is manager_span for s in spans)
+    orders = [h[semconv.EXECUTION_ORDER] for h in handoffs]
+    assert orders == sorted(set(orders))
 
 
 def test_threads_started_inside_a_chat_keep_the_trace(instrumented):
@@ -384,9 +490,13 @@ def test_group_chat_handoff_function_raising_propagates(instrumented):
     manager = GroupChatManager(chat, llm_config=False)
     with pytest.raises(HandoffError, match="no route"):
         first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
-    selection = instrumented.named("select_speaker")[0]
-    assert selection.status.status_code is StatusCode.ERROR
-    assert selection.attributes[semconv.ERROR_TYPE].endswith("HandoffError")
+    selection = instrumented.handoffs()[0]
+    assert selection[semconv.ERROR_TYPE].endswith("HandoffError")
+    assert selection["exception.message"] == "no route"
+    manager_span = selection["span"]
+    assert manager_span.name == "invoke_agent chat_manager"
+    assert manager_span.status.status_code is StatusCode.ERROR  # the exception passes through it
+    assert manager_span.attributes[semconv.ERROR_TYPE].endswith("HandoffError")
 
 
 def test_order_speakers_helper_stops_cleanly():
@@ -458,9 +568,8 @@ def test_plain_ag2_program_gets_conversation_and_turn_nodes(instrumented, tmp_pa
     }
     tool = instrumented.one("execute_tool peak_position")
     assert tool.attributes[semconv.DAG_NODE] == "conversation_1_executor"
-    handoff = instrumented.named("select_speaker engineer")[0]
-    assert handoff.attributes[semconv.DAG_NODE] == "conversation_1"
-    assert handoff.attributes[semconv.HANDOFF_FROM] == "engineer"  # the agent handing off
+    handoff = next(h for h in instrumented.handoffs() if h[semconv.HANDOFF_FROM] == "engineer")
+    assert handoff["span"].attributes[semconv.DAG_NODE] == "conversation_1"  # the manager's: the conversation
 
 
 def test_sequential_chats_are_one_node_each(instrumented):
@@ -501,11 +610,11 @@ def test_chat_ending_with_no_eligible_speaker_is_success(instrumented, tmp_path)
     manager = GroupChatManager(chat, llm_config=False)
     result = first.initiate_chat(manager, message="begin", silent=True)
     assert result.chat_history[-1]["content"] == "two"
-    last = instrumented.named("select_speaker second")
+    last = [h for h in instrumented.handoffs() if h[semconv.HANDOFF_FROM] == "second"]
     assert len(last) == 1
-    assert last[0].status.status_code is StatusCode.UNSET and not last[0].events
-    assert last[0].attributes[semconv.HANDOFF_ENDS_CHAT] is True
-    assert semconv.HANDOFF_TO not in last[0].attributes
+    assert last[0][semconv.HANDOFF_ENDS_CHAT] is True
+    assert semconv.HANDOFF_TO not in last[0] and semconv.ERROR_TYPE not in last[0]
+    assert [e.name for e in last[0]["span"].events] == ["cmbagent.handoff"] * 2  # no exception event
     assert all(s.status.status_code is StatusCode.UNSET for s in instrumented.spans)
 
 

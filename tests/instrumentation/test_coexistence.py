@@ -21,8 +21,9 @@ from cmbagent_otel.demo import group_chat_step
 
 openinference_ag2 = pytest.importorskip("openinference.instrumentation.ag2")
 
-# our span tree of the four-agent chat (tool call, code execution, handoffs): the same alone or with others
-CHAT_TREE_LENGTH = 17
+# our span tree of the four-agent chat (tool call, code execution; its five handoffs are events on the
+# manager's span): the same alone or with others
+CHAT_TREE_LENGTH = 12
 METHODS = ("initiate_chat", "a_initiate_chat", "generate_reply", "a_generate_reply", "execute_function",
            "a_execute_function")
 

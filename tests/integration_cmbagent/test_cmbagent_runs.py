@@ -149,10 +149,26 @@ def _check_common_shape(run: Run) -> None:
         if _kind(span) != sc.KIND_STEP:
             assert span.attributes[sc.DAG_ORDER_INDEX] not in steps, span.name
     for span in run.spans:
-        if _kind(span) == sc.KIND_SPEAKER_SELECTION:
+        if _kind(span) == sc.KIND_SPEAKER_SELECTION:  # a selection that asked the model
             assert span.status.status_code is not StatusCode.ERROR, span.name
-            assert span.attributes[sc.HANDOFF_FROM]  # the agent handing off: the handoff event's agent_name
-    assert any(s.attributes.get(sc.HANDOFF_ENDS_CHAT) for s in run.spans if _kind(s) == sc.KIND_SPEAKER_SELECTION)
+    handoffs = _handoffs(run)
+    for attrs, _, _ in handoffs:
+        assert attrs[sc.HANDOFF_FROM]  # the agent handing off: the handoff event's agent_name
+        assert sc.ERROR_TYPE not in attrs
+    assert any(attrs.get(sc.HANDOFF_ENDS_CHAT) for attrs, _, _ in handoffs)
+
+
+def _handoffs(run: Run) -> list[tuple[Any, ReadableSpan, int]]:
+    """Every speaker selection: (its attributes, the span it is on or is, its time in ns), from either
+    form (a ``cmbagent.handoff`` event, or a ``select_speaker`` span when it asked the model)."""
+    found = []
+    for span in run.spans:
+        if _kind(span) == sc.KIND_SPEAKER_SELECTION:
+            found.append((span.attributes, span, span.start_time))
+        for event in span.events:
+            if event.name == "cmbagent.handoff":
+                found.append((event.attributes, span, event.timestamp))
+    return found
 
 
 def _step_members(run: Run, step_span: ReadableSpan) -> list[ReadableSpan]:
@@ -194,6 +210,10 @@ def test_planning_and_control_steps_inside_one_chat(runner: Any, fail: bool) -> 
         if inside:
             assert inside[0] in _ancestors(span, by_id), f"{span.name} escapes {inside[0].name}"
             assert span.attributes[sc.DAG_NODE].startswith(inside[0].attributes[sc.DAG_NODE])
+    for attrs, span, when in _handoffs(run):  # handoff events: on the step they happen in
+        inside = [st for st in steps if st.start_time <= when <= st.end_time]
+        if inside and manager in [*_ancestors(span, by_id), span]:
+            assert span is inside[0] or inside[0] in _ancestors(span, by_id), attrs[sc.HANDOFF_FROM]
 
     # children per step: the sub-agent nodes, in speaking order
     expected = {
@@ -388,6 +408,44 @@ def test_identical_app_outputs_with_and_without_instrumentation(runner: Any, kin
     traced = runner(kind, instrumented=True, fail=fail)
     assert plain.spans == [] and traced.spans
     assert _normalized(traced) == _normalized(plain)
+
+
+def test_unsampled_run_records_its_metrics_and_runs_the_same(runner: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """always_off: no span, yet the plan steps derived from record_status are timed and every model
+    call counted, and the app does exactly what it does without telemetry."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from cmbagent_otel import metrics as m
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    script = script_for("planning_and_control")
+    with FakeOpenAIServer(request_responder=script) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        cmbagent_otel.instrument(tracer_provider=provider, meter_provider=meters, set_global=False,
+                                 instrument_threading=False)
+        try:
+            results = call_workflow("planning_and_control", tmp_path)
+        finally:
+            cmbagent_otel.uninstrument()
+    assert memory.get_finished_spans() == ()
+    plain = runner("planning_and_control", instrumented=False)
+    assert list(script.sequence) == plain.sequence and script.unexpected == []
+    assert results["final_context"]["current_plan_step_number"] == 3
+    found = {metric.name: list(metric.data.data_points) for resource in reader.get_metrics_data().resource_metrics
+             for scope in resource.scope_metrics for metric in scope.metrics}
+    steps = found[m.STEP_DURATION]
+    assert sum(p.count for p in steps) == 3 and all(p.attributes[sc.PHASE] == "control" for p in steps)
+    assert all(sc.ERROR_TYPE not in p.attributes for p in steps)
+    assert sum(p.count for p in found[m.WORKFLOW_DURATION]) == 1
+    assert sum(p.count for p in found[m.GEN_AI_CLIENT_OPERATION_DURATION]) == len(script.sequence)
+    meters.shutdown()
 
 
 # --- a workflow function bound before instrument() --------------------------------------------------------

@@ -59,6 +59,26 @@ def test_opentelemetry_instrument_auto_instrumentation():
     assert '"service.name": "auto-svc"' in proc.stdout
 
 
+def test_metrics_from_env_console_and_none_by_default():
+    """OTEL_METRICS_EXPORTER=console: instrument() builds and installs a MeterProvider, flushed by
+    uninstrument(); unset: none is built and nothing is printed."""
+    proc = run_app({"APP_CALLS_INSTRUMENT": "1", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "console",
+                    "OTEL_SERVICE_NAME": "metrics-svc", "OTEL_METRIC_EXPORT_INTERVAL": "600000"})
+    assert proc.returncode == 0, proc.stderr
+    for name in ('"name": "gen_ai.client.token.usage"', '"name": "gen_ai.client.operation.duration"',
+                 '"unit": "{token}"', '"gen_ai.token.type": "input"', '"service.name": "metrics-svc"'):
+        assert name in proc.stdout, name
+    quiet = run_app({"APP_CALLS_INSTRUMENT": "1", "OTEL_TRACES_EXPORTER": "none"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert "RESULT pong" in quiet.stdout and "gen_ai.client" not in quiet.stdout
+
+
+def test_opentelemetry_instrument_metrics_from_env():
+    proc = run_app({"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "console"}, auto=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '"name": "gen_ai.client.operation.duration"' in proc.stdout  # exported when the process exits
+
+
 def test_unknown_exporter_argument_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     with pytest.raises(ConfigurationError, match="unknown traces exporter 'zipkin-typo'"):

@@ -370,7 +370,12 @@ def test_speaker_function_exception_propagates(tmp_path: Path) -> None:
     def speaker(last: Any, chat: Any) -> Any:
         raise error
 
-    traced_raise(tmp_path, lambda d: group_chat(d, speaker=speaker), error, "select_speaker")
+    # the selection is a handoff event on the manager's span: the exception fails that span on its way out
+    cap = traced_raise(tmp_path, lambda d: group_chat(d, speaker=speaker), error, "invoke_agent chat_manager")
+    (manager,) = cap.named("invoke_agent chat_manager")
+    (handoff,) = [e for e in manager.events if e.name == "cmbagent.handoff"]
+    assert handoff.attributes["error.type"] == type(error).__qualname__
+    assert handoff.attributes["exception.message"] == str(error)
 
 
 class FailingInput(IOStream):

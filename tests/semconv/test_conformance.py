@@ -2,7 +2,8 @@
 
 One scenario produces every kind (workflow, plan and control phases, step, redo, conversation,
 nested chats, agent invocations, model calls over the custom-client and the OpenAI paths, tool
-call, code execution, speaker selection, human input); each span is checked for its name, OTel
+call, code execution, speaker selection -- a span when it asks the model, else an event --, human
+input); each span is checked for its name, OTel
 span kind, required and recommended attributes, and every content attribute is parsed and
 validated against the project's JSON Schema (genai_schema.py) with the jsonschema library. The
 capture modes are checked for where content goes (span attributes, content events, neither).
@@ -85,6 +86,23 @@ def openai_agent(base_url: str) -> ConversableAgent:
     raise AssertionError("no llm_config form accepted")
 
 
+def auto_selected_group(work_dir: str) -> None:
+    """A group chat whose speaker selection asks the model (a select_speaker span)."""
+    from autogen import GroupChat, GroupChatManager
+
+    from cmbagent_otel.demo import prepare_group
+
+    members = [offline_agent("first", ["one"]), offline_agent("second", ["two TERMINATE"]),
+               offline_agent("third", ["three"])]
+    prepare_group(members, work_dir)
+    with FakeOpenAIServer(script=["second"]) as server:
+        config = {"model": "gpt-4o-mini", "api_key": "sk-test-conformance-auto-0000", "base_url": server.base_url}
+        chat = GroupChat(members, messages=[], max_round=3, speaker_selection_method="auto")
+        manager = GroupChatManager(chat, llm_config={"config_list": [config], "cache_seed": None},
+                                   is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+        members[0].initiate_chat(manager, message="begin", max_turns=1, silent=True)
+
+
 def scenario(work_dir: str) -> dict[str, Any]:
     """Every span kind cmbagent-otel emits, in one run; returns the body of the first OpenAI request."""
     from autogen.io import IOStream
@@ -114,6 +132,7 @@ def scenario(work_dir: str) -> dict[str, Any]:
                 [{"recipient": critic, "message": "review this", "max_turns": 1, "summary_method": "last_msg"}],
                 trigger=editor)
             editor.initiate_chat(writer, message="write", max_turns=1, silent=True)
+            auto_selected_group(work_dir)
             alice = offline_agent("alice", ["what next?"])
             human = ConversableAgent("human", llm_config=False, human_input_mode="ALWAYS")
             with IOStream.set_default(_Console()):
@@ -194,6 +213,22 @@ def test_names_kinds_and_attributes_of_every_span(span_and_event):
             assert isinstance(attrs[semconv.SERVER_PORT], int)
 
 
+def test_handoff_events_carry_what_a_selection_span_carries(span_and_event):
+    events = [(span, e) for span in span_and_event.spans for e in span.events if e.name == "cmbagent.handoff"]
+    assert len(events) >= 5  # the four-agent chat's selections (the auto chat's is a span)
+    for span, event in events:
+        attrs = event.attributes
+        assert attrs[semconv.SPAN_KIND] == semconv.KIND_SPEAKER_SELECTION
+        assert span.attributes[semconv.SPAN_KIND] in (semconv.KIND_AGENT, semconv.KIND_STEP)
+        for key in (semconv.HANDOFF_FROM, semconv.HANDOFF_REASON, semconv.HANDOFF_CANDIDATES,
+                    semconv.EXECUTION_ORDER, semconv.EVENT_DEPTH):
+            assert key in attrs, key
+        assert semconv.HANDOFF_TO in attrs or attrs.get(semconv.HANDOFF_ENDS_CHAT) is True
+    orders = [s.attributes[semconv.EXECUTION_ORDER] for s in span_and_event.spans]
+    orders += [e.attributes[semconv.EXECUTION_ORDER] for _, e in events]
+    assert len(orders) == len(set(orders))  # one execution order across spans and events
+
+
 def test_agent_and_model_call_details(span_and_event):
     by_name = {s.name: s for s in span_and_event.spans}
     plan = by_name["phase planning"].attributes
@@ -209,7 +244,8 @@ def test_agent_and_model_call_details(span_and_event):
     # the description is the one the application set; AG2's fallback (the system prompt) never appears
     assert by_name["invoke_agent planner"].attributes[semconv.GEN_AI_AGENT_DESCRIPTION] == "Writes the plan"
     assert semconv.GEN_AI_AGENT_DESCRIPTION not in assistant
-    chat = by_name["chat gpt-4o-mini"].attributes
+    chat = next(s.attributes for s in span_and_event.spans  # the assistant's (the auto selection asks it too)
+                if s.name == "chat gpt-4o-mini" and s.attributes.get(semconv.GEN_AI_AGENT_NAME) == "assistant")
     assert chat[semconv.SERVER_ADDRESS] == "127.0.0.1" and chat[semconv.SERVER_PORT] > 0
     assert chat[semconv.GEN_AI_REQUEST_TEMPERATURE] == 0.2
     sent = span_and_event.openai_request

@@ -91,6 +91,15 @@ def event_db_id(trace_id: int, span_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
+def span_event_db_id(trace_id: int, span_id: int, index: int) -> str:
+    """Deterministic 36-char id of the execution event a span *event* stands for (a handoff recorded
+    as ``cmbagent.handoff`` on the span it happened in): base64url of the trace id, the span id and
+    the event's index in the span's events (3 bytes). Never equal to a span's 32-char id."""
+    raw = (trace_id & _ID128).to_bytes(16, "big") + (span_id & _ID64).to_bytes(8, "big") + \
+        (index & 0xFFFFFF).to_bytes(3, "big")
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
 def derived_uuid(*parts: str) -> str:
     """A uuid-shaped id derived from ``parts``."""
     return str(uuid.UUID(hex=hashlib.md5(":".join(parts).encode()).hexdigest()))
@@ -567,6 +576,44 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     }
 
 
+def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
+                  trace_id: int) -> list[dict[str, Any]]:
+    """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
+    did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
+    under the node and event it happened in, with an id from the span id and the event's index."""
+    rows: list[dict[str, Any]] = []
+    span_id = span.context.span_id
+    for index, event in enumerate(span.events):
+        found = event.attributes
+        if not found or found.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
+            continue
+        ev = {k: _clean_value(v) for k, v in found.items()}
+        when = ts(event.timestamp)
+        clean = _attributes_meta(ev)
+        inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
+        depth = _int(ev.get(sc.EVENT_DEPTH), 0)
+        short = attrs.get(sc.DAG_NODE)
+        error = ev.get(sc.ERROR_TYPE)
+        rows.append({
+            "id": span_event_db_id(trace_id, span_id, index), "run_id": run_id,
+            "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
+            "parent_event_id": event_db_id(trace_id, span_id) if depth > 0 else None,
+            "event_type": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][0],
+            "event_subtype": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][1],
+            "agent_name": _str(_agent_of(sc.KIND_SPEAKER_SELECTION, ev), 100), "agent_role": None,
+            "timestamp": when or _EPOCH, "started_at": when, "completed_at": when, "duration_ms": 0,
+            "inputs": inputs or None, "outputs": outputs or None,
+            "error_message": (truncate(_values.redact(str(ev.get("exception.message") or error)))
+                              if error is not None else None),
+            "meta": {"span_name": db_text(f"select_speaker {ev.get(sc.HANDOFF_FROM)}"),
+                     "trace_id": f"{trace_id:032x}", "span_id": None, "parent_span_id": f"{span_id:016x}",
+                     "event_index": index, "attributes": clean},
+            "execution_order": _int(ev.get(sc.EXECUTION_ORDER), 0), "depth": depth,
+            "status": "failed" if error is not None else "completed",
+        })
+    return rows
+
+
 def event_placeholder(child: Mapping[str, Any], parent_id: str) -> dict[str, Any]:
     """An event row standing in for a parent span that has not arrived yet."""
     return {
@@ -656,6 +703,15 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         _touch_session(batch, session_id, started, completed)
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
+        if span.events:
+            for handoff in _handoff_rows(span, attrs, run_id, session_id, trace_id):
+                batch.events[handoff["id"]] = handoff
+                if handoff["node_id"] is not None:
+                    ph = node_placeholder(run_id, session_id, str(attrs[sc.DAG_NODE]))
+                    batch.node_placeholders.setdefault(ph["id"], ph)
+                if handoff["parent_event_id"] is not None:
+                    batch.event_placeholders.setdefault(handoff["parent_event_id"],
+                                                        event_placeholder(handoff, handoff["parent_event_id"]))
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))

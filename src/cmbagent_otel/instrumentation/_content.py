@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
@@ -78,14 +79,33 @@ def agent_name(agent: Any) -> str:
         return "unknown"
 
 
+def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:
+    """``agent``'s name from an instrumentor's per-agent cache (id -> (weak reference, facts with a
+    ``name``)) when it is there, else read from the agent."""
+    entry = agents.get(id(agent))
+    if entry is not None and entry[0]() is agent:
+        return str(entry[1].name)
+    return agent_name(agent)
+
+
 def register_llm_config_secrets(config_list: Any) -> None:
-    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere."""
+    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere (once per
+    list object and length: AG2 builds the list with the wrapper and keeps it)."""
     try:
-        for config in config_list or ():
+        if not config_list:
+            return
+        key = id(config_list)
+        seen = _seen_lists.get(key)
+        if seen is not None and seen[0] is config_list and seen[1] == len(config_list):
+            return
+        for config in config_list:
             if isinstance(config, dict):
-                for key, value in config.items():
-                    if isinstance(value, str) and ("key" in key.lower() or "token" in key.lower()):
+                for name, value in config.items():
+                    if isinstance(value, str) and ("key" in name.lower() or "token" in name.lower()):
                         register_secret(value)
+        _seen_lists[key] = (config_list, len(config_list))
+        if len(_seen_lists) > _SEEN_CONFIGS_MAX:
+            _seen_lists.popitem(last=False)
     except Exception:
         pass
 
@@ -96,6 +116,7 @@ def register_llm_config_secrets(config_list: Any) -> None:
 _SEEN_CONFIGS_MAX = 256
 # id -> config object: holding the object keeps its id from being reused by another config
 _seen_configs: OrderedDict[int, Any] = OrderedDict()
+_seen_lists: OrderedDict[int, tuple[Any, int]] = OrderedDict()
 
 
 def register_agent_secrets(agent: Any) -> None:

@@ -90,9 +90,10 @@ def server_of(config: Mapping[str, Any], provider: str, base_url: Any = None) ->
 
 
 class ConfigInfo:
-    """The static facts of one config entry."""
+    """The static facts of one config entry (its request parameters included: AG2 merges them
+    into every call made with it)."""
 
-    __slots__ = ("attributes", "call_attributes", "config", "model", "provider")
+    __slots__ = ("attributes", "call_attributes", "config", "model", "provider", "request", "server")
 
     def __init__(self, config: Mapping[str, Any], base_url: str | None = None) -> None:
         self.config = config  # held so its id is not reused while cached
@@ -100,12 +101,13 @@ class ConfigInfo:
         model = config.get("model")
         self.model = str(model) if model else None
         attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider}
-        server = server_of(config, self.provider, base_url)
-        if server is not None:
-            attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = server
+        self.server = server_of(config, self.provider, base_url)
+        if self.server is not None:
+            attrs[semconv.SERVER_ADDRESS], attrs[semconv.SERVER_PORT] = self.server
         self.attributes = attrs  # invoke_agent and chat
         # model calls also carry the deprecated gen_ai.system, still read by some backends
         self.call_attributes = {**attrs, semconv.GEN_AI_SYSTEM: self.provider}
+        self.request = request_attributes(_EMPTY, config)  # a call passing none of its own
 
 
 _INFO_MAX = 256
@@ -117,7 +119,7 @@ _EMPTY: Mapping[str, Any] = {}
 def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> ConfigInfo:
     """:class:`ConfigInfo` of ``config`` (an entry of ``wrapper``'s config list), computed once per
     config object (bounded cache)."""
-    if not isinstance(config, Mapping):
+    if type(config) is not dict and not isinstance(config, Mapping):
         config = _EMPTY
     key = id(config)
     info = _infos.get(key)
@@ -134,13 +136,24 @@ def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> Config
 def first_config(wrapper: Any) -> Mapping[str, Any] | None:
     """The first config entry of an ``OpenAIWrapper`` (the one AG2 tries first)."""
     configs = getattr(wrapper, "_config_list", None)
-    if configs and isinstance(configs[0], Mapping):
-        return configs[0]  # type: ignore[no-any-return]
+    if configs:
+        first = configs[0]
+        if type(first) is dict or isinstance(first, Mapping):  # a dict first: no ABC check on the hot path
+            return first  # type: ignore[no-any-return]
     return None
 
 
-def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """Request parameters of a model call: the call's own, else its config entry's."""
+REQUEST_KEYS = frozenset({key for key, _ in REQUEST_PARAMETERS} | {"stop", "stream"})
+"""The call arguments that are request parameters (a call passing none has its config's)."""
+
+
+def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any],
+                       info: ConfigInfo | None = None) -> dict[str, Any]:
+    """Request parameters of a model call: the call's own, else its config entry's. With ``info``
+    (the entry's :class:`ConfigInfo`) and a call passing none of its own, the entry's, computed
+    once (the returned dict is shared: read it, never change it)."""
+    if info is not None and info.config is config and kwargs.keys().isdisjoint(REQUEST_KEYS):
+        return info.request
     attrs: dict[str, Any] = {}
     for key, attr in REQUEST_PARAMETERS:
         value = kwargs.get(key)
@@ -166,7 +179,14 @@ def request_attributes(kwargs: Mapping[str, Any], config: Mapping[str, Any]) -> 
 
 
 def _get(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+    if obj is None:
+        return None
+    if type(obj) is dict:
+        return obj.get(key)
+    value = getattr(obj, key, None)  # OpenAI's response objects: an attribute (no ABC check first)
+    if value is None and isinstance(obj, Mapping):
+        return obj.get(key)
+    return value
 
 
 def _count(value: Any) -> int | None:
@@ -178,15 +198,25 @@ def usage_attributes(usage: Any) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     if usage is None:
         return attrs
-    for key, attr in (("prompt_tokens", semconv.GEN_AI_USAGE_INPUT_TOKENS),
-                      ("completion_tokens", semconv.GEN_AI_USAGE_OUTPUT_TOKENS)):
-        count = _count(_get(usage, key))
-        if count is not None:
-            attrs[attr] = count
-    cached = _count(_get(_get(usage, "prompt_tokens_details"), "cached_tokens"))
-    if cached is not None:
-        attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
-    reasoning = _count(_get(_get(usage, "completion_tokens_details"), "reasoning_tokens"))
-    if reasoning is not None:
-        attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
+    if type(usage) is dict or isinstance(usage, Mapping):
+        get = usage.get
+        prompt, completion = get("prompt_tokens"), get("completion_tokens")
+        prompt_details, completion_details = get("prompt_tokens_details"), get("completion_tokens_details")
+    else:  # OpenAI's CompletionUsage and the like: plain attributes
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        prompt_details = getattr(usage, "prompt_tokens_details", None)
+        completion_details = getattr(usage, "completion_tokens_details", None)
+    if type(prompt) is int or _count(prompt) is not None:
+        attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+    if type(completion) is int or _count(completion) is not None:
+        attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    if prompt_details is not None:
+        cached = _count(_get(prompt_details, "cached_tokens"))
+        if cached is not None:
+            attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
+    if completion_details is not None:
+        reasoning = _count(_get(completion_details, "reasoning_tokens"))
+        if reasoning is not None:
+            attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
     return attrs

@@ -299,8 +299,9 @@ class StepTracker:
             elif step.end == "chat_end" and step.exc is None:
                 error = f"step {step.number} did not complete: the chat ended while it was in progress"
             if error is not None:
+                frame.error = "step_failed" if step.failed else "step_incomplete"  # the step duration metric's
                 span.set_status(Status(StatusCode.ERROR, error))
-                span.set_attribute(semconv.ERROR_TYPE, "step_failed" if step.failed else "step_incomplete")
+                span.set_attribute(semconv.ERROR_TYPE, frame.error)
         except Exception:
             logger.debug("cmbagent_otel: could not record step outcome", exc_info=True)
         end_frame(frame, step.exc)

@@ -16,9 +16,17 @@ patched                                                      span
 code executor's ``execute_code_blocks`` (AG2's at
 instrument(); a custom executor's class when an
 agent holding it first replies)
-``GroupChat.select_speaker`` / ``a_select_speaker``          ``select_speaker {last speaker}``
+``GroupChat.select_speaker`` / ``a_select_speaker``          a ``cmbagent.handoff`` span event
+                                                             on the enclosing span (:mod:`._handoffs`)
+``GroupChat._auto_select_speaker`` / ``a_auto_...``          ``select_speaker {last speaker}``
+                                                             (a selection that asks the model)
 ``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
 ==========================================================  ==================================
+
+Sampling is decided before anything is built (:class:`~cmbagent_otel._spans.SamplingProbe`):
+when the span cannot be recorded (no SDK provider, ``always_off``, an unsampled parent) the
+wrapper only keeps what does not depend on spans -- the metrics, the plan-step tracker of a
+cmbagent control chat, the trace context handed to executed code -- and calls through.
 
 Inside a plan step (or redo, or one_shot's ``execute`` node, or a top-level conversation
 of a plain AG2 program), an agent invocation that is not nested in another agent
@@ -28,7 +36,7 @@ node. Group chat managers are transparent for that purpose and AG2's internal to
 is itself a DAG node (``conversation_<k>``). A group chat manager running in a control
 phase derives the plan's ``step`` spans from cmbagent's ``record_status`` tool calls
 (:mod:`._steps`). A chat ending through ``NoEligibleSpeakerError`` (AG2's normal end of a
-group chat) leaves the ``select_speaker`` span successful, marked ``cmbagent.handoff.ends_chat``.
+group chat) leaves its handoff successful, marked ``cmbagent.handoff.ends_chat``.
 """
 
 from __future__ import annotations
@@ -43,24 +51,26 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Collection, Iterable
+from time import perf_counter
 from typing import Any
 
 import wrapt
 from opentelemetry import _logs
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.trace import SpanKind, Tracer
 
-from .. import semconv
-from .._context import current_scope
-from .._spans import SCHEMA_URL, NodeSpec, TracedSpan, make_tracer, workflow_tracers
+from .. import environment_variables, semconv
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current
+from .._spans import SCHEMA_URL, NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
+from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
-from . import _messages, _models, _steps, _subprocess_context
+from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
     agent_name,
+    cached_name,
     capture_from_env,
     content_mode,
     register_agent_secrets,
@@ -68,15 +78,6 @@ from ._content import (
 )
 
 logger = logging.getLogger("cmbagent_otel")
-
-try:
-    from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _otel_enabled
-except ImportError:  # older opentelemetry-instrumentation
-    from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
-
-    def _otel_enabled() -> bool:
-        return not otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY)
-
 
 _in_code_span: contextvars.ContextVar[bool] = contextvars.ContextVar("cmbagent_otel_in_code", default=False)
 
@@ -96,51 +97,41 @@ class _State:
     """Everything one ``instrument()`` ... ``uninstrument()`` cycle of :class:`AG2Instrumentor` holds.
 
     Built in ``_instrument`` from the arguments it was given and handed to every wrapper it
-    installs; ``uninstrument()`` drops it, so nothing (provider, capture settings, AG2 classes)
-    outlives the cycle.
+    installs; ``uninstrument()`` drops it, so nothing (providers, capture settings, AG2 classes,
+    per-agent facts) outlives the cycle.
     """
 
-    __slots__ = ("active", "agents", "capture", "content", "event_logger", "manager_cls", "no_speaker_cls",
-                 "tool_executor_cls", "tracer", "workflow_tracer")
+    __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
+                 "event_logger",
+                 "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
+                 "workflow_tracer")
 
     def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
-                 event_logger: _logs.Logger | None = None) -> None:
+                 event_logger: _logs.Logger | None = None, metrics: ModelMetrics | None = None) -> None:
         # False once uninstrumented: a wrapper of ours that another instrumentation restores later
         # (OpenInference puts back the methods it found, ours among them) only calls through
         self.active = True
         self.tracer = tracer  # AG2 operations (scope cmbagent_otel.ag2)
         self.workflow_tracer = workflow_tracer  # plan steps derived in group chats (scope cmbagent_otel.workflow)
+        self.probe = SamplingProbe(tracer)  # decides "not recorded" before anything is built
+        self.metrics = metrics  # GenAI client metrics, cost, failed code runs (None: metrics off)
         self.content = content
         self.capture = content.on_spans  # content attributes on spans
         self.event_logger = event_logger  # GenAI content events (EVENT_ONLY / SPAN_AND_EVENT)
         self.manager_cls: type | None = None
         self.tool_executor_cls: type | None = None
         self.no_speaker_cls: type | None = None
-        # per agent: what does not change between its calls (see _agent_static)
-        self.agents: weakref.WeakKeyDictionary[Any, _AgentStatic] = weakref.WeakKeyDictionary()
-
-
-def _enabled() -> bool:
-    try:
-        return _otel_enabled()
-    except Exception:
-        return False
-
-
-def _safe(builder: Callable[..., TracedSpan | None], *args: Any) -> TracedSpan | None:
-    """Build a span description; any telemetry error means: no span, call through."""
-    try:
-        return builder(*args)
-    except Exception:
-        logger.debug("cmbagent_otel: span setup failed in %s", getattr(builder, "__name__", builder), exc_info=True)
-        return None
-
-
-def _after(hook: Callable[..., None], *args: Any) -> None:
-    try:
-        hook(*args)
-    except Exception:
-        logger.debug("cmbagent_otel: result recording failed in %s", getattr(hook, "__name__", hook), exc_info=True)
+        # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
+        self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
+        # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
+        # Protocol-derived classes is slow, a class's answer never changes
+        self.types: dict[type, tuple[bool, bool]] = {}
+        # model-call metric attributes by (config facts, request model, response model)
+        self.call_attributes: dict[tuple[Any, ...], CallAttributes] = {}
+        # a model call's attributes by (config facts, request model, agent), when the call sets no parameter
+        self.chat_attributes: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
+        # a group chat's selection method name and candidate names (see _handoffs)
+        self.candidates: dict[int, tuple[Any, ...]] = {}
 
 
 def _content(render: Callable[..., Any], *args: Any) -> Any:
@@ -158,18 +149,69 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
     return args[index] if len(args) > index else None
 
 
+def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
+                wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if traced is None:
+        return wrapped(*args, **kwargs)
+    with traced:
+        result = wrapped(*args, **kwargs)
+        if record is not None:
+            try:
+                record(state, traced, instance, args, kwargs, result)
+            except Exception:
+                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+        return result
+
+
+async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
+                            wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                            kwargs: dict[str, Any]) -> Any:
+    if traced is None:
+        return await wrapped(*args, **kwargs)
+    with traced:
+        result = await wrapped(*args, **kwargs)
+        if record is not None:
+            try:
+                record(state, traced, instance, args, kwargs, result)
+            except Exception:
+                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+        return result
+
+
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
-                 record: Callable[..., None] | None = None) -> Any:
+                 record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
+    """A wrapt wrapper: the call in a span from ``build`` (``record`` reads its result), or, when the
+    span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
+    straight through). The context is read once; telemetry errors mean "call through"."""
+    probe = state.probe
+    if record in _CONTENT_ONLY and not state.capture:
+        record = None  # it records message content only: nothing to do with capture off
+
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not state.active or not _enabled():
+        if not state.active:
             return wrapped(*args, **kwargs)
-        traced = _safe(build, state, instance, args, kwargs)
+        traced = ctx = None
+        try:  # never around the application's call: its exceptions must not be taken for ours
+            ctx = get_current()
+            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                ctx = None
+            elif not probe.drops(ctx):
+                traced = build(state, ctx, instance, args, kwargs)
+                ctx = None
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = ctx = None
+        if ctx is not None and fast is not None:  # not recorded: the fast path
+            return fast(state, ctx, wrapped, instance, args, kwargs)
         if traced is None:
             return wrapped(*args, **kwargs)
         with traced:
             result = wrapped(*args, **kwargs)
             if record is not None:
-                _after(record, state, traced, instance, args, kwargs, result)
+                try:
+                    record(state, traced, instance, args, kwargs, result)
+                except Exception:
+                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
             return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
@@ -177,25 +219,35 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
 
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
-                  record: Callable[..., None] | None = None) -> Any:
+                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
+    probe = state.probe
+    if record in _CONTENT_ONLY and not state.capture:
+        record = None
+
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not state.active or not _enabled():
+        if not state.active:
             return await wrapped(*args, **kwargs)
-        traced = _safe(build, state, instance, args, kwargs)
-        if traced is None:
-            return await wrapped(*args, **kwargs)
-        with traced:
-            result = await wrapped(*args, **kwargs)
-            if record is not None:
-                _after(record, state, traced, instance, args, kwargs, result)
-            return result
+        traced = ctx = None
+        try:  # never around the application's call
+            ctx = get_current()
+            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                ctx = None
+            elif not probe.drops(ctx):
+                traced = build(state, ctx, instance, args, kwargs)
+                ctx = None
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = ctx = None
+        if ctx is not None and fast is not None:
+            return await fast(state, ctx, wrapped, instance, args, kwargs)
+        return await _run_traced_async(state, traced, record, wrapped, instance, args, kwargs)
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
 
 # --- conversation ---------------------------------------------------------------------------
-def _conversation(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     recipient = _arg(args, kwargs, 0, "recipient")
     register_agent_secrets(instance)
     register_agent_secrets(recipient)
@@ -215,7 +267,7 @@ def _conversation(state: _State, instance: Any, args: tuple[Any, ...], kwargs: d
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
-                      node=_top_level_node(), tracer=state.tracer)
+                      node=_top_level_node(ctx), tracer=state.tracer, context=ctx)
 
 
 def _conversation_input(message: Any, initiator: str) -> str:
@@ -225,9 +277,9 @@ def _conversation_input(message: Any, initiator: str) -> str:
     return _messages.render([first])[0]
 
 
-def _top_level_node() -> NodeSpec | None:
+def _top_level_node(ctx: Any = None) -> NodeSpec | None:
     """A conversation outside any workflow and any DAG node is a node of the run (plain AG2 programs)."""
-    scope = current_scope()
+    scope = current_scope(ctx)
     if scope is None or (not scope.in_workflow and scope.dag_node is None):
         return NodeSpec("conversation", semconv.NODE_AGENT, child=True, numbered=True)
     return None
@@ -246,14 +298,16 @@ def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: 
         traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
 
 
-def _initiate_chats(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _initiate_chats(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> TracedSpan:
     queue = _arg(args, kwargs, 0, "chat_queue")
     count = len(queue) if isinstance(queue, list) else 0
     sender = "unknown"
     if count and isinstance(queue[0], dict):
         sender = agent_name(queue[0].get("sender"))
     attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
-    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer)
+    return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer,
+                      context=ctx)
 
 
 # --- agent invocation -------------------------------------------------------------------------
@@ -262,16 +316,15 @@ TOOL_EXECUTOR_NAMES = frozenset({"_Group_Tool_Executor", "_Swarm_Tool_Executor"}
 SUB_AGENT_PARENTS = frozenset({semconv.NODE_AGENT, semconv.NODE_REDO})
 
 
-def _is_manager(state: _State, agent: Any) -> bool:
-    cls = state.manager_cls
-    return cls is not None and isinstance(agent, cls)
-
-
-def _is_tool_executor(state: _State, agent: Any) -> bool:
-    cls = state.tool_executor_cls
-    if cls is not None and isinstance(agent, cls):
-        return True
-    return getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
+def _type_facts(state: _State, agent: Any) -> tuple[bool, bool]:
+    """(is a group chat manager, is AG2's tool runner by class) for ``agent``'s class, computed once."""
+    cls = type(agent)
+    facts = state.types.get(cls)
+    if facts is None:
+        manager, runner = state.manager_cls, state.tool_executor_cls
+        facts = (manager is not None and issubclass(cls, manager), runner is not None and issubclass(cls, runner))
+        state.types[cls] = facts
+    return facts
 
 
 _known_executor_types: set[type] = set()
@@ -297,7 +350,8 @@ def _adopt_code_executor(state: _State, agent: Any) -> None:
             owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
             if owner is None or owner is object or _ours_in_chain(vars(owner)["execute_code_blocks"]):
                 return
-            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code))
+            AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code,
+                                                                                    _code_fast))
     except Exception:
         logger.debug("cmbagent_otel: could not adopt a code executor", exc_info=True)
 
@@ -308,10 +362,10 @@ class _GroupChatSpan(TracedSpan):
     __slots__ = ("_tracker",)
 
     def __init__(self, name: str, kind: str, attributes: dict[str, Any], tracker: _steps.StepTracker,
-                 tracer: Tracer) -> None:
+                 tracer: Tracer, context: Any = None) -> None:
         super().__init__(name, kind, attributes,
                          scope_changes={"steps": tracker, "cursor": tracker.cursor if tracker.derive else None},
-                         tracer=tracer)
+                         tracer=tracer, context=context)
         self._tracker = tracker
 
     def __enter__(self) -> TracedSpan:
@@ -334,14 +388,20 @@ class _GroupChatSpan(TracedSpan):
 class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
-    __slots__ = ("attributes", "config", "description", "name", "system_messages")
+    __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
+                 "nodes", "span_name", "system_messages")
 
     def __init__(self) -> None:
         self.config: Any = None
         self.description: Any = None
         self.name = "unknown"
+        self.span_name = "invoke_agent unknown"
         self.attributes: dict[str, Any] = {}
+        self.by_sender: dict[str, dict[str, Any]] = {}  # attributes with cmbagent.agent.sender, per sender
+        self.nodes: dict[str, NodeSpec] = {}  # its sub-agent node description, per parent node
         self.system_messages: list[str] = []
+        self.is_manager = False
+        self.is_tool_executor = False
 
 
 def _user_description(agent: Any, static: _AgentStatic) -> str | None:
@@ -364,24 +424,30 @@ def _user_description(agent: Any, static: _AgentStatic) -> str | None:
 
 
 def _agent_static(state: _State, agent: Any) -> _AgentStatic:
-    """Name, description, provider, model and server of ``agent``: computed once per agent,
-    again only when its ``llm_config`` or ``description`` object changes."""
+    """Name, description, manager-ness, provider, model and server of ``agent`` (its secrets
+    registered): computed once per agent, again only when its ``llm_config`` or ``description``
+    object changes."""
     config = getattr(agent, "llm_config", None)
     description = getattr(agent, "description", None)
-    try:
-        static = state.agents.get(agent)
-    except TypeError:  # not weak-referenceable / hashable: computed each time
-        static = None
+    entry = state.agents.get(id(agent))
+    static = entry[1] if entry is not None and entry[0]() is agent else None
     if static is not None and static.config is config and static.description is description:
         return static
     if static is None:
         static = _AgentStatic()
     register_agent_secrets(agent)
+    _adopt_code_executor(state, agent)  # its code executor's class, when AG2 does not ship it
     system = getattr(agent, "system_message", None)
     if isinstance(system, str) and system not in static.system_messages:
         static.system_messages = [*static.system_messages[-3:], system]
     static.config, static.description = config, description
     static.name = agent_name(agent)
+    static.span_name = f"invoke_agent {static.name}"
+    static.by_sender = {}
+    static.nodes = {}
+    manager, runner = _type_facts(state, agent)
+    static.is_manager = manager
+    static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
     attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
                              semconv.GEN_AI_AGENT_NAME: static.name}
     user_description = _user_description(agent, static)
@@ -395,9 +461,25 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
         if info.model:
             attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
     static.attributes = attrs
-    with contextlib.suppress(TypeError):
-        state.agents[agent] = static
+    _remember(state.agents, agent, static)
     return static
+
+
+def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: Any, static: _AgentStatic) -> None:
+    key = id(agent)
+    if key in agents and agents[key][0]() is agent:
+        agents[key] = (agents[key][0], static)
+        return
+    try:  # the entry goes when the agent does (its id may then be reused)
+        ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
+    except TypeError:  # not weak-referenceable: computed each time
+        return
+    agents[key] = (ref, static)
+
+
+def _name_of(state: _State, agent: Any) -> str:
+    """An agent's name, from its cached static facts when it has them."""
+    return cached_name(state.agents, agent)
 
 
 def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
@@ -414,37 +496,83 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-def _agent(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    _adopt_code_executor(state, instance)
+_DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
+
+
+def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     static = _agent_static(state, instance)
-    name = static.name
     sender = _arg(args, kwargs, 1, "sender")
-    attrs: dict[str, Any] = dict(static.attributes)
-    if sender is not None:
-        attrs[semconv.AGENT_SENDER] = agent_name(sender)
+    if sender is None:
+        attrs = static.attributes  # compose copies it: shared, never changed
+    else:
+        sender_name = _name_of(state, sender)
+        attrs = static.by_sender.get(sender_name)  # the same few senders again and again
+        if attrs is None:
+            if len(static.by_sender) >= 32:
+                static.by_sender.clear()
+            attrs = static.by_sender[sender_name] = {**static.attributes, semconv.AGENT_SENDER: sender_name}
     if state.capture:
         text = _content(_agent_input, instance, args, kwargs, sender)
         if text is not None:
-            attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
-    span_name = f"invoke_agent {name}"
-    scope = current_scope()
-    if _is_manager(state, instance):
+            attrs = {**attrs, semconv.GEN_AI_INPUT_MESSAGES: text}
+    span_name = static.span_name
+    scope = current_scope(ctx)
+    if static.is_manager:
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer)
-        return TracedSpan(span_name, semconv.KIND_AGENT, attrs, tracer=state.tracer)
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx)
+        return TracedSpan(span_name, semconv.KIND_AGENT, attrs, tracer=state.tracer, context=ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
         scope is not None
         and depth == 0
         and scope.dag_node_type in SUB_AGENT_PARENTS
-        and not _is_tool_executor(state, instance)
+        and not static.is_tool_executor
     ):
-        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_SUB_AGENT, child=True)
-    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes={"agent_depth": depth + 1},
-                      tracer=state.tracer)
+        node = static.nodes.get(scope.dag_node)
+        if node is None:
+            if len(static.nodes) >= 64:
+                static.nodes.clear()
+            node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
+                                                           semconv.NODE_SUB_AGENT, child=True)
+    changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
+    return TracedSpan(span_name, semconv.KIND_AGENT, attrs, node=node, scope_changes=changes,
+                      tracer=state.tracer, context=ctx)
+
+
+def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
+    """Whether ``instance`` is a group chat manager whose chat may hold cmbagent's plan steps (its
+    span then runs even unsampled: the steps' duration metrics and later turns depend on it)."""
+    if not _type_facts(state, instance)[0]:
+        return False
+    scope = current_scope(ctx)
+    return scope is not None and scope.in_workflow and scope.steps is None
+
+
+def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    traced = None
+    try:
+        if _derives_steps(state, instance, ctx):
+            traced = _agent(state, ctx, instance, args, kwargs)
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
+    if traced is None:
+        return wrapped(*args, **kwargs)
+    return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
+
+
+async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+                            args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    traced = None
+    try:
+        if _derives_steps(state, instance, ctx):
+            traced = _agent(state, ctx, instance, args, kwargs)
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
+    return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
 def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -457,19 +585,81 @@ def _reply_output(result: Any) -> str:
 
 
 # --- LLM call ------------------------------------------------------------------------------------
+_NO_USAGE: dict[str, Any] = {}
+
+
+class _ModelCall:
+    """What the metrics of one model call need, recorded when it ends whether or not its span is."""
+
+    __slots__ = ("cost", "info", "request_model", "response_model", "started", "usage")
+
+    def __init__(self, info: _models.ConfigInfo, request_model: Any) -> None:
+        self.info = info
+        self.request_model = str(request_model) if request_model else None
+        self.response_model: str | None = None
+        self.usage: dict[str, Any] = _NO_USAGE  # the gen_ai.usage.* attributes of the response
+        self.cost: float | None = None
+        self.started = perf_counter()
+
+    def response(self, response: Any) -> None:
+        model = getattr(response, "model", None)
+        if isinstance(model, str):
+            self.response_model = model
+        self.usage = _models.usage_attributes(getattr(response, "usage", None))
+        cost = getattr(response, "cost", None)
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+            self.cost = float(cost)
+
+    def ended(self, state: _State, exc: BaseException | None) -> None:
+        metrics = state.metrics
+        if metrics is None or not metrics.live():
+            return
+        seconds = perf_counter() - self.started
+        try:
+            key = (self.info, self.request_model, self.response_model)
+            attributes = state.call_attributes.get(key)
+            if attributes is None:
+                if len(state.call_attributes) >= 256:
+                    state.call_attributes.clear()  # models seen in one process: a bound, not a cache policy
+                info = self.info
+                attributes = state.call_attributes[key] = CallAttributes(
+                    info.provider, self.request_model, self.response_model, info.server)
+        except Exception:
+            logger.debug("cmbagent_otel: no metric attributes for a model call", exc_info=True)
+            return
+        usage = self.usage
+        metrics.model_call(attributes, seconds, type(exc).__qualname__ if exc is not None else None,
+                           usage.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), usage.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS),
+                           self.cost)
+
+
+def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
+    info = _models.config_info(_models.first_config(instance), instance)
+    return _ModelCall(info, kwargs.get("model") or info.model)
+
+
 class _ChatSpan(TracedSpan):
     """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
-    ``gen_ai.client.inference.operation.details`` event (a log record in the span's context)."""
+    ``gen_ai.client.inference.operation.details`` event (a log record in the span's context).
+    Its metrics are recorded when it ends."""
 
-    __slots__ = ("event", "event_logger")
+    __slots__ = ("call", "event", "event_logger", "state")
 
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
-                 event_logger: _logs.Logger | None, event: dict[str, Any] | None) -> None:
-        super().__init__(name, kind, attributes, tracer=tracer, span_kind=SpanKind.CLIENT)
-        self.event_logger = event_logger
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, state: _State, call: _ModelCall,
+                 event: dict[str, Any] | None, context: Any) -> None:
+        super().__init__(name, kind, attributes, tracer=state.tracer, span_kind=SpanKind.CLIENT, context=context)
+        self.state = state
+        self.call = call
+        self.event_logger = state.event_logger
         self.event = event
 
+    def __enter__(self) -> TracedSpan:
+        super().__enter__()
+        self.call.started = perf_counter()
+        return self
+
     def __exit__(self, *exc_info: Any) -> None:
+        self.call.ended(self.state, exc_info[1])
         event, self.event = self.event, None
         if event is not None and self.event_logger is not None:
             try:
@@ -491,19 +681,28 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k.startswith(_EVENT_KEYS) and k not in semconv.JSON_CONTENT_ATTRIBUTES}
 
 
-def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    config_list = getattr(instance, "_config_list", None) or []
-    register_llm_config_secrets(config_list)
-    first = _models.first_config(instance) or {}
-    info = _models.config_info(first, instance)
-    model = kwargs.get("model") or info.model or "unknown"
-    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
-                             semconv.GEN_AI_REQUEST_MODEL: str(model)}
+def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    register_llm_config_secrets(getattr(instance, "_config_list", None))
+    call = _model_call(instance, kwargs)
+    info = call.info
+    model = call.request_model or "unknown"
     agent = kwargs.get("agent")
-    if agent is not None:
-        register_agent_secrets(agent)
-        attrs[semconv.GEN_AI_AGENT_NAME] = agent_name(agent)
-    attrs.update(_models.request_attributes(kwargs, first))
+    agent_label = _agent_static(state, agent).name if agent is not None else None  # registers its secrets once
+    own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
+    key = (info, model, agent_label)
+    cached = None if own_parameters else state.chat_attributes.get(key)
+    if cached is None:
+        attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
+                                 semconv.GEN_AI_REQUEST_MODEL: model}
+        if agent_label is not None:
+            attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
+        attrs.update(_models.request_attributes(kwargs, info.config, info))
+        cached = (attrs, f"chat {model}")
+        if not own_parameters:  # the call's attributes are its config's: the same every time
+            if len(state.chat_attributes) >= 256:
+                state.chat_attributes.clear()
+            state.chat_attributes[key] = cached
+    attrs, span_name = cached  # compose copies the attributes: shared, never changed
     event = None
     content = state.content
     if content is not ContentMode.NO_CONTENT:
@@ -512,11 +711,34 @@ def _llm(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
             event = _event_base(attrs)
             event.update({k: json.loads(v) for k, v in found.items()})
         if content.on_spans:
-            attrs.update(found)
+            attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    return _ChatSpan(f"chat {model}", semconv.KIND_LLM, attrs, tracer=state.tracer,
-                     event_logger=state.event_logger, event=event)
+    return _ChatSpan(span_name, semconv.KIND_LLM, attrs, state=state, call=call, event=event, context=ctx)
+
+
+def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> Any:
+    """An unrecorded model call: its metrics only (when a meter provider records them)."""
+    metrics = state.metrics
+    if metrics is None or not metrics.live():
+        return wrapped(*args, **kwargs)
+    try:
+        call = _model_call(instance, kwargs)
+    except Exception:
+        logger.debug("cmbagent_otel: no metrics for a model call", exc_info=True)
+        return wrapped(*args, **kwargs)
+    try:
+        response = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        call.ended(state, exc)
+        raise
+    try:
+        call.response(response)
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a model response", exc_info=True)
+    call.ended(state, None)
+    return response
 
 
 def _model_input(messages: Any) -> tuple[dict[str, str], int]:
@@ -540,16 +762,16 @@ def _response_output(response: Any) -> str | None:
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     attrs: dict[str, Any] = {}
-    model = getattr(response, "model", None)
-    if isinstance(model, str):
-        attrs[semconv.GEN_AI_RESPONSE_MODEL] = model
+    call: _ModelCall = traced.call  # type: ignore[attr-defined]
+    call.response(response)
+    if call.response_model is not None:
+        attrs[semconv.GEN_AI_RESPONSE_MODEL] = call.response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(_models.usage_attributes(getattr(response, "usage", None)))
-    cost = getattr(response, "cost", None)
-    if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-        attrs[semconv.LLM_COST_USD] = float(cost)
+    attrs.update(call.usage)
+    if call.cost is not None:
+        attrs[semconv.LLM_COST_USD] = call.cost
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
@@ -569,7 +791,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
 
 
 # --- tools -----------------------------------------------------------------------------------------
-def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     func_call = _arg(args, kwargs, 0, "func_call")
     name = "unknown"
     arguments = None
@@ -583,7 +805,7 @@ def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str,
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
         semconv.GEN_AI_TOOL_TYPE: "function",
-        semconv.GEN_AI_AGENT_NAME: agent_name(instance),
+        semconv.GEN_AI_AGENT_NAME: _name_of(state, instance),
     }
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):
@@ -592,7 +814,7 @@ def _tool(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str,
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs, tracer=state.tracer)
+    return TracedSpan(f"execute_tool {name}", semconv.KIND_TOOL, attrs, tracer=state.tracer, context=ctx)
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -618,7 +840,13 @@ def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: An
     _record_tool(state, traced, instance, args, kwargs, result)
     scope = traced.scope
     tracker = scope.steps if scope is not None else None
-    if tracker is None or not (isinstance(result, tuple) and len(result) == 2) or result[0] is False:
+    if tracker is not None:
+        _track_tool(tracker, instance, args, kwargs, result)
+
+
+def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
+    """Hand a tool call's outcome to the plan-step tracker of the cmbagent chat it ran in."""
+    if not (isinstance(result, tuple) and len(result) == 2) or result[0] is False:
         return
     func_call = _arg(args, kwargs, 0, "func_call")
     name = func_call.get("name") if isinstance(func_call, dict) else None
@@ -631,6 +859,43 @@ def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: An
     tracker.after_tool(str(name), context)
 
 
+def _steps_of(ctx: Any) -> _steps.StepTracker | None:
+    try:
+        value = ctx.get(_SCOPE_KEY)
+        tracker = value.steps if isinstance(value, Scope) else None
+        if tracker is not None:
+            current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
+        return tracker
+    except Exception:
+        logger.debug("cmbagent_otel: no step tracker", exc_info=True)
+        return None
+
+
+def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    """An unrecorded tool call: the plan-step tracker still sees it."""
+    tracker = _steps_of(ctx)
+    result = wrapped(*args, **kwargs)
+    if tracker is not None:
+        try:
+            _track_tool(tracker, instance, args, kwargs, result)
+        except Exception:
+            logger.debug("cmbagent_otel: the step tracker could not read a tool call", exc_info=True)
+    return result
+
+
+async def _tool_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    tracker = _steps_of(ctx)
+    result = await wrapped(*args, **kwargs)
+    if tracker is not None:
+        try:
+            _track_tool(tracker, instance, args, kwargs, result)
+        except Exception:
+            logger.debug("cmbagent_otel: the step tracker could not read a tool call", exc_info=True)
+    return result
+
+
 # --- code execution ---------------------------------------------------------------------------------
 def _block_parts(block: Any) -> tuple[str, str]:
     if isinstance(block, (tuple, list)) and len(block) >= 2:
@@ -638,13 +903,19 @@ def _block_parts(block: Any) -> tuple[str, str]:
     return str(getattr(block, "language", "unknown") or "unknown"), str(getattr(block, "code", ""))
 
 
-def _code(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan | None:
-    if _in_code_span.get():
-        return None  # an executor subclass calling super(): one span per execution
+def _code_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], str]:
+    """(the code blocks of an execution, their language: one name, or a sorted comma list)."""
     blocks = _arg(args, kwargs, 0, "code_blocks")
     blocks = list(blocks) if isinstance(blocks, Iterable) and not isinstance(blocks, (str, bytes)) else []
     languages = sorted({_block_parts(b)[0] for b in blocks}) or ["unknown"]
-    language = languages[0] if len(languages) == 1 else ",".join(languages)
+    return blocks, languages[0] if len(languages) == 1 else ",".join(languages)
+
+
+def _code(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> TracedSpan | None:
+    if _in_code_span.get():
+        return None  # an executor subclass calling super(): one span per execution
+    blocks, language = _code_blocks(args, kwargs)
     attrs: dict[str, Any] = {
         semconv.CODE_LANGUAGE: language,
         semconv.CODE_BLOCK_COUNT: len(blocks),
@@ -652,14 +923,22 @@ def _code(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str,
     }
     if state.capture and blocks:
         attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
-    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer)
+    return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer, context=ctx,
+                     state=state, language=language)
 
 
 class _CodeSpan(TracedSpan):
     """Marks the context so nested executor calls do not open a second code span, and hands the
-    span's trace context to the processes the execution starts (:mod:`._subprocess_context`)."""
+    span's trace context to the processes the execution starts (:mod:`._subprocess_context`).
+    A failed execution is counted in ``cmbagent.code.execution.failures``."""
 
-    __slots__ = ("_carrier", "_flag")
+    __slots__ = ("_carrier", "_flag", "language", "state")
+
+    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer, context: Any,
+                 state: _State, language: str) -> None:
+        super().__init__(name, kind, attributes, tracer=tracer, context=context)
+        self.state = state
+        self.language = language
 
     def __enter__(self) -> TracedSpan:
         self._flag = _in_code_span.set(True)
@@ -676,79 +955,74 @@ class _CodeSpan(TracedSpan):
             _subprocess_context.leave(self._carrier)
         except Exception:
             logger.debug("cmbagent_otel: could not reset the executed code's trace context", exc_info=True)
+        if exc[1] is not None and self.state.metrics is not None:
+            self.state.metrics.code_failure(self.language, type(exc[1]).__qualname__)
         try:
             super().__exit__(*exc)
         finally:
             _in_code_span.reset(self._flag)
 
 
+def _code_outcome(result: Any) -> tuple[Any, Any]:
+    """(exit code, output) of ``ConversableAgent.execute_code_blocks`` (a tuple) or a ``CodeResult``."""
+    if isinstance(result, tuple) and len(result) >= 2:
+        return result[0], result[1]
+    return getattr(result, "exit_code", None), getattr(result, "output", None)
+
+
 def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if isinstance(result, tuple) and len(result) >= 2:  # ConversableAgent.execute_code_blocks
-        exit_code, output = result[0], result[1]
-    else:  # CodeExecutor -> CodeResult
-        exit_code, output = getattr(result, "exit_code", None), getattr(result, "output", None)
+    exit_code, output = _code_outcome(result)
     if isinstance(exit_code, int):
         traced.set(semconv.CODE_EXIT_CODE, exit_code)
         if exit_code != 0:
             traced.fail(f"code execution exited with {exit_code}", "nonzero_exit_code")
+            if state.metrics is not None and isinstance(traced, _CodeSpan):
+                state.metrics.code_failure(traced.language, "nonzero_exit_code")
     if output is not None:
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
-# --- speaker selection / handoffs ------------------------------------------------------------------
-def _speaker(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    last = _arg(args, kwargs, 0, "last_speaker")
-    method = getattr(instance, "speaker_selection_method", None)
-    if callable(method):
-        reason = getattr(method, "__name__", type(method).__name__)
-    else:
-        reason = str(method) if method is not None else "unknown"
-    candidates = [agent_name(a) for a in (getattr(instance, "agents", None) or [])]
-    from_name = agent_name(last) if last is not None else "none"
-    attrs: dict[str, Any] = {
-        semconv.HANDOFF_FROM: from_name,  # the agent handing off: execution_events.agent_name of the handoff
-        semconv.HANDOFF_REASON: reason,
-        semconv.HANDOFF_CANDIDATES: candidates,
-    }
-    return _SpeakerSpan(f"select_speaker {from_name}", semconv.KIND_SPEAKER_SELECTION, attrs, tracer=state.tracer,
-                        no_speaker_cls=state.no_speaker_cls)
-
-
-def _ends_chat(exc: BaseException | None, cls: type | None) -> bool:
-    if exc is None:
-        return False
-    return (cls is not None and isinstance(exc, cls)) or type(exc).__name__ == "NoEligibleSpeakerError"
-
-
-class _SpeakerSpan(TracedSpan):
-    """AG2 ends a group chat by raising NoEligibleSpeakerError from speaker selection: not a failure."""
-
-    __slots__ = ("_no_speaker_cls",)
-
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, tracer: Tracer,
-                 no_speaker_cls: type | None) -> None:
-        super().__init__(name, kind, attributes, tracer=tracer)
-        self._no_speaker_cls = no_speaker_cls
-
-    def _exception(self, exc: BaseException) -> None:
-        if _ends_chat(exc, self._no_speaker_cls):
-            self.set(semconv.HANDOFF_ENDS_CHAT, True)  # AG2 catches it and ends the chat normally
-            return
-        super()._exception(exc)
-
-
-def _record_speaker(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
-    if result is not None:
-        traced.set(semconv.HANDOFF_TO, agent_name(result))
+def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    """An unrecorded code execution: the processes it starts still get the (unsampled) trace context,
+    so a script's own spans are not sampled either, and a failure is still counted."""
+    if _in_code_span.get():
+        return wrapped(*args, **kwargs)
+    flag = _in_code_span.set(True)
+    carrier = language = None
+    try:
+        carrier = _subprocess_context.enter(otel_trace.get_current_span(ctx))
+        if state.metrics is not None:
+            language = _code_blocks(args, kwargs)[1]
+    except Exception:
+        logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        if language is not None and state.metrics is not None:
+            state.metrics.code_failure(language, type(exc).__qualname__)
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            _subprocess_context.leave(carrier)
+        _in_code_span.reset(flag)
+    if language is not None and state.metrics is not None:
+        try:
+            exit_code = _code_outcome(result)[0]
+            if isinstance(exit_code, int) and exit_code != 0:
+                state.metrics.code_failure(language, "nonzero_exit_code")
+        except Exception:
+            logger.debug("cmbagent_otel: could not read a code execution's outcome", exc_info=True)
+    return result
 
 
 # --- human input --------------------------------------------------------------------------------------
-def _human(state: _State, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    name = agent_name(instance)
+def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+    name = _name_of(state, instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer)
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer, context=ctx)
 
 
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -756,32 +1030,45 @@ def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, k
         traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
 
 
-# --- targets ------------------------------------------------------------------------------------------
-SYNC, ASYNC = False, True
+_CONTENT_ONLY = frozenset({_record_reply, _record_human})  # recorders with nothing to do while capture is off
 
-# (module, class name or "" for a module attribute, attribute, builder, recorder, is_async)
+# --- targets ------------------------------------------------------------------------------------------
+def _sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None,
+          fast: Callable[..., Any] | None = None) -> Callable[[_State], Any]:
+    return lambda state: _traced_sync(state, build, record, fast)
+
+
+def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None,
+           fast: Callable[..., Any] | None = None) -> Callable[[_State], Any]:
+    return lambda state: _traced_async(state, build, record, fast)
+
+
+# (module, class name or "" for a module attribute, attribute, wrapper factory)
 _AGENT_MODULE = "autogen.agentchat.conversable_agent"
-TARGETS: tuple[tuple[str, str, str, Callable[..., Any], Callable[..., Any] | None, bool], ...] = (
-    (_AGENT_MODULE, "ConversableAgent", "initiate_chat", _conversation, _record_chat_result, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "a_initiate_chat", _conversation, _record_chat_result, ASYNC),
-    (_AGENT_MODULE, "", "initiate_chats", _initiate_chats, None, SYNC),
-    (_AGENT_MODULE, "", "a_initiate_chats", _initiate_chats, None, ASYNC),
-    ("autogen", "", "initiate_chats", _initiate_chats, None, SYNC),
-    ("autogen.agentchat", "", "initiate_chats", _initiate_chats, None, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "generate_reply", _agent, _record_reply, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _agent, _record_reply, ASYNC),
-    ("autogen.oai.client", "OpenAIWrapper", "create", _llm, _record_llm, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "execute_function", _tool, _record_tool_call, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _tool, _record_tool_call, ASYNC),
-    (_AGENT_MODULE, "ConversableAgent", "execute_code_blocks", _code, _record_code, SYNC),
+_GROUPCHAT_MODULE = "autogen.agentchat.groupchat"
+TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
+    (_AGENT_MODULE, "ConversableAgent", "initiate_chat", _sync(_conversation, _record_chat_result)),
+    (_AGENT_MODULE, "ConversableAgent", "a_initiate_chat", _async(_conversation, _record_chat_result)),
+    (_AGENT_MODULE, "", "initiate_chats", _sync(_initiate_chats)),
+    (_AGENT_MODULE, "", "a_initiate_chats", _async(_initiate_chats)),
+    ("autogen", "", "initiate_chats", _sync(_initiate_chats)),
+    ("autogen.agentchat", "", "initiate_chats", _sync(_initiate_chats)),
+    (_AGENT_MODULE, "ConversableAgent", "generate_reply", _sync(_agent, _record_reply, _agent_fast)),
+    (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _async(_agent, _record_reply, _agent_fast_async)),
+    ("autogen.oai.client", "OpenAIWrapper", "create", _sync(_llm, _record_llm, _llm_fast)),
+    (_AGENT_MODULE, "ConversableAgent", "execute_function", _sync(_tool, _record_tool_call, _tool_fast)),
+    (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _async(_tool, _record_tool_call, _tool_fast_async)),
+    (_AGENT_MODULE, "ConversableAgent", "execute_code_blocks", _sync(_code, _record_code, _code_fast)),
     *(
-        (module, cls, "execute_code_blocks", _code, _record_code, SYNC)
+        (module, cls, "execute_code_blocks", _sync(_code, _record_code, _code_fast))
         for module, cls in CODE_EXECUTOR_CLASSES + OPTIONAL_EXECUTOR_CLASSES
     ),
-    ("autogen.agentchat.groupchat", "GroupChat", "select_speaker", _speaker, _record_speaker, SYNC),
-    ("autogen.agentchat.groupchat", "GroupChat", "a_select_speaker", _speaker, _record_speaker, ASYNC),
-    (_AGENT_MODULE, "ConversableAgent", "get_human_input", _human, _record_human, SYNC),
-    (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _human, _record_human, ASYNC),
+    (_GROUPCHAT_MODULE, "GroupChat", "select_speaker", _handoffs.selection_sync),
+    (_GROUPCHAT_MODULE, "GroupChat", "a_select_speaker", _handoffs.selection_async),
+    (_GROUPCHAT_MODULE, "GroupChat", "_auto_select_speaker", _handoffs.auto_sync),
+    (_GROUPCHAT_MODULE, "GroupChat", "a_auto_select_speaker", _handoffs.auto_async),
+    (_AGENT_MODULE, "ConversableAgent", "get_human_input", _sync(_human, _record_human)),
+    (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _async(_human, _record_human)),
 )
 
 
@@ -846,12 +1133,14 @@ def _resolve(module_name: str, owner_name: str) -> Any:
 class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instruments AG2 agents, group chats, LLM calls, tools and code execution.
 
-    ``instrument(tracer_provider=None, capture_content=None, logger_provider=None)``:
-    ``capture_content`` (a bool, a :class:`ContentMode` or its name) defaults to
-    ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
-    ``logger_provider`` (default: the global one). Safe to call twice
-    (idempotent); ``uninstrument()`` restores every patched attribute and drops all state
-    (tracers, capture settings, AG2 classes, the provider binding of the workflow API).
+    ``instrument(tracer_provider=None, capture_content=None, logger_provider=None,
+    meter_provider=None, metrics=None)``: ``capture_content`` (a bool, a :class:`ContentMode`
+    or its name) defaults to ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content
+    events go to ``logger_provider`` (default: the global one); metrics (``docs/metrics.md``) to
+    ``meter_provider`` (default: the global one), none with ``metrics=False`` or
+    ``CMBAGENT_OTEL_METRICS=false``. Safe to call twice (idempotent); ``uninstrument()``
+    restores every patched attribute and drops all state (tracers, meters, capture settings,
+    AG2 classes, the provider binding of the workflow API).
     """
 
     _patched: list[tuple[Any, str]]
@@ -865,6 +1154,8 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         provider = kwargs.get("tracer_provider")
+        meter_provider = kwargs.get("meter_provider")
+        metrics_on = bool(environment_variables.get(environment_variables.METRICS, kwargs.get("metrics")))
         capture = kwargs.get("capture_content")
         mode = capture_from_env() if capture is None else content_mode(capture)
         event_logger = None
@@ -875,10 +1166,11 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             except Exception:
                 logger.warning("cmbagent_otel: no logger for content events; they are off", exc_info=True)
         state = _State(make_tracer(semconv.SCOPE_AG2, provider), make_tracer(semconv.SCOPE_WORKFLOW, provider), mode,
-                       event_logger)
+                       event_logger, model_metrics(meter_provider) if metrics_on else None)
         self._state = state
-        # workflow blocks opened by the application go to the same provider as the AG2 spans
-        self._binding = workflow_tracers.bind(provider) if provider is not None else None
+        # workflow blocks opened by the application go to the same providers as the AG2 spans and metrics
+        self._binding = (workflow_tracers.bind(provider, run_metrics(meter_provider) if metrics_on else None)
+                         if provider is not None or meter_provider is not None or not metrics_on else None)
         self._patched = []
         if _resolve("autogen", "") is None:
             logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
@@ -887,7 +1179,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         state.tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
         state.no_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
         seen: set[tuple[int, str]] = set()
-        for module_name, owner_name, attr, build, record, is_async in TARGETS:
+        for module_name, owner_name, attr, make_wrapper in TARGETS:
             owner = _resolve(module_name, owner_name)
             if owner is None or not hasattr(owner, attr):
                 continue
@@ -898,7 +1190,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             current = vars(owner)[attr] if owner_name else getattr(owner, attr)
             if _ours_in_chain(current):
                 continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
-            wrapper = _traced_async(state, build, record) if is_async else _traced_sync(state, build, record)
+            wrapper = make_wrapper(state)
             try:
                 wrapt.wrap_function_wrapper(owner, attr, wrapper)
             except Exception:

@@ -56,19 +56,20 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Status, StatusCode
 
-from .. import semconv
+from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
 from .._spans import (
     attach_anchor,
     detach_anchor,
     effective_parent,
     end_frame,
+    fail_frame,
     record_exception,
     workflow_tracers,
 )
 from ..instrumentation._steps import context_get, plan_steps
+from ..metrics import run_metrics
 from ..redaction import truncate
 from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
@@ -171,11 +172,7 @@ def _int(value: Any) -> int | None:
 
 
 def _fail_frame(frame: Frame, description: str) -> None:
-    try:
-        frame.span.set_status(Status(StatusCode.ERROR, truncate(description, 1024)))
-        frame.span.set_attribute(semconv.ERROR_TYPE, "error")
-    except Exception:
-        logger.debug("cmbagent_otel: could not mark a span failed", exc_info=True)
+    fail_frame(frame, description)  # its run-level duration metric then carries error.type too
 
 
 def _detached(block: _Block, scope: Scope | None, parent_span: Any, kind: str, owner: Any = None) -> Frame | None:
@@ -616,8 +613,10 @@ class _State:
 class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Workflow, phase and step spans for cmbagent (PyPI and the MARS fork).
 
-    ``instrument(tracer_provider=None)``: modules already imported are wrapped at once,
-    the others right after their import (instrumenting never imports cmbagent).
+    ``instrument(tracer_provider=None, meter_provider=None, metrics=None)``: modules already
+    imported are wrapped at once, the others right after their import (instrumenting never
+    imports cmbagent). The run and step durations go to ``meter_provider`` (default: the global
+    one); ``metrics=False`` (or ``CMBAGENT_OTEL_METRICS=false``) records none.
     Idempotent; ``uninstrument()`` restores every wrapped attribute.
     """
 
@@ -629,9 +628,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         provider = kwargs.get("tracer_provider")
+        meter_provider = kwargs.get("meter_provider")
+        metrics_on = bool(environment_variables.get(environment_variables.METRICS, kwargs.get("metrics")))
         self._state = _State()
-        if provider is not None:  # its workflow/phase/step spans go to that provider; released at uninstrument
-            self._state.binding = workflow_tracers.bind(provider)
+        if provider is not None or meter_provider is not None or not metrics_on:
+            # its workflow/phase/step spans and run metrics go to those providers; released at uninstrument
+            self._state.binding = workflow_tracers.bind(provider, run_metrics(meter_provider) if metrics_on else None)
         if not hasattr(self, "_hooked"):
             self._hooked = set()
         try:
@@ -986,7 +988,7 @@ _PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
 
 
 # --- module-level API (kept for existing callers) ----------------------------------------
-def instrument_cmbagent(tracer_provider: Any = None) -> bool:
+def instrument_cmbagent(tracer_provider: Any = None, meter_provider: Any = None, metrics: bool | None = None) -> bool:
     """Instrument cmbagent when it is installed; return whether it is. Idempotent."""
     try:
         if importlib.util.find_spec("cmbagent") is None:
@@ -995,7 +997,8 @@ def instrument_cmbagent(tracer_provider: Any = None) -> bool:
         return False
     instrumentor = CmbagentInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=tracer_provider, skip_dep_check=True)
+        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, metrics=metrics,
+                                skip_dep_check=True)
     return True
 
 

@@ -1,0 +1,288 @@
+"""Speaker selection in AG2 group chats: a span event, or a span when the model is asked.
+
+Most selections do no work of their own (``round_robin``, ``random``, ``manual``, a selection
+function, a handoff or an AG2 group pattern's after-work target): such a selection becomes a
+``cmbagent.handoff`` event on the span it happens in (the group chat manager's
+``invoke_agent``, or the plan step a cmbagent control chat is in), with the attributes a
+``select_speaker`` span would carry: ``cmbagent.span.kind=speaker_selection``,
+``cmbagent.execution_order``, ``cmbagent.event.depth``, ``cmbagent.handoff.from/to/candidates/
+reason`` and, when the chat ends there, ``cmbagent.handoff.ends_chat`` (or ``error.type`` and
+``exception.message`` when the selection failed). A selection that asks the model (``auto``,
+or a selection function / group pattern target answering ``"auto"``) goes through AG2's
+``_auto_select_speaker``: that one is a ``select_speaker {from}`` span, so the model calls it
+makes keep their parent.
+
+A span holds a bounded number of events (``OTEL_SPAN_EVENT_COUNT_LIMIT``, 128 by default):
+past that, a selection is recorded as a zero-length ``select_speaker`` span instead, so a long
+chat loses none. The DAG exporter writes the same ``handoff`` execution event from either form.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+
+from .. import semconv
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
+from .._spans import TracedSpan, compose, record_exception
+from ..redaction import redact, truncate
+from ._content import agent_name, cached_name
+
+logger = logging.getLogger("cmbagent_otel")
+
+EVENT_NAME = "cmbagent.handoff"
+DEFAULT_EVENT_LIMIT = 128  # the SDK's default OTEL_SPAN_EVENT_COUNT_LIMIT
+EVENT_MARGIN = 2  # left free for the span's own exception event: the SDK drops the oldest event when full
+
+_selection: contextvars.ContextVar[Selection | None] = contextvars.ContextVar("cmbagent_otel_selection",
+                                                                              default=None)
+
+
+def ends_chat(exc: BaseException | None, cls: type | None) -> bool:
+    """Whether ``exc`` is AG2's NoEligibleSpeakerError: its normal way to end a group chat."""
+    if exc is None:
+        return False
+    return (cls is not None and isinstance(exc, cls)) or type(exc).__name__ == "NoEligibleSpeakerError"
+
+
+def _reason(groupchat: Any) -> str:
+    method = getattr(groupchat, "speaker_selection_method", None)
+    if callable(method):
+        return str(getattr(method, "__name__", type(method).__name__))
+    return str(method) if method is not None else "unknown"
+
+
+class Selection:
+    """One speaker selection in progress: where it happens and what it would record."""
+
+    __slots__ = ("attributes", "from_name", "groupchat", "promoted", "scope", "span")
+
+    def __init__(self, state: Any, groupchat: Any, last: Any, scope: Scope | None, span: Span) -> None:
+        self.groupchat = groupchat
+        self.scope = scope  # the scope of the enclosing span's children
+        self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
+        self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
+        self.from_name = cached_name(state.agents, last) if last is not None else "none"
+        reason, candidates = _group_facts(state, groupchat)
+        self.attributes: dict[str, Any] = {
+            semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
+            semconv.HANDOFF_REASON: reason,
+            semconv.HANDOFF_CANDIDATES: candidates,
+        }
+
+    def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
+        """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
+        if self.promoted:
+            return
+        try:
+            attrs = self.attributes
+            if result is not None:
+                attrs[semconv.HANDOFF_TO] = cached_name(state.agents, result)
+            if exc is not None:
+                if ends_chat(exc, state.no_speaker_cls):
+                    attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
+                else:
+                    attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
+                    attrs["exception.message"] = truncate(redact(str(exc))) or ""
+            scope = self.scope
+            room = None
+            if scope is not None:
+                room = scope.handoffs
+                if room is None:
+                    room = _event_room(self.span)
+            if room:
+                scope.handoffs = room - 1  # type: ignore[union-attr]
+                attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
+                attrs[semconv.EXECUTION_ORDER] = scope.run.next_order()
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                self.span.add_event(EVENT_NAME, attrs)
+            else:
+                self._as_span(state, exc)
+        except Exception:
+            logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
+
+    def _as_span(self, state: Any, exc: BaseException | None) -> None:
+        """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
+        attrs, _ = compose(self.scope, semconv.KIND_SPEAKER_SELECTION, self.attributes, None, False, None, None)
+        attrs.pop("exception.message", None)
+        span = state.tracer.start_span(f"select_speaker {self.from_name}",
+                                       context=trace.set_span_in_context(self.span), kind=SpanKind.INTERNAL,
+                                       attributes=attrs)
+        try:
+            if exc is not None and semconv.ERROR_TYPE in attrs:
+                record_exception(span, exc)
+        finally:
+            span.end()
+
+
+def _group_facts(state: Any, groupchat: Any) -> tuple[str, list[str]]:
+    """(selection method's name, the names of the agents) of a group chat, computed again only when
+    its method or its agents list changes."""
+    method = getattr(groupchat, "speaker_selection_method", None)
+    agents = getattr(groupchat, "agents", None) or ()
+    cache = state.candidates
+    entry = cache.get(id(groupchat))
+    if entry is not None and entry[0] is groupchat and entry[1] is method and entry[2] is agents \
+            and entry[3] == len(agents):
+        return entry[4], entry[5]
+    reason = _reason(groupchat)
+    names = [cached_name(state.agents, a) for a in agents]
+    if len(cache) >= 64:
+        cache.clear()  # group chats of one process: a bound, not a cache policy
+    cache[id(groupchat)] = (groupchat, method, agents, len(agents), reason, names)
+    return reason, names
+
+
+def _event_room(span: Span) -> int:
+    """How many handoff events a span takes before they become spans (its event limit less a margin)."""
+    limits = getattr(span, "_limits", None)  # the SDK span's SpanLimits (None: unlimited)
+    limit = getattr(limits, "max_events", DEFAULT_EVENT_LIMIT) if limits is not None else DEFAULT_EVENT_LIMIT
+    return 2**31 if limit is None else max(limit - EVENT_MARGIN, 0)
+
+
+def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
+    """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled)."""
+    ctx = get_current()
+    if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+        return None
+    scope = ctx.get(_SCOPE_KEY)
+    if not isinstance(scope, Scope):
+        scope = None
+    span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+    if scope is not None and scope.cursor is not None:
+        # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
+        frame = scope.cursor.resolve()
+        if frame is not None:
+            scope, span = frame.scope, frame.span
+    if span is None or not span.is_recording():  # unsampled: nothing to record it on
+        return None
+    last = kwargs.get("last_speaker", args[0] if args else None)
+    return Selection(state, groupchat, last, scope, span)
+
+
+def selection_sync(state: Any) -> Callable[..., Any]:
+    """The wrapper of ``GroupChat.select_speaker``."""
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state.active:
+            return wrapped(*args, **kwargs)
+        try:
+            selection = _begin(state, instance, args, kwargs)
+        except Exception:
+            logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
+            selection = None
+        if selection is None:
+            return wrapped(*args, **kwargs)
+        token = _selection.set(selection)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _selection.reset(token)
+            selection.ended(state, None, exc)
+            raise
+        _selection.reset(token)
+        selection.ended(state, result, None)
+        return result
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    return wrapper
+
+
+def selection_async(state: Any) -> Callable[..., Any]:
+    """The wrapper of ``GroupChat.a_select_speaker``."""
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        if not state.active:
+            return await wrapped(*args, **kwargs)
+        try:
+            selection = _begin(state, instance, args, kwargs)
+        except Exception:
+            logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
+            selection = None
+        if selection is None:
+            return await wrapped(*args, **kwargs)
+        token = _selection.set(selection)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _selection.reset(token)
+            selection.ended(state, None, exc)
+            raise
+        _selection.reset(token)
+        selection.ended(state, result, None)
+        return result
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    return wrapper
+
+
+class _SelectionSpan(TracedSpan):
+    """The span of a selection that asks the model; NoEligibleSpeakerError is no failure."""
+
+    __slots__ = ("_no_speaker_cls",)
+
+    def __init__(self, selection: Selection, state: Any) -> None:
+        super().__init__(f"select_speaker {selection.from_name}", semconv.KIND_SPEAKER_SELECTION,
+                         selection.attributes, tracer=state.tracer)
+        self._no_speaker_cls = state.no_speaker_cls
+
+    def _exception(self, exc: BaseException) -> None:
+        if ends_chat(exc, self._no_speaker_cls):
+            self.set(semconv.HANDOFF_ENDS_CHAT, True)
+            return
+        super()._exception(exc)
+
+
+def _promote(state: Any, instance: Any) -> _SelectionSpan | None:
+    selection = _selection.get()
+    if selection is None or selection.groupchat is not instance:
+        return None  # not inside a selection we follow (unsampled, suppressed, called directly)
+    selection.promoted = True
+    return _SelectionSpan(selection, state)
+
+
+def auto_sync(state: Any) -> Callable[..., Any]:
+    """The wrapper of ``GroupChat._auto_select_speaker``: the selection asks the model."""
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        traced = None
+        if state.active:
+            try:
+                traced = _promote(state, instance)
+            except Exception:
+                logger.debug("cmbagent_otel: could not open a speaker selection span", exc_info=True)
+        if traced is None:
+            return wrapped(*args, **kwargs)
+        with traced:
+            result = wrapped(*args, **kwargs)
+            if result is not None:
+                traced.set(semconv.HANDOFF_TO, agent_name(result))
+            return result
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    return wrapper
+
+
+def auto_async(state: Any) -> Callable[..., Any]:
+    """The wrapper of ``GroupChat.a_auto_select_speaker``."""
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        traced = None
+        if state.active:
+            try:
+                traced = _promote(state, instance)
+            except Exception:
+                logger.debug("cmbagent_otel: could not open a speaker selection span", exc_info=True)
+        if traced is None:
+            return await wrapped(*args, **kwargs)
+        with traced:
+            result = await wrapped(*args, **kwargs)
+            if result is not None:
+                traced.set(semconv.HANDOFF_TO, agent_name(result))
+            return result
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    return wrapper
