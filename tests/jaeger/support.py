@@ -478,14 +478,25 @@ def assert_db_describes(rows: Mapping[str, Any], spans: Mapping[str, SpanView]) 
         assert (meta["id"], node_type, meta["span_name"]) == (
             span.attributes["cmbagent.dag.node"], span.attributes["cmbagent.dag.node_type"], span.name)
         assert node_status == row_status(span), (meta["id"], node_status, span.status_code)
+    handoff_rows = set()
     for meta, _event_type, subtype, event_status in rows["events"]:
         assert subtype != "pending_span", f"placeholder event left: {meta}"
+        if meta.get("span_id") is None:   # a speaker selection recorded as an event of the span it happened in
+            span = spans[meta["parent_span_id"]]
+            name, attrs = span.events[meta["event_index"]]
+            assert (name, subtype, meta["trace_id"]) == ("cmbagent.handoff", "transfer", span.trace_id), meta
+            assert attrs["cmbagent.handoff.from"] in meta["span_name"]
+            handoff_rows.add((span.span_id, meta["event_index"]))
+            continue
         span = spans[meta["span_id"]]
         assert (meta["span_name"], meta["trace_id"], meta.get("parent_span_id")) == (
             span.name, span.trace_id, span.parent_id)
         assert event_status == row_status(span), (span.name, event_status, span.status_code)
     row_span_ids = [m["span_id"] for m, *_ in [*rows["nodes"], *rows["events"]] if m.get("span_id")]
     assert len(row_span_ids) == len(set(row_span_ids)), "a span stored as two rows"
+    handoff_events = {(s.span_id, i) for s in spans.values() for i, (name, _) in enumerate(s.events)
+                      if name == "cmbagent.handoff"}
+    assert handoff_rows == handoff_events, "handoff span events and handoff rows differ"
     covered = covered_span_ids(rows, root)
     assert covered == spans.keys(), (
         f"spans without a row: {sorted(spans[i].name for i in spans.keys() - covered)}; "
