@@ -147,7 +147,14 @@ def _fresh_schema() -> Iterator[str]:
     base = os.environ.get(PG_ENV)
     if not base:
         pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with schema_in(base) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def schema_in(base: str, prefix: str = "t") -> Iterator[str]:
+    """A URL of the PostgreSQL server ``base`` whose connections use a fresh schema, dropped afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base)
     with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))

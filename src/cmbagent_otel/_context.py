@@ -189,21 +189,9 @@ class Scope:
         self.handoffs: int | None = None
 
     def evolve(self, **changes: Any) -> Scope:
-        new = Scope.__new__(Scope)
-        new.run = self.run
-        new.conversation_id = self.conversation_id
-        new.dag_node = self.dag_node
-        new.dag_node_type = self.dag_node_type
-        new.dag_depth = self.dag_depth
-        new.dag_order = self.dag_order
+        """A copy of this scope (cursor and handoffs not inherited) with ``changes`` applied."""
+        new = self.child_event(self.conversation_id)
         new.event_depth = self.event_depth
-        new.agent_depth = self.agent_depth
-        new.phase = self.phase
-        new.step = self.step
-        new.in_workflow = self.in_workflow
-        new.steps = self.steps
-        new.cursor = None
-        new.handoffs = None
         for name, value in changes.items():
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
         return new

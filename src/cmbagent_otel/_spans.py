@@ -158,6 +158,30 @@ def _clamp(value: int) -> int:
     return value if value <= _INT32 else _INT32
 
 
+def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | None, new_conversation: bool,
+                      scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
+    """``compose`` for an execution event (not a DAG node, not a run's root) in ``scope``."""
+    state = scope.run
+    session = state.session_id
+    conversation_id = new_conversation_id() if new_conversation else scope.conversation_id
+    attrs: dict[str, Any] = {
+        semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
+        semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
+    }
+    if conversation_id is not None:
+        attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+    if scope.dag_node is not None:
+        attrs[semconv.DAG_NODE] = scope.dag_node
+    attrs[semconv.EVENT_DEPTH] = scope.event_depth
+    new_scope = scope.child_event(conversation_id)
+    if scope_changes:
+        for name, value in scope_changes.items():  # a fresh scope nobody holds yet
+            setattr(new_scope, name, value)
+    if attributes:
+        attrs.update(attributes)
+    return attrs, new_scope
+
+
 def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
             new_conversation: bool, run: RunState | None,
             scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
@@ -166,27 +190,12 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         scope = Scope(run=run, in_workflow=True)
     elif scope is None:
         scope = Scope(run=RunState())
+    if node is None and run is None:  # an execution event: most spans
+        return _event_attributes(scope, kind, attributes, new_conversation, scope_changes)
     state = scope.run
     session = state.session_id
     conversation_id = new_conversation_id() if new_conversation else scope.conversation_id
-    if node is None and run is None:  # an execution event: most spans
-        attrs: dict[str, Any] = {
-            semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
-            semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
-        }
-        if conversation_id is not None:
-            attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
-        if scope.dag_node is not None:
-            attrs[semconv.DAG_NODE] = scope.dag_node
-        attrs[semconv.EVENT_DEPTH] = scope.event_depth
-        new_scope = scope.child_event(conversation_id)
-        if scope_changes:
-            for name, value in scope_changes.items():  # a fresh scope nobody holds yet
-                setattr(new_scope, name, value)
-        if attributes:
-            attrs.update(attributes)
-        return attrs, new_scope
-    attrs = {
+    attrs: dict[str, Any] = {
         semconv.SPAN_KIND: kind,
         semconv.EXECUTION_ORDER: state.next_order(),
         semconv.SESSION_ID: session,
@@ -501,26 +510,9 @@ class TracedSpan:
                         parent_ctx = span_context(ctx, frame.span)
             kind = self._kind
             if scope is not None and self._node is None and run is None:
-                # an execution event inside a run, most spans: compose()'s event case, inline
-                state = scope.run
-                session = state.session_id
-                conversation_id = new_conversation_id() if self._new_conversation else scope.conversation_id
-                attrs: dict[str, Any] = {
-                    semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
-                    semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
-                }
-                if conversation_id is not None:
-                    attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
-                if scope.dag_node is not None:
-                    attrs[semconv.DAG_NODE] = scope.dag_node
-                attrs[semconv.EVENT_DEPTH] = scope.event_depth
-                new_scope = scope.child_event(conversation_id)
-                changes = self._scope_changes
-                if changes:
-                    for name, value in changes.items():  # a fresh scope nobody holds yet
-                        setattr(new_scope, name, value)
-                if self._attrs:
-                    attrs.update(self._attrs)
+                # an execution event inside a run, most spans: compose()'s event case, directly
+                attrs, new_scope = _event_attributes(scope, kind, self._attrs, self._new_conversation,
+                                                     self._scope_changes)
             else:
                 attrs, new_scope = compose(scope, kind, self._attrs, self._node, self._new_conversation, run,
                                            self._scope_changes)

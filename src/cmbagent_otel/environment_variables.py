@@ -138,32 +138,28 @@ def _path(raw: str) -> str:
     return str(Path(raw).expanduser())
 
 
-def _exporters(raw: str) -> tuple[str, ...]:
-    names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
-    known = {"otlp", "console", "none", "cmbagent_dag"}
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        from importlib.metadata import entry_points
-
-        known |= {entry.name for entry in entry_points(group="opentelemetry_traces_exporter")}
+def _exporter_names(builtin: frozenset[str], group: str, what: str) -> Callable[[str], tuple[str, ...]]:
+    """Parser of a comma list of exporter names: ``builtin`` ones or those registered under entry point
+    ``group`` (looked up only for a name that is not built in)."""
+    def parse(raw: str) -> tuple[str, ...]:
+        names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
+        known = set(builtin)
         unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"unknown exporter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return names
+        if unknown:
+            from importlib.metadata import entry_points
+
+            known |= {entry.name for entry in entry_points(group=group)}
+            unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return names
+    return parse
 
 
-def _metrics_exporters(raw: str) -> tuple[str, ...]:
-    names = tuple(name.strip().lower() for name in raw.split(",") if name.strip())
-    known = {"otlp", "console", "none"}
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        from importlib.metadata import entry_points
-
-        known |= {entry.name for entry in entry_points(group="opentelemetry_metrics_exporter")}
-        unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"unknown metrics exporter {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return names
+_exporters = _exporter_names(frozenset({"otlp", "console", "none", "cmbagent_dag"}),
+                             "opentelemetry_traces_exporter", "exporter")
+_metrics_exporters = _exporter_names(frozenset({"otlp", "console", "none"}),
+                                     "opentelemetry_metrics_exporter", "metrics exporter")
 
 
 def default_sqlite_path() -> Path:

@@ -19,9 +19,8 @@ import argparse
 import json
 import os
 import sys
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -148,22 +147,11 @@ def cases() -> dict[str, list[list[ReadableSpan]]]:
     }
 
 
-@contextmanager
-def pg_schema(base: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+def pg_schema(base: str) -> AbstractContextManager[str]:
+    """A fresh schema on the PostgreSQL server ``base`` (the tests' helper; importable outside pytest)."""
+    from tests.conftest import schema_in
 
-    schema = f"r_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    return schema_in(base, prefix="r")
 
 
 def stored_rows(url: str) -> dict[str, list[list[Any]]]:

@@ -165,27 +165,34 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
     return Selection(state, groupchat, last, scope, span)
 
 
+def _begin_safely(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
+    try:
+        return _begin(state, groupchat, args, kwargs)
+    except Exception:
+        logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
+        return None
+
+
+def _end(state: Any, selection: Selection, token: Any, result: Any, exc: BaseException | None) -> None:
+    _selection.reset(token)
+    selection.ended(state, result, exc)
+
+
 def selection_sync(state: Any) -> Callable[..., Any]:
     """The wrapper of ``GroupChat.select_speaker``."""
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return wrapped(*args, **kwargs)
-        try:
-            selection = _begin(state, instance, args, kwargs)
-        except Exception:
-            logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
-            selection = None
+        selection = _begin_safely(state, instance, args, kwargs)
         if selection is None:
             return wrapped(*args, **kwargs)
         token = _selection.set(selection)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            _selection.reset(token)
-            selection.ended(state, None, exc)
+            _end(state, selection, token, None, exc)
             raise
-        _selection.reset(token)
-        selection.ended(state, result, None)
+        _end(state, selection, token, result, None)
         return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
@@ -198,22 +205,16 @@ def selection_async(state: Any) -> Callable[..., Any]:
                       kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        try:
-            selection = _begin(state, instance, args, kwargs)
-        except Exception:
-            logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
-            selection = None
+        selection = _begin_safely(state, instance, args, kwargs)
         if selection is None:
             return await wrapped(*args, **kwargs)
         token = _selection.set(selection)
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException as exc:
-            _selection.reset(token)
-            selection.ended(state, None, exc)
+            _end(state, selection, token, None, exc)
             raise
-        _selection.reset(token)
-        selection.ended(state, result, None)
+        _end(state, selection, token, result, None)
         return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]

@@ -57,6 +57,7 @@ from typing import Any
 import wrapt
 from opentelemetry import _logs
 from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -149,6 +150,31 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
     return args[index] if len(args) > index else None
 
 
+def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], instance: Any,
+            args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedSpan | None, Context | None]:
+    """``(span, None)`` to record the call, ``(None, context)`` for the fast path of a call that is not
+    recorded, ``(None, None)`` to call straight through. Never around the application's call: its
+    exceptions must not be taken for ours."""
+    try:
+        ctx = get_current()
+        if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+            return None, None
+        if probe.drops(ctx):
+            return None, ctx
+        return build(state, ctx, instance, args, kwargs), None
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+        return None, None
+
+
+def _record(state: _State, traced: TracedSpan, record: Callable[..., None], instance: Any,
+            args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    try:
+        record(state, traced, instance, args, kwargs, result)
+    except Exception:
+        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+
+
 def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
                 wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if traced is None:
@@ -156,10 +182,7 @@ def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., 
     with traced:
         result = wrapped(*args, **kwargs)
         if record is not None:
-            try:
-                record(state, traced, instance, args, kwargs, result)
-            except Exception:
-                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            _record(state, traced, record, instance, args, kwargs, result)
         return result
 
 
@@ -171,10 +194,7 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
     with traced:
         result = await wrapped(*args, **kwargs)
         if record is not None:
-            try:
-                record(state, traced, instance, args, kwargs, result)
-            except Exception:
-                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            _record(state, traced, record, instance, args, kwargs, result)
         return result
 
 
@@ -190,29 +210,10 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return wrapped(*args, **kwargs)
-        traced = ctx = None
-        try:  # never around the application's call: its exceptions must not be taken for ours
-            ctx = get_current()
-            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
-                ctx = None
-            elif not probe.drops(ctx):
-                traced = build(state, ctx, instance, args, kwargs)
-                ctx = None
-        except Exception:
-            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-            traced = ctx = None
+        traced, ctx = _decide(state, probe, build, instance, args, kwargs)
         if ctx is not None and fast is not None:  # not recorded: the fast path
             return fast(state, ctx, wrapped, instance, args, kwargs)
-        if traced is None:
-            return wrapped(*args, **kwargs)
-        with traced:
-            result = wrapped(*args, **kwargs)
-            if record is not None:
-                try:
-                    record(state, traced, instance, args, kwargs, result)
-                except Exception:
-                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-            return result
+        return _run_traced(state, traced, record, wrapped, instance, args, kwargs)
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
@@ -227,17 +228,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        traced = ctx = None
-        try:  # never around the application's call
-            ctx = get_current()
-            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
-                ctx = None
-            elif not probe.drops(ctx):
-                traced = build(state, ctx, instance, args, kwargs)
-                ctx = None
-        except Exception:
-            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-            traced = ctx = None
+        traced, ctx = _decide(state, probe, build, instance, args, kwargs)
         if ctx is not None and fast is not None:
             return await fast(state, ctx, wrapped, instance, args, kwargs)
         return await _run_traced_async(state, traced, record, wrapped, instance, args, kwargs)
