@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ingest_app import run
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -146,3 +147,19 @@ def test_cli_rejects_bad_database_url() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unsupported database backend" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_cli_says_which_port_is_taken_and_how_to_move(tmp_path: Path, flag: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--grpc-port" if flag == "--port" else "--port"
+        code = "from cmbagent_otel.cli import main; raise SystemExit(main())"
+        proc = subprocess.run([sys.executable, "-c", code, "--db", f"sqlite:///{tmp_path / 'x.db'}", "ingest",
+                               flag, str(port), other, "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "--port/--grpc-port" in proc.stderr, proc.stderr
