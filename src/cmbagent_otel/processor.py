@@ -92,7 +92,11 @@ def _snapshots(items: list[Any]) -> list[ReadableSpan]:
     out = []
     for item in items:
         if type(item) is _Started:
-            snapshot = started_snapshot(item.span)
+            try:
+                snapshot = started_snapshot(item.span)
+            except Exception:  # a live hint only: the finished span still comes
+                logger.debug("cmbagent_otel: no started record of %r", item.span, exc_info=True)
+                continue
             if snapshot is not None:
                 out.append(snapshot)
         else:
@@ -281,7 +285,12 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 batch.append(pop())
         except IndexError:
             pass
-        batch = _snapshots(batch)
+        try:
+            batch = _snapshots(batch)
+        except Exception:  # never lose the popped spans to a bug of ours: they take the overflow path
+            logger.exception("cmbagent_otel: could not prepare a batch for %s", type(self.exporter).__name__)
+            self._take_overflow(batch)
+            return
         if not batch:
             return
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
@@ -289,6 +298,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self.exporter.export(batch)
         except Exception:
             logger.exception("cmbagent_otel: span exporter %s raised", type(self.exporter).__name__)
+            self._count_dropped(sum(1 for s in batch if s.end_time is not None), "the exporter raised")
         finally:
             detach(token)
 

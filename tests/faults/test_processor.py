@@ -70,6 +70,45 @@ def test_a_full_queue_without_a_spill_store_counts_and_logs_every_drop(caplog):
     assert processor.stats()["dropped"] == stats["dropped"] + 1  # after shutdown: counted, not queued
 
 
+class RaisingExporter(SpanExporter):
+    """A third-party exporter that breaks its contract by raising."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        raise RuntimeError("backend client bug")
+
+
+def test_an_exporter_that_raises_has_its_spans_counted_as_dropped_and_the_worker_goes_on(caplog):
+    processor = DurableBatchSpanProcessor(RaisingExporter(), max_export_batch_size=5, schedule_delay_millis=60_000)
+    provider = provider_with(processor)
+    tracer = provider.get_tracer("t")
+    for i in range(12):
+        tracer.start_span(f"s{i}").end()
+    assert provider.force_flush()
+    assert processor.stats() == {"queued": 0, "overflowed": 0, "dropped": 12}
+    assert "RaisingExporter raised" in caplog.text
+    tracer.start_span("after").end()
+    assert provider.force_flush()
+    assert processor.stats()["dropped"] == 13
+    provider.shutdown()
+
+
+def test_a_started_record_that_cannot_be_read_leaves_the_batch_intact():
+    class LiveMemory(InMemorySpanExporter):
+        accepts_started_spans = True
+
+    memory = LiveMemory()
+    processor = DurableBatchSpanProcessor(memory, schedule_delay_millis=60_000, live=True)
+    provider = provider_with(processor)
+    tracer = provider.get_tracer("t")
+    span = tracer.start_span("workflow", attributes={"cmbagent.span.kind": "workflow"})
+    span._attributes = 42  # a span whose attributes cannot be read when the started record is taken
+    tracer.start_span("sibling").end()
+    assert provider.force_flush()
+    assert [s.name for s in memory.get_finished_spans()] == ["sibling"]
+    assert processor.stats() == {"queued": 0, "overflowed": 0, "dropped": 0}
+    provider.shutdown()
+
+
 def test_unsampled_spans_are_not_queued():
     memory = InMemorySpanExporter()
     processor = DurableBatchSpanProcessor(memory)
