@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from .reference_rows import PG_ENV, as_json, batches_of, load, pg_schema, write_case
 
@@ -37,12 +38,15 @@ def test_sqlite_rows_equal_the_reference(case: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 @pytest.mark.parametrize("case", sorted(REFERENCE))
-def test_postgres_rows_equal_the_reference(case: str) -> None:
+def test_postgres_rows_equal_the_reference(case: str, driver: str) -> None:
+    """Through psycopg 3 (COPY for new rows) and psycopg2 (cmbagent's driver: executemany), the same rows."""
     base = os.environ.get(PG_ENV)
     if not base:
         pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
     entry = REFERENCE[case]
     with pg_schema(base) as url:
+        url = make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
         got = as_json(write_case(url, batches_of(entry)))
     assert got == entry["rows"]["postgresql"], _diff(got, entry["rows"]["postgresql"])

@@ -80,10 +80,13 @@ _PG_CONVERT: dict[str, Any] = {"json": encode_json, "dt": None, "bool": None, ""
 
 
 class Sql:
-    """Statements and parameter conversion for one dialect (``sqlite`` or ``postgresql``)."""
+    """Statements and parameter conversion for one dialect (``sqlite`` or ``postgresql``) and driver
+    (``COPY`` for new rows with psycopg 3 only; other PostgreSQL drivers, such as the psycopg2 of
+    cmbagent's own URLs, insert through executemany)."""
 
-    def __init__(self, dialect: str) -> None:
+    def __init__(self, dialect: str, driver: str = "") -> None:
         self.pg = dialect == "postgresql"
+        self.can_copy = self.pg and driver == "psycopg"
         self.mark = "%s" if self.pg else "?"
         self._convert = _PG_CONVERT if self.pg else _SQLITE_CONVERT
         self._cache: dict[tuple[Any, ...], Any] = {}
@@ -180,7 +183,7 @@ class Sql:
         (the rows must be new: the writer checked, holding the runs' advisory locks)."""
         if not rows:
             return
-        if self.pg and not on_conflict:
+        if self.can_copy and not on_conflict:
             self.copy(conn, table, rows)
             return
         conn.exec_driver_sql(self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)))
@@ -235,13 +238,13 @@ class Sql:
         return out
 
 
-_BY_DIALECT: dict[str, Sql] = {}
+_BY_DIALECT: dict[tuple[str, str], Sql] = {}
 
 
 def sql_for(conn: Connection) -> Sql:
-    """The statements of ``conn``'s dialect (built once per process)."""
-    name = conn.dialect.name
-    found = _BY_DIALECT.get(name)
+    """The statements of ``conn``'s dialect and driver (built once per process)."""
+    key = (conn.dialect.name, conn.dialect.driver)
+    found = _BY_DIALECT.get(key)
     if found is None:
-        found = _BY_DIALECT.setdefault(name, Sql(name))
+        found = _BY_DIALECT.setdefault(key, Sql(*key))
     return found
