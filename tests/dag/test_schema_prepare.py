@@ -109,3 +109,22 @@ def test_an_export_waits_for_the_background_step_no_longer_than_its_deadline(tmp
         database._migrate_lock.release()
     assert exporter.replay() == (len(spans), 0)
     exporter.shutdown()
+
+
+def test_starting_the_background_step_never_waits_for_a_migration_in_progress(tmp_path: Path) -> None:
+    import threading
+
+    url = f"sqlite:///{tmp_path}/second.db"
+    started = []
+    database._migrate_lock.acquire()  # another thread of this process is migrating some database
+    try:
+        caller = threading.Thread(target=lambda: started.append(DagSpanExporter(url, spill=False).warm_up()))
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "instrument() would hang behind a migration"
+        (thread,) = started
+        assert thread is not None and thread.name == "cmbagent-otel-schema"
+    finally:
+        database._migrate_lock.release()
+    thread.join(30)
+    assert database.schema_ready(url)

@@ -370,6 +370,8 @@ class SchemaBusy(TimeoutError):
 _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 _background: dict[str, threading.Thread] = {}
+_background_lock = threading.Lock()  # never _migrate_lock: instrument() must not wait for a migration
+BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries within its own deadlines)
 logger = logging.getLogger("cmbagent_otel.dag")
 
 
@@ -440,7 +442,7 @@ def prepare_in_background(prepare: Callable[[], Any], url: str) -> threading.Thr
     the export path retries (and reports) on its own.
     """
     resolved = resolve_url(url)
-    with _migrate_lock:
+    with _background_lock:
         if resolved in _migrated:
             return None
         running = _background.get(resolved)
@@ -449,7 +451,8 @@ def prepare_in_background(prepare: Callable[[], Any], url: str) -> threading.Thr
 
         def run() -> None:
             try:
-                prepare()
+                with deadline(BACKGROUND_PREPARE_S):  # a lock held elsewhere is not waited out forever
+                    prepare()
             except Exception:
                 logger.debug("cmbagent_otel: background schema preparation of %s failed", redacted(resolved),
                              exc_info=True)
