@@ -141,6 +141,11 @@ def _rebuild() -> None:
         _known_pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
 
 
+def is_registered(value: str) -> bool:
+    """Whether ``value`` is a registered secret (no lock: a set lookup)."""
+    return value in _known
+
+
 def register_secret(value: Any) -> None:
     """Never let ``value`` appear in telemetry (spans, logs, DB rows)."""
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN:

@@ -143,6 +143,23 @@ def test_api_key_in_custom_client_config(sink: Sink, caplog: pytest.LogCaptureFi
     assert_clean(sink, caplog, shaped, shapeless)
 
 
+@needs_custom_client
+def test_a_key_replaced_inside_the_client_config_list_is_redacted(sink: Sink, caplog: pytest.LogCaptureFixture) -> None:
+    _, first = new_markers()
+    _, rotated = new_markers()
+    config = {"model": "scripted", "model_client_cls": "ScriptedModelClient", "api_key": first}
+    instrument(sink)
+    assistant = ConversableAgent("assistant", llm_config={"config_list": [config], "cache_seed": None},
+                                 human_input_mode="NEVER")
+    assistant.register_model_client(ScriptedModelClient, script=["first answer", f"the new key is {rotated}"])
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+    user.initiate_chat(assistant, message="hello", max_turns=1, silent=True)
+    for entry in assistant.client._config_list:  # the key is rotated in place between two model calls
+        entry["api_key"] = rotated
+    user.initiate_chat(assistant, message="hello again", max_turns=1, silent=True, clear_history=False)
+    assert_clean(sink, caplog, rotated)
+
+
 @KEYS_FROM_LLM_CONFIG
 def test_api_key_to_loopback_openai_server(sink: Sink, caplog: pytest.LogCaptureFixture, registered: bool) -> None:
     shaped, shapeless = new_markers()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
-from ..redaction import register_secret, register_secrets_in
+from ..redaction import is_registered, register_secret, register_secrets_in
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -89,23 +89,18 @@ def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any)
 
 
 def register_llm_config_secrets(config_list: Any) -> None:
-    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere (once per
-    list object and length: AG2 builds the list with the wrapper and keeps it)."""
+    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere. Walked
+    on every call (a few entries, a known value costs one set lookup): a key replaced inside an
+    entry is registered before the call that uses it."""
     try:
         if not config_list:
-            return
-        key = id(config_list)
-        seen = _seen_lists.get(key)
-        if seen is not None and seen[0] is config_list and seen[1] == len(config_list):
             return
         for config in config_list:
             if isinstance(config, dict):
                 for name, value in config.items():
-                    if isinstance(value, str) and ("key" in name.lower() or "token" in name.lower()):
+                    if (isinstance(value, str) and not is_registered(value)
+                            and ("key" in name.lower() or "token" in name.lower())):
                         register_secret(value)
-        _seen_lists[key] = (config_list, len(config_list))
-        if len(_seen_lists) > _SEEN_CONFIGS_MAX:
-            _seen_lists.popitem(last=False)
     except Exception:
         pass
 
@@ -116,7 +111,6 @@ def register_llm_config_secrets(config_list: Any) -> None:
 _SEEN_CONFIGS_MAX = 256
 # id -> config object: holding the object keeps its id from being reused by another config
 _seen_configs: OrderedDict[int, Any] = OrderedDict()
-_seen_lists: OrderedDict[int, tuple[Any, int]] = OrderedDict()
 
 
 def register_agent_secrets(agent: Any) -> None:

@@ -174,7 +174,10 @@ def _begin_safely(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dic
 
 
 def _end(state: Any, selection: Selection, token: Any, result: Any, exc: BaseException | None) -> None:
-    _selection.reset(token)
+    try:
+        _selection.reset(token)
+    except Exception:  # a token of another context (a generator resumed elsewhere): not the app's problem
+        logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
     selection.ended(state, result, exc)
 
 

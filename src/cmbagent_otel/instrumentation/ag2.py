@@ -424,18 +424,17 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     static = entry[1] if entry is not None and entry[0]() is agent else None
     if static is not None and static.config is config and static.description is description:
         return static
-    if static is None:
-        static = _AgentStatic()
+    # a fresh object, published whole by _remember: another thread calling the same agent reads
+    # either the old facts or the new ones, never a mix
+    old, static = static, _AgentStatic()
     register_agent_secrets(agent)
     _adopt_code_executor(state, agent)  # its code executor's class, when AG2 does not ship it
+    seen = old.system_messages if old is not None else []
     system = getattr(agent, "system_message", None)
-    if isinstance(system, str) and system not in static.system_messages:
-        static.system_messages = [*static.system_messages[-3:], system]
+    static.system_messages = [*seen[-3:], system] if isinstance(system, str) and system not in seen else seen
     static.config, static.description = config, description
     static.name = agent_name(agent)
     static.span_name = f"invoke_agent {static.name}"
-    static.by_sender = {}
-    static.nodes = {}
     manager, runner = _type_facts(state, agent)
     static.is_manager = manager
     static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
@@ -602,11 +601,12 @@ class _ModelCall:
             self.cost = float(cost)
 
     def ended(self, state: _State, exc: BaseException | None) -> None:
-        metrics = state.metrics
-        if metrics is None or not metrics.live():
-            return
-        seconds = perf_counter() - self.started
+        """Record the call's metrics (never raises)."""
         try:
+            metrics = state.metrics
+            if metrics is None or not metrics.live():
+                return
+            seconds = perf_counter() - self.started
             key = (self.info, self.request_model, self.response_model)
             attributes = state.call_attributes.get(key)
             if attributes is None:
@@ -615,13 +615,12 @@ class _ModelCall:
                 info = self.info
                 attributes = state.call_attributes[key] = CallAttributes(
                     info.provider, self.request_model, self.response_model, info.server)
+            usage = self.usage
+            metrics.model_call(attributes, seconds, type(exc).__qualname__ if exc is not None else None,
+                               usage.get(semconv.GEN_AI_USAGE_INPUT_TOKENS),
+                               usage.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS), self.cost)
         except Exception:
-            logger.debug("cmbagent_otel: no metric attributes for a model call", exc_info=True)
-            return
-        usage = self.usage
-        metrics.model_call(attributes, seconds, type(exc).__qualname__ if exc is not None else None,
-                           usage.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), usage.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS),
-                           self.cost)
+            logger.debug("cmbagent_otel: could not record a model call's metrics", exc_info=True)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -650,18 +649,19 @@ class _ChatSpan(TracedSpan):
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.call.ended(self.state, exc_info[1])
-        event, self.event = self.event, None
-        if event is not None and self.event_logger is not None:
-            try:
+        try:
+            self.call.ended(self.state, exc_info[1])
+            event, self.event = self.event, None
+            if event is not None and self.event_logger is not None:
                 if exc_info[1] is not None:
                     event[semconv.ERROR_TYPE] = type(exc_info[1]).__qualname__
                 self.event_logger.emit(_logs.LogRecord(
                     event_name=semconv.EVENT_INFERENCE_DETAILS, attributes=event,
                     context=otel_trace.set_span_in_context(self.span)))
-            except Exception:
-                logger.debug("cmbagent_otel: could not emit the content event", exc_info=True)
-        super().__exit__(*exc_info)
+        except Exception:
+            logger.debug("cmbagent_otel: could not emit the content event", exc_info=True)
+        finally:
+            super().__exit__(*exc_info)
 
 
 # attributes of the model call the content event repeats (the conventions' event attributes)
