@@ -27,6 +27,7 @@ tracer provider. With no exporter named there is no provider to build (``None``)
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import weakref
@@ -55,12 +56,38 @@ def sdk_disabled() -> bool:
     return bool(env.get(env.SDK_DISABLED))
 
 
-def exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
-    """Exporter names: argument > ``OTEL_TRACES_EXPORTER`` > ``cmbagent_dag``."""
-    value = env.get(env.TRACES_EXPORTER, value)
+def _names(setting: str, value: str | Sequence[str] | None) -> list[str]:
+    value = env.get(setting, value)
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [name.strip().lower() for name in items if name and name.strip()]
     return [name for name in names if name != "none"]
+
+
+def exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
+    """Exporter names: argument > ``OTEL_TRACES_EXPORTER`` > ``cmbagent_dag``."""
+    return _names(env.TRACES_EXPORTER, value)
+
+
+def _otlp_exporter(protocol: str, signal: str, class_name: str) -> Any:
+    """The OTLP exporter of ``signal`` (``trace``, ``metric``) for ``protocol``."""
+    if protocol == "grpc":
+        module = f"opentelemetry.exporter.otlp.proto.grpc.{signal}_exporter"
+    elif protocol in ("http/protobuf", "http"):
+        module = f"opentelemetry.exporter.otlp.proto.http.{signal}_exporter"
+    else:
+        raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
+    return getattr(importlib.import_module(module), class_name)()
+
+
+def _registered_exporter(group: str, name: str, variable: str, known: str) -> Any:
+    """An exporter registered under entry point ``group`` as ``name``."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=group):
+        if entry.name == name:
+            return entry.load()()
+    raise ConfigurationError(f"unknown {variable.split('_')[1].lower()} exporter {name!r} in {variable} "
+                             f"(known: {known})")
 
 
 def _otlp_protocol() -> str:
@@ -72,28 +99,13 @@ def create_exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        protocol = _otlp_protocol()
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            return OTLPSpanExporter()
-        if protocol in ("http/protobuf", "http"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
-
-            return HTTPExporter()
-        raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
+        return _otlp_exporter(_otlp_protocol(), "trace", "OTLPSpanExporter")  # type: ignore[no-any-return]
     if name == "cmbagent_dag":
         from .exporters.dag import DagSpanExporter
 
         return DagSpanExporter()
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="opentelemetry_traces_exporter"):
-        if entry.name == name:
-            return entry.load()()  # type: ignore[no-any-return]
-    raise ConfigurationError(
-        f"unknown traces exporter {name!r} in OTEL_TRACES_EXPORTER (known: otlp, console, none, cmbagent_dag)"
-    )
+    return _registered_exporter(  # type: ignore[no-any-return]
+        "opentelemetry_traces_exporter", name, "OTEL_TRACES_EXPORTER", "otlp, console, none, cmbagent_dag")
 
 
 class ProcessorSlot(SpanProcessor):
@@ -203,10 +215,7 @@ def slot_of(provider: Any) -> ProcessorSlot | None:
 # --- metrics ------------------------------------------------------------------------------------------
 def metrics_exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
     """Metrics exporter names: argument > ``OTEL_METRICS_EXPORTER`` > none."""
-    value = env.get(env.METRICS_EXPORTER, value)
-    items = value.split(",") if isinstance(value, str) else list(value)
-    names = [name.strip().lower() for name in items if name and name.strip()]
-    return [name for name in names if name != "none"]
+    return _names(env.METRICS_EXPORTER, value)
 
 
 def create_metric_exporter(name: str) -> MetricExporter:
@@ -216,22 +225,10 @@ def create_metric_exporter(name: str) -> MetricExporter:
 
         return ConsoleMetricExporter()
     if name == "otlp":
-        protocol = str(env.get(env.OTLP_METRICS_PROTOCOL))
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-            return OTLPMetricExporter()
-        if protocol in ("http/protobuf", "http"):
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPExporter
-
-            return HTTPExporter()
-        raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="opentelemetry_metrics_exporter"):
-        if entry.name == name:
-            return entry.load()()  # type: ignore[no-any-return]
-    raise ConfigurationError(f"unknown metrics exporter {name!r} in OTEL_METRICS_EXPORTER (known: otlp, console, none)")
+        return _otlp_exporter(  # type: ignore[no-any-return]
+            str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter")
+    return _registered_exporter(  # type: ignore[no-any-return]
+        "opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER", "otlp, console, none")
 
 
 def build_meter_provider(
