@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
+from .._context import _SCOPE_KEY, SPAN_KEY, Scope, get_current, suppressed
 from .._spans import TracedSpan, compose, record_exception
 from ..redaction import redact, truncate
 from ._content import agent_name, cached_name
@@ -148,7 +148,7 @@ def _event_room(span: Span) -> int:
 def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
     """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled)."""
     ctx = get_current()
-    if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+    if suppressed(ctx):
         return None
     scope = ctx.get(_SCOPE_KEY)
     if not isinstance(scope, Scope):

@@ -62,7 +62,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current
+from .._context import _SCOPE_KEY, Scope, current_scope, get_current, suppressed
 from .._spans import SCHEMA_URL, NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -157,7 +157,7 @@ def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], 
     exceptions must not be taken for ours."""
     try:
         ctx = get_current()
-        if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+        if suppressed(ctx):
             return None, None
         if probe.drops(ctx):
             return None, ctx
