@@ -14,6 +14,7 @@ budget is in use (the SDK's OTLP exporter retries after that delay).
 
 from __future__ import annotations
 
+import errno
 import logging
 from concurrent import futures
 from typing import Any
@@ -96,7 +97,7 @@ class GrpcReceiver:
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpcio reports a port in use this way
-            raise OSError(f"cannot listen on {address}: {exc}") from None
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {address} (OTLP/gRPC): {exc}") from None
         self._started = False
 
     def start(self) -> None:

@@ -170,9 +170,11 @@ class IngestServer:
                     try:
                         sock.bind((self.host, self.requested_port))
                         sock.listen(256)
-                    except OSError:
+                    except OSError as exc:
                         sock.close()
-                        raise
+                        address = f"[{self.host}]" if ":" in self.host else self.host
+                        raise OSError(exc.errno, f"cannot listen on {address}:{self.requested_port} (OTLP/HTTP): "
+                                      f"{exc.strerror}") from None
                     self._sock = sock
                     self._http_port = sock.getsockname()[1]
                 if self.requested_grpc_port is not None:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.bind()
     except OSError as exc:
-        raise CLIError(f"cannot listen on {server.host}: {exc} (4318 and 4317 are OTLP's standard ports, often "
+        raise CLIError(f"{exc.strerror or exc} (4318 and 4317 are OTLP's standard ports, often "
                        "taken by a collector: choose others with --port/--grpc-port, or `off` for none)") from None
     if server.host not in ("127.0.0.1", "::1", "localhost") and not server.core.token_required:
         logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, env.INGEST_TOKEN)
