@@ -81,7 +81,8 @@ def suppressed(ctx: Context) -> bool:
 
 
 def child_context(ctx: Context, span: Any, scope: Scope) -> Context:
-    """``ctx`` with ``span`` current and ``scope`` as the run scope: one new Context."""
+    """``ctx`` with ``span`` current and ``scope`` (fresh: it becomes ``span``'s) as the run scope: one new Context."""
+    scope.owner = span
     if SPAN_KEY is None:
         return otel_context.set_value(_SCOPE_KEY, scope, span_context(ctx, span))
     new = Context(ctx)
@@ -154,7 +155,7 @@ class Scope:
     """
 
     __slots__ = ("agent_depth", "conversation_id", "cursor", "dag_depth", "dag_node", "dag_node_type", "dag_order",
-                 "event_depth", "handoffs", "in_workflow", "phase", "run", "step", "steps")
+                 "event_depth", "handoffs", "in_workflow", "owner", "phase", "run", "step", "steps")
 
     def __init__(
         self,
@@ -187,6 +188,9 @@ class Scope:
         # handoff events the span this is the children's scope of can still take (None: not known yet;
         # never inherited)
         self.handoffs: int | None = None
+        # the span of ours this is the children's scope of (set when both are made current; another
+        # instrumentation's span may be current below it)
+        self.owner: Any = None
 
     def evolve(self, **changes: Any) -> Scope:
         """A copy of this scope (cursor and handoffs not inherited) with ``changes`` applied."""
@@ -225,6 +229,7 @@ class Scope:
         new.steps = self.steps
         new.cursor = None
         new.handoffs = None
+        new.owner = None
         return new
 
     def ensure_cursor(self) -> Cursor:

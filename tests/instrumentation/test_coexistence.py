@@ -24,6 +24,7 @@ openinference_ag2 = pytest.importorskip("openinference.instrumentation.ag2")
 # our span tree of the four-agent chat (tool call, code execution; its five handoffs are events on the
 # manager's span): the same alone or with others
 CHAT_TREE_LENGTH = 12
+CHAT_HANDOFFS = 5
 METHODS = ("initiate_chat", "a_initiate_chat", "generate_reply", "a_generate_reply", "execute_function",
            "a_execute_function")
 
@@ -38,6 +39,9 @@ class Memory:
         names = [s.name for s in self.exporter.get_finished_spans()]
         self.exporter.clear()
         return names
+
+    def handoffs(self) -> int:
+        return sum(1 for s in self.exporter.get_finished_spans() for e in s.events if e.name == "cmbagent.handoff")
 
 
 def chat(tmp_path: Any) -> None:
@@ -81,6 +85,8 @@ def test_with_openinference_in_any_order(tmp_path, first, remove_first):
     tools[second].instrument()
     try:
         chat(tmp_path / "both")
+        # the handoffs stay on our spans even when OpenInference's span is current inside ours
+        assert (ours.memory.handoffs(), other.memory.handoffs()) == (CHAT_HANDOFFS, 0)
         assert len(ours.memory.take()) == CHAT_TREE_LENGTH  # every span of ours, not the 20-of-34 of before
         assert other.memory.take()  # theirs still records too
         remove_second = "ours" if remove_first == "openinference" else "openinference"

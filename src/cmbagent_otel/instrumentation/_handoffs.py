@@ -154,11 +154,14 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
     if not isinstance(scope, Scope):
         scope = None
     span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
-    if scope is not None and scope.cursor is not None:
-        # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
-        frame = scope.cursor.resolve()
-        if frame is not None:
-            scope, span = frame.scope, frame.span
+    if scope is not None:
+        if scope.owner is not None:
+            span = scope.owner  # ours, even when another instrumentation's span is current inside it
+        if scope.cursor is not None:
+            # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
+            frame = scope.cursor.resolve()
+            if frame is not None:
+                scope, span = frame.scope, frame.span
     if span is None or not span.is_recording():  # unsampled: nothing to record it on
         return None
     last = kwargs.get("last_speaker", args[0] if args else None)
