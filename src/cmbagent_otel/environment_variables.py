@@ -215,8 +215,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Database of the DAG (`sqlite:///path` or `postgresql+psycopg://...`); `CMBAGENT_DATABASE_URL` is "
             "cmbagent's own variable", _database_url, also=(CMBAGENT_DATABASE_URL,),
             default_text="`sqlite:///<work dir>/database/cmbagent.db`", secret=True),
-    Setting(WORK_DIR, DEFAULT_WORK_DIR,
-            "Work dir (cmbagent's variable): holds the default database and spill dir", _path),
+    Setting(WORK_DIR, lambda: _path(DEFAULT_WORK_DIR),
+            "Work dir (cmbagent's variable): holds the default database and spill dir", _path,
+            default_text=f"`{DEFAULT_WORK_DIR}`"),
     Setting(SPILL_DIR, _default_spill_dir,
             "Where batches the database refused wait for replay (shared by every database)", _path,
             default_text="`<work dir>/spill`"),

@@ -15,6 +15,19 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     return subprocess.run([str(CLI), *args], env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+def test_with_nothing_configured_the_database_is_in_the_home_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_"))}
+    env["HOME"] = str(tmp_path / "home")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    demo = subprocess.run([str(CLI), "demo", "--work-dir", str(tmp_path / "code")], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert demo.returncode == 0, demo.stderr
+    database = tmp_path / "home" / ".cmbagent-otel" / "database" / "cmbagent.db"
+    assert f"spans written to the DAG database sqlite:///{database}" in demo.stdout
+    assert database.exists() and list(cwd.iterdir()) == []  # no "~" folder made in the working directory
+
+
 def test_demo_writes_the_run_and_prints_its_dag(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_"))}
     env["CMBAGENT_DEFAULT_WORK_DIR"] = str(tmp_path / "work")  # the embedded default location
