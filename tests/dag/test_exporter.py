@@ -76,6 +76,18 @@ def test_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     assert resolve_url("sqlite:///arg.db") == "sqlite:///arg.db"
 
 
+def test_a_sqlite_path_under_home_is_written_there(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                                   provider: Any) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_url("sqlite:///~/runs/dag.db") == f"sqlite:///{tmp_path}/home/runs/dag.db"
+    run_scenario()
+    exporter = DagSpanExporter("sqlite:///~/runs/dag.db", spill=False)
+    assert exporter.export(provider.memory.get_finished_spans()) is SpanExportResult.SUCCESS
+    exporter.shutdown()
+    assert (tmp_path / "home" / "runs" / "dag.db").exists() and not (tmp_path / "~").exists()
+
+
 def test_timeout_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CMBAGENT_OTEL_EXPORT_TIMEOUT", "3.5")
     assert DagSpanExporter("sqlite://")._timeout == 3.5

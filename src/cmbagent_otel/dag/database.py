@@ -96,6 +96,9 @@ def resolve_url(url: str | None = None) -> str:
     if backend == "postgresql" and parsed.drivername == "postgresql":
         # psycopg (v3) is our tested driver; cmbagent's plain URLs would pick psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite" and parsed.database and parsed.database.startswith("~"):
+        # SQLite would open a file under a folder literally named "~" of the working directory
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
     return parsed.render_as_string(hide_password=False)
 
 
