@@ -27,10 +27,6 @@ from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
 
-URL_ENV = "CMBAGENT_OTEL_DATABASE_URL"
-CMBAGENT_URL_ENV = "CMBAGENT_DATABASE_URL"
-WORK_DIR_ENV = "CMBAGENT_DEFAULT_WORK_DIR"
-DEFAULT_WORK_DIR = "~/.cmbagent-otel"
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
