@@ -624,9 +624,20 @@ def _edge_rows(edges: Iterable[tuple[str, str, str, str | None]]) -> list[dict[s
             for f, t, d, c in sorted(edges, key=lambda k: (k[0], k[1], k[2], k[3] or ""))]
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _as_stored(value: Any) -> Any:
     """A JSON value as the database gives it back (tuples become lists, keys text...)."""
-    return None if value is None else json.loads(encode_json(value))
+    if value is None:
+        return None
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str or type(item) not in _JSON_SCALARS:
+                break
+        else:
+            return value.copy()  # flat, text keys, plain values: the JSON round trip would change nothing
+    return json.loads(encode_json(value))
 
 
 def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
