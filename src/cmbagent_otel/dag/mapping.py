@@ -109,7 +109,7 @@ def ts(ns: int | None) -> datetime | None:
     """Nanoseconds since the epoch -> naive UTC datetime (cmbagent's storage convention)."""
     if ns is None:
         return None
-    return _EPOCH + timedelta(microseconds=ns // 1000)
+    return _EPOCH + timedelta(0, 0, ns // 1000)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -178,20 +178,27 @@ def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
     for key, value in attrs.items():
         kind = type(value)
         if kind is str:
-            if not (value.isascii() and "\x00" not in value) and _rejected(value):
+            if (not value.isascii() or "\x00" in value) and _rejected(value):
                 return True
-        elif (kind is tuple or kind is list) and any(type(v) is str and _rejected(v) for v in value):
-            return True
-        if not key.isascii() and _rejected(key):
+        elif kind is tuple or kind is list:
+            for item in value:
+                if type(item) is str and _rejected(item):
+                    return True
+        if (not key.isascii() or "\x00" in key) and _rejected(key):
             return True
     return False
 
 
 def plain_attributes(span: ReadableSpan) -> dict[str, Any]:
     """A plain-dict copy of the span's attributes (lookups on the SDK's mapping go through Python ABCs)."""
-    attrs = span.attributes
+    return _plain_mapping(span.attributes)
+
+
+def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     if not attrs:
         return {}
+    if type(attrs) is dict:
+        return attrs.copy()
     # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
     # copy; building the dict key by key through the view costs ~25x more
     copy = getattr(attrs, "copy", None)
@@ -512,35 +519,54 @@ def _scrub_value(value: Any) -> Any:
 
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    cache: dict[str, str] | None = _values.entries()  # computed with the secrets known now
+    cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    secret_keys = _secret_keys
     for key, value in attrs.items():
-        if is_secret_key(key):
+        secret = secret_keys.get(key)
+        if secret is None:
+            secret = _secret_key(key)
+        if secret:
             learn_secrets_in({key: value})
-            cache = None
+            cache = {}  # a secret learned: nothing cached before it may be used
             out[key] = REDACTED
-        elif value is None or type(value) in _PLAIN_TYPES:
+            continue
+        kind = type(value)
+        if kind is str:
+            hit = cache.get(value)
+            out[key] = hit if hit is not None else _values.redact(value)
+        elif value is None or kind in _PLAIN_TYPES:
             out[key] = value
-        elif cache is not None and type(value) is str and (hit := cache.get(value)) is not None:
-            out[key] = hit
         else:
             out[key] = _scrub_value(value)
     return out
 
 
 _PLAIN_TYPES = frozenset({bool, int, float})
+# attribute key -> whether it names a secret (a fixed pattern: keys repeat across every span)
+_secret_keys: dict[str, bool] = {}
+
+
+def _secret_key(key: str) -> bool:
+    secret = is_secret_key(key)
+    if len(_secret_keys) >= 4096:
+        _secret_keys.clear()
+    _secret_keys[key] = secret
+    return secret
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-               trace_id: int, started: datetime | None, completed: datetime | None) -> dict[str, Any]:
+               trace_id: int, started: datetime | None, completed: datetime | None,
+               trace_hex: str | None = None) -> dict[str, Any]:
     kind = attrs.get(sc.SPAN_KIND)
     event_type, subtype = _event_type(kind, span, attrs)
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
+    span_id = span.context.span_id
     meta: dict[str, Any] = {
         "span_name": span.name,
-        "trace_id": f"{trace_id:032x}",
-        "span_id": f"{span.context.span_id:016x}",
+        "trace_id": trace_hex or f"{trace_id:032x}",
+        "span_id": f"{span_id:016x}",
         "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
     }
     if kind is None:
@@ -562,7 +588,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     short = attrs.get(sc.DAG_NODE)
     depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
     return {
-        "id": event_db_id(trace_id, span.context.span_id), "run_id": run_id,
+        "id": event_db_id(trace_id, span_id), "run_id": run_id,
         "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
         "parent_event_id": (event_db_id(trace_id, parent.span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
@@ -576,39 +602,52 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     }
 
 
+_HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
+
+
 def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-                  trace_id: int) -> list[dict[str, Any]]:
+                  trace_id: int, trace_hex: str | None = None) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
     rows: list[dict[str, Any]] = []
     span_id = span.context.span_id
+    short = attrs.get(sc.DAG_NODE)
+    node_id = node_db_id(run_id, str(short)) if short else None
+    trace_hex = trace_hex or f"{trace_id:032x}"
+    span_hex = f"{span_id:016x}"
+    span_event_id: str | None = None
     for index, event in enumerate(span.events):
         found = event.attributes
         if not found or found.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        ev = {k: _clean_value(v) for k, v in found.items()}
+        ev = _plain_mapping(found)
+        if _attrs_rejected(ev):
+            ev = {k: _clean_value(v) for k, v in ev.items()}
         when = ts(event.timestamp)
         clean = _attributes_meta(ev)
         inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
-        depth = _int(ev.get(sc.EVENT_DEPTH), 0)
-        short = attrs.get(sc.DAG_NODE)
-        error = ev.get(sc.ERROR_TYPE)
+        get = ev.get
+        depth = _int(get(sc.EVENT_DEPTH), 0)
+        error = get(sc.ERROR_TYPE)
+        if depth > 0 and span_event_id is None:
+            span_event_id = event_db_id(trace_id, span_id)
+        source = get(sc.HANDOFF_FROM)
         rows.append({
             "id": span_event_db_id(trace_id, span_id, index), "run_id": run_id,
-            "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
-            "parent_event_id": event_db_id(trace_id, span_id) if depth > 0 else None,
-            "event_type": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][0],
-            "event_subtype": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][1],
+            "node_id": node_id, "step_id": None, "session_id": session_id,
+            "parent_event_id": span_event_id if depth > 0 else None,
+            "event_type": _HANDOFF_TYPE, "event_subtype": _HANDOFF_SUBTYPE,
             "agent_name": _str(_agent_of(sc.KIND_SPEAKER_SELECTION, ev), 100), "agent_role": None,
             "timestamp": when or _EPOCH, "started_at": when, "completed_at": when, "duration_ms": 0,
             "inputs": inputs or None, "outputs": outputs or None,
-            "error_message": (truncate(_values.redact(str(ev.get("exception.message") or error)))
+            "error_message": (truncate(_values.redact(str(get("exception.message") or error)))
                               if error is not None else None),
-            "meta": {"span_name": db_text(f"select_speaker {ev.get(sc.HANDOFF_FROM)}"),
-                     "trace_id": f"{trace_id:032x}", "span_id": None, "parent_span_id": f"{span_id:016x}",
+            "meta": {"span_name": f"select_speaker {source}" if type(source) is str
+                     else db_text(f"select_speaker {source}"),
+                     "trace_id": trace_hex, "span_id": None, "parent_span_id": span_hex,
                      "event_index": index, "attributes": clean},
-            "execution_order": _int(ev.get(sc.EXECUTION_ORDER), 0), "depth": depth,
+            "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
             "status": "failed" if error is not None else "completed",
         })
     return rows
@@ -687,13 +726,17 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     never lets replace a finished one; started records of other spans are ignored.
     """
     batch = MappedBatch()
+    traces: dict[int, tuple[str, str]] = {}  # trace id -> (run id, trace id as hex)
     for span in spans:
         ctx = span.context
         if ctx is None:
             continue
         span, attrs = sanitized(span, plain_attributes(span))
         trace_id = ctx.trace_id
-        run_id = run_id_of(trace_id)
+        found = traces.get(trace_id)
+        if found is None:
+            found = traces[trace_id] = (run_id_of(trace_id), f"{trace_id:032x}")
+        run_id, trace_hex = found
         session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
         started, completed = ts(span.start_time), ts(span.end_time)
         running = span.end_time is None
@@ -704,20 +747,19 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
-            for handoff in _handoff_rows(span, attrs, run_id, session_id, trace_id):
+            for handoff in _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex):
                 batch.events[handoff["id"]] = handoff
                 if handoff["node_id"] is not None:
-                    ph = node_placeholder(run_id, session_id, str(attrs[sc.DAG_NODE]))
-                    batch.node_placeholders.setdefault(ph["id"], ph)
-                if handoff["parent_event_id"] is not None:
-                    batch.event_placeholders.setdefault(handoff["parent_event_id"],
-                                                        event_placeholder(handoff, handoff["parent_event_id"]))
+                    _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+                parent_event = handoff["parent_event_id"]
+                if parent_event is not None and parent_event not in batch.event_placeholders:
+                    batch.event_placeholders[parent_event] = event_placeholder(handoff, parent_event)
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
             meta = {k: v for k, v in pairs if v is not None}
             meta.update({"otel_source": RANK_NAMES[RANK_STARTED if running else RANK_WORKFLOW],
-                         "trace_id": f"{trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
+                         "trace_id": trace_hex, "span_id": f"{ctx.span_id:016x}",
                          "error": None if running else _error_of(span)})
             _offer_run(batch, run_id, RANK_STARTED if running else RANK_WORKFLOW, run_row(
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
@@ -747,7 +789,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                 _node_placeholder(batch, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
-        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed)
+        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex)
         batch.events[event["id"]] = event
         short = attrs.get(sc.DAG_NODE)
         if short:
@@ -817,7 +859,7 @@ def _parse_ts(value: Any) -> datetime | None:
 
 def _meta(node: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = node.get("meta")
-    return meta if isinstance(meta, Mapping) else {}
+    return meta if type(meta) is dict or isinstance(meta, Mapping) else {}
 
 
 def _order_key(node: Mapping[str, Any]) -> tuple[int, int, str]:
