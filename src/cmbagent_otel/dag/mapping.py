@@ -10,6 +10,7 @@ the same rows. See ``docs/dag.md`` for the mapping tables.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
+from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
@@ -87,8 +89,16 @@ _ID64 = (1 << 64) - 1
 def event_db_id(trace_id: int, span_id: int) -> str:
     """Deterministic 32-char event id: base64url (no padding) of the whole 128-bit trace id
     followed by the whole 64-bit span id, so distinct spans never share a row."""
-    raw = (trace_id & _ID128).to_bytes(16, "big") + (span_id & _ID64).to_bytes(8, "big")
-    return base64.urlsafe_b64encode(raw).decode("ascii")
+    return _event_id((trace_id & _ID128).to_bytes(16, "big"), span_id)
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _event_id(trace_bytes: bytes, span_id: int) -> str:
+    """:func:`event_db_id` from the trace id's 16 bytes (computed once per trace in a batch)."""
+    raw = trace_bytes + (span_id & _ID64).to_bytes(8, "big")
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).decode("ascii")
 
 
 def span_event_db_id(trace_id: int, span_id: int, index: int) -> str:
@@ -121,6 +131,8 @@ _INT32 = 2**31 - 1
 
 def _int(value: Any, default: int = 0) -> int:
     """An INTEGER column's value: ``default`` when not a number, clamped to 32 bits (PostgreSQL)."""
+    if type(value) is int and -_INT32 <= value <= _INT32:
+        return value
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
@@ -249,11 +261,6 @@ def _duration_ms(span: ReadableSpan) -> int | None:
     if span.start_time is None or span.end_time is None:
         return None
     return max(0, (span.end_time - span.start_time) // 1_000_000)
-
-
-def _is_root(span: ReadableSpan) -> bool:
-    parent = span.parent
-    return parent is None or parent.is_remote
 
 
 # --- batch container ----------------------------------------------------------------------
@@ -404,11 +411,13 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         meta["branch_name"] = _text(attrs.get(sc.BRANCH_NAME))
         meta["attempt"] = attrs.get(sc.BRANCH_ATTEMPT)
         meta["hypothesis"] = _text(attrs.get(sc.BRANCH_HYPOTHESIS))
-    meta.update({
-        "span_kind": kind, "span_name": span.name, "span_id": f"{span.context.span_id:016x}",
-        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "started_at": iso(started),
-        "completed_at": iso(completed), "duration_ms": _duration_ms(span),
-    })
+    meta["span_kind"] = kind
+    meta["span_name"] = span.name
+    meta["span_id"] = f"{span.context.span_id:016x}"
+    meta["execution_order"] = _int(attrs.get(sc.EXECUTION_ORDER), 0)
+    meta["started_at"] = started.isoformat(" ") if started is not None else None
+    meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
+    meta["duration_ms"] = _duration_ms(span)
     return {
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
         "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
@@ -556,8 +565,10 @@ def _secret_key(key: str) -> bool:
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
                trace_id: int, started: datetime | None, completed: datetime | None,
-               trace_hex: str | None = None) -> dict[str, Any]:
+               trace_hex: str | None = None, trace_bytes: bytes | None = None) -> dict[str, Any]:
     kind = attrs.get(sc.SPAN_KIND)
+    if trace_bytes is None:
+        trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
     event_type, subtype = _event_type(kind, span, attrs)
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
@@ -588,9 +599,9 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     short = attrs.get(sc.DAG_NODE)
     depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
     return {
-        "id": event_db_id(trace_id, span_id), "run_id": run_id,
+        "id": _event_id(trace_bytes, span_id), "run_id": run_id,
         "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
-        "parent_event_id": (event_db_id(trace_id, parent.span_id)
+        "parent_event_id": (_event_id(trace_bytes, parent.span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": _str(_agent_of(kind, attrs), 100), "agent_role": None,
@@ -720,30 +731,41 @@ def _node_placeholder(batch: MappedBatch, run_id: str, session_id: str, short: A
 def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     """Map spans (any order, duplicates allowed) to rows for every table.
 
-    A span without an end time is a *started* record (the durable processor sends one when
-    a workflow or DAG-node span starts: the live DAG): it gives a run row of rank
-    ``workflow_started`` (status ``executing``) or a ``running`` node row that the writer
-    never lets replace a finished one; started records of other spans are ignored.
+    A :class:`~cmbagent_otel.processor.StartedSpan` is a *started* record (the durable
+    processor sends one when a workflow or DAG-node span starts: the live DAG): it gives a
+    run row of rank ``workflow_started`` (status ``executing``) or a ``running`` node row
+    that the writer never lets replace a finished one; started records of other spans are
+    ignored. Any other span is a finished one, even without an end time (an OTLP span with
+    ``end_time_unix_nano`` 0): its rows have no completion time and no duration.
     """
     batch = MappedBatch()
-    traces: dict[int, tuple[str, str]] = {}  # trace id -> (run id, trace id as hex)
+    traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
+    sessions = batch.sessions
     for span in spans:
         ctx = span.context
         if ctx is None:
             continue
-        span, attrs = sanitized(span, plain_attributes(span))
+        running = isinstance(span, StartedSpan)
+        span, attrs = sanitized(span, _plain_mapping(span.attributes))
         trace_id = ctx.trace_id
         found = traces.get(trace_id)
         if found is None:
-            found = traces[trace_id] = (run_id_of(trace_id), f"{trace_id:032x}")
-        run_id, trace_hex = found
-        session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
-        started, completed = ts(span.start_time), ts(span.end_time)
-        running = span.end_time is None
+            found = traces[trace_id] = (run_id_of(trace_id), f"{trace_id:032x}",
+                                        (trace_id & _ID128).to_bytes(16, "big"))
+        run_id, trace_hex, trace_bytes = found
+        session_id = attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID
+        if type(session_id) is not str or len(session_id) > 36:
+            session_id = str(session_id)[:36]
+        start_ns, end_ns = span.start_time, span.end_time
+        started = None if start_ns is None else _EPOCH + timedelta(0, 0, start_ns // 1000)
+        completed = None if end_ns is None else _EPOCH + timedelta(0, 0, end_ns // 1000)
         kind = attrs.get(sc.SPAN_KIND)
         if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
             continue
-        _touch_session(batch, session_id, started, completed)
+        session = sessions.get(session_id)
+        if session is None or started is None or completed is None or started < session["created_at"] \
+                or completed > session["last_active_at"]:
+            _touch_session(batch, session_id, started, completed)
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
@@ -771,7 +793,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             ))
             batch.dag_runs.add(run_id)
             continue
-        if not running and _is_root(span):
+        if not running and ((parent := span.parent) is None or parent.is_remote):
             _offer_run(batch, run_id, RANK_ROOT, run_row(
                 run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
                 agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
@@ -789,14 +811,14 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                 _node_placeholder(batch, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
-        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex)
+        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes)
         batch.events[event["id"]] = event
         short = attrs.get(sc.DAG_NODE)
         if short:
             _node_placeholder(batch, run_id, session_id, short)
         if kind is None:
             parent = span.parent
-            parent_id = event_db_id(trace_id, parent.span_id) if parent is not None and not parent.is_remote else None
+            parent_id = _event_id(trace_bytes, parent.span_id) if parent is not None and not parent.is_remote else None
             batch.foreign_parents[event["id"]] = (parent_id, run_id)
         elif (parent_event := event["parent_event_id"]) is not None and parent_event not in batch.event_placeholders:
             batch.event_placeholders[parent_event] = event_placeholder(event, parent_event)
