@@ -566,50 +566,64 @@ def _secret_key(key: str) -> bool:
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
                trace_id: int, started: datetime | None, completed: datetime | None,
                trace_hex: str | None = None, trace_bytes: bytes | None = None) -> dict[str, Any]:
-    kind = attrs.get(sc.SPAN_KIND)
+    get = attrs.get
+    kind = get(sc.SPAN_KIND)
     if trace_bytes is None:
         trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
-    event_type, subtype = _event_type(kind, span, attrs)
+    failed = span.status.status_code is StatusCode.ERROR
+    if kind is None:
+        event_type, subtype = FOREIGN_TYPE
+    elif kind == sc.KIND_CODE:
+        event_type, subtype = _event_type(kind, span, attrs)
+    else:
+        found = EVENT_TYPES.get(kind)
+        event_type, subtype = found if found is not None else ("info", str(kind)[:50])
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
     span_id = span.context.span_id
+    name = span.name
     meta: dict[str, Any] = {
-        "span_name": span.name,
+        "span_name": name,
         "trace_id": trace_hex or f"{trace_id:032x}",
         "span_id": f"{span_id:016x}",
         "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
     }
     if kind is None:
-        meta["name"] = span.name
-    phase = attrs.get(sc.PHASE)
+        meta["name"] = name
+    phase = get(sc.PHASE)
     if phase is not None:
         meta["workflow_phase"] = phase
     if kind == sc.KIND_LLM:
         # cmbagent's node execution summary adds meta["tokens"] to an int: the total goes
         # there, the split under its own keys
-        prompt = _int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
-        completion = _int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
+        prompt = _int(get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
+        completion = _int(get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
         meta["tokens"] = _int(prompt + completion)
         meta["prompt_tokens"] = prompt
         meta["completion_tokens"] = completion
-        meta["cost_usd"] = _float(attrs.get(sc.LLM_COST_USD))
-        meta["model"] = _text(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL))
+        meta["cost_usd"] = _float(get(sc.LLM_COST_USD))
+        meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
-    short = attrs.get(sc.DAG_NODE)
-    depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
+    short = get(sc.DAG_NODE)
+    depth = _int(get(sc.EVENT_DEPTH), 0)
+    agent = _agent_of(kind, attrs)
+    if agent is not None and (type(agent) is not str or len(agent) > 100):
+        agent = str(agent)[:100]
+    start_ns, end_ns = span.start_time, span.end_time
     return {
         "id": _event_id(trace_bytes, span_id), "run_id": run_id,
         "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
         "parent_event_id": (_event_id(trace_bytes, parent.span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
         "event_type": event_type, "event_subtype": subtype,
-        "agent_name": _str(_agent_of(kind, attrs), 100), "agent_role": None,
+        "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": _duration_ms(span), "inputs": inputs or None,
-        "outputs": outputs or None, "error_message": _error_of(span), "meta": meta,
-        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "depth": depth,
-        "status": status_of(span),
+        "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
+        "inputs": inputs or None, "outputs": outputs or None,
+        "error_message": _error_of(span) if failed else None, "meta": meta,
+        "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+        "status": "failed" if failed else "completed",
     }
 
 

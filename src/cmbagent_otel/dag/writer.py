@@ -352,9 +352,12 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
     _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()), created)
     _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"), created)
-    runs_with_events = {e["run_id"] for e in batch.events.values()}
-    if runs_with_events:
-        _repair_foreign(conn, sql, runs_with_events)
+    # A run this batch created has no events stored but the batch's: only runs with foreign
+    # events in the batch, or with events stored before it, can have anything to repair.
+    repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
+    repair.update(run_id for _, run_id in batch.foreign_parents.values())
+    if repair:
+        _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
     # The layout (edges, derived nodes, branch rows, session state) depends on a run's row
     # and its nodes; usage totals and cost records also on its LLM events. A batch that
