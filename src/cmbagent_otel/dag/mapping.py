@@ -1145,10 +1145,14 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
     for node in out.nodes:
         node["meta"].update(values(node["id"]))
     for node in real:
-        wanted = values(node["id"])
+        found = totals.get(node["id"])
+        wanted = ZERO_USAGE if found is None else _usage_values(*found[0], found[1])
         meta = _meta(node)
-        if any(type(meta.get(k)) is not type(v) or meta.get(k) != v for k, v in wanted.items()):
-            out.node_updates.append({**node, "meta": {**meta, **wanted}})
+        for key, value in wanted.items():
+            old = meta.get(key)
+            if type(old) is not type(value) or old != value:
+                out.node_updates.append({**node, "meta": {**meta, **wanted}})
+                break
 
     fallback = run.get("started_at") or _EPOCH
     for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():

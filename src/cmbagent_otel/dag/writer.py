@@ -634,13 +634,19 @@ def _as_stored(value: Any) -> Any:
     """A JSON value as the database gives it back (tuples become lists, keys text...)."""
     if value is None:
         return None
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str or type(item) not in _JSON_SCALARS:
-                break
-        else:
-            return value.copy()  # flat, text keys, plain values: the JSON round trip would change nothing
+    if _flat_json(value):
+        return value.copy()  # the JSON round trip would change nothing
     return json.loads(encode_json(value))
+
+
+def _flat_json(value: Any) -> bool:
+    """Whether ``value`` is a dict of text keys and plain JSON values (as the database gives it back)."""
+    if type(value) is not dict:
+        return False
+    for key, item in value.items():
+        if type(key) is not str or type(item) not in _JSON_SCALARS:
+            return False
+    return True
 
 
 def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
@@ -662,7 +668,9 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
                 final[node_id] = row
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in created}
     for row in final.values():
-        nodes_by_run[row["run_id"]].append({**row, "meta": _as_stored(row["meta"]) or {}})
+        # derive_run_rows only reads its nodes: a row whose meta is already as stored goes as it is
+        nodes_by_run[row["run_id"]].append(row if _flat_json(row["meta"])
+                                           else {**row, "meta": _as_stored(row["meta"]) or {}})
     usage_by_run: dict[str, list[LlmUsage]] = {run_id: [] for run_id in created}
     for event in batch.events.values():
         if event["run_id"] in created and (event["event_type"], event["event_subtype"]) == LLM_TYPE:
