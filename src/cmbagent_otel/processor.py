@@ -84,6 +84,17 @@ def is_started(span: ReadableSpan) -> bool:
     return isinstance(span, StartedSpan)
 
 
+def as_started(span: ReadableSpan, attributes: Any = None) -> StartedSpan:
+    """``span`` as a started record (no end time, status unset, no events), e.g. one kept in a
+    file; ``attributes`` replace the span's own when given."""
+    return StartedSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=span.attributes if attributes is None else attributes, kind=span.kind,
+        instrumentation_scope=span.instrumentation_scope, status=Status(StatusCode.UNSET),
+        start_time=span.start_time, end_time=None,
+    )
+
+
 def started_snapshot(span: Span) -> ReadableSpan | None:
     """A :class:`StartedSpan` of a span that has not ended (no end time, status unset), or None
     once it has ended (its finished self is queued then)."""
@@ -91,12 +102,7 @@ def started_snapshot(span: Span) -> ReadableSpan | None:
         return None
     attributes = span.attributes
     copy = getattr(attributes, "copy", None)
-    return StartedSpan(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=copy() if copy is not None else dict(attributes or {}), kind=span.kind,
-        instrumentation_scope=span.instrumentation_scope, status=Status(StatusCode.UNSET),
-        start_time=span.start_time, end_time=None,
-    )
+    return as_started(span, copy() if copy is not None else dict(attributes or {}))
 
 
 def _snapshots(items: list[Any]) -> list[ReadableSpan]:

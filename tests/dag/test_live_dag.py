@@ -18,13 +18,12 @@ import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import create_engine, inspect, select
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
-from cmbagent_otel.processor import DurableBatchSpanProcessor, StartedSpan
+from cmbagent_otel.processor import DurableBatchSpanProcessor, as_started
 
 from .scenario import run_scenario
 
@@ -117,9 +116,7 @@ def test_a_long_step_is_running_in_the_database_while_it_runs(db_url: str, live:
 
 def _started(span: ReadableSpan) -> ReadableSpan:
     """What the processor sends when ``span`` starts: a started record, no end time, status unset."""
-    return StartedSpan(name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-                        attributes=span.attributes, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
-                        status=Status(StatusCode.UNSET), start_time=span.start_time, end_time=None)
+    return as_started(span)
 
 
 def _dump(url: str, batches: list[list[ReadableSpan]]) -> dict[str, Any]:
