@@ -360,36 +360,38 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
               started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
+    get = attrs.get
     short = str(attrs[sc.DAG_NODE])
-    node_type = str(attrs.get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
-    kind = attrs.get(sc.SPAN_KIND)
-    parent_short = attrs.get(sc.DAG_PARENT_NODE)
-    order_index = _int(attrs.get(sc.DAG_ORDER_INDEX), 0)
-    status = RUNNING if running else status_of(span)
-    error = None if running else _error_of(span)
-    goal = _text(attrs.get(sc.STEP_GOAL))
-    summary = _text(attrs.get(sc.STEP_SUMMARY))
-    phase_name = _text(attrs.get(sc.PHASE))
-    agent = attrs.get(sc.STEP_AGENT) or attrs.get(sc.GEN_AI_AGENT_NAME)
+    node_type = str(get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
+    kind = get(sc.SPAN_KIND)
+    parent_short = get(sc.DAG_PARENT_NODE)
+    order_index = _int(get(sc.DAG_ORDER_INDEX), 0)
+    failed = not running and span.status.status_code is StatusCode.ERROR
+    status = RUNNING if running else "failed" if failed else "completed"
+    error = _error_of(span) if failed else None
+    goal = _text(get(sc.STEP_GOAL))
+    summary = _text(get(sc.STEP_SUMMARY))
+    phase_name = _text(get(sc.PHASE))
+    agent = get(sc.STEP_AGENT) or get(sc.GEN_AI_AGENT_NAME)
     step_number: int = order_index
     if kind == sc.KIND_PHASE:
         agent = agent or ("planner" if node_type == sc.NODE_PLANNING else phase_name)
         label = str(phase_name or short)
         description = f"{phase_name} phase"
     elif kind == sc.KIND_STEP:
-        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
+        step_number = _int(get(sc.STEP_NUMBER), order_index)
         label = f"Step {step_number}: {str(goal or '')[:80]}"
         description = str(goal or "")
     elif node_type == sc.NODE_REDO:
-        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
-        label = f"Redo {attrs.get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
-        description = str(attrs.get(sc.BRANCH_HYPOTHESIS) or label)
+        step_number = _int(get(sc.STEP_NUMBER), order_index)
+        label = f"Redo {get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
+        description = str(get(sc.BRANCH_HYPOTHESIS) or label)
     elif kind == sc.KIND_CONVERSATION:
-        initiator = _text(attrs.get(sc.CONVERSATION_INITIATOR))
-        recipient = _text(attrs.get(sc.CONVERSATION_RECIPIENT)) or _text(agent)
+        initiator = _text(get(sc.CONVERSATION_INITIATOR))
+        recipient = _text(get(sc.CONVERSATION_RECIPIENT)) or _text(agent)
         agent = agent or recipient or initiator
         label = f"{initiator or '?'} -> {recipient or '?'}"
-        description = _text(attrs.get(sc.CONVERSATION_SUMMARY)) or span.name
+        description = _text(get(sc.CONVERSATION_SUMMARY)) or span.name
     else:
         label = str(agent or span.name)
         description = span.name
@@ -408,13 +410,13 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     if phase_name is not None:
         meta["phase"] = phase_name
     if node_type == sc.NODE_REDO:
-        meta["branch_name"] = _text(attrs.get(sc.BRANCH_NAME))
-        meta["attempt"] = attrs.get(sc.BRANCH_ATTEMPT)
-        meta["hypothesis"] = _text(attrs.get(sc.BRANCH_HYPOTHESIS))
+        meta["branch_name"] = _text(get(sc.BRANCH_NAME))
+        meta["attempt"] = get(sc.BRANCH_ATTEMPT)
+        meta["hypothesis"] = _text(get(sc.BRANCH_HYPOTHESIS))
     meta["span_kind"] = kind
     meta["span_name"] = span.name
     meta["span_id"] = f"{span.context.span_id:016x}"
-    meta["execution_order"] = _int(attrs.get(sc.EXECUTION_ORDER), 0)
+    meta["execution_order"] = _int(get(sc.EXECUTION_ORDER), 0)
     meta["started_at"] = started.isoformat(" ") if started is not None else None
     meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
     meta["duration_ms"] = _duration_ms(span)
@@ -422,7 +424,7 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
         "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
         "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
-        "depth": _int(attrs.get(sc.DAG_DEPTH), 0), "meta": meta,
+        "depth": _int(get(sc.DAG_DEPTH), 0), "meta": meta,
     }
 
 
@@ -630,8 +632,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
 _HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
 
 
-def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-                  trace_id: int, trace_hex: str | None = None) -> list[dict[str, Any]]:
+def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str, trace_id: int,
+                  trace_hex: str | None = None, trace_bytes: bytes | None = None) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
@@ -640,6 +642,9 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
     short = attrs.get(sc.DAG_NODE)
     node_id = node_db_id(run_id, str(short)) if short else None
     trace_hex = trace_hex or f"{trace_id:032x}"
+    if trace_bytes is None:
+        trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
+    span_bytes = trace_bytes + (span_id & _ID64).to_bytes(8, "big")
     span_hex = f"{span_id:016x}"
     span_event_id: str | None = None
     for index, event in enumerate(span.events):
@@ -656,10 +661,12 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         depth = _int(get(sc.EVENT_DEPTH), 0)
         error = get(sc.ERROR_TYPE)
         if depth > 0 and span_event_id is None:
-            span_event_id = event_db_id(trace_id, span_id)
+            span_event_id = _event_id(trace_bytes, span_id)
         source = get(sc.HANDOFF_FROM)
         rows.append({
-            "id": span_event_db_id(trace_id, span_id, index), "run_id": run_id,
+            "id": binascii.b2a_base64(span_bytes + (index & 0xFFFFFF).to_bytes(3, "big"),
+                                      newline=False).translate(_URLSAFE).decode("ascii"),
+            "run_id": run_id,
             "node_id": node_id, "step_id": None, "session_id": session_id,
             "parent_event_id": span_event_id if depth > 0 else None,
             "event_type": _HANDOFF_TYPE, "event_subtype": _HANDOFF_SUBTYPE,
@@ -783,10 +790,11 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
-            for handoff in _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex):
+            handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes)
+            if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
+                _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+            for handoff in handoffs:
                 batch.events[handoff["id"]] = handoff
-                if handoff["node_id"] is not None:
-                    _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
                 parent_event = handoff["parent_event_id"]
                 if parent_event is not None and parent_event not in batch.event_placeholders:
                     batch.event_placeholders[parent_event] = event_placeholder(handoff, parent_event)
@@ -1123,7 +1131,10 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         seen: set[str] = set()
         while node_id is not None and node_id in every and node_id not in seen:
             seen.add(node_id)
-            counts, costs = totals.setdefault(node_id, ([0, 0], []))
+            found = totals.get(node_id)
+            if found is None:
+                found = totals[node_id] = ([0, 0], [])
+            counts, costs = found
             counts[0] += u.prompt_tokens
             counts[1] += u.completion_tokens
             costs.append(u.cost_usd)
