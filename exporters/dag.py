@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from cmbagent_otel import environment_variables
 from cmbagent_otel.dag.database import BadDatabaseURL, prepare_in_background, redacted, resolve_url, target_of
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
+from cmbagent_otel.processor import is_started
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
 
 logger = logging.getLogger("cmbagent_otel.dag")
@@ -171,8 +172,9 @@ class DagSpanExporter(SpanExporter):
 
     def _keep(self, spans: Sequence[ReadableSpan], why: str) -> int:
         """Spill ``spans``; returns how many are on disk (the rest are counted dropped).
-        Started records (no end time) are left out: the finished span carries the final row."""
-        spans = [s for s in spans if s.end_time is not None]
+        Started records (:class:`~cmbagent_otel.processor.StartedSpan`) are left out: the finished
+        span carries the final row."""
+        spans = [s for s in spans if not is_started(s)]
         if not spans:
             return 0
         if self._spill is None:
@@ -263,7 +265,7 @@ class DagSpanExporter(SpanExporter):
             part = pending.pop()
             if len(part) == 1:
                 span = part[0]
-                if span.end_time is None:
+                if is_started(span):
                     continue  # a started record: the finished span carries the row
                 logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
                              getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
@@ -396,7 +398,7 @@ class DagSpanExporter(SpanExporter):
 
 def _finished(spans: Sequence[ReadableSpan]) -> int:
     """How many of ``spans`` are spans (not started records)."""
-    return sum(1 for span in spans if span.end_time is not None)
+    return sum(1 for span in spans if not is_started(span))
 
 
 def span_processor(exporter: DagSpanExporter | None = None, **settings: Any) -> Any:

@@ -70,19 +70,39 @@ class _Started:
         self.span = span
 
 
+class StartedSpan(ReadableSpan):
+    """A started record: the snapshot of a workflow or DAG-node span that has not ended yet
+    (no end time, status unset), sent to exporters that take them (``accepts_started_spans``).
+
+    Exporters tell started records from spans by this type, never by a missing end time: a
+    span ingested over OTLP may come without one and is still a span.
+    """
+
+
+def is_started(span: ReadableSpan) -> bool:
+    """Whether ``span`` is a started record (:class:`StartedSpan`), not a span."""
+    return isinstance(span, StartedSpan)
+
+
+def as_started(span: ReadableSpan, attributes: Any = None) -> StartedSpan:
+    """``span`` as a started record (no end time, status unset, no events), e.g. one kept in a
+    file; ``attributes`` replace the span's own when given."""
+    return StartedSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=span.attributes if attributes is None else attributes, kind=span.kind,
+        instrumentation_scope=span.instrumentation_scope, status=Status(StatusCode.UNSET),
+        start_time=span.start_time, end_time=None,
+    )
+
+
 def started_snapshot(span: Span) -> ReadableSpan | None:
-    """A ``ReadableSpan`` of a span that has not ended (no end time, status unset), or None
+    """A :class:`StartedSpan` of a span that has not ended (no end time, status unset), or None
     once it has ended (its finished self is queued then)."""
     if span.end_time is not None:
         return None
     attributes = span.attributes
     copy = getattr(attributes, "copy", None)
-    return ReadableSpan(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=copy() if copy is not None else dict(attributes or {}), kind=span.kind,
-        instrumentation_scope=span.instrumentation_scope, status=Status(StatusCode.UNSET),
-        start_time=span.start_time, end_time=None,
-    )
+    return as_started(span, copy() if copy is not None else dict(attributes or {}))
 
 
 def _snapshots(items: list[Any]) -> list[ReadableSpan]:
@@ -298,7 +318,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self.exporter.export(batch)
         except Exception:
             logger.exception("cmbagent_otel: span exporter %s raised", type(self.exporter).__name__)
-            self._count_dropped(sum(1 for s in batch if s.end_time is not None), "the exporter raised")
+            self._count_dropped(sum(1 for s in batch if not is_started(s)), "the exporter raised")
         finally:
             detach(token)
 

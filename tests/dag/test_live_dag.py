@@ -18,13 +18,12 @@ import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import create_engine, inspect, select
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
-from cmbagent_otel.processor import DurableBatchSpanProcessor
+from cmbagent_otel.processor import DurableBatchSpanProcessor, as_started
 
 from .scenario import run_scenario
 
@@ -116,10 +115,8 @@ def test_a_long_step_is_running_in_the_database_while_it_runs(db_url: str, live:
 
 
 def _started(span: ReadableSpan) -> ReadableSpan:
-    """What the processor sends when ``span`` starts: no end time, status unset."""
-    return ReadableSpan(name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-                        attributes=span.attributes, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
-                        status=Status(StatusCode.UNSET), start_time=span.start_time, end_time=None)
+    """What the processor sends when ``span`` starts: a started record, no end time, status unset."""
+    return as_started(span)
 
 
 def _dump(url: str, batches: list[list[ReadableSpan]]) -> dict[str, Any]:
@@ -205,3 +202,26 @@ def test_only_workflow_and_node_spans_are_sent_started_and_only_to_exporters_tha
             provider.shutdown()
         assert running == (["workflow w", "phase control"] if expect else [])
         assert all(s.end_time is not None for s in exporter.got[len(running):])
+
+
+def test_a_span_without_end_time_that_is_no_started_record_is_written(db_url: str, provider: Any) -> None:
+    # an OTLP span with end_time_unix_nano 0 decodes to end_time None: a span all the same
+    run_scenario()
+    finished = list(provider.memory.get_finished_spans())
+    open_ended = [ReadableSpan(name=s.name, context=s.context, parent=s.parent, resource=s.resource,
+                               attributes=s.attributes, events=s.events, kind=s.kind, status=s.status,
+                               instrumentation_scope=s.instrumentation_scope, start_time=s.start_time, end_time=None)
+                  for s in finished]
+    exporter = DagSpanExporter(db_url, spill=False)
+    assert exporter.export(open_ended) is SpanExportResult.SUCCESS
+    assert exporter.stats()["exported"] == len(finished)
+    exporter.shutdown()
+    nodes, runs = _state(db_url)
+    assert runs and all(status != "executing" for status, _ in runs)
+    assert "running" not in nodes.values() and "step_1" in nodes
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        events = conn.execute(select(T["execution_events"].c.event_type, T["execution_events"].c.completed_at)).all()
+    engine.dispose()
+    assert {e.event_type for e in events} >= {"agent_call", "code_exec"}
+    assert all(e.completed_at is None for e in events if e.event_type != "handoff")

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 from cmbagent_otel.dag.mapping import run_id_of
 from cmbagent_otel.dag.writer import DagWriter, decode_json, dump_tables
+from cmbagent_otel.processor import as_started
 from cmbagent_otel.spill import record_to_span
 
 APP = Path(__file__).with_name("app.py")
@@ -63,7 +64,7 @@ def read_started(path: Path | str) -> list[ReadableSpan]:
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
         if "started" in record:
-            span = record_to_span(record["started"])
+            span = as_started(record_to_span(record["started"]))
             started[span_key(span)] = span
         elif "flushed" not in record:
             ended.add(span_key(record_to_span(record)))

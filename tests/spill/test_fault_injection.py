@@ -24,6 +24,7 @@ from cmbagent_otel import _spans, phase, step, workflow
 from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.dag.database import upgrade
 from cmbagent_otel.dag.writer import DagWriter, dump_tables
+from cmbagent_otel.processor import as_started
 from cmbagent_otel.spill import SpillStore, record_to_span
 
 CHILD = Path(__file__).with_name("killed_app.py")
@@ -139,7 +140,7 @@ def test_process_killed_between_batches_loses_nothing(tmp_path, short_lock_wait)
     assert len(produced) == 2 * 4  # two finished steps of (step + 3 chats); workflow/phase never ended
     ended = {(s.context.trace_id, s.context.span_id) for s in produced}
     # the workflow and phase never ended: the live DAG's started records left them running
-    open_spans = [s for s in (record_to_span(r["started"]) for r in lines if "started" in r)
+    open_spans = [s for s in (as_started(record_to_span(r["started"])) for r in lines if "started" in r)
                   if (s.context.trace_id, s.context.span_id) not in ended]
     assert [s.name for s in open_spans] == ["workflow killed", "phase control"]
     produced = open_spans + produced

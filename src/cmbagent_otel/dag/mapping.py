@@ -10,6 +10,7 @@ the same rows. See ``docs/dag.md`` for the mapping tables.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
+from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
@@ -87,8 +89,16 @@ _ID64 = (1 << 64) - 1
 def event_db_id(trace_id: int, span_id: int) -> str:
     """Deterministic 32-char event id: base64url (no padding) of the whole 128-bit trace id
     followed by the whole 64-bit span id, so distinct spans never share a row."""
-    raw = (trace_id & _ID128).to_bytes(16, "big") + (span_id & _ID64).to_bytes(8, "big")
-    return base64.urlsafe_b64encode(raw).decode("ascii")
+    return _event_id((trace_id & _ID128).to_bytes(16, "big"), span_id)
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _event_id(trace_bytes: bytes, span_id: int) -> str:
+    """:func:`event_db_id` from the trace id's 16 bytes (computed once per trace in a batch)."""
+    raw = trace_bytes + (span_id & _ID64).to_bytes(8, "big")
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).decode("ascii")
 
 
 def span_event_db_id(trace_id: int, span_id: int, index: int) -> str:
@@ -109,7 +119,7 @@ def ts(ns: int | None) -> datetime | None:
     """Nanoseconds since the epoch -> naive UTC datetime (cmbagent's storage convention)."""
     if ns is None:
         return None
-    return _EPOCH + timedelta(microseconds=ns // 1000)
+    return _EPOCH + timedelta(0, 0, ns // 1000)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -121,6 +131,8 @@ _INT32 = 2**31 - 1
 
 def _int(value: Any, default: int = 0) -> int:
     """An INTEGER column's value: ``default`` when not a number, clamped to 32 bits (PostgreSQL)."""
+    if type(value) is int and -_INT32 <= value <= _INT32:
+        return value
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
@@ -178,20 +190,27 @@ def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
     for key, value in attrs.items():
         kind = type(value)
         if kind is str:
-            if not (value.isascii() and "\x00" not in value) and _rejected(value):
+            if (not value.isascii() or "\x00" in value) and _rejected(value):
                 return True
-        elif (kind is tuple or kind is list) and any(type(v) is str and _rejected(v) for v in value):
-            return True
-        if not key.isascii() and _rejected(key):
+        elif kind is tuple or kind is list:
+            for item in value:
+                if type(item) is str and _rejected(item):
+                    return True
+        if (not key.isascii() or "\x00" in key) and _rejected(key):
             return True
     return False
 
 
 def plain_attributes(span: ReadableSpan) -> dict[str, Any]:
     """A plain-dict copy of the span's attributes (lookups on the SDK's mapping go through Python ABCs)."""
-    attrs = span.attributes
+    return _plain_mapping(span.attributes)
+
+
+def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     if not attrs:
         return {}
+    if type(attrs) is dict:
+        return attrs.copy()
     # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
     # copy; building the dict key by key through the view costs ~25x more
     copy = getattr(attrs, "copy", None)
@@ -242,11 +261,6 @@ def _duration_ms(span: ReadableSpan) -> int | None:
     if span.start_time is None or span.end_time is None:
         return None
     return max(0, (span.end_time - span.start_time) // 1_000_000)
-
-
-def _is_root(span: ReadableSpan) -> bool:
-    parent = span.parent
-    return parent is None or parent.is_remote
 
 
 # --- batch container ----------------------------------------------------------------------
@@ -346,36 +360,38 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
               started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
+    get = attrs.get
     short = str(attrs[sc.DAG_NODE])
-    node_type = str(attrs.get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
-    kind = attrs.get(sc.SPAN_KIND)
-    parent_short = attrs.get(sc.DAG_PARENT_NODE)
-    order_index = _int(attrs.get(sc.DAG_ORDER_INDEX), 0)
-    status = RUNNING if running else status_of(span)
-    error = None if running else _error_of(span)
-    goal = _text(attrs.get(sc.STEP_GOAL))
-    summary = _text(attrs.get(sc.STEP_SUMMARY))
-    phase_name = _text(attrs.get(sc.PHASE))
-    agent = attrs.get(sc.STEP_AGENT) or attrs.get(sc.GEN_AI_AGENT_NAME)
+    node_type = str(get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
+    kind = get(sc.SPAN_KIND)
+    parent_short = get(sc.DAG_PARENT_NODE)
+    order_index = _int(get(sc.DAG_ORDER_INDEX), 0)
+    failed = not running and span.status.status_code is StatusCode.ERROR
+    status = RUNNING if running else "failed" if failed else "completed"
+    error = _error_of(span) if failed else None
+    goal = _text(get(sc.STEP_GOAL))
+    summary = _text(get(sc.STEP_SUMMARY))
+    phase_name = _text(get(sc.PHASE))
+    agent = get(sc.STEP_AGENT) or get(sc.GEN_AI_AGENT_NAME)
     step_number: int = order_index
     if kind == sc.KIND_PHASE:
         agent = agent or ("planner" if node_type == sc.NODE_PLANNING else phase_name)
         label = str(phase_name or short)
         description = f"{phase_name} phase"
     elif kind == sc.KIND_STEP:
-        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
+        step_number = _int(get(sc.STEP_NUMBER), order_index)
         label = f"Step {step_number}: {str(goal or '')[:80]}"
         description = str(goal or "")
     elif node_type == sc.NODE_REDO:
-        step_number = _int(attrs.get(sc.STEP_NUMBER), order_index)
-        label = f"Redo {attrs.get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
-        description = str(attrs.get(sc.BRANCH_HYPOTHESIS) or label)
+        step_number = _int(get(sc.STEP_NUMBER), order_index)
+        label = f"Redo {get(sc.BRANCH_ATTEMPT, '?')} of step {step_number}"
+        description = str(get(sc.BRANCH_HYPOTHESIS) or label)
     elif kind == sc.KIND_CONVERSATION:
-        initiator = _text(attrs.get(sc.CONVERSATION_INITIATOR))
-        recipient = _text(attrs.get(sc.CONVERSATION_RECIPIENT)) or _text(agent)
+        initiator = _text(get(sc.CONVERSATION_INITIATOR))
+        recipient = _text(get(sc.CONVERSATION_RECIPIENT)) or _text(agent)
         agent = agent or recipient or initiator
         label = f"{initiator or '?'} -> {recipient or '?'}"
-        description = _text(attrs.get(sc.CONVERSATION_SUMMARY)) or span.name
+        description = _text(get(sc.CONVERSATION_SUMMARY)) or span.name
     else:
         label = str(agent or span.name)
         description = span.name
@@ -394,19 +410,21 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     if phase_name is not None:
         meta["phase"] = phase_name
     if node_type == sc.NODE_REDO:
-        meta["branch_name"] = _text(attrs.get(sc.BRANCH_NAME))
-        meta["attempt"] = attrs.get(sc.BRANCH_ATTEMPT)
-        meta["hypothesis"] = _text(attrs.get(sc.BRANCH_HYPOTHESIS))
-    meta.update({
-        "span_kind": kind, "span_name": span.name, "span_id": f"{span.context.span_id:016x}",
-        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "started_at": iso(started),
-        "completed_at": iso(completed), "duration_ms": _duration_ms(span),
-    })
+        meta["branch_name"] = _text(get(sc.BRANCH_NAME))
+        meta["attempt"] = get(sc.BRANCH_ATTEMPT)
+        meta["hypothesis"] = _text(get(sc.BRANCH_HYPOTHESIS))
+    meta["span_kind"] = kind
+    meta["span_name"] = span.name
+    meta["span_id"] = f"{span.context.span_id:016x}"
+    meta["execution_order"] = _int(get(sc.EXECUTION_ORDER), 0)
+    meta["started_at"] = started.isoformat(" ") if started is not None else None
+    meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
+    meta["duration_ms"] = _duration_ms(span)
     return {
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
         "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
         "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
-        "depth": _int(attrs.get(sc.DAG_DEPTH), 0), "meta": meta,
+        "depth": _int(get(sc.DAG_DEPTH), 0), "meta": meta,
     }
 
 
@@ -512,103 +530,156 @@ def _scrub_value(value: Any) -> Any:
 
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    cache: dict[str, str] | None = _values.entries()  # computed with the secrets known now
+    cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    secret_keys = _secret_keys
     for key, value in attrs.items():
-        if is_secret_key(key):
+        secret = secret_keys.get(key)
+        if secret is None:
+            secret = _secret_key(key)
+        if secret:
             learn_secrets_in({key: value})
-            cache = None
+            cache = {}  # a secret learned: nothing cached before it may be used
             out[key] = REDACTED
-        elif value is None or type(value) in _PLAIN_TYPES:
+            continue
+        kind = type(value)
+        if kind is str:
+            hit = cache.get(value)
+            out[key] = hit if hit is not None else _values.redact(value)
+        elif value is None or kind in _PLAIN_TYPES:
             out[key] = value
-        elif cache is not None and type(value) is str and (hit := cache.get(value)) is not None:
-            out[key] = hit
         else:
             out[key] = _scrub_value(value)
     return out
 
 
 _PLAIN_TYPES = frozenset({bool, int, float})
+# attribute key -> whether it names a secret (a fixed pattern: keys repeat across every span)
+_secret_keys: dict[str, bool] = {}
+
+
+def _secret_key(key: str) -> bool:
+    secret = is_secret_key(key)
+    if len(_secret_keys) >= 4096:
+        _secret_keys.clear()
+    _secret_keys[key] = secret
+    return secret
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-               trace_id: int, started: datetime | None, completed: datetime | None) -> dict[str, Any]:
-    kind = attrs.get(sc.SPAN_KIND)
-    event_type, subtype = _event_type(kind, span, attrs)
+               trace_id: int, started: datetime | None, completed: datetime | None,
+               trace_hex: str | None = None, trace_bytes: bytes | None = None) -> dict[str, Any]:
+    get = attrs.get
+    kind = get(sc.SPAN_KIND)
+    if trace_bytes is None:
+        trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
+    failed = span.status.status_code is StatusCode.ERROR
+    if kind is None:
+        event_type, subtype = FOREIGN_TYPE
+    elif kind == sc.KIND_CODE:
+        event_type, subtype = _event_type(kind, span, attrs)
+    else:
+        found = EVENT_TYPES.get(kind)
+        event_type, subtype = found if found is not None else ("info", str(kind)[:50])
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
+    span_id = span.context.span_id
+    name = span.name
     meta: dict[str, Any] = {
-        "span_name": span.name,
-        "trace_id": f"{trace_id:032x}",
-        "span_id": f"{span.context.span_id:016x}",
+        "span_name": name,
+        "trace_id": trace_hex or f"{trace_id:032x}",
+        "span_id": f"{span_id:016x}",
         "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
     }
     if kind is None:
-        meta["name"] = span.name
-    phase = attrs.get(sc.PHASE)
+        meta["name"] = name
+    phase = get(sc.PHASE)
     if phase is not None:
         meta["workflow_phase"] = phase
     if kind == sc.KIND_LLM:
         # cmbagent's node execution summary adds meta["tokens"] to an int: the total goes
         # there, the split under its own keys
-        prompt = _int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
-        completion = _int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
+        prompt = _int(get(sc.GEN_AI_USAGE_INPUT_TOKENS), 0)
+        completion = _int(get(sc.GEN_AI_USAGE_OUTPUT_TOKENS), 0)
         meta["tokens"] = _int(prompt + completion)
         meta["prompt_tokens"] = prompt
         meta["completion_tokens"] = completion
-        meta["cost_usd"] = _float(attrs.get(sc.LLM_COST_USD))
-        meta["model"] = _text(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL))
+        meta["cost_usd"] = _float(get(sc.LLM_COST_USD))
+        meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
-    short = attrs.get(sc.DAG_NODE)
-    depth = _int(attrs.get(sc.EVENT_DEPTH), 0)
+    short = get(sc.DAG_NODE)
+    depth = _int(get(sc.EVENT_DEPTH), 0)
+    agent = _agent_of(kind, attrs)
+    if agent is not None and (type(agent) is not str or len(agent) > 100):
+        agent = str(agent)[:100]
+    start_ns, end_ns = span.start_time, span.end_time
     return {
-        "id": event_db_id(trace_id, span.context.span_id), "run_id": run_id,
+        "id": _event_id(trace_bytes, span_id), "run_id": run_id,
         "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
-        "parent_event_id": (event_db_id(trace_id, parent.span_id)
+        "parent_event_id": (_event_id(trace_bytes, parent.span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
         "event_type": event_type, "event_subtype": subtype,
-        "agent_name": _str(_agent_of(kind, attrs), 100), "agent_role": None,
+        "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": _duration_ms(span), "inputs": inputs or None,
-        "outputs": outputs or None, "error_message": _error_of(span), "meta": meta,
-        "execution_order": _int(attrs.get(sc.EXECUTION_ORDER), 0), "depth": depth,
-        "status": status_of(span),
+        "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
+        "inputs": inputs or None, "outputs": outputs or None,
+        "error_message": _error_of(span) if failed else None, "meta": meta,
+        "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+        "status": "failed" if failed else "completed",
     }
 
 
-def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-                  trace_id: int) -> list[dict[str, Any]]:
+_HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
+
+
+def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str, trace_id: int,
+                  trace_hex: str | None = None, trace_bytes: bytes | None = None) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
     rows: list[dict[str, Any]] = []
     span_id = span.context.span_id
+    short = attrs.get(sc.DAG_NODE)
+    node_id = node_db_id(run_id, str(short)) if short else None
+    trace_hex = trace_hex or f"{trace_id:032x}"
+    if trace_bytes is None:
+        trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
+    span_bytes = trace_bytes + (span_id & _ID64).to_bytes(8, "big")
+    span_hex = f"{span_id:016x}"
+    span_event_id: str | None = None
     for index, event in enumerate(span.events):
         found = event.attributes
         if not found or found.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        ev = {k: _clean_value(v) for k, v in found.items()}
+        ev = _plain_mapping(found)
+        if _attrs_rejected(ev):
+            ev = {k: _clean_value(v) for k, v in ev.items()}
         when = ts(event.timestamp)
         clean = _attributes_meta(ev)
         inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
-        depth = _int(ev.get(sc.EVENT_DEPTH), 0)
-        short = attrs.get(sc.DAG_NODE)
-        error = ev.get(sc.ERROR_TYPE)
+        get = ev.get
+        depth = _int(get(sc.EVENT_DEPTH), 0)
+        error = get(sc.ERROR_TYPE)
+        if depth > 0 and span_event_id is None:
+            span_event_id = _event_id(trace_bytes, span_id)
+        source = get(sc.HANDOFF_FROM)
         rows.append({
-            "id": span_event_db_id(trace_id, span_id, index), "run_id": run_id,
-            "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
-            "parent_event_id": event_db_id(trace_id, span_id) if depth > 0 else None,
-            "event_type": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][0],
-            "event_subtype": EVENT_TYPES[sc.KIND_SPEAKER_SELECTION][1],
+            "id": binascii.b2a_base64(span_bytes + (index & 0xFFFFFF).to_bytes(3, "big"),
+                                      newline=False).translate(_URLSAFE).decode("ascii"),
+            "run_id": run_id,
+            "node_id": node_id, "step_id": None, "session_id": session_id,
+            "parent_event_id": span_event_id if depth > 0 else None,
+            "event_type": _HANDOFF_TYPE, "event_subtype": _HANDOFF_SUBTYPE,
             "agent_name": _str(_agent_of(sc.KIND_SPEAKER_SELECTION, ev), 100), "agent_role": None,
             "timestamp": when or _EPOCH, "started_at": when, "completed_at": when, "duration_ms": 0,
             "inputs": inputs or None, "outputs": outputs or None,
-            "error_message": (truncate(_values.redact(str(ev.get("exception.message") or error)))
+            "error_message": (truncate(_values.redact(str(get("exception.message") or error)))
                               if error is not None else None),
-            "meta": {"span_name": db_text(f"select_speaker {ev.get(sc.HANDOFF_FROM)}"),
-                     "trace_id": f"{trace_id:032x}", "span_id": None, "parent_span_id": f"{span_id:016x}",
+            "meta": {"span_name": f"select_speaker {source}" if type(source) is str
+                     else db_text(f"select_speaker {source}"),
+                     "trace_id": trace_hex, "span_id": None, "parent_span_id": span_hex,
                      "event_index": index, "attributes": clean},
-            "execution_order": _int(ev.get(sc.EXECUTION_ORDER), 0), "depth": depth,
+            "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
             "status": "failed" if error is not None else "completed",
         })
     return rows
@@ -681,43 +752,58 @@ def _node_placeholder(batch: MappedBatch, run_id: str, session_id: str, short: A
 def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     """Map spans (any order, duplicates allowed) to rows for every table.
 
-    A span without an end time is a *started* record (the durable processor sends one when
-    a workflow or DAG-node span starts: the live DAG): it gives a run row of rank
-    ``workflow_started`` (status ``executing``) or a ``running`` node row that the writer
-    never lets replace a finished one; started records of other spans are ignored.
+    A :class:`~cmbagent_otel.processor.StartedSpan` is a *started* record (the durable
+    processor sends one when a workflow or DAG-node span starts: the live DAG): it gives a
+    run row of rank ``workflow_started`` (status ``executing``) or a ``running`` node row
+    that the writer never lets replace a finished one; started records of other spans are
+    ignored. Any other span is a finished one, even without an end time (an OTLP span with
+    ``end_time_unix_nano`` 0): its rows have no completion time and no duration.
     """
     batch = MappedBatch()
+    traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
+    sessions = batch.sessions
     for span in spans:
         ctx = span.context
         if ctx is None:
             continue
-        span, attrs = sanitized(span, plain_attributes(span))
+        running = isinstance(span, StartedSpan)
+        span, attrs = sanitized(span, _plain_mapping(span.attributes))
         trace_id = ctx.trace_id
-        run_id = run_id_of(trace_id)
-        session_id = str(attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID)[:36]
-        started, completed = ts(span.start_time), ts(span.end_time)
-        running = span.end_time is None
+        found = traces.get(trace_id)
+        if found is None:
+            found = traces[trace_id] = (run_id_of(trace_id), f"{trace_id:032x}",
+                                        (trace_id & _ID128).to_bytes(16, "big"))
+        run_id, trace_hex, trace_bytes = found
+        session_id = attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID
+        if type(session_id) is not str or len(session_id) > 36:
+            session_id = str(session_id)[:36]
+        start_ns, end_ns = span.start_time, span.end_time
+        started = None if start_ns is None else _EPOCH + timedelta(0, 0, start_ns // 1000)
+        completed = None if end_ns is None else _EPOCH + timedelta(0, 0, end_ns // 1000)
         kind = attrs.get(sc.SPAN_KIND)
         if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
             continue
-        _touch_session(batch, session_id, started, completed)
+        session = sessions.get(session_id)
+        if session is None or started is None or completed is None or started < session["created_at"] \
+                or completed > session["last_active_at"]:
+            _touch_session(batch, session_id, started, completed)
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
-            for handoff in _handoff_rows(span, attrs, run_id, session_id, trace_id):
+            handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes)
+            if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
+                _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+            for handoff in handoffs:
                 batch.events[handoff["id"]] = handoff
-                if handoff["node_id"] is not None:
-                    ph = node_placeholder(run_id, session_id, str(attrs[sc.DAG_NODE]))
-                    batch.node_placeholders.setdefault(ph["id"], ph)
-                if handoff["parent_event_id"] is not None:
-                    batch.event_placeholders.setdefault(handoff["parent_event_id"],
-                                                        event_placeholder(handoff, handoff["parent_event_id"]))
+                parent_event = handoff["parent_event_id"]
+                if parent_event is not None and parent_event not in batch.event_placeholders:
+                    batch.event_placeholders[parent_event] = event_placeholder(handoff, parent_event)
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
             meta = {k: v for k, v in pairs if v is not None}
             meta.update({"otel_source": RANK_NAMES[RANK_STARTED if running else RANK_WORKFLOW],
-                         "trace_id": f"{trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
+                         "trace_id": trace_hex, "span_id": f"{ctx.span_id:016x}",
                          "error": None if running else _error_of(span)})
             _offer_run(batch, run_id, RANK_STARTED if running else RANK_WORKFLOW, run_row(
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
@@ -729,7 +815,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             ))
             batch.dag_runs.add(run_id)
             continue
-        if not running and _is_root(span):
+        if not running and ((parent := span.parent) is None or parent.is_remote):
             _offer_run(batch, run_id, RANK_ROOT, run_row(
                 run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
                 agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
@@ -747,14 +833,14 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                 _node_placeholder(batch, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
-        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed)
+        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes)
         batch.events[event["id"]] = event
         short = attrs.get(sc.DAG_NODE)
         if short:
             _node_placeholder(batch, run_id, session_id, short)
         if kind is None:
             parent = span.parent
-            parent_id = event_db_id(trace_id, parent.span_id) if parent is not None and not parent.is_remote else None
+            parent_id = _event_id(trace_bytes, parent.span_id) if parent is not None and not parent.is_remote else None
             batch.foreign_parents[event["id"]] = (parent_id, run_id)
         elif (parent_event := event["parent_event_id"]) is not None and parent_event not in batch.event_placeholders:
             batch.event_placeholders[parent_event] = event_placeholder(event, parent_event)
@@ -817,7 +903,7 @@ def _parse_ts(value: Any) -> datetime | None:
 
 def _meta(node: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = node.get("meta")
-    return meta if isinstance(meta, Mapping) else {}
+    return meta if type(meta) is dict or isinstance(meta, Mapping) else {}
 
 
 def _order_key(node: Mapping[str, Any]) -> tuple[int, int, str]:
@@ -1045,7 +1131,10 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         seen: set[str] = set()
         while node_id is not None and node_id in every and node_id not in seen:
             seen.add(node_id)
-            counts, costs = totals.setdefault(node_id, ([0, 0], []))
+            found = totals.get(node_id)
+            if found is None:
+                found = totals[node_id] = ([0, 0], [])
+            counts, costs = found
             counts[0] += u.prompt_tokens
             counts[1] += u.completion_tokens
             costs.append(u.cost_usd)
@@ -1067,10 +1156,14 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
     for node in out.nodes:
         node["meta"].update(values(node["id"]))
     for node in real:
-        wanted = values(node["id"])
+        found = totals.get(node["id"])
+        wanted = ZERO_USAGE if found is None else _usage_values(*found[0], found[1])
         meta = _meta(node)
-        if any(type(meta.get(k)) is not type(v) or meta.get(k) != v for k, v in wanted.items()):
-            out.node_updates.append({**node, "meta": {**meta, **wanted}})
+        for key, value in wanted.items():
+            old = meta.get(key)
+            if type(old) is not type(value) or old != value:
+                out.node_updates.append({**node, "meta": {**meta, **wanted}})
+                break
 
     fallback = run.get("started_at") or _EPOCH
     for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():

@@ -352,9 +352,12 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
     _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()), created)
     _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"), created)
-    runs_with_events = {e["run_id"] for e in batch.events.values()}
-    if runs_with_events:
-        _repair_foreign(conn, sql, runs_with_events)
+    # A run this batch created has no events stored but the batch's: only runs with foreign
+    # events in the batch, or with events stored before it, can have anything to repair.
+    repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
+    repair.update(run_id for _, run_id in batch.foreign_parents.values())
+    if repair:
+        _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
     # The layout (edges, derived nodes, branch rows, session state) depends on a run's row
     # and its nodes; usage totals and cost records also on its LLM events. A batch that
@@ -624,9 +627,24 @@ def _edge_rows(edges: Iterable[tuple[str, str, str, str | None]]) -> list[dict[s
             for f, t, d, c in sorted(edges, key=lambda k: (k[0], k[1], k[2], k[3] or ""))]
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_TEXT = frozenset({str})
+
+
 def _as_stored(value: Any) -> Any:
     """A JSON value as the database gives it back (tuples become lists, keys text...)."""
-    return None if value is None else json.loads(encode_json(value))
+    if value is None:
+        return None
+    if _flat_json(value):
+        return value.copy()  # the JSON round trip would change nothing
+    return json.loads(encode_json(value))
+
+
+def _flat_json(value: Any) -> bool:
+    """Whether ``value`` is a dict of text keys and plain JSON values (as the database gives it back)."""
+    # map over type: the checks run in C, no Python frame per key
+    return type(value) is dict and all(map(_TEXT.__contains__, map(type, value))) and all(
+        map(_JSON_SCALARS.__contains__, map(type, value.values())))
 
 
 def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
@@ -648,7 +666,9 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
                 final[node_id] = row
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in created}
     for row in final.values():
-        nodes_by_run[row["run_id"]].append({**row, "meta": _as_stored(row["meta"]) or {}})
+        # derive_run_rows only reads its nodes: a row whose meta is already as stored goes as it is
+        nodes_by_run[row["run_id"]].append(row if _flat_json(row["meta"])
+                                           else {**row, "meta": _as_stored(row["meta"]) or {}})
     usage_by_run: dict[str, list[LlmUsage]] = {run_id: [] for run_id in created}
     for event in batch.events.values():
         if event["run_id"] in created and (event["event_type"], event["event_subtype"]) == LLM_TYPE:
