@@ -428,8 +428,11 @@ class SpillStore:
             if pid == os.getpid() or (age < STALE_TMP_S and pid > 0 and _pid_alive(pid)):
                 continue  # possibly still being written
             try:
-                read_spill(tmp)
+                # empty (the writer died between creating and writing it): nothing was reported spilled
+                whole = bool(read_spill(tmp).spans)
             except SpillFileError:
+                whole = False
+            if not whole:
                 logger.warning("cmbagent_otel: removing incomplete spill file %s (its writer died mid-write)", tmp)
                 with contextlib.suppress(OSError):
                     tmp.unlink()

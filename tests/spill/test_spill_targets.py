@@ -171,8 +171,11 @@ def test_leftover_tmp_files_are_recovered_or_removed(capture, tmp_path, caplog):
         names.append(name)
     live = spill_dir / f"spill-{'9' * 20}-{os.getppid()}-000001-{'0' * 12}.otlp.tmp"
     live.write_bytes(b"being written")  # a live process's fresh .tmp is left alone
-    assert store.recover() == 2
+    empty = spill_dir / f"spill-{'8' * 20}-{dead}-000002-{'0' * 12}.otlp.tmp"
+    empty.write_bytes(b"")  # killed between creating the file and writing its header
+    assert store.recover() == 3
     assert (spill_dir / names[0]).exists() and not (spill_dir / f"{names[1]}.tmp").exists()
+    assert not empty.exists() and not empty.with_suffix("").exists()
     assert "removing incomplete spill file" in caplog.text and live.exists()
     exporter = DagSpanExporter(url, spill_dir=spill_dir)
     assert exporter.replay() == (6, 0)
