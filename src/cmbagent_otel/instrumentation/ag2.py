@@ -766,7 +766,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
-        reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
+        reasons = [str(r) for c in choices if (r := getattr(c, "finish_reason", None))]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
