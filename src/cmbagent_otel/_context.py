@@ -361,7 +361,7 @@ def _finish(frame: Frame) -> None:
 
 def raw_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     """The scope stored in the active context (an anchor's own scope, not its open frame)."""
-    value = otel_context.get_value(_SCOPE_KEY, ctx)
+    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
     return value if isinstance(value, Scope) else None
 
 
@@ -371,7 +371,7 @@ def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     The scope of the active context, or, when that scope is an anchor with an open frame,
     the frame's scope (the work belongs to the frame's node).
     """
-    value = otel_context.get_value(_SCOPE_KEY, ctx)
+    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
     if not isinstance(value, Scope):
         return None
     cursor = value.cursor

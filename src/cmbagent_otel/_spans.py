@@ -154,10 +154,6 @@ class NodeSpec:
         self.numbered = numbered
 
 
-def _clamp(value: int) -> int:
-    return value if value <= _INT32 else _INT32
-
-
 def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | None, new_conversation: bool,
                       scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
     """``compose`` for an execution event (not a DAG node, not a run's root) in ``scope``."""
@@ -209,7 +205,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         if node.child:
             k = state.next_child_index(scope.dag_node or "")
             parent_order = scope.dag_order if scope.dag_node is not None else 1
-            order = _clamp(parent_order * CHILD_ORDER_BASE + k)
+            order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
             if node.numbered:
                 base_id = f"{base_id}_{k}"
         node_id = state.unique_node_id(base_id) if node.unique else base_id
@@ -401,14 +397,15 @@ class SamplingProbe:
             if real is None or real is getattr(tracer, "_noop_tracer", None):
                 return (_ALWAYS, True) if real is not None else (_UNKNOWN, False)
             tracer = real
+            # the global provider is set once: a proxy's real delegate, and so its sampler, never change
+            self._tracer = tracer
         if isinstance(tracer, trace.NoOpTracer):
             kind, root = _ALWAYS, True
         elif isinstance(tracer, SdkTracer):
             kind, root = _sampler_kind(getattr(tracer, "sampler", None))
         else:
             kind, root = _UNKNOWN, False
-        if self._tracer is tracer:  # a proxy's delegate could still change: classify it again next time
-            self._kind, self._root_drops = kind, root
+        self._kind, self._root_drops = kind, root
         return kind, root
 
     def drops(self, ctx: otel_context.Context) -> bool:
@@ -424,13 +421,14 @@ class SamplingProbe:
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if span is None:
             return root
-        if span.is_recording():
-            return False  # a recording parent: the full path, the SDK decides (sampled, in practice)
         last = self._last
         if last[0] is span:
             return last[1]
-        span_context = span.get_span_context()
-        decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
+        if span.is_recording():
+            decision = False  # a recording parent: the full path, the SDK decides (sampled, in practice)
+        else:
+            span_context = span.get_span_context()
+            decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
         self._last = (span, decision)
         return decision
 

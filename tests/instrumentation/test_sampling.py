@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +129,23 @@ def test_probe_reads_the_sampler_ahead_only_when_it_can():
     assert not drops(TraceIdRatioBased(0.5), unsampled)  # not parent-based: the SDK decides
     assert not drops(ParentBased(ALWAYS_ON, local_parent_not_sampled=ALWAYS_ON), unsampled)
     assert SamplingProbe(trace.NoOpTracer()).drops(otel_context.Context())
+
+
+def test_probe_of_the_global_tracer_follows_the_provider_set_later():
+    """In a fresh process: a proxy tracer drops everything until the app sets its SDK provider,
+    then reads that provider's sampler (parent-based: an unsampled parent is dropped ahead)."""
+    script = textwrap.dedent("""
+        from opentelemetry import context, trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+        from cmbagent_otel import semconv
+        from cmbagent_otel._spans import SamplingProbe, make_tracer
+
+        probe = SamplingProbe(make_tracer(semconv.SCOPE_AG2))
+        unsampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(1, 2, False, TraceFlags(0))))
+        before = probe.drops(context.Context())
+        trace.set_tracer_provider(TracerProvider())
+        print(before, probe.drops(context.Context()), probe.drops(unsampled), probe.drops(context.Context()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "False", "True", "False"]

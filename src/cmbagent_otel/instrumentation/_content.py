@@ -88,18 +88,35 @@ def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any)
     return agent_name(agent)
 
 
+# whether a config entry's key names a secret, by key: the few names of a config list, asked on every call
+_SECRET_NAMES: dict[Any, bool] = {}
+_SECRET_NAMES_MAX = 1024
+
+
+def _names_secret(name: Any) -> bool:
+    lower = str(name).lower()
+    found = "key" in lower or "token" in lower
+    if len(_SECRET_NAMES) >= _SECRET_NAMES_MAX:
+        _SECRET_NAMES.clear()  # key names of one process's configs: a bound, not a cache policy
+    _SECRET_NAMES[name] = found
+    return found
+
+
 def register_llm_config_secrets(config_list: Any) -> None:
     """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere. Walked
-    on every call (a few entries, a known value costs one set lookup): a key replaced inside an
-    entry is registered before the call that uses it."""
+    on every call (a few entries; a key name's verdict is cached, a known value costs one set
+    lookup): a key replaced inside an entry is registered before the call that uses it."""
     try:
         if not config_list:
             return
+        names = _SECRET_NAMES
         for config in config_list:
             if isinstance(config, dict):
                 for name, value in config.items():
-                    if (isinstance(value, str) and not is_registered(value)
-                            and ("key" in name.lower() or "token" in name.lower())):
+                    secret = names.get(name)
+                    if secret is None:
+                        secret = _names_secret(name)
+                    if secret and isinstance(value, str) and not is_registered(value):
                         register_secret(value)
     except Exception:
         pass

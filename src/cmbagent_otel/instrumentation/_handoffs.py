@@ -146,31 +146,28 @@ def _event_room(span: Span) -> int:
 
 
 def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
-    """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled)."""
-    ctx = get_current()
-    if suppressed(ctx):
-        return None
-    scope = ctx.get(_SCOPE_KEY)
-    if not isinstance(scope, Scope):
-        scope = None
-    span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
-    if scope is not None:
-        if scope.owner is not None:
-            span = scope.owner  # ours, even when another instrumentation's span is current inside it
-        if scope.cursor is not None:
-            # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
-            frame = scope.cursor.resolve()
-            if frame is not None:
-                scope, span = frame.scope, frame.span
-    if span is None or not span.is_recording():  # unsampled: nothing to record it on
-        return None
-    last = kwargs.get("last_speaker", args[0] if args else None)
-    return Selection(state, groupchat, last, scope, span)
-
-
-def _begin_safely(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
+    """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled,
+    or our own error: never the app's)."""
     try:
-        return _begin(state, groupchat, args, kwargs)
+        ctx = get_current()
+        if suppressed(ctx):
+            return None
+        scope = ctx.get(_SCOPE_KEY)
+        if not isinstance(scope, Scope):
+            scope = None
+        span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+        if scope is not None:
+            if scope.owner is not None:
+                span = scope.owner  # ours, even when another instrumentation's span is current inside it
+            if scope.cursor is not None:
+                # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
+                frame = scope.cursor.resolve()
+                if frame is not None:
+                    scope, span = frame.scope, frame.span
+        if span is None or not span.is_recording():  # unsampled: nothing to record it on
+            return None
+        last = kwargs.get("last_speaker", args[0] if args else None)
+        return Selection(state, groupchat, last, scope, span)
     except Exception:
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
         return None
@@ -189,7 +186,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return wrapped(*args, **kwargs)
-        selection = _begin_safely(state, instance, args, kwargs)
+        selection = _begin(state, instance, args, kwargs)
         if selection is None:
             return wrapped(*args, **kwargs)
         token = _selection.set(selection)
@@ -211,7 +208,7 @@ def selection_async(state: Any) -> Callable[..., Any]:
                       kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        selection = _begin_safely(state, instance, args, kwargs)
+        selection = _begin(state, instance, args, kwargs)
         if selection is None:
             return await wrapped(*args, **kwargs)
         token = _selection.set(selection)

@@ -467,11 +467,6 @@ def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: A
     agents[key] = (ref, static)
 
 
-def _name_of(state: _State, agent: Any) -> str:
-    """An agent's name, from its cached static facts when it has them."""
-    return cached_name(state.agents, agent)
-
-
 def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
     """The messages the agent replies to (opt-in content), newest kept first."""
     messages = _arg(args, kwargs, 0, "messages")
@@ -495,7 +490,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        sender_name = _name_of(state, sender)
+        sender_name = cached_name(state.agents, sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -766,7 +761,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
-        reasons = [str(r) for r in (getattr(c, "finish_reason", None) for c in choices) if r]
+        reasons = [str(r) for c in choices if (r := getattr(c, "finish_reason", None))]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
@@ -796,7 +791,7 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
         semconv.GEN_AI_TOOL_TYPE: "function",
-        semconv.GEN_AI_AGENT_NAME: _name_of(state, instance),
+        semconv.GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
     }
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):
@@ -1009,7 +1004,7 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
 
 # --- human input --------------------------------------------------------------------------------------
 def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    name = _name_of(state, instance)
+    name = cached_name(state.agents, instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
