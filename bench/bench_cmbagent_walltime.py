@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _stats import median_iqr
+
 HERE = Path(__file__).resolve().parent
 SCRIPTED = HERE.parent / "tests" / "integration_cmbagent"
 TARGET = 1.03
@@ -107,11 +109,7 @@ def _spawn(variant: str, workflow: str, tmp: str, env: dict[str, str]) -> dict[s
 
 
 def _summary(values: list[float]) -> str:
-    ordered = sorted(values)
-    if len(ordered) < 2:
-        return f"{ordered[0]:.2f} s"
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    return f"{statistics.median(ordered):.2f} s (IQR {q1:.2f}-{q3:.2f})"
+    return median_iqr(values, ".2f", unit=" s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from _stats import median_iqr
+
 HERE = Path(__file__).resolve().parent
 TARGET_RATIO = 0.70
 Statement = tuple[str, list[tuple[Any, ...]]]
@@ -308,11 +310,7 @@ def same_rows(a: str, b: str) -> list[str]:
 
 def summary(values: list[float], per: int) -> str:
     """Median and IQR in microseconds per span."""
-    us = sorted(v / per * 1e6 for v in values)
-    if len(us) < 2:
-        return f"{us[0]:7.1f}"
-    q1, _, q3 = statistics.quantiles(us, n=4, method="inclusive")
-    return f"{statistics.median(us):7.1f} (IQR {q1:.1f}-{q3:.1f})"
+    return median_iqr((v / per * 1e6 for v in values), width=7)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from _stats import median_iqr
+
 HERE = Path(__file__).resolve().parent
 TARGET_RATE = 8_000
 PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
@@ -74,11 +76,7 @@ def run(batches: list[list[Any]], base: str) -> tuple[float, float]:
 
 
 def _iqr(values: list[float], fmt: str) -> str:
-    ordered = sorted(values)
-    if len(ordered) < 2:
-        return format(ordered[0], fmt)
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    return f"{format(statistics.median(ordered), fmt)} (IQR {format(q1, fmt)}-{format(q3, fmt)})"
+    return median_iqr(values, fmt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

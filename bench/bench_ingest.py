@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from _stats import quartiles
+
 HERE = Path(__file__).resolve().parent
 TARGET_CPU_US = 90.0
 TARGET_RSS_MIB = 96.0
@@ -112,9 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rss_runs.append(rss)
             print(f"  rep {rep + 1}: {cpus[-1]:.1f} us server CPU/span, RSS {rss[0]:.1f} -> {rss[-1]:.1f} MiB "
                   f"(peak {max(rss):.1f})", file=sys.stderr)
-    ordered = sorted(cpus)
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else (ordered[0],) * 3
-    median = statistics.median(ordered)
+    q1, median, q3 = quartiles(cpus)
     per_body = args.batch
 
     def at(run: list[float], spans: int) -> float:

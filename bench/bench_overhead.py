@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from _stats import quartiles
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("baseline", "ours", "ours_content", "ours_metrics", "ours_sampler_off", "ag2_builtin",
             "ag2_builtin_content", "openinference", "sdk_floor", "sdk_floor_lean")
@@ -267,15 +269,6 @@ class Bench:
                                              exporter.event_attributes), before, strict=True))
         return {"s": elapsed, "calls": counter.calls, "spans": spans, "events": events,
                 "attributes": attributes, "event_attributes": event_attributes}
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile) of ``values``."""
-    if len(values) < 2:
-        value = values[0] if values else float("nan")
-        return value, value, value
-    q1, q2, q3 = statistics.quantiles(values, n=4)
-    return q1, q2, q3
 
 
 def available(variant: str) -> str | None:

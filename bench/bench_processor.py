@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from _stats import median_iqr
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -153,9 +154,7 @@ def live_latency(tmp: str, nodes: int = 20) -> list[float]:
 
 
 def summary(values: list[float]) -> str:
-    us = sorted(v * 1e6 for v in values)
-    q1, _, q3 = statistics.quantiles(us, n=4, method="inclusive")
-    return f"{statistics.median(us):7.1f} us  (IQR {q1:.1f}-{q3:.1f})"
+    return median_iqr((v * 1e6 for v in values), width=7, unit=" us ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
