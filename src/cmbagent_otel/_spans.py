@@ -45,8 +45,6 @@ from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
 
-SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
-
 
 def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -> Tracer:
     """The tracer of one instrumentation scope (``semconv.SCOPE_*``) from ``provider`` (``None``: the global one).
@@ -54,7 +52,7 @@ def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -
     A provider that fails to give one yields a no-op tracer: telemetry off, never an error in the app.
     """
     try:
-        return trace.get_tracer(scope_name, __version__, tracer_provider=provider, schema_url=SCHEMA_URL)
+        return trace.get_tracer(scope_name, __version__, tracer_provider=provider, schema_url=semconv.SCHEMA_URL)
     except Exception:
         logger.warning("cmbagent_otel: the tracer provider failed to create a tracer; %s spans are off",
                        scope_name, exc_info=True)

@@ -43,7 +43,6 @@ from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
 
-SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.37.0"
 
 GEN_AI_CLIENT_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
 GEN_AI_CLIENT_OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
@@ -70,7 +69,8 @@ def get_meter(scope_name: str, meter_provider: otel_metrics.MeterProvider | None
     A provider that fails to give one yields a no-op meter: metrics off, never an error in the app.
     """
     try:
-        return otel_metrics.get_meter(scope_name, __version__, meter_provider=meter_provider, schema_url=SCHEMA_URL)
+        return otel_metrics.get_meter(scope_name, __version__, meter_provider=meter_provider,
+                                      schema_url=semconv.SCHEMA_URL)
     except Exception:
         logger.warning("cmbagent_otel: the meter provider failed to create a meter; %s metrics are off",
                        scope_name, exc_info=True)

@@ -29,6 +29,8 @@ INSTRUMENTATION_NAME: Final = "cmbagent_otel"
 # (workflow, phase, step, redo, failed-attempt events), whoever derives it, from the workflow
 # scope. Nothing downstream (DAG mapping, ingest) depends on the scope name.
 SCOPE_AG2: Final = "cmbagent_otel.ag2"
+# the semantic-conventions version our tracers, meters and loggers declare
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.37.0"
 SCOPE_WORKFLOW: Final = "cmbagent_otel.workflow"
 
 # --- GenAI semantic conventions -------------------------------------------------------

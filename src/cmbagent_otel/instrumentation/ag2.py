@@ -63,7 +63,7 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
 from .._context import _SCOPE_KEY, Scope, current_scope, get_current, suppressed
-from .._spans import SCHEMA_URL, NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
+from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
@@ -536,27 +536,26 @@ def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
     return scope is not None and scope.in_workflow and scope.steps is None
 
 
-def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> Any:
-    traced = None
+def _unsampled_agent_span(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> TracedSpan | None:
+    """The span an unrecorded agent call still gets: only a manager whose chat derives plan steps."""
     try:
         if _derives_steps(state, instance, ctx):
-            traced = _agent(state, ctx, instance, args, kwargs)
+            return _agent(state, ctx, instance, args, kwargs)
     except Exception:
         logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
-    if traced is None:
-        return wrapped(*args, **kwargs)
+    return None
+
+
+def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
 async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
                             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    traced = None
-    try:
-        if _derives_steps(state, instance, ctx):
-            traced = _agent(state, ctx, instance, args, kwargs)
-    except Exception:
-        logger.debug("cmbagent_otel: span setup failed in _agent", exc_info=True)
+    traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
@@ -1147,7 +1146,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         event_logger = None
         if mode.on_events:
             try:
-                event_logger = _logs.get_logger(semconv.SCOPE_AG2, __version__, schema_url=SCHEMA_URL,
+                event_logger = _logs.get_logger(semconv.SCOPE_AG2, __version__, schema_url=semconv.SCHEMA_URL,
                                                 logger_provider=kwargs.get("logger_provider"))
             except Exception:
                 logger.warning("cmbagent_otel: no logger for content events; they are off", exc_info=True)
