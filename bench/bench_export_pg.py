@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -55,9 +54,8 @@ def fresh_schema(base: str) -> Iterator[str]:
 
 def run(batches: list[list[Any]], base: str) -> tuple[float, float]:
     """(wall s, thread CPU s) of exporting ``batches`` into a fresh, migrated schema."""
-    from bench_export import clear_id_caches
+    from bench_export import timed_export
     from cmbagent_otel.exporters.dag import DagSpanExporter
-    from opentelemetry.sdk.trace.export import SpanExportResult
 
     from cmbagent_otel.dag.database import ensure_schema
 
@@ -65,14 +63,7 @@ def run(batches: list[list[Any]], base: str) -> tuple[float, float]:
         ensure_schema(url)
         exporter = DagSpanExporter(url, spill=False)
         exporter.export(batches[0][:1])  # connect (pool, session settings) outside the timer
-        clear_id_caches()
-        start, cpu = time.perf_counter(), time.thread_time()
-        for batch in batches:
-            if exporter.export(batch) is not SpanExportResult.SUCCESS:
-                raise SystemExit("DagSpanExporter reported FAILURE")
-        elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
-        exporter.shutdown()
-    return elapsed, cpu
+        return timed_export(exporter, batches)
 
 
 def _iqr(values: list[float], fmt: str) -> str:
