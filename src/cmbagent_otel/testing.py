@@ -309,3 +309,16 @@ def activate(agent: Any, script: Iterable[str | dict[str, Any]]) -> None:
         agent.register_model_client(ScriptedModelClient, script=list(script))
         return
     shared_server().route(agent._offline_api_key, list(script))
+
+
+class ExitingConsole:
+    """An AG2 IOStream whose human types ``exit`` at every prompt and sees nothing printed."""
+
+    def print(self, *objects: Any, sep: str = " ", end: str = "\n", flush: bool = False) -> None:
+        pass
+
+    def send(self, message: Any) -> None:
+        pass
+
+    def input(self, prompt: str = "", *, password: bool = False) -> str:
+        return "exit"

@@ -20,7 +20,7 @@ import cmbagent_otel
 from cmbagent_otel import semconv
 from cmbagent_otel.demo import group_chat_step, order_speakers, prepare_group
 from cmbagent_otel.instrumentation.ag2 import AG2Instrumentor
-from cmbagent_otel.testing import FakeOpenAIServer, activate, offline_agent, offline_backend
+from cmbagent_otel.testing import ExitingConsole, FakeOpenAIServer, activate, offline_agent, offline_backend
 
 
 def scripted(name: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
@@ -331,19 +331,9 @@ def test_nested_chats_are_traced(instrumented):
 def test_human_input_is_traced_without_content_by_default(instrumented):
     from autogen.io import IOStream
 
-    class Console:
-        def print(self, *objects: Any, sep: str = " ", end: str = "\n", flush: bool = False) -> None:
-            pass
-
-        def send(self, message: Any) -> None:
-            pass
-
-        def input(self, prompt: str = "", *, password: bool = False) -> str:
-            return "exit"
-
     alice = scripted("alice", ["what next?"])
     human = ConversableAgent("human", llm_config=False, human_input_mode="ALWAYS")
-    with IOStream.set_default(Console()):
+    with IOStream.set_default(ExitingConsole()):
         human.initiate_chat(alice, message="start", max_turns=2)
     span = instrumented.one("await_human_input human")
     assert span.attributes[semconv.GEN_AI_AGENT_NAME] == "human"

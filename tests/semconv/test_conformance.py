@@ -30,7 +30,7 @@ import cmbagent_otel
 from cmbagent_otel import semconv
 from cmbagent_otel.demo import group_chat_step
 from cmbagent_otel.instrumentation._models import CUSTOM_PROVIDER, PROVIDERS
-from cmbagent_otel.testing import FakeOpenAIServer, offline_agent
+from cmbagent_otel.testing import ExitingConsole, FakeOpenAIServer, offline_agent
 
 from .genai_schema import BY_ATTRIBUTE
 
@@ -55,17 +55,6 @@ class Recorded:
     @property
     def events(self) -> list[Any]:
         return [r.log_record for r in self.logs_memory.get_finished_logs()]
-
-
-class _Console:
-    def print(self, *objects: Any, sep: str = " ", end: str = "\n", flush: bool = False) -> None:
-        pass
-
-    def send(self, message: Any) -> None:
-        pass
-
-    def input(self, prompt: str = "", *, password: bool = False) -> str:
-        return "exit"
 
 
 REQUEST_PARAMETERS = {"temperature": 0.2, "top_p": 0.9, "seed": 7, "frequency_penalty": 0.1, "presence_penalty": 0.3}
@@ -135,7 +124,7 @@ def scenario(work_dir: str) -> dict[str, Any]:
             auto_selected_group(work_dir)
             alice = offline_agent("alice", ["what next?"])
             human = ConversableAgent("human", llm_config=False, human_input_mode="ALWAYS")
-            with IOStream.set_default(_Console()):
+            with IOStream.set_default(ExitingConsole()):
                 human.initiate_chat(alice, message="start", max_turns=2)
     return request  # type: ignore[no-any-return]
 
