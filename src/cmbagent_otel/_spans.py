@@ -19,6 +19,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -30,6 +31,7 @@ from ._context import (
     Frame,
     RunState,
     Scope,
+    _fill,
     attach,
     child_context,
     detach,
@@ -44,6 +46,7 @@ from .redaction import redact, truncate
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
+_new_scope = object.__new__
 
 
 def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -> Tracer:
@@ -505,10 +508,38 @@ class TracedSpan:
                         scope = frame.scope
                         parent_ctx = span_context(ctx, frame.span)
             kind = self._kind
-            if scope is not None and self._node is None and run is None:
-                # an execution event inside a run, most spans: compose()'s event case, directly
-                attrs, new_scope = _event_attributes(scope, kind, self._attrs, self._new_conversation,
-                                                     self._scope_changes)
+            if scope is not None and self._node is None and run is None and not self._new_conversation:
+                # an execution event inside a run in the same conversation, most spans: compose()'s
+                # event case (_event_attributes, Scope.child_event) written out
+                conversation_id = scope.conversation_id
+                session = scope.run.session_id
+                attrs = {semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: scope.run.next_order(),
+                         semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
+                if conversation_id is not None:
+                    attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+                if scope.dag_node is not None:
+                    attrs[semconv.DAG_NODE] = scope.dag_node
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                new_scope = _new_scope(Scope)
+                new_scope.run = scope.run
+                new_scope.conversation_id = conversation_id
+                new_scope.dag_node = scope.dag_node
+                new_scope.dag_node_type = scope.dag_node_type
+                new_scope.dag_depth = scope.dag_depth
+                new_scope.dag_order = scope.dag_order
+                new_scope.event_depth = scope.event_depth + 1
+                new_scope.agent_depth = scope.agent_depth
+                new_scope.phase = scope.phase
+                new_scope.step = scope.step
+                new_scope.in_workflow = scope.in_workflow
+                new_scope.steps = scope.steps
+                new_scope.cursor = new_scope.handoffs = None
+                changes = self._scope_changes
+                if changes:
+                    for name, value in changes.items():  # a fresh scope nobody holds yet
+                        setattr(new_scope, name, value)
+                if self._attrs:
+                    attrs.update(self._attrs)
             else:
                 attrs, new_scope = compose(scope, kind, self._attrs, self._node, self._new_conversation, run,
                                            self._scope_changes)
@@ -516,7 +547,14 @@ class TracedSpan:
                 self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
             self.span = span
             self.scope = new_scope
-            self._token = attach(child_context(parent_ctx, span, new_scope))
+            new_scope.owner = span
+            if SPAN_KEY is None:
+                self._token = attach(child_context(parent_ctx, span, new_scope))
+            else:  # child_context written out: a fresh copy nobody else holds yet, filled in place
+                new = Context(parent_ctx)
+                _fill(new, SPAN_KEY, span)
+                _fill(new, _SCOPE_KEY, new_scope)
+                self._token = attach(new)
             if kind in TIMED_KINDS:
                 self._timing = _timing(kind, attrs, new_scope)
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 from typing import Any
@@ -631,3 +632,25 @@ def test_group_tool_runner_is_never_a_node(instrumented, monkeypatch, tmp_path):
     assert instrumented.one("execute_tool finish").attributes[semconv.DAG_NODE] == "step_1"
     nodes = [s.attributes[semconv.DAG_NODE] for s in instrumented.spans if semconv.DAG_NODE_TYPE in s.attributes]
     assert nodes == ["control", "step_1", "step_1_worker"]
+
+
+def test_agent_protocol_methods_read_as_plain_methods(capture):
+    """generate_reply / a_generate_reply (members of AG2's Agent protocol, read on every isinstance check)
+    are patched with plain functions: ordinary methods to AG2 and inspect, restored by uninstrument()."""
+    cls = conversable_agent.ConversableAgent
+    sync_original, async_original = vars(cls)["generate_reply"], vars(cls)["a_generate_reply"]
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        alice = scripted("alice", ["hi"])
+        assert isinstance(alice, autogen.Agent)
+        patched = vars(cls)["a_generate_reply"]
+        assert patched.__wrapped__ is async_original and patched.__name__ == "a_generate_reply"
+        assert inspect.iscoroutinefunction(patched) and inspect.iscoroutinefunction(alice.a_generate_reply)
+        assert not inspect.iscoroutinefunction(alice.generate_reply)
+        assert inspect.signature(alice.generate_reply) == inspect.signature(sync_original.__get__(alice, cls))
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+        bob.initiate_chat(alice, message="x", max_turns=1, silent=True)
+        assert "invoke_agent alice" in [s.name for s in capture.spans]
+    finally:
+        cmbagent_otel.uninstrument()
+    assert vars(cls)["generate_reply"] is sync_original and vars(cls)["a_generate_reply"] is async_original

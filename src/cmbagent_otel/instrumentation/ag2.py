@@ -44,11 +44,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import inspect
 import json
 import logging
 import subprocess
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Collection, Iterable
 from time import perf_counter
@@ -62,7 +64,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, Scope, current_scope, get_current, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current, suppressed
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -150,6 +152,9 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
     return args[index] if len(args) > index else None
 
 
+_FAST: Any = object()  # a wrapper's decision: not recorded, take the fast path
+
+
 def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], instance: Any,
             args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedSpan | None, Context | None]:
     """``(span, None)`` to record the call, ``(None, context)`` for the fast path of a call that is not
@@ -207,13 +212,33 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     if record in _CONTENT_ONLY and not state.capture:
         record = None  # it records message content only: nothing to do with capture off
 
+    # _decide and _run_traced written out: this runs for most spans, one frame less each
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return wrapped(*args, **kwargs)
-        traced, ctx = _decide(state, probe, build, instance, args, kwargs)
-        if ctx is not None and fast is not None:  # not recorded: the fast path
-            return fast(state, ctx, wrapped, instance, args, kwargs)
-        return _run_traced(state, traced, record, wrapped, instance, args, kwargs)
+        try:
+            ctx = get_current()
+            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                traced = None
+            elif probe.drops(ctx):
+                traced = _FAST if fast is not None else None
+            else:
+                traced = build(state, ctx, instance, args, kwargs)
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = None
+        if traced is None:
+            return wrapped(*args, **kwargs)
+        if traced is _FAST:  # not recorded: the fast path
+            return fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
+        with traced:
+            result = wrapped(*args, **kwargs)
+            if record is not None:
+                try:
+                    record(state, traced, instance, args, kwargs, result)
+                except Exception:
+                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
@@ -1067,9 +1092,45 @@ def _popen_wrapper(state: _State) -> Callable[..., Any]:
     return popen_init
 
 
+# AG2's Agent protocol members: ``isinstance(x, Agent)`` (AG2 asks it several times per turn) reads
+# them off the agent, and through a wrapt wrapper every read builds a bound wrapper object (about
+# as costly as a span's own bookkeeping). These two are patched with a plain function instead
+# (:func:`_plain_method`): it reads as an ordinary method, calls the same wrapper, carries
+# ``__wrapped__`` (as a wrapt wrapper does) and is found and removed anywhere in a chain of wrapt
+# wrappers like the others of ours are.
+PLAIN_METHODS = frozenset({("ConversableAgent", "generate_reply"), ("ConversableAgent", "a_generate_reply")})
+
+
+def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> Any:
+    """``original`` (a class attribute) patched with ``wrapper`` (a wrapt-style wrapper of ours) as a
+    plain function: ``wrapper(bound original, instance, args, kwargs)``, an ``async def`` when the
+    original is one."""
+    bind = original.__get__
+    if inspect.iscoroutinefunction(original):
+        async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await wrapper(bind(self, type(self)), self, args, kwargs)
+    else:
+        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            return wrapper(bind(self, type(self)), self, args, kwargs)
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        with contextlib.suppress(Exception):
+            setattr(patched, name, getattr(original, name))
+    patched.__wrapped__ = original  # type: ignore[attr-defined]
+    patched._cmbagent_otel = state  # type: ignore[attr-defined]
+    return patched
+
+
 def _state_of(node: Any) -> Any:
-    """The :class:`_State` a wrapt wrapper of ours belongs to (``None``: not ours)."""
+    """The :class:`_State` a wrapper of ours (wrapt, or :func:`_plain_method`) belongs to (``None``: not ours)."""
+    if type(node) is types.FunctionType:  # never through a proxy: it would answer for what it wraps
+        return vars(node).get("_cmbagent_otel")
     return getattr(getattr(node, "_self_wrapper", None), "_cmbagent_otel", None)
+
+
+def _link(node: Any) -> bool:
+    """Whether ``node`` is a link of a wrapper chain: a wrapt wrapper, or a plain-function wrapper of ours."""
+    return isinstance(node, wrapt.ObjectProxy) or (type(node) is types.FunctionType
+                                                   and "_cmbagent_otel" in vars(node))
 
 
 def _ours_in_chain(value: Any) -> bool:
@@ -1077,7 +1138,7 @@ def _ours_in_chain(value: Any) -> bool:
     instrumentation, e.g. OpenInference, may have wrapped before or after us)."""
     node = value
     for _ in range(32):
-        if not isinstance(node, wrapt.ObjectProxy):
+        if not _link(node):
             return False
         state = _state_of(node)
         if isinstance(state, _State) and state.active:
@@ -1094,7 +1155,7 @@ def _unwrap_ours(owner: Any, attr: str, state: _State | None) -> None:
     parent = None
     node = current
     for _ in range(32):
-        if not isinstance(node, wrapt.ObjectProxy):
+        if not _link(node) or (parent is not None and not isinstance(parent, wrapt.ObjectProxy)):
             return  # not there any more (someone else restored the original): nothing of ours to remove
         if _state_of(node) is state:
             if parent is None:
@@ -1177,7 +1238,10 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
             wrapper = make_wrapper(state)
             try:
-                wrapt.wrap_function_wrapper(owner, attr, wrapper)
+                if (owner_name, attr) in PLAIN_METHODS:
+                    setattr(owner, attr, _plain_method(current, wrapper, state))
+                else:
+                    wrapt.wrap_function_wrapper(owner, attr, wrapper)
             except Exception:
                 logger.debug("cmbagent_otel: could not patch %s.%s", owner, attr, exc_info=True)
                 continue
