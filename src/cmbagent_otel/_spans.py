@@ -388,7 +388,8 @@ class SamplingProbe:
         self._kind: int | None = None
         self._root_drops = False
         # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
-        # same parent again and again (one tuple, so threads never pair a span with another's answer)
+        # same parent again and again (one tuple, so threads never pair a span with another's answer);
+        # a recording parent answers is_recording() first, nothing cached
         self._last: tuple[Any, bool] = (None, False)
 
     def _classify(self) -> tuple[int, bool]:
@@ -422,14 +423,13 @@ class SamplingProbe:
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if span is None:
             return root
+        if span.is_recording():
+            return False  # a recording parent: the full path, the SDK decides (sampled, in practice)
         last = self._last
         if last[0] is span:
             return last[1]
-        if span.is_recording():
-            decision = False  # a recording parent: the full path, the SDK decides (sampled, in practice)
-        else:
-            span_context = span.get_span_context()
-            decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
+        span_context = span.get_span_context()
+        decision = root if not span_context.is_valid else not span_context.trace_flags.sampled
         self._last = (span, decision)
         return decision
 

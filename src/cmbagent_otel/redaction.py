@@ -208,6 +208,7 @@ def learn_secrets_in(value: Any) -> None:
 
 
 _MAX_JSON_TEXT = 1 << 20  # longer strings are scanned as text, not parsed
+_SCALARS = frozenset({bool, int, float})  # never secrets, never containers
 
 
 def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
@@ -228,6 +229,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         return
     if isinstance(value, dict):
         for key, item in value.items():
+            if item is None or type(item) in _SCALARS:
+                continue  # what the call would return at once for (config objects are mostly these)
             _register_walk(item, depth + 1, secret or is_secret_key(str(key)), register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -240,7 +243,10 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     fields = getattr(type(value), "model_fields", None)  # pydantic v2 model
     if isinstance(fields, dict):
         for name in fields:
-            _register_walk(getattr(value, name, None), depth + 1, secret or is_secret_key(name), register)
+            item = getattr(value, name, None)
+            if item is None or type(item) in _SCALARS:
+                continue
+            _register_walk(item, depth + 1, secret or is_secret_key(name), register)
         extra = getattr(value, "__pydantic_extra__", None)
         if isinstance(extra, dict):
             _register_walk(extra, depth + 1, secret, register)

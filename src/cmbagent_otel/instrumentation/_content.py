@@ -102,24 +102,46 @@ def _names_secret(name: Any) -> bool:
     return found
 
 
+# id -> (config entry, its key names, its secret-named (name, value) pairs) as last walked: an entry
+# whose key names and secret values are the same objects again needs no walk (registered secrets
+# are never forgotten). Bounded like _seen_configs (each entry keeps its config alive).
+_walked_entries: OrderedDict[int, tuple[Any, frozenset[Any], tuple[tuple[Any, Any], ...]]] = OrderedDict()
+
+
 def register_llm_config_secrets(config_list: Any) -> None:
-    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere. Walked
-    on every call (a few entries; a key name's verdict is cached, a known value costs one set
-    lookup): a key replaced inside an entry is registered before the call that uses it."""
+    """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere. Checked
+    on every call (an entry already walked costs a comparison of its key names and secret values):
+    a key replaced or added inside an entry is registered before the call that uses it."""
     try:
         if not config_list:
             return
-        names = _SECRET_NAMES
+        walked = _walked_entries
         for config in config_list:
-            if isinstance(config, dict):
-                for name, value in config.items():
-                    secret = names.get(name)
-                    if secret is None:
-                        secret = _names_secret(name)
-                    if secret and isinstance(value, str) and not is_registered(value):
-                        register_secret(value)
+            if type(config) is not dict and not isinstance(config, dict):
+                continue
+            seen = walked.get(id(config))
+            if seen is not None and seen[0] is config and seen[1] == config.keys() \
+                    and all(config.get(name) is value for name, value in seen[2]):
+                continue
+            _register_entry(config)
     except Exception:
         pass
+
+
+def _register_entry(config: dict[Any, Any]) -> None:
+    names = _SECRET_NAMES
+    secrets = []
+    for name, value in config.items():
+        secret = names.get(name)
+        if secret is None:
+            secret = _names_secret(name)
+        if secret:
+            secrets.append((name, value))
+            if isinstance(value, str) and not is_registered(value):
+                register_secret(value)
+    _walked_entries[id(config)] = (config, frozenset(config), tuple(secrets))
+    if len(_walked_entries) > _SEEN_CONFIGS_MAX:
+        _walked_entries.popitem(last=False)
 
 
 # Several cmbagent runs' worth of agents (~48 per run); a config evicted early is only walked
