@@ -26,6 +26,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from . import semconv
 from ._context import (
+    _GIL,
     _SCOPE_KEY,
     SPAN_KEY,
     Frame,
@@ -508,32 +509,59 @@ class TracedSpan:
                         scope = frame.scope
                         parent_ctx = span_context(ctx, frame.span)
             kind = self._kind
-            if scope is not None and self._node is None and run is None and not self._new_conversation:
-                # an execution event inside a run in the same conversation, most spans: compose()'s
-                # event case (_event_attributes, Scope.child_event) written out
+            node = self._node
+            if scope is not None and run is None and not self._new_conversation:
+                # a span inside a run in the same conversation, nearly every span: compose() (its event
+                # case and its DAG-node case) and Scope.child_event / child_node written out
+                state = scope.run
                 conversation_id = scope.conversation_id
-                session = scope.run.session_id
-                attrs = {semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: scope.run.next_order(),
-                         semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
+                session = state.session_id
+                attrs = {semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: next(state._order) if _GIL
+                         else state.next_order(), semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
                 if conversation_id is not None:
                     attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
-                if scope.dag_node is not None:
-                    attrs[semconv.DAG_NODE] = scope.dag_node
-                attrs[semconv.EVENT_DEPTH] = scope.event_depth
                 new_scope = _new_scope(Scope)
-                new_scope.run = scope.run
+                new_scope.run = state
                 new_scope.conversation_id = conversation_id
-                new_scope.dag_node = scope.dag_node
-                new_scope.dag_node_type = scope.dag_node_type
-                new_scope.dag_depth = scope.dag_depth
-                new_scope.dag_order = scope.dag_order
-                new_scope.event_depth = scope.event_depth + 1
-                new_scope.agent_depth = scope.agent_depth
                 new_scope.phase = scope.phase
                 new_scope.step = scope.step
                 new_scope.in_workflow = scope.in_workflow
                 new_scope.steps = scope.steps
                 new_scope.cursor = new_scope.handoffs = None
+                parent_node = scope.dag_node
+                if node is None:
+                    if parent_node is not None:
+                        attrs[semconv.DAG_NODE] = parent_node
+                    attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                    new_scope.dag_node = parent_node
+                    new_scope.dag_node_type = scope.dag_node_type
+                    new_scope.dag_depth = scope.dag_depth
+                    new_scope.dag_order = scope.dag_order
+                    new_scope.event_depth = scope.event_depth + 1
+                    new_scope.agent_depth = scope.agent_depth
+                else:
+                    order = node.order_index
+                    base_id = node.base_id
+                    if node.child:
+                        k = state.next_child_index(parent_node or "")
+                        order = min((scope.dag_order if parent_node is not None else 1) * CHILD_ORDER_BASE + k,
+                                    _INT32)
+                        if node.numbered:
+                            base_id = f"{base_id}_{k}"
+                    node_id = state.unique_node_id(base_id) if node.unique else base_id
+                    depth = scope.dag_depth + 1
+                    attrs[semconv.DAG_NODE] = node_id
+                    attrs[semconv.DAG_NODE_TYPE] = node.node_type
+                    attrs[semconv.DAG_DEPTH] = depth
+                    if parent_node is not None:
+                        attrs[semconv.DAG_PARENT_NODE] = parent_node
+                    if order is not None:
+                        attrs[semconv.DAG_ORDER_INDEX] = order
+                    new_scope.dag_node = node_id
+                    new_scope.dag_node_type = node.node_type
+                    new_scope.dag_depth = depth
+                    new_scope.dag_order = order or 0
+                    new_scope.event_depth = new_scope.agent_depth = 0
                 changes = self._scope_changes
                 if changes:
                     for name, value in changes.items():  # a fresh scope nobody holds yet
@@ -541,7 +569,7 @@ class TracedSpan:
                 if self._attrs:
                     attrs.update(self._attrs)
             else:
-                attrs, new_scope = compose(scope, kind, self._attrs, self._node, self._new_conversation, run,
+                attrs, new_scope = compose(scope, kind, self._attrs, node, self._new_conversation, run,
                                            self._scope_changes)
             span = (self._tracer or workflow_tracers.current()).start_span(
                 self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
-from .._context import _SCOPE_KEY, SPAN_KEY, Scope, get_current, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
 from .._spans import TracedSpan, compose, record_exception
 from ..redaction import redact, truncate
 from ._content import agent_name, cached_name
@@ -60,7 +60,7 @@ def _reason(groupchat: Any) -> str:
 class Selection:
     """One speaker selection in progress: where it happens and what it would record."""
 
-    __slots__ = ("attributes", "from_name", "groupchat", "promoted", "scope", "span")
+    __slots__ = ("facts", "from_name", "groupchat", "promoted", "scope", "span")
 
     def __init__(self, state: Any, groupchat: Any, last: Any, scope: Scope | None, span: Span) -> None:
         self.groupchat = groupchat
@@ -68,19 +68,23 @@ class Selection:
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
         self.from_name = cached_name(state.agents, last) if last is not None else "none"
-        reason, candidates = _group_facts(state, groupchat)
-        self.attributes: dict[str, Any] = {
-            semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-            semconv.HANDOFF_REASON: reason,
-            semconv.HANDOFF_CANDIDATES: candidates,
-        }
+        self.facts = _group_facts(state, groupchat)  # (reason, candidates)
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The handoff's from / reason / candidates attributes (a new dict)."""
+        reason, candidates = self.facts
+        return {semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
+                semconv.HANDOFF_REASON: reason, semconv.HANDOFF_CANDIDATES: candidates}
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
         if self.promoted:
             return
         try:
-            attrs = self.attributes
+            reason, candidates = self.facts
+            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: reason,
+                     semconv.HANDOFF_CANDIDATES: candidates}
             if result is not None:
                 attrs[semconv.HANDOFF_TO] = cached_name(state.agents, result)
             if exc is not None:
@@ -102,13 +106,13 @@ class Selection:
                 attrs[semconv.EVENT_DEPTH] = scope.event_depth
                 self.span.add_event(EVENT_NAME, attrs)
             else:
-                self._as_span(state, exc)
+                self._as_span(state, exc, attrs)
         except Exception:
             logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
 
-    def _as_span(self, state: Any, exc: BaseException | None) -> None:
+    def _as_span(self, state: Any, exc: BaseException | None, outcome: dict[str, Any]) -> None:
         """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
-        attrs, _ = compose(self.scope, semconv.KIND_SPEAKER_SELECTION, self.attributes, None, False, None, None)
+        attrs, _ = compose(self.scope, semconv.KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
         attrs.pop("exception.message", None)
         span = state.tracer.start_span(f"select_speaker {self.from_name}",
                                        context=trace.set_span_in_context(self.span), kind=SpanKind.INTERNAL,
@@ -150,7 +154,7 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
     or our own error: never the app's)."""
     try:
         ctx = get_current()
-        if suppressed(ctx):
+        if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
             return None
         scope = ctx.get(_SCOPE_KEY)
         if not isinstance(scope, Scope):
