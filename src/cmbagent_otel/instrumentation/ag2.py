@@ -2,7 +2,10 @@
 
 Patching is class-level (wrapt), on methods AG2 looks up at call time, so agents built
 before ``instrument()`` are covered too (AG2 stores *reply functions* per agent at
-construction; those are never patched, only what they call):
+construction; those are never patched, only what they call). ``generate_reply`` and
+``a_generate_reply`` (members of AG2's ``Agent`` protocol, read off the agent by every
+``isinstance`` check against it) get a plain function calling the same wrapper instead of a
+wrapt proxy (:data:`PLAIN_METHODS`); it carries ``__wrapped__`` and is removed like the others:
 
 ==========================================================  ==================================
 patched                                                      span
