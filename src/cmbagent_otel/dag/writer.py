@@ -30,8 +30,8 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 from .. import environment_variables
 from .. import semconv as sc
 from . import schema
-from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
-from .errors import Fault, classify
+from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, script_heads, sqlite_file
+from .errors import Fault, SchemaIncompatible, classify
 from .mapping import (
     FOREIGN_TYPE,
     LLM_TYPE,
@@ -134,9 +134,13 @@ class DagWriter:
         if self._migrate:
             try:
                 ensure_schema(self.url, repair=repair, engine=self.engine)
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
                     self._repair = self._repair or repair
+                if isinstance(exc, Exception) and classify(exc) is Fault.FATAL:
+                    # a migration that fails for no driver reason: the database's schema, not the spans
+                    raise SchemaIncompatible(f"cannot migrate the schema of {redacted(self.url)} to "
+                                             f"{', '.join(sorted(script_heads()))}: {_first_line(exc)}") from exc
                 raise
         if self._file is not None and self._file_id is None:
             self._file_id = _identity(self._file)
