@@ -123,10 +123,20 @@ def parse_port(raw: str | int) -> int | None:
     return raw
 
 
+def _utf8(raw: str) -> None:
+    """Refuse bytes that are not UTF-8 (``os.environ`` keeps them as surrogates): no database
+    URL can hold them, and every path we derive from them would fail later, in the app."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8") from None
+
+
 def _database_url(raw: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    _utf8(raw)
     try:
         backend = make_url(raw).get_backend_name()
     except ArgumentError:
@@ -137,6 +147,7 @@ def _database_url(raw: str) -> str:
 
 
 def _path(raw: str) -> str:
+    _utf8(raw)
     return str(Path(raw).expanduser())
 
 
