@@ -36,7 +36,12 @@ from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
 
-_SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD)
+_SECRET_ENV_NAME = re.compile(
+    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
+    r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
+    re.IGNORECASE,
+)
 _SECRET_KEY_NAME = re.compile(
     r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
     r"auth[_-]?token)\w*|.*token|.*authorization|auth|pass|pwd|.*cookie)$",
