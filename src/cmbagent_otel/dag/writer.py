@@ -211,8 +211,11 @@ class DagWriter:
             self._reopen(f"file {file} was deleted or replaced", repair=True)
         self._prepare()
         expected = self._file_id
-        with self.engine.begin() as conn:
-            _write_batch(conn, batch, costs=self.cost_records != "off")
+        with self.engine.connect() as conn:
+            sql = sql_for(conn)
+            sql.defer_timeouts(conn)
+            with conn.begin():
+                _write_batch(conn, batch, costs=self.cost_records != "off")
         if file is not None and expected is not None and _identity(file) != expected:
             # committed into a file that is no longer the database: write it again
             self._reopen(f"file {file} was deleted or replaced during a write", repair=True)
@@ -286,8 +289,8 @@ def _write_started(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapp
         return
     status: dict[str, Any] = {}
     for part in sql.in_chunks([r["id"] for r in rows]):
-        status.update(conn.exec_driver_sql(f"SELECT id, status FROM {table.name} WHERE {sql.where_in('id', len(part))}",
-                                           sql.in_params(part)).all())
+        status.update(sql.rows(conn, f"SELECT id, status FROM {table.name} WHERE {sql.where_in('id', len(part))}",
+                               sql.in_params(part)))
     sql.insert(conn, table, [r for r in rows if r["id"] not in status])
     sql.update(conn, table, [r for r in rows if status.get(r["id"]) == RUNNING])
 
@@ -334,11 +337,16 @@ def _lock_runs(conn: Connection, batch: MappedBatch) -> None:
     if conn.dialect.name != "postgresql" or not batch.runs:
         return
     keys = sorted({_lock_key(run_id) for run_id in batch.runs})
-    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
+    sql_for(conn).write(conn, "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
 
 
 def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) -> None:
     sql = sql_for(conn)
+    with sql.batch(conn):
+        _write_batch_statements(conn, sql, batch, costs=costs)
+
+
+def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, costs: bool) -> None:
     _lock_runs(conn, batch)
     _write_sessions(conn, sql, batch)
     created, changed = _write_runs(conn, sql, batch)
@@ -394,8 +402,8 @@ def _touch_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
     if not batch.sessions:
         return
     table = T["sessions"]
-    conn.exec_driver_sql(f"{sql.insert_sql(table)} ON CONFLICT (id) DO UPDATE SET {_TOUCH}",
-                         sql.params([batch.sessions[k] for k in sorted(batch.sessions)], sql.columns(table)))
+    sql.write(conn, f"{sql.insert_sql(table)} ON CONFLICT (id) DO UPDATE SET {_TOUCH}",
+              sql.params([batch.sessions[k] for k in sorted(batch.sessions)], sql.columns(table)), many=True)
 
 
 _RETURNING_PAGE = 40  # rows per multi-row INSERT ... RETURNING (SQLite: at most 999 parameters)
@@ -412,8 +420,8 @@ def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping
     values = "(" + ", ".join(sql.mark + ("::json" if sql.pg and kind == "json" else "") for _, kind in cols) + ")"
     for part in chunks(rows, _RETURNING_PAGE):
         params = [v for row in sql.params(part, cols) for v in row]
-        created.update(r[0] for r in conn.exec_driver_sql(
-            f"{head} VALUES {', '.join([values] * len(part))} ON CONFLICT (id) DO NOTHING RETURNING id",
+        created.update(r[0] for r in sql.rows(
+            conn, f"{head} VALUES {', '.join([values] * len(part))} ON CONFLICT (id) DO NOTHING RETURNING id",
             tuple(params)))
     return created
 
@@ -430,8 +438,8 @@ def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> tuple[set[str
     lock = " FOR UPDATE" if sql.pg else ""
     existing = {}
     for part in sql.in_chunks(rest):
-        for run_id, meta, started in conn.exec_driver_sql(
-                f"SELECT id, meta, started_at FROM workflow_runs WHERE {sql.where_in('id', len(part))}{lock}",
+        for run_id, meta, started in sql.rows(
+                conn, f"SELECT id, meta, started_at FROM workflow_runs WHERE {sql.where_in('id', len(part))}{lock}",
                 sql.in_params(part)):
             existing[run_id] = (meta, started)
     better = []
@@ -476,11 +484,11 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     m = sql.mark
     foreign = []
     for part in sql.in_chunks(sorted(run_ids)):
-        foreign.extend(conn.exec_driver_sql(
-            "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
+        foreign.extend(sql.rows(
+            conn, "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
             f"WHERE {_unindexed(sql, 'event_type')} = {m} AND {_unindexed(sql, 'event_subtype')} = {m} AND "
             f"{sql.where_in('run_id', len(part))}",
-            (*FOREIGN_TYPE, *sql.in_params(part))).all())
+            (*FOREIGN_TYPE, *sql.in_params(part))))
     if not foreign:
         return
     candidates: dict[str, str | None] = {}
@@ -489,8 +497,8 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     wanted = sorted({c for c in candidates.values() if c})
     known: dict[str, tuple[int, int, str | None]] = {}
     for part in sql.in_chunks(wanted):
-        for r in conn.exec_driver_sql(
-                "SELECT id, depth, execution_order, node_id, event_subtype, event_type FROM execution_events "
+        for r in sql.rows(
+                conn, "SELECT id, depth, execution_order, node_id, event_subtype, event_type FROM execution_events "
                 f"WHERE {sql.where_in('id', len(part))}", sql.in_params(part)):
             if r.event_subtype == PLACEHOLDER_SUBTYPE:
                 continue
@@ -521,22 +529,22 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
         if (row.parent_event_id, row.depth, row.execution_order, row.node_id) != (parent, depth, order, node):
             updates.append((parent, depth, order, node, row.id))
     if updates:
-        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m}, depth = {m}, execution_order = {m}, "
-                             f"node_id = {m} WHERE id = {m}", updates)
+        sql.write(conn, f"UPDATE execution_events SET parent_event_id = {m}, depth = {m}, execution_order = {m}, "
+                  f"node_id = {m} WHERE id = {m}", updates, many=True)
     # A cmbagent event under a foreign span counts its depth without that span (the
     # instrumentation cannot see it): hang it under its nearest cmbagent ancestor instead.
     parents = sorted(candidates)
     moves = []
     for part in sql.in_chunks(parents):
-        for child_id, parent_id in conn.exec_driver_sql(
-                "SELECT id, parent_event_id FROM execution_events WHERE "
+        for child_id, parent_id in sql.rows(
+                conn, "SELECT id, parent_event_id FROM execution_events WHERE "
                 f"{sql.where_in('parent_event_id', len(part))} AND NOT (event_type = {m} AND event_subtype = {m})",
                 (*sql.in_params(part), *FOREIGN_TYPE)):
             target = resolved[parent_id][4]  # never the foreign parent itself
             if target is not None:
                 moves.append((target, child_id))
     if moves:
-        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves)
+        sql.write(conn, f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves, many=True)
 
 
 def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) -> None:
@@ -545,8 +553,8 @@ def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) 
     event_ids = sorted({m["event_id"] for m in messages})
     stored: set[Any] = set()
     for part in sql.in_chunks(event_ids):
-        stored.update(r[0] for r in conn.exec_driver_sql(
-            f"SELECT event_id FROM messages WHERE {sql.where_in('event_id', len(part))}", sql.in_params(part)))
+        stored.update(r[0] for r in sql.rows(
+            conn, f"SELECT event_id FROM messages WHERE {sql.where_in('event_id', len(part))}", sql.in_params(part)))
     seen: set[tuple[Any, ...]] = set()
     rows = []
     for m in messages:
@@ -569,9 +577,10 @@ def _amount(value: Any) -> float:
 _USAGE_SQLITE = ("SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), json_extract(meta, "
                  "'$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), json_extract(meta, '$.cost_usd'), "
                  "completed_at, timestamp FROM execution_events WHERE +event_type = ? AND +event_subtype = ? AND ")
-_USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model', CAST((meta ->> 'prompt_tokens') AS INTEGER), "
-             "CAST((meta ->> 'completion_tokens') AS INTEGER), CAST((meta ->> 'cost_usd') AS FLOAT), completed_at, "
-             "timestamp FROM execution_events WHERE (event_type || '') = %s AND (event_subtype || '') = %s AND ")
+_USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model' AS model, CAST((meta ->> 'prompt_tokens') AS "
+             "INTEGER) AS prompt, CAST((meta ->> 'completion_tokens') AS INTEGER) AS completion, CAST((meta ->> "
+             "'cost_usd') AS FLOAT) AS cost, completed_at, timestamp FROM execution_events "
+             "WHERE (event_type || '') = %s AND (event_subtype || '') = %s AND ")
 
 
 def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
@@ -579,7 +588,7 @@ def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[s
     out: dict[str, list[LlmUsage]] = {run_id: [] for run_id in run_ids}
     head = _USAGE_PG if sql.pg else _USAGE_SQLITE
     for part in sql.in_chunks(run_ids):
-        rows = conn.exec_driver_sql(head + sql.where_in("run_id", len(part)), (*LLM_TYPE, *sql.in_params(part)))
+        rows = sql.rows(conn, head + sql.where_in("run_id", len(part)), (*LLM_TYPE, *sql.in_params(part)))
         for run_id, node_id, agent, model, prompt, completion, cost, completed, stamp in rows:
             out[run_id].append(LlmUsage(node_id, agent, None if model is None else str(model), _count(prompt),
                                         _count(completion), _amount(cost), naive(completed) or naive(stamp)))
@@ -589,8 +598,8 @@ def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[s
 def _edges_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
     for part in sql.in_chunks(run_ids):
-        for e in conn.exec_driver_sql(
-                "SELECT dag_nodes.run_id, dag_edges.id, dag_edges.from_node_id, dag_edges.to_node_id, "
+        for e in sql.rows(
+                conn, "SELECT dag_nodes.run_id, dag_edges.id, dag_edges.from_node_id, dag_edges.to_node_id, "
                 "dag_edges.dependency_type, dag_edges.condition FROM dag_nodes JOIN dag_edges ON dag_nodes.id = "
                 f"dag_edges.from_node_id WHERE {sql.where_in('dag_nodes.run_id', len(part))} ORDER BY dag_edges.id",
                 sql.in_params(part)):
@@ -782,8 +791,8 @@ def _name_code_events(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> Non
              f"IS NOT NULL AND dag_nodes.agent != {m}")
     owner_params = (sc.NODE_SUB_AGENT, sc.NODE_AGENT, "unknown")
     for part in sql.in_chunks(run_ids):
-        conn.exec_driver_sql(
-            f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
+        sql.write(
+            conn, f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
             f"WHERE {sql.where_in('execution_events.run_id', len(part))} AND "
             f"{_unindexed(sql, 'execution_events.event_type')} = {m} "
             "AND execution_events.agent_name IS NULL AND execution_events.node_id IS NOT NULL AND "
@@ -847,10 +856,11 @@ def _write_session_state(conn: Connection, sql: Sql, row: dict[str, Any]) -> Non
     if _insert_new(conn, sql, table, [row]):
         return
     lock = " FOR UPDATE" if sql.pg else ""
-    old = conn.exec_driver_sql(f"SELECT updated_at, context_variables FROM session_states WHERE id = {sql.mark}{lock}",
-                               (row["id"],)).first()
-    if old is None:
+    found = sql.rows(conn, f"SELECT updated_at, context_variables FROM session_states WHERE id = {sql.mark}{lock}",
+                     (row["id"],))
+    if not found:
         return
+    old = found[0]
     old_key = _state_key({"updated_at": old.updated_at, "context_variables": decode_json(old.context_variables)})
     if _state_key(row) >= old_key:
         sql.update(conn, table, [row], [c for c in row if c != "id"])
