@@ -37,7 +37,7 @@ __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "
 IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 999 parameters)
 # New rows per table below which psycopg 3 inserts by pipelined executemany, not COPY: a COPY
 # is two round trips of its own and ends the pipeline of held-back writes.
-COPY_MIN_ROWS = 128
+COPY_MIN_ROWS = 32
 _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
 
 encode_json = compact_encoder(str, ensure_ascii=True)
@@ -248,6 +248,28 @@ class Sql:
                 cursor.execute(statement, params)
             return cursor.fetchall()
 
+    def rows_many(self, conn: Connection, statements: Sequence[tuple[str, Any]]) -> list[list[Any]]:
+        """The rows of each statement, as :meth:`rows` gives them; on psycopg 3 all in one pipeline
+        (with the held-back writes first): one round trip. The statements must not depend on
+        each other's effects."""
+        if not self.pipelined or len(statements) < 2:
+            return [self.rows(conn, statement, params) for statement, params in statements]
+        from psycopg.rows import namedtuple_row
+
+        driver = conn.connection.driver_connection
+        pending = conn.info.get(_PENDING)
+        cursors = [driver.cursor(row_factory=namedtuple_row) for _ in statements]  # type: ignore[union-attr]
+        try:
+            with driver.pipeline():  # type: ignore[union-attr]
+                if pending:
+                    _send(driver, pending)
+                for cursor, (statement, params) in zip(cursors, statements, strict=True):
+                    cursor.execute(statement, params)
+            return [cursor.fetchall() for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
     def flush(self, conn: Connection) -> None:
         """Send the held-back writes now (one pipeline)."""
         pending = conn.info.get(_PENDING) if self.pipelined else None
@@ -287,10 +309,20 @@ class Sql:
 
     def existing_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> set[Any]:
         """Which of ``ids`` are stored in ``table``."""
-        found: set[Any] = set()
-        for part in self.in_chunks(ids):
-            found.update(r[0] for r in self.rows(
-                conn, f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part)))
+        return self.existing_ids_many(conn, [(table, ids)])[0]
+
+    def existing_ids_many(self, conn: Connection, asks: Sequence[tuple[str, Sequence[Any]]]) -> list[set[Any]]:
+        """For each ``(table, ids)``, which of the ids are stored (one round trip on psycopg 3)."""
+        statements: list[tuple[str, Any]] = []
+        owners: list[int] = []
+        for index, (table, ids) in enumerate(asks):
+            for part in self.in_chunks(ids):
+                statements.append((f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}",
+                                   self.in_params(part)))
+                owners.append(index)
+        found: list[set[Any]] = [set() for _ in asks]
+        for index, rows in zip(owners, self.rows_many(conn, statements), strict=True):
+            found[index].update(r[0] for r in rows)
         return found
 
     def delete_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> None:
@@ -300,20 +332,30 @@ class Sql:
     def select(self, conn: Connection, table: Table, column: str, values: Sequence[Any],
                extra: str = "", extra_params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Rows of ``table`` whose ``column`` is in ``values`` (and ``extra`` holds), decoded."""
+        statements = self.select_statements(table, column, values, extra, extra_params)
+        return self.decoded(table, [raw for rows in self.rows_many(conn, statements) for raw in rows])
+
+    def select_statements(self, table: Table, column: str, values: Sequence[Any], extra: str = "",
+                          extra_params: tuple[Any, ...] = ()) -> list[tuple[str, Any]]:
+        """The statements of :meth:`select` (to run with others through :meth:`rows_many`)."""
+        names = [n for n, _ in self.columns(table, with_autoincrement_id=True)]
+        head = f"SELECT {', '.join(names)} FROM {table.name} WHERE "
+        return [(head + self.where_in(column, len(part)) + extra, self.in_params(part) + extra_params)
+                for part in self.in_chunks(values)]
+
+    def decoded(self, table: Table, raws: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+        """Rows read by :meth:`select_statements`, decoded as SQLAlchemy would."""
         cols = self.columns(table, with_autoincrement_id=True)
         names = [n for n, _ in cols]
         kinds = [k for _, k in cols]
-        head = f"SELECT {', '.join(names)} FROM {table.name} WHERE "
         out: list[dict[str, Any]] = []
-        for part in self.in_chunks(values):
-            sql = head + self.where_in(column, len(part)) + extra
-            for raw in self.rows(conn, sql, self.in_params(part) + extra_params):
-                row: dict[str, Any] = {}
-                for name, kind, v in zip(names, kinds, raw, strict=True):
-                    if v is not None and kind:
-                        v = decode_json(v) if kind == "json" else naive(v) if kind == "dt" else bool(v)
-                    row[name] = v
-                out.append(row)
+        for raw in raws:
+            row: dict[str, Any] = {}
+            for name, kind, v in zip(names, kinds, raw, strict=True):
+                if v is not None and kind:
+                    v = decode_json(v) if kind == "json" else naive(v) if kind == "dt" else bool(v)
+                row[name] = v
+            out.append(row)
         return out
 
 
