@@ -7,6 +7,8 @@ Add ``cmbagent_otel.instrument()`` at the top of an AG2 program, or run it under
 
 from __future__ import annotations
 
+# environment_variables first: importing it checks the SDK's own variables before the SDK is imported
+from . import environment_variables as environment_variables
 from .bootstrap import instrument, is_instrumented, uninstrument
 from .provider import ConfigurationError
 from .version import __version__

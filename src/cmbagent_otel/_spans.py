@@ -344,14 +344,26 @@ def fail_frame(frame: Frame, description: str, error_type: str = "error") -> Non
         logger.debug("cmbagent_otel: could not mark a span failed", exc_info=True)
 
 
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or what ``traceback`` prints for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
-    message = redact(str(exc)) or ""
+    message = redact(exception_text(exc)) or ""
     stack = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))) or ""
-    span.record_exception(
-        exc,
-        attributes={"exception.message": truncate(message) or "", "exception.stacktrace": truncate(stack, 16384) or ""},
-    )
+    attributes = {"exception.message": truncate(message) or "", "exception.stacktrace": truncate(stack, 16384) or ""}
+    try:
+        span.record_exception(exc, attributes=attributes)
+    except Exception:  # the SDK's own str(exc) raised: the same event without it
+        module = type(exc).__module__
+        qualname = type(exc).__qualname__
+        span.add_event("exception", {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname, **attributes})
     type_name = type(exc).__qualname__
     span.set_status(Status(StatusCode.ERROR, truncate(f"{type_name}: {message}", 1024)))
     span.set_attribute(semconv.ERROR_TYPE, type_name)

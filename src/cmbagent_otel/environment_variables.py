@@ -27,8 +27,10 @@ from typing import Any
 logger = logging.getLogger("cmbagent_otel")
 
 __all__ = [
+    "SDK_CHECKED",
     "SETTINGS",
     "Setting",
+    "check_sdk_variables",
     "database_url",
     "default_sqlite_path",
     "get",
@@ -121,10 +123,20 @@ def parse_port(raw: str | int) -> int | None:
     return raw
 
 
+def _utf8(raw: str) -> None:
+    """Refuse bytes that are not UTF-8 (``os.environ`` keeps them as surrogates): no database
+    URL can hold them, and every path we derive from them would fail later, in the app."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8") from None
+
+
 def _database_url(raw: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    _utf8(raw)
     try:
         backend = make_url(raw).get_backend_name()
     except ArgumentError:
@@ -135,6 +147,7 @@ def _database_url(raw: str) -> str:
 
 
 def _path(raw: str) -> str:
+    _utf8(raw)
     return str(Path(raw).expanduser())
 
 
@@ -291,13 +304,13 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
-def _warn_once(name: str, raw: str, reason: str, setting: Setting, fallback: str) -> None:
+def _warn_once(name: str, raw: str, reason: str, secret: bool, fallback: str) -> None:
     key = (name, raw)
     with _warned_lock:
         if key in _warned:
             return
         _warned.add(key)
-    shown = "<hidden>" if setting.secret else repr(raw)
+    shown = "<hidden>" if secret else repr(raw)
     logger.warning("cmbagent_otel: ignoring %s=%s (%s); using %s", name, shown, reason, fallback)
 
 
@@ -317,9 +330,76 @@ def get(name: str, argument: Any = None) -> Any:
             return setting.parse(raw.strip())
         except (ValueError, TypeError) as exc:
             rest = [n for n in names[index + 1:] if (os.environ.get(n) or "").strip()]
-            _warn_once(variable, raw, str(exc) or "invalid", setting,
+            _warn_once(variable, raw, str(exc) or "invalid", setting.secret,
                        rest[0] if rest else f"the default {setting.shown_default()}")
     return setting.default_value()
+
+
+# --- OTEL_* variables the OpenTelemetry SDK parses itself, raising on a bad value ----------------------
+def _sdk_limit(raw: str) -> None:
+    value = raw.strip()
+    if value and int(value) < 0:  # empty: no limit, for the SDK
+        raise ValueError("not a non-negative integer")
+
+
+def _sdk_seconds(raw: str) -> None:
+    _number(float, 0)(raw.strip())
+
+
+def _sdk_compression(raw: str) -> None:
+    if raw.strip().lower() != "gzip":
+        raise ValueError("the gRPC exporters accept only gzip")
+
+
+def _sdk_propagators(raw: str) -> None:
+    from importlib.metadata import entry_points
+
+    for name in (part.strip() for part in raw.split(",")):
+        if name and name.lower() != "none" and not list(entry_points(group="opentelemetry_propagator", name=name)):
+            raise ValueError(f"no propagator {name!r} is installed")
+
+
+SDK_CHECKED: dict[str, Callable[[str], None]] = {
+    **dict.fromkeys((
+        "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+        "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_SPAN_EVENT_COUNT_LIMIT", "OTEL_SPAN_LINK_COUNT_LIMIT",
+        "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT", "OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT",
+        "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT"), _sdk_limit),
+    **dict.fromkeys((
+        "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_seconds),
+    **dict.fromkeys((
+        "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION"), _sdk_compression),
+    "OTEL_PROPAGATORS": _sdk_propagators,
+}
+"""``OTEL_*`` variables the SDK reads itself and raises on (some when it is imported): checked by
+:func:`check_sdk_variables` when cmbagent-otel is imported."""
+
+
+def check_sdk_variables() -> list[str]:
+    """Remove from ``os.environ`` each :data:`SDK_CHECKED` variable whose value the OpenTelemetry
+    SDK would raise on (an invalid one is logged once; an empty timeout or compression means
+    unset, as the OpenTelemetry specification says, an empty limit "no limit" to the SDK), so
+    the SDK uses its default instead of failing the application when it is imported or builds
+    a provider or an exporter. Returns the names removed."""
+    removed = []
+    for name, check in SDK_CHECKED.items():
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if raw.strip() or check is _sdk_limit:
+            try:
+                check(raw)
+                continue
+            except (ValueError, TypeError) as exc:
+                _warn_once(name, raw, str(exc) or "invalid", False, "the OpenTelemetry SDK's default")
+        os.environ.pop(name, None)
+        removed.append(name)
+    return removed
+
+
+check_sdk_variables()  # at import: the package imports this module before any OpenTelemetry SDK module
 
 
 def database_url(argument: str | None = None) -> str:

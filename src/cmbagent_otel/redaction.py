@@ -36,7 +36,12 @@ from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
 
-_SECRET_ENV_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD)
+_SECRET_ENV_NAME = re.compile(
+    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
+    r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
+    re.IGNORECASE,
+)
 _SECRET_KEY_NAME = re.compile(
     r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
     r"auth[_-]?token)\w*|.*token|.*authorization|auth|pass|pwd|.*cookie)$",
@@ -56,12 +61,17 @@ MAX_LEARNED = 256
 # tried at every position), then matched in full there; the key name is checked with
 # is_secret_key.
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie")
-_KV_AT = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*"""
-    r"""(?:(?P<vq>\\*["'])(?P<qv>.*?)(?P=vq)|(?P<bv>(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+))""",
+_KV_KEY = re.compile(
+    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
+    re.IGNORECASE,
+)
+_KV_VALUE = re.compile(
+    r"""(?P<vq>\\*["'])(?P<qv>.*?)(?P=vq)|(?P<bv>(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+)""",
     re.IGNORECASE,
 )
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from a hint
+_ASCII_LOWER = {ord(c): ord(c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _lock = threading.RLock()
 _known: set[str] = set()
@@ -278,6 +288,8 @@ def _register_value(value: Any, register: Any) -> None:
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
+    if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
+        lower = text.translate(_ASCII_LOWER)
     starts: list[int] = []
     for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
         at = lower.find(hint)
@@ -289,10 +301,32 @@ def _kv_scan(text: str, learn: bool) -> str:
     starts.sort()
     out: list[str] = []
     last = 0
+    run_end = prev = -1
+    key: re.Match[str] | None = None
     for start in starts:
         if start < last:
             continue
-        match = _KV_AT.match(text, start)
+        if start < run_end:
+            # Another hint inside the run of name characters just tried: its key name ends
+            # where that run ends, before the same text, so the pattern answers the same
+            # (one match per run, not per hint: linear on "token_token_..."); only a
+            # non-ASCII letter in between can start a different name (see name_start below).
+            if key is None or text[prev:start].isascii():
+                continue
+        else:
+            key = _KV_KEY.match(text, start)
+            run_end = key.end("name") if key is not None else _NAME_RUN.match(text, start).end()
+        prev = start
+        if key is None:
+            continue
+        name_start = start
+        while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+            name_start -= 1
+        # the name is judged before the value is matched: a value runs to the end of its line
+        # or further, matching it for every key (secret or not) would be quadratic
+        if not is_secret_key(text[name_start:run_end]):
+            continue
+        match = _KV_VALUE.match(text, key.end())
         if match is None:
             continue
         quoted = match.group("vq") is not None
@@ -300,19 +334,14 @@ def _kv_scan(text: str, learn: bool) -> str:
         value = match.group(group)
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
-        if '", "' in match.group(0):
+        if '", "' in text[start:match.end()]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        name_start = start
-        while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
-            name_start -= 1
-        if not is_secret_key(text[name_start:match.end("name")]):
-            continue
         if learn:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         value_start, value_end = match.span(group)
         out.append(text[last:value_start])
-        quote = match.group("q")
+        quote = key.group("q")
         # a bare value after a quoted key (JSON number, unquoted YAML) stays valid JSON when quoted
         out.append(REDACTED if quoted or not quote else f"{quote}{REDACTED}{quote}")
         last = value_end
@@ -416,6 +445,8 @@ def is_secret_key(name: str) -> bool:
     known = _secret_key_names.get(name)
     if known is None:
         known = bool(_SECRET_KEY_NAME.match(name))
+        if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
+            return known
         if len(_secret_key_names) >= 4096:
             _secret_key_names.clear()
         _secret_key_names[name] = known

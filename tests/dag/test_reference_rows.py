@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
+from cmbagent_otel.dag import statements
+
 from .reference_rows import PG_ENV, as_json, batches_of, load, pg_schema, write_case
 
 REFERENCE = load()["cases"]
@@ -38,13 +40,17 @@ def test_sqlite_rows_equal_the_reference(case: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg-copy", "psycopg2"])
 @pytest.mark.parametrize("case", sorted(REFERENCE))
-def test_postgres_rows_equal_the_reference(case: str, driver: str) -> None:
-    """Through psycopg 3 (COPY for new rows) and psycopg2 (cmbagent's driver: executemany), the same rows."""
+def test_postgres_rows_equal_the_reference(case: str, driver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through psycopg 3 (new rows by pipelined executemany, many of them by COPY: ``psycopg-copy``
+    takes COPY for every insert) and psycopg2 (cmbagent's driver: executemany), the same rows."""
     base = os.environ.get(PG_ENV)
     if not base:
         pytest.skip(f"{PG_ENV} not set (start a server with .ci/start-postgres.sh)")
+    if driver == "psycopg-copy":
+        monkeypatch.setattr(statements, "COPY_MIN_ROWS", 1)
+        driver = "psycopg"
     entry = REFERENCE[case]
     with pg_schema(base) as url:
         url = make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)

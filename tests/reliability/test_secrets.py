@@ -214,6 +214,34 @@ def test_env_var_secrets(sink: Sink, caplog: pytest.LogCaptureFixture, monkeypat
     assert_clean(sink, caplog, shaped, shapeless, token)
 
 
+@needs_custom_client
+@pytest.mark.parametrize("name", ["AZURE_OPENAI_KEY", "DB_PASS", "GITHUB_PAT", "SESSION_COOKIE", "SSH_PRIVATE_KEY",
+                                  "PROJECT_CONNECTION_STRING"])
+def test_env_var_secrets_under_other_common_names(sink: Sink, caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    """Names that say "key", "pass", "pat" as a word, a cookie, a private key, a connection string."""
+    _, shapeless = new_markers()
+    monkeypatch.setenv(name, shapeless)
+    instrument(sink)
+    script = [{"tool_calls": [{"id": "call_env_2", "name": "peak_position",
+                               "arguments": {"multipole": 2, "note": shapeless}}]}, "done"]
+
+    def tool(multipole: int, note: str = "") -> str:
+        return f"peak {multipole} {note}"
+
+    group_chat(tmp_path / "chat", message=f"env: {shapeless}", engineer_script=script, tool=tool)
+    assert_clean(sink, caplog, shapeless)
+
+
+def test_env_names_that_are_not_secrets_stay_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PYTHONPATH", "MANPATH", "KEYBOARD_LAYOUT", "PASSAGE_COUNT", "MONKEY_MODE"):
+        monkeypatch.setenv(name, f"visible-{name}")
+    redaction.reload_settings()
+    text = " ".join(f"visible-{name}" for name in ("PYTHONPATH", "MANPATH", "KEYBOARD_LAYOUT", "PASSAGE_COUNT",
+                                                    "MONKEY_MODE"))
+    assert redaction.redact(text) == text
+
+
 # --- headers ---------------------------------------------------------------------------------------
 
 @needs_custom_client

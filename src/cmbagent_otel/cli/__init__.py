@@ -4,8 +4,9 @@
 module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION``),
 ``add_arguments(parser)`` and ``run(args) -> exit code``; the ingest, replay and demo
 modules of the library hold no command-line code. ``--db URL`` is accepted before and after
-the subcommand. A :class:`CLIError` (bad input, nothing to read) prints one line on stderr
-and exits with code 2.
+the subcommand. A :class:`CLIError` (bad input, nothing to read), an argument or path that
+is not valid UTF-8 and an error of the operating system (a folder that cannot be created)
+print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -63,3 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except UnicodeError as exc:  # a run id or path given in bytes that are not UTF-8 (argv keeps them as surrogates)
+        print(f"cmbagent-otel: error: an argument or path is not valid UTF-8 ({exc.reason})", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment refused: a folder that cannot be created, a permission
+        print(f"cmbagent-otel: error: {exc}", file=sys.stderr)
+        return 2

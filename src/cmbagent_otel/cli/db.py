@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from ..dag import database
@@ -34,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except SQLAlchemyError as exc:
         raise CLIError(f"database error: {getattr(exc, 'orig', None) or exc}") from None
+    except CommandError as exc:  # a revision the scripts do not know (a newer cmbagent-otel's, a typo)
+        raise CLIError(f"{exc} (this cmbagent-otel knows up to {', '.join(database.head_revisions())})") from None
     return 0

@@ -187,15 +187,26 @@ def _pg_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any
         cparams.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
 
 
+TIMEOUTS_SQL = "SELECT set_config('lock_timeout', %(w)s, true), set_config('statement_timeout', %(w)s, true)"
+# Connection-info keys: a caller that sends the timeouts itself as its transaction's first
+# statement (the DAG writer's pipeline, :meth:`cmbagent_otel.dag.statements.Sql.batch`) sets
+# DEFER_TIMEOUTS before beginning; the begin hook then leaves their parameters in TIMEOUTS.
+DEFER_TIMEOUTS = "cmbagent_otel_defer_timeouts"
+TIMEOUTS = "cmbagent_otel_timeouts"
+
+
 def _pg_begin(conn: Any) -> None:
+    info = conn.info
+    defer = info.pop(DEFER_TIMEOUTS, False)
+    info.pop(TIMEOUTS, None)
     left = time_left_ms()
     if left is None:
         return
-    wait = max(1, left)  # 0 would mean "no timeout"
-    conn.exec_driver_sql(
-        "SELECT set_config('lock_timeout', %(w)s, true), set_config('statement_timeout', %(w)s, true)",
-        {"w": str(wait)},
-    )
+    params = {"w": str(max(1, left))}  # 0 would mean "no timeout"
+    if defer:
+        info[TIMEOUTS] = params
+    else:
+        conn.exec_driver_sql(TIMEOUTS_SQL, params)
 
 
 def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:

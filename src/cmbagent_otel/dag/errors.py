@@ -14,7 +14,8 @@ SQLite (``sqlite3.Error.sqlite_errorcode``, primary code = low byte):
 * anything else (constraint, misuse, a bug of ours): not retryable.
 
 :class:`~cmbagent_otel.dag.database.SchemaBusy` (another thread of this process is still
-migrating past the caller's deadline): retry.
+migrating past the caller's deadline) and :class:`SchemaIncompatible` (a schema this version
+cannot migrate): retry.
 
 PostgreSQL (SQLSTATE of psycopg's exception):
 
@@ -38,7 +39,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .database import SchemaBusy
 
-__all__ = ["Fault", "classify"]
+__all__ = ["Fault", "SchemaIncompatible", "classify"]
+
+
+class SchemaIncompatible(RuntimeError):
+    """The schema could not be checked or migrated for a reason no driver error code explains:
+    a revision newer than this version's scripts (written by a later cmbagent-otel), tables
+    of the same names shaped otherwise. Nothing about the spans: retried, so they are
+    spilled, never dropped, until the database is fixed (``cmbagent-otel db upgrade``)."""
 
 
 class Fault(enum.Enum):
@@ -107,8 +115,8 @@ def _postgres(error: Any) -> Fault:
 
 def classify(exc: BaseException) -> Fault:
     """How a write that raised ``exc`` should proceed (see the module docstring)."""
-    if isinstance(exc, SchemaBusy):
-        return Fault.RETRY  # another thread of this process is still migrating
+    if isinstance(exc, (SchemaBusy, SchemaIncompatible)):
+        return Fault.RETRY  # another thread of this process is still migrating; a schema to fix
     if isinstance(exc, (DisconnectionError, PoolTimeoutError)):
         return Fault.RETRY
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -10,10 +10,17 @@ casts the text with ``::json``), datetimes as SQLAlchemy's SQLite storage format
 psycopg, booleans as 0/1 on SQLite. Reading back decodes the same way SQLAlchemy would (JSON
 parsed, datetimes naive, booleans). ``tests/dag/test_reference_rows.py`` checks the rows
 stored are byte for byte those of the SQLAlchemy Core statements the writer used before.
+
+Round trips (psycopg 3): inside :meth:`Sql.batch` every write whose result nobody reads
+(updates, deletes, small inserts, advisory locks) is held back and sent in one pipeline with
+the next statement that returns rows (or before the next ``COPY``, or at the end), in the
+order the writer issued them, so each read still sees every earlier write. Reads run on the
+driver's cursor, not through SQLAlchemy. Other drivers run each statement when it is issued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,10 +30,15 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
 
 from .._jsontext import compact_encoder
+from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
 __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
 
 IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 999 parameters)
+# New rows per table below which psycopg 3 inserts by pipelined executemany, not COPY: a COPY
+# is two round trips of its own and ends the pipeline of held-back writes.
+COPY_MIN_ROWS = 32
+_PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
 
 encode_json = compact_encoder(str, ensure_ascii=True)
 
@@ -87,6 +99,7 @@ class Sql:
     def __init__(self, dialect: str, driver: str = "") -> None:
         self.pg = dialect == "postgresql"
         self.can_copy = self.pg and driver == "psycopg"
+        self.pipelined = self.can_copy and _pipeline_supported()
         self.mark = "%s" if self.pg else "?"
         self._convert = _PG_CONVERT if self.pg else _SQLITE_CONVERT
         self._cache: dict[tuple[Any, ...], Any] = {}
@@ -178,18 +191,106 @@ class Sql:
 
     # --- execution -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def batch(self, conn: Connection) -> Iterator[None]:
+        """Hold back blind writes on ``conn`` inside the block (psycopg 3), sent with the next
+        read and, at the latest, when the block ends; an error discards what was held back.
+
+        A transaction begun with :meth:`defer_timeouts` set sends the deadline's lock and
+        statement timeouts as its first held-back statement (with ``BEGIN``: no round trip)."""
+        if not self.pipelined:
+            yield
+            return
+        info = conn.info
+        info[_PENDING] = []
+        timeouts = info.pop(TIMEOUTS, None)  # the deadline's timeouts go first (see database._pg_begin)
+        if timeouts is not None:
+            info[_PENDING].append((TIMEOUTS_SQL, timeouts, False))
+        try:
+            yield
+            self.flush(conn)
+        finally:
+            info.pop(_PENDING, None)
+
+    def defer_timeouts(self, conn: Connection) -> None:
+        """Call before ``conn.begin()``: that transaction's deadline timeouts wait for :meth:`batch`."""
+        if self.pipelined:
+            conn.info[DEFER_TIMEOUTS] = True
+
+    def write(self, conn: Connection, statement: str, params: Any, *, many: bool = False) -> None:
+        """Run a statement whose result nobody reads (``many``: once per parameter row);
+        held back inside :meth:`batch` on psycopg 3."""
+        if many and not params:
+            return
+        pending = conn.info.get(_PENDING) if self.pipelined else None
+        if pending is not None:
+            pending.append((statement, params, many))
+        elif many:
+            conn.exec_driver_sql(statement, params if isinstance(params, list) else list(params))
+        else:
+            conn.exec_driver_sql(statement, params)
+
+    def rows(self, conn: Connection, statement: str, params: Any = ()) -> list[Any]:
+        """The rows of a statement (tuples that also name their columns), after every held-back
+        write (in the same pipeline on psycopg 3)."""
+        if not self.pipelined:
+            return conn.exec_driver_sql(statement, params).all()
+        from psycopg.rows import namedtuple_row
+
+        driver = conn.connection.driver_connection
+        pending = conn.info.get(_PENDING)
+        with driver.cursor(row_factory=namedtuple_row) as cursor:  # type: ignore[union-attr]
+            if pending:
+                with driver.pipeline():  # type: ignore[union-attr]
+                    _send(driver, pending)
+                    cursor.execute(statement, params)
+            else:
+                cursor.execute(statement, params)
+            return cursor.fetchall()
+
+    def rows_many(self, conn: Connection, statements: Sequence[tuple[str, Any]]) -> list[list[Any]]:
+        """The rows of each statement, as :meth:`rows` gives them; on psycopg 3 all in one pipeline
+        (with the held-back writes first): one round trip. The statements must not depend on
+        each other's effects."""
+        if not self.pipelined or len(statements) < 2:
+            return [self.rows(conn, statement, params) for statement, params in statements]
+        from psycopg.rows import namedtuple_row
+
+        driver = conn.connection.driver_connection
+        pending = conn.info.get(_PENDING)
+        cursors = [driver.cursor(row_factory=namedtuple_row) for _ in statements]  # type: ignore[union-attr]
+        try:
+            with driver.pipeline():  # type: ignore[union-attr]
+                if pending:
+                    _send(driver, pending)
+                for cursor, (statement, params) in zip(cursors, statements, strict=True):
+                    cursor.execute(statement, params)
+            return [cursor.fetchall() for cursor in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+    def flush(self, conn: Connection) -> None:
+        """Send the held-back writes now (one pipeline)."""
+        pending = conn.info.get(_PENDING) if self.pipelined else None
+        if pending:
+            driver = conn.connection.driver_connection
+            with driver.pipeline():  # type: ignore[union-attr]
+                _send(driver, pending)
+
     def insert(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], on_conflict: str = "") -> None:
-        """Insert ``rows``: one executemany; on PostgreSQL without ``on_conflict`` one ``COPY``
-        (the rows must be new: the writer checked, holding the runs' advisory locks)."""
+        """Insert ``rows``: one executemany; on PostgreSQL without ``on_conflict``, many rows
+        by one ``COPY`` (the rows must be new: the writer checked, holding the runs' advisory locks)."""
         if not rows:
             return
-        if self.can_copy and not on_conflict:
+        if self.can_copy and not on_conflict and (len(rows) >= COPY_MIN_ROWS or not self.pipelined):
             self.copy(conn, table, rows)
             return
-        conn.exec_driver_sql(self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)))
+        self.write(conn, self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)), many=True)
 
     def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text)."""
+        self.flush(conn)
         cols = self.columns(table)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -204,38 +305,78 @@ class Sql:
         """Update ``rows`` by id (every column, or ``names``)."""
         if rows:
             sql, cols = self.update_sql(table, names)
-            conn.exec_driver_sql(sql, self.params(rows, cols))
+            self.write(conn, sql, self.params(rows, cols), many=True)
 
     def existing_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> set[Any]:
         """Which of ``ids`` are stored in ``table``."""
-        found: set[Any] = set()
-        for part in self.in_chunks(ids):
-            found.update(r[0] for r in conn.exec_driver_sql(
-                f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part)))
+        return self.existing_ids_many(conn, [(table, ids)])[0]
+
+    def existing_ids_many(self, conn: Connection, asks: Sequence[tuple[str, Sequence[Any]]]) -> list[set[Any]]:
+        """For each ``(table, ids)``, which of the ids are stored (one round trip on psycopg 3)."""
+        statements: list[tuple[str, Any]] = []
+        owners: list[int] = []
+        for index, (table, ids) in enumerate(asks):
+            for part in self.in_chunks(ids):
+                statements.append((f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}",
+                                   self.in_params(part)))
+                owners.append(index)
+        found: list[set[Any]] = [set() for _ in asks]
+        for index, rows in zip(owners, self.rows_many(conn, statements), strict=True):
+            found[index].update(r[0] for r in rows)
         return found
 
     def delete_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> None:
         for part in self.in_chunks(ids):
-            conn.exec_driver_sql(f"DELETE FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part))
+            self.write(conn, f"DELETE FROM {table} WHERE {self.where_in('id', len(part))}", self.in_params(part))
 
     def select(self, conn: Connection, table: Table, column: str, values: Sequence[Any],
                extra: str = "", extra_params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Rows of ``table`` whose ``column`` is in ``values`` (and ``extra`` holds), decoded."""
+        statements = self.select_statements(table, column, values, extra, extra_params)
+        return self.decoded(table, [raw for rows in self.rows_many(conn, statements) for raw in rows])
+
+    def select_statements(self, table: Table, column: str, values: Sequence[Any], extra: str = "",
+                          extra_params: tuple[Any, ...] = ()) -> list[tuple[str, Any]]:
+        """The statements of :meth:`select` (to run with others through :meth:`rows_many`)."""
+        names = [n for n, _ in self.columns(table, with_autoincrement_id=True)]
+        head = f"SELECT {', '.join(names)} FROM {table.name} WHERE "
+        return [(head + self.where_in(column, len(part)) + extra, self.in_params(part) + extra_params)
+                for part in self.in_chunks(values)]
+
+    def decoded(self, table: Table, raws: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+        """Rows read by :meth:`select_statements`, decoded as SQLAlchemy would."""
         cols = self.columns(table, with_autoincrement_id=True)
         names = [n for n, _ in cols]
         kinds = [k for _, k in cols]
-        head = f"SELECT {', '.join(names)} FROM {table.name} WHERE "
         out: list[dict[str, Any]] = []
-        for part in self.in_chunks(values):
-            sql = head + self.where_in(column, len(part)) + extra
-            for raw in conn.exec_driver_sql(sql, self.in_params(part) + extra_params):
-                row: dict[str, Any] = {}
-                for name, kind, v in zip(names, kinds, raw, strict=True):
-                    if v is not None and kind:
-                        v = decode_json(v) if kind == "json" else naive(v) if kind == "dt" else bool(v)
-                    row[name] = v
-                out.append(row)
+        for raw in raws:
+            row: dict[str, Any] = {}
+            for name, kind, v in zip(names, kinds, raw, strict=True):
+                if v is not None and kind:
+                    v = decode_json(v) if kind == "json" else naive(v) if kind == "dt" else bool(v)
+                row[name] = v
+            out.append(row)
         return out
+
+
+def _send(driver: Any, pending: list[tuple[str, Any, bool]]) -> None:
+    """Queue ``pending`` writes on ``driver``'s open pipeline (in order) and forget them (the
+    cursor stays open: the pipeline hands it its results when it syncs)."""
+    cursor = driver.cursor()
+    for statement, params, many in pending:
+        if many:
+            cursor.executemany(statement, params)
+        else:
+            cursor.execute(statement, params)
+    pending.clear()
+
+
+def _pipeline_supported() -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return bool(psycopg.Pipeline.is_supported())
 
 
 _BY_DIALECT: dict[tuple[str, str], Sql] = {}

@@ -30,8 +30,8 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 from .. import environment_variables
 from .. import semconv as sc
 from . import schema
-from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, sqlite_file
-from .errors import Fault, classify
+from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, script_heads, sqlite_file
+from .errors import Fault, SchemaIncompatible, classify
 from .mapping import (
     FOREIGN_TYPE,
     LLM_TYPE,
@@ -134,9 +134,13 @@ class DagWriter:
         if self._migrate:
             try:
                 ensure_schema(self.url, repair=repair, engine=self.engine)
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
                     self._repair = self._repair or repair
+                if isinstance(exc, Exception) and classify(exc) is Fault.FATAL:
+                    # a migration that fails for no driver reason: the database's schema, not the spans
+                    raise SchemaIncompatible(f"cannot migrate the schema of {redacted(self.url)} to "
+                                             f"{', '.join(sorted(script_heads()))}: {_first_line(exc)}") from exc
                 raise
         if self._file is not None and self._file_id is None:
             self._file_id = _identity(self._file)
@@ -211,8 +215,11 @@ class DagWriter:
             self._reopen(f"file {file} was deleted or replaced", repair=True)
         self._prepare()
         expected = self._file_id
-        with self.engine.begin() as conn:
-            _write_batch(conn, batch, costs=self.cost_records != "off")
+        with self.engine.connect() as conn:
+            sql = sql_for(conn)
+            sql.defer_timeouts(conn)
+            with conn.begin():
+                _write_batch(conn, batch, costs=self.cost_records != "off")
         if file is not None and expected is not None and _identity(file) != expected:
             # committed into a file that is no longer the database: write it again
             self._reopen(f"file {file} was deleted or replaced during a write", repair=True)
@@ -244,7 +251,7 @@ def _first_line(exc: BaseException) -> str:
 # --- upserts -----------------------------------------------------------------------------------
 
 def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
-            new_runs: Set[str] = frozenset()) -> set[str]:
+            new_runs: Set[str] = frozenset(), existing: set[Any] | None = None) -> set[str]:
     """Insert ``rows`` or replace the stored ones (by id); returns the ids that were new.
 
     Split, not ``INSERT ... ON CONFLICT DO UPDATE``: most rows are new, and an upsert costs
@@ -253,11 +260,13 @@ def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str
     commit, and on PostgreSQL every row written here belongs to a run whose advisory lock
     this transaction holds (row ids derive from the run's trace id). Rows of ``new_runs``
     (runs this transaction created: nothing of them is stored) are new without asking.
+    ``existing``: the stored ids among those of :func:`_ask`, when the caller already asked.
     """
     if not rows:
         return set()
-    ask = [r["id"] for r in rows if r.get("run_id") not in new_runs]
-    existing = sql.existing_ids(conn, table.name, ask) if ask else set()
+    if existing is None:
+        ask = _ask(rows, new_runs)
+        existing = sql.existing_ids(conn, table.name, ask) if ask else set()
     # new rows first: an updated row may point at a parent that is new in this batch
     sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
     if existing:
@@ -266,16 +275,23 @@ def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str
 
 
 def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
-                    new_runs: Set[str] = frozenset()) -> None:
-    """Insert those of ``rows`` (placeholders) whose id is not stored yet; leave the rest alone."""
+                    new_runs: Set[str] = frozenset(), existing: set[Any] | None = None) -> None:
+    """Insert those of ``rows`` (placeholders) whose id is not stored yet; leave the rest alone.
+    ``existing``: as for :func:`_upsert`."""
     if not rows:
         return
-    ask = [r["id"] for r in rows if r["run_id"] not in new_runs]
-    if not sql.pg and ask:
-        sql.insert(conn, table, rows, "nothing")
-        return
-    existing = sql.existing_ids(conn, table.name, ask) if ask else set()
+    if existing is None:
+        ask = _ask(rows, new_runs)
+        if not sql.pg and ask:
+            sql.insert(conn, table, rows, "nothing")
+            return
+        existing = sql.existing_ids(conn, table.name, ask) if ask else set()
     sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
+
+
+def _ask(rows: Sequence[Mapping[str, Any]], new_runs: Set[str] = frozenset()) -> list[Any]:
+    """The ids of ``rows`` that may be stored already (rows of ``new_runs`` cannot be)."""
+    return [r["id"] for r in rows if r.get("run_id") not in new_runs]
 
 
 def _write_started(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -286,8 +302,8 @@ def _write_started(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapp
         return
     status: dict[str, Any] = {}
     for part in sql.in_chunks([r["id"] for r in rows]):
-        status.update(conn.exec_driver_sql(f"SELECT id, status FROM {table.name} WHERE {sql.where_in('id', len(part))}",
-                                           sql.in_params(part)).all())
+        status.update(sql.rows(conn, f"SELECT id, status FROM {table.name} WHERE {sql.where_in('id', len(part))}",
+                               sql.in_params(part)))
     sql.insert(conn, table, [r for r in rows if r["id"] not in status])
     sql.update(conn, table, [r for r in rows if status.get(r["id"]) == RUNNING])
 
@@ -334,11 +350,16 @@ def _lock_runs(conn: Connection, batch: MappedBatch) -> None:
     if conn.dialect.name != "postgresql" or not batch.runs:
         return
     keys = sorted({_lock_key(run_id) for run_id in batch.runs})
-    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
+    sql_for(conn).write(conn, "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k", {"keys": keys})
 
 
 def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) -> None:
     sql = sql_for(conn)
+    with sql.batch(conn):
+        _write_batch_statements(conn, sql, batch, costs=costs)
+
+
+def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, costs: bool) -> None:
     _lock_runs(conn, batch)
     _write_sessions(conn, sql, batch)
     created, changed = _write_runs(conn, sql, batch)
@@ -347,11 +368,20 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     derived = _Derived()
     _derive_fresh(batch, created, derived)
     nodes_t, events_t = T["dag_nodes"], T["execution_events"]
-    _insert_missing(conn, sql, nodes_t, list(batch.node_placeholders.values()), created)
-    _upsert(conn, sql, nodes_t, parents_first(batch.nodes, "parent_node_id"), created)
+    node_holders, nodes = list(batch.node_placeholders.values()), parents_first(batch.nodes, "parent_node_id")
+    event_holders, events = list(batch.event_placeholders.values()), parents_first(batch.events, "parent_event_id")
+    known_nodes = known_events = None
+    if sql.pipelined:
+        # one round trip for all four: placeholders and rows of one table have different ids
+        # (map_spans drops a placeholder its span replaces), and writing nodes changes no event
+        known_nodes, known_events = sql.existing_ids_many(conn, [
+            ("dag_nodes", _ask(node_holders, created) + _ask(nodes, created)),
+            ("execution_events", _ask(event_holders, created) + _ask(events, created))])
+    _insert_missing(conn, sql, nodes_t, node_holders, created, known_nodes)
+    _upsert(conn, sql, nodes_t, nodes, created, known_nodes)
     _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
-    _insert_missing(conn, sql, events_t, list(batch.event_placeholders.values()), created)
-    _upsert(conn, sql, events_t, parents_first(batch.events, "parent_event_id"), created)
+    _insert_missing(conn, sql, events_t, event_holders, created, known_events)
+    _upsert(conn, sql, events_t, events, created, known_events)
     # A run this batch created has no events stored but the batch's: only runs with foreign
     # events in the batch, or with events stored before it, can have anything to repair.
     repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
@@ -394,8 +424,8 @@ def _touch_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
     if not batch.sessions:
         return
     table = T["sessions"]
-    conn.exec_driver_sql(f"{sql.insert_sql(table)} ON CONFLICT (id) DO UPDATE SET {_TOUCH}",
-                         sql.params([batch.sessions[k] for k in sorted(batch.sessions)], sql.columns(table)))
+    sql.write(conn, f"{sql.insert_sql(table)} ON CONFLICT (id) DO UPDATE SET {_TOUCH}",
+              sql.params([batch.sessions[k] for k in sorted(batch.sessions)], sql.columns(table)), many=True)
 
 
 _RETURNING_PAGE = 40  # rows per multi-row INSERT ... RETURNING (SQLite: at most 999 parameters)
@@ -405,17 +435,17 @@ def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping
     """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id``: the ids of ``rows`` this call
     created. Rows another writer created first are left alone, never a unique violation."""
     created: set[str] = set()
-    if not rows:
-        return created
+    for statement, params in _insert_new_statements(sql, table, rows):
+        created.update(r[0] for r in sql.rows(conn, statement, params))
+    return created
+
+
+def _insert_new_statements(sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
     cols = sql.columns(table)
     head = sql.insert_sql(table).split(" VALUES ", 1)[0]
     values = "(" + ", ".join(sql.mark + ("::json" if sql.pg and kind == "json" else "") for _, kind in cols) + ")"
-    for part in chunks(rows, _RETURNING_PAGE):
-        params = [v for row in sql.params(part, cols) for v in row]
-        created.update(r[0] for r in conn.exec_driver_sql(
-            f"{head} VALUES {', '.join([values] * len(part))} ON CONFLICT (id) DO NOTHING RETURNING id",
-            tuple(params)))
-    return created
+    return [(f"{head} VALUES {', '.join([values] * len(part))} ON CONFLICT (id) DO NOTHING RETURNING id",
+             tuple(v for row in sql.params(part, cols) for v in row)) for part in chunks(rows, _RETURNING_PAGE)]
 
 
 def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> tuple[set[str], set[str]]:
@@ -430,8 +460,8 @@ def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> tuple[set[str
     lock = " FOR UPDATE" if sql.pg else ""
     existing = {}
     for part in sql.in_chunks(rest):
-        for run_id, meta, started in conn.exec_driver_sql(
-                f"SELECT id, meta, started_at FROM workflow_runs WHERE {sql.where_in('id', len(part))}{lock}",
+        for run_id, meta, started in sql.rows(
+                conn, f"SELECT id, meta, started_at FROM workflow_runs WHERE {sql.where_in('id', len(part))}{lock}",
                 sql.in_params(part)):
             existing[run_id] = (meta, started)
     better = []
@@ -476,11 +506,11 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     m = sql.mark
     foreign = []
     for part in sql.in_chunks(sorted(run_ids)):
-        foreign.extend(conn.exec_driver_sql(
-            "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
+        foreign.extend(sql.rows(
+            conn, "SELECT id, parent_event_id, depth, execution_order, node_id, meta FROM execution_events "
             f"WHERE {_unindexed(sql, 'event_type')} = {m} AND {_unindexed(sql, 'event_subtype')} = {m} AND "
             f"{sql.where_in('run_id', len(part))}",
-            (*FOREIGN_TYPE, *sql.in_params(part))).all())
+            (*FOREIGN_TYPE, *sql.in_params(part))))
     if not foreign:
         return
     candidates: dict[str, str | None] = {}
@@ -489,8 +519,8 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     wanted = sorted({c for c in candidates.values() if c})
     known: dict[str, tuple[int, int, str | None]] = {}
     for part in sql.in_chunks(wanted):
-        for r in conn.exec_driver_sql(
-                "SELECT id, depth, execution_order, node_id, event_subtype, event_type FROM execution_events "
+        for r in sql.rows(
+                conn, "SELECT id, depth, execution_order, node_id, event_subtype, event_type FROM execution_events "
                 f"WHERE {sql.where_in('id', len(part))}", sql.in_params(part)):
             if r.event_subtype == PLACEHOLDER_SUBTYPE:
                 continue
@@ -521,22 +551,22 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
         if (row.parent_event_id, row.depth, row.execution_order, row.node_id) != (parent, depth, order, node):
             updates.append((parent, depth, order, node, row.id))
     if updates:
-        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m}, depth = {m}, execution_order = {m}, "
-                             f"node_id = {m} WHERE id = {m}", updates)
+        sql.write(conn, f"UPDATE execution_events SET parent_event_id = {m}, depth = {m}, execution_order = {m}, "
+                  f"node_id = {m} WHERE id = {m}", updates, many=True)
     # A cmbagent event under a foreign span counts its depth without that span (the
     # instrumentation cannot see it): hang it under its nearest cmbagent ancestor instead.
     parents = sorted(candidates)
     moves = []
     for part in sql.in_chunks(parents):
-        for child_id, parent_id in conn.exec_driver_sql(
-                "SELECT id, parent_event_id FROM execution_events WHERE "
+        for child_id, parent_id in sql.rows(
+                conn, "SELECT id, parent_event_id FROM execution_events WHERE "
                 f"{sql.where_in('parent_event_id', len(part))} AND NOT (event_type = {m} AND event_subtype = {m})",
                 (*sql.in_params(part), *FOREIGN_TYPE)):
             target = resolved[parent_id][4]  # never the foreign parent itself
             if target is not None:
                 moves.append((target, child_id))
     if moves:
-        conn.exec_driver_sql(f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves)
+        sql.write(conn, f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves, many=True)
 
 
 def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) -> None:
@@ -545,8 +575,8 @@ def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) 
     event_ids = sorted({m["event_id"] for m in messages})
     stored: set[Any] = set()
     for part in sql.in_chunks(event_ids):
-        stored.update(r[0] for r in conn.exec_driver_sql(
-            f"SELECT event_id FROM messages WHERE {sql.where_in('event_id', len(part))}", sql.in_params(part)))
+        stored.update(r[0] for r in sql.rows(
+            conn, f"SELECT event_id FROM messages WHERE {sql.where_in('event_id', len(part))}", sql.in_params(part)))
     seen: set[tuple[Any, ...]] = set()
     rows = []
     for m in messages:
@@ -569,32 +599,38 @@ def _amount(value: Any) -> float:
 _USAGE_SQLITE = ("SELECT run_id, node_id, agent_name, json_extract(meta, '$.model'), json_extract(meta, "
                  "'$.prompt_tokens'), json_extract(meta, '$.completion_tokens'), json_extract(meta, '$.cost_usd'), "
                  "completed_at, timestamp FROM execution_events WHERE +event_type = ? AND +event_subtype = ? AND ")
-_USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model', CAST((meta ->> 'prompt_tokens') AS INTEGER), "
-             "CAST((meta ->> 'completion_tokens') AS INTEGER), CAST((meta ->> 'cost_usd') AS FLOAT), completed_at, "
-             "timestamp FROM execution_events WHERE (event_type || '') = %s AND (event_subtype || '') = %s AND ")
+_USAGE_PG = ("SELECT run_id, node_id, agent_name, meta ->> 'model' AS model, CAST((meta ->> 'prompt_tokens') AS "
+             "INTEGER) AS prompt, CAST((meta ->> 'completion_tokens') AS INTEGER) AS completion, CAST((meta ->> "
+             "'cost_usd') AS FLOAT) AS cost, completed_at, timestamp FROM execution_events "
+             "WHERE (event_type || '') = %s AND (event_subtype || '') = %s AND ")
 
 
-def _usage_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[LlmUsage]]:
+def _usage_statements(sql: Sql, run_ids: Sequence[str]) -> list[tuple[str, Any]]:
     """The LLM events' usage of ``run_ids``: a few scalars per event, read out of ``meta`` by the database."""
-    out: dict[str, list[LlmUsage]] = {run_id: [] for run_id in run_ids}
     head = _USAGE_PG if sql.pg else _USAGE_SQLITE
-    for part in sql.in_chunks(run_ids):
-        rows = conn.exec_driver_sql(head + sql.where_in("run_id", len(part)), (*LLM_TYPE, *sql.in_params(part)))
-        for run_id, node_id, agent, model, prompt, completion, cost, completed, stamp in rows:
-            out[run_id].append(LlmUsage(node_id, agent, None if model is None else str(model), _count(prompt),
-                                        _count(completion), _amount(cost), naive(completed) or naive(stamp)))
+    return [(head + sql.where_in("run_id", len(part)), (*LLM_TYPE, *sql.in_params(part)))
+            for part in sql.in_chunks(run_ids)]
+
+
+def _usage_by_run(run_ids: Sequence[str], rows: Iterable[Sequence[Any]]) -> dict[str, list[LlmUsage]]:
+    out: dict[str, list[LlmUsage]] = {run_id: [] for run_id in run_ids}
+    for run_id, node_id, agent, model, prompt, completion, cost, completed, stamp in rows:
+        out[run_id].append(LlmUsage(node_id, agent, None if model is None else str(model), _count(prompt),
+                                    _count(completion), _amount(cost), naive(completed) or naive(stamp)))
     return out
 
 
-def _edges_of_runs(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> dict[str, list[Any]]:
+def _edges_statements(sql: Sql, run_ids: Sequence[str]) -> list[tuple[str, Any]]:
+    return [("SELECT dag_nodes.run_id, dag_edges.id, dag_edges.from_node_id, dag_edges.to_node_id, "
+             "dag_edges.dependency_type, dag_edges.condition FROM dag_nodes JOIN dag_edges ON dag_nodes.id = "
+             f"dag_edges.from_node_id WHERE {sql.where_in('dag_nodes.run_id', len(part))} ORDER BY dag_edges.id",
+             sql.in_params(part)) for part in sql.in_chunks(run_ids)]
+
+
+def _edges_by_run(run_ids: Sequence[str], rows: Iterable[Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {run_id: [] for run_id in run_ids}
-    for part in sql.in_chunks(run_ids):
-        for e in conn.exec_driver_sql(
-                "SELECT dag_nodes.run_id, dag_edges.id, dag_edges.from_node_id, dag_edges.to_node_id, "
-                "dag_edges.dependency_type, dag_edges.condition FROM dag_nodes JOIN dag_edges ON dag_nodes.id = "
-                f"dag_edges.from_node_id WHERE {sql.where_in('dag_nodes.run_id', len(part))} ORDER BY dag_edges.id",
-                sql.in_params(part)):
-            out[e.run_id].append(e)
+    for e in rows:
+        out[e.run_id].append(e)
     return out
 
 
@@ -718,14 +754,19 @@ def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
     run_ids = sorted(layout_runs | rollup_runs)
     if not run_ids:
         return
+    nodes_t, runs_t = T["dag_nodes"], T["workflow_runs"]
+    reads = [sql.select_statements(nodes_t, "run_id", run_ids), _edges_statements(sql, sorted(layout_runs)),
+             _usage_statements(sql, run_ids), sql.select_statements(runs_t, "id", run_ids)]
+    results = iter(sql.rows_many(conn, [statement for group in reads for statement in group]))
+    node_rows, edge_rows, usage_rows, run_rows = ([row for _ in group for row in next(results)] for group in reads)
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
-    for node in sql.select(conn, T["dag_nodes"], "run_id", run_ids):
+    for node in sql.decoded(nodes_t, node_rows):
         node["meta"] = node["meta"] or {}
         nodes_by_run[node["run_id"]].append(node)
-    edges_by_run = _edges_of_runs(conn, sql, sorted(layout_runs))
-    usage_by_run = _usage_of_runs(conn, sql, run_ids)
+    edges_by_run = _edges_by_run(sorted(layout_runs), edge_rows)
+    usage_by_run = _usage_by_run(run_ids, usage_rows)
     out.named_runs.extend(run_ids)
-    for run in sorted(sql.select(conn, T["workflow_runs"], "id", run_ids), key=lambda r: r["id"]):
+    for run in sorted(sql.decoded(runs_t, run_rows), key=lambda r: r["id"]):
         run["meta"] = run["meta"] or {}
         run_id = run["id"]
         nodes = nodes_by_run[run_id]
@@ -756,21 +797,41 @@ def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
 
 
 def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = True) -> None:
-    nodes_t = T["dag_nodes"]
-    _upsert(conn, sql, nodes_t, parents_first({n["id"]: n for n in rows.nodes}, "parent_node_id"))
+    nodes_t, steps_t, runs_t, branches_t = T["dag_nodes"], T["workflow_steps"], T["workflow_runs"], T["branches"]
+    nodes = parents_first({n["id"]: n for n in rows.nodes}, "parent_node_id")
+    known: list[set[Any] | None] = [None] * 4
+    stored_costs = None
+    if sql.pipelined:
+        # One round trip: no write below before these reads changes what they find (deleting
+        # derived nodes and edges reaches no step, run, branch or cost row; the cost rows
+        # inserted first are those of runs this batch created, never among rows.costs).
+        groups = [("dag_nodes", _ask(nodes)), ("workflow_steps", _ask(rows.steps)),
+                  ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches))]
+        cost_reads = sql.select_statements(T["cost_records"], "run_id", list(rows.costs)) if costs else []
+        asks = [(table, sql.in_chunks(ids)) for table, ids in groups]
+        statements = [(f"SELECT id FROM {table} WHERE {sql.where_in('id', len(part))}", sql.in_params(part))
+                      for table, parts in asks for part in parts]
+        results = sql.rows_many(conn, statements + cost_reads)
+        position = 0
+        for index, (_, ids) in enumerate(groups):
+            count = len(list(sql.in_chunks(ids)))
+            known[index] = {r[0] for rows_ in results[position:position + count] for r in rows_}
+            position += count
+        stored_costs = sql.decoded(T["cost_records"], [r for rows_ in results[position:] for r in rows_])
+    _upsert(conn, sql, nodes_t, nodes, existing=known[0])
     # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
     sql.update(conn, nodes_t, rows.node_metas, ("meta",))
     sql.delete_ids(conn, "dag_nodes", rows.stale)
     sql.delete_ids(conn, "dag_edges", rows.drop)
     sql.insert(conn, T["dag_edges"], rows.edges)
-    _upsert(conn, sql, T["workflow_steps"], rows.steps)
-    _upsert(conn, sql, T["workflow_runs"], rows.child_runs)
-    _upsert(conn, sql, T["branches"], rows.branches)
+    _upsert(conn, sql, steps_t, rows.steps, existing=known[1])
+    _upsert(conn, sql, runs_t, rows.child_runs, existing=known[2])
+    _upsert(conn, sql, branches_t, rows.branches, existing=known[3])
     if rows.named_runs:
         _name_code_events(conn, sql, rows.named_runs)
     if costs:
         sql.insert(conn, T["cost_records"], rows.new_costs)
-        _write_cost_records(conn, sql, rows.costs)
+        _write_cost_records(conn, sql, rows.costs, stored_costs)
     for _, state in sorted(rows.states.items()):
         _write_session_state(conn, sql, state)
 
@@ -782,8 +843,8 @@ def _name_code_events(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> Non
              f"IS NOT NULL AND dag_nodes.agent != {m}")
     owner_params = (sc.NODE_SUB_AGENT, sc.NODE_AGENT, "unknown")
     for part in sql.in_chunks(run_ids):
-        conn.exec_driver_sql(
-            f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
+        sql.write(
+            conn, f"UPDATE execution_events SET agent_name=(SELECT dag_nodes.agent FROM dag_nodes WHERE {owner}) "
             f"WHERE {sql.where_in('execution_events.run_id', len(part))} AND "
             f"{_unindexed(sql, 'execution_events.event_type')} = {m} "
             "AND execution_events.agent_name IS NULL AND execution_events.node_id IS NOT NULL AND "
@@ -797,14 +858,16 @@ def _cost_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
             f"{float(row['cost_usd']):.6f}", naive(row["timestamp"]))
 
 
-def _write_cost_records(conn: Connection, sql: Sql, wanted: Mapping[str, list[dict[str, Any]]]) -> None:
-    """Make each run's ``cost_records`` exactly ``wanted`` (autoincrement ids: diff, then delete/insert)."""
+def _write_cost_records(conn: Connection, sql: Sql, wanted: Mapping[str, list[dict[str, Any]]],
+                        stored: list[dict[str, Any]] | None = None) -> None:
+    """Make each run's ``cost_records`` exactly ``wanted`` (autoincrement ids: diff, then delete/insert);
+    ``stored``: their rows, when the caller already read them."""
     if not wanted:
         return
     table = T["cost_records"]
     remaining = Counter(_cost_key(row) for rows in wanted.values() for row in rows)
     drop = []
-    for row in sql.select(conn, table, "run_id", list(wanted)):
+    for row in stored if stored is not None else sql.select(conn, table, "run_id", list(wanted)):
         key = _cost_key(row)
         if remaining[key] > 0:
             remaining[key] -= 1
@@ -844,13 +907,19 @@ def _state_key(row: Mapping[str, Any]) -> tuple[datetime, str]:
 
 def _write_session_state(conn: Connection, sql: Sql, row: dict[str, Any]) -> None:
     table = T["session_states"]
-    if _insert_new(conn, sql, table, [row]):
-        return
     lock = " FOR UPDATE" if sql.pg else ""
-    old = conn.exec_driver_sql(f"SELECT updated_at, context_variables FROM session_states WHERE id = {sql.mark}{lock}",
-                               (row["id"],)).first()
-    if old is None:
+    read = (f"SELECT updated_at, context_variables FROM session_states WHERE id = {sql.mark}{lock}", (row["id"],))
+    if sql.pipelined:  # both in one round trip: the read finds the row whether the insert made it or not
+        inserted, found = sql.rows_many(conn, [*_insert_new_statements(sql, table, [row]), read])
+        if inserted:
+            return
+    else:
+        if _insert_new(conn, sql, table, [row]):
+            return
+        found = sql.rows(conn, *read)
+    if not found:
         return
+    old = found[0]
     old_key = _state_key({"updated_at": old.updated_at, "context_variables": decode_json(old.context_variables)})
     if _state_key(row) >= old_key:
         sql.update(conn, table, [row], [c for c in row if c != "id"])

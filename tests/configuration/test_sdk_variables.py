@@ -1,0 +1,79 @@
+"""OTEL_* variables the OpenTelemetry SDK parses itself never fail the application.
+
+The SDK raises on some bad values: span limits when ``opentelemetry.sdk.trace`` is imported
+or a TracerProvider built, ``OTEL_PROPAGATORS`` when ``opentelemetry.propagate`` is
+imported, the gRPC exporters' timeout and compression when they are built. An application
+that only added ``cmbagent_otel.instrument()`` must run as before: each bad value is logged
+once and the SDK's default used. Checked in a child process (the import is what fails),
+whose spans go over OTLP/gRPC to a real ingest server.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmbagent_otel import environment_variables as env
+from cmbagent_otel.ingest import IngestServer
+
+CHILD = """
+import cmbagent_otel
+from cmbagent_otel import phase, step, workflow
+cmbagent_otel.instrument(instrument_cmbagent=False)
+with workflow("sdk variables", mode="planning-control"), phase("control"), step(1, "fit"):
+    pass
+cmbagent_otel.uninstrument()
+print("APP DONE")
+"""
+
+BAD = {
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "-1",  # read when the SDK's trace module is imported
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "4k",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT": "lots",
+    "OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT": "many",
+    "OTEL_PROPAGATORS": "tracecontext,b3-typo",
+    "OTEL_EXPORTER_OTLP_TIMEOUT": "soon",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "10s",
+    "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd",
+    "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "none",  # the spec's value, which the gRPC exporter refuses
+}
+
+
+def run_child(tmp_path: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    environ.update({"CMBAGENT_DEFAULT_WORK_DIR": str(tmp_path / "work"), **extra})
+    return subprocess.run([sys.executable, "-c", CHILD], env=environ, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_bad_sdk_variables_are_warned_once_and_the_app_runs(tmp_path: Path) -> None:
+    with IngestServer(f"sqlite:///{tmp_path}/ingest.db", port="off", grpc_port=0).start() as server:
+        child = run_child(tmp_path, {
+            **BAD,
+            "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": server.grpc_endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        })
+        assert child.returncode == 0 and "APP DONE" in child.stdout, child.stderr
+        assert "Traceback" not in child.stderr, child.stderr
+        for name, value in BAD.items():
+            assert child.stderr.count(f"ignoring {name}={value!r}") == 1, (name, child.stderr)
+        assert server.spans_written == 3  # exported with the defaults (no compression, 10 s timeout)
+    with sqlite3.connect(tmp_path / "ingest.db") as conn:
+        assert conn.execute("SELECT mode, status FROM workflow_runs").fetchall() == [("planning-control", "completed")]
+
+
+def test_valid_and_empty_values_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    good = {"OTEL_SPAN_EVENT_COUNT_LIMIT": "64", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "",  # empty: no limit
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5", "OTEL_EXPORTER_OTLP_COMPRESSION": " GZIP ",
+            "OTEL_PROPAGATORS": "tracecontext, baggage"}
+    for name, value in good.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "")  # empty: unset, as the spec says
+    assert env.check_sdk_variables() == ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"]
+    assert {name: os.environ.get(name) for name in good} == good
