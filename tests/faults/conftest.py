@@ -42,11 +42,19 @@ def reference(spans: Sequence[ReadableSpan], url: str,
     return dump(url)
 
 
+def complete_lines(path: Path | str) -> list[str]:
+    """The lines of a record file that were written whole: a child killed (kill -9) in the middle of
+    a write leaves its last line without its newline, and that record is not one it made."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    return [line for line in lines[:-1] if line]  # the last piece is "" after a whole line, else cut
+
+
 def read_record(path: Path | str) -> tuple[list[ReadableSpan], list[int]]:
     """Spans in a record file (see app.py) and, per ``flushed`` marker, how many spans preceded it."""
     spans: list[ReadableSpan] = []
     marks: list[int] = []
-    for line in Path(path).read_text().splitlines():
+    for line in complete_lines(path):
         record = json.loads(line)
         if "started" in record:
             continue
@@ -61,7 +69,7 @@ def read_started(path: Path | str) -> list[ReadableSpan]:
     """Started records (see app.py) of the spans in a record file that never ended."""
     started: dict[tuple[str, str], ReadableSpan] = {}
     ended: set[tuple[str, str]] = set()
-    for line in Path(path).read_text().splitlines():
+    for line in complete_lines(path):
         record = json.loads(line)
         if "started" in record:
             span = as_started(record_to_span(record["started"]))
