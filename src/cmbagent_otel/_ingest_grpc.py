@@ -34,6 +34,7 @@ from .otlp_decode import encode_response
 logger = logging.getLogger("cmbagent_otel.ingest")
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+IDLE_CONNECTION_MS = 5 * 60 * 1000
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -64,8 +65,8 @@ class Watchdog:
     """Runs a callback at a deadline unless it is cancelled first: one thread for every call."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], Any]]] = []
-        self._cancelled: set[int] = set()
+        self._heap: list[list[Any]] = []  # [deadline, key, callback or None once cancelled]
+        self._entries: dict[int, list[Any]] = {}
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -74,7 +75,9 @@ class Watchdog:
     def schedule(self, delay: float, callback: Callable[[], Any]) -> int:
         with self._cond:
             key = next(self._ids)
-            heapq.heappush(self._heap, (time.monotonic() + delay, key, callback))
+            entry = [time.monotonic() + delay, key, callback]
+            heapq.heappush(self._heap, entry)
+            self._entries[key] = entry
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name="cmbagent-otel-ingest-grpc-watchdog",
                                                 daemon=True)
@@ -84,7 +87,9 @@ class Watchdog:
 
     def cancel(self, key: int) -> None:
         with self._cond:
-            self._cancelled.add(key)
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                entry[2] = None  # the call (and what it holds) is not kept until its deadline
 
     def stop(self) -> None:
         with self._cond:
@@ -102,9 +107,9 @@ class Watchdog:
                 if self._stopped:
                     return
                 _, key, callback = heapq.heappop(self._heap)
-                if key in self._cancelled:
-                    self._cancelled.discard(key)
-                    continue
+                self._entries.pop(key, None)
+            if callback is None:
+                continue
             try:
                 callback()
             except Exception:  # a call that already ended
@@ -209,6 +214,8 @@ class GrpcReceiver:
                 ("grpc.so_reuseport", 0),  # a second ingest on the same port must fail, not share it
                 # a connection that never completes its HTTP/2 handshake is dropped
                 ("grpc.server_handshake_timeout_ms", max(1, int(timeout * 1000))),
+                # idle connections are closed (GOAWAY; clients reconnect when they next export)
+                ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
             ],
         )
         service = TraceService(core, timeout=timeout, workers=workers, watchdog=self._watchdog)

@@ -362,10 +362,9 @@ class OtlpHttpApp:
         pending = not state["body_read"] and ("content-length" in headers or "transfer-encoding" in headers)
         if pending or self.closing:
             extra.append((b"connection", b"close"))
-        if not pending or self.closing or err.status == HTTPStatus.REQUEST_TIMEOUT \
-                or headers.get("expect", "").lower() == "100-continue":
-            # nothing to read, a client too slow or a server stopping (no time to read the
-            # rest), or a client waiting for "100 Continue" that will not send it
+        if not pending or self.closing or headers.get("expect", "").lower() == "100-continue":
+            # nothing to read, a server stopping (no time to read the rest), or a client
+            # waiting for "100 Continue" that will not send it
             await self._respond(send, state, err.status, body, _MIME[kind], extra)
             return
         await self._respond(send, state, err.status, body, _MIME[kind], extra, more=True)

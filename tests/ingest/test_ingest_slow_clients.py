@@ -314,3 +314,23 @@ def test_stop_with_stalled_clients_is_quiet_and_prompt(tmp_path: Path) -> None:
     assert "stopped after" in out
     for noise in ("Traceback", "Exception in ASGI", "CancelledError", "Cancel ", "ERROR"):
         assert noise not in err, err[-3000:]
+
+
+def test_the_operator_sets_the_limits_in_the_environment(tmp_path: Path) -> None:
+    """``cmbagent-otel ingest`` reads the request timeout from its environment."""
+    proc = IngestProcess(f"sqlite:///{tmp_path / 'env.db'}", env={"CMBAGENT_OTEL_INGEST_REQUEST_TIMEOUT": "1"})
+    try:
+        with connect(proc.port) as sock:
+            sock.settimeout(20)  # far more than 1 s, less than the default 30 s
+            sock.sendall(b"POST /v1/traces HTTP/1.1\r\n")
+            assert read_response(sock) is None  # headers cut off at 1 s
+        dripper = Dripper(proc.port, "127.0.0.40")
+        try:
+            dripper.sock.settimeout(20)
+            response = read_response(dripper.sock)  # the 1 s body deadline
+            assert response is not None and response[0] == 408, response
+        finally:
+            dripper.close()
+    finally:
+        code, _, err = proc.stop()
+    assert code == 0 and "Traceback" not in err, err[-3000:]
