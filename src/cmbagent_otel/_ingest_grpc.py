@@ -214,6 +214,9 @@ class GrpcReceiver:
                 ("grpc.so_reuseport", 0),  # a second ingest on the same port must fail, not share it
                 # a connection that never completes its HTTP/2 handshake is dropped
                 ("grpc.server_handshake_timeout_ms", max(1, int(timeout * 1000))),
+                # a client multiplexing more calls on one connection than it may have in flight
+                # waits for a stream (HTTP/2 flow control) instead of being turned away
+                ("grpc.max_concurrent_streams", core.max_per_client),
                 # idle connections are closed (GOAWAY; clients reconnect when they next export)
                 ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
             ],

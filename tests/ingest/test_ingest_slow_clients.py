@@ -264,8 +264,11 @@ def test_stalled_grpc_calls_are_cancelled_and_block_nobody(tmp_path: Path) -> No
             assert trace_id in stored(db)
             stalled.append(_stalled_call(channel, release))
             wait_in_flight(srv.port, 4)
-            with pytest.raises(grpc.RpcError) as info:  # a fifth call from this address is one too many
-                export(body, timeout=WAIT)
+            # a fifth call from this address, on a connection of its own (on the first one it
+            # would wait for one of the 4 streams a connection may have), is one too many
+            with grpc.insecure_channel(srv.grpc_endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as other, \
+                    pytest.raises(grpc.RpcError) as info:
+                other.unary_unary(EXPORT)(body, timeout=WAIT)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "4 requests from 127.0.0.1" in (info.value.details() or "")
         finally:
