@@ -104,13 +104,17 @@ class Ticket:
         self.held += amount
         return True
 
+    def check(self, total: int) -> None:
+        """Raise ``IngestError('too_large')`` when ``total`` bytes could never be reserved."""
+        if total > self._admission.budget:
+            raise IngestError("too_large", f"request needs ~{total >> 20} MiB to decode, more than the "
+                              f"ingest memory budget ({self._admission.budget >> 20} MiB); "
+                              "send smaller batches (or protobuf rather than JSON)")
+
     def hold(self, total: int) -> None:
         """Reserve exactly ``total`` bytes: grow (raising ``IngestError``) or give back."""
         if total > self.held:
-            if total > self._admission.budget:
-                raise IngestError("too_large", f"request needs ~{total >> 20} MiB to decode, more than the "
-                                  f"ingest memory budget ({self._admission.budget >> 20} MiB); "
-                                  "send smaller batches (or protobuf rather than JSON)")
+            self.check(total)
             if not self.grow(total - self.held):
                 raise IngestError("unavailable", "ingest is busy (memory budget in use), retry later")
         elif total < self.held:
@@ -172,10 +176,14 @@ class IngestCore:
         writer: SpanWriter | None,
         writer_factory: Callable[[], SpanWriter] | None,
         max_pending: int,
+        max_per_client: int,
     ) -> None:
         self.db_url = db_url
         self.max_pending = max_pending
         self._pending = 0
+        self.max_per_client = max_per_client
+        self._clients: dict[str, int] = {}
+        self._requests = 0
         self._token = token.encode() if token else None
         self.max_bytes = max_bytes
         self.admission = Admission(budget)
@@ -206,10 +214,36 @@ class IngestCore:
             return False
         return hmac.compare_digest(value.strip().encode(), self._token)
 
+    def open(self, client: str) -> bool:
+        """Admit one more request from ``client`` (its address), or False when that client
+        already has ``max_per_client`` requests in flight (on either receiver): one client
+        must not take every place, however slowly it sends."""
+        with self._count_lock:
+            count = self._clients.get(client, 0)
+            if count >= self.max_per_client:
+                return False
+            self._clients[client] = count + 1
+            self._requests += 1
+            return True
+
+    def close(self, client: str) -> None:
+        """The end of a request :meth:`open` admitted."""
+        with self._count_lock:
+            self._requests -= 1
+            count = self._clients.pop(client) - 1
+            if count:
+                self._clients[client] = count
+
+    @property
+    def requests(self) -> int:
+        """Requests in flight now (both receivers), from reading them to answering."""
+        return self._requests
+
     def enter(self) -> bool:
-        """Admit one more request (reading, waiting for a worker or being processed), or
-        False when ``max_pending`` are in flight: answer 503/UNAVAILABLE then, since a
-        request that waits longer than its client's timeout is lost work on both sides."""
+        """Admit one more request to decoding and writing (waiting for a worker or being
+        processed), or False when ``max_pending`` are: answer 503/UNAVAILABLE then, since a
+        request that waits longer than its client's timeout is lost work on both sides.
+        Requests still arriving do not count: a slow client never holds a worker's place."""
         with self._count_lock:
             if self._pending >= self.max_pending:
                 return False
@@ -218,7 +252,7 @@ class IngestCore:
 
     @property
     def pending(self) -> int:
-        """Requests in flight now (both receivers)."""
+        """Requests being decoded and written, or waiting for a worker (both receivers)."""
         return self._pending
 
     def leave(self) -> None:

@@ -1,21 +1,28 @@
 """OTLP/gRPC trace receiver of ``cmbagent-otel ingest``, on grpcio's server.
 
-grpcio does the transport work: HTTP/2, a bounded worker pool, a cap on concurrent RPCs
-(RESOURCE_EXHAUSTED beyond it), ``grpc.max_receive_message_length`` (checked on the
-decompressed message) and gzip/deflate decompression. The service takes the raw request
-bytes (no deserializer), so decoding is the same bounded walk the HTTP receiver uses.
+grpcio does the transport work: HTTP/2, a cap on concurrent RPCs (RESOURCE_EXHAUSTED
+beyond it), ``grpc.max_receive_message_length`` (checked on the decompressed message) and
+gzip/deflate decompression. The service takes the raw request bytes (no deserializer), so
+decoding is the same bounded walk the HTTP receiver uses.
 
-Status codes follow the OTLP specification: OK with an ``ExportTraceServiceResponse``
-(``partial_success`` when spans were rejected), INVALID_ARGUMENT for malformed requests,
-UNAUTHENTICATED without the bearer token, RESOURCE_EXHAUSTED above the size limit, and
-UNAVAILABLE with a ``google.rpc.RetryInfo`` delay while the database is down or the memory
-budget is in use (the SDK's OTLP exporter retries after that delay).
+grpcio's synchronous server gives each RPC a thread that waits for the request message
+without any limit of time, so a client that opens a call and never finishes its message
+would hold that thread (and a place) for ever. The method is therefore served as
+client-streaming (the same bytes on the wire; an OTLP client sends one message): the
+handler starts at once, a watchdog cancels a call whose message has not arrived within the
+request timeout, one client address may have only so many calls in flight, and decoding
+takes one of ``workers`` places only once the message is complete.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -27,6 +34,7 @@ from .otlp_decode import encode_response
 logger = logging.getLogger("cmbagent_otel.ingest")
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+IDLE_CONNECTION_MS = 5 * 60 * 1000
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,19 +51,133 @@ def _retry_info(seconds: int) -> bytes:
     return RetryInfo(retry_delay=Duration(seconds=seconds)).SerializeToString()
 
 
+def client_address(peer: str | None) -> str:
+    """The address part of a grpcio peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:...``)."""
+    if not peer:
+        return ""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+class Watchdog:
+    """Runs a callback at a deadline unless it is cancelled first: one thread for every call."""
+
+    def __init__(self) -> None:
+        self._heap: list[list[Any]] = []  # [deadline, key, callback or None once cancelled]
+        self._entries: dict[int, list[Any]] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def schedule(self, delay: float, callback: Callable[[], Any]) -> int:
+        with self._cond:
+            key = next(self._ids)
+            entry = [time.monotonic() + delay, key, callback]
+            heapq.heappush(self._heap, entry)
+            self._entries[key] = entry
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="cmbagent-otel-ingest-grpc-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return key
+
+    def cancel(self, key: int) -> None:
+        with self._cond:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                entry[2] = None  # the call (and what it holds) is not kept until its deadline
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._stopped:
+                    return
+                _, key, callback = heapq.heappop(self._heap)
+                self._entries.pop(key, None)
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:  # a call that already ended
+                logger.debug("cmbagent-otel ingest: cancelling an overdue gRPC call failed", exc_info=True)
+
+
 class TraceService:
     """``TraceService/Export`` over raw bytes."""
 
-    def __init__(self, core: IngestCore) -> None:
+    def __init__(self, core: IngestCore, *, timeout: float, workers: int, watchdog: Watchdog) -> None:
         self.core = core
+        self.timeout = timeout
+        self._workers = threading.BoundedSemaphore(workers)
+        self._watchdog = watchdog
+        self._waiting: set[grpc.ServicerContext] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
 
-    def export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def cancel_waiting(self) -> None:
+        """Cancel every call still waiting for its message, and those that come later (stop)."""
+        with self._lock:
+            self._stopping = True
+            waiting = list(self._waiting)
+        for context in waiting:
+            context.cancel()
+
+    def export(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         core = self.core
         metadata = dict(context.invocation_metadata() or ())
         if not core.authorized(metadata.get("authorization")):
             self._abort(context, IngestError("unauthenticated", "missing or invalid bearer token"))
-        if not core.enter():
-            self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
+        client = client_address(context.peer())
+        if not core.open(client):
+            self._abort(context, IngestError(
+                "unavailable", f"ingest is busy ({core.max_per_client} requests from {client or 'this client'} "
+                "in flight), retry later"))
+        try:
+            request = self._receive(requests, context)
+            if request is None:
+                return b""  # the call was cancelled (by the client, the watchdog or stop): nobody reads this
+            if not core.enter():
+                self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
+            try:
+                with self._workers:
+                    return self._process(request, context)
+            finally:
+                core.leave()
+        finally:
+            core.close(client)
+
+    def _receive(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        """The request message, or None when the call ends without one within the timeout."""
+        with self._lock:
+            if self._stopping:
+                return None
+            self._waiting.add(context)
+        key = self._watchdog.schedule(self.timeout, context.cancel)
+        try:
+            return next(requests, b"")  # no message at all: an empty request, as for a unary call
+        except grpc.RpcError:
+            return None
+        finally:
+            self._watchdog.cancel(key)
+            with self._lock:
+                self._waiting.discard(context)
+
+    def _process(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        core = self.core
         ticket = core.admission.ticket()
         try:
             ticket.hold(len(request) * core.factor("protobuf"))
@@ -67,7 +189,6 @@ class TraceService:
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             ticket.close()
-            core.leave()
         return encode_response("protobuf", outcome.rejected, outcome.error_message)
 
     def _abort(self, context: grpc.ServicerContext, err: IngestError) -> None:
@@ -77,21 +198,33 @@ class TraceService:
 
 
 class GrpcReceiver:
-    """A grpcio server bound to ``host:port`` serving :class:`TraceService`."""
+    """A grpcio server bound to ``host:port`` serving :class:`TraceService`: ``max_concurrent``
+    calls at once (each a thread while its message arrives, at most ``timeout`` seconds),
+    ``workers`` of them decoding and writing."""
 
-    def __init__(self, core: IngestCore, host: str, port: int, *, workers: int, max_concurrent: int) -> None:
+    def __init__(self, core: IngestCore, host: str, port: int, *, workers: int, max_concurrent: int,
+                 timeout: float = 30.0) -> None:
+        self._watchdog = Watchdog()
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmbagent-otel-ingest-grpc"),
+            futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc"),
             maximum_concurrent_rpcs=max_concurrent,
             options=[
                 ("grpc.max_receive_message_length", core.max_bytes),
                 ("grpc.max_send_message_length", 1 << 20),
                 ("grpc.so_reuseport", 0),  # a second ingest on the same port must fail, not share it
+                # a connection that never completes its HTTP/2 handshake is dropped
+                ("grpc.server_handshake_timeout_ms", max(1, int(timeout * 1000))),
+                # a client multiplexing more calls on one connection than it may have in flight
+                # waits for a stream (HTTP/2 flow control) instead of being turned away
+                ("grpc.max_concurrent_streams", core.max_per_client),
+                # idle connections are closed (GOAWAY; clients reconnect when they next export)
+                ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
             ],
         )
-        service = TraceService(core)
+        service = TraceService(core, timeout=timeout, workers=workers, watchdog=self._watchdog)
+        self._service = service
         handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(service.export)})
+            SERVICE, {"Export": grpc.stream_unary_rpc_method_handler(service.export)})
         self._server.add_generic_rpc_handlers((handler,))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -106,4 +239,9 @@ class GrpcReceiver:
             self._started = True
 
     def stop(self, grace: float | None = 5.0) -> Any:
-        self._server.stop(grace).wait()
+        """Stop accepting calls, cancel those still waiting for their message at once, and
+        give those being written ``grace`` seconds."""
+        stopped = self._server.stop(grace)
+        self._service.cancel_waiting()
+        stopped.wait()
+        self._watchdog.stop()

@@ -4,18 +4,28 @@ uvicorn (with h11) does the HTTP work: request parsing, Content-Length and chunk
 transfer coding (an invalid chunk size or length is a 400 from h11, never a read past the
 body), keep-alive, and back-pressure (it stops reading a connection while the app has not
 taken the last 64 KiB). The app only handles ``POST /v1/traces`` (and ``GET /health``):
-it reserves the request's memory before reading the body, reads it with a size bound and
-an idle timeout, and hands it to a worker thread to decode and store.
+it reads the body with a size bound and a deadline, reserving memory as the bytes arrive,
+and hands it to a worker thread to decode and store.
+
+Slow clients cannot hold the server: a connection must complete its request headers
+within the request timeout (:func:`protocol_class`, else it is closed), the body must
+arrive within the same timeout plus one second per ``min_rate`` bytes received (else 408),
+one client address may have at most ``max_per_client`` requests in flight (else 503) and
+eight times that many connections open (else the connection is closed at once), and a
+body waiting to arrive reserves only the memory of what has arrived, never its declared
+length. :meth:`OtlpHttpApp.begin_shutdown` answers every request still arriving at once
+(503, retry later), so stopping the server waits only for requests being written.
 
 A request turned away before its body was read (401, 413, 415, 503...) is answered at
-once, then the rest of its body is read and discarded (up to twice the size limit, with an
-idle timeout) before the connection closes: closing with unread data makes the kernel send
-a reset that can destroy the response before the client reads it.
+once, then the rest of its body is read and discarded (up to twice the size limit, for at
+most ``drain_timeout`` seconds) before the connection closes: closing with unread data
+makes the kernel send a reset that can destroy the response before the client reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -80,22 +90,132 @@ class _Disconnected(Exception):
     pass
 
 
+def protocol_class(header_timeout: float, max_connections_per_client: int) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline for request headers and a cap of connections per
+    client address (uvicorn itself waits for headers forever, and counts only connections in all)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    connections: dict[str, int] = {}  # per client address; only the event loop's thread touches it
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _peer: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            peer = self.client[0] if self.client else ""
+            self._peer = peer
+            connections[peer] = connections.get(peer, 0) + 1
+            if connections[peer] > max_connections_per_client:
+                transport.close()
+                return
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            if self._peer is not None:
+                count = connections.pop(self._peer) - 1
+                if count:
+                    connections[self._peer] = count
+                self._peer = None
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._request_in_progress():
+                self._cancel_header_timer()  # the app's body deadline applies from here
+
+        def on_response_complete(self) -> None:
+            self._arm_header_timer()  # before uvicorn looks at pipelined requests
+            super().on_response_complete()
+
+        def _request_in_progress(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_overdue)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_overdue(self) -> None:
+            self._header_timer = None
+            if not self._request_in_progress() and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
 class OtlpHttpApp:
     """The ASGI application. ``max_requests`` bounds the requests handled at once (503
-    with ``Retry-After`` beyond); ``body_timeout`` is how long a body may stall."""
+    with ``Retry-After`` beyond); a body must arrive within ``body_timeout`` seconds plus one
+    per ``min_rate`` bytes received (else 408)."""
 
     def __init__(self, core: IngestCore, executor: ThreadPoolExecutor, *, max_requests: int,
-                 body_timeout: float = 30.0, drain_timeout: float = 2.0) -> None:
+                 body_timeout: float = 30.0, min_rate: int = 16384, drain_timeout: float = 2.0) -> None:
         self.core = core
         self.executor = executor
         self.max_requests = max_requests
         self.body_timeout = body_timeout
+        self.min_rate = min_rate
         self.drain_timeout = drain_timeout
         self.active = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    def begin_shutdown(self) -> None:
+        """From any thread: answer every request still arriving now (503, ``Connection: close``)."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(self._set_closing)
+
+    def _set_closing(self) -> None:
+        closing = self._closing_future()
+        if not closing.done():
+            closing.set_result(None)
+
+    def _closing_future(self) -> asyncio.Future[None]:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        return self._closing
+
+    @property
+    def closing(self) -> bool:
+        return self._closing is not None and self._closing.done()
+
+    async def _receive(self, receive: Receive, timeout: float) -> dict[str, Any]:
+        """The next ASGI message; ``_Reject`` at the deadline or when the server stops."""
+        if timeout <= 0:
+            raise _Reject(HTTPStatus.REQUEST_TIMEOUT, "request body too slow")
+        closing = self._closing_future()
+        if closing.done():
+            raise self._stopping()
+        task = asyncio.ensure_future(receive())
+        try:
+            done, _ = await asyncio.wait((task, closing), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if task in done:
+            return task.result()
+        if closing.done():
+            raise self._stopping()
+        raise _Reject(HTTPStatus.REQUEST_TIMEOUT, "request body too slow")
+
+    def _stopping(self) -> _Reject:
+        return _Reject(HTTPStatus.SERVICE_UNAVAILABLE, "ingest is stopping, retry later",
+                       [(b"retry-after", str(self.core.retry_after).encode())])
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         kind = _CONTENT_TYPES.get(ctype, "json")
@@ -109,6 +229,14 @@ class OtlpHttpApp:
             client = scope.get("client")
             logger.debug("cmbagent-otel ingest: client %s disconnected before its request was read",
                          f"{client[0]}:{client[1]}" if client else "?")
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when its graceful shutdown times out
+            # (a database write that outlasts it): answer if we can, never a traceback.
+            if not state["started"]:
+                with contextlib.suppress(BaseException):
+                    await self._respond(send, state, HTTPStatus.SERVICE_UNAVAILABLE,
+                                        _status_body(kind, 14, "ingest is stopping, retry later"), _MIME[kind],
+                                        [(b"connection", b"close")])
         except Exception:
             logger.exception("cmbagent-otel ingest: unexpected error (HTTP)")
             if not state["started"]:
@@ -120,7 +248,7 @@ class OtlpHttpApp:
         method, path = scope["method"], scope["path"]
         if path in HEALTH_PATHS and method in ("GET", "HEAD"):
             state["body_read"] = True
-            health = {"status": "ok", "in_flight": self.core.pending, "memory_reserved": self.core.admission.used,
+            health = {"status": "ok", "in_flight": self.core.requests, "memory_reserved": self.core.admission.used,
                       "spans_written": self.core.spans_written}
             await self._respond(send, state, HTTPStatus.OK, json.dumps(health).encode(), b"application/json")
             return
@@ -143,27 +271,39 @@ class OtlpHttpApp:
         declared = int(headers["content-length"]) if "content-length" in headers else None  # h11 checked it
         if declared is not None and declared > core.max_bytes:
             raise _Reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body exceeds {core.max_bytes} bytes")
-        if self.active >= self.max_requests or not core.enter():
+        if self.closing:
+            raise self._stopping()
+        if self.active >= self.max_requests or core.pending >= core.max_pending:
             raise self._busy("too many requests in flight")
+        client = scope["client"][0] if scope.get("client") else ""
+        if not core.open(client):
+            raise self._busy(f"{core.max_per_client} requests from {client or 'this client'} in flight")
         self.active += 1
         ticket = core.admission.ticket()
         try:
             factor = core.factor(kind)
             if declared is not None:
-                self._reserve(ticket, declared * factor)
-            body = await self._read_body(receive, ticket, factor, declared is None, state)
-            loop = asyncio.get_running_loop()
+                try:
+                    ticket.check(declared * factor)  # reserved as the bytes arrive, never up front
+                except IngestError as err:
+                    raise self._from_error(err) from None
+            body = await self._read_body(receive, ticket, factor, state)
+            if not core.enter():
+                raise self._busy("too many requests in flight")
             try:
+                loop = asyncio.get_running_loop()
                 outcome = await loop.run_in_executor(self.executor, core.process, body, kind,
                                                      encoding == "gzip", ticket)
             except IngestError as err:
                 raise self._from_error(err) from None
+            finally:
+                core.leave()
             del body
             await self._respond(send, state, HTTPStatus.OK,
                                 encode_response(kind, outcome.rejected, outcome.error_message), _MIME[kind])
         finally:
             ticket.close()
-            core.leave()
+            core.close(client)
             self.active -= 1
 
     def _busy(self, why: str) -> _Reject:
@@ -182,16 +322,15 @@ class OtlpHttpApp:
         except IngestError as err:
             raise self._from_error(err) from None
 
-    async def _read_body(self, receive: Receive, ticket: Any, factor: int, incremental: bool,
-                         state: dict[str, bool]) -> bytes:
+    async def _read_body(self, receive: Receive, ticket: Any, factor: int, state: dict[str, bool]) -> bytes:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         parts: list[bytes] = []
         size = 0
         limit = self.core.max_bytes
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
-                raise _Reject(HTTPStatus.REQUEST_TIMEOUT, f"no body data for {self.body_timeout:g}s") from None
+            deadline = start + self.body_timeout + size / self.min_rate
+            message = await self._receive(receive, deadline - loop.time())
             if message["type"] == "http.disconnect":
                 state["body_read"] = True
                 raise _Disconnected
@@ -199,8 +338,7 @@ class OtlpHttpApp:
             size += len(chunk)
             if size > limit:
                 raise _Reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body exceeds {limit} bytes")
-            if incremental:
-                self._reserve(ticket, size * factor)
+            self._reserve(ticket, size * factor)
             if chunk:
                 parts.append(chunk)
             if not message.get("more_body", False):
@@ -222,10 +360,11 @@ class OtlpHttpApp:
         body = _status_body(kind, _RPC_CODE.get(err.status, 2), err.message)
         extra = list(err.headers)
         pending = not state["body_read"] and ("content-length" in headers or "transfer-encoding" in headers)
-        if pending:
+        if pending or self.closing:
             extra.append((b"connection", b"close"))
-        if not pending or headers.get("expect", "").lower() == "100-continue":
-            # nothing to read, or a client waiting for "100 Continue" that will not send it
+        if not pending or self.closing or headers.get("expect", "").lower() == "100-continue":
+            # nothing to read, a server stopping (no time to read the rest), or a client
+            # waiting for "100 Continue" that will not send it
             await self._respond(send, state, err.status, body, _MIME[kind], extra)
             return
         await self._respond(send, state, err.status, body, _MIME[kind], extra, more=True)
@@ -233,12 +372,14 @@ class OtlpHttpApp:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _drain(self, receive: Receive) -> None:
-        """Read and discard the rest of a rejected body, bounded in bytes and idle time."""
+        """Read and discard the rest of a rejected body, bounded in bytes and time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
         left = 2 * self.core.max_bytes
         while left > 0:
             try:
-                message = await asyncio.wait_for(receive(), self.drain_timeout)
-            except asyncio.TimeoutError:
+                message = await self._receive(receive, deadline - loop.time())
+            except _Reject:
                 return
             if message["type"] == "http.disconnect":
                 return

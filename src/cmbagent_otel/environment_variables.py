@@ -57,6 +57,9 @@ INGEST_TOKEN = "CMBAGENT_OTEL_INGEST_TOKEN"
 INGEST_MAX_BYTES = "CMBAGENT_OTEL_INGEST_MAX_BYTES"
 INGEST_MAX_INFLIGHT_BYTES = "CMBAGENT_OTEL_INGEST_MAX_INFLIGHT_BYTES"
 INGEST_WORKERS = "CMBAGENT_OTEL_INGEST_WORKERS"
+INGEST_REQUEST_TIMEOUT = "CMBAGENT_OTEL_INGEST_REQUEST_TIMEOUT"
+INGEST_MIN_RATE = "CMBAGENT_OTEL_INGEST_MIN_RATE"
+INGEST_MAX_REQUESTS_PER_CLIENT = "CMBAGENT_OTEL_INGEST_MAX_REQUESTS_PER_CLIENT"
 OFFLINE_BACKEND = "CMBAGENT_OTEL_OFFLINE_BACKEND"
 SDK_DISABLED = "OTEL_SDK_DISABLED"
 TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
@@ -293,6 +296,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(INGEST_MAX_INFLIGHT_BYTES, 128 * 1024 * 1024, "Memory budget of all ingest requests in flight (bytes)",
             _number(int, 1)),
     Setting(INGEST_WORKERS, 2, "Decoding/writing threads per ingest receiver", _number(int, 1)),
+    Setting(INGEST_REQUEST_TIMEOUT, 30.0,
+            "Seconds an ingest client has to send a request's headers, and again its body (HTTP: plus 1 s per "
+            "`CMBAGENT_OTEL_INGEST_MIN_RATE` bytes received; gRPC: the whole message); a slower request gets 408 "
+            "(HTTP) or is cancelled (gRPC) and its place and memory are freed", _number(float, 0.001)),
+    Setting(INGEST_MIN_RATE, 16384,
+            "Bytes per second that earn an HTTP request body 1 s more than `CMBAGENT_OTEL_INGEST_REQUEST_TIMEOUT`",
+            _number(int, 1)),
+    Setting(INGEST_MAX_REQUESTS_PER_CLIENT, 8,
+            "Ingest requests one client address may have in flight (both receivers); more get 503/UNAVAILABLE, "
+            "and HTTP connections beyond 8 times this are closed", _number(int, 1)),
     # tests and examples
     Setting(OFFLINE_BACKEND, None,
             "Offline model of `cmbagent_otel.testing`: `client` or `server` (unset: the first the AG2 line accepts)",

@@ -15,9 +15,14 @@ unsupported content types or encodings, and 503 with ``Retry-After`` while the d
 unreachable or the memory budget is in use, which the SDK's OTLP exporter retries. The
 gRPC codes are the matching ones (see :mod:`cmbagent_otel._ingest_grpc`).
 
+Slow clients cannot take the server: headers and bodies have deadlines (408, or the
+connection or RPC cancelled), one client address has a cap of requests in flight, and a body
+still arriving reserves only the memory of what has arrived (see the receivers' modules).
+
 Settings resolve argument > environment variable > default; the ``CMBAGENT_OTEL_INGEST_*``
-variables (bind address, ports, token, size limits, workers) and their defaults are listed
-in :mod:`cmbagent_otel.environment_variables`.
+variables (bind address, ports, token, size limits, workers, request timeout, minimum rate,
+requests per client) and their defaults are listed in
+:mod:`cmbagent_otel.environment_variables`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ __all__ = ["IngestServer", "SpanWriter"]
 
 DEFAULT_RETRY_AFTER = 5
 MAX_HTTP_REQUESTS = 64  # HTTP requests handled at once (rejections included); more get 503 + Retry-After
+MAX_GRPC_REQUESTS = 64  # gRPC calls at once, each a thread while its message arrives; more get RESOURCE_EXHAUSTED
+CONNECTIONS_PER_CLIENT_REQUEST = 8  # HTTP connections one address may hold per request it may have in flight
 MAX_CONNECTIONS = 1024  # uvicorn's own cap (a plain 503): idle keep-alive connections are cheap
 TRACES_PATH = "/v1/traces"
 
@@ -74,8 +81,11 @@ class IngestServer:
     gRPC metadata). ``max_bytes`` bounds one request (compressed and decompressed),
     ``max_inflight_bytes`` the memory all requests in flight may reserve (their bodies and
     decoding), ``workers`` the decoding/writing threads of each receiver; at most twice
-    ``workers`` requests are in flight at once (both receivers together), more are answered
-    503/UNAVAILABLE with a retry delay at once rather than queued past their client's timeout.
+    ``workers`` requests are decoded or wait for a worker at once (both receivers together),
+    more are answered 503/UNAVAILABLE with a retry delay at once rather than queued past their
+    client's timeout. ``request_timeout`` (seconds) bounds the wait for a request's headers and
+    again for its body (HTTP: plus one second per ``min_rate`` bytes received), and
+    ``max_requests_per_client`` the requests one client address may have in flight.
     """
 
     def __init__(
@@ -89,6 +99,9 @@ class IngestServer:
         max_bytes: int | None = None,
         max_inflight_bytes: int | None = None,
         workers: int | None = None,
+        request_timeout: float | None = None,
+        min_rate: int | None = None,
+        max_requests_per_client: int | None = None,
         retry_after: int = DEFAULT_RETRY_AFTER,
         writer: SpanWriter | None = None,
         writer_factory: Callable[[], SpanWriter] | None = None,
@@ -104,15 +117,21 @@ class IngestServer:
         self.max_bytes = int(env.get(env.INGEST_MAX_BYTES, max_bytes))
         budget = int(env.get(env.INGEST_MAX_INFLIGHT_BYTES, max_inflight_bytes))
         self.workers = int(env.get(env.INGEST_WORKERS, workers))
-        if self.max_bytes <= 0 or budget <= 0 or self.workers <= 0:
-            raise ValueError("max_bytes, max_inflight_bytes and workers must be positive")
+        self.request_timeout = float(env.get(env.INGEST_REQUEST_TIMEOUT, request_timeout))
+        self.min_rate = int(env.get(env.INGEST_MIN_RATE, min_rate))
+        per_client = int(env.get(env.INGEST_MAX_REQUESTS_PER_CLIENT, max_requests_per_client))
+        if min(self.max_bytes, budget, self.workers, self.request_timeout, self.min_rate, per_client) <= 0:
+            raise ValueError("max_bytes, max_inflight_bytes, workers, request_timeout, min_rate and "
+                             "max_requests_per_client must be positive")
         self.core = IngestCore(db_url=db_url, token=token or None, max_bytes=self.max_bytes, budget=budget,
                                retry_after=retry_after, limits=limits or Limits.default(), writer=writer,
-                               writer_factory=writer_factory, max_pending=2 * self.workers)
+                               writer_factory=writer_factory, max_pending=2 * self.workers,
+                               max_per_client=per_client)
         self.retry_after = retry_after
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._uvicorn: Any = None
+        self._app: Any = None
         self._http_thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._grpc: Any = None
@@ -181,7 +200,7 @@ class IngestServer:
                     from ._ingest_grpc import GrpcReceiver
 
                     self._grpc = GrpcReceiver(self.core, self.host, self.requested_grpc_port, workers=self.workers,
-                                              max_concurrent=4 * self.workers)
+                                              max_concurrent=MAX_GRPC_REQUESTS, timeout=self.request_timeout)
             except BaseException:
                 self._close_sockets()
                 raise
@@ -207,14 +226,17 @@ class IngestServer:
             if self._sock is not None and self._http_thread is None:
                 import uvicorn
 
-                from ._ingest_http import OtlpHttpApp
+                from ._ingest_http import OtlpHttpApp, protocol_class
 
                 _quiet_uvicorn()
                 self._executor = ThreadPoolExecutor(max_workers=self.workers,
                                                     thread_name_prefix="cmbagent-otel-ingest-http")
-                app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS)
+                app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
+                                  body_timeout=self.request_timeout, min_rate=self.min_rate)
+                self._app = app
+                http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client)
                 config = uvicorn.Config(
-                    app, http="h11", ws="none", lifespan="off", loop="asyncio", interface="asgi3",
+                    app, http=http, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
                     log_config=None, access_log=False, server_header=False, date_header=False,
                     limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=5,
                     h11_max_incomplete_event_size=64 * 1024,
@@ -234,15 +256,22 @@ class IngestServer:
         self._stopped.wait()
 
     def stop(self) -> None:
-        """Stop serving and release the sockets (idempotent)."""
+        """Stop serving and release the sockets (idempotent).
+
+        Requests still arriving are answered 503 (retry later) at once; requests being
+        written finish first (uvicorn waits up to 5 s for them, the workers until their write
+        ends, which the database's own timeouts bound)."""
         with self._lock:
             server, self._uvicorn = self._uvicorn, None
+            app, self._app = self._app, None
             thread, self._http_thread = self._http_thread, None
             executor, self._executor = self._executor, None
             grpc_receiver, self._grpc = self._grpc, None
             sock, self._sock = self._sock, None
             self._bound = False
             self._http_port = None
+        if app is not None:
+            app.begin_shutdown()
         if server is not None:
             server.should_exit = True
         if thread is not None:
