@@ -210,6 +210,10 @@ class FloorPlan:
                         statements.append((self._sql(table, mode), params))
             self.batches.append(statements)
 
+    @staticmethod
+    def _json(value: Any) -> str:
+        return json.dumps(value, default=str)
+
     def _params(self, table: str, row: dict[str, Any]) -> tuple[Any, ...]:
         """A mapped row as SQLite parameters (JSON text, SQLAlchemy's datetime text, 0/1)."""
         from sqlalchemy import JSON, Boolean, DateTime
@@ -221,7 +225,7 @@ class FloorPlan:
             value = row.get(column.name)
             if value is not None:
                 if isinstance(column.type, JSON):
-                    value = json.dumps(value, default=str)
+                    value = self._json(value)
                 elif isinstance(column.type, DateTime):
                     value = value.replace(tzinfo=None).isoformat(" ", "microseconds")
                 elif isinstance(column.type, Boolean):

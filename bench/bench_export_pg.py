@@ -170,23 +170,7 @@ class PgFloorPlan:
         from cmbagent_otel.dag.statements import encode_json
 
         class Plan(FloorPlan):
-            def _params(self, table: str, row: dict[str, Any]) -> tuple[Any, ...]:
-                from sqlalchemy import JSON, Boolean, DateTime
-
-                out = []
-                for column in self.tables[table].columns:
-                    if column.name == "id" and table in self.AUTOINCREMENT:
-                        continue
-                    value = row.get(column.name)
-                    if value is not None:
-                        if isinstance(column.type, JSON):
-                            value = encode_json(value)
-                        elif isinstance(column.type, DateTime):
-                            value = value.replace(tzinfo=None).isoformat(" ", "microseconds")
-                        elif isinstance(column.type, Boolean):
-                            value = bool(value)
-                    out.append(value)
-                return tuple(out)
+            _json = staticmethod(encode_json)  # JSON as ours' compact text; the rest as SQLite's
 
         plan = Plan(batches, reference)
         self.batches: list[list[tuple[Any, ...]]] = []

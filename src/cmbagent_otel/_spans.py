@@ -202,23 +202,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if conversation_id is not None:
         attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
-        order = node.order_index
-        base_id = node.base_id
-        if node.child:
-            k = state.next_child_index(scope.dag_node or "")
-            parent_order = scope.dag_order if scope.dag_node is not None else 1
-            order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
-            if node.numbered:
-                base_id = f"{base_id}_{k}"
-        node_id = state.unique_node_id(base_id) if node.unique else base_id
-        depth = scope.dag_depth + 1
-        attrs[semconv.DAG_NODE] = node_id
-        attrs[semconv.DAG_NODE_TYPE] = node.node_type
-        attrs[semconv.DAG_DEPTH] = depth
-        if scope.dag_node is not None:
-            attrs[semconv.DAG_PARENT_NODE] = scope.dag_node
-        if order is not None:
-            attrs[semconv.DAG_ORDER_INDEX] = order
+        node_id, depth, order = _name_node(state, scope, node, attrs)
         new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
@@ -230,6 +214,29 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if attributes:
         attrs.update(attributes)
     return attrs, new_scope
+
+
+def _name_node(state: RunState, scope: Scope, node: NodeSpec, attrs: dict[str, Any]) -> tuple[str, int, int | None]:
+    """A DAG node's id, depth and order_index under ``scope`` (a child takes the next index among its
+    parent's children), written into ``attrs``."""
+    order = node.order_index
+    base_id = node.base_id
+    if node.child:
+        k = state.next_child_index(scope.dag_node or "")
+        parent_order = scope.dag_order if scope.dag_node is not None else 1
+        order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
+        if node.numbered:
+            base_id = f"{base_id}_{k}"
+    node_id = state.unique_node_id(base_id) if node.unique else base_id
+    depth = scope.dag_depth + 1
+    attrs[semconv.DAG_NODE] = node_id
+    attrs[semconv.DAG_NODE_TYPE] = node.node_type
+    attrs[semconv.DAG_DEPTH] = depth
+    if scope.dag_node is not None:
+        attrs[semconv.DAG_PARENT_NODE] = scope.dag_node
+    if order is not None:
+        attrs[semconv.DAG_ORDER_INDEX] = order
+    return node_id, depth, order
 
 
 def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope) -> tuple[Any, ...] | None:
@@ -552,23 +559,7 @@ class TracedSpan:
                     new_scope.event_depth = scope.event_depth + 1
                     new_scope.agent_depth = scope.agent_depth
                 else:
-                    order = node.order_index
-                    base_id = node.base_id
-                    if node.child:
-                        k = state.next_child_index(parent_node or "")
-                        order = min((scope.dag_order if parent_node is not None else 1) * CHILD_ORDER_BASE + k,
-                                    _INT32)
-                        if node.numbered:
-                            base_id = f"{base_id}_{k}"
-                    node_id = state.unique_node_id(base_id) if node.unique else base_id
-                    depth = scope.dag_depth + 1
-                    attrs[semconv.DAG_NODE] = node_id
-                    attrs[semconv.DAG_NODE_TYPE] = node.node_type
-                    attrs[semconv.DAG_DEPTH] = depth
-                    if parent_node is not None:
-                        attrs[semconv.DAG_PARENT_NODE] = parent_node
-                    if order is not None:
-                        attrs[semconv.DAG_ORDER_INDEX] = order
+                    node_id, depth, order = _name_node(state, scope, node, attrs)
                     new_scope.dag_node = node_id
                     new_scope.dag_node_type = node.node_type
                     new_scope.dag_depth = depth
