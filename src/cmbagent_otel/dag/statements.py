@@ -313,6 +313,12 @@ class Sql:
 
     def existing_ids_many(self, conn: Connection, asks: Sequence[tuple[str, Sequence[Any]]]) -> list[set[Any]]:
         """For each ``(table, ids)``, which of the ids are stored (one round trip on psycopg 3)."""
+        return self.existing_ids_and_rows(conn, asks, ())[0]
+
+    def existing_ids_and_rows(self, conn: Connection, asks: Sequence[tuple[str, Sequence[Any]]],
+                              reads: Sequence[tuple[str, Any]]) -> tuple[list[set[Any]], list[list[Any]]]:
+        """:meth:`existing_ids_many` of ``asks`` and the rows of each statement of ``reads``, all in
+        one round trip on psycopg 3 (the statements must not depend on each other's effects)."""
         statements: list[tuple[str, Any]] = []
         owners: list[int] = []
         for index, (table, ids) in enumerate(asks):
@@ -320,10 +326,11 @@ class Sql:
                 statements.append((f"SELECT id FROM {table} WHERE {self.where_in('id', len(part))}",
                                    self.in_params(part)))
                 owners.append(index)
+        results = self.rows_many(conn, [*statements, *reads])
         found: list[set[Any]] = [set() for _ in asks]
-        for index, rows in zip(owners, self.rows_many(conn, statements), strict=True):
+        for index, rows in zip(owners, results[:len(statements)], strict=True):
             found[index].update(r[0] for r in rows)
-        return found
+        return found, results[len(statements):]
 
     def delete_ids(self, conn: Connection, table: str, ids: Sequence[Any]) -> None:
         for part in self.in_chunks(ids):

@@ -805,19 +805,12 @@ def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = 
         # One round trip: no write below before these reads changes what they find (deleting
         # derived nodes and edges reaches no step, run, branch or cost row; the cost rows
         # inserted first are those of runs this batch created, never among rows.costs).
-        groups = [("dag_nodes", _ask(nodes)), ("workflow_steps", _ask(rows.steps)),
-                  ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches))]
         cost_reads = sql.select_statements(T["cost_records"], "run_id", list(rows.costs)) if costs else []
-        asks = [(table, sql.in_chunks(ids)) for table, ids in groups]
-        statements = [(f"SELECT id FROM {table} WHERE {sql.where_in('id', len(part))}", sql.in_params(part))
-                      for table, parts in asks for part in parts]
-        results = sql.rows_many(conn, statements + cost_reads)
-        position = 0
-        for index, (_, ids) in enumerate(groups):
-            count = len(list(sql.in_chunks(ids)))
-            known[index] = {r[0] for rows_ in results[position:position + count] for r in rows_}
-            position += count
-        stored_costs = sql.decoded(T["cost_records"], [r for rows_ in results[position:] for r in rows_])
+        found, cost_rows = sql.existing_ids_and_rows(conn, [
+            ("dag_nodes", _ask(nodes)), ("workflow_steps", _ask(rows.steps)),
+            ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches))], cost_reads)
+        known[:] = found
+        stored_costs = sql.decoded(T["cost_records"], [r for rows_ in cost_rows for r in rows_])
     _upsert(conn, sql, nodes_t, nodes, existing=known[0])
     # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
     sql.update(conn, nodes_t, rows.node_metas, ("meta",))
