@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"mapping {bound_cpu:.1f} us: at most {1e6 / bound_cpu:,.0f} spans/s while client and server take "
                   "turns (within a transaction they wait for each other), whatever the machine's load")
         writes = results[f"writes {args.batch[0]}"]
-        # paired per repetition (neighbours in time see the same load), then scaled to ours' median
+        # paired per repetition (both see about the same load), then scaled to ours' median
         gain = statistics.median(o[0] / w[0] for o, w in zip(ours, writes, strict=True))
         print(f"overlap ceiling: ours' transactions alone (batches mapped before the timer) run {gain:.2f}x ours' "
               f"rate (median of per-repetition pairs): {rate * gain:,.0f} spans/s, the most that mapping one batch "
