@@ -69,7 +69,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from .. import environment_variables, semconv
 from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current, suppressed
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
-from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
+from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
@@ -1218,7 +1218,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                        event_logger, model_metrics(meter_provider) if metrics_on else None)
         self._state = state
         # workflow blocks opened by the application go to the same providers as the AG2 spans and metrics
-        self._binding = (workflow_tracers.bind(provider, run_metrics(meter_provider) if metrics_on else None)
+        self._binding = (workflow_tracers.bind_providers(provider, meter_provider, metrics_on)
                          if provider is not None or meter_provider is not None or not metrics_on else None)
         self._patched = []
         if _resolve("autogen", "") is None:
