@@ -13,6 +13,7 @@ a percent, so 2-3 rounds are enough.
     python bench/bench_instructions.py                     # ours, sdk_floor, ag2_builtin, 2 rounds (~4 min)
     python bench/bench_instructions.py --reps 3 --variants ours sdk_floor ours_sampler_off
     python bench/bench_instructions.py --cache-sim         # + data-cache misses (slower)
+    python bench/bench_instructions.py --branch-sim        # + branch mispredictions (slower)
 
 Per variant: median instructions per chat, the instructions it adds per LLM call over the
 baseline, and per ours' span; then "own code" = (ours - sdk_floor) / ours' spans, the
@@ -48,6 +49,7 @@ void cg_stop(const char *name) { CALLGRIND_DUMP_STATS_AT(name); }
 # pymalloc's entry points (CPython 3.10-3.13; large blocks go on to the raw allocator, not counted twice).
 # Objects taken from a free list (tuples, lists, dicts, frames, floats) never reach it: a lower bound.
 ALLOCATORS = frozenset({"_PyObject_Malloc", "_PyObject_Calloc", "_PyObject_Realloc"})
+SIMULATED = {"D1mr": "D1 miss/span", "DLmr": "LL miss/span", "Bcm": "cond mispr/span", "Bim": "ind mispr/span"}
 GC = frozenset({"gc_collect_main", "gc_collect_with_callback", "gc_collect_region"})
 
 
@@ -197,10 +199,13 @@ def report(dumps: dict[str, list[Dump]], log: str, variants: Sequence[str]) -> i
     cache = "D1mr" in dumps["baseline"][0].totals
     print(f"\nworkload: 4-agent group chat, {calls} LLM calls/chat; instructions of the chat's thread "
           f"(callgrind, PYTHONHASHSEED=0), median of {len(dumps['baseline'])} rounds; ours emits {spans} spans/chat")
+    branches = "Bim" in dumps["baseline"][0].totals
     header = (f"{'variant':<18}{'spans':>6}{'events':>7}{'Minstr/chat':>13}{'spread %':>9}{'added/call':>12}"
-              f"{'added/ours span':>16}{'mallocs/span':>12}{'GC instr/span':>14}")
-    if cache:
-        header += f"{'D1 miss/span':>13}{'LL miss/span':>13}"
+              f"{'added/ours span':>16}{'mallocs/span':>13}{'GC instr/span':>14}")
+    simulated = [event for event, on in (("D1mr", cache), ("DLmr", cache), ("Bcm", branches), ("Bim", branches))
+                 if on]
+    for event in simulated:
+        header += f"{SIMULATED[event]:>15}"
     print(header)
     print("-" * len(header))
     added: dict[str, float] = {}
@@ -215,12 +220,11 @@ def report(dumps: dict[str, list[Dump]], log: str, variants: Sequence[str]) -> i
         gc_ir = (median(variant, lambda d: sum(d.inclusive[f] for f in GC)) - base_gc) / spans
         _, n_spans, n_events = counts.get(variant, (0, 0, 0))
         line = (f"{variant:<18}{n_spans:>6}{n_events:>7}{mid / 1e6:>13.3f}{spread:>9.3f}{added[variant] / calls:>12.0f}"
-                f"{added[variant] / spans:>16.0f}{alloc:>12.1f}{gc_ir:>14.0f}")
-        if cache:
-            for event in ("D1mr", "DLmr"):
-                event_base = statistics.median(d.totals.get(event, 0) for d in dumps["baseline"])
-                value = statistics.median(d.totals.get(event, 0) for d in dumps[variant])
-                line += f"{(value - event_base) / spans:>13.1f}"
+                f"{added[variant] / spans:>16.0f}{alloc:>13.1f}{gc_ir:>14.0f}")
+        for event in simulated:
+            event_base = statistics.median(d.totals.get(event, 0) for d in dumps["baseline"])
+            value = statistics.median(d.totals.get(event, 0) for d in dumps[variant])
+            line += f"{(value - event_base) / spans:>15.1f}"
         print(line)
     print("(added: over the baseline chat; 'per ours span' divides every variant by ours' span count, so the "
           "columns compare the same chat)")
@@ -245,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=10, help="4-agent cycles per chat (3 LLM calls each)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--cache-sim", action="store_true", help="also simulate the caches (D1 and LL misses)")
+    parser.add_argument("--branch-sim", action="store_true", help="also simulate branch prediction (mispredictions)")
     parser.add_argument("--keep", help="keep callgrind's dumps in this directory (callgrind_annotate them)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -266,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/cg.%p", "--dump-instr=no",
                    "--separate-threads=yes", f"--cache-sim={'yes' if args.cache_sim else 'no'}",
+                   f"--branch-sim={'yes' if args.branch_sim else 'no'}",
                    sys.executable, str(Path(__file__).resolve()), "--child", str(library),
                    "--reps", str(args.reps), "--warmup", str(args.warmup), "--cycles", str(args.cycles),
                    "--variants", *variants]

@@ -657,32 +657,33 @@ def test_agent_protocol_methods_read_as_plain_methods(capture):
 
 
 def test_otel_unwrap_leaves_the_plain_methods_to_uninstrument(capture):
-    """OTel's ``unwrap`` takes out our wrapt wrappers but not the plain functions on generate_reply /
-    a_generate_reply (it only knows wrapt proxies; a proxy there would cost every Agent isinstance
-    check, see docs/spans.md): those stay live until ``uninstrument()``, which then leaves AG2 as it was."""
+    """OTel's ``unwrap`` takes out our wrapt wrappers (module functions) but not the plain functions on
+    class methods (it only knows wrapt proxies; a proxy there costs every read and call of the method,
+    see docs/spans.md): those stay live until ``uninstrument()``, which then leaves AG2 as it was."""
     from opentelemetry.instrumentation.utils import unwrap
 
-    cls = conversable_agent.ConversableAgent
-    originals = {attr: vars(owner)[attr] for owner, attr in ((cls, "generate_reply"), (cls, "a_generate_reply"),
-                                                             (oai_client.OpenAIWrapper, "create"),
-                                                             (cls, "initiate_chat"))}
+    agent_cls = conversable_agent.ConversableAgent
+    before = {(owner, attr): vars(owner)[attr] for owner, attr in (
+        (agent_cls, "generate_reply"), (agent_cls, "initiate_chat"), (oai_client.OpenAIWrapper, "create"),
+        (groupchat.GroupChat, "select_speaker"), (conversable_agent, "initiate_chats"))}
     cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
     try:
-        for owner, attr in AG2Instrumentor().patched:
+        patched = AG2Instrumentor().patched
+        assert set(before) <= set(patched)
+        for owner, attr in patched:
             unwrap(owner, attr)
-        assert vars(oai_client.OpenAIWrapper)["create"] is originals["create"]
-        assert vars(cls)["initiate_chat"] is originals["initiate_chat"]
-        for attr in ("generate_reply", "a_generate_reply"):
-            assert vars(cls)[attr] is not originals[attr] and vars(cls)[attr].__wrapped__ is originals[attr]
+        assert vars(conversable_agent)["initiate_chats"] is before[(conversable_agent, "initiate_chats")]
+        for (owner, attr), original in before.items():
+            if isinstance(owner, type):
+                assert vars(owner)[attr] is not original and vars(owner)[attr].__wrapped__ is original, attr
         bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
         bob.initiate_chat(scripted("alice", ["hi"]), message="x", max_turns=1, silent=True)
-        assert [s.name for s in capture.spans] == ["invoke_agent alice"]
+        assert {"conversation alice", "invoke_agent alice", "chat scripted"} <= {s.name for s in capture.spans}
     finally:
         cmbagent_otel.uninstrument()
-    assert {attr: vars(oai_client.OpenAIWrapper if attr == "create" else cls)[attr] for attr in originals} == originals
+    assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
     cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
     try:  # and a new cycle patches everything again
-        assert vars(oai_client.OpenAIWrapper)["create"] is not originals["create"]
-        assert vars(cls)["generate_reply"].__wrapped__ is originals["generate_reply"]
+        assert all(vars(owner)[attr] is not original for (owner, attr), original in before.items())
     finally:
         cmbagent_otel.uninstrument()

@@ -1,11 +1,10 @@
 """OpenTelemetry instrumentor for AG2 (``autogen``: ag2 0.9-0.14 and ``cmbagent_autogen``).
 
-Patching is class-level (wrapt), on methods AG2 looks up at call time, so agents built
-before ``instrument()`` are covered too (AG2 stores *reply functions* per agent at
-construction; those are never patched, only what they call). ``generate_reply`` and
-``a_generate_reply`` (members of AG2's ``Agent`` protocol, read off the agent by every
-``isinstance`` check against it) get a plain function calling the same wrapper instead of a
-wrapt proxy (:data:`PLAIN_METHODS`); it carries ``__wrapped__`` and is removed like the others:
+Patching is class-level, on methods AG2 looks up at call time, so agents built before
+``instrument()`` are covered too (AG2 stores *reply functions* per agent at construction;
+those are never patched, only what they call). A class's method gets a plain function
+calling our wrapper (cheaper to read and call than a wrapt proxy, see :func:`_plain_patchable`),
+which carries ``__wrapped__`` and is removed like a proxy; module functions get wrapt proxies:
 
 ==========================================================  ==================================
 patched                                                      span
@@ -653,22 +652,9 @@ def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
 class _ChatSpan(TracedSpan):
     """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
     ``gen_ai.client.inference.operation.details`` event (a log record in the span's context).
-    Its metrics are recorded when it ends."""
+    Its metrics are recorded when it ends (its duration from when :func:`_llm` built it)."""
 
     __slots__ = ("call", "event", "event_logger", "state")
-
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, state: _State, call: _ModelCall,
-                 event: dict[str, Any] | None, context: Any) -> None:
-        super().__init__(name, kind, attributes, tracer=state.tracer, span_kind=SpanKind.CLIENT, context=context)
-        self.state = state
-        self.call = call
-        self.event_logger = state.event_logger
-        self.event = event
-
-    def __enter__(self) -> TracedSpan:
-        super().__enter__()
-        self.call.started = perf_counter()
-        return self
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
@@ -727,7 +713,15 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    return _ChatSpan(span_name, semconv.KIND_LLM, attrs, state=state, call=call, event=event, context=ctx)
+    # TracedSpan's own __init__ and the four fields set here: one call less than an __init__ of its own
+    traced = _ChatSpan(span_name, semconv.KIND_LLM, attrs, tracer=state.tracer, span_kind=SpanKind.CLIENT,
+                       context=ctx)
+    traced.state = state
+    traced.call = call
+    traced.event_logger = state.event_logger
+    traced.event = event
+    call.started = perf_counter()  # the call's duration (its metric) starts here
+    return traced
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -1095,13 +1089,18 @@ def _popen_wrapper(state: _State) -> Callable[..., Any]:
     return popen_init
 
 
-# AG2's Agent protocol members: ``isinstance(x, Agent)`` (AG2 asks it several times per turn) reads
-# them off the agent, and through a wrapt wrapper every read builds a bound wrapper object (about
-# as costly as a span's own bookkeeping). These two are patched with a plain function instead
-# (:func:`_plain_method`): it reads as an ordinary method, calls the same wrapper, carries
-# ``__wrapped__`` (as a wrapt wrapper does) and is found and removed anywhere in a chain of wrapt
-# wrappers like the others of ours are.
-PLAIN_METHODS = frozenset({("ConversableAgent", "generate_reply"), ("ConversableAgent", "a_generate_reply")})
+# Methods of a class are patched with a plain function (:func:`_plain_method`), not a wrapt proxy:
+# through a proxy every read of the method off an instance builds a bound-wrapper object, and every
+# call goes through it (~3,000 instructions more per call than a plain function, callgrind), and
+# ``isinstance(x, Agent)`` (AG2 asks it several times per turn) reads ``generate_reply`` and
+# ``a_generate_reply`` off the agent each time. The plain function reads as an ordinary method, calls
+# the same wrapper, carries ``__wrapped__`` (as a wrapt wrapper does) and is found and removed anywhere
+# in a chain of wrapt wrappers like a proxy of ours is. Module functions and what is found late
+# (a custom executor's class, :meth:`AG2Instrumentor.patch_late`) keep wrapt proxies.
+def _plain_patchable(owner_name: str, current: Any) -> bool:
+    """Whether the class attribute ``current`` is patched with a plain function (a function, or
+    another instrumentation's wrapt wrapper of one)."""
+    return bool(owner_name) and (type(current) is types.FunctionType or isinstance(current, wrapt.ObjectProxy))
 
 
 def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> Any:
@@ -1241,7 +1240,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
             wrapper = make_wrapper(state)
             try:
-                if (owner_name, attr) in PLAIN_METHODS:
+                if _plain_patchable(owner_name, current):
                     setattr(owner, attr, _plain_method(current, wrapper, state))
                 else:
                     wrapt.wrap_function_wrapper(owner, attr, wrapper)
