@@ -421,12 +421,15 @@ class SamplingProbe:
     tracing implementation) counts as "may record": the full path then runs and the SDK decides.
     """
 
-    __slots__ = ("_kind", "_last", "_root_drops", "_tracer")
+    __slots__ = ("_kind", "_last", "_root_drops", "_tracer", "follows_parent")
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
         self._kind: int | None = None
         self._root_drops = False
+        # known to be parent-based (the SDK's default sampler): a recording parent means "may record",
+        # which a caller can tell without calling drops(); False until classified
+        self.follows_parent = False
         # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
         # same parent again and again (one tuple, so threads never pair a span with another's answer);
         # a recording parent answers is_recording() first, nothing cached
@@ -448,6 +451,7 @@ class SamplingProbe:
         else:
             kind, root = _UNKNOWN, False
         self._kind, self._root_drops = kind, root
+        self.follows_parent = kind == _PARENT and SPAN_KEY is not None
         return kind, root
 
     def drops(self, ctx: otel_context.Context) -> bool:

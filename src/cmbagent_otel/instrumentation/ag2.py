@@ -66,7 +66,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, current_scope, get_current, suppressed
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -222,10 +222,11 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             ctx = get_current()
             if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
                 traced = None
-            elif probe.drops(ctx):
-                traced = _FAST if fast is not None else None
-            else:
+            elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                    or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
                 traced = build(state, ctx, instance, args, kwargs)
+            else:
+                traced = _FAST if fast is not None else None
         except Exception:
             logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
             traced = None
