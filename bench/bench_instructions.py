@@ -84,6 +84,10 @@ def child(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(HERE))
     os.environ["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = ""
     os.environ["OTEL_SDK_DISABLED"] = "false"
+    # the batch processor's thread exports only at the untimed force_flush between chats: woken in
+    # a chat (its timer, a full batch) it takes the GIL, and the chat's thread counts the handover
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "86400000"
+    os.environ["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = "65536"
     import _workload
     from bench_overhead import Bench
 

@@ -514,11 +514,13 @@ _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scop
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     static = _agent_static(state, instance)
-    sender = _arg(args, kwargs, 1, "sender")
+    # _arg, cached_name and current_scope written out below: this runs for every agent turn
+    sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        sender_name = cached_name(state.agents, sender)
+        entry = state.agents.get(id(sender))
+        sender_name = str(entry[1].name) if entry is not None and entry[0]() is sender else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -529,7 +531,11 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         if text is not None:
             attrs = {**attrs, semconv.GEN_AI_INPUT_MESSAGES: text}
     span_name = static.span_name
-    scope = current_scope(ctx)
+    scope = ctx.get(_SCOPE_KEY)
+    if type(scope) is not Scope:
+        scope = current_scope(ctx)  # not ours (None) or a subclass: the general path
+    elif scope.cursor is not None:
+        scope = current_scope(ctx)  # an anchor: the work belongs to its open frame
     if static.is_manager:
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
