@@ -1107,7 +1107,14 @@ def _popen_wrapper(state: _State) -> Callable[..., Any]:
 def _plain_patchable(owner_name: str, current: Any) -> bool:
     """Whether the class attribute ``current`` is patched with a plain function (a function, or
     another instrumentation's wrapt wrapper of one)."""
-    return bool(owner_name) and (type(current) is types.FunctionType or isinstance(current, wrapt.ObjectProxy))
+    if not owner_name:
+        return False
+    node = current
+    for _ in range(32):  # another instrumentation's proxies: what they end in decides (a staticmethod or
+        if not isinstance(node, wrapt.ObjectProxy):  # classmethod keeps a proxy: it binds differently)
+            break
+        node = node.__wrapped__
+    return type(node) is types.FunctionType
 
 
 def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> Any:
