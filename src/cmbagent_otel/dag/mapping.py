@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Status, StatusCode
@@ -358,6 +358,12 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 
 # --- nodes --------------------------------------------------------------------------------
 
+# The only values of a node row's meta (``_node_row``, ``node_placeholder``) taken from an
+# attribute as it is (any type an attribute holds); every other one is text, a number, a bool
+# or None, keyed by text. Whoever adds a raw value to the meta must name its key here.
+RAW_NODE_META = ("attempt", "span_kind")
+
+
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
               started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
     get = attrs.get
@@ -547,6 +553,9 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = hit if hit is not None else _values.redact(value)
         elif value is None or kind in _PLAIN_TYPES:
             out[key] = value
+        elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)
+            out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                        for item in value]
         else:
             out[key] = _scrub_value(value)
     return out
@@ -858,8 +867,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
 
 # --- rows derived from a run's node set ---------------------------------------------------
 
-@dataclass(frozen=True)
-class LlmUsage:
+class LlmUsage(NamedTuple):
     """One LLM event's usage as stored (``meta.prompt_tokens``/``completion_tokens``/``cost_usd``)."""
 
     node_id: str | None
@@ -1123,31 +1131,42 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
     collector records: one row per agent per CMBAgent instance (per phase or step).
     """
     every = {**by_id, **{n["id"]: n for n in out.nodes}}
-    totals: dict[str, tuple[list[int], list[float]]] = {}
+    # the calls made in each node, then each such node's sums added once to it and its ancestors
+    own: dict[str | None, tuple[list[int], list[float]]] = {}
     groups: dict[tuple[str | None, str | None, str], tuple[list[int], list[float], list[datetime]]] = {}
     scopes: dict[str | None, str | None] = {}
-    for u in usage:
-        node_id = u.node_id
+    for node_id, agent, model, prompt, completion, cost, at in usage:
+        found = own.get(node_id)
+        if found is None:
+            found = own[node_id] = ([0, 0], [])
+            scopes[node_id] = _cost_scope(node_id, by_id)
+        counts, costs = found
+        counts[0] += prompt
+        counts[1] += completion
+        costs.append(cost)
+        key = (scopes[node_id], agent, str(model or "unknown")[:100])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ([0, 0], [], [])
+        counts, costs, stamps = group
+        counts[0] += prompt
+        counts[1] += completion
+        costs.append(cost)
+        if at is not None:
+            stamps.append(at)
+    totals: dict[str, tuple[list[int], list[float]]] = {}
+    for start, ((prompt, completion), costs) in own.items():
+        node_id = start
         seen: set[str] = set()
         while node_id is not None and node_id in every and node_id not in seen:
             seen.add(node_id)
             found = totals.get(node_id)
             if found is None:
                 found = totals[node_id] = ([0, 0], [])
-            counts, costs = found
-            counts[0] += u.prompt_tokens
-            counts[1] += u.completion_tokens
-            costs.append(u.cost_usd)
+            found[0][0] += prompt
+            found[0][1] += completion
+            found[1].extend(costs)
             node_id = every[node_id].get("parent_node_id")
-        if u.node_id not in scopes:
-            scopes[u.node_id] = _cost_scope(u.node_id, by_id)
-        key = (scopes[u.node_id], u.agent_name, str(u.model or "unknown")[:100])
-        counts, costs, stamps = groups.setdefault(key, ([0, 0], [], []))
-        counts[0] += u.prompt_tokens
-        counts[1] += u.completion_tokens
-        costs.append(u.cost_usd)
-        if u.at is not None:
-            stamps.append(u.at)
 
     def values(node_id: str) -> dict[str, Any]:
         found = totals.get(node_id)
