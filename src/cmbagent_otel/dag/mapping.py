@@ -232,8 +232,9 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     from instrumented apps that pass odd strings through; they must not fail a whole batch.
     """
     description = span.status.description
-    if not (_rejected(span.name) or (type(description) is str and _rejected(description))
-            or _attrs_rejected(attrs)):
+    name = span.name
+    if not (((not name.isascii() or "\x00" in name) and _rejected(name))
+            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)):
         return span, attrs
     clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
@@ -617,7 +618,12 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = get(sc.DAG_NODE)
-    depth = _int(get(sc.EVENT_DEPTH), 0)
+    depth = get(sc.EVENT_DEPTH)
+    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+        depth = _int(depth, 0)
+    order = get(sc.EXECUTION_ORDER)
+    if type(order) is not int or not -_INT32 <= order <= _INT32:
+        order = _int(order, 0)
     agent = _agent_of(kind, attrs)
     if agent is not None and (type(agent) is not str or len(agent) > 100):
         agent = str(agent)[:100]
@@ -633,7 +639,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
-        "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+        "execution_order": order, "depth": depth,
         "status": "failed" if failed else "completed",
     }
 
@@ -667,7 +673,12 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         clean = _attributes_meta(ev)
         inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
         get = ev.get
-        depth = _int(get(sc.EVENT_DEPTH), 0)
+        depth = get(sc.EVENT_DEPTH)
+        if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+            depth = _int(depth, 0)
+        order = get(sc.EXECUTION_ORDER)
+        if type(order) is not int or not -_INT32 <= order <= _INT32:
+            order = _int(order, 0)
         error = get(sc.ERROR_TYPE)
         if depth > 0 and span_event_id is None:
             span_event_id = _event_id(trace_bytes, span_id)
@@ -688,7 +699,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
                      else db_text(f"select_speaker {source}"),
                      "trace_id": trace_hex, "span_id": None, "parent_span_id": span_hex,
                      "event_index": index, "attributes": clean},
-            "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+            "execution_order": order, "depth": depth,
             "status": "failed" if error is not None else "completed",
         })
     return rows
