@@ -804,9 +804,13 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
             continue
         session = sessions.get(session_id)
-        if session is None or started is None or completed is None or started < session["created_at"] \
-                or completed > session["last_active_at"]:
+        if session is None or started is None or completed is None:
             _touch_session(batch, session_id, started, completed)
+        else:  # _touch_session's range update, written out: spans arrive in end order, so nearly every one
+            if started < session["created_at"]:
+                session["created_at"] = started
+            if completed > session["last_active_at"]:
+                session["last_active_at"] = completed
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
@@ -855,9 +859,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             continue
         event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes)
         batch.events[event["id"]] = event
-        short = attrs.get(sc.DAG_NODE)
-        if short:
-            _node_placeholder(batch, run_id, session_id, short)
+        if event["node_id"] is not None and event["node_id"] not in batch.node_placeholders:  # its node's id
+            _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
         if kind is None:
             parent = span.parent
             parent_id = _event_id(trace_bytes, parent.span_id) if parent is not None and not parent.is_remote else None
