@@ -663,10 +663,10 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
     span_hex = f"{span_id:016x}"
     span_event_id: str | None = None
     for index, event in enumerate(span.events):
-        found = event.attributes
-        if not found or found.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
+        # read from a plain copy: the SDK's BoundedAttributes answers get() through Python-level Mapping methods
+        ev = _plain_mapping(event.attributes)
+        if ev.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        ev = _plain_mapping(found)
         if _attrs_rejected(ev):
             ev = {k: _clean_value(v) for k, v in ev.items()}
         when = ts(event.timestamp)
