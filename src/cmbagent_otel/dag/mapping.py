@@ -207,12 +207,13 @@ def plain_attributes(span: ReadableSpan) -> dict[str, Any]:
 
 
 def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not attrs:
+    if attrs is None:
         return {}
     if type(attrs) is dict:
         return attrs.copy()
     # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
-    # copy; building the dict key by key through the view costs ~25x more
+    # copy; building the dict key by key through the view costs ~25x more (and asking the
+    # view whether it is empty first is a Python-level __len__)
     copy = getattr(attrs, "copy", None)
     if copy is not None:
         try:
@@ -221,7 +222,7 @@ def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
             copied = None
         if type(copied) is dict:
             return copied
-    return dict(attrs)
+    return dict(attrs) if attrs else {}
 
 
 def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, dict[str, Any]]:
