@@ -27,8 +27,9 @@ chunk): when a hot call path runs exactly at the boundary of a 16 KiB frame-stac
 call there maps and unmaps a fresh chunk (an mmap, a munmap and page faults: system time, and
 cold pages). Which code lands on a boundary depends on the stack depth, so a few frames more or
 less under the application's (ours, or any other wrapper's) can move it on or off one; in
-one_shot it falls on the importlib frames of openai's lazy imports during the first LLM call,
-about 5k extra faults and ~50 ms of system time in the traced run (``docs/reliability.md``).
+one_shot it falls on the importlib frames of openai's lazy imports during the first LLM call:
+3.5k-5.5k extra faults and 20-55 ms of system time in the traced run, depending on the exact
+depth (``docs/reliability.md``).
 
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
