@@ -19,10 +19,19 @@ process; the timer covers the workflow call (``cmbagent.one_shot(...)`` /
   0.3-0.5 s) into the run; the ``full GCs`` column shows when it does.
 
 Variants alternate (order rotating per repetition); the figure is median(traced) /
-median(plain) per workflow, with IQRs; the main thread's CPU time and the number of full
-collections during the call are reported beside it.
+median(plain) per workflow, with IQRs. Beside it, steadier than wall on a shared machine: the
+main thread's CPU time during the call, split into user and system time, its minor page
+faults, and the number of full collections. The faults column exposes CPython 3.11/3.12's
+frame-stack chunk thrash (python/cpython gh-142183, fixed in 3.13.x and 3.14 by caching one
+chunk): when a hot call path runs exactly at the boundary of a 16 KiB frame-stack chunk, every
+call there maps and unmaps a fresh chunk (an mmap, a munmap and page faults: system time, and
+cold pages). Which code lands on a boundary depends on the stack depth, so a few frames more or
+less under the application's (ours, or any other wrapper's) can move it on or off one; in
+one_shot it falls on the importlib frames of openai's lazy imports during the first LLM call:
+3.5k-5.5k extra faults and 20-55 ms of system time in the traced run, depending on the exact
+depth (``docs/reliability.md``).
 
-    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 5 reps each
+    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
 
 Target: traced / plain <= 1.03 for one_shot and planning_and_control.
@@ -54,6 +63,7 @@ def child(variant: str, workflow: str, work_dir: str) -> dict[str, Any]:
     """One run in this (child) process; returns its timings."""
     import gc
     import logging
+    import resource
 
     logging.disable(logging.WARNING)  # cmbagent/AG2 chatter; the same for every variant
     cpu0 = os.times()
@@ -84,9 +94,11 @@ def child(variant: str, workflow: str, work_dir: str) -> dict[str, Any]:
         gc.callbacks.append(count_full)
         start = time.perf_counter()
         main_cpu = time.thread_time()
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
         call_workflow(workflow, Path(work_dir))
         returned = time.perf_counter()
         main_cpu = time.thread_time() - main_cpu
+        after = resource.getrusage(resource.RUSAGE_THREAD)
         if variant != "plain":
             cmbagent_otel.uninstrument()  # every span into the database, as the exit would
         end = time.perf_counter()
@@ -95,7 +107,9 @@ def child(variant: str, workflow: str, work_dir: str) -> dict[str, Any]:
     if script.unexpected:
         raise SystemExit(f"scripted backend met unexpected agents: {script.unexpected}")
     return {"wall": end - start, "workflow": returned - start, "flush": end - returned, "main_cpu": main_cpu,
-            "process_wall": end - began, "cpu": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+            "main_user": after.ru_utime - usage.ru_utime, "main_sys": after.ru_stime - usage.ru_stime,
+            "main_faults": after.ru_minflt - usage.ru_minflt, "process_wall": end - began,
+            "cpu": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
             "full_gc": full_collections[0], "llm_calls": len(script.sequence)}
 
 
@@ -112,9 +126,16 @@ def _summary(values: list[float]) -> str:
     return median_iqr(values, ".2f", unit=" s")
 
 
+def _main_thread(runs: list[dict[str, Any]]) -> str:
+    """The main thread during the call: CPU user / system and minor page faults, medians with IQR."""
+    return (f"main thread: user {median_iqr([r['main_user'] for r in runs], '.3f', unit=' s')}, "
+            f"sys {median_iqr([r['main_sys'] for r in runs], '.3f', unit=' s')}, "
+            f"minor faults {median_iqr([r['main_faults'] for r in runs], '.0f')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--workflows", nargs="+", default=list(WORKFLOWS), choices=WORKFLOWS)
     parser.add_argument("--variants", nargs="+", default=["plain", "traced", "traced_late"],
                         choices=("plain", "traced", "traced_late"))
@@ -153,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = _spawn(variant, workflow, tmp, {**env, "CMBAGENT_OTEL_DATABASE_URL": db_url})
                     results[workflow][variant].append(result)
                     print(f"rep {rep + 1} {workflow:<22} {variant:<12} {result['wall']:.2f} s (flush "
-                          f"{result['flush']:.2f}), main thread CPU {result['main_cpu']:.2f} s, full GCs "
+                          f"{result['flush']:.2f}), main thread CPU {result['main_cpu']:.2f} s "
+                          f"(sys {result['main_sys']:.3f}), "
+                          f"{result['main_faults']} faults, full GCs "
                           f"{result['full_gc']}, {result['llm_calls']} LLM calls", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -162,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"plus the final flush{' (a fresh database per traced run)' if args.fresh_db else ''}")
     for workflow, by_variant in results.items():
         plain = [r["wall"] for r in by_variant["plain"]]
-        print(f"{workflow}: plain {_summary(plain)}")
+        print(f"{workflow}: plain {_summary(plain)}  {_main_thread(by_variant['plain'])}")
         for variant in variants[1:]:
             walls = [r["wall"] for r in by_variant[variant]]
             ratio = statistics.median(walls) / statistics.median(plain)
@@ -177,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ok = ok and passed
                 line += f"; target <= {TARGET}: {'PASS' if passed else 'MISS'}"
             print(line)
+            print(f"  {'':<12} {_main_thread(by_variant[variant])}")
     return 0 if ok else 1
 
 
