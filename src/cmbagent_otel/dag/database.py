@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
@@ -84,11 +84,18 @@ def resolve_url(url: str | None = None) -> str:
     chosen = environment_variables.database_url(url)
     try:
         parsed = make_url(chosen)
-    except ArgumentError as exc:
-        raise BadDatabaseURL(f"invalid database URL {chosen!r}: {exc}") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        # the text may hold a password: name only its scheme
+        scheme = chosen.partition("://")[0] if "://" in chosen else "?"
+        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {exc}") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise BadDatabaseURL(f"unsupported database backend {backend!r} in {parsed.render_as_string()!r}")
+        raise BadDatabaseURL(f"unsupported database backend {backend!r} in {redacted(parsed)!r}")
+    if parsed.drivername not in ("postgresql", "sqlite"):
+        try:
+            parsed.get_dialect()
+        except NoSuchModuleError:
+            raise BadDatabaseURL(f"unknown database driver {parsed.drivername!r} in {redacted(parsed)!r}") from None
     if backend == "postgresql" and parsed.drivername == "postgresql":
         # psycopg (v3) is our tested driver; cmbagent's plain URLs would pick psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -98,11 +105,13 @@ def resolve_url(url: str | None = None) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def redacted(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
+def redacted(url: str | URL) -> str:
+    """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+        secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+        return parsed.difference_update_query(secret).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
         return "<invalid url>"
 
 
