@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -394,6 +395,18 @@ BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries wit
 logger = logging.getLogger("cmbagent_otel.dag")
 
 
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Instrumentation suppressed (the OpenTelemetry context key every instrumentation checks)
+    inside the block: our own statements must not come back as spans of the application's
+    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again."""
+    token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+    try:
+        yield
+    finally:
+        detach(token)
+
+
 def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engine | None = None) -> None:
     """Bring the schema to head at most once per URL per process.
 
@@ -411,6 +424,11 @@ def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engin
     resolved = resolve_url(url)
     if resolved in _migrated and not repair:
         return
+    with untraced():
+        _ensure_schema(resolved, repair, engine)
+
+
+def _ensure_schema(resolved: str, repair: bool, engine: Engine | None) -> None:
     left = time_left_ms()
     if not _migrate_lock.acquire(timeout=-1 if left is None else left / 1000):
         raise SchemaBusy(f"the schema of {redacted(resolved)} is being prepared by another thread")

@@ -30,7 +30,16 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 from .. import environment_variables
 from .. import semconv as sc
 from . import schema
-from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, script_heads, sqlite_file
+from .database import (
+    deadline,
+    ensure_schema,
+    make_engine,
+    redacted,
+    resolve_url,
+    script_heads,
+    sqlite_file,
+    untraced,
+)
 from .errors import Fault, SchemaIncompatible, classify
 from .mapping import (
     FOREIGN_TYPE,
@@ -187,7 +196,7 @@ class DagWriter:
         if not spans:
             return WriteResult(0, 0)
         batch = map_spans(spans)
-        with deadline(timeout):
+        with deadline(timeout), untraced():
             for attempt in range(_MAX_REPAIRS + 1):
                 last = attempt == _MAX_REPAIRS
                 try:
