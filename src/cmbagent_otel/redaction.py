@@ -26,12 +26,14 @@ import contextlib
 import json
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from . import environment_variables
+from ._forksafe import reset_in_child
 from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
@@ -74,6 +76,7 @@ _NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from
 _ASCII_LOWER = {ord(c): ord(c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _lock = threading.RLock()
+reset_in_child(sys.modules[__name__], "_lock")
 _known: set[str] = set()
 _learned: OrderedDict[str, None] = OrderedDict()
 _known_pattern: re.Pattern[str] | None = None

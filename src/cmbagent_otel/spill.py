@@ -39,6 +39,8 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ._forksafe import reset_in_child
+
 logger = logging.getLogger("cmbagent_otel")
 
 SPILL_DIR_ENV = "CMBAGENT_OTEL_SPILL_DIR"
@@ -348,6 +350,7 @@ class SpillStore:
         self.target = target
         self._key = target_key(target) if target is not None else None
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self._seq = 0
 
     def _name(self, suffix: str) -> Path:

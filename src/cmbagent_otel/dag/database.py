@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
+from .._forksafe import reset_in_child
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -391,6 +393,7 @@ _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 _background: dict[str, threading.Thread] = {}
 _background_lock = threading.Lock()  # never _migrate_lock: instrument() must not wait for a migration
+reset_in_child(sys.modules[__name__], "_migrate_lock", "_background_lock")
 BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries within its own deadlines)
 logger = logging.getLogger("cmbagent_otel.dag")
 

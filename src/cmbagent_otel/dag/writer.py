@@ -29,6 +29,7 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 
 from .. import environment_variables
 from .. import semconv as sc
+from .._forksafe import reset_in_child
 from . import schema
 from .database import (
     deadline,
@@ -116,6 +117,7 @@ class DagWriter:
         self._migrate = migrate
         self._engine = engine
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self._ready = False
         self._repair = False
         self._file = sqlite_file(self.url) if engine is None else None
