@@ -62,3 +62,22 @@ def test_scrub_and_safe_text_copy_a_bounded_prefix(make: Any) -> None:
     assert text.startswith("BBBB") and text.endswith("...[truncated]") and len(text) < SIZE // 64
     shown, used = peak(lambda: safe_text(huge))
     assert used < SIZE // 8 and shown is not None and shown.endswith("...[truncated]")
+
+
+def test_a_huge_exception_message_is_read_only_as_far_as_telemetry_keeps_it(provider: Any) -> None:
+    """An exception through a workflow, phase and step: each span records its message and stack
+    trace. Formatting the stack trace (the standard library's work, the message included) takes
+    about 2 x the message at its peak; redacting the whole message and trace on top took a
+    third copy (7.7 s of CPU for a 50 MB message through three spans; 0.6 s now)."""
+    from cmbagent_otel import phase, step, workflow
+
+    error = RuntimeError("z" * SIZE)
+
+    def fail() -> None:
+        with pytest.raises(RuntimeError), workflow("w", mode="m"), phase("control"), step(1, "g"):
+            raise error
+
+    _, used = peak(fail)
+    assert used < 2.5 * SIZE, used / SIZE
+    events = [e for s in provider.memory.get_finished_spans() for e in s.events if e.name == "exception"]
+    assert len(events) == 3 and all(len(e.attributes["exception.message"]) <= 4096 for e in events)
