@@ -81,3 +81,30 @@ def test_a_huge_exception_message_is_read_only_as_far_as_telemetry_keeps_it(prov
     assert used < 2.5 * SIZE, used / SIZE
     events = [e for s in provider.memory.get_finished_spans() for e in s.events if e.name == "exception"]
     assert len(events) == 3 and all(len(e.attributes["exception.message"]) <= 4096 for e in events)
+
+
+def test_another_instrumentations_huge_attributes_are_bounded_in_the_database(provider: Any, tmp_path: Path) -> None:
+    """The SDK sets no length limit: another instrumentation's span may carry megabytes. Our
+    spans' attributes are bounded when set; the DAG rows of foreign spans were stored whole
+    (a 40 MB ``meta``), now cut like ours."""
+    import sqlite3
+
+    from cmbagent_otel import phase, step, workflow
+    from cmbagent_otel.dag.writer import DagWriter
+
+    with workflow("w", mode="m"), phase("control"), step(1, "g"), \
+            provider.get_tracer("other").start_as_current_span("http") as span:
+        span.set_attribute("http.body", "q" * SIZE)
+        span.set_attribute("parts", ["r" * (SIZE // 4)] * 4)
+    db = tmp_path / "dag.db"
+    writer = DagWriter(f"sqlite:///{db}")
+    try:
+        writer.write(list(provider.memory.get_finished_spans()))
+    finally:
+        writer.close()
+    with sqlite3.connect(db) as conn:
+        longest, = conn.execute("SELECT max(length(meta)) FROM execution_events").fetchone()
+        body, = conn.execute("SELECT json_extract(meta, '$.attributes.\"http.body\"') FROM execution_events "
+                             "WHERE json_extract(meta, '$.span_name') = 'http'").fetchone()
+    assert longest < 64 * 1024, longest
+    assert body.startswith("qqqq") and body.endswith("...[truncated]")
