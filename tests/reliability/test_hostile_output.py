@@ -107,3 +107,21 @@ def test_exporter_logs_never_show_secret_query_parameters(tmp_path: Path, provid
     assert not [s for s in SECRETS if s in logged]  # ...without its secrets
     for f in (tmp_path / "spill").iterdir():
         assert not [s for s in SECRETS if s.encode() in f.read_bytes()], f.name
+
+
+@pytest.mark.parametrize("command", [["runs"], ["dag", "latest"], ["events", "latest"], ["dag", "latest", "--format",
+                                                                                          "json"]])
+def test_bytes_that_are_not_utf8_in_rows_are_shown_replaced(hostile_db: str, command: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite keeps whatever bytes another writer stored; before, one such row made every
+    reading command fail ("Could not decode to UTF-8 column")."""
+    import sqlite3
+
+    path = hostile_db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE workflow_runs SET mode = CAST(X'6dc328' AS TEXT)")
+        conn.execute("UPDATE dag_nodes SET agent = CAST(X'fffe41' AS TEXT)")
+        conn.execute("UPDATE execution_events SET agent_name = CAST(X'c328' AS TEXT)")
+    assert main(["--db", hostile_db, *command]) == 0
+    out = capsys.readouterr().out
+    assert "\ufffd" in out or "\\ufffd" in out
