@@ -80,7 +80,8 @@ class WorkflowTracers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bindings: list[tuple[object, Tracer, Any]] = []
+        # (token, tracer, run metrics[, provider, meter provider, metrics on]): the latest wins
+        self._bindings: list[tuple[Any, ...]] = []
         self._global: Tracer | None = None
         self._global_metrics: RunMetrics | None = None
 
@@ -92,6 +93,25 @@ class WorkflowTracers:
         tracer = make_tracer(semconv.SCOPE_WORKFLOW, provider)
         with self._lock:
             self._bindings = [*self._bindings, (token, tracer, metrics)]
+        return token
+
+    def bind_providers(self, provider: trace.TracerProvider | None, meter_provider: Any, metrics_on: bool) -> object:
+        """:meth:`bind` to ``provider`` and the run metrics of ``meter_provider`` (``None``: the global
+        one; none when not ``metrics_on``), sharing the tracer and the run metrics of a binding still
+        held for the same providers: ``instrument()`` binds through itself, the AG2 and the cmbagent
+        instrumentors, and one tracer and one set of instruments serve all three."""
+        token = object()
+        with self._lock:
+            shared = next((b for b in reversed(self._bindings)
+                           if len(b) > 3 and b[3] is provider and b[4] is meter_provider and b[5] == metrics_on),
+                          None)
+        if shared is not None:
+            tracer, metrics = shared[1], shared[2]
+        else:
+            tracer = make_tracer(semconv.SCOPE_WORKFLOW, provider)
+            metrics = run_metrics(meter_provider) if metrics_on else None
+        with self._lock:
+            self._bindings = [*self._bindings, (token, tracer, metrics, provider, meter_provider, metrics_on)]
         return token
 
     def release(self, token: object) -> None:
@@ -402,12 +422,15 @@ class SamplingProbe:
     tracing implementation) counts as "may record": the full path then runs and the SDK decides.
     """
 
-    __slots__ = ("_kind", "_last", "_root_drops", "_tracer")
+    __slots__ = ("_kind", "_last", "_root_drops", "_tracer", "follows_parent")
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
         self._kind: int | None = None
         self._root_drops = False
+        # known to be parent-based (the SDK's default sampler): a recording parent means "may record",
+        # which a caller can tell without calling drops(); False until classified
+        self.follows_parent = False
         # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
         # same parent again and again (one tuple, so threads never pair a span with another's answer);
         # a recording parent answers is_recording() first, nothing cached
@@ -429,6 +452,7 @@ class SamplingProbe:
         else:
             kind, root = _UNKNOWN, False
         self._kind, self._root_drops = kind, root
+        self.follows_parent = kind == _PARENT and SPAN_KEY is not None
         return kind, root
 
     def drops(self, ctx: otel_context.Context) -> bool:

@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from . import environment_variables as env
 from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
-from .metrics import run_metrics
 from .provider import build_meter_provider, build_tracer_provider, sdk_disabled, slot_of, span_processors
 from .redaction import reload_settings
 
@@ -123,7 +122,7 @@ def instrument(
         metrics_on = bool(env.get(env.METRICS, metrics))
         meters, meters_owned = (_meter_provider(meter_provider, service_name, set_global) if metrics_on
                                 else (None, False))
-        binding = workflow_tracers.bind(provider, run_metrics(meters) if metrics_on else None)
+        binding = workflow_tracers.bind_providers(provider, meters, metrics_on)
         AG2Instrumentor().instrument(tracer_provider=provider, capture_content=capture_content,
                                      logger_provider=logger_provider, meter_provider=meters, metrics=metrics_on)
         threaded = False

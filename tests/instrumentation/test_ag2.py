@@ -654,3 +654,36 @@ def test_agent_protocol_methods_read_as_plain_methods(capture):
     finally:
         cmbagent_otel.uninstrument()
     assert vars(cls)["generate_reply"] is sync_original and vars(cls)["a_generate_reply"] is async_original
+
+
+def test_otel_unwrap_leaves_the_plain_methods_to_uninstrument(capture):
+    """OTel's ``unwrap`` takes out our wrapt wrappers (module functions) but not the plain functions on
+    class methods (it only knows wrapt proxies; a proxy there costs every read and call of the method,
+    see docs/spans.md): those stay live until ``uninstrument()``, which then leaves AG2 as it was."""
+    from opentelemetry.instrumentation.utils import unwrap
+
+    agent_cls = conversable_agent.ConversableAgent
+    before = {(owner, attr): vars(owner)[attr] for owner, attr in (
+        (agent_cls, "generate_reply"), (agent_cls, "initiate_chat"), (oai_client.OpenAIWrapper, "create"),
+        (groupchat.GroupChat, "select_speaker"), (conversable_agent, "initiate_chats"))}
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        patched = AG2Instrumentor().patched
+        assert set(before) <= set(patched)
+        for owner, attr in patched:
+            unwrap(owner, attr)
+        assert vars(conversable_agent)["initiate_chats"] is before[(conversable_agent, "initiate_chats")]
+        for (owner, attr), original in before.items():
+            if isinstance(owner, type):
+                assert vars(owner)[attr] is not original and vars(owner)[attr].__wrapped__ is original, attr
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+        bob.initiate_chat(scripted("alice", ["hi"]), message="x", max_turns=1, silent=True)
+        assert {"conversation alice", "invoke_agent alice", "chat scripted"} <= {s.name for s in capture.spans}
+    finally:
+        cmbagent_otel.uninstrument()
+    assert all(vars(owner)[attr] is original for (owner, attr), original in before.items())
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:  # and a new cycle patches everything again
+        assert all(vars(owner)[attr] is not original for (owner, attr), original in before.items())
+    finally:
+        cmbagent_otel.uninstrument()

@@ -148,3 +148,32 @@ def test_with_a_plain_wrapt_wrapper_before_and_after(tmp_path):
         assert ours.memory.take() == [] and calls
     finally:
         cls.generate_reply = original
+
+
+def test_only_methods_that_end_in_a_function_get_a_plain_patch():
+    from cmbagent_otel.instrumentation.ag2 import _plain_patchable
+
+    def counting(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    class Host:
+        def method(self) -> int:
+            return 1
+
+        @staticmethod
+        def static() -> int:
+            return 2
+
+        @classmethod
+        def klass(cls) -> int:
+            return 3
+
+    plain = {name: _plain_patchable("Host", vars(Host)[name]) for name in ("method", "static", "klass")}
+    for name in ("method", "static", "klass"):  # another instrumentation's proxies, two deep
+        wrapt.wrap_function_wrapper(Host, name, counting)
+        wrapt.wrap_function_wrapper(Host, name, counting)
+    proxied = {name: _plain_patchable("Host", vars(Host)[name]) for name in ("method", "static", "klass")}
+    # a plain function binds like a method: a staticmethod or classmethod (bare or proxied) keeps a proxy
+    assert plain == proxied == {"method": True, "static": False, "klass": False}
+    assert (Host().method(), Host.static(), Host().static(), Host.klass()) == (1, 2, 2, 3)
+    assert _plain_patchable("", vars(Host)["method"]) is False  # a module function: always a proxy

@@ -112,3 +112,29 @@ def test_workflow_api_without_instrument_uses_the_global_provider():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == str(sorted([("phase planning", semconv.SCOPE_WORKFLOW),
                                              ("workflow global", semconv.SCOPE_WORKFLOW)]))
+
+
+def test_instrument_binds_one_set_of_run_metrics_for_all_its_instrumentors():
+    """instrument() binds the workflow API through itself and through the AG2 instrumentor (and the
+    cmbagent one when cmbagent is there): same providers, so one tracer and one set of run metrics."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    capture = SpanCapture()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, meter_provider=MeterProvider(metric_readers=[reader]),
+                             instrument_threading=False)
+    try:
+        metrics = workflow_tracers.current_metrics()
+        tracer = workflow_tracers.current()
+        AG2Instrumentor().uninstrument()  # releases the AG2 instrumentor's binding only
+        assert workflow_tracers.current_metrics() is metrics
+        assert workflow_tracers.current() is tracer
+        with cmbagent_otel.workflow("bound once"):
+            pass
+    finally:
+        cmbagent_otel.uninstrument()
+    assert [s.name for s in capture.spans] == ["workflow bound once"]
+    data = reader.get_metrics_data()
+    names = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+    assert names and len(names) == len(set(names))

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Status, StatusCode
@@ -207,12 +207,13 @@ def plain_attributes(span: ReadableSpan) -> dict[str, Any]:
 
 
 def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not attrs:
+    if attrs is None:
         return {}
     if type(attrs) is dict:
         return attrs.copy()
     # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
-    # copy; building the dict key by key through the view costs ~25x more
+    # copy; building the dict key by key through the view costs ~25x more (and asking the
+    # view whether it is empty first is a Python-level __len__)
     copy = getattr(attrs, "copy", None)
     if copy is not None:
         try:
@@ -221,7 +222,7 @@ def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
             copied = None
         if type(copied) is dict:
             return copied
-    return dict(attrs)
+    return dict(attrs) if attrs else {}
 
 
 def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, dict[str, Any]]:
@@ -232,8 +233,9 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     from instrumented apps that pass odd strings through; they must not fail a whole batch.
     """
     description = span.status.description
-    if not (_rejected(span.name) or (type(description) is str and _rejected(description))
-            or _attrs_rejected(attrs)):
+    name = span.name
+    if not (((not name.isascii() or "\x00" in name) and _rejected(name))
+            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)):
         return span, attrs
     clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
@@ -357,6 +359,12 @@ def node_placeholder(run_id: str, session_id: str, short_id: str) -> dict[str, A
 
 
 # --- nodes --------------------------------------------------------------------------------
+
+# The only values of a node row's meta (``_node_row``, ``node_placeholder``) taken from an
+# attribute as it is (any type an attribute holds); every other one is text, a number, a bool
+# or None, keyed by text. Whoever adds a raw value to the meta must name its key here.
+RAW_NODE_META = ("attempt", "span_kind")
+
 
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
               started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
@@ -553,6 +561,9 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = hit if hit is not None else _redact_text(value)
         elif value is None or kind in _PLAIN_TYPES:
             out[key] = value
+        elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)
+            out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                        for item in value]
         else:
             out[key] = _scrub_value(value)
     return out
@@ -614,7 +625,12 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = get(sc.DAG_NODE)
-    depth = _int(get(sc.EVENT_DEPTH), 0)
+    depth = get(sc.EVENT_DEPTH)
+    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+        depth = _int(depth, 0)
+    order = get(sc.EXECUTION_ORDER)
+    if type(order) is not int or not -_INT32 <= order <= _INT32:
+        order = _int(order, 0)
     agent = _agent_of(kind, attrs)
     if agent is not None and (type(agent) is not str or len(agent) > 100):
         agent = str(agent)[:100]
@@ -630,7 +646,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
-        "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+        "execution_order": order, "depth": depth,
         "status": "failed" if failed else "completed",
     }
 
@@ -654,17 +670,22 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
     span_hex = f"{span_id:016x}"
     span_event_id: str | None = None
     for index, event in enumerate(span.events):
-        found = event.attributes
-        if not found or found.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
+        # read from a plain copy: the SDK's BoundedAttributes answers get() through Python-level Mapping methods
+        ev = _plain_mapping(event.attributes)
+        if ev.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        ev = _plain_mapping(found)
         if _attrs_rejected(ev):
             ev = {k: _clean_value(v) for k, v in ev.items()}
         when = ts(event.timestamp)
         clean = _attributes_meta(ev)
         inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
         get = ev.get
-        depth = _int(get(sc.EVENT_DEPTH), 0)
+        depth = get(sc.EVENT_DEPTH)
+        if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+            depth = _int(depth, 0)
+        order = get(sc.EXECUTION_ORDER)
+        if type(order) is not int or not -_INT32 <= order <= _INT32:
+            order = _int(order, 0)
         error = get(sc.ERROR_TYPE)
         if depth > 0 and span_event_id is None:
             span_event_id = _event_id(trace_bytes, span_id)
@@ -685,7 +706,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
                      else db_text(f"select_speaker {source}"),
                      "trace_id": trace_hex, "span_id": None, "parent_span_id": span_hex,
                      "event_index": index, "attributes": clean},
-            "execution_order": _int(get(sc.EXECUTION_ORDER), 0), "depth": depth,
+            "execution_order": order, "depth": depth,
             "status": "failed" if error is not None else "completed",
         })
     return rows
@@ -790,9 +811,13 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
             continue
         session = sessions.get(session_id)
-        if session is None or started is None or completed is None or started < session["created_at"] \
-                or completed > session["last_active_at"]:
+        if session is None or started is None or completed is None:
             _touch_session(batch, session_id, started, completed)
+        else:  # _touch_session's range update, written out: spans arrive in end order, so nearly every one
+            if started < session["created_at"]:
+                session["created_at"] = started
+            if completed > session["last_active_at"]:
+                session["last_active_at"] = completed
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
@@ -841,9 +866,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             continue
         event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes)
         batch.events[event["id"]] = event
-        short = attrs.get(sc.DAG_NODE)
-        if short:
-            _node_placeholder(batch, run_id, session_id, short)
+        if event["node_id"] is not None and event["node_id"] not in batch.node_placeholders:  # its node's id
+            _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
         if kind is None:
             parent = span.parent
             parent_id = _event_id(trace_bytes, parent.span_id) if parent is not None and not parent.is_remote else None
@@ -864,8 +888,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
 
 # --- rows derived from a run's node set ---------------------------------------------------
 
-@dataclass(frozen=True)
-class LlmUsage:
+class LlmUsage(NamedTuple):
     """One LLM event's usage as stored (``meta.prompt_tokens``/``completion_tokens``/``cost_usd``)."""
 
     node_id: str | None
@@ -1129,31 +1152,42 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
     collector records: one row per agent per CMBAgent instance (per phase or step).
     """
     every = {**by_id, **{n["id"]: n for n in out.nodes}}
-    totals: dict[str, tuple[list[int], list[float]]] = {}
+    # the calls made in each node, then each such node's sums added once to it and its ancestors
+    own: dict[str | None, tuple[list[int], list[float]]] = {}
     groups: dict[tuple[str | None, str | None, str], tuple[list[int], list[float], list[datetime]]] = {}
     scopes: dict[str | None, str | None] = {}
-    for u in usage:
-        node_id = u.node_id
+    for node_id, agent, model, prompt, completion, cost, at in usage:
+        found = own.get(node_id)
+        if found is None:
+            found = own[node_id] = ([0, 0], [])
+            scopes[node_id] = _cost_scope(node_id, by_id)
+        counts, costs = found
+        counts[0] += prompt
+        counts[1] += completion
+        costs.append(cost)
+        key = (scopes[node_id], agent, str(model or "unknown")[:100])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ([0, 0], [], [])
+        counts, costs, stamps = group
+        counts[0] += prompt
+        counts[1] += completion
+        costs.append(cost)
+        if at is not None:
+            stamps.append(at)
+    totals: dict[str, tuple[list[int], list[float]]] = {}
+    for start, ((prompt, completion), costs) in own.items():
+        node_id = start
         seen: set[str] = set()
         while node_id is not None and node_id in every and node_id not in seen:
             seen.add(node_id)
             found = totals.get(node_id)
             if found is None:
                 found = totals[node_id] = ([0, 0], [])
-            counts, costs = found
-            counts[0] += u.prompt_tokens
-            counts[1] += u.completion_tokens
-            costs.append(u.cost_usd)
+            found[0][0] += prompt
+            found[0][1] += completion
+            found[1].extend(costs)
             node_id = every[node_id].get("parent_node_id")
-        if u.node_id not in scopes:
-            scopes[u.node_id] = _cost_scope(u.node_id, by_id)
-        key = (scopes[u.node_id], u.agent_name, str(u.model or "unknown")[:100])
-        counts, costs, stamps = groups.setdefault(key, ([0, 0], [], []))
-        counts[0] += u.prompt_tokens
-        counts[1] += u.completion_tokens
-        costs.append(u.cost_usd)
-        if u.at is not None:
-            stamps.append(u.at)
 
     def values(node_id: str) -> dict[str, Any]:
         found = totals.get(node_id)

@@ -166,6 +166,11 @@ class Sql:
 
     def params(self, rows: Iterable[Mapping[str, Any]], cols: Sequence[tuple[str, str]]) -> list[tuple[Any, ...]]:
         """Rows as parameter tuples in ``cols`` order, values converted as SQLAlchemy's types would."""
+        return list(self.iter_params(rows, cols))
+
+    def iter_params(self, rows: Iterable[Mapping[str, Any]],
+                    cols: Sequence[tuple[str, str]]) -> Iterator[tuple[Any, ...]]:
+        """:meth:`params`, one row at a time."""
         key = ("params", tuple(cols))
         plan = self._cache.get(key)
         if plan is None:
@@ -176,7 +181,6 @@ class Sql:
                 names,
             )
         getter, convs, names = plan
-        out = []
         for row in rows:
             try:
                 values = list(getter(row))
@@ -186,8 +190,7 @@ class Sql:
                 value = values[index]
                 if value is not None:
                     values[index] = conv(value)
-            out.append(tuple(values))
-        return out
+            yield tuple(values)
 
     # --- execution -----------------------------------------------------------------------------
 
@@ -289,13 +292,16 @@ class Sql:
         self.write(conn, self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)), many=True)
 
     def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-        """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text)."""
+        """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text).
+
+        Rows are converted as they are sent: the server inserts the first ones (psycopg hands
+        it 32 KiB at a time) while the later ones are still being encoded."""
         self.flush(conn)
         cols = self.columns(table)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             with cursor.copy(f"COPY {table.name} ({', '.join(n for n, _ in cols)}) FROM STDIN") as copy:
-                for row in self.params(rows, cols):
+                for row in self.iter_params(rows, cols):
                     copy.write_row(row)
         finally:
             cursor.close()

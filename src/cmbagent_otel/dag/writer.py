@@ -47,6 +47,7 @@ from .mapping import (
     LLM_TYPE,
     PLACEHOLDER_SUBTYPE,
     RANK_BY_NAME,
+    RAW_NODE_META,
     RUNNING,
     LlmUsage,
     MappedBatch,
@@ -599,6 +600,11 @@ def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) 
     sql.insert(conn, T["messages"], rows)
 
 
+def _naive(value: Any) -> datetime | None:
+    """:func:`naive`, without a copy of a datetime that is naive already (the mapping's)."""
+    return value if type(value) is datetime and value.tzinfo is None else naive(value)
+
+
 def _count(value: Any) -> int:
     return value if type(value) is int else int(value) if isinstance(value, float) and math.isfinite(value) else 0
 
@@ -690,8 +696,13 @@ def _as_stored(value: Any) -> Any:
 def _flat_json(value: Any) -> bool:
     """Whether ``value`` is a dict of text keys and plain JSON values (as the database gives it back)."""
     # map over type: the checks run in C, no Python frame per key
-    return type(value) is dict and all(map(_TEXT.__contains__, map(type, value))) and all(
-        map(_JSON_SCALARS.__contains__, map(type, value.values())))
+    return type(value) is dict and _TEXT.issuperset(map(type, value)) and _JSON_SCALARS.issuperset(
+        map(type, value.values()))
+
+
+def _plain_node_meta(meta: Any) -> bool:
+    """:func:`_flat_json` of a node meta built by the mapping: only its raw attribute values can be other."""
+    return type(meta) is dict and _JSON_SCALARS.issuperset(map(type, map(meta.get, RAW_NODE_META)))
 
 
 def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
@@ -714,17 +725,18 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in created}
     for row in final.values():
         # derive_run_rows only reads its nodes: a row whose meta is already as stored goes as it is
-        nodes_by_run[row["run_id"]].append(row if _flat_json(row["meta"])
+        nodes_by_run[row["run_id"]].append(row if _plain_node_meta(row["meta"])
                                            else {**row, "meta": _as_stored(row["meta"]) or {}})
     usage_by_run: dict[str, list[LlmUsage]] = {run_id: [] for run_id in created}
+    llm_type, llm_subtype = LLM_TYPE
     for event in batch.events.values():
-        if event["run_id"] in created and (event["event_type"], event["event_subtype"]) == LLM_TYPE:
+        if event["event_subtype"] == llm_subtype and event["event_type"] == llm_type and event["run_id"] in created:
             meta = event["meta"] if isinstance(event["meta"], dict) else {}
             model = meta.get("model")
             usage_by_run[event["run_id"]].append(LlmUsage(
                 event["node_id"], event["agent_name"], None if model is None else str(model),
                 _count(meta.get("prompt_tokens")), _count(meta.get("completion_tokens")),
-                _amount(meta.get("cost_usd")), naive(event["completed_at"]) or naive(event["timestamp"])))
+                _amount(meta.get("cost_usd")), _naive(event["completed_at"]) or _naive(event["timestamp"])))
     after = dict(final)
     for run_id in sorted(created):
         candidate = batch.runs[run_id].row

@@ -120,9 +120,12 @@ def register_llm_config_secrets(config_list: Any) -> None:
             if type(config) is not dict and not isinstance(config, dict):
                 continue
             seen = walked.get(id(config))
-            if seen is not None and seen[0] is config and seen[1] == config.keys() \
-                    and all(config.get(name) is value for name, value in seen[2]):
-                continue
+            if seen is not None and seen[0] is config and seen[1] == config.keys():
+                for name, value in seen[2]:  # a loop, not all(<generator>): one object less per call
+                    if config.get(name) is not value:
+                        break
+                else:
+                    continue
             _register_entry(config)
     except Exception:
         pass

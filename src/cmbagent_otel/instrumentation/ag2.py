@@ -1,11 +1,10 @@
 """OpenTelemetry instrumentor for AG2 (``autogen``: ag2 0.9-0.14 and ``cmbagent_autogen``).
 
-Patching is class-level (wrapt), on methods AG2 looks up at call time, so agents built
-before ``instrument()`` are covered too (AG2 stores *reply functions* per agent at
-construction; those are never patched, only what they call). ``generate_reply`` and
-``a_generate_reply`` (members of AG2's ``Agent`` protocol, read off the agent by every
-``isinstance`` check against it) get a plain function calling the same wrapper instead of a
-wrapt proxy (:data:`PLAIN_METHODS`); it carries ``__wrapped__`` and is removed like the others:
+Patching is class-level, on methods AG2 looks up at call time, so agents built before
+``instrument()`` are covered too (AG2 stores *reply functions* per agent at construction;
+those are never patched, only what they call). A class's method gets a plain function
+calling our wrapper (cheaper to read and call than a wrapt proxy, see :func:`_plain_patchable`),
+which carries ``__wrapped__`` and is removed like a proxy; module functions get wrapt proxies:
 
 ==========================================================  ==================================
 patched                                                      span
@@ -67,9 +66,9 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, Scope, current_scope, get_current, suppressed
+from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, current_scope, get_current, suppressed
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
-from ..metrics import CallAttributes, ModelMetrics, model_metrics, run_metrics
+from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
@@ -223,10 +222,11 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             ctx = get_current()
             if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
                 traced = None
-            elif probe.drops(ctx):
-                traced = _FAST if fast is not None else None
-            else:
+            elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                    or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
                 traced = build(state, ctx, instance, args, kwargs)
+            else:
+                traced = _FAST if fast is not None else None
         except Exception:
             logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
             traced = None
@@ -514,11 +514,13 @@ _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scop
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     static = _agent_static(state, instance)
-    sender = _arg(args, kwargs, 1, "sender")
+    # _arg, cached_name and current_scope written out below: this runs for every agent turn
+    sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        sender_name = cached_name(state.agents, sender)
+        entry = state.agents.get(id(sender))
+        sender_name = str(entry[1].name) if entry is not None and entry[0]() is sender else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -529,7 +531,11 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         if text is not None:
             attrs = {**attrs, semconv.GEN_AI_INPUT_MESSAGES: text}
     span_name = static.span_name
-    scope = current_scope(ctx)
+    scope = ctx.get(_SCOPE_KEY)
+    if type(scope) is not Scope:
+        scope = current_scope(ctx)  # not ours (None) or a subclass: the general path
+    elif scope.cursor is not None:
+        scope = current_scope(ctx)  # an anchor: the work belongs to its open frame
     if static.is_manager:
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
@@ -653,22 +659,9 @@ def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
 class _ChatSpan(TracedSpan):
     """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
     ``gen_ai.client.inference.operation.details`` event (a log record in the span's context).
-    Its metrics are recorded when it ends."""
+    Its metrics are recorded when it ends (its duration from when :func:`_llm` built it)."""
 
     __slots__ = ("call", "event", "event_logger", "state")
-
-    def __init__(self, name: str, kind: str, attributes: dict[str, Any], *, state: _State, call: _ModelCall,
-                 event: dict[str, Any] | None, context: Any) -> None:
-        super().__init__(name, kind, attributes, tracer=state.tracer, span_kind=SpanKind.CLIENT, context=context)
-        self.state = state
-        self.call = call
-        self.event_logger = state.event_logger
-        self.event = event
-
-    def __enter__(self) -> TracedSpan:
-        super().__enter__()
-        self.call.started = perf_counter()
-        return self
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
@@ -727,7 +720,15 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    return _ChatSpan(span_name, semconv.KIND_LLM, attrs, state=state, call=call, event=event, context=ctx)
+    # TracedSpan's own __init__ and the four fields set here: one call less than an __init__ of its own
+    traced = _ChatSpan(span_name, semconv.KIND_LLM, attrs, tracer=state.tracer, span_kind=SpanKind.CLIENT,
+                       context=ctx)
+    traced.state = state
+    traced.call = call
+    traced.event_logger = state.event_logger
+    traced.event = event
+    call.started = perf_counter()  # the call's duration (its metric) starts here
+    return traced
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -1095,13 +1096,25 @@ def _popen_wrapper(state: _State) -> Callable[..., Any]:
     return popen_init
 
 
-# AG2's Agent protocol members: ``isinstance(x, Agent)`` (AG2 asks it several times per turn) reads
-# them off the agent, and through a wrapt wrapper every read builds a bound wrapper object (about
-# as costly as a span's own bookkeeping). These two are patched with a plain function instead
-# (:func:`_plain_method`): it reads as an ordinary method, calls the same wrapper, carries
-# ``__wrapped__`` (as a wrapt wrapper does) and is found and removed anywhere in a chain of wrapt
-# wrappers like the others of ours are.
-PLAIN_METHODS = frozenset({("ConversableAgent", "generate_reply"), ("ConversableAgent", "a_generate_reply")})
+# Methods of a class are patched with a plain function (:func:`_plain_method`), not a wrapt proxy:
+# through a proxy every read of the method off an instance builds a bound-wrapper object, and every
+# call goes through it (~3,000 instructions more per call than a plain function, callgrind), and
+# ``isinstance(x, Agent)`` (AG2 asks it several times per turn) reads ``generate_reply`` and
+# ``a_generate_reply`` off the agent each time. The plain function reads as an ordinary method, calls
+# the same wrapper, carries ``__wrapped__`` (as a wrapt wrapper does) and is found and removed anywhere
+# in a chain of wrapt wrappers like a proxy of ours is. Module functions and what is found late
+# (a custom executor's class, :meth:`AG2Instrumentor.patch_late`) keep wrapt proxies.
+def _plain_patchable(owner_name: str, current: Any) -> bool:
+    """Whether the class attribute ``current`` is patched with a plain function (a function, or
+    another instrumentation's wrapt wrapper of one)."""
+    if not owner_name:
+        return False
+    node = current
+    for _ in range(32):  # another instrumentation's proxies: what they end in decides (a staticmethod or
+        if not isinstance(node, wrapt.ObjectProxy):  # classmethod keeps a proxy: it binds differently)
+            break
+        node = node.__wrapped__
+    return type(node) is types.FunctionType
 
 
 def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> Any:
@@ -1218,7 +1231,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                        event_logger, model_metrics(meter_provider) if metrics_on else None)
         self._state = state
         # workflow blocks opened by the application go to the same providers as the AG2 spans and metrics
-        self._binding = (workflow_tracers.bind(provider, run_metrics(meter_provider) if metrics_on else None)
+        self._binding = (workflow_tracers.bind_providers(provider, meter_provider, metrics_on)
                          if provider is not None or meter_provider is not None or not metrics_on else None)
         self._patched = []
         if _resolve("autogen", "") is None:
@@ -1241,7 +1254,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue  # a live wrapper of ours is there already; another one's wrapper is wrapped in turn
             wrapper = make_wrapper(state)
             try:
-                if (owner_name, attr) in PLAIN_METHODS:
+                if _plain_patchable(owner_name, current):
                     setattr(owner, attr, _plain_method(current, wrapper, state))
                 else:
                     wrapt.wrap_function_wrapper(owner, attr, wrapper)

@@ -69,7 +69,6 @@ from .._spans import (
     workflow_tracers,
 )
 from ..instrumentation._steps import context_get, plan_steps
-from ..metrics import run_metrics
 from ..redaction import truncate
 from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
@@ -633,7 +632,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._state = _State()
         if provider is not None or meter_provider is not None or not metrics_on:
             # its workflow/phase/step spans and run metrics go to those providers; released at uninstrument
-            self._state.binding = workflow_tracers.bind(provider, run_metrics(meter_provider) if metrics_on else None)
+            self._state.binding = workflow_tracers.bind_providers(provider, meter_provider, metrics_on)
         if not hasattr(self, "_hooked"):
             self._hooked = set()
         try:
