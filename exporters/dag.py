@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from cmbagent_otel import environment_variables
+from cmbagent_otel._forksafe import reset_in_child
 from cmbagent_otel.dag.database import BadDatabaseURL, prepare_in_background, redacted, resolve_url, target_of
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.processor import is_started
@@ -72,6 +73,7 @@ class _Throttled:
         self._next = 0.0
         self._total = 0
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
 
     def __call__(self, count: int, *args: Any) -> None:
         with self._lock:
@@ -135,6 +137,7 @@ class DagSpanExporter(SpanExporter):
         self._writer: DagWriter | None = None
         self._lock = threading.Lock()  # one batch (export or replay) at a time
         self._stats_lock = threading.Lock()
+        reset_in_child(self, "_lock", "_stats_lock")  # a child forked during an export must not hang
         self._closed = threading.Event()
         self._stats = {"exported": 0, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
         self._overflow_log = _Throttled("cmbagent_otel: span queue full, %d spans kept in the spill store %s "

@@ -119,12 +119,17 @@ class Watchdog:
 class TraceService:
     """``TraceService/Export`` over raw bytes."""
 
-    def __init__(self, core: IngestCore, *, timeout: float, workers: int, watchdog: Watchdog) -> None:
+    def __init__(self, core: IngestCore, *, timeout: float, workers: int, watchdog: Watchdog,
+                 max_waiting: int | None = None) -> None:
         self.core = core
         self.timeout = timeout
         self._workers = threading.BoundedSemaphore(workers)
         self._watchdog = watchdog
-        self._waiting: set[grpc.ServicerContext] = set()
+        # calls waiting for their message, oldest first; a call arriving when there are
+        # ``max_waiting`` cancels the oldest, so calls that never send (from many addresses,
+        # each under its own cap) cannot fill grpcio's maximum_concurrent_rpcs until the deadline
+        self.max_waiting = max_waiting
+        self._waiting: dict[grpc.ServicerContext, None] = {}
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -162,10 +167,16 @@ class TraceService:
 
     def _receive(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
         """The request message, or None when the call ends without one within the timeout."""
+        oldest = None
         with self._lock:
             if self._stopping:
                 return None
-            self._waiting.add(context)
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                oldest = next(iter(self._waiting))
+                del self._waiting[oldest]
+            self._waiting[context] = None
+        if oldest is not None:
+            oldest.cancel()
         key = self._watchdog.schedule(self.timeout, context.cancel)
         try:
             return next(requests, b"")  # no message at all: an empty request, as for a unary call
@@ -174,7 +185,7 @@ class TraceService:
         finally:
             self._watchdog.cancel(key)
             with self._lock:
-                self._waiting.discard(context)
+                self._waiting.pop(context, None)
 
     def _process(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         core = self.core
@@ -221,7 +232,9 @@ class GrpcReceiver:
                 ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
             ],
         )
-        service = TraceService(core, timeout=timeout, workers=workers, watchdog=self._watchdog)
+        # room is kept for the calls being decoded and written, and for newcomers
+        service = TraceService(core, timeout=timeout, workers=workers, watchdog=self._watchdog,
+                               max_waiting=max(1, max_concurrent - 2 * workers - 1))
         self._service = service
         handler = grpc.method_handlers_generic_handler(
             SERVICE, {"Export": grpc.stream_unary_rpc_method_handler(service.export)})

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -90,12 +91,23 @@ class _Disconnected(Exception):
     pass
 
 
-def protocol_class(header_timeout: float, max_connections_per_client: int) -> type[asyncio.Protocol]:
+def protocol_class(header_timeout: float, max_connections_per_client: int,
+                   max_connections: int | None = None) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol with a deadline for request headers and a cap of connections per
-    client address (uvicorn itself waits for headers forever, and counts only connections in all)."""
+    client address (uvicorn itself waits for headers forever, and counts only connections in all).
+
+    ``max_connections`` (uvicorn's ``limit_concurrency``): a connection arriving when that many
+    are open closes the one that has waited longest for request headers (idle keep-alive or
+    slow), so clients with many addresses holding connections open without a request cannot
+    keep everyone else at uvicorn's 503 until the header deadline; requests being read or
+    answered are never closed.
+    """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    connections: dict[str, int] = {}  # per client address; only the event loop's thread touches it
+    # only the event loop's thread touches these
+    connections: dict[str, int] = {}  # per client address
+    waiting: OrderedDict[Any, None] = OrderedDict()  # connections waiting for request headers, oldest first
+    evicting: set[Any] = set()  # closed for a newcomer, not lost yet
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -110,8 +122,22 @@ def protocol_class(header_timeout: float, max_connections_per_client: int) -> ty
                 transport.close()
                 return
             self._arm_header_timer()
+            if max_connections is not None:
+                while len(self.connections) - len(evicting) >= max_connections and self._evict_oldest():
+                    pass
+
+        def _evict_oldest(self) -> bool:
+            for other in waiting:
+                if other is not self:
+                    del waiting[other]
+                    other._cancel_header_timer()
+                    evicting.add(other)
+                    other.transport.close()
+                    return True
+            return False
 
         def connection_lost(self, exc: Exception | None) -> None:
+            evicting.discard(self)
             self._cancel_header_timer()
             if self._peer is not None:
                 count = connections.pop(self._peer) - 1
@@ -135,8 +161,10 @@ def protocol_class(header_timeout: float, max_connections_per_client: int) -> ty
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
             self._header_timer = self.loop.call_later(header_timeout, self._headers_overdue)
+            waiting[self] = None
 
         def _cancel_header_timer(self) -> None:
+            waiting.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None

@@ -43,7 +43,7 @@ from ._context import (
     with_scope,
 )
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
-from .redaction import redact, truncate
+from .redaction import safe_text, truncate
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -365,7 +365,7 @@ def fail_frame(frame: Frame, description: str, error_type: str = "error") -> Non
     """Mark a frame's span failed without an exception (its duration metric gets ``error_type``); never raises."""
     frame.error = error_type
     try:
-        frame.span.set_status(Status(StatusCode.ERROR, truncate(redact(description), 1024)))
+        frame.span.set_status(Status(StatusCode.ERROR, safe_text(description, 1024)))
         frame.span.set_attribute(semconv.ERROR_TYPE, error_type)
     except Exception:
         logger.debug("cmbagent_otel: could not mark a span failed", exc_info=True)
@@ -381,9 +381,10 @@ def exception_text(exc: BaseException) -> str:
 
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
-    message = redact(exception_text(exc)) or ""
-    stack = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))) or ""
-    attributes = {"exception.message": truncate(message) or "", "exception.stacktrace": truncate(stack, 16384) or ""}
+    # safe_text reads a bounded prefix: a message of megabytes costs what its kept part does
+    message = safe_text(exception_text(exc)) or ""
+    stack = safe_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), 16384) or ""
+    attributes = {"exception.message": message, "exception.stacktrace": stack}
     try:
         span.record_exception(exc, attributes=attributes)
     except Exception:  # the SDK's own str(exc) raised: the same event without it
@@ -654,7 +655,7 @@ class TracedSpan:
         if isinstance(self._timing, Frame):
             self._timing.error = self._error
         try:
-            self.span.set_status(Status(StatusCode.ERROR, truncate(redact(description), 1024)))
+            self.span.set_status(Status(StatusCode.ERROR, safe_text(description, 1024)))
             self.span.set_attribute(semconv.ERROR_TYPE, self._error)
         except Exception:
             logger.debug("cmbagent_otel: could not set status", exc_info=True)

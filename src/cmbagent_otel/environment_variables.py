@@ -137,15 +137,20 @@ def _utf8(raw: str) -> None:
 
 def _database_url(raw: str) -> str:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     _utf8(raw)
     try:
-        backend = make_url(raw).get_backend_name()
-    except ArgumentError:
+        parsed = make_url(raw)
+    except (ArgumentError, ValueError):
         raise ValueError("not a database URL") from None
+    backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"unknown database driver {parsed.drivername!r}") from None
     return raw
 
 

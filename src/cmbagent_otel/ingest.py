@@ -234,7 +234,8 @@ class IngestServer:
                 app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
                                   body_timeout=self.request_timeout, min_rate=self.min_rate)
                 self._app = app
-                http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client)
+                http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client,
+                                      MAX_CONNECTIONS)
                 config = uvicorn.Config(
                     app, http=http, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
                     log_config=None, access_log=False, server_header=False, date_header=False,

@@ -45,6 +45,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import environment_variables
 from . import semconv as sc
+from ._forksafe import reset_in_child
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -161,6 +162,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
             # would hold up fresh spans while a burst is still arriving
             exporter.replay_after_export = False  # type: ignore[attr-defined]
         self._stats_lock = threading.Lock()
+        reset_in_child(self, "_stats_lock")  # the other locks are made again by _init_worker
         self._stats = {"overflowed": 0, "dropped": 0}
         warm_up = getattr(exporter, "warm_up", None)
         if warm_up is not None:

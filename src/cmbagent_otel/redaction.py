@@ -26,12 +26,14 @@ import contextlib
 import json
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from . import environment_variables
+from ._forksafe import reset_in_child
 from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
@@ -74,6 +76,7 @@ _NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from
 _ASCII_LOWER = {ord(c): ord(c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _lock = threading.RLock()
+reset_in_child(sys.modules[__name__], "_lock")
 _known: set[str] = set()
 _learned: OrderedDict[str, None] = OrderedDict()
 _known_pattern: re.Pattern[str] | None = None
@@ -95,6 +98,16 @@ def reload_settings() -> None:
     for name, value in os.environ.items():
         if _SECRET_ENV_NAME.search(name):
             register_secret(value)
+
+
+def _scan_bound() -> int:
+    """How much of one string :func:`scrub` and :func:`safe_text` read: well past every bound
+    their output is cut to, so the cut never shows, while a 50 MB message costs what 64 KiB do
+    on every span it appears in (its tail never reaches telemetry)."""
+    return max(_SCAN_MIN, 16 * _max_len)
+
+
+_SCAN_MIN = 1 << 16
 
 
 def truncate(value: str | None, limit: int | None = None) -> str | None:
@@ -459,7 +472,8 @@ def scrub(value: Any, _depth: int = 0) -> Any:
     if _depth > 20:
         return "[too deep]"
     if isinstance(value, str):
-        return _scrub_cache.redact(value)
+        bound = _scan_bound()
+        return _scrub_cache.redact(value if len(value) <= bound else value[:bound] + "...[truncated]")
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -486,7 +500,8 @@ def safe_text(value: Any, limit: int | None = None) -> str | None:
         if value is None:
             return None
         if isinstance(value, str):
-            text = value
+            bound = max(_scan_bound(), limit or 0)
+            text = value if len(value) <= bound else value[:bound]
         elif isinstance(value, (list, tuple)):
             return truncate(_redacted_json_list(value, limit or _max_len), limit)
         else:

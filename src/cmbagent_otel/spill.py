@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from ._forksafe import reset_in_child
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -250,10 +253,24 @@ def _parse_header(line: bytes) -> dict[str, Any] | None:
     return head if isinstance(head, dict) and head.get("format") == FORMAT else None
 
 
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading when it is a regular file, never through a symlink: a FIFO
+    named like a spill file would block the reader for ever, ``/dev/zero`` behind a symlink
+    would be read without end. Raises OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def file_target(path: Path) -> str | None:
     """The database a spill file records (``None`` for files from before headers, or unreadable)."""
     try:
-        with open(path, "rb") as handle:
+        with _open_regular(path) as handle:
             head = _parse_header(handle.readline(65536))
     except OSError:
         return None
@@ -264,12 +281,21 @@ def file_target(path: Path) -> str | None:
 def read_spill(path: Path) -> SpillFile:
     """Read a spill file (any version). Raises :class:`SpillFileError` when it is not whole."""
     try:
-        with open(path, "rb") as handle:
+        with _open_regular(path) as handle:
             first = handle.readline()
             head = _parse_header(first)
             rest = handle.read()
     except OSError as exc:
         raise SpillFileError(f"{path}: {exc}") from exc
+    try:
+        return _read_body(path, first, head, rest)
+    except SpillFileError:
+        raise
+    except Exception as exc:  # any content (bad UTF-8, JSON nested past the recursion limit...) is a bad file
+        raise SpillFileError(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_body(path: Path, first: bytes, head: dict[str, Any] | None, rest: bytes) -> SpillFile:
     if head is None:
         return SpillFile(path, None, _jsonl_spans(path, first + rest))
     target = head.get("target")
@@ -296,8 +322,8 @@ def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
             continue
         try:
             spans.append(record_to_span(json.loads(line)))
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise SpillFileError(f"{path}:{number}: not a spill record ({exc})") from exc
+        except Exception as exc:
+            raise SpillFileError(f"{path}:{number}: not a spill record ({type(exc).__name__}: {exc})") from exc
     return spans
 
 
@@ -324,6 +350,7 @@ class SpillStore:
         self.target = target
         self._key = target_key(target) if target is not None else None
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self._seq = 0
 
     def _name(self, suffix: str) -> Path:

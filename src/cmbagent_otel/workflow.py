@@ -33,7 +33,7 @@ from opentelemetry import context as otel_context
 from . import semconv
 from ._context import RunState, Scope, current_scope
 from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
-from .redaction import truncate
+from .redaction import REDACTED, is_secret_key, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +67,12 @@ def _text(value: Any) -> str | None:
             return "<unprintable>"
 
 
+def _clean(value: Any) -> str | None:
+    """:func:`_text`, redacted and cut to the attribute bound: what the caller passes (a task,
+    a goal, an agent name) is the application's text, and may quote a key or be megabytes."""
+    return safe_text(_text(value))
+
+
 def _plain_value(value: Any) -> Any:
     # str/int subclasses become their plain value (their own methods may raise later);
     # other types go to the SDK, which drops what it cannot store
@@ -80,7 +86,12 @@ def _attributes(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not value:
         return None
     try:
-        return {_text(k): _plain_value(v) for k, v in dict(value).items()}
+        out: dict[str, Any] = {}
+        for k, v in dict(value).items():
+            key = _text(k) or ""
+            plain = _plain_value(v)
+            out[key] = REDACTED if is_secret_key(key) else _clean(plain) if isinstance(plain, str) else plain
+        return out
     except Exception:
         logger.debug("cmbagent_otel: workflow attributes could not be read", exc_info=True)
         return None
@@ -368,13 +379,13 @@ class workflow(_Block):
             name=name, mode=mode, session_id=session_id, task=task, agent=agent, model=model,
             work_dir=work_dir, task_id=task_id, max_redos=max_redos, attributes=attributes,
         )
-        self.name = _text(name) or "workflow"
-        self.mode = _text(mode) or "one-shot"
+        self.name = _clean(name) or "workflow"
+        self.mode = _clean(mode) or "one-shot"
         self.session_id = _text(session_id) or semconv.DEFAULT_SESSION_ID
-        self.task = _text(task)
-        self.agent = _text(agent)
-        self.model = _text(model)
-        self.work_dir = _text(work_dir)
+        self.task = _clean(task)
+        self.agent = _clean(agent)
+        self.model = _clean(model)
+        self.work_dir = _clean(work_dir)
         self.task_id = _text(task_id)
         # a max_redos that is not an int cannot bound anything: unbounded, as with None
         self.max_redos = (_plain_int(max_redos)
@@ -449,8 +460,8 @@ class phase(_Block):
     def __init__(self, name: str, *, agent: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
         if not isinstance(name, str) or not str.__len__(name):
             raise ValueError("phase name must be a non-empty string")
-        self.name: str = str.__str__(name)
-        self.agent = _text(agent)
+        self.name: str = _clean(name) or "phase"
+        self.agent = _clean(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 
@@ -496,8 +507,8 @@ class step(_Block):
         if isinstance(number, bool) or not isinstance(number, int) or _plain_int(number) < 1:
             raise ValueError(f"step number must be a positive int, got {_text(number)}")
         self.number = _plain_int(number)
-        self.goal = _text(goal) or ""
-        self.agent = _text(agent)
+        self.goal = _clean(goal) or ""
+        self.agent = _clean(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 
@@ -506,7 +517,7 @@ class step(_Block):
 
     def set_summary(self, summary: str) -> None:
         """Record the step's outcome summary (``cmbagent.step.summary``)."""
-        self.set_attribute(semconv.STEP_SUMMARY, truncate(_text(summary)))
+        self.set_attribute(semconv.STEP_SUMMARY, _clean(summary))
 
     def _open(self, scope: Scope | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"step({self.number})", "a phase")
@@ -563,8 +574,8 @@ class redo(_Block):
                 raise ValueError(f"redo {label} must be a positive int, got {_text(value)}")
         self.step = _plain_int(step)
         self.attempt = _plain_int(attempt)
-        self.hypothesis = _text(hypothesis)
-        self.agent = _text(agent)
+        self.hypothesis = _clean(hypothesis)
+        self.agent = _clean(agent)
         self.attributes = _attributes(attributes)
         self._traced = None
 

@@ -18,7 +18,7 @@ from types import ModuleType
 
 from ..version import __version__
 from . import dag, db, demo, events, ingest, replay, runs
-from ._common import CLIError, add_db_option
+from ._common import CLIError, add_db_option, plain
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 
@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(command(args) or 0)
-    except CLIError as exc:
-        print(f"cmbagent-otel: error: {exc}", file=sys.stderr)
+    except CLIError as exc:  # may quote the database's rows or the server's words: no control characters
+        print(f"cmbagent-otel: error: {plain(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 DB_HELP = ("database URL (default: $CMBAGENT_OTEL_DATABASE_URL, $CMBAGENT_DATABASE_URL, "
            "or <$CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/database/cmbagent.db)")
@@ -25,6 +26,24 @@ def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False) -
     top-level value in place instead of overwriting it with ``None``.
     """
     parser.add_argument("--db", metavar="URL", default=None if top_level else argparse.SUPPRESS, help=DB_HELP)
+
+
+# C0 and C1 control characters (ESC starts terminal escape sequences: retitle the window, clear the
+# screen, rewrite earlier lines; U+009B is a one-character CSI) and bidirectional overrides, which
+# reorder what a reader sees; tab and newline are layout, kept
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
+_CONTROL.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def plain(value: Any) -> str:
+    """``str(value)`` with control characters shown as ``\\xNN`` escapes: text read from a database
+    (another writer's, an ingest client's) must not drive the terminal it is printed on."""
+    return str(value).translate(_CONTROL)
+
+
+def markup(value: Any) -> str:
+    """``value`` as literal text inside rich markup: :func:`plain`, with markup brackets escaped."""
+    return escape(plain(value))
 
 
 def console() -> Console:
@@ -62,4 +81,4 @@ STATUS_STYLE = {"completed": "green", "failed": "red", "executing": "yellow", "r
 
 def styled_status(status: str) -> str:
     style = STATUS_STYLE.get(status, "white")
-    return f"[{style}]{status}[/{style}]"
+    return f"[{style}]{markup(status)}[/{style}]"

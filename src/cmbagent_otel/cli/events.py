@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.markup import escape
 from rich.table import Table
 
-from ._common import console, fmt_ms, reading, styled_status
+from ._common import console, fmt_ms, markup, reading, styled_status
 
 NAME = "events"
 HELP = "list a run's execution events"
@@ -30,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2, default=str))
         return 0
     what = f"node {args.node}{' and its descendants' if args.recursive else ''} of run" if args.node else "run"
-    table = Table(title=f"events of {what} {run_row['id']}")
+    table = Table(title=f"events of {markup(what)} {markup(run_row['id'])}")
     for col in ("order", "event", "agent", "node", "status", "duration", "tokens", "name", "error"):
         table.add_column(col)
     for r in records:
-        table.add_row(str(r["order"]), "  " * (r["depth"] or 0) + escape(f"{r['type']}/{r['subtype']}"),
-                      escape(r["agent"] or "-"), escape(r["node"] or "-"), styled_status(r["status"]),
+        table.add_row(str(r["order"]), "  " * (r["depth"] or 0) + markup(f"{r['type']}/{r['subtype']}"),
+                      markup(r["agent"] or "-"), markup(r["node"] or "-"), styled_status(r["status"]),
                       fmt_ms(r["duration_ms"]), str(r["tokens"]) if r["tokens"] is not None else "-",
-                      escape(r["name"] or "-"), escape(_short(r["error"])))
+                      markup(r["name"] or "-"), markup(_short(r["error"])))
     console().print(table)
     return 0
 

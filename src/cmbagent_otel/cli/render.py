@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from rich.markup import escape
 from rich.tree import Tree
 
-from ._common import CLIError, fmt_cost, fmt_ms, styled_status
+from ._common import CLIError, fmt_cost, fmt_ms, markup, plain, styled_status
 
 REASON_CHARS = 160  # a failure reason longer than this is cut in the tree and the picture
 
@@ -60,18 +59,18 @@ def _children(dag: dict[str, Any]) -> dict[str | None, list[dict[str, Any]]]:
 
 # --- terminal tree ---------------------------------------------------------------------------
 def _node_line(n: dict[str, Any]) -> str:
-    parts = [f"[bold]{escape(str(n['id']))}[/bold]", f"({escape(str(n['type']))})", styled_status(n["status"]),
-             f"agent={escape(str(n['agent']))}", fmt_ms(n["duration_ms"])]
+    parts = [f"[bold]{markup(n['id'])}[/bold]", f"({markup(n['type'])})", styled_status(n["status"]),
+             f"agent={markup(n['agent'])}", fmt_ms(n["duration_ms"])]
     line = " ".join(parts + _usage_parts(n))
     if n.get("error"):
-        line += f" [red]error: {escape(one_line(n['error']))}[/red]"
+        line += f" [red]error: {markup(one_line(n['error']))}[/red]"
     return line
 
 
 def tree(dag: dict[str, Any]) -> Tree:
     """The run as a rich Tree."""
     run = dag["run"]
-    head = [f"[bold]run {escape(run['id'])}[/bold]", escape(str(run["mode"])), styled_status(run["status"]),
+    head = [f"[bold]run {markup(run['id'])}[/bold]", markup(run["mode"]), styled_status(run["status"]),
             fmt_ms(run.get("duration_ms"))]
     root = Tree(" ".join(head + _usage_parts({"tokens": run["tokens"], "cost_usd": run["cost_usd"]})))
     children = _children(dag)
@@ -157,7 +156,7 @@ def graph(dag: dict[str, Any]) -> Any:
     import graphviz
 
     def label(*lines: str) -> str:
-        text = "\n".join(graphviz.escape(line) for line in lines if line)
+        text = "\n".join(graphviz.escape(plain(line)) for line in lines if line)
         return " " + text if text.startswith("<") else text  # never an HTML-like label
 
     run = dag["run"]
@@ -180,8 +179,9 @@ def graph(dag: dict[str, Any]) -> Any:
         if n["type"] == "branch_point":
             attrs["shape"] = "diamond"
             attrs["style"] = "filled"
-        dot.node(str(n["id"]), label(*lines), **attrs)
+        dot.node(plain(n["id"]), label(*lines), **attrs)
     for source, target, kind, edge_label, tree_edge in _edges(dag):
+        source, target = plain(source), plain(target)
         # parent -> child edges lay the tree out; the others are drawn over it
         constraint = "true" if tree_edge else "false"
         if kind == "child":

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.markup import escape
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_cost, fmt_ms, reading, styled_status
+from ._common import CLIError, console, fmt_cost, fmt_ms, markup, reading, styled_status
 
 NAME = "runs"
 HELP = "list runs (newest first)"
@@ -31,12 +30,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(records, indent=2))
         return 0
-    table = Table(title=f"cmbagent runs in {escape(where)}")
+    table = Table(title=f"cmbagent runs in {markup(where)}")
     for col in ("id", "mode", "status", "started", "duration", "nodes", "events", "cost"):
         table.add_column(col, no_wrap=col == "id")
     for r in records:
-        table.add_row(r["id"] + (" (branch)" if r["is_branch"] else ""), escape(str(r["mode"])),
-                      styled_status(r["status"]), (r["started"] or "-")[:19], fmt_ms(r["duration_ms"]),
+        table.add_row(markup(r["id"]) + (" (branch)" if r["is_branch"] else ""), markup(r["mode"]),
+                      styled_status(r["status"]), markup((r["started"] or "-")[:19]), fmt_ms(r["duration_ms"]),
                       str(r["nodes"]), str(r["events"]), fmt_cost(r["cost_usd"]))
     if hidden:
         table.caption = f"{hidden} empty branch run(s) hidden (--all shows them)"

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,12 +21,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
+from .._forksafe import reset_in_child
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -84,11 +87,18 @@ def resolve_url(url: str | None = None) -> str:
     chosen = environment_variables.database_url(url)
     try:
         parsed = make_url(chosen)
-    except ArgumentError as exc:
-        raise BadDatabaseURL(f"invalid database URL {chosen!r}: {exc}") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        # the text may hold a password: name only its scheme
+        scheme = chosen.partition("://")[0] if "://" in chosen else "?"
+        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {exc}") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise BadDatabaseURL(f"unsupported database backend {backend!r} in {parsed.render_as_string()!r}")
+        raise BadDatabaseURL(f"unsupported database backend {backend!r} in {redacted(parsed)!r}")
+    if parsed.drivername not in ("postgresql", "sqlite"):
+        try:
+            parsed.get_dialect()
+        except NoSuchModuleError:
+            raise BadDatabaseURL(f"unknown database driver {parsed.drivername!r} in {redacted(parsed)!r}") from None
     if backend == "postgresql" and parsed.drivername == "postgresql":
         # psycopg (v3) is our tested driver; cmbagent's plain URLs would pick psycopg2.
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -98,11 +108,13 @@ def resolve_url(url: str | None = None) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def redacted(url: str) -> str:
-    """``url`` with its password hidden, for messages."""
+def redacted(url: str | URL) -> str:
+    """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+        secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+        return parsed.difference_update_query(secret).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
         return "<invalid url>"
 
 
@@ -381,8 +393,21 @@ _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
 _background: dict[str, threading.Thread] = {}
 _background_lock = threading.Lock()  # never _migrate_lock: instrument() must not wait for a migration
+reset_in_child(sys.modules[__name__], "_migrate_lock", "_background_lock")
 BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries within its own deadlines)
 logger = logging.getLogger("cmbagent_otel.dag")
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Instrumentation suppressed (the OpenTelemetry context key every instrumentation checks)
+    inside the block: our own statements must not come back as spans of the application's
+    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again."""
+    token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+    try:
+        yield
+    finally:
+        detach(token)
 
 
 def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engine | None = None) -> None:
@@ -402,6 +427,11 @@ def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engin
     resolved = resolve_url(url)
     if resolved in _migrated and not repair:
         return
+    with untraced():
+        _ensure_schema(resolved, repair, engine)
+
+
+def _ensure_schema(resolved: str, repair: bool, engine: Engine | None) -> None:
     left = time_left_ms()
     if not _migrate_lock.acquire(timeout=-1 if left is None else left / 1000):
         raise SchemaBusy(f"the schema of {redacted(resolved)} is being prepared by another thread")

@@ -29,7 +29,7 @@ from opentelemetry.trace import Status, StatusCode
 from .. import redaction
 from .. import semconv as sc
 from ..processor import StartedSpan
-from ..redaction import REDACTED, is_secret_key, learn_secrets_in, scrub, truncate
+from ..redaction import REDACTED, is_secret_key, learn_secrets_in, safe_text, scrub, truncate
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -526,9 +526,15 @@ def _event_type(kind: Any, span: ReadableSpan, attrs: Mapping[str, Any]) -> tupl
 _values = redaction.RedactionCache(max_len=256, max_chars=4_000_000)
 
 
+def _redact_text(value: str) -> str:
+    # a value past the memo's length may be far past the attribute bound (another
+    # instrumentation's: the SDK sets no length limit): cut like ours, reading a bounded prefix
+    return _values.redact(value) if len(value) <= _values.max_len else (safe_text(value) or "")
+
+
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _values.redact(value)
+        return _redact_text(value)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, (tuple, list)):
@@ -552,7 +558,7 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
         kind = type(value)
         if kind is str:
             hit = cache.get(value)
-            out[key] = hit if hit is not None else _values.redact(value)
+            out[key] = hit if hit is not None else _redact_text(value)
         elif value is None or kind in _PLAIN_TYPES:
             out[key] = value
         elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)

@@ -98,6 +98,18 @@ def _raw(column: Any) -> Any:
     return type_coerce(column, String).label(column.name)
 
 
+def _read_only(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False)
+    # SQLite stores whatever bytes another writer gave it: one row that is not UTF-8 must not
+    # make every run unreadable ("Could not decode to UTF-8 column"); shown with U+FFFD instead
+    conn.text_factory = _text
+    return conn
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 class DagReader:
     """Read-only access to one DAG database (``url`` resolved like the writer's: argument >
     ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_DATABASE_URL`` > the default SQLite file).
@@ -123,8 +135,7 @@ class DagReader:
             if not path.is_file():
                 raise NothingThere(f"no database at {path} (nothing has been recorded there yet)")
             uri = f"file:{quote(str(path))}?mode=ro"
-            return create_engine("sqlite://", poolclass=NullPool,
-                                 creator=lambda: sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False))
+            return create_engine("sqlite://", poolclass=NullPool, creator=lambda: _read_only(uri))
         return create_engine(self.url, poolclass=NullPool, connect_args={"connect_timeout": 10})
 
     # --- connection -----------------------------------------------------------------------

@@ -29,8 +29,18 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
 
 from .. import environment_variables
 from .. import semconv as sc
+from .._forksafe import reset_in_child
 from . import schema
-from .database import deadline, ensure_schema, make_engine, redacted, resolve_url, script_heads, sqlite_file
+from .database import (
+    deadline,
+    ensure_schema,
+    make_engine,
+    redacted,
+    resolve_url,
+    script_heads,
+    sqlite_file,
+    untraced,
+)
 from .errors import Fault, SchemaIncompatible, classify
 from .mapping import (
     FOREIGN_TYPE,
@@ -108,6 +118,7 @@ class DagWriter:
         self._migrate = migrate
         self._engine = engine
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self._ready = False
         self._repair = False
         self._file = sqlite_file(self.url) if engine is None else None
@@ -188,7 +199,7 @@ class DagWriter:
         if not spans:
             return WriteResult(0, 0)
         batch = map_spans(spans)
-        with deadline(timeout):
+        with deadline(timeout), untraced():
             for attempt in range(_MAX_REPAIRS + 1):
                 last = attempt == _MAX_REPAIRS
                 try:

@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, SpanKind
 from .. import semconv
 from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
 from .._spans import TracedSpan, compose, exception_text, record_exception
-from ..redaction import redact, truncate
+from ..redaction import safe_text
 from ._content import agent_name, cached_name
 
 logger = logging.getLogger("cmbagent_otel")
@@ -113,7 +113,7 @@ class Selection:
                     attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
                 else:
                     attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
-                    attrs["exception.message"] = truncate(redact(exception_text(exc))) or ""
+                    attrs["exception.message"] = safe_text(exception_text(exc)) or ""
             if room:
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION

@@ -43,7 +43,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from .. import semconv
 from .._context import Cursor, Frame, Scope
 from .._spans import NodeSpec, compose, end_frame, open_frame
-from ..redaction import redact, truncate
+from ..redaction import safe_text, truncate
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -242,7 +242,7 @@ class StepTracker:
             self.cursor.pending = None
             attrs: dict[str, Any] = {
                 semconv.STEP_NUMBER: step.number,
-                semconv.STEP_GOAL: truncate(redact(step.goal)) or "",
+                semconv.STEP_GOAL: safe_text(step.goal) or "",
             }
             if self._scope.phase is not None:
                 attrs[semconv.PHASE] = self._scope.phase

@@ -1,0 +1,47 @@
+"""Locks that a forked child gets back unlocked.
+
+``fork()`` copies every lock as it is but only the calling thread: a lock that another
+thread held at that moment (the export thread in the middle of a batch, a background
+migration, an application thread learning a secret) stays held in the child by nobody, and
+the child's first ``with lock`` waits for ever. The standard library resets its own locks
+in the child (logging, concurrent.futures); this does the same for ours, with the method
+the standard library uses (``_at_fork_reinit``, CPython 3.9+), so every reference to the
+lock sees it reset. What the lock protected may be half-updated in the child, as with the
+standard library's; our locks guard caches and counters that stay usable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+_owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
+_owners_lock = threading.Lock()
+
+
+def reset_in_child(owner: Any, *names: str) -> None:
+    """Reset the locks ``owner.<name>`` (an object or a module, held weakly) in a forked child."""
+    with _owners_lock:
+        if len(_owners) >= 64:
+            _owners[:] = [(ref, kept) for ref, kept in _owners if ref() is not None]
+        _owners.append((weakref.ref(owner), names))
+
+
+def _after_in_child() -> None:
+    # the forking thread is the only one: nobody holds _owners_lock in the child except a dead thread
+    _owners_lock._at_fork_reinit()  # type: ignore[attr-defined]
+    for ref, names in _owners:
+        owner = ref()
+        if owner is None:
+            continue
+        for name in names:
+            lock = getattr(owner, name, None)
+            reinit = getattr(lock, "_at_fork_reinit", None)
+            if reinit is not None:
+                reinit()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_in_child)
