@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel import redaction
-from cmbagent_otel.exporters.dag import DagSpanExporter
 from cmbagent_otel.processor import DurableBatchSpanProcessor
 
 HANG_GUARD_S = 60  # a child still running after this long is stuck: the test fails instead of hanging
