@@ -126,6 +126,12 @@ def test_errors_exit_2(filled: tuple[str, str], capsys: pytest.CaptureFixture[st
     empty.touch()
     assert main(["--db", f"sqlite:///{empty}", "runs"]) == 2
     assert "no tracking tables" in capsys.readouterr().err
+    # the same usage error on every backend (PostgreSQL refused -1, SQLite took it as "all")
+    for limit in ("0", "-1", "ten"):
+        with pytest.raises(SystemExit) as exited:
+            main(["--db", url, "runs", "--limit", limit])
+        assert exited.value.code == 2
+        assert "--limit" in capsys.readouterr().err
 
 
 def test_db_commands(sqlite_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -19,6 +19,17 @@ class CLIError(Exception):
     """A user-facing error: one line on stderr, no traceback, exit code 2."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a bad one is argparse's usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
 def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
     """``--db URL``, accepted before the subcommand (``top_level``) and after it.
 

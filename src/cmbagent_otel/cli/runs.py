@@ -7,14 +7,14 @@ import json
 
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_cost, fmt_ms, markup, reading, styled_status
+from ._common import CLIError, console, fmt_cost, fmt_ms, markup, positive_int, reading, styled_status
 
 NAME = "runs"
 HELP = "list runs (newest first)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, default=50, help="at most this many runs (default: 50)")
+    parser.add_argument("--limit", type=positive_int, default=50, help="at most this many runs (default: 50)")
     parser.add_argument("--all", action="store_true",
                         help="also show empty branch runs (a redo's branch run whose work is in its parent's DAG)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
