@@ -18,7 +18,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
@@ -625,12 +625,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = get(sc.DAG_NODE)
-    depth = get(sc.EVENT_DEPTH)
-    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
-        depth = _int(depth, 0)
-    order = get(sc.EXECUTION_ORDER)
-    if type(order) is not int or not -_INT32 <= order <= _INT32:
-        order = _int(order, 0)
+    depth, order = _depth_and_order(get)
     agent = _agent_of(kind, attrs)
     if agent is not None and (type(agent) is not str or len(agent) > 100):
         agent = str(agent)[:100]
@@ -649,6 +644,18 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "execution_order": order, "depth": depth,
         "status": "failed" if failed else "completed",
     }
+
+
+def _depth_and_order(get: Callable[[str], Any]) -> tuple[int, int]:
+    """An event's depth and execution order as int32 (0 when missing or not a number): one call
+    for both, the common case (an int in range) checked inline."""
+    depth = get(sc.EVENT_DEPTH)
+    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+        depth = _int(depth, 0)
+    order = get(sc.EXECUTION_ORDER)
+    if type(order) is not int or not -_INT32 <= order <= _INT32:
+        order = _int(order, 0)
+    return depth, order
 
 
 _HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
@@ -680,12 +687,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         clean = _attributes_meta(ev)
         inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
         get = ev.get
-        depth = get(sc.EVENT_DEPTH)
-        if type(depth) is not int or not -_INT32 <= depth <= _INT32:
-            depth = _int(depth, 0)
-        order = get(sc.EXECUTION_ORDER)
-        if type(order) is not int or not -_INT32 <= order <= _INT32:
-            order = _int(order, 0)
+        depth, order = _depth_and_order(get)
         error = get(sc.ERROR_TYPE)
         if depth > 0 and span_event_id is None:
             span_event_id = _event_id(trace_bytes, span_id)
