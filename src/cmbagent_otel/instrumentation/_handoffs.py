@@ -67,11 +67,7 @@ class Selection:
         self.scope = scope  # the scope of the enclosing span's children
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        if last is None:
-            self.from_name = "none"
-        else:  # cached_name written out (every selection)
-            entry = state.agents.get(id(last))
-            self.from_name = str(entry[1].name) if entry is not None and entry[0]() is last else agent_name(last)
+        self.from_name = cached_name(state.agents, last) if last is not None else "none"
         self.facts = _group_facts(state, groupchat)  # (reason, candidates)
 
     @property
@@ -93,17 +89,6 @@ class Selection:
                 room = scope.handoffs
                 if room is None:
                     room = _event_room(self.span)
-            if room and exc is None and result is not None:  # nearly every selection: one dict, in the order below
-                scope.handoffs = room - 1  # type: ignore[union-attr]
-                entry = state.agents.get(id(result))
-                to = str(entry[1].name) if entry is not None and entry[0]() is result else agent_name(result)
-                self.span.add_event(EVENT_NAME, {
-                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: reason,
-                    semconv.HANDOFF_CANDIDATES: candidates, semconv.HANDOFF_TO: to,
-                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
-                    semconv.EXECUTION_ORDER: scope.run.next_order(),  # type: ignore[union-attr]
-                    semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
-                return
             attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: reason,
                      semconv.HANDOFF_CANDIDATES: candidates}
             if result is not None:

@@ -514,13 +514,12 @@ _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scop
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     static = _agent_static(state, instance)
-    # _arg, cached_name and current_scope written out below: this runs for every agent turn
+    # _arg and current_scope written out below: this runs for every agent turn
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        entry = state.agents.get(id(sender))
-        sender_name = str(entry[1].name) if entry is not None and entry[0]() is sender else agent_name(sender)
+        sender_name = cached_name(state.agents, sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
