@@ -47,7 +47,6 @@ from .redaction import safe_text, truncate
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
-_new_scope = object.__new__
 
 
 def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -> Tracer:
@@ -556,7 +555,7 @@ class TracedSpan:
             node = self._node
             if scope is not None and run is None and not self._new_conversation:
                 # a span inside a run in the same conversation, nearly every span: compose() (its event
-                # case and its DAG-node case) and Scope.child_event / child_node written out
+                # case and its DAG-node case) written out
                 state = scope.run
                 conversation_id = scope.conversation_id
                 session = state.session_id
@@ -564,32 +563,14 @@ class TracedSpan:
                          else state.next_order(), semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
                 if conversation_id is not None:
                     attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
-                new_scope = _new_scope(Scope)
-                new_scope.run = state
-                new_scope.conversation_id = conversation_id
-                new_scope.phase = scope.phase
-                new_scope.step = scope.step
-                new_scope.in_workflow = scope.in_workflow
-                new_scope.steps = scope.steps
-                new_scope.cursor = new_scope.handoffs = None
-                parent_node = scope.dag_node
                 if node is None:
-                    if parent_node is not None:
-                        attrs[semconv.DAG_NODE] = parent_node
+                    if scope.dag_node is not None:
+                        attrs[semconv.DAG_NODE] = scope.dag_node
                     attrs[semconv.EVENT_DEPTH] = scope.event_depth
-                    new_scope.dag_node = parent_node
-                    new_scope.dag_node_type = scope.dag_node_type
-                    new_scope.dag_depth = scope.dag_depth
-                    new_scope.dag_order = scope.dag_order
-                    new_scope.event_depth = scope.event_depth + 1
-                    new_scope.agent_depth = scope.agent_depth
+                    new_scope = scope.child_event(conversation_id)
                 else:
                     node_id, depth, order = _name_node(state, scope, node, attrs)
-                    new_scope.dag_node = node_id
-                    new_scope.dag_node_type = node.node_type
-                    new_scope.dag_depth = depth
-                    new_scope.dag_order = order or 0
-                    new_scope.event_depth = new_scope.agent_depth = 0
+                    new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
                 changes = self._scope_changes
                 if changes:
                     for name, value in changes.items():  # a fresh scope nobody holds yet
