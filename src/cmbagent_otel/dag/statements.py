@@ -23,8 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -40,7 +39,6 @@ IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 9
 # is two round trips of its own and ends the pipeline of held-back writes.
 COPY_MIN_ROWS = 32
 _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
-_HOLD_COPIES = "cmbagent_otel_hold_copies"  # set: a COPY is held back too (see Sql.holding_copies)
 
 encode_json = compact_encoder(str, ensure_ascii=True)
 
@@ -243,7 +241,7 @@ class Sql:
         from psycopg.rows import namedtuple_row
 
         driver = conn.connection.driver_connection
-        pending = self._without_copies(conn)
+        pending = conn.info.get(_PENDING)
         with driver.cursor(row_factory=namedtuple_row) as cursor:  # type: ignore[union-attr]
             if pending:
                 with driver.pipeline():  # type: ignore[union-attr]
@@ -262,7 +260,7 @@ class Sql:
         from psycopg.rows import namedtuple_row
 
         driver = conn.connection.driver_connection
-        pending = self._without_copies(conn)
+        pending = conn.info.get(_PENDING)
         cursors = [driver.cursor(row_factory=namedtuple_row) for _ in statements]  # type: ignore[union-attr]
         try:
             with driver.pipeline():  # type: ignore[union-attr]
@@ -276,89 +274,35 @@ class Sql:
                 cursor.close()
 
     def flush(self, conn: Connection) -> None:
-        """Send the held-back writes now, in order (one pipeline per run of statements between
-        held-back ``COPY`` statements)."""
+        """Send the held-back writes now (one pipeline)."""
         pending = conn.info.get(_PENDING) if self.pipelined else None
-        if not pending:
-            return
-        driver = conn.connection.driver_connection
-        items = list(pending)
-        pending.clear()
-        run: list[tuple[str, Any, bool]] = []
-        for item in items:
-            if isinstance(item, _HeldCopy):
-                if run:
-                    with driver.pipeline():  # type: ignore[union-attr]
-                        _send(driver, run)
-                self.copy(conn, item.table, (), params=item.params)
-            else:
-                run.append(item)
-        if run:
+        if pending:
+            driver = conn.connection.driver_connection
             with driver.pipeline():  # type: ignore[union-attr]
-                _send(driver, run)
+                _send(driver, pending)
 
-    def _without_copies(self, conn: Connection) -> list[Any] | None:
-        """The held-back writes, after sending any held-back ``COPY`` with what precedes it."""
-        pending = conn.info.get(_PENDING)
-        if pending and any(isinstance(item, _HeldCopy) for item in pending):
-            self.flush(conn)
-        return pending
-
-    @contextlib.contextmanager
-    def holding_copies(self, conn: Connection) -> Iterator[None]:
-        """Inside :meth:`batch` on psycopg 3: inserts that would run a ``COPY`` convert their rows
-        and hold it back with the other writes (sent in order at the next read or flush), so the
-        block does no I/O as long as it only writes. A no-op elsewhere."""
-        if not self.pipelined or conn.info.get(_PENDING) is None:
-            yield
-            return
-        conn.info[_HOLD_COPIES] = True
-        try:
-            yield
-        finally:
-            conn.info.pop(_HOLD_COPIES, None)
-
-    def insert(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], on_conflict: str = "", *,
-               params: Sequence[tuple[Any, ...]] | None = None, meanwhile: Callable[[], None] | None = None) -> None:
+    def insert(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], on_conflict: str = "") -> None:
         """Insert ``rows``: one executemany; on PostgreSQL without ``on_conflict``, many rows
-        by one ``COPY`` (the rows must be new: the writer checked, holding the runs' advisory locks).
+        by one ``COPY`` (the rows must be new: the writer checked, holding the runs' advisory locks)."""
+        if not rows:
+            return
+        if self.can_copy and not on_conflict and (len(rows) >= COPY_MIN_ROWS or not self.pipelined):
+            self.copy(conn, table, rows)
+            return
+        self.write(conn, self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)), many=True)
 
-        ``params``: the rows already converted (:meth:`params`). ``meanwhile``: client work
-        that needs nothing of this insert, run exactly once: while the server finishes a
-        ``COPY`` (its foreign-key checks run after the last row), else right after."""
-        if rows:
-            if self.can_copy and not on_conflict and (len(rows) >= COPY_MIN_ROWS or not self.pipelined):
-                if conn.info.get(_HOLD_COPIES):
-                    conn.info[_PENDING].append(_HeldCopy(
-                        table, list(params) if params is not None else self.params(rows, self.columns(table))))
-                else:
-                    self.copy(conn, table, rows, params=params, meanwhile=meanwhile)
-                    return
-            else:
-                self.write(conn, self.insert_sql(table, on_conflict),
-                           params if params is not None else self.params(rows, self.columns(table)), many=True)
-        if meanwhile is not None:
-            meanwhile()
-
-    def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
-             params: Iterable[tuple[Any, ...]] | None = None, meanwhile: Callable[[], None] | None = None) -> None:
+    def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text).
 
         Rows are converted as they are sent: the server inserts the first ones (psycopg hands
-        it 32 KiB at a time) while the later ones are still being encoded. ``params``, ``meanwhile``:
-        as for :meth:`insert`; ``meanwhile`` runs once the end of the data is sent, while the
-        server checks the rows' foreign keys, and before waiting for its answer."""
+        it 32 KiB at a time) while the later ones are still being encoded."""
         self.flush(conn)
         cols = self.columns(table)
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            writer = _end_later_writer(cursor, meanwhile) if meanwhile is not None else None
-            with cursor.copy(f"COPY {table.name} ({', '.join(n for n, _ in cols)}) FROM STDIN",
-                             writer=writer) as copy:
-                for row in params if params is not None else self.iter_params(rows, cols):
+            with cursor.copy(f"COPY {table.name} ({', '.join(n for n, _ in cols)}) FROM STDIN") as copy:
+                for row in self.iter_params(rows, cols):
                     copy.write_row(row)
-            if writer is None and meanwhile is not None:
-                meanwhile()  # (psycopg without copy writers)
         finally:
             cursor.close()
 
@@ -428,14 +372,6 @@ class Sql:
         return out
 
 
-@dataclass(frozen=True)
-class _HeldCopy:
-    """A ``COPY`` held back with the writes (:meth:`Sql.holding_copies`): its rows, converted."""
-
-    table: Table
-    params: list[tuple[Any, ...]]
-
-
 def _send(driver: Any, pending: list[tuple[str, Any, bool]]) -> None:
     """Queue ``pending`` writes on ``driver``'s open pipeline (in order) and forget them (the
     cursor stays open: the pipeline hands it its results when it syncs)."""
@@ -446,54 +382,6 @@ def _send(driver: Any, pending: list[tuple[str, Any, bool]]) -> None:
         else:
             cursor.execute(statement, params)
     pending.clear()
-
-
-def _end_later_writer(cursor: Any, meanwhile: Callable[[], None]) -> Any:
-    """A psycopg ``COPY`` writer whose end runs ``meanwhile`` between sending the end of the data
-    and waiting for the server's answer (None for a psycopg without copy writers)."""
-    try:
-        from psycopg import generators
-        from psycopg.copy import LibpqWriter
-        from psycopg.waiting import Wait
-    except ImportError:
-        return None
-
-    class EndLater(LibpqWriter):  # type: ignore[misc]
-        def finish(self, exc: BaseException | None = None) -> None:
-            if exc is not None:
-                super().finish(exc)
-                return
-            result = self.connection.wait(_run_at_first_read(generators.copy_end(self._pgconn, None),
-                                                             meanwhile, Wait.R))
-            self.cursor._results = [result]
-
-    return EndLater(cursor)
-
-
-def _run_at_first_read(gen: Any, meanwhile: Callable[[], None], wait_read: Any) -> Any:
-    """Drive psycopg generator ``gen``, running ``meanwhile`` once when it first waits for the
-    server (or at its end): the work overlaps the server's. An error of ``meanwhile`` is raised
-    after ``gen`` completes, so the connection is left between statements."""
-    pending: Callable[[], None] | None = meanwhile
-    error: BaseException | None = None
-    try:
-        state = next(gen)
-        while True:
-            if pending is not None and state == wait_read:
-                pending, run = None, pending
-                try:
-                    run()
-                except BaseException as exc:  # re-raised once the COPY is over
-                    error = exc
-            ready = yield state
-            state = gen.send(ready)
-    except StopIteration as stop:
-        result = stop.value
-    if pending is not None and error is None:
-        pending()
-    if error is not None:
-        raise error
-    return result
 
 
 def _pipeline_supported() -> bool:

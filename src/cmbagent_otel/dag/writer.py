@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -263,8 +263,7 @@ def _first_line(exc: BaseException) -> str:
 # --- upserts -----------------------------------------------------------------------------------
 
 def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
-            new_runs: Set[str] = frozenset(), existing: set[Any] | None = None, *,
-            params: Sequence[tuple[Any, ...]] | None = None, meanwhile: Callable[[], None] | None = None) -> set[str]:
+            new_runs: Set[str] = frozenset(), existing: set[Any] | None = None) -> set[str]:
     """Insert ``rows`` or replace the stored ones (by id); returns the ids that were new.
 
     Split, not ``INSERT ... ON CONFLICT DO UPDATE``: most rows are new, and an upsert costs
@@ -274,17 +273,14 @@ def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str
     this transaction holds (row ids derive from the run's trace id). Rows of ``new_runs``
     (runs this transaction created: nothing of them is stored) are new without asking.
     ``existing``: the stored ids among those of :func:`_ask`, when the caller already asked.
-    ``params``, ``meanwhile``: for the insert of the new rows (:meth:`Sql.insert`).
     """
     if not rows:
-        if meanwhile is not None:
-            meanwhile()
         return set()
     if existing is None:
         ask = _ask(rows, new_runs)
         existing = sql.existing_ids(conn, table.name, ask) if ask else set()
     # new rows first: an updated row may point at a parent that is new in this batch
-    sql.insert(conn, table, [r for r in rows if r["id"] not in existing], params=params, meanwhile=meanwhile)
+    sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
     if existing:
         sql.update(conn, table, [r for r in rows if r["id"] in existing])
     return {r["id"] for r in rows if r["id"] not in existing}
@@ -394,38 +390,16 @@ def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, c
             ("dag_nodes", _ask(node_holders, created) + _ask(nodes, created)),
             ("execution_events", _ask(event_holders, created) + _ask(events, created))])
     _insert_missing(conn, sql, nodes_t, node_holders, created, known_nodes)
-    # The events of runs this batch created go last when nothing read before then depends on
-    # them: their COPY's rows are converted while the server finishes the nodes' COPY, and the
-    # derived writes are prepared while it checks the events' foreign keys (client and server
-    # work at the same time instead of taking turns).
-    split = _split_events(batch, created, event_holders, events) if known_events is not None else None
-    later: list[dict[str, Any]] = []
-    later_params: list[tuple[Any, ...]] = []
-    if split is not None:
-        events, later = split
-
-        def convert_later() -> None:
-            later_params[:] = sql.params(later, sql.columns(events_t))
-    else:
-        convert_later = None  # type: ignore[assignment]
-    _upsert(conn, sql, nodes_t, nodes, created, known_nodes, meanwhile=convert_later)
+    _upsert(conn, sql, nodes_t, nodes, created, known_nodes)
     _write_started(conn, sql, nodes_t, parents_first(batch.started_nodes, "parent_node_id"))
     _insert_missing(conn, sql, events_t, event_holders, created, known_events)
     _upsert(conn, sql, events_t, events, created, known_events)
-
-    def write_later(meanwhile: Callable[[], None] | None = None) -> None:
-        # the rest of the batch's events (all new: their runs were created by this batch)
-        rows, params = list(later), list(later_params) or None
-        later.clear()
-        sql.insert(conn, events_t, rows, params=params, meanwhile=meanwhile)
-
     # A run this batch created has no events stored but the batch's: only runs with foreign
     # events in the batch, or with events stored before it, can have anything to repair.
     repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
     repair.update(run_id for _, run_id in batch.foreign_parents.values())
     if repair:
-        # stored foreign events may hang under any event: those held back go in first
-        _repair_foreign(conn, sql, repair, before_parents=write_later)
+        _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
     # The layout (edges, derived nodes, branch rows, session state) depends on a run's row
     # and its nodes; usage totals and cost records also on its LLM events. A batch that
@@ -433,35 +407,9 @@ def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, c
     layout = {n["run_id"] for n in batch.nodes.values()} | {n["run_id"] for n in batch.started_nodes.values()} | (
         batch.dag_runs & changed)
     _derive_stored(conn, sql, layout - created, batch.rollup_runs - created, derived)
-    _write_derived(conn, sql, derived, costs=costs, then=write_later if later else None)
-    write_later()  # (nothing left unless the derived rows needed no reads)
+    _write_derived(conn, sql, derived, costs=costs)
     if sql.pg:
         _touch_sessions(conn, sql, batch)
-
-
-def _split_events(batch: MappedBatch, created: set[str], holders: Sequence[Mapping[str, Any]],
-                  events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-    """``events`` (parents first) as those to write now and those of runs this batch created, to
-    write after every read of the batch; None when some read or row could depend on the latter.
-
-    Nothing read after the events are written looks at a created run's events (repairs, derived
-    rows and roll-ups read only runs stored before the batch) unless the batch carries foreign
-    spans or messages; and no row written before them may point at one of them.
-    """
-    if not created or batch.messages or batch.foreign_parents:
-        return None
-    now: list[dict[str, Any]] = []
-    later: list[dict[str, Any]] = []
-    for event in events:
-        if (event["event_type"], event["event_subtype"]) == FOREIGN_TYPE:
-            return None
-        (later if event["run_id"] in created else now).append(event)
-    if not later:
-        return None
-    later_ids = {e["id"] for e in later}
-    if any(r.get("parent_event_id") in later_ids for r in (*now, *holders)):
-        return None
-    return now, later
 
 
 def _write_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
@@ -565,10 +513,8 @@ def _unindexed(sql: Sql, column: str) -> str:
     return f"({column} || '')" if sql.pg else f"+{column}"
 
 
-def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str],
-                    before_parents: Callable[[], None] | None = None) -> None:
-    """Attach spans from other instrumentations under their parent event once it is known.
-    ``before_parents`` runs before reading any parent event (when foreign events are stored)."""
+def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
+    """Attach spans from other instrumentations under their parent event once it is known."""
     m = sql.mark
     foreign = []
     for part in sql.in_chunks(sorted(run_ids)):
@@ -579,8 +525,6 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str],
             (*FOREIGN_TYPE, *sql.in_params(part))))
     if not foreign:
         return
-    if before_parents is not None:
-        before_parents()
     candidates: dict[str, str | None] = {}
     for row in foreign:
         candidates[row.id] = _parent_event_id(decode_json(row.meta))
@@ -875,11 +819,8 @@ def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
         out.offer_state(derived.session_state)
 
 
-def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = True,
-                   then: Callable[[Callable[[], None]], None] | None = None) -> None:
-    """Write the derived rows. ``then`` (psycopg 3): a write to send after this function's reads,
-    called with the preparation of the derived writes to run while the server finishes it
-    (its ``meanwhile``); they are sent after it."""
+def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = True) -> None:
+    nodes_t, steps_t, runs_t, branches_t = T["dag_nodes"], T["workflow_steps"], T["workflow_runs"], T["branches"]
     nodes = parents_first({n["id"]: n for n in rows.nodes}, "parent_node_id")
     known: list[set[Any] | None] = [None] * 4
     stored_costs = None
@@ -893,28 +834,6 @@ def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = 
             ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches))], cost_reads)
         known[:] = found
         stored_costs = sql.decoded(T["cost_records"], [r for rows_ in cost_rows for r in rows_])
-        # the session states read first: the rest below only writes
-        for _, state in sorted(rows.states.items()):
-            _write_session_state(conn, sql, state)
-        if then is not None:
-            # Only writes follow: they are converted and held back (COPYs too) while the server
-            # finishes ``then``'s statement, and sent after it, in order.
-            def prepare() -> None:
-                with sql.holding_copies(conn):
-                    _write_derived_rows(conn, sql, rows, nodes, known, stored_costs, costs=costs)
-
-            then(prepare)
-            return
-    _write_derived_rows(conn, sql, rows, nodes, known, stored_costs, costs=costs)
-    if not sql.pipelined:
-        for _, state in sorted(rows.states.items()):
-            _write_session_state(conn, sql, state)
-
-
-def _write_derived_rows(conn: Connection, sql: Sql, rows: _Derived, nodes: list[Mapping[str, Any]],
-                        known: list[set[Any] | None], stored_costs: list[dict[str, Any]] | None, *,
-                        costs: bool) -> None:
-    nodes_t, steps_t, runs_t, branches_t = T["dag_nodes"], T["workflow_steps"], T["workflow_runs"], T["branches"]
     _upsert(conn, sql, nodes_t, nodes, existing=known[0])
     # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
     sql.update(conn, nodes_t, rows.node_metas, ("meta",))
@@ -929,6 +848,8 @@ def _write_derived_rows(conn: Connection, sql: Sql, rows: _Derived, nodes: list[
     if costs:
         sql.insert(conn, T["cost_records"], rows.new_costs)
         _write_cost_records(conn, sql, rows.costs, stored_costs)
+    for _, state in sorted(rows.states.items()):
+        _write_session_state(conn, sql, state)
 
 
 def _name_code_events(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> None:
