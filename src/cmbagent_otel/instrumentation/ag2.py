@@ -664,7 +664,8 @@ class _ChatSpan(TracedSpan):
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            self.call.ended(self.state, exc_info[1])
+            if self.state.metrics is not None:
+                self.call.ended(self.state, exc_info[1])
             event, self.event = self.event, None
             if event is not None and self.event_logger is not None:
                 if exc_info[1] is not None:
