@@ -103,6 +103,13 @@ def span_context(ctx: Context, span: Any) -> Context:
     return new
 
 
+class _Counters(dict[str, "itertools.count[int]"]):
+    """One ``itertools.count`` per key, created on first use (``setdefault``: atomic under the GIL)."""
+
+    def __missing__(self, key: str) -> itertools.count[int]:
+        return self.setdefault(key, itertools.count(1))
+
+
 @dataclass
 class RunState:
     """Mutable, thread-safe bookkeeping shared by every span of one run (one trace)."""
@@ -112,7 +119,7 @@ class RunState:
     name: str | None = None  # the workflow's name (None: a plain AG2 program)
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _counters: dict[str, itertools.count[int]] = field(default_factory=dict)
+    _counters: _Counters = field(default_factory=_Counters)
 
     def next_order(self) -> int:
         """Return the next execution order of this run (1, 2, 3, ...).
@@ -125,18 +132,15 @@ class RunState:
             return next(self._order)
 
     def _next(self, key: str) -> int:
-        # one itertools.count per key: setdefault and next() are atomic under the GIL
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters.setdefault(key, itertools.count(1))
+        # one itertools.count per key: its creation (setdefault) and next() are atomic under the GIL
         if _GIL:
-            return next(counter)
+            return next(self._counters[key])
         with self._lock:
-            return next(counter)
+            return next(self._counters[key])
 
     def unique_node_id(self, base: str) -> str:
         """Return ``base`` the first time it is asked for in this run, then ``base_2``, ..."""
-        count = self._next(base)
+        count = next(self._counters[base]) if _GIL else self._next(base)  # _next written out: every DAG node
         return base if count == 1 else f"{base}_{count}"
 
     def next_phase_index(self) -> int:
@@ -144,7 +148,8 @@ class RunState:
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""
-        return self._next("\x00children:" + parent_node)
+        key = "\x00children:" + parent_node
+        return next(self._counters[key]) if _GIL else self._next(key)
 
 
 class Scope:
