@@ -251,6 +251,27 @@ class Scope:
 _cursor_lock = threading.Lock()
 
 
+class LazyScope:
+    """Stands in the context for the scope of a span's children until someone asks for it.
+
+    Most spans (model and tool calls) start no span of ours under them: their children's
+    scope (the parent's with one more event level, owned by the span) is built on first use
+    by :meth:`child_scope`, then kept (the same object for every reader, any thread).
+    """
+
+    __slots__ = ()
+
+    def child_scope(self) -> Scope | None:
+        raise NotImplementedError
+
+
+def scope_in(value: Any) -> Scope | None:
+    """The scope a context's ``_SCOPE_KEY`` value stands for (``None``: not ours)."""
+    if isinstance(value, Scope):
+        return value
+    return value.child_scope() if isinstance(value, LazyScope) else None
+
+
 class Frame:
     """A node span opened without attaching its context, and the scope of its children.
 
@@ -366,8 +387,7 @@ def _finish(frame: Frame) -> None:
 
 def raw_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     """The scope stored in the active context (an anchor's own scope, not its open frame)."""
-    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
-    return value if isinstance(value, Scope) else None
+    return scope_in((get_current() if ctx is None else ctx).get(_SCOPE_KEY))
 
 
 def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
@@ -376,8 +396,8 @@ def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     The scope of the active context, or, when that scope is an anchor with an open frame,
     the frame's scope (the work belongs to the frame's node).
     """
-    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
-    if not isinstance(value, Scope):
+    value = scope_in((get_current() if ctx is None else ctx).get(_SCOPE_KEY))
+    if value is None:
         return None
     cursor = value.cursor
     if cursor is not None:

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
-from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
+from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
 from .._spans import TracedSpan, compose, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
@@ -159,8 +159,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
             return None
         scope = ctx.get(_SCOPE_KEY)
-        if not isinstance(scope, Scope):
-            scope = None
+        if type(scope) is not Scope:
+            scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if scope is not None:
             if scope.owner is not None:

@@ -66,7 +66,17 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, current_scope, get_current, suppressed
+from .._context import (
+    _SCOPE_KEY,
+    _SUPPRESS,
+    _SUPPRESS_PLAIN,
+    SPAN_KEY,
+    Scope,
+    current_scope,
+    get_current,
+    scope_in,
+    suppressed,
+)
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -865,8 +875,7 @@ def _tool_result_text(content: Any) -> str:
 
 def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     _record_tool(state, traced, instance, args, kwargs, result)
-    scope = traced.scope
-    tracker = scope.steps if scope is not None else None
+    tracker = traced.steps
     if tracker is not None:
         _track_tool(tracker, instance, args, kwargs, result)
 
@@ -888,8 +897,8 @@ def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: A
 
 def _steps_of(ctx: Any) -> _steps.StepTracker | None:
     try:
-        value = ctx.get(_SCOPE_KEY)
-        tracker = value.steps if isinstance(value, Scope) else None
+        value = scope_in(ctx.get(_SCOPE_KEY))
+        tracker = value.steps if value is not None else None
         if tracker is not None:
             current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
         return tracker
