@@ -80,18 +80,6 @@ def suppressed(ctx: Context) -> bool:
     return bool(ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN))
 
 
-def child_context(ctx: Context, span: Any, scope: Scope) -> Context:
-    """``ctx`` with ``span`` current and ``scope`` (fresh: it becomes ``span``'s) as the run scope: one new Context."""
-    scope.owner = span
-    if SPAN_KEY is None:
-        return otel_context.set_value(_SCOPE_KEY, scope, span_context(ctx, span))
-    new = Context(ctx)
-    # a fresh copy nobody else holds yet: filling it in place keeps the Context immutable to all
-    _fill(new, SPAN_KEY, span)
-    _fill(new, _SCOPE_KEY, scope)
-    return new
-
-
 def span_context(ctx: Context, span: Any) -> Context:
     """``ctx`` with ``span`` as the current span."""
     if SPAN_KEY is None:

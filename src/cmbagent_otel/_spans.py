@@ -631,7 +631,7 @@ class TracedSpan(LazyScope):
                 new_scope.owner = span
             if SPAN_KEY is None:
                 self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
-            else:  # child_context written out: a fresh copy nobody else holds yet, filled in place
+            else:  # one new Context: a fresh copy nobody else holds yet, filled in place (immutable to all)
                 new = Context(parent_ctx)
                 _fill(new, SPAN_KEY, span)
                 _fill(new, _SCOPE_KEY, held)
