@@ -80,18 +80,6 @@ def suppressed(ctx: Context) -> bool:
     return bool(ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN))
 
 
-def child_context(ctx: Context, span: Any, scope: Scope) -> Context:
-    """``ctx`` with ``span`` current and ``scope`` (fresh: it becomes ``span``'s) as the run scope: one new Context."""
-    scope.owner = span
-    if SPAN_KEY is None:
-        return otel_context.set_value(_SCOPE_KEY, scope, span_context(ctx, span))
-    new = Context(ctx)
-    # a fresh copy nobody else holds yet: filling it in place keeps the Context immutable to all
-    _fill(new, SPAN_KEY, span)
-    _fill(new, _SCOPE_KEY, scope)
-    return new
-
-
 def span_context(ctx: Context, span: Any) -> Context:
     """``ctx`` with ``span`` as the current span."""
     if SPAN_KEY is None:
@@ -103,6 +91,13 @@ def span_context(ctx: Context, span: Any) -> Context:
     return new
 
 
+class _Counters(dict[str, "itertools.count[int]"]):
+    """One ``itertools.count`` per key, created on first use (``setdefault``: atomic under the GIL)."""
+
+    def __missing__(self, key: str) -> itertools.count[int]:
+        return self.setdefault(key, itertools.count(1))
+
+
 @dataclass
 class RunState:
     """Mutable, thread-safe bookkeeping shared by every span of one run (one trace)."""
@@ -112,7 +107,7 @@ class RunState:
     name: str | None = None  # the workflow's name (None: a plain AG2 program)
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _counters: dict[str, itertools.count[int]] = field(default_factory=dict)
+    _counters: _Counters = field(default_factory=_Counters)
 
     def next_order(self) -> int:
         """Return the next execution order of this run (1, 2, 3, ...).
@@ -125,18 +120,15 @@ class RunState:
             return next(self._order)
 
     def _next(self, key: str) -> int:
-        # one itertools.count per key: setdefault and next() are atomic under the GIL
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters.setdefault(key, itertools.count(1))
+        # one itertools.count per key: its creation (setdefault) and next() are atomic under the GIL
         if _GIL:
-            return next(counter)
+            return next(self._counters[key])
         with self._lock:
-            return next(counter)
+            return next(self._counters[key])
 
     def unique_node_id(self, base: str) -> str:
         """Return ``base`` the first time it is asked for in this run, then ``base_2``, ..."""
-        count = self._next(base)
+        count = next(self._counters[base]) if _GIL else self._next(base)  # _next written out: every DAG node
         return base if count == 1 else f"{base}_{count}"
 
     def next_phase_index(self) -> int:
@@ -144,7 +136,8 @@ class RunState:
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""
-        return self._next("\x00children:" + parent_node)
+        key = "\x00children:" + parent_node
+        return next(self._counters[key]) if _GIL else self._next(key)
 
 
 class Scope:
@@ -244,6 +237,27 @@ class Scope:
 
 
 _cursor_lock = threading.Lock()
+
+
+class LazyScope:
+    """Stands in the context for the scope of a span's children until someone asks for it.
+
+    Most spans (model and tool calls) start no span of ours under them: their children's
+    scope (the parent's with one more event level, owned by the span) is built on first use
+    by :meth:`child_scope`, then kept (the same object for every reader, any thread).
+    """
+
+    __slots__ = ()
+
+    def child_scope(self) -> Scope | None:
+        raise NotImplementedError
+
+
+def scope_in(value: Any) -> Scope | None:
+    """The scope a context's ``_SCOPE_KEY`` value stands for (``None``: not ours)."""
+    if isinstance(value, Scope):
+        return value
+    return value.child_scope() if isinstance(value, LazyScope) else None
 
 
 class Frame:
@@ -361,8 +375,7 @@ def _finish(frame: Frame) -> None:
 
 def raw_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     """The scope stored in the active context (an anchor's own scope, not its open frame)."""
-    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
-    return value if isinstance(value, Scope) else None
+    return scope_in((get_current() if ctx is None else ctx).get(_SCOPE_KEY))
 
 
 def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
@@ -371,8 +384,8 @@ def current_scope(ctx: otel_context.Context | None = None) -> Scope | None:
     The scope of the active context, or, when that scope is an anchor with an open frame,
     the frame's scope (the work belongs to the frame's node).
     """
-    value = (get_current() if ctx is None else ctx).get(_SCOPE_KEY)
-    if not isinstance(value, Scope):
+    value = scope_in((get_current() if ctx is None else ctx).get(_SCOPE_KEY))
+    if value is None:
         return None
     cursor = value.cursor
     if cursor is not None:

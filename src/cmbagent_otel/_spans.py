@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import traceback
 from collections.abc import Iterator, Mapping
@@ -30,18 +31,20 @@ from ._context import (
     _SCOPE_KEY,
     SPAN_KEY,
     Frame,
+    LazyScope,
     RunState,
     Scope,
     _fill,
     attach,
-    child_context,
     detach,
     get_current,
     new_conversation_id,
     raw_scope,
+    scope_in,
     span_context,
     with_scope,
 )
+from ._forksafe import reset_in_child
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
 from .redaction import safe_text, truncate
 from .version import __version__
@@ -478,7 +481,15 @@ class SamplingProbe:
         return decision
 
 
-class TracedSpan:
+# Spans that seldom have spans of ours under them: their children's scope is built on first use. Others
+# (agent turns, conversations...) build it at once: their children read it many times, a lazy one
+# costs each read two calls more.
+LEAF_KINDS = frozenset({semconv.KIND_LLM, semconv.KIND_TOOL, semconv.KIND_CODE, semconv.KIND_HUMAN_INPUT})
+_child_scope_lock = threading.Lock()  # a lazy child scope is built once, whichever thread asks first
+reset_in_child(sys.modules[__name__], "_child_scope_lock")
+
+
+class TracedSpan(LazyScope):
     """Context manager that opens a span with cmbagent-otel's bookkeeping.
 
     ``kind`` is the ``cmbagent.span.kind`` value. ``node`` makes the span a DAG node;
@@ -492,10 +503,14 @@ class TracedSpan:
 
     Starting reads the context once and attaches one new Context (the span and the scope of
     its children); workflow and step spans also time themselves for the run-level metrics.
+    A model, tool, code or human-input span (:data:`LEAF_KINDS`) that changes nothing in its
+    children's scope puts itself in the context instead: the scope is built if a span of ours
+    asks for it (:class:`~cmbagent_otel._context.LazyScope`), the same one for every reader.
     """
 
-    __slots__ = ("_attrs", "_ctx", "_error", "_frame", "_kind", "_name", "_new_conversation", "_node", "_run",
-                 "_scope_changes", "_span_kind", "_timing", "_token", "_tracer", "scope", "span")
+    __slots__ = ("_attrs", "_ctx", "_error", "_frame", "_kind", "_name", "_new_conversation", "_node",
+                 "_parent_scope", "_run", "_scope", "_scope_changes", "_span_kind", "_timing", "_token", "_tracer",
+                 "span")
 
     def __init__(
         self,
@@ -526,7 +541,31 @@ class TracedSpan:
         self._timing: Any = None
         self._error: str | None = None
         self.span: Span = trace.INVALID_SPAN
-        self.scope: Scope | None = None
+        self._scope: Scope | None = None
+        self._parent_scope: Scope | None = None  # set when the children's scope is built on first use
+
+    @property
+    def scope(self) -> Scope | None:
+        """The scope of this span's children (``None`` before it started, or when it could not)."""
+        return self._scope if self._scope is not None else self.child_scope()
+
+    @property
+    def steps(self) -> Any:
+        """The plan-step tracker of the chat this span's children run in (without building a lazy scope)."""
+        scope = self._scope if self._scope is not None else self._parent_scope
+        return scope.steps if scope is not None else None
+
+    def child_scope(self) -> Scope | None:
+        scope = self._scope
+        parent = self._parent_scope
+        if scope is None and parent is not None:
+            with _child_scope_lock:
+                scope = self._scope
+                if scope is None:
+                    scope = parent.child_event(parent.conversation_id)
+                    scope.owner = self.span
+                    self._scope = scope
+        return scope
 
     def __enter__(self) -> TracedSpan:
         try:  # telemetry must never break the app
@@ -540,7 +579,7 @@ class TracedSpan:
             if run is None:
                 scope = ctx.get(_SCOPE_KEY)
                 if type(scope) is not Scope:
-                    scope = None
+                    scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
             parent_ctx = ctx
             if scope is not None:
                 cursor = scope.cursor
@@ -563,15 +602,16 @@ class TracedSpan:
                          else state.next_order(), semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
                 if conversation_id is not None:
                     attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+                changes = self._scope_changes
                 if node is None:
                     if scope.dag_node is not None:
                         attrs[semconv.DAG_NODE] = scope.dag_node
                     attrs[semconv.EVENT_DEPTH] = scope.event_depth
-                    new_scope = scope.child_event(conversation_id)
+                    # None: the same scope one event level down, built on first use (child_scope)
+                    new_scope = None if kind in LEAF_KINDS and not changes else scope.child_event(conversation_id)
                 else:
                     node_id, depth, order = _name_node(state, scope, node, attrs)
                     new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
-                changes = self._scope_changes
                 if changes:
                     for name, value in changes.items():  # a fresh scope nobody holds yet
                         setattr(new_scope, name, value)
@@ -583,17 +623,21 @@ class TracedSpan:
             span = (self._tracer or workflow_tracers.current()).start_span(
                 self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
             self.span = span
-            self.scope = new_scope
-            new_scope.owner = span
+            held: Scope | TracedSpan = self  # what the context holds for the children's scope
+            if new_scope is None:
+                self._parent_scope = scope
+            else:
+                self._scope = held = new_scope
+                new_scope.owner = span
             if SPAN_KEY is None:
-                self._token = attach(child_context(parent_ctx, span, new_scope))
-            else:  # child_context written out: a fresh copy nobody else holds yet, filled in place
+                self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
+            else:  # one new Context: a fresh copy nobody else holds yet, filled in place (immutable to all)
                 new = Context(parent_ctx)
                 _fill(new, SPAN_KEY, span)
-                _fill(new, _SCOPE_KEY, new_scope)
+                _fill(new, _SCOPE_KEY, held)
                 self._token = attach(new)
             if kind in TIMED_KINDS:
-                self._timing = _timing(kind, attrs, new_scope)
+                self._timing = _timing(kind, attrs, new_scope or scope)
         except Exception:
             logger.debug("cmbagent_otel: could not start span %s", self._name, exc_info=True)
         return self
@@ -603,7 +647,7 @@ class TracedSpan:
         """Start this span as a :class:`Frame` under ``parent_span`` instead of entering it (nothing attached)."""
         frame = open_frame(self._name, self._kind, self._attrs, self._node, parent_scope, parent_span, frame_kind,
                            owner, self._scope_changes, self._run, self._tracer)
-        self.span, self.scope = frame.span, frame.scope
+        self.span, self._scope = frame.span, frame.scope
         self._frame = None
         self._timing = frame  # fail() marks the frame: its duration metric is recorded when it ends
         return frame

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -313,3 +314,32 @@ def test_spans_outside_any_workflow_form_an_implicit_run(capture):
     assert child.attributes[semconv.EXECUTION_ORDER] == 2
     assert child.attributes[semconv.EVENT_DEPTH] == 1
     assert cmbagent_otel.is_instrumented() is False
+
+
+def test_an_event_span_s_children_scope_is_built_once_on_first_use(capture):
+    # a tool span (a leaf kind) that changes nothing holds its children's scope lazily: built by the
+    # first reader, whatever its thread, then the same object for all, as an eager one would be
+    from cmbagent_otel._context import current_scope
+
+    with TracedSpan("outer", "custom") as outer, TracedSpan("leaf", semconv.KIND_TOOL) as leaf:
+        seen: list[Any] = []
+        barrier = threading.Barrier(8)
+
+        def read() -> None:
+            barrier.wait()
+            seen.append(current_scope())
+
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(read,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with TracedSpan("inner", "custom"):
+            pass
+    assert leaf._scope is not None  # built by a reader
+    assert len(seen) == 8 and all(s is leaf.scope for s in seen)
+    assert leaf.scope.owner is leaf.span
+    assert leaf.scope.event_depth == outer.scope.event_depth + 1 == 2
+    inner = capture.one("inner")
+    assert inner.attributes[semconv.EVENT_DEPTH] == 2
+    assert inner.parent.span_id == capture.one("leaf").context.span_id

@@ -81,10 +81,10 @@ def agent_name(agent: Any) -> str:
 
 def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:
     """``agent``'s name from an instrumentor's per-agent cache (id -> (weak reference, facts with a
-    ``name``)) when it is there, else read from the agent."""
+    ``name``, a str from :func:`agent_name`)) when it is there, else read from the agent."""
     entry = agents.get(id(agent))
     if entry is not None and entry[0]() is agent:
-        return str(entry[1].name)
+        return entry[1].name  # type: ignore[no-any-return]
     return agent_name(agent)
 
 

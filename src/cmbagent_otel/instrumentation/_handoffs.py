@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current
+from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
 from .._spans import TracedSpan, compose, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
@@ -68,29 +68,36 @@ class Selection:
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
         self.from_name = cached_name(state.agents, last) if last is not None else "none"
-        self.facts = _group_facts(state, groupchat)  # (reason, candidates)
+        # _group_facts' cache hit written out: this runs for every selection
+        method = getattr(groupchat, "speaker_selection_method", None)
+        agents = getattr(groupchat, "agents", None) or ()
+        facts = state.candidates.get(id(groupchat))
+        if facts is None or facts[0] is not groupchat or facts[1] is not method or facts[2] is not agents \
+                or facts[3] != len(agents):
+            facts = _group_facts(state, groupchat, method, agents)
+        self.facts = facts  # (groupchat, method, agents, len(agents), reason, candidates)
 
     @property
     def attributes(self) -> dict[str, Any]:
         """The handoff's from / reason / candidates attributes (a new dict)."""
-        reason, candidates = self.facts
+        facts = self.facts
         return {semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-                semconv.HANDOFF_REASON: reason, semconv.HANDOFF_CANDIDATES: candidates}
+                semconv.HANDOFF_REASON: facts[4], semconv.HANDOFF_CANDIDATES: facts[5]}
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
         if self.promoted:
             return
         try:
-            reason, candidates = self.facts
+            facts = self.facts
             scope = self.scope
             room = None
             if scope is not None:
                 room = scope.handoffs
                 if room is None:
                     room = _event_room(self.span)
-            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: reason,
-                     semconv.HANDOFF_CANDIDATES: candidates}
+            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[4],
+                     semconv.HANDOFF_CANDIDATES: facts[5]}
             if result is not None:
                 attrs[semconv.HANDOFF_TO] = cached_name(state.agents, result)
             if exc is not None:
@@ -102,7 +109,8 @@ class Selection:
             if room:
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
-                attrs[semconv.EXECUTION_ORDER] = scope.run.next_order()  # type: ignore[union-attr]
+                run = scope.run  # type: ignore[union-attr]
+                attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
                 attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
                 self.span.add_event(EVENT_NAME, attrs)
             else:
@@ -124,22 +132,16 @@ class Selection:
             span.end()
 
 
-def _group_facts(state: Any, groupchat: Any) -> tuple[str, list[str]]:
-    """(selection method's name, the names of the agents) of a group chat, computed again only when
-    its method or its agents list changes."""
-    method = getattr(groupchat, "speaker_selection_method", None)
-    agents = getattr(groupchat, "agents", None) or ()
+def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
+    """(group chat, its selection method, its agents list, their count, the method's name, the agents'
+    names), cached per group chat (:class:`Selection` reads the cache; this fills it): computed again
+    only when its method or its agents list changes."""
     cache = state.candidates
-    entry = cache.get(id(groupchat))
-    if entry is not None and entry[0] is groupchat and entry[1] is method and entry[2] is agents \
-            and entry[3] == len(agents):
-        return entry[4], entry[5]
-    reason = _reason(groupchat)
-    names = [cached_name(state.agents, a) for a in agents]
+    facts = (groupchat, method, agents, len(agents), _reason(groupchat), [cached_name(state.agents, a) for a in agents])
     if len(cache) >= 64:
         cache.clear()  # group chats of one process: a bound, not a cache policy
-    cache[id(groupchat)] = (groupchat, method, agents, len(agents), reason, names)
-    return reason, names
+    cache[id(groupchat)] = facts
+    return facts
 
 
 def _event_room(span: Span) -> int:
@@ -157,8 +159,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
             return None
         scope = ctx.get(_SCOPE_KEY)
-        if not isinstance(scope, Scope):
-            scope = None
+        if type(scope) is not Scope:
+            scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if scope is not None:
             if scope.owner is not None:

@@ -66,7 +66,17 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.trace import SpanKind, Tracer
 
 from .. import environment_variables, semconv
-from .._context import _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, current_scope, get_current, suppressed
+from .._context import (
+    _SCOPE_KEY,
+    _SUPPRESS,
+    _SUPPRESS_PLAIN,
+    SPAN_KEY,
+    Scope,
+    current_scope,
+    get_current,
+    scope_in,
+    suppressed,
+)
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
@@ -483,6 +493,15 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     return static
 
 
+def _agent_label(state: _State, agent: Any) -> str:
+    """The name of the agent making a model call; its facts (secrets registered) computed when its
+    ``llm_config`` is new (its turn, which computed them, may have started before a new one was set)."""
+    entry = state.agents.get(id(agent))
+    if entry is not None and entry[0]() is agent and entry[1].config is getattr(agent, "llm_config", None):
+        return entry[1].name
+    return _agent_static(state, agent).name
+
+
 def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: Any, static: _AgentStatic) -> None:
     key = id(agent)
     if key in agents and agents[key][0]() is agent:
@@ -664,7 +683,8 @@ class _ChatSpan(TracedSpan):
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            self.call.ended(self.state, exc_info[1])
+            if self.state.metrics is not None:
+                self.call.ended(self.state, exc_info[1])
             event, self.event = self.event, None
             if event is not None and self.event_logger is not None:
                 if exc_info[1] is not None:
@@ -692,7 +712,7 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     info = call.info
     model = call.request_model or "unknown"
     agent = kwargs.get("agent")
-    agent_label = _agent_static(state, agent).name if agent is not None else None  # registers its secrets once
+    agent_label = _agent_label(state, agent) if agent is not None else None
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
@@ -788,7 +808,11 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
-        reasons = [str(r) for c in choices if (r := getattr(c, "finish_reason", None))]
+        reasons = []
+        for choice in choices:  # a loop, not a comprehension: one frame less per call (Python 3.11)
+            reason = getattr(choice, "finish_reason", None)
+            if reason:
+                reasons.append(str(reason))
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
@@ -851,8 +875,7 @@ def _tool_result_text(content: Any) -> str:
 
 def _record_tool_call(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     _record_tool(state, traced, instance, args, kwargs, result)
-    scope = traced.scope
-    tracker = scope.steps if scope is not None else None
+    tracker = traced.steps
     if tracker is not None:
         _track_tool(tracker, instance, args, kwargs, result)
 
@@ -874,8 +897,8 @@ def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: A
 
 def _steps_of(ctx: Any) -> _steps.StepTracker | None:
     try:
-        value = ctx.get(_SCOPE_KEY)
-        tracker = value.steps if isinstance(value, Scope) else None
+        value = scope_in(ctx.get(_SCOPE_KEY))
+        tracker = value.steps if value is not None else None
         if tracker is not None:
             current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
         return tracker
