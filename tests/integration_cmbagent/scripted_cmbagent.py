@@ -17,8 +17,10 @@ request, so a failing first attempt goes through cmbagent's own retry path
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -174,6 +176,8 @@ class CmbagentScript:
         status = re.search(r"\*\*Current status:\*\*\s*([^\n]*)", system or "")
         n = int(number.group(1)) if number else 1
         current = status.group(1).strip().lower() if status else ""
+        if self.mode == "one_shot":  # one_shot and chat: the single task is done when control speaks
+            return self._status("completed", 1)
         chat_started = any(m.get("role") == "tool" for m in body.get("messages") or [])
         if not chat_started:
             return self._status("in progress", n)
@@ -223,22 +227,50 @@ class CmbagentScript:
 
 # --- running cmbagent against the script ------------------------------------------------------
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
+HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot")
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "deep_research", "one_shot_researcher",
+             "human_in_the_loop")
 
 
-def call_workflow(kind: str, work_dir: Path, function: Any = None) -> dict[str, Any]:
-    """Call one of cmbagent's workflow entry points (``function`` overrides the entry point used)."""
+def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
+    """A plan file in cmbagent's ``final_plan.json`` layout, for :func:`cmbagent.control`."""
+    path.write_text(json.dumps({"sub_tasks": [
+        {"sub_task": s.task, "sub_task_agent": s.agent, "bullet_points": [f"do: {s.task.lower()}"]} for s in plan
+    ]}), encoding="utf-8")
+    return path
+
+
+def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: Any) -> dict[str, Any]:
+    """Call one of cmbagent's workflow entry points (``function`` overrides the entry point used;
+    ``options``: more keyword arguments of the entry point, e.g. ``max_n_attempts``)."""
     import cmbagent
 
-    if kind == "one_shot":
+    kw: dict[str, Any] = {"work_dir": str(work_dir), "api_keys": API_KEYS, **options}
+    if kind in ("one_shot", "one_shot_researcher"):
         fn = function or cmbagent.one_shot
-        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS, agent="engineer")  # type: ignore[no-any-return]
+        agent = "researcher" if kind == "one_shot_researcher" else "engineer"
+        return fn(TASK, agent=agent, **kw)  # type: ignore[no-any-return]
+    if kind == "control":
+        fn = function or cmbagent.control
+        plan = write_plan(work_dir.parent / f"{work_dir.name}-plan.json")
+        return fn(TASK, plan=str(plan), **kw)  # type: ignore[no-any-return]
+    if kind == "deep_research":
+        fn = function or cmbagent.deep_research
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
+    if kind == "human_in_the_loop":
+        fn = function or cmbagent.human_in_the_loop
+        # the admin is a human at the console: AG2 reads its turns with input(), here from a scripted stdin
+        saved, sys.stdin = sys.stdin, io.StringIO("".join(f"{line}\n" for line in HUMAN_TURNS))
+        try:
+            return fn(TASK, agent="engineer", **(kw | {"work_dir": work_dir}))  # type: ignore[no-any-return]
+        finally:
+            sys.stdin = saved
     if kind == "carryover":
         fn = function or cmbagent.planning_and_control_context_carryover
-        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
     fn = function or cmbagent.planning_and_control
-    return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+    return fn(TASK, **kw)  # type: ignore[no-any-return]
 
 
 def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
@@ -246,5 +278,6 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
 
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
-    mode = {"carryover": "carryover", "one_shot": "one_shot"}.get(kind, "planning_and_control")
+    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
+            "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot"}.get(kind, "planning_and_control")
     return CmbagentScript(agent_signatures(Path(spec.origin).parent), fail_first_code=fail_first_code, mode=mode)
