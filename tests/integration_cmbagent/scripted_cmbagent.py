@@ -112,7 +112,10 @@ class CmbagentScript:
     def agent_of(self, body: dict[str, Any]) -> str:
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
         props = set((schema.get("properties") or {}).keys())
-        if "sub_tasks" in props:
+        if "sub_tasks" in props:  # the planner's, idea_maker's and idea_hater's formatters share it
+            text = json.dumps(schema)
+            if "idea_description" in text:
+                return "idea_hater_response_formatter" if "what you think" in text else "idea_maker_response_formatter"
             return "planner_response_formatter"
         if "recommendations" in props:
             return "reviewer_response_formatter"
@@ -225,12 +228,43 @@ class CmbagentScript:
                            "filename": "interpretation.md"})
 
 
+    # --- idea_maker / idea_hater (the steps of cmbagent.control's default plan) -------------
+    IDEAS = ("Lensing-induced peak smoothing", "Neutrino mass from the damping tail")
+
+    def _idea_maker(self, body: dict[str, Any]) -> str:
+        return "Ideas:\n" + "\n".join(f"{i}. {idea}" for i, idea in enumerate(self.IDEAS, 1))
+
+    def _idea_maker_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"sub_tasks": [{"idea_description": idea, "bullet_points": [f"why: {idea.lower()}"]}
+                                         for idea in self.IDEAS]})
+
+    def _idea_saver(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_ideas", ideas=list(self.IDEAS))
+
+    def _idea_hater(self, body: dict[str, Any]) -> str:
+        return "Critique: the first idea is not new; the second needs better data."
+
+    def _idea_hater_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"sub_tasks": [{"idea_description": idea, "bullet_points": ["needs more data"]}
+                                         for idea in self.IDEAS]})
+
+
+def idea_plan() -> tuple[PlanStep, ...]:
+    """cmbagent.control's default plan (``plans/idea_plan.json`` next to the package): idea_maker/idea_hater steps."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cmbagent")
+    assert spec is not None and spec.origin is not None
+    plan = json.loads((Path(spec.origin).parents[1] / "plans" / "idea_plan.json").read_text(encoding="utf-8"))
+    return tuple(PlanStep(s["sub_task"], s["sub_task_agent"]) for s in plan["sub_tasks"])
+
+
 # --- running cmbagent against the script ------------------------------------------------------
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "deep_research", "one_shot_researcher",
-             "human_in_the_loop")
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
+             "one_shot_researcher", "human_in_the_loop")
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
@@ -251,6 +285,9 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         fn = function or cmbagent.one_shot
         agent = "researcher" if kind == "one_shot_researcher" else "engineer"
         return fn(TASK, agent=agent, **kw)  # type: ignore[no-any-return]
+    if kind == "control_ideas":  # cmbagent.control with its default plan
+        fn = function or cmbagent.control
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
     if kind == "control":
         fn = function or cmbagent.control
         plan = write_plan(work_dir.parent / f"{work_dir.name}-plan.json")
@@ -280,4 +317,6 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
     mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
             "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot"}.get(kind, "planning_and_control")
-    return CmbagentScript(agent_signatures(Path(spec.origin).parent), fail_first_code=fail_first_code, mode=mode)
+    plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
+    return CmbagentScript(agent_signatures(Path(spec.origin).parent), plan=plan, fail_first_code=fail_first_code,
+                          mode=mode)

@@ -408,8 +408,8 @@ def _children(nodes: dict[str, dict[str, Any]], parent: str) -> list[str]:
 
 
 ENTRY_POINTS = [("planning_and_control", False), ("planning_and_control", True), ("carryover", False),
-                ("one_shot", False), ("one_shot_researcher", False), ("control", False), ("deep_research", False),
-                ("human_in_the_loop", False)]
+                ("one_shot", False), ("one_shot_researcher", False), ("control", False), ("control_ideas", False),
+                ("deep_research", False), ("human_in_the_loop", False)]
 
 
 @pytest.mark.parametrize(("kind", "fail"), ENTRY_POINTS, ids=[f"{k}{'-fail' * f}" for k, f in ENTRY_POINTS])
@@ -418,7 +418,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     _check_common_shape(run, ends_by_handoff=kind != "human_in_the_loop")
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed"
-    assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover",
+    assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
                                    "one_shot_researcher": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
@@ -426,11 +426,13 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     short_of = {n["id"]: s for s, n in nodes.items()}
     # every code run on the sub-agent node that ran it
     code_nodes = [re.sub(r"_\d+$", "", short_of[e["node_id"]]) for e in events if e["event_type"] == "code_exec"]
-    assert code_nodes and all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
+    assert bool(code_nodes) is (kind != "control_ideas")  # idea_maker/idea_hater run no code
+    assert all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
     # one LLM event per model call, on its agent's node (a nested chat's on the nest; a phase's or step's own)
     llm = [(e["agent_name"], nodes[short_of[e["node_id"]]]) for e in events if e["event_subtype"] == "llm"]
     assert len(llm) == len(run.sequence)
-    assert all(node["agent"] in (agent, "engineer_nest") or node["node_type"] != "sub_agent" for agent, node in llm)
+    assert all(node["agent"] == agent or node["agent"].endswith("_nest") or node["node_type"] != "sub_agent"
+               for agent, node in llm)
     costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
     assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
     assert {c["agent_name"] for c in costs} == {agent for agent, _ in llm}
@@ -453,6 +455,25 @@ def test_control_with_a_plan_file(runner: Any, tmp_path: Path) -> None:
     for k in (1, 3):
         assert _children(nodes, f"step_{k}") == [f"step_{k}_{a}" for a in (
             "engineer", "engineer_nest", "executor_response_formatter", "control")]
+
+
+def test_control_with_its_default_idea_plan(runner: Any, tmp_path: Path) -> None:
+    """cmbagent.control's default plan: six idea_maker/idea_hater steps; idea_maker's nested chat
+    (formatter, idea_saver's record_ideas) stays inside its idea_maker_nest node."""
+    run = runner("control_ideas")
+    assert run.results["final_context"]["current_plan_step_number"] == 6
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "control") == [f"step_{k}" for k in range(1, 7)]
+    plan = [nodes[f"step_{k}"]["agent"] for k in range(1, 7)]
+    assert plan == ["idea_maker", "idea_hater", "idea_maker", "idea_hater", "idea_maker", "idea_maker"]
+    for k, agent in enumerate(plan, 1):
+        turn = ["idea_maker", "idea_maker_nest"] if agent == "idea_maker" else [
+            "idea_hater", "idea_hater_response_formatter"]
+        assert _children(nodes, f"step_{k}") == [f"step_{k}_{a}" for a in [*turn, "control"]]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    saved = [short_of[e["node_id"]] for e in events if e["event_type"] == "tool_call"
+             and e["agent_name"] == "idea_saver"]
+    assert saved == [f"step_{k}_idea_maker_nest" for k in (1, 3, 5, 6)]
 
 
 def test_deep_research_is_named_as_called(runner: Any) -> None:
