@@ -68,6 +68,7 @@ class Run:
     unexpected: list[str]
     work_dir: Path
     spans: list[ReadableSpan]
+    error: Exception | None = None  # what the workflow raised (``results`` is then empty)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +92,16 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 if instrumented:
                     cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False,
                                              instrument_threading=False)
+                results: dict[str, Any] = {}
+                error = None
                 try:
                     results = call_workflow(kind, work_dir, **options)
+                except Exception as exc:  # cmbagent's own failure: compared with the plain run's
+                    error = exc
                 finally:
                     if instrumented:
                         cmbagent_otel.uninstrument()
-            cache[key] = Run(results, list(script.sequence), list(script.unexpected), work_dir, capture.spans)
+            cache[key] = Run(results, list(script.sequence), list(script.unexpected), work_dir, capture.spans, error)
             capture.provider.shutdown()
             return cache[key]
 
@@ -408,6 +413,7 @@ def _children(nodes: dict[str, dict[str, Any]], parent: str) -> list[str]:
 
 
 ENTRY_POINTS = [("planning_and_control", False), ("planning_and_control", True), ("carryover", False),
+                ("carryover", True),
                 ("one_shot", False), ("one_shot_researcher", False), ("control", False), ("control_ideas", False),
                 ("deep_research", False), ("human_in_the_loop", False)]
 
@@ -539,6 +545,24 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
         (f"{short}_engineer_nest", "failed"), (f"{short}_engineer_nest_2", "completed")]
     if kind == "planning_and_control":
         assert not [s for s in nodes if s in ("step_2", "step_3")]  # the plan stopped at step 1
+
+
+def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
+    """max_n_attempts=1 in the carryover loop: step 1 fails, the loop stops, and cmbagent then raises
+    its own FileNotFoundError (it cleans up the planning context's folders): the same exception as
+    without telemetry, the run failed with it, the failed attempt named after the step's agent."""
+    plain = runner("carryover", instrumented=False, fail=True, max_n_attempts=1)
+    run = runner("carryover", fail=True, max_n_attempts=1)
+    assert type(run.error) is type(plain.error) is FileNotFoundError
+    assert str(run.error).replace(str(run.work_dir), "<wd>") == str(plain.error).replace(str(plain.work_dir), "<wd>")
+    assert run.sequence == plain.sequence
+    step1 = _one(run, "step 1")
+    assert step1.status.status_code is StatusCode.ERROR and not _named(run, "step 2")
+    (attempt,) = [s for s in run.spans if _kind(s) == sc.KIND_ATTEMPT]
+    assert attempt.attributes[sc.GEN_AI_AGENT_NAME] == "engineer"
+    nodes, _, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "failed" and "FileNotFoundError" in row["meta"]["error"]
+    assert nodes["step_1"]["status"] == "failed"
 
 
 # --- telemetry never changes the app -------------------------------------------------------------------
