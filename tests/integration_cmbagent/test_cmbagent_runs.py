@@ -9,13 +9,14 @@ replaced. Each scenario runs once per module, instrumented and plain.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,16 @@ class Run:
     work_dir: Path
     spans: list[ReadableSpan]
     error: Exception | None = None  # what the workflow raised (``results`` is then empty)
+    warnings: list[str] = field(default_factory=list)  # what cmbagent_otel logged at WARNING or above
+
+
+class _Records(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +105,8 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                                              instrument_threading=False)
                 results: dict[str, Any] = {}
                 error = None
+                ours = _Records(logging.WARNING)
+                logging.getLogger("cmbagent_otel").addHandler(ours)
                 try:
                     results = call_workflow(kind, work_dir, **options)
                 except Exception as exc:  # cmbagent's own failure: compared with the plain run's
@@ -101,7 +114,9 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 finally:
                     if instrumented:
                         cmbagent_otel.uninstrument()
-            cache[key] = Run(results, list(script.sequence), list(script.unexpected), work_dir, capture.spans, error)
+                    logging.getLogger("cmbagent_otel").removeHandler(ours)
+            cache[key] = Run(results, list(script.sequence), list(script.unexpected), work_dir, capture.spans, error,
+                             [r.getMessage() for r in ours.records])
             capture.provider.shutdown()
             return cache[key]
 
@@ -421,6 +436,7 @@ ENTRY_POINTS = [("planning_and_control", False), ("planning_and_control", True),
 @pytest.mark.parametrize(("kind", "fail"), ENTRY_POINTS, ids=[f"{k}{'-fail' * f}" for k, f in ENTRY_POINTS])
 def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Path, kind: str, fail: bool) -> None:
     run = runner(kind, fail=fail)
+    assert run.error is None and run.warnings == []
     _check_common_shape(run, ends_by_handoff=kind != "human_in_the_loop")
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed"
@@ -563,6 +579,34 @@ def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
     nodes, _, row = _backend_rows(run, tmp_path)
     assert row["status"] == "failed" and "FileNotFoundError" in row["meta"]["error"]
     assert nodes["step_1"]["status"] == "failed"
+
+
+def test_carryover_restart_at_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """restart_at_step=2 on a finished carryover run's work_dir: a second run without planning, steps 2
+    and 3 from the stored context, laid out from the derived init node."""
+    capture = SpanCapture()
+    script = script_for("carryover")
+    with FakeOpenAIServer(request_responder=script) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+        try:
+            call_workflow("carryover", tmp_path / "work")
+            results = call_workflow("carryover", tmp_path / "work", restart_at_step=2)
+        finally:
+            cmbagent_otel.uninstrument()
+    assert results["final_context"]["current_plan_step_number"] == 3 and script.unexpected == []
+    spans = capture.spans  # in start order: the first run's root comes first
+    assert len({s.context.trace_id for s in spans}) == 2
+    restarted = [s for s in spans if s.context.trace_id != spans[0].context.trace_id]
+    run = Run(results, list(script.sequence), [], tmp_path / "work", restarted)
+    assert [s.name for s in restarted if _kind(s) == sc.KIND_STEP] == ["step 2", "step 3"]
+    assert [_one(run, f"step {n}").attributes[sc.STEP_GOAL] for n in (2, 3)] == [p.task for p in DEFAULT_PLAN[1:]]
+    assert not _named(run, "phase planning")
+    nodes, _, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "completed"
+    top = sorted((n["order_index"], s) for s, n in nodes.items() if n["parent_node_id"] is None)
+    assert top == [(0, "init"), (4, "terminator"), (1001, "control")]
+    assert _children(nodes, "control") == ["step_2", "step_3"]
 
 
 # --- telemetry never changes the app -------------------------------------------------------------------
