@@ -303,16 +303,20 @@ def _rows(url: str, table: str) -> list[dict[str, Any]]:
         engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def dag_db(runner: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
-    run = runner("planning_and_control", fail=True)
-    url = f"sqlite:///{tmp_path_factory.mktemp('dag') / 'cmbagent.db'}"
+def _exported(run: Run, directory: Path) -> str:
+    """The run's spans written by the DAG exporter into a new SQLite database in ``directory``; its URL."""
+    url = f"sqlite:///{directory / 'cmbagent.db'}"
     exporter = DagSpanExporter(url, spill=False)
     try:
         assert exporter.export(run.spans).name == "SUCCESS"
     finally:
         exporter.shutdown()
     return url
+
+
+@pytest.fixture(scope="module")
+def dag_db(runner: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _exported(runner("planning_and_control", fail=True), tmp_path_factory.mktemp("dag"))
 
 
 def test_planning_and_control_dag_rows(dag_db: str) -> None:
@@ -405,12 +409,7 @@ def _backend_rows(run: Run, tmp_path: Path) -> tuple[dict[str, dict[str, Any]], 
     """The run's spans through the DAG exporter into SQLite, checked against the contract (every
     endpoint of cmbagent's backend answers, order_index rules, edges, tokens); nodes by short id,
     events, and the run row."""
-    url = f"sqlite:///{tmp_path / 'cmbagent.db'}"
-    exporter = DagSpanExporter(url, spill=False)
-    try:
-        assert exporter.export(run.spans).name == "SUCCESS"
-    finally:
-        exporter.shutdown()
+    url = _exported(run, tmp_path)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
@@ -427,15 +426,22 @@ def _children(nodes: dict[str, dict[str, Any]], parent: str) -> list[str]:
             if n["parent_node_id"] == db_id]
 
 
-ENTRY_POINTS = [("planning_and_control", False), ("planning_and_control", True), ("carryover", False),
-                ("carryover", True),
-                ("one_shot", False), ("one_shot_researcher", False), ("control", False), ("control_ideas", False),
-                ("deep_research", False), ("human_in_the_loop", False)]
+ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
+    ("planning_and_control", False, {}), ("planning_and_control", True, {}),
+    ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
+    ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
+    ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
+    ("human_in_the_loop", False, {})]
 
 
-@pytest.mark.parametrize(("kind", "fail"), ENTRY_POINTS, ids=[f"{k}{'-fail' * f}" for k, f in ENTRY_POINTS])
-def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Path, kind: str, fail: bool) -> None:
-    run = runner(kind, fail=fail)
+def _ids(cases: list[tuple[str, bool, dict[str, Any]]]) -> list[str]:
+    return [f"{k}{'-fail' * f}" + "".join(f"-{name}={value}" for name, value in o.items()) for k, f, o in cases]
+
+
+@pytest.mark.parametrize(("kind", "fail", "options"), ENTRY_POINTS, ids=_ids(ENTRY_POINTS))
+def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Path, kind: str, fail: bool,
+                                                      options: dict[str, Any]) -> None:
+    run = runner(kind, fail=fail, **options)
     assert run.error is None and run.warnings == []
     _check_common_shape(run, ends_by_handoff=kind != "human_in_the_loop")
     nodes, events, row = _backend_rows(run, tmp_path)
@@ -623,23 +629,27 @@ def _normalized(run: Run) -> dict[str, Any]:
         text = re.sub(r"call_\d+", "call_<id>", _STAMP.sub("<stamp>", text))
         return json.loads(text)
 
+    # distinct names: files named by the second they were written in (idea_saver's ideas_<stamp>.json)
+    # collide or not depending on timing alone
+    files = sorted({_STAMP.sub("<stamp>", str(p.relative_to(run.work_dir))) for p in run.work_dir.rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts})
+    if run.error is not None:
+        return {"error": [type(run.error).__name__, clean(str(run.error))], "files": files, "llm_calls": run.sequence}
     history = [
         {k: clean(m.get(k)) for k in ("name", "role", "content")} | {
             "tools": [c["function"]["name"] for c in m.get("tool_calls") or []]}
         for m in run.results["chat_history"]
     ]
     context = {k: clean(run.results["final_context"].get(k)) for k in _CONTEXT_KEYS}
-    files = sorted(_STAMP.sub("<stamp>", str(p.relative_to(run.work_dir))) for p in run.work_dir.rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts)
     return {"history": history, "context": context, "files": files, "llm_calls": run.sequence}
 
 
-IDENTICAL = [*((k, f, {}) for k, f in ENTRY_POINTS), ("planning_and_control", True, {"max_n_attempts": 1}),
-             ("one_shot", True, {"max_n_attempts": 1})]
+IDENTICAL = [*ENTRY_POINTS, ("planning_and_control", True, {"max_n_attempts": 1}),
+             ("one_shot", True, {"max_n_attempts": 1}), ("carryover", True, {"max_n_attempts": 1})]
 
 
 @pytest.mark.parametrize(("kind", "fail", "options"), IDENTICAL,
-                         ids=[f"{k}{'-fail' * f}{'-max1' * bool(o)}" for k, f, o in IDENTICAL])
+                         ids=_ids(IDENTICAL))
 def test_identical_app_outputs_with_and_without_instrumentation(runner: Any, kind: str, fail: bool,
                                                                 options: dict[str, Any]) -> None:
     plain = runner(kind, instrumented=False, fail=fail, **options)
