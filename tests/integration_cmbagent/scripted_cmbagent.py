@@ -249,6 +249,11 @@ class CmbagentScript:
                                          for idea in self.IDEAS]})
 
 
+    # --- get_keywords(kw_type="aaai"): one structured answer from the keyword finder --------------
+    def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
+        return json.dumps({"results": ["Machine Learning", "Cosmology"]})
+
+
 def idea_plan() -> tuple[PlanStep, ...]:
     """cmbagent.control's default plan (``plans/idea_plan.json`` next to the package): idea_maker/idea_hater steps."""
     import importlib.util
@@ -264,7 +269,7 @@ API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offl
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
 WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
-             "one_shot_researcher", "human_in_the_loop")
+             "one_shot_researcher", "human_in_the_loop", "get_keywords")
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
@@ -285,6 +290,9 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         fn = function or cmbagent.one_shot
         agent = "researcher" if kind == "one_shot_researcher" else "engineer"
         return fn(TASK, agent=agent, **kw)  # type: ignore[no-any-return]
+    if kind == "get_keywords":  # the AAAI keyword list: one one-shot solve
+        fn = function or cmbagent.get_keywords
+        return {"keywords": fn(TASK, n_keywords=2, kw_type="aaai", **(kw | {"work_dir": work_dir}))}
     if kind == "control_ideas":  # cmbagent.control with its default plan
         fn = function or cmbagent.control
         return fn(TASK, **kw)  # type: ignore[no-any-return]

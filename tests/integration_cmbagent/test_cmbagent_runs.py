@@ -431,7 +431,7 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
-    ("human_in_the_loop", False, {})]
+    ("human_in_the_loop", False, {}), ("get_keywords", False, {})]
 
 
 def _ids(cases: list[tuple[str, bool, dict[str, Any]]]) -> list[str]:
@@ -443,10 +443,12 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
                                                       options: dict[str, Any]) -> None:
     run = runner(kind, fail=fail, **options)
     assert run.error is None and run.warnings == []
-    _check_common_shape(run, ends_by_handoff=kind != "human_in_the_loop")
+    # human_in_the_loop ends when the human types exit, get_keywords on its max_rounds=2
+    _check_common_shape(run, ends_by_handoff=kind not in ("human_in_the_loop", "get_keywords"))
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed"
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
+                                   "get_keywords": "get_keywords",
                                    "one_shot_researcher": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
@@ -454,7 +456,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     short_of = {n["id"]: s for s, n in nodes.items()}
     # every code run on the sub-agent node that ran it
     code_nodes = [re.sub(r"_\d+$", "", short_of[e["node_id"]]) for e in events if e["event_type"] == "code_exec"]
-    assert bool(code_nodes) is (kind != "control_ideas")  # idea_maker/idea_hater run no code
+    assert bool(code_nodes) is (kind not in ("control_ideas", "get_keywords"))  # their agents run no code
     assert all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
     # one LLM event per model call, on its agent's node (a nested chat's on the nest; a phase's or step's own)
     llm = [(e["agent_name"], nodes[short_of[e["node_id"]]]) for e in events if e["event_subtype"] == "llm"]
@@ -536,6 +538,17 @@ def test_human_in_the_loop_turns_are_step_one_sub_agents(runner: Any, tmp_path: 
     short_of = {n["id"]: s for s, n in nodes.items()}
     asked = [short_of[e["node_id"]] for e in events if e["event_subtype"] == "human_input"]
     assert asked == ["step_1_admin", "step_1_admin_2"]
+
+
+def test_get_keywords_is_a_one_shot_run(runner: Any) -> None:
+    """get_keywords(kw_type="aaai"): one one-shot solve of the keyword finder; its answer is what the
+    function returns."""
+    run = runner("get_keywords")
+    assert run.results["keywords"] == ["Machine Learning", "Cosmology"]
+    root = _one(run, "workflow get_keywords")
+    assert root.attributes[sc.WORKFLOW_MODE] == "one-shot"
+    subs = [s for s in run.spans if s.attributes.get(sc.DAG_PARENT_NODE) == "execute"]
+    assert [s.attributes[sc.DAG_NODE] for s in subs] == ["execute_aaai_keywords_finder"]
 
 
 def test_one_shot_researcher(runner: Any) -> None:
@@ -638,10 +651,11 @@ def _normalized(run: Run) -> dict[str, Any]:
     history = [
         {k: clean(m.get(k)) for k in ("name", "role", "content")} | {
             "tools": [c["function"]["name"] for c in m.get("tool_calls") or []]}
-        for m in run.results["chat_history"]
+        for m in run.results.get("chat_history", [])
     ]
-    context = {k: clean(run.results["final_context"].get(k)) for k in _CONTEXT_KEYS}
-    return {"history": history, "context": context, "files": files, "llm_calls": run.sequence}
+    context = {k: clean(run.results.get("final_context", {}).get(k)) for k in _CONTEXT_KEYS}
+    return {"history": history, "context": context, "files": files, "llm_calls": run.sequence,
+            "keywords": run.results.get("keywords")}  # what get_keywords returns
 
 
 IDENTICAL = [*ENTRY_POINTS, ("planning_and_control", True, {"max_n_attempts": 1}),
