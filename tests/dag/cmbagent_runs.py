@@ -257,6 +257,15 @@ def planning_and_control(shaper: Shaper) -> None:
                 s.llm("engineer", 800, 200, 0.01)
 
 
+def control_from_plan(shaper: Shaper) -> None:
+    """cmbagent.control: a stored plan's steps in a control phase, no planning phase."""
+    s = shaper
+    with s.workflow("control", "planning-control"), s.phase("control"), s.conversation("admin", "control"):
+        for number in (1, 2):
+            with s.step(number, f"task {number}", "engineer"), s.agent("engineer"):
+                s.llm("engineer", 400, 100, 0.005)
+
+
 def one_shot(shaper: Shaper) -> None:
     s = shaper
     with s.workflow("one_shot", "one-shot"), s.phase("one_shot"), s.conversation("admin", "engineer"):

@@ -31,7 +31,7 @@ from cmbagent_otel.cli import main
 from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
 
 from . import cmbagent_backend as backend
-from .cmbagent_runs import Shaper, one_shot, plain_ag2, plain_ag2_in_user_span, planning_and_control
+from .cmbagent_runs import Shaper, control_from_plan, one_shot, plain_ag2, plain_ag2_in_user_span, planning_and_control
 
 
 class Exported:
@@ -289,6 +289,21 @@ def test_one_shot(export: Callable[..., Exported]) -> None:
         assert (resumable[0]["node_id"], resumable[0]["can_resume"]) == ("init", True)
         assert _costs(conn, run.run_id) == [("engineer", "gpt-4o", None, 900, 210, 1110, _d("0.012"))]
         assert [(s["mode"], s["current_phase"]) for s in backend.sessions(conn)] == [("one-shot", "one_shot")]
+
+
+def test_run_without_planning_starts_from_init(export: Callable[..., Exported]) -> None:
+    """A workflow with plan steps but no planning phase (cmbagent.control, a carryover restart, the
+    chat of human_in_the_loop) still has its order-0 node: the derived init, chained to the steps."""
+    run = export(control_from_plan)
+    with run.connect() as conn:
+        nodes = check_contract(conn, run.run_id)
+        top = sorted((n["order_index"], s, n["node_type"]) for s, n in nodes.items() if n["parent_node_id"] is None)
+        assert top == [(0, "init", "planning"), (3, "terminator", "terminator"), (1001, "control", "control")]
+        assert nodes["init"]["meta"]["derived"]
+        assert {("init", "step_1", "sequential"), ("step_1", "step_2", "sequential"),
+                ("step_2", "terminator", "sequential")} <= _edges(conn, run.run_id)
+        resumable = backend.resumable_nodes(conn, run.run_id)
+        assert (resumable[0]["node_id"], resumable[0]["can_resume"]) == ("init", True)
 
 
 def test_plain_ag2_program(export: Callable[..., Exported], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,6 @@
-"""An unmodified cmbagent app, run under ``opentelemetry-instrument`` by the tests (no instrument() call)."""
+"""An unmodified cmbagent app, run under ``opentelemetry-instrument`` by the tests (no instrument() call).
+
+``argv[1]``: the workflow to run (``scripted_cmbagent.call_workflow`` kinds; planning_and_control by default)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from scripted_cmbagent import call_workflow, script_for
 
 from cmbagent_otel.testing import FakeOpenAIServer
 
-with FakeOpenAIServer(request_responder=script_for("planning_and_control")) as server, \
-        tempfile.TemporaryDirectory() as work_dir:
+kind = sys.argv[1] if len(sys.argv) > 1 else "planning_and_control"
+with FakeOpenAIServer(request_responder=script_for(kind)) as server, tempfile.TemporaryDirectory() as work_dir:
     os.environ["OPENAI_BASE_URL"] = server.base_url
-    results = call_workflow("planning_and_control", Path(work_dir))
+    results = call_workflow(kind, Path(work_dir))
     print("STEPS DONE", results["final_context"]["current_plan_step_number"], flush=True)

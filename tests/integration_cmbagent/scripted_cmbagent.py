@@ -17,8 +17,10 @@ request, so a failing first attempt goes through cmbagent's own retry path
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -110,7 +112,10 @@ class CmbagentScript:
     def agent_of(self, body: dict[str, Any]) -> str:
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
         props = set((schema.get("properties") or {}).keys())
-        if "sub_tasks" in props:
+        if "sub_tasks" in props:  # the planner's, idea_maker's and idea_hater's formatters share it
+            text = json.dumps(schema)
+            if "idea_description" in text:
+                return "idea_hater_response_formatter" if "what you think" in text else "idea_maker_response_formatter"
             return "planner_response_formatter"
         if "recommendations" in props:
             return "reviewer_response_formatter"
@@ -174,6 +179,8 @@ class CmbagentScript:
         status = re.search(r"\*\*Current status:\*\*\s*([^\n]*)", system or "")
         n = int(number.group(1)) if number else 1
         current = status.group(1).strip().lower() if status else ""
+        if self.mode == "one_shot":  # one_shot and chat: the single task is done when control speaks
+            return self._status("completed", 1)
         chat_started = any(m.get("role") == "tool" for m in body.get("messages") or [])
         if not chat_started:
             return self._status("in progress", n)
@@ -221,24 +228,94 @@ class CmbagentScript:
                            "filename": "interpretation.md"})
 
 
+    # --- idea_maker / idea_hater (the steps of cmbagent.control's default plan) -------------
+    IDEAS = ("Lensing-induced peak smoothing", "Neutrino mass from the damping tail")
+
+    def _idea_maker(self, body: dict[str, Any]) -> str:
+        return "Ideas:\n" + "\n".join(f"{i}. {idea}" for i, idea in enumerate(self.IDEAS, 1))
+
+    def _idea_maker_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"sub_tasks": [{"idea_description": idea, "bullet_points": [f"why: {idea.lower()}"]}
+                                         for idea in self.IDEAS]})
+
+    def _idea_saver(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("record_ideas", ideas=list(self.IDEAS))
+
+    def _idea_hater(self, body: dict[str, Any]) -> str:
+        return "Critique: the first idea is not new; the second needs better data."
+
+    def _idea_hater_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"sub_tasks": [{"idea_description": idea, "bullet_points": ["needs more data"]}
+                                         for idea in self.IDEAS]})
+
+
+    # --- get_keywords(kw_type="aaai"): one structured answer from the keyword finder --------------
+    def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
+        return json.dumps({"results": ["Machine Learning", "Cosmology"]})
+
+
+def idea_plan() -> tuple[PlanStep, ...]:
+    """cmbagent.control's default plan (``plans/idea_plan.json`` next to the package): idea_maker/idea_hater steps."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cmbagent")
+    assert spec is not None and spec.origin is not None
+    plan = json.loads((Path(spec.origin).parents[1] / "plans" / "idea_plan.json").read_text(encoding="utf-8"))
+    return tuple(PlanStep(s["sub_task"], s["sub_task_agent"]) for s in plan["sub_tasks"])
+
+
 # --- running cmbagent against the script ------------------------------------------------------
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
+HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot")
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
+             "one_shot_researcher", "human_in_the_loop", "get_keywords")
 
 
-def call_workflow(kind: str, work_dir: Path, function: Any = None) -> dict[str, Any]:
-    """Call one of cmbagent's workflow entry points (``function`` overrides the entry point used)."""
+def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
+    """A plan file in cmbagent's ``final_plan.json`` layout, for :func:`cmbagent.control`."""
+    path.write_text(json.dumps({"sub_tasks": [
+        {"sub_task": s.task, "sub_task_agent": s.agent, "bullet_points": [f"do: {s.task.lower()}"]} for s in plan
+    ]}), encoding="utf-8")
+    return path
+
+
+def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: Any) -> dict[str, Any]:
+    """Call one of cmbagent's workflow entry points (``function`` overrides the entry point used;
+    ``options``: more keyword arguments of the entry point, e.g. ``max_n_attempts``)."""
     import cmbagent
 
-    if kind == "one_shot":
+    kw: dict[str, Any] = {"work_dir": str(work_dir), "api_keys": API_KEYS, **options}
+    if kind in ("one_shot", "one_shot_researcher"):
         fn = function or cmbagent.one_shot
-        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS, agent="engineer")  # type: ignore[no-any-return]
+        agent = "researcher" if kind == "one_shot_researcher" else "engineer"
+        return fn(TASK, agent=agent, **kw)  # type: ignore[no-any-return]
+    if kind == "get_keywords":  # the AAAI keyword list: one one-shot solve
+        fn = function or cmbagent.get_keywords
+        return {"keywords": fn(TASK, n_keywords=2, kw_type="aaai", **(kw | {"work_dir": work_dir}))}
+    if kind == "control_ideas":  # cmbagent.control with its default plan
+        fn = function or cmbagent.control
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
+    if kind == "control":
+        fn = function or cmbagent.control
+        plan = write_plan(work_dir.parent / f"{work_dir.name}-plan.json")
+        return fn(TASK, plan=str(plan), **kw)  # type: ignore[no-any-return]
+    if kind == "deep_research":
+        fn = function or cmbagent.deep_research
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
+    if kind == "human_in_the_loop":
+        fn = function or cmbagent.human_in_the_loop
+        # the admin is a human at the console: AG2 reads its turns with input(), here from a scripted stdin
+        saved, sys.stdin = sys.stdin, io.StringIO("".join(f"{line}\n" for line in HUMAN_TURNS))
+        try:
+            return fn(TASK, agent="engineer", **(kw | {"work_dir": work_dir}))  # type: ignore[no-any-return]
+        finally:
+            sys.stdin = saved
     if kind == "carryover":
         fn = function or cmbagent.planning_and_control_context_carryover
-        return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+        return fn(TASK, **kw)  # type: ignore[no-any-return]
     fn = function or cmbagent.planning_and_control
-    return fn(TASK, work_dir=str(work_dir), api_keys=API_KEYS)  # type: ignore[no-any-return]
+    return fn(TASK, **kw)  # type: ignore[no-any-return]
 
 
 def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
@@ -246,5 +323,8 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
 
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
-    mode = {"carryover": "carryover", "one_shot": "one_shot"}.get(kind, "planning_and_control")
-    return CmbagentScript(agent_signatures(Path(spec.origin).parent), fail_first_code=fail_first_code, mode=mode)
+    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
+            "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot"}.get(kind, "planning_and_control")
+    plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
+    return CmbagentScript(agent_signatures(Path(spec.origin).parent), plan=plan, fail_first_code=fail_first_code,
+                          mode=mode)

@@ -953,6 +953,13 @@ def _derived_node(run_id: str, session_id: str, short: str, node_type: str, stat
     }
 
 
+def _starts_past_planning(top: Sequence[Mapping[str, Any]]) -> bool:
+    """A run none of whose top-level nodes has order_index 0 (cmbagent's ``control`` with a plan
+    file, ``human_in_the_loop``'s chat): cmbagent reads a run from its order-0 node (the DAG's
+    first node, the resumable nodes' start), so it gets the derived ``init`` node."""
+    return bool(top) and min(n["order_index"] for n in top) > 0
+
+
 def _is_step(node: Mapping[str, Any]) -> bool:
     return node["node_type"] == sc.NODE_AGENT and _meta(node).get("span_kind") == sc.KIND_STEP
 
@@ -988,9 +995,11 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     steps = sorted((n for n in arrived if _is_step(n)), key=_order_key)
     top = sorted((n for n in arrived if parent_of(n) is None), key=_order_key)
 
-    # cmbagent's fixed-pipeline layout (one-shot): init (order 0) -> execute -> terminator
+    # cmbagent's fixed-pipeline layout (one-shot): init (order 0) -> execute -> terminator; a
+    # workflow entered past planning starts from the same init node
     if not planning and (run.get("mode") == ONE_SHOT_MODE
-                         or any(_meta(n).get("id") == ONE_SHOT_EXECUTE for n in top)):
+                         or any(_meta(n).get("id") == ONE_SHOT_EXECUTE for n in top)
+                         or (source == "workflow" and _starts_past_planning(top))):
         task = str(run.get("task_description") or "")
         init = _derived_node(run_id, session_id, NODE_INIT, sc.NODE_PLANNING, "completed", 0, agent="unknown",
                              label="Initialize", description="Initialize agent",

@@ -169,9 +169,12 @@ class StepTracker:
         if last is None or attempts <= last:
             return  # cmbagent resets n_attempts when a step completes: not a retry
         for _ in range(attempts - last):
-            self._failed_attempt(step, attempts, _int(context_get(context, "max_n_attempts")))
+            self._failed_attempt(step, attempts, _int(context_get(context, "max_n_attempts")),
+                                 _text(context_get(context, "agent_for_sub_task")))
 
-    def _failed_attempt(self, step: _Step | None, attempts: int, limit: int | None) -> None:
+    def _failed_attempt(self, step: _Step | None, attempts: int, limit: int | None, agent: str | None) -> None:
+        """A failed attempt event under the step; ``agent``: the context's agent for the sub-task (the
+        step's own agent when this tracker opened the step)."""
         if step is not None:
             step.failures += 1
             number, k = step.number, step.failures
@@ -191,7 +194,9 @@ class StepTracker:
         if limit is not None:
             attrs[semconv.STEP_MAX_ATTEMPTS] = limit
         if step is not None and step.agent:
-            attrs[semconv.GEN_AI_AGENT_NAME] = step.agent
+            agent = step.agent
+        if agent:
+            attrs[semconv.GEN_AI_AGENT_NAME] = agent
         label = f"step {number} attempt {k if k is not None else attempts}" if number is not None else "attempt"
         emit_event(self.tracer, f"{label} failed", semconv.KIND_ATTEMPT, attrs, parent_scope, parent_span,
                    f"{label} failed (cmbagent n_attempts={attempts}"

@@ -11,9 +11,15 @@ tree of :mod:`cmbagent_otel.workflow`:
   ``get_keywords`` and, in the MARS fork, ``deep_research``, ``idea_generation``,
   ``hitl_*_workflow``, ``copilot``...) open a ``workflow`` span carrying cmbagent's mode
   string, the task, work_dir and the agent/model of the run;
+  A re-exported alias (``cmbagent.deep_research``, the carryover workflow under another
+  name) gets its own wrapper: its runs carry the name it was called by;
 * ``CMBAgent.solve`` opens the phase it runs (``planning`` for the planner, ``one_shot``,
-  ``chat``, otherwise ``control``); a solve for one plan step (``step=n``, the
-  context-carryover loop) opens ``step n`` with the goal and agent from the plan and the
+  ``chat``, otherwise ``control``); a chat-mode solve (``human_in_the_loop``) is cmbagent's
+  one-step plan: ``step 1`` (goal: the task, agent: the chat agent) inside the ``chat``
+  phase, so the chat agent's and the human admin's turns are that step's sub-agents; a
+  one_shot solve whose chat ended on cmbagent's attempt limit fails its phase (the
+  ``execute`` node) as that limit fails a plan step; a solve for one plan step (``step=n``,
+  the context-carryover loop) opens ``step n`` with the goal and agent from the plan and the
   summary cmbagent derives from the step's chat, inside one ``control`` phase shared by
   all steps of the run (the steps of ``planning_and_control``'s single control chat come
   from :mod:`cmbagent_otel.instrumentation._steps`);
@@ -115,6 +121,8 @@ PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch
 
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
 PLANNER = "planner"  # the agent that writes cmbagent's plan
+ONE_SHOT_PHASE = "one_shot"
+CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 
 
@@ -242,9 +250,9 @@ def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: s
     if initial_agent in PLANNER_AGENTS:
         return "planning"
     if solve_mode == "one_shot" or agent_mode == "one_shot":
-        return "one_shot"
+        return ONE_SHOT_PHASE
     if solve_mode == "chat" or agent_mode == "chat":
-        return "chat"
+        return CHAT_PHASE
     return "control"
 
 
@@ -276,8 +284,9 @@ def _step_summary(instance: Any, agent: str | None) -> str | None:
 
 
 def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                     kwargs: dict[str, Any], number: int, context: Any) -> Any:
-    goal, agent = _step_from_plan(number, context)
+                     kwargs: dict[str, Any], number: int, context: Any,
+                     planned: tuple[str, str | None] | None = None) -> Any:
+    goal, agent = planned if planned is not None else _step_from_plan(number, context)
     block = step(number, goal, agent=agent)
     with _opened(block) as entered:
         result = wrapped(*args, **kwargs)
@@ -292,10 +301,30 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                 attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
                 block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
                 block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
-                if attempts is not None and limit is not None and attempts >= limit:
-                    block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
+                _fail_out_of_attempts(block, final)
             except Exception:
                 logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
+        return result
+
+
+def _fail_out_of_attempts(block: _Block, final: Any) -> None:
+    """Fail ``block`` when cmbagent's chat ended on its attempt limit (``post_execution_transfer``
+    hands over to the terminator once ``n_attempts >= max_n_attempts``)."""
+    attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+    if attempts is not None and limit is not None and attempts >= limit:
+        block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
+
+
+def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+    """one_shot's phase (its ``execute`` node), failed like a plan step when the attempts ran out."""
+    with _opened(_phase(ONE_SHOT_PHASE)) as entered:
+        result = wrapped(*args, **kwargs)
+        if entered is not None:
+            try:
+                _fail_out_of_attempts(entered, getattr(instance, "final_context", None))
+            except Exception:
+                logger.debug("cmbagent_otel: could not read one_shot outcome", exc_info=True)
         return result
 
 
@@ -338,7 +367,14 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
         return _solve_with_step(wrapped, instance, args, kwargs, number, context)
     if sticky is not None and cursor is not None:
         _switch_sticky(cursor, sticky, None)
+    if name == ONE_SHOT_PHASE:
+        return _solve_one_shot(wrapped, instance, args, kwargs)
     with _opened(_phase(name)):
+        if name == CHAT_PHASE:
+            # cmbagent's chat mode is a one-step plan ("Step 1: solve the main task.") that the chat
+            # agent and the human admin work on: its turns become that step's sub-agent nodes
+            return _solve_with_step(wrapped, instance, args, kwargs, 1, context,
+                                    planned=(_text(call.get("task")) or "", _text(call.get("initial_agent"))))
         return wrapped(*args, **kwargs)
 
 
@@ -700,6 +736,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                          getattr(owner, "__name__", owner), name)
             return
         if _is_ours(current):
+            original = current.__wrapped__
+            if name in ENTRY_POINTS and getattr(original, "__name__", name) != name:
+                # an alias (cmbagent's ``deep_research = planning_and_control_context_carryover``):
+                # its runs are named as the user called them
+                self._wrap_alias(state, owner, name, original, wrapper)
+                return
             # a re-export bound to the wrapper installed on its defining module: restore it too
             state.patched.append((owner, name))
             return
@@ -708,6 +750,16 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             state.codes[code] = (name, ENTRY_POINTS[name])
         try:
             wrapt.wrap_function_wrapper(owner, name, wrapper)
+        except Exception:
+            logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
+            return
+        state.patched.append((owner, name))
+
+    @staticmethod
+    def _wrap_alias(state: _State, owner: Any, name: str, original: Any, wrapper: Callable[..., Any]) -> None:
+        """Bind ``owner.name`` to its own wrapper of ``original`` (restored to ``original`` by unwrap)."""
+        try:
+            setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
         except Exception:
             logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
             return
