@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -129,17 +130,30 @@ def _group_facts(state: Any, groupchat: Any) -> tuple[str, list[str]]:
     its method or its agents list changes."""
     method = getattr(groupchat, "speaker_selection_method", None)
     agents = getattr(groupchat, "agents", None) or ()
-    cache = state.candidates
-    entry = cache.get(id(groupchat))
-    if entry is not None and entry[0] is groupchat and entry[1] is method and entry[2] is agents \
+    entry = state.candidates.get(id(groupchat))
+    if entry is not None and entry[0]() is groupchat and entry[1] == id(method) and entry[2] == id(agents) \
             and entry[3] == len(agents):
         return entry[4], entry[5]
     reason = _reason(groupchat)
     names = [cached_name(state.agents, a) for a in agents]
-    if len(cache) >= 64:
-        cache.clear()  # group chats of one process: a bound, not a cache policy
-    cache[id(groupchat)] = (groupchat, method, agents, len(agents), reason, names)
+    _remember_group(state.candidates, groupchat, method, agents, (reason, names))
     return reason, names
+
+
+def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, method: Any, agents: Any,
+                    facts: tuple[str, list[str]]) -> None:
+    """Keep a group chat's facts without keeping the group chat: it is held weakly and its method and
+    agents list by id (the group chat holds them while it lives). A strong entry kept every finished
+    chat's group chat, agents and message histories alive: the agents refer to the manager, the manager
+    to the group chat, so no entry holding the agents could ever go."""
+    key = id(groupchat)
+    try:
+        ref = weakref.ref(groupchat, lambda _, key=key: cache.pop(key, None))
+    except TypeError:  # not weak-referenceable: computed each time
+        return
+    if len(cache) >= 64:
+        cache.clear()  # group chats alive at once: a bound, not a cache policy
+    cache[key] = (ref, id(method), id(agents), len(agents), *facts)
 
 
 def _event_room(span: Span) -> int:
