@@ -67,7 +67,7 @@ def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     shortcut off for the whole process)."""
     for name in ("_known", "_known_pattern", "_secret_with_comma"):
         value = getattr(redaction, name)
-        monkeypatch.setattr(redaction, name, set(value) if isinstance(value, set) else value)
+        monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)
 
 
 def test_a_secret_with_a_comma_turns_the_shortcut_off(isolated_secrets: None) -> None:
