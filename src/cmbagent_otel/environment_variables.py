@@ -148,11 +148,19 @@ def _database_url(raw: str) -> str:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
+    if backend == "sqlite" and _in_memory(parsed.database, parsed.query):
+        # each connection gets its own empty database: the schema is never there to write to
+        raise ValueError("an in-memory SQLite database (nothing could ever be stored or read back)")
     try:
         parsed.get_dialect()
     except NoSuchModuleError:
         raise ValueError(f"unknown database driver {parsed.drivername!r}") from None
     return raw
+
+
+def _in_memory(database: str | None, query: Any) -> bool:
+    return not database or database == ":memory:" or (
+        database.startswith("file:") and ("mode=memory" in database or query.get("mode") == "memory"))
 
 
 def _path(raw: str) -> str:
