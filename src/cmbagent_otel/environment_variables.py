@@ -43,6 +43,7 @@ DATABASE_URL = "CMBAGENT_OTEL_DATABASE_URL"
 CMBAGENT_DATABASE_URL = "CMBAGENT_DATABASE_URL"
 WORK_DIR = "CMBAGENT_DEFAULT_WORK_DIR"
 SPILL_DIR = "CMBAGENT_OTEL_SPILL_DIR"
+SPILL_RESERVE_MB = "CMBAGENT_OTEL_SPILL_RESERVE_MB"
 EXPORT_TIMEOUT = "CMBAGENT_OTEL_EXPORT_TIMEOUT"
 SQLITE_BUSY_TIMEOUT_MS = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
 COST_RECORDS = "CMBAGENT_OTEL_COST_RECORDS"
@@ -251,6 +252,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(SPILL_DIR, _default_spill_dir,
             "Where batches the database refused wait for replay (shared by every database)", _path,
             default_text="`<work dir>/spill`"),
+    Setting(SPILL_RESERVE_MB, 256,
+            "MiB the spill store leaves free on its filesystem (or 5 % of its size, if less): past that a batch "
+            "it would keep is dropped and counted, so the application's own writes never meet a full disk",
+            _number(int, 0)),
     Setting(EXPORT_TIMEOUT, 10.0,
             "Seconds the DAG exporter retries a batch (every lock or connection wait included) before spilling it",
             _number(float, 0)),
