@@ -26,9 +26,9 @@ from cmbagent_otel.dag.writer import DagWriter
 def scenario(provider: Any) -> None:
     tracer = provider.get_tracer("other.instrumentation")
     with c.workflow("foreign under a step", mode="planning-control"), c.phase("control"):
-        with c.step(1, "load the maps", agent="engineer"):
-            with tracer.start_as_current_span("GET /maps"), tracer.start_as_current_span("dns lookup"):
-                pass
+        with c.step(1, "load the maps", agent="engineer"), tracer.start_as_current_span("GET /maps"), \
+                tracer.start_as_current_span("dns lookup"):
+            pass
         with c.step(2, "fit", agent="engineer"), tracer.start_as_current_span("POST /fit"):
             pass
 

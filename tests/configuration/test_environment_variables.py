@@ -18,7 +18,8 @@ NOT_READ = {"CMBAGENT_TABLES"}  # a name in dag/schema.py's __all__, not a varia
 
 
 def _known() -> set[str]:
-    return {n for s in env.SETTINGS.values() for n in (s.name, *s.also)} | set(env.SDK_CHECKED) | set(env.HEADER_VARIABLES)
+    settings = {n for s in env.SETTINGS.values() for n in (s.name, *s.also)}
+    return settings | set(env.SDK_CHECKED) | set(env.HEADER_VARIABLES)
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -22,7 +22,6 @@ from sqlalchemy.engine import make_url
 
 from cmbagent_otel.dag.database import upgrade
 
-
 from .conftest import expected_keys, stored_spans
 from .test_schema_mismatch import run_spans
 

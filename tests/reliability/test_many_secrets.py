@@ -15,8 +15,6 @@ import pytest
 
 from cmbagent_otel import redaction
 
-from .test_safe_text import isolated_secrets  # noqa: F401  (fixture)
-
 
 def key() -> str:
     return "tenant-" + secrets.token_hex(12)
