@@ -89,3 +89,21 @@ def test_spans_are_spilled_then_replayed_once_the_role_is_granted(
     finally:
         exporter.shutdown()
     assert stored_spans(owner_url) == expected_keys(spans)
+
+
+def test_a_role_that_cannot_create_the_schema_is_told_why(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                         capture, role_url: tuple[str, str, str]) -> None:
+    """The migration is refused (``permission denied for schema``) on every attempt, but the last
+    attempt, left with what remains of the deadline, ends in a statement timeout: the log line
+    named only that. It now names the first attempt's error too."""
+    owner_url, url, role = role_url
+    spans = run_spans(capture)
+    as_owner(owner_url, "SELECT 1", role)  # USAGE on the empty schema, no CREATE
+    exporter = DagSpanExporter(url, timeout=1, spill_dir=tmp_path / "spill")
+    try:
+        exporter.export(spans)
+        assert exporter.stats()["spilled"] == len(spans)
+    finally:
+        exporter.shutdown()
+    line = next(r.getMessage() for r in caplog.records if "spans kept in the spill store" in r.getMessage())
+    assert "permission denied for schema" in line, line
