@@ -398,7 +398,7 @@ def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, c
     # events in the batch, or with events stored before it, can have anything to repair.
     repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
     repair.update(run_id for _, run_id in batch.foreign_parents.values())
-    repair.update(_node_runs(batch))
+    repair.update(_node_runs(batch) - created)  # a created run has no stored foreign event to repair
     if repair:
         _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
