@@ -225,13 +225,15 @@ class DagSpanExporter(SpanExporter):
         now = time.monotonic()
         deadline = now + (DEGRADED_ATTEMPT_S if now < self._degraded_until else self._timeout)
         backoff = INITIAL_BACKOFF_S
+        first: DatabaseUnavailable | None = None
         while True:
             try:
                 self._get_writer().write(spans, timeout=max(0.0, deadline - time.monotonic()))
             except DatabaseUnavailable as exc:
+                first = first or exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed.is_set():
-                    return self._give_up(spans, exc)
+                    return self._give_up(spans, _why(first, exc))
                 self._count("retried", count)
                 # waits on the shutdown event so shutdown() cuts the backoff short
                 self._closed.wait(min(backoff, remaining))
@@ -247,7 +249,7 @@ class DagSpanExporter(SpanExporter):
                 self._replay(min(REPLAY_SLICE_S, self._timeout))
             return SpanExportResult.SUCCESS
 
-    def _give_up(self, spans: Sequence[ReadableSpan], exc: Exception) -> SpanExportResult:
+    def _give_up(self, spans: Sequence[ReadableSpan], exc: Exception | str) -> SpanExportResult:
         count = _finished(spans)
         self._degraded_until = time.monotonic() + DEGRADED_S
         kept = self._keep(spans, f"database unavailable: {exc}")
@@ -414,3 +416,12 @@ def span_processor(exporter: DagSpanExporter | None = None, **settings: Any) -> 
     from cmbagent_otel.processor import DurableBatchSpanProcessor
 
     return DurableBatchSpanProcessor(exporter or DagSpanExporter(), **settings)
+
+
+def _why(first: DatabaseUnavailable, last: DatabaseUnavailable) -> str:
+    """Why a batch could not be written: the first attempt's error, which names the cause, and the
+    last's when it differs (the last attempt runs with what is left of the deadline, so it mostly ends
+    in a statement or lock timeout, which alone hid e.g. ``permission denied for schema``)."""
+    if str(first) == str(last):
+        return str(last)
+    return f"{first} (last attempt: {str(last).partition('): ')[2] or last})"

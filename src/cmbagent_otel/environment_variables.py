@@ -27,6 +27,7 @@ from typing import Any
 logger = logging.getLogger("cmbagent_otel")
 
 __all__ = [
+    "HEADER_VARIABLES",
     "SDK_CHECKED",
     "SETTINGS",
     "Setting",
@@ -42,6 +43,7 @@ DATABASE_URL = "CMBAGENT_OTEL_DATABASE_URL"
 CMBAGENT_DATABASE_URL = "CMBAGENT_DATABASE_URL"
 WORK_DIR = "CMBAGENT_DEFAULT_WORK_DIR"
 SPILL_DIR = "CMBAGENT_OTEL_SPILL_DIR"
+SPILL_RESERVE_MB = "CMBAGENT_OTEL_SPILL_RESERVE_MB"
 EXPORT_TIMEOUT = "CMBAGENT_OTEL_EXPORT_TIMEOUT"
 SQLITE_BUSY_TIMEOUT_MS = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
 COST_RECORDS = "CMBAGENT_OTEL_COST_RECORDS"
@@ -147,11 +149,19 @@ def _database_url(raw: str) -> str:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
+    if backend == "sqlite" and _in_memory(parsed.database, parsed.query):
+        # each connection gets its own empty database: the schema is never there to write to
+        raise ValueError("an in-memory SQLite database (nothing could ever be stored or read back)")
     try:
         parsed.get_dialect()
     except NoSuchModuleError:
         raise ValueError(f"unknown database driver {parsed.drivername!r}") from None
     return raw
+
+
+def _in_memory(database: str | None, query: Any) -> bool:
+    return not database or database == ":memory:" or (
+        database.startswith("file:") and ("mode=memory" in database or query.get("mode") == "memory"))
 
 
 def _path(raw: str) -> str:
@@ -242,6 +252,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(SPILL_DIR, _default_spill_dir,
             "Where batches the database refused wait for replay (shared by every database)", _path,
             default_text="`<work dir>/spill`"),
+    Setting(SPILL_RESERVE_MB, 256,
+            "MiB the spill store leaves free on its filesystem (or 5 % of its size, if less): past that a batch "
+            "it would keep is dropped and counted, so the application's own writes never meet a full disk",
+            _number(int, 0)),
     Setting(EXPORT_TIMEOUT, 10.0,
             "Seconds the DAG exporter retries a batch (every lock or connection wait included) before spilling it",
             _number(float, 0)),
@@ -369,6 +383,21 @@ def _sdk_compression(raw: str) -> None:
         raise ValueError("the gRPC exporters accept only gzip")
 
 
+def _sdk_positive_int(raw: str) -> None:
+    if int(raw) < 1:
+        raise ValueError("not a positive integer")
+
+
+def _sdk_int(raw: str) -> None:
+    int(raw)
+
+
+def _sdk_interval(raw: str) -> None:
+    _number(float, 0)(raw.strip())
+    if float(raw) <= 0:
+        raise ValueError("not above 0")
+
+
 def _sdk_propagators(raw: str) -> None:
     from importlib.metadata import entry_points
 
@@ -390,6 +419,14 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
         "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
         "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION"), _sdk_compression),
     "OTEL_PROPAGATORS": _sdk_propagators,
+    # the SDK's batch processors and periodic metric reader raise on values below 1 (and log a
+    # traceback for non-integers) when they are built
+    **dict.fromkeys((
+        "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BLRP_SCHEDULE_DELAY", "OTEL_BLRP_MAX_QUEUE_SIZE", "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE"), _sdk_positive_int),
+    **dict.fromkeys(("OTEL_BSP_EXPORT_TIMEOUT", "OTEL_BLRP_EXPORT_TIMEOUT"), _sdk_int),
+    "OTEL_METRIC_EXPORT_INTERVAL": _sdk_interval,
+    "OTEL_METRIC_EXPORT_TIMEOUT": _sdk_seconds,
 }
 """``OTEL_*`` variables the SDK reads itself and raises on (some when it is imported): checked by
 :func:`check_sdk_variables` when cmbagent-otel is imported."""
@@ -414,7 +451,55 @@ def check_sdk_variables() -> list[str]:
                 _warn_once(name, raw, str(exc) or "invalid", False, "the OpenTelemetry SDK's default")
         os.environ.pop(name, None)
         removed.append(name)
+    _check_sdk_batch_sizes()
+    _check_header_variables()
     return removed
+
+
+# (batch size, queue size, the SDK's default batch and queue sizes) of the SDK's batch processors
+_SDK_BATCHES = (("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_QUEUE_SIZE", 512, 2048),
+                ("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", "OTEL_BLRP_MAX_QUEUE_SIZE", 512, 2048))
+
+
+def _check_sdk_batch_sizes() -> None:
+    """A batch larger than the queue (``OTEL_BSP_MAX_QUEUE_SIZE=100`` alone is one: the default batch
+    is 512) makes the SDK's batch processor raise when it is built: the batch size is lowered to
+    the queue size, with a warning."""
+    for batch_name, queue_name, batch_default, queue_default in _SDK_BATCHES:
+        try:
+            batch = int(os.environ.get(batch_name) or batch_default)
+            queue = int(os.environ.get(queue_name) or queue_default)
+        except ValueError:  # left by the checks above only when empty
+            continue
+        if batch > queue:
+            _warn_once(batch_name, str(batch), f"above {queue_name}={queue}", False, str(queue))
+            os.environ[batch_name] = str(queue)
+
+
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                    "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_LOGS_HEADERS")
+"""Variables the OTLP exporters read headers (credentials) from."""
+
+
+def _check_header_variables() -> None:
+    """Drop the entries of the OTLP header variables the exporters cannot parse, with a warning that
+    does not show them: the SDK logs a malformed entry whole, and an entry such as
+    ``Authorization: Bearer <token>`` (a colon for the ``=``) is a credential."""
+    try:
+        from opentelemetry.util.re import _DELIMITER_PATTERN, _LIBERAL_HEADER_PATTERN
+    except ImportError:  # another API version: the exporters' own parsing and warnings apply
+        return
+    for name in HEADER_VARIABLES:
+        raw = os.environ.get(name)
+        if not raw:
+            continue
+        entries = [entry for entry in _DELIMITER_PATTERN.split(raw) if entry]
+        kept = [entry for entry in entries if _LIBERAL_HEADER_PATTERN.fullmatch(entry.strip())]
+        if len(kept) < len(entries):
+            bad = len(entries) - len(kept)
+            _warn_once(name, raw, f"{bad} of its {len(entries)} entries not name=value", True,
+                       "the other entries" if kept else "no headers")
+            os.environ[name] = ",".join(kept)
 
 
 check_sdk_variables()  # at import: the package imports this module before any OpenTelemetry SDK module

@@ -77,9 +77,9 @@ _ASCII_LOWER = {ord(c): ord(c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _lock = threading.RLock()
 reset_in_child(sys.modules[__name__], "_lock")
-_known: set[str] = set()
+_known: dict[str, None] = {}  # registered secrets, in registration order (see _rebuild)
 _learned: OrderedDict[str, None] = OrderedDict()
-_known_pattern: re.Pattern[str] | None = None
+_known_pattern: re.Pattern[str] | _Patterns | None = None
 _secret_with_comma = False
 
 
@@ -151,17 +151,68 @@ def _trie_pattern(words: list[str]) -> str:
     return build(trie)
 
 
-def _rebuild() -> None:
-    global _known_pattern, _secret_with_comma
-    values = _known | _learned.keys()
-    _secret_with_comma = any("," in v for v in values)
-    if not values:
-        _known_pattern = None
-        return
+def _compile(values: Iterable[str]) -> re.Pattern[str]:
     try:
-        _known_pattern = re.compile(_trie_pattern(sorted(values)))
+        return re.compile(_trie_pattern(sorted(values)))
     except (RecursionError, re.error):  # secrets nested as prefixes hundreds deep: plain alternation
-        _known_pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+        return re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+
+
+class _Patterns:
+    """Many secrets as several patterns, each match replaced as by one alternation of them all
+    (overlapping matches of two patterns are joined: neither secret shows a part)."""
+
+    __slots__ = ("patterns",)
+
+    def __init__(self, patterns: tuple[re.Pattern[str], ...]) -> None:
+        self.patterns = patterns
+
+    def sub(self, repl: str, text: str) -> str:
+        spans = [m.span() for pattern in self.patterns for m in pattern.finditer(text)]
+        if not spans:
+            return text
+        spans.sort()
+        out, last, (start, end) = [], 0, spans[0]
+        for s, e in spans[1:]:
+            if s < end:
+                end = max(end, e)
+                continue
+            out += (text[last:start], repl)
+            last, start, end = end, s, e
+        out += (text[last:start], repl, text[end:])
+        return "".join(out)
+
+
+_CHUNK = 128
+# past _CHUNK secrets: the registered ones _CHUNK at a time, and the learned ones (values -> their pattern)
+_chunks: dict[tuple[str, ...], re.Pattern[str]] = {}
+
+
+def _rebuild() -> None:
+    """Compile the known secrets again. Up to _CHUNK secrets: one pattern. Past that (a service
+    registering each request's API keys), registered ones are compiled in chunks and a new secret
+    compiles one chunk: compiling all of them on every new secret took time and memory growing
+    with their number (1000 keys: 23 s of CPU for the last 500, and 200 MiB of re's cache)."""
+    global _known_pattern, _secret_with_comma, _chunks
+    values = _known.keys() | _learned.keys()
+    _secret_with_comma = any("," in v for v in values)
+    if len(values) <= _CHUNK:
+        _known_pattern = _compile(values) if values else None
+        _chunks = {}
+        return
+    registered = list(_known)
+    chunks = {}
+    for start in range(0, len(registered), _CHUNK):
+        chunk = tuple(registered[start:start + _CHUNK])
+        found = _chunks.get(chunk)
+        chunks[chunk] = found if found is not None else _compile(chunk)
+    learned = tuple(v for v in _learned if v not in _known)
+    if learned and learned not in _chunks:
+        chunks[learned] = _compile(learned)
+    elif learned:
+        chunks[learned] = _chunks[learned]
+    _chunks = chunks
+    _known_pattern = _Patterns(tuple(chunks.values()))
 
 
 def is_registered(value: str) -> bool:
@@ -176,7 +227,7 @@ def register_secret(value: Any) -> None:
     with _lock:
         if value in _known:
             return
-        _known.add(value)
+        _known[value] = None
         _learned.pop(value, None)
         _rebuild()
 
@@ -375,7 +426,7 @@ def redact(text: str | None) -> str | None:
     return _redact_with(_known_pattern, text)
 
 
-def _redact_with(known: re.Pattern[str] | None, text: str) -> str:
+def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     before = _known_pattern
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
@@ -391,7 +442,7 @@ def _redact_with(known: re.Pattern[str] | None, text: str) -> str:
 class _Memo:
     __slots__ = ("chars", "entries", "known")
 
-    def __init__(self, known: re.Pattern[str] | None) -> None:
+    def __init__(self, known: re.Pattern[str] | _Patterns | None) -> None:
         self.known = known
         self.entries: dict[str, str] = {}
         self.chars = 0

@@ -21,6 +21,7 @@ before, still leaves every span in the database once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from . import environment_variables
 from ._forksafe import reset_in_child
 
 logger = logging.getLogger("cmbagent_otel")
@@ -352,6 +354,7 @@ class SpillStore:
         self._lock = threading.Lock()
         reset_in_child(self, "_lock")
         self._seq = 0
+        self._reserve = int(environment_variables.get(environment_variables.SPILL_RESERVE_MB)) << 20
 
     def _name(self, suffix: str) -> Path:
         with self._lock:
@@ -378,15 +381,18 @@ class SpillStore:
                     logger.debug("cmbagent_otel: OTLP encoding failed, spilling JSON lines", exc_info=True)
                     other.extend(chunk)
                     continue
-                paths.append(self._write(self._name(OTLP_SUFFIX),
-                                         _header(self.target, "otlp-protobuf", len(chunk), len(body)) + body))
+                data = _header(self.target, "otlp-protobuf", len(chunk), len(body)) + body
+                self._room(len(data))
+                paths.append(self._write(self._name(OTLP_SUFFIX), data))
                 spilled += len(chunk)
             for start in range(0, len(other), MAX_SPANS_PER_FILE):
                 chunk = other[start:start + MAX_SPANS_PER_FILE]
                 lines = b"".join(
                     json.dumps(span_to_record(s), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
                     for s in chunk)
-                paths.append(self._write(self._name(SUFFIX), _header(self.target, "jsonl", len(chunk), None) + lines))
+                data = _header(self.target, "jsonl", len(chunk), None) + lines
+                self._room(len(data))
+                paths.append(self._write(self._name(SUFFIX), data))
                 spilled += len(chunk)
         except OSError as exc:
             if paths:
@@ -395,6 +401,20 @@ class SpillStore:
         if paths:
             _fsync_dir(self.directory)
         return paths
+
+    def _room(self, size: int) -> None:
+        """Raise ``ENOSPC`` when ``size`` more bytes would leave the spill directory's filesystem
+        with less free space than the reserve (``CMBAGENT_OTEL_SPILL_RESERVE_MB``, or 5 % of the
+        filesystem if less): a database down for hours must not fill the disk the application
+        writes its own results to (the spill store used to grow until the disk was full)."""
+        try:
+            st = os.statvfs(self.directory)
+        except (OSError, AttributeError):  # no statvfs (Windows): the disk-full errors still apply
+            return
+        reserve = min(self._reserve, st.f_blocks * st.f_frsize // 20)
+        if st.f_bavail * st.f_frsize - size < reserve:
+            raise OSError(errno.ENOSPC, f"leaving {reserve / (1 << 20):.1f} MiB free for the application "
+                                        f"({environment_variables.SPILL_RESERVE_MB})", str(self.directory))
 
     @staticmethod
     def _write(final: Path, data: bytes) -> Path:

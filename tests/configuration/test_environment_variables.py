@@ -18,7 +18,8 @@ NOT_READ = {"CMBAGENT_TABLES"}  # a name in dag/schema.py's __all__, not a varia
 
 
 def _known() -> set[str]:
-    return {n for s in env.SETTINGS.values() for n in (s.name, *s.also)} | set(env.SDK_CHECKED)
+    settings = {n for s in env.SETTINGS.values() for n in (s.name, *s.also)}
+    return settings | set(env.SDK_CHECKED) | set(env.HEADER_VARIABLES)
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
@@ -71,6 +72,9 @@ def test_no_other_module_reads_the_environment() -> None:
     (env.TRACES_EXPORTER, "console,zipkin-typo"), (env.OTLP_TRACES_PROTOCOL, "carrier-pigeon"),
     (env.INGEST_PORT, "99999"), (env.INGEST_GRPC_PORT, "http"), (env.INGEST_WORKERS, "two"),
     (env.OFFLINE_BACKEND, "cloud"), (env.DATABASE_URL, "mysql://u:hunter2@db/x"),
+    # in memory: each connection saw its own empty database, every span spilled for ever
+    (env.DATABASE_URL, "sqlite:///:memory:"),
+    (env.DATABASE_URL, "sqlite:///file:dag?mode=memory&cache=shared&uri=true"),
 ])
 def test_a_bad_value_is_warned_once_and_the_default_used(name: str, bad: str, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

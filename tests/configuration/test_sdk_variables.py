@@ -41,7 +41,15 @@ BAD = {
     "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "10s",
     "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd",
     "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "none",  # the spec's value, which the gRPC exporter refuses
+    # the SDK's batch span processor and periodic metric reader raise when they are built
+    "OTEL_BSP_SCHEDULE_DELAY": "0",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "5000",  # above the queue (2048)
+    "OTEL_BSP_EXPORT_TIMEOUT": "30s",  # the SDK logs a traceback
+    "OTEL_METRIC_EXPORT_INTERVAL": "-1",
 }
+# the SDK logs a malformed header entry whole: here, a credential written with a colon
+HEADER_SECRET = "sk-HEADERSECRET0123456789"
+BAD_HEADERS = f"x-tenant=cmb,Authorization: Bearer {HEADER_SECRET}"
 
 
 def run_child(tmp_path: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -57,12 +65,14 @@ def test_bad_sdk_variables_are_warned_once_and_the_app_runs(tmp_path: Path) -> N
             **BAD,
             "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": server.grpc_endpoint,
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_EXPORTER_OTLP_HEADERS": BAD_HEADERS,
         })
         assert child.returncode == 0 and "APP DONE" in child.stdout, child.stderr
         assert "Traceback" not in child.stderr, child.stderr
         for name, value in BAD.items():
             assert child.stderr.count(f"ignoring {name}={value!r}") == 1, (name, child.stderr)
+        assert child.stderr.count("ignoring OTEL_EXPORTER_OTLP_HEADERS=<hidden> (1 of its 2 entries") == 1
+        assert HEADER_SECRET not in child.stderr
         assert server.spans_written == 3  # exported with the defaults (no compression, 10 s timeout)
     with sqlite3.connect(tmp_path / "ingest.db") as conn:
         assert conn.execute("SELECT mode, status FROM workflow_runs").fetchall() == [("planning-control", "completed")]
@@ -77,3 +87,25 @@ def test_valid_and_empty_values_are_left_alone(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "")  # empty: unset, as the spec says
     assert env.check_sdk_variables() == ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"]
     assert {name: os.environ.get(name) for name in good} == good
+
+
+def test_a_queue_smaller_than_the_default_batch_lowers_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OTEL_BSP_MAX_QUEUE_SIZE=100`` alone made the SDK's batch processor raise (its default batch,
+    512, is larger): the batch is lowered to the queue, and the processor builds."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "100")
+    monkeypatch.delenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", raising=False)
+    env.check_sdk_variables()
+    assert os.environ["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] == "100"
+    BatchSpanProcessor(ConsoleSpanExporter()).shutdown()
+
+
+def test_header_variables_keep_their_good_entries(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", f"a=1, Authorization: Bearer {HEADER_SECRET} ,b=x%20y")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "api-key=fine,x=1")
+    env.check_sdk_variables()
+    assert os.environ["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == "a=1,b=x%20y"
+    assert os.environ["OTEL_EXPORTER_OTLP_HEADERS"] == "api-key=fine,x=1"
+    assert HEADER_SECRET not in caplog.text

@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
+from cmbagent_otel import redaction
 from cmbagent_otel.demo import order_speakers
 from cmbagent_otel.testing import ScriptedModelClient, offline_backend
 
@@ -134,3 +135,12 @@ def _no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", raising=False)
     monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
     assert not cmbagent_otel.is_instrumented()
+
+
+@pytest.fixture
+def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secrets registered by a test are forgotten after it (a comma secret switches the
+    shortcut off for the whole process)."""
+    for name in ("_known", "_known_pattern", "_secret_with_comma"):
+        value = getattr(redaction, name)
+        monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)

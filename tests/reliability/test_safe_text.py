@@ -61,15 +61,6 @@ def test_bounded_list_serialisation_equals_full(seed: int) -> None:
             assert redaction.safe_text(value, limit) == reference(value, limit)
 
 
-@pytest.fixture
-def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The secrets registered by a test are forgotten after it (a comma secret switches the
-    shortcut off for the whole process)."""
-    for name in ("_known", "_known_pattern", "_secret_with_comma"):
-        value = getattr(redaction, name)
-        monkeypatch.setattr(redaction, name, set(value) if isinstance(value, set) else value)
-
-
 def test_a_secret_with_a_comma_turns_the_shortcut_off(isolated_secrets: None) -> None:
     head, tail = secrets.token_hex(1500), secrets.token_hex(6)
     redaction.register_secret(f'{head}", "{tail}')  # json puts '", "' between two items

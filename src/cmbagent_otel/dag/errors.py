@@ -5,8 +5,8 @@ SQLite (``sqlite3.Error.sqlite_errorcode``, primary code = low byte):
 * retry: ``SQLITE_BUSY``/``SQLITE_LOCKED`` (another writer), ``SQLITE_FULL`` (disk or
   ``max_page_count`` full: space may come back), ``SQLITE_IOERR``, ``SQLITE_PROTOCOL``,
   ``SQLITE_NOLFS``, ``SQLITE_CANTOPEN``, ``SQLITE_READONLY``, ``SQLITE_CORRUPT``,
-  ``SQLITE_NOTADB`` (the file is gone, unwritable or not a database right now: keeping the
-  batch in the spill store beats dropping it);
+  ``SQLITE_NOTADB``, ``SQLITE_PERM``, ``SQLITE_AUTH`` (the file is gone, unwritable, refused or
+  not a database right now: keeping the batch in the spill store beats dropping it);
 * ``SQLITE_READONLY_DBMOVED`` and ``SQLITE_CANTOPEN``: the file was moved or deleted, the
   connection must be reopened;
 * ``SQLITE_ERROR`` saying ``no such table``/``no such column``: the schema is missing
@@ -22,7 +22,10 @@ PostgreSQL (SQLSTATE of psycopg's exception):
 * retry: class ``08`` (connection), ``53`` (insufficient resources), ``57P`` (server
   shutting down / restarting), ``57014`` (statement timeout), ``55P03`` (lock timeout),
   ``58`` (system I/O), ``40001`` (serialization failure), ``40P01`` (deadlock); a driver
-  error without SQLSTATE (connection refused, connection closed) too;
+  error without SQLSTATE (connection refused, connection closed) too; and refusals of the
+  role or session rather than of the spans: ``42501`` (insufficient privilege), ``25006``
+  (read-only transaction: a standby, ``default_transaction_read_only``), class ``28``
+  (login refused), ``3D000`` (no such database);
 * ``42P01`` undefined table, ``42703`` undefined column, ``3F000`` missing schema:
   re-migrate;
 * anything else: not retryable.
@@ -68,14 +71,19 @@ _SQLITE_RETRY = frozenset({
     15,  # SQLITE_PROTOCOL
     22,  # SQLITE_NOLFS
     26,  # SQLITE_NOTADB
+    3,  # SQLITE_PERM
+    23,  # SQLITE_AUTH
 })
 _SQLITE_ERROR = 1
 _SQLITE_CANTOPEN = 14
 _SQLITE_READONLY_DBMOVED = 8 | (4 << 8)
 _SQLITE_SCHEMA_MESSAGES = ("no such table", "no such column", "has no column named")
 
-_PG_RETRY_PREFIXES = ("08", "53", "57P", "58")
-_PG_RETRY_CODES = frozenset({"57014", "55P03", "40001", "40P01"})
+_PG_RETRY_PREFIXES = ("08", "28", "53", "57P", "58")
+# the last four: the database refuses this role or session whatever the spans (no privilege, a
+# read-only transaction or standby, a login refused, no such database): every span would be
+# dropped one by one, while a fixed grant or setting lets the spill store write them all later
+_PG_RETRY_CODES = frozenset({"57014", "55P03", "40001", "40P01", "42501", "25006", "3D000"})
 _PG_SCHEMA_CODES = frozenset({"42P01", "42703", "3F000"})
 
 

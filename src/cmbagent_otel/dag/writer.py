@@ -398,6 +398,7 @@ def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, c
     # events in the batch, or with events stored before it, can have anything to repair.
     repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
     repair.update(run_id for _, run_id in batch.foreign_parents.values())
+    repair.update(_node_runs(batch) - created)  # a created run has no stored foreign event to repair
     if repair:
         _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
@@ -526,8 +527,12 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
     if not foreign:
         return
     candidates: dict[str, str | None] = {}
+    parent_spans: dict[str, Any] = {}  # parent event id -> the parent's span id (hex)
     for row in foreign:
-        candidates[row.id] = _parent_event_id(decode_json(row.meta))
+        meta = decode_json(row.meta)
+        candidates[row.id] = parent = _parent_event_id(meta)
+        if parent is not None:
+            parent_spans[parent] = meta["parent_span_id"]
     wanted = sorted({c for c in candidates.values() if c})
     known: dict[str, tuple[int, int, str | None]] = {}
     for part in sql.in_chunks(wanted):
@@ -538,6 +543,8 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
                 continue
             if (r.event_type, r.event_subtype) != FOREIGN_TYPE:
                 known[r.id] = (r.depth, r.execution_order, r.node_id)
+    under_node = _node_span_parents(conn, sql, run_ids, {
+        parent: span for parent, span in parent_spans.items() if parent not in known and parent not in candidates})
     # event id -> (parent, depth, order, node, nearest cmbagent ancestor)
     resolved: dict[str, tuple[str | None, int, int, str | None, str | None]] = {}
 
@@ -552,6 +559,10 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
         if event_id in resolved:
             return resolved[event_id]
         parent = candidates.get(event_id)
+        if parent in under_node:  # directly under a DAG node's span: an event of that node, at its top
+            result: tuple[str | None, int, int, str | None, str | None] = (None, 0, 0, under_node[parent], None)
+            resolved[event_id] = result
+            return result
         info = resolve(parent, seen) if parent else None
         result = (None, 0, 0, None, None) if info is None else (parent, info[0] + 1, *info[1:])
         resolved[event_id] = result
@@ -579,6 +590,31 @@ def _repair_foreign(conn: Connection, sql: Sql, run_ids: set[str]) -> None:
                 moves.append((target, child_id))
     if moves:
         sql.write(conn, f"UPDATE execution_events SET parent_event_id = {m} WHERE id = {m}", moves, many=True)
+
+
+def _node_runs(batch: MappedBatch) -> set[str]:
+    """Runs given a node by this batch: their foreign events are looked at again, since a span of
+    another instrumentation directly under a node's span ends (and may be written) before it."""
+    return {node["run_id"] for node in batch.nodes.values()} | {
+        node["run_id"] for node in batch.started_nodes.values()}
+
+
+def _node_span_parents(conn: Connection, sql: Sql, run_ids: set[str], parents: dict[str, Any]) -> dict[str, str]:
+    """Node id by parent event id, for the ``parents`` (event id -> span id in hex) that are the spans of
+    stored DAG nodes (a step, a phase, an agent turn): a span of another instrumentation directly under
+    one belongs to that node (before, it had no node and ``events --node`` left it out)."""
+    if not parents:
+        return {}
+    wanted = set(parents.values())
+    by_span: dict[Any, str] = {}
+    for part in sql.in_chunks(sorted(run_ids)):
+        for row in sql.rows(conn, f"SELECT id, meta FROM dag_nodes WHERE {sql.where_in('run_id', len(part))}",
+                            sql.in_params(part)):
+            meta = decode_json(row.meta)
+            span = meta.get("span_id") if isinstance(meta, dict) else None
+            if span in wanted:
+                by_span[span] = row.id
+    return {parent: by_span[span] for parent, span in parents.items() if span in by_span}
 
 
 def _write_messages(conn: Connection, sql: Sql, messages: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -72,10 +73,10 @@ class Selection:
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
         facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[0] is not groupchat or facts[1] is not method or facts[2] is not agents \
+        if facts is None or facts[0]() is not groupchat or facts[1] != id(method) or facts[2] != id(agents) \
                 or facts[3] != len(agents):
             facts = _group_facts(state, groupchat, method, agents)
-        self.facts = facts  # (groupchat, method, agents, len(agents), reason, candidates)
+        self.facts = facts  # (weak groupchat, id(method), id(agents), len(agents), reason, candidates)
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -133,14 +134,27 @@ class Selection:
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
-    """(group chat, its selection method, its agents list, their count, the method's name, the agents'
-    names), cached per group chat (:class:`Selection` reads the cache; this fills it): computed again
-    only when its method or its agents list changes."""
-    cache = state.candidates
-    facts = (groupchat, method, agents, len(agents), _reason(groupchat), [cached_name(state.agents, a) for a in agents])
+    """(weak ref to the group chat, id of its selection method, id of its agents list, their count, the
+    method's name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this
+    fills it): computed again only when its method or its agents list changes."""
+    facts = (None, id(method), id(agents), len(agents), _reason(groupchat),
+             [cached_name(state.agents, a) for a in agents])
+    return _remember_group(state.candidates, groupchat, facts)
+
+
+def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Keep a group chat's facts without keeping the group chat: it is held weakly and its method and
+    agents list by id (the group chat holds them while it lives). A strong entry kept every finished
+    chat's group chat, agents and message histories alive: the agents refer to the manager, the manager
+    to the group chat, so no entry holding the agents could ever go."""
+    key = id(groupchat)
+    try:
+        facts = (weakref.ref(groupchat, lambda _, key=key: cache.pop(key, None)), *facts[1:])
+    except TypeError:  # not weak-referenceable: computed each time
+        return facts
     if len(cache) >= 64:
-        cache.clear()  # group chats of one process: a bound, not a cache policy
-    cache[id(groupchat)] = facts
+        cache.clear()  # group chats alive at once: a bound, not a cache policy
+    cache[key] = facts
     return facts
 
 
