@@ -41,7 +41,7 @@ from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor  # noqa: E4
 from cmbagent_otel.testing import FakeOpenAIServer  # noqa: E402
 from tests.dag.test_cmbagent_contract import check_contract  # noqa: E402
 
-from .scripted_cmbagent import DEFAULT_PLAN, TASK, call_workflow, script_for  # noqa: E402
+from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, TASK, call_workflow, script_for  # noqa: E402
 
 pytestmark = pytest.mark.cmbagent_autogen
 
@@ -769,3 +769,24 @@ def test_deep_research_imported_after_instrumenting_is_named_as_called(tmp_path:
     assert '"name": "workflow planning_and_control_context_carryover"' not in proc.stdout
     for name in ("phase planning", "phase control", "step 1", "step 2", "step 3"):
         assert f'"name": "{name}"' in proc.stdout, name
+
+
+def test_api_keys_given_to_an_entry_point_are_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmbagent's ``api_keys`` are credentials, also the ones no agent is configured with (MISTRAL
+    serves cmbagent's OCR only): after a run none of them can reach a span, a log or a DB row."""
+    from cmbagent_otel import redaction
+
+    unused = "mistral-0f3c9a7e51d24b6b8e1a"
+    assert unused in redaction.redact(f"key {unused}")  # not a secret before the run
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    capture = SpanCapture()
+    with FakeOpenAIServer(request_responder=script_for("one_shot")) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+        try:
+            call_workflow("one_shot", tmp_path / "work", api_keys={**API_KEYS, "MISTRAL": unused})
+        finally:
+            cmbagent_otel.uninstrument()
+    assert capture.exporter.get_finished_spans()
+    assert unused not in redaction.redact(f"key {unused}")

@@ -46,6 +46,7 @@ nothing while uninstrumented.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -75,7 +76,7 @@ from .._spans import (
     workflow_tracers,
 )
 from ..instrumentation._steps import context_get, plan_steps
-from ..redaction import truncate
+from ..redaction import register_secret, truncate
 from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
@@ -222,7 +223,18 @@ def _run(block: workflow) -> Iterator[None]:
         yield
 
 
+def _register_api_keys(api_keys: Any) -> None:
+    """cmbagent's ``api_keys`` (``{"OPENAI": key, "MISTRAL": key, ...}``): every value is a credential,
+    also one no agent's ``llm_config`` carries (those alone were found), and its provider-named keys are
+    not secret-named, so the generic walk would miss them."""
+    if isinstance(api_keys, Mapping):
+        with contextlib.suppress(Exception):  # telemetry must never break the app
+            for key in list(api_keys.values()):
+                register_secret(key)
+
+
 def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
+    _register_api_keys(bound.get("api_keys"))
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
@@ -810,6 +822,7 @@ async def _run_async(block: workflow, coro: Any) -> Any:
 def _solve_wrapper(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
+            _register_api_keys(getattr(instance, "api_keys", None))
             call = _bind(wrapped, args, kwargs)
             scope = current_scope()
             caller = None if scope is not None and scope.in_workflow else state.callers.find()
