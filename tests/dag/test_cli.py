@@ -298,3 +298,22 @@ def test_a_database_cmbagent_wrote_is_read_as_it_is(tmp_path: Path, capsys: pyte
     capsys.readouterr()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmbagent.db"]
+
+
+def test_help_states_every_default_the_parser_uses() -> None:
+    """Each option with a default value says it in its help (what the README and docs quote)."""
+    import argparse
+
+    from cmbagent_otel.cli import build_parser
+
+    parser = build_parser()
+    assert "Exit codes: 0 success; 2 an error" in (parser.epilog or "")
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                    and not isinstance(action, argparse._HelpAction):
+                assert f"default: {action.default}" in (action.help or ""), (name, action.dest, action.help)
+                checked += 1
+    assert checked >= 5  # runs --limit/--format, events --format, dag --format, demo --format

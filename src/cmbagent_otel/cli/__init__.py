@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="cmbagent-otel",
-        description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.")
+        description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.",
+        epilog="Exit codes: 0 success; 2 an error, reported in one line on stderr (bad arguments, no database, "
+               "tables or runs to read, an unknown run or node, spill files replay could not write, demo spans not "
+               "written, a database or Graphviz failure); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_db_option(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
