@@ -317,3 +317,13 @@ def test_help_states_every_default_the_parser_uses() -> None:
                 assert f"default: {action.default}" in (action.help or ""), (name, action.dest, action.help)
                 checked += 1
     assert checked >= 5  # runs --limit/--format, events --format, dag --format, demo --format
+
+
+def test_demo_without_ag2_is_one_error_line(sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The package installs without the ag2 extra; its demo then says what to install (exit 2), no traceback."""
+    monkeypatch.setitem(sys.modules, "autogen", None)  # `import autogen` raises ImportError, as where it is absent
+    assert main(["--db", sqlite_url, "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cmbagent-otel: error: the demo runs AG2 agents") and "[ag2]" in err
+    assert err.count("\n") == 1
