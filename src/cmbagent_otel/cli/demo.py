@@ -12,7 +12,9 @@ HELP = "run an offline planning/control workflow (no API key) into the DAG datab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--work-dir", default=None, help="where the demo's code runs (default: a temp dir)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the demo's code runs (default: a new temporary directory, kept; the run "
+                             "records its path as meta.work_dir)")
     dag.add_format(parser)
 
 
