@@ -327,3 +327,19 @@ def test_demo_without_ag2_is_one_error_line(sqlite_url: str, monkeypatch: pytest
     err = capsys.readouterr().err
     assert err.startswith("cmbagent-otel: error: the demo runs AG2 agents") and "[ag2]" in err
     assert err.count("\n") == 1
+
+
+def test_replay_db_help_says_what_db_does_there() -> None:
+    """``replay --db`` filters spill files by database (no --db: each file to its own); its help must not
+    claim the reading commands' default database."""
+    import argparse
+
+    from cmbagent_otel.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {name: next(a.help for a in sub._actions if "--db" in a.option_strings)
+             for name, sub in subparsers.choices.items()}
+    assert helps["replay"].startswith("replay only the files recorded for this database")
+    assert "default: every file into the database it records" in helps["replay"]
+    assert all(h.startswith("database URL (default:") for name, h in helps.items() if name != "replay")
