@@ -7,11 +7,13 @@ tables in ./offline_demo.db); see README.md.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from autogen import ConversableAgent
 
 import cmbagent_otel
+from cmbagent_otel.dag.database import redacted
 from cmbagent_otel.testing import ScriptedModelClient, scripted_llm_config
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +29,9 @@ def scripted_agent(name: str, script: list[str]) -> ConversableAgent:
 def main() -> None:
     os.environ.setdefault("OTEL_TRACES_EXPORTER", "cmbagent_dag")
     os.environ.setdefault("OTEL_SERVICE_NAME", "cmbagent-offline-demo")
-    os.environ.setdefault("CMBAGENT_OTEL_DATABASE_URL", f"sqlite:///{HERE / 'offline_demo.db'}")
+    url_given = bool(os.environ.get("CMBAGENT_OTEL_DATABASE_URL", "").strip())
+    if not url_given:
+        os.environ["CMBAGENT_OTEL_DATABASE_URL"] = f"sqlite:///{HERE / 'offline_demo.db'}"
     cmbagent_otel.instrument()
 
     planner = scripted_agent("planner", ["1. Load the spectrum\n2. Fit the first peak"])
@@ -51,8 +55,12 @@ def main() -> None:
     cmbagent_otel.uninstrument()  # flushes every exporter
     print(f"spans exported to: {os.environ['OTEL_TRACES_EXPORTER']}")
     if "cmbagent_dag" in os.environ["OTEL_TRACES_EXPORTER"]:
-        print(f"DAG stored in {os.environ['CMBAGENT_OTEL_DATABASE_URL']}; inspect it with:")
-        print("  cmbagent-otel runs\n  cmbagent-otel dag latest\n  cmbagent-otel events latest")
+        url = os.environ["CMBAGENT_OTEL_DATABASE_URL"]
+        print(f"DAG stored in {redacted(url)}; inspect it with:")  # never a password on the terminal
+        # the shell has the URL only when it was given there; the default one is this script's own
+        db = "" if url_given else f" --db {shlex.quote(url)}"
+        for command in ("runs", "dag latest", "events latest"):
+            print(f"  cmbagent-otel{db} {command}")
 
 
 if __name__ == "__main__":

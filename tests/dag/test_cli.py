@@ -298,3 +298,48 @@ def test_a_database_cmbagent_wrote_is_read_as_it_is(tmp_path: Path, capsys: pyte
     capsys.readouterr()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmbagent.db"]
+
+
+def test_help_states_every_default_the_parser_uses() -> None:
+    """Each option with a default value says it in its help (what the README and docs quote)."""
+    import argparse
+
+    from cmbagent_otel.cli import build_parser
+
+    parser = build_parser()
+    assert "Exit codes: 0 success; 2 an error" in (parser.epilog or "")
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                    and not isinstance(action, argparse._HelpAction):
+                assert f"default: {action.default}" in (action.help or ""), (name, action.dest, action.help)
+                checked += 1
+    assert checked >= 5  # runs --limit/--format, events --format, dag --format, demo --format
+
+
+def test_demo_without_ag2_is_one_error_line(sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The package installs without the ag2 extra; its demo then says what to install (exit 2), no traceback."""
+    monkeypatch.setitem(sys.modules, "autogen", None)  # `import autogen` raises ImportError, as where it is absent
+    assert main(["--db", sqlite_url, "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cmbagent-otel: error: the demo runs AG2 agents") and "[ag2]" in err
+    assert err.count("\n") == 1
+
+
+def test_replay_db_help_says_what_db_does_there() -> None:
+    """``replay --db`` filters spill files by database (no --db: each file to its own); its help must not
+    claim the reading commands' default database."""
+    import argparse
+
+    from cmbagent_otel.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {name: next(a.help for a in sub._actions if "--db" in a.option_strings)
+             for name, sub in subparsers.choices.items()}
+    assert helps["replay"].startswith("replay only the files recorded for this database")
+    assert "default: every file into the database it records" in helps["replay"]
+    assert all(h.startswith("database URL (default:") for name, h in helps.items() if name != "replay")

@@ -1,7 +1,7 @@
 """The ``cmbagent-otel`` command line.
 
 :data:`COMMANDS` lists every subcommand, in the order ``--help`` shows them. Each is a
-module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION``),
+module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION`` and ``DB_HELP``),
 ``add_arguments(parser)`` and ``run(args) -> exit code``; the ingest, replay and demo
 modules of the library hold no command-line code. ``--db URL`` is accepted before and after
 the subcommand. A :class:`CLIError` (bad input, nothing to read), an argument or path that
@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="cmbagent-otel",
-        description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.")
+        description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.",
+        epilog="Exit codes: 0 success; 2 an error, reported in one line on stderr (bad arguments, no database, "
+               "tables or runs to read, an unknown run or node, spill files replay could not write, demo spans not "
+               "written, a database or Graphviz failure); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_db_option(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description = getattr(command, "DESCRIPTION", None) or command.HELP
         p = sub.add_parser(command.NAME, help=command.HELP, description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_db_option(p)
+        add_db_option(p, help=getattr(command, "DB_HELP", None))
         command.add_arguments(p)
         p.set_defaults(_command=command.run)
     return parser

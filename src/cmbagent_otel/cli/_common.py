@@ -30,13 +30,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
-    """``--db URL``, accepted before the subcommand (``top_level``) and after it.
+def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False, help: str | None = None) -> None:
+    """``--db URL``, accepted before the subcommand (``top_level``) and after it; ``help``: what
+    it means for a command that does not simply read or write that database (``replay``).
 
     After the subcommand its default is SUPPRESS, so an absent ``--db`` there leaves the
     top-level value in place instead of overwriting it with ``None``.
     """
-    parser.add_argument("--db", metavar="URL", default=None if top_level else argparse.SUPPRESS, help=DB_HELP)
+    parser.add_argument("--db", metavar="URL", default=None if top_level else argparse.SUPPRESS,
+                        help=help or DB_HELP)
 
 
 # C0 and C1 control characters (ESC starts terminal escape sequences: retitle the window, clear the

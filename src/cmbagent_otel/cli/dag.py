@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="tree",
                         help="tree (terminal), json, mermaid, dot (Graphviz source) or svg (a picture: needs "
-                             "Graphviz's dot program)")
+                             "Graphviz's dot program); default: tree")
 
 
 def show(dag: dict[str, object], fmt: str) -> None:

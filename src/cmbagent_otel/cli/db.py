@@ -11,7 +11,8 @@ HELP = "manage the tracking schema (Alembic)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("upgrade", "current", "downgrade"))
+    parser.add_argument("action", choices=("upgrade", "current", "downgrade"),
+                        help="upgrade (creates the database if needed), current, downgrade")
     parser.add_argument("revision", nargs="?", help="target revision (upgrade: head, downgrade: -1)")
 
 

@@ -12,7 +12,9 @@ HELP = "run an offline planning/control workflow (no API key) into the DAG datab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--work-dir", default=None, help="where the demo's code runs (default: a temp dir)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the demo's code runs (default: a new temporary directory, kept; the run "
+                             "records its path as meta.work_dir)")
     dag.add_format(parser)
 
 
@@ -32,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
         where = redacted(resolve_url(args.db))
     except BadDatabaseURL as exc:
         raise CLIError(str(exc)) from None
+    try:
+        import autogen  # noqa: F401  (the demo's agents are AG2's; without it, one line instead of a traceback)
+    except ImportError:
+        raise CLIError("the demo runs AG2 agents and AG2 is not installed here: install cmbagent-otel with its "
+                       "`ag2` extra (python -m pip install \"/path/to/cmbagent-otel[ag2]\"), or use an "
+                       "environment that has AG2 or cmbagent's cmbagent_autogen") from None
     for name in ("autogen", "autogen.oai.client"):
         logging.getLogger(name).setLevel(logging.WARNING)
     exporter = DagSpanExporter(args.db)

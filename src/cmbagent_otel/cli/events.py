@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", help="only events of this DAG node (short id, e.g. step_2)")
     parser.add_argument("--recursive", "-r", action="store_true",
                         help="with --node: also the events of the node's descendants (sub-agents, redos)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="table (terminal) or json (default: table)")
 
 
 def run(args: argparse.Namespace) -> int:

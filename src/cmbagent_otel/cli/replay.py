@@ -16,6 +16,11 @@ Files from before spill files recorded their database are written only with --to
 line of output says which database was written."""
 
 
+DB_HELP = ("replay only the files recorded for this database, with its password (default: every file into the "
+           "database it records; $CMBAGENT_OTEL_DATABASE_URL or $CMBAGENT_DATABASE_URL, when they name that "
+           "database, only supply its password)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spill-dir", default=None,
                         help="spill directory (default: $CMBAGENT_OTEL_SPILL_DIR or <work dir>/spill)")

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=50, help="at most this many runs (default: 50)")
     parser.add_argument("--all", action="store_true",
                         help="also show empty branch runs (a redo's branch run whose work is in its parent's DAG)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="table (terminal) or json (default: table)")
 
 
 def run(args: argparse.Namespace) -> int:
