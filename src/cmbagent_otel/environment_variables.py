@@ -378,9 +378,33 @@ def _sdk_seconds(raw: str) -> None:
     _number(float, 0)(raw.strip())
 
 
-def _sdk_compression(raw: str) -> None:
-    if raw.strip().lower() != "gzip":
-        raise ValueError("the gRPC exporters accept only gzip")
+# the protocol variable of each signal's OTLP exporter, read before the generic OTEL_EXPORTER_OTLP_PROTOCOL
+SDK_PROTOCOLS = {"TRACES": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "METRICS": "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+              "LOGS": "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"}
+_SIGNALS = tuple(SDK_PROTOCOLS)
+
+
+def _signal_protocol(signal: str) -> str:
+    """The OTLP protocol the SDK's exporter of ``signal`` uses (``grpc`` unless set)."""
+    raw = os.environ.get(SDK_PROTOCOLS[signal]) or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    return (raw or "grpc").strip().lower()
+
+
+def _compression_for(signals: tuple[str, ...]) -> Callable[[str], None]:
+    """The compression check of a variable read by the exporters of ``signals``: the gRPC exporters
+    accept only gzip, the HTTP ones also deflate and none (kept for them: dropping deflate would
+    turn an HTTP user's compression off)."""
+
+    def check(raw: str) -> None:
+        value = raw.strip().lower()
+        if value == "gzip":
+            return
+        if value not in ("deflate", "none"):
+            raise ValueError("not gzip, deflate or none")
+        if any(not _signal_protocol(signal).startswith("http") for signal in signals):
+            raise ValueError("the gRPC exporters accept only gzip")
+
+    return check
 
 
 def _sdk_positive_int(raw: str) -> None:
@@ -415,9 +439,10 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
     **dict.fromkeys((
         "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
         "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_seconds),
-    **dict.fromkeys((
-        "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-        "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION"), _sdk_compression),
+    "OTEL_EXPORTER_OTLP_COMPRESSION": _compression_for(_SIGNALS),
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": _compression_for(("TRACES",)),
+    "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": _compression_for(("METRICS",)),
+    "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": _compression_for(("LOGS",)),
     "OTEL_PROPAGATORS": _sdk_propagators,
     # the SDK's batch processors and periodic metric reader raise on values below 1 (and log a
     # traceback for non-integers) when they are built
@@ -472,7 +497,11 @@ def _check_sdk_batch_sizes() -> None:
         except ValueError:  # left by the checks above only when empty
             continue
         if batch > queue:
-            _warn_once(batch_name, str(batch), f"above {queue_name}={queue}", False, str(queue))
+            if os.environ.get(batch_name):
+                _warn_once(batch_name, str(batch), f"above {queue_name}={queue}", False, str(queue))
+            else:  # the user set only the queue: name it, not a batch size they never set
+                logger.warning("cmbagent_otel: %s=%d is below the default batch size %d; using %s=%d",
+                               queue_name, queue, batch, batch_name, queue)
             os.environ[batch_name] = str(queue)
 
 

@@ -109,3 +109,34 @@ def test_header_variables_keep_their_good_entries(monkeypatch: pytest.MonkeyPatc
     assert os.environ["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == "a=1,b=x%20y"
     assert os.environ["OTEL_EXPORTER_OTLP_HEADERS"] == "api-key=fine,x=1"
     assert HEADER_SECRET not in caplog.text
+
+
+def test_http_exporters_keep_deflate_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OTLP/HTTP exporters accept deflate and none (the gRPC ones only gzip): dropping deflate
+    there turned an HTTP user's compression off. A variable read by a gRPC exporter too still goes."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    for signal in ("TRACES", "METRICS", "LOGS"):
+        monkeypatch.delenv(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "deflate")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "deflate")
+    assert env.check_sdk_variables() == ["OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"]
+    assert os.environ["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"] == "none"
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "deflate")
+    assert env.check_sdk_variables() == []
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+    assert OTLPSpanExporter()._compression.value == "deflate"
+
+
+def test_a_queue_alone_is_named_in_the_warning(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    monkeypatch.delenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", raising=False)
+    with caplog.at_level("WARNING", logger="cmbagent_otel"):
+        env.check_sdk_variables()
+    assert "OTEL_BSP_MAX_QUEUE_SIZE=64 is below the default batch size 512" in caplog.text
+    assert "ignoring OTEL_BSP_MAX_EXPORT_BATCH_SIZE" not in caplog.text
