@@ -302,8 +302,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             _choice("grpc", "http/protobuf", aliases={"http": "http/protobuf"}),
             also=("OTEL_EXPORTER_OTLP_PROTOCOL",)),
     Setting(SERVICE_NAME, None,
-            "`service.name` of the spans (read by the SDK; unset: `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, "
-            "else instrument(service_name=), else `cmbagent`)"),
+            "`service.name` of the spans (read by the SDK; instrument(service_name=) wins over it; unset: "
+            "`service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `cmbagent`)"),
     Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK)"),
     # cmbagent-otel ingest
     Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds"),

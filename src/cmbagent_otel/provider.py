@@ -171,11 +171,12 @@ def span_processors(
 
 
 def resource(service_name: str | None = None) -> Resource:
-    """The resource of the providers built here: ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``
-    (read by the SDK), else ``service_name``, else ``cmbagent``."""
+    """The resource of the providers built here (argument > environment > default, as for every
+    setting, and as the SDK's ``Resource.create`` merges): ``service_name``, else ``OTEL_SERVICE_NAME`` /
+    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (read by the SDK), else ``cmbagent``."""
     attributes = {}
     env_has_name = bool(env.get(env.SERVICE_NAME)) or "service.name=" in (env.get(env.RESOURCE_ATTRIBUTES) or "")
-    if not env_has_name:
+    if service_name or not env_has_name:
         attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
     return Resource.create(attributes)
 

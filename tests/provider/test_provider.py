@@ -146,3 +146,21 @@ def test_explicit_provider_wins(capture):
     finally:
         cmbagent_otel.uninstrument()
     assert isinstance(capture.provider, TracerProvider)
+
+
+def test_service_name_argument_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argument > environment > default, as for every setting (and as ``Resource.create`` merges)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME
+
+    from cmbagent_otel.provider import resource
+
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    assert resource("from-code").attributes[SERVICE_NAME] == "from-code"
+    assert resource().attributes[SERVICE_NAME] == "from-env"
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs,team=cmb")
+    assert resource("from-code").attributes[SERVICE_NAME] == "from-code"
+    assert resource().attributes[SERVICE_NAME] == "from-attrs"
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
+    assert resource().attributes[SERVICE_NAME] == "cmbagent"
