@@ -117,6 +117,8 @@ def test_errors_exit_2(filled: tuple[str, str], capsys: pytest.CaptureFixture[st
     assert "unknown run 'no-such-run'" in capsys.readouterr().err
     assert main(["--db", url, "events", "latest", "--node", "step_9"]) == 2
     assert "no node 'step_9'" in capsys.readouterr().err
+    assert main(["--db", url, "events", "latest", "-r"]) == 2
+    assert "--recursive needs --node" in capsys.readouterr().err
     assert main(["--db", "mysql://x/y", "runs"]) == 2
     assert "unsupported database backend" in capsys.readouterr().err
     assert main(["--db", "not a url", "runs"]) == 2

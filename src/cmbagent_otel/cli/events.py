@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from ._common import console, fmt_ms, markup, reading, styled_status
+from ._common import CLIError, console, fmt_ms, markup, reading, styled_status
 
 NAME = "events"
 HELP = "list a run's execution events"
@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recursive and not args.node:  # a run's events are all its events: -r alone asks for nothing
+        raise CLIError("--recursive needs --node (the node whose descendants' events to add)")
     with reading(args.db) as reader:
         run_row = reader.run(args.run)
         records = reader.events(run_row, args.node, recursive=args.recursive)
