@@ -582,6 +582,20 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
         assert not [s for s in nodes if s in ("step_2", "step_3")]  # the plan stopped at step 1
 
 
+def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:
+    """planning_and_control returns normally after step 1 ran out of attempts (its plan stops there);
+    cmbagent's own tracking fails such a run (its control phase fails the step, then the phase, and
+    the workflow raises): the workflow span and the run row are failed, naming the step. The call's
+    result is cmbagent's own (test_identical_app_outputs_with_and_without_instrumentation)."""
+    run = runner("planning_and_control", fail=True, max_n_attempts=1)
+    assert run.error is None and run.results["final_context"]["n_attempts"] == 1
+    root = _one(run, "workflow planning_and_control")
+    assert root.status.status_code is StatusCode.ERROR
+    assert "step 1 ran out of attempts" in (root.status.description or "")
+    _, _, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "failed" and "step 1 ran out of attempts" in row["meta"]["error"]
+
+
 def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
     """max_n_attempts=1 in the carryover loop: step 1 fails, the loop stops, and cmbagent then raises
     its own FileNotFoundError (it cleans up the planning context's folders): the same exception as
