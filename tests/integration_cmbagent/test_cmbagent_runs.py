@@ -37,6 +37,7 @@ from cmbagent_otel.exporters.dag import DagSpanExporter  # noqa: E402
 import cmbagent_otel  # noqa: E402
 from cmbagent_otel import semconv as sc  # noqa: E402
 from cmbagent_otel.dag.writer import T  # noqa: E402
+from cmbagent_otel.instrumentation._steps import plan_steps  # noqa: E402
 from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor  # noqa: E402
 from cmbagent_otel.testing import FakeOpenAIServer  # noqa: E402
 from tests.dag.test_cmbagent_contract import check_contract  # noqa: E402
@@ -579,7 +580,16 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
     assert [(short_of[e["node_id"]], e["status"]) for e in events if e["event_type"] == "code_exec"] == [
         (f"{short}_engineer_nest", "failed"), (f"{short}_engineer_nest_2", "completed")]
     if kind == "planning_and_control":
-        assert not [s for s in nodes if s in ("step_2", "step_3")]  # the plan stopped at step 1
+        # the plan stopped at step 1: steps 2 and 3 never ran, pending nodes of the plan (goal, agent)
+        plan = run.results["final_context"]["final_plan"]
+        for n in (2, 3):
+            node, planned = nodes[f"step_{n}"], plan_steps(plan)[n - 1]
+            assert (node["status"], node["meta"]["status"], node["agent"]) == ("pending", "pending",
+                                                                                 planned["sub_task_agent"])
+            assert node["meta"]["goal"] == planned["sub_task"] and node["meta"]["started_at"] is None
+            assert node["parent_node_id"] == nodes["control"]["id"] and node["order_index"] == n
+            assert not [e for e in events if e["node_id"] == node["id"]]
+        assert _named(run, "step 2")[0].attributes[sc.STEP_STATUS] == sc.STEP_NOT_STARTED
 
 
 def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ logger = logging.getLogger("cmbagent_otel")
 
 STATUS_TOOLS = frozenset({"record_status", "record_status_starter"})
 _MAX_STEP = 2**31 - 1  # a step number is an order_index (INTEGER column); anything larger is not a plan step
+_MAX_NOT_STARTED = 1000  # never-started plan steps recorded (cmbagent's plans have max_plan_steps, a handful)
 
 _STEP_RE = re.compile(r"^\s*-\s*Step\s+(\d+)\s*:", re.IGNORECASE)
 _SUBTASK_RE = re.compile(r"^\s*\*\s*sub-task:\s*(.*)$", re.IGNORECASE)
@@ -126,8 +127,8 @@ class _Step:
 class StepTracker:
     """Plan steps of one group chat (see the module docstring)."""
 
-    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "seen",
-                 "tracer")
+    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "plan",
+                 "seen", "tracer")
 
     def __init__(self, tracer: Tracer, derive: bool = True) -> None:
         self.tracer = tracer
@@ -140,6 +141,7 @@ class StepTracker:
         self.pending: _Step | None = None
         self.seen: set[int] = set()
         self.last_attempts: int | None = None
+        self.plan: Any = None  # the chat's final_plan, as last seen in its context variables
 
     def bind(self, scope: Scope | None, span: Span) -> None:
         """The chat manager's span has started; ``scope`` is its children's (the anchor) scope."""
@@ -154,6 +156,7 @@ class StepTracker:
         with self._lock:
             self._observe_attempts(context)
             if self.derive and name in STATUS_TOOLS:
+                self.plan = context_get(context, "final_plan") or self.plan
                 self._transition(context)
 
     def _observe_attempts(self, context: Any) -> None:
@@ -285,6 +288,37 @@ class StepTracker:
             self.current = None
             self.cursor.pending = None
             self.cursor.close_all()  # nothing of the chat runs any more
+            if self.derive:
+                self._not_started_steps()
+
+    def _not_started_steps(self) -> None:
+        """The plan steps this chat never started (the plan stopped before them: a step ran out of
+        attempts, or the chat ended or raised), each a zero-length ``step n`` span whose node is
+        pending, so the run's DAG shows the whole plan as cmbagent's does (its DAG gets a node per
+        plan step once planning is done)."""
+        if self._scope is None or self._span is None or not self.seen:
+            return
+        try:
+            for number, planned in enumerate(plan_steps(self.plan)[:_MAX_NOT_STARTED], start=1):
+                if number in self.seen:
+                    continue
+                self.seen.add(number)
+                attrs: dict[str, Any] = {
+                    semconv.STEP_NUMBER: number,
+                    semconv.STEP_GOAL: safe_text(_text(planned.get("sub_task")) or ""),
+                    semconv.STEP_STATUS: semconv.STEP_NOT_STARTED,
+                }
+                if self._scope.phase is not None:
+                    attrs[semconv.PHASE] = self._scope.phase
+                agent = _text(planned.get("sub_task_agent"))
+                if agent:
+                    attrs[semconv.STEP_AGENT] = agent
+                node = NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number)
+                attrs, _ = compose(self._scope, semconv.KIND_STEP, attrs, node, False, None, {"step": number})
+                self.tracer.start_span(f"step {number}", context=trace.set_span_in_context(self._span),
+                                       kind=SpanKind.INTERNAL, attributes=attrs).end()
+        except Exception:
+            logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
     def _finish(self, step: _Step, frame: Frame) -> None:
         span = frame.span
