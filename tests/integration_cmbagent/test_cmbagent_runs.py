@@ -616,12 +616,20 @@ def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
     assert str(run.error).replace(str(run.work_dir), "<wd>") == str(plain.error).replace(str(plain.work_dir), "<wd>")
     assert run.sequence == plain.sequence
     step1 = _one(run, "step 1")
-    assert step1.status.status_code is StatusCode.ERROR and not _named(run, "step 2")
+    assert step1.status.status_code is StatusCode.ERROR
+    assert [s.attributes[sc.STEP_STATUS] for n in (2, 3) for s in _named(run, f"step {n}")] == [
+        sc.STEP_NOT_STARTED] * 2  # the loop stopped: steps 2 and 3 never ran
     (attempt,) = [s for s in run.spans if _kind(s) == sc.KIND_ATTEMPT]
     assert attempt.attributes[sc.GEN_AI_AGENT_NAME] == "engineer"
-    nodes, _, row = _backend_rows(run, tmp_path)
+    nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "failed" and "FileNotFoundError" in row["meta"]["error"]
     assert nodes["step_1"]["status"] == "failed"
+    for n in (2, 3):
+        node, planned = nodes[f"step_{n}"], DEFAULT_PLAN[n - 1]
+        assert (node["status"], node["agent"], node["parent_node_id"]) == (
+            "pending", planned.agent, nodes["control"]["id"])
+        assert node["meta"]["goal"] == planned.task
+        assert not [e for e in events if e["node_id"] == node["id"]]
 
 
 def test_carryover_restart_at_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -293,32 +293,10 @@ class StepTracker:
 
     def _not_started_steps(self) -> None:
         """The plan steps this chat never started (the plan stopped before them: a step ran out of
-        attempts, or the chat ended or raised), each a zero-length ``step n`` span whose node is
-        pending, so the run's DAG shows the whole plan as cmbagent's does (its DAG gets a node per
-        plan step once planning is done)."""
+        attempts, or the chat ended or raised) become pending nodes (:func:`record_not_started`)."""
         if self._scope is None or self._span is None or not self.seen:
             return
-        try:
-            for number, planned in enumerate(plan_steps(self.plan)[:_MAX_NOT_STARTED], start=1):
-                if number in self.seen:
-                    continue
-                self.seen.add(number)
-                attrs: dict[str, Any] = {
-                    semconv.STEP_NUMBER: number,
-                    semconv.STEP_GOAL: safe_text(_text(planned.get("sub_task")) or ""),
-                    semconv.STEP_STATUS: semconv.STEP_NOT_STARTED,
-                }
-                if self._scope.phase is not None:
-                    attrs[semconv.PHASE] = self._scope.phase
-                agent = _text(planned.get("sub_task_agent"))
-                if agent:
-                    attrs[semconv.STEP_AGENT] = agent
-                node = NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number)
-                attrs, _ = compose(self._scope, semconv.KIND_STEP, attrs, node, False, None, {"step": number})
-                self.tracer.start_span(f"step {number}", context=trace.set_span_in_context(self._span),
-                                       kind=SpanKind.INTERNAL, attributes=attrs).end()
-        except Exception:
-            logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
+        record_not_started(self.tracer, self._scope, self._span, self.plan, self.seen)
 
     def _finish(self, step: _Step, frame: Frame) -> None:
         span = frame.span
@@ -357,6 +335,34 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     if not goal:
         goal = _text(context_get(context, "current_sub_task")) or ""
     return goal, agent
+
+
+def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, plan: Any,
+                       started: Collection[int], after: int = 0) -> None:
+    """Plan steps of ``plan`` (numbered from 1) past ``after`` and not in ``started``, each a zero-length
+    ``step n`` span under ``parent_span`` (goal and agent from the plan, ``cmbagent.step.status`` "not
+    started"), stored as a pending node: cmbagent's DAG has a node per plan step once planning is done
+    (``add_step_nodes``, pending) and never sets a step it did not reach running."""
+    try:
+        for number, planned in enumerate(plan_steps(plan)[:_MAX_NOT_STARTED], start=1):
+            if number <= after or number in started:
+                continue
+            attrs: dict[str, Any] = {
+                semconv.STEP_NUMBER: number,
+                semconv.STEP_GOAL: safe_text(_text(planned.get("sub_task")) or ""),
+                semconv.STEP_STATUS: semconv.STEP_NOT_STARTED,
+            }
+            if parent_scope.phase is not None:
+                attrs[semconv.PHASE] = parent_scope.phase
+            agent = _text(planned.get("sub_task_agent"))
+            if agent:
+                attrs[semconv.STEP_AGENT] = agent
+            node = NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number)
+            attrs, _ = compose(parent_scope, semconv.KIND_STEP, attrs, node, False, None, {"step": number})
+            tracer.start_span(f"step {number}", context=trace.set_span_in_context(parent_span),
+                              kind=SpanKind.INTERNAL, attributes=attrs).end()
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
 def emit_event(tracer: Tracer, name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope,

@@ -75,7 +75,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._steps import context_get, plan_steps
+from ..instrumentation._steps import context_get, plan_steps, record_not_started
 from ..redaction import register_secret, truncate
 from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
@@ -315,6 +315,7 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                      planned: tuple[str, str | None] | None = None) -> Any:
     goal, agent = planned if planned is not None else _step_from_plan(number, context)
     block = step(number, goal, agent=agent)
+    final: Any = None
     with _opened(block) as entered:
         result = wrapped(*args, **kwargs)
         if entered is not None:
@@ -331,7 +332,24 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                 _fail_out_of_attempts(block, final)
             except Exception:
                 logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
-        return result
+    if entered is not None and planned is None:
+        _plan_stopped_after(number, final, context)
+    return result
+
+
+def _plan_stopped_after(number: int, final: Any, context: Any) -> None:
+    """The carryover loop stops after a step that ran out of attempts: the plan's later steps never
+    start; they are pending nodes under the phase (as in the single-chat plan, see ``_steps``)."""
+    try:
+        attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+        if attempts is None or limit is None or attempts < limit:
+            return
+        scope, span = effective_parent()
+        if scope is not None and scope.phase is not None:
+            plan = context_get(final, "final_plan") or context_get(context, "final_plan")
+            record_not_started(workflow_tracers.current(), scope, span, plan, (), after=number)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
 def _fail_out_of_attempts(block: _Block, final: Any) -> None:
