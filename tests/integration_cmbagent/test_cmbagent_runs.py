@@ -743,19 +743,24 @@ def test_unsampled_run_records_its_metrics_and_runs_the_same(runner: Any, tmp_pa
 
 
 # --- a workflow function bound before instrument() --------------------------------------------------------
-def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stopped", [False, True], ids=["completed", "plan_stopped"])
+def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           stopped: bool) -> None:
+    """plan_stopped: step 1 runs out of attempts (max_n_attempts=1): the run (ended by sys.monitoring
+    when the call returns) is failed, as through the wrapper."""
     import cmbagent.cmbagent as module
 
     assert not CmbagentInstrumentor().is_instrumented_by_opentelemetry
     bound = module.planning_and_control  # what `from cmbagent import planning_and_control` binds now
-    script = script_for("planning_and_control")
+    script = script_for("planning_and_control", fail_first_code=stopped)
     capture = SpanCapture()
     with FakeOpenAIServer(request_responder=script) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
         try:
             assert module.planning_and_control is not bound
-            call_workflow("planning_and_control", tmp_path, function=bound)
+            options = {"max_n_attempts": 1} if stopped else {}
+            call_workflow("planning_and_control", tmp_path, function=bound, **options)
         finally:
             cmbagent_otel.uninstrument()
     spans = capture.spans
@@ -766,6 +771,9 @@ def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monke
     names = [s.name for s in spans if sc.DAG_NODE_TYPE in (s.attributes or {}) and _kind(s) != sc.KIND_AGENT]
     assert {"phase planning", "phase control", "step 1", "step 2", "step 3"} <= set(names)
     assert root[0].end_time >= max(s.end_time for s in spans)
+    assert (root[0].status.status_code is StatusCode.ERROR) is stopped
+    if stopped:
+        assert "step 1 ran out of attempts" in (root[0].status.description or "")
 
 
 # --- opentelemetry-instrument, without touching the app ------------------------------------------------
