@@ -124,6 +124,9 @@ STEP_ATTEMPTS: Final = "cmbagent.step.attempts"
 STEP_MAX_ATTEMPTS: Final = "cmbagent.step.max_attempts"
 STEP_ATTEMPT: Final = "cmbagent.step.attempt"
 STEP_STATUS: Final = "cmbagent.step.status"
+# cmbagent.step.status of a zero-length step span standing for a plan step that never started
+# (the plan stopped before it): its DAG node is pending, as cmbagent's DAG leaves a planned step
+STEP_NOT_STARTED: Final = "not started"
 BRANCH_NAME: Final = "cmbagent.branch.name"
 BRANCH_ATTEMPT: Final = "cmbagent.branch.attempt"
 BRANCH_HYPOTHESIS: Final = "cmbagent.branch.hypothesis"

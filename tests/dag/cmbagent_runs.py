@@ -266,6 +266,21 @@ def control_from_plan(shaper: Shaper) -> None:
                 s.llm("engineer", 400, 100, 0.005)
 
 
+def plan_stopped_at_a_failed_step(shaper: Shaper) -> None:
+    """cmbagent.control whose step 1 ran out of attempts: cmbagent stops the plan there (and returns),
+    step 2 never started (a zero-length step span, ``cmbagent.step.status`` "not started"), the run
+    is failed."""
+    s = shaper
+    with s.workflow("control", "planning-control", fail="plan stopped: step 1 ran out of attempts"), \
+            s.phase("control"), s.conversation("admin", "control"):
+        with s.step(1, "task 1", "engineer", fail="step 1 ran out of attempts"), s.agent("engineer"):
+            s.llm("engineer", 400, 100, 0.005)
+        with s.node("step 2", sc.KIND_STEP, "step_2", sc.NODE_AGENT, 2,
+                    {sc.STEP_NUMBER: 2, sc.STEP_GOAL: "task 2", sc.STEP_AGENT: "researcher", sc.PHASE: "control",
+                     sc.STEP_STATUS: sc.STEP_NOT_STARTED}):
+            pass
+
+
 def one_shot(shaper: Shaper) -> None:
     s = shaper
     with s.workflow("one_shot", "one-shot"), s.phase("one_shot"), s.conversation("admin", "engineer"):

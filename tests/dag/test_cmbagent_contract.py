@@ -31,7 +31,15 @@ from cmbagent_otel.cli import main
 from cmbagent_otel.dag.writer import DagWriter, T, dump_tables
 
 from . import cmbagent_backend as backend
-from .cmbagent_runs import Shaper, control_from_plan, one_shot, plain_ag2, plain_ag2_in_user_span, planning_and_control
+from .cmbagent_runs import (
+    Shaper,
+    control_from_plan,
+    one_shot,
+    plain_ag2,
+    plain_ag2_in_user_span,
+    plan_stopped_at_a_failed_step,
+    planning_and_control,
+)
 
 
 class Exported:
@@ -304,6 +312,28 @@ def test_run_without_planning_starts_from_init(export: Callable[..., Exported]) 
                 ("step_2", "terminator", "sequential")} <= _edges(conn, run.run_id)
         resumable = backend.resumable_nodes(conn, run.run_id)
         assert (resumable[0]["node_id"], resumable[0]["can_resume"]) == ("init", True)
+
+
+def test_plan_step_never_started_is_a_pending_node(export: Callable[..., Exported]) -> None:
+    """A plan step the plan never reached (its span: cmbagent.step.status "not started") is a pending
+    node with its goal and agent, never started, chained in the plan like the others; every endpoint
+    still answers."""
+    run = export(plan_stopped_at_a_failed_step)
+    with run.connect() as conn:
+        nodes = check_contract(conn, run.run_id)
+        step2 = nodes["step_2"]
+        assert (step2["status"], step2["agent"], step2["parent_node_id"]) == ("pending", "researcher",
+                                                                              nodes["control"]["id"])
+        meta = step2["meta"]
+        assert (meta["status"], meta["goal"], meta["label"]) == ("pending", "task 2", "Step 2: task 2")
+        assert meta["started_at"] is None and meta["completed_at"] is None and meta["duration_ms"] is None
+        dag = {n["id"]: n for n in backend.run_dag(conn, run.run_id)["nodes"]}
+        assert [dag[s]["status"] for s in ("step_1", "step_2", "terminator")] == ["failed", "pending", "failed"]
+        assert {("step_1", "step_2", "sequential"), ("step_2", "terminator", "sequential")} <= _edges(conn, run.run_id)
+        assert backend.node_events(conn, "step_2", run.run_id) == []
+        assert backend.execution_summary(conn, "step_2", run.run_id) == {"total_events": 0}
+        (row,) = conn.execute(select(T["workflow_runs"])).mappings()
+        assert row["status"] == "failed"
 
 
 def test_plain_ag2_program(export: Callable[..., Exported], capsys: pytest.CaptureFixture[str]) -> None:

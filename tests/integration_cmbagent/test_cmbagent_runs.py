@@ -37,6 +37,7 @@ from cmbagent_otel.exporters.dag import DagSpanExporter  # noqa: E402
 import cmbagent_otel  # noqa: E402
 from cmbagent_otel import semconv as sc  # noqa: E402
 from cmbagent_otel.dag.writer import T  # noqa: E402
+from cmbagent_otel.instrumentation._steps import plan_steps  # noqa: E402
 from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor  # noqa: E402
 from cmbagent_otel.testing import FakeOpenAIServer  # noqa: E402
 from tests.dag.test_cmbagent_contract import check_contract  # noqa: E402
@@ -579,7 +580,30 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
     assert [(short_of[e["node_id"]], e["status"]) for e in events if e["event_type"] == "code_exec"] == [
         (f"{short}_engineer_nest", "failed"), (f"{short}_engineer_nest_2", "completed")]
     if kind == "planning_and_control":
-        assert not [s for s in nodes if s in ("step_2", "step_3")]  # the plan stopped at step 1
+        # the plan stopped at step 1: steps 2 and 3 never ran, pending nodes of the plan (goal, agent)
+        plan = run.results["final_context"]["final_plan"]
+        for n in (2, 3):
+            node, planned = nodes[f"step_{n}"], plan_steps(plan)[n - 1]
+            assert (node["status"], node["meta"]["status"], node["agent"]) == ("pending", "pending",
+                                                                                 planned["sub_task_agent"])
+            assert node["meta"]["goal"] == planned["sub_task"] and node["meta"]["started_at"] is None
+            assert node["parent_node_id"] == nodes["control"]["id"] and node["order_index"] == n
+            assert not [e for e in events if e["node_id"] == node["id"]]
+        assert _named(run, "step 2")[0].attributes[sc.STEP_STATUS] == sc.STEP_NOT_STARTED
+
+
+def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:
+    """planning_and_control returns normally after step 1 ran out of attempts (its plan stops there);
+    cmbagent's own tracking fails such a run (its control phase fails the step, then the phase, and
+    the workflow raises): the workflow span and the run row are failed, naming the step. The call's
+    result is cmbagent's own (test_identical_app_outputs_with_and_without_instrumentation)."""
+    run = runner("planning_and_control", fail=True, max_n_attempts=1)
+    assert run.error is None and run.results["final_context"]["n_attempts"] == 1
+    root = _one(run, "workflow planning_and_control")
+    assert root.status.status_code is StatusCode.ERROR
+    assert "step 1 ran out of attempts" in (root.status.description or "")
+    _, _, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "failed" and "step 1 ran out of attempts" in row["meta"]["error"]
 
 
 def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
@@ -592,12 +616,20 @@ def test_carryover_out_of_attempts(runner: Any, tmp_path: Path) -> None:
     assert str(run.error).replace(str(run.work_dir), "<wd>") == str(plain.error).replace(str(plain.work_dir), "<wd>")
     assert run.sequence == plain.sequence
     step1 = _one(run, "step 1")
-    assert step1.status.status_code is StatusCode.ERROR and not _named(run, "step 2")
+    assert step1.status.status_code is StatusCode.ERROR
+    assert [s.attributes[sc.STEP_STATUS] for n in (2, 3) for s in _named(run, f"step {n}")] == [
+        sc.STEP_NOT_STARTED] * 2  # the loop stopped: steps 2 and 3 never ran
     (attempt,) = [s for s in run.spans if _kind(s) == sc.KIND_ATTEMPT]
     assert attempt.attributes[sc.GEN_AI_AGENT_NAME] == "engineer"
-    nodes, _, row = _backend_rows(run, tmp_path)
+    nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "failed" and "FileNotFoundError" in row["meta"]["error"]
     assert nodes["step_1"]["status"] == "failed"
+    for n in (2, 3):
+        node, planned = nodes[f"step_{n}"], DEFAULT_PLAN[n - 1]
+        assert (node["status"], node["agent"], node["parent_node_id"]) == (
+            "pending", planned.agent, nodes["control"]["id"])
+        assert node["meta"]["goal"] == planned.task
+        assert not [e for e in events if e["node_id"] == node["id"]]
 
 
 def test_carryover_restart_at_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -711,19 +743,24 @@ def test_unsampled_run_records_its_metrics_and_runs_the_same(runner: Any, tmp_pa
 
 
 # --- a workflow function bound before instrument() --------------------------------------------------------
-def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stopped", [False, True], ids=["completed", "plan_stopped"])
+def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           stopped: bool) -> None:
+    """plan_stopped: step 1 runs out of attempts (max_n_attempts=1): the run (ended by sys.monitoring
+    when the call returns) is failed, as through the wrapper."""
     import cmbagent.cmbagent as module
 
     assert not CmbagentInstrumentor().is_instrumented_by_opentelemetry
     bound = module.planning_and_control  # what `from cmbagent import planning_and_control` binds now
-    script = script_for("planning_and_control")
+    script = script_for("planning_and_control", fail_first_code=stopped)
     capture = SpanCapture()
     with FakeOpenAIServer(request_responder=script) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
         try:
             assert module.planning_and_control is not bound
-            call_workflow("planning_and_control", tmp_path, function=bound)
+            options = {"max_n_attempts": 1} if stopped else {}
+            call_workflow("planning_and_control", tmp_path, function=bound, **options)
         finally:
             cmbagent_otel.uninstrument()
     spans = capture.spans
@@ -734,6 +771,9 @@ def test_entry_point_imported_before_instrument_is_one_run(tmp_path: Path, monke
     names = [s.name for s in spans if sc.DAG_NODE_TYPE in (s.attributes or {}) and _kind(s) != sc.KIND_AGENT]
     assert {"phase planning", "phase control", "step 1", "step 2", "step 3"} <= set(names)
     assert root[0].end_time >= max(s.end_time for s in spans)
+    assert (root[0].status.status_code is StatusCode.ERROR) is stopped
+    if stopped:
+        assert "step 1 ran out of attempts" in (root[0].status.description or "")
 
 
 # --- opentelemetry-instrument, without touching the app ------------------------------------------------

@@ -428,12 +428,22 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     meta["started_at"] = started.isoformat(" ") if started is not None else None
     meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
     meta["duration_ms"] = _duration_ms(span)
-    return {
+    row = {
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
         "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
         "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
         "depth": _int(get(sc.DAG_DEPTH), 0), "meta": meta,
     }
+    if kind == sc.KIND_STEP and get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED and not failed:
+        _as_not_started(row)
+    return row
+
+
+def _as_not_started(row: dict[str, Any]) -> None:
+    """A cmbagent plan step that never ran (the plan stopped before it): pending, never started,
+    as cmbagent's DAG leaves a planned step it did not reach."""
+    row["status"] = "pending"
+    row["meta"].update(status="pending", started_at=None, completed_at=None, duration_ms=None)
 
 
 # --- events -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -49,6 +49,7 @@ logger = logging.getLogger("cmbagent_otel")
 
 STATUS_TOOLS = frozenset({"record_status", "record_status_starter"})
 _MAX_STEP = 2**31 - 1  # a step number is an order_index (INTEGER column); anything larger is not a plan step
+_MAX_NOT_STARTED = 1000  # never-started plan steps recorded (cmbagent's plans have max_plan_steps, a handful)
 
 _STEP_RE = re.compile(r"^\s*-\s*Step\s+(\d+)\s*:", re.IGNORECASE)
 _SUBTASK_RE = re.compile(r"^\s*\*\s*sub-task:\s*(.*)$", re.IGNORECASE)
@@ -126,8 +127,8 @@ class _Step:
 class StepTracker:
     """Plan steps of one group chat (see the module docstring)."""
 
-    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "seen",
-                 "tracer")
+    __slots__ = ("_lock", "_scope", "_span", "current", "cursor", "derive", "last_attempts", "pending", "plan",
+                 "seen", "tracer")
 
     def __init__(self, tracer: Tracer, derive: bool = True) -> None:
         self.tracer = tracer
@@ -140,6 +141,7 @@ class StepTracker:
         self.pending: _Step | None = None
         self.seen: set[int] = set()
         self.last_attempts: int | None = None
+        self.plan: Any = None  # the chat's final_plan, as last seen in its context variables
 
     def bind(self, scope: Scope | None, span: Span) -> None:
         """The chat manager's span has started; ``scope`` is its children's (the anchor) scope."""
@@ -154,6 +156,7 @@ class StepTracker:
         with self._lock:
             self._observe_attempts(context)
             if self.derive and name in STATUS_TOOLS:
+                self.plan = context_get(context, "final_plan") or self.plan
                 self._transition(context)
 
     def _observe_attempts(self, context: Any) -> None:
@@ -285,6 +288,15 @@ class StepTracker:
             self.current = None
             self.cursor.pending = None
             self.cursor.close_all()  # nothing of the chat runs any more
+            if self.derive:
+                self._not_started_steps()
+
+    def _not_started_steps(self) -> None:
+        """The plan steps this chat never started (the plan stopped before them: a step ran out of
+        attempts, or the chat ended or raised) become pending nodes (:func:`record_not_started`)."""
+        if self._scope is None or self._span is None or not self.seen:
+            return
+        record_not_started(self.tracer, self._scope, self._span, self.plan, self.seen)
 
     def _finish(self, step: _Step, frame: Frame) -> None:
         span = frame.span
@@ -301,6 +313,8 @@ class StepTracker:
             elif step.max_attempts is not None and step.last_attempts >= step.max_attempts:
                 error = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
                          f"max_n_attempts {step.max_attempts})")
+                if self._scope is not None and self._scope.run.failed_step is None:
+                    self._scope.run.failed_step = error
             elif step.end == "chat_end" and step.exc is None:
                 error = f"step {step.number} did not complete: the chat ended while it was in progress"
             if error is not None:
@@ -321,6 +335,34 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     if not goal:
         goal = _text(context_get(context, "current_sub_task")) or ""
     return goal, agent
+
+
+def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, plan: Any,
+                       started: Collection[int], after: int = 0) -> None:
+    """Plan steps of ``plan`` (numbered from 1) past ``after`` and not in ``started``, each a zero-length
+    ``step n`` span under ``parent_span`` (goal and agent from the plan, ``cmbagent.step.status`` "not
+    started"), stored as a pending node: cmbagent's DAG has a node per plan step once planning is done
+    (``add_step_nodes``, pending) and never sets a step it did not reach running."""
+    try:
+        for number, planned in enumerate(plan_steps(plan)[:_MAX_NOT_STARTED], start=1):
+            if number <= after or number in started:
+                continue
+            attrs: dict[str, Any] = {
+                semconv.STEP_NUMBER: number,
+                semconv.STEP_GOAL: safe_text(_text(planned.get("sub_task")) or ""),
+                semconv.STEP_STATUS: semconv.STEP_NOT_STARTED,
+            }
+            if parent_scope.phase is not None:
+                attrs[semconv.PHASE] = parent_scope.phase
+            agent = _text(planned.get("sub_task_agent"))
+            if agent:
+                attrs[semconv.STEP_AGENT] = agent
+            node = NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number)
+            attrs, _ = compose(parent_scope, semconv.KIND_STEP, attrs, node, False, None, {"step": number})
+            tracer.start_span(f"step {number}", context=trace.set_span_in_context(parent_span),
+                              kind=SpanKind.INTERNAL, attributes=attrs).end()
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
 def emit_event(tracer: Tracer, name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope,

@@ -75,7 +75,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._steps import context_get, plan_steps
+from ..instrumentation._steps import context_get, plan_steps, record_not_started
 from ..redaction import register_secret, truncate
 from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
 
@@ -219,8 +219,23 @@ def _anchored() -> Iterator[None]:
 @contextmanager
 def _run(block: workflow) -> Iterator[None]:
     """Open a workflow (or join the active one) for one entry-point call."""
-    with _opened(block), _anchored():
+    with _opened(block) as entered, _anchored():
         yield
+        if entered is not None:
+            _fail_run_on_failed_step(entered)
+
+
+def _fail_run_on_failed_step(block: _Block) -> None:
+    """A run whose plan step ran out of attempts ends failed although the entry function returned:
+    cmbagent's own tracking fails it (its control phase fails the step, then the phase, and the
+    workflow raises; the backend then marks the run failed). Telemetry only: the call's result stands."""
+    try:
+        scope = current_scope()
+        failed = scope.run.failed_step if scope is not None else None
+        if failed is not None:
+            block.fail(f"plan stopped: {failed}")
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the run's step outcome", exc_info=True)
 
 
 def _register_api_keys(api_keys: Any) -> None:
@@ -300,6 +315,7 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                      planned: tuple[str, str | None] | None = None) -> Any:
     goal, agent = planned if planned is not None else _step_from_plan(number, context)
     block = step(number, goal, agent=agent)
+    final: Any = None
     with _opened(block) as entered:
         result = wrapped(*args, **kwargs)
         if entered is not None:
@@ -316,7 +332,24 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                 _fail_out_of_attempts(block, final)
             except Exception:
                 logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
-        return result
+    if entered is not None and planned is None:
+        _plan_stopped_after(number, final, context)
+    return result
+
+
+def _plan_stopped_after(number: int, final: Any, context: Any) -> None:
+    """The carryover loop stops after a step that ran out of attempts: the plan's later steps never
+    start; they are pending nodes under the phase (as in the single-chat plan, see ``_steps``)."""
+    try:
+        attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+        if attempts is None or limit is None or attempts < limit:
+            return
+        scope, span = effective_parent()
+        if scope is not None and scope.phase is not None:
+            plan = context_get(final, "final_plan") or context_get(context, "final_plan")
+            record_not_started(workflow_tracers.current(), scope, span, plan, (), after=number)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
 def _fail_out_of_attempts(block: _Block, final: Any) -> None:
@@ -325,6 +358,10 @@ def _fail_out_of_attempts(block: _Block, final: Any) -> None:
     attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
     if attempts is not None and limit is not None and attempts >= limit:
         block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
+        if isinstance(block, step):
+            scope = current_scope()
+            if scope is not None and scope.run.failed_step is None:
+                scope.run.failed_step = f"step {block.number} ran out of attempts ({attempts} >= {limit})"
 
 
 def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -430,6 +467,9 @@ class _CallerRun:
                 self.anchor.cursor.close_all()
         except Exception:
             logger.debug("cmbagent_otel: could not close the run's phases", exc_info=True)
+        failed = self.anchor.run.failed_step if exc is None else None
+        if failed is not None:
+            _fail_frame(self.frame, f"plan stopped: {failed}")
         end_frame(self.frame, exc)
 
 
