@@ -105,8 +105,9 @@ class RunState:
     session_id: str = semconv.DEFAULT_SESSION_ID
     max_redos: int | None = None
     name: str | None = None  # the workflow's name (None: a plain AG2 program)
-    # why a cmbagent plan step of this run ran out of attempts (cmbagent stops its plan there and its
-    # own tracking fails the run, although the entry function returns normally); None: none did
+    # why this cmbagent run stopped early: a plan step (or one_shot's execution) ran out of attempts
+    # (cmbagent stops there and its own tracking fails the run, although the entry function returns
+    # normally); the failed run's status message. None: nothing did
     failed_step: str | None = None
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -590,6 +590,11 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
             assert node["parent_node_id"] == nodes["control"]["id"] and node["order_index"] == n
             assert not [e for e in events if e["node_id"] == node["id"]]
         assert _named(run, "step 2")[0].attributes[sc.STEP_STATUS] == sc.STEP_NOT_STARTED
+    # the run stopped there: failed, as cmbagent's own tracking records it (the call returned normally)
+    root = _one(run, f"workflow {kind}")
+    stopped = "plan stopped: step 1" if kind == "planning_and_control" else "one_shot stopped: its execution"
+    assert root.status.status_code is StatusCode.ERROR
+    assert f"{stopped} ran out of attempts (n_attempts 1 >= max_n_attempts 1)" == root.status.description
 
 
 def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:

@@ -314,7 +314,7 @@ class StepTracker:
                 error = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
                          f"max_n_attempts {step.max_attempts})")
                 if self._scope is not None and self._scope.run.failed_step is None:
-                    self._scope.run.failed_step = error
+                    self._scope.run.failed_step = f"plan stopped: {error}"
             elif step.end == "chat_end" and step.exc is None:
                 error = f"step {step.number} did not complete: the chat ended while it was in progress"
             if error is not None:

@@ -226,14 +226,14 @@ def _run(block: workflow) -> Iterator[None]:
 
 
 def _fail_run_on_failed_step(block: _Block) -> None:
-    """A run whose plan step ran out of attempts ends failed although the entry function returned:
-    cmbagent's own tracking fails it (its control phase fails the step, then the phase, and the
+    """A run whose plan step (or one_shot's execution) ran out of attempts ends failed although the
+    entry function returned: cmbagent's own tracking fails it (its control phase fails the step, then the phase, and the
     workflow raises; the backend then marks the run failed). Telemetry only: the call's result stands."""
     try:
         scope = current_scope()
         failed = scope.run.failed_step if scope is not None else None
         if failed is not None:
-            block.fail(f"plan stopped: {failed}")
+            block.fail(failed)
     except Exception:
         logger.debug("cmbagent_otel: could not read the run's step outcome", exc_info=True)
 
@@ -358,10 +358,11 @@ def _fail_out_of_attempts(block: _Block, final: Any) -> None:
     attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
     if attempts is not None and limit is not None and attempts >= limit:
         block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
-        if isinstance(block, step):
-            scope = current_scope()
-            if scope is not None and scope.run.failed_step is None:
-                scope.run.failed_step = f"step {block.number} ran out of attempts ({attempts} >= {limit})"
+        scope = current_scope()
+        if scope is not None and scope.run.failed_step is None:
+            what = f"plan stopped: step {block.number}" if isinstance(block, step) else \
+                "one_shot stopped: its execution"
+            scope.run.failed_step = f"{what} ran out of attempts (n_attempts {attempts} >= max_n_attempts {limit})"
 
 
 def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -469,7 +470,7 @@ class _CallerRun:
             logger.debug("cmbagent_otel: could not close the run's phases", exc_info=True)
         failed = self.anchor.run.failed_step if exc is None else None
         if failed is not None:
-            _fail_frame(self.frame, f"plan stopped: {failed}")
+            _fail_frame(self.frame, failed)
         end_frame(self.frame, exc)
 
 
