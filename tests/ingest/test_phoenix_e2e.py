@@ -6,6 +6,7 @@ at its ``phoenix`` executable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -38,10 +39,22 @@ class Phoenix:
     grpc: str
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on every address: Phoenix binds its gRPC port on ``[::]`` (all
+    addresses, dual-stack), so a port free on 127.0.0.1 alone is not enough; the sockets stay open
+    until all are chosen, so two picks cannot return the same port."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            try:
+                sock = stack.enter_context(socket.socket(socket.AF_INET6))
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", 0))
+            except OSError:  # no IPv6 on this host: Phoenix's [::] is then IPv4's 0.0.0.0
+                sock = stack.enter_context(socket.socket())
+                sock.bind(("0.0.0.0", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def get_json(url: str) -> Any:
@@ -56,7 +69,7 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phoenix]:
     if not Path(PHOENIX_BIN).is_file():
         pytest.skip(f"CMBAGENT_OTEL_PHOENIX_BIN={PHOENIX_BIN} does not exist")
     work = tmp_path_factory.mktemp("phoenix")
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     env = {
         **os.environ,
         "PHOENIX_WORKING_DIR": str(work),

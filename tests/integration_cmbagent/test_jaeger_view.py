@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# the app runs in a child of this interpreter: only where cmbagent is installed (the 3.12 suite)
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
 from tests.jaeger.support import JAEGER_CONFIG, http_get, run_jaeger
+
+pytestmark = [pytest.mark.cmbagent_autogen, pytest.mark.jaeger]
 
 ROOT = Path(__file__).resolve().parents[2]
 
