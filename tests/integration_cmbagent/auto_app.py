@@ -19,4 +19,6 @@ kind = sys.argv[1] if len(sys.argv) > 1 else "planning_and_control"
 with FakeOpenAIServer(request_responder=script_for(kind)) as server, tempfile.TemporaryDirectory() as work_dir:
     os.environ["OPENAI_BASE_URL"] = server.base_url
     results = call_workflow(kind, Path(work_dir))
-    print("STEPS DONE", results["final_context"]["current_plan_step_number"], flush=True)
+    # one write: the console exporter's thread writes spans to the same stdout, between print's writes
+    sys.stdout.write(f"STEPS DONE {results['final_context']['current_plan_step_number']}\n")
+    sys.stdout.flush()
