@@ -13,12 +13,13 @@ if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
     import cmbagent_otel
 
     provider = cmbagent_otel.instrument()
-    print("PROVIDER", type(provider).__name__ if provider is not None else None, flush=True)
+    # one write per line: the console exporter's thread writes spans to the same stdout
+    print(f"PROVIDER {type(provider).__name__ if provider is not None else None}", flush=True)
 
 alice = offline_agent("alice", ["pong"])
 bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
 result = bob.initiate_chat(alice, message="ping", max_turns=1, silent=True)
-print("RESULT", result.chat_history[-1]["content"], flush=True)
+print(f"RESULT {result.chat_history[-1]['content']}", flush=True)
 if os.environ.get("APP_CALLS_INSTRUMENT") == "1":
     cmbagent_otel.uninstrument()
 sys.exit(0)

@@ -28,8 +28,8 @@ for round_ in range(5):
     counts.append(len(memory.get_finished_spans()))
     with trace.get_tracer("other.library").start_as_current_span("after uninstrument"):
         pass  # goes nowhere, and nowhere it could fail
-print("COUNTS", counts)
-print("SAME", all(p is providers[0] for p in providers), trace.get_tracer_provider() is providers[0])
+print(f"COUNTS {counts}")
+print(f"SAME {all(p is providers[0] for p in providers)} {trace.get_tracer_provider() is providers[0]}")
 """
 
 
