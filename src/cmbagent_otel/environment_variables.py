@@ -417,8 +417,7 @@ def _sdk_int(raw: str) -> None:
 
 
 def _sdk_interval(raw: str) -> None:
-    _number(float, 0)(raw.strip())
-    if float(raw) <= 0:
+    if _number(float, 0)(raw.strip()) == 0:
         raise ValueError("not above 0")
 
 

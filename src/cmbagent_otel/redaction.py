@@ -201,16 +201,12 @@ def _rebuild() -> None:
         _chunks = {}
         return
     registered = list(_known)
-    chunks = {}
-    for start in range(0, len(registered), _CHUNK):
-        chunk = tuple(registered[start:start + _CHUNK])
-        found = _chunks.get(chunk)
-        chunks[chunk] = found if found is not None else _compile(chunk)
+    groups = [tuple(registered[start:start + _CHUNK]) for start in range(0, len(registered), _CHUNK)]
     learned = tuple(v for v in _learned if v not in _known)
-    if learned and learned not in _chunks:
-        chunks[learned] = _compile(learned)
-    elif learned:
-        chunks[learned] = _chunks[learned]
+    if learned:
+        groups.append(learned)
+    # a group compiled before is reused: a new secret compiles only the group it lands in
+    chunks = {group: _chunks.get(group) or _compile(group) for group in groups}
     _chunks = chunks
     _known_pattern = _Patterns(tuple(chunks.values()))
 

@@ -382,7 +382,6 @@ class SpillStore:
                     other.extend(chunk)
                     continue
                 data = _header(self.target, "otlp-protobuf", len(chunk), len(body)) + body
-                self._room(len(data))
                 paths.append(self._write(self._name(OTLP_SUFFIX), data))
                 spilled += len(chunk)
             for start in range(0, len(other), MAX_SPANS_PER_FILE):
@@ -391,7 +390,6 @@ class SpillStore:
                     json.dumps(span_to_record(s), ensure_ascii=True, default=repr).encode("ascii") + b"\n"
                     for s in chunk)
                 data = _header(self.target, "jsonl", len(chunk), None) + lines
-                self._room(len(data))
                 paths.append(self._write(self._name(SUFFIX), data))
                 spilled += len(chunk)
         except OSError as exc:
@@ -416,8 +414,8 @@ class SpillStore:
             raise OSError(errno.ENOSPC, f"leaving {reserve / (1 << 20):.1f} MiB free for the application "
                                         f"({environment_variables.SPILL_RESERVE_MB})", str(self.directory))
 
-    @staticmethod
-    def _write(final: Path, data: bytes) -> Path:
+    def _write(self, final: Path, data: bytes) -> Path:
+        self._room(len(data))
         tmp = final.with_name(final.name + ".tmp")
         try:
             with open(tmp, "wb") as handle:

@@ -357,19 +357,20 @@ def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, p
             agent = _text(planned.get("sub_task_agent"))
             if agent:
                 attrs[semconv.STEP_AGENT] = agent
-            node = NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number)
-            attrs, _ = compose(parent_scope, semconv.KIND_STEP, attrs, node, False, None, {"step": number})
-            tracer.start_span(f"step {number}", context=trace.set_span_in_context(parent_span),
-                              kind=SpanKind.INTERNAL, attributes=attrs).end()
+            emit_event(tracer, f"step {number}", semconv.KIND_STEP, attrs, parent_scope, parent_span,
+                       node=NodeSpec(f"step_{number}", semconv.NODE_AGENT, order_index=number),
+                       scope_changes={"step": number})
     except Exception:
         logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
 def emit_event(tracer: Tracer, name: str, kind: str, attributes: Mapping[str, Any], parent_scope: Scope,
-               parent_span: Span, error: str | None = None, error_type: str | None = None) -> None:
-    """A zero-length event span under ``parent_span`` (explicit parent; nothing attached)."""
+               parent_span: Span, error: str | None = None, error_type: str | None = None,
+               node: NodeSpec | None = None, scope_changes: Mapping[str, Any] | None = None) -> None:
+    """A zero-length span under ``parent_span`` (explicit parent; nothing attached): an event, or with
+    ``node`` a DAG node of its own (a plan step that never started)."""
     try:
-        attrs, _ = compose(parent_scope, kind, attributes, None, False, None, None)
+        attrs, _ = compose(parent_scope, kind, attributes, node, False, None, scope_changes)
         span = tracer.start_span(name, context=trace.set_span_in_context(parent_span),
                                        kind=SpanKind.INTERNAL, attributes=attrs)
         if error is not None:

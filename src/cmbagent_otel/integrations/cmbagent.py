@@ -326,10 +326,10 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                 summary = _step_summary(instance, agent)
                 if summary:
                     block.set_summary(summary)
-                attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+                attempts, limit = _attempts(final)
                 block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
                 block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
-                _fail_out_of_attempts(block, final)
+                _fail_out_of_attempts(block, attempts, limit)
             except Exception:
                 logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
     if entered is not None and planned is None:
@@ -341,8 +341,7 @@ def _plan_stopped_after(number: int, final: Any, context: Any) -> None:
     """The carryover loop stops after a step that ran out of attempts: the plan's later steps never
     start; they are pending nodes under the phase (as in the single-chat plan, see ``_steps``)."""
     try:
-        attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
-        if attempts is None or limit is None or attempts < limit:
+        if not _ran_out(*_attempts(final)):
             return
         scope, span = effective_parent()
         if scope is not None and scope.phase is not None:
@@ -352,11 +351,20 @@ def _plan_stopped_after(number: int, final: Any, context: Any) -> None:
         logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
 
-def _fail_out_of_attempts(block: _Block, final: Any) -> None:
-    """Fail ``block`` when cmbagent's chat ended on its attempt limit (``post_execution_transfer``
-    hands over to the terminator once ``n_attempts >= max_n_attempts``)."""
-    attempts, limit = _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
-    if attempts is not None and limit is not None and attempts >= limit:
+def _attempts(final: Any) -> tuple[int | None, int | None]:
+    """(``n_attempts``, ``max_n_attempts``) of cmbagent's final context."""
+    return _int(context_get(final, "n_attempts")), _int(context_get(final, "max_n_attempts"))
+
+
+def _ran_out(attempts: int | None, limit: int | None) -> bool:
+    """Whether cmbagent's chat ended on its attempt limit (``post_execution_transfer`` hands over to
+    the terminator once ``n_attempts >= max_n_attempts``)."""
+    return attempts is not None and limit is not None and attempts >= limit
+
+
+def _fail_out_of_attempts(block: _Block, attempts: int | None, limit: int | None) -> None:
+    """Fail ``block`` when cmbagent's chat ended on its attempt limit (:func:`_ran_out`)."""
+    if _ran_out(attempts, limit):
         block.fail(f"number of failures {attempts} >= max_n_attempts {limit}")
         scope = current_scope()
         if scope is not None and scope.run.failed_step is None:
@@ -372,7 +380,7 @@ def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any,
         result = wrapped(*args, **kwargs)
         if entered is not None:
             try:
-                _fail_out_of_attempts(entered, getattr(instance, "final_context", None))
+                _fail_out_of_attempts(entered, *_attempts(getattr(instance, "final_context", None)))
             except Exception:
                 logger.debug("cmbagent_otel: could not read one_shot outcome", exc_info=True)
         return result
