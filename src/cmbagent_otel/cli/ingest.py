@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM."""
-    from ..dag.database import BadDatabaseURL, redacted, resolve_url
+    from ..dag.database import BadDatabaseURL, redacted, storable_url
     from ..ingest import IngestServer, logger
 
     if not logger.handlers:  # the server's own warnings (no token on a public address, ...) reach the operator
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        target = redacted(resolve_url(args.db))
+        target = redacted(storable_url(args.db))
         server = IngestServer(args.db, host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
                               max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
                               workers=args.workers)
