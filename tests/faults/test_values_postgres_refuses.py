@@ -28,6 +28,9 @@ from cmbagent_otel.exporters.dag import DagSpanExporter
 from sqlalchemy import create_engine, text
 
 import cmbagent_otel as c
+from cmbagent_otel import semconv as sc
+from cmbagent_otel._spans import TracedSpan
+from cmbagent_otel.dag.statements import decode_json
 
 from .conftest import expected_keys, stored_spans
 
@@ -73,4 +76,28 @@ def test_non_finite_floats_are_stored_as_json_strings(db_url: str, provider: Any
     metas = [_strict(m) for m, in _rows(db_url, "SELECT meta FROM execution_events")]
     text_of = json.dumps(metas)
     assert '"NaN"' in text_of and '"Infinity"' in text_of and '"-Infinity"' in text_of
+
+
+def _llm(cost: float) -> TracedSpan:
+    return TracedSpan("chat gpt-4o", sc.KIND_LLM, {
+        sc.GEN_AI_AGENT_NAME: "engineer", sc.GEN_AI_REQUEST_MODEL: "gpt-4o", sc.GEN_AI_RESPONSE_MODEL: "gpt-4o",
+        sc.GEN_AI_USAGE_INPUT_TOKENS: 1000, sc.GEN_AI_USAGE_OUTPUT_TOKENS: 10, sc.LLM_COST_USD: cost})
+
+
+@pytest.mark.parametrize("costs", [[12345.678], [-50000.0], [1.7e308, 1.7e308]], ids=["10k", "negative", "overflow"])
+def test_costs_past_the_cost_column_are_clamped_not_dropped(db_url: str, provider: Any, tmp_path: Any,
+                                                            costs: list[float]) -> None:
+    with c.workflow("costly", mode="planning-control"), c.phase("control"), c.step(1, "fit", agent="engineer"):
+        for cost in costs:
+            with _llm(cost):
+                pass
+    spans = list(provider.memory.get_finished_spans())
+    stats = _export(db_url, spans, tmp_path)
+    assert stats["dropped"] == 0 and stats["exported"] == len(spans)
+    assert stored_spans(db_url) == expected_keys(spans)
+    event_costs = sorted(decode_json(m)["cost_usd"] for m, in _rows(
+        db_url, "SELECT meta FROM execution_events WHERE event_type = 'agent_call' AND event_subtype = 'llm'"))
+    assert event_costs == sorted(costs)  # the event keeps what the span said
+    (stored,), = _rows(db_url, "SELECT cost_usd FROM cost_records")
+    assert float(stored) == math.copysign(9999.999999, sum(costs))
 

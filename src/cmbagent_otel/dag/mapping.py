@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1158,9 +1159,27 @@ def _step_base(node: Mapping[str, Any]) -> int:
 
 
 def _usage_values(prompt: int, completion: int, costs: list[float]) -> dict[str, Any]:
-    # fsum is correctly rounded, so the total does not depend on the order events were read in
     return {"tokens": prompt + completion, "prompt_tokens": prompt, "completion_tokens": completion,
-            "cost_usd": math.fsum(costs)}
+            "cost_usd": _cost_total(costs)}
+
+
+# cost_records.cost_usd is NUMERIC(10, 6) in cmbagent's schema: PostgreSQL refuses anything
+# from 10^4 on in magnitude ("numeric field overflow"; SQLite stores it), which failed the batch
+_COST_COLUMN_MAX = 9999.999999
+
+
+def _cost_total(costs: list[float]) -> float:
+    """The sum of finite ``costs``, finite itself (fsum raises on an intermediate overflow)."""
+    try:
+        # fsum is correctly rounded, so the total does not depend on the order events were read in
+        return math.fsum(costs)
+    except OverflowError:
+        return math.copysign(sys.float_info.max, sum(costs))
+
+
+def _cost_column(cost: float) -> float:
+    """A cost as ``cost_records.cost_usd`` can hold it: rounded to 6 places, clamped to its range."""
+    return max(-_COST_COLUMN_MAX, min(_COST_COLUMN_MAX, round(cost, 6)))
 
 
 def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mapping[str, Any]],
@@ -1228,7 +1247,7 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
 
     fallback = run.get("started_at") or _EPOCH
     for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():
-        cost = math.fsum(costs)
+        cost = _cost_total(costs)
         if prompt <= 0 and completion <= 0 and cost <= 0:
             continue  # cmbagent records only agents that used something
         step_id = None
@@ -1240,7 +1259,7 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
             "run_id": run["id"], "step_id": step_id, "session_id": run["session_id"], "model": model,
             "agent_name": _str(agent, 200), "parent_run_id": None, "prompt_tokens": _int(prompt),
             "completion_tokens": _int(completion), "total_tokens": _int(prompt + completion),
-            "cost_usd": round(cost, 6), "timestamp": max(stamps) if stamps else fallback,
+            "cost_usd": _cost_column(cost), "timestamp": max(stamps) if stamps else fallback,
         })
 
 
