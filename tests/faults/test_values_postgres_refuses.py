@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
+from opentelemetry import trace
 from sqlalchemy import create_engine, text
 
 import cmbagent_otel as c
@@ -101,3 +102,21 @@ def test_costs_past_the_cost_column_are_clamped_not_dropped(db_url: str, provide
     (stored,), = _rows(db_url, "SELECT cost_usd FROM cost_records")
     assert float(stored) == math.copysign(9999.999999, sum(costs))
 
+
+def test_times_no_row_can_hold_are_clamped_not_dropped(db_url: str, provider: Any, tmp_path: Any) -> None:
+    tracer = provider.get_tracer("app")
+    month = 30 * 86400 * 10**9
+    with c.workflow("odd times", mode="planning-control"), c.phase("control"), c.step(1, "fit", agent="engineer"):
+        now = trace.get_current_span().start_time  # type: ignore[attr-defined]
+        tracer.start_span("a month long", start_time=now - month).end(end_time=now)
+        micros_as_nanos = now * 1000  # year ~55,000
+        tracer.start_span("microseconds as nanoseconds", start_time=micros_as_nanos).end(end_time=micros_as_nanos + 1)
+    spans = list(provider.memory.get_finished_spans())
+    stats = _export(db_url, spans, tmp_path)
+    assert stats["dropped"] == 0 and stats["exported"] == len(spans)
+    assert stored_spans(db_url) == expected_keys(spans)
+    rows = {decode_json(m)["span_id"]: (d, started) for m, d, started in _rows(
+        db_url, "SELECT meta, duration_ms, started_at FROM execution_events")}
+    by_name = {s.name: f"{s.context.span_id:016x}" for s in spans}
+    assert rows[by_name["a month long"]][0] == 2**31 - 1
+    assert str(rows[by_name["microseconds as nanoseconds"]][1]).startswith("9999-12-31")

@@ -235,8 +235,10 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     """
     description = span.status.description
     name = span.name
+    start, end = span.start_time, span.end_time
     if not (((not name.isascii() or "\x00" in name) and _rejected(name))
-            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)):
+            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
+            or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS)):
         return span, attrs
     clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
@@ -244,9 +246,20 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
         attributes=clean, events=span.events, links=span.links, kind=span.kind,
         instrumentation_scope=span.instrumentation_scope,
         status=Status(span.status.status_code, db_text(description) if type(description) is str else None),
-        start_time=span.start_time, end_time=span.end_time,
+        start_time=_storable_ns(start), end_time=_storable_ns(end),
     )
     return copy, clean
+
+
+# The latest time a datetime (and so a row) can hold; an app passing seconds or microseconds
+# where the SDK wants nanoseconds gives times past it, which failed the batch (OverflowError).
+# Before the epoch: no OTLP time can be (its times are unsigned).
+_MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - datetime(1970, 1, 1)) // timedelta(microseconds=1) * 1000
+
+
+def _storable_ns(ns: int | None) -> int | None:
+    """``ns`` clamped to the times a row can hold (the epoch to the end of year 9999)."""
+    return None if ns is None else max(0, min(_MAX_NS, ns))
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -263,7 +276,7 @@ def _error_of(span: ReadableSpan) -> str | None:
 def _duration_ms(span: ReadableSpan) -> int | None:
     if span.start_time is None or span.end_time is None:
         return None
-    return max(0, (span.end_time - span.start_time) // 1_000_000)
+    return min(_INT32, max(0, (span.end_time - span.start_time) // 1_000_000))  # INTEGER: ~24.8 days
 
 
 # --- batch container ----------------------------------------------------------------------
@@ -649,7 +662,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
+        "duration_ms": (None if start_ns is None or end_ns is None
+                        else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000))),
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
         "execution_order": order, "depth": depth,
