@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from .. import environment_variables as env
-from ._common import CLIError
+from ._common import CLIError, positive_int
 
 NAME = "ingest"
 HELP = "run OTLP receivers (gRPC and HTTP) that write spans into the DAG database"
@@ -31,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer <token>' (default: ${env.INGEST_TOKEN}; prefer the env "
                         "var, command lines are visible to other users)")
-    parser.add_argument("--max-bytes", type=int, default=None,
+    parser.add_argument("--max-bytes", type=positive_int, default=None,
                         help=f"request size limit in bytes, compressed and decompressed "
                         f"(default: {_default(env.INGEST_MAX_BYTES)})")
-    parser.add_argument("--max-inflight-bytes", type=int, default=None,
+    parser.add_argument("--max-inflight-bytes", type=positive_int, default=None,
                         help="memory budget of all requests in flight "
                         f"(default: {_default(env.INGEST_MAX_INFLIGHT_BYTES)})")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help=f"decoding/writing threads per receiver (default: {_default(env.INGEST_WORKERS)})")
 
 
