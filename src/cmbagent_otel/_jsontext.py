@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,3 +26,47 @@ def compact_encoder(default: Callable[[Any], Any], *, ensure_ascii: bool) -> Cal
         return "".join(iterencode(value, 0))
 
     return encode
+
+
+def standard_encoder(default: Callable[[Any], Any], *, ensure_ascii: bool) -> Callable[[Any], str]:
+    """:func:`compact_encoder` whose text is always standard JSON.
+
+    Python writes non-finite floats as bare ``NaN``/``Infinity``, which PostgreSQL's ``json``
+    type (and every JSON parser but Python's) refuses: one such attribute value made its whole
+    batch fail there. They become the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
+    (as the protobuf JSON mapping writes them). Values without one cost one encoding, as before.
+    """
+    quote = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        strict: Callable[[Any], str] = json.JSONEncoder(default=default, ensure_ascii=ensure_ascii,
+                                                         check_circular=False, allow_nan=False).encode
+    else:
+        iterencode = make(None, default, quote, None, ": ", ", ", False, False, False)
+
+        def strict(value: Any) -> str:
+            return "".join(iterencode(value, 0))
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return quote(value)  # type: ignore[no-any-return]
+        try:
+            return strict(value)
+        except ValueError:  # "Out of range float values are not JSON compliant"
+            return strict(finite(value))
+
+    return encode
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (values and keys, at any depth) as its JSON string."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _NON_FINITE[str(value)]
+    if isinstance(value, dict):
+        return {finite(k) if isinstance(k, float) else k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}

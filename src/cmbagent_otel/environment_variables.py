@@ -149,7 +149,7 @@ def _database_url(raw: str) -> str:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
-    if backend == "sqlite" and _in_memory(parsed.database, parsed.query):
+    if backend == "sqlite" and in_memory_sqlite(parsed.database, parsed.query):
         # each connection gets its own empty database: the schema is never there to write to
         raise ValueError("an in-memory SQLite database (nothing could ever be stored or read back)")
     try:
@@ -159,7 +159,8 @@ def _database_url(raw: str) -> str:
     return raw
 
 
-def _in_memory(database: str | None, query: Any) -> bool:
+def in_memory_sqlite(database: str | None, query: Any) -> bool:
+    """Whether a SQLite URL's ``database`` and ``query`` name an in-memory database."""
     return not database or database == ":memory:" or (
         database.startswith("file:") and ("mode=memory" in database or query.get("mode") == "memory"))
 

@@ -73,9 +73,11 @@ class IngestServer:
     """OTLP/gRPC and OTLP/HTTP receivers writing into the DAG database, in background threads.
 
     ``db_url`` is passed to the writer (``None``: ``CMBAGENT_OTEL_DATABASE_URL`` or the
-    default SQLite file). ``port`` (HTTP) and ``grpc_port``: ``0`` binds an ephemeral port
-    (read :attr:`port` / :attr:`grpc_port` after :meth:`bind`), ``"off"`` serves no such
-    receiver. ``writer`` replaces the DAG writer (any object with ``write(spans)``;
+    default SQLite file); an invalid one, or an in-memory SQLite database, raises
+    :class:`~cmbagent_otel.dag.database.BadDatabaseURL` (a ``ValueError``). ``port`` (HTTP)
+    and ``grpc_port``: ``0`` binds an ephemeral port (read :attr:`port` / :attr:`grpc_port`
+    after :meth:`bind`), ``"off"`` serves no such receiver. ``writer`` replaces the DAG writer
+    (any object with ``write(spans)``;
     ``writer_factory`` builds it lazily so an unreachable database at start-up only turns
     requests into 503s). ``token`` requires ``Authorization: Bearer <token>`` (HTTP header or
     gRPC metadata). ``max_bytes`` bounds one request (compressed and decompressed),
@@ -107,6 +109,10 @@ class IngestServer:
         writer_factory: Callable[[], SpanWriter] | None = None,
         limits: Limits | None = None,
     ) -> None:
+        if writer is None and writer_factory is None:
+            from .dag.database import storable_url
+
+            storable_url(db_url)  # BadDatabaseURL now, not a 503 for every request later
         self.db_url = db_url
         self.host = str(env.get(env.INGEST_HOST, host))
         self.requested_port = _port(port, env.INGEST_PORT)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -616,11 +617,56 @@ def _span_too_deep(span: dict[str, Any], max_depth: int) -> bool:
     return False
 
 
+# a \uD800-\uDFFF escape: half of a pair (joined by json.loads) or a lone one (which protobuf refuses)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with each lone surrogate in its strings (keys too) replaced by U+FFFD.
+
+    JavaScript strings may hold them (a span name cut in the middle of an emoji by a length
+    limit counting UTF-16 units) and ``JSON.stringify`` writes them as ``\\udXXX`` escapes;
+    one such string made ``json_format`` refuse the whole request."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
+
+
+def _drop_unparsable_spans(doc: dict[str, Any], batch: DecodedBatch) -> bool:
+    """Remove from ``doc`` each span ``json_format`` cannot parse on its own (an integer out of
+    range, a wrong type, an unknown enum name...), rejecting it in ``batch``; True when any was.
+    Its batch-mates are then stored (partial success) instead of the request failing whole."""
+    dropped = False
+    for rs in _items(doc, "resourceSpans", "resource_spans", "request"):
+        for ss in _items(rs, "scopeSpans", "scope_spans", "resourceSpans"):
+            spans = _items(ss, "spans", "spans", "scopeSpans")
+            kept = []
+            for span in spans:
+                try:
+                    json_format.ParseDict(span, PbSpan(), ignore_unknown_fields=True,
+                                          max_recursion_depth=_JSON_FORMAT_DEPTH)
+                except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as exc:
+                    batch.reject(f"span {_cut(str(span.get('name')), 100)!r}: {_cut(str(exc), 200)}")
+                    dropped = True
+                    continue
+                kept.append(span)
+            if len(kept) != len(spans):
+                ss["spans"] = kept
+    return dropped
+
+
 def _prepare_json(body: bytes, limits: Limits | None, batch: DecodedBatch) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedPayload(f"invalid JSON: {_cut(str(exc), 200)}") from None
+    if _SURROGATE_ESCAPE.search(body):
+        doc = _without_lone_surrogates(doc)
     doc = _require_object(doc, "request")
     max_depth = limits.max_depth if limits is not None else MAX_ANY_VALUE_DEPTH
     for i, rs in enumerate(_items(doc, "resourceSpans", "resource_spans", "request")):
@@ -652,7 +698,14 @@ def _prepare_json(body: bytes, limits: Limits | None, batch: DecodedBatch) -> Ex
     try:
         json_format.ParseDict(doc, request, ignore_unknown_fields=True, max_recursion_depth=_JSON_FORMAT_DEPTH)
     except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as exc:
-        raise MalformedPayload(f"invalid OTLP/JSON ExportTraceServiceRequest: {_cut(str(exc), 300)}") from None
+        if not _drop_unparsable_spans(doc, batch):  # the request's own structure: nothing to keep
+            raise MalformedPayload(f"invalid OTLP/JSON ExportTraceServiceRequest: {_cut(str(exc), 300)}") from None
+        request = ExportTraceServiceRequest()
+        try:
+            json_format.ParseDict(doc, request, ignore_unknown_fields=True, max_recursion_depth=_JSON_FORMAT_DEPTH)
+        except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as again:
+            raise MalformedPayload(
+                f"invalid OTLP/JSON ExportTraceServiceRequest: {_cut(str(again), 300)}") from None
     return request
 
 

@@ -65,7 +65,7 @@ def replay(spill_dir: str | os.PathLike[str] | None = None, db: str | None = Non
     Raises :class:`~cmbagent_otel.dag.database.BadDatabaseURL` for an invalid ``db`` or ``to``.
     """
     from . import environment_variables
-    from .dag.database import redacted, resolve_url, target_of, with_credentials
+    from .dag.database import redacted, storable_url, target_of, with_credentials
     from .spill import SpillStore, file_target
 
     directory = Path(spill_dir or environment_variables.get(environment_variables.SPILL_DIR))
@@ -73,7 +73,7 @@ def replay(spill_dir: str | os.PathLike[str] | None = None, db: str | None = Non
     store.recover()
     timeout = float(environment_variables.get(environment_variables.EXPORT_TIMEOUT))
     only = target_of(db) if db else None
-    into = resolve_url(to) if to else None
+    into = storable_url(to) if to else None
 
     groups: dict[str | None, list[Path]] = {}
     for path in store.pending():

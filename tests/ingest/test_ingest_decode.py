@@ -172,7 +172,7 @@ def test_invalid_spans_are_rejected_not_fatal() -> None:
 @pytest.mark.parametrize("body", [
     b"not json", b"[]", b'{"resourceSpans": {}}',
     b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
-    b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 5}]}]}]}', b"\xff\xfe",
+    b"\xff\xfe",  # (a span json_format refuses, {"name": 5}, is rejected alone: test_json_poison_span.py)
 ])
 def test_malformed_json(body: bytes) -> None:
     with pytest.raises(MalformedPayload):

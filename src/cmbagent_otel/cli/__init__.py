@@ -18,7 +18,7 @@ from types import ModuleType
 
 from ..version import __version__
 from . import dag, db, demo, events, ingest, replay, runs
-from ._common import CLIError, add_db_option, plain
+from ._common import CLIError, add_db_option, one_line
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(command(args) or 0)
     except CLIError as exc:  # may quote the database's rows or the server's words: no control characters
-        print(f"cmbagent-otel: error: {plain(exc)}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -71,5 +71,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cmbagent-otel: error: an argument or path is not valid UTF-8 ({exc.reason})", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment refused: a folder that cannot be created, a permission
-        print(f"cmbagent-otel: error: {exc}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -19,15 +19,27 @@ class CLIError(Exception):
     """A user-facing error: one line on stderr, no traceback, exit code 2."""
 
 
+#: the largest count an option takes (SQLite's INTEGER and PostgreSQL's BIGINT hold it)
+MAX_COUNT = 2**63 - 1
+
+
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a bad one is argparse's usage error, exit 2)."""
+    """An argparse type: a whole number of at least 1 (a bad one is argparse's usage error, exit 2).
+    A larger one than :data:`MAX_COUNT` means "all" and is cut to it (``--limit 10**20`` made the
+    database driver raise ``OverflowError``: a traceback)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
+    return min(value, MAX_COUNT)
+
+
+def one_line(value: Any) -> str:
+    """:func:`plain` on one line: a driver's message (libpq's ``\n\tIs the server running...``)
+    or a row quoted in it must not break the one-line error the CLI promises."""
+    return " ".join(plain(value).split())
 
 
 def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False, help: str | None = None) -> None:

@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from .. import environment_variables as env
-from ._common import CLIError
+from ._common import CLIError, positive_int
 
 NAME = "ingest"
 HELP = "run OTLP receivers (gRPC and HTTP) that write spans into the DAG database"
@@ -31,19 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help=f"require 'Authorization: Bearer <token>' (default: ${env.INGEST_TOKEN}; prefer the env "
                         "var, command lines are visible to other users)")
-    parser.add_argument("--max-bytes", type=int, default=None,
+    parser.add_argument("--max-bytes", type=positive_int, default=None,
                         help=f"request size limit in bytes, compressed and decompressed "
                         f"(default: {_default(env.INGEST_MAX_BYTES)})")
-    parser.add_argument("--max-inflight-bytes", type=int, default=None,
+    parser.add_argument("--max-inflight-bytes", type=positive_int, default=None,
                         help="memory budget of all requests in flight "
                         f"(default: {_default(env.INGEST_MAX_INFLIGHT_BYTES)})")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help=f"decoding/writing threads per receiver (default: {_default(env.INGEST_WORKERS)})")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM."""
-    from ..dag.database import BadDatabaseURL, redacted, resolve_url
+    from ..dag.database import BadDatabaseURL, redacted, storable_url
     from ..ingest import IngestServer, logger
 
     if not logger.handlers:  # the server's own warnings (no token on a public address, ...) reach the operator
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        target = redacted(resolve_url(args.db))
+        target = redacted(storable_url(args.db))
         server = IngestServer(args.db, host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
                               max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
                               workers=args.workers)

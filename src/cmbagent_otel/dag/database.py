@@ -118,11 +118,25 @@ def redacted(url: str | URL) -> str:
         return "<invalid url>"
 
 
+def storable_url(url: str | None = None) -> str:
+    """:func:`resolve_url`, refusing an in-memory SQLite database (``sqlite://``,
+    ``sqlite:///:memory:``, ``file:…?mode=memory``) with :class:`BadDatabaseURL`: each
+    connection would get its own empty database, so every batch would find no schema and go
+    to the spill store for ever, bound to a database no process could replay it into."""
+    resolved = resolve_url(url)
+    parsed = make_url(resolved)
+    if parsed.get_backend_name() == "sqlite" and environment_variables.in_memory_sqlite(parsed.database, parsed.query):
+        raise BadDatabaseURL(f"{redacted(parsed)!r} is an in-memory SQLite database: nothing written to it "
+                             "could be read back; name a file (sqlite:///path/to/file.db)")
+    return resolved
+
+
 def target_of(url: str | None = None) -> str:
     """The database ``url`` names, without credentials: resolved, password and secret query
     parameters removed, a SQLite file path made absolute. Two URLs of one database give the
-    same text, so it identifies where spilled spans belong."""
-    parsed = make_url(resolve_url(url))
+    same text, so it identifies where spilled spans belong. An in-memory SQLite database is
+    no target (:func:`storable_url`)."""
+    parsed = make_url(storable_url(url))
     query = {k: v for k, v in parsed.query.items() if k.lower() not in _SECRET_QUERY_KEYS}
     # URL.set() cannot remove a password (None means "unchanged"): build the URL again
     parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)

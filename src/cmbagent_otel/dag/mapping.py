@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,8 +235,10 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     """
     description = span.status.description
     name = span.name
+    start, end = span.start_time, span.end_time
     if not (((not name.isascii() or "\x00" in name) and _rejected(name))
-            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)):
+            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
+            or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS)):
         return span, attrs
     clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
@@ -243,9 +246,20 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
         attributes=clean, events=span.events, links=span.links, kind=span.kind,
         instrumentation_scope=span.instrumentation_scope,
         status=Status(span.status.status_code, db_text(description) if type(description) is str else None),
-        start_time=span.start_time, end_time=span.end_time,
+        start_time=_storable_ns(start), end_time=_storable_ns(end),
     )
     return copy, clean
+
+
+# The latest time a datetime (and so a row) can hold; an app passing seconds or microseconds
+# where the SDK wants nanoseconds gives times past it, which failed the batch (OverflowError).
+# Before the epoch: no OTLP time can be (its times are unsigned).
+_MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - datetime(1970, 1, 1)) // timedelta(microseconds=1) * 1000
+
+
+def _storable_ns(ns: int | None) -> int | None:
+    """``ns`` clamped to the times a row can hold (the epoch to the end of year 9999)."""
+    return None if ns is None else max(0, min(_MAX_NS, ns))
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -262,7 +276,7 @@ def _error_of(span: ReadableSpan) -> str | None:
 def _duration_ms(span: ReadableSpan) -> int | None:
     if span.start_time is None or span.end_time is None:
         return None
-    return max(0, (span.end_time - span.start_time) // 1_000_000)
+    return min(_INT32, max(0, (span.end_time - span.start_time) // 1_000_000))  # INTEGER: ~24.8 days
 
 
 # --- batch container ----------------------------------------------------------------------
@@ -648,7 +662,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": (None if start_ns is None or end_ns is None else max(0, (end_ns - start_ns) // 1_000_000)),
+        "duration_ms": (None if start_ns is None or end_ns is None
+                        else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000))),
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
         "execution_order": order, "depth": depth,
@@ -1158,9 +1173,27 @@ def _step_base(node: Mapping[str, Any]) -> int:
 
 
 def _usage_values(prompt: int, completion: int, costs: list[float]) -> dict[str, Any]:
-    # fsum is correctly rounded, so the total does not depend on the order events were read in
     return {"tokens": prompt + completion, "prompt_tokens": prompt, "completion_tokens": completion,
-            "cost_usd": math.fsum(costs)}
+            "cost_usd": _cost_total(costs)}
+
+
+# cost_records.cost_usd is NUMERIC(10, 6) in cmbagent's schema: PostgreSQL refuses anything
+# from 10^4 on in magnitude ("numeric field overflow"; SQLite stores it), which failed the batch
+_COST_COLUMN_MAX = 9999.999999
+
+
+def _cost_total(costs: list[float]) -> float:
+    """The sum of finite ``costs``, finite itself (fsum raises on an intermediate overflow)."""
+    try:
+        # fsum is correctly rounded, so the total does not depend on the order events were read in
+        return math.fsum(costs)
+    except OverflowError:
+        return math.copysign(sys.float_info.max, sum(costs))
+
+
+def _cost_column(cost: float) -> float:
+    """A cost as ``cost_records.cost_usd`` can hold it: rounded to 6 places, clamped to its range."""
+    return max(-_COST_COLUMN_MAX, min(_COST_COLUMN_MAX, round(cost, 6)))
 
 
 def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mapping[str, Any]],
@@ -1228,7 +1261,7 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
 
     fallback = run.get("started_at") or _EPOCH
     for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():
-        cost = math.fsum(costs)
+        cost = _cost_total(costs)
         if prompt <= 0 and completion <= 0 and cost <= 0:
             continue  # cmbagent records only agents that used something
         step_id = None
@@ -1240,7 +1273,7 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
             "run_id": run["id"], "step_id": step_id, "session_id": run["session_id"], "model": model,
             "agent_name": _str(agent, 200), "parent_run_id": None, "prompt_tokens": _int(prompt),
             "completion_tokens": _int(completion), "total_tokens": _int(prompt + completion),
-            "cost_usd": round(cost, 6), "timestamp": max(stamps) if stamps else fallback,
+            "cost_usd": _cost_column(cost), "timestamp": max(stamps) if stamps else fallback,
         })
 
 

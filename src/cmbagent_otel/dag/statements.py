@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
 
-from .._jsontext import compact_encoder
+from .._jsontext import standard_encoder
 from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
 __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
@@ -40,7 +40,7 @@ IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 9
 COPY_MIN_ROWS = 32
 _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
 
-encode_json = compact_encoder(str, ensure_ascii=True)
+encode_json = standard_encoder(str, ensure_ascii=True)
 
 
 def decode_json(value: Any) -> Any:
