@@ -595,6 +595,12 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
     stopped = "plan stopped: step 1" if kind == "planning_and_control" else "one_shot stopped: its execution"
     assert root.status.status_code is StatusCode.ERROR
     assert f"{stopped} ran out of attempts (n_attempts 1 >= max_n_attempts 1)" == root.status.description
+    if kind == "planning_and_control":
+        # and its control phase, as cmbagent's control phase fails the step, then itself
+        control = _one(run, "phase control")
+        assert (control.status.status_code, control.status.description) == (StatusCode.ERROR,
+                                                                            root.status.description)
+        assert nodes["control"]["status"] == "failed" and nodes["planning"]["status"] == "completed"
 
 
 def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:
