@@ -432,7 +432,9 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
-    ("human_in_the_loop", False, {}), ("get_keywords", False, {})]
+    ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
+    ("get_keywords_unesco", False, {})]
+KEYWORDS = ("get_keywords", "get_keywords_aas", "get_keywords_unesco")
 
 
 def _ids(cases: list[tuple[str, bool, dict[str, Any]]]) -> list[str]:
@@ -444,12 +446,12 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
                                                       options: dict[str, Any]) -> None:
     run = runner(kind, fail=fail, **options)
     assert run.error is None and run.warnings == []
-    # human_in_the_loop ends when the human types exit, get_keywords on its max_rounds=2
-    _check_common_shape(run, ends_by_handoff=kind not in ("human_in_the_loop", "get_keywords"))
+    # human_in_the_loop ends when the human types exit, get_keywords (aaai, unesco) on its max_rounds=2
+    _check_common_shape(run, ends_by_handoff=kind not in ("human_in_the_loop", "get_keywords", "get_keywords_unesco"))
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed"
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
-                                   "get_keywords": "get_keywords",
+                                   "get_keywords_aas": "get_keywords", "get_keywords_unesco": "get_keywords",
                                    "one_shot_researcher": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
@@ -457,7 +459,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     short_of = {n["id"]: s for s, n in nodes.items()}
     # every code run on the sub-agent node that ran it
     code_nodes = [re.sub(r"_\d+$", "", short_of[e["node_id"]]) for e in events if e["event_type"] == "code_exec"]
-    assert bool(code_nodes) is (kind not in ("control_ideas", "get_keywords"))  # their agents run no code
+    assert bool(code_nodes) is (kind not in ("control_ideas", *KEYWORDS))  # their agents run no code
     assert all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
     # one LLM event per model call, on its agent's node (a nested chat's on the nest; a phase's or step's own)
     llm = [(e["agent_name"], nodes[short_of[e["node_id"]]]) for e in events if e["event_subtype"] == "llm"]
@@ -550,6 +552,42 @@ def test_get_keywords_is_a_one_shot_run(runner: Any) -> None:
     assert root.attributes[sc.WORKFLOW_MODE] == "one-shot"
     subs = [s for s in run.spans if s.attributes.get(sc.DAG_PARENT_NODE) == "execute"]
     assert [s.attributes[sc.DAG_NODE] for s in subs] == ["execute_aaai_keywords_finder"]
+
+
+def test_get_keywords_aas_records_its_keywords_by_tool_call(runner: Any, tmp_path: Path) -> None:
+    """get_keywords(kw_type="aas"): one one-shot solve; the finder's record_aas_keywords tool call (on its
+    sub-agent node) stores the keywords with their URLs, which the function returns; control, then the
+    terminator end the chat."""
+    from cmbagent.utils import AAS_keywords_dict
+
+    run = runner("get_keywords_aas")
+    chosen = sorted(AAS_keywords_dict)[:2]
+    assert run.results["keywords"] == {k: AAS_keywords_dict[k] for k in chosen}
+    assert _one(run, "workflow get_keywords").attributes[sc.WORKFLOW_MODE] == "one-shot"
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "execute") == ["execute_aas_keyword_finder", "execute_control", "execute_terminator"]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    tools = [(short_of[e["node_id"]], e["meta"]["span_name"]) for e in events if e["event_type"] == "tool_call"]
+    # the tool runs in AG2's tool runner's turn, which is no sub-agent: on the phase's node
+    assert tools == [("execute", f"execute_tool {t}") for t in ("record_aas_keywords", "record_status",
+                                                                 "terminate_session")]
+
+
+def test_get_keywords_unesco_is_one_run_of_one_shot_solves(runner: Any, tmp_path: Path) -> None:
+    """get_keywords(kw_type="unesco"): a one-shot solve per level of cmbagent's UNESCO taxonomy, all in
+    ONE run: the first solve is cmbagent's ``execute`` node (its finder a sub-agent), each later one a
+    ``one_shot``, ``one_shot_2``, ... phase node (type ``control``) holding its finder's model call."""
+    run = runner("get_keywords_unesco")
+    assert run.results["keywords"] and set(run.sequence) == {"list_keywords_finder"}
+    assert len(_named(run, "workflow get_keywords")) == 1 and len(run.sequence) > 2
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    phases = sorted((s for s, n in nodes.items() if s.startswith("one_shot")), key=lambda s: nodes[s]["order_index"])
+    assert phases == ["one_shot", *(f"one_shot_{k}" for k in range(2, len(run.sequence)))]
+    assert {nodes[s]["node_type"] for s in phases} == {"control"}
+    assert _children(nodes, "execute") == ["execute_list_keywords_finder"]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    llm = sorted(short_of[e["node_id"]] for e in events if e["event_subtype"] == "llm")
+    assert llm == sorted(["execute_list_keywords_finder", *phases])
 
 
 def test_one_shot_researcher(runner: Any) -> None:
