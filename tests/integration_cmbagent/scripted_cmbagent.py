@@ -259,6 +259,17 @@ class CmbagentScript:
     def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
         return json.dumps({"results": ["Machine Learning", "Cosmology"]})
 
+    # --- summarize_document: the summarizer, then its structured formatter ---------------------------
+    SUMMARY = {"title": "Mock CMB spectra", "authors": ["A. Author"], "date": "2026", "abstract": "A mock.",
+               "keywords": ["CMB"], "key_findings": ["The first peak is where expected."],
+               "scientific_software": ["numpy"], "data_sources": [], "data_sets": [], "data_analysis_methods": ["fit"]}
+
+    def _summarizer(self, body: dict[str, Any]) -> str:
+        return "Title: Mock CMB spectra. The first acoustic peak is where expected."
+
+    def _summarizer_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps(self.SUMMARY)
+
     # --- get_keywords(kw_type="aas"): record_aas_keywords with two names of cmbagent's AAS list -----
     def _aas_keyword_finder(self, body: dict[str, Any]) -> dict[str, Any]:
         from cmbagent.utils import AAS_keywords_dict
@@ -318,6 +329,18 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         fn = function or cmbagent.get_keywords
         kw_type = kind.removeprefix("get_keywords").removeprefix("_") or "aaai"
         return {"keywords": fn(TASK, n_keywords=2, kw_type=kw_type, **(kw | {"work_dir": work_dir}))}
+    if kind == "summarize_document":  # reads its API key from the environment, no api_keys argument
+        fn = function or cmbagent.summarize_document
+        document = work_dir.parent / f"{work_dir.name}-paper.md"
+        document.write_text(f"# Mock CMB spectra\n\nA. Author, 2026.\n\n{TASK}.\n", encoding="utf-8")
+        return {"summary": fn(str(document), work_dir=str(work_dir))}
+    if kind == "summarize_documents":  # two documents, summarized by cmbagent in two worker threads
+        fn = function or cmbagent.summarize_documents
+        folder = work_dir.parent / f"{work_dir.name}-papers"
+        folder.mkdir(exist_ok=True)
+        for k in (1, 2):
+            (folder / f"paper_{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
+        return fn(str(folder), work_dir_base=str(work_dir), max_workers=2)  # type: ignore[no-any-return]
     if kind == "control_ideas":  # cmbagent.control with its default plan
         fn = function or cmbagent.control
         return fn(TASK, **kw)  # type: ignore[no-any-return]

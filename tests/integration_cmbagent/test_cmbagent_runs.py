@@ -91,9 +91,12 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         empty = tmp_path_factory.mktemp("no-ca-certs")
         mp.delenv("SSL_CERT_FILE", raising=False)
         mp.setenv("SSL_CERT_DIR", str(empty))
+        mp.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])  # summarize_document reads it from the environment
 
-        def run(kind: str, *, instrumented: bool = True, fail: bool = False, **options: Any) -> Run:
-            key = (kind, instrumented, fail, *sorted(options.items()))
+        def run(kind: str, *, instrumented: bool = True, fail: bool = False, threads: bool = False,
+                **options: Any) -> Run:
+            """``threads``: instrument() with threading (worker threads carry the run's context)."""
+            key = (kind, instrumented, fail, threads, *sorted(options.items()))
             if key in cache:
                 return cache[key]
             script = script_for(kind, fail_first_code=fail)
@@ -103,7 +106,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 mp.setenv("OPENAI_BASE_URL", server.base_url)
                 if instrumented:
                     cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False,
-                                             instrument_threading=False)
+                                             instrument_threading=threads)
                 results: dict[str, Any] = {}
                 error = None
                 ours = _Records(logging.WARNING)
@@ -433,7 +436,7 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
     ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
-    ("get_keywords_unesco", False, {})]
+    ("get_keywords_unesco", False, {}), ("summarize_document", False, {})]
 KEYWORDS = ("get_keywords", "get_keywords_aas", "get_keywords_unesco")
 
 
@@ -459,7 +462,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     short_of = {n["id"]: s for s, n in nodes.items()}
     # every code run on the sub-agent node that ran it
     code_nodes = [re.sub(r"_\d+$", "", short_of[e["node_id"]]) for e in events if e["event_type"] == "code_exec"]
-    assert bool(code_nodes) is (kind not in ("control_ideas", *KEYWORDS))  # their agents run no code
+    assert bool(code_nodes) is (kind not in ("control_ideas", "summarize_document", *KEYWORDS))  # no code run
     assert all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
     # one LLM event per model call, on its agent's node (a nested chat's on the nest; a phase's or step's own)
     llm = [(e["agent_name"], nodes[short_of[e["node_id"]]]) for e in events if e["event_subtype"] == "llm"]
@@ -588,6 +591,47 @@ def test_get_keywords_unesco_is_one_run_of_one_shot_solves(runner: Any, tmp_path
     short_of = {n["id"]: s for s, n in nodes.items()}
     llm = sorted(short_of[e["node_id"]] for e in events if e["event_subtype"] == "llm")
     assert llm == sorted(["execute_list_keywords_finder", *phases])
+
+
+def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> None:
+    """summarize_document: one solve of a fixed pipeline (summarizer, its structured formatter, terminator)
+    with no ``mode``: its own run ``workflow summarize_document`` in cmbagent's one-shot layout, the agents
+    its ``execute`` node's sub-agents (not a ``control`` phase holding every turn); the summary it returns
+    is parsed from the formatter's answer."""
+    from .scripted_cmbagent import CmbagentScript
+
+    run = runner("summarize_document")
+    summary = run.results["summary"]  # parsed back by cmbagent from the formatted text (lists may shift)
+    assert (summary["title"], summary["key_findings"]) == (CmbagentScript.SUMMARY["title"],
+                                                          CmbagentScript.SUMMARY["key_findings"])
+    root = _one(run, "workflow summarize_document")
+    assert (root.attributes[sc.WORKFLOW_MODE], root.attributes[sc.WORKFLOW_AGENT]) == ("one-shot", "summarizer")
+    nodes, _, row = _backend_rows(run, tmp_path)
+    assert row["mode"] == "one-shot" and "control" not in nodes
+    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
+                                           "execute_terminator"]
+
+
+def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path: Path) -> None:
+    """summarize_documents: cmbagent summarizes each document in a worker thread (summarize_document per
+    file); with instrument()'s default threading instrumentation the threads carry the run's context, so it
+    is ONE run: the first solve is ``execute``, the other a ``one_shot`` phase node (as get_keywords
+    unesco). Which document comes first depends on the threads: the app's outputs are compared unordered."""
+    plain = runner("summarize_documents", instrumented=False)
+    run = runner("summarize_documents", threads=True)  # instrument()'s default
+    assert run.error is None and plain.error is None and run.warnings == []
+    assert (run.results["processed_files"], run.results["failed_files"]) == (2, 0)
+    assert sorted(run.sequence) == sorted(plain.sequence) and run.unexpected == []
+    assert len(_named(run, "workflow summarize_documents")) == 1 and not _named(run, "workflow summarize_document")
+    nodes, events, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "completed" and row["mode"] == "one-shot"
+    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
+                                           "execute_terminator"]
+    assert nodes["one_shot"]["node_type"] == "control"
+    llm = [e for e in events if e["event_subtype"] == "llm"]
+    assert len(llm) == len(run.sequence)
+    costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
+    assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
 
 
 def test_one_shot_researcher(runner: Any) -> None:

@@ -91,6 +91,8 @@ ENTRY_POINTS: Mapping[str, str] = {
     "deep_research": "planning-control",
     "human_in_the_loop": "hitl-interactive",
     "preprocess_task": "enhance-input",
+    "summarize_document": "one-shot",
+    "summarize_documents": "one-shot",
     "hitl_interactive_workflow": "hitl-interactive",
     "hitl_planning_only_workflow": "hitl-interactive",
     "hitl_error_recovery_workflow": "hitl-interactive",
@@ -125,6 +127,9 @@ PLANNER = "planner"  # the agent that writes cmbagent's plan
 ONE_SHOT_PHASE = "one_shot"
 CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
+#: Entry points whose solves are a fixed pipeline of agents (no plan, no control loop): each solve is a
+#: one_shot phase (cmbagent's init -> execute -> terminator layout) whatever the solve's mode.
+FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents"})
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -253,6 +258,8 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
+    if agent is None and "summarizer_model" in bound:  # summarize_document(s)
+        agent = "summarizer"
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
@@ -281,6 +288,15 @@ def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: s
     if solve_mode == "chat" or agent_mode == "chat":
         return CHAT_PHASE
     return "control"
+
+
+def _in_fixed_pipeline(scope: Scope | None) -> bool:
+    """Whether the solve runs in a run of a :data:`FIXED_PIPELINES` entry point (``summarize_document``:
+    summarizer, its formatter, terminator; its solve has no ``mode``, so it would be a ``control`` phase)."""
+    try:
+        return scope is not None and scope.run.name in FIXED_PIPELINES
+    except Exception:
+        return False
 
 
 def _step_from_plan(number: int, context: Any) -> tuple[str, str | None]:
@@ -416,6 +432,8 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
         return wrapped(*args, **kwargs)
     name = _phase_name(_text(call.get("initial_agent")), _text(call.get("mode")),
                        _text(getattr(instance, "mode", None)))
+    if name == "control" and _in_fixed_pipeline(scope):
+        name = ONE_SHOT_PHASE
     if number is not None and number > 0:
         if cursor is None:
             with _opened(_phase(name)) as entered:
