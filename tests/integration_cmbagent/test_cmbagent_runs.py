@@ -923,3 +923,30 @@ def test_api_keys_given_to_an_entry_point_are_secrets(tmp_path: Path, monkeypatc
             cmbagent_otel.uninstrument()
     assert capture.exporter.get_finished_spans()
     assert unused not in redaction.redact(f"key {unused}")
+
+
+@pytest.mark.parametrize(("code", "failed"), [(0, False), (None, False), (3, True)])
+def test_sys_exit_inside_an_entry_point_follows_its_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              code: Any, failed: bool) -> None:
+    """An app whose solve ends the process with ``sys.exit(code)`` inside ``one_shot``: the exception reaches
+    the caller unchanged; exit code 0/None ends the run and its phase like a return (a completed run),
+    any other code fails them."""
+    from cmbagent.cmbagent import CMBAgent
+
+    def solve(self: Any, *args: Any, **kwargs: Any) -> None:  # the app's code, patched before instrument()
+        sys.exit(code)
+
+    monkeypatch.setattr(CMBAgent, "solve", solve)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never called: the solve exits first
+    capture = SpanCapture()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            call_workflow("one_shot", tmp_path / "work")
+    finally:
+        cmbagent_otel.uninstrument()
+    assert exited.value.code == code
+    spans = {s.name: s for s in capture.spans}
+    for name in ("workflow one_shot", "phase one_shot"):
+        assert (spans[name].status.status_code is StatusCode.ERROR) is failed, name
+        assert bool([e for e in spans[name].events if e.name == "exception"]) is failed, name
