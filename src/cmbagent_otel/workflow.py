@@ -109,6 +109,20 @@ class RedoLimitExceeded(WorkflowNestingError):
     """A redo attempt number is above the workflow's ``max_redos``."""
 
 
+def is_clean_exit(exc: BaseException | None) -> bool:
+    """Whether ``exc`` ends a block the way a return does: ``SystemExit`` with exit code 0 or ``None``
+    (``sys.exit()``, ``sys.exit(0)``), the process's success status. Any other exit code (an int other
+    than 0, or a message, which Python exits with 1) and any other ``BaseException`` (``KeyboardInterrupt``)
+    is a failure. The OpenTelemetry API's ``use_span`` (``start_as_current_span``) records no
+    ``BaseException`` that is not an ``Exception`` at all (not even ``SystemExit(1)``), the SDK's
+    ``Span.__exit__`` records every one of them: we follow the exit code, as a run's status is what the
+    cmbagent UI shows as success or failure."""
+    if not isinstance(exc, SystemExit):
+        return False
+    code = exc.code
+    return code is None or (isinstance(code, int) and code == 0)
+
+
 class _Entry:
     """One entry into a block: its span (``None`` for a workflow that joined an enclosing run)."""
 
@@ -177,6 +191,8 @@ class _Block:
             if entry in entries:
                 entries.remove(entry)
         if entry is not None and entry.traced is not None:
+            if exc is not None and is_clean_exit(exc):
+                exc_type, exc, tb = None, None, None
             entry.traced.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> _Block:

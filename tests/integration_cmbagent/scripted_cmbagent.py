@@ -47,6 +47,9 @@ DEFAULT_PLAN = (
 )
 
 
+KEYWORD_FINDERS = frozenset({"aaai_keywords_finder", "list_keywords_finder"})
+
+
 def _first_line(text: str) -> str:
     for line in text.splitlines():
         if line.strip():
@@ -126,7 +129,10 @@ class CmbagentScript:
         messages = body.get("messages") or []
         system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
         line = _first_line(system) if isinstance(system, str) else ""
-        return self.signatures.get(line, f"unknown:{line[:60]}")
+        agent = self.signatures.get(line, f"unknown:{line[:60]}")
+        if agent in KEYWORD_FINDERS:  # their instructions begin alike: told apart by the AAAI guide
+            agent = "aaai_keywords_finder" if "AAAI" in system else "list_keywords_finder"
+        return agent
 
     @staticmethod
     def _last_content(body: dict[str, Any]) -> str:
@@ -253,6 +259,33 @@ class CmbagentScript:
     def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
         return json.dumps({"results": ["Machine Learning", "Cosmology"]})
 
+    # --- summarize_document: the summarizer, then its structured formatter ---------------------------
+    SUMMARY = {"title": "Mock CMB spectra", "authors": ["A. Author"], "date": "2026", "abstract": "A mock.",
+               "keywords": ["CMB"], "key_findings": ["The first peak is where expected."],
+               "scientific_software": ["numpy"], "data_sources": [], "data_sets": [], "data_analysis_methods": ["fit"]}
+
+    def _summarizer(self, body: dict[str, Any]) -> str:
+        return "Title: Mock CMB spectra. The first acoustic peak is where expected."
+
+    def _summarizer_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps(self.SUMMARY)
+
+    # --- get_keywords(kw_type="aas"): record_aas_keywords with two names of cmbagent's AAS list -----
+    def _aas_keyword_finder(self, body: dict[str, Any]) -> dict[str, Any]:
+        from cmbagent.utils import AAS_keywords_dict
+
+        return _tool("record_aas_keywords", aas_keywords=sorted(AAS_keywords_dict)[:2])
+
+    # --- get_keywords(kw_type="unesco"): one solve per taxonomy level, each answered with the first
+    # name of the list in the finder's system prompt (the fewest solves cmbagent then makes)
+    _KEYWORDS_LIST = re.compile(r"<KEYWORDS_LIST>\s*(.*?)\s*</KEYWORDS_LIST>", re.DOTALL)
+
+    def _list_keywords_finder(self, body: dict[str, Any]) -> str:
+        system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+        match = self._KEYWORDS_LIST.search(system or "")
+        names = [n.strip() for n in match.group(1).split(", ")] if match else []
+        return json.dumps({"results": names[:1]})  # its response_format; format() makes the "-" lines
+
 
 def idea_plan() -> tuple[PlanStep, ...]:
     """cmbagent.control's default plan (``plans/idea_plan.json`` next to the package): idea_maker/idea_hater steps."""
@@ -269,7 +302,7 @@ API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offl
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
 WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
-             "one_shot_researcher", "human_in_the_loop", "get_keywords")
+             "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas", "get_keywords_unesco")
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
@@ -290,9 +323,24 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         fn = function or cmbagent.one_shot
         agent = "researcher" if kind == "one_shot_researcher" else "engineer"
         return fn(TASK, agent=agent, **kw)  # type: ignore[no-any-return]
-    if kind == "get_keywords":  # the AAAI keyword list: one one-shot solve
+    if kind in ("get_keywords", "get_keywords_aas", "get_keywords_unesco"):
+        # aaai: one one-shot solve; aas: one solve with a record_aas_keywords tool call; unesco: a solve
+        # per level of cmbagent's UNESCO taxonomy
         fn = function or cmbagent.get_keywords
-        return {"keywords": fn(TASK, n_keywords=2, kw_type="aaai", **(kw | {"work_dir": work_dir}))}
+        kw_type = kind.removeprefix("get_keywords").removeprefix("_") or "aaai"
+        return {"keywords": fn(TASK, n_keywords=2, kw_type=kw_type, **(kw | {"work_dir": work_dir}))}
+    if kind == "summarize_document":  # reads its API key from the environment, no api_keys argument
+        fn = function or cmbagent.summarize_document
+        document = work_dir.parent / f"{work_dir.name}-paper.md"
+        document.write_text(f"# Mock CMB spectra\n\nA. Author, 2026.\n\n{TASK}.\n", encoding="utf-8")
+        return {"summary": fn(str(document), work_dir=str(work_dir))}
+    if kind == "summarize_documents":  # two documents, summarized by cmbagent in two worker threads
+        fn = function or cmbagent.summarize_documents
+        folder = work_dir.parent / f"{work_dir.name}-papers"
+        folder.mkdir(exist_ok=True)
+        for k in (1, 2):
+            (folder / f"paper_{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
+        return fn(str(folder), work_dir_base=str(work_dir), max_workers=2)  # type: ignore[no-any-return]
     if kind == "control_ideas":  # cmbagent.control with its default plan
         fn = function or cmbagent.control
         return fn(TASK, **kw)  # type: ignore[no-any-return]
@@ -324,7 +372,8 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
     mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
-            "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot"}.get(kind, "planning_and_control")
+            "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot",
+            "get_keywords_aas": "one_shot"}.get(kind, "planning_and_control")
     plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
     return CmbagentScript(agent_signatures(Path(spec.origin).parent), plan=plan, fail_first_code=fail_first_code,
                           mode=mode)

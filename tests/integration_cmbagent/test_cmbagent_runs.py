@@ -91,9 +91,12 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         empty = tmp_path_factory.mktemp("no-ca-certs")
         mp.delenv("SSL_CERT_FILE", raising=False)
         mp.setenv("SSL_CERT_DIR", str(empty))
+        mp.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])  # summarize_document reads it from the environment
 
-        def run(kind: str, *, instrumented: bool = True, fail: bool = False, **options: Any) -> Run:
-            key = (kind, instrumented, fail, *sorted(options.items()))
+        def run(kind: str, *, instrumented: bool = True, fail: bool = False, threads: bool = False,
+                **options: Any) -> Run:
+            """``threads``: instrument() with threading (worker threads carry the run's context)."""
+            key = (kind, instrumented, fail, threads, *sorted(options.items()))
             if key in cache:
                 return cache[key]
             script = script_for(kind, fail_first_code=fail)
@@ -103,7 +106,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 mp.setenv("OPENAI_BASE_URL", server.base_url)
                 if instrumented:
                     cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False,
-                                             instrument_threading=False)
+                                             instrument_threading=threads)
                 results: dict[str, Any] = {}
                 error = None
                 ours = _Records(logging.WARNING)
@@ -432,7 +435,9 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
-    ("human_in_the_loop", False, {}), ("get_keywords", False, {})]
+    ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
+    ("get_keywords_unesco", False, {}), ("summarize_document", False, {})]
+KEYWORDS = ("get_keywords", "get_keywords_aas", "get_keywords_unesco")
 
 
 def _ids(cases: list[tuple[str, bool, dict[str, Any]]]) -> list[str]:
@@ -444,12 +449,12 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
                                                       options: dict[str, Any]) -> None:
     run = runner(kind, fail=fail, **options)
     assert run.error is None and run.warnings == []
-    # human_in_the_loop ends when the human types exit, get_keywords on its max_rounds=2
-    _check_common_shape(run, ends_by_handoff=kind not in ("human_in_the_loop", "get_keywords"))
+    # human_in_the_loop ends when the human types exit, get_keywords (aaai, unesco) on its max_rounds=2
+    _check_common_shape(run, ends_by_handoff=kind not in ("human_in_the_loop", "get_keywords", "get_keywords_unesco"))
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed"
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
-                                   "get_keywords": "get_keywords",
+                                   "get_keywords_aas": "get_keywords", "get_keywords_unesco": "get_keywords",
                                    "one_shot_researcher": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
@@ -457,7 +462,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     short_of = {n["id"]: s for s, n in nodes.items()}
     # every code run on the sub-agent node that ran it
     code_nodes = [re.sub(r"_\d+$", "", short_of[e["node_id"]]) for e in events if e["event_type"] == "code_exec"]
-    assert bool(code_nodes) is (kind not in ("control_ideas", "get_keywords"))  # their agents run no code
+    assert bool(code_nodes) is (kind not in ("control_ideas", "summarize_document", *KEYWORDS))  # no code run
     assert all(n.endswith(("_engineer_nest", "_researcher_executor")) for n in code_nodes), code_nodes
     # one LLM event per model call, on its agent's node (a nested chat's on the nest; a phase's or step's own)
     llm = [(e["agent_name"], nodes[short_of[e["node_id"]]]) for e in events if e["event_subtype"] == "llm"]
@@ -552,6 +557,83 @@ def test_get_keywords_is_a_one_shot_run(runner: Any) -> None:
     assert [s.attributes[sc.DAG_NODE] for s in subs] == ["execute_aaai_keywords_finder"]
 
 
+def test_get_keywords_aas_records_its_keywords_by_tool_call(runner: Any, tmp_path: Path) -> None:
+    """get_keywords(kw_type="aas"): one one-shot solve; the finder's record_aas_keywords tool call (on its
+    sub-agent node) stores the keywords with their URLs, which the function returns; control, then the
+    terminator end the chat."""
+    from cmbagent.utils import AAS_keywords_dict
+
+    run = runner("get_keywords_aas")
+    chosen = sorted(AAS_keywords_dict)[:2]
+    assert run.results["keywords"] == {k: AAS_keywords_dict[k] for k in chosen}
+    assert _one(run, "workflow get_keywords").attributes[sc.WORKFLOW_MODE] == "one-shot"
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "execute") == ["execute_aas_keyword_finder", "execute_control", "execute_terminator"]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    tools = [(short_of[e["node_id"]], e["meta"]["span_name"]) for e in events if e["event_type"] == "tool_call"]
+    # the tool runs in AG2's tool runner's turn, which is no sub-agent: on the phase's node
+    assert tools == [("execute", f"execute_tool {t}") for t in ("record_aas_keywords", "record_status",
+                                                                 "terminate_session")]
+
+
+def test_get_keywords_unesco_is_one_run_of_one_shot_solves(runner: Any, tmp_path: Path) -> None:
+    """get_keywords(kw_type="unesco"): a one-shot solve per level of cmbagent's UNESCO taxonomy, all in
+    ONE run: the first solve is cmbagent's ``execute`` node (its finder a sub-agent), each later one a
+    ``one_shot``, ``one_shot_2``, ... phase node (type ``control``) holding its finder's model call."""
+    run = runner("get_keywords_unesco")
+    assert run.results["keywords"] and set(run.sequence) == {"list_keywords_finder"}
+    assert len(_named(run, "workflow get_keywords")) == 1 and len(run.sequence) > 2
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    phases = sorted((s for s, n in nodes.items() if s.startswith("one_shot")), key=lambda s: nodes[s]["order_index"])
+    assert phases == ["one_shot", *(f"one_shot_{k}" for k in range(2, len(run.sequence)))]
+    assert {nodes[s]["node_type"] for s in phases} == {"control"}
+    assert _children(nodes, "execute") == ["execute_list_keywords_finder"]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    llm = sorted(short_of[e["node_id"]] for e in events if e["event_subtype"] == "llm")
+    assert llm == sorted(["execute_list_keywords_finder", *phases])
+
+
+def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> None:
+    """summarize_document: one solve of a fixed pipeline (summarizer, its structured formatter, terminator)
+    with no ``mode``: its own run ``workflow summarize_document`` in cmbagent's one-shot layout, the agents
+    its ``execute`` node's sub-agents (not a ``control`` phase holding every turn); the summary it returns
+    is parsed from the formatter's answer."""
+    from .scripted_cmbagent import CmbagentScript
+
+    run = runner("summarize_document")
+    summary = run.results["summary"]  # parsed back by cmbagent from the formatted text (lists may shift)
+    assert (summary["title"], summary["key_findings"]) == (CmbagentScript.SUMMARY["title"],
+                                                          CmbagentScript.SUMMARY["key_findings"])
+    root = _one(run, "workflow summarize_document")
+    assert (root.attributes[sc.WORKFLOW_MODE], root.attributes[sc.WORKFLOW_AGENT]) == ("one-shot", "summarizer")
+    nodes, _, row = _backend_rows(run, tmp_path)
+    assert row["mode"] == "one-shot" and "control" not in nodes
+    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
+                                           "execute_terminator"]
+
+
+def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path: Path) -> None:
+    """summarize_documents: cmbagent summarizes each document in a worker thread (summarize_document per
+    file); with instrument()'s default threading instrumentation the threads carry the run's context, so it
+    is ONE run: the first solve is ``execute``, the other a ``one_shot`` phase node (as get_keywords
+    unesco). Which document comes first depends on the threads: the app's outputs are compared unordered."""
+    plain = runner("summarize_documents", instrumented=False)
+    run = runner("summarize_documents", threads=True)  # instrument()'s default
+    assert run.error is None and plain.error is None and run.warnings == []
+    assert (run.results["processed_files"], run.results["failed_files"]) == (2, 0)
+    assert sorted(run.sequence) == sorted(plain.sequence) and run.unexpected == []
+    assert len(_named(run, "workflow summarize_documents")) == 1 and not _named(run, "workflow summarize_document")
+    nodes, events, row = _backend_rows(run, tmp_path)
+    assert row["status"] == "completed" and row["mode"] == "one-shot"
+    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
+                                           "execute_terminator"]
+    assert nodes["one_shot"]["node_type"] == "control"
+    llm = [e for e in events if e["event_subtype"] == "llm"]
+    assert len(llm) == len(run.sequence)
+    costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
+    assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
+
+
 def test_one_shot_researcher(runner: Any) -> None:
     run = runner("one_shot_researcher")
     subs = sorted((s for s in run.spans if s.attributes.get(sc.DAG_PARENT_NODE) == "execute"),
@@ -595,6 +677,12 @@ def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: s
     stopped = "plan stopped: step 1" if kind == "planning_and_control" else "one_shot stopped: its execution"
     assert root.status.status_code is StatusCode.ERROR
     assert f"{stopped} ran out of attempts (n_attempts 1 >= max_n_attempts 1)" == root.status.description
+    if kind == "planning_and_control":
+        # and its control phase, as cmbagent's control phase fails the step, then itself
+        control = _one(run, "phase control")
+        assert (control.status.status_code, control.status.description) == (StatusCode.ERROR,
+                                                                            root.status.description)
+        assert nodes["control"]["status"] == "failed" and nodes["planning"]["status"] == "completed"
 
 
 def test_plan_stopped_by_a_step_out_of_attempts_is_a_failed_run(runner: Any, tmp_path: Path) -> None:
@@ -835,3 +923,30 @@ def test_api_keys_given_to_an_entry_point_are_secrets(tmp_path: Path, monkeypatc
             cmbagent_otel.uninstrument()
     assert capture.exporter.get_finished_spans()
     assert unused not in redaction.redact(f"key {unused}")
+
+
+@pytest.mark.parametrize(("code", "failed"), [(0, False), (None, False), (3, True)])
+def test_sys_exit_inside_an_entry_point_follows_its_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              code: Any, failed: bool) -> None:
+    """An app whose solve ends the process with ``sys.exit(code)`` inside ``one_shot``: the exception reaches
+    the caller unchanged; exit code 0/None ends the run and its phase like a return (a completed run),
+    any other code fails them."""
+    from cmbagent.cmbagent import CMBAgent
+
+    def solve(self: Any, *args: Any, **kwargs: Any) -> None:  # the app's code, patched before instrument()
+        sys.exit(code)
+
+    monkeypatch.setattr(CMBAgent, "solve", solve)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never called: the solve exits first
+    capture = SpanCapture()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            call_workflow("one_shot", tmp_path / "work")
+    finally:
+        cmbagent_otel.uninstrument()
+    assert exited.value.code == code
+    spans = {s.name: s for s in capture.spans}
+    for name in ("workflow one_shot", "phase one_shot"):
+        assert (spans[name].status.status_code is StatusCode.ERROR) is failed, name
+        assert bool([e for e in spans[name].events if e.name == "exception"]) is failed, name

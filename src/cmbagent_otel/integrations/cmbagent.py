@@ -77,7 +77,7 @@ from .._spans import (
 )
 from ..instrumentation._steps import context_get, plan_steps, record_not_started
 from ..redaction import register_secret, truncate
-from ..workflow import _Block, is_planning_phase, phase, redo, step, workflow
+from ..workflow import _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -91,6 +91,8 @@ ENTRY_POINTS: Mapping[str, str] = {
     "deep_research": "planning-control",
     "human_in_the_loop": "hitl-interactive",
     "preprocess_task": "enhance-input",
+    "summarize_document": "one-shot",
+    "summarize_documents": "one-shot",
     "hitl_interactive_workflow": "hitl-interactive",
     "hitl_planning_only_workflow": "hitl-interactive",
     "hitl_error_recovery_workflow": "hitl-interactive",
@@ -125,6 +127,9 @@ PLANNER = "planner"  # the agent that writes cmbagent's plan
 ONE_SHOT_PHASE = "one_shot"
 CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
+#: Entry points whose solves are a fixed pipeline of agents (no plan, no control loop): each solve is a
+#: one_shot phase (cmbagent's init -> execute -> terminator layout) whatever the solve's mode.
+FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents"})
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -209,7 +214,7 @@ def _anchored() -> Iterator[None]:
         yield
     except BaseException as exc:
         if anchored is not None:
-            detach_anchor(*anchored, exc)
+            detach_anchor(*anchored, None if is_clean_exit(exc) else exc)
         raise
     else:
         if anchored is not None:
@@ -253,6 +258,8 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
+    if agent is None and "summarizer_model" in bound:  # summarize_document(s)
+        agent = "summarizer"
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
@@ -281,6 +288,15 @@ def _phase_name(initial_agent: str | None, solve_mode: str | None, agent_mode: s
     if solve_mode == "chat" or agent_mode == "chat":
         return CHAT_PHASE
     return "control"
+
+
+def _in_fixed_pipeline(scope: Scope | None) -> bool:
+    """Whether the solve runs in a run of a :data:`FIXED_PIPELINES` entry point (``summarize_document``:
+    summarizer, its formatter, terminator; its solve has no ``mode``, so it would be a ``control`` phase)."""
+    try:
+        return scope is not None and scope.run.name in FIXED_PIPELINES
+    except Exception:
+        return False
 
 
 def _step_from_plan(number: int, context: Any) -> tuple[str, str | None]:
@@ -416,24 +432,69 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
         return wrapped(*args, **kwargs)
     name = _phase_name(_text(call.get("initial_agent")), _text(call.get("mode")),
                        _text(getattr(instance, "mode", None)))
+    if name == "control" and _in_fixed_pipeline(scope):
+        name = ONE_SHOT_PHASE
     if number is not None and number > 0:
         if cursor is None:
-            with _opened(_phase(name)):
-                return _solve_with_step(wrapped, instance, args, kwargs, number, context)
+            with _opened(_phase(name)) as entered:
+                stopped = _plan_stopped()
+                result = _solve_with_step(wrapped, instance, args, kwargs, number, context)
+                _fail_phase_if_plan_stopped(entered, stopped)
+                return result
         if sticky is None or sticky.owner != name:
             _switch_sticky(cursor, sticky, name)
-        return _solve_with_step(wrapped, instance, args, kwargs, number, context)
+        stopped = _plan_stopped()
+        result = _solve_with_step(wrapped, instance, args, kwargs, number, context)
+        _fail_sticky_if_plan_stopped(cursor, stopped)
+        return result
     if sticky is not None and cursor is not None:
         _switch_sticky(cursor, sticky, None)
     if name == ONE_SHOT_PHASE:
         return _solve_one_shot(wrapped, instance, args, kwargs)
-    with _opened(_phase(name)):
+    with _opened(_phase(name)) as entered:
+        stopped = _plan_stopped()
         if name == CHAT_PHASE:
             # cmbagent's chat mode is a one-step plan ("Step 1: solve the main task.") that the chat
             # agent and the human admin work on: its turns become that step's sub-agent nodes
-            return _solve_with_step(wrapped, instance, args, kwargs, 1, context,
-                                    planned=(_text(call.get("task")) or "", _text(call.get("initial_agent"))))
-        return wrapped(*args, **kwargs)
+            result = _solve_with_step(wrapped, instance, args, kwargs, 1, context,
+                                      planned=(_text(call.get("task")) or "", _text(call.get("initial_agent"))))
+        else:
+            result = wrapped(*args, **kwargs)
+        _fail_phase_if_plan_stopped(entered, stopped)
+        return result
+
+
+def _plan_stopped() -> str | None:
+    """Why the current run's plan stopped (a step ran out of attempts), ``None`` while it has not."""
+    try:
+        scope = current_scope()
+        return scope.run.failed_step if scope is not None else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the run's step outcome", exc_info=True)
+        return None
+
+
+def _fail_phase_if_plan_stopped(block: _Block | None, before: str | None) -> None:
+    """The phase whose plan stopped during its solve (a step ran out of attempts: ``before`` was
+    ``None``) ends failed too: cmbagent's control phase fails its step, then itself."""
+    if block is None or before is not None:
+        return
+    stopped = _plan_stopped()
+    if stopped is not None:
+        block.fail(stopped)
+
+
+def _fail_sticky_if_plan_stopped(cursor: Cursor | None, before: str | None) -> None:
+    """The carryover loop's control phase (a frame kept open across its steps) when a step stopped the plan."""
+    if cursor is None or before is not None:
+        return
+    stopped = _plan_stopped()
+    try:
+        top = cursor.top
+        if stopped is not None and top is not None and top.kind == STICKY:
+            _fail_frame(top, stopped)
+    except Exception:
+        logger.debug("cmbagent_otel: could not fail the carryover phase", exc_info=True)
 
 
 def _solve_run(instance: Any, call: Mapping[str, Any]) -> workflow:
@@ -471,6 +532,8 @@ class _CallerRun:
             otel_context.detach(token)
 
     def end(self, exc: BaseException | None) -> None:
+        if is_clean_exit(exc):
+            exc = None  # sys.exit(0) ends the run like a return
         try:
             if self.anchor.cursor is not None:
                 self.anchor.cursor.close_all()
