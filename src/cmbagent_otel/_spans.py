@@ -544,6 +544,34 @@ class TracedSpan(LazyScope):
         self._scope: Scope | None = None
         self._parent_scope: Scope | None = None  # set when the children's scope is built on first use
 
+    @classmethod
+    def fresh(cls, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
+              scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
+              context: otel_context.Context | None) -> Any:
+        """``cls(name, kind, attributes, node=..., scope_changes=..., tracer=..., span_kind=...,
+        context=...)`` for the instrumentation's hot builders: calling a class with keywords packs
+        them in a dict and goes through ``type.__call__``; this sets the same fields as
+        :meth:`__init__` (kept in step with it) without either, for a subclass too."""
+        self = cls.__new__(cls)
+        self._tracer = tracer
+        self._span_kind = span_kind
+        self._name = name
+        self._kind = kind
+        self._attrs = attributes
+        self._node = node
+        self._new_conversation = False
+        self._run = None
+        self._scope_changes = scope_changes
+        self._ctx = context
+        self._token = None
+        self._frame = None
+        self._timing = None
+        self._error = None
+        self.span = trace.INVALID_SPAN
+        self._scope = None
+        self._parent_scope = None
+        return self
+
     @property
     def scope(self) -> Scope | None:
         """The scope of this span's children (``None`` before it started, or when it could not)."""

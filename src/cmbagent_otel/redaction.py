@@ -297,10 +297,41 @@ _MAX_JSON_TEXT = 1 << 20  # longer strings are scanned as text, not parsed
 _SCALARS = frozenset({bool, int, float})  # never secrets, never containers
 
 
+# per class: whether its instances can have ``get_secret_value`` / ``config_list`` (see _probes)
+_PROBES: dict[type, tuple[bool, bool]] = {}
+_ANY = (True, True)
+
+
+def _probes(cls: type) -> tuple[bool, bool]:
+    """(probe ``get_secret_value``, probe ``config_list``) on instances of ``cls``, decided once per class.
+
+    A pydantic model answers a missing attribute through two ``__getattr__`` (the model's, then its
+    metaclass's) and two formatted exceptions: microseconds per probe, on every new agent's config.
+    Its class tells whether either name can be there (a field, or a class attribute; its extras are
+    walked apart). AG2's ``LLMConfig`` forwards every read to such a model, which has ``config_list``
+    and no ``get_secret_value``. Anything else is probed.
+    """
+    found = _ANY
+    with contextlib.suppress(Exception):
+        mro = cls.__mro__
+        fields = getattr(cls, "__pydantic_fields__", None)
+        if isinstance(fields, dict):
+            found = (any("get_secret_value" in vars(k) for k in mro),
+                     "config_list" in fields or any("config_list" in vars(k) for k in mro))
+        elif cls.__name__ == "LLMConfig" and cls.__module__.endswith(".llm_config.config") \
+                and not any("get_secret_value" in vars(k) for k in mro):
+            found = (False, True)
+    if len(_PROBES) >= 1024:
+        _PROBES.clear()  # classes of one process: a bound, not a cache policy
+    _PROBES[cls] = found
+    return found
+
+
 def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     if value is None or depth > 20 or isinstance(value, (bool, int, float)):
         return
-    reveal = getattr(value, "get_secret_value", None)
+    probes = _PROBES.get(type(value)) or _probes(type(value))
+    reveal = getattr(value, "get_secret_value", None) if probes[0] else None
     if callable(reveal):  # pydantic SecretStr / SecretBytes
         revealed = reveal()
         if isinstance(revealed, bytes):
@@ -323,7 +354,7 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         for item in value:
             _register_walk(item, depth + 1, secret, register)
         return
-    config_list = getattr(value, "config_list", None)  # LLMConfig
+    config_list = getattr(value, "config_list", None) if probes[1] else None  # LLMConfig
     if isinstance(config_list, (list, tuple)):
         _register_walk(config_list, depth + 1, secret, register)
     fields = getattr(type(value), "model_fields", None)  # pydantic v2 model
