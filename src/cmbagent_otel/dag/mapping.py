@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import re
 import sys
 import uuid
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import Status, StatusCode
 
 from .. import redaction
@@ -260,6 +261,59 @@ _MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - datetime(1970, 1, 1)) //
 def _storable_ns(ns: int | None) -> int | None:
     """``ns`` clamped to the times a row can hold (the epoch to the end of year 9999)."""
     return None if ns is None else max(0, min(_MAX_NS, ns))
+
+
+class _SpanView(NamedTuple):
+    """The fields of a span mapping reads, read once (each of ReadableSpan's properties is a
+    Python call; the mapping read about twenty per span). Quacks like the span for them, but
+    ``attributes`` and ``events`` are as stored (any mapping, any sequence; never copied)."""
+
+    name: str
+    context: Any
+    parent: Any
+    status: Status
+    start_time: int | None
+    end_time: int | None
+    events: Sequence[Any]
+    attributes: Any
+
+
+_VIEW_FIELDS = ("_name", "_context", "_parent", "_status", "_start_time", "_end_time", "_events", "_attributes")
+_view_fields = operator.itemgetter(*_VIEW_FIELDS)
+
+
+def _slow_view(span: ReadableSpan) -> _SpanView:
+    return _SpanView(span.name, span.context, span.parent, span.status, span.start_time, span.end_time,
+                     span.events, span.attributes)
+
+
+def _probe_fields() -> frozenset[type]:
+    """The span types whose instance dict holds the fields under the SDK's names (checked on a
+    probe span, so an SDK that renames them falls back to the properties)."""
+    attributes = {"k": "v"}
+    events = (Event("e", {}, 3),)
+    probe = StartedSpan(name="probe", context=None, parent=None, attributes=attributes, events=events,
+                        status=Status(StatusCode.OK), start_time=1, end_time=2)
+    try:
+        direct = tuple.__new__(_SpanView, _view_fields(vars(probe)))
+    except Exception:
+        return frozenset()
+    if direct[:6] == _slow_view(probe)[:6] and direct.attributes is attributes and tuple(direct.events) == events:
+        return frozenset({ReadableSpan, StartedSpan})
+    return frozenset()
+
+
+def _view(span: ReadableSpan) -> _SpanView:
+    """``span``'s fields (``attributes`` as stored, ``events`` as stored: a sequence)."""
+    if type(span) in _DIRECT_TYPES:
+        try:
+            return tuple.__new__(_SpanView, _view_fields(span.__dict__))  # type: ignore[type-var]
+        except KeyError:
+            pass
+    return _slow_view(span)
+
+
+_DIRECT_TYPES = _probe_fields()
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -821,7 +875,17 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if ctx is None:
             continue
         running = isinstance(span, StartedSpan)
-        span, attrs = sanitized(span, _plain_mapping(span.attributes))
+        view = _view(span)
+        attrs = _plain_mapping(view.attributes)
+        description = view.status.description
+        name = view.name
+        start, end = view.start_time, view.end_time
+        if (((not name.isascii() or "\x00" in name) and _rejected(name))
+                or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
+                or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS)):
+            span, attrs = sanitized(span, attrs)
+            view = _view(span)
+        span = view  # type: ignore[assignment]
         trace_id = ctx.trace_id
         found = traces.get(trace_id)
         if found is None:

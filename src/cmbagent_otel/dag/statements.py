@@ -91,6 +91,41 @@ _SQLITE_CONVERT: dict[str, Any] = {"json": encode_json, "dt": _sqlite_dt, "bool"
 _PG_CONVERT: dict[str, Any] = {"json": encode_json, "dt": None, "bool": None, "": None}
 
 
+def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any]) -> Any:
+    """A function turning one row into its parameter tuple for ``cols``, written out per column.
+
+    A loop over the columns per row cost more than the conversions themselves. A value that is
+    the same object as an earlier column's of the same kind (an event's ``timestamp`` is its
+    ``started_at``) reuses that column's converted text.
+    """
+    names = [name for name, _ in cols]
+    env: dict[str, Any] = {"_names": names, "KeyError": KeyError}
+    values = [f"v{i}" for i in range(len(cols))]
+    unpack = ", ".join(values) + ("," if len(values) == 1 else "")
+    out: list[str] = []
+    seen: dict[str, list[int]] = {}
+    for i, (_, kind) in enumerate(cols):
+        conv = convert[kind]
+        if conv is None:
+            out.append(f"v{i}")
+            continue
+        env[f"c{i}"] = conv
+        expr = f"None if v{i} is None else c{i}(v{i})"
+        for j in reversed(seen.get(kind, [])):
+            expr = f"o{j} if v{i} is v{j} else {expr}"
+        seen.setdefault(kind, []).append(i)
+        out.append(f"(o{i} := {expr})")
+    getter = "v0 = _get(row)" if len(names) == 1 else f"{unpack} = _get(row)"  # itemgetter of one name: a value
+    env["_get"] = operator.itemgetter(*names)
+    source = (f"def convert(row):\n"
+              f"    try:\n        {getter}\n"
+              f"    except KeyError:  # a row without some columns: those are NULL\n"
+              f"        {unpack} = map(row.get, _names)\n"
+              f"    return ({', '.join(out)},)\n")
+    exec(source, env)  # the source holds column indexes only; names and converters are in env
+    return env["convert"]
+
+
 class Sql:
     """Statements and parameter conversion for one dialect (``sqlite`` or ``postgresql``) and driver
     (``COPY`` for new rows with psycopg 3 only; other PostgreSQL drivers, such as the psycopg2 of
@@ -172,25 +207,10 @@ class Sql:
                     cols: Sequence[tuple[str, str]]) -> Iterator[tuple[Any, ...]]:
         """:meth:`params`, one row at a time."""
         key = ("params", tuple(cols))
-        plan = self._cache.get(key)
-        if plan is None:
-            names = [name for name, _ in cols]
-            plan = self._cache[key] = (
-                operator.itemgetter(*names) if len(names) > 1 else (lambda row, _n=names[0]: (row[_n],)),
-                tuple((i, self._convert[kind]) for i, (_, kind) in enumerate(cols) if self._convert[kind]),
-                names,
-            )
-        getter, convs, names = plan
-        for row in rows:
-            try:
-                values = list(getter(row))
-            except KeyError:  # a row without some columns: those are NULL
-                values = [row.get(name) for name in names]
-            for index, conv in convs:
-                value = values[index]
-                if value is not None:
-                    values[index] = conv(value)
-            yield tuple(values)
+        convert = self._cache.get(key)
+        if convert is None:
+            convert = self._cache[key] = _row_converter(cols, self._convert)
+        return map(convert, rows)
 
     # --- execution -----------------------------------------------------------------------------
 
