@@ -489,6 +489,29 @@ _child_scope_lock = threading.Lock()  # a lazy child scope is built once, whiche
 reset_in_child(sys.modules[__name__], "_child_scope_lock")
 
 
+def _set_fields(span: TracedSpan, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
+          new_conversation: bool, run: RunState | None, scope_changes: Mapping[str, Any] | None,
+          tracer: Tracer | None, span_kind: SpanKind, context: otel_context.Context | None) -> None:
+    """Set every field of a new :class:`TracedSpan` (its ``__init__`` and ``fresh`` both)."""
+    span._tracer = tracer
+    span._span_kind = span_kind
+    span._name = name
+    span._kind = kind
+    span._attrs = attributes
+    span._node = node
+    span._new_conversation = new_conversation
+    span._run = run
+    span._scope_changes = scope_changes
+    span._ctx = context
+    span._token = None
+    span._frame = None
+    span._timing = None
+    span._error = None
+    span.span = trace.INVALID_SPAN
+    span._scope = None
+    span._parent_scope = None  # set when the children's scope is built on first use
+
+
 class TracedSpan(LazyScope):
     """Context manager that opens a span with cmbagent-otel's bookkeeping.
 
@@ -526,23 +549,8 @@ class TracedSpan(LazyScope):
         span_kind: SpanKind = SpanKind.INTERNAL,
         context: otel_context.Context | None = None,
     ) -> None:
-        self._tracer = tracer
-        self._span_kind = span_kind
-        self._name = name
-        self._kind = kind
-        self._attrs = attributes
-        self._node = node
-        self._new_conversation = new_conversation
-        self._run = run
-        self._scope_changes = scope_changes
-        self._ctx = context
-        self._token: object | None = None
-        self._frame: Frame | None = None
-        self._timing: Any = None
-        self._error: str | None = None
-        self.span: Span = trace.INVALID_SPAN
-        self._scope: Scope | None = None
-        self._parent_scope: Scope | None = None  # set when the children's scope is built on first use
+        _set_fields(self, name, kind, attributes, node, new_conversation, run, scope_changes, tracer, span_kind,
+                    context)
 
     @classmethod
     def fresh(cls, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
@@ -550,26 +558,10 @@ class TracedSpan(LazyScope):
               context: otel_context.Context | None) -> Any:
         """``cls(name, kind, attributes, node=..., scope_changes=..., tracer=..., span_kind=...,
         context=...)`` for the instrumentation's hot builders: calling a class with keywords packs
-        them in a dict and goes through ``type.__call__``; this sets the same fields as
-        :meth:`__init__` (kept in step with it) without either, for a subclass too."""
+        them in a dict and goes through ``type.__call__``; this sets the same fields (:func:`_set_fields`)
+        without either, for a subclass too."""
         self = cls.__new__(cls)
-        self._tracer = tracer
-        self._span_kind = span_kind
-        self._name = name
-        self._kind = kind
-        self._attrs = attributes
-        self._node = node
-        self._new_conversation = False
-        self._run = None
-        self._scope_changes = scope_changes
-        self._ctx = context
-        self._token = None
-        self._frame = None
-        self._timing = None
-        self._error = None
-        self.span = trace.INVALID_SPAN
-        self._scope = None
-        self._parent_scope = None
+        _set_fields(self, name, kind, attributes, node, False, None, scope_changes, tracer, span_kind, context)
         return self
 
     @property
