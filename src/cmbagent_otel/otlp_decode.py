@@ -622,19 +622,36 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _without_lone_surrogates(value: Any) -> Any:
-    """``value`` with each lone surrogate in its strings (keys too) replaced by U+FFFD.
+def _without_lone_surrogates(doc: Any) -> Any:
+    """``doc`` with each lone surrogate in its strings (keys too) replaced by U+FFFD, in place.
 
     JavaScript strings may hold them (a span name cut in the middle of an emoji by a length
     limit counting UTF-16 units) and ``JSON.stringify`` writes them as ``\\udXXX`` escapes;
-    one such string made ``json_format`` refuse the whole request."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_lone_surrogates(v) for v in value]
-    return value
+    one such string made ``json_format`` refuse the whole request. Walked with a stack, not
+    recursion: ``json.loads`` accepts documents nested deeper than Python's recursion limit
+    allows a recursive walk (the depth limits are checked after this)."""
+    clean = _LONE_SURROGATE.sub
+    if isinstance(doc, str):
+        return clean("\ufffd", doc)
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            items = list(node.items())
+            node.clear()
+            for key, value in items:
+                if isinstance(value, str):
+                    value = clean("\ufffd", value)
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+                node[clean("\ufffd", key)] = value
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    node[i] = clean("\ufffd", value)
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+    return doc
 
 
 def _drop_unparsable_spans(doc: dict[str, Any], batch: DecodedBatch) -> bool:

@@ -70,3 +70,19 @@ def test_one_poison_span_does_not_cost_its_batch_mates(db_url: str) -> None:
     assert good_id in stored and cut_id in stored
     assert "\\ufffd" in stored[cut_id] and "\\ud83d" not in stored[cut_id]
     assert big_id not in stored and wrong_id not in stored
+
+
+def test_a_lone_surrogate_deep_in_a_request_is_replaced_without_recursion(db_url: str) -> None:
+    # json.loads takes nesting ~990 deep; a recursive walk for the surrogates ran out of
+    # Python's recursion limit at ~500 and the RecursionError left the decoder unhandled
+    nested: Any = "deep \ud83d"
+    for _ in range(900):
+        nested = {"a": nested}
+    span_id, span = _span("nested \ud83d")
+    span["unknownField"] = nested  # OTLP/JSON receivers ignore unknown fields
+    doc = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [
+        {"scope": {"name": "js"}, "spans": [span]}]}]}
+    with IngestServer(db_url, host="127.0.0.1", port=0, grpc_port="off") as srv:
+        status, answer = _post(srv, doc)
+    assert status == 200, answer
+    assert "\\ufffd" in _stored(db_url)[span_id]
