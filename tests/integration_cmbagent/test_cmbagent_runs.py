@@ -578,19 +578,23 @@ def test_get_keywords_aas_records_its_keywords_by_tool_call(runner: Any, tmp_pat
 
 def test_get_keywords_unesco_is_one_run_of_one_shot_solves(runner: Any, tmp_path: Path) -> None:
     """get_keywords(kw_type="unesco"): a one-shot solve per level of cmbagent's UNESCO taxonomy, all in
-    ONE run: the first solve is cmbagent's ``execute`` node (its finder a sub-agent), each later one a
-    ``one_shot``, ``one_shot_2``, ... phase node (type ``control``) holding its finder's model call."""
+    ONE run, each the same shape: an ``execute`` node (the first cmbagent's own at order 1, the later
+    ``execute_2``, ``execute_3``... at non-step orders) whose finder's turn is its sub-agent node, holding
+    that solve's model call."""
     run = runner("get_keywords_unesco")
     assert run.results["keywords"] and set(run.sequence) == {"list_keywords_finder"}
     assert len(_named(run, "workflow get_keywords")) == 1 and len(run.sequence) > 2
     nodes, events, _ = _backend_rows(run, tmp_path)
-    phases = sorted((s for s, n in nodes.items() if s.startswith("one_shot")), key=lambda s: nodes[s]["order_index"])
-    assert phases == ["one_shot", *(f"one_shot_{k}" for k in range(2, len(run.sequence)))]
-    assert {nodes[s]["node_type"] for s in phases} == {"control"}
-    assert _children(nodes, "execute") == ["execute_list_keywords_finder"]
+    solves = ["execute", *(f"execute_{k}" for k in range(2, len(run.sequence) + 1))]
+    top = sorted((n["order_index"], s) for s, n in nodes.items() if n["parent_node_id"] is None)
+    assert [s for _, s in top] == ["init", *solves, "terminator"]
+    assert {nodes[s]["node_type"] for s in solves} == {"agent"}
+    assert not [s for s in nodes if s.startswith("one_shot")]
+    for solve in solves:
+        assert _children(nodes, solve) == [f"{solve}_list_keywords_finder"]
     short_of = {n["id"]: s for s, n in nodes.items()}
     llm = sorted(short_of[e["node_id"]] for e in events if e["event_subtype"] == "llm")
-    assert llm == sorted(["execute_list_keywords_finder", *phases])
+    assert llm == sorted(f"{solve}_list_keywords_finder" for solve in solves)
 
 
 def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> None:
@@ -615,8 +619,9 @@ def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> No
 def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path: Path) -> None:
     """summarize_documents: cmbagent summarizes each document in a worker thread (summarize_document per
     file); with instrument()'s default threading instrumentation the threads carry the run's context, so it
-    is ONE run: the first solve is ``execute``, the other a ``one_shot`` phase node (as get_keywords
-    unesco). Which document comes first depends on the threads: the app's outputs are compared unordered."""
+    is ONE run: each solve an execute node with the pipeline's agents as its sub-agents (``execute``, then
+    ``execute_2``, as get_keywords unesco). Which document comes first depends on the threads: the app's
+    outputs are compared unordered."""
     plain = runner("summarize_documents", instrumented=False)
     run = runner("summarize_documents", threads=True)  # instrument()'s default
     assert run.error is None and plain.error is None and run.warnings == []
@@ -625,9 +630,11 @@ def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path
     assert len(_named(run, "workflow summarize_documents")) == 1 and not _named(run, "workflow summarize_document")
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed" and row["mode"] == "one-shot"
-    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
-                                           "execute_terminator"]
-    assert nodes["one_shot"]["node_type"] == "control"
+    for solve in ("execute", "execute_2"):
+        assert nodes[solve]["node_type"] == "agent"
+        turns = ("summarizer", "summarizer_response_formatter", "terminator")
+        assert _children(nodes, solve) == [f"{solve}_{a}" for a in turns]
+    assert not [s for s in nodes if s.startswith("one_shot")]
     llm = [e for e in events if e["event_subtype"] == "llm"]
     assert len(llm) == len(run.sequence)
     costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
