@@ -341,6 +341,17 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         for k in (1, 2):
             (folder / f"paper_{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
         return fn(str(folder), work_dir_base=str(work_dir), max_workers=2)  # type: ignore[no-any-return]
+    if kind == "preprocess_task":
+        # its arXiv download and OCR skipped (network, Mistral): the OCR output it would have made is
+        # seeded in work_dir (docs/, docs_processed/*.md); cmbagent summarizes it with summarize_documents
+        fn = function or cmbagent.preprocess_task
+        (work_dir / "docs").mkdir(exist_ok=True)
+        processed = work_dir / "docs_processed"
+        processed.mkdir(exist_ok=True)
+        for k in (1, 2):
+            (processed / f"2401.0000{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
+        return {"text": fn(TASK, work_dir=str(work_dir), clear_work_dir=False, skip_arxiv_download=True,
+                           skip_ocr=True, max_workers=2)}
     if kind == "control_ideas":  # cmbagent.control with its default plan
         fn = function or cmbagent.control
         return fn(TASK, **kw)  # type: ignore[no-any-return]

@@ -641,6 +641,35 @@ def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path
     assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
 
 
+def test_preprocess_task_is_one_enhance_input_run(runner: Any, tmp_path: Path) -> None:
+    """preprocess_task (its arXiv download and OCR skipped, their output seeded): the summarize_documents it
+    calls joins its run -- ONE ``workflow preprocess_task`` run of mode enhance-input in cmbagent's
+    fixed-pipeline layout, each paper's summary an execute node with the pipeline's agents as sub-agents
+    (the solves have no ``mode``: without the fixed-pipeline rule they would be ``control`` phases). The
+    papers' order in the returned text follows the threads: compared unordered with the plain run's."""
+    plain = runner("preprocess_task", instrumented=False)
+    run = runner("preprocess_task", threads=True)
+    assert run.error is None and plain.error is None and run.warnings == [] and run.unexpected == []
+    assert "## Contextual Information and References" in run.results["text"]
+    assert sorted(run.results["text"].splitlines()) == sorted(plain.results["text"].splitlines())
+    assert sorted(run.sequence) == sorted(plain.sequence)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    assert len(_named(run, "workflow preprocess_task")) == 1 and not _named(run, "workflow summarize_documents")
+    nodes, events, row = _backend_rows(run, tmp_path)
+    assert (row["status"], row["mode"]) == ("completed", "enhance-input")
+    assert not [s for s in nodes if s.startswith(("control", "one_shot"))]
+    top = sorted((n["order_index"], s) for s, n in nodes.items() if n["parent_node_id"] is None)
+    assert [s for _, s in top] == ["init", "execute", "execute_2", "terminator"]
+    for solve in ("execute", "execute_2"):
+        turns = ("summarizer", "summarizer_response_formatter", "terminator")
+        assert _children(nodes, solve) == [f"{solve}_{a}" for a in turns]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    llm = [(e["agent_name"], short_of[e["node_id"]]) for e in events if e["event_subtype"] == "llm"]
+    assert len(llm) == len(run.sequence) and all(node.endswith(agent) for agent, node in llm)
+    costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
+    assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
+
+
 def test_one_shot_researcher(runner: Any) -> None:
     run = runner("one_shot_researcher")
     subs = sorted((s for s in run.spans if s.attributes.get(sc.DAG_PARENT_NODE) == "execute"),

@@ -129,7 +129,9 @@ CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 #: Entry points whose solves are a fixed pipeline of agents (no plan, no control loop): each solve is a
 #: one_shot phase (cmbagent's init -> execute -> terminator layout) whatever the solve's mode.
-FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents"})
+#: ``preprocess_task``'s only solves are those of the ``summarize_documents`` it calls (its run, which
+#: that call joins; cmbagent lays enhance-input runs out the same way).
+FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents", "preprocess_task"})
 
 
 # --- small helpers ---------------------------------------------------------------------
