@@ -122,6 +122,9 @@ class CmbagentScript:
             return "planner_response_formatter"
         if "recommendations" in props:
             return "reviewer_response_formatter"
+        if "file_search_task" in props:  # camb's and classy's formatters share it (and have a python_code)
+            return "classy_response_formatter" if "classy" in json.dumps(body.get("messages") or [])[:2000] \
+                else "camb_response_formatter"
         if "python_code" in props:
             return "engineer_response_formatter"
         if "markdown_block" in props:
@@ -255,6 +258,17 @@ class CmbagentScript:
                                          for idea in self.IDEAS]})
 
 
+    # --- one_shot(agent="camb_context"): the documentation agent, its formatter, then the engineer -------
+    def _camb_context(self, body: dict[str, Any]) -> str:
+        system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+        seen = "CAMBdata.get_cmb_power_spectra" in (system or "")  # the downloaded documentation is in its prompt
+        return f"Use camb.get_results(pars).get_cmb_power_spectra(). Documentation read: {seen}"
+
+    def _camb_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"file_search_task": "find the CMB spectra method", "file_consulted": ["camb_docs.md"],
+                           "docstrings": ["CAMBdata.get_cmb_power_spectra(params=None, lmax=None)"],
+                           "results": "Use get_cmb_power_spectra.", "python_code": {"code": "import math"}})
+
     # --- get_keywords(kw_type="aaai"): one structured answer from the keyword finder --------------
     def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
         return json.dumps({"results": ["Machine Learning", "Cosmology"]})
@@ -301,8 +315,45 @@ def idea_plan() -> tuple[PlanStep, ...]:
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
-             "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas", "get_keywords_unesco")
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "one_shot_camb", "control", "control_ideas",
+             "deep_research", "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas",
+             "get_keywords_unesco")
+
+
+CAMB_DOCS = "# CAMB\n\n## CAMBdata.get_cmb_power_spectra(params=None, lmax=None)\n\nReturns the CMB power spectra.\n"
+
+
+class _DocumentServer:
+    """A loopback HTTP server answering every GET with ``text`` (the documentation cmbagent downloads)."""
+
+    def __init__(self, text: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = text.encode("utf-8")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/markdown; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/camb_docs_combined.md"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
@@ -319,6 +370,18 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
     import cmbagent
 
     kw: dict[str, Any] = {"work_dir": str(work_dir), "api_keys": API_KEYS, **options}
+    if kind == "one_shot_camb":
+        # cmbagent downloads the CAMB documentation (utils.camb_context_url) into the agent's context first:
+        # served here from loopback, the URL cmbagent reads pointed at it for the call
+        fn = function or cmbagent.one_shot
+        with _DocumentServer(CAMB_DOCS) as url:
+            module = sys.modules["cmbagent.cmbagent"]
+            saved = module.camb_context_url
+            module.camb_context_url = url
+            try:
+                return fn(TASK, agent="camb_context", **kw)  # type: ignore[no-any-return]
+            finally:
+                module.camb_context_url = saved
     if kind in ("one_shot", "one_shot_researcher"):
         fn = function or cmbagent.one_shot
         agent = "researcher" if kind == "one_shot_researcher" else "engineer"
@@ -382,7 +445,7 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
 
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
-    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
+    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot", "one_shot_camb": "one_shot",
             "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot",
             "get_keywords_aas": "one_shot"}.get(kind, "planning_and_control")
     plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
