@@ -42,7 +42,7 @@ from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor  # noqa: E4
 from cmbagent_otel.testing import FakeOpenAIServer  # noqa: E402
 from tests.dag.test_cmbagent_contract import check_contract  # noqa: E402
 
-from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, TASK, call_workflow, script_for  # noqa: E402
+from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, TASK, GeminiServer, call_workflow, script_for  # noqa: E402
 
 pytestmark = pytest.mark.cmbagent_autogen
 
@@ -102,8 +102,10 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             script = script_for(kind, fail_first_code=fail)
             work_dir = tmp_path_factory.mktemp(f"{kind}-{'otel' if instrumented else 'plain'}{'-fail' * fail}")
             capture = SpanCapture()
-            with FakeOpenAIServer(request_responder=script) as server:
+            with FakeOpenAIServer(request_responder=script) as server, GeminiServer(script) as gemini:
                 mp.setenv("OPENAI_BASE_URL", server.base_url)
+                mp.setenv("GOOGLE_GEMINI_BASE_URL", gemini)  # evaluate_plots' VLM call (google.genai)
+                mp.setenv("GEMINI_API_KEY", API_KEYS["GEMINI"])
                 if instrumented:
                     cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False,
                                              instrument_threading=threads)
@@ -434,7 +436,7 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {}), ("planning_and_control", True, {}),
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
-    ("one_shot_camb", False, {}),
+    ("one_shot_camb", False, {}), ("one_shot_plots", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
     ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
     ("get_keywords_unesco", False, {}), ("summarize_document", False, {})]
@@ -456,7 +458,8 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     assert row["status"] == "completed"
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
                                    "get_keywords_aas": "get_keywords", "get_keywords_unesco": "get_keywords",
-                                   "one_shot_researcher": "one_shot", "one_shot_camb": "one_shot"}.get(kind, kind)
+                                   "one_shot_researcher": "one_shot", "one_shot_camb": "one_shot",
+                                   "one_shot_plots": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
     assert all(e["status"] in ("completed", "failed") for e in events)
@@ -696,6 +699,32 @@ def test_one_shot_camb_context(runner: Any, tmp_path: Path) -> None:
         "control", "terminator")]
     short_of = {n["id"]: s for s, n in nodes.items()}
     assert [short_of[e["node_id"]] for e in events if e["event_type"] == "code_exec"] == ["execute_engineer_nest"]
+
+
+def test_one_shot_evaluate_plots_model_calls_outside_ag2(runner: Any, tmp_path: Path) -> None:
+    """one_shot(evaluate_plots=True): the engineer's program saves a plot, plot_judge's call_vlm_judge asks
+    cmbagent's criteria model (openai.OpenAI directly) and the VLM (google.genai, loopback Gemini), then
+    plot_debugger routes the verdict. The two model calls outside AG2 are LLM events too, of plot_judge,
+    siblings in call order, with the usage they returned: cost records count their tokens."""
+    run = runner("one_shot_plots")
+    assert run.results["final_context"]["vlm_verdict"] == "continue"
+    assert run.sequence == ["engineer", "engineer_response_formatter", "executor_response_formatter", "plot_judge",
+                            "plot_criteria", "plot_judge_vlm", "plot_debugger", "control", "terminator"]
+    calls = [s for s in run.spans if _kind(s) == sc.KIND_LLM and s.attributes.get(sc.GEN_AI_AGENT_NAME) == "plot_judge"]
+    outside = calls[1:]  # after plot_judge's own (AG2) model call, in start order
+    assert [(s.name, s.attributes[sc.GEN_AI_PROVIDER_NAME]) for s in outside] == [
+        ("chat gpt-4o", "openai"), ("chat gemini-2.5-pro", "gcp.gemini")]
+    criteria, vlm = outside
+    assert (vlm.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS], vlm.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS]) == (300, 40)
+    assert criteria.parent.span_id == vlm.parent.span_id and criteria.end_time <= vlm.start_time
+    tool = _by_id(run)[vlm.parent.span_id]
+    assert tool.name == "execute_tool call_vlm_judge"
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "execute") == [f"execute_{a}" for a in (
+        "engineer", "engineer_nest", "executor_response_formatter", "plot_judge", "plot_debugger", "control",
+        "terminator")]
+    llm = [(e["agent_name"], e["meta"].get("tokens")) for e in events if e["event_subtype"] == "llm"]
+    assert ("plot_judge", 340) in llm and len(llm) == len(run.sequence)
 
 
 @pytest.mark.parametrize("kind", ["planning_and_control", "one_shot"])
