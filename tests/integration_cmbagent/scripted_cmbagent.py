@@ -133,8 +133,9 @@ class CmbagentScript:
         if "recommendations" in props:
             return "reviewer_response_formatter"
         if "file_search_task" in props:  # camb's and classy's formatters share it (and have a python_code)
-            return "classy_response_formatter" if "classy" in json.dumps(body.get("messages") or [])[:2000] \
-                else "camb_response_formatter"
+            system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+            found = self.signatures.get(_first_line(system) if isinstance(system, str) else "")
+            return found if found == "classy_response_formatter" else "camb_response_formatter"
         if "python_code" in props:
             return "engineer_response_formatter"
         if "markdown_block" in props:
@@ -275,13 +276,17 @@ class CmbagentScript:
     # --- one_shot(agent="camb_context"): the documentation agent, its formatter, then the engineer -------
     def _camb_context(self, body: dict[str, Any]) -> str:
         system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
-        seen = "CAMBdata.get_cmb_power_spectra" in (system or "")  # the downloaded documentation is in its prompt
-        return f"Use camb.get_results(pars).get_cmb_power_spectra(). Documentation read: {seen}"
+        seen = CONTEXT_DOCS_MARK in (system or "")  # the downloaded documentation is in its prompt
+        return f"Use the documented spectra method. Documentation read: {seen}"
+
+    _classy_context = _camb_context
 
     def _camb_response_formatter(self, body: dict[str, Any]) -> str:
-        return json.dumps({"file_search_task": "find the CMB spectra method", "file_consulted": ["camb_docs.md"],
-                           "docstrings": ["CAMBdata.get_cmb_power_spectra(params=None, lmax=None)"],
-                           "results": "Use get_cmb_power_spectra.", "python_code": {"code": "import math"}})
+        return json.dumps({"file_search_task": "find the CMB spectra method", "file_consulted": ["docs.md"],
+                           "docstrings": [CONTEXT_DOCS_MARK], "results": "Use the documented spectra method.",
+                           "python_code": {"code": "import math"}})
+
+    _classy_response_formatter = _camb_response_formatter
 
     # --- one_shot(evaluate_plots=True): plot_judge asks the VLM (Gemini, outside AG2), plot_debugger routes --
     VLM_VERDICT = {"verdict": "continue", "problems": [], "scientific_accuracy": "ok", "visual_clarity": "ok",
@@ -351,12 +356,14 @@ def idea_plan() -> tuple[PlanStep, ...]:
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "one_shot_camb", "control", "control_ideas",
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "one_shot_camb", "one_shot_classy", "one_shot_plots",
+             "control", "control_ideas",
              "deep_research", "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas",
              "get_keywords_unesco")
 
 
-CAMB_DOCS = "# CAMB\n\n## CAMBdata.get_cmb_power_spectra(params=None, lmax=None)\n\nReturns the CMB power spectra.\n"
+CONTEXT_DOCS_MARK = "get_cmb_power_spectra(params=None, lmax=None)"
+CONTEXT_DOCS = f"# Documentation\n\n## {CONTEXT_DOCS_MARK}\n\nReturns the CMB power spectra.\n"
 
 
 class GeminiServer:
@@ -419,7 +426,7 @@ class _DocumentServer:
     def __enter__(self) -> str:
         self._thread.start()
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/camb_docs_combined.md"
+        return f"http://{host}:{port}/docs.md"
 
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
@@ -441,18 +448,19 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
     import cmbagent
 
     kw: dict[str, Any] = {"work_dir": str(work_dir), "api_keys": API_KEYS, **options}
-    if kind == "one_shot_camb":
-        # cmbagent downloads the CAMB documentation (utils.camb_context_url) into the agent's context first:
-        # served here from loopback, the URL cmbagent reads pointed at it for the call
+    if kind in ("one_shot_camb", "one_shot_classy"):
+        # cmbagent downloads the CAMB / classy documentation (utils.camb_context_url / classy_context_url) into
+        # the agent's context first: served here from loopback, the URL cmbagent reads pointed at it for the call
         fn = function or cmbagent.one_shot
-        with _DocumentServer(CAMB_DOCS) as url:
+        package = kind.removeprefix("one_shot_")
+        with _DocumentServer(CONTEXT_DOCS) as url:
             module = sys.modules["cmbagent.cmbagent"]
-            saved = module.camb_context_url
-            module.camb_context_url = url
+            saved = getattr(module, f"{package}_context_url")
+            setattr(module, f"{package}_context_url", url)
             try:
-                return fn(TASK, agent="camb_context", **kw)  # type: ignore[no-any-return]
+                return fn(TASK, agent=f"{package}_context", **kw)  # type: ignore[no-any-return]
             finally:
-                module.camb_context_url = saved
+                setattr(module, f"{package}_context_url", saved)
     if kind == "one_shot_plots":
         # the VLM call goes to Gemini: the runner points GOOGLE_GEMINI_BASE_URL at a GeminiServer
         fn = function or cmbagent.one_shot
@@ -521,7 +529,7 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
     mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot", "one_shot_camb": "one_shot",
-            "one_shot_plots": "one_shot",
+            "one_shot_classy": "one_shot", "one_shot_plots": "one_shot",
             "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot",
             "get_keywords_aas": "one_shot"}.get(kind, "planning_and_control")
     plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN

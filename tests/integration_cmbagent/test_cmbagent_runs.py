@@ -436,7 +436,7 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {}), ("planning_and_control", True, {}),
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
-    ("one_shot_camb", False, {}), ("one_shot_plots", False, {}),
+    ("one_shot_camb", False, {}), ("one_shot_classy", False, {}), ("one_shot_plots", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
     ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
     ("get_keywords_unesco", False, {}), ("summarize_document", False, {})]
@@ -459,7 +459,7 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
                                    "get_keywords_aas": "get_keywords", "get_keywords_unesco": "get_keywords",
                                    "one_shot_researcher": "one_shot", "one_shot_camb": "one_shot",
-                                   "one_shot_plots": "one_shot"}.get(kind, kind)
+                                   "one_shot_classy": "one_shot", "one_shot_plots": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
     assert all(e["status"] in ("completed", "failed") for e in events)
@@ -685,18 +685,22 @@ def test_one_shot_researcher(runner: Any) -> None:
     assert codes[0].attributes[sc.DAG_NODE] == "execute_researcher_executor"
 
 
-def test_one_shot_camb_context(runner: Any, tmp_path: Path) -> None:
-    """one_shot(agent="camb_context"): cmbagent downloads the CAMB documentation (served from loopback) into
-    the agent's prompt; camb_context, its structured formatter, then the engineer whose code runs: every turn
-    a sub-agent of ``execute``, the code run on the engineer's nested chat, the download itself no node."""
-    run = runner("one_shot_camb")
-    assert run.results["final_context"]["camb_context"].startswith("# CAMB")
-    answer = next(m["content"] for m in run.results["chat_history"] if m.get("name") == "camb_context")
+@pytest.mark.parametrize("package", ["camb", "classy"])
+def test_one_shot_camb_or_classy_context(runner: Any, tmp_path: Path, package: str) -> None:
+    """one_shot(agent="camb_context" / "classy_context"): cmbagent downloads the package's documentation
+    (served from loopback) into the agent's prompt; the context agent, its structured formatter, then the
+    engineer whose code runs: every turn a sub-agent of ``execute``, the code run on the engineer's nested
+    chat, the download itself no node."""
+    from .scripted_cmbagent import CONTEXT_DOCS
+
+    run = runner(f"one_shot_{package}")
+    assert run.results["final_context"][f"{package}_context"] == CONTEXT_DOCS
+    answer = next(m["content"] for m in run.results["chat_history"] if m.get("name") == f"{package}_context")
     assert answer.endswith("Documentation read: True")
     nodes, events, _ = _backend_rows(run, tmp_path)
     assert _children(nodes, "execute") == [f"execute_{a}" for a in (
-        "camb_context", "camb_response_formatter", "engineer", "engineer_nest", "executor_response_formatter",
-        "control", "terminator")]
+        f"{package}_context", f"{package}_response_formatter", "engineer", "engineer_nest",
+        "executor_response_formatter", "control", "terminator")]
     short_of = {n["id"]: s for s, n in nodes.items()}
     assert [short_of[e["node_id"]] for e in events if e["event_type"] == "code_exec"] == ["execute_engineer_nest"]
 
