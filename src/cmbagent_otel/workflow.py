@@ -466,9 +466,11 @@ class phase(_Block):
     Becomes a DAG node whose short id is the phase name (``control_2`` when a name repeats
     in the run). Planning phases get node type ``planning``, order index 0 and
     ``gen_ai.operation.name=plan``; other phases get node type ``control`` and order index
-    ``1000 + <1-based position of the phase in the run>`` (never a step number). The first
-    ``one_shot`` phase of a run is cmbagent's fixed-pipeline ``execute`` node (node type
-    ``agent``, order index 1, between the derived ``init`` and ``terminator`` nodes).
+    ``1000 + <1-based position of the phase in the run>`` (never a step number). A ``one_shot``
+    phase is an ``execute`` node of type ``agent`` (its agent turns are its sub-agent nodes): the
+    first of the run is cmbagent's fixed-pipeline ``execute`` (order index 1, between the derived
+    ``init`` and ``terminator`` nodes), a repeated one ``execute_2``, ``execute_3``... (order index
+    ``1000 + <position>``, e.g. get_keywords' solve per UNESCO level).
     ``agent``: the agent that runs the phase (for a planning phase, the planner: the
     ``plan`` span's ``gen_ai.agent.name``).
     """
@@ -501,8 +503,12 @@ class phase(_Block):
             attrs.update(self.attributes)
         if planning:
             node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=0)
-        elif self.name == ONE_SHOT_PHASE and (node_id := scope.run.unique_node_id(EXECUTE_NODE)) == EXECUTE_NODE:
-            node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=1, unique=False)
+        elif self.name == ONE_SHOT_PHASE:
+            # every one_shot solve is an execute node (its agent turns become its sub-agent nodes); the
+            # first is cmbagent's own at order 1, a repeated one (execute_2, ...) at a non-step order
+            node_id = scope.run.unique_node_id(EXECUTE_NODE)
+            order = 1 if node_id == EXECUTE_NODE else CHILD_ORDER_BASE + index
+            node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=order, unique=False)
         else:
             node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index)
         return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,

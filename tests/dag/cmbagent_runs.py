@@ -5,8 +5,9 @@ explicitly, so these runs test the DAG side against the contract itself, not aga
 whatever our instrumentation emits today:
 
 * order_index: planning 0, plan step n -> n, other phases 1000 + phase index, a one_shot
-  phase is node ``execute`` at 1; a child of node P gets ``base(P) * 1000 + k`` (k = 1, 2,
-  ... per parent, shared by sub-agents and redos; base(step n) = n, else P's order_index);
+  phase is node ``execute`` at 1 (a repeated one ``execute_2``... at 1000 + phase index); a
+  child of node P gets ``base(P) * 1000 + k`` (k = 1, 2, ... per parent, shared by
+  sub-agents and redos; base(step n) = n, else P's order_index);
 * sub-agent nodes for agent turns directly inside a step, redo, one_shot ``execute`` or
   top-level conversation node; nested agent calls are events;
 * a plain AG2 program: each top-level conversation span is a DAG node ``conversation_<k>``.

@@ -29,6 +29,15 @@ from typing import Any
 
 import yaml
 
+CRITERIA_PROMPT = "You are a scientific expert analyzing plots."
+# a 1x1 PNG written without matplotlib (cmbagent's executor runs the code with the system python)
+PLOT_CODE = ('import struct, zlib\n'
+             'def chunk(kind, data):\n'
+             '    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))\n'
+             'header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)\n'
+             'png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\\x00\\x00"))'
+             ' + chunk(b"IEND", b"")\n'
+             'open("data/spectrum.png", "wb").write(png)\nprint("saved data/spectrum.png")\n')
 FAILING_CODE = 'import sys\nprint("loading the spectrum")\nraise RuntimeError("deliberate failure: no such file")\n'
 
 
@@ -94,6 +103,7 @@ class CmbagentScript:
     plan: tuple[PlanStep, ...] = DEFAULT_PLAN
     fail_first_code: bool = False
     mode: str = "planning_and_control"
+    plots: bool = False  # the engineer's program saves a plot (one_shot(evaluate_plots=True))
     calls: Counter[str] = field(default_factory=Counter)
     sequence: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -122,11 +132,17 @@ class CmbagentScript:
             return "planner_response_formatter"
         if "recommendations" in props:
             return "reviewer_response_formatter"
+        if "file_search_task" in props:  # camb's and classy's formatters share it (and have a python_code)
+            system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+            found = self.signatures.get(_first_line(system) if isinstance(system, str) else "")
+            return found if found == "classy_response_formatter" else "camb_response_formatter"
         if "python_code" in props:
             return "engineer_response_formatter"
         if "markdown_block" in props:
             return "researcher_response_formatter"
         messages = body.get("messages") or []
+        if messages and str(messages[0].get("content") or "").startswith(CRITERIA_PROMPT):
+            return "plot_criteria"  # evaluate_plots: cmbagent's own OpenAI call, outside AG2 (no system prompt)
         system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
         line = _first_line(system) if isinstance(system, str) else ""
         agent = self.signatures.get(line, f"unknown:{line[:60]}")
@@ -202,6 +218,8 @@ class CmbagentScript:
         self._engineer_runs += 1
         if self.fail_first_code and self._engineer_runs == 1:
             code = FAILING_CODE
+        elif self.plots:
+            code = PLOT_CODE
         else:
             code = (f'import math\nvalues = [math.sin(0.1 * i) ** 2 for i in range(50)]\n'
                     f'print("run {self._engineer_runs}: peak", round(max(values), 3))\n')
@@ -255,6 +273,43 @@ class CmbagentScript:
                                          for idea in self.IDEAS]})
 
 
+    # --- one_shot(agent="camb_context"): the documentation agent, its formatter, then the engineer -------
+    def _camb_context(self, body: dict[str, Any]) -> str:
+        system = next((m.get("content") for m in body.get("messages") or [] if m.get("role") == "system"), "")
+        seen = CONTEXT_DOCS_MARK in (system or "")  # the downloaded documentation is in its prompt
+        return f"Use the documented spectra method. Documentation read: {seen}"
+
+    _classy_context = _camb_context
+
+    def _camb_response_formatter(self, body: dict[str, Any]) -> str:
+        return json.dumps({"file_search_task": "find the CMB spectra method", "file_consulted": ["docs.md"],
+                           "docstrings": [CONTEXT_DOCS_MARK], "results": "Use the documented spectra method.",
+                           "python_code": {"code": "import math"}})
+
+    _classy_response_formatter = _camb_response_formatter
+
+    # --- one_shot(evaluate_plots=True): plot_judge asks the VLM (Gemini, outside AG2), plot_debugger routes --
+    VLM_VERDICT = {"verdict": "continue", "problems": [], "scientific_accuracy": "ok", "visual_clarity": "ok",
+                   "completeness": "ok"}
+
+    def _plot_judge(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("call_vlm_judge")
+
+    def _plot_debugger(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _tool("route_plot_judge_verdict")
+
+    def _plot_criteria(self, body: dict[str, Any]) -> str:
+        return "First acoustic peak: expected at l ~ 220."
+
+    def gemini(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A Gemini ``generateContent`` answer (the VLM call), counted in the sequence as ``plot_judge_vlm``."""
+        with self._lock:
+            self.calls["plot_judge_vlm"] += 1
+            self.sequence.append("plot_judge_vlm")
+        return {"candidates": [{"content": {"role": "model", "parts": [{"text": json.dumps(self.VLM_VERDICT)}]},
+                                "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 40, "totalTokenCount": 340}}
+
     # --- get_keywords(kw_type="aaai"): one structured answer from the keyword finder --------------
     def _aaai_keywords_finder(self, body: dict[str, Any]) -> str:
         return json.dumps({"results": ["Machine Learning", "Cosmology"]})
@@ -301,8 +356,82 @@ def idea_plan() -> tuple[PlanStep, ...]:
 API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offline", "MISTRAL": "offline"}
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
-WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "control", "control_ideas", "deep_research",
-             "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas", "get_keywords_unesco")
+WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "one_shot_camb", "one_shot_classy", "one_shot_plots",
+             "control", "control_ideas",
+             "deep_research", "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas",
+             "get_keywords_unesco")
+
+
+CONTEXT_DOCS_MARK = "get_cmb_power_spectra(params=None, lmax=None)"
+CONTEXT_DOCS = f"# Documentation\n\n## {CONTEXT_DOCS_MARK}\n\nReturns the CMB power spectra.\n"
+
+
+class GeminiServer:
+    """A loopback Gemini API answering every ``generateContent`` POST with ``script.gemini(body)``;
+    entered, it returns the base URL for ``GOOGLE_GEMINI_BASE_URL``."""
+
+    def __init__(self, script: CmbagentScript) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(length) or b"{}")
+                body = json.dumps(script.gemini(request)).encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class _DocumentServer:
+    """A loopback HTTP server answering every GET with ``text`` (the documentation cmbagent downloads)."""
+
+    def __init__(self, text: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = text.encode("utf-8")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/markdown; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/docs.md"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
@@ -319,6 +448,23 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
     import cmbagent
 
     kw: dict[str, Any] = {"work_dir": str(work_dir), "api_keys": API_KEYS, **options}
+    if kind in ("one_shot_camb", "one_shot_classy"):
+        # cmbagent downloads the CAMB / classy documentation (utils.camb_context_url / classy_context_url) into
+        # the agent's context first: served here from loopback, the URL cmbagent reads pointed at it for the call
+        fn = function or cmbagent.one_shot
+        package = kind.removeprefix("one_shot_")
+        with _DocumentServer(CONTEXT_DOCS) as url:
+            module = sys.modules["cmbagent.cmbagent"]
+            saved = getattr(module, f"{package}_context_url")
+            setattr(module, f"{package}_context_url", url)
+            try:
+                return fn(TASK, agent=f"{package}_context", **kw)  # type: ignore[no-any-return]
+            finally:
+                setattr(module, f"{package}_context_url", saved)
+    if kind == "one_shot_plots":
+        # the VLM call goes to Gemini: the runner points GOOGLE_GEMINI_BASE_URL at a GeminiServer
+        fn = function or cmbagent.one_shot
+        return fn(TASK, agent="engineer", evaluate_plots=True, **kw)  # type: ignore[no-any-return]
     if kind in ("one_shot", "one_shot_researcher"):
         fn = function or cmbagent.one_shot
         agent = "researcher" if kind == "one_shot_researcher" else "engineer"
@@ -341,6 +487,17 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         for k in (1, 2):
             (folder / f"paper_{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
         return fn(str(folder), work_dir_base=str(work_dir), max_workers=2)  # type: ignore[no-any-return]
+    if kind == "preprocess_task":
+        # its arXiv download and OCR skipped (network, Mistral): the OCR output it would have made is
+        # seeded in work_dir (docs/, docs_processed/*.md); cmbagent summarizes it with summarize_documents
+        fn = function or cmbagent.preprocess_task
+        (work_dir / "docs").mkdir(exist_ok=True)
+        processed = work_dir / "docs_processed"
+        processed.mkdir(exist_ok=True)
+        for k in (1, 2):
+            (processed / f"2401.0000{k}.md").write_text(f"# Mock CMB spectra {k}\n\n{TASK}.\n", encoding="utf-8")
+        return {"text": fn(TASK, work_dir=str(work_dir), clear_work_dir=False, skip_arxiv_download=True,
+                           skip_ocr=True, max_workers=2)}
     if kind == "control_ideas":  # cmbagent.control with its default plan
         fn = function or cmbagent.control
         return fn(TASK, **kw)  # type: ignore[no-any-return]
@@ -371,9 +528,10 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
 
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
-    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot",
+    mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot", "one_shot_camb": "one_shot",
+            "one_shot_classy": "one_shot", "one_shot_plots": "one_shot",
             "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot",
             "get_keywords_aas": "one_shot"}.get(kind, "planning_and_control")
     plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
     return CmbagentScript(agent_signatures(Path(spec.origin).parent), plan=plan, fail_first_code=fail_first_code,
-                          mode=mode)
+                          mode=mode, plots=kind == "one_shot_plots")

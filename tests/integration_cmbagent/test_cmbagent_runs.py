@@ -42,7 +42,7 @@ from cmbagent_otel.integrations.cmbagent import CmbagentInstrumentor  # noqa: E4
 from cmbagent_otel.testing import FakeOpenAIServer  # noqa: E402
 from tests.dag.test_cmbagent_contract import check_contract  # noqa: E402
 
-from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, TASK, call_workflow, script_for  # noqa: E402
+from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, TASK, GeminiServer, call_workflow, script_for  # noqa: E402
 
 pytestmark = pytest.mark.cmbagent_autogen
 
@@ -102,8 +102,10 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             script = script_for(kind, fail_first_code=fail)
             work_dir = tmp_path_factory.mktemp(f"{kind}-{'otel' if instrumented else 'plain'}{'-fail' * fail}")
             capture = SpanCapture()
-            with FakeOpenAIServer(request_responder=script) as server:
+            with FakeOpenAIServer(request_responder=script) as server, GeminiServer(script) as gemini:
                 mp.setenv("OPENAI_BASE_URL", server.base_url)
+                mp.setenv("GOOGLE_GEMINI_BASE_URL", gemini)  # evaluate_plots' VLM call (google.genai)
+                mp.setenv("GEMINI_API_KEY", API_KEYS["GEMINI"])
                 if instrumented:
                     cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False,
                                              instrument_threading=threads)
@@ -434,6 +436,7 @@ ENTRY_POINTS: list[tuple[str, bool, dict[str, Any]]] = [
     ("planning_and_control", False, {}), ("planning_and_control", True, {}),
     ("planning_and_control", False, {"n_plan_reviews": 0}), ("planning_and_control", False, {"n_plan_reviews": 2}),
     ("carryover", False, {}), ("carryover", True, {}), ("one_shot", False, {}), ("one_shot_researcher", False, {}),
+    ("one_shot_camb", False, {}), ("one_shot_classy", False, {}), ("one_shot_plots", False, {}),
     ("control", False, {}), ("control_ideas", False, {}), ("deep_research", False, {}),
     ("human_in_the_loop", False, {}), ("get_keywords", False, {}), ("get_keywords_aas", False, {}),
     ("get_keywords_unesco", False, {}), ("summarize_document", False, {})]
@@ -455,7 +458,8 @@ def test_every_entry_point_passes_the_backend_contract(runner: Any, tmp_path: Pa
     assert row["status"] == "completed"
     assert row["meta"]["name"] == {"carryover": "planning_and_control_context_carryover", "control_ideas": "control",
                                    "get_keywords_aas": "get_keywords", "get_keywords_unesco": "get_keywords",
-                                   "one_shot_researcher": "one_shot"}.get(kind, kind)
+                                   "one_shot_researcher": "one_shot", "one_shot_camb": "one_shot",
+                                   "one_shot_classy": "one_shot", "one_shot_plots": "one_shot"}.get(kind, kind)
     first = min(nodes.values(), key=lambda n: n["order_index"])
     assert first["order_index"] == 0 and first["node_type"] == "planning"
     assert all(e["status"] in ("completed", "failed") for e in events)
@@ -578,19 +582,23 @@ def test_get_keywords_aas_records_its_keywords_by_tool_call(runner: Any, tmp_pat
 
 def test_get_keywords_unesco_is_one_run_of_one_shot_solves(runner: Any, tmp_path: Path) -> None:
     """get_keywords(kw_type="unesco"): a one-shot solve per level of cmbagent's UNESCO taxonomy, all in
-    ONE run: the first solve is cmbagent's ``execute`` node (its finder a sub-agent), each later one a
-    ``one_shot``, ``one_shot_2``, ... phase node (type ``control``) holding its finder's model call."""
+    ONE run, each the same shape: an ``execute`` node (the first cmbagent's own at order 1, the later
+    ``execute_2``, ``execute_3``... at non-step orders) whose finder's turn is its sub-agent node, holding
+    that solve's model call."""
     run = runner("get_keywords_unesco")
     assert run.results["keywords"] and set(run.sequence) == {"list_keywords_finder"}
     assert len(_named(run, "workflow get_keywords")) == 1 and len(run.sequence) > 2
     nodes, events, _ = _backend_rows(run, tmp_path)
-    phases = sorted((s for s, n in nodes.items() if s.startswith("one_shot")), key=lambda s: nodes[s]["order_index"])
-    assert phases == ["one_shot", *(f"one_shot_{k}" for k in range(2, len(run.sequence)))]
-    assert {nodes[s]["node_type"] for s in phases} == {"control"}
-    assert _children(nodes, "execute") == ["execute_list_keywords_finder"]
+    solves = ["execute", *(f"execute_{k}" for k in range(2, len(run.sequence) + 1))]
+    top = sorted((n["order_index"], s) for s, n in nodes.items() if n["parent_node_id"] is None)
+    assert [s for _, s in top] == ["init", *solves, "terminator"]
+    assert {nodes[s]["node_type"] for s in solves} == {"agent"}
+    assert not [s for s in nodes if s.startswith("one_shot")]
+    for solve in solves:
+        assert _children(nodes, solve) == [f"{solve}_list_keywords_finder"]
     short_of = {n["id"]: s for s, n in nodes.items()}
     llm = sorted(short_of[e["node_id"]] for e in events if e["event_subtype"] == "llm")
-    assert llm == sorted(["execute_list_keywords_finder", *phases])
+    assert llm == sorted(f"{solve}_list_keywords_finder" for solve in solves)
 
 
 def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> None:
@@ -615,8 +623,9 @@ def test_summarize_document_is_a_one_shot_run(runner: Any, tmp_path: Path) -> No
 def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path: Path) -> None:
     """summarize_documents: cmbagent summarizes each document in a worker thread (summarize_document per
     file); with instrument()'s default threading instrumentation the threads carry the run's context, so it
-    is ONE run: the first solve is ``execute``, the other a ``one_shot`` phase node (as get_keywords
-    unesco). Which document comes first depends on the threads: the app's outputs are compared unordered."""
+    is ONE run: each solve an execute node with the pipeline's agents as its sub-agents (``execute``, then
+    ``execute_2``, as get_keywords unesco). Which document comes first depends on the threads: the app's
+    outputs are compared unordered."""
     plain = runner("summarize_documents", instrumented=False)
     run = runner("summarize_documents", threads=True)  # instrument()'s default
     assert run.error is None and plain.error is None and run.warnings == []
@@ -625,11 +634,42 @@ def test_summarize_documents_is_one_run_of_parallel_solves(runner: Any, tmp_path
     assert len(_named(run, "workflow summarize_documents")) == 1 and not _named(run, "workflow summarize_document")
     nodes, events, row = _backend_rows(run, tmp_path)
     assert row["status"] == "completed" and row["mode"] == "one-shot"
-    assert _children(nodes, "execute") == ["execute_summarizer", "execute_summarizer_response_formatter",
-                                           "execute_terminator"]
-    assert nodes["one_shot"]["node_type"] == "control"
+    for solve in ("execute", "execute_2"):
+        assert nodes[solve]["node_type"] == "agent"
+        turns = ("summarizer", "summarizer_response_formatter", "terminator")
+        assert _children(nodes, solve) == [f"{solve}_{a}" for a in turns]
+    assert not [s for s in nodes if s.startswith("one_shot")]
     llm = [e for e in events if e["event_subtype"] == "llm"]
     assert len(llm) == len(run.sequence)
+    costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
+    assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
+
+
+def test_preprocess_task_is_one_enhance_input_run(runner: Any, tmp_path: Path) -> None:
+    """preprocess_task (its arXiv download and OCR skipped, their output seeded): the summarize_documents it
+    calls joins its run -- ONE ``workflow preprocess_task`` run of mode enhance-input in cmbagent's
+    fixed-pipeline layout, each paper's summary an execute node with the pipeline's agents as sub-agents
+    (the solves have no ``mode``: without the fixed-pipeline rule they would be ``control`` phases). The
+    papers' order in the returned text follows the threads: compared unordered with the plain run's."""
+    plain = runner("preprocess_task", instrumented=False)
+    run = runner("preprocess_task", threads=True)
+    assert run.error is None and plain.error is None and run.warnings == [] and run.unexpected == []
+    assert "## Contextual Information and References" in run.results["text"]
+    assert sorted(run.results["text"].splitlines()) == sorted(plain.results["text"].splitlines())
+    assert sorted(run.sequence) == sorted(plain.sequence)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    assert len(_named(run, "workflow preprocess_task")) == 1 and not _named(run, "workflow summarize_documents")
+    nodes, events, row = _backend_rows(run, tmp_path)
+    assert (row["status"], row["mode"]) == ("completed", "enhance-input")
+    assert not [s for s in nodes if s.startswith(("control", "one_shot"))]
+    top = sorted((n["order_index"], s) for s, n in nodes.items() if n["parent_node_id"] is None)
+    assert [s for _, s in top] == ["init", "execute", "execute_2", "terminator"]
+    for solve in ("execute", "execute_2"):
+        turns = ("summarizer", "summarizer_response_formatter", "terminator")
+        assert _children(nodes, solve) == [f"{solve}_{a}" for a in turns]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    llm = [(e["agent_name"], short_of[e["node_id"]]) for e in events if e["event_subtype"] == "llm"]
+    assert len(llm) == len(run.sequence) and all(node.endswith(agent) for agent, node in llm)
     costs = _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "cost_records")
     assert sum(c["total_tokens"] for c in costs) == sum(e["meta"]["tokens"] for e in events if "tokens" in e["meta"])
 
@@ -643,6 +683,52 @@ def test_one_shot_researcher(runner: Any) -> None:
     codes = [s for s in run.spans if _kind(s) == sc.KIND_CODE]
     assert [c.attributes[sc.CODE_LANGUAGE] for c in codes] == ["markdown"]
     assert codes[0].attributes[sc.DAG_NODE] == "execute_researcher_executor"
+
+
+@pytest.mark.parametrize("package", ["camb", "classy"])
+def test_one_shot_camb_or_classy_context(runner: Any, tmp_path: Path, package: str) -> None:
+    """one_shot(agent="camb_context" / "classy_context"): cmbagent downloads the package's documentation
+    (served from loopback) into the agent's prompt; the context agent, its structured formatter, then the
+    engineer whose code runs: every turn a sub-agent of ``execute``, the code run on the engineer's nested
+    chat, the download itself no node."""
+    from .scripted_cmbagent import CONTEXT_DOCS
+
+    run = runner(f"one_shot_{package}")
+    assert run.results["final_context"][f"{package}_context"] == CONTEXT_DOCS
+    answer = next(m["content"] for m in run.results["chat_history"] if m.get("name") == f"{package}_context")
+    assert answer.endswith("Documentation read: True")
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "execute") == [f"execute_{a}" for a in (
+        f"{package}_context", f"{package}_response_formatter", "engineer", "engineer_nest",
+        "executor_response_formatter", "control", "terminator")]
+    short_of = {n["id"]: s for s, n in nodes.items()}
+    assert [short_of[e["node_id"]] for e in events if e["event_type"] == "code_exec"] == ["execute_engineer_nest"]
+
+
+def test_one_shot_evaluate_plots_model_calls_outside_ag2(runner: Any, tmp_path: Path) -> None:
+    """one_shot(evaluate_plots=True): the engineer's program saves a plot, plot_judge's call_vlm_judge asks
+    cmbagent's criteria model (openai.OpenAI directly) and the VLM (google.genai, loopback Gemini), then
+    plot_debugger routes the verdict. The two model calls outside AG2 are LLM events too, of plot_judge,
+    siblings in call order, with the usage they returned: cost records count their tokens."""
+    run = runner("one_shot_plots")
+    assert run.results["final_context"]["vlm_verdict"] == "continue"
+    assert run.sequence == ["engineer", "engineer_response_formatter", "executor_response_formatter", "plot_judge",
+                            "plot_criteria", "plot_judge_vlm", "plot_debugger", "control", "terminator"]
+    calls = [s for s in run.spans if _kind(s) == sc.KIND_LLM and s.attributes.get(sc.GEN_AI_AGENT_NAME) == "plot_judge"]
+    outside = calls[1:]  # after plot_judge's own (AG2) model call, in start order
+    assert [(s.name, s.attributes[sc.GEN_AI_PROVIDER_NAME]) for s in outside] == [
+        ("chat gpt-4o", "openai"), ("chat gemini-2.5-pro", "gcp.gemini")]
+    criteria, vlm = outside
+    assert (vlm.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS], vlm.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS]) == (300, 40)
+    assert criteria.parent.span_id == vlm.parent.span_id and criteria.end_time <= vlm.start_time
+    tool = _by_id(run)[vlm.parent.span_id]
+    assert tool.name == "execute_tool call_vlm_judge"
+    nodes, events, _ = _backend_rows(run, tmp_path)
+    assert _children(nodes, "execute") == [f"execute_{a}" for a in (
+        "engineer", "engineer_nest", "executor_response_formatter", "plot_judge", "plot_debugger", "control",
+        "terminator")]
+    llm = [(e["agent_name"], e["meta"].get("tokens")) for e in events if e["event_subtype"] == "llm"]
+    assert ("plot_judge", 340) in llm and len(llm) == len(run.sequence)
 
 
 @pytest.mark.parametrize("kind", ["planning_and_control", "one_shot"])

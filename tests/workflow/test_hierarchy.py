@@ -179,6 +179,23 @@ def test_repeated_phase_names_get_unique_node_ids(capture):
     assert nodes == ["control", "control_2"]
 
 
+def test_every_one_shot_phase_is_an_execute_node_with_its_sub_agents(instrumented):
+    """A run of several one_shot solves (cmbagent's get_keywords per UNESCO level): each is an execute
+    node (type agent) whose agent turns are its sub-agent nodes, as the first; the first keeps
+    cmbagent's order 1, the later ones a non-step order."""
+    with workflow("keywords", mode="one-shot"):
+        for label in ("a", "b", "c"):
+            with phase("one_shot"):
+                _chat_in_step(label)
+    phases = instrumented.named("phase one_shot")
+    assert [(s.attributes[semconv.DAG_NODE], s.attributes[semconv.DAG_NODE_TYPE], s.attributes[semconv.DAG_ORDER_INDEX])
+            for s in phases] == [("execute", "agent", 1), ("execute_2", "agent", 1002), ("execute_3", "agent", 1003)]
+    for node, label in (("execute", "a"), ("execute_2", "b"), ("execute_3", "c")):
+        subs = [s.attributes[semconv.DAG_NODE] for s in instrumented.spans
+                if s.attributes.get(semconv.DAG_PARENT_NODE) == node]
+        assert subs == [f"{node}_alice_{label}"], (node, subs)
+
+
 def test_decorators_sync_and_async(capture):
     @workflow("decorated", mode="one-shot")
     def run() -> str:

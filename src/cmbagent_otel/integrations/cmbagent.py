@@ -24,7 +24,9 @@ tree of :mod:`cmbagent_otel.workflow`:
   all steps of the run (the steps of ``planning_and_control``'s single control chat come
   from :mod:`cmbagent_otel.instrumentation._steps`);
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
-  ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans.
+  ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans;
+* the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
+  plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
 
 Spans opened by one call and closed by another (the carryover loop's control phase, a
 MARS manager's phase/step/redo) are never attached to the context: they are frames of a
@@ -52,6 +54,7 @@ import inspect
 import logging
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -68,6 +71,7 @@ from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
 from .._spans import (
     attach_anchor,
+    compose,
     detach_anchor,
     effective_parent,
     end_frame,
@@ -122,6 +126,19 @@ PHASE_MANAGER_MODULE = "cmbagent.phases.execution_manager"
 PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step",
                          "complete", "fail", "__exit__")
 
+#: Model calls cmbagent makes outside AG2 (``one_shot(evaluate_plots=True)``: plot_judge's ``call_vlm_judge``
+#: and plot_debugger's ``route_plot_judge_verdict`` tools call OpenAI / Gemini clients directly, so AG2's
+#: instrumented ``OpenAIWrapper.create`` never sees them): module -> function -> (agent, model, provider).
+#: ``None`` model: ``cmbagent.vlm_utils.vlm_model`` read at call time. ``send_image_to_vlm`` and
+#: ``call_external_plot_debugger`` are patched where cmbagent's tools look them up (``cmbagent.functions``
+#: imports them by name); the criteria call where ``send_image_to_vlm`` does (``cmbagent.vlm_utils``).
+EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | None]]] = {
+    "cmbagent.vlm_utils": {"generate_llm_scientific_criteria": ("plot_judge", "gpt-4o", "openai")},
+    "cmbagent.functions": {"send_image_to_vlm": ("plot_judge", None, None),
+                           "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
+}
+VLM_MODULE = "cmbagent.vlm_utils"
+
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
 PLANNER = "planner"  # the agent that writes cmbagent's plan
 ONE_SHOT_PHASE = "one_shot"
@@ -129,7 +146,9 @@ CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 #: Entry points whose solves are a fixed pipeline of agents (no plan, no control loop): each solve is a
 #: one_shot phase (cmbagent's init -> execute -> terminator layout) whatever the solve's mode.
-FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents"})
+#: ``preprocess_task``'s only solves are those of the ``summarize_documents`` it calls (its run, which
+#: that call joins; cmbagent lays enhance-input runs out the same way).
+FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents", "preprocess_task"})
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -800,7 +819,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
         except (ImportError, ValueError):
             return
-        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE):
+        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, *EXTERNAL_MODEL_CALLS):
             if name in self._hooked:
                 module = sys.modules.get(name)
                 if module is not None:
@@ -848,6 +867,9 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     cls = getattr(module, "PhaseExecutionManager", None)
                     if isinstance(cls, type):
                         self._patch_phase_manager(state, cls)
+                for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
+                    if func_name in vars(module):
+                        self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
         except Exception:
             logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
 
@@ -950,6 +972,75 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
             return _solve_in_workflow(wrapped, instance, args, kwargs, call)
 
     return _ours(state, wrapper)
+
+
+def _external_call_wrapper(state: _State, agent: str, model: str | None, provider: str | None) -> Callable[..., Any]:
+    """A model call cmbagent makes outside AG2 (:data:`EXTERNAL_MODEL_CALLS`): a ``chat <model>`` span
+    (kind ``llm``) of ``agent`` with the usage the call returns, recorded when the call has returned
+    (a model call nested in it, the VLM's criteria call, is then its sibling, not its child)."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            scope = current_scope()
+            if scope is None or not scope.in_workflow:
+                return wrapped(*args, **kwargs)
+            started = time.time_ns()
+            local = _external_calls
+            local.ended = 0
+        except Exception:
+            logger.debug("cmbagent_otel: could not time an external model call", exc_info=True)
+            return wrapped(*args, **kwargs)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = wrapped(*args, **kwargs)
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _record_external_call(scope, agent, model, provider, max(started, getattr(local, "ended", 0)),
+                                  result, error)
+
+    return _ours(state, wrapper)
+
+
+_external_calls = threading.local()  # when this thread's last external model call span ended
+
+
+def _record_external_call(scope: Scope, agent: str, model: str | None, provider: str | None, started: int,
+                          result: Any, error: BaseException | None) -> None:
+    try:
+        if model is None:  # the VLM: cmbagent's module-level choice
+            model = _text(getattr(sys.modules.get(VLM_MODULE), "vlm_model", None)) or "unknown"
+            provider = "gcp.gemini" if model.startswith("gemini") else "openai"
+        completion = result[0] if isinstance(result, tuple) and result else result
+        attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, semconv.GEN_AI_REQUEST_MODEL: model,
+                                 semconv.GEN_AI_AGENT_NAME: agent}
+        if provider:
+            attrs[semconv.GEN_AI_PROVIDER_NAME] = provider
+        usage = getattr(completion, "usage", None)
+        prompt, output = _int(getattr(usage, "prompt_tokens", None)), _int(getattr(usage, "completion_tokens", None))
+        if prompt is not None and output is not None:
+            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = output
+        response_model = _text(getattr(completion, "model", None)) if usage is not None else None
+        if response_model and response_model != "unknown":
+            attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
+        cost = getattr(completion, "total_cost", None)
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
+            attrs[semconv.LLM_COST_USD] = float(cost)
+        attrs, _ = compose(scope, semconv.KIND_LLM, attrs, None, False, None, None)
+        span = workflow_tracers.current().start_span(f"chat {model}", kind=trace.SpanKind.CLIENT,
+                                                     attributes=attrs, start_time=started)
+        try:
+            if error is not None:
+                record_exception(span, error)
+        finally:
+            span.end()
+            _external_calls.ended = time.time_ns()
+    except Exception:
+        logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
 
 
 def _pm_enter(state: _State) -> Callable[..., Any]:
