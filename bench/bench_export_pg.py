@@ -34,6 +34,11 @@ process, the order rotating per repetition.
 
     CMBAGENT_OTEL_TEST_PG_URL=postgresql+psycopg://postgres@127.0.0.1:55432/db python bench/bench_export_pg.py
     python bench/bench_export_pg.py --spans 20000 --batch 512 2048 --repeat 5
+    python bench/bench_export_pg.py --no-floor --repeat 1 --server-breakdown
+
+``--server-breakdown`` adds what the server's CPU per span is made of: each table ours filled,
+``COPY``-ed back in one go with and without its foreign keys and secondary indexes (cmbagent's
+schema), the least any writer of these rows makes the server do.
 
 Target: >= 8,000 spans/s (ours, batches of 512).
 """
@@ -284,6 +289,72 @@ def run_mapping(batches: list[list[Any]], base: str, keep: Callable[[Server], No
     return time.perf_counter() - start, time.thread_time() - cpu, None
 
 
+BREAKDOWN = (  # (label, copy the table's secondary indexes, copy its foreign keys)
+    ("all", True, True), ("no FK", True, False), ("PK only", False, True), ("PK only, no FK", False, False))
+
+
+def server_breakdown(batches: list[list[Any]], base: str, repeat: int = 3) -> dict[str, dict[str, float]]:
+    """What the server's CPU per span for these rows is made of: ours exports ``batches`` into
+    a fresh schema, then every table it filled is copied out and ``COPY``-ed back (one
+    transaction, all rows at once: less than any batched writer sends) into a new table like
+    it with (a) its indexes and foreign keys, (b) its indexes only, (c) its primary key and
+    foreign keys, (d) its primary key only. The backend's CPU (``/proc``, clock ticks: 1 us per
+    span at 10k spans) per span, median of ``repeat``; per table and variant."""
+    import psycopg
+
+    spans = sum(len(batch) for batch in batches)
+    out: dict[str, dict[str, float]] = {}
+
+    def measure(server: Server) -> None:
+        with psycopg.connect(**server.conninfo) as conn:
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            tick = os.sysconf("SC_CLK_TCK")
+
+            def cpu() -> float:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / tick
+
+            tables = [r[0] for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind = 'r' AND c.reltuples <> 0 ORDER BY 1", (server.name,))]
+            conn.commit()
+            for table in tables:
+                count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+                if not count:
+                    continue
+                data = bytearray()
+                with conn.cursor().copy(f"COPY {table} TO STDOUT") as copy:
+                    for chunk in copy:
+                        data += chunk
+                keys = conn.execute("SELECT contype, pg_get_constraintdef(oid) FROM pg_constraint "
+                                    "WHERE conrelid = %s::regclass AND contype IN ('f', 'p')", (table,)).fetchall()
+                fks = [d for kind, d in keys if kind == "f"]
+                pks = [d for kind, d in keys if kind == "p"]
+                conn.commit()
+                for label, indexes, foreign in BREAKDOWN:
+                    cpus = []
+                    for _ in range(repeat):
+                        like = "INCLUDING ALL" if indexes else "INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+                        conn.execute(f"CREATE TABLE bench_copy (LIKE {table} {like})")
+                        for pk in () if indexes else pks:
+                            conn.execute(f"ALTER TABLE bench_copy ADD {pk}")
+                        for fk in fks if foreign else ():
+                            conn.execute(f"ALTER TABLE bench_copy ADD {fk}")
+                        conn.commit()
+                        before = cpu()
+                        with conn.cursor().copy("COPY bench_copy FROM STDIN") as copy:
+                            copy.write(bytes(data))
+                        conn.commit()
+                        cpus.append((cpu() - before) / spans * 1e6)
+                        conn.execute("DROP TABLE bench_copy")
+                        conn.commit()
+                    out.setdefault(f"{table} ({count:,} rows)", {})[label] = statistics.median(cpus)
+
+    run_ours(batches, base, keep=measure)
+    return out
+
+
 def _dump(server: Server) -> dict[str, list[tuple[Any, ...]]]:
     from sqlalchemy import create_engine
 
@@ -304,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[512])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-floor", action="store_true", help="time ours only")
+    parser.add_argument("--server-breakdown", action="store_true",
+                        help="also: the server's CPU per span for one COPY of each table's rows, with and without "
+                             "its foreign keys and secondary indexes")
     args = parser.parse_args(argv)
     if not args.url:
         raise SystemExit(f"no PostgreSQL: pass --url or set {PG_ENV}")
@@ -382,6 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if all(s is not None for _, _, s in writes):
             print(f"  in CPU: writes client + server {total(writes):.1f} us/span: at most {1e6 / total(writes):,.0f} "
                   "spans/s while the writer and the server take turns")
+    if args.server_breakdown:
+        spans = list(_corpus.replicate(template, args.spans, seed=1))
+        breakdown = server_breakdown(list(_corpus.batches(spans, args.batch[0])), args.url)
+        labels = [label for label, _, _ in BREAKDOWN]
+        print("server CPU us/span of one COPY of all the rows ours stored, per table (median of 3):")
+        print(f"{'table':<36}" + "".join(f"{label:>16}" for label in labels))
+        for table, cpus in breakdown.items():
+            print(f"{table:<36}" + "".join(f"{cpus[label]:>16.1f}" for label in labels))
+        print(f"{'total':<36}" + "".join(f"{sum(c[label] for c in breakdown.values()):>16.1f}" for label in labels))
     ok = rate >= TARGET_RATE
     print(f"batch {args.batch[0]}: {rate:,.0f} spans/s (target >= {TARGET_RATE:,}): {'PASS' if ok else 'MISS'}")
     return 0 if ok else 1
