@@ -241,6 +241,7 @@ def register_secret(value: Any) -> None:
             return
         _known[value] = None
         _learned.pop(value, None)
+        _note_length(value)
         _rebuild()
 
 
@@ -675,6 +676,52 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
                 _learn_ahead(item, depth + 1, memo)
     elif value is not None and not isinstance(value, (bool, int, float)):
         _kv_scan(repr(value), learn=True)
+
+
+_SPLIT_WINDOW = 256  # characters each side of a boundary searched for a secret that crosses it
+_longest_known = 0
+
+
+def _note_length(value: str) -> None:
+    global _longest_known
+    _longest_known = max(_longest_known, len(value))
+
+
+def _secret_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every registered, learned or secret-shaped token in ``text``."""
+    known = _known_pattern
+    patterns: list[re.Pattern[str]] = [_SECRET_SHAPES]
+    if isinstance(known, _Patterns):
+        patterns.extend(known.patterns)
+    elif known is not None:
+        patterns.append(known)
+    patterns.extend(shape for hint, shape in _GATED_SHAPES if hint in text)
+    return [m.span() for pattern in patterns for m in pattern.finditer(text)]
+
+
+def learn_split_secrets(texts: Iterable[Any]) -> None:
+    """Learn the pieces of a secret split across consecutive texts (two content parts of a
+    message, two messages, two streamed chunks): each piece alone is no known secret and no
+    secret shape, so without this both halves reached telemetry. Each piece of at least
+    ``_MIN_SECRET_LEN`` characters is learned and redacted wherever it appears. Never raises."""
+    with contextlib.suppress(Exception):
+        previous: str | None = None
+        for text in texts:
+            if not isinstance(text, str) or not text:
+                continue
+            if previous is not None:
+                _learn_across(previous, text)
+            previous = text
+
+
+def _learn_across(before: str, after: str) -> None:
+    window = max(_SPLIT_WINDOW, _longest_known)
+    head, tail = before[-window:], after[:window]
+    joint = len(head)
+    for start, end in _secret_spans(head + tail):
+        if start < joint < end:
+            learn_secret((head + tail)[start:joint])
+            learn_secret((head + tail)[joint:end])
 
 
 reload_settings()
