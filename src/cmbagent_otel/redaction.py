@@ -680,6 +680,10 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
 
 _SPLIT_WINDOW = 256  # characters each side of a boundary searched for a secret that crosses it
 _longest_known = 0
+# boundaries (text, next text) found clean with the secrets known then: a chat's history is
+# sent again on every model call, each boundary is searched once (key None: those secrets)
+_split_checked: dict[Any, Any] = {}
+_SPLIT_CHECKED_MAX = 2048
 
 
 def _note_length(value: str) -> None:
@@ -706,11 +710,20 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
     ``_MIN_SECRET_LEN`` characters is learned and redacted wherever it appears. Never raises."""
     with contextlib.suppress(Exception):
         previous: str | None = None
+        checked = _split_checked
+        known = _known_pattern
+        if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
+            checked.clear()
+            checked[None] = known
         for text in texts:
             if not isinstance(text, str) or not text:
                 continue
-            if previous is not None:
+            if previous is not None and (previous, text) not in checked:
                 _learn_across(previous, text)
+                checked[(previous, text)] = None
+                if len(checked) > _SPLIT_CHECKED_MAX:
+                    checked.clear()
+                    checked[None] = _known_pattern
             previous = text
 
 
