@@ -242,6 +242,8 @@ def register_secret(value: Any) -> None:
         _known[value] = None
         _learned.pop(value, None)
         _note_length(value)
+        _heads.setdefault(value[:_MIN_SECRET_LEN], []).append(value)
+        _tails.setdefault(value[-_MIN_SECRET_LEN:], []).append(value)
         _rebuild()
 
 
@@ -684,6 +686,10 @@ _longest_known = 0
 # sent again on every model call, each boundary is searched once (key None: those secrets)
 _split_checked: dict[Any, Any] = {}
 _SPLIT_CHECKED_MAX = 2048
+_SPLIT_CACHED_CHARS = 4096
+# registered secrets by their first and last _MIN_SECRET_LEN characters (see _learn_edges)
+_heads: dict[str, list[str]] = {}
+_tails: dict[str, list[str]] = {}
 
 
 def _note_length(value: str) -> None:
@@ -718,13 +724,40 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
         for text in texts:
             if not isinstance(text, str) or not text:
                 continue
-            if previous is not None and (previous, text) not in checked:
-                _learn_across(previous, text)
-                checked[(previous, text)] = None
-                if len(checked) > _SPLIT_CHECKED_MAX:
-                    checked.clear()
-                    checked[None] = _known_pattern
+            small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
+            if _heads and not (small and text in checked):
+                _learn_edges(text)
+                if small:
+                    checked[text] = None
+            if previous is not None:
+                pair = (previous, text) if small and len(previous) <= _SPLIT_CACHED_CHARS else None
+                if pair is None or pair not in checked:
+                    _learn_across(previous, text)
+                    if pair is not None:
+                        checked[pair] = None
+            if len(checked) > _SPLIT_CHECKED_MAX:
+                checked.clear()
+                checked[None] = _known_pattern
             previous = text
+
+
+def _learn_edges(text: str) -> None:
+    """Learn the end of ``text`` that starts a registered secret and the start that ends one: the
+    rest of the secret may come in a later message, after this one has been recorded."""
+    size = _MIN_SECRET_LEN
+    longest = _longest_known
+    tail = text[-longest:]
+    for start in range(max(0, len(tail) - longest + 1), len(tail) - size + 1):
+        piece = tail[start:]
+        if any(secret.startswith(piece) for secret in _heads.get(piece[:size], ())):
+            learn_secret(piece)
+            break
+    head = text[:longest]
+    for end in range(len(head), size - 1, -1):
+        piece = head[:end]
+        if any(secret.endswith(piece) for secret in _tails.get(piece[-size:], ())):
+            learn_secret(piece)
+            break
 
 
 def _learn_across(before: str, after: str) -> None:

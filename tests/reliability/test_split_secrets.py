@@ -45,3 +45,18 @@ def test_secret_split_in_two_is_redacted(sink: Sink, caplog: pytest.LogCaptureFi
     assert reply == "noted" or (isinstance(reply, dict) and reply.get("content") == "noted")
     assert messages[0]["content"] and messages[-1]["content"]  # the app's messages are unchanged
     assert_clean(sink, caplog, first, second)
+
+
+def test_registered_secret_split_across_two_model_calls_is_redacted(sink: Sink,  # noqa: F811
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The first half is recorded before the second half exists: it is caught as the start of a
+    registered secret, the second half as its end."""
+    _, secret = new_markers()
+    redaction.register_secret(secret)
+    instrument(sink)
+    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    half = len(secret) // 2
+    first, second = secret[:half], secret[half:]
+    assistant.generate_reply(messages=[{"role": "user", "content": f"my key starts {first}"}])
+    assistant.generate_reply(messages=[{"role": "user", "content": f"{second} is the rest"}])
+    assert_clean(sink, caplog, first, second)
