@@ -241,6 +241,9 @@ def register_secret(value: Any) -> None:
             return
         _known[value] = None
         _learned.pop(value, None)
+        _note_length(value)
+        _heads.setdefault(value[:_MIN_SECRET_LEN], []).append(value)
+        _tails.setdefault(value[-_MIN_SECRET_LEN:], []).append(value)
         _rebuild()
 
 
@@ -675,6 +678,96 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
                 _learn_ahead(item, depth + 1, memo)
     elif value is not None and not isinstance(value, (bool, int, float)):
         _kv_scan(repr(value), learn=True)
+
+
+_SPLIT_WINDOW = 256  # characters each side of a boundary searched for a secret that crosses it
+_longest_known = 0
+# boundaries (text, next text) found clean with the secrets known then: a chat's history is
+# sent again on every model call, each boundary is searched once (key None: those secrets)
+_split_checked: dict[Any, Any] = {}
+_SPLIT_CHECKED_MAX = 2048
+_SPLIT_CACHED_CHARS = 4096
+# registered secrets by their first and last _MIN_SECRET_LEN characters (see _learn_edges)
+_heads: dict[str, list[str]] = {}
+_tails: dict[str, list[str]] = {}
+
+
+def _note_length(value: str) -> None:
+    global _longest_known
+    _longest_known = max(_longest_known, len(value))
+
+
+def _secret_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every registered, learned or secret-shaped token in ``text``."""
+    known = _known_pattern
+    patterns: list[re.Pattern[str]] = [_SECRET_SHAPES]
+    if isinstance(known, _Patterns):
+        patterns.extend(known.patterns)
+    elif known is not None:
+        patterns.append(known)
+    patterns.extend(shape for hint, shape in _GATED_SHAPES if hint in text)
+    return [m.span() for pattern in patterns for m in pattern.finditer(text)]
+
+
+def learn_split_secrets(texts: Iterable[Any]) -> None:
+    """Learn the pieces of a secret split across consecutive texts (two content parts of a
+    message, two messages, two streamed chunks): each piece alone is no known secret and no
+    secret shape, so without this both halves reached telemetry. Each piece of at least
+    ``_MIN_SECRET_LEN`` characters is learned and redacted wherever it appears. Never raises."""
+    with contextlib.suppress(Exception):
+        previous: str | None = None
+        checked = _split_checked
+        known = _known_pattern
+        if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
+            checked.clear()
+            checked[None] = known
+        for text in texts:
+            if not isinstance(text, str) or not text:
+                continue
+            small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
+            if _heads and not (small and text in checked):
+                _learn_edges(text)
+                if small:
+                    checked[text] = None
+            if previous is not None:
+                pair = (previous, text) if small and len(previous) <= _SPLIT_CACHED_CHARS else None
+                if pair is None or pair not in checked:
+                    _learn_across(previous, text)
+                    if pair is not None:
+                        checked[pair] = None
+            if len(checked) > _SPLIT_CHECKED_MAX:
+                checked.clear()
+                checked[None] = _known_pattern
+            previous = text
+
+
+def _learn_edges(text: str) -> None:
+    """Learn the end of ``text`` that starts a registered secret and the start that ends one: the
+    rest of the secret may come in a later message, after this one has been recorded."""
+    size = _MIN_SECRET_LEN
+    longest = _longest_known
+    tail = text[-longest:]
+    for start in range(max(0, len(tail) - longest + 1), len(tail) - size + 1):
+        piece = tail[start:]
+        if any(secret.startswith(piece) for secret in _heads.get(piece[:size], ())):
+            learn_secret(piece)
+            break
+    head = text[:longest]
+    for end in range(len(head), size - 1, -1):
+        piece = head[:end]
+        if any(secret.endswith(piece) for secret in _tails.get(piece[-size:], ())):
+            learn_secret(piece)
+            break
+
+
+def _learn_across(before: str, after: str) -> None:
+    window = max(_SPLIT_WINDOW, _longest_known)
+    head, tail = before[-window:], after[:window]
+    joint = len(head)
+    for start, end in _secret_spans(head + tail):
+        if start < joint < end:
+            learn_secret((head + tail)[start:joint])
+            learn_secret((head + tail)[joint:end])
 
 
 reload_settings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -74,9 +75,22 @@ def capture_from_env() -> ContentMode:
 def agent_name(agent: Any) -> str:
     try:
         name = getattr(agent, "name", None)
-        return str(name) if name is not None else type(agent).__name__
+        return bounded_name(str(name)) if name is not None else type(agent).__name__
     except Exception:
         return "unknown"
+
+
+MAX_NAME = 256
+
+
+def bounded_name(name: str) -> str:
+    """``name`` (an agent's or tool's: the app's or the model's text) cut to :data:`MAX_NAME`
+    characters, a hash of the whole keeping cut names apart: a 1 MiB name was copied whole into
+    span names, attributes and several DB columns per span."""
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return f"{name[:MAX_NAME - 16]}...{digest}"
 
 
 def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:

@@ -21,11 +21,11 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._jsontext import compact_encoder
-from ..redaction import learn_secrets_ahead, max_length, redact, scrub, truncate
+from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, scrub, truncate
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -290,6 +290,17 @@ def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | N
     return "[" + ", ".join(kept) + "]", dropped
 
 
+def _message_texts(items: Sequence[Any]) -> Iterator[Any]:
+    """The text of each message and each text part, in order (for :func:`learn_split_secrets`)."""
+    for raw in items:
+        content = raw.get("content") if isinstance(raw, Mapping) else raw
+        if isinstance(content, (list, tuple)):
+            for part in content:
+                yield part.get("text") if isinstance(part, Mapping) else part
+        else:
+            yield content
+
+
 def render(items: Sequence[Any], bound: int | None = None,
            convert: Callable[[Any], Any] | None = None) -> tuple[str, int]:
     """(JSON text of ``items``, number of items left out), redacted, at most ``bound`` characters
@@ -300,6 +311,8 @@ def render(items: Sequence[Any], bound: int | None = None,
     """
     bound = bound or max_length()
     budget = bound
+    if convert is message:
+        learn_split_secrets(_message_texts(items))
     for _ in range(3):
         text, dropped = _render(items, budget, convert)
         final = redact(text) or "[]"

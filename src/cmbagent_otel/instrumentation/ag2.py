@@ -85,6 +85,7 @@ from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
     agent_name,
+    bounded_name,
     cached_name,
     capture_from_env,
     content_mode,
@@ -841,7 +842,7 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
     name = "unknown"
     arguments = None
     if isinstance(func_call, dict):
-        name = str(func_call.get("name") or "unknown")
+        name = bounded_name(str(func_call.get("name") or "unknown"))
         arguments = func_call.get("arguments")
         # Before the tool runs, content capture on or off: a password passed to the tool must
         # also be redacted from the exception message or result it produces.
