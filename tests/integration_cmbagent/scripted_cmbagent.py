@@ -366,72 +366,71 @@ CONTEXT_DOCS_MARK = "get_cmb_power_spectra(params=None, lmax=None)"
 CONTEXT_DOCS = f"# Documentation\n\n## {CONTEXT_DOCS_MARK}\n\nReturns the CMB power spectra.\n"
 
 
-class GeminiServer:
+def _reply(handler: Any, body: bytes, content_type: str) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class _LoopbackServer:
+    """A loopback HTTP server running ``handler`` in a thread while entered; entering returns its
+    base URL followed by ``suffix``."""
+
+    def __init__(self, handler: Any, suffix: str = "") -> None:
+        from http.server import ThreadingHTTPServer
+
+        self._suffix = suffix
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}{self._suffix}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class GeminiServer(_LoopbackServer):
     """A loopback Gemini API answering every ``generateContent`` POST with ``script.gemini(body)``;
     entered, it returns the base URL for ``GOOGLE_GEMINI_BASE_URL``."""
 
     def __init__(self, script: CmbagentScript) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 request = json.loads(self.rfile.read(length) or b"{}")
-                body = json.dumps(script.gemini(request)).encode("utf-8")
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                _reply(self, json.dumps(script.gemini(request)).encode("utf-8"), "application/json")
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__(Handler)
 
 
-class _DocumentServer:
+class _DocumentServer(_LoopbackServer):
     """A loopback HTTP server answering every GET with ``text`` (the documentation cmbagent downloads)."""
 
     def __init__(self, text: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         body = text.encode("utf-8")
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/markdown; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                _reply(self, body, "text/markdown; charset=utf-8")
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/docs.md"
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__(Handler, "/docs.md")
 
 
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
