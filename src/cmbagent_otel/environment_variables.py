@@ -17,6 +17,7 @@ work as documented by OpenTelemetry and are not repeated here unless we read the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -82,13 +83,20 @@ def _text(raw: str) -> str:
     return raw
 
 
-def _number(kind: type, minimum: float) -> Callable[[str], Any]:
+# The longest wait a timeout setting may ask for: a longer one (1e26 ms) made the batch worker's
+# Condition.wait raise OverflowError ("timestamp out of range for platform time_t") and die
+MAX_WAIT_S = threading.TIMEOUT_MAX
+
+
+def _number(kind: type, minimum: float, maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         value = kind(raw)
         if value != value or value in (float("inf"), float("-inf")):  # NaN, infinity
             raise ValueError("not a finite number")
         if value < minimum:
             raise ValueError(f"below the minimum {minimum:g}")
+        if value > maximum:
+            raise ValueError(f"above the maximum {maximum:g}")
         return value
 
     return parse
@@ -259,14 +267,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             _number(int, 0)),
     Setting(EXPORT_TIMEOUT, 10.0,
             "Seconds the DAG exporter retries a batch (every lock or connection wait included) before spilling it",
-            _number(float, 0)),
-    Setting(SQLITE_BUSY_TIMEOUT_MS, 30_000, "Most milliseconds a SQLite write waits for a lock", _number(int, 0)),
+            _number(float, 0, MAX_WAIT_S)),
+    Setting(SQLITE_BUSY_TIMEOUT_MS, 30_000, "Most milliseconds a SQLite write waits for a lock",
+            _number(int, 0, 2**31 - 1)),  # SQLite's busy timeout is a C int
     Setting(COST_RECORDS, "per_agent",
             "`per_agent`: one `cost_records` row per agent, model and phase/step; `off`: none (cmbagent's backend "
             "records costs into the same database)", _choice("per_agent", "off")),
     # batching in the DAG exporter's processor
     Setting(BSP_SCHEDULE_DELAY, 1000,
-            "Milliseconds between DAG batch exports (bounds what a `kill -9` loses)", _number(float, 1),
+            "Milliseconds between DAG batch exports (bounds what a `kill -9` loses)",
+            _number(float, 1, MAX_WAIT_S * 1000),
             also=("OTEL_BSP_SCHEDULE_DELAY",)),
     Setting(BSP_MAX_QUEUE_SIZE, 2048, "Spans queued for the DAG exporter before the oldest batch spills",
             _number(int, 1), also=("OTEL_BSP_MAX_QUEUE_SIZE",)),
@@ -319,7 +329,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(INGEST_REQUEST_TIMEOUT, 30.0,
             "Seconds an ingest client has to send a request's headers, and again its body (HTTP: plus 1 s per "
             "`CMBAGENT_OTEL_INGEST_MIN_RATE` bytes received; gRPC: the whole message); a slower request gets 408 "
-            "(HTTP) or is cancelled (gRPC) and its place and memory are freed", _number(float, 0.001)),
+            "(HTTP) or is cancelled (gRPC) and its place and memory are freed", _number(float, 0.001, MAX_WAIT_S)),
     Setting(INGEST_MIN_RATE, 16384,
             "Bytes per second that earn an HTTP request body 1 s more than `CMBAGENT_OTEL_INGEST_REQUEST_TIMEOUT`",
             _number(int, 1)),
@@ -417,6 +427,13 @@ def _sdk_int(raw: str) -> None:
     int(raw)
 
 
+def _sdk_delay_ms(raw: str) -> None:
+    """A batch processor's schedule delay: a positive integer its worker thread can wait."""
+    _sdk_positive_int(raw)
+    if int(raw) > MAX_WAIT_S * 1000:  # the SDK's worker died of OverflowError in Condition.wait
+        raise ValueError(f"above the maximum {MAX_WAIT_S * 1000:g}")
+
+
 def _sdk_interval(raw: str) -> None:
     if _number(float, 0)(raw.strip()) == 0:
         raise ValueError("not above 0")
@@ -447,8 +464,9 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
     # the SDK's batch processors and periodic metric reader raise on values below 1 (and log a
     # traceback for non-integers) when they are built
     **dict.fromkeys((
-        "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-        "OTEL_BLRP_SCHEDULE_DELAY", "OTEL_BLRP_MAX_QUEUE_SIZE", "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE"), _sdk_positive_int),
+        "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BLRP_MAX_QUEUE_SIZE", "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE"), _sdk_positive_int),
+    **dict.fromkeys(("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BLRP_SCHEDULE_DELAY"), _sdk_delay_ms),
     **dict.fromkeys(("OTEL_BSP_EXPORT_TIMEOUT", "OTEL_BLRP_EXPORT_TIMEOUT"), _sdk_int),
     "OTEL_METRIC_EXPORT_INTERVAL": _sdk_interval,
     "OTEL_METRIC_EXPORT_TIMEOUT": _sdk_seconds,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -55,9 +56,10 @@ SHUTDOWN_REPLAY_MS = 10_000  # at shutdown, time given to replaying this run's s
 _IDLE_REPLAY_S = 1.0
 
 
-def _setting(value: float | None, name: str, *, minimum: float) -> float:
+def _setting(value: float | None, name: str, *, minimum: float, maximum: float = math.inf) -> float:
     if value is not None:
-        return max(minimum, float(value))
+        number = float(value)
+        return minimum if number != number else max(minimum, min(maximum, number))  # NaN: the minimum
     return float(environment_variables.get(name))
 
 
@@ -148,7 +150,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
         live: bool | None = None,
     ) -> None:
         self.exporter = exporter
-        self._delay_s = _setting(schedule_delay_millis, environment_variables.BSP_SCHEDULE_DELAY, minimum=1) / 1000
+        self._delay_s = _setting(schedule_delay_millis, environment_variables.BSP_SCHEDULE_DELAY, minimum=1,
+                                 maximum=environment_variables.MAX_WAIT_S * 1000) / 1000
         self._max_queue = int(_setting(max_queue_size, environment_variables.BSP_MAX_QUEUE_SIZE, minimum=1))
         self._batch = min(self._max_queue, int(_setting(
             max_export_batch_size, environment_variables.BSP_MAX_EXPORT_BATCH_SIZE, minimum=1)))

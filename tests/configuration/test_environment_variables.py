@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,9 @@ def test_no_other_module_reads_the_environment() -> None:
     # in memory: each connection saw its own empty database, every span spilled for ever
     (env.DATABASE_URL, "sqlite:///:memory:"),
     (env.DATABASE_URL, "sqlite:///file:dag?mode=memory&cache=shared&uri=true"),
+    # waits the platform cannot time (OverflowError in the thread waiting them)
+    (env.BSP_SCHEDULE_DELAY, "1e26"), (env.EXPORT_TIMEOUT, "1e26"), (env.INGEST_REQUEST_TIMEOUT, "1e26"),
+    (env.SQLITE_BUSY_TIMEOUT_MS, "99999999999"),
 ])
 def test_a_bad_value_is_warned_once_and_the_default_used(name: str, bad: str, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
@@ -148,3 +152,29 @@ def test_consumers_fall_back_instead_of_failing(monkeypatch: pytest.MonkeyPatch,
     exporter = DagSpanExporter(f"sqlite:///{tmp_path}/e.db")
     assert exporter._timeout == 10.0
     exporter.shutdown()
+
+
+@pytest.mark.parametrize("how", ["environment", "argument"])
+def test_a_batch_delay_too_long_to_wait_does_not_kill_the_worker(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1e26 ms made the worker's Condition.wait raise OverflowError ("timestamp out of range for
+    # platform time_t"): the thread died and its spans were exported only at shutdown, if at all
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    for name in (env.BSP_SCHEDULE_DELAY, *env.SETTINGS[env.BSP_SCHEDULE_DELAY].also):
+        monkeypatch.delenv(name, raising=False)
+    if how == "environment":
+        monkeypatch.setenv(env.BSP_SCHEDULE_DELAY, "1e26")
+    exporter = InMemorySpanExporter()
+    processor = DurableBatchSpanProcessor(exporter, schedule_delay_millis=1e26 if how == "argument" else None)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    provider.get_tracer("t").start_span("x").end()
+    assert processor.force_flush(30_000)
+    provider.shutdown()  # joins the worker: a thread that died has called the excepthook by then
+    assert died == []
+    assert [span.name for span in exporter.get_finished_spans()] == ["x"]

@@ -140,3 +140,19 @@ def test_a_queue_alone_is_named_in_the_warning(monkeypatch: pytest.MonkeyPatch,
         env.check_sdk_variables()
     assert "OTEL_BSP_MAX_QUEUE_SIZE=64 is below the default batch size 512" in caplog.text
     assert "ignoring OTEL_BSP_MAX_EXPORT_BATCH_SIZE" not in caplog.text
+
+
+def test_a_schedule_delay_too_long_to_wait_is_warned_and_the_spans_exported(tmp_path: Path) -> None:
+    # the SDK's BatchSpanProcessor worker died of OverflowError ("timestamp out of range for
+    # platform time_t") waiting 1e26 ms: a traceback, and its spans left to the final flush
+    delay = "99999999999999999999999999"
+    with IngestServer(f"sqlite:///{tmp_path}/ingest.db", port="off", grpc_port=0).start() as server:
+        child = run_child(tmp_path, {
+            "OTEL_BSP_SCHEDULE_DELAY": delay, "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": server.grpc_endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        })
+        assert child.returncode == 0 and "APP DONE" in child.stdout, child.stderr
+        assert "Traceback" not in child.stderr, child.stderr
+        assert child.stderr.count(f"ignoring OTEL_BSP_SCHEDULE_DELAY={delay!r}") == 1, child.stderr
+        assert server.spans_written == 3
