@@ -227,6 +227,14 @@ def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(attrs) if attrs else {}
 
 
+def _unstorable(name: str, description: Any, attrs: Mapping[str, Any], start: int | None, end: int | None) -> bool:
+    """Whether a span's name, status description, attributes or times hold something no row can
+    (see :func:`sanitized`)."""
+    return (((not name.isascii() or "\x00" in name) and _rejected(name))
+            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
+            or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS))
+
+
 def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, dict[str, Any]]:
     """``span`` and its attributes ``attrs`` (a plain-dict copy), or copies whose name, status and
     attributes hold no text a database rejects.
@@ -235,11 +243,8 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     from instrumented apps that pass odd strings through; they must not fail a whole batch.
     """
     description = span.status.description
-    name = span.name
     start, end = span.start_time, span.end_time
-    if not (((not name.isascii() or "\x00" in name) and _rejected(name))
-            or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
-            or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS)):
+    if not _unstorable(span.name, description, attrs, start, end):
         return span, attrs
     clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
@@ -328,9 +333,13 @@ def _error_of(span: ReadableSpan) -> str | None:
 
 
 def _duration_ms(span: ReadableSpan) -> int | None:
-    if span.start_time is None or span.end_time is None:
+    return _ms_between(span.start_time, span.end_time)
+
+
+def _ms_between(start_ns: int | None, end_ns: int | None) -> int | None:
+    if start_ns is None or end_ns is None:
         return None
-    return min(_INT32, max(0, (span.end_time - span.start_time) // 1_000_000))  # INTEGER: ~24.8 days
+    return min(_INT32, max(0, (end_ns - start_ns) // 1_000_000))  # duration_ms is INTEGER: ~24.8 days
 
 
 # --- batch container ----------------------------------------------------------------------
@@ -716,8 +725,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": (None if start_ns is None or end_ns is None
-                        else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000))),
+        "duration_ms": _ms_between(start_ns, end_ns),
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
         "execution_order": order, "depth": depth,
@@ -877,12 +885,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         running = isinstance(span, StartedSpan)
         view = _view(span)
         attrs = _plain_mapping(view.attributes)
-        description = view.status.description
-        name = view.name
-        start, end = view.start_time, view.end_time
-        if (((not name.isascii() or "\x00" in name) and _rejected(name))
-                or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
-                or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS)):
+        if _unstorable(view.name, view.status.description, attrs, view.start_time, view.end_time):
             span, attrs = sanitized(span, attrs)
             view = _view(span)
         span = view  # type: ignore[assignment]
