@@ -61,8 +61,7 @@ def default_spill_dir() -> str:
 
 def _timeout(value: float | None) -> float:
     if value is not None:  # a wait past MAX_WAIT_S overflows the platform's time_t
-        number = float(value)
-        return 0.0 if number != number else max(0.0, min(environment_variables.MAX_WAIT_S, number))
+        return environment_variables.clamped(value, 0.0, environment_variables.MAX_WAIT_S)
     return float(environment_variables.get(TIMEOUT_ENV))
 
 

@@ -88,6 +88,12 @@ def _text(raw: str) -> str:
 MAX_WAIT_S = threading.TIMEOUT_MAX
 
 
+def clamped(value: float, minimum: float, maximum: float = math.inf) -> float:
+    """A number given in code as a setting, within ``[minimum, maximum]`` (NaN: ``minimum``)."""
+    number = float(value)
+    return minimum if number != number else max(minimum, min(maximum, number))
+
+
 def _number(kind: type, minimum: float, maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         value = kind(raw)

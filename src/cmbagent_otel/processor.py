@@ -58,8 +58,7 @@ _IDLE_REPLAY_S = 1.0
 
 def _setting(value: float | None, name: str, *, minimum: float, maximum: float = math.inf) -> float:
     if value is not None:
-        number = float(value)
-        return minimum if number != number else max(minimum, min(maximum, number))  # NaN: the minimum
+        return environment_variables.clamped(value, minimum, maximum)
     return float(environment_variables.get(name))
 
 
