@@ -29,8 +29,8 @@ cold pages). Which code lands on a boundary depends on the frames under it, so a
 frames can move one onto a hot path: in one_shot, before the cmbagent integration ran each
 workflow call from a frame that reserves one 256 KiB chunk (``cmbagent_otel._framestack``,
 docs/cmbagent.md), the traced run's wrappers put one on openai's lazy imports in the first LLM
-call: ~5,000 chunk map/unmap pairs and ~5,800 more minor faults than plain (156 pairs). With
-no-op wrappers on the same methods (nothing recorded) it was the same.
+call: ~5,000 chunk map/unmap pairs and ~5,800 more minor faults than plain (156 pairs); with
+that frame, 5 pairs (the root chunks of new threads) and about plain's faults.
 
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
