@@ -25,11 +25,12 @@ faults, and the number of full collections. The faults column exposes CPython 3.
 frame-stack chunk thrash (python/cpython gh-142183, fixed in 3.13.x and 3.14 by caching one
 chunk): when a hot call path runs exactly at the boundary of a 16 KiB frame-stack chunk, every
 call there maps and unmaps a fresh chunk (an mmap, a munmap and page faults: system time, and
-cold pages). Which code lands on a boundary depends on the stack depth, so a few frames more or
-less under the application's (ours, or any other wrapper's) can move it on or off one; in
-one_shot it falls on the importlib frames of openai's lazy imports during the first LLM call:
-3.5k-5.5k extra faults and 20-55 ms of system time in the traced run, depending on the exact
-depth (``docs/reliability.md``).
+cold pages). Which code lands on a boundary depends on the frames under it, so a wrapper's
+frames can move one onto a hot path: in one_shot, before the cmbagent integration ran each
+workflow call from a frame that reserves one 256 KiB chunk (``cmbagent_otel._framestack``,
+docs/cmbagent.md), the traced run's wrappers put one on openai's lazy imports in the first LLM
+call: ~5,000 chunk map/unmap pairs and ~5,800 more minor faults than plain (156 pairs); with
+that frame, 5 pairs (the root chunks of new threads) and about plain's faults.
 
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db

@@ -69,6 +69,7 @@ from opentelemetry.instrumentation.utils import unwrap
 
 from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
+from .._framestack import call_with_headroom
 from .._spans import (
     attach_anchor,
     compose,
@@ -943,7 +944,7 @@ def _entry_wrapper(state: _State, name: str, mode: str) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(wrapped):
             return _run_async(block, wrapped(*args, **kwargs))
         with _run(block):
-            return wrapped(*args, **kwargs)
+            return call_with_headroom(wrapped, args, kwargs)  # one frame-stack chunk for the workflow
 
     return _ours(state, wrapper)
 
