@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,7 +23,6 @@ from sqlalchemy import create_engine, text
 
 import cmbagent_otel as c
 from cmbagent_otel import redaction
-from cmbagent_otel.exporters.dag import DagSpanExporter
 from cmbagent_otel.ingest import IngestServer
 
 
@@ -60,9 +60,9 @@ def test_a_secret_split_across_array_items_of_a_foreign_span_is_not_stored(tmp_p
         c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
         try:
             tracer = provider.get_tracer("other.instrumentation")
-            with c.workflow("foreign arrays"), c.phase("control"), c.step(1, "call", agent="engineer"):
-                with tracer.start_as_current_span("llm") as span:
-                    span.set_attribute("llm.output_chunks", (f"my key is {first}", f"{second} - keep it", "done"))
+            with c.workflow("foreign arrays"), c.phase("control"), c.step(1, "call", agent="engineer"), \
+                    tracer.start_as_current_span("llm") as span:
+                span.set_attribute("llm.output_chunks", (f"my key is {first}", f"{second} - keep it", "done"))
         finally:
             c.uninstrument()
             provider.force_flush()

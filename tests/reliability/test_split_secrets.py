@@ -69,9 +69,9 @@ def _distinct_marker(shaped: bool) -> str:
     return f"sk-{body}" if shaped else body
 
 
-def _recorded_content(sink: Sink) -> str:
-    sink.provider.force_flush()
-    return "\n".join(str(value) for span in sink.memory.get_finished_spans()
+def _recorded_content(where: Sink) -> str:
+    where.provider.force_flush()
+    return "\n".join(str(value) for span in where.memory.get_finished_spans()
                      for key, value in (span.attributes or {}).items() if "messages" in key)
 
 
