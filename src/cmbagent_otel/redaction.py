@@ -889,10 +889,10 @@ _FRAGMENT_AT_END = re.compile(
     r"|xai-[A-Za-z0-9]{1,19}|pplx-[A-Za-z0-9]{1,19}|AKIA[0-9A-Z]{1,15})\Z"
 )
 _FRAGMENT_LOOKBACK = 40  # longer than any fragment _FRAGMENT_AT_END matches
-_FULL_SHAPES = (_SECRET_SHAPES, *(shape for _, shape in _GATED_SHAPES))
-# (fragment, the text it ended): fragments waiting for a later call's first text to continue them
-_open_fragments: OrderedDict[tuple[str, str], None] = OrderedDict()
+# (fragment, the text it ended) -> how many more calls' first texts may continue it
+_open_fragments: OrderedDict[tuple[str, str], int] = OrderedDict()
 _MAX_OPEN_FRAGMENTS = 16
+_FRAGMENT_CALLS = 8  # a fragment nobody continued within this many calls is forgotten (each costs a match)
 
 
 def _learn_open_fragment(text: str) -> None:
@@ -905,7 +905,7 @@ def _learn_open_fragment(text: str) -> None:
     offset = len(text) - len(end)
     _learn_piece(text, offset + found.start(), len(text), 0, len(text), True)
     key = (found.group(), text[-_SPLIT_CACHED_CHARS:])
-    _open_fragments[key] = None
+    _open_fragments[key] = _FRAGMENT_CALLS
     _open_fragments.move_to_end(key)
     while len(_open_fragments) > _MAX_OPEN_FRAGMENTS:
         _open_fragments.popitem(last=False)
@@ -914,12 +914,17 @@ def _learn_open_fragment(text: str) -> None:
 def _continue_fragments(text: str) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
     shape whose start ended an earlier text: the key was split across two calls."""
-    for key in list(_open_fragments):
+    for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
             continue  # the text that left the fragment open, sent again
+        if left <= 1:
+            _open_fragments.pop(key, None)
+        else:
+            _open_fragments[key] = left - 1
         joined = fragment + text[:_FRAGMENT_LOOKBACK + _SPLIT_WINDOW]
-        for shape in _FULL_SHAPES:
+        shapes = [_SECRET_SHAPES, *(shape for hint, shape in _GATED_SHAPES if hint in fragment)]
+        for shape in shapes:
             match = shape.match(joined)
             if match is not None and match.end() > len(fragment):
                 _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
