@@ -101,7 +101,7 @@ class DecodedBatch:
     def reject(self, reason: str) -> None:
         # the reason goes back to the client and into the server's log: a rejected span's values
         # (a parser's message quotes the value it refused) are scrubbed like stored ones
-        reason = redaction.redact(reason) or ""
+        reason = _CONTROLS.sub(_escaped, redaction.redact(reason) or "")
         self.rejected += 1
         if len(self.errors) < 5 and reason not in self.errors:
             self.errors.append(reason)
@@ -657,6 +657,15 @@ def _without_lone_surrogates(doc: Any) -> Any:
                 elif isinstance(value, (dict, list)):
                     stack.append(value)
     return doc
+
+
+# control and bidirectional characters: a parser's message quotes the client's value, and the
+# reason is logged (a newline forges log lines, ESC sequences drive the reader's terminal)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 def _learn_attribute_secrets(span: Any) -> None:

@@ -3,7 +3,9 @@
 A secret-named attribute of the wrong type (``{"key": "db.password", "value": {"intValue":
 "<secret>"}}``) made ``json_format`` refuse the span with a message quoting the value, and that
 message went back to the client as the partial success's ``errorMessage`` and into the server's
-log (INFO) verbatim (found by the sixth campaign; stored spans were already scrubbed).
+log (INFO) verbatim (found by the sixth campaign; stored spans were already scrubbed). So did
+control characters in such a value: a newline forged log lines, ESC sequences reached the
+terminal of whoever reads the log.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def test_rejected_spans_secrets_reach_neither_the_answer_nor_the_log(tmp_path: P
                                            "attributes": [{"key": "api_key", "value": {"intValue": marks[2]}}]}]),
         _span("d" * 16, "nested secret", [{"key": "request", "value": {"kvlistValue": {"values": [
             {"key": "password", "value": {"intValue": marks[3]}}]}}}]),
+        _span("f" * 16, "forger", [{"key": "x", "value": {"doubleValue": "1\n[CRITICAL] forged\x1b]0;PWNED\x07"}}]),
         _span("e" * 16, "good span", [{"key": "http.method", "value": {"stringValue": "GET"}}]),
     ]
     body = json.dumps({"resourceSpans": [{"resource": {}, "scopeSpans": [{"scope": {}, "spans": spans}]}]})
@@ -52,13 +55,14 @@ def test_rejected_spans_secrets_reach_neither_the_answer_nor_the_log(tmp_path: P
         finally:
             conn.close()
     assert status == 200
-    assert json.loads(answer)["partialSuccess"]["rejectedSpans"] == "4"
+    assert json.loads(answer)["partialSuccess"]["rejectedSpans"] == "5"
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as c:
         names = [r[0] for r in c.execute(text("SELECT meta FROM execution_events"))]
     engine.dispose()
     assert len(names) == 1 and "good span" in names[0]  # its batch-mate is stored
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "rejected 4 span(s)" in logged
+    assert "rejected 5 span(s)" in logged
     leaks = [m for m in marks if m in answer or m in logged]
     assert not leaks, leaks
+    assert "forged" in logged and "\n[CRITICAL]" not in logged and "\x1b" not in logged and "\x07" not in logged
