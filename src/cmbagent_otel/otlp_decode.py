@@ -44,6 +44,8 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from . import redaction
+
 __all__ = [
     "DecodedBatch",
     "Limits",
@@ -97,6 +99,9 @@ class DecodedBatch:
     errors: list[str] = field(default_factory=list)
 
     def reject(self, reason: str) -> None:
+        # the reason goes back to the client and into the server's log: a rejected span's values
+        # (a parser's message quotes the value it refused) are scrubbed like stored ones
+        reason = _CONTROLS.sub(_escaped, redaction.redact(reason) or "")
         self.rejected += 1
         if len(self.errors) < 5 and reason not in self.errors:
             self.errors.append(reason)
@@ -654,6 +659,42 @@ def _without_lone_surrogates(doc: Any) -> Any:
     return doc
 
 
+# control and bidirectional characters: a parser's message quotes the client's value, and the
+# reason is logged (a newline forges log lines, ESC sequences drive the reader's terminal)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def _learn_attribute_secrets(span: Any) -> None:
+    """Learn the values of a JSON span's secret-named attributes (its own, its events' and links'),
+    whatever their type: the span is rejected, and the parser's message quotes the value it refused."""
+    stack, seen = [span], 0
+    while stack and seen < 10_000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            key = node.get("key")
+            if isinstance(key, str) and "value" in node and redaction.is_secret_key(key):
+                values, found = [node["value"]], []
+                while values and len(found) < 64:
+                    value = values.pop()
+                    if isinstance(value, dict):
+                        values.extend(value.values())
+                    elif isinstance(value, list):
+                        values.extend(value)
+                    elif value is not None:
+                        found.append(str(value))
+                for value in found:
+                    redaction.learn_secret(value)
+            else:
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+
+
 def _drop_unparsable_spans(doc: dict[str, Any], batch: DecodedBatch) -> bool:
     """Remove from ``doc`` each span ``json_format`` cannot parse on its own (an integer out of
     range, a wrong type, an unknown enum name...), rejecting it in ``batch``; True when any was.
@@ -668,6 +709,7 @@ def _drop_unparsable_spans(doc: dict[str, Any], batch: DecodedBatch) -> bool:
                     json_format.ParseDict(span, PbSpan(), ignore_unknown_fields=True,
                                           max_recursion_depth=_JSON_FORMAT_DEPTH)
                 except (json_format.ParseError, ValueError, TypeError, binascii.Error, RecursionError) as exc:
+                    _learn_attribute_secrets(span)
                     batch.reject(f"span {_cut(str(span.get('name')), 100)!r}: {_cut(str(exc), 200)}")
                     dropped = True
                     continue

@@ -46,9 +46,10 @@ _SECRET_ENV_NAME = re.compile(
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
+# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature
 _SECRET_KEY_NAME = re.compile(
     r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
-    r"auth[_-]?token|subscription[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|.*cookie)$",
+    r"auth[_-]?token|subscription[_-]?key|account[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
 _SECRET_SHAPES = re.compile(
@@ -60,6 +61,7 @@ _SECRET_SHAPES = re.compile(
 # alternation with them cost ~45 % more CPU on every string, as their first characters are common.
 _GATED_SHAPES = tuple((hint, re.compile(pattern)) for hint, pattern in (
     ("gsk_", r"gsk_[A-Za-z0-9]{20,}"),
+    ("github_pat_", r"github_pat_[A-Za-z0-9_]{20,}"),  # GitHub's fine-grained tokens
     ("hf_", r"hf_[A-Za-z0-9]{20,}"),
     ("xai-", r"xai-[A-Za-z0-9]{20,}"),
     ("pplx-", r"pplx-[A-Za-z0-9]{20,}"),
@@ -69,7 +71,8 @@ _GATED_SHAPES = tuple((hint, re.compile(pattern)) for hint, pattern in (
     # to the end of the text when the END line was cut off
     ("PRIVATE KEY-----", r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----(?s:.*?-----END [A-Z ]{0,40}PRIVATE KEY-----|.*)"),
 ))
-_URL_CREDENTIALS = re.compile(r"://[^/\s:@\"']{1,256}:[^/\s@\"']{1,256}@")  # scheme://user:password@host
+# scheme://user:password@host, and scheme://:password@host (Redis)
+_URL_CREDENTIALS = re.compile(r"://[^/\s:@\"']{0,256}:[^/\s@\"']{1,256}@")
 _MIN_SECRET_LEN = 6
 MAX_LEARNED = 256
 
@@ -78,9 +81,9 @@ MAX_LEARNED = 256
 # found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
 # tried at every position), then matched in full there; the key name is checked with
 # is_secret_key.
-_KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie")
+_KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
 _KV_KEY = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
+    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
     re.IGNORECASE,
 )
 _KV_VALUE = re.compile(
@@ -473,6 +476,8 @@ def redact(text: str | None) -> str | None:
 
 
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
+    if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
+        return REDACTED
     before = _known_pattern
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
@@ -485,7 +490,12 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             text = shape.sub(REDACTED, text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
+    if _context_pattern is not None:
+        text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+_caches: list[RedactionCache] = []
 
 
 class _Memo:
@@ -514,6 +524,7 @@ class RedactionCache:
         self.max_len = max_len
         self.max_chars = max_chars
         self._memo = _Memo(_known_pattern)
+        _caches.append(self)  # module-level singletons: emptied when a whole piece is learned
 
     def entries(self) -> dict[str, str]:
         """The memo for the currently known secrets: text -> redacted text (read-only use)."""
@@ -710,35 +721,59 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
 
 
 def learn_split_secrets(texts: Iterable[Any]) -> None:
-    """Learn the pieces of a secret split across consecutive texts (two content parts of a
-    message, two messages, two streamed chunks): each piece alone is no known secret and no
-    secret shape, so without this both halves reached telemetry. Each piece of at least
-    ``_MIN_SECRET_LEN`` characters is learned and redacted wherever it appears. Never raises."""
+    """Learn the pieces of a secret split across consecutive texts (content parts of a message,
+    messages, streamed chunks): each piece alone is no known secret and no secret shape, so
+    without this every piece reached telemetry. A secret may cross several texts (split in three
+    or more). Pieces of ``_MIN_SECRET_LEN`` or more characters are learned and redacted wherever
+    they appear; a shorter piece through the characters around it in its own text (see
+    :func:`_learn_piece`). A text ending in the incomplete start of a key shape (``sk-ab``) is
+    remembered, so that the first text of a later call continuing it is caught (the key split
+    across two model calls). Never raises."""
     with contextlib.suppress(Exception):
-        previous: str | None = None
         checked = _split_checked
         known = _known_pattern
         if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
             checked.clear()
             checked[None] = known
+        window = max(_SPLIT_WINDOW, _longest_known)
+        chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
+        originals: tuple[str, ...] | None = ()  # those texts, the memo's key (None: one is too long to keep)
+        size = 0  # characters in chain
+        first = True
         for text in texts:
             if not isinstance(text, str) or not text:
                 continue
+            if first:
+                first = False
+                if _open_fragments:
+                    _continue_fragments(text)
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
-            if _heads and not (small and text in checked):
-                _learn_edges(text)
+            if not (small and text in checked):
+                if _heads:
+                    _learn_edges(text)
+                _learn_open_fragment(text)
                 if small:
                     checked[text] = None
-            if previous is not None:
-                pair = (previous, text) if small and len(previous) <= _SPLIT_CACHED_CHARS else None
-                if pair is None or pair not in checked:
-                    _learn_across(previous, text)
-                    if pair is not None:
-                        checked[pair] = None
+            if chain:
+                key = (*originals, text) if small and originals is not None else None
+                if key is None or key not in checked:
+                    _learn_across(chain, text, window)
+                    if key is not None:
+                        checked[key] = None
             if len(checked) > _SPLIT_CHECKED_MAX:
                 checked.clear()
                 checked[None] = _known_pattern
-            previous = text
+            if len(text) >= window:  # it fills the window alone
+                chain = [(text, len(text) == window)]
+                originals = (text,) if small else None
+                size = window
+            else:
+                chain.append((text, True))
+                originals = (*originals, text) if originals is not None else None
+                size += len(text)
+                while size - min(len(chain[0][0]), window) >= window:
+                    size -= min(len(chain.pop(0)[0]), window)
+                    originals = originals[1:] if originals is not None else None
 
 
 def _learn_edges(text: str) -> None:
@@ -760,14 +795,142 @@ def _learn_edges(text: str) -> None:
             break
 
 
-def _learn_across(before: str, after: str) -> None:
-    window = max(_SPLIT_WINDOW, _longest_known)
-    head, tail = before[-window:], after[:window]
-    joint = len(head)
-    for start, end in _secret_spans(head + tail):
-        if start < joint < end:
-            learn_secret((head + tail)[start:joint])
-            learn_secret((head + tail)[joint:end])
+def _learn_across(chain: list[tuple[str, bool]], after: str, window: int) -> None:
+    """Learn every piece of a secret that crosses a boundary between the texts of ``chain``
+    (their ends, and whether each is a whole text) and ``after`` (the last ``window``
+    characters before it, the first ``window`` of it)."""
+    joined = "".join(text if fits else text[-window:] for text, fits in chain)
+    cut = max(0, len(joined) - window)
+    head = joined[cut:]
+    bounds: list[tuple[int, int, bool]] = []  # (start, end, whole text) of each text in head + tail
+    at = -cut
+    for text, fits in chain:
+        size = len(text) if fits else min(len(text), window)
+        if at + size > 0:
+            bounds.append((max(at, 0), at + size, fits and at >= 0))
+        at += size
+    tail = after[:window]
+    bounds.append((len(head), len(head) + len(tail), len(tail) == len(after)))
+    both = head + tail
+    joints = [start for start, _, _ in bounds[1:]]
+    for start, end in _secret_spans(both):
+        if not any(start < joint < end for joint in joints):
+            continue
+        for lo, hi, whole in bounds:
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                _learn_piece(both, a, b, lo, hi, whole)
+
+
+def _learn_piece(text: str, a: int, b: int, lo: int, hi: int, whole: bool) -> None:
+    """Learn the piece ``text[a:b]`` of a secret, which lies in the message text ``text[lo:hi]``
+    (``whole``: all of that message text). A piece of ``_MIN_SECRET_LEN`` characters or more is
+    learned itself. A shorter piece would match by chance all over ordinary text, so it is learned
+    with the characters next to it in its own message text (``": sk-M"`` for the piece ``sk-M``
+    at the end of ``"my key: sk-M"``), which are redacted with it; a message text that is only
+    the piece is redacted where a whole string equals it (3 characters or more). A piece of one or
+    two characters that is a whole message text stays: at that length a string equal to it is as
+    likely an ordinary value (``"ok"``, ``"1"``)."""
+    size = _MIN_SECRET_LEN
+    if b - a >= size:
+        learn_secret(text[a:b])
+    elif whole and a == lo and b == hi:
+        if b - a >= _MIN_WHOLE_PIECE:
+            _learn_whole(text[a:b])
+    elif b == hi and hi - lo >= size:  # the end of its text: with the characters before it
+        _learn_context(text[b - size:b])
+    elif a == lo and hi - lo >= size:  # the start of its text: with the characters after it
+        _learn_context(text[a:a + size])
+    elif hi - lo >= size:  # inside (a text cut by the window): around it
+        start = max(lo, min(a, hi - size))
+        _learn_context(text[start:start + size])
+
+
+_MIN_WHOLE_PIECE = 3
+# message texts that are a short piece of a secret: redacted where a whole string equals one
+_whole_pieces: OrderedDict[str, None] = OrderedDict()
+# a short piece with the characters next to it (see _learn_piece); matched after every other
+# secret, so that it never takes the first characters of a longer secret that overlaps it
+# (" sk-pr" learned from one key would leave the rest of another "sk-proj-..." key unmatched)
+_contexts: OrderedDict[str, None] = OrderedDict()
+_context_pattern: re.Pattern[str] | None = None
+
+
+def _learn_whole(piece: str) -> None:
+    _add_piece(_whole_pieces, piece)
+
+
+def _learn_context(piece: str) -> None:
+    global _context_pattern
+    if _add_piece(_contexts, piece):
+        _context_pattern = _compile(_contexts)
+
+
+def _add_piece(into: OrderedDict[str, None], piece: str) -> bool:
+    forms = {piece, json.dumps(piece, ensure_ascii=False)[1:-1]}
+    with _lock:
+        if forms <= into.keys():
+            return False
+        for form in forms:
+            into[form] = None
+        while len(into) > MAX_LEARNED:
+            into.popitem(last=False)
+        for cache in _caches:  # results memoised without this piece
+            cache._memo = _Memo(_known_pattern)
+        _split_checked.clear()
+        return True
+
+
+# The start of a key shape cut before the shape is complete (its body too short to match
+# _SECRET_SHAPES / _GATED_SHAPES), at the very end of a text; the full shape it must complete.
+_FRAGMENT_AT_END = re.compile(
+    r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{1,11}|sk_[A-Za-z0-9]{1,15}|AIza[0-9A-Za-z_\-]{1,19}"
+    r"|gh[pousr]_[A-Za-z0-9]{1,19}|xox[abp]-[A-Za-z0-9\-]{1,9}|gsk_[A-Za-z0-9]{1,19}|hf_[A-Za-z0-9]{1,19}"
+    r"|xai-[A-Za-z0-9]{1,19}|pplx-[A-Za-z0-9]{1,19}|AKIA[0-9A-Z]{1,15})\Z"
+)
+_FRAGMENT_LOOKBACK = 40  # longer than any fragment _FRAGMENT_AT_END matches
+# (fragment, the text it ended) -> how many more calls' first texts may continue it
+_open_fragments: OrderedDict[tuple[str, str], int] = OrderedDict()
+_MAX_OPEN_FRAGMENTS = 16
+_FRAGMENT_CALLS = 8  # a fragment nobody continued within this many calls is forgotten (each costs a match)
+
+
+def _learn_open_fragment(text: str) -> None:
+    """A text ending in the incomplete start of a key shape: learn that start (see
+    :func:`_learn_piece`) and remember it for :func:`_continue_fragments`."""
+    end = text[-_FRAGMENT_LOOKBACK:]
+    found = _FRAGMENT_AT_END.search(end)
+    if found is None:
+        return
+    offset = len(text) - len(end)
+    _learn_piece(text, offset + found.start(), len(text), 0, len(text), True)
+    key = (found.group(), text[-_SPLIT_CACHED_CHARS:])
+    _open_fragments[key] = _FRAGMENT_CALLS
+    _open_fragments.move_to_end(key)
+    while len(_open_fragments) > _MAX_OPEN_FRAGMENTS:
+        _open_fragments.popitem(last=False)
+
+
+def _continue_fragments(text: str) -> None:
+    """Learn the start of ``text`` (the first text of a model call) when it completes a key
+    shape whose start ended an earlier text: the key was split across two calls."""
+    for key, left in list(_open_fragments.items()):
+        fragment, source = key
+        if text[-_SPLIT_CACHED_CHARS:] == source:
+            continue  # the text that left the fragment open, sent again
+        if left <= 1:
+            _open_fragments.pop(key, None)
+        else:
+            _open_fragments[key] = left - 1
+        joined = fragment + text[:_FRAGMENT_LOOKBACK + _SPLIT_WINDOW]
+        shapes = [_SECRET_SHAPES, *(shape for hint, shape in _GATED_SHAPES if hint in fragment)]
+        for shape in shapes:
+            match = shape.match(joined)
+            if match is not None and match.end() > len(fragment):
+                _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
+                             len(text) <= _FRAGMENT_LOOKBACK + _SPLIT_WINDOW)
+                _open_fragments.pop(key, None)
+                break
 
 
 reload_settings()

@@ -40,8 +40,9 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from . import environment_variables
+from . import environment_variables, redaction
 from ._forksafe import reset_in_child
+from .semconv import SPAN_KIND
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -339,6 +340,59 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_SHORT = 256  # what the DAG mapping redacts whole; longer values it cuts and redacts as safe_text does
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redaction.redact(value) if len(value) <= _SHORT else redaction.safe_text(value)
+    if isinstance(value, (tuple, list)):
+        if len(value) > 1:
+            redaction.learn_split_secrets(value)
+        return tuple(_clean_value(item) for item in value)
+    return value
+
+
+def _clean_attributes(attributes: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (attributes or {}).items():
+        if redaction.is_secret_key(str(key)):
+            redaction.learn_secrets_in({key: value})
+            out[key] = redaction.REDACTED
+        else:
+            out[key] = _clean_value(value)
+    return out
+
+
+def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
+    """``spans`` with every span of another instrumentation scrubbed as the DAG mapping scrubs it
+    (secret-named attributes, redacted strings, span name, status, event attributes): a spill file
+    is on disk until it is replayed, and another instrumentation's spans carry what it recorded
+    unredacted (an ``Authorization`` header, a URL with its password). Ours are redacted already
+    and pass as they are, so what is stored after replay does not change. Never raises (a span it
+    cannot copy is kept as it was)."""
+    out: list[ReadableSpan] | None = None
+    for index, span in enumerate(spans):
+        try:
+            if (span.attributes or {}).get(SPAN_KIND) is not None:
+                continue
+            status = span.status
+            clean = ReadableSpan(
+                name=redaction.redact(span.name) or span.name, context=span.context, parent=span.parent,
+                resource=span.resource, attributes=_clean_attributes(span.attributes),
+                events=[Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in span.events],
+                links=span.links, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
+                status=Status(status.status_code, redaction.redact(status.description) if status.description else None),
+                start_time=span.start_time, end_time=span.end_time)
+        except Exception:
+            logger.debug("cmbagent_otel: could not scrub a span for the spill store", exc_info=True)
+            continue
+        if out is None:
+            out = list(spans)
+        out[index] = clean
+    return spans if out is None else out
+
+
 class SpillStore:
     """A directory of durable spill files (one batch, or a slice of one, per file).
 
@@ -369,6 +423,7 @@ class SpillStore:
         (disk full, no permission) having removed any partial file."""
         paths: list[Path] = []
         spilled = 0
+        spans = without_secrets(spans)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             exact = [s for s in spans if otlp_exact(s)]

@@ -104,6 +104,7 @@ class CmbagentScript:
     fail_first_code: bool = False
     mode: str = "planning_and_control"
     plots: bool = False  # the engineer's program saves a plot (one_shot(evaluate_plots=True))
+    plot_retry: bool = False  # the VLM's first verdict is "retry": plot_debugger asks Gemini for fixes
     calls: Counter[str] = field(default_factory=Counter)
     sequence: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -301,12 +302,21 @@ class CmbagentScript:
     def _plot_criteria(self, body: dict[str, Any]) -> str:
         return "First acoustic peak: expected at l ~ 220."
 
+    VLM_RETRY = {"verdict": "retry", "problems": ["the axes have no labels"], "scientific_accuracy": "ok",
+                 "visual_clarity": "poor", "completeness": "ok"}
+    PLOT_FIXES = {"fixes": ["Line 4: add plt.xlabel and plt.ylabel"]}
+
     def gemini(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A Gemini ``generateContent`` answer (the VLM call), counted in the sequence as ``plot_judge_vlm``."""
+        """A Gemini ``generateContent`` answer: the VLM call (``plot_judge_vlm`` in the sequence) or, on
+        the retry path, plot_debugger's call for fixes (``plot_debugger_fixes``)."""
+        debugger = "plot debugging expert" in json.dumps(body.get("contents"))
         with self._lock:
-            self.calls["plot_judge_vlm"] += 1
-            self.sequence.append("plot_judge_vlm")
-        return {"candidates": [{"content": {"role": "model", "parts": [{"text": json.dumps(self.VLM_VERDICT)}]},
+            name = "plot_debugger_fixes" if debugger else "plot_judge_vlm"
+            self.calls[name] += 1
+            self.sequence.append(name)
+            first_vlm = self.calls["plot_judge_vlm"] == 1
+        answer = self.PLOT_FIXES if debugger else self.VLM_RETRY if self.plot_retry and first_vlm else self.VLM_VERDICT
+        return {"candidates": [{"content": {"role": "model", "parts": [{"text": json.dumps(answer)}]},
                                 "finishReason": "STOP"}],
                 "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 40, "totalTokenCount": 340}}
 
@@ -357,6 +367,7 @@ API_KEYS = {"OPENAI": "sk-offline-test", "ANTHROPIC": "offline", "GEMINI": "offl
 HUMAN_TURNS = ("Now print the peak position too", "exit")  # the admin's answers in human_in_the_loop
 TASK = "Compute the mock CMB power spectrum and fit its first acoustic peak"
 WORKFLOWS = ("planning_and_control", "carryover", "one_shot", "one_shot_camb", "one_shot_classy", "one_shot_plots",
+             "one_shot_plots_retry",
              "control", "control_ideas",
              "deep_research", "one_shot_researcher", "human_in_the_loop", "get_keywords", "get_keywords_aas",
              "get_keywords_unesco")
@@ -460,7 +471,7 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
                 return fn(TASK, agent=f"{package}_context", **kw)  # type: ignore[no-any-return]
             finally:
                 setattr(module, f"{package}_context_url", saved)
-    if kind == "one_shot_plots":
+    if kind in ("one_shot_plots", "one_shot_plots_retry"):
         # the VLM call goes to Gemini: the runner points GOOGLE_GEMINI_BASE_URL at a GeminiServer
         fn = function or cmbagent.one_shot
         return fn(TASK, agent="engineer", evaluate_plots=True, **kw)  # type: ignore[no-any-return]
@@ -528,9 +539,10 @@ def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
     spec = importlib.util.find_spec("cmbagent")
     assert spec is not None and spec.origin is not None, "cmbagent is not installed"
     mode = {"carryover": "carryover", "deep_research": "carryover", "one_shot": "one_shot", "one_shot_camb": "one_shot",
-            "one_shot_classy": "one_shot", "one_shot_plots": "one_shot",
+            "one_shot_classy": "one_shot", "one_shot_plots": "one_shot", "one_shot_plots_retry": "one_shot",
             "one_shot_researcher": "one_shot", "human_in_the_loop": "one_shot",
             "get_keywords_aas": "one_shot"}.get(kind, "planning_and_control")
     plan = idea_plan() if kind == "control_ideas" else DEFAULT_PLAN
     return CmbagentScript(agent_signatures(Path(spec.origin).parent), plan=plan, fail_first_code=fail_first_code,
-                          mode=mode, plots=kind == "one_shot_plots")
+                          mode=mode, plots=kind.startswith("one_shot_plots"),
+                          plot_retry=kind == "one_shot_plots_retry")

@@ -731,6 +731,63 @@ def test_one_shot_evaluate_plots_model_calls_outside_ag2(runner: Any, tmp_path: 
     assert ("plot_judge", 340) in llm and len(llm) == len(run.sequence)
 
 
+def test_one_shot_evaluate_plots_retry_verdict_asks_the_plot_debugger(runner: Any, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VLM's first verdict is "retry": plot_debugger's route_plot_judge_verdict asks Gemini for fixes
+    (cmbagent's third model call outside AG2, which returns the fixes, not a completion), the engineer
+    runs again, then the judge accepts. Each of the three calls outside AG2 is an LLM span with the GenAI
+    client metrics AG2's own calls have and, content capture on, its prompt and answer (before: neither)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from cmbagent_otel import metrics as m
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    script = script_for("one_shot_plots_retry")
+    with FakeOpenAIServer(request_responder=script) as server, GeminiServer(script) as gemini:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", gemini)
+        monkeypatch.setenv("GEMINI_API_KEY", API_KEYS["GEMINI"])
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
+        cmbagent_otel.instrument(tracer_provider=provider, meter_provider=meters, set_global=False,
+                                 instrument_threading=False, capture_content=True)
+        try:
+            results = call_workflow("one_shot_plots_retry", tmp_path)
+        finally:
+            cmbagent_otel.uninstrument()
+    plain = runner("one_shot_plots_retry", instrumented=False)
+    assert list(script.sequence) == plain.sequence and script.unexpected == []
+    assert script.sequence == ["engineer", "engineer_response_formatter", "executor_response_formatter", "plot_judge",
+                               "plot_criteria", "plot_judge_vlm", "plot_debugger", "plot_debugger_fixes", "engineer",
+                               "engineer_response_formatter", "executor_response_formatter", "control", "terminator"]
+    assert results["final_context"]["plot_fixes"] == script.PLOT_FIXES["fixes"]
+    spans = list(memory.get_finished_spans())
+    by_id = {s.context.span_id: s for s in spans}
+    outside = [s for s in spans if _kind(s) == sc.KIND_LLM and s.name in ("chat gpt-4o", "chat gemini-2.5-pro")]
+    assert [(s.name, s.attributes[sc.GEN_AI_AGENT_NAME]) for s in outside] == [
+        ("chat gpt-4o", "plot_judge"), ("chat gemini-2.5-pro", "plot_judge"), ("chat gemini-2.5-pro", "plot_debugger")]
+    criteria, vlm, fixes = outside
+    assert by_id[fixes.parent.span_id].name == "execute_tool route_plot_judge_verdict"
+    assert "the axes have no labels" in fixes.attributes[sc.GEN_AI_INPUT_MESSAGES]
+    assert "plt.xlabel" in fixes.attributes[sc.GEN_AI_OUTPUT_MESSAGES]
+    assert '"verdict\\": \\"retry' in vlm.attributes[sc.GEN_AI_OUTPUT_MESSAGES]
+    assert "base_64_img" not in vlm.attributes[sc.GEN_AI_INPUT_MESSAGES]  # the image is no prompt text
+    assert "acoustic peak" in criteria.attributes[sc.GEN_AI_OUTPUT_MESSAGES]
+    found = {metric.name: list(metric.data.data_points) for resource in reader.get_metrics_data().resource_metrics
+             for scope in resource.scope_metrics for metric in scope.metrics}
+    durations = {p.attributes.get(sc.GEN_AI_REQUEST_MODEL): p.count for p in found[m.GEN_AI_CLIENT_OPERATION_DURATION]}
+    assert durations["gpt-4o"] == 1 and durations["gemini-2.5-pro"] == 2
+    assert sum(durations.values()) == len(script.sequence)  # every model call, AG2's and the three outside it
+    tokens = {(p.attributes.get(sc.GEN_AI_REQUEST_MODEL), p.attributes.get(m.GEN_AI_TOKEN_TYPE)): p.sum
+              for p in found[m.GEN_AI_CLIENT_TOKEN_USAGE]}
+    assert tokens[("gemini-2.5-pro", m.TOKEN_INPUT)] == 300  # the VLM's usage; the fixes call returns none
+    meters.shutdown()
+
+
 @pytest.mark.parametrize("kind", ["planning_and_control", "one_shot"])
 def test_attempts_running_out_fail_the_step(runner: Any, tmp_path: Path, kind: str) -> None:
     """max_n_attempts=1 and a failing first program: cmbagent hands over to the terminator after the

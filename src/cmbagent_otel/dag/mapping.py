@@ -656,6 +656,14 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _learn_split_items(attrs: Mapping[str, Any]) -> None:
+    """Another instrumentation's string arrays (message lists, streamed chunks) are redacted item
+    by item: learn first the pieces of a secret cut across two or more items."""
+    for value in attrs.values():
+        if type(value) is tuple and len(value) > 1:
+            redaction.learn_split_secrets(value)
+
+
 _PLAIN_TYPES = frozenset({bool, int, float})
 # attribute key -> whether it names a secret (a fixed pattern: keys repeat across every span)
 _secret_keys: dict[str, bool] = {}
@@ -684,6 +692,8 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     else:
         found = EVENT_TYPES.get(kind)
         event_type, subtype = found if found is not None else ("info", str(kind)[:50])
+    if kind is None:
+        _learn_split_items(attrs)
     clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent

@@ -1001,7 +1001,7 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
             raise
         finally:
             _record_external_call(scope, agent, model, provider, max(started, getattr(local, "ended", 0)),
-                                  result, error)
+                                  result, error, (wrapped, args, kwargs))
 
     return _ours(state, wrapper)
 
@@ -1010,7 +1010,7 @@ _external_calls = threading.local()  # when this thread's last external model ca
 
 
 def _record_external_call(scope: Scope, agent: str, model: str | None, provider: str | None, started: int,
-                          result: Any, error: BaseException | None) -> None:
+                          result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None) -> None:
     try:
         if model is None:  # the VLM: cmbagent's module-level choice
             model = _text(getattr(sys.modules.get(VLM_MODULE), "vlm_model", None)) or "unknown"
@@ -1037,11 +1037,61 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
         try:
             if error is not None:
                 record_exception(span, error)
+            if call is not None:
+                _external_call_extras(span, attrs, started, call, completion, result, error)
         finally:
             span.end()
             _external_calls.ended = time.time_ns()
     except Exception:
         logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
+
+
+#: the arguments of an external model call that are its prompt (``send_image_to_vlm``'s image is not)
+_EXTERNAL_PROMPT_ARGUMENTS = ("plot_description", "plot_type", "vlm_prompt", "task_context", "vlm_analysis",
+                              "problems", "executed_code")
+
+
+def _external_call_extras(span: Any, attrs: Mapping[str, Any], started: int, call: tuple[Any, ...],
+                          completion: Any, result: Any, error: BaseException | None) -> None:
+    """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
+    token usage, cost) when the instrumentor records metrics, and with content capture on its prompt and
+    answer (redacted and bounded like every message)."""
+    try:
+        from ..instrumentation._messages import message, output_message, render
+        from ..instrumentation.ag2 import AG2Instrumentor
+        from ..metrics import CallAttributes
+
+        state = AG2Instrumentor()._state
+        if state is None:
+            return
+        metrics = state.metrics
+        if metrics is not None and metrics.live():
+            usage_in = attrs.get(semconv.GEN_AI_USAGE_INPUT_TOKENS)
+            metrics.model_call(
+                CallAttributes(str(attrs.get(semconv.GEN_AI_PROVIDER_NAME) or "unknown"),
+                               attrs.get(semconv.GEN_AI_REQUEST_MODEL), attrs.get(semconv.GEN_AI_RESPONSE_MODEL), None),
+                max(time.time_ns() - started, 0) / 1e9, type(error).__qualname__ if error is not None else None,
+                usage_in, attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS) if usage_in is not None else None,
+                attrs.get(semconv.LLM_COST_USD))
+        if not state.capture or not span.is_recording():
+            return
+        func, args, kwargs = call
+        bound = _bind(func, args, kwargs)
+        parts = [f"{name}: {bound[name]}" for name in _EXTERNAL_PROMPT_ARGUMENTS if bound.get(name) is not None]
+        if parts:
+            span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES,
+                               render([{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}],
+                                      convert=message)[0])
+        if error is not None:
+            return
+        choices = getattr(completion, "choices", None)
+        answer = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+        if answer is None and isinstance(result, list):  # the plot debugger's fixes
+            answer = "\n".join(str(item) for item in result)
+        if isinstance(answer, str):
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([answer], convert=output_message)[0])
+    except Exception:
+        logger.debug("cmbagent_otel: could not record an external model call's metrics or content", exc_info=True)
 
 
 def _pm_enter(state: _State) -> Callable[..., Any]:
