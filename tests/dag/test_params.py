@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cmbagent_otel.dag.schema import metadata
-from cmbagent_otel.dag.statements import Sql
+from cmbagent_otel.dag.statements import Sql, encode_json
 
 EVENTS = metadata.tables["execution_events"]
 
@@ -56,3 +56,51 @@ def test_params_of_a_single_column_and_of_booleans() -> None:
     cols = sql.columns(runs)
     row = {"id": "r", "is_branch": True, "meta": {"k": "v"}}
     assert sql.params([row], cols) == [_expected(row, cols, False)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("meta_type", ["json", "jsonb"])
+def test_copy_of_odd_values_and_types_stores_what_text_copy_stores(pg_url: str, meta_type: str) -> None:
+    """Binary COPY (every column of a type it writes) stops at a row holding a value of another
+    Python type than its column's binary form (an aware datetime, a number in a text column),
+    and text COPY carries that row and the rest; a table with a column of another type (jsonb)
+    goes by text COPY. Either way the rows stored are those text COPY stores."""
+    from sqlalchemy import create_engine, text
+
+    from cmbagent_otel.dag.database import ensure_schema
+    from cmbagent_otel.dag.statements import _COPY_TYPES, sql_for
+
+    ensure_schema(pg_url)
+    sessions = metadata.tables["sessions"]
+    start = datetime(2026, 1, 2, 3, 4, 5, 6)
+    rows: list[dict[str, Any]] = [
+        {"id": "plain", "name": "a\tb\\c\nd", "created_at": start, "last_active_at": start, "status": "active",
+         "meta": {"k": "é\\\"\n"}},
+        {"id": "aware", "name": "n", "created_at": start.replace(tzinfo=timezone(timedelta(hours=2))),
+         "last_active_at": start, "status": "active", "meta": None},
+        {"id": "number", "name": 12, "created_at": start, "last_active_at": start, "status": "active", "meta": [1]},
+        {"id": "after", "name": "z", "created_at": start, "last_active_at": start, "status": "active", "meta": {}},
+    ]
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            if meta_type == "jsonb":
+                conn.execute(text("ALTER TABLE sessions ALTER COLUMN meta TYPE jsonb"))
+        with engine.begin() as conn:
+            sql = sql_for(conn)
+            sql.copy(conn, sessions, rows)
+            binary = conn.info[_COPY_TYPES]["sessions"] is not None
+            stored = conn.execute(text("SELECT id, name, created_at, last_active_at, meta::text FROM sessions "
+                                       "ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert binary == (meta_type == "json")
+    # json keeps the text the writer sent; jsonb its own rendering of the same value
+    stored = [(*r[:4], r[4] if meta_type == "json" or r[4] is None else encode_json(json.loads(r[4])))
+              for r in stored]
+    assert stored == [
+        ("after", "z", start, start, encode_json({})),
+        ("aware", "n", start, start, None),
+        ("number", "12", start, start, encode_json([1])),
+        ("plain", "a\tb\\c\nd", start, start, encode_json({"k": "é\\\"\n"})),
+    ]
