@@ -104,3 +104,35 @@ def test_copy_of_odd_values_and_types_stores_what_text_copy_stores(pg_url: str, 
         ("number", "12", start, start, encode_json([1])),
         ("plain", "a\tb\\c\nd", start, start, encode_json({"k": "é\\\"\n"})),
     ]
+
+
+@pytest.mark.postgres
+def test_insert_new_returns_only_the_rows_it_created(pg_url: str) -> None:
+    """``_insert_new`` (one executemany ``RETURNING id`` on psycopg 3) names exactly the rows it
+    inserted, with the held-back writes sent before it, and leaves a stored row as it was."""
+    from sqlalchemy import create_engine, text
+
+    from cmbagent_otel.dag.database import ensure_schema
+    from cmbagent_otel.dag.statements import sql_for
+    from cmbagent_otel.dag.writer import _insert_new
+
+    ensure_schema(pg_url)
+    sessions = metadata.tables["sessions"]
+    start = datetime(2026, 1, 2, 3, 4, 5)
+
+    def row(session_id: str, name: str) -> dict[str, Any]:
+        return {"id": session_id, "name": name, "created_at": start, "last_active_at": start, "status": "active"}
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            sql = sql_for(conn)
+            with sql.batch(conn):
+                sql.insert(conn, sessions, [row("held-back", "first")])  # held back until the next read
+                created = _insert_new(conn, sql, sessions, [row("a", "new"), row("held-back", "second"),
+                                                            row("b", "new")])
+            stored = conn.execute(text("SELECT id, name FROM sessions ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert created == {"a", "b"}
+    assert [tuple(r) for r in stored] == [("a", "new"), ("b", "new"), ("held-back", "first")]

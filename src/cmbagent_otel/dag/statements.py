@@ -298,6 +298,26 @@ class Sql:
                 cursor.execute(statement, params)
             return cursor.fetchall()
 
+    def rows_each(self, conn: Connection, statement: str, params: Sequence[Any]) -> list[Any]:
+        """The rows ``statement`` returns for each parameter row of ``params``, all together; on
+        psycopg 3 one executemany (the statement parsed once, not a long multi-row text whose
+        parsing is never cached) in one pipeline with the held-back writes."""
+        if not params:
+            return []
+        if not self.pipelined:
+            return [row for one in params for row in self.rows(conn, statement, one)]
+        driver = conn.connection.driver_connection
+        pending = conn.info.get(_PENDING)
+        with driver.cursor() as cursor:  # type: ignore[union-attr]
+            with driver.pipeline():  # type: ignore[union-attr]
+                if pending:
+                    _send(driver, pending)
+                cursor.executemany(statement, params, returning=True)
+            out = list(cursor.fetchall())
+            while cursor.nextset():
+                out.extend(cursor.fetchall())
+            return out
+
     def rows_many(self, conn: Connection, statements: Sequence[tuple[str, Any]]) -> list[list[Any]]:
         """The rows of each statement, as :meth:`rows` gives them; on psycopg 3 all in one pipeline
         (with the held-back writes first): one round trip. The statements must not depend on

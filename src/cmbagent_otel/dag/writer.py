@@ -447,6 +447,9 @@ _RETURNING_PAGE = 40  # rows per multi-row INSERT ... RETURNING (SQLite: at most
 def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
     """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id``: the ids of ``rows`` this call
     created. Rows another writer created first are left alone, never a unique violation."""
+    if sql.pipelined:
+        return {r[0] for r in sql.rows_each(conn, f"{sql.insert_sql(table, 'nothing')} RETURNING id",
+                                            sql.params(rows, sql.columns(table)))}
     created: set[str] = set()
     for statement, params in _insert_new_statements(sql, table, rows):
         created.update(r[0] for r in sql.rows(conn, statement, params))
