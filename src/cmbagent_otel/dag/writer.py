@@ -330,6 +330,14 @@ def parents_first(rows: Mapping[str, Mapping[str, Any]], parent_key: str) -> lis
     ordered: list[Mapping[str, Any]] = []
     placed: set[str] = set()
     for row_id, row in rows.items():
+        if row_id in placed:
+            continue
+        parent_id = row.get(parent_key)
+        if parent_id is None or parent_id in placed or parent_id not in rows:
+            # most rows: a root, or a parent placed already or not in this batch
+            placed.add(row_id)
+            ordered.append(row)
+            continue
         chain: list[Mapping[str, Any]] = []
         in_chain: set[str] = set()
         current: Mapping[str, Any] | None = row
