@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cmbagent_otel.dag.schema import metadata
-from cmbagent_otel.dag.statements import Sql
+from cmbagent_otel.dag.statements import Sql, encode_json
 
 EVENTS = metadata.tables["execution_events"]
 
@@ -56,3 +56,83 @@ def test_params_of_a_single_column_and_of_booleans() -> None:
     cols = sql.columns(runs)
     row = {"id": "r", "is_branch": True, "meta": {"k": "v"}}
     assert sql.params([row], cols) == [_expected(row, cols, False)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("meta_type", ["json", "jsonb"])
+def test_copy_of_odd_values_and_types_stores_what_text_copy_stores(pg_url: str, meta_type: str) -> None:
+    """Binary COPY (every column of a type it writes) stops at a row holding a value of another
+    Python type than its column's binary form (an aware datetime, a number in a text column),
+    and text COPY carries that row and the rest; a table with a column of another type (jsonb)
+    goes by text COPY. Either way the rows stored are those text COPY stores."""
+    from sqlalchemy import create_engine, text
+
+    from cmbagent_otel.dag.database import ensure_schema
+    from cmbagent_otel.dag.statements import _COPY_TYPES, sql_for
+
+    ensure_schema(pg_url)
+    sessions = metadata.tables["sessions"]
+    start = datetime(2026, 1, 2, 3, 4, 5, 6)
+    rows: list[dict[str, Any]] = [
+        {"id": "plain", "name": "a\tb\\c\nd", "created_at": start, "last_active_at": start, "status": "active",
+         "meta": {"k": "é\\\"\n"}},
+        {"id": "aware", "name": "n", "created_at": start.replace(tzinfo=timezone(timedelta(hours=2))),
+         "last_active_at": start, "status": "active", "meta": None},
+        {"id": "number", "name": 12, "created_at": start, "last_active_at": start, "status": "active", "meta": [1]},
+        {"id": "after", "name": "z", "created_at": start, "last_active_at": start, "status": "active", "meta": {}},
+    ]
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            if meta_type == "jsonb":
+                conn.execute(text("ALTER TABLE sessions ALTER COLUMN meta TYPE jsonb"))
+        with engine.begin() as conn:
+            sql = sql_for(conn)
+            sql.copy(conn, sessions, rows)
+            binary = conn.info[_COPY_TYPES]["sessions"] is not None
+            stored = conn.execute(text("SELECT id, name, created_at, last_active_at, meta::text FROM sessions "
+                                       "ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert binary == (meta_type == "json")
+    # json keeps the text the writer sent; jsonb its own rendering of the same value
+    stored = [(*r[:4], r[4] if meta_type == "json" or r[4] is None else encode_json(json.loads(r[4])))
+              for r in stored]
+    assert stored == [
+        ("after", "z", start, start, encode_json({})),
+        ("aware", "n", start, start, None),
+        ("number", "12", start, start, encode_json([1])),
+        ("plain", "a\tb\\c\nd", start, start, encode_json({"k": "é\\\"\n"})),
+    ]
+
+
+@pytest.mark.postgres
+def test_insert_new_returns_only_the_rows_it_created(pg_url: str) -> None:
+    """``_insert_new`` (one executemany ``RETURNING id`` on psycopg 3) names exactly the rows it
+    inserted, with the held-back writes sent before it, and leaves a stored row as it was."""
+    from sqlalchemy import create_engine, text
+
+    from cmbagent_otel.dag.database import ensure_schema
+    from cmbagent_otel.dag.statements import sql_for
+    from cmbagent_otel.dag.writer import _insert_new
+
+    ensure_schema(pg_url)
+    sessions = metadata.tables["sessions"]
+    start = datetime(2026, 1, 2, 3, 4, 5)
+
+    def row(session_id: str, name: str) -> dict[str, Any]:
+        return {"id": session_id, "name": name, "created_at": start, "last_active_at": start, "status": "active"}
+
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            sql = sql_for(conn)
+            with sql.batch(conn):
+                sql.insert(conn, sessions, [row("held-back", "first")])  # held back until the next read
+                created = _insert_new(conn, sql, sessions, [row("a", "new"), row("held-back", "second"),
+                                                            row("b", "new")])
+            stored = conn.execute(text("SELECT id, name FROM sessions ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert created == {"a", "b"}
+    assert [tuple(r) for r in stored] == [("a", "new"), ("b", "new"), ("held-back", "first")]

@@ -39,6 +39,7 @@ IN_CHUNK = 500  # values per IN (...) list on SQLite (old builds allow at most 9
 # is two round trips of its own and ends the pipeline of held-back writes.
 COPY_MIN_ROWS = 32
 _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
+_COPY_TYPES = "cmbagent_otel_copy_types"  # key of the binary COPY types per table in the connection's info
 
 encode_json = standard_encoder(str, ensure_ascii=True)
 
@@ -87,19 +88,37 @@ def _kind(column: Any) -> str:
     return ""
 
 
+# PostgreSQL column types a binary COPY writes, by type oid: the oid psycopg dumps the value
+# as and the Python type the value must have (else the row goes by text COPY). JSON goes as
+# its text (the binary form of ``json`` is the text itself); varchar as text (same form).
+_BINARY_TYPES: dict[int, tuple[int, str]] = {
+    25: (25, "str"), 1043: (25, "str"), 114: (25, "str"),  # text, varchar, json
+    23: (23, "int"), 20: (20, "int"), 16: (16, "bool"), 1114: (1114, "dt"), 701: (701, "float"),
+}
+# The test of each check for a value ``{v}`` in the generated row converter (NULL always passes).
+_CHECKS = {
+    "": "", "str": "({v} is None or type({v}) is _str)", "int": "({v} is None or type({v}) is _int)",
+    "bool": "({v} is None or type({v}) is _bool)", "float": "({v} is None or type({v}) is _float)",
+    "dt": "({v} is None or (type({v}) is _datetime and {v}.tzinfo is None))",
+}
+
 _SQLITE_CONVERT: dict[str, Any] = {"json": encode_json, "dt": _sqlite_dt, "bool": int, "": None}
 _PG_CONVERT: dict[str, Any] = {"json": encode_json, "dt": None, "bool": None, "": None}
 
 
-def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any]) -> Any:
+def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
+                   checks: Sequence[str] | None = None) -> Any:
     """A function turning one row into its parameter tuple for ``cols``, written out per column.
 
     A loop over the columns per row cost more than the conversions themselves. A value that is
     the same object as an earlier column's of the same kind (an event's ``timestamp`` is its
-    ``started_at``) reuses that column's converted text.
+    ``started_at``) reuses that column's converted text. ``checks`` (one of :data:`_CHECKS`'
+    keys per column): the function returns None for a row with a converted value not of that
+    type (NULL always passes).
     """
     names = [name for name, _ in cols]
-    env: dict[str, Any] = {"_names": names, "KeyError": KeyError}
+    env: dict[str, Any] = {"_names": names, "KeyError": KeyError, "_str": str, "_int": int, "_bool": bool,
+                           "_float": float, "_datetime": datetime}
     values = [f"v{i}" for i in range(len(cols))]
     unpack = ", ".join(values) + ("," if len(values) == 1 else "")
     out: list[str] = []
@@ -117,11 +136,19 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any]) 
         out.append(f"(o{i} := {expr})")
     getter = "v0 = _get(row)" if len(names) == 1 else f"{unpack} = _get(row)"  # itemgetter of one name: a value
     env["_get"] = operator.itemgetter(*names)
+    result = f"({', '.join(out)},)"
+    if checks is not None:
+        tests = [_CHECKS[check].format(v=f"o{i}" if out[i].startswith("(") else f"v{i}")
+                 for i, check in enumerate(checks) if _CHECKS[check]]
+        result = f"{result}\n    return out if {' and '.join(tests) or 'True'} else None"
+        result = f"out = {result}"
+    else:
+        result = f"return {result}"
     source = (f"def convert(row):\n"
               f"    try:\n        {getter}\n"
               f"    except KeyError:  # a row without some columns: those are NULL\n"
               f"        {unpack} = map(row.get, _names)\n"
-              f"    return ({', '.join(out)},)\n")
+              f"    {result}\n")
     exec(source, env)  # the source holds column indexes only; names and converters are in env
     return env["convert"]
 
@@ -271,6 +298,26 @@ class Sql:
                 cursor.execute(statement, params)
             return cursor.fetchall()
 
+    def rows_each(self, conn: Connection, statement: str, params: Sequence[Any]) -> list[Any]:
+        """The rows ``statement`` returns for each parameter row of ``params``, all together; on
+        psycopg 3 one executemany (the statement parsed once, not a long multi-row text whose
+        parsing is never cached) in one pipeline with the held-back writes."""
+        if not params:
+            return []
+        if not self.pipelined:
+            return [row for one in params for row in self.rows(conn, statement, one)]
+        driver = conn.connection.driver_connection
+        pending = conn.info.get(_PENDING)
+        with driver.cursor() as cursor:  # type: ignore[union-attr]
+            with driver.pipeline():  # type: ignore[union-attr]
+                if pending:
+                    _send(driver, pending)
+                cursor.executemany(statement, params, returning=True)
+            out = list(cursor.fetchall())
+            while cursor.nextset():
+                out.extend(cursor.fetchall())
+            return out
+
     def rows_many(self, conn: Connection, statements: Sequence[tuple[str, Any]]) -> list[list[Any]]:
         """The rows of each statement, as :meth:`rows` gives them; on psycopg 3 all in one pipeline
         (with the held-back writes first): one round trip. The statements must not depend on
@@ -312,19 +359,67 @@ class Sql:
         self.write(conn, self.insert_sql(table, on_conflict), self.params(rows, self.columns(table)), many=True)
 
     def copy(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-        """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (text format: JSON stored as the same text).
+        """PostgreSQL ``COPY ... FROM STDIN`` of ``rows`` (JSON stored as the same text).
 
-        Rows are converted as they are sent: the server inserts the first ones (psycopg hands
-        it 32 KiB at a time) while the later ones are still being encoded."""
+        Binary format when every column's type is one of :data:`_BINARY_TYPES` (read from the
+        database once per connection): no text to escape on this side, none to parse on the
+        server's (timestamps above all). A row holding a value of another Python type than its
+        column's binary form takes (an app's odd value) ends the binary ``COPY`` there; it and
+        the rest go by text ``COPY``, as before. Rows are converted as they are sent: the server
+        inserts the first ones (psycopg hands it 32 KiB at a time) while the later ones are
+        still being encoded."""
         self.flush(conn)
         cols = self.columns(table)
+        columns = ", ".join(n for n, _ in cols)
+        binary = self._binary(conn, table)
+        rest: Iterable[Mapping[str, Any]] = rows
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            with cursor.copy(f"COPY {table.name} ({', '.join(n for n, _ in cols)}) FROM STDIN") as copy:
-                for row in self.iter_params(rows, cols):
-                    copy.write_row(row)
+            if binary is not None:
+                oids, convert = binary
+                rest = ()
+                with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(oids)
+                    remaining = iter(rows)
+                    for row in remaining:
+                        params = convert(row)
+                        if params is None:
+                            rest = [row, *remaining]
+                            break
+                        copy.write_row(params)
+            if rest:
+                with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+                    for params in self.iter_params(rest, cols):
+                        copy.write_row(params)
+        except BaseException:
+            # the column types may have changed under this connection (a migration): read them again
+            conn.info.pop(_COPY_TYPES, None)
+            raise
         finally:
             cursor.close()
+
+    def _binary(self, conn: Connection, table: Table) -> tuple[list[int], Any] | None:
+        """The oids a binary ``COPY`` of ``table`` dumps its columns as, and the row converter that
+        checks each value's type; None when a column's type has no binary form here."""
+        types = conn.info.setdefault(_COPY_TYPES, {})
+        if table.name not in types:
+            stored = dict(self.rows(conn, "SELECT attname, atttypid FROM pg_attribute WHERE attrelid = "
+                                    "%s::regclass AND attnum > 0 AND NOT attisdropped", (table.name,)))
+            oids = tuple(stored.get(name) for name, _ in self.columns(table))
+            types[table.name] = oids if all(oid in _BINARY_TYPES for oid in oids) else None
+        oids = types[table.name]
+        if oids is None:
+            return None
+        key = ("binary", table.name, oids)
+        found = self._cache.get(key)
+        if found is None:
+            cols = self.columns(table)
+            # a JSON column's value is the encoder's text or NULL: nothing to check
+            checks = ["" if kind == "json" else _BINARY_TYPES[oid][1]
+                      for oid, (_, kind) in zip(oids, cols, strict=True)]
+            found = self._cache[key] = ([_BINARY_TYPES[oid][0] for oid in oids],
+                                        _row_converter(cols, self._convert, checks))
+        return found  # type: ignore[no-any-return]
 
     def update(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
                names: Sequence[str] | None = None) -> None:

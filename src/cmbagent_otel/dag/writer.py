@@ -330,6 +330,14 @@ def parents_first(rows: Mapping[str, Mapping[str, Any]], parent_key: str) -> lis
     ordered: list[Mapping[str, Any]] = []
     placed: set[str] = set()
     for row_id, row in rows.items():
+        if row_id in placed:
+            continue
+        parent_id = row.get(parent_key)
+        if parent_id is None or parent_id in placed or parent_id not in rows:
+            # most rows: a root, or a parent placed already or not in this batch
+            placed.add(row_id)
+            ordered.append(row)
+            continue
         chain: list[Mapping[str, Any]] = []
         in_chain: set[str] = set()
         current: Mapping[str, Any] | None = row
@@ -447,6 +455,9 @@ _RETURNING_PAGE = 40  # rows per multi-row INSERT ... RETURNING (SQLite: at most
 def _insert_new(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> set[str]:
     """``INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id``: the ids of ``rows`` this call
     created. Rows another writer created first are left alone, never a unique violation."""
+    if sql.pipelined:
+        return {r[0] for r in sql.rows_each(conn, f"{sql.insert_sql(table, 'nothing')} RETURNING id",
+                                            sql.params(rows, sql.columns(table)))}
     created: set[str] = set()
     for statement, params in _insert_new_statements(sql, table, rows):
         created.update(r[0] for r in sql.rows(conn, statement, params))
