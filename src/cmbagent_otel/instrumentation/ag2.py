@@ -77,7 +77,7 @@ from .._context import (
     scope_in,
     suppressed,
 )
-from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
+from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
@@ -170,8 +170,8 @@ _FAST: Any = object()  # a wrapper's decision: not recorded, take the fast path
 
 def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], instance: Any,
             args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedSpan | None, Context | None]:
-    """``(span, None)`` to record the call, ``(None, context)`` for the fast path of a call that is not
-    recorded, ``(None, None)`` to call straight through. Never around the application's call: its
+    """``(span, None)`` to record the call (the span started), ``(None, context)`` for the fast path of a
+    call that is not recorded, ``(None, None)`` to call straight through. Never around the application's call: its
     exceptions must not be taken for ours."""
     try:
         ctx = get_current()
@@ -195,13 +195,18 @@ def _record(state: _State, traced: TracedSpan, record: Callable[..., None], inst
 
 def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
                 wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call in ``traced`` (started by its builder; ``None``: straight through), ended as a ``with`` would."""
     if traced is None:
         return wrapped(*args, **kwargs)
-    with traced:
+    try:
         result = wrapped(*args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
-        return result
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    traced.__exit__(None, None, None)
+    return result
 
 
 async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
@@ -209,16 +214,20 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
                             kwargs: dict[str, Any]) -> Any:
     if traced is None:
         return await wrapped(*args, **kwargs)
-    with traced:
+    try:
         result = await wrapped(*args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
-        return result
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    traced.__exit__(None, None, None)
+    return result
 
 
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
-    """A wrapt wrapper: the call in a span from ``build`` (``record`` reads its result), or, when the
+    """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
     span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
     straight through). The context is read once; telemetry errors mean "call through"."""
     probe = state.probe
@@ -245,9 +254,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             return wrapped(*args, **kwargs)
         if traced is _FAST:  # not recorded: the fast path
             return fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
-        # `with traced:` written out: a with statement calls __enter__ and __exit__ from C (a nested
-        # interpreter each, ~1,000 instructions per span more); same order, same exception handling
-        traced.__enter__()
+        # `with traced:` written out (the builder started the span): a with statement calls __exit__
+        # from C (a nested interpreter, ~500 instructions per span more); same exception handling
         try:
             result = wrapped(*args, **kwargs)
             if record is not None:
@@ -304,7 +312,7 @@ def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
-                      node=_top_level_node(ctx), tracer=state.tracer, context=ctx)
+                      node=_top_level_node(ctx), tracer=state.tracer, context=ctx).__enter__()
 
 
 def _conversation_input(message: Any, initiator: str) -> str:
@@ -344,7 +352,7 @@ def _initiate_chats(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...
         sender = agent_name(queue[0].get("sender"))
     attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
     return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer,
-                      context=ctx)
+                      context=ctx).__enter__()
 
 
 # --- agent invocation -------------------------------------------------------------------------
@@ -536,8 +544,9 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-# TracedSpan.fresh, read once: a span built without type.__call__ and a dict of keywords (hot builders)
-_fresh = TracedSpan.fresh.__func__  # type: ignore[attr-defined]
+# A builder returns its span started. The hot ones make it with object.__new__ and start it with
+# _spans.start: no type.__call__, no dict of keywords, no fields stored only to be read back
+_new = object.__new__
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
 _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
 
@@ -569,8 +578,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx)
-        return _fresh(TracedSpan, span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
+        return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -586,7 +595,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
     changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
-    return _fresh(TracedSpan, span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
+    return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
 
 
 def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
@@ -749,14 +758,13 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    # TracedSpan.fresh and the four fields set here: no __init__ of its own, no keywords dict
-    traced = _fresh(_ChatSpan, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    traced = _new(_ChatSpan)  # its four fields set here: no __init__ of its own, no keywords dict
     traced.state = state
     traced.call = call
     traced.event_logger = state.event_logger
     traced.event = event
     call.started = perf_counter()  # the call's duration (its metric) starts here
-    return traced
+    return start(traced, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -860,8 +868,8 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return _fresh(TracedSpan, f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer, _INTERNAL,
-                  ctx)
+    return start(_new(TracedSpan), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+                 _INTERNAL, ctx)
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -970,7 +978,7 @@ def _code(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     if state.capture and blocks:
         attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
     return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer, context=ctx,
-                     state=state, language=language)
+                     state=state, language=language).__enter__()
 
 
 class _CodeSpan(TracedSpan):
@@ -1068,7 +1076,8 @@ def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer, context=ctx)
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
+                      context=ctx).__enter__()
 
 
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
