@@ -269,7 +269,46 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
         traced.__exit__(None, None, None)
         return result
 
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        """``wrapper`` as the plain function patched over ``original`` (a function): the same body,
+        calling ``original(self, ...)``, without a trampoline frame and a bound method per call
+        (:func:`_plain_method`). Keep the two bodies in step."""
+        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not state.active:
+                return original(self, *args, **kwargs)
+            try:
+                ctx = get_current()
+                if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                    traced = None
+                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                        or not probe.drops(ctx):
+                    traced = build(state, ctx, self, args, kwargs)
+                else:
+                    traced = _FAST if fast is not None else None
+            except Exception:
+                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+                traced = None
+            if traced is None:
+                return original(self, *args, **kwargs)
+            if traced is _FAST:
+                return fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+            try:
+                result = original(self, *args, **kwargs)
+                if record is not None:
+                    try:
+                        record(state, traced, self, args, kwargs, result)
+                    except Exception:
+                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            except BaseException as exc:
+                traced.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            traced.__exit__(None, None, None)
+            return result
+
+        return patched
+
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    wrapper._method_for = method_for  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -1163,7 +1202,10 @@ def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> 
     plain function: ``wrapper(bound original, instance, args, kwargs)``, an ``async def`` when the
     original is one."""
     bind = original.__get__
-    if inspect.iscoroutinefunction(original):
+    method_for = getattr(wrapper, "_method_for", None)
+    if method_for is not None and type(original) is types.FunctionType and not inspect.iscoroutinefunction(original):
+        patched = method_for(original)  # the wrapper's body itself: no trampoline (another's proxy: bound, below)
+    elif inspect.iscoroutinefunction(original):
         async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             return await wrapper(bind(self, type(self)), self, args, kwargs)
     else:
