@@ -696,13 +696,7 @@ class _ModelCall:
         self.started = perf_counter()
 
     def response(self, response: Any) -> None:
-        model = getattr(response, "model", None)
-        if isinstance(model, str):
-            self.response_model = model
-        self.usage = _models.usage_attributes(getattr(response, "usage", None))
-        cost = getattr(response, "cost", None)
-        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-            self.cost = float(cost)
+        self.response_model, self.usage, self.cost = _response_facts(response)
 
     def ended(self, state: _State, exc: BaseException | None) -> None:
         """Record the call's metrics (never raises)."""
@@ -727,15 +721,24 @@ class _ModelCall:
             logger.debug("cmbagent_otel: could not record a model call's metrics", exc_info=True)
 
 
+def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | None]:
+    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response."""
+    model = getattr(response, "model", None)
+    cost = getattr(response, "cost", None)
+    return (model if isinstance(model, str) else None, _models.usage_attributes(getattr(response, "usage", None)),
+            float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
+
+
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
     info = _models.config_info(_models.first_config(instance), instance)
     return _ModelCall(info, kwargs.get("model") or info.model)
 
 
 class _ChatSpan(TracedSpan):
-    """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
+    """A model call (CLIENT span) that records its metrics when it ends (its duration from when
+    :func:`_llm` built it) or, with content events on, emits the GenAI conventions'
     ``gen_ai.client.inference.operation.details`` event (a log record in the span's context).
-    Its metrics are recorded when it ends (its duration from when :func:`_llm` built it)."""
+    A model call with neither (no live meter provider, content events off) is a plain TracedSpan."""
 
     __slots__ = ("call", "event", "event_logger", "state")
 
@@ -766,9 +769,9 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     register_llm_config_secrets(getattr(instance, "_config_list", None))
-    call = _model_call(instance, kwargs)
-    info = call.info
-    model = call.request_model or "unknown"
+    info = _models.config_info(_models.first_config(instance), instance)
+    request_model = kwargs.get("model") or info.model
+    model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
     agent_label = _agent_label(state, agent) if agent is not None else None
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
@@ -797,9 +800,12 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
+    metrics = state.metrics
+    if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
+        return start(_new(TracedSpan), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
     traced = _new(_ChatSpan)  # its four fields set here: no __init__ of its own, no keywords dict
     traced.state = state
-    traced.call = call
+    traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
     traced.event = event
     call.started = perf_counter()  # the call's duration (its metric) starts here
@@ -851,16 +857,18 @@ def _response_output(response: Any) -> str | None:
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     attrs: dict[str, Any] = {}
-    call: _ModelCall = traced.call  # type: ignore[attr-defined]
-    call.response(response)
-    if call.response_model is not None:
-        attrs[semconv.GEN_AI_RESPONSE_MODEL] = call.response_model
+    response_model, usage, cost = _response_facts(response)
+    if type(traced) is _ChatSpan:  # its metrics read the response when it ends
+        call = traced.call
+        call.response_model, call.usage, call.cost = response_model, usage, cost
+    if response_model is not None:
+        attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(call.usage)
-    if call.cost is not None:
-        attrs[semconv.LLM_COST_USD] = call.cost
+    attrs.update(usage)
+    if cost is not None:
+        attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
