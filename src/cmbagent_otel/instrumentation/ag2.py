@@ -591,13 +591,20 @@ _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scop
 
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    static = _agent_static(state, instance)
-    # _arg and current_scope written out below: this runs for every agent turn
+    # _agent_static's and cached_name's cache hits, _arg and current_scope written out: this runs for
+    # every agent turn
+    agents = state.agents
+    entry = agents.get(id(instance))
+    static = entry[1] if entry is not None and entry[0]() is instance else None
+    if static is None or static.config is not getattr(instance, "llm_config", None) \
+            or static.description is not getattr(instance, "description", None):
+        static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        sender_name = cached_name(state.agents, sender)
+        entry = agents.get(id(sender))
+        sender_name = entry[1].name if entry is not None and entry[0]() is sender else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
