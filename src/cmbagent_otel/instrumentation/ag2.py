@@ -780,7 +780,11 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     request_model = kwargs.get("model") or info.model
     model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
-    agent_label = _agent_label(state, agent) if agent is not None else None
+    agent_label = None
+    if agent is not None:  # _agent_label's cache hit written out: every model call
+        entry = state.agents.get(id(agent))
+        agent_label = entry[1].name if entry is not None and entry[0]() is agent \
+            and entry[1].config is getattr(agent, "llm_config", None) else _agent_label(state, agent)
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
