@@ -199,13 +199,22 @@ class Scope:
 
     def child_node(self, dag_node: str, node_type: str, depth: int, order: int, conversation_id: str | None) -> Scope:
         """The scope under a span that is DAG node ``dag_node`` started in this scope."""
-        new = self.child_event(conversation_id)
+        new = Scope.__new__(Scope)  # child_event written out with the node's fields: every DAG node
+        new.run = self.run
+        new.conversation_id = conversation_id
         new.dag_node = dag_node
         new.dag_node_type = node_type
         new.dag_depth = depth
         new.dag_order = order
         new.event_depth = 0
         new.agent_depth = 0
+        new.phase = self.phase
+        new.step = self.step
+        new.in_workflow = self.in_workflow
+        new.steps = self.steps
+        new.cursor = None
+        new.handoffs = None
+        new.owner = None
         return new
 
     def child_event(self, conversation_id: str | None) -> Scope:

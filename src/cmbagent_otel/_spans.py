@@ -489,27 +489,88 @@ _child_scope_lock = threading.Lock()  # a lazy child scope is built once, whiche
 reset_in_child(sys.modules[__name__], "_child_scope_lock")
 
 
-def _set_fields(span: TracedSpan, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
-          new_conversation: bool, run: RunState | None, scope_changes: Mapping[str, Any] | None,
-          tracer: Tracer | None, span_kind: SpanKind, context: otel_context.Context | None) -> None:
-    """Set every field of a new :class:`TracedSpan` (its ``__init__`` and ``fresh`` both)."""
-    span._tracer = tracer
-    span._span_kind = span_kind
-    span._name = name
-    span._kind = kind
-    span._attrs = attributes
-    span._node = node
-    span._new_conversation = new_conversation
-    span._run = run
-    span._scope_changes = scope_changes
-    span._ctx = context
-    span._token = None
-    span._frame = None
-    span._timing = None
-    span._error = None
-    span.span = trace.INVALID_SPAN
-    span._scope = None
-    span._parent_scope = None  # set when the children's scope is built on first use
+def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
+          scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
+          ctx: otel_context.Context | None, new_conversation: bool = False, run: RunState | None = None) -> Any:
+    """Start ``self`` (a new :class:`TracedSpan`, or a subclass's, made by ``cls.__new__``: no ``__init__``
+    needed) as ``TracedSpan(name, kind, attributes, node=..., ...).__enter__()`` would, and return it.
+
+    The instrumentation's hot builders call this directly: one call where constructing with keywords
+    (a dict of them, ``type.__call__``, ``__init__``) and then ``__enter__`` (reading back every field)
+    took three. The span's inputs are never stored: only what ending it and its children's scope need.
+    """
+    self._token = None
+    self._frame = None
+    self._timing = None
+    self._error = None
+    self.span = trace.INVALID_SPAN
+    self._scope = None
+    self._parent_scope = None  # set when the children's scope is built on first use
+    try:  # telemetry must never break the app
+        if ctx is None:
+            ctx = get_current()
+        scope = None
+        if run is None:
+            scope = ctx.get(_SCOPE_KEY)
+            if type(scope) is not Scope:
+                scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
+        parent_ctx = ctx
+        if scope is not None:
+            cursor = scope.cursor
+            if cursor is not None:
+                # work started directly in an anchor scope belongs to its innermost open frame
+                frame = cursor.enter()
+                if frame is not None:
+                    self._frame = frame
+                    scope = frame.scope
+                    parent_ctx = span_context(ctx, frame.span)
+        if scope is not None and run is None and not new_conversation:
+            # a span inside a run in the same conversation, nearly every span: compose() (its event
+            # case and its DAG-node case) written out
+            state = scope.run
+            conversation_id = scope.conversation_id
+            session = state.session_id
+            attrs = {semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: next(state._order) if _GIL
+                     else state.next_order(), semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
+            if conversation_id is not None:
+                attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+            if node is None:
+                if scope.dag_node is not None:
+                    attrs[semconv.DAG_NODE] = scope.dag_node
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                # None: the same scope one event level down, built on first use (child_scope)
+                new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
+            else:
+                node_id, depth, order = _name_node(state, scope, node, attrs)
+                new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
+            if scope_changes:
+                for field, value in scope_changes.items():  # a fresh scope nobody holds yet
+                    setattr(new_scope, field, value)
+            if attributes:
+                attrs.update(attributes)
+        else:
+            attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes)
+        span = (tracer or workflow_tracers.current()).start_span(name, context=parent_ctx, kind=span_kind,
+                                                               attributes=attrs)
+        self.span = span
+        held: Scope | TracedSpan = self  # what the context holds for the children's scope
+        if new_scope is None:
+            self._parent_scope = scope
+        else:
+            self._scope = held = new_scope
+            new_scope.owner = span
+        if SPAN_KEY is None:
+            self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
+        else:  # one new Context: a fresh copy nobody else holds yet, filled in place (immutable to all)
+            new = Context(parent_ctx)
+            _fill(new, SPAN_KEY, span)
+            _fill(new, _SCOPE_KEY, held)
+            self._token = attach(new)
+        if kind in TIMED_KINDS:
+            self._timing = _timing(kind, attrs, new_scope or scope)
+    except Exception:
+        logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
+    return self
 
 
 class TracedSpan(LazyScope):
@@ -549,20 +610,23 @@ class TracedSpan(LazyScope):
         span_kind: SpanKind = SpanKind.INTERNAL,
         context: otel_context.Context | None = None,
     ) -> None:
-        _set_fields(self, name, kind, attributes, node, new_conversation, run, scope_changes, tracer, span_kind,
-                    context)
-
-    @classmethod
-    def fresh(cls, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
-              scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
-              context: otel_context.Context | None) -> Any:
-        """``cls(name, kind, attributes, node=..., scope_changes=..., tracer=..., span_kind=...,
-        context=...)`` for the instrumentation's hot builders: calling a class with keywords packs
-        them in a dict and goes through ``type.__call__``; this sets the same fields (:func:`_set_fields`)
-        without either, for a subclass too."""
-        self = cls.__new__(cls)
-        _set_fields(self, name, kind, attributes, node, False, None, scope_changes, tracer, span_kind, context)
-        return self
+        self._tracer = tracer
+        self._span_kind = span_kind
+        self._name = name
+        self._kind = kind
+        self._attrs = attributes
+        self._node = node
+        self._new_conversation = new_conversation
+        self._run = run
+        self._scope_changes = scope_changes
+        self._ctx = context
+        self._token = None
+        self._frame = None
+        self._timing = None
+        self._error = None
+        self.span = trace.INVALID_SPAN
+        self._scope = None
+        self._parent_scope = None  # set when the children's scope is built on first use
 
     @property
     def scope(self) -> Scope | None:
@@ -588,79 +652,9 @@ class TracedSpan(LazyScope):
         return scope
 
     def __enter__(self) -> TracedSpan:
-        try:  # telemetry must never break the app
-            ctx = self._ctx
-            if ctx is None:
-                ctx = get_current()
-            else:
-                self._ctx = None
-            run = self._run
-            scope = None
-            if run is None:
-                scope = ctx.get(_SCOPE_KEY)
-                if type(scope) is not Scope:
-                    scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
-            parent_ctx = ctx
-            if scope is not None:
-                cursor = scope.cursor
-                if cursor is not None:
-                    # work started directly in an anchor scope belongs to its innermost open frame
-                    frame = cursor.enter()
-                    if frame is not None:
-                        self._frame = frame
-                        scope = frame.scope
-                        parent_ctx = span_context(ctx, frame.span)
-            kind = self._kind
-            node = self._node
-            if scope is not None and run is None and not self._new_conversation:
-                # a span inside a run in the same conversation, nearly every span: compose() (its event
-                # case and its DAG-node case) written out
-                state = scope.run
-                conversation_id = scope.conversation_id
-                session = state.session_id
-                attrs = {semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: next(state._order) if _GIL
-                         else state.next_order(), semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session}
-                if conversation_id is not None:
-                    attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
-                changes = self._scope_changes
-                if node is None:
-                    if scope.dag_node is not None:
-                        attrs[semconv.DAG_NODE] = scope.dag_node
-                    attrs[semconv.EVENT_DEPTH] = scope.event_depth
-                    # None: the same scope one event level down, built on first use (child_scope)
-                    new_scope = None if kind in LEAF_KINDS and not changes else scope.child_event(conversation_id)
-                else:
-                    node_id, depth, order = _name_node(state, scope, node, attrs)
-                    new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
-                if changes:
-                    for name, value in changes.items():  # a fresh scope nobody holds yet
-                        setattr(new_scope, name, value)
-                if self._attrs:
-                    attrs.update(self._attrs)
-            else:
-                attrs, new_scope = compose(scope, kind, self._attrs, node, self._new_conversation, run,
-                                           self._scope_changes)
-            span = (self._tracer or workflow_tracers.current()).start_span(
-                self._name, context=parent_ctx, kind=self._span_kind, attributes=attrs)
-            self.span = span
-            held: Scope | TracedSpan = self  # what the context holds for the children's scope
-            if new_scope is None:
-                self._parent_scope = scope
-            else:
-                self._scope = held = new_scope
-                new_scope.owner = span
-            if SPAN_KEY is None:
-                self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
-            else:  # one new Context: a fresh copy nobody else holds yet, filled in place (immutable to all)
-                new = Context(parent_ctx)
-                _fill(new, SPAN_KEY, span)
-                _fill(new, _SCOPE_KEY, held)
-                self._token = attach(new)
-            if kind in TIMED_KINDS:
-                self._timing = _timing(kind, attrs, new_scope or scope)
-        except Exception:
-            logger.debug("cmbagent_otel: could not start span %s", self._name, exc_info=True)
-        return self
+        ctx, self._ctx = self._ctx, None
+        return start(self, self._name, self._kind, self._attrs, self._node, self._scope_changes, self._tracer,
+                     self._span_kind, ctx, self._new_conversation, self._run)
 
     def start_detached(self, parent_scope: Scope | None, parent_span: Span | None, frame_kind: str,
                        owner: Any = None) -> Frame:

@@ -68,7 +68,11 @@ class Selection:
         self.scope = scope  # the scope of the enclosing span's children
         self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        self.from_name = cached_name(state.agents, last) if last is not None else "none"
+        if last is None:
+            self.from_name = "none"
+        else:  # cached_name written out: this runs for every selection
+            entry = state.agents.get(id(last))
+            self.from_name = entry[1].name if entry is not None and entry[0]() is last else agent_name(last)
         # _group_facts' cache hit written out: this runs for every selection
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
@@ -100,7 +104,9 @@ class Selection:
             attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[4],
                      semconv.HANDOFF_CANDIDATES: facts[5]}
             if result is not None:
-                attrs[semconv.HANDOFF_TO] = cached_name(state.agents, result)
+                entry = state.agents.get(id(result))  # cached_name written out
+                attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
+                    else agent_name(result)
             if exc is not None:
                 if ends_chat(exc, state.no_speaker_cls):
                     attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
@@ -222,7 +228,32 @@ def selection_sync(state: Any) -> Callable[..., Any]:
         selection.ended(state, result, None)
         return result
 
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        """``wrapper`` as the plain function patched over ``original`` (see ``ag2._plain_method``): the
+        same body calling ``original(self, ...)``, no trampoline. Keep the two bodies in step."""
+        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not state.active:
+                return original(self, *args, **kwargs)
+            selection = _begin(state, self, args, kwargs)
+            if selection is None:
+                return original(self, *args, **kwargs)
+            token = _selection.set(selection)
+            try:
+                result = original(self, *args, **kwargs)
+            except BaseException as exc:
+                _end(state, selection, token, None, exc)
+                raise
+            try:
+                _selection.reset(token)
+            except Exception:
+                logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
+            selection.ended(state, result, None)
+            return result
+
+        return patched
+
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    wrapper._method_for = method_for  # type: ignore[attr-defined]
     return wrapper
 
 

@@ -77,7 +77,7 @@ from .._context import (
     scope_in,
     suppressed,
 )
-from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, workflow_tracers
+from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
@@ -170,8 +170,8 @@ _FAST: Any = object()  # a wrapper's decision: not recorded, take the fast path
 
 def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], instance: Any,
             args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedSpan | None, Context | None]:
-    """``(span, None)`` to record the call, ``(None, context)`` for the fast path of a call that is not
-    recorded, ``(None, None)`` to call straight through. Never around the application's call: its
+    """``(span, None)`` to record the call (the span started), ``(None, context)`` for the fast path of a
+    call that is not recorded, ``(None, None)`` to call straight through. Never around the application's call: its
     exceptions must not be taken for ours."""
     try:
         ctx = get_current()
@@ -195,13 +195,18 @@ def _record(state: _State, traced: TracedSpan, record: Callable[..., None], inst
 
 def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
                 wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call in ``traced`` (started by its builder; ``None``: straight through), ended as a ``with`` would."""
     if traced is None:
         return wrapped(*args, **kwargs)
-    with traced:
+    try:
         result = wrapped(*args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
-        return result
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    traced.__exit__(None, None, None)
+    return result
 
 
 async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
@@ -209,16 +214,20 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
                             kwargs: dict[str, Any]) -> Any:
     if traced is None:
         return await wrapped(*args, **kwargs)
-    with traced:
+    try:
         result = await wrapped(*args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
-        return result
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    traced.__exit__(None, None, None)
+    return result
 
 
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
-    """A wrapt wrapper: the call in a span from ``build`` (``record`` reads its result), or, when the
+    """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
     span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
     straight through). The context is read once; telemetry errors mean "call through"."""
     probe = state.probe
@@ -245,9 +254,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             return wrapped(*args, **kwargs)
         if traced is _FAST:  # not recorded: the fast path
             return fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
-        # `with traced:` written out: a with statement calls __enter__ and __exit__ from C (a nested
-        # interpreter each, ~1,000 instructions per span more); same order, same exception handling
-        traced.__enter__()
+        # `with traced:` written out (the builder started the span): a with statement calls __exit__
+        # from C (a nested interpreter, ~500 instructions per span more); same exception handling
         try:
             result = wrapped(*args, **kwargs)
             if record is not None:
@@ -261,7 +269,46 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
         traced.__exit__(None, None, None)
         return result
 
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        """``wrapper`` as the plain function patched over ``original`` (a function): the same body,
+        calling ``original(self, ...)``, without a trampoline frame and a bound method per call
+        (:func:`_plain_method`). Keep the two bodies in step."""
+        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not state.active:
+                return original(self, *args, **kwargs)
+            try:
+                ctx = get_current()
+                if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                    traced = None
+                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                        or not probe.drops(ctx):
+                    traced = build(state, ctx, self, args, kwargs)
+                else:
+                    traced = _FAST if fast is not None else None
+            except Exception:
+                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+                traced = None
+            if traced is None:
+                return original(self, *args, **kwargs)
+            if traced is _FAST:
+                return fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+            try:
+                result = original(self, *args, **kwargs)
+                if record is not None:
+                    try:
+                        record(state, traced, self, args, kwargs, result)
+                    except Exception:
+                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            except BaseException as exc:
+                traced.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            traced.__exit__(None, None, None)
+            return result
+
+        return patched
+
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    wrapper._method_for = method_for  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -304,7 +351,7 @@ def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
             if text is not None:
                 attrs[semconv.GEN_AI_INPUT_MESSAGES] = text
     return TracedSpan(f"conversation {recipient_name}", semconv.KIND_CONVERSATION, attrs, new_conversation=True,
-                      node=_top_level_node(ctx), tracer=state.tracer, context=ctx)
+                      node=_top_level_node(ctx), tracer=state.tracer, context=ctx).__enter__()
 
 
 def _conversation_input(message: Any, initiator: str) -> str:
@@ -344,7 +391,7 @@ def _initiate_chats(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...
         sender = agent_name(queue[0].get("sender"))
     attrs = {semconv.CONVERSATION_INITIATOR: sender, semconv.CONVERSATION_CHAT_COUNT: count}
     return TracedSpan(f"initiate_chats {sender}", semconv.KIND_MULTI_CONVERSATION, attrs, tracer=state.tracer,
-                      context=ctx)
+                      context=ctx).__enter__()
 
 
 # --- agent invocation -------------------------------------------------------------------------
@@ -536,20 +583,28 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-# TracedSpan.fresh, read once: a span built without type.__call__ and a dict of keywords (hot builders)
-_fresh = TracedSpan.fresh.__func__  # type: ignore[attr-defined]
+# A builder returns its span started. The hot ones make it with object.__new__ and start it with
+# _spans.start: no type.__call__, no dict of keywords, no fields stored only to be read back
+_new = object.__new__
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
 _DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
 
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    static = _agent_static(state, instance)
-    # _arg and current_scope written out below: this runs for every agent turn
+    # _agent_static's and cached_name's cache hits, _arg and current_scope written out: this runs for
+    # every agent turn
+    agents = state.agents
+    entry = agents.get(id(instance))
+    static = entry[1] if entry is not None and entry[0]() is instance else None
+    if static is None or static.config is not getattr(instance, "llm_config", None) \
+            or static.description is not getattr(instance, "description", None):
+        static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        sender_name = cached_name(state.agents, sender)
+        entry = agents.get(id(sender))
+        sender_name = entry[1].name if entry is not None and entry[0]() is sender else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -569,8 +624,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx)
-        return _fresh(TracedSpan, span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
+        return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -586,7 +641,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
     changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
-    return _fresh(TracedSpan, span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
+    return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
 
 
 def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
@@ -648,13 +703,7 @@ class _ModelCall:
         self.started = perf_counter()
 
     def response(self, response: Any) -> None:
-        model = getattr(response, "model", None)
-        if isinstance(model, str):
-            self.response_model = model
-        self.usage = _models.usage_attributes(getattr(response, "usage", None))
-        cost = getattr(response, "cost", None)
-        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-            self.cost = float(cost)
+        self.response_model, self.usage, self.cost = _response_facts(response)
 
     def ended(self, state: _State, exc: BaseException | None) -> None:
         """Record the call's metrics (never raises)."""
@@ -679,15 +728,24 @@ class _ModelCall:
             logger.debug("cmbagent_otel: could not record a model call's metrics", exc_info=True)
 
 
+def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | None]:
+    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response."""
+    model = getattr(response, "model", None)
+    cost = getattr(response, "cost", None)
+    return (model if isinstance(model, str) else None, _models.usage_attributes(getattr(response, "usage", None)),
+            float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
+
+
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
     info = _models.config_info(_models.first_config(instance), instance)
     return _ModelCall(info, kwargs.get("model") or info.model)
 
 
 class _ChatSpan(TracedSpan):
-    """A model call (CLIENT span); with content events on, it emits the GenAI conventions'
+    """A model call (CLIENT span) that records its metrics when it ends (its duration from when
+    :func:`_llm` built it) or, with content events on, emits the GenAI conventions'
     ``gen_ai.client.inference.operation.details`` event (a log record in the span's context).
-    Its metrics are recorded when it ends (its duration from when :func:`_llm` built it)."""
+    A model call with neither (no live meter provider, content events off) is a plain TracedSpan."""
 
     __slots__ = ("call", "event", "event_logger", "state")
 
@@ -718,11 +776,15 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     register_llm_config_secrets(getattr(instance, "_config_list", None))
-    call = _model_call(instance, kwargs)
-    info = call.info
-    model = call.request_model or "unknown"
+    info = _models.config_info(_models.first_config(instance), instance)
+    request_model = kwargs.get("model") or info.model
+    model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
-    agent_label = _agent_label(state, agent) if agent is not None else None
+    agent_label = None
+    if agent is not None:  # _agent_label's cache hit written out: every model call
+        entry = state.agents.get(id(agent))
+        agent_label = entry[1].name if entry is not None and entry[0]() is agent \
+            and entry[1].config is getattr(agent, "llm_config", None) else _agent_label(state, agent)
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
@@ -749,14 +811,16 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             attrs = {**attrs, **found}
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
-    # TracedSpan.fresh and the four fields set here: no __init__ of its own, no keywords dict
-    traced = _fresh(_ChatSpan, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    metrics = state.metrics
+    if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
+        return start(_new(TracedSpan), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    traced = _new(_ChatSpan)  # its four fields set here: no __init__ of its own, no keywords dict
     traced.state = state
-    traced.call = call
+    traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
     traced.event = event
     call.started = perf_counter()  # the call's duration (its metric) starts here
-    return traced
+    return start(traced, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -804,16 +868,18 @@ def _response_output(response: Any) -> str | None:
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     attrs: dict[str, Any] = {}
-    call: _ModelCall = traced.call  # type: ignore[attr-defined]
-    call.response(response)
-    if call.response_model is not None:
-        attrs[semconv.GEN_AI_RESPONSE_MODEL] = call.response_model
+    response_model, usage, cost = _response_facts(response)
+    if type(traced) is _ChatSpan:  # its metrics read the response when it ends
+        call = traced.call
+        call.response_model, call.usage, call.cost = response_model, usage, cost
+    if response_model is not None:
+        attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(call.usage)
-    if call.cost is not None:
-        attrs[semconv.LLM_COST_USD] = call.cost
+    attrs.update(usage)
+    if cost is not None:
+        attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
@@ -860,8 +926,8 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return _fresh(TracedSpan, f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer, _INTERNAL,
-                  ctx)
+    return start(_new(TracedSpan), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+                 _INTERNAL, ctx)
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -970,7 +1036,7 @@ def _code(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     if state.capture and blocks:
         attrs[semconv.CODE_SOURCE] = safe_text("\n\n".join(_block_parts(b)[1] for b in blocks))
     return _CodeSpan(f"execute_code {language}", semconv.KIND_CODE, attrs, tracer=state.tracer, context=ctx,
-                     state=state, language=language)
+                     state=state, language=language).__enter__()
 
 
 class _CodeSpan(TracedSpan):
@@ -1068,7 +1134,8 @@ def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer, context=ctx)
+    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
+                      context=ctx).__enter__()
 
 
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -1154,7 +1221,10 @@ def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> 
     plain function: ``wrapper(bound original, instance, args, kwargs)``, an ``async def`` when the
     original is one."""
     bind = original.__get__
-    if inspect.iscoroutinefunction(original):
+    method_for = getattr(wrapper, "_method_for", None)
+    if method_for is not None and type(original) is types.FunctionType and not inspect.iscoroutinefunction(original):
+        patched = method_for(original)  # the wrapper's body itself: no trampoline (another's proxy: bound, below)
+    elif inspect.iscoroutinefunction(original):
         async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             return await wrapper(bind(self, type(self)), self, args, kwargs)
     else:
