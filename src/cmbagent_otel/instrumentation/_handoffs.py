@@ -33,6 +33,7 @@ from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, S
 from .._spans import TracedSpan, compose, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
+from ._patching import wrapt_wrapper
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -209,28 +210,9 @@ def _end(state: Any, selection: Selection, token: Any, result: Any, exc: BaseExc
 
 def selection_sync(state: Any) -> Callable[..., Any]:
     """The wrapper of ``GroupChat.select_speaker``."""
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not state.active:
-            return wrapped(*args, **kwargs)
-        selection = _begin(state, instance, args, kwargs)
-        if selection is None:
-            return wrapped(*args, **kwargs)
-        token = _selection.set(selection)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _end(state, selection, token, None, exc)
-            raise
-        try:  # _end written out: one frame less on every selection
-            _selection.reset(token)
-        except Exception:
-            logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
-        selection.ended(state, result, None)
-        return result
-
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
-        """``wrapper`` as the plain function patched over ``original`` (see ``ag2._plain_method``): the
-        same body calling ``original(self, ...)``, no trampoline. Keep the two bodies in step."""
+        """The plain function patched over ``original`` (see ``ag2._plain_method``), calling
+        ``original(self, ...)``: no trampoline; wrapt proxies run the same body (``wrapt_wrapper``)."""
         def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not state.active:
                 return original(self, *args, **kwargs)
@@ -252,9 +234,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
 
         return patched
 
-    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
-    wrapper._method_for = method_for  # type: ignore[attr-defined]
-    return wrapper
+    return wrapt_wrapper(method_for, state)
 
 
 def selection_async(state: Any) -> Callable[..., Any]:

@@ -92,6 +92,7 @@ from ._content import (
     register_agent_secrets,
     register_llm_config_secrets,
 )
+from ._patching import wrapt_wrapper
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -234,45 +235,11 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     if record in _CONTENT_ONLY and not state.capture:
         record = None  # it records message content only: nothing to do with capture off
 
-    # _decide and _run_traced written out: this runs for most spans, one frame less each
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not state.active:
-            return wrapped(*args, **kwargs)
-        try:
-            ctx = get_current()
-            if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
-                traced = None
-            elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
-                    or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
-                traced = build(state, ctx, instance, args, kwargs)
-            else:
-                traced = _FAST if fast is not None else None
-        except Exception:
-            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-            traced = None
-        if traced is None:
-            return wrapped(*args, **kwargs)
-        if traced is _FAST:  # not recorded: the fast path
-            return fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
-        # `with traced:` written out (the builder started the span): a with statement calls __exit__
-        # from C (a nested interpreter, ~500 instructions per span more); same exception handling
-        try:
-            result = wrapped(*args, **kwargs)
-            if record is not None:
-                try:
-                    record(state, traced, instance, args, kwargs, result)
-                except Exception:
-                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-        except BaseException as exc:
-            traced.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        traced.__exit__(None, None, None)
-        return result
-
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
-        """``wrapper`` as the plain function patched over ``original`` (a function): the same body,
-        calling ``original(self, ...)``, without a trampoline frame and a bound method per call
-        (:func:`_plain_method`). Keep the two bodies in step."""
+        """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
+        no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
+        the same body (:func:`._patching.wrapt_wrapper`). _decide and _run_traced written out: this
+        runs for most spans, one frame less each."""
         def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not state.active:
                 return original(self, *args, **kwargs)
@@ -281,7 +248,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
-                        or not probe.drops(ctx):
+                        or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
                     traced = build(state, ctx, self, args, kwargs)
                 else:
                     traced = _FAST if fast is not None else None
@@ -290,8 +257,10 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 traced = None
             if traced is None:
                 return original(self, *args, **kwargs)
-            if traced is _FAST:
+            if traced is _FAST:  # not recorded: the fast path
                 return fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+            # `with traced:` written out (the builder started the span): a with statement calls __exit__
+            # from C (a nested interpreter, ~500 instructions per span more); same exception handling
             try:
                 result = original(self, *args, **kwargs)
                 if record is not None:
@@ -307,9 +276,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
 
         return patched
 
-    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
-    wrapper._method_for = method_for  # type: ignore[attr-defined]
-    return wrapper
+    return wrapt_wrapper(method_for, state)
 
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],

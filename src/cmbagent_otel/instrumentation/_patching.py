@@ -1,0 +1,42 @@
+"""One body per wrapper for both ways a method is patched.
+
+A class method is patched with a plain function, the wrapper's body calling ``original(self, ...)``
+(``method_for(original)``; see ``ag2._plain_method``). What keeps a wrapt proxy (module functions,
+late patches, another instrumentation's proxy underneath) gets a wrapt-style wrapper built from
+the same ``method_for`` here, so the two never drift apart. That path is cold (a workflow's entry,
+a custom executor), so the adaptor object and closure it builds per call do not matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class _BoundCall:
+    """wrapt's ``wrapped`` (already bound) as the ``original`` a ``method_for`` body calls with
+    ``self`` first; binding it again (``original.__get__``) gives ``wrapped`` back."""
+
+    __slots__ = ("wrapped",)
+
+    def __init__(self, wrapped: Callable[..., Any]) -> None:
+        self.wrapped = wrapped
+
+    def __call__(self, _instance: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapped(*args, **kwargs)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Callable[..., Any]:
+        return self.wrapped
+
+
+def wrapt_wrapper(method_for: Callable[[Any], Callable[..., Any]], state: Any) -> Callable[..., Any]:
+    """A wrapt-style ``wrapper(wrapped, instance, args, kwargs)`` running ``method_for``'s body, which
+    also patches plain methods (``wrapper._method_for``)."""
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state.active:
+            return wrapped(*args, **kwargs)
+        return method_for(_BoundCall(wrapped))(instance, *args, **kwargs)
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    wrapper._method_for = method_for  # type: ignore[attr-defined]
+    return wrapper
