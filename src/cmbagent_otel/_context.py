@@ -91,6 +91,9 @@ def span_context(ctx: Context, span: Any) -> Context:
     return new
 
 
+CHILDREN_KEY = "\x00children:"  # + a node's id: the RunState counter of that node's children
+
+
 class _Counters(dict[str, "itertools.count[int]"]):
     """One ``itertools.count`` per key, created on first use (``setdefault``: atomic under the GIL)."""
 
@@ -140,7 +143,7 @@ class RunState:
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""
-        key = "\x00children:" + parent_node
+        key = CHILDREN_KEY + parent_node
         return next(self._counters[key]) if _GIL else self._next(key)
 
 

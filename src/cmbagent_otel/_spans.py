@@ -29,6 +29,7 @@ from . import semconv
 from ._context import (
     _GIL,
     _SCOPE_KEY,
+    CHILDREN_KEY,
     SPAN_KEY,
     Frame,
     LazyScope,
@@ -243,13 +244,20 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, attrs: dict[str, A
     parent's children), written into ``attrs``."""
     order = node.order_index
     base_id = node.base_id
-    if node.child:
-        k = state.next_child_index(scope.dag_node or "")
+    if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
+        k = next(state._counters[CHILDREN_KEY + (scope.dag_node or "")]) if _GIL \
+            else state.next_child_index(scope.dag_node or "")
         parent_order = scope.dag_order if scope.dag_node is not None else 1
         order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
         if node.numbered:
             base_id = f"{base_id}_{k}"
-    node_id = state.unique_node_id(base_id) if node.unique else base_id
+    if not node.unique:
+        node_id = base_id
+    elif _GIL:
+        count = next(state._counters[base_id])
+        node_id = base_id if count == 1 else f"{base_id}_{count}"
+    else:
+        node_id = state.unique_node_id(base_id)
     depth = scope.dag_depth + 1
     attrs[semconv.DAG_NODE] = node_id
     attrs[semconv.DAG_NODE_TYPE] = node.node_type

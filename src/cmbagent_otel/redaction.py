@@ -258,6 +258,8 @@ def learn_secret(value: Any) -> bool:
     JSON-escaped form is learned too, so the value is caught inside serialised JSON.
     Returns whether the set of secrets changed.
     """
+    global _learn_calls
+    _learn_calls += 1  # see learn_secrets_in: a text that never gets here holds nothing to learn
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
@@ -296,11 +298,29 @@ def learn_secrets_in(value: Any) -> None:
     parsed and walked, and ``key: value`` text is scanned. Never raises.
     """
     with contextlib.suppress(Exception):
+        if type(value) is not str or len(value) > _CLEAN_TEXT_MAX_LEN:
+            _register_walk(value, 0, False, learn_secret)
+            return
+        if value in _clean_texts:
+            return  # walked before and found nothing: what it finds depends on the text alone
+        before = _learn_calls
         _register_walk(value, 0, False, learn_secret)
+        if _learn_calls == before:  # nothing offered to learn_secret (any thread): nothing to learn
+            if len(_clean_texts) >= _CLEAN_TEXTS_MAX:
+                _clean_texts.clear()  # a bound, not a cache policy
+            _clean_texts[value] = None
 
+
+# Texts (tool arguments, mostly) whose walk offered nothing to learn_secret: the same text again
+# (a tool called with the same arguments) is not parsed and scanned again. Bounded in count and size.
+_learn_calls = 0
+_clean_texts: dict[str, None] = {}
+_CLEAN_TEXTS_MAX = 512
+_CLEAN_TEXT_MAX_LEN = 4096
 
 _MAX_JSON_TEXT = 1 << 20  # longer strings are scanned as text, not parsed
 _SCALARS = frozenset({bool, int, float})  # never secrets, never containers
+_BUILTIN_DATA = frozenset({str, dict, list, tuple})  # exact types (a subclass may add get_secret_value)
 
 
 # per class: whether its instances can have ``get_secret_value`` / ``config_list`` (see _probes)
@@ -334,16 +354,20 @@ def _probes(cls: type) -> tuple[bool, bool]:
 
 
 def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
-    if value is None or depth > 20 or isinstance(value, (bool, int, float)):
+    if value is None or depth > 20:
         return
-    probes = _PROBES.get(type(value)) or _probes(type(value))
-    reveal = getattr(value, "get_secret_value", None) if probes[0] else None
-    if callable(reveal):  # pydantic SecretStr / SecretBytes
-        revealed = reveal()
-        if isinstance(revealed, bytes):
-            revealed = revealed.decode("utf-8", "replace")
-        _register_value(revealed, register)
-        return
+    cls = type(value)
+    if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
+        if isinstance(value, (bool, int, float)):
+            return
+        probes = _PROBES.get(cls) or _probes(cls)
+        reveal = getattr(value, "get_secret_value", None) if probes[0] else None
+        if callable(reveal):  # pydantic SecretStr / SecretBytes
+            revealed = reveal()
+            if isinstance(revealed, bytes):
+                revealed = revealed.decode("utf-8", "replace")
+            _register_value(revealed, register)
+            return
     if isinstance(value, str):
         if secret:
             _register_value(value, register)

@@ -364,6 +364,22 @@ def test_redaction_memo_is_bounded() -> None:
     assert cache.redact(long_text) == long_text and long_text not in cache.entries()
 
 
+def test_tool_arguments_learned_again_after_the_learned_secrets_moved_on() -> None:
+    """The same tool-argument text again is learned again (a text is skipped only when it held nothing):
+    its secret, pushed out of the bounded learned set meanwhile, is redacted again."""
+    _, shapeless = new_markers()
+    arguments = f'{{"path": "/data/run", "password": "{shapeless}"}}'
+    clean = '{"path": "/data/run", "multipole": 220}'
+    for _ in range(2):
+        redaction.learn_secrets_in(clean)
+        redaction.learn_secrets_in(arguments)
+        assert shapeless not in (redaction.redact(f"opened with {shapeless}") or "")
+        for i in range(redaction.MAX_LEARNED + 1):  # push it out of the learned set
+            redaction.learn_secret(f"filler-secret-{i:04d}-{shapeless[:4]}")
+        assert shapeless in (redaction.redact(f"opened with {shapeless}") or "")
+    assert redaction.redact(clean) == clean
+
+
 # --- a secret-named tool argument through every path ------------------------------------------------
 
 PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"

@@ -59,29 +59,13 @@ def _reason(groupchat: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
+_new = object.__new__
+
+
 class Selection:
-    """One speaker selection in progress: where it happens and what it would record."""
+    """One speaker selection in progress: where it happens and what it would record (built by :func:`_begin`)."""
 
     __slots__ = ("facts", "from_name", "groupchat", "promoted", "scope", "span")
-
-    def __init__(self, state: Any, groupchat: Any, last: Any, scope: Scope | None, span: Span) -> None:
-        self.groupchat = groupchat
-        self.scope = scope  # the scope of the enclosing span's children
-        self.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
-        self.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        if last is None:
-            self.from_name = "none"
-        else:  # cached_name written out: this runs for every selection
-            entry = state.agents.get(id(last))
-            self.from_name = entry[1].name if entry is not None and entry[0]() is last else agent_name(last)
-        # _group_facts' cache hit written out: this runs for every selection
-        method = getattr(groupchat, "speaker_selection_method", None)
-        agents = getattr(groupchat, "agents", None) or ()
-        facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[0]() is not groupchat or facts[1] != id(method) or facts[2] != id(agents) \
-                or facts[3] != len(agents):
-            facts = _group_facts(state, groupchat, method, agents)
-        self.facts = facts  # (weak groupchat, id(method), id(agents), len(agents), reason, candidates)
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -193,8 +177,27 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
                     scope, span = frame.scope, frame.span
         if span is None or not span.is_recording():  # unsampled: nothing to record it on
             return None
+        # the Selection built here (no __init__: one call less for every selection)
+        selection = _new(Selection)
+        selection.groupchat = groupchat
+        selection.scope = scope  # the scope of the enclosing span's children
+        selection.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
+        selection.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
         last = kwargs.get("last_speaker", args[0] if args else None)
-        return Selection(state, groupchat, last, scope, span)
+        if last is None:
+            selection.from_name = "none"
+        else:  # cached_name written out: this runs for every selection
+            entry = state.agents.get(id(last))
+            selection.from_name = entry[1].name if entry is not None and entry[0]() is last else agent_name(last)
+        # _group_facts' cache hit written out: this runs for every selection
+        method = getattr(groupchat, "speaker_selection_method", None)
+        agents = getattr(groupchat, "agents", None) or ()
+        facts = state.candidates.get(id(groupchat))
+        if facts is None or facts[0]() is not groupchat or facts[1] != id(method) or facts[2] != id(agents) \
+                or facts[3] != len(agents):
+            facts = _group_facts(state, groupchat, method, agents)
+        selection.facts = facts  # (weak groupchat, id(method), id(agents), len(agents), reason, candidates)
+        return selection
     except Exception:
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
         return None

@@ -742,8 +742,10 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
-    register_llm_config_secrets(getattr(instance, "_config_list", None))
-    info = _models.config_info(_models.first_config(instance), instance)
+    configs = getattr(instance, "_config_list", None)
+    register_llm_config_secrets(configs)
+    # first_config's result as config_info takes it (anything but a mapping: no config), one read of the list
+    info = _models.config_info(configs[0] if configs else None, instance)
     request_model = kwargs.get("model") or info.model
     model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
