@@ -25,6 +25,7 @@ is also scrubbed from the exception message or the result the tool produces.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -258,8 +259,7 @@ def learn_secret(value: Any) -> bool:
     JSON-escaped form is learned too, so the value is caught inside serialised JSON.
     Returns whether the set of secrets changed.
     """
-    global _learn_calls
-    _learn_calls += 1  # see learn_secrets_in: a text that never gets here holds nothing to learn
+    next(_learn_calls)  # see learn_secrets_in: a text that never gets here holds nothing to learn
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
@@ -303,9 +303,9 @@ def learn_secrets_in(value: Any) -> None:
             return
         if value in _clean_texts:
             return  # walked before and found nothing: what it finds depends on the text alone
-        before = _learn_calls
+        before = next(_learn_calls)
         _register_walk(value, 0, False, learn_secret)
-        if _learn_calls == before:  # nothing offered to learn_secret (any thread): nothing to learn
+        if next(_learn_calls) == before + 1:  # nothing offered to learn_secret (any thread): nothing to learn
             if len(_clean_texts) >= _CLEAN_TEXTS_MAX:
                 _clean_texts.clear()  # a bound, not a cache policy
             _clean_texts[value] = None
@@ -313,7 +313,9 @@ def learn_secrets_in(value: Any) -> None:
 
 # Texts (tool arguments, mostly) whose walk offered nothing to learn_secret: the same text again
 # (a tool called with the same arguments) is not parsed and scanned again. Bounded in count and size.
-_learn_calls = 0
+# next() on a count is one atomic step (a global `+= 1` from two threads can lose an increment, and
+# a lost one could make a text that offered a secret look clean)
+_learn_calls = itertools.count()
 _clean_texts: dict[str, None] = {}
 _CLEAN_TEXTS_MAX = 512
 _CLEAN_TEXT_MAX_LEN = 4096
