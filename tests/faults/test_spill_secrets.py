@@ -21,8 +21,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 import cmbagent_otel as c
-from cmbagent_otel.dag.writer import DagWriter, dump_tables
+from cmbagent_otel.dag.writer import DagWriter
 from cmbagent_otel.spill import SpillStore
+
+from .conftest import dump
 
 
 def _secrets() -> dict[str, str]:
@@ -38,15 +40,6 @@ def _run(provider: Any, found: dict[str, str]) -> None:
         span.set_attribute("db.password", found["password"])
         span.add_event("exception", {"exception.message": f"refused: api_key={found['event']}"})
         span.set_status(Status(StatusCode.ERROR, f"token={found['status']} was refused"))
-
-
-def _rows(url: str) -> dict[str, Any]:
-    writer = DagWriter(url)
-    try:
-        with writer.engine.connect() as conn:
-            return dump_tables(conn)
-    finally:
-        writer.close()
 
 
 def test_foreign_secrets_are_scrubbed_before_a_spill_file_is_written(tmp_path: Path) -> None:
@@ -84,4 +77,4 @@ def test_foreign_secrets_are_scrubbed_before_a_spill_file_is_written(tmp_path: P
         writer.write(list(spans))
     finally:
         writer.close()
-    assert _rows(replayed) == _rows(direct)
+    assert dump(replayed) == dump(direct)
