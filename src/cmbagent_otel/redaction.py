@@ -32,7 +32,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import environment_variables
@@ -586,6 +586,110 @@ class RedactionCache:
 
 # message histories: every string of every message, on every LLM call with content capture on
 _scrub_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+# JSON texts of list items (a chat's messages), for redact_list
+_item_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+
+
+def redact_list(items: Sequence[str]) -> str:
+    """``redact("[" + ", ".join(items) + "]")`` for ``items``, the JSON texts of a list's items (a
+    chat's messages, sent again on every model call): each item's text redacted once per set of
+    known secrets (a memo, emptied when a secret is learned, like :class:`RedactionCache`'s).
+
+    The same text exactly: redacting the whole joined text is redacting each item alone when no
+    match can cross from one item into the next, and the whole text is redacted instead when one
+    could (see :func:`_joins_safely`, :func:`_item_flag`), or when an item teaches a new secret
+    (the items before it were redacted without it).
+    """
+    known, context = _known_pattern, _context_pattern
+    if items and _joins_safely(known, context):
+        redact_item = _item_cache.redact
+        flags = _item_flags
+        out = []
+        last = len(items) - 1
+        for index, item in enumerate(items):
+            flag = flags.get(item)
+            if flag is None:
+                flag = _item_flag(item)
+            if flag is _CROSSES or (flag is _OPEN and index != last):
+                break
+            out.append(redact_item(item))
+        else:
+            if _known_pattern is known and _context_pattern is context:
+                return "[" + ", ".join(out) + "]"
+    return redact("[" + ", ".join(items) + "]") or "[]"
+
+
+# The joined text differs from its items only at "[", "]" and the ", " between two items, which
+# every item (a JSON object) meets with "{" or "}". Fixed patterns never match across those:
+# secret shapes, URL credentials, key/value names exclude the characters; what can, is below.
+_JOINS, _OPEN, _CROSSES = "joins", "open", "crosses"
+_item_flags: dict[str, str] = {}
+_ITEM_FLAGS_MAX = 4096
+_QUOTE_START = re.compile(r"""\\*["']""")
+_join_state: tuple[Any, Any, bool] = (None, None, True)
+_PATTERN_MARKS = (",", "[", "]", "{")
+
+
+def _item_flag(item: str) -> str:
+    """Whether a redaction match can start in ``item`` and end past it (depends on the text alone):
+    ``_CROSSES`` for an item that is no JSON object, holds a private key's start (its pattern runs
+    to the end of the text when the END line is missing) or a character whose lower case is longer
+    (the joined text's key/value scan then lower-cases only ASCII); ``_OPEN`` for an item with a
+    secret-named key whose quoted value does not close in it (in the joined text the value runs
+    on to the next such quote, in a later item)."""
+    flag = _JOINS
+    if item[:1] != "{" or item[-1:] != "}" or "PRIVATE KEY-----" in item:
+        flag = _CROSSES
+    else:
+        lower = item.lower()
+        if len(lower) != len(item):
+            flag = _CROSSES
+        elif _kv_open(item, lower):
+            flag = _OPEN
+    if len(item) <= _item_cache.max_len:
+        if len(_item_flags) >= _ITEM_FLAGS_MAX:
+            _item_flags.clear()  # a bound, not a cache policy
+        _item_flags[item] = flag
+    return flag
+
+
+def _kv_open(text: str, lower: str) -> bool:
+    """Whether a secret-named key in ``text`` (as :func:`_kv_scan` finds them) is followed by a
+    quote whose value does not close in ``text``."""
+    for hint in _KV_HINTS:
+        at = lower.find(hint)
+        while at >= 0:
+            key = _KV_KEY.match(text, at)
+            if key is not None:
+                end = key.end()
+                if _QUOTE_START.match(text, end) is not None and _KV_VALUE.match(text, end) is None:
+                    name_start = at
+                    while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+                        name_start -= 1
+                    if is_secret_key(text[name_start:key.end("name")]):
+                        return True
+            at = lower.find(hint, at + 1)
+    return False
+
+
+def _joins_safely(known: re.Pattern[str] | _Patterns | None, context: re.Pattern[str] | None) -> bool:
+    """Whether no known secret and no learned piece's context can match across two items: none
+    holds ",", "[", "]" or "{" (read from the compiled patterns themselves, so the answer belongs
+    to the very patterns it was computed from)."""
+    global _join_state
+    state = _join_state
+    if state[0] is known and state[1] is context:
+        return state[2]
+    patterns: list[re.Pattern[str]] = []
+    if isinstance(known, _Patterns):
+        patterns.extend(known.patterns)
+    elif known is not None:
+        patterns.append(known)
+    if context is not None:
+        patterns.append(context)
+    safe = not any(mark in pattern.pattern for pattern in patterns for mark in _PATTERN_MARKS)
+    _join_state = (known, context, safe)
+    return safe
 _secret_key_names: dict[str, bool] = {}
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .._jsontext import compact_encoder
-from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, scrub, truncate
+from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, redact_list, scrub, truncate
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -265,7 +265,7 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
     return clean, piece
 
 
-def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[str, int]:
+def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[list[str], int]:
     kept: list[str] = []
     size = 2  # the brackets
     index = len(items) - 1
@@ -287,7 +287,7 @@ def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | N
     if dropped:
         learn_secrets_ahead(items[:dropped])
     kept.reverse()
-    return "[" + ", ".join(kept) + "]", dropped
+    return kept, dropped
 
 
 def _message_texts(items: Sequence[Any]) -> Iterator[Any]:
@@ -314,8 +314,9 @@ def render(items: Sequence[Any], bound: int | None = None,
     if convert is message:
         learn_split_secrets(_message_texts(items))
     for _ in range(3):
-        text, dropped = _render(items, budget, convert)
-        final = redact(text) or "[]"
+        kept, dropped = _render(items, budget, convert)
+        text = "[" + ", ".join(kept) + "]"
+        final = redact_list(kept)
         if final != text:
             # a secret replaced by the marker can change the length; the marker never breaks
             # JSON, but verify rather than assume
