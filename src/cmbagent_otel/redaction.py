@@ -100,6 +100,9 @@ reset_in_child(sys.modules[__name__], "_lock")
 _known: dict[str, None] = {}  # registered secrets, in registration order (see _rebuild)
 _learned: OrderedDict[str, None] = OrderedDict()
 _known_pattern: re.Pattern[str] | _Patterns | None = None
+secrets_version = 0
+"""Changes whenever what redaction does changes (a secret registered, learned or forgotten, a split
+secret's piece learned): results cached with an older version may let a secret through."""
 _secret_with_comma = False
 
 
@@ -213,7 +216,8 @@ def _rebuild() -> None:
     registering each request's API keys), registered ones are compiled in chunks and a new secret
     compiles one chunk: compiling all of them on every new secret took time and memory growing
     with their number (1000 keys: 23 s of CPU for the last 500, and 200 MiB of re's cache)."""
-    global _known_pattern, _secret_with_comma, _chunks
+    global _known_pattern, _secret_with_comma, _chunks, secrets_version
+    secrets_version += 1
     values = _known.keys() | _learned.keys()
     _secret_with_comma = any("," in v for v in values)
     if len(values) <= _CHUNK:
@@ -863,20 +867,26 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
         checked = _split_checked
         known = _known_pattern
         if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
-            checked.clear()
-            checked[None] = known
+            _clear_split_checked()
+        texts = [text for text in texts if isinstance(text, str) and text]
+        if not texts:
+            return
+        if _open_fragments:
+            _continue_fragments(texts[0])
         window = max(_SPLIT_WINDOW, _longest_known)
+        generation = _split_generation
         chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
         originals: tuple[str, ...] | None = ()  # those texts, the memo's key (None: one is too long to keep)
         size = 0  # characters in chain
-        first = True
-        for text in texts:
-            if not isinstance(text, str) or not text:
-                continue
-            if first:
-                first = False
-                if _open_fragments:
-                    _continue_fragments(text)
+        start = 0
+        resumes = _split_resume.get(texts[0], ())
+        for resume in resumes:  # the longest searched texts that begin these
+            done = resume[3]
+            if start < len(done) <= len(texts) and resume[0] == generation and resume[1] is known \
+                    and resume[2] == window and texts[:len(done)] == done:
+                start, chain, originals, size = len(done), list(resume[4]), resume[5], resume[6]
+        all_small = True
+        for text in texts[start:] if start else texts:
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
                 if _heads:
@@ -884,6 +894,8 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                 _learn_open_fragment(text)
                 if small:
                     checked[text] = None
+                else:
+                    all_small = False
             if chain:
                 key = (*originals, text) if small and originals is not None else None
                 if key is None or key not in checked:
@@ -891,8 +903,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     if key is not None:
                         checked[key] = None
             if len(checked) > _SPLIT_CHECKED_MAX:
-                checked.clear()
-                checked[None] = _known_pattern
+                _clear_split_checked()
             if len(text) >= window:  # it fills the window alone
                 chain = [(text, len(text) == window)]
                 originals = (text,) if small else None
@@ -904,6 +915,32 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                 while size - min(len(chain[0][0]), window) >= window:
                     size -= min(len(chain.pop(0)[0]), window)
                     originals = originals[1:] if originals is not None else None
+        # every text and boundary searched is in the memo now: the next call sending the same texts
+        # first (a chat's history, grown) searches only what follows them
+        if all_small and _split_generation == generation and _known_pattern is known \
+                and sum(map(len, texts)) <= _SPLIT_RESUME_CHARS:
+            count = len(texts)
+            kept = [r for r in resumes if r[0] == generation and not (len(r[3]) <= count and texts[:len(r[3])] == r[3])]
+            kept.append((generation, known, window, texts, tuple(chain), originals, size))
+            if len(_split_resume) >= _SPLIT_RESUME_MAX:
+                _split_resume.popitem(last=False)
+            _split_resume[texts[0]] = kept[-_SPLIT_RESUME_PER_TEXT:]
+
+
+# first text -> [(generation, known secrets, window, the texts searched, the loop's state after them)]:
+# several chats (each agent's history) can begin with the same text
+_split_resume: OrderedDict[str, list[tuple[Any, ...]]] = OrderedDict()
+_SPLIT_RESUME_MAX = 16
+_SPLIT_RESUME_PER_TEXT = 4
+_SPLIT_RESUME_CHARS = 1 << 17  # with the two counts, a bound on the texts it keeps alive
+_split_generation = 0  # counts the times _split_checked was emptied (a resumed memo must predate none)
+
+
+def _clear_split_checked() -> None:
+    global _split_generation
+    _split_generation += 1
+    _split_checked.clear()
+    _split_checked[None] = _known_pattern
 
 
 def _learn_edges(text: str) -> None:
@@ -1007,7 +1044,9 @@ def _add_piece(into: OrderedDict[str, None], piece: str) -> bool:
             into.popitem(last=False)
         for cache in _caches:  # results memoised without this piece
             cache._memo = _Memo(_known_pattern)
-        _split_checked.clear()
+        _clear_split_checked()
+        global secrets_version
+        secrets_version += 1
         return True
 
 

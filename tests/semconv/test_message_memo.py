@@ -4,6 +4,7 @@ redacting the whole rendered list gives, and never lets a later-learned secret t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -27,10 +28,12 @@ messages = st.lists(
 
 
 @pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What these tests register or learn (hostile junk among it) is forgotten after each."""
+def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts without the split-secret pieces earlier tests taught, and what it
+    registers or learns (hostile junk among it) is forgotten after it."""
     for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_chunks", "_contexts",
-                 "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails"):
+                 "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails",
+                 "_open_fragments"):
         value = getattr(redaction, name)
         if isinstance(value, dict):
             value = value.copy()  # keeps the type (OrderedDict)
@@ -38,6 +41,19 @@ def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
                 if isinstance(item, list):  # _heads, _tails: lists appended to in place
                     value[key] = list(item)
         monkeypatch.setattr(redaction, name, value)
+    for name in ("_contexts", "_whole_pieces", "_open_fragments"):
+        getattr(redaction, name).clear()
+    monkeypatch.setattr(redaction, "_context_pattern", None)
+    fresh(monkeypatch)
+    yield
+    fresh(monkeypatch)
+
+
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results memoised with other secrets forgotten (the version only ever grows)."""
+    for cache in redaction._caches:
+        monkeypatch.setattr(cache, "_memo", redaction._Memo(redaction._known_pattern))
+    redaction.secrets_version += 1
 
 
 def _items(history: list[dict[str, str]]) -> list[str]:
@@ -77,3 +93,26 @@ def test_a_secret_learned_after_the_history_was_rendered_is_redacted_in_it():
     assert learn_secret("qv93-alpha-xx") is False  # learned from the new message, before the old ones were reused
     history[1]["content"] = "noted, thanks"  # changed in place: rendered anew
     assert "noted, thanks" in _messages.render(history, 4096, convert=_messages.message)[0]
+
+
+def test_a_key_split_between_a_history_already_searched_and_its_new_message_is_caught():
+    # the history's texts are searched once; the next call resumes after them, with the end of
+    # the last one still in reach of the new message
+    history = [{"role": "user", "content": "hello", "name": "bob"},
+               {"role": "user", "content": "send it with bAsIc ", "name": "bob"}]
+    first, _ = _messages.render(history, 4096, convert=_messages.message)
+    assert "bAsIc" in first  # nothing to learn from these texts alone
+    history.append({"role": "user", "content": "Zr2Lm9Xc4Vb8Nn1", "name": "bob"})
+    again, _ = _messages.render(history, 4096, convert=_messages.message)
+    assert "Zr2Lm9Xc4Vb8Nn1" not in again and "hello" in again
+
+
+def test_a_message_rendered_before_it_became_a_piece_of_a_split_key_is_redacted_after():
+    tail = {"role": "user", "content": "Q7wz", "name": "bob"}
+    first, _ = _messages.render([tail], 4096, convert=_messages.message)
+    assert "Q7wz" in first  # alone it is nothing
+    # now the message before it starts a key that it ends: "Q7wz" is a piece of it, redacted
+    # where a whole text equals it, also in the piece rendered (and cached) before
+    head = {"role": "user", "content": "sk-proj-Ab3dE5gH", "name": "bob"}
+    again, _ = _messages.render([head, tail], 4096, convert=_messages.message)
+    assert "Q7wz" not in again and "Ab3dE5gH" not in again
