@@ -989,11 +989,12 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
 
 # --- the batch ----------------------------------------------------------------------------
 
-def _node_placeholder(batch: MappedBatch, run_id: str, session_id: str, short: Any) -> None:
+def _node_placeholder(wanted: dict[str, tuple[str, str, str]], run_id: str, session_id: str, short: Any) -> None:
+    """Note that the node ``short`` of ``run_id`` needs a row (its placeholder unless its span is in the batch)."""
     short = str(short)
     node_id = node_db_id(run_id, short)
-    if node_id not in batch.node_placeholders:
-        batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
+    if node_id not in wanted:
+        wanted[node_id] = (run_id, session_id, short)
 
 
 def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
@@ -1009,6 +1010,11 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     batch = MappedBatch()
     traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
     sessions = batch.sessions
+    # Placeholders are built at the end, for the nodes and parent events the batch did not bring
+    # (spans arrive in end order: most parents come after their children, in the same batch).
+    # Node id -> (run id, session id, short id); parent event id -> the first child event row.
+    wanted_nodes: dict[str, tuple[str, str, str]] = {}
+    wanted_events: dict[str, dict[str, Any]] = {}
     for span in spans:
         view = _view(span)
         ctx = view.context
@@ -1072,12 +1078,12 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes,
                                      span_id=span_id)
             if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
-                _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+                _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
             for handoff in handoffs:
                 batch.events[handoff["id"]] = handoff
                 parent_event = handoff["parent_event_id"]
-                if parent_event is not None and parent_event not in batch.event_placeholders:
-                    batch.event_placeholders[parent_event] = event_placeholder(handoff, parent_event)
+                if parent_event is not None and parent_event not in wanted_events:
+                    wanted_events[parent_event] = handoff
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
@@ -1112,28 +1118,33 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             (batch.started_nodes if running else batch.nodes)[node["id"]] = node
             parent_short = attrs.get(sc.DAG_PARENT_NODE)
             if parent_short:
-                _node_placeholder(batch, run_id, session_id, parent_short)
+                _node_placeholder(wanted_nodes, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
         event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes,
                            span_id=span_id, failed=failed, parent_span_id=parent_span_id)
         batch.events[event["id"]] = event
-        if event["node_id"] is not None and event["node_id"] not in batch.node_placeholders:  # its node's id
-            _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+        if event["node_id"] is not None and event["node_id"] not in wanted_nodes:  # its node's id
+            _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
         if kind is None:
             parent_id = _event_id(trace_bytes, parent_span_id) if parent is not None and not parent_remote else None
             batch.foreign_parents[event["id"]] = (parent_id, run_id)
-        elif (parent_event := event["parent_event_id"]) is not None and parent_event not in batch.event_placeholders:
-            batch.event_placeholders[parent_event] = event_placeholder(event, parent_event)
+        elif (parent_event := event["parent_event_id"]) is not None and parent_event not in wanted_events:
+            wanted_events[parent_event] = event
         if kind == sc.KIND_LLM or (kind == sc.KIND_CODE and event["agent_name"] is None):
             batch.rollup_runs.add(run_id)
         if sc.GEN_AI_INPUT_MESSAGES in attrs or sc.GEN_AI_OUTPUT_MESSAGES in attrs:
             batch.messages.extend(_messages(span, attrs, event))
-    for node_id in batch.nodes:
-        batch.node_placeholders.pop(node_id, None)
+    nodes = batch.nodes
+    for node_id, (run_id, session_id, short) in wanted_nodes.items():
+        if node_id not in nodes:
+            batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
+    for node_id in nodes:
         batch.started_nodes.pop(node_id, None)  # the span ended within the batch
-    for event_id in batch.events:
-        batch.event_placeholders.pop(event_id, None)
+    events = batch.events
+    for event_id, child in wanted_events.items():
+        if event_id not in events:
+            batch.event_placeholders[event_id] = event_placeholder(child, event_id)
     return batch
 
 
