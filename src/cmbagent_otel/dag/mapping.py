@@ -724,6 +724,71 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`_attributes_meta` of ``attrs`` if none of their keys and texts is one a database
+    rejects (what _attrs_rejected checks), else None; also None (the general path) for a key not
+    classified yet or a secret's, and for values other than text, numbers, None and tuples.
+
+    One pass checks each value and reads its scrubbed form from the memo; the texts the memo
+    lacks are redacted after the pass, in key order, so redaction (which may learn secrets)
+    runs on exactly the texts, in exactly the order, _attributes_meta would have, and never on
+    attributes that turn out to be unstorable.
+    """
+    known, secret = _key_sets
+    if not known.issuperset(attrs) or not secret.isdisjoint(attrs) or not _storable_keys.issuperset(attrs):
+        return None
+    out = attrs.copy()
+    cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    missed: list[str] | None = None
+    for key, value in attrs.items():
+        kind = type(value)
+        if kind is str:
+            if (not value.isascii() or "\x00" in value) and _rejected(value):
+                return None
+            hit = cache.get(value)
+            if hit is not None:
+                out[key] = hit
+            elif missed is None:
+                missed = [key]
+            else:
+                missed.append(key)
+        elif value is None or kind in _PLAIN_TYPES:
+            continue
+        elif kind is tuple:
+            scrubbed = []
+            for item in value:
+                if type(item) is str:
+                    if _rejected(item):
+                        return None
+                    if (hit := cache.get(item)) is not None:
+                        scrubbed.append(hit)
+                        continue
+                elif item is None or type(item) in _PLAIN_TYPES:
+                    scrubbed.append(item)
+                    continue
+                scrubbed = None  # an item to redact: the whole value after the pass
+                break
+            if scrubbed is not None:
+                out[key] = scrubbed
+            elif any(type(item) is str and _rejected(item) for item in value):
+                return None
+            elif missed is None:
+                missed = [key]
+            else:
+                missed.append(key)
+        else:
+            return None
+    if missed is not None:
+        for key in missed:
+            value = attrs[key]
+            if type(value) is str:
+                out[key] = _redact_text(value)
+            else:  # a tuple, as _attributes_meta scrubs it
+                out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                            for item in value]
+    return out
+
+
 def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`_attributes_meta` checking each key (a key not seen yet, or a secret's)."""
     out: dict[str, Any] = {}
@@ -783,9 +848,10 @@ def _secret_key(key: str) -> bool:
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
                trace_id: int, started: datetime | None, completed: datetime | None,
                trace_hex: str | None = None, trace_bytes: bytes | None = None, *, span_id: int | None = None,
-               failed: bool | None = None, parent_span_id: int | None = None) -> dict[str, Any]:
+               failed: bool | None = None, parent_span_id: int | None = None,
+               clean: dict[str, Any] | None = None) -> dict[str, Any]:
     """``span``'s ``execution_events`` row (``span_id``, ``failed``, ``parent_span_id``: the span's,
-    when the caller read them)."""
+    when the caller read them; ``clean``: its attributes' meta, when the caller made it)."""
     get = attrs.get
     kind = get(sc.SPAN_KIND)
     if trace_bytes is None:
@@ -799,9 +865,10 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     else:
         found = EVENT_TYPES.get(kind)
         event_type, subtype = found if found is not None else ("info", str(kind)[:50])
-    if kind is None:
-        _learn_split_items(attrs)
-    clean = _attributes_meta(attrs)
+    if clean is None:
+        if kind is None:
+            _learn_split_items(attrs)
+        clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
     if span_id is None:
@@ -1031,11 +1098,21 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         else:
             failed = status.status_code is StatusCode.ERROR
             description = status.description
-        # _unstorable, written out
-        if (_attrs_rejected(attrs) or ((not name.isascii() or "\x00" in name) and _rejected(name))
+        # _unstorable, written out; an event span's attribute values are checked in the same pass
+        # that scrubs them for its meta (_meta_if_storable), when nothing is redacted between
+        # that pass and its event row (no handoff events, no error text, a span of ours)
+        clean = None
+        if (((not name.isascii() or "\x00" in name) and _rejected(name))
                 or (start_ns is not None and not 0 <= start_ns <= _MAX_NS)
                 or (end_ns is not None and not 0 <= end_ns <= _MAX_NS)
                 or (type(description) is str and _rejected(description))):
+            unstorable = True
+        else:
+            if (not running and not failed and not view.events and (raw_kind := attrs.get(sc.SPAN_KIND)) is not None
+                    and raw_kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs)):
+                clean = _meta_if_storable(attrs)
+            unstorable = clean is None and _attrs_rejected(attrs)
+        if unstorable:
             span, attrs = sanitized(span, attrs)
             view = _view(span)
             start_ns, end_ns = view.start_time, view.end_time
@@ -1122,7 +1199,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             batch.dag_runs.add(run_id)
             continue
         event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes,
-                           span_id=span_id, failed=failed, parent_span_id=parent_span_id)
+                           span_id=span_id, failed=failed, parent_span_id=parent_span_id, clean=clean)
         batch.events[event["id"]] = event
         if event["node_id"] is not None and event["node_id"] not in wanted_nodes:  # its node's id
             _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
