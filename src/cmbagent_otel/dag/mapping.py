@@ -963,11 +963,13 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         ev = _plain_mapping(event.attributes)
         if ev.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        if _attrs_rejected(ev):
-            ev = {k: _clean_value(v) for k, v in ev.items()}
+        clean = _meta_if_storable(ev)  # checked and scrubbed in one pass (nothing redacted in between)
+        if clean is None:
+            if _attrs_rejected(ev):
+                ev = {k: _clean_value(v) for k, v in ev.items()}
+            clean = _attributes_meta(ev)
         stamp = event.timestamp
         when = None if stamp is None else _EPOCH + _MICROSECOND * (stamp // 1000)  # ts()
-        clean = _attributes_meta(ev)
         g = clean.get  # _event_io of a speaker selection
         inputs = {"from": g(sc.HANDOFF_FROM), "candidates": _plain(g(sc.HANDOFF_CANDIDATES))}
         outputs = {"to": g(sc.HANDOFF_TO), "reason": g(sc.HANDOFF_REASON)}
@@ -977,6 +979,8 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         if depth > 0 and span_event_id is None:
             span_event_id = _event_id(trace_bytes, span_id)
         source = get(sc.HANDOFF_FROM)
+        # _agent_of a speaker selection, written out
+        agent = (get(sc.HANDOFF_TO) or get(sc.GEN_AI_AGENT_NAME)) if source is None or source == "none" else source
         rows.append({
             "id": binascii.b2a_base64(span_bytes + (index & 0xFFFFFF).to_bytes(3, "big"),
                                       newline=False).translate(_URLSAFE).decode("ascii"),
@@ -984,7 +988,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
             "node_id": node_id, "step_id": None, "session_id": session_id,
             "parent_event_id": span_event_id if depth > 0 else None,
             "event_type": _HANDOFF_TYPE, "event_subtype": _HANDOFF_SUBTYPE,
-            "agent_name": _str(_agent_of(sc.KIND_SPEAKER_SELECTION, ev), 100), "agent_role": None,
+            "agent_name": None if agent is None else str(agent)[:100], "agent_role": None,
             "timestamp": when or _EPOCH, "started_at": when, "completed_at": when, "duration_ms": 0,
             "inputs": inputs or None, "outputs": outputs or None,
             "error_message": (truncate(_values.redact(str(get("exception.message") or error)))
