@@ -382,10 +382,6 @@ def _error_of(span: ReadableSpan) -> str | None:
     return truncate(_values.redact(str(description)))
 
 
-def _duration_ms(span: ReadableSpan) -> int | None:
-    return _ms_between(span.start_time, span.end_time)
-
-
 def _ms_between(start_ns: int | None, end_ns: int | None) -> int | None:
     if start_ns is None or end_ns is None:
         return None
@@ -570,7 +566,7 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
     start_ns, end_ns = span.start_time, span.end_time
     meta["duration_ms"] = (None if start_ns is None or end_ns is None
-                           else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000)))  # _duration_ms
+                           else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000)))  # _ms_between
     depth = get(sc.DAG_DEPTH)
     row = {
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
