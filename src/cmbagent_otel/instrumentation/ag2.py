@@ -77,7 +77,7 @@ from .._context import (
     scope_in,
     suppressed,
 )
-from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
+from .._spans import NodeSpec, SamplingProbe, SharedAttributes, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
@@ -245,7 +245,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 return original(self, *args, **kwargs)
             try:
                 ctx = get_current()
-                if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
                         or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
@@ -447,7 +448,7 @@ class _AgentStatic:
         self.description: Any = None
         self.name = "unknown"
         self.span_name = "invoke_agent unknown"
-        self.attributes: dict[str, Any] = {}
+        self.attributes: dict[str, Any] = SharedAttributes({})
         self.by_sender: dict[str, dict[str, Any]] = {}  # attributes with cmbagent.agent.sender, per sender
         self.nodes: dict[str, NodeSpec] = {}  # its sub-agent node description, per parent node
         self.system_messages: list[str] = []
@@ -510,7 +511,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
         attrs.update(info.attributes)
         if info.model:
             attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
-    static.attributes = attrs
+    static.attributes = SharedAttributes(attrs)
     _remember(state.agents, agent, static)
     return static
 
@@ -554,7 +555,6 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
 # _spans.start: no type.__call__, no dict of keywords, no fields stored only to be read back
 _new = object.__new__
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
-_DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
 
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
@@ -576,7 +576,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         if attrs is None:
             if len(static.by_sender) >= 32:
                 static.by_sender.clear()
-            attrs = static.by_sender[sender_name] = {**static.attributes, semconv.AGENT_SENDER: sender_name}
+            attrs = static.by_sender[sender_name] = SharedAttributes({**static.attributes,
+                                                                      semconv.AGENT_SENDER: sender_name})
     if state.capture:
         text = _content(_agent_input, instance, args, kwargs, sender)
         if text is not None:
@@ -607,8 +608,11 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
-    changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
-    return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
+    traced = start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
+    children = traced._scope
+    if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
+        children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
+    return traced
 
 
 def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
@@ -763,7 +767,7 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
         if agent_label is not None:
             attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
         attrs.update(_models.request_attributes(kwargs, info.config, info))
-        cached = (attrs, f"chat {model}")
+        cached = (SharedAttributes(attrs), f"chat {model}")
         if not own_parameters:  # the call's attributes are its config's: the same every time
             if len(state.chat_attributes) >= 256:
                 state.chat_attributes.clear()
