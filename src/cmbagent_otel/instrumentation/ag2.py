@@ -441,7 +441,7 @@ class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
     __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "nodes", "span_name", "system_messages")
+                 "nodes", "plain_description", "span_name", "system_messages")
 
     def __init__(self) -> None:
         self.config: Any = None
@@ -454,6 +454,27 @@ class _AgentStatic:
         self.system_messages: list[str] = []
         self.is_manager = False
         self.is_tool_executor = False
+        # description (what tells a changed one) is the instance's _description, read without calling
+        # AG2's description property (a Python call from C on every agent turn): see _plain_description
+        self.plain_description = False
+
+
+def _plain_description(agent: Any) -> bool:
+    """Whether ``agent.description`` depends on nothing but ``agent.__dict__["_description"]`` (AG2's
+    property ``return self._description``): then that value, compared by identity, tells a changed
+    description as well as the property's result does."""
+    try:
+        prop = inspect.getattr_static(type(agent), "description", None)
+        code = getattr(getattr(prop, "fget", None), "__code__", None) if type(prop) is property else None
+        return (code is not None and code.co_argcount == 1 and code.co_names == ("_description",)
+                and not code.co_freevars and "_description" in vars(agent))
+    except Exception:  # no __dict__, or anything unexpected: the property it is
+        return False
+
+
+def _description_mark(agent: Any, plain: bool) -> Any:
+    """What changes when ``agent``'s description does (see :func:`_plain_description`)."""
+    return vars(agent).get("_description") if plain else getattr(agent, "description", None)
 
 
 def _user_description(agent: Any, static: _AgentStatic) -> str | None:
@@ -480,10 +501,10 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     registered): computed once per agent, again only when its ``llm_config`` or ``description``
     object changes."""
     config = getattr(agent, "llm_config", None)
-    description = getattr(agent, "description", None)
     entry = state.agents.get(id(agent))
     static = entry[1] if entry is not None and entry[0]() is agent else None
-    if static is not None and static.config is config and static.description is description:
+    if static is not None and static.config is config \
+            and static.description is _description_mark(agent, static.plain_description):
         return static
     # a fresh object, published whole by _remember: another thread calling the same agent reads
     # either the old facts or the new ones, never a mix
@@ -493,7 +514,8 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     seen = old.system_messages if old is not None else []
     system = getattr(agent, "system_message", None)
     static.system_messages = [*seen[-3:], system] if isinstance(system, str) and system not in seen else seen
-    static.config, static.description = config, description
+    static.plain_description = plain = _plain_description(agent)
+    static.config, static.description = config, _description_mark(agent, plain)
     static.name = agent_name(agent)
     static.span_name = f"invoke_agent {static.name}"
     manager, runner = _type_facts(state, agent)
@@ -564,7 +586,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     entry = agents.get(id(instance))
     static = entry[1] if entry is not None and entry[0]() is instance else None
     if static is None or static.config is not getattr(instance, "llm_config", None) \
-            or static.description is not getattr(instance, "description", None):
+            or static.description is not (instance.__dict__.get("_description") if static.plain_description
+                                          else getattr(instance, "description", None)):
         static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
@@ -840,11 +863,17 @@ def _response_output(response: Any) -> str | None:
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
-    attrs: dict[str, Any] = {}
-    response_model, usage, cost = _response_facts(response)
-    if type(traced) is _ChatSpan:  # its metrics read the response when it ends
-        call = traced.call
+    # _response_facts and set_many written out: every model call
+    model = getattr(response, "model", None)
+    response_model = model if isinstance(model, str) else None
+    usage = _models.usage_attributes(getattr(response, "usage", None))
+    cost = getattr(response, "cost", None)
+    cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    chat = type(traced) is _ChatSpan
+    if chat:  # its metrics read the response when it ends
+        call = traced.call  # type: ignore[attr-defined]
         call.response_model, call.usage, call.cost = response_model, usage, cost
+    attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
@@ -867,8 +896,12 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             output = _content(_response_output, response)
             if output is not None and state.capture:
                 attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
-    traced.set_many(attrs)
-    event = getattr(traced, "event", None)
+    if attrs:
+        try:
+            traced.span.set_attributes(attrs)
+        except Exception:
+            logger.debug("cmbagent_otel: could not set attributes", exc_info=True)
+    event = traced.event if chat else None  # type: ignore[attr-defined]
     if event is not None:
         event.update(_event_base(attrs))
         if output is not None:
