@@ -77,7 +77,16 @@ from .._context import (
     scope_in,
     suppressed,
 )
-from .._spans import NodeSpec, SamplingProbe, SharedAttributes, TracedSpan, make_tracer, start, workflow_tracers
+from .._spans import (
+    NodeSpec,
+    SamplingProbe,
+    SharedAttributes,
+    StartedSpan,
+    TracedSpan,
+    make_tracer,
+    start,
+    workflow_tracers,
+)
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import learn_secrets_in, safe_text, truncate
 from ..version import __version__
@@ -119,7 +128,7 @@ class _State:
     """
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
-                 "event_logger",
+                 "descriptions", "event_logger",
                  "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
                  "workflow_tracer")
 
@@ -143,6 +152,8 @@ class _State:
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
         # Protocol-derived classes is slow, a class's answer never changes
         self.types: dict[type, tuple[bool, bool]] = {}
+        # per agent class: whether its description property only returns _description (_plain_description)
+        self.descriptions: dict[type, bool] = {}
         # model-call metric attributes by (config facts, request model, response model)
         self.call_attributes: dict[tuple[Any, ...], CallAttributes] = {}
         # a model call's attributes by (config facts, request model, agent), when the call sets no parameter
@@ -459,15 +470,19 @@ class _AgentStatic:
         self.plain_description = False
 
 
-def _plain_description(agent: Any) -> bool:
+def _plain_description(state: _State, agent: Any) -> bool:
     """Whether ``agent.description`` depends on nothing but ``agent.__dict__["_description"]`` (AG2's
     property ``return self._description``): then that value, compared by identity, tells a changed
-    description as well as the property's result does."""
+    description as well as the property's result does. The class's answer is computed once."""
     try:
-        prop = inspect.getattr_static(type(agent), "description", None)
-        code = getattr(getattr(prop, "fget", None), "__code__", None) if type(prop) is property else None
-        return (code is not None and code.co_argcount == 1 and code.co_names == ("_description",)
-                and not code.co_freevars and "_description" in vars(agent))
+        cls = type(agent)
+        plain = state.descriptions.get(cls)
+        if plain is None:
+            prop = next((vars(k)["description"] for k in cls.__mro__ if "description" in vars(k)), None)
+            code = getattr(getattr(prop, "fget", None), "__code__", None) if type(prop) is property else None
+            plain = state.descriptions[cls] = (code is not None and code.co_argcount == 1
+                                               and code.co_names == ("_description",) and not code.co_freevars)
+        return plain and "_description" in vars(agent)
     except Exception:  # no __dict__, or anything unexpected: the property it is
         return False
 
@@ -514,7 +529,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     seen = old.system_messages if old is not None else []
     system = getattr(agent, "system_message", None)
     static.system_messages = [*seen[-3:], system] if isinstance(system, str) and system not in seen else seen
-    static.plain_description = plain = _plain_description(agent)
+    static.plain_description = plain = _plain_description(state, agent)
     static.config, static.description = config, _description_mark(agent, plain)
     static.name = agent_name(agent)
     static.span_name = f"invoke_agent {static.name}"
@@ -573,9 +588,8 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-# A builder returns its span started. The hot ones make it with object.__new__ and start it with
-# _spans.start: no type.__call__, no dict of keywords, no fields stored only to be read back
-_new = object.__new__
+# A builder returns its span started. The hot ones make it as a StartedSpan (no __init__) and start it
+# with _spans.start: no dict of keywords, no fields stored only to be read back
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
 
 
@@ -616,7 +630,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
             return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
-        return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+        return start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -631,7 +645,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
-    traced = start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
+    traced = start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
         children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
@@ -742,6 +756,7 @@ class _ChatSpan(TracedSpan):
     A model call with neither (no live meter provider, content events off) is a plain TracedSpan."""
 
     __slots__ = ("call", "event", "event_logger", "state")
+    __init__ = object.__init__  # type: ignore[assignment]  # made by _llm, started by start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
@@ -809,8 +824,8 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
     if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
-        return start(_new(TracedSpan), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
-    traced = _new(_ChatSpan)  # its four fields set here: no __init__ of its own, no keywords dict
+        return start(StartedSpan(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    traced = _ChatSpan()  # its four fields set here: no __init__ (see StartedSpan), no keywords dict
     traced.state = state
     traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
@@ -932,7 +947,7 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return start(_new(TracedSpan), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+    return start(StartedSpan(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
 
 
