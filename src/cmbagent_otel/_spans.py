@@ -407,6 +407,35 @@ def record_exception(span: Span, exc: BaseException) -> None:
 
 
 # --- sampling decided before anything is built ------------------------------------------------
+def _reference_is_recording(self: Any) -> bool:
+    return self._end_time is None  # type: ignore[no-any-return]
+
+
+class _NoSpan:
+    """No span is of this type: :data:`END_TIME_SPAN` when the SDK's span cannot be read directly."""
+
+
+def _end_time_span() -> type:
+    """The SDK's span class when its ``is_recording()`` is exactly ``return self._end_time is None``
+    (same bytecode, names and constants as :func:`_reference_is_recording`), else :class:`_NoSpan`."""
+    try:
+        from opentelemetry.sdk.trace import _Span
+
+        code, reference = _Span.is_recording.__code__, _reference_is_recording.__code__
+        if (code.co_code, code.co_names, code.co_consts, code.co_argcount) == (
+                reference.co_code, reference.co_names, reference.co_consts, reference.co_argcount):
+            return _Span
+    except Exception:
+        logger.debug("cmbagent_otel: the SDK's span class is not the one expected", exc_info=True)
+    return _NoSpan
+
+
+# A wrapper asks whether the current span records on every call: for a span of exactly this class it
+# reads ``span._end_time is None``, what its is_recording() returns, for ~300 instructions less than
+# the method call
+END_TIME_SPAN = _end_time_span()
+
+
 _UNKNOWN, _ALWAYS, _PARENT = 0, 1, 2
 
 

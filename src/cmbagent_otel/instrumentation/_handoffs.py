@@ -32,7 +32,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
-from .._spans import TracedSpan, compose, exception_text, record_exception
+from .._spans import END_TIME_SPAN, TracedSpan, compose, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
 from ._patching import wrapt_wrapper
@@ -177,8 +177,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
                 frame = scope.cursor.resolve()
                 if frame is not None:
                     scope, span = frame.scope, frame.span
-        if span is None or not span.is_recording():  # unsampled: nothing to record it on
-            return None
+        if span is None or not (span._end_time is None if type(span) is END_TIME_SPAN else span.is_recording()):
+            return None  # unsampled: nothing to record it on
         # the Selection built here (no __init__: one call less for every selection; a plain class call
         # allocates it for less than object.__new__ does)
         selection = Selection()

@@ -78,6 +78,7 @@ from .._context import (
     suppressed,
 )
 from .._spans import (
+    END_TIME_SPAN,
     NodeSpec,
     SamplingProbe,
     SharedAttributes,
@@ -259,7 +260,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
                 if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
                     traced = None
-                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
                         or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
                     traced = build(state, ctx, self, args, kwargs)
                 else:
