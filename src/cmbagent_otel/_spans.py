@@ -669,8 +669,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs.update(attributes)
         else:
             attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes)
-        span = (tracer or workflow_tracers.current()).start_span(name, context=parent_ctx, kind=span_kind,
-                                                               attributes=attrs)
+        # positional, in the order the API's Tracer.start_span declares: no keyword matching per span
+        span = (tracer or workflow_tracers.current()).start_span(name, parent_ctx, span_kind, attrs)
         self.span = span
         held: Scope | TracedSpan = self  # what the context holds for the children's scope
         if new_scope is None:
