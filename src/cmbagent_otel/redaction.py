@@ -115,6 +115,27 @@ def reload_settings() -> None:
     """Re-read the length bound and secret-looking environment variables."""
     global _max_len
     _max_len = max_length()
+    _register_environment()
+
+
+def register_new_environment() -> None:
+    """Register secret-looking environment variables set or changed since the last look (one
+    dict comparison when none was): an application may set one after :func:`instrument` (a
+    ``.env`` file loaded late, a key asked for at run time) and the code or tool it runs may
+    print it. Called before a code execution's output or a tool's result is recorded. Never raises."""
+    with contextlib.suppress(Exception):
+        data = getattr(os.environ, "_data", None)  # the live mapping behind os.environ (CPython)
+        if data is None or data != _environment_seen:
+            _register_environment()
+
+
+_environment_seen: dict[Any, Any] = {}
+
+
+def _register_environment() -> None:
+    global _environment_seen
+    data = getattr(os.environ, "_data", None)
+    _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
         if _SECRET_ENV_NAME.search(name):
             register_secret(value)

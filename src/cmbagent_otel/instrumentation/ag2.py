@@ -79,7 +79,7 @@ from .._context import (
 )
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import learn_secrets_in, safe_text, truncate
+from ..redaction import learn_secrets_in, register_new_environment, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -903,6 +903,7 @@ def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
     if not (isinstance(result, tuple) and len(result) == 2):
         return
     success, payload = result
+    register_new_environment()  # a tool may return a key the app put in os.environ after instrument()
     content = payload.get("content") if isinstance(payload, dict) else None
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
@@ -1060,6 +1061,7 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
             if state.metrics is not None and isinstance(traced, _CodeSpan):
                 state.metrics.code_failure(traced.language, "nonzero_exit_code")
     if output is not None:
+        register_new_environment()  # the code may print a key the app put in os.environ after instrument()
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
