@@ -50,11 +50,11 @@ _SECRET_ENV_NAME = re.compile(
 # account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature
 _SECRET_KEY_NAME = re.compile(
     r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
-    r"auth[_-]?token|subscription[_-]?key|account[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
+    r"auth[_-]?token|subscription[_-]?key|account[_-]?key|functions[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
 _SECRET_SHAPES = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{12,}|sk_[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+    r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
     r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
 # More providers' credential shapes (Groq, Hugging Face, xAI, Perplexity, AWS access key ids,
@@ -72,8 +72,21 @@ _GATED_SHAPES = tuple((hint, re.compile(pattern)) for hint, pattern in (
     # to the end of the text when the END line was cut off
     ("PRIVATE KEY-----", r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----(?s:.*?-----END [A-Z ]{0,40}PRIVATE KEY-----|.*)"),
 ))
-# scheme://user:password@host, and scheme://:password@host (Redis)
-_URL_CREDENTIALS = re.compile(r"://[^/\s:@\"']{0,256}:[^/\s@\"']{1,256}@")
+# scheme://user:password@host, scheme://:password@host (Redis), and a password holding a raw "@" or
+# "/" (scheme://u:p@ss/w0rd@host: up to the last "@" of the URL, the safe side) or a user name that is
+# an e-mail address; "host:port/..." is not a password
+_URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[/?#\s\"'<>]|$))[^\s\"'<>]{1,256}@")
+# query parameters that are credentials only inside a URL: Azure Functions' ?code=, Google's ?key=,
+# a presigned URL's X-Amz-Signature= (as key names, "code" and "key" are ordinary words: exit code=1)
+_URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signature))=(?!\[REDACTED\])[^&#\s\"'<>]+",
+                                re.IGNORECASE)
+# webhook URLs whose path is the credential (Slack, Discord, Microsoft Teams)
+_URL_PATH_SECRETS = re.compile(
+    r"(?P<path>hooks\.slack\.com/(?:services|workflows|triggers)/|/api/webhooks/|/webhookb2/)[^\s\"'<>?#]+")
+# \u00XX (JSON) and %XX (URL) escapes of characters keys are made of: "sk\u002dproj..." is a key
+_JSON_ESCAPED = re.compile(r"\\u00([2-7][0-9A-Fa-f])")
+_URL_ESCAPED = re.compile(r"%([2-7][0-9A-Fa-f])")  # two patterns: each starts with a literal (fast scan)
+_PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
 _MIN_SECRET_LEN = 6
 MAX_LEARNED = 256
 
@@ -525,6 +538,10 @@ def redact(text: str | None) -> str | None:
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
+    if "\\u00" in text:
+        text = _JSON_ESCAPED.sub(_unescape, text)
+    if "%" in text:
+        text = _URL_ESCAPED.sub(_unescape, text)
     before = _known_pattern
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
@@ -537,9 +554,20 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             text = shape.sub(REDACTED, text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
+        if "?" in text and "=" in text:
+            text = _URL_QUERY_SECRETS.sub(rf"\g<name>={REDACTED}", text)
+        if "hook" in text:
+            text = _URL_PATH_SECRETS.sub(rf"\g<path>{REDACTED}", text)
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+def _unescape(match: re.Match[str]) -> str:
+    """The character an escape stands for when keys are made of it; other escapes (quotes,
+    backslashes, separators) stay, so JSON stays JSON and no match runs across items."""
+    char = chr(int(match.group(1), 16))
+    return char if char in _PLAIN_CHARS else match.group()
 
 
 _caches: list[RedactionCache] = []
