@@ -898,6 +898,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if _unstorable(view.name, view.status.description, attrs, view.start_time, view.end_time):
             span, attrs = sanitized(span, attrs)
             view = _view(span)
+        if type(view.name) is str and _values.redact(view.name) != view.name:  # (memoised) a name quoting a key
+            view = view._replace(name=_values.redact(view.name))
         span = view  # type: ignore[assignment]
         trace_id = ctx.trace_id
         found = traces.get(trace_id)

@@ -79,7 +79,7 @@ from .._context import (
 )
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import learn_secrets_in, register_new_environment, safe_text, truncate
+from ..redaction import learn_secrets_in, redact, register_new_environment, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -877,11 +877,12 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
     name = "unknown"
     arguments = None
     if isinstance(func_call, dict):
-        name = bounded_name(str(func_call.get("name") or "unknown"))
         arguments = func_call.get("arguments")
         # Before the tool runs, content capture on or off: a password passed to the tool must
         # also be redacted from the exception message or result it produces.
         learn_secrets_in(arguments)
+        # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
+        name = redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
