@@ -74,8 +74,9 @@ _GATED_SHAPES = tuple((hint, re.compile(pattern)) for hint, pattern in (
 ))
 # scheme://user:password@host, scheme://:password@host (Redis), and a password holding a raw "@" or
 # "/" (scheme://u:p@ss/w0rd@host: up to the last "@" of the URL, the safe side) or a user name that is
-# an e-mail address; "host:port/..." is not a password
-_URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[/?#\s\"'<>]|$))[^\s\"'<>]{1,256}@")
+# an e-mail address; "host:port/..." is not a password, and a password never runs into the next "://"
+# (text made of "://a:" repeated took 70 ms per 64 KiB to search without that stop: 1 ms with it)
+_URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[/?#\s\"'<>]|$))(?:[^\s\"'<>:]|:(?!//)){1,256}@")
 # query parameters that are credentials only inside a URL: Azure Functions' ?code=, Google's ?key=,
 # a presigned URL's X-Amz-Signature= (as key names, "code" and "key" are ordinary words: exit code=1)
 _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signature))=(?!\[REDACTED\])[^&#\s\"'<>]+",
