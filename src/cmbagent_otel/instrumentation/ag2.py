@@ -79,7 +79,7 @@ from .._context import (
 )
 from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import learn_secrets_in, redact, register_new_environment, safe_text, truncate
+from ..redaction import RedactionCache, learn_secrets_in, register_new_environment, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -882,7 +882,7 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         # also be redacted from the exception message or result it produces.
         learn_secrets_in(arguments)
         # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
-        name = redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
+        name = _tool_names.redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
@@ -898,6 +898,9 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
     return start(_new(TracedSpan), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
+
+
+_tool_names = RedactionCache(max_len=512, max_chars=1_000_000)  # redact() memoised: a tool's name comes back
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
