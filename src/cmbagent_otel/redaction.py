@@ -540,9 +540,9 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
     if "\\u00" in text:
-        text = _JSON_ESCAPED.sub(_unescape, text)
+        text = _unescaped(_JSON_ESCAPED, known, text)
     if "%" in text:
-        text = _URL_ESCAPED.sub(_unescape, text)
+        text = _unescaped(_URL_ESCAPED, known, text)
     before = _known_pattern
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
@@ -562,6 +562,15 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | None, text: str) -> str:
+    """``text`` with ``pattern``'s escapes decoded; a known secret that holds such an escape
+    itself (a password ``x%5fy``) is replaced before, or decoding would hide it."""
+    decoded = pattern.sub(_unescape, text)
+    if decoded == text or known is None:
+        return decoded
+    return pattern.sub(_unescape, known.sub(REDACTED, text))
 
 
 def _unescape(match: re.Match[str]) -> str:

@@ -81,6 +81,15 @@ def test_the_forms_are_redacted(registered_key: str) -> None:
         assert secret not in redacted and redaction.REDACTED in redacted, (name, redacted)
 
 
+def test_a_secret_holding_an_escape_itself_is_still_redacted(isolated_secrets: None) -> None:
+    registered, learned = f"Pw%5f{_b64(10)}%41x", f"Zz%5f{_b64(10)}%2dy"  # generated passwords may
+    redaction.register_secret(registered)
+    for text in (f"login with {registered} failed", f"password={learned} then {learned} again"):
+        redacted = redaction.redact(text) or ""
+        assert registered not in redacted and learned not in redacted, redacted
+        assert "%5f" not in redacted and "_" + registered[5:15] not in redacted, redacted  # nor decoded
+
+
 @pytest.mark.parametrize("text", [
     "process exit code=1 after 3 s, key=value pairs, ?key",  # "code" and "key" outside a URL
     "https://host.example:8080/users/@me and http://localhost:5432/db?mail=a@b.org",  # a port, then an "@"
