@@ -539,10 +539,23 @@ def redact(text: str | None) -> str | None:
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
-    if "\\u00" in text:
-        text = _unescaped(_JSON_ESCAPED, known, text)
-    if "%" in text:
-        text = _unescaped(_URL_ESCAPED, known, text)
+    if "\\u00" in text or "%" in text:
+        decoded = text
+        if "\\u00" in decoded:
+            decoded = _unescaped(_JSON_ESCAPED, known, decoded)
+        if "%" in decoded:
+            decoded = _unescaped(_URL_ESCAPED, known, decoded)
+        if decoded != text:
+            # the decoded form only where it hides more (an escaped key): other escapes, as
+            # in a URL's %41 or a JSON \u0041, are telemetry's to keep as the app wrote them
+            before = _known_pattern
+            as_written = _redact_plain(known, text)
+            unescaped = _redact_plain(_known_pattern if _known_pattern is not before else known, decoded)
+            return unescaped if unescaped.count(REDACTED) > as_written.count(REDACTED) else as_written
+    return _redact_plain(known, text)
+
+
+def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     before = _known_pattern
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too

@@ -122,3 +122,11 @@ def test_the_forms_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFi
         user.initiate_chat(assistant, message=f"read from: {quoted}", max_turns=1, silent=True)
     assert quoted in str(info.value)  # the application's exception is its own
     assert_clean(sink, caplog, *(secret for _, secret in found.values()))
+
+
+def test_escapes_without_a_secret_behind_them_stay_as_written() -> None:
+    """Decoding serves the search only: a URL's %41 or a JSON \\u0041 that hides no key is kept."""
+    from cmbagent_otel.redaction import redact
+
+    for text in ("see https://x.example/a%41b?q=%2Fpath", 'json "\\u0041bc"', "100%25 of c%2B%2B"):
+        assert redact(text) == text
