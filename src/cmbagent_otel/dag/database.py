@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from sqlalchemy import Engine, create_engine, event
@@ -82,9 +83,27 @@ def default_sqlite_path() -> Path:
     return environment_variables.default_sqlite_path()
 
 
+def _raw_credentials(url: str) -> str:
+    """``url`` with a password that holds a raw ``@`` (``postgresql://u:p@ss/w0rd@db/x``) percent-encoded.
+
+    SQLAlchemy ends the password at the first ``@``: it connected to host ``ss``, database
+    ``w0rd@db/x``, and every message and spill header naming the database showed ``ss/w0rd``.
+    The credentials are what comes before the last ``@`` of the URL's address (before any
+    ``?``): a database name holding a raw ``@`` reads as part of a password instead (fails to
+    connect, shows nothing)."""
+    scheme, sep, rest = url.partition("://")
+    address, qmark, query = rest.partition("?")
+    if not sep or address.startswith("/") or address.count("@") < 2:
+        return url
+    userinfo, _, host = address.rpartition("@")
+    user, colon, password = userinfo.partition(":")  # a user name has no ":", a password may
+    credentials = quote(user, safe="") + (":" + quote(password, safe="") if colon else "")
+    return f"{scheme}://{credentials}@{host}{qmark}{query}"
+
+
 def resolve_url(url: str | None = None) -> str:
     """Resolve the database URL (argument > env > default) and normalise its driver."""
-    chosen = environment_variables.database_url(url)
+    chosen = _raw_credentials(environment_variables.database_url(url))
     try:
         parsed = make_url(chosen)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
@@ -111,7 +130,7 @@ def resolve_url(url: str | None = None) -> str:
 def redacted(url: str | URL) -> str:
     """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:
-        parsed = make_url(url)
+        parsed = make_url(_raw_credentials(url) if isinstance(url, str) else url)
         secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
         return parsed.difference_update_query(secret).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):

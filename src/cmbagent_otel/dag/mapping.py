@@ -1116,6 +1116,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             span, attrs = sanitized(span, attrs)
             view = _view(span)
             start_ns, end_ns = view.start_time, view.end_time
+        if type(view.name) is str and _values.redact(view.name) != view.name:  # (memoised) a name quoting a key
+            view = view._replace(name=_values.redact(view.name))
         span = view  # type: ignore[assignment]
         if type(ctx) is _CONTEXT_TYPE:
             trace_id, span_id = ctx[0], ctx[1]

@@ -89,7 +89,7 @@ from .._spans import (
     workflow_tracers,
 )
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import learn_secrets_in, safe_text, truncate
+from ..redaction import RedactionCache, learn_secrets_in, register_new_environment, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -931,11 +931,12 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
     name = "unknown"
     arguments = None
     if isinstance(func_call, dict):
-        name = bounded_name(str(func_call.get("name") or "unknown"))
         arguments = func_call.get("arguments")
         # Before the tool runs, content capture on or off: a password passed to the tool must
         # also be redacted from the exception message or result it produces.
         learn_secrets_in(arguments)
+        # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
+        name = _tool_names.redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
@@ -953,10 +954,14 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
                  _INTERNAL, ctx)
 
 
+_tool_names = RedactionCache(max_len=512, max_chars=1_000_000)  # redact() memoised: a tool's name comes back
+
+
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if not (isinstance(result, tuple) and len(result) == 2):
         return
     success, payload = result
+    register_new_environment()  # a tool may return a key the app put in os.environ after instrument()
     content = payload.get("content") if isinstance(payload, dict) else None
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
@@ -1114,6 +1119,7 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
             if state.metrics is not None and isinstance(traced, _CodeSpan):
                 state.metrics.code_failure(traced.language, "nonzero_exit_code")
     if output is not None:
+        register_new_environment()  # the code may print a key the app put in os.environ after instrument()
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
