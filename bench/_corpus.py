@@ -47,9 +47,12 @@ def _clone(span: ReadableSpan, trace_id: int) -> ReadableSpan:
         context=SpanContext(trace_id, ctx.span_id, False, TraceFlags(TraceFlags.SAMPLED)),
         parent=SpanContext(trace_id, parent.span_id, False, TraceFlags(TraceFlags.SAMPLED)) if parent else None,
         resource=span.resource,
-        attributes=span.attributes,
-        events=span.events,
-        links=span.links,
+        # the recorded span's own containers (BoundedAttributes, BoundedList), as the SDK hands a
+        # finished span to its processors; the public properties would give read-only copies
+        # (MappingProxyType, tuples) that no production exporter sees
+        attributes=span._attributes,
+        events=span._events,
+        links=span._links,
         kind=span.kind,
         status=span.status,
         start_time=span.start_time,

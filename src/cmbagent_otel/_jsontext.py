@@ -37,12 +37,11 @@ def standard_encoder(default: Callable[[Any], Any], *, ensure_ascii: bool) -> Ca
     (as the protobuf JSON mapping writes them). Values without one cost one encoding, as before.
     """
     quote = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
+    iterencode = strict_iterencode(default, ensure_ascii=ensure_ascii)
+    if iterencode is None:
         strict: Callable[[Any], str] = json.JSONEncoder(default=default, ensure_ascii=ensure_ascii,
                                                          check_circular=False, allow_nan=False).encode
     else:
-        iterencode = make(None, default, quote, None, ": ", ", ", False, False, False)
 
         def strict(value: Any) -> str:
             return "".join(iterencode(value, 0))
@@ -56,6 +55,17 @@ def standard_encoder(default: Callable[[Any], Any], *, ensure_ascii: bool) -> Ca
             return strict(finite(value))
 
     return encode
+
+
+def strict_iterencode(default: Callable[[Any], Any], *, ensure_ascii: bool) -> Callable[[Any, int], Any] | None:
+    """The C encoder :func:`standard_encoder` joins: ``"".join(it(value, 0))`` is the compact JSON
+    text of ``value`` (a top-level string included), raising ValueError on a non-finite float;
+    None without the C accelerator."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    quote = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    return make(None, default, quote, None, ": ", ", ", False, False, False)  # type: ignore[no-any-return]
 
 
 def finite(value: Any) -> Any:

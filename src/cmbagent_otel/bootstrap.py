@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from . import environment_variables as env
+from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
 from .instrumentation.ag2 import AG2Instrumentor
 from .provider import build_meter_provider, build_tracer_provider, sdk_disabled, slot_of, span_processors
@@ -97,7 +98,7 @@ def instrument(
     ``none``, to the global provider (a no-op until the application sets one). ``metrics=False``
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
     """
-    with _lock:
+    with _lock, imports_settled():
         if _state["active"]:
             return _state["provider"]  # type: ignore[no-any-return]
         if sdk_disabled():

@@ -279,3 +279,37 @@ def test_plain_attributes_copies_any_attribute_mapping(provider: Any, container:
     assert plain_attributes(span) == {"a": 1}
     assert type(plain_attributes(span)) is dict
     assert plain_attributes(ReadableSpan(name="s", context=recorded.context)) == {}
+
+
+def _llm_span(trace_id: int, span_id: int, **extra: Any) -> ReadableSpan:
+    from opentelemetry.trace import SpanContext, Status, StatusCode
+
+    attributes: dict[str, Any] = {
+        "cmbagent.span.kind": "llm", "cmbagent.execution_order": 3, "cmbagent.dag.node": "planning",
+        "gen_ai.agent.name": "planner", "gen_ai.request.model": "m", "gen_ai.response.id": "r-1",
+        "gen_ai.response.finish_reasons": ("stop",), "gen_ai.usage.input_tokens": 4, **extra,
+    }
+    return ReadableSpan(
+        name="chat m", context=SpanContext(trace_id, span_id, False),
+        parent=SpanContext(trace_id, span_id + 1, False), attributes=attributes,
+        status=Status(StatusCode.OK), start_time=1_700_000_000_000_000_000, end_time=1_700_000_001_000_000_000)
+
+
+def test_event_attributes_checked_and_scrubbed_in_one_pass() -> None:
+    """An event span of ours whose keys are known is checked for unstorable text in the same pass
+    that scrubs its attributes: a NUL or lone surrogate still makes the sanitized copy (in a value
+    and in a tuple item), and a text the redaction memo has not seen is still redacted."""
+    from cmbagent_otel import redaction
+    from cmbagent_otel.dag.mapping import map_spans
+
+    secret_text = "connect with api_key=sk-live-0123456789abcdefABCDEF please"
+    assert redaction.redact(secret_text) != secret_text
+    map_spans([_llm_span(0xA1, 0x10)])  # the keys are classified and checked once
+    spans = [_llm_span(0xA1, 0x20, **{"gen_ai.response.id": "r\x00-2"}),
+             _llm_span(0xA1, 0x30, **{"gen_ai.response.finish_reasons": ("stop", "x\ud800")}),
+             _llm_span(0xA1, 0x40, **{"gen_ai.response.id": secret_text})]
+    events = {e["meta"]["span_id"]: e for e in map_spans(spans).events.values()}
+    assert events[f"{0x20:016x}"]["meta"]["attributes"]["gen_ai.response.id"] == "r\ufffd-2"
+    assert events[f"{0x30:016x}"]["meta"]["attributes"]["gen_ai.response.finish_reasons"] == ["stop", "x\ufffd"]
+    assert events[f"{0x40:016x}"]["meta"]["attributes"]["gen_ai.response.id"] == redaction.redact(secret_text)
+    assert events[f"{0x40:016x}"]["meta"]["attributes"]["gen_ai.agent.name"] == "planner"

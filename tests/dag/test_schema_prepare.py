@@ -82,7 +82,7 @@ def test_the_processor_migrates_in_the_background_once(tmp_path: Path, provider:
         if running is not None:
             running.join()
         assert database.schema_ready(url)
-        migrations = [r for r in caplog.records if "migrating the schema" in r.getMessage()]
+        migrations = [r for r in caplog.records if "created the schema" in r.getMessage()]  # a new file
         assert [r.threadName for r in migrations] == ["cmbagent-otel-schema"]
         for span in spans:
             processor.on_end(span)
@@ -94,7 +94,7 @@ def test_the_processor_migrates_in_the_background_once(tmp_path: Path, provider:
         second.shutdown()
     finally:
         processor.shutdown()
-    assert len([r for r in caplog.records if "migrating the schema" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "the schema of" in r.getMessage()]) == 1
 
 
 def test_an_export_waits_for_the_background_step_no_longer_than_its_deadline(tmp_path: Path, provider: Any) -> None:
@@ -128,3 +128,69 @@ def test_starting_the_background_step_never_waits_for_a_migration_in_progress(tm
         database._migrate_lock.release()
     thread.join(30)
     assert database.schema_ready(url)
+
+
+def _structure(url: str) -> dict[str, Any]:
+    """Every table's columns, keys, foreign keys and indexes, by name, as the database reports them."""
+    from sqlalchemy import inspect
+
+    engine = create_engine(url)
+    try:
+        found = inspect(engine)
+        return {table: {
+            "columns": [(c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                        for c in found.get_columns(table)],
+            "primary_key": found.get_pk_constraint(table),
+            "foreign_keys": sorted(repr(sorted(fk.items())) for fk in found.get_foreign_keys(table)),
+            "indexes": sorted(repr(sorted(ix.items())) for ix in found.get_indexes(table)),
+            "unique": sorted(repr(sorted(u.items())) for u in found.get_unique_constraints(table)),
+        } for table in sorted(found.get_table_names())}
+    finally:
+        engine.dispose()
+
+
+def test_a_new_database_is_created_as_upgrade_would_make_it(db_url: str, pg_schema: Any, tmp_path: Path) -> None:
+    """create_if_empty (what the first export of a new database runs, without Alembic) builds the
+    same tables, columns, keys, indexes and version row as ``upgrade head``; Alembic then takes
+    it from there (no-op upgrade, downgrade to base)."""
+    assert database.create_if_empty(db_url)
+    assert not database.create_if_empty(db_url)  # tables there: nothing done, Alembic decides
+    assert database.current_revision(db_url) == database.head_revisions()[0]
+    if db_url.startswith("sqlite"):
+        migrated = f"sqlite:///{tmp_path}/migrated.db"
+        database.upgrade(migrated)
+        assert _structure(db_url) == _structure(migrated)
+    else:
+        with pg_schema() as migrated:
+            database.upgrade(migrated)
+            assert _structure(db_url) == _structure(migrated)
+    created = _structure(db_url)
+    database.upgrade(db_url)
+    assert _structure(db_url) == created
+    database.downgrade(db_url, "base")
+    assert database.current_revision(db_url) is None
+
+
+def test_create_if_empty_leaves_a_database_with_tables_to_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/theirs.db"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE their_table (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    assert not database.create_if_empty(url)
+    assert set(_structure(url)) == {"their_table"}
+    database.ensure_schema(url)  # Alembic's upgrade: the application's table stays
+    assert "their_table" in _structure(url) and database.schema_ready(url)
+
+
+def test_a_new_database_is_created_without_importing_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/new.db"
+    script = textwrap.dedent(f"""
+        import sys
+        from cmbagent_otel.dag import database
+        database.ensure_schema({url!r})
+        print(database.schema_ready({url!r}), "alembic" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+    assert database.current_revision(url) == database.head_revisions()[0]

@@ -55,9 +55,10 @@ def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False, h
 
 # C0 and C1 control characters (ESC starts terminal escape sequences: retitle the window, clear the
 # screen, rewrite earlier lines; U+009B is a one-character CSI) and bidirectional overrides, which
-# reorder what a reader sees; tab and newline are layout, kept
+# reorder what a reader sees, with the directional marks (ALM, LRM, RLM) and the line and paragraph
+# separators (U+2028, U+2029) as the ingest's log lines escape them; tab and newline are layout, kept
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
-_CONTROL.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))})
 
 
 def plain(value: Any) -> str:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -151,6 +152,19 @@ def mermaid(dag: dict[str, Any]) -> str:
 
 
 # --- Graphviz ------------------------------------------------------------------------------------
+def _dot_id(value: Any) -> str:
+    """The DOT name of a node: its id, or a digest of it when the ``graphviz`` package would not
+    write the id as one quoted string. It writes a name in ``<...>`` as it is (an HTML-like
+    string: a stored id could add nodes, edges and attributes such as ``URL="javascript:..."``
+    to the SVG), reads ``a:b`` in an edge as node ``a``, port ``b`` (another node), and a
+    trailing backslash escapes the closing quote (the rest of the file fails to parse). The
+    label still shows the id."""
+    text = plain(value)
+    if ":" not in text and "\\" not in text and not text.startswith("<"):
+        return text
+    return "id_" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
 def graph(dag: dict[str, Any]) -> Any:
     """The run as a ``graphviz.Digraph``."""
     import graphviz
@@ -179,9 +193,9 @@ def graph(dag: dict[str, Any]) -> Any:
         if n["type"] == "branch_point":
             attrs["shape"] = "diamond"
             attrs["style"] = "filled"
-        dot.node(plain(n["id"]), label(*lines), **attrs)
+        dot.node(_dot_id(n["id"]), label(*lines), **attrs)
     for source, target, kind, edge_label, tree_edge in _edges(dag):
-        source, target = plain(source), plain(target)
+        source, target = _dot_id(source), _dot_id(target)
         # parent -> child edges lay the tree out; the others are drawn over it
         constraint = "true" if tree_edge else "false"
         if kind == "child":

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
@@ -117,11 +118,15 @@ def derived_uuid(*parts: str) -> str:
     return str(uuid.UUID(hex=hashlib.md5(":".join(parts).encode()).hexdigest()))
 
 
+# timedelta * int builds the delta without timedelta()'s argument parsing (~35 % cheaper per datetime)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def ts(ns: int | None) -> datetime | None:
     """Nanoseconds since the epoch -> naive UTC datetime (cmbagent's storage convention)."""
     if ns is None:
         return None
-    return _EPOCH + timedelta(0, 0, ns // 1000)
+    return _EPOCH + _MICROSECOND * (ns // 1000)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -188,18 +193,29 @@ def _clean_value(value: Any) -> Any:
     return value
 
 
+# Attribute keys already checked storable (keys repeat across every span): a set's issuperset
+# checks them all in C, so only the values are looped over. Bounded like the key memos.
+_storable_keys: set[str] = set()
+_SEQUENCE_TYPES = frozenset({tuple, list})
+
+
 def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
-    for key, value in attrs.items():
-        kind = type(value)
-        if kind is str:
+    for value in attrs.values():
+        if type(value) is str:
             if (not value.isascii() or "\x00" in value) and _rejected(value):
                 return True
-        elif kind is tuple or kind is list:
+        elif type(value) in _SEQUENCE_TYPES:
             for item in value:
                 if type(item) is str and _rejected(item):
                     return True
+    if _storable_keys.issuperset(attrs):
+        return False
+    for key in attrs:
         if (not key.isascii() or "\x00" in key) and _rejected(key):
             return True
+    if len(_storable_keys) >= 4096:
+        _storable_keys.clear()
+    _storable_keys.update(key for key in attrs if len(key) <= 256)
     return False
 
 
@@ -213,6 +229,11 @@ def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if type(attrs) is dict:
         return attrs.copy()
+    if type(attrs) is BoundedAttributes:
+        # its copy() is a Python-level method returning this dict's copy
+        inner = getattr(attrs, "_dict", None)
+        if type(inner) is dict:
+            return inner.copy()
     # the SDK's read-only view forwards copy() to BoundedAttributes.copy(), a C-level dict
     # copy; building the dict key by key through the view costs ~25x more (and asking the
     # view whether it is empty first is a Python-level __len__)
@@ -321,6 +342,35 @@ def _view(span: ReadableSpan) -> _SpanView:
 _DIRECT_TYPES = _probe_fields()
 
 
+def _probe_context() -> type | None:
+    """SpanContext when it is the tuple ``(trace id, span id, is remote, ...)`` its properties read
+    (each property a Python call; the mapping read about five per span), else None."""
+    try:
+        ctx = SpanContext(trace_id=0x1234, span_id=0x56, is_remote=True)
+        if (isinstance(ctx, tuple) and (ctx[0], ctx[1], ctx[2]) == (ctx.trace_id, ctx.span_id, ctx.is_remote)
+                == (0x1234, 0x56, True)):
+            return SpanContext
+    except Exception:
+        pass
+    return None
+
+
+def _probe_status() -> type | None:
+    """Status when its code and description are the instance's ``_status_code`` and ``_description``."""
+    try:
+        status = Status(StatusCode.ERROR, "probe")
+        if (vars(status).get("_status_code") is status.status_code is StatusCode.ERROR
+                and vars(status).get("_description") == status.description == "probe"):
+            return Status
+    except Exception:
+        pass
+    return None
+
+
+_CONTEXT_TYPE = _probe_context()
+_STATUS_TYPE = _probe_status()
+
+
 def status_of(span: ReadableSpan) -> str:
     return "failed" if span.status.status_code is StatusCode.ERROR else "completed"
 
@@ -330,10 +380,6 @@ def _error_of(span: ReadableSpan) -> str | None:
         return None
     description = span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error"
     return truncate(_values.redact(str(description)))
-
-
-def _duration_ms(span: ReadableSpan) -> int | None:
-    return _ms_between(span.start_time, span.end_time)
 
 
 def _ms_between(start_ns: int | None, end_ns: int | None) -> int | None:
@@ -444,19 +490,32 @@ RAW_NODE_META = ("attempt", "span_kind")
 
 
 def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
-              started: datetime | None, completed: datetime | None, *, running: bool = False) -> dict[str, Any]:
+              started: datetime | None, completed: datetime | None, *, running: bool = False,
+              span_id: int | None = None, failed: bool | None = None) -> dict[str, Any]:
+    """``span``'s ``dag_nodes`` row (``span_id`` and ``failed``: the span's, when the caller read them)."""
     get = attrs.get
     short = str(attrs[sc.DAG_NODE])
     node_type = str(get(sc.DAG_NODE_TYPE) or sc.NODE_AGENT)
     kind = get(sc.SPAN_KIND)
     parent_short = get(sc.DAG_PARENT_NODE)
-    order_index = _int(get(sc.DAG_ORDER_INDEX), 0)
-    failed = not running and span.status.status_code is StatusCode.ERROR
+    order_index = get(sc.DAG_ORDER_INDEX)
+    if type(order_index) is not int or not -_INT32 <= order_index <= _INT32:
+        order_index = _int(order_index, 0)
+    if failed is None:
+        failed = span.status.status_code is StatusCode.ERROR
+    failed = not running and failed
     status = RUNNING if running else "failed" if failed else "completed"
     error = _error_of(span) if failed else None
-    goal = _text(get(sc.STEP_GOAL))
-    summary = _text(get(sc.STEP_SUMMARY))
-    phase_name = _text(get(sc.PHASE))
+    # _text of each, the common case (absent or text) inline
+    goal = get(sc.STEP_GOAL)
+    if goal is not None and type(goal) is not str:
+        goal = _text(goal)
+    summary = get(sc.STEP_SUMMARY)
+    if summary is not None and type(summary) is not str:
+        summary = _text(summary)
+    phase_name = get(sc.PHASE)
+    if phase_name is not None and type(phase_name) is not str:
+        phase_name = _text(phase_name)
     agent = get(sc.STEP_AGENT) or get(sc.GEN_AI_AGENT_NAME)
     step_number: int = order_index
     if kind == sc.KIND_PHASE:
@@ -500,16 +559,20 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         meta["hypothesis"] = _text(get(sc.BRANCH_HYPOTHESIS))
     meta["span_kind"] = kind
     meta["span_name"] = span.name
-    meta["span_id"] = f"{span.context.span_id:016x}"
-    meta["execution_order"] = _int(get(sc.EXECUTION_ORDER), 0)
+    meta["span_id"] = f"{span.context.span_id if span_id is None else span_id:016x}"
+    order = get(sc.EXECUTION_ORDER)
+    meta["execution_order"] = order if type(order) is int and -_INT32 <= order <= _INT32 else _int(order, 0)
     meta["started_at"] = started.isoformat(" ") if started is not None else None
     meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
-    meta["duration_ms"] = _duration_ms(span)
+    start_ns, end_ns = span.start_time, span.end_time
+    meta["duration_ms"] = (None if start_ns is None or end_ns is None
+                           else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000)))  # _ms_between
+    depth = get(sc.DAG_DEPTH)
     row = {
         "id": node_db_id(run_id, short), "run_id": run_id, "session_id": session_id,
         "parent_node_id": node_db_id(run_id, str(parent_short)) if parent_short else None,
         "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
-        "depth": _int(get(sc.DAG_DEPTH), 0), "meta": meta,
+        "depth": depth if type(depth) is int and -_INT32 <= depth <= _INT32 else _int(depth, 0), "meta": meta,
     }
     if kind == sc.KIND_STEP and get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED and not failed:
         _as_not_started(row)
@@ -592,6 +655,10 @@ def _agent_of(kind: Any, attrs: Mapping[str, Any]) -> Any:
     return g(sc.GEN_AI_AGENT_NAME)
 
 
+# kinds whose acting agent is not gen_ai.agent.name (see _agent_of)
+_ACTING_KINDS = frozenset({sc.KIND_SPEAKER_SELECTION, sc.KIND_CONVERSATION, sc.KIND_MULTI_CONVERSATION})
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
@@ -630,13 +697,101 @@ def _scrub_value(value: Any) -> Any:
 
 
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes as an event's ``meta.attributes``: secret keys' values replaced (and learned),
+    every text redacted."""
+    known, secret = _key_sets  # one read: another thread may replace both sets together
+    if not known.issuperset(attrs) or not secret.isdisjoint(attrs):
+        return _attributes_meta_keyed(attrs)
+    # every key known and none a secret's: the key checks done in C, numbers kept by the copy
+    out = attrs.copy() if type(attrs) is dict else dict(attrs)
+    cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    for key, value in attrs.items():
+        kind = type(value)
+        if kind is str:
+            hit = cache.get(value)
+            out[key] = hit if hit is not None else _redact_text(value)
+        elif value is None or kind in _PLAIN_TYPES:
+            continue
+        elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)
+            out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                        for item in value]
+        else:
+            out[key] = _scrub_value(value)
+    return out
+
+
+def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`_attributes_meta` of ``attrs`` if none of their keys and texts is one a database
+    rejects (what _attrs_rejected checks), else None; also None (the general path) for a key not
+    classified yet or a secret's, and for values other than text, numbers, None and tuples.
+
+    One pass checks each value and reads its scrubbed form from the memo; the texts the memo
+    lacks are redacted after the pass, in key order, so redaction (which may learn secrets)
+    runs on exactly the texts, in exactly the order, _attributes_meta would have, and never on
+    attributes that turn out to be unstorable.
+    """
+    known, secret = _key_sets
+    if not known.issuperset(attrs) or not secret.isdisjoint(attrs) or not _storable_keys.issuperset(attrs):
+        return None
+    out = attrs.copy()
+    cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    missed: list[str] | None = None
+    for key, value in attrs.items():
+        kind = type(value)
+        if kind is str:
+            if (not value.isascii() or "\x00" in value) and _rejected(value):
+                return None
+            hit = cache.get(value)
+            if hit is not None:
+                out[key] = hit
+            elif missed is None:
+                missed = [key]
+            else:
+                missed.append(key)
+        elif value is None or kind in _PLAIN_TYPES:
+            continue
+        elif kind is tuple:
+            scrubbed = []
+            for item in value:
+                if type(item) is str:
+                    if _rejected(item):
+                        return None
+                    if (hit := cache.get(item)) is not None:
+                        scrubbed.append(hit)
+                        continue
+                elif item is None or type(item) in _PLAIN_TYPES:
+                    scrubbed.append(item)
+                    continue
+                scrubbed = None  # an item to redact: the whole value after the pass
+                break
+            if scrubbed is not None:
+                out[key] = scrubbed
+            elif any(type(item) is str and _rejected(item) for item in value):
+                return None
+            elif missed is None:
+                missed = [key]
+            else:
+                missed.append(key)
+        else:
+            return None
+    if missed is not None:
+        for key in missed:
+            value = attrs[key]
+            if type(value) is str:
+                out[key] = _redact_text(value)
+            else:  # a tuple, as _attributes_meta scrubs it
+                out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                            for item in value]
+    return out
+
+
+def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_attributes_meta` checking each key (a key not seen yet, or a secret's)."""
     out: dict[str, Any] = {}
     cache: dict[str, str] = _values.entries()  # computed with the secrets known now
-    secret_keys = _secret_keys
+    known, secrets = _key_sets
     for key, value in attrs.items():
-        secret = secret_keys.get(key)
-        if secret is None:
-            secret = _secret_key(key)
+        secret = key in secrets if key in known else _secret_key(key)
         if secret:
             learn_secrets_in({key: value})
             cache = {}  # a secret learned: nothing cached before it may be used
@@ -665,26 +820,40 @@ def _learn_split_items(attrs: Mapping[str, Any]) -> None:
 
 
 _PLAIN_TYPES = frozenset({bool, int, float})
-# attribute key -> whether it names a secret (a fixed pattern: keys repeat across every span)
-_secret_keys: dict[str, bool] = {}
+# Attribute keys classified by is_secret_key (a fixed pattern: keys repeat across every span), and
+# the secret ones among them. A key goes into the second set before the first, and a full pair is
+# replaced by a new one (never emptied in place), so a reader holding a pair never sees a secret
+# key as classified and not secret.
+_key_sets: tuple[set[str], set[str]] = (set(), set())
 
 
 def _secret_key(key: str) -> bool:
+    """Whether attribute key ``key`` names a secret, remembered in :data:`_key_sets`."""
+    global _key_sets
     secret = is_secret_key(key)
-    if len(_secret_keys) >= 4096:
-        _secret_keys.clear()
-    _secret_keys[key] = secret
+    known, secrets = _key_sets
+    if len(known) >= 4096:
+        known, secrets = _key_sets = (set(), set())
+    if len(key) <= 256:
+        if secret:
+            secrets.add(key)
+        known.add(key)
     return secret
 
 
 def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str,
                trace_id: int, started: datetime | None, completed: datetime | None,
-               trace_hex: str | None = None, trace_bytes: bytes | None = None) -> dict[str, Any]:
+               trace_hex: str | None = None, trace_bytes: bytes | None = None, *, span_id: int | None = None,
+               failed: bool | None = None, parent_span_id: int | None = None,
+               clean: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``span``'s ``execution_events`` row (``span_id``, ``failed``, ``parent_span_id``: the span's,
+    when the caller read them; ``clean``: its attributes' meta, when the caller made it)."""
     get = attrs.get
     kind = get(sc.SPAN_KIND)
     if trace_bytes is None:
         trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
-    failed = span.status.status_code is StatusCode.ERROR
+    if failed is None:
+        failed = span.status.status_code is StatusCode.ERROR
     if kind is None:
         event_type, subtype = FOREIGN_TYPE
     elif kind == sc.KIND_CODE:
@@ -692,18 +861,21 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     else:
         found = EVENT_TYPES.get(kind)
         event_type, subtype = found if found is not None else ("info", str(kind)[:50])
-    if kind is None:
-        _learn_split_items(attrs)
-    clean = _attributes_meta(attrs)
+    if clean is None:
+        if kind is None:
+            _learn_split_items(attrs)
+        clean = _attributes_meta(attrs)
     inputs, outputs = _event_io(kind, clean)
     parent = span.parent
-    span_id = span.context.span_id
+    if span_id is None:
+        span_id = span.context.span_id
+        parent_span_id = parent.span_id if parent is not None else None
     name = span.name
     meta: dict[str, Any] = {
         "span_name": name,
         "trace_id": trace_hex or f"{trace_id:032x}",
         "span_id": f"{span_id:016x}",
-        "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
+        "parent_span_id": f"{parent_span_id:016x}" if parent is not None else None,
     }
     if kind is None:
         meta["name"] = name
@@ -722,20 +894,27 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = get(sc.DAG_NODE)
-    depth, order = _depth_and_order(get)
-    agent = _agent_of(kind, attrs)
+    # _depth_and_order, written out
+    depth = get(sc.EVENT_DEPTH)
+    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
+        depth = _int(depth, 0)
+    order = get(sc.EXECUTION_ORDER)
+    if type(order) is not int or not -_INT32 <= order <= _INT32:
+        order = _int(order, 0)
+    agent = get(sc.GEN_AI_AGENT_NAME) if kind not in _ACTING_KINDS else _agent_of(kind, attrs)
     if agent is not None and (type(agent) is not str or len(agent) > 100):
         agent = str(agent)[:100]
     start_ns, end_ns = span.start_time, span.end_time
     return {
         "id": _event_id(trace_bytes, span_id), "run_id": run_id,
         "node_id": node_db_id(run_id, str(short)) if short else None, "step_id": None, "session_id": session_id,
-        "parent_event_id": (_event_id(trace_bytes, parent.span_id)
+        "parent_event_id": (_event_id(trace_bytes, parent_span_id)
                             if depth > 0 and parent is not None and kind is not None else None),
         "event_type": event_type, "event_subtype": subtype,
         "agent_name": agent, "agent_role": None,
         "timestamp": started or completed or _EPOCH, "started_at": started, "completed_at": completed,
-        "duration_ms": _ms_between(start_ns, end_ns),
+        "duration_ms": (None if start_ns is None or end_ns is None
+                        else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000))),  # _ms_between
         "inputs": inputs or None, "outputs": outputs or None,
         "error_message": _error_of(span) if failed else None, "meta": meta,
         "execution_order": order, "depth": depth,
@@ -759,12 +938,14 @@ _HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
 
 
 def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str, trace_id: int,
-                  trace_hex: str | None = None, trace_bytes: bytes | None = None) -> list[dict[str, Any]]:
+                  trace_hex: str | None = None, trace_bytes: bytes | None = None, *,
+                  span_id: int | None = None) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
     rows: list[dict[str, Any]] = []
-    span_id = span.context.span_id
+    if span_id is None:
+        span_id = span.context.span_id
     short = attrs.get(sc.DAG_NODE)
     node_id = node_db_id(run_id, str(short)) if short else None
     trace_hex = trace_hex or f"{trace_id:032x}"
@@ -778,17 +959,24 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
         ev = _plain_mapping(event.attributes)
         if ev.get(sc.SPAN_KIND) != sc.KIND_SPEAKER_SELECTION:
             continue
-        if _attrs_rejected(ev):
-            ev = {k: _clean_value(v) for k, v in ev.items()}
-        when = ts(event.timestamp)
-        clean = _attributes_meta(ev)
-        inputs, outputs = _event_io(sc.KIND_SPEAKER_SELECTION, clean)
+        clean = _meta_if_storable(ev)  # checked and scrubbed in one pass (nothing redacted in between)
+        if clean is None:
+            if _attrs_rejected(ev):
+                ev = {k: _clean_value(v) for k, v in ev.items()}
+            clean = _attributes_meta(ev)
+        stamp = event.timestamp
+        when = None if stamp is None else _EPOCH + _MICROSECOND * (stamp // 1000)  # ts()
+        g = clean.get  # _event_io of a speaker selection
+        inputs = {"from": g(sc.HANDOFF_FROM), "candidates": _plain(g(sc.HANDOFF_CANDIDATES))}
+        outputs = {"to": g(sc.HANDOFF_TO), "reason": g(sc.HANDOFF_REASON)}
         get = ev.get
         depth, order = _depth_and_order(get)
         error = get(sc.ERROR_TYPE)
         if depth > 0 and span_event_id is None:
             span_event_id = _event_id(trace_bytes, span_id)
         source = get(sc.HANDOFF_FROM)
+        # _agent_of a speaker selection, written out
+        agent = (get(sc.HANDOFF_TO) or get(sc.GEN_AI_AGENT_NAME)) if source is None or source == "none" else source
         rows.append({
             "id": binascii.b2a_base64(span_bytes + (index & 0xFFFFFF).to_bytes(3, "big"),
                                       newline=False).translate(_URLSAFE).decode("ascii"),
@@ -796,7 +984,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
             "node_id": node_id, "step_id": None, "session_id": session_id,
             "parent_event_id": span_event_id if depth > 0 else None,
             "event_type": _HANDOFF_TYPE, "event_subtype": _HANDOFF_SUBTYPE,
-            "agent_name": _str(_agent_of(sc.KIND_SPEAKER_SELECTION, ev), 100), "agent_role": None,
+            "agent_name": None if agent is None else str(agent)[:100], "agent_role": None,
             "timestamp": when or _EPOCH, "started_at": when, "completed_at": when, "duration_ms": 0,
             "inputs": inputs or None, "outputs": outputs or None,
             "error_message": (truncate(_values.redact(str(get("exception.message") or error)))
@@ -868,11 +1056,12 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
 
 # --- the batch ----------------------------------------------------------------------------
 
-def _node_placeholder(batch: MappedBatch, run_id: str, session_id: str, short: Any) -> None:
+def _node_placeholder(wanted: dict[str, tuple[str, str, str]], run_id: str, session_id: str, short: Any) -> None:
+    """Note that the node ``short`` of ``run_id`` needs a row (its placeholder unless its span is in the batch)."""
     short = str(short)
     node_id = node_db_id(run_id, short)
-    if node_id not in batch.node_placeholders:
-        batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
+    if node_id not in wanted:
+        wanted[node_id] = (run_id, session_id, short)
 
 
 def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
@@ -888,18 +1077,59 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     batch = MappedBatch()
     traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
     sessions = batch.sessions
+    # Placeholders are built at the end, for the nodes and parent events the batch did not bring
+    # (spans arrive in end order: most parents come after their children, in the same batch).
+    # Node id -> (run id, session id, short id); parent event id -> the first child event row.
+    wanted_nodes: dict[str, tuple[str, str, str]] = {}
+    wanted_events: dict[str, dict[str, Any]] = {}
     for span in spans:
-        ctx = span.context
+        view = _view(span)
+        ctx = view.context
         if ctx is None:
             continue
         running = isinstance(span, StartedSpan)
-        view = _view(span)
         attrs = _plain_mapping(view.attributes)
-        if _unstorable(view.name, view.status.description, attrs, view.start_time, view.end_time):
+        name = view.name
+        start_ns, end_ns = view.start_time, view.end_time
+        status = view.status
+        if type(status) is _STATUS_TYPE:  # its fields, without the properties' Python calls
+            failed = status._status_code is StatusCode.ERROR  # type: ignore[union-attr]
+            description = status._description  # type: ignore[union-attr]
+        else:
+            failed = status.status_code is StatusCode.ERROR
+            description = status.description
+        # _unstorable, written out; an event span's attribute values are checked in the same pass
+        # that scrubs them for its meta (_meta_if_storable), when nothing is redacted between
+        # that pass and its event row (no handoff events, no error text, a span of ours)
+        clean = None
+        if (((not name.isascii() or "\x00" in name) and _rejected(name))
+                or (start_ns is not None and not 0 <= start_ns <= _MAX_NS)
+                or (end_ns is not None and not 0 <= end_ns <= _MAX_NS)
+                or (type(description) is str and _rejected(description))):
+            unstorable = True
+        else:
+            if (not running and not failed and not view.events and (raw_kind := attrs.get(sc.SPAN_KIND)) is not None
+                    and raw_kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs)):
+                clean = _meta_if_storable(attrs)
+            unstorable = clean is None and _attrs_rejected(attrs)
+        if unstorable:
             span, attrs = sanitized(span, attrs)
             view = _view(span)
+            start_ns, end_ns = view.start_time, view.end_time
+        if type(view.name) is str and _values.redact(view.name) != view.name:  # (memoised) a name quoting a key
+            view = view._replace(name=_values.redact(view.name))
         span = view  # type: ignore[assignment]
-        trace_id = ctx.trace_id
+        if type(ctx) is _CONTEXT_TYPE:
+            trace_id, span_id = ctx[0], ctx[1]
+        else:
+            trace_id, span_id = ctx.trace_id, ctx.span_id
+        parent = view.parent
+        if parent is None:
+            parent_span_id, parent_remote = None, False
+        elif type(parent) is _CONTEXT_TYPE:
+            parent_span_id, parent_remote = parent[1], parent[2]
+        else:
+            parent_span_id, parent_remote = parent.span_id, parent.is_remote
         found = traces.get(trace_id)
         if found is None:
             found = traces[trace_id] = (run_id_of(trace_id), f"{trace_id:032x}",
@@ -908,9 +1138,8 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         session_id = attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID
         if type(session_id) is not str or len(session_id) > 36:
             session_id = str(session_id)[:36]
-        start_ns, end_ns = span.start_time, span.end_time
-        started = None if start_ns is None else _EPOCH + timedelta(0, 0, start_ns // 1000)
-        completed = None if end_ns is None else _EPOCH + timedelta(0, 0, end_ns // 1000)
+        started = None if start_ns is None else _EPOCH + _MICROSECOND * (start_ns // 1000)
+        completed = None if end_ns is None else _EPOCH + _MICROSECOND * (end_ns // 1000)
         kind = attrs.get(sc.SPAN_KIND)
         if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
             continue
@@ -925,68 +1154,76 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
-            handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes)
+            handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes,
+                                     span_id=span_id)
             if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
-                _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+                _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
             for handoff in handoffs:
                 batch.events[handoff["id"]] = handoff
                 parent_event = handoff["parent_event_id"]
-                if parent_event is not None and parent_event not in batch.event_placeholders:
-                    batch.event_placeholders[parent_event] = event_placeholder(handoff, parent_event)
+                if parent_event is not None and parent_event not in wanted_events:
+                    wanted_events[parent_event] = handoff
         if kind == sc.KIND_WORKFLOW:
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
             meta = {k: v for k, v in pairs if v is not None}
             meta.update({"otel_source": RANK_NAMES[RANK_STARTED if running else RANK_WORKFLOW],
-                         "trace_id": trace_hex, "span_id": f"{ctx.span_id:016x}",
-                         "error": None if running else _error_of(span)})
+                         "trace_id": trace_hex, "span_id": f"{span_id:016x}",
+                         "error": None if running or not failed else _error_of(span)})
             _offer_run(batch, run_id, RANK_STARTED if running else RANK_WORKFLOW, run_row(
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
                 agent=_str(attrs.get(sc.WORKFLOW_AGENT) or "unknown", 100),
                 model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100),
-                status="executing" if running else status_of(span),
+                status="executing" if running else "failed" if failed else "completed",
                 started_at=started, completed_at=completed, task_description=_text(attrs.get(sc.WORKFLOW_TASK)),
                 meta=meta,
             ))
             batch.dag_runs.add(run_id)
             continue
-        if not running and ((parent := span.parent) is None or parent.is_remote):
+        if not running and (parent is None or parent_remote):
             _offer_run(batch, run_id, RANK_ROOT, run_row(
                 run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
                 agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
                 model=_str(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL) or "unknown", 100),
-                status=status_of(span), started_at=started, completed_at=completed, task_description=span.name,
+                status="failed" if failed else "completed", started_at=started, completed_at=completed,
+                task_description=span.name,
                 meta={"otel_source": "root", "name": span.name, "trace_id": f"{trace_id:032x}",
-                      "span_id": f"{ctx.span_id:016x}", "error": _error_of(span)},
+                      "span_id": f"{span_id:016x}", "error": _error_of(span) if failed else None},
             ))
             batch.dag_runs.add(run_id)
         if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
-            node = _node_row(span, attrs, run_id, session_id, started, completed, running=running)
+            node = _node_row(span, attrs, run_id, session_id, started, completed, running=running,
+                             span_id=span_id, failed=failed)
             (batch.started_nodes if running else batch.nodes)[node["id"]] = node
             parent_short = attrs.get(sc.DAG_PARENT_NODE)
             if parent_short:
-                _node_placeholder(batch, run_id, session_id, parent_short)
+                _node_placeholder(wanted_nodes, run_id, session_id, parent_short)
             batch.dag_runs.add(run_id)
             continue
-        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes)
+        event = _event_row(span, attrs, run_id, session_id, trace_id, started, completed, trace_hex, trace_bytes,
+                           span_id=span_id, failed=failed, parent_span_id=parent_span_id, clean=clean)
         batch.events[event["id"]] = event
-        if event["node_id"] is not None and event["node_id"] not in batch.node_placeholders:  # its node's id
-            _node_placeholder(batch, run_id, session_id, attrs[sc.DAG_NODE])
+        if event["node_id"] is not None and event["node_id"] not in wanted_nodes:  # its node's id
+            _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
         if kind is None:
-            parent = span.parent
-            parent_id = _event_id(trace_bytes, parent.span_id) if parent is not None and not parent.is_remote else None
+            parent_id = _event_id(trace_bytes, parent_span_id) if parent is not None and not parent_remote else None
             batch.foreign_parents[event["id"]] = (parent_id, run_id)
-        elif (parent_event := event["parent_event_id"]) is not None and parent_event not in batch.event_placeholders:
-            batch.event_placeholders[parent_event] = event_placeholder(event, parent_event)
+        elif (parent_event := event["parent_event_id"]) is not None and parent_event not in wanted_events:
+            wanted_events[parent_event] = event
         if kind == sc.KIND_LLM or (kind == sc.KIND_CODE and event["agent_name"] is None):
             batch.rollup_runs.add(run_id)
         if sc.GEN_AI_INPUT_MESSAGES in attrs or sc.GEN_AI_OUTPUT_MESSAGES in attrs:
             batch.messages.extend(_messages(span, attrs, event))
-    for node_id in batch.nodes:
-        batch.node_placeholders.pop(node_id, None)
+    nodes = batch.nodes
+    for node_id, (run_id, session_id, short) in wanted_nodes.items():
+        if node_id not in nodes:
+            batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
+    for node_id in nodes:
         batch.started_nodes.pop(node_id, None)  # the span ended within the batch
-    for event_id in batch.events:
-        batch.event_placeholders.pop(event_id, None)
+    events = batch.events
+    for event_id, child in wanted_events.items():
+        if event_id not in events:
+            batch.event_placeholders[event_id] = event_placeholder(child, event_id)
     return batch
 
 

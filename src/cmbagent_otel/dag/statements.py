@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
 
-from .._jsontext import standard_encoder
+from .._jsontext import standard_encoder, strict_iterencode
 from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
 __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
@@ -42,6 +42,10 @@ _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connect
 _COPY_TYPES = "cmbagent_otel_copy_types"  # key of the binary COPY types per table in the connection's info
 
 encode_json = standard_encoder(str, ensure_ascii=True)
+# encode_json's C encoder itself (None without the C accelerator): the row converters call it
+# inline, without encode_json's two Python frames per value, and convert a row again through
+# encode_json when it raises (a non-finite float)
+_iterencode = strict_iterencode(str, ensure_ascii=True)
 
 
 def decode_json(value: Any) -> Any:
@@ -107,18 +111,25 @@ _PG_CONVERT: dict[str, Any] = {"json": encode_json, "dt": None, "bool": None, ""
 
 
 def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
-                   checks: Sequence[str] | None = None) -> Any:
+                   checks: Sequence[str] | None = None, *, inline: bool = True) -> Any:
     """A function turning one row into its parameter tuple for ``cols``, written out per column.
 
     A loop over the columns per row cost more than the conversions themselves. A value that is
     the same object as an earlier column's of the same kind (an event's ``timestamp`` is its
     ``started_at``) reuses that column's converted text. ``checks`` (one of :data:`_CHECKS`'
     keys per column): the function returns None for a row with a converted value not of that
-    type (NULL always passes).
+    type (NULL always passes). ``inline``: JSON columns call the C encoder directly (a row whose
+    encoding raises goes through ``encode_json``) and naive datetimes are formatted in place,
+    without a Python frame per value.
     """
     names = [name for name, _ in cols]
     env: dict[str, Any] = {"_names": names, "KeyError": KeyError, "_str": str, "_int": int, "_bool": bool,
-                           "_float": float, "_datetime": datetime}
+                           "_float": float, "_datetime": datetime, "ValueError": ValueError}
+    inline_json = inline and _iterencode is not None and any(convert[kind] is encode_json for _, kind in cols)
+    if inline_json:
+        env["_join"] = "".join
+        env["_ienc"] = _iterencode
+        env["_slow"] = _row_converter(cols, convert, checks, inline=False)
     values = [f"v{i}" for i in range(len(cols))]
     unpack = ", ".join(values) + ("," if len(values) == 1 else "")
     out: list[str] = []
@@ -129,26 +140,36 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
             out.append(f"v{i}")
             continue
         env[f"c{i}"] = conv
-        expr = f"None if v{i} is None else c{i}(v{i})"
+        if inline_json and conv is encode_json:
+            expr = f"None if v{i} is None else _join(_ienc(v{i}, 0))"
+        elif inline and conv is _sqlite_dt:
+            expr = (f"None if v{i} is None else v{i}.isoformat(' ', 'microseconds') if v{i}.tzinfo is None "
+                    f"else c{i}(v{i})")
+        else:
+            expr = f"None if v{i} is None else c{i}(v{i})"
         for j in reversed(seen.get(kind, [])):
             expr = f"o{j} if v{i} is v{j} else {expr}"
         seen.setdefault(kind, []).append(i)
         out.append(f"(o{i} := {expr})")
     getter = "v0 = _get(row)" if len(names) == 1 else f"{unpack} = _get(row)"  # itemgetter of one name: a value
     env["_get"] = operator.itemgetter(*names)
-    result = f"({', '.join(out)},)"
+    result = [f"out = ({', '.join(out)},)"]
     if checks is not None:
         tests = [_CHECKS[check].format(v=f"o{i}" if out[i].startswith("(") else f"v{i}")
                  for i, check in enumerate(checks) if _CHECKS[check]]
-        result = f"{result}\n    return out if {' and '.join(tests) or 'True'} else None"
-        result = f"out = {result}"
+        result.append(f"return out if {' and '.join(tests) or 'True'} else None")
     else:
-        result = f"return {result}"
+        result.append("return out")
+    if inline_json:
+        result = ["try:", *(f"    {line}" for line in result),
+                  "except ValueError:  # a non-finite float: encode_json writes it as a JSON string",
+                  "    return _slow(row)"]
+    body = "".join(f"    {line}\n" for line in result)
     source = (f"def convert(row):\n"
               f"    try:\n        {getter}\n"
               f"    except KeyError:  # a row without some columns: those are NULL\n"
               f"        {unpack} = map(row.get, _names)\n"
-              f"    {result}\n")
+              f"{body}")
     exec(source, env)  # the source holds column indexes only; names and converters are in env
     return env["convert"]
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +32,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
-from .._spans import TracedSpan, compose, exception_text, record_exception
+from .._spans import END_TIME_SPAN, TracedSpan, compose, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
 from ._patching import wrapt_wrapper
@@ -59,7 +61,6 @@ def _reason(groupchat: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
-_new = object.__new__
 
 
 class Selection:
@@ -161,7 +162,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
     or our own error: never the app's)."""
     try:
         ctx = get_current()
-        if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+        # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+        if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
             return None
         scope = ctx.get(_SCOPE_KEY)
         if type(scope) is not Scope:
@@ -175,10 +177,11 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
                 frame = scope.cursor.resolve()
                 if frame is not None:
                     scope, span = frame.scope, frame.span
-        if span is None or not span.is_recording():  # unsampled: nothing to record it on
-            return None
-        # the Selection built here (no __init__: one call less for every selection)
-        selection = _new(Selection)
+        if span is None or not (span._end_time is None if type(span) is END_TIME_SPAN else span.is_recording()):
+            return None  # unsampled: nothing to record it on
+        # the Selection built here (no __init__: one call less for every selection; a plain class call
+        # allocates it for less than object.__new__ does)
+        selection = Selection()
         selection.groupchat = groupchat
         selection.scope = scope  # the scope of the enclosing span's children
         selection.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
@@ -219,22 +222,47 @@ def selection_sync(state: Any) -> Callable[..., Any]:
         def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not state.active:
                 return original(self, *args, **kwargs)
+            # no contextvar set and reset around the call (~1,500 instructions per selection): a selection
+            # that asks the model finds this frame's `selection` on the stack (_current_selection)
             selection = _begin(state, self, args, kwargs)
             if selection is None:
                 return original(self, *args, **kwargs)
-            token = _selection.set(selection)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException as exc:
-                _end(state, selection, token, None, exc)
+                selection.ended(state, None, exc)
                 raise
+            if selection.promoted:
+                return result
+            # Selection.ended written out for a selection that returned (every one but a chat's last)
             try:
-                _selection.reset(token)
+                facts = selection.facts
+                scope = selection.scope
+                room = None
+                if scope is not None:
+                    room = scope.handoffs
+                    if room is None:
+                        room = _event_room(selection.span)
+                attrs = {semconv.HANDOFF_FROM: selection.from_name, semconv.HANDOFF_REASON: facts[4],
+                         semconv.HANDOFF_CANDIDATES: facts[5]}
+                if result is not None:
+                    entry = state.agents.get(id(result))  # cached_name written out
+                    attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
+                        else agent_name(result)
+                if room:
+                    scope.handoffs = room - 1  # type: ignore[union-attr]
+                    attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
+                    run = scope.run  # type: ignore[union-attr]
+                    attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
+                    attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
+                    selection.span.add_event(EVENT_NAME, attrs)
+                else:
+                    selection._as_span(state, None, attrs)
             except Exception:
-                logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
-            selection.ended(state, result, None)
+                logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
             return result
 
+        _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method
         return patched
 
     return wrapt_wrapper(method_for, state)
@@ -258,6 +286,7 @@ def selection_async(state: Any) -> Callable[..., Any]:
         _end(state, selection, token, result, None)
         return result
 
+    _ASYNC_SELECTION_CODES.add(wrapper.__code__)
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
 
@@ -279,8 +308,30 @@ class _SelectionSpan(TracedSpan):
         super()._exception(exc)
 
 
+_SYNC_SELECTION_CODES: set[types.CodeType] = set()  # selection_sync's wrapper body
+_ASYNC_SELECTION_CODES: set[types.CodeType] = set()  # selection_async's
+_SELECTION_DEPTH = 32  # frames searched above a model-asking selection for the selection wrapper's
+
+
+def _current_selection() -> Selection | None:
+    """The innermost selection in progress on this call stack: the ``selection`` local of
+    selection_sync's wrapper (it calls AG2's selection, which calls ``_auto_select_speaker``
+    on this thread, the frames in between AG2's), else the async wrapper's (its contextvar)."""
+    frame = sys._getframe(1)
+    for _ in range(_SELECTION_DEPTH):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code in _SYNC_SELECTION_CODES:
+            return frame.f_locals.get("selection")  # type: ignore[no-any-return]
+        if code in _ASYNC_SELECTION_CODES:
+            break  # an async selection nearer: its contextvar
+        frame = frame.f_back
+    return _selection.get()
+
+
 def _promote(state: Any, instance: Any) -> _SelectionSpan | None:
-    selection = _selection.get()
+    selection = _current_selection()
     if selection is None or selection.groupchat is not instance:
         return None  # not inside a selection we follow (unsampled, suppressed, called directly)
     selection.promoted = True

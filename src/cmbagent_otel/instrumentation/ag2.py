@@ -77,9 +77,19 @@ from .._context import (
     scope_in,
     suppressed,
 )
-from .._spans import NodeSpec, SamplingProbe, TracedSpan, make_tracer, start, workflow_tracers
+from .._spans import (
+    END_TIME_SPAN,
+    NodeSpec,
+    SamplingProbe,
+    SharedAttributes,
+    StartedSpan,
+    TracedSpan,
+    make_tracer,
+    start,
+    workflow_tracers,
+)
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import learn_secrets_in, safe_text, truncate
+from ..redaction import RedactionCache, learn_secrets_in, register_new_environment, safe_text, truncate
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -119,7 +129,7 @@ class _State:
     """
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
-                 "event_logger",
+                 "descriptions", "event_logger",
                  "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
                  "workflow_tracer")
 
@@ -143,6 +153,8 @@ class _State:
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
         # Protocol-derived classes is slow, a class's answer never changes
         self.types: dict[type, tuple[bool, bool]] = {}
+        # per agent class: whether its description property only returns _description (_plain_description)
+        self.descriptions: dict[type, bool] = {}
         # model-call metric attributes by (config facts, request model, response model)
         self.call_attributes: dict[tuple[Any, ...], CallAttributes] = {}
         # a model call's attributes by (config facts, request model, agent), when the call sets no parameter
@@ -245,9 +257,11 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                 return original(self, *args, **kwargs)
             try:
                 ctx = get_current()
-                if ctx.get(_SUPPRESS) or ctx.get(_SUPPRESS_PLAIN):
+                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
                     traced = None
-                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None and parent.is_recording()) \
+                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
                         or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
                     traced = build(state, ctx, self, args, kwargs)
                 else:
@@ -440,19 +454,44 @@ class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
     __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "nodes", "span_name", "system_messages")
+                 "nodes", "plain_description", "span_name", "system_messages")
 
     def __init__(self) -> None:
         self.config: Any = None
         self.description: Any = None
         self.name = "unknown"
         self.span_name = "invoke_agent unknown"
-        self.attributes: dict[str, Any] = {}
+        self.attributes: dict[str, Any] = SharedAttributes({})
         self.by_sender: dict[str, dict[str, Any]] = {}  # attributes with cmbagent.agent.sender, per sender
         self.nodes: dict[str, NodeSpec] = {}  # its sub-agent node description, per parent node
         self.system_messages: list[str] = []
         self.is_manager = False
         self.is_tool_executor = False
+        # description (what tells a changed one) is the instance's _description, read without calling
+        # AG2's description property (a Python call from C on every agent turn): see _plain_description
+        self.plain_description = False
+
+
+def _plain_description(state: _State, agent: Any) -> bool:
+    """Whether ``agent.description`` depends on nothing but ``agent.__dict__["_description"]`` (AG2's
+    property ``return self._description``): then that value, compared by identity, tells a changed
+    description as well as the property's result does. The class's answer is computed once."""
+    try:
+        cls = type(agent)
+        plain = state.descriptions.get(cls)
+        if plain is None:
+            prop = next((vars(k)["description"] for k in cls.__mro__ if "description" in vars(k)), None)
+            code = getattr(getattr(prop, "fget", None), "__code__", None) if type(prop) is property else None
+            plain = state.descriptions[cls] = (code is not None and code.co_argcount == 1
+                                               and code.co_names == ("_description",) and not code.co_freevars)
+        return plain and "_description" in vars(agent)
+    except Exception:  # no __dict__, or anything unexpected: the property it is
+        return False
+
+
+def _description_mark(agent: Any, plain: bool) -> Any:
+    """What changes when ``agent``'s description does (see :func:`_plain_description`)."""
+    return vars(agent).get("_description") if plain else getattr(agent, "description", None)
 
 
 def _user_description(agent: Any, static: _AgentStatic) -> str | None:
@@ -479,10 +518,10 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     registered): computed once per agent, again only when its ``llm_config`` or ``description``
     object changes."""
     config = getattr(agent, "llm_config", None)
-    description = getattr(agent, "description", None)
     entry = state.agents.get(id(agent))
     static = entry[1] if entry is not None and entry[0]() is agent else None
-    if static is not None and static.config is config and static.description is description:
+    if static is not None and static.config is config \
+            and static.description is _description_mark(agent, static.plain_description):
         return static
     # a fresh object, published whole by _remember: another thread calling the same agent reads
     # either the old facts or the new ones, never a mix
@@ -492,7 +531,8 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     seen = old.system_messages if old is not None else []
     system = getattr(agent, "system_message", None)
     static.system_messages = [*seen[-3:], system] if isinstance(system, str) and system not in seen else seen
-    static.config, static.description = config, description
+    static.plain_description = plain = _plain_description(state, agent)
+    static.config, static.description = config, _description_mark(agent, plain)
     static.name = agent_name(agent)
     static.span_name = f"invoke_agent {static.name}"
     manager, runner = _type_facts(state, agent)
@@ -510,7 +550,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
         attrs.update(info.attributes)
         if info.model:
             attrs[semconv.GEN_AI_REQUEST_MODEL] = info.model
-    static.attributes = attrs
+    static.attributes = SharedAttributes(attrs)
     _remember(state.agents, agent, static)
     return static
 
@@ -550,11 +590,9 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-# A builder returns its span started. The hot ones make it with object.__new__ and start it with
-# _spans.start: no type.__call__, no dict of keywords, no fields stored only to be read back
-_new = object.__new__
+# A builder returns its span started. The hot ones make it as a StartedSpan (no __init__) and start it
+# with _spans.start: no dict of keywords, no fields stored only to be read back
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
-_DEPTH_CHANGES = tuple({"agent_depth": depth} for depth in range(8))  # the scope change of nested agent calls
 
 
 def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
@@ -564,7 +602,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     entry = agents.get(id(instance))
     static = entry[1] if entry is not None and entry[0]() is instance else None
     if static is None or static.config is not getattr(instance, "llm_config", None) \
-            or static.description is not getattr(instance, "description", None):
+            or static.description is not (instance.__dict__.get("_description") if static.plain_description
+                                          else getattr(instance, "description", None)):
         static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
@@ -576,7 +615,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         if attrs is None:
             if len(static.by_sender) >= 32:
                 static.by_sender.clear()
-            attrs = static.by_sender[sender_name] = {**static.attributes, semconv.AGENT_SENDER: sender_name}
+            attrs = static.by_sender[sender_name] = SharedAttributes({**static.attributes,
+                                                                      semconv.AGENT_SENDER: sender_name})
     if state.capture:
         text = _content(_agent_input, instance, args, kwargs, sender)
         if text is not None:
@@ -592,7 +632,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
             return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
-        return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+        return start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -607,8 +647,11 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
-    changes = _DEPTH_CHANGES[depth + 1] if depth + 1 < len(_DEPTH_CHANGES) else {"agent_depth": depth + 1}
-    return start(_new(TracedSpan), span_name, semconv.KIND_AGENT, attrs, node, changes, state.tracer, _INTERNAL, ctx)
+    traced = start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
+    children = traced._scope
+    if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
+        children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
+    return traced
 
 
 def _derives_steps(state: _State, instance: Any, ctx: Any) -> bool:
@@ -715,6 +758,7 @@ class _ChatSpan(TracedSpan):
     A model call with neither (no live meter provider, content events off) is a plain TracedSpan."""
 
     __slots__ = ("call", "event", "event_logger", "state")
+    __init__ = object.__init__  # type: ignore[assignment]  # made by _llm, started by start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
@@ -763,7 +807,7 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
         if agent_label is not None:
             attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
         attrs.update(_models.request_attributes(kwargs, info.config, info))
-        cached = (attrs, f"chat {model}")
+        cached = (SharedAttributes(attrs), f"chat {model}")
         if not own_parameters:  # the call's attributes are its config's: the same every time
             if len(state.chat_attributes) >= 256:
                 state.chat_attributes.clear()
@@ -782,8 +826,8 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
     if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
-        return start(_new(TracedSpan), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
-    traced = _new(_ChatSpan)  # its four fields set here: no __init__ of its own, no keywords dict
+        return start(StartedSpan(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    traced = _ChatSpan()  # its four fields set here: no __init__ (see StartedSpan), no keywords dict
     traced.state = state
     traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
@@ -836,11 +880,17 @@ def _response_output(response: Any) -> str | None:
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
-    attrs: dict[str, Any] = {}
-    response_model, usage, cost = _response_facts(response)
-    if type(traced) is _ChatSpan:  # its metrics read the response when it ends
-        call = traced.call
+    # _response_facts and set_many written out: every model call
+    model = getattr(response, "model", None)
+    response_model = model if isinstance(model, str) else None
+    usage = _models.usage_attributes(getattr(response, "usage", None))
+    cost = getattr(response, "cost", None)
+    cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    chat = type(traced) is _ChatSpan
+    if chat:  # its metrics read the response when it ends
+        call = traced.call  # type: ignore[attr-defined]
         call.response_model, call.usage, call.cost = response_model, usage, cost
+    attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
@@ -863,8 +913,12 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             output = _content(_response_output, response)
             if output is not None and state.capture:
                 attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
-    traced.set_many(attrs)
-    event = getattr(traced, "event", None)
+    if attrs:
+        try:
+            traced.span.set_attributes(attrs)
+        except Exception:
+            logger.debug("cmbagent_otel: could not set attributes", exc_info=True)
+    event = traced.event if chat else None  # type: ignore[attr-defined]
     if event is not None:
         event.update(_event_base(attrs))
         if output is not None:
@@ -877,11 +931,12 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
     name = "unknown"
     arguments = None
     if isinstance(func_call, dict):
-        name = bounded_name(str(func_call.get("name") or "unknown"))
         arguments = func_call.get("arguments")
         # Before the tool runs, content capture on or off: a password passed to the tool must
         # also be redacted from the exception message or result it produces.
         learn_secrets_in(arguments)
+        # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
+        name = _tool_names.redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
         semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
         semconv.GEN_AI_TOOL_NAME: name,
@@ -895,14 +950,18 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return start(_new(TracedSpan), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+    return start(StartedSpan(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
+
+
+_tool_names = RedactionCache(max_len=512, max_chars=1_000_000)  # redact() memoised: a tool's name comes back
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if not (isinstance(result, tuple) and len(result) == 2):
         return
     success, payload = result
+    register_new_environment()  # a tool may return a key the app put in os.environ after instrument()
     content = payload.get("content") if isinstance(payload, dict) else None
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
@@ -1060,6 +1119,7 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
             if state.metrics is not None and isinstance(traced, _CodeSpan):
                 state.metrics.code_failure(traced.language, "nonzero_exit_code")
     if output is not None:
+        register_new_environment()  # the code may print a key the app put in os.environ after instrument()
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
