@@ -32,7 +32,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import environment_variables
@@ -114,6 +114,9 @@ reset_in_child(sys.modules[__name__], "_lock")
 _known: dict[str, None] = {}  # registered secrets, in registration order (see _rebuild)
 _learned: OrderedDict[str, None] = OrderedDict()
 _known_pattern: re.Pattern[str] | _Patterns | None = None
+secrets_version = 0
+"""Changes whenever what redaction does changes (a secret registered, learned or forgotten, a split
+secret's piece learned): results cached with an older version may let a secret through."""
 _secret_with_comma = False
 
 
@@ -248,7 +251,8 @@ def _rebuild() -> None:
     registering each request's API keys), registered ones are compiled in chunks and a new secret
     compiles one chunk: compiling all of them on every new secret took time and memory growing
     with their number (1000 keys: 23 s of CPU for the last 500, and 200 MiB of re's cache)."""
-    global _known_pattern, _secret_with_comma, _chunks
+    global _known_pattern, _secret_with_comma, _chunks, secrets_version
+    secrets_version += 1
     values = _known.keys() | _learned.keys()
     _secret_with_comma = any("," in v for v in values)
     if len(values) <= _CHUNK:
@@ -658,6 +662,110 @@ class RedactionCache:
 
 # message histories: every string of every message, on every LLM call with content capture on
 _scrub_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+# JSON texts of list items (a chat's messages), for redact_list
+_item_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+
+
+def redact_list(items: Sequence[str]) -> str:
+    """``redact("[" + ", ".join(items) + "]")`` for ``items``, the JSON texts of a list's items (a
+    chat's messages, sent again on every model call): each item's text redacted once per set of
+    known secrets (a memo, emptied when a secret is learned, like :class:`RedactionCache`'s).
+
+    The same text exactly: redacting the whole joined text is redacting each item alone when no
+    match can cross from one item into the next, and the whole text is redacted instead when one
+    could (see :func:`_joins_safely`, :func:`_item_flag`), or when an item teaches a new secret
+    (the items before it were redacted without it).
+    """
+    known, context = _known_pattern, _context_pattern
+    if items and _joins_safely(known, context):
+        redact_item = _item_cache.redact
+        flags = _item_flags
+        out = []
+        last = len(items) - 1
+        for index, item in enumerate(items):
+            flag = flags.get(item)
+            if flag is None:
+                flag = _item_flag(item)
+            if flag is _CROSSES or (flag is _OPEN and index != last):
+                break
+            out.append(redact_item(item))
+        else:
+            if _known_pattern is known and _context_pattern is context:
+                return "[" + ", ".join(out) + "]"
+    return redact("[" + ", ".join(items) + "]") or "[]"
+
+
+# The joined text differs from its items only at "[", "]" and the ", " between two items, which
+# every item (a JSON object) meets with "{" or "}". Fixed patterns never match across those:
+# secret shapes, URL credentials, key/value names exclude the characters; what can, is below.
+_JOINS, _OPEN, _CROSSES = "joins", "open", "crosses"
+_item_flags: dict[str, str] = {}
+_ITEM_FLAGS_MAX = 4096
+_QUOTE_START = re.compile(r"""\\*["']""")
+_join_state: tuple[Any, Any, bool] = (None, None, True)
+_PATTERN_MARKS = (",", "[", "]", "{")
+
+
+def _item_flag(item: str) -> str:
+    """Whether a redaction match can start in ``item`` and end past it (depends on the text alone):
+    ``_CROSSES`` for an item that is no JSON object, holds a private key's start (its pattern runs
+    to the end of the text when the END line is missing) or a character whose lower case is longer
+    (the joined text's key/value scan then lower-cases only ASCII); ``_OPEN`` for an item with a
+    secret-named key whose quoted value does not close in it (in the joined text the value runs
+    on to the next such quote, in a later item)."""
+    flag = _JOINS
+    if item[:1] != "{" or item[-1:] != "}" or "PRIVATE KEY-----" in item:
+        flag = _CROSSES
+    else:
+        lower = item.lower()
+        if len(lower) != len(item):
+            flag = _CROSSES
+        elif _kv_open(item, lower):
+            flag = _OPEN
+    if len(item) <= _item_cache.max_len:
+        if len(_item_flags) >= _ITEM_FLAGS_MAX:
+            _item_flags.clear()  # a bound, not a cache policy
+        _item_flags[item] = flag
+    return flag
+
+
+def _kv_open(text: str, lower: str) -> bool:
+    """Whether a secret-named key in ``text`` (as :func:`_kv_scan` finds them) is followed by a
+    quote whose value does not close in ``text``."""
+    for hint in _KV_HINTS:
+        at = lower.find(hint)
+        while at >= 0:
+            key = _KV_KEY.match(text, at)
+            if key is not None:
+                end = key.end()
+                if _QUOTE_START.match(text, end) is not None and _KV_VALUE.match(text, end) is None:
+                    name_start = at
+                    while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+                        name_start -= 1
+                    if is_secret_key(text[name_start:key.end("name")]):
+                        return True
+            at = lower.find(hint, at + 1)
+    return False
+
+
+def _joins_safely(known: re.Pattern[str] | _Patterns | None, context: re.Pattern[str] | None) -> bool:
+    """Whether no known secret and no learned piece's context can match across two items: none
+    holds ",", "[", "]" or "{" (read from the compiled patterns themselves, so the answer belongs
+    to the very patterns it was computed from)."""
+    global _join_state
+    state = _join_state
+    if state[0] is known and state[1] is context:
+        return state[2]
+    patterns: list[re.Pattern[str]] = []
+    if isinstance(known, _Patterns):
+        patterns.extend(known.patterns)
+    elif known is not None:
+        patterns.append(known)
+    if context is not None:
+        patterns.append(context)
+    safe = not any(mark in pattern.pattern for pattern in patterns for mark in _PATTERN_MARKS)
+    _join_state = (known, context, safe)
+    return safe
 _secret_key_names: dict[str, bool] = {}
 
 
@@ -831,20 +939,26 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
         checked = _split_checked
         known = _known_pattern
         if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
-            checked.clear()
-            checked[None] = known
+            _clear_split_checked()
+        texts = [text for text in texts if isinstance(text, str) and text]
+        if not texts:
+            return
+        if _open_fragments:
+            _continue_fragments(texts[0])
         window = max(_SPLIT_WINDOW, _longest_known)
+        generation = _split_generation
         chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
         originals: tuple[str, ...] | None = ()  # those texts, the memo's key (None: one is too long to keep)
         size = 0  # characters in chain
-        first = True
-        for text in texts:
-            if not isinstance(text, str) or not text:
-                continue
-            if first:
-                first = False
-                if _open_fragments:
-                    _continue_fragments(text)
+        start = 0
+        resumes = _split_resume.get(texts[0], ())
+        for resume in resumes:  # the longest searched texts that begin these
+            done = resume[3]
+            if start < len(done) <= len(texts) and resume[0] == generation and resume[1] is known \
+                    and resume[2] == window and texts[:len(done)] == done:
+                start, chain, originals, size = len(done), list(resume[4]), resume[5], resume[6]
+        all_small = True
+        for text in texts[start:] if start else texts:
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
                 if _heads:
@@ -852,6 +966,8 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                 _learn_open_fragment(text)
                 if small:
                     checked[text] = None
+                else:
+                    all_small = False
             if chain:
                 key = (*originals, text) if small and originals is not None else None
                 if key is None or key not in checked:
@@ -859,8 +975,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     if key is not None:
                         checked[key] = None
             if len(checked) > _SPLIT_CHECKED_MAX:
-                checked.clear()
-                checked[None] = _known_pattern
+                _clear_split_checked()
             if len(text) >= window:  # it fills the window alone
                 chain = [(text, len(text) == window)]
                 originals = (text,) if small else None
@@ -872,6 +987,32 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                 while size - min(len(chain[0][0]), window) >= window:
                     size -= min(len(chain.pop(0)[0]), window)
                     originals = originals[1:] if originals is not None else None
+        # every text and boundary searched is in the memo now: the next call sending the same texts
+        # first (a chat's history, grown) searches only what follows them
+        if all_small and _split_generation == generation and _known_pattern is known \
+                and sum(map(len, texts)) <= _SPLIT_RESUME_CHARS:
+            count = len(texts)
+            kept = [r for r in resumes if r[0] == generation and not (len(r[3]) <= count and texts[:len(r[3])] == r[3])]
+            kept.append((generation, known, window, texts, tuple(chain), originals, size))
+            if len(_split_resume) >= _SPLIT_RESUME_MAX:
+                _split_resume.popitem(last=False)
+            _split_resume[texts[0]] = kept[-_SPLIT_RESUME_PER_TEXT:]
+
+
+# first text -> [(generation, known secrets, window, the texts searched, the loop's state after them)]:
+# several chats (each agent's history) can begin with the same text
+_split_resume: OrderedDict[str, list[tuple[Any, ...]]] = OrderedDict()
+_SPLIT_RESUME_MAX = 16
+_SPLIT_RESUME_PER_TEXT = 4
+_SPLIT_RESUME_CHARS = 1 << 17  # with the two counts, a bound on the texts it keeps alive
+_split_generation = 0  # counts the times _split_checked was emptied (a resumed memo must predate none)
+
+
+def _clear_split_checked() -> None:
+    global _split_generation
+    _split_generation += 1
+    _split_checked.clear()
+    _split_checked[None] = _known_pattern
 
 
 def _learn_edges(text: str) -> None:
@@ -975,7 +1116,9 @@ def _add_piece(into: OrderedDict[str, None], piece: str) -> bool:
             into.popitem(last=False)
         for cache in _caches:  # results memoised without this piece
             cache._memo = _Memo(_known_pattern)
-        _split_checked.clear()
+        _clear_split_checked()
+        global secrets_version
+        secrets_version += 1
         return True
 
 

@@ -24,8 +24,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from .. import redaction
 from .._jsontext import compact_encoder
-from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, scrub, truncate
+from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, redact_list, scrub, truncate
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -236,36 +237,66 @@ def _fit(item: Any, budget: int) -> str | None:
 
 
 # JSON pieces of AG2 messages already rendered, by the message dict's identity: AG2 keeps the
-# same dicts in an agent's history, so each call renders only what is new. A piece made before a
-# secret was learned is still caught by the redaction of the whole text in render().
+# same dicts in an agent's history, so each call renders only what is new. Both caches hold
+# pieces made with the current redaction.secrets_version only (a string equal to a learned
+# piece of a split secret is redacted whole by scrub, which the second redaction cannot do).
 _PIECES_MAX = 512  # with pieces of at most _PIECE_CHARS: a few MiB at most
 _PIECE_CHARS = 8192
-_pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str]] = OrderedDict()
+_pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str, int]] = OrderedDict()
+# (convert, the dict's items) -> (scrubbed item, JSON text), for dicts whose values are all text
+_flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int]] = OrderedDict()
 _pieces_lock = threading.Lock()
 
 
 def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
-    """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged."""
-    if convert is None or type(raw) is not dict:
+    """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged
+    or is a flat dict equal to one rendered before."""
+    if type(raw) is not dict:
         clean = scrub(raw if convert is None else convert(raw))
         return clean, _dumps(clean)
     key = id(raw)
-    hit = _pieces.get(key)
     content, calls = raw.get("content"), raw.get("tool_calls")
-    if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls:
-        return hit[3], hit[4]
-    clean = scrub(convert(raw))
+    version = redaction.secrets_version
+    if convert is not None:
+        hit = _pieces.get(key)
+        if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls and hit[5] == version:
+            return hit[3], hit[4]
+    # the same message again in another agent's history (AG2 copies each message into every
+    # recipient's), a system message or a text part: equal flat dicts give equal pieces
+    flat: tuple[Any, ...] | None = (convert, *raw.items())
+    for value in raw.values():
+        if value is not None and type(value) is not str:
+            flat = None
+            break
+    if flat is not None:
+        try:
+            same = _flat_pieces.get(flat)
+        except TypeError:  # an unhashable key
+            same, flat = None, None
+        if same is not None and same[2] == version:
+            if convert is not None:
+                with _pieces_lock:
+                    _remember(_pieces, key, (raw, content, calls, same[0], same[1], version))
+            return same[0], same[1]
+    clean = scrub(raw if convert is None else convert(raw))
     piece = _dumps(clean)
-    if len(piece) > _PIECE_CHARS:
-        return clean, piece
+    if len(piece) > _PIECE_CHARS or redaction.secrets_version != version:
+        return clean, piece  # (scrub learned a secret: made with a newer version than the one read)
     with _pieces_lock:
-        _pieces[key] = (raw, content, calls, clean, piece)
-        if len(_pieces) > _PIECES_MAX:
-            _pieces.popitem(last=False)
+        if convert is not None:
+            _remember(_pieces, key, (raw, content, calls, clean, piece, version))
+        if flat is not None:
+            _remember(_flat_pieces, flat, (clean, piece, version))
     return clean, piece
 
 
-def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[str, int]:
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    if len(cache) > _PIECES_MAX:
+        cache.popitem(last=False)
+
+
+def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | None) -> tuple[list[str], int]:
     kept: list[str] = []
     size = 2  # the brackets
     index = len(items) - 1
@@ -287,7 +318,7 @@ def _render(items: Sequence[Any], budget: int, convert: Callable[[Any], Any] | N
     if dropped:
         learn_secrets_ahead(items[:dropped])
     kept.reverse()
-    return "[" + ", ".join(kept) + "]", dropped
+    return kept, dropped
 
 
 def _message_texts(items: Sequence[Any]) -> Iterator[Any]:
@@ -314,8 +345,9 @@ def render(items: Sequence[Any], bound: int | None = None,
     if convert is message:
         learn_split_secrets(_message_texts(items))
     for _ in range(3):
-        text, dropped = _render(items, budget, convert)
-        final = redact(text) or "[]"
+        kept, dropped = _render(items, budget, convert)
+        text = "[" + ", ".join(kept) + "]"
+        final = redact_list(kept)
         if final != text:
             # a secret replaced by the marker can change the length; the marker never breaks
             # JSON, but verify rather than assume
