@@ -38,10 +38,17 @@ _STARTUP_FROZEN = 1_000
 
 
 @contextlib.contextmanager
-def imports_settled() -> Iterator[None]:
+def imports_settled(heap_imported: bool = True) -> Iterator[None]:
     """Run the block with automatic collection paused; afterwards its surviving objects sit in
-    the oldest generation without counting toward the next full collection (see the module)."""
-    if not (_GENERATIONAL and gc.isenabled()) or (frozen := gc.get_freeze_count()) > _STARTUP_FROZEN:
+    the oldest generation without counting toward the next full collection (see the module).
+
+    ``heap_imported``: whether the application's large imports already happened. When they
+    have not (``instrument()`` as the program's first line, importing AG2 itself), the block
+    runs as is: the full collections during those imports are what tells the collector how
+    large the long-lived heap is, and without them (the heap's size still the interpreter's at
+    startup) the next full collection would come at the first chance, inside the run.
+    """
+    if not (heap_imported and _GENERATIONAL and gc.isenabled()) or (frozen := gc.get_freeze_count()) > _STARTUP_FROZEN:
         yield
         return
     gc.disable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -98,7 +99,8 @@ def instrument(
     ``none``, to the global provider (a no-op until the application sets one). ``metrics=False``
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
     """
-    with _lock, imports_settled():
+    # settled only after the application imported AG2 itself (see _gcquiet)
+    with _lock, imports_settled(heap_imported="autogen" in sys.modules):
         if _state["active"]:
             return _state["provider"]  # type: ignore[no-any-return]
         if sdk_disabled():

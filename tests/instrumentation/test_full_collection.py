@@ -76,3 +76,24 @@ def test_instrument_leaves_the_applications_collector_settings_alone(tmp_path: P
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["frozen_before"] >= result["frozen_after"] > 50_000  # never unfrozen (frozen objects may die)
     assert result["enabled"] is False
+
+
+APP_FIRST_LINE = textwrap.dedent("""
+    import gc, json
+    import cmbagent_otel
+    cmbagent_otel.instrument()  # the program's first line: instrument() imports AG2 itself
+    print(json.dumps({"full_collections": gc.get_stats()[2]["collections"]}))
+""")
+
+
+@pytest.mark.skipif(not GENERATIONAL, reason="CPython's generational collector (3.10-3.13) only")
+def test_instrument_as_the_first_line_lets_the_collector_size_the_heap(tmp_path: Path) -> None:
+    """Settling AG2's own import too would leave the collector's long-lived count at the
+    interpreter's startup size: the application's first full collection would come inside its run."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    upgrade(url)
+    env = {**os.environ, "CMBAGENT_OTEL_DATABASE_URL": url}
+    out = subprocess.run([sys.executable, "-c", APP_FIRST_LINE], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["full_collections"] > 0
