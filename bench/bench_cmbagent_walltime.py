@@ -13,10 +13,13 @@ process; the timer covers the workflow call (``cmbagent.one_shot(...)`` /
   durable batch processor) as the first line of the program, before ``import cmbagent``, as
   the README shows (and as ``opentelemetry-instrument`` does); the database was created by
   ``cmbagent-otel db upgrade`` before the runs (``--fresh-db``: a new one per run);
-* **traced_late**: ``instrument()`` after ``import cmbagent``. Reported, no target: the ~45k
-  objects that importing SQLAlchemy and the schema adds after the application's own imports
-  can tip CPython's full (generation 2) garbage collection of the whole heap (~580k objects,
-  0.3-0.5 s) into the run; the ``full GCs`` column shows when it does.
+* **traced_late**: ``instrument()`` after ``import cmbagent``. Reported, no target. Until
+  2026-12-01 the ~45k objects that importing SQLAlchemy and the schema adds after the
+  application's own imports tipped CPython's full (generation 2) garbage collection of the
+  whole heap (~580k objects, 0.3-0.5 s) into the run (one_shot 1.37); ``instrument()`` now
+  settles its imports when AG2 was imported before it (``cmbagent_otel._gcquiet``). Whether a
+  full collection falls inside a run tips on a few thousand objects either way; the
+  ``full GCs`` column shows when it does.
 
 Variants alternate (order rotating per repetition); the figure is median(traced) /
 median(plain) per workflow, with IQRs. Beside it, steadier than wall on a shared machine: the

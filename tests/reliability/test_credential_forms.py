@@ -56,10 +56,10 @@ class Refused(Exception):
     pass
 
 
-@needs_custom_client
-def test_credential_forms_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
-                                                tmp_path: Path) -> None:
-    found = forms()
+def assert_refused_call_is_clean(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
+                                 found: dict[str, tuple[str, str]]) -> None:
+    """A model call refused with an error quoting every form, with content capture on (the user's
+    message quotes them too): the application gets its own exception, telemetry none of the secrets."""
     quoted = " ; ".join(text for text, _ in found.values())
 
     class Refusing(ScriptedModelClient):
@@ -75,3 +75,9 @@ def test_credential_forms_never_reach_telemetry(sink: Sink, caplog: pytest.LogCa
         user.initiate_chat(assistant, message=f"read from: {quoted}", max_turns=1, silent=True)
     assert quoted in str(info.value)  # the application's exception is its own
     assert_clean(sink, caplog, *(secret for _, secret in found.values()))
+
+
+@needs_custom_client
+def test_credential_forms_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    assert_refused_call_is_clean(sink, caplog, forms())

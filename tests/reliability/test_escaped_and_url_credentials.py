@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import secrets
 import urllib.parse
-from typing import Any
 
 import pytest
-from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
-from cmbagent_otel.testing import ScriptedModelClient
 
 from .conftest import needs_custom_client
-from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
+from .test_credential_forms import assert_refused_call_is_clean
+from .test_secrets import Sink, sink  # noqa: F401 (sink: fixture)
 
 
 def _b64(n: int) -> str:
@@ -99,29 +97,10 @@ def test_look_alikes_stay(text: str) -> None:
     assert redaction.redact(text) == text
 
 
-class Refused(Exception):
-    pass
-
-
 @needs_custom_client
 def test_the_forms_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
                                          registered_key: str) -> None:
-    found = forms(registered_key)
-    quoted = " ; ".join(text for text, _ in found.values())
-
-    class Refusing(ScriptedModelClient):
-        def create(self, params: dict[str, Any]) -> Any:
-            raise Refused(f"could not fetch the inputs ({quoted})")
-
-    instrument(sink)  # content capture on: the message carries them too
-    assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Refusing"}], "cache_seed": None}, human_input_mode="NEVER")
-    assistant.register_model_client(Refusing)
-    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
-    with pytest.raises(Refused) as info:
-        user.initiate_chat(assistant, message=f"read from: {quoted}", max_turns=1, silent=True)
-    assert quoted in str(info.value)  # the application's exception is its own
-    assert_clean(sink, caplog, *(secret for _, secret in found.values()))
+    assert_refused_call_is_clean(sink, caplog, forms(registered_key))
 
 
 def test_escapes_without_a_secret_behind_them_stay_as_written() -> None:
