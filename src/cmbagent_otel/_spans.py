@@ -224,7 +224,8 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if conversation_id is not None:
         attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
-        node_id, depth, order = _name_node(state, scope, node, attrs)
+        node_id, depth, order = _name_node(state, scope, node)
+        _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
@@ -238,9 +239,9 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     return attrs, new_scope
 
 
-def _name_node(state: RunState, scope: Scope, node: NodeSpec, attrs: dict[str, Any]) -> tuple[str, int, int | None]:
+def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int, int | None]:
     """A DAG node's id, depth and order_index under ``scope`` (a child takes the next index among its
-    parent's children), written into ``attrs``."""
+    parent's children)."""
     order = node.order_index
     base_id = node.base_id
     if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
@@ -257,15 +258,19 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, attrs: dict[str, A
         node_id = base_id if count == 1 else f"{base_id}_{count}"
     else:
         node_id = state.unique_node_id(base_id)
-    depth = scope.dag_depth + 1
+    return node_id, scope.dag_depth + 1, order
+
+
+def _set_node(attrs: dict[str, Any], node: NodeSpec, node_id: str, depth: int, parent: str | None,
+              order: int | None) -> None:
+    """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs``."""
     attrs[semconv.DAG_NODE] = node_id
     attrs[semconv.DAG_NODE_TYPE] = node.node_type
     attrs[semconv.DAG_DEPTH] = depth
-    if scope.dag_node is not None:
-        attrs[semconv.DAG_PARENT_NODE] = scope.dag_node
+    if parent is not None:
+        attrs[semconv.DAG_PARENT_NODE] = parent
     if order is not None:
         attrs[semconv.DAG_ORDER_INDEX] = order
-    return node_id, depth, order
 
 
 def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope) -> tuple[Any, ...] | None:
@@ -606,30 +611,13 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                     parent_ctx = span_context(ctx, frame.span)
         if scope is not None and run is None and not new_conversation:
             # a span inside a run in the same conversation, nearly every span: compose() (its event
-            # case and its DAG-node case, _name_node included) written out
+            # case and its DAG-node case) written out
             state = scope.run
             conversation_id = scope.conversation_id
             session = state.session_id
             dag_node = scope.dag_node
-            if node is not None:
-                order = node.order_index
-                base_id = node.base_id
-                if node.child:  # next_child_index and (below) unique_node_id written out
-                    k = next(state._counters[CHILDREN_KEY + (dag_node or "")]) if _GIL \
-                        else state.next_child_index(dag_node or "")
-                    order = (scope.dag_order if dag_node is not None else 1) * CHILD_ORDER_BASE + k
-                    if order > _INT32:
-                        order = _INT32
-                    if node.numbered:
-                        base_id = f"{base_id}_{k}"
-                if not node.unique:
-                    node_id = base_id
-                elif _GIL:
-                    count = next(state._counters[base_id])
-                    node_id = base_id if count == 1 else f"{base_id}_{count}"
-                else:
-                    node_id = state.unique_node_id(base_id)
-                depth = scope.dag_depth + 1
+            if node is not None:  # its order decides the attributes' template below
+                node_id, depth, order = _name_node(state, scope, node)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
                 # a copy of the attributes with this shape's keys in front (values set below): the
@@ -654,13 +642,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
             else:
-                attrs[semconv.DAG_NODE] = node_id
-                attrs[semconv.DAG_NODE_TYPE] = node.node_type
-                attrs[semconv.DAG_DEPTH] = depth
-                if dag_node is not None:
-                    attrs[semconv.DAG_PARENT_NODE] = dag_node
-                if order is not None:
-                    attrs[semconv.DAG_ORDER_INDEX] = order
+                _set_node(attrs, node, node_id, depth, dag_node, order)
                 new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet
@@ -799,15 +781,6 @@ class TracedSpan(LazyScope):
         except Exception:
             logger.debug("cmbagent_otel: could not set %s", key, exc_info=True)
 
-    def set_many(self, attributes: dict[str, Any]) -> None:
-        """Set several attributes in one call (cheaper than one ``set`` each)."""
-        if not attributes:
-            return
-        try:
-            self.span.set_attributes(attributes)
-        except Exception:
-            logger.debug("cmbagent_otel: could not set attributes", exc_info=True)
-
     def fail(self, description: str, error_type: str | None = None) -> None:
         """Mark the span failed without an exception (e.g. a non-zero exit code)."""
         self._error = error_type or "error"
@@ -861,7 +834,7 @@ class TracedSpan(LazyScope):
         # returning None lets the application's exception propagate unchanged
 
 
-class StartedSpan(TracedSpan):
+class TracedSpanShell(TracedSpan):
     """A :class:`TracedSpan` for :func:`start`, made by a plain class call: no ``__init__`` to run
     (start() sets every field), ~300 instructions less per span than ``object.__new__(TracedSpan)``."""
 

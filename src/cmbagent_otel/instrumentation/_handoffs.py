@@ -61,8 +61,6 @@ def _reason(groupchat: Any) -> str:
     return str(method) if method is not None else "unknown"
 
 
-
-
 class Selection:
     """One speaker selection in progress: where it happens and what it would record (built by :func:`_begin`)."""
 
@@ -232,34 +230,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
             except BaseException as exc:
                 selection.ended(state, None, exc)
                 raise
-            if selection.promoted:
-                return result
-            # Selection.ended written out for a selection that returned (every one but a chat's last)
-            try:
-                facts = selection.facts
-                scope = selection.scope
-                room = None
-                if scope is not None:
-                    room = scope.handoffs
-                    if room is None:
-                        room = _event_room(selection.span)
-                attrs = {semconv.HANDOFF_FROM: selection.from_name, semconv.HANDOFF_REASON: facts[4],
-                         semconv.HANDOFF_CANDIDATES: facts[5]}
-                if result is not None:
-                    entry = state.agents.get(id(result))  # cached_name written out
-                    attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
-                        else agent_name(result)
-                if room:
-                    scope.handoffs = room - 1  # type: ignore[union-attr]
-                    attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
-                    run = scope.run  # type: ignore[union-attr]
-                    attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
-                    attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
-                    selection.span.add_event(EVENT_NAME, attrs)
-                else:
-                    selection._as_span(state, None, attrs)
-            except Exception:
-                logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
+            selection.ended(state, result, None)
             return result
 
         _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method

@@ -82,8 +82,8 @@ from .._spans import (
     NodeSpec,
     SamplingProbe,
     SharedAttributes,
-    StartedSpan,
     TracedSpan,
+    TracedSpanShell,
     make_tracer,
     start,
     workflow_tracers,
@@ -590,7 +590,7 @@ def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], s
     return _messages.render(messages, convert=_messages.message)[0]
 
 
-# A builder returns its span started. The hot ones make it as a StartedSpan (no __init__) and start it
+# A builder returns its span started. The hot ones make it as a TracedSpanShell (no __init__) and start it
 # with _spans.start: no dict of keywords, no fields stored only to be read back
 _INTERNAL, _CLIENT = SpanKind.INTERNAL, SpanKind.CLIENT
 
@@ -603,7 +603,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     static = entry[1] if entry is not None and entry[0]() is instance else None
     if static is None or static.config is not getattr(instance, "llm_config", None) \
             or static.description is not (instance.__dict__.get("_description") if static.plain_description
-                                          else getattr(instance, "description", None)):
+                                          else getattr(instance, "description", None)):  # _description_mark
         static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
@@ -632,7 +632,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
             return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
-        return start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+        return start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -647,7 +647,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True)
-    traced = start(StartedSpan(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
+    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
         children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
@@ -826,8 +826,8 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
     if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
-        return start(StartedSpan(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
-    traced = _ChatSpan()  # its four fields set here: no __init__ (see StartedSpan), no keywords dict
+        return start(TracedSpanShell(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    traced = _ChatSpan()  # its four fields set here: no __init__ (see TracedSpanShell), no keywords dict
     traced.state = state
     traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
@@ -880,7 +880,7 @@ def _response_output(response: Any) -> str | None:
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
-    # _response_facts and set_many written out: every model call
+    # every model call: the response's facts read here, its attributes set in one call
     model = getattr(response, "model", None)
     response_model = model if isinstance(model, str) else None
     usage = _models.usage_attributes(getattr(response, "usage", None))
@@ -950,7 +950,7 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return start(StartedSpan(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+    return start(TracedSpanShell(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
 
 
