@@ -37,6 +37,15 @@ that frame, 5 pairs (the root chunks of new threads) and about plain's faults.
 
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
+    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --gc-probe 0 10000 20000 ...
+
+``--gc-probe N...`` times nothing: one run per variant and N, the application allocating N
+more long-lived objects just before the run, and the number of full collections inside the
+run (and the final flush) for each. Whether one falls inside a run depends on how far the
+collector is from its next one when the run starts (the margin, shown from a ``gc.callbacks``
+ledger of promotions: approximate, as it cannot see the tuples a collection untracks), so a
+sweep of N over one full-collection cycle (~120k objects with cmbagent) shows at which N a
+variant gets a full collection that plain does not; the exit status is 1 when one does.
 
 Target: traced / plain <= 1.03 for one_shot and planning_and_control.
 """
