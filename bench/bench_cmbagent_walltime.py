@@ -37,6 +37,15 @@ that frame, 5 pairs (the root chunks of new threads) and about plain's faults.
 
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py           # 9 reps each
     .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --fresh-db
+    .venv-cmbagent-autogen/bin/python bench/bench_cmbagent_walltime.py --gc-probe 0 10000 20000 ...
+
+``--gc-probe N...`` times nothing: one run per variant and N, the application allocating N
+more long-lived objects just before the run, and the number of full collections inside the
+run (and the final flush) for each. Whether one falls inside a run depends on how far the
+collector is from its next one when the run starts (the margin, shown from a ``gc.callbacks``
+ledger of promotions: approximate, as it cannot see the tuples a collection untracks), so a
+sweep of N over one full-collection cycle (~120k objects with cmbagent) shows at which N a
+variant gets a full collection that plain does not; the exit status is 1 when one does.
 
 Target: traced / plain <= 1.03 for one_shot and planning_and_control.
 """
@@ -117,10 +126,100 @@ def child(variant: str, workflow: str, work_dir: str) -> dict[str, Any]:
             "full_gc": full_collections[0], "llm_calls": len(script.sequence)}
 
 
-def _spawn(variant: str, workflow: str, tmp: str, env: dict[str, str]) -> dict[str, Any]:
+class GcLedger:
+    """``gc.callbacks`` bookkeeping of CPython's (3.10-3.13) full-collection trigger: objects
+    promoted into the oldest generation since the last full collection (each generation-1
+    collection's survivors: its young objects at the start minus those it collected) against a
+    quarter of the objects that survived that one. Counted per phase of the child."""
+
+    OURS = ("opentelemetry", "cmbagent_otel", "exporters", "sqlalchemy", "wrapt", "alembic")
+
+    def __init__(self) -> None:
+        self.phase = "import"
+        self.total = 0  # CPython's long_lived_total: 0 until the first full collection
+        self.pending = 0  # long_lived_pending
+        self.size = 0
+        self.ours_young = 0
+        self.promoted: dict[str, int] = {}
+        self.full: dict[str, int] = {}
+        self.ours_promoted: dict[str, int] = {}
+        self.margin_at: dict[str, int] = {}
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.margin_at[phase] = self.total // 4 - self.pending
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        import gc
+
+        generation = info["generation"]
+        if phase == "start":
+            if generation == 2:
+                self.size = len(gc.get_objects())
+            elif generation == 1:
+                young = gc.get_objects(0) + gc.get_objects(1)
+                self.size = len(young)
+                self.ours_young = sum(1 for o in young if type(o).__module__.startswith(self.OURS))
+                del young
+            return
+        if generation == 1:
+            survivors = self.size - info["collected"]
+            self.pending += survivors
+            self.promoted[self.phase] = self.promoted.get(self.phase, 0) + survivors
+            self.ours_promoted[self.phase] = self.ours_promoted.get(self.phase, 0) + self.ours_young
+        elif generation == 2:
+            self.total = self.size - info["collected"]
+            self.pending = 0
+            self.full[self.phase] = self.full.get(self.phase, 0) + 1
+
+
+def gc_child(variant: str, workflow: str, work_dir: str, extra: int, early: int = 0) -> dict[str, Any]:
+    """One run for ``--gc-probe``: full collections and promotions per phase, no timing;
+    ``extra`` long-lived objects of the application's own allocated just before the run,
+    ``early`` more at the program's start (before any import)."""
+    import gc
+    import logging
+
+    ledger = GcLedger()
+    gc.callbacks.append(ledger)
+    logging.disable(logging.WARNING)
+    at_start = [[] for _ in range(early)]  # noqa: F841 - the application's long-lived objects
+    if variant == "traced":
+        import cmbagent_otel
+
+        cmbagent_otel.instrument()
+    sys.path.insert(0, str(SCRIPTED))
+    import cmbagent  # noqa: F401
+    from scripted_cmbagent import call_workflow, script_for
+
+    if variant == "traced_late":
+        import cmbagent_otel
+
+        cmbagent_otel.instrument()
+    from cmbagent_otel.testing import FakeOpenAIServer
+
+    script = script_for(workflow)
+    with FakeOpenAIServer(request_responder=script) as server:
+        os.environ["OPENAI_BASE_URL"] = server.base_url
+        keep = [[] for _ in range(extra)]  # noqa: F841 - the application's long-lived objects
+        ledger.enter("run")
+        call_workflow(workflow, Path(work_dir))
+        ledger.enter("flush")
+        if variant != "plain":
+            cmbagent_otel.uninstrument()
+        ledger.enter("end")
+    gc.callbacks.remove(ledger)
+    return {"full": ledger.full, "promoted": ledger.promoted, "ours_promoted": ledger.ours_promoted,
+            "margin_at": ledger.margin_at, "total": ledger.total}
+
+
+def _spawn(variant: str, workflow: str, tmp: str, env: dict[str, str],
+           extra: tuple[int, int] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="run-", dir=tmp) as work_dir:
-        out = subprocess.run([sys.executable, __file__, "--child", variant, workflow, work_dir],
-                             env=env, capture_output=True, text=True, check=False)
+        command = ["--child", variant, workflow, work_dir] if extra is None else \
+            ["--gc-child", variant, workflow, work_dir, *map(str, extra)]
+        out = subprocess.run([sys.executable, __file__, *command], env=env, capture_output=True, text=True,
+                             check=False)
     if out.returncode != 0:
         raise SystemExit(f"{variant} {workflow} child failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -137,6 +236,26 @@ def _main_thread(runs: list[dict[str, Any]]) -> str:
             f"minor faults {median_iqr([r['main_faults'] for r in runs], '.0f')}")
 
 
+def _gc_probe(args: argparse.Namespace, variants: list[str], tmp: str, env: dict[str, str]) -> int:
+    """Full collections inside the run (and flush) per variant and extra N; exit 1 when a traced
+    variant has more than plain at some N."""
+    worse = False
+    for workflow in args.workflows:
+        print(f"{workflow}: full collections in the run + flush (objects promoted during the run; margin to the "
+              f"next full collection at the run's start), per extra N; {args.gc_early} objects at the start")
+        for extra in args.gc_probe:
+            cells = []
+            counts = {}
+            for variant in variants:
+                r = _spawn(variant, workflow, tmp, env, (extra, args.gc_early))
+                counts[variant] = r["full"].get("run", 0) + r["full"].get("flush", 0)
+                cells.append(f"{variant} {counts[variant]} ({r['promoted'].get('run', 0) / 1000:.1f}k; "
+                             f"{r['margin_at']['run'] / 1000:.1f}k)")
+            worse = worse or any(counts[v] > counts["plain"] for v in counts)
+            print(f"  N={extra / 1000:g}k  " + "  ".join(cells), flush=True)
+    return 1 if worse else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=9)
@@ -145,10 +264,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=("plain", "traced", "traced_late"))
     parser.add_argument("--fresh-db", action="store_true", help="a new, unmigrated database for every traced run")
     parser.add_argument("--json", help="write every run's timings here")
+    parser.add_argument("--gc-probe", nargs="+", type=int, metavar="N",
+                        help="no timing: count full collections per variant, the application allocating N "
+                             "extra long-lived objects just before the run, for each N given")
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "WORKFLOW", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--gc-early", type=int, default=0, metavar="M",
+                        help="with --gc-probe: M more long-lived objects allocated at the program's start")
+    parser.add_argument("--gc-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child)))
+        return 0
+    if args.gc_child:
+        variant, workflow, work_dir, extra, early = args.gc_child
+        print(json.dumps(gc_child(variant, workflow, work_dir, int(extra), int(early))))
         return 0
     try:
         import cmbagent  # noqa: F401
@@ -170,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    CMBAGENT_OTEL_SPILL_DIR=str(Path(tmp, "spill")))
         shared_db = f"sqlite:///{tmp}/cmbagent.db"
         upgrade(shared_db)  # what `cmbagent-otel db upgrade` (or the first traced run) leaves behind
+        if args.gc_probe:
+            return _gc_probe(args, variants, tmp, {**env, "CMBAGENT_OTEL_DATABASE_URL": shared_db})
         for rep in range(args.reps):
             for workflow in args.workflows:
                 shift = rep % len(variants)

@@ -1,21 +1,36 @@
-"""Keep ``instrument()``'s own imports from tipping the application into a full garbage collection.
+"""Keep ``instrument()``'s own work from changing when the application's full garbage collections come.
 
-CPython (3.10-3.13) starts a full collection of the whole heap when the objects promoted into
-its oldest generation since the last one exceed a quarter of the objects that survived it.
-``instrument()`` imports SQLAlchemy, the schema, the SDK and the exporters: ~40,000 long-lived
-objects. In a process that has already imported a large application (cmbagent: ~580,000
-objects) before calling ``instrument()``, those objects count toward the application's next
-full collection and can pull one (0.3-0.5 s of CPU in cmbagent) into a run that would have had
-none: a real cmbagent ``one_shot`` run instrumented after ``import cmbagent`` had one full
-collection more than the plain run and took 1.37x its wall time.
+CPython (3.10-3.13) starts a full collection of the whole heap at an automatic collection when
+two counters allow it: generation 2's count (generation-1 collections since the last full one)
+exceeds its threshold (10), and the objects promoted into the oldest generation since then
+("pending") are at least a quarter of the objects that survived it. ``instrument()`` imports
+SQLAlchemy, the schema, the SDK and the exporters (~40,000 long-lived objects) and builds the
+provider. In a process that has already imported a large application (cmbagent: ~580,000
+objects) before calling ``instrument()``, those objects, promoted the ordinary way, count toward
+the application's next full collection and can pull one (0.3-0.5 s of CPU in cmbagent) into a
+run that would have had none: a real cmbagent ``one_shot`` run instrumented after
+``import cmbagent`` had one full collection more than the plain run and took 1.37x its wall time.
 
-:func:`imports_settled` pauses automatic collection for the block and then moves what the
-young generations hold into the oldest one directly (``gc.freeze()`` then ``gc.unfreeze()``:
-two list splices), where only a full collection looks at it and it is not counted as promoted;
-a young collection first frees the cyclic garbage the imports left (~15,000 objects).
-The application's own young objects of that moment (at most a few thousand) move too, so its
-next full collection can only come later, never earlier (a garbage cycle among them waits for
-it). CPython 3.12 starts with a few hundred of its immortal static tuples in the permanent
+:func:`imports_settled` leaves the collector's state as the application had it and puts the
+block's own survivors where no count sees them:
+
+* on entry, with automatic collection paused, a generation-1 collection promotes the
+  application's young survivors of that moment (counted, as its next one would have);
+* after the block, a young collection frees the block's own cyclic garbage (~15,000 objects),
+  and ``gc.freeze()`` then ``gc.unfreeze()`` (two list splices) move the block's survivors
+  into the oldest generation uncounted, where only a full collection looks at them;
+* ``gc.freeze()`` also zeroes the generations' counts, which would postpone a full collection
+  that was due by up to eleven generation-1 collections (~77,000 allocations: from just before
+  a run into it), so generation 2's count is put back with generation-1 collections of the
+  then empty young generations (capped just above its threshold: past it, only the pending
+  objects decide).
+
+What is left different from a process without ``instrument()``: ~700 allocations of generation
+0's count, and after the next full collection its survivors include the block's objects (that
+one and the next come a little later). Which full collections fall inside a run still depends
+on everything the process allocated before it; see docs/reliability.md.
+
+CPython 3.12 starts with a few hundred of its immortal static tuples in the permanent
 generation; they return to the oldest generation, where a collection finds them reachable as
 always. Skipped when the application disabled the collector or froze objects itself (more than
 that startup handful: they must stay frozen), and on interpreters whose collector works
@@ -40,7 +55,8 @@ _STARTUP_FROZEN = 1_000
 @contextlib.contextmanager
 def imports_settled(heap_imported: bool = True) -> Iterator[None]:
     """Run the block with automatic collection paused; afterwards its surviving objects sit in
-    the oldest generation without counting toward the next full collection (see the module).
+    the oldest generation without counting toward the next full collection, and the
+    collector's counts are the application's (see the module).
 
     ``heap_imported``: whether the application's large imports already happened. When they
     have not (``instrument()`` as the program's first line, importing AG2 itself), the block
@@ -51,16 +67,23 @@ def imports_settled(heap_imported: bool = True) -> Iterator[None]:
     if not (heap_imported and _GENERATIONAL and gc.isenabled()) or (frozen := gc.get_freeze_count()) > _STARTUP_FROZEN:
         yield
         return
+    collections = 0
     gc.disable()
     try:
+        # the application's young survivors are promoted (and counted) now, as its next
+        # generation-1 collection would have, rather than moved below uncounted
+        gc.collect(1)
+        collections = gc.get_count()[2]  # generation-1 collections since the last full one
         yield
     finally:
         try:
             if gc.get_freeze_count() == frozen:  # nobody froze objects meanwhile
-                # the imports' own cyclic garbage (~15,000 objects) is freed by a young collection,
+                # the block's own cyclic garbage (~15,000 objects) is freed by a young collection,
                 # which promotes survivors into the middle generation only: nothing is counted
                 gc.collect(0)
                 gc.freeze()
-                gc.unfreeze()
+                gc.unfreeze()  # every generation's count is 0 now, and the young ones empty
+                for _ in range(min(collections, gc.get_threshold()[2] + 1)):
+                    gc.collect(1)
         finally:
             gc.enable()

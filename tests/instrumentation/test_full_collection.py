@@ -56,6 +56,63 @@ def test_instrument_after_a_large_import_adds_no_full_collection(tmp_path: Path)
     assert result["full_collections"] == 0, result
 
 
+# The same application without and with instrument() at one point: its heap (AG2, cmbagent_otel
+# imported: only instrument()'s own work differs) is brought to a set distance below its next
+# full collection (SHORT objects), with generation 2's count past its threshold, and holds YOUNG
+# young long-lived objects when instrument() is (or would be) called; then it allocates RUN
+# long-lived objects (and, with FLUSH, promotes them explicitly) and a few thousand more, whose
+# automatic collections decide. Counted: full collections from instrument() on.
+APP_PAIR = textwrap.dedent("""
+    import gc, json, sys, threading
+    heap = [[] for _ in range(400_000)]
+    import autogen  # noqa: F401
+    import cmbagent_otel
+    gc.collect()
+    long_lived = len(gc.get_objects())
+    traced, short, young_count, run_count, flush = json.loads(sys.argv[1])
+    promoted = [[] for _ in range(long_lived // 4 - short)]
+    for _ in range(12):
+        gc.collect(1)  # counted as promoted; generation 2's count past its threshold
+    young = [[] for _ in range(young_count)]  # in the young generations at instrument() time
+    full = []
+    gc.callbacks.append(lambda phase, info: full.append(1) if phase == "stop" and info["generation"] == 2 else None)
+    if traced:
+        cmbagent_otel.instrument()
+        for thread in threading.enumerate():
+            if thread.name == "cmbagent-otel-schema":
+                thread.join()
+    run = [[] for _ in range(run_count)]
+    if flush:
+        for _ in range(12):
+            gc.collect(1)
+    more = [[] for _ in range(3_000)]
+    print(json.dumps({"full_collections": len(full)}))
+""")
+
+
+@pytest.mark.skipif(not GENERATIONAL, reason="CPython's generational collector (3.10-3.13) only")
+@pytest.mark.parametrize(("short", "young", "run", "flush"), [
+    # a full collection due 5,000 promotions on: gc.freeze() zeroed generation 2's count, and
+    # instrument() used to postpone it by eleven generation-1 collections (none in 20,000 allocations)
+    (5_000, 0, 20_000, False),
+    # 6,000 of the application's long-lived objects still young at instrument(): they used to move
+    # into the oldest generation uncounted, which postponed its full collection past the run
+    (8_000, 6_000, 4_000, True),
+], ids=["due", "young"])
+def test_instrument_leaves_the_applications_full_collections_where_they_were(
+        tmp_path: Path, short: int, young: int, run: int, flush: bool) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    upgrade(url)
+    env = {**os.environ, "CMBAGENT_OTEL_DATABASE_URL": url, "OTEL_TRACES_EXPORTER": "cmbagent_dag"}
+    counts = {}
+    for traced in (False, True):
+        out = subprocess.run([sys.executable, "-c", APP_PAIR, json.dumps([traced, short, young, run, flush])],
+                             env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        counts[traced] = json.loads(out.stdout.strip().splitlines()[-1])["full_collections"]
+    assert counts == {False: 1, True: 1}, counts  # plain: 1, the collection the scenario sets up
+
+
 APP_SETTINGS = textwrap.dedent("""
     import gc, json
     heap = [[] for _ in range(50_000)]
