@@ -584,13 +584,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     (a dict of them, ``type.__call__``, ``__init__``) and then ``__enter__`` (reading back every field)
     took three. The span's inputs are never stored: only what ending it and its children's scope need.
     """
-    self._token = None
-    self._frame = None
-    self._timing = None
-    self._error = None
-    self.span = trace.INVALID_SPAN
-    self._scope = None
-    self._parent_scope = None  # set when the children's scope is built on first use
+    # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
+    frame = None
     try:  # telemetry must never break the app
         if ctx is None:
             ctx = get_current()
@@ -606,9 +601,10 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 # work started directly in an anchor scope belongs to its innermost open frame
                 frame = cursor.enter()
                 if frame is not None:
-                    self._frame = frame
                     scope = frame.scope
                     parent_ctx = span_context(ctx, frame.span)
+        self._frame = frame
+        self._error = None
         if scope is not None and run is None and not new_conversation:
             # a span inside a run in the same conversation, nearly every span: compose() (its event
             # case and its DAG-node case) written out
@@ -656,9 +652,11 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
         self.span = span
         held: Scope | TracedSpan = self  # what the context holds for the children's scope
         if new_scope is None:
+            self._scope = None
             self._parent_scope = scope
         else:
             self._scope = held = new_scope
+            self._parent_scope = None
             new_scope.owner = span
         if SPAN_KEY is None:
             self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
@@ -668,11 +666,27 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             values[SPAN_KEY] = span
             values[_SCOPE_KEY] = held
             self._token = attach(Context(values))
-        if kind in TIMED_KINDS:
-            self._timing = _timing(kind, attrs, new_scope or scope)
+        self._timing = _timing(kind, attrs, new_scope or scope) if kind in TIMED_KINDS else None
     except Exception:
         logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
+        _unstarted(self, frame)
     return self
+
+
+# what start() leaves in a field it did not reach
+_FIELD_DEFAULTS = (("_token", None), ("_timing", None), ("_error", None), ("span", trace.INVALID_SPAN),
+                   ("_scope", None), ("_parent_scope", None))
+
+
+def _unstarted(self: Any, frame: Frame | None) -> None:
+    """After a failed :func:`start`: every field it had not set yet gets its default (the frame it entered
+    is kept, so ending the span leaves it)."""
+    self._frame = frame
+    for field, value in _FIELD_DEFAULTS:
+        try:
+            getattr(self, field)
+        except AttributeError:
+            setattr(self, field, value)
 
 
 class TracedSpan(LazyScope):

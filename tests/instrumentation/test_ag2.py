@@ -14,6 +14,8 @@ from autogen import ConversableAgent, GroupChat, GroupChatManager
 from autogen.agentchat import conversable_agent, groupchat
 from autogen.coding import LocalCommandLineCodeExecutor
 from autogen.oai import client as oai_client
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 
@@ -687,3 +689,41 @@ def test_otel_unwrap_leaves_the_plain_methods_to_uninstrument(capture):
         assert all(vars(owner)[attr] is not original for (owner, attr), original in before.items())
     finally:
         cmbagent_otel.uninstrument()
+
+
+class _RefusingTracer(trace.Tracer):
+    """A tracer (not a no-op one: the spans may record) whose every start fails, as a broken tracing
+    implementation's might."""
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tracer broken")
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tracer broken")
+
+
+class _RefusingProvider(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _RefusingTracer()
+
+
+def test_a_tracer_failing_every_start_leaves_the_chat_alone(tmp_path):
+    """Every span's start fails (agent turns, model calls, tools, code): the chat runs as without
+    tracing, its exceptions and results untouched, and nothing is left attached."""
+    before = otel_context.get_current()
+    cmbagent_otel.instrument(tracer_provider=_RefusingProvider(), instrument_cmbagent=False)
+    try:
+        result = run_four_agent_chat(tmp_path)
+        with FakeOpenAIServer(status=400) as server:
+            config = {"config_list": [{"model": "gpt-4o-mini", "api_key": "sk-test-loopback-key-111111",
+                                       "base_url": server.base_url}], "cache_seed": None}
+            assistant = ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER")
+            user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+            import openai
+
+            with pytest.raises(openai.BadRequestError):
+                user.initiate_chat(assistant, message="question?", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    assert "TERMINATE" in result.chat_history[-1]["content"]
+    assert otel_context.get_current() is before
