@@ -882,21 +882,38 @@ def _response_output(response: Any) -> str | None:
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
     model = getattr(response, "model", None)
-    response_model = model if isinstance(model, str) else None
-    usage = _models.usage_attributes(getattr(response, "usage", None))
+    response_model = model if type(model) is str or isinstance(model, str) else None
+    usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
-    cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    if type(cost) is not float:
+        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
     chat = type(traced) is _ChatSpan
-    if chat:  # its metrics read the response when it ends
-        call = traced.call  # type: ignore[attr-defined]
-        call.response_model, call.usage, call.cost = response_model, usage, cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(usage)
+    if chat:  # its metrics read the response when it ends
+        call = traced.call  # type: ignore[attr-defined]
+        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
+        attrs.update(call.usage)
+    elif usage is not None and type(usage) is not dict and getattr(usage, "prompt_tokens_details", None) is None \
+            and getattr(usage, "completion_tokens_details", None) is None:
+        # usage_attributes' object case without token details written out (one call and one dict less
+        # per model call): OpenAI's CompletionUsage as AG2's clients return it. Neither count an
+        # attribute (a mapping that is not a dict, say): usage_attributes reads it
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        if prompt is None and completion is None:
+            attrs.update(_models.usage_attributes(usage))
+        else:
+            if type(prompt) is int or _models._count(prompt) is not None:
+                attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+            if type(completion) is int or _models._count(completion) is not None:
+                attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    else:
+        attrs.update(_models.usage_attributes(usage))
     if cost is not None:
         attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
