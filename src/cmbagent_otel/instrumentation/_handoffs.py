@@ -71,7 +71,7 @@ class Selection:
         """The handoff's from / reason / candidates attributes (a new dict)."""
         facts = self.facts
         return {semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-                semconv.HANDOFF_REASON: facts[4], semconv.HANDOFF_CANDIDATES: facts[5]}
+                semconv.HANDOFF_REASON: facts[2], semconv.HANDOFF_CANDIDATES: facts[3]}
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
@@ -93,14 +93,14 @@ class Selection:
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 run = scope.run  # type: ignore[union-attr]
                 self.span.add_event(EVENT_NAME, {
-                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[4],
-                    semconv.HANDOFF_CANDIDATES: facts[5], semconv.HANDOFF_TO: to,
+                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
                     semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
                     semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
                     semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
                 return
-            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[4],
-                     semconv.HANDOFF_CANDIDATES: facts[5]}
+            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                     semconv.HANDOFF_CANDIDATES: facts[3]}
             if result is not None:
                 entry = state.agents.get(id(result))  # cached_name written out
                 attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
@@ -138,10 +138,10 @@ class Selection:
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
-    """(weak ref to the group chat, id of its selection method, id of its agents list, their count, the
+    """(weak ref to the group chat, (id of its selection method, id of its agents list, their count), the
     method's name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this
-    fills it): computed again only when its method or its agents list changes."""
-    facts = (None, id(method), id(agents), len(agents), _reason(groupchat),
+    fills it): computed again only when its method or its agents list changes (one tuple compared)."""
+    facts = (None, (id(method), id(agents), len(agents)), _reason(groupchat),
              [cached_name(state.agents, a) for a in agents])
     return _remember_group(state.candidates, groupchat, facts)
 
@@ -208,10 +208,9 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
         facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[0]() is not groupchat or facts[1] != id(method) or facts[2] != id(agents) \
-                or facts[3] != len(agents):
+        if facts is None or facts[0]() is not groupchat or facts[1] != (id(method), id(agents), len(agents)):
             facts = _group_facts(state, groupchat, method, agents)
-        selection.facts = facts  # (weak groupchat, id(method), id(agents), len(agents), reason, candidates)
+        selection.facts = facts  # (weak groupchat, (id(method), id(agents), len(agents)), reason, candidates)
         return selection
     except Exception:
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
@@ -270,8 +269,8 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                         method = getattr(self, "speaker_selection_method", None)
                         agents = getattr(self, "agents", None) or ()
                         facts = state.candidates.get(id(self))
-                        if facts is None or facts[0]() is not self or facts[1] != id(method) \
-                                or facts[2] != id(agents) or facts[3] != len(agents):
+                        if facts is None or facts[0]() is not self \
+                                or facts[1] != (id(method), id(agents), len(agents)):
                             facts = _group_facts(state, self, method, agents)
                         selection.facts = facts
             except Exception:
