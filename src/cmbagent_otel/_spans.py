@@ -166,16 +166,19 @@ class NodeSpec:
     nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``.
     """
 
-    __slots__ = ("base_id", "child", "node_type", "numbered", "order_index", "unique")
+    __slots__ = ("base_id", "child", "children_key", "node_type", "numbered", "order_index", "unique")
 
     def __init__(self, base_id: str, node_type: str, order_index: int | None = None, unique: bool = True,
-                 child: bool = False, numbered: bool = False):
+                 child: bool = False, numbered: bool = False, parent: str | None = None):
         self.base_id = base_id
         self.node_type = node_type
         self.order_index = order_index
         self.unique = unique
         self.child = child
         self.numbered = numbered
+        # a spec only ever used under one parent node (``parent``) keeps its run counter's key: no string
+        # built and hashed per node
+        self.children_key = CHILDREN_KEY + parent if child and parent is not None else None
 
 
 def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | None, new_conversation: bool,
@@ -245,8 +248,11 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
     order = node.order_index
     base_id = node.base_id
     if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
-        k = next(state._counters[CHILDREN_KEY + (scope.dag_node or "")]) if _GIL \
-            else state.next_child_index(scope.dag_node or "")
+        if _GIL:
+            key = node.children_key
+            k = next(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")])
+        else:
+            k = state.next_child_index(scope.dag_node or "")
         parent_order = scope.dag_order if scope.dag_node is not None else 1
         order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
         if node.numbered:

@@ -646,7 +646,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             if len(static.nodes) >= 64:
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
-                                                           semconv.NODE_SUB_AGENT, child=True)
+                                                           semconv.NODE_SUB_AGENT, child=True,
+                                                           parent=scope.dag_node)
     traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
