@@ -789,8 +789,12 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
 def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     configs = getattr(instance, "_config_list", None)
     register_llm_config_secrets(configs)
-    # first_config's result as config_info takes it (anything but a mapping: no config), one read of the list
-    info = _models.config_info(configs[0] if configs else None, instance)
+    # first_config's result as config_info takes it (anything but a mapping: no config), one read of the
+    # list; config_info's cache hit written out (every model call: one call less)
+    first = configs[0] if configs else None
+    info = _models._infos.get(id(first))
+    if info is None or info.config is not first:
+        info = _models.config_info(first, instance)
     request_model = kwargs.get("model") or info.model
     model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
