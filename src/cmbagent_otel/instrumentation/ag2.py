@@ -893,15 +893,16 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
     chat = type(traced) is _ChatSpan
+    if chat:  # its metrics read the response when it ends
+        call = traced.call  # type: ignore[attr-defined]
+        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    if chat:  # its metrics read the response when it ends
-        call = traced.call  # type: ignore[attr-defined]
-        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
+    if chat:
         attrs.update(call.usage)
     elif usage is not None and type(usage) is not dict and getattr(usage, "prompt_tokens_details", None) is None \
             and getattr(usage, "completion_tokens_details", None) is None:
