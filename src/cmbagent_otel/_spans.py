@@ -166,16 +166,19 @@ class NodeSpec:
     nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``.
     """
 
-    __slots__ = ("base_id", "child", "node_type", "numbered", "order_index", "unique")
+    __slots__ = ("base_id", "child", "children_key", "node_type", "numbered", "order_index", "unique")
 
     def __init__(self, base_id: str, node_type: str, order_index: int | None = None, unique: bool = True,
-                 child: bool = False, numbered: bool = False):
+                 child: bool = False, numbered: bool = False, parent: str | None = None):
         self.base_id = base_id
         self.node_type = node_type
         self.order_index = order_index
         self.unique = unique
         self.child = child
         self.numbered = numbered
+        # a spec only ever used under one parent node (``parent``) keeps its run counter's key: no string
+        # built and hashed per node
+        self.children_key = CHILDREN_KEY + parent if child and parent is not None else None
 
 
 def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | None, new_conversation: bool,
@@ -245,8 +248,11 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
     order = node.order_index
     base_id = node.base_id
     if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
-        k = next(state._counters[CHILDREN_KEY + (scope.dag_node or "")]) if _GIL \
-            else state.next_child_index(scope.dag_node or "")
+        if _GIL:
+            key = node.children_key
+            k = next(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")])
+        else:
+            k = state.next_child_index(scope.dag_node or "")
         parent_order = scope.dag_order if scope.dag_node is not None else 1
         order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
         if node.numbered:
@@ -584,13 +590,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     (a dict of them, ``type.__call__``, ``__init__``) and then ``__enter__`` (reading back every field)
     took three. The span's inputs are never stored: only what ending it and its children's scope need.
     """
-    self._token = None
-    self._frame = None
-    self._timing = None
-    self._error = None
-    self.span = trace.INVALID_SPAN
-    self._scope = None
-    self._parent_scope = None  # set when the children's scope is built on first use
+    # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
+    frame = None
     try:  # telemetry must never break the app
         if ctx is None:
             ctx = get_current()
@@ -606,9 +607,10 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 # work started directly in an anchor scope belongs to its innermost open frame
                 frame = cursor.enter()
                 if frame is not None:
-                    self._frame = frame
                     scope = frame.scope
                     parent_ctx = span_context(ctx, frame.span)
+        self._frame = frame
+        self._error = None
         if scope is not None and run is None and not new_conversation:
             # a span inside a run in the same conversation, nearly every span: compose() (its event
             # case and its DAG-node case) written out
@@ -656,9 +658,11 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
         self.span = span
         held: Scope | TracedSpan = self  # what the context holds for the children's scope
         if new_scope is None:
+            self._scope = None
             self._parent_scope = scope
         else:
             self._scope = held = new_scope
+            self._parent_scope = None
             new_scope.owner = span
         if SPAN_KEY is None:
             self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
@@ -668,11 +672,27 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             values[SPAN_KEY] = span
             values[_SCOPE_KEY] = held
             self._token = attach(Context(values))
-        if kind in TIMED_KINDS:
-            self._timing = _timing(kind, attrs, new_scope or scope)
+        self._timing = _timing(kind, attrs, new_scope or scope) if kind in TIMED_KINDS else None
     except Exception:
         logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
+        _unstarted(self, frame)
     return self
+
+
+# what start() leaves in a field it did not reach
+_FIELD_DEFAULTS = (("_token", None), ("_timing", None), ("_error", None), ("span", trace.INVALID_SPAN),
+                   ("_scope", None), ("_parent_scope", None))
+
+
+def _unstarted(self: Any, frame: Frame | None) -> None:
+    """After a failed :func:`start`: every field it had not set yet gets its default (the frame it entered
+    is kept, so ending the span leaves it)."""
+    self._frame = frame
+    for field, value in _FIELD_DEFAULTS:
+        try:
+            getattr(self, field)
+        except AttributeError:
+            setattr(self, field, value)
 
 
 class TracedSpan(LazyScope):

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import threading
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import autogen
@@ -14,6 +15,8 @@ from autogen import ConversableAgent, GroupChat, GroupChatManager
 from autogen.agentchat import conversable_agent, groupchat
 from autogen.coding import LocalCommandLineCodeExecutor
 from autogen.oai import client as oai_client
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 
@@ -21,7 +24,14 @@ import cmbagent_otel
 from cmbagent_otel import semconv
 from cmbagent_otel.demo import group_chat_step, order_speakers, prepare_group
 from cmbagent_otel.instrumentation.ag2 import AG2Instrumentor
-from cmbagent_otel.testing import ExitingConsole, FakeOpenAIServer, activate, offline_agent, offline_backend
+from cmbagent_otel.testing import (
+    ExitingConsole,
+    FakeOpenAIServer,
+    ScriptedModelClient,
+    activate,
+    offline_agent,
+    offline_backend,
+)
 
 
 def scripted(name: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
@@ -687,3 +697,82 @@ def test_otel_unwrap_leaves_the_plain_methods_to_uninstrument(capture):
         assert all(vars(owner)[attr] is not original for (owner, attr), original in before.items())
     finally:
         cmbagent_otel.uninstrument()
+
+
+class _RefusingTracer(trace.Tracer):
+    """A tracer (not a no-op one: the spans may record) whose every start fails, as a broken tracing
+    implementation's might."""
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tracer broken")
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("tracer broken")
+
+
+class _RefusingProvider(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _RefusingTracer()
+
+
+def test_a_tracer_failing_every_start_leaves_the_chat_alone(tmp_path):
+    """Every span's start fails (agent turns, model calls, tools, code): the chat runs as without
+    tracing, its exceptions and results untouched, and nothing is left attached."""
+    before = otel_context.get_current()
+    cmbagent_otel.instrument(tracer_provider=_RefusingProvider(), instrument_cmbagent=False)
+    try:
+        result = run_four_agent_chat(tmp_path)
+        with FakeOpenAIServer(status=400) as server:
+            config = {"config_list": [{"model": "gpt-4o-mini", "api_key": "sk-test-loopback-key-111111",
+                                       "base_url": server.base_url}], "cache_seed": None}
+            assistant = ConversableAgent("assistant", llm_config=config, human_input_mode="NEVER")
+            user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+            import openai
+
+            with pytest.raises(openai.BadRequestError):
+                user.initiate_chat(assistant, message="question?", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    assert "TERMINATE" in result.chat_history[-1]["content"]
+    assert otel_context.get_current() is before
+
+
+class _UsageShapesClient(ScriptedModelClient):
+    """Answers like ScriptedModelClient, its usage in the shapes model clients return: with token
+    details (OpenAI's CompletionUsage), as a plain dict, as a read-only mapping."""
+
+    shapes = iter([
+        SimpleNamespace(prompt_tokens=11, completion_tokens=5, total_tokens=16,
+                        prompt_tokens_details=SimpleNamespace(cached_tokens=7),
+                        completion_tokens_details=SimpleNamespace(reasoning_tokens=3)),
+        {"prompt_tokens": 12, "completion_tokens": 6},
+        MappingProxyType({"prompt_tokens": 13, "completion_tokens": 7}),
+        SimpleNamespace(prompt_tokens=14, completion_tokens=8, total_tokens=22),
+    ])
+
+    def create(self, params: dict[str, Any]) -> SimpleNamespace:
+        response = super().create(params)
+        response.usage = next(self.shapes)
+        return response
+
+    @staticmethod
+    def get_usage(response: SimpleNamespace) -> dict[str, Any]:  # AG2's own accounting reads no shape
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost": response.cost,
+                "model": response.model}
+
+
+def test_token_counts_from_every_usage_shape(instrumented):
+    config = {"config_list": [{"model": "scripted", "model_client_cls": "_UsageShapesClient"}], "cache_seed": None}
+    agent = ConversableAgent("counter", llm_config=config, human_input_mode="NEVER")
+    agent.register_model_client(_UsageShapesClient, script=["one", "two", "three", "four"])
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
+    for _ in range(4):
+        user.initiate_chat(agent, message="count", max_turns=1, silent=True)
+    usage = [{k.removeprefix("gen_ai.usage."): v for k, v in s.attributes.items() if k.startswith("gen_ai.usage.")}
+             for s in instrumented.named("chat scripted")]
+    assert usage == [
+        {"input_tokens": 11, "output_tokens": 5, "cache_read.input_tokens": 7, "reasoning.output_tokens": 3},
+        {"input_tokens": 12, "output_tokens": 6},
+        {"input_tokens": 13, "output_tokens": 7},
+        {"input_tokens": 14, "output_tokens": 8},
+    ]

@@ -71,7 +71,7 @@ class Selection:
         """The handoff's from / reason / candidates attributes (a new dict)."""
         facts = self.facts
         return {semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-                semconv.HANDOFF_REASON: facts[4], semconv.HANDOFF_CANDIDATES: facts[5]}
+                semconv.HANDOFF_REASON: facts[2], semconv.HANDOFF_CANDIDATES: facts[3]}
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
@@ -85,8 +85,22 @@ class Selection:
                 room = scope.handoffs
                 if room is None:
                     room = _event_room(self.span)
-            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[4],
-                     semconv.HANDOFF_CANDIDATES: facts[5]}
+            if room and exc is None and result is not None:
+                # nearly every selection: the event's attributes as one literal, in the order the general
+                # path below builds them (one dict of the right size, no insert growing it)
+                entry = state.agents.get(id(result))  # cached_name written out
+                to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
+                scope.handoffs = room - 1  # type: ignore[union-attr]
+                run = scope.run  # type: ignore[union-attr]
+                self.span.add_event(EVENT_NAME, {
+                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
+                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
+                    semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
+                    semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
+                return
+            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                     semconv.HANDOFF_CANDIDATES: facts[3]}
             if result is not None:
                 entry = state.agents.get(id(result))  # cached_name written out
                 attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
@@ -124,10 +138,10 @@ class Selection:
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
-    """(weak ref to the group chat, id of its selection method, id of its agents list, their count, the
+    """(weak ref to the group chat, (id of its selection method, id of its agents list, their count), the
     method's name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this
-    fills it): computed again only when its method or its agents list changes."""
-    facts = (None, id(method), id(agents), len(agents), _reason(groupchat),
+    fills it): computed again only when its method or its agents list changes (one tuple compared)."""
+    facts = (None, (id(method), id(agents), len(agents)), _reason(groupchat),
              [cached_name(state.agents, a) for a in agents])
     return _remember_group(state.candidates, groupchat, facts)
 
@@ -194,10 +208,9 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
         facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[0]() is not groupchat or facts[1] != id(method) or facts[2] != id(agents) \
-                or facts[3] != len(agents):
+        if facts is None or facts[0]() is not groupchat or facts[1] != (id(method), id(agents), len(agents)):
             facts = _group_facts(state, groupchat, method, agents)
-        selection.facts = facts  # (weak groupchat, id(method), id(agents), len(agents), reason, candidates)
+        selection.facts = facts  # (weak groupchat, (id(method), id(agents), len(agents)), reason, candidates)
         return selection
     except Exception:
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
@@ -221,8 +234,48 @@ def selection_sync(state: Any) -> Callable[..., Any]:
             if not state.active:
                 return original(self, *args, **kwargs)
             # no contextvar set and reset around the call (~1,500 instructions per selection): a selection
-            # that asks the model finds this frame's `selection` on the stack (_current_selection)
-            selection = _begin(state, self, args, kwargs)
+            # that asks the model finds this frame's `selection` on the stack (_current_selection).
+            # _begin written out (keep the two alike): every selection, one call less each
+            selection = None
+            try:
+                ctx = get_current()
+                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+                if not ((_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN])):  # noqa: RUF019
+                    scope = ctx.get(_SCOPE_KEY)
+                    if type(scope) is not Scope:
+                        scope = scope_in(scope)
+                    span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+                    if scope is not None:
+                        if scope.owner is not None:
+                            span = scope.owner
+                        if scope.cursor is not None:
+                            frame = scope.cursor.resolve()
+                            if frame is not None:
+                                scope, span = frame.scope, frame.span
+                    if span is not None and (span._end_time is None if type(span) is END_TIME_SPAN
+                                             else span.is_recording()):
+                        selection = Selection()
+                        selection.groupchat = self
+                        selection.scope = scope
+                        selection.span = span
+                        selection.promoted = False
+                        last = kwargs.get("last_speaker", args[0] if args else None)
+                        if last is None:
+                            selection.from_name = "none"
+                        else:
+                            entry = state.agents.get(id(last))
+                            selection.from_name = entry[1].name if entry is not None and entry[0]() is last \
+                                else agent_name(last)
+                        method = getattr(self, "speaker_selection_method", None)
+                        agents = getattr(self, "agents", None) or ()
+                        facts = state.candidates.get(id(self))
+                        if facts is None or facts[0]() is not self \
+                                or facts[1] != (id(method), id(agents), len(agents)):
+                            facts = _group_facts(state, self, method, agents)
+                        selection.facts = facts
+            except Exception:
+                logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
+                selection = None
             if selection is None:
                 return original(self, *args, **kwargs)
             try:

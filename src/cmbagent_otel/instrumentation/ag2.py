@@ -646,7 +646,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             if len(static.nodes) >= 64:
                 static.nodes.clear()
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
-                                                           semconv.NODE_SUB_AGENT, child=True)
+                                                           semconv.NODE_SUB_AGENT, child=True,
+                                                           parent=scope.dag_node)
     traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
@@ -788,8 +789,12 @@ def _event_base(attrs: dict[str, Any]) -> dict[str, Any]:
 def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
     configs = getattr(instance, "_config_list", None)
     register_llm_config_secrets(configs)
-    # first_config's result as config_info takes it (anything but a mapping: no config), one read of the list
-    info = _models.config_info(configs[0] if configs else None, instance)
+    # first_config's result as config_info takes it (anything but a mapping: no config), one read of the
+    # list; config_info's cache hit written out (every model call: one call less)
+    first = configs[0] if configs else None
+    info = _models._infos.get(id(first))
+    if info is None or info.config is not first:
+        info = _models.config_info(first, instance)
     request_model = kwargs.get("model") or info.model
     model = str(request_model) if request_model else "unknown"
     agent = kwargs.get("agent")
@@ -882,21 +887,39 @@ def _response_output(response: Any) -> str | None:
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
     model = getattr(response, "model", None)
-    response_model = model if isinstance(model, str) else None
-    usage = _models.usage_attributes(getattr(response, "usage", None))
+    response_model = model if type(model) is str or isinstance(model, str) else None
+    usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
-    cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    if type(cost) is not float:
+        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
     chat = type(traced) is _ChatSpan
     if chat:  # its metrics read the response when it ends
         call = traced.call  # type: ignore[attr-defined]
-        call.response_model, call.usage, call.cost = response_model, usage, cost
+        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    attrs.update(usage)
+    if chat:
+        attrs.update(call.usage)
+    elif usage is not None and type(usage) is not dict and getattr(usage, "prompt_tokens_details", None) is None \
+            and getattr(usage, "completion_tokens_details", None) is None:
+        # usage_attributes' object case without token details written out (one call and one dict less
+        # per model call): OpenAI's CompletionUsage as AG2's clients return it. Neither count an
+        # attribute (a mapping that is not a dict, say): usage_attributes reads it
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        if prompt is None and completion is None:
+            attrs.update(_models.usage_attributes(usage))
+        else:
+            if type(prompt) is int or _models._count(prompt) is not None:
+                attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+            if type(completion) is int or _models._count(completion) is not None:
+                attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    else:
+        attrs.update(_models.usage_attributes(usage))
     if cost is not None:
         attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
