@@ -156,7 +156,8 @@ def run_demo(work_dir: str | None = None, *, task: str = "Measure the CMB acoust
                 with redo(2, 2, "Fit with the peak_position tool first"):
                     group_chat_step(
                         work_dir,
-                        [{"tool_calls": [{"name": "peak_position", "arguments": {"multipole": 1}}]},
+                        # a fixed call id: a run's token counts do not depend on earlier runs in the process
+                        [{"tool_calls": [{"id": "call_1", "name": "peak_position", "arguments": {"multipole": 1}}]},
                          "```python\nprint('peaks at 220, 540, 810')\n```"],
                         ["engineer", "executor", "engineer", "executor", "researcher"],
                     )
