@@ -25,6 +25,7 @@ is also scrubbed from the exception message or the result the tool produces.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
@@ -315,7 +316,37 @@ def register_secret(value: Any) -> None:
         _note_length(value)
         _heads.setdefault(value[:_MIN_SECRET_LEN], []).append(value)
         _tails.setdefault(value[-_MIN_SECRET_LEN:], []).append(value)
+        global _encoded_count
+        if _encoded_count < _ENCODED_MAX:  # an application's few keys, not a service's per-user ones
+            _encoded_count += 1
+            for form in _encoded_forms(value):
+                _known.setdefault(form, None)
         _rebuild()
+
+
+# each registered secret with its encoded forms is ~9 patterns' worth: a service registering
+# each request's key would fill chunks (see _rebuild) 9 times faster
+_ENCODED_MAX = 32
+_encoded_count = 0
+_B64_URLSAFE = str.maketrans("+/", "-_")
+_MIN_ENCODED_LEN = 8  # a shorter base64 core could stand in ordinary text by chance
+
+
+def _encoded_forms(value: str) -> set[str]:
+    """Hex (both cases) and base64 (standard and URL-safe) forms of a registered secret, so that
+    a key an application hex-dumps, or base64-encodes alone or inside a larger blob (a
+    ``user:key`` header, an encoded JSON config), is caught too. Inside a blob the secret's
+    first byte may sit at any of three offsets of a 3-byte group: for each, the characters its
+    bytes alone determine (not those shared with the bytes around it)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    forms = {raw.hex(), raw.hex().upper()}
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + raw).decode("ascii").rstrip("=")
+        core = encoded[(0, 2, 3)[offset]:len(encoded) - (1 if (offset + len(raw)) % 3 else 0)]
+        if len(core) >= _MIN_ENCODED_LEN:
+            forms.update((core, core.translate(_B64_URLSAFE)))
+    forms.discard(value)
+    return forms
 
 
 def learn_secret(value: Any) -> bool:
