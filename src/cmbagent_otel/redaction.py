@@ -614,7 +614,15 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             before = _known_pattern
             as_written = _redact_plain(known, text)
             unescaped = _redact_plain(_known_pattern if _known_pattern is not before else known, decoded)
-            return unescaped if unescaped.count(REDACTED) > as_written.count(REDACTED) else as_written
+            redacted = unescaped.count(REDACTED)
+            if redacted > as_written.count(REDACTED):
+                return unescaped
+            # as many replacements, but the decoded form's may hide more of the text (a key whose
+            # first half was learned as written and whose whole shows only decoded): fewer
+            # characters left visible, counted decoded in both
+            if redacted and len(unescaped) < len(_decoded(as_written)):
+                return unescaped
+            return as_written
     return _redact_plain(known, text)
 
 
@@ -994,14 +1002,38 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
     or more). Pieces of ``_MIN_SECRET_LEN`` or more characters are learned and redacted wherever
     they appear; a shorter piece through the characters around it in its own text (see
     :func:`_learn_piece`). A text ending in the incomplete start of a key shape (``sk-ab``) is
-    remembered, so that the first text of a later call continuing it is caught (the key split
-    across two model calls). Never raises."""
+    remembered, so that a later text of the same call, or the first text of a later call,
+    continuing it is caught (the key split across messages that are not next to each other, or
+    across two model calls). Texts holding ``%XX`` or ``\\u00XX`` escapes are searched decoded
+    too (a key escaped in a URL and cut in two). Never raises."""
+    with contextlib.suppress(Exception):
+        texts = [text for text in texts if isinstance(text, str) and text]
+        escaped = _learn_split(texts, True)
+        if escaped is not None:  # from the text before the first newly searched one with escapes
+            decoded = [_decoded(text) for text in texts[max(escaped - 1, 0):]]
+            if decoded != texts[max(escaped - 1, 0):]:
+                _learn_split(decoded, False)
+
+
+def _decoded(text: str) -> str:
+    """``text`` with its escapes of key characters decoded (as :func:`redact` searches it)."""
+    if "\\u00" in text:
+        text = _JSON_ESCAPED.sub(_unescape, text)
+    if "%" in text:
+        text = _URL_ESCAPED.sub(_unescape, text)
+    return text
+
+
+def _learn_split(texts: list[str], resume: bool) -> int | None:
+    """The search of :func:`learn_split_secrets`; returns the index of the first text searched
+    (not found in the memo) that holds an escape, if any. ``resume``: remember where it got to
+    (the decoded pass does not, it would push the texts as written out of that memo)."""
+    escaped = None
     with contextlib.suppress(Exception):
         checked = _split_checked
         known = _known_pattern
         if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
             _clear_split_checked()
-        texts = [text for text in texts if isinstance(text, str) and text]
         if not texts:
             return
         if _open_fragments:
@@ -1019,9 +1051,13 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     and resume[2] == window and texts[:len(done)] == done:
                 start, chain, originals, size = len(done), list(resume[4]), resume[5], resume[6]
         all_small = True
-        for text in texts[start:] if start else texts:
+        for index, text in enumerate(texts[start:] if start else texts, start):
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
+                if escaped is None and ("%" in text or "\\u00" in text):
+                    escaped = index
+                if _open_fragments and text is not texts[0]:
+                    _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before
                 if _heads:
                     _learn_edges(text)
                 _learn_open_fragment(text)
@@ -1050,7 +1086,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     originals = originals[1:] if originals is not None else None
         # every text and boundary searched is in the memo now: the next call sending the same texts
         # first (a chat's history, grown) searches only what follows them
-        if all_small and _split_generation == generation and _known_pattern is known \
+        if resume and all_small and _split_generation == generation and _known_pattern is known \
                 and sum(map(len, texts)) <= _SPLIT_RESUME_CHARS:
             count = len(texts)
             kept = [r for r in resumes if r[0] == generation and not (len(r[3]) <= count and texts[:len(r[3])] == r[3])]
@@ -1058,6 +1094,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
             if len(_split_resume) >= _SPLIT_RESUME_MAX:
                 _split_resume.popitem(last=False)
             _split_resume[texts[0]] = kept[-_SPLIT_RESUME_PER_TEXT:]
+    return escaped
 
 
 # first text -> [(generation, known secrets, window, the texts searched, the loop's state after them)]:
@@ -1214,9 +1251,12 @@ def _learn_open_fragment(text: str) -> None:
         _open_fragments.popitem(last=False)
 
 
-def _continue_fragments(text: str) -> None:
+def _continue_fragments(text: str, random_only: bool = False) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
-    shape whose start ended an earlier text: the key was split across two calls."""
+    shape whose start ended an earlier text: the key was split across two calls. With
+    ``random_only`` (a later text of the same call, other texts in between), only a
+    continuation holding a digit counts, as a key's random part does: a word (``wait``) that
+    merely completes the shape neither is learned nor closes the fragment."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
@@ -1230,6 +1270,8 @@ def _continue_fragments(text: str) -> None:
         for shape in shapes:
             match = shape.match(joined)
             if match is not None and match.end() > len(fragment):
+                if random_only and not any(c.isdigit() for c in joined[len(fragment):match.end()]):
+                    continue
                 _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
                              len(text) <= _FRAGMENT_LOOKBACK + _SPLIT_WINDOW)
                 _open_fragments.pop(key, None)
