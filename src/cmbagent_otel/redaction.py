@@ -284,12 +284,23 @@ def _rebuild() -> None:
     secrets_version += 1
     values = _known.keys() | _learned.keys()
     _secret_with_comma = any("," in v for v in values)
-    if len(values) <= _CHUNK:
+    forms = _forms.intersection(_known)
+    if len(values) - len(forms) <= _CHUNK:
         _known_pattern = _compile(values) if values else None
         _chunks = {}
         return
-    registered = list(_known)
-    groups = [tuple(registered[start:start + _CHUNK]) for start in range(0, len(registered), _CHUNK)]
+    groups: list[tuple[str, ...]] = []
+    group: list[str] = []
+    count = 0
+    for value in _known:  # _CHUNK secrets a group, each with its encoded forms (registered after it)
+        if value not in forms:
+            if count == _CHUNK:
+                groups.append(tuple(group))
+                group, count = [], 0
+            count += 1
+        group.append(value)
+    if group:
+        groups.append(tuple(group))
     learned = tuple(v for v in _learned if v not in _known)
     if learned:
         groups.append(learned)
@@ -320,14 +331,17 @@ def register_secret(value: Any) -> None:
         if _encoded_count < _ENCODED_MAX:  # an application's few keys, not a service's per-user ones
             _encoded_count += 1
             for form in _encoded_forms(value):
-                _known.setdefault(form, None)
+                if form not in _known:
+                    _known[form] = None
+                    _forms.add(form)
         _rebuild()
 
 
 # each registered secret with its encoded forms is ~9 patterns' worth: a service registering
-# each request's key would fill chunks (see _rebuild) 9 times faster
+# each request's key would make patterns 9 times larger
 _ENCODED_MAX = 32
 _encoded_count = 0
+_forms: set[str] = set()  # the encoded forms in _known: chunks (see _rebuild) count secrets, not forms
 _B64_URLSAFE = str.maketrans("+/", "-_")
 _MIN_ENCODED_LEN = 8  # a shorter base64 core could stand in ordinary text by chance
 

@@ -30,6 +30,12 @@ from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (si
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
 
+@pytest.fixture(autouse=True)
+def _room_for_encoded_forms(isolated_secrets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first 32 registered secrets get encoded forms: earlier tests of the session used them up."""
+    monkeypatch.setattr(redaction, "_encoded_count", 0)
+
+
 def encodings(key: str) -> dict[str, str]:
     """The ways an application writes a key out encoded."""
     raw = key.encode()
