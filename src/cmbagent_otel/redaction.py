@@ -114,7 +114,8 @@ _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signa
 _URL_PATH_SECRETS = re.compile(
     r"(?P<path>hooks\.slack\.com/(?:services|workflows|triggers)/|/api/webhooks/|/webhookb2/)[^\s\"'<>?#]+")
 # \u00XX (JSON) and %XX (URL) escapes of characters keys are made of: "sk\u002dproj..." is a key
-_JSON_ESCAPED = re.compile(r"\\u00([2-7][0-9A-Fa-f])")
+# and JSON's "\/" (PHP's json_encode and others escape every "/": a base64 key holds some)
+_JSON_ESCAPED = re.compile(r"\\(?:u00([2-7][0-9A-Fa-f])|/)")
 _URL_ESCAPED = re.compile(r"%([2-7][0-9A-Fa-f])")  # two patterns: each starts with a literal (fast scan)
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
 _MIN_SECRET_LEN = 6
@@ -616,9 +617,9 @@ def redact(text: str | None) -> str | None:
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
-    if "\\u00" in text or "%" in text:
+    if "\\" in text or "%" in text:
         decoded = text
-        if "\\u00" in decoded:
+        if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
@@ -676,7 +677,10 @@ def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | No
 def _unescape(match: re.Match[str]) -> str:
     """The character an escape stands for when keys are made of it; other escapes (quotes,
     backslashes, separators) stay, so JSON stays JSON and no match runs across items."""
-    char = chr(int(match.group(1), 16))
+    code = match.group(1)
+    if code is None:
+        return "/"
+    char = chr(int(code, 16))
     return char if char in _PLAIN_CHARS else match.group()
 
 
@@ -1031,7 +1035,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
 
 def _decoded(text: str) -> str:
     """``text`` with its escapes of key characters decoded (as :func:`redact` searches it)."""
-    if "\\u00" in text:
+    if "\\" in text:
         text = _JSON_ESCAPED.sub(_unescape, text)
     if "%" in text:
         text = _URL_ESCAPED.sub(_unescape, text)
@@ -1068,7 +1072,7 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         for index, text in enumerate(texts[start:] if start else texts, start):
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
-                if escaped is None and ("%" in text or "\\u00" in text):
+                if escaped is None and ("%" in text or "\\" in text):
                     escaped = index
                 if _open_fragments and text is not texts[0]:
                     _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before
