@@ -57,7 +57,7 @@ _SECRET_KEY_NAME = re.compile(
 )
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-    r"xox[a-z]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
+    r"xox[abeprs]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
 # More providers' credential shapes (Groq, Hugging Face, xAI, Perplexity, AWS access key ids,
 # JWTs, PEM private keys, GitLab, npm, PyPI, SendGrid, DigitalOcean, Stripe restricted keys,
@@ -1242,7 +1242,7 @@ def _add_piece(into: OrderedDict[str, None], piece: str) -> bool:
 # _SECRET_SHAPES / _GATED_SHAPES), at the very end of a text; the full shape it must complete.
 _FRAGMENT_AT_END = re.compile(
     r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{1,11}|sk_[A-Za-z0-9]{1,15}|AIza[0-9A-Za-z_\-]{1,19}"
-    r"|gh[pousr]_[A-Za-z0-9]{1,19}|xox[a-z]-[A-Za-z0-9\-]{1,9}|gsk_[A-Za-z0-9]{1,19}|hf_[A-Za-z0-9]{1,19}"
+    r"|gh[pousr]_[A-Za-z0-9]{1,19}|xox[abeprs]-[A-Za-z0-9\-]{1,9}|gsk_[A-Za-z0-9]{1,19}|hf_[A-Za-z0-9]{1,19}"
     r"|xai-[A-Za-z0-9]{1,19}|pplx-[A-Za-z0-9]{1,19}|AKIA[0-9A-Z]{1,15}|npm_[A-Za-z0-9]{1,35}"
     r"|glpat-[A-Za-z0-9_\-]{1,19}|rk_(?:live|test)_[A-Za-z0-9]{1,15}|do[por]_v1_[a-f0-9]{1,32}|xapp-\d-[A-Za-z0-9\-]{0,9})\Z"
 )

@@ -54,7 +54,7 @@ LOOK_ALIKES = [
     "work_dir = os.path.join(base_dir, 'step-3'); npm_install done",
     "use glue-code and gl-matrix-2.8.1 for the plot", "SG.1 holds, see section SG.2.3",
     "rk_live_ok", "the npm_ config", "xapp-beta is out", "dop_v1_ is a prefix",
-    "pypi-AgE", "A KIA car, ASIA region",
+    "pypi-AgE", "A KIA car, ASIA region", "xoxo-gossip-girl-fan-club",
 ]
 
 
