@@ -16,7 +16,8 @@ are recognised four ways:
   be learned;
 * well-known key shapes (``sk-...``, ``Bearer ...``, ``Basic ...``, Google ``AIza...``,
   GitHub/Slack tokens, Hugging Face ``hf_...``, Groq ``gsk_...``, xAI ``xai-...``,
-  Perplexity ``pplx-...``, AWS access key ids, JWTs, PEM private keys, URL credentials).
+  Perplexity ``pplx-...``, AWS access key ids, JWTs, PEM private keys, GitLab ``glpat-...``,
+  npm, PyPI, SendGrid, DigitalOcean, Stripe restricted keys, URL credentials).
 
 A learned value is redacted wherever it appears afterwards, so a password passed to a tool
 is also scrubbed from the exception message or the result the tool produces.
@@ -24,6 +25,7 @@ is also scrubbed from the exception message or the result the tool produces.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
@@ -55,23 +57,50 @@ _SECRET_KEY_NAME = re.compile(
 )
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-    r"xox[abp]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
+    r"xox[abeprs]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
 )
 # More providers' credential shapes (Groq, Hugging Face, xAI, Perplexity, AWS access key ids,
-# JWTs, PEM private keys). Each is tried only when its literal start is in the text: one
-# alternation with them cost ~45 % more CPU on every string, as their first characters are common.
-_GATED_SHAPES = tuple((hint, re.compile(pattern)) for hint, pattern in (
-    ("gsk_", r"gsk_[A-Za-z0-9]{20,}"),
-    ("github_pat_", r"github_pat_[A-Za-z0-9_]{20,}"),  # GitHub's fine-grained tokens
-    ("hf_", r"hf_[A-Za-z0-9]{20,}"),
-    ("xai-", r"xai-[A-Za-z0-9]{20,}"),
-    ("pplx-", r"pplx-[A-Za-z0-9]{20,}"),
-    ("AKIA", r"AKIA[0-9A-Z]{16}"),
-    ("ASIA", r"ASIA[0-9A-Z]{16}"),
-    ("eyJ", r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
-    # to the end of the text when the END line was cut off
-    ("PRIVATE KEY-----", r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----(?s:.*?-----END [A-Z ]{0,40}PRIVATE KEY-----|.*)"),
-))
+# JWTs, PEM private keys, GitLab, npm, PyPI, SendGrid, DigitalOcean, Stripe restricted keys,
+# Slack app tokens). Each is tried only when its literal start is in the text: one alternation
+# with them cost ~45 % more CPU on every string, as their first characters are common. Hints are
+# grouped behind a gate, one search for "_" (or "-", "A") whose look-behinds hold the group's
+# hints, so a text holding none is scanned once per group, not once per hint (17 hints scanned
+# one by one cost +15 % per cache miss; the gates cost what the 9 scans of before did). Within a
+# group the shapes run in the order of the flat tuple below.
+_GATED_GROUPS: tuple[tuple[re.Pattern[str] | None, tuple[tuple[str, re.Pattern[str]], ...]], ...] = tuple(
+    (re.compile(gate) if gate else None, tuple((hint, re.compile(pattern)) for hint, pattern in shapes))
+    for gate, shapes in (
+        (r"_(?<=[bfkmopr]_)(?:(?<=gsk_)|(?<=github_)|(?<=hf_)|(?<=npm_)|(?<=do[por]_)v1_|(?<=rk_)(?:live|test)_)", (
+            ("gsk_", r"gsk_[A-Za-z0-9]{20,}"),
+            ("github_pat_", r"github_pat_[A-Za-z0-9_]{20,}"),  # GitHub's fine-grained tokens
+            ("hf_", r"hf_[A-Za-z0-9]{20,}"),
+            ("npm_", r"npm_[A-Za-z0-9]{36,}"),
+            ("_v1_", r"do[por]_v1_[a-f0-9]{64}"),  # DigitalOcean
+            ("rk_", r"rk_(?:live|test)_[A-Za-z0-9]{16,}"),  # Stripe's restricted keys
+        )),
+        (r"-(?<=[a-z]-)(?:(?<=xai-)|(?<=pplx-)|(?<=gl[a-z]{2}-)|(?<=gl[a-z]{3}-)|(?<=gl[a-z]{4}-)|(?<=gl[a-z]{5}-)"
+         r"|(?<=pypi-)AgE|(?<=xapp-))", (
+            ("xai-", r"xai-[A-Za-z0-9]{20,}"),
+            ("pplx-", r"pplx-[A-Za-z0-9]{20,}"),
+            # GitLab: personal/project/group access, deploy, runner, CI job, trigger, feed... tokens
+            ("gl", r"gl(?:pat|dt|rt|cbt|ptt|soat|ft|imt|agent|oas|wt)-[A-Za-z0-9_\-]{20,}"),
+            ("pypi-AgE", r"pypi-AgE[A-Za-z0-9_\-]{50,}"),  # PyPI API tokens (macaroons)
+            ("xapp-", r"xapp-\d-[A-Za-z0-9\-]{10,}"),  # Slack app-level tokens
+        )),
+        (r"A(?:KIA|SIA)", (
+            ("AKIA", r"AKIA[0-9A-Z]{16}"),
+            ("ASIA", r"ASIA[0-9A-Z]{16}"),
+        )),
+        (None, (
+            ("eyJ", r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
+            # to the end of the text when the END line was cut off
+            ("PRIVATE KEY-----",
+             r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----(?s:.*?-----END [A-Z ]{0,40}PRIVATE KEY-----|.*)"),
+            ("SG.", r"SG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}"),  # SendGrid
+        )),
+    )
+)
+_GATED_SHAPES = tuple(shape for _gate, shapes in _GATED_GROUPS for shape in shapes)
 # scheme://user:password@host, scheme://:password@host (Redis), and a password holding a raw "@" or
 # "/" (scheme://u:p@ss/w0rd@host: up to the last "@" of the URL, the safe side) or a user name that is
 # an e-mail address; "host:port/..." is not a password, and a password never runs into the next "://"
@@ -85,7 +114,8 @@ _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signa
 _URL_PATH_SECRETS = re.compile(
     r"(?P<path>hooks\.slack\.com/(?:services|workflows|triggers)/|/api/webhooks/|/webhookb2/)[^\s\"'<>?#]+")
 # \u00XX (JSON) and %XX (URL) escapes of characters keys are made of: "sk\u002dproj..." is a key
-_JSON_ESCAPED = re.compile(r"\\u00([2-7][0-9A-Fa-f])")
+# and JSON's "\/" (PHP's json_encode and others escape every "/": a base64 key holds some)
+_JSON_ESCAPED = re.compile(r"\\(?:u00([2-7][0-9A-Fa-f])|/)")
 _URL_ESCAPED = re.compile(r"%([2-7][0-9A-Fa-f])")  # two patterns: each starts with a literal (fast scan)
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
 _MIN_SECRET_LEN = 6
@@ -255,12 +285,23 @@ def _rebuild() -> None:
     secrets_version += 1
     values = _known.keys() | _learned.keys()
     _secret_with_comma = any("," in v for v in values)
-    if len(values) <= _CHUNK:
+    forms = _forms.intersection(_known)
+    if len(values) - len(forms) <= _CHUNK:
         _known_pattern = _compile(values) if values else None
         _chunks = {}
         return
-    registered = list(_known)
-    groups = [tuple(registered[start:start + _CHUNK]) for start in range(0, len(registered), _CHUNK)]
+    groups: list[tuple[str, ...]] = []
+    group: list[str] = []
+    count = 0
+    for value in _known:  # _CHUNK secrets a group, each with its encoded forms (registered after it)
+        if value not in forms:
+            if count == _CHUNK:
+                groups.append(tuple(group))
+                group, count = [], 0
+            count += 1
+        group.append(value)
+    if group:
+        groups.append(tuple(group))
     learned = tuple(v for v in _learned if v not in _known)
     if learned:
         groups.append(learned)
@@ -287,7 +328,40 @@ def register_secret(value: Any) -> None:
         _note_length(value)
         _heads.setdefault(value[:_MIN_SECRET_LEN], []).append(value)
         _tails.setdefault(value[-_MIN_SECRET_LEN:], []).append(value)
+        global _encoded_count
+        if _encoded_count < _ENCODED_MAX:  # an application's few keys, not a service's per-user ones
+            _encoded_count += 1
+            for form in _encoded_forms(value):
+                if form not in _known:
+                    _known[form] = None
+                    _forms.add(form)
         _rebuild()
+
+
+# each registered secret with its encoded forms is ~9 patterns' worth: a service registering
+# each request's key would make patterns 9 times larger
+_ENCODED_MAX = 32
+_encoded_count = 0
+_forms: set[str] = set()  # the encoded forms in _known: chunks (see _rebuild) count secrets, not forms
+_B64_URLSAFE = str.maketrans("+/", "-_")
+_MIN_ENCODED_LEN = 8  # a shorter base64 core could stand in ordinary text by chance
+
+
+def _encoded_forms(value: str) -> set[str]:
+    """Hex (both cases) and base64 (standard and URL-safe) forms of a registered secret, so that
+    a key an application hex-dumps, or base64-encodes alone or inside a larger blob (a
+    ``user:key`` header, an encoded JSON config), is caught too. Inside a blob the secret's
+    first byte may sit at any of three offsets of a 3-byte group: for each, the characters its
+    bytes alone determine (not those shared with the bytes around it)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    forms = {raw.hex(), raw.hex().upper()}
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + raw).decode("ascii").rstrip("=")
+        core = encoded[(0, 2, 3)[offset]:len(encoded) - (1 if (offset + len(raw)) % 3 else 0)]
+        if len(core) >= _MIN_ENCODED_LEN:
+            forms.update((core, core.translate(_B64_URLSAFE)))
+    forms.discard(value)
+    return forms
 
 
 def learn_secret(value: Any) -> bool:
@@ -543,9 +617,9 @@ def redact(text: str | None) -> str | None:
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
-    if "\\u00" in text or "%" in text:
+    if "\\" in text or "%" in text:
         decoded = text
-        if "\\u00" in decoded:
+        if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
@@ -555,7 +629,15 @@ def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             before = _known_pattern
             as_written = _redact_plain(known, text)
             unescaped = _redact_plain(_known_pattern if _known_pattern is not before else known, decoded)
-            return unescaped if unescaped.count(REDACTED) > as_written.count(REDACTED) else as_written
+            redacted = unescaped.count(REDACTED)
+            if redacted > as_written.count(REDACTED):
+                return unescaped
+            # as many replacements, but the decoded form's may hide more of the text (a key whose
+            # first half was learned as written and whose whole shows only decoded): fewer
+            # characters left visible, counted decoded in both
+            if redacted and len(unescaped) < len(_decoded(as_written)):
+                return unescaped
+            return as_written
     return _redact_plain(known, text)
 
 
@@ -567,9 +649,11 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if known is not None:
         text = known.sub(REDACTED, text)
     text = _SECRET_SHAPES.sub(REDACTED, text)
-    for hint, shape in _GATED_SHAPES:
-        if hint in text:
-            text = shape.sub(REDACTED, text)
+    for gate, shapes in _GATED_GROUPS:
+        if gate is None or gate.search(text) is not None:
+            for hint, shape in shapes:
+                if hint in text:
+                    text = shape.sub(REDACTED, text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
         if "?" in text and "=" in text:
@@ -593,7 +677,10 @@ def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | No
 def _unescape(match: re.Match[str]) -> str:
     """The character an escape stands for when keys are made of it; other escapes (quotes,
     backslashes, separators) stay, so JSON stays JSON and no match runs across items."""
-    char = chr(int(match.group(1), 16))
+    code = match.group(1)
+    if code is None:
+        return "/"
+    char = chr(int(code, 16))
     return char if char in _PLAIN_CHARS else match.group()
 
 
@@ -933,14 +1020,38 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
     or more). Pieces of ``_MIN_SECRET_LEN`` or more characters are learned and redacted wherever
     they appear; a shorter piece through the characters around it in its own text (see
     :func:`_learn_piece`). A text ending in the incomplete start of a key shape (``sk-ab``) is
-    remembered, so that the first text of a later call continuing it is caught (the key split
-    across two model calls). Never raises."""
+    remembered, so that a later text of the same call, or the first text of a later call,
+    continuing it is caught (the key split across messages that are not next to each other, or
+    across two model calls). Texts holding ``%XX`` or ``\\u00XX`` escapes are searched decoded
+    too (a key escaped in a URL and cut in two). Never raises."""
+    with contextlib.suppress(Exception):
+        texts = [text for text in texts if isinstance(text, str) and text]
+        escaped = _learn_split(texts, True)
+        if escaped is not None:  # from the text before the first newly searched one with escapes
+            decoded = [_decoded(text) for text in texts[max(escaped - 1, 0):]]
+            if decoded != texts[max(escaped - 1, 0):]:
+                _learn_split(decoded, False)
+
+
+def _decoded(text: str) -> str:
+    """``text`` with its escapes of key characters decoded (as :func:`redact` searches it)."""
+    if "\\" in text:
+        text = _JSON_ESCAPED.sub(_unescape, text)
+    if "%" in text:
+        text = _URL_ESCAPED.sub(_unescape, text)
+    return text
+
+
+def _learn_split(texts: list[str], resume: bool) -> int | None:
+    """The search of :func:`learn_split_secrets`; returns the index of the first text searched
+    (not found in the memo) that holds an escape, if any. ``resume``: remember where it got to
+    (the decoded pass does not, it would push the texts as written out of that memo)."""
+    escaped = None
     with contextlib.suppress(Exception):
         checked = _split_checked
         known = _known_pattern
         if checked.get(None) is not known:  # the secrets changed: every boundary is looked at again
             _clear_split_checked()
-        texts = [text for text in texts if isinstance(text, str) and text]
         if not texts:
             return
         if _open_fragments:
@@ -958,9 +1069,13 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     and resume[2] == window and texts[:len(done)] == done:
                 start, chain, originals, size = len(done), list(resume[4]), resume[5], resume[6]
         all_small = True
-        for text in texts[start:] if start else texts:
+        for index, text in enumerate(texts[start:] if start else texts, start):
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
+                if escaped is None and ("%" in text or "\\" in text):
+                    escaped = index
+                if _open_fragments and text is not texts[0]:
+                    _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before
                 if _heads:
                     _learn_edges(text)
                 _learn_open_fragment(text)
@@ -989,7 +1104,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
                     originals = originals[1:] if originals is not None else None
         # every text and boundary searched is in the memo now: the next call sending the same texts
         # first (a chat's history, grown) searches only what follows them
-        if all_small and _split_generation == generation and _known_pattern is known \
+        if resume and all_small and _split_generation == generation and _known_pattern is known \
                 and sum(map(len, texts)) <= _SPLIT_RESUME_CHARS:
             count = len(texts)
             kept = [r for r in resumes if r[0] == generation and not (len(r[3]) <= count and texts[:len(r[3])] == r[3])]
@@ -997,6 +1112,7 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
             if len(_split_resume) >= _SPLIT_RESUME_MAX:
                 _split_resume.popitem(last=False)
             _split_resume[texts[0]] = kept[-_SPLIT_RESUME_PER_TEXT:]
+    return escaped
 
 
 # first text -> [(generation, known secrets, window, the texts searched, the loop's state after them)]:
@@ -1126,8 +1242,9 @@ def _add_piece(into: OrderedDict[str, None], piece: str) -> bool:
 # _SECRET_SHAPES / _GATED_SHAPES), at the very end of a text; the full shape it must complete.
 _FRAGMENT_AT_END = re.compile(
     r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{1,11}|sk_[A-Za-z0-9]{1,15}|AIza[0-9A-Za-z_\-]{1,19}"
-    r"|gh[pousr]_[A-Za-z0-9]{1,19}|xox[abp]-[A-Za-z0-9\-]{1,9}|gsk_[A-Za-z0-9]{1,19}|hf_[A-Za-z0-9]{1,19}"
-    r"|xai-[A-Za-z0-9]{1,19}|pplx-[A-Za-z0-9]{1,19}|AKIA[0-9A-Z]{1,15})\Z"
+    r"|gh[pousr]_[A-Za-z0-9]{1,19}|xox[abeprs]-[A-Za-z0-9\-]{1,9}|gsk_[A-Za-z0-9]{1,19}|hf_[A-Za-z0-9]{1,19}"
+    r"|xai-[A-Za-z0-9]{1,19}|pplx-[A-Za-z0-9]{1,19}|AKIA[0-9A-Z]{1,15}|npm_[A-Za-z0-9]{1,35}"
+    r"|glpat-[A-Za-z0-9_\-]{1,19}|rk_(?:live|test)_[A-Za-z0-9]{1,15}|do[por]_v1_[a-f0-9]{1,32}|xapp-\d-[A-Za-z0-9\-]{0,9})\Z"
 )
 _FRAGMENT_LOOKBACK = 40  # longer than any fragment _FRAGMENT_AT_END matches
 # (fragment, the text it ended) -> how many more calls' first texts may continue it
@@ -1152,9 +1269,12 @@ def _learn_open_fragment(text: str) -> None:
         _open_fragments.popitem(last=False)
 
 
-def _continue_fragments(text: str) -> None:
+def _continue_fragments(text: str, random_only: bool = False) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
-    shape whose start ended an earlier text: the key was split across two calls."""
+    shape whose start ended an earlier text: the key was split across two calls. With
+    ``random_only`` (a later text of the same call, other texts in between), only a
+    continuation holding a digit counts, as a key's random part does: a word (``wait``) that
+    merely completes the shape neither is learned nor closes the fragment."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
@@ -1168,6 +1288,8 @@ def _continue_fragments(text: str) -> None:
         for shape in shapes:
             match = shape.match(joined)
             if match is not None and match.end() > len(fragment):
+                if random_only and not any(c.isdigit() for c in joined[len(fragment):match.end()]):
+                    continue
                 _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
                              len(text) <= _FRAGMENT_LOOKBACK + _SPLIT_WINDOW)
                 _open_fragments.pop(key, None)

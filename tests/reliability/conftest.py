@@ -141,6 +141,6 @@ def _no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
 def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The secrets registered by a test are forgotten after it (a comma secret switches the
     shortcut off for the whole process)."""
-    for name in ("_known", "_known_pattern", "_secret_with_comma"):
+    for name in ("_known", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms"):
         value = getattr(redaction, name)
         monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from ..redaction import REDACTED, RedactionCache, is_secret_key
+
 DB_HELP = ("database URL (default: $CMBAGENT_OTEL_DATABASE_URL, $CMBAGENT_DATABASE_URL, "
            "or <$CMBAGENT_DEFAULT_WORK_DIR or ~/.cmbagent-otel>/database/cmbagent.db)")
 
@@ -18,6 +20,23 @@ DB_HELP = ("database URL (default: $CMBAGENT_OTEL_DATABASE_URL, $CMBAGENT_DATABA
 class CLIError(Exception):
     """A user-facing error: one line on stderr, no traceback, exit code 2."""
 
+
+def shown(value: Any) -> Any:
+    """``value`` (rows read for display) with every string redacted and secret-named keys'
+    text hidden, other values as they are: rows our writer stored are scrubbed already, but
+    rows another writer stored (cmbagent's own tracking) or an older version stored (before a
+    key shape was known) were printed as they were."""
+    if type(value) is str:
+        return _shown_memo.redact(value)
+    if isinstance(value, dict):
+        return {key: REDACTED if type(item) is str and type(key) is str and is_secret_key(key) else shown(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shown(item) for item in value]
+    return value
+
+
+_shown_memo = RedactionCache(max_len=8192, max_chars=4_000_000)
 
 #: the largest count an option takes (SQLite's INTEGER and PostgreSQL's BIGINT hold it)
 MAX_COUNT = 2**63 - 1

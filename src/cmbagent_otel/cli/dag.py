@@ -7,7 +7,7 @@ import json
 import sys
 
 from . import render
-from ._common import console, reading
+from ._common import console, reading, shown
 
 NAME = "dag"
 HELP = "show a run's DAG (tree, json, mermaid, dot, svg)"
@@ -27,6 +27,7 @@ def add_format(parser: argparse.ArgumentParser) -> None:
 
 def show(dag: dict[str, object], fmt: str) -> None:
     """Print ``dag`` in ``fmt`` on stdout."""
+    dag = shown(dag)
     if fmt == "json":
         print(json.dumps(dag, indent=2, default=str))
     elif fmt == "mermaid":

@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_ms, markup, reading, styled_status
+from ._common import CLIError, console, fmt_ms, markup, reading, shown, styled_status
 
 NAME = "events"
 HELP = "list a run's execution events"
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--recursive needs --node (the node whose descendants' events to add)")
     with reading(args.db) as reader:
         run_row = reader.run(args.run)
-        records = reader.events(run_row, args.node, recursive=args.recursive)
+        records = shown(reader.events(run_row, args.node, recursive=args.recursive))
     if args.format == "json":
         print(json.dumps(records, indent=2, default=str))
         return 0

@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_cost, fmt_ms, markup, positive_int, reading, styled_status
+from ._common import CLIError, console, fmt_cost, fmt_ms, markup, positive_int, reading, shown, styled_status
 
 NAME = "runs"
 HELP = "list runs (newest first)"
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with reading(args.db) as reader:
         records, hidden = reader.runs(args.limit, include_empty_branches=args.all)
+        records = shown(records)
         where = reader.where
     if not records:
         raise CLIError(f"no runs in {where}" + (f" ({hidden} empty branch runs hidden, --all shows them)"

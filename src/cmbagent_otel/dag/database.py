@@ -89,16 +89,42 @@ def _raw_credentials(url: str) -> str:
     SQLAlchemy ends the password at the first ``@``: it connected to host ``ss``, database
     ``w0rd@db/x``, and every message and spill header naming the database showed ``ss/w0rd``.
     The credentials are what comes before the last ``@`` of the URL's address (before any
-    ``?``): a database name holding a raw ``@`` reads as part of a password instead (fails to
-    connect, shows nothing)."""
+    ``?``), unless that would make a host, port and path part of them: a database name holding
+    a raw ``@`` after a port (``postgres@db:5432/lab@x``), or after a host when there is no
+    password (``postgres@db/lab@x``), is the database's. Without a port, a password and such a
+    database name (``u:pw@db/lab@x``) cannot be told from a password holding ``@`` and ``/``:
+    it reads as part of the password (fails to connect, shows nothing)."""
     scheme, sep, rest = url.partition("://")
     address, qmark, query = rest.partition("?")
     if not sep or address.startswith("/") or address.count("@") < 2:
         return url
-    userinfo, _, host = address.rpartition("@")
+    at = address.rindex("@")
+    while not _credentials_at(address, at):  # an "@" in the database name (postgres@host:5432/lab@x)
+        earlier = address.rfind("@", 0, at)
+        if earlier < 0:
+            at = address.rindex("@")
+            break
+        at = earlier
+    userinfo, host = address[:at], address[at + 1:]
     user, colon, password = userinfo.partition(":")  # a user name has no ":", a password may
     credentials = quote(user, safe="") + (":" + quote(password, safe="") if colon else "")
-    return f"{scheme}://{credentials}@{host}{qmark}{query}"
+    # SQLAlchemy would take the database name's "@" for the credentials' end: escaped, it reads it back
+    return f"{scheme}://{credentials}@{host.replace('@', '%40')}{qmark}{query}"
+
+
+# a host and port followed by a path: "127.0.0.1:5432/" read as part of a password or user name
+_EMBEDDED_HOST_PORT = re.compile(r"@[^@/:]+:\d{1,5}/")
+
+
+def _credentials_at(address: str, at: int) -> bool:
+    """Whether ``address[:at]`` can be the credentials: not when it is a user name holding a
+    "/" (no user name does: a host and path), nor when it holds a host, port and path
+    (``postgres@127.0.0.1:5432/lab``, ``u:pw@db:5432/lab``) and what follows is no host and
+    path of its own: then the "@" is the database name's."""
+    userinfo = address[:at]
+    if "/" in userinfo.partition(":")[0]:
+        return False
+    return "/" in address[at + 1:] or _EMBEDDED_HOST_PORT.search(userinfo) is None
 
 
 def resolve_url(url: str | None = None) -> str:

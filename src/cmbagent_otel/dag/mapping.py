@@ -211,7 +211,7 @@ def _attrs_rejected(attrs: Mapping[str, Any]) -> bool:
     if _storable_keys.issuperset(attrs):
         return False
     for key in attrs:
-        if (not key.isascii() or "\x00" in key) and _rejected(key):
+        if ((not key.isascii() or "\x00" in key) and _rejected(key)) or len(key) > _MAX_KEY:
             return True
     if len(_storable_keys) >= 4096:
         _storable_keys.clear()
@@ -251,7 +251,7 @@ def _plain_mapping(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
 def _unstorable(name: str, description: Any, attrs: Mapping[str, Any], start: int | None, end: int | None) -> bool:
     """Whether a span's name, status description, attributes or times hold something no row can
     (see :func:`sanitized`)."""
-    return (((not name.isascii() or "\x00" in name) and _rejected(name))
+    return (((not name.isascii() or "\x00" in name) and _rejected(name)) or len(name) > redaction.max_length()
             or (type(description) is str and _rejected(description)) or _attrs_rejected(attrs)
             or (start is not None and not 0 <= start <= _MAX_NS) or (end is not None and not 0 <= end <= _MAX_NS))
 
@@ -267,9 +267,10 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
     start, end = span.start_time, span.end_time
     if not _unstorable(span.name, description, attrs, start, end):
         return span, attrs
-    clean = {db_text(k): _clean_value(v) for k, v in attrs.items()}
+    clean = {_bounded(db_text(k), _MAX_KEY): _clean_value(v) for k, v in attrs.items()}
     copy = ReadableSpan(
-        name=db_text(span.name), context=span.context, parent=span.parent, resource=span.resource,
+        name=_bounded(db_text(span.name), redaction.max_length()), context=span.context, parent=span.parent,
+        resource=span.resource,
         attributes=clean, events=span.events, links=span.links, kind=span.kind,
         instrumentation_scope=span.instrumentation_scope,
         status=Status(span.status.status_code, db_text(description) if type(description) is str else None),
@@ -282,6 +283,20 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
 # where the SDK wants nanoseconds gives times past it, which failed the batch (OverflowError).
 # Before the epoch: no OTLP time can be (its times are unsigned).
 _MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - datetime(1970, 1, 1)) // timedelta(microseconds=1) * 1000
+
+
+# Another instrumentation's span names and attribute keys are cut like values: the SDK bounds
+# neither, and a span named after a 2 MB statement put 4 MB into its event row (name and meta).
+_MAX_KEY = 256
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, a hash of the whole keeping cut texts apart (two
+    keys differing past the cut stay two keys)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return f"{text[:max(limit - 16, 0)]}...{digest}"
 
 
 def _storable_ns(ns: int | None) -> int | None:
@@ -1081,6 +1096,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     # (spans arrive in end order: most parents come after their children, in the same batch).
     # Node id -> (run id, session id, short id); parent event id -> the first child event row.
     wanted_nodes: dict[str, tuple[str, str, str]] = {}
+    _max_name = redaction.max_length()
     wanted_events: dict[str, dict[str, Any]] = {}
     for span in spans:
         view = _view(span)
@@ -1102,7 +1118,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         # that scrubs them for its meta (_meta_if_storable), when nothing is redacted between
         # that pass and its event row (no handoff events, no error text, a span of ours)
         clean = None
-        if (((not name.isascii() or "\x00" in name) and _rejected(name))
+        if (((not name.isascii() or "\x00" in name) and _rejected(name)) or len(name) > _max_name
                 or (start_ns is not None and not 0 <= start_ns <= _MAX_NS)
                 or (end_ns is not None and not 0 <= end_ns <= _MAX_NS)
                 or (type(description) is str and _rejected(description))):
