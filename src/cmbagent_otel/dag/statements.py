@@ -152,7 +152,7 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
         env[f"c{i}"] = conv
         if inline_json and conv is encode_json and orjson_dumps is not None:  # encode_json, written out
             expr = (f"None if v{i} is None else b{i}.decode() if (b{i} := _odumps(v{i}, _odefault, _ooption))"
-                    f".isascii() and (b'null' not in b{i} or not _nonfinite(v{i})) else _std(v{i})")
+                    f".isascii() and (b{i}.find(b'null') < 0 or not _nonfinite(v{i})) else _std(v{i})")
         elif inline_json and conv is encode_json:
             expr = f"None if v{i} is None else _join(_ienc(v{i}, 0))"
         elif inline and conv is _sqlite_dt:
