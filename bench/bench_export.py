@@ -212,7 +212,9 @@ class FloorPlan:
 
     @staticmethod
     def _json(value: Any) -> str:
-        return json.dumps(value, default=str)
+        from cmbagent_otel.dag.statements import encode_json
+
+        return encode_json(value)  # ours' text, so both databases hold the same bytes
 
     def _params(self, table: str, row: dict[str, Any]) -> tuple[Any, ...]:
         """A mapped row as SQLite parameters (JSON text, SQLAlchemy's datetime text, 0/1)."""

@@ -19,7 +19,7 @@ def _expected(row: dict[str, Any], cols: tuple[tuple[str, str], ...], pg: bool) 
     for name, kind in cols:
         value = row.get(name)
         if value is not None and kind == "json":
-            value = json.dumps(value, default=str)
+            value = json.dumps(value, default=str, separators=(",", ":"))  # compact, ASCII
         elif value is not None and kind == "dt" and not pg:
             value = value.replace(tzinfo=None).isoformat(" ", "microseconds")
         elif value is not None and kind == "bool" and not pg:

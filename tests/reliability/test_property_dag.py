@@ -14,6 +14,7 @@ values, odd and non-UTF-8 strings, end before start. Invariants checked on the f
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -230,10 +231,15 @@ def check_invariants(path: Path, forest: Forest) -> None:
         # placeholders (parent spans not arrived) carry no depth yet; derived rows (branch points)
         # take their depth from the redo node they stand for, checked through that node
         assert [r for r in bad_nodes if r[0] not in damaged_nodes and r[2] not in damaged_nodes
-                and '"placeholder": true' not in (r[4] or "")
-                and '"derived": true' not in (r[4] or "") + (r[5] or "")] == []
+                and not _flag(r[4], "placeholder") and not _flag(r[4], "derived") and not _flag(r[5], "derived")] == []
     finally:
         conn.close()
+
+
+def _flag(meta: str | None, key: str) -> bool:
+    """Whether a stored JSON ``meta`` text sets ``key`` to true."""
+    value = json.loads(meta) if meta else None
+    return isinstance(value, dict) and value.get(key) is True
 
 
 def _chain_damaged(span: ReadableSpan, by_key: dict[tuple[int, int], ReadableSpan],

@@ -4,8 +4,9 @@ Compiling SQLAlchemy Core statements (upserts with many columns above all) for e
 cost more than the database's own work. Here every statement the writer runs is plain SQL
 text, built once per process for SQLite (``?`` parameters) and PostgreSQL (psycopg 3:
 ``%s`` parameters; its ``executemany`` sends all rows in one pipeline), and rows become
-parameter tuples as SQLAlchemy's types would have converted them: JSON encoded like
-``json.dumps`` (``None`` stays SQL NULL: every JSON column is ``none_as_null``; PostgreSQL
+parameter tuples as SQLAlchemy's types would have converted them: JSON holding the values
+``json.dumps`` writes, as compact ASCII text (``_jsontext.row_json_encoders``: orjson where it
+writes them exactly; ``None`` stays SQL NULL: every JSON column is ``none_as_null``; PostgreSQL
 casts the text with ``::json``), datetimes as SQLAlchemy's SQLite storage format or as is for
 psycopg, booleans as 0/1 on SQLite. Reading back decodes the same way SQLAlchemy would (JSON
 parsed, datetimes naive, booleans). ``tests/dag/test_reference_rows.py`` checks the rows
@@ -29,7 +30,14 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
 
-from .._jsontext import standard_encoder, strict_iterencode
+from .._jsontext import (
+    ORJSON_OPTION,
+    has_non_finite,
+    orjson_default,
+    orjson_dumps,
+    row_json_encoders,
+    strict_iterencode,
+)
 from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
 __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
@@ -41,11 +49,11 @@ COPY_MIN_ROWS = 32
 _PENDING = "cmbagent_otel_pending"  # key of the held-back writes in the connection's info
 _COPY_TYPES = "cmbagent_otel_copy_types"  # key of the binary COPY types per table in the connection's info
 
-encode_json = standard_encoder(str, ensure_ascii=True)
-# encode_json's C encoder itself (None without the C accelerator): the row converters call it
-# inline, without encode_json's two Python frames per value, and convert a row again through
-# encode_json when it raises (a non-finite float)
-_iterencode = strict_iterencode(str, ensure_ascii=True)
+encode_json, _standard_json = row_json_encoders()
+# encode_json's encoder itself, orjson's or else json's C encoder (None without the C
+# accelerator): the row converters call it inline, without encode_json's Python frame per
+# value, and convert a row again through encode_json when it raises
+_iterencode = strict_iterencode(str, ensure_ascii=True, compact=True)
 
 
 def decode_json(value: Any) -> Any:
@@ -125,10 +133,12 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
     names = [name for name, _ in cols]
     env: dict[str, Any] = {"_names": names, "KeyError": KeyError, "_str": str, "_int": int, "_bool": bool,
                            "_float": float, "_datetime": datetime, "ValueError": ValueError}
-    inline_json = inline and _iterencode is not None and any(convert[kind] is encode_json for _, kind in cols)
+    inline_json = (inline and (orjson_dumps is not None or _iterencode is not None)
+                   and any(convert[kind] is encode_json for _, kind in cols))
     if inline_json:
-        env["_join"] = "".join
-        env["_ienc"] = _iterencode
+        env.update(_join="".join, _ienc=_iterencode, _odumps=orjson_dumps, _odefault=orjson_default,
+                   _ooption=ORJSON_OPTION, _std=_standard_json, _nonfinite=has_non_finite,
+                   TypeError=TypeError)
         env["_slow"] = _row_converter(cols, convert, checks, inline=False)
     values = [f"v{i}" for i in range(len(cols))]
     unpack = ", ".join(values) + ("," if len(values) == 1 else "")
@@ -140,7 +150,10 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
             out.append(f"v{i}")
             continue
         env[f"c{i}"] = conv
-        if inline_json and conv is encode_json:
+        if inline_json and conv is encode_json and orjson_dumps is not None:  # encode_json, written out
+            expr = (f"None if v{i} is None else b{i}.decode() if (b{i} := _odumps(v{i}, _odefault, _ooption))"
+                    f".isascii() and (b{i}.find(b'null') < 0 or not _nonfinite(v{i})) else _std(v{i})")
+        elif inline_json and conv is encode_json:
             expr = f"None if v{i} is None else _join(_ienc(v{i}, 0))"
         elif inline and conv is _sqlite_dt:
             expr = (f"None if v{i} is None else v{i}.isoformat(' ', 'microseconds') if v{i}.tzinfo is None "
@@ -162,7 +175,7 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
         result.append("return out")
     if inline_json:
         result = ["try:", *(f"    {line}" for line in result),
-                  "except ValueError:  # a non-finite float: encode_json writes it as a JSON string",
+                  "except (ValueError, TypeError):  # json: a non-finite float; orjson: a value it refuses",
                   "    return _slow(row)"]
     body = "".join(f"    {line}\n" for line in result)
     source = (f"def convert(row):\n"
