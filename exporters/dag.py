@@ -204,13 +204,13 @@ class DagSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write ``spans`` (or spill them durably); SUCCESS or FAILURE, never an exception."""
-        if self._closed.is_set():
-            kept = self._keep(spans, "the exporter is shut down") if spans else 0
-            return SpanExportResult.SUCCESS if kept == _finished(spans) else SpanExportResult.FAILURE
         try:
+            if self._closed.is_set():
+                kept = self._keep(spans, "the exporter is shut down") if spans else 0
+                return SpanExportResult.SUCCESS if kept == _finished(spans) else SpanExportResult.FAILURE
             with self._lock:
                 return self._export(spans)
-        except Exception:  # a bug of ours must not reach the batch processor's thread
+        except Exception:  # a bug of ours, or not a sequence of spans: never the caller's thread
             logger.exception("cmbagent_otel: DAG export failed unexpectedly")
             self._dropped(_finished(spans), "unexpected error (logged above)")
             return SpanExportResult.FAILURE
@@ -402,8 +402,11 @@ class DagSpanExporter(SpanExporter):
 
 
 def _finished(spans: Sequence[ReadableSpan]) -> int:
-    """How many of ``spans`` are spans (not started records)."""
-    return sum(1 for span in spans if not is_started(span))
+    """How many of ``spans`` are spans (not started records); 0 when ``spans`` cannot be read."""
+    try:
+        return sum(1 for span in spans if not is_started(span))
+    except Exception:
+        return 0
 
 
 def span_processor(exporter: DagSpanExporter | None = None, **settings: Any) -> Any:

@@ -114,3 +114,25 @@ def test_cost_records_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Lo
     with caplog.at_level("WARNING", logger="cmbagent_otel.dag"):
         assert resolve_cost_records() == "per_agent"
     assert "CMBAGENT_OTEL_COST_RECORDS='per_call'" in caplog.text
+
+
+class _Unreadable:
+    def __iter__(self) -> Any:
+        raise RuntimeError("not a sequence of spans")
+
+    def __len__(self) -> int:
+        raise RuntimeError("no length")
+
+    def __bool__(self) -> bool:
+        raise RuntimeError("no truth value")
+
+
+@pytest.mark.parametrize("batch", [42, None, _Unreadable(), "spans"], ids=["int", "none", "unreadable", "str"])
+def test_export_of_something_not_spans_fails_without_raising(db_url: str, batch: Any) -> None:
+    # SpanExporter.export's contract: a result, never an exception, whatever the caller passes
+    exporter = DagSpanExporter(db_url, spill=False)
+    try:
+        assert exporter.export(batch) in (SpanExportResult.SUCCESS, SpanExportResult.FAILURE)
+    finally:
+        exporter.shutdown()
+    assert exporter.export(batch) in (SpanExportResult.SUCCESS, SpanExportResult.FAILURE)  # shut down too
