@@ -761,6 +761,8 @@ class _UsageShapesClient(ScriptedModelClient):
                 "model": response.model}
 
 
+@pytest.mark.skipif(offline_backend() != "client",
+                    reason="this AG2 line does not accept custom model clients in llm_config")
 def test_token_counts_from_every_usage_shape(instrumented):
     config = {"config_list": [{"model": "scripted", "model_client_cls": "_UsageShapesClient"}], "cache_seed": None}
     agent = ConversableAgent("counter", llm_config=config, human_input_mode="NEVER")
