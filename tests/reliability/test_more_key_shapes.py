@@ -12,17 +12,14 @@ message content and DB rows. They are redacted by shape now; look-alikes (``work
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
-from typing import Any
 
 import pytest
-from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
-from cmbagent_otel.testing import ScriptedModelClient
 
 from .conftest import needs_custom_client
-from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
+from .test_credential_forms import assert_refused_call_is_clean
+from .test_secrets import Sink, sink  # noqa: F401 (sink: fixture)
 
 
 def _alnum(n: int) -> str:
@@ -71,27 +68,8 @@ def test_a_shape_split_across_two_texts_is_caught() -> None:
     assert key[17:] not in str(redaction.redact(second))
 
 
-class ServiceRejected(Exception):
-    pass
-
-
 @needs_custom_client
 def test_unregistered_service_credentials_never_reach_telemetry(sink: Sink,  # noqa: F811
-                                                                caplog: pytest.LogCaptureFixture,
-                                                                tmp_path: Path) -> None:
-    found = credentials()
-    quoted = "; ".join(f"{name}: {value}" for name, value in found.items())
-
-    class Rejecting(ScriptedModelClient):
-        def create(self, params: dict[str, Any]) -> Any:
-            raise ServiceRejected(f"upstream refused the request ({quoted})")
-
-    instrument(sink)  # content capture on: the message carries them too
-    assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Rejecting"}], "cache_seed": None}, human_input_mode="NEVER")
-    assistant.register_model_client(Rejecting)
-    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
-    with pytest.raises(ServiceRejected) as info:
-        user.initiate_chat(assistant, message=f"deploy with these: {quoted}", max_turns=1, silent=True)
-    assert found["npm"] in str(info.value)  # the application's exception is its own
-    assert_clean(sink, caplog, *found.values())
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    assert_refused_call_is_clean(sink, caplog, {name: (f"{name}: {value}", value)
+                                                for name, value in credentials().items()})

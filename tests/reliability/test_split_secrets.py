@@ -69,6 +69,16 @@ def _distinct_marker(shaped: bool) -> str:
     return f"sk-{body}" if shaped else body
 
 
+def _secret_and_assistant(sink: Sink, which: str) -> tuple[str, ConversableAgent]:  # noqa: F811
+    """A distinct secret (``which``: a key shape, or "registered"), the sink instrumented, and an
+    assistant to send it to."""
+    secret = _distinct_marker(which == "shaped")
+    if which == "registered":
+        redaction.register_secret(secret)
+    instrument(sink)
+    return secret, _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+
+
 def _recorded_content(where: Sink) -> str:
     where.provider.force_flush()
     return "\n".join(str(value) for span in where.memory.get_finished_spans()
@@ -82,11 +92,7 @@ def test_piece_under_six_characters_is_redacted(sink: Sink, caplog: pytest.LogCa
                                                 piece: str, split: str, which: str) -> None:
     """A piece of a split secret under 6 characters is redacted with the characters next to it in
     its text, or as a whole string when it is the whole text (it used to stay in the record)."""
-    secret = _distinct_marker(which == "shaped")
-    if which == "registered":
-        redaction.register_secret(secret)
-    instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    secret, assistant = _secret_and_assistant(sink, which)
     cut = 5 if piece.startswith("short-start") else len(secret) - 4
     first, second = secret[:cut], secret[cut:]
     alone = piece.endswith("alone")
@@ -112,11 +118,7 @@ def test_piece_under_six_characters_is_redacted(sink: Sink, caplog: pytest.LogCa
 def test_secret_split_in_three_is_redacted(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
                                            split: str, which: str) -> None:
     """No two consecutive texts hold the whole secret: the search spans several texts."""
-    secret = _distinct_marker(which == "shaped")
-    if which == "registered":
-        redaction.register_secret(secret)
-    instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    secret, assistant = _secret_and_assistant(sink, which)
     third = len(secret) // 3
     pieces = [secret[:third], secret[third:2 * third], secret[2 * third:]]
     texts = [f"my key: {pieces[0]}", pieces[1], f"{pieces[2]} thanks"]

@@ -21,18 +21,14 @@ import pytest
 from cmbagent_otel import redaction
 
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401  (fixture)
-from .test_split_secrets import _assistant, _distinct_marker, _recorded_content
+from .test_split_secrets import _assistant, _distinct_marker, _recorded_content, _secret_and_assistant
 
 
 @pytest.mark.parametrize("cut", [8, 12])
 @pytest.mark.parametrize("which", ["shaped", "registered"])
 def test_secret_split_across_messages_apart_is_redacted(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
                                                          which: str, cut: int) -> None:
-    secret = _distinct_marker(which == "shaped")
-    if which == "registered":
-        redaction.register_secret(secret)
-    instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    secret, assistant = _secret_and_assistant(sink, which)
     first, second = secret[:cut], secret[cut:]
     messages = [{"role": "user", "content": f"my key: {first}"},
                 {"role": "assistant", "content": "wait, let me look that up"},
