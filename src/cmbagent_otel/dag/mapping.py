@@ -722,17 +722,29 @@ def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     cache: dict[str, str] = _values.entries()  # computed with the secrets known now
     for key, value in attrs.items():
         kind = type(value)
-        if kind is str:
+        if kind is str:  # _meta_value's text case inline: most values, on every event span
             hit = cache.get(value)
             out[key] = hit if hit is not None else _redact_text(value)
         elif value is None or kind in _PLAIN_TYPES:
             continue
-        elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)
-            out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
-                        for item in value]
         else:
-            out[key] = _scrub_value(value)
+            out[key] = _meta_value(value, cache)
     return out
+
+
+def _meta_value(value: Any, cache: dict[str, str]) -> Any:
+    """:func:`_scrub_value` of one attribute value, its texts read from ``cache`` (the memo's
+    entries) first (a tuple's items too: speaker candidates, finish reasons)."""
+    kind = type(value)
+    if kind is str:
+        hit = cache.get(value)
+        return hit if hit is not None else _redact_text(value)
+    if value is None or kind in _PLAIN_TYPES:
+        return value
+    if kind is tuple:
+        return [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
+                for item in value]
+    return _scrub_value(value)
 
 
 def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
@@ -791,12 +803,7 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
             return None
     if missed is not None:
         for key in missed:
-            value = attrs[key]
-            if type(value) is str:
-                out[key] = _redact_text(value)
-            else:  # a tuple, as _attributes_meta scrubs it
-                out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
-                            for item in value]
+            out[key] = _meta_value(attrs[key], cache)
     return out
 
 
@@ -812,17 +819,7 @@ def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
             cache = {}  # a secret learned: nothing cached before it may be used
             out[key] = REDACTED
             continue
-        kind = type(value)
-        if kind is str:
-            hit = cache.get(value)
-            out[key] = hit if hit is not None else _redact_text(value)
-        elif value is None or kind in _PLAIN_TYPES:
-            out[key] = value
-        elif kind is tuple:  # as _scrub_value, the memo read inline (speaker candidates, finish reasons)
-            out[key] = [hit if type(item) is str and (hit := cache.get(item)) is not None else _scrub_value(item)
-                        for item in value]
-        else:
-            out[key] = _scrub_value(value)
+        out[key] = _meta_value(value, cache)
     return out
 
 
