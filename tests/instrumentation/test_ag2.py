@@ -741,14 +741,16 @@ class _UsageShapesClient(ScriptedModelClient):
     """Answers like ScriptedModelClient, its usage in the shapes model clients return: with token
     details (OpenAI's CompletionUsage), as a plain dict, as a read-only mapping."""
 
-    shapes = iter([
-        SimpleNamespace(prompt_tokens=11, completion_tokens=5, total_tokens=16,
-                        prompt_tokens_details=SimpleNamespace(cached_tokens=7),
-                        completion_tokens_details=SimpleNamespace(reasoning_tokens=3)),
-        {"prompt_tokens": 12, "completion_tokens": 6},
-        MappingProxyType({"prompt_tokens": 13, "completion_tokens": 7}),
-        SimpleNamespace(prompt_tokens=14, completion_tokens=8, total_tokens=22),
-    ])
+    def __init__(self, config: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.shapes = iter([  # per client: the test can run again in the same process
+            SimpleNamespace(prompt_tokens=11, completion_tokens=5, total_tokens=16,
+                            prompt_tokens_details=SimpleNamespace(cached_tokens=7),
+                            completion_tokens_details=SimpleNamespace(reasoning_tokens=3)),
+            {"prompt_tokens": 12, "completion_tokens": 6},
+            MappingProxyType({"prompt_tokens": 13, "completion_tokens": 7}),
+            SimpleNamespace(prompt_tokens=14, completion_tokens=8, total_tokens=22),
+        ])
 
     def create(self, params: dict[str, Any]) -> SimpleNamespace:
         response = super().create(params)

@@ -902,24 +902,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
         attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
-    if chat:
-        attrs.update(call.usage)
-    elif usage is not None and type(usage) is not dict and getattr(usage, "prompt_tokens_details", None) is None \
-            and getattr(usage, "completion_tokens_details", None) is None:
-        # usage_attributes' object case without token details written out (one call and one dict less
-        # per model call): OpenAI's CompletionUsage as AG2's clients return it. Neither count an
-        # attribute (a mapping that is not a dict, say): usage_attributes reads it
-        prompt = getattr(usage, "prompt_tokens", None)
-        completion = getattr(usage, "completion_tokens", None)
-        if prompt is None and completion is None:
-            attrs.update(_models.usage_attributes(usage))
-        else:
-            if type(prompt) is int or _models._count(prompt) is not None:
-                attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-            if type(completion) is int or _models._count(completion) is not None:
-                attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
-    else:
-        attrs.update(_models.usage_attributes(usage))
+    attrs.update(call.usage if chat else _models.usage_attributes(usage))
     if cost is not None:
         attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
