@@ -906,13 +906,7 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
         meta["model"] = _text(get(sc.GEN_AI_RESPONSE_MODEL) or get(sc.GEN_AI_REQUEST_MODEL))
     meta["attributes"] = clean
     short = get(sc.DAG_NODE)
-    # _depth_and_order, written out
-    depth = get(sc.EVENT_DEPTH)
-    if type(depth) is not int or not -_INT32 <= depth <= _INT32:
-        depth = _int(depth, 0)
-    order = get(sc.EXECUTION_ORDER)
-    if type(order) is not int or not -_INT32 <= order <= _INT32:
-        order = _int(order, 0)
+    depth, order = _depth_and_order(get)
     agent = get(sc.GEN_AI_AGENT_NAME) if kind not in _ACTING_KINDS else _agent_of(kind, attrs)
     if agent is not None and (type(agent) is not str or len(agent) > 100):
         agent = str(agent)[:100]
