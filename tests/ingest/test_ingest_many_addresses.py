@@ -10,6 +10,7 @@ headers; requests being read or answered are never closed.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from contextlib import ExitStack
@@ -79,10 +80,15 @@ def test_grpc_calls_that_never_send_cannot_fill_the_receiver(tmp_path: Path) -> 
                 reply = other.unary_unary(EXPORT)(body, timeout=WAIT)  # before: RESOURCE_EXHAUSTED
             assert not ExportTraceServiceResponse.FromString(reply).HasField("partial_success")
             assert trace_id in stored(db)
-            # the fourth is cancelled as the new call comes in: its end may reach this client after
-            # the new call's reply, so each is waited for (a call not cancelled ends at its deadline)
-            codes = [call.exception(timeout=2 * WAIT).code() for call in stalled[:4]]
-            assert codes == [grpc.StatusCode.CANCELLED] * 4
+            # the four oldest at the server (not always the first four sent) are cancelled, the
+            # fourth as the new call comes in: its end may reach this client after the new call's
+            # reply, so the first four ends are waited for (a call not cancelled ends at its deadline)
+            ended: queue.Queue[grpc.Future] = queue.Queue()
+            for call in stalled:
+                call.add_done_callback(ended.put)
+            first = [ended.get(timeout=2 * WAIT) for _ in range(4)]
+            assert [call.exception().code() for call in first] == [grpc.StatusCode.CANCELLED] * 4
+            assert sum(call.done() for call in stalled) == 4
         finally:
             release.set()
             for call in stalled:
