@@ -68,14 +68,16 @@ def decode_json(value: Any) -> Any:
 
 def naive(value: Any) -> datetime | None:
     """A datetime column's value as a naive datetime (text from SQLite, objects from psycopg)."""
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=None)
+    # datetimes are immutable: a naive one is returned as it is (replace() with a keyword costs
+    # more than the parsing)
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value).replace(tzinfo=None)
+            value = datetime.fromisoformat(value)
         except ValueError:
             return None
-    return None
+    elif not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is None and type(value) is datetime else value.replace(tzinfo=None)
 
 
 def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
