@@ -136,3 +136,37 @@ def test_insert_new_returns_only_the_rows_it_created(pg_url: str) -> None:
         engine.dispose()
     assert created == {"a", "b"}
     assert [tuple(r) for r in stored] == [("a", "new"), ("b", "new"), ("held-back", "first")]
+
+
+def test_sqlite_columns_null_in_every_row_store_null(tmp_path: Any) -> None:
+    """Columns NULL in every row go as NULL literals (not parameters): inserted and updated rows
+    hold exactly what binding each None would store, an update clears the values it nulls, and
+    a column NULL in only some rows keeps its other rows' values."""
+    from sqlalchemy import create_engine, text
+
+    from cmbagent_otel.dag.database import ensure_schema
+
+    url = f"sqlite:///{tmp_path}/nulls.db"
+    ensure_schema(url)
+    sessions = metadata.tables["sessions"]
+    sql = Sql("sqlite")
+    at = datetime(2026, 1, 2, 3, 4, 5, 6)
+
+    def session(sid: str, **values: Any) -> dict[str, Any]:
+        return {"id": sid, "user_id": None, "name": sid, "created_at": at, "last_active_at": at,
+                "status": "active", "meta": None, "resource_limits": None, **values}
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        sql.insert(conn, sessions, [session("a"), session("b", meta={"k": 1})])  # meta NULL in one row only
+        sql.insert(conn, sessions, [session("c", user_id="u", resource_limits={"cpu": 2})])
+        # every row's user_id and resource_limits NULL: both cleared, the other columns set
+        sql.update(conn, sessions, [session("c", name="renamed"), session("b", meta={"k": 2})],
+                   ("user_id", "name", "meta", "resource_limits"))
+        rows = conn.execute(text("SELECT id, user_id, name, meta, resource_limits FROM sessions ORDER BY id")).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("a", None, "a", None, None),
+        ("b", None, "b", '{"k":2}', None),
+        ("c", None, "renamed", None, None),
+    ]

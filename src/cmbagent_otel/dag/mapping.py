@@ -115,7 +115,9 @@ def span_event_db_id(trace_id: int, span_id: int, index: int) -> str:
 
 def derived_uuid(*parts: str) -> str:
     """A uuid-shaped id derived from ``parts``."""
-    return str(uuid.UUID(hex=hashlib.md5(":".join(parts).encode()).hexdigest()))
+    # str(uuid.UUID(hex=digest)), without UUID's Python-level parsing: the digest is 32 lowercase hex digits
+    h = hashlib.md5(":".join(parts).encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # timedelta * int builds the delta without timedelta()'s argument parsing (~35 % cheaper per datetime)
@@ -1253,7 +1255,7 @@ class DerivedRows:
     """Rows computed from a run's whole node set and LLM usage; the writer upserts/diffs them.
 
     ``nodes`` are derived nodes (terminator, ``init``, branch points); ``node_updates`` are
-    stored real nodes whose usage totals changed (full rows, meta updated); ``edges`` hold
+    stored real nodes whose usage totals changed (their id and updated meta); ``edges`` hold
     at most one edge per (from, to) pair.
     """
 
@@ -1284,8 +1286,15 @@ def _meta(node: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _order_key(node: Mapping[str, Any]) -> tuple[int, int, str]:
-    meta = _meta(node)
-    return (node["order_index"], _int(meta.get("execution_order"), 0), str(meta.get("id", "")))
+    meta = node.get("meta")
+    if type(meta) is not dict:
+        meta = _meta(node)
+    # _int and str of each, the common case (an int in range, text) inline
+    order = meta.get("execution_order")
+    if type(order) is not int or not -_INT32 <= order <= _INT32:
+        order = _int(order, 0)
+    short = meta.get("id", "")
+    return (node["order_index"], order, short if type(short) is str else str(short))
 
 
 def _derived_node(run_id: str, session_id: str, short: str, node_type: str, status: str, order: int, *,
@@ -1326,20 +1335,45 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     if source == RANK_NAMES[RANK_STARTED]:
         source = "workflow"  # a live run is laid out like a finished one (its terminator pending)
     real_run = source in ("workflow", "root")
-    real = [n for n in nodes if not _meta(n).get("derived")]
-    by_id = {n["id"]: n for n in real}
+    real: list[Mapping[str, Any]] = []
     # A placeholder stands for a node span that has not arrived (it may never: a damaged
     # span). An event can insert one in a batch that recomputes nothing, so the layout
     # (edges, terminator, init) must not depend on placeholders, only link to them as parents.
-    arrived = [n for n in real if not _meta(n).get("placeholder")]
+    arrived: list[Mapping[str, Any]] = []
+    for n in nodes:
+        meta = n.get("meta")
+        if type(meta) is not dict:
+            meta = _meta(n)
+        if meta.get("derived"):
+            continue
+        real.append(n)
+        if not meta.get("placeholder"):
+            arrived.append(n)
+    by_id = {n["id"]: n for n in real}
 
-    def parent_of(node: Mapping[str, Any]) -> str | None:
-        parent = node.get("parent_node_id")
-        return parent if parent in by_id and parent != node["id"] else None
-
-    planning = sorted((n for n in arrived if n["node_type"] == sc.NODE_PLANNING), key=_order_key)
-    steps = sorted((n for n in arrived if _is_step(n)), key=_order_key)
-    top = sorted((n for n in arrived if parent_of(n) is None), key=_order_key)
+    planning_type, agent_type = sc.NODE_PLANNING, sc.NODE_AGENT
+    planning: list[Mapping[str, Any]] = []
+    steps: list[Mapping[str, Any]] = []
+    top: list[Mapping[str, Any]] = []  # no parent among the real nodes (nor itself)
+    children: dict[str, list[Mapping[str, Any]]] = {}  # parent id -> its arrived children
+    for n in arrived:
+        node_type = n["node_type"]
+        if node_type == planning_type:
+            planning.append(n)
+        elif node_type == agent_type and _is_step(n):
+            steps.append(n)
+        parent = n.get("parent_node_id")
+        if parent in by_id and parent != n["id"]:
+            found = children.get(parent)
+            if found is None:
+                children[parent] = [n]
+            else:
+                found.append(n)
+        else:
+            top.append(n)
+    planning.sort(key=_order_key)
+    steps.sort(key=_order_key)
+    top.sort(key=_order_key)
 
     # cmbagent's fixed-pipeline layout (one-shot): init (order 0) -> execute -> terminator; a
     # workflow entered past planning starts from the same init node
@@ -1382,11 +1416,6 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     # Every node reachable: parent -> first child, then consecutive siblings in order_index
     # order (sub-agents, redos, steps of a phase, agent turns of a conversation); the
     # top-level nodes in order. Pairs already linked above keep their first edge.
-    children: dict[str, list[Mapping[str, Any]]] = {}
-    for n in arrived:
-        parent = parent_of(n)
-        if parent is not None:
-            children.setdefault(parent, []).append(n)
     for parent, kids in children.items():
         kids.sort(key=_order_key)
         link(parent, kids[0]["id"])
@@ -1512,11 +1541,6 @@ def _cost_total(costs: list[float]) -> float:
         return math.copysign(sys.float_info.max, sum(costs))
 
 
-def _cost_column(cost: float) -> float:
-    """A cost as ``cost_records.cost_usd`` can hold it: rounded to 6 places, clamped to its range."""
-    return max(-_COST_COLUMN_MAX, min(_COST_COLUMN_MAX, round(cost, 6)))
-
-
 def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mapping[str, Any]],
                   by_id: Mapping[str, Mapping[str, Any]], usage: Sequence[LlmUsage],
                   step_rows: Mapping[str, str]) -> None:
@@ -1564,23 +1588,29 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
             found[1].extend(costs)
             node_id = every[node_id].get("parent_node_id")
 
-    def values(node_id: str) -> dict[str, Any]:
-        found = totals.get(node_id)
-        return dict(ZERO_USAGE) if found is None else _usage_values(*found[0], found[1])
-
     for node in out.nodes:
-        node["meta"].update(values(node["id"]))
-    for node in real:
         found = totals.get(node["id"])
-        wanted = ZERO_USAGE if found is None else _usage_values(*found[0], found[1])
-        meta = _meta(node)
+        node["meta"].update(ZERO_USAGE if found is None else _usage_values(*found[0], found[1]))
+    for node in real:
+        node_id = node["id"]
+        meta = node.get("meta")
+        if type(meta) is not dict:
+            meta = _meta(node)
+        found = totals.get(node_id)
+        if found is None:
+            wanted = ZERO_USAGE
+        else:
+            (prompt, completion), costs = found
+            wanted = {"tokens": prompt + completion, "prompt_tokens": prompt, "completion_tokens": completion,
+                      "cost_usd": _cost_total(costs)}  # _usage_values
         for key, value in wanted.items():
             old = meta.get(key)
             if type(old) is not type(value) or old != value:
-                out.node_updates.append({**node, "meta": {**meta, **wanted}})
+                out.node_updates.append({"id": node_id, "meta": {**meta, **wanted}})
                 break
 
     fallback = run.get("started_at") or _EPOCH
+    run_id, session_id = run["id"], run["session_id"]
     for (scope, agent, model), ((prompt, completion), costs, stamps) in groups.items():
         cost = _cost_total(costs)
         if prompt <= 0 and completion <= 0 and cost <= 0:
@@ -1590,11 +1620,19 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         if node is not None:
             step_id = step_rows.get(node["id"] if node["node_type"] != sc.NODE_REDO
                                     else str(node.get("parent_node_id")))
+        total = prompt + completion
+        # _int of each count (ints: sums of ints), the common case inline; the cost as the column
+        # holds it: rounded to 6 places, clamped to its range
+        cost = round(cost, 6)
         out.costs.append({
-            "run_id": run["id"], "step_id": step_id, "session_id": run["session_id"], "model": model,
-            "agent_name": _str(agent, 200), "parent_run_id": None, "prompt_tokens": _int(prompt),
-            "completion_tokens": _int(completion), "total_tokens": _int(prompt + completion),
-            "cost_usd": _cost_column(cost), "timestamp": max(stamps) if stamps else fallback,
+            "run_id": run_id, "step_id": step_id, "session_id": session_id, "model": model,
+            "agent_name": _str(agent, 200), "parent_run_id": None,
+            "prompt_tokens": prompt if -_INT32 <= prompt <= _INT32 else _int(prompt),
+            "completion_tokens": completion if -_INT32 <= completion <= _INT32 else _int(completion),
+            "total_tokens": total if -_INT32 <= total <= _INT32 else _int(total),
+            "cost_usd": (_COST_COLUMN_MAX if cost > _COST_COLUMN_MAX
+                         else -_COST_COLUMN_MAX if cost < -_COST_COLUMN_MAX else cost),
+            "timestamp": max(stamps) if stamps else fallback,
         })
 
 

@@ -722,9 +722,19 @@ class _Derived:
             self.states[state["id"]] = state
 
 
+def _edge_key(edge: tuple[str, str, str, str | None]) -> tuple[str, str, str, str]:
+    return (edge[0], edge[1], edge[2], edge[3] or "")
+
+
 def _edge_rows(edges: Iterable[tuple[str, str, str, str | None]]) -> list[dict[str, Any]]:
-    return [{"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c}
-            for f, t, d, c in sorted(edges, key=lambda k: (k[0], k[1], k[2], k[3] or ""))]
+    try:
+        # derive_run_rows gives at most one edge per (from, to): the plain tuple order is _edge_key's,
+        # without a key per edge; a condition is compared (None with text raises) only for two edges
+        # sharing from, to and type
+        ordered = sorted(edges)
+    except TypeError:
+        ordered = sorted(edges, key=_edge_key)
+    return [{"from_node_id": f, "to_node_id": t, "dependency_type": d, "condition": c} for f, t, d, c in ordered]
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -776,18 +786,26 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
                                            else {**row, "meta": _as_stored(row["meta"]) or {}})
     usage_by_run: dict[str, list[LlmUsage]] = {run_id: [] for run_id in created}
     llm_type, llm_subtype = LLM_TYPE
+    unnamed: list[dict[str, Any]] = []  # code executions without an agent name, under a node
     for event in batch.events.values():
-        if event["event_subtype"] == llm_subtype and event["event_type"] == llm_type and event["run_id"] in created:
-            meta = event["meta"] if isinstance(event["meta"], dict) else {}
-            model = meta.get("model")
-            usage_by_run[event["run_id"]].append(LlmUsage(
-                event["node_id"], event["agent_name"], None if model is None else str(model),
-                _count(meta.get("prompt_tokens")), _count(meta.get("completion_tokens")),
-                _amount(meta.get("cost_usd")), _naive(event["completed_at"]) or _naive(event["timestamp"])))
+        event_type = event["event_type"]
+        if event_type == llm_type:
+            if event["event_subtype"] == llm_subtype and event["run_id"] in created:
+                meta = event["meta"] if isinstance(event["meta"], dict) else {}
+                model = meta.get("model")
+                usage_by_run[event["run_id"]].append(LlmUsage(
+                    event["node_id"], event["agent_name"], None if model is None else str(model),
+                    _count(meta.get("prompt_tokens")), _count(meta.get("completion_tokens")),
+                    _amount(meta.get("cost_usd")), _naive(event["completed_at"]) or _naive(event["timestamp"])))
+        elif event_type == "code_exec" and event["agent_name"] is None and event["node_id"] is not None \
+                and event["run_id"] in created:
+            unnamed.append(event)
     after = dict(final)
     for run_id in sorted(created):
         candidate = batch.runs[run_id].row
-        derived = derive_run_rows({**candidate, "meta": _as_stored(candidate["meta"]) or {}},
+        # derive_run_rows only reads the run row: one whose meta is already as stored goes as it is
+        derived = derive_run_rows(candidate if _flat_json(candidate["meta"])
+                                  else {**candidate, "meta": _as_stored(candidate["meta"]) or {}},
                                   nodes_by_run[run_id], usage_by_run[run_id])
         derived_ids = {d["id"] for d in derived.nodes}
         out.nodes.extend(derived.nodes)
@@ -801,12 +819,10 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
         out.branches.extend(derived.branches)
         out.new_costs.extend(derived.costs)
         out.offer_state(derived.session_state)
-    for event in batch.events.values():
-        if event["run_id"] in created and event["event_type"] == "code_exec" and event["agent_name"] is None \
-                and event["node_id"] is not None:
-            node = after.get(event["node_id"])
-            if node is not None and node["node_type"] in _NAMING_NODES and node["agent"] not in (None, "unknown"):
-                event["agent_name"] = node["agent"]
+    for event in unnamed:
+        node = after.get(event["node_id"])
+        if node is not None and node["node_type"] in _NAMING_NODES and node["agent"] not in (None, "unknown"):
+            event["agent_name"] = node["agent"]
 
 
 _NAMING_NODES = (sc.NODE_SUB_AGENT, sc.NODE_AGENT)
