@@ -1028,9 +1028,34 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
         texts = [text for text in texts if isinstance(text, str) and text]
         escaped = _learn_split(texts, True)
         if escaped is not None:  # from the text before the first newly searched one with escapes
-            decoded = [_decoded(text) for text in texts[max(escaped - 1, 0):]]
+            decoded = _decoded_texts(texts[max(escaped - 1, 0):])
             if decoded != texts[max(escaped - 1, 0):]:
                 _learn_split(decoded, False)
+
+
+# the start of an escape cut by the end of a text (``%2`` | ``D...``, ``\u00`` | ``2d...``)
+_CUT_ESCAPE = re.compile(r"(?:%[2-7]?|\\(?:u(?:0(?:0[2-7]?)?)?)?)\Z")
+
+
+def _decoded_texts(texts: list[str]) -> list[str]:
+    """:func:`_decoded` of each text; an escape cut by a text's end is completed from the next
+    text and decoded in the first (each text alone keeps both parts escaped: the key's pieces
+    on either side of it were never decoded into one)."""
+    out = []
+    skip = 0
+    for index, text in enumerate(texts):
+        if skip:
+            text, skip = text[skip:], 0
+        cut = _CUT_ESCAPE.search(text, max(0, len(text) - 5)) if index + 1 < len(texts) else None
+        if cut is not None:
+            part = cut.group()
+            whole = part + texts[index + 1][:6 - len(part)]
+            escape = (_URL_ESCAPED if part[0] == "%" else _JSON_ESCAPED).match(whole)
+            if escape is not None and escape.end() > len(part):
+                skip = escape.end() - len(part)
+                text += texts[index + 1][:skip]
+        out.append(_decoded(text))
+    return out
 
 
 def _decoded(text: str) -> str:
@@ -1072,7 +1097,8 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         for index, text in enumerate(texts[start:] if start else texts, start):
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
-                if escaped is None and ("%" in text or "\\" in text):
+                if escaped is None and ("%" in text or "\\" in text or (index and _CUT_ESCAPE.search(
+                        texts[index - 1], max(0, len(texts[index - 1]) - 5)))):  # the rest of a cut escape
                     escaped = index
                 if _open_fragments and text is not texts[0]:
                     _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before
