@@ -348,11 +348,12 @@ _MIN_ENCODED_LEN = 8  # a shorter base64 core could stand in ordinary text by ch
 
 
 def _encoded_forms(value: str) -> set[str]:
-    """Hex (both cases) and base64 (standard and URL-safe) forms of a registered secret, so that
+    """Hex (both cases), base64 (standard and URL-safe) and base32 forms of a registered secret, so that
     a key an application hex-dumps, or base64-encodes alone or inside a larger blob (a
     ``user:key`` header, an encoded JSON config), is caught too. Inside a blob the secret's
-    first byte may sit at any of three offsets of a 3-byte group: for each, the characters its
-    bytes alone determine (not those shared with the bytes around it)."""
+    first byte may sit at any of three offsets of a 3-byte group (five of a 5-byte group in
+    base32): for each, the characters its bytes alone determine (not those shared with the bytes
+    around it)."""
     raw = value.encode("utf-8", "surrogatepass")
     forms = {raw.hex(), raw.hex().upper()}
     for offset in range(3):
@@ -360,6 +361,12 @@ def _encoded_forms(value: str) -> set[str]:
         core = encoded[(0, 2, 3)[offset]:len(encoded) - (1 if (offset + len(raw)) % 3 else 0)]
         if len(core) >= _MIN_ENCODED_LEN:
             forms.update((core, core.translate(_B64_URLSAFE)))
+    bits = 8 * len(raw)
+    for offset in range(5):  # base32 (RFC 4648, as written: upper case): 5-byte groups of 8 characters
+        encoded = base64.b32encode(bytes(offset) + raw).decode("ascii")
+        core = encoded[-(-8 * offset // 5):(8 * offset + bits) // 5]
+        if len(core) >= _MIN_ENCODED_LEN:
+            forms.add(core)
     forms.discard(value)
     return forms
 
