@@ -49,10 +49,12 @@ _SECRET_ENV_NAME = re.compile(
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
-# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature
+# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature.
+# Words may be joined by "." as well (OpenTelemetry attribute names: `aws.secret.access.key`, `openai.api.key`)
 _SECRET_KEY_NAME = re.compile(
-    r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
-    r"auth[_-]?token|subscription[_-]?key|account[_-]?key|functions[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
+    r"^(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
+    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string)[\w.\-]*"
+    r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
 _SECRET_SHAPES = re.compile(
