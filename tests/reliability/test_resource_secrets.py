@@ -16,10 +16,11 @@ import secrets
 import pytest
 from autogen import ConversableAgent
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
 import cmbagent_otel
+from cmbagent_otel.provider import build_meter_provider, build_tracer_provider
 from cmbagent_otel.testing import ScriptedModelClient
 
 from .test_secrets import OtlpGrpcReceiver, new_markers
@@ -34,12 +35,12 @@ def test_secrets_in_resource_attributes_never_reach_the_exporters(monkeypatch: p
     monkeypatch.setenv("OTEL_SERVICE_NAME", "resource-test")
     console = io.StringIO()
     receiver = OtlpGrpcReceiver()
-    provider = cmbagent_otel.instrument(
-        exporters="none", set_global=False, instrument_cmbagent=False,
-        span_exporters=[ConsoleSpanExporter(out=console),
-                        GrpcExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True)])
+    # the provider instrument() builds when the application set none (an earlier test may have set
+    # the global one, which instrument() would use instead)
+    provider = build_tracer_provider("none", span_exporters=[
+        ConsoleSpanExporter(out=console), GrpcExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True)])
+    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False)
     try:
-        assert isinstance(provider, TracerProvider)
         assistant = ConversableAgent("assistant", llm_config={"config_list": [
             {"model": "scripted", "model_client_cls": "ScriptedModelClient"}], "cache_seed": None},
             human_input_mode="NEVER")
@@ -59,3 +60,19 @@ def test_secrets_in_resource_attributes_never_reach_the_exporters(monkeypatch: p
         assert marker not in repr(attributes)
         assert marker not in console.getvalue()
         assert marker.encode() not in payload
+
+
+def test_the_meter_provider_has_the_redacted_resource_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, shapeless = new_markers()
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"deployment.environment=staging,collector.api.key={shapeless}")
+    reader = InMemoryMetricReader()
+    meters = build_meter_provider("none", metric_readers=[reader])
+    assert meters is not None
+    try:
+        meters.get_meter("test").create_counter("runs").add(1)
+        data = reader.get_metrics_data()
+        assert data is not None
+        shown = repr([dict(m.resource.attributes) for m in data.resource_metrics])
+    finally:
+        meters.shutdown()
+    assert "staging" in shown and shapeless not in shown
