@@ -699,7 +699,10 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     if known is not None:
-        text = known.sub(REDACTED, text)
+        replaced = known.sub(REDACTED, text)
+        if replaced is not text:  # a known secret was there (re returns the very text otherwise)
+            replaced = _with_overlapping_shapes(known, text, replaced)
+        text = replaced
     text = _SECRET_SHAPES.sub(REDACTED, text)
     for gate, shapes in _GATED_GROUPS:
         if gate is None or gate.search(text) is not None:
@@ -715,6 +718,31 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+def _with_overlapping_shapes(known: re.Pattern[str] | _Patterns, text: str, replaced: str) -> str:
+    """``text`` with its known secrets replaced (``replaced``), and also each key shape that
+    overlaps one of them: a learned secret that is a key's start (``sk-proj-``, learned from a
+    key cut right after it) would otherwise leave the rest of every later key of that shape
+    unmatched, its random part shown whole after ``[REDACTED]``."""
+    shapes = [_SECRET_SHAPES, *(shape for hint, shape in _GATED_SHAPES if hint in text)]
+    found = [m.span() for shape in shapes for m in shape.finditer(text)]
+    if not found:
+        return replaced
+    patterns = known.patterns if isinstance(known, _Patterns) else (known,)
+    secrets = [m.span() for pattern in patterns for m in pattern.finditer(text)]
+    if not any(s < b and a < e for a, b in found for s, e in secrets):
+        return replaced  # side by side: replaced one after the other, as before
+    spans = sorted(secrets + found)
+    out, last, (start, end) = [], 0, spans[0]
+    for s, e in spans[1:]:
+        if s < end:
+            end = max(end, e)
+            continue
+        out += (text[last:start], REDACTED)
+        last, start, end = end, s, e
+    out += (text[last:start], REDACTED, text[end:])
+    return "".join(out)
 
 
 def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | None, text: str) -> str:
