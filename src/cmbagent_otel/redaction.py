@@ -699,10 +699,7 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     if known is not None:
-        replaced = known.sub(REDACTED, text)
-        if replaced is not text:  # a known secret was there (re returns the very text otherwise)
-            replaced = _with_overlapping_shapes(known, text, replaced)
-        text = replaced
+        text = _replace_known(known, text)
     text = _SECRET_SHAPES.sub(REDACTED, text)
     for gate, shapes in _GATED_GROUPS:
         if gate is None or gate.search(text) is not None:
@@ -718,6 +715,13 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+def _replace_known(known: re.Pattern[str] | _Patterns, text: str) -> str:
+    replaced = known.sub(REDACTED, text)
+    if replaced is not text:  # a known secret was there (re returns the very text otherwise)
+        replaced = _with_overlapping_shapes(known, text, replaced)
+    return replaced
 
 
 def _with_overlapping_shapes(known: re.Pattern[str] | _Patterns, text: str, replaced: str) -> str:
@@ -751,7 +755,7 @@ def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | No
     decoded = pattern.sub(_unescape, text)
     if decoded == text or known is None:
         return decoded
-    return pattern.sub(_unescape, known.sub(REDACTED, text))
+    return pattern.sub(_unescape, _replace_known(known, text))
 
 
 def _unescape(match: re.Match[str]) -> str:

@@ -53,6 +53,9 @@ def test_a_key_after_its_start_was_learned_is_redacted_whole(sink: Sink, caplog:
     assert_clean(sink, caplog, first[len(start):], tail, tail[:10], tail[-10:])
     assert redaction.redact(f"key={second}") == "key=[REDACTED]"
     assert redaction.redact(f"my {second} here") == "my [REDACTED] here"
+    # escaped, in a text with escapes of both kinds (each decoding replaces the known secrets first)
+    escaped = "".join(f"\\u{ord(c):04x}" if c in "-_s" else c for c in second)
+    assert tail not in (redaction.redact(f'{{"note": "{escaped}"}} ; https://x.example/?q=a%2Bb') or "")
 
 
 def test_a_known_secret_next_to_a_shape_is_replaced_as_before() -> None:
