@@ -321,7 +321,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(SERVICE_NAME, None,
             "`service.name` of the spans (read by the SDK; instrument(service_name=) wins over it; unset: "
             "`service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `cmbagent`)"),
-    Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK)"),
+    Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK; secrets in them are redacted)"),
     # cmbagent-otel ingest
     Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds"),
     Setting(INGEST_PORT, 4318, "OTLP/HTTP port of the ingest (`0`: any free port, `off`: none)", parse_port),

@@ -31,7 +31,7 @@ import importlib
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from . import environment_variables as env
+from .redaction import REDACTED, is_secret_key, redact
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -173,12 +174,38 @@ def span_processors(
 def resource(service_name: str | None = None) -> Resource:
     """The resource of the providers built here (argument > environment > default, as for every
     setting, and as the SDK's ``Resource.create`` merges): ``service_name``, else ``OTEL_SERVICE_NAME`` /
-    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (read by the SDK), else ``cmbagent``."""
+    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (read by the SDK), else ``cmbagent``.
+
+    Its attributes are redacted as span attributes are: ``OTEL_RESOURCE_ATTRIBUTES`` and the
+    resource detectors (``OTEL_EXPERIMENTAL_RESOURCE_DETECTORS``) take values from the
+    environment, and the resource goes with every span and metric to each exporter."""
     attributes = {}
     env_has_name = bool(env.get(env.SERVICE_NAME)) or "service.name=" in (env.get(env.RESOURCE_ATTRIBUTES) or "")
     if service_name or not env_has_name:
         attributes[SERVICE_NAME] = service_name or DEFAULT_SERVICE_NAME
-    return Resource.create(attributes)
+    created = Resource.create(attributes)
+    try:
+        scrubbed = _redacted_attributes(created.attributes)
+    except Exception:  # never fail a provider for it: the attributes are the SDK's own types
+        logger.debug("could not redact the resource's attributes", exc_info=True)
+        return Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME})
+    return created if scrubbed is None else Resource(scrubbed, created.schema_url)
+
+
+def _redacted_attributes(attributes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``attributes`` with secret-named keys' values and secrets in strings redacted; ``None``
+    when nothing changed."""
+    out: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if is_secret_key(key) and value not in ("", None):
+            out[key] = REDACTED
+        elif isinstance(value, str):
+            out[key] = redact(value)
+        elif isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
+            out[key] = tuple(redact(item) if isinstance(item, str) else item for item in value)
+        else:
+            out[key] = value
+    return None if out == dict(attributes) else out
 
 
 def build_tracer_provider(

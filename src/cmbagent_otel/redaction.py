@@ -49,10 +49,12 @@ _SECRET_ENV_NAME = re.compile(
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
-# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature
+# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature.
+# Words may be joined by "." as well (OpenTelemetry attribute names: `aws.secret.access.key`, `openai.api.key`)
 _SECRET_KEY_NAME = re.compile(
-    r"^(?:.*(?:api[_-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_-]?key|access[_-]?key|"
-    r"auth[_-]?token|subscription[_-]?key|account[_-]?key|functions[_-]?key)\w*|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
+    r"^(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
+    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string)[\w.\-]*"
+    r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
 _SECRET_SHAPES = re.compile(
@@ -348,11 +350,12 @@ _MIN_ENCODED_LEN = 8  # a shorter base64 core could stand in ordinary text by ch
 
 
 def _encoded_forms(value: str) -> set[str]:
-    """Hex (both cases) and base64 (standard and URL-safe) forms of a registered secret, so that
+    """Hex (both cases), base64 (standard and URL-safe) and base32 forms of a registered secret, so that
     a key an application hex-dumps, or base64-encodes alone or inside a larger blob (a
     ``user:key`` header, an encoded JSON config), is caught too. Inside a blob the secret's
-    first byte may sit at any of three offsets of a 3-byte group: for each, the characters its
-    bytes alone determine (not those shared with the bytes around it)."""
+    first byte may sit at any of three offsets of a 3-byte group (five of a 5-byte group in
+    base32): for each, the characters its bytes alone determine (not those shared with the bytes
+    around it)."""
     raw = value.encode("utf-8", "surrogatepass")
     forms = {raw.hex(), raw.hex().upper()}
     for offset in range(3):
@@ -360,6 +363,12 @@ def _encoded_forms(value: str) -> set[str]:
         core = encoded[(0, 2, 3)[offset]:len(encoded) - (1 if (offset + len(raw)) % 3 else 0)]
         if len(core) >= _MIN_ENCODED_LEN:
             forms.update((core, core.translate(_B64_URLSAFE)))
+    bits = 8 * len(raw)
+    for offset in range(5):  # base32 (RFC 4648, as written: upper case): 5-byte groups of 8 characters
+        encoded = base64.b32encode(bytes(offset) + raw).decode("ascii")
+        core = encoded[-(-8 * offset // 5):(8 * offset + bits) // 5]
+        if len(core) >= _MIN_ENCODED_LEN:
+            forms.add(core)
     forms.discard(value)
     return forms
 
@@ -369,16 +378,26 @@ def learn_secret(value: Any) -> bool:
 
     Unlike :func:`register_secret` (configuration: kept for the process's life), learned
     values are bounded: the :data:`MAX_LEARNED` most recently seen are kept. The
-    JSON-escaped form is learned too, so the value is caught inside serialised JSON.
+    JSON-escaped form is learned too, so the value is caught inside serialised JSON, and the
+    encoded forms of the 16 most recently learned values (hex, base64, base32) are looked for
+    in tool results and code output (:func:`learn_encoded_in`).
     Returns whether the set of secrets changed.
     """
     next(_learn_calls)  # see learn_secrets_in: a text that never gets here holds nothing to learn
+    return _learn(value, True)
+
+
+def _learn(value: Any, encoded: bool) -> bool:
+    """:func:`learn_secret`; ``encoded``: keep the value's encoded forms (a form found is learned without)."""
+    global _learned_forms_pattern
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
     with _lock:
         for form in forms & _learned.keys():
             _learned.move_to_end(form)
+        if value in _learned_forms:
+            _learned_forms.move_to_end(value)
         new = [form for form in forms if form not in _known and form not in _learned]
         if not new:
             return False
@@ -386,8 +405,41 @@ def learn_secret(value: Any) -> bool:
             _learned[form] = None
         while len(_learned) > MAX_LEARNED:
             _learned.popitem(last=False)
+        if encoded and value not in _known and value not in _learned_forms:
+            _learned_forms[value] = tuple(_encoded_forms(value))
+            while len(_learned_forms) > _LEARNED_ENCODED_MAX:
+                _learned_forms.popitem(last=False)
+            _learned_forms_pattern = None
         _rebuild()
         return True
+
+
+# The encoded forms (see _encoded_forms) of the most recently learned values: a password from a
+# tool's arguments that the tool or the code hex-dumps or base64-encodes. Not in _known_pattern:
+# their first characters are as varied as base64's, and 16 values' forms made every redaction of
+# a cache miss ~2x slower (400 words: 104 -> 213 us); they are looked for where an application
+# encodes (tool results, code output), and a form found there is learned as it stands.
+_LEARNED_ENCODED_MAX = 16
+_learned_forms: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+_learned_forms_pattern: re.Pattern[str] | None = None
+
+
+def learn_encoded_in(text: Any) -> None:
+    """Learn the encoded forms of recently learned secrets found in ``text`` (a tool's result, a
+    code execution's output), so that they are redacted there and wherever they are quoted
+    later. One check when nothing was learned; never raises."""
+    if not _learned_forms or type(text) is not str:
+        return
+    with contextlib.suppress(Exception):
+        global _learned_forms_pattern
+        pattern = _learned_forms_pattern
+        if pattern is None:
+            with _lock:
+                forms = {form for values in _learned_forms.values() for form in values}
+                pattern = _learned_forms_pattern = _compile(forms) if forms else re.compile(r"(?!)")
+        bound = _scan_bound()
+        for found in set(pattern.findall(text if len(text) <= bound else text[:bound])):
+            _learn(found, False)
 
 
 def register_secrets_in(value: Any) -> None:
@@ -647,7 +699,7 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     if known is not None:
-        text = known.sub(REDACTED, text)
+        text = _replace_known(known, text)
     text = _SECRET_SHAPES.sub(REDACTED, text)
     for gate, shapes in _GATED_GROUPS:
         if gate is None or gate.search(text) is not None:
@@ -665,13 +717,45 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     return text
 
 
+def _replace_known(known: re.Pattern[str] | _Patterns, text: str) -> str:
+    replaced = known.sub(REDACTED, text)
+    if replaced is not text:  # a known secret was there (re returns the very text otherwise)
+        replaced = _with_overlapping_shapes(known, text, replaced)
+    return replaced
+
+
+def _with_overlapping_shapes(known: re.Pattern[str] | _Patterns, text: str, replaced: str) -> str:
+    """``text`` with its known secrets replaced (``replaced``), and also each key shape that
+    overlaps one of them: a learned secret that is a key's start (``sk-proj-``, learned from a
+    key cut right after it) would otherwise leave the rest of every later key of that shape
+    unmatched, its random part shown whole after ``[REDACTED]``."""
+    shapes = [_SECRET_SHAPES, *(shape for hint, shape in _GATED_SHAPES if hint in text)]
+    found = [m.span() for shape in shapes for m in shape.finditer(text)]
+    if not found:
+        return replaced
+    patterns = known.patterns if isinstance(known, _Patterns) else (known,)
+    secrets = [m.span() for pattern in patterns for m in pattern.finditer(text)]
+    if not any(s < b and a < e for a, b in found for s, e in secrets):
+        return replaced  # side by side: replaced one after the other, as before
+    spans = sorted(secrets + found)
+    out, last, (start, end) = [], 0, spans[0]
+    for s, e in spans[1:]:
+        if s < end:
+            end = max(end, e)
+            continue
+        out += (text[last:start], REDACTED)
+        last, start, end = end, s, e
+    out += (text[last:start], REDACTED, text[end:])
+    return "".join(out)
+
+
 def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     """``text`` with ``pattern``'s escapes decoded; a known secret that holds such an escape
     itself (a password ``x%5fy``) is replaced before, or decoding would hide it."""
     decoded = pattern.sub(_unescape, text)
     if decoded == text or known is None:
         return decoded
-    return pattern.sub(_unescape, known.sub(REDACTED, text))
+    return pattern.sub(_unescape, _replace_known(known, text))
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -1028,9 +1112,34 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
         texts = [text for text in texts if isinstance(text, str) and text]
         escaped = _learn_split(texts, True)
         if escaped is not None:  # from the text before the first newly searched one with escapes
-            decoded = [_decoded(text) for text in texts[max(escaped - 1, 0):]]
+            decoded = _decoded_texts(texts[max(escaped - 1, 0):])
             if decoded != texts[max(escaped - 1, 0):]:
                 _learn_split(decoded, False)
+
+
+# the start of an escape cut by the end of a text (``%2`` | ``D...``, ``\u00`` | ``2d...``)
+_CUT_ESCAPE = re.compile(r"(?:%[2-7]?|\\(?:u(?:0(?:0[2-7]?)?)?)?)\Z")
+
+
+def _decoded_texts(texts: list[str]) -> list[str]:
+    """:func:`_decoded` of each text; an escape cut by a text's end is completed from the next
+    text and decoded in the first (each text alone keeps both parts escaped: the key's pieces
+    on either side of it were never decoded into one)."""
+    out = []
+    skip = 0
+    for index, text in enumerate(texts):
+        if skip:
+            text, skip = text[skip:], 0
+        cut = _CUT_ESCAPE.search(text, max(0, len(text) - 5)) if index + 1 < len(texts) else None
+        if cut is not None:
+            part = cut.group()
+            whole = part + texts[index + 1][:6 - len(part)]
+            escape = (_URL_ESCAPED if part[0] == "%" else _JSON_ESCAPED).match(whole)
+            if escape is not None and escape.end() > len(part):
+                skip = escape.end() - len(part)
+                text += texts[index + 1][:skip]
+        out.append(_decoded(text))
+    return out
 
 
 def _decoded(text: str) -> str:
@@ -1072,7 +1181,8 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         for index, text in enumerate(texts[start:] if start else texts, start):
             small = len(text) <= _SPLIT_CACHED_CHARS  # a memo holding long texts would hold memory
             if not (small and text in checked):
-                if escaped is None and ("%" in text or "\\" in text):
+                if escaped is None and ("%" in text or "\\" in text or (index and _CUT_ESCAPE.search(
+                        texts[index - 1], max(0, len(texts[index - 1]) - 5)))):  # the rest of a cut escape
                     escaped = index
                 if _open_fragments and text is not texts[0]:
                     _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before

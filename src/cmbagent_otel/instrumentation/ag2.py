@@ -89,7 +89,14 @@ from .._spans import (
     workflow_tracers,
 )
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
-from ..redaction import RedactionCache, learn_secrets_in, register_new_environment, safe_text, truncate
+from ..redaction import (
+    RedactionCache,
+    learn_encoded_in,
+    learn_secrets_in,
+    register_new_environment,
+    safe_text,
+    truncate,
+)
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -969,6 +976,7 @@ def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
     success, payload = result
     register_new_environment()  # a tool may return a key the app put in os.environ after instrument()
     content = payload.get("content") if isinstance(payload, dict) else None
+    learn_encoded_in(content)  # a password from the tool's arguments, returned base64-encoded
     if success is False:
         traced.fail(truncate(str(content), 1024) if content is not None else "tool execution failed", "tool_error")
     if state.capture and content is not None:
@@ -1126,6 +1134,7 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
                 state.metrics.code_failure(traced.language, "nonzero_exit_code")
     if output is not None:
         register_new_environment()  # the code may print a key the app put in os.environ after instrument()
+        learn_encoded_in(output)
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
