@@ -243,17 +243,36 @@ def _gc_probe(args: argparse.Namespace, variants: list[str], tmp: str, env: dict
     for workflow in args.workflows:
         print(f"{workflow}: full collections in the run + flush (objects promoted during the run; margin to the "
               f"next full collection at the run's start), per extra N; {args.gc_early} objects at the start")
+        sweep: dict[str, dict[int, int]] = {variant: {} for variant in variants}
         for extra in args.gc_probe:
             cells = []
             counts = {}
             for variant in variants:
                 r = _spawn(variant, workflow, tmp, env, (extra, args.gc_early))
-                counts[variant] = r["full"].get("run", 0) + r["full"].get("flush", 0)
+                counts[variant] = sweep[variant][extra] = r["full"].get("run", 0) + r["full"].get("flush", 0)
                 cells.append(f"{variant} {counts[variant]} ({r['promoted'].get('run', 0) / 1000:.1f}k; "
                              f"{r['margin_at']['run'] / 1000:.1f}k)")
             worse = worse or any(counts[v] > counts["plain"] for v in counts)
             print(f"  N={extra / 1000:g}k  " + "  ".join(cells), flush=True)
+        print(f"  runs with a full collection: plain {_with_full(sweep['plain'])}")
+        for variant in variants[1:]:
+            print(f"  {variant}: {_with_full(sweep[variant])}; against plain "
+                  f"{_against(sweep[variant], sweep['plain'])}")
     return 1 if worse else 0
+
+
+def _with_full(counts: dict[int, int]) -> str:
+    return f"{sum(1 for c in counts.values() if c)} of {len(counts)}"
+
+
+def _against(counts: dict[int, int], plain: dict[int, int]) -> str:
+    """Where a variant's full collections differ from plain's over a sweep of N."""
+    def at(ns: list[int]) -> str:
+        return ", ".join(f"{n / 1000:g}k" for n in ns) or "none"
+
+    fewer = [n for n in counts if counts[n] < plain[n]]
+    more = [n for n in counts if counts[n] > plain[n]]
+    return "the same at every N" if not fewer and not more else f"fewer at N = {at(fewer)}; more at N = {at(more)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
