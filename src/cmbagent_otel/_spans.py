@@ -582,33 +582,39 @@ reset_in_child(sys.modules[__name__], "_child_scope_lock")
 
 def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
           scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
-          ctx: otel_context.Context | None, new_conversation: bool = False, run: RunState | None = None) -> Any:
+          ctx: otel_context.Context | None, new_conversation: bool = False, run: RunState | None = None,
+          known: Scope | None = None) -> Any:
     """Start ``self`` (a new :class:`TracedSpan`, or a subclass's, made by ``cls.__new__``: no ``__init__``
     needed) as ``TracedSpan(name, kind, attributes, node=..., ...).__enter__()`` would, and return it.
 
     The instrumentation's hot builders call this directly: one call where constructing with keywords
     (a dict of them, ``type.__call__``, ``__init__``) and then ``__enter__`` (reading back every field)
     took three. The span's inputs are never stored: only what ending it and its children's scope need.
+    ``known``: the scope ``ctx`` holds, already read by the caller, a :class:`Scope` without a cursor
+    (``None``: read here).
     """
     # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
     frame = None
     try:  # telemetry must never break the app
-        if ctx is None:
-            ctx = get_current()
-        scope = None
-        if run is None:
-            scope = ctx.get(_SCOPE_KEY)
-            if type(scope) is not Scope:
-                scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
-        parent_ctx = ctx
-        if scope is not None:
-            cursor = scope.cursor
-            if cursor is not None:
-                # work started directly in an anchor scope belongs to its innermost open frame
-                frame = cursor.enter()
-                if frame is not None:
-                    scope = frame.scope
-                    parent_ctx = span_context(ctx, frame.span)
+        scope = known
+        if scope is None:
+            if ctx is None:
+                ctx = get_current()
+            if run is None:
+                scope = ctx.get(_SCOPE_KEY)
+                if type(scope) is not Scope:
+                    scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
+            parent_ctx = ctx
+            if scope is not None:
+                cursor = scope.cursor
+                if cursor is not None:
+                    # work started directly in an anchor scope belongs to its innermost open frame
+                    frame = cursor.enter()
+                    if frame is not None:
+                        scope = frame.scope
+                        parent_ctx = span_context(ctx, frame.span)
+        else:  # an agent turn: its builder read the scope (no anchor, so no frame)
+            parent_ctx = ctx
         self._frame = frame
         self._error = None
         if scope is not None and run is None and not new_conversation:
