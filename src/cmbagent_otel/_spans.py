@@ -269,7 +269,8 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
 
 def _set_node(attrs: dict[str, Any], node: NodeSpec, node_id: str, depth: int, parent: str | None,
               order: int | None) -> None:
-    """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs``."""
+    """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs`` (start() has a
+    written-out copy: keep the two alike)."""
     attrs[semconv.DAG_NODE] = node_id
     attrs[semconv.DAG_NODE_TYPE] = node.node_type
     attrs[semconv.DAG_DEPTH] = depth
@@ -582,33 +583,39 @@ reset_in_child(sys.modules[__name__], "_child_scope_lock")
 
 def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
           scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
-          ctx: otel_context.Context | None, new_conversation: bool = False, run: RunState | None = None) -> Any:
+          ctx: otel_context.Context | None, new_conversation: bool = False, run: RunState | None = None,
+          known: Scope | None = None) -> Any:
     """Start ``self`` (a new :class:`TracedSpan`, or a subclass's, made by ``cls.__new__``: no ``__init__``
     needed) as ``TracedSpan(name, kind, attributes, node=..., ...).__enter__()`` would, and return it.
 
     The instrumentation's hot builders call this directly: one call where constructing with keywords
     (a dict of them, ``type.__call__``, ``__init__``) and then ``__enter__`` (reading back every field)
     took three. The span's inputs are never stored: only what ending it and its children's scope need.
+    ``known``: the scope ``ctx`` holds, already read by the caller, a :class:`Scope` without a cursor
+    (``None``: read here).
     """
     # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
     frame = None
     try:  # telemetry must never break the app
-        if ctx is None:
-            ctx = get_current()
-        scope = None
-        if run is None:
-            scope = ctx.get(_SCOPE_KEY)
-            if type(scope) is not Scope:
-                scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
-        parent_ctx = ctx
-        if scope is not None:
-            cursor = scope.cursor
-            if cursor is not None:
-                # work started directly in an anchor scope belongs to its innermost open frame
-                frame = cursor.enter()
-                if frame is not None:
-                    scope = frame.scope
-                    parent_ctx = span_context(ctx, frame.span)
+        scope = known
+        if scope is None:
+            if ctx is None:
+                ctx = get_current()
+            if run is None:
+                scope = ctx.get(_SCOPE_KEY)
+                if type(scope) is not Scope:
+                    scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
+            parent_ctx = ctx
+            if scope is not None:
+                cursor = scope.cursor
+                if cursor is not None:
+                    # work started directly in an anchor scope belongs to its innermost open frame
+                    frame = cursor.enter()
+                    if frame is not None:
+                        scope = frame.scope
+                        parent_ctx = span_context(ctx, frame.span)
+        else:  # an agent turn: its builder read the scope (no anchor, so no frame)
+            parent_ctx = ctx
         self._frame = frame
         self._error = None
         if scope is not None and run is None and not new_conversation:
@@ -643,8 +650,14 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs[semconv.EVENT_DEPTH] = scope.event_depth
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
-            else:
-                _set_node(attrs, node, node_id, depth, dag_node, order)
+            else:  # _set_node written out: every agent turn under a node, one call less each
+                attrs[semconv.DAG_NODE] = node_id
+                attrs[semconv.DAG_NODE_TYPE] = node.node_type
+                attrs[semconv.DAG_DEPTH] = depth
+                if dag_node is not None:
+                    attrs[semconv.DAG_PARENT_NODE] = dag_node
+                if order is not None:
+                    attrs[semconv.DAG_ORDER_INDEX] = order
                 new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet

@@ -780,3 +780,22 @@ def test_token_counts_from_every_usage_shape(instrumented):
         {"input_tokens": 13, "output_tokens": 7},
         {"input_tokens": 14, "output_tokens": 8},
     ]
+
+
+def test_a_usage_class_registered_as_a_mapping_later_is_read_as_one():
+    """The usage reader remembers which classes are not mappings (an ABC check per model call costs
+    ~1,900 instructions); a class registered as a Mapping afterwards is read as one from then on."""
+    from collections.abc import Mapping
+
+    from cmbagent_otel.instrumentation._models import usage_attributes
+
+    class Usage:  # attributes say 1 and 2, its mapping side 3 and 4
+        prompt_tokens, completion_tokens = 1, 2
+
+        def get(self, key: str, default: Any = None) -> Any:
+            return {"prompt_tokens": 3, "completion_tokens": 4}.get(key, default)
+
+    assert usage_attributes(Usage()) == {"gen_ai.usage.input_tokens": 1, "gen_ai.usage.output_tokens": 2}
+    assert usage_attributes(Usage()) == {"gen_ai.usage.input_tokens": 1, "gen_ai.usage.output_tokens": 2}
+    Mapping.register(Usage)
+    assert usage_attributes(Usage()) == {"gen_ai.usage.input_tokens": 3, "gen_ai.usage.output_tokens": 4}

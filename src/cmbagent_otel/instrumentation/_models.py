@@ -8,6 +8,7 @@ parameters and the response are read.
 from __future__ import annotations
 
 import threading
+from abc import get_cache_token
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -193,12 +194,33 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# isinstance(x, Mapping) runs ABCMeta.__instancecheck__: ~1,900 instructions (a weak reference made per
+# check) for an object that is not one, such as OpenAI's usage objects. Mapping has no subclass hook, so
+# the answer is its class's: a class found not to be one is remembered with abc's cache token of then
+# (any ABC's register() changes it), for objects whose __class__ is their type (a proxy is checked each time)
+_NOT_MAPPINGS: dict[type, object] = {}
+
+
+def _is_mapping(value: Any, cls: type) -> bool:
+    """``isinstance(value, Mapping)``, a class found not to be one remembered (see ``_NOT_MAPPINGS``)."""
+    token = get_cache_token()
+    if isinstance(value, Mapping):
+        return True
+    if value.__class__ is cls:
+        if len(_NOT_MAPPINGS) >= 64:
+            _NOT_MAPPINGS.clear()  # classes of one process: a bound, not a cache policy
+        _NOT_MAPPINGS[cls] = token
+    return False
+
+
 def usage_attributes(usage: Any) -> dict[str, Any]:
     """Token counts of a response's ``usage`` (OpenAI shape, object or dict), where present."""
     attrs: dict[str, Any] = {}
     if usage is None:
         return attrs
-    if type(usage) is dict or isinstance(usage, Mapping):
+    cls = type(usage)
+    if cls is dict or (not (_NOT_MAPPINGS.get(cls) == get_cache_token() and usage.__class__ is cls)
+                       and _is_mapping(usage, cls)):
         get = usage.get
         prompt, completion = get("prompt_tokens"), get("completion_tokens")
         prompt_details, completion_details = get("prompt_tokens_details"), get("completion_tokens_details")

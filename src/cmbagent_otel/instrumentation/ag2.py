@@ -629,11 +629,12 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         if text is not None:
             attrs = {**attrs, semconv.GEN_AI_INPUT_MESSAGES: text}
     span_name = static.span_name
-    scope = ctx.get(_SCOPE_KEY)
+    scope = known = ctx.get(_SCOPE_KEY)  # known: start() need not read it again
     if type(scope) is not Scope:
-        scope = current_scope(ctx)  # not ours (None) or a subclass: the general path
+        scope, known = current_scope(ctx), None  # not ours (None) or a subclass: the general path
     elif scope.cursor is not None:
         scope = current_scope(ctx)  # an anchor: the work belongs to its open frame
+        known = None
     if static.is_manager:
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
@@ -655,7 +656,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True,
                                                            parent=scope.dag_node)
-    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx)
+    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx,
+                   False, None, known)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
         children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
