@@ -16,24 +16,16 @@ import contextlib
 import json
 import secrets
 from pathlib import Path
-from typing import Any
 
 import pytest
-from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
-from cmbagent_otel.testing import ScriptedModelClient
 
-from .conftest import group_chat, needs_custom_client
-from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
+from .conftest import needs_custom_client
+from .test_encoded_secrets import _room_for_encoded_forms, run_with_encoded_keys  # noqa: F401 (autouse fixture)
+from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-
-@pytest.fixture(autouse=True)
-def _room_for_encoded_forms(isolated_secrets: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first 32 registered secrets get encoded forms: earlier tests of the session used them up."""
-    monkeypatch.setattr(redaction, "_encoded_count", 0)
 
 
 def encodings(key: str) -> dict[str, str]:
@@ -73,44 +65,13 @@ def test_ordinary_base32_is_kept() -> None:
         assert redaction.redact(text) == text
 
 
-class KeyEchoed(Exception):
-    pass
-
-
 @needs_custom_client
 def test_base32_llm_config_and_environment_keys_never_reach_telemetry(
         sink: Sink, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         tmp_path: Path) -> None:
-    config_key = f"MARKER{secrets.token_hex(16)}"  # an Azure-like key: no shape, only registration
-    env_key = f"TOKEN{secrets.token_urlsafe(24)}"
-    monkeypatch.setenv("MY_SERVICE_TOKEN", env_key)
-    found = {f"{which} {name}": value for which, key in (("config", config_key), ("env", env_key))
-             for name, value in encodings(key).items()}
-    quoted = "; ".join(f"{name}={value}" for name, value in found.items())
-
-    class Echoing(ScriptedModelClient):
-        def create(self, params: dict[str, Any]) -> Any:
-            raise KeyEchoed(f"upstream could not read the request ({quoted})")
-
-    instrument(sink)  # content capture on
-    assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Echoing", "api_key": config_key}], "cache_seed": None},
-        human_input_mode="NEVER")
-    assistant.register_model_client(Echoing)
-    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
-    with pytest.raises(KeyEchoed) as info:
-        user.initiate_chat(assistant, message=f"encoded: {quoted}", max_turns=1, silent=True)
-    assert found["config alone"] in str(info.value)  # the application's exception is its own
-
-    script = [
-        {"tool_calls": [{"id": "call_b32_1", "name": "peak_position", "arguments": {"multipole": 2}}]},
-        f"```python\nimport base64\nprint(base64.b32encode({config_key!r}.encode()).decode())\n```",
-    ]
-
-    def tool(multipole: int) -> str:
-        return f"peak {multipole} " + base64.b32encode(f"svc:{env_key}".encode()).decode()
-
-    group_chat(tmp_path / "chat", message="go", engineer_script=script, tool=tool)
+    config_key, env_key = run_with_encoded_keys(
+        sink, caplog, monkeypatch, tmp_path, encodings, "alone",
+        lambda text: base64.b32encode(text.encode()).decode(), ("base64.b32encode({}.encode()).decode()",) * 2)
     markers = [base64.b32encode(key.encode()).decode()[:-8] for key in (config_key, env_key)]
     markers += [base64.b32encode(b"svc:" + env_key.encode()).decode()[8:-8]]
     assert_clean(sink, caplog, *markers)

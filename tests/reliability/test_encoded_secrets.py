@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,15 @@ class KeyEchoed(Exception):
     pass
 
 
-@needs_custom_client
-def test_encoded_llm_config_and_environment_keys_never_reach_telemetry(
-        sink: Sink, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        tmp_path: Path) -> None:
+def run_with_encoded_keys(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
+                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                          encodings: Callable[[str], dict[str, str]], echoed: str,
+                          encode: Callable[[str], str], encoders: tuple[str, str]) -> tuple[str, str]:
+    """A run whose llm_config key and secret-named environment key appear ``encodings``-encoded
+    in the model client's exception, the user's message, code output (``encoders``: Python
+    expressions of the config key and the environment key, ``{}`` standing for each) and a
+    tool's result (``encode``). Returns the two keys for the caller's ``assert_clean``.
+    ``echoed``: the encoding checked to reach the application unchanged."""
     config_key = f"MARKER{secrets.token_hex(16)}"  # an Azure-like key: no shape, only registration
     env_key = f"TOKEN{secrets.token_urlsafe(24)}"
     monkeypatch.setenv("MY_SERVICE_TOKEN", env_key)
@@ -119,17 +125,28 @@ def test_encoded_llm_config_and_environment_keys_never_reach_telemetry(
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     with pytest.raises(KeyEchoed) as info:
         user.initiate_chat(assistant, message=f"encoded: {quoted}", max_turns=1, silent=True)
-    assert found["config hex"] in str(info.value)  # the application's exception is its own
+    assert found[f"config {echoed}"] in str(info.value)  # the application's exception is its own
 
-    # code that prints the key encoded, and a tool returning it
+    # code that prints the keys encoded, and a tool returning one
     script = [
         {"tool_calls": [{"id": "call_enc_1", "name": "peak_position", "arguments": {"multipole": 2}}]},
-        f"```python\nimport base64\nprint(base64.b64encode({config_key!r}.encode()).decode(), "
-        f"{env_key!r}.encode().hex())\n```",
+        f"```python\nimport base64\nprint({encoders[0].format(repr(config_key))}, "
+        f"{encoders[1].format(repr(env_key))})\n```",
     ]
 
     def tool(multipole: int) -> str:
-        return f"peak {multipole} " + base64.b64encode(f"svc:{env_key}".encode()).decode()
+        return f"peak {multipole} " + encode(f"svc:{env_key}")
 
     group_chat(tmp_path / "chat", message="go", engineer_script=script, tool=tool)
+    return config_key, env_key
+
+
+@needs_custom_client
+def test_encoded_llm_config_and_environment_keys_never_reach_telemetry(
+        sink: Sink, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        tmp_path: Path) -> None:
+    config_key, env_key = run_with_encoded_keys(
+        sink, caplog, monkeypatch, tmp_path, encodings, "hex",
+        lambda text: base64.b64encode(text.encode()).decode(),
+        ("base64.b64encode({}.encode()).decode()", "{}.encode().hex()"))
     assert_clean(sink, caplog, *markers(config_key), *markers(env_key))

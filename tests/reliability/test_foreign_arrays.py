@@ -10,7 +10,7 @@ OTLP/HTTP to ``cmbagent-otel ingest``.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Span
 from sqlalchemy import create_engine, text
 
 import cmbagent_otel as c
@@ -43,13 +44,11 @@ def _rows(url: str) -> Iterator[str]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("which", ["shaped", "registered"])
-def test_a_secret_split_across_array_items_of_a_foreign_span_is_not_stored(tmp_path: Path, which: str) -> None:
-    secret = _marker(which == "shaped")
-    if which == "registered":
-        redaction.register_secret(secret)
-    cut = len(secret) // 2
-    first, second = secret[:cut], secret[cut:]
+def rows_of_a_foreign_span(tmp_path: Path, workflow: str, phase_attributes: dict[str, Any],
+                           fill: Callable[[Span], None]) -> list[str]:
+    """Every row, as text, of two SQLite databases after one run in which another
+    instrumentation's span (``fill`` sets its attributes) sits under a step: one database written
+    by the DAG exporter, the other by ``cmbagent-otel ingest`` from the same spans over OTLP/HTTP."""
     local, ingested = f"sqlite:///{tmp_path / 'local.db'}", f"sqlite:///{tmp_path / 'ingest.db'}"
     with IngestServer(ingested, host="127.0.0.1", port=0, grpc_port=0) as server:
         provider = TracerProvider()
@@ -60,15 +59,27 @@ def test_a_secret_split_across_array_items_of_a_foreign_span_is_not_stored(tmp_p
         c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
         try:
             tracer = provider.get_tracer("other.instrumentation")
-            with c.workflow("foreign arrays"), c.phase("control"), c.step(1, "call", agent="engineer"), \
-                    tracer.start_as_current_span("llm") as span:
-                span.set_attribute("llm.output_chunks", (f"my key is {first}", f"{second} - keep it", "done"))
+            with c.workflow(workflow), c.phase("control", attributes=phase_attributes), \
+                    c.step(1, "call", agent="engineer"), tracer.start_as_current_span("client call") as span:
+                fill(span)
         finally:
             c.uninstrument()
             provider.force_flush()
             provider.shutdown()
         assert dag.stats()["exported"] > 0
-    stored: list[Any] = list(_rows(local)) + list(_rows(ingested))
+    return list(_rows(local)) + list(_rows(ingested))
+
+
+@pytest.mark.parametrize("which", ["shaped", "registered"])
+def test_a_secret_split_across_array_items_of_a_foreign_span_is_not_stored(tmp_path: Path, which: str) -> None:
+    secret = _marker(which == "shaped")
+    if which == "registered":
+        redaction.register_secret(secret)
+    cut = len(secret) // 2
+    first, second = secret[:cut], secret[cut:]
+    stored = rows_of_a_foreign_span(
+        tmp_path, "foreign arrays", {},
+        lambda span: span.set_attribute("llm.output_chunks", (f"my key is {first}", f"{second} - keep it", "done")))
     assert any("keep it" in row for row in stored)  # the foreign span and its array are stored
     leaks = [row[:60] for row in stored if first in row or second in row]
     assert not leaks, leaks
