@@ -139,8 +139,10 @@ def _no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The secrets registered by a test are forgotten after it (a comma secret switches the
-    shortcut off for the whole process)."""
-    for name in ("_known", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms"):
+    """The secrets registered or learned by a test are forgotten after it (a comma secret
+    switches the shortcut off for the whole process; a learned piece of a key changes how later
+    texts are redacted)."""
+    for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms",
+                 "_learned_forms", "_learned_forms_pattern"):
         value = getattr(redaction, name)
         monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)
