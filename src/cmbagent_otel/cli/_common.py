@@ -110,10 +110,11 @@ def reading(db: str | None) -> Iterator[Any]:
 
 
 def fmt_ms(ms: Any) -> str:
-    """``850ms`` / ``2.04s``; ``-`` when unknown."""
-    if ms is None:
+    """``850ms`` / ``2.04s``; ``-`` when unknown (or not a number)."""
+    try:
+        ms = float(ms)
+    except (TypeError, ValueError):  # None, or another writer's text in an INTEGER column
         return "-"
-    ms = float(ms)
     return f"{ms:.0f}ms" if ms < 1000 else f"{ms / 1000:.2f}s"
 
 

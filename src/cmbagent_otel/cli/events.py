@@ -36,12 +36,23 @@ def run(args: argparse.Namespace) -> int:
     for col in ("order", "event", "agent", "node", "status", "duration", "tokens", "name", "error"):
         table.add_column(col)
     for r in records:
-        table.add_row(str(r["order"]), "  " * (r["depth"] or 0) + markup(f"{r['type']}/{r['subtype']}"),
+        table.add_row(str(r["order"]), _indent(r["depth"]) + markup(f"{r['type']}/{r['subtype']}"),
                       markup(r["agent"] or "-"), markup(r["node"] or "-"), styled_status(r["status"]),
                       fmt_ms(r["duration_ms"]), str(r["tokens"]) if r["tokens"] is not None else "-",
                       markup(r["name"] or "-"), markup(_short(r["error"])))
     console().print(table)
     return 0
+
+
+def _indent(depth: object) -> str:
+    # another writer's depth may be text, a float or 2**62 (a multiplication error, or a string
+    # too long to build): indent only by a whole number, at most as deep as a screen shows
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        return ""
+    return "  " * min(max(depth, 0), _MAX_INDENT)
+
+
+_MAX_INDENT = 40
 
 
 def _short(text: str | None, limit: int = 80) -> str:

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no runs in {where}" + (f" ({hidden} empty branch runs hidden, --all shows them)"
                                                 if hidden else ""))
     if args.format == "json":
-        print(json.dumps(records, indent=2))
+        print(json.dumps(records, indent=2, default=str))  # another writer's bytes in a text column
         return 0
     table = Table(title=f"cmbagent runs in {markup(where)}")
     for col in ("id", "mode", "status", "started", "duration", "nodes", "events", "cost"):

@@ -98,6 +98,18 @@ def _raw(column: Any) -> Any:
     return type_coerce(column, String).label(column.name)
 
 
+def _select_runs() -> Any:
+    # every column, the JSON one read as stored: another writer's invalid JSON in `meta` made the
+    # run unreadable (the driver's json.loads raised while the row was fetched)
+    return select(*(_raw(c) if c.name == "meta" else c for c in RUNS.c))
+
+
+def _run_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    run = dict(row)
+    run["meta"] = decode(run["meta"])
+    return run
+
+
 def _read_only(uri: str) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False)
     # SQLite stores whatever bytes another writer gave it: one row that is not UTF-8 must not
@@ -180,6 +192,10 @@ class DagReader:
             return list(self.conn.execute(statement).mappings())
         except SQLAlchemyError as exc:
             raise ReadError(f"cannot read {self.where}: {getattr(exc, 'orig', None) or exc}") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            # SQLite keeps any value in any column: another writer's `not a date` in a DATETIME
+            # column fails the driver's conversion while rows are fetched (it was a traceback)
+            raise ReadError(f"cannot read {self.where}: a stored value has the wrong type: {exc}") from None
 
     # --- schema revision --------------------------------------------------------------------
     @staticmethod
@@ -235,20 +251,20 @@ class DagReader:
     def run(self, ref: str) -> dict[str, Any]:
         """The run row for ``ref``: a full id, a unique id prefix, or ``latest`` (newest non-branch run)."""
         if ref == "latest":
-            rows = self._rows(select(RUNS).where(RUNS.c.is_branch.is_(False)).order_by(
+            rows = self._rows(_select_runs().where(RUNS.c.is_branch.is_(False)).order_by(
                 RUNS.c.started_at.desc().nulls_last(), RUNS.c.id).limit(1))
             if not rows:
                 raise NothingThere(f"no runs in {self.where}")
-            return dict(rows[0])
-        rows = self._rows(select(RUNS).where(RUNS.c.id == ref))
+            return _run_row(rows[0])
+        rows = self._rows(_select_runs().where(RUNS.c.id == ref))
         if rows:
-            return dict(rows[0])
-        matches = self._rows(select(RUNS).where(RUNS.c.id.startswith(ref, autoescape=True)).limit(3))
+            return _run_row(rows[0])
+        matches = self._rows(_select_runs().where(RUNS.c.id.startswith(ref, autoescape=True)).limit(3))
         if not matches:
             raise NotFound(f"unknown run {ref!r} in {self.where}")
         if len(matches) > 1:
             raise NotFound(f"run prefix {ref!r} is ambiguous: {', '.join(m['id'] for m in matches)}...")
-        return dict(matches[0])
+        return _run_row(matches[0])
 
     # --- a run's DAG ------------------------------------------------------------------------
     def _nodes(self, run_id: str) -> list[dict[str, Any]]:
