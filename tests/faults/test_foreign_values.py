@@ -18,13 +18,8 @@ from typing import Any
 
 import pytest
 
-from cmbagent_otel import phase, step, workflow
 from cmbagent_otel.cli import main
-from cmbagent_otel.dag.writer import DagWriter
-
-COMMANDS = [["runs"], ["runs", "--format", "json"], ["dag", "latest"], ["dag", "latest", "--format", "json"],
-            ["dag", "latest", "--format", "mermaid"], ["dag", "latest", "--format", "dot"], ["events", "latest"],
-            ["events", "latest", "--format", "json"]]
+from tests.cli.test_rows_from_other_writers import COMMANDS, db  # noqa: F401 (db: fixture)
 
 # (table, column, value): values another writer may leave that the reader can show
 SHOWN = [
@@ -38,22 +33,7 @@ SHOWN = [
 ]
 
 
-@pytest.fixture
-def db(tmp_path: Path, provider: Any) -> Path:
-    path = tmp_path / "cmbagent.db"
-    tracer = provider.get_tracer("other.instrumentation")
-    with workflow("fit the spectrum", mode="one-shot"), phase("control"), step(1, "fit", agent="engineer"), \
-            tracer.start_as_current_span("child"):
-        pass
-    writer = DagWriter(f"sqlite:///{path}")
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
-    return path
-
-
-def _store(db: Path, table: str, column: str, value: Any) -> None:
+def _store(db: Path, table: str, column: str, value: Any) -> None:  # noqa: F811
     conn = sqlite3.connect(db)
     with conn:
         assert conn.execute(f"UPDATE {table} SET {column} = ?", (value,)).rowcount > 0
@@ -62,7 +42,7 @@ def _store(db: Path, table: str, column: str, value: Any) -> None:
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 @pytest.mark.parametrize(("table", "column", "value"), SHOWN, ids=lambda v: repr(v)[:16])
-def test_wrong_typed_values_of_other_writers_are_shown(db: Path, table: str, column: str, value: Any,
+def test_wrong_typed_values_of_other_writers_are_shown(db: Path, table: str, column: str, value: Any,  # noqa: F811
                                                        command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     _store(db, table, column, value)
     assert main(["--db", f"sqlite:///{db}", *command]) == 0
@@ -71,7 +51,7 @@ def test_wrong_typed_values_of_other_writers_are_shown(db: Path, table: str, col
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 @pytest.mark.parametrize("column", ["started_at", "completed_at"])
-def test_a_timestamp_that_is_no_date_is_one_line_and_exit_2(db: Path, column: str, command: list[str],
+def test_a_timestamp_that_is_no_date_is_one_line_and_exit_2(db: Path, column: str, command: list[str],  # noqa: F811
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     _store(db, "workflow_runs", column, "not a date")
     assert main(["--db", f"sqlite:///{db}", *command]) == 2
