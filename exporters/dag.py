@@ -157,6 +157,8 @@ class DagSpanExporter(SpanExporter):
     def _get_writer(self) -> DagWriter:
         with self._stats_lock:  # warm_up() (application thread) and export() may both create it
             if self._writer is None:
+                if self._closed.is_set():  # shutdown() has closed the last one: none is opened after it
+                    raise DatabaseUnavailable("the exporter is shut down")
                 self._writer = DagWriter(self._url, migrate=self._migrate)
             return self._writer
 
@@ -205,11 +207,14 @@ class DagSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """Write ``spans`` (or spill them durably); SUCCESS or FAILURE, never an exception."""
         try:
-            if self._closed.is_set():
-                kept = self._keep(spans, "the exporter is shut down") if spans else 0
-                return SpanExportResult.SUCCESS if kept == _finished(spans) else SpanExportResult.FAILURE
-            with self._lock:
-                return self._export(spans)
+            if not self._closed.is_set():
+                with self._lock:
+                    # checked again: shutdown() may have run while this export waited for the
+                    # lock, and closed the writer it found; one opened now would never be closed
+                    if not self._closed.is_set():
+                        return self._export(spans)
+            kept = self._keep(spans, "the exporter is shut down") if spans else 0
+            return SpanExportResult.SUCCESS if kept == _finished(spans) else SpanExportResult.FAILURE
         except Exception:  # a bug of ours, or not a sequence of spans: never the caller's thread
             logger.exception("cmbagent_otel: DAG export failed unexpectedly")
             self._dropped(_finished(spans), "unexpected error (logged above)")
