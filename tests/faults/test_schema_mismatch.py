@@ -48,6 +48,12 @@ def foreign_tables(db: Path) -> None:
         conn.execute("CREATE TABLE dag_nodes (id INTEGER PRIMARY KEY, shape)")
 
 
+def foreign_runs(db: Path) -> None:
+    """Another application's ``workflow_runs`` (only an id): no migration step fails on it."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE workflow_runs (id TEXT PRIMARY KEY)")
+
+
 def move_away(db: Path) -> None:
     """The operator moves the other application's database away: ours is created anew."""
     for path in db.parent.glob(db.name + "*"):
@@ -57,7 +63,8 @@ def move_away(db: Path) -> None:
 @pytest.mark.parametrize(("damage", "repair", "says"), [
     (newer_revision, back_to_head, "Can't locate revision identified by '0099_from_a_later_version'"),
     (foreign_tables, move_away, "cannot migrate the schema"),
-], ids=["newer-revision", "foreign-tables"])
+    (foreign_runs, move_away, "table workflow_runs lacks agent, branch_depth"),
+], ids=["newer-revision", "foreign-tables", "foreign-runs"])
 def test_spans_are_spilled_then_replayed_once_the_schema_is_fixed(tmp_path, capture, caplog, damage, repair, says):
     spans = run_spans(capture)
     db = tmp_path / "cmbagent.db"
@@ -85,3 +92,13 @@ def test_db_upgrade_of_a_newer_schema_is_one_line_and_exit_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "cmbagent-otel: error: Can't locate revision identified by '0099_from_a_later_version' "
         f"(this cmbagent-otel knows up to {', '.join(head_revisions())})"]
+
+
+def test_db_upgrade_of_a_foreign_runs_table_is_one_line_and_exit_2(tmp_path):
+    """It stamped head and exited 0, and every export then failed (``no column named session_id``)."""
+    db = tmp_path / "cmbagent.db"
+    foreign_runs(db)
+    done = cli("--db", f"sqlite:///{db}", "db", "upgrade")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "table workflow_runs lacks agent, branch_depth" in lines[0], lines

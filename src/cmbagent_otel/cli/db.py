@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         current = DagReader.revision(args.db)
         print(f"{database.redacted(database.resolve_url(args.db))}: "
               f"{current or '<none>'} (head: {', '.join(database.head_revisions())})")
-    except (database.BadDatabaseURL, ReadError) as exc:
+    except (database.BadDatabaseURL, database.ForeignTables, ReadError) as exc:
         raise CLIError(str(exc)) from None
     except SQLAlchemyError as exc:
         raise CLIError(f"database error: {getattr(exc, 'orig', None) or exc}") from None

@@ -329,6 +329,37 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     cfg = alembic_config(url)
     with _migration_lock(cfg.attributes["url"]):
         command.upgrade(cfg, revision)
+    if revision == "head":
+        _check_columns(cfg.attributes["url"])
+
+
+class ForeignTables(RuntimeError):
+    """A table of our schema's names lacks columns the writer fills: it belongs to another
+    application (the migration keeps every table it finds, cmbagent's own included)."""
+
+
+def _check_columns(url: str) -> None:
+    """Raise :class:`ForeignTables` when a table the exporter writes lacks a column of the
+    schema: the migration stamped head, but every write would fail (``no column named ...``).
+    cmbagent's other tables are left as found (the exporter never writes them)."""
+    from sqlalchemy import inspect
+
+    from .schema import TRACKING_TABLES, metadata
+
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        existing = set(inspector.get_table_names())
+        lacking = {name: sorted(set(table.columns.keys()) - {c["name"] for c in inspector.get_columns(name)})
+                   for name, table in metadata.tables.items() if name in existing and name in TRACKING_TABLES}
+    finally:
+        engine.dispose()
+    lacking = {name: columns for name, columns in lacking.items() if columns}
+    if lacking:
+        raise ForeignTables(
+            f"{redacted(url)}: " + "; ".join(f"table {name} lacks {', '.join(columns)}"
+                                            for name, columns in sorted(lacking.items()))
+            + " (another application's tables of the same names?): cmbagent-otel cannot write there")
 
 
 def create_if_empty(url: str | None = None) -> bool:
