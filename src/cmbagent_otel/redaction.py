@@ -261,16 +261,21 @@ class _Patterns:
         spans = [m.span() for pattern in self.patterns for m in pattern.finditer(text)]
         if not spans:
             return text
-        spans.sort()
-        out, last, (start, end) = [], 0, spans[0]
-        for s, e in spans[1:]:
-            if s < end:
-                end = max(end, e)
-                continue
-            out += (text[last:start], repl)
-            last, start, end = end, s, e
-        out += (text[last:start], repl, text[end:])
-        return "".join(out)
+        return _replaced(text, spans, repl)
+
+
+def _replaced(text: str, spans: list[tuple[int, int]], repl: str) -> str:
+    """``text`` with each of ``spans`` (not empty; overlapping ones merged) replaced by ``repl``."""
+    spans.sort()
+    out, last, (start, end) = [], 0, spans[0]
+    for s, e in spans[1:]:
+        if s < end:
+            end = max(end, e)
+            continue
+        out += (text[last:start], repl)
+        last, start, end = end, s, e
+    out += (text[last:start], repl, text[end:])
+    return "".join(out)
 
 
 _CHUNK = 128
@@ -737,16 +742,7 @@ def _with_overlapping_shapes(known: re.Pattern[str] | _Patterns, text: str, repl
     secrets = [m.span() for pattern in patterns for m in pattern.finditer(text)]
     if not any(s < b and a < e for a, b in found for s, e in secrets):
         return replaced  # side by side: replaced one after the other, as before
-    spans = sorted(secrets + found)
-    out, last, (start, end) = [], 0, spans[0]
-    for s, e in spans[1:]:
-        if s < end:
-            end = max(end, e)
-            continue
-        out += (text[last:start], REDACTED)
-        last, start, end = end, s, e
-    out += (text[last:start], REDACTED, text[end:])
-    return "".join(out)
+    return _replaced(text, secrets + found, REDACTED)
 
 
 def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | None, text: str) -> str:
