@@ -269,8 +269,7 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
 
 def _set_node(attrs: dict[str, Any], node: NodeSpec, node_id: str, depth: int, parent: str | None,
               order: int | None) -> None:
-    """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs`` (start() has a
-    written-out copy: keep the two alike)."""
+    """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs``."""
     attrs[semconv.DAG_NODE] = node_id
     attrs[semconv.DAG_NODE_TYPE] = node.node_type
     attrs[semconv.DAG_DEPTH] = depth
@@ -650,14 +649,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs[semconv.EVENT_DEPTH] = scope.event_depth
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
-            else:  # _set_node written out: every agent turn under a node, one call less each
-                attrs[semconv.DAG_NODE] = node_id
-                attrs[semconv.DAG_NODE_TYPE] = node.node_type
-                attrs[semconv.DAG_DEPTH] = depth
-                if dag_node is not None:
-                    attrs[semconv.DAG_PARENT_NODE] = dag_node
-                if order is not None:
-                    attrs[semconv.DAG_ORDER_INDEX] = order
+            else:
+                _set_node(attrs, node, node_id, depth, dag_node, order)
                 new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet
