@@ -62,10 +62,9 @@ def _reason(groupchat: Any) -> str:
 
 
 class Selection:
-    """One speaker selection in progress: where it happens and what it would record (built by :func:`_begin`,
-    or by :func:`_current_selection` from the sync wrapper's locals when the selection asks the model)."""
+    """One speaker selection in progress: where it happens and what it would record (built by :func:`_begin`)."""
 
-    __slots__ = ("facts", "from_name", "groupchat", "marks", "promoted", "scope", "span")
+    __slots__ = ("facts", "from_name", "groupchat", "promoted", "scope", "span")
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -76,71 +75,66 @@ class Selection:
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
-        if not self.promoted:
-            _handoff(state, self.scope, self.span, self.from_name, self.facts, result, exc)
-
-
-def _handoff(state: Any, scope: Scope | None, span: Any, from_name: str, facts: tuple[Any, ...], result: Any,
-             exc: BaseException | None) -> None:
-    """Record a selection's outcome (``result`` or ``exc``) on ``span``, the enclosing span, whose children's
-    scope is ``scope``: a handoff event, or a span once its events are full. Never raises."""
-    try:
-        room = None
-        if scope is not None:
-            room = scope.handoffs
-            if room is None:
-                room = _event_room(span)
-        if room and exc is None and result is not None:
-            # nearly every selection: the event's attributes as one literal, in the order the general
-            # path below builds them (one dict of the right size, no insert growing it)
-            entry = state.agents.get(id(result))  # cached_name written out
-            to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
-            scope.handoffs = room - 1  # type: ignore[union-attr]
-            run = scope.run  # type: ignore[union-attr]
-            span.add_event(EVENT_NAME, {
-                semconv.HANDOFF_FROM: from_name, semconv.HANDOFF_REASON: facts[2],
-                semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
-                semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
-                semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
-                semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
+        if self.promoted:
             return
-        attrs = {semconv.HANDOFF_FROM: from_name, semconv.HANDOFF_REASON: facts[2],
-                 semconv.HANDOFF_CANDIDATES: facts[3]}
-        if result is not None:
-            entry = state.agents.get(id(result))  # cached_name written out
-            attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
-                else agent_name(result)
-        if exc is not None:
-            if ends_chat(exc, state.no_speaker_cls):
-                attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
+        try:
+            facts = self.facts
+            scope = self.scope
+            room = None
+            if scope is not None:
+                room = scope.handoffs
+                if room is None:
+                    room = _event_room(self.span)
+            if room and exc is None and result is not None:
+                # nearly every selection: the event's attributes as one literal, in the order the general
+                # path below builds them (one dict of the right size, no insert growing it)
+                entry = state.agents.get(id(result))  # cached_name written out
+                to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
+                scope.handoffs = room - 1  # type: ignore[union-attr]
+                run = scope.run  # type: ignore[union-attr]
+                self.span.add_event(EVENT_NAME, {
+                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
+                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
+                    semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
+                    semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
+                return
+            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
+                     semconv.HANDOFF_CANDIDATES: facts[3]}
+            if result is not None:
+                entry = state.agents.get(id(result))  # cached_name written out
+                attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
+                    else agent_name(result)
+            if exc is not None:
+                if ends_chat(exc, state.no_speaker_cls):
+                    attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
+                else:
+                    attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
+                    attrs["exception.message"] = safe_text(exception_text(exc)) or ""
+            if room:
+                scope.handoffs = room - 1  # type: ignore[union-attr]
+                attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
+                run = scope.run  # type: ignore[union-attr]
+                attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
+                attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
+                self.span.add_event(EVENT_NAME, attrs)
             else:
-                attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
-                attrs["exception.message"] = safe_text(exception_text(exc)) or ""
-        if room:
-            scope.handoffs = room - 1  # type: ignore[union-attr]
-            attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
-            run = scope.run  # type: ignore[union-attr]
-            attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
-            attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
-            span.add_event(EVENT_NAME, attrs)
-        else:
-            _as_span(state, scope, span, from_name, exc, attrs)
-    except Exception:
-        logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
+                self._as_span(state, exc, attrs)
+        except Exception:
+            logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
 
-
-def _as_span(state: Any, scope: Scope | None, parent: Any, from_name: str, exc: BaseException | None,
-             outcome: dict[str, Any]) -> None:
-    """A zero-length ``select_speaker`` span under the enclosing span ``parent`` (its events are full)."""
-    attrs, _ = compose(scope, semconv.KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
-    attrs.pop("exception.message", None)
-    span = state.tracer.start_span(f"select_speaker {from_name}", context=trace.set_span_in_context(parent),
-                                   kind=SpanKind.INTERNAL, attributes=attrs)
-    try:
-        if exc is not None and semconv.ERROR_TYPE in attrs:
-            record_exception(span, exc)
-    finally:
-        span.end()
+    def _as_span(self, state: Any, exc: BaseException | None, outcome: dict[str, Any]) -> None:
+        """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
+        attrs, _ = compose(self.scope, semconv.KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
+        attrs.pop("exception.message", None)
+        span = state.tracer.start_span(f"select_speaker {self.from_name}",
+                                       context=trace.set_span_in_context(self.span), kind=SpanKind.INTERNAL,
+                                       attributes=attrs)
+        try:
+            if exc is not None and semconv.ERROR_TYPE in attrs:
+                record_exception(span, exc)
+        finally:
+            span.end()
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
@@ -204,7 +198,6 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         selection.scope = scope  # the scope of the enclosing span's children
         selection.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         selection.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        selection.marks = None
         last = kwargs.get("last_speaker", args[0] if args else None)
         if last is None:
             selection.from_name = "none"
@@ -240,11 +233,10 @@ def selection_sync(state: Any) -> Callable[..., Any]:
         def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not state.active:
                 return original(self, *args, **kwargs)
-            # no contextvar set and reset around the call (~1,500 instructions per selection) and no Selection
-            # object: the selection's facts are this frame's locals (scope, span, from_name, facts), which
-            # _current_selection reads when the selection asks the model; `promoted` tells it did.
+            # no contextvar set and reset around the call (~1,500 instructions per selection): a selection
+            # that asks the model finds this frame's `selection` on the stack (_current_selection).
             # _begin written out (keep the two alike): every selection, one call less each
-            facts = None
+            selection = None
             try:
                 ctx = get_current()
                 # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
@@ -262,34 +254,36 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                                 scope, span = frame.scope, frame.span
                     if span is not None and (span._end_time is None if type(span) is END_TIME_SPAN
                                              else span.is_recording()):
+                        selection = Selection()
+                        selection.groupchat = self
+                        selection.scope = scope
+                        selection.span = span
+                        selection.promoted = False
                         last = kwargs.get("last_speaker", args[0] if args else None)
                         if last is None:
-                            from_name = "none"
+                            selection.from_name = "none"
                         else:
                             entry = state.agents.get(id(last))
-                            from_name = entry[1].name if entry is not None and entry[0]() is last \
+                            selection.from_name = entry[1].name if entry is not None and entry[0]() is last \
                                 else agent_name(last)
                         method = getattr(self, "speaker_selection_method", None)
                         agents = getattr(self, "agents", None) or ()
-                        found = state.candidates.get(id(self))
-                        if found is None or found[0]() is not self \
-                                or found[1] != (id(method), id(agents), len(agents)):
-                            found = _group_facts(state, self, method, agents)
-                        promoted: list[bool] = []  # _promote appends to it: the selection became a span
-                        facts = found  # set last: facts not None means every local above is set
+                        facts = state.candidates.get(id(self))
+                        if facts is None or facts[0]() is not self \
+                                or facts[1] != (id(method), id(agents), len(agents)):
+                            facts = _group_facts(state, self, method, agents)
+                        selection.facts = facts
             except Exception:
                 logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
-                facts = None
-            if facts is None:
+                selection = None
+            if selection is None:
                 return original(self, *args, **kwargs)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException as exc:
-                if not promoted:
-                    _handoff(state, scope, span, from_name, facts, None, exc)
+                selection.ended(state, None, exc)
                 raise
-            if not promoted:
-                _handoff(state, scope, span, from_name, facts, result, None)
+            selection.ended(state, result, None)
             return result
 
         _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method
@@ -344,36 +338,20 @@ _SELECTION_DEPTH = 32  # frames searched above a model-asking selection for the 
 
 
 def _current_selection() -> Selection | None:
-    """The innermost selection in progress on this call stack: the one selection_sync's wrapper
-    follows, from its locals (it calls AG2's selection, which calls ``_auto_select_speaker`` on
-    this thread, the frames in between AG2's), else the async wrapper's (its contextvar)."""
+    """The innermost selection in progress on this call stack: the ``selection`` local of
+    selection_sync's wrapper (it calls AG2's selection, which calls ``_auto_select_speaker``
+    on this thread, the frames in between AG2's), else the async wrapper's (its contextvar)."""
     frame = sys._getframe(1)
     for _ in range(_SELECTION_DEPTH):
         if frame is None:
             break
         code = frame.f_code
         if code in _SYNC_SELECTION_CODES:
-            return _sync_selection(frame.f_locals)
+            return frame.f_locals.get("selection")  # type: ignore[no-any-return]
         if code in _ASYNC_SELECTION_CODES:
             break  # an async selection nearer: its contextvar
         frame = frame.f_back
     return _selection.get()
-
-
-def _sync_selection(names: Any) -> Selection | None:
-    """The selection selection_sync's wrapper follows, from its frame's locals (``None``: it follows none)."""
-    facts = names.get("facts")
-    if facts is None:
-        return None
-    selection = Selection()
-    selection.groupchat = names["self"]
-    selection.scope = names["scope"]
-    selection.span = names["span"]
-    selection.from_name = names["from_name"]
-    selection.facts = facts
-    selection.promoted = False
-    selection.marks = names["promoted"]  # the wrapper's: it records no event once this is promoted
-    return selection
 
 
 def _promote(state: Any, instance: Any) -> _SelectionSpan | None:
@@ -381,8 +359,6 @@ def _promote(state: Any, instance: Any) -> _SelectionSpan | None:
     if selection is None or selection.groupchat is not instance:
         return None  # not inside a selection we follow (unsampled, suppressed, called directly)
     selection.promoted = True
-    if selection.marks is not None:
-        selection.marks.append(True)
     return _SelectionSpan(selection, state)
 
 
