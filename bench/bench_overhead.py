@@ -14,6 +14,7 @@ median (with its interquartile range) of the same difference taken per round.
     python bench/bench_overhead.py                 # table, ratios, sampler-off and own-code figures
     python bench/bench_overhead.py --reps 100 --cycles 10
     python bench/bench_overhead.py --profile ours  # cProfile: where ours' time goes, SDK apart
+    python bench/bench_overhead.py --bytecodes     # exact bytecodes per span: own code, ours' functions
 
 Targets (issue 13): ours / AG2 built-in <= 0.95 and ours / OpenInference <= 0.55 (added CPU per
 LLM call, default settings of each); ours with the sampler off <= 30 us per LLM call; our own
@@ -467,6 +468,84 @@ def profile(variant: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _opcode_counter(counts: Any) -> Callable[..., Any]:
+    """A ``sys.settrace`` function adding each opcode a frame runs to ``counts[its code object]``."""
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        code = frame.f_code
+
+        def opcode(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[code] += 1
+            return opcode
+
+        return opcode
+
+    return trace
+
+
+def bytecodes(args: argparse.Namespace) -> int:
+    """Bytecodes each chat runs, counted by ``sys.settrace`` opcode events, for the baseline, ours and
+    the SDK floor in one process: unlike instructions (callgrind's counts of two builds, or of two
+    rounds, differ by ~0.2 % of a chat, ~3k instructions per span) they repeat exactly, so a change to
+    our code shows as its own count. Own code = (ours - sdk_floor) / ours' spans, every Python
+    function counted (the SDK's included); then ours' own functions per span (its test model client
+    aside), the largest first."""
+    import collections
+    import types
+
+    import _workload
+
+    bench = Bench()
+    counted: dict[str, collections.Counter[types.CodeType]] = {}
+    spans = 0
+    out = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        bench.learn_shape(args.cycles)
+        for variant in ("baseline", "ours", "sdk_floor"):
+            counts: collections.Counter[types.CodeType] = collections.Counter()
+            trace = _opcode_counter(counts)
+            per_chat = bench.enter(variant)
+            try:
+                for rep in range(2):  # a warm-up chat (first-use caches), then the counted one
+                    counter = _workload.Counter()
+                    initiator, manager, agents = _workload.build_chat(args.cycles, counter)
+                    per_chat([*agents, manager])
+                    bench.provider.force_flush()
+                    before = bench.exporter.spans
+                    gc.collect()
+                    if rep:
+                        sys.settrace(trace)
+                    try:
+                        _workload.run_chat(initiator, manager)
+                    finally:
+                        sys.settrace(None)
+                    bench.provider.force_flush()
+                    if variant == "ours":
+                        spans = bench.exporter.spans - before
+            finally:
+                bench.leave(variant)
+            counted[variant] = counts
+    finally:
+        sys.stdout.close()
+        sys.stdout = out
+    per_span = max(spans, 1)
+    total = {variant: sum(counts.values()) for variant, counts in counted.items()}
+    print(f"bytecodes per chat ({args.cycles} cycles; ours emits {spans} spans) and added over the baseline "
+          f"per ours' span:")
+    for variant in ("ours", "sdk_floor"):
+        print(f"  {variant:<10}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
+    print(f"own code: {(total['ours'] - total['sdk_floor']) / per_span:.1f} bytecodes per span (ours - sdk_floor)")
+    own = {code: n for code, n in counted["ours"].items()
+           if "/cmbagent_otel/" in code.co_filename and "/cmbagent_otel/testing" not in code.co_filename}
+    print(f"in cmbagent_otel's functions: {sum(own.values()) / per_span:.1f} bytecodes per span; the largest:")
+    for code, n in sorted(own.items(), key=lambda item: -item[1])[:20]:
+        where = code.co_filename.split("/cmbagent_otel/")[-1]
+        print(f"  {n / per_span:8.1f}  {where}:{code.co_firstlineno} {code.co_name}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=60, help="timed rounds (one chat of each variant per round)")
@@ -475,12 +554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write raw per-round figures here")
     parser.add_argument("--profile", choices=[v for v in VARIANTS if not v.startswith("sdk_floor")])
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="bytecodes per chat of baseline, ours and sdk_floor (exact counts, no timing)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     os.environ["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = ""
     os.environ["OTEL_SDK_DISABLED"] = "false"
     if args.profile:
         return profile(args.profile, args)
+    if args.bytecodes:
+        return bytecodes(args)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
     if "ours" not in args.variants:  # the floors copy ours' spans
