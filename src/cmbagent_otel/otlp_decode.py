@@ -15,7 +15,8 @@ empty ``Span`` is 2 bytes on the wire and ~200 in memory: 10 MiB of them take 95
 So the three outer levels (request, resource spans, scope spans) are walked here on the
 wire format, without parsing, and each span is parsed on its own; a span larger than
 64 KiB is first trimmed on the wire to the :class:`Limits` (attribute, event, link and
-array counts, AnyValue depth), so its parsed form is bounded too. OTLP/JSON cannot be
+array counts, AnyValue depth), so its parsed form is bounded too. A span's attributes are
+read from their own encodings, memoised (see ``_raw_attributes``). OTLP/JSON cannot be
 parsed piecewise by the standard library: :func:`json_cost` estimates the memory
 ``json.loads`` would take from the body's structural characters, and the ingest server
 admits a JSON body only within its memory budget.
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +253,95 @@ def _attributes(items: Iterable[KeyValue], safe: bool, limits: Limits | None = N
 _SCALAR_FIELDS = frozenset({"bool_value", "int_value", "double_value"})
 
 
+# --- attributes from their wire bytes, memoised ---------------------------------------------
+# The protobuf path parses each span with a mirror of ``Span`` whose attribute fields (the
+# span's, its events' and links') are ``bytes``: every KeyValue arrives as its own encoding.
+# Most of them repeat from span to span (an agent's name, a span kind, a model: 180 distinct
+# among the 946 of one demo run), so the decoded (key, value) is memoised by those bytes and a
+# repeated attribute costs a dict lookup instead of a KeyValue, an AnyValue, a WhichOneof and
+# the bounds. Only small attributes with scalar values or short arrays of them are kept (a map
+# is a dict each span may change), in a bounded memo.
+_MEMO_MAX_BYTES = 256  # a KeyValue's encoding: larger ones are decoded every time
+_MEMO_ENTRIES = 4096  # per (limits, json_safe); emptied when full (< 4 MiB)
+_MISSING = (None, None)
+
+
+class _Unbounded(ValueError):
+    """A span with more attributes, events or links than the limits: decoded the general way."""
+
+
+_memos: dict[tuple[Limits | None, bool], dict[bytes, tuple[str | None, Any]]] = {}
+
+
+def _memo(limits: Limits | None, safe: bool) -> dict[bytes, tuple[str | None, Any]]:
+    memo = _memos.get((limits, safe))
+    if memo is None:
+        if len(_memos) >= 8:  # a server has one set of limits; tests and callers a few more
+            _memos.clear()
+        memo = _memos[(limits, safe)] = {}
+    return memo
+
+
+def _memoisable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return len(value) <= 8 and not any(isinstance(item, (tuple, dict)) for item in value)
+    return not isinstance(value, dict)
+
+
+def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count: int | None = None,
+                    memo: dict[bytes, tuple[str | None, Any]] | None = None) -> dict[str, Any]:
+    """:func:`_attributes` of KeyValues given as their wire encodings (the mirror span's)."""
+    if limits is not None and len(items) > (count if count is not None else limits.max_attributes):
+        # parsing the span whole also checks the attributes past the bound: decode it that way
+        raise _Unbounded("more attributes than the limit")
+    if memo is None:
+        memo = _memo(limits, safe)
+    get = memo.get
+    out: dict[str, Any] = {}
+    for raw in items:
+        key, decoded = get(raw, _MISSING)
+        if key is None:
+            # a KeyValue decodes to at most one attribute; an empty value to none (key "" kept apart)
+            one = _attributes((KeyValue.FromString(raw),), safe, limits, 1)
+            key, decoded = next(iter(one.items())) if one else ("", None)
+            if len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[raw] = (key, decoded)
+        if decoded is not None:
+            out[key] = decoded
+    return out
+
+
+def _raw_span_class() -> Any:
+    """``Span`` with its attributes (and its events' and links') as ``bytes`` fields, same numbers."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto()
+    PbSpan.DESCRIPTOR.file.CopyToProto(file)
+    package = "cmbagent_otel.otlp_raw"
+    kept = descriptor_pb2.FileDescriptorProto(name="cmbagent_otel/otlp_raw.proto", package=package,
+                                              syntax=file.syntax)
+    for message in file.message_type:
+        if message.name not in ("Span", "Status"):
+            continue
+        copy = kept.message_type.add()
+        copy.CopyFrom(message)
+        for fields in [copy.field, *(nested.field for nested in copy.nested_type)]:
+            for fd in fields:
+                if fd.type_name == ".opentelemetry.proto.common.v1.KeyValue":
+                    fd.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                    fd.ClearField("type_name")
+                elif fd.type_name.startswith(".opentelemetry.proto.trace.v1."):
+                    fd.type_name = "." + package + fd.type_name[len(".opentelemetry.proto.trace.v1"):]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(kept)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(package + ".Span"))
+
+
+_RawSpan = _raw_span_class()
+
+
 def _id(raw: bytes, size: int, what: str) -> int:
     if len(raw) != size:
         raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
@@ -289,7 +380,8 @@ def _text(value: str, limits: Limits | None) -> str:
     return _cut(value, limits.max_value_length) if limits is not None else value
 
 
-def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None = None) -> ReadableSpan:
+def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None = None,
+          attributes: Callable[..., dict[str, Any]] = _attributes) -> ReadableSpan:
     trace_id = _id(pb.trace_id, 16, "trace_id")
     span_id = _id(pb.span_id, 8, "span_id")
     flags = _trace_flags(pb.flags)
@@ -300,7 +392,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
         parent = SpanContext(trace_id, _id(pb.parent_span_id, 8, "parent_span_id"),
                              is_remote=_is_remote(pb.flags), trace_flags=flags)
     pb_events = pb.events if limits is None else list(pb.events)[: limits.max_events]
-    events = [Event(_text(ev.name, limits), _attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
+    events = [Event(_text(ev.name, limits), attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
               for ev in pb_events]
     links = []
     for ln in (pb.links if limits is None else list(pb.links)[: limits.max_links]):
@@ -309,7 +401,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
             is_remote=_is_remote(ln.flags), trace_flags=_trace_flags(ln.flags),
             trace_state=_trace_state(ln.trace_state),
         )
-        links.append(Link(link_ctx, _attributes(ln.attributes, safe, limits)))
+        links.append(Link(link_ctx, attributes(ln.attributes, safe, limits)))
     code = _STATUS.get(pb.status.code, StatusCode.UNSET)
     # The SDK refuses a description on non-error statuses; keep it only where it is allowed.
     status = Status(code, _text(pb.status.message, limits) or None) if code is StatusCode.ERROR else Status(code)
@@ -325,7 +417,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
         context=context,
         parent=parent,
         resource=resource,
-        attributes=_attributes(pb.attributes, safe, limits),
+        attributes=attributes(pb.attributes, safe, limits),
         events=events,
         links=links,
         kind=kind,
@@ -483,6 +575,7 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
 
     batch = DecodedBatch()
     earlier = 0  # spans rejected in batches already yielded
+    attributes = functools.partial(_raw_attributes, memo=_memo(limits, json_safe))
     size = len(body)
     try:
         for number, wire, rs_start, rs_end, _ in _fields(body, 0, size):
@@ -514,14 +607,25 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                         batch.reject("span without trace_id and span_id")
                         continue
                     try:
-                        pb = _parse(PbSpan, body, start, end, "span", limits)
-                    except (DecodeError, RuntimeError, ValueError, MalformedPayload) as exc:
-                        batch.reject(f"unreadable span: {_cut(str(exc), 200)}")
-                        continue
-                    try:
-                        batch.spans.append(_span(pb, resource, scope, json_safe, limits))
-                    except (ValueError, TypeError) as exc:
-                        batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                        pb = _parse(_RawSpan, body, start, end, "span", limits)
+                        if limits is not None and (len(pb.events) > limits.max_events
+                                                   or len(pb.links) > limits.max_links):
+                            raise _Unbounded("more events or links than the limits")
+                        span = _span(pb, resource, scope, json_safe, limits, attributes)
+                    except (ValueError, TypeError, DecodeError, RuntimeError, MalformedPayload):
+                        # what parsing the span whole says: its own error, or the one an attribute's
+                        # bytes gave (invalid UTF-8, a malformed value), worded as that parse words it
+                        try:
+                            pb = _parse(PbSpan, body, start, end, "span", limits)
+                        except (DecodeError, RuntimeError, ValueError, MalformedPayload) as exc:
+                            batch.reject(f"unreadable span: {_cut(str(exc), 200)}")
+                            continue
+                        try:
+                            span = _span(pb, resource, scope, json_safe, limits)
+                        except (ValueError, TypeError) as exc:
+                            batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                            continue
+                    batch.spans.append(span)
                     if chunk and len(batch.spans) >= chunk:
                         earlier += batch.rejected
                         yield batch
