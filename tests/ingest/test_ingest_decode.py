@@ -231,26 +231,43 @@ def _wire_test_request() -> bytes:
                    KeyValue(key="empty", value=AnyValue())]
     request = ExportTraceServiceRequest()
     scope_spans = request.resource_spans.add().scope_spans.add()
-    for n in range(3):  # the same attributes in every span: the later ones decode from the memo
-        span = scope_spans.spans.add(trace_id=bytes(15) + b"\x01", span_id=bytes(7) + bytes([n + 1]),
-                                     name=f"s{n}", start_time_unix_nano=1, end_time_unix_nano=2)
+    # the same attributes in every span (the later ones decode from the memo), and each span field
+    # the common case leaves at its default set in one span
+    variants = [{}, {"parent_span_id": bytes(7) + b"\x07"}, {"flags": 0x301, "parent_span_id": b"\x01" * 8},
+                {"flags": 0x100}, {"trace_state": "k=v"}, {"status": {"code": 1, "message": "ok"}},
+                {"status": {"code": 2, "message": "boom"}}, {"status": {"code": -1}}, {"status": {"code": 7}},
+                {"kind": 3}, {"kind": 9}, {"name": "n" * 5000}, {"end_time_unix_nano": 0},
+                {"start_time_unix_nano": 5}, {"parent_span_id": bytes(8)}, {"parent_span_id": b"\x01" * 5},
+                {"span_id": bytes(8)}, {"trace_id": b"\x01" * 15}, {"links": True}, {"events": ["e" * 5000, ""]},
+                {"name": ""}]
+    for n, variant in enumerate(variants):
+        fields = {"trace_id": bytes(15) + b"\x01", "span_id": bytes(7) + bytes([n + 1]), "name": f"s{n}",
+                  "start_time_unix_nano": 1, "end_time_unix_nano": 2,
+                  **{k: v for k, v in variant.items() if k not in ("links", "events")}}
+        span = scope_spans.spans.add(**fields)
         span.attributes.extend(attributes)
-        span.events.add(name="e", time_unix_nano=1).attributes.extend(attributes[::-1])
-        span.links.add(trace_id=bytes(15) + b"\x02", span_id=bytes(7) + b"\x09").attributes.extend(attributes[:4])
+        for event_name in variant.get("events", ["e"]):
+            span.events.add(name=event_name, time_unix_nano=1).attributes.extend(attributes[::-1])
+        if variant.get("links"):
+            span.links.add(trace_id=bytes(15) + b"\x02", span_id=bytes(7) + b"\x09").attributes.extend(attributes[:4])
     return request.SerializeToString()
 
 
 def _described(spans: list[ReadableSpan]) -> list[object]:
-    return [(s.name, s.context, s.parent, dict(s.attributes), s.kind, s.status.status_code, s.status.description,
-             s.start_time, s.end_time, [(e.name, dict(e.attributes), e.timestamp) for e in s.events],
-             [(ln.context, dict(ln.attributes)) for ln in s.links]) for s in spans]
+    def context(ctx: object) -> object:
+        return None if ctx is None else (*ctx, type(ctx.trace_flags), dict(ctx.trace_state))  # type: ignore[attr-defined]
+
+    return [(s.name, context(s.context), context(s.parent), dict(s.attributes), s.kind, s.status.status_code,
+             s.status.description, s.start_time, s.end_time, s.resource, s.instrumentation_scope,
+             [(e.name, dict(e.attributes), e.timestamp) for e in s.events],
+             [(context(ln.context), dict(ln.attributes)) for ln in s.links]) for s in spans]
 
 
 @pytest.mark.parametrize("limits", [None, "default", "tiny"])
 @pytest.mark.parametrize("json_safe", [False, True])
 def test_attributes_from_wire_bytes_decode_as_parsed_ones(limits: str | None, json_safe: bool) -> None:
-    """The protobuf path reads attributes from their encodings (memoised); what it gives is what
-    the parsed ``Span``'s KeyValues give, the first time and from the memo."""
+    """The protobuf path reads spans with their attributes as encodings (memoised); what it gives,
+    spans and rejections, is what the parsed ``Span`` gives, the first time and from the memo."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from cmbagent_otel.otlp_decode import Limits, spans_from_request
@@ -258,12 +275,12 @@ def test_attributes_from_wire_bytes_decode_as_parsed_ones(limits: str | None, js
     chosen = {None: None, "default": Limits.default(),
               "tiny": Limits(**{**Limits.default().__dict__, "max_value_length": 20})}[limits]
     body = _wire_test_request()
-    expected = _described(spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=json_safe,
-                                             limits=chosen).spans)
+    general = spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=json_safe, limits=chosen)
+    assert general.rejected == 7  # the empty name, zero ids, short ids, unknown kind, end before start
     for _ in range(2):
         batch = decode_protobuf(body, json_safe=json_safe, limits=chosen)
-        assert batch.rejected == 0
-        assert _described(batch.spans) == expected
+        assert (batch.rejected, batch.errors) == (general.rejected, general.errors)
+        assert _described(batch.spans) == _described(general.spans)
 
 
 def test_memoised_map_values_are_not_shared() -> None:
