@@ -437,7 +437,7 @@ _STATUS_UNSET, _STATUS_OK = Status(StatusCode.UNSET), Status(StatusCode.OK)
 def _raw_span(pb: Any, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None,
               attributes: Callable[..., dict[str, Any]]) -> ReadableSpan:
     """:func:`_span` of a mirror span (``_RawSpan``), the common case with less work: anything
-    unusual (a bad id or kind, a trace state, an error status...) raises, and the span is
+    unusual (a bad id or kind, a trace state, links, an unknown status...) raises, and the span is
     decoded by :func:`_span`, which words the rejection or takes the general way."""
     raw_trace, raw_span, raw_parent = pb.trace_id, pb.span_id, pb.parent_span_id
     name, start, end = pb.name, pb.start_time_unix_nano, pb.end_time_unix_nano
@@ -445,7 +445,7 @@ def _raw_span(pb: Any, resource: Resource, scope: SdkScope, safe: bool, limits: 
     status_code = pb.status.code
     cut = limits.max_value_length if limits is not None else None
     if (len(raw_trace) != 16 or len(raw_span) != 8 or (raw_parent and len(raw_parent) != 8) or kind is None
-            or not name or (end and end < start) or pb.trace_state or pb.links or status_code not in (0, 1)
+            or not name or (end and end < start) or pb.trace_state or pb.links or status_code not in (0, 1, 2)
             or (cut is not None and len(name) > cut)):
         raise _Unbounded("decoded the general way")
     trace_id = int.from_bytes(raw_trace, "big")
@@ -473,7 +473,8 @@ def _raw_span(pb: Any, resource: Resource, scope: SdkScope, safe: bool, limits: 
         events=events,
         links=[],
         kind=kind,
-        status=_STATUS_OK if status_code else _STATUS_UNSET,
+        status=(_STATUS_UNSET, _STATUS_OK)[status_code] if status_code < 2
+        else Status(StatusCode.ERROR, _text(pb.status.message, limits) or None),
         start_time=start or None,
         end_time=end or None,
         instrumentation_scope=scope,
@@ -533,12 +534,23 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
     pos = start
     while pos < end:
         first = pos
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:  # one-byte keys and lengths (up to 16 KiB) inline: the spans' own
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise MalformedPayload("invalid protobuf: field number 0")
         if wire == 2:
-            size, pos = _varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                size = buf[pos]
+                pos += 1
+            elif pos + 1 < end and buf[pos + 1] < 0x80:
+                size = buf[pos] & 0x7F | buf[pos + 1] << 7
+                pos += 2
+            else:
+                size, pos = _varint(buf, pos, end)
             if size > end - pos:
                 raise MalformedPayload("invalid protobuf: length exceeds the message")
             yield number, wire, pos, pos + size, first

@@ -235,7 +235,9 @@ def _wire_test_request() -> bytes:
     # the common case leaves at its default set in one span
     variants = [{}, {"parent_span_id": bytes(7) + b"\x07"}, {"flags": 0x301, "parent_span_id": b"\x01" * 8},
                 {"flags": 0x100}, {"trace_state": "k=v"}, {"status": {"code": 1, "message": "ok"}},
-                {"status": {"code": 2, "message": "boom"}}, {"status": {"code": -1}}, {"status": {"code": 7}},
+                {"status": {"code": 2, "message": "boom"}},
+                {"status": {"code": 2, "message": "m" * 5000}}, {"status": {"code": 2}}, {"status": {"code": -1}},
+                {"status": {"code": 7}},
                 {"kind": 3}, {"kind": 9}, {"name": "n" * 5000}, {"end_time_unix_nano": 0},
                 {"start_time_unix_nano": 5}, {"parent_span_id": bytes(8)}, {"parent_span_id": b"\x01" * 5},
                 {"span_id": bytes(8)}, {"trace_id": b"\x01" * 15}, {"links": True}, {"events": ["e" * 5000, ""]},
