@@ -15,7 +15,8 @@ empty ``Span`` is 2 bytes on the wire and ~200 in memory: 10 MiB of them take 95
 So the three outer levels (request, resource spans, scope spans) are walked here on the
 wire format, without parsing, and each span is parsed on its own; a span larger than
 64 KiB is first trimmed on the wire to the :class:`Limits` (attribute, event, link and
-array counts, AnyValue depth), so its parsed form is bounded too. OTLP/JSON cannot be
+array counts, AnyValue depth), so its parsed form is bounded too. A span's attributes are
+read from their own encodings, memoised (see ``_raw_attributes``). OTLP/JSON cannot be
 parsed piecewise by the standard library: :func:`json_cost` estimates the memory
 ``json.loads`` would take from the body's structural characters, and the ingest server
 admits a JSON body only within its memory budget.
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from . import redaction
 
@@ -251,6 +254,95 @@ def _attributes(items: Iterable[KeyValue], safe: bool, limits: Limits | None = N
 _SCALAR_FIELDS = frozenset({"bool_value", "int_value", "double_value"})
 
 
+# --- attributes from their wire bytes, memoised ---------------------------------------------
+# The protobuf path parses each span with a mirror of ``Span`` whose attribute fields (the
+# span's, its events' and links') are ``bytes``: every KeyValue arrives as its own encoding.
+# Most of them repeat from span to span (an agent's name, a span kind, a model: 180 distinct
+# among the 946 of one demo run), so the decoded (key, value) is memoised by those bytes and a
+# repeated attribute costs a dict lookup instead of a KeyValue, an AnyValue, a WhichOneof and
+# the bounds. Only small attributes with scalar values or short arrays of them are kept (a map
+# is a dict each span may change), in a bounded memo.
+_MEMO_MAX_BYTES = 256  # a KeyValue's encoding: larger ones are decoded every time
+_MEMO_ENTRIES = 4096  # per (limits, json_safe); emptied when full (< 4 MiB)
+_MISSING = (None, None)
+
+
+class _Unbounded(ValueError):
+    """A span with more attributes, events or links than the limits: decoded the general way."""
+
+
+_memos: dict[tuple[Limits | None, bool], dict[bytes, tuple[str | None, Any]]] = {}
+
+
+def _memo(limits: Limits | None, safe: bool) -> dict[bytes, tuple[str | None, Any]]:
+    memo = _memos.get((limits, safe))
+    if memo is None:
+        if len(_memos) >= 8:  # a server has one set of limits; tests and callers a few more
+            _memos.clear()
+        memo = _memos[(limits, safe)] = {}
+    return memo
+
+
+def _memoisable(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return len(value) <= 8 and not any(isinstance(item, (tuple, dict)) for item in value)
+    return not isinstance(value, dict)
+
+
+def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count: int | None = None,
+                    memo: dict[bytes, tuple[str | None, Any]] | None = None) -> dict[str, Any]:
+    """:func:`_attributes` of KeyValues given as their wire encodings (the mirror span's)."""
+    if limits is not None and len(items) > (count if count is not None else limits.max_attributes):
+        # parsing the span whole also checks the attributes past the bound: decode it that way
+        raise _Unbounded("more attributes than the limit")
+    if memo is None:
+        memo = _memo(limits, safe)
+    get = memo.get
+    out: dict[str, Any] = {}
+    for raw in items:
+        key, decoded = get(raw, _MISSING)
+        if key is None:
+            # a KeyValue decodes to at most one attribute; an empty value to none (key "" kept apart)
+            one = _attributes((KeyValue.FromString(raw),), safe, limits, 1)
+            key, decoded = next(iter(one.items())) if one else ("", None)
+            if len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
+                if len(memo) >= _MEMO_ENTRIES:
+                    memo.clear()
+                memo[raw] = (key, decoded)
+        if decoded is not None:
+            out[key] = decoded
+    return out
+
+
+def _raw_span_class() -> Any:
+    """``Span`` with its attributes (and its events' and links') as ``bytes`` fields, same numbers."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    file = descriptor_pb2.FileDescriptorProto()
+    PbSpan.DESCRIPTOR.file.CopyToProto(file)
+    package = "cmbagent_otel.otlp_raw"
+    kept = descriptor_pb2.FileDescriptorProto(name="cmbagent_otel/otlp_raw.proto", package=package,
+                                              syntax=file.syntax)
+    for message in file.message_type:
+        if message.name not in ("Span", "Status"):
+            continue
+        copy = kept.message_type.add()
+        copy.CopyFrom(message)
+        for fields in [copy.field, *(nested.field for nested in copy.nested_type)]:
+            for fd in fields:
+                if fd.type_name == ".opentelemetry.proto.common.v1.KeyValue":
+                    fd.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                    fd.ClearField("type_name")
+                elif fd.type_name.startswith(".opentelemetry.proto.trace.v1."):
+                    fd.type_name = "." + package + fd.type_name[len(".opentelemetry.proto.trace.v1"):]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(kept)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(package + ".Span"))
+
+
+_RawSpan = _raw_span_class()
+
+
 def _id(raw: bytes, size: int, what: str) -> int:
     if len(raw) != size:
         raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
@@ -289,7 +381,8 @@ def _text(value: str, limits: Limits | None) -> str:
     return _cut(value, limits.max_value_length) if limits is not None else value
 
 
-def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None = None) -> ReadableSpan:
+def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None = None,
+          attributes: Callable[..., dict[str, Any]] = _attributes) -> ReadableSpan:
     trace_id = _id(pb.trace_id, 16, "trace_id")
     span_id = _id(pb.span_id, 8, "span_id")
     flags = _trace_flags(pb.flags)
@@ -300,7 +393,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
         parent = SpanContext(trace_id, _id(pb.parent_span_id, 8, "parent_span_id"),
                              is_remote=_is_remote(pb.flags), trace_flags=flags)
     pb_events = pb.events if limits is None else list(pb.events)[: limits.max_events]
-    events = [Event(_text(ev.name, limits), _attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
+    events = [Event(_text(ev.name, limits), attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
               for ev in pb_events]
     links = []
     for ln in (pb.links if limits is None else list(pb.links)[: limits.max_links]):
@@ -309,7 +402,7 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
             is_remote=_is_remote(ln.flags), trace_flags=_trace_flags(ln.flags),
             trace_state=_trace_state(ln.trace_state),
         )
-        links.append(Link(link_ctx, _attributes(ln.attributes, safe, limits)))
+        links.append(Link(link_ctx, attributes(ln.attributes, safe, limits)))
     code = _STATUS.get(pb.status.code, StatusCode.UNSET)
     # The SDK refuses a description on non-error statuses; keep it only where it is allowed.
     status = Status(code, _text(pb.status.message, limits) or None) if code is StatusCode.ERROR else Status(code)
@@ -325,13 +418,65 @@ def _span(pb: PbSpan, resource: Resource, scope: SdkScope, safe: bool, limits: L
         context=context,
         parent=parent,
         resource=resource,
-        attributes=_attributes(pb.attributes, safe, limits),
+        attributes=attributes(pb.attributes, safe, limits),
         events=events,
         links=links,
         kind=kind,
         status=status,
         start_time=pb.start_time_unix_nano or None,
         end_time=pb.end_time_unix_nano or None,
+        instrumentation_scope=scope,
+    )
+
+
+_EMPTY_TRACE_STATE = TraceState()
+_FLAGS_OF_LOW_BYTE = tuple(TraceFlags(low if low else TraceFlags.SAMPLED) for low in range(256))  # _trace_flags
+_STATUS_UNSET, _STATUS_OK = Status(StatusCode.UNSET), Status(StatusCode.OK)
+
+
+def _raw_span(pb: Any, resource: Resource, scope: SdkScope, safe: bool, limits: Limits | None,
+              attributes: Callable[..., dict[str, Any]]) -> ReadableSpan:
+    """:func:`_span` of a mirror span (``_RawSpan``), the common case with less work: anything
+    unusual (a bad id or kind, a trace state, links, an unknown status...) raises, and the span is
+    decoded by :func:`_span`, which words the rejection or takes the general way."""
+    raw_trace, raw_span, raw_parent = pb.trace_id, pb.span_id, pb.parent_span_id
+    name, start, end = pb.name, pb.start_time_unix_nano, pb.end_time_unix_nano
+    kind = _KINDS.get(pb.kind)
+    status_code = pb.status.code
+    cut = limits.max_value_length if limits is not None else None
+    if (len(raw_trace) != 16 or len(raw_span) != 8 or (raw_parent and len(raw_parent) != 8) or kind is None
+            or not name or (end and end < start) or pb.trace_state or pb.links or status_code not in (0, 1, 2)
+            or (cut is not None and len(name) > cut)):
+        raise _Unbounded("decoded the general way")
+    trace_id = int.from_bytes(raw_trace, "big")
+    span_id = int.from_bytes(raw_span, "big")
+    parent_id = int.from_bytes(raw_parent, "big") if raw_parent else None
+    if not trace_id or not span_id or parent_id == 0:
+        raise _Unbounded("decoded the general way")
+    flags = pb.flags
+    trace_flags = _FLAGS_OF_LOW_BYTE[flags & _FLAGS_TRACE_FLAGS_MASK]
+    # SpanContext(...) without its checks: the ids are non-zero and of the right size, so valid
+    context = tuple.__new__(SpanContext, (trace_id, span_id, False, trace_flags, _EMPTY_TRACE_STATE, True))
+    parent = None
+    if parent_id is not None:
+        parent = tuple.__new__(SpanContext, (trace_id, parent_id, bool(flags & _FLAGS_HAS_IS_REMOTE and flags
+                                                                      & _FLAGS_IS_REMOTE), trace_flags,
+                                             DEFAULT_TRACE_STATE, True))
+    events = [Event(_text(ev.name, limits), attributes(ev.attributes, safe, limits), ev.time_unix_nano or None)
+              for ev in pb.events] if pb.events else []
+    return ReadableSpan(
+        name=name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=attributes(pb.attributes, safe, limits),
+        events=events,
+        links=[],
+        kind=kind,
+        status=(_STATUS_UNSET, _STATUS_OK)[status_code] if status_code < 2
+        else Status(StatusCode.ERROR, _text(pb.status.message, limits) or None),
+        start_time=start or None,
+        end_time=end or None,
         instrumentation_scope=scope,
     )
 
@@ -389,12 +534,23 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
     pos = start
     while pos < end:
         first = pos
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:  # one-byte keys and lengths (up to 16 KiB) inline: the spans' own
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise MalformedPayload("invalid protobuf: field number 0")
         if wire == 2:
-            size, pos = _varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                size = buf[pos]
+                pos += 1
+            elif pos + 1 < end and buf[pos + 1] < 0x80:
+                size = buf[pos] & 0x7F | buf[pos + 1] << 7
+                pos += 2
+            else:
+                size, pos = _varint(buf, pos, end)
             if size > end - pos:
                 raise MalformedPayload("invalid protobuf: length exceeds the message")
             yield number, wire, pos, pos + size, first
@@ -483,6 +639,7 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
 
     batch = DecodedBatch()
     earlier = 0  # spans rejected in batches already yielded
+    attributes = functools.partial(_raw_attributes, memo=_memo(limits, json_safe))
     size = len(body)
     try:
         for number, wire, rs_start, rs_end, _ in _fields(body, 0, size):
@@ -514,14 +671,25 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                         batch.reject("span without trace_id and span_id")
                         continue
                     try:
-                        pb = _parse(PbSpan, body, start, end, "span", limits)
-                    except (DecodeError, RuntimeError, ValueError, MalformedPayload) as exc:
-                        batch.reject(f"unreadable span: {_cut(str(exc), 200)}")
-                        continue
-                    try:
-                        batch.spans.append(_span(pb, resource, scope, json_safe, limits))
-                    except (ValueError, TypeError) as exc:
-                        batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                        pb = _parse(_RawSpan, body, start, end, "span", limits)
+                        if limits is not None and (len(pb.events) > limits.max_events
+                                                   or len(pb.links) > limits.max_links):
+                            raise _Unbounded("more events or links than the limits")
+                        span = _raw_span(pb, resource, scope, json_safe, limits, attributes)
+                    except (ValueError, TypeError, DecodeError, RuntimeError, MalformedPayload):
+                        # what parsing the span whole says: its own error, or the one an attribute's
+                        # bytes gave (invalid UTF-8, a malformed value), worded as that parse words it
+                        try:
+                            pb = _parse(PbSpan, body, start, end, "span", limits)
+                        except (DecodeError, RuntimeError, ValueError, MalformedPayload) as exc:
+                            batch.reject(f"unreadable span: {_cut(str(exc), 200)}")
+                            continue
+                        try:
+                            span = _span(pb, resource, scope, json_safe, limits)
+                        except (ValueError, TypeError) as exc:
+                            batch.reject(f"span {_cut(pb.name, 100)!r}: {exc}")
+                            continue
+                    batch.spans.append(span)
                     if chunk and len(batch.spans) >= chunk:
                         earlier += batch.rejected
                         yield batch

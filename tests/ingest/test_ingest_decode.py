@@ -212,3 +212,138 @@ def test_attributes_decode_each_value_as_any_value_does(limits: str | None) -> N
         if decoded is not None:
             expected[_cut(kv.key, chosen.max_value_length) if chosen is not None else kv.key] = decoded
     assert _attributes(items, True, chosen) == expected
+
+
+def _wire_test_request() -> bytes:
+    """A request whose spans carry every AnyValue kind, repeated attributes, events and links."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
+    values = [AnyValue(string_value="short"), AnyValue(string_value="x" * 5000), AnyValue(string_value=""),
+              AnyValue(int_value=-(2**63)), AnyValue(bool_value=False), AnyValue(double_value=float("inf")),
+              AnyValue(bytes_value=b"\x00\xff"), AnyValue(),
+              AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a" * 40), AnyValue(int_value=3)])),
+              AnyValue(array_value=ArrayValue(values=[AnyValue(array_value=ArrayValue(
+                  values=[AnyValue(bool_value=True)]))])),
+              AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="k", value=AnyValue(double_value=1.5))]))]
+    attributes = [KeyValue(key=f"key.{i}" + "y" * (30 * (i % 2)), value=v) for i, v in enumerate(values)]
+    attributes += [KeyValue(key="key.0", value=AnyValue(string_value="again")), KeyValue(key="", value=values[0]),
+                   KeyValue(key="empty", value=AnyValue())]
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    # the same attributes in every span (the later ones decode from the memo), and each span field
+    # the common case leaves at its default set in one span
+    variants = [{}, {"parent_span_id": bytes(7) + b"\x07"}, {"flags": 0x301, "parent_span_id": b"\x01" * 8},
+                {"flags": 0x100}, {"trace_state": "k=v"}, {"status": {"code": 1, "message": "ok"}},
+                {"status": {"code": 2, "message": "boom"}},
+                {"status": {"code": 2, "message": "m" * 5000}}, {"status": {"code": 2}}, {"status": {"code": -1}},
+                {"status": {"code": 7}},
+                {"kind": 3}, {"kind": 9}, {"name": "n" * 5000}, {"end_time_unix_nano": 0},
+                {"start_time_unix_nano": 5}, {"parent_span_id": bytes(8)}, {"parent_span_id": b"\x01" * 5},
+                {"span_id": bytes(8)}, {"trace_id": b"\x01" * 15}, {"links": True}, {"events": ["e" * 5000, ""]},
+                {"name": ""}]
+    for n, variant in enumerate(variants):
+        fields = {"trace_id": bytes(15) + b"\x01", "span_id": bytes(7) + bytes([n + 1]), "name": f"s{n}",
+                  "start_time_unix_nano": 1, "end_time_unix_nano": 2,
+                  **{k: v for k, v in variant.items() if k not in ("links", "events")}}
+        span = scope_spans.spans.add(**fields)
+        span.attributes.extend(attributes)
+        for event_name in variant.get("events", ["e"]):
+            span.events.add(name=event_name, time_unix_nano=1).attributes.extend(attributes[::-1])
+        if variant.get("links"):
+            span.links.add(trace_id=bytes(15) + b"\x02", span_id=bytes(7) + b"\x09").attributes.extend(attributes[:4])
+    return request.SerializeToString()
+
+
+def _described(spans: list[ReadableSpan]) -> list[object]:
+    def context(ctx: object) -> object:
+        return None if ctx is None else (*ctx, type(ctx.trace_flags), dict(ctx.trace_state))  # type: ignore[attr-defined]
+
+    return [(s.name, context(s.context), context(s.parent), dict(s.attributes), s.kind, s.status.status_code,
+             s.status.description, s.start_time, s.end_time, s.resource, s.instrumentation_scope,
+             [(e.name, dict(e.attributes), e.timestamp) for e in s.events],
+             [(context(ln.context), dict(ln.attributes)) for ln in s.links]) for s in spans]
+
+
+@pytest.mark.parametrize("limits", [None, "default", "tiny"])
+@pytest.mark.parametrize("json_safe", [False, True])
+def test_attributes_from_wire_bytes_decode_as_parsed_ones(limits: str | None, json_safe: bool) -> None:
+    """The protobuf path reads spans with their attributes as encodings (memoised); what it gives,
+    spans and rejections, is what the parsed ``Span`` gives, the first time and from the memo."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from cmbagent_otel.otlp_decode import Limits, spans_from_request
+
+    chosen = {None: None, "default": Limits.default(),
+              "tiny": Limits(**{**Limits.default().__dict__, "max_value_length": 20})}[limits]
+    body = _wire_test_request()
+    general = spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=json_safe, limits=chosen)
+    assert general.rejected == 7  # the empty name, zero ids, short ids, unknown kind, end before start
+    for _ in range(2):
+        batch = decode_protobuf(body, json_safe=json_safe, limits=chosen)
+        assert (batch.rejected, batch.errors) == (general.rejected, general.errors)
+        assert _described(batch.spans) == _described(general.spans)
+
+
+def test_memoised_map_values_are_not_shared() -> None:
+    """A map value is a ``dict``: each span gets its own, never one shared through the memo."""
+    from cmbagent_otel.otlp_decode import Limits
+
+    body = _wire_test_request()
+    first = decode_protobuf(body, limits=Limits.default()).spans
+    mapped = first[0].attributes["key.10"]
+    assert mapped is not first[1].attributes["key.10"]
+    mapped["k"] = "changed"
+    assert decode_protobuf(body, limits=Limits.default()).spans[0].attributes["key.10"] == {"k": 1.5}
+
+
+def _with_bad_attribute(where: str) -> bytes:
+    """A span with one attribute more than the default limit allows (or one event more), whose
+    last attribute's string is not UTF-8: parsed whole, the span is unreadable."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    from cmbagent_otel.otlp_decode import Limits
+
+    limits = Limits.default()
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(
+        trace_id=bytes(15) + b"\x01", span_id=bytes(7) + b"\x01", name="bad", start_time_unix_nano=1)
+    bad = KeyValue(key="k", value=AnyValue(string_value="Z")).SerializeToString().replace(b"Z", b"\xff")
+    count = {"within": 1, "past attributes": limits.max_attributes + 1, "past events": 1}[where]
+    span.attributes.extend(KeyValue(key=f"a{i}", value=AnyValue(int_value=i)) for i in range(count - 1))
+    if where == "past events":
+        for _ in range(limits.max_events):
+            span.events.add(name="e")
+        event = span.events.add(name="last")
+        wire = span.SerializeToString()
+        # the last event's last attribute (field 3 of Event) is the bad one
+        encoded_event = event.SerializeToString()
+        event_with_bad = encoded_event + b"\x1a" + bytes([len(bad)]) + bad
+        span.ParseFromString(wire.replace(b"\x5a" + bytes([len(encoded_event)]) + encoded_event, b""))
+        return _request_with_span(span.SerializeToString() + b"\x5a" + bytes([len(event_with_bad)]) + event_with_bad)
+    return _request_with_span(span.SerializeToString() + b"\x4a" + bytes([len(bad)]) + bad)
+
+
+def _request_with_span(span: bytes) -> bytes:
+    def field(number: int, payload: bytes) -> bytes:
+        size, out = len(payload), bytearray()
+        while size >= 0x80:
+            out.append(size & 0x7F | 0x80)
+            size >>= 7
+        out.append(size)
+        return bytes([number << 3 | 2]) + bytes(out) + payload
+
+    return field(1, field(2, field(2, span)))
+
+
+@pytest.mark.parametrize("where", ["within", "past attributes", "past events"])
+def test_attribute_bytes_are_checked_as_a_whole_parse_checks_them(where: str) -> None:
+    """An attribute that is not valid protobuf (a string that is not UTF-8) makes its span unreadable,
+    with the message parsing the span whole gives, even past the limits (where it is not kept)."""
+    from cmbagent_otel.otlp_decode import Limits
+
+    batch = decode_protobuf(_with_bad_attribute(where), limits=Limits.default())
+    assert (batch.spans, batch.rejected) == ([], 1)
+    assert batch.errors == ["unreadable span: Error parsing message with type 'opentelemetry.proto.trace.v1.Span': "
+                            "String field had bad UTF-8"]
