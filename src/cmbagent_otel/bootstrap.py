@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from . import _termination
 from . import environment_variables as env
 from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
@@ -136,6 +137,10 @@ def instrument(
             cmbagent = _instrument_cmbagent(provider, meters, metrics_on)
         _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
                       binding=binding, meter_provider=meters if meters_owned else None)
+        try:
+            _termination.install(provider)
+        except Exception:
+            logger.debug("cmbagent_otel: signal handler not installed", exc_info=True)
         return provider
 
 
@@ -174,6 +179,10 @@ def uninstrument() -> None:
         if not _state["active"]:
             return
         AG2Instrumentor().uninstrument()
+        try:
+            _termination.uninstall()
+        except Exception:
+            logger.debug("cmbagent_otel: signal handler not removed", exc_info=True)
         if _state["threading"]:
             from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 

@@ -52,6 +52,7 @@ BSP_SCHEDULE_DELAY = "CMBAGENT_OTEL_BSP_SCHEDULE_DELAY"
 BSP_MAX_QUEUE_SIZE = "CMBAGENT_OTEL_BSP_MAX_QUEUE_SIZE"
 BSP_MAX_EXPORT_BATCH_SIZE = "CMBAGENT_OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
 LIVE_DAG = "CMBAGENT_OTEL_LIVE_DAG"
+FLUSH_ON_SIGNAL = "CMBAGENT_OTEL_FLUSH_ON_SIGNAL"
 MAX_ATTRIBUTE_LENGTH = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 INGEST_HOST = "CMBAGENT_OTEL_INGEST_HOST"
 INGEST_PORT = "CMBAGENT_OTEL_INGEST_PORT"
@@ -290,6 +291,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             also=("OTEL_BSP_MAX_EXPORT_BATCH_SIZE",)),
     Setting(LIVE_DAG, True, "`true`: run and DAG-node rows show `executing`/`running` while their spans run "
             "(the live DAG); `false`: rows appear when spans end",
+            _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
+    Setting(FLUSH_ON_SIGNAL, True, "`true`: when SIGTERM or SIGHUP stops the process (and the application has no "
+            "handler of its own), what was recorded is exported first, within the export timeout, then the process "
+            "ends by that signal as before; `false`: it ends at once and the queued spans are lost",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     # what spans carry
     Setting(CAPTURE_MESSAGE_CONTENT, "no_content",
