@@ -38,7 +38,8 @@ APP = textwrap.dedent('''
     class Record:  # every span that ends, in the kernel at once (os.write): what the database must hold
         fd = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         def on_start(self, span, parent_context=None): pass
-        def on_end(self, span): os.write(self.fd, f"{span.context.trace_id:032x} {span.context.span_id:016x}\\n".encode())
+        def on_end(self, span):
+            os.write(self.fd, f"{span.context.trace_id:032x} {span.context.span_id:016x}\\n".encode())
         def shutdown(self): pass
         def force_flush(self, timeout_millis=30000): return True
 
@@ -74,8 +75,8 @@ def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
                                          *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                            if p)])
     record = tmp_path / "ended.txt"
-    proc = subprocess.Popen([sys.executable, "-c", APP, str(Path(__file__).parent), str(record)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", APP, str(Path(__file__).parent), str(record)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     assert proc.stdout is not None
     for line in proc.stdout:  # cmbagent prints its own lines first
         if line.strip() in ("WAITING", "FINISHED"):
