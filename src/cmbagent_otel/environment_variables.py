@@ -400,6 +400,17 @@ def _sdk_seconds(raw: str) -> None:
     _number(float, 0)(raw.strip())
 
 
+# An OTLP exporter's timeout (seconds) past what its transport can wait failed every export: the
+# HTTP exporter's wait raised OverflowError ("timestamp out of range for platform time_t") from
+# ~1e10 s, gRPC's deadline overflowed into "Deadline Exceeded" at once from ~9e9 s; every span was
+# dropped. 2**31 - 1 s (68 years) is below both.
+MAX_OTLP_TIMEOUT_S = 2**31 - 1
+
+
+def _sdk_otlp_seconds(raw: str) -> None:
+    _number(float, 0, MAX_OTLP_TIMEOUT_S)(raw.strip())
+
+
 # the protocol variable of each signal's OTLP exporter, read before the generic OTEL_EXPORTER_OTLP_PROTOCOL
 SDK_PROTOCOLS = {"TRACES": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "METRICS": "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
               "LOGS": "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"}
@@ -446,7 +457,8 @@ def _sdk_delay_ms(raw: str) -> None:
 
 
 def _sdk_interval(raw: str) -> None:
-    if _number(float, 0)(raw.strip()) == 0:
+    # the periodic metric reader's thread died of OverflowError in Condition.wait above the maximum
+    if _number(float, 0, MAX_WAIT_S * 1000)(raw.strip()) == 0:
         raise ValueError("not above 0")
 
 
@@ -466,7 +478,7 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
         "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT"), _sdk_limit),
     **dict.fromkeys((
         "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
-        "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_seconds),
+        "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_otlp_seconds),
     "OTEL_EXPORTER_OTLP_COMPRESSION": _compression_for(_SIGNALS),
     "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": _compression_for(("TRACES",)),
     "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": _compression_for(("METRICS",)),
