@@ -99,6 +99,11 @@ def instrument(
     (``otlp``, ``console``; installed globally when ``set_global``); with that unset or
     ``none``, to the global provider (a no-op until the application sets one). ``metrics=False``
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
+
+    Called from the main thread, it also makes SIGTERM and SIGHUP (where their handler is still
+    Python's default) flush the tracer provider, within the export timeout, before the process
+    ends by that signal as it would have (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
+    :func:`uninstrument` puts the default back.
     """
     # settled only after the application imported AG2 itself (see _gcquiet)
     with _lock, imports_settled(heap_imported="autogen" in sys.modules):
