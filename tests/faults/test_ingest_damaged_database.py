@@ -5,7 +5,8 @@ our writer needs, or an unreachable PostgreSQL, every request is answered 503 (t
 keeps its spans and retries), and the operator read only ``database unavailable
 (DatabaseUnavailable); asking clients to retry``: neither which database nor why. The
 line now carries the writer's message (the database without its password, the driver's
-reason), on one line, once per outage (twelfth fault campaign; a leftover of the tenth).
+reason), on one line, once per outage (twelfth fault campaign; a leftover of the tenth). And
+``cmbagent-otel ingest`` says so when it starts, not only once a client sends spans.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import http.client
 import json
 import logging
 import os
+import queue
 import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,28 @@ def test_the_log_line_names_the_database_and_the_problem(damage: object, tmp_pat
     line = lines[0]
     assert where in line and why in line, line
     assert "\n" not in line and "hunter2pw" not in line
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _unreachable_postgres], ids=lambda f: f.__name__[1:])
+def test_the_cli_names_the_damage_when_it_starts(damage: object, tmp_path: Path) -> None:
+    url, where, why = damage(tmp_path)  # type: ignore[operator]
+    proc = subprocess.Popen([sys.executable, "-m", "cmbagent_otel.cli", "--db", url, "ingest", "--port", "0",
+                             "--grpc-port", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    stderr = proc.stderr
+    assert stderr is not None
+
+    def read() -> None:
+        for text in stderr:
+            lines.put(text)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = lines.get(timeout=60)  # no request is ever sent
+    except queue.Empty:
+        line = ""
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert line.startswith("cmbagent-otel ingest: cannot write to") and where in line and why in line, line
+    assert "hunter2pw" not in line
