@@ -31,7 +31,14 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from cmbagent_otel import environment_variables
 from cmbagent_otel._forksafe import reset_in_child
-from cmbagent_otel.dag.database import BadDatabaseURL, prepare_in_background, redacted, resolve_url, target_of
+from cmbagent_otel.dag.database import (
+    BadDatabaseURL,
+    pinned_url,
+    prepare_in_background,
+    redacted,
+    resolve_url,
+    target_of,
+)
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.processor import is_started
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
@@ -123,6 +130,9 @@ class DagSpanExporter(SpanExporter):
         self._migrate = migrate
         try:
             self.target: str | None = target_of(url)
+            # the writer is made at the first export: its SQLite file must be the one named now,
+            # not the one of the working directory the application has moved to by then
+            self._url = pinned_url(url)
         except BadDatabaseURL as exc:
             logger.error("cmbagent_otel: %s; the DAG exporter will drop every span", exc)
             self.target = None

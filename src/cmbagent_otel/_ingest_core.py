@@ -127,6 +127,19 @@ class Ticket:
             self._admission.give(held)
 
 
+def _reason(exc: BaseException) -> str:
+    """One log line for a write that failed: what the writer said (it names the database
+    without its password, and the driver's reason), redacted, control characters escaped,
+    on one line (libpq's messages span several)."""
+    from . import redaction
+    from .otlp_decode import _CONTROLS, _escaped
+
+    text = str(exc) or type(exc).__name__
+    if not text.startswith("database "):  # an OSError from opening the SQLite folder
+        text = f"database unavailable: {text}"
+    return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
+
+
 def gunzip(body: bytes, limit: int) -> bytes:
     """Every member of a gzip body, at most ``limit`` bytes in all.
 
@@ -335,8 +348,9 @@ class IngestCore:
             self.count("unavailable_responses")
             if not self._db_down:  # once per outage, not once per request
                 self._db_down = True
-                logger.warning("cmbagent-otel ingest: database unavailable (%s); asking clients to retry",
-                               type(exc).__name__)
+                # the writer's message names the database (without its password) and the
+                # driver's reason ("file is not a database"); the class name alone said neither
+                logger.warning("cmbagent-otel ingest: %s; asking clients to retry", _reason(exc))
             raise IngestError("unavailable", "database unavailable, retry later") from None
         if self._db_down:
             self._db_down = False

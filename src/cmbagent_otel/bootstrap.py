@@ -14,6 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from . import _termination
 from . import environment_variables as env
 from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
@@ -98,6 +99,11 @@ def instrument(
     (``otlp``, ``console``; installed globally when ``set_global``); with that unset or
     ``none``, to the global provider (a no-op until the application sets one). ``metrics=False``
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
+
+    Called from the main thread, it also makes SIGTERM and SIGHUP (where their handler is still
+    Python's default) flush the tracer provider, within the export timeout, before the process
+    ends by that signal as it would have (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
+    :func:`uninstrument` puts the default back.
     """
     # settled only after the application imported AG2 itself (see _gcquiet)
     with _lock, imports_settled(heap_imported="autogen" in sys.modules):
@@ -136,6 +142,10 @@ def instrument(
             cmbagent = _instrument_cmbagent(provider, meters, metrics_on)
         _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
                       binding=binding, meter_provider=meters if meters_owned else None)
+        try:
+            _termination.install(provider)
+        except Exception:
+            logger.debug("cmbagent_otel: signal handler not installed", exc_info=True)
         return provider
 
 
@@ -174,6 +184,10 @@ def uninstrument() -> None:
         if not _state["active"]:
             return
         AG2Instrumentor().uninstrument()
+        try:
+            _termination.uninstall()
+        except Exception:
+            logger.debug("cmbagent_otel: signal handler not removed", exc_info=True)
         if _state["threading"]:
             from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 

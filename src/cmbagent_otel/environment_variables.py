@@ -52,6 +52,7 @@ BSP_SCHEDULE_DELAY = "CMBAGENT_OTEL_BSP_SCHEDULE_DELAY"
 BSP_MAX_QUEUE_SIZE = "CMBAGENT_OTEL_BSP_MAX_QUEUE_SIZE"
 BSP_MAX_EXPORT_BATCH_SIZE = "CMBAGENT_OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
 LIVE_DAG = "CMBAGENT_OTEL_LIVE_DAG"
+FLUSH_ON_SIGNAL = "CMBAGENT_OTEL_FLUSH_ON_SIGNAL"
 MAX_ATTRIBUTE_LENGTH = "CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH"
 INGEST_HOST = "CMBAGENT_OTEL_INGEST_HOST"
 INGEST_PORT = "CMBAGENT_OTEL_INGEST_PORT"
@@ -291,6 +292,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(LIVE_DAG, True, "`true`: run and DAG-node rows show `executing`/`running` while their spans run "
             "(the live DAG); `false`: rows appear when spans end",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
+    Setting(FLUSH_ON_SIGNAL, True, "`true`: when SIGTERM or SIGHUP stops the process (and the application has no "
+            "handler of its own), what was recorded is exported first, within the export timeout, then the process "
+            "ends by that signal as before; `false`: it ends at once and the queued spans are lost",
+            _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     # what spans carry
     Setting(CAPTURE_MESSAGE_CONTENT, "no_content",
             "Where message content (prompts, replies, tool arguments) goes: `span_only` (or `true`) on spans, "
@@ -395,6 +400,17 @@ def _sdk_seconds(raw: str) -> None:
     _number(float, 0)(raw.strip())
 
 
+# An OTLP exporter's timeout (seconds) past what its transport can wait failed every export: the
+# HTTP exporter's wait raised OverflowError ("timestamp out of range for platform time_t") from
+# ~1e10 s, gRPC's deadline overflowed into "Deadline Exceeded" at once from ~9e9 s; every span was
+# dropped. 2**31 - 1 s (68 years) is below both.
+MAX_OTLP_TIMEOUT_S = 2**31 - 1
+
+
+def _sdk_otlp_seconds(raw: str) -> None:
+    _number(float, 0, MAX_OTLP_TIMEOUT_S)(raw.strip())
+
+
 # the protocol variable of each signal's OTLP exporter, read before the generic OTEL_EXPORTER_OTLP_PROTOCOL
 SDK_PROTOCOLS = {"TRACES": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "METRICS": "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
               "LOGS": "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"}
@@ -441,7 +457,8 @@ def _sdk_delay_ms(raw: str) -> None:
 
 
 def _sdk_interval(raw: str) -> None:
-    if _number(float, 0)(raw.strip()) == 0:
+    # the periodic metric reader's thread died of OverflowError in Condition.wait above the maximum
+    if _number(float, 0, MAX_WAIT_S * 1000)(raw.strip()) == 0:
         raise ValueError("not above 0")
 
 
@@ -461,7 +478,7 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
         "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT"), _sdk_limit),
     **dict.fromkeys((
         "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
-        "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_seconds),
+        "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT"), _sdk_otlp_seconds),
     "OTEL_EXPORTER_OTLP_COMPRESSION": _compression_for(_SIGNALS),
     "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": _compression_for(("TRACES",)),
     "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": _compression_for(("METRICS",)),

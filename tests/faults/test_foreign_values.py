@@ -7,7 +7,8 @@ column made the driver's conversion raise while rows were fetched, invalid JSON 
 depth of 2**62) broke the events table, bytes in a text column broke ``runs --format json``:
 each printed a traceback and exited 1. A value the reader can show is now shown (``-`` for a
 duration that is no number, no indent for a depth that is no whole number); a timestamp it
-cannot convert ends in one line naming the database and exit 2.
+cannot convert is shown as stored with one warning line naming the database (since the twelfth
+campaign; it was one line and exit 2).
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def test_wrong_typed_values_of_other_writers_are_shown(db: Path, table: str, col
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 @pytest.mark.parametrize("column", ["started_at", "completed_at"])
-def test_a_timestamp_that_is_no_date_is_one_line_and_exit_2(db: Path, column: str, command: list[str],  # noqa: F811
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_timestamp_that_is_no_date_is_shown_with_one_warning(db: Path, column: str, command: list[str],  # noqa: F811
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # until the twelfth campaign: one line and exit 2 for every run (tests/faults/test_foreign_timestamps.py)
     _store(db, "workflow_runs", column, "not a date")
-    assert main(["--db", f"sqlite:///{db}", *command]) == 2
+    assert main(["--db", f"sqlite:///{db}", *command]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "a stored value has the wrong type" in err and str(db) in err
+    assert err.startswith("warning: ") and "'not a date'" in err and str(db) in err

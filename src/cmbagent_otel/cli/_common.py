@@ -105,6 +105,12 @@ def reading(db: str | None) -> Iterator[Any]:
     try:
         with DagReader(db) as reader:
             yield reader
+            odd = list(dict.fromkeys(reader.odd_values))
+            if odd:  # another writer's values shown as stored: said once, on stderr, not in the output
+                more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
+                print(f"warning: {one_line(shown(reader.where))}: {len(odd)} stored value(s) of another writer "
+                      f"could not be read as their column's type: {one_line(shown('; '.join(odd[:3])))}{more}",
+                      file=sys.stderr)
     except (BadDatabaseURL, ReadError) as exc:
         raise CLIError(str(exc)) from None
 

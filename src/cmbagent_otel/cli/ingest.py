@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from .. import environment_variables as env
-from ._common import CLIError, positive_int
+from ._common import CLIError, one_line, positive_int, shown
 
 NAME = "ingest"
 HELP = "run OTLP receivers (gRPC and HTTP) that write spans into the DAG database"
@@ -39,6 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: {_default(env.INGEST_MAX_INFLIGHT_BYTES)})")
     parser.add_argument("--workers", type=positive_int, default=None,
                         help=f"decoding/writing threads per receiver (default: {_default(env.INGEST_WORKERS)})")
+
+
+def _check_database(server: Any, target: str) -> None:
+    """Name a database the server cannot write (a corrupt file, another application's tables, an
+    unreachable server) when it starts, not only once a client sends spans."""
+    from ..dag.database import deadline, untraced
+    from ..ingest import logger
+
+    try:
+        writer = server.core._get_writer()
+        prepare = getattr(writer, "prepare", None)
+        if prepare is not None:
+            with deadline(30), untraced():
+                prepare()
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        logger.warning("cmbagent-otel ingest: cannot write to %s: %s; requests are answered 503 (clients keep "
+                       "their spans and retry) until it can be written", target, one_line(shown(reason[0])))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
+        threading.Thread(target=_check_database, args=(server, target), name="cmbagent-otel-ingest-check",
+                         daemon=True).start()
         stop.wait()
     finally:
         for sig, handler in previous.items():

@@ -153,6 +153,23 @@ def resolve_url(url: str | None = None) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def pinned_url(url: str | None = None) -> str:
+    """:func:`resolve_url` with a relative SQLite file path made absolute now.
+
+    SQLite opens a relative path in the working directory of the moment: an exporter built
+    before the application changed directory (cmbagent's work dirs, a job's scratch folder)
+    took the change for its file being deleted, made a new database in the new directory and
+    wrote the rest of the run there, apart from its spill store's target. A writer names the
+    file once, when it is made."""
+    resolved = resolve_url(url)
+    parsed = make_url(resolved)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") \
+            or Path(db).is_absolute():
+        return resolved
+    return parsed.set(database=str(Path(db).absolute())).render_as_string(hide_password=False)
+
+
 def redacted(url: str | URL) -> str:
     """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from sqlalchemy import (
     Connection,
+    DateTime,
     Engine,
     String,
     create_engine,
@@ -137,6 +138,8 @@ class DagReader:
         self._engine = self._open_engine()
         self._conn: Connection | None = None
         self._node_columns: set[str] = set()
+        #: values another writer stored that the reader shows as stored (a DATETIME that is no date)
+        self.odd_values: list[str] = []
 
     def _open_engine(self) -> Engine:
         path = sqlite_file(self.url)
@@ -194,8 +197,47 @@ class DagReader:
             raise ReadError(f"cannot read {self.where}: {getattr(exc, 'orig', None) or exc}") from None
         except (ValueError, TypeError, OverflowError) as exc:
             # SQLite keeps any value in any column: another writer's `not a date` in a DATETIME
-            # column fails the driver's conversion while rows are fetched (it was a traceback)
-            raise ReadError(f"cannot read {self.where}: a stored value has the wrong type: {exc}") from None
+            # column fails the driver's conversion while rows are fetched (it was a traceback,
+            # then an error for the whole list): read the timestamps as stored and convert each
+            rows = self._rows_with_stored_times(statement)
+            if rows is None:
+                raise ReadError(f"cannot read {self.where}: a stored value has the wrong type: {exc}") from None
+            return rows
+
+    def _rows_with_stored_times(self, statement: Any) -> list[Mapping[str, Any]] | None:
+        """``statement``'s rows with its DATETIME columns converted one value at a time: a value
+        that is no date stays as stored (text) and is listed in :attr:`odd_values`. ``None``
+        when that does not help (not SQLite, no such column, or another value is to blame)."""
+        if self.conn.dialect.name != "sqlite" or not hasattr(statement, "selected_columns"):
+            return None
+        columns = list(statement.selected_columns)
+        times = {c.key for c in columns if isinstance(c.type, DateTime)}
+        if not times:
+            return None
+        convert = DateTime().dialect_impl(self.conn.dialect).result_processor(self.conn.dialect, None)
+        raw = statement.with_only_columns(
+            *(type_coerce(c, String).label(c.key) if c.key in times else c for c in columns),
+            maintain_column_froms=True)
+        try:
+            fetched = list(self.conn.execute(raw).mappings())
+        except (SQLAlchemyError, ValueError, TypeError, OverflowError):
+            return None
+        table = {c.key: getattr(getattr(c, "table", None), "name", None) for c in columns if c.key in times}
+        rows: list[Mapping[str, Any]] = []
+        for row in fetched:
+            values = dict(row)
+            for key in times:
+                value = values[key]
+                if value is None or convert is None:
+                    continue
+                try:
+                    values[key] = convert(value)
+                except (ValueError, TypeError, OverflowError):
+                    where = f"{table[key]}.{key}" if table[key] else key
+                    owner = f" of {values['id']}" if "id" in values else ""
+                    self.odd_values.append(f"{where}{owner} is no date: {str(value)[:64]!r} (shown as stored)")
+            rows.append(values)
+        return rows
 
     # --- schema revision --------------------------------------------------------------------
     @staticmethod

@@ -35,8 +35,8 @@ from .database import (
     deadline,
     ensure_schema,
     make_engine,
+    pinned_url,
     redacted,
-    resolve_url,
     script_heads,
     sqlite_file,
     untraced,
@@ -113,7 +113,7 @@ class DagWriter:
 
     def __init__(self, url: str | None = None, *, migrate: bool = True, engine: Engine | None = None,
                  cost_records: str | None = None) -> None:
-        self.url = resolve_url(url)
+        self.url = pinned_url(url)
         self.cost_records = resolve_cost_records(cost_records)
         self._migrate = migrate
         self._engine = engine

@@ -1,0 +1,140 @@
+"""SIGTERM and SIGHUP no longer throw away what the run recorded.
+
+Python's default for both signals ends the process at once, without ``atexit``: with
+``instrument()`` exporting to the DAG database, a run stopped by ``docker stop``, a job
+scheduler, ``timeout`` or a closed terminal left nothing at all in the database (the spans
+queued for the DAG processor, the finished steps and their model calls, the live DAG's run
+and node rows: up to a second of spans, lost with nothing saying so; twelfth fault
+campaign). ``instrument()`` now flushes on those signals, when the application has no
+handler of its own, and the process still ends by the signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel.cli import main
+from cmbagent_otel.dag.database import ensure_schema
+
+CHILD = textwrap.dedent('''
+    import signal, sys
+    if sys.argv[1] == "own":
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))
+    import cmbagent_otel
+    from cmbagent_otel import phase, step, workflow
+    from cmbagent_otel._spans import TracedSpan
+    cmbagent_otel.instrument(instrument_cmbagent=False, instrument_threading=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    print("HANDLER", "default" if handler is signal.SIG_DFL else getattr(handler, "__name__", "?"), flush=True)
+    with workflow("stopped run", mode="planning-control"), phase("control"):
+        for n in (1, 2):
+            with step(n, f"step {n}"):
+                for c in range(3):
+                    with TracedSpan(f"chat m{c}", "llm", {"gen_ai.request.model": "m"}):
+                        pass
+                if n == 2:
+                    print("READY", flush=True)
+                    sys.stdin.readline()
+''')
+
+
+def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", **env: str) -> tuple[int, str, Path]:
+    db = tmp_path / "cmbagent.db"
+    child_env = {**os.environ, "CMBAGENT_OTEL_DATABASE_URL": url or f"sqlite:///{db}",
+                 "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "OTEL_TRACES_EXPORTER": "cmbagent_dag", **env}
+    child_env.pop("OTEL_SDK_DISABLED", None)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env)
+    assert proc.stdout is not None
+    handler = proc.stdout.readline().split()[-1]
+    assert proc.stdout.readline().strip() == "READY", proc.communicate(timeout=60)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    return proc.returncode, handler, db
+
+
+def _rows(db: Path) -> tuple[list[str], dict[str, str], int]:
+    if not db.exists():
+        return [], {}, 0
+    conn = sqlite3.connect(db)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "workflow_runs" not in tables:
+            return [], {}, 0
+        runs = [r[0] for r in conn.execute("SELECT status FROM workflow_runs")]
+        nodes = {r[0]: r[1] for r in conn.execute("SELECT json_extract(meta, '$.id'), status FROM dag_nodes")}
+        events = conn.execute("SELECT count(*) FROM execution_events").fetchone()[0]
+        return runs, nodes, events
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_that_ends_the_process_exports_what_was_recorded_first(tmp_path: Path, name: str) -> None:
+    signum = getattr(signal, name)
+    code, handler, db = _run(tmp_path, signum)
+    assert handler == "_on_signal"
+    assert code == -signum  # still ended by the signal, as without us
+    runs, nodes, events = _rows(db)
+    assert runs == ["executing"]  # the live DAG's row: the run never ended
+    assert nodes.get("step_1") == "completed" and nodes.get("step_2") == "running"
+    assert events == 6  # the six model calls that ended before the signal
+
+
+def test_the_applications_own_handler_is_left_alone(tmp_path: Path) -> None:
+    code, handler, db = _run(tmp_path, signal.SIGTERM, "own")
+    assert handler == "<lambda>" and code == 3  # its handler ran: sys.exit(3), and atexit flushed
+    runs, nodes, _ = _rows(db)
+    assert runs == ["failed"] and nodes.get("step_2") == "failed"
+
+
+def test_the_setting_turns_it_off(tmp_path: Path) -> None:
+    code, handler, db = _run(tmp_path, signal.SIGTERM, CMBAGENT_OTEL_FLUSH_ON_SIGNAL="false")
+    assert handler == "default" and code == -signal.SIGTERM
+    assert _rows(db) == ([], {}, 0)  # what every SIGTERM did before
+
+
+def test_uninstrument_puts_the_default_back() -> None:
+    script = textwrap.dedent('''
+        import signal, cmbagent_otel
+        cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        cmbagent_otel.uninstrument()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        print("OK")
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "OK", out.stderr
+
+
+@pytest.mark.postgres
+def test_a_locked_postgres_keeps_the_deadline_and_the_spill_store_the_spans(tmp_path: Path, pg_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_schema(pg_url)
+    locker = create_engine(pg_url)
+    conn = locker.connect()
+    transaction = conn.begin()
+    conn.execute(text("LOCK TABLE workflow_runs IN ACCESS EXCLUSIVE MODE"))  # every write waits for it
+    try:
+        code, _, _ = _run(tmp_path, signal.SIGTERM, url=pg_url, CMBAGENT_OTEL_EXPORT_TIMEOUT="2")
+    finally:
+        transaction.rollback()
+        conn.close()
+    assert code == -signal.SIGTERM  # within the export deadline (communicate() bounds the wait)
+    assert list((tmp_path / "spill").glob("*.otlp"))
+    monkeypatch.setenv("CMBAGENT_OTEL_SPILL_DIR", str(tmp_path / "spill"))
+    assert main(["replay"]) == 0  # the next process (here: the CLI) stores them
+    with locker.connect() as check:
+        assert [r[0] for r in check.execute(text("SELECT status FROM workflow_runs"))] == ["executing"]
+        assert check.execute(text("SELECT count(*) FROM execution_events")).scalar() == 6
+    locker.dispose()

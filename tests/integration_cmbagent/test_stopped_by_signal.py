@@ -1,0 +1,104 @@
+"""The real cmbagent, stopped by SIGTERM mid-run, keeps what it recorded.
+
+A ``planning_and_control`` run exported by ``instrument()`` to the DAG database is sent
+SIGTERM while it waits for its 15th model call (as ``docker stop`` or a scheduler would).
+Python's default ends the process without ``atexit``: what the DAG processor had queued was
+lost (on the code before, 4 of the 39 model-call spans and the code execution that ended in the
+last second before the signal). ``instrument()`` now flushes on the signal and the process
+still ends by it (twelfth fault campaign; ``tests/faults/test_signal_flush.py``): every span the
+run ended is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import cmbagent_otel
+from tests.faults.conftest import stored_spans
+
+from .conftest import cmbagent_dir
+
+pytestmark = pytest.mark.skipif(cmbagent_dir() is None, reason="cmbagent is not installed")
+
+APP = textwrap.dedent('''
+    import os, sys, tempfile, threading
+    from pathlib import Path
+    import cmbagent_otel
+    provider = cmbagent_otel.instrument()
+
+    class Record:  # every span that ends, in the kernel at once (os.write): what the database must hold
+        fd = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        def on_start(self, span, parent_context=None): pass
+        def on_end(self, span):
+            os.write(self.fd, f"{span.context.trace_id:032x} {span.context.span_id:016x}\\n".encode())
+        def shutdown(self): pass
+        def force_flush(self, timeout_millis=30000): return True
+
+    provider.add_span_processor(Record())
+    sys.path.insert(0, sys.argv[1])
+    import cmbagent  # noqa: F401
+    from scripted_cmbagent import call_workflow, script_for
+    from cmbagent_otel.testing import FakeOpenAIServer
+    script = script_for("planning_and_control")
+    stop = threading.Event()
+    count = [0]
+    def responder(body):
+        count[0] += 1
+        if count[0] == 15:
+            print("WAITING", flush=True)
+            stop.wait()  # the app's main thread waits for this answer until the signal
+        return script(body)
+    with FakeOpenAIServer(request_responder=responder) as server:
+        os.environ["OPENAI_BASE_URL"] = server.base_url
+        with tempfile.TemporaryDirectory() as wd:
+            call_workflow("planning_and_control", Path(wd))
+    print("FINISHED", flush=True)
+''')
+
+
+def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
+    db = tmp_path / "cmbagent.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
+    env.update({"CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{db}", "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"),
+                "CMBAGENT_DISABLE_DISPLAY": "true",
+                "SSL_CERT_DIR": str(tmp_path)})
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cmbagent_otel.__file__).parents[1]),
+                                         *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                           if p)])
+    record = tmp_path / "ended.txt"
+    proc = subprocess.Popen([sys.executable, "-c", APP, str(Path(__file__).parent), str(record)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # cmbagent prints its own lines first
+        if line.strip() in ("WAITING", "FINISHED"):
+            break
+    if line.strip() != "WAITING":
+        proc.kill()
+        pytest.fail(f"the run did not reach its 15th model call: {proc.communicate()[1][-2000:]}")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    assert db.exists(), "nothing was written"
+    conn = sqlite3.connect(db)
+    try:
+        runs = [r[0] for r in conn.execute("SELECT status FROM workflow_runs")]
+        nodes = dict(conn.execute("SELECT node_type, status FROM dag_nodes WHERE node_type IN ('planning', 'control')"))
+        calls = conn.execute("SELECT count(*) FROM execution_events WHERE event_type = 'agent_call' "
+                             "AND status = 'completed'").fetchone()[0]
+    finally:
+        conn.close()
+    assert runs == ["executing"]  # the run never ended: its live row
+    assert nodes == {"planning": "completed", "control": "running"}
+    assert calls >= 14  # every model call answered before the signal, and the agents' calls around them
+    ended = Counter(tuple(line.split()) for line in record.read_text().splitlines())
+    missing = ended - stored_spans(f"sqlite:///{db}")
+    assert not missing, f"{sum(missing.values())} of {sum(ended.values())} ended spans are not stored"
