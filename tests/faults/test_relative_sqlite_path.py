@@ -18,12 +18,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel._spans import workflow_tracers
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 
 def _runs(path: Path) -> list[str]:
