@@ -360,7 +360,7 @@ def _clean_attributes(attributes: Any) -> dict[str, Any]:
             redaction.learn_secrets_in({key: value})
             out[key] = redaction.REDACTED
         else:
-            out[key] = _clean_value(value)
+            out[_clean_value(key) if type(key) is str else key] = _clean_value(value)  # a key may quote a secret
     return out
 
 
