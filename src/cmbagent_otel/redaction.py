@@ -1054,6 +1054,14 @@ class RedactionCache:
 _scrub_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
 # JSON texts of list items (a chat's messages), for redact_list
 _item_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+# names the application or a provider chooses (agents, models): few, asked on every call
+_name_cache = RedactionCache(max_len=4096, max_chars=1_000_000)
+
+
+def redact_name(name: str) -> str:
+    """:func:`redact` for a name (an agent's, a model's), memoised: an agent named, or a model
+    written, with a key in it (``gpt-4o?api_key=...``) went into span names, attributes and rows."""
+    return _name_cache.redact(name) if type(name) is str else name
 
 
 def redact_list(items: Sequence[str]) -> str:
