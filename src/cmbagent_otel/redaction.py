@@ -33,6 +33,7 @@ import base64
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 import sys
@@ -1642,5 +1643,28 @@ def _continue_fragments(text: str, random_only: bool = False) -> None:
                 _open_fragments.pop(key, None)
                 break
 
+
+class _RedactingFilter(logging.Filter):
+    """Redacts our own log records: a message quoting the application's text, and above all the
+    traceback of ``exc_info=True`` (telemetry's failures are logged at DEBUG with the exception
+    that caused them, and that exception's message is the application's: a hostile response
+    property raising ``quota exceeded for key sk-...``). Runs only for records that are emitted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(Exception):
+            if record.exc_info and not record.exc_text:
+                text = logging.Formatter().formatException(record.exc_info)
+                bound = _scan_bound()
+                record.exc_text = redact(text if len(text) <= bound else text[:bound] + "...[truncated]")
+            message = record.getMessage()
+            clean = redact(message if len(message) <= _scan_bound() else message[:_scan_bound()])
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+_log_filter = _RedactingFilter()
+for _name in ("cmbagent_otel", "cmbagent_otel.dag", "cmbagent_otel.ingest"):  # every logger we log on
+    logging.getLogger(_name).addFilter(_log_filter)
 
 reload_settings()
