@@ -366,7 +366,7 @@ def _clean_attributes(attributes: Any) -> dict[str, Any]:
 
 def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
     """``spans`` with every span of another instrumentation scrubbed as the DAG mapping scrubs it
-    (secret-named attributes, redacted strings, span name, status, event attributes): a spill file
+    (secret-named attributes, redacted strings, span name, status, event and link attributes): a spill file
     is on disk until it is replayed, and another instrumentation's spans carry what it recorded
     unredacted (an ``Authorization`` header, a URL with its password). Ours are redacted already
     and pass as they are, so what is stored after replay does not change. Every span's resource is
@@ -390,7 +390,9 @@ def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
                     name=redaction.redact(span.name) or span.name, context=span.context, parent=span.parent,
                     resource=resource, attributes=_clean_attributes(span.attributes),
                     events=[Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in span.events],
-                    links=span.links, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
+                    links=[Link(link.context, _clean_attributes(link.attributes)) if link.attributes else link
+                           for link in span.links],
+                    kind=span.kind, instrumentation_scope=span.instrumentation_scope,
                     status=Status(status.status_code,
                                   redaction.redact(status.description) if status.description else None),
                     start_time=span.start_time, end_time=span.end_time)

@@ -5,7 +5,8 @@ builds; an application that builds its own provider (``instrument(tracer_provide
 exporter in its own pipeline) keeps ``OTEL_RESOURCE_ATTRIBUTES`` and detector values as given, and
 the spill store wrote that resource into every spill file on disk (``db.password=…``, a collector
 URL with its password, a registered key), for our spans and other instrumentations' alike. The
-resource of every spilled span is now scrubbed like its attributes (once per resource object).
+resource of every spilled span is now scrubbed like its attributes (once per resource object); so
+are the attributes of another instrumentation's span links, which went to the file as given too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -36,7 +38,9 @@ def test_the_resource_of_spilled_spans_is_scrubbed(tmp_path: Path) -> None:
     provider.add_span_processor(SimpleSpanProcessor(memory))
     c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
     try:
-        with c.workflow("spilled"), provider.get_tracer("other.instrumentation").start_as_current_span("call"):
+        linked = trace.SpanContext(0x1F, 0x2F, is_remote=True)
+        with c.workflow("spilled"), provider.get_tracer("other.instrumentation").start_as_current_span(
+                "call", links=[trace.Link(linked, {"db.password": password, "peer": f"key {registered}"})]):
             pass
     finally:
         c.uninstrument()
