@@ -46,7 +46,7 @@ from ._context import (
 )
 from ._forksafe import reset_in_child
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
-from .redaction import safe_text, truncate
+from .redaction import learn_encoded_in, safe_text, truncate
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -402,8 +402,12 @@ def exception_text(exc: BaseException) -> str:
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
     # safe_text reads a bounded prefix: a message of megabytes costs what its kept part does
-    message = safe_text(exception_text(exc)) or ""
-    stack = safe_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), 16384) or ""
+    text = exception_text(exc)
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    learn_encoded_in(trace)  # a learned password it quotes base64- or hex-encoded (its causes' too)
+    message = safe_text(text) or ""
+    stack = safe_text(trace, 16384) or ""
+    del trace  # the SDK formats it again below: a huge message must not be held twice meanwhile
     attributes = {"exception.message": message, "exception.stacktrace": stack}
     try:
         span.record_exception(exc, attributes=attributes)

@@ -19,6 +19,10 @@ are recognised four ways:
   Perplexity ``pplx-...``, AWS access key ids, JWTs, PEM private keys, GitLab ``glpat-...``,
   npm, PyPI, SendGrid, DigitalOcean, Stripe restricted keys, URL credentials).
 
+Texts are also searched with ``%XX``, ``\\u00XX`` and ``&#NN;`` escapes decoded, with invisible
+and look-alike characters folded (a key broken up by U+200B, fullwidth, Unicode tags, Cyrillic
+letters), and inside base64 blobs that start as gzip, zlib, a PEM block or a JSON object.
+
 A learned value is redacted wherever it appears afterwards, so a password passed to a tool
 is also scrubbed from the exception message or the result the tool produces.
 """
@@ -29,10 +33,12 @@ import base64
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 import sys
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -51,8 +57,10 @@ _SECRET_ENV_NAME = re.compile(
 )
 # account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature.
 # Words may be joined by "." as well (OpenTelemetry attribute names: `aws.secret.access.key`, `openai.api.key`)
+# ... but not a name's ARN (``aws.secretsmanager.secret.arn``: an identifier; a secret under it is
+# still caught by value)
 _SECRET_KEY_NAME = re.compile(
-    r"^(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
+    r"^(?![\w.\-]*[._\-]arn$)(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
     r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string)[\w.\-]*"
     r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
@@ -107,7 +115,19 @@ _GATED_SHAPES = tuple(shape for _gate, shapes in _GATED_GROUPS for shape in shap
 # "/" (scheme://u:p@ss/w0rd@host: up to the last "@" of the URL, the safe side) or a user name that is
 # an e-mail address; "host:port/..." is not a password, and a password never runs into the next "://"
 # (text made of "://a:" repeated took 70 ms per 64 KiB to search without that stop: 1 ms with it)
-_URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[/?#\s\"'<>]|$))(?:[^\s\"'<>:]|:(?!//)){1,256}@")
+# A password of digits and one "/" part (u:2024/pw@host) is not a port: a port's path goes on
+# without an "@" (host:443/users/me@x.org, host:4873/@scope/pkg, host:5432/db?mail=a@b.org stay).
+_URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[?#\s\"'<>]|$|/(?![^\s/\"'<>@?#]+@)))"
+                              r"(?:[^\s\"'<>:]|:(?!//)){1,256}@")
+# a token as a URL's whole user name (https://TOKEN@host: GitHub, Azure DevOps, Bitbucket clones)
+_URL_TOKEN_USER = re.compile(r"://(?=[a-z_\-]*[0-9])(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,256}@", re.IGNORECASE)
+# user:password@host written without a scheme (a DSN or a connection line): found at its ":"
+_BARE_CREDENTIALS = re.compile(  # starts with its literal ":" (a fast scan), the user's end looked behind
+    r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128})@"
+    r"(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;)]|$))")
+_BARE_USER = re.compile(r"(?:^|(?<=[\s\"'=(\[,;]))[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
+_NOT_USERS = frozenset({"mailto", "sip", "sips", "tel", "xmpp", "im", "pres", "acct", "news", "urn", "geo", "sms",
+                        "mid", "cid", "fax", "modem", "callto", "skype", "facetime", "imap", "pop"})
 # query parameters that are credentials only inside a URL: Azure Functions' ?code=, Google's ?key=,
 # a presigned URL's X-Amz-Signature= (as key names, "code" and "key" are ordinary words: exit code=1)
 _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signature))=(?!\[REDACTED\])[^&#\s\"'<>]+",
@@ -119,6 +139,8 @@ _URL_PATH_SECRETS = re.compile(
 # and JSON's "\/" (PHP's json_encode and others escape every "/": a base64 key holds some)
 _JSON_ESCAPED = re.compile(r"\\(?:u00([2-7][0-9A-Fa-f])|/)")
 _URL_ESCAPED = re.compile(r"%([2-7][0-9A-Fa-f])")  # two patterns: each starts with a literal (fast scan)
+# HTML's numeric character references (&#45; &#x2d;), which an HTML page or a templating escape writes
+_HTML_ESCAPED = re.compile(r"&#(?:[xX]0*([2-7][0-9A-Fa-f])|0*(3[2-9]|[4-9][0-9]|1[01][0-9]|12[0-6]));")
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
 _MIN_SECRET_LEN = 6
 MAX_LEARNED = 256
@@ -432,8 +454,15 @@ _learned_forms_pattern: re.Pattern[str] | None = None
 def learn_encoded_in(text: Any) -> None:
     """Learn the encoded forms of recently learned secrets found in ``text`` (a tool's result, a
     code execution's output), so that they are redacted there and wherever they are quoted
-    later. One check when nothing was learned; never raises."""
-    if not _learned_forms or type(text) is not str:
+    later. ``text`` may be a message: the strings of dicts, lists and tuples are looked at (a
+    model's reply quoting a password it was given). One check when nothing was learned; never
+    raises."""
+    if not _learned_forms:
+        return
+    if type(text) is not str:
+        with contextlib.suppress(Exception):
+            for item in _strings_in(text, 0):
+                learn_encoded_in(item)
         return
     with contextlib.suppress(Exception):
         global _learned_forms_pattern
@@ -445,6 +474,17 @@ def learn_encoded_in(text: Any) -> None:
         bound = _scan_bound()
         for found in set(pattern.findall(text if len(text) <= bound else text[:bound])):
             _learn(found, False)
+
+
+def _strings_in(value: Any, depth: int) -> Iterable[str]:
+    if type(value) is str:
+        yield value
+    elif depth < 8 and isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item, depth + 1)
+    elif depth < 8 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings_in(item, depth + 1)
 
 
 def register_secrets_in(value: Any) -> None:
@@ -569,6 +609,34 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         extra = getattr(value, "__pydantic_extra__", None)
         if isinstance(extra, dict):
             _register_walk(extra, depth + 1, secret, register)
+    elif config_list is None:
+        _walk_object(value, depth, secret, register)
+
+
+_OBJECT_ATTRIBUTES = 64  # attributes of one plain object looked at (an HTTP client holds many)
+
+
+def _walk_object(value: Any, depth: int, secret: bool, register: Any) -> None:
+    """A dataclass or plain object in a configuration (``credentials=Creds(api_key=...)``, a key
+    holder whose ``str()`` is the key): its secret-named attributes, and under a secret-named key
+    its ``str()`` (when its class defines one) and every attribute. Other attributes are not
+    followed (an HTTP client's connection pool is no configuration)."""
+    with contextlib.suppress(Exception):  # a hostile object stops its own walk, not the rest
+        cls = type(value)
+        if isinstance(value, (type, bytes, bytearray)) or callable(value) or cls.__module__ == "builtins":
+            return
+        if secret and cls.__str__ is not object.__str__:
+            _register_value(str(value), register)
+        fields = getattr(value, "__dataclass_fields__", None)
+        names = list(fields) if isinstance(fields, dict) else list(getattr(value, "__dict__", None) or ())
+        for name in names[:_OBJECT_ATTRIBUTES]:
+            if not isinstance(name, str):
+                continue
+            named = is_secret_key(name)
+            if secret or named or isinstance(fields, dict):
+                item = getattr(value, name, None)
+                if item is not None and type(item) not in _SCALARS:
+                    _register_walk(item, depth + 1, secret or named, register)
 
 
 def _learn_text(text: str, depth: int) -> None:
@@ -608,6 +676,7 @@ def _kv_scan(text: str, learn: bool) -> str:
     if not starts:
         return text
     starts.sort()
+    arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
     out: list[str] = []
     last = 0
     run_end = prev = -1
@@ -631,6 +700,8 @@ def _kv_scan(text: str, learn: bool) -> str:
         name_start = start
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
+        if arns and any(a < name_start < b for a, b in arns):
+            continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
         # or further, matching it for every key (secret or not) would be quadratic
         if not is_secret_key(text[name_start:run_end]):
@@ -660,6 +731,8 @@ def _kv_scan(text: str, learn: bool) -> str:
     return "".join(out)
 
 
+# an Amazon Resource Name: arn:partition:service:region:account:resource
+_ARN = re.compile(r"(?<![\w.\-])arn:aws[\w\-]*:[\w\-]+:[\w\-]*:\d*:[^\s\"'<>,;]+", re.IGNORECASE)
 _JSON_LITERALS = frozenset({"null", "true", "false", "None", "True", "False"})
 
 
@@ -674,12 +747,62 @@ def redact(text: str | None) -> str | None:
 def _redact_with(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if len(text) < _MIN_SECRET_LEN and _whole_pieces and text in _whole_pieces:
         return REDACTED
-    if "\\" in text or "%" in text:
+    if not text.isascii() and _needs_folding(text):
+        # invisible characters, fullwidth forms, Unicode tags or look-alike letters inside a word:
+        # searched folded too, and shown folded only where that hides more (a key split by U+200B)
+        before = _known_pattern
+        as_written = _redact_escaped(known, text)
+        folded = _redact_escaped(_known_pattern if _known_pattern is not before else known, text.translate(_FOLD))
+        count, written = folded.count(REDACTED), as_written.count(REDACTED)
+        # as many replacements, but fewer characters left visible (part of the key was learned as written)
+        if count > written or (count and count == written and len(folded) < len(as_written.translate(_FOLD))):
+            return folded
+        return as_written
+    return _redact_escaped(known, text)
+
+
+# what an attacker (a prompt-injected model, code echoing a key) can slip into a key to break its
+# match: zero-width and other invisible format characters (removed), fullwidth ASCII, Unicode tag
+# characters (U+E0020-E007E spell ASCII invisibly: "ASCII smuggling") and Cyrillic/Greek letters
+# that look Latin (mapped to ASCII)
+_INVISIBLE_BMP = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+                  "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0")
+_INVISIBLE = _INVISIBLE_BMP + "\U000e0000-\U000e001f\U000e007f"
+_LOOKALIKES = ("\u0430a\u0435e\u043eo\u0440p\u0441c\u0443y\u0445x\u0456i\u0458j\u0455s\u0501d\u051bq\u051dw"
+               "\u0410A\u0412B\u0415E\u041aK\u041cM\u041dH\u041eO\u0420P\u0421C\u0422T\u0425X\u0423Y\u0406I"
+               "\u0408J\u0405S\u03bfo\u03bdv\u0391A\u0392B\u0395E\u0396Z\u0397H\u0399I\u039aK\u039cM\u039dN"
+               "\u039fO\u03a1P\u03a4T\u03a5Y\u03a7X")
+_FOLD: dict[int, int | None] = {
+    **{ord(_LOOKALIKES[i]): ord(_LOOKALIKES[i + 1]) for i in range(0, len(_LOOKALIKES), 2)},
+    **{code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)},
+    **{code: code - 0xE0000 for code in range(0xE0020, 0xE007F)},
+    **{code: None for code in itertools.chain.from_iterable(
+        range(ord(a), ord(b) + 1) if b else (ord(a),)
+        for a, b in re.findall(r"(.)(?:-(.))?", _INVISIBLE))},
+}
+_LOOKALIKE_SET = re.escape(_LOOKALIKES[0::2])
+# three searches, each a single character class first (one class holding the astral tag range, or
+# alternatives starting with ASCII letters, cost 2-3x more on prose); the look-alike one starts at
+# the look-alike, so English text with an emoji or an accent skips through it at C speed
+_INVISIBLE_GATE = re.compile(rf"[{_INVISIBLE_BMP}\uff01-\uff5e]")
+_TAG_GATE = re.compile(r"[\U000e0000-\U000e007f]")
+_LOOKALIKE_GATE = re.compile(rf"[{_LOOKALIKE_SET}](?:(?<=[A-Za-z0-9_\-].)|(?=[A-Za-z0-9_\-]))")
+
+
+def _needs_folding(text: str) -> bool:
+    return (_INVISIBLE_GATE.search(text) is not None or _LOOKALIKE_GATE.search(text) is not None
+            or _TAG_GATE.search(text) is not None)
+
+
+def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
+    if "\\" in text or "%" in text or "&#" in text:
         decoded = text
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
+        if "&#" in decoded:
+            decoded = _unescaped(_HTML_ESCAPED, known, decoded)
         if decoded != text:
             # the decoded form only where it hides more (an escaped key): other escapes, as
             # in a URL's %41 or a JSON \u0041, are telemetry's to keep as the app wrote them
@@ -703,6 +826,9 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     text = _kv_scan(text, learn=True)
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
+    # before known secrets: one replaced inside a blob (an encoded form) would cut the blob short
+    if "H4sI" in text or "LS0t" in text or _BLOB_E.search(text) is not None:
+        text = _redact_blobs(text)
     if known is not None:
         text = _replace_known(known, text)
     text = _SECRET_SHAPES.sub(REDACTED, text)
@@ -711,6 +837,11 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             for hint, shape in shapes:
                 if hint in text:
                     text = shape.sub(REDACTED, text)
+    if "@" in text:
+        if "://" in text:
+            text = _URL_TOKEN_USER.sub(f"://{REDACTED}@", text)
+        if ":" in text:
+            text = _redact_bare_credentials(text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
         if "?" in text and "=" in text:
@@ -720,6 +851,91 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+# base64 blobs a secret hides in with no fixed form: gzip (H4sI) or zlib (eJ., eN.) compressed data,
+# whose bytes depend on the whole stream, and base64 of a PEM block ("-----BEGIN") or of a JSON
+# object ('{"', '{ "', '{\n') holding a secret by name or shape. Found by their fixed first
+# characters; wrapped lines (as written, or JSON-escaped) are followed while they are full.
+_BLOB = re.compile(
+    r"(?:(?<![A-Za-z0-9+/_\-])|(?<=\\[nrt]))(?P<magic>H4sI|eJ[w-z]|eN[o-r]|LS0tLS1|eyJ|eyAi|ewo)"
+    r"(?:[A-Za-z0-9+/_\-]|\r?\n|\\r\\n|\\n)+={0,2}")
+# the magics that start with "e", as one pattern with a literal first character (a fast scan); seven
+# substring tests cost 1.8 us per 250 characters, this and two tests 1.35
+_BLOB_E = re.compile(r"e(?:yJ|yAi|wo|J[w-z]|N[o-r])")
+_BLOB_LINE = re.compile(r"\r?\n|\\r\\n|\\n")
+_BLOB_MIN = 16  # base64 characters (12 bytes): shorter runs hide no key worth the decode
+_BLOB_OUT = 1 << 16  # decoded / decompressed bytes searched (a decompression bomb stops there)
+_B64_STANDARD = str.maketrans("-_", "+/")
+_blob_depth = threading.local()
+
+
+def _redact_blobs(text: str) -> str:
+    """``text`` with each base64 blob that decodes (and decompresses) to text holding a secret
+    replaced whole; the decoded text is searched as :func:`redact` searches any text."""
+    depth = getattr(_blob_depth, "value", 0)
+    if depth >= 2:  # a blob inside a blob inside a blob: not followed further
+        return text
+    spans = []
+    for match in _BLOB.finditer(text):
+        start, end = match.span()
+        blob = match.group()
+        line_end = 0
+        width = None
+        for line in _BLOB_LINE.finditer(blob):  # wrapped: lines as long as the first, then a last one
+            size = line.start() - line_end
+            if width is None:
+                width = size
+            if size != width or line.end() == len(blob):
+                break
+            line_end = line.end()
+        else:
+            line_end = len(blob)
+        if line_end < len(blob):  # the blob ends with the line after line_end
+            cut = _BLOB_LINE.search(blob, line_end)
+            end = start + (cut.start() if cut is not None else len(blob))
+            blob = blob[:end - start]
+        blob = _BLOB_LINE.sub("", blob)
+        if len(blob) >= _BLOB_MIN and _blob_holds_secret(match.group("magic"), blob, depth):
+            spans.append((start, end))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
+    try:
+        compressed = magic == "H4sI" or magic[:2] in ("eJ", "eN")
+        blob = blob.translate(_B64_STANDARD).rstrip("=")
+        if not compressed:
+            blob = blob[: 4 * (_BLOB_OUT // 3)]
+        blob = blob[: len(blob) - len(blob) % 4 if len(blob) % 4 == 1 else len(blob)]
+        raw = base64.b64decode(blob + "=" * (-len(blob) % 4))
+        if compressed:
+            try:
+                raw = zlib.decompressobj(31 if magic == "H4sI" else 15).decompress(raw, _BLOB_OUT)
+            except zlib.error:  # not compressed data after all
+                return False
+        inner = raw[:_BLOB_OUT].decode("utf-8", "replace")
+    except Exception:
+        return False
+    if not inner:
+        return False
+    _blob_depth.value = depth + 1
+    try:
+        return (_redact_with(_known_pattern, inner) or "").count(REDACTED) > inner.count(REDACTED)
+    finally:
+        _blob_depth.value = depth
+
+
+def _redact_bare_credentials(text: str) -> str:
+    """``text`` with the password of each ``user:password@host`` written without a scheme replaced
+    (a password of letters alone is taken for an address: ``Contact:alice@example.org``)."""
+    spans = []
+    for match in _BARE_CREDENTIALS.finditer(text):
+        at = match.start()
+        user = _BARE_USER.search(text, max(0, at - 65), at)
+        if user is not None and user.group().lower() not in _NOT_USERS:
+            spans.append(match.span("pw"))
+    return _replaced(text, spans, REDACTED) if spans else text
 
 
 def _replace_known(known: re.Pattern[str] | _Patterns, text: str) -> str:
@@ -748,10 +964,18 @@ def _with_overlapping_shapes(known: re.Pattern[str] | _Patterns, text: str, repl
 def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     """``text`` with ``pattern``'s escapes decoded; a known secret that holds such an escape
     itself (a password ``x%5fy``) is replaced before, or decoding would hide it."""
-    decoded = pattern.sub(_unescape, text)
+    unescape = _unescape_html if pattern is _HTML_ESCAPED else _unescape
+    decoded = pattern.sub(unescape, text)
     if decoded == text or known is None:
         return decoded
-    return pattern.sub(_unescape, _replace_known(known, text))
+    return pattern.sub(unescape, _replace_known(known, text))
+
+
+def _unescape_html(match: re.Match[str]) -> str:
+    """:func:`_unescape` for an HTML character reference, hexadecimal or decimal."""
+    hexadecimal = match.group(1)
+    char = chr(int(hexadecimal, 16) if hexadecimal else int(match.group(2)))
+    return char if char in _PLAIN_CHARS else match.group()
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -831,6 +1055,14 @@ class RedactionCache:
 _scrub_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
 # JSON texts of list items (a chat's messages), for redact_list
 _item_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
+# names the application or a provider chooses (agents, models): few, asked on every call
+_name_cache = RedactionCache(max_len=4096, max_chars=1_000_000)
+
+
+def redact_name(name: str) -> str:
+    """:func:`redact` for a name (an agent's, a model's), memoised: an agent named, or a model
+    written, with a key in it (``gpt-4o?api_key=...``) went into span names, attributes and rows."""
+    return _name_cache.redact(name) if type(name) is str else name
 
 
 def redact_list(items: Sequence[str]) -> str:
@@ -1144,6 +1376,8 @@ def _decoded(text: str) -> str:
         text = _JSON_ESCAPED.sub(_unescape, text)
     if "%" in text:
         text = _URL_ESCAPED.sub(_unescape, text)
+    if "&#" in text:
+        text = _HTML_ESCAPED.sub(_unescape_html, text)
     return text
 
 
@@ -1185,6 +1419,8 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
                 if _heads:
                     _learn_edges(text)
                 _learn_open_fragment(text)
+                if _learned_forms:  # a model's message quoting a learned password base64-encoded
+                    learn_encoded_in(text)
                 if small:
                     checked[text] = None
                 else:
@@ -1356,7 +1592,12 @@ _FRAGMENT_LOOKBACK = 40  # longer than any fragment _FRAGMENT_AT_END matches
 # (fragment, the text it ended) -> how many more calls' first texts may continue it
 _open_fragments: OrderedDict[tuple[str, str], int] = OrderedDict()
 _MAX_OPEN_FRAGMENTS = 16
-_FRAGMENT_CALLS = 8  # a fragment nobody continued within this many calls is forgotten (each costs a match)
+# a fragment nobody continued within this many texts is forgotten (each costs an anchored match per
+# new text; 8 let a key continued by the 9th text through)
+_FRAGMENT_CALLS = 256
+# a continuation apart counts when it looks random: a digit, or a lower-case letter followed by an
+# upper-case one (a key's body of letters alone; not a capitalised word: "Thanksgiving")
+_RANDOM_LOOKING = re.compile(r"[0-9]|[a-z][A-Z]")
 
 
 def _learn_open_fragment(text: str) -> None:
@@ -1379,8 +1620,9 @@ def _continue_fragments(text: str, random_only: bool = False) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
     shape whose start ended an earlier text: the key was split across two calls. With
     ``random_only`` (a later text of the same call, other texts in between), only a
-    continuation holding a digit counts, as a key's random part does: a word (``wait``) that
-    merely completes the shape neither is learned nor closes the fragment."""
+    continuation that looks random counts (a digit, or a lower-case letter before an upper-case
+    one), as a key's random part does: a word (``wait``) that merely completes the shape neither is
+    learned nor closes the fragment."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
@@ -1394,12 +1636,35 @@ def _continue_fragments(text: str, random_only: bool = False) -> None:
         for shape in shapes:
             match = shape.match(joined)
             if match is not None and match.end() > len(fragment):
-                if random_only and not any(c.isdigit() for c in joined[len(fragment):match.end()]):
+                if random_only and _RANDOM_LOOKING.search(joined, len(fragment), match.end()) is None:
                     continue
                 _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
                              len(text) <= _FRAGMENT_LOOKBACK + _SPLIT_WINDOW)
                 _open_fragments.pop(key, None)
                 break
 
+
+class _RedactingFilter(logging.Filter):
+    """Redacts our own log records: a message quoting the application's text, and above all the
+    traceback of ``exc_info=True`` (telemetry's failures are logged at DEBUG with the exception
+    that caused them, and that exception's message is the application's: a hostile response
+    property raising ``quota exceeded for key sk-...``). Runs only for records that are emitted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(Exception):
+            if record.exc_info and not record.exc_text:
+                text = logging.Formatter().formatException(record.exc_info)
+                bound = _scan_bound()
+                record.exc_text = redact(text if len(text) <= bound else text[:bound] + "...[truncated]")
+            message = record.getMessage()
+            clean = redact(message if len(message) <= _scan_bound() else message[:_scan_bound()])
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+_log_filter = _RedactingFilter()
+for _name in ("cmbagent_otel", "cmbagent_otel.dag", "cmbagent_otel.ingest"):  # every logger we log on
+    logging.getLogger(_name).addFilter(_log_filter)
 
 reload_settings()

@@ -360,30 +360,42 @@ def _clean_attributes(attributes: Any) -> dict[str, Any]:
             redaction.learn_secrets_in({key: value})
             out[key] = redaction.REDACTED
         else:
-            out[key] = _clean_value(value)
+            out[_clean_value(key) if type(key) is str else key] = _clean_value(value)  # a key may quote a secret
     return out
 
 
 def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
     """``spans`` with every span of another instrumentation scrubbed as the DAG mapping scrubs it
-    (secret-named attributes, redacted strings, span name, status, event attributes): a spill file
+    (secret-named attributes, redacted strings, span name, status, event and link attributes): a spill file
     is on disk until it is replayed, and another instrumentation's spans carry what it recorded
     unredacted (an ``Authorization`` header, a URL with its password). Ours are redacted already
-    and pass as they are, so what is stored after replay does not change. Never raises (a span it
-    cannot copy is kept as it was)."""
+    and pass as they are, so what is stored after replay does not change. Every span's resource is
+    scrubbed the same way (a provider the application built keeps ``OTEL_RESOURCE_ATTRIBUTES`` as
+    given, and the spill file holds it). Never raises (a span it cannot copy is kept as it was)."""
     out: list[ReadableSpan] | None = None
     for index, span in enumerate(spans):
         try:
+            resource = _clean_resource(span.resource)
             if (span.attributes or {}).get(SPAN_KIND) is not None:
-                continue
-            status = span.status
-            clean = ReadableSpan(
-                name=redaction.redact(span.name) or span.name, context=span.context, parent=span.parent,
-                resource=span.resource, attributes=_clean_attributes(span.attributes),
-                events=[Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in span.events],
-                links=span.links, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
-                status=Status(status.status_code, redaction.redact(status.description) if status.description else None),
-                start_time=span.start_time, end_time=span.end_time)
+                if resource is span.resource:
+                    continue
+                clean = ReadableSpan(
+                    name=span.name, context=span.context, parent=span.parent, resource=resource,
+                    attributes=span.attributes, events=span.events, links=span.links, kind=span.kind,
+                    instrumentation_scope=span.instrumentation_scope, status=span.status,
+                    start_time=span.start_time, end_time=span.end_time)
+            else:
+                status = span.status
+                clean = ReadableSpan(
+                    name=redaction.redact(span.name) or span.name, context=span.context, parent=span.parent,
+                    resource=resource, attributes=_clean_attributes(span.attributes),
+                    events=[Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in span.events],
+                    links=[Link(link.context, _clean_attributes(link.attributes)) if link.attributes else link
+                           for link in span.links],
+                    kind=span.kind, instrumentation_scope=span.instrumentation_scope,
+                    status=Status(status.status_code,
+                                  redaction.redact(status.description) if status.description else None),
+                    start_time=span.start_time, end_time=span.end_time)
         except Exception:
             logger.debug("cmbagent_otel: could not scrub a span for the spill store", exc_info=True)
             continue
@@ -391,6 +403,24 @@ def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
             out = list(spans)
         out[index] = clean
     return spans if out is None else out
+
+
+# resource -> (it, the secrets' version, its scrubbed copy or itself when clean): a process has one or
+# a few, shared by every span
+_clean_resources: dict[int, tuple[Resource, int, Resource]] = {}
+
+
+def _clean_resource(resource: Resource) -> Resource:
+    found = _clean_resources.get(id(resource))
+    if found is not None and found[0] is resource and found[1] == redaction.secrets_version:
+        return found[2]
+    attributes = resource.attributes
+    cleaned = _clean_attributes(attributes)
+    clean = resource if cleaned == dict(attributes) else Resource(cleaned, resource.schema_url)
+    if len(_clean_resources) >= 16:
+        _clean_resources.clear()  # a bound, not a cache policy
+    _clean_resources[id(resource)] = (resource, redaction.secrets_version, clean)
+    return clean
 
 
 class SpillStore:

@@ -90,7 +90,10 @@ def _attributes(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
         for k, v in dict(value).items():
             key = _text(k) or ""
             plain = _plain_value(v)
-            out[key] = REDACTED if is_secret_key(key) else _clean(plain) if isinstance(plain, str) else plain
+            if is_secret_key(key):
+                out[key] = REDACTED
+                continue
+            out[_clean(key) or ""] = _clean(plain) if isinstance(plain, str) else plain  # a key may quote a key
         return out
     except Exception:
         logger.debug("cmbagent_otel: workflow attributes could not be read", exc_info=True)

@@ -716,6 +716,8 @@ def _scrub_value(value: Any) -> Any:
 def _attributes_meta(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The attributes as an event's ``meta.attributes``: secret keys' values replaced (and learned),
     every text redacted."""
+    if _keys_version != redaction.secrets_version:
+        _forget_keys()
     known, secret = _key_sets  # one read: another thread may replace both sets together
     if not known.issuperset(attrs) or not secret.isdisjoint(attrs):
         return _attributes_meta_keyed(attrs)
@@ -759,6 +761,8 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
     runs on exactly the texts, in exactly the order, _attributes_meta would have, and never on
     attributes that turn out to be unstorable.
     """
+    if _keys_version != redaction.secrets_version:
+        _forget_keys()
     known, secret = _key_sets
     if not known.issuperset(attrs) or not secret.isdisjoint(attrs) or not _storable_keys.issuperset(attrs):
         return None
@@ -817,6 +821,9 @@ def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in attrs.items():
         secret = key in secrets if key in known else _secret_key(key)
         if secret:
+            if not is_secret_key(key):  # a key that quotes a secret (a header named by a token)
+                out[_redact_text(key)] = _meta_value(value, cache)
+                continue
             learn_secrets_in({key: value})
             cache = {}  # a secret learned: nothing cached before it may be used
             out[key] = REDACTED
@@ -835,16 +842,24 @@ def _learn_split_items(attrs: Mapping[str, Any]) -> None:
 
 _PLAIN_TYPES = frozenset({bool, int, float})
 # Attribute keys classified by is_secret_key (a fixed pattern: keys repeat across every span), and
-# the secret ones among them. A key goes into the second set before the first, and a full pair is
-# replaced by a new one (never emptied in place), so a reader holding a pair never sees a secret
-# key as classified and not secret.
+# the secret ones among them (or that quote a secret: such a key is stored redacted). A key goes into
+# the second set before the first, and a full pair is replaced by a new one (never emptied in place),
+# so a reader holding a pair never sees a secret key as classified and not secret. Forgotten when
+# the known secrets change (a key classified before may quote one learned since).
 _key_sets: tuple[set[str], set[str]] = (set(), set())
+_keys_version = -1
+
+
+def _forget_keys() -> None:
+    global _key_sets, _keys_version
+    _keys_version = redaction.secrets_version
+    _key_sets = (set(), set())
 
 
 def _secret_key(key: str) -> bool:
-    """Whether attribute key ``key`` names a secret, remembered in :data:`_key_sets`."""
+    """Whether attribute key ``key`` names or quotes a secret, remembered in :data:`_key_sets`."""
     global _key_sets
-    secret = is_secret_key(key)
+    secret = is_secret_key(key) or _redact_text(key) != key
     known, secrets = _key_sets
     if len(known) >= 4096:
         known, secrets = _key_sets = (set(), set())

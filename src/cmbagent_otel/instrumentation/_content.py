@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
-from ..redaction import is_registered, register_secret, register_secrets_in
+from ..redaction import is_registered, redact_name, register_secret, register_secrets_in
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -75,7 +75,7 @@ def capture_from_env() -> ContentMode:
 def agent_name(agent: Any) -> str:
     try:
         name = getattr(agent, "name", None)
-        return bounded_name(str(name)) if name is not None else type(agent).__name__
+        return bounded_name(redact_name(str(name))) if name is not None else type(agent).__name__
     except Exception:
         return "unknown"
 

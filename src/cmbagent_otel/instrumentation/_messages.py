@@ -26,7 +26,16 @@ from typing import Any
 
 from .. import redaction
 from .._jsontext import compact_encoder
-from ..redaction import learn_secrets_ahead, learn_split_secrets, max_length, redact, redact_list, scrub, truncate
+from ..redaction import (
+    learn_encoded_in,
+    learn_secrets_ahead,
+    learn_split_secrets,
+    max_length,
+    redact,
+    redact_list,
+    scrub,
+    truncate,
+)
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -343,7 +352,9 @@ def render(items: Sequence[Any], bound: int | None = None,
     bound = bound or max_length()
     budget = bound
     if convert is message:
-        learn_split_secrets(_message_texts(items))
+        learn_split_secrets(_message_texts(items))  # and the encoded forms of learned secrets
+    else:
+        learn_encoded_in(items)  # a model's reply quoting a learned password base64-encoded
     for _ in range(3):
         kept, dropped = _render(items, budget, convert)
         text = "[" + ", ".join(kept) + "]"

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import semconv
+from ..redaction import redact_name
 
 # AG2 api_type -> gen_ai.provider.name (the GenAI conventions' well-known values where one
 # applies, else the stable lower-case name of the provider AG2 talks to). Any other api_type,
@@ -100,7 +101,7 @@ class ConfigInfo:
         self.config = config  # held so its id is not reused while cached
         self.provider = provider_name(config)
         model = config.get("model")
-        self.model = str(model) if model else None
+        self.model = redact_name(str(model)) if model else None
         attrs: dict[str, Any] = {semconv.GEN_AI_PROVIDER_NAME: self.provider}
         self.server = server_of(config, self.provider, base_url)
         if self.server is not None:

@@ -93,6 +93,7 @@ from ..redaction import (
     RedactionCache,
     learn_encoded_in,
     learn_secrets_in,
+    redact_name,
     register_new_environment,
     safe_text,
     truncate,
@@ -896,7 +897,7 @@ def _response_output(response: Any) -> str | None:
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
     model = getattr(response, "model", None)
-    response_model = model if type(model) is str or isinstance(model, str) else None
+    response_model = redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None
     usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
