@@ -766,19 +766,25 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
         return None
     out = attrs.copy()
     cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    clean = _clean_texts(cache)
     missed: list[str] | None = None
     for key, value in attrs.items():
         kind = type(value)
         if kind is str:
-            if (not value.isascii() or "\x00" in value) and _rejected(value):
-                return None
-            hit = cache.get(value)
-            if hit is not None:
+            hit = clean.get(value)  # a text checked storable before, scrubbed by this memo: both in one lookup
+            if hit is None:
+                if (not value.isascii() or "\x00" in value) and _rejected(value):
+                    return None
+                hit = cache.get(value)
+                if hit is None:
+                    if missed is None:
+                        missed = [key]
+                    else:
+                        missed.append(key)
+                    continue
+                clean[value] = hit
+            if hit is not value:  # out holds the value already (most texts redact to themselves)
                 out[key] = hit
-            elif missed is None:
-                missed = [key]
-            else:
-                missed.append(key)
         elif value is None or kind in _PLAIN_TYPES:
             continue
         elif kind is tuple:
@@ -809,6 +815,21 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
         for key in missed:
             out[key] = _meta_value(attrs[key], cache)
     return out
+
+
+# Texts _meta_if_storable found storable (no NUL, no lone surrogate), with their scrubbed form
+# from one redaction memo's entries: a pair replaced (never emptied in place) when that memo is.
+_clean: tuple[dict[str, str], dict[str, str]] = ({}, {})
+
+
+def _clean_texts(cache: dict[str, str]) -> dict[str, str]:
+    """The storable texts scrubbed by ``cache`` (the redaction memo's entries), bounded like it."""
+    global _clean
+    entries, clean = _clean  # one read: another thread may replace the pair
+    if entries is not cache or len(clean) >= 4096:
+        clean = {}
+        _clean = (cache, clean)
+    return clean
 
 
 def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
