@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from cmbagent_otel.dag import _stamps
 from cmbagent_otel.dag.schema import metadata
@@ -58,3 +59,19 @@ def test_datetimes_not_made_from_span_times_are_formatted_as_before() -> None:
         assert _sqlite_dt(value) == text
     assert _stamps.iso(datetime(2026, 12, 1, 10, 0, 0)) == "2026-12-01 10:00:00"
     assert _stamps.iso(same_as_made) == "shifted"
+
+
+def test_rows_are_the_same_with_or_without_time_texts(capture: Any) -> None:
+    """map_spans(texts=False) (PostgreSQL: times go as datetimes) maps the same rows as with texts."""
+    from cmbagent_otel.dag.mapping import map_spans
+
+    from .scenario import run_scenario
+
+    run_scenario()
+    spans = capture.spans
+    with_texts, without = map_spans(spans), map_spans(spans, texts=False)
+    assert with_texts.nodes and with_texts.events
+    for table in ("sessions", "nodes", "events", "node_placeholders", "event_placeholders", "messages"):
+        assert getattr(with_texts, table) == getattr(without, table), table
+    assert {k: (v.rank, v.row) for k, v in with_texts.runs.items()} == {
+        k: (v.rank, v.row) for k, v in without.runs.items()}

@@ -50,6 +50,11 @@ def at(ns: int) -> datetime:
     return value
 
 
+def bare(ns: int) -> datetime:
+    """:func:`at` without the text (for times no row stores as text: PostgreSQL takes datetimes)."""
+    return _EPOCH + _MICROSECOND * (ns // 1000)
+
+
 def sqlite_text(value: datetime) -> str:
     """``value.isoformat(" ", "microseconds")`` of a naive datetime (SQLAlchemy's SQLite storage format)."""
     if type(value) is datetime:

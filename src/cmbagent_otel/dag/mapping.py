@@ -123,6 +123,7 @@ def derived_uuid(*parts: str) -> str:
 
 # a span time as a datetime, its text remembered (_stamps: SQLite's text and node meta's reuse it)
 _at = _stamps.at
+_bare = _stamps.bare
 _iso = _stamps.iso
 
 
@@ -970,7 +971,7 @@ _HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
 
 def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str, trace_id: int,
                   trace_hex: str | None = None, trace_bytes: bytes | None = None, *,
-                  span_id: int | None = None) -> list[dict[str, Any]]:
+                  span_id: int | None = None, at: Callable[[int], datetime] = _at) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
@@ -996,7 +997,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
                 ev = {k: _clean_value(v) for k, v in ev.items()}
             clean = _attributes_meta(ev)
         stamp = event.timestamp
-        when = None if stamp is None else _at(stamp)  # ts()
+        when = None if stamp is None else at(stamp)  # ts()
         g = clean.get  # _event_io of a speaker selection
         inputs = {"from": g(sc.HANDOFF_FROM), "candidates": _plain(g(sc.HANDOFF_CANDIDATES))}
         outputs = {"to": g(sc.HANDOFF_TO), "reason": g(sc.HANDOFF_REASON)}
@@ -1095,7 +1096,7 @@ def _node_placeholder(wanted: dict[str, tuple[str, str, str]], run_id: str, sess
         wanted[node_id] = (run_id, session_id, short)
 
 
-def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
+def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBatch:
     """Map spans (any order, duplicates allowed) to rows for every table.
 
     A :class:`~cmbagent_otel.processor.StartedSpan` is a *started* record (the durable
@@ -1104,6 +1105,10 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     that the writer never lets replace a finished one; started records of other spans are
     ignored. Any other span is a finished one, even without an end time (an OTLP span with
     ``end_time_unix_nano`` 0): its rows have no completion time and no duration.
+
+    ``texts``: the rows' times will be written as text (SQLite), so each is made with its text
+    (see ``_stamps``); False (PostgreSQL takes datetimes) makes the text of node spans' times
+    only (their meta holds it). The rows are the same either way.
     """
     batch = MappedBatch()
     traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
@@ -1170,10 +1175,12 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         session_id = attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID
         if type(session_id) is not str or len(session_id) > 36:
             session_id = str(session_id)[:36]
-        started = None if start_ns is None else _at(start_ns)  # ts()
-        completed = None if end_ns is None else _at(end_ns)
+        is_node = sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs
+        at = _at if texts or is_node else _bare
+        started = None if start_ns is None else at(start_ns)  # ts()
+        completed = None if end_ns is None else at(end_ns)
         kind = attrs.get(sc.SPAN_KIND)
-        if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
+        if running and kind != sc.KIND_WORKFLOW and not is_node:
             continue
         session = sessions.get(session_id)
         if session is None or started is None or completed is None:
@@ -1187,7 +1194,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
             handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes,
-                                     span_id=span_id)
+                                     span_id=span_id, at=_at if texts else _bare)
             if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
                 _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
             for handoff in handoffs:
@@ -1223,7 +1230,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                       "span_id": f"{span_id:016x}", "error": _error_of(span) if failed else None},
             ))
             batch.dag_runs.add(run_id)
-        if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
+        if is_node:
             node = _node_row(span, attrs, run_id, session_id, started, completed, running=running,
                              span_id=span_id, failed=failed)
             (batch.started_nodes if running else batch.nodes)[node["id"]] = node
