@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import statistics
 import sys
@@ -189,7 +190,7 @@ def run_writes(batches: list[list[Any]], base: str, keep: Callable[[Server], Non
         writer = DagWriter(server.url)
         writer.write(batches[0][:1])  # connect (pool, session settings) outside the timer
         clear_id_caches()
-        mapped = [map_spans(batch) for batch in batches]
+        mapped = [map_spans(batch, **_as_writer(map_spans)) for batch in batches]
         before = server.cpu()
         start, cpu = time.perf_counter(), time.thread_time()
         for batch in mapped:
@@ -274,6 +275,12 @@ def run_floor(plan: PgFloorPlan, base: str, keep: Callable[[Server], None] | Non
         return wall, cpu, server_cpu(before, after)
 
 
+def _as_writer(map_spans: Callable[..., Any]) -> dict[str, Any]:
+    """map_spans' options as PostgreSQL's writer passes them (no SQLite text of the times), where
+    the mapping has them (older code: none)."""
+    return {"texts": False} if "texts" in inspect.signature(map_spans).parameters else {}
+
+
 def run_mapping(batches: list[list[Any]], base: str, keep: Callable[[Server], None] | None = None) -> Measure:
     """What no writer of these rows can skip, without a database: mapping the spans (scrubbing
     included) and encoding the node and event rows as PostgreSQL parameters."""
@@ -287,8 +294,9 @@ def run_mapping(batches: list[list[Any]], base: str, keep: Callable[[Server], No
     tables = [sql.columns(metadata.tables[name]) for name in ("dag_nodes", "execution_events")]
     clear_id_caches()
     start, cpu = time.perf_counter(), time.thread_time()
+    options = _as_writer(map_spans)
     for batch in batches:
-        mapped = map_spans(batch)
+        mapped = map_spans(batch, **options)
         for cols, rows in zip(tables, (mapped.nodes, mapped.events), strict=True):
             sql.params(rows.values(), cols)
     return time.perf_counter() - start, time.thread_time() - cpu, None

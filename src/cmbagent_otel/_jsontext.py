@@ -156,5 +156,9 @@ def has_non_finite(value: Any) -> bool:
     else:
         return kind not in _SCALARS and isinstance(value, float) and not math.isfinite(value)
     # the item types are checked in C: a container of text, ints and None is done in one call
-    return not _SCALARS.issuperset(map(type, items)) and any(
-        has_non_finite(item) for item in items if type(item) not in _SCALARS)
+    if _SCALARS.issuperset(map(type, items)):
+        return False
+    for item in items:  # noqa: SIM110 - a loop, not any() over a generator: no generator frame per container
+        if type(item) not in _SCALARS and has_non_finite(item):
+            return True
+    return False

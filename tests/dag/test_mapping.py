@@ -313,3 +313,24 @@ def test_event_attributes_checked_and_scrubbed_in_one_pass() -> None:
     assert events[f"{0x30:016x}"]["meta"]["attributes"]["gen_ai.response.finish_reasons"] == ["stop", "x\ufffd"]
     assert events[f"{0x40:016x}"]["meta"]["attributes"]["gen_ai.response.id"] == redaction.redact(secret_text)
     assert events[f"{0x40:016x}"]["meta"]["attributes"]["gen_ai.agent.name"] == "planner"
+
+
+def test_event_attributes_scrubbed_again_after_a_secret_is_registered() -> None:
+    """A text an earlier span's attributes held, storable and scrubbed to itself then, is redacted in
+    a later span once a secret it contains is registered (the texts checked storable and scrubbed
+    are remembered per redaction memo)."""
+    import secrets as random_secrets
+
+    from cmbagent_otel import redaction
+    from cmbagent_otel.dag.mapping import map_spans
+
+    shapeless = f"MARKER{random_secrets.token_urlsafe(24)}"
+    text = f"use {shapeless} for the archive"
+    first = map_spans([_llm_span(0xA2, 0x10, **{"gen_ai.response.id": text})])
+    assert [e["meta"]["attributes"]["gen_ai.response.id"] for e in first.events.values()] == [text]
+    again = map_spans([_llm_span(0xA2, 0x20, **{"gen_ai.response.id": text})])  # remembered as clean now
+    assert [e["meta"]["attributes"]["gen_ai.response.id"] for e in again.events.values()] == [text]
+    redaction.register_secret(shapeless)
+    later = map_spans([_llm_span(0xA2, 0x30, **{"gen_ai.response.id": text})])
+    assert [e["meta"]["attributes"]["gen_ai.response.id"] for e in later.events.values()] == [
+        f"use {redaction.REDACTED} for the archive"]

@@ -33,6 +33,7 @@ from .. import redaction
 from .. import semconv as sc
 from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, safe_text, scrub, truncate
+from . import _stamps
 
 _EPOCH = datetime(1970, 1, 1)
 DEFAULT_SESSION_NAME = "Default Session"
@@ -120,15 +121,17 @@ def derived_uuid(*parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-# timedelta * int builds the delta without timedelta()'s argument parsing (~35 % cheaper per datetime)
-_MICROSECOND = timedelta(microseconds=1)
+# a span time as a datetime, its text remembered (_stamps: SQLite's text and node meta's reuse it)
+_at = _stamps.at
+_bare = _stamps.bare
+_iso = _stamps.iso
 
 
 def ts(ns: int | None) -> datetime | None:
     """Nanoseconds since the epoch -> naive UTC datetime (cmbagent's storage convention)."""
     if ns is None:
         return None
-    return _EPOCH + _MICROSECOND * (ns // 1000)
+    return _at(ns)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -579,8 +582,8 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
     meta["span_id"] = f"{span.context.span_id if span_id is None else span_id:016x}"
     order = get(sc.EXECUTION_ORDER)
     meta["execution_order"] = order if type(order) is int and -_INT32 <= order <= _INT32 else _int(order, 0)
-    meta["started_at"] = started.isoformat(" ") if started is not None else None
-    meta["completed_at"] = completed.isoformat(" ") if completed is not None else None
+    meta["started_at"] = _iso(started) if started is not None else None
+    meta["completed_at"] = _iso(completed) if completed is not None else None
     start_ns, end_ns = span.start_time, span.end_time
     meta["duration_ms"] = (None if start_ns is None or end_ns is None
                            else min(_INT32, max(0, (end_ns - start_ns) // 1_000_000)))  # _ms_between
@@ -768,19 +771,25 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
         return None
     out = attrs.copy()
     cache: dict[str, str] = _values.entries()  # computed with the secrets known now
+    clean = _clean_texts(cache)
     missed: list[str] | None = None
     for key, value in attrs.items():
         kind = type(value)
         if kind is str:
-            if (not value.isascii() or "\x00" in value) and _rejected(value):
-                return None
-            hit = cache.get(value)
-            if hit is not None:
+            hit = clean.get(value)  # a text checked storable before, scrubbed by this memo: both in one lookup
+            if hit is None:
+                if (not value.isascii() or "\x00" in value) and _rejected(value):
+                    return None
+                hit = cache.get(value)
+                if hit is None:
+                    if missed is None:
+                        missed = [key]
+                    else:
+                        missed.append(key)
+                    continue
+                clean[value] = hit
+            if hit is not value:  # out holds the value already (most texts redact to themselves)
                 out[key] = hit
-            elif missed is None:
-                missed = [key]
-            else:
-                missed.append(key)
         elif value is None or kind in _PLAIN_TYPES:
             continue
         elif kind is tuple:
@@ -811,6 +820,21 @@ def _meta_if_storable(attrs: dict[str, Any]) -> dict[str, Any] | None:
         for key in missed:
             out[key] = _meta_value(attrs[key], cache)
     return out
+
+
+# Texts _meta_if_storable found storable (no NUL, no lone surrogate), with their scrubbed form
+# from one redaction memo's entries: a pair replaced (never emptied in place) when that memo is.
+_clean: tuple[dict[str, str], dict[str, str]] = ({}, {})
+
+
+def _clean_texts(cache: dict[str, str]) -> dict[str, str]:
+    """The storable texts scrubbed by ``cache`` (the redaction memo's entries), bounded like it."""
+    global _clean
+    entries, clean = _clean  # one read: another thread may replace the pair
+    if entries is not cache or len(clean) >= 4096:
+        clean = {}
+        _clean = (cache, clean)
+    return clean
 
 
 def _attributes_meta_keyed(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -962,7 +986,7 @@ _HANDOFF_TYPE, _HANDOFF_SUBTYPE = EVENT_TYPES[sc.KIND_SPEAKER_SELECTION]
 
 def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session_id: str, trace_id: int,
                   trace_hex: str | None = None, trace_bytes: bytes | None = None, *,
-                  span_id: int | None = None) -> list[dict[str, Any]]:
+                  span_id: int | None = None, at: Callable[[int], datetime] = _at) -> list[dict[str, Any]]:
     """The ``handoff`` execution events recorded as span events on ``span`` (speaker selections that
     did not ask the model): the same row a ``select_speaker`` span maps to, at the event's time,
     under the node and event it happened in, with an id from the span id and the event's index."""
@@ -988,7 +1012,7 @@ def _handoff_rows(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, ses
                 ev = {k: _clean_value(v) for k, v in ev.items()}
             clean = _attributes_meta(ev)
         stamp = event.timestamp
-        when = None if stamp is None else _EPOCH + _MICROSECOND * (stamp // 1000)  # ts()
+        when = None if stamp is None else at(stamp)  # ts()
         g = clean.get  # _event_io of a speaker selection
         inputs = {"from": g(sc.HANDOFF_FROM), "candidates": _plain(g(sc.HANDOFF_CANDIDATES))}
         outputs = {"to": g(sc.HANDOFF_TO), "reason": g(sc.HANDOFF_REASON)}
@@ -1087,7 +1111,7 @@ def _node_placeholder(wanted: dict[str, tuple[str, str, str]], run_id: str, sess
         wanted[node_id] = (run_id, session_id, short)
 
 
-def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
+def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBatch:
     """Map spans (any order, duplicates allowed) to rows for every table.
 
     A :class:`~cmbagent_otel.processor.StartedSpan` is a *started* record (the durable
@@ -1096,6 +1120,10 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
     that the writer never lets replace a finished one; started records of other spans are
     ignored. Any other span is a finished one, even without an end time (an OTLP span with
     ``end_time_unix_nano`` 0): its rows have no completion time and no duration.
+
+    ``texts``: the rows' times will be written as text (SQLite), so each is made with its text
+    (see ``_stamps``); False (PostgreSQL takes datetimes) makes the text of node spans' times
+    only (their meta holds it). The rows are the same either way.
     """
     batch = MappedBatch()
     traces: dict[int, tuple[str, str, bytes]] = {}  # trace id -> (run id, as hex, as 16 bytes)
@@ -1162,10 +1190,12 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
         session_id = attrs.get(sc.SESSION_ID) or sc.DEFAULT_SESSION_ID
         if type(session_id) is not str or len(session_id) > 36:
             session_id = str(session_id)[:36]
-        started = None if start_ns is None else _EPOCH + _MICROSECOND * (start_ns // 1000)
-        completed = None if end_ns is None else _EPOCH + _MICROSECOND * (end_ns // 1000)
+        is_node = sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs
+        at = _at if texts or is_node else _bare
+        started = None if start_ns is None else at(start_ns)  # ts()
+        completed = None if end_ns is None else at(end_ns)
         kind = attrs.get(sc.SPAN_KIND)
-        if running and kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs):
+        if running and kind != sc.KIND_WORKFLOW and not is_node:
             continue
         session = sessions.get(session_id)
         if session is None or started is None or completed is None:
@@ -1179,7 +1209,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
         if span.events:
             handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes,
-                                     span_id=span_id)
+                                     span_id=span_id, at=_at if texts else _bare)
             if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node
                 _node_placeholder(wanted_nodes, run_id, session_id, attrs[sc.DAG_NODE])
             for handoff in handoffs:
@@ -1215,7 +1245,7 @@ def map_spans(spans: Iterable[ReadableSpan]) -> MappedBatch:
                       "span_id": f"{span_id:016x}", "error": _error_of(span) if failed else None},
             ))
             batch.dag_runs.add(run_id)
-        if sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs:
+        if is_node:
             node = _node_row(span, attrs, run_id, session_id, started, completed, running=running,
                              span_id=span_id, failed=failed)
             (batch.started_nodes if running else batch.nodes)[node["id"]] = node

@@ -40,6 +40,7 @@ from .._jsontext import (
     row_json_encoders,
     strict_iterencode,
 )
+from ._stamps import sqlite_text, text_of
 from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
 __all__ = ["IN_CHUNK", "Sql", "chunks", "decode_json", "encode_json", "naive", "sql_for"]
@@ -90,7 +91,7 @@ def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any
 
 def _sqlite_dt(value: datetime) -> str:
     # SQLAlchemy's own SQLite storage format, so reads come back naive
-    return (value if value.tzinfo is None else value.replace(tzinfo=None)).isoformat(" ", "microseconds")
+    return sqlite_text(value if value.tzinfo is None else value.replace(tzinfo=None))
 
 
 def _kind(column: Any) -> str:
@@ -136,7 +137,7 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
     """
     names = [name for name, _ in cols]
     env: dict[str, Any] = {"_names": names, "KeyError": KeyError, "_str": str, "_int": int, "_bool": bool,
-                           "_float": float, "_datetime": datetime, "ValueError": ValueError}
+                           "_float": float, "_datetime": datetime, "ValueError": ValueError, "_text_of": text_of}
     inline_json = (inline and (orjson_dumps is not None or _iterencode is not None)
                    and any(convert[kind] is encode_json for _, kind in cols))
     if inline_json:
@@ -159,9 +160,9 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
                     f".isascii() and (b{i}.find(b'null') < 0 or not _nonfinite(v{i})) else _std(v{i})")
         elif inline_json and conv is encode_json:
             expr = f"None if v{i} is None else _join(_ienc(v{i}, 0))"
-        elif inline and conv is _sqlite_dt:
-            expr = (f"None if v{i} is None else v{i}.isoformat(' ', 'microseconds') if v{i}.tzinfo is None "
-                    f"else c{i}(v{i})")
+        elif inline and conv is _sqlite_dt:  # _sqlite_dt, written out: a span time's text made with it first
+            expr = (f"None if v{i} is None else t{i} if type(v{i}) is _datetime and (t{i} := _text_of(v{i})) "
+                    f"is not None else v{i}.isoformat(' ', 'microseconds') if v{i}.tzinfo is None else c{i}(v{i})")
         else:
             expr = f"None if v{i} is None else c{i}(v{i})"
         for j in reversed(seen.get(kind, [])):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from sqlalchemy import JSON, Connection, Engine, Integer, Table, select
+from sqlalchemy import JSON, Connection, Engine, Integer, Table, make_url, select
 
 from .. import environment_variables
 from .. import semconv as sc
@@ -124,6 +124,9 @@ class DagWriter:
         self._file = sqlite_file(self.url) if engine is None else None
         self._file_id: tuple[int, int] | None = None
         self._pid = os.getpid()
+        # PostgreSQL takes the rows' times as datetimes: the mapping makes their SQLite text only
+        # where a row needs it anyway (never wrong either way, only slower)
+        self._time_texts = (engine.dialect.name if engine is not None else _backend(self.url)) != "postgresql"
 
     @property
     def engine(self) -> Engine:
@@ -198,7 +201,7 @@ class DagWriter:
         spans = list(spans)
         if not spans:
             return WriteResult(0, 0)
-        batch = map_spans(spans)
+        batch = map_spans(spans, texts=self._time_texts)
         with deadline(timeout), untraced():
             for attempt in range(_MAX_REPAIRS + 1):
                 last = attempt == _MAX_REPAIRS
@@ -253,6 +256,14 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _backend(url: str) -> str:
+    """The database backend a URL names (``sqlite``, ``postgresql``), ``""`` when it does not parse."""
+    try:
+        return make_url(url).get_backend_name()
+    except Exception:
+        return ""
 
 
 def _first_line(exc: BaseException) -> str:
