@@ -68,3 +68,19 @@ def test_every_run_goes_to_the_file_named_where_the_exporter_was_made(
     assert not (work / "runs.db").exists()
     assert stats["spilled"] == stats["dropped"] == 0
     assert not [r for r in caplog.records if "deleted or replaced" in r.getMessage()]
+
+
+
+def test_a_relative_file_in_a_deleted_working_directory_is_named_as_the_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # os.getcwd() fails there: the exporter (and so instrument()) is still made, and says why it drops
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    caplog.set_level(logging.ERROR, logger="cmbagent_otel")
+    exporter = DagSpanExporter("sqlite:///runs.db", spill_dir=tmp_path / "spill")
+    exporter.shutdown()
+    assert exporter.target is None
+    assert any("'runs.db' is relative to a working directory that no longer exists" in r.getMessage()
+               for r in caplog.records)

@@ -167,7 +167,15 @@ def pinned_url(url: str | None = None) -> str:
     if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") \
             or Path(db).is_absolute():
         return resolved
-    return parsed.set(database=str(Path(db).absolute())).render_as_string(hide_password=False)
+    return parsed.set(database=_absolute(db)).render_as_string(hide_password=False)
+
+
+def _absolute(path: str) -> str:
+    try:
+        return str(Path(path).expanduser().absolute())
+    except OSError as exc:  # os.getcwd() of a deleted working directory
+        raise BadDatabaseURL(f"the SQLite file {path!r} is relative to a working directory that no longer "
+                             f"exists ({exc.strerror or exc}); name it by an absolute path") from None
 
 
 def redacted(url: str | URL) -> str:
@@ -204,7 +212,7 @@ def target_of(url: str | None = None) -> str:
     parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
             and not parsed.database.startswith("file:"):
-        parsed = parsed.set(database=str(Path(parsed.database).expanduser().absolute()))
+        parsed = parsed.set(database=_absolute(parsed.database))
     return parsed.render_as_string(hide_password=False)
 
 
