@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,14 @@ def _no_docker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", raising=False)
     monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
     assert not cmbagent_otel.is_instrumented()
+
+
+@pytest.fixture
+def registered_key(isolated_secrets: None) -> str:
+    """A registered key without a key shape: only its registration makes it a secret."""
+    key = "QZ" + secrets.token_urlsafe(30)[:30].replace("-", "A").replace("_", "B")
+    redaction.register_secret(key)
+    return key
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import secrets
 import zlib
 
 import pytest
@@ -25,14 +24,10 @@ import pytest
 from cmbagent_otel import redaction
 
 from .conftest import needs_custom_client
-from .test_credential_forms import assert_refused_call_is_clean
+from .test_credential_forms import _b64, assert_refused_call_is_clean
 from .test_secrets import Sink, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-
-def _b64(n: int) -> str:
-    return secrets.token_urlsafe(n)[:n].replace("-", "A").replace("_", "B")
 
 
 def forms(registered: str) -> dict[str, tuple[str, str]]:
@@ -50,13 +45,6 @@ def forms(registered: str) -> dict[str, tuple[str, str]]:
         "url-safe json": base64.urlsafe_b64encode(json.dumps({"token": _b64(30) + "~?>"}).encode()).decode(),
     }
     return {name: (f"blob {blob} end", blob.split("\n")[0][:40]) for name, blob in found.items()}
-
-
-@pytest.fixture
-def registered_key() -> str:
-    key = f"QZ{_b64(30)}"
-    redaction.register_secret(key)
-    return key
 
 
 def test_the_blobs_are_redacted(registered_key: str) -> None:

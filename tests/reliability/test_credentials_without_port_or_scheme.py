@@ -11,21 +11,15 @@ Each went whole into exception events, statuses, message content and rows.
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 
 from cmbagent_otel import redaction
 
 from .conftest import needs_custom_client
-from .test_credential_forms import assert_refused_call_is_clean
+from .test_credential_forms import _b64, assert_refused_call_is_clean
 from .test_secrets import Sink, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-
-def _b64(n: int) -> str:
-    return secrets.token_urlsafe(n)[:n].replace("-", "A").replace("_", "B")
 
 
 def forms() -> dict[str, tuple[str, str]]:

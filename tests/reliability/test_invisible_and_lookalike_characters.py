@@ -14,21 +14,16 @@ recorded only where it hides more.
 from __future__ import annotations
 
 import re
-import secrets
 
 import pytest
 
 from cmbagent_otel import redaction
 
 from .conftest import needs_custom_client
-from .test_credential_forms import assert_refused_call_is_clean
+from .test_credential_forms import _b64, assert_refused_call_is_clean
 from .test_secrets import Sink, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-
-def _b64(n: int) -> str:
-    return secrets.token_urlsafe(n)[:n].replace("-", "A").replace("_", "B")
 
 
 def forms(registered: str) -> dict[str, tuple[str, str]]:
@@ -49,13 +44,6 @@ def forms(registered: str) -> dict[str, tuple[str, str]]:
         "html hex references": (registered[:5] + "".join(f"&#x{ord(c):x};" for c in registered[5:9]) + registered[9:],
                                 registered[9:]),
     }
-
-
-@pytest.fixture
-def registered_key() -> str:
-    key = f"QZ{_b64(30)}"
-    redaction.register_secret(key)
-    return key
 
 
 def test_the_forms_are_redacted(registered_key: str) -> None:
