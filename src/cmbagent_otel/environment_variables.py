@@ -474,14 +474,14 @@ def _sdk_context(raw: str) -> None:
     # opentelemetry.context logs a traceback when it is first imported and falls back to contextvars
     from importlib.metadata import entry_points
 
-    if not list(entry_points(group="opentelemetry_context", name=raw.strip())):
+    if not list(entry_points(group="opentelemetry_context", name=raw)):  # the API does not strip it
         raise ValueError("no such OpenTelemetry context is installed")
 
 
 def _sdk_file(raw: str) -> None:
     # a missing file: the gRPC exporters logged a traceback and went on without it, the HTTP ones
     # failed every export
-    if not os.path.exists(raw.strip()):
+    if not os.path.exists(raw):  # read as given
         raise ValueError("no such file")
 
 

@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 APP = textwrap.dedent('''
     import cmbagent_otel
     from cmbagent_otel import phase, step, workflow
@@ -43,8 +45,9 @@ def _lines(proc: subprocess.CompletedProcess[str], name: str) -> list[str]:
     return [line for line in proc.stderr.splitlines() if f"{name}=" in line]
 
 
-def test_an_unknown_context_is_warned_in_one_line(tmp_path: Path) -> None:
-    proc = _app(tmp_path, OTEL_PYTHON_CONTEXT="bogus")
+@pytest.mark.parametrize("name", ["bogus", " contextvars_context"])  # the API looks the name up as given
+def test_an_unknown_context_is_warned_in_one_line(tmp_path: Path, name: str) -> None:
+    proc = _app(tmp_path, OTEL_PYTHON_CONTEXT=name)
     assert "APP DONE ContextVarsRuntimeContext" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "StopIteration" not in proc.stderr, proc.stderr[-2000:]
     warnings = _lines(proc, "OTEL_PYTHON_CONTEXT")
