@@ -470,6 +470,34 @@ def _sdk_propagators(raw: str) -> None:
             raise ValueError(f"no propagator {name!r} is installed")
 
 
+def _sdk_context(raw: str) -> None:
+    # opentelemetry.context logs a traceback when it is first imported and falls back to contextvars
+    from importlib.metadata import entry_points
+
+    if not list(entry_points(group="opentelemetry_context", name=raw)):  # the API does not strip it
+        raise ValueError("no such OpenTelemetry context is installed")
+
+
+def _sdk_file(raw: str) -> None:
+    # a missing file: the gRPC exporters logged a traceback and went on without it, the HTTP ones
+    # failed every export
+    if not os.path.exists(raw):  # read as given
+        raise ValueError("no such file")
+
+
+# the (CA certificate, client key, client certificate) variables of the OTLP exporters; a
+# client key or certificate is only usable with the other: both are dropped when one is missing
+SDK_TLS_FILES = (
+    ("OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+    ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+     "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE"),
+    ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
+     "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE"),
+    ("OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE", "OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY",
+     "OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE"),
+)
+
+
 SDK_CHECKED: dict[str, Callable[[str], None]] = {
     **dict.fromkeys((
         "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
@@ -493,6 +521,8 @@ SDK_CHECKED: dict[str, Callable[[str], None]] = {
     **dict.fromkeys(("OTEL_BSP_EXPORT_TIMEOUT", "OTEL_BLRP_EXPORT_TIMEOUT"), _sdk_int),
     "OTEL_METRIC_EXPORT_INTERVAL": _sdk_interval,
     "OTEL_METRIC_EXPORT_TIMEOUT": _sdk_seconds,
+    "OTEL_PYTHON_CONTEXT": _sdk_context,
+    **dict.fromkeys((name for files in SDK_TLS_FILES for name in files), _sdk_file),
 }
 """``OTEL_*`` variables the SDK reads itself and raises on (some when it is imported): checked by
 :func:`check_sdk_variables` when cmbagent-otel is imported."""
@@ -517,6 +547,13 @@ def check_sdk_variables() -> list[str]:
                 _warn_once(name, raw, str(exc) or "invalid", False, "the OpenTelemetry SDK's default")
         os.environ.pop(name, None)
         removed.append(name)
+    for _ca, key, certificate in SDK_TLS_FILES:
+        for name, partner in ((key, certificate), (certificate, key)):
+            if name in removed and partner not in removed and os.environ.get(partner):
+                _warn_once(partner, os.environ[partner], f"{name} is unusable", False,
+                           "the OpenTelemetry SDK's default")
+                os.environ.pop(partner, None)
+                removed.append(partner)
     _check_sdk_batch_sizes()
     _check_header_variables()
     return removed
