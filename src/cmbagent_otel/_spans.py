@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Iterator, Mapping
 from time import perf_counter
 from types import TracebackType
@@ -308,6 +310,11 @@ def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node:
     parent = trace.set_span_in_context(parent_span) if parent_span is not None else None
     span = (tracer or workflow_tracers.current()).start_span(name, context=parent, kind=SpanKind.INTERNAL,
                                                             attributes=attrs)
+    if node is not None or run is not None:
+        try:
+            _track(_ref(span, _untrack))  # a run or DAG-node span, for the signal handler (_termination)
+        except Exception:  # another SDK's span that takes no weak reference, or no hash
+            logger.debug("cmbagent_otel: cannot track span %s", name, exc_info=True)
     frame = Frame(span, scope, kind_of_frame, owner, finish=end_frame)
     try:
         frame.timing = _timing(kind, attrs, scope)
@@ -583,6 +590,25 @@ LEAF_KINDS = frozenset({semconv.KIND_LLM, semconv.KIND_TOOL, semconv.KIND_CODE, 
 _child_scope_lock = threading.Lock()  # a lazy child scope is built once, whichever thread asks first
 reset_in_child(sys.modules[__name__], "_child_scope_lock")
 
+# The run and DAG-node spans of ours started in this process (workflow, phase, step, redo, sub-agent
+# turn, conversation node): those still open when SIGTERM/SIGHUP stops the process are ended failed
+# (_termination), or their rows would stay `executing`/`running` for ever. Weak references whose
+# callback is the set's own discard: a span leaves it when it is dropped, and neither entering nor
+# leaving runs Python code (a WeakSet's add and removal callback cost ~20 bytecodes per span more).
+# Model, tool and code spans never enter it. A forked child opened none of them.
+_open_node_spans: set[weakref.ref[Span]] = set()
+_track = _open_node_spans.add
+_untrack = _open_node_spans.discard
+_ref = weakref.ref
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_open_node_spans.clear)
+
+
+def open_node_spans() -> list[Span]:
+    """The run and DAG-node spans of ours started in this process and not dropped yet (ended or not)."""
+    spans = (ref() for ref in list(_open_node_spans))  # list(): one C-level copy, other threads may add
+    return [span for span in spans if span is not None]
+
 
 def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
           scope_changes: Mapping[str, Any] | None, tracer: Tracer | None, span_kind: SpanKind,
@@ -683,6 +709,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             values[_SCOPE_KEY] = held
             self._token = attach(Context(values))
         self._timing = _timing(kind, attrs, new_scope or scope) if kind in TIMED_KINDS else None
+        if new_scope is not None and (node is not None or run is not None):  # last: the span is set up
+            _track(_ref(span, _untrack))  # a run or DAG-node span, for the signal handler (_termination)
     except Exception:
         logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
         _unstarted(self, frame)

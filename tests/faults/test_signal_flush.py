@@ -6,7 +6,9 @@ scheduler, ``timeout`` or a closed terminal left nothing at all in the database 
 queued for the DAG processor, the finished steps and their model calls, the live DAG's run
 and node rows: up to a second of spans, lost with nothing saying so; twelfth fault
 campaign). ``instrument()`` now flushes on those signals, when the application has no
-handler of its own, and the process still ends by the signal.
+handler of its own, and the process still ends by the signal. The spans of ours still open then
+(the run, its phase, its current step) are ended failed, ``stopped by SIGTERM``: before, their
+rows stayed ``executing``/``running`` for ever, and the cmbagent UI showed the run running.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+from opentelemetry.trace import StatusCode
 from sqlalchemy import create_engine, text
 
+from cmbagent_otel import phase, step, workflow
+from cmbagent_otel._spans import TracedSpan
+from cmbagent_otel._termination import STOPPED_BY_SIGNAL, end_open_spans
 from cmbagent_otel.cli import main
 from cmbagent_otel.dag.database import ensure_schema
 
@@ -63,6 +70,18 @@ def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", **env: str)
     return proc.returncode, handler, db
 
 
+def _reasons(db: Path) -> tuple[list[str | None], dict[str, str | None]]:
+    """The failed run's and nodes' reasons (``meta.error``)."""
+    conn = sqlite3.connect(db)
+    try:
+        runs = [r[0] for r in conn.execute("SELECT json_extract(meta, '$.error') FROM workflow_runs")]
+        nodes = {r[0]: r[1] for r in conn.execute("SELECT json_extract(meta, '$.id'), json_extract(meta, '$.error') "
+                                                  "FROM dag_nodes WHERE status = 'failed'")}
+        return runs, nodes
+    finally:
+        conn.close()
+
+
 def _rows(db: Path) -> tuple[list[str], dict[str, str], int]:
     if not db.exists():
         return [], {}, 0
@@ -86,9 +105,12 @@ def test_a_signal_that_ends_the_process_exports_what_was_recorded_first(tmp_path
     assert handler == "_on_signal"
     assert code == -signum  # still ended by the signal, as without us
     runs, nodes, events = _rows(db)
-    assert runs == ["executing"]  # the live DAG's row: the run never ended
-    assert nodes.get("step_1") == "completed" and nodes.get("step_2") == "running"
+    assert runs == ["failed"]  # stopped: not the live DAG's `executing` row for ever
+    assert nodes.get("step_1") == "completed"
+    assert nodes.get("step_2") == "failed" and nodes.get("control") == "failed"  # were `running` for ever
     assert events == 6  # the six model calls that ended before the signal
+    reasons = f"stopped by {name}"
+    assert _reasons(db) == ([reasons], {"step_2": reasons, "control": reasons, "terminator": None})
 
 
 def test_the_applications_own_handler_is_left_alone(tmp_path: Path) -> None:
@@ -135,6 +157,35 @@ def test_a_locked_postgres_keeps_the_deadline_and_the_spill_store_the_spans(tmp_
     monkeypatch.setenv("CMBAGENT_OTEL_SPILL_DIR", str(tmp_path / "spill"))
     assert main(["replay"]) == 0  # the next process (here: the CLI) stores them
     with locker.connect() as check:
-        assert [r[0] for r in check.execute(text("SELECT status FROM workflow_runs"))] == ["executing"]
+        assert [r[0] for r in check.execute(text("SELECT status FROM workflow_runs"))] == ["failed"]
         assert check.execute(text("SELECT count(*) FROM execution_events")).scalar() == 6
     locker.dispose()
+
+
+def test_the_open_run_and_node_spans_are_ended_failed_and_nothing_else(capture: Any) -> None:
+    with workflow("w"), phase("control"):
+        with step(1, "done"):
+            pass
+        with step(2, "judged") as judged:
+            judged.fail("step judged unsuccessful")
+            with TracedSpan("chat m", "llm", {"gen_ai.request.model": "m"}):  # what the signal interrupts
+                assert end_open_spans("stopped by SIGTERM") == 3  # what the handler does first
+                ended = {span.name: span for span in capture.spans}
+    assert set(ended) == {"step 1", "step 2", "phase control", "workflow w"}  # the model call is left open
+    assert ended["step 1"].status.status_code is StatusCode.UNSET  # ended before: untouched
+    assert ended["step 2"].status.description == "step judged unsuccessful"  # a recorded failure keeps its reason
+    for name in ("phase control", "workflow w"):
+        assert ended[name].status.status_code is StatusCode.ERROR
+        assert ended[name].status.description == "stopped by SIGTERM"
+        assert ended[name].attributes["error.type"] == STOPPED_BY_SIGNAL
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork()")
+def test_a_forked_child_ends_none_of_its_parents_spans(capture: Any) -> None:
+    with workflow("w"), phase("control"), step(1, "s"):
+        pid = os.fork()
+        if pid == 0:  # the child (e.g. a multiprocessing worker stopped by terminate(), a SIGTERM)
+            os._exit(0 if end_open_spans("stopped by SIGTERM") == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert capture.one("step 1").status.status_code is StatusCode.UNSET

@@ -6,7 +6,9 @@ Python's default ends the process without ``atexit``: what the DAG processor had
 lost (on the code before, 4 of the 39 model-call spans and the code execution that ended in the
 last second before the signal). ``instrument()`` now flushes on the signal and the process
 still ends by it (twelfth fault campaign; ``tests/faults/test_signal_flush.py``): every span the
-run ended is stored.
+run ended is stored. The spans still open (the run, the control phase, its step, the agent turn
+waiting for the answer) are ended failed, ``stopped by SIGTERM``: before, the run stayed
+``executing`` and those nodes ``running`` for ever.
 """
 
 from __future__ import annotations
@@ -90,14 +92,19 @@ def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
     assert db.exists(), "nothing was written"
     conn = sqlite3.connect(db)
     try:
-        runs = [r[0] for r in conn.execute("SELECT status FROM workflow_runs")]
+        runs = [tuple(r) for r in conn.execute("SELECT status, json_extract(meta, '$.error') FROM workflow_runs")]
         nodes = dict(conn.execute("SELECT node_type, status FROM dag_nodes WHERE node_type IN ('planning', 'control')"))
+        statuses = {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT json_extract(meta, '$.id'), status, json_extract(meta, '$.error') FROM dag_nodes")}
         calls = conn.execute("SELECT count(*) FROM execution_events WHERE event_type = 'agent_call' "
                              "AND status = 'completed'").fetchone()[0]
     finally:
         conn.close()
-    assert runs == ["executing"]  # the run never ended: its live row
-    assert nodes == {"planning": "completed", "control": "running"}
+    assert runs == [("failed", "stopped by SIGTERM")]  # the stopped run: no longer `executing` for ever
+    assert nodes == {"planning": "completed", "control": "failed"}
+    assert "running" not in {status for status, _ in statuses.values()}, statuses
+    stopped = {node for node, (_, error) in statuses.items() if error == "stopped by SIGTERM"}
+    assert {"control", "step_1"} < stopped, statuses  # and the agent turn open in the step
     assert calls >= 14  # every model call answered before the signal, and the agents' calls around them
     ended = Counter(tuple(line.split()) for line in record.read_text().splitlines())
     missing = ended - stored_spans(f"sqlite:///{db}")
