@@ -10,35 +10,13 @@ warning line, the variable removed, the default used.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-APP = textwrap.dedent('''
-    import cmbagent_otel
-    from cmbagent_otel import phase, step, workflow
-    from cmbagent_otel._spans import TracedSpan
-    from opentelemetry import context
-    cmbagent_otel.instrument(instrument_cmbagent=False, instrument_threading=False)
-    with workflow("context", mode="one-shot"), phase("control"), step(1, "fit"):
-        with TracedSpan("chat m", "llm", {"gen_ai.request.model": "m"}):
-            pass
-    cmbagent_otel.uninstrument()
-    print("APP DONE", type(context._RUNTIME_CONTEXT).__name__, flush=True)
-''')
-
-
-def _app(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    child.update({"CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
-                  "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), **env})
-    return subprocess.run([sys.executable, "-c", APP], env=child, capture_output=True, text=True, timeout=120,
-                          check=False)
+from .test_platform_waits import run_app
 
 
 def _lines(proc: subprocess.CompletedProcess[str], name: str) -> list[str]:
@@ -47,7 +25,7 @@ def _lines(proc: subprocess.CompletedProcess[str], name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", ["bogus", " contextvars_context"])  # the API looks the name up as given
 def test_an_unknown_context_is_warned_in_one_line(tmp_path: Path, name: str) -> None:
-    proc = _app(tmp_path, OTEL_PYTHON_CONTEXT=name)
+    proc = run_app(tmp_path, OTEL_PYTHON_CONTEXT=name)
     assert "APP DONE ContextVarsRuntimeContext" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "StopIteration" not in proc.stderr, proc.stderr[-2000:]
     warnings = _lines(proc, "OTEL_PYTHON_CONTEXT")
@@ -55,7 +33,7 @@ def test_an_unknown_context_is_warned_in_one_line(tmp_path: Path, name: str) -> 
 
 
 def test_the_installed_context_is_kept(tmp_path: Path) -> None:
-    proc = _app(tmp_path, OTEL_PYTHON_CONTEXT="contextvars_context")
+    proc = run_app(tmp_path, OTEL_PYTHON_CONTEXT="contextvars_context")
     assert "APP DONE ContextVarsRuntimeContext" in proc.stdout, proc.stderr[-2000:]
     assert not _lines(proc, "OTEL_PYTHON_CONTEXT") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
@@ -66,15 +44,15 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _tls_app(tmp_path: Path, **files: str) -> subprocess.CompletedProcess[str]:
+def _tlsrun_app(tmp_path: Path, **files: str) -> subprocess.CompletedProcess[str]:
     # a TLS endpoint (https): the gRPC exporter reads its certificate files when it is built
-    return _app(tmp_path, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+    return run_app(tmp_path, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
                 OTEL_EXPORTER_OTLP_ENDPOINT=f"https://127.0.0.1:{_closed_port()}", OTEL_EXPORTER_OTLP_TIMEOUT="1",
                 **files)
 
 
 def test_a_missing_certificate_file_is_warned_in_one_line(tmp_path: Path) -> None:
-    proc = _tls_app(tmp_path, OTEL_EXPORTER_OTLP_CERTIFICATE=str(tmp_path / "missing-ca.pem"))
+    proc = _tlsrun_app(tmp_path, OTEL_EXPORTER_OTLP_CERTIFICATE=str(tmp_path / "missing-ca.pem"))
     assert "APP DONE" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "FileNotFoundError" not in proc.stderr, proc.stderr[-2000:]
     warnings = _lines(proc, "OTEL_EXPORTER_OTLP_CERTIFICATE")
@@ -84,7 +62,7 @@ def test_a_missing_certificate_file_is_warned_in_one_line(tmp_path: Path) -> Non
 def test_a_client_certificate_without_its_key_is_dropped_with_it(tmp_path: Path) -> None:
     certificate = tmp_path / "client.pem"
     certificate.write_text("not read: its key is missing\n")
-    proc = _tls_app(tmp_path, OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY=str(tmp_path / "missing-key.pem"),
+    proc = _tlsrun_app(tmp_path, OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY=str(tmp_path / "missing-key.pem"),
                     OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE=str(certificate))
     assert "APP DONE" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -26,16 +26,19 @@ APP = textwrap.dedent('''
     import cmbagent_otel
     from cmbagent_otel import phase, step, workflow
     from cmbagent_otel._spans import TracedSpan
+    from opentelemetry import context
     cmbagent_otel.instrument(instrument_cmbagent=False, instrument_threading=False)
     with workflow("waits", mode="one-shot"), phase("control"), step(1, "fit"):
         with TracedSpan("chat m", "llm", {"gen_ai.request.model": "m"}):
             pass
     cmbagent_otel.uninstrument()
-    print("APP DONE", flush=True)
+    print("APP DONE", type(context._RUNTIME_CONTEXT).__name__, flush=True)
 ''')
 
 
-def _app(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run_app(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """A small instrumented workflow in a child process with ``env`` (no other ``OTEL_*``); it prints
+    ``APP DONE <runtime context class>`` when it ran to its end."""
     child = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     child.update({"CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
                   "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), **env})
@@ -50,7 +53,7 @@ def test_an_otlp_timeout_past_the_platform_is_warned_and_spans_arrive(tmp_path: 
     with IngestServer(f"sqlite:///{tmp_path / 'received.db'}", host="127.0.0.1", port=0, grpc_port=0) as srv:
         endpoint = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": srv.endpoint} if protocol.startswith("http") else \
             {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{srv.grpc_endpoint}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-        proc = _app(tmp_path, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        proc = run_app(tmp_path, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
                     OTEL_EXPORTER_OTLP_TIMEOUT=timeout, **endpoint)
         written = srv.spans_written
     assert "APP DONE" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -60,7 +63,7 @@ def test_an_otlp_timeout_past_the_platform_is_warned_and_spans_arrive(tmp_path: 
 
 
 def test_a_metric_interval_past_the_platform_is_warned_and_the_reader_lives(tmp_path: Path) -> None:
-    proc = _app(tmp_path, OTEL_METRICS_EXPORTER="console", OTEL_METRIC_EXPORT_INTERVAL="1e30",
+    proc = run_app(tmp_path, OTEL_METRICS_EXPORTER="console", OTEL_METRIC_EXPORT_INTERVAL="1e30",
                 OTEL_TRACES_EXPORTER="none")
     assert "APP DONE" in proc.stdout
     assert "Traceback" not in proc.stderr and "OverflowError" not in proc.stderr, proc.stderr[-2000:]
