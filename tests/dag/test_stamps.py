@@ -12,7 +12,7 @@ from cmbagent_otel.dag.statements import Sql, _sqlite_dt
 
 _EPOCH = datetime(1970, 1, 1)
 _EDGES = [0, 1, 999, 1000, 999_999_999, 1_000_000_000, 1_000_000_999, 1_796_147_325_000_000_000,
-          1_796_147_325_000_001_000, 1_796_147_325_999_999_999, _stamps._MAX_NS - 1, _stamps._MAX_NS]
+          1_796_147_325_000_001_000, 1_796_147_325_999_999_999, _stamps.MAX_NS - 1, _stamps.MAX_NS]
 
 
 def _plain(ns: int) -> datetime:
@@ -21,7 +21,7 @@ def _plain(ns: int) -> datetime:
 
 def test_span_times_and_their_texts_are_the_plain_ones() -> None:
     rng = random.Random(13)
-    values = _EDGES + [rng.randrange(0, _stamps._MAX_NS) for _ in range(2000)]
+    values = _EDGES + [rng.randrange(0, _stamps.MAX_NS) for _ in range(2000)]
     # whole seconds and whole milliseconds: the texts without a fraction, or with zeros in it
     values += [rng.randrange(0, 10**10) * 10**9 + rng.choice([0, 1000, 999_000, 999_999_000]) for _ in range(500)]
     for ns in values:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-_EPOCH = datetime(1970, 1, 1)
+EPOCH = datetime(1970, 1, 1)
 # timedelta * int builds the delta without timedelta()'s argument parsing
 _MICROSECOND = timedelta(microseconds=1)
-# The latest time a datetime can hold, in nanoseconds since the epoch
-_MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - _EPOCH) // _MICROSECOND * 1000
+# The latest time a datetime (and so a row) can hold, in nanoseconds since the epoch
+MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - EPOCH) // _MICROSECOND * 1000
 _THREE_DIGITS = tuple(f"{i:03d}" for i in range(1000))
 _MEMO_SIZE = 8192  # datetimes remembered: a batch of 512 spans makes about 1,100
 _fromisoformat = datetime.fromisoformat
@@ -30,17 +30,17 @@ text_of = _texts.get  # the text of a datetime made by at() (a naive, plain date
 
 
 def at(ns: int) -> datetime:
-    """Nanoseconds since the epoch as a naive UTC datetime (``_EPOCH + 1 µs * (ns // 1000)``),
+    """Nanoseconds since the epoch as a naive UTC datetime (``EPOCH + 1 µs * (ns // 1000)``),
     its text remembered for :func:`sqlite_text` and :func:`iso`."""
-    if type(ns) is not int or not 0 <= ns <= _MAX_NS:
-        return _EPOCH + _MICROSECOND * (ns // 1000)
+    if type(ns) is not int or not 0 <= ns <= MAX_NS:
+        return bare(ns)
     us = ns // 1000
     second = us // 1_000_000
     prefix = _seconds.get(second)
     if prefix is None:
         if len(_seconds) >= _MEMO_SIZE:
             _seconds.clear()
-        prefix = _seconds[second] = (_EPOCH + _MICROSECOND * (second * 1_000_000)).isoformat(" ") + "."
+        prefix = _seconds[second] = (EPOCH + _MICROSECOND * (second * 1_000_000)).isoformat(" ") + "."
     fraction = us - second * 1_000_000
     text = prefix + _THREE_DIGITS[fraction // 1000] + _THREE_DIGITS[fraction % 1000]
     value = _fromisoformat(text)
@@ -52,7 +52,7 @@ def at(ns: int) -> datetime:
 
 def bare(ns: int) -> datetime:
     """:func:`at` without the text (for times no row stores as text: PostgreSQL takes datetimes)."""
-    return _EPOCH + _MICROSECOND * (ns // 1000)
+    return EPOCH + _MICROSECOND * (ns // 1000)
 
 
 def sqlite_text(value: datetime) -> str:

@@ -22,7 +22,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from opentelemetry.attributes import BoundedAttributes
@@ -35,7 +35,7 @@ from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, safe_text, scrub, truncate
 from . import _stamps
 
-_EPOCH = datetime(1970, 1, 1)
+_EPOCH = _stamps.EPOCH
 DEFAULT_SESSION_NAME = "Default Session"
 CHECKPOINT_FREQUENCY_MINUTES = 10
 
@@ -135,7 +135,7 @@ def ts(ns: int | None) -> datetime | None:
 
 
 def iso(value: datetime | None) -> str | None:
-    return value.isoformat(sep=" ") if value is not None else None
+    return _iso(value) if value is not None else None
 
 
 _INT32 = 2**31 - 1
@@ -287,7 +287,7 @@ def sanitized(span: ReadableSpan, attrs: dict[str, Any]) -> tuple[ReadableSpan, 
 # The latest time a datetime (and so a row) can hold; an app passing seconds or microseconds
 # where the SDK wants nanoseconds gives times past it, which failed the batch (OverflowError).
 # Before the epoch: no OTLP time can be (its times are unsigned).
-_MAX_NS = (datetime(9999, 12, 31, 23, 59, 59, 999999) - datetime(1970, 1, 1)) // timedelta(microseconds=1) * 1000
+_MAX_NS = _stamps.MAX_NS
 
 
 # Another instrumentation's span names and attribute keys are cut like values: the SDK bounds
