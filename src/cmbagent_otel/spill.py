@@ -376,26 +376,22 @@ def without_secrets(spans: Sequence[ReadableSpan]) -> Sequence[ReadableSpan]:
     for index, span in enumerate(spans):
         try:
             resource = _clean_resource(span.resource)
-            if (span.attributes or {}).get(SPAN_KIND) is not None:
+            name, attributes, events, links, status = span.name, span.attributes, span.events, span.links, span.status
+            if (attributes or {}).get(SPAN_KIND) is not None:  # ours: only the resource may need it
                 if resource is span.resource:
                     continue
-                clean = ReadableSpan(
-                    name=span.name, context=span.context, parent=span.parent, resource=resource,
-                    attributes=span.attributes, events=span.events, links=span.links, kind=span.kind,
-                    instrumentation_scope=span.instrumentation_scope, status=span.status,
-                    start_time=span.start_time, end_time=span.end_time)
             else:
-                status = span.status
-                clean = ReadableSpan(
-                    name=redaction.redact(span.name) or span.name, context=span.context, parent=span.parent,
-                    resource=resource, attributes=_clean_attributes(span.attributes),
-                    events=[Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in span.events],
-                    links=[Link(link.context, _clean_attributes(link.attributes)) if link.attributes else link
-                           for link in span.links],
-                    kind=span.kind, instrumentation_scope=span.instrumentation_scope,
-                    status=Status(status.status_code,
-                                  redaction.redact(status.description) if status.description else None),
-                    start_time=span.start_time, end_time=span.end_time)
+                name = redaction.redact(name) or name
+                attributes = _clean_attributes(attributes)
+                events = [Event(e.name, _clean_attributes(e.attributes), e.timestamp) for e in events]
+                links = [Link(link.context, _clean_attributes(link.attributes)) if link.attributes else link
+                         for link in links]
+                description = redaction.redact(status.description) if status.description else None
+                status = Status(status.status_code, description)
+            clean = ReadableSpan(
+                name=name, context=span.context, parent=span.parent, resource=resource, attributes=attributes,
+                events=events, links=links, kind=span.kind, instrumentation_scope=span.instrumentation_scope,
+                status=status, start_time=span.start_time, end_time=span.end_time)
         except Exception:
             logger.debug("cmbagent_otel: could not scrub a span for the spill store", exc_info=True)
             continue
