@@ -162,12 +162,10 @@ def pinned_url(url: str | None = None) -> str:
     wrote the rest of the run there, apart from its spill store's target. A writer names the
     file once, when it is made."""
     resolved = resolve_url(url)
-    parsed = make_url(resolved)
-    db = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") \
-            or Path(db).is_absolute():
+    path = sqlite_file(resolved)
+    if path is None or path.is_absolute():
         return resolved
-    return parsed.set(database=_absolute(db)).render_as_string(hide_password=False)
+    return make_url(resolved).set(database=_absolute(str(path))).render_as_string(hide_password=False)
 
 
 def _absolute(path: str) -> str:
