@@ -39,7 +39,8 @@ STOPPED_BY_SIGNAL = "stopped_by_signal"  # error.type of a span ended because a 
 
 
 def install(provider: Any) -> None:
-    """Flush ``provider`` when SIGTERM/SIGHUP ends the process (where their handler is the default)."""
+    """End our open run and node spans failed and flush ``provider`` when SIGTERM/SIGHUP ends the process
+    (where their handler is the default)."""
     _target["provider"] = provider
     if not env.get(env.FLUSH_ON_SIGNAL) or threading.current_thread() is not threading.main_thread():
         return

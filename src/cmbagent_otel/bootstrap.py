@@ -101,8 +101,9 @@ def instrument(
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
 
     Called from the main thread, it also makes SIGTERM and SIGHUP (where their handler is still
-    Python's default) flush the tracer provider, within the export timeout, before the process
-    ends by that signal as it would have (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
+    Python's default) end the run and its open steps as failed ("stopped by SIGTERM") and flush
+    the tracer provider, within the export timeout, before the process ends by that signal as it
+    would have (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
     :func:`uninstrument` puts the default back.
     """
     # settled only after the application imported AG2 itself (see _gcquiet)
