@@ -1032,6 +1032,11 @@ class RedactionCache:
 
     def redact(self, text: str) -> str:
         """``redact(text)``, memoised."""
+        memo = self._memo  # a hit of the current memo first: the memo holds no empty or over-long text
+        if memo.known is _known_pattern:
+            out = memo.entries.get(text)
+            if out is not None:
+                return out
         if not text:
             return text
         if len(text) > self.max_len:
@@ -1062,16 +1067,7 @@ _name_cache = RedactionCache(max_len=4096, max_chars=1_000_000)
 def redact_name(name: str) -> str:
     """:func:`redact` for a name (an agent's, a model's), memoised: an agent named, or a model
     written, with a key in it (``gpt-4o?api_key=...``) went into span names, attributes and rows."""
-    if type(name) is not str:
-        return name
-    # asked on every model call (the response's model): a hit of the current memo, read inline,
-    # costs a quarter of RedactionCache.redact's calls
-    memo = _name_cache._memo
-    if memo.known is _known_pattern:
-        out = memo.entries.get(name)
-        if out is not None:
-            return out
-    return _name_cache.redact(name)
+    return _name_cache.redact(name) if type(name) is str else name
 
 
 def redact_list(items: Sequence[str]) -> str:
