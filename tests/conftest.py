@@ -11,6 +11,7 @@ backend). PostgreSQL tests skip unless ``CMBAGENT_OTEL_TEST_PG_URL`` names a ser
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -124,13 +125,25 @@ def instrumented(capture: SpanCapture) -> Iterator[SpanCapture]:
         cmbagent_otel.uninstrument()
 
 
+def _store_finished(memory: InMemorySpanExporter, url: str) -> None:
+    from cmbagent_otel.dag.writer import DagWriter
+
+    writer = DagWriter(url)
+    try:
+        writer.write(list(memory.get_finished_spans()))
+    finally:
+        writer.close()
+
+
 @pytest.fixture
 def provider() -> Iterator[TracerProvider]:
-    """An SDK provider recording into ``provider.memory``; cmbagent-otel's spans go to it."""
+    """An SDK provider recording into ``provider.memory``; cmbagent-otel's spans go to it.
+    ``provider.store(url)`` writes the spans finished so far into the DAG database ``url``."""
     provider = TracerProvider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.memory = exporter  # type: ignore[attr-defined]
+    provider.store = functools.partial(_store_finished, exporter)  # type: ignore[attr-defined]
     try:
         with workflow_tracers.routed_to(provider):
             yield provider

@@ -20,7 +20,6 @@ import pytest
 
 from cmbagent_otel import phase, workflow
 from cmbagent_otel.cli import main
-from cmbagent_otel.dag.writer import DagWriter
 
 NAMES = ['<x> [URL="javascript:alert(1)"] ; <y>', "ends in a backslash\\", "host:port", "planck\\: <b>"]
 
@@ -32,11 +31,7 @@ def hostile_ids(tmp_path: Path, provider: Any) -> str:
         for name in NAMES:
             with phase(name):
                 pass
-    writer = DagWriter(url)
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(url)
     return url
 
 

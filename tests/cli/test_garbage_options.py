@@ -16,18 +16,13 @@ import pytest
 
 import cmbagent_otel as c
 from cmbagent_otel.cli import main
-from cmbagent_otel.dag.writer import DagWriter
 
 
 @pytest.fixture
 def stored(db_url: str, provider: Any) -> str:
     with c.workflow("garbage", mode="planning-control"), c.phase("control"), c.step(1, "go", agent="engineer"):
         pass
-    writer = DagWriter(db_url)
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(db_url)
     return db_url
 
 

@@ -15,7 +15,6 @@ import pytest
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel.cli import main
-from cmbagent_otel.dag.writer import DagWriter
 
 MARKS = "\u061c\u200e\u200f\u2028\u2029"
 
@@ -26,11 +25,7 @@ def marked_db(tmp_path: Path, provider: Any) -> str:
     with workflow("wf" + MARKS, mode="mode" + MARKS), phase("phase" + MARKS), \
             step(1, "goal" + MARKS, agent="agent" + MARKS):
         pass
-    writer = DagWriter(url)
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(url)
     return url
 
 

@@ -21,7 +21,6 @@ import pytest
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel.cli import main
 from cmbagent_otel.dag.query import DagReader
-from cmbagent_otel.dag.writer import DagWriter
 
 COMMANDS = [["runs"], ["runs", "--format", "json"], ["dag", "latest"], ["dag", "latest", "--format", "json"],
             ["dag", "latest", "--format", "mermaid"], ["dag", "latest", "--format", "dot"], ["events", "latest"],
@@ -35,11 +34,7 @@ def db(tmp_path: Path, provider: Any) -> Path:
     with workflow("fit the spectrum", mode="one-shot"), phase("control"), step(1, "fit", agent="engineer"), \
             tracer.start_as_current_span("child"):
         pass
-    writer = DagWriter(f"sqlite:///{path}")
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(f"sqlite:///{path}")
     return path
 
 

@@ -21,7 +21,6 @@ import pytest
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel.cli import main
 from cmbagent_otel.dag.query import DagReader
-from cmbagent_otel.dag.writer import DagWriter
 
 RUNS = 3
 
@@ -32,11 +31,7 @@ def db(tmp_path: Path, provider: Any) -> Path:
     for i in range(RUNS):
         with workflow(f"task {i}", mode="one-shot"), phase("control"), step(1, "fit", agent="engineer"):
             pass
-    writer = DagWriter(f"sqlite:///{path}")
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(f"sqlite:///{path}")
     return path
 
 

@@ -20,7 +20,6 @@ from sqlalchemy import create_engine, text
 
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel.cli import main
-from cmbagent_otel.dag.writer import DagWriter
 
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mRED\x1b[0m\r\x08\x9b31m\u202eevil[/red][bold]"
 RAW_CONTROLS = ("\x1b", "\x07", "\x9b", "\x08", "\r", "\u202e")
@@ -34,11 +33,7 @@ def hostile_db(tmp_path: Path, provider: Any) -> str:
         with provider.get_tracer("other").start_as_current_span("call" + HOSTILE) as span:
             span.set_attribute("gen_ai.agent.name", "agent" + HOSTILE)
         raise RuntimeError("boom" + HOSTILE)
-    writer = DagWriter(url)
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(url)
     engine = create_engine(url)
     try:
         with engine.begin() as conn:  # another writer's statuses: markup, not one of ours

@@ -90,18 +90,13 @@ def test_another_instrumentations_huge_attributes_are_bounded_in_the_database(pr
     import sqlite3
 
     from cmbagent_otel import phase, step, workflow
-    from cmbagent_otel.dag.writer import DagWriter
 
     with workflow("w", mode="m"), phase("control"), step(1, "g"), \
             provider.get_tracer("other").start_as_current_span("http") as span:
         span.set_attribute("http.body", "q" * SIZE)
         span.set_attribute("parts", ["r" * (SIZE // 4)] * 4)
     db = tmp_path / "dag.db"
-    writer = DagWriter(f"sqlite:///{db}")
-    try:
-        writer.write(list(provider.memory.get_finished_spans()))
-    finally:
-        writer.close()
+    provider.store(f"sqlite:///{db}")
     with sqlite3.connect(db) as conn:
         longest, = conn.execute("SELECT max(length(meta)) FROM execution_events").fetchone()
         body, = conn.execute("SELECT json_extract(meta, '$.attributes.\"http.body\"') FROM execution_events "
