@@ -13,7 +13,10 @@ so the process still ends by that signal, with no application code run in betwee
 Before the flush, the run and DAG-node spans of ours still open (the run, its phase, its
 current step, a sub-agent turn) are ended with ERROR status, ``stopped by SIGTERM`` and
 ``error.type=stopped_by_signal``: they would never end otherwise, and their rows would show
-the run ``executing`` and its nodes ``running`` for ever.
+the run ``executing`` and its nodes ``running`` for ever. The run and steps among them record
+their duration metrics as their owners would have (``error.type=stopped_by_signal``), and the
+meter provider the metrics go to is flushed after the tracer provider: what the periodic
+reader had not exported yet (up to a minute of it, with the SDK's default) died with the process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -33,15 +37,16 @@ from . import semconv
 logger = logging.getLogger("cmbagent_otel")
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-_target: dict[str, Any] = {"provider": None}
+_target: dict[str, Any] = {"provider": None, "meter_provider": None, "metrics": False}
 
 STOPPED_BY_SIGNAL = "stopped_by_signal"  # error.type of a span ended because a signal stopped the process
 
 
-def install(provider: Any) -> None:
-    """End our open run and node spans failed and flush ``provider`` when SIGTERM/SIGHUP ends the process
+def install(provider: Any, meter_provider: Any = None, metrics: bool = False) -> None:
+    """End our open run and node spans failed and flush ``provider`` (and, with ``metrics``, the meter
+    provider: ``meter_provider``, ``None`` for the global one) when SIGTERM/SIGHUP ends the process
     (where their handler is the default)."""
-    _target["provider"] = provider
+    _target.update(provider=provider, meter_provider=meter_provider, metrics=metrics)
     if not env.get(env.FLUSH_ON_SIGNAL) or threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
@@ -52,7 +57,7 @@ def install(provider: Any) -> None:
 
 def uninstall() -> None:
     """Put the default back where our handler still is (the application may have replaced it)."""
-    _target["provider"] = None
+    _target.update(provider=None, meter_provider=None, metrics=False)
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
@@ -99,7 +104,43 @@ def end_open_spans(reason: str) -> int:
             ended += 1
         except Exception:
             logger.debug("cmbagent_otel: could not end an open span", exc_info=True)
+    _record_durations(spans)
     return ended
+
+
+def _record_durations(spans: list[Any]) -> None:
+    """The run-level duration metrics of the workflow and step spans just ended: their owners, which
+    record them when they end a span, will not run again."""
+    from ._spans import workflow_tracers
+    from .metrics import TIMED_KINDS
+
+    try:
+        metrics = workflow_tracers.current_metrics()
+        if metrics is None:
+            return
+        now = time.time_ns()
+        runs = {span.context.trace_id: span.attributes.get(semconv.WORKFLOW_NAME) for span in spans
+                if span.attributes.get(semconv.SPAN_KIND) == semconv.KIND_WORKFLOW}
+        for span in spans:
+            attributes = span.attributes
+            kind = attributes.get(semconv.SPAN_KIND)
+            if kind in TIMED_KINDS and span.start_time:
+                end = span.end_time or now
+                metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9,
+                              attributes.get(semconv.ERROR_TYPE) or STOPPED_BY_SIGNAL,
+                              runs.get(span.context.trace_id))
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the durations of the ended spans", exc_info=True)
+
+
+def _meter_provider() -> Any:
+    if not _target["metrics"]:
+        return None
+    if _target["meter_provider"] is not None:
+        return _target["meter_provider"]
+    from opentelemetry import metrics as otel_metrics
+
+    return otel_metrics.get_meter_provider()
 
 
 def _flush(signal_name: str = "a signal") -> None:
@@ -111,14 +152,20 @@ def _flush(signal_name: str = "a signal") -> None:
         end_open_spans(f"stopped by {signal_name}")
 
     def run() -> None:
+        started = time.monotonic()
         with contextlib.suppress(Exception):
-            flush(int(timeout * 1000))
+            if flush is not None:
+                flush(int(timeout * 1000))
+        meters = getattr(_meter_provider(), "force_flush", None)  # a proxy (no SDK provider) has none
+        if meters is not None:
+            with contextlib.suppress(Exception):
+                meters(int(max(0.1, timeout - (time.monotonic() - started)) * 1000))
 
     # neither in the handler itself: the main thread may have been stopped holding a lock they wait
     # for (a span's, a processor's, an exporter's); then each wait ends at its deadline. The spans are
     # ended in a thread of their own, so one whose lock is held never keeps the rest from the flush.
     _in_thread(end, "cmbagent-otel-signal-end", min(1.0, timeout))
-    if flush is not None:
+    if flush is not None or _target["metrics"]:
         _in_thread(run, "cmbagent-otel-signal-flush", timeout + 1.0)
 
 
