@@ -47,6 +47,7 @@ from opentelemetry.trace import Status, StatusCode
 from . import environment_variables
 from . import semconv as sc
 from ._forksafe import reset_in_child
+from ._termination import signals_deferred
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -352,7 +353,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._shutdown:
             return False
         deadline = time.monotonic() + timeout_millis / 1000
-        with self._export_lock:
+        with signals_deferred(), self._export_lock:
             while self._queue:
                 if time.monotonic() >= deadline:
                     return False

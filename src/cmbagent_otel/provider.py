@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._termination import signals_deferred
 from .redaction import REDACTED, is_secret_key, redact
 
 logger = logging.getLogger("cmbagent_otel")
@@ -231,7 +232,8 @@ class ProcessorSlot(SpanProcessor):
             processor.on_end(span)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all([processor.force_flush(timeout_millis) for processor in self._processors])
+        with signals_deferred():  # a SIGTERM meanwhile must not stop the main thread's export half-way
+            return all([processor.force_flush(timeout_millis) for processor in self._processors])
 
     def shutdown(self) -> None:
         for processor in self._processors:
@@ -243,7 +245,8 @@ class ProcessorSlot(SpanProcessor):
             processors, self._processors = self._processors, ()
         for processor in processors:
             try:
-                processor.force_flush()
+                with signals_deferred():
+                    processor.force_flush()
             finally:
                 processor.shutdown()
 
