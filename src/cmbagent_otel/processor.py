@@ -324,6 +324,12 @@ class DurableBatchSpanProcessor(SpanProcessor):
         except Exception:
             logger.exception("cmbagent_otel: span exporter %s raised", type(self.exporter).__name__)
             self._count_dropped(sum(1 for s in batch if not is_started(s)), "the exporter raised")
+        except BaseException:
+            # Ctrl-C (or the app's own signal handler raising) in a thread that exports (a force_flush in
+            # the main thread): the batch was popped from the queue and vanished; keep it the overflow
+            # way (spilled: written later, at most again, which changes nothing), then let it propagate
+            self._take_overflow(batch)
+            raise
         finally:
             detach(token)
 
