@@ -295,7 +295,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     Setting(FLUSH_ON_SIGNAL, True, "`true`: when SIGTERM or SIGHUP stops the process (and the application has no "
             "handler of its own), the run and its open steps are ended as failed (\"stopped by SIGTERM\") and what was "
-            "recorded is exported, within the export timeout, then the process ends by that signal as before; "
+            "recorded (spans, then metrics) is exported, within the export timeout, then the process ends by that "
+            "signal as before; "
             "`false`: it ends at once, the queued spans are lost and the run stays `executing`",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     # what spans carry
