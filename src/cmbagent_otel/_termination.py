@@ -221,6 +221,9 @@ def _flush_providers() -> None:
 
 
 def _after_fork_in_child() -> None:
+    # forked from another thread while the main thread was in signals_deferred(): the child's main thread
+    # is not, and a deferral left in place would keep our handler from ever ending the child
+    _deferral.update(depth=0, pending=None)
     util = sys.modules.get("multiprocessing.util")
     if util is not None and _target["provider"] is not None:
         with contextlib.suppress(Exception):

@@ -59,3 +59,36 @@ def test_a_sigterm_during_the_main_threads_export_waits_for_it(tmp_path: Path) -
     assert "APPLICATION CODE" not in out and "Traceback" not in err, (out, err)
     exported = record.read_text().splitlines() if record.exists() else []
     assert len(exported) == 6 and sum(name.startswith("chat m") for name in exported) == 3, exported  # was none
+
+
+FORKED = textwrap.dedent('''
+    import os, signal, threading
+    import cmbagent_otel
+    from cmbagent_otel import _termination
+    cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
+    child = []
+
+    def forker():
+        pid = os.fork()
+        if pid == 0:
+            signal.pause()  # returns once a handler has run; our handler ends the process first
+            os._exit(0)
+        child.append(pid)
+
+    with _termination.signals_deferred():  # the main thread flushes while another thread forks
+        thread = threading.Thread(target=forker)
+        thread.start()
+        thread.join()
+    os.kill(child[0], signal.SIGTERM)
+    _, status = os.waitpid(child[0], 0)
+    print("CHILD", os.WTERMSIG(status) if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}")
+''')
+
+
+def test_a_child_forked_during_a_deferred_flush_still_ends_by_sigterm() -> None:
+    """The deferral belongs to the parent's main thread: a child forked meanwhile by another thread
+    (its main thread is not flushing) must not defer our handler for ever."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_SDK_DISABLED"}
+    proc = subprocess.run([sys.executable, "-c", FORKED], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.stdout.strip() == f"CHILD {int(signal.SIGTERM)}", (proc.stdout, proc.stderr[-2000:])
