@@ -75,8 +75,9 @@ def _timeout(value: float | None) -> float:
 class _Throttled:
     """A warning logged at once, then at most every ``LOG_EVERY_S`` with the running total."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, level: int = logging.WARNING) -> None:
         self._message = message
+        self._level = level
         self._next = 0.0
         self._total = 0
         self._lock = threading.Lock()
@@ -90,7 +91,7 @@ class _Throttled:
                 return
             self._next = now + LOG_EVERY_S
             total = self._total
-        logger.warning(self._message, count, *args, total)
+        logger.log(self._level, self._message, count, *args, total)
 
 
 class DagSpanExporter(SpanExporter):
@@ -153,6 +154,11 @@ class DagSpanExporter(SpanExporter):
         self._overflow_log = _Throttled("cmbagent_otel: span queue full, %d spans kept in the spill store %s "
                                         "(%d so far); they are written when the database catches up")
         self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
+        self._spill_failed_log = _Throttled("cmbagent_otel: could not spill %d spans: %s (%d so far)", logging.ERROR)
+        #: while the database is away: [when it went, spans spilled since, batches spilled since];
+        #: one line when it goes and one when it is back, not one per batch (under ``_lock``)
+        self._outage: list[float] | None = None
+        self._backlog_replayed = 0  # spans replayed since the last line saying so
 
     # --- bookkeeping -------------------------------------------------------------------------
 
@@ -199,7 +205,7 @@ class DagSpanExporter(SpanExporter):
             self._spill.append(spans)
         except SpillFailed as exc:
             self._count("spilled", exc.spilled)
-            logger.error("cmbagent_otel: could not spill %d spans: %s", len(spans) - exc.spilled, exc)
+            self._spill_failed_log(len(spans) - exc.spilled, exc)
             self._dropped(len(spans) - exc.spilled, f"{why}, and the spill store failed ({exc.strerror})")
             if exc.spilled:
                 self._replay_due = True
@@ -260,6 +266,8 @@ class DagSpanExporter(SpanExporter):
                 return SpanExportResult.FAILURE if dropped else SpanExportResult.SUCCESS
             self._count("exported", count)
             self._degraded_until = 0.0
+            if self._outage is not None:
+                self._outage_over()
             if self._replay_due and self.replay_after_export:
                 self._replay(min(REPLAY_SLICE_S, self._timeout))
             return SpanExportResult.SUCCESS
@@ -269,9 +277,29 @@ class DagSpanExporter(SpanExporter):
         self._degraded_until = time.monotonic() + DEGRADED_S
         kept = self._keep(spans, f"database unavailable: {exc}")
         if kept:
-            logger.warning("cmbagent_otel: %s; %d spans kept in the spill store %s", exc, kept,
-                           self._spill.directory if self._spill else None)
+            self._outage_spilled(exc, kept)
         return SpanExportResult.SUCCESS if kept == count else SpanExportResult.FAILURE
+
+    def _outage_spilled(self, why: Exception | str, kept: int) -> None:
+        """Say once per outage that batches go to the spill store (a long outage used to log a
+        line per batch); the later batches of the outage are counted for :meth:`_outage_over`."""
+        outage = self._outage
+        if outage is not None:
+            outage[1] += kept
+            outage[2] += 1
+            logger.debug("cmbagent_otel: %s; %d more spans kept in the spill store", why, kept)
+            return
+        self._outage = [time.monotonic(), kept, 1]
+        logger.warning("cmbagent_otel: %s; %d spans kept in the spill store %s, and so will later batches be "
+                       "until the database is back (one line says so then)", why, kept,
+                       self._spill.directory if self._spill else None)
+
+    def _outage_over(self) -> None:
+        since, spans, batches = self._outage or (time.monotonic(), 0, 0)
+        self._outage = None
+        logger.warning("cmbagent_otel: the DAG database %s is back after %.1f s; %d spans (%d batches) "
+                       "kept in the spill store meanwhile are written from it now",
+                       redacted(resolve_url(self._url)), time.monotonic() - since, spans, batches)
 
     def _isolate(self, spans: Sequence[ReadableSpan], exc: Exception, deadline: float) -> tuple[int, int]:
         """A non-retryable error: write the batch in halves so only the spans that cause it
@@ -357,8 +385,12 @@ class DagSpanExporter(SpanExporter):
                                             on_rejected=self._on_rejected)
         self._count("replayed", replayed)
         self._replay_due = left > 0
-        if replayed:
-            logger.info("cmbagent_otel: replayed %d spilled spans into the DAG database", replayed)
+        # one line per backlog, not per slice (a long outage's backlog takes many slices)
+        self._backlog_replayed += replayed
+        if not left and self._backlog_replayed:
+            logger.info("cmbagent_otel: replayed %d spilled spans into the DAG database; none of its spill "
+                        "files are left", self._backlog_replayed)
+            self._backlog_replayed = 0
         return replayed, left
 
     def replay(self) -> tuple[int, int]:

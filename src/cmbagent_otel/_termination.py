@@ -13,7 +13,18 @@ so the process still ends by that signal, with no application code run in betwee
 Before the flush, the run and DAG-node spans of ours still open (the run, its phase, its
 current step, a sub-agent turn) are ended with ERROR status, ``stopped by SIGTERM`` and
 ``error.type=stopped_by_signal``: they would never end otherwise, and their rows would show
-the run ``executing`` and its nodes ``running`` for ever.
+the run ``executing`` and its nodes ``running`` for ever. The run and steps among them record
+their duration metrics as their owners would have (``error.type=stopped_by_signal``), and the
+meter provider the metrics go to is flushed after the tracer provider: what the periodic
+reader had not exported yet (up to a minute of it, with the SDK's default) died with the process.
+
+A ``multiprocessing`` child ends by ``os._exit`` once its target returns (start methods ``fork``
+and ``forkserver``), so neither ``atexit`` nor the providers' shutdown runs there: every span the
+child recorded (its whole run) was lost, with nothing saying so. Its exit hook
+(``multiprocessing.util._exit_function``, which runs the finalizers) now flushes the providers
+too: registered after each fork for a child ``multiprocessing`` bootstraps, and by
+``instrument()`` in a ``spawn``/``forkserver`` child that instruments itself when it imports
+its main module.
 """
 
 from __future__ import annotations
@@ -22,7 +33,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -33,15 +47,23 @@ from . import semconv
 logger = logging.getLogger("cmbagent_otel")
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-_target: dict[str, Any] = {"provider": None}
+_target: dict[str, Any] = {"provider": None, "meter_provider": None, "metrics": False}
 
 STOPPED_BY_SIGNAL = "stopped_by_signal"  # error.type of a span ended because a signal stopped the process
 
 
-def install(provider: Any) -> None:
-    """End our open run and node spans failed and flush ``provider`` when SIGTERM/SIGHUP ends the process
+def install(provider: Any, meter_provider: Any = None, metrics: bool = False) -> None:
+    """End our open run and node spans failed and flush ``provider`` (and, with ``metrics``, the meter
+    provider: ``meter_provider``, ``None`` for the global one) when SIGTERM/SIGHUP ends the process
     (where their handler is the default)."""
-    _target["provider"] = provider
+    _target.update(provider=provider, meter_provider=meter_provider, metrics=metrics)
+    with contextlib.suppress(Exception):
+        process, util = sys.modules.get("multiprocessing.process"), sys.modules.get("multiprocessing.util")
+        # a spawn/forkserver child importing its main module: a spawn child keeps the finalizer; a
+        # forkserver child's bootstrap clears it, then runs the after-fork hooks, which register it again
+        if process is not None and util is not None and getattr(process.current_process(), "_inheriting", False):
+            _flush_at_child_exit(None)
+            util.register_after_fork(_CHILD_HOOK, _flush_at_child_exit)
     if not env.get(env.FLUSH_ON_SIGNAL) or threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
@@ -52,7 +74,7 @@ def install(provider: Any) -> None:
 
 def uninstall() -> None:
     """Put the default back where our handler still is (the application may have replaced it)."""
-    _target["provider"] = None
+    _target.update(provider=None, meter_provider=None, metrics=False)
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
@@ -64,10 +86,43 @@ def uninstall() -> None:
 def _on_signal(signum: int, frame: Any) -> None:
     with contextlib.suppress(Exception):
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    if _deferral["depth"]:
+        _deferral["pending"] = signum  # the main thread is exporting: signals_deferred() stops us after
+        return
+    _stop(signum)
+
+
+def _stop(signum: int) -> None:
     try:
         _flush(_signal_name(signum))
     finally:
         os.kill(os.getpid(), signum)  # ends the process as the default would have
+
+
+_deferral: dict[str, Any] = {"depth": 0, "pending": None}  # touched in the main thread only
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """In the main thread, let our SIGTERM/SIGHUP handler wait until the block ends. The handler
+    runs in the main thread: one arriving while the main thread itself exported a batch (a
+    ``force_flush``: the application's, ``uninstrument()``'s, a ``multiprocessing`` child's at its
+    exit) stopped that export half-way, its own flush found the batch gone from the queue, and the
+    process ended without it. Now the handler notes the signal and returns; the export goes on
+    (no application code runs) and the handler's work runs when the block ends, bounded by the
+    flush's own timeout. A second signal meanwhile ends the process at once, as always."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        signum = _deferral["pending"]
+        if signum is not None and not _deferral["depth"]:
+            _deferral["pending"] = None
+            _stop(signum)
 
 
 def _signal_name(signum: int) -> str:
@@ -99,7 +154,98 @@ def end_open_spans(reason: str) -> int:
             ended += 1
         except Exception:
             logger.debug("cmbagent_otel: could not end an open span", exc_info=True)
+    _record_durations(spans)
     return ended
+
+
+def _record_durations(spans: list[Any]) -> None:
+    """The run-level duration metrics of the workflow and step spans just ended: their owners, which
+    record them when they end a span, will not run again."""
+    from ._spans import workflow_tracers
+    from .metrics import TIMED_KINDS
+
+    try:
+        metrics = workflow_tracers.current_metrics()
+        if metrics is None:
+            return
+        now = time.time_ns()
+        runs = {span.context.trace_id: span.attributes.get(semconv.WORKFLOW_NAME) for span in spans
+                if span.attributes.get(semconv.SPAN_KIND) == semconv.KIND_WORKFLOW}
+        for span in spans:
+            attributes = span.attributes
+            kind = attributes.get(semconv.SPAN_KIND)
+            if kind in TIMED_KINDS and span.start_time:
+                end = span.end_time or now
+                metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9,
+                              attributes.get(semconv.ERROR_TYPE) or STOPPED_BY_SIGNAL,
+                              runs.get(span.context.trace_id))
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the durations of the ended spans", exc_info=True)
+
+
+def _meter_provider() -> Any:
+    if not _target["metrics"]:
+        return None
+    if _target["meter_provider"] is not None:
+        return _target["meter_provider"]
+    from opentelemetry import metrics as otel_metrics
+
+    return otel_metrics.get_meter_provider()
+
+
+class _ChildHook:
+    """What ``multiprocessing.util.register_after_fork`` holds (weakly) for :func:`_flush_at_child_exit`."""
+
+
+_CHILD_HOOK = _ChildHook()
+_child_finalizer: list[Any] = [None]
+
+
+def _flush_at_child_exit(_hook: Any) -> None:
+    """Flush the providers when this ``multiprocessing`` child exits (its finalizers run; ``atexit``
+    does not), once."""
+    util = sys.modules.get("multiprocessing.util")
+    current = _child_finalizer[0]
+    if util is None or (current is not None and current.still_active()):
+        return
+    _child_finalizer[0] = util.Finalize(None, _flush_providers, exitpriority=0)
+
+
+def _flush_providers() -> None:
+    if _target["provider"] is None and not _target["metrics"]:
+        return  # not instrumented (any more)
+    try:
+        _flush_both(getattr(_target["provider"], "force_flush", None), float(env.get(env.EXPORT_TIMEOUT)))
+    except Exception:
+        logger.debug("cmbagent_otel: could not flush at the process's exit", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    # forked from another thread while the main thread was in signals_deferred(): the child's main thread
+    # is not, and a deferral left in place would keep our handler from ever ending the child
+    _deferral.update(depth=0, pending=None)
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None and _target["provider"] is not None:
+        with contextlib.suppress(Exception):
+            # run by multiprocessing's bootstrap of the child, after it cleared the parent's finalizers;
+            # a plain os.fork() child never runs it
+            util.register_after_fork(_CHILD_HOOK, _flush_at_child_exit)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _flush_both(flush: Any, timeout: float) -> None:
+    """The tracer provider's ``flush``, then the meter provider's, within ``timeout`` together."""
+    started = time.monotonic()
+    with contextlib.suppress(Exception):
+        if flush is not None:
+            flush(int(timeout * 1000))
+    meters = getattr(_meter_provider(), "force_flush", None)  # a proxy (no SDK provider) has none
+    if meters is not None:
+        with contextlib.suppress(Exception):
+            meters(int(max(0.1, timeout - (time.monotonic() - started)) * 1000))
 
 
 def _flush(signal_name: str = "a signal") -> None:
@@ -111,14 +257,13 @@ def _flush(signal_name: str = "a signal") -> None:
         end_open_spans(f"stopped by {signal_name}")
 
     def run() -> None:
-        with contextlib.suppress(Exception):
-            flush(int(timeout * 1000))
+        _flush_both(flush, timeout)
 
     # neither in the handler itself: the main thread may have been stopped holding a lock they wait
     # for (a span's, a processor's, an exporter's); then each wait ends at its deadline. The spans are
     # ended in a thread of their own, so one whose lock is held never keeps the rest from the flush.
     _in_thread(end, "cmbagent-otel-signal-end", min(1.0, timeout))
-    if flush is not None:
+    if flush is not None or _target["metrics"]:
         _in_thread(run, "cmbagent-otel-signal-flush", timeout + 1.0)
 
 

@@ -101,9 +101,10 @@ def instrument(
     (or ``CMBAGENT_OTEL_METRICS=false``) records none.
 
     Called from the main thread, it also makes SIGTERM and SIGHUP (where their handler is still
-    Python's default) end the run and its open steps as failed ("stopped by SIGTERM") and flush
-    the tracer provider, within the export timeout, before the process ends by that signal as it
-    would have (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
+    Python's default) end the run and its open steps as failed ("stopped by SIGTERM", their duration
+    metrics recorded) and flush the tracer provider, then the meter provider, within the export
+    timeout, before the process ends by that signal as it would have
+    (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
     :func:`uninstrument` puts the default back.
     """
     # settled only after the application imported AG2 itself (see _gcquiet)
@@ -144,7 +145,7 @@ def instrument(
         _state.update(active=True, provider=provider, owned=owned, threading=threaded, cmbagent=cmbagent,
                       binding=binding, meter_provider=meters if meters_owned else None)
         try:
-            _termination.install(provider)
+            _termination.install(provider, meters, metrics_on)
         except Exception:
             logger.debug("cmbagent_otel: signal handler not installed", exc_info=True)
         return provider

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,7 +295,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     Setting(FLUSH_ON_SIGNAL, True, "`true`: when SIGTERM or SIGHUP stops the process (and the application has no "
             "handler of its own), the run and its open steps are ended as failed (\"stopped by SIGTERM\") and what was "
-            "recorded is exported, within the export timeout, then the process ends by that signal as before; "
+            "recorded (spans, then metrics) is exported, within the export timeout, then the process ends by that "
+            "signal as before; "
             "`false`: it ends at once, the queued spans are lost and the run stays `executing`",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     # what spans carry
@@ -477,6 +479,32 @@ def _sdk_context(raw: str) -> None:
 
     if not list(entry_points(group="opentelemetry_context", name=raw)):  # the API does not strip it
         raise ValueError("no such OpenTelemetry context is installed")
+    if "opentelemetry.context" in sys.modules:  # loaded already: too late to help
+        return
+    # installed, but its module or class may raise: the API's first import loads it and logs the
+    # traceback of a failure; that record is caught here and said in one line instead
+    failure = _ContextLoadFailure()
+    api_logger = logging.getLogger("opentelemetry.context")
+    api_logger.addFilter(failure)
+    try:
+        import opentelemetry.context  # noqa: F401  (falls back to contextvars itself)
+    finally:
+        api_logger.removeFilter(failure)
+    if failure.reason is not None:
+        raise ValueError(f"it cannot be loaded: {failure.reason}")
+
+
+class _ContextLoadFailure(logging.Filter):
+    """Catches the OpenTelemetry API's record of a context it failed to load (with its traceback)."""
+
+    reason: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to load context"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        self.reason = f"{type(error).__name__}: {error}"[:300] if error is not None else "it failed"
+        return False
 
 
 def _sdk_file(raw: str) -> None:

@@ -47,6 +47,7 @@ from opentelemetry.trace import Status, StatusCode
 from . import environment_variables
 from . import semconv as sc
 from ._forksafe import reset_in_child
+from ._termination import signals_deferred
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -323,6 +324,12 @@ class DurableBatchSpanProcessor(SpanProcessor):
         except Exception:
             logger.exception("cmbagent_otel: span exporter %s raised", type(self.exporter).__name__)
             self._count_dropped(sum(1 for s in batch if not is_started(s)), "the exporter raised")
+        except BaseException:
+            # Ctrl-C (or the app's own signal handler raising) in a thread that exports (a force_flush in
+            # the main thread): the batch was popped from the queue and vanished; keep it the overflow
+            # way (spilled: written later, at most again, which changes nothing), then let it propagate
+            self._take_overflow(batch)
+            raise
         finally:
             detach(token)
 
@@ -352,7 +359,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._shutdown:
             return False
         deadline = time.monotonic() + timeout_millis / 1000
-        with self._export_lock:
+        with signals_deferred(), self._export_lock:
             while self._queue:
                 if time.monotonic() >= deadline:
                     return False

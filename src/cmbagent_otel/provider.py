@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,9 +39,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._termination import signals_deferred
 from .redaction import REDACTED, is_secret_key, redact
 
 logger = logging.getLogger("cmbagent_otel")
@@ -95,12 +97,102 @@ def _otlp_protocol() -> str:
     return str(env.get(env.OTLP_TRACES_PROTOCOL))
 
 
+#: the loggers of the SDK's OTLP span exporters, which log every failed batch
+_OTLP_LOGGERS = ("opentelemetry.exporter.otlp.proto.grpc.exporter",
+                 "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+_quiet = threading.local()
+
+
+class _QuietDuringOutage(logging.Filter):
+    """Drops the SDK exporter's warnings and errors logged in a thread while it exports a batch
+    of an outage :class:`OutageReportingExporter` has already reported (only there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING or not getattr(_quiet, "on", False)
+
+
+_QUIET = _QuietDuringOutage()
+
+
+class OutageReportingExporter(SpanExporter):
+    """The SDK's OTLP span exporter, reporting its failed batches once per outage.
+
+    The SDK's ``BatchSpanProcessor`` drops a batch its exporter failed to send, and the OTLP
+    exporter logs each failed batch (one or more lines, none with a count): a collector down
+    for an hour gave thousands of lines and no total. The first failed batch is logged as
+    before (the SDK's lines name the cause) with one line saying its spans are lost and that
+    later failures are counted; those later batches log nothing; the first export that works
+    again logs one line with the outage's length and the spans and batches lost in it (and
+    :meth:`shutdown` does, if the backend never came back). ``exporter`` is the wrapped one.
+    """
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self.exporter = exporter
+        self._outage: list[float] | None = None  # [since, spans lost, batches lost]
+        self._lock = threading.Lock()
+        for name in _OTLP_LOGGERS:
+            sdk_logger = logging.getLogger(name)
+            if _QUIET not in sdk_logger.filters:
+                sdk_logger.addFilter(_QUIET)
+
+    def _where(self) -> str:
+        try:
+            return redact(str(getattr(self.exporter, "_endpoint", "") or "the OTLP endpoint"))
+        except Exception:
+            return "the OTLP endpoint"
+
+    def export(self, spans: Sequence[ReadableSpan]) -> Any:
+        _quiet.on = self._outage is not None
+        try:
+            result = self.exporter.export(spans)
+        finally:
+            _quiet.on = False
+        try:
+            count = len(spans)
+            with self._lock:
+                outage = self._outage
+                if result is not SpanExportResult.SUCCESS:
+                    if outage is None:
+                        self._outage = [time.monotonic(), count, 1]
+                    else:
+                        outage[1] += count
+                        outage[2] += 1
+                elif outage is not None:
+                    self._outage = None
+            if result is not SpanExportResult.SUCCESS and outage is None:
+                logger.warning("cmbagent_otel: OTLP export to %s failed; its %d spans are lost (the batch "
+                               "processor does not keep them); later failures are counted and reported in one "
+                               "line when an export succeeds again", self._where(), count)
+            elif result is SpanExportResult.SUCCESS and outage is not None:
+                logger.warning("cmbagent_otel: OTLP export to %s works again after %.1f s; %d spans in %d "
+                               "batches were lost meanwhile", self._where(), time.monotonic() - outage[0],
+                               int(outage[1]), int(outage[2]))
+        except Exception:
+            logger.debug("cmbagent_otel: could not account for an OTLP export", exc_info=True)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.exporter.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        try:
+            self.exporter.shutdown()
+        finally:
+            with self._lock:
+                outage, self._outage = self._outage, None
+            if outage is not None:
+                logger.warning("cmbagent_otel: OTLP exporter shut down with %s still failing: %d spans in %d "
+                               "batches were lost in the last %.1f s", self._where(), int(outage[1]),
+                               int(outage[2]), time.monotonic() - outage[0])
+
+
 def create_exporter(name: str) -> SpanExporter:
-    """Instantiate one span exporter by its ``OTEL_TRACES_EXPORTER`` name."""
+    """Instantiate one span exporter by its ``OTEL_TRACES_EXPORTER`` name (the OTLP one wrapped in an
+    :class:`OutageReportingExporter`)."""
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        return _otlp_exporter(_otlp_protocol(), "trace", "OTLPSpanExporter")  # type: ignore[no-any-return]
+        return OutageReportingExporter(_otlp_exporter(_otlp_protocol(), "trace", "OTLPSpanExporter"))
     if name == "cmbagent_dag":
         from .exporters.dag import DagSpanExporter
 
@@ -140,7 +232,8 @@ class ProcessorSlot(SpanProcessor):
             processor.on_end(span)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all([processor.force_flush(timeout_millis) for processor in self._processors])
+        with signals_deferred():  # a SIGTERM meanwhile must not stop the main thread's export half-way
+            return all([processor.force_flush(timeout_millis) for processor in self._processors])
 
     def shutdown(self) -> None:
         for processor in self._processors:
@@ -152,7 +245,8 @@ class ProcessorSlot(SpanProcessor):
             processors, self._processors = self._processors, ()
         for processor in processors:
             try:
-                processor.force_flush()
+                with signals_deferred():
+                    processor.force_flush()
             finally:
                 processor.shutdown()
 

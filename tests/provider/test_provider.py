@@ -97,7 +97,7 @@ def test_bad_exporter_settings_in_the_environment_fall_back_with_a_warning(monke
         processors = span_processors()
     assert "OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon'" in caplog.text
     try:
-        assert type(processors[0].span_exporter).__module__.endswith("proto.grpc.trace_exporter")  # the default
+        assert type(processors[0].span_exporter.exporter).__module__.endswith("proto.grpc.trace_exporter")  # default
     finally:
         for processor in processors:
             processor.shutdown()

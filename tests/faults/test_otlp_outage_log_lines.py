@@ -1,0 +1,91 @@
+"""An OTLP backend that is down: one line per outage, with the spans lost (fourteenth fault campaign).
+
+The SDK's ``BatchSpanProcessor`` drops a batch its OTLP exporter could not send, and the exporter
+logs every such batch (gRPC: a retry warning and an error; HTTP: a warning and an error), none
+saying how many spans were lost: a collector down for an hour gave thousands of lines and no
+total. The OTLP exporter ``instrument()`` builds now reports the first failed batch (the SDK's own
+lines for it name the cause) with its span count, keeps quiet while the outage lasts, and says in
+one line when exports work again (or at shutdown) how many spans in how many batches were lost.
+Real exporters, a real receiver (``cmbagent-otel ingest``) started mid-test on the port.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from cmbagent_otel.ingest import IngestServer
+from cmbagent_otel.provider import build_tracer_provider
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _point_at(monkeypatch: pytest.MonkeyPatch, protocol: str, port: int) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    if protocol == "grpc":
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    else:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}/v1/traces")
+
+
+def _batch(provider, label: str) -> None:  # type: ignore[no-untyped-def]
+    tracer = provider.get_tracer("fault")
+    for number in range(3):
+        with tracer.start_as_current_span(f"{label}-{number}"):
+            pass
+    provider.force_flush()
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_an_otlp_outage_logs_once_and_counts_the_spans_it_lost(tmp_path: Path, protocol: str,
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_port()
+    _point_at(monkeypatch, protocol, port)
+    caplog.set_level(logging.INFO)
+    provider = build_tracer_provider("otlp")
+    try:
+        _batch(provider, "first")  # nobody listens
+        ours = [line for line in _lines(caplog) if line.startswith("cmbagent_otel")]
+        assert len(ours) == 1 and "its 3 spans are lost" in ours[0], _lines(caplog)
+        caplog.clear()
+        for number in range(4):
+            _batch(provider, f"down{number}")
+        assert _lines(caplog) == []  # was two lines or more per batch, none with a count
+        http, grpc = (port, 0) if protocol != "grpc" else (0, port)
+        with IngestServer(f"sqlite:///{tmp_path / 'received.db'}", host="127.0.0.1", port=http,
+                          grpc_port=grpc) as server:
+            _batch(provider, "back")
+            written = server.spans_written
+        back = _lines(caplog)
+        assert written == 3
+        assert len(back) == 1 and "works again after" in back[0] and "15 spans in 5 batches" in back[0], back
+    finally:
+        provider.shutdown()
+
+
+def test_an_otlp_backend_still_down_at_shutdown_says_what_was_lost(caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _point_at(monkeypatch, "http/protobuf", _free_port())
+    caplog.set_level(logging.INFO)
+    provider = build_tracer_provider("otlp")
+    try:
+        _batch(provider, "first")
+        _batch(provider, "second")
+    finally:
+        provider.shutdown()
+    ours = [line for line in _lines(caplog) if line.startswith("cmbagent_otel")]
+    assert len(ours) == 2 and "still failing: 6 spans in 2 batches" in ours[1], ours
