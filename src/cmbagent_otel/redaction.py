@@ -794,9 +794,34 @@ def _needs_folding(text: str) -> bool:
             or _TAG_GATE.search(text) is not None)
 
 
+# line breaks an encoding puts inside a key: quoted-printable's soft breaks ("=" ending a line of
+# an e-mail body or MIME part, cut at 76 characters) and base64 wrapped at 60+ characters a line
+# (MIME 76, PEM and openssl 64): the key, or a registered key's encoded form, was in neither line
+_SOFT_BREAK = re.compile(r"=\r?\n")
+_WRAPPED_BASE64 = re.compile(r"\n(?:(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))(?=[A-Za-z0-9+/])")
+# either kind, in one scan from each "\n" (a literal first character), one look behind it before
+# the four: two substring tests and a scan cost texts with lines +6 %, this +2 %
+_WRAP_GATE = re.compile(r"\n(?<=[=A-Za-z0-9+/\r]\n)"
+                        r"(?:(?<==\n)|(?<==\r\n)|(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))")
+
+
+def _is_wrapped(text: str) -> bool:
+    return "\n" in text and _WRAP_GATE.search(text) is not None
+
+
+def _unwrapped(text: str) -> str:
+    """``text`` with soft line breaks and the line breaks of wrapped base64 removed."""
+    if "=\n" in text or "=\r\n" in text:
+        text = _SOFT_BREAK.sub("", text)
+    if "\r\n" in text:
+        text = text.replace("\r\n", "\n")
+    return _WRAPPED_BASE64.sub("", text)
+
+
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
-    if "\\" in text or "%" in text or "&#" in text:
-        decoded = text
+    wrapped = _is_wrapped(text)
+    if "\\" in text or "%" in text or "&#" in text or wrapped:
+        decoded = _unwrapped(text) if wrapped else text
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
@@ -815,7 +840,7 @@ def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str
             # as many replacements, but the decoded form's may hide more of the text (a key whose
             # first half was learned as written and whose whole shows only decoded): fewer
             # characters left visible, counted decoded in both
-            if redacted and len(unescaped) < len(_decoded(as_written)):
+            if redacted and len(unescaped) < len(_decoded(_unwrapped(as_written) if wrapped else as_written)):
                 return unescaped
             return as_written
     return _redact_plain(known, text)
