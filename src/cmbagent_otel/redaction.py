@@ -122,12 +122,24 @@ _URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[?#\s\"'<>]|
 # a token as a URL's whole user name (https://TOKEN@host: GitHub, Azure DevOps, Bitbucket clones)
 _URL_TOKEN_USER = re.compile(r"://(?=[a-z_\-]*[0-9])(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,256}@", re.IGNORECASE)
 # user:password@host written without a scheme (a DSN or a connection line): found at its ":"
+# A password of letters alone counts when a port or a path follows the host (a DSN: an address
+# does not go on with one)
 _BARE_CREDENTIALS = re.compile(  # starts with its literal ":" (a fast scan), the user's end looked behind
-    r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128})@"
-    r"(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;)]|$))")
+    r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128}"
+    r"|[A-Za-z]{6,128}(?=@[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5}|/[A-Za-z0-9_]))"
+    r")@(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;)]|$))")
+# Oracle's user/password@service, after a word that takes one (sqlplus scott/tiger@orcl, CONNECT
+# system/manager@//db:1521/pdb, userid=scott/tiger@orcl, cx_Oracle.connect("scott/tiger@orcl")):
+# found at its "/" (a fast scan), the user and the word before it checked behind
+_ORACLE_LOGIN = re.compile(r"/(?<=[A-Za-z0-9_$#]/)(?P<pw>[^\s/@\"'<>]{1,128})@(?=[A-Za-z0-9/(\[])")
+_ORACLE_USER = re.compile(
+    r"(?:^|(?<![\w\-]))(?:sqlplus|sqlldr|rman|expdp|impdp|exp|imp|dgmgrl|connect|conn|userid|target|auxiliary|"
+    r"catalog)(?:\s+(?:-[A-Za-z]+\s+)*|\s*=\s*|\(\s*)[\"']?[A-Za-z][\w$#]{0,127}\Z", re.IGNORECASE)
 _BARE_USER = re.compile(r"(?:^|(?<=[\s\"'=(\[,;]))[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
 _NOT_USERS = frozenset({"mailto", "sip", "sips", "tel", "xmpp", "im", "pres", "acct", "news", "urn", "geo", "sms",
-                        "mid", "cid", "fax", "modem", "callto", "skype", "facetime", "imap", "pop"})
+                        "mid", "cid", "fax", "modem", "callto", "skype", "facetime", "imap", "pop",
+                        # mail headers and the words of a line that quotes an address
+                        "re", "fw", "fwd", "to", "cc", "bcc", "from", "contact", "email", "mail", "reply"})
 # query parameters that are credentials only inside a URL: Azure Functions' ?code=, Google's ?key=,
 # a presigned URL's X-Amz-Signature= (as key names, "code" and "key" are ordinary words: exit code=1)
 _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signature))=(?!\[REDACTED\])[^&#\s\"'<>]+",
@@ -867,6 +879,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             text = _URL_TOKEN_USER.sub(f"://{REDACTED}@", text)
         if ":" in text:
             text = _redact_bare_credentials(text)
+        if "/" in text:
+            text = _redact_oracle_logins(text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
         if "?" in text and "=" in text:
@@ -959,6 +973,16 @@ def _redact_bare_credentials(text: str) -> str:
         at = match.start()
         user = _BARE_USER.search(text, max(0, at - 65), at)
         if user is not None and user.group().lower() not in _NOT_USERS:
+            spans.append(match.span("pw"))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _redact_oracle_logins(text: str) -> str:
+    """``text`` with the password of each Oracle ``user/password@service`` login replaced."""
+    spans = []
+    for match in _ORACLE_LOGIN.finditer(text):
+        at = match.start()
+        if _ORACLE_USER.search(text, max(0, at - 160), at) is not None:
             spans.append(match.span("pw"))
     return _replaced(text, spans, REDACTED) if spans else text
 
