@@ -864,7 +864,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     # before known secrets: one replaced inside a blob (an encoded form) would cut the blob short
-    if "H4sI" in text or "LS0t" in text or _BLOB_E.search(text) is not None:
+    if ("H4sI" in text or "LS0t" in text or "Qlpo" in text or "/Td6WFo" in text
+            or _BLOB_E.search(text) is not None):
         text = _redact_blobs(text)
     if known is not None:
         text = _replace_known(known, text)
@@ -896,12 +897,15 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
 # whose bytes depend on the whole stream, and base64 of a PEM block ("-----BEGIN") or of a JSON
 # object ('{"', '{ "', '{\n') holding a secret by name or shape. Found by their fixed first
 # characters; wrapped lines (as written, or JSON-escaped) are followed while they are full.
+# Also bzip2 ("BZh1"-"BZh9": Qlpo[M-O]), xz (/Td6WFo) and zlib's other levels (eA[E-H]: level 1,
+# eF[4-7]: 2-5).
 _BLOB = re.compile(
-    r"(?:(?<![A-Za-z0-9+/_\-])|(?<=\\[nrt]))(?P<magic>H4sI|eJ[w-z]|eN[o-r]|LS0tLS1|eyJ|eyAi|ewo)"
+    r"(?:(?<![A-Za-z0-9+/_\-])|(?<=\\[nrt]))"
+    r"(?P<magic>H4sI|eJ[w-z]|eN[o-r]|eA[E-H]|eF[4-7]|Qlpo[M-O]|/Td6WFo|LS0tLS1|eyJ|eyAi|ewo)"
     r"(?:[A-Za-z0-9+/_\-]|\r?\n|\\r\\n|\\n)+={0,2}")
 # the magics that start with "e", as one pattern with a literal first character (a fast scan); seven
 # substring tests cost 1.8 us per 250 characters, this and two tests 1.35
-_BLOB_E = re.compile(r"e(?:yJ|yAi|wo|J[w-z]|N[o-r])")
+_BLOB_E = re.compile(r"e(?:yJ|yAi|wo|J[w-z]|N[o-r]|A[E-H]|F[4-7])")
 _BLOB_LINE = re.compile(r"\r?\n|\\r\\n|\\n")
 _BLOB_MIN = 16  # base64 characters (12 bytes): shorter runs hide no key worth the decode
 _BLOB_OUT = 1 << 16  # decoded / decompressed bytes searched (a decompression bomb stops there)
@@ -942,17 +946,26 @@ def _redact_blobs(text: str) -> str:
 
 def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
     try:
-        compressed = magic == "H4sI" or magic[:2] in ("eJ", "eN")
+        compressed = magic == "H4sI" or magic[:2] in ("eJ", "eN", "eA", "eF") or magic[0] in "Q/"
         blob = blob.translate(_B64_STANDARD).rstrip("=")
         if not compressed:
             blob = blob[: 4 * (_BLOB_OUT // 3)]
         blob = blob[: len(blob) - len(blob) % 4 if len(blob) % 4 == 1 else len(blob)]
         raw = base64.b64decode(blob + "=" * (-len(blob) % 4))
         if compressed:
-            try:
-                raw = zlib.decompressobj(31 if magic == "H4sI" else 15).decompress(raw, _BLOB_OUT)
-            except zlib.error:  # not compressed data after all
-                return False
+            if magic[0] == "Q":
+                import bz2
+
+                raw = bz2.BZ2Decompressor().decompress(raw, _BLOB_OUT)
+            elif magic[0] == "/":
+                import lzma
+
+                raw = lzma.LZMADecompressor().decompress(raw, _BLOB_OUT)
+            else:
+                try:
+                    raw = zlib.decompressobj(31 if magic == "H4sI" else 15).decompress(raw, _BLOB_OUT)
+                except zlib.error:  # not compressed data after all
+                    return False
         inner = raw[:_BLOB_OUT].decode("utf-8", "replace")
     except Exception:
         return False
