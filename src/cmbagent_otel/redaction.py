@@ -809,25 +809,34 @@ def _needs_folding(text: str) -> bool:
 # line breaks an encoding puts inside a key: quoted-printable's soft breaks ("=" ending a line of
 # an e-mail body or MIME part, cut at 76 characters) and base64 wrapped at 60+ characters a line
 # (MIME 76, PEM and openssl 64): the key, or a registered key's encoded form, was in neither line
-_SOFT_BREAK = re.compile(r"=\r?\n")
+_SOFT_BREAK = re.compile(r"=\r?\n|=(?:\\r)?\\n")
 _WRAPPED_BASE64 = re.compile(r"\n(?:(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))(?=[A-Za-z0-9+/])")
+_WRAPPED_BASE64_ESCAPED = re.compile(r"\\n(?<=[A-Za-z0-9+/]{60}\\n)(?=[A-Za-z0-9+/])")  # inside JSON: "\n"
 # either kind, in one scan from each "\n" (a literal first character), one look behind it before
-# the four: two substring tests and a scan cost texts with lines +6 %, this +2 %
+# the four: two substring tests and a scan cost texts with lines +6 %, this +2 %; the same for
+# JSON-escaped line breaks, in texts holding a backslash
 _WRAP_GATE = re.compile(r"\n(?<=[=A-Za-z0-9+/\r]\n)"
                         r"(?:(?<==\n)|(?<==\r\n)|(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))")
+_WRAP_GATE_ESCAPED = re.compile(r"\\n(?<=[=A-Za-z0-9+/r]\\n)"
+                                r"(?:(?<==\\n)|(?<==\\r\\n)|(?<=[A-Za-z0-9+/]{60}\\n)|(?<=[A-Za-z0-9+/]{60}\\r\\n))")
 
 
 def _is_wrapped(text: str) -> bool:
-    return "\n" in text and _WRAP_GATE.search(text) is not None
+    return ("\n" in text and _WRAP_GATE.search(text) is not None) or (
+        "\\" in text and _WRAP_GATE_ESCAPED.search(text) is not None)
 
 
 def _unwrapped(text: str) -> str:
-    """``text`` with soft line breaks and the line breaks of wrapped base64 removed."""
-    if "=\n" in text or "=\r\n" in text:
+    """``text`` with soft line breaks and the line breaks of wrapped base64 removed (as written,
+    or JSON-escaped)."""
+    if "=\n" in text or "=\r\n" in text or "=\\" in text:
         text = _SOFT_BREAK.sub("", text)
     if "\r\n" in text:
         text = text.replace("\r\n", "\n")
-    return _WRAPPED_BASE64.sub("", text)
+    if "\\r\\n" in text:
+        text = text.replace("\\r\\n", "\\n")
+    text = _WRAPPED_BASE64.sub("", text)
+    return _WRAPPED_BASE64_ESCAPED.sub("", text) if "\\" in text else text
 
 
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:

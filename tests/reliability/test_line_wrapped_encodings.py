@@ -5,13 +5,14 @@ code printed) ends each line at 76 characters with a soft break ``=`` + newline,
 wrapped at 76 (``base64``, MIME, Python's ``encodebytes``) or 64 characters a line (PEM,
 ``openssl base64``). A key, or the base64 form of a registered key, that a break fell inside was
 in neither line: neither its shape nor its registered form matched, and both halves reached
-exception events, statuses, message content and rows. A text holding such breaks is now also
-searched with them removed, and shown so where that hides more.
+exception events, statuses, message content and rows. A text holding such breaks (as written or
+JSON-escaped) is now also searched with them removed, and shown so where that hides more.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import quopri
 
 import pytest
@@ -55,9 +56,12 @@ def forms(registered: str) -> dict[str, tuple[str, list[str]]]:
     return found
 
 
-def test_the_cut_keys_are_redacted(registered_key: str) -> None:
+@pytest.mark.parametrize("as_json", [False, True], ids=["as-written", "json-escaped"])
+def test_the_cut_keys_are_redacted(registered_key: str, as_json: bool) -> None:
+    """As printed, and JSON-escaped ("=\\n", "\\r\\n": another instrumentation's attribute holding
+    a JSON body, a request the ingest receives)."""
     for name, (text, pieces) in forms(registered_key).items():
-        redacted = redaction.redact(text) or ""
+        redacted = redaction.redact(json.dumps({"body": text}) if as_json else text) or ""
         assert redaction.REDACTED in redacted, (name, redacted)
         for piece in pieces:
             assert piece not in redacted.replace("\r", "").replace("\n", ""), (name, piece, redacted)
@@ -69,6 +73,8 @@ def test_the_cut_keys_are_redacted(registered_key: str) -> None:
     base64.encodebytes(b"peaks at 220, 540 and 800; nothing else to report from the pipeline tonight\n" * 3)
     .decode(),
     "a=1\nb=2\n" + "=" * 70 + "\nheadline\n",
+    json.dumps({"out": base64.encodebytes(b"peaks at 220, 540 and 800; nothing else to report tonight\n" * 3)
+                .decode(), "note": "x=\n"}),
 ])
 def test_wrapped_text_without_a_secret_stays(text: str) -> None:
     assert redaction.redact(text) == text
