@@ -127,7 +127,7 @@ _URL_TOKEN_USER = re.compile(r"://(?=[a-z_\-]*[0-9])(?=[0-9_\-]*[A-Za-z])[A-Za-z
 _BARE_CREDENTIALS = re.compile(  # starts with its literal ":" (a fast scan), the user's end looked behind
     r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128}"
     r"|[A-Za-z]{6,128}(?=@[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5}|/[A-Za-z0-9_]))"
-    r")@(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;)]|$))")
+    r")@(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;):]|$))")
 # Oracle's user/password@service, after a word that takes one (sqlplus scott/tiger@orcl, CONNECT
 # system/manager@//db:1521/pdb, userid=scott/tiger@orcl, cx_Oracle.connect("scott/tiger@orcl")):
 # found at its "/" (a fast scan), the user and the word before it checked behind
@@ -1741,6 +1741,26 @@ class _RedactingFilter(logging.Filter):
 
 _log_filter = _RedactingFilter()
 for _name in ("cmbagent_otel", "cmbagent_otel.dag", "cmbagent_otel.ingest"):  # every logger we log on
+    logging.getLogger(_name).addFilter(_log_filter)
+# and the OpenTelemetry SDK's loggers that quote an exporter's endpoint (the gRPC exporter logs
+# "Failed to export traces to user:password@host") or the exception an exporter or processor raised
+# (the batch and simple processors log its traceback): the application configured both, and those
+# records reach the same handlers, and an OTLP log exporter, as ours
+_SDK_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.metrics._internal",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.sdk._logs._internal",
+    "opentelemetry.sdk._logs._internal.export",
+)
+for _name in _SDK_LOGGERS:
     logging.getLogger(_name).addFilter(_log_filter)
 
 reload_settings()
