@@ -122,12 +122,31 @@ _URL_CREDENTIALS = re.compile(r"://[^/\s:\"'<>]{0,256}:(?!\d{1,5}(?:[?#\s\"'<>]|
 # a token as a URL's whole user name (https://TOKEN@host: GitHub, Azure DevOps, Bitbucket clones)
 _URL_TOKEN_USER = re.compile(r"://(?=[a-z_\-]*[0-9])(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,256}@", re.IGNORECASE)
 # user:password@host written without a scheme (a DSN or a connection line): found at its ":"
+# A password of letters alone counts when a port or a path follows the host (a DSN: an address
+# does not go on with one)
 _BARE_CREDENTIALS = re.compile(  # starts with its literal ":" (a fast scan), the user's end looked behind
-    r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128})@"
-    r"(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;)]|$))")
+    r":(?<=[A-Za-z0-9_.\-]:)(?P<pw>(?=[^\s:@/\"'<>]*[^A-Za-z\s:@/\"'<>])[^\s:@/\"'<>]{6,128}"
+    r"|[A-Za-z]{6,128}(?=@[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5}|/[A-Za-z0-9_]))"
+    r")@(?=[A-Za-z0-9][A-Za-z0-9\-]*(?:\.[A-Za-z0-9\-]+)*(?::\d{1,5})?(?:[/\s\"'<>,;):]|$))")
+# Oracle's user/password@service, after a word that takes one (sqlplus scott/tiger@orcl, CONNECT
+# system/manager@//db:1521/pdb, userid=scott/tiger@orcl, cx_Oracle.connect("scott/tiger@orcl")):
+# found at its "/" (a fast scan), the user and the word before it checked behind
+_ORACLE_LOGIN = re.compile(r"/(?<=[A-Za-z0-9_$#]/)(?P<pw>[^\s/@\"'<>]{1,128})@(?=[A-Za-z0-9/(\[])")
+_ORACLE_WORDS = ("sqlplus", "sqlldr", "rman", "expdp", "impdp", "exp", "imp", "dgmgrl", "connect", "conn", "userid",
+                 "target", "auxiliary", "catalog")
+_ORACLE_WORD_PARTS = ("sqlplus", "sqlldr", "rman", "exp", "imp", "dgmgrl", "conn", "userid", "target", "auxiliary",
+                      "catalog")  # each word holds one of them
+# "<word> <user>" (or "<word>=<user>", "<word>(<user>", "sqlplus -s <user>") matched backwards from the
+# "/", on the text before it reversed: anchored, one short match per login (a search of the window
+# before each "/" cost 367 ms on 64 KiB of "a/b@")
+_ORACLE_USER_BEFORE = re.compile(
+    r"[\w$#]{0,63}[A-Za-z][\"']?(?:\s*\(|\s*=\s*|(?:\s+[A-Za-z]+-)*\s+)"
+    rf"(?:{'|'.join(sorted((w[::-1] for w in _ORACLE_WORDS), key=len, reverse=True))})(?![\w\-])", re.IGNORECASE)
 _BARE_USER = re.compile(r"(?:^|(?<=[\s\"'=(\[,;]))[A-Za-z][A-Za-z0-9_.\-]{0,63}\Z")
 _NOT_USERS = frozenset({"mailto", "sip", "sips", "tel", "xmpp", "im", "pres", "acct", "news", "urn", "geo", "sms",
-                        "mid", "cid", "fax", "modem", "callto", "skype", "facetime", "imap", "pop"})
+                        "mid", "cid", "fax", "modem", "callto", "skype", "facetime", "imap", "pop",
+                        # mail headers and the words of a line that quotes an address
+                        "re", "fw", "fwd", "to", "cc", "bcc", "from", "contact", "email", "mail", "reply"})
 # query parameters that are credentials only inside a URL: Azure Functions' ?code=, Google's ?key=,
 # a presigned URL's X-Amz-Signature= (as key names, "code" and "key" are ordinary words: exit code=1)
 _URL_QUERY_SECRETS = re.compile(r"(?P<name>[?&](?:amp;)?(?:code|key|[\w\-]*signature))=(?!\[REDACTED\])[^&#\s\"'<>]+",
@@ -794,9 +813,43 @@ def _needs_folding(text: str) -> bool:
             or _TAG_GATE.search(text) is not None)
 
 
+# line breaks an encoding puts inside a key: quoted-printable's soft breaks ("=" ending a line of
+# an e-mail body or MIME part, cut at 76 characters) and base64 wrapped at 60+ characters a line
+# (MIME 76, PEM and openssl 64): the key, or a registered key's encoded form, was in neither line
+_SOFT_BREAK = re.compile(r"=\r?\n|=(?:\\r)?\\n")
+_WRAPPED_BASE64 = re.compile(r"\n(?:(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))(?=[A-Za-z0-9+/])")
+_WRAPPED_BASE64_ESCAPED = re.compile(r"\\n(?<=[A-Za-z0-9+/]{60}\\n)(?=[A-Za-z0-9+/])")  # inside JSON: "\n"
+# either kind, in one scan from each "\n" (a literal first character), one look behind it before
+# the four: two substring tests and a scan cost texts with lines +6 %, this +2 %; the same for
+# JSON-escaped line breaks, in texts holding a backslash
+_WRAP_GATE = re.compile(r"\n(?<=[=A-Za-z0-9+/\r]\n)"
+                        r"(?:(?<==\n)|(?<==\r\n)|(?<=[A-Za-z0-9+/]{60}\n)|(?<=[A-Za-z0-9+/]{60}\r\n))")
+_WRAP_GATE_ESCAPED = re.compile(r"\\n(?<=[=A-Za-z0-9+/r]\\n)"
+                                r"(?:(?<==\\n)|(?<==\\r\\n)|(?<=[A-Za-z0-9+/]{60}\\n)|(?<=[A-Za-z0-9+/]{60}\\r\\n))")
+
+
+def _is_wrapped(text: str) -> bool:
+    return ("\n" in text and _WRAP_GATE.search(text) is not None) or (
+        "\\" in text and _WRAP_GATE_ESCAPED.search(text) is not None)
+
+
+def _unwrapped(text: str) -> str:
+    """``text`` with soft line breaks and the line breaks of wrapped base64 removed (as written,
+    or JSON-escaped)."""
+    if "=\n" in text or "=\r\n" in text or "=\\" in text:
+        text = _SOFT_BREAK.sub("", text)
+    if "\r\n" in text:
+        text = text.replace("\r\n", "\n")
+    if "\\r\\n" in text:
+        text = text.replace("\\r\\n", "\\n")
+    text = _WRAPPED_BASE64.sub("", text)
+    return _WRAPPED_BASE64_ESCAPED.sub("", text) if "\\" in text else text
+
+
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
-    if "\\" in text or "%" in text or "&#" in text:
-        decoded = text
+    wrapped = _is_wrapped(text)
+    if "\\" in text or "%" in text or "&#" in text or wrapped:
+        decoded = _unwrapped(text) if wrapped else text
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
@@ -815,7 +868,7 @@ def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str
             # as many replacements, but the decoded form's may hide more of the text (a key whose
             # first half was learned as written and whose whole shows only decoded): fewer
             # characters left visible, counted decoded in both
-            if redacted and len(unescaped) < len(_decoded(as_written)):
+            if redacted and len(unescaped) < len(_decoded(_unwrapped(as_written) if wrapped else as_written)):
                 return unescaped
             return as_written
     return _redact_plain(known, text)
@@ -827,7 +880,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     # before known secrets: one replaced inside a blob (an encoded form) would cut the blob short
-    if "H4sI" in text or "LS0t" in text or _BLOB_E.search(text) is not None:
+    if ("H4sI" in text or "LS0t" in text or "Qlpo" in text or "/Td6WFo" in text
+            or _BLOB_E.search(text) is not None):
         text = _redact_blobs(text)
     if known is not None:
         text = _replace_known(known, text)
@@ -842,6 +896,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             text = _URL_TOKEN_USER.sub(f"://{REDACTED}@", text)
         if ":" in text:
             text = _redact_bare_credentials(text)
+        if "/" in text:
+            text = _redact_oracle_logins(text)
     if "://" in text:
         text = _URL_CREDENTIALS.sub(f"://{REDACTED}@", text)
         if "?" in text and "=" in text:
@@ -857,12 +913,15 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
 # whose bytes depend on the whole stream, and base64 of a PEM block ("-----BEGIN") or of a JSON
 # object ('{"', '{ "', '{\n') holding a secret by name or shape. Found by their fixed first
 # characters; wrapped lines (as written, or JSON-escaped) are followed while they are full.
+# Also bzip2 ("BZh1"-"BZh9": Qlpo[M-O]), xz (/Td6WFo) and zlib's other levels (eA[E-H]: level 1,
+# eF[4-7]: 2-5).
 _BLOB = re.compile(
-    r"(?:(?<![A-Za-z0-9+/_\-])|(?<=\\[nrt]))(?P<magic>H4sI|eJ[w-z]|eN[o-r]|LS0tLS1|eyJ|eyAi|ewo)"
+    r"(?:(?<![A-Za-z0-9+/_\-])|(?<=\\[nrt]))"
+    r"(?P<magic>H4sI|eJ[w-z]|eN[o-r]|eA[E-H]|eF[4-7]|Qlpo[M-O]|/Td6WFo|LS0tLS1|eyJ|eyAi|ewo)"
     r"(?:[A-Za-z0-9+/_\-]|\r?\n|\\r\\n|\\n)+={0,2}")
 # the magics that start with "e", as one pattern with a literal first character (a fast scan); seven
 # substring tests cost 1.8 us per 250 characters, this and two tests 1.35
-_BLOB_E = re.compile(r"e(?:yJ|yAi|wo|J[w-z]|N[o-r])")
+_BLOB_E = re.compile(r"e(?:yJ|yAi|wo|J[w-z]|N[o-r]|A[E-H]|F[4-7])")
 _BLOB_LINE = re.compile(r"\r?\n|\\r\\n|\\n")
 _BLOB_MIN = 16  # base64 characters (12 bytes): shorter runs hide no key worth the decode
 _BLOB_OUT = 1 << 16  # decoded / decompressed bytes searched (a decompression bomb stops there)
@@ -903,17 +962,26 @@ def _redact_blobs(text: str) -> str:
 
 def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
     try:
-        compressed = magic == "H4sI" or magic[:2] in ("eJ", "eN")
+        compressed = magic == "H4sI" or magic[:2] in ("eJ", "eN", "eA", "eF") or magic[0] in "Q/"
         blob = blob.translate(_B64_STANDARD).rstrip("=")
         if not compressed:
             blob = blob[: 4 * (_BLOB_OUT // 3)]
         blob = blob[: len(blob) - len(blob) % 4 if len(blob) % 4 == 1 else len(blob)]
         raw = base64.b64decode(blob + "=" * (-len(blob) % 4))
         if compressed:
-            try:
-                raw = zlib.decompressobj(31 if magic == "H4sI" else 15).decompress(raw, _BLOB_OUT)
-            except zlib.error:  # not compressed data after all
-                return False
+            if magic[0] == "Q":
+                import bz2
+
+                raw = bz2.BZ2Decompressor().decompress(raw, _BLOB_OUT)
+            elif magic[0] == "/":
+                import lzma
+
+                raw = lzma.LZMADecompressor().decompress(raw, _BLOB_OUT)
+            else:
+                try:
+                    raw = zlib.decompressobj(31 if magic == "H4sI" else 15).decompress(raw, _BLOB_OUT)
+                except zlib.error:  # not compressed data after all
+                    return False
         inner = raw[:_BLOB_OUT].decode("utf-8", "replace")
     except Exception:
         return False
@@ -934,6 +1002,20 @@ def _redact_bare_credentials(text: str) -> str:
         at = match.start()
         user = _BARE_USER.search(text, max(0, at - 65), at)
         if user is not None and user.group().lower() not in _NOT_USERS:
+            spans.append(match.span("pw"))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _redact_oracle_logins(text: str) -> str:
+    """``text`` with the password of each Oracle ``user/password@service`` login replaced."""
+    spans = []
+    for index, match in enumerate(_ORACLE_LOGIN.finditer(text)):
+        if index == 0:  # once, at the first: no word, no login (one regex of the 14 words cost 10 ms per 64 KiB)
+            lower = text.lower()
+            if not any(word in lower for word in _ORACLE_WORD_PARTS):
+                return text
+        at = match.start()
+        if _ORACLE_USER_BEFORE.match(text[max(0, at - 120):at][::-1]) is not None:
             spans.append(match.span("pw"))
     return _replaced(text, spans, REDACTED) if spans else text
 
@@ -1670,6 +1752,26 @@ class _RedactingFilter(logging.Filter):
 
 _log_filter = _RedactingFilter()
 for _name in ("cmbagent_otel", "cmbagent_otel.dag", "cmbagent_otel.ingest"):  # every logger we log on
+    logging.getLogger(_name).addFilter(_log_filter)
+# and the OpenTelemetry SDK's loggers that quote an exporter's endpoint (the gRPC exporter logs
+# "Failed to export traces to user:password@host") or the exception an exporter or processor raised
+# (the batch and simple processors log its traceback): the application configured both, and those
+# records reach the same handlers, and an OTLP log exporter, as ours
+_SDK_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.metrics._internal",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.sdk._logs._internal",
+    "opentelemetry.sdk._logs._internal.export",
+)
+for _name in _SDK_LOGGERS:
     logging.getLogger(_name).addFilter(_log_filter)
 
 reload_settings()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +39,26 @@ def shown(value: Any) -> Any:
 
 
 _shown_memo = RedactionCache(max_len=8192, max_chars=4_000_000)
+
+
+def json_text(value: Any) -> str:
+    """``value`` (rows read for display) as JSON text. A non-finite number another writer stored (a
+    cost of 1e999, ``NaN`` inside a row's JSON meta) is ``null``: ``json.dumps`` wrote ``NaN`` and
+    ``Infinity``, which strict JSON readers (``jq``, JavaScript) refuse."""
+    try:
+        return json.dumps(value, indent=2, default=str, allow_nan=False)  # another writer's bytes: str
+    except ValueError:
+        return json.dumps(_finite(value), indent=2, default=str)
+
+
+def _finite(value: Any) -> Any:
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 #: the largest count an option takes (SQLite's INTEGER and PostgreSQL's BIGINT hold it)
 MAX_COUNT = 2**63 - 1

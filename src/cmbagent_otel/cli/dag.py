@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from . import render
-from ._common import console, reading, shown
+from ._common import console, json_text, reading, shown
 
 NAME = "dag"
 HELP = "show a run's DAG (tree, json, mermaid, dot, svg)"
@@ -29,7 +28,7 @@ def show(dag: dict[str, object], fmt: str) -> None:
     """Print ``dag`` in ``fmt`` on stdout."""
     dag = shown(dag)
     if fmt == "json":
-        print(json.dumps(dag, indent=2, default=str))
+        print(json_text(dag))
     elif fmt == "mermaid":
         print(render.mermaid(dag))
     elif fmt == "dot":

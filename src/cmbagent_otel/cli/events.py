@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_ms, markup, reading, shown, styled_status
+from ._common import CLIError, console, fmt_ms, json_text, markup, reading, shown, styled_status
 
 NAME = "events"
 HELP = "list a run's execution events"
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         run_row = reader.run(args.run)
         records = shown(reader.events(run_row, args.node, recursive=args.recursive))
     if args.format == "json":
-        print(json.dumps(records, indent=2, default=str))
+        print(json_text(records))
         return 0
     what = f"node {args.node}{' and its descendants' if args.recursive else ''} of run" if args.node else "run"
     table = Table(title=f"events of {markup(what)} {markup(run_row['id'])}")

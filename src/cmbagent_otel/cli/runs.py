@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.table import Table
 
-from ._common import CLIError, console, fmt_cost, fmt_ms, markup, positive_int, reading, shown, styled_status
+from ._common import (
+    CLIError,
+    console,
+    fmt_cost,
+    fmt_ms,
+    json_text,
+    markup,
+    positive_int,
+    reading,
+    shown,
+    styled_status,
+)
 
 NAME = "runs"
 HELP = "list runs (newest first)"
@@ -30,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no runs in {where}" + (f" ({hidden} empty branch runs hidden, --all shows them)"
                                                 if hidden else ""))
     if args.format == "json":
-        print(json.dumps(records, indent=2, default=str))  # another writer's bytes in a text column
+        print(json_text(records))
         return 0
     table = Table(title=f"cmbagent runs in {markup(where)}")
     for col in ("id", "mode", "status", "started", "duration", "nodes", "events", "cost"):

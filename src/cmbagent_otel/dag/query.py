@@ -10,6 +10,7 @@ totals on nodes) and of other writers (cmbagent's own) are read too.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -75,12 +76,14 @@ def meta_tokens(meta: Any) -> int:
         tokens = tokens.get("total")
     if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
         return 0
-    return int(tokens)
+    # another writer's JSON may hold NaN or Infinity: int() of them raised (a traceback in the CLI)
+    return int(tokens) if type(tokens) is int or math.isfinite(tokens) else 0
 
 
 def _meta_cost(meta: Any) -> float:
     cost = meta.get("cost_usd") if isinstance(meta, dict) else None
-    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else 0.0
+    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost) \
+        else 0.0
 
 
 def _iso(value: Any) -> str | None:

@@ -759,7 +759,8 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
     info = _models.config_info(_models.first_config(instance), instance)
-    return _ModelCall(info, kwargs.get("model") or info.model)
+    model = kwargs.get("model")
+    return _ModelCall(info, redact_name(str(model)) if model else info.model)
 
 
 class _ChatSpan(TracedSpan):
@@ -805,8 +806,9 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     info = _models._infos.get(id(first))
     if info is None or info.config is not first:
         info = _models.config_info(first, instance)
-    request_model = kwargs.get("model") or info.model
-    model = str(request_model) if request_model else "unknown"
+    request_model = kwargs.get("model")  # a call's own model is the application's text too: redacted
+    request_model = redact_name(str(request_model)) if request_model else info.model
+    model = request_model or "unknown"
     agent = kwargs.get("agent")
     agent_label = None
     if agent is not None:  # _agent_label's cache hit written out: every model call
