@@ -20,10 +20,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 
 import cmbagent_otel
-from cmbagent_otel.exporters.dag import DagSpanExporter
 from cmbagent_otel.processor import DurableBatchSpanProcessor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +158,23 @@ def _objects_of_ours() -> dict[str, int]:
             name = f"{module}.{type(o).__qualname__}"
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def test_instruments_memo_keeps_no_meter_provider_alive() -> None:
+    """The instruments made for a meter provider are reused while it lives, and do not keep it alive."""
+    import weakref
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from cmbagent_otel import metrics
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    model, run = metrics.model_metrics(provider), metrics.run_metrics(provider)
+    assert model is not None and run is not None
+    assert metrics.model_metrics(provider) is model and metrics.run_metrics(provider) is run
+    ref = weakref.ref(provider)
+    provider.shutdown()
+    del provider, model, run
+    gc.collect()
+    assert ref() is None
