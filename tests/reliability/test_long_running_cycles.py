@@ -125,7 +125,7 @@ def test_instrument_cycles_give_back_threads_descriptors_handlers_and_methods(tm
     monkeypatch.setenv("CMBAGENT_OTEL_DATABASE_URL", f"sqlite:///{tmp_path}/dag.db")
     monkeypatch.setenv("CMBAGENT_OTEL_SPILL_DIR", str(tmp_path / "spill"))
     assert not cmbagent_otel.is_instrumented()
-    classes = (ConversableAgent, GroupChat, OpenAIWrapper)
+    classes = (ConversableAgent, GroupChat, OpenAIWrapper, threading.Thread)
     methods = [dict(vars(cls)) for cls in classes]
     handlers = _handlers()
 
