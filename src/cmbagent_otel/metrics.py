@@ -33,6 +33,7 @@ recording is guarded: a failing meter never reaches the application.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from typing import Any, Final, TypeVar
 from opentelemetry import metrics as otel_metrics
 
 from . import semconv
+from ._forksafe import reset_in_child
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -206,6 +208,7 @@ TIMED_KINDS: Final = frozenset({semconv.KIND_WORKFLOW, semconv.KIND_STEP})
 # the application drops is not kept alive by this memo.
 _made: weakref.WeakKeyDictionary[Any, dict[type, Any]] = weakref.WeakKeyDictionary()
 _made_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_made_lock")
 
 
 def _instruments(cls: type[_M], scope_name: str, meter_provider: otel_metrics.MeterProvider | None) -> _M:
