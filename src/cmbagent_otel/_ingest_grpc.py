@@ -90,6 +90,11 @@ class Watchdog:
             entry = self._entries.pop(key, None)
             if entry is not None:
                 entry[2] = None  # the call (and what it holds) is not kept until its deadline
+                # a cancelled entry waits in the heap for its deadline: under steady load, one per call
+                # of the last `timeout` seconds (30 s by default); dropped once they are most of it
+                if len(self._heap) > 64 and len(self._heap) > 2 * len(self._entries):
+                    self._heap = [e for e in self._heap if e[2] is not None]
+                    heapq.heapify(self._heap)
 
     def stop(self) -> None:
         with self._cond:

@@ -33,12 +33,16 @@ recording is guarded: a failing meter never reaches the application.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import weakref
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from opentelemetry import metrics as otel_metrics
 
 from . import semconv
+from ._forksafe import reset_in_child
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -61,6 +65,8 @@ TOKEN_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 104
 DURATION_BUCKETS: Final = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 # runs and plan steps last seconds to hours
 RUN_BUCKETS: Final = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+
+_M = TypeVar("_M")
 
 
 def get_meter(scope_name: str, meter_provider: otel_metrics.MeterProvider | None = None) -> otel_metrics.Meter:
@@ -195,10 +201,36 @@ TIMED_KINDS: Final = frozenset({semconv.KIND_WORKFLOW, semconv.KIND_STEP})
 """Span kinds whose duration is a run-level metric (:meth:`RunMetrics.ended`)."""
 
 
+# Instruments already made, per meter provider and class: instrument() after uninstrument() (a
+# service re-instrumenting, a test suite) reuses them. Made again, they accumulated in the API's
+# global proxy provider, which keeps every meter and instrument asked of it until an SDK provider
+# is set (2 meters and 7 instruments per instrument() call, for ever). Weak keys: a provider
+# the application drops is not kept alive by this memo.
+_made: weakref.WeakKeyDictionary[Any, dict[type, Any]] = weakref.WeakKeyDictionary()
+_made_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_made_lock")
+
+
+def _instruments(cls: type[_M], scope_name: str, meter_provider: otel_metrics.MeterProvider | None) -> _M:
+    provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
+    with _made_lock:
+        try:
+            made = _made.get(provider)
+        except TypeError:  # a provider that takes no weak reference: made afresh each time
+            return cls(get_meter(scope_name, meter_provider))
+        found = made.get(cls) if made is not None else None
+        if found is None:
+            found = cls(get_meter(scope_name, meter_provider))
+            if made is None:
+                made = _made[provider] = {}
+            made[cls] = found
+        return found  # type: ignore[no-any-return]
+
+
 def model_metrics(meter_provider: otel_metrics.MeterProvider | None = None) -> ModelMetrics | None:
     """The AG2 scope's instruments from ``meter_provider`` (``None``: the global provider); ``None`` on failure."""
     try:
-        return ModelMetrics(get_meter(semconv.SCOPE_AG2, meter_provider))
+        return _instruments(ModelMetrics, semconv.SCOPE_AG2, meter_provider)
     except Exception:
         logger.warning("cmbagent_otel: could not create the model metrics; they are off", exc_info=True)
         return None
@@ -207,7 +239,7 @@ def model_metrics(meter_provider: otel_metrics.MeterProvider | None = None) -> M
 def run_metrics(meter_provider: otel_metrics.MeterProvider | None = None) -> RunMetrics | None:
     """The workflow scope's instruments from ``meter_provider`` (``None``: the global provider); ``None`` on failure."""
     try:
-        return RunMetrics(get_meter(semconv.SCOPE_WORKFLOW, meter_provider))
+        return _instruments(RunMetrics, semconv.SCOPE_WORKFLOW, meter_provider)
     except Exception:
         logger.warning("cmbagent_otel: could not create the run metrics; they are off", exc_info=True)
         return None

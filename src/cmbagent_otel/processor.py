@@ -178,15 +178,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._next_drop_log = 0.0
         self._shutdown = False
         self._init_worker()
-        if hasattr(os, "register_at_fork"):
-            weak = weakref.WeakMethod(self._init_worker)
-
-            def after_in_child() -> None:
-                method = weak()
-                if method is not None:
-                    method()
-
-            os.register_at_fork(after_in_child=after_in_child)
+        _running.add(self)
 
     def _init_worker(self) -> None:
         # also run in a forked child: the parent's queued spans are the parent's to export
@@ -380,6 +372,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._shutdown:
             return
         self._shutdown = True
+        _running.discard(self)
         self._wake.set()
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             self._worker.join(SHUTDOWN_TIMEOUT_S)
@@ -403,3 +396,22 @@ class DurableBatchSpanProcessor(SpanProcessor):
             self.exporter.shutdown()
         except Exception:
             logger.debug("cmbagent_otel: exporter shutdown failed", exc_info=True)
+
+
+# The processors whose worker runs (not shut down): a forked child starts its own worker for each
+# (the parent's queued spans are the parent's). One fork hook for all of them: os.register_at_fork
+# cannot unregister, and a hook per processor kept one closure per processor ever made (one per
+# instrument() call) and ran them all at every fork.
+_running: weakref.WeakSet[DurableBatchSpanProcessor] = weakref.WeakSet()
+
+
+def _restart_workers_in_child() -> None:
+    for processor in list(_running):
+        try:
+            processor._init_worker()
+        except Exception:
+            logger.debug("cmbagent_otel: batch worker not restarted in the forked child", exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_workers_in_child)
