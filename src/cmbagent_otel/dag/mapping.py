@@ -1449,9 +1449,12 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
         status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
+        # a failed run's end says why, as cmbagent's tracker writes meta.error on every node it fails
+        why = (run.get("meta") or {}).get("error") if status == "failed" else None
         term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
                              agent="system", label="Completion", description="End of workflow",
-                             completed_at=iso(run.get("completed_at")))
+                             completed_at=iso(run.get("completed_at")),
+                             **({"error": why} if isinstance(why, str) else {}))
         out.nodes.append(term)
         if chain:
             link(chain[-1]["id"], term["id"])
@@ -1483,7 +1486,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
             "id": node_db_id("session_state", session_id), "session_id": session_id, "mode": run["mode"],
             "conversation_history": [], "context_variables": {"run_id": run_id}, "plan_data": None,
             "current_phase": str(last_phase.get("phase") or last_phase.get("id"))[:50] if phases else None,
-            "current_step": steps[-1]["order_index"] if steps else None,
+            # the last step the run reached: a plan's never-started (pending) steps come after it
+            "current_step": next((n["order_index"] for n in reversed(steps) if n["status"] != "pending"), None),
             "status": "active" if run["status"] == "executing" else "completed",
             "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
             "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
