@@ -62,7 +62,7 @@ def run_cmbagent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
     captures: list[SpanCapture] = []
 
     def run(*kinds: str, instrumented: bool = True, fail: bool = False, responder: Responder | None = None,
-            **options: Any) -> Run:
+            threads: bool = False, **options: Any) -> Run:
         capture = SpanCapture()
         captures.append(capture)
         work = tmp_path / ("otel" if instrumented else "plain")
@@ -70,14 +70,16 @@ def run_cmbagent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
         sequence: list[str] = []
         error = None
         if instrumented:
-            cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+            cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=threads)
         try:
             for i, kind in enumerate(kinds):
                 script = script_for(kind, fail_first_code=fail)
                 with FakeOpenAIServer(request_responder=responder(script) if responder else script) as server:
                     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+                    work_dir = work / f"{i}-{kind}"
+                    work_dir.mkdir(parents=True)
                     try:
-                        results = call_workflow(kind, work / f"{i}-{kind}", **options)
+                        results = call_workflow(kind, work_dir, **options)
                     except Exception as exc:  # cmbagent's own failure, compared with the plain run's
                         error = exc
                     finally:
@@ -247,3 +249,14 @@ def test_two_entry_points_one_after_the_other(run_cmbagent: Callable[..., Run], 
                       "planning_and_control": ["control", "planning", "terminator"]}
     llm = [e for e in rows["events"] if e["event_subtype"] == "llm"]
     assert len(llm) == len(run.sequence)
+
+
+def test_summarize_documents_run_names_its_work_dir(run_cmbagent: Callable[..., Run], tmp_path: Path) -> None:
+    """summarize_documents' output folder is its ``work_dir_base``: the run row's ``meta.work_dir`` (what
+    cmbagent's branching and run comparison read), as for the entry points that call it ``work_dir``."""
+    run = run_cmbagent("summarize_documents", threads=True)  # instrument()'s default: one run
+    assert run.error is None and run.results["processed_files"] == 2
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert row["meta"]["name"] == "summarize_documents"
+    assert row["meta"]["work_dir"] == str(run.work_dir / "0-summarize_documents")
