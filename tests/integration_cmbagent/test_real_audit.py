@@ -12,6 +12,7 @@ span tree must be one trace with one root and no orphans.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -260,3 +261,35 @@ def test_summarize_documents_run_names_its_work_dir(run_cmbagent: Callable[..., 
     (row,) = rows["runs"]
     assert row["meta"]["name"] == "summarize_documents"
     assert row["meta"]["work_dir"] == str(run.work_dir / "0-summarize_documents")
+
+
+def test_cost_rows_against_cmbagent_cost_report(run_cmbagent: Callable[..., Run], tmp_path: Path) -> None:
+    """cmbagent's cost report is not a per-call sum: each model call appends its OpenAIWrapper's running
+    usage total (``return_usage_summary``) to the agent's ``cost_dict``, and ``display_cost`` sums those, so
+    an agent whose client persists across calls (planning's planner, its formatter, plan_recorder) is
+    counted 2x+ for a second call. Our rows hold each call's own usage: the planning phase's report is
+    reproduced exactly as running totals of our LLM events, and each agent's cost row is the last total."""
+    run = run_cmbagent("planning_and_control")
+    rows = _final_rows(_exported(run, tmp_path))
+    (report,) = sorted((run.work_dir / "0-planning_and_control" / "planning" / "cost").glob("cost_report_*.json"))
+    reported = {r["Agent"]: (r["Prompt Tokens"], r["Completion Tokens"])
+                for r in json.loads(report.read_text(encoding="utf-8")) if r["Agent"] != "Total"}
+    nodes = _nodes_of(rows)
+    planning = nodes["planning"]["id"]
+    calls = sorted((e for e in rows["events"] if e["event_subtype"] == "llm" and e["node_id"] == planning),
+                   key=lambda e: e["execution_order"])
+    running: dict[str, list[int]] = {}
+    reconstructed: dict[str, list[int]] = {}
+    for e in calls:
+        total = running.setdefault(e["agent_name"], [0, 0])
+        total[0] += e["meta"]["prompt_tokens"]
+        total[1] += e["meta"]["completion_tokens"]
+        summed = reconstructed.setdefault(e["agent_name"].replace("_", " "), [0, 0])
+        summed[0] += total[0]
+        summed[1] += total[1]
+    assert {a: tuple(v) for a, v in reconstructed.items()} == reported
+    assert reported["planner"][0] > running["planner"][0]  # a second planner call: the report counts the first twice
+    planners = set(running) - {"terminator"}  # the terminator speaks in control too: a second cost row
+    costs = {c["agent_name"]: (c["prompt_tokens"], c["completion_tokens"]) for c in rows["costs"]
+             if c["agent_name"] in planners}
+    assert costs == {a: tuple(running[a]) for a in planners}
