@@ -28,9 +28,10 @@ pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Pyth
 import cmbagent_otel
 from cmbagent_otel.dag.writer import T
 from cmbagent_otel.testing import FakeOpenAIServer
+from tests.dag import cmbagent_backend as backend
 from tests.dag.test_cmbagent_contract import check_contract
 
-from .scripted_cmbagent import API_KEYS, CmbagentScript, call_workflow, script_for
+from .scripted_cmbagent import API_KEYS, TASK, CmbagentScript, call_workflow, script_for
 from .test_cmbagent_runs import Run, SpanCapture, _ancestors, _by_id, _exported, _one, _rows
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -293,3 +294,21 @@ def test_cost_rows_against_cmbagent_cost_report(run_cmbagent: Callable[..., Run]
     costs = {c["agent_name"]: (c["prompt_tokens"], c["completion_tokens"]) for c in rows["costs"]
              if c["agent_name"] in planners}
     assert costs == {a: tuple(running[a]) for a in planners}
+
+
+@pytest.mark.parametrize("kind", ["planning_and_control", "one_shot", "deep_research"])
+def test_first_node_shows_the_task(run_cmbagent: Callable[..., Run], tmp_path: Path, kind: str) -> None:
+    """``GET /api/runs/{id}/dag``: the run's first node carries the task (cmbagent's tracker puts it on
+    its first node, ≤ 100 characters then "..."), whether that is a planning phase or the derived init."""
+    run = run_cmbagent(kind)
+    assert run.error is None
+    url = _exported(run, tmp_path)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            (run_id,) = conn.execute(select(T["workflow_runs"].c.id)).scalars()
+            first = backend.run_dag(conn, run_id)["nodes"][0]
+    finally:
+        engine.dispose()
+    assert (first["id"], first["stepNumber"]) == ("init" if kind == "one_shot" else "planning", 1)
+    assert first["task"] == TASK

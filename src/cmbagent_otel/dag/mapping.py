@@ -1475,6 +1475,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     out.edges = {(a, b, kind, condition) for (a, b), (kind, condition) in edges.items()}
 
     _derive_usage(out, run, real, by_id, usage, step_rows)
+    if source == "workflow" and planning and planning[0]["id"] in by_id:
+        _first_node_task(out, run, planning[0])
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1683,6 +1685,25 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
                          else -_COST_COLUMN_MAX if cost < -_COST_COLUMN_MAX else cost),
             "timestamp": max(stamps) if stamps else fallback,
         })
+
+
+def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """The run's first node (a planning phase) carries the run's task as ``meta.task`` (up to 100
+    characters, then "..."), as cmbagent's DAG tracker writes it and as the derived ``init`` has it;
+    merged into the node's usage update when it has one."""
+    task = str(run.get("task_description") or "")
+    if not task:
+        return
+    wanted = task[:100] + "..." if len(task) > 100 else task
+    for update in out.node_updates:
+        if update["id"] == node["id"]:
+            update["meta"]["task"] = wanted
+            return
+    meta = node.get("meta")
+    if type(meta) is not dict:
+        meta = _meta(node)
+    if meta.get("task") != wanted:
+        out.node_updates.append({"id": node["id"], "meta": {**meta, "task": wanted}})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:
