@@ -110,7 +110,8 @@ def test_a_signal_that_ends_the_process_exports_what_was_recorded_first(tmp_path
     assert nodes.get("step_2") == "failed" and nodes.get("control") == "failed"  # were `running` for ever
     assert events == 6  # the six model calls that ended before the signal
     reasons = f"stopped by {name}"
-    assert _reasons(db) == ([reasons], {"step_2": reasons, "control": reasons, "terminator": None})
+    # the failed run's terminator names the run's reason too (session 29)
+    assert _reasons(db) == ([reasons], {"step_2": reasons, "control": reasons, "terminator": reasons})
 
 
 def test_the_applications_own_handler_is_left_alone(tmp_path: Path) -> None:

@@ -1449,9 +1449,12 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
         status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
+        # a failed run's end says why, as cmbagent's tracker writes meta.error on every node it fails
+        why = (run.get("meta") or {}).get("error") if status == "failed" else None
         term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
                              agent="system", label="Completion", description="End of workflow",
-                             completed_at=iso(run.get("completed_at")))
+                             completed_at=iso(run.get("completed_at")),
+                             **({"error": why} if isinstance(why, str) else {}))
         out.nodes.append(term)
         if chain:
             link(chain[-1]["id"], term["id"])
@@ -1472,6 +1475,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     out.edges = {(a, b, kind, condition) for (a, b), (kind, condition) in edges.items()}
 
     _derive_usage(out, run, real, by_id, usage, step_rows)
+    if source == "workflow" and planning and planning[0]["id"] in by_id:
+        _first_node_task(out, run, planning[0])
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1483,7 +1488,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
             "id": node_db_id("session_state", session_id), "session_id": session_id, "mode": run["mode"],
             "conversation_history": [], "context_variables": {"run_id": run_id}, "plan_data": None,
             "current_phase": str(last_phase.get("phase") or last_phase.get("id"))[:50] if phases else None,
-            "current_step": steps[-1]["order_index"] if steps else None,
+            # the last step the run reached: a plan's never-started (pending) steps come after it
+            "current_step": next((n["order_index"] for n in reversed(steps) if n["status"] != "pending"), None),
             "status": "active" if run["status"] == "executing" else "completed",
             "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
             "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
@@ -1679,6 +1685,25 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
                          else -_COST_COLUMN_MAX if cost < -_COST_COLUMN_MAX else cost),
             "timestamp": max(stamps) if stamps else fallback,
         })
+
+
+def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """The run's first node (a planning phase) carries the run's task as ``meta.task`` (up to 100
+    characters, then "..."), as cmbagent's DAG tracker writes it and as the derived ``init`` has it;
+    merged into the node's usage update when it has one."""
+    task = str(run.get("task_description") or "")
+    if not task:
+        return
+    wanted = task[:100] + "..." if len(task) > 100 else task
+    for update in out.node_updates:
+        if update["id"] == node["id"]:
+            update["meta"]["task"] = wanted
+            return
+    meta = node.get("meta")
+    if type(meta) is not dict:
+        meta = _meta(node)
+    if meta.get("task") != wanted:
+        out.node_updates.append({"id": node["id"], "meta": {**meta, "task": wanted}})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -289,7 +289,9 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
         task=_text(bound.get("task")),
         agent=agent,
         model=model,
-        work_dir=_text(bound.get("work_dir")),
+        # summarize_documents names its output folder work_dir_base (the run's meta.work_dir, which
+        # cmbagent's branching and run comparison read)
+        work_dir=_text(bound.get("work_dir") or bound.get("work_dir_base")),
         max_redos=_int(bound.get("max_redos")),
     )
 
