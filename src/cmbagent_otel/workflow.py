@@ -29,9 +29,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from . import semconv
-from ._context import RunState, Scope, current_scope
+from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
 from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
 from .redaction import REDACTED, is_secret_key, safe_text, truncate
 
@@ -129,11 +130,14 @@ def is_clean_exit(exc: BaseException | None) -> bool:
 class _Entry:
     """One entry into a block: its span (``None`` for a workflow that joined an enclosing run)."""
 
-    __slots__ = ("block", "traced")
+    __slots__ = ("block", "restore", "traced")
 
     def __init__(self, block: _Block, traced: TracedSpan | None) -> None:
         self.block = block
         self.traced = traced
+        # the context token of an entry made before this one but left while this one was open (left
+        # out of order): resetting it when this entry is left gives back the context from before it
+        self.restore: Any = None
 
 
 # The blocks entered in the current context, innermost last: each entry of a block object
@@ -181,11 +185,13 @@ class _Block:
         tb: TracebackType | None,
     ) -> None:
         entry = None
+        later: tuple[_Entry, ...] = ()
         stack = _ENTRIES.get()
         for index in range(len(stack) - 1, -1, -1):
             if stack[index].block is self:
                 entry = stack[index]
-                _ENTRIES.set(stack[:index] + stack[index + 1:])
+                later = stack[index + 1:]
+                _ENTRIES.set(stack[:index] + later)
                 break
         with _open_lock:
             entries = self.__dict__.get("_open_entries") or []
@@ -193,10 +199,32 @@ class _Block:
                 entry = entries[-1]
             if entry in entries:
                 entries.remove(entry)
-        if entry is not None and entry.traced is not None:
+        if entry is None:
+            return
+        traced = entry.traced
+        if later:
+            # left before blocks entered after it (out of order): its span ends now, but resetting its
+            # context now would let theirs, when they are left, bring back this ended span for good;
+            # the next block out takes over the reset (the earliest one wins: it undoes them all)
+            later[0].restore = entry.restore or (traced._token if traced is not None else None)
+            entry.restore = None
+            if traced is not None:
+                traced._token = None
+        if traced is not None:
             if exc is not None and is_clean_exit(exc):
                 exc_type, exc, tb = None, None, None
-            entry.traced.__exit__(exc_type, exc, tb)
+            traced.__exit__(exc_type, exc, tb)
+            self._left(traced)
+        if entry.restore is not None:
+            token, entry.restore = entry.restore, None
+            try:
+                detach(token)
+            except Exception:
+                logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
+                             exc_info=True)
+
+    def _left(self, traced: TracedSpan) -> None:
+        """Hook: an entry's span ``traced`` has ended."""
 
     async def __aenter__(self) -> _Block:
         return self.__enter__()
@@ -428,10 +456,18 @@ class workflow(_Block):
                 return entry.traced is None
         return self._joined
 
+    def _left(self, traced: TracedSpan) -> None:
+        scope = traced.scope
+        if scope is not None:
+            scope.run.ended = True
+
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:
         parent = scope or current_scope()
+        context = None
         if parent is not None and parent.in_workflow:
-            return None
+            if scope is not None or not parent.run.ended:
+                return None
+            context = _outside_ended_run(parent.run, self.name)
         attrs: dict[str, Any] = {
             semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
             semconv.GEN_AI_WORKFLOW_NAME: self.name,
@@ -450,7 +486,20 @@ class workflow(_Block):
         if self.attributes:
             attrs.update(self.attributes)
         run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name)
-        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run)
+        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context)
+
+
+def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:
+    """The current context without the span and scope of the ended run ``ended`` (a new run's start),
+    saying so once per ended run: that context outlived its block (left out of order or in another
+    thread), which is the application's mistake, but its next run must not vanish into the ended one."""
+    if not ended.warned:
+        ended.warned = True
+        logger.warning("cmbagent_otel: workflow(%r) opened in a context that still holds the workflow %r, "
+                       "which has already ended (a block left out of order or in another thread); "
+                       "it starts a run of its own", name, ended.name)
+    context = trace.set_span_in_context(trace.INVALID_SPAN, otel_context.get_current())
+    return otel_context.set_value(_SCOPE_KEY, None, context)
 
 
 def _require(scope: Scope | None, what: str, inside: str) -> Scope:
