@@ -241,6 +241,9 @@ class _Block:
         raise NotImplementedError
 
     def __call__(self, func: F) -> F:
+        if isinstance(func, (classmethod, staticmethod)):
+            # written above @classmethod/@staticmethod: wrap the function inside, as the method binds
+            return type(func)(self(func.__func__))  # type: ignore[return-value]
         if inspect.isasyncgenfunction(func):
             return _wrap_async_generator(self, func)  # type: ignore[return-value]
         if inspect.isgeneratorfunction(func):
