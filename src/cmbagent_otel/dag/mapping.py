@@ -1449,7 +1449,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
         status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
-        term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
+        # clamped: after a step numbered 2^31 - 1 or more, one more would not fit the INTEGER column
+        term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, _int(last_order + 1),
                              agent="system", label="Completion", description="End of workflow",
                              completed_at=iso(run.get("completed_at")))
         out.nodes.append(term)
