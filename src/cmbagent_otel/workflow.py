@@ -494,13 +494,14 @@ class workflow(_Block):
 
 def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:
     """The current context without the span and scope of the ended run ``ended`` (a new run's start),
-    saying so once per ended run: that context outlived its block (left out of order or in another
-    thread), which is the application's mistake, but its next run must not vanish into the ended one."""
+    saying so once per ended run: that context outlived its workflow block (the block was left in
+    another thread or task, or the context was copied inside it), and a run opened there must not
+    vanish into the ended one."""
     if not ended.warned:
         ended.warned = True
         logger.warning("cmbagent_otel: workflow(%r) opened in a context that still holds the workflow %r, "
-                       "which has already ended (a block left out of order or in another thread); "
-                       "it starts a run of its own", name, ended.name)
+                       "which has already ended (its block was left in another thread or task, or this "
+                       "context was copied inside it); it starts a run of its own", name, ended.name)
     context = trace.set_span_in_context(trace.INVALID_SPAN, otel_context.get_current())
     return otel_context.set_value(_SCOPE_KEY, None, context)
 

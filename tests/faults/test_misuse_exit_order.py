@@ -12,6 +12,7 @@ ended starts a run of its own, with one warning line.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import itertools
@@ -117,4 +118,30 @@ def test_a_workflow_left_in_another_thread(provider: Any, sqlite_url: str,
     provider.store(sqlite_url)
     runs, nodes = _rows(sqlite_url)
     assert [status for _, status in runs] == ["completed"] * 3
+    assert {status for _, status, _ in nodes} == {"completed"}
+
+
+@_isolated
+def test_a_task_that_outlives_its_workflow_opens_a_run_of_its_own(provider: Any, sqlite_url: str) -> None:
+    """A task created inside a workflow holds a copy of its context; a workflow it opens after the
+    first one ended joined that ended run before (no span, no run row)."""
+    async def later(started: asyncio.Event) -> bool:
+        await started.wait()
+        with workflow("later") as block, phase("control"), step(1, "late work"):
+            return block.joined
+
+    async def main() -> bool:
+        started = asyncio.Event()
+        with workflow("first"):
+            task = asyncio.create_task(later(started))
+        started.set()
+        return await task
+
+    assert asyncio.run(main()) is False
+    spans = {s.name: s for s in provider.memory.get_finished_spans()}
+    assert spans["workflow later"].context.trace_id != spans["workflow first"].context.trace_id
+    assert spans["step 1"].context.trace_id == spans["workflow later"].context.trace_id
+    provider.store(sqlite_url)
+    runs, nodes = _rows(sqlite_url)
+    assert [status for _, status in runs] == ["completed", "completed"]
     assert {status for _, status, _ in nodes} == {"completed"}
