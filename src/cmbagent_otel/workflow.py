@@ -3,15 +3,18 @@
 Each is a context manager (``with`` / ``async with``) and a decorator (sync, async,
 generator and async-generator functions; every call opens a fresh span, and a generator's
 span stays open until its iteration ends, current only while the generator's own code
-runs). A block object may be entered again while open, and from several threads or tasks
-at once: each entry is its own span. Nesting is checked when the block is entered:
+runs; above ``@classmethod``/``@staticmethod`` it wraps the function inside). A block object may
+be entered again while open, and from several threads or tasks at once: each entry is its own
+span. Blocks left out of order end their spans when left; the context from before the first
+comes back when the last is left. Nesting is checked when the block is entered:
 
 * ``phase`` outside a ``workflow``, ``step`` outside a ``phase``, ``redo`` outside the
   ``step`` it redoes raise :class:`WorkflowNestingError` before the block runs;
 * ``redo`` with ``attempt`` above the workflow's ``max_redos`` raises
   :class:`RedoLimitExceeded`;
 * a ``workflow`` opened inside another workflow joins it (no second run, no new span),
-  which is how nested cmbagent instances stay in the parent's trace.
+  which is how nested cmbagent instances stay in the parent's trace; inside one that has
+  already ended (a context that outlived its block) it starts a run of its own, with a warning.
 
 An exception inside a block marks that span and every enclosing one failed and propagates
 unchanged.
