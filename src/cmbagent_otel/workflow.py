@@ -279,10 +279,12 @@ class _Block:
         return self._traced
 
     def set_attribute(self, key: str, value: Any) -> None:
-        """Set an attribute on this block's span (no-op outside the block)."""
+        """Set an attribute on this block's span (no-op outside the block), redacted and bounded
+        as ``attributes=`` are (a secret-named key keeps its key and loses its value)."""
         traced = self._current()
         if traced is not None:
-            traced.set(key, value)
+            for name, clean in (_attributes({key: value}) or {}).items():
+                traced.set(name, clean)
 
     def fail(self, description: str) -> None:
         """Mark this block failed without raising (e.g. a step judged unsuccessful)."""
