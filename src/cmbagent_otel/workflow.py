@@ -247,11 +247,12 @@ class _Block:
         if isinstance(func, (classmethod, staticmethod)):
             # written above @classmethod/@staticmethod: wrap the function inside, as the method binds
             return type(func)(self(func.__func__))  # type: ignore[return-value]
-        if inspect.isasyncgenfunction(func):
+        shape = _shape_of(func)
+        if inspect.isasyncgenfunction(shape):
             return _wrap_async_generator(self, func)  # type: ignore[return-value]
-        if inspect.isgeneratorfunction(func):
+        if inspect.isgeneratorfunction(shape):
             return _wrap_generator(self, func)  # type: ignore[return-value]
-        if inspect.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(shape):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -291,6 +292,19 @@ class _Block:
         traced = self._current()
         if traced is not None:
             traced.fail(description)
+
+
+def _shape_of(func: Any) -> Any:
+    """What tells whether calling ``func`` runs a coroutine or a generator: ``func`` itself, or for a
+    callable object (not a function, method or partial) its ``__call__`` (an ``async def __call__``
+    was wrapped as a plain function: the block ended before the coroutine ran)."""
+    if inspect.isroutine(func) or isinstance(func, functools.partial):
+        return func
+    try:
+        call = getattr(func, "__call__", None)  # noqa: B004 - the method itself: its kind is wanted
+        return call if inspect.ismethod(call) else func
+    except Exception:
+        return func
 
 
 class _Suspended:
