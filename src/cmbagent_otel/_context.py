@@ -112,6 +112,10 @@ class RunState:
     # (cmbagent stops there and its own tracking fails the run, although the entry function returns
     # normally); the failed run's status message. None: nothing did
     failed_step: str | None = None
+    # the run's workflow span has ended (its block was left): a context that still holds it (a block
+    # left out of order, or in another thread) starts a new run rather than joining this one
+    ended: bool = False
+    warned: bool = False  # that the ended run was still held by a context (logged once)
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counters: _Counters = field(default_factory=_Counters)

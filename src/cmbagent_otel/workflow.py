@@ -3,15 +3,18 @@
 Each is a context manager (``with`` / ``async with``) and a decorator (sync, async,
 generator and async-generator functions; every call opens a fresh span, and a generator's
 span stays open until its iteration ends, current only while the generator's own code
-runs). A block object may be entered again while open, and from several threads or tasks
-at once: each entry is its own span. Nesting is checked when the block is entered:
+runs; above ``@classmethod``/``@staticmethod`` it wraps the function inside). A block object may
+be entered again while open, and from several threads or tasks at once: each entry is its own
+span. Blocks left out of order end their spans when left; the context from before the first
+comes back when the last is left. Nesting is checked when the block is entered:
 
 * ``phase`` outside a ``workflow``, ``step`` outside a ``phase``, ``redo`` outside the
   ``step`` it redoes raise :class:`WorkflowNestingError` before the block runs;
 * ``redo`` with ``attempt`` above the workflow's ``max_redos`` raises
   :class:`RedoLimitExceeded`;
 * a ``workflow`` opened inside another workflow joins it (no second run, no new span),
-  which is how nested cmbagent instances stay in the parent's trace.
+  which is how nested cmbagent instances stay in the parent's trace; inside one that has
+  already ended (a context that outlived its block) it starts a run of its own, with a warning.
 
 An exception inside a block marks that span and every enclosing one failed and propagates
 unchanged.
@@ -29,9 +32,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from . import semconv
-from ._context import RunState, Scope, current_scope
+from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
 from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
 from .redaction import REDACTED, is_secret_key, safe_text, truncate
 
@@ -129,11 +133,14 @@ def is_clean_exit(exc: BaseException | None) -> bool:
 class _Entry:
     """One entry into a block: its span (``None`` for a workflow that joined an enclosing run)."""
 
-    __slots__ = ("block", "traced")
+    __slots__ = ("block", "restore", "traced")
 
     def __init__(self, block: _Block, traced: TracedSpan | None) -> None:
         self.block = block
         self.traced = traced
+        # the context token of an entry made before this one but left while this one was open (left
+        # out of order): resetting it when this entry is left gives back the context from before it
+        self.restore: Any = None
 
 
 # The blocks entered in the current context, innermost last: each entry of a block object
@@ -181,11 +188,13 @@ class _Block:
         tb: TracebackType | None,
     ) -> None:
         entry = None
+        later: tuple[_Entry, ...] = ()
         stack = _ENTRIES.get()
         for index in range(len(stack) - 1, -1, -1):
             if stack[index].block is self:
                 entry = stack[index]
-                _ENTRIES.set(stack[:index] + stack[index + 1:])
+                later = stack[index + 1:]
+                _ENTRIES.set(stack[:index] + later)
                 break
         with _open_lock:
             entries = self.__dict__.get("_open_entries") or []
@@ -193,10 +202,32 @@ class _Block:
                 entry = entries[-1]
             if entry in entries:
                 entries.remove(entry)
-        if entry is not None and entry.traced is not None:
+        if entry is None:
+            return
+        traced = entry.traced
+        if later:
+            # left before blocks entered after it (out of order): its span ends now, but resetting its
+            # context now would let theirs, when they are left, bring back this ended span for good;
+            # the next block out takes over the reset (the earliest one wins: it undoes them all)
+            later[0].restore = entry.restore or (traced._token if traced is not None else None)
+            entry.restore = None
+            if traced is not None:
+                traced._token = None
+        if traced is not None:
             if exc is not None and is_clean_exit(exc):
                 exc_type, exc, tb = None, None, None
-            entry.traced.__exit__(exc_type, exc, tb)
+            traced.__exit__(exc_type, exc, tb)
+            self._left(traced)
+        if entry.restore is not None:
+            token, entry.restore = entry.restore, None
+            try:
+                detach(token)
+            except Exception:
+                logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
+                             exc_info=True)
+
+    def _left(self, traced: TracedSpan) -> None:
+        """Hook: an entry's span ``traced`` has ended."""
 
     async def __aenter__(self) -> _Block:
         return self.__enter__()
@@ -213,11 +244,15 @@ class _Block:
         raise NotImplementedError
 
     def __call__(self, func: F) -> F:
-        if inspect.isasyncgenfunction(func):
+        if isinstance(func, (classmethod, staticmethod)):
+            # written above @classmethod/@staticmethod: wrap the function inside, as the method binds
+            return type(func)(self(func.__func__))  # type: ignore[return-value]
+        shape = _shape_of(func)
+        if inspect.isasyncgenfunction(shape):
             return _wrap_async_generator(self, func)  # type: ignore[return-value]
-        if inspect.isgeneratorfunction(func):
+        if inspect.isgeneratorfunction(shape):
             return _wrap_generator(self, func)  # type: ignore[return-value]
-        if inspect.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(shape):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -245,16 +280,31 @@ class _Block:
         return self._traced
 
     def set_attribute(self, key: str, value: Any) -> None:
-        """Set an attribute on this block's span (no-op outside the block)."""
+        """Set an attribute on this block's span (no-op outside the block), redacted and bounded
+        as ``attributes=`` are (a secret-named key keeps its key and loses its value)."""
         traced = self._current()
         if traced is not None:
-            traced.set(key, value)
+            for name, clean in (_attributes({key: value}) or {}).items():
+                traced.set(name, clean)
 
     def fail(self, description: str) -> None:
         """Mark this block failed without raising (e.g. a step judged unsuccessful)."""
         traced = self._current()
         if traced is not None:
             traced.fail(description)
+
+
+def _shape_of(func: Any) -> Any:
+    """What tells whether calling ``func`` runs a coroutine or a generator: ``func`` itself, or for a
+    callable object (not a function, method or partial) its ``__call__`` (an ``async def __call__``
+    was wrapped as a plain function: the block ended before the coroutine ran)."""
+    if inspect.isroutine(func) or isinstance(func, functools.partial):
+        return func
+    try:
+        call = getattr(func, "__call__", None)  # noqa: B004 - the method itself: its kind is wanted
+        return call if inspect.ismethod(call) else func
+    except Exception:
+        return func
 
 
 class _Suspended:
@@ -428,10 +478,18 @@ class workflow(_Block):
                 return entry.traced is None
         return self._joined
 
+    def _left(self, traced: TracedSpan) -> None:
+        scope = traced.scope
+        if scope is not None:
+            scope.run.ended = True
+
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:
         parent = scope or current_scope()
+        context = None
         if parent is not None and parent.in_workflow:
-            return None
+            if scope is not None or not parent.run.ended:
+                return None
+            context = _outside_ended_run(parent.run, self.name)
         attrs: dict[str, Any] = {
             semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
             semconv.GEN_AI_WORKFLOW_NAME: self.name,
@@ -450,7 +508,21 @@ class workflow(_Block):
         if self.attributes:
             attrs.update(self.attributes)
         run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name)
-        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run)
+        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context)
+
+
+def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:
+    """The current context without the span and scope of the ended run ``ended`` (a new run's start),
+    saying so once per ended run: that context outlived its workflow block (the block was left in
+    another thread or task, or the context was copied inside it), and a run opened there must not
+    vanish into the ended one."""
+    if not ended.warned:
+        ended.warned = True
+        logger.warning("cmbagent_otel: workflow(%r) opened in a context that still holds the workflow %r, "
+                       "which has already ended (its block was left in another thread or task, or this "
+                       "context was copied inside it); it starts a run of its own", name, ended.name)
+    context = trace.set_span_in_context(trace.INVALID_SPAN, otel_context.get_current())
+    return otel_context.set_value(_SCOPE_KEY, None, context)
 
 
 def _require(scope: Scope | None, what: str, inside: str) -> Scope:

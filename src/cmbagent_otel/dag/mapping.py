@@ -1451,7 +1451,8 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
         status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
         # a failed run's end says why, as cmbagent's tracker writes meta.error on every node it fails
         why = (run.get("meta") or {}).get("error") if status == "failed" else None
-        term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, last_order + 1,
+        # clamped: after a step numbered 2^31 - 1 or more, one more would not fit the INTEGER column
+        term = _derived_node(run_id, session_id, NODE_TERMINATOR, NODE_TERMINATOR, status, _int(last_order + 1),
                              agent="system", label="Completion", description="End of workflow",
                              completed_at=iso(run.get("completed_at")),
                              **({"error": why} if isinstance(why, str) else {}))
