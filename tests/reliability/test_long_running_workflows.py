@@ -32,9 +32,23 @@ def _alive(kind: type) -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, kind))
 
 
+def _held() -> tuple[set[int], int, int]:
+    """What earlier tests of the session still hold (a kept exception's traceback keeps its frames'
+    spans alive): each test asserts that its own runs added nothing to it."""
+    gc.collect()
+    return {id(span) for span in open_node_spans()}, _alive(RunState), _alive(TracedSpan)
+
+
+def _assert_nothing_added(before: tuple[set[int], int, int]) -> None:
+    spans, runs, traced = _held()
+    assert spans <= before[0], [span.name for span in open_node_spans() if id(span) not in before[0]]
+    assert runs <= before[1] and traced <= before[2], (runs, traced, before[1:])
+
+
 def test_many_workflows_with_fresh_agents_keep_nothing_per_run(tmp_path: Path) -> None:
     cap = Capture()
     refs: list[weakref.ref[Any]] = []
+    before = _held()
     with instrumented_with(cap):
         state = AG2Instrumentor()._state
         assert state is not None
@@ -47,8 +61,7 @@ def test_many_workflows_with_fresh_agents_keep_nothing_per_run(tmp_path: Path) -
         assert spans > 12 * 10
         assert sum(ref() is not None for ref in refs) == 0  # every agent of every finished run freed
         assert state.agents == {} and state.candidates == {}  # their per-agent and per-chat facts went with them
-        assert _alive(RunState) == 0 and _alive(TracedSpan) == 0
-        assert open_node_spans() == []
+        _assert_nothing_added(before)
         # process-wide memos: filled, within their bounds
         assert len(_stamps._texts) <= _stamps._MEMO_SIZE and len(_stamps._seconds) <= _stamps._MEMO_SIZE
         assert len(_content._walked_entries) <= _content._SEEN_CONFIGS_MAX
@@ -75,6 +88,7 @@ def test_runs_that_never_end_hold_nothing(tmp_path: Path) -> None:
     workflow and dropped): their spans are held only weakly by the signal handler's set, so nothing
     of them stays once the application drops them; the run's row stays ``executing`` in the DB."""
     cap = Capture()
+    before = _held()
     with instrumented_with(cap):
         for index in range(20):
             worker = threading.Thread(target=_abandoned_in_a_thread, args=(index,))
@@ -83,8 +97,6 @@ def test_runs_that_never_end_hold_nothing(tmp_path: Path) -> None:
             suspended = _suspended(index)
             next(suspended)
             del suspended  # closed by the collector: the with blocks end the spans
-        gc.collect()
-        assert open_node_spans() == []
-        assert _alive(RunState) == 0 and _alive(TracedSpan) == 0
+        _assert_nothing_added(before)
         assert len(cap.named("workflow suspended")) == 20
         assert cap.named("workflow abandoned") == []  # never ended: never exported
