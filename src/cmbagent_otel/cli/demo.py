@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
             ag2 = version("ag2")
         except Exception:
             ag2 = None
-        if ag2 is not None:  # ag2 1.x: a new `ag2` package, no classic `autogen` API
+        if ag2 is not None and ag2.split(".")[0].isdigit() and int(ag2.split(".")[0]) >= 1:
+            # ag2 1.x: a new `ag2` package, no classic `autogen` API
             raise CLIError(f"the demo runs AG2's classic agents (`autogen`), which ag2 {ag2} does not have: "
                            "cmbagent-otel supports ag2 0.9 to 0.14 (python -m pip install \"ag2[openai]<0.15\") "
                            "and cmbagent's cmbagent_autogen") from None
