@@ -47,8 +47,9 @@ def _llm_config_accepts(**fields: Any) -> bool:
     return True
 
 
-def _needs_config_fields(*names: str) -> pytest.MarkDecorator:
-    fields = {name: "probe" if name == "azure_ad_token" else 0 for name in names}
+def _needs_config_fields(*names: str, **values: Any) -> pytest.MarkDecorator:
+    fields = {name: "probe" if name == "azure_ad_token" else 0 for name in names} | values
+    names = tuple(fields)
     return pytest.mark.skipif(not _llm_config_accepts(**fields),
                               reason=f"ag2 {autogen.__version__} rejects {', '.join(names)} in an OpenAI config entry")
 
