@@ -37,6 +37,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         import autogen  # noqa: F401  (the demo's agents are AG2's; without it, one line instead of a traceback)
     except ImportError:
+        try:
+            from importlib.metadata import version
+            ag2 = version("ag2")
+        except Exception:
+            ag2 = None
+        if ag2 is not None and ag2.split(".")[0].isdigit() and int(ag2.split(".")[0]) >= 1:
+            # ag2 1.x: a new `ag2` package, no classic `autogen` API
+            raise CLIError(f"the demo runs AG2's classic agents (`autogen`), which ag2 {ag2} does not have: "
+                           "cmbagent-otel supports ag2 0.9 to 0.14 (python -m pip install \"ag2[openai]<0.15\") "
+                           "and cmbagent's cmbagent_autogen") from None
         raise CLIError("the demo runs AG2 agents and AG2 is not installed here: install cmbagent-otel with its "
                        "`ag2` extra (python -m pip install \"/path/to/cmbagent-otel[ag2]\"), or use an "
                        "environment that has AG2 or cmbagent's cmbagent_autogen") from None

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -1208,6 +1209,10 @@ def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] 
 # (module, class name or "" for a module attribute, attribute, wrapper factory)
 _AGENT_MODULE = "autogen.agentchat.conversable_agent"
 _GROUPCHAT_MODULE = "autogen.agentchat.groupchat"
+_CLIENT_MODULE = "autogen.oai.client"
+# classes every supported AG2 (0.9 to 0.14, cmbagent_autogen) has with all the methods TARGETS names on
+# them: one missing is worth a warning (the code executors and module functions vary between lines)
+_EXPECTED_OWNERS = ("ConversableAgent", "OpenAIWrapper", "GroupChat")
 TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_AGENT_MODULE, "ConversableAgent", "initiate_chat", _sync(_conversation, _record_chat_result)),
     (_AGENT_MODULE, "ConversableAgent", "a_initiate_chat", _async(_conversation, _record_chat_result)),
@@ -1217,7 +1222,7 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     ("autogen.agentchat", "", "initiate_chats", _sync(_initiate_chats)),
     (_AGENT_MODULE, "ConversableAgent", "generate_reply", _sync(_agent, _record_reply, _agent_fast)),
     (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _async(_agent, _record_reply, _agent_fast_async)),
-    ("autogen.oai.client", "OpenAIWrapper", "create", _sync(_llm, _record_llm, _llm_fast)),
+    (_CLIENT_MODULE, "OpenAIWrapper", "create", _sync(_llm, _record_llm, _llm_fast)),
     (_AGENT_MODULE, "ConversableAgent", "execute_function", _sync(_tool, _record_tool_call, _tool_fast)),
     (_AGENT_MODULE, "ConversableAgent", "a_execute_function", _async(_tool, _record_tool_call, _tool_fast_async)),
     (_AGENT_MODULE, "ConversableAgent", "execute_code_blocks", _sync(_code, _record_code, _code_fast)),
@@ -1343,6 +1348,46 @@ def _resolve(module_name: str, owner_name: str) -> Any:
     return getattr(module, owner_name, None) if owner_name else module
 
 
+def _autogen_version() -> str:
+    return str(getattr(sys.modules.get("autogen"), "__version__", "of unknown version"))
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except Exception:
+        return None
+
+
+_warned_unsupported = False
+
+
+def _autogen_importable() -> bool:
+    """Whether AG2's classic ``autogen`` package imports. When it does not, says why: at INFO when no AG2
+    is installed (an ingest host, an OTLP-only program), once as a WARNING when an AG2 is installed that
+    has no classic API (ag2 1.x ships a new ``ag2`` package and no ``autogen``) or whose import fails."""
+    global _warned_unsupported
+    try:
+        importlib.import_module("autogen")
+        return True
+    except Exception as exc:
+        failure = exc
+    ag2 = _distribution_version("ag2")
+    no_autogen = isinstance(failure, ModuleNotFoundError) and failure.name == "autogen"
+    if no_autogen and ag2 is None:
+        logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
+    elif not _warned_unsupported:
+        _warned_unsupported = True
+        if no_autogen:
+            logger.warning("cmbagent_otel: ag2 %s is installed but has no importable classic `autogen` package "
+                           "(ag2 1.x replaced it with the new `ag2` package): AG2 is not instrumented; "
+                           "cmbagent-otel supports ag2 0.9 to 0.14 and cmbagent_autogen", ag2)
+        else:
+            logger.warning("cmbagent_otel: importing autogen failed (%s: %s): AG2 is not instrumented",
+                           type(failure).__name__, safe_text(str(failure), 200))
+    return False
+
+
 class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instruments AG2 agents, group chats, LLM calls, tools and code execution.
 
@@ -1385,16 +1430,18 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._binding = (workflow_tracers.bind_providers(provider, meter_provider, metrics_on)
                          if provider is not None or meter_provider is not None or not metrics_on else None)
         self._patched = []
-        if _resolve("autogen", "") is None:
-            logger.info("cmbagent_otel: autogen is not importable; AG2 instrumentation skipped")
+        if not _autogen_importable():
             return
         state.manager_cls = _resolve("autogen.agentchat.groupchat", "GroupChatManager")
         state.tool_executor_cls = _resolve("autogen.agentchat.group.group_tool_executor", "GroupToolExecutor")
         state.no_speaker_cls = _resolve("autogen.exception_utils", "NoEligibleSpeakerError")
         seen: set[tuple[int, str]] = set()
+        missing: list[str] = []
         for module_name, owner_name, attr, make_wrapper in TARGETS:
             owner = _resolve(module_name, owner_name)
             if owner is None or not hasattr(owner, attr):
+                if owner_name in _EXPECTED_OWNERS and module_name in (_AGENT_MODULE, _GROUPCHAT_MODULE, _CLIENT_MODULE):
+                    missing.append(f"{owner_name}.{attr}")
                 continue
             if (id(owner), attr) in seen:
                 continue
@@ -1411,9 +1458,15 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                     wrapt.wrap_function_wrapper(owner, attr, wrapper)
             except Exception:
                 logger.debug("cmbagent_otel: could not patch %s.%s", owner, attr, exc_info=True)
+                missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
                 continue
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
+        if missing:
+            # an AG2 release whose classes lack (or renamed) what we wrap: one line, the rest is instrumented
+            logger.warning("cmbagent_otel: this AG2 (autogen %s) lacks %s: those operations get no spans; "
+                           "the rest is instrumented (supported: ag2 0.9 to 0.14, cmbagent_autogen)",
+                           _autogen_version(), ", ".join(missing))
         try:  # code executions hand their trace context to the processes they start
             wrapt.wrap_function_wrapper(subprocess.Popen, "__init__", _popen_wrapper(state))
             self._patched.append((subprocess.Popen, "__init__"))
