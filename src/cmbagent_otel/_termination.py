@@ -86,8 +86,10 @@ def uninstall() -> None:
 def _on_signal(signum: int, frame: Any) -> None:
     with contextlib.suppress(Exception):
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-    if _deferral["depth"]:
-        _deferral["pending"] = signum  # the main thread is exporting: signals_deferred() stops us after
+    if _deferral["depth"] and _deferral["pid"] == os.getpid():
+        # the main thread is exporting: signals_deferred() stops us after. Only in the process that
+        # deferred: a child forked meanwhile may run this before its fork hook clears the deferral
+        _deferral["pending"] = signum
         return
     _stop(signum)
 
@@ -99,7 +101,7 @@ def _stop(signum: int) -> None:
         os.kill(os.getpid(), signum)  # ends the process as the default would have
 
 
-_deferral: dict[str, Any] = {"depth": 0, "pending": None}  # touched in the main thread only
+_deferral: dict[str, Any] = {"depth": 0, "pending": None, "pid": 0}  # touched in the main thread only
 
 
 @contextlib.contextmanager
@@ -114,6 +116,7 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _deferral["pid"] = os.getpid()
     _deferral["depth"] += 1
     try:
         yield
@@ -223,7 +226,7 @@ def _flush_providers() -> None:
 def _after_fork_in_child() -> None:
     # forked from another thread while the main thread was in signals_deferred(): the child's main thread
     # is not, and a deferral left in place would keep our handler from ever ending the child
-    _deferral.update(depth=0, pending=None)
+    _deferral.update(depth=0, pending=None, pid=0)
     util = sys.modules.get("multiprocessing.util")
     if util is not None and _target["provider"] is not None:
         with contextlib.suppress(Exception):

@@ -63,9 +63,9 @@ def _sleeping(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(os.uname().machine not in SLEEPS or not Path("/proc/self/syscall").exists(),
-                    reason="needs /proc/<pid>/syscall on x86_64 or aarch64")
-def test_ctrl_c_in_the_applications_export_keeps_the_batch(tmp_path: Path) -> None:
+def _interrupted_run(tmp_path: Path) -> bool:
+    """One application run, Ctrl-C while its force_flush waits for the locked database; asserts that
+    no run is lost; returns whether the KeyboardInterrupt reached the application inside force_flush."""
     db = tmp_path / "cmbagent.db"
     url = f"sqlite:///{db}"
     upgrade(url)
@@ -83,7 +83,8 @@ def test_ctrl_c_in_the_applications_export_keeps_the_batch(tmp_path: Path) -> No
         while not _sleeping(app.pid):  # until the main thread waits for the lock inside the export
             assert app.poll() is None and holder.poll() is None, "the export never waited for the lock"
         app.send_signal(signal.SIGINT)
-        assert app.stdout.readline().strip() == "INTERRUPTED", app.communicate(timeout=60)
+        line = app.stdout.readline().strip()
+        assert line in ("INTERRUPTED", "NOT INTERRUPTED"), (line, app.communicate(timeout=60))
     out, err = app.communicate("go\n", timeout=120)
     assert app.returncode == 0 and "DONE" in out, err[-3000:]
     with sqlite3.connect(db) as conn:
@@ -91,3 +92,17 @@ def test_ctrl_c_in_the_applications_export_keeps_the_batch(tmp_path: Path) -> No
         events = conn.execute("SELECT count(*) FROM execution_events").fetchone()[0]
     assert runs == [("first", "completed"), ("second", "completed")], (runs, err[-3000:])  # was second only
     assert events == 6
+    return line == "INTERRUPTED"
+
+
+@pytest.mark.skipif(os.uname().machine not in SLEEPS or not Path("/proc/self/syscall").exists(),
+                    reason="needs /proc/<pid>/syscall on x86_64 or aarch64")
+def test_ctrl_c_in_the_applications_export_keeps_the_batch(tmp_path: Path) -> None:
+    # On a loaded machine the interrupt was once (in ~12 runs) not raised inside force_flush at all
+    # (the application printed NOT INTERRUPTED; no run was lost either way): the scenario is run
+    # again, up to three times, until the interrupt lands in the export
+    for attempt in range(3):
+        (tmp_path / str(attempt)).mkdir()
+        if _interrupted_run(tmp_path / str(attempt)):
+            return
+    pytest.fail("Ctrl-C never reached the application inside force_flush in three runs")

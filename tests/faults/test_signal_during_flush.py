@@ -67,10 +67,12 @@ FORKED = textwrap.dedent('''
     from cmbagent_otel import _termination
     cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
     child = []
+    ready, tell = os.pipe()
 
     def forker():
         pid = os.fork()
         if pid == 0:
+            os.write(tell, b"r")  # past its fork hooks: the SIGTERM comes after them
             signal.pause()  # returns once a handler has run; our handler ends the process first
             os._exit(0)
         child.append(pid)
@@ -79,6 +81,7 @@ FORKED = textwrap.dedent('''
         thread = threading.Thread(target=forker)
         thread.start()
         thread.join()
+    os.read(ready, 1)
     os.kill(child[0], signal.SIGTERM)
     _, status = os.waitpid(child[0], 0)
     print("CHILD", os.WTERMSIG(status) if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}")
