@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from cmbagent_otel import environment_variables
 from cmbagent_otel._forksafe import reset_in_child
+from cmbagent_otel._outage import OutageTally
 from cmbagent_otel.dag.database import (
     BadDatabaseURL,
     pinned_url,
@@ -155,9 +156,8 @@ class DagSpanExporter(SpanExporter):
                                         "(%d so far); they are written when the database catches up")
         self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
         self._spill_failed_log = _Throttled("cmbagent_otel: could not spill %d spans: %s (%d so far)", logging.ERROR)
-        #: while the database is away: [when it went, spans spilled since, batches spilled since];
-        #: one line when it goes and one when it is back, not one per batch (under ``_lock``)
-        self._outage: list[float] | None = None
+        #: while the database is away: one line when it goes and one when it is back, not one per batch
+        self._outage = OutageTally()
         self._backlog_replayed = 0  # spans replayed since the last line saying so
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class DagSpanExporter(SpanExporter):
                 return SpanExportResult.FAILURE if dropped else SpanExportResult.SUCCESS
             self._count("exported", count)
             self._degraded_until = 0.0
-            if self._outage is not None:
+            if self._outage.ongoing:
                 self._outage_over()
             if self._replay_due and self.replay_after_export:
                 self._replay(min(REPLAY_SLICE_S, self._timeout))
@@ -283,23 +283,20 @@ class DagSpanExporter(SpanExporter):
     def _outage_spilled(self, why: Exception | str, kept: int) -> None:
         """Say once per outage that batches go to the spill store (a long outage used to log a
         line per batch); the later batches of the outage are counted for :meth:`_outage_over`."""
-        outage = self._outage
-        if outage is not None:
-            outage[1] += kept
-            outage[2] += 1
+        if not self._outage.failed(kept):
             logger.debug("cmbagent_otel: %s; %d more spans kept in the spill store", why, kept)
             return
-        self._outage = [time.monotonic(), kept, 1]
         logger.warning("cmbagent_otel: %s; %d spans kept in the spill store %s, and so will later batches be "
                        "until the database is back (one line says so then)", why, kept,
                        self._spill.directory if self._spill else None)
 
     def _outage_over(self) -> None:
-        since, spans, batches = self._outage or (time.monotonic(), 0, 0)
-        self._outage = None
+        outage = self._outage.recovered()
+        if outage is None:
+            return
         logger.warning("cmbagent_otel: the DAG database %s is back after %.1f s; %d spans (%d batches) "
                        "kept in the spill store meanwhile are written from it now",
-                       redacted(resolve_url(self._url)), time.monotonic() - since, spans, batches)
+                       redacted(resolve_url(self._url)), outage.seconds(), outage.spans, outage.batches)
 
     def _isolate(self, spans: Sequence[ReadableSpan], exc: Exception, deadline: float) -> tuple[int, int]:
         """A non-retryable error: write the batch in halves so only the spans that cause it

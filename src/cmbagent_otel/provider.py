@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
 from .redaction import REDACTED, is_secret_key, redact
 
@@ -128,8 +128,7 @@ class OutageReportingExporter(SpanExporter):
 
     def __init__(self, exporter: SpanExporter) -> None:
         self.exporter = exporter
-        self._outage: list[float] | None = None  # [since, spans lost, batches lost]
-        self._lock = threading.Lock()
+        self._outage = OutageTally()
         for name in _OTLP_LOGGERS:
             sdk_logger = logging.getLogger(name)
             if _QUIET not in sdk_logger.filters:
@@ -142,31 +141,20 @@ class OutageReportingExporter(SpanExporter):
             return "the OTLP endpoint"
 
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
-        _quiet.on = self._outage is not None
+        _quiet.on = self._outage.ongoing
         try:
             result = self.exporter.export(spans)
         finally:
             _quiet.on = False
         try:
-            count = len(spans)
-            with self._lock:
-                outage = self._outage
-                if result is not SpanExportResult.SUCCESS:
-                    if outage is None:
-                        self._outage = [time.monotonic(), count, 1]
-                    else:
-                        outage[1] += count
-                        outage[2] += 1
-                elif outage is not None:
-                    self._outage = None
-            if result is not SpanExportResult.SUCCESS and outage is None:
-                logger.warning("cmbagent_otel: OTLP export to %s failed; its %d spans are lost (the batch "
-                               "processor does not keep them); later failures are counted and reported in one "
-                               "line when an export succeeds again", self._where(), count)
-            elif result is SpanExportResult.SUCCESS and outage is not None:
-                logger.warning("cmbagent_otel: OTLP export to %s works again after %.1f s; %d spans in %d "
-                               "batches were lost meanwhile", self._where(), time.monotonic() - outage[0],
-                               int(outage[1]), int(outage[2]))
+            if result is not SpanExportResult.SUCCESS:
+                if self._outage.failed(len(spans)):
+                    logger.warning("cmbagent_otel: OTLP export to %s failed; its %d spans are lost (the batch "
+                                   "processor does not keep them); later failures are counted and reported in "
+                                   "one line when an export succeeds again", self._where(), len(spans))
+            elif self._outage.ongoing:
+                self._report(self._outage.recovered(), "works again after %.1f s; %d spans in %d batches were "
+                             "lost meanwhile")
         except Exception:
             logger.debug("cmbagent_otel: could not account for an OTLP export", exc_info=True)
         return result
@@ -178,12 +166,13 @@ class OutageReportingExporter(SpanExporter):
         try:
             self.exporter.shutdown()
         finally:
-            with self._lock:
-                outage, self._outage = self._outage, None
-            if outage is not None:
-                logger.warning("cmbagent_otel: OTLP exporter shut down with %s still failing: %d spans in %d "
-                               "batches were lost in the last %.1f s", self._where(), int(outage[1]),
-                               int(outage[2]), time.monotonic() - outage[0])
+            self._report(self._outage.recovered(), "still failed at shutdown, after %.1f s: %d spans in %d "
+                         "batches were lost meanwhile")
+
+    def _report(self, outage: Outage | None, what: str) -> None:
+        if outage is not None:
+            logger.warning("cmbagent_otel: OTLP export to %s " + what, self._where(), outage.seconds(),
+                           outage.spans, outage.batches)
 
 
 def create_exporter(name: str) -> SpanExporter:
