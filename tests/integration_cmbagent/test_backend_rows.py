@@ -10,8 +10,10 @@ fork's own endpoint functions on our database (see ``mars_backend_probe.py``).
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,12 +26,16 @@ from sqlalchemy import create_engine, select
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
+import cmbagent_otel
+from cmbagent_otel.dag import mapping
 from cmbagent_otel.dag.writer import T
 from cmbagent_otel.redaction import REDACTED
+from cmbagent_otel.testing import FakeOpenAIServer
 from tests.dag import cmbagent_backend as backend
+from tests.dag.test_cmbagent_contract import check_contract
 
-from .scripted_cmbagent import API_KEYS
-from .test_cmbagent_runs import Run, _exported, _rows
+from .scripted_cmbagent import API_KEYS, call_workflow, script_for
+from .test_cmbagent_runs import Run, SpanCapture, _exported, _rows
 from .test_real_audit import _final_rows, _nodes_of, run_cmbagent  # noqa: F401 - the fixture (getfixturevalue)
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -225,3 +231,64 @@ def test_mars_backend_serves_a_real_run(request: pytest.FixtureRequest, tmp_path
     assert (branch["run_id"], branch["name"], branch["hypothesis"]) == (child, "smaller step", "a smaller step size")
     assert {n["id"] for n in answers["branch dag"]["nodes"]} == set(nodes)
     assert answers["play from node"]["result"]["node_id"] == "step_2"
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------
+class _CtrlC:
+    """The scripted backend; while answering the engineer's first call it presses Ctrl-C: the main thread
+    (waiting for that answer in the openai client) gets KeyboardInterrupt once the answer is back."""
+
+    def __init__(self, script: Any) -> None:
+        self.script, self.pressed = script, False
+
+    def __call__(self, body: dict[str, Any]) -> Any:
+        if not self.pressed and self.script.agent_of(body) == "engineer":
+            self.pressed = True
+            _thread.interrupt_main(signal.SIGINT)
+        return self.script(body)
+
+
+@pytest.mark.xfail(not hasattr(mapping, "INTERRUPTED"), strict=True,
+                   reason="a run stopped by Ctrl-C is stored cancelled from x-fault17's dag mapping change on")
+def test_ctrl_c_in_a_step_is_a_cancelled_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during step 1's model call: KeyboardInterrupt leaves planning_and_control unchanged, and the run
+    row is ``cancelled``, the status cmbagent's own tracking gives a run the user stopped (its backend's stop
+    (WorkflowController.cancel_workflow) moves the run to WorkflowState.CANCELLED; the contract has no such
+    status for nodes). The nodes the interrupt cut are failed with the reason, the plan's later steps pending,
+    the terminator failed with the reason, nothing left running."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
+    # the handler an interactive `python app.py` has (a test run in the background may ignore SIGINT)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    capture = SpanCapture()
+    script = script_for("planning_and_control")
+    press = _CtrlC(script)
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+    try:
+        with FakeOpenAIServer(request_responder=press) as server:
+            monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+            with pytest.raises(KeyboardInterrupt):
+                call_workflow("planning_and_control", work_dir)
+    finally:
+        cmbagent_otel.uninstrument()
+        signal.signal(signal.SIGINT, saved)
+    assert press.pressed
+    run = Run({}, [], [], work_dir, capture.spans)
+    url = _exported(run, tmp_path)
+    capture.provider.shutdown()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            (row,) = [dict(r) for r in conn.execute(select(T["workflow_runs"])).mappings()]
+            check_contract(conn, row["id"])
+    finally:
+        engine.dispose()
+    assert row["status"] == "cancelled" and row["meta"]["error"].startswith("KeyboardInterrupt")
+    nodes = {n["meta"]["id"]: n for n in _rows(url, "dag_nodes")}
+    assert [nodes[s]["status"] for s in ("planning", "step_1", "step_2", "step_3")] == [
+        "completed", "failed", "pending", "pending"]
+    assert nodes["step_1"]["meta"]["error"].startswith("KeyboardInterrupt")
+    assert nodes["terminator"]["status"] == "failed" and nodes["terminator"]["meta"]["error"] == row["meta"]["error"]
+    assert not [s for s, n in nodes.items() if n["status"] == "running"]
+    assert not [e for e in _rows(url, "execution_events") if e["status"] == "running"]
