@@ -292,3 +292,25 @@ def test_ctrl_c_in_a_step_is_a_cancelled_run(tmp_path: Path, monkeypatch: pytest
     assert nodes["terminator"]["status"] == "failed" and nodes["terminator"]["meta"]["error"] == row["meta"]["error"]
     assert not [s for s, n in nodes.items() if n["status"] == "running"]
     assert not [e for e in _rows(url, "execution_events") if e["status"] == "running"]
+
+
+@pytest.mark.parametrize(("kind", "short", "label", "description"), [
+    ("planning_and_control", "planning", "Planning Phase", "Analyzing task and creating execution plan"),
+    ("one_shot", "execute", "Execute (engineer)", "Execute task"),
+])
+def test_phase_labels_as_cmbagent_writes_them(request: pytest.FixtureRequest, tmp_path: Path, kind: str, short: str,
+                                             label: str, description: str) -> None:
+    """``GET /api/runs/{id}/dag``'s label and description (what the UI prints on a node) of the planning
+    phase and of one_shot's ``execute`` node are those of cmbagent's DAG tracker (its templates and
+    create_dag_for_mode's overrides), not our span's phase name ("planning", "one_shot")."""
+    runner: Callable[..., Run] = request.getfixturevalue("run_cmbagent")
+    run = runner(kind)
+    url = _exported(run, tmp_path)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            (run_id,) = conn.execute(select(T["workflow_runs"].c.id)).scalars()
+            nodes = {n["id"]: n for n in backend.run_dag(conn, run_id)["nodes"]}
+    finally:
+        engine.dispose()
+    assert (nodes[short]["label"], nodes[short]["description"]) == (label, description)

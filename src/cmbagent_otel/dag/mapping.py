@@ -1505,6 +1505,10 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     _derive_usage(out, run, real, by_id, usage, step_rows)
     if source == "workflow" and planning and planning[0]["id"] in by_id:
         _first_node_task(out, run, planning[0])
+    if source == "workflow" and run.get("mode") == ONE_SHOT_MODE:
+        execute = next((n for n in top if _meta(n).get("id") == ONE_SHOT_EXECUTE), None)
+        if execute is not None:
+            _execute_label(out, run, execute)
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1810,23 +1814,40 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         })
 
 
-def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
-    """The run's first node (a planning phase) carries the run's task as ``meta.task`` (up to 100
-    characters, then "..."), as cmbagent's DAG tracker writes it and as the derived ``init`` has it;
-    merged into the node's usage update when it has one."""
-    task = str(run.get("task_description") or "")
-    if not task:
-        return
-    wanted = task[:100] + "..." if len(task) > 100 else task
+# cmbagent's DAG tracker's labels (its templates, MODE_TO_TEMPLATE and create_dag_for_mode's overrides)
+_PLANNING_LABELS = {"hitl-interactive": "HITL Planning", "idea-generation": "Idea Planning Phase"}
+PLANNING_LABEL = "Planning Phase"
+PLANNING_DESCRIPTION = "Analyzing task and creating execution plan"
+
+
+def _update_meta(out: DerivedRows, node: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Set ``values`` in a stored node's meta: merged into its usage update when it has one."""
     for update in out.node_updates:
         if update["id"] == node["id"]:
-            update["meta"]["task"] = wanted
+            update["meta"].update(values)
             return
     meta = node.get("meta")
     if type(meta) is not dict:
         meta = _meta(node)
-    if meta.get("task") != wanted:
-        out.node_updates.append({"id": node["id"], "meta": {**meta, "task": wanted}})
+    if any(meta.get(k) != v for k, v in values.items()):
+        out.node_updates.append({"id": node["id"], "meta": {**meta, **values}})
+
+
+def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """The run's first node (a planning phase) as cmbagent's DAG tracker writes it: the run's task as
+    ``meta.task`` (up to 100 characters, then "..."), as the derived ``init`` has it, and its label and
+    description ("Planning Phase", "Analyzing task and creating execution plan"; "HITL Planning" and
+    "Idea Planning Phase" in those modes)."""
+    values = {"label": _PLANNING_LABELS.get(str(run.get("mode")), PLANNING_LABEL), "description": PLANNING_DESCRIPTION}
+    task = str(run.get("task_description") or "")
+    if task:
+        values["task"] = task[:100] + "..." if len(task) > 100 else task
+    _update_meta(out, node, values)
+
+
+def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"."""
+    _update_meta(out, node, {"label": f"Execute ({run.get('agent') or 'engineer'})", "description": "Execute task"})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:
