@@ -314,3 +314,22 @@ def test_phase_labels_as_cmbagent_writes_them(request: pytest.FixtureRequest, tm
     finally:
         engine.dispose()
     assert (nodes[short]["label"], nodes[short]["description"]) == (label, description)
+
+
+def test_failed_run_suspends_its_session(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A failed run's session state is ``suspended``, as cmbagent's backend leaves the session of a run that
+    failed (``suspend_session``; its UI offers to resume it), not ``completed``: here step 1 runs out of
+    attempts and the plan stops (cmbagent returns normally, the run is failed). A completed run's stays
+    ``completed``."""
+    runner: Callable[..., Run] = request.getfixturevalue("run_cmbagent")
+    run = runner("planning_and_control", fail=True, max_n_attempts=1)
+    rows = _final_rows(_exported(run, tmp_path))
+    assert rows["runs"][0]["status"] == "failed"
+    (state,) = rows["states"]
+    assert (state["status"], state["current_phase"], state["current_step"]) == ("suspended", "control", 1)
+    engine = create_engine(f"sqlite:///{tmp_path / 'cmbagent.db'}")
+    try:
+        with engine.connect() as conn:
+            assert [(s["mode"], s["status"]) for s in backend.sessions(conn)] == [("planning-control", "suspended")]
+    finally:
+        engine.dispose()

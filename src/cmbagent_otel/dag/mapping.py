@@ -1522,7 +1522,10 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
             "current_phase": str(last_phase.get("phase") or last_phase.get("id"))[:50] if phases else None,
             # the last step the run reached: a plan's never-started (pending) steps come after it
             "current_step": next((n["order_index"] for n in reversed(steps) if n["status"] != "pending"), None),
-            "status": "active" if run["status"] == "executing" else "completed",
+            # cmbagent's backend completes the session of a run that succeeded and suspends the one of a
+            # run that failed (task_executor: complete_session / suspend_session), which its UI offers to resume
+            "status": "active" if run["status"] == "executing" else "completed" if run["status"] == "completed"
+            else "suspended",
             "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
             "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
         }
