@@ -233,6 +233,30 @@ def test_mars_backend_serves_a_real_run(request: pytest.FixtureRequest, tmp_path
     assert answers["play from node"]["result"]["node_id"] == "step_2"
 
 
+def test_mars_backend_serves_a_failed_run(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """cmbagent's own backend on a failed real run (step 1 out of attempts, the plan stopped): every
+    endpoint answers; the DAG shows step 1 and the terminator failed, steps 2-3 pending; the session is
+    listed suspended; a branch can be made from the failed step."""
+    runner: Callable[..., Run] = request.getfixturevalue("run_cmbagent")
+    mars = _mars_source(tmp_path)
+    python = _mars_python()
+    if mars is None or python is None:
+        pytest.skip("set CMBAGENT_OTEL_MARS_SRC and CMBAGENT_OTEL_MARS_PYTHON to run cmbagent's own backend")
+    run = runner("planning_and_control", fail=True, max_n_attempts=1)
+    url = _exported(run, tmp_path)
+    rows = _final_rows(url)
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    answers = _mars_answers(mars, python, url, tmp_path / "answers.json", branch_from="step_1")
+    assert [k for k, v in answers.items() if isinstance(v, dict) and "EXC" in v] == ["compare"]
+    dag = {n["id"]: n["status"] for n in answers[f"{row['id']} dag"]["nodes"]}
+    assert dag == {s: n["status"] for s, n in nodes.items()}
+    assert [dag[s] for s in ("planning", "step_1", "step_2", "step_3", "terminator")] == [
+        "completed", "failed", "pending", "pending", "failed"]
+    assert [(s["mode"], s["status"]) for s in answers["sessions"]["sessions"]] == [("planning-control", "suspended")]
+    assert answers["branch tree"]["tree"]["children"][0]["run_id"] == answers["branch"]["branch_run_id"]
+
+
 # --- Ctrl-C -------------------------------------------------------------------------------------------
 class _CtrlC:
     """The scripted backend; while answering the engineer's first call it presses Ctrl-C: the main thread
