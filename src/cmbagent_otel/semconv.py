@@ -110,6 +110,10 @@ WORKFLOW_AGENT: Final = "cmbagent.workflow.agent"
 WORKFLOW_MODEL: Final = "cmbagent.workflow.model"
 WORKFLOW_WORK_DIR: Final = "cmbagent.workflow.work_dir"
 WORKFLOW_TASK_ID: Final = "cmbagent.workflow.task_id"
+# The files in cmbagent's output folders of the work dir when the run ended, one
+# "<path relative to the work dir>\t<size in bytes>\t<modification time, ns since the epoch>"
+# per file (paths only, redacted; never contents): the DAG exporter's ``files`` rows.
+WORKFLOW_FILES: Final = "cmbagent.workflow.files"
 
 PHASE: Final = "cmbagent.phase"
 PHASE_INDEX: Final = "cmbagent.phase.index"

@@ -122,7 +122,10 @@ def test_steps_derived_from_record_status(instrumented: Any, server_backend: Non
     assert runner and all(sc.DAG_NODE_TYPE not in r.attributes for r in runner)
 
 
-def test_chat_ending_inside_a_step_fails_it(instrumented: Any, server_backend: None, tmp_path: Any) -> None:
+def test_chat_ending_inside_a_step_completes_it(instrumented: Any, server_backend: None, tmp_path: Any) -> None:
+    """The chat ends (here the engineer's handoff terminates it; in cmbagent, max_rounds) while step 1 is in
+    progress: the step ends completed, as cmbagent's own tracking completes a step whose chat ended
+    without running out of attempts; its summary and last reported status say how it ended."""
     def cut(work_dir: Any) -> None:
         engineer = offline_agent("engineer", ["working"])
 
@@ -146,8 +149,9 @@ def test_chat_ending_inside_a_step_fails_it(instrumented: Any, server_backend: N
     with cmbagent_otel.workflow("control", mode="planning-control"), cmbagent_otel.phase("control"):
         cut(tmp_path)
     step = instrumented.one("step 1")
-    assert step.status.status_code is StatusCode.ERROR
-    assert "chat ended while it was in progress" in (step.status.description or "")
+    assert step.status.status_code is StatusCode.UNSET
+    assert step.attributes[sc.STEP_SUMMARY] == "the chat ended while step 1 was in progress, before it reported " \
+        "completion"
     assert step.attributes[sc.STEP_STATUS] == "in progress"
     assert instrumented.one("invoke_agent engineer").attributes[sc.DAG_NODE] == "step_1_engineer"
 

@@ -1221,6 +1221,9 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
             pairs = (("name", attrs.get(sc.WORKFLOW_NAME)), ("task_id", attrs.get(sc.WORKFLOW_TASK_ID)),
                      ("work_dir", attrs.get(sc.WORKFLOW_WORK_DIR)))
             meta = {k: v for k, v in pairs if v is not None}
+            files = attrs.get(sc.WORKFLOW_FILES)
+            if files is not None:
+                meta["files"] = work_dir_files(files)
             meta.update({"otel_source": RANK_NAMES[RANK_STARTED if running else RANK_WORKFLOW],
                          "trace_id": trace_hex, "span_id": f"{span_id:016x}",
                          "error": None if running or not failed else _error_of(span)})
@@ -1283,6 +1286,29 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
 
 # --- rows derived from a run's node set ---------------------------------------------------
 
+MAX_FILES = 1000
+_FILE_PATH_LIMIT = 1000  # files.file_path VARCHAR(1000)
+
+
+def work_dir_files(value: Any) -> list[list[Any]]:
+    """The workflow span's :data:`semconv.WORKFLOW_FILES` as the run's ``meta.files``: ``[path relative to
+    the work dir, size in bytes, modification time in ns]`` per well-formed entry (redacted, at most
+    :data:`MAX_FILES`); anything else (another producer's attribute) is left out."""
+    out: list[list[Any]] = []
+    if not isinstance(value, (tuple, list)):
+        return out
+    for item in value[:MAX_FILES]:
+        if type(item) is not str:
+            continue
+        parts = item.rsplit("\t", 2)
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        size, mtime = int(parts[1]), int(parts[2])
+        if size < 2**63 and mtime < 2**63:
+            out.append([db_text(_redact_text(parts[0]))[:_FILE_PATH_LIMIT], size, mtime])
+    return out
+
+
 class LlmUsage(NamedTuple):
     """One LLM event's usage as stored (``meta.prompt_tokens``/``completion_tokens``/``cost_usd``)."""
 
@@ -1312,6 +1338,7 @@ class DerivedRows:
     branches: list[dict[str, Any]] = field(default_factory=list)
     costs: list[dict[str, Any]] = field(default_factory=list)
     session_state: dict[str, Any] | None = None
+    files: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _parse_ts(value: Any) -> datetime | None:
@@ -1478,6 +1505,10 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     _derive_usage(out, run, real, by_id, usage, step_rows)
     if source == "workflow" and planning and planning[0]["id"] in by_id:
         _first_node_task(out, run, planning[0])
+    if source == "workflow" and run.get("mode") == ONE_SHOT_MODE:
+        execute = next((n for n in top if _meta(n).get("id") == ONE_SHOT_EXECUTE), None)
+        if execute is not None:
+            _execute_label(out, run, execute)
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1491,11 +1522,109 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
             "current_phase": str(last_phase.get("phase") or last_phase.get("id"))[:50] if phases else None,
             # the last step the run reached: a plan's never-started (pending) steps come after it
             "current_step": next((n["order_index"] for n in reversed(steps) if n["status"] != "pending"), None),
-            "status": "active" if run["status"] == "executing" else "completed",
+            # cmbagent's backend completes the session of a run that succeeded and suspends the one of a
+            # run that failed (task_executor: complete_session / suspend_session), which its UI offers to resume
+            "status": "active" if run["status"] == "executing" else "completed" if run["status"] == "completed"
+            else "suspended",
             "created_at": (run.get("started_at") or updated).replace(tzinfo=timezone.utc),
             "updated_at": updated.replace(tzinfo=timezone.utc), "expires_at": None, "version": 1,
         }
+        files = (run.get("meta") or {}).get("files")
+        if files:
+            _derive_files(out, run, real, files)
     return out
+
+
+# cmbagent's DAG tracker's file classification (``_classify_file_type``): names, then folders, then extensions
+_FILE_EXTENSIONS = (
+    ((".py", ".js", ".ts", ".java", ".cpp", ".c", ".h", ".go", ".rs", ".rb", ".sh"), "code"),
+    ((".csv", ".json", ".pkl", ".pickle", ".npz", ".npy", ".parquet", ".yaml", ".yml", ".h5", ".hdf5", ".fits"),
+     "data"),
+    ((".png", ".jpg", ".jpeg", ".gif", ".pdf", ".svg", ".eps", ".bmp", ".tiff"), "plot"),
+    ((".txt", ".md", ".rst", ".html"), "report"),
+    ((".log",), "log"),
+)
+
+
+def file_type_of(rel_path: str) -> str:
+    """cmbagent's ``file_type`` of a work-dir file: plan/code/data/plot/report/chat/context/log/other."""
+    parts = rel_path.lower().replace("\\", "/").split("/")
+    name = rel_path.replace("\\", "/").rsplit("/", 1)[-1]
+    ext = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name.lstrip(".") else ""
+    if name == "final_plan.json" or name.endswith("_plan.json"):
+        return "plan"
+    if name.startswith(("timing_report", "cost_report")):
+        return "report"
+    for folder, kind in (("codebase", "code"), ("chats", "chat"), ("context", "context")):
+        if folder in parts:
+            return kind
+    if "time" in parts or "cost" in parts:
+        return "report"
+    if "planning" in parts and ext == ".json":
+        return "plan"
+    for extensions, kind in _FILE_EXTENSIONS:
+        if ext in extensions:
+            return kind
+    return "other"
+
+
+def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mapping[str, Any]],
+                  files: Any) -> None:
+    """``files`` rows of the run's work-dir files (``meta.files``), as cmbagent's backend registers them.
+
+    Its tracker scans the work dir when planning and each step complete and gives a file to the
+    first node whose scan saw it; here a file goes to the first phase or step (by end time) that had
+    not ended before the file's last modification, so the node that wrote it. A file in a phase's own
+    folder (cmbagent's ``planning/``, ``control/``) stays with that phase: one written after it ended
+    (the plan, cost and timing reports cmbagent writes once the phase's chat is over) is the phase's,
+    not the next node's; a file written after every node and outside such a folder belongs to the run
+    (no node). Type, phase, final-output flag and priority follow cmbagent's rules."""
+    work_dir = (run.get("meta") or {}).get("work_dir")
+    if not isinstance(work_dir, str) or not work_dir or not isinstance(files, list):
+        return
+    ends: list[tuple[datetime, str, Mapping[str, Any]]] = []
+    phases: dict[str, Mapping[str, Any]] = {}  # phase name -> its (first) phase node
+    for n in real:
+        meta = _meta(n)
+        if (meta.get("span_kind") in (sc.KIND_PHASE, sc.KIND_STEP) and n["status"] != "pending"
+                and not meta.get("placeholder")):
+            end = _parse_ts(meta.get("completed_at"))
+            if end is not None:
+                ends.append((end, n["id"], n))
+            if meta.get("span_kind") == sc.KIND_PHASE and isinstance(meta.get("phase"), str):
+                phases.setdefault(meta["phase"].lower(), n)
+    ends.sort(key=lambda e: (e[0], e[1]))
+    run_id, session_id = run["id"], run["session_id"]
+    base = work_dir.rstrip("/\\")
+    for entry in files:
+        try:
+            rel, size, mtime = entry
+            at = datetime.fromtimestamp(mtime / 1e9, timezone.utc).replace(tzinfo=None)
+        except (TypeError, ValueError, OverflowError, OSError):
+            continue
+        path = f"{base}/{rel}"[:_FILE_PATH_LIMIT]
+        parts = rel.lower().replace("\\", "/").split("/")
+        node = next((n for end, _, n in ends if end >= at), None)
+        own = phases.get(parts[0]) if len(parts) > 1 else None
+        if own is not None and (node is None or _meta(node).get("phase") != _meta(own).get("phase")):
+            node = own
+        kind = file_type_of(rel)
+        if node is not None and _meta(node).get("phase"):
+            phase = str(_meta(node)["phase"])[:50]
+        else:
+            phase = "planning" if "planning" in parts else "control" if "control" in parts else "execution"
+        final = kind in ("plot", "data", "code", "plan") and "context" not in parts and "temp" not in parts
+        is_step = node is not None and _meta(node).get("span_kind") == sc.KIND_STEP
+        out.files.append({
+            "id": derived_uuid(run_id, "file", rel), "run_id": run_id, "session_id": session_id, "step_id": None,
+            "event_id": None, "node_id": node["id"] if node is not None else None, "file_path": path,
+            "file_type": kind, "size_bytes": size, "created_at": at, "workflow_phase": phase,
+            "is_final_output": final, "content_hash": None,
+            "generating_agent": _str(node["agent"], 100) if is_step else None, "generating_code_hash": None,
+            "priority": "primary" if final or kind in ("plot", "data", "code", "plan")
+            else "secondary" if kind in ("report", "chat") else "internal",
+            "meta": {"relative_path": rel, "modified_at": iso(at)},
+        })
 
 
 def _derive_branches(out: DerivedRows, run: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]],
@@ -1688,23 +1817,40 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         })
 
 
-def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
-    """The run's first node (a planning phase) carries the run's task as ``meta.task`` (up to 100
-    characters, then "..."), as cmbagent's DAG tracker writes it and as the derived ``init`` has it;
-    merged into the node's usage update when it has one."""
-    task = str(run.get("task_description") or "")
-    if not task:
-        return
-    wanted = task[:100] + "..." if len(task) > 100 else task
+# cmbagent's DAG tracker's labels (its templates, MODE_TO_TEMPLATE and create_dag_for_mode's overrides)
+_PLANNING_LABELS = {"hitl-interactive": "HITL Planning", "idea-generation": "Idea Planning Phase"}
+PLANNING_LABEL = "Planning Phase"
+PLANNING_DESCRIPTION = "Analyzing task and creating execution plan"
+
+
+def _update_meta(out: DerivedRows, node: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Set ``values`` in a stored node's meta: merged into its usage update when it has one."""
     for update in out.node_updates:
         if update["id"] == node["id"]:
-            update["meta"]["task"] = wanted
+            update["meta"].update(values)
             return
     meta = node.get("meta")
     if type(meta) is not dict:
         meta = _meta(node)
-    if meta.get("task") != wanted:
-        out.node_updates.append({"id": node["id"], "meta": {**meta, "task": wanted}})
+    if any(meta.get(k) != v for k, v in values.items()):
+        out.node_updates.append({"id": node["id"], "meta": {**meta, **values}})
+
+
+def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """The run's first node (a planning phase) as cmbagent's DAG tracker writes it: the run's task as
+    ``meta.task`` (up to 100 characters, then "..."), as the derived ``init`` has it, and its label and
+    description ("Planning Phase", "Analyzing task and creating execution plan"; "HITL Planning" and
+    "Idea Planning Phase" in those modes)."""
+    values = {"label": _PLANNING_LABELS.get(str(run.get("mode")), PLANNING_LABEL), "description": PLANNING_DESCRIPTION}
+    task = str(run.get("task_description") or "")
+    if task:
+        values["task"] = task[:100] + "..." if len(task) > 100 else task
+    _update_meta(out, node, values)
+
+
+def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"."""
+    _update_meta(out, node, {"label": f"Execute ({run.get('agent') or 'engineer'})", "description": "Execute task"})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:

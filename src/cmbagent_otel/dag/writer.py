@@ -724,6 +724,7 @@ class _Derived:
     costs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per run, diffed against the stored
     new_costs: list[dict[str, Any]] = field(default_factory=list)  # of runs with none stored
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # the newest per session
+    files: list[dict[str, Any]] = field(default_factory=list)  # work-dir files of finished runs
     named_runs: list[str] = field(default_factory=list)  # runs whose code events take their node's agent
 
     def offer_state(self, state: dict[str, Any] | None) -> None:
@@ -830,6 +831,7 @@ def _derive_fresh(batch: MappedBatch, created: set[str], out: _Derived) -> None:
         out.branches.extend(derived.branches)
         out.new_costs.extend(derived.costs)
         out.offer_state(derived.session_state)
+        out.files.extend(derived.files)
     for event in unnamed:
         node = after.get(event["node_id"])
         if node is not None and node["node_type"] in _NAMING_NODES and node["agent"] not in (None, "unknown"):
@@ -891,12 +893,13 @@ def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
         out.child_runs.extend(derived.child_runs)
         out.branches.extend(derived.branches)
         out.offer_state(derived.session_state)
+        out.files.extend(derived.files)
 
 
 def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = True) -> None:
     nodes_t, steps_t, runs_t, branches_t = T["dag_nodes"], T["workflow_steps"], T["workflow_runs"], T["branches"]
     nodes = parents_first({n["id"]: n for n in rows.nodes}, "parent_node_id")
-    known: list[set[Any] | None] = [None] * 4
+    known: list[set[Any] | None] = [None] * 5
     stored_costs = None
     if sql.pipelined:
         # One round trip: no write below before these reads changes what they find (deleting
@@ -905,7 +908,8 @@ def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = 
         cost_reads = sql.select_statements(T["cost_records"], "run_id", list(rows.costs)) if costs else []
         found, cost_rows = sql.existing_ids_and_rows(conn, [
             ("dag_nodes", _ask(nodes)), ("workflow_steps", _ask(rows.steps)),
-            ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches))], cost_reads)
+            ("workflow_runs", _ask(rows.child_runs)), ("branches", _ask(rows.branches)),
+            ("files", _ask(rows.files))], cost_reads)
         known[:] = found
         stored_costs = sql.decoded(T["cost_records"], [r for rows_ in cost_rows for r in rows_])
     _upsert(conn, sql, nodes_t, nodes, existing=known[0])
@@ -917,6 +921,7 @@ def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = 
     _upsert(conn, sql, steps_t, rows.steps, existing=known[1])
     _upsert(conn, sql, runs_t, rows.child_runs, existing=known[2])
     _upsert(conn, sql, branches_t, rows.branches, existing=known[3])
+    _upsert(conn, sql, T["files"], rows.files, existing=known[4])
     if rows.named_runs:
         _name_code_events(conn, sql, rows.named_runs)
     if costs:

@@ -17,9 +17,10 @@ variables the tool returned and
 * ends it at its own "completed" (after the tool call that completed it has finished), at
   the next step's start, or when the chat ends. A step ends failed when it was reported
   "failed" and never completed, when it ran out of attempts (``n_attempts >=
-  max_n_attempts``), when the chat raised, or when the chat ended while it was still in
-  progress. "failed" does not end the step: cmbagent hands a failed step back to its
-  agent to fix it;
+  max_n_attempts``), or when the chat raised; one the chat ended while it was still in
+  progress (``max_rounds``) ends completed, its summary saying so, as cmbagent's own
+  tracking completes it. "failed" does not end the step: cmbagent hands a failed step
+  back to its agent to fix it;
 * counts cmbagent's retries: each time ``n_attempts`` goes up inside the step a failed
   ``attempt`` event span is recorded under the step, and the step carries
   ``cmbagent.step.attempts`` (failed attempts) and ``cmbagent.step.max_attempts``.
@@ -316,7 +317,11 @@ class StepTracker:
                 if self._scope is not None and self._scope.run.failed_step is None:
                     self._scope.run.failed_step = f"plan stopped: {error}"
             elif step.end == "chat_end" and step.exc is None:
-                error = f"step {step.number} did not complete: the chat ended while it was in progress"
+                # cut by max_rounds (or a handoff that ended the chat) before it reported completion: cmbagent's
+                # own tracking completes such a step, failing only one out of attempts (MARS ControlPhase:
+                # complete_step unless n_attempts >= max_n_attempts); the summary says how it ended
+                span.set_attribute(semconv.STEP_SUMMARY, f"the chat ended while step {step.number} was in "
+                                   "progress, before it reported completion")
             if error is not None:
                 frame.error = "step_failed" if step.failed else "step_incomplete"  # the step duration metric's
                 span.set_status(Status(StatusCode.ERROR, error))

@@ -52,6 +52,7 @@ import contextlib
 import importlib.util
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -81,7 +82,7 @@ from .._spans import (
     workflow_tracers,
 )
 from ..instrumentation._steps import context_get, plan_steps, record_not_started
-from ..redaction import register_secret, truncate
+from ..redaction import register_secret, safe_text, truncate
 from ..workflow import _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
@@ -245,9 +246,66 @@ def _anchored() -> Iterator[None]:
 def _run(block: workflow) -> Iterator[None]:
     """Open a workflow (or join the active one) for one entry-point call."""
     with _opened(block) as entered, _anchored():
-        yield
-        if entered is not None:
-            _fail_run_on_failed_step(entered)
+        try:
+            yield
+            if entered is not None:
+                _fail_run_on_failed_step(entered)
+        finally:
+            if entered is not None:
+                _record_files(entered._current(), entered.work_dir)
+
+
+# cmbagent's backend registers the files of these folders of a run's work dir (its DAG tracker's
+# ``track_files_in_work_dir``: at each step's completion and the run's end), skipping hidden
+# entries and __pycache__; bounded here, as the walk runs when the entry call returns
+OUTPUT_DIRS = ("data", "codebase", "outputs", "chats", "cost", "time", "planning", "control", "context",
+               "docs", "summaries", "runs")
+MAX_FILES = 1000
+MAX_ENTRIES = 20000
+
+
+def work_dir_files(work_dir: str) -> list[str]:
+    """The files of cmbagent's output folders in ``work_dir`` as :data:`semconv.WORKFLOW_FILES` values:
+    ``path<TAB>size<TAB>mtime_ns``, the path relative to ``work_dir`` and redacted (at most
+    :data:`MAX_FILES` files, :data:`MAX_ENTRIES` directory entries looked at). Never raises."""
+    out: list[str] = []
+    seen = 0
+    try:
+        for name in OUTPUT_DIRS:
+            top = os.path.join(work_dir, name)
+            if not os.path.isdir(top):
+                continue
+            for root, dirs, files in os.walk(top):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+                seen += len(dirs) + len(files)
+                for file in sorted(files):
+                    if file.startswith("."):
+                        continue
+                    path = os.path.join(root, file)
+                    with contextlib.suppress(OSError):
+                        st = os.stat(path)
+                        rel = safe_text(os.path.relpath(path, work_dir))
+                        if rel and "\t" not in rel:
+                            out.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
+                    if len(out) >= MAX_FILES:
+                        return out
+                if seen >= MAX_ENTRIES:
+                    return out
+    except Exception:
+        logger.debug("cmbagent_otel: could not list the work dir's files", exc_info=True)
+    return out
+
+
+def _record_files(traced: Any, work_dir: Any) -> None:
+    """Put the run's work-dir files on its workflow span (:data:`semconv.WORKFLOW_FILES`), while it is open."""
+    try:
+        span = getattr(traced, "span", traced)
+        if isinstance(work_dir, str) and work_dir and span is not None and span.is_recording():
+            files = work_dir_files(work_dir)
+            if files:
+                span.set_attribute(semconv.WORKFLOW_FILES, files)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the run's files", exc_info=True)
 
 
 def _fail_run_on_failed_step(block: _Block) -> None:
@@ -564,6 +622,10 @@ class _CallerRun:
         failed = self.anchor.run.failed_step if exc is None else None
         if failed is not None:
             _fail_frame(self.frame, failed)
+        try:
+            _record_files(self.frame.span, self.frame.span.attributes.get(semconv.WORKFLOW_WORK_DIR))
+        except Exception:
+            logger.debug("cmbagent_otel: could not read the run's work dir", exc_info=True)
         end_frame(self.frame, exc)
 
 
