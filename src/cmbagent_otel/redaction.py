@@ -320,43 +320,82 @@ def _replaced(text: str, spans: list[tuple[int, int]], repl: str) -> str:
 
 
 _CHUNK = 128
-# past _CHUNK secrets: the registered ones _CHUNK at a time, and the learned ones (values -> their pattern)
+# Compiled groups of secrets, by their words (see _rebuild): a group whose words did not change is not compiled again
 _chunks: dict[tuple[str, ...], re.Pattern[str]] = {}
+# Registered secrets laid out for _rebuild: full chunks of _CHUNK secrets (each secret's encoded
+# forms follow it in _known) with their patterns once compiled, and the secrets after them, each
+# as its words. Laid out for one _known dict (the tests put a copy in its place: laid out afresh)
+# and extended as it grows.
+_sealed: list[tuple[tuple[str, ...], re.Pattern[str] | None]] = []
+_open: list[tuple[str, ...]] = []
+_layout_of: dict[str, None] | None = None
+_layout_len = 0
+_known_comma = False  # a registered secret holds a comma (registered ones are never forgotten)
+# Up to this many characters, secrets are compiled as one pattern (one search per text for an
+# application's few keys); past it, one more secret compiles a group of a few, not all of them
+_ONE_PATTERN_CHARS = 4096
+
+
+def _lay_out() -> None:
+    """Extend _sealed and _open with the secrets registered since the last call."""
+    global _layout_of, _layout_len, _sealed, _open, _known_comma
+    if _layout_of is not _known or _layout_len > len(_known):
+        _layout_of, _layout_len, _sealed, _open, _known_comma = _known, 0, [], [], False
+    forms = _forms
+    for value in itertools.islice(_known, _layout_len, None):
+        if "," in value:
+            _known_comma = True
+        if value in forms and _open:  # an encoded form of the secret before it
+            _open[-1] += (value,)
+            continue
+        if len(_open) == _CHUNK:
+            _sealed.append((tuple(word for secret in _open for word in secret), None))
+            _open = []
+        _open.append((value,))
+    _layout_len = len(_known)
 
 
 def _rebuild() -> None:
-    """Compile the known secrets again. Up to _CHUNK secrets: one pattern. Past that (a service
-    registering each request's API keys), registered ones are compiled in chunks and a new secret
-    compiles one chunk: compiling all of them on every new secret took time and memory growing
-    with their number (1000 keys: 23 s of CPU for the last 500, and 200 MiB of re's cache)."""
-    global _known_pattern, _secret_with_comma, _chunks, secrets_version
+    """Compile the known secrets again; one more secret compiles a small group, never all of them
+    (registering each of 1000 keys once compiled all of them: 23 s of CPU for the last 500 and
+    200 MiB of re's cache; then the last chunk of up to 128: 5-40 ms a key).
+
+    Registered secrets: full chunks of _CHUNK secrets, each compiled once, then the secrets after
+    them in groups of 64, 32, ... 1 secrets, the binary digits of their number (one more secret
+    compiles the group of its trailing ones: each secret is compiled ~7 times before its chunk is
+    full, and there are at most 7 such groups). Learned secrets: one group. Before the first chunk
+    is full, while they are short (_ONE_PATTERN_CHARS: an application's few keys), the registered
+    secrets are one group, and the learned ones join it while that stays short: one pattern."""
+    global _known_pattern, _secret_with_comma, _chunks, secrets_version, _sealed
     secrets_version += 1
-    values = _known.keys() | _learned.keys()
-    _secret_with_comma = any("," in v for v in values)
-    forms = _forms.intersection(_known)
-    if len(values) - len(forms) <= _CHUNK:
-        _known_pattern = _compile(values) if values else None
-        _chunks = {}
-        return
-    groups: list[tuple[str, ...]] = []
-    group: list[str] = []
-    count = 0
-    for value in _known:  # _CHUNK secrets a group, each with its encoded forms (registered after it)
-        if value not in forms:
-            if count == _CHUNK:
-                groups.append(tuple(group))
-                group, count = [], 0
-            count += 1
-        group.append(value)
-    if group:
-        groups.append(tuple(group))
+    _lay_out()
     learned = tuple(v for v in _learned if v not in _known)
-    if learned:
-        groups.append(learned)
-    # a group compiled before is reused: a new secret compiles only the group it lands in
+    _secret_with_comma = _known_comma or any("," in v for v in learned)
+    registered = tuple(word for secret in _open for word in secret)
+    size = sum(map(len, registered))
+    groups: list[tuple[str, ...]] = []
+    if not _sealed and size + sum(map(len, learned)) <= _ONE_PATTERN_CHARS:
+        if registered or learned:
+            groups.append(registered + learned)
+    else:
+        if not _sealed and size <= _ONE_PATTERN_CHARS:
+            if registered:
+                groups.append(registered)
+        else:
+            size, start = 1 << (_CHUNK.bit_length() - 1), 0
+            while start < len(_open):
+                if len(_open) - start >= size:
+                    groups.append(tuple(word for secret in _open[start:start + size] for word in secret))
+                    start += size
+                size >>= 1
+        if learned:
+            groups.append(learned)
     chunks = {group: _chunks.get(group) or _compile(group) for group in groups}
+    if _sealed and _sealed[-1][1] is None:  # chunks filled since: compiled once, then kept
+        _sealed = [(words, pattern or _chunks.get(words) or _compile(words)) for words, pattern in _sealed]
     _chunks = chunks
-    _known_pattern = _Patterns(tuple(chunks.values()))
+    patterns = tuple(pattern for _, pattern in _sealed if pattern is not None) + tuple(chunks.values())
+    _known_pattern = (patterns[0] if len(patterns) == 1 else _Patterns(patterns)) if patterns else None
 
 
 def is_registered(value: str) -> bool:

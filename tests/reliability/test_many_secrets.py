@@ -3,17 +3,26 @@ key) stays as cheap per new secret as one with a few, and still redacts every on
 
 Before: every new secret compiled one pattern of all known secrets (and ``re`` kept the last
 512 of those patterns): 1000 keys took 31 s of CPU, the last 500 23 s of it, and 200 MiB.
+Then (until session 30): the last chunk of up to 128 secrets, and all secrets up to the first
+128: 5-40 ms of CPU per key (``bench/bench_secrets.py``); now a group of a few keys on average.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import re
 import secrets
+import statistics
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from cmbagent_otel import redaction
+
+from .conftest import needs_custom_client
+from .test_secrets import Sink, assert_clean, echo_agent, instrument, sink  # noqa: F401 (sink: fixture)
 
 
 def key() -> str:
@@ -54,3 +63,71 @@ def test_every_one_of_many_secrets_is_redacted(isolated_secrets: None) -> None:
         assert value not in out
         assert value[6:] not in out  # no part of a secret shows either (overlapping matches joined)
     assert out.count(redaction.REDACTED) == len(keys[::7]) + 5  # the last two keys side by side: two
+
+
+@contextlib.contextmanager
+def counting_compiles() -> Iterator[list[int]]:
+    """The length of every pattern ``re.compile`` is asked for inside the block."""
+    compiled: list[int] = []
+    real = re.compile
+
+    def counting(pattern: Any, flags: int = 0) -> Any:
+        compiled.append(len(pattern))
+        return real(pattern, flags)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(re, "compile", counting)
+        yield compiled
+
+
+def test_one_more_key_compiles_a_few_keys_not_the_last_chunk(isolated_secrets: None) -> None:
+    for _ in range(1000):
+        redaction.register_secret(key())
+    per_key: list[int] = []
+    for _ in range(2 * redaction._CHUNK):
+        with counting_compiles() as compiled:
+            redaction.register_secret(key())
+        assert compiled, "a new secret must be compiled into some pattern"
+        per_key.append(sum(compiled))
+    # each secret ~7 times before its chunk is full: ~4 keys' worth a registration on average, and
+    # most registrations compile one or two keys (before: the last chunk, 64 keys on average)
+    assert statistics.mean(per_key) < 8 * len(key())
+    assert statistics.median(per_key) < 3 * len(key())
+
+
+def test_first_keys_compile_a_few_keys_each_too(isolated_secrets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first chunk is full (a process with its first hundred keys, their encoded forms
+    among them) one more key compiled all of them."""
+    monkeypatch.setattr(redaction, "_encoded_count", 0)
+    for _ in range(60):
+        redaction.register_secret(key())
+    with counting_compiles() as compiled:
+        redaction.register_secret(key())
+    assert 0 < sum(compiled) < 16 * len(key())
+
+
+@needs_custom_client
+def test_a_key_registered_after_2000_others_is_redacted_everywhere(
+        isolated_secrets: None, sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans, DB rows and our logs at DEBUG: the agent's key (registered from its llm_config after 2,000 others,
+    in the groups after the last full chunk), the first key and its encoded forms (in the first
+    chunk), and a key from the middle."""
+    monkeypatch.setattr(redaction, "_encoded_count", 0)
+    first = "FIRSTKEY" + secrets.token_hex(12)
+    redaction.register_secret(first)
+    others = [key() for _ in range(2000)]
+    for value in others:
+        redaction.register_secret(value)
+    middle = others[1234]
+    late = "LATEKEY" + secrets.token_hex(12)
+    config = {"model": "scripted", "model_client_cls": "ScriptedModelClient", "api_key": late}
+    instrument(sink)
+    raw = first.encode()
+    encoded = (raw.hex(), base64.b64encode(raw).decode())
+    assistant = echo_agent("assistant", f"my key is {late}; the first was {first} ({encoded[0]}, {encoded[1]})", config)
+    user = echo_agent("user", "thanks", config)
+    user.initiate_chat(assistant, message=f"keys: {late}, {middle} and {first} as {encoded[1]}", max_turns=1,
+                       silent=True)
+    assert redaction.is_registered(late)
+    assert_clean(sink, caplog, late, middle, first, encoded[0], encoded[1][:-4])
