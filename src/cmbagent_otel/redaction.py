@@ -322,15 +322,18 @@ def _replaced(text: str, spans: list[tuple[int, int]], repl: str) -> str:
 _CHUNK = 128
 # Compiled groups of secrets, by their words (see _rebuild): a group whose words did not change is not compiled again
 _chunks: dict[tuple[str, ...], re.Pattern[str]] = {}
-# Registered secrets laid out for _rebuild: full chunks of _CHUNK secrets (each secret's encoded
-# forms follow it in _known) with their patterns once compiled, and the secrets after them, each
-# as its words. Laid out for one _known dict (the tests put a copy in its place: laid out afresh)
-# and extended as it grows.
-_sealed: list[tuple[tuple[str, ...], re.Pattern[str] | None]] = []
+# Registered secrets laid out for _rebuild: full chunks (each secret's encoded forms follow it in
+# _known) as (words, their pattern once compiled, number of secrets), two of the same size merged
+# up to _SEALED_MAX secrets, and the secrets after them, each as its words. Laid out for one
+# _known dict (the tests put a copy in its place: laid out afresh) and extended as it grows.
+_sealed: list[tuple[tuple[str, ...], re.Pattern[str] | None, int]] = []
 _open: list[tuple[str, ...]] = []
 _layout_of: dict[str, None] | None = None
 _layout_len = 0
 _known_comma = False  # a registered secret holds a comma (registered ones are never forgotten)
+# Each pattern is one search of every text redacted: 40 chunks of 128 secrets made a text 1.5x as
+# costly to redact as one pattern; merged chunks compile a few times more (once per size)
+_SEALED_MAX = 8 * _CHUNK
 # Up to this many characters, secrets are compiled as one pattern (one search per text for an
 # application's few keys); past it, one more secret compiles a group of a few, not all of them
 _ONE_PATTERN_CHARS = 4096
@@ -349,8 +352,11 @@ def _lay_out() -> None:
             _open[-1] += (value,)
             continue
         if len(_open) == _CHUNK:
-            _sealed.append((tuple(word for secret in _open for word in secret), None))
+            _sealed.append((tuple(word for secret in _open for word in secret), None, _CHUNK))
             _open = []
+            while len(_sealed) > 1 and _sealed[-1][2] == _sealed[-2][2] and 2 * _sealed[-1][2] <= _SEALED_MAX:
+                (first, _, size), (second, _, _) = _sealed[-2:]
+                _sealed[-2:] = [(first + second, None, 2 * size)]
         _open.append((value,))
     _layout_len = len(_known)
 
@@ -360,8 +366,9 @@ def _rebuild() -> None:
     (registering each of 1000 keys once compiled all of them: 23 s of CPU for the last 500 and
     200 MiB of re's cache; then the last chunk of up to 128: 5-40 ms a key).
 
-    Registered secrets: full chunks of _CHUNK secrets, each compiled once, then the secrets after
-    them in groups of 64, 32, ... 1 secrets, the binary digits of their number (one more secret
+    Registered secrets: full chunks of _CHUNK secrets, compiled once, two of the same size merged
+    (compiled once more) up to _SEALED_MAX secrets, then the secrets after them in groups of 64,
+    32, ... 1 secrets, the binary digits of their number (one more secret
     compiles the group of its trailing ones: each secret is compiled ~7 times before its chunk is
     full, and there are at most 7 such groups). Learned secrets: one group. Before the first chunk
     is full, while they are short (_ONE_PATTERN_CHARS: an application's few keys), the registered
@@ -372,13 +379,13 @@ def _rebuild() -> None:
     learned = tuple(v for v in _learned if v not in _known)
     _secret_with_comma = _known_comma or any("," in v for v in learned)
     registered = tuple(word for secret in _open for word in secret)
-    size = sum(map(len, registered))
+    chars = sum(map(len, registered))
     groups: list[tuple[str, ...]] = []
-    if not _sealed and size + sum(map(len, learned)) <= _ONE_PATTERN_CHARS:
+    if not _sealed and chars + sum(map(len, learned)) <= _ONE_PATTERN_CHARS:
         if registered or learned:
             groups.append(registered + learned)
     else:
-        if not _sealed and size <= _ONE_PATTERN_CHARS:
+        if not _sealed and chars <= _ONE_PATTERN_CHARS:
             if registered:
                 groups.append(registered)
         else:
@@ -391,10 +398,11 @@ def _rebuild() -> None:
         if learned:
             groups.append(learned)
     chunks = {group: _chunks.get(group) or _compile(group) for group in groups}
-    if _sealed and _sealed[-1][1] is None:  # chunks filled since: compiled once, then kept
-        _sealed = [(words, pattern or _chunks.get(words) or _compile(words)) for words, pattern in _sealed]
+    if _sealed and _sealed[-1][1] is None:  # chunks filled or merged since: compiled once, then kept
+        _sealed = [(words, pattern or _chunks.get(words) or _compile(words), count)
+                   for words, pattern, count in _sealed]
     _chunks = chunks
-    patterns = tuple(pattern for _, pattern in _sealed if pattern is not None) + tuple(chunks.values())
+    patterns = tuple(pattern for _, pattern, _ in _sealed if pattern is not None) + tuple(chunks.values())
     _known_pattern = (patterns[0] if len(patterns) == 1 else _Patterns(patterns)) if patterns else None
 
 
