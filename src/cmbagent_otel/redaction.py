@@ -331,12 +331,13 @@ _open: list[tuple[str, ...]] = []
 _layout_of: dict[str, None] | None = None
 _layout_len = 0
 _known_comma = False  # a registered secret holds a comma (registered ones are never forgotten)
-# Each pattern is one search of every text redacted: 40 chunks of 128 secrets made a text 1.5x as
-# costly to redact as one pattern; merged chunks compile a few times more (once per size)
+# Each pattern is one more search of every text redacted (~13 us per 2 KB text when its secrets start
+# with varied characters): 40 chunks at 5,000 keys made a text 1.4x as costly to redact as one
+# pattern. Full chunks are merged, two of a size, up to this many secrets (compiled once per size).
 _SEALED_MAX = 8 * _CHUNK
-# Up to this many characters, secrets are compiled as one pattern (one search per text for an
-# application's few keys); past it, one more secret compiles a group of a few, not all of them
-_ONE_PATTERN_CHARS = 4096
+# The secrets after the full chunks, when not one pattern: a settled group of a multiple of this
+# many (compiled again every _RECENT new secrets) and the recent ones (compiled with each new one)
+_RECENT = 16
 
 
 def _lay_out() -> None:
@@ -362,39 +363,31 @@ def _lay_out() -> None:
 
 
 def _rebuild() -> None:
-    """Compile the known secrets again; one more secret compiles a small group, never all of them
+    """Compile the known secrets again. An application's keys (up to _ENCODED_MAX registered: those
+    with encoded forms) and the values it learned (up to _CHUNK secrets in all): one pattern,
+    compiled again with each new secret, since every pattern is one more search of every text
+    redacted. Past that (a service registering each request's API key) a new secret compiles a
+    few, not all of them
     (registering each of 1000 keys once compiled all of them: 23 s of CPU for the last 500 and
-    200 MiB of re's cache; then the last chunk of up to 128: 5-40 ms a key).
-
-    Registered secrets: full chunks of _CHUNK secrets, compiled once, two of the same size merged
-    (compiled once more) up to _SEALED_MAX secrets, then the secrets after them in groups of 64,
-    32, ... 1 secrets, the binary digits of their number (one more secret
-    compiles the group of its trailing ones: each secret is compiled ~7 times before its chunk is
-    full, and there are at most 7 such groups). Learned secrets: one group. Before the first chunk
-    is full, while they are short (_ONE_PATTERN_CHARS: an application's few keys), the registered
-    secrets are one group, and the learned ones join it while that stays short: one pattern."""
+    200 MiB of re's cache; then all of the first 128 and past them their last chunk of up to 128:
+    25 s for 5,000 keys): registered ones in full chunks of _CHUNK secrets, compiled once, two of
+    the same size merged up to _SEALED_MAX secrets, then the secrets after them as a settled group
+    (a multiple of _RECENT secrets) and the recent ones; the learned ones as one group."""
     global _known_pattern, _secret_with_comma, _chunks, secrets_version, _sealed
     secrets_version += 1
     _lay_out()
     learned = tuple(v for v in _learned if v not in _known)
     _secret_with_comma = _known_comma or any("," in v for v in learned)
-    registered = tuple(word for secret in _open for word in secret)
-    chars = sum(map(len, registered))
     groups: list[tuple[str, ...]] = []
-    if not _sealed and chars + sum(map(len, learned)) <= _ONE_PATTERN_CHARS:
-        if registered or learned:
-            groups.append(registered + learned)
+    if not _sealed and len(_open) <= _ENCODED_MAX and len(_open) + len(learned) <= _CHUNK:
+        words = tuple(word for secret in _open for word in secret) + learned
+        if words:
+            groups.append(words)
     else:
-        if not _sealed and chars <= _ONE_PATTERN_CHARS:
-            if registered:
-                groups.append(registered)
-        else:
-            size, start = 1 << (_CHUNK.bit_length() - 1), 0
-            while start < len(_open):
-                if len(_open) - start >= size:
-                    groups.append(tuple(word for secret in _open[start:start + size] for word in secret))
-                    start += size
-                size >>= 1
+        settled = len(_open) - len(_open) % _RECENT
+        for part in (_open[:settled], _open[settled:]):
+            if part:
+                groups.append(tuple(word for secret in part for word in secret))
         if learned:
             groups.append(learned)
     chunks = {group: _chunks.get(group) or _compile(group) for group in groups}
