@@ -15,6 +15,7 @@ import contextlib
 import re
 import secrets
 import statistics
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,7 +103,8 @@ def test_an_applications_keys_and_learned_values_stay_one_pattern(isolated_secre
     """Each pattern is one more search of every text redacted: up to a chunk of secrets (the first
     keys with their encoded forms among them) they are one pattern, as cheap to search as before,
     whatever registering one more costs."""
-    monkeypatch.setattr(redaction, "_encoded_count", 0)
+    for name, empty in (("_known", {}), ("_learned", OrderedDict()), ("_forms", set()), ("_encoded_count", 0)):
+        monkeypatch.setattr(redaction, name, empty)  # an application's own: not the session's tests' keys
     keys = [key() for _ in range(30)]
     for value in keys:
         redaction.register_secret(value)
