@@ -367,10 +367,9 @@ def _rebuild() -> None:
     with encoded forms) and the values it learned (up to _CHUNK secrets in all): one pattern,
     compiled again with each new secret, since every pattern is one more search of every text
     redacted. Past that (a service registering each request's API key) a new secret compiles a
-    few, not all of them
-    (registering each of 1000 keys once compiled all of them: 23 s of CPU for the last 500 and
-    200 MiB of re's cache; then all of the first 128 and past them their last chunk of up to 128:
-    25 s for 5,000 keys): registered ones in full chunks of _CHUNK secrets, compiled once, two of
+    few, not all of them (registering each of 1000 keys once compiled all of them: 23 s of CPU for
+    the last 500 and 200 MiB of re's cache; then all of the first 128 and past them their last
+    chunk of up to 128: 25 s for 5,000 keys): registered ones in full chunks of _CHUNK secrets, compiled once, two of
     the same size merged up to _SEALED_MAX secrets, then the secrets after them as a settled group
     (a multiple of _RECENT secrets) and the recent ones; the learned ones as one group."""
     global _known_pattern, _secret_with_comma, _chunks, secrets_version, _sealed
