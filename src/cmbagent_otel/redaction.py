@@ -320,43 +320,82 @@ def _replaced(text: str, spans: list[tuple[int, int]], repl: str) -> str:
 
 
 _CHUNK = 128
-# past _CHUNK secrets: the registered ones _CHUNK at a time, and the learned ones (values -> their pattern)
+# Compiled groups of secrets, by their words (see _rebuild): a group whose words did not change is not compiled again
 _chunks: dict[tuple[str, ...], re.Pattern[str]] = {}
+# Registered secrets laid out for _rebuild: full chunks (each secret's encoded forms follow it in
+# _known) as (words, their pattern once compiled, number of secrets), two of the same size merged
+# up to _SEALED_MAX secrets, and the secrets after them, each as its words. Laid out for one
+# _known dict (the tests put a copy in its place: laid out afresh) and extended as it grows.
+_sealed: list[tuple[tuple[str, ...], re.Pattern[str] | None, int]] = []
+_open: list[tuple[str, ...]] = []
+_layout_of: dict[str, None] | None = None
+_layout_len = 0
+_known_comma = False  # a registered secret holds a comma (registered ones are never forgotten)
+# Each pattern is one more search of every text redacted (~13 us per 2 KB text when its secrets start
+# with varied characters): 40 chunks at 5,000 keys made a text 1.4x as costly to redact as one
+# pattern. Full chunks are merged, two of a size, up to this many secrets (compiled once per size).
+_SEALED_MAX = 8 * _CHUNK
+# The secrets after the full chunks, when not one pattern: a settled group of a multiple of this
+# many (compiled again every _RECENT new secrets) and the recent ones (compiled with each new one)
+_RECENT = 16
+
+
+def _lay_out() -> None:
+    """Extend _sealed and _open with the secrets registered since the last call."""
+    global _layout_of, _layout_len, _sealed, _open, _known_comma
+    if _layout_of is not _known or _layout_len > len(_known):
+        _layout_of, _layout_len, _sealed, _open, _known_comma = _known, 0, [], [], False
+    forms = _forms
+    for value in itertools.islice(_known, _layout_len, None):
+        if "," in value:
+            _known_comma = True
+        if value in forms and _open:  # an encoded form of the secret before it
+            _open[-1] += (value,)
+            continue
+        if len(_open) == _CHUNK:
+            _sealed.append((tuple(word for secret in _open for word in secret), None, _CHUNK))
+            _open = []
+            while len(_sealed) > 1 and _sealed[-1][2] == _sealed[-2][2] and 2 * _sealed[-1][2] <= _SEALED_MAX:
+                (first, _, size), (second, _, _) = _sealed[-2:]
+                _sealed[-2:] = [(first + second, None, 2 * size)]
+        _open.append((value,))
+    _layout_len = len(_known)
 
 
 def _rebuild() -> None:
-    """Compile the known secrets again. Up to _CHUNK secrets: one pattern. Past that (a service
-    registering each request's API keys), registered ones are compiled in chunks and a new secret
-    compiles one chunk: compiling all of them on every new secret took time and memory growing
-    with their number (1000 keys: 23 s of CPU for the last 500, and 200 MiB of re's cache)."""
-    global _known_pattern, _secret_with_comma, _chunks, secrets_version
+    """Compile the known secrets again. An application's keys (up to _ENCODED_MAX registered: those
+    with encoded forms) and the values it learned (up to _CHUNK secrets in all): one pattern,
+    compiled again with each new secret, since every pattern is one more search of every text
+    redacted. Past that (a service registering each request's API key) a new secret compiles a
+    few, not all of them (registering each of 1000 keys once compiled all of them: 23 s of CPU for
+    the last 500 and 200 MiB of re's cache; then all of the first 128 and past them their last
+    chunk of up to 128: 25 s for 5,000 keys): registered ones in full chunks of _CHUNK secrets, compiled once, two of
+    the same size merged up to _SEALED_MAX secrets, then the secrets after them as a settled group
+    (a multiple of _RECENT secrets) and the recent ones; the learned ones as one group."""
+    global _known_pattern, _secret_with_comma, _chunks, secrets_version, _sealed
     secrets_version += 1
-    values = _known.keys() | _learned.keys()
-    _secret_with_comma = any("," in v for v in values)
-    forms = _forms.intersection(_known)
-    if len(values) - len(forms) <= _CHUNK:
-        _known_pattern = _compile(values) if values else None
-        _chunks = {}
-        return
-    groups: list[tuple[str, ...]] = []
-    group: list[str] = []
-    count = 0
-    for value in _known:  # _CHUNK secrets a group, each with its encoded forms (registered after it)
-        if value not in forms:
-            if count == _CHUNK:
-                groups.append(tuple(group))
-                group, count = [], 0
-            count += 1
-        group.append(value)
-    if group:
-        groups.append(tuple(group))
+    _lay_out()
     learned = tuple(v for v in _learned if v not in _known)
-    if learned:
-        groups.append(learned)
-    # a group compiled before is reused: a new secret compiles only the group it lands in
+    _secret_with_comma = _known_comma or any("," in v for v in learned)
+    groups: list[tuple[str, ...]] = []
+    if not _sealed and len(_open) <= _ENCODED_MAX and len(_open) + len(learned) <= _CHUNK:
+        words = tuple(word for secret in _open for word in secret) + learned
+        if words:
+            groups.append(words)
+    else:
+        settled = len(_open) - len(_open) % _RECENT
+        for part in (_open[:settled], _open[settled:]):
+            if part:
+                groups.append(tuple(word for secret in part for word in secret))
+        if learned:
+            groups.append(learned)
     chunks = {group: _chunks.get(group) or _compile(group) for group in groups}
+    if _sealed and _sealed[-1][1] is None:  # chunks filled or merged since: compiled once, then kept
+        _sealed = [(words, pattern or _chunks.get(words) or _compile(words), count)
+                   for words, pattern, count in _sealed]
     _chunks = chunks
-    _known_pattern = _Patterns(tuple(chunks.values()))
+    patterns = tuple(pattern for _, pattern, _ in _sealed if pattern is not None) + tuple(chunks.values())
+    _known_pattern = (patterns[0] if len(patterns) == 1 else _Patterns(patterns)) if patterns else None
 
 
 def is_registered(value: str) -> bool:
