@@ -120,7 +120,9 @@ def instrument(
         built = _built["provider"]
         if provider is None or (provider is built and tracer_provider is None):
             if built is not None and (slot := slot_of(built)) is not None:
-                # a provider from an earlier round (maybe the global one): fresh processors
+                # a provider from an earlier round (maybe the global one): fresh processors, after those
+                # still kept for a run left open at the last uninstrument() are released
+                slot.release()
                 for processor in span_processors(exporters, span_exporters):
                     slot.add_span_processor(processor)
                 provider = built
@@ -202,18 +204,23 @@ def uninstrument() -> None:
             except Exception:
                 logger.debug("cmbagent_otel: cmbagent integration removal failed", exc_info=True)
         provider = _state["provider"]
+        binding = _state["binding"]
         if _state["owned"] and isinstance(provider, TracerProvider):
             try:
                 slot = slot_of(provider)
                 if slot is not None:
-                    slot.release()  # the provider stays usable for the next instrument()
+                    # the provider stays usable for the next instrument(); a run still open keeps its
+                    # processors, and its blocks their tracer, until its spans have ended
+                    then = (lambda: workflow_tracers.release(binding)) if binding is not None else None
+                    binding = None
+                    slot.release_when_closed(then)
                 else:
                     provider.force_flush()
                     provider.shutdown()
             except Exception:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
-        if _state["binding"] is not None:
-            workflow_tracers.release(_state["binding"])
+        if binding is not None:
+            workflow_tracers.release(binding)
         meters = _state["meter_provider"]
         if isinstance(meters, MeterProvider):
             try:

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -208,6 +208,7 @@ class ProcessorSlot(SpanProcessor):
     def __init__(self) -> None:
         self._processors: tuple[SpanProcessor, ...] = ()
         self._lock = threading.Lock()
+        self._then: Callable[[], None] | None = None
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         with self._lock:
@@ -243,12 +244,45 @@ class ProcessorSlot(SpanProcessor):
         """Flush and shut down every processor held, and hold none from now on."""
         with self._lock:
             processors, self._processors = self._processors, ()
-        for processor in processors:
-            try:
-                with signals_deferred():
-                    processor.force_flush()
-            finally:
-                processor.shutdown()
+            self.__dict__.pop("on_end", None)  # no longer waiting (release_when_closed)
+            then, self._then = getattr(self, "_then", None), None
+        try:
+            for processor in processors:
+                try:
+                    with signals_deferred():
+                        processor.force_flush()
+                finally:
+                    processor.shutdown()
+        finally:
+            if then is not None:
+                then()
+
+    def release_when_closed(self, then: Callable[[], None] | None = None) -> None:
+        """:meth:`release` now, or, while run or DAG-node spans recorded through this slot are still open
+        (``uninstrument()`` called inside a run whose blocks go on), once the last of them has ended: their
+        spans, and those of the blocks the run opens meanwhile, are exported whole, and their rows reach
+        a final status instead of staying ``executing``/``running``. ``then`` runs after the release. The
+        check runs as each span ends, only while the slot waits (an instance attribute over ``on_end``)."""
+        with self._lock:
+            self._then = then
+            if self._open():
+                self.on_end = self._on_end_then_release  # type: ignore[method-assign]
+                return
+        self.release()
+
+    def _open(self) -> bool:
+        from ._spans import open_node_spans
+
+        return any(span.is_recording() for span in open_node_spans() if getattr(span, "_span_processor", None) is self)
+
+    def _on_end_then_release(self, span: ReadableSpan) -> None:
+        for processor in self._processors:
+            processor.on_end(span)
+        try:
+            if not self._open() and "on_end" in self.__dict__:
+                self.release()
+        except Exception:  # in the application's thread, as its block ends: never its error
+            logger.debug("cmbagent_otel: could not release the span processors", exc_info=True)
 
 
 def span_processors(

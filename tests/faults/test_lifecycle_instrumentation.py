@@ -1,0 +1,143 @@
+"""Instrumentation stopped, or the process ending, while a run is open (seventeenth fault campaign).
+
+Before, ``uninstrument()`` called inside a run shut its span processors down at once: the run's
+blocks ended after that, their spans were dropped, and the live DAG's rows stayed ``executing`` /
+``running`` for ever. A run still open when the interpreter exits (a daemon thread inside a step, a
+block entered by hand and never left) left the same rows. Now the processors of a run left open
+by ``uninstrument()`` are kept until its spans have ended (the run is stored whole, then they are
+flushed and shut down), and at the interpreter's exit the run and node spans still open are ended
+failed (``error.type=process_exited``) before the providers are shut down.
+
+Each scenario runs in a child process (the global provider can be set once per process, and exit
+is part of the scenario), with the DAG exporter writing a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PRELUDE = """
+import os, sys, threading
+os.environ["CMBAGENT_OTEL_DATABASE_URL"] = "sqlite:///" + sys.argv[1]
+import cmbagent_otel
+from cmbagent_otel import workflow, phase, step
+from cmbagent_otel.provider import slot_of
+provider = cmbagent_otel.instrument(exporters="cmbagent_dag", instrument_cmbagent=False)
+"""
+
+
+def _run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    db = tmp_path / "dag.sqlite"
+    script = tmp_path / "app.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    env = {**os.environ, "CMBAGENT_OTEL_FLUSH_ON_SIGNAL": "false"}
+    env.pop("CMBAGENT_OTEL_DATABASE_URL", None)
+    proc = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc, db
+
+
+def _rows(db: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    con = sqlite3.connect(db)
+    try:
+        runs = con.execute("SELECT status, meta FROM workflow_runs ORDER BY started_at").fetchall()
+        nodes = con.execute("SELECT node_type, status, meta FROM dag_nodes ORDER BY order_index").fetchall()
+    finally:
+        con.close()
+    return ([(s, json.loads(m or "{}").get("error")) for s, m in runs],
+            [(t, s, json.loads(m or "{}").get("label"), json.loads(m or "{}").get("error")) for t, s, m in nodes])
+
+
+def test_uninstrument_inside_a_run_keeps_recording_it_until_its_blocks_end(tmp_path: Path) -> None:
+    proc, db = _run(tmp_path, """
+        import sqlite3
+        with workflow("left open"), phase("control"):
+            with step(1, "before"):
+                cmbagent_otel.uninstrument()  # the application's shutdown hook, called mid-run
+            with step(2, "after"):
+                pass
+        con = sqlite3.connect(sys.argv[1])  # read before the process exits: nothing else flushed it
+        print("RUNS", con.execute("SELECT status FROM workflow_runs").fetchall())
+        print("NODES", sorted(con.execute("SELECT status, count(*) FROM dag_nodes GROUP BY status").fetchall()))
+        print("HELD", len(slot_of(provider).processors))
+        with workflow("after uninstrument"):  # not recorded: instrumentation is off
+            pass
+    """)
+    assert "RUNS [('completed',)]" in proc.stdout, proc.stdout + proc.stderr
+    assert "NODES [('completed', 5)]" in proc.stdout, proc.stdout  # init, control, steps 1 and 2, terminator
+    assert "HELD 0" in proc.stdout  # released once the run ended
+    assert proc.stderr == ""
+    runs, nodes = _rows(db)
+    assert runs == [("completed", None)]
+    assert [label for _, _, label, _ in nodes if label.startswith("Step")] == ["Step 1: before", "Step 2: after"]
+
+
+def test_uninstrument_then_instrument_inside_a_run_stores_it_whole(tmp_path: Path) -> None:
+    proc, db = _run(tmp_path, """
+        with workflow("again"), phase("control"):
+            with step(1, "before"):
+                cmbagent_otel.uninstrument()
+                cmbagent_otel.instrument(exporters="cmbagent_dag", instrument_cmbagent=False)
+            with step(2, "after"):
+                pass
+        cmbagent_otel.uninstrument()
+    """)
+    runs, nodes = _rows(db)
+    assert runs == [("completed", None)]
+    assert {status for _, status, _, _ in nodes} == {"completed"} and len(nodes) == 5
+    assert proc.stderr == ""
+
+
+EXITED = "the process exited while it was open"
+
+
+@pytest.mark.parametrize("uninstrument", [False, True], ids=["instrumented", "uninstrumented"])
+def test_a_daemon_threads_run_open_at_exit_is_stored_failed(tmp_path: Path, uninstrument: bool) -> None:
+    proc, db = _run(tmp_path, f"""
+        inside, forever = threading.Event(), threading.Event()
+
+        def worker():
+            with workflow("daemon"), phase("control"), step(1, "never ends"):
+                inside.set()
+                forever.wait()
+
+        threading.Thread(target=worker, daemon=True).start()
+        inside.wait()
+        if {uninstrument}:
+            cmbagent_otel.uninstrument()
+    """)
+    runs, nodes = _rows(db)
+    assert runs == [("failed", EXITED)]
+    assert sorted((kind, status, error) for kind, status, _, error in nodes if kind != "planning") == [
+        ("agent", "failed", EXITED), ("control", "failed", EXITED), ("terminator", "failed", EXITED)]
+    assert proc.stderr == ""
+
+
+def test_blocks_entered_by_hand_and_never_left_are_stored_failed_at_exit(tmp_path: Path) -> None:
+    proc, db = _run(tmp_path, """
+        import contextvars
+
+        def suspended():
+            with workflow("generator"), phase("control"), step(1, "suspended"):
+                yield 1
+
+        held = suspended()
+        contextvars.Context().run(next, held)  # suspended in its step, never resumed: closed when collected
+        blocks = [workflow("by hand"), phase("control"), step(1, "never left")]
+        for block in blocks:
+            block.__enter__()
+    """)
+    runs, nodes = _rows(db)
+    assert runs == [("failed", EXITED), ("failed", EXITED)]
+    assert {status for kind, status, _, _ in nodes if kind != "planning"} == {"failed"}
+    assert proc.stderr == ""
