@@ -183,7 +183,14 @@ def uninstrument() -> None:
     processors (and exporters) of a provider :func:`instrument` built. That provider stays
     (it may be the global one, which cannot be replaced), so a later :func:`instrument`
     records again through fresh processors. A meter provider it built is flushed, and shut
-    down unless it is the global one (a later :func:`instrument` records into it again)."""
+    down unless it is the global one (a later :func:`instrument` records into it again).
+
+    Called inside a run (its workflow, phase or step blocks still open, in any thread), the
+    processors are kept until that run's spans have ended, and flushed and shut down then: the
+    rest of the run is recorded through them (its blocks, not the AG2 calls, which are no longer
+    patched) and its rows end ``completed``/``failed`` instead of ``executing``/``running``. A
+    later :func:`instrument` releases them at once. A run still open when the interpreter exits
+    is ended failed (``error.type=process_exited``) first."""
     with _lock:
         if not _state["active"]:
             return
