@@ -600,8 +600,28 @@ _open_node_spans: set[weakref.ref[Span]] = set()
 _track = _open_node_spans.add
 _untrack = _open_node_spans.discard
 _ref = weakref.ref
+
+
+def _ended_by_the_parent(end_time: int | None = None) -> None:
+    """``end()`` of a forked child's copy of a span its parent opened (see :func:`_disown_in_child`)."""
+
+
+def _disown_in_child() -> None:
+    """After a ``fork()``, the run and node spans open in the parent are the parent's to end and export. The
+    child holds copies of them; leaving the blocks it was forked in ended its copies too, and its exporter
+    wrote them with the same ids over the parent's rows (a failure in the child showed the parent's step
+    failed). Their ``end()`` does nothing in the child (an instance attribute: no cost to other spans);
+    the child's own spans still go under them."""
+    for ref in list(_open_node_spans):
+        span = ref()
+        if span is not None:
+            with contextlib.suppress(Exception):
+                span.end = _ended_by_the_parent
+    _open_node_spans.clear()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_open_node_spans.clear)
+    os.register_at_fork(after_in_child=_disown_in_child)
 
 
 def open_node_spans() -> list[Span]:
