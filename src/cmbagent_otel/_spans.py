@@ -357,7 +357,7 @@ def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None
                 for frame in frames:
                     with contextlib.suppress(Exception):
                         record_exception(frame.span, exc)
-                    frame.error = frame.error or type(exc).__qualname__
+                    frame.error = frame.error or error_type(exc)
             cursor.close_all(frames)
     except Exception:
         logger.debug("cmbagent_otel: could not close anchored frames", exc_info=True)
@@ -371,7 +371,7 @@ def end_frame(frame: Frame, exc: BaseException | None = None) -> None:
     """End a frame's span (recording ``exc``); never raises."""
     try:
         if exc is not None:
-            frame.error = frame.error or type(exc).__qualname__
+            frame.error = frame.error or error_type(exc)
             if frame.span.is_recording():
                 record_exception(frame.span, exc)
     except Exception:
@@ -406,6 +406,12 @@ def exception_text(exc: BaseException) -> str:
         return "<exception str() failed>"
 
 
+def error_type(exc: BaseException) -> str:
+    """``exc``'s type name for ``error.type`` (spans, events, metrics), redacted and bounded: a class made at
+    run time (``type(name, ...)``) may carry any text, of any length. Only exception paths call it."""
+    return safe_text(type(exc).__qualname__, 256) or "error"
+
+
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
     # safe_text reads a bounded prefix: a message of megabytes costs what its kept part does
@@ -415,15 +421,15 @@ def record_exception(span: Span, exc: BaseException) -> None:
     message = safe_text(text) or ""
     stack = safe_text(trace, 16384) or ""
     del trace  # the SDK formats it again below: a huge message must not be held twice meanwhile
-    attributes = {"exception.message": message, "exception.stacktrace": stack}
+    # the type's names too: a class made at run time (type(name, ...)) may carry any text, of any length
+    type_name = error_type(exc)
+    module = type(exc).__module__
+    qualified = f"{safe_text(str(module), 256)}.{type_name}" if module and module != "builtins" else type_name
+    attributes = {"exception.type": qualified, "exception.message": message, "exception.stacktrace": stack}
     try:
         span.record_exception(exc, attributes=attributes)
     except Exception:  # the SDK's own str(exc) raised: the same event without it
-        module = type(exc).__module__
-        qualname = type(exc).__qualname__
-        span.add_event("exception", {
-            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname, **attributes})
-    type_name = type(exc).__qualname__
+        span.add_event("exception", attributes)
     span.set_status(Status(StatusCode.ERROR, truncate(f"{type_name}: {message}", 1024)))
     span.set_attribute(semconv.ERROR_TYPE, type_name)
 
@@ -905,7 +911,7 @@ class TracedSpan(LazyScope):
             if timing is not None and not isinstance(timing, Frame):
                 self._timing = None
                 try:
-                    error = self._error or (type(exc).__qualname__ if exc is not None else None)
+                    error = self._error or (error_type(exc) if exc is not None else None)
                     _record_timing(timing, error)
                 except Exception:
                     logger.debug("cmbagent_otel: could not record a duration", exc_info=True)
