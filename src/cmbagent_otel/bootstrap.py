@@ -120,9 +120,8 @@ def instrument(
         built = _built["provider"]
         if provider is None or (provider is built and tracer_provider is None):
             if built is not None and (slot := slot_of(built)) is not None:
-                # a provider from an earlier round (maybe the global one): fresh processors, after those
-                # still kept for a run left open at the last uninstrument() are released
-                slot.release()
+                # a provider from an earlier round (maybe the global one): fresh processors (those kept for
+                # a run left open at the last uninstrument() go on with that run's spans until it ends)
                 for processor in span_processors(exporters, span_exporters):
                     slot.add_span_processor(processor)
                 provider = built
@@ -189,8 +188,9 @@ def uninstrument() -> None:
     processors are kept until that run's spans have ended, and flushed and shut down then: the
     rest of the run is recorded through them (its blocks, not the AG2 calls, which are no longer
     patched) and its rows end ``completed``/``failed`` instead of ``executing``/``running``. A
-    later :func:`instrument` releases them at once. A run still open when the interpreter exits
-    is ended failed (``error.type=process_exited``) first."""
+    later :func:`instrument` adds fresh processors, which get the spans of every other trace;
+    the open run stays with the processors that recorded its start. A run still open when the
+    interpreter exits is ended failed (``error.type=process_exited``) first."""
     with _lock:
         if not _state["active"]:
             return

@@ -69,7 +69,7 @@ def test_uninstrument_inside_a_run_keeps_recording_it_until_its_blocks_end(tmp_p
         con = sqlite3.connect(sys.argv[1])  # read before the process exits: nothing else flushed it
         print("RUNS", con.execute("SELECT status FROM workflow_runs").fetchall())
         print("NODES", sorted(con.execute("SELECT status, count(*) FROM dag_nodes GROUP BY status").fetchall()))
-        print("HELD", len(slot_of(provider).processors))
+        print("HELD", len(slot_of(provider).processors) + len(getattr(slot_of(provider), "kept", ())))
         with workflow("after uninstrument"):  # not recorded: instrumentation is off
             pass
     """)
@@ -95,6 +95,33 @@ def test_uninstrument_then_instrument_inside_a_run_stores_it_whole(tmp_path: Pat
     runs, nodes = _rows(db)
     assert runs == [("completed", None)]
     assert {status for _, status, _, _ in nodes} == {"completed"} and len(nodes) == 5
+    assert proc.stderr == ""
+
+
+def test_instrument_again_with_other_exporters_inside_a_run(tmp_path: Path) -> None:
+    """The open run goes on through the processors that recorded its start (its DAG rows end
+    ``completed``); the new exporters get the runs started after."""
+    proc, db = _run(tmp_path, """
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        memory = InMemorySpanExporter()
+        with workflow("moved"), phase("control"):
+            with step(1, "before"):
+                cmbagent_otel.instrument(exporters="none", span_exporters=[memory])  # active: changes nothing
+            with step(2, "switches"):
+                cmbagent_otel.uninstrument()
+                cmbagent_otel.instrument(exporters="none", span_exporters=[memory], instrument_cmbagent=False)
+            with step(3, "after"):
+                pass
+        with workflow("next"), phase("control"):
+            pass
+        cmbagent_otel.uninstrument()
+        print("MEMORY", sorted(span.name for span in memory.get_finished_spans()))
+    """)
+    assert "MEMORY ['phase control', 'workflow next']" in proc.stdout, proc.stdout
+    runs, nodes = _rows(db)
+    assert runs == [("completed", None)]
+    assert {status for _, status, _, _ in nodes} == {"completed"} and len(nodes) == 6  # init, control, 3 steps, end
     assert proc.stderr == ""
 
 
