@@ -16,7 +16,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Iterator, Mapping
-from time import perf_counter
+from time import perf_counter, time_ns
 from types import TracebackType
 from typing import Any
 
@@ -68,6 +68,105 @@ def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -
 
 
 _GLOBAL_METRICS: Any = object()  # a binding that leaves the run metrics to the global meter provider
+
+
+class _LateSpan(trace.NonRecordingSpan):
+    """The span of a workflow block opened while no tracer provider records (before ``instrument()``,
+    no global provider): it keeps what the span would have been (name, parent context, attributes,
+    start time) and starts it, with that start time, as soon as it is asked for its context or state
+    once a provider records (a block or an AG2 span opened under it, the block's end). Before, such a
+    block recorded nothing, and the steps opened in it after ``instrument()`` named a parent node whose
+    span never came: a placeholder node ``running`` for ever in a finished run, each step a run of its
+    own. Never on a span's way once instrumented: only blocks opened with no provider at all are late."""
+
+    def __init__(self, name: str, context: Context | None, kind: SpanKind,
+                 attributes: Mapping[str, Any] | None) -> None:
+        super().__init__(trace.INVALID_SPAN_CONTEXT)
+        self._late: tuple[Any, ...] | None = (name, context, kind, dict(attributes or {}), time_ns())
+        self._real: Span | None = None
+
+    def _resolve(self) -> Span | None:
+        real = self._real
+        if real is not None or self._late is None:
+            return real
+        tracer = workflow_tracers.current()
+        if type(tracer) is _LateTracer:
+            return None
+        with _late_lock:
+            late, self._late = self._late, None
+            if late is not None:
+                name, context, kind, attributes, started = late
+                try:
+                    self._real = tracer.start_span(name, context, kind, attributes, start_time=started)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not start the late span %s", name, exc_info=True)
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:  # a ReadableSpan's fields (context, attributes...) once started
+        real = self.__dict__.get("_real")
+        if real is None:
+            raise AttributeError(name)
+        return getattr(real, name)
+
+    def get_span_context(self) -> trace.SpanContext:
+        real = self._resolve()
+        return real.get_span_context() if real is not None else trace.INVALID_SPAN_CONTEXT
+
+    def is_recording(self) -> bool:
+        real = self._resolve()
+        return real is not None and real.is_recording()
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        real, late = self._resolve(), self._late
+        if real is not None:
+            real.set_attribute(key, value)
+        elif late is not None:
+            late[3][key] = value
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.add_event(name, attributes, timestamp)
+
+    def update_name(self, name: str) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.update_name(name)
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.set_status(status, description)
+
+    def record_exception(self, exception: BaseException, attributes: Any = None, timestamp: int | None = None,
+                         escaped: bool = False) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        real = self._resolve()
+        self._late = None  # ended: never started later
+        if real is not None:
+            real.end(end_time)
+
+
+class _LateTracer(trace.NoOpTracer):
+    """What the workflow API starts its spans with while no provider records: :class:`_LateSpan`."""
+
+    def start_span(self, name: str, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
+                   attributes: Any = None, links: Any = None, start_time: int | None = None,
+                   record_exception: bool = True, set_status_on_exception: bool = True) -> Span:
+        return _LateSpan(name, context, kind, attributes)
+
+
+_LATE_TRACER = _LateTracer()
+_late_lock = threading.RLock()  # a late span starts its late parent first, under the same lock
+reset_in_child(sys.modules[__name__], "_late_lock")
 
 
 class WorkflowTracers:
@@ -126,6 +225,8 @@ class WorkflowTracers:
         bindings = self._bindings  # replaced, never mutated: no lock needed to read
         if bindings:
             return bindings[-1][1]
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            return _LATE_TRACER  # no provider at all yet: the blocks' spans wait for one (_LateSpan)
         tracer = self._global
         if tracer is None:  # a proxy: follows the global provider once the application sets one
             tracer = self._global = make_tracer(semconv.SCOPE_WORKFLOW)

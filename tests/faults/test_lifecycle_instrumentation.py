@@ -168,3 +168,69 @@ def test_blocks_entered_by_hand_and_never_left_are_stored_failed_at_exit(tmp_pat
     assert runs == [("failed", EXITED), ("failed", EXITED)]
     assert {status for kind, status, _, _ in nodes if kind != "planning"} == {"failed"}
     assert proc.stderr == ""
+
+
+BEFORE = """
+import os, sqlite3, sys
+os.environ["CMBAGENT_OTEL_DATABASE_URL"] = "sqlite:///" + sys.argv[1]
+from autogen import ConversableAgent
+import cmbagent_otel
+from cmbagent_otel import workflow, phase, step
+from cmbagent_otel.testing import offline_agent
+
+
+def chat():
+    bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+    bob.initiate_chat(offline_agent("alice", ["pong"]), message="ping", max_turns=1, silent=True)
+
+
+def instrument():
+    cmbagent_otel.instrument(exporters="cmbagent_dag", instrument_cmbagent=False)
+
+
+if sys.argv[2] == "first":  # the reference: instrumented before the run
+    instrument()
+with workflow("w", task="the task"), phase("control"):
+    if sys.argv[2] == "in-phase":
+        instrument()
+    chat()
+    with step(1, "a") as one:
+        if sys.argv[2] == "in-step":
+            one.set_summary("set before instrument()")
+            instrument()
+        chat()
+cmbagent_otel.uninstrument()
+con = sqlite3.connect(sys.argv[1])
+print("RUNS", con.execute("SELECT status, task_description FROM workflow_runs").fetchall())
+print("NODES", sorted(con.execute(
+    "SELECT json_extract(meta, '$.id'), status, node_type, order_index, depth, parent_node_id IS NULL "
+    "FROM dag_nodes").fetchall()))
+print("EVENTS", sorted(con.execute(
+    "SELECT event_type, event_subtype, status, count(*) FROM execution_events GROUP BY 1, 2, 3").fetchall()))
+"""
+
+
+def _before(tmp_path: Path, when: str) -> list[str]:
+    db, script = tmp_path / f"{when}.sqlite", tmp_path / "before.py"
+    script.write_text(BEFORE)
+    env = {k: v for k, v in os.environ.items() if k != "CMBAGENT_OTEL_DATABASE_URL"}
+    proc = subprocess.run([sys.executable, str(script), str(db), when], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if line.startswith(("RUNS", "NODES", "EVENTS"))]
+
+
+@pytest.mark.parametrize("when", ["in-phase", "in-step"])
+def test_blocks_opened_before_instrument_are_recorded_whole(tmp_path: Path, when: str) -> None:
+    """A workflow (and phase, and step) opened before ``instrument()``: the blocks start their spans once
+    a provider records, with the time they were entered; the rows are those of a run instrumented from
+    the start. Before, the steps named a parent node whose span never came (a placeholder ``running``
+    for ever), and each became a run of its own."""
+    reference = _before(tmp_path, "first")
+    assert reference[0] == "RUNS [('completed', 'the task')]", reference
+    got = _before(tmp_path, when)
+    if when == "in-step":  # the chat in the phase ran before instrument(): not recorded, nodes the same
+        assert got[:2] == reference[:2]
+        assert "('agent_call', 'invoke', 'completed', 1)" not in got[2]
+    else:
+        assert got == reference
