@@ -52,6 +52,7 @@ _target: dict[str, Any] = {"provider": None, "meter_provider": None, "metrics": 
 
 STOPPED_BY_SIGNAL = "stopped_by_signal"  # error.type of a span ended because a signal stopped the process
 PROCESS_EXITED = "process_exited"  # error.type of a span still open when the interpreter exited
+INSTRUMENTATION_STOPPED = "instrumentation_stopped"  # error.type of a span open when its provider shut down
 _exit_hook = {"registered": False}
 
 
@@ -155,13 +156,15 @@ def _ended(end_time: int | None = None) -> None:
     the interpreter exits) ends it again when its block is left, which the SDK logs as a warning."""
 
 
-def end_open_spans(reason: str, error_type: str = STOPPED_BY_SIGNAL) -> int:
-    """End the run and DAG-node spans of ours still open, failed with ``reason`` and ``error_type``,
-    innermost first; never raises. Returns how many it ended."""
+def end_open_spans(reason: str, error_type: str = STOPPED_BY_SIGNAL, processor: Any = None) -> int:
+    """End the run and DAG-node spans of ours still open (only those recorded through ``processor``, if
+    given), failed with ``reason`` and ``error_type``, innermost first; never raises. Returns how many it
+    ended."""
     from ._spans import open_node_spans
 
     try:
-        spans = [span for span in open_node_spans() if span.is_recording()]
+        spans = [span for span in open_node_spans() if span.is_recording()
+                 and (processor is None or getattr(span, "_span_processor", None) is processor)]
     except Exception:
         logger.debug("cmbagent_otel: could not read the open spans", exc_info=True)
         return 0

@@ -252,6 +252,12 @@ class ProcessorSlot(SpanProcessor):
             return all([processor.force_flush(timeout_millis) for processor in self._kept + self._processors])
 
     def shutdown(self) -> None:
+        """The provider's shutdown (the application's ``provider.shutdown()``, or the SDK's at exit): the run
+        and node spans still open through this slot are ended failed first (``instrumentation_stopped``), or
+        they would end after their processors and be dropped, their rows ``executing``/``running`` for ever."""
+        from ._termination import INSTRUMENTATION_STOPPED, end_open_spans
+
+        end_open_spans("the tracer provider was shut down while it was open", INSTRUMENTATION_STOPPED, self)
         for processor in self._kept + self._processors:
             processor.shutdown()
 

@@ -125,6 +125,28 @@ def test_instrument_again_with_other_exporters_inside_a_run(tmp_path: Path) -> N
     assert proc.stderr == ""
 
 
+def test_the_provider_shut_down_inside_a_run_ends_it_failed(tmp_path: Path) -> None:
+    """``provider.shutdown()`` of the provider ``instrument()`` built, called by the application inside a
+    run: its open spans are ended failed (``instrumentation_stopped``) and exported before the processors
+    go, instead of being dropped when the blocks end; the application goes on without an error."""
+    proc, db = _run(tmp_path, """
+        with workflow("stopped"), phase("control"):
+            with step(1, "open"):
+                provider.shutdown()
+            with step(2, "after"):
+                pass
+        print("WENT ON")
+    """)
+    assert "WENT ON" in proc.stdout
+    stopped = "the tracer provider was shut down while it was open"
+    runs, nodes = _rows(db)
+    assert runs == [("failed", stopped)]
+    assert sorted((kind, status, error) for kind, status, _, error in nodes if kind != "planning") == [
+        ("agent", "failed", stopped), ("control", "failed", stopped), ("terminator", "failed", stopped)]
+    # step 2, opened after the shutdown, is dropped as any span ended after it is: counted, one line
+    assert all(line.startswith("cmbagent_otel: dropped") for line in proc.stderr.splitlines()), proc.stderr
+
+
 EXITED = "the process exited while it was open"
 
 
