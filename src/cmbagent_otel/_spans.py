@@ -16,7 +16,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Iterator, Mapping
-from time import perf_counter
+from time import perf_counter, time_ns
 from types import TracebackType
 from typing import Any
 
@@ -68,6 +68,105 @@ def make_tracer(scope_name: str, provider: trace.TracerProvider | None = None) -
 
 
 _GLOBAL_METRICS: Any = object()  # a binding that leaves the run metrics to the global meter provider
+
+
+class _LateSpan(trace.NonRecordingSpan):
+    """The span of a workflow block opened while no tracer provider records (before ``instrument()``,
+    no global provider): it keeps what the span would have been (name, parent context, attributes,
+    start time) and starts it, with that start time, as soon as it is asked for its context or state
+    once a provider records (a block or an AG2 span opened under it, the block's end). Before, such a
+    block recorded nothing, and the steps opened in it after ``instrument()`` named a parent node whose
+    span never came: a placeholder node ``running`` for ever in a finished run, each step a run of its
+    own. Never on a span's way once instrumented: only blocks opened with no provider at all are late."""
+
+    def __init__(self, name: str, context: Context | None, kind: SpanKind,
+                 attributes: Mapping[str, Any] | None) -> None:
+        super().__init__(trace.INVALID_SPAN_CONTEXT)
+        self._late: tuple[Any, ...] | None = (name, context, kind, dict(attributes or {}), time_ns())
+        self._real: Span | None = None
+
+    def _resolve(self) -> Span | None:
+        real = self._real
+        if real is not None or self._late is None:
+            return real
+        tracer = workflow_tracers.current()
+        if type(tracer) is _LateTracer:
+            return None
+        with _late_lock:
+            late, self._late = self._late, None
+            if late is not None:
+                name, context, kind, attributes, started = late
+                try:
+                    self._real = tracer.start_span(name, context, kind, attributes, start_time=started)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not start the late span %s", name, exc_info=True)
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:  # a ReadableSpan's fields (context, attributes...) once started
+        real = self.__dict__.get("_real")
+        if real is None:
+            raise AttributeError(name)
+        return getattr(real, name)
+
+    def get_span_context(self) -> trace.SpanContext:
+        real = self._resolve()
+        return real.get_span_context() if real is not None else trace.INVALID_SPAN_CONTEXT
+
+    def is_recording(self) -> bool:
+        real = self._resolve()
+        return real is not None and real.is_recording()
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        real, late = self._resolve(), self._late
+        if real is not None:
+            real.set_attribute(key, value)
+        elif late is not None:
+            late[3][key] = value
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.add_event(name, attributes, timestamp)
+
+    def update_name(self, name: str) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.update_name(name)
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.set_status(status, description)
+
+    def record_exception(self, exception: BaseException, attributes: Any = None, timestamp: int | None = None,
+                         escaped: bool = False) -> None:
+        real = self._resolve()
+        if real is not None:
+            real.record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        real = self._resolve()
+        self._late = None  # ended: never started later
+        if real is not None:
+            real.end(end_time)
+
+
+class _LateTracer(trace.NoOpTracer):
+    """What the workflow API starts its spans with while no provider records: :class:`_LateSpan`."""
+
+    def start_span(self, name: str, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,
+                   attributes: Any = None, links: Any = None, start_time: int | None = None,
+                   record_exception: bool = True, set_status_on_exception: bool = True) -> Span:
+        return _LateSpan(name, context, kind, attributes)
+
+
+_LATE_TRACER = _LateTracer()
+_late_lock = threading.RLock()  # a late span starts its late parent first, under the same lock
+reset_in_child(sys.modules[__name__], "_late_lock")
 
 
 class WorkflowTracers:
@@ -126,6 +225,8 @@ class WorkflowTracers:
         bindings = self._bindings  # replaced, never mutated: no lock needed to read
         if bindings:
             return bindings[-1][1]
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            return _LATE_TRACER  # no provider at all yet: the blocks' spans wait for one (_LateSpan)
         tracer = self._global
         if tracer is None:  # a proxy: follows the global provider once the application sets one
             tracer = self._global = make_tracer(semconv.SCOPE_WORKFLOW)
@@ -357,7 +458,7 @@ def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None
                 for frame in frames:
                     with contextlib.suppress(Exception):
                         record_exception(frame.span, exc)
-                    frame.error = frame.error or type(exc).__qualname__
+                    frame.error = frame.error or error_type(exc)
             cursor.close_all(frames)
     except Exception:
         logger.debug("cmbagent_otel: could not close anchored frames", exc_info=True)
@@ -371,7 +472,7 @@ def end_frame(frame: Frame, exc: BaseException | None = None) -> None:
     """End a frame's span (recording ``exc``); never raises."""
     try:
         if exc is not None:
-            frame.error = frame.error or type(exc).__qualname__
+            frame.error = frame.error or error_type(exc)
             if frame.span.is_recording():
                 record_exception(frame.span, exc)
     except Exception:
@@ -406,6 +507,12 @@ def exception_text(exc: BaseException) -> str:
         return "<exception str() failed>"
 
 
+def error_type(exc: BaseException) -> str:
+    """``exc``'s type name for ``error.type`` (spans, events, metrics), redacted and bounded: a class made at
+    run time (``type(name, ...)``) may carry any text, of any length. Only exception paths call it."""
+    return safe_text(type(exc).__qualname__, 256) or "error"
+
+
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
     # safe_text reads a bounded prefix: a message of megabytes costs what its kept part does
@@ -415,15 +522,15 @@ def record_exception(span: Span, exc: BaseException) -> None:
     message = safe_text(text) or ""
     stack = safe_text(trace, 16384) or ""
     del trace  # the SDK formats it again below: a huge message must not be held twice meanwhile
-    attributes = {"exception.message": message, "exception.stacktrace": stack}
+    # the type's names too: a class made at run time (type(name, ...)) may carry any text, of any length
+    type_name = error_type(exc)
+    module = type(exc).__module__
+    qualified = f"{safe_text(str(module), 256)}.{type_name}" if module and module != "builtins" else type_name
+    attributes = {"exception.type": qualified, "exception.message": message, "exception.stacktrace": stack}
     try:
         span.record_exception(exc, attributes=attributes)
     except Exception:  # the SDK's own str(exc) raised: the same event without it
-        module = type(exc).__module__
-        qualname = type(exc).__qualname__
-        span.add_event("exception", {
-            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname, **attributes})
-    type_name = type(exc).__qualname__
+        span.add_event("exception", attributes)
     span.set_status(Status(StatusCode.ERROR, truncate(f"{type_name}: {message}", 1024)))
     span.set_attribute(semconv.ERROR_TYPE, type_name)
 
@@ -600,8 +707,28 @@ _open_node_spans: set[weakref.ref[Span]] = set()
 _track = _open_node_spans.add
 _untrack = _open_node_spans.discard
 _ref = weakref.ref
+
+
+def _ended_by_the_parent(end_time: int | None = None) -> None:
+    """``end()`` of a forked child's copy of a span its parent opened (see :func:`_disown_in_child`)."""
+
+
+def _disown_in_child() -> None:
+    """After a ``fork()``, the run and node spans open in the parent are the parent's to end and export. The
+    child holds copies of them; leaving the blocks it was forked in ended its copies too, and its exporter
+    wrote them with the same ids over the parent's rows (a failure in the child showed the parent's step
+    failed). Their ``end()`` does nothing in the child (an instance attribute: no cost to other spans);
+    the child's own spans still go under them."""
+    for ref in list(_open_node_spans):
+        span = ref()
+        if span is not None:
+            with contextlib.suppress(Exception):
+                span.end = _ended_by_the_parent
+    _open_node_spans.clear()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_open_node_spans.clear)
+    os.register_at_fork(after_in_child=_disown_in_child)
 
 
 def open_node_spans() -> list[Span]:
@@ -885,7 +1012,7 @@ class TracedSpan(LazyScope):
             if timing is not None and not isinstance(timing, Frame):
                 self._timing = None
                 try:
-                    error = self._error or (type(exc).__qualname__ if exc is not None else None)
+                    error = self._error or (error_type(exc) if exc is not None else None)
                     _record_timing(timing, error)
                 except Exception:
                     logger.debug("cmbagent_otel: could not record a duration", exc_info=True)

@@ -29,6 +29,7 @@ its main module.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -50,6 +51,9 @@ _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasa
 _target: dict[str, Any] = {"provider": None, "meter_provider": None, "metrics": False}
 
 STOPPED_BY_SIGNAL = "stopped_by_signal"  # error.type of a span ended because a signal stopped the process
+PROCESS_EXITED = "process_exited"  # error.type of a span still open when the interpreter exited
+INSTRUMENTATION_STOPPED = "instrumentation_stopped"  # error.type of a span open when its provider shut down
+_exit_hook = {"registered": False}
 
 
 def install(provider: Any, meter_provider: Any = None, metrics: bool = False) -> None:
@@ -57,6 +61,10 @@ def install(provider: Any, meter_provider: Any = None, metrics: bool = False) ->
     provider: ``meter_provider``, ``None`` for the global one) when SIGTERM/SIGHUP ends the process
     (where their handler is the default)."""
     _target.update(provider=provider, meter_provider=meter_provider, metrics=metrics)
+    if not _exit_hook["registered"]:
+        # registered after the provider was made: runs before the SDK's own atexit shutdown of it
+        _exit_hook["registered"] = True
+        atexit.register(_at_exit)
     with contextlib.suppress(Exception):
         process, util = sys.modules.get("multiprocessing.process"), sys.modules.get("multiprocessing.util")
         # a spawn/forkserver child importing its main module: a spawn child keeps the finalizer; a
@@ -135,13 +143,28 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def end_open_spans(reason: str) -> int:
-    """End the run and DAG-node spans of ours still open, failed with ``reason``, innermost first; never
-    raises. Returns how many it ended."""
+def _at_exit() -> None:
+    """At the interpreter's exit, end the run and DAG-node spans still open (a daemon thread inside a step,
+    a generator suspended in a block, a block entered by hand and never left) failed, as the signal
+    handler does, before the providers' own exit hooks flush and shut them down: their rows said
+    ``executing``/``running`` for ever."""
+    end_open_spans("the process exited while it was open", PROCESS_EXITED)
+
+
+def _ended(end_time: int | None = None) -> None:
+    """What ``end()`` of a span :func:`end_open_spans` ended does: its owner (a daemon thread going on while
+    the interpreter exits) ends it again when its block is left, which the SDK logs as a warning."""
+
+
+def end_open_spans(reason: str, error_type: str = STOPPED_BY_SIGNAL, processor: Any = None) -> int:
+    """End the run and DAG-node spans of ours still open (only those recorded through ``processor``, if
+    given), failed with ``reason`` and ``error_type``, innermost first; never raises. Returns how many it
+    ended."""
     from ._spans import open_node_spans
 
     try:
-        spans = [span for span in open_node_spans() if span.is_recording()]
+        spans = [span for span in open_node_spans() if span.is_recording()
+                 and (processor is None or getattr(span, "_span_processor", None) is processor)]
     except Exception:
         logger.debug("cmbagent_otel: could not read the open spans", exc_info=True)
         return 0
@@ -152,16 +175,18 @@ def end_open_spans(reason: str) -> int:
         try:
             if span.status.status_code is StatusCode.UNSET:  # a failure recorded before keeps its reason
                 span.set_status(Status(StatusCode.ERROR, reason))
-                span.set_attribute(semconv.ERROR_TYPE, STOPPED_BY_SIGNAL)
+                span.set_attribute(semconv.ERROR_TYPE, error_type)
             span.end()
+            with contextlib.suppress(Exception):
+                span.end = _ended  # an instance attribute: only this span, no cost to any other
             ended += 1
         except Exception:
             logger.debug("cmbagent_otel: could not end an open span", exc_info=True)
-    _record_durations(spans)
+    _record_durations(spans, error_type)
     return ended
 
 
-def _record_durations(spans: list[Any]) -> None:
+def _record_durations(spans: list[Any], error_type: str = STOPPED_BY_SIGNAL) -> None:
     """The run-level duration metrics of the workflow and step spans just ended: their owners, which
     record them when they end a span, will not run again."""
     from ._spans import workflow_tracers
@@ -180,7 +205,7 @@ def _record_durations(spans: list[Any]) -> None:
             if kind in TIMED_KINDS and span.start_time:
                 end = span.end_time or now
                 metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9,
-                              attributes.get(semconv.ERROR_TYPE) or STOPPED_BY_SIGNAL,
+                              attributes.get(semconv.ERROR_TYPE) or error_type,
                               runs.get(span.context.trace_id))
     except Exception:
         logger.debug("cmbagent_otel: could not record the durations of the ended spans", exc_info=True)

@@ -120,7 +120,8 @@ def instrument(
         built = _built["provider"]
         if provider is None or (provider is built and tracer_provider is None):
             if built is not None and (slot := slot_of(built)) is not None:
-                # a provider from an earlier round (maybe the global one): fresh processors
+                # a provider from an earlier round (maybe the global one): fresh processors (those kept for
+                # a run left open at the last uninstrument() go on with that run's spans until it ends)
                 for processor in span_processors(exporters, span_exporters):
                     slot.add_span_processor(processor)
                 provider = built
@@ -181,7 +182,15 @@ def uninstrument() -> None:
     processors (and exporters) of a provider :func:`instrument` built. That provider stays
     (it may be the global one, which cannot be replaced), so a later :func:`instrument`
     records again through fresh processors. A meter provider it built is flushed, and shut
-    down unless it is the global one (a later :func:`instrument` records into it again)."""
+    down unless it is the global one (a later :func:`instrument` records into it again).
+
+    Called inside a run (its workflow, phase or step blocks still open, in any thread), the
+    processors are kept until that run's spans have ended, and flushed and shut down then: the
+    rest of the run is recorded through them (its blocks, not the AG2 calls, which are no longer
+    patched) and its rows end ``completed``/``failed`` instead of ``executing``/``running``. A
+    later :func:`instrument` adds fresh processors, which get the spans of every other trace;
+    the open run stays with the processors that recorded its start. A run still open when the
+    interpreter exits is ended failed (``error.type=process_exited``) first."""
     with _lock:
         if not _state["active"]:
             return
@@ -202,18 +211,23 @@ def uninstrument() -> None:
             except Exception:
                 logger.debug("cmbagent_otel: cmbagent integration removal failed", exc_info=True)
         provider = _state["provider"]
+        binding = _state["binding"]
         if _state["owned"] and isinstance(provider, TracerProvider):
             try:
                 slot = slot_of(provider)
                 if slot is not None:
-                    slot.release()  # the provider stays usable for the next instrument()
+                    # the provider stays usable for the next instrument(); a run still open keeps its
+                    # processors, and its blocks their tracer, until its spans have ended
+                    then = (lambda: workflow_tracers.release(binding)) if binding is not None else None
+                    binding = None
+                    slot.release_when_closed(then)
                 else:
                     provider.force_flush()
                     provider.shutdown()
             except Exception:
                 logger.debug("cmbagent_otel: provider shutdown failed", exc_info=True)
-        if _state["binding"] is not None:
-            workflow_tracers.release(_state["binding"])
+        if binding is not None:
+            workflow_tracers.release(binding)
         meters = _state["meter_provider"]
         if isinstance(meters, MeterProvider):
             try:

@@ -31,7 +31,7 @@ import importlib
 import logging
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -192,11 +192,22 @@ def create_exporter(name: str) -> SpanExporter:
 
 class ProcessorSlot(SpanProcessor):
     """The active span processor of a provider built here: forwards to the processors it
-    holds, which :meth:`release` shuts down and removes while the provider lives on."""
+    holds, which :meth:`release` shuts down and removes while the provider lives on.
+
+    :meth:`release_when_closed` (``uninstrument()``) keeps the processors of runs still open
+    until their spans have ended: meanwhile the spans of those runs' traces go to the kept
+    processors only, and every other span to the processors added since (a new ``instrument()``).
+    The routing is instance attributes over ``on_start``/``_on_ending``/``on_end``, set only while
+    processors are kept: nothing is added to a span's way otherwise."""
+
+    _ROUTED = ("on_start", "_on_ending", "on_end")
 
     def __init__(self) -> None:
         self._processors: tuple[SpanProcessor, ...] = ()
         self._lock = threading.Lock()
+        self._kept: tuple[SpanProcessor, ...] = ()  # processors of the runs open at the last release_when_closed
+        self._kept_traces: frozenset[int] = frozenset()
+        self._then: Callable[[], None] | None = None
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         with self._lock:
@@ -205,6 +216,11 @@ class ProcessorSlot(SpanProcessor):
     @property
     def processors(self) -> tuple[SpanProcessor, ...]:
         return self._processors
+
+    @property
+    def kept(self) -> tuple[SpanProcessor, ...]:
+        """The processors kept for runs still open at ``uninstrument()`` (see :meth:`release_when_closed`)."""
+        return self._kept
 
     def on_start(self, span: Span, parent_context: Any = None) -> None:
         for processor in self._processors:
@@ -222,22 +238,96 @@ class ProcessorSlot(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         with signals_deferred():  # a SIGTERM meanwhile must not stop the main thread's export half-way
-            return all([processor.force_flush(timeout_millis) for processor in self._processors])
+            return all([processor.force_flush(timeout_millis) for processor in self._kept + self._processors])
 
     def shutdown(self) -> None:
-        for processor in self._processors:
+        """The provider's shutdown (the application's ``provider.shutdown()``, or the SDK's at exit): the run
+        and node spans still open through this slot are ended failed first (``instrumentation_stopped``), or
+        they would end after their processors and be dropped, their rows ``executing``/``running`` for ever."""
+        from ._termination import INSTRUMENTATION_STOPPED, end_open_spans
+
+        end_open_spans("the tracer provider was shut down while it was open", INSTRUMENTATION_STOPPED, self)
+        for processor in self._kept + self._processors:
             processor.shutdown()
 
     def release(self) -> None:
-        """Flush and shut down every processor held, and hold none from now on."""
+        """Flush and shut down every processor held (kept ones too), and hold none from now on."""
         with self._lock:
-            processors, self._processors = self._processors, ()
-        for processor in processors:
-            try:
-                with signals_deferred():
-                    processor.force_flush()
-            finally:
-                processor.shutdown()
+            processors, self._processors = self._kept + self._processors, ()
+        self._release_kept(processors)
+
+    def _release_kept(self, also: tuple[SpanProcessor, ...] = ()) -> None:
+        """Flush and shut down the kept processors (and ``also``), stop routing, then run ``then``."""
+        with self._lock:
+            kept, self._kept, self._kept_traces = self._kept, (), frozenset()
+            for name in self._ROUTED:
+                self.__dict__.pop(name, None)
+            then, self._then = self._then, None
+        try:
+            for processor in dict.fromkeys(kept + also):
+                try:
+                    with signals_deferred():
+                        processor.force_flush()
+                finally:
+                    processor.shutdown()
+        finally:
+            if then is not None:
+                then()
+
+    def release_when_closed(self, then: Callable[[], None] | None = None) -> None:
+        """:meth:`release` now, or, while run or DAG-node spans recorded through this slot are still open
+        (``uninstrument()`` called inside a run whose blocks go on), once the last of them has ended: those
+        runs' spans, including the blocks they open meanwhile, are exported whole through the processors
+        that recorded their start, and their rows reach a final status instead of staying
+        ``executing``/``running``. ``then`` runs after the release. Processors kept from an earlier call
+        are released now."""
+        if self._kept:
+            self._release_kept()
+        with self._lock:
+            traces = self._open_traces(None)
+            if traces:
+                self._kept, self._processors, self._kept_traces = self._processors, (), traces
+                self._then = then
+                self.on_start = self._route_start  # type: ignore[method-assign]
+                self._on_ending = self._route_ending  # type: ignore[method-assign]
+                self.on_end = self._route_end  # type: ignore[method-assign]
+                return
+            self._then = then
+        self.release()
+
+    def _open_traces(self, within: frozenset[int] | None) -> frozenset[int]:
+        """The traces (of ``within``, if given) holding run or DAG-node spans of this slot still open."""
+        from ._spans import open_node_spans
+
+        traces = (span.context.trace_id for span in open_node_spans()
+                  if getattr(span, "_span_processor", None) is self and span.is_recording())
+        return frozenset(t for t in traces if within is None or t in within)
+
+    def _route(self, span: ReadableSpan) -> tuple[SpanProcessor, ...]:
+        context = span.context
+        return self._kept if context is not None and context.trace_id in self._kept_traces else self._processors
+
+    def _route_start(self, span: Span, parent_context: Any = None) -> None:
+        for processor in self._route(span):
+            processor.on_start(span, parent_context=parent_context)
+
+    def _route_ending(self, span: Span) -> None:
+        for processor in self._route(span):
+            hook = getattr(processor, "_on_ending", None)
+            if hook is not None:
+                hook(span)
+
+    def _route_end(self, span: ReadableSpan) -> None:
+        route = self._route(span)
+        for processor in route:
+            processor.on_end(span)
+        if route is not self._kept or not route:
+            return
+        try:
+            if not self._open_traces(self._kept_traces) and "on_end" in self.__dict__:
+                self._release_kept()
+        except Exception:  # in the application's thread, as its block ends: never its error
+            logger.debug("cmbagent_otel: could not release the kept span processors", exc_info=True)
 
 
 def span_processors(

@@ -126,8 +126,13 @@ def is_clean_exit(exc: BaseException | None) -> bool:
     cmbagent UI shows as success or failure."""
     if not isinstance(exc, SystemExit):
         return False
-    code = exc.code
-    return code is None or (isinstance(code, int) and code == 0)
+    try:  # never raises: it runs while the application's exception propagates, which it must not replace
+        code = exc.code  # a subclass's property may raise
+        # as the interpreter reads it: an int subclass by its value (its own __eq__ may raise), not its methods
+        return code is None or (issubclass(type(code), int) and int.__int__(code) == 0)
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a SystemExit's code", exc_info=True)
+        return False
 
 
 class _Entry:

@@ -395,6 +395,18 @@ def status_of(span: ReadableSpan) -> str:
     return "failed" if span.status.status_code is StatusCode.ERROR else "completed"
 
 
+# error.type of a run stopped from outside rather than failing: Ctrl-C, a cancelled asyncio task. Its run row
+# is `cancelled` (a status of cmbagent's WorkflowState); dag_nodes and execution_events have no such status
+# in the contract, so its nodes and events stay `failed`, with the reason.
+INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError"})
+
+
+def _run_status(failed: bool, attrs: Mapping[str, Any]) -> str:
+    if not failed:
+        return "completed"
+    return "cancelled" if attrs.get(sc.ERROR_TYPE) in INTERRUPTED else "failed"
+
+
 def _error_of(span: ReadableSpan) -> str | None:
     if span.status.status_code is not StatusCode.ERROR:
         return None
@@ -1231,7 +1243,7 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
                 run_id, session_id, mode=_str(attrs.get(sc.WORKFLOW_MODE) or "one-shot", 50),
                 agent=_str(attrs.get(sc.WORKFLOW_AGENT) or "unknown", 100),
                 model=_str(attrs.get(sc.WORKFLOW_MODEL) or "unknown", 100),
-                status="executing" if running else "failed" if failed else "completed",
+                status="executing" if running else _run_status(failed, attrs),
                 started_at=started, completed_at=completed, task_description=_text(attrs.get(sc.WORKFLOW_TASK)),
                 meta=meta,
             ))
@@ -1242,7 +1254,7 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
                 run_id, session_id, mode=("ag2-chat" if kind is not None else span.name)[:50],
                 agent=_str(attrs.get(sc.GEN_AI_AGENT_NAME) or "unknown", 100),
                 model=_str(attrs.get(sc.GEN_AI_RESPONSE_MODEL) or attrs.get(sc.GEN_AI_REQUEST_MODEL) or "unknown", 100),
-                status="failed" if failed else "completed", started_at=started, completed_at=completed,
+                status=_run_status(failed, attrs), started_at=started, completed_at=completed,
                 task_description=span.name,
                 meta={"otel_source": "root", "name": span.name, "trace_id": f"{trace_id:032x}",
                       "span_id": f"{span_id:016x}", "error": _error_of(span) if failed else None},
@@ -1475,7 +1487,7 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
 
     if source == "workflow" or (source == "root" and arrived):
         last_order = max((n["order_index"] for n in steps), default=max((n["order_index"] for n in chain), default=0))
-        status = {"completed": "completed", "failed": "failed"}.get(run["status"], "pending")
+        status = {"completed": "completed", "failed": "failed", "cancelled": "failed"}.get(run["status"], "pending")
         # a failed run's end says why, as cmbagent's tracker writes meta.error on every node it fails
         why = (run.get("meta") or {}).get("error") if status == "failed" else None
         # clamped: after a step numbered 2^31 - 1 or more, one more would not fit the INTEGER column

@@ -32,7 +32,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
-from .._spans import END_TIME_SPAN, TracedSpan, compose, exception_text, record_exception
+from .._spans import END_TIME_SPAN, TracedSpan, compose, error_type, exception_text, record_exception
 from ..redaction import safe_text
 from ._content import agent_name, cached_name
 from ._patching import wrapt_wrapper
@@ -109,7 +109,7 @@ class Selection:
                 if ends_chat(exc, state.no_speaker_cls):
                     attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
                 else:
-                    attrs[semconv.ERROR_TYPE] = type(exc).__qualname__
+                    attrs[semconv.ERROR_TYPE] = error_type(exc)
                     attrs["exception.message"] = safe_text(exception_text(exc)) or ""
             if room:
                 scope.handoffs = room - 1  # type: ignore[union-attr]

@@ -85,6 +85,7 @@ from .._spans import (
     SharedAttributes,
     TracedSpan,
     TracedSpanShell,
+    error_type,
     make_tracer,
     start,
     workflow_tracers,
@@ -743,7 +744,7 @@ class _ModelCall:
                 attributes = state.call_attributes[key] = CallAttributes(
                     info.provider, self.request_model, self.response_model, info.server)
             usage = self.usage
-            metrics.model_call(attributes, seconds, type(exc).__qualname__ if exc is not None else None,
+            metrics.model_call(attributes, seconds, error_type(exc) if exc is not None else None,
                                usage.get(semconv.GEN_AI_USAGE_INPUT_TOKENS),
                                usage.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS), self.cost)
         except Exception:
@@ -780,7 +781,7 @@ class _ChatSpan(TracedSpan):
             event, self.event = self.event, None
             if event is not None and self.event_logger is not None:
                 if exc is not None:
-                    event[semconv.ERROR_TYPE] = type(exc).__qualname__
+                    event[semconv.ERROR_TYPE] = error_type(exc)
                 self.event_logger.emit(_logs.LogRecord(
                     event_name=semconv.EVENT_INFERENCE_DETAILS, attributes=event,
                     context=otel_trace.set_span_in_context(self.span)))
@@ -1116,7 +1117,7 @@ class _CodeSpan(TracedSpan):
         except Exception:
             logger.debug("cmbagent_otel: could not reset the executed code's trace context", exc_info=True)
         if exc[1] is not None and self.state.metrics is not None:
-            self.state.metrics.code_failure(self.language, type(exc[1]).__qualname__)
+            self.state.metrics.code_failure(self.language, error_type(exc[1]))
         try:
             super().__exit__(*exc)
         finally:
@@ -1162,7 +1163,7 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
         result = wrapped(*args, **kwargs)
     except BaseException as exc:
         if language is not None and state.metrics is not None:
-            state.metrics.code_failure(language, type(exc).__qualname__)
+            state.metrics.code_failure(language, error_type(exc))
         raise
     finally:
         with contextlib.suppress(Exception):

@@ -77,6 +77,7 @@ from .._spans import (
     detach_anchor,
     effective_parent,
     end_frame,
+    error_type,
     fail_frame,
     record_exception,
     workflow_tracers,
@@ -1134,7 +1135,7 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], started: int, cal
             metrics.model_call(
                 CallAttributes(str(attrs.get(semconv.GEN_AI_PROVIDER_NAME) or "unknown"),
                                attrs.get(semconv.GEN_AI_REQUEST_MODEL), attrs.get(semconv.GEN_AI_RESPONSE_MODEL), None),
-                max(time.time_ns() - started, 0) / 1e9, type(error).__qualname__ if error is not None else None,
+                max(time.time_ns() - started, 0) / 1e9, error_type(error) if error is not None else None,
                 usage_in, attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS) if usage_in is not None else None,
                 attrs.get(semconv.LLM_COST_USD))
         if not state.capture or not span.is_recording():
