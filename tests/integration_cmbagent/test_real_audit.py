@@ -116,7 +116,7 @@ def _final_rows(url: str) -> dict[str, Any]:
     by_run = {r["id"]: r for r in runs}
     node_run = {n["id"]: n["run_id"] for n in nodes}
     for run in runs:
-        assert run["status"] in ("completed", "failed") and run["completed_at"] >= run["started_at"]
+        assert run["status"] in ("completed", "failed", "cancelled") and run["completed_at"] >= run["started_at"]
         run_events = [e for e in events.values() if e["run_id"] == run["id"]]
         tokens = sum(e["meta"].get("tokens", 0) for e in run_events)
         assert sum(c["total_tokens"] for c in costs if c["run_id"] == run["id"]) == tokens
