@@ -100,6 +100,18 @@ def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False, h
 # separators (U+2028, U+2029) as the ingest's log lines escape them; tab and newline are layout, kept
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
 _CONTROL.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))})
+# invisible characters: zero-width space, joiners and word joiner, BOM, soft hyphen, Hangul fillers,
+# Mongolian vowel separator, invisible operators, interlinear annotations (two names that look the
+# same, "engineer" and "engi\u200bneer", or text a reader cannot see), and Unicode tags (U+E0000-E007F:
+# ASCII written invisibly, "ASCII smuggling")
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x00AD, 0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E,
+                                             *range(0x200B, 0x200E), *range(0x2060, 0x2066),
+                                             *range(0x206A, 0x2070), 0x3164, 0xFEFF, 0xFFA0,
+                                             *range(0xFFF9, 0xFFFC))})
+_CONTROL.update({c: f"\\U{c:08x}" for c in range(0xE0000, 0xE0080)})
+# one field (a name, an id, a status): a newline in it would print as a line of its own, a forged tree
+# line or table row ("engineer\n└── step_9 (step) completed")
+_FIELD = {**_CONTROL, 0x0A: "\\x0a"}
 
 
 def plain(value: Any) -> str:
@@ -108,9 +120,15 @@ def plain(value: Any) -> str:
     return str(value).translate(_CONTROL)
 
 
+def field(value: Any) -> str:
+    """:func:`plain` for one field (a name, an id, a status): its newlines escaped too."""
+    return str(value).translate(_FIELD)
+
+
 def markup(value: Any) -> str:
-    """``value`` as literal text inside rich markup: :func:`plain`, with markup brackets escaped."""
-    return escape(plain(value))
+    """``value`` (one field) as literal text inside rich markup: :func:`field`, with markup brackets
+    escaped."""
+    return escape(field(value))
 
 
 def console() -> Console:

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.tree import Tree
 
-from ._common import CLIError, fmt_cost, fmt_ms, markup, plain, styled_status
+from ._common import _CONTROL, CLIError, field, fmt_cost, fmt_ms, markup, plain, styled_status
 
 REASON_CHARS = 160  # a failure reason longer than this is cut in the tree and the picture
 
@@ -32,6 +32,10 @@ COLOURS = {
     "executing": ("#fff4cc", "#b8860b"),
 }
 OTHER_COLOURS = ("#ececec", "#616161")
+
+
+# letters that show as nothing (Hangul fillers): mermaid keeps letters and digits as they are
+_INVISIBLE = frozenset(map(chr, _CONTROL))
 
 
 def one_line(text: Any, limit: int = REASON_CHARS) -> str:
@@ -118,7 +122,7 @@ def mermaid(dag: dict[str, Any]) -> str:
     def key(short: Any) -> str:
         short = str(short)
         if short not in keys:
-            base = candidate = "n_" + "".join(ch if ch.isalnum() else "_" for ch in short)
+            base = candidate = "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_" for ch in short)
             suffix = 1
             while candidate in used:  # "a-b" and "a_b" must stay two mermaid nodes
                 suffix += 1
@@ -128,7 +132,8 @@ def mermaid(dag: dict[str, Any]) -> str:
         return keys[short]
 
     def text(value: Any) -> str:
-        return "".join(ch if ch.isalnum() or ch in " _-.:,/$=" else f"#{ord(ch)};" for ch in str(value))
+        return "".join(ch if (ch.isalnum() or ch in " _-.:,/$=") and ch not in _INVISIBLE else f"#{ord(ch)};"
+                       for ch in str(value))
 
     lines = ["flowchart LR"]
     for status, (fill, stroke) in (*COLOURS.items(), ("other", OTHER_COLOURS)):
@@ -170,7 +175,7 @@ def graph(dag: dict[str, Any]) -> Any:
     import graphviz
 
     def label(*lines: str) -> str:
-        text = "\n".join(graphviz.escape(plain(line)) for line in lines if line)
+        text = "\n".join(graphviz.escape(field(line)) for line in lines if line)
         return " " + text if text.startswith("<") else text  # never an HTML-like label
 
     run = dag["run"]
