@@ -88,10 +88,10 @@ def test_a_message_full_of_key_hints_before_an_open_quote_is_flagged_once() -> N
 def test_hostile_runs_in_a_captured_chat_do_not_hold_the_application(tmp_path: Path) -> None:
     """Content capture on: the model's tool arguments and its message (every later model call sends
     it again) go through both scans; the application's results are those of the plain run."""
-    note = "keyé" * 30_000
+    note = "keyé" * 30_000 + ": x"
     script = [{"tool_calls": [{"id": "call_adv_1", "name": "peak_position",
                                "arguments": {"multipole": 2, "note": note}}]},
-              "key" * 40_000 + ': "open quote\n```python\nprint(\'peaks\')\n```"']
+              "key" * 40_000 + ': "open quote\n```python\nprint(\'peaks\')\n```']
 
     def tool(multipole: int, note: str = "") -> str:
         return f"peak near l={220 * multipole} ({len(note)} chars of notes)"
