@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from cmbagent_otel import phase, step, workflow
+from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.cli import main
 
 INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u3164\U000e0041\U000e0042"
@@ -33,8 +34,9 @@ FORGED = "FORGED-LINE"
 def spoofing_db(tmp_path: Path, provider: Any) -> str:
     url = f"sqlite:///{tmp_path}/spoof.db"
     forged = f"\n└── {FORGED} (step) completed agent=engineer 1ms"
-    with workflow("wf" + INVISIBLE, mode="one-shot" + forged), phase("phase" + INVISIBLE + forged), \
-            step(1, "goal" + INVISIBLE, agent="engi" + INVISIBLE + "neer" + forged):
+    with workflow("wf" + INVISIBLE, mode="one-shot" + INVISIBLE + forged), phase("phase" + INVISIBLE + forged), \
+            step(1, "goal" + INVISIBLE, agent="engi" + INVISIBLE + "neer" + forged), \
+            TracedSpan("chat m" + INVISIBLE + forged, "llm", {"gen_ai.agent.name": "engi" + INVISIBLE + forged}):
         pass
     provider.store(url)
     return url
