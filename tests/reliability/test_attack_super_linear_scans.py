@@ -84,6 +84,38 @@ def test_a_message_full_of_key_hints_before_an_open_quote_is_flagged_once() -> N
     assert joined.startswith('[{"content": "keykey')
 
 
+def _unclosed_quotes(kinds: int, key: str = "pwd:") -> str:
+    """Keys whose quoted values never close on their line: each quote has fewer backslashes than
+    the one before (a quote closes only at the same quote, backslashes included)."""
+    return "".join(f"{key}{chr(92) * k}\"x " for k in range(kinds, 0, -1))
+
+
+@pytest.mark.parametrize("key", ["pwd:", " secret_key=", "'token': "])
+def test_unclosed_quoted_values_are_searched_once_per_line(key: str) -> None:
+    """Each value's closing quote was searched by a regex comparing the quote's backslashes at every
+    character up to the line's end: ~260 KB took 58 s of CPU (64 KiB 3.8 s)."""
+    secret = marker()
+    text = _unclosed_quotes(720, key) + f"\npassword={secret}"
+    with cpu_alarm(CPU_BOUND_S):
+        out = redaction.redact(text)
+        flag = redaction._item_flag(json.dumps({"content": text}, ensure_ascii=False))
+    assert secret not in out and out.endswith(f"password={redaction.REDACTED}")
+    assert out.startswith(_unclosed_quotes(720, key)[:200])  # values that do not close stay as they are
+    assert flag == "open"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('password: "a b" and password: "c"', 'password: "[REDACTED]" and password: "[REDACTED]"'),
+    ('{"password": "p1\\"q"}', '{"password": "[REDACTED]"q"}'),  # as before: a backslash-quote ends it
+    ('pwd: \\"s3cr3t\\" and more', 'pwd: \\"[REDACTED]\\" and more'),
+    ('pwd: "open\nsecond: "line"', 'pwd: "open\nsecond: "line"'),  # never across a line break
+    ("pwd: 'x' pwd: 'y", "pwd: '[REDACTED]' pwd: 'y"),
+    ("token: Bearer abc.def, x", "token: [REDACTED], x"),
+])
+def test_quoted_and_bare_values_are_found_as_before(text: str, expected: str) -> None:
+    assert redaction.redact(text) == expected
+
+
 @needs_custom_client
 def test_hostile_runs_in_a_captured_chat_do_not_hold_the_application(tmp_path: Path) -> None:
     """Content capture on: the model's tool arguments and its message (every later model call sends
