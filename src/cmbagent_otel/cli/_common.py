@@ -23,19 +23,29 @@ class CLIError(Exception):
     """A user-facing error: one line on stderr, no traceback, exit code 2."""
 
 
-def shown(value: Any) -> Any:
+def shown(value: Any, display: bool = False) -> Any:
     """``value`` (rows read for display) with every string redacted and secret-named keys'
     text hidden, other values as they are: rows our writer stored are scrubbed already, but
     rows another writer stored (cmbagent's own tracking) or an older version stored (before a
-    key shape was known) were printed as they were."""
+    key shape was known) were printed as they were. ``display``: for a table, tree or picture,
+    which show :data:`FIELD_CHARS` of a field: only a prefix of a longer string is redacted."""
     if type(value) is str:
+        if display and len(value) > _DISPLAY_PREFIX:
+            value = value[:_DISPLAY_PREFIX]
         return _shown_memo.redact(value)
     if isinstance(value, dict):
-        return {key: REDACTED if type(item) is str and type(key) is str and is_secret_key(key) else shown(item)
-                for key, item in value.items()}
+        return {key: REDACTED if type(item) is str and type(key) is str and is_secret_key(key)
+                else shown(item, display) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [shown(item) for item in value]
+        return [shown(item, display) for item in value]
     return value
+
+
+#: the characters of one field (a name, an id, a mode) a table, tree or picture shows: another writer's
+#: row may hold megabytes there (a 2 MB agent name on each event of a demo run made ``events`` print
+#: 569 MB in 7 minutes, 3.5 GB of memory)
+FIELD_CHARS = 256
+_DISPLAY_PREFIX = 1 << 16  # redacted whole, so no secret is cut before the field's cut
 
 
 _shown_memo = RedactionCache(max_len=8192, max_chars=4_000_000)
@@ -121,8 +131,15 @@ def plain(value: Any) -> str:
 
 
 def field(value: Any) -> str:
-    """:func:`plain` for one field (a name, an id, a status): its newlines escaped too."""
-    return str(value).translate(_FIELD)
+    """:func:`plain` for one field (a name, an id, a status): its newlines escaped too, cut to
+    :data:`FIELD_CHARS`."""
+    return cut(value).translate(_FIELD)
+
+
+def cut(value: Any) -> str:
+    """``str(value)``, cut to :data:`FIELD_CHARS` characters (the last one an ellipsis)."""
+    text = str(value)
+    return text if len(text) <= FIELD_CHARS else text[:FIELD_CHARS - 1] + "…"
 
 
 def markup(value: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.tree import Tree
 
-from ._common import _CONTROL, CLIError, field, fmt_cost, fmt_ms, markup, plain, styled_status
+from ._common import _CONTROL, FIELD_CHARS, CLIError, cut, field, fmt_cost, fmt_ms, markup, plain, styled_status
 
 REASON_CHARS = 160  # a failure reason longer than this is cut in the tree and the picture
 
@@ -36,6 +36,7 @@ OTHER_COLOURS = ("#ececec", "#616161")
 
 # letters that show as nothing (Hangul fillers): mermaid keeps letters and digits as they are
 _INVISIBLE = frozenset(map(chr, _CONTROL))
+_KEY_CHARS = 64  # of a node's id in its mermaid key (written on each of its edges); kept apart by a suffix
 
 
 def one_line(text: Any, limit: int = REASON_CHARS) -> str:
@@ -122,7 +123,8 @@ def mermaid(dag: dict[str, Any]) -> str:
     def key(short: Any) -> str:
         short = str(short)
         if short not in keys:
-            base = candidate = "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_" for ch in short)
+            base = candidate = "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_"
+                                              for ch in short[:_KEY_CHARS])
             suffix = 1
             while candidate in used:  # "a-b" and "a_b" must stay two mermaid nodes
                 suffix += 1
@@ -133,7 +135,7 @@ def mermaid(dag: dict[str, Any]) -> str:
 
     def text(value: Any) -> str:
         return "".join(ch if (ch.isalnum() or ch in " _-.:,/$=") and ch not in _INVISIBLE else f"#{ord(ch)};"
-                       for ch in str(value))
+                       for ch in cut(value))
 
     lines = ["flowchart LR"]
     for status, (fill, stroke) in (*COLOURS.items(), ("other", OTHER_COLOURS)):
@@ -165,8 +167,8 @@ def _dot_id(value: Any) -> str:
     trailing backslash escapes the closing quote (the rest of the file fails to parse). The
     label still shows the id."""
     text = plain(value)
-    if ":" not in text and "\\" not in text and not text.startswith("<"):
-        return text
+    if ":" not in text and "\\" not in text and not text.startswith("<") and len(text) <= FIELD_CHARS:
+        return text  # a longer one (another writer's) would be written on every edge of the node
     return "id_" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
