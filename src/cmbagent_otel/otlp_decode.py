@@ -848,8 +848,12 @@ def _without_lone_surrogates(doc: Any) -> Any:
 
 
 # control and bidirectional characters: a parser's message quotes the client's value, and the
-# reason is logged (a newline forges log lines, ESC sequences drive the reader's terminal)
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# reason is logged (a newline forges log lines, ESC sequences drive the reader's terminal); and
+# invisible ones, as the CLI escapes them (zero-width, BOM, soft hyphen, Hangul fillers, Unicode tags:
+# text the log's reader does not see)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
+                       "\u2028-\u202e\u2060-\u2064\u2066-\u206f\u3164\ufeff\uffa0\ufff9-\ufffb"
+                       "\U000e0000-\U000e007f]")
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -174,12 +174,15 @@ _KV_KEY = re.compile(
     r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
     re.IGNORECASE,
 )
-_KV_VALUE = re.compile(
-    r"""(?P<vq>\\*["'])(?P<qv>.*?)(?P=vq)|(?P<bv>(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+)""",
-    re.IGNORECASE,
-)
+# a value: quoted (by a quote and the backslashes before it: JSON escaped inside JSON), up to the same
+# quote on the same line, or bare (see _kv_value)
+_VALUE_QUOTE = re.compile(r"""\\*["']""")
+_KV_BARE = re.compile(r"""(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+""", re.IGNORECASE)
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from a hint
+# the longest name _SECRET_KEY_NAME takes only whole (auth, pass, pwd, sig): a name inside a longer one
+# judged not secret (its suffix, after a non-ASCII letter) can be secret only as one of them
+_SHORT_NAME_MAX = 4
 _ASCII_LOWER = {ord(c): ord(c.lower()) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 _lock = threading.RLock()
@@ -735,6 +738,7 @@ def _kv_scan(text: str, learn: bool) -> str:
         return text
     starts.sort()
     arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
+    memo: dict[str, int] = {}
     out: list[str] = []
     last = 0
     run_end = prev = -1
@@ -746,8 +750,10 @@ def _kv_scan(text: str, learn: bool) -> str:
             # Another hint inside the run of name characters just tried: its key name ends
             # where that run ends, before the same text, so the pattern answers the same
             # (one match per run, not per hint: linear on "token_token_..."); only a
-            # non-ASCII letter in between can start a different name (see name_start below).
-            if key is None or text[prev:start].isascii():
+            # non-ASCII letter in between can start a different name (see name_start below),
+            # a suffix of the name judged before, which can only be secret as a whole short
+            # name (_SHORT_NAME_MAX): judging each suffix was quadratic ("keyé" repeated)
+            if key is None or run_end - start > _SHORT_NAME_MAX or text[prev:start].isascii():
                 continue
         else:
             key = _KV_KEY.match(text, start)
@@ -764,20 +770,18 @@ def _kv_scan(text: str, learn: bool) -> str:
         # or further, matching it for every key (secret or not) would be quadratic
         if not is_secret_key(text[name_start:run_end]):
             continue
-        match = _KV_VALUE.match(text, key.end())
-        if match is None:
+        found = _kv_value(text, key.end(), memo)
+        if found is None:
             continue
-        quoted = match.group("vq") is not None
-        group = "qv" if quoted else "bv"
-        value = match.group(group)
+        quoted, value_start, value_end, match_end = found
+        value = text[value_start:value_end]
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
-        if '", "' in text[start:match.end()]:
+        if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
         if learn:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
-        value_start, value_end = match.span(group)
         out.append(text[last:value_start])
         quote = key.group("q")
         # a bare value after a quoted key (JSON number, unquoted YAML) stays valid JSON when quoted
@@ -787,6 +791,31 @@ def _kv_scan(text: str, learn: bool) -> str:
         return text
     out.append(text[last:])
     return "".join(out)
+
+
+def _kv_value(text: str, pos: int, memo: dict[str, int]) -> tuple[bool, int, int, int] | None:
+    """(quoted, value start, value end, end) of the value of a key/value pair at ``pos``; ``None``
+    when there is none or its quote does not close on its line. ``memo``: one per scan of ``text``,
+    asked with growing ``pos``. The closing quote is found with ``str.find`` and a quote that does
+    not close is remembered for the rest of its line: a regex (``(\\*["']).*?\1``) compared the
+    quote's backslashes at every character up to the line's end for every key, 64 KiB of keys with
+    unclosed quotes of ever fewer backslashes took 3.8 s."""
+    quote = _VALUE_QUOTE.match(text, pos)
+    if quote is None:
+        bare = _KV_BARE.match(text, pos)
+        return None if bare is None else (False, pos, bare.end(), bare.end())
+    closing, start = quote.group(), quote.end()
+    line_end = memo.get("\n", -1)
+    if line_end < start:  # the end of the line this value starts on
+        line_end = text.find("\n", start)
+        memo["\n"] = line_end = len(text) if line_end < 0 else line_end
+    if memo.get(closing) == line_end:
+        return None  # not found from an earlier position of this line on
+    end = text.find(closing, start, line_end)
+    if end < 0:
+        memo[closing] = line_end
+        return None
+    return True, start, end, end + len(closing)
 
 
 # an Amazon Resource Name: arn:partition:service:region:account:resource
@@ -1256,20 +1285,38 @@ def _item_flag(item: str) -> str:
 
 def _kv_open(text: str, lower: str) -> bool:
     """Whether a secret-named key in ``text`` (as :func:`_kv_scan` finds them) is followed by a
-    quote whose value does not close in ``text``."""
+    quote whose value does not close in ``text``. Each run of name characters is matched once,
+    as :func:`_kv_scan` does (matched from every hint, ``"key" * 13000 + ":"`` took 32 s)."""
+    starts = []
     for hint in _KV_HINTS:
         at = lower.find(hint)
         while at >= 0:
-            key = _KV_KEY.match(text, at)
-            if key is not None:
-                end = key.end()
-                if _QUOTE_START.match(text, end) is not None and _KV_VALUE.match(text, end) is None:
-                    name_start = at
-                    while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
-                        name_start -= 1
-                    if is_secret_key(text[name_start:key.end("name")]):
-                        return True
+            starts.append(at)
             at = lower.find(hint, at + 1)
+    starts.sort()
+    run_end = prev = -1
+    key: re.Match[str] | None = None
+    open_value = False
+    memo: dict[str, int] = {}
+    for at in starts:
+        if at < run_end:  # the same run, the same value: only a short name after a non-ASCII letter
+            if key is None or not open_value or run_end - at > _SHORT_NAME_MAX or text[prev:at].isascii():
+                continue
+        else:
+            key = _KV_KEY.match(text, at)
+            run_end = key.end("name") if key is not None else _NAME_RUN.match(text, at).end()
+            if key is None:
+                continue
+            end = key.end()
+            open_value = _QUOTE_START.match(text, end) is not None and _kv_value(text, end, memo) is None
+            if not open_value:
+                continue
+        prev = at
+        name_start = at
+        while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+            name_start -= 1
+        if is_secret_key(text[name_start:run_end]):
+            return True
     return False
 
 

@@ -451,7 +451,8 @@ class SpillStore:
         spilled = 0
         spans = without_secrets(spans)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # only its owner reads the spans (prompts, outputs, code): a folder we create is 0700
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             exact = [s for s in spans if otlp_exact(s)]
             other = [s for s in spans if not otlp_exact(s)] if len(exact) != len(spans) else []
             for start in range(0, len(exact), MAX_SPANS_PER_FILE):
@@ -498,8 +499,13 @@ class SpillStore:
     def _write(self, final: Path, data: bytes) -> Path:
         self._room(len(data))
         tmp = final.with_name(final.name + ".tmp")
+        # a new file, readable by its owner alone (the umask's 0644 let every local user read the
+        # spans), never through a name already there (a symlink another user of a shared spill
+        # folder planted was written through): that raises here, the batch is not spilled (counted)
+        # and the name, not ours, is left alone
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
-            with open(tmp, "wb") as handle:
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -23,19 +23,29 @@ class CLIError(Exception):
     """A user-facing error: one line on stderr, no traceback, exit code 2."""
 
 
-def shown(value: Any) -> Any:
+def shown(value: Any, display: bool = False) -> Any:
     """``value`` (rows read for display) with every string redacted and secret-named keys'
     text hidden, other values as they are: rows our writer stored are scrubbed already, but
     rows another writer stored (cmbagent's own tracking) or an older version stored (before a
-    key shape was known) were printed as they were."""
+    key shape was known) were printed as they were. ``display``: for a table, tree or picture,
+    which show :data:`FIELD_CHARS` of a field: only a prefix of a longer string is redacted."""
     if type(value) is str:
+        if display and len(value) > _DISPLAY_PREFIX:
+            value = value[:_DISPLAY_PREFIX]
         return _shown_memo.redact(value)
     if isinstance(value, dict):
-        return {key: REDACTED if type(item) is str and type(key) is str and is_secret_key(key) else shown(item)
-                for key, item in value.items()}
+        return {key: REDACTED if type(item) is str and type(key) is str and is_secret_key(key)
+                else shown(item, display) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [shown(item) for item in value]
+        return [shown(item, display) for item in value]
     return value
+
+
+#: the characters of one field (a name, an id, a mode) a table, tree or picture shows: another writer's
+#: row may hold megabytes there (a 2 MB agent name on each event of a demo run made ``events`` print
+#: 569 MB in 7 minutes, 3.5 GB of memory)
+FIELD_CHARS = 256
+_DISPLAY_PREFIX = 1 << 16  # redacted whole, so no secret is cut before the field's cut
 
 
 _shown_memo = RedactionCache(max_len=8192, max_chars=4_000_000)
@@ -100,6 +110,18 @@ def add_db_option(parser: argparse.ArgumentParser, *, top_level: bool = False, h
 # separators (U+2028, U+2029) as the ingest's log lines escape them; tab and newline are layout, kept
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
 _CONTROL.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))})
+# invisible characters: zero-width space, joiners and word joiner, BOM, soft hyphen, Hangul fillers,
+# Mongolian vowel separator, invisible operators, interlinear annotations (two names that look the
+# same, "engineer" and "engi\u200bneer", or text a reader cannot see), and Unicode tags (U+E0000-E007F:
+# ASCII written invisibly, "ASCII smuggling")
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x00AD, 0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E,
+                                             *range(0x200B, 0x200E), *range(0x2060, 0x2066),
+                                             *range(0x206A, 0x2070), 0x3164, 0xFEFF, 0xFFA0,
+                                             *range(0xFFF9, 0xFFFC))})
+_CONTROL.update({c: f"\\U{c:08x}" for c in range(0xE0000, 0xE0080)})
+# one field (a name, an id, a status): a newline in it would print as a line of its own, a forged tree
+# line or table row ("engineer\n└── step_9 (step) completed")
+_FIELD = {**_CONTROL, 0x0A: "\\x0a"}
 
 
 def plain(value: Any) -> str:
@@ -108,9 +130,22 @@ def plain(value: Any) -> str:
     return str(value).translate(_CONTROL)
 
 
+def field(value: Any) -> str:
+    """:func:`plain` for one field (a name, an id, a status): its newlines escaped too, cut to
+    :data:`FIELD_CHARS`."""
+    return cut(value).translate(_FIELD)
+
+
+def cut(value: Any) -> str:
+    """``str(value)``, cut to :data:`FIELD_CHARS` characters (the last one an ellipsis)."""
+    text = str(value)
+    return text if len(text) <= FIELD_CHARS else text[:FIELD_CHARS - 1] + "…"
+
+
 def markup(value: Any) -> str:
-    """``value`` as literal text inside rich markup: :func:`plain`, with markup brackets escaped."""
-    return escape(plain(value))
+    """``value`` (one field) as literal text inside rich markup: :func:`field`, with markup brackets
+    escaped."""
+    return escape(field(value))
 
 
 def console() -> Console:

@@ -26,7 +26,7 @@ def add_format(parser: argparse.ArgumentParser) -> None:
 
 def show(dag: dict[str, object], fmt: str) -> None:
     """Print ``dag`` in ``fmt`` on stdout."""
-    dag = shown(dag)
+    dag = shown(dag, display=fmt != "json")
     if fmt == "json":
         print(json_text(dag))
     elif fmt == "mermaid":

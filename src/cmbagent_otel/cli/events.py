@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--recursive needs --node (the node whose descendants' events to add)")
     with reading(args.db) as reader:
         run_row = reader.run(args.run)
-        records = shown(reader.events(run_row, args.node, recursive=args.recursive))
+        records = shown(reader.events(run_row, args.node, recursive=args.recursive), display=args.format != "json")
     if args.format == "json":
         print(json_text(records))
         return 0

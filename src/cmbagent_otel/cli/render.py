@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.tree import Tree
 
-from ._common import CLIError, fmt_cost, fmt_ms, markup, plain, styled_status
+from ._common import _CONTROL, FIELD_CHARS, CLIError, cut, field, fmt_cost, fmt_ms, markup, plain, styled_status
 
 REASON_CHARS = 160  # a failure reason longer than this is cut in the tree and the picture
 
@@ -32,6 +32,11 @@ COLOURS = {
     "executing": ("#fff4cc", "#b8860b"),
 }
 OTHER_COLOURS = ("#ececec", "#616161")
+
+
+# letters that show as nothing (Hangul fillers): mermaid keeps letters and digits as they are
+_INVISIBLE = frozenset(map(chr, _CONTROL))
+_KEY_CHARS = 64  # of a node's id in its mermaid key (written on each of its edges); kept apart by a suffix
 
 
 def one_line(text: Any, limit: int = REASON_CHARS) -> str:
@@ -118,7 +123,8 @@ def mermaid(dag: dict[str, Any]) -> str:
     def key(short: Any) -> str:
         short = str(short)
         if short not in keys:
-            base = candidate = "n_" + "".join(ch if ch.isalnum() else "_" for ch in short)
+            base = candidate = "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_"
+                                              for ch in short[:_KEY_CHARS])
             suffix = 1
             while candidate in used:  # "a-b" and "a_b" must stay two mermaid nodes
                 suffix += 1
@@ -128,7 +134,8 @@ def mermaid(dag: dict[str, Any]) -> str:
         return keys[short]
 
     def text(value: Any) -> str:
-        return "".join(ch if ch.isalnum() or ch in " _-.:,/$=" else f"#{ord(ch)};" for ch in str(value))
+        return "".join(ch if (ch.isalnum() or ch in " _-.:,/$=") and ch not in _INVISIBLE else f"#{ord(ch)};"
+                       for ch in cut(value))
 
     lines = ["flowchart LR"]
     for status, (fill, stroke) in (*COLOURS.items(), ("other", OTHER_COLOURS)):
@@ -160,8 +167,8 @@ def _dot_id(value: Any) -> str:
     trailing backslash escapes the closing quote (the rest of the file fails to parse). The
     label still shows the id."""
     text = plain(value)
-    if ":" not in text and "\\" not in text and not text.startswith("<"):
-        return text
+    if ":" not in text and "\\" not in text and not text.startswith("<") and len(text) <= FIELD_CHARS:
+        return text  # a longer one (another writer's) would be written on every edge of the node
     return "id_" + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
@@ -170,7 +177,7 @@ def graph(dag: dict[str, Any]) -> Any:
     import graphviz
 
     def label(*lines: str) -> str:
-        text = "\n".join(graphviz.escape(plain(line)) for line in lines if line)
+        text = "\n".join(graphviz.escape(field(line)) for line in lines if line)
         return " " + text if text.startswith("<") else text  # never an HTML-like label
 
     run = dag["run"]

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with reading(args.db) as reader:
         records, hidden = reader.runs(args.limit, include_empty_branches=args.all)
-        records = shown(records)
+        records = shown(records, display=args.format != "json")
         where = reader.where
     if not records:
         raise CLIError(f"no runs in {where}" + (f" ({hidden} empty branch runs hidden, --all shows them)"
