@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def grpc_call(port: int, body: bytes, timeout: float) -> tuple[grpc.StatusCode, 
             return grpc.StatusCode.OK, channel.unary_unary(EXPORT)(body, timeout=timeout)
         except grpc.RpcError as err:
             return err.code(), b""
+
+
+def refused(port: int) -> bool:
+    """Whether a new connection to ``port`` is refused (the listener is closed)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 class Locker:
@@ -222,9 +232,10 @@ def test_loss_sdk_exporter_retries_past_a_locked_database(server: IngestProcess,
 # --- 3. stopping with requests in flight ------------------------------------------------------------------
 
 def test_loss_sigterm_with_requests_in_flight(server: IngestProcess, db: Path) -> None:
-    """SIGTERM while requests wait for a locked database: each is answered, 200 only for
-    spans stored and a retryable error for the rest; the server exits cleanly and has
-    stored exactly the acknowledged spans, nothing it told a client to send again."""
+    """SIGTERM while requests wait for a locked database, and a second SIGTERM while it
+    drains: each request is answered, 200 only for spans stored and a retryable error for
+    the rest; the server exits cleanly (code 0) and has stored exactly the acknowledged
+    spans, nothing it told a client to send again."""
     before = set(stored(db))
     batches = [make_spans(2, tag=f"term{i}") for i in range(4)]
     answers: dict[int, Any] = {}
@@ -244,12 +255,16 @@ def test_loss_sigterm_with_requests_in_flight(server: IngestProcess, db: Path) -
             thread.start()
         wait_for(lambda: health(server.port)["in_flight"] == len(batches), "every request in flight")
         server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: refused(server.port), "the server to stop listening")
+        assert len(answers) < len(batches)  # still draining: the writes wait for the lock
+        server.proc.send_signal(signal.SIGTERM)  # an impatient second one must not cut the drain short
         for thread in threads:
             thread.join(timeout=120)
         assert len(answers) == len(batches)
     finally:
         locker.release()
-    code, _, err = server.stop()
+    _, err = server.proc.communicate(timeout=120)
+    code = server.proc.returncode
     assert code == 0, err
     assert "Traceback" not in err, err[-3000:]
     acknowledged: set[tuple[str, str]] = set()
@@ -378,3 +393,117 @@ def test_loss_locked_postgresql_table_is_a_retryable_answer(pg_url: str) -> None
         engine.dispose()
         code_, _, err = proc.stop()
     assert code_ == 0, err
+
+
+# --- a PostgreSQL server stopped and started again (a throwaway cluster of the test's own) ----------------
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+class Cluster:
+    """A throwaway PostgreSQL cluster on a free port, started and stopped by the test (as
+    ``.ci/start-postgres.sh`` does), so stopping it touches nothing shared."""
+
+    def __init__(self) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        bins = sorted(PG_BIN.glob("*/bin/initdb"))
+        if not bins:
+            pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed")
+        self.bin = bins[-1].parent
+        self.owner = "postgres" if os.getuid() == 0 else None
+        if self.owner is not None and shutil.which("su") is None:
+            pytest.skip("cannot run PostgreSQL as root without su")
+        self.data = Path(tempfile.mkdtemp(prefix="cmbagent-otel-loss-pg-"))
+        if self.owner is not None:
+            shutil.chown(self.data, self.owner, self.owner)
+        self.data.chmod(0o700)
+        with socket_free() as port:
+            self.port = port
+        self._run(f"'{self.bin}/initdb' -D '{self.data}' -U postgres --auth=trust -E UTF8 >/dev/null")
+        self.start()
+
+    def _run(self, command: str) -> None:
+        argv = ["su", self.owner, "-s", "/bin/bash", "-c", command] if self.owner else ["bash", "-c", command]
+        subprocess.run(argv, check=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._run(f"'{self.bin}/pg_ctl' -D '{self.data}' -l '{self.data}/server.log' -w -t 60 "
+                  f"-o \"-h 127.0.0.1 -p {self.port} -k '{self.data}'\" start >/dev/null")
+
+    def stop(self) -> None:
+        self._run(f"'{self.bin}/pg_ctl' -D '{self.data}' -m fast -w -t 60 stop >/dev/null")
+
+    def remove(self) -> None:
+        import shutil
+
+        subprocess.run((["su", self.owner, "-s", "/bin/bash", "-c"] if self.owner else ["bash", "-c"])
+                       + [f"'{self.bin}/pg_ctl' -D '{self.data}' -m immediate -w -t 60 stop >/dev/null 2>&1"],
+                       check=False, timeout=120)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+class socket_free:
+    """A port free at the time of asking (bound to 0, then released)."""
+
+    def __enter__(self) -> int:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        return int(self._sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    made = Cluster()
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+def test_loss_postgresql_stopped_mid_ingest(cluster: Cluster) -> None:
+    """The PostgreSQL server stops under a serving ingest (its pooled connections die): clients
+    get 503 + Retry-After / UNAVAILABLE, nothing is acknowledged and lost; once it is back,
+    the exporters' batches are stored, each span exactly once."""
+    from sqlalchemy import create_engine, text
+
+    proc = IngestProcess(cluster.url)
+    try:
+        first, second, third = make_spans(2, tag="pg-a"), make_spans(2, tag="pg-b"), make_spans(2, tag="pg-c")
+        assert HttpExporter(endpoint=f"http://127.0.0.1:{proc.port}/v1/traces").export(first) \
+            is SpanExportResult.SUCCESS
+        cluster.stop()
+        try:
+            status, headers, _ = post(proc.port, body_of(second), SDK_TIMEOUT)
+        except TimeoutError:
+            pytest.fail(f"no answer within the exporter's {SDK_TIMEOUT} s timeout while PostgreSQL is stopped")
+        assert status == 503 and int(headers["retry-after"]) > 0
+        assert grpc_call(proc.grpc_port, body_of(second), SDK_TIMEOUT)[0] is grpc.StatusCode.UNAVAILABLE
+        cluster.start()
+        assert HttpExporter(endpoint=f"http://127.0.0.1:{proc.port}/v1/traces").export(second) \
+            is SpanExportResult.SUCCESS
+        exporter = GrpcExporter(endpoint=f"127.0.0.1:{proc.grpc_port}", insecure=True)
+        try:
+            assert exporter.export(third) is SpanExportResult.SUCCESS
+        finally:
+            exporter.shutdown()
+    finally:
+        code, _, err = proc.stop()
+    assert code == 0, err
+    engine = create_engine(cluster.url)
+    try:
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(
+                text("select meta->>'trace_id', meta->>'span_id' from execution_events")).all()]
+    finally:
+        engine.dispose()
+    assert sorted(rows) == sorted(keys(first) | keys(second) | keys(third))
