@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,13 @@ logger = logging.getLogger("cmbagent_otel.ingest")
 JSON_FACTOR = 12
 PROTOBUF_FACTOR = 2
 CHUNK_SPANS = 1000  # spans written per transaction: a large request never holds all its spans
+# Seconds a chunk may wait for the database (this server's other writes, another process's
+# lock, a connection, a statement), counted from when the request was admitted to writing,
+# before it is answered 503/UNAVAILABLE (the writer gets at least 1 s of its own). The OTLP
+# exporters give up after 10 s by default and wait the 5 s of Retry-After before retrying:
+# a longer wait makes them time out instead, and drop the batch without a retry. It also
+# keeps every write of a stopping server well inside uvicorn's and grpcio's 5 s grace.
+WRITE_WAIT = 3.0
 
 
 class SpanWriter(Protocol):
@@ -282,8 +290,12 @@ class IngestCore:
             setattr(self, what, getattr(self, what) + amount)
 
     # --- decoding and writing (worker threads) ----------------------------------------------
-    def process(self, body: bytes, kind: str, compressed: bool, ticket: Ticket) -> Outcome:
-        """Decompress, decode and store one request body; raises :class:`IngestError`."""
+    def process(self, body: bytes, kind: str, compressed: bool, ticket: Ticket,
+                admitted: float | None = None) -> Outcome:
+        """Decompress, decode and store one request body; raises :class:`IngestError`.
+
+        ``admitted``: the ``time.monotonic()`` when the request was admitted to writing; the
+        first chunk's wait for the database counts from then (:data:`WRITE_WAIT`)."""
         if compressed:
             ticket.hold(ticket.held + min(self.max_bytes, len(body) * 8))  # the output, before knowing it
             body = gunzip(body, self.max_bytes)
@@ -300,7 +312,8 @@ class IngestCore:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
                 if batch.spans:
-                    self.write(batch.spans)
+                    self.write(batch.spans, admitted)
+                    admitted = None  # later chunks: from when they are ready
                     outcome.written += len(batch.spans)
         except MalformedPayload as exc:
             raise IngestError("invalid", str(exc)[:1000]) from None
@@ -330,18 +343,26 @@ class IngestCore:
         except Exception:
             return False
 
-    def write(self, spans: Sequence[ReadableSpan]) -> None:
-        """Store ``spans``; raises ``IngestError('unavailable')`` while the database is down."""
-        from .dag.writer import DatabaseUnavailable
+    def write(self, spans: Sequence[ReadableSpan], since: float | None = None) -> None:
+        """Store ``spans`` (committed when this returns); raises ``IngestError('unavailable')``
+        while the database is down, or busy for :data:`WRITE_WAIT` seconds from ``since``
+        (``time.monotonic()``; default now)."""
+        from .dag.writer import DagWriter, DatabaseUnavailable
 
+        end = (time.monotonic() if since is None else since) + WRITE_WAIT
         try:
             writer = self._get_writer()
             lock = self._write_lock
-            if lock is not None:
-                with lock:
+            if lock is not None and not lock.acquire(timeout=max(0.0, end - time.monotonic())):
+                raise DatabaseUnavailable("database busy: this server's other writes took the time to wait")
+            try:
+                if isinstance(writer, DagWriter):
+                    writer.write(spans, timeout=max(1.0, end - time.monotonic()))
+                else:
                     writer.write(spans)
-            else:
-                writer.write(spans)
+            finally:
+                if lock is not None:
+                    lock.release()
         except (DatabaseUnavailable, OSError) as exc:
             # OSError: the SQLite directory cannot be created/opened right now (full disk,
             # unmounted volume); retryable like a refused connection.

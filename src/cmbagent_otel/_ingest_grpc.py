@@ -162,9 +162,10 @@ class TraceService:
                 return b""  # the call was cancelled (by the client, the watchdog or stop): nobody reads this
             if not core.enter():
                 self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
+            admitted = time.monotonic()
             try:
                 with self._workers:
-                    return self._process(request, context)
+                    return self._process(request, context, admitted)
             finally:
                 core.leave()
         finally:
@@ -192,12 +193,12 @@ class TraceService:
             with self._lock:
                 self._waiting.pop(context, None)
 
-    def _process(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _process(self, request: bytes, context: grpc.ServicerContext, admitted: float) -> bytes:
         core = self.core
         ticket = core.admission.ticket()
         try:
             ticket.hold(len(request) * core.factor("protobuf"))
-            outcome = core.process(request, "protobuf", False, ticket)
+            outcome = core.process(request, "protobuf", False, ticket, admitted)
         except IngestError as err:
             self._abort(context, err)
         except Exception:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -321,7 +322,7 @@ class OtlpHttpApp:
             try:
                 loop = asyncio.get_running_loop()
                 outcome = await loop.run_in_executor(self.executor, core.process, body, kind,
-                                                     encoding == "gzip", ticket)
+                                                     encoding == "gzip", ticket, time.monotonic())
             except IngestError as err:
                 raise self._from_error(err) from None
             finally:

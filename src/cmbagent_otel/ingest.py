@@ -12,7 +12,8 @@ OTLP/HTTP status codes: 200 with an ``ExportTraceServiceResponse`` (``partial_su
 when some spans were rejected), 400 for malformed payloads (or anything that cannot be
 read fully), 401 without the configured bearer token, 413 above the size limit, 415 for
 unsupported content types or encodings, and 503 with ``Retry-After`` while the database is
-unreachable or the memory budget is in use, which the SDK's OTLP exporter retries. The
+unreachable or busy (no commit within 3 s) or the memory budget is in use, which the SDK's
+OTLP exporter retries. 200 is sent only once the request's spans are committed. The
 gRPC codes are the matching ones (see :mod:`cmbagent_otel._ingest_grpc`).
 
 Slow clients cannot take the server: headers and bodies have deadlines (408, or the
@@ -266,8 +267,9 @@ class IngestServer:
         """Stop serving and release the sockets (idempotent).
 
         Requests still arriving are answered 503 (retry later) at once; requests being
-        written finish first (uvicorn waits up to 5 s for them, the workers until their write
-        ends, which the database's own timeouts bound)."""
+        written finish first with their true answer (each waits at most
+        :data:`~cmbagent_otel._ingest_core.WRITE_WAIT` seconds for the database, inside
+        uvicorn's and grpcio's 5 s grace)."""
         with self._lock:
             server, self._uvicorn = self._uvicorn, None
             app, self._app = self._app, None

@@ -115,8 +115,12 @@ def run(args: argparse.Namespace) -> int:
                          daemon=True).start()
         stop.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop()
+        # the handlers stay while the server drains (its writes end within a few seconds):
+        # a second SIGTERM or Ctrl-C must not kill it with acknowledged requests mid-answer
+        try:
+            server.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     print(f"cmbagent-otel ingest: stopped after {server.spans_written} span(s)", flush=True)
     return 0
