@@ -76,7 +76,9 @@ def test_an_otlp_outage_logs_once_and_counts_the_spans_it_lost(tmp_path: Path, p
                     break
             written = server.spans_written
         back = _lines(caplog)
-        assert written == 3
+        # gRPC: the batch before may have reached the receiver after its client's 1 s deadline (a failure,
+        # so lost as far as the exporter can tell, yet written): its 3 spans then come with the good batch's
+        assert written == 3 or (protocol == "grpc" and written == 6), written
         lost = 5 + attempt
         assert len(back) == 1 and "works again after" in back[0], back
         assert f"{3 * lost} spans in {lost} batches" in back[0], back
