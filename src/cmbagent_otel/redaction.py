@@ -1622,7 +1622,7 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         if not texts:
             return
         if _open_fragments:
-            _continue_fragments(texts[0])
+            _continue_fragments(texts[0], True)
         window = max(_SPLIT_WINDOW, _longest_known)
         generation = _split_generation
         chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
@@ -1847,10 +1847,12 @@ def _learn_open_fragment(text: str) -> None:
 def _continue_fragments(text: str, random_only: bool = False) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
     shape whose start ended an earlier text: the key was split across two calls. With
-    ``random_only`` (a later text of the same call, other texts in between), only a
-    continuation that looks random counts (a digit, or a lower-case letter before an upper-case
-    one), as a key's random part does: a word (``wait``) that merely completes the shape neither is
-    learned nor closes the fragment."""
+    ``random_only`` (always passed now), only a continuation that looks random counts (a digit,
+    or a lower-case letter before an upper-case one), as a key's random part does: a word
+    (``wait``) that merely completes the shape neither is learned nor closes the fragment. The
+    first text of a later call was taken whatever it was: ``tell`` completed an open
+    ``sk-proj-Ab12``, ``tell m`` was learned, and every ``tell me`` of the process's later runs
+    showed as ``[REDACTED]e`` (fragments stay open for 256 calls)."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
