@@ -797,7 +797,7 @@ def _kv_scan(text: str, learn: bool) -> str:
 def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int, int] | None:
     """(quoted, value start, value end, end) of the value of a key/value pair at ``pos``; ``None``
     when there is none or its quote does not close on its line. ``memo``: one per scan of ``text``,
-    asked with growing ``pos``.
+    asked with growing ``pos`` (it also keeps the backslashes counted before a quote, by position).
 
     A quoted value ends at its quote's first unescaped repetition (:func:`_closes`): a quote after
     an odd number of backslashes (``"p1\\"q"`` in JSON, ``'ab\\'cd'`` in a Python repr) and,
@@ -818,39 +818,48 @@ def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int
             end = more.end()
         return False, pos, end, end
     start = quote.end()
-    mark, level = text[start - 1], start - 1 - pos  # the quote and the backslashes before it
+    closing = quote.group()  # the memo's key: the quote and the backslashes before it
+    mark, level = closing[-1], len(closing) - 1
     line_end = memo.get("\n", -1)
     if line_end < start:  # the end of the line this value starts on
         line_end = text.find("\n", start)
         memo["\n"] = line_end = len(text) if line_end < 0 else line_end
-    doubled = level == 0
+    doubled = not level
     at = start
-    if doubled and text.startswith(mark, at):
+    if doubled and start < line_end and text[start] == mark:
         # the value starts with quotes: its opening quote takes part in their pairing, a search
         # from an earlier position saw them paired differently (not remembered)
         run = _quote_run(text, at, mark, line_end)
         if run % 2:
             return True, start, at + run - 1, at + run
         at += run
-    if memo.get((mark, level), -1) == line_end:
+    if memo.get(closing) == line_end:
         return None  # not found from an earlier position of this line on
     while True:
         at = text.find(mark, at, line_end)
         if at < 0:
-            memo[(mark, level)] = line_end
+            memo[closing] = line_end
             return None
-        slashes = 0
-        while text[at - 1 - slashes] == "\\":
-            slashes += 1
-        if _closes(slashes, level):
-            if doubled:
-                run = _quote_run(text, at, mark, line_end)
-                if run % 2 == 0:  # doubled quotes, each pair one quote of the value
-                    at += run
-                    continue
-                at += run - 1
-            return True, start, at - min(slashes, level), at + 1
-        at += 1
+        if text[at - 1] == "\\":  # (a quote after no backslash closes at every level)
+            slashes = memo.get(at)
+            if slashes is None:  # counted once per scan: later values search the same quotes
+                slashes = 1
+                while text[at - 1 - slashes] == "\\":
+                    slashes += 1
+                memo[at] = slashes
+            if not _closes(slashes, level):
+                at += 1
+                continue
+            end = at - min(slashes, level)
+        else:
+            end = at
+        if doubled and at + 1 < line_end and text[at + 1] == mark:
+            run = _quote_run(text, at, mark, line_end)
+            if run % 2 == 0:  # doubled quotes, each pair one quote of the value
+                at += run
+                continue
+            end = at = at + run - 1
+        return True, start, end, at + 1
 
 
 def _quote_run(text: str, at: int, mark: str, end: int) -> int:

@@ -21,6 +21,7 @@ import pytest
 from cmbagent_otel import redaction, semconv
 
 from .conftest import Capture, group_chat, instrumented_with, needs_custom_client, outcome
+from .test_adversarial_text import cpu_alarm
 
 
 def marker() -> str:
@@ -123,3 +124,27 @@ def test_escaped_quote_passwords_never_reach_spans_or_logs(tmp_path: Path, caplo
     assert "login refused" in str(tools[0].status.description)
     leaks = sorted({where for where, text in texts for tail in (tail_arg, tail_repr, tail_sql) if tail in text})
     assert not leaks, f"secret tail leaked into: {leaks}"
+
+
+# ~250,000 characters each: quotes a value's search must look past (escaped, doubled, or keys whose
+# values stay open: each later key's quote has more backslashes, none closes an earlier value)
+QUOTE_FLOODS = {
+    "escaped quotes": 'pwd="' + '\\"' * 125_000,
+    "keys, escaped quotes": 'pwd="\\"x ' * 28_000,
+    "keys, doubled quotes": "pwd='''x " * 28_000,
+    "keys, odd backslashes": 'pwd:\\"\\\\\\"x ' * 21_000,
+    "bare value, quotes": "pwd=a" + '"a' * 125_000,
+    "keys left open, rising backslashes": "".join(f'pwd:{chr(92) * ((1 << a) - 1)}"x ' for a in range(1, 18)),
+}
+
+
+@pytest.mark.parametrize("flood", list(QUOTE_FLOODS.values()), ids=list(QUOTE_FLOODS))
+def test_quote_floods_stay_linear(flood: str, isolated_secrets: None) -> None:
+    """Guards (linear on 936b538 too): a value's closing quote is searched past escaped and doubled
+    quotes, each quote's backslashes counted once per scan (counted again for every key whose value
+    stayed open, the rising form took 0.28 s at 256 KB, 1.25 s at 1 MB; now 36 and 145 ms)."""
+    tail = marker()
+    with cpu_alarm(20):
+        out = redaction.redact(f"{flood}\npassword={tail}")
+        redaction._item_flag(json.dumps({"content": flood}))
+    assert tail not in out and out.endswith(f"password={redaction.REDACTED}")
