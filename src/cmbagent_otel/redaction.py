@@ -178,6 +178,7 @@ _KV_KEY = re.compile(
 # quote on the same line, or bare (see _kv_value)
 _VALUE_QUOTE = re.compile(r"""\\*["']""")
 _KV_BARE = re.compile(r"""(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+""", re.IGNORECASE)
+_KV_BARE_MORE = re.compile(r"""\\*["'][^\s"'\\,;&}\])\[{<>]+""")  # a quote, then more of the value
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from a hint
 # the longest name _SECRET_KEY_NAME takes only whole (auth, pass, pwd, sig): a name inside a longer one
@@ -738,7 +739,7 @@ def _kv_scan(text: str, learn: bool) -> str:
         return text
     starts.sort()
     arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
-    memo: dict[str, int] = {}
+    memo: dict[Any, int] = {}
     out: list[str] = []
     last = 0
     run_end = prev = -1
@@ -793,29 +794,92 @@ def _kv_scan(text: str, learn: bool) -> str:
     return "".join(out)
 
 
-def _kv_value(text: str, pos: int, memo: dict[str, int]) -> tuple[bool, int, int, int] | None:
+def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int, int] | None:
     """(quoted, value start, value end, end) of the value of a key/value pair at ``pos``; ``None``
     when there is none or its quote does not close on its line. ``memo``: one per scan of ``text``,
-    asked with growing ``pos``. The closing quote is found with ``str.find`` and a quote that does
-    not close is remembered for the rest of its line: a regex (``(\\*["']).*?\1``) compared the
-    quote's backslashes at every character up to the line's end for every key, 64 KiB of keys with
-    unclosed quotes of ever fewer backslashes took 3.8 s."""
+    asked with growing ``pos`` (it also keeps the backslashes counted before a quote, by position).
+
+    A quoted value ends at its quote's first unescaped repetition (:func:`_closes`): a quote after
+    an odd number of backslashes (``"p1\\"q"`` in JSON, ``'ab\\'cd'`` in a Python repr) and,
+    outside escaped JSON, a doubled quote (``'ab''cd'`` in SQL, ``"ab""cd"`` in CSV) are part of
+    the value (ended at the first quote, the value's tail was shown). Whether a quote closes
+    depends on the quote and the backslashes before it, not on where the value started, so a
+    value that does not close is remembered for the rest of its line (one search per kind of
+    quote and line: a regex closing each value, ``(\\*["']).*?\\1``, took 3.8 s on 64 KiB of
+    keys with unclosed quotes)."""
     quote = _VALUE_QUOTE.match(text, pos)
     if quote is None:
         bare = _KV_BARE.match(text, pos)
-        return None if bare is None else (False, pos, bare.end(), bare.end())
-    closing, start = quote.group(), quote.end()
+        if bare is None:
+            return None
+        end = bare.end()
+        # a quote inside a bare value (password=ab"cd, JSON-escaped ab\\"cd): the value goes on
+        while (more := _KV_BARE_MORE.match(text, end)) is not None:
+            end = more.end()
+        return False, pos, end, end
+    start = quote.end()
+    closing = quote.group()  # the memo's key: the quote and the backslashes before it
+    mark, level = closing[-1], len(closing) - 1
     line_end = memo.get("\n", -1)
     if line_end < start:  # the end of the line this value starts on
         line_end = text.find("\n", start)
         memo["\n"] = line_end = len(text) if line_end < 0 else line_end
+    doubled = not level
+    at = start
+    if doubled and start < line_end and text[start] == mark:
+        # the value starts with quotes: its opening quote takes part in their pairing, a search
+        # from an earlier position saw them paired differently (not remembered)
+        run = _quote_run(text, at, mark, line_end)
+        if run % 2:
+            return True, start, at + run - 1, at + run
+        at += run
     if memo.get(closing) == line_end:
         return None  # not found from an earlier position of this line on
-    end = text.find(closing, start, line_end)
-    if end < 0:
-        memo[closing] = line_end
-        return None
-    return True, start, end, end + len(closing)
+    while True:
+        at = text.find(mark, at, line_end)
+        if at < 0:
+            memo[closing] = line_end
+            return None
+        if text[at - 1] == "\\":  # (a quote after no backslash closes at every level)
+            slashes = memo.get(at)
+            if slashes is None:  # counted once per scan: later values search the same quotes
+                slashes = 1
+                while text[at - 1 - slashes] == "\\":
+                    slashes += 1
+                memo[at] = slashes
+            if not _closes(slashes, level):
+                at += 1
+                continue
+            end = at - min(slashes, level)
+        else:
+            end = at
+        if doubled and at + 1 < line_end and text[at + 1] == mark:
+            run = _quote_run(text, at, mark, line_end)
+            if run % 2 == 0:  # doubled quotes, each pair one quote of the value
+                at += run
+                continue
+            end = at = at + run - 1
+        return True, start, end, at + 1
+
+
+def _quote_run(text: str, at: int, mark: str, end: int) -> int:
+    """The number of ``mark`` quotes in a row at ``at`` (before ``end``)."""
+    run = 1
+    while at + run < end and text[at + run] == mark:
+        run += 1
+    return run
+
+
+def _closes(slashes: int, level: int) -> bool:
+    """Whether a quote after ``slashes`` backslashes ends a value opened by the same quote after
+    ``level`` backslashes: JSON inside a JSON string (``level`` 1, 3, 7...) is decoded a level at a
+    time, each taking half the backslashes; a quote that ends the enclosing string ends the value."""
+    while level % 2:
+        if slashes % 2 == 0:
+            return True  # unescaped at an outer level: the string holding the value ends there
+        slashes //= 2
+        level //= 2
+    return slashes % 2 == 0
 
 
 # an Amazon Resource Name: arn:partition:service:region:account:resource
@@ -1297,7 +1361,7 @@ def _kv_open(text: str, lower: str) -> bool:
     run_end = prev = -1
     key: re.Match[str] | None = None
     open_value = False
-    memo: dict[str, int] = {}
+    memo: dict[Any, int] = {}
     for at in starts:
         if at < run_end:  # the same run, the same value: only a short name after a non-ASCII letter
             if key is None or not open_value or run_end - at > _SHORT_NAME_MAX or text[prev:at].isascii():
@@ -1567,7 +1631,7 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         if not texts:
             return
         if _open_fragments:
-            _continue_fragments(texts[0])
+            _continue_fragments(texts[0], True)
         window = max(_SPLIT_WINDOW, _longest_known)
         generation = _split_generation
         chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
@@ -1792,10 +1856,12 @@ def _learn_open_fragment(text: str) -> None:
 def _continue_fragments(text: str, random_only: bool = False) -> None:
     """Learn the start of ``text`` (the first text of a model call) when it completes a key
     shape whose start ended an earlier text: the key was split across two calls. With
-    ``random_only`` (a later text of the same call, other texts in between), only a
-    continuation that looks random counts (a digit, or a lower-case letter before an upper-case
-    one), as a key's random part does: a word (``wait``) that merely completes the shape neither is
-    learned nor closes the fragment."""
+    ``random_only`` (always passed now), only a continuation that looks random counts (a digit,
+    or a lower-case letter before an upper-case one), as a key's random part does: a word
+    (``wait``) that merely completes the shape neither is learned nor closes the fragment. The
+    first text of a later call was taken whatever it was: ``tell`` completed an open
+    ``sk-proj-Ab12``, ``tell m`` was learned, and every ``tell me`` of the process's later runs
+    showed as ``[REDACTED]e`` (fragments stay open for 256 calls)."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:

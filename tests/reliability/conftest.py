@@ -152,6 +152,7 @@ def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     switches the shortcut off for the whole process; a learned piece of a key changes how later
     texts are redacted)."""
     for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms",
-                 "_learned_forms", "_learned_forms_pattern"):
+                 "_learned_forms", "_learned_forms_pattern", "_open_fragments", "_contexts", "_context_pattern",
+                 "_whole_pieces"):
         value = getattr(redaction, name)
         monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)

@@ -71,7 +71,8 @@ def test_names_after_a_non_ascii_letter_are_judged_as_before(text: str, secret_n
     value = marker()
     out = redaction.redact(f"{text}={value}")
     assert (out == f"{text}={redaction.REDACTED}") is secret_named, out
-    item = json.dumps({"content": f"{text}: \"open"}, ensure_ascii=False)
+    # a single quote: a double one is escaped in JSON (\\"), closed by the end of its JSON string
+    item = json.dumps({"content": f"{text}: 'open"}, ensure_ascii=False)
     assert (redaction._item_flag(item) == "open") is secret_named
 
 
@@ -98,15 +99,15 @@ def test_unclosed_quoted_values_are_searched_once_per_line(key: str) -> None:
     text = _unclosed_quotes(720, key) + f"\npassword={secret}"
     with cpu_alarm(CPU_BOUND_S):
         out = redaction.redact(text)
-        flag = redaction._item_flag(json.dumps({"content": text}, ensure_ascii=False))
+        flag = redaction._item_flag(json.dumps({"content": text + " pwd: 'open"}, ensure_ascii=False))
     assert secret not in out and out.endswith(f"password={redaction.REDACTED}")
-    assert out.startswith(_unclosed_quotes(720, key)[:200])  # values that do not close stay as they are
+    assert out.startswith(_unclosed_quotes(720, key)[:200])  # the text before the first value stays
     assert flag == "open"
 
 
 @pytest.mark.parametrize("text, expected", [
     ('password: "a b" and password: "c"', 'password: "[REDACTED]" and password: "[REDACTED]"'),
-    ('{"password": "p1\\"q"}', '{"password": "[REDACTED]"q"}'),  # as before: a backslash-quote ends it
+    ('{"password": "p1\\"q"}', '{"password": "[REDACTED]"}'),  # nineteenth campaign: a backslash-quote is the value's
     ('pwd: \\"s3cr3t\\" and more', 'pwd: \\"[REDACTED]\\" and more'),
     ('pwd: "open\nsecond: "line"', 'pwd: "open\nsecond: "line"'),  # never across a line break
     ("pwd: 'x' pwd: 'y", "pwd: '[REDACTED]' pwd: 'y"),

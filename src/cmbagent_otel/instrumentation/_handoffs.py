@@ -33,7 +33,7 @@ from opentelemetry.trace import Span, SpanKind
 from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
 from .._spans import END_TIME_SPAN, TracedSpan, compose, error_type, exception_text, record_exception
-from ..redaction import safe_text
+from ..redaction import max_length, safe_text
 from ._content import agent_name, cached_name
 from ._patching import wrapt_wrapper
 
@@ -41,6 +41,7 @@ logger = logging.getLogger("cmbagent_otel")
 
 EVENT_NAME = "cmbagent.handoff"
 DEFAULT_EVENT_LIMIT = 128  # the SDK's default OTEL_SPAN_EVENT_COUNT_LIMIT
+MAX_CANDIDATES = 128  # agents named in cmbagent.handoff.candidates (see _candidates)
 EVENT_MARGIN = 2  # left free for the span's own exception event: the SDK drops the oldest event when full
 
 _selection: contextvars.ContextVar[Selection | None] = contextvars.ContextVar("cmbagent_otel_selection",
@@ -141,9 +142,27 @@ def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[
     """(weak ref to the group chat, (id of its selection method, id of its agents list, their count), the
     method's name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this
     fills it): computed again only when its method or its agents list changes (one tuple compared)."""
-    facts = (None, (id(method), id(agents), len(agents)), _reason(groupchat),
-             [cached_name(state.agents, a) for a in agents])
+    facts = (None, (id(method), id(agents), len(agents)), _reason(groupchat), _candidates(state, agents))
     return _remember_group(state.candidates, groupchat, facts)
+
+
+def _candidates(state: Any, agents: Any) -> list[str]:
+    """The agents' names for ``cmbagent.handoff.candidates``: at most :data:`MAX_CANDIDATES` names and
+    the attribute bound's characters in all, then ``"... (N more)"`` for the ``N`` left out. Copied into
+    every selection's event: a group chat of thousands of agents (or of long names) listed them all in
+    each one."""
+    bound = max_length()
+    names: list[str] = []
+    total = 0
+    for agent in agents:
+        name = cached_name(state.agents, agent)
+        total += len(name)
+        if len(names) == MAX_CANDIDATES or total > bound:
+            break
+        names.append(name)
+    if len(names) < len(agents):
+        names.append(f"... ({len(agents) - len(names)} more)")
+    return names
 
 
 def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...]) -> tuple[Any, ...]:
