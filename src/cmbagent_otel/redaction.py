@@ -178,7 +178,9 @@ _KV_KEY = re.compile(
 # quote on the same line, or bare (see _kv_value)
 _VALUE_QUOTE = re.compile(r"""\\*["']""")
 _KV_BARE = re.compile(r"""(?:(?:bearer|basic|token)[ \t]+)?[^\s"'\\,;&}\])\[{<>]+""", re.IGNORECASE)
-_KV_BARE_MORE = re.compile(r"""\\*["'][^\s"'\\,;&}\])\[{<>]+""")  # a quote, then more of the value
+# a quote or backslashes inside a bare value, then more of it (password=ab"cd, JSON-escaped ab\"cd, ab\cd):
+# the value goes on (a backslash ended it, and what came after it was shown)
+_KV_BARE_MORE = re.compile(r"""(?:\\*["']|\\+)[^\s"'\\,;&}\])\[{<>]+""")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _NAME_RUN = re.compile(r"[\w.\-]*")  # how far _KV_KEY's key name can reach from a hint
 # the longest name _SECRET_KEY_NAME takes only whole (auth, pass, pwd, sig): a name inside a longer one
@@ -813,7 +815,7 @@ def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int
         if bare is None:
             return None
         end = bare.end()
-        # a quote inside a bare value (password=ab"cd, JSON-escaped ab\\"cd): the value goes on
+        # a quote or backslashes inside a bare value: the value goes on (_KV_BARE_MORE)
         while (more := _KV_BARE_MORE.match(text, end)) is not None:
             end = more.end()
         return False, pos, end, end

@@ -43,6 +43,9 @@ FORMS = [
     ("db url query", "postgresql://db.example/app?sslmode=require&password=ab\"cd{tail}&x=1"),
     ("db url query, single quote", "mysql://db.example/app?password=ab'cd{tail}"),
     ("escaped json, bare value", '{"content": "connect with password=ab\\"cd{tail} now"}'),
+    # a backslash inside a bare value ended it, and the rest was shown (the nineteenth campaign left it)
+    ("bare value with a backslash", "connect with password=ab\\cd{tail} now"),
+    ("bare value with backslashes, escaped json", '{"content": "login: DOMAIN\\\\user password=x\\\\y{tail}"}'),
 ]
 
 
