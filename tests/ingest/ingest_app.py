@@ -14,7 +14,9 @@ from typing import Any
 from autogen import ConversableAgent
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
 from cmbagent_otel.testing import offline_agent
@@ -35,6 +37,20 @@ def run(tag: str, steps: int = STEPS) -> None:
             for number in range(1, steps + 1):
                 with cmbagent_otel.step(number, f"part {number}", agent="engineer"):
                     user.initiate_chat(engineer, message=f"do part {number}", max_turns=1, silent=True)
+
+
+def recorded(tag: str, steps: int = STEPS) -> list[ReadableSpan]:
+    """The spans of one :func:`run`, instrumented in this process and kept in memory."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
+    try:
+        run(tag, steps)
+    finally:
+        cmbagent_otel.uninstrument()
+        provider.shutdown()
+    return list(memory.get_finished_spans())
 
 
 def otlp_json(spans: list[ReadableSpan]) -> dict[str, Any]:

@@ -14,14 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_app import run
+from ingest_app import recorded
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
 
-import cmbagent_otel
 from cmbagent_otel.dag.writer import DagWriter
 from cmbagent_otel.ingest import IngestServer
 
@@ -59,17 +55,8 @@ def runs_by_task(url: str) -> dict[str, tuple[str, str]]:
 
 
 def reference_signature(tmp_path: Path) -> dict[str, Any]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-    try:
-        run("ref")
-    finally:
-        cmbagent_otel.uninstrument()
-        provider.shutdown()
     url = f"sqlite:///{tmp_path / 'ref.db'}"
-    DagWriter(url).write(memory.get_finished_spans())
+    DagWriter(url).write(recorded("ref"))
     return signature(url, runs_by_task(url)["task ref"][0])
 
 
@@ -118,15 +105,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+/v1/traces)", line)
         assert match, line
         assert TOKEN not in line
-        memory = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-        try:
-            run("cli")
-        finally:
-            cmbagent_otel.uninstrument()
-        spans: list[ReadableSpan] = list(memory.get_finished_spans())
+        spans = recorded("cli")
         import urllib.request
 
         req = urllib.request.Request(match.group(1), data=encode_spans(spans).SerializeToString(), headers={

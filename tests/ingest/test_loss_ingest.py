@@ -293,20 +293,9 @@ def _tables(url: str) -> dict[str, list[tuple[Any, ...]]]:
 def test_loss_a_batch_sent_twice_leaves_the_rows_of_one(tmp_path: Path) -> None:
     """A retry whose first attempt was stored (its answer lost to a client timeout) and the
     same batch sent twice at once (HTTP and gRPC together) leave exactly the rows of one send."""
-    from ingest_app import run
+    from ingest_app import recorded
 
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    import cmbagent_otel
-
-    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-    try:
-        run("twice")
-    finally:
-        cmbagent_otel.uninstrument()
-        provider.shutdown()
-    spans = list(memory.get_finished_spans())
+    spans = recorded("twice")
     assert len(spans) > 10
     once = f"sqlite:///{tmp_path / 'once.db'}"
     DagWriter(once).write(spans)

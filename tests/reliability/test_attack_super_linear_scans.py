@@ -22,7 +22,6 @@ needed minutes.
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,9 @@ import pytest
 from cmbagent_otel import redaction
 
 from .conftest import Capture, group_chat, instrumented_with, needs_custom_client, outcome
-from .test_adversarial_text import cpu_alarm
+from .test_adversarial_text import cpu_alarm, marker
 
 CPU_BOUND_S = 20
-
-
-def marker() -> str:
-    return f"MARKER{secrets.token_hex(12)}"  # shapeless: only the key name tells it is a secret
 
 
 # ~120,000 characters each: one run of name characters with a hint after every non-ASCII letter
