@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from autogen import ConversableAgent, GroupChat, GroupChatManager
 from cmbagent_otel.exporters.dag import DagSpanExporter
 from sqlalchemy import create_engine, text
@@ -22,6 +23,13 @@ from cmbagent_otel.instrumentation import _handoffs
 from cmbagent_otel.redaction import max_length
 
 MAX_CANDIDATES = getattr(_handoffs, "MAX_CANDIDATES", 128)  # (getattr: the test also runs on the old code)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # cmbagent's fork (cmbagent_autogen) writes each group chat message to chats/ under the current directory
+    (tmp_path / "chats").mkdir()
+    monkeypatch.chdir(tmp_path)
 
 
 def _round_robin(names: list[str], rounds: int = 4) -> Any:
