@@ -57,6 +57,18 @@ def make_spans(traces: int, children: int = 3, tag: str = "loss") -> list[Readab
     return list(memory.get_finished_spans())
 
 
+def exported_by_both(port: int, grpc_port: int, via_http: Sequence[ReadableSpan],
+                     via_grpc: Sequence[ReadableSpan]) -> bool:
+    """Whether the SDK's OTLP/HTTP exporter stored ``via_http`` and its gRPC exporter ``via_grpc``."""
+    stored_http = HttpExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces").export(via_http)
+    exporter = GrpcExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True)
+    try:
+        stored_grpc = exporter.export(via_grpc)
+    finally:
+        exporter.shutdown()
+    return stored_http is SpanExportResult.SUCCESS and stored_grpc is SpanExportResult.SUCCESS
+
+
 def body_of(spans: Sequence[ReadableSpan]) -> bytes:
     return encode_spans(spans).SerializeToString()
 
@@ -163,13 +175,7 @@ def test_loss_acknowledged_spans_survive_sigkill(server: IngestProcess, db: Path
     """Every batch the exporters were told was stored is there after the server is SIGKILLed."""
     before = set(stored(db))
     via_http, via_grpc = make_spans(5, tag="http"), make_spans(5, tag="grpc")
-    assert HttpExporter(endpoint=f"http://127.0.0.1:{server.port}/v1/traces").export(via_http) \
-        is SpanExportResult.SUCCESS
-    exporter = GrpcExporter(endpoint=f"127.0.0.1:{server.grpc_port}", insecure=True)
-    try:
-        assert exporter.export(via_grpc) is SpanExportResult.SUCCESS
-    finally:
-        exporter.shutdown()
+    assert exported_by_both(server.port, server.grpc_port, via_http, via_grpc)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(timeout=60)
     rows = [r for r in stored(db) if r not in before]
@@ -478,13 +484,7 @@ def test_loss_postgresql_stopped_mid_ingest(cluster: Cluster) -> None:
         assert status == 503 and int(headers["retry-after"]) > 0
         assert grpc_call(proc.grpc_port, body_of(second), SDK_TIMEOUT)[0] is grpc.StatusCode.UNAVAILABLE
         cluster.start()
-        assert HttpExporter(endpoint=f"http://127.0.0.1:{proc.port}/v1/traces").export(second) \
-            is SpanExportResult.SUCCESS
-        exporter = GrpcExporter(endpoint=f"127.0.0.1:{proc.grpc_port}", insecure=True)
-        try:
-            assert exporter.export(third) is SpanExportResult.SUCCESS
-        finally:
-            exporter.shutdown()
+        assert exported_by_both(proc.port, proc.grpc_port, second, third)
     finally:
         code, _, err = proc.stop()
     assert code == 0, err
