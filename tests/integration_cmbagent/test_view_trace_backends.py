@@ -255,8 +255,9 @@ def test_names_and_counts_match_the_rows(exported: dict[str, Any]) -> None:
     """Span names say what happened, and in the numbers the DB rows hold: a ``phase`` span per phase
     node, ``step <n>`` per plan step node, a ``chat <model>`` span per model call (LLM event), an
     ``execute_tool <tool>`` per tool call, an ``execute_code <language>`` per code run (failed where the
-    code_exec event failed), an ``await_human_input`` per human turn, ``invoke_agent <agent>`` naming the
-    steps' sub-agents; and no more spans than the run's events and nodes together."""
+    code_exec event failed), an ``await_human_input`` per human turn, an ``invoke_agent <agent>`` per
+    agent turn (sub-agent node or invoke event, agent by agent); and no more spans than the run's events
+    and nodes together."""
     figures = {}
     for (kind, _, options), trace_id in _runs_in_order(exported):
         spans = exported["jaeger"][trace_id]["spans"]
@@ -287,6 +288,12 @@ def test_names_and_counts_match_the_rows(exported: dict[str, Any]) -> None:
                 assert tags.get("cmbagent.step.goal"), (kind, s["operationName"])  # the plan step's goal
             if s["operationName"].startswith("chat "):
                 assert s["operationName"] == f"chat {tags['gen_ai.request.model']}" and tags["gen_ai.agent.name"]
+        # every agent turn is an invoke_agent span: the sub-agent nodes (the turns inside a phase or step)
+        # and the agent_call/invoke events (the other turns: group chat managers, tool runners, nested chats)
+        turns = collections.Counter(s["operationName"].removeprefix("invoke_agent ") for s in spans
+                                    if s["operationName"].startswith("invoke_agent "))
+        assert turns == collections.Counter(n["agent"] for n in rows["nodes"] if n["node_type"] == "sub_agent") \
+            + collections.Counter(e["agent_name"] for e in rows["events"] if e["event_subtype"] == "invoke"), kind
         # the steps' sub-agents are named: engineer / researcher / executor turns under the plan's steps
         if kind in ("planning_and_control", "carryover", "control", "deep_research") and not options:
             assert {"invoke_agent engineer", "invoke_agent researcher", "invoke_agent executor"} <= set(names), kind
