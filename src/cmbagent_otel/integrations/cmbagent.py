@@ -152,6 +152,10 @@ STICKY = "carryover_phase"  # frame kind of the control phase kept open across t
 #: ``preprocess_task``'s only solves are those of the ``summarize_documents`` it calls (its run, which
 #: that call joins; cmbagent lays enhance-input runs out the same way).
 FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents", "preprocess_task"})
+#: The entry points' parameter holding what the run works on (the run's ``task_description``, which
+#: cmbagent's backend sets from the text the user submitted in every mode): ``task``, get_keywords'
+#: ``input_text``, preprocess_task's ``text``, the document or folder summarize_document(s) reads.
+TASK_PARAMETERS: tuple[str, ...] = ("task", "input_text", "text", "markdown_document_path", "folder_path")
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -345,7 +349,7 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
     return workflow(
         name,
         mode=mode,
-        task=_text(bound.get("task")),
+        task=_text(next((bound[k] for k in TASK_PARAMETERS if bound.get(k) is not None), None)),
         agent=agent,
         model=model,
         # summarize_documents names its output folder work_dir_base (the run's meta.work_dir, which
