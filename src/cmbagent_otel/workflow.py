@@ -36,7 +36,7 @@ from opentelemetry import trace
 
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
-from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
+from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, _LateTracer, effective_parent, workflow_tracers
 from .redaction import REDACTED, is_secret_key, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -546,8 +546,12 @@ class workflow(_Block):
                 attrs[key] = value
         if self.attributes:
             attrs.update(self.attributes)
-        run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name)
-        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context)
+        tracer = workflow_tracers.current()
+        if type(tracer) is _LateTracer:
+            tracer = None  # no provider yet: each block takes the one there is when it opens
+        run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name, tracer=tracer)
+        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context,
+                          tracer=tracer)
 
 
 def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:
@@ -626,7 +630,7 @@ class phase(_Block):
         else:
             node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index)
         return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,
-                          scope_changes={"phase": self.name})
+                          scope_changes={"phase": self.name}, tracer=scope.run.tracer)
 
 
 class step(_Block):
@@ -672,7 +676,7 @@ class step(_Block):
             attrs.update(self.attributes)
         node = NodeSpec(f"step_{self.number}", semconv.NODE_AGENT, order_index=self.number)
         return TracedSpan(f"step {self.number}", semconv.KIND_STEP, attrs, node=node,
-                          scope_changes={"step": self.number})
+                          scope_changes={"step": self.number}, tracer=scope.run.tracer)
 
 
 def _step_agent() -> str | None:
@@ -747,4 +751,4 @@ class redo(_Block):
             attrs.update(self.attributes)
         node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True)
         return TracedSpan(f"redo step {self.step} attempt {self.attempt}", semconv.KIND_BRANCH, attrs,
-                          node=node)
+                          node=node, tracer=scope.run.tracer)
