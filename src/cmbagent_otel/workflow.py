@@ -209,7 +209,9 @@ class _Block:
         with _open_lock:
             entries = (self._origin or self).__dict__.get("_open_entries") or []
             if entry is None:  # exited in a context the entry was not made in
-                entry = _of_this_run([e for e in entries if e.block is self])
+                # the entry of the caller's run; else (left from another run's context) the latest: a block
+                # left must end its span
+                entry = _of_this_run([e for e in entries if e.block is self], or_latest=True)
             if entry in entries:
                 entries.remove(entry)
         if entry is None:
@@ -314,9 +316,10 @@ class _Block:
             traced.fail(description)
 
 
-def _of_this_run(entries: list[_Entry]) -> _Entry | None:
+def _of_this_run(entries: list[_Entry], or_latest: bool = False) -> _Entry | None:
     """The latest of ``entries`` whose span is in the trace of the current context's span; the latest of
-    all when the context holds no span (a thread no context followed); ``None`` when none is in its run."""
+    all when the context holds no span (a thread no context followed), or when none is in its run and
+    ``or_latest``; else ``None``."""
     if not entries:
         return None
     try:
@@ -327,7 +330,7 @@ def _of_this_run(entries: list[_Entry]) -> _Entry | None:
             traced = entry.traced
             if traced is not None and traced.span.get_span_context().trace_id == current.trace_id:
                 return entry
-        return None
+        return entries[-1] if or_latest else None
     except Exception:
         logger.debug("cmbagent_otel: could not match a block's entry to the current run", exc_info=True)
         return entries[-1]

@@ -170,3 +170,25 @@ def test_a_handle_called_outside_every_run_of_the_block_changes_none(instrumente
     thread.join()
     assert [s.attributes.get(SUMMARY) for s in instrumented.named("step ")] == [None, None]
 
+
+
+def test_a_block_left_from_another_runs_context_still_ends(instrumented: Any) -> None:
+    """Guard (passes on 40d74c5 too): leaving is not a handle call; the block's only entry ends even when
+    the thread leaving it is inside another run."""
+    shared = step(1, "entered by A")
+    entered, left = threading.Event(), threading.Event()
+
+    def run_a() -> None:
+        with workflow("A"), phase("control"):
+            shared.__enter__()
+            entered.set()
+            left.wait()
+
+    thread = threading.Thread(target=run_a)
+    thread.start()
+    entered.wait()
+    with workflow("C"), phase("control"):
+        shared.__exit__(None, None, None)  # handed over and left here, in run C's context
+    left.set()
+    thread.join()
+    assert [s.name for s in instrumented.named("step ")] == ["step 1"]
