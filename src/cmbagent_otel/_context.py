@@ -116,6 +116,9 @@ class RunState:
     # left out of order, or in another thread) starts a new run rather than joining this one
     ended: bool = False
     warned: bool = False  # that the ended run was still held by a context (logged once)
+    # the tracer its workflow block started it with (None: not known): its phase, step and redo blocks start
+    # their spans there too, so a run open when instrument() binds another provider stays whole in one
+    tracer: Any = None
     _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counters: _Counters = field(default_factory=_Counters)

@@ -47,6 +47,7 @@ from ._context import (
     with_scope,
 )
 from ._forksafe import reset_in_child
+from ._termination import claim_duration
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
 from .redaction import learn_encoded_in, safe_text, truncate
 from .version import __version__
@@ -482,7 +483,7 @@ def end_frame(frame: Frame, exc: BaseException | None = None) -> None:
     except Exception:
         logger.debug("cmbagent_otel: could not end span", exc_info=True)
     timing, frame.timing = frame.timing, None
-    if timing is not None:
+    if timing is not None and claim_duration(frame.span, frame):
         try:
             _record_timing(timing, frame.error)
         except Exception:
@@ -1012,8 +1013,8 @@ class TracedSpan(LazyScope):
             if timing is not None and not isinstance(timing, Frame):
                 self._timing = None
                 try:
-                    error = self._error or (error_type(exc) if exc is not None else None)
-                    _record_timing(timing, error)
+                    if claim_duration(span, self):  # not ended for it meanwhile (at exit, at a shutdown)
+                        _record_timing(timing, self._error or (error_type(exc) if exc is not None else None))
                 except Exception:
                     logger.debug("cmbagent_otel: could not record a duration", exc_info=True)
         # returning None lets the application's exception propagate unchanged

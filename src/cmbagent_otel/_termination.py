@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -151,6 +151,22 @@ def _at_exit() -> None:
     end_open_spans("the process exited while it was open", PROCESS_EXITED)
 
 
+_TIMED = "_cmbagent_otel_timed"  # on a run or step span: who records its duration metric (first come)
+
+
+def claim_duration(span: Any, claimant: object) -> bool:
+    """Whether ``claimant`` records ``span``'s duration metric: the first to ask, its owner when it ends the
+    span or :func:`end_open_spans` ending it for the owner, does; the other not. The owner went on after a
+    span was ended for it (a daemon thread at exit, the thread that shut the provider down) and recorded
+    the same run or step a second time. Atomic (one ``dict.setdefault``); a span without a ``__dict__``
+    is always its owner's."""
+    attributes = getattr(span, "__dict__", None)
+    return attributes is None or attributes.setdefault(_TIMED, claimant) is claimant
+
+
+_HOOK = object()  # end_open_spans as a claimant
+
+
 def _ended(end_time: int | None = None) -> None:
     """What ``end()`` of a span :func:`end_open_spans` ended does: its owner (a daemon thread going on while
     the interpreter exits) ends it again when its block is left, which the SDK logs as a warning."""
@@ -170,25 +186,34 @@ def end_open_spans(reason: str, error_type: str = STOPPED_BY_SIGNAL, processor: 
         return 0
     with contextlib.suppress(Exception):
         spans.sort(key=lambda span: getattr(span, "start_time", None) or 0, reverse=True)  # children first
-    ended = 0
+    ended: list[Any] = []
+    by_owner: list[Any] = []  # ended by their owners since they were listed, their durations ours to record
     for span in spans:
         try:
+            end = span.end
+            if not claim_duration(span, _HOOK):
+                continue  # its owner has just ended it (and recorded its duration)
+            # an instance attribute: only this span, no cost to any other; its owner's end() does nothing now
+            span.end = _ended
+            if not span.is_recording():
+                by_owner.append(span)
+                continue
             if span.status.status_code is StatusCode.UNSET:  # a failure recorded before keeps its reason
                 span.set_status(Status(StatusCode.ERROR, reason))
                 span.set_attribute(semconv.ERROR_TYPE, error_type)
-            span.end()
-            with contextlib.suppress(Exception):
-                span.end = _ended  # an instance attribute: only this span, no cost to any other
-            ended += 1
+            end()
+            ended.append(span)
         except Exception:
             logger.debug("cmbagent_otel: could not end an open span", exc_info=True)
-    _record_durations(spans, error_type)
-    return ended
+    _record_durations([*ended, *by_owner], error_type, by_owner)
+    return len(ended)
 
 
-def _record_durations(spans: list[Any], error_type: str = STOPPED_BY_SIGNAL) -> None:
+def _record_durations(spans: list[Any], error_type: str = STOPPED_BY_SIGNAL,
+                      by_owner: Sequence[Any] = ()) -> None:
     """The run-level duration metrics of the workflow and step spans just ended: their owners, which
-    record them when they end a span, will not run again."""
+    record them when they end a span, will not now (see :func:`claim_duration`). ``by_owner``: those among
+    them their owners ended (with their own outcome, not ``error_type``)."""
     from ._spans import workflow_tracers
     from .metrics import TIMED_KINDS
 
@@ -204,8 +229,8 @@ def _record_durations(spans: list[Any], error_type: str = STOPPED_BY_SIGNAL) -> 
             kind = attributes.get(semconv.SPAN_KIND)
             if kind in TIMED_KINDS and span.start_time:
                 end = span.end_time or now
-                metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9,
-                              attributes.get(semconv.ERROR_TYPE) or error_type,
+                outcome = attributes.get(semconv.ERROR_TYPE) or (None if span in by_owner else error_type)
+                metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9, outcome,
                               runs.get(span.context.trace_id))
     except Exception:
         logger.debug("cmbagent_otel: could not record the durations of the ended spans", exc_info=True)

@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import _termination
+from . import _termination, _threadpool
 from . import environment_variables as env
 from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
@@ -140,6 +140,7 @@ def instrument(
         threaded = False
         if instrument_threading:
             threaded = _instrument_threading()
+            _threadpool.instrument()  # ThreadPool tasks: no submit() the threading instrumentation wraps
         cmbagent = False
         if instrument_cmbagent:
             cmbagent = _instrument_cmbagent(provider, meters, metrics_on)
@@ -199,6 +200,7 @@ def uninstrument() -> None:
             _termination.uninstall()
         except Exception:
             logger.debug("cmbagent_otel: signal handler not removed", exc_info=True)
+        _threadpool.uninstrument()
         if _state["threading"]:
             from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 

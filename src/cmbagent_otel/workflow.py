@@ -36,7 +36,7 @@ from opentelemetry import trace
 
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
-from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, effective_parent
+from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, _LateTracer, effective_parent, workflow_tracers
 from .redaction import REDACTED, is_secret_key, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,12 +161,17 @@ class _Block:
 
     A block object may be entered again while open, and from several threads or tasks at
     once: every entry opens its own span. ``set_attribute``/``fail`` act on the innermost
-    entry of the calling context, else (a thread the context did not follow) on the most
-    recent entry still open, else on the span an integration attached (``_traced``).
+    entry of the calling context (in a function the block decorates: that call's entry), else
+    (a thread the blocks' context did not follow) on the most recent entry still open in the run
+    of the calling context's span (any, when it holds none), else on the span an integration
+    attached (``_traced``).
     """
 
     _traced: TracedSpan | None
     _open_entries: list[_Entry]
+    # the block a decorator's per-call copy was made from: the handle API of that block (called inside the
+    # decorated function) acts on the copy's entry, and the copy's entries are listed on it
+    _origin: _Block | None = None
 
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:  # pragma: no cover - abstract
         """Check the nesting at ``scope`` (default: where new work stands now) and describe the span."""
@@ -183,7 +188,7 @@ class _Block:
         entry = _Entry(self, traced)
         _ENTRIES.set((*_ENTRIES.get(), entry))
         with _open_lock:
-            self.__dict__.setdefault("_open_entries", []).append(entry)
+            (self._origin or self).__dict__.setdefault("_open_entries", []).append(entry)
         return self
 
     def __exit__(
@@ -202,9 +207,11 @@ class _Block:
                 _ENTRIES.set(stack[:index] + later)
                 break
         with _open_lock:
-            entries = self.__dict__.get("_open_entries") or []
-            if entry is None and entries:  # exited in a context the entry was not made in
-                entry = entries[-1]
+            entries = (self._origin or self).__dict__.get("_open_entries") or []
+            if entry is None:  # exited in a context the entry was not made in
+                # the entry of the caller's run; else (left from another run's context) the latest: a block
+                # left must end its span
+                entry = _of_this_run([e for e in entries if e.block is self], or_latest=True)
             if entry in entries:
                 entries.remove(entry)
         if entry is None:
@@ -248,6 +255,12 @@ class _Block:
     def _copy(self) -> _Block:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _for_call(self) -> _Block:
+        """The block one call of a function it decorates enters: a copy, whose handle is this block."""
+        copy = self._copy()
+        copy._origin = self._origin or self
+        return copy
+
     def __call__(self, func: F) -> F:
         if isinstance(func, (classmethod, staticmethod)):
             # written above @classmethod/@staticmethod: wrap the function inside, as the method binds
@@ -261,14 +274,14 @@ class _Block:
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                async with self._copy():
+                async with self._for_call():
                     return await func(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self._copy():
+            with self._for_call():
                 return func(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
@@ -276,12 +289,16 @@ class _Block:
     # --- handle API, usable inside the block -------------------------------------------
     def _current(self) -> TracedSpan | None:
         for entry in reversed(_ENTRIES.get()):
-            if entry.block is self:
+            if entry.block is self or entry.block._origin is self:
                 return entry.traced
         with _open_lock:
-            entries = self.__dict__.get("_open_entries")
-            if entries:
-                return entries[-1].traced
+            entries = list(self.__dict__.get("_open_entries") or ())
+        if entries:
+            # a thread the block's context did not follow (a pool worker, a thread of its own): the entry
+            # of the run this context is in; the latest entry may be another run's (one block object
+            # used by concurrent runs), and acting on it put one run's summary or failure on another's
+            entry = _of_this_run(entries)
+            return entry.traced if entry is not None else self._traced
         return self._traced
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -297,6 +314,26 @@ class _Block:
         traced = self._current()
         if traced is not None:
             traced.fail(description)
+
+
+def _of_this_run(entries: list[_Entry], or_latest: bool = False) -> _Entry | None:
+    """The latest of ``entries`` whose span is in the trace of the current context's span; the latest of
+    all when the context holds no span (a thread no context followed), or when none is in its run and
+    ``or_latest``; else ``None``."""
+    if not entries:
+        return None
+    try:
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid:
+            return entries[-1]
+        for entry in reversed(entries):
+            traced = entry.traced
+            if traced is not None and traced.span.get_span_context().trace_id == current.trace_id:
+                return entry
+        return entries[-1] if or_latest else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not match a block's entry to the current run", exc_info=True)
+        return entries[-1]
 
 
 def _shape_of(func: Any) -> Any:
@@ -349,7 +386,7 @@ class _Suspended:
 def _wrap_generator(block: _Block, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        span = _Suspended(block._copy())
+        span = _Suspended(block._for_call())
         failure: BaseException | None = None
         try:
             gen = func(*args, **kwargs)
@@ -389,7 +426,7 @@ def _wrap_generator(block: _Block, func: Callable[..., Any]) -> Callable[..., An
 def _wrap_async_generator(block: _Block, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        span = _Suspended(block._copy())
+        span = _Suspended(block._for_call())
         failure: BaseException | None = None
         try:
             agen = func(*args, **kwargs)
@@ -479,7 +516,7 @@ class workflow(_Block):
         """Whether this block (its innermost entry in the calling context, else its last one)
         joined an enclosing run instead of starting one."""
         for entry in reversed(_ENTRIES.get()):
-            if entry.block is self:
+            if entry.block is self or entry.block._origin is self:
                 return entry.traced is None
         return self._joined
 
@@ -512,8 +549,12 @@ class workflow(_Block):
                 attrs[key] = value
         if self.attributes:
             attrs.update(self.attributes)
-        run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name)
-        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context)
+        tracer = workflow_tracers.current()
+        if type(tracer) is _LateTracer:
+            tracer = None  # no provider yet: each block takes the one there is when it opens
+        run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name, tracer=tracer)
+        return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context,
+                          tracer=tracer)
 
 
 def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:
@@ -592,7 +633,7 @@ class phase(_Block):
         else:
             node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index)
         return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,
-                          scope_changes={"phase": self.name})
+                          scope_changes={"phase": self.name}, tracer=scope.run.tracer)
 
 
 class step(_Block):
@@ -638,7 +679,7 @@ class step(_Block):
             attrs.update(self.attributes)
         node = NodeSpec(f"step_{self.number}", semconv.NODE_AGENT, order_index=self.number)
         return TracedSpan(f"step {self.number}", semconv.KIND_STEP, attrs, node=node,
-                          scope_changes={"step": self.number})
+                          scope_changes={"step": self.number}, tracer=scope.run.tracer)
 
 
 def _step_agent() -> str | None:
@@ -713,4 +754,4 @@ class redo(_Block):
             attrs.update(self.attributes)
         node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True)
         return TracedSpan(f"redo step {self.step} attempt {self.attempt}", semconv.KIND_BRANCH, attrs,
-                          node=node)
+                          node=node, tracer=scope.run.tracer)
