@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -303,20 +305,40 @@ def _pg_begin(conn: Any) -> None:
         conn.exec_driver_sql(TIMEOUTS_SQL, params)
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_private(path: Path) -> None:
+    """Create the SQLite file ``path`` readable by its owner alone (0600) when there is none, before
+    SQLite does: SQLite gives a new file the umask's mode (0644 usually), and its ``-wal``, ``-shm``
+    and ``-journal`` files copy the database file's, while they hold prompts, answers and code
+    output. A file already there keeps its mode (never changed); a symbolic link to nothing is
+    refused (SQLite would create the file wherever it points: a link planted in a shared folder)."""
+    try:
+        os.close(os.open(path, _CREATE_FLAGS, 0o600))
+    except FileExistsError:
+        if path.is_symlink() and not path.exists():
+            raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
+                                  "to nothing", str(path)) from None
+
+
 def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
     """Create an engine for ``url`` (resolved). SQLite gets WAL, busy_timeout and FK pragmas."""
     resolved = resolve_url(url)
     parsed = make_url(resolved)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         busy_ms = sqlite_busy_timeout_ms()
         engine = create_engine(
             resolved,
             connect_args={"check_same_thread": False, "timeout": busy_ms / 1000},
             poolclass=NullPool if db in (None, "", ":memory:") else None,
         )
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = Path(db).expanduser()
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _create_private(path)
+            event.listen(engine, "do_connect", lambda *_args: _create_private(path))  # made again if deleted
         event.listen(engine, "connect", _sqlite_pragmas(foreign_keys, busy_ms))
         event.listen(engine, "begin", _sqlite_begin(busy_ms))
         return engine
