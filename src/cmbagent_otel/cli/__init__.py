@@ -6,7 +6,7 @@ module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION`` a
 modules of the library hold no command-line code. ``--db URL`` is accepted before and after
 the subcommand. A :class:`CLIError` (bad input, nothing to read), an argument or path that
 is not valid UTF-8 and an error of the operating system (a folder that cannot be created)
-print one line on stderr and exit with code 2.
+print one line on stderr and exit with code 2, as does a database driver that is not installed.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except ImportError as exc:  # a database driver the URL names that is not installed (postgresql+pg8000://)
+        print(f"cmbagent-otel: error: a module this needs is not installed: {one_line(exc)}", file=sys.stderr)
+        return 2
     except UnicodeError as exc:  # a run id or path given in bytes that are not UTF-8 (argv keeps them as surrogates)
         print(f"cmbagent-otel: error: an argument or path is not valid UTF-8 ({exc.reason})", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
 from .._forksafe import reset_in_child
+from ..redaction import is_secret_key
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -39,6 +40,8 @@ BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
 PG_CONNECT_TIMEOUT_S = 10  # libpq's own default is to wait as long as the OS does
 # Credentials that may sit in a URL's query string; never written into a spill file.
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey", "token", "auth_token", "api_key"})
+
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]{0,40}")
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cmbagent_otel_db_deadline", default=None)
 
@@ -135,9 +138,13 @@ def resolve_url(url: str | None = None) -> str:
     try:
         parsed = make_url(chosen)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
-        # the text may hold a password: name only its scheme
-        scheme = chosen.partition("://")[0] if "://" in chosen else "?"
-        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {exc}") from None
+        # the text may hold a password, and so may the error's: a password without its "@"
+        # (postgresql://user:<password>/db) is read as the port, quoted by int()'s ValueError
+        scheme = chosen.partition("://")[0] if "://" in chosen else ""
+        scheme = scheme if _SCHEME.fullmatch(scheme) else "?"
+        reason = "what follows the host's ':' is not a port number (a password without its '@'?)" \
+            if isinstance(exc, ValueError) else "not a URL"
+        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {reason}") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise BadDatabaseURL(f"unsupported database backend {backend!r} in {redacted(parsed)!r}")
@@ -182,10 +189,16 @@ def redacted(url: str | URL) -> str:
     """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:
         parsed = make_url(_raw_credentials(url) if isinstance(url, str) else url)
-        secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+        secret = [k for k in parsed.query if _secret_query_key(k)]
         return parsed.difference_update_query(secret).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return "<invalid url>"
+
+
+def _secret_query_key(key: str) -> bool:
+    """A query parameter whose value is a credential: libpq's (``password``, ``sslpassword``...) or any
+    secret-named one (``pwd=``, ``client_secret=``: a driver or proxy of another's)."""
+    return key.lower() in _SECRET_QUERY_KEYS or is_secret_key(key)
 
 
 def storable_url(url: str | None = None) -> str:
@@ -207,7 +220,7 @@ def target_of(url: str | None = None) -> str:
     same text, so it identifies where spilled spans belong. An in-memory SQLite database is
     no target (:func:`storable_url`)."""
     parsed = make_url(storable_url(url))
-    query = {k: v for k, v in parsed.query.items() if k.lower() not in _SECRET_QUERY_KEYS}
+    query = {k: v for k, v in parsed.query.items() if not _secret_query_key(k)}
     # URL.set() cannot remove a password (None means "unchanged"): build the URL again
     parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
