@@ -168,6 +168,8 @@ def _database_url(raw: str) -> str:
     if backend == "sqlite" and in_memory_sqlite(parsed.database, parsed.query):
         # each connection gets its own empty database: the schema is never there to write to
         raise ValueError("an in-memory SQLite database (nothing could ever be stored or read back)")
+    if backend == "sqlite":
+        _usable_path(str(Path(parsed.database).expanduser()))
     try:
         parsed.get_dialect()
     except NoSuchModuleError:
@@ -183,7 +185,25 @@ def in_memory_sqlite(database: str | None, query: Any) -> bool:
 
 def _path(raw: str) -> str:
     _utf8(raw)
-    return str(Path(raw).expanduser())
+    path = str(Path(raw).expanduser())
+    _usable_path(path)
+    return path
+
+
+# Linux's PATH_MAX and NAME_MAX (and most other systems'): a longer path fails every call that
+# names it (ENAMETOOLONG), so every spill or replay of the run failed (a traceback logged each time)
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+
+
+def _usable_path(path: str) -> None:
+    """Refuse a path the operating system cannot open: longer than :data:`PATH_MAX_BYTES` or with
+    a name longer than :data:`NAME_MAX_BYTES` (in UTF-8 bytes)."""
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX_BYTES:
+        raise ValueError(f"a path of {size} bytes, longer than the system takes ({PATH_MAX_BYTES})")
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES for part in path.split(os.sep)):
+        raise ValueError(f"a file or folder name in it is longer than the system takes ({NAME_MAX_BYTES} bytes)")
 
 
 def _exporter_names(builtin: frozenset[str], group: str, what: str) -> Callable[[str], tuple[str, ...]]:
@@ -361,13 +381,27 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
+# how much of an ignored value (and of the reason, which may quote it) a warning shows: a variable
+# may hold up to 128 KiB (Linux's bound on one environment string), and each warning line held it
+# whole, twice when the parser's message quoted it
+_SHOWN_CHARS = 80
+_REASON_CHARS = 300
+
+
 def _warn_once(name: str, raw: str, reason: str, secret: bool, fallback: str) -> None:
-    key = (name, raw)
+    key = (name, raw if len(raw) <= 1024 else f"{len(raw)}:{hash(raw)}")
     with _warned_lock:
         if key in _warned:
             return
         _warned.add(key)
-    shown = "<hidden>" if secret else repr(raw)
+    if secret:
+        shown = "<hidden>"
+    elif len(raw) > _SHOWN_CHARS:
+        shown = f"{raw[:_SHOWN_CHARS]!r}... ({len(raw)} characters)"
+    else:
+        shown = repr(raw)
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "..."
     logger.warning("cmbagent_otel: ignoring %s=%s (%s); using %s", name, shown, reason, fallback)
 
 
