@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -32,8 +33,10 @@ __all__ = [
     "HEADER_VARIABLES",
     "SDK_CHECKED",
     "SETTINGS",
+    "URL_VARIABLES",
     "Setting",
     "check_sdk_variables",
+    "configured_credentials",
     "database_url",
     "default_sqlite_path",
     "get",
@@ -673,6 +676,73 @@ def _check_header_variables() -> None:
 
 
 check_sdk_variables()  # at import: the package imports this module before any OpenTelemetry SDK module
+
+
+URL_VARIABLES = (DATABASE_URL, CMBAGENT_DATABASE_URL, "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+"""Variables holding a URL that may carry a credential (a password, a DSN's token, a query key)."""
+
+# headers whose value is a vendor's credential although the name does not say so; and the
+# authorization schemes whose token follows a space (the token is a secret on its own too)
+_CREDENTIAL_HEADERS = frozenset({"x-honeycomb-team", "uptrace-dsn", "x-sf-token", "x-insert-key", "x-license-key"})
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "apikey", "api-key", "key", "sso-key", "geniekey", "dsn"})
+# query parameters that are credentials inside a URL only (Azure Functions' ?code=, Google's ?key=, signatures)
+_URL_QUERY_CREDENTIALS = frozenset({"code", "key", "sig", "signature"})
+
+
+def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
+    """The credentials inside configuration variables whose names do not say they hold one, for
+    :mod:`cmbagent_otel.redaction` to treat as registered secrets: each OTLP header's value under a
+    secret-named or vendor credential header (``x-honeycomb-team``), or that looks like a token (16
+    characters or more with letters and digits), and the token after ``Bearer``/``Basic``; a URL's
+    password (not when it is the user's name), an OTLP endpoint's user info without a password (a
+    DSN's token), and the values of secret-named query parameters. ``is_secret_name``: whether a
+    header or parameter name is a secret's. Never raises."""
+    found: list[str] = []
+    try:
+        for name in HEADER_VARIABLES:
+            for entry in (os.environ.get(name) or "").split(","):
+                key, eq, value = entry.partition("=")
+                if not eq:
+                    continue
+                key, value = unquote(key).strip().lower(), unquote(value).strip()
+                scheme, space, token = value.partition(" ")
+                if space and scheme.lower() in _AUTH_SCHEMES:
+                    found.append(token.strip())
+                if is_secret_name(key) or key in _CREDENTIAL_HEADERS or _looks_like_token(value):
+                    found.append(value)
+        for name in URL_VARIABLES:
+            found += _url_credentials(os.environ.get(name) or "", is_secret_name)
+    except Exception:  # telemetry must never break the app
+        logger.debug("cmbagent_otel: could not read the credentials of the configuration", exc_info=True)
+    return [value for value in found if value]
+
+
+def _looks_like_token(value: str) -> bool:
+    return len(value) >= 16 and not any(c.isspace() for c in value) and any(c.isdigit() for c in value) \
+        and any(c.isalpha() for c in value)
+
+
+def _url_credentials(url: str, is_secret_name: Callable[[str], bool]) -> list[str]:
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        return []
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    userinfo, at, _host = rest[:end].rpartition("@")
+    found = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon and password != user:
+            found += {password, unquote(password)}
+        elif not colon and scheme.lower() in ("http", "https"):  # https://<token>@host: a DSN
+            found.append(unquote(user))
+    query = rest[end:].partition("?")[2].partition("#")[0]
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if eq and (is_secret_name(unquote(key)) or unquote(key).lower() in _URL_QUERY_CREDENTIALS):
+            found += {value, unquote(value)}
+    return found
 
 
 def database_url(argument: str | None = None) -> str:
