@@ -205,7 +205,10 @@ class IngestCore:
         self.max_per_client = max_per_client
         self._clients: dict[str, int] = {}
         self._requests = 0
-        self._token = token.encode() if token else None
+        try:
+            self._token = token.encode() if token else None
+        except UnicodeEncodeError:  # its message quoted the token's character at its position
+            raise ValueError("the bearer token is not valid UTF-8") from None
         self.max_bytes = max_bytes
         self.admission = Admission(budget)
         self.retry_after = retry_after

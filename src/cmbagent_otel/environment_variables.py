@@ -186,6 +186,14 @@ def in_memory_sqlite(database: str | None, query: Any) -> bool:
         database.startswith("file:") and ("mode=memory" in database or query.get("mode") == "memory"))
 
 
+def _host(raw: str) -> str:
+    """A host name or address to bind: UTF-8, no spaces, at most 253 characters (DNS's bound)."""
+    _utf8(raw)
+    if len(raw) > 253 or any(c.isspace() for c in raw):
+        raise ValueError("not a host name or address")
+    return raw
+
+
 def _path(raw: str) -> str:
     _utf8(raw)
     path = str(Path(raw).expanduser())
@@ -354,7 +362,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "`service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `cmbagent`)"),
     Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK; secrets in them are redacted)"),
     # cmbagent-otel ingest
-    Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds"),
+    Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds", _host),
     Setting(INGEST_PORT, 4318, "OTLP/HTTP port of the ingest (`0`: any free port, `off`: none)", parse_port),
     Setting(INGEST_GRPC_PORT, 4317, "OTLP/gRPC port of the ingest (`0`: any free port, `off`: none)", parse_port),
     Setting(INGEST_TOKEN, None, "Bearer token the ingest requires from clients", secret=True),

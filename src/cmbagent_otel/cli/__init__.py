@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(command(args) or 0)
     except CLIError as exc:  # may quote the database's rows or the server's words: no control characters
-        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {_bounded(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -74,5 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cmbagent-otel: error: an argument or path is not valid UTF-8 ({exc.reason})", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment refused: a folder that cannot be created, a permission
-        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {_bounded(one_line(exc))}", file=sys.stderr)
         return 2
+
+
+#: the most characters of an error line: it may quote what it was given (a 100 KB --db path or --host)
+ERROR_CHARS = 1000
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= ERROR_CHARS else f"{text[:ERROR_CHARS]}... ({len(text)} characters)"
