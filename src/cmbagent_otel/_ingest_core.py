@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from opentelemetry.sdk.trace import ReadableSpan
 
 from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
+from .redaction import register_secret
 
 logger = logging.getLogger("cmbagent_otel.ingest")
 
@@ -205,7 +206,12 @@ class IngestCore:
         self.max_per_client = max_per_client
         self._clients: dict[str, int] = {}
         self._requests = 0
-        self._token = token.encode() if token else None
+        try:
+            self._token = token.encode() if token else None
+        except UnicodeEncodeError:  # its message quoted the token's character at its position
+            raise ValueError("the bearer token is not valid UTF-8") from None
+        if token:  # given as --token or token=, not only by its variable: a client quoting it stores nothing of it
+            register_secret(token)
         self.max_bytes = max_bytes
         self.admission = Admission(budget)
         self.retry_after = retry_after

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -32,8 +33,10 @@ __all__ = [
     "HEADER_VARIABLES",
     "SDK_CHECKED",
     "SETTINGS",
+    "URL_VARIABLES",
     "Setting",
     "check_sdk_variables",
+    "configured_credentials",
     "database_url",
     "default_sqlite_path",
     "get",
@@ -168,6 +171,8 @@ def _database_url(raw: str) -> str:
     if backend == "sqlite" and in_memory_sqlite(parsed.database, parsed.query):
         # each connection gets its own empty database: the schema is never there to write to
         raise ValueError("an in-memory SQLite database (nothing could ever be stored or read back)")
+    if backend == "sqlite":
+        _usable_path(str(Path(parsed.database).expanduser()))
     try:
         parsed.get_dialect()
     except NoSuchModuleError:
@@ -181,9 +186,35 @@ def in_memory_sqlite(database: str | None, query: Any) -> bool:
         database.startswith("file:") and ("mode=memory" in database or query.get("mode") == "memory"))
 
 
+def _host(raw: str) -> str:
+    """A host name or address to bind: UTF-8, no spaces, at most 253 characters (DNS's bound)."""
+    _utf8(raw)
+    if len(raw) > 253 or any(c.isspace() for c in raw):
+        raise ValueError("not a host name or address")
+    return raw
+
+
 def _path(raw: str) -> str:
     _utf8(raw)
-    return str(Path(raw).expanduser())
+    path = str(Path(raw).expanduser())
+    _usable_path(path)
+    return path
+
+
+# Linux's PATH_MAX and NAME_MAX (and most other systems'): a longer path fails every call that
+# names it (ENAMETOOLONG), so every spill or replay of the run failed (a traceback logged each time)
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+
+
+def _usable_path(path: str) -> None:
+    """Refuse a path the operating system cannot open: longer than :data:`PATH_MAX_BYTES` or with
+    a name longer than :data:`NAME_MAX_BYTES` (in UTF-8 bytes)."""
+    size = len(path.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX_BYTES:
+        raise ValueError(f"a path of {size} bytes, longer than the system takes ({PATH_MAX_BYTES})")
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES for part in path.split(os.sep)):
+        raise ValueError(f"a file or folder name in it is longer than the system takes ({NAME_MAX_BYTES} bytes)")
 
 
 def _exporter_names(builtin: frozenset[str], group: str, what: str) -> Callable[[str], tuple[str, ...]]:
@@ -331,7 +362,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "`service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `cmbagent`)"),
     Setting(RESOURCE_ATTRIBUTES, None, "Resource attributes `k=v,...` (read by the SDK; secrets in them are redacted)"),
     # cmbagent-otel ingest
-    Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds"),
+    Setting(INGEST_HOST, "127.0.0.1", "Address `cmbagent-otel ingest` binds", _host),
     Setting(INGEST_PORT, 4318, "OTLP/HTTP port of the ingest (`0`: any free port, `off`: none)", parse_port),
     Setting(INGEST_GRPC_PORT, 4317, "OTLP/gRPC port of the ingest (`0`: any free port, `off`: none)", parse_port),
     Setting(INGEST_TOKEN, None, "Bearer token the ingest requires from clients", secret=True),
@@ -361,13 +392,27 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
+# how much of an ignored value (and of the reason, which may quote it) a warning shows: a variable
+# may hold up to 128 KiB (Linux's bound on one environment string), and each warning line held it
+# whole, twice when the parser's message quoted it
+_SHOWN_CHARS = 80
+_REASON_CHARS = 300
+
+
 def _warn_once(name: str, raw: str, reason: str, secret: bool, fallback: str) -> None:
-    key = (name, raw)
+    key = (name, raw if len(raw) <= 1024 else f"{len(raw)}:{hash(raw)}")
     with _warned_lock:
         if key in _warned:
             return
         _warned.add(key)
-    shown = "<hidden>" if secret else repr(raw)
+    if secret:
+        shown = "<hidden>"
+    elif len(raw) > _SHOWN_CHARS:
+        shown = f"{raw[:_SHOWN_CHARS]!r}... ({len(raw)} characters)"
+    else:
+        shown = repr(raw)
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "..."
     logger.warning("cmbagent_otel: ignoring %s=%s (%s); using %s", name, shown, reason, fallback)
 
 
@@ -639,6 +684,73 @@ def _check_header_variables() -> None:
 
 
 check_sdk_variables()  # at import: the package imports this module before any OpenTelemetry SDK module
+
+
+URL_VARIABLES = (DATABASE_URL, CMBAGENT_DATABASE_URL, "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+"""Variables holding a URL that may carry a credential (a password, a DSN's token, a query key)."""
+
+# headers whose value is a vendor's credential although the name does not say so; and the
+# authorization schemes whose token follows a space (the token is a secret on its own too)
+_CREDENTIAL_HEADERS = frozenset({"x-honeycomb-team", "uptrace-dsn", "x-sf-token", "x-insert-key", "x-license-key"})
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "apikey", "api-key", "key", "sso-key", "geniekey", "dsn"})
+# query parameters that are credentials inside a URL only (Azure Functions' ?code=, Google's ?key=, signatures)
+_URL_QUERY_CREDENTIALS = frozenset({"code", "key", "sig", "signature"})
+
+
+def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
+    """The credentials inside configuration variables whose names do not say they hold one, for
+    :mod:`cmbagent_otel.redaction` to treat as registered secrets: each OTLP header's value under a
+    secret-named or vendor credential header (``x-honeycomb-team``), or that looks like a token (16
+    characters or more with letters and digits), and the token after ``Bearer``/``Basic``; a URL's
+    password (not when it is the user's name), an OTLP endpoint's user info without a password (a
+    DSN's token), and the values of secret-named query parameters. ``is_secret_name``: whether a
+    header or parameter name is a secret's. Never raises."""
+    found: list[str] = []
+    try:
+        for name in HEADER_VARIABLES:
+            for entry in (os.environ.get(name) or "").split(","):
+                key, eq, value = entry.partition("=")
+                if not eq:
+                    continue
+                key, value = unquote(key).strip().lower(), unquote(value).strip()
+                scheme, space, token = value.partition(" ")
+                if space and scheme.lower() in _AUTH_SCHEMES:
+                    found.append(token.strip())
+                if is_secret_name(key) or key in _CREDENTIAL_HEADERS or _looks_like_token(value):
+                    found.append(value)
+        for name in URL_VARIABLES:
+            found += _url_credentials(os.environ.get(name) or "", is_secret_name)
+    except Exception:  # telemetry must never break the app
+        logger.debug("cmbagent_otel: could not read the credentials of the configuration", exc_info=True)
+    return [value for value in found if value]
+
+
+def _looks_like_token(value: str) -> bool:
+    return len(value) >= 16 and not any(c.isspace() for c in value) and any(c.isdigit() for c in value) \
+        and any(c.isalpha() for c in value)
+
+
+def _url_credentials(url: str, is_secret_name: Callable[[str], bool]) -> list[str]:
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        return []
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    userinfo, at, _host = rest[:end].rpartition("@")
+    found = []
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon and password != user:
+            found += {password, unquote(password)}
+        elif not colon and scheme.lower() in ("http", "https"):  # https://<token>@host: a DSN
+            found.append(unquote(user))
+    query = rest[end:].partition("?")[2].partition("#")[0]
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if eq and (is_secret_name(unquote(key)) or unquote(key).lower() in _URL_QUERY_CREDENTIALS):
+            found += {value, unquote(value)}
+    return found
 
 
 def database_url(argument: str | None = None) -> str:

@@ -235,6 +235,9 @@ def _register_environment() -> None:
     for name, value in os.environ.items():
         if _SECRET_ENV_NAME.search(name):
             register_secret(value)
+    # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
+    for value in environment_variables.configured_credentials(is_secret_key):
+        register_secret(value)
 
 
 def _scan_bound() -> int:

@@ -20,7 +20,8 @@ NOT_READ = {"CMBAGENT_TABLES"}  # a name in dag/schema.py's __all__, not a varia
 
 def _known() -> set[str]:
     settings = {n for s in env.SETTINGS.values() for n in (s.name, *s.also)}
-    return settings | set(env.SDK_CHECKED) | set(env.HEADER_VARIABLES) | set(env.SDK_PROTOCOLS.values())
+    return settings | set(env.SDK_CHECKED) | set(env.HEADER_VARIABLES) | set(env.URL_VARIABLES) \
+        | set(env.SDK_PROTOCOLS.values())
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

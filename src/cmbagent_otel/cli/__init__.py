@@ -6,7 +6,7 @@ module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION`` a
 modules of the library hold no command-line code. ``--db URL`` is accepted before and after
 the subcommand. A :class:`CLIError` (bad input, nothing to read), an argument or path that
 is not valid UTF-8 and an error of the operating system (a folder that cannot be created)
-print one line on stderr and exit with code 2.
+print one line on stderr and exit with code 2, as does a database driver that is not installed.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(command(args) or 0)
     except CLIError as exc:  # may quote the database's rows or the server's words: no control characters
-        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {_bounded(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -67,9 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except ImportError as exc:  # a database driver the URL names that is not installed (postgresql+pg8000://)
+        print(f"cmbagent-otel: error: a module this needs is not installed: {one_line(exc)}", file=sys.stderr)
+        return 2
     except UnicodeError as exc:  # a run id or path given in bytes that are not UTF-8 (argv keeps them as surrogates)
         print(f"cmbagent-otel: error: an argument or path is not valid UTF-8 ({exc.reason})", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment refused: a folder that cannot be created, a permission
-        print(f"cmbagent-otel: error: {one_line(exc)}", file=sys.stderr)
+        print(f"cmbagent-otel: error: {_bounded(one_line(exc))}", file=sys.stderr)
         return 2
+
+
+#: the most characters of an error line: it may quote what it was given (a 100 KB --db path or --host)
+ERROR_CHARS = 1000
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= ERROR_CHARS else f"{text[:ERROR_CHARS]}... ({len(text)} characters)"

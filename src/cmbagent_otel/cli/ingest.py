@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     try:
         server.bind()
+    except (TypeError, UnicodeError):  # --host that is no host name: "encoding of hostname failed"
+        raise CLIError("cannot listen there: --host is not a host name or address") from None
     except OSError as exc:
         raise CLIError(f"{exc.strerror or exc} (4318 and 4317 are OTLP's standard ports, often "
                        "taken by a collector: choose others with --port/--grpc-port, or `off` for none)") from None

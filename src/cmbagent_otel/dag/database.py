@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -30,6 +32,7 @@ from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
 from .._forksafe import reset_in_child
+from ..redaction import is_secret_key
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -37,6 +40,8 @@ BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
 PG_CONNECT_TIMEOUT_S = 10  # libpq's own default is to wait as long as the OS does
 # Credentials that may sit in a URL's query string; never written into a spill file.
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey", "token", "auth_token", "api_key"})
+
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]{0,40}")
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cmbagent_otel_db_deadline", default=None)
 
@@ -133,9 +138,13 @@ def resolve_url(url: str | None = None) -> str:
     try:
         parsed = make_url(chosen)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
-        # the text may hold a password: name only its scheme
-        scheme = chosen.partition("://")[0] if "://" in chosen else "?"
-        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {exc}") from None
+        # the text may hold a password, and so may the error's: a password without its "@"
+        # (postgresql://user:<password>/db) is read as the port, quoted by int()'s ValueError
+        scheme = chosen.partition("://")[0] if "://" in chosen else ""
+        scheme = scheme if _SCHEME.fullmatch(scheme) else "?"
+        reason = "what follows the host's ':' is not a port number (a password without its '@'?)" \
+            if isinstance(exc, ValueError) else "not a URL"
+        raise BadDatabaseURL(f"invalid database URL ({scheme}://...): {reason}") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise BadDatabaseURL(f"unsupported database backend {backend!r} in {redacted(parsed)!r}")
@@ -180,10 +189,16 @@ def redacted(url: str | URL) -> str:
     """``url`` with its password and secret query parameters (``sslpassword=``...) hidden, for messages."""
     try:
         parsed = make_url(_raw_credentials(url) if isinstance(url, str) else url)
-        secret = [k for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS]
+        secret = [k for k in parsed.query if _secret_query_key(k)]
         return parsed.difference_update_query(secret).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return "<invalid url>"
+
+
+def _secret_query_key(key: str) -> bool:
+    """A query parameter whose value is a credential: libpq's (``password``, ``sslpassword``...) or any
+    secret-named one (``pwd=``, ``client_secret=``: a driver or proxy of another's)."""
+    return key.lower() in _SECRET_QUERY_KEYS or is_secret_key(key)
 
 
 def storable_url(url: str | None = None) -> str:
@@ -205,7 +220,7 @@ def target_of(url: str | None = None) -> str:
     same text, so it identifies where spilled spans belong. An in-memory SQLite database is
     no target (:func:`storable_url`)."""
     parsed = make_url(storable_url(url))
-    query = {k: v for k, v in parsed.query.items() if k.lower() not in _SECRET_QUERY_KEYS}
+    query = {k: v for k, v in parsed.query.items() if not _secret_query_key(k)}
     # URL.set() cannot remove a password (None means "unchanged"): build the URL again
     parsed = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, query)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
@@ -303,20 +318,40 @@ def _pg_begin(conn: Any) -> None:
         conn.exec_driver_sql(TIMEOUTS_SQL, params)
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_private(path: Path) -> None:
+    """Create the SQLite file ``path`` readable by its owner alone (0600) when there is none, before
+    SQLite does: SQLite gives a new file the umask's mode (0644 usually), and its ``-wal``, ``-shm``
+    and ``-journal`` files copy the database file's, while they hold prompts, answers and code
+    output. A file already there keeps its mode (never changed); a symbolic link to nothing is
+    refused (SQLite would create the file wherever it points: a link planted in a shared folder)."""
+    try:
+        os.close(os.open(path, _CREATE_FLAGS, 0o600))
+    except FileExistsError:
+        if path.is_symlink() and not path.exists():
+            raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
+                                  "to nothing", str(path)) from None
+
+
 def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
     """Create an engine for ``url`` (resolved). SQLite gets WAL, busy_timeout and FK pragmas."""
     resolved = resolve_url(url)
     parsed = make_url(resolved)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         busy_ms = sqlite_busy_timeout_ms()
         engine = create_engine(
             resolved,
             connect_args={"check_same_thread": False, "timeout": busy_ms / 1000},
             poolclass=NullPool if db in (None, "", ":memory:") else None,
         )
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = Path(db).expanduser()
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _create_private(path)
+            event.listen(engine, "do_connect", lambda *_args: _create_private(path))  # made again if deleted
         event.listen(engine, "connect", _sqlite_pragmas(foreign_keys, busy_ms))
         event.listen(engine, "begin", _sqlite_begin(busy_ms))
         return engine

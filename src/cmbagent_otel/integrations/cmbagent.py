@@ -53,6 +53,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -267,38 +268,81 @@ OUTPUT_DIRS = ("data", "codebase", "outputs", "chats", "cost", "time", "planning
                "docs", "summaries", "runs")
 MAX_FILES = 1000
 MAX_ENTRIES = 20000
+MAX_DEPTH = 32
 
 
 def work_dir_files(work_dir: str) -> list[str]:
     """The files of cmbagent's output folders in ``work_dir`` as :data:`semconv.WORKFLOW_FILES` values:
     ``path<TAB>size<TAB>mtime_ns``, the path relative to ``work_dir`` and redacted (at most
-    :data:`MAX_FILES` files, :data:`MAX_ENTRIES` directory entries looked at). Never raises."""
+    :data:`MAX_FILES` files, :data:`MAX_ENTRIES` directory entries looked at). Never raises.
+
+    Only regular files and folders inside the work dir: no symbolic link is followed (an output
+    folder that is one, ``data -> /proc``, is skipped) and no FIFO, socket or device is listed;
+    nothing is opened but folders (``O_NOFOLLOW``: a folder swapped for a link during the walk
+    is not entered). A name holding bytes that are not UTF-8 is shown with ``\\xNN`` escapes."""
     out: list[str] = []
-    seen = 0
+    budget = [MAX_ENTRIES]
     try:
         for name in OUTPUT_DIRS:
-            top = os.path.join(work_dir, name)
-            if not os.path.isdir(top):
-                continue
-            for root, dirs, files in os.walk(top):
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-                seen += len(dirs) + len(files)
-                for file in sorted(files):
-                    if file.startswith("."):
-                        continue
-                    path = os.path.join(root, file)
-                    with contextlib.suppress(OSError):
-                        st = os.stat(path)
-                        rel = safe_text(os.path.relpath(path, work_dir))
-                        if rel and "\t" not in rel:
-                            out.append(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}")
-                    if len(out) >= MAX_FILES:
-                        return out
-                if seen >= MAX_ENTRIES:
-                    return out
+            if not _walk_files(os.path.join(work_dir, name), name, out, budget):
+                break
     except Exception:
         logger.debug("cmbagent_otel: could not list the work dir's files", exc_info=True)
     return out
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) \
+    | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _walk_files(path: str, rel: str, out: list[str], budget: list[int], dir_fd: int | None = None,
+                depth: int = 0) -> bool:
+    """Add the files of folder ``path`` (``rel`` to the work dir; opened relative to ``dir_fd``) and of
+    its sub-folders, depth first, names sorted, as :func:`os.walk` gave them; False once a bound is hit."""
+    if depth > MAX_DEPTH:  # each level holds its folder open: a deep tree must not use up the app's files
+        return True
+    try:
+        fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:  # not there, a link, not a folder, unreadable
+        return True
+    try:
+        files: list[tuple[str, Any]] = []
+        dirs: list[str] = []
+        with os.scandir(fd) as entries:
+            for entry in entries:  # a folder of a million entries is read only up to the bound
+                budget[0] -= 1
+                if budget[0] < 0:
+                    break
+                name = entry.name
+                if name.startswith(".") or name == "__pycache__":
+                    continue
+                with contextlib.suppress(OSError):  # gone or changed meanwhile
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        dirs.append(name)
+                    elif stat.S_ISREG(st.st_mode):
+                        files.append((name, st))
+        for name, st in sorted(files, key=lambda item: item[0]):
+            shown = safe_text(_readable(f"{rel}/{name}"))
+            if shown and "\t" not in shown:
+                out.append(f"{shown}\t{st.st_size}\t{st.st_mtime_ns}")
+                if len(out) >= MAX_FILES:
+                    return False
+        if budget[0] < 0:
+            return False
+        return all(_walk_files(name, f"{rel}/{name}", out, budget, fd, depth + 1) for name in sorted(dirs))
+    finally:
+        os.close(fd)
+
+
+def _readable(path: str) -> str:
+    """``path`` with the bytes of a name that are not UTF-8 (kept by the OS as lone surrogates, which
+    no exporter can encode) shown as ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return path
 
 
 def _record_files(traced: Any, work_dir: Any) -> None:
