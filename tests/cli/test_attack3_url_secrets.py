@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from cmbagent_otel.dag import database
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 PASSWORD = f"Pw{secrets.token_hex(8)}"
 # passwords the parser takes for a port: the "@" left out, the host's default meant

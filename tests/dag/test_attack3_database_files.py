@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -27,7 +28,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.dag import DagWriter
 from cmbagent_otel.dag.writer import DatabaseUnavailable
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from .scenario import run_scenario
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -29,7 +30,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cmbagent_otel import environment_variables as env
 from cmbagent_otel import provider as providers
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 APP = """
 import logging, sys
