@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate, repeat
+from operator import add, is_
 from typing import Any
 
 from .. import redaction
@@ -30,9 +33,12 @@ from ..redaction import (
     learn_encoded_in,
     learn_secrets_ahead,
     learn_split_secrets,
+    learn_split_texts,
     max_length,
     redact,
     redact_list,
+    redact_list_from,
+    redact_list_tail,
     scrub,
     truncate,
 )
@@ -341,6 +347,114 @@ def _message_texts(items: Sequence[Any]) -> Iterator[Any]:
             yield content
 
 
+# Histories rendered before, by their first message's identity: AG2 sends an agent's history
+# again on every turn (its invoke_agent span, then its model call), grown by a few messages, so a
+# rendering resumes from the longest one its messages begin with (the same dicts, their content
+# and tool calls the same objects or equal) and converts, searches and redacts only the messages
+# after it. A record holds only what was made with the secrets_version it names: its pieces, the
+# number of leading messages walked by learn_secrets_ahead, their redactions when all were kept.
+_HISTORIES_MAX = 64
+_HISTORIES_PER_FIRST = 4
+_HISTORY_CHARS = 131072  # pieces kept per record at most (the attribute bound is 4096 by default)
+_HISTORY_FRESH = 64  # a history this long or longer with no record is rendered the general way
+
+
+class _History:
+    __slots__ = ("calls", "contents", "items", "pieces", "redacted", "size", "texts", "version", "walked")
+
+    def __init__(self, items: tuple[Any, ...], contents: tuple[Any, ...], calls: tuple[Any, ...],
+                 texts: list[str], version: int, pieces: list[str], size: int, redacted: Any,
+                 walked: int) -> None:
+        self.items, self.contents, self.calls, self.texts = items, contents, calls, texts
+        self.version, self.pieces, self.size, self.redacted = version, pieces, size, redacted
+        self.walked = walked
+
+
+_histories: OrderedDict[int, list[_History]] = OrderedDict()
+
+
+def _split_texts(items: Iterable[Any]) -> list[str]:
+    return [text for text in _message_texts(items) if isinstance(text, str) and text]
+
+
+def _render_history(items: Sequence[Any], bound: int) -> tuple[str, int] | bool:
+    """:func:`render` of AG2 messages (every item a dict) with ``convert=message``, the same text,
+    resumed from an earlier rendering of the same history. False: not such a list (or a long one
+    seen first), nothing done; True: the split-secret search is done, render the general way."""
+    count = len(items)
+    if not count or set(map(type, items)) != {dict}:
+        return False
+    first = items[0]
+    contents = tuple(map(dict.get, items, repeat("content", count)))
+    calls = tuple(map(dict.get, items, repeat("tool_calls", count)))
+    best: _History | None = None
+    for record in _histories.get(id(first), ()):
+        done = len(record.items)
+        if done <= count and (best is None or done > len(best.items)) and record.items[0] is first \
+                and record.contents == contents[:done] and record.calls == calls[:done] \
+                and all(map(is_, record.items, items)):
+            best = record
+    if best is None and count >= _HISTORY_FRESH:
+        return False
+    done = len(best.items) if best is not None else 0
+    texts = best.texts + _split_texts(items[done:]) if best is not None else _split_texts(items)
+    learn_split_texts(texts)  # first: it may learn a secret, and the pieces must be made with it
+    version = redaction.secrets_version
+    if best is not None and best.version != version:
+        best, done = None, 0
+    pieces = best.pieces + [_piece(raw, message)[1] for raw in items[done:]] if best is not None \
+        else [_piece(raw, message)[1] for raw in items]
+    size = best.size if best is not None else 0
+    for piece in pieces[done:]:
+        size += len(piece) + 2
+    walked = best.walked if best is not None else 0
+    redacted = None
+    if size <= bound:  # every message fits: 2 + their lengths + 2 per ", " = size
+        kept, dropped = pieces, 0
+        text = "[" + ", ".join(pieces) + "]"
+        if redaction.secrets_version != version:
+            return True  # a secret was learned meanwhile
+        final, redacted = redact_list_from(pieces, best.redacted if best is not None else None)
+    else:  # _render's choice, newest first: j messages whole, then maybe one cut to fit
+        sizes = list(accumulate(map(add, map(len, reversed(pieces)), repeat(2))))
+        whole = bisect_right(sizes, bound)
+        used = sizes[whole - 1] if whole else 2
+        room = bound - used - (2 if whole else 0)
+        kept = pieces[count - whole:]
+        dropped = count - whole
+        fitted = None
+        if not whole or room >= MIN_PARTIAL:
+            fitted = _fit(_piece(items[dropped - 1], message)[0], room)
+            if fitted is not None:
+                kept = [fitted, *kept]
+                dropped -= 1
+        if dropped > walked:  # the messages left out are still read for secrets they would teach
+            learn_secrets_ahead(items[walked:dropped])
+            walked = dropped
+        text = "[" + ", ".join(kept) + "]"
+        if redaction.secrets_version != version:
+            return True
+        # every piece's redaction (resumed: the new ones only), then the kept ones joined
+        redacted = redact_list_from(pieces, best.redacted if best is not None else None)[1]
+        final = redact_list_tail(redacted, count - whole, fitted)
+        if final is None:
+            final = redact_list(kept)
+    if final != text or len(final) > bound or redaction.secrets_version != version:
+        return True  # a secret was replaced: the general way checks the JSON and the bound
+    # a record keeps its messages alive: none whose piece is long (nor, so, its content)
+    if size <= _HISTORY_CHARS and (len(pieces) == done or max(map(len, pieces[done:])) <= _PIECE_CHARS):
+        record = _History(tuple(items), contents, calls, texts, version, pieces, size, redacted, walked)
+        with _pieces_lock:
+            kept_records = [r for r in _histories.get(id(first), ()) if r.version == version and r is not best]
+            del kept_records[:-(_HISTORIES_PER_FIRST - 1)]
+            kept_records.append(record)
+            _histories[id(first)] = kept_records
+            _histories.move_to_end(id(first))
+            if len(_histories) > _HISTORIES_MAX:
+                _histories.popitem(last=False)
+    return final, dropped
+
+
 def render(items: Sequence[Any], bound: int | None = None,
            convert: Callable[[Any], Any] | None = None) -> tuple[str, int]:
     """(JSON text of ``items``, number of items left out), redacted, at most ``bound`` characters
@@ -352,7 +466,11 @@ def render(items: Sequence[Any], bound: int | None = None,
     bound = bound or max_length()
     budget = bound
     if convert is message:
-        learn_split_secrets(_message_texts(items))  # and the encoded forms of learned secrets
+        fast = _render_history(items, bound)
+        if fast is False:
+            learn_split_secrets(_message_texts(items))  # and the encoded forms of learned secrets
+        elif fast is not True:
+            return fast  # type: ignore[return-value]
     else:
         learn_encoded_in(items)  # a model's reply quoting a learned password base64-encoded
     for _ in range(3):
