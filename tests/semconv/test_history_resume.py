@@ -106,3 +106,21 @@ def test_a_message_left_out_of_a_resumed_history_still_teaches_its_secret():
     history.append({"role": "user", "content": "it was Kd93-velvet-Anchor-204", "name": "bob"})
     text, dropped = _messages.render(history, 700, convert=_messages.message)
     assert dropped and "it was" in text and "Kd93-velvet-Anchor-204" not in text
+
+
+def test_copies_of_a_message_share_its_piece_and_different_messages_never_do():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]
+    first = {"role": "assistant", "content": None, "tool_calls": calls, "name": "eng"}
+    copy = dict(first)  # AG2 copies a message into each recipient's history, its values shared
+    other = {**first, "tool_calls": [{**calls[0], "function": {"name": "f", "arguments": "{\"x\": 2}"}}]}
+    assert _messages._piece(first, _messages.message) == _messages._piece(copy, _messages.message)
+    assert "\\\"x\\\": 2" not in _messages._piece(copy, _messages.message)[1]
+    assert '"x": 2' in _messages._piece(other, _messages.message)[1]
+    # output messages are built afresh for each span: their text parts are compared by value
+    one = _messages.output_message({"role": "assistant", "content": "peak near l=220"})
+    two = _messages.output_message({"role": "assistant", "content": "peak near l=540"})
+    assert "l=220" in _messages.render([one])[0] and "l=540" in _messages.render([two])[0]
+    redaction.register_secret("peak near l=220")
+    again = _messages.output_message({"role": "assistant", "content": "peak near l=220"})
+    assert "l=220" not in _messages.render([again])[0]
+    assert "l=220" not in _messages._piece(again, None)[1]  # the piece itself, made again with the secret

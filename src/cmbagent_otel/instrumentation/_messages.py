@@ -258,9 +258,26 @@ def _fit(item: Any, budget: int) -> str | None:
 _PIECES_MAX = 512  # with pieces of at most _PIECE_CHARS: a few MiB at most
 _PIECE_CHARS = 8192
 _pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str, int]] = OrderedDict()
-# (convert, the dict's items) -> (scrubbed item, JSON text), for dicts whose values are all text
-_flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int]] = OrderedDict()
+# (convert, the dict's items, other values than text by identity) -> (scrubbed item, JSON text,
+# version, those values)
+_flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int, tuple[Any, ...]]] = OrderedDict()
 _pieces_lock = threading.Lock()
+
+
+def _parts_key(value: Any) -> tuple[Any, ...] | None:
+    """A list of flat dicts of short text (an output message's text parts) as a key; ``None``
+    for any other value."""
+    if type(value) is not list:
+        return None
+    parts = []
+    for part in value:
+        if type(part) is not dict:
+            return None
+        for text in part.values():
+            if type(text) is not str or len(text) > _PIECE_CHARS:
+                return None
+        parts.append(tuple(part.items()))
+    return tuple(parts)
 
 
 def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
@@ -277,11 +294,19 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
         if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls and hit[5] == version:
             return hit[3], hit[4]
     # the same message again in another agent's history (AG2 copies each message into every
-    # recipient's), a system message or a text part: equal flat dicts give equal pieces
+    # recipient's, its tool calls the same list), a system message or a text part: equal flat
+    # dicts give equal pieces, and so do dicts whose other values are the same objects (by
+    # identity: the entry keeps them, so no other object takes their id meanwhile)
     flat: tuple[Any, ...] | None = (convert, *raw.items())
+    shared: tuple[Any, ...] = ()
     for value in raw.values():
         if value is not None and type(value) is not str:
-            flat = None
+            if convert is None:  # an output message, built afresh for each span: its text parts by value
+                pairs = [(k, v if v is None or type(v) is str else _parts_key(v)) for k, v in raw.items()]
+                flat = (convert, *pairs) if all(v is not None for _, v in pairs) else None
+            else:
+                shared = tuple(v for v in raw.values() if v is not None and type(v) is not str)
+                flat = (convert, *[(k, v if v is None or type(v) is str else id(v)) for k, v in raw.items()])
             break
     if flat is not None:
         try:
@@ -301,7 +326,7 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
         if convert is not None:
             _remember(_pieces, key, (raw, content, calls, clean, piece, version))
         if flat is not None:
-            _remember(_flat_pieces, flat, (clean, piece, version))
+            _remember(_flat_pieces, flat, (clean, piece, version, shared))
     return clean, piece
 
 
