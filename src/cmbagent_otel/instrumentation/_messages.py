@@ -34,7 +34,6 @@ from ..redaction import (
     learn_secrets_ahead,
     learn_split_secrets,
     learn_split_texts,
-    max_length,
     redact,
     redact_list,
     redact_list_from,
@@ -488,7 +487,7 @@ def render(items: Sequence[Any], bound: int | None = None,
     ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
     items that are kept.
     """
-    bound = bound or max_length()
+    bound = bound or redaction._max_len  # (truncate's bound: read again by instrument(), reload_settings())
     budget = bound
     if convert is message:
         fast = _render_history(items, bound)
@@ -518,7 +517,7 @@ def render(items: Sequence[Any], bound: int | None = None,
 
 def render_value(value: Any, bound: int | None = None) -> str:
     """Any JSON value (tool arguments, tool result) as redacted JSON text of at most ``bound`` characters."""
-    bound = bound or max_length()
+    bound = bound or redaction._max_len
     clean = scrub(value)
     text = _fit(clean, bound)
     if text is None:
