@@ -58,6 +58,7 @@ def general(history: list[dict[str, object]], bound: int) -> tuple[str, int]:
 def test_a_growing_history_resumed_renders_what_the_general_way_does(history, bound):
     for end in range(1, len(history) + 1):
         fast = _messages.render(history[:end], bound, convert=_messages.message)
+        assert _messages.render(history[:end], bound, convert=_messages.message) == fast  # the same again
         assert fast == general(history[:end], bound)
         json.loads(fast[0])
         assert len(fast[0]) <= bound
@@ -124,3 +125,13 @@ def test_copies_of_a_message_share_its_piece_and_different_messages_never_do():
     again = _messages.output_message({"role": "assistant", "content": "peak near l=220"})
     assert "l=220" not in _messages.render([again])[0]
     assert "l=220" not in _messages._piece(again, None)[1]  # the piece itself, made again with the secret
+
+
+@pytest.mark.parametrize("bound", [4096, 700])
+def test_the_same_history_again_after_a_secret_was_registered_is_redacted(bound):
+    history = [{"role": "user", "content": "deploy with Pq62-ember-Willow-5120", "name": "bob"},
+               {"role": "assistant", "content": "done " * 40}]
+    assert "Pq62-ember-Willow-5120" in _messages.render(history, bound, convert=_messages.message)[0]
+    redaction.register_secret("Pq62-ember-Willow-5120")
+    again, _ = _messages.render(history, bound, convert=_messages.message)  # the same messages, nothing new
+    assert "Pq62-ember-Willow-5120" not in again and "done" in again
