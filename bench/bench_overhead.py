@@ -498,12 +498,13 @@ def bytecodes(args: argparse.Namespace) -> int:
 
     bench = Bench()
     counted: dict[str, collections.Counter[types.CodeType]] = {}
-    spans = 0
+    emitted: dict[str, int] = {}
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         bench.learn_shape(args.cycles)
-        for variant in ("baseline", "ours", "sdk_floor"):
+        extra = [v for v in args.bytecodes if v not in ("baseline", "ours", "sdk_floor")]
+        for variant in ("baseline", "ours", "sdk_floor", *extra):
             counts: collections.Counter[types.CodeType] = collections.Counter()
             trace = _opcode_counter(counts)
             per_chat = bench.enter(variant)
@@ -522,27 +523,34 @@ def bytecodes(args: argparse.Namespace) -> int:
                     finally:
                         sys.settrace(None)
                     bench.provider.force_flush()
-                    if variant == "ours":
-                        spans = bench.exporter.spans - before
+                    if rep:
+                        emitted[variant] = bench.exporter.spans - before
             finally:
                 bench.leave(variant)
             counted[variant] = counts
     finally:
         sys.stdout.close()
         sys.stdout = out
+    spans = emitted.get("ours", 0)
     per_span = max(spans, 1)
     total = {variant: sum(counts.values()) for variant, counts in counted.items()}
     print(f"bytecodes per chat ({args.cycles} cycles; ours emits {spans} spans) and added over the baseline "
           f"per ours' span:")
-    for variant in ("ours", "sdk_floor"):
-        print(f"  {variant:<10}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
+    for variant in ("ours", "sdk_floor", *extra):
+        print(f"  {variant:<14}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
     print(f"own code: {(total['ours'] - total['sdk_floor']) / per_span:.1f} bytecodes per span (ours - sdk_floor)")
-    own = {code: n for code, n in counted["ours"].items()
-           if "/cmbagent_otel/" in code.co_filename and "/cmbagent_otel/testing" not in code.co_filename}
-    print(f"in cmbagent_otel's functions: {sum(own.values()) / per_span:.1f} bytecodes per span; the largest:")
-    for code, n in sorted(own.items(), key=lambda item: -item[1])[:20]:
-        where = code.co_filename.split("/cmbagent_otel/")[-1]
-        print(f"  {n / per_span:8.1f}  {where}:{code.co_firstlineno} {code.co_name}")
+    calls = 3 * args.cycles
+    for variant in extra:
+        print(f"{variant}: {(total[variant] - total['baseline']) / calls:,.0f} bytecodes added per LLM call "
+              f"({emitted.get(variant, 0)} spans); ours: {(total['ours'] - total['baseline']) / calls:,.0f}")
+    for variant in ("ours", *extra):
+        own = {code: n for code, n in counted[variant].items()
+               if "/cmbagent_otel/" in code.co_filename and "/cmbagent_otel/testing" not in code.co_filename}
+        print(f"{variant}: in cmbagent_otel's functions: {sum(own.values()) / per_span:.1f} bytecodes per ours' span "
+              f"({sum(own.values()) / calls:,.0f} per LLM call); the largest:")
+        for code, n in sorted(own.items(), key=lambda item: -item[1])[:20]:
+            where = code.co_filename.split("/cmbagent_otel/")[-1]
+            print(f"  {n / per_span:8.1f}  {where}:{code.co_firstlineno} {code.co_name}")
     return 0
 
 
@@ -554,15 +562,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write raw per-round figures here")
     parser.add_argument("--profile", choices=[v for v in VARIANTS if not v.startswith("sdk_floor")])
-    parser.add_argument("--bytecodes", action="store_true",
-                        help="bytecodes per chat of baseline, ours and sdk_floor (exact counts, no timing)")
+    parser.add_argument("--bytecodes", nargs="*", metavar="VARIANT", choices=VARIANTS,
+                        help="bytecodes per chat of baseline, ours, sdk_floor and the variants named "
+                             "(e.g. ours_content ag2_builtin_content; exact counts, no timing)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     os.environ["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = ""
     os.environ["OTEL_SDK_DISABLED"] = "false"
     if args.profile:
         return profile(args.profile, args)
-    if args.bytecodes:
+    if args.bytecodes is not None:
         return bytecodes(args)
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")

@@ -1299,23 +1299,63 @@ def redact_list(items: Sequence[str]) -> str:
     could (see :func:`_joins_safely`, :func:`_item_flag`), or when an item teaches a new secret
     (the items before it were redacted without it).
     """
+    return redact_list_from(items, None)[0]
+
+
+def redact_list_from(items: Sequence[str], prior: tuple[Any, Any, list[str]] | None) -> tuple[str, Any]:
+    """(:func:`redact_list` of ``items``, a state for a later call whose items begin with these).
+
+    ``prior``: the state a call returned for ``items[:n]``, the same texts (a chat's history
+    rendered again, grown by a few messages): the first ``n`` items' redactions are reused when the
+    known secrets and learned pieces are still those they were made with, so only the new items
+    are looked at. The state is ``None`` when the items cannot be resumed from (an item that is
+    not a closed JSON object, the whole text redacted instead, a secret learned meanwhile)."""
     known, context = _known_pattern, _context_pattern
     if items and _joins_safely(known, context):
         redact_item = _item_cache.redact
         flags = _item_flags
-        out = []
+        start = 0
+        out: list[str] = []
+        if prior is not None and prior[0] is known and prior[1] is context and len(prior[2]) <= len(items):
+            out = list(prior[2])  # every one of them flagged _JOINS
+            start = len(out)
+        joins = True
         last = len(items) - 1
-        for index, item in enumerate(items):
+        for index in range(start, last + 1):
+            item = items[index]
             flag = flags.get(item)
             if flag is None:
                 flag = _item_flag(item)
-            if flag is _CROSSES or (flag is _OPEN and index != last):
-                break
+            if flag is not _JOINS:
+                if flag is _CROSSES or index != last:
+                    break
+                joins = False
             out.append(redact_item(item))
         else:
             if _known_pattern is known and _context_pattern is context:
-                return "[" + ", ".join(out) + "]"
-    return redact("[" + ", ".join(items) + "]") or "[]"
+                return "[" + ", ".join(out) + "]", (known, context, out) if joins else None
+    return redact("[" + ", ".join(items) + "]") or "[]", None
+
+
+def redact_list_tail(state: tuple[Any, Any, list[str]] | None, start: int, head: str | None) -> str | None:
+    """:func:`redact_list` of ``[head, *items[start:]]`` (``head`` left out when ``None``) where
+    ``state`` is what :func:`redact_list_from` returned for ``items``: a history's newest messages
+    and one older message cut to fit, redacted again only where ``head`` is concerned. ``None``
+    when the state is stale (a secret learned since) or ``head`` cannot be joined that way."""
+    known, context = _known_pattern, _context_pattern
+    if state is None or state[0] is not known or state[1] is not context:
+        return None
+    out = state[2][start:]
+    if head is not None:
+        flag = _item_flags.get(head)
+        if flag is None:
+            flag = _item_flag(head)
+        if flag is _CROSSES or (flag is _OPEN and out):
+            return None
+        out.insert(0, _item_cache.redact(head))
+        if _known_pattern is not known or _context_pattern is not context:
+            return None
+    return "[" + ", ".join(out) + "]" if out else None
 
 
 # The joined text differs from its items only at "[", "]" and the ", " between two items, which
@@ -1579,7 +1619,13 @@ def learn_split_secrets(texts: Iterable[Any]) -> None:
     across two model calls). Texts holding ``%XX`` or ``\\u00XX`` escapes are searched decoded
     too (a key escaped in a URL and cut in two). Never raises."""
     with contextlib.suppress(Exception):
-        texts = [text for text in texts if isinstance(text, str) and text]
+        learn_split_texts([text for text in texts if isinstance(text, str) and text])
+
+
+def learn_split_texts(texts: list[str]) -> None:
+    """:func:`learn_split_secrets` of ``texts``, already the non-empty strings alone (a list the
+    caller keeps and never changes: the search remembers it to resume from). Never raises."""
+    with contextlib.suppress(Exception):
         escaped = _learn_split(texts, True)
         if escaped is not None:  # from the text before the first newly searched one with escapes
             decoded = _decoded_texts(texts[max(escaped - 1, 0):])

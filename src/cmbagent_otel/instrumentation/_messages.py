@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate, repeat
+from operator import add, is_
 from typing import Any
 
 from .. import redaction
@@ -30,9 +33,11 @@ from ..redaction import (
     learn_encoded_in,
     learn_secrets_ahead,
     learn_split_secrets,
-    max_length,
+    learn_split_texts,
     redact,
     redact_list,
+    redact_list_from,
+    redact_list_tail,
     scrub,
     truncate,
 )
@@ -252,9 +257,26 @@ def _fit(item: Any, budget: int) -> str | None:
 _PIECES_MAX = 512  # with pieces of at most _PIECE_CHARS: a few MiB at most
 _PIECE_CHARS = 8192
 _pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str, int]] = OrderedDict()
-# (convert, the dict's items) -> (scrubbed item, JSON text), for dicts whose values are all text
-_flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int]] = OrderedDict()
+# (convert, the dict's items, other values than text by identity) -> (scrubbed item, JSON text,
+# version, those values)
+_flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int, tuple[Any, ...]]] = OrderedDict()
 _pieces_lock = threading.Lock()
+
+
+def _parts_key(value: Any) -> tuple[Any, ...] | None:
+    """A list of flat dicts of short text (an output message's text parts) as a key; ``None``
+    for any other value."""
+    if type(value) is not list:
+        return None
+    parts = []
+    for part in value:
+        if type(part) is not dict:
+            return None
+        for text in part.values():
+            if type(text) is not str or len(text) > _PIECE_CHARS:
+                return None
+        parts.append(tuple(part.items()))
+    return tuple(parts)
 
 
 def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
@@ -271,11 +293,19 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
         if hit is not None and hit[0] is raw and hit[1] is content and hit[2] is calls and hit[5] == version:
             return hit[3], hit[4]
     # the same message again in another agent's history (AG2 copies each message into every
-    # recipient's), a system message or a text part: equal flat dicts give equal pieces
+    # recipient's, its tool calls the same list), a system message or a text part: equal flat
+    # dicts give equal pieces, and so do dicts whose other values are the same objects (by
+    # identity: the entry keeps them, so no other object takes their id meanwhile)
     flat: tuple[Any, ...] | None = (convert, *raw.items())
+    shared: tuple[Any, ...] = ()
     for value in raw.values():
         if value is not None and type(value) is not str:
-            flat = None
+            if convert is None:  # an output message, built afresh for each span: its text parts by value
+                pairs = [(k, v if v is None or type(v) is str else _parts_key(v)) for k, v in raw.items()]
+                flat = (convert, *pairs) if all(v is not None for _, v in pairs) else None
+            else:
+                shared = tuple(v for v in raw.values() if v is not None and type(v) is not str)
+                flat = (convert, *[(k, v if v is None or type(v) is str else id(v)) for k, v in raw.items()])
             break
     if flat is not None:
         try:
@@ -295,7 +325,7 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
         if convert is not None:
             _remember(_pieces, key, (raw, content, calls, clean, piece, version))
         if flat is not None:
-            _remember(_flat_pieces, flat, (clean, piece, version))
+            _remember(_flat_pieces, flat, (clean, piece, version, shared))
     return clean, piece
 
 
@@ -341,6 +371,114 @@ def _message_texts(items: Sequence[Any]) -> Iterator[Any]:
             yield content
 
 
+# Histories rendered before, by their first message's identity: AG2 sends an agent's history
+# again on every turn (its invoke_agent span, then its model call), grown by a few messages, so a
+# rendering resumes from the longest one its messages begin with (the same dicts, their content
+# and tool calls the same objects or equal) and converts, searches and redacts only the messages
+# after it. A record holds only what was made with the secrets_version it names: its pieces, the
+# number of leading messages walked by learn_secrets_ahead, their redactions when all were kept.
+_HISTORIES_MAX = 64
+_HISTORIES_PER_FIRST = 4
+_HISTORY_CHARS = 131072  # pieces kept per record at most (the attribute bound is 4096 by default)
+_HISTORY_FRESH = 64  # a history this long or longer with no record is rendered the general way
+
+
+class _History:
+    __slots__ = ("calls", "contents", "items", "pieces", "redacted", "size", "texts", "version", "walked")
+
+    def __init__(self, items: tuple[Any, ...], contents: tuple[Any, ...], calls: tuple[Any, ...],
+                 texts: list[str], version: int, pieces: list[str], size: int, redacted: Any,
+                 walked: int) -> None:
+        self.items, self.contents, self.calls, self.texts = items, contents, calls, texts
+        self.version, self.pieces, self.size, self.redacted = version, pieces, size, redacted
+        self.walked = walked
+
+
+_histories: OrderedDict[int, list[_History]] = OrderedDict()
+
+
+def _split_texts(items: Iterable[Any]) -> list[str]:
+    return [text for text in _message_texts(items) if isinstance(text, str) and text]
+
+
+def _render_history(items: Sequence[Any], bound: int) -> tuple[str, int] | bool:
+    """:func:`render` of AG2 messages (every item a dict) with ``convert=message``, the same text,
+    resumed from an earlier rendering of the same history. False: not such a list (or a long one
+    seen first), nothing done; True: the split-secret search is done, render the general way."""
+    count = len(items)
+    if not count or set(map(type, items)) != {dict}:
+        return False
+    first = items[0]
+    contents = tuple(map(dict.get, items, repeat("content", count)))
+    calls = tuple(map(dict.get, items, repeat("tool_calls", count)))
+    best: _History | None = None
+    for record in _histories.get(id(first), ()):
+        done = len(record.items)
+        if done <= count and (best is None or done > len(best.items)) and record.items[0] is first \
+                and record.contents == contents[:done] and record.calls == calls[:done] \
+                and all(map(is_, record.items, items)):
+            best = record
+    if best is None and count >= _HISTORY_FRESH:
+        return False
+    done = len(best.items) if best is not None else 0
+    texts = best.texts + _split_texts(items[done:]) if best is not None else _split_texts(items)
+    learn_split_texts(texts)  # first: it may learn a secret, and the pieces must be made with it
+    version = redaction.secrets_version
+    if best is not None and best.version != version:
+        best, done = None, 0
+    pieces = best.pieces + [_piece(raw, message)[1] for raw in items[done:]] if best is not None \
+        else [_piece(raw, message)[1] for raw in items]
+    size = best.size if best is not None else 0
+    for piece in pieces[done:]:
+        size += len(piece) + 2
+    walked = best.walked if best is not None else 0
+    redacted = None
+    if size <= bound:  # every message fits: 2 + their lengths + 2 per ", " = size
+        kept, dropped = pieces, 0
+        text = "[" + ", ".join(pieces) + "]"
+        if redaction.secrets_version != version:
+            return True  # a secret was learned meanwhile
+        final, redacted = redact_list_from(pieces, best.redacted if best is not None else None)
+    else:  # _render's choice, newest first: j messages whole, then maybe one cut to fit
+        sizes = list(accumulate(map(add, map(len, reversed(pieces)), repeat(2))))
+        whole = bisect_right(sizes, bound)
+        used = sizes[whole - 1] if whole else 2
+        room = bound - used - (2 if whole else 0)
+        kept = pieces[count - whole:]
+        dropped = count - whole
+        fitted = None
+        if not whole or room >= MIN_PARTIAL:
+            fitted = _fit(_piece(items[dropped - 1], message)[0], room)
+            if fitted is not None:
+                kept = [fitted, *kept]
+                dropped -= 1
+        if dropped > walked:  # the messages left out are still read for secrets they would teach
+            learn_secrets_ahead(items[walked:dropped])
+            walked = dropped
+        text = "[" + ", ".join(kept) + "]"
+        if redaction.secrets_version != version:
+            return True
+        # every piece's redaction (resumed: the new ones only), then the kept ones joined
+        redacted = redact_list_from(pieces, best.redacted if best is not None else None)[1]
+        final = redact_list_tail(redacted, count - whole, fitted)
+        if final is None:
+            final = redact_list(kept)
+    if final != text or len(final) > bound or redaction.secrets_version != version:
+        return True  # a secret was replaced: the general way checks the JSON and the bound
+    # a record keeps its messages alive: none whose piece is long (nor, so, its content)
+    if size <= _HISTORY_CHARS and (len(pieces) == done or max(map(len, pieces[done:])) <= _PIECE_CHARS):
+        record = _History(tuple(items), contents, calls, texts, version, pieces, size, redacted, walked)
+        with _pieces_lock:
+            kept_records = [r for r in _histories.get(id(first), ()) if r.version == version and r is not best]
+            del kept_records[:-(_HISTORIES_PER_FIRST - 1)]
+            kept_records.append(record)
+            _histories[id(first)] = kept_records
+            _histories.move_to_end(id(first))
+            if len(_histories) > _HISTORIES_MAX:
+                _histories.popitem(last=False)
+    return final, dropped
+
+
 def render(items: Sequence[Any], bound: int | None = None,
            convert: Callable[[Any], Any] | None = None) -> tuple[str, int]:
     """(JSON text of ``items``, number of items left out), redacted, at most ``bound`` characters
@@ -349,10 +487,14 @@ def render(items: Sequence[Any], bound: int | None = None,
     ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
     items that are kept.
     """
-    bound = bound or max_length()
+    bound = bound or redaction._max_len  # (truncate's bound: read again by instrument(), reload_settings())
     budget = bound
     if convert is message:
-        learn_split_secrets(_message_texts(items))  # and the encoded forms of learned secrets
+        fast = _render_history(items, bound)
+        if fast is False:
+            learn_split_secrets(_message_texts(items))  # and the encoded forms of learned secrets
+        elif fast is not True:
+            return fast  # type: ignore[return-value]
     else:
         learn_encoded_in(items)  # a model's reply quoting a learned password base64-encoded
     for _ in range(3):
@@ -375,7 +517,7 @@ def render(items: Sequence[Any], bound: int | None = None,
 
 def render_value(value: Any, bound: int | None = None) -> str:
     """Any JSON value (tool arguments, tool result) as redacted JSON text of at most ``bound`` characters."""
-    bound = bound or max_length()
+    bound = bound or redaction._max_len
     clean = scrub(value)
     text = _fit(clean, bound)
     if text is None:
