@@ -1682,7 +1682,7 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
         if not texts:
             return
         if _open_fragments:
-            _continue_fragments(texts[0], True)
+            _continue_fragments(texts[0])
         window = max(_SPLIT_WINDOW, _longest_known)
         generation = _split_generation
         chain: list[tuple[str, bool]] = []  # (text, fits the window) of the previous texts that reach into it
@@ -1703,7 +1703,7 @@ def _learn_split(texts: list[str], resume: bool) -> int | None:
                         texts[index - 1], max(0, len(texts[index - 1]) - 5)))):  # the rest of a cut escape
                     escaped = index
                 if _open_fragments and text is not texts[0]:
-                    _continue_fragments(text, True)  # a key whose start ended an earlier text, not only the one before
+                    _continue_fragments(text)  # a key whose start ended an earlier text, not only the one before
                 if _heads:
                     _learn_edges(text)
                 _learn_open_fragment(text)
@@ -1904,15 +1904,14 @@ def _learn_open_fragment(text: str) -> None:
         _open_fragments.popitem(last=False)
 
 
-def _continue_fragments(text: str, random_only: bool = False) -> None:
-    """Learn the start of ``text`` (the first text of a model call) when it completes a key
-    shape whose start ended an earlier text: the key was split across two calls. With
-    ``random_only`` (always passed now), only a continuation that looks random counts (a digit,
-    or a lower-case letter before an upper-case one), as a key's random part does: a word
-    (``wait``) that merely completes the shape neither is learned nor closes the fragment. The
-    first text of a later call was taken whatever it was: ``tell`` completed an open
-    ``sk-proj-Ab12``, ``tell m`` was learned, and every ``tell me`` of the process's later runs
-    showed as ``[REDACTED]e`` (fragments stay open for 256 calls)."""
+def _continue_fragments(text: str) -> None:
+    """Learn the start of ``text`` (a text of a later model call) when it completes a key
+    shape whose start ended an earlier text: the key was split across two calls. Only a
+    continuation that looks random counts (a digit, or a lower-case letter before an upper-case
+    one), as a key's random part does: a word (``wait``) that merely completes the shape neither
+    is learned nor closes the fragment. The first text of a later call was once taken whatever it
+    was: ``tell`` completed an open ``sk-proj-Ab12``, ``tell m`` was learned, and every ``tell me``
+    of the process's later runs showed as ``[REDACTED]e`` (fragments stay open for 256 calls)."""
     for key, left in list(_open_fragments.items()):
         fragment, source = key
         if text[-_SPLIT_CACHED_CHARS:] == source:
@@ -1926,7 +1925,7 @@ def _continue_fragments(text: str, random_only: bool = False) -> None:
         for shape in shapes:
             match = shape.match(joined)
             if match is not None and match.end() > len(fragment):
-                if random_only and _RANDOM_LOOKING.search(joined, len(fragment), match.end()) is None:
+                if _RANDOM_LOOKING.search(joined, len(fragment), match.end()) is None:
                     continue
                 _learn_piece(joined, len(fragment), match.end(), len(fragment), len(joined),
                              len(text) <= _FRAGMENT_LOOKBACK + _SPLIT_WINDOW)
