@@ -190,6 +190,19 @@ def create_exporter(name: str) -> SpanExporter:
         "opentelemetry_traces_exporter", name, "OTEL_TRACES_EXPORTER", "otlp, console, none, cmbagent_dag")
 
 
+class _Kept:
+    """The processors one ``uninstrument()`` kept for the runs (traces) still open then, and what runs once
+    they are released (see :meth:`ProcessorSlot.release_when_closed`)."""
+
+    __slots__ = ("processors", "then", "traces")
+
+    def __init__(self, processors: tuple[SpanProcessor, ...], traces: frozenset[int],
+                 then: Callable[[], None] | None) -> None:
+        self.processors = processors
+        self.traces = traces
+        self.then = then
+
+
 class ProcessorSlot(SpanProcessor):
     """The active span processor of a provider built here: forwards to the processors it
     holds, which :meth:`release` shuts down and removes while the provider lives on.
@@ -197,6 +210,8 @@ class ProcessorSlot(SpanProcessor):
     :meth:`release_when_closed` (``uninstrument()``) keeps the processors of runs still open
     until their spans have ended: meanwhile the spans of those runs' traces go to the kept
     processors only, and every other span to the processors added since (a new ``instrument()``).
+    Each ``uninstrument()`` keeps its own: a run goes on through the processors that recorded its
+    start, however many rounds of instrumentation come and go before it ends.
     The routing is instance attributes over ``on_start``/``_on_ending``/``on_end``, set only while
     processors are kept: nothing is added to a span's way otherwise."""
 
@@ -205,9 +220,7 @@ class ProcessorSlot(SpanProcessor):
     def __init__(self) -> None:
         self._processors: tuple[SpanProcessor, ...] = ()
         self._lock = threading.Lock()
-        self._kept: tuple[SpanProcessor, ...] = ()  # processors of the runs open at the last release_when_closed
-        self._kept_traces: frozenset[int] = frozenset()
-        self._then: Callable[[], None] | None = None
+        self._kept: tuple[_Kept, ...] = ()  # oldest first, one per release_when_closed with runs open
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         with self._lock:
@@ -220,7 +233,7 @@ class ProcessorSlot(SpanProcessor):
     @property
     def kept(self) -> tuple[SpanProcessor, ...]:
         """The processors kept for runs still open at ``uninstrument()`` (see :meth:`release_when_closed`)."""
-        return self._kept
+        return tuple(processor for kept in self._kept for processor in kept.processors)
 
     def on_start(self, span: Span, parent_context: Any = None) -> None:
         for processor in self._processors:
@@ -238,7 +251,7 @@ class ProcessorSlot(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         with signals_deferred():  # a SIGTERM meanwhile must not stop the main thread's export half-way
-            return all([processor.force_flush(timeout_millis) for processor in self._kept + self._processors])
+            return all([processor.force_flush(timeout_millis) for processor in self.kept + self._processors])
 
     def shutdown(self) -> None:
         """The provider's shutdown (the application's ``provider.shutdown()``, or the SDK's at exit): the run
@@ -247,53 +260,57 @@ class ProcessorSlot(SpanProcessor):
         from ._termination import INSTRUMENTATION_STOPPED, end_open_spans
 
         end_open_spans("the tracer provider was shut down while it was open", INSTRUMENTATION_STOPPED, self)
-        for processor in self._kept + self._processors:
+        for processor in self.kept + self._processors:
             processor.shutdown()
 
     def release(self) -> None:
         """Flush and shut down every processor held (kept ones too), and hold none from now on."""
         with self._lock:
-            processors, self._processors = self._kept + self._processors, ()
-        self._release_kept(processors)
+            kept, self._kept = self._kept, ()
+            processors, self._processors = self._processors, ()
+            self._stop_routing()
+        self._shut(tuple(p for group in kept for p in group.processors) + processors,
+                   [group.then for group in kept])
 
-    def _release_kept(self, also: tuple[SpanProcessor, ...] = ()) -> None:
-        """Flush and shut down the kept processors (and ``also``), stop routing, then run ``then``."""
-        with self._lock:
-            kept, self._kept, self._kept_traces = self._kept, (), frozenset()
-            for name in self._ROUTED:
-                self.__dict__.pop(name, None)
-            then, self._then = self._then, None
+    def _stop_routing(self) -> None:
+        for name in self._ROUTED:
+            self.__dict__.pop(name, None)
+
+    def _shut(self, processors: tuple[SpanProcessor, ...], thens: list[Callable[[], None] | None]) -> None:
+        """Flush and shut down ``processors`` (those still held elsewhere left alone), then run ``thens``."""
         try:
-            for processor in dict.fromkeys(kept + also):
+            held = set(self._processors).union(*(group.processors for group in self._kept))
+            for processor in dict.fromkeys(processors):
+                if processor in held:
+                    continue
                 try:
                     with signals_deferred():
                         processor.force_flush()
                 finally:
                     processor.shutdown()
         finally:
-            if then is not None:
-                then()
+            for then in thens:
+                if then is not None:
+                    then()
 
     def release_when_closed(self, then: Callable[[], None] | None = None) -> None:
-        """:meth:`release` now, or, while run or DAG-node spans recorded through this slot are still open
-        (``uninstrument()`` called inside a run whose blocks go on), once the last of them has ended: those
-        runs' spans, including the blocks they open meanwhile, are exported whole through the processors
-        that recorded their start, and their rows reach a final status instead of staying
-        ``executing``/``running``. ``then`` runs after the release. Processors kept from an earlier call
-        are released now."""
-        if self._kept:
-            self._release_kept()
+        """:meth:`release` the processors held now, or, while run or DAG-node spans recorded through them
+        are still open (``uninstrument()`` called inside a run whose blocks go on), once the last of them
+        has ended: those runs' spans, including the blocks they open meanwhile, are exported whole
+        through the processors that recorded their start, and their rows reach a final status instead
+        of staying ``executing``/``running``. ``then`` runs after the release. Processors kept by an
+        earlier call stay kept until their own runs end."""
         with self._lock:
-            traces = self._open_traces(None)
+            earlier = frozenset().union(*(group.traces for group in self._kept))
+            traces = self._open_traces(None) - earlier
+            processors, self._processors = self._processors, ()
             if traces:
-                self._kept, self._processors, self._kept_traces = self._processors, (), traces
-                self._then = then
+                self._kept += (_Kept(processors, traces, then),)
                 self.on_start = self._route_start  # type: ignore[method-assign]
                 self._on_ending = self._route_ending  # type: ignore[method-assign]
                 self.on_end = self._route_end  # type: ignore[method-assign]
                 return
-            self._then = then
-        self.release()
+        self._shut(processors, [then])
 
     def _open_traces(self, within: frozenset[int] | None) -> frozenset[int]:
         """The traces (of ``within``, if given) holding run or DAG-node spans of this slot still open."""
@@ -303,9 +320,18 @@ class ProcessorSlot(SpanProcessor):
                   if getattr(span, "_span_processor", None) is self and span.is_recording())
         return frozenset(t for t in traces if within is None or t in within)
 
-    def _route(self, span: ReadableSpan) -> tuple[SpanProcessor, ...]:
+    def _kept_for(self, span: ReadableSpan) -> _Kept | None:
         context = span.context
-        return self._kept if context is not None and context.trace_id in self._kept_traces else self._processors
+        if context is not None:
+            trace_id = context.trace_id
+            for group in self._kept:
+                if trace_id in group.traces:
+                    return group
+        return None
+
+    def _route(self, span: ReadableSpan) -> tuple[SpanProcessor, ...]:
+        group = self._kept_for(span)
+        return group.processors if group is not None else self._processors
 
     def _route_start(self, span: Span, parent_context: Any = None) -> None:
         for processor in self._route(span):
@@ -318,14 +344,21 @@ class ProcessorSlot(SpanProcessor):
                 hook(span)
 
     def _route_end(self, span: ReadableSpan) -> None:
-        route = self._route(span)
-        for processor in route:
+        group = self._kept_for(span)
+        for processor in group.processors if group is not None else self._processors:
             processor.on_end(span)
-        if route is not self._kept or not route:
+        if group is None:
             return
         try:
-            if not self._open_traces(self._kept_traces) and "on_end" in self.__dict__:
-                self._release_kept()
+            if self._open_traces(group.traces):
+                return
+            with self._lock:
+                if group not in self._kept:
+                    return  # released meanwhile
+                self._kept = tuple(kept for kept in self._kept if kept is not group)
+                if not self._kept:
+                    self._stop_routing()
+            self._shut(group.processors, [group.then])
         except Exception:  # in the application's thread, as its block ends: never its error
             logger.debug("cmbagent_otel: could not release the kept span processors", exc_info=True)
 

@@ -125,6 +125,55 @@ def test_instrument_again_with_other_exporters_inside_a_run(tmp_path: Path) -> N
     assert proc.stderr == ""
 
 
+def test_runs_of_two_rounds_left_open_each_stay_with_their_own_exporters(tmp_path: Path) -> None:
+    """``uninstrument()`` twice, each time with a run open (one run per round, in two threads): each run goes
+    on through the processors that recorded its start. Before, the second ``uninstrument()`` shut the
+    first round's processors down: the first run's later steps went to the second round's exporters,
+    and its DAG rows stayed ``executing``/``running``."""
+    proc, db = _run(tmp_path, """
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        second, third = InMemorySpanExporter(), InMemorySpanExporter()
+        opened = {name: threading.Event() for name in ("first", "second")}
+        go_on = threading.Event()
+
+        def run(name):
+            with workflow(name), phase("control"):
+                with step(1, "before"):
+                    opened[name].set()
+                    go_on.wait()
+                with step(2, "after"):
+                    pass
+
+        first_run = threading.Thread(target=run, args=("first",))
+        first_run.start()
+        opened["first"].wait()
+        cmbagent_otel.uninstrument()  # round 1 (the DAG exporter) kept for the first run
+        cmbagent_otel.instrument(exporters="none", span_exporters=[second], instrument_cmbagent=False)
+        second_run = threading.Thread(target=run, args=("second",))
+        second_run.start()
+        opened["second"].wait()
+        cmbagent_otel.uninstrument()  # round 2 kept for the second run
+        cmbagent_otel.instrument(exporters="none", span_exporters=[third], instrument_cmbagent=False)
+        go_on.set()
+        first_run.join()
+        second_run.join()
+        with workflow("third"):
+            pass
+        cmbagent_otel.uninstrument()
+        print("SECOND", sorted(span.name for span in second.get_finished_spans()))
+        print("THIRD", sorted(span.name for span in third.get_finished_spans()))
+        print("HELD", len(slot_of(provider).processors) + len(slot_of(provider).kept))
+    """)
+    assert "SECOND ['phase control', 'step 1', 'step 2', 'workflow second']" in proc.stdout, proc.stdout
+    assert "THIRD ['workflow third']" in proc.stdout, proc.stdout
+    assert "HELD 0" in proc.stdout, proc.stdout
+    runs, nodes = _rows(db)
+    assert runs == [("completed", None)]
+    assert {status for _, status, _, _ in nodes} == {"completed"} and len(nodes) == 5  # init, control, 2 steps, end
+    assert proc.stderr == ""
+
+
 def test_the_provider_shut_down_inside_a_run_ends_it_failed(tmp_path: Path) -> None:
     """``provider.shutdown()`` of the provider ``instrument()`` built, called by the application inside a
     run: its open spans are ended failed (``instrumentation_stopped``) and exported before the processors
