@@ -15,6 +15,8 @@ median (with its interquartile range) of the same difference taken per round.
     python bench/bench_overhead.py --reps 100 --cycles 10
     python bench/bench_overhead.py --profile ours  # cProfile: where ours' time goes, SDK apart
     python bench/bench_overhead.py --bytecodes     # exact bytecodes per span: own code, ours' functions
+    python bench/bench_overhead.py --workload tools --variants baseline ours ag2_builtin openinference
+                                                   # peer workloads: tools, tools_async, code (two agents)
 
 Targets (issue 13): ours / AG2 built-in <= 0.95 and ours / OpenInference <= 0.55 (added CPU per
 LLM call, default settings of each); ours with the sampler off <= 30 us per LLM call; our own
