@@ -125,7 +125,11 @@ class Bench:
         elif variant.startswith("ours"):
             import cmbagent_otel
 
-            options: dict[str, Any] = {"instrument_cmbagent": False, "instrument_threading": False,
+            # threading instrumentation (ours' default) only where a chat hands work to another thread:
+            # the async chat's model call runs in the event loop's executor, and without it ours' LLM
+            # span there would lose its parent (AG2 built-in's keeps it)
+            options: dict[str, Any] = {"instrument_cmbagent": False,
+                                       "instrument_threading": self.workload.is_async,
                                        "capture_content": variant == "ours_content"}
             if variant == "ours_metrics":
                 options["meter_provider"] = self.meter_provider
@@ -177,7 +181,8 @@ class Bench:
         memory = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(memory))
-        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
+        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False,
+                                 instrument_threading=self.workload.is_async)
         try:
             initiator, manager, _ = self.workload.build(cycles, _workload.Counter())
             self.workload.run(initiator, manager, cycles)
