@@ -15,6 +15,8 @@ median (with its interquartile range) of the same difference taken per round.
     python bench/bench_overhead.py --reps 100 --cycles 10
     python bench/bench_overhead.py --profile ours  # cProfile: where ours' time goes, SDK apart
     python bench/bench_overhead.py --bytecodes     # exact bytecodes per span: own code, ours' functions
+    python bench/bench_overhead.py --workload tools --variants baseline ours ag2_builtin openinference
+                                                   # peer workloads: tools, tools_async, code (two agents)
 
 Targets (issue 13): ours / AG2 built-in <= 0.95 and ours / OpenInference <= 0.55 (added CPU per
 LLM call, default settings of each); ours with the sampler off <= 30 us per LLM call; our own
@@ -34,7 +36,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class Counting:
 class Bench:
     """The providers every variant shares, and how to install / remove each variant."""
 
-    def __init__(self) -> None:
+    def __init__(self, workload: str = "group") -> None:
+        import _workload
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         from opentelemetry.sdk.trace import TracerProvider
@@ -114,6 +116,7 @@ class Bench:
         self.floor_attributes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self.floor_event: dict[str, Any] = {}
         self.lean_attributes = 6.0  # AG2 built-in's mean attributes per span (measured when it runs)
+        self.workload = _workload.WORKLOADS[workload]
 
     def enter(self, variant: str) -> Callable[[Sequence[Any]], None]:
         """Install ``variant``; returns a per-chat hook (AG2's built-in tracing is per agent)."""
@@ -122,7 +125,11 @@ class Bench:
         elif variant.startswith("ours"):
             import cmbagent_otel
 
-            options: dict[str, Any] = {"instrument_cmbagent": False, "instrument_threading": False,
+            # threading instrumentation (ours' default) only where a chat hands work to another thread:
+            # the async chat's model call runs in the event loop's executor, and without it ours' LLM
+            # span there would lose its parent (AG2 built-in's keeps it)
+            options: dict[str, Any] = {"instrument_cmbagent": False,
+                                       "instrument_threading": self.workload.is_async,
                                        "capture_content": variant == "ours_content"}
             if variant == "ours_metrics":
                 options["meter_provider"] = self.meter_provider
@@ -174,10 +181,11 @@ class Bench:
         memory = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(memory))
-        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
+        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False,
+                                 instrument_threading=self.workload.is_async)
         try:
-            initiator, manager, _ = _workload.build_chat(cycles, _workload.Counter())
-            _workload.run_chat(initiator, manager)
+            initiator, manager, _ = self.workload.build(cycles, _workload.Counter())
+            self.workload.run(initiator, manager, cycles)
         finally:
             cmbagent_otel.uninstrument()
         spans = memory.get_finished_spans()
@@ -261,14 +269,15 @@ class Bench:
         per_chat = self.enter(variant)
         try:
             counter = _workload.Counter()
-            initiator, manager, agents = _workload.build_chat(cycles, counter)
+            workload = self.workload
+            initiator, manager, agents = workload.build(cycles, counter)
             per_chat([*agents, manager])
             self.provider.force_flush()
             before = (exporter.spans, exporter.attributes, exporter.events, exporter.event_attributes)
             gc.collect()
-            start = time.thread_time()
-            _workload.run_chat(initiator, manager)
-            elapsed = time.thread_time() - start
+            start = workload.cpu()
+            workload.run(initiator, manager, cycles)
+            elapsed = workload.cpu() - start
             self.provider.force_flush()
         finally:
             self.leave(variant)
@@ -279,8 +288,10 @@ class Bench:
                 "attributes": attributes, "event_attributes": event_attributes}
 
 
-def available(variant: str) -> str | None:
+def available(variant: str, workload: str = "group") -> str | None:
     """Why ``variant`` cannot run here (None if it can)."""
+    if variant.startswith("sdk_floor") and workload != "group":
+        return "the floor's wrappers model the group workload only (no async, code-execution spans)"
     if variant == "openinference":
         try:
             import openinference.instrumentation.ag2  # noqa: F401
@@ -296,9 +307,9 @@ def available(variant: str) -> str | None:
 
 def main_bench(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v in args.variants]
-    skipped = {v: why for v in variants if (why := available(v)) is not None}
+    skipped = {v: why for v in variants if (why := available(v, args.workload)) is not None}
     variants = [v for v in variants if v not in skipped]
-    bench = Bench()
+    bench = Bench(args.workload)
     times: dict[str, list[float]] = {v: [] for v in variants}
     last: dict[str, dict[str, Any]] = {}
     out = sys.stdout
@@ -326,10 +337,11 @@ def main_bench(args: argparse.Namespace) -> int:
     for v in variants:
         added[v] = (statistics.median(times[v]) - statistics.median(base)) / calls
         paired[v] = quartiles([(t - b) / calls for t, b in zip(times[v], base, strict=True)])
-    print(f"\nworkload: 4-agent group chat, {args.cycles} cycles = {calls} LLM calls/chat; "
+    unit = "cycles" if args.workload == "group" else "turns"
+    print(f"\nworkload {args.workload}: {bench.workload.description}, {args.cycles} {unit} = {calls} LLM calls/chat; "
           f"baseline median chat {statistics.median(base) * 1e3:.1f} ms CPU; {args.reps} rounds "
           f"(all variants interleaved in one process, rotating order, {args.warmup} warm-up); "
-          f"CPU time of the chat's thread")
+          f"CPU time of the chat's thread{'s (caller + event-loop executor)' if bench.workload.is_async else ''}")
     header = (f"{'variant':<21}{'spans':>6}{'events':>7}{'chat CPU ms (IQR)':>22}{'added us/LLM call':>19}"
               f"{'paired us/call (IQR)':>26}  description")
     print(header)
@@ -406,7 +418,8 @@ def profile(variant: str, args: argparse.Namespace) -> int:
 
     import _workload
 
-    bench = Bench()
+    bench = Bench(args.workload)
+    workload = bench.workload
     spans = 0
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -419,18 +432,18 @@ def profile(variant: str, args: argparse.Namespace) -> int:
                 try:
                     for profiled in (True, False):
                         counter = _workload.Counter()
-                        initiator, manager, agents = _workload.build_chat(args.cycles, counter)
+                        initiator, manager, agents = workload.build(args.cycles, counter)
                         per_chat([*agents, manager])
                         before = bench.exporter.spans
                         gc.collect()
                         if profiled:
                             profiles[name].enable()
-                            _workload.run_chat(initiator, manager)
+                            workload.run(initiator, manager, args.cycles)
                             profiles[name].disable()
                         else:
-                            start = time.thread_time()
-                            _workload.run_chat(initiator, manager)
-                            plain[name].append(time.thread_time() - start)
+                            start = workload.cpu()
+                            workload.run(initiator, manager, args.cycles)
+                            plain[name].append(workload.cpu() - start)
                         bench.provider.force_flush()
                         if name == variant and profiled:
                             spans += bench.exporter.spans - before
@@ -485,72 +498,95 @@ def _opcode_counter(counts: Any) -> Callable[..., Any]:
 
 
 def bytecodes(args: argparse.Namespace) -> int:
-    """Bytecodes each chat runs, counted by ``sys.settrace`` opcode events, for the baseline, ours and
-    the SDK floor in one process: unlike instructions (callgrind's counts of two builds, or of two
-    rounds, differ by ~0.2 % of a chat, ~3k instructions per span) they repeat exactly, so a change to
-    our code shows as its own count. Own code = (ours - sdk_floor) / ours' spans, every Python
-    function counted (the SDK's included); then ours' own functions per span (its test model client
-    aside), the largest first."""
+    """Bytecodes each chat runs, counted by ``sys.settrace`` opcode events, for the baseline, ours, the
+    SDK floor (group workload) and the peers (AG2 built-in, OpenInference, when installed) in one
+    process: unlike instructions (callgrind's counts of two builds, or of two rounds, differ by ~0.2 %
+    of a chat, ~3k instructions per span) they repeat exactly, so a change to our code shows as its own
+    count. Own code = (ours - sdk_floor) / ours' spans, every Python function counted (the SDK's
+    included); then ours' own functions per span (its test model client aside), the largest first;
+    then every variant's added bytecodes per LLM call. The async workload's event-loop executor
+    thread (where AG2 runs the model call) is counted too."""
     import collections
     import types
 
     import _workload
 
-    bench = Bench()
+    bench = Bench(args.workload)
+    workload = bench.workload
+    variants = [v for v in ("baseline", "ours", "sdk_floor", "ag2_builtin", "openinference")
+                if available(v, args.workload) is None]
+    # the variants named after --bytecodes (ours_content, ag2_builtin_content...) too
+    extra = [v for v in args.bytecodes if v not in variants and available(v, args.workload) is None]
+    variants += extra
     counted: dict[str, collections.Counter[types.CodeType]] = {}
-    emitted: dict[str, int] = {}
+    spans: dict[str, int] = {}
+    calls = 0
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         bench.learn_shape(args.cycles)
-        extra = [v for v in args.bytecodes if v not in ("baseline", "ours", "sdk_floor")]
-        for variant in ("baseline", "ours", "sdk_floor", *extra):
+        for variant in variants:
             counts: collections.Counter[types.CodeType] = collections.Counter()
-            trace = _opcode_counter(counts)
+            elsewhere: collections.Counter[types.CodeType] = collections.Counter()  # the executor thread's
+            trace, trace_elsewhere = _opcode_counter(counts), _opcode_counter(elsewhere)
             per_chat = bench.enter(variant)
             try:
                 for rep in range(2):  # a warm-up chat (first-use caches), then the counted one
                     counter = _workload.Counter()
-                    initiator, manager, agents = _workload.build_chat(args.cycles, counter)
+                    initiator, manager, agents = workload.build(args.cycles, counter)
                     per_chat([*agents, manager])
                     bench.provider.force_flush()
                     before = bench.exporter.spans
                     gc.collect()
+                    executor = workload.executor() if workload.is_async else None
                     if rep:
+                        if executor is not None:
+                            executor.submit(sys.settrace, trace_elsewhere).result()
                         sys.settrace(trace)
                     try:
-                        _workload.run_chat(initiator, manager)
+                        workload.run(initiator, manager, args.cycles)
                     finally:
                         sys.settrace(None)
+                        if executor is not None:
+                            executor.submit(sys.settrace, None).result()
                     bench.provider.force_flush()
                     if rep:
-                        emitted[variant] = bench.exporter.spans - before
+                        spans[variant] = bench.exporter.spans - before
+                        calls = counter.calls
             finally:
                 bench.leave(variant)
-            counted[variant] = counts
+            counted[variant] = counts + elsewhere
     finally:
         sys.stdout.close()
         sys.stdout = out
-    spans = emitted.get("ours", 0)
-    per_span = max(spans, 1)
+    per_span = max(spans["ours"], 1)
     total = {variant: sum(counts.values()) for variant, counts in counted.items()}
-    print(f"bytecodes per chat ({args.cycles} cycles; ours emits {spans} spans) and added over the baseline "
-          f"per ours' span:")
-    for variant in ("ours", "sdk_floor", *extra):
-        print(f"  {variant:<14}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
-    print(f"own code: {(total['ours'] - total['sdk_floor']) / per_span:.1f} bytecodes per span (ours - sdk_floor)")
-    calls = 3 * args.cycles
-    for variant in extra:
-        print(f"{variant}: {(total[variant] - total['baseline']) / calls:,.0f} bytecodes added per LLM call "
-              f"({emitted.get(variant, 0)} spans); ours: {(total['ours'] - total['baseline']) / calls:,.0f}")
-    for variant in ("ours", *extra):
+    unit = "cycles" if args.workload == "group" else "turns"
+    print(f"workload {args.workload}: bytecodes per chat ({args.cycles} {unit}, {calls} LLM calls; ours emits "
+          f"{spans['ours']} spans) and added over the baseline per ours' span:")
+    for variant in ("ours", "sdk_floor"):
+        if variant in total:
+            print(f"  {variant:<10}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
+    if "sdk_floor" in total:
+        print(f"own code: {(total['ours'] - total['sdk_floor']) / per_span:.1f} bytecodes per span "
+              f"(ours - sdk_floor)")
+    for variant in ("ours", *(v for v in extra if v.startswith("ours"))):
         own = {code: n for code, n in counted[variant].items()
                if "/cmbagent_otel/" in code.co_filename and "/cmbagent_otel/testing" not in code.co_filename}
-        print(f"{variant}: in cmbagent_otel's functions: {sum(own.values()) / per_span:.1f} bytecodes per ours' span "
-              f"({sum(own.values()) / calls:,.0f} per LLM call); the largest:")
+        print(f"{variant}: in cmbagent_otel's functions: {sum(own.values()) / per_span:.1f} bytecodes per ours' "
+              f"span ({sum(own.values()) / max(calls, 1):,.0f} per LLM call); the largest:")
         for code, n in sorted(own.items(), key=lambda item: -item[1])[:20]:
             where = code.co_filename.split("/cmbagent_otel/")[-1]
             print(f"  {n / per_span:8.1f}  {where}:{code.co_firstlineno} {code.co_name}")
+    print(f"added bytecodes per LLM call ({calls} per chat), every Python function counted:")
+    for variant in variants[1:]:
+        added = (total[variant] - total["baseline"]) / max(calls, 1)
+        print(f"  {variant:<20}{added:>10.1f}   ({spans[variant]} spans per chat)")
+    for mine, peer in (("ours", "ag2_builtin"), ("ours", "openinference"), ("ours_content", "ag2_builtin_content"),
+                       ("ours_content", "openinference")):
+        if mine in total and peer in total and total[peer] > total["baseline"]:
+            print(f"ratio {mine} / {peer} = "
+                  f"{(total[mine] - total['baseline']) / (total[peer] - total['baseline']):.2f} (bytecodes)")
     return 0
 
 
@@ -558,7 +594,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=60, help="timed rounds (one chat of each variant per round)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--cycles", type=int, default=10, help="4-agent cycles per chat (3 LLM calls each)")
+    parser.add_argument("--workload", default="group", choices=["group", "tools", "tools_async", "code"],
+                        help="group: the 4-agent group chat; tools: a two-agent chat, a tool call every turn; "
+                             "tools_async: the same through a_initiate_chat; code: a two-agent chat, a code "
+                             "block run by LocalCommandLineCodeExecutor every turn")
+    parser.add_argument("--cycles", type=int, default=10,
+                        help="group: 4-agent cycles per chat (3 LLM calls each); other workloads: turns "
+                             "(1 LLM call each)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write raw per-round figures here")
     parser.add_argument("--profile", choices=[v for v in VARIANTS if not v.startswith("sdk_floor")])

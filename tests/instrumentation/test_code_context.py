@@ -111,3 +111,38 @@ def test_only_processes_started_by_a_code_execution_get_it(tmp_path: Path, captu
         cmbagent_otel.uninstrument()
     assert seen == ["none"] and outside == "none"
     assert inside == f"00-{root.trace_id:032x}-{root.span_id:016x}-{int(root.trace_flags):02x}"
+
+
+def test_the_child_environment_keeps_the_callers_key_type(capture: Any, monkeypatch: Any) -> None:
+    """An env of str keys, of bytes keys, or none (os.environ): the child gets the caller's variables,
+    this span's TRACEPARENT, and no stale TRACESTATE (the key-type check settles all-str envs in C)."""
+    probe = [sys.executable, "-c", "import os; print(os.environ.get('TRACEPARENT', 'none'), "
+             "os.environ.get('TRACESTATE', 'none'), os.environ.get('KEPT', 'none'))"]
+    monkeypatch.setenv("TRACESTATE", "stale=1")
+    monkeypatch.setenv("KEPT", "from-os-environ")
+    base = {key: value for key, value in os.environ.items() if key not in ("TRACESTATE", "KEPT")}
+    envs: dict[str, Any] = {
+        "none": None,
+        "str": {**base, "TRACESTATE": "stale=2", "KEPT": "str"},
+        "bytes": {**{k.encode(): v.encode() for k, v in base.items()}, b"TRACESTATE": b"stale=3", b"KEPT": b"bytes"},
+    }
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        from cmbagent_otel.instrumentation import _subprocess_context
+
+        with cmbagent_otel.workflow("w"):
+            from opentelemetry import trace
+
+            root = trace.get_current_span().get_span_context()
+            token = _subprocess_context.enter(trace.get_current_span())
+            try:
+                seen = {name: subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split()
+                        for name, env in envs.items()}
+            finally:
+                _subprocess_context.leave(token)
+    finally:
+        cmbagent_otel.uninstrument()
+    parent = f"00-{root.trace_id:032x}-{root.span_id:016x}-{int(root.trace_flags):02x}"
+    assert seen == {"none": [parent, "none", "from-os-environ"], "str": [parent, "none", "str"],
+                    "bytes": [parent, "none", "bytes"]}
+    assert os.environ["TRACESTATE"] == "stale=1"  # os.environ itself never changed

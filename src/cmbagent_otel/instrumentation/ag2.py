@@ -62,7 +62,6 @@ from typing import Any
 import wrapt
 from opentelemetry import _logs
 from opentelemetry import trace as otel_trace
-from opentelemetry.context import Context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -76,7 +75,6 @@ from .._context import (
     current_scope,
     get_current,
     scope_in,
-    suppressed,
 )
 from .._spans import (
     END_TIME_SPAN,
@@ -191,23 +189,6 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
 _FAST: Any = object()  # a wrapper's decision: not recorded, take the fast path
 
 
-def _decide(state: _State, probe: Any, build: Callable[..., TracedSpan | None], instance: Any,
-            args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedSpan | None, Context | None]:
-    """``(span, None)`` to record the call (the span started), ``(None, context)`` for the fast path of a
-    call that is not recorded, ``(None, None)`` to call straight through. Never around the application's call: its
-    exceptions must not be taken for ours."""
-    try:
-        ctx = get_current()
-        if suppressed(ctx):
-            return None, None
-        if probe.drops(ctx):
-            return None, ctx
-        return build(state, ctx, instance, args, kwargs), None
-    except Exception:
-        logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-        return None, None
-
-
 def _record(state: _State, traced: TracedSpan, record: Callable[..., None], instance: Any,
             args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
     try:
@@ -260,7 +241,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
         no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
-        the same body (:func:`._patching.wrapt_wrapper`). _decide and _run_traced written out: this
+        the same body (:func:`._patching.wrapt_wrapper`). The decision and _run_traced written out: this
         runs for most spans, one frame less each."""
         def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             if not state.active:
@@ -312,10 +293,38 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        traced, ctx = _decide(state, probe, build, instance, args, kwargs)
-        if ctx is not None and fast is not None:
-            return await fast(state, ctx, wrapped, instance, args, kwargs)
-        return await _run_traced_async(state, traced, record, wrapped, instance, args, kwargs)
+        # the decision and _run_traced_async written out as in _traced_sync's body, with its shortcut
+        # (no drops() call under a recording parent and a parent-based sampler): a frame, a coroutine
+        # and a drops() call less per span
+        try:
+            ctx = get_current()
+            if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+                traced = None
+            elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+                  and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
+                    or not probe.drops(ctx):
+                traced = build(state, ctx, instance, args, kwargs)
+            else:
+                traced = _FAST if fast is not None else None
+        except Exception:
+            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+            traced = None
+        if traced is None:
+            return await wrapped(*args, **kwargs)
+        if traced is _FAST:  # not recorded: the fast path
+            return await fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
+        try:
+            result = await wrapped(*args, **kwargs)
+            if record is not None:
+                try:
+                    record(state, traced, instance, args, kwargs, result)
+                except Exception:
+                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+        except BaseException as exc:
+            traced.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        traced.__exit__(None, None, None)
+        return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
