@@ -180,11 +180,14 @@ def test_oversize_bodies_are_413(tmp_path: Path) -> None:
 
 
 def test_token_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CMBAGENT_OTEL_INGEST_TOKEN", "from-env")
+    # a token of its own: the server registers it as a secret for the rest of the process (a word such as
+    # "from-env" would then be redacted in every later test's spans)
+    token = f"ingest-env-token-{uuid.uuid4().hex}"
+    monkeypatch.setenv("CMBAGENT_OTEL_INGEST_TOKEN", token)
     with IngestServer(sqlite_url(tmp_path / "env.db"), port=0, grpc_port=0) as srv:
-        assert "from-env" not in repr(srv)
+        assert token not in repr(srv)
         assert post(srv, b"{}", {"Content-Type": "application/json"})[0] == 401
-        assert post(srv, b"{}", {"Content-Type": "application/json", "Authorization": "Bearer from-env"})[0] == 200
+        assert post(srv, b"{}", {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})[0] == 200
 
 
 def test_unreachable_postgres_is_503_with_retry_after(tmp_path: Path) -> None:
