@@ -1455,7 +1455,9 @@ def is_secret_key(name: str) -> bool:
     ``*password*``, ``*secret*``, ``authorization``, ``cookie``, ...)."""
     known = _secret_key_names.get(name)
     if known is None:
-        known = bool(_SECRET_KEY_NAME.match(name))
+        # a name padded with white space is the same name ("Authorization " in tool arguments:
+        # no key/value scan of the text took its value either)
+        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip()))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
             return known
         if len(_secret_key_names) >= 4096:

@@ -124,3 +124,13 @@ def test_content_json_forms_the_strings_redaction_covers(monkeypatch: pytest.Mon
     text = _rendered([make(value)])
     json.loads(text)
     assert value not in text, text
+
+
+@pytest.mark.parametrize("key", ["Authorization ", "AUTHORIZATION  ", "proxy-authorization ", " token ", "api_key\t"])
+def test_content_a_secret_key_padded_with_white_space_is_redacted(key: str) -> None:
+    # "Authorization " was neither a secret-named key to scrub() nor a key/value pair to the
+    # JSON text's redaction: its value was shown, in message content and in tool arguments
+    value = _value()
+    assert redaction.is_secret_key(key)
+    assert value not in _rendered([_call({key: value})])
+    assert value not in _messages.render_value({key: value})
