@@ -1455,7 +1455,9 @@ def is_secret_key(name: str) -> bool:
     ``*password*``, ``*secret*``, ``authorization``, ``cookie``, ...)."""
     known = _secret_key_names.get(name)
     if known is None:
-        known = bool(_SECRET_KEY_NAME.match(name))
+        # a name padded with white space is the same name ("Authorization " in tool arguments:
+        # no key/value scan of the text took its value either)
+        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip()))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
             return known
         if len(_secret_key_names) >= 4096:
@@ -1487,6 +1489,63 @@ def scrub(value: Any, _depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return redact(repr(value))
+
+
+# the keys of the GenAI message schema's dicts (instrumentation._messages builds them), those that
+# are no secret-named key (all of them: checked here, not assumed)
+_SCHEMA_KEYS = frozenset(key for key in ("role", "parts", "name", "type", "content", "id", "modality", "uri",
+                                         "finish_reason", "response", "arguments")
+                         if not _SECRET_KEY_NAME.match(key))
+
+
+def scrub_message(value: Any) -> Any:
+    """:func:`scrub` of a message in the GenAI schema (a dict of role, parts, name, finish reason;
+    its parts dicts of type, content, id, name): the same copy, its strings redacted in the same
+    order (what one teaches applies to the next alike), with the schema's own keys not decided
+    again and its strings not walked through :func:`scrub` one call each. Any other value, key or
+    part is scrubbed as :func:`scrub` does."""
+    if type(value) is not dict:
+        return scrub(value)
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if type(key) is str and key in _SCHEMA_KEYS:
+            if type(item) is str:
+                out[key] = _scrub_string(item)
+                continue
+            if type(item) is list and key == "parts":
+                out[key] = [_scrub_part(part) for part in item]
+                continue
+        _scrub_entry(out, key, item, 0)
+    return out
+
+
+def _scrub_part(part: Any) -> Any:
+    """``scrub(part, 2)`` (a message's part: the message, its list of parts, the part)."""
+    if type(part) is not dict:
+        return scrub(part, 2)
+    out: dict[str, Any] = {}
+    for key, item in part.items():
+        if type(item) is str and type(key) is str and key in _SCHEMA_KEYS:
+            out[key] = _scrub_string(item)
+        else:
+            _scrub_entry(out, key, item, 2)
+    return out
+
+
+def _scrub_string(value: str) -> str:
+    """``scrub(value)`` of a string (its branch, as written there)."""
+    bound = _scan_bound()
+    return _scrub_cache.redact(value if len(value) <= bound else value[:bound] + "...[truncated]")
+
+
+def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
+    """One entry of :func:`scrub`'s dict branch at ``depth`` (its loop body, as written there)."""
+    skey = str(key)
+    if is_secret_key(skey):
+        learn_secrets_in({skey: item})
+        out[skey] = REDACTED
+    else:
+        out[skey] = scrub(item, depth + 1)
 
 
 _dumps = compact_encoder(repr, ensure_ascii=False)  # scrub() output is acyclic

@@ -39,6 +39,7 @@ from ..redaction import (
     redact_list_from,
     redact_list_tail,
     scrub,
+    scrub_message,
     truncate,
 )
 
@@ -283,7 +284,7 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
     """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged
     or is a flat dict equal to one rendered before."""
     if type(raw) is not dict:
-        clean = scrub(raw if convert is None else convert(raw))
+        clean = scrub_message(raw if convert is None else convert(raw))
         return clean, _dumps(clean)
     key = id(raw)
     content, calls = raw.get("content"), raw.get("tool_calls")
@@ -317,7 +318,7 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
                 with _pieces_lock:
                     _remember(_pieces, key, (raw, content, calls, same[0], same[1], version))
             return same[0], same[1]
-    clean = scrub(raw if convert is None else convert(raw))
+    clean = scrub_message(raw if convert is None else convert(raw))
     piece = _dumps(clean)
     if len(piece) > _PIECE_CHARS or redaction.secrets_version != version:
         return clean, piece  # (scrub learned a secret: made with a newer version than the one read)
