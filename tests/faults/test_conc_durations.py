@@ -14,11 +14,9 @@ of the scenario), with real blocks, a real AG2 chat and the SDK's in-memory metr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
+
+from .app_script import run_script
 
 PRELUDE = """
 import atexit, json, os, sys, threading
@@ -52,13 +50,7 @@ def chat():
 
 
 def _run(tmp_path: Path, body: str) -> dict[str, int]:
-    script = tmp_path / "app.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
-    env = {**os.environ, "CMBAGENT_OTEL_FLUSH_ON_SIGNAL": "false"}
-    env.pop("CMBAGENT_OTEL_DATABASE_URL", None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "dag.sqlite")], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr
+    proc, _ = run_script(tmp_path, PRELUDE, body)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("COUNTS ")]
     assert lines, proc.stdout + proc.stderr
     assert "Calling end() on an ended span" not in proc.stderr

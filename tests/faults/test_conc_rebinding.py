@@ -15,13 +15,11 @@ with real AG2 agents on the offline model client and the DAG exporter into a rea
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
+
+from .app_script import run_script
 
 PRELUDE = """
 import os, sys, threading
@@ -50,14 +48,7 @@ def blocks_in_own():
 
 
 def _run(tmp_path: Path, body: str) -> tuple[str, Path]:
-    db = tmp_path / "dag.sqlite"
-    script = tmp_path / "app.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
-    env = {**os.environ, "CMBAGENT_OTEL_FLUSH_ON_SIGNAL": "false"}
-    env.pop("CMBAGENT_OTEL_DATABASE_URL", None)
-    proc = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120,
-                          env=env, check=False)
-    assert proc.returncode == 0, proc.stderr
+    proc, db = run_script(tmp_path, PRELUDE, body)
     assert "WARNING" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout, db
 

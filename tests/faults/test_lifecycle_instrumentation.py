@@ -19,11 +19,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .app_script import run_script
 
 PRELUDE = """
 import os, sys, threading
@@ -36,15 +37,7 @@ provider = cmbagent_otel.instrument(exporters="cmbagent_dag", instrument_cmbagen
 
 
 def _run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    db = tmp_path / "dag.sqlite"
-    script = tmp_path / "app.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
-    env = {**os.environ, "CMBAGENT_OTEL_FLUSH_ON_SIGNAL": "false"}
-    env.pop("CMBAGENT_OTEL_DATABASE_URL", None)
-    proc = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True, timeout=120,
-                          env=env, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc, db
+    return run_script(tmp_path, PRELUDE, body)
 
 
 def _rows(db: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
