@@ -15,28 +15,14 @@ from hypothesis import strategies as st
 from cmbagent_otel import redaction
 from cmbagent_otel.instrumentation import _messages
 
-from .test_message_memo import HOSTILE, fresh
-
-_STATE = ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_chunks", "_contexts",
-          "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails",
-          "_open_fragments", "_learned_forms")
+from .test_message_memo import HOSTILE, own_state
 
 
 def _isolated(scrubber: Callable[[Any], Any], value: Any) -> tuple[Any, list[str], int]:
     """(``scrubber(value)``, the secrets it left learned, the version's step), from the same
     starting state, which is restored after."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in _STATE:
-            current = getattr(redaction, name)
-            if isinstance(current, dict):
-                current = current.copy()
-                for key, item in current.items():
-                    if isinstance(item, list):
-                        current[key] = list(item)
-            elif isinstance(current, (list, set)):
-                current = type(current)(current)
-            patch.setattr(redaction, name, current)
-        fresh(patch)
+        own_state(patch)
         before = redaction.secrets_version
         out = scrubber(value)
         return out, sorted(map(str, redaction._learned)), redaction.secrets_version - before

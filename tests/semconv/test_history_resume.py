@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cmbagent_otel import redaction
 from cmbagent_otel.instrumentation import _messages
 
-from .test_message_memo import HOSTILE, fresh
+from .test_message_memo import HOSTILE, fresh, start_clean
 
 texts = st.lists(st.sampled_from([*HOSTILE, "x" * 300, "lorem ipsum " * 20]), max_size=5).map(" ".join)
 message = st.builds(
@@ -29,20 +29,7 @@ message = st.builds(
 
 @pytest.fixture(autouse=True)
 def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_chunks", "_contexts",
-                 "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails",
-                 "_open_fragments"):
-        value = getattr(redaction, name)
-        if isinstance(value, dict):
-            value = value.copy()
-            for key, item in value.items():
-                if isinstance(item, list):
-                    value[key] = list(item)
-        monkeypatch.setattr(redaction, name, value)
-    for name in ("_contexts", "_whole_pieces", "_open_fragments"):
-        getattr(redaction, name).clear()
-    monkeypatch.setattr(redaction, "_context_pattern", None)
-    fresh(monkeypatch)
+    start_clean(monkeypatch)
     yield
     fresh(monkeypatch)
 

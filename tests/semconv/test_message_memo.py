@@ -27,24 +27,41 @@ messages = st.lists(
 )
 
 
-@pytest.fixture(autouse=True)
-def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts without the split-secret pieces earlier tests taught, and what it
-    registers or learns (hostile junk among it) is forgotten after it."""
-    for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_chunks", "_contexts",
-                 "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails",
-                 "_open_fragments"):
+# redaction's process-wide secrets state: what a test learns or registers in it
+STATE = ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_chunks", "_contexts",
+         "_context_pattern", "_whole_pieces", "_split_checked", "_clean_texts", "_heads", "_tails",
+         "_open_fragments", "_learned_forms")
+
+
+def own_state(patch: pytest.MonkeyPatch) -> None:
+    """Copies of redaction's secrets state (:data:`STATE`) in its place, until ``patch`` is undone: what
+    the test registers or learns (hostile junk among it) is forgotten after it. Results memoised
+    before are not used (:func:`fresh`)."""
+    for name in STATE:
         value = getattr(redaction, name)
         if isinstance(value, dict):
             value = value.copy()  # keeps the type (OrderedDict)
             for key, item in value.items():
                 if isinstance(item, list):  # _heads, _tails: lists appended to in place
                     value[key] = list(item)
-        monkeypatch.setattr(redaction, name, value)
+        elif isinstance(value, (list, set)):
+            value = type(value)(value)
+        patch.setattr(redaction, name, value)
+    fresh(patch)
+
+
+def start_clean(patch: pytest.MonkeyPatch) -> None:
+    """:func:`own_state`, and without the split-secret pieces earlier tests taught."""
+    own_state(patch)
     for name in ("_contexts", "_whole_pieces", "_open_fragments"):
         getattr(redaction, name).clear()
-    monkeypatch.setattr(redaction, "_context_pattern", None)
-    fresh(monkeypatch)
+    patch.setattr(redaction, "_context_pattern", None)
+    fresh(patch)
+
+
+@pytest.fixture(autouse=True)
+def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    start_clean(monkeypatch)
     yield
     fresh(monkeypatch)
 
