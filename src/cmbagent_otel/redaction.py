@@ -207,6 +207,12 @@ def max_length() -> int:
 _max_len = max_length()
 
 
+def attribute_bound() -> int:
+    """The attribute length bound as :func:`truncate` uses it: read at import, by ``instrument()`` and by
+    :func:`reload_settings` (:func:`max_length` reads the environment again)."""
+    return _max_len
+
+
 def reload_settings() -> None:
     """Re-read the length bound and secret-looking environment variables."""
     global _max_len

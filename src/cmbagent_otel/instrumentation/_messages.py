@@ -30,6 +30,7 @@ from typing import Any
 from .. import redaction
 from .._jsontext import compact_encoder
 from ..redaction import (
+    attribute_bound,
     learn_encoded_in,
     learn_secrets_ahead,
     learn_split_secrets,
@@ -488,7 +489,7 @@ def render(items: Sequence[Any], bound: int | None = None,
     ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
     items that are kept.
     """
-    bound = bound or redaction._max_len  # (truncate's bound: read again by instrument(), reload_settings())
+    bound = bound or attribute_bound()
     budget = bound
     if convert is message:
         fast = _render_history(items, bound)
@@ -518,7 +519,7 @@ def render(items: Sequence[Any], bound: int | None = None,
 
 def render_value(value: Any, bound: int | None = None) -> str:
     """Any JSON value (tool arguments, tool result) as redacted JSON text of at most ``bound`` characters."""
-    bound = bound or redaction._max_len
+    bound = bound or attribute_bound()
     clean = scrub(value)
     text = _fit(clean, bound)
     if text is None:
