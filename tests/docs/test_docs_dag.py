@@ -1,0 +1,76 @@
+"""docs/dag.md against the schema, the migrations and the rows a run leaves (twenty-fourth campaign).
+
+Found: the doc said the exporter leaves cmbagent's other tables (``files``, ``checkpoints``, ...)
+empty, but it writes ``files`` rows for the files a cmbagent run left in its work dir.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel import phase, semconv, step, workflow
+from cmbagent_otel.dag import database, schema
+from cmbagent_otel.dag.query import VERSION_TABLE
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "dag.md").read_text()
+TICKED = re.compile(r"`([a-z_0-9]+)`")
+
+
+def _section(start: str, end: str) -> str:
+    return DOC.split(start, 1)[1].split(end, 1)[0]
+
+
+def _tables(text_: str) -> list[str]:
+    return [name for name in TICKED.findall(text_) if name in schema.Base.metadata.tables]
+
+
+def _documented() -> tuple[set[str], set[str], set[str]]:
+    """(tables the doc says the exporter writes, cmbagent's other tables, those of them it fills too)."""
+    writes = _section("The exporter writes", "The database also gets")
+    others = _section("The database also gets", "Table names, column names")
+    listed, _, exceptions = others.partition("except")
+    return set(_tables(writes)), set(_tables(listed)), set(_tables(exceptions.split(":", 1)[0]))
+
+
+def test_docs_table_lists_are_the_schema() -> None:
+    written, others, _filled = _documented()
+    assert written == set(schema.TRACKING_TABLES)
+    assert others == set(schema.CMBAGENT_TABLES)
+    assert written | others == set(schema.Base.metadata.tables)
+
+
+def test_docs_revisions_are_the_migrations() -> None:
+    table = _section("| revision | what it does |", "\n\n")
+    documented = re.findall(r"^\| `([0-9a-z_]+)` \|", table, flags=re.M)
+    shipped = sorted(p.stem for p in (ROOT / "migrations" / "versions").glob("0*.py"))
+    assert documented == shipped
+    assert documented[-1] in database.head_revisions()
+    assert f"`{VERSION_TABLE}`" in DOC
+
+
+def test_docs_tables_a_run_fills_are_those_the_doc_names(sqlite_url: str, provider: Any, tmp_path: Path) -> None:
+    """A cmbagent-like run (its workflow span lists the work dir's files) fills only the tables the
+    doc says the exporter writes, and the ones it says stay empty stay empty."""
+    mtime = time.time_ns()
+    files = (f"data/result.csv\t4\t{mtime}", f"codebase/fit.py\t9\t{mtime}")
+    with workflow("docs", mode="planning-control", task="t", work_dir=str(tmp_path),
+                  attributes={semconv.WORKFLOW_FILES: files}), phase("control"), step(1, "go", agent="engineer"):
+        pass
+    provider.store(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            counts = {name: conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
+                      for name in schema.Base.metadata.tables}
+    finally:
+        engine.dispose()
+    written, others, filled = _documented()
+    assert counts["files"] == 2
+    assert {name for name, count in counts.items() if count} <= written | filled
+    assert not {name: counts[name] for name in others - filled if counts[name]}
