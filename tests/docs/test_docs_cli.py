@@ -11,10 +11,12 @@ didn't produce 1 migrations".
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +166,23 @@ def test_docs_downgrade_of_a_database_never_migrated(tmp_path: Path, capsys: pyt
     assert err.startswith(f"{ERROR}nothing to downgrade") and err.count("\n") == 1, err
     with sqlite3.connect(path) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["notes"]
+
+
+def test_docs_dag_json_has_the_documented_keys(sqlite_url: str, provider: Any,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/dag.md's `dag --format json` paragraph: the run keys it names, nodes with `id`, `db_id`,
+    `parent` (the parent's short id) and, for a failed node, `error`."""
+    from cmbagent_otel import phase, step, workflow
+
+    with workflow("docs", mode="planning-control"), phase("control"), step(1, "go", agent="engineer") as first:
+        first.fail("no data")
+    provider.store(sqlite_url)
+    assert main(["--db", sqlite_url, "dag", "latest", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    paragraph = DAG_DOC.split("- `dag --format json`:", 1)[1].split("\n- ", 1)[0]
+    for key in re.findall(r"`run\.([a-z_]+)`", paragraph):
+        assert key in shown["run"], key
+    assert re.search(r"nodes in display order, edges", paragraph) and shown["edges"]
+    nodes = {node["id"]: node for node in shown["nodes"]}
+    assert nodes["step_1"]["parent"] == "control" and isinstance(nodes["step_1"]["db_id"], str)
+    assert nodes["step_1"]["status"] == "failed" and nodes["step_1"]["error"] == "no data"
