@@ -79,7 +79,9 @@ def uninstrumented() -> Iterator[None]:
 
 @pytest.mark.parametrize("value", ["maybe", "spans", 3, 0.5])
 def test_docs_an_invalid_capture_content_raises(value: Any, uninstrumented: None, capture: Any) -> None:
-    """docs/configuration.md: "An invalid *argument* is a programming error and raises"."""
+    """docs/configuration.md: "An invalid *argument* is a programming error and raises"; docs/spans.md's
+    content table says which error."""
+    assert "of `capture_content=`: `ConfigurationError`" in (ROOT / "docs" / "spans.md").read_text()
     with pytest.raises(cmbagent_otel.ConfigurationError, match="capture_content"):
         cmbagent_otel.instrument(tracer_provider=capture.provider, capture_content=value, instrument_cmbagent=False)
     assert not cmbagent_otel.is_instrumented()
