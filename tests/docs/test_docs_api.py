@@ -98,3 +98,28 @@ def test_docs_capture_content_takes_the_variables_forms(value: Any, uninstrument
     user.initiate_chat(assistant, message="what is the answer?", max_turns=1)
     chats = capture.named("chat ")
     assert chats and "42" in chats[0].attributes[semconv.GEN_AI_OUTPUT_MESSAGES]
+
+
+def test_docs_entry_points_load_and_are_the_documented_ones() -> None:
+    """pyproject's entry points (what `opentelemetry-instrument` and `OTEL_TRACES_EXPORTER=cmbagent_dag`
+    use, README's "our configurator and the AG2 and cmbagent instrumentors are registered entry
+    points") each name an object that exists, of the documented kind."""
+    import importlib
+
+    import tomllib
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = project["entry-points"]
+    kinds = {"opentelemetry_instrumentor": BaseInstrumentor, "opentelemetry_traces_exporter": SpanExporter,
+             "opentelemetry_configurator": object}
+    assert set(groups) == set(kinds)
+    for group, entries in groups.items():
+        for target in entries.values():
+            module, _, name = target.partition(":")
+            assert issubclass(getattr(importlib.import_module(module), name), kinds[group]), target
+    assert set(groups["opentelemetry_instrumentor"]) == {"cmbagent_ag2", "cmbagent"}
+    assert "cmbagent_dag" in groups["opentelemetry_traces_exporter"] and "`cmbagent_dag`" in README
+    assert project["scripts"] == {"cmbagent-otel": "cmbagent_otel.cli:main"}
+    assert "opentelemetry-instrument python app.py" in README
