@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Sum
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
 from cmbagent_otel import environment_variables as env
@@ -29,19 +31,18 @@ METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[ReadableSpan], Any]]:
-    from tests.conftest import SpanCapture
-
     cmbagent_otel.uninstrument()
-    capture, reader = SpanCapture(), InMemoryMetricReader()
-    meters = MeterProvider(metric_readers=[reader])
-    cmbagent_otel.instrument(tracer_provider=capture.provider, meter_provider=meters, capture_content=True,
+    memory, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracers, meters = TracerProvider(), MeterProvider(metric_readers=[reader])
+    tracers.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.instrument(tracer_provider=tracers, meter_provider=meters, capture_content=True,
                              instrument_cmbagent=False)
     try:
         run_demo(str(tmp_path_factory.mktemp("demo")))
-        yield capture.spans, reader.get_metrics_data()
+        yield list(memory.get_finished_spans()), reader.get_metrics_data()
     finally:
         cmbagent_otel.uninstrument()
-        capture.provider.shutdown()
+        tracers.shutdown()
         meters.shutdown()
 
 
