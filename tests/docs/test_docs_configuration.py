@@ -28,3 +28,27 @@ def test_docs_no_documented_setting_is_ignored() -> None:
     assert not ignored
     module = (ROOT / "src" / "cmbagent_otel" / "environment_variables.py").read_text()
     assert "get(DATABASE_URL" in module and "get(WORK_DIR)" in module
+
+
+def _patterns(text: str) -> list[re.Pattern[str]]:
+    """The variable names and name patterns in backticks: ``OTEL_*_LIMIT``, ``OTEL_EXPORTER_OTLP_[TRACES_|
+    METRICS_|LOGS_]TIMEOUT`` and the shorthand ``..._COMPRESSION`` after it."""
+    found, last = [], ""
+    for token in re.findall(r"`((?:OTEL_|\.\.\._)[A-Z_*\[\]|]*)`", text):
+        if token.startswith("..."):
+            token = last[:last.rfind("]") + 1 or last.rfind("_")] + token[4:]
+        else:
+            last = token
+        regex = re.sub(r"\[([A-Z_|]+)\]", lambda m: f"(?:{m.group(1)})?", token).replace("*", "[A-Z_]*")
+        found.append(re.compile(regex))
+    return found
+
+
+def test_docs_every_sdk_variable_checked_is_described() -> None:
+    """docs/configuration.md names (or covers by a pattern) every OpenTelemetry variable that importing
+    cmbagent_otel checks and may remove (``SDK_CHECKED``, the header variables)."""
+    text = (ROOT / "docs" / "configuration.md").read_text().split("<!-- settings-table:end -->", 1)[1]
+    patterns = _patterns(text)
+    undescribed = [name for name in (*env.SDK_CHECKED, *env.HEADER_VARIABLES)
+                   if not any(p.fullmatch(name) for p in patterns)]
+    assert not undescribed
