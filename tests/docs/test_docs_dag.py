@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel import phase, semconv, step, workflow
+from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.dag import database, schema
 from cmbagent_otel.dag.query import VERSION_TABLE
 
@@ -74,3 +75,26 @@ def test_docs_tables_a_run_fills_are_those_the_doc_names(sqlite_url: str, provid
     assert counts["files"] == 2
     assert {name for name, count in counts.items() if count} <= written | filled
     assert not {name: counts[name] for name in others - filled if counts[name]}
+
+
+def test_docs_useful_sql_runs(sqlite_url: str, provider: Any) -> None:
+    """docs/dag.md's "Useful SQL" queries, as written, on a stored run (SQLite)."""
+    with workflow("docs", mode="planning-control"), phase("control"), step(1, "go", agent="engineer"), \
+            TracedSpan("chat scripted", "llm", {"gen_ai.agent.name": "engineer"}):
+        pass
+    provider.store(sqlite_url)
+    block = _section("## Useful SQL\n\n```sql\n", "```")
+    queries = [q.strip() for q in re.sub(r"--[^\n]*\n", "", block).split(";") if q.strip()]
+    assert len(queries) == 2
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            run = conn.execute(text("SELECT id FROM workflow_runs")).scalar()
+            nodes = conn.execute(text(queries[0]), {"run": run}).all()
+            assert {row[0] for row in nodes} >= {"control", "step_1", "terminator"}
+            step_id = next(row[0] for row in conn.execute(text("SELECT id, meta FROM dag_nodes"))
+                           if '"id":"step_1"' in row[1])
+            events = conn.execute(text(queries[1]), {"node_db_id": step_id}).all()
+            assert [(row[1], row[2]) for row in events] == [("agent_call", "llm")]
+    finally:
+        engine.dispose()
