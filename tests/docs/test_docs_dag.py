@@ -98,3 +98,53 @@ def test_docs_useful_sql_runs(sqlite_url: str, provider: Any) -> None:
             assert [(row[1], row[2]) for row in events] == [("agent_call", "llm")]
     finally:
         engine.dispose()
+
+
+def test_docs_event_kinds_of_the_demo(tmp_path: Path) -> None:
+    """docs/dag.md's table of execution events by `cmbagent.span.kind`, on the rows of the demo run (a
+    failing code execution included: `code_exec / error`)."""
+    import json
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import cmbagent_otel
+    from cmbagent_otel.dag.writer import DagWriter
+    from cmbagent_otel.demo import run_demo
+
+    table = _section("| `cmbagent.span.kind` | event_type / event_subtype |\n|---|---|\n", "\n\n")
+    documented: dict[str, tuple[str, ...]] = {}
+    for kinds, mapping in re.findall(r"^\| ([a-z_, ]+?)(?: \(.*?\))?(?:, any other kind)? \| ([a-z_]+ / [a-z_]+)",
+                                     table, flags=re.M):
+        for kind in kinds.split(", "):
+            documented[kind] = tuple(mapping.split(" / "))
+    memory, tracers = InMemorySpanExporter(), TracerProvider()
+    tracers.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.uninstrument()
+    cmbagent_otel.instrument(tracer_provider=tracers, instrument_cmbagent=False, metrics=False)
+    try:
+        run_demo(str(tmp_path / "work"))
+    finally:
+        cmbagent_otel.uninstrument()
+    url = f"sqlite:///{tmp_path}/demo.db"
+    writer = DagWriter(url)
+    try:
+        writer.write(list(memory.get_finished_spans()))
+    finally:
+        writer.close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT event_type, event_subtype, status, meta FROM execution_events")).all()
+    finally:
+        engine.dispose()
+    seen = set()
+    for event_type, subtype, status, meta in rows:
+        kind = json.loads(meta)["attributes"].get("cmbagent.span.kind")
+        expected = documented[kind]
+        if kind == "code_execution" and status == "failed":
+            expected = ("code_exec", "error")
+        assert (event_type, subtype) == expected, (kind, event_type, subtype)
+        seen.add(kind)
+    assert {"llm", "agent", "conversation", "tool", "code_execution", "speaker_selection"} <= seen
