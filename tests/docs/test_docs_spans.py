@@ -144,3 +144,30 @@ def test_docs_on_every_span(demo: tuple[list[ReadableSpan], Any]) -> None:
         if "but the workflow's" in meaning:
             missing -= {"workflow"}
         assert not missing, (key, missing)
+
+
+def test_docs_bucket_boundaries_are_the_recorded_ones(demo: tuple[list[ReadableSpan], Any]) -> None:
+    _, data = demo
+    bullet = " ".join(METRICS_DOC.split("- **Bucket boundaries**", 1)[1].split("\n- ", 1)[0].split())
+    lists = {label: [float(x) for x in numbers.split(", ")] for label, numbers in
+             re.findall(r"(tokens|operation duration|runs and steps) `\[([\d., ]+)\]`", bullet)}
+    expected = {"gen_ai.client.token.usage": lists["tokens"],
+                "gen_ai.client.operation.duration": lists["operation duration"],
+                "gen_ai.workflow.duration": lists["runs and steps"],
+                "cmbagent.workflow.duration": lists["runs and steps"],
+                "cmbagent.step.duration": lists["runs and steps"]}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if metric.name in expected:
+                    for point in metric.data.data_points:
+                        assert list(point.explicit_bounds) == expected[metric.name], metric.name
+
+
+def test_docs_scopes_version_and_schema(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    schema = re.search(r"schema\s+`(https://opentelemetry\.io/schemas/[\d.]+)`", SPANS_DOC).group(1)  # type: ignore[union-attr]
+    assert "both version `cmbagent_otel.__version__`" in SPANS_DOC
+    for span in spans:
+        assert span.instrumentation_scope.version == cmbagent_otel.__version__
+        assert span.instrumentation_scope.schema_url == schema
