@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +190,31 @@ def test_docs_dag_json_has_the_documented_keys(sqlite_url: str, provider: Any,
     nodes = {node["id"]: node for node in shown["nodes"]}
     assert nodes["step_1"]["parent"] == "control" and isinstance(nodes["step_1"]["db_id"], str)
     assert nodes["step_1"]["status"] == "failed" and nodes["step_1"]["error"] == "no data"
+
+
+def _ingest(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    # a process of its own: gRPC reads its log settings once, when it is first imported
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    return subprocess.run([sys.executable, "-m", "cmbagent_otel.cli", "--db", f"sqlite:///{tmp_path}/ingest.db",
+                           "ingest", *args], capture_output=True, text=True, timeout=60, env=environ)
+
+
+def test_docs_a_grpc_port_in_use_is_one_error_line(tmp_path: Path) -> None:
+    """README: any error is one line on stderr. With the gRPC port taken (4317 is often a collector's),
+    gRPC's C core wrote its own `E... add_port.cc] Failed to add port` line before ours."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args in (("--port", "off", "--grpc-port", port), ("--port", port, "--grpc-port", "off")):
+            done = _ingest(*args, tmp_path=tmp_path)
+            assert done.returncode == 2
+            assert done.stderr.startswith(ERROR) and done.stderr.count("\n") == 1, done.stderr
+            assert "often taken by a collector" in done.stderr
+
+
+def test_docs_the_port_hint_only_when_a_port_is_taken(tmp_path: Path) -> None:
+    """An address this machine does not have (TEST-NET-1) is no port in use: no hint about ports."""
+    done = _ingest("--host", "192.0.2.1", "--port", "0", "--grpc-port", "off", tmp_path=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(ERROR) and done.stderr.count("\n") == 1
+    assert "often taken" not in done.stderr
