@@ -123,3 +123,13 @@ def test_docs_entry_points_load_and_are_the_documented_ones() -> None:
     assert "cmbagent_dag" in groups["opentelemetry_traces_exporter"] and "`cmbagent_dag`" in README
     assert project["scripts"] == {"cmbagent-otel": "cmbagent_otel.cli:main"}
     assert "opentelemetry-instrument python app.py" in README
+
+
+def test_docs_an_unknown_exporter_argument_is_named_as_one(uninstrumented: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: an unknown exporter name raises `ConfigurationError`; given as the argument, the message
+    named only `OTEL_TRACES_EXPORTER` (unset here)."""
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    with pytest.raises(cmbagent_otel.ConfigurationError, match=r"'zipkin-typo' in exporters= or OTEL_TRACES_EXPORTER"):
+        cmbagent_otel.instrument(exporters="zipkin-typo", set_global=False, instrument_cmbagent=False)
+    assert not cmbagent_otel.is_instrumented()
