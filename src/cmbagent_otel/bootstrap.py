@@ -18,8 +18,16 @@ from . import _termination, _threadpool
 from . import environment_variables as env
 from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
+from .instrumentation._content import ContentMode
 from .instrumentation.ag2 import AG2Instrumentor
-from .provider import build_meter_provider, build_tracer_provider, sdk_disabled, slot_of, span_processors
+from .provider import (
+    ConfigurationError,
+    build_meter_provider,
+    build_tracer_provider,
+    sdk_disabled,
+    slot_of,
+    span_processors,
+)
 from .redaction import reload_settings
 
 logger = logging.getLogger("cmbagent_otel")
@@ -90,7 +98,8 @@ def instrument(
     installed as the global provider when ``set_global``. With ``OTEL_SDK_DISABLED=true``
     nothing is patched and ``None`` is returned. Calling it again while active returns the
     same provider without patching twice. ``capture_content`` (a bool, or a mode name:
-    ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT``, ``NO_CONTENT``) overrides
+    ``SPAN_ONLY``, ``EVENT_ONLY``, ``SPAN_AND_EVENT``, ``NO_CONTENT``, or any other form the variable
+    takes; anything else raises :class:`ConfigurationError`, as an unknown exporter name does) overrides
     ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``; content events go to
     ``logger_provider`` (default: the global LoggerProvider).
 
@@ -107,6 +116,7 @@ def instrument(
     (``CMBAGENT_OTEL_FLUSH_ON_SIGNAL=false``: not);
     :func:`uninstrument` puts the default back.
     """
+    capture_content = _capture_content(capture_content)
     # settled only after the application imported AG2 itself (see _gcquiet)
     with _lock, imports_settled(heap_imported="autogen" in sys.modules):
         if _state["active"]:
@@ -151,6 +161,19 @@ def instrument(
         except Exception:
             logger.debug("cmbagent_otel: signal handler not installed", exc_info=True)
         return provider
+
+
+def _capture_content(value: Any) -> Any:
+    """``capture_content`` as the variable's parser reads a mode name (any case, ``-`` or ``_``). An
+    invalid one is a programming error and raises, as an unknown exporter name does (it was logged as
+    if the environment variable held it, and content stayed off)."""
+    if value is None or isinstance(value, (bool, ContentMode)):
+        return value
+    try:
+        return env.SETTINGS[env.CAPTURE_MESSAGE_CONTENT].parse(str(value))
+    except ValueError:
+        raise ConfigurationError(f"capture_content={value!r} is not a bool or one of SPAN_ONLY, EVENT_ONLY, "
+                                 "SPAN_AND_EVENT, NO_CONTENT") from None
 
 
 def _instrument_threading() -> bool:

@@ -89,8 +89,10 @@ def _registered_exporter(group: str, name: str, variable: str, known: str) -> An
     for entry in entry_points(group=group):
         if entry.name == name:
             return entry.load()()
-    raise ConfigurationError(f"unknown {variable.split('_')[1].lower()} exporter {name!r} in {variable} "
-                             f"(known: {known})")
+    # the variable's names were checked when it was read (an unknown one is warned and skipped): a name
+    # unknown here came from the argument (``instrument(exporters=...)``), which the message names too
+    raise ConfigurationError(f"unknown {variable.split('_')[1].lower()} exporter {name!r} in exporters= or "
+                             f"{variable} (known: {known})")
 
 
 def _otlp_protocol() -> str:

@@ -6,7 +6,8 @@ module of this package with ``NAME``, ``HELP`` (and optionally ``DESCRIPTION`` a
 modules of the library hold no command-line code. ``--db URL`` is accepted before and after
 the subcommand. A :class:`CLIError` (bad input, nothing to read), an argument or path that
 is not valid UTF-8 and an error of the operating system (a folder that cannot be created)
-print one line on stderr and exit with code 2, as does a database driver that is not installed.
+print one line on stderr and exit with code 2, as do a database driver that is not installed and
+a bad option or argument (``cmbagent-otel: error: COMMAND: ...``, escaped like every error line).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from ..version import __version__
 from . import dag, db, demo, events, ingest, replay, runs
@@ -26,9 +28,20 @@ COMMANDS: tuple[ModuleType, ...] = (runs, dag, events, db, replay, ingest, demo)
 """Every subcommand (see the module docstring)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error as the one line every other error is: ``cmbagent-otel:
+    error: ...``, escaped like them (argparse printed the usage, then ``cmbagent-otel runs: error:``,
+    and ``unrecognized arguments`` echoed control characters such as ESC as they were given)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        prefix = f"{command}: " if command else ""
+        self.exit(2, f"cmbagent-otel: error: {prefix}{_bounded(one_line(message))} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cmbagent-otel",
         description="Inspect runs stored by the DAG exporter, manage the schema, receive OTLP, run the demo.",
         epilog="Exit codes: 0 success; 2 an error, reported in one line on stderr (bad arguments, no database, "

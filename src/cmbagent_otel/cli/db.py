@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "upgrade":
             database.upgrade(args.db, args.revision or "head")  # creates the database: the one writing command
         elif args.action == "downgrade":
-            DagReader.revision(args.db)  # a database that is not there is not created to be downgraded
+            # a database that is not there is not created to be downgraded; one never migrated has nothing
+            # to go down from (Alembic said "Relative revision -1 didn't produce 1 migrations")
+            if DagReader.revision(args.db) is None:
+                raise CLIError(f"nothing to downgrade: {database.redacted(database.resolve_url(args.db))} "
+                               "has no cmbagent-otel schema revision")
             database.downgrade(args.db, args.revision or "-1")
         current = DagReader.revision(args.db)
         print(f"{database.redacted(database.resolve_url(args.db))}: "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -73,6 +75,10 @@ def _settle_heap() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM."""
+    # gRPC's C core wrote a line of its own to stderr ("E1202 ... add_port.cc:83] Failed to add port")
+    # before ours when the gRPC port could not be bound (in use: 4317 is often a collector's), where the
+    # CLI promises one error line; an operator's GRPC_VERBOSITY is kept. Set before grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from ..dag.database import BadDatabaseURL, redacted, storable_url
     from ..ingest import IngestServer, logger
 
@@ -93,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, UnicodeError):  # --host that is no host name: "encoding of hostname failed"
         raise CLIError("cannot listen there: --host is not a host name or address") from None
     except OSError as exc:
-        raise CLIError(f"{exc.strerror or exc} (4318 and 4317 are OTLP's standard ports, often "
-                       "taken by a collector: choose others with --port/--grpc-port, or `off` for none)") from None
+        hint = (" (4318 and 4317 are OTLP's standard ports, often taken by a collector: choose others with "
+                "--port/--grpc-port, or `off` for none)") if exc.errno == errno.EADDRINUSE else ""
+        raise CLIError(f"{exc.strerror or exc}{hint}") from None
     if server.host not in ("127.0.0.1", "::1", "localhost") and not server.core.token_required:
         logger.warning("cmbagent-otel ingest: listening on %s without a token; set %s", server.host, env.INGEST_TOKEN)
     listening = []

@@ -1,0 +1,38 @@
+"""The numbers docs/backends.md gives for `cmbagent-otel ingest` are the code's (twenty-fourth
+campaign: they held; this keeps them from drifting apart)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cmbagent_otel import _ingest_core, _ingest_grpc, ingest, otlp_decode
+from cmbagent_otel import environment_variables as env
+
+DOC = " ".join((Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text().split())
+
+
+def _number(pattern: str) -> float:
+    match = re.search(pattern, DOC)
+    assert match, pattern
+    return float(match.group(1).replace(",", ""))
+
+
+def _default(name: str) -> float:
+    return float(env.SETTINGS[name].default_value())
+
+
+def test_docs_ingest_numbers_are_the_codes() -> None:
+    assert _number(r"commit within (\d+) s of the request") == _ingest_core.WRITE_WAIT
+    assert _number(r"committed \(every chunk of (\d+)\)") == _ingest_core.CHUNK_SPANS
+    assert _number(r"more than ([\d,]+) unreadable spans") == otlp_decode.MAX_REJECTED
+    assert _number(r"Retry-After \((\d+) s\)") == ingest.DEFAULT_RETRY_AFTER
+    assert _number(r"At (\d+) HTTP connections in all") == ingest.MAX_CONNECTIONS
+    assert _number(r"grpcio takes up to (\d+) calls") == ingest.MAX_GRPC_REQUESTS
+    assert _number(r"idle connections close after (\d+) minutes") * 60_000 == _ingest_grpc.IDLE_CONNECTION_MS
+    per_client = _default(env.INGEST_MAX_REQUESTS_PER_CLIENT)
+    assert _number(r"One client address may have (\d+) requests in flight") == per_client
+    assert _number(r"and (\d+) HTTP connections open") == per_client * ingest.CONNECTIONS_PER_CLIENT_REQUEST
+    assert _number(r"plus 1 s per (\d+) KiB received") * 1024 == _default(env.INGEST_MIN_RATE)
+    assert _number(r"request timeout \((\d+) s, from connecting") == _default(env.INGEST_REQUEST_TIMEOUT)
+    assert _number(r"cut to `CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH` \((\d+)\)") == _default(env.MAX_ATTRIBUTE_LENGTH)

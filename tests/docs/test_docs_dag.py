@@ -1,0 +1,150 @@
+"""docs/dag.md against the schema, the migrations and the rows a run leaves (twenty-fourth campaign).
+
+Found: the doc said the exporter leaves cmbagent's other tables (``files``, ``checkpoints``, ...)
+empty, but it writes ``files`` rows for the files a cmbagent run left in its work dir.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from cmbagent_otel import phase, semconv, step, workflow
+from cmbagent_otel._spans import TracedSpan
+from cmbagent_otel.dag import database, schema
+from cmbagent_otel.dag.query import VERSION_TABLE
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "dag.md").read_text()
+TICKED = re.compile(r"`([a-z_0-9]+)`")
+
+
+def _section(start: str, end: str) -> str:
+    return DOC.split(start, 1)[1].split(end, 1)[0]
+
+
+def _tables(text_: str) -> list[str]:
+    return [name for name in TICKED.findall(text_) if name in schema.Base.metadata.tables]
+
+
+def _documented() -> tuple[set[str], set[str], set[str]]:
+    """(tables the doc says the exporter writes, cmbagent's other tables, those of them it fills too)."""
+    writes = _section("The exporter writes", "The database also gets")
+    others = _section("The database also gets", "Table names, column names")
+    listed, _, exceptions = others.partition("except")
+    return set(_tables(writes)), set(_tables(listed)), set(_tables(exceptions.split(":", 1)[0]))
+
+
+def test_docs_table_lists_are_the_schema() -> None:
+    written, others, _filled = _documented()
+    assert written == set(schema.TRACKING_TABLES)
+    assert others == set(schema.CMBAGENT_TABLES)
+    assert written | others == set(schema.Base.metadata.tables)
+
+
+def test_docs_revisions_are_the_migrations() -> None:
+    table = _section("| revision | what it does |", "\n\n")
+    documented = re.findall(r"^\| `([0-9a-z_]+)` \|", table, flags=re.M)
+    shipped = sorted(p.stem for p in (ROOT / "migrations" / "versions").glob("0*.py"))
+    assert documented == shipped
+    assert documented[-1] in database.head_revisions()
+    assert f"`{VERSION_TABLE}`" in DOC
+
+
+def test_docs_tables_a_run_fills_are_those_the_doc_names(sqlite_url: str, provider: Any, tmp_path: Path) -> None:
+    """A cmbagent-like run (its workflow span lists the work dir's files) fills only the tables the
+    doc says the exporter writes, and the ones it says stay empty stay empty."""
+    mtime = time.time_ns()
+    files = (f"data/result.csv\t4\t{mtime}", f"codebase/fit.py\t9\t{mtime}")
+    with workflow("docs", mode="planning-control", task="t", work_dir=str(tmp_path),
+                  attributes={semconv.WORKFLOW_FILES: files}), phase("control"), step(1, "go", agent="engineer"):
+        pass
+    provider.store(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            counts = {name: conn.execute(text(f"SELECT count(*) FROM {name}")).scalar()
+                      for name in schema.Base.metadata.tables}
+    finally:
+        engine.dispose()
+    written, others, filled = _documented()
+    assert counts["files"] == 2
+    assert {name for name, count in counts.items() if count} <= written | filled
+    assert not {name: counts[name] for name in others - filled if counts[name]}
+
+
+def test_docs_useful_sql_runs(sqlite_url: str, provider: Any) -> None:
+    """docs/dag.md's "Useful SQL" queries, as written, on a stored run (SQLite)."""
+    with workflow("docs", mode="planning-control"), phase("control"), step(1, "go", agent="engineer"), \
+            TracedSpan("chat scripted", "llm", {"gen_ai.agent.name": "engineer"}):
+        pass
+    provider.store(sqlite_url)
+    block = _section("## Useful SQL\n\n```sql\n", "```")
+    queries = [q.strip() for q in re.sub(r"--[^\n]*\n", "", block).split(";") if q.strip()]
+    assert len(queries) == 2
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            run = conn.execute(text("SELECT id FROM workflow_runs")).scalar()
+            nodes = conn.execute(text(queries[0]), {"run": run}).all()
+            assert {row[0] for row in nodes} >= {"control", "step_1", "terminator"}
+            step_id = next(row[0] for row in conn.execute(text("SELECT id, meta FROM dag_nodes"))
+                           if '"id":"step_1"' in row[1])
+            events = conn.execute(text(queries[1]), {"node_db_id": step_id}).all()
+            assert [(row[1], row[2]) for row in events] == [("agent_call", "llm")]
+    finally:
+        engine.dispose()
+
+
+def test_docs_event_kinds_of_the_demo(tmp_path: Path) -> None:
+    """docs/dag.md's table of execution events by `cmbagent.span.kind`, on the rows of the demo run (a
+    failing code execution included: `code_exec / error`)."""
+    import json
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import cmbagent_otel
+    from cmbagent_otel.dag.writer import DagWriter
+    from cmbagent_otel.demo import run_demo
+
+    table = _section("| `cmbagent.span.kind` | event_type / event_subtype |\n|---|---|\n", "\n\n")
+    documented: dict[str, tuple[str, ...]] = {}
+    for kinds, mapping in re.findall(r"^\| ([a-z_, ]+?)(?: \(.*?\))?(?:, any other kind)? \| ([a-z_]+ / [a-z_]+)",
+                                     table, flags=re.M):
+        for kind in kinds.split(", "):
+            documented[kind] = tuple(mapping.split(" / "))
+    memory, tracers = InMemorySpanExporter(), TracerProvider()
+    tracers.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.uninstrument()
+    cmbagent_otel.instrument(tracer_provider=tracers, instrument_cmbagent=False, metrics=False)
+    try:
+        run_demo(str(tmp_path / "work"))
+    finally:
+        cmbagent_otel.uninstrument()
+    url = f"sqlite:///{tmp_path}/demo.db"
+    writer = DagWriter(url)
+    try:
+        writer.write(list(memory.get_finished_spans()))
+    finally:
+        writer.close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT event_type, event_subtype, status, meta FROM execution_events")).all()
+    finally:
+        engine.dispose()
+    seen = set()
+    for event_type, subtype, status, meta in rows:
+        kind = json.loads(meta)["attributes"].get("cmbagent.span.kind")
+        expected = documented[kind]
+        if kind == "code_execution" and status == "failed":
+            expected = ("code_exec", "error")
+        assert (event_type, subtype) == expected, (kind, event_type, subtype)
+        seen.add(kind)
+    assert {"llm", "agent", "conversation", "tool", "code_execution", "speaker_selection"} <= seen

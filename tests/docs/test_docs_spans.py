@@ -1,0 +1,173 @@
+"""docs/spans.md and docs/metrics.md against what the offline demo run emits (twenty-fourth campaign).
+
+The demo (``cmbagent_otel.demo.run_demo``: real AG2 agents, scripted model) is what
+``cmbagent-otel demo`` runs: every span it emits must be a line of the documented tree, in the
+documented instrumentation scope, with attribute keys the doc names; every metric it records must
+be a row of the metrics table with that instrument, unit and scope.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Sum
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import cmbagent_otel
+from cmbagent_otel import environment_variables as env
+from cmbagent_otel.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+SPANS_DOC = (ROOT / "docs" / "spans.md").read_text()
+METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[ReadableSpan], Any]]:
+    cmbagent_otel.uninstrument()
+    memory, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracers, meters = TracerProvider(), MeterProvider(metric_readers=[reader])
+    tracers.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.instrument(tracer_provider=tracers, meter_provider=meters, capture_content=True,
+                             instrument_cmbagent=False)
+    try:
+        run_demo(str(tmp_path_factory.mktemp("demo")))
+        yield list(memory.get_finished_spans()), reader.get_metrics_data()
+    finally:
+        cmbagent_otel.uninstrument()
+        tracers.shutdown()
+        meters.shutdown()
+
+
+def _tree() -> set[tuple[str, str]]:
+    """The tree block: (span name's first word, ``cmbagent.span.kind``) of each line."""
+    block = SPANS_DOC.split("## The tree\n\n```\n", 1)[1].split("```", 1)[0]
+    found = set()
+    for line in block.splitlines():
+        match = re.match(r"\s*([a-z_]+) .*?\bkind=([a-z_]+)", line)
+        if match:
+            found.add((match.group(1), match.group(2)))
+    return found
+
+
+def _scopes() -> dict[str, str]:
+    """The scopes table: span name's first word -> scope."""
+    table = SPANS_DOC.split("| scope | spans |", 1)[1].split("\n\n", 1)[0]
+    found = {}
+    for scope, spans in re.findall(r"^\| `([a-z_.0-9]+)` \| (.*) \|$", table, flags=re.M):
+        for name in re.findall(r"`([a-z_]+)`", spans):
+            found[name] = scope
+    return found
+
+
+def _documented_keys(text: str) -> set[str]:
+    """Attribute keys in backticks, ``key=value`` cut at ``=``, and the doc's shorthand ``.suffix``
+    after a full key (``cmbagent.workflow.name``, ``.mode``) expanded."""
+    keys: set[str] = set()
+    last = ""
+    for token in re.findall(r"`([a-z_.0-9]+)(?:=[^`]*)?`", text):
+        if token.startswith(".") and last:
+            keys.add(last.rsplit(".", 1)[0] + token)
+        elif "." in token:
+            keys.add(token)
+            last = token
+    return keys
+
+
+def test_docs_every_span_is_a_line_of_the_tree_in_its_scope(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    tree, scopes = _tree(), _scopes()
+    seen = set()
+    for span in spans:
+        word = span.name.split(" ", 1)[0]
+        kind = (span.attributes or {}).get("cmbagent.span.kind")
+        assert (word, kind) in tree, (span.name, kind)
+        assert scopes.get(word) == span.instrumentation_scope.name, span.name
+        seen.add(word)
+    # the demo covers the run structure and the AG2 operations an offline run has
+    assert {"workflow", "phase", "step", "redo", "conversation", "invoke_agent", "chat", "execute_tool",
+            "execute_code"} <= seen
+
+
+def test_docs_every_attribute_key_is_documented(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    documented = _documented_keys(SPANS_DOC)
+    emitted = {key for span in spans for key in (span.attributes or {})}
+    emitted |= {key for span in spans for event in span.events for key in (event.attributes or {})}
+    assert not emitted - documented
+
+
+def test_docs_metrics_table_is_what_a_run_records(demo: tuple[list[ReadableSpan], Any]) -> None:
+    _, data = demo
+    table = METRICS_DOC.split("| metric | instrument | unit | attributes | scope |", 1)[1].split("\n\n", 1)[0]
+    documented = {name: (instrument, unit, scope) for name, instrument, unit, scope in re.findall(
+        r"^\| `([a-z_.]+)` \| ([a-z]+) \| `([^`]+)` \| .* \| `([a-z_.0-9]+)` \|$", table, flags=re.M)}
+    kinds = {Histogram: "histogram", Sum: "counter"}
+    recorded = {}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                recorded[metric.name] = (kinds[type(metric.data)], metric.unit, scope_metrics.scope.name)
+    assert recorded == documented
+
+
+def test_docs_defaults_in_prose_are_the_settings() -> None:
+    """A default written next to a variable in the prose (``CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH`` (4096),
+    ``CMBAGENT_OTEL_EXPORT_TIMEOUT`` seconds (10; ...) is the setting's default."""
+    texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for text in texts:
+        for name, number in re.findall(r"`([A-Z_]+)`(?: seconds| characters| free, | ms)? \((?:default )?"
+                                       r"(\d+(?:\.\d+)?)[;),]", text):
+            if name in env.SETTINGS:
+                assert float(number) == float(env.SETTINGS[name].default_value()), name
+                checked += 1
+    assert checked >= 3
+
+
+def test_docs_on_every_span(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    table = SPANS_DOC.split("## On every span\n\n| attribute | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([a-z_.]+)` \| (.*) \|$", table, flags=re.M)
+    assert len(rows) >= 5
+    for key, meaning in rows:
+        missing = {span.name.split(" ", 1)[0] for span in spans if key not in (span.attributes or {})}
+        if "inside a conversation" in meaning:
+            missing -= {"workflow", "phase", "step", "redo"}
+        if "but the workflow's" in meaning:
+            missing -= {"workflow"}
+        assert not missing, (key, missing)
+
+
+def test_docs_bucket_boundaries_are_the_recorded_ones(demo: tuple[list[ReadableSpan], Any]) -> None:
+    _, data = demo
+    bullet = " ".join(METRICS_DOC.split("- **Bucket boundaries**", 1)[1].split("\n- ", 1)[0].split())
+    lists = {label: [float(x) for x in numbers.split(", ")] for label, numbers in
+             re.findall(r"(tokens|operation duration|runs and steps) `\[([\d., ]+)\]`", bullet)}
+    expected = {"gen_ai.client.token.usage": lists["tokens"],
+                "gen_ai.client.operation.duration": lists["operation duration"],
+                "gen_ai.workflow.duration": lists["runs and steps"],
+                "cmbagent.workflow.duration": lists["runs and steps"],
+                "cmbagent.step.duration": lists["runs and steps"]}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if metric.name in expected:
+                    for point in metric.data.data_points:
+                        assert list(point.explicit_bounds) == expected[metric.name], metric.name
+
+
+def test_docs_scopes_version_and_schema(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    schema = re.search(r"schema\s+`(https://opentelemetry\.io/schemas/[\d.]+)`", SPANS_DOC).group(1)  # type: ignore[union-attr]
+    assert "both version `cmbagent_otel.__version__`" in SPANS_DOC
+    for span in spans:
+        assert span.instrumentation_scope.version == cmbagent_otel.__version__
+        assert span.instrumentation_scope.schema_url == schema
