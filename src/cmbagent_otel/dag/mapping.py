@@ -585,6 +585,9 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         meta["error"] = error
     if phase_name is not None:
         meta["phase"] = phase_name
+        own_dir = get(sc.PHASE_WORK_DIR)
+        if kind == sc.KIND_PHASE and isinstance(own_dir, str) and own_dir:
+            meta["work_dir"] = own_dir  # relative to the run's: its files are this node's
     if node_type == sc.NODE_REDO:
         meta["branch_name"] = _text(get(sc.BRANCH_NAME))
         meta["attempt"] = get(sc.BRANCH_ATTEMPT)
@@ -1596,6 +1599,7 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         return
     ends: list[tuple[datetime, str, Mapping[str, Any]]] = []
     phases: dict[str, Mapping[str, Any]] = {}  # phase name -> its (first) phase node
+    own_dirs: dict[str, Mapping[str, Any]] = {}  # a solve's own work dir (relative, lower case) -> its phase node
     for n in real:
         meta = _meta(n)
         if (meta.get("span_kind") in (sc.KIND_PHASE, sc.KIND_STEP) and n["status"] != "pending"
@@ -1605,6 +1609,8 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
                 ends.append((end, n["id"], n))
             if meta.get("span_kind") == sc.KIND_PHASE and isinstance(meta.get("phase"), str):
                 phases.setdefault(meta["phase"].lower(), n)
+                if isinstance(meta.get("work_dir"), str):
+                    own_dirs.setdefault(meta["work_dir"].lower().strip("/") + "/", n)
     ends.sort(key=lambda e: (e[0], e[1]))
     run_id, session_id = run["id"], run["session_id"]
     base = work_dir.rstrip("/\\")
@@ -1620,6 +1626,9 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         own = phases.get(parts[0]) if len(parts) > 1 else None
         if own is not None and (node is None or _meta(node).get("phase") != _meta(own).get("phase")):
             node = own
+        if own_dirs:  # a file in a solve's own folder is that solve's, whenever written (solves may overlap)
+            folder = "/".join(parts[:-1]) + "/"
+            node = next((n for d, n in own_dirs.items() if folder.startswith(d)), node)
         kind = file_type_of(rel)
         if node is not None and _meta(node).get("phase"):
             phase = str(_meta(node)["phase"])[:50]
