@@ -161,3 +161,34 @@ def test_mars_backend_reads_redo_branches(tmp_path: Path, monkeypatch: pytest.Mo
     assert {("branch_at_step_1", f"step_1_redo_{k}") for k in (1, 2)} <= {
         (e["source"], e["target"]) for e in parent_dag["edges"]}
     assert answers[f"{main['id']} resumable"]["nodes"][0]["order_index"] == 0
+
+
+def test_repeated_solves_tell_apart(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """get_keywords(kw_type="unesco") is one run of six one_shot solves, and a second entry call in the
+    same process is a run of its own. In a trace UI each run is its own trace (its id the DB run's id)
+    whose root names the entry point, its task and agent; the six ``phase one_shot`` spans of the first
+    share their name (the operation) and differ in ``cmbagent.dag.node`` (``execute``, ``execute_2``, ...)
+    and ``cmbagent.phase.index``. In cmbagent's UI the six nodes read "Execute (list_keywords_finder)",
+    "Execute 2 (list_keywords_finder)", ... (not five boxes labelled "one_shot" after an
+    "Execute (unknown)")."""
+    runner: Callable[..., Run] = request.getfixturevalue("run_cmbagent")
+    run = runner("get_keywords_unesco", "get_keywords_unesco")
+    assert run.error is None
+    _one_root_per_trace(run)
+    roots = [s for s in run.spans if s.parent is None]
+    assert [r.name for r in roots] == ["workflow get_keywords"] * 2
+    assert {r.attributes[sc.WORKFLOW_AGENT] for r in roots} == {"list_keywords_finder"}
+    assert all(r.attributes[sc.WORKFLOW_TASK] for r in roots)
+    rows = _final_rows(_exported(run, tmp_path))
+    assert sorted(r["id"].replace("-", "") for r in rows["runs"]) == sorted(
+        f"{r.context.trace_id:032x}" for r in roots)
+    for root in roots:
+        phases = [s for s in run.spans if s.name == "phase one_shot" and s.context.trace_id == root.context.trace_id]
+        assert sorted(s.attributes[sc.DAG_NODE] for s in phases) == sorted(
+            ["execute"] + [f"execute_{k}" for k in range(2, len(phases) + 1)])
+        assert len({s.attributes[sc.PHASE_INDEX] for s in phases}) == len(phases) > 1
+        run_id = next(r["id"] for r in rows["runs"] if r["id"].replace("-", "") == f"{root.context.trace_id:032x}")
+        labels = {short: n["meta"]["label"] for (rid, short), n in rows["nodes"].items()
+                  if rid == run_id and short.startswith("execute") and n["parent_node_id"] is None}
+        assert labels == {"execute": "Execute (list_keywords_finder)",
+                          **{f"execute_{k}": f"Execute {k} (list_keywords_finder)" for k in range(2, len(phases) + 1)}}

@@ -66,6 +66,7 @@ NODE_TERMINATOR = "terminator"
 NODE_INIT = "init"
 ONE_SHOT_EXECUTE = "execute"  # short id of the one_shot phase node (cmbagent's fixed-pipeline layout)
 ONE_SHOT_MODE = "one-shot"
+_REPEATED_EXECUTE = re.compile(r"execute_[0-9]+")  # a later one_shot solve of the same run
 # token and cost keys of node meta: totals over the node's whole subtree
 USAGE_KEYS = ("tokens", "prompt_tokens", "completion_tokens", "cost_usd")
 ZERO_USAGE: dict[str, Any] = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
@@ -1521,9 +1522,12 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     if source == "workflow" and planning and planning[0]["id"] in by_id:
         _first_node_task(out, run, planning[0])
     if source == "workflow" and run.get("mode") == ONE_SHOT_MODE:
-        execute = next((n for n in top if _meta(n).get("id") == ONE_SHOT_EXECUTE), None)
-        if execute is not None:
-            _execute_label(out, run, execute)
+        for n in top:  # cmbagent's execute node; a repeated solve's (execute_2, ...) numbered like its id
+            short = _meta(n).get("id")
+            if short == ONE_SHOT_EXECUTE:
+                _execute_label(out, run, n)
+            elif isinstance(short, str) and _REPEATED_EXECUTE.fullmatch(short) and n["node_type"] == sc.NODE_AGENT:
+                _execute_label(out, run, n, short.rpartition("_")[2])
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1869,9 +1873,12 @@ def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str
     _update_meta(out, node, values)
 
 
-def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
-    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"."""
-    _update_meta(out, node, {"label": f"Execute ({run.get('agent') or 'engineer'})", "description": "Execute task"})
+def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any], number: str = "") -> None:
+    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"; a
+    repeated solve's ``execute_<k>`` "Execute <k> (<agent>)" (six solves of get_keywords must not all read
+    "one_shot")."""
+    label = f"Execute {number} (" if number else "Execute ("
+    _update_meta(out, node, {"label": f"{label}{run.get('agent') or 'engineer'})", "description": "Execute task"})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:

@@ -144,6 +144,9 @@ EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | Non
 }
 VLM_MODULE = "cmbagent.vlm_utils"
 
+#: get_keywords' ``kw_type`` -> the agent each of its solves starts with (cmbagent's ``initial_agent``)
+KEYWORD_FINDERS: Mapping[str, str] = {"unesco": "list_keywords_finder", "aaai": "aaai_keywords_finder",
+                                      "aas": "aas_keyword_finder"}
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
 PLANNER = "planner"  # the agent that writes cmbagent's plan
 ONE_SHOT_PHASE = "one_shot"
@@ -417,6 +420,8 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
         agent = "engineer"
     if agent is None and "summarizer_model" in bound:  # summarize_document(s)
         agent = "summarizer"
+    if agent is None and "kw_type" in bound:  # get_keywords: the finder its solves start with
+        agent = KEYWORD_FINDERS.get(str(bound.get("kw_type")))
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
