@@ -192,3 +192,25 @@ def test_repeated_solves_tell_apart(request: pytest.FixtureRequest, tmp_path: Pa
                   if rid == run_id and short.startswith("execute") and n["parent_node_id"] is None}
         assert labels == {"execute": "Execute (list_keywords_finder)",
                           **{f"execute_{k}": f"Execute {k} (list_keywords_finder)" for k in range(2, len(phases) + 1)}}
+
+
+def test_preprocess_task_nodes_as_cmbagent_labels_them(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """preprocess_task is cmbagent's enhance-input mode, whose execute node its tracker labels
+    "Enhance Input" (MARS ``MODE_TO_TEMPLATE``): our two execute nodes (one per paper) read "Enhance Input"
+    and "Enhance Input 2" (not "one_shot"), and each paper's ``summaries/doc_*`` files are on its own."""
+    runner: Callable[..., Run] = request.getfixturevalue("run_cmbagent")
+    run = runner("preprocess_task", threads=True)
+    assert run.error is None
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    assert {s: (n["meta"]["label"], n["meta"]["description"]) for s, n in nodes.items() if s.startswith("execute")
+            and n["parent_node_id"] is None} == {"execute": ("Enhance Input", "Execute task"),
+                                                  "execute_2": ("Enhance Input 2", "Execute task")}
+    by_id = {n["id"]: n for n in nodes.values()}
+    work = run.work_dir / "0-preprocess_task"
+    on = {str(Path(f["file_path"]).relative_to(work)): by_id.get(f["node_id"])
+          for f in _rows(f"sqlite:///{tmp_path / 'cmbagent.db'}", "files")}
+    documents = {rel: node for rel, node in on.items() if rel.startswith("summaries/doc_")}
+    assert len(documents) == 8
+    for rel, node in documents.items():
+        assert node is not None and node["meta"]["work_dir"] == "/".join(rel.split("/")[:2]), rel

@@ -67,6 +67,9 @@ NODE_INIT = "init"
 ONE_SHOT_EXECUTE = "execute"  # short id of the one_shot phase node (cmbagent's fixed-pipeline layout)
 ONE_SHOT_MODE = "one-shot"
 _REPEATED_EXECUTE = re.compile(r"execute_[0-9]+")  # a later one_shot solve of the same run
+# the execute node's label in cmbagent's fixed-pipeline modes ({agent}: the run's); MARS dag_tracker's
+# MODE_TO_TEMPLATE overrides it for enhance-input (preprocess_task)
+_EXECUTE_LABELS = {ONE_SHOT_MODE: "Execute ({agent})", "enhance-input": "Enhance Input"}
 # token and cost keys of node meta: totals over the node's whole subtree
 USAGE_KEYS = ("tokens", "prompt_tokens", "completion_tokens", "cost_usd")
 ZERO_USAGE: dict[str, Any] = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
@@ -586,9 +589,10 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         meta["error"] = error
     if phase_name is not None:
         meta["phase"] = phase_name
-        own_dir = get(sc.PHASE_WORK_DIR)
-        if kind == sc.KIND_PHASE and isinstance(own_dir, str) and own_dir:
-            meta["work_dir"] = own_dir  # relative to the run's: its files are this node's
+        if kind == sc.KIND_PHASE:
+            own_dir = get(sc.PHASE_WORK_DIR)
+            if isinstance(own_dir, str) and own_dir:
+                meta["work_dir"] = own_dir  # relative to the run's: its files are this node's
     if node_type == sc.NODE_REDO:
         meta["branch_name"] = _text(get(sc.BRANCH_NAME))
         meta["attempt"] = get(sc.BRANCH_ATTEMPT)
@@ -1521,7 +1525,7 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     _derive_usage(out, run, real, by_id, usage, step_rows)
     if source == "workflow" and planning and planning[0]["id"] in by_id:
         _first_node_task(out, run, planning[0])
-    if source == "workflow" and run.get("mode") == ONE_SHOT_MODE:
+    if source == "workflow" and run.get("mode") in _EXECUTE_LABELS:
         for n in top:  # cmbagent's execute node; a repeated solve's (execute_2, ...) numbered like its id
             short = _meta(n).get("id")
             if short == ONE_SHOT_EXECUTE:
@@ -1874,11 +1878,14 @@ def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str
 
 
 def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any], number: str = "") -> None:
-    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"; a
-    repeated solve's ``execute_<k>`` "Execute <k> (<agent>)" (six solves of get_keywords must not all read
-    "one_shot")."""
-    label = f"Execute {number} (" if number else "Execute ("
-    _update_meta(out, node, {"label": f"{label}{run.get('agent') or 'engineer'})", "description": "Execute task"})
+    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)" ("Enhance Input" in
+    enhance-input runs), "Execute task"; a repeated solve's ``execute_<k>`` "Execute <k> (<agent>)" (six
+    solves of get_keywords must not all read "one_shot")."""
+    label = _EXECUTE_LABELS[str(run.get("mode"))].format(agent=run.get("agent") or "engineer")
+    if number:  # "Execute 2 (engineer)", "Enhance Input 2"
+        head, sep, tail = label.partition(" (")
+        label = f"{head} {number}{sep}{tail}"
+    _update_meta(out, node, {"label": label, "description": "Execute task"})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:
