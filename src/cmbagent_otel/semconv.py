@@ -117,6 +117,9 @@ WORKFLOW_FILES: Final = "cmbagent.workflow.files"
 
 PHASE: Final = "cmbagent.phase"
 PHASE_INDEX: Final = "cmbagent.phase.index"
+# a one_shot solve's own work dir, relative to the run's, when it is a folder below it (each document's
+# solve of summarize_documents): the phase node's meta.work_dir, whose files are that node's
+PHASE_WORK_DIR: Final = "cmbagent.phase.work_dir"
 STEP_NUMBER: Final = "cmbagent.step.number"
 STEP_GOAL: Final = "cmbagent.step.goal"
 STEP_AGENT: Final = "cmbagent.step.agent"

@@ -72,6 +72,19 @@ def main() -> None:
         call(f"{run_id} resumable", branching.get_resumable_nodes(run_id))
     call("sessions", sessions.list_sessions(status=None, mode=None, limit=50))
 
+    if os.environ.get("MARS_PROBE_BRANCHES"):  # the branches already in the database (a redo's)
+        from cmbagent.database.models import Branch
+
+        db = get_db_session()
+        try:
+            rows = [(b.parent_run_id, b.child_run_id) for b in db.query(Branch).all()]
+        finally:
+            db.close()
+        for parent, child in rows:
+            call(f"{parent} branch tree", branching.get_branch_tree(parent))
+            call(f"{child} branch context", branching.get_branch_context(child))
+            call(f"{child} compare", branching.compare_branches(parent, child))
+
     branch_from = os.environ.get("MARS_PROBE_BRANCH_FROM")
     if branch_from and run_rows:
         run_id = run_rows[0][0]

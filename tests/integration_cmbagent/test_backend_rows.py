@@ -162,10 +162,13 @@ def _mars_python() -> str | None:
     return python if subprocess.run([python, "-c", probe], capture_output=True).returncode == 0 else None
 
 
-def _mars_answers(mars: Path, python: str, url: str, out: Path, branch_from: str | None = None) -> dict[str, Any]:
+def _mars_answers(mars: Path, python: str, url: str, out: Path, branch_from: str | None = None,
+                  branches: bool = False) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_"))}
     if branch_from:
         env["MARS_PROBE_BRANCH_FROM"] = branch_from
+    if branches:
+        env["MARS_PROBE_BRANCHES"] = "1"
     done = subprocess.run([python, str(Path(__file__).with_name("mars_backend_probe.py")), str(mars), url, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

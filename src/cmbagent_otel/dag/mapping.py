@@ -66,6 +66,10 @@ NODE_TERMINATOR = "terminator"
 NODE_INIT = "init"
 ONE_SHOT_EXECUTE = "execute"  # short id of the one_shot phase node (cmbagent's fixed-pipeline layout)
 ONE_SHOT_MODE = "one-shot"
+_REPEATED_EXECUTE = re.compile(r"execute_[0-9]+")  # a later one_shot solve of the same run
+# the execute node's label in cmbagent's fixed-pipeline modes ({agent}: the run's); MARS dag_tracker's
+# MODE_TO_TEMPLATE overrides it for enhance-input (preprocess_task)
+_EXECUTE_LABELS = {ONE_SHOT_MODE: "Execute ({agent})", "enhance-input": "Enhance Input"}
 # token and cost keys of node meta: totals over the node's whole subtree
 USAGE_KEYS = ("tokens", "prompt_tokens", "completion_tokens", "cost_usd")
 ZERO_USAGE: dict[str, Any] = {"tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
@@ -585,6 +589,10 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         meta["error"] = error
     if phase_name is not None:
         meta["phase"] = phase_name
+        if kind == sc.KIND_PHASE:
+            own_dir = get(sc.PHASE_WORK_DIR)
+            if isinstance(own_dir, str) and own_dir:
+                meta["work_dir"] = own_dir  # relative to the run's: its files are this node's
     if node_type == sc.NODE_REDO:
         meta["branch_name"] = _text(get(sc.BRANCH_NAME))
         meta["attempt"] = get(sc.BRANCH_ATTEMPT)
@@ -1517,10 +1525,13 @@ def derive_run_rows(run: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]],
     _derive_usage(out, run, real, by_id, usage, step_rows)
     if source == "workflow" and planning and planning[0]["id"] in by_id:
         _first_node_task(out, run, planning[0])
-    if source == "workflow" and run.get("mode") == ONE_SHOT_MODE:
-        execute = next((n for n in top if _meta(n).get("id") == ONE_SHOT_EXECUTE), None)
-        if execute is not None:
-            _execute_label(out, run, execute)
+    if source == "workflow" and run.get("mode") in _EXECUTE_LABELS:
+        for n in top:  # cmbagent's execute node; a repeated solve's (execute_2, ...) numbered like its id
+            short = _meta(n).get("id")
+            if short == ONE_SHOT_EXECUTE:
+                _execute_label(out, run, n)
+            elif isinstance(short, str) and _REPEATED_EXECUTE.fullmatch(short) and n["node_type"] == sc.NODE_AGENT:
+                _execute_label(out, run, n, short.rpartition("_")[2])
 
     if real_run:
         phases = sorted((n for n in real if _meta(n).get("span_kind") == sc.KIND_PHASE
@@ -1596,6 +1607,7 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         return
     ends: list[tuple[datetime, str, Mapping[str, Any]]] = []
     phases: dict[str, Mapping[str, Any]] = {}  # phase name -> its (first) phase node
+    own_dirs: dict[str, Mapping[str, Any]] = {}  # a solve's own work dir (relative, lower case) -> its phase node
     for n in real:
         meta = _meta(n)
         if (meta.get("span_kind") in (sc.KIND_PHASE, sc.KIND_STEP) and n["status"] != "pending"
@@ -1605,6 +1617,8 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
                 ends.append((end, n["id"], n))
             if meta.get("span_kind") == sc.KIND_PHASE and isinstance(meta.get("phase"), str):
                 phases.setdefault(meta["phase"].lower(), n)
+                if isinstance(meta.get("work_dir"), str):
+                    own_dirs.setdefault(meta["work_dir"].lower().strip("/") + "/", n)
     ends.sort(key=lambda e: (e[0], e[1]))
     run_id, session_id = run["id"], run["session_id"]
     base = work_dir.rstrip("/\\")
@@ -1620,6 +1634,9 @@ def _derive_files(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         own = phases.get(parts[0]) if len(parts) > 1 else None
         if own is not None and (node is None or _meta(node).get("phase") != _meta(own).get("phase")):
             node = own
+        if own_dirs:  # a file in a solve's own folder is that solve's, whenever written (solves may overlap)
+            folder = "/".join(parts[:-1]) + "/"
+            node = next((n for d, n in own_dirs.items() if folder.startswith(d)), node)
         kind = file_type_of(rel)
         if node is not None and _meta(node).get("phase"):
             phase = str(_meta(node)["phase"])[:50]
@@ -1860,9 +1877,15 @@ def _first_node_task(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str
     _update_meta(out, node, values)
 
 
-def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any]) -> None:
-    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)", "Execute task"."""
-    _update_meta(out, node, {"label": f"Execute ({run.get('agent') or 'engineer'})", "description": "Execute task"})
+def _execute_label(out: DerivedRows, run: Mapping[str, Any], node: Mapping[str, Any], number: str = "") -> None:
+    """one_shot's ``execute`` node as cmbagent's tracker labels it: "Execute (<agent>)" ("Enhance Input" in
+    enhance-input runs), "Execute task"; a repeated solve's ``execute_<k>`` "Execute <k> (<agent>)" (six
+    solves of get_keywords must not all read "one_shot")."""
+    label = _EXECUTE_LABELS[str(run.get("mode"))].format(agent=run.get("agent") or "engineer")
+    if number:  # "Execute 2 (engineer)", "Enhance Input 2"
+        head, sep, tail = label.partition(" (")
+        label = f"{head} {number}{sep}{tail}"
+    _update_meta(out, node, {"label": label, "description": "Execute task"})
 
 
 def _cost_scope(node_id: str | None, by_id: Mapping[str, Mapping[str, Any]]) -> str | None:

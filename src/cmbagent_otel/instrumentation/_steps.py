@@ -45,6 +45,7 @@ from .. import semconv
 from .._context import Cursor, Frame, Scope
 from .._spans import NodeSpec, compose, end_frame, open_frame
 from ..redaction import safe_text, truncate
+from ..workflow import ONE_SHOT_PHASE
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -104,6 +105,13 @@ def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:
         return StepTracker(tracer, derive=True)
     if scope.step is not None and scope.dag_node_type == semconv.NODE_AGENT:
         return StepTracker(tracer, derive=False)
+    if scope.phase == ONE_SHOT_PHASE and scope.dag_node_type == semconv.NODE_AGENT:
+        # one_shot's execution retries like a plan step (n_attempts), observed only; its chat starts from
+        # cmbagent's default context (n_attempts 0), and the first tool call to read it may be the one
+        # that counted the first failure
+        tracker = StepTracker(tracer, derive=False)
+        tracker.last_attempts = 0
+        return tracker
     return None
 
 
@@ -201,7 +209,8 @@ class StepTracker:
             agent = step.agent
         if agent:
             attrs[semconv.GEN_AI_AGENT_NAME] = agent
-        label = f"step {number} attempt {k if k is not None else attempts}" if number is not None else "attempt"
+        label = f"step {number} attempt {k if k is not None else attempts}" if number is not None \
+            else f"attempt {attempts}"
         emit_event(self.tracer, f"{label} failed", semconv.KIND_ATTEMPT, attrs, parent_scope, parent_span,
                    f"{label} failed (cmbagent n_attempts={attempts}"
                    + (f" of max_n_attempts={limit})" if limit is not None else ")"), "attempt_failed")

@@ -53,6 +53,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import stat
 import sys
 import threading
@@ -143,6 +144,9 @@ EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | Non
 }
 VLM_MODULE = "cmbagent.vlm_utils"
 
+#: get_keywords' ``kw_type`` -> the agent each of its solves starts with (cmbagent's ``initial_agent``)
+KEYWORD_FINDERS: Mapping[str, str] = {"unesco": "list_keywords_finder", "aaai": "aaai_keywords_finder",
+                                      "aas": "aas_keyword_finder"}
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
 PLANNER = "planner"  # the agent that writes cmbagent's plan
 ONE_SHOT_PHASE = "one_shot"
@@ -269,9 +273,14 @@ OUTPUT_DIRS = ("data", "codebase", "outputs", "chats", "cost", "time", "planning
 MAX_FILES = 1000
 MAX_ENTRIES = 20000
 MAX_DEPTH = 32
+# summarize_documents writes each document's outputs into <work_dir_base>/doc_<NNN>_<stem>/ and its
+# overall summary beside them; cmbagent's backend runs it from preprocess_task with work_dir_base the
+# work dir's "summaries" folder, which its scan lists whole
+_DOCUMENT_DIR = re.compile(r"doc_[0-9]{3,}_")
+DOCUMENTS_SUMMARY = "processing_summary.json"
 
 
-def work_dir_files(work_dir: str) -> list[str]:
+def work_dir_files(work_dir: str, documents: bool = False) -> list[str]:
     """The files of cmbagent's output folders in ``work_dir`` as :data:`semconv.WORKFLOW_FILES` values:
     ``path<TAB>size<TAB>mtime_ns``, the path relative to ``work_dir`` and redacted (at most
     :data:`MAX_FILES` files, :data:`MAX_ENTRIES` directory entries looked at). Never raises.
@@ -285,10 +294,33 @@ def work_dir_files(work_dir: str) -> list[str]:
     try:
         for name in OUTPUT_DIRS:
             if not _walk_files(os.path.join(work_dir, name), name, out, budget):
-                break
+                return out
+        if documents:
+            _document_files(work_dir, out, budget)
     except Exception:
         logger.debug("cmbagent_otel: could not list the work dir's files", exc_info=True)
     return out
+
+
+def _document_files(work_dir: str, out: list[str], budget: list[int]) -> None:
+    """summarize_documents' outputs in ``work_dir`` (its ``work_dir_base``): its
+    :data:`DOCUMENTS_SUMMARY` and the per-document folders, as cmbagent's scan lists them under
+    ``summaries`` when preprocess_task runs it. Nothing else of the folder is looked at."""
+    with contextlib.suppress(OSError):  # gone, a link, not a folder
+        st = os.stat(os.path.join(work_dir, DOCUMENTS_SUMMARY), follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and len(out) < MAX_FILES:
+            out.append(f"{DOCUMENTS_SUMMARY}\t{st.st_size}\t{st.st_mtime_ns}")
+    folders: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(work_dir) as entries:
+        for entry in entries:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return
+            if _DOCUMENT_DIR.match(entry.name):
+                folders.append(entry.name)  # _walk_files opens none that is a link or not a folder
+    for name in sorted(folders):
+        if len(out) >= MAX_FILES or not _walk_files(os.path.join(work_dir, name), name, out, budget):
+            return
 
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) \
@@ -350,7 +382,8 @@ def _record_files(traced: Any, work_dir: Any) -> None:
     try:
         span = getattr(traced, "span", traced)
         if isinstance(work_dir, str) and work_dir and span is not None and span.is_recording():
-            files = work_dir_files(work_dir)
+            attributes = getattr(span, "attributes", None) or {}
+            files = work_dir_files(work_dir, attributes.get(semconv.WORKFLOW_NAME) == "summarize_documents")
             if files:
                 span.set_attribute(semconv.WORKFLOW_FILES, files)
     except Exception:
@@ -387,6 +420,8 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
         agent = "engineer"
     if agent is None and "summarizer_model" in bound:  # summarize_document(s)
         agent = "summarizer"
+    if agent is None and "kw_type" in bound:  # get_keywords: the finder its solves start with
+        agent = KEYWORD_FINDERS.get(str(bound.get("kw_type")))
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
@@ -521,7 +556,9 @@ def _fail_out_of_attempts(block: _Block, attempts: int | None, limit: int | None
 def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
     """one_shot's phase (its ``execute`` node), failed like a plan step when the attempts ran out."""
-    with _opened(_phase(ONE_SHOT_PHASE)) as entered:
+    own = _own_work_dir(instance)
+    block = _phase(ONE_SHOT_PHASE) if own is None else phase(ONE_SHOT_PHASE, attributes={semconv.PHASE_WORK_DIR: own})
+    with _opened(block) as entered:
         result = wrapped(*args, **kwargs)
         if entered is not None:
             try:
@@ -529,6 +566,23 @@ def _solve_one_shot(wrapped: Callable[..., Any], instance: Any, args: tuple[Any,
             except Exception:
                 logger.debug("cmbagent_otel: could not read one_shot outcome", exc_info=True)
         return result
+
+
+def _own_work_dir(instance: Any) -> str | None:
+    """The solve's work dir relative to its run's when it is a folder below it (summarize_documents gives
+    each document's solve ``doc_<NNN>_<name>/``; ``summaries/doc_...`` under preprocess_task), else None."""
+    try:
+        own = getattr(instance, "work_dir", None)
+        run_dir = (getattr(effective_parent()[1], "attributes", None) or {}).get(semconv.WORKFLOW_WORK_DIR)
+        if not isinstance(own, str) or not isinstance(run_dir, str) or not own or not run_dir:
+            return None
+        rel = os.path.relpath(os.path.abspath(own), os.path.abspath(run_dir))
+        if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+            return None
+        return safe_text(_readable(rel.replace(os.sep, "/"))) or None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the solve's work dir", exc_info=True)
+        return None
 
 
 def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> None:
