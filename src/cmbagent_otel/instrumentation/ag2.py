@@ -698,12 +698,18 @@ def _unsampled_agent_span(state: _State, ctx: Any, instance: Any, args: tuple[An
 
 def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+    facts = state.types.get(type(instance))  # _type_facts' hit: a class known to be no manager has no span
+    if facts is not None and not facts[0]:  # unsampled (nearly every unrecorded turn: no call more)
+        return wrapped(*args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
 async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
                             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    facts = state.types.get(type(instance))  # as in _agent_fast
+    if facts is not None and not facts[0]:
+        return await wrapped(*args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
