@@ -1170,7 +1170,8 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     carrier = language = None
     try:
         carrier = _subprocess_context.enter(otel_trace.get_current_span(ctx))
-        if state.metrics is not None:
+        metrics = state.metrics
+        if metrics is not None and metrics.live():  # the blocks' language only for a failure count recorded
             language = _code_blocks(args, kwargs)[1]
     except Exception:
         logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
