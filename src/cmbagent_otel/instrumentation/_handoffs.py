@@ -197,8 +197,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
             return None
         scope = ctx.get(_SCOPE_KEY)
-        if type(scope) is not Scope:
-            scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
+        if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
+            scope = scope_in(scope)  # a span's children's scope not built yet
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if scope is not None:
             if scope.owner is not None:
@@ -261,7 +261,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                 # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
                 if not ((_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN])):  # noqa: RUF019
                     scope = ctx.get(_SCOPE_KEY)
-                    if type(scope) is not Scope:
+                    if type(scope) is not Scope and scope is not None:
                         scope = scope_in(scope)
                     span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
                     if scope is not None:

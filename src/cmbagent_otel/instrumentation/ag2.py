@@ -1044,7 +1044,10 @@ def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: A
 
 def _steps_of(ctx: Any) -> _steps.StepTracker | None:
     try:
-        value = scope_in(ctx.get(_SCOPE_KEY))
+        value = ctx.get(_SCOPE_KEY)
+        if value is None:  # not ours (an unsampled chat): no call
+            return None
+        value = scope_in(value)
         tracker = value.steps if value is not None else None
         if tracker is not None:
             current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
