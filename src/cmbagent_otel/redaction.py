@@ -1478,17 +1478,11 @@ def scrub(value: Any, _depth: int = 0) -> Any:
     if _depth > 20:
         return "[too deep]"
     if isinstance(value, str):
-        bound = _scan_bound()
-        return _scrub_cache.redact(value if len(value) <= bound else value[:bound] + "...[truncated]")
+        return _scrub_string(value)
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            skey = str(key)
-            if is_secret_key(skey):
-                learn_secrets_in({skey: item})
-                out[skey] = REDACTED
-            else:
-                out[skey] = scrub(item, _depth + 1)
+            _scrub_entry(out, key, item, _depth)
         return out
     if isinstance(value, (list, tuple)):
         return [scrub(item, _depth + 1) for item in value]
@@ -1539,15 +1533,21 @@ def _scrub_part(part: Any) -> Any:
 
 
 def _scrub_string(value: str) -> str:
-    """``scrub(value)`` of a string (its branch, as written there)."""
+    """:func:`scrub` of a string: redacted, cut past the scan bound."""
+    if len(value) <= _SCAN_MIN:  # within every scan bound (_scan_bound() is at least this)
+        return _scrub_cache.redact(value)
     bound = _scan_bound()
     return _scrub_cache.redact(value if len(value) <= bound else value[:bound] + "...[truncated]")
 
 
 def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
-    """One entry of :func:`scrub`'s dict branch at ``depth`` (its loop body, as written there)."""
+    """One entry of :func:`scrub`'s dict branch, the dict at ``depth``: a secret-named key's value
+    learned and replaced, any other value scrubbed."""
     skey = str(key)
-    if is_secret_key(skey):
+    secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
+    if secret is None:
+        secret = is_secret_key(skey)
+    if secret:
         learn_secrets_in({skey: item})
         out[skey] = REDACTED
     else:

@@ -197,8 +197,8 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
             return None
         scope = ctx.get(_SCOPE_KEY)
-        if type(scope) is not Scope:
-            scope = scope_in(scope)  # not ours (None), or a span's children's scope not built yet
+        if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
+            scope = scope_in(scope)  # a span's children's scope not built yet
         span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if scope is not None:
             if scope.owner is not None:
@@ -261,7 +261,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                 # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
                 if not ((_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN])):  # noqa: RUF019
                     scope = ctx.get(_SCOPE_KEY)
-                    if type(scope) is not Scope:
+                    if type(scope) is not Scope and scope is not None:
                         scope = scope_in(scope)
                     span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
                     if scope is not None:
@@ -302,7 +302,24 @@ def selection_sync(state: Any) -> Callable[..., Any]:
             except BaseException as exc:
                 selection.ended(state, None, exc)
                 raise
-            selection.ended(state, result, None)
+            # Selection.ended's common case written out (keep the two alike): a speaker chosen, not
+            # promoted, room for the event on a span whose room is known; anything else goes there
+            if result is None or selection.promoted or scope is None or not (room := scope.handoffs):
+                selection.ended(state, result, None)
+                return result
+            try:
+                entry = state.agents.get(id(result))  # cached_name written out
+                to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
+                scope.handoffs = room - 1
+                run = scope.run
+                span.add_event(EVENT_NAME, {
+                    semconv.HANDOFF_FROM: selection.from_name, semconv.HANDOFF_REASON: facts[2],
+                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
+                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
+                    semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
+                    semconv.EVENT_DEPTH: scope.event_depth})
+            except Exception:
+                logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
             return result
 
         _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method

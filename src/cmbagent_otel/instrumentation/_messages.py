@@ -169,9 +169,21 @@ def tool_result(content: Any) -> Any:
     return _arguments_or_text(content)
 
 
+_DICTS_ONLY = {dict}
+
+
 def split_system(messages: Iterable[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
     """(system instruction parts, the other messages) of a model call's input."""
     system: list[dict[str, Any]] = []
+    if type(messages) is list and messages and set(map(type, messages)) == _DICTS_ONLY:
+        # AG2's usual input, plain dicts with at most the first one a system message: the roles read
+        # in C (the loop below cost ~20 bytecodes a message, on the whole history at every call)
+        roles = list(map(dict.get, messages, repeat("role")))
+        if SYSTEM_ROLES.isdisjoint(roles[1:]):
+            if roles[0] in SYSTEM_ROLES:
+                system.extend(content_parts(messages[0].get("content")))
+                return system, messages[1:]
+            return system, messages[:]
     rest: list[Any] = []
     for raw in messages:
         if isinstance(raw, Mapping) and raw.get("role") in SYSTEM_ROLES:
@@ -281,6 +293,9 @@ def _parts_key(value: Any) -> tuple[Any, ...] | None:
     return tuple(parts)
 
 
+_TEXT_OR_NONE = frozenset({str, type(None)})  # the value types a flat dict's key takes as they are
+
+
 def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
     """(the scrubbed item, its JSON text) of one item, from the cache when ``raw`` is unchanged
     or is a flat dict equal to one rendered before."""
@@ -300,15 +315,13 @@ def _piece(raw: Any, convert: Callable[[Any], Any] | None) -> tuple[Any, str]:
     # identity: the entry keeps them, so no other object takes their id meanwhile)
     flat: tuple[Any, ...] | None = (convert, *raw.items())
     shared: tuple[Any, ...] = ()
-    for value in raw.values():
-        if value is not None and type(value) is not str:
-            if convert is None:  # an output message, built afresh for each span: its text parts by value
-                pairs = [(k, v if v is None or type(v) is str else _parts_key(v)) for k, v in raw.items()]
-                flat = (convert, *pairs) if all(v is not None for _, v in pairs) else None
-            else:
-                shared = tuple(v for v in raw.values() if v is not None and type(v) is not str)
-                flat = (convert, *[(k, v if v is None or type(v) is str else id(v)) for k, v in raw.items()])
-            break
+    if not _TEXT_OR_NONE.issuperset(map(type, raw.values())):  # a value neither None nor a str (tested in C)
+        if convert is None:  # an output message, built afresh for each span: its text parts by value
+            pairs = [(k, v if v is None or type(v) is str else _parts_key(v)) for k, v in raw.items()]
+            flat = (convert, *pairs) if all(v is not None for _, v in pairs) else None
+        else:
+            shared = tuple(v for v in raw.values() if v is not None and type(v) is not str)
+            flat = (convert, *[(k, v if v is None or type(v) is str else id(v)) for k, v in raw.items()])
     if flat is not None:
         try:
             same = _flat_pieces.get(flat)

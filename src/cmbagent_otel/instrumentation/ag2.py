@@ -286,47 +286,54 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
+    """:func:`_traced_sync` for coroutine methods: the same body, awaiting the call."""
     probe = state.probe
     if record in _CONTENT_ONLY and not state.capture:
         record = None
 
-    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not state.active:
-            return await wrapped(*args, **kwargs)
-        # the decision and _run_traced_async written out as in _traced_sync's body, with its shortcut
-        # (no drops() call under a recording parent and a parent-based sampler): a frame, a coroutine
-        # and a drops() call less per span
-        try:
-            ctx = get_current()
-            if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        """The ``async def`` patched over ``original`` (an ``async def``, called ``original(self, ...)``): no
+        trampoline coroutine and no bound method per call, as for :func:`_traced_sync`'s methods."""
+        async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not state.active:
+                return await original(self, *args, **kwargs)
+            # the decision and _run_traced_async written out as in _traced_sync's body, with its shortcut
+            # (no drops() call under a recording parent and a parent-based sampler): a frame, a coroutine
+            # and a drops() call less per span
+            try:
+                ctx = get_current()
+                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+                    traced = None
+                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
+                        or not probe.drops(ctx):
+                    traced = build(state, ctx, self, args, kwargs)
+                else:
+                    traced = _FAST if fast is not None else None
+            except Exception:
+                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
                 traced = None
-            elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
-                  and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                    or not probe.drops(ctx):
-                traced = build(state, ctx, instance, args, kwargs)
-            else:
-                traced = _FAST if fast is not None else None
-        except Exception:
-            logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-            traced = None
-        if traced is None:
-            return await wrapped(*args, **kwargs)
-        if traced is _FAST:  # not recorded: the fast path
-            return await fast(state, ctx, wrapped, instance, args, kwargs)  # type: ignore[misc]
-        try:
-            result = await wrapped(*args, **kwargs)
-            if record is not None:
-                try:
-                    record(state, traced, instance, args, kwargs, result)
-                except Exception:
-                    logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-        except BaseException as exc:
-            traced.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        traced.__exit__(None, None, None)
-        return result
+            if traced is None:
+                return await original(self, *args, **kwargs)
+            if traced is _FAST:  # not recorded: the fast path
+                return await fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+            try:
+                result = await original(self, *args, **kwargs)
+                if record is not None:
+                    try:
+                        record(state, traced, self, args, kwargs, result)
+                    except Exception:
+                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+            except BaseException as exc:
+                traced.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            traced.__exit__(None, None, None)
+            return result
 
-    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+        return patched
+
+    wrapper = wrapt_wrapper(method_for, state)
+    wrapper._method_is_async = True  # type: ignore[attr-defined]  # its plain form patches coroutine methods
     return wrapper
 
 
@@ -698,12 +705,18 @@ def _unsampled_agent_span(state: _State, ctx: Any, instance: Any, args: tuple[An
 
 def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
+    facts = state.types.get(type(instance))  # _type_facts' hit: a class known to be no manager has no span
+    if facts is not None and not facts[0]:  # unsampled (nearly every unrecorded turn: no call more)
+        return wrapped(*args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
 
 async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
                             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    facts = state.types.get(type(instance))  # as in _agent_fast
+    if facts is not None and not facts[0]:
+        return await wrapped(*args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
     return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
 
@@ -1031,7 +1044,10 @@ def _track_tool(tracker: _steps.StepTracker, instance: Any, args: Any, kwargs: A
 
 def _steps_of(ctx: Any) -> _steps.StepTracker | None:
     try:
-        value = scope_in(ctx.get(_SCOPE_KEY))
+        value = ctx.get(_SCOPE_KEY)
+        if value is None:  # not ours (an unsampled chat): no call
+            return None
+        value = scope_in(value)
         tracker = value.steps if value is not None else None
         if tracker is not None:
             current_scope(ctx)  # a turn starting: opens a step announced before it, as a span would
@@ -1164,7 +1180,8 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     carrier = language = None
     try:
         carrier = _subprocess_context.enter(otel_trace.get_current_span(ctx))
-        if state.metrics is not None:
+        metrics = state.metrics
+        if metrics is not None and metrics.live():  # the blocks' language only for a failure count recorded
             language = _code_blocks(args, kwargs)[1]
     except Exception:
         logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
@@ -1286,9 +1303,11 @@ def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> 
     original is one."""
     bind = original.__get__
     method_for = getattr(wrapper, "_method_for", None)
-    if method_for is not None and type(original) is types.FunctionType and not inspect.iscoroutinefunction(original):
+    is_async = inspect.iscoroutinefunction(original)
+    if method_for is not None and type(original) is types.FunctionType \
+            and is_async == getattr(wrapper, "_method_is_async", False):
         patched = method_for(original)  # the wrapper's body itself: no trampoline (another's proxy: bound, below)
-    elif inspect.iscoroutinefunction(original):
+    elif is_async:
         async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
             return await wrapper(bind(self, type(self)), self, args, kwargs)
     else:
