@@ -302,24 +302,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
             except BaseException as exc:
                 selection.ended(state, None, exc)
                 raise
-            # Selection.ended's common case written out (keep the two alike): a speaker chosen, not
-            # promoted, room for the event on a span whose room is known; anything else goes there
-            if result is None or selection.promoted or scope is None or not (room := scope.handoffs):
-                selection.ended(state, result, None)
-                return result
-            try:
-                entry = state.agents.get(id(result))  # cached_name written out
-                to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
-                scope.handoffs = room - 1
-                run = scope.run
-                span.add_event(EVENT_NAME, {
-                    semconv.HANDOFF_FROM: selection.from_name, semconv.HANDOFF_REASON: facts[2],
-                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
-                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
-                    semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
-                    semconv.EVENT_DEPTH: scope.event_depth})
-            except Exception:
-                logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
+            selection.ended(state, result, None)
             return result
 
         _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method
