@@ -1230,6 +1230,11 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_AGENT_MODULE, "", "a_initiate_chats", _async(_initiate_chats)),
     ("autogen", "", "initiate_chats", _sync(_initiate_chats)),
     ("autogen.agentchat", "", "initiate_chats", _sync(_initiate_chats)),
+    # every public name of the two functions is its own module attribute, bound at import: the ones
+    # above serve agents' nested and sequential chats, these an application's own import of them
+    ("autogen.agentchat", "", "a_initiate_chats", _async(_initiate_chats)),
+    ("autogen.agentchat.chat", "", "initiate_chats", _sync(_initiate_chats)),
+    ("autogen.agentchat.chat", "", "a_initiate_chats", _async(_initiate_chats)),
     (_AGENT_MODULE, "ConversableAgent", "generate_reply", _sync(_agent, _record_reply, _agent_fast)),
     (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _async(_agent, _record_reply, _agent_fast_async)),
     (_CLIENT_MODULE, "OpenAIWrapper", "create", _sync(_llm, _record_llm, _llm_fast)),
