@@ -137,7 +137,7 @@ class _State:
     """
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
-                 "descriptions", "event_logger",
+                 "descriptions", "event_logger", "human_input",
                  "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
                  "workflow_tracer")
 
@@ -156,6 +156,8 @@ class _State:
         self.manager_cls: type | None = None
         self.tool_executor_cls: type | None = None
         self.no_speaker_cls: type | None = None
+        # ConversableAgent's get_human_input and a_get_human_input as patched (see _adopt_overrides)
+        self.human_input: tuple[Any, Any] | None = None
         # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
         self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
@@ -408,6 +410,10 @@ def _type_facts(state: _State, agent: Any) -> tuple[bool, bool]:
         manager, runner = state.manager_cls, state.tool_executor_cls
         facts = (manager is not None and issubclass(cls, manager), runner is not None and issubclass(cls, runner))
         state.types[cls] = facts
+        human = state.human_input  # a class new to this cycle: does it ask its human its own way?
+        if human is not None and (getattr(cls, "get_human_input", None) is not human[0]
+                                  or getattr(cls, "a_get_human_input", None) is not human[1]):
+            _adopt_overrides(state, cls)
     return facts
 
 
@@ -1189,13 +1195,58 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
 
 
 # --- human input --------------------------------------------------------------------------------------
-def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+_in_human_span: contextvars.ContextVar[bool] = contextvars.ContextVar("cmbagent_otel_in_human", default=False)
+
+
+def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> TracedSpan | None:
+    if _in_human_span.get():
+        return None  # a subclass's get_human_input calling super(): one span per request
     name = cached_name(state.agents, instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
+    return _HumanSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
                       context=ctx).__enter__()
+
+
+class _HumanSpan(TracedSpan):
+    """Marks the context so that a subclass's ``get_human_input`` calling ``super()`` (both patched,
+    see :func:`_adopt_overrides`) opens one ``await_human_input`` span, not two."""
+
+    __slots__ = ("_flag",)
+
+    def __enter__(self) -> TracedSpan:
+        self._flag = _in_human_span.set(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            _in_human_span.reset(self._flag)
+
+
+# what an agent subclass overrides (a web UI's user proxy asks its human its own way) and is traced
+# when it does: (attribute, wrapper factory)
+_OVERRIDABLE: tuple[tuple[str, Callable[[_State], Any]], ...] = ()  # filled below (_sync / _async)
+
+
+def _adopt_overrides(state: _State, cls: type) -> None:
+    """Trace what the agent class ``cls`` overrides of the methods patched on ``ConversableAgent`` for
+    human input: AG2 looks the method up on the instance's class, so an override (an application's
+    user proxy reading input from a web socket) bypasses the patch on the base class. The overriding
+    class is patched when an agent of ``cls`` first takes a turn in an instrumentation cycle
+    (:func:`_type_facts`, once per class: no per-turn cost), and restored by ``uninstrument()``."""
+    try:
+        with _executor_lock:
+            for attr, make_wrapper in _OVERRIDABLE:
+                owner = next((k for k in cls.__mro__ if attr in vars(k)), None)
+                if owner is None or owner is object or _ours_in_chain(vars(owner)[attr]):
+                    continue  # ConversableAgent's own (patched), or an override patched already
+                AG2Instrumentor().patch_late(owner, attr, make_wrapper(state))
+    except Exception:
+        logger.debug("cmbagent_otel: could not adopt an agent class's overrides", exc_info=True)
 
 
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -1214,6 +1265,10 @@ def _sync(build: Callable[..., TracedSpan | None], record: Callable[..., None] |
 def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] | None = None,
            fast: Callable[..., Any] | None = None) -> Callable[[_State], Any]:
     return lambda state: _traced_async(state, build, record, fast)
+
+
+_OVERRIDABLE = (("get_human_input", _sync(_human, _record_human)),
+                ("a_get_human_input", _async(_human, _record_human)))
 
 
 # (module, class name or "" for a module attribute, attribute, wrapper factory)
@@ -1477,6 +1532,10 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
+        agent_cls = _resolve(_AGENT_MODULE, "ConversableAgent")
+        if agent_cls is not None:
+            state.human_input = (getattr(agent_cls, "get_human_input", None),
+                                 getattr(agent_cls, "a_get_human_input", None))
         if missing:
             # an AG2 release whose classes lack (or renamed) what we wrap: one line, the rest is instrumented
             logger.warning("cmbagent_otel: this AG2 (autogen %s) lacks %s: those operations get no spans; "
