@@ -650,6 +650,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     scope = known = ctx.get(_SCOPE_KEY)  # known: start() need not read it again
     if type(scope) is not Scope:
         scope, known = current_scope(ctx), None  # not ours (None) or a subclass: the general path
+        if scope is None and not static.is_tool_executor:
+            return _top_level_agent(state, ctx, static, span_name, attrs)
     elif scope.cursor is not None:
         scope = current_scope(ctx)  # an anchor: the work belongs to its open frame
         known = None
@@ -679,6 +681,23 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
         children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
+    return traced
+
+
+_TOP_LEVEL_AGENT = NodeSpec("agent", semconv.NODE_AGENT, child=True, numbered=True)
+
+
+def _top_level_agent(state: _State, ctx: Any, static: _AgentStatic, span_name: str,
+                     attrs: dict[str, Any]) -> TracedSpan:
+    """An agent turn the application runs outside any workflow, DAG node and conversation
+    (``generate_reply`` called directly): a node of the run (``agent_<k>``, like a top-level
+    conversation's ``conversation_<k>``), else the run's DAG has no node at all. A manager stays
+    transparent for its agents' turns: they become its sub-agent nodes."""
+    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
+                   _INTERNAL, ctx)
+    children = traced._scope
+    if children is not None and not static.is_manager:
+        children.agent_depth = 1  # what it runs (a nested chat's turns) is no sub-agent node of its own
     return traced
 
 
