@@ -334,6 +334,11 @@ def selection_async(state: Any) -> Callable[..., Any]:
     return wrapper
 
 
+# AG2 asks the model through a two-agent chat of its own (checking_agent, speaker_selection_agent): its
+# turns are the selection's events, never sub-agent nodes of the DAG (as AG2's tool runner is not)
+_INSIDE_SELECTION = {"agent_depth": 1}
+
+
 class _SelectionSpan(TracedSpan):
     """The span of a selection that asks the model; NoEligibleSpeakerError is no failure."""
 
@@ -341,7 +346,7 @@ class _SelectionSpan(TracedSpan):
 
     def __init__(self, selection: Selection, state: Any) -> None:
         super().__init__(f"select_speaker {selection.from_name}", semconv.KIND_SPEAKER_SELECTION,
-                         selection.attributes, tracer=state.tracer)
+                         selection.attributes, scope_changes=_INSIDE_SELECTION, tracer=state.tracer)
         self._no_speaker_cls = state.no_speaker_cls
 
     def _exception(self, exc: BaseException) -> None:
