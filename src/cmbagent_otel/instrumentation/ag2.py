@@ -10,7 +10,9 @@ which carries ``__wrapped__`` and is removed like a proxy; module functions get 
 patched                                                      span
 ==========================================================  ==================================
 ``ConversableAgent.initiate_chat`` / ``a_initiate_chat``     ``conversation {recipient}``
-``initiate_chats`` / ``a_initiate_chats`` (nested chats)     ``initiate_chats {sender}``
+``initiate_chats`` / ``a_initiate_chats`` (nested chats;     ``initiate_chats {sender}``
+each public name: conversable_agent's, ``autogen``'s,
+``autogen.agentchat``'s, ``autogen.agentchat.chat``'s)
 ``ConversableAgent.generate_reply`` / ``a_generate_reply``   ``invoke_agent {agent}``
 ``OpenAIWrapper.create``                                     ``chat {model}``
 ``ConversableAgent.execute_function`` / ``a_...``            ``execute_tool {tool}``
@@ -22,7 +24,9 @@ agent holding it first replies)
                                                              on the enclosing span (:mod:`._handoffs`)
 ``GroupChat._auto_select_speaker`` / ``a_auto_...``          ``select_speaker {last speaker}``
                                                              (a selection that asks the model)
-``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
+``ConversableAgent.get_human_input`` / ``a_...`` (and a       ``await_human_input {agent}``
+subclass's override, patched when an agent of it first
+takes a turn)
 ==========================================================  ==================================
 
 Sampling is decided before anything is built (:class:`~cmbagent_otel._spans.SamplingProbe`):
@@ -35,7 +39,8 @@ of a plain AG2 program), an agent invocation that is not nested in another agent
 invocation is a *sub-agent call*: its span is a DAG node of type ``sub_agent`` under that
 node. Group chat managers are transparent for that purpose and AG2's internal tool runner
 (``_Group_Tool_Executor``) is never a node. A top-level conversation outside any workflow
-is itself a DAG node (``conversation_<k>``). A group chat manager running in a control
+is itself a DAG node (``conversation_<k>``), and so is an agent turn the application runs outside
+any conversation, workflow and node (``agent_<k>``). A group chat manager running in a control
 phase derives the plan's ``step`` spans from cmbagent's ``record_status`` tool calls
 (:mod:`._steps`). A chat ending through ``NoEligibleSpeakerError`` (AG2's normal end of a
 group chat) leaves its handoff successful, marked ``cmbagent.handoff.ends_chat``.
