@@ -863,3 +863,73 @@ def test_surface_group_pattern_content_is_valid_json_of_its_schema(capture, serv
             semconv.GEN_AI_TOOL_CALL_RESULT} <= seen
     record = capture.one("execute_tool record")
     assert json.loads(record.attributes[semconv.GEN_AI_TOOL_CALL_RESULT]) == "recorded 7"
+
+
+# --- fixed: the human choosing the next speaker -------------------------------------------------------
+class _Picker(ExitingConsole):
+    """An IOStream whose human picks the second candidate when asked for the next speaker."""
+
+    prompts: list[str] = []
+
+    def input(self, prompt: str = "", *, password: bool = False) -> str:
+        type(self).prompts.append(prompt)
+        return "2"
+
+
+class _GonePicker(ExitingConsole):
+    def input(self, prompt: str = "", *, password: bool = False) -> str:
+        raise _InputGone("console closed")
+
+
+def _manual_group(tmp_path: Any) -> tuple[Any, Any]:
+    from cmbagent_otel.demo import prepare_group
+
+    a = offline_agent("a", ["a1", "a2"])
+    b = offline_agent("b", ["b1 TERMINATE"])
+    prepare_group([a, b], str(tmp_path))
+    chat = GroupChat([a, b], messages=[], max_round=3, speaker_selection_method="manual")
+    return a, GroupChatManager(chat, llm_config=False, is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_surface_manual_speaker_selection_is_a_span_lasting_the_humans_wait(capture_only, tmp_path, use_async):
+    """``speaker_selection_method="manual"``: AG2 asks the human (its IOStream) for the next speaker.
+    That wait was a zero-length handoff event; it is now a ``select_speaker`` span, as a selection
+    asking the model is."""
+    def scenario() -> Any:
+        _Picker.prompts = []
+        a, manager = _manual_group(tmp_path)
+        with IOStream.set_default(_Picker()):
+            if use_async:
+                result = asyncio.run(a.a_initiate_chat(manager, message="go", max_turns=1, silent=True))
+            else:
+                result = a.initiate_chat(manager, message="go", max_turns=1, silent=True)
+        return _visible(result.chat_history), [m["content"] for m in manager.groupchat.messages], len(_Picker.prompts)
+
+    plain, result = traced(capture_only, scenario)
+    assert result == plain
+    assert result[1] == ["go", "b1 TERMINATE"] and result[2] == 1
+    assert capture_only.tree() == [
+        "conversation chat_manager",
+        "  invoke_agent chat_manager",
+        "    select_speaker a",
+        "    invoke_agent b",
+        "      chat scripted",
+    ]
+    selection = capture_only.one("select_speaker a")
+    assert selection.attributes[semconv.SPAN_KIND] == semconv.KIND_SPEAKER_SELECTION
+    assert selection.attributes[semconv.HANDOFF_REASON] == "manual"
+    assert selection.attributes[semconv.HANDOFF_TO] == "b"
+    assert selection.attributes[semconv.HANDOFF_CANDIDATES] == ("a", "b")
+    assert [h["span"] for h in capture_only.handoffs()] == [selection]  # no event doubling it
+    assert not capture_only.one("invoke_agent chat_manager").events
+
+
+def test_surface_manual_speaker_selection_failing_is_recorded_and_reraised(instrumented, tmp_path):
+    a, manager = _manual_group(tmp_path)
+    with IOStream.set_default(_GonePicker()), pytest.raises(_InputGone, match="console closed"):
+        a.initiate_chat(manager, message="go", max_turns=1, silent=True)
+    selection = instrumented.one("select_speaker a")
+    assert selection.status.status_code is StatusCode.ERROR
+    assert selection.attributes[semconv.ERROR_TYPE] == "_InputGone"
+    assert instrumented.one("invoke_agent chat_manager").status.status_code is StatusCode.ERROR
