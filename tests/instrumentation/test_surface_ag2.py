@@ -888,7 +888,10 @@ def _manual_group(tmp_path: Any) -> tuple[Any, Any]:
     b = offline_agent("b", ["b1 TERMINATE"])
     prepare_group([a, b], str(tmp_path))
     chat = GroupChat([a, b], messages=[], max_round=3, speaker_selection_method="manual")
-    return a, GroupChatManager(chat, llm_config=False, is_termination_msg=lambda m: "TERMINATE" in str(m.get("content")))
+    def ends(message: dict[str, Any]) -> bool:
+        return "TERMINATE" in str(message.get("content"))
+
+    return a, GroupChatManager(chat, llm_config=False, is_termination_msg=ends)
 
 
 @pytest.mark.parametrize("use_async", [False, True])
