@@ -10,7 +10,8 @@ reason`` and, when the chat ends there, ``cmbagent.handoff.ends_chat`` (or ``err
 ``exception.message`` when the selection failed). A selection that asks the model (``auto``,
 or a selection function / group pattern target answering ``"auto"``) goes through AG2's
 ``_auto_select_speaker``: that one is a ``select_speaker {from}`` span, so the model calls it
-makes keep their parent.
+makes keep their parent; so is one that asks the human (``manual``, AG2's
+``manual_select_speaker``), whose span lasts the human's wait.
 
 A span holds a bounded number of events (``OTEL_SPAN_EVENT_COUNT_LIMIT``, 128 by default):
 past that, a selection is recorded as a zero-length ``select_speaker`` span instead, so a long
@@ -334,6 +335,11 @@ def selection_async(state: Any) -> Callable[..., Any]:
     return wrapper
 
 
+# AG2 asks the model through a two-agent chat of its own (checking_agent, speaker_selection_agent): its
+# turns are the selection's events, never sub-agent nodes of the DAG (as AG2's tool runner is not)
+_INSIDE_SELECTION = {"agent_depth": 1}
+
+
 class _SelectionSpan(TracedSpan):
     """The span of a selection that asks the model; NoEligibleSpeakerError is no failure."""
 
@@ -341,7 +347,7 @@ class _SelectionSpan(TracedSpan):
 
     def __init__(self, selection: Selection, state: Any) -> None:
         super().__init__(f"select_speaker {selection.from_name}", semconv.KIND_SPEAKER_SELECTION,
-                         selection.attributes, tracer=state.tracer)
+                         selection.attributes, scope_changes=_INSIDE_SELECTION, tracer=state.tracer)
         self._no_speaker_cls = state.no_speaker_cls
 
     def _exception(self, exc: BaseException) -> None:
@@ -400,6 +406,13 @@ def auto_sync(state: Any) -> Callable[..., Any]:
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
+
+
+def manual_sync(state: Any) -> Callable[..., Any]:
+    """The wrapper of ``GroupChat.manual_select_speaker``: the selection asks the human (AG2 reads the
+    choice from its IOStream, sync and async chats alike), so it is a ``select_speaker`` span whose
+    length is the human's wait, as a model-asking one's is the model's."""
+    return auto_sync(state)
 
 
 def auto_async(state: Any) -> Callable[..., Any]:

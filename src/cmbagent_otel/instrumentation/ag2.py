@@ -10,7 +10,9 @@ which carries ``__wrapped__`` and is removed like a proxy; module functions get 
 patched                                                      span
 ==========================================================  ==================================
 ``ConversableAgent.initiate_chat`` / ``a_initiate_chat``     ``conversation {recipient}``
-``initiate_chats`` / ``a_initiate_chats`` (nested chats)     ``initiate_chats {sender}``
+``initiate_chats`` / ``a_initiate_chats`` (nested chats;     ``initiate_chats {sender}``
+each public name: conversable_agent's, ``autogen``'s,
+``autogen.agentchat``'s, ``autogen.agentchat.chat``'s)
 ``ConversableAgent.generate_reply`` / ``a_generate_reply``   ``invoke_agent {agent}``
 ``OpenAIWrapper.create``                                     ``chat {model}``
 ``ConversableAgent.execute_function`` / ``a_...``            ``execute_tool {tool}``
@@ -22,7 +24,11 @@ agent holding it first replies)
                                                              on the enclosing span (:mod:`._handoffs`)
 ``GroupChat._auto_select_speaker`` / ``a_auto_...``          ``select_speaker {last speaker}``
                                                              (a selection that asks the model)
-``ConversableAgent.get_human_input`` / ``a_...``             ``await_human_input {agent}``
+``GroupChat.manual_select_speaker``                          ``select_speaker {last speaker}``
+                                                             (a selection that asks the human)
+``ConversableAgent.get_human_input`` / ``a_...`` (and a       ``await_human_input {agent}``
+subclass's override, patched when an agent of it first
+takes a turn)
 ==========================================================  ==================================
 
 Sampling is decided before anything is built (:class:`~cmbagent_otel._spans.SamplingProbe`):
@@ -35,7 +41,8 @@ of a plain AG2 program), an agent invocation that is not nested in another agent
 invocation is a *sub-agent call*: its span is a DAG node of type ``sub_agent`` under that
 node. Group chat managers are transparent for that purpose and AG2's internal tool runner
 (``_Group_Tool_Executor``) is never a node. A top-level conversation outside any workflow
-is itself a DAG node (``conversation_<k>``). A group chat manager running in a control
+is itself a DAG node (``conversation_<k>``), and so is an agent turn the application runs outside
+any conversation, workflow and node (``agent_<k>``). A group chat manager running in a control
 phase derives the plan's ``step`` spans from cmbagent's ``record_status`` tool calls
 (:mod:`._steps`). A chat ending through ``NoEligibleSpeakerError`` (AG2's normal end of a
 group chat) leaves its handoff successful, marked ``cmbagent.handoff.ends_chat``.
@@ -137,7 +144,7 @@ class _State:
     """
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
-                 "descriptions", "event_logger",
+                 "descriptions", "event_logger", "human_input",
                  "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
                  "workflow_tracer")
 
@@ -156,6 +163,8 @@ class _State:
         self.manager_cls: type | None = None
         self.tool_executor_cls: type | None = None
         self.no_speaker_cls: type | None = None
+        # ConversableAgent's get_human_input and a_get_human_input as patched (see _adopt_overrides)
+        self.human_input: tuple[Any, Any] | None = None
         # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
         self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
@@ -415,6 +424,10 @@ def _type_facts(state: _State, agent: Any) -> tuple[bool, bool]:
         manager, runner = state.manager_cls, state.tool_executor_cls
         facts = (manager is not None and issubclass(cls, manager), runner is not None and issubclass(cls, runner))
         state.types[cls] = facts
+        human = state.human_input  # a class new to this cycle: does it ask its human its own way?
+        if human is not None and (getattr(cls, "get_human_input", None) is not human[0]
+                                  or getattr(cls, "a_get_human_input", None) is not human[1]):
+            _adopt_overrides(state, cls)
     return facts
 
 
@@ -651,6 +664,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     scope = known = ctx.get(_SCOPE_KEY)  # known: start() need not read it again
     if type(scope) is not Scope:
         scope, known = current_scope(ctx), None  # not ours (None) or a subclass: the general path
+        if scope is None and not static.is_tool_executor:
+            return _top_level_agent(state, ctx, static, span_name, attrs)
     elif scope.cursor is not None:
         scope = current_scope(ctx)  # an anchor: the work belongs to its open frame
         known = None
@@ -680,6 +695,23 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
         children.agent_depth = depth + 1  # than by start() walking a scope_changes dict
+    return traced
+
+
+_TOP_LEVEL_AGENT = NodeSpec("agent", semconv.NODE_AGENT, child=True, numbered=True)
+
+
+def _top_level_agent(state: _State, ctx: Any, static: _AgentStatic, span_name: str,
+                     attrs: dict[str, Any]) -> TracedSpan:
+    """An agent turn the application runs outside any workflow, DAG node and conversation
+    (``generate_reply`` called directly): a node of the run (``agent_<k>``, like a top-level
+    conversation's ``conversation_<k>``), else the run's DAG has no node at all. A manager stays
+    transparent for its agents' turns: they become its sub-agent nodes."""
+    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
+                   _INTERNAL, ctx)
+    children = traced._scope
+    if children is not None and not static.is_manager:
+        children.agent_depth = 1  # what it runs (a nested chat's turns) is no sub-agent node of its own
     return traced
 
 
@@ -1206,13 +1238,58 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
 
 
 # --- human input --------------------------------------------------------------------------------------
-def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedSpan:
+_in_human_span: contextvars.ContextVar[bool] = contextvars.ContextVar("cmbagent_otel_in_human", default=False)
+
+
+def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> TracedSpan | None:
+    if _in_human_span.get():
+        return None  # a subclass's get_human_input calling super(): one span per request
     name = cached_name(state.agents, instance)
     attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
-    return TracedSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
+    return _HumanSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
                       context=ctx).__enter__()
+
+
+class _HumanSpan(TracedSpan):
+    """Marks the context so that a subclass's ``get_human_input`` calling ``super()`` (both patched,
+    see :func:`_adopt_overrides`) opens one ``await_human_input`` span, not two."""
+
+    __slots__ = ("_flag",)
+
+    def __enter__(self) -> TracedSpan:
+        self._flag = _in_human_span.set(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            _in_human_span.reset(self._flag)
+
+
+# what an agent subclass overrides (a web UI's user proxy asks its human its own way) and is traced
+# when it does: (attribute, wrapper factory)
+_OVERRIDABLE: tuple[tuple[str, Callable[[_State], Any]], ...] = ()  # filled below (_sync / _async)
+
+
+def _adopt_overrides(state: _State, cls: type) -> None:
+    """Trace what the agent class ``cls`` overrides of the methods patched on ``ConversableAgent`` for
+    human input: AG2 looks the method up on the instance's class, so an override (an application's
+    user proxy reading input from a web socket) bypasses the patch on the base class. The overriding
+    class is patched when an agent of ``cls`` first takes a turn in an instrumentation cycle
+    (:func:`_type_facts`, once per class: no per-turn cost), and restored by ``uninstrument()``."""
+    try:
+        with _executor_lock:
+            for attr, make_wrapper in _OVERRIDABLE:
+                owner = next((k for k in cls.__mro__ if attr in vars(k)), None)
+                if owner is None or owner is object or _ours_in_chain(vars(owner)[attr]):
+                    continue  # ConversableAgent's own (patched), or an override patched already
+                AG2Instrumentor().patch_late(owner, attr, make_wrapper(state))
+    except Exception:
+        logger.debug("cmbagent_otel: could not adopt an agent class's overrides", exc_info=True)
 
 
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -1233,6 +1310,10 @@ def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] 
     return lambda state: _traced_async(state, build, record, fast)
 
 
+_OVERRIDABLE = (("get_human_input", _sync(_human, _record_human)),
+                ("a_get_human_input", _async(_human, _record_human)))
+
+
 # (module, class name or "" for a module attribute, attribute, wrapper factory)
 _AGENT_MODULE = "autogen.agentchat.conversable_agent"
 _GROUPCHAT_MODULE = "autogen.agentchat.groupchat"
@@ -1247,6 +1328,11 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_AGENT_MODULE, "", "a_initiate_chats", _async(_initiate_chats)),
     ("autogen", "", "initiate_chats", _sync(_initiate_chats)),
     ("autogen.agentchat", "", "initiate_chats", _sync(_initiate_chats)),
+    # every public name of the two functions is its own module attribute, bound at import: the ones
+    # above serve agents' nested and sequential chats, these an application's own import of them
+    ("autogen.agentchat", "", "a_initiate_chats", _async(_initiate_chats)),
+    ("autogen.agentchat.chat", "", "initiate_chats", _sync(_initiate_chats)),
+    ("autogen.agentchat.chat", "", "a_initiate_chats", _async(_initiate_chats)),
     (_AGENT_MODULE, "ConversableAgent", "generate_reply", _sync(_agent, _record_reply, _agent_fast)),
     (_AGENT_MODULE, "ConversableAgent", "a_generate_reply", _async(_agent, _record_reply, _agent_fast_async)),
     (_CLIENT_MODULE, "OpenAIWrapper", "create", _sync(_llm, _record_llm, _llm_fast)),
@@ -1261,6 +1347,7 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_GROUPCHAT_MODULE, "GroupChat", "a_select_speaker", _handoffs.selection_async),
     (_GROUPCHAT_MODULE, "GroupChat", "_auto_select_speaker", _handoffs.auto_sync),
     (_GROUPCHAT_MODULE, "GroupChat", "a_auto_select_speaker", _handoffs.auto_async),
+    (_GROUPCHAT_MODULE, "GroupChat", "manual_select_speaker", _handoffs.manual_sync),
     (_AGENT_MODULE, "ConversableAgent", "get_human_input", _sync(_human, _record_human)),
     (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _async(_human, _record_human)),
 )
@@ -1491,6 +1578,10 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 continue
             seen.add((id(owner), attr))
             self._patched.append((owner, attr))
+        agent_cls = _resolve(_AGENT_MODULE, "ConversableAgent")
+        if agent_cls is not None:
+            state.human_input = (getattr(agent_cls, "get_human_input", None),
+                                 getattr(agent_cls, "a_get_human_input", None))
         if missing:
             # an AG2 release whose classes lack (or renamed) what we wrap: one line, the rest is instrumented
             logger.warning("cmbagent_otel: this AG2 (autogen %s) lacks %s: those operations get no spans; "
