@@ -10,8 +10,7 @@ reason`` and, when the chat ends there, ``cmbagent.handoff.ends_chat`` (or ``err
 ``exception.message`` when the selection failed). A selection that asks the model (``auto``,
 or a selection function / group pattern target answering ``"auto"``) goes through AG2's
 ``_auto_select_speaker``: that one is a ``select_speaker {from}`` span, so the model calls it
-makes keep their parent; so is one that asks the human (``manual``, AG2's
-``manual_select_speaker``), whose span lasts the human's wait.
+makes keep their parent.
 
 A span holds a bounded number of events (``OTEL_SPAN_EVENT_COUNT_LIMIT``, 128 by default):
 past that, a selection is recorded as a zero-length ``select_speaker`` span instead, so a long
@@ -406,13 +405,6 @@ def auto_sync(state: Any) -> Callable[..., Any]:
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
-
-
-def manual_sync(state: Any) -> Callable[..., Any]:
-    """The wrapper of ``GroupChat.manual_select_speaker``: the selection asks the human (AG2 reads the
-    choice from its IOStream, sync and async chats alike), so it is a ``select_speaker`` span whose
-    length is the human's wait, as a model-asking one's is the model's."""
-    return auto_sync(state)
 
 
 def auto_async(state: Any) -> Callable[..., Any]:

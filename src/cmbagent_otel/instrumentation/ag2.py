@@ -24,8 +24,6 @@ agent holding it first replies)
                                                              on the enclosing span (:mod:`._handoffs`)
 ``GroupChat._auto_select_speaker`` / ``a_auto_...``          ``select_speaker {last speaker}``
                                                              (a selection that asks the model)
-``GroupChat.manual_select_speaker``                          ``select_speaker {last speaker}``
-                                                             (a selection that asks the human)
 ``ConversableAgent.get_human_input`` / ``a_...`` (and a       ``await_human_input {agent}``
 subclass's override, patched when an agent of it first
 takes a turn)
@@ -1347,7 +1345,6 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_GROUPCHAT_MODULE, "GroupChat", "a_select_speaker", _handoffs.selection_async),
     (_GROUPCHAT_MODULE, "GroupChat", "_auto_select_speaker", _handoffs.auto_sync),
     (_GROUPCHAT_MODULE, "GroupChat", "a_auto_select_speaker", _handoffs.auto_async),
-    (_GROUPCHAT_MODULE, "GroupChat", "manual_select_speaker", _handoffs.manual_sync),
     (_AGENT_MODULE, "ConversableAgent", "get_human_input", _sync(_human, _record_human)),
     (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _async(_human, _record_human)),
 )
