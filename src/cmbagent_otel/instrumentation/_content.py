@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -10,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
-from ..redaction import is_registered, redact_name, register_secret, register_secrets_in
+from ..redaction import is_registered, is_secret_key, redact_name, register_secret, register_secrets_in
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -180,8 +181,53 @@ def register_agent_secrets(agent: Any) -> None:
         if _seen_configs.get(key) is config:
             return
         register_secrets_in(config)
+        _register_connection_credentials(config)
         _seen_configs[key] = config
         if len(_seen_configs) > _SEEN_CONFIGS_MAX:
             _seen_configs.popitem(last=False)
     except Exception:
         pass
+
+
+# fields of a config entry whose values are sent with every request, under names that need not say
+# they hold a credential (a proxy's team header, a gateway URL's user info or ?code=)
+_HEADER_FIELDS = ("default_headers", "extra_headers")
+_ENTRIES_MAX = 64
+
+
+def _field(entry: Any, name: str) -> Any:
+    return entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
+
+
+def _register_connection_credentials(config: Any) -> None:
+    """Register the credentials of ``llm_config`` entries that no secret-named key holds, by the rule
+    of the exporters' configuration (:func:`environment_variables.configured_credentials`): header
+    values under ``default_headers``/``extra_headers`` (token-looking, vendor or secret-named, the
+    token after ``Bearer``), ``base_url``'s password or token user info and credential query values,
+    and ``default_query``'s. A model client's error quoting its request (its URL, its headers, its
+    config) showed them; their ``key=value`` text forms were caught by shape, a bare value was not."""
+    entries = [config]
+    listed = _field(config, "config_list")
+    if isinstance(listed, (list, tuple)):
+        entries += listed[:_ENTRIES_MAX]
+    found: list[str] = []
+    for entry in entries:
+        with contextlib.suppress(Exception):  # a hostile entry stops its own walk only
+            for name in _HEADER_FIELDS:
+                headers = _field(entry, name)
+                if isinstance(headers, Mapping):
+                    for header, value in list(headers.items())[:_ENTRIES_MAX]:
+                        if isinstance(value, str):
+                            found += environment_variables.header_credentials(str(header), value, is_secret_key)
+            url = _field(entry, "base_url")
+            if url is not None and not isinstance(url, (bool, int, float)):
+                found += environment_variables.url_credentials(str(url), is_secret_key)
+            query = _field(entry, "default_query")
+            if isinstance(query, Mapping):
+                for param, value in list(query.items())[:_ENTRIES_MAX]:
+                    if isinstance(value, str) and (is_secret_key(str(param))
+                                                   or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
+                        found.append(value)
+    for value in found:
+        if value and not is_registered(value):
+            register_secret(value)
