@@ -5,13 +5,13 @@ Found by the twenty-fifth campaign. The secrets of an agent's ``llm_config`` (a 
 secret-named keys (``api_key``, ``Authorization``, ``X-Api-Key``...): a proxy or gateway's
 credential under another header name (``default_headers={"X-Proxy-Team": <token>}``, or
 ``extra_headers``), the token after ``Bearer`` under such a header, the password or token in
-``base_url``'s user info, and ``?code=``/``?key=``/``?sig=`` in ``base_url`` or
-``default_query`` were not. A model client's error that quoted its request or the gateway's
-answer (``team <token> is not allowed``) put them whole into the exception event, the status, the
-``chat``/``invoke_agent``/``conversation`` spans and the DAG rows, content capture on or off
-(their ``key=value`` and URL text forms were caught by shape; a bare value was not). They are now
-registered by the rule the exporters' own configuration follows
-(``environment_variables.configured_credentials``).
+``base_url``'s user info, ``?code=``/``?key=``/``?sig=`` in ``base_url`` or ``default_query``, and
+the same in an ``http_client``'s own headers and query were not. A model client's error that
+quoted its request or the gateway's answer (``team <token> is not allowed``) put them whole into
+the exception event, the status, the ``chat``/``invoke_agent``/``conversation`` spans and the DAG
+rows, content capture on or off (their ``key=value`` and URL text forms were caught by shape; a
+bare value was not). They are now registered by the rule the exporters' own configuration
+follows (``environment_variables.configured_credentials``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import httpx
 import pytest
 from autogen import ConversableAgent
 
@@ -42,9 +43,11 @@ class GatewayRejects:
         self.config = config
 
     def create(self, params: dict[str, Any]) -> Any:
-        headers = {**(self.config.get("default_headers") or {}), **(self.config.get("extra_headers") or {})}
+        client = self.config.get("http_client")
+        headers = {**(self.config.get("default_headers") or {}), **(self.config.get("extra_headers") or {}),
+                   **{k: v for k, v in client.headers.items() if k.startswith("x-")}}
         quoted = " ".join(str(v).split(" ")[-1] for v in headers.values())
-        query = " ".join(str(v) for v in (self.config.get("default_query") or {}).values())
+        query = " ".join(str(v) for v in [*(self.config.get("default_query") or {}).values(), *client.params.values()])
         url = str(self.config.get("base_url"))
         user, _, password = url.partition("://")[2].partition("@")[0].partition(":")
         userinfo = password or user
@@ -62,8 +65,16 @@ class GatewayRejects:
         return {}
 
 
+class ProxyClient(httpx.Client):
+    """An httpx client in ``llm_config``, as AG2's documentation shows (it must survive deepcopy)."""
+
+    def __deepcopy__(self, memo: Any) -> ProxyClient:
+        return self
+
+
 def _credentials() -> dict[str, str]:
-    return {name: _token(name[:2].upper()) for name in ("team", "bearer", "extra", "password", "dsn", "code", "query")}
+    names = ("team", "bearer", "extra", "password", "dsn", "code", "query", "workspace", "client-key")
+    return {name: _token(name[:2].upper()) for name in names}
 
 
 def _entry(k: dict[str, str], dsn: bool) -> dict[str, Any]:
@@ -73,7 +84,8 @@ def _entry(k: dict[str, str], dsn: bool) -> dict[str, Any]:
                                 "X-Title": "cmb lab"},
             "extra_headers": {"X-Gateway-Tenant": k["extra"]},
             "base_url": f"https://{userinfo}@gateway.example/v1?code={k['code']}",
-            "default_query": {"sig": k["query"], "api-version": "2024-10-21"}}
+            "default_query": {"sig": k["query"], "api-version": "2024-10-21"},
+            "http_client": ProxyClient(headers={"X-Workspace": k["workspace"]}, params={"key": k["client-key"]})}
 
 
 @pytest.mark.parametrize("capture", [False, True], ids=["content-off", "content-on"])
@@ -107,5 +119,5 @@ def test_attack4_plain_header_and_query_values_stay_visible(isolated_secrets: No
                              human_input_mode="NEVER")
     register_agent_secrets(agent)
     assert all(redaction.is_registered(v) for n, v in k.items() if n != "dsn")
-    for text in ("cmb lab", "2024-10-21", "svc", "gw-model"):
+    for text in ("cmb lab", "2024-10-21", "svc", "gw-model", f"python-httpx/{httpx.__version__}", "keep-alive"):
         assert redaction.redact(f"sent {text} upstream") == f"sent {text} upstream"

@@ -193,6 +193,9 @@ def register_agent_secrets(agent: Any) -> None:
 # they hold a credential (a proxy's team header, a gateway URL's user info or ?code=)
 _HEADER_FIELDS = ("default_headers", "extra_headers")
 _ENTRIES_MAX = 64
+# headers an HTTP client sends of its own that hold no credential (a version string looks like a token)
+_PLAIN_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "connection",
+                            "content-type", "host"})
 
 
 def _field(entry: Any, name: str) -> Any:
@@ -202,10 +205,12 @@ def _field(entry: Any, name: str) -> Any:
 def _register_connection_credentials(config: Any) -> None:
     """Register the credentials of ``llm_config`` entries that no secret-named key holds, by the rule
     of the exporters' configuration (:func:`environment_variables.configured_credentials`): header
-    values under ``default_headers``/``extra_headers`` (token-looking, vendor or secret-named, the
-    token after ``Bearer``), ``base_url``'s password or token user info and credential query values,
-    and ``default_query``'s. A model client's error quoting its request (its URL, its headers, its
-    config) showed them; their ``key=value`` text forms were caught by shape, a bare value was not."""
+    values under ``default_headers``/``extra_headers`` or an ``http_client``'s headers (token-looking,
+    vendor or secret-named, the token after ``Bearer``; not ``User-Agent`` and the like),
+    ``base_url``'s password or token user info and credential query values, and those of
+    ``default_query`` and the ``http_client``'s query. A model client's error quoting its request
+    (its URL, its headers, its config) showed them; their ``key=value`` text forms were caught by
+    shape, a bare value was not."""
     entries = [config]
     listed = _field(config, "config_list")
     if isinstance(listed, (list, tuple)):
@@ -213,17 +218,18 @@ def _register_connection_credentials(config: Any) -> None:
     found: list[str] = []
     for entry in entries:
         with contextlib.suppress(Exception):  # a hostile entry stops its own walk only
-            for name in _HEADER_FIELDS:
-                headers = _field(entry, name)
+            client = _field(entry, "http_client")  # an httpx client's own headers and query
+            for headers in (*(_field(entry, name) for name in _HEADER_FIELDS), getattr(client, "headers", None)):
                 if isinstance(headers, Mapping):
                     for header, value in list(headers.items())[:_ENTRIES_MAX]:
-                        if isinstance(value, str):
+                        if isinstance(value, str) and str(header).lower() not in _PLAIN_HEADERS:
                             found += environment_variables.header_credentials(str(header), value, is_secret_key)
             url = _field(entry, "base_url")
             if url is not None and not isinstance(url, (bool, int, float)):
                 found += environment_variables.url_credentials(str(url), is_secret_key)
-            query = _field(entry, "default_query")
-            if isinstance(query, Mapping):
+            for query in (_field(entry, "default_query"), getattr(client, "params", None)):
+                if not isinstance(query, Mapping):
+                    continue
                 for param, value in list(query.items())[:_ENTRIES_MAX]:
                     if isinstance(value, str) and (is_secret_key(str(param))
                                                    or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
