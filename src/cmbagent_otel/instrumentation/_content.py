@@ -191,15 +191,10 @@ def register_agent_secrets(agent: Any) -> None:
 
 # fields of a config entry whose values are sent with every request, under names that need not say
 # they hold a credential (a proxy's team header, a gateway URL's user info or ?code=)
-_HEADER_FIELDS = ("default_headers", "extra_headers")
 _ENTRIES_MAX = 64
 # headers an HTTP client sends of its own that hold no credential (a version string looks like a token)
 _PLAIN_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "connection",
                             "content-type", "host"})
-
-
-def _field(entry: Any, name: str) -> Any:
-    return entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
 
 
 def _register_connection_credentials(config: Any) -> None:
@@ -210,30 +205,53 @@ def _register_connection_credentials(config: Any) -> None:
     ``base_url``'s password or token user info and credential query values, and those of
     ``default_query`` and the ``http_client``'s query. A model client's error quoting its request
     (its URL, its headers, its config) showed them; their ``key=value`` text forms were caught by
-    shape, a bare value was not."""
-    entries = [config]
-    listed = _field(config, "config_list")
-    if isinstance(listed, (list, tuple)):
+    shape, a bare value was not. Runs once per new config object (every new agent's)."""
+    if type(config) is dict:
+        entries, listed = [config], config.get("config_list")
+    else:  # LLMConfig: its entries hold these
+        entries, listed = [], getattr(config, "config_list", None)
+    if type(listed) is list or isinstance(listed, (list, tuple)):
         entries += listed[:_ENTRIES_MAX]
-    found: list[str] = []
     for entry in entries:
+        fields = entry if type(entry) is dict else _values_of(entry)
+        if fields is None:
+            continue
+        client, headers, extra = fields.get("http_client"), fields.get("default_headers"), fields.get("extra_headers")
+        url, query = fields.get("base_url"), fields.get("default_query")
+        if client is None and url is None and not headers and not extra and not query:
+            continue  # most entries: a model, its key and its API type
         with contextlib.suppress(Exception):  # a hostile entry stops its own walk only
-            client = _field(entry, "http_client")  # an httpx client's own headers and query
-            for headers in (*(_field(entry, name) for name in _HEADER_FIELDS), getattr(client, "headers", None)):
-                if isinstance(headers, Mapping):
-                    for header, value in list(headers.items())[:_ENTRIES_MAX]:
-                        if isinstance(value, str) and str(header).lower() not in _PLAIN_HEADERS:
-                            found += environment_variables.header_credentials(str(header), value, is_secret_key)
-            url = _field(entry, "base_url")
-            if url is not None and not isinstance(url, (bool, int, float)):
-                found += environment_variables.url_credentials(str(url), is_secret_key)
-            for query in (_field(entry, "default_query"), getattr(client, "params", None)):
-                if not isinstance(query, Mapping):
-                    continue
-                for param, value in list(query.items())[:_ENTRIES_MAX]:
-                    if isinstance(value, str) and (is_secret_key(str(param))
-                                                   or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
-                        found.append(value)
-    for value in found:
-        if value and not is_registered(value):
-            register_secret(value)
+            for value in _entry_credentials(client, headers, extra, url, query):
+                if value and not is_registered(value):
+                    register_secret(value)
+
+
+def _entry_credentials(client: Any, headers: Any, extra: Any, url: Any, query: Any) -> list[str]:
+    found: list[str] = []
+    for mapping in (headers, extra, getattr(client, "headers", None)):
+        if isinstance(mapping, Mapping):
+            for header, value in list(mapping.items())[:_ENTRIES_MAX]:
+                if isinstance(value, str) and str(header).lower() not in _PLAIN_HEADERS:
+                    found += environment_variables.header_credentials(str(header), value, is_secret_key)
+    if url is not None and not isinstance(url, (bool, int, float)):
+        found += environment_variables.url_credentials(str(url), is_secret_key)
+    for mapping in (query, getattr(client, "params", None)):
+        if isinstance(mapping, Mapping):
+            for param, value in list(mapping.items())[:_ENTRIES_MAX]:
+                if isinstance(value, str) and (is_secret_key(str(param))
+                                               or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
+                    found.append(value)
+    return found
+
+
+def _values_of(entry: Any) -> Mapping[Any, Any] | None:
+    """A config entry's values by name: a mapping as it is; a pydantic entry's fields and extras
+    read from its instance dicts (``getattr`` of a name it lacks costs pydantic two formatted
+    exceptions)."""
+    if isinstance(entry, Mapping):
+        return entry
+    values = getattr(entry, "__dict__", None)
+    if type(values) is not dict:
+        return None
+    extra = getattr(entry, "__pydantic_extra__", None)
+    return {**values, **extra} if type(extra) is dict and extra else values
