@@ -697,6 +697,7 @@ _CREDENTIAL_HEADERS = frozenset({"x-honeycomb-team", "uptrace-dsn", "x-sf-token"
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "apikey", "api-key", "key", "sso-key", "geniekey", "dsn"})
 # query parameters that are credentials inside a URL only (Azure Functions' ?code=, Google's ?key=, signatures)
 _URL_QUERY_CREDENTIALS = frozenset({"code", "key", "sig", "signature"})
+QUERY_CREDENTIALS = _URL_QUERY_CREDENTIALS
 
 
 def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
@@ -714,17 +715,32 @@ def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
                 key, eq, value = entry.partition("=")
                 if not eq:
                     continue
-                key, value = unquote(key).strip().lower(), unquote(value).strip()
-                scheme, space, token = value.partition(" ")
-                if space and scheme.lower() in _AUTH_SCHEMES:
-                    found.append(token.strip())
-                if is_secret_name(key) or key in _CREDENTIAL_HEADERS or _looks_like_token(value):
-                    found.append(value)
+                found += header_credentials(unquote(key), unquote(value), is_secret_name)
         for name in URL_VARIABLES:
             found += _url_credentials(os.environ.get(name) or "", is_secret_name)
     except Exception:  # telemetry must never break the app
         logger.debug("cmbagent_otel: could not read the credentials of the configuration", exc_info=True)
     return [value for value in found if value]
+
+
+def header_credentials(name: str, value: str, is_secret_name: Callable[[str], bool]) -> list[str]:
+    """The credentials an HTTP header ``name: value`` holds by the rule of
+    :func:`configured_credentials`: the token after an authorization scheme, and the whole value
+    under a secret-named or vendor credential header, or when it looks like a token."""
+    found = []
+    key, value = name.strip().lower(), value.strip()
+    scheme, space, token = value.partition(" ")
+    if space and scheme.lower() in _AUTH_SCHEMES:
+        found.append(token.strip())
+    if is_secret_name(key) or key in _CREDENTIAL_HEADERS or _looks_like_token(value):
+        found.append(value)
+    return found
+
+
+def url_credentials(url: str, is_secret_name: Callable[[str], bool]) -> list[str]:
+    """The credentials a URL holds by the rule of :func:`configured_credentials` (its password, an
+    http(s) user info without one, secret-named and ``code``/``key``/``sig`` query values)."""
+    return [value for value in _url_credentials(url, is_secret_name) if value]
 
 
 def _looks_like_token(value: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -10,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
-from ..redaction import is_registered, redact_name, register_secret, register_secrets_in
+from ..redaction import is_registered, is_secret_key, redact_name, register_secret, register_secrets_in
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -180,8 +181,77 @@ def register_agent_secrets(agent: Any) -> None:
         if _seen_configs.get(key) is config:
             return
         register_secrets_in(config)
+        _register_connection_credentials(config)
         _seen_configs[key] = config
         if len(_seen_configs) > _SEEN_CONFIGS_MAX:
             _seen_configs.popitem(last=False)
     except Exception:
         pass
+
+
+# fields of a config entry whose values are sent with every request, under names that need not say
+# they hold a credential (a proxy's team header, a gateway URL's user info or ?code=)
+_ENTRIES_MAX = 64
+# headers an HTTP client sends of its own that hold no credential (a version string looks like a token)
+_PLAIN_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "connection",
+                            "content-type", "host"})
+
+
+def _register_connection_credentials(config: Any) -> None:
+    """Register the credentials of ``llm_config`` entries that no secret-named key holds, by the rule
+    of the exporters' configuration (:func:`environment_variables.configured_credentials`): header
+    values under ``default_headers``/``extra_headers`` or an ``http_client``'s headers (token-looking,
+    vendor or secret-named, the token after ``Bearer``; not ``User-Agent`` and the like),
+    ``base_url``'s password or token user info and credential query values, and those of
+    ``default_query`` and the ``http_client``'s query. A model client's error quoting its request
+    (its URL, its headers, its config) showed them; their ``key=value`` text forms were caught by
+    shape, a bare value was not. Runs once per new config object (every new agent's)."""
+    if type(config) is dict:
+        entries, listed = [config], config.get("config_list")
+    else:  # LLMConfig: its entries hold these
+        entries, listed = [], getattr(config, "config_list", None)
+    if type(listed) is list or isinstance(listed, (list, tuple)):
+        entries += listed[:_ENTRIES_MAX]
+    for entry in entries:
+        fields = entry if type(entry) is dict else _values_of(entry)
+        if fields is None:
+            continue
+        client, headers, extra = fields.get("http_client"), fields.get("default_headers"), fields.get("extra_headers")
+        url, query = fields.get("base_url"), fields.get("default_query")
+        if client is None and url is None and not headers and not extra and not query:
+            continue  # most entries: a model, its key and its API type
+        with contextlib.suppress(Exception):  # a hostile entry stops its own walk only
+            for value in _entry_credentials(client, headers, extra, url, query):
+                if value and not is_registered(value):
+                    register_secret(value)
+
+
+def _entry_credentials(client: Any, headers: Any, extra: Any, url: Any, query: Any) -> list[str]:
+    found: list[str] = []
+    for mapping in (headers, extra, getattr(client, "headers", None)):
+        if isinstance(mapping, Mapping):
+            for header, value in list(mapping.items())[:_ENTRIES_MAX]:
+                if isinstance(value, str) and str(header).lower() not in _PLAIN_HEADERS:
+                    found += environment_variables.header_credentials(str(header), value, is_secret_key)
+    if url is not None and not isinstance(url, (bool, int, float)):
+        found += environment_variables.url_credentials(str(url), is_secret_key)
+    for mapping in (query, getattr(client, "params", None)):
+        if isinstance(mapping, Mapping):
+            for param, value in list(mapping.items())[:_ENTRIES_MAX]:
+                if isinstance(value, str) and (is_secret_key(str(param))
+                                               or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
+                    found.append(value)
+    return found
+
+
+def _values_of(entry: Any) -> Mapping[Any, Any] | None:
+    """A config entry's values by name: a mapping as it is; a pydantic entry's fields and extras
+    read from its instance dicts (``getattr`` of a name it lacks costs pydantic two formatted
+    exceptions)."""
+    if isinstance(entry, Mapping):
+        return entry
+    values = getattr(entry, "__dict__", None)
+    if type(values) is not dict:
+        return None
+    extra = getattr(entry, "__pydantic_extra__", None)
+    return {**values, **extra} if type(extra) is dict and extra else values

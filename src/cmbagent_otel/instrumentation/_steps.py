@@ -44,8 +44,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from .. import semconv
 from .._context import Cursor, Frame, Scope
 from .._spans import NodeSpec, compose, end_frame, open_frame
-from ..redaction import safe_text, truncate
+from ..redaction import redact_name, safe_text, truncate
 from ..workflow import ONE_SHOT_PHASE
+from ._content import bounded_name
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -92,6 +93,12 @@ def _int(value: Any) -> int | None:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _agent(value: Any) -> str | None:
+    """An agent named by the plan or the context variables: text a model wrote (the planner's
+    plan, ``record_status`` arguments), redacted and bounded as agent names are."""
+    return bounded_name(redact_name(value)) if isinstance(value, str) and value else None
 
 
 def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:
@@ -182,7 +189,7 @@ class StepTracker:
             return  # cmbagent resets n_attempts when a step completes: not a retry
         for _ in range(attempts - last):
             self._failed_attempt(step, attempts, _int(context_get(context, "max_n_attempts")),
-                                 _text(context_get(context, "agent_for_sub_task")))
+                                 _agent(context_get(context, "agent_for_sub_task")))
 
     def _failed_attempt(self, step: _Step | None, attempts: int, limit: int | None, agent: str | None) -> None:
         """A failed attempt event under the step; ``agent``: the context's agent for the sub-task (the
@@ -341,11 +348,11 @@ class StepTracker:
 
 
 def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
-    goal, agent = "", _text(context_get(context, "agent_for_sub_task"))
+    goal, agent = "", _agent(context_get(context, "agent_for_sub_task"))
     steps = plan_steps(context_get(context, "final_plan"))
     if 0 < number <= len(steps):
         goal = _text(steps[number - 1].get("sub_task")) or ""
-        agent = agent or _text(steps[number - 1].get("sub_task_agent"))
+        agent = agent or _agent(steps[number - 1].get("sub_task_agent"))
     if not goal:
         goal = _text(context_get(context, "current_sub_task")) or ""
     return goal, agent
@@ -368,7 +375,7 @@ def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, p
             }
             if parent_scope.phase is not None:
                 attrs[semconv.PHASE] = parent_scope.phase
-            agent = _text(planned.get("sub_task_agent"))
+            agent = _agent(planned.get("sub_task_agent"))
             if agent:
                 attrs[semconv.STEP_AGENT] = agent
             emit_event(tracer, f"step {number}", semconv.KIND_STEP, attrs, parent_scope, parent_span,

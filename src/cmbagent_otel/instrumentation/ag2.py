@@ -1124,7 +1124,9 @@ def _code_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[An
     blocks = _arg(args, kwargs, 0, "code_blocks")
     blocks = list(blocks) if isinstance(blocks, Iterable) and not isinstance(blocks, (str, bytes)) else []
     languages = sorted({_block_parts(b)[0] for b in blocks}) or ["unknown"]
-    return blocks, languages[0] if len(languages) == 1 else ",".join(languages)
+    # the model's text (a fence's info string): a key written there went into the span name,
+    # cmbagent.code.language and the code metrics' attributes, content capture off too
+    return blocks, bounded_name(redact_name(languages[0] if len(languages) == 1 else ",".join(languages)))
 
 
 def _code(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
