@@ -697,7 +697,6 @@ _CREDENTIAL_HEADERS = frozenset({"x-honeycomb-team", "uptrace-dsn", "x-sf-token"
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "apikey", "api-key", "key", "sso-key", "geniekey", "dsn"})
 # query parameters that are credentials inside a URL only (Azure Functions' ?code=, Google's ?key=, signatures)
 _URL_QUERY_CREDENTIALS = frozenset({"code", "key", "sig", "signature"})
-QUERY_CREDENTIALS = _URL_QUERY_CREDENTIALS
 
 
 def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
@@ -743,6 +742,12 @@ def url_credentials(url: str, is_secret_name: Callable[[str], bool]) -> list[str
     return [value for value in _url_credentials(url, is_secret_name) if value]
 
 
+def is_query_credential(name: str, is_secret_name: Callable[[str], bool]) -> bool:
+    """Whether a URL query parameter ``name`` holds a credential by the rule of
+    :func:`configured_credentials`: secret-named, or ``code``/``key``/``sig``/``signature``."""
+    return is_secret_name(name) or name.lower() in _URL_QUERY_CREDENTIALS
+
+
 def _looks_like_token(value: str) -> bool:
     return len(value) >= 16 and not any(c.isspace() for c in value) and any(c.isdigit() for c in value) \
         and any(c.isalpha() for c in value)
@@ -764,7 +769,7 @@ def _url_credentials(url: str, is_secret_name: Callable[[str], bool]) -> list[st
     query = rest[end:].partition("?")[2].partition("#")[0]
     for part in query.split("&"):
         key, eq, value = part.partition("=")
-        if eq and (is_secret_name(unquote(key)) or unquote(key).lower() in _URL_QUERY_CREDENTIALS):
+        if eq and is_query_credential(unquote(key), is_secret_name):
             found += {value, unquote(value)}
     return found
 

@@ -238,8 +238,7 @@ def _entry_credentials(client: Any, headers: Any, extra: Any, url: Any, query: A
     for mapping in (query, getattr(client, "params", None)):
         if isinstance(mapping, Mapping):
             for param, value in list(mapping.items())[:_ENTRIES_MAX]:
-                if isinstance(value, str) and (is_secret_key(str(param))
-                                               or str(param).lower() in environment_variables.QUERY_CREDENTIALS):
+                if isinstance(value, str) and environment_variables.is_query_credential(str(param), is_secret_key):
                     found.append(value)
     return found
 

@@ -1270,11 +1270,6 @@ class _HumanSpan(TracedSpan):
             _in_human_span.reset(self._flag)
 
 
-# what an agent subclass overrides (a web UI's user proxy asks its human its own way) and is traced
-# when it does: (attribute, wrapper factory)
-_OVERRIDABLE: tuple[tuple[str, Callable[[_State], Any]], ...] = ()  # filled below (_sync / _async)
-
-
 def _adopt_overrides(state: _State, cls: type) -> None:
     """Trace what the agent class ``cls`` overrides of the methods patched on ``ConversableAgent`` for
     human input: AG2 looks the method up on the instance's class, so an override (an application's
@@ -1310,8 +1305,11 @@ def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] 
     return lambda state: _traced_async(state, build, record, fast)
 
 
-_OVERRIDABLE = (("get_human_input", _sync(_human, _record_human)),
-                ("a_get_human_input", _async(_human, _record_human)))
+# what an agent subclass overrides (a web UI's user proxy asks its human its own way) and is traced
+# when it does (see _adopt_overrides): (attribute, wrapper factory)
+_OVERRIDABLE: tuple[tuple[str, Callable[[_State], Any]], ...] = (
+    ("get_human_input", _sync(_human, _record_human)),
+    ("a_get_human_input", _async(_human, _record_human)))
 
 
 # (module, class name or "" for a module attribute, attribute, wrapper factory)

@@ -86,7 +86,7 @@ from .._spans import (
 )
 from ..instrumentation._steps import context_get, plan_steps, record_not_started
 from ..redaction import register_secret, safe_text, truncate
-from ..workflow import _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
+from ..workflow import ONE_SHOT_PHASE, _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -149,7 +149,6 @@ KEYWORD_FINDERS: Mapping[str, str] = {"unesco": "list_keywords_finder", "aaai": 
                                       "aas": "aas_keyword_finder"}
 PLANNER_AGENTS = frozenset({"plan_setter", "planner", "hitl_planner"})
 PLANNER = "planner"  # the agent that writes cmbagent's plan
-ONE_SHOT_PHASE = "one_shot"
 CHAT_PHASE = "chat"  # the phase of cmbagent's chat mode (human_in_the_loop)
 STICKY = "carryover_phase"  # frame kind of the control phase kept open across the carryover step loop
 #: Entry points whose solves are a fixed pipeline of agents (no plan, no control loop): each solve is a
