@@ -46,6 +46,16 @@ class SpanCapture:
     def named(self, prefix: str) -> list[ReadableSpan]:
         return [s for s in self.spans if s.name.startswith(prefix)]
 
+    def write_dag(self, url: str) -> None:
+        """Write the finished spans into the DAG database at ``url`` with the real writer."""
+        from cmbagent_otel.dag.writer import DagWriter
+
+        writer = DagWriter(url)
+        try:
+            writer.write(list(self.exporter.get_finished_spans()))
+        finally:
+            writer.close()
+
     def one(self, name: str) -> ReadableSpan:
         found = [s for s in self.spans if s.name == name]
         assert len(found) == 1, f"expected one span {name!r}, got {[s.name for s in self.spans]}"

@@ -20,7 +20,6 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel import phase, semconv, step, workflow
-from cmbagent_otel.dag.writer import DagWriter
 from cmbagent_otel.testing import offline_agent
 
 SUMMARY = semconv.STEP_SUMMARY
@@ -38,11 +37,7 @@ def _runs(capture: Any) -> dict[str, int]:
 
 
 def _rows(capture: Any, url: str) -> dict[str, list[tuple[Any, ...]]]:
-    writer = DagWriter(url)
-    try:
-        writer.write(list(capture.exporter.get_finished_spans()))
-    finally:
-        writer.close()
+    capture.write_dag(url)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:

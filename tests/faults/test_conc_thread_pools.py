@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel import phase, semconv, step, workflow
-from cmbagent_otel.dag.writer import DagWriter
 from cmbagent_otel.testing import offline_agent
 
 
@@ -42,11 +41,7 @@ def _agents_by_run(capture: Any) -> dict[str, set[str]]:
 
 
 def _sub_agents_by_run(capture: Any, url: str) -> dict[str, list[tuple[str, str]]]:
-    writer = DagWriter(url)
-    try:
-        writer.write(list(capture.exporter.get_finished_spans()))
-    finally:
-        writer.close()
+    capture.write_dag(url)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:

@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, select
 
 import cmbagent_otel
 from cmbagent_otel import semconv
-from cmbagent_otel.dag.writer import DagWriter, T
+from cmbagent_otel.dag.writer import T
 from cmbagent_otel.testing import ExitingConsole, activate, offline_agent
 
 
@@ -61,11 +61,7 @@ def assert_one_connected_trace(capture: Any) -> None:
 def dag_rows(capture: Any, tmp_path: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(dag_nodes, execution_events) rows of the captured spans written into a fresh SQLite file."""
     url = f"sqlite:///{tmp_path}/surface.db"
-    writer = DagWriter(url)
-    try:
-        writer.write(list(capture.exporter.get_finished_spans()))
-    finally:
-        writer.close()
+    capture.write_dag(url)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
