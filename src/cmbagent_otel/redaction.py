@@ -1278,7 +1278,7 @@ class RedactionCache:
     def __init__(self, max_len: int, max_chars: int, names: bool = False) -> None:
         self.max_len = max_len
         self.max_chars = max_chars
-        self.names = names  # results cut by bounded_name (a memo hit is returned as stored)
+        self.names = names  # results cut by bounded_name, made encodable (a memo hit is returned as stored)
         self._memo = _Memo(_known_pattern)
         _caches.append(self)  # module-level singletons: emptied when a whole piece is learned
 
@@ -1304,14 +1304,14 @@ class RedactionCache:
             return text
         if len(text) > self.max_len:
             out = _redact_with(_known_pattern, text[:_scan_bound()] if self.names else text)
-            return bounded_name(out) if self.names else out
+            return encodable(bounded_name(out)) if self.names else out
         memo = self._current()
         out = memo.entries.get(text)
         if out is None:
             # the secrets this memo stands for (or newer ones learned from this very text)
             out = _redact_with(memo.known, text)
             if self.names:
-                out = bounded_name(out)
+                out = encodable(bounded_name(out))
             if memo.known is not _known_pattern:
                 return out  # learned something: this memo is stale, the next lookup starts afresh
             memo.chars += len(text) + len(out)
@@ -1351,6 +1351,22 @@ def bounded_name(name: str) -> str:
     return f"{name[:MAX_NAME - 16]}...{digest}"
 
 
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates as ``\\xNN`` / ``\\udNNN`` escapes: an environment value holding
+    bytes that are not UTF-8 (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) is kept by Python
+    as surrogates, and a model server's JSON may hold ``"\\ud800"``; the OTLP encoder refuses them: it
+    logged a traceback for every batch and sent the spans without that attribute (``service.name``
+    lost), or failed the batch (a span name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate no byte became (not from the OS)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 # An id as model servers write them: a provider's prefix or none (OpenAI's chatcmpl-/call_, Anthropic's
 # toolu_/msg_, the Responses API's resp_/fc_, Bedrock's tooluse_; Mistral's bare ids) then letters and digits
 # or a UUID (Groq's, vLLM's); no key shape starts with such a prefix, and none is letters and digits alone
@@ -1369,7 +1385,7 @@ def redact_id(value: str) -> str:
         known = _known_pattern
         if known is None or known.search(value) is None:
             return value
-    return bounded_name(_redact_with(_known_pattern, value[:_scan_bound()]))
+    return encodable(bounded_name(_redact_with(_known_pattern, value[:_scan_bound()])))
 
 
 def redact_list(items: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ ones were recorded as token usage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -211,3 +212,50 @@ def test_out_of_range_token_counts_are_dropped(sink: Sink, metrics: InMemoryMetr
             assert isinstance(value, int) and 0 <= value < 2**63, (key, value)
     chats = [span for span in sink.memory.get_finished_spans() if span.name.startswith("chat")]
     assert (chats[0].attributes or {}).get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS) == 4
+
+
+def _unencodable(sink: Sink, reader: InMemoryMetricReader) -> list[str]:  # noqa: F811
+    """Texts the OTLP encoder refuses (lone surrogates): the attribute is dropped and a traceback logged
+    on every export, or (a span name) the whole batch fails."""
+    found = []
+    texts = [(span.name, "name", span.name) for span in sink.memory.get_finished_spans()]
+    texts += [(span, key, value) for span, key, value in _attributes(sink)]
+    texts += [(name, key, value) for name, attributes in _metric_points(reader) for key, value in attributes.items()]
+    for where, key, value in texts:
+        for text in value if isinstance(value, tuple) else (value,):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    found.append(f"{where} {key}")
+    return found
+
+
+@pytest.mark.parametrize("field", ["id", "model", "finish_reason", "tool_call_id", "tool_name"])
+def test_lone_surrogates_in_server_text_stay_encodable(sink: Sink, metrics: InMemoryMetricReader,  # noqa: F811
+                                                       field: str) -> None:
+    bad = "x\ud800y"  # JSON "\\ud800": a lone surrogate, which the OTLP encoder refuses
+    if field in ("tool_call_id", "tool_name"):
+        call_id, name = ("call_" + bad, "lookup") if field == "tool_call_id" else ("call_1", "lookup" + bad)
+
+        def payloads(n: int) -> dict[str, Any]:
+            if n:
+                return _completion()
+            calls = [{"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}]
+            return _completion(choices=[{"index": 0, "finish_reason": "tool_calls",
+                                         "message": {"role": "assistant", "content": None, "tool_calls": calls}}])
+        # the openai client then fails to encode the next request (the tool's answer quotes the call id):
+        # its own UnicodeEncodeError, with or without instrumentation
+        with contextlib.suppress(UnicodeEncodeError):
+            _run(sink, metrics, _key(), payloads, capture=False, tool=True)
+        assert [span for span in sink.memory.get_finished_spans() if span.name.startswith("execute_tool")]
+    else:
+        def payloads(n: int) -> dict[str, Any]:
+            if field == "id":
+                return _completion(id="chatcmpl-" + bad)
+            if field == "model":
+                return _completion(model="gpt-4o" + bad)
+            return _completion(choices=[{"index": 0, "finish_reason": "stop" + bad,
+                                         "message": {"role": "assistant", "content": "TERMINATE"}}])
+        _run(sink, metrics, _key(), payloads, capture=False)
+    assert not _unencodable(sink, metrics)

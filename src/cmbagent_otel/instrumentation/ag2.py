@@ -1051,7 +1051,8 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
                  _INTERNAL, ctx)
 
 
-_tool_names = RedactionCache(max_len=512, max_chars=1_000_000)  # redact() memoised: a tool's name comes back
+# redact() memoised (a tool's name comes back), bounded and made encodable: the model server's text
+_tool_names = RedactionCache(max_len=512, max_chars=1_000_000, names=True)
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
