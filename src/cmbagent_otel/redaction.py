@@ -589,15 +589,19 @@ def register_request_credentials(exc: BaseException) -> None:
     ``auth=`` object put in the headers (a Basic password, a custom scheme's token), a key the client
     read from the environment after :func:`instrument`. Read from the ``request`` (``httpx.Request``)
     that ``openai``'s and httpx's errors keep, on the exception and its causes: the header values by
-    the rule of the exporters' configuration (:func:`environment_variables.headers_credentials`) and
-    the URL's credentials. Only instance attributes are read (no property of the app's exception runs)."""
+    the rule of the exporters' configuration (:func:`environment_variables.headers_credentials`) by
+    name or scheme only, not by looking like a token (a ``traceparent`` or an idempotency key is new
+    on every request; a proxy header's credential is the config walk's), and the URL's credentials.
+    Only instance attributes are read (no property of the app's exception runs)."""
     with contextlib.suppress(Exception):
         for _ in range(8):
             fields = getattr(exc, "__dict__", None)
             request = (fields.get("request") or fields.get("_request")) if type(fields) is dict else None
             if request is not None:
                 headers, url = getattr(request, "headers", None), getattr(request, "url", None)
-                found = environment_variables.headers_credentials(headers, is_secret_key) \
+                # the headers that carry a credential by name or scheme (not the token-looking rule: a
+                # request's traceparent or request id would be registered anew on every failure)
+                found = environment_variables.headers_credentials(headers, is_secret_key, token_like=False) \
                     if isinstance(headers, Mapping) else []
                 if url is not None:
                     found += environment_variables.url_credentials(str(url), is_secret_key)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from autogen import ConversableAgent, OpenAIWrapper
 
@@ -128,3 +129,22 @@ def test_an_answer_quoting_the_credential_is_redacted(sink: Sink, caplog: pytest
     outputs = [span for span in sink.memory.get_finished_spans() if "gen_ai.output.messages" in (span.attributes or {})]
     assert outputs, "no output captured"
     assert_clean(sink, caplog, credential)
+
+
+def test_per_request_headers_are_not_registered(sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A failed request's token-looking headers that are no credential (W3C trace context, a request
+    id: new on every request) are not registered: each failure would add secrets without end."""
+    from cmbagent_otel import redaction
+
+    trace = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    request_id = f"req{secrets.token_hex(12)}"
+    entry = {"model": "gpt-4o", "api_key": _secret("Lb"),
+             "default_headers": {}, "http_client": SharedClient(event_hooks={"request": [
+                 lambda request: request.headers.update({"traceparent": trace, "x-request-id": request_id})]})}
+    cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=False, instrument_cmbagent=False)
+    with FakeOpenAIServer(raw_responder=_echoing(fail=True)) as server, pytest.raises(openai.AuthenticationError):
+        entry["base_url"] = server.base_url
+        ConversableAgent("assistant", llm_config={"config_list": [entry], "cache_seed": None},
+                         human_input_mode="NEVER").generate_reply(messages=[{"role": "user", "content": "hi"}])
+    assert [span for span in sink.memory.get_finished_spans() if span.events]
+    assert not redaction.is_registered(trace) and not redaction.is_registered(request_id)
