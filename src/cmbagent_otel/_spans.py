@@ -49,7 +49,7 @@ from ._context import (
 from ._forksafe import reset_in_child
 from ._termination import claim_duration
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
-from .redaction import learn_encoded_in, safe_text, truncate
+from .redaction import learn_encoded_in, register_request_credentials, safe_text, truncate
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -516,6 +516,9 @@ def error_type(exc: BaseException) -> str:
 
 def record_exception(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` (secrets redacted) and mark the span failed."""
+    # the credentials its HTTP request carried (an Azure AD token, an httpx auth's password): a server's
+    # error may quote them, and nothing else registered them
+    register_request_credentials(exc)
     # safe_text reads a bounded prefix: a message of megabytes costs what its kept part does
     text = exception_text(exc)
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -722,17 +722,52 @@ def configured_credentials(is_secret_name: Callable[[str], bool]) -> list[str]:
     return [value for value in found if value]
 
 
-def header_credentials(name: str, value: str, is_secret_name: Callable[[str], bool]) -> list[str]:
+def header_credentials(name: str, value: str, is_secret_name: Callable[[str], bool],
+                       token_like: bool = True) -> list[str]:
     """The credentials an HTTP header ``name: value`` holds by the rule of
     :func:`configured_credentials`: the token after an authorization scheme, and the whole value
-    under a secret-named or vendor credential header, or when it looks like a token."""
+    under a secret-named or vendor credential header, or (``token_like``) when it looks like a token."""
     found = []
     key, value = name.strip().lower(), value.strip()
+    named = is_secret_name(key)
     scheme, space, token = value.partition(" ")
-    if space and scheme.lower() in _AUTH_SCHEMES:
-        found.append(token.strip())
-    if is_secret_name(key) or key in _CREDENTIAL_HEADERS or _looks_like_token(value):
+    if space and (named or scheme.lower() in _AUTH_SCHEMES):  # any scheme under Authorization (a custom auth's)
+        token = token.strip()
+        found.append(token)
+        if scheme.lower() == "basic":  # a server echoing what it was sent may decode it: user:password
+            found += _basic_credentials(token)
+    if named or key in _CREDENTIAL_HEADERS or (token_like and _looks_like_token(value)):
         found.append(value)
+    return found
+
+
+def _basic_credentials(token: str) -> list[str]:
+    """The ``user:password`` a Basic authorization token encodes, and its password."""
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.b64decode(token, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return []
+    _user, colon, password = decoded.partition(":")
+    return [decoded, password] if colon and password else []
+
+
+PLAIN_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "connection",
+                           "content-type", "content-length", "host"})
+"""Headers an HTTP client sends of its own that hold no credential (a version string looks like a token)."""
+
+
+def headers_credentials(headers: Any, is_secret_name: Callable[[str], bool], limit: int = 64,
+                        token_like: bool = True) -> list[str]:
+    """:func:`header_credentials` of the first ``limit`` headers of a mapping (a dict, httpx's
+    ``Headers``), :data:`PLAIN_HEADERS` left out. ``token_like=False`` for the headers of one request
+    (a ``traceparent``, an idempotency key, a request id look like tokens and are new each time)."""
+    found: list[str] = []
+    for header, value in list(headers.items())[:limit]:
+        if isinstance(value, str) and str(header).lower() not in PLAIN_HEADERS:
+            found += header_credentials(str(header), value, is_secret_name, token_like)
     return found
 
 

@@ -43,7 +43,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from . import environment_variables as env
 from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
-from .redaction import REDACTED, is_secret_key, redact
+from .redaction import REDACTED, encodable, is_secret_key, redact
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -405,31 +405,16 @@ def _redacted_attributes(attributes: Mapping[str, Any]) -> dict[str, Any] | None
     when nothing changed."""
     out: dict[str, Any] = {}
     for key, value in attributes.items():
-        key = _encodable(key) if isinstance(key, str) else key
+        key = encodable(key) if isinstance(key, str) else key
         if is_secret_key(key) and value not in ("", None):
             out[key] = REDACTED
         elif isinstance(value, str):
-            out[key] = _encodable(redact(value))
+            out[key] = encodable(redact(value))
         elif isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
-            out[key] = tuple(_encodable(redact(item)) if isinstance(item, str) else item for item in value)
+            out[key] = tuple(encodable(redact(item)) if isinstance(item, str) else item for item in value)
         else:
             out[key] = value
     return None if out == dict(attributes) else out
-
-
-def _encodable(text: str) -> str:
-    """``text`` with lone surrogates as ``\\xNN`` / ``\\udNNN`` escapes: an environment value holding
-    bytes that are not UTF-8 (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) is kept by Python
-    as surrogates, which the OTLP encoder refuses: it logged a traceback for every batch and sent
-    the spans without that attribute (``service.name`` lost)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a surrogate no byte became (not from the OS)
-            return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def build_tracer_provider(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -40,7 +41,7 @@ import sys
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import environment_variables
@@ -313,6 +314,14 @@ class _Patterns:
     def __init__(self, patterns: tuple[re.Pattern[str], ...]) -> None:
         self.patterns = patterns
 
+    def search(self, text: str) -> re.Match[str] | None:
+        """The first pattern's first match in ``text`` (whether any secret is there), or ``None``."""
+        for pattern in self.patterns:
+            found = pattern.search(text)
+            if found is not None:
+                return found
+        return None
+
     def sub(self, repl: str, text: str) -> str:
         spans = [m.span() for pattern in self.patterns for m in pattern.finditer(text)]
         if not spans:
@@ -571,6 +580,38 @@ def register_secrets_in(value: Any) -> None:
     """
     with contextlib.suppress(Exception):  # telemetry must never break the app
         _register_walk(value, 0, False, register_secret)
+
+
+def register_request_credentials(exc: BaseException) -> None:
+    """Register the credentials the HTTP request of a failed call carried, before its error is recorded
+    (never raises). A model server's error may quote them (``Incorrect API key provided: <key>``), and
+    some are registered nowhere else: a token an ``azure_ad_token_provider`` returned, what an httpx
+    ``auth=`` object put in the headers (a Basic password, a custom scheme's token), a key the client
+    read from the environment after :func:`instrument`. Read from the ``request`` (``httpx.Request``)
+    that ``openai``'s and httpx's errors keep, on the exception and its causes: the header values by
+    the rule of the exporters' configuration (:func:`environment_variables.headers_credentials`) by
+    name or scheme only, not by looking like a token (a ``traceparent`` or an idempotency key is new
+    on every request; a proxy header's credential is the config walk's), and the URL's credentials.
+    Only instance attributes are read (no property of the app's exception runs)."""
+    with contextlib.suppress(Exception):
+        for _ in range(8):
+            fields = getattr(exc, "__dict__", None)
+            request = (fields.get("request") or fields.get("_request")) if type(fields) is dict else None
+            if request is not None:
+                headers, url = getattr(request, "headers", None), getattr(request, "url", None)
+                # the headers that carry a credential by name or scheme (not the token-looking rule: a
+                # request's traceparent or request id would be registered anew on every failure)
+                found = environment_variables.headers_credentials(headers, is_secret_key, token_like=False) \
+                    if isinstance(headers, Mapping) else []
+                if url is not None:
+                    found += environment_variables.url_credentials(str(url), is_secret_key)
+                for value in found:
+                    if value not in _known:
+                        register_secret(value)
+            cause = exc.__cause__ or exc.__context__
+            if cause is None or cause is exc:
+                return
+            exc = cause
 
 
 def learn_secrets_in(value: Any) -> None:
@@ -1236,11 +1277,12 @@ class RedactionCache:
     bound).
     """
 
-    __slots__ = ("_memo", "max_chars", "max_len")
+    __slots__ = ("_memo", "max_chars", "max_len", "names")
 
-    def __init__(self, max_len: int, max_chars: int) -> None:
+    def __init__(self, max_len: int, max_chars: int, names: bool = False) -> None:
         self.max_len = max_len
         self.max_chars = max_chars
+        self.names = names  # results cut by bounded_name, made encodable (a memo hit is returned as stored)
         self._memo = _Memo(_known_pattern)
         _caches.append(self)  # module-level singletons: emptied when a whole piece is learned
 
@@ -1265,12 +1307,15 @@ class RedactionCache:
         if not text:
             return text
         if len(text) > self.max_len:
-            return _redact_with(_known_pattern, text)
+            out = _redact_with(_known_pattern, text[:_scan_bound()] if self.names else text)
+            return encodable(bounded_name(out)) if self.names else out
         memo = self._current()
         out = memo.entries.get(text)
         if out is None:
             # the secrets this memo stands for (or newer ones learned from this very text)
             out = _redact_with(memo.known, text)
+            if self.names:
+                out = encodable(bounded_name(out))
             if memo.known is not _known_pattern:
                 return out  # learned something: this memo is stale, the next lookup starts afresh
             memo.chars += len(text) + len(out)
@@ -1286,13 +1331,65 @@ _scrub_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
 # JSON texts of list items (a chat's messages), for redact_list
 _item_cache = RedactionCache(max_len=8192, max_chars=4_000_000)
 # names the application or a provider chooses (agents, models): few, asked on every call
-_name_cache = RedactionCache(max_len=4096, max_chars=1_000_000)
+_name_cache = RedactionCache(max_len=4096, max_chars=1_000_000, names=True)
 
 
 def redact_name(name: str) -> str:
-    """:func:`redact` for a name (an agent's, a model's), memoised: an agent named, or a model
-    written, with a key in it (``gpt-4o?api_key=...``) went into span names, attributes and rows."""
+    """:func:`redact` and :func:`bounded_name` for a name (an agent's, a model's, a finish reason),
+    memoised: an agent named, or a model written, with a key in it (``gpt-4o?api_key=...``) went
+    into span names, attributes and rows, and a model server's 1 MB model name went whole onto
+    every model-call metric."""
     return _name_cache.redact(name) if type(name) is str else name
+
+
+MAX_NAME = 256
+
+
+def bounded_name(name: str) -> str:
+    """``name`` (an agent's or tool's: the app's or the model's text) cut to :data:`MAX_NAME`
+    characters, a hash of the whole keeping cut names apart: a 1 MiB name was copied whole into
+    span names, attributes and several DB columns per span."""
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return f"{name[:MAX_NAME - 16]}...{digest}"
+
+
+def encodable(text: str) -> str:
+    """``text`` with lone surrogates as ``\\xNN`` / ``\\udNNN`` escapes: an environment value holding
+    bytes that are not UTF-8 (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) is kept by Python
+    as surrogates, and a model server's JSON may hold ``"\\ud800"``; the OTLP encoder refuses them: it
+    logged a traceback for every batch and sent the spans without that attribute (``service.name``
+    lost), or failed the batch (a span name)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate no byte became (not from the OS)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+# An id as model servers write them: a provider's prefix or none (OpenAI's chatcmpl-/call_, Anthropic's
+# toolu_/msg_, the Responses API's resp_/fc_, Bedrock's tooluse_; Mistral's bare ids) then letters and digits
+# or a UUID (Groq's, vLLM's); no key shape starts with such a prefix, and none is letters and digits alone
+# with a "-" or "_" after the prefix (sk-proj-..., ghp_..., gsk_...)
+# (of the key shapes only Google's, AIza + letters and digits, can be an ordinary id's letters and digits)
+_ORDINARY_ID = re.compile(r"(?!.*AIza)(?:(?:chatcmpl|call|toolu|tooluse|msg|resp|fc|run|req|cmpl)[_\-])?"
+                          r"(?:[A-Za-z0-9]{1,64}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})")
+
+
+def redact_id(value: str) -> str:
+    """:func:`redact` and :func:`bounded_name` for an id a model server writes (a response's, a tool
+    call's), read to :func:`_scan_bound` characters. Unique per call, so never memoised; an ordinary id
+    (see ``_ORDINARY_ID``: at most 77 characters) holding no registered secret and no key shape is
+    returned as it is, after two searches in C (a server knows the key it was sent and may echo it)."""
+    if _ORDINARY_ID.fullmatch(value) is not None:
+        known = _known_pattern
+        if known is None or known.search(value) is None:
+            return value
+    return encodable(bounded_name(_redact_with(_known_pattern, value[:_scan_bound()])))
 
 
 def redact_list(items: Sequence[str]) -> str:

@@ -24,6 +24,8 @@ from typing import Any
 Responder = Callable[[list[dict[str, Any]]], "str | dict[str, Any]"]
 #: Answers from the whole chat-completions request body (messages, tools, response_format...).
 RequestResponder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+#: Answers with raw HTTP: (request body, request headers) -> (status, response headers, body bytes).
+RawResponder = Callable[[dict[str, Any], dict[str, str]], "tuple[int, dict[str, str], bytes]"]
 
 _ids = itertools.count(1)
 
@@ -107,7 +109,7 @@ class ScriptedModelClient:
                                     function_call=None, _raw=message),
         )
         return SimpleNamespace(
-            id=f"scripted-{next(_ids)}",
+            id=f"chatcmpl-scripted{next(_ids)}",  # OpenAI's form, as the tool call ids (call_N)
             model=self.model,
             choices=[choice],
             usage=SimpleNamespace(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -148,7 +150,8 @@ class FakeOpenAIServer:
     any api key in ``llm_config``. ``server.requests`` keeps the received request bodies
     and headers for assertions. ``request_responder`` answers from the whole request body
     (which agent asks can be told from its system prompt, tools or response_format); it
-    takes precedence over ``script``/``responder`` and the API-key routes.
+    takes precedence over ``script``/``responder`` and the API-key routes. ``raw_responder``
+    (a hostile server in tests: any status, headers and body bytes) takes precedence over all.
     """
 
     def __init__(
@@ -158,7 +161,9 @@ class FakeOpenAIServer:
         default: str = "TERMINATE",
         status: int = 200,
         request_responder: RequestResponder | None = None,
+        raw_responder: RawResponder | None = None,
     ) -> None:
+        self._raw_responder = raw_responder
         self._script = _Script(script, responder, default)
         self._request_responder = request_responder
         self._default = default
@@ -184,6 +189,15 @@ class FakeOpenAIServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 owner.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                if owner._raw_responder is not None:
+                    status, headers, data = owner._raw_responder(body, dict(self.headers))
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if owner.status != 200:
                     payload = {"error": {"message": "fake failure", "type": "server_error", "code": owner.status}}
                     self._send(owner.status, payload)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import environment_variables
-from ..redaction import is_registered, is_secret_key, redact_name, register_secret, register_secrets_in
+from ..redaction import (
+    is_registered,
+    is_secret_key,
+    redact_name,
+    register_new_environment,
+    register_secret,
+    register_secrets_in,
+)
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -76,22 +82,9 @@ def capture_from_env() -> ContentMode:
 def agent_name(agent: Any) -> str:
     try:
         name = getattr(agent, "name", None)
-        return bounded_name(redact_name(str(name))) if name is not None else type(agent).__name__
+        return redact_name(str(name)) if name is not None else type(agent).__name__
     except Exception:
         return "unknown"
-
-
-MAX_NAME = 256
-
-
-def bounded_name(name: str) -> str:
-    """``name`` (an agent's or tool's: the app's or the model's text) cut to :data:`MAX_NAME`
-    characters, a hash of the whole keeping cut names apart: a 1 MiB name was copied whole into
-    span names, attributes and several DB columns per span."""
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
-    return f"{name[:MAX_NAME - 16]}...{digest}"
 
 
 def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:
@@ -192,9 +185,6 @@ def register_agent_secrets(agent: Any) -> None:
 # fields of a config entry whose values are sent with every request, under names that need not say
 # they hold a credential (a proxy's team header, a gateway URL's user info or ?code=)
 _ENTRIES_MAX = 64
-# headers an HTTP client sends of its own that hold no credential (a version string looks like a token)
-_PLAIN_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "connection",
-                            "content-type", "host"})
 
 
 def _register_connection_credentials(config: Any) -> None:
@@ -230,9 +220,10 @@ def _entry_credentials(client: Any, headers: Any, extra: Any, url: Any, query: A
     found: list[str] = []
     for mapping in (headers, extra, getattr(client, "headers", None)):
         if isinstance(mapping, Mapping):
-            for header, value in list(mapping.items())[:_ENTRIES_MAX]:
-                if isinstance(value, str) and str(header).lower() not in _PLAIN_HEADERS:
-                    found += environment_variables.header_credentials(str(header), value, is_secret_key)
+            found += environment_variables.headers_credentials(mapping, is_secret_key, _ENTRIES_MAX)
+    auth = getattr(client, "auth", None)  # an httpx client's auth= (BasicAuth, DigestAuth, a custom Auth)
+    if auth is not None:
+        found += _auth_credentials(auth)
     if url is not None and not isinstance(url, (bool, int, float)):
         found += environment_variables.url_credentials(str(url), is_secret_key)
     for mapping in (query, getattr(client, "params", None)):
@@ -241,6 +232,54 @@ def _entry_credentials(client: Any, headers: Any, extra: Any, url: Any, query: A
                 if isinstance(value, str) and environment_variables.is_query_credential(str(param), is_secret_key):
                     found.append(value)
     return found
+
+
+def _auth_credentials(auth: Any) -> list[str]:
+    """The credentials an httpx ``Auth`` object holds: BasicAuth's header (its token, and the password it
+    encodes), DigestAuth's password (bytes), a custom Auth's secret-named attributes."""
+    found: list[str] = []
+    header = getattr(auth, "_auth_header", None)  # httpx.BasicAuth
+    if isinstance(header, str):
+        found += environment_variables.header_credentials("authorization", header, is_secret_key)
+    password = getattr(auth, "_password", None)  # httpx.DigestAuth
+    if isinstance(password, bytes):
+        found.append(password.decode("utf-8", "replace"))
+    register_secrets_in(auth)  # its secret-named attributes (token=, api_key=, password=...)
+    return found
+
+
+# the openai client's attributes holding a credential (OpenAI, AzureOpenAI)
+_OPENAI_CLIENT_SECRETS = ("api_key", "_azure_ad_token", "admin_api_key", "webhook_secret")
+
+
+def register_client_credentials(wrapper: Any) -> None:
+    """Register the credentials an ``OpenAIWrapper``'s clients hold (never raises): the API key AG2 strips
+    from ``_config_list`` (a wrapper built without an agent, a key the client read from the environment),
+    secret-named attributes of AG2's client classes (Anthropic's and Bedrock's ``_aws_secret_key``...),
+    the ``openai`` client's default headers and query and its HTTP client's headers, query and ``auth``.
+    Called once per new config entry (:func:`._models.config_info`): AG2 built the clients with the
+    wrapper, reading the provider's environment variables then, so those are looked at again too."""
+    with contextlib.suppress(Exception):
+        register_new_environment()
+        clients = getattr(wrapper, "_clients", None)
+        if not isinstance(clients, list):
+            return
+        for client in clients[:_ENTRIES_MAX]:
+            inner = getattr(client, "_oai_client", None)
+            if inner is None:  # AG2's other clients (Anthropic's, Bedrock's...): their secret-named attributes
+                if type(client).__module__.startswith("autogen."):  # a custom ModelClient got its config
+                    register_secrets_in(client)
+                continue
+            for name in _OPENAI_CLIENT_SECRETS:  # read by name: a walk of its ~20 attributes cost more
+                value = getattr(inner, name, None)
+                if isinstance(value, str) and value and not is_registered(value):
+                    register_secret(value)
+            base_url = getattr(inner, "base_url", None)
+            for value in _entry_credentials(getattr(inner, "_client", None), getattr(inner, "_custom_headers", None),
+                                            None, str(base_url) if base_url is not None else None,
+                                            getattr(inner, "_custom_query", None)):
+                if value and not is_registered(value):
+                    register_secret(value)
 
 
 def _values_of(entry: Any) -> Mapping[Any, Any] | None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from .. import semconv
 from ..redaction import redact_name
+from ._content import register_client_credentials
 
 # AG2 api_type -> gen_ai.provider.name (the GenAI conventions' well-known values where one
 # applies, else the stable lower-case name of the provider AG2 talks to). Any other api_type,
@@ -127,6 +128,8 @@ def config_info(config: Mapping[str, Any] | None, wrapper: Any = None) -> Config
     info = _infos.get(key)
     if info is not None and info.config is config:
         return info
+    if wrapper is not None:  # a new config entry: its wrapper's clients were built with it
+        register_client_credentials(wrapper)
     info = ConfigInfo(config, client_base_url(wrapper) if wrapper is not None and config is not _EMPTY else None)
     with _infos_lock:
         _infos[key] = info
@@ -191,8 +194,13 @@ def _get(obj: Any, key: str) -> Any:
     return value
 
 
+# a token count the server reports: an int of OTLP's int64 and not negative (10**30 made the OTLP encoder
+# refuse the metric export holding it, every metric of that export lost; -5 is no count)
+MAX_COUNT = 2**63 - 1
+
+
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
 
 
 # isinstance(x, Mapping) runs ABCMeta.__instancecheck__: ~1,900 instructions (a weak reference made per
@@ -230,10 +238,15 @@ def usage_attributes(usage: Any) -> dict[str, Any]:
         completion = getattr(usage, "completion_tokens", None)
         prompt_details = getattr(usage, "prompt_tokens_details", None)
         completion_details = getattr(usage, "completion_tokens_details", None)
-    if type(prompt) is int or _count(prompt) is not None:
+    # both ints of 0 to 2**63 - 1 (the usual case): one test of their bits
+    if type(prompt) is int and type(completion) is int and not (prompt | completion) >> 63:
         attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-    if type(completion) is int or _count(completion) is not None:
         attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    else:
+        if _count(prompt) is not None:
+            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+        if _count(completion) is not None:
+            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
     if prompt_details is not None:
         cached = _count(_get(prompt_details, "cached_tokens"))
         if cached is not None:

@@ -46,7 +46,6 @@ from .._context import Cursor, Frame, Scope
 from .._spans import NodeSpec, compose, end_frame, open_frame
 from ..redaction import redact_name, safe_text, truncate
 from ..workflow import ONE_SHOT_PHASE
-from ._content import bounded_name
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -98,7 +97,7 @@ def _text(value: Any) -> str | None:
 def _agent(value: Any) -> str | None:
     """An agent named by the plan or the context variables: text a model wrote (the planner's
     plan, ``record_status`` arguments), redacted and bounded as agent names are."""
-    return bounded_name(redact_name(value)) if isinstance(value, str) and value else None
+    return redact_name(value) if isinstance(value, str) and value else None
 
 
 def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:

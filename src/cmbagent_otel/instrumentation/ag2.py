@@ -95,9 +95,12 @@ from .._spans import (
 )
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import (
+    MAX_NAME,
     RedactionCache,
+    bounded_name,
     learn_encoded_in,
     learn_secrets_in,
+    redact_id,
     redact_name,
     register_new_environment,
     safe_text,
@@ -108,7 +111,6 @@ from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
     agent_name,
-    bounded_name,
     cached_name,
     capture_from_env,
     content_mode,
@@ -807,7 +809,9 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response."""
     model = getattr(response, "model", None)
     cost = getattr(response, "cost", None)
-    return (model if isinstance(model, str) else None, _models.usage_attributes(getattr(response, "usage", None)),
+    # the server's text, as the recorded call's (_record_llm)
+    return (redact_name(str.__str__(model)) if isinstance(model, str) else None,
+            _models.usage_attributes(getattr(response, "usage", None)),
             float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
 
 
@@ -953,6 +957,7 @@ def _response_output(response: Any) -> str | None:
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
     model = getattr(response, "model", None)
+    # the server writes the model, the id and the finish reasons as it likes (a key it was sent, megabytes)
     response_model = redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None
     usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
@@ -967,7 +972,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):
-        attrs[semconv.GEN_AI_RESPONSE_ID] = response_id
+        attrs[semconv.GEN_AI_RESPONSE_ID] = redact_id(response_id)
     attrs.update(call.usage if chat else _models.usage_attributes(usage))
     if cost is not None:
         attrs[semconv.LLM_COST_USD] = cost
@@ -975,10 +980,14 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
     output = None
     if isinstance(choices, list):
         reasons = []
-        for choice in choices:  # a loop, not a comprehension: one frame less per call (Python 3.11)
-            reason = getattr(choice, "finish_reason", None)
-            if reason:
-                reasons.append(str(reason))
+        try:
+            for choice in choices[:MAX_REASONS]:  # a loop, not a comprehension: one frame less per call
+                reason = getattr(choice, "finish_reason", None)
+                if reason:
+                    reasons.append(reason if reason in _FINISH_WORDS else _finish_reason(reason))
+        except TypeError:  # a reason that cannot be hashed (a server's object): each one's text
+            reasons = [_finish_reason(reason) for choice in choices[:MAX_REASONS]
+                       if (reason := getattr(choice, "finish_reason", None))]
         if reasons:
             attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
@@ -995,6 +1004,22 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
         event.update(_event_base(attrs))
         if output is not None:
             event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
+
+
+# the finish reasons of the OpenAI API (the ones AG2's other clients map theirs to): kept as they are
+_FINISH_WORDS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+MAX_REASONS = 16
+"""Finish reasons recorded per response at most (one per choice; a server may send thousands): with each
+at most :data:`MAX_NAME` characters, the attribute stays within ~4 KB."""
+
+
+def _finish_reason(reason: Any) -> str:
+    """Any other finish reason: the server's text (or object), redacted and bounded."""
+    try:
+        text = reason if isinstance(reason, str) else str(reason)
+        return redact_name(text[:4 * MAX_NAME])
+    except Exception:
+        return "unknown"
 
 
 # --- tools -----------------------------------------------------------------------------------------
@@ -1016,8 +1041,8 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         semconv.GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
     }
     call_id = _arg(args, kwargs, 1, "call_id")
-    if isinstance(call_id, str):
-        attrs[semconv.GEN_AI_TOOL_CALL_ID] = call_id
+    if isinstance(call_id, str):  # the model server's text (a key it was sent, megabytes): redact_id skips ordinary ids
+        attrs[semconv.GEN_AI_TOOL_CALL_ID] = redact_id(call_id)
     if state.capture and arguments is not None:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
@@ -1026,7 +1051,8 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
                  _INTERNAL, ctx)
 
 
-_tool_names = RedactionCache(max_len=512, max_chars=1_000_000)  # redact() memoised: a tool's name comes back
+# redact() memoised (a tool's name comes back), bounded and made encodable: the model server's text
+_tool_names = RedactionCache(max_len=512, max_chars=1_000_000, names=True)
 
 
 def _record_tool(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -1126,7 +1152,7 @@ def _code_blocks(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[An
     languages = sorted({_block_parts(b)[0] for b in blocks}) or ["unknown"]
     # the model's text (a fence's info string): a key written there went into the span name,
     # cmbagent.code.language and the code metrics' attributes, content capture off too
-    return blocks, bounded_name(redact_name(languages[0] if len(languages) == 1 else ",".join(languages)))
+    return blocks, redact_name(languages[0] if len(languages) == 1 else ",".join(languages))
 
 
 def _code(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
