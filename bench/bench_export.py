@@ -9,7 +9,8 @@
   range grew), as ours' split path does; then, in the batch that completes a run, the rows
   derived from its whole node set (edges, steps, branches, branch runs, derived nodes,
   usage totals, cost records, code events' agents, session state) inserted once, or
-  updated where the mapped row was not final yet. Same schema (Alembic migrations), same
+  updated where an earlier batch wrote the row before it was final; a row the completing
+  batch writes itself goes in once, with its final values. Same schema (Alembic migrations), same
   pragmas (WAL, ``synchronous=NORMAL``, ``foreign_keys=ON``), one transaction per batch.
   The final rows come from an untimed reference export by ours; both databases are
   compared at the end (``same rows``).
