@@ -274,8 +274,8 @@ def _first_line(exc: BaseException) -> str:
 # --- upserts -----------------------------------------------------------------------------------
 
 def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
-            new_runs: Set[str] = frozenset(), existing: set[Any] | None = None) -> set[str]:
-    """Insert ``rows`` or replace the stored ones (by id); returns the ids that were new.
+            new_runs: Set[str] = frozenset(), existing: set[Any] | None = None) -> None:
+    """Insert ``rows`` or replace the stored ones (by id).
 
     Split, not ``INSERT ... ON CONFLICT DO UPDATE``: most rows are new, and an upsert costs
     SQLite ~3x a plain insert when foreign keys are on; PostgreSQL takes the new ones by
@@ -286,15 +286,16 @@ def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str
     ``existing``: the stored ids among those of :func:`_ask`, when the caller already asked.
     """
     if not rows:
-        return set()
+        return
     if existing is None:
         ask = _ask(rows, new_runs)
         existing = sql.existing_ids(conn, table.name, ask) if ask else set()
+    if not existing:  # most batches: every row is new (no per-row filtering)
+        sql.insert(conn, table, rows)
+        return
     # new rows first: an updated row may point at a parent that is new in this batch
     sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
-    if existing:
-        sql.update(conn, table, [r for r in rows if r["id"] in existing])
-    return {r["id"] for r in rows if r["id"] not in existing}
+    sql.update(conn, table, [r for r in rows if r["id"] in existing])
 
 
 def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
