@@ -42,7 +42,7 @@ from cmbagent_otel.dag.database import (
 )
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.processor import is_started
-from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
+from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore, SpillUnreadable
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
@@ -156,6 +156,8 @@ class DagSpanExporter(SpanExporter):
                                         "(%d so far); they are written when the database catches up")
         self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
         self._spill_failed_log = _Throttled("cmbagent_otel: could not spill %d spans: %s (%d so far)", logging.ERROR)
+        self._unreadable_log = _Throttled("cmbagent_otel: the spill store could not be read now (%d time): %s (%s); "
+                                          "its files are replayed later (%d times so far)")
         #: while the database is away: one line when it goes and one when it is back, not one per batch
         self._outage = OutageTally()
         self._backlog_replayed = 0  # spans replayed since the last line saying so
@@ -370,16 +372,21 @@ class DagSpanExporter(SpanExporter):
         """Replay this database's spill files for at most ``budget_s`` (None: all of them)."""
         if self._spill is None:
             return 0, 0
-        if not self._recovered:
-            self._recovered = True
-            self._spill.recover()
-            legacy = self._spill.legacy()
-            if legacy:
-                logger.warning("cmbagent_otel: %d spill files in %s do not record their database; write them "
-                               "with `cmbagent-otel replay --to URL`", len(legacy), self._spill.directory)
         end = time.monotonic() + budget_s if budget_s is not None else float("inf")
-        replayed, left = self._spill.replay(self._write_for_replay(end), budget_s=budget_s,
-                                            on_rejected=self._on_rejected)
+        try:
+            if not self._recovered:
+                self._spill.recover()
+                self._recovered = True
+                legacy = self._spill.legacy()
+                if legacy:
+                    logger.warning("cmbagent_otel: %d spill files in %s do not record their database; write them "
+                                   "with `cmbagent-otel replay --to URL`", len(legacy), self._spill.directory)
+            replayed, left = self._spill.replay(self._write_for_replay(end), budget_s=budget_s,
+                                                on_rejected=self._on_rejected)
+        except SpillUnreadable as exc:  # the folder cannot be listed now: its files wait, none is lost
+            self._unreadable_log(1, self._spill.directory, exc.strerror or exc)
+            self._replay_due = True
+            return 0, 1
         self._count("replayed", replayed)
         self._replay_due = left > 0
         # one line per backlog, not per slice (a long outage's backlog takes many slices)
