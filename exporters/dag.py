@@ -154,6 +154,9 @@ class DagSpanExporter(SpanExporter):
         self._stats = {"exported": 0, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
         self._overflow_log = _Throttled("cmbagent_otel: span queue full, %d spans kept in the spill store %s "
                                         "(%d so far); they are written when the database catches up")
+        self._late_log = _Throttled("cmbagent_otel: %d spans ended after the DAG processor shut down, kept in the "
+                                    "spill store %s (%d so far); the next process writing this database, or "
+                                    "`cmbagent-otel replay`, writes them")
         self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
         self._spill_failed_log = _Throttled("cmbagent_otel: could not spill %d spans: %s (%d so far)", logging.ERROR)
         self._unreadable_log = _Throttled("cmbagent_otel: the spill store could not be read now (%d time): %s (%s); "
@@ -336,14 +339,15 @@ class DagSpanExporter(SpanExporter):
 
     # --- the durable processor's overflow -------------------------------------------------------
 
-    def spill_overflow(self, spans: Sequence[ReadableSpan]) -> None:
-        """Keep spans a full processor queue could not take (called in the application's
-        thread): one spill file per call, counted ``spilled``; ``dropped`` with a log line
-        only when the spill store itself fails (or ``spill=False``)."""
+    def spill_overflow(self, spans: Sequence[ReadableSpan], *, late: bool = False) -> None:
+        """Keep spans a full processor queue could not take, or (``late``) spans ended after the
+        processor shut down (called in the application's thread): one spill file per call,
+        counted ``spilled``; ``dropped`` with a log line only when the spill store itself fails
+        (or ``spill=False``)."""
         try:
-            kept = self._keep(spans, "span queue full")
+            kept = self._keep(spans, "ended after shutdown" if late else "span queue full")
             if kept:
-                self._overflow_log(kept, self._spill.directory if self._spill else None)
+                (self._late_log if late else self._overflow_log)(kept, self._spill.directory if self._spill else None)
         except Exception:
             logger.debug("cmbagent_otel: overflow spill failed", exc_info=True)
 
