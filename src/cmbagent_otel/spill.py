@@ -577,8 +577,9 @@ class SpillStore:
             return 0
         handled = 0
         now = time.time()
-        try:
-            leftovers = sorted(self.directory.glob("spill-*.tmp"))
+        try:  # not glob(): it takes a folder it cannot list for an empty one (3.12)
+            leftovers = sorted(p for p in self.directory.iterdir()
+                               if p.name.startswith("spill-") and p.name.endswith(".tmp"))
         except OSError as exc:
             unreadable = _unreadable_now(exc)
             if unreadable is not None:
