@@ -42,7 +42,7 @@ from cmbagent_otel.dag.database import (
 )
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.processor import StartedSpan, is_started
-from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore
+from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore, SpillUnreadable
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
@@ -154,8 +154,13 @@ class DagSpanExporter(SpanExporter):
         self._stats = {"exported": 0, "retried": 0, "spilled": 0, "replayed": 0, "dropped": 0}
         self._overflow_log = _Throttled("cmbagent_otel: span queue full, %d spans kept in the spill store %s "
                                         "(%d so far); they are written when the database catches up")
+        self._late_log = _Throttled("cmbagent_otel: %d spans ended after the DAG processor shut down, kept in the "
+                                    "spill store %s (%d so far); the next process writing this database, or "
+                                    "`cmbagent-otel replay`, writes them")
         self._drop_log = _Throttled("cmbagent_otel: dropped %d spans: %s (%d so far)")
         self._spill_failed_log = _Throttled("cmbagent_otel: could not spill %d spans: %s (%d so far)", logging.ERROR)
+        self._unreadable_log = _Throttled("cmbagent_otel: the spill store could not be read now (%d time): %s (%s); "
+                                          "its files are replayed later (%d times so far)")
         #: while the database is away: one line when it goes and one when it is back, not one per batch
         self._outage = OutageTally()
         self._backlog_replayed = 0  # spans replayed since the last line saying so
@@ -334,14 +339,15 @@ class DagSpanExporter(SpanExporter):
 
     # --- the durable processor's overflow -------------------------------------------------------
 
-    def spill_overflow(self, spans: Sequence[ReadableSpan]) -> None:
-        """Keep spans a full processor queue could not take (called in the application's
-        thread): one spill file per call, counted ``spilled``; ``dropped`` with a log line
-        only when the spill store itself fails (or ``spill=False``)."""
+    def spill_overflow(self, spans: Sequence[ReadableSpan], *, late: bool = False) -> None:
+        """Keep spans a full processor queue could not take, or (``late``) spans ended after the
+        processor shut down (called in the application's thread): one spill file per call,
+        counted ``spilled``; ``dropped`` with a log line only when the spill store itself fails
+        (or ``spill=False``)."""
         try:
-            kept = self._keep(spans, "span queue full")
+            kept = self._keep(spans, "ended after shutdown" if late else "span queue full")
             if kept:
-                self._overflow_log(kept, self._spill.directory if self._spill else None)
+                (self._late_log if late else self._overflow_log)(kept, self._spill.directory if self._spill else None)
         except Exception:
             logger.debug("cmbagent_otel: overflow spill failed", exc_info=True)
 
@@ -370,16 +376,21 @@ class DagSpanExporter(SpanExporter):
         """Replay this database's spill files for at most ``budget_s`` (None: all of them)."""
         if self._spill is None:
             return 0, 0
-        if not self._recovered:
-            self._recovered = True
-            self._spill.recover()
-            legacy = self._spill.legacy()
-            if legacy:
-                logger.warning("cmbagent_otel: %d spill files in %s do not record their database; write them "
-                               "with `cmbagent-otel replay --to URL`", len(legacy), self._spill.directory)
         end = time.monotonic() + budget_s if budget_s is not None else float("inf")
-        replayed, left = self._spill.replay(self._write_for_replay(end), budget_s=budget_s,
-                                            on_rejected=self._on_rejected)
+        try:
+            if not self._recovered:
+                self._spill.recover()
+                self._recovered = True
+                legacy = self._spill.legacy()
+                if legacy:
+                    logger.warning("cmbagent_otel: %d spill files in %s do not record their database; write them "
+                                   "with `cmbagent-otel replay --to URL`", len(legacy), self._spill.directory)
+            replayed, left = self._spill.replay(self._write_for_replay(end), budget_s=budget_s,
+                                                on_rejected=self._on_rejected)
+        except SpillUnreadable as exc:  # the folder cannot be listed now: its files wait, none is lost
+            self._unreadable_log(1, self._spill.directory, exc.strerror or exc)
+            self._replay_due = True
+            return 0, 1
         self._count("replayed", replayed)
         self._replay_due = left > 0
         # one line per backlog, not per slice (a long outage's backlog takes many slices)

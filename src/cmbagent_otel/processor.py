@@ -155,7 +155,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self._max_queue = int(_setting(max_queue_size, environment_variables.BSP_MAX_QUEUE_SIZE, minimum=1))
         self._batch = min(self._max_queue, int(_setting(
             max_export_batch_size, environment_variables.BSP_MAX_EXPORT_BATCH_SIZE, minimum=1)))
-        self._overflow: Callable[[Sequence[ReadableSpan]], None] | None = getattr(exporter, "spill_overflow", None)
+        self._overflow: Callable[..., None] | None = getattr(exporter, "spill_overflow", None)
         # the live DAG: started records of workflow and DAG-node spans, for exporters that want them
         self._live = _live_setting(live) and bool(getattr(exporter, "accepts_started_spans", False))
         self._live_delay_s = DEFAULT_LIVE_DELAY_MS / 1000
@@ -177,6 +177,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 logger.debug("cmbagent_otel: exporter warm-up failed", exc_info=True)
         self._next_drop_log = 0.0
         self._shutdown = False
+        self._late = 0  # spans ended after shutdown, sent to the overflow path
         self._init_worker()
         _running.add(self)
 
@@ -216,7 +217,14 @@ class DurableBatchSpanProcessor(SpanProcessor):
             return
         queue = self._queue
         if self._shutdown:
-            self._count_dropped(1, "the processor is shut down")
+            # no worker any more (an application atexit hook registered before instrument() runs
+            # after the provider's): the full-queue path keeps it (the DAG exporter spills it), a
+            # queue's worth at most (a daemon thread still running at exit is not given the disk)
+            if self._late < self._max_queue:
+                self._late += 1
+                self._take_overflow([span])
+            else:
+                self._count_dropped(1, "the processor is shut down")
             return
         if len(queue) < self._max_queue:
             queue.append(span)
@@ -248,13 +256,17 @@ class DurableBatchSpanProcessor(SpanProcessor):
         if self._overflow is not None:
             token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
             try:
-                self._overflow(spans)
+                if self._shutdown:
+                    self._overflow(spans, late=True)
+                else:
+                    self._overflow(spans)
                 return
             except Exception:
                 logger.debug("cmbagent_otel: overflow handler failed", exc_info=True)
             finally:
                 detach(token)
-        self._count_dropped(len(spans), f"the span queue is full ({self._max_queue})")
+        self._count_dropped(len(spans), "the processor is shut down" if self._shutdown
+                            else f"the span queue is full ({self._max_queue})")
 
     def _count_dropped(self, count: int, why: str) -> None:
         with self._stats_lock:
@@ -341,8 +353,8 @@ class DurableBatchSpanProcessor(SpanProcessor):
     # --- SpanProcessor ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """``queued`` now, ``overflowed`` (taken out of a full queue: spilled, or else dropped)
-        and ``dropped`` (full queue and no spill store, or ended after shutdown; logged)."""
+        """``queued`` now, ``overflowed`` (taken out of a full queue, or ended after shutdown:
+        spilled, or else dropped) and ``dropped`` (those when the exporter has no spill store; logged)."""
         with self._stats_lock:
             return {"queued": len(self._queue), **self._stats}
 

@@ -66,18 +66,21 @@ def replay(spill_dir: str | os.PathLike[str] | None = None, db: str | None = Non
     """
     from . import environment_variables
     from .dag.database import redacted, storable_url, target_of, with_credentials
-    from .spill import SpillStore, file_target
+    from .spill import SpillStore, SpillUnreadable, file_target
 
     directory = Path(spill_dir or environment_variables.get(environment_variables.SPILL_DIR))
     store = SpillStore(directory)
-    store.recover()
     timeout = float(environment_variables.get(environment_variables.EXPORT_TIMEOUT))
     only = target_of(db) if db else None
     into = storable_url(to) if to else None
 
     groups: dict[str | None, list[Path]] = {}
-    for path in store.pending():
-        groups.setdefault(file_target(path), []).append(path)
+    try:
+        store.recover()
+        for path in store.pending():
+            groups.setdefault(file_target(path), []).append(path)
+    except SpillUnreadable as exc:
+        return [f"{directory} cannot be read now ({exc.strerror or exc}); its spill files are kept"]
     left = 0
     problems: list[str] = []
     for target, files in sorted(groups.items(), key=lambda item: item[0] or ""):

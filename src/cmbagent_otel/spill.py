@@ -214,6 +214,26 @@ class SpillFileError(ValueError):
     """A spill file cannot be read (truncated, corrupt, or not a spill file)."""
 
 
+class SpillUnreadable(OSError):
+    """The spill store or one of its files cannot be read *now*: the process has no free
+    descriptor (``EMFILE``), the system's file table is full, an I/O error, a permission not
+    granted yet. Nothing says the files are damaged: they are kept and read again later."""
+
+
+# what a file's kind makes unreadable (a link, a FIFO, a device, a directory: set aside as .bad,
+# see _open_regular), or that it is gone (replayed meanwhile by another process)
+_NOT_A_SPILL_FILE = frozenset({None, errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR, errno.ENOENT})
+
+
+def _unreadable_now(exc: OSError) -> SpillUnreadable | None:
+    """``exc`` as :class:`SpillUnreadable` when it says nothing about the file itself."""
+    if isinstance(exc, SpillUnreadable):
+        return exc
+    if exc.errno in _NOT_A_SPILL_FILE or exc.errno == errno.ENOTDIR:
+        return None
+    return SpillUnreadable(exc.errno, exc.strerror or str(exc), exc.filename)
+
+
 class SpillFailed(OSError):
     """Writing spill files failed (disk full, no permission) after ``spilled`` spans were
     already kept in ``paths``; the other spans are not on disk."""
@@ -282,13 +302,17 @@ def file_target(path: Path) -> str | None:
 
 
 def read_spill(path: Path) -> SpillFile:
-    """Read a spill file (any version). Raises :class:`SpillFileError` when it is not whole."""
+    """Read a spill file (any version). Raises :class:`SpillFileError` when it is not whole (or
+    not a regular file, or gone), :class:`SpillUnreadable` when it cannot be read now."""
     try:
         with _open_regular(path) as handle:
             first = handle.readline()
             head = _parse_header(first)
             rest = handle.read()
     except OSError as exc:
+        now = _unreadable_now(exc)
+        if now is not None:
+            raise now from exc
         raise SpillFileError(f"{path}: {exc}") from exc
     try:
         return _read_body(path, first, head, rest)
@@ -521,12 +545,16 @@ class SpillStore:
             return []
         try:
             names = [p for p in self.directory.iterdir() if p.name.endswith(SUFFIXES)]
-        except OSError:
+        except OSError as exc:  # gone meanwhile: none; not readable now: the caller tries later
+            now = _unreadable_now(exc)
+            if now is not None:
+                raise now from exc
             return []
         return sorted(names, key=lambda p: p.name)
 
     def pending(self) -> list[Path]:
-        """Complete spill files of this store's target (every file when it has none), oldest first."""
+        """Complete spill files of this store's target (every file when it has none), oldest first.
+        Raises :class:`SpillUnreadable` when the folder cannot be listed now."""
         files = self._files()
         if self._key is None:
             return files
@@ -549,7 +577,15 @@ class SpillStore:
             return 0
         handled = 0
         now = time.time()
-        for tmp in sorted(self.directory.glob("spill-*.tmp")):
+        try:  # not glob(): it takes a folder it cannot list for an empty one (3.12)
+            leftovers = sorted(p for p in self.directory.iterdir()
+                               if p.name.startswith("spill-") and p.name.endswith(".tmp"))
+        except OSError as exc:
+            unreadable = _unreadable_now(exc)
+            if unreadable is not None:
+                raise unreadable from exc
+            return 0
+        for tmp in leftovers:
             final = tmp.with_name(tmp.name[: -len(".tmp")])
             match = _NAME.match(final.name)
             try:
@@ -562,6 +598,8 @@ class SpillStore:
             try:
                 # empty (the writer died between creating and writing it): nothing was reported spilled
                 whole = bool(read_spill(tmp).spans)
+            except SpillUnreadable:
+                continue  # cannot tell now: decided by a later recover()
             except SpillFileError:
                 whole = False
             if not whole:
@@ -591,16 +629,24 @@ class SpillStore:
         skipped, never deleted; so is a file ``write`` refuses for good (it raised
         :class:`PermanentFailure`) and a file some of whose spans the decoder refused (after
         its other spans were written); ``on_rejected(path, count)`` is told of the spans
-        left out in those two cases.
+        left out in those two cases. A file that cannot be read now (:class:`SpillUnreadable`:
+        no free descriptor, an I/O error) is kept in place and counted left; listing the folder
+        may raise :class:`SpillUnreadable`.
         """
-        replayed = 0
+        replayed = kept = 0
         todo = list(self.pending() if files is None else files)
         started = time.monotonic()
         for index, path in enumerate(todo):
             if budget_s is not None and index and time.monotonic() - started >= budget_s:
-                return replayed, len(todo) - index
+                return replayed, kept + len(todo) - index
             try:
                 spill = read_spill(path)
+            except SpillUnreadable as exc:
+                kept += 1  # the file is whole as far as anyone knows: kept for a later replay
+                logger.log(logging.WARNING if kept == 1 else logging.DEBUG,
+                           "cmbagent_otel: spill file %s cannot be read now (%s); kept for a later replay",
+                           path, exc.strerror or exc)
+                continue
             except SpillFileError:
                 if not path.exists():
                     continue  # replayed meanwhile by another process
@@ -621,7 +667,7 @@ class SpillStore:
                     path.rename(path.with_name(path.name + ".bad"))
                 continue
             if stored is False:
-                return replayed, len(todo) - index
+                return replayed, kept + len(todo) - index
             replayed += len(spill.spans) if stored is True else int(stored)
             if spill.rejected:
                 logger.warning("cmbagent_otel: %d spans of spill file %s could not be decoded; kept as .bad",
@@ -632,7 +678,7 @@ class SpillStore:
                     path.rename(path.with_name(path.name + ".bad"))
                 continue
             path.unlink(missing_ok=True)
-        return replayed, 0
+        return replayed, kept
 
     def __iter__(self) -> Iterator[Path]:
         return iter(self.pending())

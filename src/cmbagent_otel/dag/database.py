@@ -27,12 +27,13 @@ from urllib.parse import quote
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
 from .._forksafe import reset_in_child
 from ..redaction import is_secret_key
+from ._watchdog import watchdog
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -355,10 +356,52 @@ def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas(foreign_keys, busy_ms))
         event.listen(engine, "begin", _sqlite_begin(busy_ms))
         return engine
-    engine = create_engine(resolved, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # no pool_pre_ping: its ping runs before any hook could bound it; _pg_checkout pings instead
+    engine = create_engine(resolved, pool_size=5, max_overflow=10)
     event.listen(engine, "do_connect", _pg_connect)
     event.listen(engine, "begin", _pg_begin)
+    event.listen(engine, "connect", _pg_fresh)
+    event.listen(engine, "checkout", _pg_checkout(engine.dialect, redacted(parsed)))
+    for name in ("checkin", "close", "detach", "invalidate", "soft_invalidate"):
+        event.listen(engine, name, _pg_disarm)
     return engine
+
+
+_WATCHED = "cmbagent_otel_watched"
+_FRESH = "cmbagent_otel_fresh"
+
+
+def _pg_fresh(_dbapi_conn: Any, record: Any) -> None:
+    record.info[_FRESH] = True
+
+
+def _pg_checkout(dialect: Any, label: str) -> Any:
+    def on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        """Arm the deadline watchdog for the time the connection is out (a server that stops
+        answering runs no ``statement_timeout``), then ping a pooled connection, as
+        ``pool_pre_ping`` would: a dead one raises ``DisconnectionError``, and the pool connects
+        anew (unless the deadline has passed: then the ping's own error ends the attempt)."""
+        _pg_disarm(dbapi_conn, record)
+        end = _deadline.get()
+        if end is not None:
+            with contextlib.suppress(Exception):
+                record.info[_WATCHED] = watchdog.arm(dbapi_conn.fileno(), end, label)
+        if record.info.pop(_FRESH, False):
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            if end is not None and time.monotonic() >= end:
+                raise
+            raise DisconnectionError(str(exc)) from exc
+
+    return on_checkout
+
+
+def _pg_disarm(_dbapi_conn: Any, record: Any = None, *_args: Any) -> None:
+    info = getattr(record, "info", None)
+    if info is not None:
+        watchdog.disarm(info.pop(_WATCHED, None))
 
 
 # --- Alembic --------------------------------------------------------------------------
