@@ -358,6 +358,16 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     return goal, agent
 
 
+def reported_status(value: Any) -> str | None:
+    """A status ``record_status`` reported (its ``current_status``) as the step tracker reads it:
+    ``in progress``, ``completed`` or ``failed``; ``None`` for anything else."""
+    status = _text(value)
+    if status is None:
+        return None
+    status = status.strip().lower()
+    return next((known for known in ("in progress", "completed", "failed") if known in status), None)
+
+
 def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, plan: Any,
                        started: Collection[int], after: int = 0) -> None:
     """Plan steps of ``plan`` (numbered from 1) past ``after`` and not in ``started``, each a zero-length
