@@ -214,3 +214,82 @@ def test_carryover_files_written_between_steps(request: pytest.FixtureRequest, t
     assert on["context/context_step_1.pkl"] == "step_2"
     assert on["control/chats/chat_history_step_3.json"] == "control"
     assert on["control/chats/chat_output_engineer_step_1.json"] == "step_1"
+
+
+def _reports_failed(times: int, step: int = 1) -> Responder:
+    """The scripted backend whose control reports plan step ``step`` failed ``times`` times before it
+    reports it completed (cmbagent hands an engineer step back to the engineer)."""
+
+    def responder(script: CmbagentScript) -> CmbagentScript:
+        script.failed_reports, script.failed_step = times, step
+        return script
+
+    return responder
+
+
+def test_step_reported_failed_then_completed(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """control reports step 1 failed once: cmbagent hands it back to the engineer, whose program runs
+    again, and control then completes it. A red ``step 1 reported failed`` marker under the step (an
+    ``info/attempt`` failed event on ``step_1``), the step, the plan and the run completed."""
+    run = request.getfixturevalue("run_cmbagent")("planning_and_control", responder=_reports_failed(1))
+    assert run.error is None and run.sequence.count("engineer") == 3
+    (marker,) = [s for s in run.spans if _kind(s) == sc.KIND_ATTEMPT]
+    assert marker.name == "step 1 reported failed" and marker.status.status_code is StatusCode.ERROR
+    step1 = _one(run, "step 1")
+    assert marker.parent is not None and marker.parent.span_id == step1.context.span_id
+    assert (step1.status.status_code, step1.attributes[sc.STEP_STATUS]) == (StatusCode.UNSET, "completed")
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    assert rows["runs"][0]["status"] == "completed"
+    assert {n["status"] for n in nodes.values()} == {"completed"}
+    (event,) = [e for e in rows["events"] if e["event_subtype"] == "attempt"]
+    assert (event["status"], event["node_id"]) == ("failed", nodes["step_1"]["id"])
+
+
+@pytest.mark.parametrize("kind", ["planning_and_control", "carryover"])
+def test_chat_ending_on_a_step_reported_failed_completes_it(request: pytest.FixtureRequest, tmp_path: Path,
+                                                            kind: str) -> None:
+    """control reports step 1 failed every time and ``max_rounds_control`` ends the chat there (no
+    attempt counted: every program ran). cmbagent returns normally, and its own tracking completes a step
+    whose chat ended without running out of attempts (MARS ``ControlPhase``: ``complete_step`` unless
+    ``n_attempts >= max_n_attempts``), as we do for a step cut while in progress and for the carryover
+    loop's steps: step 1 is completed, its summary says how the chat ended, ``cmbagent.step.status``
+    keeps ``failed`` and the red ``step 1 reported failed`` markers stay; no failed step under the
+    completed phase and run."""
+    run = request.getfixturevalue("run_cmbagent")(kind, responder=_reports_failed(1000), max_rounds_control=14)
+    assert run.error is None
+    step1 = _one(run, "step 1")
+    assert (step1.status.status_code, step1.attributes[sc.STEP_STATUS]) == (StatusCode.UNSET, "failed")
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    assert rows["runs"][0]["status"] == "completed"
+    assert (nodes["step_1"]["status"], nodes["control"]["status"]) == ("completed", "completed")
+    if kind == "planning_and_control":  # the single chat: the plan ends with that chat
+        assert nodes["step_1"]["meta"]["summary"] == ("the chat ended while step 1 was reported failed, "
+                                                      "before it reported completion")
+        assert [nodes[f"step_{n}"]["status"] for n in (2, 3)] == ["pending", "pending"]
+        assert [s.name for s in run.spans if _kind(s) == sc.KIND_ATTEMPT] == ["step 1 reported failed"]
+
+
+def test_step_reported_failed_then_out_of_attempts_stops_the_plan(request: pytest.FixtureRequest,
+                                                                 tmp_path: Path) -> None:
+    """control reports step 1 failed, the engineer's second program then fails with ``max_n_attempts=1``:
+    cmbagent hands over to the terminator (the plan stops there) and returns normally. The step ran out
+    of attempts, so, as for any step out of attempts, cmbagent's tracking fails the step, the control
+    phase and the run (``plan stopped: step 1 ran out of attempts ...``); steps 2 and 3 pending."""
+
+    def responder(script: CmbagentScript) -> CmbagentScript:
+        script.failed_reports, script.failed_step, script.fail_runs = 1, 1, frozenset({2})
+        return script
+
+    run = request.getfixturevalue("run_cmbagent")("planning_and_control", responder=responder, max_n_attempts=1)
+    assert run.error is None and run.results["final_context"]["n_attempts"] == 1
+    stopped = "plan stopped: step 1 ran out of attempts (n_attempts 1 >= max_n_attempts 1)"
+    root = _one(run, "workflow planning_and_control")
+    assert (root.status.status_code, root.status.description) == (StatusCode.ERROR, stopped)
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    assert (rows["runs"][0]["status"], rows["runs"][0]["meta"]["error"]) == ("failed", stopped)
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "failed", "pending", "pending", "failed"]
+    assert nodes["step_1"]["meta"]["error"] == "step 1 ran out of attempts (n_attempts 1 >= max_n_attempts 1)"
