@@ -367,3 +367,67 @@ def test_ctrl_c_in_a_carryover_step(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [nodes[s]["status"] for s in ("planning", "step_1", "step_2", "step_3", "control")] == [
         "completed", "completed", "failed", "pending", "failed"]
     assert nodes["step_2"]["meta"]["error"].startswith("KeyboardInterrupt")
+
+
+# the app process: deep_research against the scripted offline server, the model API down from step 2's
+# researcher call on; the exception leaves the entry call (caught here, so the process exits normally)
+JAEGER_DRIVER = """
+import contextlib, io, os, tempfile
+from pathlib import Path
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+os.environ.pop("SSL_CERT_FILE", None)
+os.environ["SSL_CERT_DIR"] = tempfile.mkdtemp()
+import cmbagent_otel
+from cmbagent_otel.testing import FakeOpenAIServer
+from tests.integration_cmbagent.scripted_cmbagent import call_workflow, script_for
+script = script_for("deep_research")
+def responder(body):
+    if script.agent_of(body) == "researcher":
+        raise RuntimeError("model API down")  # FakeOpenAIServer answers 500
+    return script(body)
+with FakeOpenAIServer(request_responder=responder) as server:
+    os.environ["OPENAI_BASE_URL"] = server.base_url
+    cmbagent_otel.instrument()
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            call_workflow("deep_research", Path(tempfile.mkdtemp()))
+        except Exception as exc:
+            assert type(exc).__name__ == "InternalServerError", exc
+        else:
+            raise AssertionError("deep_research did not raise")
+"""
+
+
+@pytest.mark.jaeger
+def test_carryover_step_that_raises_in_jaeger(tmp_path: Path) -> None:
+    """The raising carryover run as Jaeger shows it: one trace, step 2, the control phase and the root red,
+    step 3 a short span tagged ``cmbagent.step.status=not started`` (not red), and a tag search for
+    ``cmbagent.step.status=completed`` finds the run by its completed step 1."""
+    import json
+    import subprocess
+    import sys
+    from urllib.parse import quote
+
+    from tests.jaeger.support import JAEGER_CONFIG, http_get, run_jaeger
+
+    root_dir = Path(__file__).resolve().parents[2]
+    source = Path(cmbagent_otel.__file__).resolve().parents[1]  # the cmbagent_otel under test
+    with run_jaeger(JAEGER_CONFIG, tmp_path, "jaeger") as jaeger:
+        env = dict(os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                   OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http, OTEL_SERVICE_NAME="cmbagent-carryover-raise",
+                   PYTHONPATH=os.pathsep.join([str(source), str(root_dir)]))
+        proc = subprocess.run([sys.executable, "-c", JAEGER_DRIVER], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        _, found = http_get(f"{jaeger.query}/api/traces?service=cmbagent-carryover-raise&limit=20")
+        tags = quote(json.dumps({"cmbagent.step.status": "completed"}))
+        _, searched = http_get(f"{jaeger.query}/api/traces?service=cmbagent-carryover-raise&tags={tags}&limit=20")
+    (trace,) = found["data"]
+    assert [t["traceID"] for t in searched["data"]] == [trace["traceID"]]
+    spans = trace["spans"]
+    tags_of = {s["spanID"]: {t["key"]: t["value"] for t in s["tags"]} for s in spans}
+    red = {s["operationName"] for s in spans if tags_of[s["spanID"]].get("error") is True}
+    assert {"workflow deep_research", "phase control", "step 2"} <= red and "step 3" not in red
+    steps = {s["operationName"]: tags_of[s["spanID"]].get("cmbagent.step.status") for s in spans
+             if s["operationName"] in ("step 1", "step 2", "step 3")}
+    assert steps == {"step 1": "completed", "step 2": None, "step 3": "not started"}
