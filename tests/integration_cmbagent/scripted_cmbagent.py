@@ -109,6 +109,9 @@ class CmbagentScript:
     # (cmbagent then hands the step back to its agent: the researcher's formatter, or the engineer)
     failed_reports: int = 0
     failed_step: int = 2
+    # what control does after its last failed report: "completed" (completes the step) or "next" (moves on
+    # to the next step without completing it)
+    after_failed: str = "completed"
     fail_runs: frozenset[int] = frozenset()  # the engineer's programs (numbered from 1) that raise
     calls: Counter[str] = field(default_factory=Counter)
     sequence: list[str] = field(default_factory=list)
@@ -216,6 +219,8 @@ class CmbagentScript:
             if n == self.failed_step and self.calls["control_failed"] < self.failed_reports:
                 self.calls["control_failed"] += 1
                 return self._status("failed", n)
+            if current == "failed" and self.after_failed == "next" and n < len(self.plan):
+                return self._status("in progress", n + 1)
             return self._status("completed", n)
         return self._status("in progress", min(n + 1, len(self.plan)))
 

@@ -431,3 +431,27 @@ def test_carryover_step_that_raises_in_jaeger(tmp_path: Path) -> None:
     steps = {s["operationName"]: tags_of[s["spanID"]].get("cmbagent.step.status") for s in spans
              if s["operationName"] in ("step 1", "step 2", "step 3")}
     assert steps == {"step 1": "completed", "step 2": None, "step 3": "not started"}
+
+
+def test_step_reported_failed_then_moved_past_is_completed(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """control reports step 1 failed, the engineer runs again, then control announces step 2 without
+    completing step 1: the plan went on past it, as past a completed step (cmbagent's tracking completes
+    every step it leaves without running out of attempts). Step 1 is completed, its summary says it was
+    left while reported failed, ``cmbagent.step.status`` keeps ``failed``, the red marker stays; the rest
+    of the plan and the run completed."""
+
+    def responder(script: CmbagentScript) -> CmbagentScript:
+        script.failed_reports, script.failed_step, script.after_failed = 1, 1, "next"
+        return script
+
+    run = request.getfixturevalue("run_cmbagent")("planning_and_control", responder=responder)
+    assert run.error is None and run.results["final_context"]["current_plan_step_number"] == 3
+    step1 = _one(run, "step 1")
+    assert (step1.status.status_code, step1.attributes[sc.STEP_STATUS]) == (StatusCode.UNSET, "failed")
+    assert step1.attributes[sc.STEP_SUMMARY] == "the next step started while step 1 was reported failed"
+    assert [s.name for s in run.spans if _kind(s) == sc.KIND_ATTEMPT] == ["step 1 reported failed"]
+    rows = _final_rows(_exported(run, tmp_path))
+    assert rows["runs"][0]["status"] == "completed"
+    assert {s: n["status"] for s, n in _nodes_of(rows).items() if n["node_type"] != "sub_agent"} == {
+        "planning": "completed", "control": "completed", "step_1": "completed", "step_2": "completed",
+        "step_3": "completed", "terminator": "completed"}
