@@ -493,11 +493,11 @@ def _step_summary(instance: Any, agent: str | None) -> str | None:
     return None
 
 
-def _step_status(instance: Any, number: int, final: Any) -> str | None:
+def _step_status(instance: Any, number: int) -> str | None:
     """The status cmbagent's ``record_status`` last reported for step ``number`` in the solve's chat, as a
-    plan step of one group chat carries it. In the carryover loop control announces the next step
-    ("in progress") once ``number`` completed, so the final context may name another step: the chat
-    history's tool calls say what was reported for this one."""
+    plan step of one group chat carries it; ``None`` when none was. Read from the chat history's tool
+    calls, not the final context: in the carryover loop control announces the next step ("in progress")
+    once ``number`` completed, and a step's context starts with the previous step's status."""
     history = getattr(getattr(instance, "chat_result", None), "chat_history", None)
     for msg in reversed(history if isinstance(history, list) else []):
         calls = msg.get("tool_calls") if isinstance(msg, Mapping) else None
@@ -513,8 +513,6 @@ def _step_status(instance: Any, number: int, final: Any) -> str | None:
                 status = reported_status(arguments.get("current_status"))
                 if status is not None:
                     return status
-    if _int(context_get(final, "current_plan_step_number")) == number:
-        return reported_status(context_get(final, "current_status"))
     return None
 
 
@@ -541,7 +539,7 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
                     block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
                     block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
                     _fail_out_of_attempts(block, attempts, limit)
-                    block.set_attribute(semconv.STEP_STATUS, _step_status(instance, number, final))
+                    block.set_attribute(semconv.STEP_STATUS, _step_status(instance, number))
                 except Exception:
                     logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
         raised = False
