@@ -105,6 +105,14 @@ class CmbagentScript:
     mode: str = "planning_and_control"
     plots: bool = False  # the engineer's program saves a plot (one_shot(evaluate_plots=True))
     plot_retry: bool = False  # the VLM's first verdict is "retry": plot_debugger asks Gemini for fixes
+    # control reports step ``failed_step`` "failed" this many times before it reports it completed
+    # (cmbagent then hands the step back to its agent: the researcher's formatter, or the engineer)
+    failed_reports: int = 0
+    failed_step: int = 2
+    # what control does after its last failed report: "completed" (completes the step) or "next" (moves on
+    # to the next step without completing it)
+    after_failed: str = "completed"
+    fail_runs: frozenset[int] = frozenset()  # the engineer's programs (numbered from 1) that raise
     calls: Counter[str] = field(default_factory=Counter)
     sequence: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -207,7 +215,12 @@ class CmbagentScript:
         chat_started = any(m.get("role") == "tool" for m in body.get("messages") or [])
         if not chat_started:
             return self._status("in progress", n)
-        if current == "in progress":
+        if current in ("in progress", "failed"):
+            if n == self.failed_step and self.calls["control_failed"] < self.failed_reports:
+                self.calls["control_failed"] += 1
+                return self._status("failed", n)
+            if current == "failed" and self.after_failed == "next" and n < len(self.plan):
+                return self._status("in progress", n + 1)
             return self._status("completed", n)
         return self._status("in progress", min(n + 1, len(self.plan)))
 
@@ -217,7 +230,7 @@ class CmbagentScript:
     # --- engineer -------------------------------------------------------------------------
     def _engineer(self, body: dict[str, Any]) -> str:
         self._engineer_runs += 1
-        if self.fail_first_code and self._engineer_runs == 1:
+        if (self.fail_first_code and self._engineer_runs == 1) or self._engineer_runs in self.fail_runs:
             code = FAILING_CODE
         elif self.plots:
             code = PLOT_CODE

@@ -324,19 +324,24 @@ class StepTracker:
             span.set_attributes(attrs)
             if step.end == "completed":
                 error = None
-            elif step.failed:
-                error = f"step {step.number} was reported failed and did not complete"
             elif step.max_attempts is not None and step.last_attempts >= step.max_attempts:
+                # also when control had reported it failed first: out of attempts is what stops the plan
                 error = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
                          f"max_n_attempts {step.max_attempts})")
                 if self._scope is not None and self._scope.run.failed_step is None:
                     self._scope.run.failed_step = f"plan stopped: {error}"
             elif step.end == "chat_end" and step.exc is None:
-                # cut by max_rounds (or a handoff that ended the chat) before it reported completion: cmbagent's
-                # own tracking completes such a step, failing only one out of attempts (MARS ControlPhase:
-                # complete_step unless n_attempts >= max_n_attempts); the summary says how it ended
-                span.set_attribute(semconv.STEP_SUMMARY, f"the chat ended while step {step.number} was in "
-                                   "progress, before it reported completion")
+                # cut by max_rounds (or a handoff that ended the chat) before it reported completion, in
+                # progress or reported failed: cmbagent's own tracking completes such a step, failing only
+                # one out of attempts (MARS ControlPhase: complete_step unless n_attempts >= max_n_attempts);
+                # the summary says how it ended, the status attribute keeps what was last reported
+                how = "was reported failed" if step.failed else "was in progress"
+                span.set_attribute(semconv.STEP_SUMMARY, f"the chat ended while step {step.number} {how}, "
+                                   "before it reported completion")
+            elif step.failed and step.exc is None:
+                # control moved on to another step: the plan went on past it, as past a completed one
+                span.set_attribute(semconv.STEP_SUMMARY, f"the next step started while step {step.number} was "
+                                   "reported failed")
             if error is not None:
                 frame.error = "step_failed" if step.failed else "step_incomplete"  # the step duration metric's
                 span.set_status(Status(StatusCode.ERROR, error))
@@ -355,6 +360,16 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     if not goal:
         goal = _text(context_get(context, "current_sub_task")) or ""
     return goal, agent
+
+
+def reported_status(value: Any) -> str | None:
+    """A status ``record_status`` reported (its ``current_status``) as the step tracker reads it:
+    ``in progress``, ``completed`` or ``failed``; ``None`` for anything else."""
+    status = _text(value)
+    if status is None:
+        return None
+    status = status.strip().lower()
+    return next((known for known in ("in progress", "completed", "failed") if known in status), None)
 
 
 def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, plan: Any,

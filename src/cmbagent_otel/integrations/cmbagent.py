@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import re
@@ -84,7 +85,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._steps import context_get, plan_steps, record_not_started
+from ..instrumentation._steps import STATUS_TOOLS, context_get, plan_steps, record_not_started, reported_status
 from ..redaction import register_secret, safe_text, truncate
 from ..workflow import ONE_SHOT_PHASE, _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
 
@@ -160,6 +161,9 @@ FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents", "prepr
 #: cmbagent's backend sets from the text the user submitted in every mode): ``task``, get_keywords'
 #: ``input_text``, preprocess_task's ``text``, the document or folder summarize_document(s) reads.
 TASK_PARAMETERS: tuple[str, ...] = ("task", "input_text", "text", "markdown_document_path", "folder_path")
+#: A record_status call's arguments longer than this are not parsed for the step's status (cmbagent's
+#: are a few hundred characters; the model writes them).
+_MAX_STATUS_ARGUMENTS = 65_536
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -489,38 +493,69 @@ def _step_summary(instance: Any, agent: str | None) -> str | None:
     return None
 
 
+def _step_status(instance: Any, number: int) -> str | None:
+    """The status cmbagent's ``record_status`` last reported for step ``number`` in the solve's chat, as a
+    plan step of one group chat carries it; ``None`` when none was. Read from the chat history's tool
+    calls, not the final context: in the carryover loop control announces the next step ("in progress")
+    once ``number`` completed, and a step's context starts with the previous step's status."""
+    history = getattr(getattr(instance, "chat_result", None), "chat_history", None)
+    for msg in reversed(history if isinstance(history, list) else []):
+        calls = msg.get("tool_calls") if isinstance(msg, Mapping) else None
+        for call in reversed(calls if isinstance(calls, list) else []):
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if not isinstance(function, Mapping) or function.get("name") not in STATUS_TOOLS:
+                continue
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and len(arguments) <= _MAX_STATUS_ARGUMENTS:
+                with contextlib.suppress(ValueError, RecursionError):
+                    arguments = json.loads(arguments)
+            if isinstance(arguments, Mapping) and _int(arguments.get("current_plan_step_number")) == number:
+                status = reported_status(arguments.get("current_status"))
+                if status is not None:
+                    return status
+    return None
+
+
 def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                      kwargs: dict[str, Any], number: int, context: Any,
                      planned: tuple[str, str | None] | None = None) -> Any:
     goal, agent = planned if planned is not None else _step_from_plan(number, context)
     block = step(number, goal, agent=agent)
     final: Any = None
-    with _opened(block) as entered:
-        result = wrapped(*args, **kwargs)
-        if entered is not None:
-            try:
-                final = getattr(instance, "final_context", None)
-                if agent is None:
-                    agent = _text(context_get(final, "agent_for_sub_task"))
-                summary = _step_summary(instance, agent)
-                if summary:
-                    block.set_summary(summary)
-                attempts, limit = _attempts(final)
-                block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
-                block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
-                _fail_out_of_attempts(block, attempts, limit)
-            except Exception:
-                logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
-    if entered is not None and planned is None:
-        _plan_stopped_after(number, final, context)
+    entered: _Block | None = None
+    raised = True
+    try:
+        with _opened(block) as entered:
+            result = wrapped(*args, **kwargs)
+            if entered is not None:
+                try:
+                    final = getattr(instance, "final_context", None)
+                    if agent is None:
+                        agent = _text(context_get(final, "agent_for_sub_task"))
+                    summary = _step_summary(instance, agent)
+                    if summary:
+                        block.set_summary(summary)
+                    attempts, limit = _attempts(final)
+                    block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
+                    block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
+                    _fail_out_of_attempts(block, attempts, limit)
+                    block.set_attribute(semconv.STEP_STATUS, _step_status(instance, number))
+                except Exception:
+                    logger.debug("cmbagent_otel: could not read step outcome", exc_info=True)
+        raised = False
+    finally:
+        # the carryover loop: a step that raised stops it too (the exception leaves the entry call)
+        if entered is not None and planned is None:
+            _plan_stopped_after(number, final, context, raised)
     return result
 
 
-def _plan_stopped_after(number: int, final: Any, context: Any) -> None:
-    """The carryover loop stops after a step that ran out of attempts: the plan's later steps never
-    start; they are pending nodes under the phase (as in the single-chat plan, see ``_steps``)."""
+def _plan_stopped_after(number: int, final: Any, context: Any, raised: bool = False) -> None:
+    """The carryover loop stops after a step that ran out of attempts or raised: the plan's later
+    steps never start; they are pending nodes under the phase (as in the single-chat plan, whose
+    chat ending or raising leaves the same, see ``_steps``)."""
     try:
-        if not _ran_out(*_attempts(final)):
+        if not raised and not _ran_out(*_attempts(final)):
             return
         scope, span = effective_parent()
         if scope is not None and scope.phase is not None:
