@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import create_engine, text
 
+import cmbagent_otel
 from cmbagent_otel.dag.mapping import run_id_of
 from cmbagent_otel.dag.writer import DagWriter, decode_json, dump_tables
 from cmbagent_otel.processor import as_started
@@ -40,6 +43,23 @@ def reference(spans: Sequence[ReadableSpan], url: str,
     finally:
         writer.close()
     return dump(url)
+
+
+def plan_run_spans(name: str, steps: int = 3) -> list[ReadableSpan]:
+    """The finished spans of one small instrumented run: ``workflow name > phase control > step 1..steps``."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
+    try:
+        with cmbagent_otel.workflow(name, mode="planning-control"), cmbagent_otel.phase("control"):
+            for n in range(1, steps + 1):
+                with cmbagent_otel.step(n, f"step {n}", agent="engineer"):
+                    pass
+    finally:
+        cmbagent_otel.uninstrument()
+        provider.shutdown()
+    return list(memory.get_finished_spans())
 
 
 def complete_lines(path: Path | str) -> list[str]:

@@ -13,37 +13,17 @@ from typing import Any
 
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import create_engine, text
 
-import cmbagent_otel as c
 from cmbagent_otel.dag.database import upgrade
 
-from .conftest import dump, reference
+from .conftest import dump, plan_run_spans, reference
 
 pytestmark = pytest.mark.postgres
 
 
-def _spans() -> list[Any]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-    try:
-        with c.workflow("terminated", mode="planning-control"), c.phase("control"):
-            for n in range(1, 6):
-                with c.step(n, f"step {n}", agent="engineer"):
-                    pass
-    finally:
-        c.uninstrument()
-        provider.shutdown()
-    return list(memory.get_finished_spans())
-
-
 def test_backend_terminated_while_its_batch_waits_is_written_once(pg_schema: Any, tmp_path: Path) -> None:
-    spans = _spans()
+    spans = plan_run_spans("terminated", steps=5)
     with pg_schema() as url, pg_schema() as ref_url:
         upgrade(url)
         schema = url.rpartition("search_path%3D")[2] or url.rpartition("search_path=")[2]

@@ -21,31 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from cmbagent_otel.exporters.dag import DagSpanExporter
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 
-import cmbagent_otel as c
 from cmbagent_otel.dag.database import target_of
 from cmbagent_otel.spill import SpillStore
 
-from .conftest import dump, reference
-
-
-def _run(name: str) -> list[ReadableSpan]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-    try:
-        with c.workflow(name, mode="planning-control"), c.phase("control"):
-            for n in range(1, 4):
-                with c.step(n, f"step {n}", agent="engineer"):
-                    pass
-    finally:
-        c.uninstrument()
-        provider.shutdown()
-    return list(memory.get_finished_spans())
+from .conftest import dump, plan_run_spans, reference
 
 
 @contextlib.contextmanager
@@ -77,7 +58,7 @@ def _dead_pid() -> int:
 def test_faults26_spill_files_unreadable_for_want_of_descriptors_are_replayed_later(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cmbagent.db"
     spill_dir = tmp_path / "spill"
-    first, spilled, left_behind = _run("first"), _run("spilled"), _run("left behind")
+    first, spilled, left_behind = plan_run_spans("first"), plan_run_spans("spilled"), plan_run_spans("left behind")
     store = SpillStore(spill_dir, target_of(url))
     store.append(spilled)  # an earlier outage's backlog
     (path,) = store.append(left_behind)
@@ -106,7 +87,7 @@ def test_faults26_cli_replay_keeps_files_it_cannot_read_now(tmp_path: Path, monk
 
     url = f"sqlite:///{tmp_path}/cmbagent.db"
     spill_dir = tmp_path / "spill"
-    spans = _run("spilled")
+    spans = plan_run_spans("spilled")
     SpillStore(spill_dir, target_of(url)).append(spans)
     said: list[str] = []
     with _no_free_descriptor():
@@ -121,7 +102,7 @@ def test_faults26_a_listed_file_unreadable_now_is_kept_not_set_aside(tmp_path: P
     """The folder was listed, then its file cannot be opened (the descriptors ran out meanwhile):
     on main the whole file went to ``.bad`` and replay reported nothing left."""
     store = SpillStore(tmp_path / "spill", target_of(f"sqlite:///{tmp_path}/cmbagent.db"))
-    spans = _run("spilled")
+    spans = plan_run_spans("spilled")
     store.append(spans)
     files = store.pending()
     written: list[ReadableSpan] = []

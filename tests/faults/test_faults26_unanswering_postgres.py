@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter, span_processor
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.engine import make_url
@@ -30,28 +30,12 @@ from sqlalchemy.engine import make_url
 import cmbagent_otel as c
 from cmbagent_otel.dag.database import upgrade
 
-from .conftest import dump, reference
+from .conftest import dump, plan_run_spans, reference
 from .relay import Relay
 
 pytestmark = pytest.mark.postgres
 
 HANG_S = 120  # far past every deadline here: a thread still running then hangs for ever
-
-
-def _run(name: str, steps: int = 3) -> list[ReadableSpan]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    c.instrument(tracer_provider=provider, instrument_cmbagent=False, instrument_threading=False)
-    try:
-        with c.workflow(name, mode="planning-control"), c.phase("control"):
-            for n in range(1, steps + 1):
-                with c.step(n, f"step {n}", agent="engineer"):
-                    pass
-    finally:
-        c.uninstrument()
-        provider.shutdown()
-    return list(memory.get_finished_spans())
 
 
 def _through(relay: Relay, url: str) -> str:
@@ -80,7 +64,7 @@ def _in_thread(call: Any, relay: Relay) -> list[Any]:
 @pytest.mark.parametrize("partition", ["between-batches", "inside-a-transaction"])
 def test_faults26_an_unanswering_server_costs_an_export_its_deadline_not_forever(
         pg_schema: Any, tmp_path: Path, partition: str) -> None:
-    batches = [_run(f"batch {n}") for n in range(4)]
+    batches = [plan_run_spans(f"batch {n}") for n in range(4)]
     with pg_schema() as url, pg_schema() as ref_url, Relay(_upstream(url)) as relay:
         upgrade(url)
         exporter = DagSpanExporter(_through(relay, url), timeout=1, spill_dir=tmp_path / "spill")
