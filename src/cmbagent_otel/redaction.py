@@ -1375,8 +1375,10 @@ def encodable(text: str) -> str:
 # toolu_/msg_, the Responses API's resp_/fc_, Bedrock's tooluse_; Mistral's bare ids) then letters and digits
 # or a UUID (Groq's, vLLM's); no key shape starts with such a prefix, and none is letters and digits alone
 # with a "-" or "_" after the prefix (sk-proj-..., ghp_..., gsk_...)
-# (of the key shapes only Google's, AIza + letters and digits, can be an ordinary id's letters and digits)
-_ORDINARY_ID = re.compile(r"(?!.*AIza)(?:(?:chatcmpl|call|toolu|tooluse|msg|resp|fc|run|req|cmpl)[_\-])?"
+# (of the key shapes only Google's, AIza + letters and digits, and AWS's access key ids, AKIA/ASIA + 16
+# upper-case letters and digits, can be an ordinary id's letters and digits: both sent to the full path,
+# in the same one look-ahead of the same one match)
+_ORDINARY_ID = re.compile(r"(?!.*(?:AIza|A[KS]IA[0-9A-Z]{16}))(?:(?:chatcmpl|call|toolu|tooluse|msg|resp|fc|run|req|cmpl)[_\-])?"
                           r"(?:[A-Za-z0-9]{1,64}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})")
 
 
