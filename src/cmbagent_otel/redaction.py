@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import sys
@@ -612,6 +613,53 @@ def register_request_credentials(exc: BaseException) -> None:
             if cause is None or cause is exc:
                 return
             exc = cause
+
+
+# The credential header values of successful requests looked at already (once per token); a header that
+# is new on every request (a signing auth's signature) is registered for the first _SENT_MAX values only:
+# each registration empties the memos, and such a value is good for its own request alone.
+_sent_seen: dict[Any, None] = {}
+_SENT_MAX = 64
+_SENT_HEADERS = (b"authorization", b"api-key")
+# httpx's Headers keep (raw name, lower-case name, value) byte triples in ``_list``: read in C (its
+# ``get`` cost ~250 bytecodes per name for a request of 17 headers); another layout is read by ``get``
+_HEADER_NAME, _HEADER_VALUE = operator.itemgetter(1), operator.itemgetter(2)
+
+
+def register_sent_credentials(response: Any) -> None:
+    """Register the credentials a successful HTTP request carried (never raises), from the
+    ``httpx.Response`` the ``openai`` client is about to parse: the request it keeps has the headers as
+    sent, after the client's ``azure_ad_token_provider`` and the HTTP client's ``auth=`` set them (neither
+    keeps what it computed). A server's answer may quote them. Only ``Authorization`` and ``api-key`` are
+    read, each value once (:data:`_sent_seen`), by the rule of :func:`register_request_credentials`; the
+    provider is never called by us."""
+    try:  # not contextlib.suppress: its two Python calls were a third of the call's cost
+        fields = getattr(response, "__dict__", None)
+        request = fields.get("_request") if type(fields) is dict else None  # no property of httpx's runs
+        headers = getattr(request, "headers", None)
+        if headers is None:
+            return
+        triples = getattr(headers, "_list", None)
+        if type(triples) is list:
+            values = dict(zip(map(_HEADER_NAME, triples), map(_HEADER_VALUE, triples), strict=True))
+        else:
+            values = {name: headers.get(name.decode()) for name in _SENT_HEADERS}
+        for name in _SENT_HEADERS:
+            value = values.get(name)
+            if value is None or value in _sent_seen:
+                continue
+            if len(_sent_seen) >= _SENT_MAX:
+                return
+            _sent_seen[value] = None
+            text = value.decode("utf-8", "replace") if type(value) is bytes else value
+            if type(text) is not str:
+                continue
+            for secret in environment_variables.header_credentials(name.decode(), text, is_secret_key,
+                                                                   token_like=False):
+                if secret and secret not in _known:
+                    register_secret(secret)
+    except Exception:
+        return
 
 
 def learn_secrets_in(value: Any) -> None:
@@ -1375,8 +1423,11 @@ def encodable(text: str) -> str:
 # toolu_/msg_, the Responses API's resp_/fc_, Bedrock's tooluse_; Mistral's bare ids) then letters and digits
 # or a UUID (Groq's, vLLM's); no key shape starts with such a prefix, and none is letters and digits alone
 # with a "-" or "_" after the prefix (sk-proj-..., ghp_..., gsk_...)
-# (of the key shapes only Google's, AIza + letters and digits, can be an ordinary id's letters and digits)
-_ORDINARY_ID = re.compile(r"(?!.*AIza)(?:(?:chatcmpl|call|toolu|tooluse|msg|resp|fc|run|req|cmpl)[_\-])?"
+# (of the key shapes only Google's, AIza + letters and digits, and AWS's access key ids, AKIA/ASIA + 16
+# upper-case letters and digits, can be an ordinary id's letters and digits: both sent to the full path,
+# in the same one look-ahead of the same one match)
+_ORDINARY_ID = re.compile(r"(?!.*(?:AIza|A[KS]IA[0-9A-Z]{16}))"
+                          r"(?:(?:chatcmpl|call|toolu|tooluse|msg|resp|fc|run|req|cmpl)[_\-])?"
                           r"(?:[A-Za-z0-9]{1,64}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})")
 
 

@@ -103,6 +103,7 @@ from ..redaction import (
     redact_id,
     redact_name,
     register_new_environment,
+    register_sent_credentials,
     safe_text,
     truncate,
 )
@@ -1345,6 +1346,25 @@ _CLIENT_MODULE = "autogen.oai.client"
 # classes every supported AG2 (0.9 to 0.14, cmbagent_autogen) has with all the methods TARGETS names on
 # them: one missing is worth a warning (the code executors and module functions vary between lines)
 _EXPECTED_OWNERS = ("ConversableAgent", "OpenAIWrapper", "GroupChat")
+def _sent_credentials_wrapper(state: _State) -> Callable[..., Any]:
+    """``openai``'s ``_process_response`` (sync and async: the coroutine is returned as it is): the
+    credentials of the request, as sent, are registered before the answer is parsed
+    (:func:`redaction.register_sent_credentials`)."""
+    def process_response(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        if state.active:
+            # only a client whose credential is computed per request (an Azure AD token provider, an
+            # httpx auth=): a key the config walk registered is in the headers of every other client
+            fields = getattr(instance, "__dict__", None)
+            if type(fields) is dict and (fields.get("_azure_ad_token_provider") is not None
+                                         or getattr(fields.get("_client"), "_auth", None) is not None):
+                register_sent_credentials(kwargs.get("response"))
+        return wrapped(*args, **kwargs)
+
+    process_response._cmbagent_otel = state  # type: ignore[attr-defined]
+    return process_response
+
+
 TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_AGENT_MODULE, "ConversableAgent", "initiate_chat", _sync(_conversation, _record_chat_result)),
     (_AGENT_MODULE, "ConversableAgent", "a_initiate_chat", _async(_conversation, _record_chat_result)),
@@ -1373,6 +1393,9 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     (_GROUPCHAT_MODULE, "GroupChat", "a_auto_select_speaker", _handoffs.auto_async),
     (_AGENT_MODULE, "ConversableAgent", "get_human_input", _sync(_human, _record_human)),
     (_AGENT_MODULE, "ConversableAgent", "a_get_human_input", _async(_human, _record_human)),
+    # what an azure_ad_token_provider or an httpx auth= put in a successful request (kept by neither)
+    ("openai._base_client", "SyncAPIClient", "_process_response", _sent_credentials_wrapper),
+    ("openai._base_client", "AsyncAPIClient", "_process_response", _sent_credentials_wrapper),
 )
 
 
