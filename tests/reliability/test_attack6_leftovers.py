@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -33,7 +32,6 @@ from cmbagent_otel import redaction, semconv
 from cmbagent_otel.testing import FakeOpenAIServer
 
 from .test_attack5_credential_sources import SharedClient, _call, _echoing, _secret, _sent
-
 from .test_attack5_server_response_fields import _attributes, _run, _tool_call, metrics  # noqa: F401
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
 
