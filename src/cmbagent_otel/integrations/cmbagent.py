@@ -284,10 +284,13 @@ def _run(block: workflow) -> Iterator[None]:
             yield
             if entered is not None:
                 _fail_run_on_failed_step(entered)
+        except BaseException as exc:
+            if entered is not None and not is_clean_exit(exc):
+                _record_execute_not_started(entered)
+            raise
         finally:
             if entered is not None:
                 _record_files(entered._current(), entered.work_dir)
-                _record_execute_not_started(entered)
 
 
 # cmbagent's backend registers the files of these folders of a run's work dir (its DAG tracker's
@@ -416,8 +419,8 @@ def _record_files(traced: Any, work_dir: Any) -> None:
 
 
 def _record_execute_not_started(block: workflow) -> None:
-    """A run of a fixed-pipeline mode that ended before its first solve (``summarize_document`` of a
-    missing file, one_shot's documentation download refused) keeps the ``execute`` node cmbagent's tracker
+    """A run of a fixed-pipeline mode whose entry call raised before its first solve (``summarize_document``
+    of a missing file, one_shot's documentation download refused) keeps the ``execute`` node cmbagent's tracker
     creates with the run (``create_dag_for_mode``: init, execute, terminator): a zero-length ``phase
     one_shot`` span, ``cmbagent.phase.status`` "not started", stored as a pending node."""
     try:
