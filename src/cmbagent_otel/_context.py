@@ -94,6 +94,9 @@ def span_context(ctx: Context, span: Any) -> Context:
 CHILDREN_KEY = "\x00children:"  # + a node's id: the RunState counter of that node's children
 
 
+_PHASES_KEY = "\x00phases"
+
+
 class _Counters(dict[str, "itertools.count[int]"]):
     """One ``itertools.count`` per key, created on first use (``setdefault``: atomic under the GIL)."""
 
@@ -146,7 +149,11 @@ class RunState:
         return base if count == 1 else f"{base}_{count}"
 
     def next_phase_index(self) -> int:
-        return self._next("\x00phases")
+        return self._next(_PHASES_KEY)
+
+    def has_phases(self) -> bool:
+        """Whether a phase was opened in this run (the counter :meth:`next_phase_index` creates)."""
+        return _PHASES_KEY in self._counters
 
     def next_child_index(self, parent_node: str) -> int:
         """Sibling position of a new sub-node under ``parent_node`` (1-based)."""

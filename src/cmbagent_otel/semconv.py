@@ -134,6 +134,10 @@ STEP_STATUS: Final = "cmbagent.step.status"
 # cmbagent.step.status of a zero-length step span standing for a plan step that never started
 # (the plan stopped before it): its DAG node is pending, as cmbagent's DAG leaves a planned step
 STEP_NOT_STARTED: Final = "not started"
+# "not started" (STEP_NOT_STARTED) on a zero-length phase span standing for a phase cmbagent's DAG has
+# but that never ran: a one-shot-style run that failed before its first solve keeps cmbagent's pending
+# fixed-pipeline ``execute`` node
+PHASE_STATUS: Final = "cmbagent.phase.status"
 BRANCH_NAME: Final = "cmbagent.branch.name"
 BRANCH_ATTEMPT: Final = "cmbagent.branch.attempt"
 BRANCH_HYPOTHESIS: Final = "cmbagent.branch.hypothesis"

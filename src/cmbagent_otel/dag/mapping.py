@@ -614,14 +614,15 @@ def _node_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, session
         "node_type": node_type[:50], "agent": agent, "status": status, "order_index": order_index,
         "depth": depth if type(depth) is int and -_INT32 <= depth <= _INT32 else _int(depth, 0), "meta": meta,
     }
-    if kind == sc.KIND_STEP and get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED and not failed:
+    if not failed and get(sc.STEP_STATUS if kind == sc.KIND_STEP else sc.PHASE_STATUS) == sc.STEP_NOT_STARTED:
         _as_not_started(row)
     return row
 
 
 def _as_not_started(row: dict[str, Any]) -> None:
-    """A cmbagent plan step that never ran (the plan stopped before it): pending, never started,
-    as cmbagent's DAG leaves a planned step it did not reach."""
+    """A cmbagent plan step that never ran (the plan stopped before it), or the fixed pipeline's
+    ``execute`` of a run that failed before its first solve: pending, never started, as cmbagent's DAG
+    leaves a node it created and did not reach."""
     row["status"] = "pending"
     row["meta"].update(status="pending", started_at=None, completed_at=None, duration_ms=None)
 

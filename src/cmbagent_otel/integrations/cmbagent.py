@@ -75,6 +75,7 @@ from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
 from .._framestack import call_with_headroom
 from .._spans import (
+    NodeSpec,
     attach_anchor,
     compose,
     detach_anchor,
@@ -85,9 +86,26 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._steps import STATUS_TOOLS, context_get, plan_steps, record_not_started, reported_status
+from ..instrumentation._steps import (
+    STATUS_TOOLS,
+    context_get,
+    emit_event,
+    plan_steps,
+    record_not_started,
+    reported_status,
+)
 from ..redaction import register_secret, safe_text, truncate
-from ..workflow import ONE_SHOT_PHASE, _Block, is_clean_exit, is_planning_phase, phase, redo, step, workflow
+from ..workflow import (
+    EXECUTE_NODE,
+    ONE_SHOT_PHASE,
+    _Block,
+    is_clean_exit,
+    is_planning_phase,
+    phase,
+    redo,
+    step,
+    workflow,
+)
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -157,6 +175,9 @@ STICKY = "carryover_phase"  # frame kind of the control phase kept open across t
 #: ``preprocess_task``'s only solves are those of the ``summarize_documents`` it calls (its run, which
 #: that call joins; cmbagent lays enhance-input runs out the same way).
 FIXED_PIPELINES = frozenset({"summarize_document", "summarize_documents", "preprocess_task"})
+#: Run modes cmbagent's backend lays out as its fixed pipeline (``MODE_TO_TEMPLATE``: init -> execute ->
+#: terminator, all created pending with the run)
+FIXED_PIPELINE_MODES = frozenset({"one-shot", "enhance-input"})
 #: The entry points' parameter holding what the run works on (the run's ``task_description``, which
 #: cmbagent's backend sets from the text the user submitted in every mode): ``task``, get_keywords'
 #: ``input_text``, preprocess_task's ``text``, the document or folder summarize_document(s) reads.
@@ -263,6 +284,10 @@ def _run(block: workflow) -> Iterator[None]:
             yield
             if entered is not None:
                 _fail_run_on_failed_step(entered)
+        except BaseException as exc:
+            if entered is not None and not is_clean_exit(exc):
+                _record_execute_not_started(entered)
+            raise
         finally:
             if entered is not None:
                 _record_files(entered._current(), entered.work_dir)
@@ -391,6 +416,28 @@ def _record_files(traced: Any, work_dir: Any) -> None:
                 span.set_attribute(semconv.WORKFLOW_FILES, files)
     except Exception:
         logger.debug("cmbagent_otel: could not record the run's files", exc_info=True)
+
+
+def _record_execute_not_started(block: workflow) -> None:
+    """A run of a fixed-pipeline mode whose entry call raised before its first solve (``summarize_document``
+    of a missing file, one_shot's documentation download refused) keeps the ``execute`` node cmbagent's tracker
+    creates with the run (``create_dag_for_mode``: init, execute, terminator): a zero-length ``phase
+    one_shot`` span, ``cmbagent.phase.status`` "not started", stored as a pending node."""
+    try:
+        scope, span = effective_parent()
+        if block.joined or block.mode not in FIXED_PIPELINE_MODES or scope is None or scope.phase is not None:
+            return
+        run = scope.run
+        if run.has_phases():
+            return
+        emit_event(workflow_tracers.current(), f"phase {ONE_SHOT_PHASE}", semconv.KIND_PHASE,
+                   {semconv.PHASE: ONE_SHOT_PHASE, semconv.PHASE_INDEX: run.next_phase_index(),
+                    semconv.PHASE_STATUS: semconv.STEP_NOT_STARTED},
+                   scope, span, node=NodeSpec(run.unique_node_id(EXECUTE_NODE), semconv.NODE_AGENT, order_index=1,
+                                           unique=False),
+                   scope_changes={"phase": ONE_SHOT_PHASE})
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the execute node not started", exc_info=True)
 
 
 def _fail_run_on_failed_step(block: _Block) -> None:
