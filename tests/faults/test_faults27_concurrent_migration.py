@@ -23,8 +23,9 @@ from sqlalchemy import create_engine, make_url, text
 
 from cmbagent_otel.dag.database import VERSION_TABLE, head_revisions
 
-PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
 from .conftest import dump, read_record, reference, spawn
+
+PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"  # as tests/conftest.py names it
 
 UPGRADE = (
     "import sys\n"
