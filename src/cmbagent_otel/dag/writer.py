@@ -121,6 +121,9 @@ class DagWriter:
         reset_in_child(self, "_lock")
         self._ready = False
         self._repair = False
+        # a reconnect already said so since the last stored batch: an outage (a file system
+        # made read-only, a file that cannot be opened) reconnects on every attempt
+        self._reopen_said = logging.NOTSET  # the level said
         self._file = sqlite_file(self.url) if engine is None else None
         self._file_id: tuple[int, int] | None = None
         self._pid = os.getpid()
@@ -166,7 +169,7 @@ class DagWriter:
         raises what connecting or migrating raises. Thread-safe; a no-op once done."""
         self._prepare()
 
-    def _reopen(self, why: str, *, repair: bool) -> None:
+    def _reopen(self, why: str, *, repair: bool, level: int = logging.WARNING) -> None:
         """Drop every connection and migrate again before the next write.
 
         A SQLite file deleted or replaced under open connections keeps taking writes into
@@ -177,8 +180,10 @@ class DagWriter:
             self._ready = False
             self._file_id = None
             self._repair = self._repair or repair
-        logger.warning("cmbagent_otel: database %s %s; reconnecting%s", redacted(self.url), why,
-                       " and migrating again" if repair and self._migrate else "")
+            said, self._reopen_said = self._reopen_said, max(self._reopen_said, level)
+        # one line (per level) until a batch is stored again; the exporter's own line tells of an outage
+        logger.log(level if level > said else logging.DEBUG, "cmbagent_otel: database %s %s; reconnecting%s",
+                   redacted(self.url), why, " and migrating again" if repair and self._migrate else "")
         if engine is not None:
             engine.dispose()
         if self._file is not None and _identity(self._file) is None:
@@ -212,7 +217,10 @@ class DagWriter:
                     if fault is Fault.FATAL:
                         raise
                     if fault is Fault.REOPEN and not last:
-                        self._reopen("cannot be opened or was moved", repair=True)
+                        # a file deleted or replaced is told above (its identity); this is a file that
+                        # cannot be opened now (a read-only file system): if that lasts, the
+                        # exporter's outage line gives the error, so no warning of its own
+                        self._reopen("cannot be opened or was moved", repair=True, level=logging.INFO)
                         continue
                     if fault is Fault.SCHEMA and self._migrate and not last:
                         self._reopen(f"lost its schema ({_first_line(exc)})", repair=True)
@@ -220,6 +228,7 @@ class DagWriter:
                     raise DatabaseUnavailable(
                         f"database {redacted(self.url)} unavailable ({fault.value}): {_first_line(exc)}") from exc
                 if stored:
+                    self._reopen_said = logging.NOTSET
                     return WriteResult(len(spans), len(batch.runs))
             raise DatabaseUnavailable(f"database {redacted(self.url)}: its file keeps being replaced")
 
