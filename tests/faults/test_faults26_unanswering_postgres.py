@@ -133,3 +133,20 @@ def test_faults26_an_instrumented_app_exits_while_its_database_does_not_answer(
         assert later.force_flush() is True
         later.shutdown()
         assert dump(url) == reference(record.get_finished_spans(), ref_url)
+
+
+def test_faults26_the_deadline_thread_ends_when_no_connection_is_watched(pg_schema: Any, tmp_path: Path) -> None:
+    """The watchdog's thread runs only while a connection is armed: once the exporter's connections
+    are given back, it ends (a long-running process that stopped exporting keeps no thread of ours;
+    before, it waited for ever after the first PostgreSQL export)."""
+    with pg_schema() as url:
+        upgrade(url)
+        exporter = DagSpanExporter(url, timeout=5, spill_dir=tmp_path / "spill")
+        try:
+            assert exporter.export(plan_run_spans("watched")).name == "SUCCESS"
+            # the export's connection was armed and given back: the thread, if it has not ended yet, ends
+            for thread in [t for t in threading.enumerate() if t.name == "cmbagent-otel-deadline"]:
+                thread.join(30)  # a bound for the failure case only (it used to wait for ever)
+                assert not thread.is_alive(), "the deadline thread outlived every watched connection"
+        finally:
+            exporter.shutdown()

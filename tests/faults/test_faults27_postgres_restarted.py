@@ -20,9 +20,8 @@ from sqlalchemy import create_engine, make_url, text
 from cmbagent_otel import phase, workflow
 from tests.ingest.test_loss_ingest import Cluster, cluster  # noqa: F401 (cluster: fixture)
 
-from .conftest import dump, reference
+from .conftest import dump, plan_run_spans, reference
 from .test_campaign import steps, traced
-from .test_faults26_spill_unreadable_now import _run
 
 
 def new_database(url: str, name: str) -> str:
@@ -39,7 +38,7 @@ def test_faults27_postgres_stopped_and_restarted_mid_run(tmp_path: Path, cluster
                                                         caplog: pytest.LogCaptureFixture) -> None:
     url, ref_url = new_database(cluster.url, "app"), new_database(cluster.url, "ref")
     spill_dir = tmp_path / "spill"
-    before, down, more, after = _run("before"), _run("down"), _run("more"), _run("after")
+    before, down, more, after = plan_run_spans("before"), plan_run_spans("down"), plan_run_spans("more"), plan_run_spans("after")
     exporter = DagSpanExporter(url, spill_dir=spill_dir, timeout=5)
     exporter.replay_after_export = False
     try:

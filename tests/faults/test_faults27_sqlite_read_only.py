@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
 
-from .conftest import dump, reference
-from .test_faults26_spill_unreadable_now import _run
+from .conftest import dump, plan_run_spans, reference
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +50,7 @@ def test_faults27_sqlite_file_system_read_only_mid_run(tmp_path: Path, caplog: p
     with small_tmpfs(tmp_path / "disk") as disk:
         url = f"sqlite:///{disk}/cmbagent.db"
         spill_dir = tmp_path / "spill"
-        before, during, more = _run("before"), _run("during"), _run("more")
+        before, during, more = plan_run_spans("before"), plan_run_spans("during"), plan_run_spans("more")
         exporter = DagSpanExporter(url, spill_dir=spill_dir, timeout=5)
         exporter.replay_after_export = False
         try:

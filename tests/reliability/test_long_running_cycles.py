@@ -78,8 +78,9 @@ def _our_functions() -> int:
                if type(o).__name__ == "function" and getattr(o, "__module__", None) == "cmbagent_otel.processor")
 
 
-def _batch_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("cmbagent-otel")]
+def _batch_threads(before: set[threading.Thread] | None = None) -> list[str]:
+    """Our threads alive now, other than those in ``before`` (an earlier test's idle-ending one)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("cmbagent-otel") and t not in (before or ())]
 
 
 def test_dag_processors_made_and_shut_down_leave_no_hooks_threads_or_descriptors(tmp_path: Path) -> None:
@@ -90,6 +91,7 @@ def test_dag_processors_made_and_shut_down_leave_no_hooks_threads_or_descriptors
     url = f"sqlite:///{tmp_path}/dag.db"
     provider = TracerProvider()
     tracer = provider.get_tracer("cycles")
+    before = set(threading.enumerate())
 
     def cycle(index: int) -> None:
         processor = DurableBatchSpanProcessor(DagSpanExporter(url, spill_dir=tmp_path / "spill"))
@@ -105,7 +107,7 @@ def test_dag_processors_made_and_shut_down_leave_no_hooks_threads_or_descriptors
         cycle(index)
     assert _our_functions() == functions
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert _batch_threads() == []
+    assert _batch_threads(before) == []
     assert not list(tmp_path.joinpath("spill").glob("*")) or all(
         p.is_dir() for p in tmp_path.joinpath("spill").iterdir())
 

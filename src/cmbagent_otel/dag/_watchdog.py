@@ -35,7 +35,8 @@ logger = logging.getLogger("cmbagent_otel.dag")
 
 
 class Watchdog:
-    """One daemon thread per process ending the connections whose deadline has passed."""
+    """One daemon thread per process ending the connections whose deadline has passed, running only
+    while a connection is armed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -74,6 +75,8 @@ class Watchdog:
         with self._lock:
             self._forked()
             entry = self._armed.pop(token, None)
+            if not self._armed and self._due:
+                self._wake.notify()  # nothing left to watch: the thread ends now, not at the stale deadline
         if entry is not None:
             os.close(entry[0])
 
@@ -98,8 +101,10 @@ class Watchdog:
                 while self._due and self._due[0][1] not in self._armed:
                     heapq.heappop(self._due)
                 if not self._due:
-                    self._wake.wait()
-                    continue
+                    # idle: end (a long-running process keeps no thread for a database it stopped
+                    # using); the next arm() starts one again
+                    self._thread = None
+                    return
                 end, token = self._due[0]
                 left = end - time.monotonic()
                 if left > 0:
