@@ -38,7 +38,7 @@ def test_faults27_postgres_stopped_and_restarted_mid_run(tmp_path: Path, cluster
                                                         caplog: pytest.LogCaptureFixture) -> None:
     url, ref_url = new_database(cluster.url, "app"), new_database(cluster.url, "ref")
     spill_dir = tmp_path / "spill"
-    before, down, more, after = plan_run_spans("before"), plan_run_spans("down"), plan_run_spans("more"), plan_run_spans("after")
+    before, down, more, after = (plan_run_spans(name) for name in ("before", "down", "more", "after"))
     exporter = DagSpanExporter(url, spill_dir=spill_dir, timeout=5)
     exporter.replay_after_export = False
     try:
