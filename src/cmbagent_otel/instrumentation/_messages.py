@@ -501,7 +501,19 @@ def render(items: Sequence[Any], bound: int | None = None,
 
     ``convert`` (e.g. :func:`message`) turns each raw item into its schema form, only for the
     items that are kept.
+
+    A secret learned while rendering (a password in a later message's tool call) is redacted in
+    every item: when rendering learned one, the items are rendered again, so the text never depends
+    on whether an earlier call had learned it already.
     """
+    version = redaction.secrets_version
+    out = _render_once(items, bound, convert)
+    if redaction.secrets_version != version:
+        out = _render_once(items, bound, convert)
+    return out
+
+
+def _render_once(items: Sequence[Any], bound: int | None, convert: Callable[[Any], Any] | None) -> tuple[str, int]:
     bound = bound or attribute_bound()
     budget = bound
     if convert is message:
