@@ -1346,6 +1346,8 @@ _CLIENT_MODULE = "autogen.oai.client"
 # classes every supported AG2 (0.9 to 0.14, cmbagent_autogen) has with all the methods TARGETS names on
 # them: one missing is worth a warning (the code executors and module functions vary between lines)
 _EXPECTED_OWNERS = ("ConversableAgent", "OpenAIWrapper", "GroupChat")
+
+
 def _sent_credentials_wrapper(state: _State) -> Callable[..., Any]:
     """``openai``'s ``_process_response`` (sync and async: the coroutine is returned as it is): the
     credentials of the request, as sent, are registered before the answer is parsed
