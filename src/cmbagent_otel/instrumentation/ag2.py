@@ -1351,20 +1351,22 @@ _EXPECTED_OWNERS = ("ConversableAgent", "OpenAIWrapper", "GroupChat")
 def _sent_credentials_wrapper(state: _State) -> Callable[..., Any]:
     """``openai``'s ``_process_response`` (sync and async: the coroutine is returned as it is): the
     credentials of the request, as sent, are registered before the answer is parsed
-    (:func:`redaction.register_sent_credentials`)."""
-    def process_response(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> Any:
-        if state.active:
-            # only a client whose credential is computed per request (an Azure AD token provider, an
-            # httpx auth=): a key the config walk registered is in the headers of every other client
-            fields = getattr(instance, "__dict__", None)
-            if type(fields) is dict and (fields.get("_azure_ad_token_provider") is not None
-                                         or getattr(fields.get("_client"), "_auth", None) is not None):
-                register_sent_credentials(kwargs.get("response"))
-        return wrapped(*args, **kwargs)
+    (:func:`redaction.register_sent_credentials`). The sync method is patched with this body itself
+    (``method_for``: no trampoline frame and no bound method per call, as AG2's methods are)."""
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        def process_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if state.active:
+                # only a client whose credential is computed per request (an Azure AD token provider, an
+                # httpx auth=): a key the config walk registered is in the headers of every other client
+                fields = getattr(self, "__dict__", None)
+                if type(fields) is dict and (fields.get("_azure_ad_token_provider") is not None
+                                             or getattr(fields.get("_client"), "_auth", None) is not None):
+                    register_sent_credentials(kwargs.get("response"))
+            return original(self, *args, **kwargs)
 
-    process_response._cmbagent_otel = state  # type: ignore[attr-defined]
-    return process_response
+        return process_response
+
+    return wrapt_wrapper(method_for, state)
 
 
 TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
