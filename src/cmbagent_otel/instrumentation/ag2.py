@@ -807,13 +807,16 @@ class _ModelCall:
 
 
 def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | None]:
-    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response."""
+    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response: what its metrics
+    (:meth:`_ModelCall.response`) and its span's attributes (:func:`_record_llm`) read of it."""
     model = getattr(response, "model", None)
+    usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
-    # the server's text, as the recorded call's (_record_llm)
-    return (redact_name(str.__str__(model)) if isinstance(model, str) else None,
-            _models.usage_attributes(getattr(response, "usage", None)),
-            float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
+    if type(cost) is not float:
+        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
+    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+            _models.usage_attributes(usage), cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -957,24 +960,18 @@ def _response_output(response: Any) -> str | None:
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
-    model = getattr(response, "model", None)
-    # the server writes the model, the id and the finish reasons as it likes (a key it was sent, megabytes)
-    response_model = redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None
-    usage = getattr(response, "usage", None)
-    cost = getattr(response, "cost", None)
-    if type(cost) is not float:
-        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    response_model, usage, cost = _response_facts(response)
     chat = type(traced) is _ChatSpan
     if chat:  # its metrics read the response when it ends
         call = traced.call  # type: ignore[attr-defined]
-        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
+        call.response_model, call.usage, call.cost = response_model, usage, cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
-    if isinstance(response_id, str):
+    if isinstance(response_id, str):  # the server's text too, as the finish reasons are
         attrs[semconv.GEN_AI_RESPONSE_ID] = redact_id(response_id)
-    attrs.update(call.usage if chat else _models.usage_attributes(usage))
+    attrs.update(usage)
     if cost is not None:
         attrs[semconv.LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
