@@ -107,6 +107,24 @@ from ..redaction import (
     safe_text,
     truncate,
 )
+
+# the keys and kinds of every model, tool and agent span, read as module globals (one lookup each, not a
+# global and a module attribute)
+from ..semconv import (
+    GEN_AI_AGENT_NAME,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_TOOL_CALL_ID,
+    GEN_AI_TOOL_NAME,
+    GEN_AI_TOOL_TYPE,
+    KIND_AGENT,
+    KIND_LLM,
+    KIND_TOOL,
+    LLM_COST_USD,
+    OP_EXECUTE_TOOL,
+)
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -354,7 +372,7 @@ def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     register_agent_secrets(recipient)
     recipient_name = agent_name(recipient)
     attrs: dict[str, Any] = {
-        semconv.GEN_AI_AGENT_NAME: recipient_name,
+        GEN_AI_AGENT_NAME: recipient_name,
         semconv.CONVERSATION_INITIATOR: agent_name(instance),
         semconv.CONVERSATION_RECIPIENT: recipient_name,
     }
@@ -394,7 +412,7 @@ def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: 
     if isinstance(cost, dict):
         total = cost.get("usage_including_cached_inference", {})
         if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
-            traced.set(semconv.LLM_COST_USD, float(total["total_cost"]))
+            traced.set(LLM_COST_USD, float(total["total_cost"]))
     if state.capture:
         traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
 
@@ -578,8 +596,8 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     manager, runner = _type_facts(state, agent)
     static.is_manager = manager
     static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
-    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-                             semconv.GEN_AI_AGENT_NAME: static.name}
+    attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+                             GEN_AI_AGENT_NAME: static.name}
     user_description = _user_description(agent, static)
     if user_description is not None:
         attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = user_description
@@ -674,8 +692,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
-        return start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+            return _GroupChatSpan(span_name, KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
+        return start(TracedSpanShell(), span_name, KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -691,7 +709,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True,
                                                            parent=scope.dag_node)
-    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx,
+    traced = start(TracedSpanShell(), span_name, KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx,
                    False, None, known)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
@@ -708,7 +726,7 @@ def _top_level_agent(state: _State, ctx: Any, static: _AgentStatic, span_name: s
     (``generate_reply`` called directly): a node of the run (``agent_<k>``, like a top-level
     conversation's ``conversation_<k>``), else the run's DAG has no node at all. A manager stays
     transparent for its agents' turns: they become its sub-agent nodes."""
-    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
+    traced = start(TracedSpanShell(), span_name, KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
                    _INTERNAL, ctx)
     children = traced._scope
     if children is not None and not static.is_manager:
@@ -881,10 +899,10 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
     if cached is None:
-        attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
+        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
                                  semconv.GEN_AI_REQUEST_MODEL: model}
         if agent_label is not None:
-            attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
+            attrs[GEN_AI_AGENT_NAME] = agent_label
         attrs.update(_models.request_attributes(kwargs, info.config, info))
         cached = (SharedAttributes(attrs), f"chat {model}")
         if not own_parameters:  # the call's attributes are its config's: the same every time
@@ -905,14 +923,14 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
     if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
-        return start(TracedSpanShell(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+        return start(TracedSpanShell(), span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
     traced = _ChatSpan()  # its four fields set here: no __init__ (see TracedSpanShell), no keywords dict
     traced.state = state
     traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
     traced.event = event
     call.started = perf_counter()  # the call's duration (its metric) starts here
-    return start(traced, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    return start(traced, span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -967,13 +985,13 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
         call.response_model, call.usage, call.cost = response_model, usage, cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
-        attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
+        attrs[GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
     if isinstance(response_id, str):  # the server's text too, as the finish reasons are
-        attrs[semconv.GEN_AI_RESPONSE_ID] = redact_id(response_id)
+        attrs[GEN_AI_RESPONSE_ID] = redact_id(response_id)
     attrs.update(usage)
     if cost is not None:
-        attrs[semconv.LLM_COST_USD] = cost
+        attrs[LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
@@ -987,7 +1005,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             reasons = [_finish_reason(reason) for choice in choices[:MAX_REASONS]
                        if (reason := getattr(choice, "finish_reason", None))]
         if reasons:
-            attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+            attrs[GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
             output = _content(_response_output, response)
             if output is not None and state.capture:
@@ -1033,19 +1051,19 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
         name = _tool_names.redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
-        semconv.GEN_AI_TOOL_NAME: name,
-        semconv.GEN_AI_TOOL_TYPE: "function",
-        semconv.GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
+        GEN_AI_OPERATION_NAME: OP_EXECUTE_TOOL,
+        GEN_AI_TOOL_NAME: name,
+        GEN_AI_TOOL_TYPE: "function",
+        GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
     }
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):  # the model server's text (a key it was sent, megabytes): redact_id skips ordinary ids
-        attrs[semconv.GEN_AI_TOOL_CALL_ID] = redact_id(call_id)
+        attrs[GEN_AI_TOOL_CALL_ID] = redact_id(call_id)
     if state.capture and arguments is not None:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return start(TracedSpanShell(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+    return start(TracedSpanShell(), f"execute_tool {name}", KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
 
 
@@ -1270,7 +1288,7 @@ def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     if _in_human_span.get():
         return None  # a subclass's get_human_input calling super(): one span per request
     name = cached_name(state.agents, instance)
-    attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
+    attrs: dict[str, Any] = {GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
     return _HumanSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
