@@ -50,6 +50,22 @@ from ._forksafe import reset_in_child
 from ._termination import claim_duration
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
 from .redaction import learn_encoded_in, register_request_credentials, safe_text, truncate
+
+# the keys start() sets on every span, read as module globals (one lookup each, not a global and a module
+# attribute): a dozen per span
+from .semconv import (
+    DAG_DEPTH,
+    DAG_NODE,
+    DAG_NODE_TYPE,
+    DAG_ORDER_INDEX,
+    DAG_PARENT_NODE,
+    EVENT_DEPTH,
+    EXECUTION_ORDER,
+    GEN_AI_CONVERSATION_ID,
+    GENERIC_SESSION_ID,
+    SESSION_ID,
+    SPAN_KIND,
+)
 from .version import __version__
 
 logger = logging.getLogger("cmbagent_otel")
@@ -292,14 +308,14 @@ def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | N
     session = state.session_id
     conversation_id = new_conversation_id() if new_conversation else scope.conversation_id
     attrs: dict[str, Any] = {
-        semconv.SPAN_KIND: kind, semconv.EXECUTION_ORDER: state.next_order(),
-        semconv.SESSION_ID: session, semconv.GENERIC_SESSION_ID: session,
+        SPAN_KIND: kind, EXECUTION_ORDER: state.next_order(),
+        SESSION_ID: session, GENERIC_SESSION_ID: session,
     }
     if conversation_id is not None:
-        attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+        attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if scope.dag_node is not None:
-        attrs[semconv.DAG_NODE] = scope.dag_node
-    attrs[semconv.EVENT_DEPTH] = scope.event_depth
+        attrs[DAG_NODE] = scope.dag_node
+    attrs[EVENT_DEPTH] = scope.event_depth
     new_scope = scope.child_event(conversation_id)
     if scope_changes:
         for name, value in scope_changes.items():  # a fresh scope nobody holds yet
@@ -323,20 +339,20 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     session = state.session_id
     conversation_id = new_conversation_id() if new_conversation else scope.conversation_id
     attrs: dict[str, Any] = {
-        semconv.SPAN_KIND: kind,
-        semconv.EXECUTION_ORDER: state.next_order(),
-        semconv.SESSION_ID: session,
-        semconv.GENERIC_SESSION_ID: session,
+        SPAN_KIND: kind,
+        EXECUTION_ORDER: state.next_order(),
+        SESSION_ID: session,
+        GENERIC_SESSION_ID: session,
     }
     if conversation_id is not None:
-        attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+        attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
         node_id, depth, order = _name_node(state, scope, node)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
-            attrs[semconv.DAG_NODE] = scope.dag_node
+            attrs[DAG_NODE] = scope.dag_node
         new_scope = scope.evolve(conversation_id=conversation_id)
     if scope_changes:
         for name, value in scope_changes.items():  # a fresh scope nobody holds yet
@@ -374,13 +390,13 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
 def _set_node(attrs: dict[str, Any], node: NodeSpec, node_id: str, depth: int, parent: str | None,
               order: int | None) -> None:
     """Write a DAG node span's node attributes (see :func:`_name_node`) into ``attrs``."""
-    attrs[semconv.DAG_NODE] = node_id
-    attrs[semconv.DAG_NODE_TYPE] = node.node_type
-    attrs[semconv.DAG_DEPTH] = depth
+    attrs[DAG_NODE] = node_id
+    attrs[DAG_NODE_TYPE] = node.node_type
+    attrs[DAG_DEPTH] = depth
     if parent is not None:
-        attrs[semconv.DAG_PARENT_NODE] = parent
+        attrs[DAG_PARENT_NODE] = parent
     if order is not None:
-        attrs[semconv.DAG_ORDER_INDEX] = order
+        attrs[DAG_ORDER_INDEX] = order
 
 
 def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope) -> tuple[Any, ...] | None:
@@ -653,9 +669,9 @@ class SamplingProbe:
 _copy = dict.copy
 
 # the keys start() sets itself, before a span's own attributes
-_START_KEYS = frozenset({semconv.SPAN_KIND, semconv.EXECUTION_ORDER, semconv.SESSION_ID, semconv.GENERIC_SESSION_ID,
-                         semconv.GEN_AI_CONVERSATION_ID, semconv.DAG_NODE, semconv.EVENT_DEPTH, semconv.DAG_NODE_TYPE,
-                         semconv.DAG_DEPTH, semconv.DAG_PARENT_NODE, semconv.DAG_ORDER_INDEX})
+_START_KEYS = frozenset({SPAN_KIND, EXECUTION_ORDER, SESSION_ID, GENERIC_SESSION_ID,
+                         GEN_AI_CONVERSATION_ID, DAG_NODE, EVENT_DEPTH, DAG_NODE_TYPE,
+                         DAG_DEPTH, DAG_PARENT_NODE, DAG_ORDER_INDEX})
 
 
 class SharedAttributes(dict):  # type: ignore[type-arg]
@@ -675,19 +691,19 @@ class SharedAttributes(dict):  # type: ignore[type-arg]
 
     def template(self, shape: int) -> dict[str, Any]:
         """The template of ``shape``: 1 a conversation id, 2 a parent DAG node; for a DAG node (8) 4 an order index."""
-        keys = [semconv.SPAN_KIND, semconv.EXECUTION_ORDER, semconv.SESSION_ID, semconv.GENERIC_SESSION_ID]
+        keys = [SPAN_KIND, EXECUTION_ORDER, SESSION_ID, GENERIC_SESSION_ID]
         if shape & 1:
-            keys.append(semconv.GEN_AI_CONVERSATION_ID)
+            keys.append(GEN_AI_CONVERSATION_ID)
         if shape & 8:
-            keys += (semconv.DAG_NODE, semconv.DAG_NODE_TYPE, semconv.DAG_DEPTH)
+            keys += (DAG_NODE, DAG_NODE_TYPE, DAG_DEPTH)
             if shape & 2:
-                keys.append(semconv.DAG_PARENT_NODE)
+                keys.append(DAG_PARENT_NODE)
             if shape & 4:
-                keys.append(semconv.DAG_ORDER_INDEX)
+                keys.append(DAG_ORDER_INDEX)
         else:
             if shape & 2:
-                keys.append(semconv.DAG_NODE)
-            keys.append(semconv.EVENT_DEPTH)
+                keys.append(DAG_NODE)
+            keys.append(EVENT_DEPTH)
         template: dict[str, Any] = dict.fromkeys(keys)
         template.update(self)
         self.templates[shape] = template  # type: ignore[index]  # threads may both build it: the same dict
@@ -798,16 +814,16 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs = _copy(templates[shape] or attributes.template(shape))
             else:
                 attrs = {}
-            attrs[semconv.SPAN_KIND] = kind
-            attrs[semconv.EXECUTION_ORDER] = next(state._order) if _GIL else state.next_order()
-            attrs[semconv.SESSION_ID] = session
-            attrs[semconv.GENERIC_SESSION_ID] = session
+            attrs[SPAN_KIND] = kind
+            attrs[EXECUTION_ORDER] = next(state._order) if _GIL else state.next_order()
+            attrs[SESSION_ID] = session
+            attrs[GENERIC_SESSION_ID] = session
             if conversation_id is not None:
-                attrs[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
+                attrs[GEN_AI_CONVERSATION_ID] = conversation_id
             if node is None:
                 if dag_node is not None:
-                    attrs[semconv.DAG_NODE] = dag_node
-                attrs[semconv.EVENT_DEPTH] = scope.event_depth
+                    attrs[DAG_NODE] = dag_node
+                attrs[EVENT_DEPTH] = scope.event_depth
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
             else:

@@ -16,6 +16,8 @@ work as documented by OpenTelemetry and are not repeated here unless we read the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import math
 import os
@@ -743,9 +745,6 @@ def header_credentials(name: str, value: str, is_secret_name: Callable[[str], bo
 
 def _basic_credentials(token: str) -> list[str]:
     """The ``user:password`` a Basic authorization token encodes, and its password."""
-    import base64
-    import binascii
-
     try:
         decoded = base64.b64decode(token, validate=True).decode("utf-8")
     except (binascii.Error, ValueError):

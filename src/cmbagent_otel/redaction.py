@@ -227,10 +227,12 @@ def register_new_environment() -> None:
     dict comparison when none was): an application may set one after :func:`instrument` (a
     ``.env`` file loaded late, a key asked for at run time) and the code or tool it runs may
     print it. Called before a code execution's output or a tool's result is recorded. Never raises."""
-    with contextlib.suppress(Exception):
+    try:  # not contextlib.suppress (as in register_sent_credentials): every tool call and code run
         data = getattr(os.environ, "_data", None)  # the live mapping behind os.environ (CPython)
         if data is None or data != _environment_seen:
             _register_environment()
+    except Exception:
+        return
 
 
 _environment_seen: dict[Any, Any] = {}
@@ -579,8 +581,10 @@ def register_secrets_in(value: Any) -> None:
     every pydantic ``SecretStr``. AG2 0.14 strips ``api_key`` from
     ``OpenAIWrapper._config_list``, so the agent's ``llm_config`` is where keys are found.
     """
-    with contextlib.suppress(Exception):  # telemetry must never break the app
+    try:  # telemetry must never break the app (not contextlib.suppress: every new agent's config)
         _register_walk(value, 0, False, register_secret)
+    except Exception:
+        return
 
 
 def register_request_credentials(exc: BaseException) -> None:
@@ -669,7 +673,7 @@ def learn_secrets_in(value: Any) -> None:
     written as a string (tool arguments arrive that way, sometimes JSON nested in JSON) is
     parsed and walked, and ``key: value`` text is scanned. Never raises.
     """
-    with contextlib.suppress(Exception):
+    try:  # not contextlib.suppress: every tool call
         if type(value) is not str or len(value) > _CLEAN_TEXT_MAX_LEN:
             _register_walk(value, 0, False, learn_secret)
             return
@@ -681,6 +685,8 @@ def learn_secrets_in(value: Any) -> None:
             if len(_clean_texts) >= _CLEAN_TEXTS_MAX:
                 _clean_texts.clear()  # a bound, not a cache policy
             _clean_texts[value] = None
+    except Exception:
+        return
 
 
 # Texts (tool arguments, mostly) whose walk offered nothing to learn_secret: the same text again

@@ -34,6 +34,18 @@ from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
 from .._spans import END_TIME_SPAN, TracedSpan, compose, error_type, exception_text, record_exception
 from ..redaction import max_length, safe_text
+
+# the keys of every handoff event, read as module globals (one lookup each, not a global and a module attribute)
+from ..semconv import (
+    EVENT_DEPTH,
+    EXECUTION_ORDER,
+    HANDOFF_CANDIDATES,
+    HANDOFF_FROM,
+    HANDOFF_REASON,
+    HANDOFF_TO,
+    KIND_SPEAKER_SELECTION,
+    SPAN_KIND,
+)
 from ._content import agent_name, cached_name
 from ._patching import wrapt_wrapper
 
@@ -71,8 +83,8 @@ class Selection:
     def attributes(self) -> dict[str, Any]:
         """The handoff's from / reason / candidates attributes (a new dict)."""
         facts = self.facts
-        return {semconv.HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
-                semconv.HANDOFF_REASON: facts[2], semconv.HANDOFF_CANDIDATES: facts[3]}
+        return {HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
+                HANDOFF_REASON: facts[2], HANDOFF_CANDIDATES: facts[3]}
 
     def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
         """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
@@ -94,17 +106,17 @@ class Selection:
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 run = scope.run  # type: ignore[union-attr]
                 self.span.add_event(EVENT_NAME, {
-                    semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
-                    semconv.HANDOFF_CANDIDATES: facts[3], semconv.HANDOFF_TO: to,
-                    semconv.SPAN_KIND: semconv.KIND_SPEAKER_SELECTION,
-                    semconv.EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
-                    semconv.EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
+                    HANDOFF_FROM: self.from_name, HANDOFF_REASON: facts[2],
+                    HANDOFF_CANDIDATES: facts[3], HANDOFF_TO: to,
+                    SPAN_KIND: KIND_SPEAKER_SELECTION,
+                    EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
+                    EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
                 return
-            attrs = {semconv.HANDOFF_FROM: self.from_name, semconv.HANDOFF_REASON: facts[2],
-                     semconv.HANDOFF_CANDIDATES: facts[3]}
+            attrs = {HANDOFF_FROM: self.from_name, HANDOFF_REASON: facts[2],
+                     HANDOFF_CANDIDATES: facts[3]}
             if result is not None:
                 entry = state.agents.get(id(result))  # cached_name written out
-                attrs[semconv.HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
+                attrs[HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
                     else agent_name(result)
             if exc is not None:
                 if ends_chat(exc, state.no_speaker_cls):
@@ -114,10 +126,10 @@ class Selection:
                     attrs["exception.message"] = safe_text(exception_text(exc)) or ""
             if room:
                 scope.handoffs = room - 1  # type: ignore[union-attr]
-                attrs[semconv.SPAN_KIND] = semconv.KIND_SPEAKER_SELECTION
+                attrs[SPAN_KIND] = KIND_SPEAKER_SELECTION
                 run = scope.run  # type: ignore[union-attr]
-                attrs[semconv.EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
-                attrs[semconv.EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
+                attrs[EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
+                attrs[EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
                 self.span.add_event(EVENT_NAME, attrs)
             else:
                 self._as_span(state, exc, attrs)
@@ -126,7 +138,7 @@ class Selection:
 
     def _as_span(self, state: Any, exc: BaseException | None, outcome: dict[str, Any]) -> None:
         """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
-        attrs, _ = compose(self.scope, semconv.KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
+        attrs, _ = compose(self.scope, KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
         attrs.pop("exception.message", None)
         span = state.tracer.start_span(f"select_speaker {self.from_name}",
                                        context=trace.set_span_in_context(self.span), kind=SpanKind.INTERNAL,
@@ -345,7 +357,7 @@ class _SelectionSpan(TracedSpan):
     __slots__ = ("_no_speaker_cls",)
 
     def __init__(self, selection: Selection, state: Any) -> None:
-        super().__init__(f"select_speaker {selection.from_name}", semconv.KIND_SPEAKER_SELECTION,
+        super().__init__(f"select_speaker {selection.from_name}", KIND_SPEAKER_SELECTION,
                          selection.attributes, scope_changes=_INSIDE_SELECTION, tracer=state.tracer)
         self._no_speaker_cls = state.no_speaker_cls
 
@@ -400,7 +412,7 @@ def auto_sync(state: Any) -> Callable[..., Any]:
         with traced:
             result = wrapped(*args, **kwargs)
             if result is not None:
-                traced.set(semconv.HANDOFF_TO, agent_name(result))
+                traced.set(HANDOFF_TO, agent_name(result))
             return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
@@ -422,7 +434,7 @@ def auto_async(state: Any) -> Callable[..., Any]:
         with traced:
             result = await wrapped(*args, **kwargs)
             if result is not None:
-                traced.set(semconv.HANDOFF_TO, agent_name(result))
+                traced.set(HANDOFF_TO, agent_name(result))
             return result
 
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]

@@ -107,6 +107,24 @@ from ..redaction import (
     safe_text,
     truncate,
 )
+
+# the keys and kinds of every model, tool and agent span, read as module globals (one lookup each, not a
+# global and a module attribute)
+from ..semconv import (
+    GEN_AI_AGENT_NAME,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_TOOL_CALL_ID,
+    GEN_AI_TOOL_NAME,
+    GEN_AI_TOOL_TYPE,
+    KIND_AGENT,
+    KIND_LLM,
+    KIND_TOOL,
+    LLM_COST_USD,
+    OP_EXECUTE_TOOL,
+)
 from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
@@ -354,7 +372,7 @@ def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     register_agent_secrets(recipient)
     recipient_name = agent_name(recipient)
     attrs: dict[str, Any] = {
-        semconv.GEN_AI_AGENT_NAME: recipient_name,
+        GEN_AI_AGENT_NAME: recipient_name,
         semconv.CONVERSATION_INITIATOR: agent_name(instance),
         semconv.CONVERSATION_RECIPIENT: recipient_name,
     }
@@ -394,7 +412,7 @@ def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: 
     if isinstance(cost, dict):
         total = cost.get("usage_including_cached_inference", {})
         if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
-            traced.set(semconv.LLM_COST_USD, float(total["total_cost"]))
+            traced.set(LLM_COST_USD, float(total["total_cost"]))
     if state.capture:
         traced.set(semconv.CONVERSATION_SUMMARY, safe_text(getattr(result, "summary", None)))
 
@@ -578,8 +596,8 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     manager, runner = _type_facts(state, agent)
     static.is_manager = manager
     static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
-    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-                             semconv.GEN_AI_AGENT_NAME: static.name}
+    attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+                             GEN_AI_AGENT_NAME: static.name}
     user_description = _user_description(agent, static)
     if user_description is not None:
         attrs[semconv.GEN_AI_AGENT_DESCRIPTION] = user_description
@@ -674,8 +692,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
         # transparent for sub-agent nodes; may hold the plan steps of a cmbagent control chat
         tracker = _steps.tracker_for(scope, state.workflow_tracer)
         if tracker is not None:
-            return _GroupChatSpan(span_name, semconv.KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
-        return start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
+            return _GroupChatSpan(span_name, KIND_AGENT, attrs, tracker, state.tracer, ctx).__enter__()
+        return start(TracedSpanShell(), span_name, KIND_AGENT, attrs, None, None, state.tracer, _INTERNAL, ctx)
     depth = scope.agent_depth if scope is not None else 0
     node = None
     if (
@@ -691,7 +709,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
             node = static.nodes[scope.dag_node] = NodeSpec(f"{scope.dag_node}_{static.name}",
                                                            semconv.NODE_SUB_AGENT, child=True,
                                                            parent=scope.dag_node)
-    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx,
+    traced = start(TracedSpanShell(), span_name, KIND_AGENT, attrs, node, None, state.tracer, _INTERNAL, ctx,
                    False, None, known)
     children = traced._scope
     if children is not None:  # a fresh scope, in the context but read by nobody yet: set here rather
@@ -708,7 +726,7 @@ def _top_level_agent(state: _State, ctx: Any, static: _AgentStatic, span_name: s
     (``generate_reply`` called directly): a node of the run (``agent_<k>``, like a top-level
     conversation's ``conversation_<k>``), else the run's DAG has no node at all. A manager stays
     transparent for its agents' turns: they become its sub-agent nodes."""
-    traced = start(TracedSpanShell(), span_name, semconv.KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
+    traced = start(TracedSpanShell(), span_name, KIND_AGENT, attrs, _TOP_LEVEL_AGENT, None, state.tracer,
                    _INTERNAL, ctx)
     children = traced._scope
     if children is not None and not static.is_manager:
@@ -807,13 +825,16 @@ class _ModelCall:
 
 
 def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | None]:
-    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response."""
+    """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response: what its metrics
+    (:meth:`_ModelCall.response`) and its span's attributes (:func:`_record_llm`) read of it."""
     model = getattr(response, "model", None)
+    usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
-    # the server's text, as the recorded call's (_record_llm)
-    return (redact_name(str.__str__(model)) if isinstance(model, str) else None,
-            _models.usage_attributes(getattr(response, "usage", None)),
-            float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
+    if type(cost) is not float:
+        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
+    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+            _models.usage_attributes(usage), cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -878,10 +899,10 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
     if cached is None:
-        attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
+        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: semconv.OP_CHAT, **info.call_attributes,
                                  semconv.GEN_AI_REQUEST_MODEL: model}
         if agent_label is not None:
-            attrs[semconv.GEN_AI_AGENT_NAME] = agent_label
+            attrs[GEN_AI_AGENT_NAME] = agent_label
         attrs.update(_models.request_attributes(kwargs, info.config, info))
         cached = (SharedAttributes(attrs), f"chat {model}")
         if not own_parameters:  # the call's attributes are its config's: the same every time
@@ -902,14 +923,14 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
     if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
-        return start(TracedSpanShell(), span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+        return start(TracedSpanShell(), span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
     traced = _ChatSpan()  # its four fields set here: no __init__ (see TracedSpanShell), no keywords dict
     traced.state = state
     traced.call = call = _ModelCall(info, request_model)
     traced.event_logger = state.event_logger
     traced.event = event
     call.started = perf_counter()  # the call's duration (its metric) starts here
-    return start(traced, span_name, semconv.KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
+    return start(traced, span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
 def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -957,26 +978,20 @@ def _response_output(response: Any) -> str | None:
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
-    model = getattr(response, "model", None)
-    # the server writes the model, the id and the finish reasons as it likes (a key it was sent, megabytes)
-    response_model = redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None
-    usage = getattr(response, "usage", None)
-    cost = getattr(response, "cost", None)
-    if type(cost) is not float:
-        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    response_model, usage, cost = _response_facts(response)
     chat = type(traced) is _ChatSpan
     if chat:  # its metrics read the response when it ends
         call = traced.call  # type: ignore[attr-defined]
-        call.response_model, call.usage, call.cost = response_model, _models.usage_attributes(usage), cost
+        call.response_model, call.usage, call.cost = response_model, usage, cost
     attrs: dict[str, Any] = {}
     if response_model is not None:
-        attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
+        attrs[GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
-    if isinstance(response_id, str):
-        attrs[semconv.GEN_AI_RESPONSE_ID] = redact_id(response_id)
-    attrs.update(call.usage if chat else _models.usage_attributes(usage))
+    if isinstance(response_id, str):  # the server's text too, as the finish reasons are
+        attrs[GEN_AI_RESPONSE_ID] = redact_id(response_id)
+    attrs.update(usage)
     if cost is not None:
-        attrs[semconv.LLM_COST_USD] = cost
+        attrs[LLM_COST_USD] = cost
     choices = getattr(response, "choices", None)
     output = None
     if isinstance(choices, list):
@@ -990,7 +1005,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             reasons = [_finish_reason(reason) for choice in choices[:MAX_REASONS]
                        if (reason := getattr(choice, "finish_reason", None))]
         if reasons:
-            attrs[semconv.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+            attrs[GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
             output = _content(_response_output, response)
             if output is not None and state.capture:
@@ -1036,19 +1051,19 @@ def _tool(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs:
         # the model's text: a name it made up may quote a key (span name, gen_ai.tool.name, rows)
         name = _tool_names.redact(bounded_name(str(func_call.get("name") or "unknown"))) or "unknown"
     attrs: dict[str, Any] = {
-        semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
-        semconv.GEN_AI_TOOL_NAME: name,
-        semconv.GEN_AI_TOOL_TYPE: "function",
-        semconv.GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
+        GEN_AI_OPERATION_NAME: OP_EXECUTE_TOOL,
+        GEN_AI_TOOL_NAME: name,
+        GEN_AI_TOOL_TYPE: "function",
+        GEN_AI_AGENT_NAME: cached_name(state.agents, instance),
     }
     call_id = _arg(args, kwargs, 1, "call_id")
     if isinstance(call_id, str):  # the model server's text (a key it was sent, megabytes): redact_id skips ordinary ids
-        attrs[semconv.GEN_AI_TOOL_CALL_ID] = redact_id(call_id)
+        attrs[GEN_AI_TOOL_CALL_ID] = redact_id(call_id)
     if state.capture and arguments is not None:
         text = _content(_tool_arguments_text, arguments)
         if text is not None:
             attrs[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = text
-    return start(TracedSpanShell(), f"execute_tool {name}", semconv.KIND_TOOL, attrs, None, None, state.tracer,
+    return start(TracedSpanShell(), f"execute_tool {name}", KIND_TOOL, attrs, None, None, state.tracer,
                  _INTERNAL, ctx)
 
 
@@ -1273,7 +1288,7 @@ def _human(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     if _in_human_span.get():
         return None  # a subclass's get_human_input calling super(): one span per request
     name = cached_name(state.agents, instance)
-    attrs: dict[str, Any] = {semconv.GEN_AI_AGENT_NAME: name}
+    attrs: dict[str, Any] = {GEN_AI_AGENT_NAME: name}
     if state.capture:
         attrs[semconv.HUMAN_INPUT_PROMPT] = safe_text(_arg(args, kwargs, 0, "prompt"))
     return _HumanSpan(f"await_human_input {name}", semconv.KIND_HUMAN_INPUT, attrs, tracer=state.tracer,
@@ -1351,20 +1366,22 @@ _EXPECTED_OWNERS = ("ConversableAgent", "OpenAIWrapper", "GroupChat")
 def _sent_credentials_wrapper(state: _State) -> Callable[..., Any]:
     """``openai``'s ``_process_response`` (sync and async: the coroutine is returned as it is): the
     credentials of the request, as sent, are registered before the answer is parsed
-    (:func:`redaction.register_sent_credentials`)."""
-    def process_response(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> Any:
-        if state.active:
-            # only a client whose credential is computed per request (an Azure AD token provider, an
-            # httpx auth=): a key the config walk registered is in the headers of every other client
-            fields = getattr(instance, "__dict__", None)
-            if type(fields) is dict and (fields.get("_azure_ad_token_provider") is not None
-                                         or getattr(fields.get("_client"), "_auth", None) is not None):
-                register_sent_credentials(kwargs.get("response"))
-        return wrapped(*args, **kwargs)
+    (:func:`redaction.register_sent_credentials`). The sync method is patched with this body itself
+    (``method_for``: no trampoline frame and no bound method per call, as AG2's methods are)."""
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        def process_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if state.active:
+                # only a client whose credential is computed per request (an Azure AD token provider, an
+                # httpx auth=): a key the config walk registered is in the headers of every other client
+                fields = getattr(self, "__dict__", None)
+                if type(fields) is dict and (fields.get("_azure_ad_token_provider") is not None
+                                             or getattr(fields.get("_client"), "_auth", None) is not None):
+                    register_sent_credentials(kwargs.get("response"))
+            return original(self, *args, **kwargs)
 
-    process_response._cmbagent_otel = state  # type: ignore[attr-defined]
-    return process_response
+        return process_response
+
+    return wrapt_wrapper(method_for, state)
 
 
 TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
