@@ -1,0 +1,128 @@
+"""What a user of the real cmbagent package sees, seventh audit (session 34).
+
+``preprocess_task`` (cmbagent's enhance-input mode, whose DAG cmbagent's backend creates from the
+fixed-pipeline template: ``init``, ``execute`` labelled "Enhance Input", ``terminator``) when it never
+reaches a solve: it raises first (a work dir that is a file: its ``clean_work_dir`` lists it; Ctrl-C while
+its OCR runs), or returns the task unchanged (no paper to summarize: the usual case of a task without
+arXiv links). Each run is cmbagent's own (offline, scripted backend), exported by the DAG exporter into
+SQLite and read back as cmbagent's backend reads it; with ``CMBAGENT_OTEL_MARS_SRC`` /
+``CMBAGENT_OTEL_MARS_PYTHON`` also by cmbagent's own backend code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
+from cmbagent_otel import semconv as sc
+
+from .test_cmbagent_runs import _exported, _kind, _named
+from .test_cmbreal5_audit import _mars
+from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
+    _final_rows,
+    _nodes_of,
+    _one_root_per_trace,
+    run_cmbagent,
+)
+
+pytestmark = pytest.mark.cmbagent_autogen
+
+
+class Interrupted(Exception):
+    """The Ctrl-C the entry call raised, as the test's app reports it (the harness compares Exceptions)."""
+
+
+def _work_dir_a_file(text: str, work_dir: str, **kw: Any) -> Any:
+    """A work dir that is a file: cmbagent's ``clean_work_dir`` lists it and raises NotADirectoryError."""
+    import cmbagent
+
+    path = Path(work_dir) / "not-a-folder"
+    path.write_text("", encoding="utf-8")
+    return cmbagent.preprocess_task(text, **(kw | {"work_dir": str(path), "clear_work_dir": True}))
+
+
+def _ctrl_c_in_ocr(text: str, work_dir: str, **kw: Any) -> Any:
+    """Ctrl-C while cmbagent OCRs the downloaded papers (``process_folder``, Mistral's API: the user
+    interrupts the wait)."""
+    import cmbagent
+    import cmbagent.ocr
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    module = sys.modules["cmbagent.ocr"]
+    saved = module.process_folder
+    module.process_folder = interrupted
+    try:
+        return cmbagent.preprocess_task(text, **(kw | {"work_dir": work_dir, "skip_ocr": False}))
+    except KeyboardInterrupt as exc:
+        raise Interrupted("KeyboardInterrupt") from exc
+    finally:
+        module.process_folder = saved
+
+
+def _no_papers(text: str, work_dir: str, **kw: Any) -> Any:
+    """No paper to summarize (no docs folder: what a task without arXiv links leaves): cmbagent returns
+    the task unchanged without a solve."""
+    import cmbagent
+
+    empty = Path(work_dir) / "no-papers"
+    empty.mkdir()
+    return cmbagent.preprocess_task(text, **(kw | {"work_dir": str(empty)}))
+
+
+CASES = {
+    "work_dir_a_file": (_work_dir_a_file, "NotADirectoryError", "failed"),
+    "ctrl_c_in_ocr": (_ctrl_c_in_ocr, "Interrupted", "cancelled"),
+    "no_papers": (_no_papers, None, "completed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_enhance_input_without_a_solve_keeps_a_pending_execute(request: pytest.FixtureRequest, tmp_path: Path,
+                                                               case: str) -> None:
+    """preprocess_task that never reaches a solve: the entry call's result or exception is unchanged, and
+    the enhance-input pipeline's ``execute`` node is there as cmbagent's tracker creates it with the run,
+    never started: pending, labelled "Enhance Input", no times, no events (a ``phase one_shot`` span ended
+    as it starts, not red, ``cmbagent.phase.status`` "not started"). cmbagent's own backend serves it."""
+    function, error, status = CASES[case]
+    plain = request.getfixturevalue("run_cmbagent")("preprocess_task", instrumented=False, function=function)
+    run = request.getfixturevalue("run_cmbagent")("preprocess_task", function=function)
+    assert type(run.error).__name__ == (error or "NoneType") and type(run.error) is type(plain.error)
+    assert run.results == plain.results
+    assert run.sequence == plain.sequence == []  # no model call
+    _one_root_per_trace(run)
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow preprocess_task"
+    (execute,) = _named(run, "phase one_shot")
+    assert execute.attributes[sc.PHASE_STATUS] == sc.STEP_NOT_STARTED
+    assert execute.status.status_code is StatusCode.UNSET
+    assert [s for s in run.spans if _kind(s) == sc.KIND_PHASE] == [execute]
+    url = _exported(run, tmp_path)
+    rows = _final_rows(url)
+    (row,) = rows["runs"]
+    assert (row["mode"], row["status"]) == ("enhance-input", status)
+    nodes = _nodes_of(rows)
+    final = "completed" if status == "completed" else "failed"
+    assert {s: n["status"] for s, n in nodes.items()} == {
+        "init": "completed", "execute": "pending", "terminator": final}
+    node = nodes["execute"]
+    assert (node["node_type"], node["order_index"], node["parent_node_id"]) == ("agent", 1, None)
+    assert (node["meta"]["label"], node["meta"]["description"]) == ("Enhance Input", "Execute task")
+    assert (node["meta"]["started_at"], node["meta"]["completed_at"], node["meta"]["duration_ms"]) == (None,) * 3
+    assert not [e for e in rows["events"] if e["node_id"] == node["id"]]
+    assert rows["states"][0]["status"] == ("completed" if status == "completed" else "suspended")
+    answers = _mars(tmp_path, url)
+    if answers is not None:  # cmbagent's own backend on these rows
+        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+        dag = answers[f"{row['id']} dag"]
+        assert {n["id"]: n["status"] for n in dag["nodes"]} == {s: n["status"] for s, n in nodes.items()}
+        assert {(e["source"], e["target"]) for e in dag["edges"]} == {("init", "execute"), ("execute", "terminator")}
