@@ -126,3 +126,57 @@ def test_enhance_input_without_a_solve_keeps_a_pending_execute(request: pytest.F
         dag = answers[f"{row['id']} dag"]
         assert {n["id"]: n["status"] for n in dag["nodes"]} == {s: n["status"] for s, n in nodes.items()}
         assert {(e["source"], e["target"]) for e in dag["edges"]} == {("init", "execute"), ("execute", "terminator")}
+
+
+def _per_agent(events: list[dict[str, Any]], running: bool) -> dict[str, tuple[int, int]]:
+    """Per agent (named as cmbagent's report names it), the tokens of our LLM events: summed per call, or
+    (``running``) the sum of the agent's running totals after each call, as cmbagent's report adds up an
+    ``OpenAIWrapper`` that persists across calls (``cost_dict`` gets its ``return_usage_summary`` per call)."""
+    totals: dict[str, list[int]] = {}
+    summed: dict[str, list[int]] = {}
+    for e in sorted(events, key=lambda e: e["execution_order"]):
+        total = totals.setdefault(e["agent_name"], [0, 0])
+        total[0] += e["meta"]["prompt_tokens"]
+        total[1] += e["meta"]["completion_tokens"]
+        row = summed.setdefault(e["agent_name"].replace("_", " "), [0, 0])
+        row[0] += total[0] if running else e["meta"]["prompt_tokens"]
+        row[1] += total[1] if running else e["meta"]["completion_tokens"]
+    return {a: (v[0], v[1]) for a, v in summed.items()}
+
+
+@pytest.mark.parametrize("kind", ["one_shot", "control"])
+def test_cost_report_against_our_rows(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    """cmbagent's own cost report (``cost/cost_report_*.json``, one per solve) against our rows, agent by agent.
+    Each agent's reported tokens are exactly what our LLM events give: their per-call sum where cmbagent
+    gives the agent a fresh model client per turn (``control``, the response formatters), the sum of running
+    totals where the client persists (the engineer's three calls: cmbagent counts the first again at each
+    later one); one_shot's agents each call once, so there both agree. Our cost rows hold the per-call sums
+    (what the calls used), whichever way cmbagent counted."""
+    import json
+
+    run = request.getfixturevalue("run_cmbagent")(kind)
+    assert run.error is None
+    rows = _final_rows(_exported(run, tmp_path))
+    (report,) = sorted(run.work_dir.rglob("cost_report_*.json"))
+    table = json.loads(report.read_text(encoding="utf-8"))
+    reported = {r["Agent"]: (r["Prompt Tokens"], r["Completion Tokens"]) for r in table if r["Agent"] != "Total"}
+    (total,) = [r for r in table if r["Agent"] == "Total"]
+    assert total["Prompt Tokens"] == sum(p for p, _ in reported.values())
+    assert total["Completion Tokens"] == sum(c for _, c in reported.values())
+    llm = [e for e in rows["events"] if e["event_subtype"] == "llm"]
+    per_call, running = _per_agent(llm, running=False), _per_agent(llm, running=True)
+    assert set(reported) == set(per_call)
+    counted = {a: "per call" if reported[a] == per_call[a] else "running" if reported[a] == running[a] else None
+               for a in reported}
+    assert None not in counted.values(), (reported, per_call, running)
+    if kind == "one_shot":
+        assert per_call == running == reported
+    else:
+        assert counted["control"] == "per call" and counted["engineer"] == "running"
+        assert reported["engineer"] != per_call["engineer"]  # inflated by cmbagent, not by us
+    costs: dict[str, list[int]] = {}
+    for c in rows["costs"]:
+        row = costs.setdefault(c["agent_name"].replace("_", " "), [0, 0])
+        row[0] += c["prompt_tokens"]
+        row[1] += c["completion_tokens"]
+    assert {a: (v[0], v[1]) for a, v in costs.items()} == per_call
