@@ -175,3 +175,28 @@ def test_human_input_set_on_the_agent_is_traced(message: str | None) -> None:
     admin, function = functions[-1]
     assert vars(admin)["get_human_input"] is function  # put back by uninstrument()
     assert "a_get_human_input" not in vars(admin)
+
+
+def test_run_with_positional_max_turns() -> None:
+    """``ConversableAgent.run(recipient, True, True, None, 1, ...)`` (held up): AG2 calls ``initiate_chat``
+    from its own thread with keywords, so the conversation span has the limit either way."""
+    def scenario() -> Any:
+        alice = offline_agent("alice", ["first answer", "second answer"])
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+        with IOStream.set_default(ExitingConsole()):
+            response = bob.run(alice, True, True, None, 1, "last_msg", {}, "start the spectrum")
+            response.process(processor=_Silent())
+        return [(m.get("name"), m.get("content")) for m in response.messages]
+
+    plain, result, capture = _traced(scenario)
+    assert result == plain
+    assert ("alice", "first answer") in result and ("alice", "second answer") not in result
+    assert capture.one("conversation alice").attributes[semconv.CONVERSATION_MAX_TURNS] == 1
+
+
+class _Silent:
+    """An AG2 event processor that prints nothing."""
+
+    def process(self, response: Any) -> None:
+        for _ in response.events:
+            pass
