@@ -180,3 +180,49 @@ def test_cost_report_against_our_rows(request: pytest.FixtureRequest, tmp_path: 
         row[0] += c["prompt_tokens"]
         row[1] += c["completion_tokens"]
     assert {a: (v[0], v[1]) for a, v in costs.items()} == per_call
+
+
+def _admin_answered_by_the_web_ui(task: str, **kw: Any) -> Any:
+    """human_in_the_loop whose admin gets its human's answers as cmbagent's backend gives them (MARS
+    ``configure_admin_for_websocket``: a function set on the admin agent itself, ``admin.get_human_input =
+    websocket_human_input_sync``), set when cmbagent builds its agents."""
+    import cmbagent
+    from cmbagent.cmbagent import CMBAgent
+
+    from .scripted_cmbagent import HUMAN_TURNS
+
+    answers = list(HUMAN_TURNS)
+    original = CMBAgent.__init__
+
+    def websocket_human_input_sync(prompt: str) -> str:
+        return answers.pop(0) if answers else "exit"
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.get_agent_from_name("admin").get_human_input = websocket_human_input_sync
+
+    CMBAgent.__init__ = init  # type: ignore[method-assign]
+    try:
+        return cmbagent.human_in_the_loop(task, **kw)
+    finally:
+        CMBAgent.__init__ = original  # type: ignore[method-assign]
+
+
+def test_human_in_the_loop_answered_through_the_admin_itself(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The web UI's answers (a function set on cmbagent's admin agent, as its backend does it) left no
+    ``await_human_input`` span and no ``agent_call/human_input`` event: AG2 finds the function in the
+    agent, past the patch on its class. Now each answer is one, on the admin's turn node, as the console's
+    answers are."""
+    plain = request.getfixturevalue("run_cmbagent")("human_in_the_loop", instrumented=False,
+                                                    function=_admin_answered_by_the_web_ui)
+    run = request.getfixturevalue("run_cmbagent")("human_in_the_loop", function=_admin_answered_by_the_web_ui)
+    assert run.error is None and plain.error is None
+    assert run.sequence == plain.sequence
+    _one_root_per_trace(run)
+    asks = _named(run, "await_human_input admin")
+    assert len(asks) == 2
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    human = [e for e in rows["events"] if e["event_subtype"] == "human_input"]
+    assert sorted(n for n, node in nodes.items() for e in human if e["node_id"] == node["id"]) == [
+        "step_1_admin", "step_1_admin_2"]
