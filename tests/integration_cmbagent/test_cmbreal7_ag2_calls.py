@@ -200,3 +200,28 @@ class _Silent:
     def process(self, response: Any) -> None:
         for _ in response.events:
             pass
+
+
+def test_async_human_input_set_on_the_agent_is_traced() -> None:
+    """The same with ``a_get_human_input`` set on the agent and an async chat."""
+    functions: list[Any] = []
+
+    def scenario() -> Any:
+        alice = offline_agent("alice", ["what next?", "done"])
+        admin = ConversableAgent("admin", llm_config=False, human_input_mode="ALWAYS")
+        answers = ["print the peak", "exit"]
+
+        async def websocket_human_input(prompt: str, **kwargs: Any) -> str:
+            return answers.pop(0) if answers else "exit"
+
+        admin.a_get_human_input = websocket_human_input  # type: ignore[method-assign]
+        functions.append((admin, websocket_human_input))
+        with IOStream.set_default(ExitingConsole()):
+            result = asyncio.run(admin.a_initiate_chat(alice, message="start", max_turns=3, silent=True))
+        return _visible(result.chat_history)
+
+    plain, result, capture = _traced(scenario)
+    assert result == plain
+    assert len(capture.named("await_human_input admin")) == 2
+    admin, function = functions[-1]
+    assert vars(admin)["a_get_human_input"] is function
