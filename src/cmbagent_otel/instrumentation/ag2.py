@@ -370,17 +370,23 @@ def _conversation(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...],
     recipient = _arg(args, kwargs, 0, "recipient")
     register_agent_secrets(instance)
     register_agent_secrets(recipient)
+    # the initiator's human may be asked for the first message (AG2's generate_init_message) before any
+    # turn of it: its way of asking is adopted now, not at its first turn
+    _type_facts(state, instance)
+    _adopt_instance_overrides(state, instance)
     recipient_name = agent_name(recipient)
     attrs: dict[str, Any] = {
         GEN_AI_AGENT_NAME: recipient_name,
         semconv.CONVERSATION_INITIATOR: agent_name(instance),
         semconv.CONVERSATION_RECIPIENT: recipient_name,
     }
-    max_turns = kwargs.get("max_turns")
+    # (recipient, clear_history, silent, cache, max_turns, summary_method, summary_args, message) on
+    # ag2 0.14 and cmbagent_autogen alike: an application may pass them positionally
+    max_turns = _arg(args, kwargs, 4, "max_turns")
     if isinstance(max_turns, int):
         attrs[semconv.CONVERSATION_MAX_TURNS] = max_turns
     if state.capture:
-        message = kwargs.get("message")
+        message = _arg(args, kwargs, 7, "message")
         if isinstance(message, (str, dict)):
             text = _content(_conversation_input, message, attrs[semconv.CONVERSATION_INITIATOR])
             if text is not None:
@@ -586,6 +592,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     old, static = static, _AgentStatic()
     register_agent_secrets(agent)
     _adopt_code_executor(state, agent)  # its code executor's class, when AG2 does not ship it
+    _adopt_instance_overrides(state, agent)  # a way of asking its human set on the agent itself
     seen = old.system_messages if old is not None else []
     system = getattr(agent, "system_message", None)
     static.system_messages = [*seen[-3:], system] if isinstance(system, str) and system not in seen else seen
@@ -1329,6 +1336,40 @@ def _adopt_overrides(state: _State, cls: type) -> None:
         logger.debug("cmbagent_otel: could not adopt an agent class's overrides", exc_info=True)
 
 
+def _adopt_instance_overrides(state: _State, agent: Any) -> None:
+    """Trace a human-input function set on the agent itself: cmbagent's backend gives its admin agent the
+    web UI's answers so (MARS ``configure_admin_for_websocket``: ``agent.get_human_input = fn``), and AG2
+    finds it in the instance, past every patch on a class. Wrapped where it is (the wrapper passes the
+    agent, which a function in the instance is not bound to), when the agent's facts are computed or it
+    starts a conversation; restored by ``uninstrument()`` (agents held weakly)."""
+    try:
+        own = getattr(agent, "__dict__", None)
+        if not own or ("get_human_input" not in own and "a_get_human_input" not in own):
+            return
+        with _executor_lock:
+            for attr, make_wrapper in _OVERRIDABLE:
+                value = own.get(attr)
+                if value is None or not callable(value) or _ours_in_chain(value):
+                    continue
+                AG2Instrumentor().patch_instance(agent, attr, _on_instance(state, agent, make_wrapper(state)))
+    except Exception:
+        logger.debug("cmbagent_otel: could not adopt an agent's own human input", exc_info=True)
+
+
+def _on_instance(state: _State, agent: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """``wrapper`` for a function stored in ``agent`` (wrapt calls it with no instance)."""
+    ref = weakref.ref(agent)
+
+    def on_instance(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        owner = ref() if instance is None else instance
+        if owner is None:
+            return wrapped(*args, **kwargs)
+        return wrapper(wrapped, owner, args, kwargs)
+
+    on_instance._cmbagent_otel = state  # type: ignore[attr-defined]
+    return on_instance
+
+
 def _record_human(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
     if state.capture:
         traced.set(semconv.HUMAN_INPUT_RESPONSE, safe_text(result))
@@ -1583,6 +1624,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     _patched: list[tuple[Any, str]]
+    _instances: weakref.WeakValueDictionary[int, Any] | None = None  # agents with a function patched in them
     _state: _State | None = None
     _binding: object | None = None
 
@@ -1665,6 +1707,16 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrapt.wrap_function_wrapper(owner, attr, wrapper)
         self._patched.append((owner, attr))
 
+    def patch_instance(self, agent: Any, attr: str, wrapper: Callable[..., Any]) -> None:
+        """Patch ``agent.attr``, a function stored in the agent itself; the agent is held weakly."""
+        if not self.is_instrumented_by_opentelemetry:
+            return
+        wrapt.wrap_function_wrapper(agent, attr, wrapper)
+        instances = self._instances
+        if instances is None:
+            instances = self._instances = weakref.WeakValueDictionary()
+        instances[id(agent)] = agent
+
     def _uninstrument(self, **kwargs: Any) -> None:
         state = self._state
         if state is not None:
@@ -1675,6 +1727,13 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
         self._patched = []
+        instances, self._instances = self._instances, None
+        for agent in list(instances.values()) if instances is not None else ():
+            for attr, _ in _OVERRIDABLE:
+                try:
+                    _unwrap_ours(agent, attr, state)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not unpatch an agent's %s", attr, exc_info=True)
         with _executor_lock:
             _known_executor_types.clear()
         binding, self._binding = self._binding, None

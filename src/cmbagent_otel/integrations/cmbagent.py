@@ -284,6 +284,7 @@ def _run(block: workflow) -> Iterator[None]:
             yield
             if entered is not None:
                 _fail_run_on_failed_step(entered)
+                _record_execute_not_started(entered)
         except BaseException as exc:
             if entered is not None and not is_clean_exit(exc):
                 _record_execute_not_started(entered)
@@ -419,10 +420,12 @@ def _record_files(traced: Any, work_dir: Any) -> None:
 
 
 def _record_execute_not_started(block: workflow) -> None:
-    """A run of a fixed-pipeline mode whose entry call raised before its first solve (``summarize_document``
-    of a missing file, one_shot's documentation download refused) keeps the ``execute`` node cmbagent's tracker
-    creates with the run (``create_dag_for_mode``: init, execute, terminator): a zero-length ``phase
-    one_shot`` span, ``cmbagent.phase.status`` "not started", stored as a pending node."""
+    """A run of a fixed-pipeline mode whose entry call ended without a solve — it raised first
+    (``summarize_document`` of a missing file, one_shot's documentation download refused, ``preprocess_task``
+    interrupted during its OCR) or returned (``preprocess_task`` with no paper to summarize) — keeps the
+    ``execute`` node cmbagent's tracker creates with the run (``create_dag_for_mode``: init, execute,
+    terminator): a zero-length ``phase one_shot`` span, ``cmbagent.phase.status`` "not started", stored as a
+    pending node. A run that opened a phase, or joined another run, gets none."""
     try:
         scope, span = effective_parent()
         if block.joined or block.mode not in FIXED_PIPELINE_MODES or scope is None or scope.phase is not None:
