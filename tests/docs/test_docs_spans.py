@@ -190,3 +190,10 @@ def test_docs_every_key_the_code_sets_is_documented() -> None:
     assert len(used) > 50
     undocumented = used - _documented_keys(SPANS_DOC) - _documented_keys(METRICS_DOC)
     assert not undocumented
+
+
+def test_docs_every_event_name_is_documented(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    names = {event.name for span in spans for event in span.events}
+    assert "cmbagent.handoff" in names
+    assert not {name for name in names if f"`{name}`" not in SPANS_DOC}
