@@ -130,7 +130,13 @@ ERROR = re.search(r"one\s+line on stderr, `(cmbagent-otel: error: )\.\.\.`", REA
     (["dag", "latest", "--format", "png"], ["dag", "--format", "'png'"]),
     (["events"], ["events", "run"]),
     (["db", "sideways"], ["db", "sideways"]),
-    (["runs", "--frob"], ["--frob"]),
+    # README: a bad option is `cmbagent-otel: error: COMMAND: ... (see cmbagent-otel COMMAND --help)`, an
+    # unknown option of a command too (it was `error: unrecognized arguments: --frob (see cmbagent-otel --help)`)
+    (["runs", "--frob"], ["error: runs: ", "--frob", "(see cmbagent-otel runs --help)"]),
+    (["dag", "latest", "--frob", "x"], ["error: dag: ", "--frob x", "(see cmbagent-otel dag --help)"]),
+    (["--db", "sqlite:///x.db", "events", "latest", "-z"],
+     ["error: events: ", "-z", "(see cmbagent-otel events --help)"]),
+    (["--frob", "runs"], ["error: unrecognized arguments: --frob", "(see cmbagent-otel --help)"]),
     (["nonsense"], ["nonsense"]),
 ])
 def test_docs_a_bad_argument_is_one_error_line(argv: list[str], names: list[str],

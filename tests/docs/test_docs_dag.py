@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel import phase, semconv, step, workflow
@@ -148,3 +149,34 @@ def test_docs_event_kinds_of_the_demo(tmp_path: Path) -> None:
         assert (event_type, subtype) == expected, (kind, event_type, subtype)
         seen.add(kind)
     assert {"llm", "agent", "conversation", "tool", "code_execution", "speaker_selection"} <= seen
+
+
+def test_docs_status_values_a_run_leaves_are_named(sqlite_url: str, provider: Any) -> None:
+    """Twenty-ninth campaign: every status a completed, a failed and a cancelled run leave in
+    ``workflow_runs``, ``session_states`` and ``dag_nodes`` is one the doc's mapping names for that
+    table (the ``workflow_runs`` row named completed/failed only, not ``cancelled``)."""
+    with workflow("ok", mode="planning-control", session_id="s-ok"), phase("control"), step(1, "go"):
+        pass
+    with pytest.raises(RuntimeError), workflow("bad", mode="planning-control", session_id="s-bad"), \
+            phase("control"), step(1, "go"):
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), workflow("stop", mode="planning-control", session_id="s-stop"), \
+            phase("control"), step(1, "go"):
+        raise KeyboardInterrupt
+    provider.store(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            runs = dict(conn.execute(text("SELECT session_id, status FROM workflow_runs")).all())
+            sessions = dict(conn.execute(text("SELECT session_id, status FROM session_states")).all())
+            nodes = {row[0] for row in conn.execute(text("SELECT status FROM dag_nodes"))}
+    finally:
+        engine.dispose()
+    assert runs == {"s-ok": "completed", "s-bad": "failed", "s-stop": "cancelled"}
+    assert sessions == {"s-ok": "completed", "s-bad": "suspended", "s-stop": "suspended"}
+    words = {table: set(re.findall(r"[a-z]+", re.search(rf"^\| `{table}` \|.*$", DOC, flags=re.M).group(0)))  # type: ignore[union-attr]
+             for table in ("workflow_runs", "session_states")}
+    assert set(runs.values()) <= words["workflow_runs"]
+    assert set(sessions.values()) <= words["session_states"]
+    assert "`suspended` for a failed or cancelled one" in DOC
+    assert nodes <= set(re.findall(r"[a-z]+", _section("**DAG nodes**", "**order_index**")))

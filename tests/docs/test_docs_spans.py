@@ -171,3 +171,29 @@ def test_docs_scopes_version_and_schema(demo: tuple[list[ReadableSpan], Any]) ->
     for span in spans:
         assert span.instrumentation_scope.version == cmbagent_otel.__version__
         assert span.instrumentation_scope.schema_url == schema
+
+
+def test_docs_every_key_the_code_sets_is_documented() -> None:
+    """The other direction, without running anything (twenty-ninth campaign): every ``cmbagent.*`` /
+    ``gen_ai.*`` key of :mod:`cmbagent_otel.semconv` that the code uses (attributes of spans the demo
+    does not make, such as the cmbagent integration's ``cmbagent.step.status``, event and metric
+    names) is named in docs/spans.md or docs/metrics.md."""
+    from cmbagent_otel import semconv
+
+    sources = [ROOT / "exporters", ROOT / "src" / "cmbagent_otel"]
+    code = "\n".join(path.read_text() for base in sources for path in base.rglob("*.py")
+                     if path.name != "semconv.py" and (base.name == "exporters" or
+                                                        path.relative_to(base).parts[0] != "exporters"))
+    used = {value for name, value in vars(semconv).items()
+            if name.isupper() and isinstance(value, str) and re.fullmatch(r"(cmbagent|gen_ai)\.[a-z_.]+", value)
+            and re.search(rf"\b{name}\b", code)}
+    assert len(used) > 50
+    undocumented = used - _documented_keys(SPANS_DOC) - _documented_keys(METRICS_DOC)
+    assert not undocumented
+
+
+def test_docs_every_event_name_is_documented(demo: tuple[list[ReadableSpan], Any]) -> None:
+    spans, _ = demo
+    names = {event.name for span in spans for event in span.events}
+    assert "cmbagent.handoff" in names
+    assert not {name for name in names if f"`{name}`" not in SPANS_DOC}

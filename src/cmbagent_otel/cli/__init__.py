@@ -38,6 +38,16 @@ class _Parser(argparse.ArgumentParser):
         prefix = f"{command}: " if command else ""
         self.exit(2, f"cmbagent-otel: error: {prefix}{_bounded(one_line(message))} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """A command's parser reports what it did not recognise itself, so the error names the command
+        and its ``--help`` (argparse handed them to the top-level parser: ``unrecognized arguments``
+        without the command, pointing at ``cmbagent-otel --help``, which does not list its options)."""
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra and " " in self.prog:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command of :data:`COMMANDS`."""
