@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from cmbagent_otel.dag.database import upgrade
 from cmbagent_otel.dag.writer import decode_json
 
 from .conftest import cli, dump, read_record, read_started, reference, spawn
+from .test_signal_metrics import _points, _stopped
 
 LIBRARY_GLOBS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
                  "/usr/local/lib/faketime/libfaketime.so.1")
@@ -83,6 +85,7 @@ def clock(tmp_path: Path) -> Clock:
 
 
 HOUR = 3600
+DAY = 24 * HOUR
 
 
 def run_app(clock: Clock, url: str, spill_dir: Path, record: Path, jumps: dict[int, int], steps: int = 3,
@@ -181,3 +184,17 @@ def test_the_clock_helper_moves_only_the_wall_clock(tmp_path: Path, clock: Clock
     clock.set(-HOUR)
     out, _ = child.communicate("go\n", timeout=60)
     assert out.split() == [str(-HOUR), "0"]
+
+
+@pytest.mark.parametrize("jump", [DAY, -HOUR], ids=["forward-a-day", "back-an-hour"])
+def test_durations_a_signal_records_after_a_jump_are_the_monotonic_ones(tmp_path: Path, clock: Clock,
+                                                                         jump: int) -> None:
+    """SIGTERM ends the open run and step and records their duration metrics (fourteenth campaign). On
+    f5cad67 those durations were the wall clock's: a day long after a jump forward (a VM resumed, then
+    stopped), zero after a jump back. Their owners time them with ``perf_counter``; so does the handler."""
+    code, documents = _stopped(tmp_path, signal.SIGTERM, clock.env(), lambda: clock.set(jump))
+    assert code == -signal.SIGTERM
+    for name in ("cmbagent.workflow.duration", "cmbagent.step.duration", "gen_ai.workflow.duration"):
+        points = _points(documents, name)
+        assert points, name
+        assert all(0 < point["sum"] < HOUR for point in points), (name, points)
