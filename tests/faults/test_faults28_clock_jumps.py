@@ -17,6 +17,7 @@ and durations are never below zero.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -198,3 +199,49 @@ def test_durations_a_signal_records_after_a_jump_are_the_monotonic_ones(tmp_path
         points = _points(documents, name)
         assert points, name
         assert all(0 < point["sum"] < HOUR for point in points), (name, points)
+
+
+EXTERNAL_CALL = """
+import json, sys
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+import cmbagent.vlm_utils as vlm_utils
+import cmbagent_otel
+reader = InMemoryMetricReader()
+cmbagent_otel.instrument(tracer_provider=TracerProvider(), meter_provider=MeterProvider(metric_readers=[reader]),
+                         set_global=False, instrument_threading=False)
+with cmbagent_otel.workflow("plot review"):
+    vlm_utils.generate_llm_scientific_criteria("a CMB power spectrum")
+print(json.dumps([point.sum for resource in reader.get_metrics_data().resource_metrics
+                  for scope in resource.scope_metrics for metric in scope.metrics
+                  if metric.name == "gen_ai.client.operation.duration" for point in metric.data.data_points]))
+"""
+
+
+def test_an_external_model_call_the_clock_jumps_in_has_its_monotonic_duration(tmp_path: Path, clock: Clock) -> None:
+    """cmbagent's own model calls outside AG2 (its VLM's criteria call, here the real
+    ``generate_llm_scientific_criteria`` with the real ``openai`` client) get a ``chat`` span and the GenAI
+    duration metric. On f5cad67 the duration was the wall clock's: the clock moved forward a day while the
+    model answered, and the call took a day. The model server moves it (no sleep)."""
+    pytest.importorskip("cmbagent")
+    from cmbagent_otel.testing import FakeOpenAIServer
+    from tests.reliability.test_attack5_credential_sources import _echoing
+
+    echo = _echoing(fail=False)
+
+    def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        clock.set(DAY)  # while the call is in flight
+        return echo(body, headers)
+
+    with FakeOpenAIServer(raw_responder=answer) as server:
+        env = {**os.environ, **clock.env(), "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-clock"}
+        env.pop("OTEL_SDK_DISABLED", None)
+        # run in tmp_path (whatever the call leaves there), importing the code under test
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                            if p)
+        done = subprocess.run([sys.executable, "-c", EXTERNAL_CALL], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    durations = json.loads(done.stdout.strip().splitlines()[-1])
+    assert durations and all(0 < seconds < HOUR for seconds in durations), durations
