@@ -75,6 +75,12 @@ class Clock:
         part.write_text(f"{seconds:+d}s\n")
         os.replace(part, self.path)
 
+    def freeze(self, at: str) -> None:
+        """Stop the wall clock at ``at`` (``YYYY-MM-DD hh:mm:ss``), as freezegun or a stuck clock would."""
+        part = self.path.with_name(self.path.name + ".part")
+        part.write_text(f"{at}\n")
+        os.replace(part, self.path)
+
     def env(self) -> dict[str, str]:
         return {"LD_PRELOAD": self.library, "FAKETIME_TIMESTAMP_FILE": str(self.path), "FAKETIME_NO_CACHE": "1",
                 "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
@@ -245,3 +251,32 @@ def test_an_external_model_call_the_clock_jumps_in_has_its_monotonic_duration(tm
     assert done.returncode == 0, done.stderr[-3000:]
     durations = json.loads(done.stdout.strip().splitlines()[-1])
     assert durations and all(0 < seconds < HOUR for seconds in durations), durations
+
+
+SPILL_TWICE = """
+import sys
+from cmbagent_otel.spill import SpillStore
+from tests.faults.conftest import plan_run_spans
+spans = plan_run_spans("frozen clock", steps=1)
+for half in (spans[:2], spans[2:]):  # two exporters' stores of one process (an instrument() each), one target
+    SpillStore(sys.argv[1], target="sqlite:///x.db").append(half)
+print(len(spans))
+"""
+
+
+def test_spill_files_of_a_process_never_share_a_name_when_the_clock_stands_still(tmp_path: Path,
+                                                                                 clock: Clock) -> None:
+    """A spill file's name was its wall-clock time, the pid and a count of its store: two stores of one
+    process (a DAG exporter per ``instrument()``) writing in the same nanosecond of a stopped wall clock
+    (freezegun in an app's tests, a clock stepped back onto a used time, a coarse clock) made the same name,
+    and the second file replaced the first: its spans were lost without a word. The count is the process's
+    now."""
+    clock.freeze("2026-12-02 12:00:00")
+    env = {**os.environ, **clock.env()}
+    done = subprocess.run([sys.executable, "-c", SPILL_TWICE, str(tmp_path / "spill")], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from cmbagent_otel.spill import SpillStore
+
+    store = SpillStore(tmp_path / "spill")
+    assert sum(len(store.read(path)) for path in store.pending()) == int(done.stdout.split()[-1])
