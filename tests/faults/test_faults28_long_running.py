@@ -40,3 +40,39 @@ def test_watchdog_keeps_no_entry_of_connections_given_back() -> None:
     finally:
         held.close()
         peer.close()
+
+
+def test_workflows_named_per_request_keep_the_run_metrics_series_bounded() -> None:
+    """A service that names each run after its request (``workflow(f"request {id}")``) made a new series
+    of each run-level histogram per run: the SDK (1.45, no cardinality limit) keeps every attribute set it
+    was given for the life of the provider, ~1 KiB each, i.e. hundreds of MiB a day at a run a second.
+    Past :data:`metrics.SERIES_MAX` attribute sets per instrument, a run is counted in one overflow series
+    (``otel.metric.overflow=true``, the specification's), not lost. Real workflows, the SDK's reader."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import cmbagent_otel
+    from cmbagent_otel import metrics
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    cmbagent_otel.instrument(tracer_provider=TracerProvider(), meter_provider=meters, set_global=False,
+                             instrument_cmbagent=False, instrument_threading=False)
+    runs = metrics.SERIES_MAX + 150
+    try:
+        for index in range(runs):
+            with cmbagent_otel.workflow(f"request {index}", mode="one_shot"), cmbagent_otel.phase("control"), \
+                    cmbagent_otel.step(1, "answer"):
+                pass
+    finally:
+        cmbagent_otel.uninstrument()
+    found = {metric.name: list(metric.data.data_points) for resource in reader.get_metrics_data().resource_metrics
+             for scope in resource.scope_metrics for metric in scope.metrics}
+    meters.shutdown()
+    for name in (metrics.WORKFLOW_DURATION, metrics.GEN_AI_WORKFLOW_DURATION, metrics.STEP_DURATION):
+        points = found[name]
+        assert len(points) <= metrics.SERIES_MAX + 1, (name, len(points))
+        assert sum(point.count for point in points) == runs  # every run counted
+        overflow = [point for point in points if point.attributes.get("otel.metric.overflow") is True]
+        assert len(overflow) == 1 and overflow[0].count == runs - metrics.SERIES_MAX, name
