@@ -52,7 +52,7 @@ def _registered() -> int:
 def _agent(base_url: str, credential: str) -> Any:
     from autogen import ConversableAgent
 
-    entry = {"model": "gpt-4o", "base_url": base_url, "api_key": "unused", "max_retries": 0,
+    entry = {"model": "gpt-4o", "base_url": base_url, "api_key": "unused",  # a 401 is not retried
              "http_client": SharedClient(auth=SigningAuth(credential.encode()))}
     return ConversableAgent("assistant", llm_config={"config_list": [entry], "cache_seed": None},
                             human_input_mode="NEVER")
