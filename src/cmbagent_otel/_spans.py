@@ -47,7 +47,7 @@ from ._context import (
     with_scope,
 )
 from ._forksafe import reset_in_child
-from ._termination import claim_duration
+from ._termination import MONOTONIC_START, claim_duration
 from .metrics import TIMED_KINDS, RunMetrics, run_metrics
 from .redaction import learn_encoded_in, register_request_credentials, safe_text, truncate
 
@@ -399,14 +399,20 @@ def _set_node(attrs: dict[str, Any], node: NodeSpec, node_id: str, depth: int, p
         attrs[DAG_ORDER_INDEX] = order
 
 
-def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope) -> tuple[Any, ...] | None:
-    """What a span of ``kind`` needs to record its run-level duration metric when it ends (``None``: none)."""
+def _timing(kind: str, attributes: Mapping[str, Any] | None, scope: Scope, span: Any) -> tuple[Any, ...] | None:
+    """What a span of ``kind`` needs to record its run-level duration metric when it ends (``None``: none).
+    The monotonic start is kept on ``span`` too, for the signal handler ending it (:data:`MONOTONIC_START`):
+    its wall-clock start may be an NTP step or a resumed VM away from now."""
     if kind not in TIMED_KINDS:
         return None
     metrics = workflow_tracers.current_metrics()
     if metrics is None:
         return None
-    return metrics, kind, attributes, scope.run.name, perf_counter()
+    started = perf_counter()
+    fields = getattr(span, "__dict__", None)
+    if type(fields) is dict:
+        fields[MONOTONIC_START] = started
+    return metrics, kind, attributes, scope.run.name, started
 
 
 def _record_timing(timing: tuple[Any, ...], error_type: str | None) -> None:
@@ -435,7 +441,7 @@ def open_frame(name: str, kind: str, attributes: Mapping[str, Any] | None, node:
             logger.debug("cmbagent_otel: cannot track span %s", name, exc_info=True)
     frame = Frame(span, scope, kind_of_frame, owner, finish=end_frame)
     try:
-        frame.timing = _timing(kind, attrs, scope)
+        frame.timing = _timing(kind, attrs, scope, span)
     except Exception:
         logger.debug("cmbagent_otel: no duration metric for %s", name, exc_info=True)
     return frame
@@ -855,7 +861,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             values[SPAN_KEY] = span
             values[_SCOPE_KEY] = held
             self._token = attach(Context(values))
-        self._timing = _timing(kind, attrs, new_scope or scope) if kind in TIMED_KINDS else None
+        self._timing = _timing(kind, attrs, new_scope or scope, span) if kind in TIMED_KINDS else None
         if new_scope is not None and (node is not None or run is not None):  # last: the span is set up
             _track(_ref(span, _untrack))  # a run or DAG-node span, for the signal handler (_termination)
     except Exception:

@@ -165,6 +165,8 @@ def claim_duration(span: Any, claimant: object) -> bool:
 
 
 _HOOK = object()  # end_open_spans as a claimant
+# on a run or step span with a duration metric: its start by ``time.perf_counter()`` (see _record_durations)
+MONOTONIC_START = "_cmbagent_otel_monotonic_start"
 
 
 def _ended(end_time: int | None = None) -> None:
@@ -221,17 +223,22 @@ def _record_durations(spans: list[Any], error_type: str = STOPPED_BY_SIGNAL,
         metrics = workflow_tracers.current_metrics()
         if metrics is None:
             return
-        now = time.time_ns()
+        # by the monotonic clock, as their owners would have: the spans' wall-clock times may straddle a
+        # step of the clock (NTP, a resumed VM), which made a run's duration an hour long or zero
+        now, now_ns = time.perf_counter(), time.time_ns()
         runs = {span.context.trace_id: span.attributes.get(semconv.WORKFLOW_NAME) for span in spans
                 if span.attributes.get(semconv.SPAN_KIND) == semconv.KIND_WORKFLOW}
         for span in spans:
             attributes = span.attributes
             kind = attributes.get(semconv.SPAN_KIND)
             if kind in TIMED_KINDS and span.start_time:
-                end = span.end_time or now
+                started = getattr(span, "__dict__", {}).get(MONOTONIC_START)
+                if type(started) is float:
+                    seconds = now - started
+                else:  # a span started without a duration metric bound (none recorded then): its wall clock
+                    seconds = ((span.end_time or now_ns) - span.start_time) / 1e9
                 outcome = attributes.get(semconv.ERROR_TYPE) or (None if span in by_owner else error_type)
-                metrics.ended(kind, attributes, max(0, end - span.start_time) / 1e9, outcome,
-                              runs.get(span.context.trace_id))
+                metrics.ended(kind, attributes, max(0.0, seconds), outcome, runs.get(span.context.trace_id))
     except Exception:
         logger.debug("cmbagent_otel: could not record the durations of the ended spans", exc_info=True)
 

@@ -37,6 +37,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 from opentelemetry import metrics as otel_metrics
@@ -161,12 +162,21 @@ class CallAttributes:
         self.output = {**base, GEN_AI_TOKEN_TYPE: TOKEN_OUTPUT}
 
 
+#: Attribute sets (series) each run-level histogram records at most; a run or step past them is counted
+#: in one overflow series (``otel.metric.overflow=true``; the specification's default limit). The SDK keeps
+#: every attribute set it was given for the provider's life, and a service naming each run after its
+#: request (``workflow(f"request {id}")``) made three new series per run, for ever.
+SERIES_MAX: Final = 2000
+OVERFLOW: Final = MappingProxyType({"otel.metric.overflow": True})
+
+
 class RunMetrics:
     """The workflow scope's instruments: how long runs and plan steps take."""
 
-    __slots__ = ("gen_ai_workflow", "step", "workflow")
+    __slots__ = ("_series", "gen_ai_workflow", "step", "workflow")
 
     def __init__(self, meter: otel_metrics.Meter) -> None:
+        self._series: tuple[set[frozenset[Any]], ...] = (set(), set(), set())  # per histogram: attribute sets
         self.gen_ai_workflow = _histogram(meter, GEN_AI_WORKFLOW_DURATION, "s", "GenAI workflow duration.",
                                           RUN_BUCKETS)
         self.workflow = _histogram(meter, WORKFLOW_DURATION, "s", "Duration of a cmbagent run (workflow).",
@@ -184,17 +194,27 @@ class RunMetrics:
                 mine = {k: attributes[k] for k in (semconv.WORKFLOW_NAME, semconv.WORKFLOW_MODE) if k in attributes}
                 if error_type is not None:
                     run[semconv.ERROR_TYPE] = mine[semconv.ERROR_TYPE] = error_type
-                self.gen_ai_workflow.record(seconds, run)
-                self.workflow.record(seconds, mine)
+                self.gen_ai_workflow.record(seconds, self._bounded(0, run))
+                self.workflow.record(seconds, self._bounded(1, mine))
             elif kind == semconv.KIND_STEP:
                 step = {k: attributes[k] for k in (semconv.PHASE, semconv.STEP_AGENT) if k in attributes}
                 if workflow_name is not None:
                     step[semconv.WORKFLOW_NAME] = workflow_name
                 if error_type is not None:
                     step[semconv.ERROR_TYPE] = error_type
-                self.step.record(seconds, step)
+                self.step.record(seconds, self._bounded(2, step))
         except Exception:
             logger.debug("cmbagent_otel: could not record a run duration", exc_info=True)
+
+    def _bounded(self, index: int, attributes: dict[str, Any]) -> Mapping[str, Any]:
+        """``attributes``, or :data:`OVERFLOW` once histogram ``index`` has :data:`SERIES_MAX` other sets."""
+        series, key = self._series[index], frozenset(attributes.items())
+        if key in series:
+            return attributes
+        if len(series) < SERIES_MAX:  # two threads may both add one: a bound, not an exact count
+            series.add(key)
+            return attributes
+        return OVERFLOW
 
 
 TIMED_KINDS: Final = frozenset({semconv.KIND_WORKFLOW, semconv.KIND_STEP})

@@ -611,19 +611,37 @@ def register_request_credentials(exc: BaseException) -> None:
                 if url is not None:
                     found += environment_variables.url_credentials(str(url), is_secret_key)
                 for value in found:
-                    if value not in _known:
-                        register_secret(value)
+                    _register_request_value(value)
             cause = exc.__cause__ or exc.__context__
             if cause is None or cause is exc:
                 return
             exc = cause
 
 
-# The credential header values of successful requests looked at already (once per token); a header that
-# is new on every request (a signing auth's signature) is registered for the first _SENT_MAX values only:
-# each registration empties the memos, and such a value is good for its own request alone.
+# The credential header values of successful requests looked at lately (each once while it is among the
+# last _SENT_MAX: a token is sent with every request of its hour).
 _sent_seen: dict[Any, None] = {}
 _SENT_MAX = 64
+# How many credentials read from requests (sent, or carried by a failed one) were registered for good. A
+# value that is new on every request (a signing auth's signature) or every hour (an azure_ad_token_provider's
+# token) would grow the registry for ever in a process that runs for days, each registration emptying the
+# memos; such a value is good for its own request (or hour) alone. Past the first _SENT_MAX they are
+# learned (learn_secret: the most recent MAX_LEARNED kept): the newest are always redacted.
+_request_registered = 0
+
+
+def _register_request_value(value: str) -> None:
+    """Register a credential a request carried, or learn it once :data:`_SENT_MAX` were registered."""
+    global _request_registered
+    if not value or value in _known:
+        return
+    if _request_registered < _SENT_MAX:
+        _request_registered += 1
+        register_secret(value)
+    else:
+        _learn(value, False)
+
+
 _SENT_HEADERS = (b"authorization", b"api-key")
 # httpx's Headers keep (raw name, lower-case name, value) byte triples in ``_list``: read in C (its
 # ``get`` cost ~250 bytecodes per name for a request of 17 headers); another layout is read by ``get``
@@ -653,15 +671,15 @@ def register_sent_credentials(response: Any) -> None:
             if value is None or value in _sent_seen:
                 continue
             if len(_sent_seen) >= _SENT_MAX:
-                return
+                with contextlib.suppress(Exception):  # another thread may evict it first
+                    _sent_seen.pop(next(iter(_sent_seen)), None)  # the oldest: looked at again if it comes back
             _sent_seen[value] = None
             text = value.decode("utf-8", "replace") if type(value) is bytes else value
             if type(text) is not str:
                 continue
             for secret in environment_variables.header_credentials(name.decode(), text, is_secret_key,
                                                                    token_like=False):
-                if secret and secret not in _known:
-                    register_secret(secret)
+                _register_request_value(secret)
     except Exception:
         return
 

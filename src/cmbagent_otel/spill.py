@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +41,6 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
-from ._forksafe import reset_in_child
 from .semconv import SPAN_KIND
 
 logger = logging.getLogger("cmbagent_otel")
@@ -443,6 +442,9 @@ def _clean_resource(resource: Resource) -> Resource:
     return clean
 
 
+_sequence = itertools.count(1)  # spill files named by this process (next() is one atomic step)
+
+
 class SpillStore:
     """A directory of durable spill files (one batch, or a slice of one, per file).
 
@@ -455,17 +457,14 @@ class SpillStore:
         self.directory = Path(directory)
         self.target = target
         self._key = target_key(target) if target is not None else None
-        self._lock = threading.Lock()
-        reset_in_child(self, "_lock")
-        self._seq = 0
         self._reserve = int(environment_variables.get(environment_variables.SPILL_RESERVE_MB)) << 20
 
     def _name(self, suffix: str) -> Path:
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
         key = f"-{self._key}" if self._key else ""
-        return self.directory / f"spill-{time.time_ns():020d}-{os.getpid()}-{seq:06d}{key}{suffix}"
+        # unique by the pid and the process's count alone: the time only orders them, and a wall clock
+        # that stands still (freezegun, a coarse clock) or steps back onto a time used gave two stores of
+        # one process the same name, the second file replacing the first
+        return self.directory / f"spill-{time.time_ns():020d}-{os.getpid()}-{next(_sequence):06d}{key}{suffix}"
 
     def append(self, spans: Sequence[ReadableSpan]) -> list[Path]:
         """Write ``spans`` durably (OTLP protobuf where exact, else JSON lines), at most

@@ -134,9 +134,10 @@ def expected_keys(spans: Sequence[ReadableSpan]) -> Counter[tuple[str, str]]:
     return Counter(span_key(s) for s in spans)
 
 
-def spawn(db_url: str, spill_dir: Path, record: str, **settings: Any) -> subprocess.Popen[str]:
-    """Start app.py; ``settings`` become ``FAULT_<NAME>`` variables."""
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
+def spawn(db_url: str, spill_dir: Path, record: str, env: dict[str, str] | None = None,
+          **settings: Any) -> subprocess.Popen[str]:
+    """Start app.py; ``settings`` become ``FAULT_<NAME>`` variables, ``env`` more variables."""
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", **(env or {})}
     env.update({f"FAULT_{k.upper()}": str(v) for k, v in settings.items()})
     return subprocess.Popen([sys.executable, str(APP), db_url, str(spill_dir), record], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

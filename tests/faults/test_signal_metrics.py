@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ import pytest
 from .test_signal_flush import CHILD
 
 
-def _stopped(tmp_path: Path, signum: int) -> tuple[int, list[dict[str, Any]]]:
+def _stopped(tmp_path: Path, signum: int, more_env: dict[str, str] | None = None,
+             before_signal: Callable[[], None] | None = None) -> tuple[int, list[dict[str, Any]]]:
     env = {**os.environ, "CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{tmp_path / 'cmbagent.db'}",
            "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "OTEL_TRACES_EXPORTER": "cmbagent_dag",
-           "OTEL_METRICS_EXPORTER": "console"}
+           "OTEL_METRICS_EXPORTER": "console", **(more_env or {})}
     env.pop("OTEL_SDK_DISABLED", None)
     env.pop("OTEL_METRIC_EXPORT_INTERVAL", None)  # the SDK's 60 s: the run ends long before
     proc = subprocess.Popen([sys.executable, "-c", CHILD, ""], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -37,6 +39,8 @@ def _stopped(tmp_path: Path, signum: int) -> tuple[int, list[dict[str, Any]]]:
     assert proc.stdout is not None
     proc.stdout.readline()  # HANDLER ...
     assert proc.stdout.readline().strip() == "READY", proc.communicate(timeout=60)
+    if before_signal is not None:
+        before_signal()
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err

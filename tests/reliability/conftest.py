@@ -157,6 +157,6 @@ def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     texts are redacted)."""
     for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms",
                  "_learned_forms", "_learned_forms_pattern", "_open_fragments", "_contexts", "_context_pattern",
-                 "_whole_pieces", "_sent_seen"):
+                 "_whole_pieces", "_sent_seen", "_request_registered"):
         value = getattr(redaction, name)
         monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)

@@ -77,6 +77,11 @@ class Watchdog:
             entry = self._armed.pop(token, None)
             if not self._armed and self._due:
                 self._wake.notify()  # nothing left to watch: the thread ends now, not at the stale deadline
+            elif len(self._due) > 64 and len(self._due) > 2 * len(self._armed):
+                # a disarmed entry waits for the front of the heap: while another connection stays armed,
+                # one per checkout of the last deadline's worth of time; dropped once they are most of it
+                self._due = [item for item in self._due if item[1] in self._armed]
+                heapq.heapify(self._due)
         if entry is not None:
             os.close(entry[0])
 

@@ -1214,7 +1214,10 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
         is_node = sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs
         at = _at if texts or is_node else _bare
         started = None if start_ns is None else at(start_ns)  # ts()
-        completed = None if end_ns is None else at(end_ns)
+        if end_ns is None:
+            completed = None
+        else:  # the wall clock stepped back while the span ran: its rows end when they start, never before
+            completed = at(end_ns if start_ns is None or end_ns >= start_ns else start_ns)
         kind = attrs.get(sc.SPAN_KIND)
         if running and kind != sc.KIND_WORKFLOW and not is_node:
             continue

@@ -1236,9 +1236,9 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
             scope = current_scope()
             if scope is None or not scope.in_workflow:
                 return wrapped(*args, **kwargs)
-            started = time.time_ns()
+            started, began = time.time_ns(), time.perf_counter()
             local = _external_calls
-            local.ended = 0
+            local.ended, local.ended_at = 0, 0.0
         except Exception:
             logger.debug("cmbagent_otel: could not time an external model call", exc_info=True)
             return wrapped(*args, **kwargs)
@@ -1252,16 +1252,19 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
             raise
         finally:
             _record_external_call(scope, agent, model, provider, max(started, getattr(local, "ended", 0)),
-                                  result, error, (wrapped, args, kwargs))
+                                  result, error, (wrapped, args, kwargs), max(began, getattr(local, "ended_at", 0.0)))
 
     return _ours(state, wrapper)
 
 
-_external_calls = threading.local()  # when this thread's last external model call span ended
+# when this thread's last external model call span ended: ``ended`` by the wall clock (a span's time),
+# ``ended_at`` by ``time.perf_counter()`` (a duration's: the wall clock may step while a call runs)
+_external_calls = threading.local()
 
 
 def _record_external_call(scope: Scope, agent: str, model: str | None, provider: str | None, started: int,
-                          result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None) -> None:
+                          result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None,
+                          began: float | None = None) -> None:
     try:
         if model is None:  # the VLM: cmbagent's module-level choice
             model = _text(getattr(sys.modules.get(VLM_MODULE), "vlm_model", None)) or "unknown"
@@ -1289,10 +1292,11 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
             if error is not None:
                 record_exception(span, error)
             if call is not None:
-                _external_call_extras(span, attrs, started, call, completion, result, error)
+                _external_call_extras(span, attrs, time.perf_counter() if began is None else began, call,
+                                      completion, result, error)
         finally:
             span.end()
-            _external_calls.ended = time.time_ns()
+            _external_calls.ended, _external_calls.ended_at = time.time_ns(), time.perf_counter()
     except Exception:
         logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
 
@@ -1302,11 +1306,11 @@ _EXTERNAL_PROMPT_ARGUMENTS = ("plot_description", "plot_type", "vlm_prompt", "ta
                               "problems", "executed_code")
 
 
-def _external_call_extras(span: Any, attrs: Mapping[str, Any], started: int, call: tuple[Any, ...],
+def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, call: tuple[Any, ...],
                           completion: Any, result: Any, error: BaseException | None) -> None:
     """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
     token usage, cost) when the instrumentor records metrics, and with content capture on its prompt and
-    answer (redacted and bounded like every message)."""
+    answer (redacted and bounded like every message). ``began``: the call's start by ``time.perf_counter()``."""
     try:
         from ..instrumentation._messages import message, output_message, render
         from ..instrumentation.ag2 import AG2Instrumentor
@@ -1321,7 +1325,7 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], started: int, cal
             metrics.model_call(
                 CallAttributes(str(attrs.get(semconv.GEN_AI_PROVIDER_NAME) or "unknown"),
                                attrs.get(semconv.GEN_AI_REQUEST_MODEL), attrs.get(semconv.GEN_AI_RESPONSE_MODEL), None),
-                max(time.time_ns() - started, 0) / 1e9, error_type(error) if error is not None else None,
+                max(time.perf_counter() - began, 0.0), error_type(error) if error is not None else None,
                 usage_in, attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS) if usage_in is not None else None,
                 attrs.get(semconv.LLM_COST_USD))
         if not state.capture or not span.is_recording():
