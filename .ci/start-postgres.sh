@@ -37,8 +37,12 @@ if [ -z "$(find_bin initdb)" ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update >&2
-  apt-get install -y postgresql >&2
+  # the lock ./dev's Graphviz install takes too: apt/dpkg refuse a second run at once
+  apt_locked() {
+    if command -v flock >/dev/null 2>&1; then flock /tmp/cmbagent-otel-apt.lock apt-get "$@"; else apt-get "$@"; fi
+  }
+  apt_locked update >&2
+  apt_locked install -y postgresql >&2
 fi
 INITDB="$(find_bin initdb)"
 PG_CTL="$(find_bin pg_ctl)"

@@ -3,13 +3,17 @@
 Jaeger v2 is an OpenTelemetry Collector distribution: the same binary runs Jaeger
 (``examples/jaeger/jaeger.yaml``) and the collector fan-out
 (``examples/collector_fanout/jaeger-collector.yaml``). ``./dev`` builds it from the Go module
-proxy into ``.tools/jaeger/<version>/jaeger``; ``CMBAGENT_OTEL_JAEGER_BIN`` overrides it.
+proxy into ``.tools/jaeger/<version>/jaeger``; ``CMBAGENT_OTEL_JAEGER_BIN`` overrides it. While
+``./dev test`` still builds it in the background, ``CMBAGENT_OTEL_JAEGER_PENDING`` names a lock file
+the build holds: the first test that needs the binary waits for the build to finish.
 Spans are read back through Jaeger's query API (``/api/v3/traces/{id}``, OTLP/JSON) and
 compared field by field with the in-memory copy the application kept of the same spans.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
 import os
 import shutil
@@ -47,8 +51,26 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+@functools.cache
+def _wait_for_pending_build() -> None:
+    """Blocks until the background build named by CMBAGENT_OTEL_JAEGER_PENDING (``./dev test``) is
+    over: the build holds an exclusive lock on that file for its whole run."""
+    pending = os.environ.get("CMBAGENT_OTEL_JAEGER_PENDING", "").strip()
+    if not pending:
+        return
+    try:
+        fd = os.open(pending, os.O_RDONLY)
+    except OSError:
+        return  # no such lock file: no build is pending
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
 def jaeger_binary() -> Path:
     """The Jaeger v2 binary; skips locally without one, fails under CI (the tests must run there)."""
+    _wait_for_pending_build()
     configured = os.environ.get("CMBAGENT_OTEL_JAEGER_BIN", "").strip()
     if configured:
         path = Path(configured)
