@@ -12,6 +12,10 @@ for lib in /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so
 done
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq faketime
+# under ./dev's apt lock: Graphviz and PostgreSQL may be installing at the same time, and apt/dpkg
+# refuse a second run at once instead of waiting
+LOCK=()
+if command -v flock >/dev/null 2>&1; then LOCK=(flock /tmp/cmbagent-otel-apt.lock); fi
+$SUDO "${LOCK[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO "${LOCK[@]}" apt-get install -y -qq faketime >/dev/null
 ls /usr/lib/*/faketime/libfaketime.so.1
