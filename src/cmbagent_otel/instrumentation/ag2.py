@@ -1344,7 +1344,7 @@ def _adopt_instance_overrides(state: _State, agent: Any) -> None:
     starts a conversation; restored by ``uninstrument()`` (agents held weakly)."""
     try:
         own = getattr(agent, "__dict__", None)
-        if not own or ("get_human_input" not in own and "a_get_human_input" not in own):
+        if not own or own.keys().isdisjoint(_OVERRIDABLE_NAMES):
             return
         with _executor_lock:
             for attr, make_wrapper in _OVERRIDABLE:
@@ -1393,6 +1393,7 @@ def _async(build: Callable[..., TracedSpan | None], record: Callable[..., None] 
 _OVERRIDABLE: tuple[tuple[str, Callable[[_State], Any]], ...] = (
     ("get_human_input", _sync(_human, _record_human)),
     ("a_get_human_input", _async(_human, _record_human)))
+_OVERRIDABLE_NAMES = frozenset(attr for attr, _ in _OVERRIDABLE)
 
 
 # (module, class name or "" for a module attribute, attribute, wrapper factory)
