@@ -26,22 +26,13 @@ import cmbagent_otel
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import FakeOpenAIServer
 from tests.reliability.conftest import _no_docker, isolated_secrets  # noqa: F401 (fixtures)
-from tests.reliability.test_attack5_credential_sources import SharedClient, _echoing, _secret, _sent
-from tests.reliability.test_attack6_leftovers import SigningAuth
+from tests.reliability.test_attack5_credential_sources import SharedClient, _secret
+from tests.reliability.test_attack6_leftovers import SigningAuth, recording
 from tests.reliability.test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
 CALLS = 90  # past the 64 values registered for good
-
-
-def _recording(sent: list[str], fail: bool) -> Any:
-    echo = _echoing(fail=fail)
-
-    def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        sent.append(_sent(headers))
-        return echo(body, headers)
-    return answer
 
 
 def _registered() -> int:
@@ -63,7 +54,7 @@ def test_per_request_credentials_of_many_calls_never_leak_and_the_registry_stops
         sink: Sink, caplog: pytest.LogCaptureFixture, fail: bool) -> None:  # noqa: F811
     sent: list[str] = []
     cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=True, instrument_cmbagent=False)
-    with FakeOpenAIServer(raw_responder=_recording(sent, fail)) as server:
+    with FakeOpenAIServer(raw_responder=recording(sent, fail)) as server:
         agent = _agent(server.base_url, _secret("Lb"))
         known = _registered()
         for _ in range(CALLS):

@@ -24,30 +24,11 @@ from typing import Any
 import pytest
 from autogen import ConversableAgent
 from autogen.io import IOStream
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cmbagent_otel
 from cmbagent_otel import semconv
 from cmbagent_otel.testing import ExitingConsole, offline_agent
-
-
-class SpanCapture:
-    """Finished spans in memory, in start order (this file runs on both AG2 lines: no cmbagent import)."""
-
-    def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return sorted((s for s in self.exporter.get_finished_spans() if s.name == name),
-                      key=lambda s: s.start_time or 0)
-
-    def one(self, name: str) -> ReadableSpan:
-        (span,) = self.named(name)
-        return span
+from tests.conftest import SpanCapture
 
 
 def _visible(history: Any) -> list[tuple[Any, Any]]:

@@ -84,8 +84,9 @@ class SigningAuth(httpx.Auth):
         yield request
 
 
-def _recording(sent: list[str]) -> Any:
-    echo = _echoing(fail=False)
+def recording(sent: list[str], fail: bool = False) -> Any:
+    """The server's answers (or 401s when ``fail``), each request's credential appended to ``sent``."""
+    echo = _echoing(fail=fail)
 
     def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         sent.append(_sent(headers))
@@ -101,7 +102,7 @@ def test_an_answer_quoting_a_per_request_credential_is_redacted(sink: Sink, capl
     sent: list[str] = []
     credential = _secret("Lb")
     cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=capture, instrument_cmbagent=False)
-    with FakeOpenAIServer(raw_responder=_recording(sent)) as server:
+    with FakeOpenAIServer(raw_responder=recording(sent)) as server:
         if source == "azure_ad_token_provider":
             _call(source, credential, server.base_url, monkeypatch)
         else:
