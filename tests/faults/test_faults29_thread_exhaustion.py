@@ -56,9 +56,26 @@ def restore():
     threading.stack_size(0)
 '''
 
+# the ingest tests' child: one real span as an OTLP protobuf body, and the server class
+INGEST = '''
+import json, sqlite3, sys
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from cmbagent_otel.ingest import IngestServer
 
-def _child(code: str, *args: str) -> dict[str, object]:
-    done = subprocess.run([sys.executable, "-c", EXHAUST + textwrap.dedent(code), *args], capture_output=True,
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+with provider.get_tracer("faults29").start_as_current_span("stored once threads are back"):
+    pass
+body = encode_spans(memory.get_finished_spans()).SerializeToString()
+'''
+
+
+def _child(code: str, *args: str, prelude: str = "") -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", EXHAUST + prelude + textwrap.dedent(code), *args], capture_output=True,
                           text=True, timeout=120, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -124,19 +141,7 @@ def test_the_grpc_call_watchdog_starts_once_threads_are_back() -> None:
 def test_an_http_request_no_thread_can_store_is_answered_503_and_its_retry_is_stored(tmp_path: Path) -> None:
     db = tmp_path / "ingest.db"
     found = _child('''
-        import http.client, json, sqlite3, sys
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from cmbagent_otel.ingest import IngestServer
-
-        memory = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        with provider.get_tracer("faults29").start_as_current_span("stored once threads are back"):
-            pass
-        body = encode_spans(memory.get_finished_spans()).SerializeToString()
+        import http.client
 
 
         def post(port):
@@ -162,7 +167,7 @@ def test_an_http_request_no_thread_can_store_is_answered_503_and_its_retry_is_st
         with sqlite3.connect(sys.argv[1]) as conn:
             rows = conn.execute("select count(*) from execution_events").fetchone()[0]
         print(json.dumps({"refused": refused, "stored": stored, "rows": rows}))
-    ''', str(db))
+    ''', str(db), prelude=INGEST)
     status, retry_after = found["refused"]  # type: ignore[misc]
     assert status == 503 and retry_after, found
     assert found["stored"][0] == 200 and found["rows"] == 1, found  # type: ignore[index]
@@ -175,20 +180,7 @@ def test_a_grpc_call_no_thread_can_serve_leaves_the_receiver_serving(tmp_path: P
     client's deadline passes: OTLP clients retry DEADLINE_EXCEEDED) and the receiver serves again."""
     db = tmp_path / "ingest.db"
     found = _child('''
-        import json, sqlite3, sys
         import grpc
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from cmbagent_otel.ingest import IngestServer
-
-        memory = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        with provider.get_tracer("faults29").start_as_current_span("stored once threads are back"):
-            pass
-        body = encode_spans(memory.get_finished_spans()).SerializeToString()
         EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
@@ -213,5 +205,5 @@ def test_a_grpc_call_no_thread_can_serve_leaves_the_receiver_serving(tmp_path: P
         with sqlite3.connect(sys.argv[1]) as conn:
             rows = conn.execute("select count(*) from execution_events").fetchone()[0]
         print(json.dumps({"waited": waited, "served": served, "rows": rows}))
-    ''', str(db))
+    ''', str(db), prelude=INGEST)
     assert found["waited"] != "OK" and found["served"] == ["OK", "OK"] and found["rows"] == 1, found
