@@ -79,9 +79,16 @@ class Watchdog:
             heapq.heappush(self._heap, entry)
             self._entries[key] = entry
             if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name="cmbagent-otel-ingest-grpc-watchdog",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="cmbagent-otel-ingest-grpc-watchdog", daemon=True)
+                try:
+                    thread.start()
+                    self._thread = thread
+                except RuntimeError:
+                    # no thread can start now (a pids or memory limit): the call is served, its deadline
+                    # kept for the next schedule() to start the thread; set before start(), the dead thread
+                    # stopped every later one (no deadline enforced for the server's life) and the error
+                    # failed the call
+                    logger.debug("cmbagent_otel: gRPC deadline watchdog not started", exc_info=True)
             self._cond.notify()
             return key
 
@@ -214,6 +221,24 @@ class TraceService:
         context.abort(_CODES.get(err.kind, grpc.StatusCode.UNKNOWN), err.message)
 
 
+class _Pool(futures.ThreadPoolExecutor):
+    """grpcio's call pool. grpcio submits each call from its one serving thread, and a ``submit()`` that
+    raised (``can't start new thread``: a pids or memory limit) ended that thread: the gRPC receiver
+    answered nothing more for the life of the process. The call is queued before the pool grows, so a
+    pool that cannot grow now leaves it to a worker it has or to the thread the next call starts."""
+
+    failed_starts = 0
+
+    def _adjust_thread_count(self) -> None:
+        try:
+            super()._adjust_thread_count()  # type: ignore[misc]
+        except RuntimeError:
+            self.failed_starts += 1
+            logger.log(logging.WARNING if self.failed_starts == 1 else logging.DEBUG,
+                       "cmbagent-otel ingest: no thread could be started for a gRPC call (%d so far); it waits "
+                       "for one", self.failed_starts, exc_info=True)
+
+
 class GrpcReceiver:
     """A grpcio server bound to ``host:port`` serving :class:`TraceService`: ``max_concurrent``
     calls at once (each a thread while its message arrives, at most ``timeout`` seconds),
@@ -223,7 +248,7 @@ class GrpcReceiver:
                  timeout: float = 30.0) -> None:
         self._watchdog = Watchdog()
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc"),
+            _Pool(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc"),
             maximum_concurrent_rpcs=max_concurrent,
             options=[
                 ("grpc.max_receive_message_length", core.max_bytes),

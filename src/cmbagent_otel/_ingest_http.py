@@ -192,6 +192,7 @@ class OtlpHttpApp:
         self.min_rate = min_rate
         self.drain_timeout = drain_timeout
         self.active = 0
+        self.no_thread = 0  # requests answered 503 because no worker thread could be started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -321,8 +322,18 @@ class OtlpHttpApp:
                 raise self._busy("too many requests in flight")
             try:
                 loop = asyncio.get_running_loop()
-                outcome = await loop.run_in_executor(self.executor, core.process, body, kind,
-                                                     encoding == "gzip", ticket, time.monotonic())
+                try:
+                    work = loop.run_in_executor(self.executor, core.process, body, kind, encoding == "gzip",
+                                                ticket, time.monotonic())
+                except RuntimeError:
+                    # submit() could not start a worker thread (a pids or memory limit) or the pool is shut
+                    # down: nothing was stored, the client keeps the spans (a 500 made OTLP clients drop them)
+                    self.no_thread += 1
+                    logger.log(logging.WARNING if self.no_thread == 1 else logging.DEBUG,
+                               "cmbagent-otel ingest: no thread could be started to store a request (%d so far); "
+                               "answered 503, the client retries", self.no_thread, exc_info=True)
+                    raise self._busy("no thread free to store it") from None
+                outcome = await work
             except IngestError as err:
                 raise self._from_error(err) from None
             finally:

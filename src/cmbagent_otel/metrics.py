@@ -26,7 +26,8 @@ metric                             instrument   unit        attributes
 The first four come from the AG2 instrumentor's scope (``cmbagent_otel.ag2``), the run-level
 durations from the workflow scope (``cmbagent_otel.workflow``). The two ``gen_ai.client.*``
 histograms and ``gen_ai.workflow.duration`` follow the GenAI semantic conventions (their
-bucket boundaries are the conventions' advice); ``docs/metrics.md`` has the details. Every
+bucket boundaries are the conventions' advice); ``docs/metrics.md`` has the details. Each
+instrument records at most :data:`SERIES_MAX` attribute sets, then one overflow series. Every
 recording is guarded: a failing meter never reaches the application.
 """
 
@@ -93,12 +94,44 @@ def _histogram(meter: otel_metrics.Meter, name: str, unit: str, description: str
         return meter.create_histogram(name, unit=unit, description=description)
 
 
+#: Attribute sets (series) each instrument records at most; a recording past them is counted in one
+#: overflow series (``otel.metric.overflow=true``; the specification's default limit). The SDK keeps every
+#: attribute set it was given for the provider's life: a service naming each run after its request
+#: (``workflow(f"request {id}")``) made three new series per run, a model server reporting a new model
+#: name per response (a dated snapshot, a router's deployment id) or code blocks tagged with any
+#: language made new ones per call, for ever.
+SERIES_MAX: Final = 2000
+OVERFLOW: Final = MappingProxyType({"otel.metric.overflow": True})
+
+
+class _Series:
+    """The attribute sets one instrument was given, up to :data:`SERIES_MAX`."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: set[frozenset[Any]] = set()
+
+    def bounded(self, attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``attributes``, or :data:`OVERFLOW` once :data:`SERIES_MAX` other sets were recorded."""
+        seen, key = self._seen, frozenset(attributes.items())
+        if key in seen:
+            return attributes
+        if len(seen) < SERIES_MAX:  # two threads may both add one: a bound, not an exact count
+            seen.add(key)
+            return attributes
+        return OVERFLOW
+
+
 class ModelMetrics:
     """The AG2 instrumentor's instruments: model calls (GenAI client metrics, cost) and failed code runs."""
 
-    __slots__ = ("code_failures", "cost", "duration", "token_usage")
+    __slots__ = ("_cost_series", "_duration_series", "_failure_series", "_token_series", "code_failures", "cost",
+                 "duration", "token_usage")
 
     def __init__(self, meter: otel_metrics.Meter) -> None:
+        self._duration_series, self._token_series = _Series(), _Series()
+        self._cost_series, self._failure_series = _Series(), _Series()
         self.token_usage = _histogram(meter, GEN_AI_CLIENT_TOKEN_USAGE, "{token}",
                                       "Number of input and output tokens used.", TOKEN_BUCKETS)
         self.duration = _histogram(meter, GEN_AI_CLIENT_OPERATION_DURATION, "s", "GenAI operation duration.",
@@ -120,21 +153,28 @@ class ModelMetrics:
         call that succeeded: a failed one has its duration with ``error.type``."""
         try:
             if error_type is not None:
-                self.duration.record(seconds, {**attributes.base, semconv.ERROR_TYPE: error_type})
+                self.duration.record(seconds, self._duration_series.bounded(
+                    {**attributes.base, semconv.ERROR_TYPE: error_type}))
                 return
-            self.duration.record(seconds, attributes.base)
+            admitted = attributes.admitted
+            if admitted is None or admitted[0] is not self:  # once per attribute set and instruments
+                admitted = attributes.admitted = (
+                    self, self._duration_series.bounded(attributes.base), self._token_series.bounded(attributes.input),
+                    self._token_series.bounded(attributes.output), self._cost_series.bounded(attributes.cost))
+            self.duration.record(seconds, admitted[1])
             if input_tokens is not None:
-                self.token_usage.record(input_tokens, attributes.input)
+                self.token_usage.record(input_tokens, admitted[2])
             if output_tokens is not None:
-                self.token_usage.record(output_tokens, attributes.output)
+                self.token_usage.record(output_tokens, admitted[3])
             if cost is not None:
-                self.cost.add(cost, attributes.cost)
+                self.cost.add(cost, admitted[4])
         except Exception:
             logger.debug("cmbagent_otel: could not record model call metrics", exc_info=True)
 
     def code_failure(self, language: str, error_type: str) -> None:
         try:
-            self.code_failures.add(1, {semconv.CODE_LANGUAGE: language, semconv.ERROR_TYPE: error_type})
+            self.code_failures.add(1, self._failure_series.bounded(
+                {semconv.CODE_LANGUAGE: language, semconv.ERROR_TYPE: error_type}))
         except Exception:
             logger.debug("cmbagent_otel: could not record a failed code execution", exc_info=True)
 
@@ -142,9 +182,10 @@ class ModelMetrics:
 class CallAttributes:
     """The metric attributes of a model call, built once per (provider, server, request model,
     response model) and shared: ``base`` (duration), ``input`` / ``output`` (token usage, with
-    ``gen_ai.token.type``), ``cost`` (provider and models only)."""
+    ``gen_ai.token.type``), ``cost`` (provider and models only). ``admitted``: what
+    :meth:`ModelMetrics.model_call` records them as (each, or the overflow series), decided once."""
 
-    __slots__ = ("base", "cost", "input", "output")
+    __slots__ = ("admitted", "base", "cost", "input", "output")
 
     def __init__(self, provider: str, request_model: str | None, response_model: str | None,
                  server: tuple[str, int] | None) -> None:
@@ -160,14 +201,7 @@ class CallAttributes:
         self.base = base
         self.input = {**base, GEN_AI_TOKEN_TYPE: TOKEN_INPUT}
         self.output = {**base, GEN_AI_TOKEN_TYPE: TOKEN_OUTPUT}
-
-
-#: Attribute sets (series) each run-level histogram records at most; a run or step past them is counted
-#: in one overflow series (``otel.metric.overflow=true``; the specification's default limit). The SDK keeps
-#: every attribute set it was given for the provider's life, and a service naming each run after its
-#: request (``workflow(f"request {id}")``) made three new series per run, for ever.
-SERIES_MAX: Final = 2000
-OVERFLOW: Final = MappingProxyType({"otel.metric.overflow": True})
+        self.admitted: tuple[Any, ...] | None = None
 
 
 class RunMetrics:
@@ -176,7 +210,7 @@ class RunMetrics:
     __slots__ = ("_series", "gen_ai_workflow", "step", "workflow")
 
     def __init__(self, meter: otel_metrics.Meter) -> None:
-        self._series: tuple[set[frozenset[Any]], ...] = (set(), set(), set())  # per histogram: attribute sets
+        self._series = (_Series(), _Series(), _Series())  # per histogram
         self.gen_ai_workflow = _histogram(meter, GEN_AI_WORKFLOW_DURATION, "s", "GenAI workflow duration.",
                                           RUN_BUCKETS)
         self.workflow = _histogram(meter, WORKFLOW_DURATION, "s", "Duration of a cmbagent run (workflow).",
@@ -194,27 +228,17 @@ class RunMetrics:
                 mine = {k: attributes[k] for k in (semconv.WORKFLOW_NAME, semconv.WORKFLOW_MODE) if k in attributes}
                 if error_type is not None:
                     run[semconv.ERROR_TYPE] = mine[semconv.ERROR_TYPE] = error_type
-                self.gen_ai_workflow.record(seconds, self._bounded(0, run))
-                self.workflow.record(seconds, self._bounded(1, mine))
+                self.gen_ai_workflow.record(seconds, self._series[0].bounded(run))
+                self.workflow.record(seconds, self._series[1].bounded(mine))
             elif kind == semconv.KIND_STEP:
                 step = {k: attributes[k] for k in (semconv.PHASE, semconv.STEP_AGENT) if k in attributes}
                 if workflow_name is not None:
                     step[semconv.WORKFLOW_NAME] = workflow_name
                 if error_type is not None:
                     step[semconv.ERROR_TYPE] = error_type
-                self.step.record(seconds, self._bounded(2, step))
+                self.step.record(seconds, self._series[2].bounded(step))
         except Exception:
             logger.debug("cmbagent_otel: could not record a run duration", exc_info=True)
-
-    def _bounded(self, index: int, attributes: dict[str, Any]) -> Mapping[str, Any]:
-        """``attributes``, or :data:`OVERFLOW` once histogram ``index`` has :data:`SERIES_MAX` other sets."""
-        series, key = self._series[index], frozenset(attributes.items())
-        if key in series:
-            return attributes
-        if len(series) < SERIES_MAX:  # two threads may both add one: a bound, not an exact count
-            series.add(key)
-            return attributes
-        return OVERFLOW
 
 
 TIMED_KINDS: Final = frozenset({semconv.KIND_WORKFLOW, semconv.KIND_STEP})

@@ -11,8 +11,9 @@ no header, no recorded database) are still read; they replay only where
 ``cmbagent-otel replay --to URL`` says.
 
 A file is written to ``*.tmp``, fsynced, then renamed, so it either exists complete or not
-at all. A ``.tmp`` left by a process that died mid-write is renamed into place when its
-header shows it complete, else removed (:meth:`SpillStore.recover`). Replay deletes a file
+at all; its writer holds an advisory lock on it until then. A ``.tmp`` left by a process that
+died mid-write (no lock held) is renamed into place when its header shows it complete, else
+removed (:meth:`SpillStore.recover`). Replay deletes a file
 only after its batch was written; because the DAG writer is idempotent (row ids derive from
 trace and span ids), replaying a batch twice, or a batch that partly reached the database
 before, still leaves every span in the database once.
@@ -43,6 +44,11 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from . import environment_variables, redaction
 from .semconv import SPAN_KIND
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; recover() decides by the writer's pid and the file's age
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger("cmbagent_otel")
 
 SPILL_DIR_ENV = "CMBAGENT_OTEL_SPILL_DIR"
@@ -52,7 +58,7 @@ OTLP_SUFFIX = ".otlp"
 SUFFIX = ".jsonl"  # JSON lines: spans OTLP cannot carry exactly, and files from before headers
 SUFFIXES = (OTLP_SUFFIX, SUFFIX)
 MAX_SPANS_PER_FILE = 1024  # bounds the time one file takes to replay
-STALE_TMP_S = 60.0  # a .tmp this old is never still being written (a write takes milliseconds)
+STALE_TMP_S = 60.0  # without locks: a .tmp this old is taken as abandoned when its writer's pid is alive
 _NAME = re.compile(r"^spill-(?P<ns>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?:-(?P<key>[0-9a-f]{12}))?\.(?:otlp|jsonl)$")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -353,6 +359,43 @@ def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
     return spans
 
 
+def _hold(fd: int) -> None:
+    """Lock the ``.tmp`` being written (``fd``) for as long as it is open: the lock, not the file's age by
+    the wall clock, tells :meth:`SpillStore.recover` in another process that its writer is alive. An NTP
+    step forward, a resumed VM or an fsync stalled for a minute made a file being written look abandoned:
+    removed under its writer, or renamed into place before it was whole. The kernel drops the lock when
+    the writer dies, whatever pid comes next. Nothing when locks are not available (a filesystem without
+    them: the age rule then decides)."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file (O_EXCL): never held by another
+
+
+@contextlib.contextmanager
+def _abandoned(tmp: Path) -> Iterator[bool]:
+    """Whether no live writer holds ``tmp`` (see :func:`_hold`); held by this recover() while the block runs,
+    so two processes recovering at once do not both take it. ``True`` without locks (the age rule decided)."""
+    if fcntl is None:
+        yield True
+        return
+    try:
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        yield False  # renamed by its writer meanwhile, or not ours to open: left alone
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:
+            pass  # a filesystem without locks: the age rule decided
+        yield True
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -528,6 +571,7 @@ class SpillStore:
         # and the name, not ours, is left alone
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
+            _hold(fd)  # until the file is renamed and closed: recover() in another process leaves it alone
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -594,23 +638,27 @@ class SpillStore:
             pid = int(match.group("pid")) if match else -1
             if pid == os.getpid() or (age < STALE_TMP_S and pid > 0 and _pid_alive(pid)):
                 continue  # possibly still being written
-            try:
-                # empty (the writer died between creating and writing it): nothing was reported spilled
-                whole = bool(read_spill(tmp).spans)
-            except SpillUnreadable:
-                continue  # cannot tell now: decided by a later recover()
-            except SpillFileError:
-                whole = False
-            if not whole:
-                logger.warning("cmbagent_otel: removing incomplete spill file %s (its writer died mid-write)", tmp)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            else:
-                if match is None:
-                    continue
-                logger.info("cmbagent_otel: recovered complete spill file %s", final)
-                with contextlib.suppress(OSError):
-                    os.replace(tmp, final)
+            with _abandoned(tmp) as abandoned:
+                if not abandoned:
+                    continue  # its writer holds it: being written, however old the wall clock makes it look
+                try:
+                    # empty (the writer died between creating and writing it): nothing was reported spilled
+                    whole = bool(read_spill(tmp).spans)
+                except SpillUnreadable:
+                    continue  # cannot tell now: decided by a later recover()
+                except SpillFileError:
+                    whole = False
+                if not whole:
+                    logger.warning("cmbagent_otel: removing incomplete spill file %s (its writer died mid-write)",
+                                   tmp)
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                else:
+                    if match is None:
+                        continue
+                    logger.info("cmbagent_otel: recovered complete spill file %s", final)
+                    with contextlib.suppress(OSError):
+                        os.replace(tmp, final)
             handled += 1
         return handled
 

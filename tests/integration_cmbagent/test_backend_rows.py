@@ -260,18 +260,43 @@ def test_mars_backend_serves_a_failed_run(request: pytest.FixtureRequest, tmp_pa
 
 
 # --- Ctrl-C -------------------------------------------------------------------------------------------
-class _CtrlC:
-    """The scripted backend; while answering the engineer's first call it presses Ctrl-C: the main thread
+class CtrlCAt:
+    """The scripted backend; while answering ``agent``'s first call it presses Ctrl-C: the main thread
     (waiting for that answer in the openai client) gets KeyboardInterrupt once the answer is back."""
 
-    def __init__(self, script: Any) -> None:
-        self.script, self.pressed = script, False
+    def __init__(self, script: Any, agent: str) -> None:
+        self.script, self.agent, self.pressed = script, agent, False
 
     def __call__(self, body: dict[str, Any]) -> Any:
-        if not self.pressed and self.script.agent_of(body) == "engineer":
+        if not self.pressed and self.script.agent_of(body) == self.agent:
             self.pressed = True
             _thread.interrupt_main(signal.SIGINT)
         return self.script(body)
+
+
+def run_interrupted(workflow: str, agent: str, tmp_path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[Run, SpanCapture]:
+    """Run cmbagent's ``workflow`` (scripted backend, instrumented) with Ctrl-C pressed during ``agent``'s
+    first model call; the KeyboardInterrupt reaches the caller unchanged. The run's spans, and the
+    capture (the caller shuts its provider down once it has exported them)."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
+    # the handler an interactive `python app.py` has (a test run in the background may ignore SIGINT)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    capture = SpanCapture()
+    press = CtrlCAt(script_for(workflow), agent)
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+    try:
+        with FakeOpenAIServer(request_responder=press) as server:
+            monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+            with pytest.raises(KeyboardInterrupt):
+                call_workflow(workflow, work_dir)
+    finally:
+        cmbagent_otel.uninstrument()
+        signal.signal(signal.SIGINT, saved)
+    assert press.pressed
+    return Run({}, [], [], work_dir, capture.spans), capture
 
 
 def test_ctrl_c_in_a_step_is_a_cancelled_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,25 +305,7 @@ def test_ctrl_c_in_a_step_is_a_cancelled_run(tmp_path: Path, monkeypatch: pytest
     (WorkflowController.cancel_workflow) moves the run to WorkflowState.CANCELLED; the contract has no such
     status for nodes). The nodes the interrupt cut are failed with the reason, the plan's later steps pending,
     the terminator failed with the reason, nothing left running."""
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
-    # the handler an interactive `python app.py` has (a test run in the background may ignore SIGINT)
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
-    capture = SpanCapture()
-    script = script_for("planning_and_control")
-    press = _CtrlC(script)
-    work_dir = tmp_path / "work"
-    work_dir.mkdir()
-    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
-    try:
-        with FakeOpenAIServer(request_responder=press) as server:
-            monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-            with pytest.raises(KeyboardInterrupt):
-                call_workflow("planning_and_control", work_dir)
-    finally:
-        cmbagent_otel.uninstrument()
-        signal.signal(signal.SIGINT, saved)
-    assert press.pressed
-    run = Run({}, [], [], work_dir, capture.spans)
+    run, capture = run_interrupted("planning_and_control", "engineer", tmp_path, monkeypatch)
     url = _exported(run, tmp_path)
     capture.provider.shutdown()
     engine = create_engine(url)

@@ -10,9 +10,7 @@ into SQLite, read back as cmbagent's backend reads it (``test_real_audit._final_
 
 from __future__ import annotations
 
-import _thread
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +18,15 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import cmbagent_otel
-from cmbagent_otel.testing import FakeOpenAIServer
 
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
 from cmbagent_otel import semconv as sc
 
-from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, CmbagentScript, call_workflow, script_for
-from .test_backend_rows import _mars_answers, _mars_python, _mars_source
-from .test_cmbagent_runs import Run, SpanCapture, _exported, _kind, _named, _one, _rows
+from .scripted_cmbagent import API_KEYS, DEFAULT_PLAN, CmbagentScript
+from .test_backend_rows import _mars_answers, _mars_python, _mars_source, run_interrupted
+from .test_cmbagent_runs import _exported, _kind, _named, _one, _rows
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
     ApiDown,
     Responder,
@@ -326,41 +323,11 @@ def test_researcher_step_reported_failed_raises_inside_cmbagent(request: pytest.
     assert API_KEYS["OPENAI"].encode() not in (tmp_path / "cmbagent.db").read_bytes()
 
 
-class _CtrlCAt:
-    """The scripted backend; while answering ``agent``'s first call it presses Ctrl-C (the main thread,
-    waiting for that answer in the openai client, gets KeyboardInterrupt once the answer is back)."""
-
-    def __init__(self, script: CmbagentScript, agent: str) -> None:
-        self.script, self.agent, self.pressed = script, agent, False
-
-    def __call__(self, body: dict[str, Any]) -> Any:
-        if not self.pressed and self.script.agent_of(body) == self.agent:
-            self.pressed = True
-            _thread.interrupt_main(signal.SIGINT)
-        return self.script(body)
-
-
 def test_ctrl_c_in_a_carryover_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during step 2 (the researcher's model call) of the carryover loop: KeyboardInterrupt leaves
     the entry call unchanged; the run is ``cancelled`` (cmbagent's stop), step 2 and the control phase
     failed with the reason, step 3 pending (never reached, as in the single-chat plan), nothing running."""
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # an interactive `python app.py`'s
-    capture = SpanCapture()
-    press = _CtrlCAt(script_for("carryover"), "researcher")
-    work_dir = tmp_path / "work"
-    work_dir.mkdir()
-    cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
-    try:
-        with FakeOpenAIServer(request_responder=press) as server:
-            monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-            with pytest.raises(KeyboardInterrupt):
-                call_workflow("carryover", work_dir)
-    finally:
-        cmbagent_otel.uninstrument()
-        signal.signal(signal.SIGINT, saved)
-    assert press.pressed
-    run = Run({}, [], [], work_dir, capture.spans)
+    run, capture = run_interrupted("carryover", "researcher", tmp_path, monkeypatch)
     _one_root_per_trace(run)
     rows = _final_rows(_exported(run, tmp_path))
     capture.provider.shutdown()

@@ -5,7 +5,8 @@ Jaeger v2 is an OpenTelemetry Collector distribution: the same binary runs Jaege
 (``examples/collector_fanout/jaeger-collector.yaml``). ``./dev`` builds it from the Go module
 proxy into ``.tools/jaeger/<version>/jaeger``; ``CMBAGENT_OTEL_JAEGER_BIN`` overrides it. While
 ``./dev test`` still builds it in the background, ``CMBAGENT_OTEL_JAEGER_PENDING`` names a lock file
-the build holds: the first test that needs the binary waits for the build to finish.
+the build holds: the first test that needs the binary waits for the build to finish, at most
+``CMBAGENT_OTEL_JAEGER_BUILD_DEADLINE_S`` (default 1200 s), then the jaeger tests fail with the reason.
 Spans are read back through Jaeger's query API (``/api/v3/traces/{id}``, OTLP/JSON) and
 compared field by field with the in-memory copy the application kept of the same spans.
 """
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,26 +53,49 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+#: how long the first test that needs Jaeger waits for ``./dev test``'s background build (about 4 minutes
+#: cold on 2 cores, seconds warm): a build that hangs (a Go module proxy that stops answering) hung the
+#: whole test run without a word
+BUILD_DEADLINE_S = float(os.environ.get("CMBAGENT_OTEL_JAEGER_BUILD_DEADLINE_S", "") or 1200)
+
+
 @functools.cache
-def _wait_for_pending_build() -> None:
+def _wait_for_pending_build(deadline_s: float | None = None) -> str | None:
     """Blocks until the background build named by CMBAGENT_OTEL_JAEGER_PENDING (``./dev test``) is
-    over: the build holds an exclusive lock on that file for its whole run."""
+    over (the build holds an exclusive lock on that file for its whole run), at most ``deadline_s``
+    (default :data:`BUILD_DEADLINE_S`). Returns why the wait failed, else ``None``; cached, so the
+    other tests fail at once with the same reason instead of each waiting again."""
     pending = os.environ.get("CMBAGENT_OTEL_JAEGER_PENDING", "").strip()
     if not pending:
-        return
+        return None
     try:
         fd = os.open(pending, os.O_RDONLY)
     except OSError:
-        return  # no such lock file: no build is pending
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
+        return None  # no such lock file: no build is pending
+    limit = BUILD_DEADLINE_S if deadline_s is None else deadline_s
+    over = threading.Event()
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # no timeout of its own: this thread blocks, the test waits on it
+            over.set()
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=wait, name="jaeger-build-wait", daemon=True).start()
+    if over.wait(limit):
+        return None
+    return (f"the background Jaeger build is not over after {limit:.0f} s (it holds the lock {pending}): "
+            f"hung or very slow; ./dev shows its log at the end of the run (or run `./dev setup --jaeger` "
+            f"alone); CMBAGENT_OTEL_JAEGER_BUILD_DEADLINE_S sets this deadline")
 
 
 def jaeger_binary() -> Path:
-    """The Jaeger v2 binary; skips locally without one, fails under CI (the tests must run there)."""
-    _wait_for_pending_build()
+    """The Jaeger v2 binary; skips locally without one, fails under CI (the tests must run there), and
+    fails when a pending background build does not end within :data:`BUILD_DEADLINE_S`."""
+    failure = _wait_for_pending_build()
+    if failure is not None:
+        pytest.fail(failure)
     configured = os.environ.get("CMBAGENT_OTEL_JAEGER_BIN", "").strip()
     if configured:
         path = Path(configured)

@@ -62,8 +62,18 @@ class Watchdog:
             self._armed[token] = (watched, label)
             heapq.heappush(self._due, (end + GRACE_S, token))
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="cmbagent-otel-deadline", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="cmbagent-otel-deadline", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:
+                    # no thread can start now (a pids or memory limit): this connection goes unwatched,
+                    # as one whose descriptor cannot be; left armed, its duplicate leaked and a thread
+                    # started later cut it at this stale deadline while the pool had lent it again
+                    self._armed.pop(token)
+                    os.close(watched)
+                    self._thread = None
+                    return None
+                self._thread = thread
             elif self._due[0][1] == token:
                 self._wake.notify()
         return token

@@ -13,6 +13,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -90,11 +91,21 @@ def _iso(value: Any) -> str | None:
     return str(value) if value is not None else None
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _duration_ms(start: Any, end: Any) -> float | None:
+    # whole microseconds, then one division: total_seconds() * 1000 printed 1.000001 s as 1000.0009999999999
     try:
-        return (end - start).total_seconds() * 1000 if start is not None and end is not None else None
+        return (end - start) // _MICROSECOND / 1000 if start is not None and end is not None else None
     except TypeError:  # text timestamps of another writer
         return None
+
+
+def _usd(cost: float) -> float:
+    """A sum of costs without its float noise (0.1 + 0.2 is 0.30000000000000004): 12 significant digits,
+    where the rounding of a sum of thousands of terms stays below the 14th."""
+    return float(f"{cost:.12g}") if math.isfinite(cost) else cost
 
 
 def _raw(column: Any) -> Any:
@@ -278,7 +289,7 @@ class DagReader:
         ids = [r["id"] for r in rows]
         n_nodes = self._count(NODES.c.run_id, ids)
         n_events = self._count(EVENTS.c.run_id, ids)
-        cost = {r["run_id"]: float(r["cost"] or 0) for r in self._rows(
+        cost = {r["run_id"]: _usd(float(r["cost"] or 0)) for r in self._rows(
             select(COSTS.c.run_id, func.sum(COSTS.c.cost_usd).label("cost")).where(COSTS.c.run_id.in_(ids))
             .group_by(COSTS.c.run_id))}
         return [{
@@ -377,13 +388,14 @@ class DagReader:
         summed = nodes if legacy else roots
         for n in nodes:
             del n["_parent_db"]
+            n["cost_usd"] = _usd(n["cost_usd"])  # a subtree's total: a sum, another writer's or ours
         return {
             "run": {"id": run_id, "mode": run["mode"], "status": run["status"],
                     "started_at": _iso(run["started_at"]), "completed_at": _iso(run["completed_at"]),
                     "duration_ms": _duration_ms(run["started_at"], run["completed_at"]),
                     "task": run["task_description"], "is_branch": bool(run["is_branch"]),
                     "tokens": outside["tokens"] + sum(n["tokens"] for n in summed),
-                    "cost_usd": outside["cost_usd"] + sum(n["cost_usd"] for n in summed),
+                    "cost_usd": _usd(outside["cost_usd"] + sum(n["cost_usd"] for n in summed)),
                     "events_outside_nodes": outside["events"]},
             "nodes": nodes, "edges": edges,
         }
