@@ -235,6 +235,20 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def _work_dir(value: Any) -> str | None:
+    """A run's work dir as cmbagent resolves it (its entry points and ``CMBAgent`` write to
+    ``Path(work_dir).expanduser().resolve()``): ``~`` expanded, absolute, links resolved. The files listed are
+    then those cmbagent wrote, and the run's ``meta.work_dir`` and its ``files`` paths name them from any
+    working directory, as cmbagent's backend writes them (an absolute task work dir). Never raises."""
+    text = _text(value)
+    if not text:
+        return text
+    try:
+        return os.path.realpath(os.path.expanduser(text))
+    except (OSError, ValueError):  # a NUL in the name, an unreadable home: as given
+        return text
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -486,7 +500,7 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
         model=model,
         # summarize_documents names its output folder work_dir_base (the run's meta.work_dir, which
         # cmbagent's branching and run comparison read)
-        work_dir=_text(bound.get("work_dir") or bound.get("work_dir_base")),
+        work_dir=_work_dir(bound.get("work_dir") or bound.get("work_dir_base")),
         max_redos=_int(bound.get("max_redos")),
     )
 
@@ -660,7 +674,7 @@ def _own_work_dir(instance: Any) -> str | None:
         run_dir = (getattr(effective_parent()[1], "attributes", None) or {}).get(semconv.WORKFLOW_WORK_DIR)
         if not isinstance(own, str) or not isinstance(run_dir, str) or not own or not run_dir:
             return None
-        rel = os.path.relpath(os.path.abspath(own), os.path.abspath(run_dir))
+        rel = os.path.relpath(os.path.realpath(os.path.expanduser(own)), os.path.realpath(run_dir))
         if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
             return None
         return safe_text(_readable(rel.replace(os.sep, "/"))) or None
@@ -777,7 +791,7 @@ def _solve_run(instance: Any, call: Mapping[str, Any]) -> workflow:
         model = None
     mode = {"one_shot": "one-shot", "chat": "hitl-interactive"}.get(solve_mode or "", "planning-control")
     return workflow("solve", mode=mode, task=_text(call.get("task")), agent=agent, model=model,
-                    work_dir=_text(getattr(instance, "work_dir", None)))
+                    work_dir=_work_dir(getattr(instance, "work_dir", None)))
 
 
 # --- entry functions called through names bound before instrument() --------------------
@@ -1373,7 +1387,7 @@ def _fallback_workflow(instance: Any) -> workflow:
     mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
     return workflow(
         phase_type, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-        work_dir=_text(getattr(ctx, "work_dir", None)),
+        work_dir=_work_dir(getattr(ctx, "work_dir", None)),
         max_redos=_int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)),
     )
 
