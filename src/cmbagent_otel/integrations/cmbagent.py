@@ -96,6 +96,7 @@ from ..instrumentation._steps import (
 )
 from ..redaction import register_secret, safe_text, truncate
 from ..workflow import (
+    _ENTRIES,
     EXECUTE_NODE,
     ONE_SHOT_PHASE,
     _Block,
@@ -235,6 +236,20 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def _work_dir(value: Any) -> str | None:
+    """A run's work dir as cmbagent resolves it (its entry points and ``CMBAgent`` write to
+    ``Path(work_dir).expanduser().resolve()``): ``~`` expanded, absolute, links resolved. The files listed are
+    then those cmbagent wrote, and the run's ``meta.work_dir`` and its ``files`` paths name them from any
+    working directory, as cmbagent's backend writes them (an absolute task work dir). Never raises."""
+    text = _text(value)
+    if not text:
+        return text
+    try:
+        return os.path.realpath(os.path.expanduser(text))
+    except (OSError, ValueError):  # a NUL in the name, an unreadable home: as given
+        return text
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -279,7 +294,10 @@ def _anchored() -> Iterator[None]:
 @contextmanager
 def _run(block: workflow) -> Iterator[None]:
     """Open a workflow (or join the active one) for one entry-point call."""
+    with contextlib.suppress(Exception):
+        _ENTRY_BLOCKS.add(block)
     with _opened(block) as entered, _anchored():
+        enclosing = _join_users_run(entered) if entered is not None and entered.joined else None
         try:
             yield
             if entered is not None:
@@ -290,8 +308,52 @@ def _run(block: workflow) -> Iterator[None]:
                 _record_execute_not_started(entered)
             raise
         finally:
-            if entered is not None:
+            if enclosing is not None:
+                _record_joined_files(enclosing, block)
+            elif entered is not None:
                 _record_files(entered._current(), entered.work_dir)
+
+
+def _record_joined_files(enclosing: Any, block: workflow) -> None:
+    """The files of a joined entry call's work dir, on the enclosing run's span when that is the run's work dir
+    (the span holds paths relative to one folder: the call's folder if it gave the run its work dir)."""
+    try:
+        if (enclosing.span.attributes or {}).get(semconv.WORKFLOW_WORK_DIR) == block.work_dir:
+            _record_files(enclosing, block.work_dir, block.name)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the enclosing run's files", exc_info=True)
+
+
+# the workflow blocks of entry calls (a cmbagent workflow calling another joins it: that run is described
+# by the outer call's own arguments, and keeps them)
+_ENTRY_BLOCKS: weakref.WeakSet[workflow] = weakref.WeakSet()
+_JOINED_FACTS = (semconv.WORKFLOW_TASK, semconv.WORKFLOW_AGENT, semconv.WORKFLOW_MODEL, semconv.WORKFLOW_WORK_DIR)
+
+
+def _join_users_run(block: workflow) -> Any:
+    """An entry call inside the application's own ``with workflow(...)``: that run's span gets what it left
+    unset of the call's task, agent, model and work dir (the first call's: cmbagent's backend describes a run
+    by the task it runs), so its row names them and its files are listed (returned: the enclosing
+    ``TracedSpan``, whose work-dir files the call lists when it ends). None inside another entry call's run
+    or a run that is no workflow block of this context (a MARS phase's). Never raises."""
+    try:
+        entry = next((e for e in reversed(_ENTRIES.get()) if e.traced is not None and isinstance(e.block, workflow)),
+                     None)
+        if entry is None or (entry.block._origin or entry.block) in _ENTRY_BLOCKS:
+            return None
+        traced = entry.traced
+        span = traced.span
+        if not span.is_recording():
+            return None
+        attributes = span.attributes or {}
+        for key, value in zip(_JOINED_FACTS, (truncate(block.task), block.agent, block.model, block.work_dir),
+                              strict=True):
+            if value is not None and key not in attributes:
+                span.set_attribute(key, value)
+        return traced
+    except Exception:
+        logger.debug("cmbagent_otel: could not describe the enclosing run", exc_info=True)
+        return None
 
 
 # cmbagent's backend registers the files of these folders of a run's work dir (its DAG tracker's
@@ -406,13 +468,15 @@ def _readable(path: str) -> str:
     return path
 
 
-def _record_files(traced: Any, work_dir: Any) -> None:
-    """Put the run's work-dir files on its workflow span (:data:`semconv.WORKFLOW_FILES`), while it is open."""
+def _record_files(traced: Any, work_dir: Any, name: str | None = None) -> None:
+    """Put the run's work-dir files on its workflow span (:data:`semconv.WORKFLOW_FILES`), while it is open
+    (``name``: the entry point that wrote them, by default the span's workflow name)."""
     try:
         span = getattr(traced, "span", traced)
         if isinstance(work_dir, str) and work_dir and span is not None and span.is_recording():
-            attributes = getattr(span, "attributes", None) or {}
-            files = work_dir_files(work_dir, attributes.get(semconv.WORKFLOW_NAME) == "summarize_documents")
+            if name is None:
+                name = (getattr(span, "attributes", None) or {}).get(semconv.WORKFLOW_NAME)
+            files = work_dir_files(work_dir, name == "summarize_documents")
             if files:
                 span.set_attribute(semconv.WORKFLOW_FILES, files)
     except Exception:
@@ -486,7 +550,7 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
         model=model,
         # summarize_documents names its output folder work_dir_base (the run's meta.work_dir, which
         # cmbagent's branching and run comparison read)
-        work_dir=_text(bound.get("work_dir") or bound.get("work_dir_base")),
+        work_dir=_work_dir(bound.get("work_dir") or bound.get("work_dir_base")),
         max_redos=_int(bound.get("max_redos")),
     )
 
@@ -660,7 +724,7 @@ def _own_work_dir(instance: Any) -> str | None:
         run_dir = (getattr(effective_parent()[1], "attributes", None) or {}).get(semconv.WORKFLOW_WORK_DIR)
         if not isinstance(own, str) or not isinstance(run_dir, str) or not own or not run_dir:
             return None
-        rel = os.path.relpath(os.path.abspath(own), os.path.abspath(run_dir))
+        rel = os.path.relpath(os.path.realpath(os.path.expanduser(own)), os.path.realpath(run_dir))
         if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
             return None
         return safe_text(_readable(rel.replace(os.sep, "/"))) or None
@@ -777,7 +841,7 @@ def _solve_run(instance: Any, call: Mapping[str, Any]) -> workflow:
         model = None
     mode = {"one_shot": "one-shot", "chat": "hitl-interactive"}.get(solve_mode or "", "planning-control")
     return workflow("solve", mode=mode, task=_text(call.get("task")), agent=agent, model=model,
-                    work_dir=_text(getattr(instance, "work_dir", None)))
+                    work_dir=_work_dir(getattr(instance, "work_dir", None)))
 
 
 # --- entry functions called through names bound before instrument() --------------------
@@ -1373,7 +1437,7 @@ def _fallback_workflow(instance: Any) -> workflow:
     mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
     return workflow(
         phase_type, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-        work_dir=_text(getattr(ctx, "work_dir", None)),
+        work_dir=_work_dir(getattr(ctx, "work_dir", None)),
         max_redos=_int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)),
     )
 
