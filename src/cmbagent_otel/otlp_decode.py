@@ -297,15 +297,22 @@ def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count:
         raise _Unbounded("more attributes than the limit")
     if memo is None:
         memo = _memo(limits, safe)
+    try:
+        # every attribute seen before (most spans): their pairs in order, in C; a repeated key
+        # keeps its first place and its last value, as the loop below
+        return dict(map(memo.__getitem__, items))
+    except KeyError:
+        pass
     get = memo.get
     out: dict[str, Any] = {}
     for raw in items:
         key, decoded = get(raw, _MISSING)
         if key is None:
-            # a KeyValue decodes to at most one attribute; an empty value to none (key "" kept apart)
+            # a KeyValue decodes to at most one attribute; an empty value to none (not memoised:
+            # the memo holds only pairs to keep)
             one = _attributes((KeyValue.FromString(raw),), safe, limits, 1)
             key, decoded = next(iter(one.items())) if one else ("", None)
-            if len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
+            if decoded is not None and len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
                 if len(memo) >= _MEMO_ENTRIES:
                     memo.clear()
                 memo[raw] = (key, decoded)

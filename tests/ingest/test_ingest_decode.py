@@ -285,6 +285,38 @@ def test_attributes_from_wire_bytes_decode_as_parsed_ones(limits: str | None, js
         assert _described(batch.spans) == _described(general.spans)
 
 
+@pytest.mark.parametrize("limits", [None, "default"])
+def test_attributes_all_from_the_memo_decode_as_parsed_ones(limits: str | None) -> None:
+    """A span whose attributes are all memoised takes them in one step: the same keys in the same
+    order, a repeated key's last value in its first place, an empty value left out (never kept in
+    the memo), as the parsed ``Span`` gives them."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+
+    from cmbagent_otel.otlp_decode import Limits, spans_from_request
+
+    chosen = Limits.default() if limits else None
+    small = [KeyValue(key="a", value=AnyValue(string_value="one")), KeyValue(key="", value=AnyValue(int_value=7)),
+             KeyValue(key="b", value=AnyValue(array_value=ArrayValue(values=[AnyValue(bool_value=True)]))),
+             KeyValue(key="a", value=AnyValue(string_value="again")),
+             KeyValue(key="c", value=AnyValue(double_value=0.5))]
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    for n, attributes in enumerate([small, small, [*small, KeyValue(key="empty", value=AnyValue())], small[::-1],
+                                    [small[3], small[0]], []]):
+        span = scope_spans.spans.add(trace_id=bytes(15) + b"\x01", span_id=bytes(7) + bytes([n + 1]), name=f"s{n}",
+                                     start_time_unix_nano=1, end_time_unix_nano=2)
+        span.attributes.extend(attributes)
+        span.events.add(name="e", time_unix_nano=1).attributes.extend(attributes[::-1])
+    body = request.SerializeToString()
+    general = spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=True, limits=chosen)
+    for _ in range(2):
+        spans = decode_protobuf(body, json_safe=True, limits=chosen).spans
+        assert _described(spans) == _described(general.spans)
+        assert [list(s.attributes) for s in spans] == [list(s.attributes) for s in general.spans]
+    assert list(spans[0].attributes.items()) == [("a", "again"), ("", 7), ("b", (True,)), ("c", 0.5)]
+
+
 def test_memoised_map_values_are_not_shared() -> None:
     """A map value is a ``dict``: each span gets its own, never one shared through the memo."""
     from cmbagent_otel.otlp_decode import Limits
