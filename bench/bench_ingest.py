@@ -13,6 +13,8 @@ spans and the peak.
 
     python bench/bench_ingest.py                   # 30k spans, 3 repetitions
     python bench/bench_ingest.py --spans 30000 --batch 512 --repeat 5
+    python bench/bench_ingest.py --server-src /tmp/base/src --server-src src   # A/B, alternated
+    python bench/bench_ingest.py --bytecodes       # exact: Python bytecodes per span, in-process
 
 Targets: <= 90 us server CPU per span; RSS plateau <= 96 MiB at 30k spans.
 """
@@ -28,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from _stats import quartiles
 
@@ -95,22 +98,76 @@ def one_server(bodies: list[bytes], warm: bytes, db: str, server_src: str | None
         proc.wait(30)
 
 
+def count_bytecodes(bodies: list[bytes], warm: bytes, db: str) -> tuple[float, float]:
+    """(bytecodes per span of decoding alone, of decoding and writing) over ``bodies``, in this
+    process: the server's own path (``IngestCore.process``, the CLI's settings) without HTTP,
+    counted by ``sys.settrace`` opcode events after a warm-up; exact, whatever the load."""
+    from cmbagent_otel.ingest import IngestServer
+    from cmbagent_otel.otlp_decode import iter_protobuf
+
+    core = IngestServer(db, port=0, grpc_port="off").core
+
+    def post(body: bytes) -> int:
+        ticket = core.admission.ticket()
+        try:
+            return core.process(body, "protobuf", False, ticket).written
+        finally:
+            ticket.close()
+
+    def decode(body: bytes) -> int:
+        return sum(len(batch.spans) for batch in iter_protobuf(body, json_safe=True, limits=core.limits, chunk=1000))
+
+    post(warm)
+    figures = []
+    for step in (decode, post):
+        count = spans = 0
+
+        def tracer(frame: Any, event: str, _arg: Any) -> Any:
+            nonlocal count
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                count += 1
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            for body in bodies:
+                spans += step(body)
+        finally:
+            sys.settrace(None)
+        figures.append(count / spans)
+    return figures[0], figures[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spans", type=int, default=30_000)
+    parser.add_argument("--spans", type=int, default=None,
+                        help="spans per repetition (default 30,000; 3,072 with --bytecodes)")
     parser.add_argument("--batch", type=int, default=512, help="spans per OTLP request (SDK default 512)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--db", help="database URL (default: a fresh SQLite file per repetition)")
     parser.add_argument("--server-src", action="append", default=[], metavar="DIR",
                         help="A/B: run the server from this checkout's src folder (the corpus and the client "
                         "stay this one's); given twice, the two servers alternate, each repetition on both")
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="count Python bytecodes per span in-process instead (exact; 3,072 spans unless --spans)")
     args = parser.parse_args(argv)
+    if args.spans is None:
+        args.spans = 3_072 if args.bytecodes else 30_000
     sys.path.insert(0, str(HERE))
     import _corpus
     from bench_export import quiet_corpus
 
     template = quiet_corpus(False)
     warm = encode([list(_corpus.replicate(template, 66, seed=10_000))])[0]
+    if args.bytecodes:
+        spans = args.spans
+        bodies = encode(list(_corpus.batches(_corpus.replicate(template, spans, seed=1), args.batch)))
+        with tempfile.TemporaryDirectory(prefix="cmbagent-otel-ingest-bench-") as tmp:
+            decoding, whole = count_bytecodes(bodies, warm, args.db or f"sqlite:///{tmp}/ingest.db")
+        print(f"ingest in-process ({spans:,} spans, {args.batch} per request): {whole:.1f} bytecodes per span "
+              f"decoded and written, of which decoding {decoding:.1f} (exact; the database's own work is not counted)")
+        return 0
     servers: list[str | None] = list(args.server_src) or [None]
     cpus: dict[str | None, list[float]] = {server: [] for server in servers}
     rss_runs: dict[str | None, list[list[float]]] = {server: [] for server in servers}
