@@ -297,15 +297,22 @@ def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count:
         raise _Unbounded("more attributes than the limit")
     if memo is None:
         memo = _memo(limits, safe)
+    try:
+        # every attribute seen before (most spans): their pairs in order, in C; a repeated key
+        # keeps its first place and its last value, as the loop below
+        return dict(map(memo.__getitem__, items))
+    except KeyError:
+        pass
     get = memo.get
     out: dict[str, Any] = {}
     for raw in items:
         key, decoded = get(raw, _MISSING)
         if key is None:
-            # a KeyValue decodes to at most one attribute; an empty value to none (key "" kept apart)
+            # a KeyValue decodes to at most one attribute; an empty value to none (not memoised:
+            # the memo holds only pairs to keep)
             one = _attributes((KeyValue.FromString(raw),), safe, limits, 1)
             key, decoded = next(iter(one.items())) if one else ("", None)
-            if len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
+            if decoded is not None and len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
                 if len(memo) >= _MEMO_ENTRIES:
                     memo.clear()
                 memo[raw] = (key, decoded)
@@ -647,9 +654,59 @@ def _resource_at(body: bytes, start: int, end: int, safe: bool, limits: Limits |
     return Resource(_attributes(resource_pb.attributes, safe, limits), schema or None)
 
 
+def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
+    """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (their
+    last occurrences; ``(0, 0)`` for one absent), when it holds only its three length-delimited
+    fields with lengths under 2 MiB, as exporters write it; ``None`` for anything else (then
+    :func:`_fields` walks it, and words what is wrong). Each span costs a few comparisons here,
+    not a generator step: the spans are walked again when they are read."""
+    scope_start = scope_end = schema_start = schema_end = 0
+    pos = start
+    try:
+        while pos < end:
+            key = buf[pos]
+            size = buf[pos + 1]
+            if size < 0x80:
+                pos += 2
+            else:
+                high = buf[pos + 2]
+                if high < 0x80:
+                    size = size & 0x7F | high << 7
+                    pos += 3
+                else:
+                    third = buf[pos + 3]
+                    if third >= 0x80:
+                        return None
+                    size = size & 0x7F | (high & 0x7F) << 7 | third << 14
+                    pos += 4
+            if pos + size > end:
+                return None
+            if key == 0x12:  # a span
+                pos += size
+            elif key == 0x0A:  # the scope
+                scope_start, scope_end = pos, pos + size
+                pos = scope_end
+            elif key == 0x1A:  # schema_url
+                schema_start, schema_end = pos, pos + size
+                pos = schema_end
+            else:
+                return None
+    except IndexError:  # a key or length cut by the end of the body
+        return None
+    return (scope_start, scope_end, schema_start, schema_end) if pos == end else None
+
+
 def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None) -> SdkScope:
     """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]``."""
     scope_pb, schema = InstrumentationScope(), ""
+    skimmed = _skim_scope_spans(body, start, end)
+    if skimmed is not None:
+        scope_start, scope_end, schema_start, schema_end = skimmed
+        if scope_end:
+            scope_pb = _parse(InstrumentationScope, body, scope_start, scope_end, "scope", limits)
+        if schema_end:
+            schema = _utf8(body, schema_start, schema_end, "schema_url")
+        return _scope(scope_pb, schema, safe, limits)
     for number, wire, value_start, value_end, _ in _fields(body, start, end):
         if number == 1 and wire == 2:
             scope_pb = _parse(InstrumentationScope, body, value_start, value_end, "scope", limits)

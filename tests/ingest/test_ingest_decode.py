@@ -285,6 +285,92 @@ def test_attributes_from_wire_bytes_decode_as_parsed_ones(limits: str | None, js
         assert _described(batch.spans) == _described(general.spans)
 
 
+@pytest.mark.parametrize("limits", [None, "default"])
+def test_attributes_all_from_the_memo_decode_as_parsed_ones(limits: str | None) -> None:
+    """A span whose attributes are all memoised takes them in one step: the same keys in the same
+    order, a repeated key's last value in its first place, an empty value left out (never kept in
+    the memo), as the parsed ``Span`` gives them."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+
+    from cmbagent_otel.otlp_decode import Limits, spans_from_request
+
+    chosen = Limits.default() if limits else None
+    small = [KeyValue(key="a", value=AnyValue(string_value="one")), KeyValue(key="", value=AnyValue(int_value=7)),
+             KeyValue(key="b", value=AnyValue(array_value=ArrayValue(values=[AnyValue(bool_value=True)]))),
+             KeyValue(key="a", value=AnyValue(string_value="again")),
+             KeyValue(key="c", value=AnyValue(double_value=0.5))]
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    for n, attributes in enumerate([small, small, [*small, KeyValue(key="empty", value=AnyValue())], small[::-1],
+                                    [small[3], small[0]], []]):
+        span = scope_spans.spans.add(trace_id=bytes(15) + b"\x01", span_id=bytes(7) + bytes([n + 1]), name=f"s{n}",
+                                     start_time_unix_nano=1, end_time_unix_nano=2)
+        span.attributes.extend(attributes)
+        span.events.add(name="e", time_unix_nano=1).attributes.extend(attributes[::-1])
+    body = request.SerializeToString()
+    general = spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=True, limits=chosen)
+    for _ in range(2):
+        spans = decode_protobuf(body, json_safe=True, limits=chosen).spans
+        assert _described(spans) == _described(general.spans)
+        assert [list(s.attributes) for s in spans] == [list(s.attributes) for s in general.spans]
+    assert list(spans[0].attributes.items()) == [("a", "again"), ("", 7), ("b", (True,)), ("c", 0.5)]
+
+
+def _scope_spans_variants() -> list[bytes]:
+    """``ScopeSpans`` encodings: as exporters write them, reordered, repeated, with lengths of one to
+    three bytes (a span under 2 MiB), with unknown fields, and cut or damaged anywhere."""
+    from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from cmbagent_otel.otlp_decode import _encode_varint
+
+    def field(number: int, value: bytes) -> bytes:
+        return _encode_varint(number << 3 | 2) + _encode_varint(len(value)) + value
+
+    scope = InstrumentationScope(name="lib", version="1.0").SerializeToString()
+    spans = [Span(trace_id=b"\x01" * 16, span_id=bytes([n + 1]) * 8, name="s" * size).SerializeToString()
+             for n, size in enumerate([1, 200, 20_000, 300_000])]
+    span_fields = b"".join(field(2, span) for span in spans)
+    plain = [field(1, scope) + span_fields + field(3, b"https://schema/1"),
+             span_fields, field(1, scope), field(3, b"") + field(1, b""),
+             span_fields + field(1, scope) + field(3, b"s1") + field(2, spans[0]) + field(1, b"") + field(3, b"s2")]
+    odd = [field(1, scope) + b"\x20\x05" + span_fields,  # an unknown varint field
+           field(1, scope) + b"\x92\x00\x00",  # a span field with a two-byte key
+           field(1, scope) + b"\x12\x80\x80\x80\x80\x00",  # a five-byte length
+           field(1, scope) + field(2, b"s" * 3_000_000),  # a four-byte length (declined)
+           b"\x02\x00"]  # field number 0
+    cut = [variant[:size] for variant in plain[:1] for size in (1, 2, 3, 40, len(variant) - 1)]
+    damaged = [plain[0][:30] + b"\xff" + plain[0][31:], field(1, scope)[:-1] + b"\x12\xff\xff\xff"]
+    return plain + odd + cut + damaged
+
+
+@pytest.mark.parametrize("variant", range(len(_scope_spans_variants())))
+def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
+    """The skim of a ``ScopeSpans`` finds the scope and schema URL the field walk finds (the last of
+    each), or declines (None) and leaves the walk to read it or to word what is wrong."""
+    from cmbagent_otel.otlp_decode import _fields, _skim_scope_spans
+
+    body = b"\x00" + _scope_spans_variants()[variant] + b"\x00"  # not at the start of the buffer
+    start, end = 1, len(body) - 1
+    try:
+        walked: tuple[int, int, int, int] | None = (0, 0, 0, 0)
+        for number, wire, value_start, value_end, _ in _fields(body, start, end):
+            if wire == 2 and number == 1:
+                walked = (value_start, value_end, *walked[2:])  # type: ignore[index]
+            elif wire == 2 and number == 3:
+                walked = (*walked[:2], value_start, value_end)  # type: ignore[index]
+            elif wire != 2 or number != 2:
+                walked = None  # read by the walk alone
+                break
+    except MalformedPayload:
+        walked = None
+    skimmed = _skim_scope_spans(body, start, end)
+    assert skimmed is None or skimmed == walked
+    if variant < 5:  # as exporters write them: skimmed
+        assert skimmed == walked is not None
+
+
 def test_memoised_map_values_are_not_shared() -> None:
     """A map value is a ``dict``: each span gets its own, never one shared through the memo."""
     from cmbagent_otel.otlp_decode import Limits
