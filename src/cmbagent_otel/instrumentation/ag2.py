@@ -281,7 +281,9 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
                       and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
+                        or not (probe.drops_all or probe.drops(ctx)):
+                    # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
+                    # that drops every span (always_off, a no-op tracer)
                     traced = build(state, ctx, self, args, kwargs)
                 else:
                     traced = _FAST if fast is not None else None
@@ -334,7 +336,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
                       and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not probe.drops(ctx):
+                        or not (probe.drops_all or probe.drops(ctx)):
                     traced = build(state, ctx, self, args, kwargs)
                 else:
                     traced = _FAST if fast is not None else None
