@@ -184,8 +184,10 @@ class _State:
         self.no_speaker_cls: type | None = None
         # ConversableAgent's get_human_input and a_get_human_input as patched (see _adopt_overrides)
         self.human_input: tuple[Any, Any] | None = None
-        # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
-        self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
+        # per agent (by id, held weakly): what does not change between its calls (see _agent_static). An
+        # entry is removed when its agent is dropped (_remember), before its id can be reused: the entry
+        # found under the id of an agent that is alive is that agent's, no identity check needed
+        self.agents: dict[int, _AgentStatic] = {}
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
         # Protocol-derived classes is slow, a class's answer never changes
         self.types: dict[type, tuple[bool, bool]] = {}
@@ -520,9 +522,10 @@ class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
     __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "nodes", "plain_description", "span_name", "system_messages")
+                 "nodes", "plain_description", "ref", "span_name", "system_messages")
 
     def __init__(self) -> None:
+        self.ref: weakref.ref[Any] | None = None  # the agent's, whose callback removes its entry (_remember)
         self.config: Any = None
         self.description: Any = None
         self.name = "unknown"
@@ -584,8 +587,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     registered): computed once per agent, again only when its ``llm_config`` or ``description``
     object changes."""
     config = getattr(agent, "llm_config", None)
-    entry = state.agents.get(id(agent))
-    static = entry[1] if entry is not None and entry[0]() is agent else None
+    static = state.agents.get(id(agent))
     if static is not None and static.config is config \
             and static.description is _description_mark(agent, static.plain_description):
         return static
@@ -625,22 +627,28 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
 def _agent_label(state: _State, agent: Any) -> str:
     """The name of the agent making a model call; its facts (secrets registered) computed when its
     ``llm_config`` is new (its turn, which computed them, may have started before a new one was set)."""
-    entry = state.agents.get(id(agent))
-    if entry is not None and entry[0]() is agent and entry[1].config is getattr(agent, "llm_config", None):
-        return entry[1].name
+    static = state.agents.get(id(agent))
+    if static is not None and static.config is getattr(agent, "llm_config", None):
+        return static.name
     return _agent_static(state, agent).name
 
 
-def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: Any, static: _AgentStatic) -> None:
+def _remember(agents: dict[int, _AgentStatic], agent: Any, static: _AgentStatic) -> None:
+    """Publish ``agent``'s facts. The entry goes when the agent does: the weak reference's callback runs
+    while the agent is being dropped, before its memory (and so its id) can be reused, and a reference
+    cleared by the cyclic collector has its callback run before the collector frees anything. So an
+    entry never outlives its agent, and lookups by the id of a live agent need no identity check."""
     key = id(agent)
-    if key in agents and agents[key][0]() is agent:
-        agents[key] = (agents[key][0], static)
+    old = agents.get(key)
+    if old is not None:  # the same agent (alive: it is our argument), its facts computed again
+        static.ref = old.ref
+        agents[key] = static
         return
-    try:  # the entry goes when the agent does (its id may then be reused)
-        ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
+    try:
+        static.ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
     except TypeError:  # not weak-referenceable: computed each time
         return
-    agents[key] = (ref, static)
+    agents[key] = static
 
 
 def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
@@ -666,8 +674,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     # _agent_static's and cached_name's cache hits, _arg and current_scope written out: this runs for
     # every agent turn
     agents = state.agents
-    entry = agents.get(id(instance))
-    static = entry[1] if entry is not None and entry[0]() is instance else None
+    static = agents.get(id(instance))
     if static is None or static.config is not getattr(instance, "llm_config", None) \
             or static.description is not (instance.__dict__.get("_description") if static.plain_description
                                           else getattr(instance, "description", None)):  # _description_mark
@@ -676,8 +683,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        entry = agents.get(id(sender))
-        sender_name = entry[1].name if entry is not None and entry[0]() is sender else agent_name(sender)
+        known_sender = agents.get(id(sender))
+        sender_name = known_sender.name if known_sender is not None else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -901,9 +908,9 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     agent = kwargs.get("agent")
     agent_label = None
     if agent is not None:  # _agent_label's cache hit written out: every model call
-        entry = state.agents.get(id(agent))
-        agent_label = entry[1].name if entry is not None and entry[0]() is agent \
-            and entry[1].config is getattr(agent, "llm_config", None) else _agent_label(state, agent)
+        static = state.agents.get(id(agent))
+        agent_label = static.name if static is not None and static.config is getattr(agent, "llm_config", None) \
+            else _agent_label(state, agent)
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
