@@ -228,12 +228,12 @@ def _record(state: _State, traced: TracedSpan, record: Callable[..., None], inst
 
 
 def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
-                wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                original: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The call in ``traced`` (started by its builder; ``None``: straight through), ended as a ``with`` would."""
     if traced is None:
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
-        result = wrapped(*args, **kwargs)
+        result = original(instance, *args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
     except BaseException as exc:
@@ -244,12 +244,12 @@ def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., 
 
 
 async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
-                            wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                            original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                             kwargs: dict[str, Any]) -> Any:
     if traced is None:
-        return await wrapped(*args, **kwargs)
+        return await original(instance, *args, **kwargs)
     try:
-        result = await wrapped(*args, **kwargs)
+        result = await original(instance, *args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
     except BaseException as exc:
@@ -263,7 +263,9 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
     span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
-    straight through). The context is read once; telemetry errors mean "call through"."""
+    straight through), called ``fast(state, ctx, original, instance, args, kwargs)``, which calls
+    ``original(instance, *args, **kwargs)`` (no bound method made per call). The context is read once;
+    telemetry errors mean "call through"."""
     probe = state.probe
     if record in _CONTENT_ONLY and not state.capture:
         record = None  # it records message content only: nothing to do with capture off
@@ -295,7 +297,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             if traced is None:
                 return original(self, *args, **kwargs)
             if traced is _FAST:  # not recorded: the fast path
-                return fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
             # `with traced:` written out (the builder started the span): a with statement calls __exit__
             # from C (a nested interpreter, ~500 instructions per span more); same exception handling
             try:
@@ -348,7 +350,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
             if traced is None:
                 return await original(self, *args, **kwargs)
             if traced is _FAST:  # not recorded: the fast path
-                return await fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+                return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
             try:
                 result = await original(self, *args, **kwargs)
                 if record is not None:
@@ -770,22 +772,22 @@ def _unsampled_agent_span(state: _State, ctx: Any, instance: Any, args: tuple[An
     return None
 
 
-def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _agent_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
     facts = state.types.get(type(instance))  # _type_facts' hit: a class known to be no manager has no span
     if facts is not None and not facts[0]:  # unsampled (nearly every unrecorded turn: no call more)
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
-    return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
+    return _run_traced(state, traced, _record_reply, original, instance, args, kwargs)
 
 
-async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+async def _agent_fast_async(state: _State, ctx: Any, original: Callable[..., Any], instance: Any,
                             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     facts = state.types.get(type(instance))  # as in _agent_fast
     if facts is not None and not facts[0]:
-        return await wrapped(*args, **kwargs)
+        return await original(instance, *args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
-    return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
+    return await _run_traced_async(state, traced, _record_reply, original, instance, args, kwargs)
 
 
 def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -949,19 +951,19 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     return start(traced, span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
-def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _llm_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """An unrecorded model call: its metrics only (when a meter provider records them)."""
     metrics = state.metrics
     if metrics is None or not metrics.live():
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
         call = _model_call(instance, kwargs)
     except Exception:
         logger.debug("cmbagent_otel: no metrics for a model call", exc_info=True)
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
-        response = wrapped(*args, **kwargs)
+        response = original(instance, *args, **kwargs)
     except BaseException as exc:
         call.ended(state, exc)
         raise
@@ -1145,11 +1147,11 @@ def _steps_of(ctx: Any) -> _steps.StepTracker | None:
         return None
 
 
-def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _tool_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded tool call: the plan-step tracker still sees it."""
     tracker = _steps_of(ctx)
-    result = wrapped(*args, **kwargs)
+    result = original(instance, *args, **kwargs)
     if tracker is not None:
         try:
             _track_tool(tracker, instance, args, kwargs, result)
@@ -1158,10 +1160,10 @@ def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     return result
 
 
-async def _tool_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+async def _tool_fast_async(state: _State, ctx: Any, original: Callable[..., Any], instance: Any,
                            args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     tracker = _steps_of(ctx)
-    result = await wrapped(*args, **kwargs)
+    result = await original(instance, *args, **kwargs)
     if tracker is not None:
         try:
             _track_tool(tracker, instance, args, kwargs, result)
@@ -1260,12 +1262,12 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
-def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _code_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded code execution: the processes it starts still get the (unsampled) trace context,
     so a script's own spans are not sampled either, and a failure is still counted."""
     if _in_code_span.get():
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     flag = _in_code_span.set(True)
     carrier = language = None
     try:
@@ -1276,7 +1278,7 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     except Exception:
         logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
     try:
-        result = wrapped(*args, **kwargs)
+        result = original(instance, *args, **kwargs)
     except BaseException as exc:
         if language is not None and state.metrics is not None:
             state.metrics.code_failure(language, error_type(exc))
