@@ -615,7 +615,7 @@ class SamplingProbe:
     tracing implementation) counts as "may record": the full path then runs and the SDK decides.
     """
 
-    __slots__ = ("_kind", "_last", "_root_drops", "_tracer", "follows_parent")
+    __slots__ = ("_kind", "_last", "_root_drops", "_tracer", "drops_all", "follows_parent")
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
@@ -624,6 +624,9 @@ class SamplingProbe:
         # known to be parent-based (the SDK's default sampler): a recording parent means "may record",
         # which a caller can tell without calling drops(); False until classified
         self.follows_parent = False
+        # known to drop every span (a no-op tracer, ``always_off``): a caller can tell without calling
+        # drops(), as it can a recording parent; False until classified
+        self.drops_all = False
         # (parent span, decision) of the last non-recording parent: an unsampled chat asks about the
         # same parent again and again (one tuple, so threads never pair a span with another's answer);
         # a recording parent answers is_recording() first, nothing cached
@@ -646,6 +649,7 @@ class SamplingProbe:
             kind, root = _UNKNOWN, False
         self._kind, self._root_drops = kind, root
         self.follows_parent = kind == _PARENT and SPAN_KEY is not None
+        self.drops_all = kind == _ALWAYS
         return kind, root
 
     def drops(self, ctx: otel_context.Context) -> bool:

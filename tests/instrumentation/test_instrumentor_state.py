@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -138,3 +139,26 @@ def test_instrument_binds_one_set_of_run_metrics_for_all_its_instrumentors():
     data = reader.get_metrics_data()
     names = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
     assert names and len(names) == len(set(names))
+
+
+def test_an_agent_given_the_id_of_a_dropped_one_gets_its_own_facts(instrumented):
+    """The per-agent facts are found by the agent's id with no identity check (``ag2._remember``): an entry
+    must go when its agent does, so that a new agent that gets a dropped one's id (memory reused) never
+    takes its name, its attributes or its sub-agent node."""
+    state = AG2Instrumentor()._state
+    seen: set[int] = set()
+    reused = 0
+    for index in range(40):
+        agent = offline_agent(f"agent{index}", [f"answer {index}"])
+        key = id(agent)
+        reused += key in seen
+        seen.add(key)
+        agent.generate_reply(messages=[{"role": "user", "content": "question"}])
+        assert key in state.agents
+        del agent
+        gc.collect()
+        assert key not in state.agents  # gone with its agent, before the id can be given again
+    names = [span.attributes[semconv.GEN_AI_AGENT_NAME] for span in instrumented.spans
+             if span.name.startswith("invoke_agent")]
+    assert names == [f"agent{index}" for index in range(40)]
+    assert reused, "no id was given twice: the case this test is about did not happen"

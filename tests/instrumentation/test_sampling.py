@@ -131,6 +131,21 @@ def test_probe_reads_the_sampler_ahead_only_when_it_can():
     assert SamplingProbe(trace.NoOpTracer()).drops(otel_context.Context())
 
 
+def test_probe_says_it_drops_every_span_only_for_a_tracer_that_does():
+    """``drops_all`` (what the wrappers read before calling ``drops()``): a no-op tracer and ``always_off``
+    once classified; never a sampler that may record, nor before the probe has looked at its tracer."""
+    def drops_all(tracer: Any) -> tuple[bool, bool]:
+        probe = SamplingProbe(tracer)
+        before = probe.drops_all
+        probe.drops(otel_context.Context())
+        return before, probe.drops_all
+
+    assert drops_all(trace.NoOpTracer()) == (False, True)
+    assert drops_all(make_tracer(semconv.SCOPE_AG2, TracerProvider(sampler=ALWAYS_OFF))) == (False, True)
+    for sampler in (ParentBased(ALWAYS_OFF), ParentBased(ALWAYS_ON), TraceIdRatioBased(0.5), ALWAYS_ON):
+        assert drops_all(make_tracer(semconv.SCOPE_AG2, TracerProvider(sampler=sampler))) == (False, False)
+
+
 def test_probe_of_the_global_tracer_follows_the_provider_set_later():
     """In a fresh process: a proxy tracer drops everything until the app sets its SDK provider,
     then reads that provider's sampler (parent-based: an unsampled parent is dropped ahead)."""
@@ -144,8 +159,10 @@ def test_probe_of_the_global_tracer_follows_the_provider_set_later():
         probe = SamplingProbe(make_tracer(semconv.SCOPE_AG2))
         unsampled = trace.set_span_in_context(NonRecordingSpan(SpanContext(1, 2, False, TraceFlags(0))))
         before = probe.drops(context.Context())
+        all_before = probe.drops_all  # the proxy's no-op tracer drops all only until a provider is set
         trace.set_tracer_provider(TracerProvider())
-        print(before, probe.drops(context.Context()), probe.drops(unsampled), probe.drops(context.Context()))
+        print(before, all_before, probe.drops(context.Context()), probe.drops(unsampled),
+              probe.drops(context.Context()), probe.drops_all)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split() == ["True", "False", "True", "False"]
+    assert out.stdout.split() == ["True", "False", "False", "True", "False", "False"]

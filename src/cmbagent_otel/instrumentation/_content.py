@@ -6,7 +6,7 @@ import contextlib
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .. import environment_variables
@@ -87,12 +87,13 @@ def agent_name(agent: Any) -> str:
         return "unknown"
 
 
-def cached_name(agents: Mapping[int, tuple[Callable[[], Any], Any]], agent: Any) -> str:
-    """``agent``'s name from an instrumentor's per-agent cache (id -> (weak reference, facts with a
-    ``name``, a str from :func:`agent_name`)) when it is there, else read from the agent."""
-    entry = agents.get(id(agent))
-    if entry is not None and entry[0]() is agent:
-        return entry[1].name  # type: ignore[no-any-return]
+def cached_name(agents: Mapping[int, Any], agent: Any) -> str:
+    """``agent``'s name from an instrumentor's per-agent cache (id -> facts with a ``name``, a str from
+    :func:`agent_name`; an entry goes when its agent does, ``ag2._remember``) when it is there, else read
+    from the agent."""
+    static = agents.get(id(agent))
+    if static is not None:
+        return static.name  # type: ignore[no-any-return]
     return agent_name(agent)
 
 

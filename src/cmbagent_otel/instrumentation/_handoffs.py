@@ -101,8 +101,8 @@ class Selection:
             if room and exc is None and result is not None:
                 # nearly every selection: the event's attributes as one literal, in the order the general
                 # path below builds them (one dict of the right size, no insert growing it)
-                entry = state.agents.get(id(result))  # cached_name written out
-                to = entry[1].name if entry is not None and entry[0]() is result else agent_name(result)
+                static = state.agents.get(id(result))  # cached_name written out
+                to = static.name if static is not None else agent_name(result)
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 run = scope.run  # type: ignore[union-attr]
                 self.span.add_event(EVENT_NAME, {
@@ -115,9 +115,8 @@ class Selection:
             attrs = {HANDOFF_FROM: self.from_name, HANDOFF_REASON: facts[2],
                      HANDOFF_CANDIDATES: facts[3]}
             if result is not None:
-                entry = state.agents.get(id(result))  # cached_name written out
-                attrs[HANDOFF_TO] = entry[1].name if entry is not None and entry[0]() is result \
-                    else agent_name(result)
+                static = state.agents.get(id(result))  # cached_name written out
+                attrs[HANDOFF_TO] = static.name if static is not None else agent_name(result)
             if exc is not None:
                 if ends_chat(exc, state.no_speaker_cls):
                     attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
@@ -181,7 +180,9 @@ def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tu
     """Keep a group chat's facts without keeping the group chat: it is held weakly and its method and
     agents list by id (the group chat holds them while it lives). A strong entry kept every finished
     chat's group chat, agents and message histories alive: the agents refer to the manager, the manager
-    to the group chat, so no entry holding the agents could ever go."""
+    to the group chat, so no entry holding the agents could ever go. The weak reference's callback removes
+    the entry while the group chat is being dropped, before its id can be reused (as ``ag2._remember`` does
+    for agents): the entry found under a live group chat's id is that group chat's."""
     key = id(groupchat)
     try:
         facts = (weakref.ref(groupchat, lambda _, key=key: cache.pop(key, None)), *facts[1:])
@@ -233,13 +234,13 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if last is None:
             selection.from_name = "none"
         else:  # cached_name written out: this runs for every selection
-            entry = state.agents.get(id(last))
-            selection.from_name = entry[1].name if entry is not None and entry[0]() is last else agent_name(last)
+            static = state.agents.get(id(last))
+            selection.from_name = static.name if static is not None else agent_name(last)
         # _group_facts' cache hit written out: this runs for every selection
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
         facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[0]() is not groupchat or facts[1] != (id(method), id(agents), len(agents)):
+        if facts is None or facts[1] != (id(method), id(agents), len(agents)):  # found by id: see _remember_group
             facts = _group_facts(state, groupchat, method, agents)
         selection.facts = facts  # (weak groupchat, (id(method), id(agents), len(agents)), reason, candidates)
         return selection
@@ -294,14 +295,12 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                         if last is None:
                             selection.from_name = "none"
                         else:
-                            entry = state.agents.get(id(last))
-                            selection.from_name = entry[1].name if entry is not None and entry[0]() is last \
-                                else agent_name(last)
+                            static = state.agents.get(id(last))
+                            selection.from_name = static.name if static is not None else agent_name(last)
                         method = getattr(self, "speaker_selection_method", None)
                         agents = getattr(self, "agents", None) or ()
                         facts = state.candidates.get(id(self))
-                        if facts is None or facts[0]() is not self \
-                                or facts[1] != (id(method), id(agents), len(agents)):
+                        if facts is None or facts[1] != (id(method), id(agents), len(agents)):
                             facts = _group_facts(state, self, method, agents)
                         selection.facts = facts
             except Exception:

@@ -184,8 +184,10 @@ class _State:
         self.no_speaker_cls: type | None = None
         # ConversableAgent's get_human_input and a_get_human_input as patched (see _adopt_overrides)
         self.human_input: tuple[Any, Any] | None = None
-        # per agent (by id, held weakly): what does not change between its calls (see _agent_static)
-        self.agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]] = {}
+        # per agent (by id, held weakly): what does not change between its calls (see _agent_static). An
+        # entry is removed when its agent is dropped (_remember), before its id can be reused: the entry
+        # found under the id of an agent that is alive is that agent's, no identity check needed
+        self.agents: dict[int, _AgentStatic] = {}
         # per agent class: (group chat manager, AG2's tool runner) -- isinstance through AG2's
         # Protocol-derived classes is slow, a class's answer never changes
         self.types: dict[type, tuple[bool, bool]] = {}
@@ -226,12 +228,12 @@ def _record(state: _State, traced: TracedSpan, record: Callable[..., None], inst
 
 
 def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
-                wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                original: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The call in ``traced`` (started by its builder; ``None``: straight through), ended as a ``with`` would."""
     if traced is None:
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
-        result = wrapped(*args, **kwargs)
+        result = original(instance, *args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
     except BaseException as exc:
@@ -242,12 +244,12 @@ def _run_traced(state: _State, traced: TracedSpan | None, record: Callable[..., 
 
 
 async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Callable[..., None] | None,
-                            wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                            original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                             kwargs: dict[str, Any]) -> Any:
     if traced is None:
-        return await wrapped(*args, **kwargs)
+        return await original(instance, *args, **kwargs)
     try:
-        result = await wrapped(*args, **kwargs)
+        result = await original(instance, *args, **kwargs)
         if record is not None:
             _record(state, traced, record, instance, args, kwargs, result)
     except BaseException as exc:
@@ -261,7 +263,9 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
     span cannot be recorded (decided before anything is built), through ``fast`` (``None``:
-    straight through). The context is read once; telemetry errors mean "call through"."""
+    straight through), called ``fast(state, ctx, original, instance, args, kwargs)``, which calls
+    ``original(instance, *args, **kwargs)`` (no bound method made per call). The context is read once;
+    telemetry errors mean "call through"."""
     probe = state.probe
     if record in _CONTENT_ONLY and not state.capture:
         record = None  # it records message content only: nothing to do with capture off
@@ -281,7 +285,9 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
                       and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not probe.drops(ctx):  # a recording parent under a parent-based sampler: no call to drops()
+                        or not (probe.drops_all or probe.drops(ctx)):
+                    # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
+                    # that drops every span (always_off, a no-op tracer)
                     traced = build(state, ctx, self, args, kwargs)
                 else:
                     traced = _FAST if fast is not None else None
@@ -291,7 +297,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             if traced is None:
                 return original(self, *args, **kwargs)
             if traced is _FAST:  # not recorded: the fast path
-                return fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
             # `with traced:` written out (the builder started the span): a with statement calls __exit__
             # from C (a nested interpreter, ~500 instructions per span more); same exception handling
             try:
@@ -334,7 +340,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                     traced = None
                 elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
                       and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not probe.drops(ctx):
+                        or not (probe.drops_all or probe.drops(ctx)):
                     traced = build(state, ctx, self, args, kwargs)
                 else:
                     traced = _FAST if fast is not None else None
@@ -344,7 +350,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
             if traced is None:
                 return await original(self, *args, **kwargs)
             if traced is _FAST:  # not recorded: the fast path
-                return await fast(state, ctx, original.__get__(self, type(self)), self, args, kwargs)  # type: ignore[misc,attr-defined]
+                return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
             try:
                 result = await original(self, *args, **kwargs)
                 if record is not None:
@@ -518,9 +524,10 @@ class _AgentStatic:
     """What an agent's invoke_agent spans share until its llm_config or description changes."""
 
     __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "nodes", "plain_description", "span_name", "system_messages")
+                 "nodes", "plain_description", "ref", "span_name", "system_messages")
 
     def __init__(self) -> None:
+        self.ref: weakref.ref[Any] | None = None  # the agent's, whose callback removes its entry (_remember)
         self.config: Any = None
         self.description: Any = None
         self.name = "unknown"
@@ -582,8 +589,7 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     registered): computed once per agent, again only when its ``llm_config`` or ``description``
     object changes."""
     config = getattr(agent, "llm_config", None)
-    entry = state.agents.get(id(agent))
-    static = entry[1] if entry is not None and entry[0]() is agent else None
+    static = state.agents.get(id(agent))
     if static is not None and static.config is config \
             and static.description is _description_mark(agent, static.plain_description):
         return static
@@ -623,22 +629,28 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
 def _agent_label(state: _State, agent: Any) -> str:
     """The name of the agent making a model call; its facts (secrets registered) computed when its
     ``llm_config`` is new (its turn, which computed them, may have started before a new one was set)."""
-    entry = state.agents.get(id(agent))
-    if entry is not None and entry[0]() is agent and entry[1].config is getattr(agent, "llm_config", None):
-        return entry[1].name
+    static = state.agents.get(id(agent))
+    if static is not None and static.config is getattr(agent, "llm_config", None):
+        return static.name
     return _agent_static(state, agent).name
 
 
-def _remember(agents: dict[int, tuple[weakref.ref[Any], _AgentStatic]], agent: Any, static: _AgentStatic) -> None:
+def _remember(agents: dict[int, _AgentStatic], agent: Any, static: _AgentStatic) -> None:
+    """Publish ``agent``'s facts. The entry goes when the agent does: the weak reference's callback runs
+    while the agent is being dropped, before its memory (and so its id) can be reused, and a reference
+    cleared by the cyclic collector has its callback run before the collector frees anything. So an
+    entry never outlives its agent, and lookups by the id of a live agent need no identity check."""
     key = id(agent)
-    if key in agents and agents[key][0]() is agent:
-        agents[key] = (agents[key][0], static)
+    old = agents.get(key)
+    if old is not None:  # the same agent (alive: it is our argument), its facts computed again
+        static.ref = old.ref
+        agents[key] = static
         return
-    try:  # the entry goes when the agent does (its id may then be reused)
-        ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
+    try:
+        static.ref = weakref.ref(agent, lambda _, key=key: agents.pop(key, None))
     except TypeError:  # not weak-referenceable: computed each time
         return
-    agents[key] = (ref, static)
+    agents[key] = static
 
 
 def _agent_input(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sender: Any) -> str | None:
@@ -664,8 +676,7 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     # _agent_static's and cached_name's cache hits, _arg and current_scope written out: this runs for
     # every agent turn
     agents = state.agents
-    entry = agents.get(id(instance))
-    static = entry[1] if entry is not None and entry[0]() is instance else None
+    static = agents.get(id(instance))
     if static is None or static.config is not getattr(instance, "llm_config", None) \
             or static.description is not (instance.__dict__.get("_description") if static.plain_description
                                           else getattr(instance, "description", None)):  # _description_mark
@@ -674,8 +685,8 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     if sender is None:
         attrs = static.attributes  # compose copies it: shared, never changed
     else:
-        entry = agents.get(id(sender))
-        sender_name = entry[1].name if entry is not None and entry[0]() is sender else agent_name(sender)
+        known_sender = agents.get(id(sender))
+        sender_name = known_sender.name if known_sender is not None else agent_name(sender)
         attrs = static.by_sender.get(sender_name)  # the same few senders again and again
         if attrs is None:
             if len(static.by_sender) >= 32:
@@ -761,22 +772,22 @@ def _unsampled_agent_span(state: _State, ctx: Any, instance: Any, args: tuple[An
     return None
 
 
-def _agent_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _agent_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
     facts = state.types.get(type(instance))  # _type_facts' hit: a class known to be no manager has no span
     if facts is not None and not facts[0]:  # unsampled (nearly every unrecorded turn: no call more)
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
-    return _run_traced(state, traced, _record_reply, wrapped, instance, args, kwargs)
+    return _run_traced(state, traced, _record_reply, original, instance, args, kwargs)
 
 
-async def _agent_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+async def _agent_fast_async(state: _State, ctx: Any, original: Callable[..., Any], instance: Any,
                             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     facts = state.types.get(type(instance))  # as in _agent_fast
     if facts is not None and not facts[0]:
-        return await wrapped(*args, **kwargs)
+        return await original(instance, *args, **kwargs)
     traced = _unsampled_agent_span(state, ctx, instance, args, kwargs)
-    return await _run_traced_async(state, traced, _record_reply, wrapped, instance, args, kwargs)
+    return await _run_traced_async(state, traced, _record_reply, original, instance, args, kwargs)
 
 
 def _record_reply(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -899,9 +910,9 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     agent = kwargs.get("agent")
     agent_label = None
     if agent is not None:  # _agent_label's cache hit written out: every model call
-        entry = state.agents.get(id(agent))
-        agent_label = entry[1].name if entry is not None and entry[0]() is agent \
-            and entry[1].config is getattr(agent, "llm_config", None) else _agent_label(state, agent)
+        static = state.agents.get(id(agent))
+        agent_label = static.name if static is not None and static.config is getattr(agent, "llm_config", None) \
+            else _agent_label(state, agent)
     own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
@@ -940,19 +951,19 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
     return start(traced, span_name, KIND_LLM, attrs, None, None, state.tracer, _CLIENT, ctx)
 
 
-def _llm_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _llm_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """An unrecorded model call: its metrics only (when a meter provider records them)."""
     metrics = state.metrics
     if metrics is None or not metrics.live():
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
         call = _model_call(instance, kwargs)
     except Exception:
         logger.debug("cmbagent_otel: no metrics for a model call", exc_info=True)
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     try:
-        response = wrapped(*args, **kwargs)
+        response = original(instance, *args, **kwargs)
     except BaseException as exc:
         call.ended(state, exc)
         raise
@@ -1136,11 +1147,11 @@ def _steps_of(ctx: Any) -> _steps.StepTracker | None:
         return None
 
 
-def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _tool_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded tool call: the plan-step tracker still sees it."""
     tracker = _steps_of(ctx)
-    result = wrapped(*args, **kwargs)
+    result = original(instance, *args, **kwargs)
     if tracker is not None:
         try:
             _track_tool(tracker, instance, args, kwargs, result)
@@ -1149,10 +1160,10 @@ def _tool_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     return result
 
 
-async def _tool_fast_async(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any,
+async def _tool_fast_async(state: _State, ctx: Any, original: Callable[..., Any], instance: Any,
                            args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     tracker = _steps_of(ctx)
-    result = await wrapped(*args, **kwargs)
+    result = await original(instance, *args, **kwargs)
     if tracker is not None:
         try:
             _track_tool(tracker, instance, args, kwargs, result)
@@ -1251,12 +1262,12 @@ def _record_code(state: _State, traced: TracedSpan, instance: Any, args: Any, kw
         traced.set(semconv.CODE_OUTPUT, safe_text(output, 2048))
 
 
-def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+def _code_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
     """An unrecorded code execution: the processes it starts still get the (unsampled) trace context,
     so a script's own spans are not sampled either, and a failure is still counted."""
     if _in_code_span.get():
-        return wrapped(*args, **kwargs)
+        return original(instance, *args, **kwargs)
     flag = _in_code_span.set(True)
     carrier = language = None
     try:
@@ -1267,7 +1278,7 @@ def _code_fast(state: _State, ctx: Any, wrapped: Callable[..., Any], instance: A
     except Exception:
         logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
     try:
-        result = wrapped(*args, **kwargs)
+        result = original(instance, *args, **kwargs)
     except BaseException as exc:
         if language is not None and state.metrics is not None:
             state.metrics.code_failure(language, error_type(exc))
