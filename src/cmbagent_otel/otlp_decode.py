@@ -648,17 +648,19 @@ def _resource_at(body: bytes, start: int, end: int, safe: bool, limits: Limits |
     resource_pb, schema = PbResource(), ""
     for number, wire, value_start, value_end, _ in _fields(body, start, end):
         if number == 1 and wire == 2:
-            resource_pb = _parse(PbResource, body, value_start, value_end, "resource", limits)
+            # given twice: merged, as protobuf parses it (see _scope_at)
+            resource_pb.MergeFrom(_parse(PbResource, body, value_start, value_end, "resource", limits))
         elif number == 3 and wire == 2:
             schema = _utf8(body, value_start, value_end, "schema_url")
     return Resource(_attributes(resource_pb.attributes, safe, limits), schema or None)
 
 
 def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
-    """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (their
-    last occurrences; ``(0, 0)`` for one absent), when it holds only its three length-delimited
-    fields with lengths under 2 MiB, as exporters write it; ``None`` for anything else (then
-    :func:`_fields` walks it, and words what is wrong). Each span costs a few comparisons here,
+    """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (the
+    schema URL's last occurrence; ``(0, 0)`` for one absent), when it holds only its three
+    length-delimited fields with lengths under 2 MiB and one scope at most, as exporters write it;
+    ``None`` for anything else (then :func:`_fields` walks it, merges repeated scopes and words
+    what is wrong). Each span costs a few comparisons here,
     not a generator step: the spans are walked again when they are read."""
     scope_start = scope_end = schema_start = schema_end = 0
     pos = start
@@ -684,6 +686,8 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
             if key == 0x12:  # a span
                 pos += size
             elif key == 0x0A:  # the scope
+                if scope_end:
+                    return None  # repeated: protobuf merges the occurrences, which the walk does
                 scope_start, scope_end = pos, pos + size
                 pos = scope_end
             elif key == 0x1A:  # schema_url
@@ -709,7 +713,9 @@ def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | No
         return _scope(scope_pb, schema, safe, limits)
     for number, wire, value_start, value_end, _ in _fields(body, start, end):
         if number == 1 and wire == 2:
-            scope_pb = _parse(InstrumentationScope, body, value_start, value_end, "scope", limits)
+            # a message field given twice is merged, as protobuf parses it (the last name and version
+            # given; the attributes of both), not replaced by its last occurrence
+            scope_pb.MergeFrom(_parse(InstrumentationScope, body, value_start, value_end, "scope", limits))
         elif number == 3 and wire == 2:
             schema = _utf8(body, value_start, value_end, "schema_url")
     return _scope(scope_pb, schema, safe, limits)
