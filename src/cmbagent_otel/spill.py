@@ -380,7 +380,8 @@ def _hold(fd: int) -> None:
     the wall clock, tells :meth:`SpillStore.recover` in another process that its writer is alive. An NTP
     step forward, a resumed VM or an fsync stalled for a minute made a file being written look abandoned:
     removed under its writer, or renamed into place before it was whole. The kernel drops the lock when
-    the writer dies, whatever pid comes next. Nothing when locks are not available (a filesystem without
+    the writer dies, whatever pid comes next; a child forked meanwhile closes its copy (:func:`_drop_held`),
+    which would keep it past its writer's death. Nothing when locks are not available (a filesystem without
     them: the age rule then decides)."""
     if fcntl is not None:
         _HELD.add(fd)
