@@ -645,20 +645,35 @@ def _resource_at(body: bytes, start: int, end: int, safe: bool, limits: Limits |
     """The resource of the ``ResourceSpans`` message in ``body[start:end]``."""
     from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-    resource_pb, schema = PbResource(), ""
+    parts: list[tuple[int, int]] = []
+    schema = ""
     for number, wire, value_start, value_end, _ in _fields(body, start, end):
         if number == 1 and wire == 2:
-            resource_pb = _parse(PbResource, body, value_start, value_end, "resource", limits)
+            parts.append((value_start, value_end))
         elif number == 3 and wire == 2:
             schema = _utf8(body, value_start, value_end, "schema_url")
+    resource_pb = _merged(PbResource, body, parts, "resource", limits)
     return Resource(_attributes(resource_pb.attributes, safe, limits), schema or None)
 
 
+def _merged(cls: Any, body: bytes, parts: list[tuple[int, int]], message: str, limits: Limits | None) -> Any:
+    """The message given at ``parts`` of ``body``: a field given more than once is merged, as protobuf
+    parses it (the last name or version given; the attributes of all), not replaced by its last
+    occurrence. Their encodings joined parse as that merge, once (trimmed to ``limits``), however many."""
+    if not parts:
+        return cls()
+    if len(parts) == 1:
+        return _parse(cls, body, parts[0][0], parts[0][1], message, limits)
+    joined = b"".join([body[part_start:part_end] for part_start, part_end in parts])
+    return _parse(cls, joined, 0, len(joined), message, limits)
+
+
 def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
-    """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (their
-    last occurrences; ``(0, 0)`` for one absent), when it holds only its three length-delimited
-    fields with lengths under 2 MiB, as exporters write it; ``None`` for anything else (then
-    :func:`_fields` walks it, and words what is wrong). Each span costs a few comparisons here,
+    """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (the
+    schema URL's last occurrence; ``(0, 0)`` for one absent), when it holds only its three
+    length-delimited fields with lengths under 2 MiB and one scope at most, as exporters write it;
+    ``None`` for anything else (then :func:`_fields` walks it, merges repeated scopes and words
+    what is wrong). Each span costs a few comparisons here,
     not a generator step: the spans are walked again when they are read."""
     scope_start = scope_end = schema_start = schema_end = 0
     pos = start
@@ -684,6 +699,8 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
             if key == 0x12:  # a span
                 pos += size
             elif key == 0x0A:  # the scope
+                if scope_end:
+                    return None  # repeated: protobuf merges the occurrences, which the walk does
                 scope_start, scope_end = pos, pos + size
                 pos = scope_end
             elif key == 0x1A:  # schema_url
@@ -698,21 +715,21 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
 
 def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None) -> SdkScope:
     """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]``."""
-    scope_pb, schema = InstrumentationScope(), ""
+    schema = ""
     skimmed = _skim_scope_spans(body, start, end)
     if skimmed is not None:
         scope_start, scope_end, schema_start, schema_end = skimmed
-        if scope_end:
-            scope_pb = _parse(InstrumentationScope, body, scope_start, scope_end, "scope", limits)
         if schema_end:
             schema = _utf8(body, schema_start, schema_end, "schema_url")
-        return _scope(scope_pb, schema, safe, limits)
+        parts = [(scope_start, scope_end)] if scope_end else []
+        return _scope(_merged(InstrumentationScope, body, parts, "scope", limits), schema, safe, limits)
+    parts = []
     for number, wire, value_start, value_end, _ in _fields(body, start, end):
         if number == 1 and wire == 2:
-            scope_pb = _parse(InstrumentationScope, body, value_start, value_end, "scope", limits)
+            parts.append((value_start, value_end))  # a repeated scope: merged (see _merged)
         elif number == 3 and wire == 2:
             schema = _utf8(body, value_start, value_end, "schema_url")
-    return _scope(scope_pb, schema, safe, limits)
+    return _scope(_merged(InstrumentationScope, body, parts, "scope", limits), schema, safe, limits)
 
 
 def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None = None,

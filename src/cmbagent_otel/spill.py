@@ -359,14 +359,32 @@ def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
     return spans
 
 
+# the .tmp files this process is writing, locked (see _hold): a child forked meanwhile (another thread of
+# the application forking) shares their open file descriptions, and so their locks, and closes them at once
+_HELD: set[int] = set()
+
+
+def _drop_held() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held)
+
+
 def _hold(fd: int) -> None:
     """Lock the ``.tmp`` being written (``fd``) for as long as it is open: the lock, not the file's age by
     the wall clock, tells :meth:`SpillStore.recover` in another process that its writer is alive. An NTP
     step forward, a resumed VM or an fsync stalled for a minute made a file being written look abandoned:
     removed under its writer, or renamed into place before it was whole. The kernel drops the lock when
-    the writer dies, whatever pid comes next. Nothing when locks are not available (a filesystem without
+    the writer dies, whatever pid comes next; a child forked meanwhile closes its copy (:func:`_drop_held`),
+    which would keep it past its writer's death. Nothing when locks are not available (a filesystem without
     them: the age rule then decides)."""
     if fcntl is not None:
+        _HELD.add(fd)
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file (O_EXCL): never held by another
 
@@ -571,12 +589,21 @@ class SpillStore:
         # and the name, not ours, is left alone
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
-            _hold(fd)  # until the file is renamed and closed: recover() in another process leaves it alone
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
+            _hold(fd)  # until the file is renamed: recover() in another process leaves it alone
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                if fcntl is not None:
+                    # renamed while still locked: closed first, a whole .tmp was a recover()'s to take
+                    # under its writer, whose own rename then failed and reported the batch lost
+                    os.replace(tmp, final)
+            finally:
+                _HELD.discard(fd)  # before it is closed: a fork must never close a number reused meanwhile
+                os.close(fd)
+            if fcntl is None:
+                os.replace(tmp, final)  # Windows: an open file is not renamed
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

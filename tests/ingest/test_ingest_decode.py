@@ -347,8 +347,9 @@ def _scope_spans_variants() -> list[bytes]:
 
 @pytest.mark.parametrize("variant", range(len(_scope_spans_variants())))
 def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
-    """The skim of a ``ScopeSpans`` finds the scope and schema URL the field walk finds (the last of
-    each), or declines (None) and leaves the walk to read it or to word what is wrong."""
+    """The skim of a ``ScopeSpans`` finds the scope and schema URL the field walk finds (the scope, the
+    last schema URL), or declines (None) and leaves the walk to read it, merge a repeated scope or word
+    what is wrong."""
     from cmbagent_otel.otlp_decode import _fields, _skim_scope_spans
 
     body = b"\x00" + _scope_spans_variants()[variant] + b"\x00"  # not at the start of the buffer
@@ -357,6 +358,9 @@ def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
         walked: tuple[int, int, int, int] | None = (0, 0, 0, 0)
         for number, wire, value_start, value_end, _ in _fields(body, start, end):
             if wire == 2 and number == 1:
+                if walked[1]:  # type: ignore[index]
+                    walked = None  # a repeated scope: merged by the walk alone
+                    break
                 walked = (value_start, value_end, *walked[2:])  # type: ignore[index]
             elif wire == 2 and number == 3:
                 walked = (*walked[:2], value_start, value_end)  # type: ignore[index]
@@ -367,8 +371,50 @@ def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
         walked = None
     skimmed = _skim_scope_spans(body, start, end)
     assert skimmed is None or skimmed == walked
-    if variant < 5:  # as exporters write them: skimmed
+    if variant < 4:  # as exporters write them: skimmed
         assert skimmed == walked is not None
+
+
+@pytest.mark.parametrize("limits", [None, "default"])
+def test_repeated_scope_and_resource_merge_as_protobuf_parses_them(limits: str | None) -> None:
+    """A scope or resource given twice in its ``ScopeSpans`` / ``ResourceSpans`` (after the spans,
+    empty, with other attributes) is merged, as protobuf's own parse of the request reads it: the lazy
+    decoder took the last occurrence, so a trailing empty scope stored the spans without their
+    scope's name, version and attributes (fails on e66d960: scope name '' instead of 'lib')."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    from cmbagent_otel.otlp_decode import Limits, _encode_varint, spans_from_request
+
+    def field(number: int, value: bytes) -> bytes:
+        return _encode_varint(number << 3 | 2) + _encode_varint(len(value)) + value
+
+    def attribute(key: str, value: str) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+
+    scope = InstrumentationScope(name="lib", version="1.0", attributes=[attribute("a", "1")]).SerializeToString()
+    more = InstrumentationScope(attributes=[attribute("b", "2")]).SerializeToString()
+    resource = PbResource(attributes=[attribute("service.name", "svc")]).SerializeToString()
+    span = field(2, Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="s", start_time_unix_nano=1,
+                         end_time_unix_nano=2).SerializeToString())
+    version = InstrumentationScope(version="2").SerializeToString()
+    scope_spans = [field(1, scope) + span + field(1, b""), field(1, scope) + field(1, more) + span,
+                   span + field(1, scope) + field(3, b"s1") + field(1, version)]
+    body = field(1, field(1, resource) + b"".join(field(2, ss) for ss in scope_spans)
+                 + field(1, PbResource(attributes=[attribute("host", "h")]).SerializeToString()))
+    bound = Limits.default() if limits else None
+
+    def seen(spans: list[ReadableSpan]) -> list[tuple[object, ...]]:
+        return [(s.instrumentation_scope.name, s.instrumentation_scope.version, s.instrumentation_scope.schema_url,
+                 dict(s.instrumentation_scope.attributes or {}), dict(s.resource.attributes)) for s in spans]
+
+    decoded = seen(decode_protobuf(body, limits=bound).spans)
+    assert decoded == seen(spans_from_request(ExportTraceServiceRequest.FromString(body), limits=bound).spans)
+    assert decoded[0] == ("lib", "1.0", "", {"a": "1"}, {"service.name": "svc", "host": "h"})
+    assert decoded[1][3] == {"a": "1", "b": "2"}
+    assert decoded[2][:3] == ("lib", "2", "s1")
 
 
 def test_memoised_map_values_are_not_shared() -> None:
