@@ -107,6 +107,36 @@ def test_an_agent_brought_back_by_its_finalizer_keeps_its_own_facts(instrumented
                                           ("phoenix", "rises from its ashes")]
 
 
+class _LastWords(ConversableAgent):  # type: ignore[misc]
+    """An agent whose finalizer takes one more turn (it is instrumented: its facts are remembered again)."""
+
+    def __del__(self) -> None:
+        _turn(self)
+
+
+def test_an_agent_taking_a_turn_in_its_finalizer_leaves_no_entry(instrumented: Any) -> None:
+    """In a cycle, the collector clears the weak reference (the entry goes), then the finalizer's turn
+    remembers the agent again under a new weak reference to the dying agent: that one's callback runs
+    when the agent is freed, so the entry still goes before the id can be reused."""
+    state = AG2Instrumentor()._state
+    for index in range(8):
+        agent = _LastWords(f"last{index}", llm_config=False, human_input_mode="NEVER", default_auto_reply="bye",
+                           description=f"famous last words {index}")
+        agent.myself = agent
+        key = id(agent)
+        _turn(agent)
+        del agent
+        gc.collect()
+        assert key not in state.agents
+        newcomer = offline_agent(f"new{index}", ["ok"], description=f"newcomer {index}")
+        _turn(newcomer)
+        del newcomer
+    expected = []
+    for index in range(8):
+        expected += [(f"last{index}", f"famous last words {index}")] * 2 + [(f"new{index}", f"newcomer {index}")]
+    assert _agent_facts(instrumented) == expected
+
+
 def test_agents_made_and_dropped_in_threads_during_turns_keep_their_own_facts(instrumented: Any) -> None:
     """Threads make an agent, run its turn and drop it (a cycle every other one), while another thread runs
     the cyclic collector between its own agents' turns: callbacks run in whichever thread frees the agent,
