@@ -598,7 +598,9 @@ def _sampler_kind(sampler: Any) -> tuple[int, bool]:
     """(what a sampler decides without looking at the span, whether it drops root spans)."""
     if sampler is sampling.ALWAYS_OFF:
         return _ALWAYS, True
-    if isinstance(sampler, sampling.ParentBased):
+    # the SDK's ParentBased itself: a subclass may decide otherwise (keep every agent turn, say), and its
+    # spans were dropped ahead as its delegates would have dropped them
+    if type(sampler) is sampling.ParentBased:
         # private fields of the SDK's ParentBased: anything unexpected means "cannot tell"
         not_sampled = (getattr(sampler, "_remote_parent_not_sampled", None),
                        getattr(sampler, "_local_parent_not_sampled", None))
@@ -641,9 +643,10 @@ class SamplingProbe:
             tracer = real
             # the global provider is set once: a proxy's real delegate, and so its sampler, never change
             self._tracer = tracer
-        if isinstance(tracer, trace.NoOpTracer):
+        # the classes themselves, not subclasses: one may start spans its own way (see _sampler_kind)
+        if type(tracer) is trace.NoOpTracer:
             kind, root = _ALWAYS, True
-        elif isinstance(tracer, SdkTracer):
+        elif type(tracer) is SdkTracer:
             kind, root = _sampler_kind(getattr(tracer, "sampler", None))
         else:
             kind, root = _UNKNOWN, False

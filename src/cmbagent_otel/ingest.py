@@ -233,11 +233,10 @@ class IngestServer:
             if self._sock is not None and self._http_thread is None:
                 import uvicorn
 
-                from ._ingest_http import OtlpHttpApp, protocol_class
+                from ._ingest_http import OtlpHttpApp, Workers, protocol_class
 
                 _quiet_uvicorn()
-                self._executor = ThreadPoolExecutor(max_workers=self.workers,
-                                                    thread_name_prefix="cmbagent-otel-ingest-http")
+                self._executor = Workers(max_workers=self.workers, thread_name_prefix="cmbagent-otel-ingest-http")
                 app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
                                   body_timeout=self.request_timeout, min_rate=self.min_rate)
                 self._app = app

@@ -150,10 +150,13 @@ class Selection:
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
-    """(weak ref to the group chat, (id of its selection method, id of its agents list, their count), the
-    method's name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this
-    fills it): computed again only when its method or its agents list changes (one tuple compared)."""
-    facts = (None, (id(method), id(agents), len(agents)), _reason(groupchat), _candidates(state, agents))
+    """(weak ref to the group chat, (id of its selection method, ids of its agents in order), the method's
+    name, the agents' names), cached per group chat (:class:`Selection` reads the cache; this fills it):
+    computed again only when its method or its agents change (one tuple compared). The agents by their
+    ids, not the list's: a list changed in place (``groupchat.agents[i] = other``, ``remove`` then
+    ``append``), or a new list given the id of a dropped one, kept its length and id, and every
+    selection after named the agents that had left as candidates."""
+    facts = (None, (id(method), *map(id, agents)), _reason(groupchat), _candidates(state, agents))
     return _remember_group(state.candidates, groupchat, facts)
 
 
@@ -178,7 +181,7 @@ def _candidates(state: Any, agents: Any) -> list[str]:
 
 def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...]) -> tuple[Any, ...]:
     """Keep a group chat's facts without keeping the group chat: it is held weakly and its method and
-    agents list by id (the group chat holds them while it lives). A strong entry kept every finished
+    agents by id (the group chat holds them while they are its own). A strong entry kept every finished
     chat's group chat, agents and message histories alive: the agents refer to the manager, the manager
     to the group chat, so no entry holding the agents could ever go. The weak reference's callback removes
     the entry while the group chat is being dropped, before its id can be reused (as ``ag2._remember`` does
@@ -240,9 +243,9 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         method = getattr(groupchat, "speaker_selection_method", None)
         agents = getattr(groupchat, "agents", None) or ()
         facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[1] != (id(method), id(agents), len(agents)):  # found by id: see _remember_group
+        if facts is None or facts[1] != (id(method), *map(id, agents)):  # found by id: see _remember_group
             facts = _group_facts(state, groupchat, method, agents)
-        selection.facts = facts  # (weak groupchat, (id(method), id(agents), len(agents)), reason, candidates)
+        selection.facts = facts  # (weak groupchat, (id(method), *agents' ids), reason, candidates)
         return selection
     except Exception:
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
@@ -300,7 +303,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                         method = getattr(self, "speaker_selection_method", None)
                         agents = getattr(self, "agents", None) or ()
                         facts = state.candidates.get(id(self))
-                        if facts is None or facts[1] != (id(method), id(agents), len(agents)):
+                        if facts is None or facts[1] != (id(method), *map(id, agents)):
                             facts = _group_facts(state, self, method, agents)
                         selection.facts = facts
             except Exception:
