@@ -56,9 +56,9 @@ def restore():
     threading.stack_size(0)
 '''
 
-# the ingest tests' child: one real span as an OTLP protobuf body, and the server class
+# the ingest tests' child: one real span as an OTLP protobuf body, the server class, and post() sending a body
 INGEST = '''
-import json, sqlite3, sys
+import http.client, json, sqlite3, sys
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -71,6 +71,18 @@ provider.add_span_processor(SimpleSpanProcessor(memory))
 with provider.get_tracer("faults29").start_as_current_span("stored once threads are back"):
     pass
 body = encode_spans(memory.get_finished_spans()).SerializeToString()
+
+
+def post(port, data):
+    """(status, Retry-After) of one OTLP/HTTP protobuf request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/traces", body=data, headers={"Content-Type": "application/x-protobuf"})
+        answer = conn.getresponse()
+        answer.read()
+        return answer.status, answer.getheader("retry-after")
+    finally:
+        conn.close()
 '''
 
 
@@ -141,26 +153,12 @@ def test_the_grpc_call_watchdog_starts_once_threads_are_back() -> None:
 def test_an_http_request_no_thread_can_store_is_answered_503_and_its_retry_is_stored(tmp_path: Path) -> None:
     db = tmp_path / "ingest.db"
     found = _child('''
-        import http.client
-
-
-        def post(port):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            try:
-                conn.request("POST", "/v1/traces", body=body, headers={"Content-Type": "application/x-protobuf"})
-                answer = conn.getresponse()
-                answer.read()
-                return answer.status, answer.getheader("retry-after")
-            finally:
-                conn.close()
-
-
         server = IngestServer(f"sqlite:///{sys.argv[1]}", host="127.0.0.1", port=0, grpc_port="off").start()
         try:
             exhaust()
-            refused = post(server.port)
+            refused = post(server.port, body)
             restore()
-            stored = post(server.port)
+            stored = post(server.port, body)
         finally:
             restore()
             server.stop()

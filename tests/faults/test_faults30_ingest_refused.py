@@ -20,8 +20,6 @@ def test_a_request_refused_for_want_of_a_thread_is_never_stored(tmp_path: Path) 
     its item queued after the 503 neither cancelled nor empty."""
     db = tmp_path / "ingest.db"
     found = _child('''
-        import http.client
-
         with provider.get_tracer("faults30").start_as_current_span("sent after threads are back"):
             pass
         second = encode_spans(memory.get_finished_spans()[1:]).SerializeToString()
@@ -33,21 +31,10 @@ def test_a_request_refused_for_want_of_a_thread_is_never_stored(tmp_path: Path) 
             return isinstance(value, (list, tuple)) and any(holds_bytes(part) for part in value)
 
 
-        def post(port, data):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            try:
-                conn.request("POST", "/v1/traces", body=data, headers={"Content-Type": "application/x-protobuf"})
-                answer = conn.getresponse()
-                answer.read()
-                return answer.status
-            finally:
-                conn.close()
-
-
         server = IngestServer(f"sqlite:///{sys.argv[1]}", host="127.0.0.1", port=0, grpc_port="off").start()
         try:
             exhaust()
-            refused = post(server.port, body)
+            refused = post(server.port, body)[0]
             # what the pool keeps queued for the refused request (ThreadPoolExecutor's _WorkItem)
             queue = server._executor._work_queue
             items = [queue.get_nowait() for _ in range(queue.qsize())]
@@ -55,7 +42,7 @@ def test_a_request_refused_for_want_of_a_thread_is_never_stored(tmp_path: Path) 
             for item in items:
                 queue.put(item)
             restore()
-            stored = post(server.port, second)
+            stored = post(server.port, second)[0]
         finally:
             restore()
             server.stop()
