@@ -17,7 +17,6 @@ inherited (``os.register_at_fork``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import pytest
 
 from cmbagent_otel.spill import SpillStore, read_spill
 
-from .test_faults29_spill_recover import TARGET, WRITER, _env
+from .test_faults29_spill_recover import TARGET, WRITER, _env, _finishes_whole, _stop
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks and fork")
 
@@ -69,18 +68,10 @@ def test_a_whole_tmp_is_not_taken_between_its_writers_close_and_rename(tmp_path:
         _age(tmp, 120)
         assert SpillStore(folder, TARGET).recover() == 0
         assert tmp.exists() and not list(folder.glob("spill-*.otlp"))
-        assert writer.stdin is not None
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        out, err = writer.communicate(timeout=120)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
-    assert writer.returncode == 0 and out.startswith("SPILLED"), (out, err)
-    (path,) = json.loads(out.split(" ", 1)[1])
-    assert [span.name for span in read_spill(Path(path)).spans] == [f"step {n}" for n in range(5)]
-    assert not list(folder.glob("*.tmp"))
+    except BaseException:
+        _stop(writer)
+        raise
+    _finishes_whole(writer, folder)
 
 
 def test_a_child_forked_mid_write_does_not_keep_a_dead_writers_file_locked(tmp_path: Path) -> None:
@@ -96,9 +87,7 @@ def test_a_child_forked_mid_write_does_not_keep_a_dead_writers_file_locked(tmp_p
         (path,) = list(folder.glob("spill-*.otlp"))
         assert len(read_spill(path).spans) == 5
     finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
+        _stop(writer)
         writer.communicate(timeout=120)  # closes its stdin: the child reads the end and exits
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)

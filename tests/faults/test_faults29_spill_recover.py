@@ -90,6 +90,29 @@ def _writer(folder: Path, where: str) -> subprocess.Popen[str]:
     return child
 
 
+def _stop(writer: subprocess.Popen[str]) -> None:
+    """Kill a writer still running (a test that failed while it stalled)."""
+    if writer.poll() is None:
+        writer.kill()
+        writer.wait()
+
+
+def _finishes_whole(writer: subprocess.Popen[str], folder: Path) -> None:
+    """Let a writer stalled by ``stall`` go on (killed if that fails): it reports its file spilled, with all
+    five spans, and leaves no ``.tmp`` behind."""
+    try:
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        out, err = writer.communicate(timeout=120)
+    finally:
+        _stop(writer)
+    assert writer.returncode == 0 and out.startswith("SPILLED"), (out, err)
+    (path,) = json.loads(out.split(" ", 1)[1])
+    assert [span.name for span in read_spill(Path(path)).spans] == [f"step {n}" for n in range(5)]
+    assert not list(folder.glob("*.tmp"))
+
+
 def _recover_later(folder: Path, clock: Clock) -> int:  # noqa: F811
     """``recover()`` in another process whose wall clock is two hours ahead of the writer's."""
     clock.set(2 * HOUR)
@@ -108,18 +131,10 @@ def test_recover_after_a_jump_forward_leaves_a_file_being_written_alone(
         (tmp,) = list(folder.glob("spill-*.tmp"))
         assert _recover_later(folder, clock) == 0
         assert tmp.exists() and not list(folder.glob("spill-*.otlp"))
-        assert child.stdin is not None
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        out, err = child.communicate(timeout=120)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 0 and out.startswith("SPILLED"), (out, err)
-    (path,) = json.loads(out.split(" ", 1)[1])
-    assert [span.name for span in read_spill(Path(path)).spans] == [f"step {n}" for n in range(5)]
-    assert not list(folder.glob("*.tmp"))
+    except BaseException:
+        _stop(child)
+        raise
+    _finishes_whole(child, folder)
 
 
 @pytest.mark.parametrize("where", ["fdopen", "fsync"], ids=["killed-after-creating", "killed-in-fsync"])
