@@ -49,6 +49,13 @@ class _Resurrecting(ConversableAgent):  # type: ignore[misc]
         _Resurrecting.kept.append(self)
 
 
+class _Roomy(ConversableAgent):  # type: ignore[misc]
+    """An agent over 512 bytes: the C allocator (not pymalloc's pools, shared with every small object)
+    gives a block freed by one of these straight back to the next one made, so ids are reused at once."""
+
+    __slots__ = tuple(f"_room{index}" for index in range(80))
+
+
 def test_agents_freed_by_the_cyclic_collector_at_odd_moments_keep_their_own_facts(instrumented: Any) -> None:
     """Agents in reference cycles, the collector off, then run at irregular points: a batch of agents is
     freed at once and new ones take their memory. The weak references' callbacks run before the collector
@@ -60,7 +67,8 @@ def test_agents_freed_by_the_cyclic_collector_at_odd_moments_keep_their_own_fact
     gc.disable()
     try:
         for index in range(60):
-            agent = offline_agent(f"cyc{index}", ["ok"], description=f"the description of cyc{index}")
+            agent = _Roomy(f"cyc{index}", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok",
+                           description=f"the description of cyc{index}")
             agent.myself = agent  # a cycle: only the cyclic collector frees it
             reused += id(agent) in seen
             seen.add(id(agent))
