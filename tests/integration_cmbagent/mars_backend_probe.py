@@ -86,10 +86,15 @@ def main() -> None:
             for short in shorts[run_id]:
                 call(f"{run_id} internal events {short}", nodes.get_node_events(
                     short, run_id=run_id, event_type=None, include_internal=True))
-        for short in sorted({s for ss in shorts.values() for s in ss}):  # no run_id: the latest run's node
-            call(f"events {short}", nodes.get_node_events(short, run_id=None, event_type=None,
-                                                           include_internal=False))
-        for event_id, run_id, _, parent in events:
+        db = get_db_session()
+        try:
+            node_ids = sorted(n.id for n in db.query(DAGNode).all())
+        finally:
+            db.close()
+        for node_id in node_ids:  # no run_id: the node found by its DB id (a short id needs the run)
+            call(f"events {node_id}", nodes.get_node_events(node_id, run_id=None, event_type=None,
+                                                             include_internal=False))
+        for event_id, _run, _, parent in events:
             if parent is None:
                 call(f"tree {event_id}", nodes.get_event_tree(event_id))
 
