@@ -72,6 +72,32 @@ def main() -> None:
         call(f"{run_id} resumable", branching.get_resumable_nodes(run_id))
     call("sessions", sessions.list_sessions(status=None, mode=None, limit=50))
 
+    if os.environ.get("MARS_PROBE_READERS"):  # the other readers of these tables, with their filters
+        from cmbagent.database.models import ExecutionEvent
+
+        db = get_db_session()
+        try:
+            events = [(e.id, e.run_id, e.event_type, e.parent_event_id) for e in db.query(ExecutionEvent).all()]
+        finally:
+            db.close()
+        for run_id, _ in run_rows:
+            for kind in sorted({k for _, r, k, _ in events if r == run_id}):
+                call(f"{run_id} history {kind}", runs.get_run_history(run_id, kind))
+            for short in shorts[run_id]:
+                call(f"{run_id} internal events {short}", nodes.get_node_events(
+                    short, run_id=run_id, event_type=None, include_internal=True))
+        db = get_db_session()
+        try:
+            node_ids = sorted(n.id for n in db.query(DAGNode).all())
+        finally:
+            db.close()
+        for node_id in node_ids:  # no run_id: the node found by its DB id (a short id needs the run)
+            call(f"events {node_id}", nodes.get_node_events(node_id, run_id=None, event_type=None,
+                                                             include_internal=False))
+        for event_id, _run, _, parent in events:
+            if parent is None:
+                call(f"tree {event_id}", nodes.get_event_tree(event_id))
+
     if os.environ.get("MARS_PROBE_BRANCHES"):  # the branches already in the database (a redo's)
         from cmbagent.database.models import Branch
 

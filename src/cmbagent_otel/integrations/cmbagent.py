@@ -49,6 +49,7 @@ nothing while uninstrumented.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import inspect
 import json
@@ -298,6 +299,8 @@ def _run(block: workflow) -> Iterator[None]:
         _ENTRY_BLOCKS.add(block)
     with _opened(block) as entered, _anchored():
         enclosing = _join_users_run(entered) if entered is not None and entered.joined else None
+        own: list[bool] = []
+        solves = _JOINED_SOLVES.set(own) if entered is not None and entered.joined else None
         try:
             yield
             if entered is not None:
@@ -306,12 +309,43 @@ def _run(block: workflow) -> Iterator[None]:
         except BaseException as exc:
             if entered is not None and not is_clean_exit(exc):
                 _record_execute_not_started(entered)
+                if solves is not None:
+                    _record_joined_call_failed(entered, exc, own)
             raise
         finally:
+            if solves is not None:
+                with contextlib.suppress(ValueError):  # reset in another context (a generator moved on)
+                    _JOINED_SOLVES.reset(solves)
+                outer = _JOINED_SOLVES.get()
+                if own and outer is not None:  # a joined call inside a joined call: its solves are the outer's too
+                    outer.append(True)
             if enclosing is not None:
                 _record_joined_files(enclosing, block)
             elif entered is not None:
                 _record_files(entered._current(), entered.work_dir)
+
+
+# the solves a joined entry call made in its own thread (``None`` outside a joined call): one ``True`` per solve
+_JOINED_SOLVES: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cmbagent_otel_joined_solves",
+                                                                                  default=None)
+
+
+def _record_joined_call_failed(block: workflow, exc: BaseException, solves: list[bool]) -> None:
+    """A joined entry call of a fixed-pipeline mode that raised before any solve of its own — a worker of
+    ``summarize_documents`` whose document cannot be read, a user's ``one_shot`` whose documentation download
+    failed, inside the user's ``workflow(...)`` — is caught by its caller (``summarize_documents`` counts it in
+    ``failed_files``; the app goes on), so the run it joined never fails with it and the call left no span and no
+    row. It gets its ``execute`` node, failed with the exception: a ``phase one_shot`` span ended at once with it.
+    Skipped inside a phase someone else opened (phases do not nest: the exception is that phase's to record)."""
+    try:
+        if solves or block.mode not in FIXED_PIPELINE_MODES:
+            return
+        scope = current_scope()
+        if scope is None or not scope.in_workflow or scope.phase is not None:
+            return
+        _exit(_enter(_phase(ONE_SHOT_PHASE)), exc)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the joined call's failure", exc_info=True)
 
 
 def _record_joined_files(enclosing: Any, block: workflow) -> None:
@@ -749,6 +783,9 @@ def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> No
 
 def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any], call: dict[str, Any]) -> Any:
+    solves = _JOINED_SOLVES.get()
+    if solves is not None:  # a joined entry call's own solve (it then fails or completes its own node)
+        solves.append(True)
     raw = raw_scope()
     scope = current_scope()
     cursor = raw.cursor if raw is not None else None
