@@ -82,10 +82,17 @@ def tree(dag: dict[str, Any]) -> Tree:
     children = _children(dag)
     # iterative: a deep DAG must not hit the recursion limit
     stack: list[tuple[Tree, dict[str, Any]]] = [(root, n) for n in reversed(children.get(None, []))]
+    shown: set[int] = set()
     while stack:
         branch, n = stack.pop()
+        if id(n) in shown:  # a node listed under itself must not be printed for ever
+            continue
+        shown.add(id(n))
         added = branch.add(_node_line(n))
         stack.extend((added, c) for c in reversed(children.get(n["id"], [])))
+    for n in dag["nodes"]:  # another writer's parent cycle: no chain from these reaches the run
+        if id(n) not in shown:
+            root.add(f"{_node_line(n)} [dim](parent {markup(n['parent'])}: a cycle)[/dim]")
     outside = run["events_outside_nodes"]
     if outside:
         root.add(f"[dim]{outside} event(s) outside any DAG node[/dim]")
