@@ -29,6 +29,7 @@ import pytest
 from cmbagent_otel import phase, step, workflow
 from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.cli import main
+from cmbagent_otel.cli.render import TREE_DEPTH
 
 
 def _tree(db: Path) -> str:
@@ -106,3 +107,23 @@ def test_a_parent_cycle_is_shown_in_the_tree(stored: Path) -> None:
     tree = _tree(stored)
     assert "step_1 (agent)" in tree and "step_2 (agent)" in tree, tree
     assert "(parent step_2: a cycle)" in tree and "(parent step_1: a cycle)" in tree, tree
+
+
+def test_a_deep_chain_shows_every_node(stored: Path) -> None:
+    """60 nodes each under the last (another writer's, or an ingest client's parent links): rich drew
+    every level's guides on every line (a 6,000-deep chain took 30 s) and at 200 columns a node past
+    level ~48 showed nothing of itself. Levels past ``TREE_DEPTH`` are listed at it, marked."""
+    with sqlite3.connect(stored) as conn:
+        conn.row_factory = sqlite3.Row
+        row = dict(conn.execute("SELECT * FROM dag_nodes WHERE json_extract(meta, '$.id') = 'step_2'").fetchone())
+        parent = row["id"]
+        for i in range(60):
+            node = {**row, "id": f"deep{i:04d}", "parent_node_id": parent,
+                    "meta": json.dumps({**json.loads(row["meta"]), "id": f"deep_{i}"})}
+            conn.execute(f"INSERT INTO dag_nodes ({', '.join(node)}) VALUES ({', '.join('?' * len(node))})",
+                         list(node.values()))
+            parent = node["id"]
+    tree = _cli(stored, "dag", "latest")
+    assert all(f"deep_{i} (agent)" in tree for i in range(60)), tree
+    assert f"(depth {TREE_DEPTH + 1}) deep_{TREE_DEPTH - 2} " in tree and "(depth 62) deep_59 (agent)" in tree, tree
+    assert max(len(text) for text in tree.splitlines()) < 4 * TREE_DEPTH + 100
