@@ -57,8 +57,9 @@ def interpreter_context(work_dir: str) -> SimpleNamespace:
     interpreter: it runs ``python`` found on PATH, with the context's ``bin_path`` put first.
 
     That is this interpreter's own directory when its ``python`` is this interpreter (a
-    virtual env); otherwise a ``python`` shim under ``work_dir`` that execs it, so a machine
-    without ``python`` on PATH (only ``python3``) runs the demo all the same.
+    virtual env); otherwise a ``python`` shim that execs it, in a new folder under ``work_dir``
+    (``.interpreter-*``, readable by its owner alone), so a machine without ``python`` on PATH (only
+    ``python3``) runs the demo all the same.
     """
     exe = Path(sys.executable)
     own = exe.with_name("python.exe" if os.name == "nt" else "python")
@@ -68,12 +69,23 @@ def interpreter_context(work_dir: str) -> SimpleNamespace:
         same = False
     if same or os.name == "nt":
         return SimpleNamespace(bin_path=str(exe.parent), env_exe=str(exe))
-    shim_dir = Path(work_dir) / ".interpreter"
-    shim_dir.mkdir(parents=True, exist_ok=True)
+    made = _shims.get(work_dir)
+    if made is not None and os.path.isfile(Path(made) / "python"):
+        return SimpleNamespace(bin_path=made, env_exe=str(exe))
+    # a new folder of our own, never a name already there: in a shared work dir another user could
+    # have planted `.interpreter/python` as a link (the shim written over its target) or as a file or
+    # folder they can write (the code the demo runs swapped for theirs)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    shim_dir = Path(tempfile.mkdtemp(prefix=".interpreter-", dir=work_dir))
     shim = shim_dir / "python"
-    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(str(exe))} "$@"\n')
-    shim.chmod(0o755)
+    with os.fdopen(os.open(shim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o700),
+                   "w") as handle:
+        handle.write(f'#!/bin/sh\nexec {shlex.quote(str(exe))} "$@"\n')
+    _shims[work_dir] = str(shim_dir)
     return SimpleNamespace(bin_path=str(shim_dir), env_exe=str(exe))
+
+
+_shims: dict[str, str] = {}  # work dir -> the shim folder made for it (one per work dir, not per chat)
 
 
 def local_executor(work_dir: str) -> Any:

@@ -284,15 +284,25 @@ def _parse_header(line: bytes) -> dict[str, Any] | None:
 def _open_regular(path: Path) -> Any:
     """``path`` opened for reading when it is a regular file, never through a symlink: a FIFO
     named like a spill file would block the reader for ever, ``/dev/zero`` behind a symlink
-    would be read without end. Raises OSError otherwise."""
+    would be read without end. Raises OSError otherwise, and :class:`SpillUnreadable` for a file
+    another user owns (never replayed, left in place: in a spill folder others can write, such as
+    one they created before the store did, it would put the runs they wrote into our database;
+    the files we write are always our own)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path}: not a regular file")
+        if _EUID is not None and info.st_uid != _EUID():
+            raise SpillUnreadable(errno.EPERM, f"owned by another user (uid {info.st_uid}), not ours: left in "
+                                  "place (replay it as that user)", str(path))
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+_EUID = getattr(os, "geteuid", None)  # None on Windows (no owners to compare)
 
 
 def file_target(path: Path) -> str | None:
@@ -519,6 +529,7 @@ class SpillStore:
         self.target = target
         self._key = target_key(target) if target is not None else None
         self._reserve = int(environment_variables.get(environment_variables.SPILL_RESERVE_MB)) << 20
+        self._foreign_said = False
 
     def _name(self, suffix: str) -> Path:
         key = f"-{self._key}" if self._key else ""
@@ -620,7 +631,30 @@ class SpillStore:
             if now is not None:
                 raise now from exc
             return []
+        if _EUID is not None and names:
+            names = self._own(names)
         return sorted(names, key=lambda p: p.name)
+
+    def _own(self, names: list[Path]) -> list[Path]:
+        """The files of ``names`` this user owns: another user's are not pending (never replayed nor
+        set aside; see :func:`_open_regular`), said once per store."""
+        euid = _EUID() if _EUID is not None else None
+        own, foreign = [], 0
+        for path in names:
+            try:
+                mine = path.lstat().st_uid == euid
+            except OSError:
+                mine = True  # gone meanwhile, or unreadable now: the reader decides
+            if mine:
+                own.append(path)
+            else:
+                foreign += 1
+        if foreign and not self._foreign_said:
+            self._foreign_said = True
+            logger.warning("cmbagent_otel: %d spill file(s) in %s are owned by another user: left in place, "
+                           "never replayed (a folder other users can write; replay them as their owner)",
+                           foreign, self.directory)
+        return own
 
     def pending(self) -> list[Path]:
         """Complete spill files of this store's target (every file when it has none), oldest first.

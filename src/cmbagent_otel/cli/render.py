@@ -73,6 +73,10 @@ def _node_line(n: dict[str, Any]) -> str:
     return line
 
 
+#: the deepest level the tree draws (4 columns each); deeper nodes are listed at it, marked
+TREE_DEPTH = 16
+
+
 def tree(dag: dict[str, Any]) -> Tree:
     """The run as a rich Tree."""
     run = dag["run"]
@@ -81,11 +85,22 @@ def tree(dag: dict[str, Any]) -> Tree:
     root = Tree(" ".join(head + _usage_parts({"tokens": run["tokens"], "cost_usd": run["cost_usd"]})))
     children = _children(dag)
     # iterative: a deep DAG must not hit the recursion limit
-    stack: list[tuple[Tree, dict[str, Any]]] = [(root, n) for n in reversed(children.get(None, []))]
+    stack: list[tuple[Tree, dict[str, Any], int]] = [(root, n, 1) for n in reversed(children.get(None, []))]
+    shown: set[int] = set()
     while stack:
-        branch, n = stack.pop()
-        added = branch.add(_node_line(n))
-        stack.extend((added, c) for c in reversed(children.get(n["id"], [])))
+        branch, n, depth = stack.pop()
+        if id(n) in shown:  # a node listed under itself must not be printed for ever
+            continue
+        shown.add(id(n))
+        line = _node_line(n)
+        added = branch.add(line if depth <= TREE_DEPTH else f"[dim](depth {depth})[/dim] {line}")
+        # deeper nodes stand at the last level shown, marked: rich draws each line's guides anew (a
+        # chain of 6,000 nodes took 30 s) and a line past the width shows nothing of its node
+        under = added if depth < TREE_DEPTH else branch
+        stack.extend((under, c, depth + 1) for c in reversed(children.get(n["id"], [])))
+    for n in dag["nodes"]:  # another writer's parent cycle: no chain from these reaches the run
+        if id(n) not in shown:
+            root.add(f"{_node_line(n)} [dim](parent {markup(n['parent'])}: a cycle)[/dim]")
     outside = run["events_outside_nodes"]
     if outside:
         root.add(f"[dim]{outside} event(s) outside any DAG node[/dim]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import CLIError
+from ._common import CLIError, one_line
 
 NAME = "replay"
 HELP = "write spilled span batches into the database each was recorded for"
@@ -33,9 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from ..replay import replay
 
     try:
-        problems = replay(args.spill_dir, args.db, args.to)
+        problems = replay(args.spill_dir, args.db, args.to, say=_say)
     except BadDatabaseURL as exc:
         raise CLIError(str(exc)) from None
     if problems:
         raise CLIError("; ".join(problems))
     return 0
+
+
+def _say(text: str) -> None:
+    # a line may quote a spill file's recorded database (text from a file, not from the user) or a
+    # driver's message: control characters escaped, one line each, its indent kept
+    print(" " * (len(text) - len(text.lstrip(" "))) + one_line(text))

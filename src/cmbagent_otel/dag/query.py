@@ -329,7 +329,7 @@ class DagReader:
                     for name in ("parent_node_id", "depth")]
         for r in self._rows(select(NODES.c.id, NODES.c.node_type, NODES.c.agent, NODES.c.status,
                                    NODES.c.order_index, _raw(NODES.c.meta), *optional)
-                            .where(NODES.c.run_id == run_id)):
+                            .where(NODES.c.run_id == run_id).order_by(NODES.c.id)):
             meta = decode(r["meta"])
             meta = meta if isinstance(meta, dict) else {}
             nodes.append({
@@ -340,6 +340,7 @@ class DagReader:
                 "error": meta.get("error") if r["status"] == "failed" else None,
                 "tokens": meta_tokens(meta), "cost_usd": _meta_cost(meta), "_meta": meta,
             })
+        _unique_ids(run_id, nodes)
         return nodes
 
     def dag(self, run: Mapping[str, Any]) -> dict[str, Any]:
@@ -448,6 +449,34 @@ class DagReader:
                 "parent": r["parent_event_id"], "error": r["error_message"],
             })
         return records
+
+
+def _unique_ids(run_id: str, nodes: list[dict[str, Any]]) -> None:
+    """Make the nodes' short ids (as shown) unique in their run: our writer derives a node's row id
+    from its short id (one row per short id), but another writer may give two nodes the same one
+    (or one another node's row id), and the views, edges and ``--node`` find nodes by it (the tree
+    printed a node under itself for ever). A node whose row id is derived from its short id keeps
+    it; another whose short id is taken is shown as its row id (then ``#2``, ``#3``...), in row id
+    order."""
+    if len({n["id"] for n in nodes}) == len(nodes):
+        return
+    from .mapping import node_db_id  # only here: the reader never needs the mapping otherwise
+
+    taken: set[str] = set()
+    own = [n["db_id"] == node_db_id(run_id, n["id"]) for n in nodes]
+    for n, mine in zip(nodes, own, strict=True):
+        if mine:
+            taken.add(n["id"])
+    for n, mine in zip(nodes, own, strict=True):
+        if mine:
+            continue
+        if n["id"] in taken:
+            shown, k = str(n["db_id"]), 1
+            while shown in taken:
+                k += 1
+                shown = f"{n['db_id']}#{k}"
+            n["id"] = shown
+        taken.add(n["id"])
 
 
 def _children(nodes: Iterable[dict[str, Any]]) -> dict[str | None, list[dict[str, Any]]]:
