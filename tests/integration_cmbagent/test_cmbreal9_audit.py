@@ -25,9 +25,10 @@ from opentelemetry.trace import StatusCode
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
+from cmbagent_otel.exporters.dag import DagSpanExporter
+
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
-from cmbagent_otel.exporters.dag import DagSpanExporter
 from cmbagent_otel.testing import FakeOpenAIServer
 from tests.conftest import PG_ENV, schema_in
 
