@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from cmbagent_otel import semconv as sc
@@ -60,3 +61,17 @@ def test_a_started_record_and_span_events_are_read() -> None:
     batch = map_spans([node, _span(events=[handoff])])
     assert [n["status"] for n in batch.started_nodes.values()] == ["running"]
     assert [e["outputs"]["to"] for e in batch.events.values() if e["event_type"] == "handoff"] == ["b"]
+
+
+def test_span_events_in_the_sdks_bounded_list_are_read_as_a_tuple_of_them() -> None:
+    """A finished SDK span hands its events over in a ``BoundedList`` (tested for emptiness through
+    its deque, not its Python-level ``__len__``): empty or not, the rows are those of a tuple."""
+    handoff = Event("cmbagent.handoff", {sc.SPAN_KIND: sc.KIND_SPEAKER_SELECTION, sc.HANDOFF_FROM: "a",
+                                         sc.HANDOFF_TO: "b"}, 2_000_000_000)
+    for items in ((), (handoff,)):
+        held = BoundedList(None)
+        held.extend(items)
+        in_list, in_tuple = map_spans([_span(events=held)]), map_spans([_span(events=items)])
+        assert in_list.events == in_tuple.events
+        assert len(in_list.events) == 1 + len(items)
+    assert [e["outputs"]["to"] for e in in_list.events.values() if e["event_type"] == "handoff"] == ["b"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import functools
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, Status, StatusCode
 
 from .. import redaction
@@ -391,8 +393,22 @@ def _probe_status() -> type | None:
     return None
 
 
+def _probe_events() -> type | None:
+    """BoundedList when its items are the deque ``_dq`` its ``__len__`` (a Python call) measures."""
+    try:
+        probe = BoundedList(2)
+        probe.append("probe")
+        queue = vars(probe).get("_dq")
+        if type(queue) is collections.deque and len(queue) == len(probe) == 1 and not vars(BoundedList(2))["_dq"]:
+            return BoundedList
+    except Exception:
+        pass
+    return None
+
+
 _CONTEXT_TYPE = _probe_context()
 _STATUS_TYPE = _probe_status()
+_EVENTS_TYPE = _probe_events()
 
 
 def status_of(span: ReadableSpan) -> str:
@@ -1165,6 +1181,9 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
         name = view.name
         start_ns, end_ns = view.start_time, view.end_time
         status = view.status
+        events = view.events  # only tested for emptiness here: the deque, not its Python-level __len__
+        if type(events) is _EVENTS_TYPE:
+            events = events._dq  # type: ignore[union-attr]
         if type(status) is _STATUS_TYPE:  # its fields, without the properties' Python calls
             failed = status._status_code is StatusCode.ERROR  # type: ignore[union-attr]
             description = status._description  # type: ignore[union-attr]
@@ -1181,7 +1200,7 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
                 or (type(description) is str and _rejected(description))):
             unstorable = True
         else:
-            if (not running and not failed and not view.events and (raw_kind := attrs.get(sc.SPAN_KIND)) is not None
+            if (not running and not failed and not events and (raw_kind := attrs.get(sc.SPAN_KIND)) is not None
                     and raw_kind != sc.KIND_WORKFLOW and not (sc.DAG_NODE_TYPE in attrs and sc.DAG_NODE in attrs)):
                 clean = _meta_if_storable(attrs)
             unstorable = clean is None and _attrs_rejected(attrs)
@@ -1231,7 +1250,7 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
                 session["last_active_at"] = completed
         if run_id not in batch.runs:
             batch.runs[run_id] = RunCandidate(RANK_PLACEHOLDER, run_row(run_id, session_id))
-        if span.events:
+        if events:
             handoffs = _handoff_rows(span, attrs, run_id, session_id, trace_id, trace_hex, trace_bytes,
                                      span_id=span_id, at=_at if texts else _bare)
             if handoffs and handoffs[0]["node_id"] is not None:  # all under the span's node

@@ -149,6 +149,8 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
     unpack = ", ".join(values) + ("," if len(values) == 1 else "")
     out: list[str] = []
     seen: dict[str, list[int]] = {}
+    # the last converted column of each kind is read by no later column: named only for the checks
+    last = {kind: i for i, (_, kind) in enumerate(cols)}
     for i, (_, kind) in enumerate(cols):
         conv = convert[kind]
         if conv is None:
@@ -168,16 +170,15 @@ def _row_converter(cols: Sequence[tuple[str, str]], convert: Mapping[str, Any],
         for j in reversed(seen.get(kind, [])):
             expr = f"o{j} if v{i} is v{j} else {expr}"
         seen.setdefault(kind, []).append(i)
-        out.append(f"(o{i} := {expr})")
+        out.append(f"(o{i} := {expr})" if checks is not None or i != last[kind] else f"({expr})")
     getter = "v0 = _get(row)" if len(names) == 1 else f"{unpack} = _get(row)"  # itemgetter of one name: a value
     env["_get"] = operator.itemgetter(*names)
-    result = [f"out = ({', '.join(out)},)"]
     if checks is not None:
         tests = [_CHECKS[check].format(v=f"o{i}" if out[i].startswith("(") else f"v{i}")
                  for i, check in enumerate(checks) if _CHECKS[check]]
-        result.append(f"return out if {' and '.join(tests) or 'True'} else None")
+        result = [f"out = ({', '.join(out)},)", f"return out if {' and '.join(tests) or 'True'} else None"]
     else:
-        result.append("return out")
+        result = [f"return ({', '.join(out)},)"]
     if inline_json:
         result = ["try:", *(f"    {line}" for line in result),
                   "except (ValueError, TypeError):  # json: a non-finite float; orjson: a value it refuses",
