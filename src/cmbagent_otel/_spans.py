@@ -864,7 +864,11 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             self._token = attach(with_scope(held, span_context(parent_ctx, span)))  # type: ignore[arg-type]
         else:  # one new Context, from a plain dict filled first: two dict.__setitem__ calls on a Context
             # (a slot wrapper: an argument tuple each) cost ~900 instructions more per span
-            values = dict(parent_ctx)
+            # dict.copy: a plain dict as dict() gives, ~590 instructions less per span (dict()'s type call)
+            try:
+                values = _copy(parent_ctx)
+            except TypeError:  # not a dict: any other mapping a runtime context was given
+                values = dict(parent_ctx)
             values[SPAN_KEY] = span
             values[_SCOPE_KEY] = held
             self._token = attach(Context(values))
