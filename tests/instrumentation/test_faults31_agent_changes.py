@@ -11,13 +11,17 @@ is replaced. (Its name is not among them: AG2 has no way to rename an agent.)
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
-from autogen import ConversableAgent, OpenAIWrapper
+from autogen import ConversableAgent, GroupChat, GroupChatManager, OpenAIWrapper
 
 from cmbagent_otel import semconv
+from cmbagent_otel.instrumentation import _handoffs
+from cmbagent_otel.instrumentation.ag2 import AG2Instrumentor
 from cmbagent_otel.testing import FakeOpenAIServer, offline_agent
 
 
@@ -70,3 +74,34 @@ def test_an_agent_given_another_model_client_names_its_model(instrumented: Any) 
     assert chats == ["model-one", "model-two"]
     assert [span.attributes.get(semconv.GEN_AI_REQUEST_MODEL) for span in turns] == chats
 
+
+def test_a_group_chats_candidates_go_when_one_of_its_agents_is_freed(instrumented: Any) -> None:
+    """A group chat's candidates are kept under its selection method's and agents' ids: an agent removed
+    and freed, then a new one given its id at its place before the next selection, matched the key and
+    was named by the freed one's name. Whether CPython hands the id on is the allocator's choice, so the
+    test pins what rules it out whatever the allocator does: once a candidate is freed its entry is gone
+    (fails on 5bc025a: the entry outlives the agent), and the next selection names the agents there are.
+    (The facts are computed as a selection computes them, for a group whose agent ``beta`` never spoke: an
+    agent that did is referred to from many places inside AG2, which differ between its lines.)"""
+    state = AG2Instrumentor()._state
+    alpha, beta = (ConversableAgent(n, llm_config=False, human_input_mode="NEVER", default_auto_reply="ok")
+                   for n in ("alpha", "beta"))
+    # beta joins after the group chat is made: its speaker transitions (made then) do not hold it
+    chat = GroupChat([alpha], messages=[], max_round=2, speaker_selection_method="round_robin")
+    chat.agents.append(beta)
+    facts = _handoffs._group_facts(state, chat, chat.speaker_selection_method, chat.agents)
+    assert facts[3] == ["alpha", "beta"] and state.candidates[id(chat)] is facts
+    beta_id = id(beta)
+    chat.agents.remove(beta)
+    gone = weakref.ref(beta)
+    del beta
+    gc.collect()  # an agent is in reference cycles of its own (its reply functions are its bound methods)
+    assert gone() is None, "beta is still referred to: the case this test is about did not happen"
+    assert id(chat) not in state.candidates
+    del facts
+    delta = ConversableAgent("delta", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok")
+    chat.agents.append(delta)
+    alpha.initiate_chat(GroupChatManager(chat, llm_config=False), message="hello", max_turns=1, silent=True)
+    handoffs = instrumented.handoffs()
+    assert handoffs and {h[semconv.HANDOFF_CANDIDATES] for h in handoffs} == {("alpha", "delta")}
+    assert not any(beta_id in entry[1] and id(delta) != beta_id for entry in state.candidates.values())
