@@ -701,8 +701,10 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     if static is None or static.config is not getattr(instance, "llm_config", None) \
             or static.description is not (own.get("_description") if static.plain_description
                                           else getattr(instance, "description", None)) \
-            or static.client is not own.get("client") or static.human is not own.get("get_human_input") \
-            or static.a_human is not own.get("a_get_human_input"):  # _facts_current
+            or static.client is not own.get("client") \
+            or (("get_human_input" in own or "a_get_human_input" in own)  # rare: a contains test first
+                and (static.human is not own.get("get_human_input")
+                     or static.a_human is not own.get("a_get_human_input"))):  # _facts_current
         static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:
