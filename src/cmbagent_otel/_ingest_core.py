@@ -225,6 +225,7 @@ class IngestCore:
         self.spans_written = 0
         self.unavailable_responses = 0
         self.disconnects = 0
+        self.expired_calls = 0  # gRPC calls not stored: their deadline passed while every worker was busy
 
     @property
     def token_required(self) -> bool:

@@ -171,8 +171,16 @@ class TraceService:
                 self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
             admitted = time.monotonic()
             try:
-                with self._workers:
+                # a call whose client deadline passes while every worker is busy is not stored: its client
+                # was told DEADLINE_EXCEEDED and sends the batch again (stored twice) or counts it lost
+                if not self._workers.acquire(timeout=min(context.time_remaining(), threading.TIMEOUT_MAX)):
+                    self._expired(context)
+                try:
+                    if not context.is_active() or context.time_remaining() <= 0:
+                        self._expired(context)
                     return self._process(request, context, admitted)
+                finally:
+                    self._workers.release()
             finally:
                 core.leave()
         finally:
@@ -214,6 +222,11 @@ class TraceService:
         finally:
             ticket.close()
         return encode_response("protobuf", outcome.rejected, outcome.error_message)
+
+    def _expired(self, context: grpc.ServicerContext) -> None:
+        self.core.count("expired_calls")
+        logger.debug("cmbagent-otel ingest: a gRPC call's deadline passed before a worker was free; not stored")
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for a worker")
 
     def _abort(self, context: grpc.ServicerContext, err: IngestError) -> None:
         if err.kind == "unavailable":

@@ -539,9 +539,10 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def _fields(buf: bytes, start: int, end: int, depth: int = 0) -> Iterator[tuple[int, int, int, int, int]]:
     """``(field number, wire type, value start, value end, field start)`` of each field of
-    the message in ``buf[start:end]``; only length-delimited values have a meaningful start."""
+    the message in ``buf[start:end]``, nested ``depth`` messages deep in the request; only
+    length-delimited values have a meaningful start."""
     pos = start
     while pos < end:
         first = pos
@@ -574,8 +575,52 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
             if pos > end:
                 raise MalformedPayload("invalid protobuf: truncated fixed-width field")
             yield number, wire, pos, pos, first
-        else:  # groups (3, 4) are not used by OTLP; 6 and 7 do not exist
+        elif wire == 3:  # a group (deprecated, not OTLP): an unknown field, skipped as protobuf does
+            pos = _skip_group(buf, pos, end, number, _GROUP_DEPTH - depth)
+            yield number, wire, pos, pos, first
+        elif wire == 4:
+            raise MalformedPayload(f"invalid protobuf: end of group {number} without its start")
+        else:  # 6 and 7 do not exist
             raise MalformedPayload(f"invalid protobuf: wire type {wire}")
+
+
+# protobuf's parser refuses messages and groups nested more than this deep (its recursion limit)
+_GROUP_DEPTH = 100
+
+
+def _skip_group(buf: bytes, pos: int, end: int, number: int, most: int) -> int:
+    """The position after the end of the group ``number`` whose start tag ends at ``pos``: its
+    fields (groups nested in it too) are walked, as protobuf skips an unknown group, without
+    recursion. Raises :class:`MalformedPayload` for a group cut short, ended by another field's
+    end tag, nested more than ``most`` deep or holding a field protobuf would refuse."""
+    open_groups = [number]
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        # a field number 0 inside a group is skipped as protobuf's parser (upb) skips it
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 2:
+            size, pos = _varint(buf, pos, end)
+            if size > end - pos:
+                raise MalformedPayload("invalid protobuf: length exceeds the message")
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise MalformedPayload("invalid protobuf: truncated fixed-width field")
+        elif wire == 3:
+            if len(open_groups) >= most:
+                raise MalformedPayload(f"invalid protobuf: groups nested more than {most} deep")
+            open_groups.append(number)
+        elif wire == 4:
+            if open_groups.pop() != number:
+                raise MalformedPayload(f"invalid protobuf: group ended by the end tag of field {number}")
+            if not open_groups:
+                return pos
+        else:
+            raise MalformedPayload(f"invalid protobuf: wire type {wire}")
+    raise MalformedPayload("invalid protobuf: group without its end")
 
 
 def _encode_varint(value: int) -> bytes:
@@ -647,7 +692,7 @@ def _resource_at(body: bytes, start: int, end: int, safe: bool, limits: Limits |
 
     parts: list[tuple[int, int]] = []
     schema = ""
-    for number, wire, value_start, value_end, _ in _fields(body, start, end):
+    for number, wire, value_start, value_end, _ in _fields(body, start, end, 1):
         if number == 1 and wire == 2:
             parts.append((value_start, value_end))
         elif number == 3 and wire == 2:
@@ -724,7 +769,7 @@ def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | No
         parts = [(scope_start, scope_end)] if scope_end else []
         return _scope(_merged(InstrumentationScope, body, parts, "scope", limits), schema, safe, limits)
     parts = []
-    for number, wire, value_start, value_end, _ in _fields(body, start, end):
+    for number, wire, value_start, value_end, _ in _fields(body, start, end, 2):
         if number == 1 and wire == 2:
             parts.append((value_start, value_end))  # a repeated scope: merged (see _merged)
         elif number == 3 and wire == 2:
@@ -748,11 +793,11 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
             # the resource and each scope are built for their first span: a flood of empty
             # containers (2 bytes each) cost one SDK Resource or scope each, ~30 s of CPU per 16 MiB
             resource = None
-            for n2, w2, ss_start, ss_end, _ in _fields(body, rs_start, rs_end):
+            for n2, w2, ss_start, ss_end, _ in _fields(body, rs_start, rs_end, 1):
                 if n2 != 2 or w2 != 2:
                     continue
                 scope = None
-                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end):
+                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end, 2):
                     if n3 != 2 or w3 != 2:
                         continue
                     if earlier + batch.rejected >= MAX_REJECTED:

@@ -1730,20 +1730,36 @@ _dumps = compact_encoder(repr, ensure_ascii=False)  # scrub() output is acyclic
 
 
 def safe_text(value: Any, limit: int | None = None) -> str | None:
-    """``value`` as bounded, redacted text; ``None`` if it cannot be rendered at all."""
+    """``value`` as bounded, redacted, encodable text; ``None`` if it cannot be rendered at all.
+
+    Lone surrogates (bytes that are not UTF-8 in a path, an argument or an environment value, as Python
+    keeps them) are escaped, as the OTLP encoder refuses them (the attribute dropped, a traceback logged):
+    in text as ``\\xNN`` (:func:`encodable`), in the JSON rendering of other values as JSON's own
+    ``\\udcNN`` escape, so that it stays JSON."""
     try:
         if value is None:
             return None
         if isinstance(value, str):
             bound = max(_scan_bound(), limit or 0)
             text = value if len(value) <= bound else value[:bound]
-        elif isinstance(value, (list, tuple)):
-            return truncate(_redacted_json_list(value, limit or _max_len), limit)
+            out = truncate(redact(text), limit)
+            return out if out is None or out.isascii() else encodable(out)
+        if isinstance(value, (list, tuple)):
+            out = truncate(_redacted_json_list(value, limit or _max_len), limit)
         else:
-            text = _dumps(scrub(value))
-        return truncate(redact(text), limit)
+            out = truncate(redact(_dumps(scrub(value))), limit)
+        return out if out is None or out.isascii() else _json_encodable(out)
     except Exception:
         return None
+
+
+def _json_encodable(text: str) -> str:
+    """JSON ``text`` with its lone surrogates as JSON escapes (``\\udcff``): still the same JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _redacted_json_list(items: list[Any] | tuple[Any, ...], bound: int) -> str:

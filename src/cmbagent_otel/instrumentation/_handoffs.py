@@ -20,6 +20,7 @@ chat loses none. The DAG exporter writes the same ``handoff`` execution event fr
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import sys
 import types
@@ -155,9 +156,10 @@ def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[
     computed again only when its method or its agents change (one tuple compared). The agents by their
     ids, not the list's: a list changed in place (``groupchat.agents[i] = other``, ``remove`` then
     ``append``), or a new list given the id of a dropped one, kept its length and id, and every
-    selection after named the agents that had left as candidates."""
+    selection after named the agents that had left as candidates. Ids are only compared while their
+    objects live: the entry goes when one of them is freed (see :func:`_remember_group`)."""
     facts = (None, (id(method), *map(id, agents)), _reason(groupchat), _candidates(state, agents))
-    return _remember_group(state.candidates, groupchat, facts)
+    return _remember_group(state.candidates, groupchat, facts, (method, *agents))
 
 
 def _candidates(state: Any, agents: Any) -> list[str]:
@@ -179,16 +181,36 @@ def _candidates(state: Any, agents: Any) -> list[str]:
     return names
 
 
-def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...]) -> tuple[Any, ...]:
+_watch_tokens = itertools.count()
+
+
+def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...],
+                    watched: tuple[Any, ...] = ()) -> tuple[Any, ...]:
     """Keep a group chat's facts without keeping the group chat: it is held weakly and its method and
-    agents by id (the group chat holds them while they are its own). A strong entry kept every finished
-    chat's group chat, agents and message histories alive: the agents refer to the manager, the manager
-    to the group chat, so no entry holding the agents could ever go. The weak reference's callback removes
-    the entry while the group chat is being dropped, before its id can be reused (as ``ag2._remember`` does
-    for agents): the entry found under a live group chat's id is that group chat's."""
+    agents by id. A strong entry kept every finished chat's group chat, agents and message histories
+    alive: the agents refer to the manager, the manager to the group chat, so no entry holding the agents
+    could ever go. The weak reference's callback removes the entry while the group chat is being dropped,
+    before its id can be reused (as ``ag2._remember`` does for agents): the entry found under a live group
+    chat's id is that group chat's. The objects whose ids the facts compare (``watched``: its method and
+    agents) are held weakly too: one freed removes the entry, so an agent taking a freed one's id (and
+    place in the list) is never named by the freed one's name. One that cannot be held weakly (a method
+    given as a string) is held: it refers to nothing, and its id is not reused while it is held."""
     key = id(groupchat)
+    token = next(_watch_tokens)
+
+    def forget(_: Any, key: int = key, token: int = token) -> None:
+        entry = cache.get(key)
+        if entry is not None and entry[4][0] == token:  # not a newer entry of the same group chat
+            cache.pop(key, None)
+
+    guard: list[Any] = [token]
     try:
-        facts = (weakref.ref(groupchat, lambda _, key=key: cache.pop(key, None)), *facts[1:])
+        facts = (weakref.ref(groupchat, lambda _, key=key: cache.pop(key, None)), *facts[1:4], guard)
+        for item in watched:
+            try:
+                guard.append(weakref.ref(item, forget))
+            except TypeError:
+                guard.append(item)
     except TypeError:  # not weak-referenceable: computed each time
         return facts
     if len(cache) >= 64:

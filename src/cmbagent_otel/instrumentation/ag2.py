@@ -521,10 +521,11 @@ class _GroupChatSpan(TracedSpan):
 
 
 class _AgentStatic:
-    """What an agent's invoke_agent spans share until its llm_config or description changes."""
+    """What an agent's invoke_agent spans share until what they are read from changes: its llm_config,
+    description, model client or a human-input function of its own (see :func:`_facts_current`)."""
 
-    __slots__ = ("attributes", "by_sender", "config", "description", "is_manager", "is_tool_executor", "name",
-                 "nodes", "plain_description", "ref", "span_name", "system_messages")
+    __slots__ = ("a_human", "attributes", "by_sender", "client", "config", "description", "human", "is_manager",
+                 "is_tool_executor", "name", "nodes", "plain_description", "ref", "span_name", "system_messages")
 
     def __init__(self) -> None:
         self.ref: weakref.ref[Any] | None = None  # the agent's, whose callback removes its entry (_remember)
@@ -541,6 +542,23 @@ class _AgentStatic:
         # description (what tells a changed one) is the instance's _description, read without calling
         # AG2's description property (a Python call from C on every agent turn): see _plain_description
         self.plain_description = False
+        # objects the facts were read from, compared by identity on each turn: the agent's model client (the
+        # model, provider and server) and its own human-input functions (wrapped when the facts were
+        # computed: one set later is wrapped at its next turn). Not its name: AG2 has no way to rename an agent
+        self.client: Any = None
+        self.human: Any = None
+        self.a_human: Any = None
+
+
+def _facts_current(static: _AgentStatic | None, agent: Any) -> bool:
+    """Whether ``static`` still describes ``agent``: none of what its facts were read from was replaced
+    since (an agent changed between turns gets facts computed again; a cache must not make a span lie)."""
+    if static is None or static.config is not getattr(agent, "llm_config", None) \
+            or static.description is not _description_mark(agent, static.plain_description):
+        return False
+    own = getattr(agent, "__dict__", None) or {}
+    return (static.client is own.get("client") and static.human is own.get("get_human_input")
+            and static.a_human is own.get("a_get_human_input"))
 
 
 def _plain_description(state: _State, agent: Any) -> bool:
@@ -586,13 +604,12 @@ def _user_description(agent: Any, static: _AgentStatic) -> str | None:
 
 def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     """Name, description, manager-ness, provider, model and server of ``agent`` (its secrets
-    registered): computed once per agent, again only when its ``llm_config`` or ``description``
-    object changes."""
-    config = getattr(agent, "llm_config", None)
+    registered): computed once per agent, again only when what they were read from is replaced (its
+    ``llm_config``, ``description``, model client or own human-input functions: :func:`_facts_current`)."""
     static = state.agents.get(id(agent))
-    if static is not None and static.config is config \
-            and static.description is _description_mark(agent, static.plain_description):
-        return static
+    if _facts_current(static, agent):
+        return static  # type: ignore[return-value]
+    config = getattr(agent, "llm_config", None)
     # a fresh object, published whole by _remember: another thread calling the same agent reads
     # either the old facts or the new ones, never a mix
     old, static = static, _AgentStatic()
@@ -606,6 +623,9 @@ def _agent_static(state: _State, agent: Any) -> _AgentStatic:
     static.config, static.description = config, _description_mark(agent, plain)
     static.name = agent_name(agent)
     static.span_name = f"invoke_agent {static.name}"
+    own = getattr(agent, "__dict__", None) or {}
+    static.client = own.get("client")
+    static.human, static.a_human = own.get("get_human_input"), own.get("a_get_human_input")  # as adopted
     manager, runner = _type_facts(state, agent)
     static.is_manager = manager
     static.is_tool_executor = runner or getattr(agent, "_name", None) in TOOL_EXECUTOR_NAMES
@@ -630,8 +650,8 @@ def _agent_label(state: _State, agent: Any) -> str:
     """The name of the agent making a model call; its facts (secrets registered) computed when its
     ``llm_config`` is new (its turn, which computed them, may have started before a new one was set)."""
     static = state.agents.get(id(agent))
-    if static is not None and static.config is getattr(agent, "llm_config", None):
-        return static.name
+    if _facts_current(static, agent):
+        return static.name  # type: ignore[union-attr]
     return _agent_static(state, agent).name
 
 
@@ -677,9 +697,14 @@ def _agent(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs
     # every agent turn
     agents = state.agents
     static = agents.get(id(instance))
+    own = instance.__dict__  # a ConversableAgent's (its class has no __slots__)
     if static is None or static.config is not getattr(instance, "llm_config", None) \
-            or static.description is not (instance.__dict__.get("_description") if static.plain_description
-                                          else getattr(instance, "description", None)):  # _description_mark
+            or static.description is not (own.get("_description") if static.plain_description
+                                          else getattr(instance, "description", None)) \
+            or static.client is not own.get("client") \
+            or (("get_human_input" in own or "a_get_human_input" in own)  # rare: a contains test first
+                and (static.human is not own.get("get_human_input")
+                     or static.a_human is not own.get("a_get_human_input"))):  # _facts_current
         static = _agent_static(state, instance)
     sender = kwargs["sender"] if "sender" in kwargs else args[1] if len(args) > 1 else None
     if sender is None:

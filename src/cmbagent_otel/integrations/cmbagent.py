@@ -322,7 +322,7 @@ def _run(block: workflow) -> Iterator[None]:
             if enclosing is not None:
                 _record_joined_files(enclosing, block)
             elif entered is not None:
-                _record_files(entered._current(), entered.work_dir)
+                _record_files(entered._current(), _listed_dir(entered))
 
 
 # the solves a joined entry call made in its own thread (``None`` outside a joined call): one ``True`` per solve
@@ -353,7 +353,7 @@ def _record_joined_files(enclosing: Any, block: workflow) -> None:
     (the span holds paths relative to one folder: the call's folder if it gave the run its work dir)."""
     try:
         if (enclosing.span.attributes or {}).get(semconv.WORKFLOW_WORK_DIR) == block.work_dir:
-            _record_files(enclosing, block.work_dir, block.name)
+            _record_files(enclosing, _listed_dir(block), block.name)
     except Exception:
         logger.debug("cmbagent_otel: could not record the enclosing run's files", exc_info=True)
 
@@ -500,6 +500,14 @@ def _readable(path: str) -> str:
     except UnicodeEncodeError:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return path
+
+
+def _listed_dir(block: workflow) -> Any:
+    """The folder whose files a run's span lists: its work dir as the entry call gave it (resolved by
+    :func:`_work_dir`), not the span's text of it, where bytes that are not UTF-8 are ``\\xNN`` escapes and
+    a key-like part is redacted (a folder of that name does not exist: no files were listed)."""
+    given = block._args.get("work_dir")
+    return given if isinstance(given, str) else block.work_dir
 
 
 def _record_files(traced: Any, work_dir: Any, name: str | None = None) -> None:
@@ -758,7 +766,12 @@ def _own_work_dir(instance: Any) -> str | None:
         run_dir = (getattr(effective_parent()[1], "attributes", None) or {}).get(semconv.WORKFLOW_WORK_DIR)
         if not isinstance(own, str) or not isinstance(run_dir, str) or not own or not run_dir:
             return None
-        rel = os.path.relpath(os.path.realpath(os.path.expanduser(own)), os.path.realpath(run_dir))
+        # compared as the run's attribute holds its work dir: resolved by _work_dir (a NUL in a name: as
+        # given, for both), then made span text (bytes that are not UTF-8 as \xNN, as the run's)
+        own = safe_text(_work_dir(own))
+        if not own:
+            return None
+        rel = os.path.relpath(own, os.path.realpath(run_dir))
         if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
             return None
         return safe_text(_readable(rel.replace(os.sep, "/"))) or None
@@ -885,11 +898,12 @@ def _solve_run(instance: Any, call: Mapping[str, Any]) -> workflow:
 class _CallerRun:
     """The run of one call of an unwrapped entry function, opened by its first solve."""
 
-    __slots__ = ("anchor", "frame")
+    __slots__ = ("anchor", "frame", "work_dir")
 
-    def __init__(self, frame: Frame, anchor: Scope) -> None:
+    def __init__(self, frame: Frame, anchor: Scope, work_dir: Any = None) -> None:
         self.frame = frame
         self.anchor = anchor
+        self.work_dir = work_dir  # the folder listed at the end (see _listed_dir)
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -911,7 +925,7 @@ class _CallerRun:
         if failed is not None:
             _fail_frame(self.frame, failed)
         try:
-            _record_files(self.frame.span, self.frame.span.attributes.get(semconv.WORKFLOW_WORK_DIR))
+            _record_files(self.frame.span, self.work_dir)
         except Exception:
             logger.debug("cmbagent_otel: could not read the run's work dir", exc_info=True)
         end_frame(self.frame, exc)
@@ -971,7 +985,7 @@ class _CallerRuns:
                 return None
             anchor = wf.scope.evolve()
             anchor.ensure_cursor()
-            run = self._runs[frame] = _CallerRun(wf, anchor)
+            run = self._runs[frame] = _CallerRun(wf, anchor, _listed_dir(block))
             return run
 
     def _watch(self, code: CodeType) -> bool:
