@@ -534,6 +534,8 @@ def _learn(value: Any, encoded: bool) -> bool:
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
+    if not value.isascii():
+        forms |= _renderings(value)  # bytes that are not UTF-8: see register_secret
     with _lock:
         for form in forms & _learned.keys():
             _learned.move_to_end(form)
