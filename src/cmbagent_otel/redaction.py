@@ -449,7 +449,31 @@ def register_secret(value: Any) -> None:
                 if form not in _known:
                     _known[form] = None
                     _forms.add(form)
+        for form in () if value.isascii() else _renderings(value):
+            if form not in _known:
+                _known[form] = None
+                _forms.add(form)
         _rebuild()
+
+
+def _renderings(value: str) -> set[str]:
+    """The texts a secret holding lone surrogates (an environment value whose bytes are not UTF-8, as
+    Python keeps them) is seen as once rendered: escaped as telemetry escapes it (``\\xNN``), as JSON
+    escapes it (``\\udcNN``), decoded again with U+FFFD for its bad bytes (a subprocess's output) or as
+    Latin-1; and its hex and base64 forms are those of its bytes. Each let the secret through whole,
+    as only the surrogate form was registered."""
+    try:
+        value.encode("utf-8")
+        return set()
+    except UnicodeEncodeError:
+        pass
+    forms = {encodable(value), value.encode("utf-8", "backslashreplace").decode("utf-8")}
+    with contextlib.suppress(UnicodeEncodeError):
+        raw = value.encode("utf-8", "surrogateescape")
+        forms.update((raw.decode("utf-8", "replace"), raw.decode("latin-1")))
+        forms.update(_encoded_forms_of(raw))  # few: Python makes such a value only of OS bytes
+    forms.discard(value)
+    return forms
 
 
 # each registered secret with its encoded forms is ~9 patterns' worth: a service registering
@@ -468,7 +492,13 @@ def _encoded_forms(value: str) -> set[str]:
     first byte may sit at any of three offsets of a 3-byte group (five of a 5-byte group in
     base32): for each, the characters its bytes alone determine (not those shared with the bytes
     around it)."""
-    raw = value.encode("utf-8", "surrogatepass")
+    forms = _encoded_forms_of(value.encode("utf-8", "surrogatepass"))
+    forms.discard(value)
+    return forms
+
+
+def _encoded_forms_of(raw: bytes) -> set[str]:
+    """The forms :func:`_encoded_forms` describes, of the bytes ``raw``."""
     forms = {raw.hex(), raw.hex().upper()}
     for offset in range(3):
         encoded = base64.b64encode(bytes(offset) + raw).decode("ascii").rstrip("=")
@@ -481,7 +511,6 @@ def _encoded_forms(value: str) -> set[str]:
         core = encoded[-(-8 * offset // 5):(8 * offset + bits) // 5]
         if len(core) >= _MIN_ENCODED_LEN:
             forms.add(core)
-    forms.discard(value)
     return forms
 
 
@@ -505,6 +534,8 @@ def _learn(value: Any, encoded: bool) -> bool:
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
+    if not value.isascii():
+        forms |= _renderings(value)  # bytes that are not UTF-8: see register_secret
     with _lock:
         for form in forms & _learned.keys():
             _learned.move_to_end(form)
@@ -1380,14 +1411,14 @@ class RedactionCache:
             return text
         if len(text) > self.max_len:
             out = _redact_with(_known_pattern, text[:_scan_bound()] if self.names else text)
-            return encodable(bounded_name(out)) if self.names else out
+            return bounded_name(encodable(out)) if self.names else out
         memo = self._current()
         out = memo.entries.get(text)
         if out is None:
             # the secrets this memo stands for (or newer ones learned from this very text)
             out = _redact_with(memo.known, text)
             if self.names:
-                out = encodable(bounded_name(out))
+                out = bounded_name(encodable(out))
             if memo.known is not _known_pattern:
                 return out  # learned something: this memo is stale, the next lookup starts afresh
             memo.chars += len(text) + len(out)
@@ -1464,7 +1495,7 @@ def redact_id(value: str) -> str:
         known = _known_pattern
         if known is None or known.search(value) is None:
             return value
-    return encodable(bounded_name(_redact_with(_known_pattern, value[:_scan_bound()])))
+    return bounded_name(encodable(_redact_with(_known_pattern, value[:_scan_bound()])))
 
 
 def redact_list(items: Sequence[str]) -> str:
@@ -1742,13 +1773,15 @@ def safe_text(value: Any, limit: int | None = None) -> str | None:
         if isinstance(value, str):
             bound = max(_scan_bound(), limit or 0)
             text = value if len(value) <= bound else value[:bound]
-            out = truncate(redact(text), limit)
-            return out if out is None or out.isascii() else encodable(out)
+            out = redact(text)
+            # escaped before the cut: an escape is 4 to 6 characters, so escaping after it made a
+            # text of lone surrogates up to 6 times the bound
+            return truncate(out if out.isascii() else encodable(out), limit)
         if isinstance(value, (list, tuple)):
-            out = truncate(_redacted_json_list(value, limit or _max_len), limit)
+            out = _redacted_json_list(value, limit or _max_len)
         else:
-            out = truncate(redact(_dumps(scrub(value))), limit)
-        return out if out is None or out.isascii() else _json_encodable(out)
+            out = redact(_dumps(scrub(value)))
+        return truncate(out if out.isascii() else _json_encodable(out), limit)
     except Exception:
         return None
 

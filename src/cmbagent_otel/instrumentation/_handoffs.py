@@ -182,6 +182,7 @@ def _candidates(state: Any, agents: Any) -> list[str]:
 
 
 _watch_tokens = itertools.count()
+_ATOMS = (str, bytes, int, float, type(None))  # values that refer to no other object
 
 
 def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...],
@@ -193,8 +194,10 @@ def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tu
     before its id can be reused (as ``ag2._remember`` does for agents): the entry found under a live group
     chat's id is that group chat's. The objects whose ids the facts compare (``watched``: its method and
     agents) are held weakly too: one freed removes the entry, so an agent taking a freed one's id (and
-    place in the list) is never named by the freed one's name. One that cannot be held weakly (a method
-    given as a string) is held: it refers to nothing, and its id is not reused while it is held."""
+    place in the list) is never named by the freed one's name. One that cannot be held weakly is held
+    only when it refers to nothing (a method given as a string): its id is not reused while it is held.
+    Any other (a callable object with ``__slots__`` and no ``__weakref__``) may refer to the group chat,
+    which the entry then kept alive with its agents and history: such a group's facts are not kept."""
     key = id(groupchat)
     token = next(_watch_tokens)
 
@@ -210,6 +213,8 @@ def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tu
             try:
                 guard.append(weakref.ref(item, forget))
             except TypeError:
+                if not isinstance(item, _ATOMS):
+                    return facts
                 guard.append(item)
     except TypeError:  # not weak-referenceable: computed each time
         return facts
