@@ -325,25 +325,48 @@ def _run(block: workflow) -> Iterator[None]:
                 _record_files(entered._current(), _listed_dir(entered))
 
 
-# the solves a joined entry call made in its own thread (``None`` outside a joined call): one ``True`` per solve
+# the solves and phase-manager phases a joined entry call started in its own thread (``None`` outside a joined
+# call): one ``True`` each
 _JOINED_SOLVES: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cmbagent_otel_joined_solves",
                                                                                   default=None)
 
 
+#: The first phase of an entry point's run, where it is not a fixed pipeline's ``one_shot`` (cmbagent's
+#: ``planning_and_control`` starts with its planning phase, ``control`` with control, ``human_in_the_loop``
+#: with its chat; the MARS workflows with their first phase's type); any other: ``planning``.
+FIRST_PHASES: Mapping[str, str] = {
+    "control": "control",
+    "human_in_the_loop": CHAT_PHASE,
+    "hitl_interactive_workflow": "hitl_planning",
+    "hitl_planning_only_workflow": "hitl_planning",
+    "idea_generation": "idea_generation",
+    "idea_to_execution": "idea_generation",
+}
+
+
+def _first_phase(block: workflow) -> str:
+    """The phase whose node a joined entry call that failed before any phase of its own gets."""
+    if block.mode in FIXED_PIPELINE_MODES:
+        return ONE_SHOT_PHASE
+    return FIRST_PHASES.get(block.name, "planning")
+
+
 def _record_joined_call_failed(block: workflow, exc: BaseException, solves: list[bool]) -> None:
-    """A joined entry call of a fixed-pipeline mode that raised before any solve of its own — a worker of
+    """A joined entry call that raised before any solve or phase of its own — a worker of
     ``summarize_documents`` whose document cannot be read, a user's ``one_shot`` whose documentation download
-    failed, inside the user's ``workflow(...)`` — is caught by its caller (``summarize_documents`` counts it in
+    failed or a ``planning_and_control`` whose work dir cannot be made, inside the user's ``workflow(...)`` or
+    another entry call's run — may be caught by its caller (``summarize_documents`` counts it in
     ``failed_files``; the app goes on), so the run it joined never fails with it and the call left no span and no
-    row. It gets its ``execute`` node, failed with the exception: a ``phase one_shot`` span ended at once with it.
-    Skipped inside a phase someone else opened (phases do not nest: the exception is that phase's to record)."""
+    row. It gets the node of its run's first phase (:func:`_first_phase`: ``execute`` for a fixed pipeline),
+    failed with the exception: a phase span ended at once with it. Skipped inside a phase someone else opened
+    (phases do not nest: the exception is that phase's to record)."""
     try:
-        if solves or block.mode not in FIXED_PIPELINE_MODES:
+        if solves:
             return
         scope = current_scope()
         if scope is None or not scope.in_workflow or scope.phase is not None:
             return
-        _exit(_enter(_phase(ONE_SHOT_PHASE)), exc)
+        _exit(_enter(_phase(_first_phase(block))), exc)
     except Exception:
         logger.debug("cmbagent_otel: could not record the joined call's failure", exc_info=True)
 
@@ -1496,6 +1519,9 @@ def _fallback_workflow(instance: Any) -> workflow:
 def _pm_start(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
+            solves = _JOINED_SOLVES.get()
+            if solves is not None:  # a joined entry call's own phase (it records its failure)
+                solves.append(True)
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
                 _manager_start(spans, instance)
