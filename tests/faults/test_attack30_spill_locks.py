@@ -32,10 +32,13 @@ from .test_faults29_spill_recover import TARGET, WRITER, _env, _finishes_whole, 
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks and fork")
 
-# the stalled writer forks a child at the stall when asked (the child waits for stdin to close)
+# the stalled writer forks a child at the stall when asked (the child waits for stdin to close); the child
+# says FORKED once os.fork() has returned in it, that is once its at-fork handlers (which close the .tmp
+# files it inherited) have run: until then it shares the writer's lock, and a busy machine may run it late
 FORKING_WRITER = WRITER.replace(
     '        print("STALLED", flush=True)\n',
     '        if os.environ.get("FORK_AT_STALL") and (child := os.fork()) == 0:\n'
+    '            print("FORKED", flush=True)\n'
     '            sys.stdin.readline()\n'
     '            os._exit(0)\n'
     '        print("STALLED", os.environ.get("FORK_AT_STALL") and child, flush=True)\n')
@@ -48,9 +51,10 @@ def _stalled_writer(folder: Path, where: str, fork: bool) -> tuple[subprocess.Po
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env)
     assert writer.stdout is not None
-    line = writer.stdout.readline().split()
-    assert line[:1] == ["STALLED"], (line, writer.stderr.read() if writer.stderr else "")
-    return writer, int(line[1]) if fork else 0
+    lines = [writer.stdout.readline().split() for _ in range(2 if fork else 1)]  # in either order
+    stalled = [line for line in lines if line[:1] == ["STALLED"]]
+    assert stalled and (not fork or ["FORKED"] in lines), (lines, writer.stderr.read() if writer.stderr else "")
+    return writer, int(stalled[0][1]) if fork else 0
 
 
 def _age(tmp: Path, seconds: float) -> None:
