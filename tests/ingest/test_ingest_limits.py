@@ -212,7 +212,7 @@ JS = "application/json"
 BAD = [
     # (id, (head, body), expected status, text in the error message)
     ("malformed-protobuf", req(b"\x0a\xff\xff\xff\xff\x0f"), 400, "protobuf"),
-    ("protobuf-group-wire-type", req(b"\x0b"), 400, "wire type"),
+    ("protobuf-group-wire-type", req(b"\x0b"), 400, "group without its end"),
     ("empty-span-flood", req(empty_span_flood(2 * MiB)), 400, "invalid spans"),
     ("malformed-json", req(b"{not json", JS), 400, "invalid JSON"),
     # a wrong type outside any span (one inside a span rejects that span alone: test_json_poison_span.py)
