@@ -456,6 +456,16 @@ def register_secret(value: Any) -> None:
         _rebuild()
 
 
+def secret_text(raw: bytes) -> str:
+    """A secret given as bytes (pydantic's ``SecretBytes``, a header value or password given as bytes, a
+    Basic token's ``user:password``) as text to register or learn: bytes that are not UTF-8 are kept as
+    lone surrogates, as Python keeps an environment value's, so that every rendering of those bytes is
+    redacted (see :func:`_renderings`). Decoded with U+FFFD instead, only that one text was registered,
+    and the bytes' hex and base64 forms, their Latin-1 decoding (what a server quoting them shows) and
+    their ``\\xNN`` escapes reached telemetry whole."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _renderings(value: str) -> set[str]:
     """The texts a secret holding lone surrogates (an environment value whose bytes are not UTF-8, as
     Python keeps them) is seen as once rendered: escaped as telemetry escapes it (``\\xNN``), as JSON
@@ -705,7 +715,7 @@ def register_sent_credentials(response: Any) -> None:
                 with contextlib.suppress(Exception):  # another thread may evict it first
                     _sent_seen.pop(next(iter(_sent_seen)), None)  # the oldest: looked at again if it comes back
             _sent_seen[value] = None
-            text = value.decode("utf-8", "replace") if type(value) is bytes else value
+            text = secret_text(value) if type(value) is bytes else value
             if type(text) is not str:
                 continue
             for secret in environment_variables.header_credentials(name.decode(), text, is_secret_key,
@@ -794,9 +804,13 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         if callable(reveal):  # pydantic SecretStr / SecretBytes
             revealed = reveal()
             if isinstance(revealed, bytes):
-                revealed = revealed.decode("utf-8", "replace")
+                revealed = secret_text(revealed)
             _register_value(revealed, register)
             return
+    if isinstance(value, (bytes, bytearray)):  # a key given as bytes (a header value httpx takes as it is)
+        if secret:
+            _register_value(secret_text(bytes(value)), register)
+        return
     if isinstance(value, str):
         if secret:
             _register_value(value, register)
