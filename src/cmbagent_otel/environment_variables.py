@@ -746,7 +746,9 @@ def header_credentials(name: str, value: str, is_secret_name: Callable[[str], bo
 def _basic_credentials(token: str) -> list[str]:
     """The ``user:password`` a Basic authorization token encodes, and its password."""
     try:
-        decoded = base64.b64decode(token, validate=True).decode("utf-8")
+        # bytes that are not UTF-8 (a Latin-1 password, as many clients encode it) kept as surrogates: the
+        # password is then registered in each of its renderings (redaction.secret_text)
+        decoded = base64.b64decode(token, validate=True).decode("utf-8", "surrogateescape")
     except (binascii.Error, ValueError):
         return []
     _user, colon, password = decoded.partition(":")

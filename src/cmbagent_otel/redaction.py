@@ -456,12 +456,22 @@ def register_secret(value: Any) -> None:
         _rebuild()
 
 
-def _renderings(value: str) -> set[str]:
+def secret_text(raw: bytes) -> str:
+    """A secret given as bytes (pydantic's ``SecretBytes``, a header value or password given as bytes, a
+    Basic token's ``user:password``) as text to register or learn: bytes that are not UTF-8 are kept as
+    lone surrogates, as Python keeps an environment value's, so that every rendering of those bytes is
+    redacted (see :func:`_renderings`). Decoded with U+FFFD instead, only that one text was registered,
+    and the bytes' hex and base64 forms, their Latin-1 decoding (what a server quoting them shows) and
+    their ``\\xNN`` escapes reached telemetry whole."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _renderings(value: str, encoded: bool = True) -> set[str]:
     """The texts a secret holding lone surrogates (an environment value whose bytes are not UTF-8, as
     Python keeps them) is seen as once rendered: escaped as telemetry escapes it (``\\xNN``), as JSON
     escapes it (``\\udcNN``), decoded again with U+FFFD for its bad bytes (a subprocess's output) or as
     Latin-1; and its hex and base64 forms are those of its bytes. Each let the secret through whole,
-    as only the surrogate form was registered."""
+    as only the surrogate form was registered. ``encoded``: with the hex and base64 forms."""
     try:
         value.encode("utf-8")
         return set()
@@ -471,7 +481,8 @@ def _renderings(value: str) -> set[str]:
     with contextlib.suppress(UnicodeEncodeError):
         raw = value.encode("utf-8", "surrogateescape")
         forms.update((raw.decode("utf-8", "replace"), raw.decode("latin-1")))
-        forms.update(_encoded_forms_of(raw))  # few: Python makes such a value only of OS bytes
+        if encoded:
+            forms.update(_encoded_forms_of(raw))  # few: Python makes such a value only of OS bytes
     forms.discard(value)
     return forms
 
@@ -518,10 +529,12 @@ def learn_secret(value: Any) -> bool:
     """Redact ``value`` from now on: a value found under a secret-named key in data.
 
     Unlike :func:`register_secret` (configuration: kept for the process's life), learned
-    values are bounded: the :data:`MAX_LEARNED` most recently seen are kept. The
-    JSON-escaped form is learned too, so the value is caught inside serialised JSON, and the
-    encoded forms of the 16 most recently learned values (hex, base64, base32) are looked for
-    in tool results and code output (:func:`learn_encoded_in`).
+    values are bounded: the :data:`MAX_LEARNED` most recently seen forms are kept, 128 Ki characters
+    of them (the newest value's kept whole); a value longer than the part of a text redaction reads
+    (64 KiB, or 16 times the attribute bound) is not learned. The JSON-escaped form is learned too,
+    so the value is caught inside serialised JSON, and the encoded forms of the 16 most recently
+    learned values of up to 1,024 characters (hex, base64, base32) are looked for in tool results
+    and code output (:func:`learn_encoded_in`).
     Returns whether the set of secrets changed.
     """
     next(_learn_calls)  # see learn_secrets_in: a text that never gets here holds nothing to learn
@@ -533,9 +546,15 @@ def _learn(value: Any, encoded: bool) -> bool:
     global _learned_forms_pattern
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN or REDACTED in value:
         return False
+    if len(value) > _scan_bound():
+        # never found whole: no more of any text than this is read. A 1 MB password in a model's tool
+        # arguments cost 4.8 s to learn, 3 s again with each later secret, and its encoded forms 46 s
+        # and 2.7 GB to compile, for nothing (it is redacted under its key, where it was found)
+        return False
+    short = len(value) <= _ENCODED_VALUE_MAX
     forms = {value, json.dumps(value, ensure_ascii=False)[1:-1]}
     if not value.isascii():
-        forms |= _renderings(value)  # bytes that are not UTF-8: see register_secret
+        forms |= _renderings(value, short)  # bytes that are not UTF-8: see register_secret
     with _lock:
         for form in forms & _learned.keys():
             _learned.move_to_end(form)
@@ -548,7 +567,11 @@ def _learn(value: Any, encoded: bool) -> bool:
             _learned[form] = None
         while len(_learned) > MAX_LEARNED:
             _learned.popitem(last=False)
-        if encoded and value not in _known and value not in _learned_forms:
+        if len(_learned) > len(new) and sum(map(len, _learned)) > _LEARNED_CHARS_MAX:
+            chars = sum(map(len, _learned))
+            while len(_learned) > len(new) and chars > _LEARNED_CHARS_MAX:
+                chars -= len(_learned.popitem(last=False)[0])
+        if encoded and short and value not in _known and value not in _learned_forms:
             _learned_forms[value] = tuple(_encoded_forms(value))
             while len(_learned_forms) > _LEARNED_ENCODED_MAX:
                 _learned_forms.popitem(last=False)
@@ -556,6 +579,14 @@ def _learn(value: Any, encoded: bool) -> bool:
         _rebuild()
         return True
 
+
+# The characters of the learned forms kept (the oldest forgotten past it, the newest value's kept whole):
+# they are compiled again with every new secret (~3 s per MB), so values of tens of kilobytes from a
+# model's tool arguments made every later learning or registration cost seconds
+_LEARNED_CHARS_MAX = 1 << 17
+# The longest learned value whose encoded forms are kept (~20 times its length: hex, base64 and
+# base32 at each offset): passwords and tokens, not documents
+_ENCODED_VALUE_MAX = 1024
 
 # The encoded forms (see _encoded_forms) of the most recently learned values: a password from a
 # tool's arguments that the tool or the code hex-dumps or base64-encodes. Not in _known_pattern:
@@ -705,7 +736,7 @@ def register_sent_credentials(response: Any) -> None:
                 with contextlib.suppress(Exception):  # another thread may evict it first
                     _sent_seen.pop(next(iter(_sent_seen)), None)  # the oldest: looked at again if it comes back
             _sent_seen[value] = None
-            text = value.decode("utf-8", "replace") if type(value) is bytes else value
+            text = secret_text(value) if type(value) is bytes else value
             if type(text) is not str:
                 continue
             for secret in environment_variables.header_credentials(name.decode(), text, is_secret_key,
@@ -794,9 +825,13 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         if callable(reveal):  # pydantic SecretStr / SecretBytes
             revealed = reveal()
             if isinstance(revealed, bytes):
-                revealed = revealed.decode("utf-8", "replace")
+                revealed = secret_text(revealed)
             _register_value(revealed, register)
             return
+    if isinstance(value, (bytes, bytearray)):  # a key given as bytes (a header value httpx takes as it is)
+        if secret:
+            _register_value(secret_text(bytes(value)), register)
+        return
     if isinstance(value, str):
         if secret:
             _register_value(value, register)

@@ -68,3 +68,31 @@ def test_a_selection_method_given_as_a_string_is_still_cached(instrumented: Any)
     del chat, facts
     gc.collect()
     assert not state.candidates
+
+
+
+class Method(int):
+    """A selection method of a subclass of ``int`` (which cannot be held weakly) that carries attributes."""
+
+    chat: Any
+
+    def __call__(self, last_speaker: Any, groupchat: Any) -> Any:
+        return groupchat.agents[0]
+
+
+def test_a_method_of_a_subclass_of_an_atom_does_not_keep_its_group_chat(instrumented: Any) -> None:
+    """Thirty-third attack campaign. Fails on e0732e2: held strongly as an ``int``, its attribute kept the chat."""
+    state = AG2Instrumentor()._state
+    alpha = ConversableAgent("alpha", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok")
+    method = Method(1)
+    chat = GroupChat([alpha], messages=[], max_round=2, speaker_selection_method=method)
+    method.chat = chat
+    with pytest.raises(TypeError):
+        weakref.ref(method)  # the case this test is about
+    facts = _handoffs._group_facts(state, chat, chat.speaker_selection_method, chat.agents)
+    assert facts[3] == ["alpha"]
+    gone = weakref.ref(chat)
+    del chat, method, facts
+    gc.collect()
+    assert gone() is None
+    assert not state.candidates

@@ -52,7 +52,13 @@ def test_a_secret_whose_bytes_are_not_utf8_is_redacted_in_each_rendering(how: st
         redaction.register_secret(key)
     else:
         assert redaction.learn_secret(key)
-    renderings = {
+    assert_each_rendering_redacted(raw)
+
+
+def renderings(raw: bytes) -> dict[str, str]:
+    """The texts a secret of the bytes ``raw`` (not UTF-8) may be seen as in telemetry."""
+    key = os.fsdecode(raw)
+    return {
         "surrogates": key,
         "escaped": redaction.encodable(key),
         "json": json.dumps(key)[1:-1],
@@ -61,7 +67,12 @@ def test_a_secret_whose_bytes_are_not_utf8_is_redacted_in_each_rendering(how: st
         "hex": raw.hex(),
         "base64": base64.b64encode(raw).decode(),
     }
-    for name, shown in renderings.items():
+
+
+def assert_each_rendering_redacted(raw: bytes) -> None:
+    """Each of :func:`renderings` of ``raw`` (16 hex digits, bytes that are not UTF-8, 16 hex digits) is
+    redacted by ``safe_text``, in a text and in a message."""
+    for name, shown in renderings(raw).items():
         for value in (f"out: {shown} end", {"content": f"out: {shown} end"}):
             out = safe_text(value)
             assert out is not None

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.tree import Tree
@@ -109,6 +109,33 @@ def tree(dag: dict[str, Any]) -> Tree:
     return root
 
 
+class _Names:
+    """Each id's name in a picture (``base(id)``), distinct for distinct ids: a base already given to
+    another id gets ``__2``, ``__3``... Each base remembers the last suffix it tried, so ids sharing
+    one base (another writer's thousands of ids alike in their first 64 characters) cost one step
+    each, not a scan of every suffix taken before (quadratic: 20,000 such ids took minutes)."""
+
+    def __init__(self, base: Callable[[str], str]) -> None:
+        self._base = base
+        self._names: dict[str, str] = {}
+        self._used: set[str] = set()
+        self._suffix: dict[str, int] = {}
+
+    def __call__(self, value: Any) -> str:
+        short = str(value)
+        name = self._names.get(short)
+        if name is None:
+            base = name = self._base(short)
+            suffix = self._suffix.get(base, 1)
+            while name in self._used:
+                suffix += 1
+                name = f"{base}__{suffix}"
+            self._suffix[base] = suffix
+            self._used.add(name)
+            self._names[short] = name
+        return name
+
+
 # --- edges: hierarchy plus stored edges ----------------------------------------------------------
 def _edges(dag: dict[str, Any]) -> Iterator[tuple[str, str, str, str | None, bool]]:
     """``(source, target, kind, label, tree)``: kind ``next`` (a stored sequence edge),
@@ -132,21 +159,9 @@ def _edges(dag: dict[str, Any]) -> Iterator[tuple[str, str, str, str | None, boo
 # --- mermaid -----------------------------------------------------------------------------------
 def mermaid(dag: dict[str, Any]) -> str:
     """A mermaid flowchart (see the module docstring)."""
-    keys: dict[str, str] = {}
-    used: set[str] = set()
-
-    def key(short: Any) -> str:
-        short = str(short)
-        if short not in keys:
-            base = candidate = "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_"
-                                              for ch in short[:_KEY_CHARS])
-            suffix = 1
-            while candidate in used:  # "a-b" and "a_b" must stay two mermaid nodes
-                suffix += 1
-                candidate = f"{base}__{suffix}"
-            used.add(candidate)
-            keys[short] = candidate
-        return keys[short]
+    # "a-b" and "a_b" (and ids alike in their first 64 characters) must stay two mermaid nodes
+    key = _Names(lambda short: "n_" + "".join(ch if ch.isalnum() and ch not in _INVISIBLE else "_"
+                                              for ch in short[:_KEY_CHARS]))
 
     def text(value: Any) -> str:
         return "".join(ch if (ch.isalnum() or ch in " _-.:,/$=") and ch not in _INVISIBLE else f"#{ord(ch)};"
@@ -180,7 +195,8 @@ def _dot_id(value: Any) -> str:
     string: a stored id could add nodes, edges and attributes such as ``URL="javascript:..."``
     to the SVG), reads ``a:b`` in an edge as node ``a``, port ``b`` (another node), and a
     trailing backslash escapes the closing quote (the rest of the file fails to parse). The
-    label still shows the id."""
+    label still shows the id. Not unique by itself (an id may be another's digest name, and two ids
+    may show alike once escaped): :func:`graph` keeps the names apart."""
     text = plain(value)
     if ":" not in text and "\\" not in text and not text.startswith("<") and len(text) <= FIELD_CHARS:
         return text  # a longer one (another writer's) would be written on every edge of the node
@@ -204,6 +220,8 @@ def graph(dag: dict[str, Any]) -> Any:
         "nodesep": "0.25", "ranksep": "0.45", "label": label(*title), "newrank": "true",
     }, node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10",
                   "penwidth": "1.4"}, edge_attr={"fontname": "Helvetica", "fontsize": "9", "arrowsize": "0.7"})
+    # one box per node: "a\x1b" and a literal "a\\x1b" escape alike, and an id may be another's digest name
+    name = _Names(_dot_id)
     for n in dag["nodes"]:
         fill, border = COLOURS.get(n["status"], OTHER_COLOURS)
         detail = " · ".join(p for p in (str(n["type"]), str(n["agent"]),
@@ -215,9 +233,9 @@ def graph(dag: dict[str, Any]) -> Any:
         if n["type"] == "branch_point":
             attrs["shape"] = "diamond"
             attrs["style"] = "filled"
-        dot.node(_dot_id(n["id"]), label(*lines), **attrs)
+        dot.node(name(n["id"]), label(*lines), **attrs)
     for source, target, kind, edge_label, tree_edge in _edges(dag):
-        source, target = _dot_id(source), _dot_id(target)
+        source, target = name(source), name(target)
         # parent -> child edges lay the tree out; the others are drawn over it
         constraint = "true" if tree_edge else "false"
         if kind == "child":

@@ -17,6 +17,7 @@ from ..redaction import (
     register_new_environment,
     register_secret,
     register_secrets_in,
+    secret_text,
 )
 
 logger = logging.getLogger("cmbagent_otel")
@@ -244,7 +245,7 @@ def _auth_credentials(auth: Any) -> list[str]:
         found += environment_variables.header_credentials("authorization", header, is_secret_key)
     password = getattr(auth, "_password", None)  # httpx.DigestAuth
     if isinstance(password, bytes):
-        found.append(password.decode("utf-8", "replace"))
+        found.append(secret_text(password))
     register_secrets_in(auth)  # its secret-named attributes (token=, api_key=, password=...)
     return found
 

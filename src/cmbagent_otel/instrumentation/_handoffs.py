@@ -182,7 +182,9 @@ def _candidates(state: Any, agents: Any) -> list[str]:
 
 
 _watch_tokens = itertools.count()
-_ATOMS = (str, bytes, int, float, type(None))  # values that refer to no other object
+# values that refer to no other object: these types exactly (an instance of a subclass of int or bytes,
+# which cannot be held weakly either, may carry attributes: the group chat itself)
+_ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tuple[Any, ...],
@@ -195,8 +197,9 @@ def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tu
     chat's id is that group chat's. The objects whose ids the facts compare (``watched``: its method and
     agents) are held weakly too: one freed removes the entry, so an agent taking a freed one's id (and
     place in the list) is never named by the freed one's name. One that cannot be held weakly is held
-    only when it refers to nothing (a method given as a string): its id is not reused while it is held.
-    Any other (a callable object with ``__slots__`` and no ``__weakref__``) may refer to the group chat,
+    only when it refers to nothing (a method given as a plain string): its id is not reused while it is
+    held. Any other (a callable object with ``__slots__`` and no ``__weakref__``, a callable instance of a
+    subclass of ``int`` with attributes) may refer to the group chat,
     which the entry then kept alive with its agents and history: such a group's facts are not kept."""
     key = id(groupchat)
     token = next(_watch_tokens)
@@ -213,7 +216,7 @@ def _remember_group(cache: dict[int, tuple[Any, ...]], groupchat: Any, facts: tu
             try:
                 guard.append(weakref.ref(item, forget))
             except TypeError:
-                if not isinstance(item, _ATOMS):
+                if type(item) not in _ATOMS:
                     return facts
                 guard.append(item)
     except TypeError:  # not weak-referenceable: computed each time
