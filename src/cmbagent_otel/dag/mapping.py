@@ -1318,9 +1318,8 @@ def map_spans(spans: Iterable[ReadableSpan], *, texts: bool = True) -> MappedBat
     for node_id, (run_id, session_id, short) in wanted_nodes.items():
         if node_id not in nodes:
             batch.node_placeholders[node_id] = node_placeholder(run_id, session_id, short)
-    if batch.started_nodes:  # (most batches have no started record: no step per node)
-        for node_id in nodes:
-            batch.started_nodes.pop(node_id, None)  # the span ended within the batch
+    for node_id in nodes:
+        batch.started_nodes.pop(node_id, None)  # the span ended within the batch
     events = batch.events
     for event_id, child in wanted_events.items():
         if event_id not in events:

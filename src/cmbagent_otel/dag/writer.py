@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import math
-import operator
 import os
 import threading
 from collections import Counter
@@ -304,11 +302,9 @@ def _upsert(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str
     if not existing:  # most batches: every row is new (no per-row filtering)
         sql.insert(conn, table, rows)
         return
-    # new rows first: an updated row may point at a parent that is new in this batch (each row's
-    # r["id"] in existing asked once, by C iterators: ~9 % fewer instructions per row than two comprehensions)
-    stored = list(map(existing.__contains__, map(_ID, rows)))
-    sql.insert(conn, table, list(itertools.compress(rows, map(operator.not_, stored))))
-    sql.update(conn, table, list(itertools.compress(rows, stored)))
+    # new rows first: an updated row may point at a parent that is new in this batch
+    sql.insert(conn, table, [r for r in rows if r["id"] not in existing])
+    sql.update(conn, table, [r for r in rows if r["id"] in existing])
 
 
 def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]],
@@ -329,10 +325,6 @@ def _insert_missing(conn: Connection, sql: Sql, table: Table, rows: Sequence[Map
 def _ask(rows: Sequence[Mapping[str, Any]], new_runs: Set[str] = frozenset()) -> list[Any]:
     """The ids of ``rows`` that may be stored already (rows of ``new_runs`` cannot be)."""
     return [r["id"] for r in rows if r.get("run_id") not in new_runs]
-
-
-_ID = operator.itemgetter("id")
-_RUN_ID = operator.itemgetter("run_id")
 
 
 def _write_started(conn: Connection, sql: Sql, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -433,20 +425,17 @@ def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, c
     _upsert(conn, sql, events_t, events, created, known_events)
     # A run this batch created has no events stored but the batch's: only runs with foreign
     # events in the batch, or with events stored before it, can have anything to repair.
-    # (The events' run ids collected by a C iterator, then the created runs taken out: ~16 % fewer
-    # instructions per row than a comprehension testing each one.)
-    node_runs = _node_runs(batch)
-    repair = set(map(_RUN_ID, batch.events.values()))
-    repair.update(node_runs)
-    repair.difference_update(created)  # a created run has no stored foreign event to repair
+    repair = {e["run_id"] for e in batch.events.values() if e["run_id"] not in created}
     repair.update(run_id for _, run_id in batch.foreign_parents.values())
+    repair.update(_node_runs(batch) - created)  # a created run has no stored foreign event to repair
     if repair:
         _repair_foreign(conn, sql, repair)
     _write_messages(conn, sql, batch.messages)
     # The layout (edges, derived nodes, branch rows, session state) depends on a run's row
     # and its nodes; usage totals and cost records also on its LLM events. A batch that
     # changed neither for a run (a repeated workflow span, only tool events) leaves them be.
-    layout = node_runs | (batch.dag_runs & changed)
+    layout = {n["run_id"] for n in batch.nodes.values()} | {n["run_id"] for n in batch.started_nodes.values()} | (
+        batch.dag_runs & changed)
     _derive_stored(conn, sql, layout - created, batch.rollup_runs - created, derived)
     _write_derived(conn, sql, derived, costs=costs)
     if sql.pg:
