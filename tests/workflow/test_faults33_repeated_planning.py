@@ -19,15 +19,16 @@ from tests.dag.test_cmbagent_contract import check_contract
 
 
 def test_a_second_planning_phase_has_an_order_of_its_own(capture: SpanCapture, tmp_path: Path) -> None:
-    """planning, control, planning again: orders 0, 1002, 1003 (on e0732e2 0, 1002, 0), and the run's rows
-    keep cmbagent's contract (on e0732e2: ``siblings share an order_index: {None: [0]}``)."""
+    """planning, control, planning again, then a planning phase of another name (a MARS workflow's):
+    orders 0, 1002, 1003, 1004 (on e0732e2 0, 1002, 0, 0), and the run's rows keep cmbagent's contract (on
+    e0732e2: ``siblings share an order_index: {None: [0]}``)."""
     with workflow("notebook cell", mode="planning-control"):
-        for name in ("planning", "control", "planning"):
+        for name in ("planning", "control", "planning", "hitl_planning"):
             with phase(name):
                 pass
     phases = capture.named("phase")
     assert [(s.attributes[semconv.DAG_NODE], s.attributes[semconv.DAG_ORDER_INDEX]) for s in phases] == [
-        ("planning", 0), ("control", 1002), ("planning_2", 1003)]
+        ("planning", 0), ("control", 1002), ("planning_2", 1003), ("hitl_planning", 1004)]
     url = f"sqlite:///{tmp_path / 'dag.db'}"
     capture.write_dag(url)
     engine = create_engine(url)
@@ -37,4 +38,4 @@ def test_a_second_planning_phase_has_an_order_of_its_own(capture: SpanCapture, t
             nodes = check_contract(conn, run_id)
     finally:
         engine.dispose()
-    assert {"planning", "control", "planning_2"} <= set(nodes)
+    assert {"planning", "control", "planning_2", "hitl_planning"} <= set(nodes)
