@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,45 @@ def test_joined_call_whose_solves_ran_in_worker_threads_then_raised(instrumented
     assert top == {"execute": "completed", "execute_2": "completed", "execute_3": "failed", "terminator": "completed"}
     assert red.attributes[sc.DAG_NODE] == "execute_3"
     assert nodes["execute_3"]["meta"]["error"].startswith("BrokenPipeError: ")
+
+
+def _two_threads_each_failing(work: Path) -> dict[str, Any]:
+    """A notebook cell's run whose two threads each make a joined planning_and_control that raises before its
+    first phase (its work dir a regular file), each caught in its thread."""
+    import cmbagent
+
+    def call(k: int) -> str:
+        blocked = work / f"not-a-folder-{k}"
+        blocked.write_text("a file where the work dir should be\n", encoding="utf-8")
+        try:
+            cmbagent.planning_and_control(TASK, work_dir=str(blocked), api_keys=API_KEYS)
+        except Exception as exc:
+            return type(exc).__name__
+        return "returned"
+
+    with cmbagent_otel.workflow("notebook cell", task=TASK), ThreadPoolExecutor(max_workers=2) as pool:
+        return {"caught": sorted(pool.map(call, (1, 2)))}
+
+
+def test_joined_calls_failing_in_two_threads_each_have_their_node(instrumented: Callable[..., Run],  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    """Two joined calls failing in two threads of the application's run, in whatever order they interleave:
+    two failed ``planning`` nodes, each with its own call's exception (its own work dir in ``meta.error``), two
+    red phase spans, the run completed and its rows within cmbagent's contract. On e0732e2 both planning nodes
+    took order_index 0 (``siblings share an order_index: {None: [0]}``); the records held up (one per call)."""
+    plain = instrumented("planning_and_control", _two_threads_each_failing, instrumented=False, threads=True)
+    run = instrumented("planning_and_control", _two_threads_each_failing, threads=True)
+    assert run.results == plain.results
+    (error,) = set(run.results["caught"])
+    assert run.sequence == plain.sequence == []
+    _one_root_per_trace(run)
+    red = [s for s in _named(run, "phase planning") if s.status.status_code is StatusCode.ERROR]
+    assert len(red) == 2 and all(s.status.description.startswith(f"{error}: ") for s in red)
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert row["status"] == "completed"
+    nodes = _nodes_of(rows)
+    failed = {s: n["meta"]["error"] for s, n in nodes.items() if n["status"] == "failed"}
+    assert set(failed) == {"planning", "planning_2"}
+    assert sorted(any(f"not-a-folder-{k}" in e for k in (1, 2)) for e in failed.values()) == [True, True]
+    assert {("not-a-folder-1" in e) for e in failed.values()} == {True, False}
