@@ -95,6 +95,7 @@ CHILDREN_KEY = "\x00children:"  # + a node's id: the RunState counter of that no
 
 
 _PHASES_KEY = "\x00phases"
+_PLANNINGS_KEY = "\x00plannings"
 
 
 class _Counters(dict[str, "itertools.count[int]"]):
@@ -150,6 +151,10 @@ class RunState:
 
     def next_phase_index(self) -> int:
         return self._next(_PHASES_KEY)
+
+    def next_planning_index(self) -> int:
+        """1 for the run's first planning phase, then 2, 3, ..."""
+        return self._next(_PLANNINGS_KEY)
 
     def has_phases(self) -> bool:
         """Whether a phase was opened in this run (the counter :meth:`next_phase_index` creates)."""

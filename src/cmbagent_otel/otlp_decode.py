@@ -40,6 +40,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -310,7 +311,7 @@ def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count:
         if key is None:
             # a KeyValue decodes to at most one attribute; an empty value to none (not memoised:
             # the memo holds only pairs to keep)
-            one = _attributes((KeyValue.FromString(raw),), safe, limits, 1)
+            one = _attributes((_attribute_at_depth(raw),), safe, limits, 1)
             key, decoded = next(iter(one.items())) if one else ("", None)
             if decoded is not None and len(raw) <= _MEMO_MAX_BYTES and _memoisable(decoded):
                 if len(memo) >= _MEMO_ENTRIES:
@@ -321,8 +322,104 @@ def _raw_attributes(items: Any, safe: bool, limits: Limits | None = None, count:
     return out
 
 
-def _raw_span_class() -> Any:
-    """``Span`` with its attributes (and its events' and links') as ``bytes`` fields, same numbers."""
+# --- protobuf's depth limit, counted from the request ------------------------------------------
+# protobuf refuses a request nesting messages and groups more than _GROUP_DEPTH deep (its recursion limit); a
+# message the decoder parses alone (a span, an attribute, the resource, the scope) would get the whole limit to
+# itself. Each is parsed inside an envelope of as many messages as it stands deep in a request, ``Nest { Nest
+# nest = 1; T value = 2; }``, so that protobuf counts its depth as in the request (and refuses what that parse
+# refuses); a span or an attribute only when its parse alone could differ (the hot path: _parse,
+# _attribute_at_depth).
+_GROUP_DEPTH = 100
+# how deep in a request each message parsed alone stands (the request is 0); attributes: 4 or 5
+_DEPTHS = {"resource": 2, "scope": 3, "span": 3}
+_ATTRIBUTE_DEPTH = 5
+_NEST_KEY = b"\x0a"  # Nest.nest
+_VALUE_KEY = b"\x12"  # Nest.value
+
+
+def _add_nest(file: Any, name: str, value_type: str) -> None:
+    from google.protobuf import descriptor_pb2
+
+    fields = descriptor_pb2.FieldDescriptorProto
+    message = file.message_type.add(name=name)
+    message.field.add(name="nest", number=1, label=fields.LABEL_OPTIONAL, type=fields.TYPE_MESSAGE,
+                      type_name=f".{file.package}.{name}")
+    message.field.add(name="value", number=2, label=fields.LABEL_OPTIONAL, type=fields.TYPE_MESSAGE,
+                      type_name=value_type)
+
+
+def _nest_classes() -> dict[Any, Any]:
+    """``{message class: its Nest class}`` for the OTLP messages parsed alone (in protobuf's default pool,
+    where their own classes are)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    pool = descriptor_pool.Default()
+    package = "cmbagent_otel.otlp_nest"
+    targets = {"Span": PbSpan, "KeyValue": KeyValue, "Resource": PbResource, "Scope": InstrumentationScope}
+    try:
+        pool.FindMessageTypeByName(f"{package}.NestSpan")
+    except KeyError:
+        file = descriptor_pb2.FileDescriptorProto(
+            name="cmbagent_otel/otlp_nest.proto", package=package, syntax="proto3",
+            dependency=sorted({cls.DESCRIPTOR.file.name for cls in targets.values()}))
+        for name, cls in targets.items():
+            _add_nest(file, f"Nest{name}", "." + cls.DESCRIPTOR.full_name)
+        pool.Add(file)
+    return {cls: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Nest{name}"))
+            for name, cls in targets.items()}
+
+
+def _skipped_nothing(message: Any, size: int) -> bool:
+    """Whether protobuf's parse of ``size`` bytes into ``message`` skipped nothing (no unknown field, so no group):
+    what it read then re-encodes to those bytes (an encoding protobuf writes otherwise only ever shrinks). The
+    unknown fields are dropped (the decoder reads none)."""
+    message.DiscardUnknownFields()
+    return bool(message.ByteSize() == size)
+
+
+# an encoding shorter than this cannot nest past protobuf's limit where an attribute stands (each level, a
+# message or a group, takes 2 bytes at least)
+_SHALLOW_BYTES = 2 * (_GROUP_DEPTH - _ATTRIBUTE_DEPTH)
+_CONTAINERS = ("array_value", "kvlist_value")
+
+
+def _attribute_at_depth(raw: bytes) -> Any:
+    """A span's, event's or link's attribute (a ``KeyValue``), parsed as protobuf parses it in a request, where
+    it stands 4 or 5 messages deep: taken as 5 (what it decodes to then holds at either; one refused there makes
+    its span be read whole, each attribute at its own depth). Alone when it is too short to nest that deep, or
+    protobuf skipped nothing in it and its value holds no array or map (a map nests 3 messages per level: one
+    32 levels deep passes ``Limits.max_depth`` and not protobuf); else in its envelope."""
+    attribute = KeyValue.FromString(raw)
+    if len(raw) < _SHALLOW_BYTES or (_skipped_nothing(attribute, len(raw))
+                                     and attribute.value.WhichOneof("value") not in _CONTAINERS):
+        return attribute
+    return _nested(KeyValue, raw, _ATTRIBUTE_DEPTH)
+
+
+def _nested(cls: Any, raw: bytes | memoryview, depth: int) -> Any:
+    """``raw`` parsed as a ``cls`` standing ``depth`` messages deep in a request (see :data:`_NESTS`)."""
+    size = len(raw)
+    heads = [_VALUE_KEY + _encode_varint(size)]
+    size += len(heads[0])
+    for _ in range(depth - 1):
+        head = _NEST_KEY + _encode_varint(size)
+        heads.append(head)
+        size += len(head)
+    heads.reverse()
+    heads.append(raw)
+    nest = _NESTS[cls]
+    try:
+        message = nest.FromString(b"".join(heads))
+    except DecodeError as exc:  # worded as a parse of the message alone words it (the type named is its own)
+        raise DecodeError(str(exc).replace(nest.DESCRIPTOR.full_name, cls.DESCRIPTOR.full_name)) from None
+    for _ in range(depth - 1):
+        message = message.nest
+    return message.value
+
+
+def _raw_span_class() -> tuple[Any, Any]:
+    """``Span`` with its attributes (and its events' and links') as ``bytes`` fields, same numbers; and its
+    ``Nest`` (see :func:`_nested`)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     file = descriptor_pb2.FileDescriptorProto()
@@ -342,12 +439,16 @@ def _raw_span_class() -> Any:
                     fd.ClearField("type_name")
                 elif fd.type_name.startswith(".opentelemetry.proto.trace.v1."):
                     fd.type_name = "." + package + fd.type_name[len(".opentelemetry.proto.trace.v1"):]
+    _add_nest(kept, "NestSpan", f".{package}.Span")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(kept)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(package + ".Span"))
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))  # type: ignore[return-value]
+                 for name in ("Span", "NestSpan"))
 
 
-_RawSpan = _raw_span_class()
+_RawSpan, _RawNest = _raw_span_class()
+# each message class parsed alone -> its Nest
+_NESTS: dict[Any, Any] = {**_nest_classes(), _RawSpan: _RawNest}
 
 
 def _id(raw: bytes, size: int, what: str) -> int:
@@ -550,7 +651,7 @@ def _fields(buf: bytes, start: int, end: int, depth: int = 0) -> Iterator[tuple[
         if key < 0x80:  # one-byte keys and lengths (up to 16 KiB) inline: the spans' own
             pos += 1
         else:
-            key, pos = _varint(buf, pos, end)
+            key, pos = _key(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise MalformedPayload("invalid protobuf: field number 0")
@@ -584,8 +685,19 @@ def _fields(buf: bytes, start: int, end: int, depth: int = 0) -> Iterator[tuple[
             raise MalformedPayload(f"invalid protobuf: wire type {wire}")
 
 
-# protobuf's parser refuses messages and groups nested more than this deep (its recursion limit)
-_GROUP_DEPTH = 100
+def _key(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A field's key as protobuf reads it: a varint of at most 5 bytes and 32 bits (its field numbers end at
+    2^29 - 1)."""
+    key, after = _varint(buf, pos, end)
+    if key > _MAX_KEY:
+        raise MalformedPayload(f"invalid protobuf: field number {key >> 3} past 2^29 - 1")
+    if after - pos > 5:
+        raise MalformedPayload("invalid protobuf: field key longer than 5 bytes")
+    return key, after
+
+
+_MAX_KEY = 0xFFFFFFFF
+
 
 
 def _skip_group(buf: bytes, pos: int, end: int, number: int, most: int) -> int:
@@ -595,7 +707,7 @@ def _skip_group(buf: bytes, pos: int, end: int, number: int, most: int) -> int:
     end tag, nested more than ``most`` deep or holding a field protobuf would refuse."""
     open_groups = [number]
     while pos < end:
-        key, pos = _varint(buf, pos, end)
+        key, pos = _key(buf, pos, end)
         number, wire = key >> 3, key & 7
         # a field number 0 inside a group is skipped as protobuf's parser (upb) skips it
         if wire == 0:
@@ -671,12 +783,21 @@ def _trim(buf: bytes, start: int, end: int, message: str, limits: Limits, depth:
     return bytes(out)
 
 
+
 def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None) -> Any:
     if limits is not None and end - start > _SMALL_SPAN:
         raw = _trim(buf, start, end, message, limits)
     else:
         raw = buf[start:end]
-    return cls.FromString(raw)
+    if cls is not _RawSpan:  # the resource, the scope, a span read whole: in their envelope (see _nested)
+        return _nested(cls, raw, _DEPTHS[message])
+    # a span's mirror, alone when protobuf skipped nothing in it (_skipped_nothing written out: every span):
+    # its messages then nest 2 deep (events, links, status; attributes are bytes), far within the limit
+    span = cls.FromString(raw)
+    span.DiscardUnknownFields()
+    if span.ByteSize() == len(raw):
+        return span
+    return _nested(cls, raw, _DEPTHS[message])
 
 
 def _utf8(buf: bytes, start: int, end: int, what: str) -> str:
@@ -688,8 +809,6 @@ def _utf8(buf: bytes, start: int, end: int, what: str) -> str:
 
 def _resource_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None) -> Resource:
     """The resource of the ``ResourceSpans`` message in ``body[start:end]``."""
-    from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
-
     parts: list[tuple[int, int]] = []
     schema = ""
     for number, wire, value_start, value_end, _ in _fields(body, start, end, 1):

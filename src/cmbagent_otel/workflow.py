@@ -623,7 +623,10 @@ class phase(_Block):
         if self.attributes:
             attrs.update(self.attributes)
         if planning:
-            node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=0)
+            # the run's first planning phase is cmbagent's own at order 0; another (of any name: a second joined
+            # planning_and_control's planning_2, ...) at a non-step order of its own, as a repeated execute
+            order = 0 if scope.run.next_planning_index() == 1 else CHILD_ORDER_BASE + index
+            node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=order)
         elif self.name == ONE_SHOT_PHASE:
             # every one_shot solve is an execute node (its agent turns become its sub-agent nodes); the
             # first is cmbagent's own at order 1, a repeated one (execute_2, ...) at a non-step order

@@ -48,8 +48,8 @@ nothing while uninstrumented.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import contextvars
 import importlib.util
 import inspect
 import json
@@ -73,7 +73,9 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 
 from .. import environment_variables, semconv
-from .._context import Cursor, Frame, Scope, current_scope, raw_scope, with_scope
+from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
+from .._context import attach as attach_context
+from .._context import detach as detach_context
 from .._framestack import call_with_headroom
 from .._spans import (
     NodeSpec,
@@ -299,8 +301,8 @@ def _run(block: workflow) -> Iterator[None]:
         _ENTRY_BLOCKS.add(block)
     with _opened(block) as entered, _anchored():
         enclosing = _join_users_run(entered) if entered is not None and entered.joined else None
-        own: list[bool] = []
-        solves = _JOINED_SOLVES.set(own) if entered is not None and entered.joined else None
+        own = _JoinedCall(entered.mode in FIXED_PIPELINE_MODES) if entered is not None and entered.joined else None
+        token = _attach_joined(own) if own is not None else None
         try:
             yield
             if entered is not None:
@@ -309,26 +311,80 @@ def _run(block: workflow) -> Iterator[None]:
         except BaseException as exc:
             if entered is not None and not is_clean_exit(exc):
                 _record_execute_not_started(entered)
-                if solves is not None:
+                if own is not None:
                     _record_joined_call_failed(entered, exc, own)
             raise
         finally:
-            if solves is not None:
-                with contextlib.suppress(ValueError):  # reset in another context (a generator moved on)
-                    _JOINED_SOLVES.reset(solves)
-                outer = _JOINED_SOLVES.get()
-                if own and outer is not None:  # a joined call inside a joined call: its solves are the outer's too
-                    outer.append(True)
+            if own is not None:
+                _detach_joined(token, own)
             if enclosing is not None:
                 _record_joined_files(enclosing, block)
             elif entered is not None:
                 _record_files(entered._current(), _listed_dir(entered))
 
 
-# the solves and phase-manager phases a joined entry call started in its own thread (``None`` outside a joined
-# call): one ``True`` each
-_JOINED_SOLVES: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cmbagent_otel_joined_solves",
-                                                                                  default=None)
+class _JoinedCall:
+    """What one joined entry call did: the phases it opened (its solves' and phase managers') and the
+    exceptions that failed one of them. It rides in the OpenTelemetry context, so the worker threads the
+    call starts (``summarize_documents``' documents) count for it as its own thread does; a joined call
+    made inside another hands its record on when it ends. Lists: appended to from any thread."""
+
+    __slots__ = ("failed", "fixed", "opened")
+
+    def __init__(self, fixed: bool) -> None:
+        self.fixed = fixed  # a fixed pipeline's call (summarize_document...): its solves are one-shot executions
+        self.opened: list[str | None] = []  # each phase's name (None: a solve in a phase someone else opened)
+        # what a phase of the call ended with (recorded there); the last few only: an exception holds its
+        # frames, and the one a call raises is its last
+        self.failed: collections.deque[BaseException] = collections.deque(maxlen=_KEPT_FAILURES)
+
+    def recorded(self, exc: BaseException) -> bool:
+        """Whether ``exc``, or an exception it was raised from or while handling, failed a phase of the call."""
+        cause: BaseException | None = exc
+        for _ in range(_CAUSES):
+            if cause is None:
+                return False
+            if any(cause is failed for failed in self.failed):
+                return True
+            cause = cause.__cause__ or cause.__context__
+        return False
+
+    def hand_on(self, outer: _JoinedCall) -> None:
+        """This call ended inside ``outer``: its phases and recorded failures are ``outer``'s too."""
+        outer.opened.extend(self.opened)
+        outer.failed.extend(self.failed)
+
+
+_CAUSES = 16  # how far an exception's cause chain is followed
+_KEPT_FAILURES = 8
+_JOINED_KEY = otel_context.create_key("cmbagent_otel.joined_call")
+
+
+def _joined_call() -> _JoinedCall | None:
+    """The record of the joined entry call running here (or in a thread it started); ``None`` outside one."""
+    value = get_current().get(_JOINED_KEY)
+    return value if isinstance(value, _JoinedCall) else None
+
+
+def _attach_joined(own: _JoinedCall) -> object | None:
+    try:
+        return attach_context(otel_context.set_value(_JOINED_KEY, own))
+    except Exception:
+        logger.debug("cmbagent_otel: could not attach the joined call's record", exc_info=True)
+        return None
+
+
+def _detach_joined(token: object | None, own: _JoinedCall) -> None:
+    """Detach ``own``'s context; the joined call it was made in (if any) takes its record."""
+    try:
+        if token is not None:
+            with contextlib.suppress(ValueError):  # reset in another context (a generator moved on)
+                detach_context(token)
+        outer = _joined_call()
+        if outer is not None and outer is not own:
+            own.hand_on(outer)
+    except Exception:
+        logger.debug("cmbagent_otel: could not hand the joined call's record on", exc_info=True)
 
 
 #: The first phase of an entry point's run, where it is not a fixed pipeline's ``one_shot`` (cmbagent's
@@ -351,22 +407,37 @@ def _first_phase(block: workflow) -> str:
     return FIRST_PHASES.get(block.name, "planning")
 
 
-def _record_joined_call_failed(block: workflow, exc: BaseException, solves: list[bool]) -> None:
-    """A joined entry call that raised before any solve or phase of its own — a worker of
+#: The phase that follows a completed one in cmbagent's runs where it is another (``planning_and_control``:
+#: planning, then control); any other is followed by one more of its kind (a fixed pipeline's next ``execute``).
+NEXT_PHASES: Mapping[str, str] = {"planning": "control"}
+
+
+def _failed_phase(block: workflow, call: _JoinedCall) -> str:
+    """The phase whose node a joined entry call that raised outside its phases gets: its run's first phase
+    before any phase of its own, else the phase after the last it opened."""
+    last = call.opened[-1] if call.opened else None
+    return _first_phase(block) if last is None else NEXT_PHASES.get(last, last)
+
+
+def _record_joined_call_failed(block: workflow, exc: BaseException, call: _JoinedCall) -> None:
+    """A joined entry call that raised outside its phases — before its first (a worker of
     ``summarize_documents`` whose document cannot be read, a user's ``one_shot`` whose documentation download
-    failed or a ``planning_and_control`` whose work dir cannot be made, inside the user's ``workflow(...)`` or
-    another entry call's run — may be caught by its caller (``summarize_documents`` counts it in
-    ``failed_files``; the app goes on), so the run it joined never fails with it and the call left no span and no
-    row. It gets the node of its run's first phase (:func:`_first_phase`: ``execute`` for a fixed pipeline),
-    failed with the exception: a phase span ended at once with it. Skipped inside a phase someone else opened
-    (phases do not nest: the exception is that phase's to record)."""
+    failed or a ``planning_and_control`` whose work dir cannot be made) or between two (``planning_and_control``
+    whose control folder cannot be made after planning), inside the user's ``workflow(...)`` or another entry
+    call's run — may be caught by its caller (``summarize_documents`` counts it in ``failed_files``; the app goes
+    on), so the run it joined never fails with it and nothing recorded the failure. It gets the node of the phase
+    it did not reach (:func:`_failed_phase`: ``execute`` for a fixed pipeline), failed with the exception: a
+    phase span ended at once with it. Nothing is added when a phase of the call (in any thread) ended with that
+    exception or one it was raised from (that phase records it), nor inside a phase someone else opened (phases
+    do not nest: the exception is that phase's to record)."""
     try:
-        if solves:
+        if call.recorded(exc):
             return
         scope = current_scope()
         if scope is None or not scope.in_workflow or scope.phase is not None:
             return
-        _exit(_enter(_phase(_first_phase(block))), exc)
+        _exit(_enter(_phase(_failed_phase(block, call))), exc)
+        call.failed.append(exc)  # recorded: a joined call this one was made in re-raising it adds nothing
     except Exception:
         logger.debug("cmbagent_otel: could not record the joined call's failure", exc_info=True)
 
@@ -819,9 +890,18 @@ def _switch_sticky(cursor: Cursor, sticky: Frame | None, name: str | None) -> No
 
 def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any], call: dict[str, Any]) -> Any:
-    solves = _JOINED_SOLVES.get()
-    if solves is not None:  # a joined entry call's own solve (it then fails or completes its own node)
-        solves.append(True)
+    joined = _joined_call()
+    if joined is None:
+        return _solve_in_phase(wrapped, instance, args, kwargs, call, None)
+    try:  # a joined entry call's own solve: what it raises, its phase records (the call adds nothing for it)
+        return _solve_in_phase(wrapped, instance, args, kwargs, call, joined)
+    except BaseException as exc:
+        joined.failed.append(exc)
+        raise
+
+
+def _solve_in_phase(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    call: dict[str, Any], joined: _JoinedCall | None) -> Any:
     raw = raw_scope()
     scope = current_scope()
     cursor = raw.cursor if raw is not None else None
@@ -830,14 +910,18 @@ def _solve_in_workflow(wrapped: Callable[..., Any], instance: Any, args: tuple[A
     number = _int(call.get("step"))
     context = call.get("shared_context")
     if scope is not None and scope.phase is not None and sticky is None:
+        if joined is not None:
+            joined.opened.append(None)
         # inside a phase someone else opened (a nested CMBAgent, a MARS phase, a user's phase): join it
         if number is not None and number > 0 and scope.step is None:
             return _solve_with_step(wrapped, instance, args, kwargs, number, context)
         return wrapped(*args, **kwargs)
     name = _phase_name(_text(call.get("initial_agent")), _text(call.get("mode")),
                        _text(getattr(instance, "mode", None)))
-    if name == "control" and _in_fixed_pipeline(scope):
+    if name == "control" and (_in_fixed_pipeline(scope) or (joined is not None and joined.fixed)):
         name = ONE_SHOT_PHASE
+    if joined is not None:
+        joined.opened.append(name)
     if number is not None and number > 0:
         if cursor is None:
             with _opened(_phase(name)) as entered:
@@ -1519,9 +1603,9 @@ def _fallback_workflow(instance: Any) -> workflow:
 def _pm_start(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            solves = _JOINED_SOLVES.get()
-            if solves is not None:  # a joined entry call's own phase (it records its failure)
-                solves.append(True)
+            joined = _joined_call()
+            if joined is not None:  # a joined entry call's own phase (it records its failure)
+                joined.opened.append(_text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase")
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
                 _manager_start(spans, instance)
@@ -1637,6 +1721,13 @@ def _pm_fail_step(state: _State) -> Callable[..., Any]:
 _FRAME_KINDS = {"redo", "step", "phase", "workflow"}
 
 
+def _joined_phase_failed(exc: BaseException | None) -> None:
+    """A phase manager's phase ended with ``exc``: inside a joined entry call, that phase records it."""
+    joined = _joined_call() if exc is not None else None
+    if joined is not None and exc is not None:
+        joined.failed.append(exc)
+
+
 def _pm_complete(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         result = wrapped(*args, **kwargs)
@@ -1654,10 +1745,12 @@ def _pm_complete(state: _State) -> Callable[..., Any]:
 
 def _pm_fail(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        handling = sys.exc_info()[1]  # the phase's failure, when cmbagent fails it from its except clause
         try:
             return wrapped(*args, **kwargs)
         finally:
             try:
+                _joined_phase_failed(handling)
                 spans = state.manager(instance)
                 if spans is not None:
                     call = _bind(wrapped, args, kwargs)
@@ -1676,6 +1769,7 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         finally:
             try:
+                _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
                     spans.close(_FRAME_KINDS, exc=exc)
