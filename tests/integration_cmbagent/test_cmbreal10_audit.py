@@ -3,8 +3,9 @@
 Two entry calls made inside one span that is not a run of ours (a web request's, the application's own),
 one after the other or in two threads: the run id is the trace id, so each must start a trace of its own;
 they shared the request's trace and were stored as ONE run (the second run's nodes over the first's, the
-execution orders of both counted twice, the first run's work dir lost). Each run is cmbagent's own
-(offline, scripted backend).
+execution orders of both counted twice, the first run's work dir lost). And an unmodified app under
+``opentelemetry-instrument`` stopped by SIGTERM mid-run: its run must be stored failed, as under
+``instrument()``, not ``executing`` for ever. Each run is cmbagent's own (offline, scripted backend).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -86,3 +91,66 @@ def test_entry_calls_inside_an_application_span_are_runs_of_their_own(tmp_path: 
     first, second = nodes.values()
     assert first == second and {"init", "execute", "terminator", "execute_engineer"} <= set(first)
 
+
+SIGTERM_APP = """
+import os, sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import cmbagent  # noqa: F401
+from scripted_cmbagent import call_workflow, script_for
+from cmbagent_otel.testing import FakeOpenAIServer
+script = script_for("planning_and_control")
+stop = threading.Event()
+count = [0]
+def responder(body):
+    count[0] += 1
+    if count[0] == 15:
+        print("WAITING", flush=True)
+        stop.wait()  # the app's main thread waits for this answer until the signal
+    return script(body)
+with FakeOpenAIServer(request_responder=responder) as server:
+    os.environ["OPENAI_BASE_URL"] = server.base_url
+    call_workflow("planning_and_control", Path(sys.argv[2]))
+print("FINISHED", flush=True)
+"""
+
+
+def test_sigterm_under_opentelemetry_instrument_stores_the_run_failed(tmp_path: Path) -> None:
+    """An unmodified app (no ``instrument()`` call) under ``opentelemetry-instrument`` with the DAG exporter,
+    sent SIGTERM while it waits for its 15th model call: the process still ends by the signal; the run and
+    its open nodes are stored failed, "stopped by SIGTERM", as under ``instrument()``
+    (``test_stopped_by_signal.py``). On e0732e2 the run stayed ``executing`` and its nodes ``running``."""
+    db = tmp_path / "cmbagent.db"
+    app = tmp_path / "app.py"
+    app.write_text(SIGTERM_APP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
+    env.update({"OTEL_TRACES_EXPORTER": "cmbagent_dag", "CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{db}",
+                "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "CMBAGENT_DISABLE_DISPLAY": "true",
+                "SSL_CERT_DIR": str(tmp_path)})
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cmbagent_otel.__file__).parents[1]),
+                                         *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                           if p)])
+    instrument = Path(sys.executable).parent / "opentelemetry-instrument"
+    proc = subprocess.Popen([str(instrument), sys.executable, str(app), str(Path(__file__).parent),
+                             str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    assert proc.stdout is not None
+    line = ""
+    for line in proc.stdout:  # cmbagent prints its own lines first
+        if line.strip() in ("WAITING", "FINISHED"):
+            break
+    if line.strip() != "WAITING":
+        proc.kill()
+        pytest.fail(f"the run did not reach its 15th model call: {proc.communicate()[1][-2000:]}")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    conn = sqlite3.connect(db)
+    try:
+        runs = conn.execute("SELECT status, json_extract(meta, '$.error') FROM workflow_runs").fetchall()
+        statuses = dict(conn.execute("SELECT json_extract(meta, '$.id'), status FROM dag_nodes"))
+    finally:
+        conn.close()
+    assert runs == [("failed", "stopped by SIGTERM")]
+    assert statuses["planning"] == "completed" and statuses["control"] == statuses["step_1"] == "failed"
+    assert "running" not in statuses.values(), statuses
