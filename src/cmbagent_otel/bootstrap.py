@@ -274,7 +274,13 @@ class AutoConfigurator:
 
     Builds the tracer provider (and, when ``OTEL_METRICS_EXPORTER`` names an exporter, the meter
     provider) from ``OTEL_*`` variables (as :func:`instrument` does) and installs them globally;
-    the AG2 and cmbagent instrumentors are loaded through their own entry points.
+    the AG2 and cmbagent instrumentors are loaded through their own entry points. What
+    :func:`instrument` does beyond the instrumentors is done here too: SIGTERM/SIGHUP end the open
+    run failed and flush the providers before the process ends by the signal, a run still open at
+    the interpreter's exit is ended failed, and ``multiprocessing.pool.ThreadPool`` tasks run in
+    the context they were submitted from (under ``opentelemetry-instrument`` none of it was done:
+    a run stopped by SIGTERM stayed ``executing``, its nodes ``running``, and the spans queued
+    were lost).
     """
 
     def configure(self, **kwargs: Any) -> None:
@@ -282,7 +288,13 @@ class AutoConfigurator:
             return
         if _app_provider() is None:
             trace.set_tracer_provider(build_tracer_provider())
+        meters = None
         if _app_meter_provider() is None:
             meters = build_meter_provider()  # None unless OTEL_METRICS_EXPORTER names an exporter
             if meters is not None:
                 otel_metrics.set_meter_provider(meters)
+        try:
+            _threadpool.instrument()
+            _termination.install(trace.get_tracer_provider(), meters, bool(env.get(env.METRICS)))
+        except Exception:
+            logger.debug("cmbagent_otel: signal handler or thread pool context not installed", exc_info=True)

@@ -22,11 +22,13 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -527,11 +529,13 @@ class workflow(_Block):
 
     def _open(self, scope: Scope | None = None) -> TracedSpan | None:
         parent = scope or current_scope()
-        context = None
+        context = link = None
         if parent is not None and parent.in_workflow:
             if scope is not None or not parent.run.ended:
                 return None
             context = _outside_ended_run(parent.run, self.name)
+        elif scope is None:
+            context, link = _trace_of_its_own(parent)
         attrs: dict[str, Any] = {
             semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
             semconv.GEN_AI_WORKFLOW_NAME: self.name,
@@ -553,8 +557,60 @@ class workflow(_Block):
         if type(tracer) is _LateTracer:
             tracer = None  # no provider yet: each block takes the one there is when it opens
         run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name, tracer=tracer)
+        if link is not None:
+            traced: TracedSpan = _LinkedRunSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run,
+                                                context=context, tracer=tracer)
+            traced._link = link  # type: ignore[attr-defined]
+            return traced
         return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context,
                           tracer=tracer)
+
+
+class _LinkedRunSpan(TracedSpan):
+    """A run's span started in a trace of its own (see :func:`_trace_of_its_own`), linked to the span it was
+    opened in, so a trace UI leads from there to the run."""
+
+    __slots__ = ("_link",)
+
+    def __enter__(self) -> TracedSpan:
+        super().__enter__()
+        with contextlib.suppress(Exception):  # an API span without add_link (opentelemetry-api < 1.23)
+            self.span.add_link(self._link)
+        return self
+
+
+# The traces of other instrumentations' (or the application's own) spans that a run of ours has started in,
+# oldest first, bounded: the run id is the trace id, so a later run opened in such a trace starts its own
+_RUN_TRACES: OrderedDict[int, None] = OrderedDict()
+_RUN_TRACES_MAX = 65_536
+_run_traces_lock = threading.Lock()
+
+
+def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None, Any]:
+    """Where a run opened outside any run of ours starts: ``(None, None)``, the current context, for the first
+    run in the trace of the span current here (another instrumentation's, a web request's, the application's
+    own: it stays inside that span, as before); a context without that span, and the span's context to link
+    to, for a later run in the same trace (two entry calls in one request, two threads of one application
+    span) or a run opened inside a plain AG2 program's run (``parent``, an implicit run: its trace is that
+    run): they shared the trace, and so the run id, with the run before and were stored as one run (nodes
+    overwritten, execution orders repeated). An unsampled span is kept as the parent (nothing is recorded
+    under it: no run to mix with). Never raises."""
+    try:
+        span_context = trace.get_current_span().get_span_context()
+        if not span_context.is_valid or not span_context.trace_flags.sampled:
+            return None, None
+        if parent is None:
+            with _run_traces_lock:
+                if span_context.trace_id not in _RUN_TRACES:
+                    _RUN_TRACES[span_context.trace_id] = None
+                    if len(_RUN_TRACES) > _RUN_TRACES_MAX:
+                        _RUN_TRACES.popitem(last=False)
+                    return None, None
+        context = trace.set_span_in_context(trace.INVALID_SPAN, otel_context.get_current())
+        return otel_context.set_value(_SCOPE_KEY, None, context), span_context
+    except Exception:
+        logger.debug("cmbagent_otel: could not check the trace a run starts in", exc_info=True)
+        return None, None
 
 
 def _outside_ended_run(ended: RunState, name: str) -> otel_context.Context:

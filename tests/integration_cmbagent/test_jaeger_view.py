@@ -82,3 +82,49 @@ def test_planning_and_control_in_jaeger(tmp_path: Path) -> None:
         for t in s["tags"]:
             assert len(str(t["value"])) <= 8192, (s["operationName"], t["key"])
             assert "sk-" not in str(t["value"]), (s["operationName"], t["key"])
+    _attributes_as_documented(spans, parent)
+
+
+WORKFLOW_KINDS = {"workflow", "phase", "step", "attempt", "branch"}
+REQUIRED = {  # docs/spans.md "Per kind", what a real run's spans of each kind carry
+    "llm": ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
+            "gen_ai.response.id", "gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
+            "gen_ai.usage.output_tokens", "server.address", "server.port", "gen_ai.agent.name"),
+    "agent": ("gen_ai.operation.name", "gen_ai.agent.name"),
+    "tool": ("gen_ai.operation.name", "gen_ai.tool.name", "gen_ai.tool.call.id", "gen_ai.tool.type",
+             "gen_ai.agent.name"),
+    "code_execution": ("cmbagent.code.language", "cmbagent.code.exit_code"),
+    "step": ("cmbagent.step.number", "cmbagent.step.goal", "cmbagent.step.agent"),
+    "phase": ("cmbagent.phase", "cmbagent.phase.index"),
+}
+
+
+def _attributes_as_documented(spans: list[dict], parent: dict[str, str | None]) -> None:
+    """What docs/spans.md promises of every span, as Jaeger shows it (session 37): its instrumentation scope,
+    OTel kind (model calls CLIENT), the kind's GenAI attributes, the DAG node on every span but the run's,
+    the session under both names, the conversation id inside a conversation, one execution order each."""
+    by_id = {s["spanID"]: s for s in spans}
+    tags = {s["spanID"]: {t["key"]: t["value"] for t in s["tags"]} for s in spans}
+    orders = []
+    for s in spans:
+        a = tags[s["spanID"]]
+        kind = a["cmbagent.span.kind"]
+        name = s["operationName"]
+        scope = "cmbagent_otel.workflow" if kind in WORKFLOW_KINDS else "cmbagent_otel.ag2"
+        assert a["otel.scope.name"] == scope, name
+        assert a.get("span.kind", "internal") == ("client" if kind == "llm" else "internal"), name
+        for key in REQUIRED.get(kind, ()):
+            assert key in a, (name, key)
+        assert ("cmbagent.dag.node" in a) is (kind != "workflow"), name
+        assert a["session.id"] == a["cmbagent.session.id"] == "default_session", name
+        up = parent[s["spanID"]]
+        while up is not None and tags[up]["cmbagent.span.kind"] != "conversation":
+            up = parent[up]
+        if up is not None:
+            assert "gen_ai.conversation.id" in a, name
+        orders.append(a["cmbagent.execution_order"])
+        for log in s.get("logs", []):
+            fields = {f["key"]: f["value"] for f in log["fields"]}
+            if fields.get("event") == "cmbagent.handoff":
+                orders.append(fields["cmbagent.execution_order"])
+    assert len(orders) == len(set(orders)) > len(by_id)   # spans and handoff events, one order each

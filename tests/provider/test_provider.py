@@ -164,3 +164,33 @@ def test_service_name_argument_wins_over_the_environment(monkeypatch: pytest.Mon
     assert resource().attributes[SERVICE_NAME] == "from-attrs"
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
     assert resource().attributes[SERVICE_NAME] == "cmbagent"
+
+
+POOL_APP = """
+from multiprocessing.pool import ThreadPool
+from opentelemetry import trace
+from cmbagent_otel import workflow
+
+def trace_id():
+    return trace.get_current_span().get_span_context().trace_id
+
+with workflow("a"):
+    pool = ThreadPool(1)  # its worker thread starts in run a's context, and keeps it
+    pool.apply(trace_id)
+with workflow("b"):
+    print("POOL", "SAME" if pool.apply(trace_id) == trace_id() else "OTHER", flush=True)
+pool.close()
+pool.join()
+"""
+
+
+def test_opentelemetry_instrument_runs_thread_pool_tasks_in_the_callers_context():
+    """Under ``opentelemetry-instrument`` (no ``instrument()`` call), a ``ThreadPool`` task submitted in run b
+    runs in run b's context, as with ``instrument()``: not in run a's, where the pool was made (the pool's
+    context binding was only installed by ``instrument()``; on e0732e2 this printed ``POOL OTHER``)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full.update({"OTEL_TRACES_EXPORTER": "none"})
+    proc = subprocess.run([str(BIN / "opentelemetry-instrument"), sys.executable, "-c", POOL_APP], env=full,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "POOL SAME" in proc.stdout, (proc.stdout, proc.stderr)
