@@ -546,6 +546,30 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
     return fn(TASK, **kw)  # type: ignore[no-any-return]
 
 
+def run_until_signalled(kind: str, work_dir: Path, waiting_call: int = 15) -> None:
+    """Run ``kind`` against the scripted backend in this process, its ``waiting_call``-th model call left
+    unanswered after printing ``WAITING`` (a process for a test to signal mid-run); ``FINISHED`` if it ends."""
+    import os
+
+    from cmbagent_otel.testing import FakeOpenAIServer
+
+    script = script_for(kind)
+    stop = threading.Event()
+    count = [0]
+
+    def responder(body: bytes) -> Any:
+        count[0] += 1
+        if count[0] == waiting_call:
+            print("WAITING", flush=True)
+            stop.wait()  # the app's main thread waits for this answer until the signal
+        return script(body)
+
+    with FakeOpenAIServer(request_responder=responder) as server:
+        os.environ["OPENAI_BASE_URL"] = server.base_url
+        call_workflow(kind, work_dir)
+    print("FINISHED", flush=True)
+
+
 def script_for(kind: str, fail_first_code: bool = False) -> CmbagentScript:
     import importlib.util
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -31,6 +29,7 @@ from cmbagent_otel.testing import FakeOpenAIServer
 from .scripted_cmbagent import call_workflow, script_for
 from .test_cmbagent_runs import Run, SpanCapture, _exported
 from .test_real_audit import _final_rows, _one_root_per_trace
+from .test_stopped_by_signal import app_env, stop_when_waiting
 
 
 @pytest.mark.parametrize("how", ["one_after_the_other", "two_threads"])
@@ -93,25 +92,12 @@ def test_entry_calls_inside_an_application_span_are_runs_of_their_own(tmp_path: 
 
 
 SIGTERM_APP = """
-import os, sys, threading
+import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import cmbagent  # noqa: F401
-from scripted_cmbagent import call_workflow, script_for
-from cmbagent_otel.testing import FakeOpenAIServer
-script = script_for("planning_and_control")
-stop = threading.Event()
-count = [0]
-def responder(body):
-    count[0] += 1
-    if count[0] == 15:
-        print("WAITING", flush=True)
-        stop.wait()  # the app's main thread waits for this answer until the signal
-    return script(body)
-with FakeOpenAIServer(request_responder=responder) as server:
-    os.environ["OPENAI_BASE_URL"] = server.base_url
-    call_workflow("planning_and_control", Path(sys.argv[2]))
-print("FINISHED", flush=True)
+from scripted_cmbagent import run_until_signalled
+run_until_signalled("planning_and_control", Path(sys.argv[2]))
 """
 
 
@@ -123,28 +109,9 @@ def test_sigterm_under_opentelemetry_instrument_stores_the_run_failed(tmp_path: 
     db = tmp_path / "cmbagent.db"
     app = tmp_path / "app.py"
     app.write_text(SIGTERM_APP)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
-    env.update({"OTEL_TRACES_EXPORTER": "cmbagent_dag", "CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{db}",
-                "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "CMBAGENT_DISABLE_DISPLAY": "true",
-                "SSL_CERT_DIR": str(tmp_path)})
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(cmbagent_otel.__file__).parents[1]),
-                                         *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                           if p)])
     instrument = Path(sys.executable).parent / "opentelemetry-instrument"
-    proc = subprocess.Popen([str(instrument), sys.executable, str(app), str(Path(__file__).parent),
-                             str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=tmp_path)
-    assert proc.stdout is not None
-    line = ""
-    for line in proc.stdout:  # cmbagent prints its own lines first
-        if line.strip() in ("WAITING", "FINISHED"):
-            break
-    if line.strip() != "WAITING":
-        proc.kill()
-        pytest.fail(f"the run did not reach its 15th model call: {proc.communicate()[1][-2000:]}")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    stop_when_waiting([str(instrument), sys.executable, str(app), str(Path(__file__).parent), str(tmp_path / "work")],
+                      app_env(tmp_path, db, OTEL_TRACES_EXPORTER="cmbagent_dag"), tmp_path)
     conn = sqlite3.connect(db)
     try:
         runs = conn.execute("SELECT status, json_extract(meta, '$.error') FROM workflow_runs").fetchall()

@@ -48,38 +48,30 @@ APP = textwrap.dedent('''
     provider.add_span_processor(Record())
     sys.path.insert(0, sys.argv[1])
     import cmbagent  # noqa: F401
-    from scripted_cmbagent import call_workflow, script_for
-    from cmbagent_otel.testing import FakeOpenAIServer
-    script = script_for("planning_and_control")
-    stop = threading.Event()
-    count = [0]
-    def responder(body):
-        count[0] += 1
-        if count[0] == 15:
-            print("WAITING", flush=True)
-            stop.wait()  # the app's main thread waits for this answer until the signal
-        return script(body)
-    with FakeOpenAIServer(request_responder=responder) as server:
-        os.environ["OPENAI_BASE_URL"] = server.base_url
-        with tempfile.TemporaryDirectory() as wd:
-            call_workflow("planning_and_control", Path(wd))
-    print("FINISHED", flush=True)
+    from scripted_cmbagent import run_until_signalled
+    with tempfile.TemporaryDirectory() as wd:
+        run_until_signalled("planning_and_control", Path(wd))
 ''')
 
 
-def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
-    db = tmp_path / "cmbagent.db"
+def app_env(tmp_path: Path, db: Path, **extra: str) -> dict[str, str]:
+    """The environment of an app run in a subprocess: this checkout first on its path, no ``OTEL_*`` of the
+    test's own, the DAG database ``db``, a spill folder under ``tmp_path``, and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
     env.update({"CMBAGENT_OTEL_DATABASE_URL": f"sqlite:///{db}", "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"),
-                "CMBAGENT_DISABLE_DISPLAY": "true",
-                "SSL_CERT_DIR": str(tmp_path)})
+                "CMBAGENT_DISABLE_DISPLAY": "true", "SSL_CERT_DIR": str(tmp_path), **extra})
     env["PYTHONPATH"] = os.pathsep.join([str(Path(cmbagent_otel.__file__).parents[1]),
                                          *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                            if p)])
-    record = tmp_path / "ended.txt"
-    proc = subprocess.Popen([sys.executable, "-c", APP, str(Path(__file__).parent), str(record)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    return env
+
+
+def stop_when_waiting(argv: list[str], env: dict[str, str], cwd: Path) -> None:
+    """Start the app ``argv`` (one ending in ``run_until_signalled``), send it SIGTERM once it says
+    ``WAITING`` and check that it ended by the signal."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None
+    line = ""
     for line in proc.stdout:  # cmbagent prints its own lines first
         if line.strip() in ("WAITING", "FINISHED"):
             break
@@ -89,6 +81,13 @@ def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGTERM, err[-2000:]
+
+
+def test_sigterm_mid_run_stores_what_ended_before_it(tmp_path: Path) -> None:
+    db = tmp_path / "cmbagent.db"
+    record = tmp_path / "ended.txt"
+    stop_when_waiting([sys.executable, "-c", APP, str(Path(__file__).parent), str(record)], app_env(tmp_path, db),
+                      tmp_path)
     assert db.exists(), "nothing was written"
     conn = sqlite3.connect(db)
     try:
