@@ -92,6 +92,17 @@ def uninstall() -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    try:
+        installed = signal.getsignal(signum) is _on_signal
+    except Exception:
+        installed = True
+    if not installed:
+        # called by the application's handler, installed after ours, which calls the one it replaced
+        # (``if callable(previous): previous(...)``): without us that was the default, not callable, and
+        # the process went on. Put the default in place of the application's handler, end the run and
+        # kill the process here and the rest of its handler never runs: only flush what is queued.
+        _chained_flush()
+        return
     with contextlib.suppress(Exception):
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
     if _deferral["depth"] and _deferral["pid"] == os.getpid():
@@ -306,6 +317,16 @@ def _flush_both(flush: Any, timeout: float) -> None:
     if meters is not None:
         with contextlib.suppress(Exception):
             meters(int(max(0.1, timeout - (time.monotonic() - started)) * 1000))
+
+
+def _chained_flush() -> None:
+    """Export what is queued, from another thread within the export deadline (as :func:`_flush` does),
+    ending nothing: the process goes on."""
+    if _target["provider"] is None and not _target["metrics"]:
+        return
+    timeout = float(env.get(env.EXPORT_TIMEOUT))
+    _in_thread(lambda: _flush_both(getattr(_target["provider"], "force_flush", None), timeout),
+               "cmbagent-otel-signal-flush", timeout + 1.0)
 
 
 def _flush(signal_name: str = "a signal") -> None:

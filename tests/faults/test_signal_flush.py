@@ -40,6 +40,14 @@ CHILD = textwrap.dedent('''
     from cmbagent_otel import phase, step, workflow
     from cmbagent_otel._spans import TracedSpan
     cmbagent_otel.instrument(instrument_cmbagent=False, instrument_threading=False)
+    if sys.argv[1] == "chained":
+        # installed after ours, calling the handler it replaced (a callable one) first, then going on
+        previous = signal.getsignal(signal.SIGTERM)
+        def chained(signum, frame):
+            if callable(previous):
+                previous(signum, frame)
+            print("CHAINED", signum, signal.getsignal(signal.SIGTERM) is chained, flush=True)
+        signal.signal(signal.SIGTERM, chained)
     handler = signal.getsignal(signal.SIGTERM)
     print("HANDLER", "default" if handler is signal.SIG_DFL else getattr(handler, "__name__", "?"), flush=True)
     with workflow("stopped run", mode="planning-control"), phase("control"):
@@ -51,10 +59,12 @@ CHILD = textwrap.dedent('''
                 if n == 2:
                     print("READY", flush=True)
                     sys.stdin.readline()
+    print("WENT ON", flush=True)
 ''')
 
 
-def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", **env: str) -> tuple[int, str, Path]:
+def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", out: list[str] | None = None,
+         **env: str) -> tuple[int, str, Path]:
     db = tmp_path / "cmbagent.db"
     child_env = {**os.environ, "CMBAGENT_OTEL_DATABASE_URL": url or f"sqlite:///{db}",
                  "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "OTEL_TRACES_EXPORTER": "cmbagent_dag", **env}
@@ -65,8 +75,10 @@ def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", **env: str)
     handler = proc.stdout.readline().split()[-1]
     assert proc.stdout.readline().strip() == "READY", proc.communicate(timeout=60)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    rest, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
+    if out is not None:
+        out.extend(rest.splitlines())
     return proc.returncode, handler, db
 
 
@@ -119,6 +131,20 @@ def test_the_applications_own_handler_is_left_alone(tmp_path: Path) -> None:
     assert handler == "<lambda>" and code == 3  # its handler ran: sys.exit(3), and atexit flushed
     runs, nodes, _ = _rows(db)
     assert runs == ["failed"] and nodes.get("step_2") == "failed"
+
+
+def test_an_application_handler_that_calls_ours_goes_on_as_without_us(tmp_path: Path) -> None:
+    """An application's handler installed after ours that calls the handler it replaced (``if
+    callable(previous): previous(signum, frame)``, a common idiom) found ours there instead of the
+    default: ours put the default in place of the APPLICATION's handler, ended the run failed and
+    killed the process inside that call, so the rest of the application's handler never ran. Without
+    us ``previous`` is the default (not callable) and the process goes on; called, ours only flushes."""
+    out: list[str] = []
+    code, handler, db = _run(tmp_path, signal.SIGTERM, "chained", out=out)
+    assert handler == "chained"
+    assert out == ["CHAINED 15 True", "WENT ON"] and code == 0  # its handler ran on, still installed
+    runs, nodes, _ = _rows(db)
+    assert runs == ["completed"] and nodes.get("step_2") == "completed"  # not stopped: the run went on
 
 
 def test_the_setting_turns_it_off(tmp_path: Path) -> None:
