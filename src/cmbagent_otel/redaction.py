@@ -51,9 +51,11 @@ from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
 
-# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD)
+# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD);
+# AUTH but not an author, an authority or ssh-agent's socket (GIT_AUTHOR_NAME, XAUTHORITY, SSH_AUTH_SOCK: a
+# person's name or a path, which would be redacted wherever it appears), AUTHORIZATION still
 _SECRET_ENV_NAME = re.compile(
-    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
+    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH(?!OR(?!IZ)|_SOCK)|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )

@@ -254,13 +254,26 @@ def test_env_var_secrets_under_other_common_names(sink: Sink, caplog: pytest.Log
     assert_clean(sink, caplog, shapeless)
 
 
+VISIBLE_ENV_NAMES = ("PYTHONPATH", "MANPATH", "KEYBOARD_LAYOUT", "PASSAGE_COUNT", "MONKEY_MODE",
+                     "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "XAUTHORITY", "SSH_AUTH_SOCK")
+
+
 def test_env_names_that_are_not_secrets_stay_visible(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PYTHONPATH", "MANPATH", "KEYBOARD_LAYOUT", "PASSAGE_COUNT", "MONKEY_MODE"):
+    """Not secrets: a person's name (git's author) or a path would be redacted wherever it appears."""
+    for name in VISIBLE_ENV_NAMES:
         monkeypatch.setenv(name, f"visible-{name}")
     redaction.reload_settings()
-    text = " ".join(f"visible-{name}" for name in ("PYTHONPATH", "MANPATH", "KEYBOARD_LAYOUT", "PASSAGE_COUNT",
-                                                    "MONKEY_MODE"))
+    text = " ".join(f"visible-{name}" for name in VISIBLE_ENV_NAMES)
     assert redaction.redact(text) == text
+
+
+@pytest.mark.parametrize("name", ["HTTP_AUTHORIZATION", "PROXY_AUTHORIZATION", "BASIC_AUTH", "OAUTH_CLIENT_STATE",
+                                  "AUTHENTICATION_VALUE", "GIT_AUTHOR_AUTH"])
+def test_env_names_saying_auth_stay_secret(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    value = f"hidden-{secrets.token_hex(8)}"
+    monkeypatch.setenv(name, value)
+    redaction.reload_settings()
+    assert value not in redaction.redact(f"the value: {value}")
 
 
 # --- headers ---------------------------------------------------------------------------------------
