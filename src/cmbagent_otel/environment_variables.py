@@ -329,7 +329,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(FLUSH_ON_SIGNAL, True, "`true`: when SIGTERM or SIGHUP stops the process (and the application has no "
             "handler of its own), the run and its open steps are ended as failed (\"stopped by SIGTERM\") and what was "
             "recorded (spans, then metrics) is exported, within the export timeout, then the process ends by that "
-            "signal as before; "
+            "signal as before (with `instrument()`, and under `opentelemetry-instrument` through our configurator). "
+            "An application handler installed later that calls ours as the one it replaced gets only the flush: "
+            "nothing is ended, its handler stays and the process goes on, as with the default it would have found. "
             "`false`: it ends at once, the queued spans are lost and the run stays `executing`",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),
     # what spans carry
