@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -141,6 +142,14 @@ def spawn(db_url: str, spill_dir: Path, record: str, env: dict[str, str] | None 
     env.update({f"FAULT_{k.upper()}": str(v) for k, v in settings.items()})
     return subprocess.Popen([sys.executable, str(APP), db_url, str(spill_dir), record], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+
+def hangup_as_default() -> None:
+    """A child's ``preexec_fn``: SIGHUP back to its default. A runner started under ``nohup`` ignores
+    SIGHUP and its children inherit that, and ``instrument()`` leaves an ignored signal alone (as it
+    should): the SIGHUP tests' children would never see it (CI run under ``nohup`` on 70063e4)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,8 @@ from cmbagent_otel._termination import STOPPED_BY_SIGNAL, end_open_spans
 from cmbagent_otel.cli import main
 from cmbagent_otel.dag.database import ensure_schema
 
+from .conftest import hangup_as_default
+
 CHILD = textwrap.dedent('''
     import signal, sys
     if sys.argv[1] == "own":
@@ -70,7 +72,7 @@ def _run(tmp_path: Path, signum: int, mode: str = "", url: str = "", out: list[s
                  "CMBAGENT_OTEL_SPILL_DIR": str(tmp_path / "spill"), "OTEL_TRACES_EXPORTER": "cmbagent_dag", **env}
     child_env.pop("OTEL_SDK_DISABLED", None)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env)
+                            stderr=subprocess.PIPE, text=True, env=child_env, preexec_fn=hangup_as_default)
     assert proc.stdout is not None
     handler = proc.stdout.readline().split()[-1]
     assert proc.stdout.readline().strip() == "READY", proc.communicate(timeout=60)
@@ -162,7 +164,8 @@ def test_uninstrument_puts_the_default_back() -> None:
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
         print("OK")
     ''')
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         preexec_fn=hangup_as_default)
     assert out.stdout.strip() == "OK", out.stderr
 
 

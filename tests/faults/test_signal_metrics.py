@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import hangup_as_default
 from .test_signal_flush import CHILD
 
 
@@ -35,7 +36,7 @@ def _stopped(tmp_path: Path, signum: int, more_env: dict[str, str] | None = None
     env.pop("OTEL_SDK_DISABLED", None)
     env.pop("OTEL_METRIC_EXPORT_INTERVAL", None)  # the SDK's 60 s: the run ends long before
     proc = subprocess.Popen([sys.executable, "-c", CHILD, ""], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=hangup_as_default)
     assert proc.stdout is not None
     proc.stdout.readline()  # HANDLER ...
     assert proc.stdout.readline().strip() == "READY", proc.communicate(timeout=60)
