@@ -569,10 +569,9 @@ def _learn(value: Any, encoded: bool) -> bool:
             _learned[form] = None
         while len(_learned) > MAX_LEARNED:
             _learned.popitem(last=False)
-        if len(_learned) > len(new) and sum(map(len, _learned)) > _LEARNED_CHARS_MAX:
-            chars = sum(map(len, _learned))
-            while len(_learned) > len(new) and chars > _LEARNED_CHARS_MAX:
-                chars -= len(_learned.popitem(last=False)[0])
+        chars = sum(map(len, _learned))
+        while len(_learned) > len(new) and chars > _LEARNED_CHARS_MAX:
+            chars -= len(_learned.popitem(last=False)[0])
         if encoded and short and value not in _known and value not in _learned_forms:
             _learned_forms[value] = tuple(_encoded_forms(value))
             while len(_learned_forms) > _LEARNED_ENCODED_MAX:

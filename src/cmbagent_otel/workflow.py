@@ -558,10 +558,8 @@ class workflow(_Block):
             tracer = None  # no provider yet: each block takes the one there is when it opens
         run = RunState(session_id=self.session_id, max_redos=self.max_redos, name=self.name, tracer=tracer)
         if link is not None:
-            traced: TracedSpan = _LinkedRunSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run,
-                                                context=context, tracer=tracer)
-            traced._link = link  # type: ignore[attr-defined]
-            return traced
+            return _LinkedRunSpan(link, f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run,
+                                  context=context, tracer=tracer)
         return TracedSpan(f"workflow {self.name}", semconv.KIND_WORKFLOW, attrs, run=run, context=context,
                           tracer=tracer)
 
@@ -571,6 +569,10 @@ class _LinkedRunSpan(TracedSpan):
     opened in, so a trace UI leads from there to the run."""
 
     __slots__ = ("_link",)
+
+    def __init__(self, link: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._link = link
 
     def __enter__(self) -> TracedSpan:
         super().__enter__()

@@ -1723,8 +1723,10 @@ _FRAME_KINDS = {"redo", "step", "phase", "workflow"}
 
 def _joined_phase_failed(exc: BaseException | None) -> None:
     """A phase manager's phase ended with ``exc``: inside a joined entry call, that phase records it."""
-    joined = _joined_call() if exc is not None else None
-    if joined is not None and exc is not None:
+    if exc is None:
+        return
+    joined = _joined_call()
+    if joined is not None:
         joined.failed.append(exc)
 
 
