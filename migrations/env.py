@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from alembic import context
 
 from cmbagent_otel.dag.database import VERSION_TABLE, make_engine
@@ -26,12 +28,18 @@ def run_migrations_online() -> None:
     engine = make_engine(url, foreign_keys=False)
     try:
         with engine.connect() as connection:
-            context.configure(
-                connection=connection, target_metadata=metadata, version_table=VERSION_TABLE,
-                render_as_batch=connection.dialect.name == "sqlite",
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            sqlite = connection.dialect.name == "sqlite"
+            # Alembic gives each SQLite migration a transaction of its own (no transactional DDL
+            # there), after reading the version once: another process upgrading meanwhile made the
+            # next step's version update match no row. One transaction, begun (BEGIN IMMEDIATE)
+            # before the version is read, makes concurrent upgrades take turns as on PostgreSQL.
+            with connection.begin() if sqlite else contextlib.nullcontext():
+                context.configure(
+                    connection=connection, target_metadata=metadata, version_table=VERSION_TABLE,
+                    render_as_batch=sqlite,
+                )
+                with context.begin_transaction():
+                    context.run_migrations()
     finally:
         engine.dispose()
 

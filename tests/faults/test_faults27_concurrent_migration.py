@@ -118,3 +118,39 @@ def test_db_upgrade_and_first_export_at_once(tmp_path, kind):
         spans, _ = read_record(tmp_path / "record.jsonl")
         assert spans
         assert dump(url) == reference(spans, ref_url)
+
+
+def test_an_upgrade_that_another_finishes_meanwhile_stays_correct(tmp_path):
+    """The interleaving CI met by chance (stop 37: "expected to match one row when updating
+    '0002_dag_hierarchy_columns' to '0003_cmbagent_tables' ... 0 found"), forced: the first
+    upgrade reads the schema's version, and before its next transaction begins a second
+    ``db upgrade`` of the same SQLite file (another process) runs to its end. Alembic runs each
+    SQLite migration in a transaction of its own; the version read must share one transaction
+    (one write lock) with every step it decides."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from cmbagent_otel.dag import database
+
+    url = f"sqlite:///{tmp_path}/one.db"
+    first = threading.get_ident()
+    begins: list[int] = []
+    other: list[tuple[str, str]] = []
+
+    def on_begin(_conn: object) -> None:
+        # inserted first: runs before the engine's own BEGIN IMMEDIATE, so no lock is held here
+        if threading.get_ident() != first:
+            return
+        begins.append(1)
+        if len(begins) == 2 and not other:
+            other.extend(release_together([upgrader(url)]))
+
+    event.listen(Engine, "begin", on_begin, insert=True)
+    try:
+        database.upgrade(url)
+    finally:
+        event.remove(Engine, "begin", on_begin)
+    assert len(other) == 1 and "error" not in other[0][1].lower(), other
+    assert versions(url) == list(head_revisions())
