@@ -8,6 +8,7 @@ does: never a race hoped for. What a user would see at that point is asserted.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -18,7 +19,12 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 
 from cmbagent_otel.dag import database
+from cmbagent_otel.dag.database import target_of
+from cmbagent_otel.replay import replay
+from cmbagent_otel.spill import SpillStore
 
+from .conftest import expected_keys, plan_run_spans, stored_spans
+from .test_faults26_spill_unreadable_now import _dead_pid
 from .test_faults27_concurrent_migration import fresh_database
 
 _audit_action: list[Callable[[str, tuple[Any, ...]], None]] = []
@@ -123,3 +129,49 @@ def test_downgrade_never_drops_rows_a_writer_commits_after_the_emptiness_check(t
 
 def _has_table(conn: Any, name: str) -> bool:
     return conn.execute(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar()
+
+
+def test_a_replay_finding_its_files_replayed_meanwhile_reports_nothing_left(tmp_path, audit_actions):
+    """Two ``cmbagent-otel replay`` runs (or one and an exporter's own replay) over one spill folder:
+    the first lists the folder, the other replays and deletes a file before the first reads its
+    header. The first took the vanished file for one "that does not record its database" and
+    failed (exit status 1, "1 spill files left") though nothing was left. Forced: the other
+    replay runs to its end when the first opens the file to read its recorded database."""
+    url = f"sqlite:///{tmp_path}/cmbagent.db"
+    spill = tmp_path / "spill"
+    spans = plan_run_spans("replayed meanwhile")
+    (path,) = SpillStore(spill, target_of(url)).append(spans)
+    said: dict[str, list[str]] = {"first": [], "other": []}
+    others: list[list[str]] = []
+    fired = once_at("open", lambda args: str(args[0]) == str(path),
+                    lambda: others.append(replay(spill, say=said["other"].append)))
+    problems = replay(spill, say=said["first"].append)
+    assert fired and others == [[]], (others, said)
+    assert problems == [], said
+    assert said["first"][-1] == "0 spill files left", said
+    assert not list(spill.iterdir())
+    assert stored_spans(url) == expected_keys(spans)
+
+
+def test_a_spill_file_recovered_meanwhile_is_not_called_incomplete(tmp_path, audit_actions, caplog):
+    """Two processes recovering one spill folder (a ``.tmp`` whole but left by a writer that died
+    before renaming it): the second opened the ``.tmp`` while the first held it, the first renamed it
+    into place and let go, and the second then took the lock on what is now the complete file,
+    read the ``.tmp`` name, found nothing and warned "removing incomplete spill file ... (its writer
+    died mid-write)", counting it handled. Forced: the first recovery runs to its end when the
+    second is about to lock the file it opened."""
+    url = f"sqlite:///{tmp_path}/cmbagent.db"
+    spill = tmp_path / "spill"
+    (path,) = SpillStore(spill, target_of(url)).append(plan_run_spans("recovered meanwhile"))
+    pid = path.name.split("-")[2]
+    path.rename(path.with_name(path.name.replace(f"-{pid}-", f"-{_dead_pid()}-") + ".tmp"))
+    others: list[int] = []
+    fired = once_at("fcntl.flock", lambda _args: True,
+                    lambda: others.append(SpillStore(spill, target_of(url)).recover()))
+    with caplog.at_level(logging.INFO, logger="cmbagent_otel"):
+        handled = SpillStore(spill, target_of(url)).recover()
+    assert fired and others == [1]
+    assert handled == 0, "the file another recovery took was counted here too"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    (recovered,) = SpillStore(spill, target_of(url)).pending()
+    assert SpillStore.read(recovered)
