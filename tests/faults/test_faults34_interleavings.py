@@ -175,3 +175,44 @@ def test_a_spill_file_recovered_meanwhile_is_not_called_incomplete(tmp_path, aud
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     (recovered,) = SpillStore(spill, target_of(url)).pending()
     assert SpillStore.read(recovered)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_dag_read_while_a_batch_commits_shows_one_state(tmp_path, kind):
+    """``cmbagent-otel dag`` reads a run in several statements (the run, its nodes, event counts,
+    token sums, edges, errors); an exporter committed the run's next batch between two of them.
+    Each statement saw its own moment (SQLite autocommit reads, PostgreSQL READ COMMITTED): nodes
+    from before the batch, edges from after it, an edge to a node the listing did not have (shown
+    by its database id). Forced: the batch commits when the reader is about to read the edges.
+    What the reader shows must be the DAG before the batch or the DAG after it."""
+    from cmbagent_otel.dag.query import DagReader
+    from cmbagent_otel.dag.writer import DagWriter
+
+    with fresh_database(kind, tmp_path, "read") as url:
+        spans = plan_run_spans("read while a batch commits", steps=4)
+        writer = DagWriter(url)
+        try:
+            writer.write(spans[:1])
+
+            def read() -> dict[str, Any]:
+                with DagReader(url) as reader:
+                    return reader.dag(reader.run("latest"))
+
+            before = read()
+            first, batches = threading.get_ident(), []
+
+            def on_edges(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+                if threading.get_ident() == first and not batches and "FROM dag_edges" in statement:
+                    batches.append(writer.write(spans[1:]))
+
+            event.listen(Engine, "before_cursor_execute", on_edges)
+            try:
+                during = read()
+            finally:
+                event.remove(Engine, "before_cursor_execute", on_edges)
+            after = read()
+        finally:
+            writer.close()
+        assert batches, "the reader read no edges"
+        assert before != after
+        assert during in (before, after), during
