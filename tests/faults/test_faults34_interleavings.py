@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +217,65 @@ def test_a_dag_read_while_a_batch_commits_shows_one_state(tmp_path, kind):
         assert batches, "the reader read no edges"
         assert before != after
         assert during in (before, after), during
+
+
+def _flock_waiters(directory: Path) -> bool:
+    """Whether some process waits for a ``flock`` on ``directory`` (``/proc/locks``: ``->`` lines)."""
+    inode = directory.stat().st_ino
+    with open("/proc/locks") as locks:
+        return any("->" in line and "FLOCK" in line and line.split()[-3].endswith(f":{inode}") for line in locks)
+
+
+def test_a_writer_cleaning_up_after_a_deleted_file_leaves_the_new_files_wal_alone(tmp_path, audit_actions):
+    """The SQLite file was deleted under two running writers (say, two exporters). The first to find it
+    gone removes its stale ``-wal``/``-shm`` (they must not meet the new file) and creates it again. The
+    other's clean-up checked that the file was gone, then removed the ``-wal`` and ``-shm``: when the first
+    had created the file and written in between, those were the new database's live files, and every
+    connection but the first writer's then failed with "disk I/O error". Forced: the second writer runs
+    its whole write when the first is about to remove the ``-wal`` (unless it must wait for the first)."""
+    from cmbagent_otel.dag.writer import DagWriter
+
+    db = tmp_path / "cmbagent.db"
+    url = f"sqlite:///{db}"
+    first, second = DagWriter(url), DagWriter(url)
+    before, mine, theirs = plan_run_spans("before"), plan_run_spans("mine"), plan_run_spans("theirs")
+    outcome: dict[str, Any] = {}
+    try:
+        first.write(before)
+        second.write(before)
+        db.unlink()  # the user removes the database; its -wal and -shm stay
+
+        def other() -> None:
+            try:
+                second.write(theirs)
+                outcome["wrote"] = True
+            except Exception as exc:
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        done = threading.Event()
+        thread = threading.Thread(target=other)
+
+        def run_other() -> None:
+            thread.start()
+            for _ in range(6000):  # a guard against hanging for ever, never what the test waits for
+                if done.wait(0.02) or _flock_waiters(tmp_path):
+                    return
+            raise AssertionError("the second writer neither ended nor waited for a lock")
+
+        fired = once_at("os.remove", lambda args: str(args[0]).endswith("-wal"), run_other)
+        first.write(mine)
+        thread.join(60)
+        assert fired and outcome == {"wrote": True}, outcome
+    finally:
+        first.close()
+        second.close()
+    stored = stored_spans(url)
+    assert all(stored[key] for key in expected_keys([*mine, *theirs])), "a batch is missing"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    finally:
+        engine.dispose()
