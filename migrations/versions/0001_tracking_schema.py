@@ -325,5 +325,8 @@ def downgrade() -> None:
     for name in reversed(TABLE_ORDER):
         if name not in existing:
             continue
+        if bind.dialect.name == "postgresql":
+            # locked before it is read: a row committed between the check and the drop went with the table
+            bind.execute(sa.text(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE'))
         if bind.execute(sa.text(f"SELECT 1 FROM {name} LIMIT 1")).first() is None:
             op.drop_table(name)

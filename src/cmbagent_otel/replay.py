@@ -78,7 +78,10 @@ def replay(spill_dir: str | os.PathLike[str] | None = None, db: str | None = Non
     try:
         store.recover()
         for path in store.pending():
-            groups.setdefault(file_target(path), []).append(path)
+            target = file_target(path)
+            if target is None and not os.path.lexists(path):
+                continue  # replayed meanwhile by another process: not one that records no database
+            groups.setdefault(target, []).append(path)
     except SpillUnreadable as exc:
         return [f"{directory} cannot be read now ({exc.strerror or exc}); its spill files are kept"]
     left = 0

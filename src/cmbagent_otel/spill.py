@@ -419,9 +419,23 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
             return
         except OSError:
             pass  # a filesystem without locks: the age rule decided
+        # another recover() (or its writer) may have renamed it into place and let go between our
+        # open and our lock: what we hold is then a complete file under another name, not ours
+        if not _same_file(fd, tmp):
+            yield False
+            return
         yield True
     finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        held, named = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _pid_alive(pid: int) -> bool:

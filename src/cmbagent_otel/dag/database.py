@@ -322,18 +322,49 @@ def _pg_begin(conn: Any) -> None:
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+@contextlib.contextmanager
+def creation_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder of the SQLite file ``path`` (other processes and
+    threads wait): creating the file and removing the ``-wal``/``-shm`` a deleted file left take
+    turns. A writer that found the file gone and then removed those names removed the live files
+    of a database another writer had created meanwhile ("disk I/O error" for every other
+    connection). Nothing slow runs under it. Without ``flock`` (Windows, a file system refusing
+    it) the block runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
 def _create_private(path: Path) -> None:
     """Create the SQLite file ``path`` readable by its owner alone (0600) when there is none, before
     SQLite does: SQLite gives a new file the umask's mode (0644 usually), and its ``-wal``, ``-shm``
     and ``-journal`` files copy the database file's, while they hold prompts, answers and code
     output. A file already there keeps its mode (never changed); a symbolic link to nothing is
-    refused (SQLite would create the file wherever it points: a link planted in a shared folder)."""
-    try:
-        os.close(os.open(path, _CREATE_FLAGS, 0o600))
-    except FileExistsError:
-        if path.is_symlink() and not path.exists():
-            raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
-                                  "to nothing", str(path)) from None
+    refused (SQLite would create the file wherever it points: a link planted in a shared folder).
+    Created under :func:`creation_lock`."""
+    if not os.path.lexists(path):  # most calls (a connection to a file that is there): no lock
+        with creation_lock(path):
+            try:
+                os.close(os.open(path, _CREATE_FLAGS, 0o600))
+                return
+            except FileExistsError:
+                pass
+    if path.is_symlink() and not path.exists():
+        raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
+                              "to nothing", str(path))
 
 
 def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:

@@ -141,7 +141,9 @@ class DagReader:
     """Read-only access to one DAG database (``url`` resolved like the writer's: argument >
     ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_DATABASE_URL`` > the default SQLite file).
 
-    Use as a context manager; every method runs in one read-only connection. Raises
+    Use as a context manager; every method runs in one read-only connection and one snapshot (a
+    read transaction: PostgreSQL ``REPEATABLE READ``, SQLite ``BEGIN``), so what a block reads is
+    the database at one moment, whatever writers commit meanwhile. Raises
     :class:`~cmbagent_otel.dag.database.BadDatabaseURL` for an invalid URL and
     :class:`NothingThere` when the SQLite file does not exist (it is never created).
     """
@@ -171,8 +173,12 @@ class DagReader:
     def __enter__(self) -> DagReader:
         try:
             conn = self._engine.connect()
+            # one snapshot for everything read inside the block: a run is read in several statements,
+            # and a batch committed between two of them showed nodes from before it and edges from after
             if conn.dialect.name == "postgresql":
-                conn = conn.execution_options(postgresql_readonly=True)
+                conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            else:
+                conn.exec_driver_sql("BEGIN")  # deferred: a read transaction (WAL: never blocks a writer)
             self._conn = conn
             inspector = inspect(conn)
             has_runs = inspector.has_table("workflow_runs")

@@ -32,6 +32,7 @@ from .. import semconv as sc
 from .._forksafe import reset_in_child
 from . import schema
 from .database import (
+    creation_lock,
     deadline,
     ensure_schema,
     make_engine,
@@ -187,10 +188,13 @@ class DagWriter:
         if engine is not None:
             engine.dispose()
         if self._file is not None and _identity(self._file) is None:
-            # WAL and shared-memory files of the deleted database must not meet the new one
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    Path(f"{self._file}{suffix}").unlink(missing_ok=True)
+            # WAL and shared-memory files of the deleted database must not meet the new one; decided
+            # again under the lock a writer creating the file takes: the names may be its live files now
+            with creation_lock(self._file):
+                if _identity(self._file) is None:
+                    for suffix in ("-wal", "-shm"):
+                        with contextlib.suppress(OSError):
+                            Path(f"{self._file}{suffix}").unlink(missing_ok=True)
 
     def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan], *,
               timeout: float | None = None) -> WriteResult:
