@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
+from .._jsontext import loads
 from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, safe_text, scrub, truncate
 from . import _stamps
@@ -673,7 +674,7 @@ def _json_string(value: Any) -> Any:
     """A content attribute holding a JSON string literal (a tool's text result) as that text."""
     if isinstance(value, str) and value.startswith('"'):
         try:
-            decoded = json.loads(value)
+            decoded = loads(value)
         except ValueError:
             return value
         return decoded if isinstance(decoded, str) else value
@@ -1119,7 +1120,7 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
     value = raw
     if isinstance(raw, str):
         try:
-            value = json.loads(raw)
+            value = loads(raw)  # an ingest client's text nested too deep is text, not a failed batch
         except ValueError:
             return [(None, raw)]
     if isinstance(value, (list, tuple)):

@@ -9,7 +9,6 @@ totals on nodes) and of other writers (cmbagent's own) are read too.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from .._jsontext import loads
 from .database import VERSION_TABLE, redacted, resolve_url, sqlite_file
 from .schema import metadata
 
@@ -64,8 +64,8 @@ def decode(value: Any) -> Any:
     """A JSON column's value: drivers return text (SQLite) or objects (PostgreSQL); bad text is ``None``."""
     if isinstance(value, (str, bytes)):
         try:
-            return json.loads(value)
-        except ValueError:
+            return loads(value)
+        except ValueError:  # RecursionError too: loads() refuses a document nested too deep
             return None
     return value
 
