@@ -941,6 +941,10 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     when the caller read them; ``clean``: its attributes' meta, when the caller made it)."""
     get = attrs.get
     kind = get(sc.SPAN_KIND)
+    if type(kind) is not str and kind is not None:
+        # an ingest client's kvlist is a dict (unhashable: the lookups below raised and failed its
+        # whole request); shown as its text, like any kind we do not know
+        kind = str(kind)
     if trace_bytes is None:
         trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
     if failed is None:
