@@ -767,15 +767,18 @@ def _redact_column(value: Any) -> Any:
     return value
 
 
-def _with_clean_columns(attrs: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A copy of ``attrs`` whose column attributes are redacted, or None when nothing changes."""
+def _with_clean_columns(attrs: Mapping[str, Any] | None, cache: dict[str, str]) -> dict[str, Any] | None:
+    """A copy of ``attrs`` whose column attributes are redacted, or None when nothing changes
+    (``cache``: the memo of redacted short texts, read in C first)."""
     if not attrs or _COLUMN_KEYS.isdisjoint(attrs):
         return None
     changed = None
     for key in _COLUMN_KEYS.intersection(attrs):
         value = attrs[key]
-        clean = _redact_column(value)
-        if clean != value:
+        clean = cache.get(value) if type(value) is str else None
+        if clean is None:
+            clean = _redact_column(value)
+        if clean is not value and clean != value:
             if changed is None:
                 changed = dict(attrs)
             changed[key] = clean
@@ -791,13 +794,16 @@ def redact_columns(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
     attributes as they are: an ingest client's workflow name, task, task id, session id, node ids,
     agents and models went into ``workflow_runs``, ``dag_nodes``, ``sessions`` and
     ``session_states`` with the keys they held."""
+    cache = _values.entries()  # computed with the secrets known now
     out: list[ReadableSpan] = []
     for span in spans:
-        attrs = _with_clean_columns(span.attributes)
+        attrs = _with_clean_columns(span.attributes, cache)
         events = span.events
-        if any(not _COLUMN_KEYS.isdisjoint(e.attributes or ()) for e in events):
-            events = tuple(Event(e.name, _with_clean_columns(e.attributes) or e.attributes, e.timestamp)
-                           for e in events)
+        if events:
+            cleaned = [_with_clean_columns(e.attributes, cache) for e in events]
+            if any(c is not None for c in cleaned):
+                events = tuple(e if c is None else Event(e.name, c, e.timestamp)
+                               for e, c in zip(events, cleaned, strict=True))
         if attrs is None and events is span.events:
             out.append(span)
             continue
