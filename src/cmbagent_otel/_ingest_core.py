@@ -149,6 +149,9 @@ def _reason(exc: BaseException) -> str:
     return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
 
 
+_REJECTED_LINES = 10  # per chunk, at WARNING
+
+
 def _first_line(exc: BaseException) -> str:
     """An unexpected write error's first line, redacted, escaped and cut (a driver's error quotes
     the statement and its parameters on the lines after it)."""
@@ -367,14 +370,16 @@ class IngestCore:
                          "cause it", len(spans), _first_line(exc))
             # the traceback only when asked for: a driver's error quotes every row's parameters
             logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
-        stored = 0
+        stored = rejected = 0
         pending = [list(spans)]
         while pending:
             part = pending.pop()
             if len(part) == 1:
                 ctx = part[0].context
-                logger.warning("cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
-                               ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
+                rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
+                logger.log(logging.WARNING if rejected <= _REJECTED_LINES else logging.DEBUG,
+                           "cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
+                           ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
                 continue
             half = len(part) // 2
             for piece in (part[:half], part[half:]):
