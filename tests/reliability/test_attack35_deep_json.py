@@ -8,7 +8,9 @@ that parse text someone else wrote caught ``ValueError`` only, so:
   DAG mapping raise: the whole request answered 500, every span of it lost (OTLP clients do not retry
   a 500);
 * another writer's run row whose ``meta`` held it made our writer fail every later batch of that run;
-* such a ``meta``, ``inputs`` or ``outputs`` made ``dag`` and ``events`` end in a traceback;
+* such a ``meta``, ``inputs`` or ``outputs`` made ``dag`` and ``events`` end in a traceback (on
+  PostgreSQL, whose ``json`` takes 3,000 levels, psycopg parsed it while fetching the row: the reader
+  now casts its JSON columns to text in SQL);
 * a spill file whose header line held it made ``replay`` end in a traceback, the file left in place
   to fail every later replay;
 * a tool returning such text (content capture on) lost its recorded result.
@@ -114,6 +116,27 @@ def test_the_cli_reads_rows_nested_deep(db: Path, command: list[str], capsys: py
     _nest_every_json_column(db)
     assert main(["--db", f"sqlite:///{db}", *command]) == 0  # RecursionError before (dag, events)
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.postgres
+def test_the_cli_reads_postgresql_rows_nested_past_the_parsers_depth(pg_url: str, provider: Any,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # PostgreSQL's json type takes 3,000 levels; psycopg parsed such a value itself while the row was
+    # fetched (a type given to the result alone does not stop it), so the CLI ended in a traceback
+    with workflow("fit the spectrum", mode="one-shot"), phase("control"), step(1, "fit", agent="engineer"):
+        pass
+    provider.store(pg_url)
+    deep = '{"tokens": ' + "[" * 3000 + "]" * 3000 + "}"
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            for table in ("workflow_runs", "dag_nodes", "execution_events"):
+                conn.execute(text(f"UPDATE {table} SET meta = CAST(:m AS json)"), {"m": deep})
+    finally:
+        engine.dispose()
+    for command in (["runs"], ["dag", "latest"], ["events", "latest"], ["events", "latest", "--format", "json"]):
+        assert main(["--db", pg_url, *command]) == 0, command  # RecursionError before (dag, events)
+        assert capsys.readouterr().out.strip()
 
 
 def test_replay_sets_aside_a_spill_file_whose_header_is_nested_deep(tmp_path: Path, provider: Any) -> None:

@@ -21,6 +21,8 @@ from sqlalchemy import (
     DateTime,
     Engine,
     String,
+    Text,
+    cast,
     create_engine,
     exists,
     func,
@@ -109,8 +111,10 @@ def _usd(cost: float) -> float:
 
 
 def _raw(column: Any) -> Any:
-    # JSON columns read as stored: a row another writer filled with invalid JSON must not fail the query
-    return type_coerce(column, String).label(column.name)
+    # JSON columns read as stored: a row another writer filled with invalid JSON must not fail the
+    # query. A cast in SQL, not only a type for the result: psycopg parses a PostgreSQL json value
+    # itself, and one nested past json.loads' depth (PostgreSQL stores 3,000 levels) raised there
+    return cast(column, Text).label(column.name)
 
 
 def _select_runs() -> Any:
