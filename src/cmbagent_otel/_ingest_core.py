@@ -136,30 +136,32 @@ class Ticket:
             self._admission.give(held)
 
 
+def _log_line(text: str) -> str:
+    """``text`` for a log line: redacted, control characters escaped, on one line."""
+    from . import redaction
+    from .otlp_decode import _CONTROLS, _escaped
+
+    return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
+
+
 def _reason(exc: BaseException) -> str:
     """One log line for a write that failed: what the writer said (it names the database
     without its password, and the driver's reason), redacted, control characters escaped,
     on one line (libpq's messages span several)."""
-    from . import redaction
-    from .otlp_decode import _CONTROLS, _escaped
-
     text = str(exc) or type(exc).__name__
     if not text.startswith("database "):  # an OSError from opening the SQLite folder
         text = f"database unavailable: {text}"
-    return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
+    return _log_line(text)
 
 
 _REJECTED_LINES = 10  # per chunk, at WARNING
 
 
 def _first_line(exc: BaseException) -> str:
-    """An unexpected write error's first line, redacted, escaped and cut (a driver's error quotes
+    """An unexpected write error's first line, cut, for :func:`_log_line` (a driver's error quotes
     the statement and its parameters on the lines after it)."""
-    from . import redaction
-    from .otlp_decode import _CONTROLS, _escaped
-
     text = (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
-    return _CONTROLS.sub(_escaped, redaction.redact(f"{type(exc).__name__}: {text}") or "")
+    return _log_line(f"{type(exc).__name__}: {text}")
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
