@@ -136,17 +136,32 @@ class Ticket:
             self._admission.give(held)
 
 
+def _log_line(text: str) -> str:
+    """``text`` for a log line: redacted, control characters escaped, on one line."""
+    from . import redaction
+    from .otlp_decode import _CONTROLS, _escaped
+
+    return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
+
+
 def _reason(exc: BaseException) -> str:
     """One log line for a write that failed: what the writer said (it names the database
     without its password, and the driver's reason), redacted, control characters escaped,
     on one line (libpq's messages span several)."""
-    from . import redaction
-    from .otlp_decode import _CONTROLS, _escaped
-
     text = str(exc) or type(exc).__name__
     if not text.startswith("database "):  # an OSError from opening the SQLite folder
         text = f"database unavailable: {text}"
-    return " ".join(_CONTROLS.sub(_escaped, redaction.redact(" ".join(text.split())) or "").split())
+    return _log_line(text)
+
+
+_REJECTED_LINES = 10  # per chunk, at WARNING
+
+
+def _first_line(exc: BaseException) -> str:
+    """An unexpected write error's first line, cut, for :func:`_log_line` (a driver's error quotes
+    the statement and its parameters on the lines after it)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
+    return _log_line(f"{type(exc).__name__}: {text}")
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
@@ -319,14 +334,66 @@ class IngestCore:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
                 if batch.spans:
-                    self.write(batch.spans, admitted)
+                    written = self._store(batch.spans, admitted)
                     admitted = None  # later chunks: from when they are ready
-                    outcome.written += len(batch.spans)
+                    outcome.written += written
+                    if written < len(batch.spans):
+                        outcome.rejected += len(batch.spans) - written
+                        reason = "span(s) the database writer could not store (logged by the server)"
+                        if reason not in outcome.error_message:
+                            outcome.error_message = f"{outcome.error_message}; {reason}" \
+                                if outcome.error_message else reason
         except MalformedPayload as exc:
             raise IngestError("invalid", str(exc)[:1000]) from None
         if outcome.rejected:
             logger.info("cmbagent-otel ingest: rejected %d span(s): %s", outcome.rejected, outcome.error_message)
         return outcome
+
+    def _store(self, spans: Sequence[ReadableSpan], since: float | None) -> int:
+        """:meth:`write` ``spans``; returns how many were stored.
+
+        An error that is not the database being unavailable (a span the writer cannot map or the
+        database refuses) costs the spans that cause it, not their request: the chunk is written
+        in halves until they are found, each rejected with a log line, as the DAG exporter does.
+        Before, one such span answered its whole request 500 (``internal error``), which OTLP
+        clients do not retry: every span of it was lost. ``IngestError`` (unavailable) propagates:
+        the client retries the request, and the spans already stored are written again
+        idempotently."""
+        from .dag.mapping import redact_columns
+
+        spans = redact_columns(spans)  # an ingest client's spans are not ours: see redact_columns
+        try:
+            self.write(spans, since)
+            return len(spans)
+        except IngestError:
+            raise
+        except Exception as exc:
+            logger.error("cmbagent-otel ingest: could not store %d span(s) (%s); looking for the ones that "
+                         "cause it", len(spans), _first_line(exc))
+            # the traceback only when asked for: a driver's error quotes every row's parameters
+            logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
+        stored = rejected = 0
+        pending = [list(spans)]
+        while pending:
+            part = pending.pop()
+            if len(part) == 1:
+                ctx = part[0].context
+                rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
+                logger.log(logging.WARNING if rejected <= _REJECTED_LINES else logging.DEBUG,
+                           "cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
+                           ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
+                continue
+            half = len(part) // 2
+            for piece in (part[:half], part[half:]):
+                try:
+                    self.write(piece)
+                except IngestError:
+                    raise
+                except Exception:
+                    pending.append(piece)
+                else:
+                    stored += len(piece)
+        return stored
 
     def _get_writer(self) -> SpanWriter:
         with self._writer_lock:

@@ -42,6 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
+from ._jsontext import loads
 from .semconv import SPAN_KIND
 
 try:
@@ -275,7 +276,7 @@ def _parse_header(line: bytes) -> dict[str, Any] | None:
     if not line.startswith(b'{"format"'):
         return None
     try:
-        head = json.loads(line)
+        head = loads(line)
     except ValueError:
         return None
     return head if isinstance(head, dict) and head.get("format") == FORMAT else None
@@ -363,7 +364,7 @@ def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
         if not line.strip():
             continue
         try:
-            spans.append(record_to_span(json.loads(line)))
+            spans.append(record_to_span(loads(line)))
         except Exception as exc:
             raise SpillFileError(f"{path}:{number}: not a spill record ({type(exc).__name__}: {exc})") from exc
     return spans

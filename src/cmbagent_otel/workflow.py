@@ -39,7 +39,7 @@ from opentelemetry import trace
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
 from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, _LateTracer, effective_parent, workflow_tracers
-from .redaction import REDACTED, is_secret_key, safe_text, truncate
+from .redaction import REDACTED, is_secret_key, redact_id, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +77,14 @@ def _clean(value: Any) -> str | None:
     """:func:`_text`, redacted and cut to the attribute bound: what the caller passes (a task,
     a goal, an agent name) is the application's text, and may quote a key or be megabytes."""
     return safe_text(_text(value))
+
+
+def _id(value: Any) -> str | None:
+    """:func:`_text` of an id the caller passes (a session's, a task's), kept as it is unless it
+    holds a secret (then redacted and bounded, as a model server's ids are): ids key the rows and
+    are compared with the caller's own, so they are not cut like text."""
+    text = _text(value)
+    return None if text is None else redact_id(text)
 
 
 def _plain_value(value: Any) -> Any:
@@ -494,12 +502,12 @@ class workflow(_Block):
         )
         self.name = _clean(name) or "workflow"
         self.mode = _clean(mode) or "one-shot"
-        self.session_id = _text(session_id) or semconv.DEFAULT_SESSION_ID
+        self.session_id = _id(session_id) or semconv.DEFAULT_SESSION_ID
         self.task = _clean(task)
         self.agent = _clean(agent)
         self.model = _clean(model)
         self.work_dir = _clean(work_dir)
-        self.task_id = _text(task_id)
+        self.task_id = _id(task_id)
         # a max_redos that is not an int cannot bound anything: unbounded, as with None
         self.max_redos = (_plain_int(max_redos)
                           if isinstance(max_redos, int) and not isinstance(max_redos, bool) else None)

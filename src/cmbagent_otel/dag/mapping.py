@@ -33,6 +33,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode
 
 from .. import redaction
 from .. import semconv as sc
+from .._jsontext import loads
 from ..processor import StartedSpan
 from ..redaction import REDACTED, is_secret_key, learn_secrets_in, safe_text, scrub, truncate
 from . import _stamps
@@ -673,7 +674,7 @@ def _json_string(value: Any) -> Any:
     """A content attribute holding a JSON string literal (a tool's text result) as that text."""
     if isinstance(value, str) and value.startswith('"'):
         try:
-            decoded = json.loads(value)
+            decoded = loads(value)
         except ValueError:
             return value
         return decoded if isinstance(decoded, str) else value
@@ -741,6 +742,78 @@ def _redact_text(value: str) -> str:
     # a value past the memo's length may be far past the attribute bound (another
     # instrumentation's: the SDK sets no length limit): cut like ours, reading a bounded prefix
     return _values.redact(value) if len(value) <= _values.max_len else (safe_text(value) or "")
+
+
+# Attributes whose text fills row columns and the node and run facts (names, ids, agents, models, a run's
+# task, a step's goal), read as they are: our instrumentation redacts them when it records them. The
+# rest is redacted by the mapping for every span (meta, span names, errors, message contents).
+_COLUMN_KEYS = frozenset({
+    sc.SESSION_ID, sc.DAG_NODE, sc.DAG_NODE_TYPE, sc.DAG_PARENT_NODE, sc.WORKFLOW_NAME, sc.WORKFLOW_MODE,
+    sc.WORKFLOW_TASK, sc.WORKFLOW_AGENT, sc.WORKFLOW_MODEL, sc.WORKFLOW_WORK_DIR, sc.WORKFLOW_TASK_ID,
+    sc.WORKFLOW_FILES, sc.PHASE, sc.PHASE_STATUS, sc.PHASE_WORK_DIR, sc.STEP_GOAL, sc.STEP_AGENT,
+    sc.STEP_SUMMARY, sc.STEP_STATUS, sc.BRANCH_NAME, sc.BRANCH_HYPOTHESIS, sc.CONVERSATION_INITIATOR,
+    sc.CONVERSATION_RECIPIENT, sc.CONVERSATION_SUMMARY, sc.AGENT_SENDER, sc.HANDOFF_FROM, sc.HANDOFF_TO,
+    sc.HANDOFF_REASON, sc.HANDOFF_CANDIDATES, sc.GEN_AI_AGENT_NAME, sc.GEN_AI_REQUEST_MODEL,
+    sc.GEN_AI_RESPONSE_MODEL, sc.GEN_AI_TOOL_NAME, sc.CODE_LANGUAGE, sc.SPAN_KIND, sc.ERROR_TYPE,
+    sc.GEN_AI_RESPONSE_FINISH_REASONS, sc.HUMAN_INPUT_PROMPT, sc.HUMAN_INPUT_RESPONSE,
+})
+
+
+def _redact_column(value: Any) -> Any:
+    if type(value) is str:
+        return _values.redact(value) if len(value) <= _values.max_len else redaction.redact(value)
+    if type(value) is tuple:
+        return tuple(_redact_column(item) for item in value)
+    return value
+
+
+def _with_clean_columns(attrs: Mapping[str, Any] | None, cache: dict[str, str]) -> dict[str, Any] | None:
+    """A copy of ``attrs`` whose column attributes are redacted, or None when nothing changes
+    (``cache``: the memo of redacted short texts, read in C first)."""
+    if not attrs or _COLUMN_KEYS.isdisjoint(attrs):
+        return None
+    changed = None
+    for key in _COLUMN_KEYS.intersection(attrs):
+        value = attrs[key]
+        clean = cache.get(value) if type(value) is str else None
+        if clean is None:
+            clean = _redact_column(value)
+        if clean is not value and clean != value:
+            if changed is None:
+                changed = dict(attrs)
+            changed[key] = clean
+    return changed
+
+
+def redact_columns(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    """``spans`` from outside the process (an ingest client's), with the attributes that fill row
+    columns redacted, in the span and in its events (a speaker selection's), as our instrumentation
+    redacts them when it records them; a span with nothing to redact is kept as it is.
+
+    The mapping redacts meta, names, errors and message contents of every span, but reads those
+    attributes as they are: an ingest client's workflow name, task, task id, session id, node ids,
+    agents and models went into ``workflow_runs``, ``dag_nodes``, ``sessions`` and
+    ``session_states`` with the keys they held."""
+    cache = _values.entries()  # computed with the secrets known now
+    out: list[ReadableSpan] = []
+    for span in spans:
+        attrs = _with_clean_columns(span.attributes, cache)
+        events = span.events
+        if events:
+            cleaned = [_with_clean_columns(e.attributes, cache) for e in events]
+            if any(c is not None for c in cleaned):
+                events = tuple(e if c is None else Event(e.name, c, e.timestamp)
+                               for e, c in zip(events, cleaned, strict=True))
+        if attrs is None and events is span.events:
+            out.append(span)
+            continue
+        out.append(ReadableSpan(
+            name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+            attributes=span.attributes if attrs is None else attrs, events=events, links=span.links,
+            kind=span.kind, instrumentation_scope=span.instrumentation_scope, status=span.status,
+            start_time=span.start_time, end_time=span.end_time,
+        ))
+    return out
 
 
 def _scrub_value(value: Any) -> Any:
@@ -940,6 +1013,10 @@ def _event_row(span: ReadableSpan, attrs: Mapping[str, Any], run_id: str, sessio
     when the caller read them; ``clean``: its attributes' meta, when the caller made it)."""
     get = attrs.get
     kind = get(sc.SPAN_KIND)
+    if type(kind) is not str and kind is not None:
+        # an ingest client's kvlist is a dict (unhashable: the lookups below raised and failed its
+        # whole request); shown as its text, like any kind we do not know
+        kind = str(kind)
     if trace_bytes is None:
         trace_bytes = (trace_id & _ID128).to_bytes(16, "big")
     if failed is None:
@@ -1119,7 +1196,7 @@ def _split_messages(raw: Any) -> list[tuple[str | None, str]]:
     value = raw
     if isinstance(raw, str):
         try:
-            value = json.loads(raw)
+            value = loads(raw)  # an ingest client's text nested too deep is text, not a failed batch
         except ValueError:
             return [(None, raw)]
     if isinstance(value, (list, tuple)):

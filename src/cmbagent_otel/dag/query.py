@@ -9,7 +9,6 @@ totals on nodes) and of other writers (cmbagent's own) are read too.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +21,8 @@ from sqlalchemy import (
     DateTime,
     Engine,
     String,
+    Text,
+    cast,
     create_engine,
     exists,
     func,
@@ -35,6 +36,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from .._jsontext import loads
 from .database import VERSION_TABLE, redacted, resolve_url, sqlite_file
 from .schema import metadata
 
@@ -64,8 +66,8 @@ def decode(value: Any) -> Any:
     """A JSON column's value: drivers return text (SQLite) or objects (PostgreSQL); bad text is ``None``."""
     if isinstance(value, (str, bytes)):
         try:
-            return json.loads(value)
-        except ValueError:
+            return loads(value)
+        except ValueError:  # RecursionError too: loads() refuses a document nested too deep
             return None
     return value
 
@@ -109,8 +111,10 @@ def _usd(cost: float) -> float:
 
 
 def _raw(column: Any) -> Any:
-    # JSON columns read as stored: a row another writer filled with invalid JSON must not fail the query
-    return type_coerce(column, String).label(column.name)
+    # JSON columns read as stored: a row another writer filled with invalid JSON must not fail the
+    # query. A cast in SQL, not only a type for the result: psycopg parses a PostgreSQL json value
+    # itself, and one nested past json.loads' depth (PostgreSQL stores 3,000 levels) raised there
+    return cast(column, Text).label(column.name)
 
 
 def _select_runs() -> Any:

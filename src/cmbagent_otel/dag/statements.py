@@ -24,7 +24,6 @@ driver's cursor, not through SQLAlchemy. Other drivers run each statement when i
 from __future__ import annotations
 
 import contextlib
-import json
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -35,6 +34,7 @@ from sqlalchemy import JSON, Boolean, Connection, DateTime, Integer, Table
 from .._jsontext import (
     ORJSON_OPTION,
     has_non_finite,
+    loads,
     orjson_default,
     orjson_dumps,
     row_json_encoders,
@@ -63,8 +63,8 @@ def decode_json(value: Any) -> Any:
     """A JSON column's value as read back: drivers return text (SQLite) or objects (PostgreSQL)."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except ValueError:
+            return loads(value)
+        except ValueError:  # RecursionError too: loads() refuses a document nested too deep
             return None
     return value
 

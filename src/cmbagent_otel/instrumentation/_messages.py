@@ -17,7 +17,6 @@ messages with a ``finish_reason``, and system messages apart, as ``gen_ai.system
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from bisect import bisect_right
@@ -28,7 +27,7 @@ from operator import add, is_
 from typing import Any
 
 from .. import redaction
-from .._jsontext import compact_encoder
+from .._jsontext import compact_encoder, loads
 from ..redaction import (
     attribute_bound,
     learn_encoded_in,
@@ -59,7 +58,7 @@ def _arguments(raw: Any) -> Any:
     """Tool-call arguments as an object: AG2 passes the model's JSON text."""
     if isinstance(raw, str):
         try:
-            return json.loads(raw)
+            return loads(raw)
         except ValueError:
             return raw
     return raw
@@ -162,7 +161,7 @@ def tool_result(content: Any) -> Any:
         stripped = content.lstrip()
         if stripped[:1] in ("{", "["):
             try:
-                return json.loads(content)
+                return loads(content)  # nested too deep: kept as the text it is
             except ValueError:
                 return content
         return content
@@ -532,7 +531,7 @@ def _render_once(items: Sequence[Any], bound: int | None, convert: Callable[[Any
             # a secret replaced by the marker can change the length; the marker never breaks
             # JSON, but verify rather than assume
             try:
-                json.loads(final)
+                loads(final)
             except ValueError:
                 logger.debug("cmbagent_otel: redaction broke message JSON; content left out")
                 return "[]", len(items)
@@ -552,7 +551,7 @@ def render_value(value: Any, bound: int | None = None) -> str:
     final = redact(text) or "null"
     if final != text:
         try:
-            json.loads(final)
+            loads(final)
         except ValueError:
             return _dumps("[REDACTED]")
     if len(final) > bound:
