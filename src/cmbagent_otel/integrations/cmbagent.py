@@ -778,11 +778,12 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
     raised = True
     try:
         with _opened(block) as entered:
+            earlier = _group_contexts(instance) if entered is not None else ()
             try:
                 result = wrapped(*args, **kwargs)
             except BaseException:
                 if entered is not None:  # read before the block ends the step with the exception
-                    _raised_step_outcome(block, instance, number, context)
+                    _raised_step_outcome(block, instance, number, context, earlier)
                 raise
             if entered is not None:
                 try:
@@ -807,23 +808,37 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
     return result
 
 
-def _raised_step_outcome(block: step, instance: Any, number: int, context: Any) -> None:
+def _group_contexts(instance: Any) -> tuple[Any, ...]:
+    """The ``context_variables`` each agent of a CMBAgent holds now (see :func:`_raised_step_outcome`)."""
+    try:
+        return tuple(getattr(getattr(m, "agent", None), "context_variables", None)
+                     for m in getattr(instance, "agents", None) or ())
+    except Exception:
+        return ()
+
+
+def _raised_step_outcome(block: step, instance: Any, number: int, context: Any, earlier: tuple[Any, ...]) -> None:
     """What a step whose solve raised had reached, as a step that returned carries it (attempts, limit,
     the status last reported): cmbagent sets no final context then, so they are read from the group chat
-    the solve left. AG2 gives every agent of a group chat the chat's ``ContextVariables`` and each agent
-    keeps the messages it was sent; an agent whose context is not this step's never took part."""
+    the solve left. AG2 gives every agent of a group chat, and its manager, the chat's ``ContextVariables``,
+    and each agent keeps the messages it was sent per partner; an agent still holding the context it held
+    before the solve (``earlier``: an earlier chat's, the solve raised before its own began), or one naming
+    another step, never took part."""
     try:
         live: Any = None
         history: list[Any] = []
         for member in getattr(instance, "agents", None) or ():
             agent = getattr(member, "agent", None)
             variables = getattr(agent, "context_variables", None)
-            if _int(context_get(variables, "current_plan_step_number")) != number:
+            if any(variables is old for old in earlier) \
+                    or _int(context_get(variables, "current_plan_step_number")) != number:
                 continue
             live = variables
             chats = getattr(agent, "chat_messages", None)
-            for messages in (chats.values() if isinstance(chats, Mapping) else ()):
-                if isinstance(messages, list) and len(messages) > len(history):
+            for partner, messages in (chats.items() if isinstance(chats, Mapping) else ()):
+                # the chat's manager holds the same context: messages with another partner are another chat's
+                if getattr(partner, "context_variables", None) is variables and isinstance(messages, list) \
+                        and len(messages) > len(history):
                     history = messages
         attempts, limit = _attempts(live) if live is not None else (None, None)
         if limit is None:
