@@ -743,12 +743,14 @@ def _step_summary(instance: Any, agent: str | None) -> str | None:
     return None
 
 
-def _step_status(instance: Any, number: int) -> str | None:
+def _step_status(instance: Any, number: int, history: Any = None) -> str | None:
     """The status cmbagent's ``record_status`` last reported for step ``number`` in the solve's chat, as a
     plan step of one group chat carries it; ``None`` when none was. Read from the chat history's tool
-    calls, not the final context: in the carryover loop control announces the next step ("in progress")
-    once ``number`` completed, and a step's context starts with the previous step's status."""
-    history = getattr(getattr(instance, "chat_result", None), "chat_history", None)
+    calls (``history``, else the solve's result's), not the final context: in the carryover loop control
+    announces the next step ("in progress") once ``number`` completed, and a step's context starts with
+    the previous step's status."""
+    if history is None:
+        history = getattr(getattr(instance, "chat_result", None), "chat_history", None)
     for msg in reversed(history if isinstance(history, list) else []):
         calls = msg.get("tool_calls") if isinstance(msg, Mapping) else None
         for call in reversed(calls if isinstance(calls, list) else []):
@@ -776,7 +778,13 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
     raised = True
     try:
         with _opened(block) as entered:
-            result = wrapped(*args, **kwargs)
+            earlier = _group_contexts(instance) if entered is not None else ()
+            try:
+                result = wrapped(*args, **kwargs)
+            except BaseException:
+                if entered is not None:  # read before the block ends the step with the exception
+                    _raised_step_outcome(block, instance, number, context, earlier)
+                raise
             if entered is not None:
                 try:
                     final = getattr(instance, "final_context", None)
@@ -798,6 +806,50 @@ def _solve_with_step(wrapped: Callable[..., Any], instance: Any, args: tuple[Any
         if entered is not None and planned is None:
             _plan_stopped_after(number, final, context, raised)
     return result
+
+
+def _group_contexts(instance: Any) -> tuple[Any, ...]:
+    """The ``context_variables`` each agent of a CMBAgent holds now (see :func:`_raised_step_outcome`)."""
+    try:
+        return tuple(getattr(getattr(m, "agent", None), "context_variables", None)
+                     for m in getattr(instance, "agents", None) or ())
+    except Exception:
+        return ()
+
+
+def _raised_step_outcome(block: step, instance: Any, number: int, context: Any, earlier: tuple[Any, ...]) -> None:
+    """What a step whose solve raised had reached, as a step that returned carries it (attempts, limit,
+    the status last reported): cmbagent sets no final context then, so they are read from the group chat
+    the solve left. AG2 gives every agent of a group chat, and its manager, the chat's ``ContextVariables``,
+    and each agent keeps the messages it was sent per partner; an agent still holding the context it held
+    before the solve (``earlier``: an earlier chat's, the solve raised before its own began), or one naming
+    another step, never took part."""
+    try:
+        live: Any = None
+        history: list[Any] = []
+        for member in getattr(instance, "agents", None) or ():
+            agent = getattr(member, "agent", None)
+            variables = getattr(agent, "context_variables", None)
+            if any(variables is old for old in earlier) \
+                    or _int(context_get(variables, "current_plan_step_number")) != number:
+                continue
+            live = variables
+            chats = getattr(agent, "chat_messages", None)
+            for partner, messages in (chats.items() if isinstance(chats, Mapping) else ()):
+                # the chat's manager holds the same context: messages with another partner are another chat's
+                if getattr(partner, "context_variables", None) is variables and isinstance(messages, list) \
+                        and len(messages) > len(history):
+                    history = messages
+        attempts, limit = _attempts(live) if live is not None else (None, None)
+        if limit is None:
+            limit = _int(context_get(context, "max_n_attempts"))
+        if attempts is not None:
+            block.set_attribute(semconv.STEP_ATTEMPTS, attempts)
+        if limit is not None:
+            block.set_attribute(semconv.STEP_MAX_ATTEMPTS, limit)
+        block.set_attribute(semconv.STEP_STATUS, _step_status(instance, number, history))
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the outcome of a step that raised", exc_info=True)
 
 
 def _plan_stopped_after(number: int, final: Any, context: Any, raised: bool = False) -> None:
