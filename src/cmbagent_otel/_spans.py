@@ -839,9 +839,15 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs[EVENT_DEPTH] = scope.event_depth
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
-            else:
-                _set_node(attrs, node, node_id, depth, dag_node, order)
-                new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
+            else:  # _set_node written out: every DAG node span
+                attrs[DAG_NODE] = node_id
+                attrs[DAG_NODE_TYPE] = node_type = node.node_type
+                attrs[DAG_DEPTH] = depth
+                if dag_node is not None:
+                    attrs[DAG_PARENT_NODE] = dag_node
+                if order is not None:
+                    attrs[DAG_ORDER_INDEX] = order
+                new_scope = scope.child_node(node_id, node_type, depth, order or 0, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet
                     setattr(new_scope, field, value)
