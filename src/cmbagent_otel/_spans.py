@@ -814,7 +814,24 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             conversation_id = scope.conversation_id
             session = state.session_id
             dag_node = scope.dag_node
-            if node is not None:  # its order decides the attributes' template below
+            if node is None:
+                pass
+            elif _GIL:  # its order decides the attributes' template below; _name_node written out (keep the
+                # two alike): every DAG node span, a frame and a tuple less each
+                order = node.order_index
+                node_id = node.base_id
+                if node.child:
+                    key = node.children_key
+                    k = next(state._counters[key if key is not None else CHILDREN_KEY + (dag_node or "")])
+                    order = min((scope.dag_order if dag_node is not None else 1) * CHILD_ORDER_BASE + k, _INT32)
+                    if node.numbered:
+                        node_id = f"{node_id}_{k}"
+                if node.unique:
+                    count = next(state._counters[node_id])
+                    if count != 1:
+                        node_id = f"{node_id}_{count}"
+                depth = scope.dag_depth + 1
+            else:
                 node_id, depth, order = _name_node(state, scope, node)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
