@@ -832,14 +832,21 @@ def _merged(cls: Any, body: bytes, parts: list[tuple[int, int]], message: str, l
     return _parse(cls, joined, 0, len(joined), message, limits)
 
 
-def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
+_MOST_PLACES = 1024  # spans whose places one skim lists (~120 KiB): the rest are found again by _skimmed_spans
+
+
+def _skim_scope_spans(buf: bytes, start: int, end: int,
+                      places: list[tuple[int, int]] | None = None) -> tuple[int, int, int, int] | None:
     """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (the
     schema URL's last occurrence; ``(0, 0)`` for one absent), when it holds only its three
     length-delimited fields with lengths under 2 MiB and one scope at most, as exporters write it;
     ``None`` for anything else (then :func:`_fields` walks it, merges repeated scopes and words
-    what is wrong). Each span costs a few comparisons here,
-    not a generator step: the spans are walked again when they are read."""
+    what is wrong). Each span costs a few comparisons here, not a generator step; ``places``, when
+    given, gets the first :data:`_MOST_PLACES` spans' ``(start, end)`` (meaningful only when the
+    skim accepts), so that they are not walked again to be read."""
     scope_start = scope_end = schema_start = schema_end = 0
+    room = _MOST_PLACES if places is not None else 0
+    add = places.append if places is not None else None
     pos = start
     try:
         while pos < end:
@@ -861,6 +868,9 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
             if pos + size > end:
                 return None
             if key == 0x12:  # a span
+                if room:
+                    add((pos, pos + size))  # type: ignore[misc]
+                    room -= 1
                 pos += size
             elif key == 0x0A:  # the scope
                 if scope_end:
@@ -877,10 +887,43 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
     return (scope_start, scope_end, schema_start, schema_end) if pos == end else None
 
 
-def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None) -> SdkScope:
-    """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]``."""
+def _skimmed_spans(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each span of the ``ScopeSpans`` in ``buf[start:end]``, which
+    :func:`_skim_scope_spans` accepted: its fields are then spans, a scope or a schema URL, each with
+    a length of one to three bytes that fits, so only those lengths are read (what :func:`_fields`
+    would yield for them, without its general checks, once per span)."""
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        size = buf[pos + 1]
+        if size < 0x80:
+            pos += 2
+        elif buf[pos + 2] < 0x80:
+            size = size & 0x7F | buf[pos + 2] << 7
+            pos += 3
+        else:
+            size = size & 0x7F | (buf[pos + 2] & 0x7F) << 7 | buf[pos + 3] << 14
+            pos += 4
+        if key == 0x12:
+            yield pos, pos + size
+        pos += size
+
+
+def _walked_spans(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each span of the ``ScopeSpans`` in ``buf[start:end]``, by the field walk
+    (anything the skim declines; raises :class:`MalformedPayload` where the walk finds it)."""
+    for number, wire, value_start, value_end, _ in _fields(buf, start, end, 2):
+        if number == 2 and wire == 2:
+            yield value_start, value_end
+
+
+def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None,
+              skimmed: tuple[int, int, int, int] | None = None) -> SdkScope:
+    """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]`` (``skimmed``:
+    what :func:`_skim_scope_spans` found in it, when it was run already)."""
     schema = ""
-    skimmed = _skim_scope_spans(body, start, end)
+    if skimmed is None:
+        skimmed = _skim_scope_spans(body, start, end)
     if skimmed is not None:
         scope_start, scope_end, schema_start, schema_end = skimmed
         if schema_end:
@@ -916,9 +959,19 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                 if n2 != 2 or w2 != 2:
                     continue
                 scope = None
-                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end, 2):
-                    if n3 != 2 or w3 != 2:
-                        continue
+                # the spans' places: as exporters write a ScopeSpans, by the skim's few comparisons per
+                # span (validated whole first), not a step of the general walk each; a ScopeSpans too
+                # short to hold a span is left to the walk (no skim for a flood of empty containers)
+                places: list[tuple[int, int]] = []
+                skimmed = _skim_scope_spans(body, ss_start, ss_end, places) if ss_end - ss_start > _MIN_SPAN \
+                    else None
+                if skimmed is None:
+                    spans: Iterable[tuple[int, int]] = _walked_spans(body, ss_start, ss_end)
+                elif len(places) < _MOST_PLACES:
+                    spans = places
+                else:
+                    spans = _skimmed_spans(body, ss_start, ss_end)
+                for start, end in spans:
                     if earlier + batch.rejected >= MAX_REJECTED:
                         raise MalformedPayload(f"more than {MAX_REJECTED} invalid spans: {batch.error_message}")
                     if end - start < _MIN_SPAN:  # cheaply: a flood of empty spans must not cost a parse each
@@ -927,7 +980,7 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                     if scope is None:
                         if resource is None:
                             resource = _resource_at(body, rs_start, rs_end, json_safe, limits)
-                        scope = _scope_at(body, ss_start, ss_end, json_safe, limits)
+                        scope = _scope_at(body, ss_start, ss_end, json_safe, limits, skimmed)
                     try:
                         pb = _parse(_RawSpan, body, start, end, "span", limits)
                         if limits is not None and (len(pb.events) > limits.max_events
