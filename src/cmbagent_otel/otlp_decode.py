@@ -41,6 +41,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -446,9 +447,55 @@ def _raw_span_class() -> tuple[Any, Any]:
                  for name in ("Span", "NestSpan"))
 
 
+def _probe_class() -> tuple[Any, Any]:
+    """``ScopeSpans`` as protobuf needs to know it to walk every message and group its spans nest (a
+    probe: its spans' events, links and status are messages with no fields, everything else unknown),
+    and its ``Nest``. A ScopeSpans that parses as this at its depth in a request holds no span
+    nesting past protobuf's limit there (see :func:`_shallow`)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fields = descriptor_pb2.FieldDescriptorProto
+    package = "cmbagent_otel.otlp_probe"
+    file = descriptor_pb2.FileDescriptorProto(name="cmbagent_otel/otlp_probe.proto", package=package,
+                                              syntax="proto3")
+    otlp = descriptor_pb2.FileDescriptorProto()
+    PbSpan.DESCRIPTOR.file.CopyToProto(otlp)
+    span = file.message_type.add(name="Span")
+    for fd in next(message for message in otlp.message_type if message.name == "Span").field:
+        # the mirror's message fields (events, links, status: its attributes are bytes)
+        if fd.type == fields.TYPE_MESSAGE and fd.type_name != ".opentelemetry.proto.common.v1.KeyValue":
+            file.message_type.add(name=f"Empty{fd.number}")
+            span.field.add(name=fd.name, number=fd.number, label=fd.label, type=fields.TYPE_MESSAGE,
+                           type_name=f".{package}.Empty{fd.number}")
+    number = ScopeSpans.DESCRIPTOR.fields_by_name["spans"].number
+    file.message_type.add(name="ScopeSpans").field.add(name="spans", number=number, label=fields.LABEL_REPEATED,
+                                                       type=fields.TYPE_MESSAGE, type_name=f".{package}.Span")
+    _add_nest(file, "NestScopeSpans", f".{package}.ScopeSpans")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))  # type: ignore[return-value]
+                 for name in ("ScopeSpans", "NestScopeSpans"))
+
+
 _RawSpan, _RawNest = _raw_span_class()
+_ProbeScopeSpans, _ProbeNest = _probe_class()
 # each message class parsed alone -> its Nest
-_NESTS: dict[Any, Any] = {**_nest_classes(), _RawSpan: _RawNest}
+_NESTS: dict[Any, Any] = {**_nest_classes(), _RawSpan: _RawNest, _ProbeScopeSpans: _ProbeNest}
+_PROBE_BYTES = 1 << 20  # larger ScopeSpans are not probed (the probe holds a copy of what it skips)
+
+
+def _shallow(body: bytes, start: int, end: int) -> bool:
+    """Whether the ``ScopeSpans`` in ``body[start:end]`` (at most :data:`_PROBE_BYTES`) parses, at its depth
+    in a request, as :func:`_probe_class`'s probe: then no message or group in its spans nests past
+    protobuf's limit there, so each span's mirror parsed alone reads as in the request, and
+    :func:`_parse` need not re-encode each to find out (one parse in C for them all)."""
+    if end - start > _PROBE_BYTES:
+        return False
+    try:
+        _nested(_ProbeScopeSpans, memoryview(body)[start:end], 2)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _id(raw: bytes, size: int, what: str) -> int:
@@ -784,16 +831,21 @@ def _trim(buf: bytes, start: int, end: int, message: str, limits: Limits, depth:
 
 
 
-def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None) -> Any:
+def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None,
+           shallow: bool = False) -> Any:
+    """``buf[start:end]`` parsed as ``cls`` as protobuf parses it where ``message`` stands in a request;
+    ``shallow``: a span of a ScopeSpans :func:`_shallow` accepted."""
     if limits is not None and end - start > _SMALL_SPAN:
         raw = _trim(buf, start, end, message, limits)
     else:
         raw = buf[start:end]
     if cls is not _RawSpan:  # the resource, the scope, a span read whole: in their envelope (see _nested)
         return _nested(cls, raw, _DEPTHS[message])
-    # a span's mirror, alone when protobuf skipped nothing in it (_skipped_nothing written out: every span):
-    # its messages then nest 2 deep (events, links, status; attributes are bytes), far within the limit
     span = cls.FromString(raw)
+    if shallow:  # nothing in it nests past the limit at its depth (its trimmed form neither): alone is the same
+        return span
+    # a span's mirror, alone when protobuf skipped nothing in it (_skipped_nothing written out): its
+    # messages then nest 2 deep (events, links, status; attributes are bytes), far within the limit
     span.DiscardUnknownFields()
     if span.ByteSize() == len(raw):
         return span
@@ -959,6 +1011,7 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                 if n2 != 2 or w2 != 2:
                     continue
                 scope = None
+                shallow = False
                 # the spans' places: as exporters write a ScopeSpans, by the skim's few comparisons per
                 # span (validated whole first), not a step of the general walk each; a ScopeSpans too
                 # short to hold a span is left to the walk (no skim for a flood of empty containers)
@@ -981,8 +1034,9 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                         if resource is None:
                             resource = _resource_at(body, rs_start, rs_end, json_safe, limits)
                         scope = _scope_at(body, ss_start, ss_end, json_safe, limits, skimmed)
+                        shallow = skimmed is not None and _shallow(body, ss_start, ss_end)
                     try:
-                        pb = _parse(_RawSpan, body, start, end, "span", limits)
+                        pb = _parse(_RawSpan, body, start, end, "span", limits, shallow)
                         if limits is not None and (len(pb.events) > limits.max_events
                                                    or len(pb.links) > limits.max_links):
                             raise _Unbounded("more events or links than the limits")
