@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PACKAGE = "cmbagent_otel"
 WORKTREE = "WORKTREE"
-WORKLOADS = ("export", "mapping")
+WORKLOADS = ("export", "mapping", "ingest", "decode")
 CHECK_SHAPE = ((10_000, 512), (5_000, 97))  # the row check's corpus: (spans, batch size) parts
 
 
@@ -88,7 +88,8 @@ class Tree:
         self._materialise()
         with self.active():
             for name in (PACKAGE, f"{PACKAGE}.exporters.dag", f"{PACKAGE}.dag.mapping", f"{PACKAGE}.dag.statements",
-                         f"{PACKAGE}.dag.database", f"{PACKAGE}.dag.schema"):
+                         f"{PACKAGE}.dag.database", f"{PACKAGE}.dag.schema", f"{PACKAGE}.ingest",
+                         f"{PACKAGE}.cli.ingest", f"{PACKAGE}.otlp_decode"):
                 importlib.import_module(name)
 
     def _materialise(self) -> None:
@@ -207,7 +208,69 @@ def prepare_mapping(tree: Tree, batches: list[list[Any]],
     return run, lambda: None
 
 
-PREPARE = {"export": prepare_export, "mapping": prepare_mapping}
+_bodies: dict[int, list[bytes]] = {}
+
+
+def otlp_bodies(batches: list[list[Any]]) -> list[bytes]:
+    """``batches`` as OTLP/HTTP protobuf request bodies (the SDK's encoder, shared by both revisions), made once."""
+    bodies = _bodies.get(id(batches))
+    if bodies is None:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        bodies = _bodies[id(batches)] = [encode_spans(batch).SerializeToString() for batch in batches]
+    return bodies
+
+
+def prepare_ingest(tree: Tree, batches: list[list[Any]],
+                   dbs: Databases) -> tuple[Callable[[], None], Callable[[], Any]]:
+    """``cmbagent-otel ingest``'s path without HTTP: ``IngestCore.process`` of each request body (the
+    CLI's settings and young-collection threshold) into a fresh migrated SQLite file."""
+    bodies = otlp_bodies(batches)
+    path = dbs.fresh(tree)
+    core = tree.module("ingest").IngestServer(f"sqlite:///{path}", port=0, grpc_port="off").core
+    writer = core._get_writer()
+    writer.engine.connect().close()  # its connection opened before the timer (the pool keeps it)
+    threshold = tree.module("cli.ingest").YOUNG_COLLECTION_THRESHOLD
+    clear_id_caches(tree)
+
+    def run() -> None:
+        saved = gc.get_threshold()
+        gc.set_threshold(threshold, *saved[1:])
+        try:
+            for body in bodies:
+                ticket = core.admission.ticket()
+                try:
+                    outcome = core.process(body, "protobuf", False, ticket)
+                finally:
+                    ticket.close()
+                if outcome.rejected:
+                    raise SystemExit(f"bench_ab: {tree.label}'s ingest rejected spans: {outcome.error_message}")
+        finally:
+            gc.set_threshold(*saved)
+
+    def done() -> Path:
+        writer.engine.dispose()
+        return path
+
+    return run, done
+
+
+def prepare_decode(tree: Tree, batches: list[list[Any]],
+                   dbs: Databases) -> tuple[Callable[[], None], Callable[[], Any]]:
+    """The ingest's decoding alone: request bodies to ``ReadableSpan``s, the CLI's limits, no database."""
+    bodies = otlp_bodies(batches)
+    decode = tree.module("otlp_decode")
+    limits = tree.module("ingest").IngestServer("sqlite:///unused.db", port=0, grpc_port="off").core.limits
+
+    def run() -> None:
+        for body in bodies:
+            for _ in decode.iter_protobuf(body, json_safe=True, limits=limits, chunk=1000):
+                pass
+
+    return run, lambda: None
+
+
+PREPARE = {"export": prepare_export, "mapping": prepare_mapping, "ingest": prepare_ingest, "decode": prepare_decode}
 
 
 def timed(tree: Tree, workload: str, batches: list[list[Any]], dbs: Databases,
@@ -275,8 +338,11 @@ def raw_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         conn.close()
 
 
-def check_rows(trees: Sequence[Tree], corpus: Callable[[int, int], list[Any]], dbs: Databases) -> tuple[int, list[str]]:
-    """(rows compared, tables that differ) after both revisions export the check corpus."""
+def check_rows(trees: Sequence[Tree], corpus: Callable[[int, int], list[Any]], dbs: Databases,
+               prepare: Callable[..., tuple[Callable[[], None], Callable[[], Any]]] = prepare_export,
+               ) -> tuple[int, list[str]]:
+    """(rows compared, tables that differ) after both revisions store the check corpus (``prepare``:
+    through the DAG exporter, or through the ingest)."""
     spans = corpus(sum(n for n, _ in CHECK_SHAPE), 4242)
     batches: list[list[Any]] = []
     start = 0
@@ -287,7 +353,7 @@ def check_rows(trees: Sequence[Tree], corpus: Callable[[int, int], list[Any]], d
     dumps = []
     for tree in trees:
         with tree.active():
-            run, done = prepare_export(tree, batches, dbs)
+            run, done = prepare(tree, batches, dbs)
             run()
             path = done()
         dumps.append(raw_rows(path))
@@ -416,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"spans per demo run, cloned")
         dbs = Databases(scratch)
         if not args.no_check:
-            compared, differing = check_rows(trees, corpus, dbs)
+            compared, differing = check_rows(
+                trees, corpus, dbs, prepare_ingest if args.workload in ("ingest", "decode") else prepare_export)
             print(f"rows ({sum(n for n, _ in CHECK_SHAPE)} spans, rowid order, every column): "
                   f"{'identical' if not differing else 'DIFFERENT in ' + ', '.join(differing)} ({compared} rows)")
             if differing and not args.allow_different:

@@ -15,6 +15,19 @@ spans and the peak.
     python bench/bench_ingest.py --spans 30000 --batch 512 --repeat 5
     python bench/bench_ingest.py --server-src /tmp/base/src --server-src src   # A/B, alternated
     python bench/bench_ingest.py --bytecodes       # exact: Python bytecodes per span, in-process
+    python bench/bench_ingest.py --split           # where the CPU goes, in-process, against the SQLite floor
+
+``--split`` runs the server's own path in this process (``IngestCore.process`` per request body, the
+CLI's limits and young-collection threshold, no HTTP) and its parts, interleaved in rotating order
+per repetition, CPU of this thread per span: ``decode`` (bodies to ``ReadableSpan``s, limits
+checked), ``decode, no limits`` (the same without the bounds: what the checks cost), ``decode +
+mapping`` (and the node and event rows' parameters, no database), ``ingest`` (all of it, into a
+fresh SQLite file) and ``floor``: the same final rows written by plain ``sqlite3`` with every
+decision taken before the timer (``bench_export.FloorPlan`` over the decoded requests, from the
+ingest's own database; same schema and pragmas, one transaction per request). The floor is what
+any writer of these rows pays SQLite; floor + decode + mapping is the least this path could cost
+if its writes cost nothing beyond the floor's. Compare ``ingest`` with the server CPU of the
+default run for what HTTP adds.
 
 Targets: <= 90 us server CPU per span; RSS plateau <= 96 MiB at 30k spans.
 """
@@ -139,6 +152,116 @@ def count_bytecodes(bodies: list[bytes], warm: bytes, db: str) -> tuple[float, f
     return figures[0], figures[1]
 
 
+def split(template: list[Any], warm: bytes, spans: int, batch: int, repeat: int) -> None:
+    """Print the in-process split of the ingest path's CPU per span (see the module's doc)."""
+    import gc
+
+    import _corpus
+
+    from cmbagent_otel.cli.ingest import YOUNG_COLLECTION_THRESHOLD
+
+    gc.collect()
+    gc.freeze()  # as the CLI's server process does
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
+    cpu: dict[str, list[float]] = {name: [] for name in SPLIT}
+    differing: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="cmbagent-otel-ingest-split-") as tmp:
+        for rep in range(repeat):
+            bodies = encode(list(_corpus.batches(_corpus.replicate(template, spans, seed=rep + 1), batch)))
+            differing.update(split_once(bodies, warm, spans, f"{tmp}/{rep}", rep, cpu))
+            print(f"  rep {rep + 1}: " + ", ".join(f"{name} {cpu[name][-1] / spans * 1e6:.1f}" for name in SPLIT)
+                  + " us/span", file=sys.stderr)
+    print(f"ingest path in-process (OTLP/HTTP protobuf bodies of {batch} spans, no HTTP): {spans:,} spans, "
+          f"{repeat} repetitions, CPU of this thread; the floor's rows are the ingest's: "
+          f"{'yes' if not differing else 'NO: ' + ', '.join(sorted(differing))}")
+    med = {}
+    for name in SPLIT:
+        q1, med[name], q3 = quartiles(v / spans * 1e6 for v in cpu[name])
+        print(f"  {name:<18} {med[name]:7.1f} us/span (IQR {q1:.1f}-{q3:.1f})")
+    mapping = med["decode + mapping"] - med["decode"]
+    rest = med["ingest"] - med["decode + mapping"]
+    print(f"  split of ingest: decode {med['decode']:.1f} (limit checks "
+          f"{med['decode'] - med['decode, no limits']:.1f}), mapping and row parameters {mapping:.1f}, writing "
+          f"{rest:.1f} (SQLite floor {med['floor']:.1f}, the rest {rest - med['floor']:.1f})")
+    least = med["floor"] + med["decode + mapping"]
+    print(f"  least for this path with writes at the floor's cost: floor + decode + mapping = {least:.1f} us/span; "
+          f"target {TARGET_CPU_US:g}: {'reachable' if least <= TARGET_CPU_US else 'out of reach'}"
+          f"{'' if med['floor'] <= TARGET_CPU_US else ' (the floor alone is above it)'}")
+
+
+SPLIT = ("decode", "decode, no limits", "decode + mapping", "ingest", "floor")
+
+
+def split_once(bodies: list[bytes], warm: bytes, spans: int, prefix: str, rep: int,
+               cpu: dict[str, list[float]]) -> set[str]:
+    """One repetition of :func:`split`: each part once, in rotating order, its CPU appended to ``cpu``;
+    returns the tables whose rows differ between the ingest's database and the floor's (first repetition)."""
+    import gc
+    import time
+
+    from bench_export import FloorPlan, clear_id_caches, run_floor, same_rows
+
+    from cmbagent_otel.dag.mapping import map_spans
+    from cmbagent_otel.dag.schema import metadata
+    from cmbagent_otel.dag.statements import Sql
+    from cmbagent_otel.ingest import IngestServer
+    from cmbagent_otel.otlp_decode import iter_protobuf
+
+    sql = Sql("sqlite")
+    columns = [sql.columns(metadata.tables[name]) for name in ("dag_nodes", "execution_events")]
+    core = IngestServer(f"sqlite:///{prefix}-ingest.db", port=0, grpc_port="off").core
+    limits = core.limits
+
+    def post(body: bytes) -> int:
+        ticket = core.admission.ticket()
+        try:
+            return core.process(body, "protobuf", False, ticket).written
+        finally:
+            ticket.close()
+
+    post(warm)  # schema, connection, memos
+    # the floor's plan: the ingest's final rows, from an untimed ingest of the same requests
+    ref = f"{prefix}-ref.db"
+    ref_core = IngestServer(f"sqlite:///{ref}", port=0, grpc_port="off").core
+    requests = [[s for part in iter_protobuf(body, json_safe=True, limits=limits) for s in part.spans]
+                for body in [warm, *bodies]]
+    clear_id_caches()
+    for request in requests:
+        ref_core.write(request)
+    clear_id_caches()
+    plan = FloorPlan(requests, ref)
+
+    def decode(bounds: Any = limits) -> None:
+        for body in bodies:
+            for _ in iter_protobuf(body, json_safe=True, limits=bounds, chunk=1000):
+                pass
+
+    def decode_map() -> None:
+        clear_id_caches()
+        for body in bodies:
+            for part in iter_protobuf(body, json_safe=True, limits=limits, chunk=1000):
+                mapped = map_spans(part.spans)
+                sql.params(mapped.nodes.values(), columns[0])
+                sql.params(mapped.events.values(), columns[1])
+
+    def ingest() -> None:
+        clear_id_caches()
+        if sum(post(body) for body in bodies) != spans:
+            raise SystemExit("ingest rejected spans")
+
+    def floor() -> None:
+        run_floor(plan, f"{prefix}-floor.db")  # the warm request's statements too: 66 spans more
+
+    runs = dict(zip(SPLIT, (decode, lambda: decode(None), decode_map, ingest, floor), strict=True))
+    order = list(SPLIT[rep % len(SPLIT):] + SPLIT[:rep % len(SPLIT)])
+    for name in order:
+        gc.collect()
+        start = time.thread_time()
+        runs[name]()
+        cpu[name].append(time.thread_time() - start)
+    return set(same_rows(f"{prefix}-ingest.db", f"{prefix}-floor.db")) if rep == 0 else set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spans", type=int, default=None,
@@ -151,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "stay this one's); given twice, the two servers alternate, each repetition on both")
     parser.add_argument("--bytecodes", action="store_true",
                         help="count Python bytecodes per span in-process instead (exact; 3,072 spans unless --spans)")
+    parser.add_argument("--split", action="store_true",
+                        help="in-process split (decode, limits, mapping, writes) against the SQLite floor")
     args = parser.parse_args(argv)
     if args.spans is None:
         args.spans = 3_072 if args.bytecodes else 30_000
@@ -160,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     template = quiet_corpus(False)
     warm = encode([list(_corpus.replicate(template, 66, seed=10_000))])[0]
+    if args.split:
+        split(template, warm, args.spans, args.batch, args.repeat)
+        return 0
     if args.bytecodes:
         spans = args.spans
         bodies = encode(list(_corpus.batches(_corpus.replicate(template, spans, seed=1), args.batch)))

@@ -41,6 +41,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -446,9 +447,55 @@ def _raw_span_class() -> tuple[Any, Any]:
                  for name in ("Span", "NestSpan"))
 
 
+def _probe_class() -> tuple[Any, Any]:
+    """``ScopeSpans`` as protobuf needs to know it to walk every message and group its spans nest (a
+    probe: its spans' events, links and status are messages with no fields, everything else unknown),
+    and its ``Nest``. A ScopeSpans that parses as this at its depth in a request holds no span
+    nesting past protobuf's limit there (see :func:`_shallow`)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fields = descriptor_pb2.FieldDescriptorProto
+    package = "cmbagent_otel.otlp_probe"
+    file = descriptor_pb2.FileDescriptorProto(name="cmbagent_otel/otlp_probe.proto", package=package,
+                                              syntax="proto3")
+    otlp = descriptor_pb2.FileDescriptorProto()
+    PbSpan.DESCRIPTOR.file.CopyToProto(otlp)
+    span = file.message_type.add(name="Span")
+    for fd in next(message for message in otlp.message_type if message.name == "Span").field:
+        # the mirror's message fields (events, links, status: its attributes are bytes)
+        if fd.type == fields.TYPE_MESSAGE and fd.type_name != ".opentelemetry.proto.common.v1.KeyValue":
+            file.message_type.add(name=f"Empty{fd.number}")
+            span.field.add(name=fd.name, number=fd.number, label=fd.label, type=fields.TYPE_MESSAGE,
+                           type_name=f".{package}.Empty{fd.number}")
+    number = ScopeSpans.DESCRIPTOR.fields_by_name["spans"].number
+    file.message_type.add(name="ScopeSpans").field.add(name="spans", number=number, label=fields.LABEL_REPEATED,
+                                                       type=fields.TYPE_MESSAGE, type_name=f".{package}.Span")
+    _add_nest(file, "NestScopeSpans", f".{package}.ScopeSpans")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))  # type: ignore[return-value]
+                 for name in ("ScopeSpans", "NestScopeSpans"))
+
+
 _RawSpan, _RawNest = _raw_span_class()
+_ProbeScopeSpans, _ProbeNest = _probe_class()
 # each message class parsed alone -> its Nest
-_NESTS: dict[Any, Any] = {**_nest_classes(), _RawSpan: _RawNest}
+_NESTS: dict[Any, Any] = {**_nest_classes(), _RawSpan: _RawNest, _ProbeScopeSpans: _ProbeNest}
+_PROBE_BYTES = 1 << 20  # larger ScopeSpans are not probed (the probe holds a copy of what it skips)
+
+
+def _shallow(body: bytes, start: int, end: int) -> bool:
+    """Whether the ``ScopeSpans`` in ``body[start:end]`` (at most :data:`_PROBE_BYTES`) parses, at its depth
+    in a request, as :func:`_probe_class`'s probe: then no message or group in its spans nests past
+    protobuf's limit there, so each span's mirror parsed alone reads as in the request, and
+    :func:`_parse` need not re-encode each to find out (one parse in C for them all)."""
+    if end - start > _PROBE_BYTES:
+        return False
+    try:
+        _nested(_ProbeScopeSpans, memoryview(body)[start:end], 2)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _id(raw: bytes, size: int, what: str) -> int:
@@ -784,16 +831,21 @@ def _trim(buf: bytes, start: int, end: int, message: str, limits: Limits, depth:
 
 
 
-def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None) -> Any:
+def _parse(cls: Any, buf: bytes, start: int, end: int, message: str, limits: Limits | None,
+           shallow: bool = False) -> Any:
+    """``buf[start:end]`` parsed as ``cls`` as protobuf parses it where ``message`` stands in a request;
+    ``shallow``: a span of a ScopeSpans :func:`_shallow` accepted."""
     if limits is not None and end - start > _SMALL_SPAN:
         raw = _trim(buf, start, end, message, limits)
     else:
         raw = buf[start:end]
     if cls is not _RawSpan:  # the resource, the scope, a span read whole: in their envelope (see _nested)
         return _nested(cls, raw, _DEPTHS[message])
-    # a span's mirror, alone when protobuf skipped nothing in it (_skipped_nothing written out: every span):
-    # its messages then nest 2 deep (events, links, status; attributes are bytes), far within the limit
     span = cls.FromString(raw)
+    if shallow:  # nothing in it nests past the limit at its depth (its trimmed form neither): alone is the same
+        return span
+    # a span's mirror, alone when protobuf skipped nothing in it (_skipped_nothing written out): its
+    # messages then nest 2 deep (events, links, status; attributes are bytes), far within the limit
     span.DiscardUnknownFields()
     if span.ByteSize() == len(raw):
         return span
@@ -832,14 +884,21 @@ def _merged(cls: Any, body: bytes, parts: list[tuple[int, int]], message: str, l
     return _parse(cls, joined, 0, len(joined), message, limits)
 
 
-def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, int] | None:
+_MOST_PLACES = 1024  # spans whose places one skim lists (~120 KiB): the rest are found again by _skimmed_spans
+
+
+def _skim_scope_spans(buf: bytes, start: int, end: int,
+                      places: list[tuple[int, int]] | None = None) -> tuple[int, int, int, int] | None:
     """Where the scope and the schema URL of the ``ScopeSpans`` in ``buf[start:end]`` are (the
     schema URL's last occurrence; ``(0, 0)`` for one absent), when it holds only its three
     length-delimited fields with lengths under 2 MiB and one scope at most, as exporters write it;
     ``None`` for anything else (then :func:`_fields` walks it, merges repeated scopes and words
-    what is wrong). Each span costs a few comparisons here,
-    not a generator step: the spans are walked again when they are read."""
+    what is wrong). Each span costs a few comparisons here, not a generator step; ``places``, when
+    given, gets the first :data:`_MOST_PLACES` spans' ``(start, end)`` (meaningful only when the
+    skim accepts), so that they are not walked again to be read."""
     scope_start = scope_end = schema_start = schema_end = 0
+    room = _MOST_PLACES if places is not None else 0
+    add = places.append if places is not None else None
     pos = start
     try:
         while pos < end:
@@ -861,6 +920,9 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
             if pos + size > end:
                 return None
             if key == 0x12:  # a span
+                if room:
+                    add((pos, pos + size))  # type: ignore[misc]
+                    room -= 1
                 pos += size
             elif key == 0x0A:  # the scope
                 if scope_end:
@@ -877,10 +939,43 @@ def _skim_scope_spans(buf: bytes, start: int, end: int) -> tuple[int, int, int, 
     return (scope_start, scope_end, schema_start, schema_end) if pos == end else None
 
 
-def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None) -> SdkScope:
-    """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]``."""
+def _skimmed_spans(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each span of the ``ScopeSpans`` in ``buf[start:end]``, which
+    :func:`_skim_scope_spans` accepted: its fields are then spans, a scope or a schema URL, each with
+    a length of one to three bytes that fits, so only those lengths are read (what :func:`_fields`
+    would yield for them, without its general checks, once per span)."""
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        size = buf[pos + 1]
+        if size < 0x80:
+            pos += 2
+        elif buf[pos + 2] < 0x80:
+            size = size & 0x7F | buf[pos + 2] << 7
+            pos += 3
+        else:
+            size = size & 0x7F | (buf[pos + 2] & 0x7F) << 7 | buf[pos + 3] << 14
+            pos += 4
+        if key == 0x12:
+            yield pos, pos + size
+        pos += size
+
+
+def _walked_spans(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each span of the ``ScopeSpans`` in ``buf[start:end]``, by the field walk
+    (anything the skim declines; raises :class:`MalformedPayload` where the walk finds it)."""
+    for number, wire, value_start, value_end, _ in _fields(buf, start, end, 2):
+        if number == 2 and wire == 2:
+            yield value_start, value_end
+
+
+def _scope_at(body: bytes, start: int, end: int, safe: bool, limits: Limits | None,
+              skimmed: tuple[int, int, int, int] | None = None) -> SdkScope:
+    """The instrumentation scope of the ``ScopeSpans`` message in ``body[start:end]`` (``skimmed``:
+    what :func:`_skim_scope_spans` found in it, when it was run already)."""
     schema = ""
-    skimmed = _skim_scope_spans(body, start, end)
+    if skimmed is None:
+        skimmed = _skim_scope_spans(body, start, end)
     if skimmed is not None:
         scope_start, scope_end, schema_start, schema_end = skimmed
         if schema_end:
@@ -916,9 +1011,20 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                 if n2 != 2 or w2 != 2:
                     continue
                 scope = None
-                for n3, w3, start, end, _ in _fields(body, ss_start, ss_end, 2):
-                    if n3 != 2 or w3 != 2:
-                        continue
+                shallow = False
+                # the spans' places: as exporters write a ScopeSpans, by the skim's few comparisons per
+                # span (validated whole first), not a step of the general walk each; a ScopeSpans too
+                # short to hold a span is left to the walk (no skim for a flood of empty containers)
+                places: list[tuple[int, int]] = []
+                skimmed = _skim_scope_spans(body, ss_start, ss_end, places) if ss_end - ss_start > _MIN_SPAN \
+                    else None
+                if skimmed is None:
+                    spans: Iterable[tuple[int, int]] = _walked_spans(body, ss_start, ss_end)
+                elif len(places) < _MOST_PLACES:
+                    spans = places
+                else:
+                    spans = _skimmed_spans(body, ss_start, ss_end)
+                for start, end in spans:
                     if earlier + batch.rejected >= MAX_REJECTED:
                         raise MalformedPayload(f"more than {MAX_REJECTED} invalid spans: {batch.error_message}")
                     if end - start < _MIN_SPAN:  # cheaply: a flood of empty spans must not cost a parse each
@@ -927,9 +1033,10 @@ def iter_protobuf(body: bytes, *, json_safe: bool = False, limits: Limits | None
                     if scope is None:
                         if resource is None:
                             resource = _resource_at(body, rs_start, rs_end, json_safe, limits)
-                        scope = _scope_at(body, ss_start, ss_end, json_safe, limits)
+                        scope = _scope_at(body, ss_start, ss_end, json_safe, limits, skimmed)
+                        shallow = skimmed is not None and _shallow(body, ss_start, ss_end)
                     try:
-                        pb = _parse(_RawSpan, body, start, end, "span", limits)
+                        pb = _parse(_RawSpan, body, start, end, "span", limits, shallow)
                         if limits is not None and (len(pb.events) > limits.max_events
                                                    or len(pb.links) > limits.max_links):
                             raise _Unbounded("more events or links than the limits")

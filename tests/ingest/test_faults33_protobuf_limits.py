@@ -99,6 +99,43 @@ def test_nesting_is_counted_from_the_request_as_protobuf_counts_it(place: str, l
         assert "unreadable span" in batch.error_message
 
 
+@pytest.mark.parametrize("limits", sorted(LIMITS))
+@pytest.mark.parametrize("place", ["span", "event"])
+def test_one_span_too_deep_among_others_is_refused_alone(place: str, limits: str) -> None:
+    """A ``ScopeSpans`` of several spans, one of them holding groups one level past protobuf's limit (in the
+    span or in its event): that span is refused and the others, at the limit or holding none, are read, in
+    order. Each ScopeSpans is probed once, in C, at its depth in the request (``_shallow``): a probe that
+    passes spares each span its re-encoding (the check that protobuf skipped nothing); this one fails, so every
+    span is checked alone as before."""
+    from cmbagent_otel.otlp_decode import _fields, _shallow
+
+    _, deepest, _ = PLACES[place]
+
+    def span(number: int, groups: bytes) -> bytes:
+        plain = Span(trace_id=b"\x01" * 16, span_id=bytes([number]) * 8, name=f"s{number}", start_time_unix_nano=1,
+                     end_time_unix_nano=2).SerializeToString()
+        return _field(2, groups + plain if place == "span" else plain + _event(groups))
+
+    def body(third: int) -> bytes:
+        spans = span(1, b"") + span(2, _nested(deepest)) + span(3, _nested(third)) + span(4, b"")
+        scope_spans = _field(1, InstrumentationScope(name="lib").SerializeToString()) + spans
+        return _field(1, _field(1, _field(1, _attribute("service.name", "svc"))) + _field(2, scope_spans))
+
+    def probed(request: bytes) -> bool:
+        (_, _, rs_start, rs_end, _), = _fields(request, 0, len(request))
+        ss_start, ss_end = next((start, end) for number, _, start, end, _ in _fields(request, rs_start, rs_end)
+                                if number == 2)
+        return _shallow(request, ss_start, ss_end)
+
+    for third, readable in ((deepest, True), (deepest + 1, False)):
+        request = body(third)
+        assert _protobuf_reads(request) is readable
+        assert probed(request) is readable
+        batch = decode_protobuf(request, limits=LIMITS[limits])
+        assert [s.name for s in batch.spans] == (["s1", "s2", "s3", "s4"] if readable else ["s1", "s2", "s4"])
+        assert batch.rejected == (0 if readable else 1)
+
+
 def _map(levels: int) -> bytes:
     """An attribute whose value is a map nested ``levels`` deep (3 messages a level: map, pair, value)."""
     value = AnyValue(string_value="x")

@@ -349,14 +349,18 @@ def _scope_spans_variants() -> list[bytes]:
 def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
     """The skim of a ``ScopeSpans`` finds the scope and schema URL the field walk finds (the scope, the
     last schema URL), or declines (None) and leaves the walk to read it, merge a repeated scope or word
-    what is wrong."""
-    from cmbagent_otel.otlp_decode import _fields, _skim_scope_spans
+    what is wrong; where it accepts, the spans' places it lists and the ones ``_skimmed_spans`` finds
+    are the walk's, in its order."""
+    from cmbagent_otel.otlp_decode import _fields, _skim_scope_spans, _skimmed_spans
 
     body = b"\x00" + _scope_spans_variants()[variant] + b"\x00"  # not at the start of the buffer
     start, end = 1, len(body) - 1
+    spans: list[tuple[int, int]] = []
     try:
         walked: tuple[int, int, int, int] | None = (0, 0, 0, 0)
         for number, wire, value_start, value_end, _ in _fields(body, start, end):
+            if wire == 2 and number == 2:
+                spans.append((value_start, value_end))
             if wire == 2 and number == 1:
                 if walked[1]:  # type: ignore[index]
                     walked = None  # a repeated scope: merged by the walk alone
@@ -369,10 +373,38 @@ def test_skimmed_scope_spans_agree_with_the_field_walk(variant: int) -> None:
                 break
     except MalformedPayload:
         walked = None
-    skimmed = _skim_scope_spans(body, start, end)
+    places: list[tuple[int, int]] = []
+    skimmed = _skim_scope_spans(body, start, end, places)
+    assert skimmed == _skim_scope_spans(body, start, end)
     assert skimmed is None or skimmed == walked
     if variant < 4:  # as exporters write them: skimmed
         assert skimmed == walked is not None
+    if skimmed is not None:
+        assert places == spans == list(_skimmed_spans(body, start, end))
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 600])
+def test_spans_past_the_skims_list_decode_as_parsed_ones(extra: int) -> None:
+    """A ``ScopeSpans`` with more spans than one skim lists (``_MOST_PLACES``) has the rest found by
+    ``_skimmed_spans``: every span decoded, in order, as the parsed request gives them, one of them
+    rejected where it stands."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from cmbagent_otel.otlp_decode import _MOST_PLACES, Limits, iter_protobuf, spans_from_request
+
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    scope_spans.scope.name = "lib"
+    count = _MOST_PLACES + extra
+    for n in range(count):
+        scope_spans.spans.add(trace_id=bytes(15) + b"\x01", span_id=(n + 1).to_bytes(8, "big"),
+                              name="" if n == count - 2 else f"s{n}", start_time_unix_nano=1, end_time_unix_nano=2)
+    body = request.SerializeToString()
+    general = spans_from_request(ExportTraceServiceRequest.FromString(body), json_safe=True, limits=Limits.default())
+    batches = list(iter_protobuf(body, json_safe=True, limits=Limits.default(), chunk=1000))
+    assert [len(b.spans) for b in batches] == [1000, count - 1001]  # chunks of 1000, one span rejected
+    assert sum(b.rejected for b in batches) == general.rejected == 1
+    assert _described([s for b in batches for s in b.spans]) == _described(general.spans)
 
 
 @pytest.mark.parametrize("limits", [None, "default"])
