@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,6 +172,19 @@ def provider() -> Iterator[TracerProvider]:
             yield provider
     finally:
         provider.shutdown()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback TCP port where connections are refused, held for the test: bound and never
+    listening, so no other process gets it meanwhile (a port found free and let go is anyone's: an
+    ephemeral port of another suite's connection or server). A server started in the test can still
+    take it over (both sockets with ``SO_REUSEADDR``, this one never listens), as ``IngestServer``,
+    uvicorn and gRPC do."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 # --- databases ----------------------------------------------------------------------------------
