@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -38,16 +37,10 @@ def test_batch_processor_end_to_end(db_url: str) -> None:
     exporter.shutdown()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_unreachable_database_retries_then_fails_without_spill(provider: Any) -> None:
+def test_unreachable_database_retries_then_fails_without_spill(provider: Any, refused_port: int) -> None:
     run_scenario()
     spans = provider.memory.get_finished_spans()
-    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/none", timeout=2.0,
+    exporter = DagSpanExporter(f"postgresql+psycopg://nobody@127.0.0.1:{refused_port}/none", timeout=2.0,
                                spill=False)
     assert exporter.export(spans) is SpanExportResult.FAILURE
     stats = exporter.stats()

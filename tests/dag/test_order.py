@@ -66,7 +66,8 @@ def test_shuffled_duplicated_batches_identical(db_url: str, tmp_path: Any, provi
     writer.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**32))
 def test_any_order_sqlite(sqlite_url: str, provider: Any, seed: int) -> None:
     provider.memory.clear()

@@ -10,7 +10,6 @@ warning line, the variable removed, the default used.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
@@ -38,31 +37,25 @@ def test_the_installed_context_is_kept(tmp_path: Path) -> None:
     assert not _lines(proc, "OTEL_PYTHON_CONTEXT") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tlsrun_app(tmp_path: Path, **files: str) -> subprocess.CompletedProcess[str]:
+def _tlsrun_app(tmp_path: Path, port: int, **files: str) -> subprocess.CompletedProcess[str]:
     # a TLS endpoint (https): the gRPC exporter reads its certificate files when it is built
     return run_app(tmp_path, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
-                OTEL_EXPORTER_OTLP_ENDPOINT=f"https://127.0.0.1:{_closed_port()}", OTEL_EXPORTER_OTLP_TIMEOUT="1",
+                OTEL_EXPORTER_OTLP_ENDPOINT=f"https://127.0.0.1:{port}", OTEL_EXPORTER_OTLP_TIMEOUT="1",
                 **files)
 
 
-def test_a_missing_certificate_file_is_warned_in_one_line(tmp_path: Path) -> None:
-    proc = _tlsrun_app(tmp_path, OTEL_EXPORTER_OTLP_CERTIFICATE=str(tmp_path / "missing-ca.pem"))
+def test_a_missing_certificate_file_is_warned_in_one_line(tmp_path: Path, refused_port: int) -> None:
+    proc = _tlsrun_app(tmp_path, refused_port, OTEL_EXPORTER_OTLP_CERTIFICATE=str(tmp_path / "missing-ca.pem"))
     assert "APP DONE" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "FileNotFoundError" not in proc.stderr, proc.stderr[-2000:]
     warnings = _lines(proc, "OTEL_EXPORTER_OTLP_CERTIFICATE")
     assert len(warnings) == 1 and "no such file" in warnings[0], proc.stderr[-2000:]
 
 
-def test_a_client_certificate_without_its_key_is_dropped_with_it(tmp_path: Path) -> None:
+def test_a_client_certificate_without_its_key_is_dropped_with_it(tmp_path: Path, refused_port: int) -> None:
     certificate = tmp_path / "client.pem"
     certificate.write_text("not read: its key is missing\n")
-    proc = _tlsrun_app(tmp_path, OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY=str(tmp_path / "missing-key.pem"),
+    proc = _tlsrun_app(tmp_path, refused_port, OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY=str(tmp_path / "missing-key.pem"),
                     OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE=str(certificate))
     assert "APP DONE" in proc.stdout, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

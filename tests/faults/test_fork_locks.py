@@ -61,8 +61,10 @@ def test_child_forked_during_a_slow_export_exports_its_own_spans(tmp_path: Path,
     tracer.start_span("parent, slow").end()
     flusher = threading.Thread(target=provider.force_flush)
     flusher.start()
-    # the export waits for the lock (holding the exporter's lock) once the server says so
-    while not blocker.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar():
+    # the export waits for the lock (holding the exporter's lock) once the server says so; this
+    # table's lock only: the server is shared (other suites' backends may wait on locks of their own)
+    while not blocker.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                   "AND relation = 'execution_events'::regclass")).scalar():
         time.sleep(0.01)
     pid = os.fork()
     if pid == 0:

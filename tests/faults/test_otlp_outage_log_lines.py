@@ -12,19 +12,12 @@ Real exporters, a real receiver (``cmbagent-otel ingest``) started mid-test on t
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 
 import pytest
 
 from cmbagent_otel.ingest import IngestServer
 from cmbagent_otel.provider import build_tracer_provider
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _point_at(monkeypatch: pytest.MonkeyPatch, protocol: str, port: int) -> None:
@@ -52,8 +45,9 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_an_otlp_outage_logs_once_and_counts_the_spans_it_lost(tmp_path: Path, protocol: str,
                                                               caplog: pytest.LogCaptureFixture,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _free_port()
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              refused_port: int) -> None:
+    port = refused_port  # the receiver started below takes it over
     _point_at(monkeypatch, protocol, port)
     caplog.set_level(logging.INFO)
     provider = build_tracer_provider("otlp")
@@ -89,8 +83,9 @@ def test_an_otlp_outage_logs_once_and_counts_the_spans_it_lost(tmp_path: Path, p
 
 
 def test_an_otlp_backend_still_down_at_shutdown_says_what_was_lost(caplog: pytest.LogCaptureFixture,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    _point_at(monkeypatch, "http/protobuf", _free_port())
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   refused_port: int) -> None:
+    _point_at(monkeypatch, "http/protobuf", refused_port)
     caplog.set_level(logging.INFO)
     provider = build_tracer_provider("otlp")
     try:

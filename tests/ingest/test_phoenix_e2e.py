@@ -30,7 +30,7 @@ from cmbagent_otel.provider import build_tracer_provider
 pytestmark = pytest.mark.phoenix
 
 PHOENIX_BIN = os.environ.get("CMBAGENT_OTEL_PHOENIX_BIN", "")
-STARTUP_DEADLINE_S = 180
+STARTUP_DEADLINE_S = 600  # guards against a hang only: Phoenix took over 180 s to start at load 13 (2 cores)
 
 
 @dataclass
@@ -39,22 +39,27 @@ class Phoenix:
     grpc: str
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on every address: Phoenix binds its gRPC port on ``[::]`` (all
-    addresses, dual-stack), so a port free on 127.0.0.1 alone is not enough; the sockets stay open
-    until all are chosen, so two picks cannot return the same port."""
+@contextlib.contextmanager
+def free_ports(count: int) -> Iterator[list[int]]:
+    """``count`` distinct ports free on every address, held (bound, never listening) until the block
+    ends: Phoenix binds its gRPC port on ``[::]`` (all addresses, dual-stack), so a port free on
+    127.0.0.1 alone is not enough. Phoenix binds them a minute or so after it starts: a port let go
+    before is anyone's meanwhile (an ephemeral port of another suite's connection); uvicorn and gRPC
+    take them over while held (``SO_REUSEADDR`` on both sides)."""
     with contextlib.ExitStack() as stack:
         ports = []
         for _ in range(count):
             try:
                 sock = stack.enter_context(socket.socket(socket.AF_INET6))
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("::", 0))
             except OSError:  # no IPv6 on this host: Phoenix's [::] is then IPv4's 0.0.0.0
                 sock = stack.enter_context(socket.socket())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("0.0.0.0", 0))
             ports.append(int(sock.getsockname()[1]))
-        return ports
+        yield ports
 
 
 def get_json(url: str) -> Any:
@@ -69,44 +74,44 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phoenix]:
     if not Path(PHOENIX_BIN).is_file():
         pytest.skip(f"CMBAGENT_OTEL_PHOENIX_BIN={PHOENIX_BIN} does not exist")
     work = tmp_path_factory.mktemp("phoenix")
-    http_port, grpc_port = free_ports(2)
-    env = {
-        **os.environ,
-        "PHOENIX_WORKING_DIR": str(work),
-        "PHOENIX_HOST": "127.0.0.1",
-        "PHOENIX_PORT": str(http_port),
-        "PHOENIX_GRPC_PORT": str(grpc_port),
-        "PHOENIX_TELEMETRY_ENABLED": "false",
-    }
-    for key in [k for k in env if k.startswith("OTEL_")]:
-        del env[key]  # our test settings must not configure Phoenix's own tracing
-    log = (work / "phoenix.log").open("wb")
-    proc = subprocess.Popen([PHOENIX_BIN, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"phoenix exited with {proc.returncode}: {(work / 'phoenix.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                tail = (work / "phoenix.log").read_text()[-3000:]
-                pytest.fail(f"phoenix not ready after {STARTUP_DEADLINE_S}s: {tail}")
-            time.sleep(0.25)
-        yield Phoenix(http=base, grpc=f"http://127.0.0.1:{grpc_port}")
-    finally:
-        proc.terminate()
+    with free_ports(2) as (http_port, grpc_port):
+        env = {
+            **os.environ,
+            "PHOENIX_WORKING_DIR": str(work),
+            "PHOENIX_HOST": "127.0.0.1",
+            "PHOENIX_PORT": str(http_port),
+            "PHOENIX_GRPC_PORT": str(grpc_port),
+            "PHOENIX_TELEMETRY_ENABLED": "false",
+        }
+        for key in [k for k in env if k.startswith("OTEL_")]:
+            del env[key]  # our test settings must not configure Phoenix's own tracing
+        log = (work / "phoenix.log").open("wb")
+        proc = subprocess.Popen([PHOENIX_BIN, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{http_port}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + STARTUP_DEADLINE_S
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"phoenix exited with {proc.returncode}: {(work / 'phoenix.log').read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"{base}/healthz", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    tail = (work / "phoenix.log").read_text()[-3000:]
+                    pytest.fail(f"phoenix not ready after {STARTUP_DEADLINE_S}s: {tail}")
+                time.sleep(0.25)
+            yield Phoenix(http=base, grpc=f"http://127.0.0.1:{grpc_port}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
 
 
 def export_run(monkeypatch: pytest.MonkeyPatch, project: str, env: dict[str, str]) -> list[ReadableSpan]:

@@ -43,7 +43,10 @@ SHIPPED_COLLECTOR_CONFIG = ROOT / "otel-collector.yaml"
 APP = Path(__file__).with_name("app.py")
 BUILT_BINARY = ROOT / ".tools" / "jaeger" / "current" / "jaeger"
 
-STARTUP_DEADLINE_S = 60.0
+# a hang guard only (the service up ends the wait at once): generous, since CI runs three suites side
+# by side on 2 cores and Phoenix (test_view_trace_backends starts it with service()) took over 180 s
+# to start at load 13
+STARTUP_DEADLINE_S = 600.0
 ARRIVAL_DEADLINE_S = 60.0
 POLL_S = 0.1
 INGEST_TOKEN = "jaeger-tests-token"
@@ -112,15 +115,21 @@ def jaeger_binary() -> Path:
     pytest.skip(reason)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all sockets held open until every port is chosen)."""
+@contextmanager
+def free_ports(count: int) -> Iterator[list[int]]:
+    """Distinct free loopback ports, held (bound, never listening) until the block ends: start the
+    services on them inside it. A port let go before its service binds it is anyone's meanwhile (an
+    ephemeral port of another suite's connection: the service then failed to start). The services
+    take them over while held: Go, uvicorn, gRPC and ``IngestServer`` listen with ``SO_REUSEADDR``,
+    as these sockets are bound."""
     with ExitStack() as stack:
         ports = []
         for _ in range(count):
             sock = stack.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", 0))
             ports.append(int(sock.getsockname()[1]))
-        return ports
+        yield ports
 
 
 def http_get(url: str, timeout: float = 10.0) -> tuple[int, Any]:
@@ -209,38 +218,38 @@ class Jaeger:
 def run_jaeger(config: Path, workdir: Path, name: str, **extra_env: str) -> Iterator[Jaeger]:
     """Run the Jaeger binary with ``config`` on free loopback ports until the block ends."""
     binary = jaeger_binary()
-    grpc, http, query, query_grpc, health = free_ports(5)
-    env = clean_env(
-        JAEGER_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{grpc}",
-        JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{http}",
-        JAEGER_QUERY_HTTP_ENDPOINT=f"127.0.0.1:{query}",
-        JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{query_grpc}",
-        JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{health}",
-        **extra_env,
-    )
-    status_url = f"http://127.0.0.1:{health}/status"
-    query_url = f"http://127.0.0.1:{query}"
+    with free_ports(5) as (grpc, http, query, query_grpc, health):
+        env = clean_env(
+            JAEGER_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{grpc}",
+            JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{http}",
+            JAEGER_QUERY_HTTP_ENDPOINT=f"127.0.0.1:{query}",
+            JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{query_grpc}",
+            JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{health}",
+            **extra_env,
+        )
+        status_url = f"http://127.0.0.1:{health}/status"
+        query_url = f"http://127.0.0.1:{query}"
 
-    def ready() -> bool:
-        # healthcheckv2 answers 200 once every component reports OK; the query API must answer too
-        return reachable(status_url) and reachable(f"{query_url}/api/services")
+        def ready() -> bool:
+            # healthcheckv2 answers 200 once every component reports OK; the query API must answer too
+            return reachable(status_url) and reachable(f"{query_url}/api/services")
 
-    with service(name, [str(binary), "--config", str(config)], env, workdir / f"{name}.log", ready) as svc:
-        yield Jaeger(svc, f"http://127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", query_url, status_url)
+        with service(name, [str(binary), "--config", str(config)], env, workdir / f"{name}.log", ready) as svc:
+            yield Jaeger(svc, f"http://127.0.0.1:{grpc}", f"http://127.0.0.1:{http}", query_url, status_url)
 
 
 @contextmanager
 def run_ingest(db_url: str, workdir: Path) -> Iterator[str]:
     """``cmbagent-otel ingest`` as a real subprocess on a free port; yields its base URL (OTLP/HTTP)."""
-    port, grpc_port = free_ports(2)
     cli = Path(sys.executable).with_name("cmbagent-otel")   # the console script of this environment
     command = [str(cli)] if cli.is_file() else [sys.executable, "-m", "cmbagent_otel.cli"]
-    argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port),
-            "--grpc-port", str(grpc_port)]   # not used here: the collector exports OTLP/HTTP to it
-    base = f"http://127.0.0.1:{port}"
     env = clean_env(CMBAGENT_OTEL_INGEST_TOKEN=INGEST_TOKEN)
-    with service("ingest", argv, env, workdir / "ingest.log", lambda: reachable(f"{base}/health")):
-        yield base
+    with free_ports(2) as (port, grpc_port):
+        argv = [*command, "ingest", "--db", db_url, "--host", "127.0.0.1", "--port", str(port),
+                "--grpc-port", str(grpc_port)]   # not used here: the collector exports OTLP/HTTP to it
+        base = f"http://127.0.0.1:{port}"
+        with service("ingest", argv, env, workdir / "ingest.log", lambda: reachable(f"{base}/health")):
+            yield base
 
 
 # ---------------------------------------------------------------- the application processes

@@ -13,17 +13,18 @@ SCRIPT = ROOT / "examples" / "collector_fanout" / "run_without_docker.sh"
 
 
 def test_collector_fanout_example_without_docker(tmp_path: Path) -> None:
-    grpc, http, query, query_grpc, health, ingest, ingest_grpc = free_ports(7)
     db_url = f"sqlite:///{tmp_path / 'fanout.db'}"
-    env = clean_env(
-        PYTHON=sys.executable, JAEGER_BIN=str(jaeger_binary()), CMBAGENT_OTEL_DATABASE_URL=db_url,
-        CMBAGENT_OTEL_INGEST_PORT=str(ingest), CMBAGENT_OTEL_INGEST_GRPC_PORT=str(ingest_grpc), TMPDIR=str(tmp_path),
-        JAEGER_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{grpc}", JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{http}",
-        JAEGER_QUERY_HTTP_ENDPOINT=f"127.0.0.1:{query}", JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{query_grpc}",
-        JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{health}",
-    )
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=240)
+    with free_ports(7) as (grpc, http, query, query_grpc, health, ingest, ingest_grpc):
+        env = clean_env(
+            PYTHON=sys.executable, JAEGER_BIN=str(jaeger_binary()), CMBAGENT_OTEL_DATABASE_URL=db_url,
+            CMBAGENT_OTEL_INGEST_PORT=str(ingest), CMBAGENT_OTEL_INGEST_GRPC_PORT=str(ingest_grpc),
+            TMPDIR=str(tmp_path),
+            JAEGER_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{grpc}", JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{http}",
+            JAEGER_QUERY_HTTP_ENDPOINT=f"127.0.0.1:{query}", JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{query_grpc}",
+            JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{health}",
+        )
+        proc = subprocess.run(["bash", str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     ui = next(line for line in proc.stdout.splitlines() if line.startswith("Jaeger UI: "))
