@@ -68,19 +68,20 @@ def steps(first: int, last: int, calls: int = 4) -> None:
 @contextlib.contextmanager
 def first_commit_held_until(released: threading.Event) -> Iterator[None]:
     """The database slower than the application: the exporter thread's first commit waits until
-    ``released`` is set (a commit in the application's thread is never held)."""
+    ``released`` is set, or the block ends (a commit in the application's thread is never held)."""
     app = threading.current_thread()
     held = [False]
 
     def on_commit(conn) -> None:
         if not held[0] and threading.current_thread() is not app:
             held[0] = True
-            released.wait(120)
+            released.wait()  # no timeout: a held commit let go early could drain the queue mid-burst
 
     event.listen(Engine, "commit", on_commit)
     try:
         yield
     finally:
+        released.set()
         event.remove(Engine, "commit", on_commit)
 
 
