@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +38,79 @@ def loopback_env() -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "SSL_CERT_FILE"}
     env["CMBAGENT_DISABLE_DISPLAY"] = "true"
     yield env
+
+
+# Environment entries that differ from test to test without reaching a run: pytest's own, the
+# scripted backend's URL (each run sets it to its own server) and the spill dir of exporters built
+# without one (the shared runs export to an in-memory capture only; SharedRuns.put checks it stayed empty)
+_PER_TEST_ENV = frozenset({"PYTEST_CURRENT_TEST", "OPENAI_BASE_URL", "CMBAGENT_OTEL_SPILL_DIR"})
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class SharedRuns:
+    """Runs of the real package shared by the tests that ask for the same one, run once per session.
+
+    A run is shared only when everything that goes into it is the same: the entry points, the options
+    (plain values only: no responder, no function), the environment and the working directory. Each
+    test gets a private copy: its own results, sequence and span list, and the run's work dir put back
+    as the run left it (from a pristine copy taken right after the run), so no test sees what another
+    wrote there; the spans name that work dir, so it keeps its path. Tests run one at a time, so one
+    path is enough.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._runs: dict[tuple[Any, ...], tuple[Any, Path, Path]] = {}
+        self._made = 0
+
+    def key(self, kinds: tuple[str, ...], options: dict[str, Any]) -> tuple[Any, ...] | None:
+        """What the run depends on, or None when an option is not a plain value (never shared)."""
+        if not all(isinstance(v, _PLAIN) for v in options.values()):
+            return None
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k not in _PER_TEST_ENV))
+        return kinds, tuple(sorted(options.items())), os.getcwd(), env
+
+    def work_dir(self, name: str) -> Path:
+        """A new directory ``name`` for a run to share (under this session's temp dir)."""
+        self._made += 1
+        return self._root / f"run-{self._made}" / name
+
+    def put(self, key: tuple[Any, ...], run: Any) -> None:
+        """Keep ``run`` (its work dir as it is now) for the next test that asks for ``key``."""
+        spill = os.environ.get("CMBAGENT_OTEL_SPILL_DIR")
+        assert not spill or not any(Path(spill).iterdir()), "a shared run used the per-test spill dir"
+        kept = _private(run)  # before the test that ran it can change anything
+        pristine = run.work_dir.with_name(run.work_dir.name + "-pristine")
+        shutil.copytree(run.work_dir, pristine, symlinks=True)
+        self._runs[key] = (kept, run.work_dir, pristine)
+
+    def get(self, key: tuple[Any, ...]) -> Any | None:
+        """A private copy of the run kept for ``key``, its work dir back as the run left it; or None."""
+        if key not in self._runs:
+            return None
+        run, work, pristine = self._runs[key]
+        shutil.rmtree(work)
+        shutil.copytree(pristine, work, symlinks=True)
+        return _private(run)
+
+
+def _private(run: Any) -> Any:
+    """A copy of a ``Run`` that shares nothing mutable with it but what cannot be copied (spans are
+    read-only): the agent objects some entry points return (one_shot's ``engineer``, ...) hold locks,
+    so they are shared; the tests read only the results' plain values (``final_context``, ...)."""
+    return dataclasses.replace(run, results={k: _copied(v) for k, v in run.results.items()},
+                               error=_copied(run.error), sequence=list(run.sequence),
+                               unexpected=list(run.unexpected), spans=list(run.spans), warnings=list(run.warnings))
+
+
+def _copied(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # an app object holding a lock or a socket
+        return value
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:
+    """The session's :class:`SharedRuns`."""
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"))

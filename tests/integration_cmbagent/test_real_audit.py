@@ -31,6 +31,7 @@ from cmbagent_otel.testing import FakeOpenAIServer
 from tests.dag import cmbagent_backend as backend
 from tests.dag.test_cmbagent_contract import check_contract
 
+from .conftest import SharedRuns
 from .scripted_cmbagent import API_KEYS, TASK, CmbagentScript, call_workflow, script_for
 from .test_cmbagent_runs import Run, SpanCapture, _ancestors, _by_id, _exported, _one, _rows
 
@@ -58,16 +59,26 @@ Responder = Callable[[CmbagentScript], Callable[[dict[str, Any]], Any]]
 
 
 @pytest.fixture
-def run_cmbagent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Run]]:
-    """Runs cmbagent entry points (``kinds``, one after the other in this process) instrumented or plain."""
+def run_cmbagent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 shared_runs: SharedRuns) -> Iterator[Callable[..., Run]]:
+    """Runs cmbagent entry points (``kinds``, one after the other in this process) instrumented or plain.
+    A run without a responder is shared with the tests that ask for the same one (conftest's
+    ``SharedRuns``: same options, environment and working directory; each test gets a private copy)."""
     monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
     captures: list[SpanCapture] = []
 
     def run(*kinds: str, instrumented: bool = True, fail: bool = False, responder: Responder | None = None,
             threads: bool = False, **options: Any) -> Run:
+        name = "otel" if instrumented else "plain"
+        key = None if responder else shared_runs.key(
+            kinds, {"instrumented": instrumented, "fail": fail, "threads": threads, **options})
+        if key is not None:
+            shared = shared_runs.get(key)
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
         capture = SpanCapture()
         captures.append(capture)
-        work = tmp_path / ("otel" if instrumented else "plain")
+        work = tmp_path / name if key is None else shared_runs.work_dir(name)
         results: dict[str, Any] = {}
         sequence: list[str] = []
         error = None
@@ -90,7 +101,10 @@ def run_cmbagent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
         finally:
             if instrumented:
                 cmbagent_otel.uninstrument()
-        return Run(results, sequence, [], work, capture.spans, error)
+        done = Run(results, sequence, [], work, capture.spans, error)
+        if key is not None:
+            shared_runs.put(key, done)
+        return done
 
     yield run
     for capture in captures:
