@@ -6,10 +6,8 @@ at its ``phoenix`` executable.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import cmbagent_otel
 from cmbagent_otel.provider import build_tracer_provider
+from tests.jaeger.support import free_ports
 
 pytestmark = pytest.mark.phoenix
 
@@ -37,29 +36,6 @@ STARTUP_DEADLINE_S = 600  # guards against a hang only: Phoenix took over 180 s 
 class Phoenix:
     http: str
     grpc: str
-
-
-@contextlib.contextmanager
-def free_ports(count: int) -> Iterator[list[int]]:
-    """``count`` distinct ports free on every address, held (bound, never listening) until the block
-    ends: Phoenix binds its gRPC port on ``[::]`` (all addresses, dual-stack), so a port free on
-    127.0.0.1 alone is not enough. Phoenix binds them a minute or so after it starts: a port let go
-    before is anyone's meanwhile (an ephemeral port of another suite's connection); uvicorn and gRPC
-    take them over while held (``SO_REUSEADDR`` on both sides)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            try:
-                sock = stack.enter_context(socket.socket(socket.AF_INET6))
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("::", 0))
-            except OSError:  # no IPv6 on this host: Phoenix's [::] is then IPv4's 0.0.0.0
-                sock = stack.enter_context(socket.socket())
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("0.0.0.0", 0))
-            ports.append(int(sock.getsockname()[1]))
-        yield ports
 
 
 def get_json(url: str) -> Any:
@@ -74,7 +50,7 @@ def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phoenix]:
     if not Path(PHOENIX_BIN).is_file():
         pytest.skip(f"CMBAGENT_OTEL_PHOENIX_BIN={PHOENIX_BIN} does not exist")
     work = tmp_path_factory.mktemp("phoenix")
-    with free_ports(2) as (http_port, grpc_port):
+    with free_ports(2, every_address=True) as (http_port, grpc_port):
         env = {
             **os.environ,
             "PHOENIX_WORKING_DIR": str(work),

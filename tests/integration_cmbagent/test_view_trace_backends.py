@@ -20,7 +20,6 @@ import collections
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,15 @@ from sqlalchemy import create_engine, select
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
 from cmbagent_otel.dag.writer import T
-from tests.jaeger.support import ARRIVAL_DEADLINE_S, JAEGER_CONFIG, POLL_S, http_get, run_jaeger, service
+from tests.jaeger.support import (
+    ARRIVAL_DEADLINE_S,
+    JAEGER_CONFIG,
+    POLL_S,
+    free_ports,
+    http_get,
+    run_jaeger,
+    service,
+)
 
 pytestmark = [pytest.mark.cmbagent_autogen, pytest.mark.jaeger, pytest.mark.phoenix]
 
@@ -91,42 +98,26 @@ out.write_text(json.dumps(counts))
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free on every address (Phoenix binds its gRPC port on [::]), held until all are chosen."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            try:
-                sock = stack.enter_context(socket.socket(socket.AF_INET6))
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.bind(("::", 0))
-            except OSError:
-                sock = stack.enter_context(socket.socket())
-                sock.bind(("0.0.0.0", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
 @contextlib.contextmanager
 def _phoenix(work: Path) -> Iterator[str]:
     binary = os.environ.get("CMBAGENT_OTEL_PHOENIX_BIN", "")
     if not binary or not Path(binary).is_file():
         pytest.skip("CMBAGENT_OTEL_PHOENIX_BIN is not set to Phoenix's executable (.ci/setup-phoenix.sh)")
-    http_port, grpc_port = _free_ports(2)
-    (work / "phoenix").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(PHOENIX_WORKING_DIR=str(work / "phoenix"), PHOENIX_HOST="127.0.0.1", PHOENIX_PORT=str(http_port),
-               PHOENIX_GRPC_PORT=str(grpc_port), PHOENIX_TELEMETRY_ENABLED="false")
-    base = f"http://127.0.0.1:{http_port}"
+    with free_ports(2, every_address=True) as (http_port, grpc_port):
+        (work / "phoenix").mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(PHOENIX_WORKING_DIR=str(work / "phoenix"), PHOENIX_HOST="127.0.0.1", PHOENIX_PORT=str(http_port),
+                   PHOENIX_GRPC_PORT=str(grpc_port), PHOENIX_TELEMETRY_ENABLED="false")
+        base = f"http://127.0.0.1:{http_port}"
 
-    def ready() -> bool:
-        try:
-            return http_get(f"{base}/healthz")[0] == 200
-        except OSError:
-            return False
+        def ready() -> bool:
+            try:
+                return http_get(f"{base}/healthz")[0] == 200
+            except OSError:
+                return False
 
-    with service("phoenix", [binary, "serve"], env, work / "phoenix.log", ready):
-        yield base
+        with service("phoenix", [binary, "serve"], env, work / "phoenix.log", ready):
+            yield base
 
 
 def _jaeger_traces(query: str, expected: dict[str, int]) -> dict[str, list[dict[str, Any]]]:

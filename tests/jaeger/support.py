@@ -116,18 +116,29 @@ def jaeger_binary() -> Path:
 
 
 @contextmanager
-def free_ports(count: int) -> Iterator[list[int]]:
-    """Distinct free loopback ports, held (bound, never listening) until the block ends: start the
-    services on them inside it. A port let go before its service binds it is anyone's meanwhile (an
-    ephemeral port of another suite's connection: the service then failed to start). The services
-    take them over while held: Go, uvicorn, gRPC and ``IngestServer`` listen with ``SO_REUSEADDR``,
-    as these sockets are bound."""
+def free_ports(count: int, *, every_address: bool = False) -> Iterator[list[int]]:
+    """Distinct free ports, held (bound, never listening) until the block ends: start the services on
+    them inside it. A port let go before its service binds it is anyone's meanwhile (an ephemeral port
+    of another suite's connection: the service then failed to start). The services take them over
+    while held: Go, uvicorn, gRPC and ``IngestServer`` listen with ``SO_REUSEADDR``, as these sockets
+    are bound. ``every_address``: free on all addresses, dual-stack (Phoenix binds its gRPC port on
+    ``[::]``, so a port free on 127.0.0.1 alone is not enough); loopback otherwise."""
     with ExitStack() as stack:
         ports = []
         for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
+            sock = None
+            if every_address:
+                try:
+                    sock = stack.enter_context(socket.socket(socket.AF_INET6))
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("::", 0))
+                except OSError:  # no IPv6 on this host: [::] is then IPv4's 0.0.0.0
+                    sock = None
+            if sock is None:
+                sock = stack.enter_context(socket.socket())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0" if every_address else "127.0.0.1", 0))
             ports.append(int(sock.getsockname()[1]))
         yield ports
 
