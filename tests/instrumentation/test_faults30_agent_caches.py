@@ -23,6 +23,8 @@ from cmbagent_otel import semconv
 from cmbagent_otel.instrumentation.ag2 import AG2Instrumentor
 from cmbagent_otel.testing import offline_agent
 
+from .roomy import RoomyAgent
+
 
 @pytest.fixture(autouse=True)
 def _in_a_work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,13 +51,6 @@ class _Resurrecting(ConversableAgent):  # type: ignore[misc]
         _Resurrecting.kept.append(self)
 
 
-class _Roomy(ConversableAgent):  # type: ignore[misc]
-    """An agent over 512 bytes: the C allocator (not pymalloc's pools, shared with every small object)
-    gives a block freed by one of these straight back to the next one made, so ids are reused at once."""
-
-    __slots__ = tuple(f"_room{index}" for index in range(80))
-
-
 def test_agents_freed_by_the_cyclic_collector_at_odd_moments_keep_their_own_facts(instrumented: Any) -> None:
     """Agents in reference cycles, the collector off, then run at irregular points: a batch of agents is
     freed at once and new ones take their memory. The weak references' callbacks run before the collector
@@ -67,7 +62,7 @@ def test_agents_freed_by_the_cyclic_collector_at_odd_moments_keep_their_own_fact
     gc.disable()
     try:
         for index in range(60):
-            agent = _Roomy(f"cyc{index}", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok",
+            agent = RoomyAgent(f"cyc{index}", llm_config=False, human_input_mode="NEVER", default_auto_reply="ok",
                            description=f"the description of cyc{index}")
             agent.myself = agent  # a cycle: only the cyclic collector frees it
             reused += id(agent) in seen
