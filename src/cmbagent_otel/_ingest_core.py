@@ -409,6 +409,23 @@ class IngestCore:
                     self._write_lock = threading.Lock()
             return self._writer
 
+    def prepare_soon(self) -> threading.Thread | None:
+        """Check (or make) the database's schema in a background thread now, so the first
+        requests do not spend their :data:`WRITE_WAIT` on it (a first PostgreSQL schema takes
+        seconds on a busy machine: those clients were answered 503). Returns that thread (None
+        once the schema is known current). Never raises: a failure is met again, and answered,
+        by the first write."""
+        try:
+            from .dag.database import prepare_in_background
+            from .dag.writer import DagWriter
+
+            writer = self._get_writer()
+            if isinstance(writer, DagWriter):
+                return prepare_in_background(writer.prepare, writer.url)
+        except Exception:
+            logger.debug("cmbagent-otel ingest: schema preparation not started", exc_info=True)
+        return None
+
     def _is_sqlite(self) -> bool:
         try:
             from .dag.database import resolve_url

@@ -226,6 +226,7 @@ class IngestServer:
     def start(self) -> IngestServer:
         """Bind and serve in daemon threads; returns ``self``."""
         self.bind()
+        self.core.prepare_soon()
         self._stopped.clear()
         with self._lock:
             if self._grpc is not None:

@@ -142,3 +142,19 @@ def test_cli_says_which_port_is_taken_and_how_to_move(tmp_path: Path, flag: str)
                                flag, str(port), other, "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert f"127.0.0.1:{port}" in proc.stderr and "--port/--grpc-port" in proc.stderr, proc.stderr
+
+
+def test_the_schema_is_made_when_the_server_starts(db_url: str) -> None:
+    """The schema is checked (here: made) in the background from the server's start, not by the
+    first request, whose 3 s write wait a first PostgreSQL schema overran on a busy machine (503s)."""
+    from cmbagent_otel.dag.database import head_revisions
+    from cmbagent_otel.dag.query import DagReader
+
+    import threading
+
+    with IngestServer(db_url, port=0, grpc_port=0, token=TOKEN) as srv:
+        for thread in threading.enumerate():  # the one start() began, if it has not ended yet
+            if thread.name == "cmbagent-otel-schema":
+                thread.join()
+        assert DagReader.revision(db_url) == head_revisions()[0]
+        assert srv.core.requests == 0
