@@ -147,10 +147,10 @@ def test_cli_says_which_port_is_taken_and_how_to_move(tmp_path: Path, flag: str)
 def test_the_schema_is_made_when_the_server_starts(db_url: str) -> None:
     """The schema is checked (here: made) in the background from the server's start, not by the
     first request, whose 3 s write wait a first PostgreSQL schema overran on a busy machine (503s)."""
+    import threading
+
     from cmbagent_otel.dag.database import head_revisions
     from cmbagent_otel.dag.query import DagReader
-
-    import threading
 
     with IngestServer(db_url, port=0, grpc_port=0, token=TOKEN) as srv:
         for thread in threading.enumerate():  # the one start() began, if it has not ended yet
