@@ -35,6 +35,7 @@ Targets: <= 90 us server CPU per span; RSS plateau <= 96 MiB at 30k spans.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import os
 import statistics
@@ -111,6 +112,16 @@ def one_server(bodies: list[bytes], warm: bytes, db: str, server_src: str | None
         proc.wait(30)
 
 
+def _process(core: Any, body: bytes) -> int:
+    """One OTLP/protobuf body through the server's own path (admission ticket, decode, write),
+    without HTTP; returns the spans written."""
+    ticket = core.admission.ticket()
+    try:
+        return core.process(body, "protobuf", False, ticket).written
+    finally:
+        ticket.close()
+
+
 def count_bytecodes(bodies: list[bytes], warm: bytes, db: str) -> tuple[float, float]:
     """(bytecodes per span of decoding alone, of decoding and writing) over ``bodies``, in this
     process: the server's own path (``IngestCore.process``, the CLI's settings) without HTTP,
@@ -120,12 +131,7 @@ def count_bytecodes(bodies: list[bytes], warm: bytes, db: str) -> tuple[float, f
 
     core = IngestServer(db, port=0, grpc_port="off").core
 
-    def post(body: bytes) -> int:
-        ticket = core.admission.ticket()
-        try:
-            return core.process(body, "protobuf", False, ticket).written
-        finally:
-            ticket.close()
+    post = functools.partial(_process, core)
 
     def decode(body: bytes) -> int:
         return sum(len(batch.spans) for batch in iter_protobuf(body, json_safe=True, limits=core.limits, chunk=1000))
@@ -212,12 +218,7 @@ def split_once(bodies: list[bytes], warm: bytes, spans: int, prefix: str, rep: i
     core = IngestServer(f"sqlite:///{prefix}-ingest.db", port=0, grpc_port="off").core
     limits = core.limits
 
-    def post(body: bytes) -> int:
-        ticket = core.admission.ticket()
-        try:
-            return core.process(body, "protobuf", False, ticket).written
-        finally:
-            ticket.close()
+    post = functools.partial(_process, core)
 
     post(warm)  # schema, connection, memos
     # the floor's plan: the ingest's final rows, from an untimed ingest of the same requests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # The helper app is imported by name here and run as a script by the subprocess tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,3 +48,19 @@ class IngestProcess:
             self.proc.send_signal(signal.SIGTERM)
         out, err = self.proc.communicate(timeout=60)
         return self.proc.returncode, out, err
+
+
+def post_json(srv: Any, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST ``doc`` as OTLP/JSON to an in-process ``IngestServer``: (status, the answer's JSON)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps(doc).encode()  # json.dumps writes a lone surrogate as JSON.stringify does
+    request = urllib.request.Request(srv.endpoint, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")

@@ -12,11 +12,8 @@ also isolates whatever else a writer refuses, as the exporter does.
 
 from __future__ import annotations
 
-import json
 import secrets
-import urllib.request
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -29,15 +26,7 @@ from sqlalchemy import create_engine, text
 from cmbagent_otel.dag.statements import decode_json
 from cmbagent_otel.ingest import IngestServer
 
-
-def _post(srv: IngestServer, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(srv.endpoint, data=json.dumps(doc).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, json.loads(answer.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+from .conftest import post_json
 
 
 def test_a_span_kind_sent_as_a_key_value_list_is_stored(sqlite_url: str) -> None:
@@ -51,7 +40,7 @@ def test_a_span_kind_sent_as_a_key_value_list_is_stored(sqlite_url: str) -> None
                       "attributes": [{"key": "cmbagent.span.kind", "value": kind}]})
     doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "js"}, "spans": spans}]}]}
     with IngestServer(sqlite_url, host="127.0.0.1", port=0, grpc_port="off") as srv:
-        status, answer = _post(srv, doc)
+        status, answer = post_json(srv, doc)
     assert status == 200 and "partialSuccess" not in answer, answer  # 500 "internal error" before
     engine = create_engine(sqlite_url)
     try:

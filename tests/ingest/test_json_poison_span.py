@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import urllib.request
 from typing import Any
 
 from sqlalchemy import create_engine, text
 
 from cmbagent_otel.dag.statements import decode_json
 from cmbagent_otel.ingest import IngestServer
+
+from .conftest import post_json
 
 
 def _span(name: str, attributes: list[dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
@@ -30,17 +31,6 @@ def _span(name: str, attributes: list[dict[str, Any]] | None = None) -> tuple[st
         "traceId": secrets.token_hex(16), "spanId": span_id, "name": name, "kind": 1,
         "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000",
         "attributes": attributes or [{"key": "k", "value": {"stringValue": "v"}}]}
-
-
-def _post(srv: IngestServer, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    body = json.dumps(doc).encode()  # json.dumps writes a lone surrogate as JSON.stringify does
-    request = urllib.request.Request(srv.endpoint, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def _stored(url: str) -> dict[str, str]:
@@ -62,7 +52,7 @@ def test_one_poison_span_does_not_cost_its_batch_mates(db_url: str) -> None:
     doc = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [
         {"scope": {"name": "js"}, "spans": [good, cut, big, wrong]}]}]}
     with IngestServer(db_url, host="127.0.0.1", port=0, grpc_port="off") as srv:
-        status, answer = _post(srv, doc)
+        status, answer = post_json(srv, doc)
     assert status == 200, answer
     assert answer["partialSuccess"]["rejectedSpans"] == "2"
     assert "too big" in answer["partialSuccess"]["errorMessage"]
@@ -83,6 +73,6 @@ def test_a_lone_surrogate_deep_in_a_request_is_replaced_without_recursion(db_url
     doc = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [
         {"scope": {"name": "js"}, "spans": [span]}]}]}
     with IngestServer(db_url, host="127.0.0.1", port=0, grpc_port="off") as srv:
-        status, answer = _post(srv, doc)
+        status, answer = post_json(srv, doc)
     assert status == 200, answer
     assert "\\ufffd" in _stored(db_url)[span_id]
