@@ -39,6 +39,9 @@ CHUNK_SPANS = 1000  # spans written per transaction: a large request never holds
 # a longer wait makes them time out instead, and drop the batch without a retry. It also
 # keeps every write of a stopping server well inside uvicorn's and grpcio's 5 s grace.
 WRITE_WAIT = 3.0
+# Seconds the server's start gives its background schema check (see IngestCore.prepare_soon);
+# past them the first write does it, within its own WRITE_WAIT.
+STARTUP_PREPARE_S = 10.0
 
 
 class SpanWriter(Protocol):
@@ -416,12 +419,18 @@ class IngestCore:
         once the schema is known current). Never raises: a failure is met again, and answered,
         by the first write."""
         try:
-            from .dag.database import prepare_in_background
+            from .dag.database import deadline, prepare_in_background
             from .dag.writer import DagWriter
 
             writer = self._get_writer()
             if isinstance(writer, DagWriter):
-                return prepare_in_background(writer.prepare, writer.url)
+                def prepare() -> None:
+                    # bounded well under the background default: requests wait for this (it holds
+                    # the schema lock), and a database that answers again must be written soon
+                    with deadline(STARTUP_PREPARE_S):
+                        writer.prepare()
+
+                return prepare_in_background(prepare, writer.url)
         except Exception:
             logger.debug("cmbagent-otel ingest: schema preparation not started", exc_info=True)
         return None
