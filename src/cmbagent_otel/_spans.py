@@ -814,24 +814,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             conversation_id = scope.conversation_id
             session = state.session_id
             dag_node = scope.dag_node
-            if node is None:
-                pass
-            elif _GIL:  # its order decides the attributes' template below; _name_node written out (keep the
-                # two alike): every DAG node span, a frame and a tuple less each
-                order = node.order_index
-                node_id = node.base_id
-                if node.child:
-                    key = node.children_key
-                    k = next(state._counters[key if key is not None else CHILDREN_KEY + (dag_node or "")])
-                    order = min((scope.dag_order if dag_node is not None else 1) * CHILD_ORDER_BASE + k, _INT32)
-                    if node.numbered:
-                        node_id = f"{node_id}_{k}"
-                if node.unique:
-                    count = next(state._counters[node_id])
-                    if count != 1:
-                        node_id = f"{node_id}_{count}"
-                depth = scope.dag_depth + 1
-            else:
+            if node is not None:  # its order decides the attributes' template below
                 node_id, depth, order = _name_node(state, scope, node)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
@@ -856,15 +839,9 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 attrs[EVENT_DEPTH] = scope.event_depth
                 # None: the same scope one event level down, built on first use (child_scope)
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
-            else:  # _set_node written out: every DAG node span
-                attrs[DAG_NODE] = node_id
-                attrs[DAG_NODE_TYPE] = node_type = node.node_type
-                attrs[DAG_DEPTH] = depth
-                if dag_node is not None:
-                    attrs[DAG_PARENT_NODE] = dag_node
-                if order is not None:
-                    attrs[DAG_ORDER_INDEX] = order
-                new_scope = scope.child_node(node_id, node_type, depth, order or 0, conversation_id)
+            else:
+                _set_node(attrs, node, node_id, depth, dag_node, order)
+                new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet
                     setattr(new_scope, field, value)

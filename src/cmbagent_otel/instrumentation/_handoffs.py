@@ -346,24 +346,6 @@ def selection_sync(state: Any) -> Callable[..., Any]:
             except BaseException as exc:
                 selection.ended(state, None, exc)
                 raise
-            # Selection.ended's event case written out (keep the two alike): nearly every selection, once the
-            # span's room for events is known; any other case (promoted, no result, room unknown or full) there
-            try:
-                if not selection.promoted and result is not None and scope is not None and scope.handoffs:
-                    static = state.agents.get(id(result))  # cached_name written out
-                    to = static.name if static is not None else agent_name(result)
-                    scope.handoffs -= 1
-                    run = scope.run
-                    span.add_event(EVENT_NAME, {
-                        HANDOFF_FROM: selection.from_name, HANDOFF_REASON: facts[2],
-                        HANDOFF_CANDIDATES: facts[3], HANDOFF_TO: to,
-                        SPAN_KIND: KIND_SPEAKER_SELECTION,
-                        EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
-                        EVENT_DEPTH: scope.event_depth})
-                    return result
-            except Exception:
-                logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
-                return result
             selection.ended(state, result, None)
             return result
 

@@ -97,7 +97,6 @@ from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import (
     MAX_NAME,
     RedactionCache,
-    _name_cache,
     bounded_name,
     learn_encoded_in,
     learn_secrets_in,
@@ -876,9 +875,8 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
-    # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded (redact_name's
-    # memo called directly: the text is an exact str here)
-    return (_name_cache.redact(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+    # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
+    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
             _models.usage_attributes(usage), cost)
 
 
