@@ -21,7 +21,8 @@ spans and the peak.
 CLI's limits and young-collection threshold, no HTTP) and its parts, interleaved in rotating order
 per repetition, CPU of this thread per span: ``decode`` (bodies to ``ReadableSpan``s, limits
 checked), ``decode, no limits`` (the same without the bounds: what the checks cost), ``decode +
-mapping`` (and the node and event rows' parameters, no database), ``ingest`` (all of it, into a
+mapping`` (the column redaction an ingest client's spans get, ``mapping.redact_columns``, the mapping
+and the node and event rows' parameters, no database), ``ingest`` (all of it, into a
 fresh SQLite file) and ``floor``: the same final rows written by plain ``sqlite3`` with every
 decision taken before the timer (``bench_export.FloorPlan`` over the decoded requests, from the
 ingest's own database; same schema and pragmas, one transaction per request). The floor is what
@@ -187,7 +188,8 @@ def split(template: list[Any], warm: bytes, spans: int, batch: int, repeat: int)
     mapping = med["decode + mapping"] - med["decode"]
     rest = med["ingest"] - med["decode + mapping"]
     print(f"  split of ingest: decode {med['decode']:.1f} (limit checks "
-          f"{med['decode'] - med['decode, no limits']:.1f}), mapping and row parameters {mapping:.1f}, writing "
+          f"{med['decode'] - med['decode, no limits']:.1f}), column redaction, mapping and row parameters "
+          f"{mapping:.1f}, writing "
           f"{rest:.1f} (SQLite floor {med['floor']:.1f}, the rest {rest - med['floor']:.1f})")
     least = med["floor"] + med["decode + mapping"]
     print(f"  least for this path with writes at the floor's cost: floor + decode + mapping = {least:.1f} us/span; "
@@ -207,7 +209,7 @@ def split_once(bodies: list[bytes], warm: bytes, spans: int, prefix: str, rep: i
 
     from bench_export import FloorPlan, clear_id_caches, run_floor, same_rows
 
-    from cmbagent_otel.dag.mapping import map_spans
+    from cmbagent_otel.dag.mapping import map_spans, redact_columns
     from cmbagent_otel.dag.schema import metadata
     from cmbagent_otel.dag.statements import Sql
     from cmbagent_otel.ingest import IngestServer
@@ -241,7 +243,7 @@ def split_once(bodies: list[bytes], warm: bytes, spans: int, prefix: str, rep: i
         clear_id_caches()
         for body in bodies:
             for part in iter_protobuf(body, json_safe=True, limits=limits, chunk=1000):
-                mapped = map_spans(part.spans)
+                mapped = map_spans(redact_columns(part.spans))  # as IngestCore._store
                 sql.params(mapped.nodes.values(), columns[0])
                 sql.params(mapped.events.values(), columns[1])
 

@@ -92,3 +92,48 @@ def test_ids_a_workflow_is_given_are_redacted_when_they_hold_a_key(tmp_path: Pat
     db = tmp_path / "app.db"
     provider.store(f"sqlite:///{db}")
     assert _rows_holding(db, KEY[8:24]) == []
+
+
+def _decoded(spans: list[dict[str, Any]]) -> list[Any]:
+    """``spans`` (OTLP/JSON) as the ingest decodes them."""
+    from cmbagent_otel.otlp_decode import decode_json
+
+    doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "cmbagent_otel"}, "spans": spans}]}]}
+    return list(decode_json(json.dumps(doc).encode(), json_safe=True).spans)
+
+
+def test_spans_with_nothing_to_redact_are_kept_and_the_rest_still_redacted() -> None:
+    """redact_columns returns a span with nothing to redact as it is, events or not, and still redacts
+    a key in a column attribute, a column tuple's item or an event's column attribute. On d1ab575 every
+    span with an event was rebuilt (its events compared by identity with a tuple ``span.events`` makes
+    anew at every read)."""
+    from cmbagent_otel.dag.mapping import redact_columns
+
+    trace_id = secrets.token_hex(16)
+
+    def span(attributes: list[dict[str, Any]], event: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"traceId": trace_id, "spanId": secrets.token_hex(8), "name": "span", "kind": 1,
+                "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000",
+                "attributes": attributes,
+                "events": [{"timeUnixNano": "1700000000500000000", "name": "cmbagent.handoff",
+                            "attributes": event}] if event else []}
+
+    def candidates(*names: str) -> dict[str, Any]:
+        return {"key": "cmbagent.handoff.candidates",
+                "value": {"arrayValue": {"values": [{"stringValue": n} for n in names]}}}
+
+    clean = [_attr("cmbagent.span.kind", "agent"), _attr("gen_ai.agent.name", "engineer"), candidates("a", "b")]
+    clean_event = [_attr("cmbagent.span.kind", "speaker_selection"), _attr("cmbagent.handoff.from", "a")]
+    decoded = _decoded([
+        span(clean, clean_event), span(clean, []), span([_attr("other", "x")], clean_event),
+        span([*clean, _attr("gen_ai.request.model", f"m {KEY}")], clean_event),
+        span([*clean[:2], candidates("a", f"b {KEY}")], clean_event),
+        span(clean, [*clean_event, _attr("cmbagent.handoff.to", f"b {KEY}")]),
+    ])
+    for _ in range(2):  # the second time every clean text is a memo hit
+        out = redact_columns(decoded)
+        assert [o is d for o, d in zip(out, decoded, strict=True)] == [True, True, True, False, False, False]
+        assert out[3].attributes["gen_ai.request.model"] == "m [REDACTED]"
+        assert out[4].attributes["cmbagent.handoff.candidates"] == ("a", "b [REDACTED]")
+        assert out[5].events[0].attributes["cmbagent.handoff.to"] == "b [REDACTED]"
+        assert out[5].events[0].attributes["cmbagent.handoff.from"] == "a"

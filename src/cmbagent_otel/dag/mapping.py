@@ -763,6 +763,13 @@ def _redact_column(value: Any) -> Any:
     if type(value) is str:
         return _values.redact(value) if len(value) <= _values.max_len else redaction.redact(value)
     if type(value) is tuple:
+        try:
+            # every item a memo hit that is the item itself (finish reasons, candidates seen before),
+            # read in C from the current memo, as _values.redact reads it first for each
+            if tuple(map(_values.entries().get, value)) == value:
+                return value
+        except TypeError:  # an unhashable item: redacted one by one below
+            pass
         return tuple(_redact_column(item) for item in value)
     return value
 
@@ -770,10 +777,11 @@ def _redact_column(value: Any) -> Any:
 def _with_clean_columns(attrs: Mapping[str, Any] | None, cache: dict[str, str]) -> dict[str, Any] | None:
     """A copy of ``attrs`` whose column attributes are redacted, or None when nothing changes
     (``cache``: the memo of redacted short texts, read in C first)."""
-    if not attrs or _COLUMN_KEYS.isdisjoint(attrs):
+    keys = _COLUMN_KEYS.intersection(attrs) if attrs else None
+    if not keys:
         return None
     changed = None
-    for key in _COLUMN_KEYS.intersection(attrs):
+    for key in keys:
         value = attrs[key]
         clean = cache.get(value) if type(value) is str else None
         if clean is None:
@@ -798,13 +806,12 @@ def redact_columns(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
     out: list[ReadableSpan] = []
     for span in spans:
         attrs = _with_clean_columns(span.attributes, cache)
-        events = span.events
-        if events:
-            cleaned = [_with_clean_columns(e.attributes, cache) for e in events]
-            if any(c is not None for c in cleaned):
-                events = tuple(e if c is None else Event(e.name, c, e.timestamp)
-                               for e, c in zip(events, cleaned, strict=True))
-        if attrs is None and events is span.events:
+        events = span.events  # a new tuple at every read: the span's own are told apart by `cleaned`
+        cleaned = [_with_clean_columns(e.attributes, cache) for e in events] if events else None
+        if cleaned is not None and cleaned.count(None) < len(cleaned):
+            events = tuple(e if c is None else Event(e.name, c, e.timestamp)
+                           for e, c in zip(events, cleaned, strict=True))
+        elif attrs is None:
             out.append(span)
             continue
         out.append(ReadableSpan(
