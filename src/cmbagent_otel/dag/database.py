@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
-from .._forksafe import reset_in_child
+from .._forksafe import hold_fd, release_fd, reset_in_child
 from ..redaction import is_secret_key
 from ._watchdog import watchdog
 
@@ -328,8 +328,9 @@ def creation_lock(path: Path) -> Iterator[None]:
     threads wait): creating the file and removing the ``-wal``/``-shm`` a deleted file left take
     turns. A writer that found the file gone and then removed those names removed the live files
     of a database another writer had created meanwhile ("disk I/O error" for every other
-    connection). Nothing slow runs under it. Without ``flock`` (Windows, a file system refusing
-    it) the block runs unlocked, as before."""
+    connection). Nothing slow runs under it, and a child forked while it is held closes its copy
+    (:func:`~cmbagent_otel._forksafe.hold_fd`): it kept the lock for its whole life. Without
+    ``flock`` (Windows, a file system refusing it) the block runs unlocked, as before."""
     try:
         import fcntl
     except ImportError:
@@ -340,12 +341,16 @@ def creation_lock(path: Path) -> Iterator[None]:
     except OSError:
         yield
         return
+    hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # lets go of the lock
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy: a fork from here on shares no lock
+        release_fd(fd)
+        os.close(fd)
 
 
 def _create_private(path: Path) -> None:
