@@ -1,4 +1,4 @@
-"""Locks that a forked child gets back unlocked.
+"""Locks that a forked child gets back unlocked, and file locks it gives up.
 
 ``fork()`` copies every lock as it is but only the calling thread: a lock that another
 thread held at that moment (the export thread in the middle of a batch, a background
@@ -8,10 +8,16 @@ in the child (logging, concurrent.futures); this does the same for ours, with th
 the standard library uses (``_at_fork_reinit``, CPython 3.9+), so every reference to the
 lock sees it reset. What the lock protected may be half-updated in the child, as with the
 standard library's; our locks guard caches and counters that stay usable.
+
+File locks (``flock``) are the other way round: they belong to the open file description, which
+the child shares, so one the parent held at the fork stays held until the child has closed its
+copy too: a ``multiprocessing`` worker kept it for its whole life. The child closes every file
+descriptor of ours that held one (:func:`hold_fd`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -19,6 +25,8 @@ from typing import Any
 
 _owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
 _owners_lock = threading.Lock()
+# descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock)
+_held_fds: set[int] = set()
 
 
 def reset_in_child(owner: Any, *names: str) -> None:
@@ -29,7 +37,21 @@ def reset_in_child(owner: Any, *names: str) -> None:
         _owners.append((weakref.ref(owner), names))
 
 
+def hold_fd(fd: int) -> None:
+    """Have a child forked from now on close ``fd`` at once (call before locking it)."""
+    _held_fds.add(fd)
+
+
+def release_fd(fd: int) -> None:
+    """Forget ``fd`` (call before closing it: a child must never close a number reused meanwhile)."""
+    _held_fds.discard(fd)
+
+
 def _after_in_child() -> None:
+    for fd in list(_held_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
     # the forking thread is the only one: nobody holds _owners_lock in the child except a dead thread
     _owners_lock._at_fork_reinit()  # type: ignore[attr-defined]
     for ref, names in _owners:

@@ -240,6 +240,9 @@ class IngestCore:
         self._write_lock: threading.Lock | None = None
         self._count_lock = threading.Lock()
         self._db_down = False
+        # the start's schema check (prepare_soon) and what it raised
+        self._startup: threading.Thread | None = None
+        self._startup_error: BaseException | None = None
         self.spans_written = 0
         self.unavailable_responses = 0
         self.disconnects = 0
@@ -417,7 +420,8 @@ class IngestCore:
         requests do not spend their :data:`WRITE_WAIT` on it (a first PostgreSQL schema takes
         seconds on a busy machine: those clients were answered 503). Returns that thread (None
         once the schema is known current). Never raises: a failure is met again, and answered,
-        by the first write."""
+        by the first write; :meth:`startup_error` tells it."""
+        self._startup = self._startup_error = None
         try:
             from .dag.database import deadline, prepare_in_background
             from .dag.writer import DagWriter
@@ -427,13 +431,29 @@ class IngestCore:
                 def prepare() -> None:
                     # bounded well under the background default: requests wait for this (it holds
                     # the schema lock), and a database that answers again must be written soon
-                    with deadline(STARTUP_PREPARE_S):
-                        writer.prepare()
+                    try:
+                        with deadline(STARTUP_PREPARE_S):
+                            writer.prepare()
+                    except BaseException as exc:
+                        self._startup_error = exc
+                        raise
 
-                return prepare_in_background(prepare, writer.url)
+                self._startup = prepare_in_background(prepare, writer.url)
+                return self._startup
         except Exception:
             logger.debug("cmbagent-otel ingest: schema preparation not started", exc_info=True)
         return None
+
+    def startup_error(self) -> BaseException | None:
+        """Wait for the schema check :meth:`prepare_soon` began and return what it raised
+        (``None``: it passed, or none ran). What reports a database that cannot be written at
+        the start must ask this rather than check again: a second check holds the schema lock
+        after the first lets go, and one whose connection attempt hangs keeps every request at
+        503 past :data:`STARTUP_PREPARE_S`, while the database answers again."""
+        thread = self._startup
+        if thread is not None:
+            thread.join()
+        return self._startup_error
 
     def _is_sqlite(self) -> bool:
         try:

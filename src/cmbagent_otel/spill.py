@@ -42,6 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
+from ._forksafe import hold_fd, release_fd
 from ._jsontext import loads
 from .semconv import SPAN_KIND
 
@@ -370,32 +371,16 @@ def _jsonl_spans(path: Path, data: bytes) -> list[ReadableSpan]:
     return spans
 
 
-# the .tmp files this process is writing, locked (see _hold): a child forked meanwhile (another thread of
-# the application forking) shares their open file descriptions, and so their locks, and closes them at once
-_HELD: set[int] = set()
-
-
-def _drop_held() -> None:
-    for fd in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_held)
-
-
 def _hold(fd: int) -> None:
     """Lock the ``.tmp`` being written (``fd``) for as long as it is open: the lock, not the file's age by
     the wall clock, tells :meth:`SpillStore.recover` in another process that its writer is alive. An NTP
     step forward, a resumed VM or an fsync stalled for a minute made a file being written look abandoned:
     removed under its writer, or renamed into place before it was whole. The kernel drops the lock when
-    the writer dies, whatever pid comes next; a child forked meanwhile closes its copy (:func:`_drop_held`),
+    the writer dies, whatever pid comes next; a child forked meanwhile closes its copy (:func:`hold_fd`),
     which would keep it past its writer's death. Nothing when locks are not available (a filesystem without
     them: the age rule then decides)."""
     if fcntl is not None:
-        _HELD.add(fd)
+        hold_fd(fd)
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file (O_EXCL): never held by another
 
@@ -412,6 +397,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
     except OSError:
         yield False  # renamed by its writer meanwhile, or not ours to open: left alone
         return
+    hold_fd(fd)  # a child forked meanwhile must not keep it: a writer alive, to every recover()
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -427,6 +413,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
             return
         yield True
     finally:
+        release_fd(fd)
         os.close(fd)
 
 
@@ -626,7 +613,7 @@ class SpillStore:
                     # under its writer, whose own rename then failed and reported the batch lost
                     os.replace(tmp, final)
             finally:
-                _HELD.discard(fd)  # before it is closed: a fork must never close a number reused meanwhile
+                release_fd(fd)
                 os.close(fd)
             if fcntl is None:
                 os.replace(tmp, final)  # Windows: an open file is not renamed

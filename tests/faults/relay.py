@@ -7,8 +7,11 @@ relay does that on demand: :meth:`freeze` holds every byte it reads (either way)
 :meth:`thaw`, which delivers them in order, as a healed network would; :meth:`freeze_on`
 freezes at the first client bytes holding a marker (a statement on a given table), so a
 partition can start in the middle of a transaction. New connections are accepted while
-frozen (the handshake is the kernel's) and relayed once thawed. Closing the relay closes
-every connection both ways, so the server ends the sessions it held.
+frozen (the handshake is the kernel's) and relayed once thawed. :meth:`forget` heals the
+network for new connections only: those open then stay silent until the relay closes (a
+NAT entry or load balancer that forgot them: the database answers again, an attempt begun
+before does not). Closing the relay closes every connection both ways, so the server ends
+the sessions it held.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class Relay:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._closed = False
+        self._gone = threading.Event()  # set when closed: ends the waits of forgotten connections
+        self._forgotten: set[int] = set()  # ids of the sockets forget() cut off
+        #: connections accepted so far
+        self.accepted = 0
         #: set when a freeze_on marker was seen (the partition has started)
         self.frozen_by_marker = threading.Event()
         threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
@@ -51,9 +58,18 @@ class Relay:
             self._marker = None
         self._flowing.set()
 
+    def forget(self) -> None:
+        """Relay again, except for the connections open now: what they send or are sent is
+        held until the relay closes."""
+        with self._lock:
+            self._marker = None
+            self._forgotten.update(id(sock) for sock in self._sockets)
+        self._flowing.set()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._gone.set()
             sockets, self._sockets = self._sockets, []
         self._flowing.set()
         for sock in [self._listener, *sockets]:
@@ -85,6 +101,7 @@ class Relay:
                     server.close()
                     return
                 self._sockets += [client, server]
+                self.accepted += 1
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
@@ -94,6 +111,8 @@ class Relay:
                 data = source.recv(65536)
                 if not data:
                     self._flowing.wait()  # a partition hides a hang-up too
+                    if id(source) in self._forgotten:
+                        self._gone.wait()
                     break
                 if from_client:
                     with self._lock:
@@ -102,6 +121,8 @@ class Relay:
                             self._flowing.clear()
                             self.frozen_by_marker.set()
                 self._flowing.wait()
+                if id(source) in self._forgotten:
+                    self._gone.wait()
                 if self._closed:
                     break
                 sink.sendall(data)

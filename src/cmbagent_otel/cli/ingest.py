@@ -47,17 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_database(server: Any, target: str) -> None:
     """Name a database the server cannot write (a corrupt file, another application's tables, an
-    unreachable server) when it starts, not only once a client sends spans."""
-    from ..dag.database import deadline, untraced
+    unreachable server) when it starts, not only once a client sends spans: what the server's own
+    start-time check found (:meth:`~cmbagent_otel._ingest_core.IngestCore.startup_error`), not a
+    check of its own (which held the schema lock for up to 30 s more)."""
     from ..ingest import logger
 
-    try:
-        writer = server.core._get_writer()
-        prepare = getattr(writer, "prepare", None)
-        if prepare is not None:
-            with deadline(30), untraced():
-                prepare()
-    except Exception as exc:
+    exc = server.core.startup_error()
+    if exc is not None:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
         logger.warning("cmbagent-otel ingest: cannot write to %s: %s; requests are answered 503 (clients keep "
                        "their spans and retry) until it can be written", target, one_line(shown(reason[0])))

@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
-from .._forksafe import reset_in_child
+from .._forksafe import hold_fd, release_fd, reset_in_child
 from ..redaction import is_secret_key
 from ._watchdog import watchdog
 
@@ -39,6 +39,12 @@ VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 BUSY_TIMEOUT_ENV = "CMBAGENT_OTEL_SQLITE_BUSY_TIMEOUT_MS"
 PG_CONNECT_TIMEOUT_S = 10  # libpq's own default is to wait as long as the OS does
+# Bytes a SQLite WAL is cut back to when a writer starts it over (PRAGMA journal_size_limit). A reader
+# holding one snapshot for long (a backup, a shell or UI left in a transaction) keeps every commit
+# meanwhile in the WAL; SQLite reuses that file from its start afterwards but never shrinks it, so a
+# 4 MB database kept a 42 MB WAL for as long as a writer's connection stayed open (an ingest server:
+# days). Normal use never reaches this (the WAL is checkpointed at ~4 MB), so nothing is cut then.
+WAL_SIZE_LIMIT = 16 << 20
 # Credentials that may sit in a URL's query string; never written into a spill file.
 _SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword", "sslkey", "token", "auth_token", "api_key"})
 
@@ -262,6 +268,7 @@ def _sqlite_pragmas(foreign_keys: bool, busy_ms: int) -> Any:
         try:
             cur.execute(f"PRAGMA busy_timeout={_attempt_busy_ms(busy_ms)}")
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA cache_size=-8192")
             cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
@@ -328,8 +335,9 @@ def creation_lock(path: Path) -> Iterator[None]:
     threads wait): creating the file and removing the ``-wal``/``-shm`` a deleted file left take
     turns. A writer that found the file gone and then removed those names removed the live files
     of a database another writer had created meanwhile ("disk I/O error" for every other
-    connection). Nothing slow runs under it. Without ``flock`` (Windows, a file system refusing
-    it) the block runs unlocked, as before."""
+    connection). Nothing slow runs under it, and a child forked while it is held closes its copy
+    (:func:`~cmbagent_otel._forksafe.hold_fd`): it kept the lock for its whole life. Without
+    ``flock`` (Windows, a file system refusing it) the block runs unlocked, as before."""
     try:
         import fcntl
     except ImportError:
@@ -340,12 +348,16 @@ def creation_lock(path: Path) -> Iterator[None]:
     except OSError:
         yield
         return
+    hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # lets go of the lock
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy: a fork from here on shares no lock
+        release_fd(fd)
+        os.close(fd)
 
 
 def _create_private(path: Path) -> None:

@@ -294,8 +294,9 @@ class DagReader:
         if not include_empty_branches:
             query = query.where(shown)
         rows = self._rows(query.order_by(RUNS.c.started_at.desc().nulls_last(), RUNS.c.id).limit(limit))
-        hidden = 0 if include_empty_branches else int(self.conn.execute(
-            select(func.count()).select_from(RUNS).where(~shown)).scalar() or 0)
+        # through _rows, as every read: a session lost here was a traceback, not the commands' error line
+        hidden = 0 if include_empty_branches else int(self._rows(
+            select(func.count().label("n")).select_from(RUNS).where(~shown))[0]["n"] or 0)
         ids = [r["id"] for r in rows]
         n_nodes = self._count(NODES.c.run_id, ids)
         n_events = self._count(EVENTS.c.run_id, ids)
