@@ -329,7 +329,7 @@ class _JoinedCall:
     call starts (``summarize_documents``' documents) count for it as its own thread does; a joined call
     made inside another hands its record on when it ends. Lists: appended to from any thread."""
 
-    __slots__ = ("failed", "fixed", "opened")
+    __slots__ = ("failed", "fixed", "last_failed", "opened")
 
     def __init__(self, fixed: bool) -> None:
         self.fixed = fixed  # a fixed pipeline's call (summarize_document...): its solves are one-shot executions
@@ -337,6 +337,9 @@ class _JoinedCall:
         # what a phase of the call ended with (recorded there); the last few only: an exception holds its
         # frames, and the one a call raises is its last
         self.failed: collections.deque[BaseException] = collections.deque(maxlen=_KEPT_FAILURES)
+        # the last phase a phase manager opened for the call failed (its fail()): MARS's executor then raises an
+        # error of its own for it ("Phase planning failed: ..."), raised from nothing, which is that failure
+        self.last_failed = False
 
     def recorded(self, exc: BaseException) -> bool:
         """Whether ``exc``, or an exception it was raised from or while handling, failed a phase of the call."""
@@ -353,6 +356,8 @@ class _JoinedCall:
         """This call ended inside ``outer``: its phases and recorded failures are ``outer``'s too."""
         outer.opened.extend(self.opened)
         outer.failed.extend(self.failed)
+        if self.opened:
+            outer.last_failed = self.last_failed
 
 
 _CAUSES = 16  # how far an exception's cause chain is followed
@@ -428,10 +433,11 @@ def _record_joined_call_failed(block: workflow, exc: BaseException, call: _Joine
     on), so the run it joined never fails with it and nothing recorded the failure. It gets the node of the phase
     it did not reach (:func:`_failed_phase`: ``execute`` for a fixed pipeline), failed with the exception: a
     phase span ended at once with it. Nothing is added when a phase of the call (in any thread) ended with that
-    exception or one it was raised from (that phase records it), nor inside a phase someone else opened (phases
-    do not nest: the exception is that phase's to record)."""
+    exception or one it was raised from (that phase records it), nor after a phase manager failed the call's
+    last phase (MARS's executor raises its own error for it: the same failure), nor inside a phase someone else
+    opened (phases do not nest: the exception is that phase's to record)."""
     try:
-        if call.recorded(exc):
+        if call.recorded(exc) or call.last_failed:
             return
         scope = current_scope()
         if scope is None or not scope.in_workflow or scope.phase is not None:
@@ -1658,6 +1664,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
             joined = _joined_call()
             if joined is not None:  # a joined entry call's own phase (it records its failure)
                 joined.opened.append(_text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase")
+                joined.last_failed = False
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
                 _manager_start(spans, instance)
@@ -1774,12 +1781,14 @@ _FRAME_KINDS = {"redo", "step", "phase", "workflow"}
 
 
 def _joined_phase_failed(exc: BaseException | None) -> None:
-    """A phase manager's phase ended with ``exc``: inside a joined entry call, that phase records it."""
-    if exc is None:
-        return
+    """A phase manager's phase failed (with ``exc`` when it was failed handling an exception): inside a joined
+    entry call, that phase records it, and what the call raises before another phase of its own is that
+    failure too (see :meth:`_JoinedCall.last_failed`)."""
     joined = _joined_call()
     if joined is not None:
-        joined.failed.append(exc)
+        joined.last_failed = True
+        if exc is not None:
+            joined.failed.append(exc)
 
 
 def _pm_complete(state: _State) -> Callable[..., Any]:
@@ -1823,7 +1832,8 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         finally:
             try:
-                _joined_phase_failed(exc)
+                if exc is not None:
+                    _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
                     spans.close(_FRAME_KINDS, exc=exc)
