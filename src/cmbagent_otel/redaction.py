@@ -934,6 +934,23 @@ def _register_value(value: Any, register: Any) -> None:
         register(token.strip())
 
 
+# A Python class's name, as a traceback's last line or a logged error prints an exception's type before its
+# message: an exception's (``NoCredentialsError``, ``PasswordSetError``), or a class's qualified by its
+# lower-case module path (``tests.test_secrets.UpstreamRejected``). Taken for a secret-named key, the first
+# word of the message was learned as a secret and so redacted in every later text ("Unable", "Failed",
+# "upstream"); it is still redacted where it stands (a message may start with what its type names)
+_EXCEPTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*(?:Error|Exception|Warning)")
+_QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
+
+
+def _is_class_name(name: str) -> bool:
+    """Whether ``name``, a secret-looking key name in a text, is a Python class's (see _EXCEPTION_NAME); a
+    qualified one only when its class name alone is no secret's (``app.config.Password`` stays a key)."""
+    if _EXCEPTION_NAME.fullmatch(name):
+        return True
+    return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
+
+
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -990,7 +1007,7 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn:
+        if learn and not _is_class_name(text[name_start:run_end]):  # an exception's message: redacted here only
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
