@@ -48,12 +48,29 @@ class _Phase:
             return False, str(e)
 
 
-def idea_to_execution(task: str, work_dir: str, failing: str) -> None:
-    """MARS's WorkflowExecutor.run: the phases in order, its own error raised for a failed one."""
-    for phase in (_Phase(name, name == failing) for name in PHASES):
-        succeeded, error = phase.execute()
-        if not succeeded:
-            raise RuntimeError(f"Phase {phase.phase_type} failed: {error}")
+class WorkflowExecutor:
+    """MARS's cmbagent.workflows.composer.WorkflowExecutor: ``self.phases`` built in ``__init__``; ``run_sync``
+    checks each phase's input before running it and raises its own error for a phase that failed."""
+
+    def __init__(self, workflow: Any, task: str, work_dir: str, api_keys: Any = None) -> None:
+        self.workflow = workflow
+        self.phases = [_Phase(d["type"], d.get("fails", False)) for d in workflow["phases"]]
+
+    def run_sync(self) -> None:
+        for phase, definition in zip(self.phases, self.workflow["phases"], strict=True):
+            refused = definition.get("refused")
+            if refused:
+                raise ValueError(f"Phase {phase.phase_type} validation failed: {refused}")
+            succeeded, error = phase.execute()
+            if not succeeded:
+                raise RuntimeError(f"Phase {phase.phase_type} failed: {error}")
+
+
+def idea_to_execution(task: str, work_dir: str, failing: str = "", refused: str = "") -> None:
+    """MARS's idea_to_execution: its phases defined, run by its executor."""
+    phases = [{"type": name, "fails": name == failing, "refused": "no idea selected" if name == refused else None}
+              for name in PHASES]
+    WorkflowExecutor({"phases": phases}, task, work_dir).run_sync()
 
 
 @pytest.fixture
@@ -63,7 +80,10 @@ def mars_entry() -> Iterator[types.ModuleType]:
     module = types.ModuleType("cmbagent.workflows.idea_workflows")
     module.idea_to_execution = idea_to_execution  # type: ignore[attr-defined]
     module.idea_generation = idea_generation  # type: ignore[attr-defined]
+    composer = types.ModuleType("cmbagent.workflows.composer")
+    composer.WorkflowExecutor = WorkflowExecutor  # type: ignore[attr-defined]
     integration.CmbagentInstrumentor()._patch_module(module)
+    integration.CmbagentInstrumentor()._patch_module(composer)
     try:
         assert all(integration._is_ours(vars(module)[name]) for name in ("idea_to_execution", "idea_generation"))
         yield module
@@ -78,7 +98,7 @@ def test_a_joined_mars_workflow_whose_phase_failed_has_that_one_failure(capture:
     a second red phase followed (``['idea_generation', 'idea_generation']``, ``['planning', 'control']``)."""
     failed = f"Phase {failing} failed"
     with workflow("notebook cell", mode="planning-control"), pytest.raises(RuntimeError, match=failed):
-        mars_entry.idea_to_execution("fit the spectrum", "/tmp/run", failing)
+        mars_entry.idea_to_execution("fit the spectrum", "/tmp/run", failing=failing)
     phases = [s for s in capture.spans if s.name.startswith("phase ")]
     ran = list(PHASES[:PHASES.index(failing) + 1])
     assert [s.name.removeprefix("phase ") for s in phases] == ran
@@ -88,16 +108,31 @@ def test_a_joined_mars_workflow_whose_phase_failed_has_that_one_failure(capture:
     assert capture.one("workflow notebook cell").status.status_code is not StatusCode.ERROR
 
 
+@pytest.mark.parametrize("refused", ["planning", "control"])
+def test_a_joined_mars_workflow_raising_before_its_next_phase_fails_that_phase(capture: Any, mars_entry: Any,
+                                                                              refused: str) -> None:
+    """The executor refused the next phase's input after the phases before it completed: that phase is the
+    failed one (read from the executor's phases). On d1ab575 one more of the last phase run failed instead
+    (``idea_generation``'s second node; after planning, its NEXT_PHASES guess happened to be right)."""
+    with workflow("notebook cell", mode="planning-control"), pytest.raises(ValueError, match="validation failed"):
+        mars_entry.idea_to_execution("fit the spectrum", "/tmp/run", refused=refused)
+    phases = [s for s in capture.spans if s.name.startswith("phase ")]
+    ran = list(PHASES[:PHASES.index(refused)])
+    assert [(s.name.removeprefix("phase "), s.status.status_code is StatusCode.ERROR) for s in phases] == [
+        *((name, False) for name in ran), (refused, True)]
+    assert "no idea selected" in (phases[-1].status.description or "")
+
+
 def idea_generation(task: str, work_dir: str) -> None:
-    """A workflow that raises after a phase that completed (its next phase's input cannot be read)."""
+    """A workflow run without MARS's executor that raises after a phase that completed."""
     _Phase(PHASES[0], False).execute()
     raise OSError("the approval file cannot be read")
 
 
 def test_a_joined_mars_workflow_raising_after_a_completed_phase_still_gets_its_failed_node(
         capture: Any, mars_entry: Any) -> None:
-    """What held before: a call that raises after a phase that completed gets a failed phase for it (its
-    workflow's next phase is not known here: one more of the last one's kind, see docs/reliability.md)."""
+    """What held before: a call that raises after a phase that completed gets a failed phase for it (without an
+    executor telling its phases, one more of the last one's kind: see docs/cmbagent.md)."""
     with workflow("notebook cell", mode="planning-control"), pytest.raises(OSError):
         mars_entry.idea_generation("fit the spectrum", "/tmp/run")
     phases = [s for s in capture.spans if s.name.startswith("phase ")]
