@@ -40,6 +40,7 @@ from cmbagent_otel.dag.database import (
     resolve_url,
     target_of,
 )
+from cmbagent_otel.dag.halving import write_in_halves
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.processor import StartedSpan, is_started
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore, SpillUnreadable
@@ -309,32 +310,33 @@ class DagSpanExporter(SpanExporter):
         Returns ``(spans written, spans dropped)``; the caller counts the written ones."""
         logger.error("cmbagent_otel: could not write %d spans to the DAG database %s: %s", len(spans),
                      redacted(resolve_url(self._url)), exc, exc_info=exc)
-        pending = [list(spans)]
         stored = dropped = 0
-        while pending:
-            part = pending.pop()
-            if len(part) == 1:
-                span = part[0]
-                if is_started(span):
-                    continue  # a started record: the finished span carries the row
-                logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
-                             getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
-                self._dropped(1, "a span the database refuses (logged above)")
-                dropped += 1
-                continue
-            half = len(part) // 2
-            for piece in (part[:half], part[half:]):
-                if time.monotonic() >= deadline or self._closed.is_set():
-                    self._keep(piece, "database refused a batch")
-                    continue
-                try:
-                    self._get_writer().write(piece, timeout=max(0.0, deadline - time.monotonic()))
-                except DatabaseUnavailable:
-                    self._keep(piece, "database unavailable")
-                except Exception:
-                    pending.append(piece)
-                else:
-                    stored += _finished(piece)
+
+        def write(piece: list[ReadableSpan]) -> bool:
+            nonlocal stored
+            if time.monotonic() >= deadline or self._closed.is_set():
+                self._keep(piece, "database refused a batch")
+                return True
+            try:
+                self._get_writer().write(piece, timeout=max(0.0, deadline - time.monotonic()))
+            except DatabaseUnavailable:
+                self._keep(piece, "database unavailable")
+            except Exception:
+                return False
+            else:
+                stored += _finished(piece)
+            return True
+
+        def drop(span: ReadableSpan) -> None:
+            nonlocal dropped
+            if is_started(span):
+                return  # a started record: the finished span carries the row
+            logger.error("cmbagent_otel: dropping span %r (trace %032x span %016x): it cannot be written",
+                         getattr(span, "name", "?"), span.context.trace_id, span.context.span_id)
+            self._dropped(1, "a span the database refuses (logged above)")
+            dropped += 1
+
+        write_in_halves(spans, write, drop)
         return stored, dropped
 
     # --- the durable processor's overflow -------------------------------------------------------

@@ -365,6 +365,7 @@ class IngestCore:
         clients do not retry: every span of it was lost. ``IngestError`` (unavailable) propagates:
         the client retries the request, and the spans already stored are written again
         idempotently."""
+        from .dag.halving import write_in_halves
         from .dag.mapping import redact_columns
 
         spans = redact_columns(spans)  # an ingest client's spans are not ours: see redact_columns
@@ -379,26 +380,27 @@ class IngestCore:
             # the traceback only when asked for: a driver's error quotes every row's parameters
             logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
         stored = rejected = 0
-        pending = [list(spans)]
-        while pending:
-            part = pending.pop()
-            if len(part) == 1:
-                ctx = part[0].context
-                rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
-                logger.log(logging.WARNING if rejected <= _REJECTED_LINES else logging.DEBUG,
-                           "cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
-                           ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
-                continue
-            half = len(part) // 2
-            for piece in (part[:half], part[half:]):
-                try:
-                    self.write(piece)
-                except IngestError:
-                    raise
-                except Exception:
-                    pending.append(piece)
-                else:
-                    stored += len(piece)
+
+        def write(piece: list[ReadableSpan]) -> bool:
+            nonlocal stored
+            try:
+                self.write(piece)
+            except IngestError:
+                raise
+            except Exception:
+                return False
+            stored += len(piece)
+            return True
+
+        def reject(span: ReadableSpan) -> None:
+            nonlocal rejected
+            ctx = span.context
+            rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
+            logger.log(logging.WARNING if rejected <= _REJECTED_LINES else logging.DEBUG,
+                       "cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
+                       ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
+
+        write_in_halves(spans, write, reject)
         return stored
 
     def _get_writer(self) -> SpanWriter:

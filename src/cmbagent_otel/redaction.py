@@ -209,6 +209,7 @@ def max_length() -> int:
 
 
 _max_len = max_length()
+_logger = logging.getLogger("cmbagent_otel.redaction")
 
 
 def attribute_bound() -> int:
@@ -433,8 +434,21 @@ def is_registered(value: str) -> bool:
 
 
 def register_secret(value: Any) -> None:
-    """Never let ``value`` appear in telemetry (spans, logs, DB rows)."""
+    """Never let ``value`` appear in telemetry (spans, logs, DB rows).
+
+    Like a learned value, a value longer than the part of a text redaction reads (64 KiB, or 16
+    times the attribute bound) is not registered: it could never be found whole (it is redacted
+    under its secret-named key; a warning gives its length). Its encoded forms (hex, base64,
+    base32: ~15 times its length) are kept for values of up to 4,096 characters (a PEM private
+    key, a service account's JSON), for the first 32 registered."""
     if not isinstance(value, str) or len(value) < _MIN_SECRET_LEN:
+        return
+    if len(value) > _scan_bound():
+        # a 1 MB value cost 51 s of CPU and 2.9 GB to register (its encoded forms compiled), for a
+        # secret no text is read far enough to find
+        _logger.warning("cmbagent_otel: a secret of %d characters is not registered: no more of a text than "
+                        "%d characters is searched for secrets, so it could never be found whole", len(value),
+                        _scan_bound())
         return
     with _lock:
         if value in _known:
@@ -445,13 +459,14 @@ def register_secret(value: Any) -> None:
         _heads.setdefault(value[:_MIN_SECRET_LEN], []).append(value)
         _tails.setdefault(value[-_MIN_SECRET_LEN:], []).append(value)
         global _encoded_count
-        if _encoded_count < _ENCODED_MAX:  # an application's few keys, not a service's per-user ones
+        # an application's few keys, not a service's per-user ones; not documents
+        if _encoded_count < _ENCODED_MAX and len(value) <= _ENCODED_REGISTERED_MAX:
             _encoded_count += 1
             for form in _encoded_forms(value):
                 if form not in _known:
                     _known[form] = None
                     _forms.add(form)
-        for form in () if value.isascii() else _renderings(value):
+        for form in () if value.isascii() else _renderings(value, len(value) <= _ENCODED_REGISTERED_MAX):
             if form not in _known:
                 _known[form] = None
                 _forms.add(form)
@@ -492,6 +507,10 @@ def _renderings(value: str, encoded: bool = True) -> set[str]:
 # each registered secret with its encoded forms is ~9 patterns' worth: a service registering
 # each request's key would make patterns 9 times larger
 _ENCODED_MAX = 32
+# The longest registered secret whose encoded forms are kept (see _ENCODED_VALUE_MAX for learned
+# ones): a PEM private key or a service account's JSON keeps them; a 64 KiB value's would be 1 M
+# characters compiled again with each of the next registered secrets
+_ENCODED_REGISTERED_MAX = 4096
 _encoded_count = 0
 _forms: set[str] = set()  # the encoded forms in _known: chunks (see _rebuild) count secrets, not forms
 _B64_URLSAFE = str.maketrans("+/", "-_")
@@ -915,6 +934,23 @@ def _register_value(value: Any, register: Any) -> None:
         register(token.strip())
 
 
+# A Python class's name, as a traceback's last line or a logged error prints an exception's type before its
+# message: an exception's (``NoCredentialsError``, ``PasswordSetError``), or a class's qualified by its
+# lower-case module path (``tests.test_secrets.UpstreamRejected``). Taken for a secret-named key, the first
+# word of the message was learned as a secret and so redacted in every later text ("Unable", "Failed",
+# "upstream"); it is still redacted where it stands (a message may start with what its type names)
+_EXCEPTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*(?:Error|Exception|Warning)")
+_QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
+
+
+def _is_class_name(name: str) -> bool:
+    """Whether ``name``, a secret-looking key name in a text, is a Python class's (see _EXCEPTION_NAME); a
+    qualified one only when its class name alone is no secret's (``app.config.Password`` stays a key)."""
+    if _EXCEPTION_NAME.fullmatch(name):
+        return True
+    return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
+
+
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -971,7 +1007,7 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn:
+        if learn and not _is_class_name(text[name_start:run_end]):  # an exception's message: redacted here only
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
@@ -2089,16 +2125,18 @@ def _learn_edges(text: str) -> None:
     size = _MIN_SECRET_LEN
     longest = _longest_known
     tail = text[-longest:]
+    # each piece is cut out only where a secret starts (ends) as it does: cut at every position, a
+    # registered secret of 60 K characters made each long text cost 0.3 s (quadratic)
     for start in range(max(0, len(tail) - longest + 1), len(tail) - size + 1):
-        piece = tail[start:]
-        if any(secret.startswith(piece) for secret in _heads.get(piece[:size], ())):
-            learn_secret(piece)
+        starting = _heads.get(tail[start:start + size])
+        if starting and any(secret.startswith(tail[start:]) for secret in starting):
+            learn_secret(tail[start:])
             break
     head = text[:longest]
     for end in range(len(head), size - 1, -1):
-        piece = head[:end]
-        if any(secret.endswith(piece) for secret in _tails.get(piece[-size:], ())):
-            learn_secret(piece)
+        ending = _tails.get(head[end - size:end])
+        if ending and any(secret.endswith(head[:end]) for secret in ending):
+            learn_secret(head[:end])
             break
 
 

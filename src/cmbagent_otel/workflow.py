@@ -590,7 +590,10 @@ class _LinkedRunSpan(TracedSpan):
 
 
 # The traces of other instrumentations' (or the application's own) spans that a run of ours has started in,
-# oldest first, bounded: the run id is the trace id, so a later run opened in such a trace starts its own
+# least recently used first, bounded: the run id is the trace id, so a later run opened in such a trace starts
+# its own. Each run opened in one counts as a use: a trace forgotten (and joined again by its next run) is one
+# in which no run was opened during 65,536 other traces' first runs, not one merely older than them (a
+# long-lived span of a service's opening a run a minute was forgotten after 65,536 others' runs all the same)
 _RUN_TRACES: OrderedDict[int, None] = OrderedDict()
 _RUN_TRACES_MAX = 65_536
 _run_traces_lock = threading.Lock()
@@ -611,7 +614,9 @@ def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None
             return None, None
         if parent is None:
             with _run_traces_lock:
-                if span_context.trace_id not in _RUN_TRACES:
+                if span_context.trace_id in _RUN_TRACES:
+                    _RUN_TRACES.move_to_end(span_context.trace_id)
+                else:
                     _RUN_TRACES[span_context.trace_id] = None
                     if len(_RUN_TRACES) > _RUN_TRACES_MAX:
                         _RUN_TRACES.popitem(last=False)

@@ -157,6 +157,8 @@ def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     texts are redacted)."""
     for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms",
                  "_learned_forms", "_learned_forms_pattern", "_open_fragments", "_contexts", "_context_pattern",
-                 "_whole_pieces", "_sent_seen", "_request_registered"):
+                 "_whole_pieces", "_sent_seen", "_request_registered", "_longest_known"):
         value = getattr(redaction, name)
         monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)
+    for name in ("_heads", "_tails"):  # a long registered secret makes every later text's edges cost its length
+        monkeypatch.setattr(redaction, name, {edge: list(values) for edge, values in getattr(redaction, name).items()})

@@ -25,6 +25,7 @@ tree of :mod:`cmbagent_otel.workflow`:
   from :mod:`cmbagent_otel.instrumentation._steps`);
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
   ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans;
+  MARS's ``WorkflowExecutor.__init__`` tells a joined call its workflow's phases, in order;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
 
@@ -61,7 +62,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import CodeType, FrameType, ModuleType
 from typing import Any
@@ -151,6 +152,8 @@ ENTRY_MODULES: tuple[str, ...] = (
 )
 CMBAGENT_CLASS_MODULE = "cmbagent.cmbagent"
 PHASE_MANAGER_MODULE = "cmbagent.phases.execution_manager"
+#: MARS's workflow executor: its ``__init__`` (``self.phases``) gives a joined call its phases' order
+WORKFLOW_EXECUTOR_MODULE = "cmbagent.workflows.composer"
 PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step",
                          "complete", "fail", "__exit__")
 
@@ -329,7 +332,7 @@ class _JoinedCall:
     call starts (``summarize_documents``' documents) count for it as its own thread does; a joined call
     made inside another hands its record on when it ends. Lists: appended to from any thread."""
 
-    __slots__ = ("failed", "fixed", "opened")
+    __slots__ = ("failed", "fixed", "last_failed", "opened", "planned")
 
     def __init__(self, fixed: bool) -> None:
         self.fixed = fixed  # a fixed pipeline's call (summarize_document...): its solves are one-shot executions
@@ -337,6 +340,10 @@ class _JoinedCall:
         # what a phase of the call ended with (recorded there); the last few only: an exception holds its
         # frames, and the one a call raises is its last
         self.failed: collections.deque[BaseException] = collections.deque(maxlen=_KEPT_FAILURES)
+        # the last phase a phase manager opened for the call failed (its fail()): MARS's executor then raises an
+        # error of its own for it ("Phase planning failed: ..."), raised from nothing, which is that failure
+        self.last_failed = False
+        self.planned: tuple[str, ...] = ()  # its workflow's phases in order, when it says (MARS's WorkflowExecutor)
 
     def recorded(self, exc: BaseException) -> bool:
         """Whether ``exc``, or an exception it was raised from or while handling, failed a phase of the call."""
@@ -353,6 +360,8 @@ class _JoinedCall:
         """This call ended inside ``outer``: its phases and recorded failures are ``outer``'s too."""
         outer.opened.extend(self.opened)
         outer.failed.extend(self.failed)
+        if self.opened:
+            outer.last_failed = self.last_failed
 
 
 _CAUSES = 16  # how far an exception's cause chain is followed
@@ -414,9 +423,28 @@ NEXT_PHASES: Mapping[str, str] = {"planning": "control"}
 
 def _failed_phase(block: workflow, call: _JoinedCall) -> str:
     """The phase whose node a joined entry call that raised outside its phases gets: its run's first phase
-    before any phase of its own, else the phase after the last it opened."""
+    before any phase of its own, else the phase after the last it opened: its workflow's next one where the
+    call was told its phases (:func:`_planned_next`)."""
     last = call.opened[-1] if call.opened else None
+    if call.planned:
+        following = _planned_next(call.planned, call.opened)
+        if following is not None:
+            return following
     return _first_phase(block) if last is None else NEXT_PHASES.get(last, last)
+
+
+def _planned_next(planned: Sequence[str], opened: Sequence[str | None]) -> str | None:
+    """The phase of ``planned`` after the phases ``opened`` ran through (matched in order; a skipped phase
+    opens nothing), or None when they do not follow ``planned`` or ran through all of it."""
+    position = -1
+    for name in opened:
+        if name is None:
+            continue  # a solve inside a phase
+        try:
+            position = planned.index(name, position + 1)
+        except ValueError:
+            return None
+    return planned[position + 1] if position + 1 < len(planned) else None
 
 
 def _record_joined_call_failed(block: workflow, exc: BaseException, call: _JoinedCall) -> None:
@@ -428,10 +456,11 @@ def _record_joined_call_failed(block: workflow, exc: BaseException, call: _Joine
     on), so the run it joined never fails with it and nothing recorded the failure. It gets the node of the phase
     it did not reach (:func:`_failed_phase`: ``execute`` for a fixed pipeline), failed with the exception: a
     phase span ended at once with it. Nothing is added when a phase of the call (in any thread) ended with that
-    exception or one it was raised from (that phase records it), nor inside a phase someone else opened (phases
-    do not nest: the exception is that phase's to record)."""
+    exception or one it was raised from (that phase records it), nor after a phase manager failed the call's
+    last phase (MARS's executor raises its own error for it: the same failure), nor inside a phase someone else
+    opened (phases do not nest: the exception is that phase's to record)."""
     try:
-        if call.recorded(exc):
+        if call.recorded(exc) or call.last_failed:
             return
         scope = current_scope()
         if scope is None or not scope.in_workflow or scope.phase is not None:
@@ -1345,7 +1374,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
         except (ImportError, ValueError):
             return
-        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, *EXTERNAL_MODEL_CALLS):
+        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, *EXTERNAL_MODEL_CALLS):
             if name in self._hooked:
                 module = sys.modules.get(name)
                 if module is not None:
@@ -1393,6 +1422,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     cls = getattr(module, "PhaseExecutionManager", None)
                     if isinstance(cls, type):
                         self._patch_phase_manager(state, cls)
+                if name == WORKFLOW_EXECUTOR_MODULE:
+                    cls = getattr(module, "WorkflowExecutor", None)
+                    if isinstance(cls, type) and "__init__" in vars(cls):
+                        self._wrap(state, cls, "__init__", _executor_init(state))
                 for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
                     if func_name in vars(module):
                         self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
@@ -1658,6 +1691,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
             joined = _joined_call()
             if joined is not None:  # a joined entry call's own phase (it records its failure)
                 joined.opened.append(_text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase")
+                joined.last_failed = False
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
                 _manager_start(spans, instance)
@@ -1774,12 +1808,14 @@ _FRAME_KINDS = {"redo", "step", "phase", "workflow"}
 
 
 def _joined_phase_failed(exc: BaseException | None) -> None:
-    """A phase manager's phase ended with ``exc``: inside a joined entry call, that phase records it."""
-    if exc is None:
-        return
+    """A phase manager's phase failed (with ``exc`` when it was failed handling an exception): inside a joined
+    entry call, that phase records it, and what the call raises before another phase of its own is that
+    failure too (see :meth:`_JoinedCall.last_failed`)."""
     joined = _joined_call()
     if joined is not None:
-        joined.failed.append(exc)
+        joined.last_failed = True
+        if exc is not None:
+            joined.failed.append(exc)
 
 
 def _pm_complete(state: _State) -> Callable[..., Any]:
@@ -1823,7 +1859,8 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         finally:
             try:
-                _joined_phase_failed(exc)
+                if exc is not None:
+                    _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
                     spans.close(_FRAME_KINDS, exc=exc)
@@ -1834,6 +1871,24 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.__exit__", exc_info=True)
 
     return _ours(state, wrapper)
+
+
+def _executor_init(state: _State) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = wrapped(*args, **kwargs)
+        try:
+            joined = _joined_call()
+            phases = getattr(instance, "phases", None)
+            if joined is not None and isinstance(phases, (list, tuple)):
+                joined.planned = tuple(_text(getattr(p, "phase_type", None)) or "phase" for p in phases[:_PLANNED_MAX])
+        except Exception:
+            logger.debug("cmbagent_otel: WorkflowExecutor.__init__", exc_info=True)
+        return result
+
+    return _ours(state, wrapper)
+
+
+_PLANNED_MAX = 64  # a workflow's phases read (MARS's longest has 6)
 
 
 _PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
