@@ -122,6 +122,7 @@ class DagWriter:
         reset_in_child(self, "_lock")
         self._ready = False
         self._repair = False
+        self._stale_files = False  # a deleted file's -wal/-shm to remove before connecting again
         # a reconnect already said so since the last stored batch: an outage (a file system
         # made read-only, a file that cannot be opened) reconnects on every attempt
         self._reopen_said = logging.NOTSET  # the level said
@@ -148,6 +149,8 @@ class DagWriter:
     def _prepare(self) -> None:
         if self._ready:
             return
+        if self._stale_files:
+            self._remove_stale_files()
         with self._lock:
             repair, self._repair = self._repair, False
         if self._migrate:
@@ -187,14 +190,26 @@ class DagWriter:
                    redacted(self.url), why, " and migrating again" if repair and self._migrate else "")
         if engine is not None:
             engine.dispose()
-        if self._file is not None and _identity(self._file) is None:
-            # WAL and shared-memory files of the deleted database must not meet the new one; decided
-            # again under the lock a writer creating the file takes: the names may be its live files now
-            with creation_lock(self._file):
-                if _identity(self._file) is None:
+        if self._file is not None:
+            self._stale_files = True  # removed by the next attempt, before it connects
+
+    def _remove_stale_files(self) -> None:
+        """Remove the ``-wal``/``-shm`` a deleted database file left, unless the file is there again.
+
+        WAL and shared-memory files of the deleted database must not meet the new one; decided
+        again under the lock a writer creating the file takes: the names may be its live files now.
+        Run before connecting again (not by :meth:`_reopen`), so a lock held elsewhere past its bound
+        fails that attempt as retryable and the removal is tried again by the next one."""
+        file = self._file
+        if file is None:
+            return
+        if _identity(file) is None:
+            with creation_lock(file):
+                if _identity(file) is None:
                     for suffix in ("-wal", "-shm"):
                         with contextlib.suppress(OSError):
-                            Path(f"{self._file}{suffix}").unlink(missing_ok=True)
+                            Path(f"{file}{suffix}").unlink(missing_ok=True)
+        self._stale_files = False
 
     def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan], *,
               timeout: float | None = None) -> WriteResult:
