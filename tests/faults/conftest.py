@@ -104,6 +104,12 @@ def span_key(span: ReadableSpan) -> tuple[str, str]:
     return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
 
 
+def _object(meta: Any) -> dict[str, Any]:
+    """A stored ``meta``, {} when it is none or no JSON object (another writer's)."""
+    meta = decode_json(meta)
+    return meta if isinstance(meta, dict) else {}
+
+
 def stored_spans(url: str) -> Counter[tuple[str, str]]:
     """(trace id, span id) of every span stored in ``url``, counted once per row that stores it:
     the workflow span's run row, node rows (DAG-node spans; not the ``running`` rows of spans
@@ -113,16 +119,16 @@ def stored_spans(url: str) -> Counter[tuple[str, str]]:
     try:
         with engine.connect() as conn:
             for meta, in conn.execute(text("SELECT meta FROM execution_events")):
-                meta = decode_json(meta) or {}
+                meta = _object(meta)
                 if meta.get("span_id"):
                     found[(meta["trace_id"], meta["span_id"])] += 1
             for run_id, meta, status in conn.execute(text("SELECT run_id, meta, status FROM dag_nodes")):
-                meta = decode_json(meta) or {}
+                meta = _object(meta)
                 # a running row is the live DAG's view of a span that has not ended: not a stored span
                 if meta.get("span_id") and not meta.get("derived") and status != "running":
                     found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
             for run_id, meta in conn.execute(text("SELECT id, meta FROM workflow_runs")):
-                meta = decode_json(meta) or {}
+                meta = _object(meta)
                 if meta.get("otel_source") == "workflow":
                     found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
     finally:
