@@ -1749,7 +1749,7 @@ def is_secret_key(name: str) -> bool:
 
 def scrub(value: Any, _depth: int = 0) -> Any:
     """Deep copy of ``value`` with secret-named keys' values replaced (and learned) and
-    strings redacted."""
+    strings (keys too) redacted."""
     if _depth > 20:
         return "[too deep]"
     if isinstance(value, str):
@@ -1817,16 +1817,17 @@ def _scrub_string(value: str) -> str:
 
 def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
     """One entry of :func:`scrub`'s dict branch, the dict at ``depth``: a secret-named key's value
-    learned and replaced, any other value scrubbed."""
+    learned and replaced, any other value scrubbed; the key itself redacted as any text (an ingest
+    client's key/value list can hold a secret in a key: that went into the rows' meta as sent)."""
     skey = str(key)
     secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
     if secret is None:
         secret = is_secret_key(skey)
     if secret:
         learn_secrets_in({skey: item})
-        out[skey] = REDACTED
+        out[_scrub_string(skey)] = REDACTED
     else:
-        out[skey] = scrub(item, depth + 1)
+        out[_scrub_string(skey)] = scrub(item, depth + 1)
 
 
 _dumps = compact_encoder(repr, ensure_ascii=False)  # scrub() output is acyclic

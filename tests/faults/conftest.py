@@ -20,7 +20,8 @@ from sqlalchemy import create_engine, text
 
 import cmbagent_otel
 from cmbagent_otel.dag.mapping import run_id_of
-from cmbagent_otel.dag.writer import DagWriter, decode_json, dump_tables
+from cmbagent_otel.dag.statements import decode_meta
+from cmbagent_otel.dag.writer import DagWriter, dump_tables
 from cmbagent_otel.processor import as_started
 from cmbagent_otel.spill import record_to_span
 
@@ -113,16 +114,16 @@ def stored_spans(url: str) -> Counter[tuple[str, str]]:
     try:
         with engine.connect() as conn:
             for meta, in conn.execute(text("SELECT meta FROM execution_events")):
-                meta = decode_json(meta) or {}
+                meta = decode_meta(meta)
                 if meta.get("span_id"):
                     found[(meta["trace_id"], meta["span_id"])] += 1
             for run_id, meta, status in conn.execute(text("SELECT run_id, meta, status FROM dag_nodes")):
-                meta = decode_json(meta) or {}
+                meta = decode_meta(meta)
                 # a running row is the live DAG's view of a span that has not ended: not a stored span
                 if meta.get("span_id") and not meta.get("derived") and status != "running":
                     found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
             for run_id, meta in conn.execute(text("SELECT id, meta FROM workflow_runs")):
-                meta = decode_json(meta) or {}
+                meta = decode_meta(meta)
                 if meta.get("otel_source") == "workflow":
                     found[(uuid.UUID(run_id).hex, meta["span_id"])] += 1
     finally:

@@ -12,7 +12,6 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,11 +218,18 @@ def test_a_dag_read_while_a_batch_commits_shows_one_state(tmp_path, kind):
         assert during in (before, after), during
 
 
-def _flock_waiters(directory: Path) -> bool:
-    """Whether some process waits for a ``flock`` on ``directory`` (``/proc/locks``: ``->`` lines)."""
-    inode = directory.stat().st_ino
-    with open("/proc/locks") as locks:
-        return any("->" in line and "FLOCK" in line and line.split()[-3].endswith(f":{inode}") for line in locks)
+def flock_tried_by(thread: threading.Thread) -> threading.Event:
+    """Set once ``thread`` calls ``flock`` (the audit event ``fcntl.flock``, raised before the call):
+    while another holds the folder's lock, the thread is then waiting for it (``creation_lock`` tries
+    again until its bound, so no waiter shows in ``/proc/locks``). Remove with ``_audit_action.clear()``."""
+    tried = threading.Event()
+
+    def action(name: str, args: tuple[Any, ...]) -> None:
+        if name == "fcntl.flock" and threading.get_ident() == thread.ident:
+            tried.set()
+
+    _audit_action.append(action)
+    return tried
 
 
 def test_a_writer_cleaning_up_after_a_deleted_file_leaves_the_new_files_wal_alone(tmp_path, audit_actions):
@@ -258,9 +264,10 @@ def test_a_writer_cleaning_up_after_a_deleted_file_leaves_the_new_files_wal_alon
         thread = threading.Thread(target=other)
 
         def run_other() -> None:
+            waiting = flock_tried_by(thread)
             thread.start()
             for _ in range(6000):  # a guard against hanging for ever, never what the test waits for
-                if done.wait(0.02) or _flock_waiters(tmp_path):
+                if done.wait(0.02) or waiting.is_set():
                     return
             raise AssertionError("the second writer neither ended nor waited for a lock")
 

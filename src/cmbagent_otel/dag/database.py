@@ -337,7 +337,13 @@ def creation_lock(path: Path) -> Iterator[None]:
     of a database another writer had created meanwhile ("disk I/O error" for every other
     connection). Nothing slow runs under it, and a child forked while it is held closes its copy
     (:func:`~cmbagent_otel._forksafe.hold_fd`): it kept the lock for its whole life. Without
-    ``flock`` (Windows, a file system refusing it) the block runs unlocked, as before."""
+    ``flock`` (Windows, a file system refusing it) the block runs unlocked, as before.
+
+    The wait is bounded as a database lock's is (the :func:`deadline`'s time left, at most the
+    SQLite busy timeout): past it ``TimeoutError`` (an ``OSError``: retryable, the batch is
+    spilled). Reading a folder is enough to ``flock`` it, so any process that can list a shared
+    folder held this wait, and with it the export thread and the application's exit, for as long
+    as it kept the lock."""
     try:
         import fcntl
     except ImportError:
@@ -350,14 +356,35 @@ def creation_lock(path: Path) -> Iterator[None]:
         return
     hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _flock_within(fd, path, fcntl)
         yield
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy: a fork from here on shares no lock
         release_fd(fd)
         os.close(fd)
+
+
+def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
+    """``flock(fd, LOCK_EX)``, tried again until :func:`creation_lock`'s bound; a file system
+    refusing ``flock`` is let through unlocked."""
+    left = time_left_ms()
+    end = time.monotonic() + min(sqlite_busy_timeout_ms(), left if left is not None else math.inf) / 1000
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        left_s = end - time.monotonic()
+        if left_s <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "another process holds the lock of the SQLite database's folder",
+                               str(path.parent))
+        time.sleep(min(pause, left_s))  # flock has no timeout of its own
+        pause = min(pause * 2, 0.05)
 
 
 def _create_private(path: Path) -> None:

@@ -760,9 +760,10 @@ _COLUMN_KEYS = frozenset({
 
 
 def _redact_column(value: Any) -> Any:
-    if type(value) is str:
+    kind = type(value)
+    if kind is str:
         return _values.redact(value) if len(value) <= _values.max_len else redaction.redact(value)
-    if type(value) is tuple:
+    if kind is tuple:
         try:
             # every item a memo hit that is the item itself (finish reasons, candidates seen before),
             # read in C from the current memo, as _values.redact reads it first for each
@@ -771,7 +772,11 @@ def _redact_column(value: Any) -> Any:
         except TypeError:  # an unhashable item: redacted one by one below
             pass
         return tuple(_redact_column(item) for item in value)
-    return value
+    if value is None or kind in _PLAIN_TYPES:
+        return value
+    # any other shape (a key/value list decodes to a dict): its texts and keys, as the meta has them;
+    # the columns show its text, which held the key as sent before
+    return _scrub_value(value)
 
 
 def _with_clean_columns(attrs: Mapping[str, Any] | None, cache: dict[str, str]) -> dict[str, Any] | None:

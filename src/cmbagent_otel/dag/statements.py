@@ -69,6 +69,14 @@ def decode_json(value: Any) -> Any:
     return value
 
 
+def decode_meta(value: Any) -> dict[str, Any]:
+    """A ``meta`` column's value as read back, as an object: ``{}`` for none and for any other JSON
+    value (another writer's row may hold ``5``, ``[1]`` or ``"text"`` there: the writer read such a
+    run's or node's meta with ``.get`` and failed every later batch of that run)."""
+    decoded = decode_json(value)
+    return decoded if type(decoded) is dict else {}
+
+
 def naive(value: Any) -> datetime | None:
     """A datetime column's value as a naive datetime (text from SQLite, objects from psycopg)."""
     # datetimes are immutable: a naive one is returned as it is (replace() with a keyword costs

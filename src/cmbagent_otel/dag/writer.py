@@ -57,7 +57,7 @@ from .mapping import (
     event_db_id,
     map_spans,
 )
-from .statements import Sql, chunks, decode_json, encode_json, naive, sql_for
+from .statements import Sql, chunks, decode_json, decode_meta, encode_json, naive, sql_for
 
 __all__ = ["DagWriter", "DatabaseUnavailable", "WriteResult", "decode_json", "dump_tables", "parents_first"]
 
@@ -122,6 +122,7 @@ class DagWriter:
         reset_in_child(self, "_lock")
         self._ready = False
         self._repair = False
+        self._stale_files = False  # a deleted file's -wal/-shm to remove before connecting again
         # a reconnect already said so since the last stored batch: an outage (a file system
         # made read-only, a file that cannot be opened) reconnects on every attempt
         self._reopen_said = logging.NOTSET  # the level said
@@ -148,6 +149,8 @@ class DagWriter:
     def _prepare(self) -> None:
         if self._ready:
             return
+        if self._stale_files:
+            self._remove_stale_files()
         with self._lock:
             repair, self._repair = self._repair, False
         if self._migrate:
@@ -187,14 +190,26 @@ class DagWriter:
                    redacted(self.url), why, " and migrating again" if repair and self._migrate else "")
         if engine is not None:
             engine.dispose()
-        if self._file is not None and _identity(self._file) is None:
-            # WAL and shared-memory files of the deleted database must not meet the new one; decided
-            # again under the lock a writer creating the file takes: the names may be its live files now
-            with creation_lock(self._file):
-                if _identity(self._file) is None:
+        if self._file is not None:
+            self._stale_files = True  # removed by the next attempt, before it connects
+
+    def _remove_stale_files(self) -> None:
+        """Remove the ``-wal``/``-shm`` a deleted database file left, unless the file is there again.
+
+        WAL and shared-memory files of the deleted database must not meet the new one; decided
+        again under the lock a writer creating the file takes: the names may be its live files now.
+        Run before connecting again (not by :meth:`_reopen`), so a lock held elsewhere past its bound
+        fails that attempt as retryable and the removal is tried again by the next one."""
+        file = self._file
+        if file is None:
+            return
+        if _identity(file) is None:
+            with creation_lock(file):
+                if _identity(file) is None:
                     for suffix in ("-wal", "-shm"):
                         with contextlib.suppress(OSError):
-                            Path(f"{self._file}{suffix}").unlink(missing_ok=True)
+                            Path(f"{file}{suffix}").unlink(missing_ok=True)
+        self._stale_files = False
 
     def write(self, spans: Sequence[ReadableSpan] | Iterable[ReadableSpan], *,
               timeout: float | None = None) -> WriteResult:
@@ -518,9 +533,13 @@ def _write_runs(conn: Connection, sql: Sql, batch: MappedBatch) -> tuple[set[str
         old, cand = existing.get(run_id), batch.runs[run_id]
         if old is None:
             continue  # deleted by someone else since the insert: nothing to compare with
-        old_meta = decode_json(old[0]) or {}
-        old_rank = RANK_BY_NAME.get(old_meta.get("otel_source"), 99)
-        if better_run(cand.rank, cand.row, old_rank, {"started_at": naive(old[1]), "meta": old_meta}):
+        # another writer's row: its meta may hold anything (an unknown or unhashable source ranks
+        # as another writer's, a span id other than text as none)
+        old_meta = decode_meta(old[0])
+        source, span_id = old_meta.get("otel_source"), old_meta.get("span_id")
+        old_rank = RANK_BY_NAME.get(source, 99) if type(source) is str else 99
+        if better_run(cand.rank, cand.row, old_rank,
+                      {"started_at": naive(old[1]), "meta": {"span_id": span_id if type(span_id) is str else ""}}):
             better.append(cand.row)
     sql.update(conn, table, better)
     return created, created | {row["id"] for row in better}
@@ -874,13 +893,15 @@ def _derive_stored(conn: Connection, sql: Sql, layout_runs: set[str], rollup_run
     node_rows, edge_rows, usage_rows, run_rows = ([row for _ in group for row in next(results)] for group in reads)
     nodes_by_run: dict[str, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
     for node in sql.decoded(nodes_t, node_rows):
-        node["meta"] = node["meta"] or {}
+        if type(node["meta"]) is not dict:  # none, or another writer's JSON that is no object
+            node["meta"] = {}
         nodes_by_run[node["run_id"]].append(node)
     edges_by_run = _edges_by_run(sorted(layout_runs), edge_rows)
     usage_by_run = _usage_by_run(run_ids, usage_rows)
     out.named_runs.extend(run_ids)
     for run in sorted(sql.decoded(runs_t, run_rows), key=lambda r: r["id"]):
-        run["meta"] = run["meta"] or {}
+        if type(run["meta"]) is not dict:
+            run["meta"] = {}
         run_id = run["id"]
         nodes = nodes_by_run[run_id]
         derived = derive_run_rows(run, nodes, usage_by_run[run_id])
