@@ -23,7 +23,7 @@ pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Pyth
 
 from cmbagent_otel import semconv as sc
 
-from .scripted_cmbagent import CmbagentScript
+from .scripted_cmbagent import DEFAULT_PLAN, CmbagentScript
 from .test_cmbagent_runs import _exported, _kind, _one
 from .test_cmbreal5_audit import _mars
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
@@ -91,6 +91,55 @@ def test_a_step_out_of_attempts_that_control_moves_past_does_not_stop_the_plan(
     failed_codes = [e for e in rows["events"] if e["event_type"] == "code_exec" and e["status"] == "failed"]
     assert len(failed_codes) == 2
     assert rows["states"][0]["status"] == "completed"
+    answers = _mars(tmp_path, url)
+    if answers is not None:  # cmbagent's own backend on these rows
+        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+        dag = {n["id"]: n["status"] for n in answers[f"{row['id']} dag"]["nodes"]}
+        assert dag == {s: n["status"] for s, n in nodes.items()}
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["entry_point", "bound_before_instrument"])
+def test_carryover_loop_stopped_between_two_steps_leaves_the_later_steps_pending(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bound: bool) -> None:
+    """The carryover loop (``planning_and_control_context_carryover``) raising between two steps: step 1's solve
+    has returned and cmbagent writes its reports (``display_cost(name_append="step_1")``, here failing as on a
+    full disk; Ctrl-C while it builds step 2's agents takes the same path) before step 2 starts. The
+    exception leaves the entry call; the plan's steps 2 and 3 never start. cmbagent's DAG has a node per plan
+    step once planning is done (pending) and never starts those two; ours had no node for them at all (the
+    control phase failed over step 1 alone), where a step that raises or runs out of attempts leaves them
+    pending. Now they are pending nodes, goal and agent from the plan, as there; also for the function bound
+    before ``instrument()`` (its run opened by its first solve, ended through ``sys.monitoring``)."""
+    import cmbagent.cmbagent as module
+
+    # the unwrapped function, as `from cmbagent import ...` before instrument() binds it
+    function = module.planning_and_control_context_carryover if bound else None
+
+    original = module.CMBAgent.display_cost
+
+    def display_cost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("name_append") == "step_1":
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.CMBAgent, "display_cost", display_cost)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script, function=function)
+    assert isinstance(run.error, OSError) and run.error.errno == 28
+    assert "researcher" not in run.sequence  # step 2 never started
+    _one_root_per_trace(run)
+    steps = {s.name: s for s in run.spans if _kind(s) == sc.KIND_STEP}
+    assert sorted(steps) == ["step 1", "step 2", "step 3"]
+    assert [steps[n].attributes[sc.STEP_STATUS] for n in ("step 2", "step 3")] == [sc.STEP_NOT_STARTED] * 2
+    url = _exported(run, tmp_path)
+    rows = _final_rows(url)
+    (row,) = rows["runs"]
+    assert row["status"] == "failed" and row["meta"]["error"].startswith("OSError: [Errno 28]")
+    nodes = _nodes_of(rows)
+    assert [nodes[s]["status"] for s in ("planning", "step_1", "step_2", "step_3", "control", "terminator")] == [
+        "completed", "completed", "pending", "pending", "failed", "failed"]
+    later = [nodes[s] for s in ("step_2", "step_3")]
+    assert [(n["agent"], n["meta"]["goal"], n["parent_node_id"]) for n in later] == [
+        (p.agent, p.task, nodes["control"]["id"]) for p in DEFAULT_PLAN[1:]]
+    assert (rows["states"][0]["current_phase"], rows["states"][0]["current_step"]) == ("control", 1)
     answers = _mars(tmp_path, url)
     if answers is not None:  # cmbagent's own backend on these rows
         assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
