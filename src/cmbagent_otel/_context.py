@@ -116,6 +116,10 @@ class RunState:
     # (cmbagent stops there and its own tracking fails the run, although the entry function returns
     # normally); the failed run's status message. None: nothing did
     failed_step: str | None = None
+    # the carryover loop's last step that returned with the plan going on, and the plan: (number, plan).
+    # Its later steps are pending nodes if the entry call raises before the next step starts (Ctrl-C while
+    # cmbagent builds that step's agents). None: no such step, or the next one started
+    loop_next: tuple[int, Any] | None = None
     # the run's workflow span has ended (its block was left): a context that still holds it (a block
     # left out of order, or in another thread) starts a new run rather than joining this one
     ended: bool = False

@@ -471,8 +471,9 @@ def attach_anchor() -> tuple[object, Scope] | None:
     return otel_context.attach(with_scope(anchor, trace.set_span_in_context(span))), anchor
 
 
-def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None) -> None:
-    """Close every frame still open on ``anchor`` (recording ``exc``) and detach ``token``; never raises."""
+def close_anchored(anchor: Scope, exc: BaseException | None = None) -> None:
+    """Close every frame still open on ``anchor``, recording ``exc`` (the exception that ended the block
+    that anchored them); never raises."""
     try:
         cursor = anchor.cursor
         if cursor is not None:
@@ -485,6 +486,11 @@ def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None
             cursor.close_all(frames)
     except Exception:
         logger.debug("cmbagent_otel: could not close anchored frames", exc_info=True)
+
+
+def detach_anchor(token: object, anchor: Scope, exc: BaseException | None = None) -> None:
+    """Close every frame still open on ``anchor`` (recording ``exc``) and detach ``token``; never raises."""
+    close_anchored(anchor, exc)
     try:
         otel_context.detach(token)  # type: ignore[arg-type]
     except Exception:

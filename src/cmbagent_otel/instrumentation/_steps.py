@@ -15,9 +15,10 @@ variables the tool returned and
   ``final_plan`` (else the ``current_sub_task`` argument), agent from
   ``agent_for_sub_task`` (else the plan);
 * ends it at its own "completed" (after the tool call that completed it has finished), at
-  the next step's start, or when the chat ends. A step ends failed when it was reported
-  "failed" and never completed, when it ran out of attempts (``n_attempts >=
-  max_n_attempts``), or when the chat raised; one the chat ended while it was still in
+  the next step's start, or when the chat ends. A step ends failed when the chat ended on it
+  out of attempts (``n_attempts >= max_n_attempts``: the plan stopped), or when the chat
+  raised; one control moved past (the next step started) ends completed, even out of
+  attempts or reported "failed", as the plan went on; one the chat ended while it was still in
   progress (``max_rounds``) ends completed, its summary saying so, as cmbagent's own
   tracking completes it. "failed" does not end the step: cmbagent hands a failed step
   back to its agent to fix it;
@@ -322,14 +323,20 @@ class StepTracker:
             if step.max_attempts is not None:
                 attrs[semconv.STEP_MAX_ATTEMPTS] = step.max_attempts
             span.set_attributes(attrs)
+            out_of_attempts = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
+                               f"max_n_attempts {step.max_attempts})"
+                               if step.max_attempts is not None and step.last_attempts >= step.max_attempts else None)
             if step.end == "completed":
                 error = None
-            elif step.max_attempts is not None and step.last_attempts >= step.max_attempts:
+            elif out_of_attempts is not None and step.end != "next":
                 # also when control had reported it failed first: out of attempts is what stops the plan
-                error = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
-                         f"max_n_attempts {step.max_attempts})")
+                error = out_of_attempts
                 if self._scope is not None and self._scope.run.failed_step is None:
                     self._scope.run.failed_step = f"plan stopped: {error}"
+            elif out_of_attempts is not None and step.exc is None:
+                # the last failure went to control (post_execution_transfer's "control"), which started the
+                # next step: the plan went on past it, as past a step reported failed
+                span.set_attribute(semconv.STEP_SUMMARY, f"the next step started after {out_of_attempts}")
             elif step.end == "chat_end" and step.exc is None:
                 # cut by max_rounds (or a handoff that ended the chat) before it reported completion, in
                 # progress or reported failed: cmbagent's own tracking completes such a step, failing only

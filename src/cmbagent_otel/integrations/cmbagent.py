@@ -81,6 +81,7 @@ from .._framestack import call_with_headroom
 from .._spans import (
     NodeSpec,
     attach_anchor,
+    close_anchored,
     compose,
     detach_anchor,
     effective_parent,
@@ -312,6 +313,8 @@ def _run(block: workflow) -> Iterator[None]:
                 _fail_run_on_failed_step(entered)
                 _record_execute_not_started(entered)
         except BaseException as exc:
+            if entered is not None:
+                _loop_stopped_between_steps()
             if entered is not None and not is_clean_exit(exc):
                 _record_execute_not_started(entered)
                 if own is not None:
@@ -884,14 +887,32 @@ def _raised_step_outcome(block: step, instance: Any, number: int, context: Any, 
 def _plan_stopped_after(number: int, final: Any, context: Any, raised: bool = False) -> None:
     """The carryover loop stops after a step that ran out of attempts or raised: the plan's later
     steps never start; they are pending nodes under the phase (as in the single-chat plan, whose
-    chat ending or raising leaves the same, see ``_steps``)."""
+    chat ending or raising leaves the same, see ``_steps``). A step after which the loop goes on is
+    remembered (``RunState.loop_next``) for :func:`_loop_stopped_between_steps`."""
     try:
-        if not raised and not _ran_out(*_attempts(final)):
-            return
         scope, span = effective_parent()
-        if scope is not None and scope.phase is not None:
-            plan = context_get(final, "final_plan") or context_get(context, "final_plan")
+        plan = context_get(final, "final_plan") or context_get(context, "final_plan")
+        going_on = not raised and not _ran_out(*_attempts(final))
+        if scope is not None:
+            scope.run.loop_next = (number, plan) if going_on else None
+        if not going_on and scope is not None and scope.phase is not None:
             record_not_started(workflow_tracers.current(), scope, span, plan, (), after=number)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
+
+
+def _loop_stopped_between_steps() -> None:
+    """The entry call raised while the carryover loop was between two steps (its last step returned and
+    the next had not started: Ctrl-C while cmbagent writes the step's reports or builds the next step's
+    agents): the plan's later steps never start, pending nodes under the phase as after a step that raised."""
+    try:
+        scope, span = effective_parent()
+        resume = scope.run.loop_next if scope is not None else None
+        if scope is None or resume is None:
+            return
+        scope.run.loop_next = None
+        if scope.phase is not None:
+            record_not_started(workflow_tracers.current(), scope, span, resume[1], (), after=resume[0])
     except Exception:
         logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
 
@@ -1102,13 +1123,12 @@ class _CallerRun:
             otel_context.detach(token)
 
     def end(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            with contextlib.suppress(Exception), self.attached():
+                _loop_stopped_between_steps()
         if is_clean_exit(exc):
             exc = None  # sys.exit(0) ends the run like a return
-        try:
-            if self.anchor.cursor is not None:
-                self.anchor.cursor.close_all()
-        except Exception:
-            logger.debug("cmbagent_otel: could not close the run's phases", exc_info=True)
+        close_anchored(self.anchor, exc)  # the phase still open (the carryover loop's) fails with the run
         failed = self.anchor.run.failed_step if exc is None else None
         if failed is not None:
             _fail_frame(self.frame, failed)
