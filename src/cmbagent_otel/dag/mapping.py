@@ -836,7 +836,7 @@ def redact_columns(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _redact_text(value)
+        return _redact_text(value) if type(value) is not redaction.SentBytes else scrub(value)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, (tuple, list)):
