@@ -171,7 +171,8 @@ def any_value(value: AnyValue, *, json_safe: bool = False, limits: Limits | None
     """The Python value of an OTLP ``AnyValue``.
 
     Scalars map to ``str``/``bool``/``int``/``float``, ``bytes_value`` to ``bytes`` (a
-    base64 ``str`` with ``json_safe``, so the value can be stored in a JSON column),
+    base64 ``str``, a :class:`~cmbagent_otel.redaction.SentBytes`, with ``json_safe``, so the
+    value can be stored in a JSON column and its bytes redacted),
     ``array_value`` to a ``tuple`` and ``kvlist_value`` to a ``dict``; an empty value is
     ``None``. With ``limits``, strings, arrays and maps are bounded (see :class:`Limits`).
     Raises ``ValueError`` for a value nested deeper than ``limits.max_depth`` (default
@@ -211,7 +212,8 @@ def any_value(value: AnyValue, *, json_safe: bool = False, limits: Limits | None
         if _budget is not None:
             raw = raw[: max(_budget.left, 0)]
             _budget.left -= len(raw)
-        return base64.b64encode(raw).decode("ascii") if json_safe else raw
+        # its base64 text: marked, so that the redaction reads the bytes (see redaction.SentBytes)
+        return redaction.SentBytes(base64.b64encode(raw).decode("ascii")) if json_safe else raw
     if which == "string_value":
         return _bounded_str(value.string_value, _budget)
     if _budget is not None:

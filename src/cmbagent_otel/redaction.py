@@ -766,6 +766,37 @@ def register_sent_credentials(response: Any) -> None:
         return
 
 
+class SentBytes(str):
+    """The base64 text of a bytes value an ingest client sent (OTLP ``bytesValue``), text so it can
+    be stored in a JSON column. Its bytes are what hold a secret: :func:`scrub` redacts them as the
+    text they decode to (UTF-8) and stores that text's base64, and a secret-named key's bytes are
+    learned as that text; bytes that are no UTF-8 text are redacted as their base64 (where the
+    encoded forms of registered secrets are looked for)."""
+
+    __slots__ = ()
+
+
+def _sent(value: SentBytes) -> str | bytes:
+    """What ``value``'s bytes are: their UTF-8 text, or the bytes (no text; or ``value`` itself, no base64)."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error
+        return str(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _scrub_sent(value: SentBytes) -> str:
+    """:func:`scrub` of an ingest client's bytes: the base64 of their text redacted (see :class:`SentBytes`)."""
+    text = _sent(value)
+    if not isinstance(text, str):
+        return _scrub_string(str(value))
+    clean = _scrub_string(text)
+    return str(value) if clean == text else base64.b64encode(clean.encode("utf-8")).decode("ascii")
+
+
 def learn_secrets_in(value: Any) -> None:
     """Learn (:func:`learn_secret`) every secret found in data, e.g. a tool call's arguments.
 
@@ -837,6 +868,9 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     if value is None or depth > 20:
         return
     cls = type(value)
+    if cls is SentBytes:  # an ingest client's bytes: what they hold, not their base64
+        value = _sent(value)
+        cls = type(value)
     if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
         if isinstance(value, (bool, int, float)):
             return
@@ -1753,7 +1787,7 @@ def scrub(value: Any, _depth: int = 0) -> Any:
     if _depth > 20:
         return "[too deep]"
     if isinstance(value, str):
-        return _scrub_string(value)
+        return _scrub_string(value) if type(value) is not SentBytes else _scrub_sent(value)
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():

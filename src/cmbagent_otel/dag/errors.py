@@ -42,7 +42,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from .database import SchemaBusy
 
-__all__ = ["Fault", "SchemaIncompatible", "classify"]
+__all__ = ["Fault", "SchemaIncompatible", "classify", "foreign_key_failed"]
 
 
 class SchemaIncompatible(RuntimeError):
@@ -139,3 +139,17 @@ def classify(exc: BaseException) -> Fault:
         # creating the database directory or file failed (disk full, permissions): may pass
         return Fault.RETRY
     return Fault.FATAL
+
+
+_SQLITE_CONSTRAINT_FOREIGNKEY = 19 | (3 << 8)
+_PG_FOREIGN_KEY_VIOLATION = "23503"
+
+
+def foreign_key_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a foreign key violation (SQLite's extended code, PostgreSQL's SQLSTATE),
+    raised through SQLAlchemy or by the driver itself (the writer's psycopg pipeline)."""
+    error = _driver_error(exc)
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == _SQLITE_CONSTRAINT_FOREIGNKEY
+    return (type(error).__module__ or "").startswith("psycopg") and \
+        getattr(error, "sqlstate", None) == _PG_FOREIGN_KEY_VIOLATION

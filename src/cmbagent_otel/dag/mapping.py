@@ -477,21 +477,27 @@ def _touch_session(batch: MappedBatch, session_id: str, start: datetime | None, 
     end = end or start
     row = batch.sessions.get(session_id)
     if row is None:
-        batch.sessions[session_id] = {
-            "id": session_id,
-            "user_id": None,
-            "name": DEFAULT_SESSION_NAME if session_id == sc.DEFAULT_SESSION_ID else session_id[:255],
-            "created_at": start,
-            "last_active_at": end,
-            "status": "active",
-            "meta": {"source": "cmbagent-otel"},
-            "resource_limits": None,
-        }
+        batch.sessions[session_id] = session_row(session_id, start, end)
     else:
         if start < row["created_at"]:
             row["created_at"] = start
         if end > row["last_active_at"]:
             row["last_active_at"] = end
+
+
+def session_row(session_id: str, start: Any, end: Any, *, status: str = "active",
+                meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A full ``sessions`` row (cmbagent's shape: every NOT NULL column set)."""
+    return {
+        "id": session_id,
+        "user_id": None,
+        "name": DEFAULT_SESSION_NAME if session_id == sc.DEFAULT_SESSION_ID else session_id[:255],
+        "created_at": start,
+        "last_active_at": end,
+        "status": status,
+        "meta": meta or {"source": "cmbagent-otel"},
+        "resource_limits": None,
+    }
 
 
 def run_row(run_id: str, session_id: str, **values: Any) -> dict[str, Any]:
@@ -830,7 +836,7 @@ def redact_columns(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
 
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, str):
-        return _redact_text(value)
+        return _redact_text(value) if type(value) is not redaction.SentBytes else scrub(value)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, (tuple, list)):

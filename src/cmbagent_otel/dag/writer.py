@@ -42,7 +42,7 @@ from .database import (
     sqlite_file,
     untraced,
 )
-from .errors import Fault, SchemaIncompatible, classify
+from .errors import Fault, SchemaIncompatible, classify, foreign_key_failed
 from .mapping import (
     FOREIGN_TYPE,
     LLM_TYPE,
@@ -56,6 +56,7 @@ from .mapping import (
     derive_run_rows,
     event_db_id,
     map_spans,
+    session_row,
 )
 from .statements import Sql, chunks, decode_json, decode_meta, encode_json, naive, sql_for
 
@@ -226,6 +227,7 @@ class DagWriter:
         if not spans:
             return WriteResult(0, 0)
         batch = map_spans(spans, texts=self._time_texts)
+        restored = False
         with deadline(timeout), untraced():
             for attempt in range(_MAX_REPAIRS + 1):
                 last = attempt == _MAX_REPAIRS
@@ -234,6 +236,11 @@ class DagWriter:
                 except Exception as exc:
                     fault = classify(exc)
                     if fault is Fault.FATAL:
+                        # looked into only when a foreign key failed: no cost to any other batch
+                        if not restored and not last and foreign_key_failed(exc) and \
+                                self._restore_sessions(batch):
+                            restored = True
+                            continue
                         raise
                     if fault is Fault.REOPEN and not last:
                         # a file deleted or replaced is told above (its identity); this is a file that
@@ -250,6 +257,27 @@ class DagWriter:
                     self._reopen_said = logging.NOTSET
                     return WriteResult(len(spans), len(batch.runs))
             raise DatabaseUnavailable(f"database {redacted(self.url)}: its file keeps being replaced")
+
+    def _restore_sessions(self, batch: MappedBatch) -> bool:
+        """Give each run of ``batch`` whose stored row names a session that does not exist a session
+        row again (in a transaction of its own); whether there was any.
+
+        A program with SQLite's foreign keys off (their default) may delete a session under its runs,
+        or write a run naming none; the rows derived for a run take its stored session id, so every
+        later batch of that run would fail the foreign key for good. The row restored says so
+        (``status`` ``deleted``, as cmbagent marks a deleted session; its ``meta``)."""
+        try:
+            with self.engine.connect() as conn:
+                sql = sql_for(conn)
+                with conn.begin():
+                    count = _restore_sessions(conn, sql, sorted(batch.runs))
+        except Exception:  # the batch's own error is the one to tell
+            logger.debug("cmbagent_otel: restoring missing sessions failed", exc_info=True)
+            return False
+        if count:
+            logger.warning("cmbagent_otel: %d stored run(s) named a session that does not exist (deleted by "
+                           "a program with foreign keys off?): session row(s) restored, status 'deleted'", count)
+        return count > 0
 
     def _attempt(self, batch: MappedBatch) -> bool:
         """One transaction; False when the SQLite file turned out to be replaced (nothing counted)."""
@@ -474,6 +502,27 @@ def _write_sessions(conn: Connection, sql: Sql, batch: MappedBatch) -> None:
         sql.insert(conn, T["sessions"], [batch.sessions[k] for k in sorted(batch.sessions)], "nothing")
         return
     _touch_sessions(conn, sql, batch)
+
+
+def _restore_sessions(conn: Connection, sql: Sql, run_ids: Sequence[str]) -> int:
+    """Insert a session row for each session the stored rows of ``run_ids`` name and no row is;
+    returns how many (see :meth:`DagWriter._restore_sessions`)."""
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for part in sql.in_chunks(run_ids):
+        for session_id, started, ended in sql.rows(
+                conn, "SELECT session_id, MIN(started_at), MAX(COALESCE(completed_at, started_at)) FROM workflow_runs "
+                f"WHERE {sql.where_in('id', len(part))} AND session_id NOT IN (SELECT id FROM sessions) "
+                "GROUP BY session_id", sql.in_params(part)):
+            start, end = naive(started) or now, naive(ended) or now
+            if session_id in spans:
+                start, end = min(start, spans[session_id][0]), max(end, spans[session_id][1])
+            spans[session_id] = (start, end)
+    sql.insert(conn, T["sessions"], [
+        session_row(session_id, start, end, status="deleted",
+                    meta={"source": "cmbagent-otel", "restored": "a stored run names this session"})
+        for session_id, (start, end) in sorted(spans.items())], "nothing")
+    return len(spans)
 
 
 _TOUCH = ("created_at = CASE WHEN (excluded.created_at < sessions.created_at) THEN excluded.created_at "
