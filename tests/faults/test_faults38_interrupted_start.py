@@ -1,0 +1,78 @@
+"""Ctrl-C inside a span's start (leftover (1) of the thirty-sixth fault campaign).
+
+A ``KeyboardInterrupt`` raised by a signal handler at a call inside ``_spans.start()`` after the span's
+context was attached never reached the wrapper's ``try``: the span stayed open and current in the thread,
+and an application catching the interrupt (a notebook cell does) ran its next chat as that span's
+children, in a trace that never ends. The interrupt is forced at two exact points, as a signal handler
+would raise it there: when ``attach`` returns (a profile hook's ``c_return``: the exception replaces its
+result, so the token is never kept) and at the line after the attach (a trace hook's ``line`` event).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+
+from cmbagent_otel import _spans
+from cmbagent_otel.testing import offline_agent
+from tests.conftest import SpanCapture
+
+_AFTER_ATTACH = next(number for number, line in enumerate(inspect.getsource(_spans.start).splitlines(),
+                                                        _spans.start.__code__.co_firstlineno)
+                     if line.strip().startswith("self._timing = "))
+
+
+def _interrupt_when_attach_returns(raised: list[BaseException]) -> None:
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "c_return" and arg is _spans.attach and frame.f_code is _spans.start.__code__:
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]  # the hook is removed by the interpreter when it raises
+    sys.setprofile(profile)
+
+
+def _interrupt_after_attach(raised: list[BaseException]) -> None:
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == _AFTER_ATTACH:
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code is _spans.start.__code__ else None
+    sys.settrace(calls)
+
+
+@pytest.mark.parametrize("interrupt", [_interrupt_when_attach_returns, _interrupt_after_attach],
+                         ids=["when-attach-returns", "line-after-attach"])
+def test_ctrl_c_inside_start_ends_the_span_and_leaves_no_context(
+        instrumented: SpanCapture, interrupt: Callable[[list[BaseException]], None]) -> None:
+    user = offline_agent("user", [], max_consecutive_auto_reply=0)
+    assistant = offline_agent("assistant", ["first answer", "second answer"])
+    raised: list[BaseException] = []
+    interrupt(raised)
+    try:
+        user.initiate_chat(assistant, message="first?", max_turns=1, silent=True)
+    except KeyboardInterrupt as caught:  # as a notebook cell does
+        assert raised and caught is raised[0]  # the very exception, unchanged
+    else:
+        pytest.fail("the interrupt did not come out of the chat")
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
+    interrupted = instrumented.spans
+    assert [s.name for s in interrupted] == ["conversation assistant"], "the interrupted span was not ended"
+    assert interrupted[0].attributes["error.type"] == "KeyboardInterrupt"
+
+    user.initiate_chat(assistant, message="second?", max_turns=1, silent=True)
+    second = [s for s in instrumented.spans if s not in interrupted]
+    roots = [s.name for s in second if s.parent is None]
+    assert roots == ["conversation assistant"], roots
+    assert {s.context.trace_id for s in second} == {second[0].context.trace_id}
+    assert interrupted[0].context.trace_id != second[0].context.trace_id
