@@ -906,7 +906,18 @@ def _interrupted(self: Any, frame: Frame | None, ctx: otel_context.Context | Non
                 attach(ctx)
         except Exception:
             logger.debug("cmbagent_otel: could not restore the context of an interrupted start", exc_info=True)
-    TracedSpan.__exit__(self, type(exc), exc, exc.__traceback__)
+    end_interrupted(self, exc)
+
+
+def end_interrupted(traced: TracedSpan, exc: BaseException) -> None:
+    """End ``traced``, started (its context attached), for ``exc``: raised asynchronously (a signal handler's
+    ``KeyboardInterrupt``) before the caller's ``try``/``with`` that ends it was reached, by :func:`start`
+    or by what a subclass's ``__enter__`` does after it. Its own ``__exit__``, so a subclass undoes its
+    bookkeeping too; never raises (the caller re-raises ``exc`` unchanged)."""
+    try:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+    except Exception:  # a subclass's exit meeting a field its interrupted enter did not set
+        logger.debug("cmbagent_otel: could not end an interrupted span", exc_info=True)
 
 
 # what start() leaves in a field it did not reach

@@ -22,7 +22,6 @@ unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -38,7 +37,15 @@ from opentelemetry import trace
 
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
-from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, _LateTracer, effective_parent, workflow_tracers
+from ._spans import (
+    CHILD_ORDER_BASE,
+    NodeSpec,
+    TracedSpan,
+    _LateTracer,
+    effective_parent,
+    end_interrupted,
+    workflow_tracers,
+)
 from .redaction import REDACTED, is_secret_key, redact_id, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -584,8 +591,13 @@ class _LinkedRunSpan(TracedSpan):
 
     def __enter__(self) -> TracedSpan:
         super().__enter__()
-        with contextlib.suppress(Exception):  # an API span without add_link (opentelemetry-api < 1.23)
+        try:
             self.span.add_link(self._link)
+        except Exception:  # an API span without add_link (opentelemetry-api < 1.23)
+            pass
+        except BaseException as exc:  # Ctrl-C before the block took the span over: see end_interrupted
+            end_interrupted(self, exc)
+            raise
         return self
 
 

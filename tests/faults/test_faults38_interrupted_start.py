@@ -76,3 +76,45 @@ def test_ctrl_c_inside_start_ends_the_span_and_leaves_no_context(
     assert roots == ["conversation assistant"], roots
     assert {s.context.trace_id for s in second} == {second[0].context.trace_id}
     assert interrupted[0].context.trace_id != second[0].context.trace_id
+
+
+def test_ctrl_c_after_a_code_span_started_ends_it_and_its_bookkeeping(instrumented: SpanCapture,
+                                                                      tmp_path: Any) -> None:
+    """The same after ``start()`` returned, in what a span's ``__enter__`` does next (the code span hands its
+    trace context to the processes the code starts): forced when that hand-over is called, as a signal
+    handler at its first instruction would."""
+    from autogen import ConversableAgent
+    from autogen.coding import LocalCommandLineCodeExecutor
+
+    from cmbagent_otel.instrumentation import _subprocess_context
+
+    code_execution = {"executor": LocalCommandLineCodeExecutor(work_dir=str(tmp_path))}
+    executor = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER",
+                                code_execution_config=code_execution)
+    engineer = offline_agent("engineer", ["```python\nprint('one')\n```", "```python\nprint('two')\n```"])
+    raised: list[BaseException] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is _subprocess_context.enter.__code__:
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+    sys.setprofile(profile)
+    try:
+        executor.initiate_chat(engineer, message="go", max_turns=2, silent=True)
+    except KeyboardInterrupt as caught:
+        assert raised and caught is raised[0]
+    else:
+        pytest.fail("the interrupt did not come out of the chat")
+    finally:
+        sys.setprofile(None)
+    assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
+    first = instrumented.spans
+    code = [s for s in first if s.name == "execute_code python"]
+    assert len(code) == 1 and code[0].attributes["error.type"] == "KeyboardInterrupt"
+    assert {s.name for s in first if s.end_time is None} == set()
+
+    executor.initiate_chat(engineer, message="again", max_turns=2, silent=True)
+    second = [s for s in instrumented.spans if s not in first]
+    assert [s.name for s in second if s.parent is None] == ["conversation engineer"]
+    # the code span's "already inside one" mark was undone: the second chat's code has its span
+    assert [s.name for s in second if s.name.startswith("execute_code")] == ["execute_code python"]
