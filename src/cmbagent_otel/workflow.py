@@ -202,10 +202,19 @@ class _Block:
         self._entered(traced)
         if traced is not None:
             traced.__enter__()
-        entry = _Entry(self, traced)
-        _ENTRIES.set((*_ENTRIES.get(), entry))
-        with _open_lock:
-            (self._origin or self).__dict__.setdefault("_open_entries", []).append(entry)
+        try:
+            entry = _Entry(self, traced)
+            _ENTRIES.set((*_ENTRIES.get(), entry))
+            with _open_lock:
+                (self._origin or self).__dict__.setdefault("_open_entries", []).append(entry)
+        except BaseException as exc:  # Ctrl-C before the with statement took the block over
+            if traced is not None:
+                if any(e.traced is traced for e in _ENTRIES.get()):
+                    self.__exit__(type(exc), exc, exc.__traceback__)  # registered: left as a with would
+                else:
+                    end_interrupted(traced, exc)
+                    self._left(traced)
+            raise
         return self
 
     def __exit__(

@@ -118,3 +118,38 @@ def test_ctrl_c_after_a_code_span_started_ends_it_and_its_bookkeeping(instrument
     assert [s.name for s in second if s.parent is None] == ["conversation engineer"]
     # the code span's "already inside one" mark was undone: the second chat's code has its span
     assert [s.name for s in second if s.name.startswith("execute_code")] == ["execute_code python"]
+
+
+@pytest.mark.parametrize("at", ["_Entry", "append"])
+def test_ctrl_c_while_a_workflow_block_is_entered_ends_its_span(capture: SpanCapture, at: str) -> None:
+    """The workflow API's blocks: a ``with`` statement takes a block over only once its ``__enter__`` has
+    returned, and a block registers its entry after its span started. Forced at the entry's making and at
+    its registration under the lock (the last call of ``__enter__``)."""
+    from cmbagent_otel import workflow as workflow_block
+
+    module = sys.modules[workflow_block.__module__]  # the package exports the class under the module's name
+    raised: list[BaseException] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        hit = (event == "call" and frame.f_code is module._Entry.__init__.__code__) if at == "_Entry" else \
+            (event == "c_call" and getattr(arg, "__name__", None) == "append"
+             and frame.f_code is module._Block.__enter__.__code__)
+        if hit:
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+    sys.setprofile(profile)
+    try:
+        with workflow_block("interrupted"):
+            pytest.fail("the block was entered")
+    except KeyboardInterrupt as caught:
+        assert raised and caught is raised[0]
+    finally:
+        sys.setprofile(None)
+    assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
+    interrupted = capture.spans
+    assert [s.name for s in interrupted] == ["workflow interrupted"], "the interrupted span was not ended"
+    assert interrupted[0].attributes["error.type"] == "KeyboardInterrupt"
+    with workflow_block("next"):
+        pass
+    second = [s for s in capture.spans if s not in interrupted]
+    assert [(s.name, s.parent) for s in second] == [("workflow next", None)]
