@@ -243,6 +243,7 @@ class IngestCore:
         # the start's schema check (prepare_soon) and what it raised
         self._startup: threading.Thread | None = None
         self._startup_error: BaseException | None = None
+        # the spans stored by the requests answered: one answered 503 counts nothing (its client sends it again)
         self.spans_written = 0
         self.unavailable_responses = 0
         self.disconnects = 0
@@ -350,7 +351,11 @@ class IngestCore:
                             outcome.error_message = f"{outcome.error_message}; {reason}" \
                                 if outcome.error_message else reason
         except MalformedPayload as exc:
+            self.count("spans_written", outcome.written)  # stored, and a client does not send a 400 again
             raise IngestError("invalid", str(exc)[:1000]) from None
+        # counted per request answered, not per write: a request answered 503 part-way (a later chunk, a
+        # piece of the halving) is sent again whole, and its spans stored before were counted twice
+        self.count("spans_written", outcome.written)
         if outcome.rejected:
             logger.info("cmbagent-otel ingest: rejected %d span(s): %s", outcome.rejected, outcome.error_message)
         return outcome
@@ -498,4 +503,3 @@ class IngestCore:
         if self._db_down:
             self._db_down = False
             logger.warning("cmbagent-otel ingest: database available again")
-        self.count("spans_written", len(spans))

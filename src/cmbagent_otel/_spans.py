@@ -884,7 +884,40 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     except Exception:
         logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
         _unstarted(self, frame)
+    except BaseException as exc:  # raised asynchronously (Ctrl-C's KeyboardInterrupt from a signal handler)
+        _interrupted(self, frame, ctx, exc)
+        raise  # unchanged: the application's
     return self
+
+
+def _interrupted(self: Any, frame: Frame | None, ctx: otel_context.Context | None, exc: BaseException) -> None:
+    """:func:`start` was interrupted by ``exc`` (a signal handler's ``KeyboardInterrupt``, at any call of it): the
+    caller never gets the span to end, so the span started here ends now, failed, and the context it
+    attached is detached; left as they were, the span stayed open and current in the thread, and an
+    application catching the exception (a notebook cell) ran its next chats as that span's children."""
+    _unstarted(self, frame)
+    if self._token is None and ctx is not None:
+        span = self.span
+        try:
+            current = get_current()
+            if current is not ctx and span is not trace.INVALID_SPAN and trace.get_current_span(current) is span:
+                # interrupted right after attach() returned, before its token was kept: back to the context the
+                # span was started in (what the caller holds as current); that token is never reset
+                attach(ctx)
+        except Exception:
+            logger.debug("cmbagent_otel: could not restore the context of an interrupted start", exc_info=True)
+    end_interrupted(self, exc)
+
+
+def end_interrupted(traced: TracedSpan, exc: BaseException) -> None:
+    """End ``traced``, started (its context attached), for ``exc``: raised asynchronously (a signal handler's
+    ``KeyboardInterrupt``) before the caller's ``try``/``with`` that ends it was reached, by :func:`start`
+    or by what a subclass's ``__enter__`` does after it. Its own ``__exit__``, so a subclass undoes its
+    bookkeeping too; never raises (the caller re-raises ``exc`` unchanged)."""
+    try:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+    except Exception:  # a subclass's exit meeting a field its interrupted enter did not set
+        logger.debug("cmbagent_otel: could not end an interrupted span", exc_info=True)
 
 
 # what start() leaves in a field it did not reach

@@ -22,7 +22,6 @@ unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -38,7 +37,15 @@ from opentelemetry import trace
 
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
-from ._spans import CHILD_ORDER_BASE, NodeSpec, TracedSpan, _LateTracer, effective_parent, workflow_tracers
+from ._spans import (
+    CHILD_ORDER_BASE,
+    NodeSpec,
+    TracedSpan,
+    _LateTracer,
+    effective_parent,
+    end_interrupted,
+    workflow_tracers,
+)
 from .redaction import REDACTED, is_secret_key, redact_id, safe_text, truncate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -195,10 +202,19 @@ class _Block:
         self._entered(traced)
         if traced is not None:
             traced.__enter__()
-        entry = _Entry(self, traced)
-        _ENTRIES.set((*_ENTRIES.get(), entry))
-        with _open_lock:
-            (self._origin or self).__dict__.setdefault("_open_entries", []).append(entry)
+        try:
+            entry = _Entry(self, traced)
+            _ENTRIES.set((*_ENTRIES.get(), entry))
+            with _open_lock:
+                (self._origin or self).__dict__.setdefault("_open_entries", []).append(entry)
+        except BaseException as exc:  # Ctrl-C before the with statement took the block over
+            if traced is not None:
+                if any(e.traced is traced for e in _ENTRIES.get()):
+                    self.__exit__(type(exc), exc, exc.__traceback__)  # registered: left as a with would
+                else:
+                    end_interrupted(traced, exc)
+                    self._left(traced)
+            raise
         return self
 
     def __exit__(
@@ -584,8 +600,13 @@ class _LinkedRunSpan(TracedSpan):
 
     def __enter__(self) -> TracedSpan:
         super().__enter__()
-        with contextlib.suppress(Exception):  # an API span without add_link (opentelemetry-api < 1.23)
+        try:
             self.span.add_link(self._link)
+        except Exception:  # an API span without add_link (opentelemetry-api < 1.23)
+            pass
+        except BaseException as exc:  # Ctrl-C before the block took the span over: see end_interrupted
+            end_interrupted(self, exc)
+            raise
         return self
 
 

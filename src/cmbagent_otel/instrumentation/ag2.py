@@ -88,6 +88,7 @@ from .._spans import (
     SharedAttributes,
     TracedSpan,
     TracedSpanShell,
+    end_interrupted,
     error_type,
     make_tracer,
     start,
@@ -510,6 +511,9 @@ class _GroupChatSpan(TracedSpan):
                 self._tracker.bind(self.scope, self.span)
         except Exception:
             logger.debug("cmbagent_otel: could not bind the chat's step tracker", exc_info=True)
+        except BaseException as exc:  # Ctrl-C before the wrapper's try: see end_interrupted
+            end_interrupted(self, exc)
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -1251,6 +1255,10 @@ class _CodeSpan(TracedSpan):
         except Exception:
             self._carrier = None
             logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
+        except BaseException as exc:  # Ctrl-C before the wrapper's try: see end_interrupted
+            self._carrier = None
+            end_interrupted(self, exc)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
