@@ -41,9 +41,14 @@ def _traceback_of(exc: Exception) -> str:
         return "".join(traceback.format_exception(raised))
 
 
-@pytest.mark.parametrize(("exc", "word"), [(NoCredentialsError("Unable to locate credentials"), "Unable"),
-                                           (PasswordSetError("Failed to store the keyring entry"), "Failed"),
-                                           (UpstreamRejected("upstream rejected the request"), "upstream")])
+# the words are this test's own: ``isolated_secrets`` keeps what earlier tests of the process learned, and a
+# common word ("Failed") learned by one of them (a text where it is a secret-named key's value) would make
+# the later text's check fail whatever the traceback taught
+@pytest.mark.parametrize(("exc", "word"), [
+    (NoCredentialsError("Unablecarry39 to locate credentials"), "Unablecarry39"),
+    (PasswordSetError("Failedcarry39 to store the keyring entry"), "Failedcarry39"),
+    (UpstreamRejected("upstreamcarry39 rejected the request"), "upstreamcarry39"),
+])
 def test_the_message_after_an_exception_type_is_not_learned(exc: Exception, word: str) -> None:
     """Fails on d1ab575: the word after the type is redacted in a later text that has nothing secret."""
     shown = redaction.safe_text(_traceback_of(exc)) or ""
