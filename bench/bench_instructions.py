@@ -235,6 +235,14 @@ def report(dumps: dict[str, list[Dump]], log: str, variants: Sequence[str]) -> i
     if "ours" in added and "sdk_floor" in added:
         own = (added["ours"] - added["sdk_floor"]) / spans
         print(f"own code: {own:.0f} instructions per span (ours - sdk_floor, over ours' {spans} spans)")
+        if "minimal" in added:
+            least = (added["minimal"] - added["sdk_floor"]) / spans
+            print(f"minimal's own code (the bound): {least:.0f} instructions per span (minimal - sdk_floor); "
+                  f"ours - minimal: {own - least:.0f}")
+    for mine in ("ours", "minimal", "sdk_floor"):
+        if mine in added and "openinference" in added and added["openinference"] > 0:
+            print(f"ratio {mine} / openinference (added instructions per LLM call) = "
+                  f"{added[mine] / added['openinference']:.3f}")
     if "ours" in added and "ag2_builtin" in added and added["ag2_builtin"] > 0:
         ratio = added["ours"] / added["ag2_builtin"]
         print(f"ratio ours / ag2_builtin (added instructions per LLM call) = {ratio:.2f}")

@@ -44,7 +44,7 @@ from _stats import quartiles
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("baseline", "ours", "ours_content", "ours_metrics", "ours_sampler_off", "ag2_builtin",
-            "ag2_builtin_content", "openinference", "sdk_floor", "sdk_floor_lean")
+            "ag2_builtin_content", "openinference", "sdk_floor", "sdk_floor_lean", "minimal")
 DESCRIPTIONS = {
     "baseline": "no instrumentation (same provider, unused)",
     "ours": "cmbagent_otel.instrument() defaults (content off; metrics: no MeterProvider configured)",
@@ -56,6 +56,7 @@ DESCRIPTIONS = {
     "openinference": "openinference-instrumentation-ag2 AG2Instrumentor",
     "sdk_floor": "ours' spans and events, same attributes, from minimal wrappers (the SDK's share in this chat)",
     "sdk_floor_lean": "the same spans with AG2 built-in's attribute count and no events (what ours' data adds)",
+    "minimal": "ours' spans, events and attributes computed live by the least Python (_minimal.py): own code's bound",
 }
 TARGET = 0.95
 TARGET_OPENINFERENCE = 0.55
@@ -122,6 +123,10 @@ class Bench:
         """Install ``variant``; returns a per-chat hook (AG2's built-in tracing is per agent)."""
         if variant.startswith("sdk_floor"):
             self.enter_floor(lean=variant == "sdk_floor_lean")
+        elif variant == "minimal":
+            import _minimal
+
+            self._minimal_off = _minimal.install(self.provider)
         elif variant.startswith("ours"):
             import cmbagent_otel
 
@@ -156,6 +161,8 @@ class Bench:
     def leave(self, variant: str) -> None:
         if variant.startswith("sdk_floor"):
             self.leave_floor()
+        elif variant == "minimal":
+            self._minimal_off()
         elif variant.startswith("ours"):
             import cmbagent_otel
 
@@ -290,8 +297,8 @@ class Bench:
 
 def available(variant: str, workload: str = "group") -> str | None:
     """Why ``variant`` cannot run here (None if it can)."""
-    if variant.startswith("sdk_floor") and workload != "group":
-        return "the floor's wrappers model the group workload only (no async, code-execution spans)"
+    if (variant.startswith("sdk_floor") or variant == "minimal") and workload != "group":
+        return "the floor's and minimal's wrappers model the group workload only (no async, code-execution spans)"
     if variant == "openinference":
         try:
             import openinference.instrumentation.ag2  # noqa: F401
@@ -403,6 +410,16 @@ def main_bench(args: argparse.Namespace) -> int:
               f"{paired_own[2]:.1f}): ours' chat less the floor's, per span; "
               f"target <= {TARGET_OWN_US:.0f}: {verdict(own <= TARGET_OWN_US)}")
         status |= int(own > TARGET_OWN_US)
+        if "minimal" in added:
+            least = (statistics.median(times["minimal"]) - statistics.median(times["sdk_floor"])) * 1e6 / spans
+            paired_least = quartiles([(m - f) * 1e6 / spans
+                                      for m, f in zip(times["minimal"], times["sdk_floor"], strict=True)])
+            print(f"minimal's own code (its bound): {least:.1f} us per span (paired {paired_least[1]:.1f}, IQR "
+                  f"{paired_least[0]:.1f}-{paired_least[2]:.1f}); ours - minimal: {own - least:.1f} us per span")
+    if "minimal" in added and "openinference" in added and added["openinference"] > 0:
+        print(f"ratio minimal / openinference = {added['minimal'] / added['openinference']:.2f} (paired medians: "
+              f"{paired['minimal'][1] / paired['openinference'][1]:.2f}): the nearest any instrumentation "
+              f"emitting ours' output reaches")
     if args.json:
         Path(args.json).write_text(json.dumps({"times_s": times, "calls": calls, "skipped": skipped,
                                                "shape": bench.shape}, indent=1))
@@ -513,7 +530,7 @@ def bytecodes(args: argparse.Namespace) -> int:
 
     bench = Bench(args.workload)
     workload = bench.workload
-    variants = [v for v in ("baseline", "ours", "sdk_floor", "ag2_builtin", "openinference")
+    variants = [v for v in ("baseline", "ours", "sdk_floor", "minimal", "ag2_builtin", "openinference")
                 if available(v, args.workload) is None]
     # the variants named after --bytecodes (ours_content, ag2_builtin_content...) too
     extra = [v for v in args.bytecodes if v not in variants and available(v, args.workload) is None]
@@ -564,12 +581,15 @@ def bytecodes(args: argparse.Namespace) -> int:
     unit = "cycles" if args.workload == "group" else "turns"
     print(f"workload {args.workload}: bytecodes per chat ({args.cycles} {unit}, {calls} LLM calls; ours emits "
           f"{spans['ours']} spans) and added over the baseline per ours' span:")
-    for variant in ("ours", "sdk_floor"):
+    for variant in ("ours", "sdk_floor", "minimal"):
         if variant in total:
             print(f"  {variant:<10}{total[variant]:>10,}{(total[variant] - total['baseline']) / per_span:>10.1f}")
     if "sdk_floor" in total:
         print(f"own code: {(total['ours'] - total['sdk_floor']) / per_span:.1f} bytecodes per span "
               f"(ours - sdk_floor)")
+    if "minimal" in total and "sdk_floor" in total:
+        print(f"minimal's own code (the bound): {(total['minimal'] - total['sdk_floor']) / per_span:.1f} bytecodes "
+              f"per span (minimal - sdk_floor); ours - minimal: {(total['ours'] - total['minimal']) / per_span:.1f}")
     for variant in ("ours", *(v for v in extra if v.startswith("ours"))):
         own = {code: n for code, n in counted[variant].items()
                if "/cmbagent_otel/" in code.co_filename and "/cmbagent_otel/testing" not in code.co_filename}
@@ -578,12 +598,18 @@ def bytecodes(args: argparse.Namespace) -> int:
         for code, n in sorted(own.items(), key=lambda item: -item[1])[:20]:
             where = code.co_filename.split("/cmbagent_otel/")[-1]
             print(f"  {n / per_span:8.1f}  {where}:{code.co_firstlineno} {code.co_name}")
+    if "minimal" in counted:
+        least = {code: n for code, n in counted["minimal"].items() if code.co_filename.endswith("_minimal.py")}
+        print(f"minimal: in _minimal.py's functions: {sum(least.values()) / per_span:.1f} bytecodes per ours' span: "
+              + ", ".join(f"{code.co_name} {n / per_span:.1f}"
+                          for code, n in sorted(least.items(), key=lambda item: -item[1])))
     print(f"added bytecodes per LLM call ({calls} per chat), every Python function counted:")
     for variant in variants[1:]:
         added = (total[variant] - total["baseline"]) / max(calls, 1)
         print(f"  {variant:<20}{added:>10.1f}   ({spans[variant]} spans per chat)")
     for mine, peer in (("ours", "ag2_builtin"), ("ours", "openinference"), ("ours_content", "ag2_builtin_content"),
-                       ("ours_content", "openinference")):
+                       ("ours_content", "openinference"), ("minimal", "openinference"), ("minimal", "ag2_builtin"),
+                       ("sdk_floor", "openinference")):
         if mine in total and peer in total and total[peer] > total["baseline"]:
             print(f"ratio {mine} / {peer} = "
                   f"{(total[mine] - total['baseline']) / (total[peer] - total['baseline']):.2f} (bytecodes)")

@@ -7,6 +7,8 @@ ids are numbered by first appearance, timestamps dropped; everything else is com
 
     python bench/span_snapshot.py --write before.json     # on the tree before a change
     python bench/span_snapshot.py --compare before.json   # after it: exit 1 and the first differences if any
+    python bench/span_snapshot.py --compare before.json --variant minimal --workloads group --content off
+                                                          # bench_overhead.py's minimal variant emits ours' spans
 
 (Used by the issue-13 own-code sessions: ``docs/reliability.md``, "Issue 13, session 35 (own code)".)
 """
@@ -56,8 +58,11 @@ def _attributes(names: _Names, attributes: Any) -> dict[str, Any]:
     return {k: _value(names, k, v) for k, v in (attributes or {}).items()}
 
 
-def record(workload_name: str, content: bool, chats: int = 2, cycles: int = 4) -> list[dict[str, Any]]:
-    """The normalised spans of ``chats`` chats of ``workload_name`` (ended order)."""
+def record(workload_name: str, content: bool, chats: int = 2, cycles: int = 4,
+           variant: str = "ours") -> list[dict[str, Any]]:
+    """The normalised spans of ``chats`` chats of ``workload_name`` (ended order), emitted by ours or by
+    ``bench_overhead.py``'s ``minimal`` variant (``_minimal.py``: the group workload, content off)."""
+    import _minimal
     import _workload
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -69,14 +74,18 @@ def record(workload_name: str, content: bool, chats: int = 2, cycles: int = 4) -
     memory = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False,
-                             instrument_threading=workload.is_async, capture_content=content)
+    if variant == "minimal":
+        uninstall = _minimal.install(provider)
+    else:
+        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False,
+                                 instrument_threading=workload.is_async, capture_content=content)
+        uninstall = cmbagent_otel.uninstrument
     try:
         for _ in range(chats):
             initiator, recipient, _agents = workload.build(cycles, _workload.Counter())
             workload.run(initiator, recipient, cycles)
     finally:
-        cmbagent_otel.uninstrument()
+        uninstall()
     names = _Names()
     out = []
     for span in memory.get_finished_spans():
@@ -94,14 +103,16 @@ def record(workload_name: str, content: bool, chats: int = 2, cycles: int = 4) -
     return out
 
 
-def snapshot(workloads: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def snapshot(workloads: Sequence[str], contents: Sequence[bool] = (False, True),
+             variant: str = "ours") -> dict[str, list[dict[str, Any]]]:
     result = {}
     out = sys.stdout
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # AG2's chat output
     try:
         for workload in workloads:
-            for content in (False, True):
-                result[f"{workload} content={'on' if content else 'off'}"] = record(workload, content)
+            for content in contents:
+                result[f"{workload} content={'on' if content else 'off'}"] = record(workload, content,
+                                                                                    variant=variant)
     finally:
         sys.stdout.close()
         sys.stdout = out
@@ -135,11 +146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     what.add_argument("--write", help="write the snapshot to this file")
     what.add_argument("--compare", help="compare with the snapshot in this file")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--content", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--variant", choices=["ours", "minimal"], default="ours",
+                        help="minimal: bench_overhead.py's lower-bound variant (_minimal.py), which models the "
+                             "group workload with content off only: compare it with ours' snapshot")
     args = parser.parse_args(argv)
+    if args.variant == "minimal" and (args.workloads != ["group"] or args.content != "off"):
+        parser.error("--variant minimal needs --workloads group --content off")
     sys.path.insert(0, str(HERE))
     os.environ.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
     os.environ["OTEL_SDK_DISABLED"] = "false"
-    now = json.loads(json.dumps(snapshot(args.workloads)))  # tuples as lists, as stored
+    contents = {"off": (False,), "on": (True,), "both": (False, True)}[args.content]
+    now = json.loads(json.dumps(snapshot(args.workloads, contents, args.variant)))  # tuples as lists, as stored
     spans = sum(len(v) for v in now.values())
     if args.write:
         Path(args.write).write_text(json.dumps(now, indent=1, sort_keys=False))
