@@ -251,18 +251,22 @@ class _Block:
             entry.restore = None
             if traced is not None:
                 traced._token = None
-        if traced is not None:
-            if exc is not None and is_clean_exit(exc):
-                exc_type, exc, tb = None, None, None
-            traced.__exit__(exc_type, exc, tb)
-            self._left(traced)
-        if entry.restore is not None:
-            token, entry.restore = entry.restore, None
-            try:
-                detach(token)
-            except Exception:
-                logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
-                             exc_info=True)
+        try:
+            if traced is not None:
+                if exc is not None and is_clean_exit(exc):
+                    exc_type, exc, tb = None, None, None
+                try:
+                    traced.__exit__(exc_type, exc, tb)
+                finally:  # a Ctrl-C out of the span's end (a span processor's on_end) ends the run too
+                    self._left(traced)
+        finally:
+            if entry.restore is not None:
+                token, entry.restore = entry.restore, None
+                try:
+                    detach(token)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
+                                 exc_info=True)
 
     def _left(self, traced: TracedSpan) -> None:
         """Hook: an entry's span ``traced`` has ended."""

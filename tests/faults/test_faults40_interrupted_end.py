@@ -58,3 +58,30 @@ def test_ctrl_c_while_a_span_ends_leaves_no_context(instrumented: SpanCapture, n
     second = [s for s in instrumented.spans if s not in first]
     assert [s.name for s in second if s.parent is None] == ["conversation assistant"]
     assert {s.context.trace_id for s in second}.isdisjoint({s.context.trace_id for s in first})
+
+
+@pytest.mark.parametrize("name", ["workflow ctrl-c", "phase control", "step 1"])
+def test_ctrl_c_while_a_workflow_block_ends_leaves_no_context_and_ends_its_run(instrumented: SpanCapture,
+                                                                               name: str) -> None:
+    """The same for the workflow blocks (``workflow``, ``phase``, ``step``), whose ``__exit__`` also marks
+    the run ended and puts back the context of a block left out of order."""
+    from cmbagent_otel import phase, step, workflow
+
+    interrupt = InterruptedExport(name)
+    instrumented.provider.add_span_processor(interrupt)
+    try:
+        with workflow("ctrl-c"), phase("control"), step(1):
+            pass
+    except KeyboardInterrupt as caught:
+        assert interrupt.raised and caught is interrupt.raised[0]
+    else:
+        pytest.fail("the interrupt did not come out of the blocks")
+    assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
+    first = instrumented.spans
+    assert sorted(s.name for s in first) == ["phase control", "step 1", "workflow ctrl-c"]
+
+    with workflow("again"), phase("control"):
+        pass
+    second = [s for s in instrumented.spans if s not in first]
+    assert [s.name for s in second if s.parent is None] == ["workflow again"]
+    assert {s.context.trace_id for s in second}.isdisjoint({s.context.trace_id for s in first})
