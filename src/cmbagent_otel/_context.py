@@ -32,6 +32,7 @@ from opentelemetry.context.context import Context
 from opentelemetry.trace import propagation as _trace_propagation
 
 from . import semconv
+from ._forksafe import reset_in_child
 
 _SCOPE_KEY = otel_context.create_key("cmbagent_otel.scope")
 # The key the OTel API keeps the current span under: with it a span's context (span + scope) is
@@ -276,6 +277,7 @@ class Scope:
 
 
 _cursor_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_cursor_lock")  # a forked child must not find it held
 
 
 class LazyScope:

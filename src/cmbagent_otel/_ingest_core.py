@@ -39,6 +39,13 @@ CHUNK_SPANS = 1000  # spans written per transaction: a large request never holds
 # a longer wait makes them time out instead, and drop the batch without a retry. It also
 # keeps every write of a stopping server well inside uvicorn's and grpcio's 5 s grace.
 WRITE_WAIT = 3.0
+# Seconds the search for the spans a database refuses (a chunk written in halves, ~20 writes for 1,000
+# spans with one such span) may take in all, from when the chunk's first write failed: each piece waits
+# for the database no longer than what is left, and past them the request is answered 503/UNAVAILABLE.
+# Each piece had a WRITE_WAIT of its own, so on a slow database a request outlasted its client's 10 s
+# (the client gave up and sent it again while it was still being written) and a stopping server's 5 s
+# grace. With the first write's WRITE_WAIT (and the writer's 1 s floor) a chunk ends within ~8.5 s.
+HALVING_WAIT = 3.5
 # Seconds the server's start gives its background schema check (see IngestCore.prepare_soon);
 # past them the first write does it, within its own WRITE_WAIT.
 STARTUP_PREPARE_S = 10.0
@@ -385,11 +392,18 @@ class IngestCore:
             # the traceback only when asked for: a driver's error quotes every row's parameters
             logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
         stored = rejected = 0
+        end = time.monotonic() + HALVING_WAIT
 
         def write(piece: list[ReadableSpan]) -> bool:
             nonlocal stored
+            now = time.monotonic()
+            if now >= end:
+                self.count("unavailable_responses")
+                logger.warning("cmbagent-otel ingest: finding the span(s) the database refuses took longer than "
+                               "%g s (a slow database); asking the client to retry", HALVING_WAIT)
+                raise IngestError("unavailable", "database too slow to find the span(s) it refuses, retry later")
             try:
-                self.write(piece)
+                self.write(piece, until=min(now + WRITE_WAIT, end))
             except IngestError:
                 raise
             except Exception:
@@ -470,13 +484,13 @@ class IngestCore:
         except Exception:
             return False
 
-    def write(self, spans: Sequence[ReadableSpan], since: float | None = None) -> None:
+    def write(self, spans: Sequence[ReadableSpan], since: float | None = None, *, until: float | None = None) -> None:
         """Store ``spans`` (committed when this returns); raises ``IngestError('unavailable')``
         while the database is down, or busy for :data:`WRITE_WAIT` seconds from ``since``
-        (``time.monotonic()``; default now)."""
+        (``time.monotonic()``; default now), or until the ``time.monotonic()`` ``until`` if given."""
         from .dag.writer import DagWriter, DatabaseUnavailable
 
-        end = (time.monotonic() if since is None else since) + WRITE_WAIT
+        end = until if until is not None else (time.monotonic() if since is None else since) + WRITE_WAIT
         try:
             writer = self._get_writer()
             lock = self._write_lock

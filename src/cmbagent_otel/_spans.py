@@ -1070,20 +1070,23 @@ class TracedSpan(LazyScope):
                 span.end()
             except Exception:
                 logger.debug("cmbagent_otel: could not end span", exc_info=True)
-            token = self._token
-            if token is not None:
-                self._token = None
-                try:
-                    detach(token)
-                except Exception:  # a token of another context (an async generator's): nothing to undo here
-                    logger.debug("cmbagent_otel: could not detach context", exc_info=True)
-            frame = self._frame
-            if frame is not None:
-                self._frame = None
-                try:
-                    frame.cursor.leave(frame)  # type: ignore[union-attr]
-                except Exception:
-                    logger.debug("cmbagent_otel: could not release frame", exc_info=True)
+            finally:
+                # also when a Ctrl-C comes out of span.end(): the span processors' on_end run there (an
+                # application's SimpleSpanProcessor exports in it), and the ended span stayed current
+                token = self._token
+                if token is not None:
+                    self._token = None
+                    try:
+                        detach(token)
+                    except Exception:  # a token of another context (an async generator's): nothing to undo
+                        logger.debug("cmbagent_otel: could not detach context", exc_info=True)
+                frame = self._frame
+                if frame is not None:
+                    self._frame = None
+                    try:
+                        frame.cursor.leave(frame)  # type: ignore[union-attr]
+                    except Exception:
+                        logger.debug("cmbagent_otel: could not release frame", exc_info=True)
             timing = self._timing
             if timing is not None and not isinstance(timing, Frame):
                 self._timing = None

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ._context import attach, detach, get_current
+from ._forksafe import reset_in_child
 
 _lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_lock")  # a forked child must not find it held
 _patched: dict[str, Any] = {}
 # method -> (positions of callback/error_callback among the arguments after func, their keywords)
 _METHODS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {

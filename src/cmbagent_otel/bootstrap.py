@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from . import _termination, _threadpool
 from . import environment_variables as env
+from ._forksafe import reset_in_child
 from ._gcquiet import imports_settled
 from ._spans import workflow_tracers
 from .instrumentation._content import ContentMode
@@ -33,6 +34,7 @@ from .redaction import reload_settings
 logger = logging.getLogger("cmbagent_otel")
 
 _lock = threading.RLock()
+reset_in_child(sys.modules[__name__], "_lock")  # a forked child must not find it held
 _state: dict[str, Any] = {"active": False, "provider": None, "owned": False, "threading": False, "cmbagent": False,
                           "binding": None, "meter_provider": None}
 # The providers instrument() built, kept across uninstrument() while they are the global ones (a

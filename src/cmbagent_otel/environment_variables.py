@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from ._forksafe import reset_in_child
+
 logger = logging.getLogger("cmbagent_otel")
 
 __all__ = [
@@ -394,6 +396,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_warned_lock")  # a forked child must not find it held
 
 
 # how much of an ignored value (and of the reason, which may quote it) a warning shows: a variable

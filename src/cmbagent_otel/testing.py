@@ -15,11 +15,14 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
+
+from ._forksafe import reset_in_child
 
 Responder = Callable[[list[dict[str, Any]]], "str | dict[str, Any]"]
 #: Answers from the whole chat-completions request body (messages, tools, response_format...).
@@ -265,6 +268,7 @@ class FakeOpenAIServer:
 # --- one offline agent factory for every AG2 line ----------------------------------------------
 _shared_server: FakeOpenAIServer | None = None
 _shared_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_shared_lock")  # a forked child must not find it held
 
 
 def offline_backend() -> str:

@@ -26,6 +26,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ from opentelemetry import trace
 
 from . import semconv
 from ._context import _SCOPE_KEY, RunState, Scope, current_scope, detach
+from ._forksafe import reset_in_child
 from ._spans import (
     CHILD_ORDER_BASE,
     NodeSpec,
@@ -170,6 +172,7 @@ class _Entry:
 # acts on the entry of the context it is called from.
 _ENTRIES: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("cmbagent_otel_blocks", default=())
 _open_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_open_lock")  # a forked child must not find it held
 
 
 class _Block:
@@ -251,18 +254,22 @@ class _Block:
             entry.restore = None
             if traced is not None:
                 traced._token = None
-        if traced is not None:
-            if exc is not None and is_clean_exit(exc):
-                exc_type, exc, tb = None, None, None
-            traced.__exit__(exc_type, exc, tb)
-            self._left(traced)
-        if entry.restore is not None:
-            token, entry.restore = entry.restore, None
-            try:
-                detach(token)
-            except Exception:
-                logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
-                             exc_info=True)
+        try:
+            if traced is not None:
+                if exc is not None and is_clean_exit(exc):
+                    exc_type, exc, tb = None, None, None
+                try:
+                    traced.__exit__(exc_type, exc, tb)
+                finally:  # a Ctrl-C out of the span's end (a span processor's on_end) ends the run too
+                    self._left(traced)
+        finally:
+            if entry.restore is not None:
+                token, entry.restore = entry.restore, None
+                try:
+                    detach(token)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not restore the context of a block left out of order",
+                                 exc_info=True)
 
     def _left(self, traced: TracedSpan) -> None:
         """Hook: an entry's span ``traced`` has ended."""
@@ -618,6 +625,7 @@ class _LinkedRunSpan(TracedSpan):
 _RUN_TRACES: OrderedDict[int, None] = OrderedDict()
 _RUN_TRACES_MAX = 65_536
 _run_traces_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_run_traces_lock")  # a forked child must not find it held
 
 
 def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None, Any]:

@@ -50,6 +50,14 @@ COSTS = metadata.tables["cost_records"]
 _INF = float("inf")
 
 
+# Milliseconds a PostgreSQL read waits for a table lock (lock_timeout) before it fails. Readers only
+# conflict with ACCESS EXCLUSIVE locks (a `cmbagent-otel db upgrade`'s ALTER TABLE, TRUNCATE, VACUUM
+# FULL), held until that session commits: without a bound `runs`, `dag` and `events` waited for it
+# in silence, for as long as an upgrade or a session left idle in its transaction lasted.
+READ_LOCK_WAIT_MS = 10_000
+_PG_LOCK_TIMEOUT = "55P03"
+
+
 class ReadError(Exception):
     """Reading the database failed (it cannot be opened, or a query failed)."""
 
@@ -137,6 +145,15 @@ def _read_only(uri: str) -> sqlite3.Connection:
     return conn
 
 
+def _why(exc: SQLAlchemyError) -> str:
+    """What the driver said, and for a lock waited for past :data:`READ_LOCK_WAIT_MS` whose it may be."""
+    error = getattr(exc, "orig", None) or exc
+    if getattr(error, "sqlstate", None) == _PG_LOCK_TIMEOUT:
+        return (f"a table stayed locked by another session for {READ_LOCK_WAIT_MS / 1000:g} s (a `cmbagent-otel "
+                f"db upgrade` or another schema change running?); try again when it is done ({error})")
+    return str(error)
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
@@ -181,6 +198,9 @@ class DagReader:
             # and a batch committed between two of them showed nodes from before it and edges from after
             if conn.dialect.name == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+                # local to the block's one transaction; the URL's own options stay as given
+                conn.exec_driver_sql("SELECT set_config('lock_timeout', %(w)s, true)",
+                                     {"w": str(READ_LOCK_WAIT_MS)})
             else:
                 conn.exec_driver_sql("BEGIN")  # deferred: a read transaction (WAL: never blocks a writer)
             self._conn = conn
@@ -191,7 +211,7 @@ class DagReader:
                 if inspector.has_table("dag_nodes") else set()
         except SQLAlchemyError as exc:
             self.close()
-            raise ReadError(f"cannot open database {self.where}: {getattr(exc, 'orig', None) or exc}") from None
+            raise ReadError(f"cannot open database {self.where}: {_why(exc)}") from None
         if not has_runs:
             self.close()
             raise NothingThere(f"no tracking tables in {self.where} (nothing has been recorded there yet; "
@@ -218,7 +238,7 @@ class DagReader:
         try:
             return list(self.conn.execute(statement).mappings())
         except SQLAlchemyError as exc:
-            raise ReadError(f"cannot read {self.where}: {getattr(exc, 'orig', None) or exc}") from None
+            raise ReadError(f"cannot read {self.where}: {_why(exc)}") from None
         except (ValueError, TypeError, OverflowError) as exc:
             # SQLite keeps any value in any column: another writer's `not a date` in a DATETIME
             # column fails the driver's conversion while rows are fetched (it was a traceback,
@@ -275,7 +295,7 @@ class DagReader:
             with reader._engine.connect() as conn:
                 return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
         except SQLAlchemyError as exc:
-            raise ReadError(f"cannot open database {reader.where}: {getattr(exc, 'orig', None) or exc}") from None
+            raise ReadError(f"cannot open database {reader.where}: {_why(exc)}") from None
         finally:
             reader.close()
 

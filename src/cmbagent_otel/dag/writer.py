@@ -204,9 +204,9 @@ class DagWriter:
         file = self._file
         if file is None:
             return
-        if _identity(file) is None:
+        if _gone(file):
             with creation_lock(file):
-                if _identity(file) is None:
+                if _gone(file):
                     for suffix in ("-wal", "-shm"):
                         with contextlib.suppress(OSError):
                             Path(f"{file}{suffix}").unlink(missing_ok=True)
@@ -312,6 +312,19 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _gone(path: Path) -> bool:
+    """True only when there is no file at ``path``: a ``stat`` failing otherwise (an I/O error, a network
+    file system's stale handle, a permission) says nothing of the file, and the ``-wal``/``-shm`` next to
+    it may be the live ones of a database other connections have open."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _backend(url: str) -> str:

@@ -18,6 +18,7 @@ messages with a ``finish_reason``, and system messages apart, as ``gen_ai.system
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from operator import add, is_
 from typing import Any
 
 from .. import redaction
+from .._forksafe import reset_in_child
 from .._jsontext import compact_encoder, loads
 from ..redaction import (
     attribute_bound,
@@ -274,6 +276,7 @@ _pieces: OrderedDict[int, tuple[Any, Any, Any, Any, str, int]] = OrderedDict()
 # version, those values)
 _flat_pieces: OrderedDict[tuple[Any, ...], tuple[Any, str, int, tuple[Any, ...]]] = OrderedDict()
 _pieces_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_pieces_lock")  # a forked child must not find it held
 
 
 def _parts_key(value: Any) -> tuple[Any, ...] | None:

@@ -7,6 +7,7 @@ parameters and the response are read.
 
 from __future__ import annotations
 
+import sys
 import threading
 from abc import get_cache_token
 from collections import OrderedDict
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import semconv
+from .._forksafe import reset_in_child
 from ..redaction import redact_name
 from ._content import register_client_credentials
 
@@ -116,6 +118,7 @@ class ConfigInfo:
 _INFO_MAX = 256
 _infos: OrderedDict[int, ConfigInfo] = OrderedDict()
 _infos_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_infos_lock")  # a forked child must not find it held
 _EMPTY: Mapping[str, Any] = {}
 
 

@@ -81,6 +81,7 @@ from .._context import (
     get_current,
     scope_in,
 )
+from .._forksafe import reset_in_child
 from .._spans import (
     END_TIME_SPAN,
     NodeSpec,
@@ -465,6 +466,7 @@ def _type_facts(state: _State, agent: Any) -> tuple[bool, bool]:
 
 _known_executor_types: set[type] = set()
 _executor_lock = threading.Lock()
+reset_in_child(sys.modules[__name__], "_executor_lock")  # a forked child must not find it held
 
 
 def _adopt_code_executor(state: _State, agent: Any) -> None:
