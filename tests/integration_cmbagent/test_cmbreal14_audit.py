@@ -6,7 +6,11 @@ back as cmbagent's backend reads them (``test_real_audit._final_rows``).
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,11 @@ from opentelemetry.trace import StatusCode
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
+import cmbagent_otel
 from cmbagent_otel import semconv as sc
 
-from .scripted_cmbagent import CmbagentScript, PlanStep
+from .scripted_cmbagent import DEFAULT_PLAN, CmbagentScript, PlanStep
+from .test_backend_rows import _mars_source
 from .test_cmbagent_runs import _exported, _kind, _one
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
     _final_rows,
@@ -87,3 +93,104 @@ def test_a_step_stopped_by_the_attempts_carried_over_from_the_step_before_says_s
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "failed", "pending", "failed"]
     assert nodes["step_2"]["meta"]["error"] == why
+
+
+@pytest.fixture
+def mars_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """MARS's own ``cmbagent.phases`` and ``cmbagent.workflows`` modules (``CMBAGENT_OTEL_MARS_SRC``), imported
+    from its source tree next to the installed PyPI cmbagent, whose ``CMBAgent`` its phases then build (the
+    packages' ``__init__`` files, which import every phase, are not run)."""
+    mars = _mars_source(tmp_path)
+    if mars is None:
+        pytest.skip("CMBAGENT_OTEL_MARS_SRC is not set")
+    import cmbagent
+
+    # the fork's modules the PyPI package lacks (cmbagent.callbacks, ...) found after the package's own
+    monkeypatch.setattr(cmbagent, "__path__", [*cmbagent.__path__, str(mars / "cmbagent")])
+    for name in ("cmbagent.phases", "cmbagent.workflows"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(mars / "cmbagent" / name.rpartition(".")[2])]
+        monkeypatch.setitem(sys.modules, name, package)
+    try:
+        import structlog  # noqa: F401 - the fork's callbacks module logs through it
+    except ImportError:
+        shim = types.ModuleType("structlog")
+        shim.get_logger = logging.getLogger  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "structlog", shim)
+    yield mars
+    for name in [m for m in sys.modules if m.startswith(("cmbagent.phases.", "cmbagent.workflows.",
+                                                         "cmbagent.callbacks"))]:
+        del sys.modules[name]
+    if "callbacks" in vars(cmbagent):  # bound on the package by its import
+        delattr(cmbagent, "callbacks")
+
+
+def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+    """MARS's ControlPhase (1f77da3) run on a preloaded 3-step plan inside the application's run, as its
+    ``WorkflowExecutor`` runs it. The PyPI ``CMBAgent`` takes none of the managed-mode arguments MARS's
+    manager adds (its own database), so the manager adds none, and clears a work dir given as a ``Path``
+    only (MARS's gives a ``str``)."""
+    import asyncio
+
+    import cmbagent.cmbagent as module
+
+    class PyPICMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
+        def __init__(self, *args: Any, work_dir: str, **kwargs: Any) -> None:
+            super().__init__(*args, work_dir=Path(work_dir), **kwargs)
+
+    from cmbagent.phases.base import PhaseContext
+    from cmbagent.phases.control import ControlPhase, ControlPhaseConfig
+    from cmbagent.phases.execution_manager import PhaseExecutionManager
+
+    PhaseExecutionManager.get_managed_cmbagent_kwargs = lambda self: {}  # type: ignore[method-assign]
+    plan = [{"sub_task": s.task, "sub_task_agent": s.agent, "bullet_points": [s.task]} for s in DEFAULT_PLAN]
+    phase = ControlPhase(ControlPhaseConfig(params={"preloaded_plan": plan}, max_rounds=30))
+    context = PhaseContext(workflow_id="w", run_id="r", phase_id="control", task=task, work_dir=work_dir,
+                           api_keys=api_keys)
+    pypi, module.CMBAgent = module.CMBAgent, PyPICMBAgent
+    try:
+        with cmbagent_otel.workflow("planning_and_control", mode="planning-control", task=task, work_dir=work_dir):
+            result = asyncio.run(phase.execute(context))
+    finally:
+        module.CMBAgent = pypi
+    return {"status": result.status.value, "error": result.error}
+
+
+def test_mars_control_phase_stopped_between_two_steps_leaves_the_later_steps_pending(
+        request: pytest.FixtureRequest, mars_phases: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MARS's own ControlPhase and PhaseExecutionManager (from ``CMBAGENT_OTEL_MARS_SRC``) on the real PyPI
+    ``CMBAgent``: step 1 runs and completes (``complete_step``), then writing its cost report fails (a full disk;
+    Ctrl-C or pause/cancel there take the same path): the phase catches it and calls ``manager.fail``. Steps 2
+    and 3 never start; cmbagent's DAG has them pending. On main 86547de they had no node."""
+    import cmbagent.cmbagent as module
+
+    original = module.CMBAgent.display_cost
+
+    def display_cost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("name_append") == "step_1":
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.CMBAgent, "display_cost", display_cost)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_mars_control_phase)
+    assert run.results == {"status": "failed", "error": "[Errno 28] No space left on device"}
+    assert "researcher" not in run.sequence  # step 2 never started
+    _one_root_per_trace(run)
+    phase = _one(run, "phase control")
+    assert (phase.status.status_code, phase.status.description) == (StatusCode.ERROR, run.results["error"])
+    by_id = {s.context.span_id: s for s in run.spans}
+    step1 = _one(run, "step 1")
+    for span in run.spans:  # step 1's agents, tool calls and code run are under it
+        if span.name.startswith(("invoke_agent", "execute_code")):
+            parent = span
+            while parent.parent is not None and parent is not step1:
+                parent = by_id[parent.parent.span_id]
+            assert parent is step1, span.name
+    later = [s for s in run.spans if s.attributes.get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED]
+    assert [(s.name, s.attributes[sc.STEP_GOAL], s.attributes[sc.STEP_AGENT], s.parent.span_id) for s in later] == [
+        (f"step {n}", p.task, p.agent, phase.context.span_id) for n, p in enumerate(DEFAULT_PLAN[1:], start=2)]
+    rows = _final_rows(_exported(run, tmp_path))
+    nodes = _nodes_of(rows)
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending", "pending", "failed"]
