@@ -116,3 +116,25 @@ def test_a_failed_phase_that_runs_no_plan_gets_no_steps(capture: Any, patched: N
         control.fail("No plan found in context. Run planning phase first.")
     assert [s.name for s in capture.spans if s.name.startswith("phase ")] == ["phase hitl_planning", "phase control"]
     assert [s.name for s in capture.spans if s.name.startswith("step ")] == []
+
+
+@pytest.mark.parametrize("how", ["solve_raised", "aborted_by_human"])
+def test_a_mars_phase_failed_during_a_step_fails_that_step(capture: Any, patched: None, how: str) -> None:  # noqa: F811
+    """The phase fails while step 2 is open: ControlPhase's solve raising in step 2 (the model API down) caught
+    by ``manager.fail(str(e), ...)``, or HITLControlPhase's "Aborted by human at step 2" after a failed attempt
+    (MARS hands ``fail`` the open step as the failed one, ``invoke_workflow_failed(error, current_step)``).
+    Step 2 ended completed (green) under the failed phase on main 86547de; it now fails with the phase's
+    error, step 1 stays completed and step 3 is pending."""
+    manager = PhaseExecutionManager(_Context("input_data"), _ControlPhase())
+    error = "Connection error." if how == "solve_raised" else "Aborted by human at step 2"
+    with workflow("planning_and_control", mode="planning-control"):
+        manager.start()
+        manager.start_step(1, PLAN[0]["sub_task"])
+        manager.complete_step(1, "done")
+        manager.start_step(2, PLAN[1]["sub_task"])
+        assert manager.fail(error, None) == "failed"
+    assert capture.one("step 1").status.status_code is StatusCode.UNSET
+    step2 = capture.one("step 2")
+    assert (step2.status.status_code, step2.status.description) == (StatusCode.ERROR, error)
+    assert capture.one("phase control").status.description == error
+    assert [name for name, *_ in _pending(capture)] == ["step 3"]

@@ -1283,11 +1283,14 @@ class _ManagerSpans:
         return (frame.scope, frame.span) if frame is not None else self.joined
 
     def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
-        """End this manager's frames of ``kinds`` (innermost first)."""
+        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it (MARS's
+        ``fail()`` while a step is open names that step as the failed one: ``invoke_workflow_failed(error,
+        current_step)``; its step loop fails the phase from there when the step's solve raised or a human
+        aborted it)."""
         targets = [(k, f) for k, f in self.frames if k in kinds]
         self.frames = [(k, f) for k, f in self.frames if k not in kinds]
-        for kind, frame in reversed(targets):
-            if error and kind in ("phase", "workflow"):
+        for _kind, frame in reversed(targets):
+            if error:
                 _fail_frame(frame, error)
             if exc is not None:
                 try:
