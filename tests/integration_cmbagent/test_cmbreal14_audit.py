@@ -27,6 +27,7 @@ from .scripted_cmbagent import DEFAULT_PLAN, CmbagentScript, PlanStep
 from .test_backend_rows import _mars_source
 from .test_cmbagent_runs import _exported, _kind, _one
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
+    ApiDown,
     _final_rows,
     _nodes_of,
     _one_root_per_trace,
@@ -95,34 +96,36 @@ def test_a_step_stopped_by_the_attempts_carried_over_from_the_step_before_says_s
     assert nodes["step_2"]["meta"]["error"] == why
 
 
-@pytest.fixture
-def mars_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+@pytest.fixture(scope="module")
+def mars_phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MARS's own ``cmbagent.phases`` and ``cmbagent.workflows`` modules (``CMBAGENT_OTEL_MARS_SRC``), imported
     from its source tree next to the installed PyPI cmbagent, whose ``CMBAgent`` its phases then build (the
-    packages' ``__init__`` files, which import every phase, are not run)."""
-    mars = _mars_source(tmp_path)
+    packages' ``__init__`` files, which import every phase, are not run). Loaded once for the module: each
+    test's ``instrument()`` patches them as already imported modules, as an application's would."""
+    mars = _mars_source(tmp_path_factory.mktemp("mars"))
     if mars is None:
         pytest.skip("CMBAGENT_OTEL_MARS_SRC is not set")
     import cmbagent
 
-    # the fork's modules the PyPI package lacks (cmbagent.callbacks, ...) found after the package's own
-    monkeypatch.setattr(cmbagent, "__path__", [*cmbagent.__path__, str(mars / "cmbagent")])
-    for name in ("cmbagent.phases", "cmbagent.workflows"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(mars / "cmbagent" / name.rpartition(".")[2])]
-        monkeypatch.setitem(sys.modules, name, package)
-    try:
-        import structlog  # noqa: F401 - the fork's callbacks module logs through it
-    except ImportError:
-        shim = types.ModuleType("structlog")
-        shim.get_logger = logging.getLogger  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "structlog", shim)
-    yield mars
-    for name in [m for m in sys.modules if m.startswith(("cmbagent.phases.", "cmbagent.workflows.",
-                                                         "cmbagent.callbacks"))]:
-        del sys.modules[name]
-    if "callbacks" in vars(cmbagent):  # bound on the package by its import
-        delattr(cmbagent, "callbacks")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # the fork's modules the PyPI package lacks (cmbagent.callbacks, ...) found after the package's own
+        monkeypatch.setattr(cmbagent, "__path__", [*cmbagent.__path__, str(mars / "cmbagent")])
+        for name in ("cmbagent.phases", "cmbagent.workflows"):
+            package = types.ModuleType(name)
+            package.__path__ = [str(mars / "cmbagent" / name.rpartition(".")[2])]
+            monkeypatch.setitem(sys.modules, name, package)
+        try:
+            import structlog  # noqa: F401 - the fork's callbacks module logs through it
+        except ImportError:
+            shim = types.ModuleType("structlog")
+            shim.get_logger = logging.getLogger  # type: ignore[attr-defined]
+            monkeypatch.setitem(sys.modules, "structlog", shim)
+        yield mars
+        for name in [m for m in sys.modules if m.startswith(("cmbagent.phases.", "cmbagent.workflows.",
+                                                             "cmbagent.callbacks"))]:
+            del sys.modules[name]
+        if "callbacks" in vars(cmbagent):  # bound on the package by its import
+            delattr(cmbagent, "callbacks")
 
 
 def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
@@ -156,41 +159,56 @@ def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_:
     return {"status": result.status.value, "error": result.error}
 
 
-def test_mars_control_phase_stopped_between_two_steps_leaves_the_later_steps_pending(
-        request: pytest.FixtureRequest, mars_phases: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["between_steps", "api_down_in_step_2"])
+def test_mars_control_phase_stopped_after_step_1_leaves_the_later_steps_pending(
+        request: pytest.FixtureRequest, mars_phases: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        how: str) -> None:
     """MARS's own ControlPhase and PhaseExecutionManager (from ``CMBAGENT_OTEL_MARS_SRC``) on the real PyPI
-    ``CMBAgent``: step 1 runs and completes (``complete_step``), then writing its cost report fails (a full disk;
-    Ctrl-C or pause/cancel there take the same path): the phase catches it and calls ``manager.fail``. Steps 2
-    and 3 never start; cmbagent's DAG has them pending. On main 86547de they had no node."""
+    ``CMBAgent``: step 1 runs and completes (``complete_step``), then (``between_steps``) writing its cost report
+    fails (a full disk; Ctrl-C or pause/cancel there take the same path), or (``api_down_in_step_2``) step 2's
+    researcher gets HTTP 500s and its solve raises. The phase catches the exception and calls
+    ``manager.fail(str(e), ...)``. On main 86547de the later steps had no node, and step 2, whose solve raised,
+    ended completed under the failed phase: now step 2 fails with the error (the step MARS names as the failed
+    one) and the steps not reached are pending, as in cmbagent's DAG."""
     import cmbagent.cmbagent as module
 
     original = module.CMBAgent.display_cost
 
     def display_cost(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("name_append") == "step_1":
+        if how == "between_steps" and kwargs.get("name_append") == "step_1":
             raise OSError(28, "No space left on device")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(module.CMBAgent, "display_cost", display_cost)
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
-                                                  function=_mars_control_phase)
-    assert run.results == {"status": "failed", "error": "[Errno 28] No space left on device"}
-    assert "researcher" not in run.sequence  # step 2 never started
+    responder = (lambda script: script) if how == "between_steps" else (
+        lambda script: ApiDown(script, "researcher", 1))
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=responder, function=_mars_control_phase)
+    assert run.results["status"] == "failed"
+    error = run.results["error"]
+    if how == "between_steps":
+        assert error == "[Errno 28] No space left on device"
+        assert "researcher" not in run.sequence  # step 2 never started
+    else:
+        assert error.startswith("Error code: 500") and "engineer" not in run.sequence[-3:]
     _one_root_per_trace(run)
     phase = _one(run, "phase control")
-    assert (phase.status.status_code, phase.status.description) == (StatusCode.ERROR, run.results["error"])
+    assert (phase.status.status_code, phase.status.description) == (StatusCode.ERROR, error)
     by_id = {s.context.span_id: s for s in run.spans}
     step1 = _one(run, "step 1")
     for span in run.spans:  # step 1's agents, tool calls and code run are under it
-        if span.name.startswith(("invoke_agent", "execute_code")):
+        if span.name.startswith(("invoke_agent", "execute_code")) and span.start_time < step1.end_time:
             parent = span
             while parent.parent is not None and parent is not step1:
                 parent = by_id[parent.parent.span_id]
             assert parent is step1, span.name
     later = [s for s in run.spans if s.attributes.get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED]
+    first = 2 if how == "between_steps" else 3
     assert [(s.name, s.attributes[sc.STEP_GOAL], s.attributes[sc.STEP_AGENT], s.parent.span_id) for s in later] == [
-        (f"step {n}", p.task, p.agent, phase.context.span_id) for n, p in enumerate(DEFAULT_PLAN[1:], start=2)]
+        (f"step {n}", p.task, p.agent, phase.context.span_id)
+        for n, p in enumerate(DEFAULT_PLAN[first - 1:], start=first)]
     rows = _final_rows(_exported(run, tmp_path))
     nodes = _nodes_of(rows)
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
-        "completed", "pending", "pending", "failed"]
+        "completed", "pending" if how == "between_steps" else "failed", "pending", "failed"]
+    if how != "between_steps":
+        assert nodes["step_2"]["meta"]["error"] == error
