@@ -123,16 +123,20 @@ def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:
 
 
 class _Step:
-    __slots__ = ("agent", "end", "exc", "failed", "failures", "frame", "goal", "last_attempts", "max_attempts",
-                 "number", "status")
+    __slots__ = ("agent", "carried_from", "end", "exc", "failed", "failures", "frame", "goal", "last_attempts",
+                 "max_attempts", "number", "status")
 
-    def __init__(self, number: int, goal: str, agent: str | None, attempts: int) -> None:
+    def __init__(self, number: int, goal: str, agent: str | None, attempts: int,
+                 carried_from: int | None = None) -> None:
         self.number = number
         self.goal = goal
         self.agent = agent
         self.frame: Frame | None = None
         self.failures = 0
         self.last_attempts = attempts
+        # the step whose n_attempts this one started with: cmbagent resets the count only when a step is
+        # reported completed or failed, not when control moves past a step without reporting it
+        self.carried_from = carried_from if attempts > 0 else None
         self.max_attempts: int | None = None
         self.status = "in progress"
         self.failed = False  # reported "failed" and not completed since
@@ -239,7 +243,8 @@ class StepTracker:
             if current is not None:
                 self._close(current, "next")
             goal, agent = _goal_and_agent(number, context)
-            self.current = _Step(number, goal, agent, _int(context_get(context, "n_attempts")) or 0)
+            self.current = _Step(number, goal, agent, _int(context_get(context, "n_attempts")) or 0,
+                                 current.number if current is not None else None)
             self.current.max_attempts = _int(context_get(context, "max_n_attempts"))
             self.cursor.pending = self._open_pending
         elif current is not None and current.number == number:
@@ -323,8 +328,7 @@ class StepTracker:
             if step.max_attempts is not None:
                 attrs[semconv.STEP_MAX_ATTEMPTS] = step.max_attempts
             span.set_attributes(attrs)
-            out_of_attempts = (f"step {step.number} ran out of attempts (n_attempts {step.last_attempts} >= "
-                               f"max_n_attempts {step.max_attempts})"
+            out_of_attempts = (_out_of_attempts(step)
                                if step.max_attempts is not None and step.last_attempts >= step.max_attempts else None)
             if step.end == "completed":
                 error = None
@@ -356,6 +360,16 @@ class StepTracker:
         except Exception:
             logger.debug("cmbagent_otel: could not record step outcome", exc_info=True)
         end_frame(frame, step.exc)
+
+
+def _out_of_attempts(step: _Step) -> str:
+    """Why ``step`` is out of attempts, naming the earlier step when part of cmbagent's count is that
+    step's (control moved past it without reporting it, and the count went on)."""
+    counts = f"n_attempts {step.last_attempts} >= max_n_attempts {step.max_attempts}"
+    if step.carried_from is not None and step.failures < step.last_attempts:
+        return (f"step {step.number} reached cmbagent's attempt limit with the attempts of step "
+                f"{step.carried_from} carried over ({counts}; {step.failures} failed in step {step.number})")
+    return f"step {step.number} ran out of attempts ({counts})"
 
 
 def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:

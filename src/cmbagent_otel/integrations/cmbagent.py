@@ -1266,11 +1266,12 @@ class _CallerRuns:
 class _ManagerSpans:
     """The frames one PhaseExecutionManager opened (phase, step, redo; a fallback workflow)."""
 
-    __slots__ = ("block", "cursor", "frames", "joined")
+    __slots__ = ("block", "cursor", "frames", "joined", "started")
 
     def __init__(self) -> None:
         self.cursor: Cursor | None = None
         self.frames: list[tuple[str, Frame]] = []
+        self.started: set[int] = set()  # the step numbers start_step opened
         self.block: _Block | None = None  # the fallback workflow entered by __enter__ (closed by __exit__)
         self.joined: tuple[Scope, Any] | None = None  # started inside a phase someone else opened: join it
 
@@ -1282,11 +1283,14 @@ class _ManagerSpans:
         return (frame.scope, frame.span) if frame is not None else self.joined
 
     def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
-        """End this manager's frames of ``kinds`` (innermost first)."""
+        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it (MARS's
+        ``fail()`` while a step is open names that step as the failed one: ``invoke_workflow_failed(error,
+        current_step)``; its step loop fails the phase from there when the step's solve raised or a human
+        aborted it)."""
         targets = [(k, f) for k, f in self.frames if k in kinds]
         self.frames = [(k, f) for k, f in self.frames if k not in kinds]
-        for kind, frame in reversed(targets):
-            if error and kind in ("phase", "workflow"):
+        for _kind, frame in reversed(targets):
+            if error:
                 _fail_frame(frame, error)
             if exc is not None:
                 try:
@@ -1754,6 +1758,8 @@ def _pm_start_step(state: _State) -> Callable[..., Any]:
                 if parent is not None:
                     description = _text(call.get("description", args[1] if len(args) > 1 else None)) or ""
                     spans.push("step", _detached(step(number, description), parent[0], parent[1], "step", instance))
+                    if len(spans.started) < _STARTED_MAX:
+                        spans.started.add(number)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start_step", exc_info=True)
         return wrapped(*args, **kwargs)
@@ -1853,6 +1859,46 @@ def _pm_complete(state: _State) -> Callable[..., Any]:
     return _ours(state, wrapper)
 
 
+# MARS's plan-executing phases (ControlPhase, HITLControlPhase) and where they read their plan, in their order
+_PLAN_PHASES = frozenset({"control", "hitl_control"})
+_PLAN_KEYS = (("input_data", "final_plan"), ("input_data", "plan_steps"), ("shared_state", "plan_steps"),
+              ("shared_state", "final_plan"))
+_STARTED_MAX = 1000  # step numbers a manager remembers (MARS's plans have a handful of steps)
+
+
+def _manager_plan(instance: Any) -> Any:
+    """The plan a phase manager's phase executes, read where MARS's control phases read it (a preloaded plan
+    in the phase's config, the phase context's input and shared state, the planning context)."""
+    params = getattr(getattr(getattr(instance, "phase", None), "config", None), "params", None)
+    if isinstance(params, Mapping) and plan_steps(params.get("preloaded_plan")):
+        return params.get("preloaded_plan")
+    ctx = getattr(instance, "context", None)
+    for where, key in _PLAN_KEYS:
+        found = getattr(ctx, where, None)
+        if isinstance(found, Mapping) and plan_steps(found.get(key)):
+            return found.get(key)
+    planning = getattr(ctx, "input_data", None)
+    planning = planning.get("planning_context") if isinstance(planning, Mapping) else None
+    return planning.get("final_plan") if isinstance(planning, Mapping) else None
+
+
+def _manager_plan_stopped(spans: _ManagerSpans, instance: Any) -> None:
+    """A phase manager's plan phase fails (its ``fail()``, or ``__exit__`` with an exception) after its last
+    step ended or before its next one started (MARS's ControlPhase catching an exception while it writes a
+    step's reports or builds the next step's agents, a human aborting or rejecting a step in HITL control, a
+    step out of attempts): the plan's later steps never start. cmbagent's DAG has a node for each (pending);
+    they are pending nodes under the phase, as the carryover loop's (:func:`_plan_stopped_after`)."""
+    try:
+        frame = spans.find("phase")
+        phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None))
+        if frame is None or not (spans.started or phase_type in _PLAN_PHASES):
+            return
+        record_not_started(workflow_tracers.current(), frame.scope, frame.span, _manager_plan(instance),
+                           spans.started, after=max(spans.started, default=0))
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the plan's steps not started", exc_info=True)
+
+
 def _pm_fail(state: _State) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         handling = sys.exc_info()[1]  # the phase's failure, when cmbagent fails it from its except clause
@@ -1863,6 +1909,7 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                 _joined_phase_failed(handling)
                 spans = state.manager(instance)
                 if spans is not None:
+                    _manager_plan_stopped(spans, instance)
                     call = _bind(wrapped, args, kwargs)
                     spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
                     spans.joined = None
@@ -1883,6 +1930,8 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                     _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
+                    if exc is not None:  # (MARS's __exit__ calls fail(), which recorded them and closed the phase)
+                        _manager_plan_stopped(spans, instance)
                     spans.close(_FRAME_KINDS, exc=exc)
                     spans.joined = None
                     block, spans.block = spans.block, None
