@@ -977,12 +977,24 @@ _EXCEPTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*[A-Z][A-Za-z0-9]*[a-z][A-Z
 _QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
 
 
+# more words after a value on its line: the value is a message's first word ("Unable to locate credentials")
+_MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
+
+
 def _is_class_name(name: str) -> bool:
     """Whether ``name``, a secret-looking key name in a text, is a Python class's (see _EXCEPTION_NAME); a
     qualified one only when its class name alone is no secret's (``app.config.Password`` stays a key)."""
     if _EXCEPTION_NAME.fullmatch(name):
         return True
     return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
+
+
+def _is_message(text: str, name: str, match_end: int) -> bool:
+    """Whether the value ending at ``match_end`` after the key ``name`` is an exception's message, not learned:
+    the key is a class's name and more words follow the value on its line. A value alone after such a name
+    is learned: a dotted configuration key reads as one (``secrets.Prod: ...``, ``db.credentials.Primary =
+    ...``) and an exception may hold nothing but the secret (``InvalidApiKeyError: <the key>``)."""
+    return _MESSAGE_GOES_ON.match(text, match_end) is not None and _is_class_name(name)
 
 
 def _kv_scan(text: str, learn: bool) -> str:
@@ -1041,7 +1053,7 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn and not _is_class_name(text[name_start:run_end]):  # an exception's message: redacted here only
+        if learn and not _is_message(text, text[name_start:run_end], match_end):  # redacted here only
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
