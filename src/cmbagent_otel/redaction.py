@@ -69,6 +69,11 @@ _SECRET_KEY_NAME = re.compile(
     r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
+# a name written as an environment variable's (upper case, words joined by "_") is secret by the rule for
+# environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
+# settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
+# above (primary_key, sort_key, first_pass hold no secrets)
+_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
     r"xox[abeprs]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
@@ -1784,7 +1789,8 @@ def is_secret_key(name: str) -> bool:
     if known is None:
         # a name padded with white space is the same name ("Authorization " in tool arguments:
         # no key/value scan of the text took its value either)
-        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip()))
+        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip())
+                     or _ENV_STYLE_SECRET_NAME.fullmatch(name.strip()))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
             return known
         if len(_secret_key_names) >= 4096:
