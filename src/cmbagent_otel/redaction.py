@@ -74,6 +74,7 @@ _SECRET_KEY_NAME = re.compile(
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
 _ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
+_BLANKS = re.compile(r"[ \t]+")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
     r"xox[abeprs]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
@@ -994,6 +995,19 @@ def _is_class_name(name: str) -> bool:
     return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
 
 
+def _word_before(text: str, at: int) -> int:
+    """Where the word before the blanks before ``at`` starts (on the same line), -1 when there is none."""
+    end = at
+    while end > 0 and text[end - 1] in " \t" and at - end < 8:
+        end -= 1
+    if end == at or end == 0 or text[end - 1] not in _NAME_CHARS:
+        return -1
+    start = end
+    while start > 0 and text[start - 1] in _NAME_CHARS and end - start < 64:
+        start -= 1
+    return start
+
+
 def _is_message(text: str, name: str, match_end: int) -> bool:
     """Whether the value ending at ``match_end`` after the key ``name`` is an exception's message, not learned:
     the key is a class's name and more words follow the value on its line. A value alone after such a name
@@ -1047,8 +1061,14 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
         # or further, matching it for every key (secret or not) would be quadratic
+        prose = False
         if not is_secret_key(text[name_start:run_end]):
-            continue
+            # a key written as words ("API key: ...", "private key = ...", "Your secret key: ..."): the word
+            # before, joined by blanks, makes the name
+            name_start = _word_before(text, name_start)
+            if name_start < 0 or not is_secret_key(text[name_start:run_end]):
+                continue
+            prose = True
         found = _kv_value(text, key.end(), memo)
         if found is None:
             continue
@@ -1058,7 +1078,9 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn and not _is_message(text, text[name_start:run_end], match_end):  # redacted here only
+        # an exception's message, or a key in prose followed by more words: redacted here only
+        if learn and not (_is_message(text, text[name_start:run_end], match_end)
+                          or (prose and _MESSAGE_GOES_ON.match(text, match_end))):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
@@ -1789,8 +1811,11 @@ def is_secret_key(name: str) -> bool:
     if known is None:
         # a name padded with white space is the same name ("Authorization " in tool arguments:
         # no key/value scan of the text took its value either)
-        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip())
-                     or _ENV_STYLE_SECRET_NAME.fullmatch(name.strip()))
+        stripped = name.strip()
+        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(stripped)
+                     or _ENV_STYLE_SECRET_NAME.fullmatch(stripped)
+                     # words apart ("API key", "Private Key"): the name joined as an identifier would be
+                     or (" " in stripped and _SECRET_KEY_NAME.match(_BLANKS.sub("_", stripped))))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
             return known
         if len(_secret_key_names) >= 4096:
