@@ -1008,14 +1008,6 @@ def _word_before(text: str, at: int) -> int:
     return start
 
 
-def _is_message(text: str, name: str, match_end: int) -> bool:
-    """Whether the value ending at ``match_end`` after the key ``name`` is an exception's message, not learned:
-    the key is a class's name and more words follow the value on its line. A value alone after such a name
-    is learned: a dotted configuration key reads as one (``secrets.Prod: ...``, ``db.credentials.Primary =
-    ...``) and an exception may hold nothing but the secret (``InvalidApiKeyError: <the key>``)."""
-    return _MESSAGE_GOES_ON.match(text, match_end) is not None and _is_class_name(name)
-
-
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -1078,9 +1070,12 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        # an exception's message, or a key in prose followed by more words: redacted here only
-        if learn and not (_is_message(text, text[name_start:run_end], match_end)
-                          or (prose and _MESSAGE_GOES_ON.match(text, match_end))):
+        # a message (more words after the value on its line) after an exception's type or a key in prose is
+        # redacted here only; a value alone after such a name is learned: a dotted configuration key reads as a
+        # class's name (secrets.Prod: ..., db.credentials.Primary = ...) and an exception may hold nothing but
+        # the secret (InvalidApiKeyError: <the key>)
+        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None
+                          and (prose or _is_class_name(text[name_start:run_end]))):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
