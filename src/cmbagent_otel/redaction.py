@@ -59,13 +59,15 @@ _SECRET_ENV_NAME = re.compile(
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
-# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature.
+# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature; auth key
+# (DeepL's auth_key, X-Auth-Key), HMAC, signing, encryption and master keys are key material by their name.
 # Words may be joined by "." as well (OpenTelemetry attribute names: `aws.secret.access.key`, `openai.api.key`)
 # ... but not a name's ARN (``aws.secretsmanager.secret.arn``: an identifier; a secret under it is
 # still caught by value)
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
-    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string)[\w.\-]*"
+    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string|"
+    r"(?:auth|hmac|signing|encryption|master)[_.-]?key)[\w.\-]*"
     r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
