@@ -59,16 +59,24 @@ _SECRET_ENV_NAME = re.compile(
     r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
-# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature.
+# account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature; auth key
+# (DeepL's auth_key, X-Auth-Key), HMAC, signing, encryption and master keys are key material by their name.
 # Words may be joined by "." as well (OpenTelemetry attribute names: `aws.secret.access.key`, `openai.api.key`)
 # ... but not a name's ARN (``aws.secretsmanager.secret.arn``: an identifier; a secret under it is
 # still caught by value)
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:.*(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
-    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string)[\w.\-]*"
+    r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string|"
+    r"(?:auth|hmac|signing|encryption|master)[_.-]?key)[\w.\-]*"
     r"|.*token|.*authorization|auth|pass|pwd|sig|.*cookie)$",
     re.IGNORECASE,
 )
+# a name written as an environment variable's (upper case, words joined by "_") is secret by the rule for
+# environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
+# settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
+# above (primary_key, sort_key, first_pass hold no secrets)
+_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
+_BLANKS = re.compile(r"[ \t]+")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
     r"xox[abeprs]-[A-Za-z0-9\-]{10,}|(?i:bearer|basic)\s+[A-Za-z0-9._~+/\-]{8,}=*)"
@@ -977,12 +985,29 @@ _EXCEPTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*[A-Z][A-Za-z0-9]*[a-z][A-Z
 _QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
 
 
+# more words after a value on its line: the value is a message's first word ("Unable to locate credentials")
+_MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
+
+
 def _is_class_name(name: str) -> bool:
     """Whether ``name``, a secret-looking key name in a text, is a Python class's (see _EXCEPTION_NAME); a
     qualified one only when its class name alone is no secret's (``app.config.Password`` stays a key)."""
     if _EXCEPTION_NAME.fullmatch(name):
         return True
     return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
+
+
+def _word_before(text: str, at: int) -> int:
+    """Where the word before the blanks before ``at`` starts (on the same line), -1 when there is none."""
+    end = at
+    while end > 0 and text[end - 1] in " \t" and at - end < 8:
+        end -= 1
+    if end == at or end == 0 or text[end - 1] not in _NAME_CHARS:
+        return -1
+    start = end
+    while start > 0 and text[start - 1] in _NAME_CHARS and end - start < 64:
+        start -= 1
+    return start
 
 
 def _kv_scan(text: str, learn: bool) -> str:
@@ -1030,8 +1055,14 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
         # or further, matching it for every key (secret or not) would be quadratic
+        prose = False
         if not is_secret_key(text[name_start:run_end]):
-            continue
+            # a key written as words ("API key: ...", "private key = ...", "Your secret key: ..."): the word
+            # before, joined by blanks, makes the name
+            name_start = _word_before(text, name_start)
+            if name_start < 0 or not is_secret_key(text[name_start:run_end]):
+                continue
+            prose = True
         found = _kv_value(text, key.end(), memo)
         if found is None:
             continue
@@ -1041,7 +1072,12 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn and not _is_class_name(text[name_start:run_end]):  # an exception's message: redacted here only
+        # a message (more words after the value on its line) after an exception's type or a key in prose is
+        # redacted here only; a value alone after such a name is learned: a dotted configuration key reads as a
+        # class's name (secrets.Prod: ..., db.credentials.Primary = ...) and an exception may hold nothing but
+        # the secret (InvalidApiKeyError: <the key>)
+        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None
+                          and (prose or _is_class_name(text[name_start:run_end]))):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
@@ -1772,7 +1808,11 @@ def is_secret_key(name: str) -> bool:
     if known is None:
         # a name padded with white space is the same name ("Authorization " in tool arguments:
         # no key/value scan of the text took its value either)
-        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(name.strip()))
+        stripped = name.strip()
+        known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(stripped)
+                     or _ENV_STYLE_SECRET_NAME.fullmatch(stripped)
+                     # words apart ("API key", "Private Key"): the name joined as an identifier would be
+                     or (" " in stripped and _SECRET_KEY_NAME.match(_BLANKS.sub("_", stripped))))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
             return known
         if len(_secret_key_names) >= 4096:
