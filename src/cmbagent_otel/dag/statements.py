@@ -309,11 +309,35 @@ class Sql:
     def iter_params(self, rows: Iterable[Mapping[str, Any]],
                     cols: Sequence[tuple[str, str]]) -> Iterator[tuple[Any, ...]]:
         """:meth:`params`, one row at a time."""
+        return map(self._converter(cols), rows)
+
+    def _converter(self, cols: Sequence[tuple[str, str]]) -> Any:
+        """The row converter of ``cols`` (generated and compiled on first use, then cached)."""
         key = ("params", tuple(cols))
         convert = self._cache.get(key)
         if convert is None:
             convert = self._cache[key] = _row_converter(cols, self._convert)
-        return map(convert, rows)
+        return convert
+
+    def prepare(self, conn: Connection, tables: Iterable[Table],
+                updates: Iterable[tuple[Table, Sequence[str]]] = ()) -> None:
+        """Build now what a batch would build on first use for ``tables``: the statement texts
+        and row converters of an insert and (a table whose id is not autoincrement) of an update
+        of every column, those of ``updates``
+        (a table and the columns a partial update sets) and, for a binary ``COPY``, the column
+        types read from ``conn``'s database. The same work, done once per process (the
+        converters) and per connection (the types), before the first export rather than in it."""
+        for table in tables:
+            self.columns(table, with_autoincrement_id=True)
+            self._converter(self.columns(table))
+            self.insert_sql(table)
+            self.insert_sql(table, "nothing")
+            if any(name == "id" for name, _ in self.columns(table)):  # updated by id: not autoincrement
+                self._converter(self.update_sql(table)[1])
+            if self.can_copy:
+                self._binary(conn, table)
+        for table, names in updates:
+            self._converter(self.update_sql(table, names)[1])
 
     # --- execution -----------------------------------------------------------------------------
 
