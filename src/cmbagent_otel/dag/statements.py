@@ -319,24 +319,21 @@ class Sql:
             convert = self._cache[key] = _row_converter(cols, self._convert)
         return convert
 
-    def prepare(self, conn: Connection, tables: Iterable[Table],
-                updates: Iterable[tuple[Table, Sequence[str]]] = ()) -> None:
-        """Build now what a batch would build on first use for ``tables``: the statement texts
-        and row converters of an insert and (a table whose id is not autoincrement) of an update
-        of every column, those of ``updates``
-        (a table and the columns a partial update sets) and, for a binary ``COPY``, the column
-        types read from ``conn``'s database. The same work, done once per process (the
-        converters) and per connection (the types), before the first export rather than in it."""
-        for table in tables:
-            self.columns(table, with_autoincrement_id=True)
+    def prepare(self, conn: Connection, inserted: Iterable[Table],
+                updated: Iterable[tuple[Table, Sequence[str] | None]] = ()) -> None:
+        """Build now what a batch would build on first use: the statement texts and row converters
+        of an insert into each ``inserted`` table (and, for a binary ``COPY``, its column types
+        read from ``conn``'s database) and of each ``updated`` table's update by id (of every
+        column, or of the names given). The same work, done once per process (the converters)
+        and per connection (the types), before the first export rather than in it."""
+        for table in inserted:
+            self.columns(table, with_autoincrement_id=True)  # what reading its stored rows back decodes
             self._converter(self.columns(table))
             self.insert_sql(table)
             self.insert_sql(table, "nothing")
-            if any(name == "id" for name, _ in self.columns(table)):  # updated by id: not autoincrement
-                self._converter(self.update_sql(table)[1])
             if self.can_copy:
                 self._binary(conn, table)
-        for table, names in updates:
+        for table, names in updated:
             self._converter(self.update_sql(table, names)[1])
 
     # --- execution -----------------------------------------------------------------------------

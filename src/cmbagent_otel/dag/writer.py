@@ -65,9 +65,16 @@ __all__ = ["DagWriter", "DatabaseUnavailable", "WriteResult", "decode_json", "du
 logger = logging.getLogger("cmbagent_otel.dag")
 
 T = {name: schema.metadata.tables[name] for name in schema.TABLE_ORDER}
-# the partial updates the writer runs: Sql.prepare builds their statements before the first batch
 _NODE_META: tuple[str, ...] = ("meta",)  # usage totals change only meta: the indexes are left alone
-_PARTIAL_UPDATES = ((T["dag_nodes"], _NODE_META),)
+# What the writer inserts into, and updates by id (every column, or the names given): Sql.prepare
+# builds their statements before the first batch (a table left out is built at its first use).
+_INSERTED = tuple(T[name] for name in ("sessions", "session_states", "workflow_runs", "workflow_steps", "dag_nodes",
+                                       "dag_edges", "execution_events", "messages", "cost_records", "branches",
+                                       "files"))
+_UPDATED: tuple[tuple[Table, tuple[str, ...] | None], ...] = (
+    *((T[name], None) for name in ("session_states", "workflow_runs", "workflow_steps", "dag_nodes",
+                                   "execution_events", "branches", "files")),
+    (T["dag_nodes"], _NODE_META))
 _MAX_REPAIRS = 2  # reconnects / re-migrations within one write before it counts as unavailable
 
 
@@ -175,7 +182,7 @@ class DagWriter:
             # the statement texts and row converters (compiled Python) every batch uses: built
             # here, so where the background step prepares the writer the first export does not
             with untraced(), self.engine.connect() as conn:
-                sql_for(conn).prepare(conn, T.values(), _PARTIAL_UPDATES)
+                sql_for(conn).prepare(conn, _INSERTED, _UPDATED)
             self._statements_built = True
         self._ready = True
 
