@@ -3,6 +3,7 @@ migration in the background step the durable processor starts, once per process 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -194,3 +195,47 @@ def test_a_new_database_is_created_without_importing_alembic(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"], out.stderr
     assert database.current_revision(url) == database.head_revisions()[0]
+
+
+def test_the_first_export_after_instrument_compiles_no_row_converter(db_url: str, tmp_path: Path) -> None:
+    # A fresh process: the statements and converters are cached per process, and other tests of
+    # this one have built them. The background step that instrument()'s processor starts must
+    # build what the run's exports use; the exports themselves compile none.
+    script = textwrap.dedent(f"""
+        import json, os, tempfile
+        os.environ["AUTOGEN_USE_DOCKER"] = "False"
+        from opentelemetry.sdk.trace import TracerProvider
+        import cmbagent_otel
+        from cmbagent_otel.demo import run_demo
+        from cmbagent_otel.dag import statements
+        from cmbagent_otel.exporters.dag import DagSpanExporter
+        from cmbagent_otel.processor import DurableBatchSpanProcessor
+
+        def compiled():
+            return sorted(repr(key) for sql in statements._BY_DIALECT.values() for key in sql._cache
+                          if key[0] in ("params", "binary"))
+
+        exporter = DagSpanExporter({db_url!r}, spill=False)
+        processor = DurableBatchSpanProcessor(exporter)  # what instrument() builds: starts the warm-up
+        running = exporter.warm_up()
+        if running is not None:
+            running.join()
+        before = compiled()
+        provider = TracerProvider()
+        provider.add_span_processor(processor)
+        cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False)
+        try:
+            with tempfile.TemporaryDirectory(dir={str(tmp_path)!r}) as work_dir:
+                run_demo(work_dir)
+        finally:
+            cmbagent_otel.uninstrument()
+        assert processor.force_flush()
+        stats = exporter.stats()
+        provider.shutdown()
+        print(json.dumps([len(before), stats["exported"], stats["dropped"], sorted(set(compiled()) - set(before))]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    built, exported, dropped, compiled_in_exports = json.loads(out.stdout.strip().splitlines()[-1])
+    assert exported > 40 and dropped == 0, out.stdout + out.stderr  # the demo run's spans were written
+    assert built > 0  # by the background step, before the run
+    assert compiled_in_exports == []

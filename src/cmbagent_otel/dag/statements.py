@@ -309,11 +309,32 @@ class Sql:
     def iter_params(self, rows: Iterable[Mapping[str, Any]],
                     cols: Sequence[tuple[str, str]]) -> Iterator[tuple[Any, ...]]:
         """:meth:`params`, one row at a time."""
+        return map(self._converter(cols), rows)
+
+    def _converter(self, cols: Sequence[tuple[str, str]]) -> Any:
+        """The row converter of ``cols`` (generated and compiled on first use, then cached)."""
         key = ("params", tuple(cols))
         convert = self._cache.get(key)
         if convert is None:
             convert = self._cache[key] = _row_converter(cols, self._convert)
-        return map(convert, rows)
+        return convert
+
+    def prepare(self, conn: Connection, inserted: Iterable[Table],
+                updated: Iterable[tuple[Table, Sequence[str] | None]] = ()) -> None:
+        """Build now what a batch would build on first use: the statement texts and row converters
+        of an insert into each ``inserted`` table (and, for a binary ``COPY``, its column types
+        read from ``conn``'s database) and of each ``updated`` table's update by id (of every
+        column, or of the names given). The same work, done once per process (the converters)
+        and per connection (the types), before the first export rather than in it."""
+        for table in inserted:
+            self.columns(table, with_autoincrement_id=True)  # what reading its stored rows back decodes
+            self._converter(self.columns(table))
+            self.insert_sql(table)
+            self.insert_sql(table, "nothing")
+            if self.can_copy:
+                self._binary(conn, table)
+        for table, names in updated:
+            self._converter(self.update_sql(table, names)[1])
 
     # --- execution -----------------------------------------------------------------------------
 

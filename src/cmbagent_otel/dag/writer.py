@@ -65,6 +65,16 @@ __all__ = ["DagWriter", "DatabaseUnavailable", "WriteResult", "decode_json", "du
 logger = logging.getLogger("cmbagent_otel.dag")
 
 T = {name: schema.metadata.tables[name] for name in schema.TABLE_ORDER}
+_NODE_META: tuple[str, ...] = ("meta",)  # usage totals change only meta: the indexes are left alone
+# What the writer inserts into, and updates by id (every column, or the names given): Sql.prepare
+# builds their statements before the first batch (a table left out is built at its first use).
+_INSERTED = tuple(T[name] for name in ("sessions", "session_states", "workflow_runs", "workflow_steps", "dag_nodes",
+                                       "dag_edges", "execution_events", "messages", "cost_records", "branches",
+                                       "files"))
+_UPDATED: tuple[tuple[Table, tuple[str, ...] | None], ...] = (
+    *((T[name], None) for name in ("session_states", "workflow_runs", "workflow_steps", "dag_nodes",
+                                   "execution_events", "branches", "files")),
+    (T["dag_nodes"], _NODE_META))
 _MAX_REPAIRS = 2  # reconnects / re-migrations within one write before it counts as unavailable
 
 
@@ -122,6 +132,7 @@ class DagWriter:
         self._lock = threading.Lock()
         reset_in_child(self, "_lock")
         self._ready = False
+        self._statements_built = False  # Sql.prepare has run for this writer (see _prepare)
         self._repair = False
         self._stale_files = False  # a deleted file's -wal/-shm to remove before connecting again
         # a reconnect already said so since the last stored batch: an outage (a file system
@@ -167,6 +178,12 @@ class DagWriter:
                 raise
         if self._file is not None and self._file_id is None:
             self._file_id = _identity(self._file)
+        if not self._statements_built:
+            # the statement texts and row converters (compiled Python) every batch uses: built
+            # here, so where the background step prepares the writer the first export does not
+            with untraced(), self.engine.connect() as conn:
+                sql_for(conn).prepare(conn, _INSERTED, _UPDATED)
+            self._statements_built = True
         self._ready = True
 
     def prepare(self) -> None:
@@ -1010,8 +1027,7 @@ def _write_derived(conn: Connection, sql: Sql, rows: _Derived, *, costs: bool = 
         known[:] = found
         stored_costs = sql.decoded(T["cost_records"], [r for rows_ in cost_rows for r in rows_])
     _upsert(conn, sql, nodes_t, nodes, existing=known[0])
-    # usage totals change only meta: an UPDATE of that column alone leaves the indexes alone
-    sql.update(conn, nodes_t, rows.node_metas, ("meta",))
+    sql.update(conn, nodes_t, rows.node_metas, _NODE_META)
     sql.delete_ids(conn, "dag_nodes", rows.stale)
     sql.delete_ids(conn, "dag_edges", rows.drop)
     sql.insert(conn, T["dag_edges"], rows.edges)
