@@ -300,45 +300,7 @@ def selection_sync(state: Any) -> Callable[..., Any]:
                 return original(self, *args, **kwargs)
             # no contextvar set and reset around the call (~1,500 instructions per selection): a selection
             # that asks the model finds this frame's `selection` on the stack (_current_selection).
-            # _begin written out (keep the two alike): every selection, one call less each
-            selection = None
-            try:
-                ctx = get_current()
-                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
-                if not ((_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN])):  # noqa: RUF019
-                    scope = ctx.get(_SCOPE_KEY)
-                    if type(scope) is not Scope and scope is not None:
-                        scope = scope_in(scope)
-                    span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
-                    if scope is not None:
-                        if scope.owner is not None:
-                            span = scope.owner
-                        if scope.cursor is not None:
-                            frame = scope.cursor.resolve()
-                            if frame is not None:
-                                scope, span = frame.scope, frame.span
-                    if span is not None and (span._end_time is None if type(span) is END_TIME_SPAN
-                                             else span.is_recording()):
-                        selection = Selection()
-                        selection.groupchat = self
-                        selection.scope = scope
-                        selection.span = span
-                        selection.promoted = False
-                        last = kwargs.get("last_speaker", args[0] if args else None)
-                        if last is None:
-                            selection.from_name = "none"
-                        else:
-                            static = state.agents.get(id(last))
-                            selection.from_name = static.name if static is not None else agent_name(last)
-                        method = getattr(self, "speaker_selection_method", None)
-                        agents = getattr(self, "agents", None) or ()
-                        facts = state.candidates.get(id(self))
-                        if facts is None or facts[1] != (id(method), *map(id, agents)):
-                            facts = _group_facts(state, self, method, agents)
-                        selection.facts = facts
-            except Exception:
-                logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
-                selection = None
+            selection = _begin(state, self, args, kwargs)
             if selection is None:
                 return original(self, *args, **kwargs)
             try:
