@@ -76,6 +76,14 @@ _SECRET_KEY_NAME = re.compile(
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
 _ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
+# ... but KEY after a word that names a key into data is a code constant, not a credential (SORT_KEY = "created",
+# CACHE_KEY, PRIMARY_KEY): its value, often an ordinary word, would be learned and then redacted in every later
+# text, inside longer words too. Words that also name key material are not here (DATA_KEY: a KMS data key,
+# ROUTING_KEY: PagerDuty's integration key, HASH_KEY, DEFAULT_KEY, S3_KEY, REDIS_KEY)
+_DATA_KEY_NAME = re.compile(
+    r"(?:(?!PASS_|PAT_)[A-Z][A-Z0-9]*_)*(?:SORT|PRIMARY|FOREIGN|CACHE|PARTITION|LOOKUP|ROW|INDEX|GROUP|RANGE|"
+    r"DEDUP|MAP|DICT|COLUMN|FIELD|OBJECT|BUCKET|STATE|CONFIG|UNIQUE|SHARD|CLUSTER|SEARCH|FILTER|ORDER|JOIN|ID|NAME|"
+    r"RESULT|ENTRY|ITEM|RECORD|TABLE|SETTINGS?|CONTEXT)_KEYS?")
 _BLANKS = re.compile(r"[ \t]+")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
@@ -1810,7 +1818,8 @@ def is_secret_key(name: str) -> bool:
         # no key/value scan of the text took its value either)
         stripped = name.strip()
         known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(stripped)
-                     or _ENV_STYLE_SECRET_NAME.fullmatch(stripped)
+                     or (_ENV_STYLE_SECRET_NAME.fullmatch(stripped) is not None
+                         and _DATA_KEY_NAME.fullmatch(stripped) is None)
                      # words apart ("API key", "Private Key"): the name joined as an identifier would be
                      or (" " in stripped and _SECRET_KEY_NAME.match(_BLANKS.sub("_", stripped))))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)

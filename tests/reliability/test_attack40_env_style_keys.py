@@ -49,3 +49,26 @@ def test_lower_case_and_other_upper_case_names_are_unchanged() -> None:
     for name in ("primary_key", "sort_key", "first_pass", "github_pat_count", "PATH", "KEYBOARD", "PASSAGE",
                  "LOG_LEVEL", "SORT_KEYS"):
         assert not redaction.is_secret_key(name), name
+
+
+@pytest.mark.parametrize("name", ["SORT_KEY", "CACHE_KEY", "PRIMARY_KEY", "PARTITION_KEYS", "RESULT_KEY"])
+def test_a_constant_naming_a_key_into_data_teaches_nothing(name: str) -> None:
+    """A code constant naming a key into data (``SORT_KEY = "wm4att40orderedby"``) holds no credential: its value,
+    often an ordinary word, must not be learned, or every later text loses that word, inside longer words too.
+    Learned (and then redacted in ``later``) by the first form of the environment-style rule."""
+    value = f"wm4att40{name.lower().replace('_', '')}"
+    assert not redaction.is_secret_key(name)
+    assert redaction.scrub({name: value}) == {name: value}
+    shown = redaction.safe_text(f'{name} = "{value}"\nrows.sort(key=lambda r: r[{name}])') or ""
+    assert value in shown
+    assert value in (redaction.safe_text(f"later: {value}_column") or "")
+
+
+@pytest.mark.parametrize("name", ["DATA_KEY", "ROUTING_KEY", "HASH_KEY", "DEFAULT_KEY", "S3_KEY", "PASS_SORT_KEY"])
+def test_a_name_that_may_hold_key_material_stays_secret(name: str) -> None:
+    """The words left out of the data-key rule on purpose: each also names a credential somewhere (a KMS data key,
+    PagerDuty's routing key)."""
+    value = f"Wm4att40km{name.lower().replace('_', '')}"
+    assert redaction.is_secret_key(name)
+    assert value not in (redaction.safe_text(f"{name}={value}") or "")
+    assert value not in (redaction.safe_text(f"later: {value}") or "")
