@@ -26,6 +26,7 @@ from cmbagent_otel import semconv as sc
 from .scripted_cmbagent import DEFAULT_PLAN, CmbagentScript, PlanStep
 from .test_backend_rows import _mars_source
 from .test_cmbagent_runs import _exported, _kind, _one
+from .test_cmbreal12_audit import GiveUpOnStep1
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
     ApiDown,
     _final_rows,
@@ -41,25 +42,14 @@ ENGINEER_TWICE = (PlanStep("Generate the mock power spectrum", "engineer"),
                   PlanStep("Interpret the fit", "researcher"))
 
 
-class GiveUpOnStep1ThenEngineer:
-    """The scripted backend on a plan engineer / engineer / researcher, except that step 1's two programs
-    fail, the executor's formatter hands the second failure to control (cmbagent counts it: ``n_attempts`` 2,
-    = ``max_n_attempts``) and control announces step 2 without reporting step 1: cmbagent keeps the count."""
+class GiveUpOnStep1ThenEngineer(GiveUpOnStep1):
+    """cmbreal12's GiveUpOnStep1 (step 1's two programs fail, the second failure handed to control, which
+    announces step 2 without reporting step 1: cmbagent keeps ``n_attempts`` 2) on a plan engineer /
+    engineer / researcher."""
 
     def __init__(self, script: CmbagentScript) -> None:
-        script.fail_runs = frozenset({1, 2})
+        super().__init__(script)
         script.plan = ENGINEER_TWICE
-        self.script, self.moved_on = script, False
-
-    def __call__(self, body: dict[str, Any]) -> Any:
-        agent = self.script.agent_of(body)
-        answer = self.script(body)
-        if self.script._engineer_runs == 2 and agent == "executor_response_formatter":
-            answer["tool_calls"][0]["arguments"]["next_agent_suggestion"] = "control"
-        elif self.script._engineer_runs == 2 and agent == "control" and not self.moved_on:
-            self.moved_on = True
-            return self.script._status("in progress", 2)
-        return answer
 
 
 def test_a_step_stopped_by_the_attempts_carried_over_from_the_step_before_says_so(
