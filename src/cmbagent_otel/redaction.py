@@ -985,6 +985,34 @@ def _is_class_name(name: str) -> bool:
     return _QUALIFIED_CLASS.fullmatch(name) is not None and not is_secret_key(name.rpartition(".")[2])
 
 
+# Where a quoted key can open: the start of a line, or after what opens or separates data's entries (a dict, a
+# list, a call's arguments, JSON or YAML) or a key/value pair's ":" / "="; other text before the opening quote
+# makes the quoted name a label in prose (see _is_quoted_label)
+_KEY_OPENERS = frozenset("{[(,;:=\n")
+_LABEL_LOOKBACK = 256  # how far back a quoted key's opening quote is looked for (a span name is cut to 100)
+
+
+def _is_quoted_label(text: str, name_start: int, quote: str) -> bool:
+    """Whether the secret-looking key name at ``name_start``, closed by ``quote``, is a quoted label in
+    prose rather than a key of data: its opening quote follows a word (``span 'int password': Failed to
+    parse``, the ingest's log of a rejected span; ``attribute "token": not a string``), not the start of a
+    line or an entry of a dict, list, JSON or YAML (``{'api_key': ...}``, ``, "token": ...``). A label's
+    value is redacted where it stands, not learned: the first word of a message after a span's or an
+    attribute's quoted name was learned as a secret and redacted in every later text ("Failed")."""
+    if not quote:
+        return False
+    mark = quote[-1]
+    opening = text.rfind(mark, max(0, name_start - _LABEL_LOOKBACK), name_start)
+    if opening < 0 or "\n" in text[opening:name_start]:
+        return False  # no opening quote on its line near enough: a key, as before
+    before = opening
+    while before > 0 and text[before - 1] == "\\":  # escaped JSON's opening \" and its backslashes
+        before -= 1
+    while before > 0 and text[before - 1] in " \t\r":
+        before -= 1
+    return before > 0 and text[before - 1] not in _KEY_OPENERS
+
+
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -1041,7 +1069,9 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if learn and not _is_class_name(text[name_start:run_end]):  # an exception's message: redacted here only
+        # an exception's message, a quoted label's text: redacted here only
+        if learn and not _is_class_name(text[name_start:run_end]) and not _is_quoted_label(
+                text, name_start, key.group("q")):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])
