@@ -769,9 +769,11 @@ def register_sent_credentials(response: Any) -> None:
 class SentBytes(str):
     """The base64 text of a bytes value an ingest client sent (OTLP ``bytesValue``), text so it can
     be stored in a JSON column. Its bytes are what hold a secret: :func:`scrub` redacts them as the
-    text they decode to (UTF-8) and stores that text's base64, and a secret-named key's bytes are
-    learned as that text; bytes that are no UTF-8 text are redacted as their base64 (where the
-    encoded forms of registered secrets are looked for)."""
+    text they decode to (UTF-8) and returns that text (what a reader of the row sees: a workflow's or
+    an agent's name sent as bytes is its name, a redacted value shows ``[REDACTED]``), and a
+    secret-named key's bytes are learned as that text; bytes that are no text (not UTF-8, or holding
+    control characters other than tab and line ends) are redacted as their base64 (where the encoded
+    forms of registered secrets are looked for) and stay base64."""
 
     __slots__ = ()
 
@@ -788,12 +790,20 @@ def _sent(value: SentBytes) -> str | bytes:
         return raw
 
 
+# characters that make decoded bytes binary data rather than text (and that a PostgreSQL text or JSONB value
+# refuses: NUL), as a reader would not want them in a column
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _scrub_sent(value: SentBytes) -> str:
-    """:func:`scrub` of an ingest client's bytes: the base64 of their text redacted (see :class:`SentBytes`)."""
+    """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
+    text (see :class:`SentBytes`)."""
     text = _sent(value)
     if not isinstance(text, str):
         return _scrub_string(str(value))
     clean = _scrub_string(text)
+    if _CONTROL_CHARS.search(text) is None:
+        return clean
     return str(value) if clean == text else base64.b64encode(clean.encode("utf-8")).decode("ascii")
 
 
