@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 import cmbagent_otel
-from cmbagent_otel import semconv
+from cmbagent_otel import redaction, semconv
 from cmbagent_otel._spans import workflow_tracers
 from cmbagent_otel.instrumentation._handoffs import EVENT_NAME as HANDOFF_EVENT
 
@@ -119,6 +119,62 @@ class SpanCapture:
 
         walk(None, 0)
         return lines
+
+
+# redaction's state of learned secrets (values found under secret-named keys, pieces of split keys, open
+# fragments): emptied for a test that uses isolated_secrets, whatever earlier tests of the process learned
+_LEARNED_STATE = ("_learned", "_learned_forms", "_learned_forms_pattern", "_open_fragments", "_contexts",
+                  "_context_pattern", "_whole_pieces")
+# registered secrets and what is compiled or counted from them (kept, copied, restored afterwards)
+_REGISTERED_STATE = ("_known", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms", "_sent_seen",
+                     "_request_registered", "_longest_known", "_sealed", "_open", "_layout_of", "_layout_len",
+                     "_known_comma", "_chunks")
+
+
+@pytest.fixture
+def isolated_secrets() -> Iterator[None]:
+    """The test starts with nothing learned (what earlier tests of the process learned is not there: a
+    learned word is redacted even inside longer words), keeps the registered secrets, and everything it
+    registers or learns is forgotten after it (a comma secret switches the shortcut off for the whole
+    process; a learned piece of a key changes how later texts are redacted). Every memo of redacted texts is
+    emptied at both ends (``secrets_version`` moves on, never back)."""
+    saved = {name: getattr(redaction, name) for name in (*_LEARNED_STATE, *_REGISTERED_STATE, "_heads", "_tails")}
+    with redaction._lock:
+        for name in _REGISTERED_STATE:
+            value = saved[name]
+            setattr(redaction, name, value.copy() if isinstance(value, (set, dict, list)) else value)
+        for name in ("_heads", "_tails"):  # a long registered secret makes every later text's edges cost its length
+            setattr(redaction, name, {edge: list(values) for edge, values in saved[name].items()})
+        for name in _LEARNED_STATE:
+            value = saved[name]
+            setattr(redaction, name, type(value)() if isinstance(value, dict) else None)
+        redaction._rebuild()
+        _forget_redacted()
+    try:
+        yield
+    finally:
+        with redaction._lock:
+            for name, value in saved.items():
+                setattr(redaction, name, value)
+            redaction.secrets_version += 1
+            _forget_redacted()
+
+
+def forget_learned(value: str) -> None:
+    """Forget a secret a test learned outside ``isolated_secrets`` (its learned forms, every memo)."""
+    with redaction._lock:
+        redaction._learned.pop(value, None)  # (the test's values are ASCII: their JSON form is the same)
+        redaction._learned_forms.pop(value, None)
+        redaction._learned_forms_pattern = None
+        redaction._rebuild()
+        _forget_redacted()
+
+
+def _forget_redacted() -> None:
+    """Empty redaction's memos of texts redacted with other secrets than the current ones."""
+    for cache in redaction._caches:
+        cache._memo = redaction._Memo(redaction._known_pattern)
+    redaction._clear_split_checked()
 
 
 @pytest.fixture(autouse=True)

@@ -785,9 +785,11 @@ def register_sent_credentials(response: Any) -> None:
 class SentBytes(str):
     """The base64 text of a bytes value an ingest client sent (OTLP ``bytesValue``), text so it can
     be stored in a JSON column. Its bytes are what hold a secret: :func:`scrub` redacts them as the
-    text they decode to (UTF-8) and stores that text's base64, and a secret-named key's bytes are
-    learned as that text; bytes that are no UTF-8 text are redacted as their base64 (where the
-    encoded forms of registered secrets are looked for)."""
+    text they decode to (UTF-8) and returns that text (what a reader of the row sees: a workflow's or
+    an agent's name sent as bytes is its name, a redacted value shows ``[REDACTED]``), and a
+    secret-named key's bytes are learned as that text; bytes that are no text (not UTF-8, or holding
+    control characters other than tab and line ends) are redacted as their base64 (where the encoded
+    forms of registered secrets are looked for) and stay base64."""
 
     __slots__ = ()
 
@@ -804,12 +806,20 @@ def _sent(value: SentBytes) -> str | bytes:
         return raw
 
 
+# characters that make decoded bytes binary data rather than text (and that a PostgreSQL text or JSONB value
+# refuses: NUL), as a reader would not want them in a column
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _scrub_sent(value: SentBytes) -> str:
-    """:func:`scrub` of an ingest client's bytes: the base64 of their text redacted (see :class:`SentBytes`)."""
+    """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
+    text (see :class:`SentBytes`)."""
     text = _sent(value)
     if not isinstance(text, str):
         return _scrub_string(str(value))
     clean = _scrub_string(text)
+    if _CONTROL_CHARS.search(text) is None:
+        return clean
     return str(value) if clean == text else base64.b64encode(clean.encode("utf-8")).decode("ascii")
 
 
@@ -1018,6 +1028,34 @@ def _word_before(text: str, at: int) -> int:
     return start
 
 
+# Where a quoted key can open: the start of a line, or after what opens or separates data's entries (a dict, a
+# list, a call's arguments, JSON or YAML) or a key/value pair's ":" / "="; other text before the opening quote
+# makes the quoted name a label in prose (see _is_quoted_label)
+_KEY_OPENERS = frozenset("{[(,;:=\n")
+_LABEL_LOOKBACK = 256  # how far back a quoted key's opening quote is looked for (a span name is cut to 100)
+
+
+def _is_quoted_label(text: str, name_start: int, quote: str) -> bool:
+    """Whether the secret-looking key name at ``name_start``, closed by ``quote``, is a quoted label in
+    prose rather than a key of data: its opening quote follows a word (``span 'int password': Failed to
+    parse``, the ingest's log of a rejected span; ``attribute "token": not a string``), not the start of a
+    line or an entry of a dict, list, JSON or YAML (``{'api_key': ...}``, ``, "token": ...``). A label's
+    value is redacted where it stands, not learned: the first word of a message after a span's or an
+    attribute's quoted name was learned as a secret and redacted in every later text ("Failed")."""
+    if not quote:
+        return False
+    mark = quote[-1]
+    opening = text.rfind(mark, max(0, name_start - _LABEL_LOOKBACK), name_start)
+    if opening < 0 or "\n" in text[opening:name_start]:
+        return False  # no opening quote on its line near enough: a key, as before
+    before = opening
+    while before > 0 and text[before - 1] == "\\":  # escaped JSON's opening \" and its backslashes
+        before -= 1
+    while before > 0 and text[before - 1] in " \t\r":
+        before -= 1
+    return before > 0 and text[before - 1] not in _KEY_OPENERS
+
+
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -1080,12 +1118,14 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        # a message (more words after the value on its line) after an exception's type or a key in prose is
-        # redacted here only; a value alone after such a name is learned: a dotted configuration key reads as a
-        # class's name (secrets.Prod: ..., db.credentials.Primary = ...) and an exception may hold nothing but
-        # the secret (InvalidApiKeyError: <the key>)
+        # a message (more words after the value on its line) after an exception's type, a key in prose or a
+        # quoted label (a span's or an attribute's name in a log line) is redacted here only; a value alone after
+        # such a name is learned: a dotted configuration key reads as a class's name (secrets.Prod: ...,
+        # db.credentials.Primary = ...), an exception may hold nothing but the secret (InvalidApiKeyError: <the
+        # key>) and a label's value alone on its line may be one (setting 'db_password': <it>)
         if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None
-                          and (prose or _is_class_name(text[name_start:run_end]))):
+                          and (prose or _is_class_name(text[name_start:run_end])
+                               or _is_quoted_label(text, name_start, key.group("q")))):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])

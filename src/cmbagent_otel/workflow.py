@@ -202,9 +202,15 @@ class _Block:
 
     def __enter__(self) -> _Block:
         traced = self._open()
-        self._entered(traced)
-        if traced is not None:
-            traced.__enter__()
+        context = traced._ctx if traced is not None else None  # (start() takes it: see _start_interrupted)
+        try:
+            self._entered(traced)
+            if traced is not None:
+                traced.__enter__()
+        except BaseException as exc:  # Ctrl-C before the span started (start() ends one it started itself)
+            if traced is not None and traced.span is trace.INVALID_SPAN:
+                self._start_interrupted(traced, context, exc)
+            raise
         try:
             entry = _Entry(self, traced)
             _ENTRIES.set((*_ENTRIES.get(), entry))
@@ -219,6 +225,20 @@ class _Block:
                     self._left(traced)
             raise
         return self
+
+    def _start_interrupted(self, traced: TracedSpan, context: otel_context.Context | None,
+                           exc: BaseException) -> None:
+        """Start and end ``traced`` for ``exc``, raised after :meth:`_open` described it and before its span
+        started: what ``_open`` took (a phase's index, a one_shot's ``execute`` node id, the trace's first
+        run) belongs to a block that is recorded, failed, rather than to none (the next phase was
+        numbered 2, the next one_shot ``execute_2``)."""
+        try:
+            traced._ctx = context
+            traced.__enter__()
+        except Exception:
+            return
+        end_interrupted(traced, exc)
+        self._left(traced)
 
     def __exit__(
         self,

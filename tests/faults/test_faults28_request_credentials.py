@@ -25,7 +25,7 @@ import pytest
 import cmbagent_otel
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import FakeOpenAIServer
-from tests.reliability.conftest import _no_docker, isolated_secrets  # noqa: F401 (fixtures)
+from tests.reliability.conftest import _no_docker  # noqa: F401 (a fixture)
 from tests.reliability.test_attack5_credential_sources import SharedClient, _secret
 from tests.reliability.test_attack6_leftovers import SigningAuth, recording
 from tests.reliability.test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)

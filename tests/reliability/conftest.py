@@ -148,17 +148,3 @@ def registered_key(isolated_secrets: None, monkeypatch: pytest.MonkeyPatch) -> s
     key = "QZ" + secrets.token_urlsafe(30)[:30].replace("-", "A").replace("_", "B")
     redaction.register_secret(key)
     return key
-
-
-@pytest.fixture
-def isolated_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The secrets registered or learned by a test are forgotten after it (a comma secret
-    switches the shortcut off for the whole process; a learned piece of a key changes how later
-    texts are redacted)."""
-    for name in ("_known", "_learned", "_known_pattern", "_secret_with_comma", "_encoded_count", "_forms",
-                 "_learned_forms", "_learned_forms_pattern", "_open_fragments", "_contexts", "_context_pattern",
-                 "_whole_pieces", "_sent_seen", "_request_registered", "_longest_known"):
-        value = getattr(redaction, name)
-        monkeypatch.setattr(redaction, name, value.copy() if isinstance(value, (set, dict)) else value)
-    for name in ("_heads", "_tails"):  # a long registered secret makes every later text's edges cost its length
-        monkeypatch.setattr(redaction, name, {edge: list(values) for edge, values in getattr(redaction, name).items()})

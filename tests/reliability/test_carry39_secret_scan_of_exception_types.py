@@ -41,10 +41,8 @@ def _traceback_of(exc: Exception) -> str:
         return "".join(traceback.format_exception(raised))
 
 
-# the words are this test's own and hold no common word: ``isolated_secrets`` keeps what earlier tests of
-# the process learned, and a learned secret is redacted inside longer words too. In the full suite
-# "Failed" is learned before this file (test_rejected_span_secrets.py: its log line
-# "span 'int password': Failed to parse ..." reads as a secret-named key and its value, a limit of its own)
+# the words are this test's own and hold no common word (a learned secret is redacted inside longer words too;
+# ``isolated_secrets`` now starts each test with nothing learned, see test_carry40_isolated_secrets.py)
 @pytest.mark.parametrize(("exc", "word"), [
     (NoCredentialsError("Unablecarry39 to locate credentials"), "Unablecarry39"),
     (PasswordSetError("Keyringcarry39 to store the keyring entry"), "Keyringcarry39"),

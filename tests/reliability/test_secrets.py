@@ -35,6 +35,10 @@ from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient
 
 from .conftest import group_chat, needs_custom_client
 
+# what a test here learns is forgotten after it: the tests run after this file (and its own later tests) must
+# not depend on the words it taught (a learned word is redacted everywhere, inside longer words too)
+pytestmark = pytest.mark.usefixtures("isolated_secrets")
+
 
 def _llm_config_accepts(**fields: Any) -> bool:
     """Whether this AG2's config schema takes ``fields`` in an OpenAI config entry (ag2 0.9.0's rejects

@@ -1250,16 +1250,18 @@ class _CodeSpan(TracedSpan):
         self.language = language
 
     def __enter__(self) -> TracedSpan:
-        self._flag = _in_code_span.set(True)
+        # the mark is set once the span started: set before, an interrupt inside start() left it set in the
+        # context (the thread's later code executions got no span)
+        self._flag = self._carrier = None
         super().__enter__()
         try:
-            self._carrier = _subprocess_context.enter(self.span)
-        except Exception:
-            self._carrier = None
-            logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
+            self._flag = _in_code_span.set(True)
+            try:
+                self._carrier = _subprocess_context.enter(self.span)
+            except Exception:
+                logger.debug("cmbagent_otel: no trace context for the executed code", exc_info=True)
         except BaseException as exc:  # Ctrl-C before the wrapper's try: see end_interrupted
-            self._carrier = None
-            end_interrupted(self, exc)
+            _end_marked_interrupted(self, _in_code_span, exc)
             raise
         return self
 
@@ -1273,7 +1275,18 @@ class _CodeSpan(TracedSpan):
         try:
             super().__exit__(*exc)
         finally:
-            _in_code_span.reset(self._flag)
+            if self._flag is not None:
+                _in_code_span.reset(self._flag)
+
+
+def _end_marked_interrupted(traced: _CodeSpan | _HumanSpan, mark: contextvars.ContextVar[bool],
+                            exc: BaseException) -> None:
+    """:func:`end_interrupted` for a span that marks its context (``mark``, set after the span started):
+    an interrupt raised when the mark's ``set`` returned (a signal handler runs after a C call) lost its
+    token, so the mark is put back by value (it was unset: the span is opened only then)."""
+    if traced._flag is None:
+        mark.set(False)
+    end_interrupted(traced, exc)
 
 
 def _code_outcome(result: Any) -> tuple[Any, Any]:
@@ -1355,14 +1368,22 @@ class _HumanSpan(TracedSpan):
     __slots__ = ("_flag",)
 
     def __enter__(self) -> TracedSpan:
-        self._flag = _in_human_span.set(True)
-        return super().__enter__()
+        # the mark is set once the span started (see _CodeSpan.__enter__)
+        self._flag = None
+        super().__enter__()
+        try:
+            self._flag = _in_human_span.set(True)
+        except BaseException as exc:  # Ctrl-C before the wrapper's try: see end_interrupted
+            _end_marked_interrupted(self, _in_human_span, exc)
+            raise
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             super().__exit__(*exc)
         finally:
-            _in_human_span.reset(self._flag)
+            if self._flag is not None:
+                _in_human_span.reset(self._flag)
 
 
 def _adopt_overrides(state: _State, cls: type) -> None:
