@@ -6,7 +6,8 @@ the message's first word, "Failed", as a secret; the process then redacted it in
 longer words too (which twice made CI red: a later test's "FailedX" came out as ``[REDACTED]X``). The same
 for any quoted name after a word: ``attribute "api_key": not a string``. A quoted key is data's key where its
 opening quote starts a line or follows ``{ [ ( , ; : =`` (a dict, JSON, YAML, a call's arguments); after a
-word it is a label, whose value is redacted where it stands and not learned. Keys stay keys: the second half
+word it is a label, whose message (more words on its line) is redacted where it stands and not learned (a
+value alone on its line after it is learned). Keys stay keys: the second half
 of the file pins the other direction.
 """
 
@@ -34,7 +35,7 @@ def _word() -> str:
     "span 'password': {w} to parse value field",
     "span 'get_token': {w} to parse",
     'attribute "api_key": {w} is not a string',
-    "rejected span 'db.secret'={w}",
+    "rejected span 'db.secret'={w} while decoding",
     'span \\"auth token\\": {w} to parse',  # the same inside escaped JSON
 ])
 def test_a_quoted_label_in_prose_teaches_no_secret(template: str) -> None:
@@ -43,6 +44,16 @@ def test_a_quoted_label_in_prose_teaches_no_secret(template: str) -> None:
     redaction.safe_text(template.format(w=word))
     later = f"the archive said {word}; retrying"
     assert redaction.safe_text(later) == later
+
+
+@pytest.mark.parametrize("template", ["setting 'db_password': {w}", 'loaded "api_key": {w}',
+                                      "rejected span 'db.secret'={w}"])
+def test_a_value_alone_after_a_quoted_label_is_learned(template: str) -> None:
+    """A label's value alone on its line may be the secret itself (found by x-attack40 on this rule's first form,
+    which learned no value after a label: the value was redacted there and shown in a later text)."""
+    word = _word()
+    assert word not in (redaction.safe_text(template.format(w=word)) or "")
+    assert word not in (redaction.safe_text(f"later: {word}") or "")
 
 
 def test_the_ingest_log_of_a_rejected_span_teaches_no_secret(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
