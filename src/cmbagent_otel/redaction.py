@@ -1056,6 +1056,21 @@ def _is_quoted_label(text: str, name_start: int, quote: str) -> bool:
     return before > 0 and text[before - 1] not in _KEY_OPENERS
 
 
+def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bool:
+    """Whether the secret-named key at ``name_start`` is a bare name written among words before ``:``: a word
+    stands before it on its line, blanks apart (``error reading token: connection refused``, ``could not
+    decrypt secret: permission denied``). Its message's first word was learned as a secret and redacted in
+    every later text ("connection"). Not so a name starting its line (``password: …``, YAML's ``  password:
+    …``, ``Authorization: …``), after punctuation (``> X-Api-Key: …``, ``{password: …``), quoted
+    (:func:`_is_quoted_label` judges those) or before ``=``: logfmt, environment files and code bind keys with it
+    (``msg=connect password=… host=db``, ``export DB_PASS=…``), and a value followed by more pairs is no
+    message. A YAML list item's dash (``- password: …``) is no word."""
+    if key.group("q") or ":" not in key.group(0)[key.end("q") - key.start():]:
+        return False
+    before = _word_before(text, name_start)
+    return before >= 0 and text[before].isalnum()
+
+
 def _kv_scan(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
@@ -1118,14 +1133,16 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        # a message (more words after the value on its line) after an exception's type, a key in prose or a
-        # quoted label (a span's or an attribute's name in a log line) is redacted here only; a value alone after
-        # such a name is learned: a dotted configuration key reads as a class's name (secrets.Prod: ...,
-        # db.credentials.Primary = ...), an exception may hold nothing but the secret (InvalidApiKeyError: <the
-        # key>) and a label's value alone on its line may be one (setting 'db_password': <it>)
+        # a message (more words after the value on its line) after an exception's type, a key in prose (written
+        # as words, or a bare name after a word before ":") or a quoted label (a span's or an attribute's name in a
+        # log line) is redacted here only; a value alone after such a name is learned: a dotted configuration key
+        # reads as a class's name (secrets.Prod: ..., db.credentials.Primary = ...), an exception may hold
+        # nothing but the secret (InvalidApiKeyError: <the key>) and a value alone on its line after a label or
+        # in prose may be one (setting 'db_password': <it>, the password: <it>)
         if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None
                           and (prose or _is_class_name(text[name_start:run_end])
-                               or _is_quoted_label(text, name_start, key.group("q")))):
+                               or _is_quoted_label(text, name_start, key.group("q"))
+                               or _is_bare_name_in_prose(text, name_start, key))):
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
         out.append(text[last:value_start])

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ from cmbagent_otel.processor import as_started
 from cmbagent_otel.spill import record_to_span
 
 APP = Path(__file__).with_name("app.py")
+
+
+@contextmanager
+def folder_locked(folder: Path) -> Iterator[None]:
+    """``folder``'s ``flock`` held (exclusive) inside the block, through an open file description of its own:
+    ``flock`` locks those, so this process's other descriptors conflict with it as another process's do."""
+    import fcntl  # POSIX only, as the lock under test
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = create_engine(url)
     try:

@@ -14,13 +14,10 @@ process's own descriptor conflicts exactly as another process's does).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,19 +26,9 @@ import cmbagent_otel
 from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
 from cmbagent_otel.replay import replay
 
-from .conftest import expected_keys, plan_run_spans, stored_spans
+from .conftest import expected_keys, folder_locked, plan_run_spans, stored_spans
 
 SRC = Path(cmbagent_otel.__file__).resolve().parents[1]
-
-
-@contextmanager
-def folder_locked(folder: Path) -> Iterator[None]:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _write_in_thread(writer: DagWriter, spans: list[object]) -> BaseException | None:

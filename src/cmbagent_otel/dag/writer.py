@@ -153,10 +153,19 @@ class DagWriter:
                 # connections inherited from the parent process must not be used (nor closed) here
                 self._engine.dispose(close=False)
                 self._engine = None
+            if self._engine is not None:
+                return self._engine
+        # made outside the lock: a new SQLite file is created under the folder's flock, waited for
+        # within this thread's deadline; under the lock another thread's write waited for it with no
+        # bound of its own (the ingest's first request, for the start's whole schema check: 10 s)
+        made = make_engine(self.url)
+        with self._lock:
             if self._engine is None:
-                self._engine = make_engine(self.url)
-                self._pid = os.getpid()
-            return self._engine
+                self._engine, self._pid = made, os.getpid()
+                return made
+            engine = self._engine  # another thread's came first
+        made.dispose()
+        return engine
 
     def _prepare(self) -> None:
         if self._ready:
