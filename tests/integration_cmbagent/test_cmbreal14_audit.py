@@ -6,6 +6,8 @@ back as cmbagent's backend reads them (``test_real_audit._final_rows``).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -86,12 +88,16 @@ def test_a_step_stopped_by_the_attempts_carried_over_from_the_step_before_says_s
     assert nodes["step_2"]["meta"]["error"] == why
 
 
+MARS_MODULES = ("cmbagent.phases.execution_manager", "cmbagent.phases.control", "cmbagent.phases.registry",
+                "cmbagent.workflows.composer")
+
+
 @pytest.fixture(scope="module")
 def mars_phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """MARS's own ``cmbagent.phases`` and ``cmbagent.workflows`` modules (``CMBAGENT_OTEL_MARS_SRC``), imported
     from its source tree next to the installed PyPI cmbagent, whose ``CMBAgent`` its phases then build (the
-    packages' ``__init__`` files, which import every phase, are not run). Loaded once for the module: each
-    test's ``instrument()`` patches them as already imported modules, as an application's would."""
+    packages' ``__init__`` files, which import every phase, are not run). Loaded once for the module, before
+    its tests: each test's ``instrument()`` patches them as already imported modules, as an application's would."""
     mars = _mars_source(tmp_path_factory.mktemp("mars"))
     if mars is None:
         pytest.skip("CMBAGENT_OTEL_MARS_SRC is not set")
@@ -110,6 +116,10 @@ def mars_phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             shim = types.ModuleType("structlog")
             shim.get_logger = logging.getLogger  # type: ignore[attr-defined]
             monkeypatch.setitem(sys.modules, "structlog", shim)
+        # imported here, before a test's instrument() (which patches them as imported modules): imported in a
+        # test after an instrument() of an earlier module's test, their post-import hooks have fired already
+        for name in MARS_MODULES:
+            importlib.import_module(name)
         yield mars
         for name in [m for m in sys.modules if m.startswith(("cmbagent.phases.", "cmbagent.workflows.",
                                                              "cmbagent.callbacks"))]:
@@ -118,35 +128,78 @@ def mars_phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             delattr(cmbagent, "callbacks")
 
 
-def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
-    """MARS's ControlPhase (1f77da3) run on a preloaded 3-step plan inside the application's run, as its
-    ``WorkflowExecutor`` runs it. The PyPI ``CMBAgent`` takes none of the managed-mode arguments MARS's
+# MARS's ControlPhase config for DEFAULT_PLAN, preloaded (no planning phase)
+MARS_CONTROL_CONFIG = {"params": {"preloaded_plan": [{"sub_task": s.task, "sub_task_agent": s.agent,
+                                                      "bullet_points": [s.task]} for s in DEFAULT_PLAN]},
+                       "max_rounds": 30}
+
+
+@contextlib.contextmanager
+def pypi_cmbagent_for_mars() -> Iterator[None]:
+    """MARS's phases (1f77da3) building the PyPI ``CMBAgent``: it takes none of the managed-mode arguments MARS's
     manager adds (its own database), so the manager adds none, and clears a work dir given as a ``Path``
     only (MARS's gives a ``str``)."""
-    import asyncio
-
     import cmbagent.cmbagent as module
+    from cmbagent.phases.execution_manager import PhaseExecutionManager
 
     class PyPICMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
         def __init__(self, *args: Any, work_dir: str, **kwargs: Any) -> None:
             super().__init__(*args, work_dir=Path(work_dir), **kwargs)
 
-    from cmbagent.phases.base import PhaseContext
-    from cmbagent.phases.control import ControlPhase, ControlPhaseConfig
-    from cmbagent.phases.execution_manager import PhaseExecutionManager
-
     PhaseExecutionManager.get_managed_cmbagent_kwargs = lambda self: {}  # type: ignore[method-assign]
-    plan = [{"sub_task": s.task, "sub_task_agent": s.agent, "bullet_points": [s.task]} for s in DEFAULT_PLAN]
-    phase = ControlPhase(ControlPhaseConfig(params={"preloaded_plan": plan}, max_rounds=30))
-    context = PhaseContext(workflow_id="w", run_id="r", phase_id="control", task=task, work_dir=work_dir,
-                           api_keys=api_keys)
     pypi, module.CMBAgent = module.CMBAgent, PyPICMBAgent
     try:
-        with cmbagent_otel.workflow("planning_and_control", mode="planning-control", task=task, work_dir=work_dir):
-            result = asyncio.run(phase.execute(context))
+        yield
     finally:
         module.CMBAgent = pypi
+
+
+def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+    """MARS's ControlPhase run on a preloaded 3-step plan inside the application's run, as its
+    ``WorkflowExecutor`` runs it."""
+    import asyncio
+
+    from cmbagent.phases.base import PhaseContext
+    from cmbagent.phases.control import ControlPhase, ControlPhaseConfig
+
+    phase = ControlPhase(ControlPhaseConfig(**MARS_CONTROL_CONFIG))
+    context = PhaseContext(workflow_id="w", run_id="r", phase_id="control", task=task, work_dir=work_dir,
+                           api_keys=api_keys)
+    with pypi_cmbagent_for_mars(), cmbagent_otel.workflow("planning_and_control", mode="planning-control",
+                                                          task=task, work_dir=work_dir):
+        result = asyncio.run(phase.execute(context))
     return {"status": result.status.value, "error": result.error}
+
+
+def assert_step_1_holds_its_work(run: Any) -> None:
+    """Step 1's agents, tool calls and code runs (all that started before it ended) are under it."""
+    by_id = {s.context.span_id: s for s in run.spans}
+    step1 = _one(run, "step 1")
+    for span in run.spans:
+        if span.name.startswith(("invoke_agent", "execute_code")) and span.start_time < step1.end_time:
+            parent = span
+            while parent.parent is not None and parent is not step1:
+                parent = by_id[parent.parent.span_id]
+            assert parent is step1, span.name
+
+
+def mars_step_stopper(how: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """What stops a MARS control phase after step 1 (``how``): ``between_steps``, step 1's cost report cannot
+    be written (a full disk); ``api_down_in_step_2``, step 2's researcher gets HTTP 500s. The responder to run
+    the scripted backend with."""
+    import cmbagent.cmbagent as module
+
+    if how == "api_down_in_step_2":
+        return lambda script: ApiDown(script, "researcher", 1)
+    original = module.CMBAgent.display_cost
+
+    def display_cost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("name_append") == "step_1":
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.CMBAgent, "display_cost", display_cost)
+    return lambda script: script
 
 
 @pytest.mark.parametrize("how", ["between_steps", "api_down_in_step_2"])
@@ -160,19 +213,8 @@ def test_mars_control_phase_stopped_after_step_1_leaves_the_later_steps_pending(
     ``manager.fail(str(e), ...)``. On main 86547de the later steps had no node, and step 2, whose solve raised,
     ended completed under the failed phase: now step 2 fails with the error (the step MARS names as the failed
     one) and the steps not reached are pending, as in cmbagent's DAG."""
-    import cmbagent.cmbagent as module
-
-    original = module.CMBAgent.display_cost
-
-    def display_cost(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if how == "between_steps" and kwargs.get("name_append") == "step_1":
-            raise OSError(28, "No space left on device")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(module.CMBAgent, "display_cost", display_cost)
-    responder = (lambda script: script) if how == "between_steps" else (
-        lambda script: ApiDown(script, "researcher", 1))
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=responder, function=_mars_control_phase)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=mars_step_stopper(how, monkeypatch),
+                                                  function=_mars_control_phase)
     assert run.results["status"] == "failed"
     error = run.results["error"]
     if how == "between_steps":
@@ -183,14 +225,7 @@ def test_mars_control_phase_stopped_after_step_1_leaves_the_later_steps_pending(
     _one_root_per_trace(run)
     phase = _one(run, "phase control")
     assert (phase.status.status_code, phase.status.description) == (StatusCode.ERROR, error)
-    by_id = {s.context.span_id: s for s in run.spans}
-    step1 = _one(run, "step 1")
-    for span in run.spans:  # step 1's agents, tool calls and code run are under it
-        if span.name.startswith(("invoke_agent", "execute_code")) and span.start_time < step1.end_time:
-            parent = span
-            while parent.parent is not None and parent is not step1:
-                parent = by_id[parent.parent.span_id]
-            assert parent is step1, span.name
+    assert_step_1_holds_its_work(run)
     later = [s for s in run.spans if s.attributes.get(sc.STEP_STATUS) == sc.STEP_NOT_STARTED]
     first = 2 if how == "between_steps" else 3
     assert [(s.name, s.attributes[sc.STEP_GOAL], s.attributes[sc.STEP_AGENT], s.parent.span_id) for s in later] == [

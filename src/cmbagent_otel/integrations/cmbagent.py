@@ -25,7 +25,8 @@ tree of :mod:`cmbagent_otel.workflow`:
   from :mod:`cmbagent_otel.instrumentation._steps`);
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
   ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans;
-  MARS's ``WorkflowExecutor.__init__`` tells a joined call its workflow's phases, in order;
+  MARS's ``WorkflowExecutor.__init__`` tells a joined call its workflow's phases, in order, and its
+  ``run`` outside any run is one (its phases' managers and their solves join it);
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
 
@@ -1450,6 +1451,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     cls = getattr(module, "WorkflowExecutor", None)
                     if isinstance(cls, type) and "__init__" in vars(cls):
                         self._wrap(state, cls, "__init__", _executor_init(state))
+                    if isinstance(cls, type) and inspect.iscoroutinefunction(vars(cls).get("run")):
+                        self._wrap(state, cls, "run", _executor_run(state))
                 for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
                     if func_name in vars(module):
                         self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
@@ -1698,15 +1701,18 @@ def _pm_enter(state: _State) -> Callable[..., Any]:
 
 
 def _fallback_workflow(instance: Any) -> workflow:
-    ctx = getattr(instance, "context", None)
     phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
+    return _mars_workflow(
+        phase_type, getattr(instance, "context", None),
+        _int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)))
+
+
+def _mars_workflow(name: str, ctx: Any, max_redos: int | None = None) -> workflow:
+    """The run of a MARS phase or workflow started outside any run; ``ctx``: its phase or workflow context."""
     shared = getattr(ctx, "shared_state", None)
     mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
-    return workflow(
-        phase_type, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-        work_dir=_work_dir(getattr(ctx, "work_dir", None)),
-        max_redos=_int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)),
-    )
+    return workflow(name, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
+                    work_dir=_work_dir(getattr(ctx, "work_dir", None)), max_redos=max_redos)
 
 
 def _pm_start(state: _State) -> Callable[..., Any]:
@@ -1958,6 +1964,30 @@ def _executor_init(state: _State) -> Callable[..., Any]:
 
 
 _PLANNED_MAX = 64  # a workflow's phases read (MARS's longest has 6)
+
+
+def _executor_run(state: _State) -> Callable[..., Any]:
+    """MARS's ``WorkflowExecutor.run`` (a coroutine function; ``run_sync`` runs it): outside any run it is one,
+    named by its workflow's id, so its phases (whose managers' ``start()`` attaches nothing) and the solves
+    they make are one run, not a detached run per phase and one per solve."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _executor_running(instance, wrapped(*args, **kwargs))
+
+    return _ours(state, wrapper)
+
+
+async def _executor_running(instance: Any, work: Any) -> Any:
+    block: _Block | None = None
+    try:
+        scope = current_scope()  # in the task running the executor (asyncio.run copies the caller's context)
+        if scope is None or not scope.in_workflow:
+            name = _text(getattr(getattr(instance, "workflow", None), "id", None)) or "workflow"
+            block = _mars_workflow(name, getattr(instance, "context", None))
+    except Exception:
+        logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
+    with _opened(block):
+        return await work
 
 
 _PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
