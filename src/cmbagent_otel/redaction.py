@@ -1005,6 +1005,10 @@ _QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-
 
 # more words after a value on its line: the value is a message's first word ("Unable to locate credentials")
 _MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
+# an ordinary word, letters only and capitalised at most ("Unable", "Failed", "connection"): what a message
+# starts with. A value with a digit, an inner capital or a symbol (hunter2, sk-..., s3cr3t!) is learned even
+# at a message's start: a credential written in a sentence is still one
+_PLAIN_WORD = re.compile(r"[A-Za-z][a-z]*")
 
 
 def _is_class_name(name: str) -> bool:
@@ -1133,13 +1137,14 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        # a message (more words after the value on its line) after an exception's type, a key in prose (written
-        # as words, or a bare name after a word before ":") or a quoted label (a span's or an attribute's name in a
-        # log line) is redacted here only; a value alone after such a name is learned: a dotted configuration key
-        # reads as a class's name (secrets.Prod: ..., db.credentials.Primary = ...), an exception may hold
-        # nothing but the secret (InvalidApiKeyError: <the key>) and a value alone on its line after a label or
-        # in prose may be one (setting 'db_password': <it>, the password: <it>)
-        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None
+        # a message (more words after the value on its line, starting with an ordinary word) after an exception's
+        # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
+        # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
+        # one with a digit, an inner capital or a symbol, is learned: a dotted configuration key reads as a class's
+        # name (secrets.Prod: ..., db.credentials.Primary = ...), an exception may hold nothing but the secret
+        # (InvalidApiKeyError: <the key>) and a value after a label or in prose may be one (setting 'db_password':
+        # <it>, the password: <it>, my token: hunter2 as before)
+        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None and _PLAIN_WORD.fullmatch(value)
                           and (prose or _is_class_name(text[name_start:run_end])
                                or _is_quoted_label(text, name_start, key.group("q"))
                                or _is_bare_name_in_prose(text, name_start, key))):

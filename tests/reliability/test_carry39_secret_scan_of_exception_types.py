@@ -44,9 +44,9 @@ def _traceback_of(exc: Exception) -> str:
 # the words are this test's own and hold no common word (a learned secret is redacted inside longer words too;
 # ``isolated_secrets`` now starts each test with nothing learned, see test_carry40_isolated_secrets.py)
 @pytest.mark.parametrize(("exc", "word"), [
-    (NoCredentialsError("Unablecarry39 to locate credentials"), "Unablecarry39"),
-    (PasswordSetError("Keyringcarry39 to store the keyring entry"), "Keyringcarry39"),
-    (UpstreamRejected("upstreamcarry39 rejected the request"), "upstreamcarry39"),
+    (NoCredentialsError("Unablecarrythirtynine to locate credentials"), "Unablecarrythirtynine"),
+    (PasswordSetError("Keyringcarrythirtynine to store the keyring entry"), "Keyringcarrythirtynine"),
+    (UpstreamRejected("upstreamcarrythirtynine rejected the request"), "upstreamcarrythirtynine"),
 ])
 def test_the_message_after_an_exception_type_is_not_learned(exc: Exception, word: str) -> None:
     """Fails on d1ab575: the word after the type is redacted in a later text that has nothing secret."""
