@@ -49,11 +49,15 @@ def _stalled_writer(folder: Path, where: str, fork: bool) -> tuple[subprocess.Po
     env = _env(FORK_AT_STALL="1") if fork else _env()
     writer = subprocess.Popen([sys.executable, "-c", FORKING_WRITER, str(folder), where, TARGET],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
-    assert writer.stdout is not None
+                              env=env, start_new_session=True)
+    assert writer.stdout is not None and writer.stderr is not None
     lines = [writer.stdout.readline().split() for _ in range(2 if fork else 1)]  # in either order
     stalled = [line for line in lines if line[:1] == ["STALLED"]]
-    assert stalled and (not fork or ["FORKED"] in lines), (lines, writer.stderr.read() if writer.stderr else "")
+    if not (stalled and (not fork or ["FORKED"] in lines)):
+        # both (writer and child) killed first: their stderr's end comes only once neither holds it
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=120)
+        raise AssertionError(f"stdout {lines}{writer.stdout.read()!r}, stderr {writer.stderr.read()!r}")
     return writer, int(stalled[0][1]) if fork else 0
 
 
