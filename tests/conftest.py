@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import secrets
 import socket
+import string
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -158,6 +160,12 @@ def isolated_secrets() -> Iterator[None]:
                 setattr(redaction, name, value)
             redaction.secrets_version += 1
             _forget_redacted()
+
+
+def unlearned_word(prefix: str) -> str:
+    """A word no test can have taught, of letters only (an ordinary word's shape: a value with a digit is learned
+    even at a message's start): ``prefix`` and ten random lower-case letters."""
+    return prefix + "".join(secrets.choice(string.ascii_lowercase) for _ in range(10)) + "word"
 
 
 def forget_learned(value: str) -> None:

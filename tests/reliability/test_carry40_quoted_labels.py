@@ -17,20 +17,18 @@ import http.client
 import json
 import logging
 import secrets
-import string
 
 import pytest
 
 from cmbagent_otel import redaction
 from cmbagent_otel.ingest import IngestServer
+from tests.conftest import unlearned_word
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
 
 def _word() -> str:
-    """A word no other test can have taught, of letters only: an ordinary word's shape (a value with a digit
-    is learned even at a message's start)."""
-    return "Zq" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(10)) + "word"
+    return unlearned_word("Zq")
 
 
 @pytest.mark.parametrize("template", [

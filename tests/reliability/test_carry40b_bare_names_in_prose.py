@@ -19,14 +19,13 @@ import string
 import pytest
 
 from cmbagent_otel import redaction
+from tests.conftest import unlearned_word
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
 
 def _word() -> str:
-    """A word no other test can have taught, of letters only: an ordinary word's shape (a value with a digit
-    is learned even at a message's start)."""
-    return "Zb" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(10)) + "word"
+    return unlearned_word("Zb")
 
 
 @pytest.mark.parametrize("template", [
