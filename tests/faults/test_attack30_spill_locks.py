@@ -34,14 +34,17 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks and
 
 # the stalled writer forks a child at the stall when asked (the child waits for stdin to close); the child
 # says FORKED once os.fork() has returned in it, that is once its at-fork handlers (which close the .tmp
-# files it inherited) have run: until then it shares the writer's lock, and a busy machine may run it late
+# files it inherited) have run: until then it shares the writer's lock, and a busy machine may run it late.
+# Each line is one os.write (atomic on a pipe): print() writes its pieces one by one when the output is
+# unbuffered (PYTHONUNBUFFERED, as CI's environment may set), and the two processes' pieces interleaved
+# ("STALLEDFORKED", then " 2198")
 FORKING_WRITER = WRITER.replace(
     '        print("STALLED", flush=True)\n',
     '        if os.environ.get("FORK_AT_STALL") and (child := os.fork()) == 0:\n'
-    '            print("FORKED", flush=True)\n'
+    '            os.write(1, b"FORKED\\n")\n'
     '            sys.stdin.readline()\n'
     '            os._exit(0)\n'
-    '        print("STALLED", os.environ.get("FORK_AT_STALL") and child, flush=True)\n')
+    '        os.write(1, f"STALLED {os.environ.get(\'FORK_AT_STALL\') and child}\\n".encode())\n')
 
 
 def _stalled_writer(folder: Path, where: str, fork: bool) -> tuple[subprocess.Popen[str], int]:
