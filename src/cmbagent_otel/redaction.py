@@ -1005,10 +1005,11 @@ _QUALIFIED_CLASS = re.compile(r"(?:[a-z_][a-z0-9_]*\.)+[A-Z][A-Za-z0-9]*[a-z][A-
 
 # more words after a value on its line: the value is a message's first word ("Unable to locate credentials")
 _MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
-# an ordinary word, letters only and capitalised at most ("Unable", "Failed", "connection"): what a message
-# starts with. A value with a digit, an inner capital or a symbol (hunter2, sk-..., s3cr3t!) is learned even
-# at a message's start: a credential written in a sentence is still one
-_PLAIN_WORD = re.compile(r"[A-Za-z][a-z]*")
+# an ordinary word, letters only, capitalised at most or all in capitals, its parts joined by a hyphen or an
+# apostrophe ("Unable", "Failed", "connection", "ECONNRESET", "time-out", "can't"): what a message starts with.
+# A value with a digit, an inner capital or another symbol (hunter2, s3cr3t!, GitHubPat) is learned even at a
+# message's start: a credential written in a sentence is still one
+_PLAIN_WORD = re.compile(r"(?:[A-Za-z][a-z]*|[A-Z]+)(?:['-](?:[A-Za-z][a-z]*|[A-Z]+))*")
 
 
 def _is_class_name(name: str) -> bool:

@@ -73,6 +73,15 @@ def test_a_key_of_data_is_learned(template: str) -> None:
     assert word not in (redaction.safe_text(f"later: {word} again") or "")
 
 
+@pytest.mark.parametrize("word", ["ECONNRESETCARRYFORTY", "timed-outcarryforty", "can'tcarryforty"])
+def test_an_error_code_or_a_joined_word_at_a_messages_start_is_not_learned(word: str) -> None:
+    """Words of capitals, or joined by a hyphen or an apostrophe, are ordinary words too (an errno's name, "timed-out",
+    "can't"): learned, each was redacted in every later text."""
+    redaction.safe_text(f"error reading token: {word} by peer")
+    later = f"the socket said {word}; retrying"
+    assert redaction.safe_text(later) == later
+
+
 @pytest.mark.parametrize("template", [
     "my vault token: {v} as before, keep it",  # a bare name in prose
     "Your OpenAI API key: {v} is active",  # a key written as words
