@@ -1288,9 +1288,9 @@ class _ManagerSpans:
         ``fail()`` while a step is open names that step as the failed one: ``invoke_workflow_failed(error,
         current_step)``; its step loop fails the phase from there when the step's solve raised or a human
         aborted it)."""
-        targets = [(k, f) for k, f in self.frames if k in kinds]
+        targets = [f for k, f in self.frames if k in kinds]
         self.frames = [(k, f) for k, f in self.frames if k not in kinds]
-        for _kind, frame in reversed(targets):
+        for frame in reversed(targets):
             if error:
                 _fail_frame(frame, error)
             if exc is not None:
