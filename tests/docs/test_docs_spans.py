@@ -197,3 +197,11 @@ def test_docs_every_event_name_is_documented(demo: tuple[list[ReadableSpan], Any
     names = {event.name for span in spans for event in span.events}
     assert "cmbagent.handoff" in names
     assert not {name for name in names if f"`{name}`" not in SPANS_DOC}
+
+
+def test_docs_the_bench_corpus_is_the_demo_run(demo: tuple[list[ReadableSpan], Any]) -> None:
+    """Session 41: bench/README.md gave the corpus (one recorded demo run) as 66 spans; the demo emits 51."""
+    readme = (ROOT / "bench" / "README.md").read_text()
+    stated = re.search(r"`cmbagent_otel\.demo\.run_demo`:[^)]*?;\s+(\d+)\s+spans\)", readme)
+    assert stated is not None
+    assert int(stated.group(1)) == len(demo[0])
