@@ -205,3 +205,20 @@ def test_docs_the_bench_corpus_is_the_demo_run(demo: tuple[list[ReadableSpan], A
     stated = re.search(r"`cmbagent_otel\.demo\.run_demo`:[^)]*?;\s+(\d+)\s+spans\)", readme)
     assert stated is not None
     assert int(stated.group(1)) == len(demo[0])
+
+
+def test_docs_provider_names_are_the_mapping_and_the_conventions() -> None:
+    """Session 41: docs/spans.md named `moonshot_ai` among the GenAI conventions' well-known provider names;
+    the conventions (opentelemetry-semantic-conventions' GenAiProviderNameValues) have no such value."""
+    from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GenAiProviderNameValues
+
+    from cmbagent_otel.instrumentation._models import CUSTOM_PROVIDER, PROVIDERS
+
+    text = " ".join(SPANS_DOC.split("**Provider names**", 1)[1].split("\n\n", 1)[0].split())
+    well_known, _, rest = text.partition(") or a fixed lower-case name (")
+    fixed = rest.split(")", 1)[0]
+    names = (set(re.findall(r"`([a-z_.]+)`", well_known)) - {"api_type"}, set(re.findall(r"`([a-z_.]+)`", fixed)))
+    conventions = {value.value for value in GenAiProviderNameValues}
+    assert names[0] <= conventions and not names[1] & conventions
+    assert names[0] | names[1] == set(PROVIDERS.values())
+    assert f"`{CUSTOM_PROVIDER}`" in text
