@@ -222,3 +222,28 @@ def test_docs_provider_names_are_the_mapping_and_the_conventions() -> None:
     assert names[0] <= conventions and not names[1] & conventions
     assert names[0] | names[1] == set(PROVIDERS.values())
     assert f"`{CUSTOM_PROVIDER}`" in text
+
+
+@pytest.mark.usefixtures("isolated_secrets")
+def test_docs_a_key_shape_split_across_calls() -> None:
+    """Session 41: docs/spans.md still said a key's start stays open for the next 8 calls and that a word
+    completing its shape in a later call (`sk-ab` + `Understood…`) is redacted too; since the split-secret
+    campaign the start stays open for 256 texts and only a continuation that looks random counts."""
+    from cmbagent_otel import redaction
+
+    text = " ".join(SPANS_DOC.split("Across model calls:", 1)[1].split("\n\n", 1)[0].split())
+    assert int(_number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
+    assert int(_number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
+    redaction.learn_split_secrets(["the key starts sk-ab"])
+    assert redaction.redact("the key starts sk-ab") == "the key starts[REDACTED]"  # "loses it"
+    redaction.learn_split_secrets(["Understood, I will wait"])
+    assert redaction.redact("Understood, I will wait") == "Understood, I will wait"  # "is kept"
+    redaction.learn_split_secrets(["look at sk-proj-Ab"])
+    redaction.learn_split_secrets(["x9Zq81mPq is the rest"])  # random-looking: the key's rest
+    assert redaction.redact("x9Zq81mPq is the rest") == "[REDACTED] is the rest"
+
+
+def _number(text: str, pattern: str) -> float:
+    match = re.search(pattern, text)
+    assert match, pattern
+    return float(match.group(1))
