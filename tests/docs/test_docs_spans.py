@@ -247,3 +247,51 @@ def _number(text: str, pattern: str) -> float:
     match = re.search(pattern, text)
     assert match, pattern
     return float(match.group(1))
+
+
+def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> None:
+    """Session 41: after the stale "next 8" above, every other number docs/spans.md and the Guarantees of
+    docs/reliability.md give for redaction's and the spans' bounds was checked against the code; they held
+    and are locked here."""
+    import importlib
+
+    from cmbagent_otel import redaction
+    from cmbagent_otel.instrumentation import _handoffs, ag2
+
+    workflow = importlib.import_module("cmbagent_otel.workflow")  # the package re-exports the function
+
+    spans = " ".join(SPANS_DOC.split())
+    reliability = (ROOT / "docs" / "reliability.md").read_text()
+    guarantees = " ".join(reliability.split("## How the tests check them")[0].split())
+    checks = [
+        (spans, r"forms of a registered secret are kept for the first (\d+) of", redaction._ENCODED_MAX),
+        (spans, r"kept for the first \d+ of up to ([\d,]+) characters", redaction._ENCODED_REGISTERED_MAX),
+        (spans, r"of a learned value, for the (\d+) most recent", redaction._LEARNED_ENCODED_MAX),
+        (spans, r"for the \d+ most recent of up to ([\d,]+) characters", redaction._ENCODED_VALUE_MAX),
+        (spans, r"learned values are kept to the (\d+) most recent", redaction.MAX_LEARNED),
+        (spans, r"most recent and (\d+) Ki characters", redaction._LEARNED_CHARS_MAX // 1024),
+        (spans, r"registered for good up to (\d+) values", redaction._SENT_MAX),
+        (spans, r"a window of (\d+) characters", redaction._SPLIT_WINDOW),
+        (spans, r"no more of one text than (\d+) KiB", redaction._SCAN_MIN // 1024),
+        (spans, r"longer than (\d+) characters are cut, ending in", redaction.MAX_NAME),
+        (spans, r"at most (\d+) names and", _handoffs.MAX_CANDIDATES),
+        (spans, r"holds that many handoffs less (two)", _handoffs.EVENT_MARGIN),
+        (spans, r"the ([\d,]+) in which a run was opened most recently", workflow._RUN_TRACES_MAX),
+        (spans, r"finish_reasons` \(at most (\d+), one per choice", ag2.MAX_REASONS),
+        (guarantees, r"base32 forms of the first (\d+) of them", redaction._ENCODED_MAX),
+        (guarantees, r"one of the (\d+) most recently learned values", redaction._LEARNED_ENCODED_MAX),
+        (guarantees, r"learned values of up to ([\d,]+) characters", redaction._ENCODED_VALUE_MAX),
+        (guarantees, r"Learned forms are kept to (\d+) and", redaction.MAX_LEARNED),
+        (guarantees, r"The (\d+) most recently learned values are kept", redaction.MAX_LEARNED),
+        (guarantees, r"shorter than the (\d+) characters a value needs", redaction._MIN_SECRET_LEN),
+        (guarantees, r"\((\d+) KiB, or 16 times the attribute bound\)", redaction._SCAN_MIN // 1024),
+    ]
+    words = {"two": 2}
+    for text, pattern, value in checks:
+        match = re.search(pattern, text)
+        assert match, pattern
+        found = match.group(1)
+        assert (words[found] if found in words else int(found.replace(",", ""))) == value, pattern
+    digest = redaction.redact_name("n" * 1000).rsplit("...", 1)[1]
+    hashed = re.search(r"a (\d+)-hex-digit hash of the whole name", spans)
+    assert hashed is not None and int(hashed.group(1)) == len(digest)
