@@ -206,3 +206,32 @@ def test_docs_retried_and_remigrating_error_codes_are_the_classifiers() -> None:
     reliability = (ROOT / "docs" / "reliability.md").read_text().split("and SQLSTATE (", 1)[1]
     retry, _, migrate = reliability.split(": migrate again)", 1)[0].partition(": retry;")
     assert (_codes(retry), _codes(migrate)) == (retried, errors._PG_SCHEMA_CODES)
+
+
+def test_docs_export_and_replay_numbers_are_the_codes() -> None:
+    """Session 41 (third pass): the export, spill and read timings docs/dag.md gives held; locked here."""
+    import importlib
+
+    from cmbagent_otel import processor, spill
+    from cmbagent_otel.dag import _watchdog
+    from cmbagent_otel.dag.query import READ_LOCK_WAIT_MS
+
+    dag = importlib.import_module("cmbagent_otel.exporters.dag")
+    text = " ".join(DOC.split())
+
+    def number(pattern: str) -> float:
+        match = re.search(pattern, text)
+        assert match, pattern
+        return float(match.group(1))
+
+    assert number(r"exponential backoff \((\d+(?:\.\d+)?) s doubling") == dag.INITIAL_BACKOFF_S
+    assert number(r"doubling to (\d+(?:\.\d+)?) s\)") == dag.MAX_BACKOFF_S
+    assert number(r"`CMBAGENT_OTEL_EXPORT_TIMEOUT` > (\d+) s\)") == dag.DEFAULT_TIMEOUT_S
+    assert number(r"for (\d+) s after a spill later batches") == dag.DEGRADED_S
+    assert number(r"later batches get one (\d+(?:\.\d+)?) s attempt") == dag.DEGRADED_ATTEMPT_S
+    assert number(r"\(at most (\d+) s of replay per export\)") == dag.REPLAY_SLICE_S
+    assert number(r"for up to (\d+) s at shutdown") * 1000 == processor.SHUTDOWN_REPLAY_MS
+    assert number(r"At most (\d+) spans per file") == spill.MAX_SPANS_PER_FILE
+    assert number(r"still in use (\d+) s past the deadline") == _watchdog.GRACE_S
+    assert number(r"a read waits at most (\d+) s for a table") * 1000 == READ_LOCK_WAIT_MS
+    assert number(r"and exports within (\d+(?:\.\d+)?) s") * 1000 == processor.DEFAULT_LIVE_DELAY_MS
