@@ -36,3 +36,16 @@ def test_docs_ingest_numbers_are_the_codes() -> None:
     assert _number(r"plus 1 s per (\d+) KiB received") * 1024 == _default(env.INGEST_MIN_RATE)
     assert _number(r"request timeout \((\d+) s, from connecting") == _default(env.INGEST_REQUEST_TIMEOUT)
     assert _number(r"cut to `CMBAGENT_OTEL_MAX_ATTRIBUTE_LENGTH` \((\d+)\)") == _default(env.MAX_ATTRIBUTE_LENGTH)
+
+
+def test_docs_ingest_numbers_added_since_session_34() -> None:
+    """Session 41 (third pass): the numbers docs/backends.md gained since the twenty-ninth campaign held;
+    locked here as the others are."""
+    assert _number(r"That search has one deadline, (\d+(?:\.\d+)?) s from") == _ingest_core.HALVING_WAIT
+    assert _number(r"\(`IngestServer.start\(\)`, for at most (\d+) s;") == _ingest_core.STARTUP_PREPARE_S
+    assert _number(r"nested deeper than (\d+) AnyValue levels") == otlp_decode.MAX_ANY_VALUE_DEPTH
+    assert _number(r"past protobuf's limit of (\d+) counted") == otlp_decode._GROUP_DEPTH
+    limits = otlp_decode.Limits()
+    assert _number(r"holds at most (\d+) elements") == limits.max_array_length
+    assert _number(r"a span keeps its first (\d+) attributes, events and links") == limits.max_attributes \
+        == limits.max_events == limits.max_links

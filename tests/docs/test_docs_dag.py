@@ -180,3 +180,58 @@ def test_docs_status_values_a_run_leaves_are_named(sqlite_url: str, provider: An
     assert set(sessions.values()) <= words["session_states"]
     assert "`suspended` for a failed or cancelled one" in DOC
     assert nodes <= set(re.findall(r"[a-z]+", _section("**DAG nodes**", "**order_index**")))
+
+
+# SQLite's primary result codes by the name docs/dag.md gives them (sqlite3.h)
+_SQLITE_CODES = {"busy": 5, "locked": 6, "read-only": 8, "I/O": 10, "corrupt": 11, "full": 13, "protocol": 15,
+                 "no LFS": 22, "not a database": 26, "permission": 3, "auth": 23, "can't open": 14}
+
+
+def _codes(text_: str) -> set[str]:
+    return set(re.findall(r"\b\d[0-9A-Z]{1,4}\b", text_))
+
+
+def test_docs_retried_and_remigrating_error_codes_are_the_classifiers() -> None:
+    """Session 41: docs/dag.md listed the SQLSTATEs retried as of session 26 (no 28, 42501, 25006, 3D000,
+    nor 3F000 among those that migrate again) and six of SQLite's twelve retried codes."""
+    from cmbagent_otel.dag import errors
+
+    retried = set(errors._PG_RETRY_PREFIXES) | errors._PG_RETRY_CODES
+    listed = _section("`cmbagent_otel.dag.errors`: SQLite ", "), so an")
+    sqlite_names, _, postgres = listed.partition("; SQLSTATE")
+    names = [re.sub(r"\s+", " ", name).strip() for name in sqlite_names.split(",")]
+    assert {_SQLITE_CODES[name] for name in names} == errors._SQLITE_RETRY | {errors._SQLITE_CANTOPEN}
+    assert _codes(postgres) == retried
+    assert _codes(_section("A missing table, column or schema (", ")")) == errors._PG_SCHEMA_CODES
+    reliability = (ROOT / "docs" / "reliability.md").read_text().split("and SQLSTATE (", 1)[1]
+    retry, _, migrate = reliability.split(": migrate again)", 1)[0].partition(": retry;")
+    assert (_codes(retry), _codes(migrate)) == (retried, errors._PG_SCHEMA_CODES)
+
+
+def test_docs_export_and_replay_numbers_are_the_codes() -> None:
+    """Session 41 (third pass): the export, spill and read timings docs/dag.md gives held; locked here."""
+    import importlib
+
+    from cmbagent_otel import processor, spill
+    from cmbagent_otel.dag import _watchdog
+    from cmbagent_otel.dag.query import READ_LOCK_WAIT_MS
+
+    dag = importlib.import_module("cmbagent_otel.exporters.dag")
+    text = " ".join(DOC.split())
+
+    def number(pattern: str) -> float:
+        match = re.search(pattern, text)
+        assert match, pattern
+        return float(match.group(1))
+
+    assert number(r"exponential backoff \((\d+(?:\.\d+)?) s doubling") == dag.INITIAL_BACKOFF_S
+    assert number(r"doubling to (\d+(?:\.\d+)?) s\)") == dag.MAX_BACKOFF_S
+    assert number(r"`CMBAGENT_OTEL_EXPORT_TIMEOUT` > (\d+) s\)") == dag.DEFAULT_TIMEOUT_S
+    assert number(r"for (\d+) s after a spill later batches") == dag.DEGRADED_S
+    assert number(r"later batches get one (\d+(?:\.\d+)?) s attempt") == dag.DEGRADED_ATTEMPT_S
+    assert number(r"\(at most (\d+) s of replay per export\)") == dag.REPLAY_SLICE_S
+    assert number(r"for up to (\d+) s at shutdown") * 1000 == processor.SHUTDOWN_REPLAY_MS
+    assert number(r"At most (\d+) spans per file") == spill.MAX_SPANS_PER_FILE
+    assert number(r"still in use (\d+) s past the deadline") == _watchdog.GRACE_S
+    assert number(r"a read waits at most (\d+) s for a table") * 1000 == READ_LOCK_WAIT_MS
+    assert number(r"and exports within (\d+(?:\.\d+)?) s") * 1000 == processor.DEFAULT_LIVE_DELAY_MS

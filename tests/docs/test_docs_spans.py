@@ -197,3 +197,101 @@ def test_docs_every_event_name_is_documented(demo: tuple[list[ReadableSpan], Any
     names = {event.name for span in spans for event in span.events}
     assert "cmbagent.handoff" in names
     assert not {name for name in names if f"`{name}`" not in SPANS_DOC}
+
+
+def test_docs_the_bench_corpus_is_the_demo_run(demo: tuple[list[ReadableSpan], Any]) -> None:
+    """Session 41: bench/README.md gave the corpus (one recorded demo run) as 66 spans; the demo emits 51."""
+    readme = (ROOT / "bench" / "README.md").read_text()
+    stated = re.search(r"`cmbagent_otel\.demo\.run_demo`:[^)]*?;\s+(\d+)\s+spans\)", readme)
+    assert stated is not None
+    assert int(stated.group(1)) == len(demo[0])
+
+
+def test_docs_provider_names_are_the_mapping_and_the_conventions() -> None:
+    """Session 41: docs/spans.md named `moonshot_ai` among the GenAI conventions' well-known provider names;
+    the conventions (opentelemetry-semantic-conventions' GenAiProviderNameValues) have no such value."""
+    from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import GenAiProviderNameValues
+
+    from cmbagent_otel.instrumentation._models import CUSTOM_PROVIDER, PROVIDERS
+
+    text = " ".join(SPANS_DOC.split("**Provider names**", 1)[1].split("\n\n", 1)[0].split())
+    well_known, _, rest = text.partition(") or a fixed lower-case name (")
+    fixed = rest.split(")", 1)[0]
+    names = (set(re.findall(r"`([a-z_.]+)`", well_known)) - {"api_type"}, set(re.findall(r"`([a-z_.]+)`", fixed)))
+    conventions = {value.value for value in GenAiProviderNameValues}
+    assert names[0] <= conventions and not names[1] & conventions
+    assert names[0] | names[1] == set(PROVIDERS.values())
+    assert f"`{CUSTOM_PROVIDER}`" in text
+
+
+@pytest.mark.usefixtures("isolated_secrets")
+def test_docs_a_key_shape_split_across_calls() -> None:
+    """Session 41: docs/spans.md still said a key's start stays open for the next 8 calls and that a word
+    completing its shape in a later call (`sk-ab` + `Understood…`) is redacted too; since the split-secret
+    campaign the start stays open for 256 texts and only a continuation that looks random counts."""
+    from cmbagent_otel import redaction
+
+    text = " ".join(SPANS_DOC.split("Across model calls:", 1)[1].split("\n\n", 1)[0].split())
+    assert int(_number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
+    assert int(_number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
+    redaction.learn_split_secrets(["the key starts sk-ab"])
+    assert redaction.redact("the key starts sk-ab") == "the key starts[REDACTED]"  # "loses it"
+    redaction.learn_split_secrets(["Understood, I will wait"])
+    assert redaction.redact("Understood, I will wait") == "Understood, I will wait"  # "is kept"
+    redaction.learn_split_secrets(["look at sk-proj-Ab"])
+    redaction.learn_split_secrets(["x9Zq81mPq is the rest"])  # random-looking: the key's rest
+    assert redaction.redact("x9Zq81mPq is the rest") == "[REDACTED] is the rest"
+
+
+def _number(text: str, pattern: str) -> float:
+    match = re.search(pattern, text)
+    assert match, pattern
+    return float(match.group(1))
+
+
+def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> None:
+    """Session 41: after the stale "next 8" above, every other number docs/spans.md and the Guarantees of
+    docs/reliability.md give for redaction's and the spans' bounds was checked against the code; they held
+    and are locked here."""
+    import importlib
+
+    from cmbagent_otel import redaction
+    from cmbagent_otel.instrumentation import _handoffs, ag2
+
+    workflow = importlib.import_module("cmbagent_otel.workflow")  # the package re-exports the function
+
+    spans = " ".join(SPANS_DOC.split())
+    reliability = (ROOT / "docs" / "reliability.md").read_text()
+    guarantees = " ".join(reliability.split("## How the tests check them")[0].split())
+    checks = [
+        (spans, r"forms of a registered secret are kept for the first (\d+) of", redaction._ENCODED_MAX),
+        (spans, r"kept for the first \d+ of up to ([\d,]+) characters", redaction._ENCODED_REGISTERED_MAX),
+        (spans, r"of a learned value, for the (\d+) most recent", redaction._LEARNED_ENCODED_MAX),
+        (spans, r"for the \d+ most recent of up to ([\d,]+) characters", redaction._ENCODED_VALUE_MAX),
+        (spans, r"learned values are kept to the (\d+) most recent", redaction.MAX_LEARNED),
+        (spans, r"most recent and (\d+) Ki characters", redaction._LEARNED_CHARS_MAX // 1024),
+        (spans, r"registered for good up to (\d+) values", redaction._SENT_MAX),
+        (spans, r"a window of (\d+) characters", redaction._SPLIT_WINDOW),
+        (spans, r"no more of one text than (\d+) KiB", redaction._SCAN_MIN // 1024),
+        (spans, r"longer than (\d+) characters are cut, ending in", redaction.MAX_NAME),
+        (spans, r"at most (\d+) names and", _handoffs.MAX_CANDIDATES),
+        (spans, r"holds that many handoffs less (two)", _handoffs.EVENT_MARGIN),
+        (spans, r"the ([\d,]+) in which a run was opened most recently", workflow._RUN_TRACES_MAX),
+        (spans, r"finish_reasons` \(at most (\d+), one per choice", ag2.MAX_REASONS),
+        (guarantees, r"base32 forms of the first (\d+) of them", redaction._ENCODED_MAX),
+        (guarantees, r"one of the (\d+) most recently learned values", redaction._LEARNED_ENCODED_MAX),
+        (guarantees, r"learned values of up to ([\d,]+) characters", redaction._ENCODED_VALUE_MAX),
+        (guarantees, r"Learned forms are kept to (\d+) and", redaction.MAX_LEARNED),
+        (guarantees, r"The (\d+) most recently learned values are kept", redaction.MAX_LEARNED),
+        (guarantees, r"shorter than the (\d+) characters a value needs", redaction._MIN_SECRET_LEN),
+        (guarantees, r"\((\d+) KiB, or 16 times the attribute bound\)", redaction._SCAN_MIN // 1024),
+    ]
+    words = {"two": 2}
+    for text, pattern, value in checks:
+        match = re.search(pattern, text)
+        assert match, pattern
+        found = match.group(1)
+        assert (words[found] if found in words else int(found.replace(",", ""))) == value, pattern
+    digest = redaction.redact_name("n" * 1000).rsplit("...", 1)[1]
+    hashed = re.search(r"a (\d+)-hex-digit hash of the whole name", spans)
+    assert hashed is not None and int(hashed.group(1)) == len(digest)

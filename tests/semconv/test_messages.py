@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 import cmbagent_otel
 from cmbagent_otel.instrumentation import _messages
-from cmbagent_otel.testing import offline_agent
+from cmbagent_otel.testing import activate, offline_agent
 
 from .genai_schema import INPUT_MESSAGES, OUTPUT_MESSAGES
 
@@ -112,3 +112,38 @@ def test_history_rendered_again_reflects_changes_and_later_secrets():
     register_secret("tok-7a1c93e5d2")  # learned after the first rendering
     again, _ = _messages.render(history, 4096, convert=_messages.message)
     assert "second, edited" in again and "tok-7a1c93e5d2" not in again and "[REDACTED]" in again
+
+
+def test_an_agent_turns_tool_responses_keep_each_calls_id(capture):
+    """AG2's reply to tool calls is ``{"role": "tool", "tool_responses": [...], "content": <the results
+    joined>}``: each call's id is only in ``tool_responses``. docs/spans.md gives a tool_call_response part
+    as ``{"type", "id", "response"}``; the agent turns' messages (the executing agent's output, the next
+    turn's input) had one part of the joined text and no id, while the model call's input had one per call."""
+    cmbagent_otel.instrument(tracer_provider=capture.provider, capture_content="SPAN_ONLY", instrument_cmbagent=False)
+    try:
+        script = [{"tool_calls": [{"id": "call_a1", "name": "add", "arguments": {"a": 1, "b": 2}},
+                                  {"id": "call_b2", "name": "add", "arguments": {"a": 5, "b": 6}}]}, "done TERMINATE"]
+        alice = offline_agent("alice", script)
+        bob = ConversableAgent("bob", llm_config=False, human_input_mode="NEVER")
+
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        alice.register_for_llm(name="add", description="adds")(add)
+        bob.register_for_execution(name="add")(add)
+        activate(alice, script)  # registering the tool rebuilt alice's model client
+        bob.initiate_chat(alice, message="add twice", max_turns=2, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    expected = [{"type": "tool_call_response", "response": "3", "id": "call_a1"},
+                {"type": "tool_call_response", "response": "11", "id": "call_b2"}]
+    turns = capture.named("invoke_agent")
+    outputs = [json.loads(str(s.attributes["gen_ai.output.messages"])) for s in turns if s.name == "invoke_agent bob"]
+    assert outputs[0][0]["role"] == "tool" and outputs[0][0]["parts"] == expected
+    jsonschema.validate(outputs[0], OUTPUT_MESSAGES)
+    # alice's next turn reads the same message from her history, and her model call gets one message per call
+    alice_inputs = [json.loads(str(s.attributes["gen_ai.input.messages"]))
+                    for s in turns if s.name == "invoke_agent alice"]
+    assert [m["parts"] for m in alice_inputs[1] if m["role"] == "tool"] == [expected]
+    chat_inputs = [json.loads(str(s.attributes["gen_ai.input.messages"])) for s in capture.named("chat ")]
+    assert [m["parts"][0] for m in chat_inputs[1] if m["role"] == "tool"] == expected

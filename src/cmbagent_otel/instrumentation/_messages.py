@@ -124,11 +124,14 @@ def message(raw: Any, default_role: str = "user") -> dict[str, Any]:
     role = str(role) if role else default_role
     parts: list[dict[str, Any]]
     if role in ("tool", "function"):
-        part: dict[str, Any] = {"type": "tool_call_response", "response": _arguments_or_text(raw.get("content"))}
-        call_id = raw.get("tool_call_id")
-        if call_id is not None:
-            part["id"] = str(call_id)
-        parts = [part]
+        responses = raw.get("tool_responses")
+        if raw.get("tool_call_id") is None and type(responses) is list and responses \
+                and all(isinstance(item, Mapping) for item in responses):
+            # AG2's own reply to tool calls (an agent turn's output, a history message) keeps each call's id
+            # and result in tool_responses; its content only joins the results, which lost the ids
+            parts = [_tool_response_part(item) for item in responses]
+        else:
+            parts = [_tool_response_part(raw)]
     else:
         parts = content_parts(raw.get("content"))
     for call in raw.get("tool_calls") or ():
@@ -143,6 +146,15 @@ def message(raw: Any, default_role: str = "user") -> dict[str, Any]:
     if name:
         out["name"] = str(name)
     return out
+
+
+def _tool_response_part(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``tool_call_response`` part of an OpenAI tool message (or of one item of AG2's ``tool_responses``)."""
+    part: dict[str, Any] = {"type": "tool_call_response", "response": _arguments_or_text(raw.get("content"))}
+    call_id = raw.get("tool_call_id")
+    if call_id is not None:
+        part["id"] = str(call_id)
+    return part
 
 
 def _arguments_or_text(value: Any) -> Any:

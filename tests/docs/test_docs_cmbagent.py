@@ -1,0 +1,37 @@
+"""docs/cmbagent.md against the cmbagent integration (session 41, docs against behaviour, third pass):
+the entry-point table is the integration's ``ENTRY_POINTS`` and the PyPI entry points README lists are
+those the table gives without MARS."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cmbagent_otel.integrations.cmbagent import ENTRY_POINTS
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "cmbagent.md").read_text()
+README = (ROOT / "README.md").read_text()
+
+
+def _table() -> dict[str, tuple[str, bool]]:
+    """function -> (mode, a MARS-only function)"""
+    table = DOC.split("| function | `cmbagent.workflow.mode` |", 1)[1].split("\n\n", 1)[0]
+    found: dict[str, tuple[str, bool]] = {}
+    for functions, mode in re.findall(r"^\| (.*) \| `([a-z-]+)` \|$", table, flags=re.M):
+        pypi, _, mars = functions.partition("MARS ")  # the cell's names after "MARS" are the fork's
+        found.update({name: (mode, False) for name in re.findall(r"`([a-z_]+)`", pypi)})
+        found.update({name: (mode, True) for name in re.findall(r"`([a-z_]+)`", mars)})
+    return found
+
+
+def test_docs_entry_point_table_is_the_integrations() -> None:
+    assert {name: mode for name, (mode, _) in _table().items()} == dict(ENTRY_POINTS)
+
+
+def test_docs_readme_names_every_pypi_entry_point() -> None:
+    listed = " ".join(README.split("Every public entry point", 1)[1].split("is run offline", 1)[0].split())
+    named = set(re.findall(r"`([a-z_]+)`", listed)) - {"camb_context", "classy_context", "evaluate_plots"}
+    named |= {"summarize_document", "summarize_documents"} if "summarize_document(s)" in listed else set()
+    pypi = {name for name, (_, mars) in _table().items() if not mars}
+    assert named == pypi
