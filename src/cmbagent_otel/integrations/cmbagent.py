@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import importlib.util
 import inspect
 import json
@@ -96,6 +97,7 @@ from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
     emit_event,
+    plan_agent,
     plan_steps,
     record_not_started,
     reported_status,
@@ -1267,10 +1269,13 @@ class _CallerRuns:
 class _ManagerSpans:
     """The frames one PhaseExecutionManager opened (phase, step, redo; a fallback workflow)."""
 
-    __slots__ = ("block", "cursor", "frames", "joined", "started")
+    __slots__ = ("anchor", "block", "cursor", "frames", "joined", "started")
 
     def __init__(self) -> None:
         self.cursor: Cursor | None = None
+        # started outside any run and not through ``with``: the anchor scope of the run it opened, whose
+        # cursor holds its phase and steps (the solves the phase makes join it: see _bare_manager_run)
+        self.anchor: Scope | None = None
         self.frames: list[tuple[str, Frame]] = []
         self.started: set[int] = set()  # the step numbers start_step opened
         self.block: _Block | None = None  # the fallback workflow entered by __enter__ (closed by __exit__)
@@ -1310,6 +1315,42 @@ class _ManagerSpans:
         self.frames.append((kind, frame))
         if self.cursor is not None and kind != "workflow":
             self.cursor.push(frame)
+
+
+#: The phase manager started outside any run (and not through ``with``) in this context, the latest: its
+#: phase's solves join its run. Set by ``start()`` in the context the phase runs in (an asyncio task's own
+#: copy, a thread's); its manager's ``complete()`` / ``fail()`` / ``__exit__`` end that run.
+_BARE_MANAGER: contextvars.ContextVar[_ManagerSpans | None] = contextvars.ContextVar(
+    "cmbagent_otel_bare_manager", default=None)
+
+
+def _bare_manager_run() -> _ManagerSpans | None:
+    """The bare phase manager whose run is still open in this context (``None``: none)."""
+    spans = _BARE_MANAGER.get()
+    if spans is None or spans.anchor is None or spans.find("workflow") is None:
+        return None
+    return spans
+
+
+@contextmanager
+def _in_bare_manager_run(spans: _ManagerSpans) -> Iterator[None]:
+    """Work (a solve) in the bare manager's run: its anchor scope attached, parented under its open frames."""
+    frame, anchor = spans.find("workflow"), spans.anchor
+    token = None
+    if frame is not None and anchor is not None:
+        token = otel_context.attach(with_scope(anchor, trace.set_span_in_context(frame.span)))
+    try:
+        yield
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+
+
+def _forget_bare_manager(spans: _ManagerSpans) -> None:
+    """Its run ended: the context no longer names it (a later phase's solves must not join it)."""
+    spans.anchor = None
+    if _BARE_MANAGER.get() is spans:
+        _BARE_MANAGER.set(None)
 
 
 # --- the instrumentor --------------------------------------------------------------------
@@ -1545,12 +1586,18 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
             _register_api_keys(getattr(instance, "api_keys", None))
             call = _bind(wrapped, args, kwargs)
             scope = current_scope()
-            caller = None if scope is not None and scope.in_workflow else state.callers.find()
+            in_run = scope is not None and scope.in_workflow
+            # a solve of a phase awaited by hand outside any run: the phase's run
+            bare = None if in_run else _bare_manager_run()
+            caller = None if in_run or bare is not None else state.callers.find()
         except Exception:
             logger.debug("cmbagent_otel: could not inspect CMBAgent.solve", exc_info=True)
             return wrapped(*args, **kwargs)
-        if scope is not None and scope.in_workflow:
+        if in_run:
             return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+        if bare is not None:
+            with _in_bare_manager_run(bare):
+                return _solve_in_workflow(wrapped, instance, args, kwargs, call)
         if caller is not None:
             with caller.attached():
                 return _solve_in_workflow(wrapped, instance, args, kwargs, call)
@@ -1743,13 +1790,18 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
             return
         spans.push("phase", _detached(_phase(phase_type), scope, span, "phase", instance))
         return
-    # no run, and not entered as a context manager: the spans exist, but the work the phase
-    # runs cannot be parented under them without attaching (documented limitation)
+    # no run, and not entered as a context manager (a phase awaited by hand: ``await phase.execute(context)``
+    # in MARS's orchestrator and routers): the phase's run, a frame, its phase and steps frames of an anchor
+    # scope of its own; nothing is attached, but the solves the phase makes in this context join it
     wf = _detached(_fallback_workflow(instance), None, None, "workflow", instance)
     if wf is None:
         return
+    anchor = wf.scope.evolve()
+    spans.cursor = anchor.ensure_cursor()
+    spans.anchor = anchor
     spans.push("workflow", wf)
     spans.push("phase", _detached(_phase(phase_type), wf.scope, wf.span, "phase", instance))
+    _BARE_MANAGER.set(spans)
 
 
 def _pm_start_step(state: _State) -> Callable[..., Any]:
@@ -1763,7 +1815,8 @@ def _pm_start_step(state: _State) -> Callable[..., Any]:
                 parent = spans.step_parent()
                 if parent is not None:
                     description = _text(call.get("description", args[1] if len(args) > 1 else None)) or ""
-                    spans.push("step", _detached(step(number, description), parent[0], parent[1], "step", instance))
+                    spans.push("step", _detached(step(number, description, agent=_manager_step_agent(instance, number)),
+                                                 parent[0], parent[1], "step", instance))
                     if len(spans.started) < _STARTED_MAX:
                         spans.started.add(number)
         except Exception:
@@ -1858,6 +1911,7 @@ def _pm_complete(state: _State) -> Callable[..., Any]:
             if spans is not None:
                 spans.close(_FRAME_KINDS)
                 spans.joined = None
+                _forget_bare_manager(spans)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.complete", exc_info=True)
         return result
@@ -1886,6 +1940,20 @@ def _manager_plan(instance: Any) -> Any:
     planning = getattr(ctx, "input_data", None)
     planning = planning.get("planning_context") if isinstance(planning, Mapping) else None
     return planning.get("final_plan") if isinstance(planning, Mapping) else None
+
+
+def _manager_step_agent(instance: Any, number: int) -> str | None:
+    """The agent a plan phase's step ``number`` runs with: MARS's control phases give each step the plan's
+    ``sub_task_agent`` (as cmbagent's DAG names the step's agent, ``add_step_nodes``); ``None`` for another
+    phase (a one-step report phase) or a step the plan does not hold."""
+    try:
+        if _text(getattr(getattr(instance, "phase", None), "phase_type", None)) not in _PLAN_PHASES:
+            return None
+        planned = plan_steps(_manager_plan(instance))
+        return plan_agent(planned[number - 1]) if number <= len(planned) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a step's agent from the plan", exc_info=True)
+        return None
 
 
 def _manager_plan_stopped(spans: _ManagerSpans, instance: Any) -> None:
@@ -1919,6 +1987,7 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                     call = _bind(wrapped, args, kwargs)
                     spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
                     spans.joined = None
+                    _forget_bare_manager(spans)
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
 
@@ -1940,6 +2009,7 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                         _manager_plan_stopped(spans, instance)
                     spans.close(_FRAME_KINDS, exc=exc)
                     spans.joined = None
+                    _forget_bare_manager(spans)
                     block, spans.block = spans.block, None
                     _exit(block, exc)
             except Exception:

@@ -1,0 +1,152 @@
+"""What a user of the real cmbagent package sees, sixteenth audit (session 41).
+
+Real cmbagent runs (PyPI cmbagent, Python 3.12) offline against the scripted backend, exported by the DAG
+exporter into SQLite and read back as cmbagent's backend reads them (``test_real_audit._final_rows``); MARS's own
+phases from ``CMBAGENT_OTEL_MARS_SRC`` next to the PyPI package, as ``test_cmbreal14_audit`` loads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
+import cmbagent_otel
+from cmbagent_otel import semconv as sc
+
+from .scripted_cmbagent import DEFAULT_PLAN
+from .test_cmbagent_runs import _exported, _one
+from .test_cmbreal14_audit import (
+    MARS_CONTROL_CONFIG,
+    assert_step_1_holds_its_work,
+    mars_phases,
+    mars_step_stopper,
+    pypi_cmbagent_for_mars,
+)
+from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.cmbagent_autogen
+__all__ = ["mars_phases"]  # the fixture, shared with test_cmbreal14_audit
+
+
+def _bare_control_phases(times: int, joined: bool = False) -> Any:
+    """An entry function for ``run_cmbagent``: MARS's ``ControlPhase`` on the preloaded 3-step plan, awaited by
+    hand outside any run and outside the executor (``await phase.execute(context)``, as MARS's
+    ``PhaseOrchestrator.execute_phase`` and its deepresearch / newspulse routers do), ``times`` phases one after
+    the other in one coroutine (the orchestrator's chain); ``joined``: inside the application's own ``workflow``
+    block instead. Returns each phase's status and error."""
+
+    def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        from cmbagent.phases.base import PhaseContext
+        from cmbagent.phases.control import ControlPhase, ControlPhaseConfig
+
+        async def chain() -> list[tuple[str, str | None]]:
+            results = []
+            for k in range(times):
+                phase = ControlPhase(ControlPhaseConfig(**MARS_CONTROL_CONFIG))
+                context = PhaseContext(workflow_id="orchestrator_1", run_id="r1", phase_id=f"control_{k}",
+                                       task=task, work_dir=str(Path(work_dir) / f"phase_{k}"), api_keys=api_keys)
+                result = await phase.execute(context)
+                results.append((result.status.value, result.error))
+            return results
+
+        with pypi_cmbagent_for_mars(), (cmbagent_otel.workflow("mars control", mode="planning-control", task=task)
+                                        if joined else contextlib.nullcontext()):
+            return {"phases": asyncio.run(chain())}
+
+    return run
+
+
+@pytest.mark.parametrize("how", ["completed", "between_steps", "api_down_in_step_2"])
+def test_a_mars_phase_awaited_by_hand_is_one_run(request: pytest.FixtureRequest, mars_phases: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str) -> None:
+    """Session 40's Left. The phase manager's ``start()`` outside any run made a detached ``workflow control``
+    (the phase, its steps, the pending ones) holding none of their work, and each step's ``CMBAgent.solve`` a
+    ``workflow solve`` run of its own with another ``phase control`` and ``step n``: on 3c387d5, 4 traces for a
+    completed 3-step plan (2 when the phase fails between steps 1 and 2, 3 when step 2's solve raises). The
+    solves now join the open manager's run: one trace, each step's agents and code runs under its step."""
+    responder = (lambda script: script) if how == "completed" else mars_step_stopper(how, monkeypatch)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=responder, function=_bare_control_phases(1))
+    assert run.error is None, run.error
+    ((status, error),) = run.results["phases"]
+    assert status == ("completed" if how == "completed" else "failed")
+    _one_root_per_trace(run)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow control"
+    assert not [s for s in run.spans if s.name == "workflow solve"]
+    phase = _one(run, "phase control")
+    assert phase.parent.span_id == root.context.span_id
+    assert_step_1_holds_its_work(run)
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    by_id = {s.context.span_id: s for s in run.spans}
+    # each step's agent the plan's, as cmbagent's DAG names it (add_step_nodes): on 3c387d5 "unknown" for the
+    # steps the phase started (only the pending ones had it)
+    assert [nodes[f"step_{n}"]["agent"] for n in (1, 2, 3)] == [p.agent for p in DEFAULT_PLAN]
+    if how == "completed":
+        assert (root.status.status_code, phase.status.status_code) == (StatusCode.UNSET, StatusCode.UNSET)
+        assert row["status"] == "completed"
+        assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == ["completed"] * 4
+        # every agent turn of the plan under the step its solve ran for
+        for span in run.spans:
+            if span.name.startswith("invoke_agent"):
+                parent = span
+                while parent.parent is not None and not parent.name.startswith("step "):
+                    parent = by_id[parent.parent.span_id]
+                assert parent.name.startswith("step "), span.name
+        steps = {n: _one(run, f"step {n}") for n in (1, 2, 3)}
+        assert {n: s.attributes[sc.STEP_AGENT] for n, s in steps.items()} == {
+            n: p.agent for n, p in enumerate(DEFAULT_PLAN, start=1)}
+        return
+    assert error and (root.status.status_code, root.status.description) == (StatusCode.ERROR, error)
+    assert (phase.status.status_code, phase.status.description) == (StatusCode.ERROR, error)
+    assert row["status"] == "failed" and row["meta"]["error"] == error
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending" if how == "between_steps" else "failed", "pending", "failed"]
+    assert all(n["status"] != "running" for n in nodes.values())
+
+
+def test_mars_phases_awaited_one_after_the_other_are_a_run_each(request: pytest.FixtureRequest, mars_phases: Path,
+                                                                tmp_path: Path) -> None:
+    """Two phases awaited in one coroutine (MARS's orchestrator chaining phases by hand): each is its own run,
+    whole; the second's solves do not join the first's run, ended when its manager completed."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_bare_control_phases(2))
+    assert run.error is None, run.error
+    assert [s for s, _ in run.results["phases"]] == ["completed", "completed"]
+    _one_root_per_trace(run)
+    roots = [s for s in run.spans if s.parent is None]
+    assert [r.name for r in roots] == ["workflow control", "workflow control"]
+    for root in roots:
+        spans = [s for s in run.spans if s.context.trace_id == root.context.trace_id]
+        assert [s.name for s in spans if s.name.startswith(("phase ", "step "))] == [
+            "phase control", "step 1", "step 2", "step 3"]
+        assert root.end_time >= max(s.end_time for s in spans)
+    rows = _final_rows(_exported(run, tmp_path))
+    assert [r["status"] for r in rows["runs"]] == ["completed", "completed"]
+
+
+def test_a_mars_control_phase_names_each_steps_agent(request: pytest.FixtureRequest, mars_phases: Path,
+                                                    tmp_path: Path) -> None:
+    """MARS's ControlPhase inside the application's run: each step it starts (``manager.start_step(n,
+    description)``, no agent) runs with the plan's ``sub_task_agent``, which cmbagent's DAG shows as the step
+    node's agent. On 3c387d5 the started steps' nodes read agent "unknown" (the span had no
+    ``cmbagent.step.agent``); now the plan's, as the pending steps of a stopped phase already had it."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_bare_control_phases(1, joined=True))
+    assert run.error is None, run.error
+    assert [_one(run, f"step {n}").attributes.get(sc.STEP_AGENT) for n in (1, 2, 3)] == [
+        p.agent for p in DEFAULT_PLAN]
+    nodes = _nodes_of(_final_rows(_exported(run, tmp_path)))
+    assert [(nodes[f"step_{n}"]["agent"], nodes[f"step_{n}"]["meta"]["agent"]) for n in (1, 2, 3)] == [
+        (p.agent, p.agent) for p in DEFAULT_PLAN]
