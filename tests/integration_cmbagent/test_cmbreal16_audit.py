@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,23 @@ def test_a_mars_control_phase_names_each_steps_agent(request: pytest.FixtureRequ
     nodes = _nodes_of(_final_rows(_exported(run, tmp_path)))
     assert [(nodes[f"step_{n}"]["agent"], nodes[f"step_{n}"]["meta"]["agent"]) for n in (1, 2, 3)] == [
         (p.agent, p.agent) for p in DEFAULT_PLAN]
+
+
+def test_the_offline_example_runs_planning_and_control_and_prints_its_dag(tmp_path: Path) -> None:
+    """``examples/cmbagent_offline/run.py`` (docs/cmbagent.md's one command): the real planning_and_control,
+    offline, into the SQLite file given, then its DAG as ``cmbagent-otel dag latest`` prints it."""
+    db = tmp_path / "run.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CMBAGENT_OTEL_"))}
+    env["PYTHONPATH"] = str(Path(cmbagent_otel.__file__).parents[1])  # the cmbagent_otel under test
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "examples" / "cmbagent_offline" / "run.py"),
+                           "--db", str(db), "--work-dir", str(tmp_path / "work")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    dag = done.stdout.split(" dag latest):\n", 1)[1].splitlines()
+    assert dag[0].startswith("run ") and " planning-control completed " in dag[0]
+    tops = [line.split(" (")[0] for line in dag[1:] if line[:4] in ("├── ", "└── ")]
+    assert tops == ["├── planning", "├── control", "└── terminator"]
+    assert [line.split()[2] for line in dag if line.startswith("│   ├── ") or line.startswith("│   └── ")] == [
+        "step_1", "step_2", "step_3"]
+    rows = _final_rows(f"sqlite:///{db}")
+    assert [r["status"] for r in rows["runs"]] == ["completed"]
