@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.cmbagent_autogen
 __all__ = ["mars_phases"]  # the fixture, shared with test_cmbreal14_audit
 
 
-def _bare_control_phases(times: int, joined: bool = False) -> Any:
+def _bare_control_phases(times: int, joined: bool = False, callbacks: Any = None) -> Any:
     """An entry function for ``run_cmbagent``: MARS's ``ControlPhase`` on the preloaded 3-step plan, awaited by
     hand outside any run and outside the executor (``await phase.execute(context)``, as MARS's
     ``PhaseOrchestrator.execute_phase`` and its deepresearch / newspulse routers do), ``times`` phases one after
@@ -55,7 +56,8 @@ def _bare_control_phases(times: int, joined: bool = False) -> Any:
             for k in range(times):
                 phase = ControlPhase(ControlPhaseConfig(**MARS_CONTROL_CONFIG))
                 context = PhaseContext(workflow_id="orchestrator_1", run_id="r1", phase_id=f"control_{k}",
-                                       task=task, work_dir=str(Path(work_dir) / f"phase_{k}"), api_keys=api_keys)
+                                       task=task, work_dir=str(Path(work_dir) / f"phase_{k}"), api_keys=api_keys,
+                                       callbacks=callbacks() if callbacks else None)
                 result = await phase.execute(context)
                 results.append((result.status.value, result.error))
             return results
@@ -172,3 +174,47 @@ def test_the_offline_example_runs_planning_and_control_and_prints_its_dag(tmp_pa
         "step_1", "step_2", "step_3"]
     rows = _final_rows(f"sqlite:///{db}")
     assert [r["status"] for r in rows["runs"]] == ["completed"]
+
+
+def _cancelled_after_step_1() -> Any:
+    """MARS's ``WorkflowCallbacks`` as its backend gives a phase: ``should_continue`` reads the task's cancel flag,
+    which the UI's request thread sets (``ExecutionService.set_cancelled``); here that thread runs when step 1
+    completes (``on_step_complete``), so the phase's ``raise_if_cancelled()`` before step 2 stops it."""
+    from cmbagent.callbacks import WorkflowCallbacks
+
+    cancelled = threading.Event()
+
+    def on_step_complete(info: Any) -> None:
+        if info.step_number == 1:
+            ui = threading.Thread(target=cancelled.set, name="cancel request")
+            ui.start()
+            ui.join()
+
+    return WorkflowCallbacks(should_continue=lambda: not cancelled.is_set(), on_step_complete=on_step_complete)
+
+
+def test_a_mars_phase_cancelled_from_another_thread_is_a_cancelled_run(request: pytest.FixtureRequest,
+                                                                      mars_phases: Path, tmp_path: Path) -> None:
+    """The user cancels a MARS phase from the UI (another thread sets the task's cancel flag); before step 2
+    the phase's ``raise_if_cancelled()`` raises ``WorkflowCancelledException("Workflow cancelled by user")``,
+    which its step loop hands to ``manager.fail``. cmbagent's own tracking records the run ``cancelled``
+    (``WorkflowController.cancel_workflow``); ours read ``failed`` (a83322c). Now the spans the manager fails
+    handling that exception carry its type (``error.type``), and the run is ``cancelled``: the phase failed with
+    the message, step 1 completed, steps 2 and 3 pending."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_bare_control_phases(1, callbacks=_cancelled_after_step_1))
+    assert run.error is None, run.error
+    assert run.results["phases"] == [("failed", "Workflow cancelled by user")]
+    assert "researcher" not in run.sequence  # step 2 never started
+    _one_root_per_trace(run)
+    (root,) = [s for s in run.spans if s.parent is None]
+    phase = _one(run, "phase control")
+    for span in (root, phase):
+        assert (span.status.description, span.attributes[sc.ERROR_TYPE]) == (
+            "Workflow cancelled by user", "WorkflowCancelledException"), span.name
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert (row["status"], row["meta"]["error"]) == ("cancelled", "Workflow cancelled by user")
+    nodes = _nodes_of(rows)
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending", "pending", "failed"]

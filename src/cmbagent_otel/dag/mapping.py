@@ -419,7 +419,9 @@ def status_of(span: ReadableSpan) -> str:
 # error.type of a run stopped from outside rather than failing: Ctrl-C, a cancelled asyncio task. Its run row
 # is `cancelled` (a status of cmbagent's WorkflowState); dag_nodes and execution_events have no such status
 # in the contract, so its nodes and events stay `failed`, with the reason.
-INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError"})
+#: a run ended by one of these (its workflow span's ``error.type``) was stopped, not failed: Ctrl-C, a cancelled
+#: task, MARS's pause/cancel check (``PhaseExecutionManager.raise_if_cancelled``: the user cancelled it in the UI)
+INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError", "WorkflowCancelledException"})
 
 
 def _run_status(failed: bool, attrs: Mapping[str, Any]) -> str:

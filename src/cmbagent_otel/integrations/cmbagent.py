@@ -264,8 +264,8 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _fail_frame(frame: Frame, description: str) -> None:
-    fail_frame(frame, description)  # its run-level duration metric then carries error.type too
+def _fail_frame(frame: Frame, description: str, kind: str = "error") -> None:
+    fail_frame(frame, description, kind)  # its run-level duration metric then carries error.type too
 
 
 def _detached(block: _Block, scope: Scope | None, parent_span: Any, kind: str, owner: Any = None) -> Frame | None:
@@ -1288,16 +1288,17 @@ class _ManagerSpans:
         frame = self.find("phase")
         return (frame.scope, frame.span) if frame is not None else self.joined
 
-    def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
-        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it (MARS's
-        ``fail()`` while a step is open names that step as the failed one: ``invoke_workflow_failed(error,
-        current_step)``; its step loop fails the phase from there when the step's solve raised or a human
-        aborted it)."""
+    def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None,
+              error_kind: str = "error") -> None:
+        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it, ``error_kind``
+        its ``error.type`` (MARS's ``fail()`` while a step is open names that step as the failed one:
+        ``invoke_workflow_failed(error, current_step)``; its step loop fails the phase from there when the
+        step's solve raised or a human aborted it)."""
         targets = [f for k, f in self.frames if k in kinds]
         self.frames = [(k, f) for k, f in self.frames if k not in kinds]
         for frame in reversed(targets):
             if error:
-                _fail_frame(frame, error)
+                _fail_frame(frame, error, error_kind)
             if exc is not None:
                 try:
                     record_exception(frame.span, exc)
@@ -1985,7 +1986,10 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                 if spans is not None:
                     _manager_plan_stopped(spans, instance)
                     call = _bind(wrapped, args, kwargs)
-                    spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
+                    # failed handling an exception (MARS's step loop catching it, its cancel check's
+                    # WorkflowCancelledException): the spans' error.type is its type, as for a raised one
+                    spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed",
+                                error_kind=error_type(handling) if handling is not None else "error")
                     spans.joined = None
                     _forget_bare_manager(spans)
             except Exception:
