@@ -22,11 +22,16 @@ from opentelemetry.trace import StatusCode
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
+from cmbagent_otel.exporters.dag import DagSpanExporter
+
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
+from tests.conftest import PG_ENV, schema_in
 
 from .scripted_cmbagent import DEFAULT_PLAN
+from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
+from .test_cmbreal9_audit import _comparable, _readers
 from .test_cmbreal14_audit import (
     MARS_CONTROL_CONFIG,
     assert_step_1_holds_its_work,
@@ -218,3 +223,41 @@ def test_a_mars_phase_cancelled_from_another_thread_is_a_cancelled_run(request: 
     nodes = _nodes_of(rows)
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "pending", "pending", "failed"]
+
+
+def test_cmbagent_backend_reads_a_cancelled_mars_phase_run_from_sqlite_and_postgresql(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path) -> None:
+    """cmbagent's own backend (MARS's routers, unmodified, from ``CMBAGENT_OTEL_MARS_SRC``, run by
+    ``CMBAGENT_OTEL_MARS_PYTHON``) on the rows of the phase awaited by hand and cancelled after step 1, written
+    into SQLite and into PostgreSQL from the same spans: every endpoint answers, the same from both; its DAG is
+    ours node for node (step 1 completed, steps 2-3 pending, the phase failed with the cancel message), each
+    step's agent the plan's; the run's session is listed; the run history holds every event."""
+    python = _mars_python()
+    base = os.environ.get(PG_ENV)
+    if python is None or not base:
+        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
+                    f"{PG_ENV}")
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_bare_control_phases(1, callbacks=_cancelled_after_step_1))
+    sqlite = _exported(run, tmp_path)
+    rows = _final_rows(sqlite)
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    lite = _readers(mars_phases, python, sqlite, tmp_path / "sqlite.json")
+    with schema_in(base) as pg:
+        exporter = DagSpanExporter(pg, spill=False)
+        try:
+            assert exporter.export(run.spans).name == "SUCCESS"
+        finally:
+            exporter.shutdown()
+        assert [r["status"] for r in _final_rows(pg)["runs"]] == ["cancelled"]
+        pgsql = _readers(mars_phases, python, pg, tmp_path / "pg.json")
+    for answers in (lite, pgsql):
+        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+    assert _comparable(pgsql) == _comparable(lite)
+    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
+    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
+    assert [(dag[f"step_{n}"]["status"], dag[f"step_{n}"]["agent"]) for n in (1, 2, 3)] == [
+        ("completed", DEFAULT_PLAN[0].agent), ("pending", DEFAULT_PLAN[1].agent), ("pending", DEFAULT_PLAN[2].agent)]
+    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
+    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
