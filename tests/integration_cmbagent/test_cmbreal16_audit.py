@@ -99,6 +99,11 @@ def test_a_mars_phase_awaited_by_hand_is_one_run(request: pytest.FixtureRequest,
     (row,) = rows["runs"]
     nodes = _nodes_of(rows)
     by_id = {s.context.span_id: s for s in run.spans}
+    # the run's agent and model as an entry call's (docs/cmbagent.md): the engineer and the phase's engineer_model
+    # (ab5cd33: "unknown", "unknown")
+    from cmbagent.utils import default_agents_llm_model
+
+    assert (row["agent"], row["model"]) == ("engineer", default_agents_llm_model["engineer"])
     # each step's agent the plan's, as cmbagent's DAG names it (add_step_nodes): on 3c387d5 "unknown" for the
     # steps the phase started (only the pending ones had it)
     assert [nodes[f"step_{n}"]["agent"] for n in (1, 2, 3)] == [p.agent for p in DEFAULT_PLAN]

@@ -701,8 +701,10 @@ def _register_api_keys(api_keys: Any) -> None:
                 register_secret(key)
 
 
-def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
-    _register_api_keys(bound.get("api_keys"))
+def _agent_and_model(bound: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """A run's agent and model from an entry call's arguments (or a MARS phase's config fields): the ``agent``
+    argument, else ``engineer`` when there is an ``engineer_model``, ``summarizer`` for a ``summarizer_model``,
+    get_keywords' finder; the model ``<agent>_model``, else ``engineer_model``."""
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
@@ -713,6 +715,12 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
+    return agent, model
+
+
+def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
+    _register_api_keys(bound.get("api_keys"))
+    agent, model = _agent_and_model(bound)
     return workflow(
         name,
         mode=mode,
@@ -1749,18 +1757,27 @@ def _pm_enter(state: _State) -> Callable[..., Any]:
 
 
 def _fallback_workflow(instance: Any) -> workflow:
-    phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
-    return _mars_workflow(
-        phase_type, getattr(instance, "context", None),
-        _int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)))
+    phase = getattr(instance, "phase", None)
+    phase_type = _text(getattr(phase, "phase_type", None)) or "phase"
+    config = getattr(phase, "config", None)
+    return _mars_workflow(phase_type, getattr(instance, "context", None), _int(getattr(config, "max_redos", None)),
+                          config)
 
 
-def _mars_workflow(name: str, ctx: Any, max_redos: int | None = None) -> workflow:
-    """The run of a MARS phase or workflow started outside any run; ``ctx``: its phase or workflow context."""
+def _mars_workflow(name: str, ctx: Any, max_redos: int | None = None, config: Any = None) -> workflow:
+    """The run of a MARS phase or workflow started outside any run; ``ctx``: its phase or workflow context,
+    ``config``: its (first) phase's config, whose model fields name the run's agent and model as an entry
+    call's arguments do (MARS's ``ControlPhaseConfig.engineer_model``: ``engineer`` and that model)."""
     shared = getattr(ctx, "shared_state", None)
     mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
+    try:
+        fields = vars(config) if config is not None else {}
+    except TypeError:  # no __dict__ (slots): no fields read
+        fields = {}
+    agent, model = _agent_and_model(fields) if isinstance(fields, Mapping) else (None, None)
     return workflow(name, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-                    work_dir=_work_dir(getattr(ctx, "work_dir", None)), max_redos=max_redos)
+                    work_dir=_work_dir(getattr(ctx, "work_dir", None)), max_redos=max_redos, agent=agent,
+                    model=model)
 
 
 def _pm_start(state: _State) -> Callable[..., Any]:
@@ -2057,7 +2074,9 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         scope = current_scope()  # in the task running the executor (asyncio.run copies the caller's context)
         if scope is None or not scope.in_workflow:
             name = _text(getattr(getattr(instance, "workflow", None), "id", None)) or "workflow"
-            block = _mars_workflow(name, getattr(instance, "context", None))
+            phases = getattr(instance, "phases", None)
+            first = phases[0] if isinstance(phases, (list, tuple)) and phases else None
+            block = _mars_workflow(name, getattr(instance, "context", None), config=getattr(first, "config", None))
     except Exception:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
     with _opened(block):
