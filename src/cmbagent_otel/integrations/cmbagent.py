@@ -1329,14 +1329,18 @@ class _ManagerSpans:
 #: The phase manager started outside any run (and not through ``with``) in this context, the latest: its
 #: phase's solves join its run. Set by ``start()`` in the context the phase runs in (an asyncio task's own
 #: copy, a thread's); its manager's ``complete()`` / ``fail()`` / ``__exit__`` end that run.
-_BARE_MANAGER: contextvars.ContextVar[_ManagerSpans | None] = contextvars.ContextVar(
+_BARE_MANAGER: contextvars.ContextVar[tuple[_State, _ManagerSpans] | None] = contextvars.ContextVar(
     "cmbagent_otel_bare_manager", default=None)
 
 
-def _bare_manager_run() -> _ManagerSpans | None:
-    """The bare phase manager whose run is still open in this context (``None``: none)."""
-    spans = _BARE_MANAGER.get()
-    if spans is None or spans.anchor is None or spans.find("workflow") is None:
+def _bare_manager_run(state: _State) -> _ManagerSpans | None:
+    """The bare phase manager of ``state`` (this instrument() cycle: not one an earlier cycle left open) whose
+    run is still open in this context (``None``: none)."""
+    named = _BARE_MANAGER.get()
+    if named is None or named[0] is not state:
+        return None
+    spans = named[1]
+    if spans.anchor is None or spans.find("workflow") is None:
         return None
     return spans
 
@@ -1358,7 +1362,8 @@ def _in_bare_manager_run(spans: _ManagerSpans) -> Iterator[None]:
 def _forget_bare_manager(spans: _ManagerSpans) -> None:
     """Its run ended: the context no longer names it (a later phase's solves must not join it)."""
     spans.anchor = None
-    if _BARE_MANAGER.get() is spans:
+    named = _BARE_MANAGER.get()
+    if named is not None and named[1] is spans:
         _BARE_MANAGER.set(None)
 
 
@@ -1597,7 +1602,7 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
             scope = current_scope()
             in_run = scope is not None and scope.in_workflow
             # a solve of a phase awaited by hand outside any run: the phase's run
-            bare = None if in_run else _bare_manager_run()
+            bare = None if in_run else _bare_manager_run(state)
             caller = None if in_run or bare is not None else state.callers.find()
         except Exception:
             logger.debug("cmbagent_otel: could not inspect CMBAgent.solve", exc_info=True)
@@ -1789,7 +1794,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
                 joined.last_failed = False
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
-                _manager_start(spans, instance)
+                _manager_start(state, spans, instance)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start", exc_info=True)
         return wrapped(*args, **kwargs)
@@ -1797,7 +1802,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
     return _ours(state, wrapper)
 
 
-def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
+def _manager_start(state: _State, spans: _ManagerSpans, instance: Any) -> None:
     phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
     raw = raw_scope()
     if raw is not None and raw.in_workflow:
@@ -1819,7 +1824,7 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
     spans.anchor = anchor
     spans.push("workflow", wf)
     spans.push("phase", _detached(_phase(phase_type), wf.scope, wf.span, "phase", instance))
-    _BARE_MANAGER.set(spans)
+    _BARE_MANAGER.set((state, spans))
 
 
 def _pm_start_step(state: _State) -> Callable[..., Any]:
