@@ -266,3 +266,58 @@ def test_cmbagent_backend_reads_a_cancelled_mars_phase_run_from_sqlite_and_postg
         ("completed", DEFAULT_PLAN[0].agent), ("pending", DEFAULT_PLAN[1].agent), ("pending", DEFAULT_PLAN[2].agent)]
     assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
     assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
+
+
+def _bare_control_phases_in_threads(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+    """Two MARS control phases awaited by hand at once, each in a thread of its own (``asyncio.run`` there, as
+    two backend workers would), both started before either solves (a barrier after ``start()``)."""
+    from cmbagent.phases.execution_manager import PhaseExecutionManager
+
+    started = threading.Barrier(2, timeout=120)
+    original = PhaseExecutionManager.start_step
+
+    def start_step(self: Any, step_number: int, description: str = "") -> None:
+        if step_number == 1:
+            started.wait()  # both phases' runs are open before either one's first solve
+        original(self, step_number, description)
+
+    results: dict[int, Any] = {}
+
+    def worker(k: int) -> None:
+        results[k] = _bare_control_phases(1)(task, str(Path(work_dir) / f"worker_{k}"), api_keys)["phases"]
+
+    PhaseExecutionManager.start_step = start_step  # type: ignore[method-assign]
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        PhaseExecutionManager.start_step = original  # type: ignore[method-assign]
+    return {"phases": [results[1], results[2]]}
+
+
+def test_two_mars_phases_awaited_by_hand_at_once_in_two_threads_are_two_runs(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path) -> None:
+    """Held up: each thread's phase manager names its run in that thread's context only; each phase's solves
+    join its own run (two traces, each root with its phase, its 3 steps and its agents), no span of one run in
+    the other's trace, two completed runs in the DB."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_bare_control_phases_in_threads)
+    assert run.error is None, run.error
+    assert [[s for s, _ in p] for p in run.results["phases"]] == [["completed"], ["completed"]]
+    _one_root_per_trace(run)
+    roots = [s for s in run.spans if s.parent is None]
+    assert [r.name for r in roots] == ["workflow control", "workflow control"]
+    turns = []
+    for root in roots:
+        spans = [s for s in run.spans if s.context.trace_id == root.context.trace_id]
+        assert sorted(s.name for s in spans if s.name.startswith(("phase ", "step "))) == [
+            "phase control", "step 1", "step 2", "step 3"]
+        # each phase's solves in its own run: a solve joining the other thread's run would be in that trace
+        turns.append((len([s for s in spans if s.name.startswith("invoke_agent")]),
+                      len([s for s in spans if s.name.startswith("execute_code")])))
+    assert turns[0] == turns[1] and turns[0][0] > 0 and turns[0][1] > 0, turns
+    rows = _final_rows(_exported(run, tmp_path))
+    assert [r["status"] for r in rows["runs"]] == ["completed", "completed"]
