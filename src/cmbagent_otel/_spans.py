@@ -563,8 +563,15 @@ def record_exception(span: Span, exc: BaseException) -> None:
         span.record_exception(exc, attributes=attributes)
     except Exception:  # the SDK's own str(exc) raised: the same event without it
         span.add_event("exception", attributes)
-    span.set_status(Status(StatusCode.ERROR, truncate(f"{type_name}: {message}", 1024)))
+    span.set_status(Status(StatusCode.ERROR, status_message(type_name, message)))
     span.set_attribute(semconv.ERROR_TYPE, type_name)
+
+
+def status_message(type_name: str, message: str) -> str:
+    """A failed span's status message: ``<Type>: <message>``, or the type alone for an exception without a
+    message (``KeyboardInterrupt``, ``CancelledError``): the SDK's ``f"{type}: {exc}"`` leaves those ending in
+    ``": "``, which the run's and nodes' ``error`` in cmbagent's UI then show."""
+    return truncate(f"{type_name}: {message}" if message else type_name, 1024) or type_name
 
 
 # --- sampling decided before anything is built ------------------------------------------------

@@ -99,4 +99,8 @@ def test_mars_executor_around_a_failed_control_phase(request: pytest.FixtureRequ
         "completed", "pending" if how == "between_steps" else "failed", "pending", "failed"]
     assert nodes["control"]["meta"]["error"] == phase_error
     assert row["status"] == "failed", row
+    if not joined:  # the run's agent and model from its first phase's config (session 41; before: "unknown")
+        from cmbagent.utils import default_agents_llm_model
+
+        assert (row["agent"], row["model"]) == ("engineer", default_agents_llm_model["engineer"])
     assert all(n["status"] != "running" for n in nodes.values())

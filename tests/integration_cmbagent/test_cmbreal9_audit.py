@@ -194,7 +194,12 @@ def _comparable(answer: Any) -> Any:
     """An answer without what differs between two databases holding the same spans (row ids, the set order
     of ``agents_involved``, the session's last activity, which the backend's readers update themselves, and
     the UTC offset of the session state's times: cmbagent declares them with a time zone, which PostgreSQL
-    keeps and SQLite does not)."""
+    keeps and SQLite does not), floats to 6 decimals: cmbagent's execution summary sums each agent's event
+    times (``duration_ms / 1000``, ``agent_time_breakdown``) in the order the database returns the events,
+    which the two need not share, and a float sum's last bits depend on its order (whole milliseconds: 6
+    decimals are far from a rounding boundary)."""
+    if isinstance(answer, float):
+        return round(answer, 6)
     if isinstance(answer, dict):
         return {k: sorted(v) if k == "agents_involved" else _comparable(v) for k, v in answer.items()
                 if k not in ("id", "db_id", "event_id", "file_id", "parent_event_id", "root_event_id", "updated_at",

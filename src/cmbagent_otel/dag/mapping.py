@@ -419,7 +419,9 @@ def status_of(span: ReadableSpan) -> str:
 # error.type of a run stopped from outside rather than failing: Ctrl-C, a cancelled asyncio task. Its run row
 # is `cancelled` (a status of cmbagent's WorkflowState); dag_nodes and execution_events have no such status
 # in the contract, so its nodes and events stay `failed`, with the reason.
-INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError"})
+#: a run ended by one of these (its workflow span's ``error.type``) was stopped, not failed: Ctrl-C, a cancelled
+#: task, MARS's pause/cancel check (``PhaseExecutionManager.raise_if_cancelled``: the user cancelled it in the UI)
+INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError", "WorkflowCancelledException"})
 
 
 def _run_status(failed: bool, attrs: Mapping[str, Any]) -> str:
@@ -428,10 +430,18 @@ def _run_status(failed: bool, attrs: Mapping[str, Any]) -> str:
     return "cancelled" if attrs.get(sc.ERROR_TYPE) in INTERRUPTED else "failed"
 
 
+# the OpenTelemetry SDK's status message of an exception without a message (``f"{type}: {exc}"``, e.g.
+# ``KeyboardInterrupt: ``), from a span another instrumentation or process ended: stored as the type alone
+_TYPE_WITHOUT_MESSAGE = re.compile(r"([A-Za-z_][\w.]*): ")
+
+
 def _error_of(span: ReadableSpan) -> str | None:
     if span.status.status_code is not StatusCode.ERROR:
         return None
     description = span.status.description or (span.attributes or {}).get(sc.ERROR_TYPE) or "error"
+    if type(description) is str and description.endswith(": "):
+        bare = _TYPE_WITHOUT_MESSAGE.fullmatch(description)
+        description = bare.group(1) if bare is not None else description
     return truncate(_values.redact(str(description)))
 
 

@@ -101,6 +101,11 @@ def _agent(value: Any) -> str | None:
     return redact_name(value) if isinstance(value, str) and value else None
 
 
+def plan_agent(planned: Mapping[str, Any]) -> str | None:
+    """The agent one step of a cmbagent plan (a sub-task dict) names: its ``sub_task_agent``."""
+    return _agent(planned.get("sub_task_agent"))
+
+
 def tracker_for(scope: Scope | None, tracer: Tracer) -> StepTracker | None:
     """A tracker for a group chat starting at ``scope``, when that chat can hold plan steps.
 
@@ -377,7 +382,7 @@ def _goal_and_agent(number: int, context: Any) -> tuple[str, str | None]:
     steps = plan_steps(context_get(context, "final_plan"))
     if 0 < number <= len(steps):
         goal = _text(steps[number - 1].get("sub_task")) or ""
-        agent = agent or _agent(steps[number - 1].get("sub_task_agent"))
+        agent = agent or plan_agent(steps[number - 1])
     if not goal:
         goal = _text(context_get(context, "current_sub_task")) or ""
     return goal, agent
@@ -410,7 +415,7 @@ def record_not_started(tracer: Tracer, parent_scope: Scope, parent_span: Span, p
             }
             if parent_scope.phase is not None:
                 attrs[semconv.PHASE] = parent_scope.phase
-            agent = _agent(planned.get("sub_task_agent"))
+            agent = plan_agent(planned)
             if agent:
                 attrs[semconv.STEP_AGENT] = agent
             emit_event(tracer, f"step {number}", semconv.KIND_STEP, attrs, parent_scope, parent_span,

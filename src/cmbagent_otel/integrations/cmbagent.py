@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import importlib.util
 import inspect
 import json
@@ -96,6 +97,7 @@ from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
     emit_event,
+    plan_agent,
     plan_steps,
     record_not_started,
     reported_status,
@@ -262,8 +264,8 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _fail_frame(frame: Frame, description: str) -> None:
-    fail_frame(frame, description)  # its run-level duration metric then carries error.type too
+def _fail_frame(frame: Frame, description: str, kind: str = "error") -> None:
+    fail_frame(frame, description, kind)  # its run-level duration metric then carries error.type too
 
 
 def _detached(block: _Block, scope: Scope | None, parent_span: Any, kind: str, owner: Any = None) -> Frame | None:
@@ -699,8 +701,10 @@ def _register_api_keys(api_keys: Any) -> None:
                 register_secret(key)
 
 
-def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
-    _register_api_keys(bound.get("api_keys"))
+def _agent_and_model(bound: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """A run's agent and model from an entry call's arguments (or a MARS phase's config fields): the ``agent``
+    argument, else ``engineer`` when there is an ``engineer_model``, ``summarizer`` for a ``summarizer_model``,
+    get_keywords' finder; the model ``<agent>_model``, else ``engineer_model``."""
     agent = _text(bound.get("agent"))
     if agent is None and "engineer_model" in bound:
         agent = "engineer"
@@ -711,6 +715,12 @@ def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workf
     model = _text(bound.get(f"{agent}_model")) if agent else None
     if model is None:
         model = _text(bound.get("engineer_model"))
+    return agent, model
+
+
+def _workflow_for_entry(name: str, mode: str, bound: Mapping[str, Any]) -> workflow:
+    _register_api_keys(bound.get("api_keys"))
+    agent, model = _agent_and_model(bound)
     return workflow(
         name,
         mode=mode,
@@ -1267,10 +1277,13 @@ class _CallerRuns:
 class _ManagerSpans:
     """The frames one PhaseExecutionManager opened (phase, step, redo; a fallback workflow)."""
 
-    __slots__ = ("block", "cursor", "frames", "joined", "started")
+    __slots__ = ("anchor", "block", "cursor", "frames", "joined", "started")
 
     def __init__(self) -> None:
         self.cursor: Cursor | None = None
+        # started outside any run and not through ``with``: the anchor scope of the run it opened, whose
+        # cursor holds its phase and steps (the solves the phase makes join it: see _bare_manager_run)
+        self.anchor: Scope | None = None
         self.frames: list[tuple[str, Frame]] = []
         self.started: set[int] = set()  # the step numbers start_step opened
         self.block: _Block | None = None  # the fallback workflow entered by __enter__ (closed by __exit__)
@@ -1283,16 +1296,17 @@ class _ManagerSpans:
         frame = self.find("phase")
         return (frame.scope, frame.span) if frame is not None else self.joined
 
-    def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None) -> None:
-        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it (MARS's
-        ``fail()`` while a step is open names that step as the failed one: ``invoke_workflow_failed(error,
-        current_step)``; its step loop fails the phase from there when the step's solve raised or a human
-        aborted it)."""
+    def close(self, kinds: set[str], exc: BaseException | None = None, error: str | None = None,
+              error_kind: str = "error") -> None:
+        """End this manager's frames of ``kinds`` (innermost first); ``error``: each fails with it, ``error_kind``
+        its ``error.type`` (MARS's ``fail()`` while a step is open names that step as the failed one:
+        ``invoke_workflow_failed(error, current_step)``; its step loop fails the phase from there when the
+        step's solve raised or a human aborted it)."""
         targets = [f for k, f in self.frames if k in kinds]
         self.frames = [(k, f) for k, f in self.frames if k not in kinds]
         for frame in reversed(targets):
             if error:
-                _fail_frame(frame, error)
+                _fail_frame(frame, error, error_kind)
             if exc is not None:
                 try:
                     record_exception(frame.span, exc)
@@ -1310,6 +1324,47 @@ class _ManagerSpans:
         self.frames.append((kind, frame))
         if self.cursor is not None and kind != "workflow":
             self.cursor.push(frame)
+
+
+#: The phase manager started outside any run (and not through ``with``) in this context, the latest: its
+#: phase's solves join its run. Set by ``start()`` in the context the phase runs in (an asyncio task's own
+#: copy, a thread's); its manager's ``complete()`` / ``fail()`` / ``__exit__`` end that run.
+_BARE_MANAGER: contextvars.ContextVar[tuple[_State, _ManagerSpans] | None] = contextvars.ContextVar(
+    "cmbagent_otel_bare_manager", default=None)
+
+
+def _bare_manager_run(state: _State) -> _ManagerSpans | None:
+    """The bare phase manager of ``state`` (this instrument() cycle: not one an earlier cycle left open) whose
+    run is still open in this context (``None``: none)."""
+    named = _BARE_MANAGER.get()
+    if named is None or named[0] is not state:
+        return None
+    spans = named[1]
+    if spans.anchor is None or spans.find("workflow") is None:
+        return None
+    return spans
+
+
+@contextmanager
+def _in_bare_manager_run(spans: _ManagerSpans) -> Iterator[None]:
+    """Work (a solve) in the bare manager's run: its anchor scope attached, parented under its open frames."""
+    frame, anchor = spans.find("workflow"), spans.anchor
+    token = None
+    if frame is not None and anchor is not None:
+        token = otel_context.attach(with_scope(anchor, trace.set_span_in_context(frame.span)))
+    try:
+        yield
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+
+
+def _forget_bare_manager(spans: _ManagerSpans) -> None:
+    """Its run ended: the context no longer names it (a later phase's solves must not join it)."""
+    spans.anchor = None
+    named = _BARE_MANAGER.get()
+    if named is not None and named[1] is spans:
+        _BARE_MANAGER.set(None)
 
 
 # --- the instrumentor --------------------------------------------------------------------
@@ -1545,12 +1600,18 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
             _register_api_keys(getattr(instance, "api_keys", None))
             call = _bind(wrapped, args, kwargs)
             scope = current_scope()
-            caller = None if scope is not None and scope.in_workflow else state.callers.find()
+            in_run = scope is not None and scope.in_workflow
+            # a solve of a phase awaited by hand outside any run: the phase's run
+            bare = None if in_run else _bare_manager_run(state)
+            caller = None if in_run or bare is not None else state.callers.find()
         except Exception:
             logger.debug("cmbagent_otel: could not inspect CMBAgent.solve", exc_info=True)
             return wrapped(*args, **kwargs)
-        if scope is not None and scope.in_workflow:
+        if in_run:
             return _solve_in_workflow(wrapped, instance, args, kwargs, call)
+        if bare is not None:
+            with _in_bare_manager_run(bare):
+                return _solve_in_workflow(wrapped, instance, args, kwargs, call)
         if caller is not None:
             with caller.attached():
                 return _solve_in_workflow(wrapped, instance, args, kwargs, call)
@@ -1701,18 +1762,27 @@ def _pm_enter(state: _State) -> Callable[..., Any]:
 
 
 def _fallback_workflow(instance: Any) -> workflow:
-    phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
-    return _mars_workflow(
-        phase_type, getattr(instance, "context", None),
-        _int(getattr(getattr(getattr(instance, "phase", None), "config", None), "max_redos", None)))
+    phase = getattr(instance, "phase", None)
+    phase_type = _text(getattr(phase, "phase_type", None)) or "phase"
+    config = getattr(phase, "config", None)
+    return _mars_workflow(phase_type, getattr(instance, "context", None), _int(getattr(config, "max_redos", None)),
+                          config)
 
 
-def _mars_workflow(name: str, ctx: Any, max_redos: int | None = None) -> workflow:
-    """The run of a MARS phase or workflow started outside any run; ``ctx``: its phase or workflow context."""
+def _mars_workflow(name: str, ctx: Any, max_redos: int | None = None, config: Any = None) -> workflow:
+    """The run of a MARS phase or workflow started outside any run; ``ctx``: its phase or workflow context,
+    ``config``: its (first) phase's config, whose model fields name the run's agent and model as an entry
+    call's arguments do (MARS's ``ControlPhaseConfig.engineer_model``: ``engineer`` and that model)."""
     shared = getattr(ctx, "shared_state", None)
     mode = _text(shared.get("mode")) if isinstance(shared, Mapping) else None
+    try:
+        fields = vars(config) if config is not None else {}
+    except TypeError:  # no __dict__ (slots): no fields read
+        fields = {}
+    agent, model = _agent_and_model(fields) if isinstance(fields, Mapping) else (None, None)
     return workflow(name, mode=mode or "planning-control", task=_text(getattr(ctx, "task", None)),
-                    work_dir=_work_dir(getattr(ctx, "work_dir", None)), max_redos=max_redos)
+                    work_dir=_work_dir(getattr(ctx, "work_dir", None)), max_redos=max_redos, agent=agent,
+                    model=model)
 
 
 def _pm_start(state: _State) -> Callable[..., Any]:
@@ -1724,7 +1794,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
                 joined.last_failed = False
             spans = state.manager(instance, create=True)
             if spans is not None and not spans.frames and spans.joined is None:
-                _manager_start(spans, instance)
+                _manager_start(state, spans, instance)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.start", exc_info=True)
         return wrapped(*args, **kwargs)
@@ -1732,7 +1802,7 @@ def _pm_start(state: _State) -> Callable[..., Any]:
     return _ours(state, wrapper)
 
 
-def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
+def _manager_start(state: _State, spans: _ManagerSpans, instance: Any) -> None:
     phase_type = _text(getattr(getattr(instance, "phase", None), "phase_type", None)) or "phase"
     raw = raw_scope()
     if raw is not None and raw.in_workflow:
@@ -1743,13 +1813,18 @@ def _manager_start(spans: _ManagerSpans, instance: Any) -> None:
             return
         spans.push("phase", _detached(_phase(phase_type), scope, span, "phase", instance))
         return
-    # no run, and not entered as a context manager: the spans exist, but the work the phase
-    # runs cannot be parented under them without attaching (documented limitation)
+    # no run, and not entered as a context manager (a phase awaited by hand: ``await phase.execute(context)``
+    # in MARS's orchestrator and routers): the phase's run, a frame, its phase and steps frames of an anchor
+    # scope of its own; nothing is attached, but the solves the phase makes in this context join it
     wf = _detached(_fallback_workflow(instance), None, None, "workflow", instance)
     if wf is None:
         return
+    anchor = wf.scope.evolve()
+    spans.cursor = anchor.ensure_cursor()
+    spans.anchor = anchor
     spans.push("workflow", wf)
     spans.push("phase", _detached(_phase(phase_type), wf.scope, wf.span, "phase", instance))
+    _BARE_MANAGER.set((state, spans))
 
 
 def _pm_start_step(state: _State) -> Callable[..., Any]:
@@ -1763,7 +1838,8 @@ def _pm_start_step(state: _State) -> Callable[..., Any]:
                 parent = spans.step_parent()
                 if parent is not None:
                     description = _text(call.get("description", args[1] if len(args) > 1 else None)) or ""
-                    spans.push("step", _detached(step(number, description), parent[0], parent[1], "step", instance))
+                    spans.push("step", _detached(step(number, description, agent=_manager_step_agent(instance, number)),
+                                                 parent[0], parent[1], "step", instance))
                     if len(spans.started) < _STARTED_MAX:
                         spans.started.add(number)
         except Exception:
@@ -1858,6 +1934,7 @@ def _pm_complete(state: _State) -> Callable[..., Any]:
             if spans is not None:
                 spans.close(_FRAME_KINDS)
                 spans.joined = None
+                _forget_bare_manager(spans)
         except Exception:
             logger.debug("cmbagent_otel: PhaseExecutionManager.complete", exc_info=True)
         return result
@@ -1886,6 +1963,20 @@ def _manager_plan(instance: Any) -> Any:
     planning = getattr(ctx, "input_data", None)
     planning = planning.get("planning_context") if isinstance(planning, Mapping) else None
     return planning.get("final_plan") if isinstance(planning, Mapping) else None
+
+
+def _manager_step_agent(instance: Any, number: int) -> str | None:
+    """The agent a plan phase's step ``number`` runs with: MARS's control phases give each step the plan's
+    ``sub_task_agent`` (as cmbagent's DAG names the step's agent, ``add_step_nodes``); ``None`` for another
+    phase (a one-step report phase) or a step the plan does not hold."""
+    try:
+        if _text(getattr(getattr(instance, "phase", None), "phase_type", None)) not in _PLAN_PHASES:
+            return None
+        planned = plan_steps(_manager_plan(instance))
+        return plan_agent(planned[number - 1]) if number <= len(planned) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a step's agent from the plan", exc_info=True)
+        return None
 
 
 def _manager_plan_stopped(spans: _ManagerSpans, instance: Any) -> None:
@@ -1917,8 +2008,12 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                 if spans is not None:
                     _manager_plan_stopped(spans, instance)
                     call = _bind(wrapped, args, kwargs)
-                    spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed")
+                    # failed handling an exception (MARS's step loop catching it, its cancel check's
+                    # WorkflowCancelledException): the spans' error.type is its type, as for a raised one
+                    spans.close(_FRAME_KINDS, error=_text(call.get("error")) or "phase failed",
+                                error_kind=error_type(handling) if handling is not None else "error")
                     spans.joined = None
+                    _forget_bare_manager(spans)
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
 
@@ -1940,6 +2035,7 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                         _manager_plan_stopped(spans, instance)
                     spans.close(_FRAME_KINDS, exc=exc)
                     spans.joined = None
+                    _forget_bare_manager(spans)
                     block, spans.block = spans.block, None
                     _exit(block, exc)
             except Exception:
@@ -1983,7 +2079,9 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         scope = current_scope()  # in the task running the executor (asyncio.run copies the caller's context)
         if scope is None or not scope.in_workflow:
             name = _text(getattr(getattr(instance, "workflow", None), "id", None)) or "workflow"
-            block = _mars_workflow(name, getattr(instance, "context", None))
+            phases = getattr(instance, "phases", None)
+            first = phases[0] if isinstance(phases, (list, tuple)) and phases else None
+            block = _mars_workflow(name, getattr(instance, "context", None), config=getattr(first, "config", None))
     except Exception:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
     with _opened(block):
