@@ -60,6 +60,9 @@ KEPT_SEARCHES = 16
 # Seconds the server's start gives its background schema check (see IngestCore.prepare_soon);
 # past them the first write does it, within its own WRITE_WAIT.
 STARTUP_PREPARE_S = 10.0
+# Seconds past STARTUP_PREPARE_S that startup_error waits for the check (its connection's own limits)
+# before saying nothing of it: the thread may be another caller's, bounded to 120 s (see prepare_soon)
+STARTUP_REPORT_MARGIN_S = 2.0
 
 
 class SpanWriter(Protocol):
@@ -280,6 +283,7 @@ class IngestCore:
         # the start's schema check (prepare_soon) and what it raised
         self._startup: threading.Thread | None = None
         self._startup_error: BaseException | None = None
+        self._startup_until = 0.0  # time.monotonic() past which startup_error stops waiting for it
         # the spans stored by the requests answered: one answered 503 counts nothing (its client sends it again)
         self.spans_written = 0
         self.unavailable_responses = 0
@@ -519,6 +523,7 @@ class IngestCore:
         once the schema is known current). Never raises: a failure is met again, and answered,
         by the first write; :meth:`startup_error` tells it."""
         self._startup = self._startup_error = None
+        self._startup_until = time.monotonic() + STARTUP_PREPARE_S + STARTUP_REPORT_MARGIN_S
         try:
             from .dag.database import deadline, prepare_in_background
             from .dag.writer import DagWriter
@@ -543,13 +548,19 @@ class IngestCore:
 
     def startup_error(self) -> BaseException | None:
         """Wait for the schema check :meth:`prepare_soon` began and return what it raised
-        (``None``: it passed, or none ran). What reports a database that cannot be written at
+        (``None``: it passed, none ran, or it is not done within :data:`STARTUP_PREPARE_S` and
+        :data:`STARTUP_REPORT_MARGIN_S`). What reports a database that cannot be written at
         the start must ask this rather than check again: a second check holds the schema lock
         after the first lets go, and one whose connection attempt hangs keeps every request at
-        503 past :data:`STARTUP_PREPARE_S`, while the database answers again."""
+        503 past :data:`STARTUP_PREPARE_S`, while the database answers again.
+
+        Bounded: the thread :func:`~cmbagent_otel.dag.database.prepare_in_background` hands over
+        is the one already running for the URL in this process, which may be another caller's (an
+        instrumented application's schema step, bounded to 120 s, not this server's 10 s): the
+        start waited for it to its end, and reported nothing of it (its error is not ours to tell)."""
         thread = self._startup
         if thread is not None:
-            thread.join()
+            thread.join(max(0.0, self._startup_until - time.monotonic()))
         return self._startup_error
 
     def _is_sqlite(self) -> bool:
