@@ -1972,9 +1972,27 @@ def _executor_run(state: _State) -> Callable[..., Any]:
     they make are one run, not a detached run per phase and one per solve."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return _executor_running(instance, wrapped(*args, **kwargs))
+        work = wrapped(*args, **kwargs)  # called now, as the application's call does: a wrong argument raises here
+        running = _executor_running(instance, work)
+        try:
+            # a task cancelled before its first step never starts ours, and the executor's coroutine was
+            # garbage collected unstarted: "coroutine ... was never awaited", a warning the application's own
+            # cancelled coroutine (closed by the cancel) does not give
+            weakref.finalize(running, _close_unstarted, work).atexit = False
+        except Exception:
+            logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
+        return running
 
     return _ours(state, wrapper)
+
+
+def _close_unstarted(work: Any) -> None:
+    """Close ``work`` (the executor's coroutine) if it never started: ours went without starting it."""
+    try:
+        if inspect.getcoroutinestate(work) == inspect.CORO_CREATED:
+            work.close()
+    except Exception:  # not a coroutine (a run that returns something else): nothing of ours to close
+        logger.debug("cmbagent_otel: could not close an executor's unstarted run", exc_info=True)
 
 
 async def _executor_running(instance: Any, work: Any) -> Any:
