@@ -20,6 +20,7 @@ import contextlib
 import gc
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import wrapt
@@ -42,11 +43,28 @@ def _executor_class(wrapped: bool) -> type:
     return WorkflowExecutor
 
 
-def _cancelled_before_its_first_step(cls: type) -> list[str]:
-    """The unawaited-coroutine warnings of a task running ``cls().run()`` cancelled before it started."""
+class _Module:
+    """A module of cmbagent's shape with an ``async def`` entry point (as hitl workflows are in some versions)."""
+
+    @staticmethod
+    async def one_shot(task: str, work_dir: str = ".") -> str:
+        await asyncio.sleep(0)
+        return f"solved {task}"
+
+
+def _entry(wrapped: bool) -> Any:
+    module = type("cmbagent_module", (), {"one_shot": _Module.one_shot})
+    if wrapped:
+        wrapt.wrap_function_wrapper(module, "one_shot",
+                                    integration._entry_wrapper(integration._State(), "one_shot", "one-shot"))
+    return module.one_shot
+
+
+def _cancelled_before_its_first_step(start: Any) -> list[str]:
+    """The unawaited-coroutine warnings of a task running ``start()`` cancelled before it started."""
 
     async def main() -> None:
-        task = asyncio.ensure_future(cls().run())
+        task = asyncio.ensure_future(start())
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -61,8 +79,20 @@ def _cancelled_before_its_first_step(cls: type) -> list[str]:
 @pytest.mark.parametrize("wrapped", [False, True], ids=["without us", "instrumented"])
 def test_a_run_cancelled_before_it_started_leaves_no_unawaited_coroutine(capture: SpanCapture, wrapped: bool) -> None:
     """Fails on 3c387d5 instrumented: "coroutine 'WorkflowExecutor.run' was never awaited"."""
-    assert _cancelled_before_its_first_step(_executor_class(wrapped)) == []
+    executor = _executor_class(wrapped)
+    assert _cancelled_before_its_first_step(lambda: executor().run()) == []
     assert capture.spans == []  # nothing ran: no run recorded
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["without us", "instrumented"])
+def test_an_async_entry_point_cancelled_before_it_started_leaves_no_unawaited_coroutine(
+        capture: SpanCapture, wrapped: bool) -> None:
+    """The same wrapper shape for cmbagent's ``async def`` entry points (``_entry_wrapper``): fails on 3c387d5
+    instrumented."""
+    entry = _entry(wrapped)
+    assert _cancelled_before_its_first_step(lambda: entry("a task")) == []
+    assert asyncio.run(entry("a task")) == "solved a task"
+    assert [s.name for s in capture.spans if s.parent is None] == (["workflow one_shot"] if wrapped else [])
 
 
 def test_the_wrapped_run_runs_as_the_run_and_raises_a_wrong_call_at_once(capture: SpanCapture) -> None:
