@@ -157,6 +157,18 @@ class RunState:
     def next_phase_index(self) -> int:
         return self._next(_PHASES_KEY)
 
+    def take_phase_index(self, taken: list[int]) -> None:
+        """Append the run's next phase index to ``taken``, in one C call (``list.extend`` consuming the
+        counter): a ``KeyboardInterrupt`` from a signal handler is raised when a call returns, and one
+        raised as :meth:`next_phase_index` returned lost the number taken; here it is in ``taken`` once
+        taken, for the block interrupted after that to be recorded under it."""
+        counter = self._counters[_PHASES_KEY]
+        if _GIL:
+            taken.extend(itertools.islice(counter, 1))
+        else:
+            with self._lock:
+                taken.extend(itertools.islice(counter, 1))
+
     def next_planning_index(self) -> int:
         """1 for the run's first planning phase, then 2, 3, ..."""
         return self._next(_PLANNINGS_KEY)

@@ -23,6 +23,11 @@ import threading
 import weakref
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, nothing to give up
+    fcntl = None  # type: ignore[assignment]
+
 _owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
 _owners_lock = threading.Lock()
 # descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock)
@@ -42,9 +47,23 @@ def hold_fd(fd: int) -> None:
     _held_fds.add(fd)
 
 
-def release_fd(fd: int) -> None:
-    """Forget ``fd`` (call before closing it: a child must never close a number reused meanwhile)."""
-    _held_fds.discard(fd)
+def close_held(fd: int) -> None:
+    """Unlock, forget and close ``fd`` (one :func:`hold_fd` was called for).
+
+    In that order: ``LOCK_UN`` gives the lock up for every copy of the descriptor, so a child forked
+    after ``fd`` is forgotten (it no longer closes its copy) and before it is closed holds no lock (it
+    kept it for its whole life: a ``.tmp`` seen held by a live writer, a folder lock held); forgotten
+    before closed, so a child never closes a number reused meanwhile. The close is in a ``finally``:
+    a Ctrl-C at the unlock or the forgetting does not leak the descriptor."""
+    try:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a file system without locks, or a descriptor already bad
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        try:
+            _held_fds.discard(fd)
+        finally:
+            os.close(fd)
 
 
 def _after_in_child() -> None:

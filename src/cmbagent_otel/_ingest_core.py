@@ -9,19 +9,25 @@ a large request never holds all its spans in memory at once.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import logging
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.sdk.trace import ReadableSpan
 
 from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
 from .redaction import register_secret
+
+if TYPE_CHECKING:
+    from .dag.halving import Halving
 
 logger = logging.getLogger("cmbagent_otel.ingest")
 
@@ -46,9 +52,17 @@ WRITE_WAIT = 3.0
 # (the client gave up and sent it again while it was still being written) and a stopping server's 5 s
 # grace. With the first write's WRITE_WAIT (and the writer's 1 s floor) a chunk ends within ~8.5 s.
 HALVING_WAIT = 3.5
+# Searches cut short (a request answered 503 in the middle of one) kept for their client's retry, which
+# continues the search rather than starting it over: on a database that stayed too slow every retry
+# started again from the whole chunk and such a request was never stored. The least recently cut short
+# is forgotten first; each holds a chunk's span positions (at most CHUNK_SPANS) and two counts.
+KEPT_SEARCHES = 16
 # Seconds the server's start gives its background schema check (see IngestCore.prepare_soon);
 # past them the first write does it, within its own WRITE_WAIT.
 STARTUP_PREPARE_S = 10.0
+# Seconds past STARTUP_PREPARE_S that startup_error waits for the check (its connection's own limits)
+# before saying nothing of it: the thread may be another caller's, bounded to 120 s (see prepare_soon)
+STARTUP_REPORT_MARGIN_S = 2.0
 
 
 class SpanWriter(Protocol):
@@ -74,6 +88,17 @@ class Outcome:
     written: int = 0
     rejected: int = 0
     error_message: str = ""
+
+
+@dataclass
+class _Search:
+    """A chunk's search for the spans the database refuses, cut short: what its client's retry continues.
+    ``halving`` works on the chunk's span positions (a retry decodes new span objects)."""
+
+    halving: Halving[int]
+    size: int  # the chunk's spans
+    stored: int = 0  # spans of the chunk stored by the requests answered 503 (they counted none)
+    rejected: int = 0  # spans refused so far (each with its log line)
 
 
 class Admission:
@@ -174,6 +199,11 @@ def _first_line(exc: BaseException) -> str:
     return _log_line(f"{type(exc).__name__}: {text}")
 
 
+def _digest(body: bytes) -> bytes:
+    """What tells a retried request's body from another's (a kept search is looked up by it)."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
 def gunzip(body: bytes, limit: int) -> bytes:
     """Every member of a gzip body, at most ``limit`` bytes in all.
 
@@ -247,9 +277,13 @@ class IngestCore:
         self._write_lock: threading.Lock | None = None
         self._count_lock = threading.Lock()
         self._db_down = False
+        # set by the server's stop: a search for refused spans answers 503 at its next piece
+        self.stopping = threading.Event()
+        self._searches: OrderedDict[tuple[bytes, int], _Search] = OrderedDict()
         # the start's schema check (prepare_soon) and what it raised
         self._startup: threading.Thread | None = None
         self._startup_error: BaseException | None = None
+        self._startup_until = 0.0  # time.monotonic() past which startup_error stops waiting for it
         # the spans stored by the requests answered: one answered 503 counts nothing (its client sends it again)
         self.spans_written = 0
         self.unavailable_responses = 0
@@ -338,17 +372,24 @@ class IngestCore:
         cost = json_cost(body) if kind == "json" else len(body) * PROTOBUF_FACTOR
         ticket.hold(cost + (len(body) if compressed else 0))
         outcome = Outcome()
+        digest: list[bytes] = []
+
+        def key(number: int) -> tuple[bytes, int]:  # a kept search's: made once per request, when asked for
+            if not digest:
+                digest.append(_digest(body))
+            return digest[0], number
+
         try:
             batches = (iter_json if kind == "json" else iter_protobuf)(
                 body, json_safe=True, limits=self.limits, chunk=CHUNK_SPANS)
-            for batch in batches:
+            for number, batch in enumerate(batches):
                 outcome.rejected += batch.rejected
                 for reason in batch.errors:
                     if len(outcome.error_message) < 1000 and reason not in outcome.error_message:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
                 if batch.spans:
-                    written = self._store(batch.spans, admitted)
+                    written = self._store(batch.spans, admitted, functools.partial(key, number))
                     admitted = None  # later chunks: from when they are ready
                     outcome.written += written
                     if written < len(batch.spans):
@@ -367,7 +408,8 @@ class IngestCore:
             logger.info("cmbagent-otel ingest: rejected %d span(s): %s", outcome.rejected, outcome.error_message)
         return outcome
 
-    def _store(self, spans: Sequence[ReadableSpan], since: float | None) -> int:
+    def _store(self, spans: Sequence[ReadableSpan], since: float | None,
+               key: Callable[[], tuple[bytes, int]] | None = None) -> int:
         """:meth:`write` ``spans``; returns how many were stored.
 
         An error that is not the database being unavailable (a span the writer cannot map or the
@@ -376,51 +418,89 @@ class IngestCore:
         Before, one such span answered its whole request 500 (``internal error``), which OTLP
         clients do not retry: every span of it was lost. ``IngestError`` (unavailable) propagates:
         the client retries the request, and the spans already stored are written again
-        idempotently."""
-        from .dag.halving import write_in_halves
+        idempotently. A search cut short (its deadline, the server stopping, the database down) is
+        kept under ``key()`` (the request body's digest and the chunk's number): the retry of the
+        same request continues it, without writing the whole chunk again."""
+        from .dag.halving import Halving
         from .dag.mapping import redact_columns
 
         spans = redact_columns(spans)  # an ingest client's spans are not ours: see redact_columns
-        try:
-            self.write(spans, since)
-            return len(spans)
-        except IngestError:
-            raise
-        except Exception as exc:
-            logger.error("cmbagent-otel ingest: could not store %d span(s) (%s); looking for the ones that "
-                         "cause it", len(spans), _first_line(exc))
-            # the traceback only when asked for: a driver's error quotes every row's parameters
-            logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
-        stored = rejected = 0
+        search = self._resume(key, len(spans))
+        if search is None:
+            try:
+                self.write(spans, since)
+                return len(spans)
+            except IngestError:
+                raise
+            except Exception as exc:
+                logger.error("cmbagent-otel ingest: could not store %d span(s) (%s); looking for the ones that "
+                             "cause it", len(spans), _first_line(exc))
+                # the traceback only when asked for: a driver's error quotes every row's parameters
+                logger.debug("cmbagent-otel ingest: the write error", exc_info=exc)
+            search = _Search(Halving(range(len(spans))), len(spans))
         end = time.monotonic() + HALVING_WAIT
 
-        def write(piece: list[ReadableSpan]) -> bool:
-            nonlocal stored
+        def write(piece: list[int]) -> bool:
             now = time.monotonic()
-            if now >= end:
+            if now >= end or self.stopping.is_set():
                 self.count("unavailable_responses")
-                logger.warning("cmbagent-otel ingest: finding the span(s) the database refuses took longer than "
-                               "%g s (a slow database); asking the client to retry", HALVING_WAIT)
-                raise IngestError("unavailable", "database too slow to find the span(s) it refuses, retry later")
+                if now >= end:
+                    logger.warning("cmbagent-otel ingest: finding the span(s) the database refuses took longer "
+                                   "than %g s (a slow database); asking the client to retry", HALVING_WAIT)
+                else:
+                    logger.warning("cmbagent-otel ingest: stopping while finding the span(s) the database "
+                                   "refuses; asking the client to retry")
+                raise IngestError("unavailable", "database too slow to find the span(s) it refuses, retry later"
+                                  if now >= end else "server stopping, retry later")
             try:
-                self.write(piece, until=min(now + WRITE_WAIT, end))
+                self.write([spans[i] for i in piece], until=min(now + WRITE_WAIT, end))
             except IngestError:
                 raise
             except Exception:
                 return False
-            stored += len(piece)
+            search.stored += len(piece)
             return True
 
-        def reject(span: ReadableSpan) -> None:
-            nonlocal rejected
-            ctx = span.context
-            rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
-            logger.log(logging.WARNING if rejected <= _REJECTED_LINES else logging.DEBUG,
+        def reject(position: int) -> None:
+            ctx = spans[position].context
+            search.rejected += 1  # a line each for the first few: a client's flood of them is not a flood of lines
+            logger.log(logging.WARNING if search.rejected <= _REJECTED_LINES else logging.DEBUG,
                        "cmbagent-otel ingest: rejected span %016x of trace %032x: it cannot be stored",
                        ctx.span_id if ctx is not None else 0, ctx.trace_id if ctx is not None else 0)
 
-        write_in_halves(spans, write, reject)
-        return stored
+        try:
+            search.halving.run(write, reject)
+        except IngestError:
+            self._keep(key, search)
+            raise
+        return search.stored
+
+    def _resume(self, key: Callable[[], tuple[bytes, int]] | None, size: int) -> _Search | None:
+        """The search a request answered 503 left for this chunk (taken: a retry sent twice at once
+        starts a search of its own), or None. The body's digest is made only while searches are kept."""
+        if key is None or not self._searches:
+            return None
+        try:
+            wanted = key()
+        except Exception:
+            return None
+        with self._count_lock:
+            search = self._searches.pop(wanted, None)
+        return search if search is not None and search.size == size else None
+
+    def _keep(self, key: Callable[[], tuple[bytes, int]] | None, search: _Search) -> None:
+        """Keep ``search`` for its client's retry (the least recently kept forgotten past :data:`KEPT_SEARCHES`)."""
+        if key is None:
+            return
+        try:
+            kept = key()
+        except Exception:
+            return
+        with self._count_lock:
+            self._searches[kept] = search
+            self._searches.move_to_end(kept)
+            while len(self._searches) > KEPT_SEARCHES:
+                self._searches.popitem(last=False)
 
     def _get_writer(self) -> SpanWriter:
         with self._writer_lock:
@@ -443,6 +523,7 @@ class IngestCore:
         once the schema is known current). Never raises: a failure is met again, and answered,
         by the first write; :meth:`startup_error` tells it."""
         self._startup = self._startup_error = None
+        self._startup_until = time.monotonic() + STARTUP_PREPARE_S + STARTUP_REPORT_MARGIN_S
         try:
             from .dag.database import deadline, prepare_in_background
             from .dag.writer import DagWriter
@@ -467,13 +548,19 @@ class IngestCore:
 
     def startup_error(self) -> BaseException | None:
         """Wait for the schema check :meth:`prepare_soon` began and return what it raised
-        (``None``: it passed, or none ran). What reports a database that cannot be written at
+        (``None``: it passed, none ran, or it is not done within :data:`STARTUP_PREPARE_S` and
+        :data:`STARTUP_REPORT_MARGIN_S`). What reports a database that cannot be written at
         the start must ask this rather than check again: a second check holds the schema lock
         after the first lets go, and one whose connection attempt hangs keeps every request at
-        503 past :data:`STARTUP_PREPARE_S`, while the database answers again."""
+        503 past :data:`STARTUP_PREPARE_S`, while the database answers again.
+
+        Bounded: the thread :func:`~cmbagent_otel.dag.database.prepare_in_background` hands over
+        is the one already running for the URL in this process, which may be another caller's (an
+        instrumented application's schema step, bounded to 120 s, not this server's 10 s): the
+        start waited for it to its end, and reported nothing of it (its error is not ours to tell)."""
         thread = self._startup
         if thread is not None:
-            thread.join()
+            thread.join(max(0.0, self._startup_until - time.monotonic()))
         return self._startup_error
 
     def _is_sqlite(self) -> bool:

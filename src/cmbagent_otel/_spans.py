@@ -892,9 +892,45 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
         logger.debug("cmbagent_otel: could not start span %s", name, exc_info=True)
         _unstarted(self, frame)
     except BaseException as exc:  # raised asynchronously (Ctrl-C's KeyboardInterrupt from a signal handler)
+        try:
+            sent, parent = attrs, parent_ctx  # what the SDK's start_span was given, if start got that far
+        except NameError:  # (UnboundLocalError)
+            sent = None
+        if sent is not None:
+            _lost_in_start_span(self, name, sent, parent)
         _interrupted(self, frame, ctx, exc)
         raise  # unchanged: the application's
     return self
+
+
+def _lost_in_start_span(self: Any, name: str, sent: Mapping[str, Any], parent: otel_context.Context | None) -> None:
+    """When :func:`start` was interrupted inside the SDK's ``start_span`` after the span started (its span
+    processors' ``on_start`` ran) or as it returned, before ``self.span`` held it: take that span back, so
+    ``_interrupted`` ends it. Lost, it never ended, and the live DAG's started record (queued by our
+    processor's ``on_start``) left its node ``running`` for good, beside the node of the span the block
+    then started and ended for the interrupt. Only a span our processor saw start can be found (in this
+    thread, the last one, still alive: the interrupted frames hold it); it must be this one: the same
+    name, parent and execution order (an interrupt before the SDK was called finds an earlier span, which
+    may still be open). Never raises."""
+    try:
+        if getattr(self, "span", trace.INVALID_SPAN) is not trace.INVALID_SPAN:
+            return  # start got the span: nothing lost
+        from .processor import take_started_here
+
+        span = take_started_here()
+        if span is None or span.name != name or span.end_time is not None:
+            return
+        attributes = span.attributes or {}
+        if attributes.get(EXECUTION_ORDER) != sent.get(EXECUTION_ORDER):
+            return
+        expected = trace.get_current_span(parent).get_span_context()
+        found = span.parent
+        if (found.span_id, found.trace_id) != (expected.span_id, expected.trace_id) if found is not None \
+                else expected.is_valid:
+            return
+        self.span = span
+    except Exception:
+        logger.debug("cmbagent_otel: could not find a span lost in an interrupted start", exc_info=True)
 
 
 def _interrupted(self: Any, frame: Frame | None, ctx: otel_context.Context | None, exc: BaseException) -> None:

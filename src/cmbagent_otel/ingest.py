@@ -226,6 +226,7 @@ class IngestServer:
     def start(self) -> IngestServer:
         """Bind and serve in daemon threads; returns ``self``."""
         self.bind()
+        self.core.stopping.clear()
         self.core.prepare_soon()
         self._stopped.clear()
         with self._lock:
@@ -269,7 +270,9 @@ class IngestServer:
         Requests still arriving are answered 503 (retry later) at once; requests being
         written finish first with their true answer (each waits at most
         :data:`~cmbagent_otel._ingest_core.WRITE_WAIT` seconds for the database, inside
-        uvicorn's and grpcio's 5 s grace)."""
+        uvicorn's and grpcio's 5 s grace); one looking for the spans the database refuses is
+        answered 503 at its next piece (its search kept for its client's retry)."""
+        self.core.stopping.set()  # before the receivers wait for the requests being written
         with self._lock:
             server, self._uvicorn = self._uvicorn, None
             app, self._app = self._app, None

@@ -131,6 +131,18 @@ def _live_setting(value: bool | None) -> bool:
     return bool(value) if value is not None else bool(environment_variables.get(environment_variables.LIVE_DAG))
 
 
+# The span this thread's last started record was queued for (held weakly): a Ctrl-C raised inside the SDK's
+# start_span after on_start, or as it returned, lost the span on its way to its caller, which never ended it,
+# and the row of its started record stayed `running` for good (see _spans.start)
+_started_here = threading.local()
+
+
+def take_started_here() -> Span | None:
+    """The span the calling thread's last started record was queued for, if it is still alive (and forget it)."""
+    ref = _started_here.__dict__.pop("span", None)
+    return ref() if ref is not None else None
+
+
 class DurableBatchSpanProcessor(SpanProcessor):
     """Batches finished spans to ``exporter``; a full queue spills (or counts drops), never silently.
 
@@ -206,6 +218,7 @@ class DurableBatchSpanProcessor(SpanProcessor):
         queue = self._queue
         if len(queue) >= self._max_queue:
             return  # a full queue: the finished span still comes, the live record is not worth a spill
+        _started_here.span = weakref.ref(span)  # see take_started_here
         queue.append(_Started(span))  # type: ignore[arg-type]
         if self._live_due is None:
             self._live_due = time.monotonic() + self._live_delay_s

@@ -42,7 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
-from ._forksafe import hold_fd, release_fd
+from ._forksafe import close_held, hold_fd
 from ._jsontext import loads
 from .semconv import SPAN_KIND
 
@@ -397,8 +397,8 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
     except OSError:
         yield False  # renamed by its writer meanwhile, or not ours to open: left alone
         return
-    hold_fd(fd)  # a child forked meanwhile must not keep it: a writer alive, to every recover()
-    try:
+    try:  # from the descriptor's first instruction: a Ctrl-C at hold_fd's call leaked it
+        hold_fd(fd)  # a child forked meanwhile must not keep it: a writer alive, to every recover()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -413,8 +413,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
             return
         yield True
     finally:
-        release_fd(fd)
-        os.close(fd)
+        close_held(fd)  # unlocked first: a child forked before the close kept it, a writer alive to recover()
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -602,8 +601,8 @@ class SpillStore:
         # and the name, not ours, is left alone
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
-            _hold(fd)  # until the file is renamed: recover() in another process leaves it alone
-            try:
+            try:  # _hold inside: a Ctrl-C at its call (or in it, before its flock) leaked the descriptor
+                _hold(fd)  # until the file is renamed: recover() in another process leaves it alone
                 with os.fdopen(fd, "wb", closefd=False) as handle:
                     handle.write(data)
                     handle.flush()
@@ -613,8 +612,7 @@ class SpillStore:
                     # under its writer, whose own rename then failed and reported the batch lost
                     os.replace(tmp, final)
             finally:
-                release_fd(fd)
-                os.close(fd)
+                close_held(fd)  # unlocked first: a child forked before the close kept the lock
             if fcntl is None:
                 os.replace(tmp, final)  # Windows: an open file is not renamed
         except BaseException:

@@ -193,15 +193,25 @@ class _Block:
     # decorated function) acts on the copy's entry, and the copy's entries are listed on it
     _origin: _Block | None = None
 
-    def _open(self, scope: Scope | None = None) -> TracedSpan | None:  # pragma: no cover - abstract
-        """Check the nesting at ``scope`` (default: where new work stands now) and describe the span."""
-        raise NotImplementedError
+    def _open(self, scope: Scope | None = None, taken: list[int] | None = None) -> TracedSpan | None:
+        """Check the nesting at ``scope`` (default: where new work stands now) and describe the span.
+        ``taken``: where a phase puts the index it takes (see :meth:`_taken_interrupted`)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _taken_interrupted(self, taken: list[int], exc: BaseException) -> None:
+        """Hook: ``exc`` (not an ``Exception``) came out of :meth:`_open` after it put ``taken`` there."""
 
     def _entered(self, traced: TracedSpan | None) -> None:
         """Hook: an entry opened ``traced`` (``None``: nothing was opened)."""
 
     def __enter__(self) -> _Block:
-        traced = self._open()
+        taken: list[int] = []
+        try:
+            traced = self._open(None, taken)
+        except BaseException as exc:  # Ctrl-C inside _open (or as it returned) after it took a number
+            if taken and not isinstance(exc, Exception):
+                self._taken_interrupted(taken, exc)
+            raise
         context = traced._ctx if traced is not None else None  # (start() takes it: see _start_interrupted)
         try:
             self._entered(traced)
@@ -578,7 +588,7 @@ class workflow(_Block):
         if scope is not None:
             scope.run.ended = True
 
-    def _open(self, scope: Scope | None = None) -> TracedSpan | None:
+    def _open(self, scope: Scope | None = None, taken: list[int] | None = None) -> TracedSpan | None:
         parent = scope or current_scope()
         context = link = None
         if parent is not None and parent.in_workflow:
@@ -727,13 +737,33 @@ class phase(_Block):
     def _copy(self) -> phase:
         return phase(self.name, agent=self.agent, attributes=self.attributes)
 
-    def _open(self, scope: Scope | None = None) -> TracedSpan:
+    def _open(self, scope: Scope | None = None, taken: list[int] | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"phase({self.name!r})", "a workflow")
         if scope.phase is not None:
             raise WorkflowNestingError(
                 f"phase({self.name!r}) opened inside phase({scope.phase!r}); phases do not nest"
             )
-        index = scope.run.next_phase_index()
+        if taken is None:
+            taken = []
+        scope.run.take_phase_index(taken)
+        return self._described(scope, taken[-1])
+
+    def _taken_interrupted(self, taken: list[int], exc: BaseException) -> None:
+        """The phase took index ``taken[-1]`` and ``exc`` came before its span was described: the phase is
+        recorded under it, failed, as one interrupted before its span started (the next phase numbered 2
+        and no span of this one, before). Never raises."""
+        try:
+            scope = current_scope()  # where _open read it: the same context, nothing entered since
+            if scope is None:
+                return
+            traced = self._described(scope, taken[-1])
+        except Exception:
+            logger.debug("cmbagent_otel: could not record a phase interrupted as it opened", exc_info=True)
+            return
+        self._start_interrupted(traced, traced._ctx, exc)
+
+    def _described(self, scope: Scope, index: int) -> TracedSpan:
+        """The span of this phase, the run's ``index``-th."""
         planning = is_planning_phase(self.name)
         attrs: dict[str, Any] = {semconv.PHASE: self.name, semconv.PHASE_INDEX: index}
         if planning:
@@ -785,7 +815,7 @@ class step(_Block):
         """Record the step's outcome summary (``cmbagent.step.summary``)."""
         self.set_attribute(semconv.STEP_SUMMARY, _clean(summary))
 
-    def _open(self, scope: Scope | None = None) -> TracedSpan:
+    def _open(self, scope: Scope | None = None, taken: list[int] | None = None) -> TracedSpan:
         scope = _require(scope or current_scope(), f"step({self.number})", "a phase")
         if scope.phase is None:
             raise WorkflowNestingError(f"step({self.number}) must be opened inside a phase")
@@ -848,7 +878,7 @@ class redo(_Block):
     def _copy(self) -> redo:
         return redo(self.step, self.attempt, self.hypothesis, agent=self.agent, attributes=self.attributes)
 
-    def _open(self, scope: Scope | None = None) -> TracedSpan:
+    def _open(self, scope: Scope | None = None, taken: list[int] | None = None) -> TracedSpan:
         # the redo is the step's agent's work unless told otherwise: read it off the step's span
         agent = self.agent or (_step_agent() if scope is None else None)
         scope = _require(scope or current_scope(), f"redo(step={self.step})", f"step({self.step})")

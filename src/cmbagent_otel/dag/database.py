@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
-from .._forksafe import hold_fd, release_fd, reset_in_child
+from .._forksafe import close_held, hold_fd, reset_in_child
 from ..redaction import is_secret_key
 from ._watchdog import watchdog
 
@@ -354,15 +354,12 @@ def creation_lock(path: Path) -> Iterator[None]:
     except OSError:
         yield
         return
-    hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
-    try:
+    try:  # from the descriptor's first instruction: a Ctrl-C at hold_fd's call leaked it
+        hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
         _flock_within(fd, path, fcntl)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy: a fork from here on shares no lock
-        release_fd(fd)
-        os.close(fd)
+        close_held(fd)  # unlocked for every copy first: a fork from here on shares no lock
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any) -> None:

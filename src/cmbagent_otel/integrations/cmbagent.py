@@ -1582,7 +1582,8 @@ def _entry_wrapper(state: _State, name: str, mode: str) -> Callable[..., Any]:
             logger.debug("cmbagent_otel: could not describe %s", name, exc_info=True)
             return wrapped(*args, **kwargs)
         if inspect.iscoroutinefunction(wrapped):
-            return _run_async(block, wrapped(*args, **kwargs))
+            work = wrapped(*args, **kwargs)
+            return _closes_unstarted(_run_async(block, work), work)
         with _run(block):
             return call_with_headroom(wrapped, args, kwargs)  # one frame-stack chunk for the workflow
 
@@ -2068,9 +2069,31 @@ def _executor_run(state: _State) -> Callable[..., Any]:
     they make are one run, not a detached run per phase and one per solve."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return _executor_running(instance, wrapped(*args, **kwargs))
+        work = wrapped(*args, **kwargs)  # called now, as the application's call does: a wrong argument raises here
+        return _closes_unstarted(_executor_running(instance, work), work)
 
     return _ours(state, wrapper)
+
+
+def _closes_unstarted(running: Any, work: Any) -> Any:
+    """``running`` (our coroutine, which awaits the application's coroutine ``work``), set to close ``work`` if
+    it is collected without having started it. A task cancelled before its first step never starts ours, and
+    ``work`` was collected unstarted: "RuntimeWarning: coroutine ... was never awaited", which the application's
+    own coroutine, closed by the cancel, does not give (an error under ``-W error``). Not at exit."""
+    try:
+        weakref.finalize(running, _close_unstarted, work).atexit = False
+    except Exception:
+        logger.debug("cmbagent_otel: could not watch a coroutine's start", exc_info=True)
+    return running
+
+
+def _close_unstarted(work: Any) -> None:
+    """Close ``work`` if it never started."""
+    try:
+        if inspect.getcoroutinestate(work) == inspect.CORO_CREATED:
+            work.close()
+    except Exception:  # not a coroutine (a function that returns something else): nothing to close
+        logger.debug("cmbagent_otel: could not close an unstarted coroutine", exc_info=True)
 
 
 async def _executor_running(instance: Any, work: Any) -> Any:
