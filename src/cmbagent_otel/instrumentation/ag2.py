@@ -166,8 +166,8 @@ class _State:
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
                  "descriptions", "event_logger", "human_input",
-                 "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
-                 "workflow_tracer")
+                 "manager_cls", "metrics", "no_speaker_cls", "probe", "selection_context", "tool_executor_cls",
+                 "tracer", "types", "workflow_tracer")
 
     def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
                  event_logger: _logs.Logger | None = None, metrics: ModelMetrics | None = None) -> None:
@@ -201,6 +201,8 @@ class _State:
         self.chat_attributes: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         # a group chat's selection method name and candidate names (see _handoffs)
         self.candidates: dict[int, tuple[Any, ...]] = {}
+        # (Context, scope, span) the last speaker selection found in its current Context (see _handoffs._begin)
+        self.selection_context: tuple[Any, Any, Any] = (None, None, None)
 
 
 def _content(render: Callable[..., Any], *args: Any) -> Any:
