@@ -883,9 +883,10 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    if type(model) is not str:  # a str subclass as its plain text, anything else no model
+        model = str.__str__(model) if isinstance(model, str) else None
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
-    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
-            _models.usage_attributes(usage), cost)
+    return redact_name(model) if model is not None else None, _models.usage_attributes(usage), cost
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -1066,11 +1067,12 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             traced.span.set_attributes(attrs)
         except Exception:
             logger.debug("cmbagent_otel: could not set attributes", exc_info=True)
-    event = traced.event if chat else None  # type: ignore[attr-defined]
-    if event is not None:
-        event.update(_event_base(attrs))
-        if output is not None:
-            event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
+    if chat:  # a plain span (no metrics, no content event) has no event
+        event = traced.event  # type: ignore[attr-defined]
+        if event is not None:
+            event.update(_event_base(attrs))
+            if output is not None:
+                event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
 
 
 # the finish reasons of the OpenAI API (the ones AG2's other clients map theirs to): kept as they are
