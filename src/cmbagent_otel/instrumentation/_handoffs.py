@@ -241,7 +241,7 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         ctx = get_current()
         last = state.selection_context
         if last[0] is ctx:  # the previous selection's Context (immutable): the same answers from its keys
-            scope, span = last[1], last[2]
+            _, scope, span = last
         else:
             # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
             if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
