@@ -364,13 +364,33 @@ def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], not
 
 
 def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> Callable[..., Any]:
-    """What :func:`specialise` returns when it cannot generate: ``func`` called with the fixed arguments."""
+    """What :func:`specialise` returns when it cannot generate: ``func`` called with the fixed arguments, through
+    one plain function made from its signature (no source needed), else through ``Signature.bind``."""
     signature = inspect.signature(func)
-    left = signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in fixed])
+    params = list(signature.parameters.values())
+    try:
+        if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+            raise ValueError("only plain parameters are passed on by a made function")
+        env: dict[str, Any] = {"_func": func}
+        left: list[str] = []
+        passed: list[str] = []
+        for i, param in enumerate(params):
+            if param.name in fixed:
+                env[f"_fixed{i}"] = fixed[param.name]
+                passed.append(f"_fixed{i}")
+                continue
+            if param.default is param.empty:
+                left.append(param.name)
+            else:
+                env[f"_default{i}"] = param.default
+                left.append(f"{param.name}=_default{i}")
+            passed.append(param.name)
+        exec(f"def calling({', '.join(left)}):\n    return _func({', '.join(passed)})\n", env)
+        made: Callable[..., Any] = env["calling"]
+    except Exception:  # a signature a plain def cannot repeat
+        left_signature = signature.replace(parameters=[p for p in params if p.name not in fixed])
 
-    def calling(*args: Any, **kwargs: Any) -> Any:
-        bound = left.bind(*args, **kwargs)
-        return func(**bound.arguments, **fixed)
-
-    calling.__qualname__ = calling.__name__ = name
-    return calling
+        def made(*args: Any, **kwargs: Any) -> Any:
+            return func(**left_signature.bind(*args, **kwargs).arguments, **fixed)
+    made.__qualname__ = made.__name__ = name
+    return made

@@ -218,9 +218,13 @@ def test_what_cannot_be_generated_calls_the_function_itself() -> None:
     assert specialise(_shadows, "made", {"flag": True}, inline=(_reads_global,))(2) == _shadows(2, True) == 13
 
     namespace: dict[str, Any] = {}
-    exec("def no_source(a, flag):\n    return a if flag else -a\n", namespace)  # no source file to read
-    made = specialise(namespace["no_source"], "made", {"flag": False})
-    assert made(3) == -3 and made(a=4) == -4
+    exec("def no_source(a, flag, b=2):\n    return (a if flag else -a, b)\n"  # no source file to read
+         "def keywords(a, flag, *, b=2):\n    return (a if flag else -a, b)\n", namespace)
+    for function in (namespace["no_source"], namespace["keywords"]):  # a made function; Signature.bind
+        made = specialise(function, "made", {"flag": False})
+        assert made(3) == (-3, 2) and made(a=4, b=5) == (-4, 5) and made.__name__ == "made"
+    # plain parameters: one plain call per call, no signature binding (the fallback of start() per span)
+    assert "bind" not in specialise(namespace["no_source"], "made", {"flag": False}).__code__.co_names
 
     def assigns(a: Any, flag: Any) -> Any:
         flag = not flag  # a fixed argument assigned: its value is not known everywhere
