@@ -789,6 +789,10 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     took three. The span's inputs are never stored: only what ending it and its children's scope need.
     ``known``: the scope ``ctx`` holds, already read by the caller, a :class:`Scope` without a cursor
     (``None``: read here).
+
+    Its source is also the source of the hot span types' starts (:func:`start_of`, generated from it and
+    from :func:`_name_node` and :func:`_set_node`, which are written into them): a change here is a change
+    there; those two helpers keep their one ``return`` at their end (else they are not written in).
     """
     # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
     frame = None

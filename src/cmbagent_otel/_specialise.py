@@ -155,9 +155,9 @@ class _Inline(ast.NodeTransformer):
         return out
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
-        for field in ("body", "orelse", "finalbody", "handlers"):
+        for field in ("body", "orelse", "finalbody"):  # an except clause's body: when its handler is visited
             statements = getattr(node, field, None)
-            if not isinstance(statements, list) or field == "handlers":
+            if not isinstance(statements, list):
                 continue
             out: list[ast.stmt] = []
             for stmt in statements:
