@@ -8,6 +8,7 @@ decides. The partial evaluator is also checked on small functions, where its fol
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -124,22 +125,47 @@ def test_a_span_types_start_folds_what_its_type_decides() -> None:
     assert "node" not in ag2._start_llm.__code__.co_varnames and "_track" not in ag2._start_llm.__code__.co_names
 
 
-@pytest.fixture
-def _interrupt_in_a_generated_start() -> Iterator[list[BaseException]]:
-    """A KeyboardInterrupt raised when ``attach`` returns inside the agent turn's generated start (as a signal
-    handler would raise it there: the token never kept)."""
-    raised: list[BaseException] = []
+# start()'s line after its context is attached: the generated copies keep start()'s lines
+_AFTER_ATTACH = next(number for number, line in enumerate(inspect.getsource(_spans.start).splitlines(),
+                                                        _spans.start.__code__.co_firstlineno)
+                     if line.strip().startswith("self._timing = "))
 
+
+def _in_the_turns_start(frame: FrameType) -> bool:
+    made = ag2._start_agent
+    return made is not None and frame.f_code is made.__code__
+
+
+def _when_attach_returns(raised: list[BaseException]) -> None:
     def profile(frame: FrameType, event: str, arg: Any) -> None:
-        made = ag2._start_agent
-        if event == "c_return" and arg is _spans.attach and made is not None and frame.f_code is made.__code__:
+        if event == "c_return" and arg is _spans.attach and _in_the_turns_start(frame):
             raised.append(KeyboardInterrupt())
             raise raised[-1]  # the hook is removed by the interpreter when it raises
     sys.setprofile(profile)
+
+
+def _at_the_line_after_attach(raised: list[BaseException]) -> None:
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == _AFTER_ATTACH:
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if _in_the_turns_start(frame) else None)
+
+
+@pytest.fixture(params=[_when_attach_returns, _at_the_line_after_attach], ids=["when-attach-returns",
+                                                                               "line-after-attach"])
+def _interrupt_in_a_generated_start(request: pytest.FixtureRequest) -> Iterator[list[BaseException]]:
+    """A KeyboardInterrupt raised inside the agent turn's generated start once its context is attached, as a
+    signal handler would raise it there (when ``attach`` returns: the token never kept; or at the next line)."""
+    raised: list[BaseException] = []
+    request.param(raised)
     try:
         yield raised
     finally:
         sys.setprofile(None)
+        sys.settrace(None)
 
 
 def test_ctrl_c_inside_a_generated_start_ends_its_span(instrumented: SpanCapture,
@@ -149,6 +175,7 @@ def test_ctrl_c_inside_a_generated_start_ends_its_span(instrumented: SpanCapture
     with pytest.raises(KeyboardInterrupt) as caught:  # as a notebook cell catches it
         user.initiate_chat(assistant, message="first?", max_turns=1, silent=True)
     sys.setprofile(None)
+    sys.settrace(None)
     assert _interrupt_in_a_generated_start and caught.value is _interrupt_in_a_generated_start[0]  # unchanged
     assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
     interrupted = instrumented.spans
