@@ -1,0 +1,396 @@
+"""Specialised copies of a function, generated from its own source with some of its arguments fixed.
+
+The span machinery has one generic :func:`~cmbagent_otel._spans.start` for every span shape; the hot
+span types (an agent turn, a model call, a tool call) always pass it the same kind, OTel span kind and
+no run, conversation or scope change, and it tests each of them again on every span. Written out by
+hand per type, the specialised starts were copies of it (reverted in session 38). Here they are
+generated from ``start``'s own syntax tree, as the DAG writer's row converters are generated from
+one description (``dag/statements.py``): the fixed arguments become constants, every test they decide
+is folded away, and small helpers called from the function are written in. ``start`` stays the one
+source of truth: a specialised copy runs exactly its statements for those arguments, on the same
+source lines (tracebacks and line-based hooks see ``start``'s lines).
+
+Only what is sure is folded: a test whose every operand is a fixed argument, a module constant named
+by the caller (read once, here: ``_GIL``, ``SPAN_KEY``...), a literal, or a name known not to be
+``None`` compared with ``None``. Anything else stays as it is in the source.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import inspect
+import logging
+import operator
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from types import CodeType
+from typing import Any
+
+logger = logging.getLogger("cmbagent_otel")
+
+# values the compiler takes as literals (ast.Constant); others are handed to the copy as closure variables
+_LITERALS = (type(None), bool, int, float, str, bytes)
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Is: operator.is_, ast.IsNot: operator.is_not, ast.Eq: operator.eq, ast.NotEq: operator.ne,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}
+
+
+class _NotNone:
+    """The value of a name known not to be ``None`` (only its ``is``/``is not None`` tests fold)."""
+
+
+_NOT_NONE = _NotNone()
+_UNKNOWN = object()
+
+
+def _function_def(func: Callable[..., Any]) -> ast.FunctionDef:
+    tree = ast.parse(_source(func.__code__))
+    ast.increment_lineno(tree, func.__code__.co_firstlineno - 1)
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef):
+        raise TypeError(f"{func.__qualname__} is not a plain function")
+    return node
+
+
+def _stored(statements: list[ast.stmt]) -> set[str]:
+    """Every name ``statements`` bind (assignments, loop, ``with`` and ``except`` targets, nested definitions
+    and their parameters)."""
+    names: set[str] = set()
+    for node in (n for statement in statements for n in ast.walk(statement)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.ExceptHandler, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def _read(statements: list[ast.stmt]) -> set[str]:
+    """Every name ``statements`` read."""
+    return {n.id for statement in statements for n in ast.walk(statement)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+@functools.lru_cache(maxsize=16)
+def _source(code: CodeType) -> str:
+    """A function's source, dedented (read once: several copies are generated from one function)."""
+    return textwrap.dedent(inspect.getsource(code))
+
+
+class _Rename(ast.NodeTransformer):
+    """Names replaced by expressions (a helper's parameters by its caller's arguments) or renamed."""
+
+    def __init__(self, names: Mapping[str, ast.Name | ast.Constant]) -> None:
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        found = self.names.get(node.id)
+        if found is None:
+            return node
+        if isinstance(found, ast.Constant):  # a literal argument: read only (parameters are never assigned)
+            return ast.copy_location(ast.Constant(found.value), node)
+        return ast.copy_location(ast.Name(found.id, node.ctx), node)  # type: ignore[attr-defined]
+
+
+class _Inline(ast.NodeTransformer):
+    """Calls of the given helpers, as a statement or as the value of an assignment, written in."""
+
+    def __init__(self, helpers: Iterable[Callable[..., Any]], globals_: Mapping[str, Any],
+                 caller: ast.FunctionDef) -> None:
+        # the caller's own names: a helper's global read must not meet one of them once written in
+        self.caller_names = _stored(caller.body) | {a.arg for a in [*caller.args.args, *caller.args.kwonlyargs]}
+        self.helpers: dict[str, ast.FunctionDef] = {}
+        for helper in helpers:
+            if helper.__globals__ is not globals_:
+                raise ValueError(f"{helper.__qualname__} is from another module")
+            definition = _function_def(helper)
+            body = definition.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]  # its docstring
+            returns = [n for n in ast.walk(definition) if isinstance(n, ast.Return)]
+            if (returns and returns != [body[-1]]) or definition.args.vararg or definition.args.kwarg \
+                    or definition.args.kwonlyargs or definition.args.posonlyargs \
+                    or any(isinstance(n, (ast.FunctionDef, ast.Lambda, ast.ClassDef, ast.Global, ast.Nonlocal,
+                                          ast.Yield, ast.YieldFrom, ast.Await))
+                           for stmt in body for n in ast.walk(stmt)):
+                raise ValueError(f"{helper.__qualname__} cannot be written in")
+            definition.body = body
+            self.helpers[helper.__name__] = definition
+
+    def _call(self, call: ast.expr) -> ast.FunctionDef | None:
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in self.helpers:
+            return self.helpers[call.func.id]
+        return None
+
+    def _written_in(self, definition: ast.FunctionDef, call: ast.Call,
+                    target: ast.expr | None) -> list[ast.stmt]:
+        params = [a.arg for a in definition.args.args]
+        if call.keywords or len(call.args) != len(params) or any(isinstance(a, ast.Starred) for a in call.args):
+            raise ValueError(f"{definition.name}: only positional calls with every argument are written in")
+        body = [copy.deepcopy(stmt) for stmt in definition.body]  # positions kept: the helper's own lines
+        stored = _stored(body)
+        if stored & set(params):
+            raise ValueError(f"{definition.name} assigns a parameter")
+        if (_read(body) - stored - set(params)) & self.caller_names:
+            raise ValueError(f"{definition.name} reads a global that {definition.name}'s caller has as a local")
+        prefix = f"_{definition.name.lstrip('_')}_"
+        names: dict[str, ast.Name | ast.Constant] = {name: ast.Name(prefix + name, ast.Load()) for name in stored}
+        out: list[ast.stmt] = []
+        for param, arg in zip(params, call.args, strict=True):
+            if isinstance(arg, (ast.Name, ast.Constant)):
+                names[param] = arg  # a plain name or literal: read where the helper reads it
+            else:  # evaluated once, first, as the call would
+                names[param] = ast.Name(prefix + param, ast.Load())
+                out.append(ast.copy_location(ast.Assign([ast.Name(prefix + param, ast.Store())], arg), call))
+        body = [_Rename(names).visit(stmt) for stmt in body]
+        if body and isinstance(body[-1], ast.Return):
+            value = body.pop().value or ast.Constant(None)
+            last = ast.Assign([target], value) if target is not None else ast.Expr(value)
+            body.append(ast.copy_location(last, value))
+        out.extend(body)
+        return out
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        for field in ("body", "orelse", "finalbody"):  # an except clause's body: when its handler is visited
+            statements = getattr(node, field, None)
+            if not isinstance(statements, list):
+                continue
+            out: list[ast.stmt] = []
+            for stmt in statements:
+                definition = None
+                if isinstance(stmt, ast.Expr):
+                    definition = self._call(stmt.value)
+                    target = None
+                elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+                    definition = self._call(stmt.value)
+                    target = stmt.targets[0]
+                if definition is not None:
+                    out.extend(self._written_in(definition, stmt.value, target))  # type: ignore[arg-type]
+                else:
+                    out.append(stmt)
+            setattr(node, field, out)
+        return super().generic_visit(node)
+
+
+class _Fold(ast.NodeTransformer):
+    """Tests decided by the known values folded away (see the module's docstring)."""
+
+    def __init__(self, known: Mapping[str, Any], not_none: Iterable[str]) -> None:
+        self.known = dict(known)
+        self.known.update((name, _NOT_NONE) for name in not_none)
+
+    def value(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            return self.known.get(node.id, _UNKNOWN)
+        return _UNKNOWN
+
+    def constant(self, value: Any, node: ast.AST) -> ast.AST:
+        return ast.copy_location(ast.Constant(value), node) if isinstance(value, _LITERALS) else node
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        value = self.known.get(node.id, _UNKNOWN) if isinstance(node.ctx, ast.Load) else _UNKNOWN
+        return self.constant(value, node) if value is not _UNKNOWN and value is not _NOT_NONE else node
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        self.generic_visit(node)
+        if len(node.ops) != 1 or type(node.ops[0]) not in _COMPARE:
+            return node
+        left, right = self.value(node.left), self.value(node.comparators[0])
+        if left is _UNKNOWN or right is _UNKNOWN:
+            return node
+        if left is _NOT_NONE or right is _NOT_NONE:
+            if not isinstance(node.ops[0], (ast.Is, ast.IsNot)) or not (left is None or right is None):
+                return node
+            return self.constant(isinstance(node.ops[0], ast.IsNot), node)
+        result = _COMPARE[type(node.ops[0])](left, right)
+        return self.constant(result, node) if type(result) is bool else node
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        value = self.value(node.operand)
+        if isinstance(node.op, ast.Not) and value is not _UNKNOWN and value is not _NOT_NONE:
+            return self.constant(not value, node)
+        return node
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
+        self.generic_visit(node)
+        stops = isinstance(node.op, ast.Or)  # the truth that ends the evaluation: `or` stops at a true value
+        kept: list[ast.expr] = []
+        for i, operand in enumerate(node.values):
+            value = self.value(operand)
+            if value is _UNKNOWN or value is _NOT_NONE or not isinstance(value, _LITERALS):
+                kept.append(operand)
+                continue
+            if bool(value) is stops:  # it ends the evaluation: its value is the result when reached
+                kept.append(operand)
+                break
+            if i == len(node.values) - 1:
+                kept.append(operand)  # the last operand's value is the result
+            # else: it passes the evaluation on, whatever it is
+        if len(kept) == 1:
+            return kept[0]
+        node.values = kept
+        return node
+
+    def test(self, node: ast.expr) -> ast.expr:
+        """``node`` as a test (only its truth counts): a known operand that cannot change the outcome of an
+        ``and``/``or`` dropped, one that decides it ending it when nothing before it can have effects."""
+        if not isinstance(node, ast.BoolOp):
+            return node
+        neutral = isinstance(node.op, ast.And)  # the truth an operand passes on: true for `and`
+        kept: list[ast.expr] = []
+        for operand in node.values:
+            operand = self.test(operand)
+            value = self.value(operand)
+            if value is _UNKNOWN or value is _NOT_NONE or not isinstance(value, _LITERALS):
+                kept.append(operand)
+            elif bool(value) is not neutral:  # it decides the test when reached
+                if all(_pure(k) for k in kept):
+                    return ast.copy_location(ast.Constant(not neutral), node)
+                kept.append(operand)
+                break
+        if not kept:
+            return ast.copy_location(ast.Constant(neutral), node)
+        if len(kept) == 1:
+            return kept[0]
+        node.values = kept
+        return node
+
+    def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
+        self.generic_visit(node)
+        node.test = self.test(node.test)
+        value = self.value(node.test)
+        if value is _UNKNOWN or value is _NOT_NONE or not isinstance(value, _LITERALS):
+            return node
+        return node.body if value else node.orelse
+
+    def visit_If(self, node: ast.If) -> Any:
+        self.generic_visit(node)
+        node.test = self.test(node.test)
+        value = self.value(node.test)
+        if value is _UNKNOWN or value is _NOT_NONE or not isinstance(value, _LITERALS):
+            return node
+        return node.body if value else node.orelse  # spliced in its place (nothing: removed)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        node = super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and not body:  # every statement of a block folded away
+            body.append(ast.copy_location(ast.Pass(), node))
+        return node
+
+
+def _pure(node: ast.expr) -> bool:
+    """Whether evaluating ``node`` can have no effect (names, literals, identity tests and ``not`` of them). A
+    name is taken as bound where it is read: reading an unbound one raises in the source, left out here."""
+    if isinstance(node, (ast.Name, ast.Constant)):
+        return True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return _pure(node.operand)
+    if isinstance(node, ast.Compare):
+        return all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops) and _pure(node.left) \
+            and all(_pure(c) for c in node.comparators)
+    return False
+
+
+def specialise(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], *, not_none: Iterable[str] = (),
+               constants: Iterable[str] = (), inline: Iterable[Callable[..., Any]] = ()) -> Callable[..., Any]:
+    """``func`` with the arguments ``fixed`` (name: value) taken out of its signature, generated from its source.
+
+    ``not_none``: parameters the callers never pass ``None`` (their ``is None`` tests fold); ``constants``: names of
+    ``func``'s module globals that never change once imported (their tests fold); ``inline``: helpers of the same
+    module, called by ``func`` as a statement or an assignment's value, written in (then folded too). The copy
+    reads every other global live, as ``func`` does. When the source cannot be read or a step cannot be applied,
+    the result calls ``func`` itself with the fixed arguments (same behaviour, no gain).
+    """
+    try:
+        return _generate(func, name, fixed, set(not_none), list(constants), list(inline))
+    except Exception:
+        logger.debug("cmbagent_otel: %s not generated; it calls %s", name, func.__qualname__, exc_info=True)
+        return _calling(func, name, fixed)
+
+
+def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], not_none: set[str],
+              constants: list[str], inline: list[Callable[..., Any]]) -> Callable[..., Any]:
+    definition = _function_def(func)
+    globals_ = func.__globals__
+    if inline:
+        definition = _Inline(inline, globals_, definition).visit(definition)
+    args = definition.args
+    unknown = (set(fixed) | not_none) - {a.arg for a in [*args.args, *args.kwonlyargs]}
+    if unknown or args.vararg or args.kwarg or args.posonlyargs:
+        raise ValueError(f"{func.__qualname__}: not plain parameters of it: {sorted(unknown)}")
+    if _stored(definition.body) & (set(fixed) | not_none | set(constants)):
+        raise ValueError(f"{func.__qualname__} assigns a fixed name")
+    # the positional defaults stay aligned with the parameters left (the last ones)
+    defaults: list[ast.expr | None] = [None] * (len(args.args) - len(args.defaults)) + list(args.defaults)
+    kept = [(a, d) for a, d in zip(args.args, defaults, strict=True) if a.arg not in fixed]
+    args.args = [a for a, _ in kept]
+    args.defaults = [d for _, d in kept if d is not None]
+    if any(d is None for _, d in kept[len(kept) - len(args.defaults):]):
+        raise ValueError("a parameter without a default follows one with a default")
+    kw = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if a.arg not in fixed]
+    args.kwonlyargs, args.kw_defaults = [a for a, _ in kw], [d for _, d in kw]
+    for arg in [*args.args, *args.kwonlyargs]:
+        arg.annotation = None  # annotations are not evaluated in the copy: no import-time names needed
+    definition.returns = None
+    definition.decorator_list = []
+    known = dict(fixed)
+    known.update((constant, globals_[constant]) for constant in constants)
+    definition = _Fold(known, not_none).visit(definition)
+    definition.name = name
+    # fixed values that are not literals (an enum member) reach the copy as closure variables
+    cells = [n for n, v in fixed.items() if not isinstance(v, _LITERALS)]
+    maker = ast.FunctionDef(
+        name="_make", args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in cells], kwonlyargs=[],
+                                         kw_defaults=[], defaults=[]),
+        body=[definition, ast.Return(ast.Name(name, ast.Load()))], decorator_list=[], returns=None,
+        lineno=definition.lineno, col_offset=0, end_lineno=definition.end_lineno, end_col_offset=0)
+    module = ast.fix_missing_locations(ast.Module(body=[maker], type_ignores=[]))
+    code = compile(module, inspect.getsourcefile(func) or f"<{name}>", "exec", dont_inherit=True)
+    made: dict[str, Any] = {}
+    exec(code, globals_, made)  # the copy's globals are func's module: every other name read live
+    result: Callable[..., Any] = made["_make"](*(fixed[n] for n in cells))
+    result.__qualname__ = result.__name__ = name
+    result.__module__ = func.__module__
+    result.__doc__ = f"{func.__qualname__} with {', '.join(f'{k}={v!r}' for k, v in fixed.items())} (generated)."
+    return result
+
+
+def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> Callable[..., Any]:
+    """What :func:`specialise` returns when it cannot generate: ``func`` called with the fixed arguments, through
+    one plain function made from its signature (no source needed), else through ``Signature.bind``."""
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    try:
+        if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+            raise ValueError("only plain parameters are passed on by a made function")
+        env: dict[str, Any] = {"_func": func}
+        left: list[str] = []
+        passed: list[str] = []
+        for i, param in enumerate(params):
+            if param.name in fixed:
+                env[f"_fixed{i}"] = fixed[param.name]
+                passed.append(f"_fixed{i}")
+                continue
+            if param.default is param.empty:
+                left.append(param.name)
+            else:
+                env[f"_default{i}"] = param.default
+                left.append(f"{param.name}=_default{i}")
+            passed.append(param.name)
+        exec(f"def calling({', '.join(left)}):\n    return _func({', '.join(passed)})\n", env)
+        made: Callable[..., Any] = env["calling"]
+    except Exception:  # a signature a plain def cannot repeat
+        left_signature = signature.replace(parameters=[p for p in params if p.name not in fixed])
+
+        def made(*args: Any, **kwargs: Any) -> Any:
+            return func(**left_signature.bind(*args, **kwargs).arguments, **fixed)
+    made.__qualname__ = made.__name__ = name
+    return made
