@@ -84,6 +84,64 @@ _DATA_KEY_NAME = re.compile(
     r"(?:(?!PASS_|PAT_)[A-Z][A-Z0-9]*_)*(?:SORT|PRIMARY|FOREIGN|CACHE|PARTITION|LOOKUP|ROW|INDEX|GROUP|RANGE|"
     r"DEDUP|MAP|DICT|COLUMN|FIELD|OBJECT|BUCKET|STATE|CONFIG|UNIQUE|SHARD|CLUSTER|SEARCH|FILTER|ORDER|JOIN|ID|NAME|"
     r"RESULT|ENTRY|ITEM|RECORD|TABLE|SETTINGS?|CONTEXT)_KEYS?")
+
+
+def _names_data_key(name: str) -> bool:
+    """Whether ``name`` (a key of data, or an environment variable's name, in any case) names a key into data, not
+    a credential (``_DATA_KEY_NAME``), with no other secret word before it (``TOKEN_CACHE_KEY``, ``PASS_SORT_KEY``
+    stay secret). One rule for both: the environment's rule registered ``SORT_KEY=created``'s value while the same
+    name in data kept it, and "created" was then redacted in every later text, inside longer words too."""
+    upper = name.upper()
+    if _DATA_KEY_NAME.fullmatch(upper) is None:
+        return False
+    words = upper.rsplit("_", 2)
+    return len(words) < 3 or _SECRET_ENV_NAME.search(words[0]) is None
+
+
+def _is_secret_env_name(name: str) -> bool:
+    """Whether the environment variable ``name`` holds a secret (its value is registered)."""
+    return _SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)
+
+
+# A name whose last word is KEY, PASS or PAT after a word naming what the credential opens, in any case or
+# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, sentry_dsn): a provider, a service or a
+# store of data. Lower-case names otherwise keep the rule above: sort_key, cache_key, first_pass, proxy_pass
+# (nginx's upstream URL) and key alone hold no secrets, and a `*_key` rule would learn their values.
+_KEY_HOLDERS = frozenset((
+    "openai", "azure", "anthropic", "claude", "gemini", "google", "vertex", "mistral", "groq", "cohere", "deepseek",
+    "together", "perplexity", "pplx", "xai", "grok", "hf", "huggingface", "replicate", "fireworks", "openrouter",
+    "nvidia", "ngc", "cerebras", "sambanova", "voyage", "jina", "deepl", "elevenlabs", "serper", "serpapi", "tavily",
+    "exa", "brave", "bing", "pinecone", "weaviate", "qdrant", "wandb", "langsmith", "langfuse", "stripe", "twilio",
+    "sendgrid", "mailgun", "github", "gh", "gitlab", "bitbucket", "slack", "discord", "telegram", "notion", "jira",
+    "atlassian", "aws", "gcp", "watsonx", "supabase", "firebase", "cloudflare", "vercel", "heroku", "datadog",
+    "sentry", "honeycomb", "session", "docker", "dockerhub", "npm", "pypi", "ado", "devops",
+))
+# ... and for a password, what logs in with one (db_pass, smtp_pass, admin_pass, RootPass)
+_PASS_HOLDERS = _KEY_HOLDERS | frozenset((
+    "db", "database", "mysql", "mariadb", "postgres", "postgresql", "pg", "psql", "redis", "mongo", "mongodb",
+    "smtp", "imap", "pop", "pop3", "mail", "email", "ftp", "sftp", "ssh", "ldap", "admin", "root", "user", "login",
+    "vault", "keystore", "truststore", "rabbitmq", "amqp", "kafka", "elastic", "neo4j", "oracle", "mssql", "sql",
+    "wifi", "sudo", "account",
+))
+_NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# a data source name or a JSON Web Token, whatever is before it (dsn, pg_dsn, SENTRY_DSN, jwt, authJwt)
+_WHOLE_CREDENTIAL_WORDS = frozenset(("dsn", "jwt", "passcode"))
+
+
+def _holder_secret_name(name: str) -> bool:
+    """Whether ``name`` is secret by :data:`_KEY_HOLDERS` / :data:`_PASS_HOLDERS` or ends with a word of
+    :data:`_WHOLE_CREDENTIAL_WORDS`: its words read as an identifier's (``_``, ``-``, ``.``, blanks or
+    camelCase), the holder being the one, two or three words before the last."""
+    words = [word.lower() for word in _NAME_WORDS.findall(name)]
+    if not words or len(words) > 8:
+        return False
+    last = words[-1]
+    if last in _WHOLE_CREDENTIAL_WORDS:
+        return True
+    holders = _PASS_HOLDERS if last == "pass" else _KEY_HOLDERS if last in ("key", "pat") else None
+    if holders is None:
+        return False
+    return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
 _BLANKS = re.compile(r"[ \t]+")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
@@ -189,9 +247,12 @@ MAX_LEARNED = 256
 # found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
 # tried at every position), then matched in full there; the key name is checked with
 # is_secret_key.
-_KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
+# "pat", "dsn", "jwt": the last word of github_pat, pg_dsn, auth_jwt (see _holder_secret_name)
+# ("pat" is found apart: see _hint_starts)
+_KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig", "dsn", "jwt")
 _KV_KEY = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
+    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|dsn|jwt)[\w.\-]*)(?P<q>\\*["']?)"""
+    r"""[ \t]*[:=][ \t]*""",
     re.IGNORECASE,
 )
 # a value: quoted (by a quote and the backslashes before it: JSON escaped inside JSON), up to the same
@@ -262,7 +323,7 @@ def _register_environment() -> None:
     data = getattr(os.environ, "_data", None)
     _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
-        if _SECRET_ENV_NAME.search(name):
+        if _is_secret_env_name(name):
             register_secret(value)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
@@ -1076,20 +1137,39 @@ def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bo
     return before >= 0 and text[before].isalnum()
 
 
-def _kv_scan(text: str, learn: bool) -> str:
-    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
-    lower = text.lower()
-    if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
-        lower = text.translate(_ASCII_LOWER)
+def _hint_starts(text: str, lower: str) -> list[int]:
+    """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts only
+    as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``): at every "path" and
+    "pattern" of a text the key pattern was tried, and prose cost 1.8 times as much to scan."""
     starts: list[int] = []
     for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
         at = lower.find(hint)
         while at >= 0:
             starts.append(at)
             at = lower.find(hint, at + 1)
+    for joined in ("_pat", "-pat", ".pat"):
+        at = lower.find(joined)
+        while at >= 0:
+            starts.append(at + 1)
+            at = lower.find(joined, at + 1)
+    for camel in ("Pat", "PAT"):
+        at = text.find(camel, 1)
+        while at >= 0:
+            if text[at - 1].islower():
+                starts.append(at)
+            at = text.find(camel, at + 1)
+    starts.sort()
+    return starts
+
+
+def _kv_scan(text: str, learn: bool) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
+    lower = text.lower()
+    if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
+        lower = text.translate(_ASCII_LOWER)
+    starts = _hint_starts(text, lower)
     if not starts:
         return text
-    starts.sort()
     arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
     memo: dict[Any, int] = {}
     out: list[str] = []
@@ -1818,13 +1898,7 @@ def _kv_open(text: str, lower: str) -> bool:
     """Whether a secret-named key in ``text`` (as :func:`_kv_scan` finds them) is followed by a
     quote whose value does not close in ``text``. Each run of name characters is matched once,
     as :func:`_kv_scan` does (matched from every hint, ``"key" * 13000 + ":"`` took 32 s)."""
-    starts = []
-    for hint in _KV_HINTS:
-        at = lower.find(hint)
-        while at >= 0:
-            starts.append(at)
-            at = lower.find(hint, at + 1)
-    starts.sort()
+    starts = _hint_starts(text, lower)
     run_end = prev = -1
     key: re.Match[str] | None = None
     open_value = False
@@ -1881,8 +1955,8 @@ def is_secret_key(name: str) -> bool:
         # no key/value scan of the text took its value either)
         stripped = name.strip()
         known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(stripped)
-                     or (_ENV_STYLE_SECRET_NAME.fullmatch(stripped) is not None
-                         and _DATA_KEY_NAME.fullmatch(stripped) is None)
+                     or (_ENV_STYLE_SECRET_NAME.fullmatch(stripped) is not None and not _names_data_key(stripped))
+                     or _holder_secret_name(stripped)
                      # words apart ("API key", "Private Key"): the name joined as an identifier would be
                      or (" " in stripped and _SECRET_KEY_NAME.match(_BLANKS.sub("_", stripped))))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
