@@ -247,12 +247,14 @@ MAX_LEARNED = 256
 # found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
 # tried at every position), then matched in full there; the key name is checked with
 # is_secret_key.
-# "pat", "dsn", "jwt": the last word of github_pat, pg_dsn, auth_jwt (see _holder_secret_name)
+# "pat", "dsn", "jwt": the last word of github_pat, pg_dsn, auth_jwt (see _holder_secret_name). A name may also be
+# followed by "is", "was" or "to" in prose (``the password is <v>``, ``set the API key to <v>``): group ``verb``
 # ("pat" is found apart: see _hint_starts)
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig", "dsn", "jwt")
 _KV_KEY = re.compile(
     r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|dsn|jwt)[\w.\-]*)(?P<q>\\*["']?)"""
-    r"""[ \t]*[:=][ \t]*""",
+    r"""(?:[ \t]*[:=][ \t]*"""
+    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now|set[ \t]+to))?|(?:set[ \t]+|changed[ \t]+)?to)[ \t]+))""",
     re.IGNORECASE,
 )
 # a value: quoted (by a quote and the backslashes before it: JSON escaped inside JSON), up to the same
@@ -1071,6 +1073,33 @@ _MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
 # A value with a digit, an inner capital or another symbol (hunter2, s3cr3t!, GitHubPat) is learned even at a
 # message's start: a credential written in a sentence is still one
 _PLAIN_WORD = re.compile(r"(?:[A-Za-z][a-z]*|[A-Z]+)(?:['-](?:[A-Za-z][a-z]*|[A-Z]+))*")
+# what ends a sentence or a clause after a bare value (``my password: <v>.``, ``read token: <v>: EOF``): the value is
+# learned without it too, or a later text quoting the value alone showed it (only ``<v>.`` was learned)
+_SENTENCE_END = ".!?:"
+# a word stating what a credential is or became, not the credential (``token: expired``, ``[auth] token: expired
+# session``, ``the password is incorrect``): never learned after a name in prose, where it is a message's word
+_STATE_WORD = re.compile(
+    r"(?i:expired|revoked|rejected|refused|denied|required|missing|invalid|incorrect|wrong|created|updated|changed|"
+    r"rotated|refreshed|renewed|issued|generated|deleted|removed|disabled|enabled|accepted|verified|validated|"
+    r"unverified|malformed|corrupted|corrupt|pending|loading|unknown|provided|configured|undefined|unset|hidden|"
+    r"masked|redacted|stored|saved|cached|encrypted|decrypted|truncated|omitted|absent|present|active|inactive|"
+    r"unavailable|mismatch|mismatched|locked|unlocked|blocked|suspended|compromised|leaked|exposed|valid|empty|"
+    r"needed|supplied|specified|ignored|skipped|unchanged|outdated|stale|blank|unauthorized|forbidden|timeout|"
+    r"checked|found|received|accepted|sent|reset|none|null)")
+# after a value in prose, what sets it apart from the rest of the sentence (``set password: <v> for now``,
+# ``INFO token: <v> for user bob``, ``<v> (temporary)``): the value is one, not a message's first word, which a
+# verb or a noun follows (``connection refused``, ``permission denied``, ``please wait``)
+_VALUE_ASIDE = re.compile(r",?[ \t]+(?:(?:for|until|till|as|and|or|but|so|then|now|today|tomorrow|instead)\b"
+                          r"|[(\-\u2013\u2014])", re.IGNORECASE)
+# a line that tells of a failure: a name's value in it is a message (``error: read token: connection refused``)
+_FAILURE_WORDS = re.compile(
+    r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
+    r"couldn't|could[ \t]+not|unable|invalid|denied|refused|rejected|missing|expired|timeout|timed[ \t]+out|"
+    r"retrying|not|no)\b)")
+# a line of key/value pairs written with ": " (``user: bob password: <v> host: db``): a bare name after one is a key,
+# not a name in prose
+_PAIRS_BEFORE = re.compile(r"[ \t]*(?:[\w.\-]+:[ \t]+[^\s:]+[ \t]+)+")
+_PAIR_AFTER = re.compile(r"[ \t]*(?:$|\n|\r|[\w.\-]+:(?:[ \t]|$))")
 
 
 def _is_class_name(name: str) -> bool:
@@ -1134,20 +1163,49 @@ def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bo
     if key.group("q") or ":" not in key.group(0)[key.end("q") - key.start():]:
         return False
     before = _word_before(text, name_start)
-    return before >= 0 and text[before].isalnum()
+    if before < 0:
+        # a log line's tag before it (``[auth] token: expired session``, ``(vault) password: ...``) is as a word
+        end = name_start
+        while end > 0 and text[end - 1] in " \t":
+            end -= 1
+        return end < name_start and end > 0 and text[end - 1] in ")]"
+    if not text[before].isalnum():
+        return False
+    line_start = text.rfind("\n", 0, name_start) + 1
+    if _PAIRS_BEFORE.fullmatch(text, line_start, name_start) is not None:
+        # pairs on one line (``user: bob password: <v> host: db``): a key when its value ends the line or another
+        # pair follows it, and no word of the line tells of a failure (``error: read token: connection refused``)
+        found = _KV_BARE.match(text, key.end())
+        line_end = text.find("\n", name_start)
+        line = text[line_start:line_end if line_end >= 0 else len(text)]
+        if found is not None and _PAIR_AFTER.match(text, found.end()) is not None \
+                and _FAILURE_WORDS.search(line) is None:
+            return False
+    return True
+
+
+def _learns_in_prose(text: str, value: str, name_start: int, match_end: int) -> bool:
+    """Whether a value that is an ordinary word, after a name in prose and followed by more words, is learned:
+    when what follows sets it apart (``set password: swordfish for now``, ``INFO token: <v> for user bob``) and
+    nothing before it on its line tells of a failure, it is a value; otherwise a message's first word (``error
+    reading token: connection refused``: learned, "connection" was redacted in every later text)."""
+    if _STATE_WORD.fullmatch(value) is not None or _VALUE_ASIDE.match(text, match_end) is None:
+        return False
+    line_start = text.rfind("\n", 0, name_start) + 1
+    return _FAILURE_WORDS.search(text, line_start, name_start) is None
 
 
 def _hint_starts(text: str, lower: str) -> list[int]:
-    """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts only
-    as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``): at every "path" and
-    "pattern" of a text the key pattern was tried, and prose cost 1.8 times as much to scan."""
+    """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts
+    only as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at
+    every "path" and "pattern" of a text the key pattern was tried, and prose cost 1.8 times as much to scan."""
     starts: list[int] = []
     for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
         at = lower.find(hint)
         while at >= 0:
             starts.append(at)
             at = lower.find(hint, at + 1)
-    for joined in ("_pat", "-pat", ".pat"):
+    for joined in ("_pat", "-pat", ".pat", " pat ", " pat:", " pat="):  # (the last three: "GitHub PAT: ...")
         at = lower.find(joined)
         while at >= 0:
             starts.append(at + 1)
@@ -1225,12 +1283,34 @@ def _kv_scan(text: str, learn: bool) -> str:
         # name (secrets.Prod: ..., db.credentials.Primary = ...), an exception may hold nothing but the secret
         # (InvalidApiKeyError: <the key>) and a value after a label or in prose may be one (setting 'db_password':
         # <it>, the password: <it>, my token: hunter2 as before)
-        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None and _PLAIN_WORD.fullmatch(value)
-                          and (prose or _is_class_name(text[name_start:run_end])
-                               or _is_quoted_label(text, name_start, key.group("q"))
-                               or _is_bare_name_in_prose(text, name_start, key))):
+        # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
+        core = value if quoted else value.rstrip(_SENTENCE_END) or value
+        plain = _PLAIN_WORD.fullmatch(core) is not None
+        if key.group("verb") is not None:
+            # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
+            # ("the password is incorrect", "the key to success"): quoted, or holding a digit, an inner capital or
+            # a symbol, as long as a learned value
+            if not quoted and (plain or len(core) < _MIN_SECRET_LEN):
+                continue
+            learns = not (plain and _STATE_WORD.fullmatch(core))
+        elif plain and (prose or _is_bare_name_in_prose(text, name_start, key)):
+            # an ordinary word after a name in prose: a word of state (expired, invalid) never, a message's first
+            # word neither (see _learns_in_prose); a word alone after the name is a value
+            if _MESSAGE_GOES_ON.match(text, match_end) is not None:
+                learns = _learns_in_prose(text, core, name_start, match_end)
+            else:
+                learns = _STATE_WORD.fullmatch(core) is None
+        elif plain and (_is_class_name(text[name_start:run_end]) or _is_quoted_label(text, name_start, key.group("q"))):
+            # after an exception's type or a quoted label (a log line's span or attribute name) an ordinary word
+            # followed by more words is the message's
+            learns = _MESSAGE_GOES_ON.match(text, match_end) is None and _STATE_WORD.fullmatch(core) is None
+        else:
+            learns = True
+        if learn and learns:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            if core is not value:
+                learn_secret(core)
         out.append(text[last:value_start])
         quote = key.group("q")
         # a bare value after a quoted key (JSON number, unquoted YAML) stays valid JSON when quoted
