@@ -250,12 +250,15 @@ MAX_LEARNED = 256
 # "pat": the last word of github_pat, GITHUB_PAT (see _holder_secret_name), found apart (see _hint_starts); "dsn"
 # and "jwt" are no hints in text (a pass more over every text each): a DSN's password is found by the URL rules and
 # a JSON Web Token by its shape, whatever names them. A name may also be followed by "is", "was" or "to" in prose
-# (``the password is <v>``, ``set the API key to <v>``): group ``verb``
+# (``the password is <v>``, ``set the API key to <v>``): group ``verb``; a command line's option by blanks
+# (``--api-key <v>``, ``--password '<v>'``): group ``flag``, taken after a name starting with "-" only
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
 _KV_KEY = re.compile(
     r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*)(?P<q>\\*["']?)"""
     r"""(?:[ \t]*[:=][ \t]*"""
-    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now|set[ \t]+to))?|(?:set[ \t]+|changed[ \t]+)?to)[ \t]+))""",
+    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now|set[ \t]+to))?|(?:set[ \t]+|changed[ \t]+)?to)"""
+    r"""(?:[ \t]*:)?[ \t]+)"""
+    r"""|(?P<flag>[ \t]+)(?![\s\-]))""",
     re.IGNORECASE,
 )
 # a value: quoted (by a quote and the backslashes before it: JSON escaped inside JSON), up to the same
@@ -1097,6 +1100,9 @@ _FAILURE_WORDS = re.compile(
     r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
     r"couldn't|could[ \t]+not|unable|invalid|denied|refused|rejected|missing|expired|timeout|timed[ \t]+out|"
     r"retrying|not|no)\b)")
+# a command line's option that names where a secret is kept or how it is given, not the secret (``--password-stdin``,
+# ``--api-key-file``, ``--token-env``): the argument after it is a path or a name
+_NOT_A_SECRET_OPTION = re.compile(r"[_\-.](?:stdin|file|path|env|dir|cmd|command|helper|name|id|type)\Z", re.IGNORECASE)
 # a line of key/value pairs written with ": " (``user: bob password: <v> host: db``): a bare name after one is a key,
 # not a name in prose
 _PAIRS_BEFORE = re.compile(r"[ \t]*(?:[\w.\-]+:[ \t]+[^\s:]+[ \t]+)+")
@@ -1252,6 +1258,9 @@ def _kv_scan(text: str, learn: bool) -> str:
         name_start = start
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
+        if key.group("flag") is not None and (text[name_start] != "-" or _NOT_A_SECRET_OPTION.search(
+                text, name_start, run_end) is not None):
+            continue  # a name and a word in prose ("the token expired"), or an option naming where a secret is
         if arns and any(a < name_start < b for a, b in arns):
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
