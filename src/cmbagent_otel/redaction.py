@@ -878,11 +878,29 @@ def _sent(value: SentBytes) -> str | bytes:
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def _utf16_text(raw: bytes) -> str | None:
+    """The text of bytes that start with a UTF-16 byte order mark (Windows tools and .NET write text so), else
+    ``None``: such bytes are no UTF-8, and holding a secret as UTF-16 they were stored as base64 unredacted (the
+    encoded forms looked for are those of UTF-8 bytes)."""
+    if raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+        return None
+    try:
+        return raw.decode("utf-16")
+    except UnicodeDecodeError:
+        return None
+
+
 def _scrub_sent(value: SentBytes) -> str:
     """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
-    text (see :class:`SentBytes`)."""
+    text (see :class:`SentBytes`); UTF-16 text with a byte order mark is redacted as text and stays base64 (of the
+    redacted text, in the same encoding)."""
     text = _sent(value)
     if not isinstance(text, str):
+        wide = _utf16_text(text)
+        if wide is not None:
+            clean = _scrub_string(wide)
+            if clean != wide:
+                return base64.b64encode(clean.encode("utf-16")).decode("ascii")
         return _scrub_string(str(value))
     clean = _scrub_string(text)
     if _CONTROL_CHARS.search(text) is None:
@@ -963,6 +981,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     cls = type(value)
     if cls is SentBytes:  # an ingest client's bytes: what they hold, not their base64
         value = _sent(value)
+        if type(value) is bytes:
+            value = _utf16_text(value) or value
         cls = type(value)
     if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
         if isinstance(value, (bool, int, float)):
