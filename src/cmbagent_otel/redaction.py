@@ -1314,11 +1314,12 @@ def _kv_scan(text: str, learn: bool) -> str:
         plain = _PLAIN_WORD.fullmatch(core) is not None
         if key.group("verb") is not None:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
-            # ("the password is incorrect", "the key to success"): quoted, or holding a digit, an inner capital or
-            # a symbol, as long as a learned value
-            if not quoted and (plain or len(core) < _MIN_SECRET_LEN):
+            # ("the password is incorrect", "the key to success"): holding a digit, an inner capital or a symbol, as
+            # long as a learned value. Not a quoted word either: a model explaining a tokenizer writes "the next
+            # token is 'because'"; nor after "secret" alone ("the secret is `normalize()` first")
+            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in ("secret", "secrets"):
                 continue
-            learns = not (plain and _STATE_WORD.fullmatch(core))
+            learns = True
         elif plain and (prose or _is_bare_name_in_prose(text, name_start, key)):
             # an ordinary word after a name in prose: a word of state (expired, invalid) never, a message's first
             # word neither (see _learns_in_prose); a word alone after the name is a value
