@@ -1109,7 +1109,10 @@ _STATE_WORD = re.compile(
     r"masked|redacted|stored|saved|cached|encrypted|decrypted|truncated|omitted|absent|present|active|inactive|"
     r"unavailable|mismatch|mismatched|locked|unlocked|blocked|suspended|compromised|leaked|exposed|valid|empty|"
     r"needed|supplied|specified|ignored|skipped|unchanged|outdated|stale|blank|unauthorized|forbidden|timeout|"
-    r"checked|found|received|accepted|sent|reset|none|null)")
+    r"checked|found|received|sent|reset|none|null|"
+    # ... and what a value is like, as a message or a form's hint says (api key: optional (leave blank))
+    r"optional|default|example|placeholder|dummy|sample|unused|public|private|shared|temporary|permanent|global|"
+    r"local|unique|random|secure|insecure|weak|strong|correct|same|different|visible|shown)")
 # after a value in prose, what sets it apart from the rest of the sentence (``set password: <v> for now``,
 # ``INFO token: <v> for user bob``, ``<v> (temporary)``): the value is one, not a message's first word, which a
 # verb or a noun follows (``connection refused``, ``permission denied``, ``please wait``)
