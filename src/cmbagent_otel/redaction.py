@@ -30,6 +30,7 @@ is also scrubbed from the exception message or the result the tool produces.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import itertools
@@ -1181,7 +1182,7 @@ def _is_quoted_label(text: str, name_start: int, quote: str) -> bool:
     return before > 0 and text[before - 1] not in _KEY_OPENERS
 
 
-def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bool:
+def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str], memo: dict[Any, Any]) -> bool:
     """Whether the secret-named key at ``name_start`` is a bare name written among words before ``:``: a word
     stands before it on its line, blanks apart (``error reading token: connection refused``, ``could not
     decrypt secret: permission denied``). Its message's first word was learned as a secret and redacted in
@@ -1201,28 +1202,51 @@ def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bo
         return end < name_start and end > 0 and text[end - 1] in ")]"
     if not text[before].isalnum():
         return False
-    line_start = text.rfind("\n", 0, name_start) + 1
-    if _PAIRS_BEFORE.fullmatch(text, line_start, name_start) is not None:
+    line_start, whole = _line_start_near(text, name_start)
+    if whole and _PAIRS_BEFORE.fullmatch(text, line_start, name_start) is not None:
         # pairs on one line (``user: bob password: <v> host: db``): a key when its value ends the line or another
         # pair follows it, and no word of the line tells of a failure (``error: read token: connection refused``)
         found = _KV_BARE.match(text, key.end())
-        line_end = text.find("\n", name_start)
-        line = text[line_start:line_end if line_end >= 0 else len(text)]
+        line_end = text.find("\n", name_start, name_start + _LINE_NEAR)
+        line_end = line_end if line_end >= 0 else min(len(text), name_start + _LINE_NEAR)
         if found is not None and _PAIR_AFTER.match(text, found.end()) is not None \
-                and _FAILURE_WORDS.search(line) is None:
+                and not _failure_between(text, line_start, line_end, memo):
             return False
     return True
 
 
-def _learns_in_prose(text: str, value: str, name_start: int, match_end: int) -> bool:
+def _failure_between(text: str, start: int, end: int, memo: dict[Any, Any]) -> bool:
+    """Whether a word of :data:`_FAILURE_WORDS` starts in ``text[start:end]``. ``memo``: the scan's (see _kv_value);
+    the words are found once per text (searched again for each name, a long line cost its length per name)."""
+    found = memo.get("failures")
+    if found is None:
+        found = memo["failures"] = [match.start() for match in _FAILURE_WORDS.finditer(text)]
+    index = bisect.bisect_left(found, start)
+    return index < len(found) and found[index] < end
+
+
+# How far from a name its line is read (back to the line's start, on to its end): every name of a long line read
+# all of it, and 64 KiB of "a: b token: x " took 64 s to scan (quadratic); a longer line is prose
+_LINE_NEAR = 256
+
+
+def _line_start_near(text: str, at: int) -> tuple[int, bool]:
+    """(where the line holding ``at`` starts, or ``at - _LINE_NEAR`` when that is further back; whether it starts
+    there)."""
+    start = text.rfind("\n", max(0, at - _LINE_NEAR), at)
+    if start >= 0 or at <= _LINE_NEAR:
+        return start + 1, True
+    return at - _LINE_NEAR, False
+
+
+def _learns_in_prose(text: str, value: str, name_start: int, match_end: int, memo: dict[Any, Any]) -> bool:
     """Whether a value that is an ordinary word, after a name in prose and followed by more words, is learned:
     when what follows sets it apart (``set password: swordfish for now``, ``INFO token: <v> for user bob``) and
     nothing before it on its line tells of a failure, it is a value; otherwise a message's first word (``error
     reading token: connection refused``: learned, "connection" was redacted in every later text)."""
     if _STATE_WORD.fullmatch(value) is not None or _VALUE_ASIDE.match(text, match_end) is None:
         return False
-    line_start = text.rfind("\n", 0, name_start) + 1
-    return _FAILURE_WORDS.search(text, line_start, name_start) is None
+    return not _failure_between(text, _line_start_near(text, name_start)[0], name_start, memo)
 
 
 def _hint_starts(text: str, lower: str) -> list[int]:
@@ -1255,7 +1279,7 @@ def _kv_scan(text: str, learn: bool) -> str:
     if not starts:
         return text
     arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
-    memo: dict[Any, int] = {}
+    memo: dict[Any, Any] = {}
     out: list[str] = []
     last = 0
     run_end = prev = -1
@@ -1323,11 +1347,11 @@ def _kv_scan(text: str, learn: bool) -> str:
             if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in ("secret", "secrets"):
                 continue
             learns = True
-        elif plain and (prose or _is_bare_name_in_prose(text, name_start, key)):
+        elif plain and (prose or _is_bare_name_in_prose(text, name_start, key, memo)):
             # an ordinary word after a name in prose: a word of state (expired, invalid) never, a message's first
             # word neither (see _learns_in_prose); a word alone after the name is a value
             if _MESSAGE_GOES_ON.match(text, match_end) is not None:
-                learns = _learns_in_prose(text, core, name_start, match_end)
+                learns = _learns_in_prose(text, core, name_start, match_end, memo)
             else:
                 learns = _STATE_WORD.fullmatch(core) is None
         elif plain and (_is_class_name(text[name_start:run_end]) or _is_quoted_label(text, name_start, key.group("q"))):
@@ -1352,7 +1376,7 @@ def _kv_scan(text: str, learn: bool) -> str:
     return "".join(out)
 
 
-def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int, int] | None:
+def _kv_value(text: str, pos: int, memo: dict[Any, Any]) -> tuple[bool, int, int, int] | None:
     """(quoted, value start, value end, end) of the value of a key/value pair at ``pos``; ``None``
     when there is none or its quote does not close on its line. ``memo``: one per scan of ``text``,
     asked with growing ``pos`` (it also keeps the backslashes counted before a quote, by position).
@@ -2096,7 +2120,7 @@ def _kv_open(text: str, lower: str) -> bool:
     run_end = prev = -1
     key: re.Match[str] | None = None
     open_value = False
-    memo: dict[Any, int] = {}
+    memo: dict[Any, Any] = {}
     for at in starts:
         if at < run_end:  # the same run, the same value: only a short name after a non-ASCII letter
             if key is None or not open_value or run_end - at > _SHORT_NAME_MAX or text[prev:at].isascii():
