@@ -133,8 +133,8 @@ def _holder_secret_name(name: str) -> bool:
     """Whether ``name`` is secret by :data:`_KEY_HOLDERS` / :data:`_PASS_HOLDERS` or ends with a word of
     :data:`_WHOLE_CREDENTIAL_WORDS`: its words read as an identifier's (``_``, ``-``, ``.``, blanks or
     camelCase), the holder being the one, two or three words before the last."""
-    words = [word.lower() for word in _NAME_WORDS.findall(name)]
-    if not words or len(words) > 8:
+    words = [word.lower() for word in _NAME_WORDS.findall(name[-64:])]  # the last words decide (a long name too)
+    if not words:
         return False
     last = words[-1]
     if last in _WHOLE_CREDENTIAL_WORDS:

@@ -52,7 +52,7 @@ def test_one_rule_for_a_key_into_data_in_the_environment_and_in_data(
 
 HOLDER_NAMES = ("openai_key", "anthropicKey", "OpenAIKey", "mistral-key", "session_key", "db_pass", "DbPass",
                 "smtp_pass", "admin_pass", "github_pat", "githubPat", "gitlab_pat", "dsn", "pg_dsn", "SENTRY_DSN",
-                "jwt", "auth_jwt", "passcode")
+                "jwt", "auth_jwt", "passcode", "my_service_prod_eu_west_1_backup_openai_key")
 
 
 @pytest.mark.parametrize("name", HOLDER_NAMES)
