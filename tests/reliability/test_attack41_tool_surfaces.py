@@ -17,7 +17,7 @@ import pytest
 import cmbagent_otel
 from tests.conftest import unlearned_word
 
-from .conftest import group_chat
+from .conftest import group_chat, needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: a fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
@@ -30,6 +30,7 @@ class LoginRejected(Exception):
 CONTENT = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
 
 
+@needs_custom_client
 @pytest.mark.parametrize("capture", [True, False])
 @pytest.mark.parametrize("fails", [False, True])
 def test_credentials_named_in_any_case_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa: F811
