@@ -1124,6 +1124,8 @@ _FAILURE_WORDS = re.compile(
     r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
     r"couldn't|could[ \t]+not|unable|invalid|denied|refused|rejected|missing|expired|timeout|timed[ \t]+out|"
     r"retrying|not|no)\b)")
+# names that, written alone before "is" / "to" in a sentence, are as often ordinary words
+_NOT_NAMES_IN_PROSE = frozenset(("secret", "secrets", "pwd", "pass", "sig", "auth"))
 # a command line's option that names where a secret is kept or how it is given, not the secret (``--password-stdin``,
 # ``--api-key-file``, ``--token-env``): the argument after it is a path or a name
 _NOT_A_SECRET_OPTION = re.compile(r"[_\-.](?:stdin|file|path|env|dir|cmd|command|helper|name|id|type)\Z", re.IGNORECASE)
@@ -1343,8 +1345,9 @@ def _kv_scan(text: str, learn: bool) -> str:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
             # ("the password is incorrect", "the key to success"): holding a digit, an inner capital or a symbol, as
             # long as a learned value. Not a quoted word either: a model explaining a tokenizer writes "the next
-            # token is 'because'"; nor after "secret" alone ("the secret is `normalize()` first")
-            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in ("secret", "secrets"):
+            # token is 'because'"; nor after a short name that is as often a word ("the secret is `normalize()`
+            # first", "the pwd is /work/project": the shell's working directory)
+            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in _NOT_NAMES_IN_PROSE:
                 continue
             learns = True
         elif plain and (prose or _is_bare_name_in_prose(text, name_start, key, memo)):

@@ -113,6 +113,7 @@ def test_a_word_of_state_is_not_learned(text: str) -> None:
     "the API key is 12 characters too short",
     "the predicted token is 'because' and the next token is 'therefore'",
     "the secret is `normalize_data()` before fitting",
+    "the pwd is /work/project_2 and the first pass is 2nd_order",
 ])
 def test_a_sentence_about_a_credential_stays_as_written(text: str) -> None:
     """Both directions: ``is`` / ``was`` / ``to`` after a name take no ordinary word (nor a short value)."""
