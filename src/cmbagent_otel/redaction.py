@@ -100,8 +100,9 @@ def _names_data_key(name: str) -> bool:
 
 
 def _is_secret_env_name(name: str) -> bool:
-    """Whether the environment variable ``name`` holds a secret (its value is registered)."""
-    return _SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)
+    """Whether the environment variable ``name`` holds a secret (its value is registered): by the environment's
+    rule, or as a key of data would (``SENTRY_DSN``, ``PG_DSN``, ``OpenAIKey``: see :func:`_holder_secret_name`)."""
+    return (_SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)) or _holder_secret_name(name)
 
 
 # A name whose last word is KEY, PASS or PAT after a word naming what the credential opens, in any case or
