@@ -30,6 +30,7 @@ is also scrubbed from the exception message or the result the tool produces.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import itertools
@@ -84,6 +85,65 @@ _DATA_KEY_NAME = re.compile(
     r"(?:(?!PASS_|PAT_)[A-Z][A-Z0-9]*_)*(?:SORT|PRIMARY|FOREIGN|CACHE|PARTITION|LOOKUP|ROW|INDEX|GROUP|RANGE|"
     r"DEDUP|MAP|DICT|COLUMN|FIELD|OBJECT|BUCKET|STATE|CONFIG|UNIQUE|SHARD|CLUSTER|SEARCH|FILTER|ORDER|JOIN|ID|NAME|"
     r"RESULT|ENTRY|ITEM|RECORD|TABLE|SETTINGS?|CONTEXT)_KEYS?")
+
+
+def _names_data_key(name: str) -> bool:
+    """Whether ``name`` (a key of data, or an environment variable's name, in any case) names a key into data, not
+    a credential (``_DATA_KEY_NAME``), with no other secret word before it (``TOKEN_CACHE_KEY``, ``PASS_SORT_KEY``
+    stay secret). One rule for both: the environment's rule registered ``SORT_KEY=created``'s value while the same
+    name in data kept it, and "created" was then redacted in every later text, inside longer words too."""
+    upper = name.upper()
+    if _DATA_KEY_NAME.fullmatch(upper) is None:
+        return False
+    words = upper.rsplit("_", 2)
+    return len(words) < 3 or _SECRET_ENV_NAME.search(words[0]) is None
+
+
+def _is_secret_env_name(name: str) -> bool:
+    """Whether the environment variable ``name`` holds a secret (its value is registered): by the environment's
+    rule, or as a key of data would (``SENTRY_DSN``, ``PG_DSN``, ``OpenAIKey``: see :func:`_holder_secret_name`)."""
+    return (_SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)) or _holder_secret_name(name)
+
+
+# A name whose last word is KEY, PASS or PAT after a word naming what the credential opens, in any case or
+# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, sentry_dsn): a provider, a service or a
+# store of data. Lower-case names otherwise keep the rule above: sort_key, cache_key, first_pass, proxy_pass
+# (nginx's upstream URL) and key alone hold no secrets, and a `*_key` rule would learn their values.
+_KEY_HOLDERS = frozenset((
+    "openai", "azure", "anthropic", "claude", "gemini", "google", "vertex", "mistral", "groq", "cohere", "deepseek",
+    "together", "perplexity", "pplx", "xai", "grok", "hf", "huggingface", "replicate", "fireworks", "openrouter",
+    "nvidia", "ngc", "cerebras", "sambanova", "voyage", "jina", "deepl", "elevenlabs", "serper", "serpapi", "tavily",
+    "exa", "brave", "bing", "pinecone", "weaviate", "qdrant", "wandb", "langsmith", "langfuse", "stripe", "twilio",
+    "sendgrid", "mailgun", "github", "gh", "gitlab", "bitbucket", "slack", "discord", "telegram", "notion", "jira",
+    "atlassian", "aws", "gcp", "watsonx", "supabase", "firebase", "cloudflare", "vercel", "heroku", "datadog",
+    "sentry", "honeycomb", "session", "docker", "dockerhub", "npm", "pypi", "ado", "devops",
+))
+# ... and for a password, what logs in with one (db_pass, smtp_pass, admin_pass, RootPass)
+_PASS_HOLDERS = _KEY_HOLDERS | frozenset((
+    "db", "database", "mysql", "mariadb", "postgres", "postgresql", "pg", "psql", "redis", "mongo", "mongodb",
+    "smtp", "imap", "pop", "pop3", "mail", "email", "ftp", "sftp", "ssh", "ldap", "admin", "root", "user", "login",
+    "vault", "keystore", "truststore", "rabbitmq", "amqp", "kafka", "elastic", "neo4j", "oracle", "mssql", "sql",
+    "wifi", "sudo", "account",
+))
+_NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# a data source name or a JSON Web Token, whatever is before it (dsn, pg_dsn, SENTRY_DSN, jwt, authJwt)
+_WHOLE_CREDENTIAL_WORDS = frozenset(("dsn", "jwt", "passcode"))
+
+
+def _holder_secret_name(name: str) -> bool:
+    """Whether ``name`` is secret by :data:`_KEY_HOLDERS` / :data:`_PASS_HOLDERS` or ends with a word of
+    :data:`_WHOLE_CREDENTIAL_WORDS`: its words read as an identifier's (``_``, ``-``, ``.``, blanks or
+    camelCase), the holder being the one, two or three words before the last."""
+    words = [word.lower() for word in _NAME_WORDS.findall(name[-64:])]  # the last words decide (a long name too)
+    if not words:
+        return False
+    last = words[-1]
+    if last in _WHOLE_CREDENTIAL_WORDS:
+        return True
+    holders = _PASS_HOLDERS if last == "pass" else _KEY_HOLDERS if last in ("key", "pat") else None
+    if holders is None:
+        return False
+    return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
 _BLANKS = re.compile(r"[ \t]+")
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk_(?:live_|test_)?[A-Za-z0-9]{16,}|AIza[0-9A-Za-z_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
@@ -189,9 +249,18 @@ MAX_LEARNED = 256
 # found in the lower-cased text first (str.find: far cheaper than a case-insensitive pattern
 # tried at every position), then matched in full there; the key name is checked with
 # is_secret_key.
+# "pat": the last word of github_pat, GITHUB_PAT (see _holder_secret_name), found apart (see _hint_starts); "dsn"
+# and "jwt" are no hints in text (a pass more over every text each): a DSN's password is found by the URL rules and
+# a JSON Web Token by its shape, whatever names them. A name may also be followed by "is", "was" or "to" in prose
+# (``the password is <v>``, ``set the API key to <v>``): group ``verb``; a command line's option by blanks
+# (``--api-key <v>``, ``--password '<v>'``): group ``flag``, taken after a name starting with "-" only
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
 _KV_KEY = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig)[\w.\-]*)(?P<q>\\*["']?)[ \t]*[:=][ \t]*""",
+    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*)(?P<q>\\*["']?)"""
+    r"""(?:[ \t]*[:=][ \t]*"""
+    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now|set[ \t]+to))?|(?:set[ \t]+|changed[ \t]+)?to)"""
+    r"""(?:[ \t]*:)?[ \t]+)"""
+    r"""|(?P<flag>[ \t]+)(?![\s\-]))""",
     re.IGNORECASE,
 )
 # a value: quoted (by a quote and the backslashes before it: JSON escaped inside JSON), up to the same
@@ -262,7 +331,7 @@ def _register_environment() -> None:
     data = getattr(os.environ, "_data", None)
     _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
-        if _SECRET_ENV_NAME.search(name):
+        if _is_secret_env_name(name):
             register_secret(value)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
@@ -811,11 +880,29 @@ def _sent(value: SentBytes) -> str | bytes:
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def _utf16_text(raw: bytes) -> str | None:
+    """The text of bytes that start with a UTF-16 byte order mark (Windows tools and .NET write text so), else
+    ``None``: such bytes are no UTF-8, and holding a secret as UTF-16 they were stored as base64 unredacted (the
+    encoded forms looked for are those of UTF-8 bytes)."""
+    if raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+        return None
+    try:
+        return raw.decode("utf-16")
+    except UnicodeDecodeError:
+        return None
+
+
 def _scrub_sent(value: SentBytes) -> str:
     """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
-    text (see :class:`SentBytes`)."""
+    text (see :class:`SentBytes`); UTF-16 text with a byte order mark is redacted as text and stays base64 (of the
+    redacted text, in the same encoding)."""
     text = _sent(value)
     if not isinstance(text, str):
+        wide = _utf16_text(text)
+        if wide is not None:
+            clean = _scrub_string(wide)
+            if clean != wide:
+                return base64.b64encode(clean.encode("utf-16")).decode("ascii")
         return _scrub_string(str(value))
     clean = _scrub_string(text)
     if _CONTROL_CHARS.search(text) is None:
@@ -896,6 +983,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     cls = type(value)
     if cls is SentBytes:  # an ingest client's bytes: what they hold, not their base64
         value = _sent(value)
+        if type(value) is bytes:
+            value = _utf16_text(value) or value
         cls = type(value)
     if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
         if isinstance(value, (bool, int, float)):
@@ -1010,6 +1099,41 @@ _MESSAGE_GOES_ON = re.compile(r"[,;:.!?]?[ \t]+\S")
 # A value with a digit, an inner capital or another symbol (hunter2, s3cr3t!, GitHubPat) is learned even at a
 # message's start: a credential written in a sentence is still one
 _PLAIN_WORD = re.compile(r"(?:[A-Za-z][a-z]*|[A-Z]+)(?:['-](?:[A-Za-z][a-z]*|[A-Z]+))*")
+# what ends a sentence or a clause after a bare value (``my password: <v>.``, ``read token: <v>: EOF``): the value is
+# learned without it too, or a later text quoting the value alone showed it (only ``<v>.`` was learned)
+_SENTENCE_END = ".!?:"
+# a word stating what a credential is or became, not the credential (``token: expired``, ``[auth] token: expired
+# session``, ``the password is incorrect``): never learned after a name in prose, where it is a message's word
+_STATE_WORD = re.compile(
+    r"(?i:expired|revoked|rejected|refused|denied|required|missing|invalid|incorrect|wrong|created|updated|changed|"
+    r"rotated|refreshed|renewed|issued|generated|deleted|removed|disabled|enabled|accepted|verified|validated|"
+    r"unverified|malformed|corrupted|corrupt|pending|loading|unknown|provided|configured|undefined|unset|hidden|"
+    r"masked|redacted|stored|saved|cached|encrypted|decrypted|truncated|omitted|absent|present|active|inactive|"
+    r"unavailable|mismatch|mismatched|locked|unlocked|blocked|suspended|compromised|leaked|exposed|valid|empty|"
+    r"needed|supplied|specified|ignored|skipped|unchanged|outdated|stale|blank|unauthorized|forbidden|timeout|"
+    r"checked|found|received|sent|reset|none|null|"
+    # ... and what a value is like, as a message or a form's hint says (api key: optional (leave blank))
+    r"optional|default|example|placeholder|dummy|sample|unused|public|private|shared|temporary|permanent|global|"
+    r"local|unique|random|secure|insecure|weak|strong|correct|same|different|visible|shown)")
+# after a value in prose, what sets it apart from the rest of the sentence (``set password: <v> for now``,
+# ``INFO token: <v> for user bob``, ``<v> (temporary)``): the value is one, not a message's first word, which a
+# verb or a noun follows (``connection refused``, ``permission denied``, ``please wait``)
+_VALUE_ASIDE = re.compile(r",?[ \t]+(?:(?:for|until|till|as|and|or|but|so|then|now|today|tomorrow|instead)\b"
+                          r"|[(\-\u2013\u2014])", re.IGNORECASE)
+# a line that tells of a failure: a name's value in it is a message (``error: read token: connection refused``)
+_FAILURE_WORDS = re.compile(
+    r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
+    r"couldn't|could[ \t]+not|unable|invalid|denied|refused|rejected|missing|expired|timeout|timed[ \t]+out|"
+    r"retrying|not|no)\b)")
+# names that, written alone before "is" / "to" in a sentence, are as often ordinary words
+_NOT_NAMES_IN_PROSE = frozenset(("secret", "secrets", "pwd", "pass", "sig", "auth"))
+# a command line's option that names where a secret is kept or how it is given, not the secret (``--password-stdin``,
+# ``--api-key-file``, ``--token-env``): the argument after it is a path or a name
+_NOT_A_SECRET_OPTION = re.compile(r"[_\-.](?:stdin|file|path|env|dir|cmd|command|helper|name|id|type)\Z", re.IGNORECASE)
+# a line of key/value pairs written with ": " (``user: bob password: <v> host: db``): a bare name after one is a key,
+# not a name in prose
+_PAIRS_BEFORE = re.compile(r"[ \t]*(?:[\w.\-]+:[ \t]+[^\s:]+[ \t]+)+")
+_PAIR_AFTER = re.compile(r"[ \t]*(?:$|\n|\r|[\w.\-]+:(?:[ \t]|$))")
 
 
 def _is_class_name(name: str) -> bool:
@@ -1061,7 +1185,7 @@ def _is_quoted_label(text: str, name_start: int, quote: str) -> bool:
     return before > 0 and text[before - 1] not in _KEY_OPENERS
 
 
-def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bool:
+def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str], memo: dict[Any, Any]) -> bool:
     """Whether the secret-named key at ``name_start`` is a bare name written among words before ``:``: a word
     stands before it on its line, blanks apart (``error reading token: connection refused``, ``could not
     decrypt secret: permission denied``). Its message's first word was learned as a secret and redacted in
@@ -1073,7 +1197,80 @@ def _is_bare_name_in_prose(text: str, name_start: int, key: re.Match[str]) -> bo
     if key.group("q") or ":" not in key.group(0)[key.end("q") - key.start():]:
         return False
     before = _word_before(text, name_start)
-    return before >= 0 and text[before].isalnum()
+    if before < 0:
+        # a log line's tag before it (``[auth] token: expired session``, ``(vault) password: ...``) is as a word
+        end = name_start
+        while end > 0 and text[end - 1] in " \t":
+            end -= 1
+        return end < name_start and end > 0 and text[end - 1] in ")]"
+    if not text[before].isalnum():
+        return False
+    line_start, whole = _line_start_near(text, name_start)
+    if whole and _PAIRS_BEFORE.fullmatch(text, line_start, name_start) is not None:
+        # pairs on one line (``user: bob password: <v> host: db``): a key when its value ends the line or another
+        # pair follows it, and no word of the line tells of a failure (``error: read token: connection refused``)
+        found = _KV_BARE.match(text, key.end())
+        line_end = text.find("\n", name_start, name_start + _LINE_NEAR)
+        line_end = line_end if line_end >= 0 else min(len(text), name_start + _LINE_NEAR)
+        if found is not None and _PAIR_AFTER.match(text, found.end()) is not None \
+                and not _failure_between(text, line_start, line_end, memo):
+            return False
+    return True
+
+
+def _failure_between(text: str, start: int, end: int, memo: dict[Any, Any]) -> bool:
+    """Whether a word of :data:`_FAILURE_WORDS` starts in ``text[start:end]``. ``memo``: the scan's (see _kv_value);
+    the words are found once per text (searched again for each name, a long line cost its length per name)."""
+    found = memo.get("failures")
+    if found is None:
+        found = memo["failures"] = [match.start() for match in _FAILURE_WORDS.finditer(text)]
+    index = bisect.bisect_left(found, start)
+    return index < len(found) and found[index] < end
+
+
+# How far from a name its line is read (back to the line's start, on to its end): every name of a long line read
+# all of it, and 64 KiB of "a: b token: x " took 64 s to scan (quadratic); a longer line is prose
+_LINE_NEAR = 256
+
+
+def _line_start_near(text: str, at: int) -> tuple[int, bool]:
+    """(where the line holding ``at`` starts, or ``at - _LINE_NEAR`` when that is further back; whether it starts
+    there)."""
+    start = text.rfind("\n", max(0, at - _LINE_NEAR), at)
+    if start >= 0 or at <= _LINE_NEAR:
+        return start + 1, True
+    return at - _LINE_NEAR, False
+
+
+def _learns_in_prose(text: str, value: str, name_start: int, match_end: int, memo: dict[Any, Any]) -> bool:
+    """Whether a value that is an ordinary word, after a name in prose and followed by more words, is learned:
+    when what follows sets it apart (``set password: swordfish for now``, ``INFO token: <v> for user bob``) and
+    nothing before it on its line tells of a failure, it is a value; otherwise a message's first word (``error
+    reading token: connection refused``: learned, "connection" was redacted in every later text)."""
+    if _STATE_WORD.fullmatch(value) is not None or _VALUE_ASIDE.match(text, match_end) is None:
+        return False
+    return not _failure_between(text, _line_start_near(text, name_start)[0], name_start, memo)
+
+
+def _hint_starts(text: str, lower: str) -> list[int]:
+    """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts
+    only as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at
+    every "path" and "pattern" of a text the key pattern was tried, and prose cost 1.8 times as much to scan."""
+    starts: list[int] = []
+    for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
+        at = lower.find(hint)
+        while at >= 0:
+            starts.append(at)
+            at = lower.find(hint, at + 1)
+    at = lower.find("pat", 1)  # one pass more over every text (each costs ~1 ns a character)
+    while at >= 0:
+        before = lower[at - 1]
+        if before in "_-." or (text[at] == "P" and text[at - 1].islower()) \
+                or (before == " " and lower[at + 3:at + 4] in (" ", ":", "=")):  # GitHub PAT: ...
+            starts.append(at)
+        at = lower.find("pat", at + 1)
+    starts.sort()
+    return starts
 
 
 def _kv_scan(text: str, learn: bool) -> str:
@@ -1081,17 +1278,11 @@ def _kv_scan(text: str, learn: bool) -> str:
     lower = text.lower()
     if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
         lower = text.translate(_ASCII_LOWER)
-    starts: list[int] = []
-    for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
-        at = lower.find(hint)
-        while at >= 0:
-            starts.append(at)
-            at = lower.find(hint, at + 1)
+    starts = _hint_starts(text, lower)
     if not starts:
         return text
-    starts.sort()
     arns = [m.span() for m in _ARN.finditer(text)] if "arn:" in lower else ()
-    memo: dict[Any, int] = {}
+    memo: dict[Any, Any] = {}
     out: list[str] = []
     last = 0
     run_end = prev = -1
@@ -1117,6 +1308,9 @@ def _kv_scan(text: str, learn: bool) -> str:
         name_start = start
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
+        if key.group("flag") is not None and (text[name_start] != "-" or _NOT_A_SECRET_OPTION.search(
+                text, name_start, run_end) is not None):
+            continue  # a name and a word in prose ("the token expired"), or an option naming where a secret is
         if arns and any(a < name_start < b for a, b in arns):
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
@@ -1145,12 +1339,36 @@ def _kv_scan(text: str, learn: bool) -> str:
         # name (secrets.Prod: ..., db.credentials.Primary = ...), an exception may hold nothing but the secret
         # (InvalidApiKeyError: <the key>) and a value after a label or in prose may be one (setting 'db_password':
         # <it>, the password: <it>, my token: hunter2 as before)
-        if learn and not (_MESSAGE_GOES_ON.match(text, match_end) is not None and _PLAIN_WORD.fullmatch(value)
-                          and (prose or _is_class_name(text[name_start:run_end])
-                               or _is_quoted_label(text, name_start, key.group("q"))
-                               or _is_bare_name_in_prose(text, name_start, key))):
+        # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
+        core = value if quoted else value.rstrip(_SENTENCE_END) or value
+        plain = _PLAIN_WORD.fullmatch(core) is not None
+        if key.group("verb") is not None:
+            # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
+            # ("the password is incorrect", "the key to success"): holding a digit, an inner capital or a symbol, as
+            # long as a learned value. Not a quoted word either: a model explaining a tokenizer writes "the next
+            # token is 'because'"; nor after a short name that is as often a word ("the secret is `normalize()`
+            # first", "the pwd is /work/project": the shell's working directory)
+            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in _NOT_NAMES_IN_PROSE:
+                continue
+            learns = True
+        elif plain and (prose or _is_bare_name_in_prose(text, name_start, key, memo)):
+            # an ordinary word after a name in prose: a word of state (expired, invalid) never, a message's first
+            # word neither (see _learns_in_prose); a word alone after the name is a value
+            if _MESSAGE_GOES_ON.match(text, match_end) is not None:
+                learns = _learns_in_prose(text, core, name_start, match_end, memo)
+            else:
+                learns = _STATE_WORD.fullmatch(core) is None
+        elif plain and (_is_class_name(text[name_start:run_end]) or _is_quoted_label(text, name_start, key.group("q"))):
+            # after an exception's type or a quoted label (a log line's span or attribute name) an ordinary word
+            # followed by more words is the message's
+            learns = _MESSAGE_GOES_ON.match(text, match_end) is None and _STATE_WORD.fullmatch(core) is None
+        else:
+            learns = True
+        if learn and learns:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            if core is not value:
+                learn_secret(core)
         out.append(text[last:value_start])
         quote = key.group("q")
         # a bare value after a quoted key (JSON number, unquoted YAML) stays valid JSON when quoted
@@ -1162,7 +1380,7 @@ def _kv_scan(text: str, learn: bool) -> str:
     return "".join(out)
 
 
-def _kv_value(text: str, pos: int, memo: dict[Any, int]) -> tuple[bool, int, int, int] | None:
+def _kv_value(text: str, pos: int, memo: dict[Any, Any]) -> tuple[bool, int, int, int] | None:
     """(quoted, value start, value end, end) of the value of a key/value pair at ``pos``; ``None``
     when there is none or its quote does not close on its line. ``memo``: one per scan of ``text``,
     asked with growing ``pos`` (it also keeps the backslashes counted before a quote, by position).
@@ -1385,6 +1603,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
         text = _redact_blobs(text)
     if known is not None:
         text = _replace_known(known, text)
+        if _pieced_max_len:
+            text = _replace_pieces(text)
     text = _SECRET_SHAPES.sub(REDACTED, text)
     for gate, shapes in _GATED_GROUPS:
         if gate is None or gate.search(text) is not None:
@@ -1517,6 +1737,88 @@ def _redact_oracle_logins(text: str) -> str:
         at = match.start()
         if _ORACLE_USER_BEFORE.match(text[max(0, at - 120):at][::-1]) is not None:
             spans.append(match.span("pw"))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+# Pieces of long registered secrets (a PEM private key, a service account's JSON, an Azure AD token: 1-20 K
+# characters) as a text may hold them: the head of one cut by a client's own length limit, a part quoted in a
+# message. Matched whole only, 1,024 characters and more of a 5,000-character key cut at 4,096 were shown. Each
+# secret of _PIECED_MIN characters or more is indexed by a piece of _PIECE characters in each block of _PIECE (the
+# one starting at the block's first digit, holding a letter too: not a JSON key's or a PEM header's words, which
+# other texts share), so a part of 3 * _PIECE characters or more holds one whole; a piece found is widened to all
+# the text that goes on as its secret does. A piece starts with a digit so that the search skips every other
+# character at C speed: pieces at every multiple of _PIECE, their first characters as varied as base64's, cost
+# 0.26 ms per 2 KB of prose with 4 PEM keys registered (a digit first: 0.01 ms). Secrets shorter than _PIECED_MIN
+# (API keys) cost nothing more. Like encoded forms, only the first _ENCODED_MAX secrets of that size are indexed
+# (an application's few keys and documents, not a service's tokens of every hour).
+_PIECE = 32
+_PIECED_MIN = 512
+_DIGIT = re.compile(r"[0-9]")
+_LETTER = re.compile(r"[A-Za-z]")
+# (the _known dict indexed, how many of its values, piece -> [(secret, offset)], their pattern)
+_piece_state: tuple[Any, int, dict[str, list[tuple[str, int]]], re.Pattern[str] | None] = (None, 0, {}, None)
+_pieced_max_len = 0  # the longest secret registered, past _PIECED_MIN (0: no pieces, nothing searched)
+
+
+def _piece_index() -> tuple[dict[str, list[tuple[str, int]]], re.Pattern[str] | None]:
+    """The pieces of the registered secrets (see _PIECE), extended with those registered since the last call."""
+    global _piece_state
+    known, count, index, pattern = _piece_state
+    current = _known
+    if known is current and count == len(current):
+        return index, pattern
+    with _lock:
+        if known is not current or count > len(current):  # another registry (a test's copy): indexed afresh
+            count, index = 0, {}
+        else:
+            index = {piece: list(places) for piece, places in index.items()}
+        grew = False
+        indexed = len({secret for places in index.values() for secret, _ in places})
+        for value in itertools.islice(current, count, None):
+            if len(value) < _PIECED_MIN or value in _forms or indexed >= _ENCODED_MAX:
+                continue  # (an encoded form: its secret is indexed)
+            indexed += 1
+            for block in range(0, len(value) - _PIECE + 1, _PIECE):
+                digit = _DIGIT.search(value, block, block + _PIECE)
+                offset = digit.start() if digit is not None else len(value)
+                piece = value[offset:offset + _PIECE]
+                if len(piece) == _PIECE and _LETTER.search(piece) is not None:
+                    index.setdefault(piece, []).append((value, offset))
+                    grew = True
+        if grew or known is not current:
+            pattern = _compile(index) if index else None
+        _piece_state = (current, len(current), index, pattern)
+        return index, pattern
+
+
+def _replace_pieces(text: str) -> str:
+    """``text`` with every part of a long registered secret that holds one of its pieces replaced (see _PIECE)."""
+    index, pattern = _piece_index()
+    if pattern is None:
+        return text
+    spans: list[tuple[int, int]] = []
+    reach = 0
+    for found in pattern.finditer(text):
+        start, end = found.span()
+        if start < reach:
+            continue  # inside a part replaced already
+        best = (start, end)
+        for secret, offset in index.get(found.group(), ()):
+            # widen: back while the text goes on as the secret (under one piece), then forwards (binary search)
+            back = 0
+            while back < min(start, offset) and text[start - back - 1] == secret[offset - back - 1]:
+                back += 1
+            low, high = 0, min(len(text) - end, len(secret) - offset - _PIECE)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if text[end:end + middle] == secret[offset + _PIECE:offset + _PIECE + middle]:
+                    low = middle
+                else:
+                    high = middle - 1
+            if end + low - (start - back) > best[1] - best[0]:
+                best = (start - back, end + low)
+        spans.append(best)
+        reach = best[1]
     return _replaced(text, spans, REDACTED) if spans else text
 
 
@@ -1818,17 +2120,11 @@ def _kv_open(text: str, lower: str) -> bool:
     """Whether a secret-named key in ``text`` (as :func:`_kv_scan` finds them) is followed by a
     quote whose value does not close in ``text``. Each run of name characters is matched once,
     as :func:`_kv_scan` does (matched from every hint, ``"key" * 13000 + ":"`` took 32 s)."""
-    starts = []
-    for hint in _KV_HINTS:
-        at = lower.find(hint)
-        while at >= 0:
-            starts.append(at)
-            at = lower.find(hint, at + 1)
-    starts.sort()
+    starts = _hint_starts(text, lower)
     run_end = prev = -1
     key: re.Match[str] | None = None
     open_value = False
-    memo: dict[Any, int] = {}
+    memo: dict[Any, Any] = {}
     for at in starts:
         if at < run_end:  # the same run, the same value: only a short name after a non-ASCII letter
             if key is None or not open_value or run_end - at > _SHORT_NAME_MAX or text[prev:at].isascii():
@@ -1881,8 +2177,8 @@ def is_secret_key(name: str) -> bool:
         # no key/value scan of the text took its value either)
         stripped = name.strip()
         known = bool(_SECRET_KEY_NAME.match(name) or _SECRET_KEY_NAME.match(stripped)
-                     or (_ENV_STYLE_SECRET_NAME.fullmatch(stripped) is not None
-                         and _DATA_KEY_NAME.fullmatch(stripped) is None)
+                     or (_ENV_STYLE_SECRET_NAME.fullmatch(stripped) is not None and not _names_data_key(stripped))
+                     or _holder_secret_name(stripped)
                      # words apart ("API key", "Private Key"): the name joined as an identifier would be
                      or (" " in stripped and _SECRET_KEY_NAME.match(_BLANKS.sub("_", stripped))))
         if len(name) > 256:  # a name that long is data, not a key: never kept (memory bound)
@@ -2096,8 +2392,10 @@ _tails: dict[str, list[str]] = {}
 
 
 def _note_length(value: str) -> None:
-    global _longest_known
+    global _longest_known, _pieced_max_len
     _longest_known = max(_longest_known, len(value))
+    if len(value) >= _PIECED_MIN:
+        _pieced_max_len = max(_pieced_max_len, len(value))
 
 
 def _secret_spans(text: str) -> list[tuple[int, int]]:
