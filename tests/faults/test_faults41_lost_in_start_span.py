@@ -20,10 +20,10 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import Tracer
 
 from cmbagent_otel import phase, workflow
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from .test_campaign import traced
 

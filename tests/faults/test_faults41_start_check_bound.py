@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 
 import cmbagent_otel._ingest_core as ingest_core
 from cmbagent_otel.dag import database
 from cmbagent_otel.dag.database import BUSY_TIMEOUT_ENV
-from cmbagent_otel.exporters.dag import DagSpanExporter
 from cmbagent_otel.ingest import IngestServer
 
 from .conftest import folder_locked
