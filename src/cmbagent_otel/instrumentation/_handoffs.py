@@ -239,19 +239,13 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
     or our own error: never the app's)."""
     try:
         ctx = get_current()
-        last = state.selection_context
-        if last[0] is ctx:  # the previous selection's Context (immutable): the same answers from its keys
-            _, scope, span = last
-        else:
-            # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
-            if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
-                return None
-            scope = ctx.get(_SCOPE_KEY)
-            span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
-            if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
-                scope = scope_in(scope)  # a span's children's scope not built yet (not kept: built each time)
-            else:
-                state.selection_context = (ctx, scope, span)
+        # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+        if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+            return None
+        scope = ctx.get(_SCOPE_KEY)
+        if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
+            scope = scope_in(scope)  # a span's children's scope not built yet
+        span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
         if scope is not None:
             if scope.owner is not None:
                 span = scope.owner  # ours, even when another instrumentation's span is current inside it
@@ -269,7 +263,7 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, 
         selection.scope = scope  # the scope of the enclosing span's children
         selection.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
         selection.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        last = args[0] if args else kwargs.get("last_speaker")  # AG2 passes it first, by position
+        last = kwargs.get("last_speaker", args[0] if args else None)
         if last is None:
             selection.from_name = "none"
         else:  # cached_name written out: this runs for every selection

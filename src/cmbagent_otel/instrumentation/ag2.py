@@ -166,8 +166,8 @@ class _State:
 
     __slots__ = ("active", "agents", "call_attributes", "candidates", "capture", "chat_attributes", "content",
                  "descriptions", "event_logger", "human_input",
-                 "manager_cls", "metrics", "no_speaker_cls", "probe", "selection_context", "tool_executor_cls",
-                 "tracer", "types", "workflow_tracer")
+                 "manager_cls", "metrics", "no_speaker_cls", "probe", "tool_executor_cls", "tracer", "types",
+                 "workflow_tracer")
 
     def __init__(self, tracer: Tracer, workflow_tracer: Tracer, content: ContentMode,
                  event_logger: _logs.Logger | None = None, metrics: ModelMetrics | None = None) -> None:
@@ -201,8 +201,6 @@ class _State:
         self.chat_attributes: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         # a group chat's selection method name and candidate names (see _handoffs)
         self.candidates: dict[int, tuple[Any, ...]] = {}
-        # (Context, scope, span) the last speaker selection found in its current Context (see _handoffs._begin)
-        self.selection_context: tuple[Any, Any, Any] = (None, None, None)
 
 
 def _content(render: Callable[..., Any], *args: Any) -> Any:
@@ -896,10 +894,9 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
-    if type(model) is not str:  # a str subclass as its plain text, anything else no model
-        model = str.__str__(model) if isinstance(model, str) else None
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
-    return redact_name(model) if model is not None else None, _models.usage_attributes(usage), cost
+    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+            _models.usage_attributes(usage), cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -1080,12 +1077,11 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
             traced.span.set_attributes(attrs)
         except Exception:
             logger.debug("cmbagent_otel: could not set attributes", exc_info=True)
-    if chat:  # a plain span (no metrics, no content event) has no event
-        event = traced.event  # type: ignore[attr-defined]
-        if event is not None:
-            event.update(_event_base(attrs))
-            if output is not None:
-                event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
+    event = traced.event if chat else None  # type: ignore[attr-defined]
+    if event is not None:
+        event.update(_event_base(attrs))
+        if output is not None:
+            event[semconv.GEN_AI_OUTPUT_MESSAGES] = json.loads(output)
 
 
 # the finish reasons of the OpenAI API (the ones AG2's other clients map theirs to): kept as they are
