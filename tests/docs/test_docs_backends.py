@@ -3,19 +3,18 @@ campaign: they held; this keeps them from drifting apart)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from cmbagent_otel import _ingest_core, _ingest_grpc, ingest, otlp_decode
 from cmbagent_otel import environment_variables as env
 
+from ._read import number
+
 DOC = " ".join((Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text().split())
 
 
 def _number(pattern: str) -> float:
-    match = re.search(pattern, DOC)
-    assert match, pattern
-    return float(match.group(1).replace(",", ""))
+    return number(DOC, pattern)
 
 
 def _default(name: str) -> float:

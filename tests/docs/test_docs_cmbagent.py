@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cmbagent_otel.integrations.cmbagent import ENTRY_POINTS
 
+from ._read import table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "cmbagent.md").read_text()
 README = (ROOT / "README.md").read_text()
@@ -16,12 +18,12 @@ README = (ROOT / "README.md").read_text()
 
 def _table() -> dict[str, tuple[str, bool]]:
     """function -> (mode, a MARS-only function)"""
-    table = DOC.split("| function | `cmbagent.workflow.mode` |", 1)[1].split("\n\n", 1)[0]
     found: dict[str, tuple[str, bool]] = {}
-    for functions, mode in re.findall(r"^\| (.*) \| `([a-z-]+)` \|$", table, flags=re.M):
+    for functions, mode in table(DOC, "| function | `cmbagent.workflow.mode` |"):
+        (mode,) = ticked(mode)
         pypi, _, mars = functions.partition("MARS ")  # the cell's names after "MARS" are the fork's
-        found.update({name: (mode, False) for name in re.findall(r"`([a-z_]+)`", pypi)})
-        found.update({name: (mode, True) for name in re.findall(r"`([a-z_]+)`", mars)})
+        found.update({name: (mode, False) for name in ticked(pypi)})
+        found.update({name: (mode, True) for name in ticked(mars)})
     return found
 
 

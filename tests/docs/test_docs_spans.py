@@ -24,6 +24,8 @@ import cmbagent_otel
 from cmbagent_otel import environment_variables as env
 from cmbagent_otel.demo import run_demo
 
+from ._read import number, table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 SPANS_DOC = (ROOT / "docs" / "spans.md").read_text()
 METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
@@ -59,11 +61,12 @@ def _tree() -> set[tuple[str, str]]:
 
 def _scopes() -> dict[str, str]:
     """The scopes table: span name's first word -> scope."""
-    table = SPANS_DOC.split("| scope | spans |", 1)[1].split("\n\n", 1)[0]
     found = {}
-    for scope, spans in re.findall(r"^\| `([a-z_.0-9]+)` \| (.*) \|$", table, flags=re.M):
-        for name in re.findall(r"`([a-z_]+)`", spans):
-            found[name] = scope
+    for scope, spans in table(SPANS_DOC, "| scope | spans |"):
+        (scope,) = ticked(scope)
+        for name in ticked(spans):
+            if re.fullmatch(r"[a-z_]+", name):
+                found[name] = scope
     return found
 
 
@@ -106,9 +109,10 @@ def test_docs_every_attribute_key_is_documented(demo: tuple[list[ReadableSpan], 
 
 def test_docs_metrics_table_is_what_a_run_records(demo: tuple[list[ReadableSpan], Any]) -> None:
     _, data = demo
-    table = METRICS_DOC.split("| metric | instrument | unit | attributes | scope |", 1)[1].split("\n\n", 1)[0]
-    documented = {name: (instrument, unit, scope) for name, instrument, unit, scope in re.findall(
-        r"^\| `([a-z_.]+)` \| ([a-z]+) \| `([^`]+)` \| .* \| `([a-z_.0-9]+)` \|$", table, flags=re.M)}
+    documented = {}
+    for name, instrument, unit, _, scope in table(METRICS_DOC, "| metric | instrument | unit | attributes | scope |"):
+        ((name,), (unit,), (scope,)) = (ticked(name), ticked(unit), ticked(scope))
+        documented[name] = (instrument, unit, scope)
     kinds = {Histogram: "histogram", Sum: "counter"}
     recorded = {}
     for resource_metrics in data.resource_metrics:
@@ -124,20 +128,21 @@ def test_docs_defaults_in_prose_are_the_settings() -> None:
     texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
     checked = 0
     for text in texts:
-        for name, number in re.findall(r"`([A-Z_]+)`(?: seconds| characters| free, | ms)? \((?:default )?"
+        for name, value in re.findall(r"`([A-Z_]+)`(?: seconds| characters| free, | ms)? \((?:default )?"
                                        r"(\d+(?:\.\d+)?)[;),]", text):
             if name in env.SETTINGS:
-                assert float(number) == float(env.SETTINGS[name].default_value()), name
+                assert float(value) == float(env.SETTINGS[name].default_value()), name
                 checked += 1
     assert checked >= 3
 
 
 def test_docs_on_every_span(demo: tuple[list[ReadableSpan], Any]) -> None:
     spans, _ = demo
-    table = SPANS_DOC.split("## On every span\n\n| attribute | meaning |", 1)[1].split("\n\n", 1)[0]
-    rows = re.findall(r"^\| `([a-z_.]+)` \| (.*) \|$", table, flags=re.M)
+    section = SPANS_DOC.split("## On every span\n\n", 1)[1]
+    rows = table(section.split("\n\n", 1)[0], "| attribute | meaning |")
     assert len(rows) >= 5
     for key, meaning in rows:
+        (key,) = ticked(key)
         missing = {span.name.split(" ", 1)[0] for span in spans if key not in (span.attributes or {})}
         if "inside a conversation" in meaning:
             missing -= {"workflow", "phase", "step", "redo"}
@@ -232,8 +237,8 @@ def test_docs_a_key_shape_split_across_calls() -> None:
     from cmbagent_otel import redaction
 
     text = " ".join(SPANS_DOC.split("Across model calls:", 1)[1].split("\n\n", 1)[0].split())
-    assert int(_number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
-    assert int(_number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
+    assert int(number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
+    assert int(number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
     redaction.learn_split_secrets(["the key starts sk-ab"])
     assert redaction.redact("the key starts sk-ab") == "the key starts[REDACTED]"  # "loses it"
     redaction.learn_split_secrets(["Understood, I will wait"])
@@ -241,12 +246,6 @@ def test_docs_a_key_shape_split_across_calls() -> None:
     redaction.learn_split_secrets(["look at sk-proj-Ab"])
     redaction.learn_split_secrets(["x9Zq81mPq is the rest"])  # random-looking: the key's rest
     assert redaction.redact("x9Zq81mPq is the rest") == "[REDACTED] is the rest"
-
-
-def _number(text: str, pattern: str) -> float:
-    match = re.search(pattern, text)
-    assert match, pattern
-    return float(match.group(1))
 
 
 def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> None:
