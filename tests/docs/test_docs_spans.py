@@ -29,6 +29,7 @@ from ._read import number, table, ticked
 ROOT = Path(__file__).resolve().parents[2]
 SPANS_DOC = (ROOT / "docs" / "spans.md").read_text()
 METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
+METRICS_SOURCE = (ROOT / "src" / "cmbagent_otel" / "metrics.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +171,30 @@ def test_docs_bucket_boundaries_are_the_recorded_ones(demo: tuple[list[ReadableS
 
 
 def test_docs_scopes_version_and_schema(demo: tuple[list[ReadableSpan], Any]) -> None:
-    spans, _ = demo
+    """The spans' and (session 42) the meters' scopes carry the version and schema docs/spans.md gives."""
+    spans, data = demo
     schema = re.search(r"schema\s+`(https://opentelemetry\.io/schemas/[\d.]+)`", SPANS_DOC).group(1)  # type: ignore[union-attr]
     assert "both version `cmbagent_otel.__version__`" in SPANS_DOC
-    for span in spans:
-        assert span.instrumentation_scope.version == cmbagent_otel.__version__
-        assert span.instrumentation_scope.schema_url == schema
+    scopes = [span.instrumentation_scope for span in spans]
+    scopes += [scope_metrics.scope for resource_metrics in data.resource_metrics
+               for scope_metrics in resource_metrics.scope_metrics]
+    assert len(scopes) > len(spans)
+    for scope in scopes:
+        assert scope.version == cmbagent_otel.__version__
+        assert scope.schema_url == schema
+
+
+def _semconv_values_used() -> set[str]:
+    """The string values of :mod:`cmbagent_otel.semconv`'s constants that the code (src and exporters, not
+    semconv.py itself) names."""
+    from cmbagent_otel import semconv
+
+    sources = [ROOT / "exporters", ROOT / "src" / "cmbagent_otel"]
+    code = "\n".join(path.read_text() for base in sources for path in base.rglob("*.py")
+                     if path.name != "semconv.py" and (base.name == "exporters" or
+                                                        path.relative_to(base).parts[0] != "exporters"))
+    return {value for name, value in vars(semconv).items()
+            if name.isupper() and isinstance(value, str) and re.search(rf"\b{name}\b", code)}
 
 
 def test_docs_every_key_the_code_sets_is_documented() -> None:
@@ -183,15 +202,7 @@ def test_docs_every_key_the_code_sets_is_documented() -> None:
     ``gen_ai.*`` key of :mod:`cmbagent_otel.semconv` that the code uses (attributes of spans the demo
     does not make, such as the cmbagent integration's ``cmbagent.step.status``, event and metric
     names) is named in docs/spans.md or docs/metrics.md."""
-    from cmbagent_otel import semconv
-
-    sources = [ROOT / "exporters", ROOT / "src" / "cmbagent_otel"]
-    code = "\n".join(path.read_text() for base in sources for path in base.rglob("*.py")
-                     if path.name != "semconv.py" and (base.name == "exporters" or
-                                                        path.relative_to(base).parts[0] != "exporters"))
-    used = {value for name, value in vars(semconv).items()
-            if name.isupper() and isinstance(value, str) and re.fullmatch(r"(cmbagent|gen_ai)\.[a-z_.]+", value)
-            and re.search(rf"\b{name}\b", code)}
+    used = {value for value in _semconv_values_used() if re.fullmatch(r"(cmbagent|gen_ai)\.[a-z_.]+", value)}
     assert len(used) > 50
     undocumented = used - _documented_keys(SPANS_DOC) - _documented_keys(METRICS_DOC)
     assert not undocumented
@@ -294,3 +305,47 @@ def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> No
     digest = redaction.redact_name("n" * 1000).rsplit("...", 1)[1]
     hashed = re.search(r"a (\d+)-hex-digit hash of the whole name", spans)
     assert hashed is not None and int(hashed.group(1)) == len(digest)
+
+
+def test_docs_schema_url_is_the_release_of_the_newest_names() -> None:
+    """Session 42: the scopes declared `https://opentelemetry.io/schemas/1.37.0` while the code emits names
+    1.38-1.41 added (`gen_ai.tool.call.arguments`, `gen_ai.usage.cache_read.input_tokens`, `invoke_workflow`,
+    `gen_ai.workflow.name`, ...). docs/spans.md's table gives every GenAI name the code emits by the release
+    that added it; the declared schema is the newest of those releases (its newest patch), every name given
+    a release is one the installed conventions package defines, and the names of the GenAI repository's
+    unreleased rows are ones it does not."""
+    from opentelemetry.semconv import schemas
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+    from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+    from cmbagent_otel import metrics, semconv
+
+    operations = {value for name, value in vars(semconv).items() if name.startswith("OP_")}
+    emitted = {value for value in _semconv_values_used() if value.startswith("gen_ai.") or value in operations}
+    emitted |= {value for name, value in vars(metrics).items() if name.isupper() and isinstance(value, str)
+                and value.startswith("gen_ai.") and re.search(rf"\b{name}\b", METRICS_SOURCE)}
+    rows = {release: set(ticked(names)) - {"deprecated"}
+            for release, names in table(SPANS_DOC, "| conventions | GenAI names emitted |")}
+    documented = set().union(*rows.values())
+    # a name the table gives as renamed upstream is not one we emit
+    renamed = set(re.findall(r"renamed there, before any release, to `([a-z_.]+)`", SPANS_DOC))
+    assert documented - renamed == emitted
+    known = {value for name, value in vars(gen_ai_attributes).items() if name.startswith("GEN_AI_")}
+    known |= {member.value for member in gen_ai_attributes.GenAiOperationNameValues}
+    known |= {value for name, value in vars(gen_ai_metrics).items() if name.startswith("GEN_AI_")}
+    events = {semconv.EVENT_INFERENCE_DETAILS}  # the package has no constants for event names
+    released = {}
+    for release, names in rows.items():
+        version = re.fullmatch(r"(\d+\.\d+)(?: or earlier)?", release)
+        if version:
+            assert names - events <= known, release
+            released[tuple(int(part) for part in version.group(1).split("."))] = names
+        else:
+            assert "`semantic-conventions-genai`" in release and not (names - renamed) & known, release
+    published = {tuple(int(part) for part in member.value.rsplit("/", 1)[1].split(".")): member.value
+                 for member in schemas.Schemas}
+    newest_patch = max(version for version in published if version[:2] == max(released))
+    assert published[newest_patch] == semconv.SCHEMA_URL
+    assert f"schema\n`{semconv.SCHEMA_URL}`" in SPANS_DOC
+    version = semconv.SCHEMA_URL.rsplit("/", 1)[1]
+    assert f"schema it declares ({version})" in METRICS_DOC
