@@ -37,3 +37,21 @@ def test_docs_readme_names_every_pypi_entry_point() -> None:
     named |= {"summarize_document", "summarize_documents"} if "summarize_document(s)" in listed else set()
     pypi = {name for name, (_, mars) in _table().items() if not mars}
     assert named == pypi
+
+
+def test_docs_the_offline_examples_options_are_its_parsers() -> None:
+    """Session 42: examples/cmbagent_offline/README.md against run.py (read, not imported: it needs cmbagent):
+    the options it names are the parser's, and its `--workflow` list is the script's `WORKFLOWS`."""
+    import ast
+
+    example = ROOT / "examples" / "cmbagent_offline"
+    tree = ast.parse((example / "run.py").read_text())
+    options = {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+               for arg in node.args if isinstance(arg, ast.Constant)}
+    workflows = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and any(isinstance(t, ast.Name) and t.id == "WORKFLOWS" for t in node.targets))
+    text = " ".join((example / "README.md").read_text().split())
+    assert set(re.findall(r"`(--[a-z-]+)", text)) | {"--db"} == options
+    listed = text.split("`--workflow` picks the entry point (", 1)[1].split(")", 1)[0]
+    assert tuple(ticked(listed)) == workflows
