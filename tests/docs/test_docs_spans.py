@@ -349,3 +349,34 @@ def test_docs_schema_url_is_the_release_of_the_newest_names() -> None:
     assert f"schema\n`{semconv.SCHEMA_URL}`" in SPANS_DOC
     version = semconv.SCHEMA_URL.rsplit("/", 1)[1]
     assert f"schema it declares ({version})" in METRICS_DOC
+
+
+def test_docs_the_content_events_scope_is_the_spans(capture: Any) -> None:
+    """Session 42: docs/spans.md says the event logger declares the scopes' version and schema too; a content
+    event (`EVENT_ONLY`) of a real AG2 chat carries them, in its `chat` span's context."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from cmbagent_otel import semconv
+    from cmbagent_otel.testing import offline_agent
+
+    assert "(tracers, meters and the event logger alike)" in SPANS_DOC
+    records, loggers = InMemoryLogRecordExporter(), LoggerProvider()
+    loggers.add_log_record_processor(SimpleLogRecordProcessor(records))
+    cmbagent_otel.uninstrument()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, logger_provider=loggers, capture_content="EVENT_ONLY",
+                             instrument_cmbagent=False, metrics=False)
+    try:
+        user = offline_agent("user", ["unused"], human_input_mode="NEVER", max_consecutive_auto_reply=0)
+        assistant = offline_agent("assistant", ["the answer is 42"])
+        user.initiate_chat(assistant, message="what is the answer?", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+        loggers.shutdown()
+    (chat,) = capture.named("chat ")
+    (record,) = records.get_finished_logs()
+    assert record.log_record.event_name == semconv.EVENT_INFERENCE_DETAILS
+    assert record.log_record.span_id == chat.context.span_id
+    scope = record.instrumentation_scope
+    assert (scope.name, scope.version, scope.schema_url) == (chat.instrumentation_scope.name, cmbagent_otel.__version__,
+                                                             semconv.SCHEMA_URL)
