@@ -25,10 +25,11 @@ metric                             instrument   unit        attributes
 
 The first four come from the AG2 instrumentor's scope (``cmbagent_otel.ag2``), the run-level
 durations from the workflow scope (``cmbagent_otel.workflow``). The two ``gen_ai.client.*``
-histograms and ``gen_ai.workflow.duration`` follow the GenAI semantic conventions (their
-bucket boundaries are the conventions' advice); ``docs/metrics.md`` has the details. Each
-instrument records at most :data:`SERIES_MAX` attribute sets, then one overflow series. Every
-recording is guarded: a failing meter never reaches the application.
+histograms follow the GenAI semantic conventions of the declared schema, ``gen_ai.workflow.duration``
+the GenAI repository's unreleased draft (bucket boundaries: the conventions' advice);
+``docs/metrics.md`` has the details. Each instrument records at most :data:`SERIES_MAX` attribute
+sets, then one overflow series. Every recording is guarded: a failing meter never reaches the
+application.
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ INSTRUMENTATION_NAME: Final = "cmbagent_otel"
 # (workflow, phase, step, redo, failed-attempt events), whoever derives it, from the workflow
 # scope. Nothing downstream (DAG mapping, ingest) depends on the scope name.
 SCOPE_AG2: Final = "cmbagent_otel.ag2"
-# the semantic-conventions version our tracers, meters and loggers declare
-SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.37.0"
+# the semantic-conventions version our tracers, meters and loggers declare: the newest release whose GenAI
+# names are current (1.41 added invoke_workflow / gen_ai.workflow.name, the newest core names we emit; 1.42
+# moved every gen_ai.* name to the semantic-conventions-genai repository). docs/spans.md lists each name by release.
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.41.1"
 SCOPE_WORKFLOW: Final = "cmbagent_otel.workflow"
 
 # --- GenAI semantic conventions -------------------------------------------------------

@@ -3,19 +3,23 @@ campaign: they held; this keeps them from drifting apart)."""
 
 from __future__ import annotations
 
-import re
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
 
 from cmbagent_otel import _ingest_core, _ingest_grpc, ingest, otlp_decode
 from cmbagent_otel import environment_variables as env
 
-DOC = " ".join((Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text().split())
+from ._read import number
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = " ".join((ROOT / "docs" / "backends.md").read_text().split())
 
 
 def _number(pattern: str) -> float:
-    match = re.search(pattern, DOC)
-    assert match, pattern
-    return float(match.group(1).replace(",", ""))
+    return number(DOC, pattern)
 
 
 def _default(name: str) -> float:
@@ -49,3 +53,29 @@ def test_docs_ingest_numbers_added_since_session_34() -> None:
     assert _number(r"holds at most (\d+) elements") == limits.max_array_length
     assert _number(r"a span keeps its first (\d+) attributes, events and links") == limits.max_attributes \
         == limits.max_events == limits.max_links
+
+
+def test_docs_the_otlp_exporters_default_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 42: examples/cmbagent_offline/README.md sent `otlp` to a Jaeger on localhost:4318, but with no
+    OTLP variable set the exporter `instrument()` builds speaks OTLP/gRPC to localhost:4317 (4318 is
+    OTLP/HTTP's). The ports the example states, per protocol, are the exporters' defaults."""
+    from cmbagent_otel import provider
+
+    for name in list(os.environ):
+        if name.startswith("OTEL_EXPORTER_OTLP"):
+            monkeypatch.delenv(name)
+    readme = " ".join((ROOT / "examples" / "cmbagent_offline" / "README.md").read_text().split())
+    grpc = number(readme, r"OTLP/gRPC to port (\d+) by default")
+    http = number(readme, r"by default, (\d+) with `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`")
+    endpoints = {}
+    for protocol in ("grpc", "http/protobuf"):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        exporter = provider.create_exporter("otlp")
+        try:
+            endpoints[protocol] = urlsplit("//" + exporter.exporter._endpoint.split("://")[-1])  # type: ignore[attr-defined]
+        finally:
+            exporter.shutdown()
+    assert (endpoints["grpc"].hostname, endpoints["grpc"].port) == ("localhost", grpc)
+    assert (endpoints["http/protobuf"].hostname, endpoints["http/protobuf"].port) == ("localhost", http)
+    assert endpoints["http/protobuf"].path == "/v1/traces"
+    assert f"With `grpc`, the endpoint is `host:{grpc:.0f}`; with `http/protobuf` the exporter appends" in DOC

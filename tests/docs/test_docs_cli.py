@@ -24,8 +24,11 @@ from typing import Any
 
 import pytest
 
+import cmbagent_otel
 from cmbagent_otel import environment_variables as env
 from cmbagent_otel.cli import COMMANDS, build_parser, main
+
+from ._read import table, ticked
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -65,6 +68,18 @@ def test_docs_synopsis_lists_every_command_and_option() -> None:
         assert documented == set(_options(parsers[name])), name
 
 
+def test_docs_top_level_options_are_named() -> None:
+    """Session 42: `cmbagent-otel --version` was in no doc. Every option of the top-level parser (but `--help`
+    and `--db`, which the synopsis shows) is named in docs/dag.md as `cmbagent-otel OPTION`, and does what it
+    says."""
+    top = set(_options(build_parser()))
+    assert top == {"--version"}
+    assert all(f"`cmbagent-otel {option}`" in DAG_DOC for option in top)
+    done = subprocess.run([sys.executable, "-m", "cmbagent_otel.cli", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout == f"cmbagent-otel {cmbagent_otel.__version__}\n"
+
+
 def test_docs_synopsis_choices_are_the_parsers() -> None:
     synopsis, parsers = _synopsis(), _subparsers()
     for name, line in synopsis.items():
@@ -78,15 +93,16 @@ def test_docs_ingest_table_is_the_ingest_options() -> None:
     """docs/backends.md's table of `cmbagent-otel ingest` settings: each option exists and its help
     names the variable the table gives, every option of the parser is in the table, and each
     default shown is the setting's."""
-    table = BACKENDS_DOC.split("| Option | Env var | Default |", 1)[1].split("\n\n", 1)[0]
-    rows = re.findall(r"^\| (`--[a-z-]+[^`]*`|\(env only\))[^|]* \| ([^|]+) \| ([^|]+) \|$", table, flags=re.M)
+    rows = table(BACKENDS_DOC, "| Option | Env var | Default |")
     options = _options(_subparsers()["ingest"])
-    assert {option.strip("`").split()[0] for option, _, _ in rows if option.startswith("`")} == set(options) | {"--db"}
-    for option, variables, default in rows:
-        named = re.findall(r"`([A-Z_]+)`", variables)
+    given = [re.match(r"`(--[a-z-]+)[^`]*`|\(env only\)", option) for option, _, _ in rows]
+    assert all(given), rows
+    assert {match.group(1) for match in given if match and match.group(1)} == set(options) | {"--db"}
+    for match, (_, variables, default) in zip(given, rows, strict=True):
+        option = match.group(1) if match else None
+        named = ticked(variables)
         assert named and all(name in env.SETTINGS or any(name in s.also for s in env.SETTINGS.values())
                              for name in named), option
-        option = option.strip("`").split()[0]
         if option in options:
             assert all(f"${name}" in options[option].help for name in named), option
         value = env.SETTINGS[named[0]].default_value()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cmbagent_otel.integrations.cmbagent import ENTRY_POINTS
 
+from ._read import table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "cmbagent.md").read_text()
 README = (ROOT / "README.md").read_text()
@@ -16,12 +18,12 @@ README = (ROOT / "README.md").read_text()
 
 def _table() -> dict[str, tuple[str, bool]]:
     """function -> (mode, a MARS-only function)"""
-    table = DOC.split("| function | `cmbagent.workflow.mode` |", 1)[1].split("\n\n", 1)[0]
     found: dict[str, tuple[str, bool]] = {}
-    for functions, mode in re.findall(r"^\| (.*) \| `([a-z-]+)` \|$", table, flags=re.M):
+    for functions, mode in table(DOC, "| function | `cmbagent.workflow.mode` |"):
+        (mode,) = ticked(mode)
         pypi, _, mars = functions.partition("MARS ")  # the cell's names after "MARS" are the fork's
-        found.update({name: (mode, False) for name in re.findall(r"`([a-z_]+)`", pypi)})
-        found.update({name: (mode, True) for name in re.findall(r"`([a-z_]+)`", mars)})
+        found.update({name: (mode, False) for name in ticked(pypi)})
+        found.update({name: (mode, True) for name in ticked(mars)})
     return found
 
 
@@ -35,3 +37,21 @@ def test_docs_readme_names_every_pypi_entry_point() -> None:
     named |= {"summarize_document", "summarize_documents"} if "summarize_document(s)" in listed else set()
     pypi = {name for name, (_, mars) in _table().items() if not mars}
     assert named == pypi
+
+
+def test_docs_the_offline_examples_options_are_its_parsers() -> None:
+    """Session 42: examples/cmbagent_offline/README.md against run.py (read, not imported: it needs cmbagent):
+    the options it names are the parser's, and its `--workflow` list is the script's `WORKFLOWS`."""
+    import ast
+
+    example = ROOT / "examples" / "cmbagent_offline"
+    tree = ast.parse((example / "run.py").read_text())
+    options = {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+               for arg in node.args if isinstance(arg, ast.Constant)}
+    workflows = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and any(isinstance(t, ast.Name) and t.id == "WORKFLOWS" for t in node.targets))
+    text = " ".join((example / "README.md").read_text().split())
+    assert set(re.findall(r"`(--[a-z-]+)", text)) | {"--db"} == options
+    listed = text.split("`--workflow` picks the entry point (", 1)[1].split(")", 1)[0]
+    assert tuple(ticked(listed)) == workflows

@@ -10,14 +10,17 @@ from pathlib import Path
 
 from cmbagent_otel import environment_variables as env
 
+from ._read import table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 # settings environment_variables.py itself resolves for the others (database_url(), default_sqlite_path())
 RESOLVED_HERE = {env.DATABASE_URL, env.WORK_DIR}
 
 
 def test_docs_no_documented_setting_is_ignored() -> None:
-    table = (ROOT / "docs" / "configuration.md").read_text().split("<!-- settings-table:start -->", 1)[1]
-    documented = re.findall(r"^\| `([A-Z_]+)`", table.split("<!-- settings-table:end -->", 1)[0], flags=re.M)
+    text = (ROOT / "docs" / "configuration.md").read_text().split("<!-- settings-table:start -->", 1)[1]
+    rows = table(text.split("<!-- settings-table:end -->", 1)[0], "| variable | default | meaning |")
+    documented = [ticked(variable)[0] for variable, _, _ in rows]
     assert documented == list(env.SETTINGS)
     constants = {value: name for name, value in vars(env).items()
                  if name.isupper() and isinstance(value, str) and value in env.SETTINGS}

@@ -19,9 +19,10 @@ from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.dag import database, schema
 from cmbagent_otel.dag.query import VERSION_TABLE
 
+from ._read import number, table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "dag.md").read_text()
-TICKED = re.compile(r"`([a-z_0-9]+)`")
 
 
 def _section(start: str, end: str) -> str:
@@ -29,7 +30,7 @@ def _section(start: str, end: str) -> str:
 
 
 def _tables(text_: str) -> list[str]:
-    return [name for name in TICKED.findall(text_) if name in schema.Base.metadata.tables]
+    return [name for name in ticked(text_) if name in schema.Base.metadata.tables]
 
 
 def _documented() -> tuple[set[str], set[str], set[str]]:
@@ -48,8 +49,7 @@ def test_docs_table_lists_are_the_schema() -> None:
 
 
 def test_docs_revisions_are_the_migrations() -> None:
-    table = _section("| revision | what it does |", "\n\n")
-    documented = re.findall(r"^\| `([0-9a-z_]+)` \|", table, flags=re.M)
+    documented = [ticked(revision)[0] for revision, _ in table(DOC, "| revision | what it does |")]
     shipped = sorted(p.stem for p in (ROOT / "migrations" / "versions").glob("0*.py"))
     assert documented == shipped
     assert documented[-1] in database.head_revisions()
@@ -114,12 +114,13 @@ def test_docs_event_kinds_of_the_demo(tmp_path: Path) -> None:
     from cmbagent_otel.dag.writer import DagWriter
     from cmbagent_otel.demo import run_demo
 
-    table = _section("| `cmbagent.span.kind` | event_type / event_subtype |\n|---|---|\n", "\n\n")
     documented: dict[str, tuple[str, ...]] = {}
-    for kinds, mapping in re.findall(r"^\| ([a-z_, ]+?)(?: \(.*?\))?(?:, any other kind)? \| ([a-z_]+ / [a-z_]+)",
-                                     table, flags=re.M):
-        for kind in kinds.split(", "):
-            documented[kind] = tuple(mapping.split(" / "))
+    for kinds, mapping in table(DOC, "| `cmbagent.span.kind` | event_type / event_subtype |"):
+        named = re.fullmatch(r"([a-z_, ]+?)(?: \(.*?\))?(?:, any other kind)?", kinds)
+        pair = re.match(r"([a-z_]+) / ([a-z_]+)", mapping)
+        assert named and pair, (kinds, mapping)
+        for kind in named.group(1).split(", "):
+            documented[kind] = pair.groups()
     memory, tracers = InMemorySpanExporter(), TracerProvider()
     tracers.add_span_processor(SimpleSpanProcessor(memory))
     cmbagent_otel.uninstrument()
@@ -174,8 +175,7 @@ def test_docs_status_values_a_run_leaves_are_named(sqlite_url: str, provider: An
         engine.dispose()
     assert runs == {"s-ok": "completed", "s-bad": "failed", "s-stop": "cancelled"}
     assert sessions == {"s-ok": "completed", "s-bad": "suspended", "s-stop": "suspended"}
-    words = {table: set(re.findall(r"[a-z]+", re.search(rf"^\| `{table}` \|.*$", DOC, flags=re.M).group(0)))  # type: ignore[union-attr]
-             for table in ("workflow_runs", "session_states")}
+    words = {ticked(row)[0]: set(re.findall(r"[a-z]+", source)) for row, source in table(DOC, "| row | from |")}
     assert set(runs.values()) <= words["workflow_runs"]
     assert set(sessions.values()) <= words["session_states"]
     assert "`suspended` for a failed or cancelled one" in DOC
@@ -219,19 +219,17 @@ def test_docs_export_and_replay_numbers_are_the_codes() -> None:
     dag = importlib.import_module("cmbagent_otel.exporters.dag")
     text = " ".join(DOC.split())
 
-    def number(pattern: str) -> float:
-        match = re.search(pattern, text)
-        assert match, pattern
-        return float(match.group(1))
+    def stated(pattern: str) -> float:
+        return number(text, pattern)
 
-    assert number(r"exponential backoff \((\d+(?:\.\d+)?) s doubling") == dag.INITIAL_BACKOFF_S
-    assert number(r"doubling to (\d+(?:\.\d+)?) s\)") == dag.MAX_BACKOFF_S
-    assert number(r"`CMBAGENT_OTEL_EXPORT_TIMEOUT` > (\d+) s\)") == dag.DEFAULT_TIMEOUT_S
-    assert number(r"for (\d+) s after a spill later batches") == dag.DEGRADED_S
-    assert number(r"later batches get one (\d+(?:\.\d+)?) s attempt") == dag.DEGRADED_ATTEMPT_S
-    assert number(r"\(at most (\d+) s of replay per export\)") == dag.REPLAY_SLICE_S
-    assert number(r"for up to (\d+) s at shutdown") * 1000 == processor.SHUTDOWN_REPLAY_MS
-    assert number(r"At most (\d+) spans per file") == spill.MAX_SPANS_PER_FILE
-    assert number(r"still in use (\d+) s past the deadline") == _watchdog.GRACE_S
-    assert number(r"a read waits at most (\d+) s for a table") * 1000 == READ_LOCK_WAIT_MS
-    assert number(r"and exports within (\d+(?:\.\d+)?) s") * 1000 == processor.DEFAULT_LIVE_DELAY_MS
+    assert stated(r"exponential backoff \((\d+(?:\.\d+)?) s doubling") == dag.INITIAL_BACKOFF_S
+    assert stated(r"doubling to (\d+(?:\.\d+)?) s\)") == dag.MAX_BACKOFF_S
+    assert stated(r"`CMBAGENT_OTEL_EXPORT_TIMEOUT` > (\d+) s\)") == dag.DEFAULT_TIMEOUT_S
+    assert stated(r"for (\d+) s after a spill later batches") == dag.DEGRADED_S
+    assert stated(r"later batches get one (\d+(?:\.\d+)?) s attempt") == dag.DEGRADED_ATTEMPT_S
+    assert stated(r"\(at most (\d+) s of replay per export\)") == dag.REPLAY_SLICE_S
+    assert stated(r"for up to (\d+) s at shutdown") * 1000 == processor.SHUTDOWN_REPLAY_MS
+    assert stated(r"At most (\d+) spans per file") == spill.MAX_SPANS_PER_FILE
+    assert stated(r"still in use (\d+) s past the deadline") == _watchdog.GRACE_S
+    assert stated(r"a read waits at most (\d+) s for a table") * 1000 == READ_LOCK_WAIT_MS
+    assert stated(r"and exports within (\d+(?:\.\d+)?) s") * 1000 == processor.DEFAULT_LIVE_DELAY_MS

@@ -24,9 +24,12 @@ import cmbagent_otel
 from cmbagent_otel import environment_variables as env
 from cmbagent_otel.demo import run_demo
 
+from ._read import number, table, ticked
+
 ROOT = Path(__file__).resolve().parents[2]
 SPANS_DOC = (ROOT / "docs" / "spans.md").read_text()
 METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
+METRICS_SOURCE = (ROOT / "src" / "cmbagent_otel" / "metrics.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +62,12 @@ def _tree() -> set[tuple[str, str]]:
 
 def _scopes() -> dict[str, str]:
     """The scopes table: span name's first word -> scope."""
-    table = SPANS_DOC.split("| scope | spans |", 1)[1].split("\n\n", 1)[0]
     found = {}
-    for scope, spans in re.findall(r"^\| `([a-z_.0-9]+)` \| (.*) \|$", table, flags=re.M):
-        for name in re.findall(r"`([a-z_]+)`", spans):
-            found[name] = scope
+    for scope, spans in table(SPANS_DOC, "| scope | spans |"):
+        (scope,) = ticked(scope)
+        for name in ticked(spans):
+            if re.fullmatch(r"[a-z_]+", name):
+                found[name] = scope
     return found
 
 
@@ -106,9 +110,10 @@ def test_docs_every_attribute_key_is_documented(demo: tuple[list[ReadableSpan], 
 
 def test_docs_metrics_table_is_what_a_run_records(demo: tuple[list[ReadableSpan], Any]) -> None:
     _, data = demo
-    table = METRICS_DOC.split("| metric | instrument | unit | attributes | scope |", 1)[1].split("\n\n", 1)[0]
-    documented = {name: (instrument, unit, scope) for name, instrument, unit, scope in re.findall(
-        r"^\| `([a-z_.]+)` \| ([a-z]+) \| `([^`]+)` \| .* \| `([a-z_.0-9]+)` \|$", table, flags=re.M)}
+    documented = {}
+    for name, instrument, unit, _, scope in table(METRICS_DOC, "| metric | instrument | unit | attributes | scope |"):
+        ((name,), (unit,), (scope,)) = (ticked(name), ticked(unit), ticked(scope))
+        documented[name] = (instrument, unit, scope)
     kinds = {Histogram: "histogram", Sum: "counter"}
     recorded = {}
     for resource_metrics in data.resource_metrics:
@@ -124,20 +129,21 @@ def test_docs_defaults_in_prose_are_the_settings() -> None:
     texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
     checked = 0
     for text in texts:
-        for name, number in re.findall(r"`([A-Z_]+)`(?: seconds| characters| free, | ms)? \((?:default )?"
+        for name, value in re.findall(r"`([A-Z_]+)`(?: seconds| characters| free, | ms)? \((?:default )?"
                                        r"(\d+(?:\.\d+)?)[;),]", text):
             if name in env.SETTINGS:
-                assert float(number) == float(env.SETTINGS[name].default_value()), name
+                assert float(value) == float(env.SETTINGS[name].default_value()), name
                 checked += 1
     assert checked >= 3
 
 
 def test_docs_on_every_span(demo: tuple[list[ReadableSpan], Any]) -> None:
     spans, _ = demo
-    table = SPANS_DOC.split("## On every span\n\n| attribute | meaning |", 1)[1].split("\n\n", 1)[0]
-    rows = re.findall(r"^\| `([a-z_.]+)` \| (.*) \|$", table, flags=re.M)
+    section = SPANS_DOC.split("## On every span\n\n", 1)[1]
+    rows = table(section.split("\n\n", 1)[0], "| attribute | meaning |")
     assert len(rows) >= 5
     for key, meaning in rows:
+        (key,) = ticked(key)
         missing = {span.name.split(" ", 1)[0] for span in spans if key not in (span.attributes or {})}
         if "inside a conversation" in meaning:
             missing -= {"workflow", "phase", "step", "redo"}
@@ -165,12 +171,30 @@ def test_docs_bucket_boundaries_are_the_recorded_ones(demo: tuple[list[ReadableS
 
 
 def test_docs_scopes_version_and_schema(demo: tuple[list[ReadableSpan], Any]) -> None:
-    spans, _ = demo
+    """The spans' and (session 42) the meters' scopes carry the version and schema docs/spans.md gives."""
+    spans, data = demo
     schema = re.search(r"schema\s+`(https://opentelemetry\.io/schemas/[\d.]+)`", SPANS_DOC).group(1)  # type: ignore[union-attr]
     assert "both version `cmbagent_otel.__version__`" in SPANS_DOC
-    for span in spans:
-        assert span.instrumentation_scope.version == cmbagent_otel.__version__
-        assert span.instrumentation_scope.schema_url == schema
+    scopes = [span.instrumentation_scope for span in spans]
+    scopes += [scope_metrics.scope for resource_metrics in data.resource_metrics
+               for scope_metrics in resource_metrics.scope_metrics]
+    assert len(scopes) > len(spans)
+    for scope in scopes:
+        assert scope.version == cmbagent_otel.__version__
+        assert scope.schema_url == schema
+
+
+def _semconv_values_used() -> set[str]:
+    """The string values of :mod:`cmbagent_otel.semconv`'s constants that the code (src and exporters, not
+    semconv.py itself) names."""
+    from cmbagent_otel import semconv
+
+    sources = [ROOT / "exporters", ROOT / "src" / "cmbagent_otel"]
+    code = "\n".join(path.read_text() for base in sources for path in base.rglob("*.py")
+                     if path.name != "semconv.py" and (base.name == "exporters" or
+                                                        path.relative_to(base).parts[0] != "exporters"))
+    return {value for name, value in vars(semconv).items()
+            if name.isupper() and isinstance(value, str) and re.search(rf"\b{name}\b", code)}
 
 
 def test_docs_every_key_the_code_sets_is_documented() -> None:
@@ -178,15 +202,7 @@ def test_docs_every_key_the_code_sets_is_documented() -> None:
     ``gen_ai.*`` key of :mod:`cmbagent_otel.semconv` that the code uses (attributes of spans the demo
     does not make, such as the cmbagent integration's ``cmbagent.step.status``, event and metric
     names) is named in docs/spans.md or docs/metrics.md."""
-    from cmbagent_otel import semconv
-
-    sources = [ROOT / "exporters", ROOT / "src" / "cmbagent_otel"]
-    code = "\n".join(path.read_text() for base in sources for path in base.rglob("*.py")
-                     if path.name != "semconv.py" and (base.name == "exporters" or
-                                                        path.relative_to(base).parts[0] != "exporters"))
-    used = {value for name, value in vars(semconv).items()
-            if name.isupper() and isinstance(value, str) and re.fullmatch(r"(cmbagent|gen_ai)\.[a-z_.]+", value)
-            and re.search(rf"\b{name}\b", code)}
+    used = {value for value in _semconv_values_used() if re.fullmatch(r"(cmbagent|gen_ai)\.[a-z_.]+", value)}
     assert len(used) > 50
     undocumented = used - _documented_keys(SPANS_DOC) - _documented_keys(METRICS_DOC)
     assert not undocumented
@@ -232,8 +248,8 @@ def test_docs_a_key_shape_split_across_calls() -> None:
     from cmbagent_otel import redaction
 
     text = " ".join(SPANS_DOC.split("Across model calls:", 1)[1].split("\n\n", 1)[0].split())
-    assert int(_number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
-    assert int(_number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
+    assert int(number(text, r"within the next (\d+), at most")) == redaction._FRAGMENT_CALLS
+    assert int(number(text, r"at most (\d+) starts open")) == redaction._MAX_OPEN_FRAGMENTS
     redaction.learn_split_secrets(["the key starts sk-ab"])
     assert redaction.redact("the key starts sk-ab") == "the key starts[REDACTED]"  # "loses it"
     redaction.learn_split_secrets(["Understood, I will wait"])
@@ -241,12 +257,6 @@ def test_docs_a_key_shape_split_across_calls() -> None:
     redaction.learn_split_secrets(["look at sk-proj-Ab"])
     redaction.learn_split_secrets(["x9Zq81mPq is the rest"])  # random-looking: the key's rest
     assert redaction.redact("x9Zq81mPq is the rest") == "[REDACTED] is the rest"
-
-
-def _number(text: str, pattern: str) -> float:
-    match = re.search(pattern, text)
-    assert match, pattern
-    return float(match.group(1))
 
 
 def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> None:
@@ -295,3 +305,78 @@ def test_docs_numbers_of_the_secrets_and_bounds_paragraphs_are_the_codes() -> No
     digest = redaction.redact_name("n" * 1000).rsplit("...", 1)[1]
     hashed = re.search(r"a (\d+)-hex-digit hash of the whole name", spans)
     assert hashed is not None and int(hashed.group(1)) == len(digest)
+
+
+def test_docs_schema_url_is_the_release_of_the_newest_names() -> None:
+    """Session 42: the scopes declared `https://opentelemetry.io/schemas/1.37.0` while the code emits names
+    1.38-1.41 added (`gen_ai.tool.call.arguments`, `gen_ai.usage.cache_read.input_tokens`, `invoke_workflow`,
+    `gen_ai.workflow.name`, ...). docs/spans.md's table gives every GenAI name the code emits by the release
+    that added it; the declared schema is the newest of those releases (its newest patch), every name given
+    a release is one the installed conventions package defines, and the names of the GenAI repository's
+    unreleased rows are ones it does not."""
+    from opentelemetry.semconv import schemas
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+    from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+    from cmbagent_otel import metrics, semconv
+
+    operations = {value for name, value in vars(semconv).items() if name.startswith("OP_")}
+    emitted = {value for value in _semconv_values_used() if value.startswith("gen_ai.") or value in operations}
+    emitted |= {value for name, value in vars(metrics).items() if name.isupper() and isinstance(value, str)
+                and value.startswith("gen_ai.") and re.search(rf"\b{name}\b", METRICS_SOURCE)}
+    rows = {release: set(ticked(names)) - {"deprecated"}
+            for release, names in table(SPANS_DOC, "| conventions | GenAI names emitted |")}
+    documented = set().union(*rows.values())
+    # a name the table gives as renamed upstream is not one we emit
+    renamed = set(re.findall(r"renamed there, before any release, to `([a-z_.]+)`", SPANS_DOC))
+    assert documented - renamed == emitted
+    known = {value for name, value in vars(gen_ai_attributes).items() if name.startswith("GEN_AI_")}
+    known |= {member.value for member in gen_ai_attributes.GenAiOperationNameValues}
+    known |= {value for name, value in vars(gen_ai_metrics).items() if name.startswith("GEN_AI_")}
+    events = {semconv.EVENT_INFERENCE_DETAILS}  # the package has no constants for event names
+    released = {}
+    for release, names in rows.items():
+        version = re.fullmatch(r"(\d+\.\d+)(?: or earlier)?", release)
+        if version:
+            assert names - events <= known, release
+            released[tuple(int(part) for part in version.group(1).split("."))] = names
+        else:
+            assert "`semantic-conventions-genai`" in release and not (names - renamed) & known, release
+    published = {tuple(int(part) for part in member.value.rsplit("/", 1)[1].split(".")): member.value
+                 for member in schemas.Schemas}
+    newest_patch = max(version for version in published if version[:2] == max(released))
+    assert published[newest_patch] == semconv.SCHEMA_URL
+    assert f"schema\n`{semconv.SCHEMA_URL}`" in SPANS_DOC
+    version = semconv.SCHEMA_URL.rsplit("/", 1)[1]
+    assert f"schema it declares ({version})" in METRICS_DOC
+
+
+def test_docs_the_content_events_scope_is_the_spans(capture: Any) -> None:
+    """Session 42: docs/spans.md says the event logger declares the scopes' version and schema too; a content
+    event (`EVENT_ONLY`) of a real AG2 chat carries them, in its `chat` span's context."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from cmbagent_otel import semconv
+    from cmbagent_otel.testing import offline_agent
+
+    assert "(tracers, meters and the event logger alike)" in SPANS_DOC
+    records, loggers = InMemoryLogRecordExporter(), LoggerProvider()
+    loggers.add_log_record_processor(SimpleLogRecordProcessor(records))
+    cmbagent_otel.uninstrument()
+    cmbagent_otel.instrument(tracer_provider=capture.provider, logger_provider=loggers, capture_content="EVENT_ONLY",
+                             instrument_cmbagent=False, metrics=False)
+    try:
+        user = offline_agent("user", ["unused"], human_input_mode="NEVER", max_consecutive_auto_reply=0)
+        assistant = offline_agent("assistant", ["the answer is 42"])
+        user.initiate_chat(assistant, message="what is the answer?", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+        loggers.shutdown()
+    (chat,) = capture.named("chat ")
+    (record,) = records.get_finished_logs()
+    assert record.log_record.event_name == semconv.EVENT_INFERENCE_DETAILS
+    assert record.log_record.span_id == chat.context.span_id
+    scope = record.instrumentation_scope
+    assert (scope.name, scope.version, scope.schema_url) == (chat.instrumentation_scope.name, cmbagent_otel.__version__,
+                                                             semconv.SCHEMA_URL)
