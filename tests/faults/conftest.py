@@ -9,11 +9,13 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -171,3 +173,49 @@ def hangup_as_default() -> None:
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("cmbagent-otel")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+Hit = Callable[[FrameType, str, Any], bool]
+
+
+def called_from(frame: FrameType | None, code: CodeType, up: int = 1) -> bool:
+    """Whether the frame ``up`` frames above ``frame`` runs ``code``."""
+    for _ in range(up):
+        frame = frame.f_back if frame is not None else None
+    return frame is not None and frame.f_code is code
+
+
+@contextmanager
+def interrupt_at(hit: Hit, *, lines_of: CodeType | None = None) -> Iterator[list[BaseException]]:
+    """A ``KeyboardInterrupt`` raised at the first point ``hit(frame, event, arg)`` names, as a signal handler
+    would raise it there (one runs when a call returns or a function is entered), out of the block.
+
+    The point is found with a ``sys.setprofile`` hook (events ``call``, ``return``, ``c_call``, ``c_return``: an
+    exception raised at a ``return`` replaces the returned value, which the caller never gets), or, with
+    ``lines_of``, a ``sys.settrace`` hook on that code's ``line`` events. The interpreter removes a hook that
+    raises; one that never fired is removed on the way out. The block must end in that very interrupt (the
+    yielded list holds it), unchanged: it is swallowed then, and the test fails on any other ending."""
+    raised: list[BaseException] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> Any:
+        if not raised and hit(frame, event, arg):
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+        return hook
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return hook if frame.f_code is lines_of else None
+
+    if lines_of is None:
+        sys.setprofile(hook)
+    else:
+        sys.settrace(calls)
+    try:
+        yield raised
+    except KeyboardInterrupt as caught:
+        assert raised and caught is raised[0], "another interrupt came out of the block"  # the very one, unchanged
+    else:
+        pytest.fail(f"the interrupt did not come out of the block (raised: {raised})")
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
