@@ -17,10 +17,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace import Tracer
 
 from cmbagent_otel import phase, workflow
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from .conftest import Hit, interrupt_at
 from .test_campaign import traced
