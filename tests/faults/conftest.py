@@ -9,7 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import CodeType, FrameType
@@ -219,3 +219,30 @@ def interrupt_at(hit: Hit, *, lines_of: CodeType | None = None) -> Iterator[list
     finally:
         sys.setprofile(None)
         sys.settrace(None)
+
+
+FDS = Path("/proc/self/fd")  # Linux: this process's descriptors, each a link to what it is open on
+_OURS = str(Path(cmbagent_otel.__file__).parent)
+
+
+def descriptors_on(target: Path | Callable[[str], bool], among: Iterable[str] | None = None) -> set[str]:
+    """This process's descriptors (of ``among``, default all) on ``target`` (a path, or a test of the link's
+    text: ``socket:[…]`` for a socket)."""
+    match = target if callable(target) else str(target).__eq__
+    found = set()
+    for name in os.listdir(FDS) if among is None else among:
+        try:
+            if match(os.readlink(FDS / name)):
+                found.add(name)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+    return found
+
+
+def opened_on(target: Path | Callable[[str], bool]) -> Hit:
+    """For :func:`interrupt_at`: the first return of a C call (``os.open``'s, or of what holds its descriptor)
+    to our code (where a signal handler runs) after a descriptor on ``target`` was opened: looked for in our
+    code's calls only, among the descriptors opened since, for speed."""
+    before = descriptors_on(lambda path: True)  # not the listing's own descriptor: the file's may take its number
+    return lambda frame, event, arg: event == "c_return" and frame.f_code.co_filename.startswith(_OURS) \
+        and bool(descriptors_on(target, set(os.listdir(FDS)) - before))

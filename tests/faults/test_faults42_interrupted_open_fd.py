@@ -16,44 +16,19 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import cmbagent_otel
 from cmbagent_otel.dag.database import creation_lock, make_engine
 from cmbagent_otel.integrations.cmbagent import work_dir_files
 from cmbagent_otel.spill import SpillStore, read_spill
 
-from .conftest import Hit, interrupt_at, plan_run_spans
+from .conftest import FDS, descriptors_on, interrupt_at, opened_on, plan_run_spans
 
-_FDS = Path("/proc/self/fd")
-_OURS = str(Path(cmbagent_otel.__file__).parent)
-pytestmark = pytest.mark.skipif(not _FDS.is_dir(), reason="needs /proc/self/fd")
-
-
-def _open_on(target: Path | Callable[[str], bool], among: Iterable[str] | None = None) -> set[str]:
-    """This process's descriptors (of ``among``, default all) on ``target`` (a path, or a test of the path)."""
-    match = target if callable(target) else str(target).__eq__
-    found = set()
-    for name in os.listdir(_FDS) if among is None else among:
-        try:
-            if match(os.readlink(_FDS / name)):
-                found.add(name)
-        except OSError:
-            continue  # the listing's own descriptor, closed since
-    return found
-
-
-def _opened(target: Path | Callable[[str], bool]) -> Hit:
-    """The first return of a C call (os.open's, or what holds its descriptor) to our code (where a signal handler
-    runs) after a descriptor on ``target`` was opened: looked for in our code's calls only, among the
-    descriptors opened since, for speed."""
-    before = _open_on(lambda path: True)  # not the listing's own descriptor: the file's may take its number
-    return lambda frame, event, arg: event == "c_return" and frame.f_code.co_filename.startswith(_OURS) \
-        and bool(_open_on(target, set(os.listdir(_FDS)) - before))
+pytestmark = pytest.mark.skipif(not FDS.is_dir(), reason="needs /proc/self/fd")
 
 
 def _unlocked(folder: Path) -> bool:
@@ -69,18 +44,18 @@ def _unlocked(folder: Path) -> bool:
 
 def test_creation_lock(tmp_path: Path) -> None:
     """Fails on 4a0d79e: the folder's descriptor stays open."""
-    with interrupt_at(_opened(tmp_path)), creation_lock(tmp_path / "cmbagent.db"):
+    with interrupt_at(opened_on(tmp_path)), creation_lock(tmp_path / "cmbagent.db"):
         pytest.fail("the block was entered")
-    assert _open_on(tmp_path) == set()
+    assert descriptors_on(tmp_path) == set()
     assert _unlocked(tmp_path)
 
 
 def test_new_database_file(tmp_path: Path) -> None:
     """Fails on 4a0d79e: the new file's descriptor stays open (``_create_private``)."""
     db = tmp_path / "cmbagent.db"
-    with interrupt_at(_opened(db)):
+    with interrupt_at(opened_on(db)):
         make_engine(f"sqlite:///{db}").dispose()
-    assert _open_on(db) == set()
+    assert descriptors_on(db) == set()
     assert _unlocked(tmp_path)
     make_engine(f"sqlite:///{db}").dispose()  # and the next one goes on
 
@@ -92,10 +67,10 @@ def test_spill_write(tmp_path: Path) -> None:
     spans = plan_run_spans("faults42", steps=1)
     folder.mkdir(mode=0o700)
     in_folder = str(folder).__add__("/")
-    with interrupt_at(_opened(lambda path: path.startswith(in_folder) and path.endswith(".tmp"))):
+    with interrupt_at(opened_on(lambda path: path.startswith(in_folder) and path.endswith(".tmp"))):
         store.append(spans)
     assert list(folder.iterdir()) == []
-    assert _open_on(lambda path: path.startswith(str(folder))) == set()
+    assert descriptors_on(lambda path: path.startswith(str(folder))) == set()
     assert len(store.append(spans)) == 1  # the next spill goes on
 
 
@@ -116,9 +91,9 @@ def test_spill_reads(tmp_path: Path, what: str) -> None:
     elif what == "fsync":
         target = folder
         act = lambda: store.append(plan_run_spans("faults42", steps=1))  # noqa: E731
-    with interrupt_at(_opened(target)):
+    with interrupt_at(opened_on(target)):
         act()
-    assert _open_on(target) == set()
+    assert descriptors_on(target) == set()
 
 
 def test_mars_work_dir_walk(tmp_path: Path) -> None:
@@ -126,7 +101,7 @@ def test_mars_work_dir_walk(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "result.txt").write_text("x")
-    with interrupt_at(_opened(data)):
+    with interrupt_at(opened_on(data)):
         work_dir_files(str(tmp_path))
-    assert _open_on(data) == set()
+    assert descriptors_on(data) == set()
     assert work_dir_files(str(tmp_path))[0].startswith("data/result.txt\t")

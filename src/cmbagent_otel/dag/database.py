@@ -33,7 +33,7 @@ from sqlalchemy.pool import NullPool
 from .. import environment_variables
 from .._forksafe import close_opened, hold_fd, open_into, reset_in_child
 from ..redaction import is_secret_key
-from ._watchdog import watchdog
+from ._watchdog import WATCHED, watchdog
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -439,7 +439,6 @@ def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
     return engine
 
 
-_WATCHED = "cmbagent_otel_watched"
 _FRESH = "cmbagent_otel_fresh"
 
 
@@ -457,7 +456,7 @@ def _pg_checkout(dialect: Any, label: str) -> Any:
         end = _deadline.get()
         if end is not None:
             with contextlib.suppress(Exception):
-                record.info[_WATCHED] = watchdog.arm(dbapi_conn.fileno(), end, label)
+                watchdog.arm(dbapi_conn.fileno(), end, label, record.info)  # holds the token as it arms
         if record.info.pop(_FRESH, False):
             return
         try:
@@ -473,7 +472,7 @@ def _pg_checkout(dialect: Any, label: str) -> Any:
 def _pg_disarm(_dbapi_conn: Any, record: Any = None, *_args: Any) -> None:
     info = getattr(record, "info", None)
     if info is not None:
-        watchdog.disarm(info.pop(_WATCHED, None))
+        watchdog.disarm(info.pop(WATCHED, None))
 
 
 # --- Alembic --------------------------------------------------------------------------
