@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -291,6 +293,7 @@ def _open_regular(path: Path) -> Any:
     one they created before the store did, it would put the runs they wrote into our database;
     the files we write are always our own)."""
     opened: list[int] = []
+    handles: list[Any] = []
     try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
         fd = open_into(opened, path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         info = os.fstat(fd)
@@ -299,9 +302,16 @@ def _open_regular(path: Path) -> Any:
         if _EUID is not None and info.st_uid != _EUID():
             raise SpillUnreadable(errno.EPERM, f"owned by another user (uid {info.st_uid}), not ours: left in "
                                   "place (replay it as that user)", str(path))
-        return os.fdopen(fd, "rb")
+        # the file object owns the descriptor from the C call that makes and stores it: os.fdopen (Python)
+        # interrupted as it returned lost the object, which closed the descriptor, and the number was closed
+        # again below (EBADF in place of the interrupt, or a number another thread had just opened)
+        handles.extend(map(functools.partial(io.open, mode="rb"), opened))
+        return handles[0]
     except BaseException:
-        close_opened(opened)
+        if handles:
+            handles[0].close()
+        else:
+            close_opened(opened)
         raise
 
 

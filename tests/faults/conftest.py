@@ -199,6 +199,9 @@ def interrupt_at(hit: Hit, *, lines_of: CodeType | None = None) -> Iterator[list
 
     def hook(frame: FrameType, event: str, arg: Any) -> Any:
         if not raised and hit(frame, event, arg):
+            # the value returned is dropped with the raise, as a signal handler's interrupt drops it (the
+            # traceback holds this frame: its reference kept a lost file object open past the unwinding)
+            del arg
             raised.append(KeyboardInterrupt())
             raise raised[-1]
         return hook

@@ -18,15 +18,17 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 
+from cmbagent_otel import spill
 from cmbagent_otel.dag.database import creation_lock, make_engine
 from cmbagent_otel.integrations.cmbagent import work_dir_files
 from cmbagent_otel.spill import SpillStore, read_spill
 
-from .conftest import FDS, descriptors_on, interrupt_at, opened_on, plan_run_spans
+from .conftest import FDS, called_from, descriptors_on, interrupt_at, opened_on, plan_run_spans
 
 pytestmark = pytest.mark.skipif(not FDS.is_dir(), reason="needs /proc/self/fd")
 
@@ -105,3 +107,22 @@ def test_mars_work_dir_walk(tmp_path: Path) -> None:
         work_dir_files(str(tmp_path))
     assert descriptors_on(data) == set()
     assert work_dir_files(str(tmp_path))[0].startswith("data/result.txt\t")
+
+
+def test_spill_read_interrupted_as_its_file_object_is_made_raises_that_interrupt(tmp_path: Path) -> None:
+    """Fails on 4a0d79e: ``SpillFileError`` (EBADF) instead of the ``KeyboardInterrupt``. Interrupted as
+    ``os.fdopen`` returned, the file object, lost with the return value, closed the descriptor, and
+    ``_open_regular``'s ``except`` closed the number again: ``EBADF`` replaced the application's interrupt
+    (and a number another thread had just opened would have been closed under it). The file object is now
+    made by ``io.open`` inside one C call that stores it, and closed (once) on the way out."""
+    [written] = SpillStore(tmp_path / "spill").append(plan_run_spans("faults42", steps=1))
+    opening = spill._open_regular.__code__
+
+    def made(frame: FrameType, event: str, arg: Any) -> bool:  # on main os.fdopen's return; now that C call's
+        return (event == "return" and frame.f_code is os.fdopen.__code__ and called_from(frame, opening)) or (
+            event == "c_return" and frame.f_code is opening and getattr(arg, "__name__", "") == "extend")
+
+    with interrupt_at(made):
+        read_spill(written)
+    assert descriptors_on(written) == set()
+    assert read_spill(written).spans  # and the next read goes on
