@@ -18,6 +18,7 @@ descriptor of ours that held one (:func:`hold_fd`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -45,6 +46,26 @@ def reset_in_child(owner: Any, *names: str) -> None:
 def hold_fd(fd: int) -> None:
     """Have a child forked from now on close ``fd`` at once (call before locking it)."""
     _held_fds.add(fd)
+
+
+def open_into(opened: list[int], path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    """``os.open(path, flags, mode, dir_fd=dir_fd)``, its descriptor appended to ``opened`` by the same C call
+    that opened it (``list.extend`` over a ``map``: no Python code runs between the two), and returned.
+
+    A signal handler runs when a call returns to Python code: a ``KeyboardInterrupt`` raised there as
+    ``os.open`` returned lost the descriptor with the return value, before any ``try`` could hold it (a
+    leaked descriptor, a folder or ``.tmp`` never unlocked, a ``.tmp`` never removed). The caller keeps
+    ``opened`` in a ``try`` around this call whose ``finally`` (or ``except``) closes what it holds
+    (:func:`close_opened`): an interrupt as this function returns finds the descriptor there."""
+    opened.extend(map(functools.partial(os.open, flags=flags, mode=mode, dir_fd=dir_fd), (path,)))
+    return opened[-1]
+
+
+def close_opened(opened: list[int]) -> None:
+    """:func:`close_held` each descriptor :func:`open_into` put into ``opened`` (once: the list is left as it
+    was, so the caller can tell afterwards that the open succeeded)."""
+    for fd in opened:
+        close_held(fd)
 
 
 def close_held(fd: int) -> None:

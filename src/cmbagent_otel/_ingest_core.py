@@ -54,9 +54,14 @@ WRITE_WAIT = 3.0
 HALVING_WAIT = 3.5
 # Searches cut short (a request answered 503 in the middle of one) kept for their client's retry, which
 # continues the search rather than starting it over: on a database that stayed too slow every retry
-# started again from the whole chunk and such a request was never stored. The least recently cut short
-# is forgotten first; each holds a chunk's span positions (at most CHUNK_SPANS) and two counts.
+# started again from the whole chunk and such a request was never stored. Each holds a chunk's span
+# positions (at most CHUNK_SPANS) and three numbers. When KEPT_SEARCHES are kept, the least recently
+# cut short is forgotten only once KEPT_SEARCH_AGE_S old (its client gave up); a younger one stays and
+# the new search is not kept (its request starts over at its retry, until a kept one is done). Evicting
+# the oldest at once made every request of more stuck at once than KEPT_SEARCHES, retried in turn as OTLP
+# clients do, find its search evicted by another's: none was ever stored.
 KEPT_SEARCHES = 16
+KEPT_SEARCH_AGE_S = 300.0
 # Seconds the server's start gives its background schema check (see IngestCore.prepare_soon);
 # past them the first write does it, within its own WRITE_WAIT.
 STARTUP_PREPARE_S = 10.0
@@ -99,6 +104,7 @@ class _Search:
     size: int  # the chunk's spans
     stored: int = 0  # spans of the chunk stored by the requests answered 503 (they counted none)
     rejected: int = 0  # spans refused so far (each with its log line)
+    kept_at: float = 0.0  # time.monotonic() when last kept for a retry
 
 
 class Admission:
@@ -489,18 +495,27 @@ class IngestCore:
         return search if search is not None and search.size == size else None
 
     def _keep(self, key: Callable[[], tuple[bytes, int]] | None, search: _Search) -> None:
-        """Keep ``search`` for its client's retry (the least recently kept forgotten past :data:`KEPT_SEARCHES`)."""
+        """Keep ``search`` for its client's retry: at most :data:`KEPT_SEARCHES`, the least recently kept
+        forgotten to make room only once :data:`KEPT_SEARCH_AGE_S` old; else ``search`` is not kept."""
         if key is None:
             return
         try:
             kept = key()
         except Exception:
             return
+        now = time.monotonic()
         with self._count_lock:
-            self._searches[kept] = search
-            self._searches.move_to_end(kept)
-            while len(self._searches) > KEPT_SEARCHES:
-                self._searches.popitem(last=False)
+            searches = self._searches
+            if kept not in searches and len(searches) >= KEPT_SEARCHES:
+                oldest = next(iter(searches))
+                if now - searches[oldest].kept_at < KEPT_SEARCH_AGE_S:
+                    logger.debug("cmbagent-otel ingest: %d searches kept already; this one starts over at its retry",
+                                 len(searches))
+                    return
+                del searches[oldest]
+            search.kept_at = now
+            searches[kept] = search
+            searches.move_to_end(kept)
 
     def _get_writer(self) -> SpanWriter:
         with self._writer_lock:

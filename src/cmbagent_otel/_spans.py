@@ -903,9 +903,48 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             sent = None
         if sent is not None:
             _lost_in_start_span(self, name, sent, parent)
+        try:
+            taken = node_id, order  # the DAG node id and order _name_node took, if start got that far
+        except NameError:  # (UnboundLocalError)
+            taken = None
+        _keep_taken(self, node, taken, sent)
         _interrupted(self, frame, ctx, exc)
         raise  # unchanged: the application's
     return self
+
+
+def _keep_taken(self: Any, node: NodeSpec | None, taken: tuple[str, int | None] | None,
+                sent: Mapping[str, Any] | None) -> None:
+    """When :func:`start` was interrupted before its span started, after it named the span's DAG node (a
+    unique id takes the run's next number for its base: ``a``, then ``a_2``; a child the next index among
+    its parent's children): keep that id and order for a retry of this start (:func:`retake_node`). Never
+    raises."""
+    try:
+        if node is None or getattr(self, "span", trace.INVALID_SPAN) is not trace.INVALID_SPAN:
+            return
+        if taken is None and sent is not None:  # described by compose(): its attributes hold them
+            taken = sent.get(DAG_NODE), sent.get(DAG_ORDER_INDEX)
+        if taken is not None and type(taken[0]) is str:
+            self._taken = taken
+    except Exception:
+        logger.debug("cmbagent_otel: could not keep the node id of an interrupted start", exc_info=True)
+
+
+def retake_node(traced: TracedSpan) -> None:
+    """Before ``traced`` is started again after an interrupted start (the workflow API records a block
+    interrupted there, failed): its DAG node keeps the id that start took (see :func:`_keep_taken`). A
+    second start named it anew: ``a_2``, ``step_1_2``, with no node ``a`` at all. Never raises."""
+    try:
+        taken = getattr(traced, "_taken", None)
+        node = traced._node
+        if taken is None or node is None:
+            return
+        del traced._taken
+        node_id, order = taken
+        # the same id and order as the first start's (a child's order is the index it took), no number taken
+        traced._node = NodeSpec(node_id, node.node_type, order, unique=False)
+    except Exception:
+        logger.debug("cmbagent_otel: could not keep the node id of an interrupted start", exc_info=True)
 
 
 def _lost_in_start_span(self: Any, name: str, sent: Mapping[str, Any], parent: otel_context.Context | None) -> None:
@@ -1025,9 +1064,10 @@ class TracedSpan(LazyScope):
     asks for it (:class:`~cmbagent_otel._context.LazyScope`), the same one for every reader.
     """
 
+    # _taken: set only by an interrupted start (_keep_taken), never in __init__
     __slots__ = ("_attrs", "_ctx", "_error", "_frame", "_kind", "_name", "_new_conversation", "_node",
-                 "_parent_scope", "_run", "_scope", "_scope_changes", "_span_kind", "_timing", "_token", "_tracer",
-                 "span")
+                 "_parent_scope", "_run", "_scope", "_scope_changes", "_span_kind", "_taken", "_timing", "_token",
+                 "_tracer", "span")
 
     def __init__(
         self,

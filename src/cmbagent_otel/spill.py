@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -42,7 +44,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
-from ._forksafe import close_held, hold_fd
+from ._forksafe import close_opened, hold_fd, open_into
 from ._jsontext import loads
 from .semconv import SPAN_KIND
 
@@ -290,17 +292,26 @@ def _open_regular(path: Path) -> Any:
     another user owns (never replayed, left in place: in a spill folder others can write, such as
     one they created before the store did, it would put the runs they wrote into our database;
     the files we write are always our own)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    try:
+    opened: list[int] = []
+    handles: list[Any] = []
+    try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
+        fd = open_into(opened, path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path}: not a regular file")
         if _EUID is not None and info.st_uid != _EUID():
             raise SpillUnreadable(errno.EPERM, f"owned by another user (uid {info.st_uid}), not ours: left in "
                                   "place (replay it as that user)", str(path))
-        return os.fdopen(fd, "rb")
+        # the file object owns the descriptor from the C call that makes and stores it: os.fdopen (Python)
+        # interrupted as it returned lost the object, which closed the descriptor, and the number was closed
+        # again below (EBADF in place of the interrupt, or a number another thread had just opened)
+        handles.extend(map(functools.partial(io.open, mode="rb"), opened))
+        return handles[0]
     except BaseException:
-        os.close(fd)
+        if handles:
+            handles[0].close()
+        else:
+            close_opened(opened)
         raise
 
 
@@ -392,12 +403,13 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
     if fcntl is None:
         yield True
         return
-    try:
-        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        yield False  # renamed by its writer meanwhile, or not ours to open: left alone
-        return
-    try:  # from the descriptor's first instruction: a Ctrl-C at hold_fd's call leaked it
+    opened: list[int] = []
+    try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+        try:
+            fd = open_into(opened, tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            yield False  # renamed by its writer meanwhile, or not ours to open: left alone
+            return
         hold_fd(fd)  # a child forked meanwhile must not keep it: a writer alive, to every recover()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -413,7 +425,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
             return
         yield True
     finally:
-        close_held(fd)  # unlocked first: a child forked before the close kept it, a writer alive to recover()
+        close_opened(opened)  # unlocked first: a child forked before the close kept it, a writer alive to recover()
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -599,9 +611,12 @@ class SpillStore:
         # spans), never through a name already there (a symlink another user of a shared spill
         # folder planted was written through): that raises here, the batch is not spilled (counted)
         # and the name, not ours, is left alone
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        opened: list[int] = []
         try:
-            try:  # _hold inside: a Ctrl-C at its call (or in it, before its flock) leaked the descriptor
+            try:  # the open inside: a Ctrl-C as os.open returned (see open_into), at _hold's call (or in it,
+                # before its flock) leaked the descriptor and left the .tmp
+                fd = open_into(opened, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                               0o600)
                 _hold(fd)  # until the file is renamed: recover() in another process leaves it alone
                 with os.fdopen(fd, "wb", closefd=False) as handle:
                     handle.write(data)
@@ -612,12 +627,13 @@ class SpillStore:
                     # under its writer, whose own rename then failed and reported the batch lost
                     os.replace(tmp, final)
             finally:
-                close_held(fd)  # unlocked first: a child forked before the close kept the lock
+                close_opened(opened)  # unlocked first: a child forked before the close kept the lock
             if fcntl is None:
                 os.replace(tmp, final)  # Windows: an open file is not renamed
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            if opened:  # O_EXCL made it ours; a name already there (the open refused) is left alone
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
             raise
         return final
 
@@ -793,13 +809,10 @@ class SpillStore:
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+    opened: list[int] = []
+    try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
+        os.fsync(open_into(opened, directory, os.O_RDONLY))
     except OSError:
         pass
     finally:
-        os.close(fd)
+        close_opened(opened)

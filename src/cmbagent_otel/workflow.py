@@ -46,6 +46,7 @@ from ._spans import (
     _LateTracer,
     effective_parent,
     end_interrupted,
+    retake_node,
     workflow_tracers,
 )
 from .redaction import REDACTED, is_secret_key, redact_id, safe_text, truncate
@@ -241,9 +242,11 @@ class _Block:
         """Start and end ``traced`` for ``exc``, raised after :meth:`_open` described it and before its span
         started: what ``_open`` took (a phase's index, a one_shot's ``execute`` node id, the trace's first
         run) belongs to a block that is recorded, failed, rather than to none (the next phase was
-        numbered 2, the next one_shot ``execute_2``)."""
+        numbered 2, the next one_shot ``execute_2``); so does the node id an interrupted start took
+        (the phase's node was ``a_2``, a step's ``step_1_2``)."""
         try:
             traced._ctx = context
+            retake_node(traced)
             traced.__enter__()
         except Exception:
             return

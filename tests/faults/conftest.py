@@ -9,11 +9,13 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -171,3 +173,79 @@ def hangup_as_default() -> None:
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("cmbagent-otel")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+Hit = Callable[[FrameType, str, Any], bool]
+
+
+def called_from(frame: FrameType | None, code: CodeType, up: int = 1) -> bool:
+    """Whether the frame ``up`` frames above ``frame`` runs ``code``."""
+    for _ in range(up):
+        frame = frame.f_back if frame is not None else None
+    return frame is not None and frame.f_code is code
+
+
+@contextmanager
+def interrupt_at(hit: Hit, *, lines_of: CodeType | None = None) -> Iterator[list[BaseException]]:
+    """A ``KeyboardInterrupt`` raised at the first point ``hit(frame, event, arg)`` names, as a signal handler
+    would raise it there (one runs when a call returns or a function is entered), out of the block.
+
+    The point is found with a ``sys.setprofile`` hook (events ``call``, ``return``, ``c_call``, ``c_return``: an
+    exception raised at a ``return`` replaces the returned value, which the caller never gets), or, with
+    ``lines_of``, a ``sys.settrace`` hook on that code's ``line`` events. The interpreter removes a hook that
+    raises; one that never fired is removed on the way out. The block must end in that very interrupt (the
+    yielded list holds it), unchanged: it is swallowed then, and the test fails on any other ending."""
+    raised: list[BaseException] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> Any:
+        if not raised and hit(frame, event, arg):
+            # the value returned is dropped with the raise, as a signal handler's interrupt drops it (the
+            # traceback holds this frame: its reference kept a lost file object open past the unwinding)
+            del arg
+            raised.append(KeyboardInterrupt())
+            raise raised[-1]
+        return hook
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return hook if frame.f_code is lines_of else None
+
+    if lines_of is None:
+        sys.setprofile(hook)
+    else:
+        sys.settrace(calls)
+    try:
+        yield raised
+    except KeyboardInterrupt as caught:
+        assert raised and caught is raised[0], "another interrupt came out of the block"  # the very one, unchanged
+    else:
+        pytest.fail(f"the interrupt did not come out of the block (raised: {raised})")
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+
+
+FDS = Path("/proc/self/fd")  # Linux: this process's descriptors, each a link to what it is open on
+_OURS = str(Path(cmbagent_otel.__file__).parent)
+
+
+def descriptors_on(target: Path | Callable[[str], bool], among: Iterable[str] | None = None) -> set[str]:
+    """This process's descriptors (of ``among``, default all) on ``target`` (a path, or a test of the link's
+    text: ``socket:[…]`` for a socket)."""
+    match = target if callable(target) else str(target).__eq__
+    found = set()
+    for name in os.listdir(FDS) if among is None else among:
+        try:
+            if match(os.readlink(FDS / name)):
+                found.add(name)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+    return found
+
+
+def opened_on(target: Path | Callable[[str], bool]) -> Hit:
+    """For :func:`interrupt_at`: the first return of a C call (``os.open``'s, or of what holds its descriptor)
+    to our code (where a signal handler runs) after a descriptor on ``target`` was opened: looked for in our
+    code's calls only, among the descriptors opened since, for speed."""
+    before = descriptors_on(lambda path: True)  # not the listing's own descriptor: the file's may take its number
+    return lambda frame, event, arg: event == "c_return" and frame.f_code.co_filename.startswith(_OURS) \
+        and bool(descriptors_on(target, set(os.listdir(FDS)) - before))

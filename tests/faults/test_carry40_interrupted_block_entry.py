@@ -6,15 +6,12 @@ one_shot phase the ``execute`` node id, a workflow the trace's first run), then 
 ``KeyboardInterrupt`` raised in between (a signal handler runs at a function's entry) left what ``_open``
 took to no block: the next phase was numbered 2 and the interrupted one was in no span. The span is now
 started and ended as interrupted there (``error.type=KeyboardInterrupt``), as an interrupt just after the
-start is. Forced with a ``sys.setprofile`` hook at the entry of the calls between ``_open`` and ``start()``'s
-``try``, as ``test_faults38_interrupted_start.py`` does.
+start is. Forced at the entry of the calls between ``_open`` and ``start()``'s ``try`` with ``conftest.interrupt_at``.
 """
 
 from __future__ import annotations
 
 import sys
-from types import FrameType
-from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -22,45 +19,32 @@ from opentelemetry import trace
 from cmbagent_otel import _spans, phase, workflow
 from tests.conftest import SpanCapture
 
+from .conftest import Hit, called_from, interrupt_at
+
 _MODULE = sys.modules[workflow.__module__]  # the package exports the class under the module's name
 _ENTER = _MODULE._Block.__enter__.__code__
+
+
+def _entry_of(name: str, filename: str, up: int) -> Hit:
+    """The entry of the call ``name`` (defined in ``filename``) made ``up`` frames below ``_Block.__enter__``."""
+    return lambda frame, event, _: event == "call" and frame.f_code.co_name == name \
+        and frame.f_code.co_filename == filename and called_from(frame, _ENTER, up)
+
+
 _POINTS = {
-    # (the called function's name and file, how many frames up _Block.__enter__ is): the block's own
-    # _entered (a workflow's overrides it), the span's __enter__, start() before its try
-    "_entered": (("_entered", _MODULE.__file__), 1),
-    "TracedSpan.__enter__": (("__enter__", _spans.__file__), 1),
-    "start": (("start", _spans.__file__), 2),
+    # the block's own _entered (a workflow's overrides it), the span's __enter__, start() before its try
+    "_entered": _entry_of("_entered", _MODULE.__file__, 1),
+    "TracedSpan.__enter__": _entry_of("__enter__", _spans.__file__, 1),
+    "start": _entry_of("start", _spans.__file__, 2),
 }
-
-
-def _interrupt_at(point: str, raised: list[BaseException]) -> None:
-    (name, filename), up = _POINTS[point]
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if event != "call" or frame.f_code.co_name != name or frame.f_code.co_filename != filename:
-            return
-        caller: FrameType | None = frame
-        for _ in range(up):
-            caller = caller.f_back if caller is not None else None
-        if caller is not None and caller.f_code is _ENTER:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]  # the hook is removed by the interpreter when it raises
-    sys.setprofile(profile)
 
 
 @pytest.mark.parametrize("point", list(_POINTS))
 def test_ctrl_c_before_a_phase_span_starts_records_that_phase(capture: SpanCapture, point: str) -> None:
     """Fails on 86547de: no span of phase ``a`` and phase ``b`` numbered 2."""
-    raised: list[BaseException] = []
     with workflow("carry40"):
-        _interrupt_at(point, raised)
-        try:
-            with phase("a"):
-                pytest.fail("the block was entered")
-        except KeyboardInterrupt as caught:
-            assert raised and caught is raised[0]  # the very exception, unchanged
-        finally:
-            sys.setprofile(None)
+        with interrupt_at(_POINTS[point]), phase("a"):
+            pytest.fail("the block was entered")
         assert trace.get_current_span().name == "workflow carry40"  # the phase's span is not current
         with phase("b"):
             pass
@@ -74,15 +58,8 @@ def test_ctrl_c_before_a_phase_span_starts_records_that_phase(capture: SpanCaptu
 
 @pytest.mark.parametrize("point", list(_POINTS))
 def test_ctrl_c_before_a_workflow_span_starts_records_that_run(capture: SpanCapture, point: str) -> None:
-    raised: list[BaseException] = []
-    _interrupt_at(point, raised)
-    try:
-        with workflow("interrupted"):
-            pytest.fail("the block was entered")
-    except KeyboardInterrupt as caught:
-        assert raised and caught is raised[0]
-    finally:
-        sys.setprofile(None)
+    with interrupt_at(_POINTS[point]), workflow("interrupted"):
+        pytest.fail("the block was entered")
     assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
     with workflow("next"):
         pass

@@ -3,17 +3,16 @@
 A ``KeyboardInterrupt`` raised by a signal handler at a call inside ``_spans.start()`` after the span's
 context was attached never reached the wrapper's ``try``: the span stayed open and current in the thread,
 and an application catching the interrupt (a notebook cell does) ran its next chat as that span's
-children, in a trace that never ends. The interrupt is forced at two exact points, as a signal handler
-would raise it there: when ``attach`` returns (a profile hook's ``c_return``: the exception replaces its
-result, so the token is never kept) and at the line after the attach (a trace hook's ``line`` event).
+children, in a trace that never ends. The interrupt is forced at two exact points with ``conftest.interrupt_at``, as a
+signal handler would raise it there: when ``attach`` returns (a profile hook's ``c_return``: the exception
+replaces its result, so the token is never kept) and at the line after the attach (a trace hook's ``line`` event).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import pytest
@@ -23,48 +22,30 @@ from cmbagent_otel import _spans
 from cmbagent_otel.testing import offline_agent
 from tests.conftest import SpanCapture
 
+from .conftest import Hit, interrupt_at
+
 _AFTER_ATTACH = next(number for number, line in enumerate(inspect.getsource(_spans.start).splitlines(),
                                                         _spans.start.__code__.co_firstlineno)
                      if line.strip().startswith("self._timing = "))
+_START = _spans.start.__code__
 
 
-def _interrupt_when_attach_returns(raised: list[BaseException]) -> None:
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if event == "c_return" and arg is _spans.attach and frame.f_code is _spans.start.__code__:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]  # the hook is removed by the interpreter when it raises
-    sys.setprofile(profile)
+def _when_attach_returns(frame: FrameType, event: str, arg: Any) -> bool:
+    return event == "c_return" and arg is _spans.attach and frame.f_code is _START
 
 
-def _interrupt_after_attach(raised: list[BaseException]) -> None:
-    def local(frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == _AFTER_ATTACH:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]
-        return local
-
-    def calls(frame: FrameType, event: str, arg: Any) -> Any:
-        return local if frame.f_code is _spans.start.__code__ else None
-    sys.settrace(calls)
+def _line_after_attach(frame: FrameType, event: str, arg: Any) -> bool:
+    return event == "line" and frame.f_lineno == _AFTER_ATTACH
 
 
-@pytest.mark.parametrize("interrupt", [_interrupt_when_attach_returns, _interrupt_after_attach],
+@pytest.mark.parametrize(("hit", "lines_of"), [(_when_attach_returns, None), (_line_after_attach, _START)],
                          ids=["when-attach-returns", "line-after-attach"])
 def test_ctrl_c_inside_start_ends_the_span_and_leaves_no_context(
-        instrumented: SpanCapture, interrupt: Callable[[list[BaseException]], None]) -> None:
+        instrumented: SpanCapture, hit: Hit, lines_of: CodeType | None) -> None:
     user = offline_agent("user", [], max_consecutive_auto_reply=0)
     assistant = offline_agent("assistant", ["first answer", "second answer"])
-    raised: list[BaseException] = []
-    interrupt(raised)
-    try:
+    with interrupt_at(hit, lines_of=lines_of):  # caught, as a notebook cell does
         user.initiate_chat(assistant, message="first?", max_turns=1, silent=True)
-    except KeyboardInterrupt as caught:  # as a notebook cell does
-        assert raised and caught is raised[0]  # the very exception, unchanged
-    else:
-        pytest.fail("the interrupt did not come out of the chat")
-    finally:
-        sys.setprofile(None)
-        sys.settrace(None)
     assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
     interrupted = instrumented.spans
     assert [s.name for s in interrupted] == ["conversation assistant"], "the interrupted span was not ended"
@@ -92,21 +73,8 @@ def test_ctrl_c_after_a_code_span_started_ends_it_and_its_bookkeeping(instrument
     executor = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER",
                                 code_execution_config=code_execution)
     engineer = offline_agent("engineer", ["```python\nprint('one')\n```", "```python\nprint('two')\n```"])
-    raised: list[BaseException] = []
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is _subprocess_context.enter.__code__:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]
-    sys.setprofile(profile)
-    try:
+    with interrupt_at(lambda frame, event, _: event == "call" and frame.f_code is _subprocess_context.enter.__code__):
         executor.initiate_chat(engineer, message="go", max_turns=2, silent=True)
-    except KeyboardInterrupt as caught:
-        assert raised and caught is raised[0]
-    else:
-        pytest.fail("the interrupt did not come out of the chat")
-    finally:
-        sys.setprofile(None)
     assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
     first = instrumented.spans
     code = [s for s in first if s.name == "execute_code python"]
@@ -128,23 +96,14 @@ def test_ctrl_c_while_a_workflow_block_is_entered_ends_its_span(capture: SpanCap
     from cmbagent_otel import workflow as workflow_block
 
     module = sys.modules[workflow_block.__module__]  # the package exports the class under the module's name
-    raised: list[BaseException] = []
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        hit = (event == "call" and frame.f_code is module._Entry.__init__.__code__) if at == "_Entry" else \
-            (event == "c_call" and getattr(arg, "__name__", None) == "append"
-             and frame.f_code is module._Block.__enter__.__code__)
-        if hit:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]
-    sys.setprofile(profile)
-    try:
-        with workflow_block("interrupted"):
-            pytest.fail("the block was entered")
-    except KeyboardInterrupt as caught:
-        assert raised and caught is raised[0]
-    finally:
-        sys.setprofile(None)
+    def hit(frame: FrameType, event: str, arg: Any) -> bool:
+        if at == "_Entry":
+            return event == "call" and frame.f_code is module._Entry.__init__.__code__
+        return event == "c_call" and getattr(arg, "__name__", None) == "append" \
+            and frame.f_code is module._Block.__enter__.__code__
+    with interrupt_at(hit), workflow_block("interrupted"):
+        pytest.fail("the block was entered")
     assert not trace.get_current_span().get_span_context().is_valid, "the interrupted span is still current"
     interrupted = capture.spans
     assert [s.name for s in interrupted] == ["workflow interrupted"], "the interrupted span was not ended"

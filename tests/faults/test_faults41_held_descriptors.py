@@ -131,15 +131,20 @@ def _locked_elsewhere(path: Path) -> bool:
 @contextlib.contextmanager
 def _fork_at_close(where: set[CodeType]) -> Iterator[list[int]]:
     """Fork (a child that lives until this block ends) when a frame whose code is in ``where`` (or a
-    function it calls) is about to ``os.close`` a descriptor ``_forksafe`` no longer holds: what another
-    thread's fork at that instant does. Yields the child's pid (once forked)."""
+    function it calls, up to two deep) is about to ``os.close`` a descriptor ``_forksafe`` no longer holds:
+    what another thread's fork at that instant does. Yields the child's pid (once forked)."""
     children: list[int] = []
     read_end, write_end = os.pipe()
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
         if children or event != "c_call" or arg is not os.close:
             return
-        if frame.f_code in where or (frame.f_back is not None and frame.f_back.f_code in where):
+        caller: FrameType | None = frame
+        for _ in range(3):  # the frame, the helper closing for it (close_held), and close_opened's caller
+            if caller is None or caller.f_code in where:
+                break
+            caller = caller.f_back
+        if caller is not None:
             pid = os.fork()
             if pid == 0:  # the child: holds what it was forked with until told to end
                 sys.setprofile(None)

@@ -7,14 +7,12 @@ function is entered), and before ``__enter__`` held what ``_open`` returned, lef
 of the interrupted phase, the next phase numbered 2. The index is now taken into a list ``__enter__`` holds (in
 one C call, so an interrupt as it returns finds it there) and the phase is recorded under it, failed
 (``error.type=KeyboardInterrupt``), as one interrupted before its span started is
-(``test_carry40_interrupted_block_entry.py``). Forced with a ``sys.setprofile`` hook at each point.
+(``test_carry40_interrupted_block_entry.py``). Forced at each point with ``conftest.interrupt_at``.
 """
 
 from __future__ import annotations
 
 import sys
-from types import FrameType
-from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -22,53 +20,32 @@ from opentelemetry import trace
 from cmbagent_otel import phase, workflow
 from tests.conftest import SpanCapture
 
+from .conftest import Hit, called_from, interrupt_at
+
 _MODULE = sys.modules[workflow.__module__]  # the package exports the class under the module's name
 _PHASE_OPEN = _MODULE.phase._open.__code__
 _ENTER = _MODULE._Block.__enter__.__code__
 _TAKERS = {"take_phase_index", "next_phase_index"}  # this branch's, main's
 
 
-def _opened_from(frame: FrameType | None, code: Any, up: int) -> bool:
-    for _ in range(up):
-        frame = frame.f_back if frame is not None else None
-    return frame is not None and frame.f_code is code
-
-
-_POINTS = {
+_POINTS: dict[str, Hit] = {
     # the call that took the index returns (its value lost to the caller on main)
-    "index-taken": lambda frame, event: event == "return" and frame.f_code.co_name in _TAKERS
-    and _opened_from(frame, _PHASE_OPEN, 1),
+    "index-taken": lambda frame, event, _: event == "return" and frame.f_code.co_name in _TAKERS
+    and called_from(frame, _PHASE_OPEN),
     # describing the span, after the index: is_planning_phase's entry (called from _open, or what it calls)
-    "describing": lambda frame, event: event == "call" and frame.f_code is _MODULE.is_planning_phase.__code__,
+    "describing": lambda frame, event, _: event == "call" and frame.f_code is _MODULE.is_planning_phase.__code__,
     # _open returns its span, not started, to __enter__ (lost there on main)
-    "open-returns": lambda frame, event: event == "return" and frame.f_code is _PHASE_OPEN
-    and _opened_from(frame, _ENTER, 1),
+    "open-returns": lambda frame, event, _: event == "return" and frame.f_code is _PHASE_OPEN
+    and called_from(frame, _ENTER),
 }
-
-
-def _interrupt_at(point: str, raised: list[BaseException]) -> None:
-    hit = _POINTS[point]
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if not raised and hit(frame, event):
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]  # the hook is removed by the interpreter when it raises
-    sys.setprofile(profile)
 
 
 @pytest.mark.parametrize("point", list(_POINTS))
 def test_ctrl_c_in_a_phases_open_after_it_took_its_index_records_that_phase(capture: SpanCapture, point: str) -> None:
     """Fails on 3c387d5: no span of phase ``a`` and phase ``b`` numbered 2."""
-    raised: list[BaseException] = []
     with workflow("faults41"):
-        _interrupt_at(point, raised)
-        try:
-            with phase("a"):
-                pytest.fail("the block was entered")
-        except KeyboardInterrupt as caught:
-            assert raised and caught is raised[0]  # the very exception, unchanged
-        finally:
-            sys.setprofile(None)
+        with interrupt_at(_POINTS[point]), phase("a"):
+            pytest.fail("the block was entered")
         assert trace.get_current_span().name == "workflow faults41"  # the phase's span is not current
         with phase("b"):
             pass

@@ -7,17 +7,14 @@ it returned (a signal handler runs when a call returns) lost the span on its way
 started record left its node ``running`` in the database for good, and the block then started and ended a
 second span for the interrupt (a node ``a_2``, failed). ``start`` now takes the lost span back (the one our
 processor saw start last in this thread, of the same name and execution order) and ends it as interrupted.
-Forced with a ``sys.setprofile`` hook at ``start_span``'s return; the spans go to a real DAG exporter on a real
+Forced at ``start_span``'s return with ``conftest.interrupt_at``; the spans go to a real DAG exporter on a real
 SQLite file through the durable batch processor (live DAG on).
 """
 
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import pytest
 from cmbagent_otel.exporters.dag import DagSpanExporter
@@ -25,33 +22,22 @@ from opentelemetry.sdk.trace import Tracer
 
 from cmbagent_otel import phase, workflow
 
+from .conftest import Hit, interrupt_at
 from .test_campaign import traced
 
 
-def _interrupt_as_start_span_returns(name: str, raised: list[BaseException]) -> None:
+def _start_span_returns(name: str) -> Hit:
     code = Tracer.start_span.__code__
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if not raised and event == "return" and frame.f_code is code and frame.f_locals.get("name") == name:
-            raised.append(KeyboardInterrupt())
-            raise raised[-1]  # the hook is removed by the interpreter when it raises
-    sys.setprofile(profile)
+    return lambda frame, event, _: event == "return" and frame.f_code is code and frame.f_locals.get("name") == name
 
 
 def test_a_span_lost_as_the_sdks_start_span_returns_is_ended_and_its_node_not_left_running(tmp_path: Path) -> None:
     """Fails on 3c387d5: node ``a`` stays ``running`` (its span never ended), beside a node ``a_2``, failed."""
     db = tmp_path / "cmbagent.db"
     exporter = DagSpanExporter(f"sqlite:///{db}", spill_dir=tmp_path / "spill")
-    raised: list[BaseException] = []
     with traced(exporter, schedule_delay_millis=50) as (_provider, record, _processor), workflow("faults41"):
-        _interrupt_as_start_span_returns("phase a", raised)
-        try:
-            with phase("a"):
-                pytest.fail("the block was entered")
-        except KeyboardInterrupt as caught:
-            assert raised and caught is raised[0]  # the very exception, unchanged
-        finally:
-            sys.setprofile(None)
+        with interrupt_at(_start_span_returns("phase a")), phase("a"):
+            pytest.fail("the block was entered")
         with phase("b"):
             pass
     spans = [s for s in record.get_finished_spans() if s.name.startswith("phase")]

@@ -26,10 +26,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 from .._forksafe import reset_in_child
 
 GRACE_S = 1.0
+WATCHED = "cmbagent_otel_watched"  # the key of an armed connection's token in its pool record's ``info``
 
 logger = logging.getLogger("cmbagent_otel.dag")
 
@@ -48,35 +51,65 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def arm(self, fd: int, end: float, label: str) -> int | None:
+    def arm(self, fd: int, end: float, label: str, info: MutableMapping[str, Any] | None = None) -> int | None:
         """Shut the socket ``fd`` down at ``end`` (``time.monotonic()``) + :data:`GRACE_S` unless
         disarmed first; returns the token for :meth:`disarm` (None when ``fd`` cannot be watched).
-        ``label`` names the database in the log line (no credentials)."""
+        ``label`` names the database in the log line (no credentials). ``info`` (the pool record's):
+        the token is put there under :data:`WATCHED` as it is armed, not after ``arm`` returned.
+
+        A Ctrl-C (a signal handler's ``KeyboardInterrupt``, raised when a call returns) as ``os.dup`` or
+        ``arm`` returned lost the duplicate or the token: the duplicate leaked, or the connection stayed
+        armed, and the watchdog cut it at that deadline while the pool had lent it again. The duplicate
+        is taken into a list in the call that makes it (as ``_forksafe.open_into`` does) and an interrupt
+        before the token is held by ``info`` undoes the arming."""
+        duplicate: list[int] = []
+        token = None
         try:
-            watched = os.dup(fd)
-        except OSError:
-            return None
-        with self._lock:
-            self._forked()
-            token = next(self._tokens)
-            self._armed[token] = (watched, label)
-            heapq.heappush(self._due, (end + GRACE_S, token))
-            if self._thread is None or not self._thread.is_alive():
-                thread = threading.Thread(target=self._run, name="cmbagent-otel-deadline", daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError:
-                    # no thread can start now (a pids or memory limit): this connection goes unwatched,
-                    # as one whose descriptor cannot be; left armed, its duplicate leaked and a thread
-                    # started later cut it at this stale deadline while the pool had lent it again
-                    self._armed.pop(token)
-                    os.close(watched)
-                    self._thread = None
-                    return None
-                self._thread = thread
-            elif self._due[0][1] == token:
-                self._wake.notify()
+            try:
+                duplicate.extend(map(os.dup, (fd,)))
+            except OSError:
+                return None
+            with self._lock:
+                self._forked()
+                token = next(self._tokens)
+                self._armed[token] = (duplicate[0], label)
+                if info is not None:
+                    info[WATCHED] = token  # no call between: armed and held by the record at once
+                duplicate.clear()  # the watchdog's now (closed by disarm or the cut)
+                heapq.heappush(self._due, (end + GRACE_S, token))
+                if self._thread is None or not self._thread.is_alive():
+                    thread = threading.Thread(target=self._run, name="cmbagent-otel-deadline", daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError:
+                        # no thread can start now (a pids or memory limit): this connection goes unwatched,
+                        # as one whose descriptor cannot be; left armed, its duplicate leaked and a thread
+                        # started later cut it at this stale deadline while the pool had lent it again
+                        if info is not None:
+                            info.pop(WATCHED, None)
+                        os.close(self._armed.pop(token)[0])
+                        self._thread = None
+                        return None
+                    self._thread = thread
+                elif self._due[0][1] == token:
+                    self._wake.notify()
+        except BaseException:
+            self._unarm(duplicate, token)
+            raise
         return token
+
+    def _unarm(self, duplicate: list[int], token: int | None) -> None:
+        """Undo an :meth:`arm` interrupted before the watchdog held the duplicate ``duplicate`` (emptied
+        once it did: from then on the record's ``info`` holds the token, and its disarm closes it). Never
+        raises."""
+        try:
+            if duplicate:
+                if token is not None:
+                    with self._lock:
+                        self._armed.pop(token, None)
+                os.close(duplicate.pop())
+        except Exception:
+            logger.debug("cmbagent_otel: could not undo an interrupted arming", exc_info=True)
 
     def disarm(self, token: int | None) -> None:
         """Forget ``token`` (the connection was given back in time)."""

@@ -31,9 +31,9 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
-from .._forksafe import close_held, hold_fd, reset_in_child
+from .._forksafe import close_opened, hold_fd, open_into, reset_in_child
 from ..redaction import is_secret_key
-from ._watchdog import watchdog
+from ._watchdog import WATCHED, watchdog
 
 VERSION_TABLE = "cmbagent_otel_alembic_version"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -349,17 +349,19 @@ def creation_lock(path: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
-    try:
-        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        yield
-        return
-    try:  # from the descriptor's first instruction: a Ctrl-C at hold_fd's call leaked it
-        hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
-        _flock_within(fd, path, fcntl)
+    opened: list[int] = []
+    try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+        try:
+            fd: int | None = open_into(opened, path.parent,
+                                       os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            fd = None  # unlocked, as without flock
+        if fd is not None:
+            hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
+            _flock_within(fd, path, fcntl)
         yield
     finally:
-        close_held(fd)  # unlocked for every copy first: a fork from here on shares no lock
+        close_opened(opened)  # unlocked for every copy first: a fork from here on shares no lock
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
@@ -393,11 +395,14 @@ def _create_private(path: Path) -> None:
     Created under :func:`creation_lock`."""
     if not os.path.lexists(path):  # most calls (a connection to a file that is there): no lock
         with creation_lock(path):
+            opened: list[int] = []
             try:
-                os.close(os.open(path, _CREATE_FLAGS, 0o600))
+                open_into(opened, path, _CREATE_FLAGS, 0o600)
                 return
             except FileExistsError:
                 pass
+            finally:
+                close_opened(opened)  # a Ctrl-C as the open returned leaked it, and the folder's lock
     if path.is_symlink() and not path.exists():
         raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
                               "to nothing", str(path))
@@ -434,7 +439,6 @@ def make_engine(url: str | None = None, *, foreign_keys: bool = True) -> Engine:
     return engine
 
 
-_WATCHED = "cmbagent_otel_watched"
 _FRESH = "cmbagent_otel_fresh"
 
 
@@ -452,7 +456,7 @@ def _pg_checkout(dialect: Any, label: str) -> Any:
         end = _deadline.get()
         if end is not None:
             with contextlib.suppress(Exception):
-                record.info[_WATCHED] = watchdog.arm(dbapi_conn.fileno(), end, label)
+                watchdog.arm(dbapi_conn.fileno(), end, label, record.info)  # holds the token as it arms
         if record.info.pop(_FRESH, False):
             return
         try:
@@ -468,7 +472,7 @@ def _pg_checkout(dialect: Any, label: str) -> Any:
 def _pg_disarm(_dbapi_conn: Any, record: Any = None, *_args: Any) -> None:
     info = getattr(record, "info", None)
     if info is not None:
-        watchdog.disarm(info.pop(_WATCHED, None))
+        watchdog.disarm(info.pop(WATCHED, None))
 
 
 # --- Alembic --------------------------------------------------------------------------
