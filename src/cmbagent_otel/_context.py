@@ -236,15 +236,17 @@ class Scope:
             setattr(new, name, value)  # AttributeError for an unknown field (slots)
         return new
 
-    def child_node(self, dag_node: str, node_type: str, depth: int, order: int, conversation_id: str | None) -> Scope:
-        """The scope under a span that is DAG node ``dag_node`` started in this scope."""
+    def child_node(self, dag_node: str, node: Any, depth: int, order: int | None, conversation_id: str | None) -> Scope:
+        """The scope under a span that is DAG node ``dag_node`` (of spec ``node``, a ``NodeSpec``: its ``node_type``;
+        ``order``: its order index, ``None`` for none) started in this scope. Its arguments are the span start's own
+        names, as they are: the starts generated from ``_spans.start`` write this in with no temporary per argument."""
         new = Scope.__new__(Scope)  # child_event written out with the node's fields: every DAG node
         new.run = self.run
         new.conversation_id = conversation_id
         new.dag_node = dag_node
-        new.dag_node_type = node_type
+        new.dag_node_type = node.node_type
         new.dag_depth = depth
-        new.dag_order = order
+        new.dag_order = order or 0
         new.event_depth = 0
         new.agent_depth = 0
         new.phase = self.phase

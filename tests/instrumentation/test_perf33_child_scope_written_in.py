@@ -1,0 +1,110 @@
+"""The agent turn's children's scope written into its generated start (issue 13, session 42).
+
+``Scope.child_node`` (the scope under a DAG-node span: 15 fields) was a call per sub-agent turn from the
+generated agent-turn start; the generator now writes it in as it writes in ``_name_node`` and ``_set_node``
+(a method called through its class, from another module: its statements take the call's line). The scope
+it leaves in the context must be the one ``start`` itself builds, field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry.context import Context
+
+from cmbagent_otel import _spans
+from cmbagent_otel._context import _SCOPE_KEY, RunState, Scope
+from cmbagent_otel._specialise import specialise
+from cmbagent_otel.instrumentation import ag2
+from tests.conftest import SpanCapture
+
+
+def _lines(*functions: Any) -> set[int | None]:
+    return {line for function in functions for _, _, line in function.__code__.co_lines()}
+
+
+def test_the_agent_turns_start_writes_in_its_childrens_scope() -> None:
+    """No call of ``child_node`` is left in the generated agent-turn start, and its lines stay start()'s."""
+    ag2._generate_starts()  # what the first instrument() does
+    code = ag2._start_agent.__code__  # type: ignore[union-attr]
+    assert "child_node" not in code.co_names, code.co_names
+    assert "__new__" in code.co_names  # the scope built in place
+    assert _lines(ag2._start_agent) <= _lines(_spans.start, _spans._name_node, _spans._set_node) | {None}
+
+
+def _parent(steps: Any) -> Scope:
+    """A step node's children's scope in a workflow (every inherited field set)."""
+    return Scope(RunState(session_id="s"), conversation_id="c", dag_node="step_1", dag_node_type="step",
+                 dag_depth=1, dag_order=3, phase="control", step=1, in_workflow=True, steps=steps)
+
+
+def _children(start: Any, order: int | None, steps: Any, capture: SpanCapture) -> dict[str, Any]:
+    parent = _parent(steps)
+    node = _spans.NodeSpec("step_1_engineer", "sub_agent", order_index=order, child=order is None,
+                           parent="step_1" if order is None else None)
+    attrs = _spans.SharedAttributes({"gen_ai.agent.name": "engineer"})
+    ctx = Context({_SCOPE_KEY: parent})
+    traced = start(_spans.TracedSpanShell(), "invoke_agent engineer", attrs, node,
+                   capture.provider.get_tracer("t"), ctx, parent)
+    try:
+        scope = traced._scope
+        assert type(scope) is Scope and scope is not parent and traced._token is not None
+        fields = {name: getattr(scope, name) for name in Scope.__slots__}
+        assert fields.pop("owner") is traced.span and fields.pop("run") is parent.run
+        return fields
+    finally:
+        traced.__exit__(None, None, None)
+        assert traced._token is None
+
+
+@pytest.mark.parametrize("order", [None, 7], ids=["child", "ordered"])
+def test_the_written_in_scope_is_the_one_start_builds(order: int | None) -> None:
+    ag2._generate_starts()
+    steps = object()  # a plan-step tracker stand-in: inherited by identity
+    capture = SpanCapture()
+    try:
+        generated = _children(ag2._start_agent, order, steps, capture)
+
+        def itself(self: Any, name: str, attributes: Any, node: Any, tracer: Any, ctx: Any, known: Any) -> Any:
+            return _spans.start(self, name, "agent", attributes, node, None, tracer, _spans.SpanKind.INTERNAL, ctx,
+                                False, None, known)
+
+        reference = _children(itself, order, steps, capture)
+    finally:
+        capture.provider.shutdown()
+    assert generated == reference
+    assert generated["steps"] is steps and generated["dag_node"] == "step_1_engineer"
+    assert generated["dag_order"] == (3001 if order is None else 7)
+    assert (generated["cursor"], generated["handoffs"], generated["event_depth"]) == (None, None, 0)
+    first, second = capture.spans  # the two spans: the same attributes, in the same order
+    assert list(first.attributes.items()) == list(second.attributes.items())
+
+
+def _scoped(parent: Scope, node_id: str, node: Any, depth: int, order: int | None, flag: bool) -> Any:
+    new = Scope.child_node(parent, node_id, node, depth, order, "c")
+    return (new, flag)
+
+
+def _named(state: RunState, base: str, flag: bool) -> Any:
+    named = RunState.unique_node_id(state, base)  # reads _context's _GIL, which this module does not have
+    return named if flag else None
+
+
+def test_a_method_of_another_module_is_written_in_on_the_calls_line() -> None:
+    made = specialise(_scoped, "made", {"flag": True}, inline=(Scope.child_node,))
+    assert "child_node" not in made.__code__.co_names
+    assert _lines(made) <= _lines(_scoped) | {None}  # child_node's own lines are another file's
+    parent = _parent(None)
+    node = _spans.NodeSpec("n", "sub_agent", order_index=None)
+    new, flag = made(parent, "n", node, 2, None)
+    expected = Scope.child_node(parent, "n", node, 2, None, "c")
+    assert flag is True
+    assert {s: getattr(new, s) for s in Scope.__slots__} == {s: getattr(expected, s) for s in Scope.__slots__}
+
+
+def test_a_method_reading_a_global_the_caller_lacks_is_called() -> None:
+    made = specialise(_named, "made", {"flag": True}, inline=(RunState.unique_node_id,))
+    assert made.__code__.co_filename != _named.__code__.co_filename  # not generated: start's fallback
+    state = RunState()
+    assert [made(state, "a"), made(state, "a")] == ["a", "a_2"]
