@@ -331,9 +331,9 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
             scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
     """Attributes of a new span standing at ``scope``, and the scope of its children."""
     if run is not None:
-        scope = Scope(run=run, in_workflow=True)
+        scope = Scope.build(run, in_workflow=True)
     elif scope is None:
-        scope = Scope(run=RunState())
+        scope = Scope.build(RunState())
     if node is None and run is None:  # an execution event: most spans
         return _event_attributes(scope, kind, attributes, new_conversation, scope_changes)
     state = scope.run

@@ -29,13 +29,12 @@ def test_the_agent_turns_start_writes_in_its_childrens_scope() -> None:
     ag2._generate_starts()  # what the first instrument() does
     code = ag2._start_agent.__code__  # type: ignore[union-attr]
     assert "child_node" not in code.co_names, code.co_names
-    assert "__new__" in code.co_names  # the scope built in place
     assert _lines(ag2._start_agent) <= _lines(_spans.start, _spans._name_node, _spans._set_node) | {None}
 
 
 def _parent(steps: Any) -> Scope:
     """A step node's children's scope in a workflow (every inherited field set)."""
-    return Scope(RunState(session_id="s"), conversation_id="c", dag_node="step_1", dag_node_type="step",
+    return Scope.build(RunState(session_id="s"), conversation_id="c", dag_node="step_1", dag_node_type="step",
                  dag_depth=1, dag_order=3, phase="control", step=1, in_workflow=True, steps=steps)
 
 
@@ -108,3 +107,22 @@ def test_a_method_reading_a_global_the_caller_lacks_is_called() -> None:
     assert made.__code__.co_filename != _named.__code__.co_filename  # not generated: start's fallback
     state = RunState()
     assert [made(state, "a"), made(state, "a")] == ["a", "a_2"]
+
+
+def test_scopes_are_made_without_an_init() -> None:
+    """A child scope (one per agent turn) is a plain class call that runs no ``__init__`` (~500 instructions
+    less than ``Scope.__new__(Scope)``); its fields are all set by its maker, and a call with arguments, which
+    would leave them unset, is refused."""
+    assert Scope.__init__ is object.__init__
+    for maker in (Scope.child_node, Scope.child_event, Scope.build):
+        assert "__new__" not in maker.__code__.co_names, maker
+    with pytest.raises(TypeError):
+        Scope(RunState())  # type: ignore[call-arg]
+    root = Scope.build(RunState())
+    assert {name: getattr(root, name) for name in Scope.__slots__ if name != "run"} == {
+        "agent_depth": 0, "conversation_id": None, "cursor": None, "dag_depth": -1, "dag_node": None,
+        "dag_node_type": None, "dag_order": 0, "event_depth": 0, "handoffs": None, "in_workflow": False,
+        "owner": None, "phase": None, "step": None, "steps": None}
+    for child in (root.child_event("c"), root.child_node("n", _spans.NodeSpec("n", "agent"), 0, None, "c"),
+                  root.evolve(phase="p")):
+        assert type(child) is Scope and all(hasattr(child, name) for name in Scope.__slots__)
