@@ -126,3 +126,23 @@ def test_scopes_are_made_without_an_init() -> None:
     for child in (root.child_event("c"), root.child_node("n", _spans.NodeSpec("n", "agent"), 0, None, "c"),
                   root.evolve(phase="p")):
         assert type(child) is Scope and all(hasattr(child, name) for name in Scope.__slots__)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+def test_the_wrappers_fast_decision_is_false_and_every_span_true() -> None:
+    """The method wrapper tells a started span from its two other decisions (None: straight through; _FAST:
+    not recorded) by one truth test: both are false, and no span class of ours (what a builder returns) defines
+    a truth of its own."""
+    import cmbagent_otel.instrumentation._handoffs
+    import cmbagent_otel.workflow  # every TracedSpan subclass defined
+
+    assert ag2._FAST is not None and not ag2._FAST
+    classes = _subclasses(_spans.TracedSpan)
+    assert {ag2._ChatSpan, ag2._GroupChatSpan, _spans.TracedSpanShell,
+            cmbagent_otel.instrumentation._handoffs._SelectionSpan} <= set(classes)
+    for cls in classes:
+        assert not {"__bool__", "__len__"} & {name for klass in cls.__mro__[:-1] for name in vars(klass)}, cls
+    assert _spans.TracedSpanShell()
