@@ -110,6 +110,11 @@ class _Inline(ast.NodeTransformer):
         self.caller_names = _stored(caller.body) | {a.arg for a in [*caller.args.args, *caller.args.kwonlyargs]}
         self.helpers: dict[str | tuple[str, str], ast.FunctionDef] = {}
         self.foreign: set[str] = set()  # the helpers of another module (by definition name)
+        # names the caller reads in an exception handler or a finally block: bound early by a helper written
+        # in (see _returned_into), an exception raised on its way would let them see its partial work
+        self.read_on_failure = {n.id for node in ast.walk(caller) if isinstance(node, (ast.ExceptHandler, ast.Try))
+                                for stmt in (node.body if isinstance(node, ast.ExceptHandler) else node.finalbody)
+                                for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         for helper in helpers:
             owner, _, attribute = helper.__qualname__.rpartition(".")
             if owner:  # a method: called through its class, which the caller's module must name
@@ -170,11 +175,25 @@ class _Inline(ast.NodeTransformer):
             else:  # evaluated once, first, as the call would
                 names[param] = ast.Name(prefix + param, ast.Load())
                 out.append(ast.copy_location(ast.Assign([ast.Name(prefix + param, ast.Store())], arg), call))
+        returned = self._returned_into(body, target, stored, call)
+        names.update(returned)
         body = [_Rename(names).visit(stmt) for stmt in body]
         if body and isinstance(body[-1], ast.Return):
             value = body.pop().value or ast.Constant(None)
-            last = ast.Assign([target], value) if target is not None else ast.Expr(value)
-            body.append(ast.copy_location(last, value))
+            if returned and isinstance(value, ast.Tuple):  # the elements not already in their targets
+                kept = [(t, v) for t, v in zip(target.elts, value.elts, strict=True)  # type: ignore[union-attr]
+                        if not (isinstance(v, ast.Name) and v.id == t.id)]  # type: ignore[attr-defined]
+                if kept:
+                    targets, values = zip(*kept, strict=True)
+                    target = ast.Tuple(list(targets), ast.Store()) if len(kept) > 1 else targets[0]
+                    value = ast.Tuple(list(values), ast.Load()) if len(kept) > 1 else values[0]
+                else:
+                    value = None  # type: ignore[assignment]
+            elif returned:
+                value = None  # type: ignore[assignment]  # the one returned local is the target itself
+            if value is not None:
+                last = ast.Assign([target], value) if target is not None else ast.Expr(value)
+                body.append(ast.copy_location(last, value))
         if definition.name in self.foreign:  # another file's lines: the call's line instead
             for node in (n for stmt in body for n in ast.walk(stmt)):
                 if "lineno" in node._attributes:
@@ -182,6 +201,32 @@ class _Inline(ast.NodeTransformer):
                     node.col_offset, node.end_col_offset = call.col_offset, call.end_col_offset  # type: ignore[attr-defined]
         out.extend(body)
         return out
+
+    def _returned_into(self, body: list[ast.stmt], target: ast.expr | None, stored: set[str],
+                       call: ast.Call) -> dict[str, ast.Name | ast.Constant]:
+        """The helper's locals it returns as they are (``return new``, ``return node_id, depth, order``) that can
+        be the caller's targets themselves, so no copy is made at the end: each a target name of its own, read
+        neither by the call's arguments nor by the caller on failure. (The target is bound on the helper's way
+        rather than at its end, which only an exception raised meanwhile could tell.)"""
+        last = body[-1] if body else None
+        if not isinstance(last, ast.Return) or last.value is None or target is None:
+            return {}
+        if isinstance(target, ast.Tuple) and isinstance(last.value, ast.Tuple) \
+                and len(target.elts) == len(last.value.elts):
+            pairs = list(zip(last.value.elts, target.elts, strict=True))
+        else:
+            pairs = [(last.value, target)]
+        passed = {a.id for a in call.args if isinstance(a, ast.Name)}
+        locals_ = [v.id for v, _ in pairs if isinstance(v, ast.Name)]
+        names = [t.id for _, t in pairs if isinstance(t, ast.Name)]
+        if len(names) != len(pairs) or len(set(names)) != len(names):
+            return {}
+        renamed: dict[str, ast.Name | ast.Constant] = {}
+        for value, into in pairs:
+            if isinstance(value, ast.Name) and value.id in stored and locals_.count(value.id) == 1 \
+                    and into.id not in passed and into.id not in self.read_on_failure:  # type: ignore[attr-defined]
+                renamed[value.id] = ast.Name(into.id, ast.Load())  # type: ignore[attr-defined]
+        return renamed
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         for field in ("body", "orelse", "finalbody"):  # an except clause's body: when its handler is visited

@@ -146,3 +146,41 @@ def test_the_wrappers_fast_decision_is_false_and_every_span_true() -> None:
     for cls in classes:
         assert not {"__bool__", "__len__"} & {name for klass in cls.__mro__[:-1] for name in vars(klass)}, cls
     assert _spans.TracedSpanShell()
+
+
+def _pair(x: Any, n: int) -> tuple[Any, int]:
+    second = n + 1
+    first = x * 2  # raises for x=None, after `second` is set
+    return first, second
+
+
+def _uses_pair(x: Any, n: int, flag: bool) -> Any:
+    try:
+        a, b = _pair(x, n)
+    except TypeError:
+        return None
+    return (a, b, flag)
+
+
+def _guarded(x: Any, n: int, flag: bool) -> Any:
+    b = -1
+    try:
+        a, b = _pair(x, n)
+    except TypeError:
+        return ("failed", b)  # read on failure: must still be -1 when _pair raised
+    return (a, b, flag)
+
+
+def test_a_helpers_returned_locals_are_the_callers_targets() -> None:
+    """A written-in helper's returned locals are the caller's targets themselves (no copy at the end), except a
+    target the caller reads on failure: bound on the helper's way, it would show the helper's partial work."""
+    made = specialise(_uses_pair, "made", {"flag": True}, inline=(_pair,))
+    assert not {"_pair_first", "_pair_second"} & set(made.__code__.co_varnames), made.__code__.co_varnames
+    assert made(3, 4) == _uses_pair(3, 4, True) == (6, 5, True) and made(None, 4) is None
+    guarded = specialise(_guarded, "made", {"flag": True}, inline=(_pair,))
+    assert "_pair_first" not in guarded.__code__.co_varnames and "_pair_second" in guarded.__code__.co_varnames
+    assert guarded(None, 4) == _guarded(None, 4, True) == ("failed", -1)
+    assert guarded(3, 4) == (6, 5, True)
+    ag2._generate_starts()  # the agent start: its node naming and its children's scope straight into its locals
+    assert not {"_name_node_node_id", "_name_node_order", "_child_node_new"} & set(
+        ag2._start_agent.__code__.co_varnames)  # type: ignore[union-attr]
