@@ -331,9 +331,9 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
             scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
     """Attributes of a new span standing at ``scope``, and the scope of its children."""
     if run is not None:
-        scope = Scope(run=run, in_workflow=True)
+        scope = Scope.build(run, in_workflow=True)
     elif scope is None:
-        scope = Scope(run=RunState())
+        scope = Scope.build(RunState())
     if node is None and run is None:  # an execution event: most spans
         return _event_attributes(scope, kind, attributes, new_conversation, scope_changes)
     state = scope.run
@@ -350,7 +350,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if node is not None:
         node_id, depth, order = _name_node(state, scope, node)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
-        new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
+        new_scope = scope.child_node(node_id, node, depth, order, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
         if scope.dag_node is not None:
             attrs[DAG_NODE] = scope.dag_node
@@ -798,8 +798,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     (``None``: read here).
 
     Its source is also the source of the hot span types' starts (:func:`start_of`, generated from it and
-    from :func:`_name_node` and :func:`_set_node`, which are written into them): a change here is a change
-    there; those two helpers keep their one ``return`` at their end (else they are not written in).
+    from :func:`_name_node`, :func:`_set_node` and ``Scope.child_node``, which are written into them): a change
+    here is a change there; those three helpers keep their one ``return`` at their end (else they are not written in).
     """
     # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
     frame = None
@@ -859,7 +859,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
                 new_scope = None if kind in LEAF_KINDS and not scope_changes else scope.child_event(conversation_id)
             else:
                 _set_node(attrs, node, node_id, depth, dag_node, order)
-                new_scope = scope.child_node(node_id, node.node_type, depth, order or 0, conversation_id)
+                # through the class (the same function: every scope is a Scope): written into the generated starts
+                new_scope = Scope.child_node(scope, node_id, node, depth, order, conversation_id)
             if scope_changes:
                 for field, value in scope_changes.items():  # a fresh scope nobody holds yet
                     setattr(new_scope, field, value)
@@ -987,8 +988,8 @@ def start_of(kind: str, span_kind: SpanKind, node: Any = _ANY_NODE) -> Callable[
 
     Called ``start_x(self, name, attributes, node, tracer, ctx, known=None)`` (``node`` absent when
     fixed to ``None``): ``kind`` and ``span_kind`` fixed, no run, no new conversation, no scope change,
-    and every test those decide folded away, with the DAG node's naming written in. Any other argument
-    (no scope, an anchor's frame, attributes not shared) takes start()'s own path within it: the same
+    and every test those decide folded away, with the DAG node's naming and its children's scope written in.
+    Any other argument (no scope, an anchor's frame, attributes not shared) takes start()'s own path within it: the same
     spans, attributes and context as :func:`start`, for fewer bytecodes per span.
     """
     fixed: dict[str, Any] = {"kind": kind, "span_kind": span_kind, "scope_changes": None,
@@ -996,7 +997,8 @@ def start_of(kind: str, span_kind: SpanKind, node: Any = _ANY_NODE) -> Callable[
     if node is None:
         fixed["node"] = None
     return specialise(start, f"start_{kind}" + ("_event" if node is None else ""), fixed,
-                      constants=_START_CONSTANTS, inline=() if node is None else (_name_node, _set_node))
+                      constants=_START_CONSTANTS,
+                      inline=() if node is None else (_name_node, _set_node, Scope.child_node))
 
 
 def _interrupted(self: Any, frame: Frame | None, ctx: otel_context.Context | None, exc: BaseException) -> None:

@@ -97,16 +97,34 @@ class _Rename(ast.NodeTransformer):
 
 
 class _Inline(ast.NodeTransformer):
-    """Calls of the given helpers, as a statement or as the value of an assignment, written in."""
+    """Calls of the given helpers, as a statement or as the value of an assignment, written in.
+
+    A helper of the caller's module is called by its name (``_name_node(...)``); a method is called through
+    the class the caller's module names (``Scope.child_node(scope, ...)``: that function whatever the
+    receiver), and may come from another module when every global it reads is the same object in the
+    caller's: its statements then take the line of the call (its own lines are another file's)."""
 
     def __init__(self, helpers: Iterable[Callable[..., Any]], globals_: Mapping[str, Any],
                  caller: ast.FunctionDef) -> None:
         # the caller's own names: a helper's global read must not meet one of them once written in
         self.caller_names = _stored(caller.body) | {a.arg for a in [*caller.args.args, *caller.args.kwonlyargs]}
-        self.helpers: dict[str, ast.FunctionDef] = {}
+        self.helpers: dict[str | tuple[str, str], ast.FunctionDef] = {}
+        self.foreign: set[str] = set()  # the helpers of another module (by definition name)
+        # names the caller reads in an exception handler or a finally block: bound early by a helper written
+        # in (see _returned_into), an exception raised on its way would let them see its partial work
+        self.read_on_failure = {n.id for node in ast.walk(caller) if isinstance(node, (ast.ExceptHandler, ast.Try))
+                                for stmt in (node.body if isinstance(node, ast.ExceptHandler) else node.finalbody)
+                                for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         for helper in helpers:
-            if helper.__globals__ is not globals_:
+            owner, _, attribute = helper.__qualname__.rpartition(".")
+            if owner:  # a method: called through its class, which the caller's module must name
+                if "." in owner or globals_.get(owner) is None or vars(globals_[owner]).get(attribute) is not helper:
+                    raise ValueError(f"{helper.__qualname__} is not called through a class of the caller's module")
+                key: str | tuple[str, str] = (owner, attribute)
+            elif helper.__globals__ is not globals_:
                 raise ValueError(f"{helper.__qualname__} is from another module")
+            else:
+                key = helper.__name__
             definition = _function_def(helper)
             body = definition.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
@@ -119,11 +137,22 @@ class _Inline(ast.NodeTransformer):
                            for stmt in body for n in ast.walk(stmt)):
                 raise ValueError(f"{helper.__qualname__} cannot be written in")
             definition.body = body
-            self.helpers[helper.__name__] = definition
+            if helper.__globals__ is not globals_:
+                # written into the caller, its global reads would read the caller's module
+                read = _read(body) - _stored(body) - {a.arg for a in definition.args.args}
+                if any(name not in globals_ or globals_[name] is not helper.__globals__.get(name) for name in read):
+                    raise ValueError(f"{helper.__qualname__} reads a global the caller's module does not share")
+                self.foreign.add(definition.name)
+            self.helpers[key] = definition
 
     def _call(self, call: ast.expr) -> ast.FunctionDef | None:
-        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in self.helpers:
-            return self.helpers[call.func.id]
+        if not isinstance(call, ast.Call):
+            return None
+        func = call.func
+        if isinstance(func, ast.Name):
+            return self.helpers.get(func.id)
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            return self.helpers.get((func.value.id, func.attr))
         return None
 
     def _written_in(self, definition: ast.FunctionDef, call: ast.Call,
@@ -146,13 +175,58 @@ class _Inline(ast.NodeTransformer):
             else:  # evaluated once, first, as the call would
                 names[param] = ast.Name(prefix + param, ast.Load())
                 out.append(ast.copy_location(ast.Assign([ast.Name(prefix + param, ast.Store())], arg), call))
+        returned = self._returned_into(body, target, stored, call)
+        names.update(returned)
         body = [_Rename(names).visit(stmt) for stmt in body]
         if body and isinstance(body[-1], ast.Return):
             value = body.pop().value or ast.Constant(None)
-            last = ast.Assign([target], value) if target is not None else ast.Expr(value)
-            body.append(ast.copy_location(last, value))
+            if returned and isinstance(value, ast.Tuple):  # the elements not already in their targets
+                kept = [(t, v) for t, v in zip(target.elts, value.elts, strict=True)  # type: ignore[union-attr]
+                        if not (isinstance(v, ast.Name) and v.id == t.id)]  # type: ignore[attr-defined]
+                if kept:
+                    targets, values = zip(*kept, strict=True)
+                    target = ast.Tuple(list(targets), ast.Store()) if len(kept) > 1 else targets[0]
+                    value = ast.Tuple(list(values), ast.Load()) if len(kept) > 1 else values[0]
+                else:
+                    value = None  # type: ignore[assignment]
+            elif returned:
+                value = None  # type: ignore[assignment]  # the one returned local is the target itself
+            if value is not None:
+                last = ast.Assign([target], value) if target is not None else ast.Expr(value)
+                body.append(ast.copy_location(last, value))
+        if definition.name in self.foreign:  # another file's lines: the call's line instead
+            for node in (n for stmt in body for n in ast.walk(stmt)):
+                if "lineno" in node._attributes:
+                    node.lineno, node.end_lineno = call.lineno, call.end_lineno  # type: ignore[attr-defined]
+                    node.col_offset, node.end_col_offset = call.col_offset, call.end_col_offset  # type: ignore[attr-defined]
         out.extend(body)
         return out
+
+    def _returned_into(self, body: list[ast.stmt], target: ast.expr | None, stored: set[str],
+                       call: ast.Call) -> dict[str, ast.Name | ast.Constant]:
+        """The helper's locals it returns as they are (``return new``, ``return node_id, depth, order``) that can
+        be the caller's targets themselves, so no copy is made at the end: each a target name of its own, read
+        neither by the call's arguments nor by the caller on failure. (The target is bound on the helper's way
+        rather than at its end, which only an exception raised meanwhile could tell.)"""
+        last = body[-1] if body else None
+        if not isinstance(last, ast.Return) or last.value is None or target is None:
+            return {}
+        if isinstance(target, ast.Tuple) and isinstance(last.value, ast.Tuple) \
+                and len(target.elts) == len(last.value.elts):
+            pairs = list(zip(last.value.elts, target.elts, strict=True))
+        else:
+            pairs = [(last.value, target)]
+        passed = {a.id for a in call.args if isinstance(a, ast.Name)}
+        locals_ = [v.id for v, _ in pairs if isinstance(v, ast.Name)]
+        names = [t.id for _, t in pairs if isinstance(t, ast.Name)]
+        if len(names) != len(pairs) or len(set(names)) != len(names):
+            return {}
+        renamed: dict[str, ast.Name | ast.Constant] = {}
+        for value, into in pairs:
+            if isinstance(value, ast.Name) and value.id in stored and locals_.count(value.id) == 1 \
+                    and into.id not in passed and into.id not in self.read_on_failure:  # type: ignore[attr-defined]
+                renamed[value.id] = ast.Name(into.id, ast.Load())  # type: ignore[attr-defined]
+        return renamed
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         for field in ("body", "orelse", "finalbody"):  # an except clause's body: when its handler is visited
@@ -305,7 +379,8 @@ def specialise(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], *,
 
     ``not_none``: parameters the callers never pass ``None`` (their ``is None`` tests fold); ``constants``: names of
     ``func``'s module globals that never change once imported (their tests fold); ``inline``: helpers of the same
-    module, called by ``func`` as a statement or an assignment's value, written in (then folded too). The copy
+    module, or methods called through a class ``func``'s module names (``Scope.child_node(scope, ...)``), called by
+    ``func`` as a statement or an assignment's value, written in (then folded too; see :class:`_Inline`). The copy
     reads every other global live, as ``func`` does. When the source cannot be read or a step cannot be applied,
     the result calls ``func`` itself with the fixed arguments (same behaviour, no gain).
     """

@@ -121,7 +121,8 @@ def test_a_span_types_start_folds_what_its_type_decides() -> None:
                 "next_order"}.isdisjoint(code.co_names), code.co_names
         assert "kind" not in code.co_varnames and "scope_changes" not in code.co_varnames
         assert {line for _, _, line in code.co_lines()} <= lines | {None}
-    assert "node" in ag2._start_agent.__code__.co_varnames and "child_node" in ag2._start_agent.__code__.co_names
+    # its children's scope written in too since session 42 (test_perf33_child_scope_written_in)
+    assert "node" in ag2._start_agent.__code__.co_varnames and "child_node" not in ag2._start_agent.__code__.co_names
     assert "node" not in ag2._start_llm.__code__.co_varnames and "_track" not in ag2._start_llm.__code__.co_names
 
 

@@ -218,7 +218,9 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -
     return args[index] if len(args) > index else None
 
 
-_FAST: Any = object()  # a wrapper's decision: not recorded, take the fast path
+# a wrapper's decision: not recorded, take the fast path. False, as None (straight through) is: a started span
+# (a TracedSpan: no __bool__ or __len__, always true) passes one truth test, `if not traced`, not two identity tests
+_FAST: Any = False
 
 
 def _record(state: _State, traced: TracedSpan, record: Callable[..., None], instance: Any,
@@ -296,10 +298,10 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
             except Exception:
                 logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
                 traced = None
-            if traced is None:
-                return original(self, *args, **kwargs)
-            if traced is _FAST:  # not recorded: the fast path
-                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
+            if not traced:  # None or _FAST, never a span
+                if traced is None:
+                    return original(self, *args, **kwargs)
+                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
             # `with traced:` written out (the builder started the span): a with statement calls __exit__
             # from C (a nested interpreter, ~500 instructions per span more); same exception handling
             try:
@@ -349,10 +351,10 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
             except Exception:
                 logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
                 traced = None
-            if traced is None:
-                return await original(self, *args, **kwargs)
-            if traced is _FAST:  # not recorded: the fast path
-                return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
+            if not traced:  # None or _FAST, never a span
+                if traced is None:
+                    return await original(self, *args, **kwargs)
+                return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
             try:
                 result = await original(self, *args, **kwargs)
                 if record is not None:
