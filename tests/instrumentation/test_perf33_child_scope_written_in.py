@@ -181,6 +181,9 @@ def test_a_helpers_returned_locals_are_the_callers_targets() -> None:
     assert "_pair_first" not in guarded.__code__.co_varnames and "_pair_second" in guarded.__code__.co_varnames
     assert guarded(None, 4) == _guarded(None, 4, True) == ("failed", -1)
     assert guarded(3, 4) == (6, 5, True)
-    ag2._generate_starts()  # the agent start: its node naming and its children's scope straight into its locals
-    assert not {"_name_node_node_id", "_name_node_order", "_child_node_new"} & set(
-        ag2._start_agent.__code__.co_varnames)  # type: ignore[union-attr]
+    ag2._generate_starts()  # the agent start: its children's scope straight into its locals
+    names = set(ag2._start_agent.__code__.co_varnames)  # type: ignore[union-attr]
+    assert "_child_node_new" not in names, names
+    # the node id and order its naming took are read by start's interrupt handler (an interrupted start keeps
+    # them for its retry, tests/faults/test_faults42_interrupted_numbers.py): bound only once naming returned
+    assert {"_name_node_node_id", "_name_node_order"} <= names, names
