@@ -1130,6 +1130,52 @@ _NOT_NAMES_IN_PROSE = frozenset(("secret", "secrets", "pwd", "pass", "sig", "aut
 # a command line's option that names where a secret is kept or how it is given, not the secret (``--password-stdin``,
 # ``--api-key-file``, ``--token-env``): the argument after it is a path or a name
 _NOT_A_SECRET_OPTION = re.compile(r"[_\-.](?:stdin|file|path|env|dir|cmd|command|helper|name|id|type)\Z", re.IGNORECASE)
+# A command line's option whose value is a credential: its name's last word (split at "-", "_", ".") names one
+# (``--password``, ``--api-key``, ``--auth-token``, ``--client-secret``, ``-pass``). Session 41 took any
+# secret-looking option name: ``--secret-scanning enabled`` and mysql's ``-psecretword database`` (a password
+# attached to ``-p``, then the database) learned "enabled" / "database", then redacted in every later text, inside
+# longer words too; ``--max-token 4096`` hid a count. A word of counting before it names a number, not a secret
+_OPTION_CREDENTIAL_WORDS = frozenset((
+    "token", "secret", "password", "passwd", "pass", "pwd", "passphrase", "passcode", "credential", "credentials",
+    "cookie", "apikey", "pat", "jwt", "dsn", "sig"))
+_OPTION_COUNT_WORDS = frozenset(("max", "min", "num", "count", "limit", "size", "length", "len", "budget", "ttl",
+                                 "expiry", "lifetime", "timeout", "per"))
+_OPTION_WORDS = re.compile(r"[A-Za-z0-9]+")
+# what follows ``--key`` (``key`` alone is no secret's name: ``sort --key 2,2n``, ``openssl -key server.key``,
+# ``cache --key build``): a credential only when it looks like one (a letter and a digit, no path or file name)
+_KEY_OPTION_VALUE = re.compile(r"(?=[^\s/\\]*[0-9])(?=[^\s/\\]*[A-Za-z])(?![^\s/\\]*\.[A-Za-z]{1,4}\Z)[^\s/\\,]{6,}")
+# an option's value that is a "name=value" specification (``docker build --secret id=npmrc,src=...``), not a secret
+_OPTION_SPEC = re.compile(r"[a-z]+=[^=]")
+# a reference to a secret, not a secret: a shell or PowerShell variable (``$OPENAI_TOKEN``, ``${DB_PASS}``,
+# ``$env:API_KEY``), a Windows one (``%API_KEY%``), a template's (``{{ secrets.TOKEN }}``, ``${{ secrets.X }}``,
+# ``{password}``, ``%(password)s``, ``<password>``) or a mask (``*****``, ``xxxxxx``). Learned, "$OPENAI_TOKEN" was
+# redacted in every later text that names the variable (the variable's value is registered by the environment's
+# rule, whatever a text calls it)
+_REFERENCE = re.compile(
+    r"\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})"
+    r"|\$?\{\{[^{}\n]{1,128}\}\}|\{[A-Za-z_][A-Za-z0-9_.]*\}|%\(?[A-Za-z_][A-Za-z0-9_]*(?:%|\)s)|<[A-Za-z_][\w .\-]*>"
+    r"|(?P<mask>[*xX#.\u2022])(?P=mask){3,}")
+
+
+def _is_reference(value: str) -> bool:
+    """Whether ``value`` (a secret-named key's, an option's or a URL's password) is a reference to a secret or a
+    mask (see :data:`_REFERENCE`), ended by a sentence's end at most."""
+    return _REFERENCE.fullmatch(value.rstrip(_SENTENCE_END) or value) is not None
+
+
+def _option_takes_secret(name: str) -> str | None:
+    """What the command line option ``name`` (starting with "-") takes: ``"secret"`` (a credential by its last
+    word, see :data:`_OPTION_CREDENTIAL_WORDS`), ``"key"`` (``--key``: a credential only when its value looks like
+    one) or ``None`` (its argument is no secret: ``--secret-scanning``, ``--max-token``, ``--api-key-file``)."""
+    words = [word.lower() for word in _OPTION_WORDS.findall(name[-64:])]
+    if not words or _OPTION_COUNT_WORDS.intersection(words) or _NOT_A_SECRET_OPTION.search(name) is not None:
+        return None
+    last = words[-1]
+    if last == "key":
+        return "secret" if len(words) > 1 and is_secret_key(name.lstrip("-")) else "key" if len(words) == 1 else None
+    if last in _OPTION_CREDENTIAL_WORDS or (len(words) > 1 and last == "auth" and words[-2] != "no"):
+        return "secret"
+    return None
 # a line of key/value pairs written with ": " (``user: bob password: <v> host: db``): a bare name after one is a key,
 # not a name in prose
 _PAIRS_BEFORE = re.compile(r"[ \t]*(?:[\w.\-]+:[ \t]+[^\s:]+[ \t]+)+")
@@ -1274,6 +1320,74 @@ def _hint_starts(text: str, lower: str) -> list[int]:
 
 
 def _kv_scan(text: str, learn: bool) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned), and the credentials a
+    command line gives by position (see :func:`_command_credentials`) replaced (learned when they cannot be a word);
+    ``learn``: also learn the passwords of URLs and logins (``scheme://user:<v>@host``, ``user:<v>@host``), which
+    the URL rules replace where they stand: shown whole in a later text quoting them before."""
+    text = _kv_pairs(text, learn)
+    if learn and "@" in text and ":" in text:
+        _learn_login_passwords(text)
+    if "mysql" in text or "mariadb" in text or "sshpass" in text or "curl" in text:  # commands are written so
+        text = _command_credentials(text, learn)
+    return text
+
+
+def _learnable(value: str) -> bool:
+    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: not an
+    ordinary word (``postgres://postgres:postgres@db``: learned, "postgres" was redacted in every later text, inside
+    ``postgresql`` too), no reference or mask (``$DB_PASS``, ``*****``) and no placeholder naming a secret
+    (``user:password``, ``-p<your_password>``)."""
+    lower = value.lower()
+    return len(value) >= _MIN_SECRET_LEN and REDACTED not in value and _PLAIN_WORD.fullmatch(value) is None \
+        and not _is_reference(value) and not any(hint in lower for hint in _KV_HINTS)
+
+
+def _learn_login_passwords(text: str) -> None:
+    """Learn the passwords of ``scheme://user:<v>@host`` (any scheme) and ``user:<v>@host`` in ``text`` (see
+    :func:`_learnable`)."""
+    if "://" in text:
+        for match in _URL_CREDENTIALS.finditer(text):
+            password = match.group()[3:-1].partition(":")[2]
+            if _learnable(password):
+                learn_secret(password)
+    for start, end in _bare_credential_spans(text):
+        if _learnable(text[start:end]):
+            learn_secret(text[start:end])
+
+
+# Credentials a command line gives by position, after the command that reads them so: mysql's and MariaDB's
+# ``-p<v>`` (attached; ``-p <v>`` is the database to mysql, replaced there only: written as the password often),
+# sshpass's ``-p <v>`` / ``-p<v>``, curl's ``-u user:<v>`` / ``--user user:<v>`` / ``--proxy-user``. A command runs
+# to the end of its line or the next ``;``, ``|``, ``&``
+_COMMAND = re.compile(r"(?<![\w./\-])(?P<cmd>mysql(?:dump|admin|import|check|sh|binlog|slap)?|mariadb(?:-dump|-admin)?"
+                      r"|sshpass|curl)(?:\.exe)?(?=[ \t])[^\n;|&]{0,1024}")
+_ARGUMENT = r"""(?P<q>['"]?)(?P<v>[^\s'"]+|(?<=['"])[^'"\n]+)(?P=q)"""
+_COMMAND_OPTIONS = {
+    "mysql": re.compile(r"[ \t]-p(?:" + _ARGUMENT + r"|[ \t]+(?P<db>[^\s\-'\"][^\s'\"]*))"),
+    "sshpass": re.compile(r"[ \t]-p[ \t]*" + _ARGUMENT),
+    "curl": re.compile(r"[ \t](?:-u|-U|--user|--proxy-user)(?:[ \t]+|=)?(?P<q>['\"]?)[^\s:'\"]*:"
+                       r"(?P<v>[^\s'\"]+|(?<=['\"])[^'\"\n]+)(?P=q)"),
+}
+
+
+def _command_credentials(text: str, learn: bool) -> str:
+    """``text`` with the credentials of :data:`_COMMAND` lines replaced, learned when :func:`_learnable`."""
+    spans = []
+    for command in _COMMAND.finditer(text):
+        name = command.group("cmd")
+        kind = "mysql" if name.startswith(("mysql", "mariadb")) else name
+        for option in _COMMAND_OPTIONS[kind].finditer(text, command.end("cmd"), command.end()):
+            group = "v" if option.group("v") is not None else "db"
+            value = option.group(group)
+            if value == REDACTED or _is_reference(value):
+                continue
+            if learn and group == "v" and _learnable(value):
+                learn_secret(value)
+            spans.append(option.span(group))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _kv_pairs(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
     if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
@@ -1308,15 +1422,19 @@ def _kv_scan(text: str, learn: bool) -> str:
         name_start = start
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
-        if key.group("flag") is not None and (text[name_start] != "-" or _NOT_A_SECRET_OPTION.search(
-                text, name_start, run_end) is not None):
-            continue  # a name and a word in prose ("the token expired"), or an option naming where a secret is
+        flag = key.group("flag") is not None
+        option = None
+        if text[name_start] == "-" and (flag or "=" in key.group(0)[key.end("q") - start:]):
+            # a command line's option (--password <v>, --api-key=<v>): judged by its last word, not as a key
+            option = _option_takes_secret(text[name_start:run_end])
+            if option is None:
+                continue  # --secret-scanning enabled, --max-token 4096, --api-key-file <path>, -psecretword <db>
         if arns and any(a < name_start < b for a, b in arns):
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
         # or further, matching it for every key (secret or not) would be quadratic
         prose = False
-        if not is_secret_key(text[name_start:run_end]):
+        if option is None and not is_secret_key(text[name_start:run_end]):
             # a key written as words ("API key: ...", "private key = ...", "Your secret key: ..."): the word
             # before, joined by blanks, makes the name
             name_start = _word_before(text, name_start)
@@ -1332,6 +1450,14 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
+        if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
+            continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
+        if option is not None:
+            if _OPTION_SPEC.match(value) is not None or (
+                    option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
+                continue  # docker build --secret id=npmrc,src=..., sort --key 2,2n, openssl -key server.key
+        elif flag:
+            continue  # a name and a word in prose ("the token expired")
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
         # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
@@ -1717,13 +1843,19 @@ def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
 def _redact_bare_credentials(text: str) -> str:
     """``text`` with the password of each ``user:password@host`` written without a scheme replaced
     (a password of letters alone is taken for an address: ``Contact:alice@example.org``)."""
+    spans = _bare_credential_spans(text)
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _bare_credential_spans(text: str) -> list[tuple[int, int]]:
+    """Where the passwords of ``user:password@host`` written without a scheme are in ``text``."""
     spans = []
     for match in _BARE_CREDENTIALS.finditer(text):
         at = match.start()
         user = _BARE_USER.search(text, max(0, at - 65), at)
         if user is not None and user.group().lower() not in _NOT_USERS:
             spans.append(match.span("pw"))
-    return _replaced(text, spans, REDACTED) if spans else text
+    return spans
 
 
 def _redact_oracle_logins(text: str) -> str:
