@@ -1298,6 +1298,73 @@ def _learns_in_prose(text: str, value: str, name_start: int, match_end: int, mem
     return not _failure_between(text, _line_start_near(text, name_start)[0], name_start, memo)
 
 
+# A plain word after "is" / "was" / "set ... to" (``the password is swordfish``) is a value when it ends its clause,
+# follows a name that is a credential's and not an ordinary word (not ``token``: ``the first token is hello``), and
+# is no word a sentence says of a credential: a word of state, one of these, or an adjective's or participle's
+# ending (``the password is hashed``, ``... is case-sensitive``, ``... is something else``)
+_WEAK_PROSE_NAMES = frozenset(("token", "tokens", "cookie", "cookies", "credential", "credentials", "authorization",
+                               "secret", "secrets", "auth", "pass", "pwd", "sig"))
+_SENTENCE_WORDS = frozenset((
+    "because", "something", "anything", "nothing", "everything", "everywhere", "somewhere", "nowhere", "elsewhere",
+    "below", "above", "within", "inside", "outside", "either", "neither", "whatever", "whichever", "another",
+    "itself", "yourself", "myself", "themselves", "always", "usually", "mandatory", "obligatory", "necessary",
+    "important", "confidential", "personal", "different", "difficult", "simple", "complex", "complicated",
+    "trivial", "common", "special", "similar", "identical", "enough", "stronger", "weaker", "longer", "shorter",
+    "better", "safer", "easier", "harder", "plaintext", "cleartext", "lowercase", "uppercase", "alphanumeric",
+    "numeric", "secret", "please", "there", "where", "which", "these", "those", "unknown", "whether", "really",
+    "still", "already", "actually", "probably", "literally", "simply", "exactly", "correctly", "sufficient",
+    "insufficient", "available", "unavailable", "working", "broken", "useless", "worthless", "nonsense", "unclear",
+))
+_ADJECTIVE_END = re.compile(r"(?:ed|ing|ly|able|ible|ful|less|ous|ive|ise|ize)\Z", re.IGNORECASE)
+# what may follow a value that ends its clause: the end of its line, a clause's punctuation, a closing bracket
+_CLAUSE_END = re.compile(r"[ \t]*(?:\Z|[\r\n]|[,;)\]}]|[.!?:\"'`](?:\s|\Z))")
+# "set", "change" or "update" before "to" (``set the API key to <v>``): a bare "to" starts an infinitive (``you need
+# the password to continue``)
+_SET_TO = re.compile(r"(?i:\b(?:set|sets|setting|change|changed|changing|update|updated|reset)\b)")
+
+
+def _plain_value_in_sentence(text: str, name: str, core: str, value: str, name_start: int, key: re.Match[str],
+                             match_end: int) -> bool:
+    """Whether ``core``, an ordinary word after a credential's name and "is", "was" or "to" (see ``_KV_KEY``'s
+    ``verb``), is the credential (``the password is swordfish``, ``Set the DB password to swordfish.``): see
+    :data:`_WEAK_PROSE_NAMES` and :data:`_SENTENCE_WORDS`. Session 41 took no plain word there, and a password that
+    is one was shown in the sentence and every later text."""
+    lower = core.lower()
+    if name in _WEAK_PROSE_NAMES or lower in _SENTENCE_WORDS or _STATE_WORD.fullmatch(core) is not None \
+            or _ADJECTIVE_END.search(core) is not None or any(hint in lower for hint in _KV_HINTS):
+        return False
+    verb = key.group("verb").lower()
+    if not re.match(r"[ \t]*(?:is|was)\b", verb) and "set" not in verb and "changed" not in verb \
+            and _SET_TO.search(text, _line_start_near(text, name_start)[0], name_start) is None:
+        return False
+    return core is not value or _CLAUSE_END.match(text, match_end) is not None \
+        or _VALUE_ASIDE.match(text, match_end) is not None
+
+
+# A credential after its name without a separator (``token hunter2 expired yesterday``, ``password S3cret!x was
+# rejected``): taken when it cannot be a word (a letter and a digit, 6 characters or more, ASCII; no ``:`` or ``=``:
+# ``Secret Key:<v>`` is a pair, read at its own name), is no term of the
+# trade (``password sha256 hash``, ``token gpt4o``, ``auth oauth2 flow``) and ends its clause or is followed by what
+# is said of it (a verb, a word of state, ``for now``)
+_LOOSE_VALUE = re.compile(r"(?=[^\s]*[0-9])(?=[^\s]*[A-Za-z])[\x21-\x39\x3b\x3c\x3e-\x7e]{6,}")  # no ":" or "="
+_TERM_OF_THE_TRADE = re.compile(
+    r"(?i:0x[0-9a-f]+|(?:sha|md|rsa|aes|des|hs|rs|es|ps|ed|utf|ucs|base|oauth|http|ipv|tls|ssl|pbkdf|argon|blake|crc|"
+    r"x86|arm|gpt|claude|llama|gemini|mistral|qwen|phi|o\d|v\d|cl100k|p50k|r50k|o200k|win|bert|t5)[\w.\-]*)")
+_SAID_OF_IT = re.compile(
+    r"[ \t]+(?:(?:is|was|has|had|have|will|would|should|must|can|could|may|might|did|does|expires?|works?|"
+    r"fails?|failed|worked|leaked|got|gets|keeps?)\b|" + _STATE_WORD.pattern + r"\b)")
+
+
+def _loose_value(text: str, value: str, quoted: bool, match_end: int) -> bool:
+    """Whether ``value``, after a credential's name and blanks (no ``:`` or ``=``), is the credential (see
+    :data:`_LOOSE_VALUE`): shown before, in the sentence and every later text."""
+    core = value.rstrip(_SENTENCE_END) or value
+    if quoted or _LOOSE_VALUE.fullmatch(core) is None or _TERM_OF_THE_TRADE.fullmatch(core) is not None:
+        return False
+    return core is not value or _CLAUSE_END.match(text, match_end) is not None \
+        or _VALUE_ASIDE.match(text, match_end) is not None or _SAID_OF_IT.match(text, match_end) is not None
+
+
 def _hint_starts(text: str, lower: str) -> list[int]:
     """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts
     only as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at
@@ -1456,7 +1523,7 @@ def _kv_pairs(text: str, learn: bool) -> str:
             if _OPTION_SPEC.match(value) is not None or (
                     option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
                 continue  # docker build --secret id=npmrc,src=..., sort --key 2,2n, openssl -key server.key
-        elif flag:
+        elif flag and not _loose_value(text, value, quoted, match_end):
             continue  # a name and a word in prose ("the token expired")
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
@@ -1474,7 +1541,9 @@ def _kv_pairs(text: str, learn: bool) -> str:
             # long as a learned value. Not a quoted word either: a model explaining a tokenizer writes "the next
             # token is 'because'"; nor after a short name that is as often a word ("the secret is `normalize()`
             # first", "the pwd is /work/project": the shell's working directory)
-            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in _NOT_NAMES_IN_PROSE:
+            name = text[name_start:run_end].lower()
+            if len(core) < _MIN_SECRET_LEN or name in _NOT_NAMES_IN_PROSE or (
+                    plain and not _plain_value_in_sentence(text, name, core, value, name_start, key, match_end)):
                 continue
             learns = True
         elif plain and (prose or _is_bare_name_in_prose(text, name_start, key, memo)):
