@@ -864,15 +864,19 @@ class SentBytes(str):
 
 
 def _sent(value: SentBytes) -> str | bytes:
-    """What ``value``'s bytes are: their UTF-8 text, or the bytes (no text; or ``value`` itself, no base64)."""
+    """What ``value``'s bytes are: their UTF-8 text, or the bytes (no UTF-8, or UTF-16 / UTF-32 text: see
+    :func:`_wide_text`; or ``value`` itself, no base64)."""
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:  # binascii.Error
         return str(value)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw
+    if "\x00" in text and _wide_text(raw) is not None:
+        return raw  # UTF-16 or UTF-32 text of ASCII letters is UTF-8 too, its NULs the wide encoding's
+    return text
 
 
 # characters that make decoded bytes binary data rather than text (and that a PostgreSQL text or JSONB value
@@ -880,29 +884,59 @@ def _sent(value: SentBytes) -> str | bytes:
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _utf16_text(raw: bytes) -> str | None:
-    """The text of bytes that start with a UTF-16 byte order mark (Windows tools and .NET write text so), else
-    ``None``: such bytes are no UTF-8, and holding a secret as UTF-16 they were stored as base64 unredacted (the
-    encoded forms looked for are those of UTF-8 bytes)."""
-    if raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
-        return None
-    try:
-        return raw.decode("utf-16")
-    except UnicodeDecodeError:
-        return None
+def _wide_text(raw: bytes) -> tuple[str, str] | None:
+    """(the text, its encoding) of bytes that are no UTF-8 but text in another encoding an ingest client may send,
+    else ``None``: UTF-32 and UTF-16 with a byte order mark (Windows tools and .NET write text so), without one
+    (.NET's ``Encoding.Unicode.GetBytes``, Java's ``UTF_16LE``: text whose every other byte is NUL), and Latin-1
+    (a Windows or ISO-8859-1 program's text: letters past ASCII that are no UTF-8). Such bytes were stored as the
+    base64 of the bytes sent, a key or ``password=...`` in them readable by anyone who decodes it (the encoded
+    forms looked for are those of UTF-8 bytes), and a secret-named key's bytes were learned as bytes. Text is what
+    holds no control character but tab and line ends; anything else stays binary."""
+    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        candidates: tuple[str, ...] = ("utf-32",)
+    elif raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        candidates = ("utf-16",)
+    else:
+        candidates = ()
+        quarter = len(raw) // 4
+        if len(raw) >= 8 and len(raw) % 4 == 0:
+            # code points under U+10000: two NUL bytes of every four (at the end: little-endian)
+            if raw[2::4].count(0) == quarter and raw[3::4].count(0) == quarter:
+                candidates = ("utf-32-le",)
+            elif raw[0::4].count(0) == quarter and raw[1::4].count(0) == quarter:
+                candidates = ("utf-32-be",)
+        if not candidates and len(raw) >= 4 and len(raw) % 2 == 0:
+            half = len(raw) // 2
+            if raw[1::2].count(0) * 2 >= half and raw[0::2].count(0) == 0:
+                candidates = ("utf-16-le",)  # mostly ASCII or Latin-1 letters: their high byte is NUL
+            elif raw[0::2].count(0) * 2 >= half and raw[1::2].count(0) == 0:
+                candidates = ("utf-16-be",)
+        candidates += ("latin-1",)
+    for encoding in candidates:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if text and _CONTROL_CHARS.search(text) is None and (encoding != "latin-1" or _C1_CHARS.search(text) is None):
+            return text, encoding
+    return None
+
+
+# C1 control characters: bytes 0x80-0x9F decoded as Latin-1 are control characters, no text's letters (binary data)
+_C1_CHARS = re.compile(r"[\x80-\x9f]")
 
 
 def _scrub_sent(value: SentBytes) -> str:
     """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
-    text (see :class:`SentBytes`); UTF-16 text with a byte order mark is redacted as text and stays base64 (of the
-    redacted text, in the same encoding)."""
+    text (see :class:`SentBytes`); text in another encoding (UTF-16, UTF-32, Latin-1: see :func:`_wide_text`) is
+    redacted as text and stays base64 (of the redacted text, in the same encoding; as sent when nothing is secret)."""
     text = _sent(value)
     if not isinstance(text, str):
-        wide = _utf16_text(text)
+        wide = _wide_text(text)
         if wide is not None:
-            clean = _scrub_string(wide)
-            if clean != wide:
-                return base64.b64encode(clean.encode("utf-16")).decode("ascii")
+            clean = _scrub_string(wide[0])
+            if clean != wide[0]:
+                return base64.b64encode(clean.encode(wide[1], "replace")).decode("ascii")
         return _scrub_string(str(value))
     clean = _scrub_string(text)
     if _CONTROL_CHARS.search(text) is None:
@@ -984,7 +1018,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     if cls is SentBytes:  # an ingest client's bytes: what they hold, not their base64
         value = _sent(value)
         if type(value) is bytes:
-            value = _utf16_text(value) or value
+            wide = _wide_text(value)
+            value = wide[0] if wide is not None else value
         cls = type(value)
     if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
         if isinstance(value, (bool, int, float)):
