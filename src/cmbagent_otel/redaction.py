@@ -52,12 +52,13 @@ from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
 
-# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD);
+# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD); a
+# passphrase or passcode (BORG_PASSPHRASE, GPG_PASSPHRASE: not registered before) and sshpass's SSHPASS;
 # AUTH but not an author, an authority or ssh-agent's socket (GIT_AUTHOR_NAME, XAUTHORITY, SSH_AUTH_SOCK: a
 # person's name or a path, which would be redacted wherever it appears), AUTHORIZATION still
 _SECRET_ENV_NAME = re.compile(
-    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH(?!OR(?!IZ)|_SOCK)|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
-    r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
+    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|PASSCODE|SSHPASS|CREDENTIAL|AUTH(?!OR(?!IZ)|_SOCK)|COOKIE"
+    r"|PRIVATE_?KEY|CONNECTION_?STRING|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
 # account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature; auth key
@@ -76,7 +77,7 @@ _SECRET_KEY_NAME = re.compile(
 # environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
-_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
+_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|REDISCLI_AUTH")
 # ... but KEY after a word that names a key into data is a code constant, not a credential (SORT_KEY = "created",
 # CACHE_KEY, PRIMARY_KEY): its value, often an ordinary word, would be learned and then redacted in every later
 # text, inside longer words too. Words that also name key material are not here (DATA_KEY: a KMS data key,
@@ -140,7 +141,8 @@ def _holder_secret_name(name: str) -> bool:
     last = words[-1]
     if last in _WHOLE_CREDENTIAL_WORDS:
         return True
-    holders = _PASS_HOLDERS if last == "pass" else _KEY_HOLDERS if last in ("key", "pat") else None
+    # (pwd: MYSQL_PWD, db_pwd; alone, PWD is the shell's working directory)
+    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat") else None
     if holders is None:
         return False
     return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
@@ -333,6 +335,12 @@ def _register_environment() -> None:
     for name, value in os.environ.items():
         if _is_secret_env_name(name):
             register_secret(value)
+        elif "://" in value and "@" in value:
+            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): when no
+            # ordinary word (postgres://postgres:postgres@db would redact "postgres" everywhere)
+            for secret in environment_variables.url_credentials(value, is_secret_key):
+                if _learnable(secret):
+                    register_secret(secret)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
         register_secret(value)
@@ -1046,7 +1054,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            _register_walk(item, depth + 1, secret or is_secret_key(str(key)), register)
+            named = not secret and is_secret_key(str(key)) and not _is_working_directory(str(key), item)
+            _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
@@ -1190,6 +1199,17 @@ _REFERENCE = re.compile(
     r"\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})"
     r"|\$?\{\{[^{}\n]{1,128}\}\}|\{[A-Za-z_][A-Za-z0-9_.]*\}|%\(?[A-Za-z_][A-Za-z0-9_]*(?:%|\)s)|<[A-Za-z_][\w .\-]*>"
     r"|(?P<mask>[*xX#.\u2022])(?P=mask){3,}")
+
+
+# an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
+_ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
+
+
+def _is_working_directory(name: str, value: Any) -> bool:
+    """Whether ``value`` under the key ``name`` is the shell's working directory: ``PWD`` / ``pwd`` alone holding an
+    absolute path (``env`` or ``os.environ`` printed by code, ``pwd: /work/project``). Read as a password (ODBC's
+    ``UID=sa;PWD=<it>``), the path was learned and then redacted in every later text that names a file under it."""
+    return name.strip().lower() == "pwd" and isinstance(value, str) and _ABSOLUTE_PATH.fullmatch(value) is not None
 
 
 def _is_reference(value: str) -> bool:
@@ -1552,6 +1572,8 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
+        if _is_working_directory(text[name_start:run_end], value):
+            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if option is not None:
@@ -2501,7 +2523,7 @@ def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
     secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
     if secret is None:
         secret = is_secret_key(skey)
-    if secret:
+    if secret and not _is_working_directory(skey, item):
         learn_secrets_in({skey: item})
         out[_scrub_string(skey)] = REDACTED
     else:
@@ -2600,7 +2622,7 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             skey = str(key)
-            if is_secret_key(skey):
+            if is_secret_key(skey) and not _is_working_directory(skey, item):
                 learn_secrets_in({skey: item})
                 continue
             if skey not in memo:
