@@ -1198,7 +1198,37 @@ _OPTION_SPEC = re.compile(r"[a-z]+=[^=]")
 _REFERENCE = re.compile(
     r"\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})"
     r"|\$?\{\{[^{}\n]{1,128}\}\}|\{[A-Za-z_][A-Za-z0-9_.]*\}|%\(?[A-Za-z_][A-Za-z0-9_]*(?:%|\)s)|<[A-Za-z_][\w .\-]*>"
-    r"|(?P<mask>[*xX#.\u2022])(?P=mask){3,}")
+    r"|(?P<mask>[*xX#.\u2022])(?P=mask){2,}")
+
+
+# a bare value that is code: an identifier, dotted at most (self.api_key, config.api_key, API_KEY, SecretStr)
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
+# a type's name (``password: string`` in TypeScript, ``token VARCHAR(64)``, ``api_key: str``): learned, "string" was
+# redacted inside "substring"
+_TYPE_NAMES = frozenset(("str", "string", "bytes", "int", "integer", "bool", "boolean", "number", "float", "double",
+                         "object", "any", "unknown", "char", "varchar", "text", "binary", "blob", "uuid", "secretstr",
+                         "secretbytes"))
+# an authentication scheme's name alone (``Authorization: Bearer`` with its token cut off or elsewhere)
+_AUTH_SCHEMES = frozenset(("bearer", "basic", "token", "digest", "negotiate", "ntlm", "apikey"))
+
+
+def _names_code(text: str, value: str, value_end: int) -> bool:
+    """Whether the bare ``value`` of a secret-named key is code or a word naming where the secret comes from, not
+    the secret: a call (``api_key=os.environ.get("OPENAI_API_KEY")``, ``token=GenerateToken(...)``), a type or an
+    index (``token: Optional[str]``, ``secret: Annotated[str, ...]``, ``key=os.environ["X"]``), a variable named as a
+    secret (``password=password``, ``api_key=self.api_key``, argparse's ``--api-key API_KEY``, ``api_key:
+    SecretStr``), a type's (``password: string``), a provider's name (``api_key: OpenAI API key`` in a docstring or a
+    help text) or an authentication scheme alone (none with a digit: a literal). Code a model writes is full of
+    them: learned, "password", "api_key", "Optional", "OpenAI" were redacted in every later text, inside longer words
+    too (``OPENAI_API_KEY`` shown as ``OPENAI_[REDACTED]``)."""
+    if "(" in value or (value_end < len(text) and text[value_end] == "["):
+        return True
+    core = value.rstrip(_SENTENCE_END + ",?") or value
+    if _IDENTIFIER.fullmatch(core) is None or any(c.isdigit() for c in core):
+        return False  # a value with a digit is a literal (InvalidApiKeyError: Vq8apikey40)
+    lower = core.lower()
+    return is_secret_key(core.rpartition(".")[2]) or lower in _KEY_HOLDERS or lower in _AUTH_SCHEMES \
+        or lower in _TYPE_NAMES
 
 
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
@@ -1398,10 +1428,10 @@ def _plain_value_in_sentence(text: str, name: str, core: str, value: str, name_s
 
 # A credential after its name without a separator (``token hunter2 expired yesterday``, ``password S3cret!x was
 # rejected``): taken when it cannot be a word (a letter and a digit, 6 characters or more, ASCII; no ``:`` or ``=``:
-# ``Secret Key:<v>`` is a pair, read at its own name), is no term of the
+# ``Secret Key:<v>`` is a pair, read at its own name; no backtick: Markdown's code in prose), is no term of the
 # trade (``password sha256 hash``, ``token gpt4o``, ``auth oauth2 flow``) and ends its clause or is followed by what
 # is said of it (a verb, a word of state, ``for now``)
-_LOOSE_VALUE = re.compile(r"(?=[^\s]*[0-9])(?=[^\s]*[A-Za-z])[\x21-\x39\x3b\x3c\x3e-\x7e]{6,}")  # no ":" or "="
+_LOOSE_VALUE = re.compile(r"(?=[^\s]*[0-9])(?=[^\s]*[A-Za-z])[\x21-\x39\x3b\x3c\x3e-\x5f\x61-\x7e]{6,}")  # no :=`
 _TERM_OF_THE_TRADE = re.compile(
     r"(?i:0x[0-9a-f]+|(?:sha|md|rsa|aes|des|hs|rs|es|ps|ed|utf|ucs|base|oauth|http|ipv|tls|ssl|pbkdf|argon|blake|crc|"
     r"x86|arm|gpt|claude|llama|gemini|mistral|qwen|phi|o\d|v\d|cl100k|p50k|r50k|o200k|win|bert|t5)[\w.\-]*)")
@@ -1572,6 +1602,8 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
+        if not quoted and _names_code(text, value, value_end):
+            continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
         if _is_working_directory(text[name_start:run_end], value):
             continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
