@@ -1224,7 +1224,7 @@ def _names_code(text: str, value: str, value_end: int) -> bool:
     if "(" in value or (value_end < len(text) and text[value_end] == "["):
         return True
     core = value.rstrip(_SENTENCE_END + ",?") or value
-    if _IDENTIFIER.fullmatch(core) is None or any(c.isdigit() for c in core):
+    if _IDENTIFIER.fullmatch(core) is None or _DIGIT.search(core) is not None:
         return False  # a value with a digit is a literal (InvalidApiKeyError: Vq8apikey40)
     lower = core.lower()
     return is_secret_key(core.rpartition(".")[2]) or lower in _KEY_HOLDERS or lower in _AUTH_SCHEMES \
@@ -1581,6 +1581,8 @@ def _kv_pairs(text: str, learn: bool) -> str:
             option = _option_takes_secret(text[name_start:run_end])
             if option is None:
                 continue  # --secret-scanning enabled, --max-token 4096, --api-key-file <path>, -psecretword <db>
+        elif flag and _LOOSE_VALUE.match(text, key.end()) is None:
+            continue  # a name and a word in prose ("the token expired"): no value without a separator (_loose_value)
         if arns and any(a < name_start < b for a, b in arns):
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
@@ -1602,12 +1604,6 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
-        if not quoted and _names_code(text, value, value_end):
-            continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
-        if _is_working_directory(text[name_start:run_end], value):
-            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
-        if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
-            continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if option is not None:
             if _OPTION_SPEC.match(value) is not None or (
                     option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
@@ -1648,6 +1644,13 @@ def _kv_pairs(text: str, learn: bool) -> str:
             learns = _MESSAGE_GOES_ON.match(text, match_end) is None and _STATE_WORD.fullmatch(core) is None
         else:
             learns = True
+        # (judged last: most names are passed over above, and these read the value again)
+        if not quoted and _names_code(text, value, value_end):
+            continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
+        if _is_working_directory(text[name_start:run_end], value):
+            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
+        if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
+            continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if learn and learns:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
