@@ -52,12 +52,13 @@ from ._jsontext import compact_encoder
 
 REDACTED = "[REDACTED]"
 
-# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD);
+# ... and KEY, PASS, PAT as a word of the name (AZURE_OPENAI_KEY, DB_PASS, GITHUB_PAT; not PATH, KEYBOARD); a
+# passphrase or passcode (BORG_PASSPHRASE, GPG_PASSPHRASE: not registered before) and sshpass's SSHPASS;
 # AUTH but not an author, an authority or ssh-agent's socket (GIT_AUTHOR_NAME, XAUTHORITY, SSH_AUTH_SOCK: a
 # person's name or a path, which would be redacted wherever it appears), AUTHORIZATION still
 _SECRET_ENV_NAME = re.compile(
-    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH(?!OR(?!IZ)|_SOCK)|COOKIE|PRIVATE_?KEY|CONNECTION_?STRING"
-    r"|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
+    r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|PASSCODE|SSHPASS|CREDENTIAL|AUTH(?!OR(?!IZ)|_SOCK)|COOKIE"
+    r"|PRIVATE_?KEY|CONNECTION_?STRING|(?:^|_)(?:KEY|PASS|PAT)(?:_|$))",
     re.IGNORECASE,
 )
 # account key / shared access key: Azure connection strings; sig: an Azure SAS URL's signature; auth key
@@ -76,7 +77,7 @@ _SECRET_KEY_NAME = re.compile(
 # environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
-_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*")
+_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|REDISCLI_AUTH")
 # ... but KEY after a word that names a key into data is a code constant, not a credential (SORT_KEY = "created",
 # CACHE_KEY, PRIMARY_KEY): its value, often an ordinary word, would be learned and then redacted in every later
 # text, inside longer words too. Words that also name key material are not here (DATA_KEY: a KMS data key,
@@ -140,7 +141,8 @@ def _holder_secret_name(name: str) -> bool:
     last = words[-1]
     if last in _WHOLE_CREDENTIAL_WORDS:
         return True
-    holders = _PASS_HOLDERS if last == "pass" else _KEY_HOLDERS if last in ("key", "pat") else None
+    # (pwd: MYSQL_PWD, db_pwd; alone, PWD is the shell's working directory)
+    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat") else None
     if holders is None:
         return False
     return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
@@ -333,6 +335,12 @@ def _register_environment() -> None:
     for name, value in os.environ.items():
         if _is_secret_env_name(name):
             register_secret(value)
+        elif "://" in value and "@" in value:
+            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): when no
+            # ordinary word (postgres://postgres:postgres@db would redact "postgres" everywhere)
+            for secret in environment_variables.url_credentials(value, is_secret_key):
+                if _learnable(secret):
+                    register_secret(secret)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
         register_secret(value)
@@ -864,15 +872,19 @@ class SentBytes(str):
 
 
 def _sent(value: SentBytes) -> str | bytes:
-    """What ``value``'s bytes are: their UTF-8 text, or the bytes (no text; or ``value`` itself, no base64)."""
+    """What ``value``'s bytes are: their UTF-8 text, or the bytes (no UTF-8, or UTF-16 / UTF-32 text: see
+    :func:`_wide_text`; or ``value`` itself, no base64)."""
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:  # binascii.Error
         return str(value)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw
+    if "\x00" in text and _wide_text(raw) is not None:
+        return raw  # UTF-16 or UTF-32 text of ASCII letters is UTF-8 too, its NULs the wide encoding's
+    return text
 
 
 # characters that make decoded bytes binary data rather than text (and that a PostgreSQL text or JSONB value
@@ -880,29 +892,59 @@ def _sent(value: SentBytes) -> str | bytes:
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _utf16_text(raw: bytes) -> str | None:
-    """The text of bytes that start with a UTF-16 byte order mark (Windows tools and .NET write text so), else
-    ``None``: such bytes are no UTF-8, and holding a secret as UTF-16 they were stored as base64 unredacted (the
-    encoded forms looked for are those of UTF-8 bytes)."""
-    if raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
-        return None
-    try:
-        return raw.decode("utf-16")
-    except UnicodeDecodeError:
-        return None
+def _wide_text(raw: bytes) -> tuple[str, str] | None:
+    """(the text, its encoding) of bytes that are no UTF-8 but text in another encoding an ingest client may send,
+    else ``None``: UTF-32 and UTF-16 with a byte order mark (Windows tools and .NET write text so), without one
+    (.NET's ``Encoding.Unicode.GetBytes``, Java's ``UTF_16LE``: text whose every other byte is NUL), and Latin-1
+    (a Windows or ISO-8859-1 program's text: letters past ASCII that are no UTF-8). Such bytes were stored as the
+    base64 of the bytes sent, a key or ``password=...`` in them readable by anyone who decodes it (the encoded
+    forms looked for are those of UTF-8 bytes), and a secret-named key's bytes were learned as bytes. Text is what
+    holds no control character but tab and line ends; anything else stays binary."""
+    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        candidates: tuple[str, ...] = ("utf-32",)
+    elif raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        candidates = ("utf-16",)
+    else:
+        candidates = ()
+        quarter = len(raw) // 4
+        if len(raw) >= 8 and len(raw) % 4 == 0:
+            # code points under U+10000: two NUL bytes of every four (at the end: little-endian)
+            if raw[2::4].count(0) == quarter and raw[3::4].count(0) == quarter:
+                candidates = ("utf-32-le",)
+            elif raw[0::4].count(0) == quarter and raw[1::4].count(0) == quarter:
+                candidates = ("utf-32-be",)
+        if not candidates and len(raw) >= 4 and len(raw) % 2 == 0:
+            half = len(raw) // 2
+            if raw[1::2].count(0) * 2 >= half and raw[0::2].count(0) == 0:
+                candidates = ("utf-16-le",)  # mostly ASCII or Latin-1 letters: their high byte is NUL
+            elif raw[0::2].count(0) * 2 >= half and raw[1::2].count(0) == 0:
+                candidates = ("utf-16-be",)
+        candidates += ("latin-1",)
+    for encoding in candidates:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if text and _CONTROL_CHARS.search(text) is None and (encoding != "latin-1" or _C1_CHARS.search(text) is None):
+            return text, encoding
+    return None
+
+
+# C1 control characters: bytes 0x80-0x9F decoded as Latin-1 are control characters, no text's letters (binary data)
+_C1_CHARS = re.compile(r"[\x80-\x9f]")
 
 
 def _scrub_sent(value: SentBytes) -> str:
     """:func:`scrub` of an ingest client's bytes: their text redacted, or the base64 of bytes that are no
-    text (see :class:`SentBytes`); UTF-16 text with a byte order mark is redacted as text and stays base64 (of the
-    redacted text, in the same encoding)."""
+    text (see :class:`SentBytes`); text in another encoding (UTF-16, UTF-32, Latin-1: see :func:`_wide_text`) is
+    redacted as text and stays base64 (of the redacted text, in the same encoding; as sent when nothing is secret)."""
     text = _sent(value)
     if not isinstance(text, str):
-        wide = _utf16_text(text)
+        wide = _wide_text(text)
         if wide is not None:
-            clean = _scrub_string(wide)
-            if clean != wide:
-                return base64.b64encode(clean.encode("utf-16")).decode("ascii")
+            clean = _scrub_string(wide[0])
+            if clean != wide[0]:
+                return base64.b64encode(clean.encode(wide[1], "replace")).decode("ascii")
         return _scrub_string(str(value))
     clean = _scrub_string(text)
     if _CONTROL_CHARS.search(text) is None:
@@ -984,7 +1026,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
     if cls is SentBytes:  # an ingest client's bytes: what they hold, not their base64
         value = _sent(value)
         if type(value) is bytes:
-            value = _utf16_text(value) or value
+            wide = _wide_text(value)
+            value = wide[0] if wide is not None else value
         cls = type(value)
     if cls not in _BUILTIN_DATA:  # those have no get_secret_value (no attribute can be set on them)
         if isinstance(value, (bool, int, float)):
@@ -1011,7 +1054,8 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            _register_walk(item, depth + 1, secret or is_secret_key(str(key)), register)
+            named = not secret and is_secret_key(str(key)) and not _is_working_directory(str(key), item)
+            _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
@@ -1130,6 +1174,93 @@ _NOT_NAMES_IN_PROSE = frozenset(("secret", "secrets", "pwd", "pass", "sig", "aut
 # a command line's option that names where a secret is kept or how it is given, not the secret (``--password-stdin``,
 # ``--api-key-file``, ``--token-env``): the argument after it is a path or a name
 _NOT_A_SECRET_OPTION = re.compile(r"[_\-.](?:stdin|file|path|env|dir|cmd|command|helper|name|id|type)\Z", re.IGNORECASE)
+# A command line's option whose value is a credential: its name's last word (split at "-", "_", ".") names one
+# (``--password``, ``--api-key``, ``--auth-token``, ``--client-secret``, ``-pass``). Session 41 took any
+# secret-looking option name: ``--secret-scanning enabled`` and mysql's ``-psecretword database`` (a password
+# attached to ``-p``, then the database) learned "enabled" / "database", then redacted in every later text, inside
+# longer words too; ``--max-token 4096`` hid a count. A word of counting before it names a number, not a secret
+_OPTION_CREDENTIAL_WORDS = frozenset((
+    "token", "secret", "password", "passwd", "pass", "pwd", "passphrase", "passcode", "credential", "credentials",
+    "cookie", "apikey", "pat", "jwt", "dsn", "sig"))
+_OPTION_COUNT_WORDS = frozenset(("max", "min", "num", "count", "limit", "size", "length", "len", "budget", "ttl",
+                                 "expiry", "lifetime", "timeout", "per"))
+_OPTION_WORDS = re.compile(r"[A-Za-z0-9]+")
+# what follows ``--key`` (``key`` alone is no secret's name: ``sort --key 2,2n``, ``openssl -key server.key``,
+# ``cache --key build``): a credential only when it looks like one (a letter and a digit, no path or file name)
+_KEY_OPTION_VALUE = re.compile(r"(?=[^\s/\\]*[0-9])(?=[^\s/\\]*[A-Za-z])(?![^\s/\\]*\.[A-Za-z]{1,4}\Z)[^\s/\\,]{6,}")
+# an option's value that is a "name=value" specification (``docker build --secret id=npmrc,src=...``), not a secret
+_OPTION_SPEC = re.compile(r"[a-z]+=[^=]")
+# a reference to a secret, not a secret: a shell or PowerShell variable (``$OPENAI_TOKEN``, ``${DB_PASS}``,
+# ``$env:API_KEY``), a Windows one (``%API_KEY%``), a template's (``{{ secrets.TOKEN }}``, ``${{ secrets.X }}``,
+# ``{password}``, ``%(password)s``, ``<password>``) or a mask (``*****``, ``xxxxxx``). Learned, "$OPENAI_TOKEN" was
+# redacted in every later text that names the variable (the variable's value is registered by the environment's
+# rule, whatever a text calls it)
+_REFERENCE = re.compile(
+    r"\$(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|\{[A-Za-z_][A-Za-z0-9_]*\})"
+    r"|\$?\{\{[^{}\n]{1,128}\}\}|\{[A-Za-z_][A-Za-z0-9_.]*\}|%\(?[A-Za-z_][A-Za-z0-9_]*(?:%|\)s)|<[A-Za-z_][\w .\-]*>"
+    r"|(?P<mask>[*xX#.\u2022])(?P=mask){2,}")
+
+
+# a bare value that is code: an identifier, dotted at most (self.api_key, config.api_key, API_KEY, SecretStr)
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
+# a type's name (``password: string`` in TypeScript, ``token VARCHAR(64)``, ``api_key: str``): learned, "string" was
+# redacted inside "substring"
+_TYPE_NAMES = frozenset(("str", "string", "bytes", "int", "integer", "bool", "boolean", "number", "float", "double",
+                         "object", "any", "unknown", "char", "varchar", "text", "binary", "blob", "uuid", "secretstr",
+                         "secretbytes"))
+# an authentication scheme's name alone (``Authorization: Bearer`` with its token cut off or elsewhere)
+_AUTH_SCHEMES = frozenset(("bearer", "basic", "token", "digest", "negotiate", "ntlm", "apikey"))
+
+
+def _names_code(text: str, value: str, value_end: int) -> bool:
+    """Whether the bare ``value`` of a secret-named key is code or a word naming where the secret comes from, not
+    the secret: a call (``api_key=os.environ.get("OPENAI_API_KEY")``, ``token=GenerateToken(...)``), a type or an
+    index (``token: Optional[str]``, ``secret: Annotated[str, ...]``, ``key=os.environ["X"]``), a variable named as a
+    secret (``password=password``, ``api_key=self.api_key``, argparse's ``--api-key API_KEY``, ``api_key:
+    SecretStr``), a type's (``password: string``), a provider's name (``api_key: OpenAI API key`` in a docstring or a
+    help text) or an authentication scheme alone (none with a digit: a literal). Code a model writes is full of
+    them: learned, "password", "api_key", "Optional", "OpenAI" were redacted in every later text, inside longer words
+    too (``OPENAI_API_KEY`` shown as ``OPENAI_[REDACTED]``)."""
+    if "(" in value or (value_end < len(text) and text[value_end] == "["):
+        return True
+    core = value.rstrip(_SENTENCE_END + ",?") or value
+    if _IDENTIFIER.fullmatch(core) is None or _DIGIT.search(core) is not None:
+        return False  # a value with a digit is a literal (InvalidApiKeyError: Vq8apikey40)
+    lower = core.lower()
+    return is_secret_key(core.rpartition(".")[2]) or lower in _KEY_HOLDERS or lower in _AUTH_SCHEMES \
+        or lower in _TYPE_NAMES
+
+
+# an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
+_ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
+
+
+def _is_working_directory(name: str, value: Any) -> bool:
+    """Whether ``value`` under the key ``name`` is the shell's working directory: ``PWD`` / ``pwd`` alone holding an
+    absolute path (``env`` or ``os.environ`` printed by code, ``pwd: /work/project``). Read as a password (ODBC's
+    ``UID=sa;PWD=<it>``), the path was learned and then redacted in every later text that names a file under it."""
+    return name.strip().lower() == "pwd" and isinstance(value, str) and _ABSOLUTE_PATH.fullmatch(value) is not None
+
+
+def _is_reference(value: str) -> bool:
+    """Whether ``value`` (a secret-named key's, an option's or a URL's password) is a reference to a secret or a
+    mask (see :data:`_REFERENCE`), ended by a sentence's end at most."""
+    return _REFERENCE.fullmatch(value.rstrip(_SENTENCE_END) or value) is not None
+
+
+def _option_takes_secret(name: str) -> str | None:
+    """What the command line option ``name`` (starting with "-") takes: ``"secret"`` (a credential by its last
+    word, see :data:`_OPTION_CREDENTIAL_WORDS`), ``"key"`` (``--key``: a credential only when its value looks like
+    one) or ``None`` (its argument is no secret: ``--secret-scanning``, ``--max-token``, ``--api-key-file``)."""
+    words = [word.lower() for word in _OPTION_WORDS.findall(name[-64:])]
+    if not words or _OPTION_COUNT_WORDS.intersection(words) or _NOT_A_SECRET_OPTION.search(name) is not None:
+        return None
+    last = words[-1]
+    if last == "key":
+        return "secret" if len(words) > 1 and is_secret_key(name.lstrip("-")) else "key" if len(words) == 1 else None
+    if last in _OPTION_CREDENTIAL_WORDS or (len(words) > 1 and last == "auth" and words[-2] != "no"):
+        return "secret"
+    return None
 # a line of key/value pairs written with ": " (``user: bob password: <v> host: db``): a bare name after one is a key,
 # not a name in prose
 _PAIRS_BEFORE = re.compile(r"[ \t]*(?:[\w.\-]+:[ \t]+[^\s:]+[ \t]+)+")
@@ -1252,6 +1383,73 @@ def _learns_in_prose(text: str, value: str, name_start: int, match_end: int, mem
     return not _failure_between(text, _line_start_near(text, name_start)[0], name_start, memo)
 
 
+# A plain word after "is" / "was" / "set ... to" (``the password is swordfish``) is a value when it ends its clause,
+# follows a name that is a credential's and not an ordinary word (not ``token``: ``the first token is hello``), and
+# is no word a sentence says of a credential: a word of state, one of these, or an adjective's or participle's
+# ending (``the password is hashed``, ``... is case-sensitive``, ``... is something else``)
+_WEAK_PROSE_NAMES = frozenset(("token", "tokens", "cookie", "cookies", "credential", "credentials", "authorization",
+                               "secret", "secrets", "auth", "pass", "pwd", "sig"))
+_SENTENCE_WORDS = frozenset((
+    "because", "something", "anything", "nothing", "everything", "everywhere", "somewhere", "nowhere", "elsewhere",
+    "below", "above", "within", "inside", "outside", "either", "neither", "whatever", "whichever", "another",
+    "itself", "yourself", "myself", "themselves", "always", "usually", "mandatory", "obligatory", "necessary",
+    "important", "confidential", "personal", "different", "difficult", "simple", "complex", "complicated",
+    "trivial", "common", "special", "similar", "identical", "enough", "stronger", "weaker", "longer", "shorter",
+    "better", "safer", "easier", "harder", "plaintext", "cleartext", "lowercase", "uppercase", "alphanumeric",
+    "numeric", "secret", "please", "there", "where", "which", "these", "those", "unknown", "whether", "really",
+    "still", "already", "actually", "probably", "literally", "simply", "exactly", "correctly", "sufficient",
+    "insufficient", "available", "unavailable", "working", "broken", "useless", "worthless", "nonsense", "unclear",
+))
+_ADJECTIVE_END = re.compile(r"(?:ed|ing|ly|able|ible|ful|less|ous|ive|ise|ize)\Z", re.IGNORECASE)
+# what may follow a value that ends its clause: the end of its line, a clause's punctuation, a closing bracket
+_CLAUSE_END = re.compile(r"[ \t]*(?:\Z|[\r\n]|[,;)\]}]|[.!?:\"'`](?:\s|\Z))")
+# "set", "change" or "update" before "to" (``set the API key to <v>``): a bare "to" starts an infinitive (``you need
+# the password to continue``)
+_SET_TO = re.compile(r"(?i:\b(?:set|sets|setting|change|changed|changing|update|updated|reset)\b)")
+
+
+def _plain_value_in_sentence(text: str, name: str, core: str, value: str, name_start: int, key: re.Match[str],
+                             match_end: int) -> bool:
+    """Whether ``core``, an ordinary word after a credential's name and "is", "was" or "to" (see ``_KV_KEY``'s
+    ``verb``), is the credential (``the password is swordfish``, ``Set the DB password to swordfish.``): see
+    :data:`_WEAK_PROSE_NAMES` and :data:`_SENTENCE_WORDS`. Session 41 took no plain word there, and a password that
+    is one was shown in the sentence and every later text."""
+    lower = core.lower()
+    if name in _WEAK_PROSE_NAMES or lower in _SENTENCE_WORDS or _STATE_WORD.fullmatch(core) is not None \
+            or _ADJECTIVE_END.search(core) is not None or any(hint in lower for hint in _KV_HINTS):
+        return False
+    verb = key.group("verb").lower()
+    if not re.match(r"[ \t]*(?:is|was)\b", verb) and "set" not in verb and "changed" not in verb \
+            and _SET_TO.search(text, _line_start_near(text, name_start)[0], name_start) is None:
+        return False
+    return core is not value or _CLAUSE_END.match(text, match_end) is not None \
+        or _VALUE_ASIDE.match(text, match_end) is not None
+
+
+# A credential after its name without a separator (``token hunter2 expired yesterday``, ``password S3cret!x was
+# rejected``): taken when it cannot be a word (a letter and a digit, 6 characters or more, ASCII; no ``:`` or ``=``:
+# ``Secret Key:<v>`` is a pair, read at its own name; no backtick: Markdown's code in prose), is no term of the
+# trade (``password sha256 hash``, ``token gpt4o``, ``auth oauth2 flow``) and ends its clause or is followed by what
+# is said of it (a verb, a word of state, ``for now``)
+_LOOSE_VALUE = re.compile(r"(?=[^\s]*[0-9])(?=[^\s]*[A-Za-z])[\x21-\x39\x3b\x3c\x3e-\x5f\x61-\x7e]{6,}")  # no :=`
+_TERM_OF_THE_TRADE = re.compile(
+    r"(?i:0x[0-9a-f]+|(?:sha|md|rsa|aes|des|hs|rs|es|ps|ed|utf|ucs|base|oauth|http|ipv|tls|ssl|pbkdf|argon|blake|crc|"
+    r"x86|arm|gpt|claude|llama|gemini|mistral|qwen|phi|o\d|v\d|cl100k|p50k|r50k|o200k|win|bert|t5)[\w.\-]*)")
+_SAID_OF_IT = re.compile(
+    r"[ \t]+(?:(?:is|was|has|had|have|will|would|should|must|can|could|may|might|did|does|expires?|works?|"
+    r"fails?|failed|worked|leaked|got|gets|keeps?)\b|" + _STATE_WORD.pattern + r"\b)")
+
+
+def _loose_value(text: str, value: str, quoted: bool, match_end: int) -> bool:
+    """Whether ``value``, after a credential's name and blanks (no ``:`` or ``=``), is the credential (see
+    :data:`_LOOSE_VALUE`): shown before, in the sentence and every later text."""
+    core = value.rstrip(_SENTENCE_END) or value
+    if quoted or _LOOSE_VALUE.fullmatch(core) is None or _TERM_OF_THE_TRADE.fullmatch(core) is not None:
+        return False
+    return core is not value or _CLAUSE_END.match(text, match_end) is not None \
+        or _VALUE_ASIDE.match(text, match_end) is not None or _SAID_OF_IT.match(text, match_end) is not None
+
+
 def _hint_starts(text: str, lower: str) -> list[int]:
     """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts
     only as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at
@@ -1274,6 +1472,74 @@ def _hint_starts(text: str, lower: str) -> list[int]:
 
 
 def _kv_scan(text: str, learn: bool) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned), and the credentials a
+    command line gives by position (see :func:`_command_credentials`) replaced (learned when they cannot be a word);
+    ``learn``: also learn the passwords of URLs and logins (``scheme://user:<v>@host``, ``user:<v>@host``), which
+    the URL rules replace where they stand: shown whole in a later text quoting them before."""
+    text = _kv_pairs(text, learn)
+    if learn and "@" in text and ":" in text:
+        _learn_login_passwords(text)
+    if "mysql" in text or "mariadb" in text or "sshpass" in text or "curl" in text:  # commands are written so
+        text = _command_credentials(text, learn)
+    return text
+
+
+def _learnable(value: str) -> bool:
+    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: not an
+    ordinary word (``postgres://postgres:postgres@db``: learned, "postgres" was redacted in every later text, inside
+    ``postgresql`` too), no reference or mask (``$DB_PASS``, ``*****``) and no placeholder naming a secret
+    (``user:password``, ``-p<your_password>``)."""
+    lower = value.lower()
+    return len(value) >= _MIN_SECRET_LEN and REDACTED not in value and _PLAIN_WORD.fullmatch(value) is None \
+        and not _is_reference(value) and not any(hint in lower for hint in _KV_HINTS)
+
+
+def _learn_login_passwords(text: str) -> None:
+    """Learn the passwords of ``scheme://user:<v>@host`` (any scheme) and ``user:<v>@host`` in ``text`` (see
+    :func:`_learnable`)."""
+    if "://" in text:
+        for match in _URL_CREDENTIALS.finditer(text):
+            password = match.group()[3:-1].partition(":")[2]
+            if _learnable(password):
+                learn_secret(password)
+    for start, end in _bare_credential_spans(text):
+        if _learnable(text[start:end]):
+            learn_secret(text[start:end])
+
+
+# Credentials a command line gives by position, after the command that reads them so: mysql's and MariaDB's
+# ``-p<v>`` (attached; ``-p <v>`` is the database to mysql, replaced there only: written as the password often),
+# sshpass's ``-p <v>`` / ``-p<v>``, curl's ``-u user:<v>`` / ``--user user:<v>`` / ``--proxy-user``. A command runs
+# to the end of its line or the next ``;``, ``|``, ``&``
+_COMMAND = re.compile(r"(?<![\w./\-])(?P<cmd>mysql(?:dump|admin|import|check|sh|binlog|slap)?|mariadb(?:-dump|-admin)?"
+                      r"|sshpass|curl)(?:\.exe)?(?=[ \t])[^\n;|&]{0,1024}")
+_ARGUMENT = r"""(?P<q>['"]?)(?P<v>[^\s'"]+|(?<=['"])[^'"\n]+)(?P=q)"""
+_COMMAND_OPTIONS = {
+    "mysql": re.compile(r"[ \t]-p(?:" + _ARGUMENT + r"|[ \t]+(?P<db>[^\s\-'\"][^\s'\"]*))"),
+    "sshpass": re.compile(r"[ \t]-p[ \t]*" + _ARGUMENT),
+    "curl": re.compile(r"[ \t](?:-u|-U|--user|--proxy-user)(?:[ \t]+|=)?(?P<q>['\"]?)[^\s:'\"]*:"
+                       r"(?P<v>[^\s'\"]+|(?<=['\"])[^'\"\n]+)(?P=q)"),
+}
+
+
+def _command_credentials(text: str, learn: bool) -> str:
+    """``text`` with the credentials of :data:`_COMMAND` lines replaced, learned when :func:`_learnable`."""
+    spans = []
+    for command in _COMMAND.finditer(text):
+        name = command.group("cmd")
+        kind = "mysql" if name.startswith(("mysql", "mariadb")) else name
+        for option in _COMMAND_OPTIONS[kind].finditer(text, command.end("cmd"), command.end()):
+            group = "v" if option.group("v") is not None else "db"
+            value = option.group(group)
+            if value == REDACTED or _is_reference(value):
+                continue
+            if learn and group == "v" and _learnable(value):
+                learn_secret(value)
+            spans.append(option.span(group))
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _kv_pairs(text: str, learn: bool) -> str:
     """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
     lower = text.lower()
     if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
@@ -1308,15 +1574,21 @@ def _kv_scan(text: str, learn: bool) -> str:
         name_start = start
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
-        if key.group("flag") is not None and (text[name_start] != "-" or _NOT_A_SECRET_OPTION.search(
-                text, name_start, run_end) is not None):
-            continue  # a name and a word in prose ("the token expired"), or an option naming where a secret is
+        flag = key.group("flag") is not None
+        option = None
+        if text[name_start] == "-" and (flag or "=" in key.group(0)[key.end("q") - start:]):
+            # a command line's option (--password <v>, --api-key=<v>): judged by its last word, not as a key
+            option = _option_takes_secret(text[name_start:run_end])
+            if option is None:
+                continue  # --secret-scanning enabled, --max-token 4096, --api-key-file <path>, -psecretword <db>
+        elif flag and _LOOSE_VALUE.match(text, key.end()) is None:
+            continue  # a name and a word in prose ("the token expired"): no value without a separator (_loose_value)
         if arns and any(a < name_start < b for a, b in arns):
             continue  # "secretsmanager:" or ":secret:" inside an ARN: a service and a resource type
         # the name is judged before the value is matched: a value runs to the end of its line
         # or further, matching it for every key (secret or not) would be quadratic
         prose = False
-        if not is_secret_key(text[name_start:run_end]):
+        if option is None and not is_secret_key(text[name_start:run_end]):
             # a key written as words ("API key: ...", "private key = ...", "Your secret key: ..."): the word
             # before, joined by blanks, makes the name
             name_start = _word_before(text, name_start)
@@ -1332,6 +1604,12 @@ def _kv_scan(text: str, learn: bool) -> str:
             continue
         if '", "' in text[start:match_end]:
             continue  # never across two serialised list items (see _redacted_json_list)
+        if option is not None:
+            if _OPTION_SPEC.match(value) is not None or (
+                    option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
+                continue  # docker build --secret id=npmrc,src=..., sort --key 2,2n, openssl -key server.key
+        elif flag and not _loose_value(text, value, quoted, match_end):
+            continue  # a name and a word in prose ("the token expired")
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
         # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
@@ -1348,7 +1626,9 @@ def _kv_scan(text: str, learn: bool) -> str:
             # long as a learned value. Not a quoted word either: a model explaining a tokenizer writes "the next
             # token is 'because'"; nor after a short name that is as often a word ("the secret is `normalize()`
             # first", "the pwd is /work/project": the shell's working directory)
-            if plain or len(core) < _MIN_SECRET_LEN or text[name_start:run_end].lower() in _NOT_NAMES_IN_PROSE:
+            name = text[name_start:run_end].lower()
+            if len(core) < _MIN_SECRET_LEN or name in _NOT_NAMES_IN_PROSE or (
+                    plain and not _plain_value_in_sentence(text, name, core, value, name_start, key, match_end)):
                 continue
             learns = True
         elif plain and (prose or _is_bare_name_in_prose(text, name_start, key, memo)):
@@ -1364,6 +1644,13 @@ def _kv_scan(text: str, learn: bool) -> str:
             learns = _MESSAGE_GOES_ON.match(text, match_end) is None and _STATE_WORD.fullmatch(core) is None
         else:
             learns = True
+        # (judged last: most names are passed over above, and these read the value again)
+        if not quoted and _names_code(text, value, value_end):
+            continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
+        if _is_working_directory(text[name_start:run_end], value):
+            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
+        if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
+            continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if learn and learns:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
@@ -1717,13 +2004,19 @@ def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
 def _redact_bare_credentials(text: str) -> str:
     """``text`` with the password of each ``user:password@host`` written without a scheme replaced
     (a password of letters alone is taken for an address: ``Contact:alice@example.org``)."""
+    spans = _bare_credential_spans(text)
+    return _replaced(text, spans, REDACTED) if spans else text
+
+
+def _bare_credential_spans(text: str) -> list[tuple[int, int]]:
+    """Where the passwords of ``user:password@host`` written without a scheme are in ``text``."""
     spans = []
     for match in _BARE_CREDENTIALS.finditer(text):
         at = match.start()
         user = _BARE_USER.search(text, max(0, at - 65), at)
         if user is not None and user.group().lower() not in _NOT_USERS:
             spans.append(match.span("pw"))
-    return _replaced(text, spans, REDACTED) if spans else text
+    return spans
 
 
 def _redact_oracle_logins(text: str) -> str:
@@ -2265,7 +2558,7 @@ def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
     secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
     if secret is None:
         secret = is_secret_key(skey)
-    if secret:
+    if secret and not _is_working_directory(skey, item):
         learn_secrets_in({skey: item})
         out[_scrub_string(skey)] = REDACTED
     else:
@@ -2364,7 +2657,7 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             skey = str(key)
-            if is_secret_key(skey):
+            if is_secret_key(skey) and not _is_working_directory(skey, item):
                 learn_secrets_in({skey: item})
                 continue
             if skey not in memo:

@@ -20,7 +20,8 @@ import pytest
 
 from cmbagent_otel.ingest import IngestServer
 from cmbagent_otel.redaction import scrub
-from tests.reliability.test_attack35_column_secrets import COLUMN_KEYS, KEY, _rows_holding
+from tests.reliability._attack_helpers import otlp_doc, rows_holding
+from tests.reliability.test_attack35_column_secrets import COLUMN_KEYS, KEY
 
 from .conftest import post_json
 
@@ -62,15 +63,15 @@ def test_key_value_list_attributes_of_an_ingest_client_are_redacted(tmp_path: Pa
                 {"key": "cmbagent.handoff.from", "value": make("a")},
                 {"key": "cmbagent.handoff.to", "value": make("b")},
                 {"key": "custom.note", "value": make("c")}]}]})
-    doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "cmbagent_otel"}, "spans": spans}]}]}
+    doc = otlp_doc(spans, "cmbagent_otel")
     db = tmp_path / "ingest.db"
     with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
         status, answer = post_json(srv, doc)
     assert status == 200 and "partialSuccess" not in answer, answer
     # before: 9 to 18 columns held it (workflow_runs.agent/.model/.task_description/.meta, dag_nodes.agent,
     # session_states.current_phase, execution_events.agent_name/.meta, sessions.id ...)
-    assert _rows_holding(db, KEY[8:24]) == []
-    assert _rows_holding(db, "[REDACTED]")  # the rows are there
+    assert rows_holding(db, KEY[8:24]) == []
+    assert rows_holding(db, "[REDACTED]")  # the rows are there
 
 
 def test_scrub_redacts_keys_and_keeps_ordinary_ones() -> None:

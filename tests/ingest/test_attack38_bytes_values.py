@@ -14,20 +14,14 @@ that are text (UTF-8, no control characters but tab and line ends) are now store
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import create_engine, text
 
 from cmbagent_otel.ingest import IngestServer
-from tests.reliability.test_attack35_column_secrets import _rows_holding
+from tests.reliability._attack_helpers import otlp_doc, otlp_span, rows_holding, send_attributes, stored_attributes
 
 from .conftest import post_json
 
@@ -47,45 +41,14 @@ def _values(key: str, learned: str) -> dict[str, Any]:
     }
 
 
-def _any_value(value: Any) -> dict[str, Any]:
-    if isinstance(value, tuple):
-        return {"arrayValue": {"values": [_any_value(v) for v in value]}}
-    return {"bytesValue": base64.b64encode(value).decode()}
-
-
-def _stored_attributes(db: Path) -> dict[str, Any]:
-    engine = create_engine(f"sqlite:///{db}")
-    try:
-        with engine.connect() as conn:
-            (meta,) = conn.execute(text("SELECT meta FROM execution_events")).scalars().all()
-    finally:
-        engine.dispose()
-    return json.loads(meta)["attributes"]
-
-
 @pytest.mark.parametrize("protocol", ["json", "protobuf"])
 def test_secrets_in_bytes_values_of_an_ingest_client_are_redacted(tmp_path: Path, protocol: str) -> None:
     key, learned = "sk-proj-" + secrets.token_hex(24), secrets.token_hex(12)
     values = _values(key, learned)
     db = tmp_path / "ingest.db"
     with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
-        if protocol == "json":
-            doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "client"}, "spans": [{
-                "traceId": secrets.token_hex(16), "spanId": secrets.token_hex(8), "name": "span", "kind": 1,
-                "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000",
-                "attributes": [{"key": k, "value": _any_value(v)} for k, v in values.items()]}]}]}]}
-            status, answer = post_json(srv, doc)
-            assert status == 200 and "partialSuccess" not in answer, answer
-        else:  # the OTLP exporter encodes a bytes attribute as bytesValue
-            memory = InMemorySpanExporter()
-            provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(memory))
-            provider.get_tracer("client").start_span("span", attributes=values).end()
-            provider.shutdown()
-            exporter = HttpExporter(endpoint=srv.endpoint)
-            assert exporter.export(memory.get_finished_spans()).name == "SUCCESS"
-            exporter.shutdown()
-    attributes = _stored_attributes(db)
+        send_attributes(srv, values, protocol)  # (the OTLP exporter encodes a bytes attribute as bytesValue)
+    attributes = stored_attributes(db)
     # before: each stored as the base64 of the bytes sent, the secret in it (then as the base64 of the
     # redacted text); text bytes are stored as their text
     assert {k: v for k, v in attributes.items() if k != "custom.binary"} == {
@@ -96,7 +59,7 @@ def test_secrets_in_bytes_values_of_an_ingest_client_are_redacted(tmp_path: Path
     secret_bytes = [v for k, v in values.items() if k not in ("custom.binary", "custom.plain", "custom.list")]
     sent = [base64.b64encode(v).decode() for v in [*secret_bytes, *values["custom.list"]]]
     for needle in (key, learned, learned[::-1], *sent):  # nor as the base64 of the bytes sent
-        assert _rows_holding(db, needle) == []
+        assert rows_holding(db, needle) == []
 
 
 def test_text_sent_as_bytes_is_stored_as_text_in_row_columns(tmp_path: Path) -> None:
@@ -110,22 +73,18 @@ def test_text_sent_as_bytes_is_stored_as_text_in_row_columns(tmp_path: Path) -> 
             "cmbagent.workflow.model": b"gpt\x01carry40"}
 
     def span(span_id: str, kind: str, parent: str | None) -> dict[str, Any]:
-        attributes = [{"key": k, "value": _any_value(v)} for k, v in sent.items()]
-        attributes.append({"key": "cmbagent.span.kind", "value": {"stringValue": kind}})
-        return {"traceId": trace_id, "spanId": span_id, **({"parentSpanId": parent} if parent else {}),
-                "name": kind, "kind": 1, "startTimeUnixNano": "1700000000000000000",
-                "endTimeUnixNano": "1700000001000000000", "attributes": attributes}
+        return otlp_span({**sent, "cmbagent.span.kind": kind}, name=kind, trace_id=trace_id, span_id=span_id,
+                         parent=parent)
 
-    doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "cmbagent_otel"}, "spans": [
-        span(root, "workflow", None), span(secrets.token_hex(8), "agent", root)]}]}]}
+    doc = otlp_doc([span(root, "workflow", None), span(secrets.token_hex(8), "agent", root)], "cmbagent_otel")
     db = tmp_path / "ingest.db"
     with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
         status, answer = post_json(srv, doc)
         assert status == 200 and "partialSuccess" not in answer, answer
-    assert "workflow_runs.agent" in _rows_holding(db, "planner-carry40")
-    assert "execution_events.agent_name" in _rows_holding(db, "engineer-carry40")
-    assert "workflow_runs.meta" in _rows_holding(db, "cmb pipeline carry40")  # (no column of its own)
-    assert "workflow_runs.task_description" in _rows_holding(db, "fit with [REDACTED]")
+    assert "workflow_runs.agent" in rows_holding(db, "planner-carry40")
+    assert "execution_events.agent_name" in rows_holding(db, "engineer-carry40")
+    assert "workflow_runs.meta" in rows_holding(db, "cmb pipeline carry40")  # (no column of its own)
+    assert "workflow_runs.task_description" in rows_holding(db, "fit with [REDACTED]")
     for needle in (key, *(base64.b64encode(v).decode() for k, v in sent.items() if k != "cmbagent.workflow.model")):
-        assert _rows_holding(db, needle) == [], needle
-    assert _rows_holding(db, base64.b64encode(sent["cmbagent.workflow.model"]).decode())  # no text: as sent
+        assert rows_holding(db, needle) == [], needle
+    assert rows_holding(db, base64.b64encode(sent["cmbagent.workflow.model"]).decode())  # no text: as sent

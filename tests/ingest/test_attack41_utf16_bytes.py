@@ -15,16 +15,9 @@ import secrets
 from pathlib import Path
 
 import pytest
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cmbagent_otel.ingest import IngestServer
-from tests.ingest.test_attack38_bytes_values import _any_value, _stored_attributes
-from tests.reliability.test_attack35_column_secrets import _rows_holding
-
-from .conftest import post_json
+from tests.reliability._attack_helpers import rows_holding, send_attributes, stored_attributes
 
 
 @pytest.mark.parametrize("protocol", ["json", "protobuf"])
@@ -41,27 +34,12 @@ def test_utf16_text_sent_as_bytes_is_redacted(tmp_path: Path, protocol: str) -> 
     }
     db = tmp_path / "ingest.db"
     with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
-        if protocol == "json":
-            doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "client"}, "spans": [{
-                "traceId": secrets.token_hex(16), "spanId": secrets.token_hex(8), "name": "span", "kind": 1,
-                "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000",
-                "attributes": [{"key": k, "value": _any_value(v)} for k, v in values.items()]}]}]}]}
-            status, answer = post_json(srv, doc)
-            assert status == 200 and "partialSuccess" not in answer, answer
-        else:
-            memory = InMemorySpanExporter()
-            provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(memory))
-            provider.get_tracer("client").start_span("span", attributes=values).end()
-            provider.shutdown()
-            exporter = HttpExporter(endpoint=srv.endpoint)
-            assert exporter.export(memory.get_finished_spans()).name == "SUCCESS"
-            exporter.shutdown()
-    attributes = _stored_attributes(db)
+        send_attributes(srv, values, protocol)
+    attributes = stored_attributes(db)
     assert attributes["api_key"] == "[REDACTED]" and attributes["custom.echo"] == "echo [REDACTED]"
     assert base64.b64decode(attributes["custom.note"]).decode("utf-16") == "here [REDACTED]"
     assert base64.b64decode(attributes["custom.config"]).decode("utf-16") == "password=[REDACTED]"
     assert base64.b64decode(attributes["custom.plain"]) == values["custom.plain"]  # nothing secret: as sent
     sent = [base64.b64encode(values[k]).decode() for k in ("api_key", "custom.note", "custom.config")]
     for needle in (key, learned, password, *sent):
-        assert _rows_holding(db, needle) == []
+        assert rows_holding(db, needle) == []

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from cmbagent_otel import phase, semconv, step, workflow
 from cmbagent_otel.ingest import IngestServer
+
+from ._attack_helpers import otlp_doc, rows_holding
 
 KEY = "sk-proj-" + secrets.token_hex(24)
 COLUMN_KEYS = ["cmbagent.workflow.name", "cmbagent.workflow.task_id", "cmbagent.workflow.work_dir",
@@ -31,19 +32,6 @@ COLUMN_KEYS = ["cmbagent.workflow.name", "cmbagent.workflow.task_id", "cmbagent.
                "cmbagent.step.agent", "cmbagent.step.goal", "gen_ai.agent.name", "cmbagent.conversation.initiator",
                "cmbagent.conversation.recipient", "gen_ai.request.model", "cmbagent.branch.name",
                "cmbagent.handoff.from", "cmbagent.handoff.to"]
-
-
-def _rows_holding(path: Path, needle: str) -> list[str]:
-    conn = sqlite3.connect(path)
-    try:
-        found = []
-        for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
-            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-            for row in conn.execute(f"SELECT * FROM {table}"):
-                found += [f"{table}.{c}" for c, v in zip(columns, row, strict=True) if v and needle in str(v)]
-        return found
-    finally:
-        conn.close()
 
 
 def _attr(key: str, value: str) -> dict[str, Any]:
@@ -66,15 +54,15 @@ def test_an_ingest_clients_column_attributes_are_redacted(tmp_path: Path) -> Non
             "events": [{"timeUnixNano": "1700000000500000000", "name": "cmbagent.handoff", "attributes": [
                 _attr("cmbagent.span.kind", "speaker_selection"), _attr("cmbagent.handoff.from", f"a {KEY}"),
                 _attr("cmbagent.handoff.to", f"b {KEY}")]}]})
-    doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "cmbagent_otel"}, "spans": spans}]}]}
+    doc = otlp_doc(spans, "cmbagent_otel")
     db = tmp_path / "ingest.db"
     with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
         request = urllib.request.Request(srv.endpoint, data=json.dumps(doc).encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as answer:
             assert answer.status == 200
-    assert _rows_holding(db, "[REDACTED]")  # the rows are there
-    assert _rows_holding(db, KEY[8:24]) == []  # 35 columns held it before (runs, nodes, sessions)
+    assert rows_holding(db, "[REDACTED]")  # the rows are there
+    assert rows_holding(db, KEY[8:24]) == []  # 35 columns held it before (runs, nodes, sessions)
 
 
 def test_ids_a_workflow_is_given_are_redacted_when_they_hold_a_key(tmp_path: Path, provider: Any) -> None:
@@ -91,14 +79,14 @@ def test_ids_a_workflow_is_given_are_redacted_when_they_hold_a_key(tmp_path: Pat
     assert set(ordinary) <= sessions  # ordinary ids are kept as they are
     db = tmp_path / "app.db"
     provider.store(f"sqlite:///{db}")
-    assert _rows_holding(db, KEY[8:24]) == []
+    assert rows_holding(db, KEY[8:24]) == []
 
 
 def _decoded(spans: list[dict[str, Any]]) -> list[Any]:
     """``spans`` (OTLP/JSON) as the ingest decodes them."""
     from cmbagent_otel.otlp_decode import decode_json
 
-    doc = {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "cmbagent_otel"}, "spans": spans}]}]}
+    doc = otlp_doc(spans, "cmbagent_otel")
     return list(decode_json(json.dumps(doc).encode(), json_safe=True).spans)
 
 
