@@ -26,7 +26,9 @@ tree of :mod:`cmbagent_otel.workflow`:
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
   ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans;
   MARS's ``WorkflowExecutor.__init__`` tells a joined call its workflow's phases, in order, and its
-  ``run`` outside any run is one (its phases' managers and their solves join it);
+  ``run`` outside any run is one (its phases' managers and their solves join it); an exception escaping
+  a MARS phase's ``execute`` (every subclass of ``cmbagent.phases.base.Phase``, also those defined later)
+  without its manager's ``fail()`` fails the phase and a run the manager opened;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
 
@@ -158,6 +160,8 @@ CMBAGENT_CLASS_MODULE = "cmbagent.cmbagent"
 PHASE_MANAGER_MODULE = "cmbagent.phases.execution_manager"
 #: MARS's workflow executor: its ``__init__`` (``self.phases``) gives a joined call its phases' order
 WORKFLOW_EXECUTOR_MODULE = "cmbagent.workflows.composer"
+#: MARS's phase base class (``Phase``): each subclass's ``execute`` is watched for an exception escaping it
+PHASE_BASE_MODULE = "cmbagent.phases.base"
 PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step",
                          "complete", "fail", "__exit__")
 
@@ -1412,6 +1416,7 @@ class _State:
         self.callers = _CallerRuns(self.codes)
         self.managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
         self.binding: object | None = None  # the provider routing of the workflow API it holds
+        self.restores: list[Callable[[], None]] = []  # what uninstrument() undoes besides ``patched``
 
     def manager(self, instance: Any, create: bool = False) -> _ManagerSpans | None:
         try:
@@ -1454,7 +1459,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
         except (ImportError, ValueError):
             return
-        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, *EXTERNAL_MODEL_CALLS):
+        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, PHASE_BASE_MODULE,
+                     *EXTERNAL_MODEL_CALLS):
             if name in self._hooked:
                 module = sys.modules.get(name)
                 if module is not None:
@@ -1478,6 +1484,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
+            for restore in reversed(state.restores):
+                try:
+                    restore()
+                except Exception:
+                    logger.debug("cmbagent_otel: could not restore a patch", exc_info=True)
+            state.restores.clear()
         state.callers.close_all()
 
     # --- patching -------------------------------------------------------------------------
@@ -1508,6 +1520,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         self._wrap(state, cls, "__init__", _executor_init(state))
                     if isinstance(cls, type) and inspect.iscoroutinefunction(vars(cls).get("run")):
                         self._wrap(state, cls, "run", _executor_run(state))
+                if name == PHASE_BASE_MODULE:
+                    cls = getattr(module, "Phase", None)
+                    if isinstance(cls, type):
+                        self._patch_phases(state, cls)
                 for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
                     if func_name in vars(module):
                         self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
@@ -1551,6 +1567,56 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
             return
         state.patched.append((owner, name))
+
+    def _patch_phases(self, state: _State, base: type) -> None:
+        """Watch ``execute`` of every subclass of MARS's ``Phase`` (``base``): those defined already, and those
+        defined later (a hook on ``base.__init_subclass__``, removed by uninstrument()): the post-import hook of
+        ``cmbagent.phases.base`` fires before its subclasses' modules run."""
+        found, todo = [], list(type.__subclasses__(base))
+        while todo and len(found) < _PHASE_CLASSES_MAX:
+            cls = todo.pop()
+            found.append(cls)
+            todo.extend(type.__subclasses__(cls))
+        for cls in found:
+            self._patch_phase_execute(state, cls)
+        original = vars(base).get("__init_subclass__")
+        if getattr(original, "_cmbagent_otel", False):  # an earlier cycle's hook its uninstrument() left: replaced
+            original = original._cmbagent_otel_original
+        instrumentor = self
+
+        def __init_subclass__(cls: type, **kwargs: Any) -> None:
+            if original is not None:
+                original.__get__(None, cls)(**kwargs)
+            else:
+                super(base, cls).__init_subclass__(**kwargs)  # type: ignore[misc]
+            if state.active:
+                try:
+                    with state.lock:
+                        instrumentor._patch_phase_execute(state, cls)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not patch a phase class", exc_info=True)
+
+        def restore() -> None:
+            if vars(base).get("__init_subclass__") is not hook:
+                return
+            if original is None:
+                delattr(base, "__init_subclass__")
+            else:
+                base.__init_subclass__ = original  # type: ignore[method-assign]
+
+        hook = classmethod(__init_subclass__)
+        hook._cmbagent_otel = True  # type: ignore[attr-defined]
+        hook._cmbagent_otel_original = original  # type: ignore[attr-defined]
+        try:
+            base.__init_subclass__ = hook  # type: ignore[assignment]
+        except Exception:
+            logger.debug("cmbagent_otel: could not watch MARS's phase classes", exc_info=True)
+            return
+        state.restores.append(restore)
+
+    def _patch_phase_execute(self, state: _State, cls: type) -> None:
+        if inspect.iscoroutinefunction(vars(cls).get("execute")):
+            self._wrap(state, cls, "execute", _phase_execute(state))
 
     def _patch_phase_manager(self, state: _State, cls: type) -> None:
         for name, build in _PM_WRAPPERS.items():
@@ -2032,17 +2098,60 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                     _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
-                    if exc is not None:  # (MARS's __exit__ calls fail(), which recorded them and closed the phase)
-                        _manager_plan_stopped(spans, instance)
-                    spans.close(_FRAME_KINDS, exc=exc)
-                    spans.joined = None
-                    _forget_bare_manager(spans)
-                    block, spans.block = spans.block, None
-                    _exit(block, exc)
+                    _manager_ended(spans, instance, exc)
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.__exit__", exc_info=True)
 
     return _ours(state, wrapper)
+
+
+def _manager_ended(spans: _ManagerSpans, instance: Any, exc: BaseException | None) -> None:
+    """Close what a phase manager opened, failed with ``exc`` when it ended by one (its ``__exit__``, or an
+    exception escaping its phase's ``execute``): its frames, its pending plan steps, its run."""
+    if exc is not None:  # (MARS's __exit__ calls fail(), which recorded them and closed the phase)
+        _manager_plan_stopped(spans, instance)
+    spans.close(_FRAME_KINDS, exc=exc)
+    spans.joined = None
+    _forget_bare_manager(spans)
+    block, spans.block = spans.block, None
+    _exit(block, exc)
+
+
+_PHASE_CLASSES_MAX = 1000  # MARS's phase classes patched at most (it has a few dozen)
+
+
+def _phase_execute(state: _State) -> Callable[..., Any]:
+    """A MARS phase's ``execute`` (a coroutine function): what its manager opened is closed when an exception
+    escapes it without the manager's ``fail()`` (``ControlPhase`` making its folders or reading its models'
+    configs between ``manager.start()`` and its step loop's ``try``): the phase failed with that exception, and
+    the run its manager opened outside any run (else that run stayed open, and the context named it for later
+    solves)."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        work = wrapped(*args, **kwargs)  # called now, as the application's call does: a wrong argument raises here
+        return _closes_unstarted(_phase_executing(state, instance, work), work)
+
+    return _ours(state, wrapper)
+
+
+async def _phase_executing(state: _State, phase: Any, work: Any) -> Any:
+    try:
+        return await work
+    except BaseException as exc:
+        _phase_escaped(state, phase, exc)
+        raise
+
+
+def _phase_escaped(state: _State, phase: Any, exc: BaseException) -> None:
+    try:
+        if is_clean_exit(exc):
+            return
+        for manager, spans in list(state.managers.items()):
+            if getattr(manager, "phase", None) is phase and (spans.frames or spans.joined is not None):
+                _joined_phase_failed(exc)
+                _manager_ended(spans, manager, exc)
+    except Exception:
+        logger.debug("cmbagent_otel: could not close a phase an exception left", exc_info=True)
 
 
 def _executor_init(state: _State) -> Callable[..., Any]:

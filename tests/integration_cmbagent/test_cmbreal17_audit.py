@@ -1,0 +1,144 @@
+"""What a user of the real cmbagent package sees, seventeenth audit (session 42).
+
+MARS's own phases and ``WorkflowExecutor`` (``CMBAGENT_OTEL_MARS_SRC``, loaded next to the PyPI cmbagent by
+conftest's ``mars_phases``) run offline against the scripted backend; spans read back, and the rows the DAG
+exporter writes into SQLite read as cmbagent's backend reads them (``test_real_audit._final_rows``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
+import cmbagent_otel
+from cmbagent_otel import semconv as sc
+
+from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
+from .test_cmbagent_runs import _exported, _one
+from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.cmbagent_autogen
+
+
+def _control_phase_raising(how: str) -> Any:
+    """An entry function for ``run_cmbagent``: MARS's ``ControlPhase`` on the preloaded plan whose work dir holds
+    a file named ``control``, so its ``os.makedirs(control_dir, exist_ok=True)`` between ``manager.start()`` and
+    its step loop's ``try`` raises ``FileExistsError``, which escapes ``execute`` without ``manager.fail()``.
+    ``how``: ``bare`` awaited by hand outside any run (MARS's orchestrator and routers), ``executor`` under MARS's
+    ``WorkflowExecutor.run_sync`` (its backend's task executor), ``joined`` by hand inside the application's own
+    ``workflow`` block. Returns what escaped."""
+
+    def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        from cmbagent.phases.base import PhaseContext
+        from cmbagent.phases.control import ControlPhase, ControlPhaseConfig
+        from cmbagent.phases.registry import PhaseRegistry
+        from cmbagent.workflows.composer import WorkflowDefinition, WorkflowExecutor
+
+        (Path(work_dir) / "control").write_text("not a folder\n", encoding="utf-8")
+        with pypi_cmbagent_for_mars(), pytest.raises(FileExistsError) as raised:
+            if how == "executor":
+                PhaseRegistry.register_class("control", ControlPhase)  # as MARS's cmbagent.phases package does
+                definition = WorkflowDefinition(id="preloaded_control", name="Preloaded control", description="",
+                                                phases=[{"type": "control", "config": MARS_CONTROL_CONFIG}])
+                WorkflowExecutor(definition, task, str(work_dir), api_keys).run_sync()
+            else:
+                phase = ControlPhase(ControlPhaseConfig(**MARS_CONTROL_CONFIG))
+                context = PhaseContext(workflow_id="w", run_id="r", phase_id="control", task=task,
+                                       work_dir=str(work_dir), api_keys=api_keys)
+                with (cmbagent_otel.workflow("mars control", mode="planning-control", task=task)
+                      if how == "joined" else contextlib.nullcontext()):
+                    asyncio.run(phase.execute(context))
+        return {"error": str(raised.value)}
+
+    return run
+
+
+@pytest.mark.parametrize("how", ["bare", "executor", "joined"])
+def test_a_mars_phase_whose_exception_escapes_without_fail_is_a_failed_run(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, how: str) -> None:
+    """Session 41's Left. MARS's ``ControlPhase.execute`` makes its folders after ``manager.start()`` and before
+    the ``try`` whose ``except`` calls ``manager.fail()``: an error there escapes the phase with nothing told to
+    the manager. Its phase span stayed open (never exported: cmbagent's DAG had no ``control`` node, bare the run
+    row stayed ``running`` and the context went on naming that open run). Now the phase ends failed with the
+    exception that escaped, and so does its run; no step started, the plan's 3 steps pending."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_control_phase_raising(how))
+    assert run.error is None, run.error
+    assert run.sequence == []  # no model call: the phase stopped before its first step
+    error = run.results["error"]
+    assert error.startswith("[Errno 17] File exists") and error.endswith("control'")
+    _one_root_per_trace(run)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == {"bare": "workflow control", "executor": "workflow preloaded_control",
+                         "joined": "workflow mars control"}[how]
+    phase = _one(run, "phase control")
+    for span in (root, phase):
+        assert (span.status.status_code, span.status.description, span.attributes.get(sc.ERROR_TYPE)) == (
+            StatusCode.ERROR, f"FileExistsError: {error}", "FileExistsError"), span.name
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert (row["status"], row["meta"]["error"]) == ("failed", f"FileExistsError: {error}")
+    nodes = _nodes_of(rows)
+    assert {s: n["status"] for s, n in nodes.items() if s.startswith(("step_", "control"))} == {
+        "control": "failed", "step_1": "pending", "step_2": "pending", "step_3": "pending"}
+
+
+def _report_phase_defined_after_instrument(task: str, work_dir: str, api_keys: dict[str, str],
+                                           **_: Any) -> dict[str, Any]:
+    """An entry function for ``run_cmbagent``: a phase class of MARS's shape (``Phase`` subclass driving its own
+    ``PhaseExecutionManager``, as MARS's paper and report phases do) defined now, after ``instrument()`` (as the
+    phase modules an application imports later are), awaited by hand; its work raises after ``start_step(1)``
+    with no ``fail()``. Returns what escaped."""
+    from cmbagent.phases.base import Phase, PhaseContext
+    from cmbagent.phases.execution_manager import PhaseExecutionManager
+
+    class ReportPhase(Phase):
+        phase_type = "report"
+        display_name = "Report"
+
+        async def execute(self, context: PhaseContext) -> Any:
+            manager = PhaseExecutionManager(context, self)
+            manager.start()
+            manager.start_step(1, "Write the report")
+            raise OSError(28, "No space left on device")
+
+    context = PhaseContext(workflow_id="w", run_id="r", phase_id="report", task=task, work_dir=str(work_dir),
+                           api_keys=api_keys)
+    with pytest.raises(OSError) as raised:
+        asyncio.run(ReportPhase().execute(context))
+    return {"error": str(raised.value)}
+
+
+def test_a_phase_class_defined_after_instrumenting_is_watched_too(request: pytest.FixtureRequest,
+                                                                  mars_phases: Path, tmp_path: Path) -> None:
+    """The phase classes defined after ``instrument()`` (``Phase.__init_subclass__``: the post-import hook of
+    ``cmbagent.phases.base`` fires before its subclasses' modules run) get the same: the run, the phase and its
+    started step fail with the exception that escaped. ``uninstrument()`` puts MARS's classes back as they were."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_report_phase_defined_after_instrument)
+    assert run.error is None, run.error
+    assert run.results["error"] == "[Errno 28] No space left on device"
+    _one_root_per_trace(run)
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow report"
+    for span in (root, _one(run, "phase report"), _one(run, "step 1")):
+        assert (span.status.status_code, span.attributes.get(sc.ERROR_TYPE)) == (StatusCode.ERROR, "OSError"), span.name
+    rows = _final_rows(_exported(run, tmp_path))
+    assert [r["status"] for r in rows["runs"]] == ["failed"]
+    nodes = _nodes_of(rows)
+    assert (nodes["report"]["status"], nodes["step_1"]["status"]) == ("failed", "failed")
+    from cmbagent.phases.base import Phase
+    from cmbagent.phases.control import ControlPhase
+
+    assert "__init_subclass__" not in vars(Phase)
+    assert not hasattr(vars(ControlPhase)["execute"], "__wrapped__")
