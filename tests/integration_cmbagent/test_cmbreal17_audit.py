@@ -142,3 +142,55 @@ def test_a_phase_class_defined_after_instrumenting_is_watched_too(request: pytes
 
     assert "__init_subclass__" not in vars(Phase)
     assert not hasattr(vars(ControlPhase)["execute"], "__wrapped__")
+
+
+def _executor_cancelled_after_step_1(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+    """An entry function for ``run_cmbagent``: MARS's ``WorkflowExecutor`` running a one-phase workflow
+    (``control`` on the preloaded plan) bare, as MARS's backend's task executor does, with the callbacks of a
+    user who cancels from the UI when step 1 completes (``test_cmbreal16_audit._cancelled_after_step_1``).
+    Returns what the executor raised."""
+    from cmbagent.phases.control import ControlPhase
+    from cmbagent.phases.registry import PhaseRegistry
+    from cmbagent.workflows.composer import WorkflowDefinition, WorkflowExecutor
+
+    from .test_cmbreal16_audit import _cancelled_after_step_1
+
+    PhaseRegistry.register_class("control", ControlPhase)  # as MARS's cmbagent.phases package does
+    definition = WorkflowDefinition(id="preloaded_control", name="Preloaded control", description="",
+                                    phases=[{"type": "control", "config": MARS_CONTROL_CONFIG}])
+    executor = WorkflowExecutor(definition, task, str(work_dir), api_keys, callbacks=_cancelled_after_step_1())
+    with pypi_cmbagent_for_mars(), pytest.raises(RuntimeError) as raised:
+        executor.run_sync()
+    return {"error": str(raised.value)}
+
+
+def test_a_mars_phase_cancelled_under_the_workflow_executor_is_a_cancelled_run(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path) -> None:
+    """Session 41's Left. The user cancels a MARS phase the executor runs: the phase's ``raise_if_cancelled()``
+    raises ``WorkflowCancelledException``, its step loop hands it to ``manager.fail()``, and the executor then
+    raises its own ``RuntimeError("Phase control failed: Workflow cancelled by user")``, which ended the run:
+    ``failed`` (on 4a0d79e), where the same phase awaited by hand is ``cancelled`` and cmbagent's cancel endpoint
+    marks the run ``cancelled``. The executor's error restates the phase's cancel: the run now ends with that
+    cancel (``error.type`` ``WorkflowCancelledException``; the executor's error is an exception event of the run
+    too) and its row is ``cancelled``; the application still gets the executor's ``RuntimeError``."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_executor_cancelled_after_step_1)
+    assert run.error is None, run.error
+    assert run.results["error"] == "Phase control failed: Workflow cancelled by user"
+    assert "researcher" not in run.sequence  # step 2 never started
+    _one_root_per_trace(run)
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow preloaded_control"
+    assert (root.status.status_code, root.attributes[sc.ERROR_TYPE]) == (StatusCode.ERROR, "WorkflowCancelledException")
+    assert "Workflow cancelled by user" in root.status.description
+    assert [e.attributes["exception.type"].rpartition(".")[2] for e in root.events if e.name == "exception"] == [
+        "RuntimeError", "WorkflowCancelledException"]
+    phase = _one(run, "phase control")
+    assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
+        "Workflow cancelled by user", "WorkflowCancelledException")
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert row["status"] == "cancelled" and "Workflow cancelled by user" in row["meta"]["error"]
+    nodes = _nodes_of(rows)
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending", "pending", "failed"]

@@ -2081,6 +2081,9 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                                 error_kind=error_type(handling) if handling is not None else "error")
                     spans.joined = None
                     _forget_bare_manager(spans)
+                stops = _EXECUTOR_STOPS.get()
+                if stops is not None and handling is not None and error_type(handling) in semconv.STOPPED_ERROR_TYPES:
+                    stops[id(getattr(instance, "phase", None))] = handling
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
 
@@ -2205,6 +2208,13 @@ def _close_unstarted(work: Any) -> None:
         logger.debug("cmbagent_otel: could not close an unstarted coroutine", exc_info=True)
 
 
+#: The stops (the user's cancel) the phases of the MARS executor run in this context failed handling, by the
+#: phase's id (the executor holds its phases while it runs): set by the executor's run for its phases' managers,
+#: dropped when it ends (an exception's traceback holds its phase: kept no longer than the run)
+_EXECUTOR_STOPS: contextvars.ContextVar[dict[int, BaseException] | None] = contextvars.ContextVar(
+    "cmbagent_otel_executor_stops", default=None)
+
+
 async def _executor_running(instance: Any, work: Any) -> Any:
     block: _Block | None = None
     try:
@@ -2216,8 +2226,44 @@ async def _executor_running(instance: Any, work: Any) -> Any:
             block = _mars_workflow(name, getattr(instance, "context", None), config=getattr(first, "config", None))
     except Exception:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
-    with _opened(block):
-        return await work
+    entered = _enter(block) if block is not None else None
+    stops: dict[int, BaseException] = {}
+    token = _EXECUTOR_STOPS.set(stops) if entered is not None else None
+    try:
+        result = await work
+    except BaseException as exc:
+        stop = _phase_stop_restated(stops, instance, exc) if entered is not None else None
+        if stop is not None:  # the run ends with the stop; the executor's error is one of its exception events
+            with contextlib.suppress(Exception):
+                record_exception(trace.get_current_span(), exc)  # the run's span: the block attached it here
+        _exit(entered, stop or exc)
+        raise
+    finally:
+        if token is not None:
+            with contextlib.suppress(Exception):  # (a coroutine driven from another context: nothing to undo)
+                _EXECUTOR_STOPS.reset(token)
+        stops.clear()
+    _exit(entered)
+    return result
+
+
+def _phase_stop_restated(stops: dict[int, BaseException], executor: Any, exc: BaseException) -> BaseException | None:
+    """The stop (the user's cancel: ``WorkflowCancelledException``) that the executor's current phase's manager
+    failed handling, when ``exc`` is the executor's own error for that failure, raised from nothing (MARS's
+    ``RuntimeError(f"Phase {type} failed: {result.error}")``): the run it ends was cancelled, as cmbagent's
+    cancel endpoint marks it, not failed. ``None`` for any other exception."""
+    try:
+        if type(exc) is not RuntimeError or exc.__cause__ is not None or exc.__context__ is not None:
+            return None
+        phases = getattr(executor, "phases", None)
+        index = getattr(executor, "current_phase_index", None)
+        if not isinstance(phases, (list, tuple)) or not isinstance(index, int) or not 0 <= index < len(phases):
+            return None
+        stop = stops.get(id(phases[index]))
+        return stop if stop is not None and str(exc).endswith(str(stop)) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the executor's failed phase", exc_info=True)
+        return None
 
 
 _PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
