@@ -19,11 +19,16 @@ from opentelemetry.trace import StatusCode
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
+from cmbagent_otel.exporters.dag import DagSpanExporter
+
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
+from tests.conftest import PG_ENV, schema_in
 
 from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
+from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
+from .test_cmbreal9_audit import _comparable, _readers
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -194,3 +199,41 @@ def test_a_mars_phase_cancelled_under_the_workflow_executor_is_a_cancelled_run(
     nodes = _nodes_of(rows)
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "pending", "pending", "failed"]
+
+
+@pytest.mark.parametrize("case", ["escaped_bare", "cancelled_under_the_executor"])
+def test_cmbagent_backend_reads_the_new_mars_runs_from_sqlite_and_postgresql(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, case: str) -> None:
+    """cmbagent's own backend (MARS's routers, unmodified, ``CMBAGENT_OTEL_MARS_PYTHON``) on the rows of the two
+    runs above, written into SQLite and into PostgreSQL from the same spans: every endpoint answers, the same from
+    both; the run's status is ours (``failed`` / ``cancelled``); its DAG is ours node for node; the run history
+    holds every event."""
+    python = _mars_python()
+    base = os.environ.get(PG_ENV)
+    if python is None or not base:
+        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
+                    f"{PG_ENV}")
+    function = (_control_phase_raising("bare") if case == "escaped_bare" else _executor_cancelled_after_step_1)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script, function=function)
+    sqlite = _exported(run, tmp_path)
+    rows = _final_rows(sqlite)
+    (row,) = rows["runs"]
+    assert row["status"] == ("failed" if case == "escaped_bare" else "cancelled")
+    nodes = _nodes_of(rows)
+    lite = _readers(mars_phases, python, sqlite, tmp_path / "sqlite.json")
+    with schema_in(base) as pg:
+        exporter = DagSpanExporter(pg, spill=False)
+        try:
+            assert exporter.export(run.spans).name == "SUCCESS"
+        finally:
+            exporter.shutdown()
+        assert [r["status"] for r in _final_rows(pg)["runs"]] == [row["status"]]
+        pgsql = _readers(mars_phases, python, pg, tmp_path / "pg.json")
+    for answers in (lite, pgsql):
+        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+    assert _comparable(pgsql) == _comparable(lite)
+    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
+    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
+    assert dag["control"]["status"] == "failed"
+    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
+    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
