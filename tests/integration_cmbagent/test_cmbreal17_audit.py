@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,9 @@ def _report_phase_defined_after_instrument(task: str, work_dir: str, api_keys: d
                            api_keys=api_keys)
     with pytest.raises(OSError) as raised:
         asyncio.run(ReportPhase().execute(context))
-    return {"error": str(raised.value)}
+    return {"error": str(raised.value), "watched": hasattr(vars(ReportPhase)["execute"], "__wrapped__"),
+            "coroutine_function": (inspect.iscoroutinefunction(ReportPhase.execute),
+                                   asyncio.iscoroutinefunction(ReportPhase().execute))}
 
 
 def test_a_phase_class_defined_after_instrumenting_is_watched_too(request: pytest.FixtureRequest,
@@ -133,6 +136,8 @@ def test_a_phase_class_defined_after_instrumenting_is_watched_too(request: pytes
                                                   function=_report_phase_defined_after_instrument)
     assert run.error is None, run.error
     assert run.results["error"] == "[Errno 28] No space left on device"
+    # patched at its definition, and still a coroutine function to whoever asks (MARS's callers await it)
+    assert run.results["watched"] and run.results["coroutine_function"] == (True, True)
     _one_root_per_trace(run)
     (root,) = [s for s in run.spans if s.parent is None]
     assert root.name == "workflow report"
