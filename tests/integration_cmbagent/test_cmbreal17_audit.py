@@ -242,3 +242,65 @@ def test_cmbagent_backend_reads_the_new_mars_runs_from_sqlite_and_postgresql(
     assert dag["control"]["status"] == "failed"
     assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
     assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
+
+
+def rate_limited_until_the_phase_waits(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The responder to run the scripted backend with: the researcher's calls (step 2's) fail as a rate limit,
+    HTTP 500 with "rate_limit_exceeded" in the message (which MARS's ControlPhase reads as one: ``'rate_limit' in
+    str(err).lower()``), until the phase waits before its retry (its ``time.sleep``, which still waits): the
+    limit lifts meanwhile, as a provider's does."""
+    import types
+
+    import cmbagent.phases.control as control
+
+    limited = [True]
+    real = control.time
+
+    def sleep(seconds: float) -> None:
+        limited[0] = False
+        real.sleep(seconds)
+
+    monkeypatch.setattr(control, "time", types.SimpleNamespace(**{**vars(real), "sleep": sleep}))
+
+    def responder(script: Any) -> Any:
+        def answer(body: dict[str, Any]) -> Any:
+            if limited[0] and script.agent_of(body) == "researcher":
+                raise RuntimeError("rate_limit_exceeded: try again in 5s")
+            return script(body)
+
+        return answer
+
+    return responder
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["bare", "joined"])
+def test_a_mars_step_retried_after_a_rate_limit_is_one_completed_step(
+        request: pytest.FixtureRequest, mars_phases: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        joined: bool) -> None:
+    """MARS's ControlPhase retries a step whose solve raised a rate-limit error (after its own 5 s wait) with a
+    second ``CMBAgent.solve`` for the same step; no earlier audit ran it. The run shows it as cmbagent does: one
+    ``step_2`` node, completed, holding both solves' work (the first one's failed model calls too), the run
+    completed."""
+    from .test_cmbreal16_audit import _bare_control_phases
+
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=rate_limited_until_the_phase_waits(monkeypatch),
+                                                  function=_bare_control_phases(1, joined=joined))
+    assert run.error is None, run.error
+    assert run.results["phases"] == [("completed", None)]
+    _one_root_per_trace(run)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    step2 = _one(run, "step 2")
+    assert step2.status.status_code is StatusCode.UNSET, step2.status.description
+    by_id = {s.context.span_id: s for s in run.spans}
+    failed_calls = [s for s in run.spans if s.name.startswith("chat") and s.status.status_code is StatusCode.ERROR]
+    assert failed_calls, "the rate-limited call is recorded"
+    for span in failed_calls:
+        parent = span
+        while parent.parent is not None and parent is not step2:
+            parent = by_id[parent.parent.span_id]
+        assert parent is step2, span.name
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    assert row["status"] == "completed"
+    nodes = _nodes_of(rows)
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == ["completed"] * 4
