@@ -283,7 +283,8 @@ def test_a_mars_step_retried_after_a_rate_limit_is_one_completed_step(
     completed."""
     from .test_cmbreal16_audit import _bare_control_phases
 
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=rate_limited_until_the_phase_waits(monkeypatch),
+    responder = rate_limited_until_the_phase_waits(monkeypatch)
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=responder,
                                                   function=_bare_control_phases(1, joined=joined))
     assert run.error is None, run.error
     assert run.results["phases"] == [("completed", None)]
