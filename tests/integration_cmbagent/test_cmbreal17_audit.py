@@ -175,7 +175,7 @@ def _executor_cancelled_after_step_1(task: str, work_dir: str, api_keys: dict[st
 
 
 def test_a_mars_phase_cancelled_under_the_workflow_executor_is_a_cancelled_run(
-        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path) -> None:
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Session 41's Left. The user cancels a MARS phase the executor runs: the phase's ``raise_if_cancelled()``
     raises ``WorkflowCancelledException``, its step loop hands it to ``manager.fail()``, and the executor then
     raises its own ``RuntimeError("Phase control failed: Workflow cancelled by user")``, which ended the run:
@@ -198,12 +198,26 @@ def test_a_mars_phase_cancelled_under_the_workflow_executor_is_a_cancelled_run(
     phase = _one(run, "phase control")
     assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
         "Workflow cancelled by user", "WorkflowCancelledException")
-    rows = _final_rows(_exported(run, tmp_path))
+    url = _exported(run, tmp_path)
+    rows = _final_rows(url)
     (row,) = rows["runs"]
     assert row["status"] == "cancelled" and "Workflow cancelled by user" in row["meta"]["error"]
     nodes = _nodes_of(rows)
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "pending", "pending", "failed"]
+    # `cmbagent-otel dag latest`, as a user reads the run in a terminal
+    from cmbagent_otel.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["--db", url, "dag", "latest"]) == 0
+    dag = capsys.readouterr().out.splitlines()
+    assert dag[0].startswith("run ") and " planning-control cancelled " in dag[0]
+    assert [line.split(" (")[0] for line in dag[1:] if line[:4] in ("├── ", "└── ")] == [
+        "├── init", "├── control", "└── terminator"]
+    assert [" ".join(line.split()[2:4]) for line in dag if line.startswith(("│   ├── ", "│   └── "))] == [
+        "step_1 (agent)", "step_2 (agent)", "step_3 (agent)"]
+    assert [line.split(") ")[1].split()[0] for line in dag if line.startswith(("│   ├── ", "│   └── "))] == [
+        "completed", "pending", "pending"]
 
 
 @pytest.mark.parametrize("case", ["escaped_bare", "cancelled_under_the_executor"])
