@@ -319,3 +319,85 @@ def test_a_mars_step_retried_after_a_rate_limit_is_one_completed_step(
     assert row["status"] == "completed"
     nodes = _nodes_of(rows)
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == ["completed"] * 4
+
+
+# the app process for Jaeger: MARS's modules loaded as conftest's ``mars_phases`` loads them (from the source tree
+# it extracted, argv[1]), instrument(), then the executor run cancelled after step 1 above; exits normally
+JAEGER_DRIVER = """
+import contextlib, io, logging, os, sys, tempfile, types
+from pathlib import Path
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+os.environ.pop("SSL_CERT_FILE", None)
+os.environ["SSL_CERT_DIR"] = tempfile.mkdtemp()
+import cmbagent
+mars = Path(sys.argv[1])
+cmbagent.__path__.append(str(mars / "cmbagent"))
+for name in ("cmbagent.phases", "cmbagent.workflows"):
+    package = types.ModuleType(name)
+    package.__path__ = [str(mars / "cmbagent" / name.rpartition(".")[2])]
+    sys.modules[name] = package
+try:
+    import structlog
+except ImportError:
+    sys.modules["structlog"] = types.SimpleNamespace(get_logger=logging.getLogger)
+import cmbagent_otel
+from cmbagent_otel.testing import FakeOpenAIServer
+from tests.integration_cmbagent.scripted_cmbagent import API_KEYS, script_for
+from tests.integration_cmbagent.test_cmbreal17_audit import _executor_cancelled_after_step_1
+script = script_for("carryover")
+cmbagent_otel.instrument()
+with FakeOpenAIServer(request_responder=script) as server:
+    os.environ["OPENAI_BASE_URL"] = server.base_url
+    os.environ["OPENAI_API_KEY"] = API_KEYS["OPENAI"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = _executor_cancelled_after_step_1("fit the spectrum", tempfile.mkdtemp(), dict(API_KEYS))
+assert result["error"] == "Phase control failed: Workflow cancelled by user", result
+assert not script.unexpected, script.unexpected
+"""
+
+
+@pytest.mark.jaeger
+def test_the_executor_cancelled_mars_run_in_jaeger(mars_phases: Path, tmp_path: Path) -> None:
+    """The executor run cancelled after step 1, exported over OTLP to a real Jaeger v2 from an app process that
+    exits normally: one trace, ``workflow preloaded_control`` its only root and red (``error``), ``phase
+    control`` red under it, steps 1-3 under the phase (step 1 holding the agents' turns and code runs, steps 2-3
+    the plan's pending steps), the root's tags ``error.type`` ``WorkflowCancelledException``, nothing orphaned."""
+    import subprocess
+    import sys
+
+    from tests.jaeger.support import JAEGER_CONFIG, http_get, run_jaeger
+
+    root_dir = Path(__file__).resolve().parents[2]
+    with run_jaeger(JAEGER_CONFIG, tmp_path, "jaeger") as jaeger:
+        env = dict(os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                   OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_http, OTEL_SERVICE_NAME="cmbagent-mars-jaeger",
+                   PYTHONPATH=os.pathsep.join([str(Path(cmbagent_otel.__file__).parents[1]), str(root_dir)]))
+        proc = subprocess.run([sys.executable, "-c", JAEGER_DRIVER, str(mars_phases)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        _, found = http_get(f"{jaeger.query}/api/traces?service=cmbagent-mars-jaeger&limit=20")
+    (trace_,) = found["data"]
+    spans = trace_["spans"]
+    by_id = {s["spanID"]: s for s in spans}
+    parent = {s["spanID"]: next((r["spanID"] for r in s["references"] if r["refType"] == "CHILD_OF"), None)
+              for s in spans}
+    assert all(p is None or p in by_id for p in parent.values())
+    tags = {s["spanID"]: {t["key"]: t["value"] for t in s["tags"]} for s in spans}
+    (root,) = [by_id[i] for i, p in parent.items() if p is None]
+    assert root["operationName"] == "workflow preloaded_control"
+    assert tags[root["spanID"]]["error"] is True
+    assert tags[root["spanID"]]["error.type"] == "WorkflowCancelledException"
+    (phase,) = [s for s in spans if s["operationName"] == "phase control"]
+    assert parent[phase["spanID"]] == root["spanID"] and tags[phase["spanID"]]["error"] is True
+    steps = sorted((s for s in spans if s["operationName"].startswith("step ")), key=lambda s: s["operationName"])
+    assert [s["operationName"] for s in steps] == ["step 1", "step 2", "step 3"]
+    assert all(parent[s["spanID"]] == phase["spanID"] for s in steps)
+    assert [tags[s["spanID"]].get("cmbagent.step.status") for s in steps[1:]] == [sc.STEP_NOT_STARTED] * 2
+
+    def under(span_id: str, ancestor: str) -> bool:
+        while span_id is not None and span_id != ancestor:
+            span_id = parent[span_id]
+        return span_id == ancestor
+
+    work = [s for s in spans if s["operationName"].startswith(("invoke_agent", "execute_code"))]
+    assert work and all(under(s["spanID"], steps[0]["spanID"]) for s in work)
