@@ -2234,8 +2234,7 @@ async def _executor_running(instance: Any, work: Any) -> Any:
     except BaseException as exc:
         stop = _phase_stop_restated(stops, instance, exc) if entered is not None else None
         if stop is not None:  # the run ends with the stop; the executor's error is one of its exception events
-            with contextlib.suppress(Exception):
-                record_exception(trace.get_current_span(), exc)  # the run's span: the block attached it here
+            _record_on_run(entered, exc)
         _exit(entered, stop or exc)
         raise
     finally:
@@ -2245,6 +2244,16 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         stops.clear()
     _exit(entered)
     return result
+
+
+def _record_on_run(block: _Block, exc: BaseException) -> None:
+    """``exc`` as an exception event of the span ``block`` opened in this context (its status set by its exit)."""
+    try:
+        entry = next((e for e in reversed(_ENTRIES.get()) if e.block is block and e.traced is not None), None)
+        if entry is not None and entry.traced is not None:
+            record_exception(entry.traced.span, exc)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the executor's error on its run", exc_info=True)
 
 
 def _phase_stop_restated(stops: dict[int, BaseException], executor: Any, exc: BaseException) -> BaseException | None:
