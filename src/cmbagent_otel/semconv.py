@@ -71,6 +71,9 @@ GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
 GEN_AI_TOOL_CALL_ARGUMENTS: Final = "gen_ai.tool.call.arguments"
 GEN_AI_TOOL_CALL_RESULT: Final = "gen_ai.tool.call.result"
 ERROR_TYPE: Final = "error.type"
+#: ``error.type`` of a run stopped from outside rather than failing: Ctrl-C, a cancelled asyncio task, MARS's
+#: pause/cancel check (``PhaseExecutionManager.raise_if_cancelled``: the user cancelled it in cmbagent's UI)
+STOPPED_ERROR_TYPES: Final = frozenset({"KeyboardInterrupt", "CancelledError", "WorkflowCancelledException"})
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
 # the general session attribute, beside cmbagent.session.id (same value), for UIs grouping by session

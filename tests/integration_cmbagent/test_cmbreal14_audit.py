@@ -6,13 +6,7 @@ back as cmbagent's backend reads them (``test_real_audit._final_rows``).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
 import os
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +19,8 @@ pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Pyth
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
 
+from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
 from .scripted_cmbagent import DEFAULT_PLAN, CmbagentScript, PlanStep
-from .test_backend_rows import _mars_source
 from .test_cmbagent_runs import _exported, _kind, _one
 from .test_cmbreal12_audit import GiveUpOnStep1
 from .test_real_audit import (  # noqa: F401 - run_cmbagent: the fixture (getfixturevalue)
@@ -86,72 +80,6 @@ def test_a_step_stopped_by_the_attempts_carried_over_from_the_step_before_says_s
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "failed", "pending", "failed"]
     assert nodes["step_2"]["meta"]["error"] == why
-
-
-MARS_MODULES = ("cmbagent.phases.execution_manager", "cmbagent.phases.control", "cmbagent.phases.registry",
-                "cmbagent.workflows.composer")
-
-
-@pytest.fixture(scope="module")
-def mars_phases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """MARS's own ``cmbagent.phases`` and ``cmbagent.workflows`` modules (``CMBAGENT_OTEL_MARS_SRC``), imported
-    from its source tree next to the installed PyPI cmbagent, whose ``CMBAgent`` its phases then build (the
-    packages' ``__init__`` files, which import every phase, are not run). Loaded once for the module, before
-    its tests: each test's ``instrument()`` patches them as already imported modules, as an application's would."""
-    mars = _mars_source(tmp_path_factory.mktemp("mars"))
-    if mars is None:
-        pytest.skip("CMBAGENT_OTEL_MARS_SRC is not set")
-    import cmbagent
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        # the fork's modules the PyPI package lacks (cmbagent.callbacks, ...) found after the package's own
-        monkeypatch.setattr(cmbagent, "__path__", [*cmbagent.__path__, str(mars / "cmbagent")])
-        for name in ("cmbagent.phases", "cmbagent.workflows"):
-            package = types.ModuleType(name)
-            package.__path__ = [str(mars / "cmbagent" / name.rpartition(".")[2])]
-            monkeypatch.setitem(sys.modules, name, package)
-        try:
-            import structlog  # noqa: F401 - the fork's callbacks module logs through it
-        except ImportError:
-            shim = types.ModuleType("structlog")
-            shim.get_logger = logging.getLogger  # type: ignore[attr-defined]
-            monkeypatch.setitem(sys.modules, "structlog", shim)
-        # imported here, before a test's instrument() (which patches them as imported modules): imported in a
-        # test after an instrument() of an earlier module's test, their post-import hooks have fired already
-        for name in MARS_MODULES:
-            importlib.import_module(name)
-        yield mars
-        for name in [m for m in sys.modules if m.startswith(("cmbagent.phases.", "cmbagent.workflows.",
-                                                             "cmbagent.callbacks"))]:
-            del sys.modules[name]
-        if "callbacks" in vars(cmbagent):  # bound on the package by its import
-            delattr(cmbagent, "callbacks")
-
-
-# MARS's ControlPhase config for DEFAULT_PLAN, preloaded (no planning phase)
-MARS_CONTROL_CONFIG = {"params": {"preloaded_plan": [{"sub_task": s.task, "sub_task_agent": s.agent,
-                                                      "bullet_points": [s.task]} for s in DEFAULT_PLAN]},
-                       "max_rounds": 30}
-
-
-@contextlib.contextmanager
-def pypi_cmbagent_for_mars() -> Iterator[None]:
-    """MARS's phases (1f77da3) building the PyPI ``CMBAgent``: it takes none of the managed-mode arguments MARS's
-    manager adds (its own database), so the manager adds none, and clears a work dir given as a ``Path``
-    only (MARS's gives a ``str``)."""
-    import cmbagent.cmbagent as module
-    from cmbagent.phases.execution_manager import PhaseExecutionManager
-
-    class PyPICMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
-        def __init__(self, *args: Any, work_dir: str, **kwargs: Any) -> None:
-            super().__init__(*args, work_dir=Path(work_dir), **kwargs)
-
-    PhaseExecutionManager.get_managed_cmbagent_kwargs = lambda self: {}  # type: ignore[method-assign]
-    pypi, module.CMBAgent = module.CMBAgent, PyPICMBAgent
-    try:
-        yield
-    finally:
-        module.CMBAgent = pypi
 
 
 def _mars_control_phase(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:

@@ -28,21 +28,15 @@ import cmbagent_otel
 from cmbagent_otel import semconv as sc
 from tests.conftest import PG_ENV, schema_in
 
+from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
 from .scripted_cmbagent import DEFAULT_PLAN
 from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
 from .test_cmbreal9_audit import _comparable, _readers
-from .test_cmbreal14_audit import (
-    MARS_CONTROL_CONFIG,
-    assert_step_1_holds_its_work,
-    mars_phases,
-    mars_step_stopper,
-    pypi_cmbagent_for_mars,
-)
+from .test_cmbreal14_audit import assert_step_1_holds_its_work, mars_step_stopper
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cmbagent_autogen
-__all__ = ["mars_phases"]  # the fixture, shared with test_cmbreal14_audit
 
 
 def _bare_control_phases(times: int, joined: bool = False, callbacks: Any = None) -> Any:

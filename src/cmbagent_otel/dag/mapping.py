@@ -421,7 +421,7 @@ def status_of(span: ReadableSpan) -> str:
 # in the contract, so its nodes and events stay `failed`, with the reason.
 #: a run ended by one of these (its workflow span's ``error.type``) was stopped, not failed: Ctrl-C, a cancelled
 #: task, MARS's pause/cancel check (``PhaseExecutionManager.raise_if_cancelled``: the user cancelled it in the UI)
-INTERRUPTED = frozenset({"KeyboardInterrupt", "CancelledError", "WorkflowCancelledException"})
+INTERRUPTED = sc.STOPPED_ERROR_TYPES
 
 
 def _run_status(failed: bool, attrs: Mapping[str, Any]) -> str:

@@ -26,7 +26,9 @@ tree of :mod:`cmbagent_otel.workflow`:
 * MARS's ``PhaseExecutionManager`` (``start``/``start_step``/``create_redo_branch``/
   ``complete_step``/``fail_step``/``complete``/``fail``) opens phase, step and redo spans;
   MARS's ``WorkflowExecutor.__init__`` tells a joined call its workflow's phases, in order, and its
-  ``run`` outside any run is one (its phases' managers and their solves join it);
+  ``run`` outside any run is one (its phases' managers and their solves join it); an exception escaping
+  a MARS phase's ``execute`` (every subclass of ``cmbagent.phases.base.Phase``, also those defined later)
+  without its manager's ``fail()`` fails the phase and a run the manager opened;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
 
@@ -159,6 +161,8 @@ CMBAGENT_CLASS_MODULE = "cmbagent.cmbagent"
 PHASE_MANAGER_MODULE = "cmbagent.phases.execution_manager"
 #: MARS's workflow executor: its ``__init__`` (``self.phases``) gives a joined call its phases' order
 WORKFLOW_EXECUTOR_MODULE = "cmbagent.workflows.composer"
+#: MARS's phase base class (``Phase``): each subclass's ``execute`` is watched for an exception escaping it
+PHASE_BASE_MODULE = "cmbagent.phases.base"
 PHASE_MANAGER_METHODS = ("__enter__", "start", "start_step", "create_redo_branch", "complete_step", "fail_step",
                          "complete", "fail", "__exit__")
 
@@ -1414,6 +1418,7 @@ class _State:
         self.callers = _CallerRuns(self.codes)
         self.managers: weakref.WeakKeyDictionary[Any, _ManagerSpans] = weakref.WeakKeyDictionary()
         self.binding: object | None = None  # the provider routing of the workflow API it holds
+        self.restores: list[Callable[[], None]] = []  # what uninstrument() undoes besides ``patched``
 
     def manager(self, instance: Any, create: bool = False) -> _ManagerSpans | None:
         try:
@@ -1456,7 +1461,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
         except (ImportError, ValueError):
             return
-        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, *EXTERNAL_MODEL_CALLS):
+        for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, PHASE_BASE_MODULE,
+                     *EXTERNAL_MODEL_CALLS):
             if name in self._hooked:
                 module = sys.modules.get(name)
                 if module is not None:
@@ -1480,6 +1486,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
+            for restore in reversed(state.restores):
+                try:
+                    restore()
+                except Exception:
+                    logger.debug("cmbagent_otel: could not restore a patch", exc_info=True)
+            state.restores.clear()
         state.callers.close_all()
 
     # --- patching -------------------------------------------------------------------------
@@ -1510,6 +1522,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         self._wrap(state, cls, "__init__", _executor_init(state))
                     if isinstance(cls, type) and inspect.iscoroutinefunction(vars(cls).get("run")):
                         self._wrap(state, cls, "run", _executor_run(state))
+                if name == PHASE_BASE_MODULE:
+                    cls = getattr(module, "Phase", None)
+                    if isinstance(cls, type):
+                        self._patch_phases(state, cls)
                 for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
                     if func_name in vars(module):
                         self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
@@ -1553,6 +1569,56 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.debug("cmbagent_otel: could not patch %s", name, exc_info=True)
             return
         state.patched.append((owner, name))
+
+    def _patch_phases(self, state: _State, base: type) -> None:
+        """Watch ``execute`` of every subclass of MARS's ``Phase`` (``base``): those defined already, and those
+        defined later (a hook on ``base.__init_subclass__``, removed by uninstrument()): the post-import hook of
+        ``cmbagent.phases.base`` fires before its subclasses' modules run."""
+        found, todo = [], list(type.__subclasses__(base))
+        while todo and len(found) < _PHASE_CLASSES_MAX:
+            cls = todo.pop()
+            found.append(cls)
+            todo.extend(type.__subclasses__(cls))
+        for cls in found:
+            self._patch_phase_execute(state, cls)
+        original = vars(base).get("__init_subclass__")
+        if getattr(original, "_cmbagent_otel", False):  # an earlier cycle's hook its uninstrument() left: replaced
+            original = original._cmbagent_otel_original
+        instrumentor = self
+
+        def __init_subclass__(cls: type, **kwargs: Any) -> None:
+            if original is not None:
+                original.__get__(None, cls)(**kwargs)
+            else:
+                super(base, cls).__init_subclass__(**kwargs)  # type: ignore[misc]
+            if state.active:
+                try:
+                    with state.lock:
+                        instrumentor._patch_phase_execute(state, cls)
+                except Exception:
+                    logger.debug("cmbagent_otel: could not patch a phase class", exc_info=True)
+
+        def restore() -> None:
+            if vars(base).get("__init_subclass__") is not hook:
+                return
+            if original is None:
+                delattr(base, "__init_subclass__")
+            else:
+                base.__init_subclass__ = original  # type: ignore[method-assign]
+
+        hook = classmethod(__init_subclass__)
+        hook._cmbagent_otel = True  # type: ignore[attr-defined]
+        hook._cmbagent_otel_original = original  # type: ignore[attr-defined]
+        try:
+            base.__init_subclass__ = hook  # type: ignore[assignment]
+        except Exception:
+            logger.debug("cmbagent_otel: could not watch MARS's phase classes", exc_info=True)
+            return
+        state.restores.append(restore)
+
+    def _patch_phase_execute(self, state: _State, cls: type) -> None:
+        if inspect.iscoroutinefunction(vars(cls).get("execute")):
+            self._wrap(state, cls, "execute", _phase_execute(state))
 
     def _patch_phase_manager(self, state: _State, cls: type) -> None:
         for name, build in _PM_WRAPPERS.items():
@@ -2017,6 +2083,9 @@ def _pm_fail(state: _State) -> Callable[..., Any]:
                                 error_kind=error_type(handling) if handling is not None else "error")
                     spans.joined = None
                     _forget_bare_manager(spans)
+                stops = _EXECUTOR_STOPS.get()
+                if stops is not None and handling is not None and error_type(handling) in semconv.STOPPED_ERROR_TYPES:
+                    stops[id(getattr(instance, "phase", None))] = handling
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.fail", exc_info=True)
 
@@ -2034,17 +2103,60 @@ def _pm_exit(state: _State) -> Callable[..., Any]:
                     _joined_phase_failed(exc)
                 spans = state.manager(instance)
                 if spans is not None:
-                    if exc is not None:  # (MARS's __exit__ calls fail(), which recorded them and closed the phase)
-                        _manager_plan_stopped(spans, instance)
-                    spans.close(_FRAME_KINDS, exc=exc)
-                    spans.joined = None
-                    _forget_bare_manager(spans)
-                    block, spans.block = spans.block, None
-                    _exit(block, exc)
+                    _manager_ended(spans, instance, exc)
             except Exception:
                 logger.debug("cmbagent_otel: PhaseExecutionManager.__exit__", exc_info=True)
 
     return _ours(state, wrapper)
+
+
+def _manager_ended(spans: _ManagerSpans, instance: Any, exc: BaseException | None) -> None:
+    """Close what a phase manager opened, failed with ``exc`` when it ended by one (its ``__exit__``, or an
+    exception escaping its phase's ``execute``): its frames, its pending plan steps, its run."""
+    if exc is not None:  # (MARS's __exit__ calls fail(), which recorded them and closed the phase)
+        _manager_plan_stopped(spans, instance)
+    spans.close(_FRAME_KINDS, exc=exc)
+    spans.joined = None
+    _forget_bare_manager(spans)
+    block, spans.block = spans.block, None
+    _exit(block, exc)
+
+
+_PHASE_CLASSES_MAX = 1000  # MARS's phase classes patched at most (it has a few dozen)
+
+
+def _phase_execute(state: _State) -> Callable[..., Any]:
+    """A MARS phase's ``execute`` (a coroutine function): what its manager opened is closed when an exception
+    escapes it without the manager's ``fail()`` (``ControlPhase`` making its folders or reading its models'
+    configs between ``manager.start()`` and its step loop's ``try``): the phase failed with that exception, and
+    the run its manager opened outside any run (else that run stayed open, and the context named it for later
+    solves)."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        work = wrapped(*args, **kwargs)  # called now, as the application's call does: a wrong argument raises here
+        return _closes_unstarted(_phase_executing(state, instance, work), work)
+
+    return _ours(state, wrapper)
+
+
+async def _phase_executing(state: _State, phase: Any, work: Any) -> Any:
+    try:
+        return await work
+    except BaseException as exc:
+        _phase_escaped(state, phase, exc)
+        raise
+
+
+def _phase_escaped(state: _State, phase: Any, exc: BaseException) -> None:
+    try:
+        if is_clean_exit(exc):
+            return
+        for manager, spans in list(state.managers.items()):
+            if getattr(manager, "phase", None) is phase and (spans.frames or spans.joined is not None):
+                _joined_phase_failed(exc)
+                _manager_ended(spans, manager, exc)
+    except Exception:
+        logger.debug("cmbagent_otel: could not close a phase an exception left", exc_info=True)
 
 
 def _executor_init(state: _State) -> Callable[..., Any]:
@@ -2098,6 +2210,13 @@ def _close_unstarted(work: Any) -> None:
         logger.debug("cmbagent_otel: could not close an unstarted coroutine", exc_info=True)
 
 
+#: The stops (the user's cancel) the phases of the MARS executor run in this context failed handling, by the
+#: phase's id (the executor holds its phases while it runs): set by the executor's run for its phases' managers,
+#: dropped when it ends (an exception's traceback holds its phase: kept no longer than the run)
+_EXECUTOR_STOPS: contextvars.ContextVar[dict[int, BaseException] | None] = contextvars.ContextVar(
+    "cmbagent_otel_executor_stops", default=None)
+
+
 async def _executor_running(instance: Any, work: Any) -> Any:
     block: _Block | None = None
     try:
@@ -2109,8 +2228,53 @@ async def _executor_running(instance: Any, work: Any) -> Any:
             block = _mars_workflow(name, getattr(instance, "context", None), config=getattr(first, "config", None))
     except Exception:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
-    with _opened(block):
-        return await work
+    entered = _enter(block) if block is not None else None
+    stops: dict[int, BaseException] = {}
+    token = _EXECUTOR_STOPS.set(stops) if entered is not None else None
+    try:
+        result = await work
+    except BaseException as exc:
+        stop = _phase_stop_restated(stops, instance, exc) if entered is not None else None
+        if stop is not None:  # the run ends with the stop; the executor's error is one of its exception events
+            _record_on_run(entered, exc)
+        _exit(entered, stop or exc)
+        raise
+    finally:
+        if token is not None:
+            with contextlib.suppress(Exception):  # (a coroutine driven from another context: nothing to undo)
+                _EXECUTOR_STOPS.reset(token)
+        stops.clear()
+    _exit(entered)
+    return result
+
+
+def _record_on_run(block: _Block, exc: BaseException) -> None:
+    """``exc`` as an exception event of the span ``block`` opened in this context (its status set by its exit)."""
+    try:
+        entry = next((e for e in reversed(_ENTRIES.get()) if e.block is block and e.traced is not None), None)
+        if entry is not None and entry.traced is not None:
+            record_exception(entry.traced.span, exc)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the executor's error on its run", exc_info=True)
+
+
+def _phase_stop_restated(stops: dict[int, BaseException], executor: Any, exc: BaseException) -> BaseException | None:
+    """The stop (the user's cancel: ``WorkflowCancelledException``) that the executor's current phase's manager
+    failed handling, when ``exc`` is the executor's own error for that failure, raised from nothing (MARS's
+    ``RuntimeError(f"Phase {type} failed: {result.error}")``): the run it ends was cancelled, as cmbagent's
+    cancel endpoint marks it, not failed. ``None`` for any other exception."""
+    try:
+        if type(exc) is not RuntimeError or exc.__cause__ is not None or exc.__context__ is not None:
+            return None
+        phases = getattr(executor, "phases", None)
+        index = getattr(executor, "current_phase_index", None)
+        if not isinstance(phases, (list, tuple)) or not isinstance(index, int) or not 0 <= index < len(phases):
+            return None
+        stop = stops.get(id(phases[index]))
+        return stop if stop is not None and str(exc).endswith(str(stop)) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the executor's failed phase", exc_info=True)
+        return None
 
 
 _PM_WRAPPERS: Mapping[str, Callable[[_State], Callable[..., Any]]] = {
