@@ -86,6 +86,20 @@ def get_meter(scope_name: str, meter_provider: otel_metrics.MeterProvider | None
         return otel_metrics.NoOpMeter(scope_name)
 
 
+def histogram_buckets() -> dict[tuple[str, str], tuple[float, ...]]:
+    """Each of our histograms, as (meter scope, instrument name), with its conventions' bucket boundaries.
+
+    The MeterProvider :func:`cmbagent_otel.provider.build_meter_provider` builds sets them by View too:
+    an opentelemetry-api without bucket advice (1.27, the oldest supported) takes none from
+    :func:`_histogram`, and its SDK would use its default boundaries.
+    """
+    return {(semconv.SCOPE_AG2, GEN_AI_CLIENT_TOKEN_USAGE): TOKEN_BUCKETS,
+            (semconv.SCOPE_AG2, GEN_AI_CLIENT_OPERATION_DURATION): DURATION_BUCKETS,
+            (semconv.SCOPE_WORKFLOW, GEN_AI_WORKFLOW_DURATION): RUN_BUCKETS,
+            (semconv.SCOPE_WORKFLOW, WORKFLOW_DURATION): RUN_BUCKETS,
+            (semconv.SCOPE_WORKFLOW, STEP_DURATION): RUN_BUCKETS}
+
+
 def _histogram(meter: otel_metrics.Meter, name: str, unit: str, description: str,
                buckets: tuple[float, ...]) -> otel_metrics.Histogram:
     try:

@@ -36,6 +36,7 @@ from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
@@ -43,6 +44,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from . import environment_variables as env
 from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
+from .metrics import histogram_buckets
 from .redaction import REDACTED, encodable, is_secret_key, redact
 
 logger = logging.getLogger("cmbagent_otel")
@@ -485,4 +487,7 @@ def build_meter_provider(
     readers.extend(metric_readers)
     if not readers:
         return None
-    return MeterProvider(metric_readers=readers, resource=resource(service_name))
+    # the conventions' buckets by View as well as by advice: an API without advice (1.27) ignores the latter
+    views = [View(meter_name=scope, instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(list(bounds)))
+             for (scope, name), bounds in histogram_buckets().items()]
+    return MeterProvider(metric_readers=readers, resource=resource(service_name), views=views)

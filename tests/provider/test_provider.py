@@ -121,6 +121,16 @@ def test_entry_points_are_registered():
     assert "cmbagent_otel" in configurators
 
 
+def test_distribution_declares_the_instruments_extra():
+    """opentelemetry-instrument 0.48b0 (the oldest pyproject allows) asks every instrumentor's
+    distribution for its ``instruments`` extra through pkg_resources; undeclared, it raised
+    UnknownExtra and no instrumentation at all was loaded ("Failed to auto initialize opentelemetry").
+    Checked on the installed metadata, which is what that version reads."""
+    from importlib.metadata import metadata
+
+    assert "instruments" in (metadata("cmbagent-otel").get_all("Provides-Extra") or [])
+
+
 def test_app_provider_is_never_replaced():
     script = (
         "from opentelemetry import trace\n"
