@@ -20,16 +20,15 @@ from opentelemetry.trace import StatusCode
 os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
 pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
 
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
-from tests.conftest import PG_ENV, schema_in
+from tests.conftest import PG_ENV
 
 from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
 from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
-from .test_cmbreal9_audit import _comparable, _readers
+from .test_cmbreal9_audit import _comparable, backend_answers
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -239,17 +238,8 @@ def test_cmbagent_backend_reads_the_new_mars_runs_from_sqlite_and_postgresql(
     (row,) = rows["runs"]
     assert row["status"] == ("failed" if case == "escaped_bare" else "cancelled")
     nodes = _nodes_of(rows)
-    lite = _readers(mars_phases, python, sqlite, tmp_path / "sqlite.json")
-    with schema_in(base) as pg:
-        exporter = DagSpanExporter(pg, spill=False)
-        try:
-            assert exporter.export(run.spans).name == "SUCCESS"
-        finally:
-            exporter.shutdown()
-        assert [r["status"] for r in _final_rows(pg)["runs"]] == [row["status"]]
-        pgsql = _readers(mars_phases, python, pg, tmp_path / "pg.json")
-    for answers in (lite, pgsql):
-        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
+    assert statuses == [row["status"]]
     assert _comparable(pgsql) == _comparable(lite)
     dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
     assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}

@@ -190,6 +190,25 @@ def _readers(mars: Path, python: str, url: str, out: Path) -> dict[str, Any]:
         del os.environ["MARS_PROBE_READERS"]
 
 
+def backend_answers(mars: Path, python: str, spans: Any, sqlite: str, base: str,
+                    tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """cmbagent's backend readers' answers on the rows of ``spans``: from ``sqlite`` (already exported) and from a
+    PostgreSQL schema under ``base`` the same spans are exported into, with the statuses of the runs stored there;
+    no reader raised on either."""
+    lite = _readers(mars, python, sqlite, tmp_path / "sqlite.json")
+    with schema_in(base) as pg:
+        exporter = DagSpanExporter(pg, spill=False)
+        try:
+            assert exporter.export(spans).name == "SUCCESS"
+        finally:
+            exporter.shutdown()
+        statuses = [r["status"] for r in _final_rows(pg)["runs"]]
+        pgsql = _readers(mars, python, pg, tmp_path / "pg.json")
+    for answers in (lite, pgsql):
+        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+    return lite, pgsql, statuses
+
+
 def _comparable(answer: Any) -> Any:
     """An answer without what differs between two databases holding the same spans (row ids, the set order
     of ``agents_involved``, the session's last activity, which the backend's readers update themselves, and
@@ -231,16 +250,7 @@ def test_backend_readers_on_sqlite_and_postgresql(instrumented: Callable[..., Ru
     sqlite = _exported(run, tmp_path)
     rows = _final_rows(sqlite)
     assert len(rows["runs"]) == 2 and {r["meta"]["work_dir"] for r in rows["runs"]} == {str(run.work_dir)}
-    lite = _readers(mars, python, sqlite, tmp_path / "sqlite.json")
-    with schema_in(base) as pg:
-        exporter = DagSpanExporter(pg, spill=False)
-        try:
-            assert exporter.export(run.spans).name == "SUCCESS"
-        finally:
-            exporter.shutdown()
-        pgsql = _readers(mars, python, pg, tmp_path / "pg.json")
-    for answers in (lite, pgsql):
-        assert {k: v["EXC"] for k, v in answers.items() if isinstance(v, dict) and "EXC" in v} == {}
+    lite, pgsql, _ = backend_answers(mars, python, run.spans, sqlite, base, tmp_path)
     events = rows["events"]
     for run_id in lite["runs"]:
         mine = [e for e in events if e["run_id"] == run_id]
