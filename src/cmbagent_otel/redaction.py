@@ -1231,6 +1231,17 @@ def _names_code(text: str, value: str, value_end: int) -> bool:
         or lower in _TYPE_NAMES
 
 
+def _is_call_argument(text: str, name_start: int, value_end: int) -> bool:
+    """Whether the pair at ``name_start`` ending at ``value_end`` is a keyword argument of a call: after ``(`` or
+    ``,`` and before ``,`` or ``)``, inside a parenthesis opened before it (within 256 characters: a call's arguments
+    may run over lines)."""
+    head = text[max(0, name_start - 256):name_start].rstrip()
+    if not head or head[-1] not in "(," or head.count("(") <= head.count(")"):
+        return False
+    tail = text[value_end:value_end + 64].lstrip(" \t")
+    return tail[:1] in (",", ")")
+
+
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
 _ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
 
@@ -1643,7 +1654,9 @@ def _kv_pairs(text: str, learn: bool) -> str:
             # followed by more words is the message's
             learns = _MESSAGE_GOES_ON.match(text, match_end) is None and _STATE_WORD.fullmatch(core) is None
         else:
-            learns = True
+            # an ordinary word as a call's keyword argument (f(token=content), connect(host, password=value)) is a
+            # variable of the code a model writes: redacted here, not learned ("value" was redacted in every later text)
+            learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end))
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")

@@ -64,7 +64,6 @@ def test_a_bare_name_in_prose_teaches_no_secret(template: str) -> None:
     "msg=connect user=bob password={w} host=db",
     "ts=2026-12-03 level=info msg=login token={w} took=3ms",
     "connecting with password = {w} as admin",
-    "call(user, password={w}, timeout=3)",
 ])
 def test_a_key_of_data_is_learned(template: str) -> None:
     """Keys that stay keys, the value redacted and learned (redacted in a later text too)."""
