@@ -98,3 +98,23 @@ def _under(span: Any, ancestor: Any, by_id: dict[int, Any]) -> bool:
         if span is ancestor:
             return True
     return False
+
+
+def test_a_run_whose_cmbagent_class_is_an_apps_subclass_has_its_steps(request: pytest.FixtureRequest,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The product side of the same fault: an application that rebinds ``cmbagent.cmbagent.CMBAgent`` to its own
+    subclass (inheriting ``solve``, as MARS's setup above adapts the PyPI class) before ``instrument()``. The
+    instrumentor looked for ``solve`` in that class only, found none and wrapped nothing: every step span of the
+    process lost (on 0297505 ``step 1: 0 spans``). It now wraps the class of the MRO that defines it."""
+    import cmbagent.cmbagent as module
+
+    class AppCMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
+        """An application's adaptation: defines no ``solve`` of its own."""
+
+    monkeypatch.setattr(module, "CMBAgent", AppCMBAgent)
+    run = request.getfixturevalue("run_cmbagent")("planning_and_control", responder=lambda script: script)
+    assert run.error is None, run.error
+    by_id = {s.context.span_id: s for s in run.spans}
+    for n in (1, 2, 3):
+        step = _one(run, f"step {n}")
+        assert [s for s in run.spans if s.name.startswith("invoke_agent") and _under(s, step, by_id)], n
