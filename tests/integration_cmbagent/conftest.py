@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,21 +175,40 @@ MARS_CONTROL_CONFIG = {"params": {"preloaded_plan": [{"sub_task": s.task, "sub_t
                        "max_rounds": 30}
 
 
+# pypi_cmbagent_for_mars's threads inside it (test16 runs two phases at once, one a thread) and what it put back
+_FOR_MARS_LOCK = threading.Lock()
+_for_mars: list[Any] = []  # while a thread is inside: [depth, the PyPI CMBAgent, the manager's own kwargs method]
+
+
 @contextlib.contextmanager
 def pypi_cmbagent_for_mars() -> Iterator[None]:
     """MARS's phases (1f77da3) building the PyPI ``CMBAgent``: it takes none of the managed-mode arguments MARS's
     manager adds (its own database), so the manager adds none, and clears a work dir given as a ``Path``
-    only (MARS's gives a ``str``)."""
+    only (MARS's gives a ``str``). Threads may be inside at once: the first one in installs the subclass, the
+    last one out puts back what the first found (each thread putting back what it found left the other's
+    subclass behind when they left in the order they came: later PyPI runs lost their ``solve`` spans)."""
     import cmbagent.cmbagent as module
     from cmbagent.phases.execution_manager import PhaseExecutionManager
 
-    class PyPICMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
-        def __init__(self, *args: Any, work_dir: str, **kwargs: Any) -> None:
-            super().__init__(*args, work_dir=Path(work_dir), **kwargs)
+    with _FOR_MARS_LOCK:
+        if not _for_mars:
+            class PyPICMBAgent(module.CMBAgent):  # type: ignore[misc,name-defined]
+                def __init__(self, *args: Any, work_dir: str, **kwargs: Any) -> None:
+                    super().__init__(*args, work_dir=Path(work_dir), **kwargs)
 
-    PhaseExecutionManager.get_managed_cmbagent_kwargs = lambda self: {}  # type: ignore[method-assign]
-    pypi, module.CMBAgent = module.CMBAgent, PyPICMBAgent
+            _for_mars[:] = [0, module.CMBAgent, vars(PhaseExecutionManager).get("get_managed_cmbagent_kwargs")]
+            PhaseExecutionManager.get_managed_cmbagent_kwargs = lambda self: {}  # type: ignore[method-assign]
+            module.CMBAgent = PyPICMBAgent
+        _for_mars[0] += 1
     try:
         yield
     finally:
-        module.CMBAgent = pypi
+        with _FOR_MARS_LOCK:
+            _for_mars[0] -= 1
+            if not _for_mars[0]:
+                _, module.CMBAgent, managed = _for_mars
+                if managed is None:
+                    del PhaseExecutionManager.get_managed_cmbagent_kwargs
+                else:
+                    PhaseExecutionManager.get_managed_cmbagent_kwargs = managed  # type: ignore[method-assign]
+                _for_mars.clear()

@@ -233,3 +233,57 @@ def test_instrumentor_is_registered_idempotent_and_keeps_no_state(capture: Any) 
     assert all(PhaseExecutionManager.__dict__[n] is f for n, f in ORIGINALS.items())
     instrumentor.uninstrument()  # idempotent
     assert not integration.is_instrumented()
+
+
+class _AppManager(PhaseExecutionManager):
+    """An application's adaptation of the manager that inherits every lifecycle method (defines none)."""
+
+
+def test_a_manager_subclass_inheriting_the_methods_is_watched_and_restored(capture: Any) -> None:
+    """``instrument_phase_manager`` on a subclass that defines none of the methods wraps them where they are
+    defined (session 42, x-order42; on 0297505 nothing was wrapped: no span at all), and ``uninstrument()``
+    puts the base's methods back by identity."""
+    integration.instrument_phase_manager(_AppManager)
+    try:
+        with workflow("deep_research", mode="hitl-interactive"):
+            assert _run_hitl_control(_AppManager(_Context(), _Phase())) == "result"
+    finally:
+        integration.uninstrument_cmbagent()
+    assert capture.tree()[:3] == ["workflow deep_research", "  phase hitl_control", "    step 1"]
+    assert {name: PhaseExecutionManager.__dict__[name] for name in ORIGINALS} == ORIGINALS
+    assert not [name for name in ORIGINALS if name in vars(_AppManager)]
+
+
+def test_an_executor_subclass_inheriting_run_is_watched_and_restored(capture: Any) -> None:
+    """The executor's sibling: a ``cmbagent.workflows.composer`` whose ``WorkflowExecutor`` is a subclass
+    inheriting ``__init__`` and the async ``run`` gets both wrapped where they are defined, its run is the run
+    (session 42, x-order42; on 0297505 nothing was wrapped: no span), and ``uninstrument()`` restores them."""
+    import asyncio
+    from types import ModuleType, SimpleNamespace
+
+    class Executor:  # MARS's WorkflowExecutor's shape: __init__ and an async run
+        workflow = SimpleNamespace(id="preloaded_control")
+        context = None
+
+        def __init__(self, phases: int = 1) -> None:
+            self.phases = phases
+
+        async def run(self) -> str:
+            await asyncio.sleep(0)
+            return f"ran {self.phases}"
+
+    class AppExecutor(Executor):
+        """Defines neither."""
+
+    originals = {name: vars(Executor)[name] for name in ("__init__", "run")}
+    module = ModuleType(integration.WORKFLOW_EXECUTOR_MODULE)
+    module.WorkflowExecutor = AppExecutor  # type: ignore[attr-defined]
+    instrumentor = CmbagentInstrumentor()
+    instrumentor.instrument(skip_dep_check=True)
+    try:
+        instrumentor._patch_module(module)
+        assert asyncio.run(AppExecutor(2).run()) == "ran 2"
+    finally:
+        instrumentor.uninstrument()
+    assert [s.name for s in capture.spans] == ["workflow preloaded_control"]
+    assert {name: vars(Executor)[name] for name in originals} == originals

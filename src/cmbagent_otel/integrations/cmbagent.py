@@ -1407,6 +1407,16 @@ def _is_ours(value: Any) -> bool:
                                                              "_cmbagent_otel", False)
 
 
+def _defining(cls: Any, name: str) -> type | None:
+    """The class of ``cls``'s MRO that defines ``name`` (``None``: none, or ``cls`` is no class). A module's
+    ``CMBAgent`` (or manager, or executor) rebound to a subclass that inherits the method (an adaptation of the
+    PyPI class) still runs the base's: wrapping the base keeps its spans, where looking in the subclass only
+    found nothing and lost every step span of the process."""
+    if not isinstance(cls, type):
+        return None
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
 class _State:
     """Everything one instrument() ... uninstrument() cycle holds."""
 
@@ -1507,9 +1517,9 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         if func_name in vars(module):
                             self._wrap(state, module, func_name, _entry_wrapper(state, func_name, mode))
                 if name == CMBAGENT_CLASS_MODULE:
-                    cls = getattr(module, "CMBAgent", None)
-                    if isinstance(cls, type) and "solve" in vars(cls):
-                        self._wrap(state, cls, "solve", _solve_wrapper(state))
+                    owner = _defining(getattr(module, "CMBAgent", None), "solve")
+                    if owner is not None:
+                        self._wrap(state, owner, "solve", _solve_wrapper(state))
                     else:
                         logger.debug("cmbagent_otel: cmbagent.cmbagent.CMBAgent.solve not found; skipped")
                 if name == PHASE_MANAGER_MODULE:
@@ -1518,10 +1528,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         self._patch_phase_manager(state, cls)
                 if name == WORKFLOW_EXECUTOR_MODULE:
                     cls = getattr(module, "WorkflowExecutor", None)
-                    if isinstance(cls, type) and "__init__" in vars(cls):
-                        self._wrap(state, cls, "__init__", _executor_init(state))
-                    if isinstance(cls, type) and inspect.iscoroutinefunction(vars(cls).get("run")):
-                        self._wrap(state, cls, "run", _executor_run(state))
+                    owner = _defining(cls, "__init__")
+                    if owner is not None and owner is not object:
+                        self._wrap(state, owner, "__init__", _executor_init(state))
+                    owner = _defining(cls, "run")
+                    if owner is not None and inspect.iscoroutinefunction(vars(owner)["run"]):
+                        self._wrap(state, owner, "run", _executor_run(state))
                 if name == PHASE_BASE_MODULE:
                     cls = getattr(module, "Phase", None)
                     if isinstance(cls, type):
@@ -1622,8 +1634,9 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _patch_phase_manager(self, state: _State, cls: type) -> None:
         for name, build in _PM_WRAPPERS.items():
-            if name in vars(cls):
-                self._wrap(state, cls, name, build(state))
+            owner = _defining(cls, name)
+            if owner is not None and owner is not object:
+                self._wrap(state, owner, name, build(state))
 
     def instrument_phase_manager(self, cls: type) -> None:
         """Patch a ``PhaseExecutionManager`` class (MARS, or one with the same method names)."""
