@@ -29,7 +29,6 @@ requests per client) and their defaults are listed in
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -263,7 +262,7 @@ class IngestServer:
     def serve_forever(self) -> None:
         """Bind and serve until :meth:`stop` is called from another thread (or a signal handler)."""
         self.start()
-        wait_waking_on_signals(self._stopped)
+        self._stopped.wait()
 
     def stop(self) -> None:
         """Stop serving and release the sockets (idempotent).
@@ -302,34 +301,6 @@ class IngestServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_waking_on_signals(event: threading.Event, signals: tuple[int, ...] = ()) -> None:
-    """Block until ``event`` is set or, in the main thread, one of ``signals`` arrives.
-
-    Linux delivers a process-directed signal to any thread that does not block it (grpcio's,
-    uvicorn's, a worker's). Python runs the handler only when the main thread next runs Python
-    code, and a main thread asleep in ``Event.wait()`` never did: a SIGTERM there was ignored for
-    ever. In the main thread this waits on a socket pair set as ``signal.set_wakeup_fd``, which the
-    C-level handler writes (the signal's number) whichever thread it runs in: the main thread wakes,
-    runs the pending Python handlers (at its next call) and looks at ``event`` again."""
-    if threading.current_thread() is not threading.main_thread():
-        event.wait()  # a signal handler runs in the main thread only: nothing to wake here
-        return
-    wanted = {int(sig) for sig in signals}
-    reader, writer = socket.socketpair()
-    try:
-        writer.setblocking(False)
-        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        try:
-            while not event.is_set():  # a Python call: the handlers of the signals just woken for run first
-                if wanted.intersection(reader.recv(64)):
-                    return
-        finally:
-            signal.set_wakeup_fd(previous)
-    finally:
-        reader.close()
-        writer.close()
 
 
 if __name__ == "__main__":  # ``python -m cmbagent_otel.ingest ...``: the same as ``cmbagent-otel ingest ...``

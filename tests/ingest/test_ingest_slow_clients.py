@@ -340,37 +340,31 @@ def test_the_operator_sets_the_limits_in_the_environment(tmp_path: Path) -> None
     assert code == 0 and "Traceback" not in err, err[-3000:]
 
 
-
-def signal_a_grpc_thread(pid: int, port: int) -> None:
-    """SIGTERM onto one of grpcio's own threads of process ``pid`` (tgkill), once it has served
-    on ``port`` and its main thread sleeps in its wait (a signal earlier is handled at once)."""
+def test_sigterm_taken_by_another_thread_stops_the_ingest(tmp_path: Path) -> None:
+    """A process-directed SIGTERM may be delivered to any thread that does not block it (here
+    forced onto one of grpcio's own threads with tgkill). Python runs the handler only when the
+    main thread next runs Python code, and the main thread sat in ``Event.wait()`` for ever:
+    the ingest never stopped (the clean-clone CI's 60 s ``TimeoutExpired`` in ``proc.stop()``)."""
     import ctypes
     import signal
 
-    health(port)
-    main_wchan = Path(f"/proc/{pid}/task/{pid}/wchan")
-    deadline = time.monotonic() + WAIT
-    pause = threading.Event()  # never set: a bounded pause between polls
-    # asleep on a lock (before) or on the wakeup socket
-    while not main_wchan.read_text().startswith(("futex", "unix_stream_read")):
-        assert time.monotonic() < deadline, main_wchan.read_text()
-        pause.wait(0.01)
-    threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-    names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
-    grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
-    assert grpc_threads, names
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.tgkill(pid, grpc_threads[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
-
-
-def test_sigterm_taken_by_another_thread_stops_the_ingest(tmp_path: Path) -> None:
-    """A process-directed SIGTERM may be delivered to any thread that does not block it (here
-    forced onto one of grpcio's own threads). Python runs the handler only when the main thread
-    next runs Python code, and the main thread sat in ``Event.wait()`` for ever: the ingest never
-    stopped (the clean-clone CI's 60 s ``TimeoutExpired`` in ``proc.stop()``)."""
     proc = IngestProcess(f"sqlite:///{tmp_path / 'tgkill.db'}")
     try:
-        signal_a_grpc_thread(proc.proc.pid, proc.port)
+        pid = proc.proc.pid
+        health(proc.port)  # served: the main thread has started both receivers and goes to wait for a signal
+        main_wchan = Path(f"/proc/{pid}/task/{pid}/wchan")
+        deadline = time.monotonic() + WAIT
+        pause = threading.Event()  # never set: a bounded pause between polls
+        # asleep in its wait, on a lock (before) or on the wakeup socket: a signal earlier is handled at once
+        while not main_wchan.read_text().startswith(("futex", "unix_stream_read")):
+            assert time.monotonic() < deadline, main_wchan.read_text()
+            pause.wait(0.01)
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
+        grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
+        assert grpc_threads, names
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(pid, grpc_threads[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
         out, err = proc.proc.communicate(timeout=WAIT)
     finally:
         if proc.proc.poll() is None:
@@ -378,30 +372,3 @@ def test_sigterm_taken_by_another_thread_stops_the_ingest(tmp_path: Path) -> Non
             proc.proc.communicate()
     assert proc.proc.returncode == 0, err
     assert "stopped after" in out
-
-
-def test_serve_forever_stops_on_a_handler_for_a_signal_another_thread_took(tmp_path: Path) -> None:
-    """``IngestServer.serve_forever()`` in the main thread, stopped by the program's own SIGTERM
-    handler: the same wait, the same hang when the signal hit another thread."""
-    import subprocess
-    import sys
-
-    url = f"sqlite:///{tmp_path / 'forever.db'}"
-    code = (
-        "import signal, sys\n"
-        "from cmbagent_otel.ingest import IngestServer\n"
-        f"srv = IngestServer({url!r}, port=0, grpc_port=0)\n"
-        "signal.signal(signal.SIGTERM, lambda *_: srv.stop())\n"
-        "srv.bind(); print(srv.port, flush=True)\n"
-        "srv.serve_forever(); print('served', flush=True)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        signal_a_grpc_thread(proc.pid, int(proc.stdout.readline()))
-        out, err = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0 and "served" in out, err
