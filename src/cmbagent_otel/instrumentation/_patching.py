@@ -40,3 +40,13 @@ def wrapt_wrapper(method_for: Callable[[Any], Callable[..., Any]], state: Any) -
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     wrapper._method_for = method_for  # type: ignore[attr-defined]
     return wrapper
+
+
+def defining_class(cls: Any, name: str) -> type | None:
+    """The class of ``cls``'s MRO whose own namespace holds ``name``: the one to patch so that ``cls`` and
+    every class inheriting the attribute from there run the wrapper (``None``: none does, or ``cls`` is no
+    class). A subclass that only inherits the method has nothing of its own to patch: an application's
+    adaptation of cmbagent's ``CMBAgent`` rebound in its module lost every step span that way."""
+    if not isinstance(cls, type):
+        return None
+    return next((c for c in cls.__mro__ if name in vars(c)), None)

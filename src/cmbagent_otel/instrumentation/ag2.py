@@ -138,7 +138,7 @@ from ._content import (
     register_agent_secrets,
     register_llm_config_secrets,
 )
-from ._patching import wrapt_wrapper
+from ._patching import defining_class, wrapt_wrapper
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -487,7 +487,7 @@ def _adopt_code_executor(state: _State, agent: Any) -> None:
             if cls in _known_executor_types:
                 return
             _known_executor_types.add(cls)
-            owner = next((k for k in cls.__mro__ if "execute_code_blocks" in vars(k)), None)
+            owner = defining_class(cls, "execute_code_blocks")
             if owner is None or owner is object or _ours_in_chain(vars(owner)["execute_code_blocks"]):
                 return
             AG2Instrumentor().patch_late(owner, "execute_code_blocks", _traced_sync(state, _code, _record_code,
@@ -1409,7 +1409,7 @@ def _adopt_overrides(state: _State, cls: type) -> None:
     try:
         with _executor_lock:
             for attr, make_wrapper in _OVERRIDABLE:
-                owner = next((k for k in cls.__mro__ if attr in vars(k)), None)
+                owner = defining_class(cls, attr)
                 if owner is None or owner is object or _ours_in_chain(vars(owner)[attr]):
                     continue  # ConversableAgent's own (patched), or an override patched already
                 AG2Instrumentor().patch_late(owner, attr, make_wrapper(state))

@@ -96,6 +96,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
+from ..instrumentation._patching import defining_class
 from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
@@ -1407,16 +1408,6 @@ def _is_ours(value: Any) -> bool:
                                                              "_cmbagent_otel", False)
 
 
-def _defining(cls: Any, name: str) -> type | None:
-    """The class of ``cls``'s MRO that defines ``name`` (``None``: none, or ``cls`` is no class). A module's
-    ``CMBAgent`` (or manager, or executor) rebound to a subclass that inherits the method (an adaptation of the
-    PyPI class) still runs the base's: wrapping the base keeps its spans, where looking in the subclass only
-    found nothing and lost every step span of the process."""
-    if not isinstance(cls, type):
-        return None
-    return next((c for c in cls.__mro__ if name in vars(c)), None)
-
-
 class _State:
     """Everything one instrument() ... uninstrument() cycle holds."""
 
@@ -1517,7 +1508,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         if func_name in vars(module):
                             self._wrap(state, module, func_name, _entry_wrapper(state, func_name, mode))
                 if name == CMBAGENT_CLASS_MODULE:
-                    owner = _defining(getattr(module, "CMBAgent", None), "solve")
+                    owner = defining_class(getattr(module, "CMBAgent", None), "solve")
                     if owner is not None:
                         self._wrap(state, owner, "solve", _solve_wrapper(state))
                     else:
@@ -1528,10 +1519,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                         self._patch_phase_manager(state, cls)
                 if name == WORKFLOW_EXECUTOR_MODULE:
                     cls = getattr(module, "WorkflowExecutor", None)
-                    owner = _defining(cls, "__init__")
+                    owner = defining_class(cls, "__init__")
                     if owner is not None and owner is not object:
                         self._wrap(state, owner, "__init__", _executor_init(state))
-                    owner = _defining(cls, "run")
+                    owner = defining_class(cls, "run")
                     if owner is not None and inspect.iscoroutinefunction(vars(owner)["run"]):
                         self._wrap(state, owner, "run", _executor_run(state))
                 if name == PHASE_BASE_MODULE:
@@ -1634,7 +1625,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _patch_phase_manager(self, state: _State, cls: type) -> None:
         for name, build in _PM_WRAPPERS.items():
-            owner = _defining(cls, name)
+            owner = defining_class(cls, name)
             if owner is not None and owner is not object:
                 self._wrap(state, owner, name, build(state))
 
