@@ -43,6 +43,21 @@ def folder_locked(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+def locked_elsewhere(path: Path) -> bool:
+    """Whether an exclusive ``flock`` on ``path`` (a file or a folder) is held by another open file description,
+    asked without waiting."""
+    import fcntl  # POSIX only, as the lock under test
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
     engine = create_engine(url)
     try:

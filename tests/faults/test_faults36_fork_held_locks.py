@@ -13,9 +13,7 @@ were already closed in the child; the child now closes every lock of ours it was
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
-import os
 import threading
 from pathlib import Path
 
@@ -23,22 +21,11 @@ import pytest
 
 from cmbagent_otel.dag.writer import DagWriter
 
-from .conftest import plan_run_spans
+from .conftest import locked_elsewhere, plan_run_spans
 from .test_faults34_interleavings import audit_actions, once_at  # noqa: F401 (a fixture)
 
 HANG_S = 60  # a hang guard: the write takes milliseconds unless it waits for the worker
 
-
-def _held_by_another(folder: Path) -> bool:
-    """Whether an exclusive ``flock`` on ``folder`` is held elsewhere (asked without waiting)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _wait(conn: multiprocessing.connection.Connection) -> None:
@@ -75,7 +62,7 @@ def test_a_child_forked_while_the_writer_holds_its_folder_lock_does_not_keep_it(
             write.join(HANG_S)
             pytest.fail("the write waited for the folder lock a forked worker kept")
         assert fired[0] and children[0].is_alive()
-        assert not _held_by_another(tmp_path)  # nor any other writer of the folder
+        assert not locked_elsewhere(tmp_path)  # nor any other writer of the folder
     finally:
         writer.close()
         if children and children[0].is_alive():

@@ -18,7 +18,6 @@ does; the fork is a real ``os.fork()`` there, the lock seen with a real ``flock`
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ import pytest
 from cmbagent_otel import _forksafe, spill
 from cmbagent_otel.dag import database
 
-from .conftest import plan_run_spans
+from .conftest import locked_elsewhere, plan_run_spans
 
 
 def _open_under(folder: Path) -> list[str]:
@@ -116,17 +115,6 @@ def _abandoned_tmp(tmp_path: Path) -> tuple[spill.SpillStore, Path]:
     return store, tmp
 
 
-def _locked_elsewhere(path: Path) -> bool:
-    """Whether an exclusive ``flock`` on ``path`` is held by another open file description."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
 
 @contextlib.contextmanager
 def _fork_at_close(where: set[CodeType]) -> Iterator[list[int]]:
@@ -170,7 +158,7 @@ def test_a_child_forked_as_a_spill_file_is_closed_keeps_no_lock(tmp_path: Path) 
     with _fork_at_close({spill.SpillStore._write.__code__}) as children:
         [written] = store.append(plan_run_spans("written"))
         assert children, "no fork at the close"
-        assert not _locked_elsewhere(written)
+        assert not locked_elsewhere(written)
 
 
 def test_a_child_forked_as_recover_closes_a_tmp_keeps_no_lock(tmp_path: Path) -> None:
@@ -186,5 +174,5 @@ def test_a_child_forked_as_recover_closes_a_tmp_keeps_no_lock(tmp_path: Path) ->
         assert store.recover() == 0
         assert children, "no fork at the close"
         os.chown(tmp, owner, -1) if owner == 0 else tmp.chmod(0o600)
-        assert not _locked_elsewhere(tmp)
+        assert not locked_elsewhere(tmp)
         assert store.recover() == 1 and not tmp.exists()
