@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -150,8 +151,6 @@ def _wait_for_signal(stop: threading.Event, signals: tuple[int, ...]) -> None:
     code, and a main thread asleep in ``Event.wait()`` never did: the ingest ignored that SIGTERM
     for ever. The wakeup file descriptor is written by whichever thread the signal hit, and carries
     the signal's number, so the main thread wakes (and stops) whatever the handler's timing."""
-    import socket
-
     wanted = {int(sig) for sig in signals}
     reader, writer = socket.socketpair()
     try:
