@@ -116,6 +116,7 @@ from ..workflow import (
     is_planning_phase,
     phase,
     redo,
+    restated_stop,
     step,
     workflow,
 )
@@ -2234,13 +2235,16 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
     entered = _enter(block) if block is not None else None
     stops: dict[int, BaseException] = {}
-    token = _EXECUTOR_STOPS.set(stops) if entered is not None else None
+    # also inside the application's own run, whose blocks the executor's error leaves
+    token = _EXECUTOR_STOPS.set(stops) if entered is not None or block is None else None
     try:
         result = await work
     except BaseException as exc:
-        stop = _phase_stop_restated(stops, instance, exc) if entered is not None else None
-        if stop is not None:  # the run ends with the stop; the executor's error is one of its exception events
-            _record_on_run(entered, exc)
+        stop = _phase_stop_restated(stops, instance, exc) if token is not None else None
+        if stop is not None and entered is not None:
+            _record_on_run(entered, exc)  # the run ends with the stop; the executor's error is one of its events
+        elif stop is not None:  # the application's run, and its blocks the error leaves, end with the stop
+            restated_stop(exc, stop)
         _exit(entered, stop or exc)
         raise
     finally:

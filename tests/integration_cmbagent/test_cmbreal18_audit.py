@@ -1,0 +1,153 @@
+"""What a user of the real cmbagent package sees, eighteenth audit (session 43).
+
+MARS's own ``WorkflowExecutor`` and ``ControlPhase`` (``CMBAGENT_OTEL_MARS_SRC``, loaded next to the PyPI cmbagent
+by conftest's ``mars_phases``) and the PyPI entry points run offline against the scripted backend; spans read back,
+and the rows the DAG exporter writes into SQLite read as cmbagent's backend reads them
+(``test_real_audit._final_rows``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
+import cmbagent_otel
+from cmbagent_otel import semconv as sc
+
+from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
+from .test_cmbagent_runs import _exported, _one
+from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.cmbagent_autogen
+
+
+def _executor_in_the_apps_run(cancelled: bool) -> Any:
+    """An entry function for ``run_cmbagent``: MARS's ``WorkflowExecutor`` running a one-phase workflow
+    (``control`` on the preloaded plan) inside the application's own ``cmbagent_otel.workflow(...)`` block, with
+    the callbacks of a user who cancels from the UI when step 1 completes when ``cancelled``. Returns what the
+    executor raised (``None``: nothing) and the phases' results."""
+
+    def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        from cmbagent.phases.control import ControlPhase
+        from cmbagent.phases.registry import PhaseRegistry
+        from cmbagent.workflows.composer import WorkflowDefinition, WorkflowExecutor
+
+        from .test_cmbreal16_audit import _cancelled_after_step_1
+
+        PhaseRegistry.register_class("control", ControlPhase)  # as MARS's cmbagent.phases package does
+        definition = WorkflowDefinition(id="preloaded_control", name="Preloaded control", description="",
+                                        phases=[{"type": "control", "config": MARS_CONTROL_CONFIG}])
+        executor = WorkflowExecutor(definition, task, str(work_dir), api_keys,
+                                    callbacks=_cancelled_after_step_1() if cancelled else None)
+        error = None
+        with pypi_cmbagent_for_mars():
+            try:
+                with cmbagent_otel.workflow("preloaded control", mode="planning-control", task=task):
+                    executor.run_sync()
+            except RuntimeError as exc:
+                error = str(exc)
+        return {"error": error, "phases": [r.status.value for r in executor.results]}
+
+    return run
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["completed", "cancelled"])
+def test_a_mars_executor_inside_the_apps_run_ends_it_as_its_phases_ended(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, cancelled: bool) -> None:
+    """Session 42's Left. The executor inside the application's own ``workflow`` block: when its phases complete,
+    the run completed; when the user cancels (the phase's ``raise_if_cancelled()`` raising
+    ``WorkflowCancelledException`` into ``manager.fail()``, then the executor's own ``RuntimeError("Phase control
+    failed: Workflow cancelled by user")`` through the application's block), the run is cancelled, as the same
+    executor's own run is (session 42) and as cmbagent's cancel endpoint marks it: on 5d6278f it ended with the
+    ``RuntimeError``, ``failed``. The application still gets the ``RuntimeError``; it is an exception event of
+    the run."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_executor_in_the_apps_run(cancelled))
+    assert run.error is None, run.error
+    _one_root_per_trace(run)
+    assert len({s.context.trace_id for s in run.spans}) == 1
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow preloaded control"
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    if not cancelled:
+        assert (run.results["error"], run.results["phases"]) == (None, ["completed"])
+        assert root.status.status_code is StatusCode.UNSET, root.status.description
+        assert row["status"] == "completed"
+        assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == ["completed"] * 4
+        return
+    assert run.results["error"] == "Phase control failed: Workflow cancelled by user"
+    assert "researcher" not in run.sequence  # step 2 never started
+    assert (root.status.status_code, root.attributes[sc.ERROR_TYPE]) == (StatusCode.ERROR, "WorkflowCancelledException")
+    assert "Workflow cancelled by user" in root.status.description
+    assert [e.attributes["exception.type"].rpartition(".")[2] for e in root.events if e.name == "exception"] == [
+        "RuntimeError", "WorkflowCancelledException"]
+    phase = _one(run, "phase control")
+    assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
+        "Workflow cancelled by user", "WorkflowCancelledException")
+    assert row["status"] == "cancelled" and "Workflow cancelled by user" in row["meta"]["error"]
+    assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending", "pending", "failed"]
+    assert all(n["status"] != "running" for n in nodes.values())
+
+
+@pytest.mark.parametrize("package", ["camb", "classy"])
+def test_two_documentation_calls_at_once_each_read_the_served_docs_and_leave_the_url(tmp_path: Path,
+                                                                                    package: str) -> None:
+    """Session 42's Left (tests only). ``call_workflow("one_shot_<package>")`` points cmbagent's
+    ``<package>_context_url`` at a loopback document server for the call. Two calls from two threads, ordered by
+    events (no sleeps): A enters, B enters, A returns, then B reads the URL. Each saved and put back what it
+    found, so on 5d6278f B read cmbagent's real (https) URL once A had left, and after both the module held A's
+    stopped server's URL for the rest of the process. Now every read inside a call gets the documents, and the
+    module's URL is cmbagent's own afterwards."""
+    import sys
+    import threading
+    import urllib.request
+
+    from .scripted_cmbagent import CONTEXT_DOCS, call_workflow
+
+    module = sys.modules["cmbagent.cmbagent"]
+    name = f"{package}_context_url"
+    original = getattr(module, name)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    read: dict[str, str] = {}
+
+    def served() -> str:
+        with urllib.request.urlopen(getattr(module, name), timeout=30) as answer:
+            return answer.read().decode("utf-8")
+
+    def call_a(task: str, **_: Any) -> dict[str, Any]:
+        a_in.set()
+        assert b_in.wait(60)
+        read["a"] = served()
+        return {}
+
+    def call_b(task: str, **_: Any) -> dict[str, Any]:
+        b_in.set()
+        assert a_out.wait(60)
+        read["b"] = served() if getattr(module, name).startswith("http://127.0.0.1:") else getattr(module, name)
+        return {}
+
+    def a() -> None:
+        try:
+            call_workflow(f"one_shot_{package}", tmp_path / "a", function=call_a)
+        finally:
+            a_out.set()
+
+    thread = threading.Thread(target=a, name="call A")
+    thread.start()
+    try:
+        assert a_in.wait(60)
+        call_workflow(f"one_shot_{package}", tmp_path / "b", function=call_b)
+    finally:
+        thread.join()
+    assert read == {"a": CONTEXT_DOCS, "b": CONTEXT_DOCS}
+    assert getattr(module, name) == original
