@@ -151,3 +151,38 @@ def test_two_documentation_calls_at_once_each_read_the_served_docs_and_leave_the
         thread.join()
     assert read == {"a": CONTEXT_DOCS, "b": CONTEXT_DOCS}
     assert getattr(module, name) == original
+
+
+def test_cmbagent_backend_reads_the_cancelled_run_of_an_executor_inside_the_apps_run(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path) -> None:
+    """cmbagent's own backend (MARS's routers, unmodified, ``CMBAGENT_OTEL_MARS_PYTHON``) on the rows of the
+    executor cancelled inside the application's run, written into SQLite and into PostgreSQL from the same spans:
+    every endpoint answers, the same from both; the run's status ``cancelled`` (``failed`` on 5d6278f); its DAG
+    ours node for node; the history every event; the session listed."""
+    import os
+
+    from tests.conftest import PG_ENV
+
+    from .test_backend_rows import _mars_python
+    from .test_cmbreal9_audit import _comparable, backend_answers
+
+    python = _mars_python()
+    base = os.environ.get(PG_ENV)
+    if python is None or not base:
+        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
+                    f"{PG_ENV}")
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_executor_in_the_apps_run(cancelled=True))
+    sqlite = _exported(run, tmp_path)
+    rows = _final_rows(sqlite)
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
+    assert statuses == ["cancelled"]
+    assert _comparable(pgsql) == _comparable(lite)
+    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
+    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
+    assert [dag[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
+        "completed", "pending", "pending", "failed"]
+    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
+    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
