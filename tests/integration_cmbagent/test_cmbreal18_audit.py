@@ -186,3 +186,43 @@ def test_cmbagent_backend_reads_the_cancelled_run_of_an_executor_inside_the_apps
         "completed", "pending", "pending", "failed"]
     assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
     assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
+
+
+def test_two_executors_inside_two_apps_runs_in_two_threads_end_apart(request: pytest.FixtureRequest,
+                                                                     mars_phases: Path, tmp_path: Path) -> None:
+    """Two application runs at once in one process, each with MARS's executor inside its own ``workflow`` block, in
+    two threads sharing the database: one cancelled by its user after step 1, the other completing. Each ends as
+    its own phases did (``cancelled``, ``completed``): the restated cancel of one thread's executor marks only
+    that thread's blocks."""
+    import threading
+
+    def both(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+
+        def one(name: str, cancelled: bool) -> None:
+            folder = Path(work_dir) / name
+            folder.mkdir()
+            results[name] = _executor_in_the_apps_run(cancelled)(f"{task} ({name})", str(folder), api_keys)
+
+        threads = [threading.Thread(target=one, args=(name, name == "cancelled"), name=name)
+                   for name in ("cancelled", "completed")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script, function=both)
+    assert run.error is None, run.error
+    assert run.results["cancelled"] == {"error": "Phase control failed: Workflow cancelled by user",
+                                        "phases": ["failed"]}
+    assert run.results["completed"] == {"error": None, "phases": ["completed"]}
+    _one_root_per_trace(run)
+    rows = _final_rows(_exported(run, tmp_path))
+    status = {r["task_description"].rpartition("(")[2].rstrip(")"): r["status"] for r in rows["runs"]}
+    assert status == {"cancelled": "cancelled", "completed": "completed"}
+    for row in rows["runs"]:
+        nodes = {short: n["status"] for (run_id, short), n in rows["nodes"].items() if run_id == row["id"]}
+        expected = (["completed", "pending", "pending", "failed"] if row["status"] == "cancelled"
+                    else ["completed"] * 4)
+        assert [nodes[s] for s in ("step_1", "step_2", "step_3", "control")] == expected, row["status"]
