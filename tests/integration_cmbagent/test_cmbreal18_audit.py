@@ -226,3 +226,80 @@ def test_two_executors_inside_two_apps_runs_in_two_threads_end_apart(request: py
         expected = (["completed", "pending", "pending", "failed"] if row["status"] == "cancelled"
                     else ["completed"] * 4)
         assert [nodes[s] for s in ("step_1", "step_2", "step_3", "control")] == expected, row["status"]
+
+
+def _researchers_formatter_answering_no_json(script: Any) -> Any:
+    """A responder: the scripted backend, but the researcher's response formatter answers text that is not the
+    JSON its schema asks for (the first time it is asked: step 2), so AG2's structured output raises pydantic's
+    ``ValidationError`` inside the step, out of the entry point."""
+
+    def answer(body: dict[str, Any]) -> Any:
+        if script.agent_of(body) == "researcher_response_formatter":
+            script.sequence.append("researcher_response_formatter")
+            return "this is not json {"
+        return script(body)
+
+    return answer
+
+
+@pytest.mark.parametrize("case", ["plan_reviewed_three_times", "step_2_formatter_raising"])
+def test_new_planning_and_control_shapes_in_the_dag_and_cmbagents_backend(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, case: str) -> None:
+    """Two ``planning_and_control`` runs no audit had made, read back as rows, with ``cmbagent-otel dag latest``'s
+    picture and by cmbagent's own backend (MARS's routers, ``CMBAGENT_OTEL_MARS_PYTHON``) from SQLite and
+    PostgreSQL. ``n_plan_reviews=3``: the planner, its recorder and the reviewer go round three times, every
+    model call one LLM event of the ``planning`` node, the run completed. A sub-agent raising inside a step (the
+    researcher's formatter answering no JSON: pydantic's ``ValidationError`` out of cmbagent): step 2 and the
+    formatter's node failed with it, step 3 pending, control and the run failed. The backend answers every route
+    the same from both databases, its DAG ours node for node."""
+    from tests.conftest import PG_ENV
+
+    from .test_backend_rows import _mars_python
+    from .test_cmbreal9_audit import _comparable, backend_answers
+
+    reviewed = case == "plan_reviewed_three_times"
+    options: dict[str, Any] = {"n_plan_reviews": 3} if reviewed else {}
+    responder = (lambda script: script) if reviewed else _researchers_formatter_answering_no_json
+    run = request.getfixturevalue("run_cmbagent")("planning_and_control", responder=responder, **options)
+    sqlite = _exported(run, tmp_path)
+    rows = _final_rows(sqlite)
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    planning = nodes["planning"]["id"]
+    planning_calls = [e for e in rows["events"] if e["event_subtype"] == "llm" and e["node_id"] == planning]
+    if reviewed:
+        assert run.error is None, run.error
+        assert run.sequence.count("plan_reviewer") == 3 and run.sequence.count("planner") == 4
+        assert len(planning_calls) == run.sequence.index("control")  # every model call before control's first
+        assert row["status"] == "completed"
+        assert all(n["status"] == "completed" for n in nodes.values())
+    else:
+        assert type(run.error).__name__ == "ValidationError"
+        assert row["status"] == "failed" and row["meta"]["error"].startswith("ValidationError: ")
+        assert [nodes[s]["status"] for s in ("planning", "step_1", "step_2", "step_3", "control", "terminator")] == [
+            "completed", "completed", "failed", "pending", "failed", "failed"]
+        assert nodes["step_2_researcher_response_formatter"]["status"] == "failed"
+    # `cmbagent-otel dag latest`: the nodes in cmbagent's order, each with its status
+    import contextlib
+    import io
+
+    from cmbagent_otel.cli import main as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli(["--db", sqlite, "dag", "latest"]) == 0
+    picture = out.getvalue().splitlines()
+    assert f" planning-control {row['status']} " in picture[0]
+    top = [line[4:].split(" (")[0] for line in picture[1:] if line[:4] in ("├── ", "└── ")]
+    assert top == ["planning", "control", "terminator"]
+    python = _mars_python()
+    base = os.environ.get(PG_ENV)
+    if python is None or not base:
+        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
+                    f"{PG_ENV}")
+    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
+    assert statuses == [row["status"]]
+    assert _comparable(pgsql) == _comparable(lite)
+    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
+    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
+    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
