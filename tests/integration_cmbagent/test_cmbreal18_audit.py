@@ -303,3 +303,59 @@ def test_new_planning_and_control_shapes_in_the_dag_and_cmbagents_backend(
     dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
     assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
     assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
+
+
+def _mars_one_shot_workflow(cancelled: bool) -> Any:
+    """An entry function for ``run_cmbagent``: MARS's own ``one_shot`` workflow function
+    (``cmbagent.workflows.one_shot``: its ``OneShotPhase`` run by its ``WorkflowExecutor``), called as MARS's
+    backend's task executor calls it in one-shot mode, with ``callbacks``; the user's cancel already set when
+    ``cancelled`` (the phase's ``raise_if_cancelled()`` stops it before its first model call). Returns what it
+    raised (``None``: nothing)."""
+
+    def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        from cmbagent.callbacks import WorkflowCallbacks
+        from cmbagent.phases.one_shot import OneShotPhase
+        from cmbagent.phases.registry import PhaseRegistry
+        from cmbagent.workflows import one_shot as workflows
+
+        PhaseRegistry.register_class("one_shot", OneShotPhase)  # as MARS's cmbagent.phases package does
+        callbacks = WorkflowCallbacks(should_continue=lambda: not cancelled)
+        with pypi_cmbagent_for_mars():
+            try:
+                workflows.one_shot(task, work_dir=str(work_dir), api_keys=api_keys, callbacks=callbacks)
+            except RuntimeError as exc:
+                return {"error": str(exc)}
+        return {"error": None}
+
+    return run
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["completed", "cancelled"])
+def test_a_mars_workflow_function_whose_phase_is_cancelled_is_a_cancelled_run(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, cancelled: bool) -> None:
+    """The same restated cancel inside an entry call's run: MARS's ``one_shot`` workflow function (an entry point
+    of ours: its call is the run) runs its executor, whose ``RuntimeError("Phase one_shot failed: Workflow
+    cancelled by user")`` restates the phase's cancel; MARS's backend calls it so for a one-shot task the user
+    cancels. On 5d6278f the run was ``failed`` with the ``RuntimeError`` (the terminator node saying so); now
+    ``cancelled``, the ``execute`` node failed with the cancel's message. Uncancelled, the run completed."""
+    run = request.getfixturevalue("run_cmbagent")("one_shot", responder=lambda script: script,
+                                                  function=_mars_one_shot_workflow(cancelled))
+    assert run.error is None, run.error
+    _one_root_per_trace(run)
+    (root,) = [s for s in run.spans if s.parent is None]
+    assert root.name == "workflow one_shot"
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    if not cancelled:
+        assert run.results["error"] is None
+        assert row["status"] == "completed"
+        assert [nodes[s]["status"] for s in ("init", "execute", "terminator")] == ["completed"] * 3
+        return
+    assert run.results["error"] == "Phase one_shot failed: Workflow cancelled by user"
+    assert run.sequence == []  # stopped before its first model call
+    message = "WorkflowCancelledException: Workflow cancelled by user"
+    assert (root.status.description, root.attributes[sc.ERROR_TYPE]) == (message, "WorkflowCancelledException")
+    assert (row["status"], row["meta"]["error"]) == ("cancelled", message)
+    assert [nodes[s]["status"] for s in ("init", "execute", "terminator")] == ["completed", "failed", "failed"]
+    assert nodes["execute"]["meta"]["error"] == "Workflow cancelled by user"
