@@ -359,3 +359,68 @@ def test_a_mars_workflow_function_whose_phase_is_cancelled_is_a_cancelled_run(
     assert (row["status"], row["meta"]["error"]) == ("cancelled", message)
     assert [nodes[s]["status"] for s in ("init", "execute", "terminator")] == ["completed", "failed", "failed"]
     assert nodes["execute"]["meta"]["error"] == "Workflow cancelled by user"
+
+
+def _mars_planning_and_control(cancelled: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An entry function for ``run_cmbagent``: MARS's own ``planning_and_control_context_carryover`` workflow
+    function (``cmbagent.workflows.planning_control``: its ``PlanningPhase`` then ``ControlPhase`` run by its
+    ``WorkflowExecutor``), called as MARS's backend's task executor calls it for a planning-control task, with
+    ``callbacks``: those of a user who cancels from the UI when step 1 completes when ``cancelled``. MARS's
+    planning phase hands the PyPI ``save_final_plan`` its planning folder as a ``str``, which the PyPI function
+    joins with ``/``: given as a ``Path`` here. Returns what it raised (``None``: nothing)."""
+
+    def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
+        from cmbagent.agents.planner_response_formatter import planner_response_formatter
+        from cmbagent.phases.control import ControlPhase
+        from cmbagent.phases.planning import PlanningPhase
+        from cmbagent.phases.registry import PhaseRegistry
+        from cmbagent.workflows import planning_control
+
+        from .test_cmbreal16_audit import _cancelled_after_step_1
+
+        PhaseRegistry.register_class("planning", PlanningPhase)  # as MARS's cmbagent.phases package does
+        PhaseRegistry.register_class("control", ControlPhase)
+        save = planner_response_formatter.save_final_plan
+        monkeypatch.setattr(planner_response_formatter, "save_final_plan",
+                            lambda context, folder: save(context, Path(folder)))
+        with pypi_cmbagent_for_mars():
+            try:
+                planning_control.planning_and_control_context_carryover(
+                    task, work_dir=str(work_dir), api_keys=api_keys, max_rounds_control=30,
+                    callbacks=_cancelled_after_step_1() if cancelled else None)
+            except RuntimeError as exc:
+                return {"error": str(exc)}
+        return {"error": None}
+
+    return run
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["completed", "cancelled"])
+def test_mars_planning_and_control_workflow_function_cancelled_after_step_1(
+        request: pytest.FixtureRequest, mars_phases: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        cancelled: bool) -> None:
+    """MARS's planning-control path as its backend runs it (no earlier audit ran MARS's ``PlanningPhase``): the
+    planning phase, then control's 3 steps. Uncancelled: ``planning``, ``control`` and its steps completed, the run
+    completed. The user cancelling after step 1: ``planning`` completed, ``control`` failed with the cancel, step 1
+    completed, steps 2-3 pending, the run ``cancelled`` (``failed`` with the executor's ``RuntimeError`` on
+    5d6278f)."""
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_mars_planning_and_control(cancelled, monkeypatch))
+    assert run.error is None, run.error
+    _one_root_per_trace(run)
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    if not cancelled:
+        assert run.results["error"] is None
+        assert row["status"] == "completed"
+        assert [nodes[s]["status"] for s in ("planning", "control", "step_1", "step_2", "step_3", "terminator")] == [
+            "completed"] * 6
+        return
+    assert run.results["error"] == "Phase control failed: Workflow cancelled by user"
+    assert "researcher" not in run.sequence  # step 2 never started
+    message = "WorkflowCancelledException: Workflow cancelled by user"
+    assert (row["status"], row["meta"]["error"]) == ("cancelled", message)
+    assert [nodes[s]["status"] for s in ("planning", "control", "step_1", "step_2", "step_3", "terminator")] == [
+        "completed", "failed", "completed", "pending", "pending", "failed"]
+    assert nodes["control"]["meta"]["error"] == "Workflow cancelled by user"
