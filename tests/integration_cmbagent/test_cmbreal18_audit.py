@@ -8,6 +8,7 @@ and the rows the DAG exporter writes into SQLite read as cmbagent's backend read
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -305,12 +306,12 @@ def test_new_planning_and_control_shapes_in_the_dag_and_cmbagents_backend(
     assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
 
 
-def _mars_one_shot_workflow(cancelled: bool) -> Any:
+def _mars_one_shot_workflow(cancelled: bool, joined: bool = False) -> Any:
     """An entry function for ``run_cmbagent``: MARS's own ``one_shot`` workflow function
     (``cmbagent.workflows.one_shot``: its ``OneShotPhase`` run by its ``WorkflowExecutor``), called as MARS's
     backend's task executor calls it in one-shot mode, with ``callbacks``; the user's cancel already set when
-    ``cancelled`` (the phase's ``raise_if_cancelled()`` stops it before its first model call). Returns what it
-    raised (``None``: nothing)."""
+    ``cancelled`` (the phase's ``raise_if_cancelled()`` stops it before its first model call); inside the
+    application's own ``workflow(...)`` block when ``joined``. Returns what it raised (``None``: nothing)."""
 
     def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
         from cmbagent.callbacks import WorkflowCallbacks
@@ -322,7 +323,9 @@ def _mars_one_shot_workflow(cancelled: bool) -> Any:
         callbacks = WorkflowCallbacks(should_continue=lambda: not cancelled)
         with pypi_cmbagent_for_mars():
             try:
-                workflows.one_shot(task, work_dir=str(work_dir), api_keys=api_keys, callbacks=callbacks)
+                with (cmbagent_otel.workflow("one shot", mode="one-shot", task=task) if joined
+                      else contextlib.nullcontext()):
+                    workflows.one_shot(task, work_dir=str(work_dir), api_keys=api_keys, callbacks=callbacks)
             except RuntimeError as exc:
                 return {"error": str(exc)}
         return {"error": None}
@@ -330,20 +333,22 @@ def _mars_one_shot_workflow(cancelled: bool) -> Any:
     return run
 
 
-@pytest.mark.parametrize("cancelled", [False, True], ids=["completed", "cancelled"])
+@pytest.mark.parametrize(("cancelled", "joined"), [(False, False), (True, False), (True, True)],
+                         ids=["completed", "cancelled", "cancelled_in_the_apps_run"])
 def test_a_mars_workflow_function_whose_phase_is_cancelled_is_a_cancelled_run(
-        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, cancelled: bool) -> None:
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, cancelled: bool, joined: bool) -> None:
     """The same restated cancel inside an entry call's run: MARS's ``one_shot`` workflow function (an entry point
     of ours: its call is the run) runs its executor, whose ``RuntimeError("Phase one_shot failed: Workflow
     cancelled by user")`` restates the phase's cancel; MARS's backend calls it so for a one-shot task the user
     cancels. On 5d6278f the run was ``failed`` with the ``RuntimeError`` (the terminator node saying so); now
-    ``cancelled``, the ``execute`` node failed with the cancel's message. Uncancelled, the run completed."""
+    ``cancelled``, the ``execute`` node failed with the cancel's message. Uncancelled, the run completed. The
+    call inside the application's own ``workflow`` block (it joins that run): the same."""
     run = request.getfixturevalue("run_cmbagent")("one_shot", responder=lambda script: script,
-                                                  function=_mars_one_shot_workflow(cancelled))
+                                                  function=_mars_one_shot_workflow(cancelled, joined))
     assert run.error is None, run.error
     _one_root_per_trace(run)
     (root,) = [s for s in run.spans if s.parent is None]
-    assert root.name == "workflow one_shot"
+    assert root.name == ("workflow one shot" if joined else "workflow one_shot")
     rows = _final_rows(_exported(run, tmp_path))
     (row,) = rows["runs"]
     nodes = _nodes_of(rows)
