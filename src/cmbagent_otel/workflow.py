@@ -46,6 +46,7 @@ from ._spans import (
     _LateTracer,
     effective_parent,
     end_interrupted,
+    record_exception,
     retake_node,
     workflow_tracers,
 )
@@ -158,7 +159,7 @@ def is_clean_exit(exc: BaseException | None) -> bool:
 class _Entry:
     """One entry into a block: its span (``None`` for a workflow that joined an enclosing run)."""
 
-    __slots__ = ("block", "restore", "traced")
+    __slots__ = ("block", "restated", "restore", "traced")
 
     def __init__(self, block: _Block, traced: TracedSpan | None) -> None:
         self.block = block
@@ -166,6 +167,9 @@ class _Entry:
         # the context token of an entry made before this one but left while this one was open (left
         # out of order): resetting it when this entry is left gives back the context from before it
         self.restore: Any = None
+        # (error, stop): an error raised inside the block that restates a stop (see restated_stop); the block
+        # left by that very error ends with the stop
+        self.restated: tuple[BaseException, BaseException] | None = None
 
 
 # The blocks entered in the current context, innermost last: each entry of a block object
@@ -291,6 +295,9 @@ class _Block:
             if traced is not None:
                 if exc is not None and is_clean_exit(exc):
                     exc_type, exc, tb = None, None, None
+                restated, entry.restated = entry.restated, None
+                if exc is not None and restated is not None and restated[0] is exc:
+                    exc_type, exc, tb = _ending_with_stop(traced, exc, restated[1])
                 try:
                     traced.__exit__(exc_type, exc, tb)
                 finally:  # a Ctrl-C out of the span's end (a span processor's on_end) ends the run too
@@ -380,6 +387,31 @@ class _Block:
         traced = self._current()
         if traced is not None:
             traced.fail(description)
+
+
+def restated_stop(error: BaseException, stop: BaseException) -> None:
+    """``error``, raised in the current context, restates ``stop`` (the user's cancel): MARS's executor raising
+    its own ``RuntimeError("Phase control failed: Workflow cancelled by user")`` after its phase failed with
+    the cancel. Each block open here that ``error`` leaves then ends with ``stop`` (its status, ``error.type``,
+    the DAG's ``cancelled``), ``error`` one more exception event of its span; a block left by anything else
+    (the application caught it, raised another) is unchanged. Never raises."""
+    try:
+        for entry in _ENTRIES.get():
+            if entry.traced is not None:
+                entry.restated = (error, stop)  # dropped when the block is left: held no longer than the run
+    except Exception:
+        logger.debug("cmbagent_otel: could not mark a restated stop", exc_info=True)
+
+
+def _ending_with_stop(traced: TracedSpan, error: BaseException,
+                      stop: BaseException) -> tuple[type[BaseException], BaseException, TracebackType | None]:
+    """What a block left by ``error``, which restates ``stop``, ends with: ``stop``; ``error`` recorded first."""
+    try:
+        if traced.span.is_recording():
+            record_exception(traced.span, error)
+    except Exception:
+        logger.debug("cmbagent_otel: could not record the restating error", exc_info=True)
+    return type(stop), stop, stop.__traceback__
 
 
 def _of_this_run(entries: list[_Entry], or_latest: bool = False) -> _Entry | None:

@@ -17,12 +17,14 @@ request, so a failing first attempt goes through cmbagent's own retry path
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,6 +459,37 @@ class _DocumentServer(_LoopbackServer):
         super().__init__(Handler, "/docs.md")
 
 
+# the documentation URLs of cmbagent's module pointed at loopback, by attribute: [calls inside, cmbagent's own URL,
+# the server]. Calls may overlap (two threads): the first one in starts the server and points the URL at it, the
+# last one out puts cmbagent's URL back (each call putting back what it found left a stopped server's URL behind,
+# and a call still inside read cmbagent's real URL once the other had left)
+_CONTEXT_LOCK = threading.Lock()
+_context_served: dict[str, list[Any]] = {}
+
+
+@contextlib.contextmanager
+def _context_docs_served(package: str) -> Iterator[None]:
+    """While inside, cmbagent's ``<package>_context_url`` names a loopback server of :data:`CONTEXT_DOCS`."""
+    module = sys.modules["cmbagent.cmbagent"]
+    name = f"{package}_context_url"
+    with _CONTEXT_LOCK:
+        held = _context_served.get(name)
+        if held is None:
+            server = _DocumentServer(CONTEXT_DOCS)
+            held = _context_served[name] = [0, getattr(module, name), server]
+            setattr(module, name, server.__enter__())
+        held[0] += 1
+    try:
+        yield
+    finally:
+        with _CONTEXT_LOCK:
+            held[0] -= 1
+            if not held[0]:
+                del _context_served[name]
+                setattr(module, name, held[1])
+                held[2].__exit__(None, None, None)
+
+
 def write_plan(path: Path, plan: tuple[PlanStep, ...] = DEFAULT_PLAN) -> Path:
     """A plan file in cmbagent's ``final_plan.json`` layout, for :func:`cmbagent.control`."""
     path.write_text(json.dumps({"sub_tasks": [
@@ -476,14 +509,8 @@ def call_workflow(kind: str, work_dir: Path, function: Any = None, **options: An
         # the agent's context first: served here from loopback, the URL cmbagent reads pointed at it for the call
         fn = function or cmbagent.one_shot
         package = kind.removeprefix("one_shot_")
-        with _DocumentServer(CONTEXT_DOCS) as url:
-            module = sys.modules["cmbagent.cmbagent"]
-            saved = getattr(module, f"{package}_context_url")
-            setattr(module, f"{package}_context_url", url)
-            try:
-                return fn(TASK, agent=f"{package}_context", **kw)  # type: ignore[no-any-return]
-            finally:
-                setattr(module, f"{package}_context_url", saved)
+        with _context_docs_served(package):
+            return fn(TASK, agent=f"{package}_context", **kw)  # type: ignore[no-any-return]
     if kind in ("one_shot_plots", "one_shot_plots_retry"):
         # the VLM call goes to Gemini: the runner points GOOGLE_GEMINI_BASE_URL at a GeminiServer
         fn = function or cmbagent.one_shot

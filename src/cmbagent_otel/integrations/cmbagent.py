@@ -116,6 +116,7 @@ from ..workflow import (
     is_planning_phase,
     phase,
     redo,
+    restated_stop,
     step,
     workflow,
 )
@@ -2234,14 +2235,15 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         logger.debug("cmbagent_otel: WorkflowExecutor.run", exc_info=True)
     entered = _enter(block) if block is not None else None
     stops: dict[int, BaseException] = {}
-    token = _EXECUTOR_STOPS.set(stops) if entered is not None else None
+    # inside a run not its own too (the application's block, an entry call's): the error leaves its blocks
+    token = _EXECUTOR_STOPS.set(stops) if entered is not None or block is None else None
     try:
         result = await work
     except BaseException as exc:
-        stop = _phase_stop_restated(stops, instance, exc) if entered is not None else None
-        if stop is not None:  # the run ends with the stop; the executor's error is one of its exception events
-            _record_on_run(entered, exc)
-        _exit(entered, stop or exc)
+        stop = _phase_stop_restated(stops, instance, exc) if token is not None else None
+        if stop is not None:  # the runs it leaves end with the stop; the executor's error is one of their events
+            restated_stop(exc, stop)
+        _exit(entered, exc)
         raise
     finally:
         if token is not None:
@@ -2250,16 +2252,6 @@ async def _executor_running(instance: Any, work: Any) -> Any:
         stops.clear()
     _exit(entered)
     return result
-
-
-def _record_on_run(block: _Block, exc: BaseException) -> None:
-    """``exc`` as an exception event of the span ``block`` opened in this context (its status set by its exit)."""
-    try:
-        entry = next((e for e in reversed(_ENTRIES.get()) if e.block is block and e.traced is not None), None)
-        if entry is not None and entry.traced is not None:
-            record_exception(entry.traced.span, exc)
-    except Exception:
-        logger.debug("cmbagent_otel: could not record the executor's error on its run", exc_info=True)
 
 
 def _phase_stop_restated(stops: dict[int, BaseException], executor: Any, exc: BaseException) -> BaseException | None:
