@@ -341,10 +341,16 @@ def custom_client_key() -> str | None:
     return None
 
 
+def client_key() -> str:
+    """The key to name a custom model client class under in a config entry on this AG2 line (ag2's when it
+    takes neither: the entry is then rejected as it would be by the line)."""
+    return custom_client_key() or CUSTOM_CLIENT_KEYS[0]
+
+
 def custom_client_entry(cls_name: str, model: str = "scripted", **fields: Any) -> dict[str, Any]:
     """A config entry selecting the custom model client class ``cls_name`` (register it on the agent
     afterwards), under the key this AG2 line takes."""
-    return {"model": model, custom_client_key() or CUSTOM_CLIENT_KEYS[0]: cls_name, **fields}
+    return {"model": model, client_key(): cls_name, **fields}
 
 
 def custom_client_config(cls_name: str, model: str = "scripted", **fields: Any) -> dict[str, Any]:
