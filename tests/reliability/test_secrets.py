@@ -32,7 +32,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import cmbagent_otel
 from cmbagent_otel import redaction, semconv
 from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient
-
 from tests.conftest import client_key
 
 from .conftest import group_chat, needs_custom_client
