@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.usefixtures("isolated_secrets"), needs_custom_client]
 def _agent(name: str, key: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
     entry = {"model": "scripted", client_key(): "ScriptedModelClient", "api_key": key}
     # ag2's LLMConfig takes entries as arguments, cmbagent_autogen's only config_list=
-    config = LLMConfig(config_list=[entry], cache_seed=None) if ON_CMBAGENT_AUTOGEN else LLMConfig(entry, cache_seed=None)
+    config = (LLMConfig(config_list=[entry], cache_seed=None) if ON_CMBAGENT_AUTOGEN
+              else LLMConfig(entry, cache_seed=None))
     agent = ConversableAgent(name, llm_config=config, **kwargs)
     agent.register_model_client(ScriptedModelClient, script=list(script))
     return agent
