@@ -314,3 +314,46 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     with _fresh_schema() as url:
         yield url
+
+
+# --- custom model clients on every AG2 line ----------------------------------------------------------
+# ag2 names a custom ModelClient class in a config entry under ``model_client_cls``; cmbagent_autogen (the
+# fork cmbagent runs on) under ``mod_client_cls``, and its config schema forbids the ag2 key. Tests that need a
+# custom client (a hostile one, one whose usage has a given shape) build their entry with the key the
+# installed line takes, so they run on the fork too instead of skipping there.
+from cmbagent_otel.instrumentation._models import CUSTOM_CLIENT_KEYS  # noqa: E402 - appended section
+
+
+@functools.lru_cache(maxsize=1)
+def custom_client_key() -> str | None:
+    """The ``llm_config`` key this AG2 line takes for a custom model client class, or None if it takes
+    neither of :data:`CUSTOM_CLIENT_KEYS`."""
+    from autogen import ConversableAgent
+
+    for key in CUSTOM_CLIENT_KEYS:
+        entry = {"model": "scripted", key: "ScriptedModelClient"}
+        try:  # the schema check only: the class is not built before it is registered
+            ConversableAgent("client_key_probe", llm_config={"config_list": [entry], "cache_seed": None},
+                             human_input_mode="NEVER")
+        except Exception:
+            continue
+        return key
+    return None
+
+
+def client_key() -> str:
+    """The key to name a custom model client class under in a config entry on this AG2 line (ag2's when it
+    takes neither: the entry is then rejected as it would be by the line)."""
+    return custom_client_key() or CUSTOM_CLIENT_KEYS[0]
+
+
+def custom_client_entry(cls_name: str, model: str = "scripted", **fields: Any) -> dict[str, Any]:
+    """A config entry selecting the custom model client class ``cls_name`` (register it on the agent
+    afterwards), under the key this AG2 line takes."""
+    return {"model": model, client_key(): cls_name, **fields}
+
+
+def custom_client_config(cls_name: str, model: str = "scripted", **fields: Any) -> dict[str, Any]:
+    """An ``llm_config`` with one :func:`custom_client_entry` and no cache."""
+    return {"config_list": [custom_client_entry(cls_name, model, **fields)], "cache_seed": None}
+

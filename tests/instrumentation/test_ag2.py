@@ -32,6 +32,7 @@ from cmbagent_otel.testing import (
     offline_agent,
     offline_backend,
 )
+from tests.conftest import custom_client_config, custom_client_key
 
 
 def scripted(name: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
@@ -763,11 +764,9 @@ class _UsageShapesClient(ScriptedModelClient):
                 "model": response.model}
 
 
-@pytest.mark.skipif(offline_backend() != "client",
-                    reason="this AG2 line does not accept custom model clients in llm_config")
+@pytest.mark.skipif(custom_client_key() is None, reason="this AG2 line takes a custom model client under no known key")
 def test_token_counts_from_every_usage_shape(instrumented):
-    config = {"config_list": [{"model": "scripted", "model_client_cls": "_UsageShapesClient"}], "cache_seed": None}
-    agent = ConversableAgent("counter", llm_config=config, human_input_mode="NEVER")
+    agent = ConversableAgent("counter", llm_config=custom_client_config("_UsageShapesClient"), human_input_mode="NEVER")
     agent.register_model_client(_UsageShapesClient, script=["one", "two", "three", "four"])
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     for _ in range(4):

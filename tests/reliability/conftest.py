@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,10 +17,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import cmbagent_otel
 from cmbagent_otel import redaction
 from cmbagent_otel.demo import order_speakers
-from cmbagent_otel.testing import ScriptedModelClient, offline_backend
+from cmbagent_otel.testing import ScriptedModelClient, activate, offline_backend, shared_server
+from tests.conftest import CUSTOM_CLIENT_KEYS, custom_client_config, custom_client_key
 
 needs_custom_client = pytest.mark.skipif(
-    offline_backend() != "client", reason="this AG2 line does not accept custom model clients in llm_config"
+    custom_client_key() is None,
+    reason=f"this AG2 line takes a custom model client class under none of {', '.join(CUSTOM_CLIENT_KEYS)}",
 )
 
 ENGINEER_SCRIPT: list[Any] = [
@@ -27,6 +30,7 @@ ENGINEER_SCRIPT: list[Any] = [
     "```python\nprint('peaks at 220, 540')\n```",
 ]
 ORDER = ["engineer", "executor", "engineer", "executor", "researcher"]
+_loopback_keys = itertools.count(1)
 
 
 def peak_position(multipole: int) -> str:
@@ -39,11 +43,33 @@ def scripted_agent(name: str, script: Sequence[Any], *, cls: Any = None, client:
     from autogen import ConversableAgent
 
     kwargs.setdefault("human_input_mode", "NEVER")
-    # AG2 matches the registered class by name against the config's model_client_cls
-    llm_config = {"config_list": [{"model": "scripted", "model_client_cls": client.__name__}], "cache_seed": None}
-    agent = (cls or ConversableAgent)(name, llm_config=llm_config, **kwargs)
+    if on_loopback(client):
+        key = f"offline-{name}-{next(_loopback_keys)}"  # the loopback server answers each key from its script
+        config = {"model": "scripted", "api_key": key, "base_url": shared_server().base_url}
+        agent = (cls or ConversableAgent)(name, llm_config={"config_list": [config], "cache_seed": None}, **kwargs)
+        agent._offline_api_key = key
+        activate(agent, script)
+        return agent
+    # AG2 matches the registered class by name against the config's custom client key
+    agent = (cls or ConversableAgent)(name, llm_config=custom_client_config(client.__name__), **kwargs)
     agent.register_model_client(client, script=list(script))
     return agent
+
+
+def on_loopback(client: Any) -> bool:
+    """Whether an agent scripted with ``client`` talks to the loopback OpenAI-compatible server: the plain
+    :class:`ScriptedModelClient` on a line whose offline backend is the server (cmbagent_autogen), so the
+    real ``openai`` client runs there. A client of the test's own (hostile, failing) stays a custom client."""
+    return client is ScriptedModelClient and offline_backend() == "server"
+
+
+def rescript(agent: Any, client: Any, script: Sequence[Any]) -> None:
+    """(Re)attach ``script`` to an agent built by :func:`scripted_agent` (registering a tool rebuilds its
+    model client)."""
+    if on_loopback(client):
+        activate(agent, script)
+    else:
+        agent.register_model_client(client, script=list(script))
 
 
 def group_chat(
@@ -78,7 +104,7 @@ def group_chat(
     )
     autogen.register_function(tool, caller=engineer, executor=runner, name="peak_position",
                               description="acoustic peak")
-    engineer.register_model_client(client, script=list(engineer_script))
+    rescript(engineer, client, engineer_script)
     chat = GroupChat([control, engineer, runner, researcher], messages=[], max_round=len(order) + 1,
                      speaker_selection_method=speaker or order_speakers(order))
     manager = GroupChatManager(chat, llm_config=False, silent=True,
@@ -148,3 +174,27 @@ def registered_key(isolated_secrets: None, monkeypatch: pytest.MonkeyPatch) -> s
     key = "QZ" + secrets.token_urlsafe(30)[:30].replace("-", "A").replace("_", "B")
     redaction.register_secret(key)
     return key
+
+
+def _on_cmbagent_autogen() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("cmbagent_autogen")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+ON_CMBAGENT_AUTOGEN = _on_cmbagent_autogen()
+
+
+@pytest.fixture(autouse=True)
+def _fork_chat_files(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmbagent_autogen's GroupChatManager writes every group chat message to ``chats/`` under the current
+    directory (a cmbagent add-on), and fails when there is none: each test runs in a fresh directory that
+    has one. Other AG2 lines write nothing there, and their tests keep the directory they were started in."""
+    if ON_CMBAGENT_AUTOGEN:
+        cwd = tmp_path_factory.mktemp("cwd")
+        (cwd / "chats").mkdir()
+        monkeypatch.chdir(cwd)

@@ -18,16 +18,19 @@ from autogen import ConversableAgent, LLMConfig
 
 import cmbagent_otel
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
-from .conftest import needs_custom_client
+from .conftest import ON_CMBAGENT_AUTOGEN, needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = [pytest.mark.usefixtures("isolated_secrets"), needs_custom_client]
 
 
 def _agent(name: str, key: str, script: list[Any], **kwargs: Any) -> ConversableAgent:
-    config = LLMConfig({"model": "scripted", "model_client_cls": "ScriptedModelClient", "api_key": key},
-                       cache_seed=None)
+    entry = {"model": "scripted", client_key(): "ScriptedModelClient", "api_key": key}
+    # ag2's LLMConfig takes entries as arguments, cmbagent_autogen's only config_list=
+    config = (LLMConfig(config_list=[entry], cache_seed=None) if ON_CMBAGENT_AUTOGEN
+              else LLMConfig(entry, cache_seed=None))
     agent = ConversableAgent(name, llm_config=config, **kwargs)
     agent.register_model_client(ScriptedModelClient, script=list(script))
     return agent

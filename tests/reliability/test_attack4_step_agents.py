@@ -23,7 +23,7 @@ from cmbagent_otel import redaction
 from cmbagent_otel.demo import order_speakers
 from cmbagent_otel.testing import ScriptedModelClient
 
-from .conftest import needs_custom_client, scripted_agent
+from .conftest import needs_custom_client, rescript, scripted_agent
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
 
 pytestmark = [pytest.mark.usefixtures("isolated_secrets"), needs_custom_client]
@@ -56,7 +56,7 @@ def _plan_chat(work_dir: Path, plan: Any, step_agent: str) -> None:
     engineer = scripted_agent("engineer", script)
     autogen.register_function(record_status, caller=engineer, executor=runner, name="record_status",
                               description="status")
-    engineer.register_model_client(ScriptedModelClient, script=list(script))  # again: tools rebuild the client
+    rescript(engineer, ScriptedModelClient, script)  # again: tools rebuild the client
     control = scripted_agent("control", ["Proceed."])
     researcher = scripted_agent("researcher", ["Step done. TERMINATE"])
     order = ["engineer", "executor", "engineer", "executor", "researcher"]

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 import cmbagent_otel
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
@@ -57,7 +58,7 @@ def test_a_calls_own_model_is_redacted(sink: Sink, caplog: pytest.LogCaptureFixt
         cmbagent_otel.instrument(tracer_provider=tracer_provider, meter_provider=meters, capture_content=True,
                                  instrument_cmbagent=False)
         assistant = ConversableAgent("assistant", llm_config={"config_list": [
-            {"model": "scripted", "model_client_cls": "ScriptedModelClient"}], "cache_seed": None},
+            {"model": "scripted", client_key(): "ScriptedModelClient"}], "cache_seed": None},
             human_input_mode="NEVER")
         assistant.register_model_client(ScriptedModelClient, script=["ok"])
         messages = [{"role": "user", "content": "peaks?"}]

@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 
 import cmbagent_otel
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_a_generate_reply_cancelled_during_the_model_call(memory: InMemorySpanEx
         return "too late"
 
     agent = ConversableAgent("assistant", human_input_mode="NEVER", llm_config={
-        "config_list": [{"model": "scripted", "model_client_cls": "ScriptedModelClient"}], "cache_seed": None})
+        "config_list": [{"model": "scripted", client_key(): "ScriptedModelClient"}], "cache_seed": None})
     agent.register_model_client(ScriptedModelClient, responder=responder)
     seen: list[BaseException] = []
 

@@ -18,6 +18,7 @@ import secrets
 import pytest
 
 from cmbagent_otel import redaction
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import (  # noqa: F401 (sink: fixture)
@@ -77,10 +78,10 @@ def test_keys_in_config_objects_are_registered() -> None:
 @_needs_config_fields(credentials="probe", client_secret="probe", auth="probe")  # extra fields: not ag2 0.9.0
 def test_keys_in_config_objects_never_reach_telemetry(sink: Sink, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     a, b, c = _markers()
-    config = {"model": "scripted", "model_client_cls": "ScriptedModelClient", "credentials": Creds("astro", a),
+    config = {"model": "scripted", client_key(): "ScriptedModelClient", "credentials": Creds("astro", a),
               "client_secret": KeyHolder(b), "auth": Session(c)}
     instrument(sink)
     assistant = echo_agent("assistant", f"the keys are {a}, {b} and {c}", config)
-    user = echo_agent("user", "thanks", {"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    user = echo_agent("user", "thanks", {"model": "scripted", client_key(): "ScriptedModelClient"})
     user.initiate_chat(assistant, message=f"use {a} please", max_turns=1, silent=True)
     assert_clean(sink, caplog, a, b, c)

@@ -19,6 +19,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -68,7 +69,7 @@ def assert_refused_call_is_clean(sink: Sink, caplog: pytest.LogCaptureFixture,  
 
     instrument(sink)  # content capture on: the message carries them too
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Refusing"}], "cache_seed": None}, human_input_mode="NEVER")
+        {"model": "scripted", client_key(): "Refusing"}], "cache_seed": None}, human_input_mode="NEVER")
     assistant.register_model_client(Refusing)
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     with pytest.raises(Refused) as info:

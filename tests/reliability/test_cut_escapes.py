@@ -15,6 +15,7 @@ import urllib.parse
 import pytest
 
 from cmbagent_otel import redaction
+from tests.conftest import client_key
 
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401  (fixture)
 from .test_split_secrets import _assistant, _recorded_content
@@ -36,7 +37,7 @@ def test_a_key_cut_inside_an_escape_is_redacted(sink: Sink, caplog: pytest.LogCa
     if which == "registered":
         redaction.register_secret(secret)
     instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    assistant = _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
     escaped = _escaped(secret, how)
     mark = "%2D" if how == "url" else "\\u002d"
     at = escaped.rindex(mark) + min(inside, len(mark) - 1)  # the last escape, cut after `inside` characters

@@ -23,6 +23,7 @@ from autogen import ConversableAgent
 import cmbagent_otel
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import group_chat, needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: fixture)
@@ -72,7 +73,7 @@ def test_a_learned_password_quoted_encoded_by_a_raised_exception_is_redacted(
 
     cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=False, instrument_cmbagent=False)
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Refusing"}], "cache_seed": None}, human_input_mode="NEVER")
+        {"model": "scripted", client_key(): "Refusing"}], "cache_seed": None}, human_input_mode="NEVER")
     assistant.register_model_client(Refusing)
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     with pytest.raises(Rejected) as info:

@@ -24,6 +24,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import group_chat, needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -119,7 +120,7 @@ def run_with_encoded_keys(sink: Sink, caplog: pytest.LogCaptureFixture,  # noqa:
 
     instrument(sink)  # content capture on
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Echoing", "api_key": config_key}], "cache_seed": None},
+        {"model": "scripted", client_key(): "Echoing", "api_key": config_key}], "cache_seed": None},
         human_input_mode="NEVER")
     assistant.register_model_client(Echoing)
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")

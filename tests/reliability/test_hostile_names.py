@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import cmbagent_otel
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 HUGE = 1 << 20
 BOUND = 64 * 1024  # far above any bounded name, far below one copy of a huge one
@@ -31,7 +32,7 @@ def test_huge_agent_and_tool_names_are_bounded(tmp_path: Path) -> None:
         tool = "t" * HUGE
         call = {"content": None, "tool_calls": [{"id": "call_1", "name": tool, "arguments": {}}]}
         assistant = ConversableAgent(name, human_input_mode="NEVER", llm_config={
-            "config_list": [{"model": "scripted", "model_client_cls": "ScriptedModelClient"}], "cache_seed": None})
+            "config_list": [{"model": "scripted", client_key(): "ScriptedModelClient"}], "cache_seed": None})
         assistant.register_model_client(ScriptedModelClient, script=[call])
         user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
         user.initiate_chat(assistant, message="hi", max_turns=2, silent=True)

@@ -17,6 +17,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -60,7 +61,7 @@ def test_a_slash_escaped_llm_config_key_never_reaches_telemetry(sink: Sink,  # n
 
     instrument(sink)
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Echoing", "api_key": key}], "cache_seed": None},
+        {"model": "scripted", client_key(): "Echoing", "api_key": key}], "cache_seed": None},
         human_input_mode="NEVER")
     assistant.register_model_client(Echoing)
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")

@@ -17,6 +17,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401  (fixture)
 from .test_split_secrets import _assistant
@@ -32,7 +33,7 @@ def test_a_key_after_its_start_was_learned_is_redacted_whole(sink: Sink, caplog:
     body = lambda: secrets.token_hex(12) + "_" + secrets.token_urlsafe(16).replace("-", "x")  # noqa: E731
     first = start + body()
     instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    assistant = _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
     assistant.generate_reply(messages=[{"role": "user", "content": f"my key: {first[:len(start)]}"},
                                        {"role": "user", "content": f"{first[len(start):]} is the rest"}])
     assert redaction.redact(f"x {start} y") != f"x {start} y"  # the start was learned as a secret
@@ -45,7 +46,7 @@ def test_a_key_after_its_start_was_learned_is_redacted_whole(sink: Sink, caplog:
             raise Refused(f"the upstream refused {second}")
 
     other = ConversableAgent("other", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Echoing"}], "cache_seed": None}, human_input_mode="NEVER")
+        {"model": "scripted", client_key(): "Echoing"}], "cache_seed": None}, human_input_mode="NEVER")
     other.register_model_client(Echoing)
     with pytest.raises(Refused):
         other.generate_reply(messages=[{"role": "user", "content": script_reply}])

@@ -18,6 +18,7 @@ import pytest
 from autogen import ConversableAgent
 
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -61,7 +62,7 @@ class QuotaClient(ScriptedModelClient):
 def test_a_logged_traceback_quoting_a_key_is_redacted(sink: Sink, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     instrument(sink)
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "QuotaClient"}], "cache_seed": None}, human_input_mode="NEVER")
+        {"model": "scripted", client_key(): "QuotaClient"}], "cache_seed": None}, human_input_mode="NEVER")
     assistant.register_model_client(QuotaClient, script=["ok"])
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     user.initiate_chat(assistant, message="hi", max_turns=1, silent=True)

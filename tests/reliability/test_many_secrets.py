@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from cmbagent_otel import redaction
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, echo_agent, instrument, sink  # noqa: F401 (sink: fixture)
@@ -131,7 +132,7 @@ def test_a_key_registered_after_2000_others_is_redacted_everywhere(
         redaction.register_secret(value)
     middle = others[1234]
     late = "LATEKEY" + secrets.token_hex(12)
-    config = {"model": "scripted", "model_client_cls": "ScriptedModelClient", "api_key": late}
+    config = {"model": "scripted", client_key(): "ScriptedModelClient", "api_key": late}
     instrument(sink)
     raw = first.encode()
     encoded = (raw.hex(), base64.b64encode(raw).decode())

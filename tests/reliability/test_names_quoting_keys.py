@@ -18,6 +18,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -33,7 +34,7 @@ def test_agent_and_model_names_quoting_a_key_are_redacted(sink: Sink, caplog: py
     if which == "registered":
         redaction.register_secret(key)
     instrument(sink)
-    config = {"model": f"gpt-4o?api_key={key}", "model_client_cls": "ScriptedModelClient"}
+    config = {"model": f"gpt-4o?api_key={key}", client_key(): "ScriptedModelClient"}
     assistant = ConversableAgent(f"bot-{key}", llm_config={"config_list": [config], "cache_seed": None},
                                  human_input_mode="NEVER")
     assistant.register_model_client(ScriptedModelClient, script=["ok"])

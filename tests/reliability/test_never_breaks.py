@@ -27,7 +27,15 @@ from opentelemetry.trace import StatusCode
 
 from cmbagent_otel.testing import ScriptedModelClient
 
-from .conftest import Capture, group_chat, instrumented_with, needs_custom_client, outcome, scripted_agent
+from .conftest import (
+    ON_CMBAGENT_AUTOGEN,
+    Capture,
+    group_chat,
+    instrumented_with,
+    needs_custom_client,
+    outcome,
+    scripted_agent,
+)
 
 pytestmark = needs_custom_client
 
@@ -102,9 +110,14 @@ class DescriptionUnprintable(ConversableAgent):
 
 @pytest.mark.parametrize("agent_cls", [DescriptionRaises, NameRaises])
 def test_agent_property_raises(tmp_path: Path, agent_cls: Any) -> None:
-    """AG2 itself reads these properties: the app fails, and fails identically when traced."""
+    """AG2 itself reads these properties: the app fails, and fails identically when traced
+    (cmbagent_autogen's group chat never reads a description: there only our wrappers meet it, and the
+    app still succeeds)."""
     plain, _ = same_outcome(tmp_path, lambda d: group_chat(d, agent_cls=agent_cls), capture_content=True)
-    assert plain[:2] == ("raised", AppError)
+    if ON_CMBAGENT_AUTOGEN and agent_cls is DescriptionRaises:
+        assert plain[0] == "ok"
+    else:
+        assert plain[:2] == ("raised", AppError)
 
 
 @pytest.mark.parametrize("capture_content", [False, True])
@@ -112,7 +125,10 @@ def test_agent_property_raises(tmp_path: Path, agent_cls: Any) -> None:
 def test_agent_name_or_description_unprintable(tmp_path: Path, agent_cls: Any, capture_content: bool) -> None:
     plain, cap = same_outcome(tmp_path, lambda d: group_chat(d, agent_cls=agent_cls),
                               capture_content=capture_content)
-    assert plain[0] == "ok"
+    if ON_CMBAGENT_AUTOGEN and agent_cls is NameUnprintable:  # its cost table (pandas) prints the agent's name
+        assert plain[:3] == ("raised", AppError, ("no str",))
+    else:
+        assert plain[0] == "ok"
     assert cap.named("chat scripted")  # what could be described is still traced
 
 
@@ -218,7 +234,10 @@ class HostileClient(ScriptedModelClient):
 def test_model_response_attributes_raise(tmp_path: Path, capture_content: bool) -> None:
     plain, cap = same_outcome(tmp_path, lambda d: group_chat(d, client=HostileClient),
                               capture_content=capture_content)
-    assert plain[0] == "ok"
+    if ON_CMBAGENT_AUTOGEN:  # its cost table reads response.model, after the model call returned
+        assert plain[:3] == ("raised", AppError, ("model unavailable",))
+    else:
+        assert plain[0] == "ok"
     llm = cap.named("chat scripted")
     assert llm and all(s.status.status_code is not StatusCode.ERROR for s in llm)
 

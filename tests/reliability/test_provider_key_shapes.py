@@ -23,6 +23,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .conftest import needs_custom_client
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401 (sink: fixture)
@@ -86,7 +87,7 @@ def test_unregistered_provider_credentials_never_reach_telemetry(sink: Sink,  # 
 
     instrument(sink)  # content capture on: the message carries them too
     assistant = ConversableAgent("assistant", llm_config={"config_list": [
-        {"model": "scripted", "model_client_cls": "Rejecting"}], "cache_seed": None}, human_input_mode="NEVER")
+        {"model": "scripted", client_key(): "Rejecting"}], "cache_seed": None}, human_input_mode="NEVER")
     assistant.register_model_client(Rejecting)
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")
     with pytest.raises(ProviderRejected) as info:

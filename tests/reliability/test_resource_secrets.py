@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 import cmbagent_otel
 from cmbagent_otel.provider import build_meter_provider, build_tracer_provider
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .test_secrets import OtlpGrpcReceiver, new_markers
 
@@ -42,7 +43,7 @@ def test_secrets_in_resource_attributes_never_reach_the_exporters(monkeypatch: p
     cmbagent_otel.instrument(tracer_provider=provider, instrument_cmbagent=False)
     try:
         assistant = ConversableAgent("assistant", llm_config={"config_list": [
-            {"model": "scripted", "model_client_cls": "ScriptedModelClient"}], "cache_seed": None},
+            {"model": "scripted", client_key(): "ScriptedModelClient"}], "cache_seed": None},
             human_input_mode="NEVER")
         assistant.register_model_client(ScriptedModelClient, script=["noted"])
         user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER")

@@ -12,6 +12,7 @@ from autogen import ConversableAgent
 
 from cmbagent_otel import redaction
 from cmbagent_otel.testing import ScriptedModelClient
+from tests.conftest import client_key
 
 from .test_secrets import Sink, assert_clean, instrument, new_markers, sink  # noqa: F401  (fixture)
 
@@ -29,7 +30,7 @@ def test_secret_split_in_two_is_redacted(sink: Sink, caplog: pytest.LogCaptureFi
                                           split: str, which: str) -> None:
     shaped, shapeless = new_markers()
     secret = shaped if which == "shaped" else shapeless
-    config = {"model": "scripted", "model_client_cls": "ScriptedModelClient"}
+    config = {"model": "scripted", client_key(): "ScriptedModelClient"}
     if which == "registered":
         redaction.register_secret(secret)
     instrument(sink)
@@ -55,7 +56,7 @@ def test_registered_secret_split_across_two_model_calls_is_redacted(sink: Sink, 
     _, secret = new_markers()
     redaction.register_secret(secret)
     instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    assistant = _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
     half = len(secret) // 2
     first, second = secret[:half], secret[half:]
     assistant.generate_reply(messages=[{"role": "user", "content": f"my key starts {first}"}])
@@ -76,7 +77,7 @@ def _secret_and_assistant(sink: Sink, which: str) -> tuple[str, ConversableAgent
     if which == "registered":
         redaction.register_secret(secret)
     instrument(sink)
-    return secret, _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    return secret, _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
 
 
 def _recorded_content(where: Sink) -> str:
@@ -138,7 +139,7 @@ def test_unregistered_shaped_key_split_across_two_model_calls_is_redacted(
     the second call's first text completes it. Nobody registered the key."""
     secret = _distinct_marker(True)
     instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    assistant = _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
     first, second = secret[:cut], secret[cut:]
     assistant.generate_reply(messages=[{"role": "user", "content": f"my key starts {first}"}])
     assistant.generate_reply(messages=[{"role": "user", "content": f"{second} is the rest"}])

@@ -19,6 +19,7 @@ import urllib.parse
 import pytest
 
 from cmbagent_otel import redaction
+from tests.conftest import client_key
 
 from .test_secrets import Sink, assert_clean, instrument, sink  # noqa: F401  (fixture)
 from .test_split_secrets import _assistant, _distinct_marker, _recorded_content, _secret_and_assistant
@@ -48,7 +49,7 @@ def test_escaped_secret_split_across_two_texts_is_redacted(sink: Sink, caplog: p
     if which == "registered":
         redaction.register_secret(secret)
     instrument(sink)
-    assistant = _assistant({"model": "scripted", "model_client_cls": "ScriptedModelClient"})
+    assistant = _assistant({"model": "scripted", client_key(): "ScriptedModelClient"})
     escaped = urllib.parse.quote(secret, safe="").replace("-", "%2D")
     half = len(escaped) // 2
     if escaped[half - 1] == "%" or escaped[half - 2] == "%":

@@ -32,6 +32,8 @@ PROVIDERS: Mapping[str, str] = {
     "moonshot": "moonshot_ai", "watsonx": "ibm.watsonx.ai",
 }
 CUSTOM_PROVIDER = "ag2.custom_client"
+# the config key naming a custom ModelClient class: ag2's, and cmbagent_autogen's (its schema forbids ag2's)
+CUSTOM_CLIENT_KEYS: tuple[str, ...] = ("model_client_cls", "mod_client_cls")
 # default endpoints when a config names none (AG2 uses each provider's public API then)
 DEFAULT_SERVERS: Mapping[str, tuple[str, int]] = {
     "openai": ("api.openai.com", 443), "anthropic": ("api.anthropic.com", 443),
@@ -55,9 +57,14 @@ _INT_ATTRIBUTES = frozenset({semconv.GEN_AI_REQUEST_MAX_TOKENS, semconv.GEN_AI_R
                              semconv.GEN_AI_REQUEST_CHOICE_COUNT})
 
 
+def is_custom_client(config: Mapping[str, Any]) -> bool:
+    """Whether the config entry selects a custom ``ModelClient`` class (on any AG2 line)."""
+    return any(config.get(key) for key in CUSTOM_CLIENT_KEYS)
+
+
 def provider_name(config: Mapping[str, Any]) -> str:
     """``gen_ai.provider.name`` of an AG2 config entry (bounded: see :data:`PROVIDERS`)."""
-    if config.get("model_client_cls"):
+    if is_custom_client(config):
         return CUSTOM_PROVIDER  # AG2 fills api_type "openai" in even then: it says nothing here
     api_type = config.get("api_type")
     if isinstance(api_type, str) and api_type:
@@ -89,7 +96,7 @@ def server_of(config: Mapping[str, Any], provider: str, base_url: Any = None) ->
         except ValueError:
             return None
         return None
-    if config.get("model_client_cls"):
+    if is_custom_client(config):
         return None  # a custom client: no endpoint we could know
     return DEFAULT_SERVERS.get(provider)
 
