@@ -11,6 +11,12 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PORT="${PGPORT:-55432}"
+# one start at a time per port: .ci/run starts it for the oldest AG2 line's run while ./dev test's
+# setup starts it too; the second waits here, then finds the server running and prints its URL
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"/tmp/cmbagent-otel-pg-start-${PORT}.lock"
+  flock 9
+fi
 DB="${PGDATABASE_NAME:-cmbagent_otel_test}"
 ME="$(id -un)"
 if [ "$(id -u)" = 0 ]; then
