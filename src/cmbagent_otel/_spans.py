@@ -378,7 +378,8 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) 
     start (:func:`retake_node`) took the next one. ``node.taken``: those a retried start took already."""
     order = node.order_index
     base_id = node.base_id
-    taken.extend(node.taken)
+    if node.taken:  # a retried start's: what its interrupted start took
+        taken.extend(node.taken)
     if node.child:  # next_child_index and (below) unique_node_id written out (as RunState.take): every sub-agent turn
         if not taken:
             if _GIL:
