@@ -1536,7 +1536,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
 
     def _wrap(self, state: _State, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
-        if any(o is owner and a == name for o, a in state.patched):
+        # under state.lock (every caller): a cycle uninstrument() has put back patches nothing more. A patch
+        # that read ``active`` before waiting for the lock (a phase class defined, a module imported, in
+        # another thread) came after the restore: the dead cycle's wrapper stayed, outside ``patched``
+        if not state.active or any(o is owner and a == name for o, a in state.patched):
             return
         current = vars(owner).get(name)
         if current is None or not callable(current):
@@ -1577,6 +1580,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Watch ``execute`` of every subclass of MARS's ``Phase`` (``base``): those defined already, and those
         defined later (a hook on ``base.__init_subclass__``, removed by uninstrument()): the post-import hook of
         ``cmbagent.phases.base`` fires before its subclasses' modules run."""
+        if not state.active:  # uninstrument() ran while this waited for the lock: its hook would stay
+            return
         found, todo = [], list(type.__subclasses__(base))
         while todo and len(found) < _PHASE_CLASSES_MAX:
             cls = todo.pop()
