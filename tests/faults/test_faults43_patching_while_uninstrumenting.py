@@ -77,3 +77,46 @@ def test_a_module_patched_as_uninstrument_runs_is_left_as_imported(capture: Span
         instrumentor._patch_module(sys.modules[_BASE])
     assert ran
     assert "__init_subclass__" not in vars(mars_base)
+
+
+class _OwnExecutor:
+    """A code executor written from scratch (no AG2 base class): patched when an agent holding one first replies."""
+
+    @property
+    def code_extractor(self) -> Any:
+        from autogen.coding import MarkdownCodeExtractor
+
+        return MarkdownCodeExtractor()
+
+    def execute_code_blocks(self, code_blocks: Any) -> Any:
+        return code_blocks
+
+    def restart(self) -> None:
+        pass
+
+
+def test_an_executor_adopted_as_uninstrument_runs_is_left_as_defined(capture: SpanCapture) -> None:
+    """Fails on 5d6278f: the executor class adopted (by a chat in another thread: here run as ``uninstrument()``
+    puts the patches back) stays wrapped after ``uninstrument()``, outside its list."""
+    from autogen import ConversableAgent
+
+    from cmbagent_otel.instrumentation import ag2
+
+    original = vars(_OwnExecutor)["execute_code_blocks"]
+    agent = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER",
+                             code_execution_config={"executor": _OwnExecutor()})
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False, instrument_threading=False,
+                             set_global=False)
+    state = ag2.AG2Instrumentor()._state
+
+    def first_put_back(frame: Any, event: str, _arg: Any) -> bool:
+        return event == "return" and frame.f_code is ag2._unwrap_ours.__code__
+
+    try:
+        # the other thread's first reply: it passed the cycle's checks before uninstrument() began
+        with call_at(first_put_back, lambda: ag2._adopt_code_executor(state, agent)) as ran:
+            cmbagent_otel.uninstrument()
+        assert ran
+    finally:
+        cmbagent_otel.uninstrument()
+    assert vars(_OwnExecutor)["execute_code_blocks"] is original
