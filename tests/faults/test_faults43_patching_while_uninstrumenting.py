@@ -120,3 +120,29 @@ def test_an_executor_adopted_as_uninstrument_runs_is_left_as_defined(capture: Sp
     finally:
         cmbagent_otel.uninstrument()
     assert vars(_OwnExecutor)["execute_code_blocks"] is original
+
+
+def test_uninstrument_removes_its_wrapper_not_the_one_the_application_put_after(capture: SpanCapture,
+                                                                                 mars_base: type) -> None:
+    """Fails on 5d6278f: ``uninstrument()`` took off the application's wrapper (the outermost: the generic
+    ``unwrap``) and left the dead cycle's own in its place. The application wrapped a patched phase class's
+    ``execute`` after ``instrument()`` (its own tracing, another instrumentation: wrapt)."""
+    import wrapt
+
+    _instrument(capture)
+
+    class Late(mars_base):  # type: ignore[valid-type, misc]
+        async def execute(self, context: Any) -> Any:
+            return context
+
+    original = vars(Late)["execute"].__wrapped__
+    calls: list[Any] = []
+
+    def applications(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        calls.append(args)
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(Late, "execute", applications)
+    cmbagent_otel.uninstrument()
+    kept = vars(Late)["execute"]
+    assert kept._self_wrapper is applications and kept.__wrapped__ is original

@@ -2,7 +2,7 @@
 
 :class:`CmbagentInstrumentor` (a ``BaseInstrumentor``, entry point ``cmbagent`` in the
 ``opentelemetry_instrumentor`` group, also enabled by :func:`cmbagent_otel.instrument`)
-wraps cmbagent with wrapt (``wrap_function_wrapper`` / ``unwrap``, as the AG2
+wraps cmbagent with wrapt (``wrap_function_wrapper``; ``uninstrument()`` takes off its own wrappers only, as the AG2
 instrumentor does) so that its runs produce the ``workflow > phase > step [> redo]`` span
 tree of :mod:`cmbagent_otel.workflow`:
 
@@ -75,7 +75,6 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 
 from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
@@ -1399,7 +1398,8 @@ def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         return wrapper(wrapped, instance, args, kwargs)
 
-    guarded._cmbagent_otel = True  # type: ignore[attr-defined]
+    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (ag2._unwrap_ours)
+    guarded._cmbagent_otel = state  # type: ignore[attr-defined]
     return guarded
 
 
@@ -1480,10 +1480,14 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         state.active = False
         if state.binding is not None:
             workflow_tracers.release(state.binding)
+        from ..instrumentation.ag2 import _unwrap_ours
+
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
-                    unwrap(owner, attr)
+                    # this cycle's wrapper only, wherever it is: the generic unwrap took off the outermost, a
+                    # wrapper the application (another instrumentation) put on after ours, and left ours
+                    _unwrap_ours(owner, attr, state)  # type: ignore[arg-type]
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
