@@ -16,7 +16,6 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from itertools import islice
 from time import perf_counter, time_ns
 from types import TracebackType
 from typing import Any
@@ -285,14 +284,16 @@ class NodeSpec:
     ``order_index`` ``None`` with ``child`` true: the node is the k-th child (sub-agent,
     redo, top-level conversation) of the enclosing node P and gets ``order(P) * 1000 + k``
     (``1000 + k`` when there is no enclosing node), so it never collides with a step number
-    nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``. ``taken``: the run's numbers an
-    interrupted start of the same span took for it (see :func:`_name_node`), taken again rather than anew.
+    nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``. ``kept``: a block's node, started again
+    when its start is interrupted (the workflow API's): the run's numbers it takes are kept as they are taken
+    (see :func:`_name_node`); ``taken``: those an interrupted start of it took, taken again rather than anew.
     """
 
-    __slots__ = ("base_id", "child", "children_key", "node_type", "numbered", "order_index", "taken", "unique")
+    __slots__ = ("base_id", "child", "children_key", "kept", "node_type", "numbered", "order_index", "taken",
+                 "unique")
 
     def __init__(self, base_id: str, node_type: str, order_index: int | None = None, unique: bool = True,
-                 child: bool = False, numbered: bool = False, parent: str | None = None,
+                 child: bool = False, numbered: bool = False, parent: str | None = None, kept: bool = False,
                  taken: tuple[int, ...] = ()):
         self.base_id = base_id
         self.node_type = node_type
@@ -300,6 +301,7 @@ class NodeSpec:
         self.unique = unique
         self.child = child
         self.numbered = numbered
+        self.kept = kept
         self.taken = taken
         # a spec only ever used under one parent node (``parent``) keeps its run counter's key: no string
         # built and hashed per node
@@ -353,7 +355,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if conversation_id is not None:
         attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
-        node_id, depth, order = _name_node(state, scope, node, [] if taken is None else taken)
+        node_id, depth, order = _name_node(state, scope, node, [] if taken is None and node.kept else taken)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node, depth, order, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
@@ -368,27 +370,30 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     return attrs, new_scope
 
 
-def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) -> tuple[str, int, int | None]:
+def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int] | None) -> tuple[str, int, int | None]:
     """A DAG node's id, depth and order_index under ``scope`` (a child takes the next index among its
     parent's children, a unique id the next number for its base: ``a``, then ``a_2``).
 
-    The run's numbers it takes go into ``taken`` (the caller's: the child index, then the id's number), each
-    in the one C call that takes it (``RunState.take``): a ``KeyboardInterrupt`` raised as ``next()``
-    returned, or as this returned, lost the number with the return value, and the retry of an interrupted
-    start (:func:`retake_node`) took the next one. ``node.taken``: those a retried start took already."""
+    A ``kept`` node's numbers go into ``taken`` (the caller's list: the child index, then the id's number),
+    each in the one C call that takes it (``RunState.take``): a ``KeyboardInterrupt`` raised as ``next()``
+    returned, or as this returned, lost the number with the return value, and the workflow API's retry of
+    the interrupted start (:func:`retake_node`) took the next one. ``node.taken``: those its first start took.
+    The other nodes (no retry: an agent turn) take theirs with ``next()``, ~2,000 instructions less each."""
     order = node.order_index
     base_id = node.base_id
-    if node.taken:  # a retried start's: what its interrupted start took
-        taken.extend(node.taken)
-    if node.child:  # next_child_index and (below) unique_node_id written out (as RunState.take): every sub-agent turn
-        if not taken:
-            if _GIL:
-                key = node.children_key
-                taken.extend(islice(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")],
-                                    1))
-            else:
-                state.take(CHILDREN_KEY + (scope.dag_node or ""), taken)
-        k = taken[0]
+    kept = node.kept
+    if kept and node.taken:  # a retried start's: what its interrupted start took
+        taken.extend(node.taken)  # type: ignore[union-attr]
+    if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
+        if kept:
+            if not taken:
+                state.take(CHILDREN_KEY + (scope.dag_node or ""), taken)  # type: ignore[arg-type]
+            k = taken[0]  # type: ignore[index]
+        elif _GIL:
+            key = node.children_key
+            k = next(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")])
+        else:
+            k = state.next_child_index(scope.dag_node or "")
         parent_order = scope.dag_order if scope.dag_node is not None else 1
         order = min(parent_order * CHILD_ORDER_BASE + k, _INT32)
         if node.numbered:
@@ -396,12 +401,14 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) 
     if not node.unique:
         node_id = base_id
     else:
-        if len(taken) == node.child:  # its number not taken yet (a child's index is the first: child is 1)
-            if _GIL:
-                taken.extend(islice(state._counters[base_id], 1))
-            else:
-                state.take(base_id, taken)
-        count = taken[-1]
+        if kept:
+            if len(taken) == node.child:  # type: ignore[arg-type]  # not taken yet (a child's index is first)
+                state.take(base_id, taken)  # type: ignore[arg-type]
+            count = taken[-1]  # type: ignore[index]
+        elif _GIL:
+            count = next(state._counters[base_id])
+        else:
+            count = state._next(base_id)
         node_id = base_id if count == 1 else f"{base_id}_{count}"
     return node_id, scope.dag_depth + 1, order
 
@@ -851,7 +858,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             session = state.session_id
             dag_node = scope.dag_node
             if node is not None:  # its order decides the attributes' template below
-                numbers: list[int] = []  # the run's numbers the node takes, kept as taken for a retry (_keep_taken)
+                # a block's node: the run's numbers it takes, kept as taken for a retry (_keep_taken)
+                numbers: list[int] | None = [] if node.kept else None
                 node_id, depth, order = _name_node(state, scope, node, numbers)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
@@ -886,7 +894,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             if templates is None and attributes:
                 attrs.update(attributes)
         else:
-            numbers = []
+            numbers = [] if node is not None and node.kept else None
             attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes, numbers)
         # positional, in the order the API's Tracer.start_span declares: no keyword matching per span
         span = (tracer or workflow_tracers.current()).start_span(name, parent_ctx, span_kind, attrs)
@@ -970,7 +978,7 @@ def retake_node(traced: TracedSpan) -> None:
         del traced._taken
         if type(taken[0]) is int:  # only the numbers: named from them again, none taken anew
             retaken = NodeSpec(node.base_id, node.node_type, node.order_index, node.unique, node.child, node.numbered,
-                               taken=taken)
+                               kept=True, taken=taken)
             retaken.children_key = node.children_key
             traced._node = retaken
             return

@@ -34,13 +34,15 @@ def _naming(frame: FrameType) -> bool:
 
 
 def _counter_at(key: str, taken: int) -> Hit:
-    """The first C call's return to a frame naming a node once the run's counter ``key`` has handed out
-    ``taken`` (the number the interrupted start took is then with that return, or kept)."""
+    """The first C call's return to a frame naming a node, or to one it called to take a number
+    (``RunState.take``), once the run's counter ``key`` has handed out ``taken`` (the number the interrupted
+    start took is then with that return, or kept)."""
     def hit(frame: FrameType, event: str, _arg: Any) -> bool:
-        if event != "c_return" or not _naming(frame):
+        if event != "c_return" or not (_naming(frame) or (frame.f_back is not None and _naming(frame.f_back))):
             return False
-        state = frame.f_locals.get("state")
-        counter = state._counters.get(key) if type(state) is RunState else None
+        state = next((v for v in (frame.f_locals.get("state"), frame.f_locals.get("self")) if type(v) is RunState),
+                     None)
+        counter = state._counters.get(key) if state is not None else None
         return repr(counter) == f"count({taken + 1})"
     return hit
 
