@@ -355,7 +355,9 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if conversation_id is not None:
         attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
-        node_id, depth, order = _name_node(state, scope, node, [] if taken is None and node.kept else taken)
+        if taken is None:
+            taken = [] if node.kept else _UNKEPT
+        node_id, depth, order = _name_node(state, scope, node, taken)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node, depth, order, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
@@ -370,7 +372,11 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     return attrs, new_scope
 
 
-def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int] | None) -> tuple[str, int, int | None]:
+# what a node that is not ``kept`` passes _name_node for the numbers it takes: never written (no list made per node)
+_UNKEPT: list[int] = []
+
+
+def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) -> tuple[str, int, int | None]:
     """A DAG node's id, depth and order_index under ``scope`` (a child takes the next index among its
     parent's children, a unique id the next number for its base: ``a``, then ``a_2``).
 
@@ -378,17 +384,18 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int] |
     each in the one C call that takes it (``RunState.take``): a ``KeyboardInterrupt`` raised as ``next()``
     returned, or as this returned, lost the number with the return value, and the workflow API's retry of
     the interrupted start (:func:`retake_node`) took the next one. ``node.taken``: those its first start took.
-    The other nodes (no retry: an agent turn) take theirs with ``next()``, ~2,000 instructions less each."""
+    The other nodes (no retry: an agent turn) take theirs with ``next()``, ~2,000 instructions less each, and
+    pass :data:`_UNKEPT`."""
     order = node.order_index
     base_id = node.base_id
     kept = node.kept
     if kept and node.taken:  # a retried start's: what its interrupted start took
-        taken.extend(node.taken)  # type: ignore[union-attr]
+        taken.extend(node.taken)
     if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
         if kept:
             if not taken:
-                state.take(CHILDREN_KEY + (scope.dag_node or ""), taken)  # type: ignore[arg-type]
-            k = taken[0]  # type: ignore[index]
+                state.take(CHILDREN_KEY + (scope.dag_node or ""), taken)
+            k = taken[0]
         elif _GIL:
             key = node.children_key
             k = next(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")])
@@ -402,9 +409,9 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int] |
         node_id = base_id
     else:
         if kept:
-            if len(taken) == node.child:  # type: ignore[arg-type]  # not taken yet (a child's index is first)
-                state.take(base_id, taken)  # type: ignore[arg-type]
-            count = taken[-1]  # type: ignore[index]
+            if len(taken) == node.child:  # not taken yet (a child's index is the first)
+                state.take(base_id, taken)
+            count = taken[-1]
         elif _GIL:
             count = next(state._counters[base_id])
         else:
@@ -859,7 +866,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             dag_node = scope.dag_node
             if node is not None:  # its order decides the attributes' template below
                 # a block's node: the run's numbers it takes, kept as taken for a retry (_keep_taken)
-                numbers: list[int] | None = [] if node.kept else None
+                numbers = [] if node.kept else _UNKEPT
                 node_id, depth, order = _name_node(state, scope, node, numbers)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
@@ -894,7 +901,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             if templates is None and attributes:
                 attrs.update(attributes)
         else:
-            numbers = [] if node is not None and node.kept else None
+            numbers = [] if node is not None and node.kept else _UNKEPT
             attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes, numbers)
         # positional, in the order the API's Tracer.start_span declares: no keyword matching per span
         span = (tracer or workflow_tracers.current()).start_span(name, parent_ctx, span_kind, attrs)
