@@ -158,11 +158,16 @@ class RunState:
         return self._next(_PHASES_KEY)
 
     def take_phase_index(self, taken: list[int]) -> None:
-        """Append the run's next phase index to ``taken``, in one C call (``list.extend`` consuming the
-        counter): a ``KeyboardInterrupt`` from a signal handler is raised when a call returns, and one
-        raised as :meth:`next_phase_index` returned lost the number taken; here it is in ``taken`` once
-        taken, for the block interrupted after that to be recorded under it."""
-        counter = self._counters[_PHASES_KEY]
+        """Append the run's next phase index to ``taken`` (see :meth:`take`), for the block interrupted after
+        that to be recorded under it."""
+        self.take(_PHASES_KEY, taken)
+
+    def take(self, key: str, taken: list[int]) -> None:
+        """Append the next number of the counter ``key`` to ``taken``, in one C call (``list.extend``
+        consuming the counter): a ``KeyboardInterrupt`` from a signal handler is raised when a call returns,
+        and one raised as ``next()`` returned lost the number taken (the counter had advanced); here it is
+        in ``taken`` once taken."""
+        counter = self._counters[key]
         if _GIL:
             taken.extend(itertools.islice(counter, 1))
         else:

@@ -284,19 +284,25 @@ class NodeSpec:
     ``order_index`` ``None`` with ``child`` true: the node is the k-th child (sub-agent,
     redo, top-level conversation) of the enclosing node P and gets ``order(P) * 1000 + k``
     (``1000 + k`` when there is no enclosing node), so it never collides with a step number
-    nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``.
+    nor with a sibling. ``numbered``: the short id is ``<base_id>_<k>``. ``kept``: a block's node, started again
+    when its start is interrupted (the workflow API's): the run's numbers it takes are kept as they are taken
+    (see :func:`_name_node`); ``taken``: those an interrupted start of it took, taken again rather than anew.
     """
 
-    __slots__ = ("base_id", "child", "children_key", "node_type", "numbered", "order_index", "unique")
+    __slots__ = ("base_id", "child", "children_key", "kept", "node_type", "numbered", "order_index", "taken",
+                 "unique")
 
     def __init__(self, base_id: str, node_type: str, order_index: int | None = None, unique: bool = True,
-                 child: bool = False, numbered: bool = False, parent: str | None = None):
+                 child: bool = False, numbered: bool = False, parent: str | None = None, kept: bool = False,
+                 taken: tuple[int, ...] = ()):
         self.base_id = base_id
         self.node_type = node_type
         self.order_index = order_index
         self.unique = unique
         self.child = child
         self.numbered = numbered
+        self.kept = kept
+        self.taken = taken
         # a spec only ever used under one parent node (``parent``) keeps its run counter's key: no string
         # built and hashed per node
         self.children_key = CHILDREN_KEY + parent if child and parent is not None else None
@@ -328,8 +334,9 @@ def _event_attributes(scope: Scope, kind: str, attributes: Mapping[str, Any] | N
 
 def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None, node: NodeSpec | None,
             new_conversation: bool, run: RunState | None,
-            scope_changes: Mapping[str, Any] | None) -> tuple[dict[str, Any], Scope]:
-    """Attributes of a new span standing at ``scope``, and the scope of its children."""
+            scope_changes: Mapping[str, Any] | None, taken: list[int] | None = None) -> tuple[dict[str, Any], Scope]:
+    """Attributes of a new span standing at ``scope``, and the scope of its children. ``taken``: where the
+    run's numbers a DAG node takes are kept as they are taken (see :func:`_name_node`)."""
     if run is not None:
         scope = Scope.build(run, in_workflow=True)
     elif scope is None:
@@ -348,7 +355,9 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     if conversation_id is not None:
         attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
-        node_id, depth, order = _name_node(state, scope, node)
+        if taken is None:
+            taken = [] if node.kept else _UNKEPT
+        node_id, depth, order = _name_node(state, scope, node, taken)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node, depth, order, conversation_id)
     else:  # the workflow span: the run itself, not an event in it
@@ -363,13 +372,31 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
     return attrs, new_scope
 
 
-def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int, int | None]:
+# what a node that is not ``kept`` passes _name_node for the numbers it takes: never written (no list made per node)
+_UNKEPT: list[int] = []
+
+
+def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) -> tuple[str, int, int | None]:
     """A DAG node's id, depth and order_index under ``scope`` (a child takes the next index among its
-    parent's children)."""
+    parent's children, a unique id the next number for its base: ``a``, then ``a_2``).
+
+    A ``kept`` node's numbers go into ``taken`` (the caller's list: the child index, then the id's number),
+    each in the one C call that takes it (``RunState.take``): a ``KeyboardInterrupt`` raised as ``next()``
+    returned, or as this returned, lost the number with the return value, and the workflow API's retry of
+    the interrupted start (:func:`retake_node`) took the next one. ``node.taken``: those its first start took.
+    The other nodes (no retry: an agent turn) take theirs with ``next()``, ~2,000 instructions less each, and
+    pass :data:`_UNKEPT`."""
     order = node.order_index
     base_id = node.base_id
+    kept = node.kept
+    if kept and node.taken:  # a retried start's: what its interrupted start took
+        taken.extend(node.taken)
     if node.child:  # next_child_index and (below) unique_node_id written out: every sub-agent turn
-        if _GIL:
+        if kept:
+            if not taken:
+                state.take(CHILDREN_KEY + (scope.dag_node or ""), taken)
+            k = taken[0]
+        elif _GIL:
             key = node.children_key
             k = next(state._counters[key if key is not None else CHILDREN_KEY + (scope.dag_node or "")])
         else:
@@ -380,11 +407,16 @@ def _name_node(state: RunState, scope: Scope, node: NodeSpec) -> tuple[str, int,
             base_id = f"{base_id}_{k}"
     if not node.unique:
         node_id = base_id
-    elif _GIL:
-        count = next(state._counters[base_id])
-        node_id = base_id if count == 1 else f"{base_id}_{count}"
     else:
-        node_id = state.unique_node_id(base_id)
+        if kept:
+            if len(taken) == node.child:  # not taken yet (a child's index is the first)
+                state.take(base_id, taken)
+            count = taken[-1]
+        elif _GIL:
+            count = next(state._counters[base_id])
+        else:
+            count = state._next(base_id)
+        node_id = base_id if count == 1 else f"{base_id}_{count}"
     return node_id, scope.dag_depth + 1, order
 
 
@@ -833,7 +865,9 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             session = state.session_id
             dag_node = scope.dag_node
             if node is not None:  # its order decides the attributes' template below
-                node_id, depth, order = _name_node(state, scope, node)
+                # a block's node: the run's numbers it takes, kept as taken for a retry (_keep_taken)
+                numbers = [] if node.kept else _UNKEPT
+                node_id, depth, order = _name_node(state, scope, node, numbers)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
                 # a copy of the attributes with this shape's keys in front (values set below): the
@@ -867,7 +901,8 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             if templates is None and attributes:
                 attrs.update(attributes)
         else:
-            attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes)
+            numbers = [] if node is not None and node.kept else _UNKEPT
+            attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes, numbers)
         # positional, in the order the API's Tracer.start_span declares: no keyword matching per span
         span = (tracer or workflow_tracers.current()).start_span(name, parent_ctx, span_kind, attrs)
         self.span = span
@@ -908,18 +943,23 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             taken = node_id, order  # the DAG node id and order _name_node took, if start got that far
         except NameError:  # (UnboundLocalError)
             taken = None
-        _keep_taken(self, node, taken, sent)
+        try:
+            numbers_taken = numbers  # the run's numbers taken for the node (before its id was named), if any
+        except NameError:  # (UnboundLocalError)
+            numbers_taken = None
+        _keep_taken(self, node, taken, sent, numbers_taken)
         _interrupted(self, frame, ctx, exc)
         raise  # unchanged: the application's
     return self
 
 
 def _keep_taken(self: Any, node: NodeSpec | None, taken: tuple[str, int | None] | None,
-                sent: Mapping[str, Any] | None) -> None:
+                sent: Mapping[str, Any] | None, numbers: list[int] | None = None) -> None:
     """When :func:`start` was interrupted before its span started, after it named the span's DAG node (a
     unique id takes the run's next number for its base: ``a``, then ``a_2``; a child the next index among
-    its parent's children): keep that id and order for a retry of this start (:func:`retake_node`). Never
-    raises."""
+    its parent's children): keep that id and order for a retry of this start (:func:`retake_node`); before it
+    named it, the run's ``numbers`` it took for it (:func:`_name_node`), for the retry to take them again.
+    Never raises."""
     try:
         if node is None or getattr(self, "span", trace.INVALID_SPAN) is not trace.INVALID_SPAN:
             return
@@ -927,6 +967,8 @@ def _keep_taken(self: Any, node: NodeSpec | None, taken: tuple[str, int | None] 
             taken = sent.get(DAG_NODE), sent.get(DAG_ORDER_INDEX)
         if taken is not None and type(taken[0]) is str:
             self._taken = taken
+        elif numbers:
+            self._taken = tuple(numbers)
     except Exception:
         logger.debug("cmbagent_otel: could not keep the node id of an interrupted start", exc_info=True)
 
@@ -941,6 +983,12 @@ def retake_node(traced: TracedSpan) -> None:
         if taken is None or node is None:
             return
         del traced._taken
+        if type(taken[0]) is int:  # only the numbers: named from them again, none taken anew
+            retaken = NodeSpec(node.base_id, node.node_type, node.order_index, node.unique, node.child, node.numbered,
+                               kept=True, taken=taken)
+            retaken.children_key = node.children_key
+            traced._node = retaken
+            return
         node_id, order = taken
         # the same id and order as the first start's (a child's order is the index it took), no number taken
         traced._node = NodeSpec(node_id, node.node_type, order, unique=False)

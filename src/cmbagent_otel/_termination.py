@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dis
 import logging
 import os
 import signal
@@ -96,13 +97,15 @@ def _on_signal(signum: int, frame: Any) -> None:
         installed = signal.getsignal(signum) is _on_signal
     except Exception:
         installed = True
-    if not installed:
+    if not installed and not _default_branch_after(sys._getframe(1)):
         # called by the application's handler, installed after ours, which calls the one it replaced
         # (``if callable(previous): previous(...)``): without us that was the default, not callable, and
         # the process went on. Put the default in place of the application's handler, end the run and
         # kill the process here and the rest of its handler never runs: only flush what is queued.
         _chained_flush()
         return
+    # installed, or called by a handler that without us took its branch for the default, after this call
+    # (``elif previous == SIG_DFL:``, which ends the process): ended by the signal, as the default would
     with contextlib.suppress(Exception):
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
     if _deferral["depth"] and _deferral["pid"] == os.getpid():
@@ -111,6 +114,32 @@ def _on_signal(signum: int, frame: Any) -> None:
         _deferral["pending"] = signum
         return
     _stop(signum)
+
+
+_COMPARISONS = frozenset({"COMPARE_OP", "IS_OP", "CONTAINS_OP"})
+
+
+def _default_branch_after(caller: Any) -> bool:
+    """Whether the handler running in ``caller`` (that called ours) compares a value with ``SIG_DFL`` after the
+    call running now: ``if callable(previous): previous(signum, frame)`` then ``elif previous == SIG_DFL:`` (or
+    ``is``, ``in (SIG_DFL, ...)``), a shape application handlers take. Without us ``previous`` was the default,
+    not callable, and that branch ran: it ends the process (puts the default back and raises the signal
+    again, or exits); with ours called in its place the process went on after SIGTERM. Read from the
+    caller's bytecode (a load of ``SIG_DFL`` followed by a comparison before any call); never raises."""
+    try:
+        code, at = caller.f_code, caller.f_lasti
+        after = [ins for ins in dis.get_instructions(code) if ins.offset > at]
+        for n, ins in enumerate(after):
+            if ins.argval != "SIG_DFL" or not ins.opname.startswith("LOAD_"):
+                continue
+            for following in after[n + 1:n + 8]:  # the other operands first: ``in (SIG_DFL, SIG_IGN, None)``
+                if following.opname in _COMPARISONS:
+                    return True
+                if following.opname.startswith(("CALL", "PRECALL", "STORE_", "POP_JUMP", "RETURN")):
+                    break
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the handler that called ours", exc_info=True)
+    return False
 
 
 def _stop(signum: int) -> None:

@@ -811,15 +811,15 @@ class phase(_Block):
             # the run's first planning phase is cmbagent's own at order 0; another (of any name: a second joined
             # planning_and_control's planning_2, ...) at a non-step order of its own, as a repeated execute
             order = 0 if scope.run.next_planning_index() == 1 else CHILD_ORDER_BASE + index
-            node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=order)
+            node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=order, kept=True)
         elif self.name == ONE_SHOT_PHASE:
             # every one_shot solve is an execute node (its agent turns become its sub-agent nodes); the
             # first is cmbagent's own at order 1, a repeated one (execute_2, ...) at a non-step order
             node_id = scope.run.unique_node_id(EXECUTE_NODE)
             order = 1 if node_id == EXECUTE_NODE else CHILD_ORDER_BASE + index
-            node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=order, unique=False)
+            node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=order, unique=False, kept=True)
         else:
-            node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index)
+            node = NodeSpec(self.name, semconv.NODE_CONTROL, order_index=CHILD_ORDER_BASE + index, kept=True)
         return TracedSpan(f"phase {self.name}", semconv.KIND_PHASE, attrs, node=node,
                           scope_changes={"phase": self.name}, tracer=scope.run.tracer)
 
@@ -865,7 +865,7 @@ class step(_Block):
             attrs[semconv.STEP_AGENT] = self.agent
         if self.attributes:
             attrs.update(self.attributes)
-        node = NodeSpec(f"step_{self.number}", semconv.NODE_AGENT, order_index=self.number)
+        node = NodeSpec(f"step_{self.number}", semconv.NODE_AGENT, order_index=self.number, kept=True)
         return TracedSpan(f"step {self.number}", semconv.KIND_STEP, attrs, node=node,
                           scope_changes={"step": self.number}, tracer=scope.run.tracer)
 
@@ -940,6 +940,6 @@ class redo(_Block):
             attrs[semconv.STEP_AGENT] = agent
         if self.attributes:
             attrs.update(self.attributes)
-        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True)
+        node = NodeSpec(f"{scope.dag_node}_{name}", semconv.NODE_REDO, child=True, kept=True)
         return TracedSpan(f"redo step {self.step} attempt {self.attempt}", semconv.KIND_BRANCH, attrs,
                           node=node, tracer=scope.run.tracer)

@@ -264,3 +264,22 @@ def opened_on(target: Path | Callable[[str], bool]) -> Hit:
     before = descriptors_on(lambda path: True)  # not the listing's own descriptor: the file's may take its number
     return lambda frame, event, arg: event == "c_return" and frame.f_code.co_filename.startswith(_OURS) \
         and bool(descriptors_on(target, set(os.listdir(FDS)) - before))
+
+
+@contextmanager
+def call_at(hit: Hit, action: Callable[[], Any]) -> Iterator[list[FrameType]]:
+    """``action()`` run once at the first point ``hit(frame, event, arg)`` names inside the block (a
+    ``sys.setprofile`` hook, as :func:`interrupt_at` finds its point), as another thread would run it there:
+    the interleaving a race needs, made certain. The yielded list holds the frame it ran at (empty: never)."""
+    ran: list[FrameType] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        if not ran and hit(frame, event, arg):
+            ran.append(frame)
+            action()  # profiling is off inside the hook: action's own calls are not looked at
+
+    sys.setprofile(hook)
+    try:
+        yield ran
+    finally:
+        sys.setprofile(None)

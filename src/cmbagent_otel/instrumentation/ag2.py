@@ -1785,14 +1785,14 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def patch_late(self, owner: Any, attr: str, wrapper: Callable[..., Any]) -> None:
         """Patch ``owner.attr`` found after ``instrument()`` (e.g. a custom code executor class)."""
-        if not self.is_instrumented_by_opentelemetry:
+        if not self._patching():
             return
         wrapt.wrap_function_wrapper(owner, attr, wrapper)
         self._patched.append((owner, attr))
 
     def patch_instance(self, agent: Any, attr: str, wrapper: Callable[..., Any]) -> None:
         """Patch ``agent.attr``, a function stored in the agent itself; the agent is held weakly."""
-        if not self.is_instrumented_by_opentelemetry:
+        if not self._patching():
             return
         wrapt.wrap_function_wrapper(agent, attr, wrapper)
         instances = self._instances
@@ -1800,17 +1800,27 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             instances = self._instances = weakref.WeakValueDictionary()
         instances[id(agent)] = agent
 
+    def _patching(self) -> bool:
+        """Whether a late patch may be made: in a cycle ``uninstrument()`` has not ended (read under
+        ``_executor_lock`` by the adopting callers, as ``uninstrument()`` ends it)."""
+        state = getattr(self, "_state", None)
+        return self.is_instrumented_by_opentelemetry and state is not None and state.active
+
     def _uninstrument(self, **kwargs: Any) -> None:
         state = self._state
-        if state is not None:
-            state.active = False
-        for owner, attr in reversed(getattr(self, "_patched", [])):
+        # under the lock the late patches are made with (another thread's agent adopting its executor or
+        # override): each is made before, then listed here and put back, or refused after. One made while
+        # the list below was being put back stayed, outside any list, and the next cycle found it ours
+        with _executor_lock:
+            if state is not None:
+                state.active = False
+            patched, self._patched = getattr(self, "_patched", []), []
+            instances, self._instances = self._instances, None
+        for owner, attr in reversed(patched):
             try:
                 _unwrap_ours(owner, attr, state)
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
-        self._patched = []
-        instances, self._instances = self._instances, None
         for agent in list(instances.values()) if instances is not None else ():
             for attr, _ in _OVERRIDABLE:
                 try:

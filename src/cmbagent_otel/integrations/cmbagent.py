@@ -2,7 +2,7 @@
 
 :class:`CmbagentInstrumentor` (a ``BaseInstrumentor``, entry point ``cmbagent`` in the
 ``opentelemetry_instrumentor`` group, also enabled by :func:`cmbagent_otel.instrument`)
-wraps cmbagent with wrapt (``wrap_function_wrapper`` / ``unwrap``, as the AG2
+wraps cmbagent with wrapt (``wrap_function_wrapper``; ``uninstrument()`` takes off its own wrappers only, as the AG2
 instrumentor does) so that its runs produce the ``workflow > phase > step [> redo]`` span
 tree of :mod:`cmbagent_otel.workflow`:
 
@@ -75,7 +75,6 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 
 from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
@@ -1400,7 +1399,8 @@ def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         return wrapper(wrapped, instance, args, kwargs)
 
-    guarded._cmbagent_otel = True  # type: ignore[attr-defined]
+    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (ag2._unwrap_ours)
+    guarded._cmbagent_otel = state  # type: ignore[attr-defined]
     return guarded
 
 
@@ -1481,10 +1481,14 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         state.active = False
         if state.binding is not None:
             workflow_tracers.release(state.binding)
+        from ..instrumentation.ag2 import _unwrap_ours
+
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
-                    unwrap(owner, attr)
+                    # this cycle's wrapper only, wherever it is: the generic unwrap took off the outermost, a
+                    # wrapper the application (another instrumentation) put on after ours, and left ours
+                    _unwrap_ours(owner, attr, state)  # type: ignore[arg-type]
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
@@ -1537,7 +1541,10 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
 
     def _wrap(self, state: _State, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
-        if any(o is owner and a == name for o, a in state.patched):
+        # under state.lock (every caller): a cycle uninstrument() has put back patches nothing more. A patch
+        # that read ``active`` before waiting for the lock (a phase class defined, a module imported, in
+        # another thread) came after the restore: the dead cycle's wrapper stayed, outside ``patched``
+        if not state.active or any(o is owner and a == name for o, a in state.patched):
             return
         current = vars(owner).get(name)
         if current is None or not callable(current):
@@ -1578,6 +1585,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Watch ``execute`` of every subclass of MARS's ``Phase`` (``base``): those defined already, and those
         defined later (a hook on ``base.__init_subclass__``, removed by uninstrument()): the post-import hook of
         ``cmbagent.phases.base`` fires before its subclasses' modules run."""
+        if not state.active:  # uninstrument() ran while this waited for the lock: its hook would stay
+            return
         found, todo = [], list(type.__subclasses__(base))
         while todo and len(found) < _PHASE_CLASSES_MAX:
             cls = todo.pop()
