@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from . import _forksafe
 from . import environment_variables as env
 from ._ingest_core import IngestCore, SpanWriter
 from .otlp_decode import Limits
@@ -159,6 +160,7 @@ class IngestServer:
         self._bound = False
         self._stopped = threading.Event()
         self._stopped.set()
+        _forksafe.reset_in_child(self, "_lock")  # a child forked while a start or stop held it
 
     def __repr__(self) -> str:  # never shows the token
         return (f"IngestServer(host={self.host!r}, port={self.port!r}, grpc_port={self.grpc_port!r}, "
@@ -455,6 +457,24 @@ class IngestServer:
         if interrupt is not None:
             raise interrupt
 
+    def _forget_in_child(self) -> None:
+        """In a forked child: the parent's receivers are not this process's (their threads are not
+        here; grpcio's state is not usable); only its copy of the HTTP listening socket is closed, which
+        kept the port accepting connections nobody answered once the parent stopped. The objects are kept
+        (never finalized here: their finalizers would call into grpcio)."""
+        sock = self._sock
+        _abandoned.append((self._uvicorn, self._app, self._http_thread, self._executor, self._grpc))
+        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
+        self._bound = self._serving = self._stop_requested = False
+        self._http_port = None
+        self._holder = None
+        self._wakers = set()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
     def __enter__(self) -> IngestServer:
         return self.start()
 
@@ -531,6 +551,19 @@ def _stop_at_exit(server: IngestServer) -> None:
         register(_stop_all)
     except RuntimeError:  # "can't register atexit after shutdown": a start during the exit itself
         _exit_hook.clear()
+
+
+_abandoned: list[object] = []  # a forked child's copies of its parent's receivers, never finalized there
+
+
+def _forget_all_in_child() -> None:
+    for server in list(_live):
+        server._forget_in_child()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
 def _stop_all() -> None:
