@@ -377,15 +377,17 @@ class IngestServer:
         this thread's own :meth:`start` or :meth:`stop`, it returns at once and that call stops the
         server before it returns. Interrupted (``KeyboardInterrupt``), it still releases everything,
         then raises the interrupt."""
-        self.core.stopping.set()  # before the receivers wait for the requests being written
         if self._held_here():
+            self.core.stopping.set()
             self._stop_requested = True
             return
         me = threading.get_ident()
         with self._lock:
             self._holder = me
             try:
-                self.core.stopping.set()  # again: a start that ran meanwhile cleared it
+                # before the receivers wait for the requests being written; not before the lock: an
+                # interrupt there left a serving server cutting its searches short
+                self.core.stopping.set()
                 self._teardown()
             finally:
                 self._holder = None
