@@ -385,9 +385,6 @@ class IngestServer:
         with self._lock:
             self._holder = me
             try:
-                # before the receivers wait for the requests being written; not before the lock: an
-                # interrupt there left a serving server cutting its searches short
-                self.core.stopping.set()
                 self._teardown()
             finally:
                 self._holder = None
@@ -411,7 +408,9 @@ class IngestServer:
         server, app, thread = self._uvicorn, self._app, self._http_thread
         executor, grpc_receiver, sock = self._executor, self._grpc, self._sock
         ended: list[bool] = []
-        steps: list[Callable[[], object]] = []
+        # core.stopping first, before the receivers wait for the requests being written; a step of the
+        # teardown, not set before it: an interrupt there left a serving server cutting its searches short
+        steps: list[Callable[[], object]] = [self.core.stopping.set]
         if app is not None:
             steps.append(app.begin_shutdown)
         if server is not None:
