@@ -322,7 +322,13 @@ class GrpcReceiver:
                 # once collected. Started and stopped at once, its port is free; a client connecting
                 # meanwhile is refused by the stop as any other
                 self.start()
-            self._stopped = self._server.stop(grace)
+            try:
+                self._stopped = self._server.stop(grace)
+            except RuntimeError:
+                # grpcio's grace is a thread of its own, and none can start: at interpreter exit (Python
+                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. Without
+                # it the calls are cancelled now (grpcio then waits for them to end: they are cancelled)
+                self._stopped = self._server.stop(None)
         if self._service is not None:
             self._service.cancel_waiting()
 
