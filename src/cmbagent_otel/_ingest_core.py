@@ -279,6 +279,7 @@ class IngestCore:
         self.limits = limits
         self._writer = writer
         self._writer_factory = writer_factory
+        self._owns_writer = writer is None and writer_factory is None  # a DagWriter it makes, and closes
         self._writer_lock = threading.Lock()
         self._write_lock: threading.Lock | None = None
         self._count_lock = threading.Lock()
@@ -531,6 +532,17 @@ class IngestCore:
                     self._write_lock = threading.Lock()
             return self._writer
 
+    def close_writer(self) -> None:
+        """Close the DAG writer this core made (its engine: the SQLite file's descriptors, PostgreSQL's
+        connections), so a stopped server holds none; the next write makes a new one. A writer passed in
+        (``writer=``, or one ``writer_factory`` made) is the caller's, and stays open."""
+        if not self._owns_writer:
+            return
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()  # type: ignore[attr-defined]
+
     def prepare_soon(self) -> threading.Thread | None:
         """Check (or make) the database's schema in a background thread now, so the first
         requests do not spend their :data:`WRITE_WAIT` on it (a first PostgreSQL schema takes
@@ -577,6 +589,15 @@ class IngestCore:
         if thread is not None:
             thread.join(max(0.0, self._startup_until - time.monotonic()))
         return self._startup_error
+
+    def startup_over(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds (and no later than :meth:`startup_error` would) for the
+        start's schema check; whether it is over (a stop closes the writer only then)."""
+        thread = self._startup
+        if thread is None:
+            return True
+        thread.join(max(0.0, min(timeout, self._startup_until - time.monotonic())))
+        return not thread.is_alive()
 
     def _is_sqlite(self) -> bool:
         try:

@@ -103,13 +103,14 @@ class Watchdog:
                     self._heap = [e for e in self._heap if e[2] is not None]
                     heapq.heapify(self._heap)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """End the thread, waiting for it at most ``timeout`` seconds (a callback running: a call's cancel)."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
             thread = self._thread
         if thread is not None:
-            thread.join()
+            thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -259,9 +260,25 @@ class GrpcReceiver:
 
     def __init__(self, core: IngestCore, host: str, port: int, *, workers: int, max_concurrent: int,
                  timeout: float = 30.0) -> None:
+        self._settings = (core, host, port, workers, max_concurrent, timeout)
         self._watchdog = Watchdog()
+        self._pool: _Pool | None = None
+        self._server: Any = None
+        self._service: TraceService | None = None
+        self.port: int | None = None
+        self._started = False
+        self._stopped: threading.Event | None = None
+
+    def bind(self) -> GrpcReceiver:
+        """Make grpcio's server and bind the port (``OSError`` when it is taken). Apart from the
+        constructor, so the caller holds the receiver before it holds a socket: an interrupt as this
+        returns leaves the server where :meth:`begin_stop` finds it."""
+        core, host, port, workers, max_concurrent, timeout = self._settings
+        # grpcio never shuts down the pool it is given: its threads outlived the server (idle, for the
+        # life of the process) unless stop() does it
+        self._pool = _Pool(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc")
         self._server = grpc.server(
-            _Pool(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc"),
+            self._pool,
             maximum_concurrent_rpcs=max_concurrent,
             options=[
                 ("grpc.max_receive_message_length", core.max_bytes),
@@ -288,17 +305,57 @@ class GrpcReceiver:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpcio reports a port in use this way
             raise OSError(errno.EADDRINUSE, f"cannot listen on {address} (OTLP/gRPC): {exc}") from None
-        self._started = False
+        return self
 
     def start(self) -> None:
         if not self._started:
             self._server.start()
             self._started = True
 
-    def stop(self, grace: float | None = 5.0) -> Any:
+    def begin_stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, cancel those still waiting for their message at once, and
-        give those being written ``grace`` seconds."""
-        stopped = self._server.stop(grace)
-        self._service.cancel_waiting()
-        stopped.wait()
-        self._watchdog.stop()
+        give those being written ``grace`` seconds (without waiting: see :meth:`finish_stop`)."""
+        if self._server is not None:
+            if not self._started:
+                # grpcio closes its listening sockets only when a started server stops: one bound and
+                # stopped unstarted kept its port (and descriptor) for the life of the process, even
+                # once collected. Started and stopped at once, its port is free; a client connecting
+                # meanwhile is refused by the stop as any other
+                self.start()
+            try:
+                self._stopped = self._server.stop(grace)
+            except RuntimeError:
+                # grpcio's grace is a thread of its own, and none can start: at interpreter exit (Python
+                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. Without
+                # it the calls are cancelled now (grpcio then waits for them to end: they are cancelled)
+                self._stopped = self._server.stop(None)
+        if self._service is not None:
+            self._service.cancel_waiting()
+
+    def finish_stop(self, timeout: float | None) -> bool:
+        """Wait at most ``timeout`` seconds in all for grpcio's stop (its grace), the deadline
+        watchdog and the call threads; whether all of them ended in time."""
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if end is None else max(0.0, end - time.monotonic())
+
+        stopped = self._stopped
+        done = stopped is None or stopped.wait(left())
+        self._watchdog.stop(left())
+        return (self._pool is None or join_pool(self._pool, left)) and done
+
+    def stop(self, grace: float | None = 5.0, timeout: float | None = None) -> bool:
+        """:meth:`begin_stop` then :meth:`finish_stop`."""
+        self.begin_stop(grace)
+        return self.finish_stop(timeout)
+
+
+def join_pool(pool: futures.ThreadPoolExecutor, left: Callable[[], float | None]) -> bool:
+    """Shut ``pool`` down (work not begun is dropped) and wait for its threads, each at most
+    ``left()`` seconds; whether they all ended. ``shutdown(wait=True)`` has no bound of its own."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    threads = list(getattr(pool, "_threads", ()))  # the pool's own set: no public way to wait with a bound
+    for thread in threads:
+        thread.join(left())
+    return not any(thread.is_alive() for thread in threads)

@@ -28,13 +28,19 @@ requests per client) and their defaults are listed in
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
+import signal
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from . import _forksafe
 from . import environment_variables as env
 from ._ingest_core import IngestCore, SpanWriter
 from .otlp_decode import Limits
@@ -48,6 +54,10 @@ MAX_HTTP_REQUESTS = 64  # HTTP requests handled at once (rejections included); m
 MAX_GRPC_REQUESTS = 64  # gRPC calls at once, each a thread while its message arrives; more get RESOURCE_EXHAUSTED
 CONNECTIONS_PER_CLIENT_REQUEST = 8  # HTTP connections one address may hold per request it may have in flight
 MAX_CONNECTIONS = 1024  # uvicorn's own cap (a plain 503): idle keep-alive connections are cheap
+GRACE_S = 5.0  # seconds uvicorn and grpcio (side by side) give requests being written when the server stops
+# Seconds a stop waits in all (the graces, then the call threads): a write waits at most WRITE_WAIT (3 s)
+# for the database, so past GRACE_S only a request whose database statement itself hangs is still there.
+STOP_WAIT_S = 3 * GRACE_S
 TRACES_PATH = "/v1/traces"
 
 
@@ -136,6 +146,10 @@ class IngestServer:
                                max_per_client=per_client)
         self.retry_after = retry_after
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread in start(), bind() or stop() (holding _lock)
+        self._stop_requested = False  # stop() from a signal handler inside that thread's start()
+        self._serving = False
+        self._wakers: set[_Waker] = set()  # serve_forever()s asleep in the main thread
         self._sock: socket.socket | None = None
         self._uvicorn: Any = None
         self._app: Any = None
@@ -145,6 +159,8 @@ class IngestServer:
         self._http_port: int | None = None
         self._bound = False
         self._stopped = threading.Event()
+        self._stopped.set()
+        _forksafe.reset_in_child(self, "_lock")  # a child forked while a start or stop held it
 
     def __repr__(self) -> str:  # never shows the token
         return (f"IngestServer(host={self.host!r}, port={self.port!r}, grpc_port={self.grpc_port!r}, "
@@ -167,7 +183,7 @@ class IngestServer:
     @property
     def grpc_port(self) -> int | None:
         """The bound OTLP/gRPC port (``None`` before :meth:`bind` or when gRPC is off)."""
-        return self._grpc.port if self._grpc is not None else None
+        return self._grpc.port if self._grpc is not None else None  # None while it binds
 
     def _host_for_url(self) -> str:
         return self.host if ":" not in self.host else f"[{self.host}]"
@@ -183,124 +199,380 @@ class IngestServer:
         return f"{self._host_for_url()}:{self.grpc_port}"
 
     # --- lifecycle ---------------------------------------------------------------------
-    def bind(self) -> IngestServer:
-        """Bind the sockets without serving yet (idempotent); raises ``OSError`` when a port is taken."""
-        with self._lock:
-            if self._bound:
-                return self
-            try:
-                if self.requested_port is not None:
-                    family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        sock.bind((self.host, self.requested_port))
-                        sock.listen(256)
-                    except OSError as exc:
-                        sock.close()
-                        address = f"[{self.host}]" if ":" in self.host else self.host
-                        raise OSError(exc.errno, f"cannot listen on {address}:{self.requested_port} (OTLP/HTTP): "
-                                      f"{exc.strerror}") from None
-                    self._sock = sock
-                    self._http_port = sock.getsockname()[1]
-                if self.requested_grpc_port is not None:
-                    from ._ingest_grpc import GrpcReceiver
+    # Every method below takes ``_lock`` (one start, bind or stop at a time), and records which thread
+    # holds it: a signal handler calling stop() runs in the thread it interrupted, and when that thread
+    # is in start() or stop() waiting for the lock would wait for itself for ever (a non-reentrant lock;
+    # a reentrant one would tear down a half-made server under start's feet).
+    def _held_here(self) -> bool:
+        return self._holder == threading.get_ident()
 
-                    self._grpc = GrpcReceiver(self.core, self.host, self.requested_grpc_port, workers=self.workers,
-                                              max_concurrent=MAX_GRPC_REQUESTS, timeout=self.request_timeout)
-            except BaseException:
-                self._close_sockets()
-                raise
-            self._bound = True
+    def bind(self) -> IngestServer:
+        """Bind the sockets without serving yet (idempotent); raises ``OSError`` when a port is taken
+        (nothing is left bound then)."""
+        if self._held_here():
+            raise RuntimeError("IngestServer.bind() called from a signal handler inside this thread's own "
+                               "start() or stop()")
+        me = threading.get_ident()
+        try:
+            with self._lock:
+                self._holder = me
+                try:
+                    self._bind_locked()
+                finally:
+                    self._holder = None
+        except BaseException:
+            self.stop()  # an interrupt as the lock is let go, the sockets bound: they are not left bound
+            raise
         return self
 
-    def _close_sockets(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._grpc is not None:
-            self._grpc.stop(None)
-            self._grpc = None
-        self._http_port = None
+    def _bind_locked(self) -> None:
+        if self._bound:
+            return
+        try:
+            if self.requested_port is not None:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                sock = self._sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((self.host, self.requested_port))
+                    sock.listen(256)
+                except OSError as exc:
+                    address = f"[{self.host}]" if ":" in self.host else self.host
+                    raise OSError(exc.errno, f"cannot listen on {address}:{self.requested_port} (OTLP/HTTP): "
+                                  f"{exc.strerror}") from None
+                self._http_port = sock.getsockname()[1]
+            if self.requested_grpc_port is not None:
+                from ._ingest_grpc import GrpcReceiver
+
+                receiver = self._grpc = GrpcReceiver(self.core, self.host, self.requested_grpc_port,
+                                                     workers=self.workers, max_concurrent=MAX_GRPC_REQUESTS,
+                                                     timeout=self.request_timeout)
+                receiver.bind()
+        except BaseException:
+            self._teardown()  # a port in use (or an interrupt) leaves no socket of the other receiver bound
+            raise
+        self._bound = True
 
     def start(self) -> IngestServer:
-        """Bind and serve in daemon threads; returns ``self``."""
-        self.bind()
-        self.core.stopping.clear()
-        self.core.prepare_soon()
-        self._stopped.clear()
-        with self._lock:
-            if self._grpc is not None:
-                self._grpc.start()
-            if self._sock is not None and self._http_thread is None:
-                import uvicorn
-
-                from ._ingest_http import OtlpHttpApp, Workers, protocol_class
-
-                _quiet_uvicorn()
-                self._executor = Workers(max_workers=self.workers, thread_name_prefix="cmbagent-otel-ingest-http")
-                app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
-                                  body_timeout=self.request_timeout, min_rate=self.min_rate)
-                self._app = app
-                http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client,
-                                      MAX_CONNECTIONS)
-                config = uvicorn.Config(
-                    app, http=http, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
-                    log_config=None, access_log=False, server_header=False, date_header=False,
-                    limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=5,
-                    h11_max_incomplete_event_size=64 * 1024,
-                )
-                server = uvicorn.Server(config)
-                self._uvicorn = server
-                sock = self._sock
-                thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                          name="cmbagent-otel-ingest-http", daemon=True)
-                thread.start()  # the socket already listens: clients queue until uvicorn accepts
-                self._http_thread = thread
+        """Bind and serve in daemon threads (idempotent); returns ``self``. A server can start again
+        after :meth:`stop`. When it raises (a port in use: ``OSError``; an interrupt), nothing it made is
+        left: no socket, no thread. A :meth:`stop` called meanwhile from a signal handler in this same
+        thread takes effect before it returns (the server is then stopped)."""
+        if self._held_here():
+            raise RuntimeError("IngestServer.start() called from a signal handler inside this thread's own "
+                               "start() or stop()")
+        me = threading.get_ident()
+        try:
+            with self._lock:
+                self._holder = me
+                try:
+                    self._stop_requested = False
+                    self.core.stopping.clear()
+                    try:
+                        self._start_locked()
+                    except BaseException:
+                        self._teardown()
+                        raise
+                    if self._stop_requested:  # stop() from a signal handler that interrupted this start
+                        self._teardown()
+                finally:
+                    self._holder = None
+        except BaseException:
+            self.stop()  # an interrupt as the lock is let go, the server made: it is not left serving
+            raise
         return self
 
-    def serve_forever(self) -> None:
-        """Bind and serve until :meth:`stop` is called from another thread (or a signal handler)."""
-        self.start()
-        self._stopped.wait()
+    def _start_locked(self) -> None:
+        if self._serving:
+            return
+        self._stopped.clear()
+        _stop_at_exit(self)
+        self._bind_locked()
+        self.core.prepare_soon()
+        if self._grpc is not None:
+            self._grpc.start()
+        if self._sock is not None and self._http_thread is None:
+            import uvicorn
+
+            from ._ingest_http import OtlpHttpApp, Workers, protocol_class
+
+            _quiet_uvicorn()
+            self._executor = Workers(max_workers=self.workers, thread_name_prefix="cmbagent-otel-ingest-http")
+            app = self._app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
+                                          body_timeout=self.request_timeout, min_rate=self.min_rate)
+            http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client,
+                                  MAX_CONNECTIONS)
+            config = uvicorn.Config(
+                app, http=http, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
+                log_config=None, access_log=False, server_header=False, date_header=False,
+                limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, timeout_graceful_shutdown=GRACE_S,
+                h11_max_incomplete_event_size=64 * 1024,
+            )
+            server = self._uvicorn = uvicorn.Server(config)
+            # recorded before it starts: a stop (or an interrupt here) finds it and ends it
+            thread = self._http_thread = threading.Thread(
+                target=server.run, kwargs={"sockets": [self._sock]}, name="cmbagent-otel-ingest-http", daemon=True)
+            thread.start()  # the socket already listens: clients queue until uvicorn accepts
+        self._serving = True
+
+    def serve_forever(self, signals: Iterable[int] = (), *, started: Callable[[], object] | None = None
+                      ) -> int | None:
+        """Start, serve until :meth:`stop` is called (from any thread, or from a signal handler of the
+        application's) or one of ``signals`` arrives, stop, and return that signal's number (``None``
+        after :meth:`stop`). The server is stopped whenever this returns or raises.
+
+        ``signals`` (e.g. ``(signal.SIGTERM, signal.SIGINT)``, the CLI's): handled for the time of the
+        call, the previous handlers restored after the server has stopped (a second signal during the
+        drain does not cut it short); the main thread only (``ValueError`` elsewhere). ``started`` is
+        called once serving (in this thread).
+
+        In the main thread the wait is on a socket set as :func:`signal.set_wakeup_fd`: Linux delivers a
+        process-directed signal to any thread (grpcio's, uvicorn's), where Python only notes it, and a
+        main thread asleep on a lock never ran the handler (the server served on, the signal ignored).
+        The bytes of signals are passed on to a wakeup descriptor set before (an event loop's)."""
+        wanted = {int(sig) for sig in signals}
+        received: list[int] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            received.append(signum)
+
+        previous: dict[int, Any] = {}
+        waker = _Waker() if threading.current_thread() is threading.main_thread() else None
+        try:
+            if waker is not None:
+                self._wakers.add(waker)
+                waker.arm()
+            for sig in wanted:
+                previous[sig] = signal.signal(sig, handler)
+            self.start()
+            if started is not None:
+                started()
+            if waker is not None:
+                waker.wait(lambda: self._stopped.is_set() or bool(received), wanted)
+            else:
+                self._stopped.wait()
+        finally:
+            try:
+                self.stop()
+            finally:
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
+                if waker is not None:
+                    self._wakers.discard(waker)
+                    waker.close()
+        return received[0] if received else None
 
     def stop(self) -> None:
-        """Stop serving and release the sockets (idempotent).
+        """Stop serving and release the sockets, threads and the database connections it made
+        (idempotent; from any thread, several at once, before a start; the server may start again).
 
         Requests still arriving are answered 503 (retry later) at once; requests being
         written finish first with their true answer (each waits at most
         :data:`~cmbagent_otel._ingest_core.WRITE_WAIT` seconds for the database, inside
-        uvicorn's and grpcio's 5 s grace); one looking for the spans the database refuses is
-        answered 503 at its next piece (its search kept for its client's retry)."""
-        self.core.stopping.set()  # before the receivers wait for the requests being written
+        uvicorn's and grpcio's :data:`GRACE_S` grace, run side by side); one looking for the spans the
+        database refuses is answered 503 at its next piece (its search kept for its client's retry).
+        Every wait is bounded: all of them together by :data:`STOP_WAIT_S` (past it the threads left are
+        daemons, logged, and the writer is left open for them). A stop called while another thread
+        starts or stops the server waits for that first. Called from a signal handler that interrupted
+        this thread's own :meth:`start` or :meth:`stop`, it returns at once and that call stops the
+        server before it returns. Interrupted (``KeyboardInterrupt``), it still releases everything,
+        then raises the interrupt."""
+        if self._held_here():
+            self.core.stopping.set()
+            self._stop_requested = True
+            return
+        me = threading.get_ident()
         with self._lock:
-            server, self._uvicorn = self._uvicorn, None
-            app, self._app = self._app, None
-            thread, self._http_thread = self._http_thread, None
-            executor, self._executor = self._executor, None
-            grpc_receiver, self._grpc = self._grpc, None
-            sock, self._sock = self._sock, None
-            self._bound = False
-            self._http_port = None
+            self._holder = me
+            try:
+                self._teardown()
+            finally:
+                self._holder = None
+
+    def _teardown(self) -> None:
+        """Release whatever is held (under ``_lock``), every step run even when one fails or is
+        interrupted; the first interrupt is raised at the end, an error only logged. An interrupt in
+        the bookkeeping around the steps runs them all again (each is idempotent): none is skipped."""
+        try:
+            self._release()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        end = time.monotonic() + STOP_WAIT_S
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
+        server, app, thread = self._uvicorn, self._app, self._http_thread
+        executor, grpc_receiver, sock = self._executor, self._grpc, self._sock
+        ended: list[bool] = []
+        # core.stopping first, before the receivers wait for the requests being written; a step of the
+        # teardown, not set before it: an interrupt there left a serving server cutting its searches short
+        steps: list[Callable[[], object]] = [self.core.stopping.set]
         if app is not None:
-            app.begin_shutdown()
+            steps.append(app.begin_shutdown)
         if server is not None:
-            server.should_exit = True
+            steps.append(lambda: setattr(server, "should_exit", True))
+        if grpc_receiver is not None:  # its grace runs beside uvicorn's
+            steps.append(lambda: grpc_receiver.begin_stop(GRACE_S))
         if thread is not None:
-            thread.join()
+            steps.append(lambda: ended.append(_join(thread, left())))
         if sock is not None:
-            sock.close()
+            steps.append(sock.close)
         if grpc_receiver is not None:
-            grpc_receiver.stop(5.0)
+            steps.append(lambda: ended.append(grpc_receiver.finish_stop(left())))
         if executor is not None:
-            executor.shutdown(wait=True)
+            from ._ingest_grpc import join_pool
+
+            steps.append(lambda: ended.append(join_pool(executor, left)))
+        interrupt: BaseException | None = None
+        for step in steps:
+            for _ in range(2):  # an interrupted step is run once more (a wait cut short is waited again)
+                try:
+                    step()
+                except Exception:
+                    logger.warning("cmbagent-otel ingest: stopping: %s failed", getattr(step, "__name__", step),
+                                   exc_info=True)
+                except BaseException as exc:  # the app's interrupt: the rest is still released, then raised
+                    interrupt = interrupt or exc
+                    continue
+                break
+        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
+        self._bound = self._serving = self._stop_requested = False
+        self._http_port = None
+        _live.discard(self)
+        try:
+            if all(ended) and self.core.startup_over(left()):
+                self.core.close_writer()  # no thread of ours writes any more
+            elif not all(ended):
+                logger.warning("cmbagent-otel ingest: stopping: threads still busy after %.0f s, left to end "
+                               "on their own (daemon threads)", STOP_WAIT_S)
+        except BaseException as exc:
+            interrupt = interrupt or exc
+        finally:
+            self._stopped.set()
+            for waker in list(self._wakers):
+                waker.wake()
+        if interrupt is not None:
+            raise interrupt
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: the parent's receivers are not this process's (their threads are not
+        here; grpcio's state is not usable); only its copy of the HTTP listening socket is closed, which
+        kept the port accepting connections nobody answered once the parent stopped. The objects are kept
+        (never finalized here: their finalizers would call into grpcio)."""
+        sock = self._sock
+        _abandoned.append((self._uvicorn, self._app, self._http_thread, self._executor, self._grpc))
+        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
+        self._bound = self._serving = self._stop_requested = False
+        self._http_port = None
+        self._holder = None
+        self._wakers = set()
+        self._stopped = threading.Event()
         self._stopped.set()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def __enter__(self) -> IngestServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _join(thread: threading.Thread, timeout: float) -> bool:
+    """Join ``thread`` for at most ``timeout`` seconds; whether it ended. One whose ``start()`` was
+    interrupted before it ran cannot be joined: it sees its server's ``should_exit`` and ends alone."""
+    try:
+        thread.join(timeout)
+    except RuntimeError:  # "cannot join thread before it is started"
+        return True
+    return not thread.is_alive()
+
+
+class _Waker:
+    """What :meth:`IngestServer.serve_forever` sleeps on in the main thread: a socket pair set as the
+    signal wakeup descriptor (written by the C-level handler in whichever thread a signal lands) and
+    woken by :meth:`IngestServer.stop` from any thread (a zero byte: no signal has number 0)."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        self.previous: int | None = None
+
+    def arm(self) -> None:
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake is already pending) or closed
+            self.writer.send(b"\0")
+
+    def wait(self, done: Callable[[], bool], wanted: set[int]) -> None:
+        """Until ``done()`` (asked after each wake: a handler of the application's has run by then, on
+        the loop's way back) or one of ``wanted`` arrives."""
+        while not done():
+            data = self.reader.recv(64)
+            numbers = data.replace(b"\0", b"")
+            if numbers and self.previous is not None and self.previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self.previous, numbers)
+            if wanted.intersection(numbers):
+                return
+
+    def close(self) -> None:
+        try:
+            if self.previous is not None:
+                signal.set_wakeup_fd(self.previous)
+        finally:
+            self.reader.close()
+            self.writer.close()
+
+
+# Servers serving now, stopped when the interpreter exits: the call pools' threads are joined then
+# (concurrent.futures' exit hook), and a gRPC call waiting for its message held the exit for the
+# whole request timeout (30 s by default) when nothing stopped the server. Held strongly: a server
+# the application no longer references still serves (its threads do not reference it).
+_live: set[IngestServer] = set()
+_exit_hook: list[bool] = []
+
+
+def _stop_at_exit(server: IngestServer) -> None:
+    _live.add(server)
+    if _exit_hook:
+        return
+    _exit_hook.append(True)
+    # threading's own exit hooks run before the interpreter joins threads (atexit's run after), and in
+    # the reverse order of registration: this one, registered after concurrent.futures' (imported above),
+    # runs first. Private API of CPython 3.9+; without it (another interpreter), atexit.
+    register = getattr(threading, "_register_atexit", atexit.register)
+    try:
+        register(_stop_all)
+    except RuntimeError:  # "can't register atexit after shutdown": a start during the exit itself
+        _exit_hook.clear()
+
+
+_abandoned: list[object] = []  # a forked child's copies of its parent's receivers, never finalized there
+
+
+def _forget_all_in_child() -> None:
+    for server in list(_live):
+        server._forget_in_child()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_all_in_child)
+
+
+def _stop_all() -> None:
+    for server in list(_live):
+        try:
+            server.stop()
+        except Exception:
+            logger.debug("cmbagent-otel ingest: stopping at exit failed", exc_info=True)
 
 
 if __name__ == "__main__":  # ``python -m cmbagent_otel.ingest ...``: the same as ``cmbagent-otel ingest ...``

@@ -9,7 +9,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import threading
 from typing import Any
 
@@ -120,48 +119,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"cmbagent-otel ingest: listening on {' and '.join(listening)} -> {target}"
           f"{' (bearer token required)' if server.core.token_required else ''}", flush=True)
 
-    stop = threading.Event()
-
-    def _terminate(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
+    def check() -> None:
         threading.Thread(target=_check_database, args=(server, target), name="cmbagent-otel-ingest-check",
                          daemon=True).start()
-        _wait_for_signal(stop, tuple(previous))
-    finally:
-        # the handlers stay while the server drains (its writes end within a few seconds):
-        # a second SIGTERM or Ctrl-C must not kill it with acknowledged requests mid-answer
-        try:
-            server.stop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+
+    # SIGTERM/SIGINT stop it, whichever thread the kernel gives them to; they stay handled while the
+    # server drains (its writes end within a few seconds): a second SIGTERM or Ctrl-C must not kill it
+    # with acknowledged requests mid-answer
+    server.serve_forever((signal.SIGTERM, signal.SIGINT), started=check)
     print(f"cmbagent-otel ingest: stopped after {server.spans_written} span(s)", flush=True)
     return 0
 
-
-def _wait_for_signal(stop: threading.Event, signals: tuple[int, ...]) -> None:
-    """Block the main thread until ``stop`` is set or one of ``signals`` arrives.
-
-    Linux delivers a process-directed signal to any thread that does not block it (grpcio's,
-    uvicorn's, a worker's). Python runs the handler only when the main thread next runs Python
-    code, and a main thread asleep in ``Event.wait()`` never did: the ingest ignored that SIGTERM
-    for ever. The wakeup file descriptor is written by whichever thread the signal hit, and carries
-    the signal's number, so the main thread wakes (and stops) whatever the handler's timing."""
-    wanted = {int(sig) for sig in signals}
-    reader, writer = socket.socketpair()
-    try:
-        writer.setblocking(False)
-        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        try:
-            while not stop.is_set():
-                if wanted.intersection(reader.recv(64)):
-                    return
-        finally:
-            signal.set_wakeup_fd(previous)
-    finally:
-        reader.close()
-        writer.close()
