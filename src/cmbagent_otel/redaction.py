@@ -77,7 +77,12 @@ _SECRET_KEY_NAME = re.compile(
 # environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
-_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|REDISCLI_AUTH")
+# ... and AUTH as its last word (NPM_AUTH, GH_AUTH, PROXY_AUTH, HTTP_AUTH, REDISCLI_AUTH: npm's and proxies' tokens and
+# user:password pairs, registered from the environment but kept in a printed .env file or a dict of settings); not
+# AUTH before another word (POSTGRES_HOST_AUTH_METHOD, AUTH_URL: a method's or a place's name). Such a name holding
+# a method (SMTP_AUTH=CRAM-MD5, HTTP_AUTH=basic) holds no secret: see _AUTH_METHOD
+_ENV_STYLE_SECRET_NAME = re.compile(
+    r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|(?:[A-Z][A-Z0-9]*_)+AUTH")
 # ... but KEY after a word that names a key into data is a code constant, not a credential (SORT_KEY = "created",
 # CACHE_KEY, PRIMARY_KEY): its value, often an ordinary word, would be learned and then redacted in every later
 # text, inside longer words too. Words that also name key material are not here (DATA_KEY: a KMS data key,
@@ -106,8 +111,8 @@ def _is_secret_env_name(name: str) -> bool:
     return (_SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)) or _holder_secret_name(name)
 
 
-# A name whose last word is KEY, PASS or PAT after a word naming what the credential opens, in any case or
-# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, sentry_dsn): a provider, a service or a
+# A name whose last word is KEY, PASS, PAT or AUTH after a word naming what the credential opens, in any case or
+# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, npm_auth, sentry_dsn): a provider, a service or a
 # store of data. Lower-case names otherwise keep the rule above: sort_key, cache_key, first_pass, proxy_pass
 # (nginx's upstream URL) and key alone hold no secrets, and a `*_key` rule would learn their values.
 _KEY_HOLDERS = frozenset((
@@ -142,7 +147,7 @@ def _holder_secret_name(name: str) -> bool:
     if last in _WHOLE_CREDENTIAL_WORDS:
         return True
     # (pwd: MYSQL_PWD, db_pwd; alone, PWD is the shell's working directory)
-    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat") else None
+    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat", "auth") else None
     if holders is None:
         return False
     return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
@@ -334,7 +339,8 @@ def _register_environment() -> None:
     _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
         if _is_secret_env_name(name):
-            register_secret(value)
+            if not _holds_no_secret(name, value):  # SMTP_AUTH=CRAM-MD5: a method's name
+                register_secret(value)
         elif "://" in value and "@" in value:
             # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): when no
             # ordinary word (postgres://postgres:postgres@db would redact "postgres" everywhere)
@@ -1054,7 +1060,7 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            named = not secret and is_secret_key(str(key)) and not _is_working_directory(str(key), item)
+            named = not secret and is_secret_key(str(key)) and not _holds_no_secret(str(key), item)
             _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -1125,6 +1131,19 @@ def _register_value(value: Any, register: Any) -> None:
     scheme, _, token = value.strip().partition(" ")
     if token and scheme.lower() in ("bearer", "basic", "token"):
         register(token.strip())
+    _register_login_password(value, register)
+
+
+# a secret-named key's value that is a login, ``user:password`` (``PROXY_AUTH=bob:<v>``, npm's ``_auth``, a Basic
+# token's text): only the whole was learned, and a later text quoting the password alone showed it
+_USER_PASSWORD = re.compile(r"[A-Za-z][\w.@\-]{0,63}:(?P<pw>[^\s:/][^\s:]{5,})")
+
+
+def _register_login_password(value: str, register: Any) -> None:
+    """Register (or learn) the password of a secret-named key's ``user:password`` value too."""
+    found = _USER_PASSWORD.fullmatch(value.strip())
+    if found is not None and not _is_reference(found.group("pw")):
+        register(found.group("pw"))
 
 
 # A Python class's name, as a traceback's last line or a logged error prints an exception's type before its
@@ -1251,6 +1270,26 @@ def _is_working_directory(name: str, value: Any) -> bool:
     absolute path (``env`` or ``os.environ`` printed by code, ``pwd: /work/project``). Read as a password (ODBC's
     ``UID=sa;PWD=<it>``), the path was learned and then redacted in every later text that names a file under it."""
     return name.strip().lower() == "pwd" and isinstance(value, str) and _ABSOLUTE_PATH.fullmatch(value) is not None
+
+
+# what a name ending in AUTH holds when it names how one authenticates, not with what (SMTP_AUTH=CRAM-MD5,
+# HTTP_AUTH=basic, MONGO_AUTH=SCRAM-SHA-256, db_auth: scram-sha-256, PROXY_AUTH=ntlm, NGINX_AUTH=off): learned, the
+# method's name was redacted in every later text ("the server asks for scram-sha-256")
+_AUTH_METHOD = re.compile(
+    r"(?i:(?:scram|hmac)-sha-?\d+(?:-plus)?|(?:cram|digest)-md5|md5|plain|login|trust|peer|ident|reject|password|"
+    r"gssapi|kerberos|krb5|sspi|ntlm|negotiate|x509|cert|oauth2?|oauthbearer|xoauth2|sasl|external|anonymous|ldap|"
+    r"radius|pam|iam|basic|bearer|digest|token|api[-_]?key|jwt|mtls|tls|none|on|off|yes|no|true|false|enabled|"
+    r"disabled|required|optional)")
+
+
+def _holds_no_secret(name: str, value: Any) -> bool:
+    """Whether ``value`` under the secret-looking name ``name`` is known to hold no secret: the shell's working
+    directory (:func:`_is_working_directory`) or an authentication method's name under a name ending in AUTH
+    (:data:`_AUTH_METHOD`). Neither is learned, registered from the environment or replaced."""
+    if _is_working_directory(name, value):
+        return True
+    return isinstance(value, str) and _AUTH_METHOD.fullmatch(value.strip()) is not None \
+        and name.rstrip().lower().endswith("auth")
 
 
 def _is_reference(value: str) -> bool:
@@ -1660,13 +1699,15 @@ def _kv_pairs(text: str, learn: bool) -> str:
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
-        if _is_working_directory(text[name_start:run_end], value):
-            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
+        if _holds_no_secret(text[name_start:run_end], value):
+            # PWD=/work/project in a printed environment: learned, every later path of it was redacted (and
+            continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if learn and learns:
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            _register_login_password(value, learn_secret)
             if core is not value:
                 learn_secret(core)
         out.append(text[last:value_start])
@@ -2571,7 +2612,7 @@ def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
     secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
     if secret is None:
         secret = is_secret_key(skey)
-    if secret and not _is_working_directory(skey, item):
+    if secret and not _holds_no_secret(skey, item):
         learn_secrets_in({skey: item})
         out[_scrub_string(skey)] = REDACTED
     else:
@@ -2670,7 +2711,7 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             skey = str(key)
-            if is_secret_key(skey) and not _is_working_directory(skey, item):
+            if is_secret_key(skey) and not _holds_no_secret(skey, item):
                 learn_secrets_in({skey: item})
                 continue
             if skey not in memo:
