@@ -342,10 +342,10 @@ def _register_environment() -> None:
             if not _holds_no_secret(name, value):  # SMTP_AUTH=CRAM-MD5: a method's name
                 register_secret(value)
         elif "://" in value and "@" in value:
-            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): when no
-            # ordinary word (postgres://postgres:postgres@db would redact "postgres" everywhere)
+            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): see
+            # _learnable (postgres://postgres:postgres@db would redact "postgres" everywhere)
             for secret in environment_variables.url_credentials(value, is_secret_key):
-                if _learnable(secret):
+                if _learnable(secret, value):
                     register_secret(secret)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
@@ -1173,10 +1173,16 @@ _USER_PASSWORD = re.compile(r"[A-Za-z][\w.@\-]{0,63}:(?P<pw>[^\s:/][^\s:]{5,})")
 
 
 def _register_login_password(value: str, register: Any) -> None:
-    """Register (or learn) the password of a secret-named key's ``user:password`` value too."""
+    """Register (or learn) the password of a secret-named key's ``user:password`` value too, when it cannot be a
+    word or an identifier (a digit, an inner capital or a symbol): a namespaced name (``TENANT_VARIABLE_KEY =
+    "a2a:tenant"``, ``"ns:extra_parts"``) has the same shape, and "tenant" was learned at the first try."""
     found = _USER_PASSWORD.fullmatch(value.strip())
-    if found is not None and not _is_reference(found.group("pw")):
-        register(found.group("pw"))
+    if found is None:
+        return
+    password = found.group("pw")
+    if (_RANDOM_LOOKING.search(password) is not None or _IDENTIFIER.fullmatch(password.replace("-", "_")) is None) \
+            and not _is_reference(password):
+        register(password)
 
 
 # A Python class's name, as a traceback's last line or a logged error prints an exception's type before its
@@ -1567,14 +1573,35 @@ def _kv_scan(text: str, learn: bool) -> str:
     return text
 
 
-def _learnable(value: str) -> bool:
-    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: not an
-    ordinary word (``postgres://postgres:postgres@db``: learned, "postgres" was redacted in every later text, inside
-    ``postgresql`` too), no reference or mask (``$DB_PASS``, ``*****``) and no placeholder naming a secret
-    (``user:password``, ``-p<your_password>``)."""
+def _learnable(value: str, login: str) -> bool:
+    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: no
+    reference or mask (``$DB_PASS``, ``*****``), no placeholder naming a secret (``user:password``,
+    ``-p<your_password>``); an ordinary word only when it is no other part of its ``login`` (the URL or the command
+    around it: ``postgres://postgres:postgres@db``, ``postgresql://app:postgres@db``: "postgres" would be redacted in
+    every later text, inside ``postgresql`` too), no default or example password (:data:`_DEFAULT_PASSWORDS`) and no
+    word of state (``user:expired@db``). Session 42 learned no ordinary word there: a plain-word password was replaced
+    in its URL and shown in a later text quoting it alone."""
     lower = value.lower()
-    return len(value) >= _MIN_SECRET_LEN and REDACTED not in value and _PLAIN_WORD.fullmatch(value) is None \
-        and not _is_reference(value) and not any(hint in lower for hint in _KV_HINTS)
+    if len(value) < _MIN_SECRET_LEN or REDACTED in value or _is_reference(value) \
+            or any(hint in lower for hint in _KV_HINTS):
+        return False
+    if _PLAIN_WORD.fullmatch(value) is None:
+        return True
+    return login.lower().count(lower) == 1 and lower not in _DEFAULT_PASSWORDS and lower not in _SENTENCE_WORDS \
+        and _STATE_WORD.fullmatch(value) is None
+
+
+# passwords of plain words that tutorials, compose files and images' defaults write in URLs and command lines (no
+# user's secret; learned, the word would be redacted in every later text): a default password is as public as the
+# image that ships it
+_DEFAULT_PASSWORDS = frozenset((
+    "changeme", "changeit", "example", "admin", "administrator", "guest", "postgres", "postgresql", "mysql", "mariadb",
+    "root", "toor", "default", "letmein", "welcome", "qwerty", "foobar", "foobared", "testing", "tester", "sample",
+    "dummy", "demo", "user", "username", "master", "oracle", "tiger", "manager", "system", "redis", "mongo", "mongodb",
+    "rabbitmq", "minioadmin", "airflow", "superset", "keycloak", "grafana", "jenkins", "docker", "vagrant", "ubuntu",
+    "raspberry", "openai", "anonymous", "nobody", "public", "private", "insecure", "localhost", "database",
+))
+_LOGIN_AROUND = 64  # characters each side of a password read as its login (the user, the scheme, the host)
 
 
 def _learn_login_passwords(text: str) -> None:
@@ -1583,10 +1610,10 @@ def _learn_login_passwords(text: str) -> None:
     if "://" in text:
         for match in _URL_CREDENTIALS.finditer(text):
             password = match.group()[3:-1].partition(":")[2]
-            if _learnable(password):
+            if _learnable(password, text[max(0, match.start() - _LOGIN_AROUND):match.end() + _LOGIN_AROUND]):
                 learn_secret(password)
     for start, end in _bare_credential_spans(text):
-        if _learnable(text[start:end]):
+        if _learnable(text[start:end], text[max(0, start - _LOGIN_AROUND):end + _LOGIN_AROUND]):
             learn_secret(text[start:end])
 
 
@@ -1616,7 +1643,7 @@ def _command_credentials(text: str, learn: bool) -> str:
             value = option.group(group)
             if value == REDACTED or _is_reference(value):
                 continue
-            if learn and group == "v" and _learnable(value):
+            if learn and group == "v" and _learnable(value, command.group()):
                 learn_secret(value)
             spans.append(option.span(group))
     return _replaced(text, spans, REDACTED) if spans else text
