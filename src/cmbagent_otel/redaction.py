@@ -1160,6 +1160,8 @@ def _learn_text(text: str, depth: int) -> None:
 def _register_value(value: Any, register: Any) -> None:
     if not isinstance(value, str):
         return
+    if register is learn_secret and _STATE_WORD.fullmatch(value.strip()) is not None:
+        return  # {"token": "expired"}: a word of state, never learned (see _kv_pairs)
     register(value)
     scheme, _, token = value.strip().partition(" ")
     if token and scheme.lower() in ("bearer", "basic", "token"):
@@ -1220,8 +1222,15 @@ _STATE_WORD = re.compile(
 # after a value in prose, what sets it apart from the rest of the sentence (``set password: <v> for now``,
 # ``INFO token: <v> for user bob``, ``<v> (temporary)``): the value is one, not a message's first word, which a
 # verb or a noun follows (``connection refused``, ``permission denied``, ``please wait``)
+# ... or what tells to keep it (``your token: <v> keep it safe``, ``password: <v>, do not share it``): in ~5,000 files
+# of ordinary text (bench/learned_corpus.py --prose --system) a name in prose was followed by an ordinary word and more
+# words 63 times (changelogs' ``cert auth: filter out ...``, ``private keys: these are ...``), never so
 _VALUE_ASIDE = re.compile(r",?[ \t]+(?:(?:for|until|till|as|and|or|but|so|then|now|today|tomorrow|instead)\b"
-                          r"|[(\-\u2013\u2014])", re.IGNORECASE)
+                          r"|[(\-\u2013\u2014])"
+                          r"|[,.;!]?[ \t]+(?:please[ \t]+)?(?:keep|store|save|guard|protect|hide|remember)[ \t]+"
+                          r"(?:it|this|that|them)\b"
+                          r"|[,.;!]?[ \t]+(?:please[ \t]+)?(?:never|don't|do[ \t]+not)[ \t]+"
+                          r"(?:share|commit|post|give|show|paste|lose|tell|reveal|forget)\b", re.IGNORECASE)
 # a line that tells of a failure: a name's value in it is a message (``error: read token: connection refused``)
 _FAILURE_WORDS = re.compile(
     r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
@@ -1318,7 +1327,8 @@ _AUTH_METHOD = re.compile(
     r"(?i:(?:scram|hmac)-sha-?\d+(?:-plus)?|(?:cram|digest)-md5|md5|plain|login|trust|peer|ident|reject|password|"
     r"gssapi|kerberos|krb5|sspi|ntlm|negotiate|x509|cert|oauth2?|oauthbearer|xoauth2|sasl|external|anonymous|ldap|"
     r"radius|pam|iam|basic|bearer|digest|token|api[-_]?key|jwt|mtls|tls|none|on|off|yes|no|true|false|enabled|"
-    r"disabled|required|optional)")
+    r"disabled|required|optional"
+    r"|\d+(?:\.\d+)+)")  # an object identifier (ssl's SERVER_AUTH = '1.3.6.1.5.5.7.3.1': an X.509 key usage)
 
 
 def _holds_no_secret(name: str, value: Any) -> bool:
@@ -1764,7 +1774,10 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
-        if learn and learns:
+        if learn and learns and _STATE_WORD.fullmatch(core) is None:
+            # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
+            # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
+            # then redacted in every later text, inside "unexpired" too; still replaced here)
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
             _register_login_password(value, learn_secret)
