@@ -1309,6 +1309,25 @@ def _is_call_argument(text: str, name_start: int, value_end: int) -> bool:
     return tail[:1] in (",", ")")
 
 
+# A code constant named ``*_KEY`` with no word of a credential (``TEXT_KEY = "content"``, ``MIME_TYPE_KEY =
+# "mimeType"``, ``CONTEXT_UPDATE_METADATA_KEY = "ag2.context_update"``, ``TENANT_VARIABLE_KEY = "a2a:tenant"``): the
+# name of a key into data, taken for an environment variable's (see _ENV_STYLE_SECRET_NAME); its value, a word or an
+# identifier's path, was learned, and "content" was redacted in every later text (8 of the 44 values the corpus
+# taught). Replaced where it stands, not learned; a value that looks random (a digit among letters in a part longer
+# than a namespace's 4 characters) still is
+_CONSTANT_KEY_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)+KEYS?")
+_CREDENTIAL_WORD = re.compile(r"(?:^|_)(?:PASS|PAT|AUTH|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE|API|ACCESS)_")
+_IDENTIFIER_PART = r"(?:[a-z0-9]{1,4}|[A-Za-z][a-z_]*(?:[A-Z][a-z_]*)*)"
+_IDENTIFIER_PATH = re.compile(rf"{_IDENTIFIER_PART}(?:[.:/\-]{_IDENTIFIER_PART})*")
+
+
+def _names_a_constant(name: str, value: str) -> bool:
+    """Whether ``value`` under ``name`` is a code constant's: see :data:`_CONSTANT_KEY_NAME`."""
+    return _CONSTANT_KEY_NAME.fullmatch(name) is not None and _CREDENTIAL_WORD.search(name) is None \
+        and not _holder_secret_name(name) and _SECRET_KEY_NAME.match(name) is None \
+        and _IDENTIFIER_PATH.fullmatch(value) is not None
+
+
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
 _ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
 
@@ -1765,7 +1784,8 @@ def _kv_pairs(text: str, learn: bool) -> str:
         else:
             # an ordinary word as a call's keyword argument (f(token=content), connect(host, password=value)) is a
             # variable of the code a model writes: redacted here, not learned ("value" was redacted in every later text)
-            learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end))
+            learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end)) \
+                and not _names_a_constant(text[name_start:run_end], core)
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
