@@ -1328,6 +1328,33 @@ def _names_a_constant(name: str, value: str) -> bool:
         and _IDENTIFIER_PATH.fullmatch(value) is not None
 
 
+# A name for what is said of a credential or where it is kept, not the credential (``api_key_env_var = config``,
+# ``api_key_ids: Return only usage for these keys``, ``api_key_header: APIKeyHeader = security``, ``_AUTHORIZATION =
+# "authorization"``): a word or an identifier under it (or the name's own word) was learned, and "config",
+# "security", "Return" were redacted in every later text (the corpus count). Replaced where it stands, not learned;
+# a value with a digit still is
+_NAMES_WHAT_IS_NO_SECRET = re.compile(
+    r"(?:[_\-.]|(?<=[a-z])(?=[A-Z]))(?:stdin|file|files|path|paths|env|env_?var|var|vars|dir|cmd|command|helper|name|"
+    r"names|id|ids|type|types|header|headers|url|urls|uri|endpoint|prefix|provider|source|field|param|arg)\Z",
+    re.IGNORECASE)
+
+
+# ``variable: Type =`` before a class's name: a Python annotation, the name the type's (``api_key_query: APIKeyQuery =
+# security`` learned "security")
+_ANNOTATED = re.compile(r"[A-Za-z_]\w*:[ \t]*\Z")
+
+
+def _names_what_is_no_secret(name: str, value: str, before: str = "") -> bool:
+    """Whether ``value`` under ``name`` is no secret by the name (see :data:`_NAMES_WHAT_IS_NO_SECRET`), or is the
+    name's own word, or ``name`` is a class's annotating a variable (``before``: the text before it on its line)."""
+    if value.lower() == name.strip("_").lower():
+        return True
+    if name[:1].isupper() and not name.isupper() and _ANNOTATED.search(before) is not None:
+        return True
+    return _NAMES_WHAT_IS_NO_SECRET.search(name) is not None and _DIGIT.search(value) is None \
+        and _IDENTIFIER_PATH.fullmatch(value) is not None
+
+
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
 _ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
 
@@ -1785,7 +1812,9 @@ def _kv_pairs(text: str, learn: bool) -> str:
             # an ordinary word as a call's keyword argument (f(token=content), connect(host, password=value)) is a
             # variable of the code a model writes: redacted here, not learned ("value" was redacted in every later text)
             learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end)) \
-                and not _names_a_constant(text[name_start:run_end], core)
+                and not _names_a_constant(text[name_start:run_end], core) \
+                and not _names_what_is_no_secret(text[name_start:run_end], core,
+                                                 text[max(0, name_start - 64):name_start])
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
