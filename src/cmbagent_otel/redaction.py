@@ -1333,10 +1333,10 @@ def _names_a_constant(name: str, value: str) -> bool:
 # "authorization"``): a word or an identifier under it (or the name's own word) was learned, and "config",
 # "security", "Return" were redacted in every later text (the corpus count). Replaced where it stands, not learned;
 # a value with a digit still is
-_NAMES_WHAT_IS_NO_SECRET = re.compile(
-    r"(?:[_\-.]|(?<=[a-z])(?=[A-Z]))(?:stdin|file|files|path|paths|env|env_?var|var|vars|dir|cmd|command|helper|name|"
-    r"names|id|ids|type|types|header|headers|url|urls|uri|endpoint|prefix|provider|source|field|param|arg)\Z",
-    re.IGNORECASE)
+_NAMES_WHAT_IS_NO_SECRET = frozenset((
+    "stdin", "file", "files", "path", "paths", "env", "var", "vars", "dir", "cmd", "command", "helper", "name", "names",
+    "id", "ids", "type", "types", "header", "headers", "url", "urls", "uri", "endpoint", "prefix", "provider", "source",
+    "field", "param", "arg"))
 
 
 # ``variable: Type =`` before a class's name: a Python annotation, the name the type's (``api_key_query: APIKeyQuery =
@@ -1351,8 +1351,10 @@ def _names_what_is_no_secret(name: str, value: str, before: str = "") -> bool:
         return True
     if name[:1].isupper() and not name.isupper() and _ANNOTATED.search(before) is not None:
         return True
-    return _NAMES_WHAT_IS_NO_SECRET.search(name) is not None and _DIGIT.search(value) is None \
-        and _IDENTIFIER_PATH.fullmatch(value) is not None
+    if _DIGIT.search(value) is not None or _IDENTIFIER_PATH.fullmatch(value) is None:
+        return False
+    words = _NAME_WORDS.findall(name[-32:])  # its last word (api_key_env_var, apiKeyHeader)
+    return len(words) > 1 and words[-1].lower() in _NAMES_WHAT_IS_NO_SECRET
 
 
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
@@ -1383,8 +1385,8 @@ def _holds_no_secret(name: str, value: Any) -> bool:
     (:data:`_AUTH_METHOD`). Neither is learned, registered from the environment or replaced."""
     if _is_working_directory(name, value):
         return True
-    return isinstance(value, str) and _AUTH_METHOD.fullmatch(value.strip()) is not None \
-        and name.rstrip().lower().endswith("auth")
+    return isinstance(value, str) and name.rstrip()[-4:].lower() == "auth" \
+        and _AUTH_METHOD.fullmatch(value.strip()) is not None
 
 
 def _is_reference(value: str) -> bool:
@@ -1786,6 +1788,7 @@ def _kv_pairs(text: str, learn: bool) -> str:
         # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
         core = value if quoted else value.rstrip(_SENTENCE_END) or value
         plain = _PLAIN_WORD.fullmatch(core) is not None
+        by_name = False
         if key.group("verb") is not None:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
             # ("the password is incorrect", "the key to success"): holding a digit, an inner capital or a symbol, as
@@ -1811,10 +1814,8 @@ def _kv_pairs(text: str, learn: bool) -> str:
         else:
             # an ordinary word as a call's keyword argument (f(token=content), connect(host, password=value)) is a
             # variable of the code a model writes: redacted here, not learned ("value" was redacted in every later text)
-            learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end)) \
-                and not _names_a_constant(text[name_start:run_end], core) \
-                and not _names_what_is_no_secret(text[name_start:run_end], core,
-                                                 text[max(0, name_start - 64):name_start])
+            learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end))
+            by_name = True  # (and by the name's kind, judged only when learning: see below)
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
@@ -1823,7 +1824,9 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
-        if learn and learns and _STATE_WORD.fullmatch(core) is None:
+        if learn and learns and len(value) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None \
+                and not (by_name and (_names_a_constant(text[name_start:run_end], core) or _names_what_is_no_secret(
+                    text[name_start:run_end], core, text[max(0, name_start - 64):name_start]))):
             # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
             # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
             # then redacted in every later text, inside "unexpired" too; still replaced here)
