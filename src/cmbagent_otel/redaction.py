@@ -1317,8 +1317,9 @@ def _is_call_argument(text: str, name_start: int, value_end: int) -> bool:
 # than a namespace's 4 characters) still is
 _CONSTANT_KEY_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)+KEYS?")
 _CREDENTIAL_WORD = re.compile(r"(?:^|_)(?:PASS|PAT|AUTH|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE|API|ACCESS)_")
-# (a part with a digit is a namespace's short one, a2a, ag2, v1; else a word, camelCase at most: one way to match each
-# part, or a failing match tried both ways per part, exponential: "ab.ab....ab!" of 18 parts took 67 ms at the first try)
+# (a part with a digit is a namespace's short one, a2a, ag2, v1; else a word, camelCase at most: one way to match
+# each part, or a failing match tried both ways per part, exponential: "ab.ab....ab!" of 18 parts took 67 ms at the
+# first try)
 _IDENTIFIER_PART = r"(?:(?=[a-z]*[0-9])[a-z0-9]{1,4}|[A-Za-z][a-z_]*(?:[A-Z][a-z_]*)*)"
 _IDENTIFIER_PATH = re.compile(rf"{_IDENTIFIER_PART}(?:[.:/\-]{_IDENTIFIER_PART})*")
 
