@@ -1352,10 +1352,10 @@ def _names_what_is_no_secret(name: str, value: str, before: str = "") -> bool:
     name's own word, or ``name`` is a class's annotating a variable (``before``: the text before it on its line)."""
     if value.lower() == name.strip("_").lower():
         return True
+    if _DIGIT.search(value) is not None or _IDENTIFIER_PATH.fullmatch(value) is None:
+        return False  # (a value with a digit is a literal: ``Error: Password = hunter2x`` is learned)
     if name[:1].isupper() and not name.isupper() and _ANNOTATED.search(before) is not None:
         return True
-    if _DIGIT.search(value) is not None or _IDENTIFIER_PATH.fullmatch(value) is None:
-        return False
     words = _NAME_WORDS.findall(name[-32:])  # its last word (api_key_env_var, apiKeyHeader)
     return len(words) > 1 and words[-1].lower() in _NAMES_WHAT_IS_NO_SECRET
 

@@ -45,7 +45,7 @@ def test_a_value_that_is_its_names_word_is_not_learned() -> None:
     assert redaction.safe_text("the authorization header") == "the authorization header"
 
 
-@pytest.mark.parametrize("template", ["api_key_id = {v}", "password_header: {v}"])
+@pytest.mark.parametrize("template", ["api_key_id = {v}", "password_header: {v}", "Error: Password = {v}"])
 def test_a_random_looking_value_under_such_a_name_is_still_learned(template: str) -> None:
     """Held up on 5d6278f: a value with a digit is learned whatever the name's last word."""
     value = f"Ak{secrets.token_hex(6)}Z"
