@@ -77,7 +77,12 @@ _SECRET_KEY_NAME = re.compile(
 # environment variables: with KEY, PASS or PAT as a word (a printed .env file, `export DB_PASS=...`, a dict of
 # settings: OPENAI_KEY, DB_PASS, GITHUB_PAT), as the variable itself would be; lower-case names keep the rule
 # above (primary_key, sort_key, first_pass hold no secrets)
-_ENV_STYLE_SECRET_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|REDISCLI_AUTH")
+# ... and AUTH as its last word (NPM_AUTH, GH_AUTH, PROXY_AUTH, HTTP_AUTH, REDISCLI_AUTH: npm's and proxies' tokens and
+# user:password pairs, registered from the environment but kept in a printed .env file or a dict of settings); not
+# AUTH before another word (POSTGRES_HOST_AUTH_METHOD, AUTH_URL: a method's or a place's name). Such a name holding
+# a method (SMTP_AUTH=CRAM-MD5, HTTP_AUTH=basic) holds no secret: see _AUTH_METHOD
+_ENV_STYLE_SECRET_NAME = re.compile(
+    r"(?:[A-Z][A-Z0-9]*_)*(?:KEY|PASS|PAT)(?:_[A-Z0-9]+)*|SSHPASS|(?:[A-Z][A-Z0-9]*_)+AUTH")
 # ... but KEY after a word that names a key into data is a code constant, not a credential (SORT_KEY = "created",
 # CACHE_KEY, PRIMARY_KEY): its value, often an ordinary word, would be learned and then redacted in every later
 # text, inside longer words too. Words that also name key material are not here (DATA_KEY: a KMS data key,
@@ -106,8 +111,8 @@ def _is_secret_env_name(name: str) -> bool:
     return (_SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)) or _holder_secret_name(name)
 
 
-# A name whose last word is KEY, PASS or PAT after a word naming what the credential opens, in any case or
-# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, sentry_dsn): a provider, a service or a
+# A name whose last word is KEY, PASS, PAT or AUTH after a word naming what the credential opens, in any case or
+# joining (openai_key, anthropicKey, db_pass, DbPass, github-pat, npm_auth, sentry_dsn): a provider, a service or a
 # store of data. Lower-case names otherwise keep the rule above: sort_key, cache_key, first_pass, proxy_pass
 # (nginx's upstream URL) and key alone hold no secrets, and a `*_key` rule would learn their values.
 _KEY_HOLDERS = frozenset((
@@ -142,7 +147,7 @@ def _holder_secret_name(name: str) -> bool:
     if last in _WHOLE_CREDENTIAL_WORDS:
         return True
     # (pwd: MYSQL_PWD, db_pwd; alone, PWD is the shell's working directory)
-    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat") else None
+    holders = _PASS_HOLDERS if last in ("pass", "pwd") else _KEY_HOLDERS if last in ("key", "pat", "auth") else None
     if holders is None:
         return False
     return any("".join(words[-1 - count:-1]) in holders for count in range(1, min(3, len(words) - 1) + 1))
@@ -334,12 +339,13 @@ def _register_environment() -> None:
     _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
         if _is_secret_env_name(name):
-            register_secret(value)
+            if not _holds_no_secret(name, value):  # SMTP_AUTH=CRAM-MD5: a method's name
+                register_secret(value)
         elif "://" in value and "@" in value:
-            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): when no
-            # ordinary word (postgres://postgres:postgres@db would redact "postgres" everywhere)
+            # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): see
+            # _learnable (postgres://postgres:postgres@db would redact "postgres" everywhere)
             for secret in environment_variables.url_credentials(value, is_secret_key):
-                if _learnable(secret):
+                if _learnable(secret, value):
                     register_secret(secret)
     # the credentials inside the exporters' configuration (OTLP headers, URL passwords and tokens)
     for value in environment_variables.configured_credentials(is_secret_key):
@@ -914,20 +920,53 @@ def _wide_text(raw: bytes) -> tuple[str, str] | None:
             elif raw[0::4].count(0) == quarter and raw[1::4].count(0) == quarter:
                 candidates = ("utf-32-be",)
         if not candidates and len(raw) >= 4 and len(raw) % 2 == 0:
-            half = len(raw) // 2
-            if raw[1::2].count(0) * 2 >= half and raw[0::2].count(0) == 0:
+            half, low, high = len(raw) // 2, raw[1::2].count(0), raw[0::2].count(0)
+            if low * 2 >= half and high == 0:
                 candidates = ("utf-16-le",)  # mostly ASCII or Latin-1 letters: their high byte is NUL
-            elif raw[0::2].count(0) * 2 >= half and raw[1::2].count(0) == 0:
+            elif high * 2 >= half and low == 0:
                 candidates = ("utf-16-be",)
+            elif low != high:
+                # fewer ASCII characters (blanks, digits, a key) among letters of another script, whose high byte is
+                # no NUL (Cyrillic 04, Greek 03, CJK 4E-9F): one script's text only (see _one_script)
+                candidates = ("utf-16-le/script",) if low > high else ("utf-16-be/script",)
         candidates += ("latin-1",)
-    for encoding in candidates:
+        if not raw.count(0) and len(raw) >= 16 and len(raw) % 2 == 0:
+            # no ASCII character at all (CJK without blanks), 8 characters or more: after Latin-1, which such bytes are
+            # as often; the order whose high bytes vary less first (Cyrillic's are all 04; read the other way round,
+            # it is CJK). 16 random bytes are read so 0.3 % of the time (Latin-1: 1 %): as sent, as nothing is secret
+            swapped = len(set(raw[0::2])) < len(set(raw[1::2]))
+            candidates += ("utf-16-be/script", "utf-16-le/script") if swapped else \
+                ("utf-16-le/script", "utf-16-be/script")
+    for candidate in candidates:
+        encoding, _, script = candidate.partition("/")
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError:
             continue
-        if text and _CONTROL_CHARS.search(text) is None and (encoding != "latin-1" or _C1_CHARS.search(text) is None):
+        if text and _CONTROL_CHARS.search(text) is None and (encoding != "latin-1" or _C1_CHARS.search(text) is None) \
+                and (not script or _one_script(text)):
             return text, encoding
     return None
+
+
+# Text in one script besides ASCII, Latin letters and the punctuation scripts share (general, CJK and fullwidth
+# forms): what UTF-16 without a byte order mark is read as when most of its characters' high bytes are no NUL. Bytes
+# that are no such text (binary data, Latin-1 text read two bytes at a time: "Bush hid the facts" reads as CJK,
+# but mixed with Hangul, private use or symbols in most texts) match none and stay bytes
+_SCRIPTS = tuple(re.compile(rf"[\t\n\r\x20-\x7e\u00a0-\u024f\u2000-\u206f\u3000-\u303f\uff00-\uffef{letters}]+")
+                 for letters in (
+                     "\u0370-\u03ff\u1f00-\u1fff",  # Greek
+                     "\u0400-\u052f",  # Cyrillic
+                     "\u0530-\u058f", "\u0590-\u05ff", "\u0600-\u06ff\u0750-\u077f",  # Armenian, Hebrew, Arabic
+                     "\u0900-\u097f", "\u0980-\u09ff", "\u0b80-\u0bff", "\u0e00-\u0e7f", "\u10a0-\u10ff",
+                     "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff",  # Chinese, Japanese
+                     "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af",  # Korean
+                 ))
+
+
+def _one_script(text: str) -> bool:
+    """Whether ``text`` is written in one of :data:`_SCRIPTS`."""
+    return any(script.fullmatch(text) is not None for script in _SCRIPTS)
 
 
 # C1 control characters: bytes 0x80-0x9F decoded as Latin-1 are control characters, no text's letters (binary data)
@@ -1054,7 +1093,7 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            named = not secret and is_secret_key(str(key)) and not _is_working_directory(str(key), item)
+            named = not secret and is_secret_key(str(key)) and not _holds_no_secret(str(key), item)
             _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -1121,10 +1160,31 @@ def _learn_text(text: str, depth: int) -> None:
 def _register_value(value: Any, register: Any) -> None:
     if not isinstance(value, str):
         return
+    if register is learn_secret and _STATE_WORD.fullmatch(value.strip()) is not None:
+        return  # {"token": "expired"}: a word of state, never learned (see _kv_pairs)
     register(value)
     scheme, _, token = value.strip().partition(" ")
     if token and scheme.lower() in ("bearer", "basic", "token"):
         register(token.strip())
+    _register_login_password(value, register)
+
+
+# a secret-named key's value that is a login, ``user:password`` (``PROXY_AUTH=bob:<v>``, npm's ``_auth``, a Basic
+# token's text): only the whole was learned, and a later text quoting the password alone showed it
+_USER_PASSWORD = re.compile(r"[A-Za-z][\w.@\-]{0,63}:(?P<pw>[^\s:/][^\s:]{5,})")
+
+
+def _register_login_password(value: str, register: Any) -> None:
+    """Register (or learn) the password of a secret-named key's ``user:password`` value too, when it cannot be a
+    word or an identifier (a digit, an inner capital or a symbol): a namespaced name (``TENANT_VARIABLE_KEY =
+    "a2a:tenant"``, ``"ns:extra_parts"``) has the same shape, and "tenant" was learned at the first try."""
+    found = _USER_PASSWORD.fullmatch(value.strip())
+    if found is None:
+        return
+    password = found.group("pw")
+    if (_RANDOM_LOOKING.search(password) is not None or _IDENTIFIER.fullmatch(password.replace("-", "_")) is None) \
+            and not _is_reference(password):
+        register(password)
 
 
 # A Python class's name, as a traceback's last line or a logged error prints an exception's type before its
@@ -1162,8 +1222,15 @@ _STATE_WORD = re.compile(
 # after a value in prose, what sets it apart from the rest of the sentence (``set password: <v> for now``,
 # ``INFO token: <v> for user bob``, ``<v> (temporary)``): the value is one, not a message's first word, which a
 # verb or a noun follows (``connection refused``, ``permission denied``, ``please wait``)
+# ... or what tells to keep it (``your token: <v> keep it safe``, ``password: <v>, do not share it``): in ~5,000 files
+# of ordinary text (bench/learned_corpus.py --prose --system) a name in prose was followed by an ordinary word and more
+# words 63 times (changelogs' ``cert auth: filter out ...``, ``private keys: these are ...``), never so
 _VALUE_ASIDE = re.compile(r",?[ \t]+(?:(?:for|until|till|as|and|or|but|so|then|now|today|tomorrow|instead)\b"
-                          r"|[(\-\u2013\u2014])", re.IGNORECASE)
+                          r"|[(\-\u2013\u2014])"
+                          r"|[,.;!]?[ \t]+(?:please[ \t]+)?(?:keep|store|save|guard|protect|hide|remember)[ \t]+"
+                          r"(?:it|this|that|them)\b"
+                          r"|[,.;!]?[ \t]+(?:please[ \t]+)?(?:never|don't|do[ \t]+not)[ \t]+"
+                          r"(?:share|commit|post|give|show|paste|lose|tell|reveal|forget)\b", re.IGNORECASE)
 # a line that tells of a failure: a name's value in it is a message (``error: read token: connection refused``)
 _FAILURE_WORDS = re.compile(
     r"(?i:\b(?:error|errors|err|fail|failed|failure|failing|fatal|panic|exception|warn|warning|cannot|can't|"
@@ -1242,6 +1309,57 @@ def _is_call_argument(text: str, name_start: int, value_end: int) -> bool:
     return tail[:1] in (",", ")")
 
 
+# A code constant named ``*_KEY`` with no word of a credential (``TEXT_KEY = "content"``, ``MIME_TYPE_KEY =
+# "mimeType"``, ``CONTEXT_UPDATE_METADATA_KEY = "ag2.context_update"``, ``TENANT_VARIABLE_KEY = "a2a:tenant"``): the
+# name of a key into data, taken for an environment variable's (see _ENV_STYLE_SECRET_NAME); its value, a word or an
+# identifier's path, was learned, and "content" was redacted in every later text (8 of the 44 values the corpus
+# taught). Replaced where it stands, not learned; a value that looks random (a digit among letters in a part longer
+# than a namespace's 4 characters) still is
+_CONSTANT_KEY_NAME = re.compile(r"(?:[A-Z][A-Z0-9]*_)+KEYS?")
+_CREDENTIAL_WORD = re.compile(r"(?:^|_)(?:PASS|PAT|AUTH|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|PRIVATE|API|ACCESS)_")
+# (a part with a digit is a namespace's short one, a2a, ag2, v1; else a word, camelCase at most: one way to match
+# each part, or a failing match tried both ways per part, exponential: "ab.ab....ab!" of 18 parts took 67 ms at the
+# first try)
+_IDENTIFIER_PART = r"(?:(?=[a-z]*[0-9])[a-z0-9]{1,4}|[A-Za-z][a-z_]*(?:[A-Z][a-z_]*)*)"
+_IDENTIFIER_PATH = re.compile(rf"{_IDENTIFIER_PART}(?:[.:/\-]{_IDENTIFIER_PART})*")
+
+
+def _names_a_constant(name: str, value: str) -> bool:
+    """Whether ``value`` under ``name`` is a code constant's: see :data:`_CONSTANT_KEY_NAME`."""
+    return _CONSTANT_KEY_NAME.fullmatch(name) is not None and _CREDENTIAL_WORD.search(name) is None \
+        and not _holder_secret_name(name) and _SECRET_KEY_NAME.match(name) is None \
+        and _IDENTIFIER_PATH.fullmatch(value) is not None
+
+
+# A name for what is said of a credential or where it is kept, not the credential (``api_key_env_var = config``,
+# ``api_key_ids: Return only usage for these keys``, ``api_key_header: APIKeyHeader = security``, ``_AUTHORIZATION =
+# "authorization"``): a word or an identifier under it (or the name's own word) was learned, and "config",
+# "security", "Return" were redacted in every later text (the corpus count). Replaced where it stands, not learned;
+# a value with a digit still is
+_NAMES_WHAT_IS_NO_SECRET = frozenset((
+    "stdin", "file", "files", "path", "paths", "env", "var", "vars", "dir", "cmd", "command", "helper", "name", "names",
+    "id", "ids", "type", "types", "header", "headers", "url", "urls", "uri", "endpoint", "prefix", "provider", "source",
+    "field", "param", "arg"))
+
+
+# ``variable: Type =`` before a class's name: a Python annotation, the name the type's (``api_key_query: APIKeyQuery =
+# security`` learned "security")
+_ANNOTATED = re.compile(r"[A-Za-z_]\w*:[ \t]*\Z")
+
+
+def _names_what_is_no_secret(name: str, value: str, before: str = "") -> bool:
+    """Whether ``value`` under ``name`` is no secret by the name (see :data:`_NAMES_WHAT_IS_NO_SECRET`), or is the
+    name's own word, or ``name`` is a class's annotating a variable (``before``: the text before it on its line)."""
+    if value.lower() == name.strip("_").lower():
+        return True
+    if _DIGIT.search(value) is not None or _IDENTIFIER_PATH.fullmatch(value) is None:
+        return False  # (a value with a digit is a literal: ``Error: Password = hunter2x`` is learned)
+    if name[:1].isupper() and not name.isupper() and _ANNOTATED.search(before) is not None:
+        return True
+    words = _NAME_WORDS.findall(name[-32:])  # its last word (api_key_env_var, apiKeyHeader)
+    return len(words) > 1 and words[-1].lower() in _NAMES_WHAT_IS_NO_SECRET
+
+
 # an absolute path (POSIX, home-relative, Windows): what the shell's PWD holds
 _ABSOLUTE_PATH = re.compile(r"(?:~|/|[A-Za-z]:(?:\\{1,2}|/))[^\s\x00]*")
 
@@ -1251,6 +1369,27 @@ def _is_working_directory(name: str, value: Any) -> bool:
     absolute path (``env`` or ``os.environ`` printed by code, ``pwd: /work/project``). Read as a password (ODBC's
     ``UID=sa;PWD=<it>``), the path was learned and then redacted in every later text that names a file under it."""
     return name.strip().lower() == "pwd" and isinstance(value, str) and _ABSOLUTE_PATH.fullmatch(value) is not None
+
+
+# what a name ending in AUTH holds when it names how one authenticates, not with what (SMTP_AUTH=CRAM-MD5,
+# HTTP_AUTH=basic, MONGO_AUTH=SCRAM-SHA-256, db_auth: scram-sha-256, PROXY_AUTH=ntlm, NGINX_AUTH=off): learned, the
+# method's name was redacted in every later text ("the server asks for scram-sha-256")
+_AUTH_METHOD = re.compile(
+    r"(?i:(?:scram|hmac)-sha-?\d+(?:-plus)?|(?:cram|digest)-md5|md5|plain|login|trust|peer|ident|reject|password|"
+    r"gssapi|kerberos|krb5|sspi|ntlm|negotiate|x509|cert|oauth2?|oauthbearer|xoauth2|sasl|external|anonymous|ldap|"
+    r"radius|pam|iam|basic|bearer|digest|token|api[-_]?key|jwt|mtls|tls|none|on|off|yes|no|true|false|enabled|"
+    r"disabled|required|optional"
+    r"|\d+(?:\.\d+)+)")  # an object identifier (ssl's SERVER_AUTH = '1.3.6.1.5.5.7.3.1': an X.509 key usage)
+
+
+def _holds_no_secret(name: str, value: Any) -> bool:
+    """Whether ``value`` under the secret-looking name ``name`` is known to hold no secret: the shell's working
+    directory (:func:`_is_working_directory`) or an authentication method's name under a name ending in AUTH
+    (:data:`_AUTH_METHOD`). Neither is learned, registered from the environment or replaced."""
+    if _is_working_directory(name, value):
+        return True
+    return isinstance(value, str) and name.rstrip()[-4:].lower() == "auth" \
+        and _AUTH_METHOD.fullmatch(value.strip()) is not None
 
 
 def _is_reference(value: str) -> bool:
@@ -1495,14 +1634,35 @@ def _kv_scan(text: str, learn: bool) -> str:
     return text
 
 
-def _learnable(value: str) -> bool:
-    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: not an
-    ordinary word (``postgres://postgres:postgres@db``: learned, "postgres" was redacted in every later text, inside
-    ``postgresql`` too), no reference or mask (``$DB_PASS``, ``*****``) and no placeholder naming a secret
-    (``user:password``, ``-p<your_password>``)."""
+def _learnable(value: str, login: str) -> bool:
+    """Whether a password found by its place (a URL's, a command line's) is learned, not only replaced there: no
+    reference or mask (``$DB_PASS``, ``*****``), no placeholder naming a secret (``user:password``,
+    ``-p<your_password>``); an ordinary word only when it is no other part of its ``login`` (the URL or the command
+    around it: ``postgres://postgres:postgres@db``, ``postgresql://app:postgres@db``: "postgres" would be redacted in
+    every later text, inside ``postgresql`` too), no default or example password (:data:`_DEFAULT_PASSWORDS`) and no
+    word of state (``user:expired@db``). Session 42 learned no ordinary word there: a plain-word password was replaced
+    in its URL and shown in a later text quoting it alone."""
     lower = value.lower()
-    return len(value) >= _MIN_SECRET_LEN and REDACTED not in value and _PLAIN_WORD.fullmatch(value) is None \
-        and not _is_reference(value) and not any(hint in lower for hint in _KV_HINTS)
+    if len(value) < _MIN_SECRET_LEN or REDACTED in value or _is_reference(value) \
+            or any(hint in lower for hint in _KV_HINTS):
+        return False
+    if _PLAIN_WORD.fullmatch(value) is None:
+        return True
+    return login.lower().count(lower) == 1 and lower not in _DEFAULT_PASSWORDS and lower not in _SENTENCE_WORDS \
+        and _STATE_WORD.fullmatch(value) is None
+
+
+# passwords of plain words that tutorials, compose files and images' defaults write in URLs and command lines (no
+# user's secret; learned, the word would be redacted in every later text): a default password is as public as the
+# image that ships it
+_DEFAULT_PASSWORDS = frozenset((
+    "changeme", "changeit", "example", "admin", "administrator", "guest", "postgres", "postgresql", "mysql", "mariadb",
+    "root", "toor", "default", "letmein", "welcome", "qwerty", "foobar", "foobared", "testing", "tester", "sample",
+    "dummy", "demo", "user", "username", "master", "oracle", "tiger", "manager", "system", "redis", "mongo", "mongodb",
+    "rabbitmq", "minioadmin", "airflow", "superset", "keycloak", "grafana", "jenkins", "docker", "vagrant", "ubuntu",
+    "raspberry", "openai", "anonymous", "nobody", "public", "private", "insecure", "localhost", "database",
+))
+_LOGIN_AROUND = 64  # characters each side of a password read as its login (the user, the scheme, the host)
 
 
 def _learn_login_passwords(text: str) -> None:
@@ -1511,10 +1671,10 @@ def _learn_login_passwords(text: str) -> None:
     if "://" in text:
         for match in _URL_CREDENTIALS.finditer(text):
             password = match.group()[3:-1].partition(":")[2]
-            if _learnable(password):
+            if _learnable(password, text[max(0, match.start() - _LOGIN_AROUND):match.end() + _LOGIN_AROUND]):
                 learn_secret(password)
     for start, end in _bare_credential_spans(text):
-        if _learnable(text[start:end]):
+        if _learnable(text[start:end], text[max(0, start - _LOGIN_AROUND):end + _LOGIN_AROUND]):
             learn_secret(text[start:end])
 
 
@@ -1544,7 +1704,7 @@ def _command_credentials(text: str, learn: bool) -> str:
             value = option.group(group)
             if value == REDACTED or _is_reference(value):
                 continue
-            if learn and group == "v" and _learnable(value):
+            if learn and group == "v" and _learnable(value, command.group()):
                 learn_secret(value)
             spans.append(option.span(group))
     return _replaced(text, spans, REDACTED) if spans else text
@@ -1631,6 +1791,7 @@ def _kv_pairs(text: str, learn: bool) -> str:
         # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
         core = value if quoted else value.rstrip(_SENTENCE_END) or value
         plain = _PLAIN_WORD.fullmatch(core) is not None
+        by_name = False
         if key.group("verb") is not None:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
             # ("the password is incorrect", "the key to success"): holding a digit, an inner capital or a symbol, as
@@ -1657,16 +1818,24 @@ def _kv_pairs(text: str, learn: bool) -> str:
             # an ordinary word as a call's keyword argument (f(token=content), connect(host, password=value)) is a
             # variable of the code a model writes: redacted here, not learned ("value" was redacted in every later text)
             learns = not (plain and not quoted and _is_call_argument(text, name_start, value_end))
+            by_name = True  # (and by the name's kind, judged only when learning: see below)
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
-        if _is_working_directory(text[name_start:run_end], value):
-            continue  # PWD=/work/project in a printed environment: learned, every later path of it was redacted
+        if _holds_no_secret(text[name_start:run_end], value):
+            # PWD=/work/project in a printed environment: learned, every later path of it was redacted (and
+            continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
-        if learn and learns:
+        if learn and learns and len(value) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None \
+                and not (by_name and (_names_a_constant(text[name_start:run_end], core) or _names_what_is_no_secret(
+                    text[name_start:run_end], core, text[max(0, name_start - 64):name_start]))):
+            # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
+            # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
+            # then redacted in every later text, inside "unexpired" too; still replaced here)
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            _register_login_password(value, learn_secret)
             if core is not value:
                 learn_secret(core)
         out.append(text[last:value_start])
@@ -2571,7 +2740,7 @@ def _scrub_entry(out: dict[str, Any], key: Any, item: Any, depth: int) -> None:
     secret = _secret_key_names.get(skey)  # is_secret_key's memo hit written out: every key of every dict
     if secret is None:
         secret = is_secret_key(skey)
-    if secret and not _is_working_directory(skey, item):
+    if secret and not _holds_no_secret(skey, item):
         learn_secrets_in({skey: item})
         out[_scrub_string(skey)] = REDACTED
     else:
@@ -2670,7 +2839,7 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
     elif isinstance(value, dict):
         for key, item in value.items():
             skey = str(key)
-            if is_secret_key(skey) and not _is_working_directory(skey, item):
+            if is_secret_key(skey) and not _holds_no_secret(skey, item):
                 learn_secrets_in({skey: item})
                 continue
             if skey not in memo:

@@ -76,13 +76,13 @@ def test_an_ordinary_word_as_the_secret_is_learned(template: str, expected: str)
     "[auth] token: {w} session",
     "(vault) password: {w} denied",
     "error: read token: {w} refused: EOF",
-    "your token: {w} keep it safe",
     "error reading token: {w} refused for user bob",
     "InvalidApiKeyError: {w} for this project",
 ])
 def test_a_messages_first_word_is_still_not_learned(template: str) -> None:
     """The first two fail on 3c387d5 (a tag in brackets made the name a key: the word learned, redacted in a later
-    text); the others pin the messages that stay unlearned."""
+    text); the others pin the messages that stay unlearned. (``your token: <w> keep it safe`` was one: session 43
+    learns a word followed by ``keep it``, see ``test_attack43_words_in_prose.py``.)"""
     word = unlearned_word("Mw")
     redaction.safe_text(template.format(w=word))
     later = f"the server said {word}s twice"
