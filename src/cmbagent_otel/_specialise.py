@@ -44,6 +44,7 @@ class _NotNone:
 
 _NOT_NONE = _NotNone()
 _UNKNOWN = object()
+_TRY = (ast.Try, ast.TryStar) if hasattr(ast, "TryStar") else (ast.Try,)  # a `try` (and `try`/`except*`)
 
 
 def _function_def(func: Callable[..., Any]) -> ast.FunctionDef:
@@ -107,14 +108,15 @@ class _Inline(ast.NodeTransformer):
     def __init__(self, helpers: Iterable[Callable[..., Any]], globals_: Mapping[str, Any],
                  caller: ast.FunctionDef) -> None:
         # the caller's own names: a helper's global read must not meet one of them once written in
-        self.caller_names = _stored(caller.body) | {a.arg for a in [*caller.args.args, *caller.args.kwonlyargs]}
+        self.caller_names = _stored(caller.body) | {a.arg for a in [*caller.args.args, *caller.args.kwonlyargs,
+                                                                    *filter(None, (caller.args.vararg,
+                                                                                   caller.args.kwarg))]}
         self.helpers: dict[str | tuple[str, str], ast.FunctionDef] = {}
         self.foreign: set[str] = set()  # the helpers of another module (by definition name)
-        # names the caller reads in an exception handler or a finally block: bound early by a helper written
-        # in (see _returned_into), an exception raised on its way would let them see its partial work
-        self.read_on_failure = {n.id for node in ast.walk(caller) if isinstance(node, (ast.ExceptHandler, ast.Try))
-                                for stmt in (node.body if isinstance(node, ast.ExceptHandler) else node.finalbody)
-                                for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        # per `try` statement around the statement being visited, the names its exception handlers and finally
+        # block read: bound early by a helper written in there (see _returned_into), an exception raised on the
+        # helper's way would let them see its partial work (a helper written in outside any `try` cannot)
+        self.guards: list[set[str]] = []
         for helper in helpers:
             owner, _, attribute = helper.__qualname__.rpartition(".")
             if owner:  # a method: called through its class, which the caller's module must name
@@ -206,8 +208,9 @@ class _Inline(ast.NodeTransformer):
                        call: ast.Call) -> dict[str, ast.Name | ast.Constant]:
         """The helper's locals it returns as they are (``return new``, ``return node_id, depth, order``) that can
         be the caller's targets themselves, so no copy is made at the end: each a target name of its own, read
-        neither by the call's arguments nor by the caller on failure. (The target is bound on the helper's way
-        rather than at its end, which only an exception raised meanwhile could tell.)"""
+        neither by the call's arguments nor on failure by a ``try`` around the call. (The target is bound on the
+        helper's way rather than at its end, which only an exception raised meanwhile could tell.)"""
+        read_on_failure = set().union(*self.guards)
         last = body[-1] if body else None
         if not isinstance(last, ast.Return) or last.value is None or target is None:
             return {}
@@ -224,11 +227,22 @@ class _Inline(ast.NodeTransformer):
         renamed: dict[str, ast.Name | ast.Constant] = {}
         for value, into in pairs:
             if isinstance(value, ast.Name) and value.id in stored and locals_.count(value.id) == 1 \
-                    and into.id not in passed and into.id not in self.read_on_failure:  # type: ignore[attr-defined]
+                    and into.id not in passed and into.id not in read_on_failure:  # type: ignore[attr-defined]
                 renamed[value.id] = ast.Name(into.id, ast.Load())  # type: ignore[attr-defined]
         return renamed
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
+        guarded = isinstance(node, _TRY)
+        if guarded:  # what its handlers and finally block read, while everything inside it is visited
+            self.guards.append({n.id for stmt in [*(s for h in node.handlers for s in h.body), *node.finalbody]
+                                for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)})
+        try:
+            return self._visit_blocks(node)
+        finally:
+            if guarded:
+                self.guards.pop()
+
+    def _visit_blocks(self, node: ast.AST) -> ast.AST:
         for field in ("body", "orelse", "finalbody"):  # an except clause's body: when its handler is visited
             statements = getattr(node, field, None)
             if not isinstance(statements, list):
@@ -384,35 +398,49 @@ def specialise(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], *,
     reads every other global live, as ``func`` does. When the source cannot be read or a step cannot be applied,
     the result calls ``func`` itself with the fixed arguments (same behaviour, no gain).
     """
+    return specialiser(func, name, (), fixed=fixed, not_none=not_none, constants=constants, inline=inline)()
+
+
+def specialiser(func: Callable[..., Any], name: str, free: Iterable[str], *, fixed: Mapping[str, Any] | None = None,
+                not_none: Iterable[str] = (), constants: Iterable[str] = (),
+                inline: Iterable[Callable[..., Any]] = ()) -> Callable[..., Callable[..., Any]]:
+    """What makes copies of ``func`` (as :func:`specialise` does) with the parameters ``free`` taken out of its
+    signature too, each copy binding them to the values it is made with: ``make(*values)`` (in ``free``'s order).
+    The source is read and compiled once, here; every copy is a new closure of the same code, its free
+    parameters its closure variables (nothing is folded from their values). ``func`` may take ``*args`` and
+    ``**kwargs`` (kept as they are): a wrapper's body, made per wrapped method."""
+    free = list(free)
+    fixed = dict(fixed or {})
     try:
-        return _generate(func, name, fixed, set(not_none), list(constants), list(inline))
+        return _generate(func, name, fixed, free, set(not_none), list(constants), list(inline))
     except Exception:
         logger.debug("cmbagent_otel: %s not generated; it calls %s", name, func.__qualname__, exc_info=True)
-        return _calling(func, name, fixed)
+        return lambda *values: _calling(func, name, {**fixed, **dict(zip(free, values, strict=True))})
 
 
-def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], not_none: set[str],
-              constants: list[str], inline: list[Callable[..., Any]]) -> Callable[..., Any]:
+def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], free: list[str], not_none: set[str],
+              constants: list[str], inline: list[Callable[..., Any]]) -> Callable[..., Callable[..., Any]]:
     definition = _function_def(func)
     globals_ = func.__globals__
     if inline:
         definition = _Inline(inline, globals_, definition).visit(definition)
     args = definition.args
-    unknown = (set(fixed) | not_none) - {a.arg for a in [*args.args, *args.kwonlyargs]}
-    if unknown or args.vararg or args.kwarg or args.posonlyargs:
+    removed = set(fixed) | set(free)
+    unknown = (removed | not_none) - {a.arg for a in [*args.args, *args.kwonlyargs]}
+    if unknown or args.posonlyargs or len(removed) != len(fixed) + len(free):
         raise ValueError(f"{func.__qualname__}: not plain parameters of it: {sorted(unknown)}")
-    if _stored(definition.body) & (set(fixed) | not_none | set(constants)):
+    if _stored(definition.body) & (removed | not_none | set(constants)):
         raise ValueError(f"{func.__qualname__} assigns a fixed name")
     # the positional defaults stay aligned with the parameters left (the last ones)
     defaults: list[ast.expr | None] = [None] * (len(args.args) - len(args.defaults)) + list(args.defaults)
-    kept = [(a, d) for a, d in zip(args.args, defaults, strict=True) if a.arg not in fixed]
+    kept = [(a, d) for a, d in zip(args.args, defaults, strict=True) if a.arg not in removed]
     args.args = [a for a, _ in kept]
     args.defaults = [d for _, d in kept if d is not None]
     if any(d is None for _, d in kept[len(kept) - len(args.defaults):]):
         raise ValueError("a parameter without a default follows one with a default")
-    kw = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if a.arg not in fixed]
+    kw = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if a.arg not in removed]
     args.kwonlyargs, args.kw_defaults = [a for a, _ in kw], [d for _, d in kw]
-    for arg in [*args.args, *args.kwonlyargs]:
+    for arg in [*args.args, *args.kwonlyargs, *filter(None, (args.vararg, args.kwarg))]:
         arg.annotation = None  # annotations are not evaluated in the copy: no import-time names needed
     definition.returns = None
     definition.decorator_list = []
@@ -420,10 +448,10 @@ def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], not
     known.update((constant, globals_[constant]) for constant in constants)
     definition = _Fold(known, not_none).visit(definition)
     definition.name = name
-    # fixed values that are not literals (an enum member) reach the copy as closure variables
+    # fixed values that are not literals (an enum member) and the free parameters reach the copy as closure variables
     cells = [n for n, v in fixed.items() if not isinstance(v, _LITERALS)]
     maker = ast.FunctionDef(
-        name="_make", args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in cells], kwonlyargs=[],
+        name="_make", args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in [*cells, *free]], kwonlyargs=[],
                                          kw_defaults=[], defaults=[]),
         body=[definition, ast.Return(ast.Name(name, ast.Load()))], decorator_list=[], returns=None,
         lineno=definition.lineno, col_offset=0, end_lineno=definition.end_lineno, end_col_offset=0)
@@ -431,11 +459,20 @@ def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], not
     code = compile(module, inspect.getsourcefile(func) or f"<{name}>", "exec", dont_inherit=True)
     made: dict[str, Any] = {}
     exec(code, globals_, made)  # the copy's globals are func's module: every other name read live
-    result: Callable[..., Any] = made["_make"](*(fixed[n] for n in cells))
-    result.__qualname__ = result.__name__ = name
-    result.__module__ = func.__module__
-    result.__doc__ = f"{func.__qualname__} with {', '.join(f'{k}={v!r}' for k, v in fixed.items())} (generated)."
-    return result
+    closure = made["_make"]
+    values = [fixed[n] for n in cells]
+    doc = f"{func.__qualname__} with {', '.join([*(f'{k}={v!r}' for k, v in fixed.items()), *free])} (generated)."
+
+    def make(*bound: Any) -> Callable[..., Any]:
+        if len(bound) != len(free):
+            raise TypeError(f"{name} is made with {len(free)} values, not {len(bound)}")
+        result: Callable[..., Any] = closure(*values, *bound)
+        result.__qualname__ = result.__name__ = name
+        result.__module__ = func.__module__
+        result.__doc__ = doc
+        return result
+
+    return make
 
 
 def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> Callable[..., Any]:
@@ -444,8 +481,9 @@ def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> C
     signature = inspect.signature(func)
     params = list(signature.parameters.values())
     try:
-        if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
-            raise ValueError("only plain parameters are passed on by a made function")
+        if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) \
+                or any(p.name in fixed and p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+            raise ValueError("only plain parameters, *args and **kwargs are passed on by a made function")
         env: dict[str, Any] = {"_func": func}
         left: list[str] = []
         passed: list[str] = []
@@ -453,6 +491,11 @@ def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> C
             if param.name in fixed:
                 env[f"_fixed{i}"] = fixed[param.name]
                 passed.append(f"_fixed{i}")
+                continue
+            if param.kind is not param.POSITIONAL_OR_KEYWORD:  # *args, **kwargs: passed on as they came
+                star = "*" if param.kind is param.VAR_POSITIONAL else "**"
+                left.append(star + param.name)
+                passed.append(star + param.name)
                 continue
             if param.default is param.empty:
                 left.append(param.name)
@@ -466,6 +509,9 @@ def _calling(func: Callable[..., Any], name: str, fixed: Mapping[str, Any]) -> C
         left_signature = signature.replace(parameters=[p for p in params if p.name not in fixed])
 
         def made(*args: Any, **kwargs: Any) -> Any:
-            return func(**left_signature.bind(*args, **kwargs).arguments, **fixed)
+            arguments = dict(fixed)
+            arguments.update(left_signature.bind(*args, **kwargs).arguments)
+            whole = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
+            return func(*whole.args, **whole.kwargs)
     made.__qualname__ = made.__name__ = name
     return made

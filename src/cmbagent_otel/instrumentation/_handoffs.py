@@ -34,6 +34,7 @@ from opentelemetry.trace import Span, SpanKind
 from .. import semconv
 from .._context import _GIL, _SCOPE_KEY, _SUPPRESS, _SUPPRESS_PLAIN, SPAN_KEY, Scope, get_current, scope_in
 from .._spans import END_TIME_SPAN, TracedSpan, compose, error_type, exception_text, record_exception
+from .._specialise import specialiser
 from ..redaction import max_length, safe_text
 
 # the keys of every handoff event, read as module globals (one lookup each, not a global and a module attribute)
@@ -76,7 +77,10 @@ def _reason(groupchat: Any) -> str:
 
 
 class Selection:
-    """One speaker selection in progress: where it happens and what it would record (built by :func:`_begin`)."""
+    """One speaker selection in progress, as a selection that asks the model sees it (:func:`_promote`): the
+    sync wrapper keeps these facts in its own locals (:func:`_current_selection` reads them off its frame), the
+    async one in a ``Selection`` in a contextvar. ``promoted`` is the selection's mark: a list that the
+    promotion fills, so that :func:`_ended` records nothing of a selection that became a span."""
 
     __slots__ = ("facts", "from_name", "groupchat", "promoted", "scope", "span")
 
@@ -87,67 +91,72 @@ class Selection:
         return {HANDOFF_FROM: self.from_name,  # the agent handing off: execution_events.agent_name
                 HANDOFF_REASON: facts[2], HANDOFF_CANDIDATES: facts[3]}
 
-    def ended(self, state: Any, result: Any, exc: BaseException | None) -> None:
-        """Record the selection's outcome on the enclosing span (nothing when it became a span)."""
-        if self.promoted:
-            return
+
+def _ended(state: Any, scope: Scope | None, span: Any, from_name: str, facts: tuple[Any, ...], promoted: list[Any],
+           result: Any, exc: BaseException | None) -> None:
+    """Record a selection's outcome on the enclosing span ``span`` (nothing when it became a span: ``promoted``
+    filled). One exit, so the sync wrapper can be generated with it written in (:func:`_selection_method`)."""
+    if not promoted:
         try:
-            facts = self.facts
-            scope = self.scope
             room = None
             if scope is not None:
                 room = scope.handoffs
                 if room is None:
-                    room = _event_room(self.span)
+                    room = _event_room(span)
             if room and exc is None and result is not None:
                 # nearly every selection: the event's attributes as one literal, in the order the general
-                # path below builds them (one dict of the right size, no insert growing it)
+                # path builds them (one dict of the right size, no insert growing it)
                 static = state.agents.get(id(result))  # cached_name written out
                 to = static.name if static is not None else agent_name(result)
                 scope.handoffs = room - 1  # type: ignore[union-attr]
                 run = scope.run  # type: ignore[union-attr]
-                self.span.add_event(EVENT_NAME, {
-                    HANDOFF_FROM: self.from_name, HANDOFF_REASON: facts[2],
-                    HANDOFF_CANDIDATES: facts[3], HANDOFF_TO: to,
+                span.add_event(EVENT_NAME, {
+                    HANDOFF_FROM: from_name, HANDOFF_REASON: facts[2], HANDOFF_CANDIDATES: facts[3], HANDOFF_TO: to,
                     SPAN_KIND: KIND_SPEAKER_SELECTION,
                     EXECUTION_ORDER: next(run._order) if _GIL else run.next_order(),
                     EVENT_DEPTH: scope.event_depth})  # type: ignore[union-attr]
-                return
-            attrs = {HANDOFF_FROM: self.from_name, HANDOFF_REASON: facts[2],
-                     HANDOFF_CANDIDATES: facts[3]}
-            if result is not None:
-                static = state.agents.get(id(result))  # cached_name written out
-                attrs[HANDOFF_TO] = static.name if static is not None else agent_name(result)
-            if exc is not None:
-                if ends_chat(exc, state.no_speaker_cls):
-                    attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
-                else:
-                    attrs[semconv.ERROR_TYPE] = error_type(exc)
-                    attrs["exception.message"] = safe_text(exception_text(exc)) or ""
-            if room:
-                scope.handoffs = room - 1  # type: ignore[union-attr]
-                attrs[SPAN_KIND] = KIND_SPEAKER_SELECTION
-                run = scope.run  # type: ignore[union-attr]
-                attrs[EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
-                attrs[EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
-                self.span.add_event(EVENT_NAME, attrs)
             else:
-                self._as_span(state, exc, attrs)
+                _outcome(state, scope, span, from_name, facts, room, result, exc)
         except Exception:
             logger.debug("cmbagent_otel: could not record a handoff", exc_info=True)
 
-    def _as_span(self, state: Any, exc: BaseException | None, outcome: dict[str, Any]) -> None:
-        """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
-        attrs, _ = compose(self.scope, KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
-        attrs.pop("exception.message", None)
-        span = state.tracer.start_span(f"select_speaker {self.from_name}",
-                                       context=trace.set_span_in_context(self.span), kind=SpanKind.INTERNAL,
-                                       attributes=attrs)
-        try:
-            if exc is not None and semconv.ERROR_TYPE in attrs:
-                record_exception(span, exc)
-        finally:
-            span.end()
+
+def _outcome(state: Any, scope: Scope | None, span: Any, from_name: str, facts: tuple[Any, ...], room: int | None,
+             result: Any, exc: BaseException | None) -> None:
+    """:func:`_ended`'s general path: a selection that failed, chose no one, or found its span's events full."""
+    attrs = {HANDOFF_FROM: from_name, HANDOFF_REASON: facts[2], HANDOFF_CANDIDATES: facts[3]}
+    if result is not None:
+        static = state.agents.get(id(result))  # cached_name written out
+        attrs[HANDOFF_TO] = static.name if static is not None else agent_name(result)
+    if exc is not None:
+        if ends_chat(exc, state.no_speaker_cls):
+            attrs[semconv.HANDOFF_ENDS_CHAT] = True  # AG2 catches it and ends the chat normally
+        else:
+            attrs[semconv.ERROR_TYPE] = error_type(exc)
+            attrs["exception.message"] = safe_text(exception_text(exc)) or ""
+    if room:
+        scope.handoffs = room - 1  # type: ignore[union-attr]
+        attrs[SPAN_KIND] = KIND_SPEAKER_SELECTION
+        run = scope.run  # type: ignore[union-attr]
+        attrs[EXECUTION_ORDER] = next(run._order) if _GIL else run.next_order()
+        attrs[EVENT_DEPTH] = scope.event_depth  # type: ignore[union-attr]
+        span.add_event(EVENT_NAME, attrs)
+    else:
+        _as_span(state, scope, span, from_name, exc, attrs)
+
+
+def _as_span(state: Any, scope: Scope | None, parent: Any, from_name: str, exc: BaseException | None,
+             outcome: dict[str, Any]) -> None:
+    """A zero-length ``select_speaker`` span under the enclosing span (its events are full)."""
+    attrs, _ = compose(scope, KIND_SPEAKER_SELECTION, outcome, None, False, None, None)
+    attrs.pop("exception.message", None)
+    span = state.tracer.start_span(f"select_speaker {from_name}", context=trace.set_span_in_context(parent),
+                                   kind=SpanKind.INTERNAL, attributes=attrs)
+    try:
+        if exc is not None and semconv.ERROR_TYPE in attrs:
+            record_exception(span, exc)
+    finally:
+        span.end()
 
 
 def _group_facts(state: Any, groupchat: Any, method: Any, agents: Any) -> tuple[Any, ...]:
@@ -234,83 +243,89 @@ def _event_room(span: Span) -> int:
     return 2**31 if limit is None else max(limit - EVENT_MARGIN, 0)
 
 
-def _begin(state: Any, groupchat: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Selection | None:
-    """The selection about to run, or ``None`` when nothing is to be recorded (suppressed, not sampled,
-    or our own error: never the app's)."""
+def _begin(state: Any, groupchat: Any, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[Scope | None, Any, str | None, tuple[Any, ...] | None]:
+    """Where the selection about to run is recorded and what it records: ``(scope, span, from_name, facts)``,
+    the scope of the enclosing span's children, that span (the manager's ``invoke_agent``, or an open plan
+    step), the agent handing off and the group's facts (:func:`_group_facts`); ``span`` is ``None`` when
+    nothing is to be recorded (suppressed, not sampled, or our own error: never the app's). One exit, so
+    the sync wrapper can be generated with it written in (:func:`_selection_method`)."""
     try:
         ctx = get_current()
         # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
         if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
-            return None
-        scope = ctx.get(_SCOPE_KEY)
-        if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
-            scope = scope_in(scope)  # a span's children's scope not built yet
-        span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
-        if scope is not None:
-            if scope.owner is not None:
-                span = scope.owner  # ours, even when another instrumentation's span is current inside it
-            if scope.cursor is not None:
-                # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
-                frame = scope.cursor.resolve()
-                if frame is not None:
-                    scope, span = frame.scope, frame.span
-        if span is None or not (span._end_time is None if type(span) is END_TIME_SPAN else span.is_recording()):
-            return None  # unsampled: nothing to record it on
-        # the Selection built here (no __init__: one call less for every selection; a plain class call
-        # allocates it for less than object.__new__ does)
-        selection = Selection()
-        selection.groupchat = groupchat
-        selection.scope = scope  # the scope of the enclosing span's children
-        selection.span = span  # the enclosing span (the manager's invoke_agent, or an open plan step)
-        selection.promoted = False  # the model was asked: recorded as a span (see auto_wrapper)
-        last = kwargs.get("last_speaker", args[0] if args else None)
-        if last is None:
-            selection.from_name = "none"
-        else:  # cached_name written out: this runs for every selection
-            static = state.agents.get(id(last))
-            selection.from_name = static.name if static is not None else agent_name(last)
-        # _group_facts' cache hit written out: this runs for every selection
-        method = getattr(groupchat, "speaker_selection_method", None)
-        agents = getattr(groupchat, "agents", None) or ()
-        facts = state.candidates.get(id(groupchat))
-        if facts is None or facts[1] != (id(method), *map(id, agents)):  # found by id: see _remember_group
-            facts = _group_facts(state, groupchat, method, agents)
-        selection.facts = facts  # (weak groupchat, (id(method), *agents' ids), reason, candidates)
-        return selection
+            scope = span = from_name = facts = None
+        else:
+            scope = ctx.get(_SCOPE_KEY)
+            if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
+                scope = scope_in(scope)  # a span's children's scope not built yet
+            span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+            if scope is not None:
+                if scope.owner is not None:
+                    span = scope.owner  # ours, even when another instrumentation's span is current inside it
+                if scope.cursor is not None:
+                    # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
+                    frame = scope.cursor.resolve()
+                    if frame is not None:
+                        scope, span = frame.scope, frame.span
+            if span is None or not (span._end_time is None if type(span) is END_TIME_SPAN else span.is_recording()):
+                span = from_name = facts = None  # unsampled: nothing to record it on
+            else:
+                # by position first: AG2 passes it so, and a call naming it twice fails in AG2 anyway
+                last = args[0] if args else kwargs.get("last_speaker")
+                if last is None:
+                    from_name = "none"
+                else:  # cached_name written out: this runs for every selection
+                    static = state.agents.get(id(last))
+                    from_name = static.name if static is not None else agent_name(last)
+                # _group_facts' cache hit written out: this runs for every selection
+                method = getattr(groupchat, "speaker_selection_method", None)
+                agents = getattr(groupchat, "agents", None) or ()
+                facts = state.candidates.get(id(groupchat))
+                if facts is None or facts[1] != (id(method), *map(id, agents)):  # found by id: see _remember_group
+                    facts = _group_facts(state, groupchat, method, agents)
     except Exception:
+        scope = span = from_name = facts = None
         logger.debug("cmbagent_otel: could not follow a speaker selection", exc_info=True)
-        return None
+    return scope, span, from_name, facts
 
 
-def _end(state: Any, selection: Selection, token: Any, result: Any, exc: BaseException | None) -> None:
+def _selection_method(state: Any, original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The body of ``GroupChat.select_speaker``'s wrapper: made per patched method with ``state`` and
+    ``original`` bound, :func:`_begin` and :func:`_ended` written in (:func:`selection_sync`), so a
+    selection runs in one frame of ours and its facts stay in that frame's locals."""
+    if not state.active:
+        return original(self, *args, **kwargs)
+    # no contextvar set and reset around the call (~1,500 instructions per selection): a selection that asks
+    # the model finds this frame's locals on the stack (_current_selection)
+    scope, span, from_name, facts = _begin(state, self, args, kwargs)
+    if span is None:
+        return original(self, *args, **kwargs)
+    promoted: list[Any] = []  # filled when the selection asks the model: recorded as a span (_promote)
     try:
-        _selection.reset(token)
-    except Exception:  # a token of another context (a generator resumed elsewhere): not the app's problem
-        logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
-    selection.ended(state, result, exc)
+        result = original(self, *args, **kwargs)
+    except BaseException as exc:
+        _ended(state, scope, span, from_name, facts, promoted, None, exc)  # type: ignore[arg-type]
+        raise
+    _ended(state, scope, span, from_name, facts, promoted, result, None)  # type: ignore[arg-type]
+    return result
+
+
+_selection_maker: Callable[..., Callable[..., Any]] | None = None  # made by the first selection_sync()
 
 
 def selection_sync(state: Any) -> Callable[..., Any]:
     """The wrapper of ``GroupChat.select_speaker``."""
+    global _selection_maker
+    if _selection_maker is None:  # generated once per process (two instrument()s at once: the same code)
+        _selection_maker = specialiser(_selection_method, "select_speaker", ("state", "original"),
+                                       constants=("_GIL", "SPAN_KEY"), inline=(_begin, _ended))
+    maker = _selection_maker
+
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (see ``ag2._plain_method``), calling
         ``original(self, ...)``: no trampoline; wrapt proxies run the same body (``wrapt_wrapper``)."""
-        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not state.active:
-                return original(self, *args, **kwargs)
-            # no contextvar set and reset around the call (~1,500 instructions per selection): a selection
-            # that asks the model finds this frame's `selection` on the stack (_current_selection).
-            selection = _begin(state, self, args, kwargs)
-            if selection is None:
-                return original(self, *args, **kwargs)
-            try:
-                result = original(self, *args, **kwargs)
-            except BaseException as exc:
-                selection.ended(state, None, exc)
-                raise
-            selection.ended(state, result, None)
-            return result
-
+        patched = maker(state, original)
         _SYNC_SELECTION_CODES.add(patched.__code__)  # the same code object for every patched method
         return patched
 
@@ -323,9 +338,12 @@ def selection_async(state: Any) -> Callable[..., Any]:
                       kwargs: dict[str, Any]) -> Any:
         if not state.active:
             return await wrapped(*args, **kwargs)
-        selection = _begin(state, instance, args, kwargs)
-        if selection is None:
+        scope, span, from_name, facts = _begin(state, instance, args, kwargs)
+        if span is None:
             return await wrapped(*args, **kwargs)
+        selection = Selection()  # for a selection that asks the model (_current_selection), in a contextvar
+        selection.groupchat, selection.scope, selection.span = instance, scope, span
+        selection.from_name, selection.facts, selection.promoted = from_name, facts, []
         token = _selection.set(selection)
         try:
             result = await wrapped(*args, **kwargs)
@@ -338,6 +356,15 @@ def selection_async(state: Any) -> Callable[..., Any]:
     _ASYNC_SELECTION_CODES.add(wrapper.__code__)
     wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
     return wrapper
+
+
+def _end(state: Any, selection: Selection, token: Any, result: Any, exc: BaseException | None) -> None:
+    try:
+        _selection.reset(token)
+    except Exception:  # a token of another context (a generator resumed elsewhere): not the app's problem
+        logger.debug("cmbagent_otel: could not reset the speaker selection", exc_info=True)
+    _ended(state, selection.scope, selection.span, selection.from_name, selection.facts, selection.promoted,
+           result, exc)
 
 
 # AG2 asks the model through a two-agent chat of its own (checking_agent, speaker_selection_agent): its
@@ -362,22 +389,32 @@ class _SelectionSpan(TracedSpan):
         super()._exception(exc)
 
 
-_SYNC_SELECTION_CODES: set[types.CodeType] = set()  # selection_sync's wrapper body
+# selection_sync's wrapper body: the generated one's, and _selection_method's own (a copy that could not be
+# generated calls it)
+_SYNC_SELECTION_CODES: set[types.CodeType] = {_selection_method.__code__}
 _ASYNC_SELECTION_CODES: set[types.CodeType] = set()  # selection_async's
 _SELECTION_DEPTH = 32  # frames searched above a model-asking selection for the selection wrapper's
 
 
 def _current_selection() -> Selection | None:
-    """The innermost selection in progress on this call stack: the ``selection`` local of
-    selection_sync's wrapper (it calls AG2's selection, which calls ``_auto_select_speaker``
-    on this thread, the frames in between AG2's), else the async wrapper's (its contextvar)."""
+    """The innermost selection in progress on this call stack: the one selection_sync's wrapper keeps in its
+    locals (it calls AG2's selection, which calls ``_auto_select_speaker`` on this thread, the frames in
+    between AG2's), else the async wrapper's (its contextvar). Read off the frame only here: a selection
+    that asks the model is rare, and its model call costs far more."""
     frame = sys._getframe(1)
     for _ in range(_SELECTION_DEPTH):
         if frame is None:
             break
         code = frame.f_code
         if code in _SYNC_SELECTION_CODES:
-            return frame.f_locals.get("selection")  # type: ignore[no-any-return]
+            found = frame.f_locals
+            if found.get("promoted") is None or found.get("span") is None:
+                return None  # not recorded (suppressed, unsampled), or not begun
+            selection = Selection()
+            selection.groupchat, selection.scope, selection.span = found.get("self"), found["scope"], found["span"]
+            selection.from_name, selection.facts = found["from_name"], found["facts"]
+            selection.promoted = found["promoted"]
+            return selection
         if code in _ASYNC_SELECTION_CODES:
             break  # an async selection nearer: its contextvar
         frame = frame.f_back
@@ -388,7 +425,7 @@ def _promote(state: Any, instance: Any) -> _SelectionSpan | None:
     selection = _current_selection()
     if selection is None or selection.groupchat is not instance:
         return None  # not inside a selection we follow (unsampled, suppressed, called directly)
-    selection.promoted = True
+    selection.promoted.append(True)
     return _SelectionSpan(selection, state)
 
 
