@@ -44,7 +44,9 @@ def _message(item: str | dict[str, Any]) -> dict[str, Any]:
     for call in item.get("tool_calls", []):
         arguments = call.get("arguments", {})
         calls.append({
-            "id": call.get("id") or f"call_{next(_ids)}",
+            # one width for every id: a count from the message holding it (the usage below) must not change
+            # with how many calls the process made before (call_9 then call_10 added a token)
+            "id": call.get("id") or f"call_{next(_ids):06d}",
             "type": "function",
             "function": {
                 "name": call["name"],
