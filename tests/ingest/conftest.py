@@ -50,6 +50,47 @@ class IngestProcess:
         return self.proc.returncode, out, err
 
 
+def main_thread_asleep(pid: int, wait: float = 60.0) -> None:
+    """Wait (at most ``wait`` s) until the process's main thread sleeps in its wait, on a lock (a futex) or
+    on the wakeup socket: a signal landing earlier is handled at once, which proves nothing."""
+    import threading
+    import time
+
+    wchan = Path(f"/proc/{pid}/task/{pid}/wchan")
+    deadline = time.monotonic() + wait
+    pause = threading.Event()  # never set: a bounded pause between polls
+    while not wchan.read_text().startswith(("futex", "unix_stream_read")):
+        assert time.monotonic() < deadline, wchan.read_text()
+        pause.wait(0.01)
+
+
+def sigterm_onto_a_grpc_thread(pid: int) -> None:
+    """SIGTERM delivered (``tgkill``) to one of grpcio's own threads of process ``pid``, not its main thread."""
+    import ctypes
+    import signal
+
+    threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
+    grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
+    assert grpc_threads, names
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, grpc_threads[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
+
+
+def finished(proc: Any, wait: float = 60.0, signal_first: Any = None) -> tuple[str, str]:
+    """(stdout, stderr) of the subprocess ``proc`` once it exits, within ``wait`` s (``TimeoutExpired`` else);
+    ``signal_first`` (a callable of the pid) runs first. Whatever happens, no child is left running."""
+    try:
+        if signal_first is not None:
+            signal_first(proc.pid)
+        out, err = proc.communicate(timeout=wait)
+        return out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def post_json(srv: Any, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """POST ``doc`` as OTLP/JSON to an in-process ``IngestServer``: (status, the answer's JSON)."""
     import json

@@ -9,16 +9,15 @@ main thread sleeps, as tests/ingest/test_ingest_slow_clients.py does for the CLI
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import finished, main_thread_asleep, sigterm_onto_a_grpc_thread
 
 APP = Path(__file__).with_name("ingest43_app.py")
 WAIT = 60.0  # bound of every wait for the child (generous: the machine is shared)
@@ -36,40 +35,13 @@ def spawn(db: Path, mode: str) -> tuple[subprocess.Popen[str], int, int]:
     return proc, int(http), int(grpc_port)
 
 
-def main_thread_asleep(pid: int) -> None:
-    """Wait (at most WAIT) until the child's main thread sleeps in its wait, on a lock (a futex) or on
-    the wakeup socket: a signal landing earlier is handled at once, which proves nothing."""
-    wchan = Path(f"/proc/{pid}/task/{pid}/wchan")
-    deadline = time.monotonic() + WAIT
-    pause = threading.Event()  # never set: a bounded pause between polls
-    while not wchan.read_text().startswith(("futex", "unix_stream_read")):
-        assert time.monotonic() < deadline, wchan.read_text()
-        pause.wait(0.01)
-
-
-def sigterm_onto_a_grpc_thread(pid: int) -> None:
-    threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-    names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
-    grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
-    assert grpc_threads, names
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.tgkill(pid, grpc_threads[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
-
-
 @pytest.mark.parametrize(("mode", "returned"), [("handler", "None"), ("signals", str(int(signal.SIGTERM)))])
 def test_serve_forever_returns_on_a_sigterm_taken_by_another_thread(tmp_path: Path, mode: str,
                                                                      returned: str) -> None:
     """``handler``: the application's SIGTERM handler calls ``stop()``; ``signals``: ``serve_forever``
     handles SIGTERM itself (the CLI's way, now the library's). Either returns, the server stopped."""
     proc, _port, _grpc_port = spawn(tmp_path / "served.db", mode)
-    try:
-        main_thread_asleep(proc.pid)
-        sigterm_onto_a_grpc_thread(proc.pid)
-        out, err = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = finished(proc, WAIT, lambda pid: (main_thread_asleep(pid, WAIT), sigterm_onto_a_grpc_thread(pid)))
     assert proc.returncode == 0, err
     assert out.strip().splitlines()[-1] == f"returned {returned}", out
     assert "Traceback" not in err, err
@@ -80,12 +52,7 @@ def test_exit_with_a_server_still_running_does_not_wait_for_its_calls(tmp_path: 
     message: concurrent.futures' exit hook joined the call's thread, which waits for the message until
     the request timeout (here an hour). The server is stopped at exit now (the call cancelled)."""
     proc, _, _ = spawn(tmp_path / "exit.db", "exit")
-    try:
-        out, err = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = finished(proc, WAIT)
     assert proc.returncode == 0, err
     assert out.strip() == "waiting", out
     assert "Traceback" not in err, err

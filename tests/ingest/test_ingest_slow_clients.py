@@ -7,7 +7,6 @@ clients connected is quiet and quick."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sqlite3
 import threading
@@ -25,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from cmbagent_otel.ingest import IngestServer
 
-from .conftest import IngestProcess
+from .conftest import IngestProcess, finished, main_thread_asleep, sigterm_onto_a_grpc_thread
 
 MiB = 1 << 20
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -345,30 +344,13 @@ def test_sigterm_taken_by_another_thread_stops_the_ingest(tmp_path: Path) -> Non
     forced onto one of grpcio's own threads with tgkill). Python runs the handler only when the
     main thread next runs Python code, and the main thread sat in ``Event.wait()`` for ever:
     the ingest never stopped (the clean-clone CI's 60 s ``TimeoutExpired`` in ``proc.stop()``)."""
-    import ctypes
-    import signal
-
     proc = IngestProcess(f"sqlite:///{tmp_path / 'tgkill.db'}")
-    try:
-        pid = proc.proc.pid
+
+    def sigterm_while_asleep(pid: int) -> None:
         health(proc.port)  # served: the main thread has started both receivers and goes to wait for a signal
-        main_wchan = Path(f"/proc/{pid}/task/{pid}/wchan")
-        deadline = time.monotonic() + WAIT
-        pause = threading.Event()  # never set: a bounded pause between polls
-        # asleep in its wait, on a lock (before) or on the wakeup socket: a signal earlier is handled at once
-        while not main_wchan.read_text().startswith(("futex", "unix_stream_read")):
-            assert time.monotonic() < deadline, main_wchan.read_text()
-            pause.wait(0.01)
-        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-        names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
-        grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
-        assert grpc_threads, names
-        libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.tgkill(pid, grpc_threads[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
-        out, err = proc.proc.communicate(timeout=WAIT)
-    finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.communicate()
+        main_thread_asleep(pid, WAIT)  # asleep in its wait: a signal landing earlier is handled at once
+        sigterm_onto_a_grpc_thread(pid)
+
+    out, err = finished(proc.proc, WAIT, sigterm_while_asleep)
     assert proc.proc.returncode == 0, err
     assert "stopped after" in out

@@ -25,13 +25,11 @@ pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Pyth
 
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
-from tests.conftest import PG_ENV
 
 from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
 from .scripted_cmbagent import DEFAULT_PLAN
-from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
-from .test_cmbreal9_audit import _comparable, backend_answers
+from .test_cmbreal9_audit import served_run
 from .test_cmbreal14_audit import assert_step_1_holds_its_work, mars_step_stopper
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
@@ -230,26 +228,11 @@ def test_cmbagent_backend_reads_a_cancelled_mars_phase_run_from_sqlite_and_postg
     into SQLite and into PostgreSQL from the same spans: every endpoint answers, the same from both; its DAG is
     ours node for node (step 1 completed, steps 2-3 pending, the phase failed with the cancel message), each
     step's agent the plan's; the run's session is listed; the run history holds every event."""
-    python = _mars_python()
-    base = os.environ.get(PG_ENV)
-    if python is None or not base:
-        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
-                    f"{PG_ENV}")
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
-                                                  function=_bare_control_phases(1, callbacks=_cancelled_after_step_1))
-    sqlite = _exported(run, tmp_path)
-    rows = _final_rows(sqlite)
-    (row,) = rows["runs"]
-    nodes = _nodes_of(rows)
-    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
-    assert statuses == ["cancelled"]
-    assert _comparable(pgsql) == _comparable(lite)
+    *_, row, lite = served_run(request, mars_phases, tmp_path,
+                               _bare_control_phases(1, callbacks=_cancelled_after_step_1), "cancelled")
     dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
-    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
     assert [(dag[f"step_{n}"]["status"], dag[f"step_{n}"]["agent"]) for n in (1, 2, 3)] == [
         ("completed", DEFAULT_PLAN[0].agent), ("pending", DEFAULT_PLAN[1].agent), ("pending", DEFAULT_PLAN[2].agent)]
-    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
-    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
 
 
 def _bare_control_phases_in_threads(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:

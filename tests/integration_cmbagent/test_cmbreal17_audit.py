@@ -23,12 +23,10 @@ pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Pyth
 
 import cmbagent_otel
 from cmbagent_otel import semconv as sc
-from tests.conftest import PG_ENV
 
 from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
-from .test_backend_rows import _mars_python
 from .test_cmbagent_runs import _exported, _one
-from .test_cmbreal9_audit import _comparable, backend_answers
+from .test_cmbreal9_audit import served_run
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -153,6 +151,19 @@ def test_a_phase_class_defined_after_instrumenting_is_watched_too(request: pytes
     assert not hasattr(vars(ControlPhase)["execute"], "__wrapped__")
 
 
+def assert_cancel_restated(run: Any, root: Any) -> None:
+    """The run ``root`` of a MARS control phase cancelled under the WorkflowExecutor, which restated the cancel as
+    its own ``RuntimeError``: ended by the cancel (``error.type`` ``WorkflowCancelledException``), the executor's
+    error one more exception event; the phase failed with the cancel."""
+    assert (root.status.status_code, root.attributes[sc.ERROR_TYPE]) == (StatusCode.ERROR, "WorkflowCancelledException")
+    assert "Workflow cancelled by user" in root.status.description
+    assert [e.attributes["exception.type"].rpartition(".")[2] for e in root.events if e.name == "exception"] == [
+        "RuntimeError", "WorkflowCancelledException"]
+    phase = _one(run, "phase control")
+    assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
+        "Workflow cancelled by user", "WorkflowCancelledException")
+
+
 def _executor_cancelled_after_step_1(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
     """An entry function for ``run_cmbagent``: MARS's ``WorkflowExecutor`` running a one-phase workflow
     (``control`` on the preloaded plan) bare, as MARS's backend's task executor does, with the callbacks of a
@@ -190,13 +201,7 @@ def test_a_mars_phase_cancelled_under_the_workflow_executor_is_a_cancelled_run(
     _one_root_per_trace(run)
     (root,) = [s for s in run.spans if s.parent is None]
     assert root.name == "workflow preloaded_control"
-    assert (root.status.status_code, root.attributes[sc.ERROR_TYPE]) == (StatusCode.ERROR, "WorkflowCancelledException")
-    assert "Workflow cancelled by user" in root.status.description
-    assert [e.attributes["exception.type"].rpartition(".")[2] for e in root.events if e.name == "exception"] == [
-        "RuntimeError", "WorkflowCancelledException"]
-    phase = _one(run, "phase control")
-    assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
-        "Workflow cancelled by user", "WorkflowCancelledException")
+    assert_cancel_restated(run, root)
     url = _exported(run, tmp_path)
     rows = _final_rows(url)
     (row,) = rows["runs"]
@@ -226,26 +231,10 @@ def test_cmbagent_backend_reads_the_new_mars_runs_from_sqlite_and_postgresql(
     runs above, written into SQLite and into PostgreSQL from the same spans: every endpoint answers, the same from
     both; the run's status is ours (``failed`` / ``cancelled``); its DAG is ours node for node; the run history
     holds every event."""
-    python = _mars_python()
-    base = os.environ.get(PG_ENV)
-    if python is None or not base:
-        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
-                    f"{PG_ENV}")
     function = (_control_phase_raising("bare") if case == "escaped_bare" else _executor_cancelled_after_step_1)
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script, function=function)
-    sqlite = _exported(run, tmp_path)
-    rows = _final_rows(sqlite)
-    (row,) = rows["runs"]
-    assert row["status"] == ("failed" if case == "escaped_bare" else "cancelled")
-    nodes = _nodes_of(rows)
-    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
-    assert statuses == [row["status"]]
-    assert _comparable(pgsql) == _comparable(lite)
-    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
-    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
-    assert dag["control"]["status"] == "failed"
-    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
-    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
+    *_, row, lite = served_run(request, mars_phases, tmp_path, function,
+                               "failed" if case == "escaped_bare" else "cancelled")
+    assert {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}["control"]["status"] == "failed"
 
 
 def rate_limited_until_the_phase_waits(monkeypatch: pytest.MonkeyPatch) -> Any:

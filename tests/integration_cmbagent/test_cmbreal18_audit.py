@@ -23,7 +23,8 @@ import cmbagent_otel
 from cmbagent_otel import semconv as sc
 
 from .conftest import MARS_CONTROL_CONFIG, pypi_cmbagent_for_mars
-from .test_cmbagent_runs import _exported, _one
+from .test_cmbagent_runs import _exported
+from .test_cmbreal17_audit import assert_cancel_restated
 from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.cmbagent_autogen
@@ -87,13 +88,7 @@ def test_a_mars_executor_inside_the_apps_run_ends_it_as_its_phases_ended(
         return
     assert run.results["error"] == "Phase control failed: Workflow cancelled by user"
     assert "researcher" not in run.sequence  # step 2 never started
-    assert (root.status.status_code, root.attributes[sc.ERROR_TYPE]) == (StatusCode.ERROR, "WorkflowCancelledException")
-    assert "Workflow cancelled by user" in root.status.description
-    assert [e.attributes["exception.type"].rpartition(".")[2] for e in root.events if e.name == "exception"] == [
-        "RuntimeError", "WorkflowCancelledException"]
-    phase = _one(run, "phase control")
-    assert (phase.status.description, phase.attributes[sc.ERROR_TYPE]) == (
-        "Workflow cancelled by user", "WorkflowCancelledException")
+    assert_cancel_restated(run, root)
     assert row["status"] == "cancelled" and "Workflow cancelled by user" in row["meta"]["error"]
     assert [nodes[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "pending", "pending", "failed"]
@@ -160,33 +155,12 @@ def test_cmbagent_backend_reads_the_cancelled_run_of_an_executor_inside_the_apps
     executor cancelled inside the application's run, written into SQLite and into PostgreSQL from the same spans:
     every endpoint answers, the same from both; the run's status ``cancelled`` (``failed`` on 5d6278f); its DAG
     ours node for node; the history every event; the session listed."""
-    import os
+    from .test_cmbreal9_audit import served_run
 
-    from tests.conftest import PG_ENV
-
-    from .test_backend_rows import _mars_python
-    from .test_cmbreal9_audit import _comparable, backend_answers
-
-    python = _mars_python()
-    base = os.environ.get(PG_ENV)
-    if python is None or not base:
-        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
-                    f"{PG_ENV}")
-    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
-                                                  function=_executor_in_the_apps_run(cancelled=True))
-    sqlite = _exported(run, tmp_path)
-    rows = _final_rows(sqlite)
-    (row,) = rows["runs"]
-    nodes = _nodes_of(rows)
-    lite, pgsql, statuses = backend_answers(mars_phases, python, run.spans, sqlite, base, tmp_path)
-    assert statuses == ["cancelled"]
-    assert _comparable(pgsql) == _comparable(lite)
+    *_, row, lite = served_run(request, mars_phases, tmp_path, _executor_in_the_apps_run(cancelled=True), "cancelled")
     dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
-    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
     assert [dag[s]["status"] for s in ("step_1", "step_2", "step_3", "control")] == [
         "completed", "pending", "pending", "failed"]
-    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
-    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
 
 
 def test_two_executors_inside_two_apps_runs_in_two_threads_end_apart(request: pytest.FixtureRequest,

@@ -209,6 +209,33 @@ def backend_answers(mars: Path, python: str, spans: Any, sqlite: str, base: str,
     return lite, pgsql, statuses
 
 
+def served_run(request: pytest.FixtureRequest, mars: Path, tmp_path: Path, function: Any,
+               status: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """One ``carryover`` run of ``function`` exported into SQLite and PostgreSQL and read by cmbagent's backend
+    (skips without ``CMBAGENT_OTEL_MARS_PYTHON`` and a PostgreSQL URL): the run stored with ``status`` in both
+    databases, both answering the same, the backend's DAG ours node for node, its history every event, the run's
+    session listed. Returns (our final rows, our nodes by id, the run's row, the backend's SQLite answers)."""
+    python = _mars_python()
+    base = os.environ.get(PG_ENV)
+    if python is None or not base:
+        pytest.skip(f"set CMBAGENT_OTEL_MARS_PYTHON (fastapi, python-multipart, sqlalchemy, structlog, psycopg) and "
+                    f"{PG_ENV}")
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script, function=function)
+    sqlite = _exported(run, tmp_path)
+    rows = _final_rows(sqlite)
+    (row,) = rows["runs"]
+    assert row["status"] == status
+    nodes = _nodes_of(rows)
+    lite, pgsql, statuses = backend_answers(mars, python, run.spans, sqlite, base, tmp_path)
+    assert statuses == [status]
+    assert _comparable(pgsql) == _comparable(lite)
+    dag = {n["id"]: n for n in lite[f"{row['id']} dag"]["nodes"]}
+    assert {s: n["status"] for s, n in dag.items()} == {s: n["status"] for s, n in nodes.items()}
+    assert len(lite[f"{row['id']} history"]["events"]) == len(rows["events"])
+    assert [s["session_id"] for s in lite["sessions"]["sessions"]] == [row["session_id"]]
+    return rows, nodes, row, lite
+
+
 def _comparable(answer: Any) -> Any:
     """An answer without what differs between two databases holding the same spans (row ids, the set order
     of ``agents_involved``, the session's last activity, which the backend's readers update themselves, and
