@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from cmbagent_otel.ingest import IngestServer
-from tests.reliability._attack_helpers import otlp_doc, otlp_span, rows_holding, send_attributes, stored_attributes
+from tests.reliability._attack_helpers import ingested, otlp_doc, otlp_span, rows_holding
 
 from .conftest import post_json
 
@@ -45,10 +45,7 @@ def _values(key: str, learned: str) -> dict[str, Any]:
 def test_secrets_in_bytes_values_of_an_ingest_client_are_redacted(tmp_path: Path, protocol: str) -> None:
     key, learned = "sk-proj-" + secrets.token_hex(24), secrets.token_hex(12)
     values = _values(key, learned)
-    db = tmp_path / "ingest.db"
-    with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
-        send_attributes(srv, values, protocol)  # (the OTLP exporter encodes a bytes attribute as bytesValue)
-    attributes = stored_attributes(db)
+    db, attributes = ingested(tmp_path, values, protocol)  # (the OTLP exporter encodes a bytes attribute as bytesValue)
     # before: each stored as the base64 of the bytes sent, the secret in it (then as the base64 of the
     # redacted text); text bytes are stored as their text
     assert {k: v for k, v in attributes.items() if k != "custom.binary"} == {

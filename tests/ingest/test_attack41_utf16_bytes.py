@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_otel.ingest import IngestServer
-from tests.reliability._attack_helpers import rows_holding, send_attributes, stored_attributes
+from tests.reliability._attack_helpers import ingested, rows_holding
 
 
 @pytest.mark.parametrize("protocol", ["json", "protobuf"])
@@ -32,10 +31,7 @@ def test_utf16_text_sent_as_bytes_is_redacted(tmp_path: Path, protocol: str) -> 
         "custom.config": f"password={password}".encode("utf-16"),
         "custom.plain": "the spectrum peaks at l=220".encode("utf-16"),
     }
-    db = tmp_path / "ingest.db"
-    with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port="off") as srv:
-        send_attributes(srv, values, protocol)
-    attributes = stored_attributes(db)
+    db, attributes = ingested(tmp_path, values, protocol)
     assert attributes["api_key"] == "[REDACTED]" and attributes["custom.echo"] == "echo [REDACTED]"
     assert base64.b64decode(attributes["custom.note"]).decode("utf-16") == "here [REDACTED]"
     assert base64.b64decode(attributes["custom.config"]).decode("utf-16") == "password=[REDACTED]"

@@ -82,6 +82,18 @@ def send_attributes(srv: Any, attributes: Mapping[str, Any], protocol: str) -> N
         exporter.shutdown()
 
 
+def ingested(tmp_path: Path, attributes: Mapping[str, Any], protocol: str) -> tuple[Path, dict[str, Any]]:
+    """Send one span with ``attributes`` (see :func:`send_attributes`) to a real ``IngestServer`` writing the SQLite
+    file ``tmp_path / "ingest.db"`` (a gRPC port only for ``grpc``): (that file, the attributes it stored)."""
+    from cmbagent_otel.ingest import IngestServer
+
+    db = tmp_path / "ingest.db"
+    with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port=0 if protocol == "grpc" else "off") \
+            as srv:
+        send_attributes(srv, attributes, protocol)
+    return db, stored_attributes(db)
+
+
 def stored_attributes(db: Path) -> dict[str, Any]:
     """The attributes of the one span an ingest stored in the SQLite file ``db`` (its ``execution_events`` row)."""
     conn = sqlite3.connect(db)

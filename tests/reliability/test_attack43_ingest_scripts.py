@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cmbagent_otel.ingest import IngestServer
-
-from ._attack_helpers import PROTOCOLS, rows_holding, send_attributes, stored_attributes
+from ._attack_helpers import PROTOCOLS, ingested, rows_holding
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
 
@@ -50,11 +48,7 @@ def test_utf16_text_of_other_scripts_sent_as_bytes_is_redacted(tmp_path: Path, p
     values: dict[str, object] = {name: text.format(v=passwords[name]).encode(encoding)
                                  for name, (text, encoding) in TEXTS.items()}
     values |= PLAIN | {"api_key": learned.encode("utf-16-le"), "custom.echo": f"echo {learned}".encode()}
-    db = tmp_path / "ingest.db"
-    with IngestServer(f"sqlite:///{db}", host="127.0.0.1", port=0, grpc_port=0 if protocol == "grpc" else "off") \
-            as srv:
-        send_attributes(srv, values, protocol)
-    attributes = stored_attributes(db)
+    db, attributes = ingested(tmp_path, values, protocol)
     assert attributes["api_key"] == "[REDACTED]" and attributes["custom.echo"] == "echo [REDACTED]"
     for name, (text, encoding) in TEXTS.items():
         assert base64.b64decode(attributes[name]).decode(encoding) == text.format(v="[REDACTED]"), name
