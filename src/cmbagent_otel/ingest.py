@@ -206,20 +206,24 @@ class IngestServer:
     def _held_here(self) -> bool:
         return self._holder == threading.get_ident()
 
+    def _holding(self, work: Callable[[], None]) -> None:
+        """Run ``work`` under ``_lock``, this thread recorded as its holder while it runs."""
+        me = threading.get_ident()
+        with self._lock:
+            self._holder = me
+            try:
+                work()
+            finally:
+                self._holder = None
+
     def bind(self) -> IngestServer:
         """Bind the sockets without serving yet (idempotent); raises ``OSError`` when a port is taken
         (nothing is left bound then)."""
         if self._held_here():
             raise RuntimeError("IngestServer.bind() called from a signal handler inside this thread's own "
                                "start() or stop()")
-        me = threading.get_ident()
         try:
-            with self._lock:
-                self._holder = me
-                try:
-                    self._bind_locked()
-                finally:
-                    self._holder = None
+            self._holding(self._bind_locked)
         except BaseException:
             self.stop()  # an interrupt as the lock is let go, the sockets bound: they are not left bound
             raise
@@ -261,26 +265,23 @@ class IngestServer:
         if self._held_here():
             raise RuntimeError("IngestServer.start() called from a signal handler inside this thread's own "
                                "start() or stop()")
-        me = threading.get_ident()
         try:
-            with self._lock:
-                self._holder = me
-                try:
-                    self._stop_requested = False
-                    self.core.stopping.clear()
-                    try:
-                        self._start_locked()
-                    except BaseException:
-                        self._teardown()
-                        raise
-                    if self._stop_requested:  # stop() from a signal handler that interrupted this start
-                        self._teardown()
-                finally:
-                    self._holder = None
+            self._holding(self._start_or_teardown)
         except BaseException:
             self.stop()  # an interrupt as the lock is let go, the server made: it is not left serving
             raise
         return self
+
+    def _start_or_teardown(self) -> None:
+        self._stop_requested = False
+        self.core.stopping.clear()
+        try:
+            self._start_locked()
+        except BaseException:
+            self._teardown()
+            raise
+        if self._stop_requested:  # stop() from a signal handler that interrupted this start
+            self._teardown()
 
     def _start_locked(self) -> None:
         if self._serving:
@@ -381,13 +382,7 @@ class IngestServer:
             self.core.stopping.set()
             self._stop_requested = True
             return
-        me = threading.get_ident()
-        with self._lock:
-            self._holder = me
-            try:
-                self._teardown()
-            finally:
-                self._holder = None
+        self._holding(self._teardown)
 
     def _teardown(self) -> None:
         """Release whatever is held (under ``_lock``), every step run even when one fails or is
