@@ -52,6 +52,22 @@ def otlp_doc(spans: Sequence[dict[str, Any]], scope: str = "client") -> dict[str
     return {"resourceSpans": [{"scopeSpans": [{"scope": {"name": scope}, "spans": list(spans)}]}]}
 
 
+CONTENT = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
+"""The attributes that hold message content (recorded only with content capture on)."""
+
+
+class LoginRejected(Exception):
+    """What the tool of a tool-surface attack test raises, its message holding the values under test."""
+
+
+def assert_no_content(sink: Any, phrase: str) -> None:
+    """Content capture off: no span of ``sink`` (``test_secrets.Sink``) holds a content attribute, and no text it
+    recorded holds ``phrase`` (said only in the chat's messages and the tool's arguments)."""
+    recorded = {key for span in sink.memory.get_finished_spans() for key in (span.attributes or {})}
+    assert not recorded & set(CONTENT)
+    assert not [where for where, text in sink.texts() if phrase in text]
+
+
 def send_attributes(srv: Any, attributes: Mapping[str, Any], protocol: str) -> None:
     """Send one span with ``attributes`` (Python values) to the in-process ``IngestServer`` ``srv`` as an ingest
     client would: a hand-built OTLP/JSON body (``json``), or the OpenTelemetry SDK's span through its OTLP/HTTP

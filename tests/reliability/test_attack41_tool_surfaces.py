@@ -17,17 +17,11 @@ import pytest
 import cmbagent_otel
 from tests.conftest import unlearned_word
 
+from ._attack_helpers import LoginRejected, assert_no_content
 from .conftest import group_chat, needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: a fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-
-class LoginRejected(Exception):
-    pass
-
-
-CONTENT = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
 
 
 @needs_custom_client
@@ -54,7 +48,5 @@ def test_credentials_named_in_any_case_never_reach_telemetry(sink: Sink, caplog:
     group_chat(tmp_path / "chat", engineer_script=script, tool=tool, order=["engineer", "executor", "researcher"])
     assert_clean(sink, caplog, db_pass, openai_key, pat, option, word)
     if not capture:
-        recorded = {key for span in sink.memory.get_finished_spans() for key in (span.attributes or {})}
-        assert not recorded & set(CONTENT)
         # (an exception's message, redacted, is the span's status and the error row's: not message content)
-        assert not [where for where, text in sink.texts() if "then run cli" in text]
+        assert_no_content(sink, "then run cli")

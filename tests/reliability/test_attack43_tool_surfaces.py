@@ -18,16 +18,11 @@ import pytest
 import cmbagent_otel
 from tests.conftest import unlearned_word
 
+from ._attack_helpers import LoginRejected, assert_no_content
 from .conftest import group_chat, needs_custom_client
 from .test_secrets import Sink, assert_clean, sink  # noqa: F401 (sink: a fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_secrets")
-
-CONTENT = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
-
-
-class LoginRejected(Exception):
-    pass
 
 
 @needs_custom_client
@@ -60,6 +55,4 @@ def test_this_campaigns_forms_never_reach_telemetry(sink: Sink, caplog: pytest.L
     texts = [text for _, text in sink.texts()]
     assert any("the content of the unexpired cache" in text for text in texts)
     if not capture:
-        recorded = {key for span in sink.memory.get_finished_spans() for key in (span.attributes or {})}
-        assert not recorded & set(CONTENT)
-        assert not [text for text in texts if "keep it safe" in text]
+        assert_no_content(sink, "keep it safe")
