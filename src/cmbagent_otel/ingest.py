@@ -434,9 +434,7 @@ class IngestServer:
                     interrupt = interrupt or exc
                     continue
                 break
-        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
-        self._bound = self._serving = self._stop_requested = False
-        self._http_port = None
+        self._forget_receivers()
         _live.discard(self)
         try:
             if all(ended) and self.core.startup_over(left()):
@@ -453,6 +451,12 @@ class IngestServer:
         if interrupt is not None:
             raise interrupt
 
+    def _forget_receivers(self) -> None:
+        """Hold no receiver, thread or socket any more (released, or a forked child's copies)."""
+        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
+        self._bound = self._serving = self._stop_requested = False
+        self._http_port = None
+
     def _forget_in_child(self) -> None:
         """In a forked child: the parent's receivers are not this process's (their threads are not
         here; grpcio's state is not usable); only its copy of the HTTP listening socket is closed, which
@@ -460,9 +464,7 @@ class IngestServer:
         (never finalized here: their finalizers would call into grpcio)."""
         sock = self._sock
         _abandoned.append((self._uvicorn, self._app, self._http_thread, self._executor, self._grpc))
-        self._uvicorn = self._app = self._http_thread = self._executor = self._grpc = self._sock = None
-        self._bound = self._serving = self._stop_requested = False
-        self._http_port = None
+        self._forget_receivers()
         self._holder = None
         self._wakers = set()
         self._stopped = threading.Event()
