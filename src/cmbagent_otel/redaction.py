@@ -1665,16 +1665,21 @@ _DEFAULT_PASSWORDS = frozenset((
 _LOGIN_AROUND = 64  # characters each side of a password read as its login (the user, the scheme, the host)
 
 
+def _login_around(text: str, start: int, end: int) -> str:
+    """The text read as the login of the password at ``text[start:end]`` (:func:`_learnable`)."""
+    return text[max(0, start - _LOGIN_AROUND):end + _LOGIN_AROUND]
+
+
 def _learn_login_passwords(text: str) -> None:
     """Learn the passwords of ``scheme://user:<v>@host`` (any scheme) and ``user:<v>@host`` in ``text`` (see
     :func:`_learnable`)."""
     if "://" in text:
         for match in _URL_CREDENTIALS.finditer(text):
             password = match.group()[3:-1].partition(":")[2]
-            if _learnable(password, text[max(0, match.start() - _LOGIN_AROUND):match.end() + _LOGIN_AROUND]):
+            if _learnable(password, _login_around(text, match.start(), match.end())):
                 learn_secret(password)
     for start, end in _bare_credential_spans(text):
-        if _learnable(text[start:end], text[max(0, start - _LOGIN_AROUND):end + _LOGIN_AROUND]):
+        if _learnable(text[start:end], _login_around(text, start, end)):
             learn_secret(text[start:end])
 
 
@@ -1822,14 +1827,15 @@ def _kv_pairs(text: str, learn: bool) -> str:
         # (judged last: most names are passed over above, and these read the value again)
         if not quoted and _names_code(text, value, value_end):
             continue  # password=password, api_key=self.api_key, token: Optional[str], key=os.environ.get("X")
-        if _holds_no_secret(text[name_start:run_end], value):
+        key_name = text[name_start:run_end]
+        if _holds_no_secret(key_name, value):
             # PWD=/work/project in a printed environment: learned, every later path of it was redacted (and
             continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
         if learn and learns and len(value) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None \
-                and not (by_name and (_names_a_constant(text[name_start:run_end], core) or _names_what_is_no_secret(
-                    text[name_start:run_end], core, text[max(0, name_start - 64):name_start]))):
+                and not (by_name and (_names_a_constant(key_name, core) or _names_what_is_no_secret(
+                    key_name, core, text[max(0, name_start - 64):name_start]))):
             # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
             # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
             # then redacted in every later text, inside "unexpired" too; still replaced here)
