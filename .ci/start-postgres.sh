@@ -12,10 +12,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PORT="${PGPORT:-55432}"
 # one start at a time per port: .ci/run starts it for the oldest AG2 line's run while ./dev test's
-# setup starts it too; the second waits here, then finds the server running and prints its URL
+# setup starts it too; the second waits here, then finds the server running and prints its URL.
+# The lock's descriptor is closed for the server (9>&- below): a postmaster that inherited it held
+# the lock for its whole life and the second start waited for ever (a CI ran out of its 90 minutes).
+# The wait is bounded all the same: after it the start goes on unlocked, as before the lock existed.
 if command -v flock >/dev/null 2>&1; then
   exec 9>"/tmp/cmbagent-otel-pg-start-${PORT}.lock"
-  flock 9
+  if ! flock -w "${CMBAGENT_OTEL_PG_LOCK_WAIT_S:-300}" 9; then
+    echo "start-postgres: another start still holds /tmp/cmbagent-otel-pg-start-${PORT}.lock; going on without it" >&2
+  fi
 fi
 DB="${PGDATABASE_NAME:-cmbagent_otel_test}"
 ME="$(id -un)"
@@ -79,7 +84,7 @@ fi
 if ! running; then
   note="stop it with ./dev stop-services"
   # unix socket inside the data dir: never collides with another user's server on /tmp
-  as_owner "'$PG_CTL' -D '$DATA' -l '$DATA/server.log' -w -t 60 -o \"-h 127.0.0.1 -p $PORT -k '$DATA'\" start >&2"
+  as_owner "'$PG_CTL' -D '$DATA' -l '$DATA/server.log' -w -t 60 -o \"-h 127.0.0.1 -p $PORT -k '$DATA'\" start >&2" 9>&-
   mkdir -p "$(dirname "$STATE")"
   printf 'PGDATA=%q\nPGPORT=%q\nPGOWNER=%q\n' "$DATA" "$PORT" "$OWNER" >"$STATE"
 fi
