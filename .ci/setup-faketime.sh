@@ -15,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # under ./dev's apt lock: Graphviz and PostgreSQL may be installing at the same time, and apt/dpkg
 # refuse a second run at once instead of waiting
 LOCK=()
-if command -v flock >/dev/null 2>&1; then LOCK=(flock /tmp/cmbagent-otel-apt.lock); fi
+if command -v flock >/dev/null 2>&1; then LOCK=(flock -o /tmp/cmbagent-otel-apt.lock); fi
 $SUDO "${LOCK[@]}" apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO "${LOCK[@]}" apt-get install -y -qq faketime >/dev/null
 ls /usr/lib/*/faketime/libfaketime.so.1

@@ -50,7 +50,7 @@ if [ -z "$(find_bin initdb)" ]; then
   export DEBIAN_FRONTEND=noninteractive
   # the lock ./dev's Graphviz install takes too: apt/dpkg refuse a second run at once
   apt_locked() {
-    if command -v flock >/dev/null 2>&1; then flock /tmp/cmbagent-otel-apt.lock apt-get "$@"; else apt-get "$@"; fi
+    if command -v flock >/dev/null 2>&1; then flock -o /tmp/cmbagent-otel-apt.lock apt-get "$@"; else apt-get "$@"; fi
   }
   apt_locked update >&2
   apt_locked install -y postgresql >&2
