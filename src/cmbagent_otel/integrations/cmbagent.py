@@ -95,7 +95,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._patching import defining_class
+from ..instrumentation._patching import defining_class, unwrap_ours
 from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
@@ -1399,7 +1399,7 @@ def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         return wrapper(wrapped, instance, args, kwargs)
 
-    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (ag2._unwrap_ours)
+    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (_patching.unwrap_ours)
     guarded._cmbagent_otel = state  # type: ignore[attr-defined]
     return guarded
 
@@ -1481,14 +1481,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         state.active = False
         if state.binding is not None:
             workflow_tracers.release(state.binding)
-        from ..instrumentation.ag2 import _unwrap_ours
-
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
                     # this cycle's wrapper only, wherever it is: the generic unwrap took off the outermost, a
                     # wrapper the application (another instrumentation) put on after ours, and left ours
-                    _unwrap_ours(owner, attr, state)  # type: ignore[arg-type]
+                    unwrap_ours(owner, attr, state)
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
