@@ -80,7 +80,7 @@ from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
 from .._context import attach as attach_context
 from .._context import detach as detach_context
-from .._forksafe import close_opened, open_into
+from .._forksafe import closer, open_into
 from .._framestack import call_with_headroom
 from .._spans import (
     NodeSpec,
@@ -594,6 +594,7 @@ def _walk_files(path: str, rel: str, out: list[str], budget: list[int], dir_fd: 
     if depth > MAX_DEPTH:  # each level holds its folder open: a deep tree must not use up the app's files
         return True
     opened: list[int] = []
+    close = closer(opened)
     try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
         try:
             fd = open_into(opened, path, _DIR_FLAGS, dir_fd=dir_fd)
@@ -625,7 +626,7 @@ def _walk_files(path: str, rel: str, out: list[str], budget: list[int], dir_fd: 
             return False
         return all(_walk_files(name, f"{rel}/{name}", out, budget, fd, depth + 1) for name in sorted(dirs))
     finally:
-        close_opened(opened)
+        close()
 
 
 def _readable(path: str) -> str:
