@@ -154,6 +154,11 @@ class RunState:
         count = next(self._counters[base]) if _GIL else self._next(base)  # _next written out: every DAG node
         return base if count == 1 else f"{base}_{count}"
 
+    @staticmethod
+    def numbered_id(base: str, count: int) -> str:
+        """The id :meth:`unique_node_id` gives ``base`` the ``count``-th time (its number taken by :meth:`take`)."""
+        return base if count == 1 else f"{base}_{count}"
+
     def next_phase_index(self) -> int:
         return self._next(_PHASES_KEY)
 
@@ -177,6 +182,10 @@ class RunState:
     def next_planning_index(self) -> int:
         """1 for the run's first planning phase, then 2, 3, ..."""
         return self._next(_PLANNINGS_KEY)
+
+    def take_planning_index(self, taken: list[int]) -> None:
+        """Append :meth:`next_planning_index`'s number to ``taken`` as :meth:`take` does."""
+        self.take(_PLANNINGS_KEY, taken)
 
     def has_phases(self) -> bool:
         """Whether a phase was opened in this run (the counter :meth:`next_phase_index` creates)."""

@@ -17,22 +17,21 @@ descriptor of ours that held one (:func:`hold_fd`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import itertools
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, nothing to give up
-    fcntl = None  # type: ignore[assignment]
 
 _owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
 _owners_lock = threading.Lock()
-# descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock)
-_held_fds: set[int] = set()
+# descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock), each with
+# the (device, inode) it is open on (None: not known), so that a child closes only a copy of that file
+_held_fds: dict[int, tuple[int, int] | None] = {}
 
 
 def reset_in_child(owner: Any, *names: str) -> None:
@@ -44,8 +43,12 @@ def reset_in_child(owner: Any, *names: str) -> None:
 
 
 def hold_fd(fd: int) -> None:
-    """Have a child forked from now on close ``fd`` at once (call before locking it)."""
-    _held_fds.add(fd)
+    """Have a child forked from now on close ``fd`` at once (call before locking it; :func:`closer` forgets it)."""
+    try:
+        info = os.fstat(fd)
+        _held_fds[fd] = (info.st_dev, info.st_ino)
+    except OSError:
+        _held_fds[fd] = None
 
 
 def open_into(opened: list[int], path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
@@ -56,41 +59,32 @@ def open_into(opened: list[int], path: Any, flags: int, mode: int = 0o777, *, di
     ``os.open`` returned lost the descriptor with the return value, before any ``try`` could hold it (a
     leaked descriptor, a folder or ``.tmp`` never unlocked, a ``.tmp`` never removed). The caller keeps
     ``opened`` in a ``try`` around this call whose ``finally`` (or ``except``) closes what it holds
-    (:func:`close_opened`): an interrupt as this function returns finds the descriptor there."""
+    (:func:`closer`): an interrupt as this function returns finds the descriptor there."""
     opened.extend(map(functools.partial(os.open, flags=flags, mode=mode, dir_fd=dir_fd), (path,)))
     return opened[-1]
 
 
-def close_opened(opened: list[int]) -> None:
-    """:func:`close_held` each descriptor :func:`open_into` put into ``opened`` (once: the list is left as it
-    was, so the caller can tell afterwards that the open succeeded)."""
-    for fd in opened:
-        close_held(fd)
+def closer(opened: list[int]) -> Callable[[], object]:
+    """The cleanup of the descriptors :func:`open_into` will put into ``opened``: made before the ``try`` whose
+    ``finally`` calls it. It closes each, then forgets it (:func:`hold_fd`), and runs once (a second call does
+    nothing); ``opened`` is left as it is, so the caller can tell afterwards that the open succeeded.
 
-
-def close_held(fd: int) -> None:
-    """Unlock, forget and close ``fd`` (one :func:`hold_fd` was called for).
-
-    In that order: ``LOCK_UN`` gives the lock up for every copy of the descriptor, so a child forked
-    after ``fd`` is forgotten (it no longer closes its copy) and before it is closed holds no lock (it
-    kept it for its whole life: a ``.tmp`` seen held by a live writer, a folder lock held); forgotten
-    before closed, so a child never closes a number reused meanwhile. The close is in a ``finally``:
-    a Ctrl-C at the unlock or the forgetting does not leak the descriptor."""
-    try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):  # a file system without locks, or a descriptor already bad
-                fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        try:
-            _held_fds.discard(fd)
-        finally:
-            os.close(fd)
+    It is one call of C code (``deque`` consuming ``map`` objects over the list, which read it when the cleanup
+    runs): a signal handler runs when a Python function is entered, and a ``KeyboardInterrupt`` at the entry of
+    a cleanup function (``close_opened``, ``close_held`` before) came before its ``try`` and left the
+    descriptor open, a held one locked. Closed before forgotten, without ``LOCK_UN`` first: a child forked
+    before the close finds it held and closes its copy; one forked after finds the number closed, or on
+    another file (reused meanwhile by another thread), which it leaves (the (device, inode) kept)."""
+    return functools.partial(collections.deque, itertools.chain(
+        map(os.close, opened), map(_held_fds.pop, opened, itertools.repeat(None))), 0)
 
 
 def _after_in_child() -> None:
-    for fd in list(_held_fds):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    for fd, file in list(_held_fds.items()):
+        with contextlib.suppress(OSError):  # closed in the parent before the fork (see closer)
+            info = os.fstat(fd)
+            if file is None or (info.st_dev, info.st_ino) == file:
+                os.close(fd)
     _held_fds.clear()
     # the forking thread is the only one: nobody holds _owners_lock in the child except a dead thread
     _owners_lock._at_fork_reinit()  # type: ignore[attr-defined]

@@ -18,6 +18,13 @@ their duration metrics as their owners would have (``error.type=stopped_by_signa
 meter provider the metrics go to is flushed after the tracer provider: what the periodic
 reader had not exported yet (up to a minute of it, with the SDK's default) died with the process.
 
+While ours is in place, the application sees the default there: ``signal.getsignal`` answers ``SIG_DFL`` for
+it, ``signal.signal`` returns ``SIG_DFL`` as the handler ours replaced, and ``signal.signal(signum, SIG_DFL)``
+puts ours back (:func:`_virtual_default`). Handlers decide by what they find (``previous is SIG_DFL``, ``in
+(SIG_DFL, SIG_IGN)``, ``callable(previous)``, a library installing its own only over the default): with ours
+seen as itself, a handler testing ``SIG_DFL`` before calling ``previous`` called ours and went on where it
+ended the process without us, and a library left the signal to ours.
+
 A ``multiprocessing`` child ends by ``os._exit`` once its target returns (start methods ``fork``
 and ``forkserver``), so neither ``atexit`` nor the providers' shutdown runs there: every span the
 child recorded (its whole run) was lost, with nothing saying so. Its exit hook
@@ -32,6 +39,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dis
+import functools
 import logging
 import os
 import signal
@@ -57,6 +65,36 @@ INSTRUMENTATION_STOPPED = "instrumentation_stopped"  # error.type of a span open
 _exit_hook = {"registered": False}
 
 
+# signal's own functions, which install() replaces by the views of _virtual_default while ours is in place
+_real: dict[str, Any] = {"signal": signal.signal, "getsignal": signal.getsignal}
+_views: dict[str, Any] = {}  # those views, while they are signal's
+
+
+def _virtual_default() -> tuple[Any, Any]:
+    """``signal.signal`` and ``signal.getsignal`` as the application would find them without us: ours is the
+    default. ``getsignal`` answers ``SIG_DFL`` for ours; ``signal`` returns ``SIG_DFL`` for ours replaced, and
+    puts ours in place of ``SIG_DFL`` for SIGTERM/SIGHUP (restoring the default the application read keeps the
+    flush). Anything else goes to signal's own functions unchanged, their errors too."""
+    real_signal, real_getsignal = _real["signal"], _real["getsignal"]
+
+    @functools.wraps(real_getsignal)
+    def getsignal(signalnum: Any) -> Any:
+        handler = real_getsignal(signalnum)
+        return signal.SIG_DFL if handler is _on_signal else handler
+
+    @functools.wraps(real_signal)
+    def signal_(signalnum: Any, handler: Any) -> Any:
+        try:
+            # as signal.signal reads a handler that is not callable: by equality
+            default = signalnum in _SIGNALS and not callable(handler) and handler == signal.SIG_DFL
+        except Exception:
+            default = False
+        previous = real_signal(signalnum, _on_signal if default else handler)
+        return signal.SIG_DFL if previous is _on_signal else previous
+
+    return signal_, getsignal
+
+
 def install(provider: Any, meter_provider: Any = None, metrics: bool = False) -> None:
     """End our open run and node spans failed and flush ``provider`` (and, with ``metrics``, the meter
     provider: ``meter_provider``, ``None`` for the global one) when SIGTERM/SIGHUP ends the process
@@ -75,26 +113,36 @@ def install(provider: Any, meter_provider: Any = None, metrics: bool = False) ->
             util.register_after_fork(_CHILD_HOOK, _flush_at_child_exit)
     if not env.get(env.FLUSH_ON_SIGNAL) or threading.current_thread() is not threading.main_thread():
         return
+    installed = False
     for signum in _SIGNALS:
         with contextlib.suppress(ValueError, OSError, TypeError):
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                signal.signal(signum, _on_signal)
+            if _real["getsignal"](signum) in (signal.SIG_DFL, _on_signal):
+                _real["signal"](signum, _on_signal)
+                installed = True
+    if installed and signal.signal is _real["signal"] and signal.getsignal is _real["getsignal"]:
+        _views["signal"], _views["getsignal"] = _virtual_default()
+        signal.signal, signal.getsignal = _views["signal"], _views["getsignal"]
 
 
 def uninstall() -> None:
-    """Put the default back where our handler still is (the application may have replaced it)."""
+    """Put the default back where our handler still is (the application may have replaced it), and signal's
+    own functions where the views of :func:`_virtual_default` still are."""
     _target.update(provider=None, meter_provider=None, metrics=False)
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
         with contextlib.suppress(ValueError, OSError, TypeError):
-            if signal.getsignal(signum) is _on_signal:
-                signal.signal(signum, signal.SIG_DFL)
+            if _real["getsignal"](signum) is _on_signal:
+                _real["signal"](signum, signal.SIG_DFL)
+    for name, view in list(_views.items()):
+        if getattr(signal, name) is view:  # not where another library has put its own since
+            setattr(signal, name, _real[name])
+    _views.clear()
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     try:
-        installed = signal.getsignal(signum) is _on_signal
+        installed = _real["getsignal"](signum) is _on_signal
     except Exception:
         installed = True
     if not installed and not _default_branch_after(sys._getframe(1)):
@@ -107,7 +155,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     # installed, or called by a handler that without us took its branch for the default, after this call
     # (``elif previous == SIG_DFL:``, which ends the process): ended by the signal, as the default would
     with contextlib.suppress(Exception):
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        _real["signal"](signum, signal.SIG_DFL)  # a second signal ends the process at once
     if _deferral["depth"] and _deferral["pid"] == os.getpid():
         # the main thread is exporting: signals_deferred() stops us after. Only in the process that
         # deferred: a child forked meanwhile may run this before its fork hook clears the deferral

@@ -332,7 +332,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "handler of its own), the run and its open steps are ended as failed (\"stopped by SIGTERM\") and what was "
             "recorded (spans, then metrics) is exported, within the export timeout, then the process ends by that "
             "signal as before (with `instrument()`, and under `opentelemetry-instrument` through our configurator). "
-            "An application handler installed later that calls ours as the one it replaced gets only the flush: "
+            "While ours is in place the application sees the default there (`signal.getsignal` answers `SIG_DFL`, "
+            "`signal.signal` returns it as the handler replaced, and putting `SIG_DFL` back puts ours back), so its "
+            "own handlers and libraries decide as without us. One that got ours all the same (signal's functions "
+            "imported before `instrument()`) and calls it as the one it replaced gets only the flush: "
             "nothing is ended, its handler stays and the process goes on, as with the default it would have found. "
             "`false`: it ends at once, the queued spans are lost and the run stays `executing`",
             _boolean(frozenset({"true", "1", "on", "yes"}), frozenset({"false", "0", "off", "no", ""}))),

@@ -44,7 +44,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import environment_variables, redaction
-from ._forksafe import close_opened, hold_fd, open_into
+from ._forksafe import closer, hold_fd, open_into
 from ._jsontext import loads
 from .semconv import SPAN_KIND
 
@@ -293,6 +293,7 @@ def _open_regular(path: Path) -> Any:
     one they created before the store did, it would put the runs they wrote into our database;
     the files we write are always our own)."""
     opened: list[int] = []
+    close = closer(opened)
     handles: list[Any] = []
     try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
         fd = open_into(opened, path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -311,7 +312,7 @@ def _open_regular(path: Path) -> Any:
         if handles:
             handles[0].close()
         else:
-            close_opened(opened)
+            close()
         raise
 
 
@@ -404,6 +405,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
         yield True
         return
     opened: list[int] = []
+    close = closer(opened)
     try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
         try:
             fd = open_into(opened, tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -425,7 +427,7 @@ def _abandoned(tmp: Path) -> Iterator[bool]:
             return
         yield True
     finally:
-        close_opened(opened)  # unlocked first: a child forked before the close kept it, a writer alive to recover()
+        close()  # forgotten after the close: a child forked before it closes its copy (a writer alive to recover())
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -612,6 +614,7 @@ class SpillStore:
         # folder planted was written through): that raises here, the batch is not spilled (counted)
         # and the name, not ours, is left alone
         opened: list[int] = []
+        close = closer(opened)
         try:
             try:  # the open inside: a Ctrl-C as os.open returned (see open_into), at _hold's call (or in it,
                 # before its flock) leaked the descriptor and left the .tmp
@@ -627,7 +630,7 @@ class SpillStore:
                     # under its writer, whose own rename then failed and reported the batch lost
                     os.replace(tmp, final)
             finally:
-                close_opened(opened)  # unlocked first: a child forked before the close kept the lock
+                close()  # forgotten after the close: a child forked before it closes its copy
             if fcntl is None:
                 os.replace(tmp, final)  # Windows: an open file is not renamed
         except BaseException:
@@ -810,9 +813,10 @@ class SpillStore:
 
 def _fsync_dir(directory: Path) -> None:
     opened: list[int] = []
+    close = closer(opened)
     try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
         os.fsync(open_into(opened, directory, os.O_RDONLY))
     except OSError:
         pass
     finally:
-        close_opened(opened)
+        close()

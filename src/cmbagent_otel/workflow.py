@@ -781,24 +781,29 @@ class phase(_Block):
         if taken is None:
             taken = []
         scope.run.take_phase_index(taken)
-        return self._described(scope, taken[-1])
+        return self._described(scope, taken)
 
     def _taken_interrupted(self, taken: list[int], exc: BaseException) -> None:
-        """The phase took index ``taken[-1]`` and ``exc`` came before its span was described: the phase is
-        recorded under it, failed, as one interrupted before its span started (the next phase numbered 2
-        and no span of this one, before). Never raises."""
+        """The phase took index ``taken[0]`` (and the number after it, see :meth:`_described`) and ``exc``
+        came before its span started: the phase is recorded under them, failed, as one interrupted before
+        its span started (the next phase numbered 2 and no span of this one, before; the retry's description
+        took a planning phase's or one_shot's number again: order 1001 for cmbagent's planning, ``execute_2``
+        for the first one_shot). Never raises."""
         try:
             scope = current_scope()  # where _open read it: the same context, nothing entered since
             if scope is None:
                 return
-            traced = self._described(scope, taken[-1])
+            traced = self._described(scope, taken)
         except Exception:
             logger.debug("cmbagent_otel: could not record a phase interrupted as it opened", exc_info=True)
             return
         self._start_interrupted(traced, traced._ctx, exc)
 
-    def _described(self, scope: Scope, index: int) -> TracedSpan:
-        """The span of this phase, the run's ``index``-th."""
+    def _described(self, scope: Scope, taken: list[int]) -> TracedSpan:
+        """The span of this phase, the run's ``taken[0]``-th. A planning phase's planning number, or a one_shot's
+        ``execute`` number, is taken into ``taken`` after the index (``RunState.take``: kept through a Ctrl-C as
+        it is taken), once: the description of an interrupted open again (:meth:`_taken_interrupted`) reuses it."""
+        index = taken[0]
         planning = is_planning_phase(self.name)
         attrs: dict[str, Any] = {semconv.PHASE: self.name, semconv.PHASE_INDEX: index}
         if planning:
@@ -810,12 +815,16 @@ class phase(_Block):
         if planning:
             # the run's first planning phase is cmbagent's own at order 0; another (of any name: a second joined
             # planning_and_control's planning_2, ...) at a non-step order of its own, as a repeated execute
-            order = 0 if scope.run.next_planning_index() == 1 else CHILD_ORDER_BASE + index
+            if len(taken) < 2:
+                scope.run.take_planning_index(taken)
+            order = 0 if taken[1] == 1 else CHILD_ORDER_BASE + index
             node = NodeSpec(self.name, semconv.NODE_PLANNING, order_index=order, kept=True)
         elif self.name == ONE_SHOT_PHASE:
             # every one_shot solve is an execute node (its agent turns become its sub-agent nodes); the
             # first is cmbagent's own at order 1, a repeated one (execute_2, ...) at a non-step order
-            node_id = scope.run.unique_node_id(EXECUTE_NODE)
+            if len(taken) < 2:
+                scope.run.take(EXECUTE_NODE, taken)  # the counter unique_node_id(EXECUTE_NODE) reads
+            node_id = RunState.numbered_id(EXECUTE_NODE, taken[1])
             order = 1 if node_id == EXECUTE_NODE else CHILD_ORDER_BASE + index
             node = NodeSpec(node_id, semconv.NODE_AGENT, order_index=order, unique=False, kept=True)
         else:

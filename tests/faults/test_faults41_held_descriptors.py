@@ -18,6 +18,7 @@ does; the fork is a real ``os.fork()`` there, the lock seen with a real ``flock`
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -118,38 +119,38 @@ def _abandoned_tmp(tmp_path: Path) -> tuple[spill.SpillStore, Path]:
 
 @contextlib.contextmanager
 def _fork_at_close(where: set[CodeType]) -> Iterator[list[int]]:
-    """Fork (a child that lives until this block ends) when a frame whose code is in ``where`` (or a
-    function it calls, up to two deep) is about to ``os.close`` a descriptor ``_forksafe`` no longer holds:
-    what another thread's fork at that instant does. Yields the child's pid (once forked)."""
+    """Fork (a child that lives until this block ends) when a frame whose code is in ``where`` is about to run
+    its cleanup (the line ``close()`` of its ``finally``: since session 44 one C call that closes and then
+    forgets, ``_forksafe.closer``; before, the ``os.close`` of a descriptor ``_forksafe`` no longer held, in the
+    helpers it called): what another thread's fork at that instant does. Yields the child's pid (once forked)."""
     children: list[int] = []
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
 
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if children or event != "c_call" or arg is not os.close:
-            return
-        caller: FrameType | None = frame
-        for _ in range(3):  # the frame, the helper closing for it (close_held), and close_opened's caller
-            if caller is None or caller.f_code in where:
-                break
-            caller = caller.f_back
-        if caller is not None:
+    def line(frame: FrameType, event: str, arg: Any) -> Any:
+        if not children and event == "line" \
+                and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith("close()"):
             pid = os.fork()
             if pid == 0:  # the child: holds what it was forked with until told to end
-                sys.setprofile(None)
+                sys.settrace(None)
                 os.close(write_end)
+                os.write(ready_write, b".")  # its fork handlers (which close our held copies) have run
                 os.read(read_end, 1)
                 os._exit(0)
             children.append(pid)
+            os.read(ready_read, 1)  # a copy the child closes is closed before the parent looks at the lock
+        return line
 
-    sys.setprofile(profile)
+    sys.settrace(lambda frame, event, arg: line if frame.f_code in where else None)
     try:
         yield children
     finally:
-        sys.setprofile(None)
+        sys.settrace(None)
         os.close(write_end)  # the child's read ends
         for pid in children:
             os.waitpid(pid, 0)
-        os.close(read_end)
+        for fd in (read_end, ready_read, ready_write):
+            os.close(fd)
 
 
 def test_a_child_forked_as_a_spill_file_is_closed_keeps_no_lock(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def test_an_executor_adopted_as_uninstrument_runs_is_left_as_defined(capture: Sp
     puts the patches back) stays wrapped after ``uninstrument()``, outside its list."""
     from autogen import ConversableAgent
 
-    from cmbagent_otel.instrumentation import ag2
+    from cmbagent_otel.instrumentation import _patching, ag2
 
     original = vars(_OwnExecutor)["execute_code_blocks"]
     agent = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER",
@@ -110,7 +110,7 @@ def test_an_executor_adopted_as_uninstrument_runs_is_left_as_defined(capture: Sp
     state = ag2.AG2Instrumentor()._state
 
     def first_put_back(frame: Any, event: str, _arg: Any) -> bool:
-        return event == "return" and frame.f_code is ag2._unwrap_ours.__code__
+        return event == "return" and frame.f_code is _patching.unwrap_ours.__code__
 
     try:
         # the other thread's first reply: it passed the cycle's checks before uninstrument() began

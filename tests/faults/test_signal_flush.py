@@ -50,7 +50,8 @@ CHILD = textwrap.dedent('''
                 previous(signum, frame)
             print("CHAINED", signum, signal.getsignal(signal.SIGTERM) is chained, flush=True)
         signal.signal(signal.SIGTERM, chained)
-    handler = signal.getsignal(signal.SIGTERM)
+    # what is really installed (the application sees the default where ours is: _termination._virtual_default)
+    handler = cmbagent_otel._termination._real["getsignal"](signal.SIGTERM)
     print("HANDLER", "default" if handler is signal.SIG_DFL else getattr(handler, "__name__", "?"), flush=True)
     with workflow("stopped run", mode="planning-control"), phase("control"):
         for n in (1, 2):
@@ -158,10 +159,14 @@ def test_the_setting_turns_it_off(tmp_path: Path) -> None:
 def test_uninstrument_puts_the_default_back() -> None:
     script = textwrap.dedent('''
         import signal, cmbagent_otel
+        from cmbagent_otel import _termination
+        getsignal = signal.getsignal
         cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
-        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as the application sees it (ours)
         cmbagent_otel.uninstrument()
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        assert getsignal(signal.SIGTERM) is signal.SIG_DFL and getsignal(signal.SIGHUP) is signal.SIG_DFL
+        assert signal.getsignal is getsignal and signal.signal is _termination._real["signal"]  # signal's own back
         print("OK")
     ''')
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
-from .._forksafe import close_opened, hold_fd, open_into, reset_in_child
+from .._forksafe import closer, hold_fd, open_into, reset_in_child
 from ..redaction import is_secret_key
 from ._watchdog import WATCHED, watchdog
 
@@ -350,6 +350,7 @@ def creation_lock(path: Path) -> Iterator[None]:
         yield
         return
     opened: list[int] = []
+    close = closer(opened)  # before the open: a cleanup entered after it had a Ctrl-C window (see closer)
     try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
         try:
             fd: int | None = open_into(opened, path.parent,
@@ -361,7 +362,7 @@ def creation_lock(path: Path) -> Iterator[None]:
             _flock_within(fd, path, fcntl)
         yield
     finally:
-        close_opened(opened)  # unlocked for every copy first: a fork from here on shares no lock
+        close()  # forgotten after the close: a child forked before it closes its copy
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
@@ -396,13 +397,14 @@ def _create_private(path: Path) -> None:
     if not os.path.lexists(path):  # most calls (a connection to a file that is there): no lock
         with creation_lock(path):
             opened: list[int] = []
+            close = closer(opened)
             try:
                 open_into(opened, path, _CREATE_FLAGS, 0o600)
                 return
             except FileExistsError:
                 pass
             finally:
-                close_opened(opened)  # a Ctrl-C as the open returned leaked it, and the folder's lock
+                close()  # a Ctrl-C as the open returned leaked it, and the folder's lock
     if path.is_symlink() and not path.exists():
         raise PermissionError(errno.ELOOP, "refusing to create the SQLite database through a symbolic link "
                               "to nothing", str(path))

@@ -5,12 +5,19 @@ A class method is patched with a plain function, the wrapper's body calling ``or
 late patches, another instrumentation's proxy underneath) gets a wrapt-style wrapper built from
 the same ``method_for`` here, so the two never drift apart. That path is cold (a workflow's entry,
 a custom executor), so the adaptor object and closure it builds per call do not matter.
+
+Both kinds carry their cycle's state (``_cmbagent_otel``) and ``__wrapped__``: :func:`unwrap_ours` takes one
+cycle's wrapper out of a chain of them (the AG2 instrumentation's and the cmbagent integration's
+``uninstrument``).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
+
+import wrapt
 
 
 class _BoundCall:
@@ -50,3 +57,36 @@ def defining_class(cls: Any, name: str) -> type | None:
     if not isinstance(cls, type):
         return None
     return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def state_of(node: Any) -> Any:
+    """The state (``ag2._State``, the cmbagent integration's) a wrapper of ours (wrapt, or a plain-function
+    wrapper) belongs to (``None``: not ours)."""
+    if type(node) is types.FunctionType:  # never through a proxy: it would answer for what it wraps
+        return vars(node).get("_cmbagent_otel")
+    return getattr(getattr(node, "_self_wrapper", None), "_cmbagent_otel", None)
+
+
+def is_link(node: Any) -> bool:
+    """Whether ``node`` is a link of a wrapper chain: a wrapt wrapper, or a plain-function wrapper of ours."""
+    return isinstance(node, wrapt.ObjectProxy) or (type(node) is types.FunctionType
+                                                   and "_cmbagent_otel" in vars(node))
+
+
+def unwrap_ours(owner: Any, attr: str, state: Any) -> None:
+    """Remove the wrapper ``state``'s cycle installed on ``owner.attr`` and only that one, wherever it
+    is in the chain: a wrapper applied after ours stays (it then wraps what ours wrapped), one
+    applied before stays inside."""
+    current = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+    parent = None
+    node = current
+    for _ in range(32):
+        if not is_link(node) or (parent is not None and not isinstance(parent, wrapt.ObjectProxy)):
+            return  # not there any more (someone else restored the original): nothing of ours to remove
+        if state_of(node) is state:
+            if parent is None:
+                setattr(owner, attr, node.__wrapped__)
+            else:
+                parent.__wrapped__ = node.__wrapped__
+            return
+        parent, node = node, node.__wrapped__

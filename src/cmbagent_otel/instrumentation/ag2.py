@@ -138,7 +138,7 @@ from ._content import (
     register_agent_secrets,
     register_llm_config_secrets,
 )
-from ._patching import defining_class, wrapt_wrapper
+from ._patching import defining_class, is_link, state_of, unwrap_ours, wrapt_wrapper
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -1596,50 +1596,18 @@ def _plain_method(original: Any, wrapper: Callable[..., Any], state: _State) -> 
     return patched
 
 
-def _state_of(node: Any) -> Any:
-    """The :class:`_State` a wrapper of ours (wrapt, or :func:`_plain_method`) belongs to (``None``: not ours)."""
-    if type(node) is types.FunctionType:  # never through a proxy: it would answer for what it wraps
-        return vars(node).get("_cmbagent_otel")
-    return getattr(getattr(node, "_self_wrapper", None), "_cmbagent_otel", None)
-
-
-def _link(node: Any) -> bool:
-    """Whether ``node`` is a link of a wrapper chain: a wrapt wrapper, or a plain-function wrapper of ours."""
-    return isinstance(node, wrapt.ObjectProxy) or (type(node) is types.FunctionType
-                                                   and "_cmbagent_otel" in vars(node))
-
-
 def _ours_in_chain(value: Any) -> bool:
     """Whether a live wrapper of ours is somewhere in ``value``'s chain of wrapt wrappers (another
     instrumentation, e.g. OpenInference, may have wrapped before or after us)."""
     node = value
     for _ in range(32):
-        if not _link(node):
+        if not is_link(node):
             return False
-        state = _state_of(node)
+        state = state_of(node)
         if isinstance(state, _State) and state.active:
             return True
         node = node.__wrapped__
     return False
-
-
-def _unwrap_ours(owner: Any, attr: str, state: _State | None) -> None:
-    """Remove the wrapper ``state``'s cycle installed on ``owner.attr`` and only that one, wherever it
-    is in the chain: a wrapper applied after ours stays (it then wraps what ours wrapped), one
-    applied before stays inside."""
-    current = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
-    parent = None
-    node = current
-    for _ in range(32):
-        if not _link(node) or (parent is not None and not isinstance(parent, wrapt.ObjectProxy)):
-            return  # not there any more (someone else restored the original): nothing of ours to remove
-        if _state_of(node) is state:
-            if parent is None:
-                setattr(owner, attr, node.__wrapped__)
-            else:
-                parent.__wrapped__ = node.__wrapped__
-            return
-        parent, node = node, node.__wrapped__
 
 
 def _resolve(module_name: str, owner_name: str) -> Any:
@@ -1818,13 +1786,13 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             instances, self._instances = self._instances, None
         for owner, attr in reversed(patched):
             try:
-                _unwrap_ours(owner, attr, state)
+                unwrap_ours(owner, attr, state)
             except Exception:
                 logger.debug("cmbagent_otel: could not unpatch %s.%s", owner, attr, exc_info=True)
         for agent in list(instances.values()) if instances is not None else ():
             for attr, _ in _OVERRIDABLE:
                 try:
-                    _unwrap_ours(agent, attr, state)
+                    unwrap_ours(agent, attr, state)
                 except Exception:
                     logger.debug("cmbagent_otel: could not unpatch an agent's %s", attr, exc_info=True)
         with _executor_lock:

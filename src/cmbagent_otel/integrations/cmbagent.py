@@ -80,7 +80,7 @@ from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
 from .._context import attach as attach_context
 from .._context import detach as detach_context
-from .._forksafe import close_opened, open_into
+from .._forksafe import closer, open_into
 from .._framestack import call_with_headroom
 from .._spans import (
     NodeSpec,
@@ -95,7 +95,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._patching import defining_class
+from ..instrumentation._patching import defining_class, unwrap_ours
 from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
@@ -594,6 +594,7 @@ def _walk_files(path: str, rel: str, out: list[str], budget: list[int], dir_fd: 
     if depth > MAX_DEPTH:  # each level holds its folder open: a deep tree must not use up the app's files
         return True
     opened: list[int] = []
+    close = closer(opened)
     try:  # a Ctrl-C as os.open returned leaked the descriptor (see open_into)
         try:
             fd = open_into(opened, path, _DIR_FLAGS, dir_fd=dir_fd)
@@ -625,7 +626,7 @@ def _walk_files(path: str, rel: str, out: list[str], budget: list[int], dir_fd: 
             return False
         return all(_walk_files(name, f"{rel}/{name}", out, budget, fd, depth + 1) for name in sorted(dirs))
     finally:
-        close_opened(opened)
+        close()
 
 
 def _readable(path: str) -> str:
@@ -1399,7 +1400,7 @@ def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         return wrapper(wrapped, instance, args, kwargs)
 
-    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (ag2._unwrap_ours)
+    # its cycle: uninstrument() removes this cycle's wrapper wherever it is in a chain (_patching.unwrap_ours)
     guarded._cmbagent_otel = state  # type: ignore[attr-defined]
     return guarded
 
@@ -1481,14 +1482,12 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         state.active = False
         if state.binding is not None:
             workflow_tracers.release(state.binding)
-        from ..instrumentation.ag2 import _unwrap_ours
-
         with state.lock:
             for owner, attr in reversed(state.patched):
                 try:
                     # this cycle's wrapper only, wherever it is: the generic unwrap took off the outermost, a
                     # wrapper the application (another instrumentation) put on after ours, and left ours
-                    _unwrap_ours(owner, attr, state)  # type: ignore[arg-type]
+                    unwrap_ours(owner, attr, state)
                 except Exception:
                     logger.debug("cmbagent_otel: could not restore %s", attr, exc_info=True)
             state.patched.clear()
