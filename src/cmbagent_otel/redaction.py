@@ -944,7 +944,7 @@ def _wide_text(raw: bytes) -> tuple[str, str] | None:
         except UnicodeDecodeError:
             continue
         if text and _CONTROL_CHARS.search(text) is None and (encoding != "latin-1" or _C1_CHARS.search(text) is None) \
-                and (not script or _one_script(text)):
+                and (not script or _one_script(text) or _scripts_with_a_word(text)):
             return text, encoding
     return None
 
@@ -967,6 +967,19 @@ _SCRIPTS = tuple(re.compile(rf"[\t\n\r\x20-\x7e\u00a0-\u024f\u2000-\u206f\u3000-
 def _one_script(text: str) -> bool:
     """Whether ``text`` is written in one of :data:`_SCRIPTS`."""
     return any(script.fullmatch(text) is not None for script in _SCRIPTS)
+
+
+# Text mixing the scripts of _SCRIPTS (a Russian message quoting a Chinese one, Japanese with Cyrillic names) was
+# stored as sent, a ``password=<v>`` in it readable by decoding the base64. Taken when it holds an ASCII word of 3
+# letters (a key's name, ``api_key``, a command): bytes that are no text read so only where 6 bytes in a row are
+# letters each beside a NUL (about 1 in 10^10 for random bytes), binary data and Latin-1 text as before
+_ANY_SCRIPT = re.compile("[" + "".join(script.pattern[1:-2] for script in _SCRIPTS) + "]+")
+_ASCII_WORD = re.compile(r"[A-Za-z]{3}")
+
+
+def _scripts_with_a_word(text: str) -> bool:
+    """Whether ``text`` is written in the scripts of :data:`_SCRIPTS`, mixed, and holds an ASCII word."""
+    return _ASCII_WORD.search(text) is not None and _ANY_SCRIPT.fullmatch(text) is not None
 
 
 # C1 control characters: bytes 0x80-0x9F decoded as Latin-1 are control characters, no text's letters (binary data)
