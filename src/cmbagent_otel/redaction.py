@@ -343,12 +343,14 @@ def _register_environment() -> None:
     data = getattr(os.environ, "_data", None)
     _environment_seen = dict(data) if isinstance(data, dict) else {}
     for name, value in os.environ.items():
-        if _is_secret_env_name(name):
-            if not _holds_no_secret(name, value):  # SMTP_AUTH=CRAM-MD5: a method's name
-                register_secret(value)
-        elif "://" in value and "@" in value:
+        secret_name = _is_secret_env_name(name)
+        if secret_name and not _holds_no_secret(name, value):  # SMTP_AUTH=CRAM-MD5: a method's name
+            register_secret(value)
+        if "://" in value and ("@" in value or secret_name) and not (secret_name and _holds_no_secret(name, value)):
             # a URL's password, whatever the variable's name (DATABASE_URL, MONGODB_URI, CELERY_BROKER_URL): see
-            # _learnable (postgres://postgres:postgres@db would redact "postgres" everywhere)
+            # _learnable (postgres://postgres:postgres@db would redact "postgres" everywhere); under a secret's name
+            # too, with its query's tokens: SENTRY_DSN=https://<key>@o1.ingest.sentry.io/1 registered the whole URL
+            # only, and a text quoting the key alone showed it
             for secret in environment_variables.url_credentials(value, is_secret_key):
                 if _learnable(secret, value):
                     register_secret(secret)
