@@ -1365,7 +1365,8 @@ def _names_a_constant(name: str, value: str) -> bool:
 # every later text, inside longer words too). Replaced where they stand, not learned:
 # a Python annotation's class (``auth: AuthTypes | None = None``, ``auth: AuthBlock = field(...)``, ``sig:
 # inspect.Signature, ...``) or a quoted one (``api_key: "str | Variable | None"``)
-_CLASS_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*_*[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
+# (its first lower-case letter matched one way: "A" + "a" * 30000 + "_" failed in 4 s at the first try)
+_CLASS_NAME = re.compile(r"(?:[a-z_][a-z0-9_]*\.)*_*[A-Z][A-Z0-9]*[a-z][A-Za-z0-9]*")
 _ANNOTATION_GOES_ON = re.compile(r"[ \t]*(?:\|[ \t]*[A-Za-z_]|=(?!=))")
 _TYPE_UNION = re.compile(r"[A-Za-z_][\w.]*(?:\[[\w., ]*\])?(?:[ \t]*\|[ \t]*[A-Za-z_][\w.]*(?:\[[\w., ]*\])?)+")
 # a tuple's unpacking (``mode, credential = configuration``, ``username, password = request.url.username, ...``)
@@ -1970,8 +1971,8 @@ def _replace_in_the_rest(text: str, words: set[str]) -> str:
     first place hid. Later texts are not touched (it is not learned)."""
     if not words:
         return text
-    pattern = re.compile(r"(?<![\w.\-])(?:" + "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
-                         + r")(?![\w\-])")
+    found = _compile(words)  # trie-shaped: 1,400 distinct words in 60 KB cost 40 ms as one alternation, 14 as this
+    pattern = re.compile(r"(?<![\w.\-])(?:" + found.pattern + r")(?![\w\-])")
     return pattern.sub(REDACTED, text)
 
 
