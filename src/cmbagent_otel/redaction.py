@@ -265,7 +265,9 @@ _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "coo
 _KV_KEY = re.compile(
     r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*)(?P<q>\\*["']?)"""
     r"""(?:[ \t]*[:=][ \t]*"""
-    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now|set[ \t]+to))?|(?:set[ \t]+|changed[ \t]+)?to)"""
+    # (``was changed to <v>``, ``has been reset to <v>``: read as "was" and a word of state, the value was shown)
+    r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now[ \t]+)?(?:set|changed|updated|reset)[ \t]+to|[ \t]+now)?"""
+    r"""|has[ \t]+been[ \t]+(?:set|changed|updated|reset)[ \t]+to|(?:set[ \t]+|changed[ \t]+|updated[ \t]+)?to)"""
     r"""(?:[ \t]*:)?[ \t]+)"""
     # whose credential it is before ":" (``password for alice: <v>``, ``token for 'bob@x.org': <v>``): read as a name
     # in prose (a message's first word is not learned); before, neither a key nor a value: shown, there and later
@@ -1643,7 +1645,7 @@ _ADJECTIVE_END = re.compile(r"(?:ed|ing|(?<![lf])ly|able|ible|ful|less|ous|ive|i
 # what may follow a value that ends its clause: the end of its line, a clause's punctuation, a closing bracket
 _CLAUSE_END = re.compile(r"[ \t]*(?:\Z|[\r\n]|[,;)\]}]|[.!?:\"'`](?:\s|\Z))")
 # "set to" or "changed to" as _KV_KEY's verb (``the password was changed to <v>``, ``... is now set to <v>``)
-_ASSIGNING_VERB = re.compile(r"(?i:set|changed)[ \t]+to\b")
+_ASSIGNING_VERB = re.compile(r"(?i:set|changed|updated|reset)[ \t]+to\b")
 # "set", "change" or "update" before "to" (``set the API key to <v>``): a bare "to" starts an infinitive (``you need
 # the password to continue``)
 _SET_TO = re.compile(r"(?i:\b(?:set|sets|setting|change|changed|changing|update|updated|reset)\b)")

@@ -104,3 +104,29 @@ def test_a_word_of_the_sentence_after_is_stays(text: str) -> None:
     """Both directions (held up on main): a word the sentence says of the credential is neither replaced nor
     learned (a lower-case participle is still read so, the corpus's decision)."""
     assert redaction.safe_text(text) == text
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("the password was changed to {w}7", "the password was changed to [REDACTED]"),
+    ("the DB password was changed to {w}.", "the DB password was changed to [REDACTED]"),
+    ("the API token has been reset to {w}9x", "the API token has been reset to [REDACTED]"),
+    ("the password is now set to {w}", "the password is now set to [REDACTED]"),
+])
+def test_a_value_after_was_changed_to_is_learned(template: str, expected: str) -> None:
+    """Fails on main (4 of 4): "was" + "changed" read as a word of state, the value shown there and later."""
+    word = unlearned_word("Ch")
+    text = template.format(w=word)
+    assert redaction.safe_text(text) == expected
+    secret = text.rpartition(" ")[2].rstrip(".")
+    assert redaction.safe_text(f"later {secret} again") == "later [REDACTED] again"
+
+
+@pytest.mark.parametrize("text", [
+    "the password was changed to something else",
+    "the password was changed to meet the policy",
+    "the api key has been updated to the new one",
+    "the token was changed to expired",
+])
+def test_a_sentence_after_was_changed_to_stays(text: str) -> None:
+    """Both directions (held up on main): words of the sentence stay."""
+    assert redaction.safe_text(text) == text
