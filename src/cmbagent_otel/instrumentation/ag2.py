@@ -104,6 +104,7 @@ from ..redaction import (
     learn_secrets_in,
     redact_id,
     redact_name,
+    redact_str_name,
     register_new_environment,
     register_sent_credentials,
     safe_text,
@@ -897,7 +898,8 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
-    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+    return (redact_str_name(model) if type(model) is str
+            else redact_name(str.__str__(model)) if isinstance(model, str) else None,
             _models.usage_attributes(usage), cost)
 
 
