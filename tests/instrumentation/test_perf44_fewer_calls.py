@@ -1,8 +1,10 @@
-"""Calls of ours a model call no longer makes (issue 13, session 44).
+"""Calls of ours a model call and a speaker selection no longer make (issue 13, session 44).
 
 A response's model whose type is exactly ``str`` goes straight to the name memo's ``redact`` (no ``redact_name``
-frame, no ``str.__str__``); a ``str`` subclass still through ``redact_name``. These tests pin it and that the
-output is what it was: secrets in a model name are redacted.
+frame, no ``str.__str__``); a ``str`` subclass still through ``redact_name``. A speaker selection under a span of
+ours (the manager's turn: every selection of a group chat) reads the current span from the Context only when no
+span of ours owns the scope. These tests pin both and that the output is what it was: secrets in a model name are
+redacted, the handoff events land on the manager's span.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import sys
 from typing import Any
 
 import pytest
+from autogen.agentchat import groupchat
+from opentelemetry.context import Context
 
 from cmbagent_otel import redaction
 from cmbagent_otel.instrumentation import ag2
 from cmbagent_otel.testing import offline_agent
 from tests.conftest import SpanCapture
+from tests.instrumentation.test_perf34_selection_path import _profiled_handoffs
 
 
 class _Response:
@@ -65,3 +70,19 @@ def test_a_model_call_with_a_plain_model_name_calls_no_redact_name(instrumented:
     assert calls and all(span.attributes.get("gen_ai.response.model") for span in calls)
     assert "_response_facts" not in called, called
 
+
+def test_a_selection_under_ours_reads_the_context_once(instrumented: SpanCapture, tmp_path: Any) -> None:
+    """Every selection of a group chat runs under the manager's span: the scope is read from the Context, the
+    span is the scope's owner (the Context's current span is not read), and the handoff is on that span."""
+    reads: list[int] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and frame.f_code is groupchat.GroupChat.select_speaker.__code__ \
+                and getattr(arg, "__name__", None) == "get" and type(getattr(arg, "__self__", None)) is Context:
+            reads.append(1)
+
+    manager = _profiled_handoffs(tmp_path, profile)
+    selections = instrumented.handoffs()
+    assert len(selections) >= 4 and len(reads) == len(selections), (len(reads), len(selections))
+    turn = instrumented.one(f"invoke_agent {manager.name}")
+    assert all(selection["span"] is turn for selection in selections)  # events on the manager's span, no spans
