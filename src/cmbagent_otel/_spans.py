@@ -356,7 +356,7 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
         attrs[GEN_AI_CONVERSATION_ID] = conversation_id
     if node is not None:
         if taken is None:
-            taken = [] if node.kept else _UNKEPT
+            taken = _numbers_for(node)
         node_id, depth, order = _name_node(state, scope, node, taken)
         _set_node(attrs, node, node_id, depth, scope.dag_node, order)
         new_scope = scope.child_node(node_id, node, depth, order, conversation_id)
@@ -374,6 +374,13 @@ def compose(scope: Scope | None, kind: str, attributes: Mapping[str, Any] | None
 
 # what a node that is not ``kept`` passes _name_node for the numbers it takes: never written (no list made per node)
 _UNKEPT: list[int] = []
+
+
+def _numbers_for(node: NodeSpec) -> list[int]:
+    """Where :func:`_name_node` keeps the run's numbers ``node`` takes: a fresh list for a ``kept`` node (a
+    block's, retried when its start is interrupted), else :data:`_UNKEPT`. One ``return`` at its end: written
+    into the generated starts (:func:`start_of`)."""
+    return [] if node.kept else _UNKEPT
 
 
 def _name_node(state: RunState, scope: Scope, node: NodeSpec, taken: list[int]) -> tuple[str, int, int | None]:
@@ -830,8 +837,9 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
     (``None``: read here).
 
     Its source is also the source of the hot span types' starts (:func:`start_of`, generated from it and
-    from :func:`_name_node`, :func:`_set_node` and ``Scope.child_node``, which are written into them): a change
-    here is a change there; those three helpers keep their one ``return`` at their end (else they are not written in).
+    from :func:`_numbers_for`, :func:`_name_node`, :func:`_set_node` and ``Scope.child_node``, which are written into
+    them): a change here is a change there; those helpers keep their one ``return`` at their end (else they are not
+    written in).
     """
     # every field is set once, on the way (a failed start sets the ones it did not reach: _unstarted)
     frame = None
@@ -866,7 +874,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             dag_node = scope.dag_node
             if node is not None:  # its order decides the attributes' template below
                 # a block's node: the run's numbers it takes, kept as taken for a retry (_keep_taken)
-                numbers = [] if node.kept else _UNKEPT
+                numbers = _numbers_for(node)
                 node_id, depth, order = _name_node(state, scope, node, numbers)
             templates = attributes.templates if type(attributes) is SharedAttributes else None
             if templates is not None:
@@ -901,7 +909,7 @@ def start(self: Any, name: str, kind: str, attributes: Mapping[str, Any] | None,
             if templates is None and attributes:
                 attrs.update(attributes)
         else:
-            numbers = [] if node is not None and node.kept else _UNKEPT
+            numbers = _UNKEPT if node is None else _numbers_for(node)
             attrs, new_scope = compose(scope, kind, attributes, node, new_conversation, run, scope_changes, numbers)
         # positional, in the order the API's Tracer.start_span declares: no keyword matching per span
         span = (tracer or workflow_tracers.current()).start_span(name, parent_ctx, span_kind, attrs)
@@ -1046,7 +1054,7 @@ def start_of(kind: str, span_kind: SpanKind, node: Any = _ANY_NODE) -> Callable[
         fixed["node"] = None
     return specialise(start, f"start_{kind}" + ("_event" if node is None else ""), fixed,
                       constants=_START_CONSTANTS,
-                      inline=() if node is None else (_name_node, _set_node, Scope.child_node))
+                      inline=() if node is None else (_numbers_for, _name_node, _set_node, Scope.child_node))
 
 
 def _interrupted(self: Any, frame: Frame | None, ctx: otel_context.Context | None, exc: BaseException) -> None:

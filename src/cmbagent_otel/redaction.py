@@ -43,7 +43,7 @@ import sys
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from . import environment_variables
@@ -2562,6 +2562,11 @@ def redact_name(name: str) -> str:
     into span names, attributes and rows, and a model server's 1 MB model name went whole onto
     every model-call metric."""
     return _name_cache.redact(name) if type(name) is str else name
+
+
+# redact_name for a text whose type is exactly ``str`` (a response's model, on every model call): the memo's own
+# method, one Python call less
+redact_str_name: Callable[[str], str] = _name_cache.redact
 
 
 MAX_NAME = 256

@@ -111,7 +111,8 @@ def test_a_span_types_start_folds_what_its_type_decides() -> None:
     module constants their type fixes and the DAG node's naming written in (no call of its helpers)."""
     ag2._generate_starts()  # what the first instrument() does
     generic = _spans.start.__code__
-    lines = {line for code in (generic, _spans._name_node.__code__, _spans._set_node.__code__)
+    lines = {line for code in (generic, _spans._numbers_for.__code__, _spans._name_node.__code__,
+                               _spans._set_node.__code__)
              for _, _, line in code.co_lines()}
     for made in (ag2._start_agent, ag2._start_llm, ag2._start_tool):
         assert made is not None and made.__code__ is not generic

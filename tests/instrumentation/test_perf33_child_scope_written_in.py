@@ -29,7 +29,8 @@ def test_the_agent_turns_start_writes_in_its_childrens_scope() -> None:
     ag2._generate_starts()  # what the first instrument() does
     code = ag2._start_agent.__code__  # type: ignore[union-attr]
     assert "child_node" not in code.co_names, code.co_names
-    assert _lines(ag2._start_agent) <= _lines(_spans.start, _spans._name_node, _spans._set_node) | {None}
+    assert _lines(ag2._start_agent) <= _lines(_spans.start, _spans._numbers_for, _spans._name_node,
+                                              _spans._set_node) | {None}
 
 
 def _parent(steps: Any) -> Scope:

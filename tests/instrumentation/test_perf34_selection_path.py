@@ -114,6 +114,17 @@ def test_the_generated_selection_wrapper_records_what_its_source_records(tmp_pat
     assert any(("error.type", "ValueError") in event[1] for event in events)  # the failing selection
 
 
+def _profiled_handoffs(tmp_path: Any, profile: Any) -> Any:
+    """A group chat of handoffs only (a selection function) run under ``sys.setprofile(profile)``; its manager."""
+    first, manager = _group(tmp_path, lambda last, chat: chat.agents[1 if last is not chat.agents[1] else 2])
+    sys.setprofile(profile)
+    try:
+        first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
+    finally:
+        sys.setprofile(None)
+    return manager
+
+
 def test_a_selection_runs_in_one_frame_of_ours(instrumented: SpanCapture, tmp_path: Any) -> None:
     """The patched method is the generated copy: ``_begin`` and ``_ended`` written in (their locals its own,
     ``_begin``'s results straight into the wrapper's names), ``_GIL`` and ``SPAN_KEY`` folded, no call of a
@@ -130,12 +141,7 @@ def test_a_selection_runs_in_one_frame_of_ours(instrumented: SpanCapture, tmp_pa
         if event == "call" and frame.f_code.co_filename == _handoffs.__file__:
             called.append(frame.f_code.co_name)
 
-    first, manager = _group(tmp_path, lambda last, chat: chat.agents[1 if last is not chat.agents[1] else 2])
-    sys.setprofile(profile)
-    try:
-        first.initiate_chat(manager, message="begin", max_turns=1, silent=True)
-    finally:
-        sys.setprofile(None)
+    _profiled_handoffs(tmp_path, profile)
     selections = len(instrumented.handoffs())
     assert selections >= 4 and called.count("select_speaker") == selections, called
     # once per chat: its group's facts (new group chat) and the manager span's room for events

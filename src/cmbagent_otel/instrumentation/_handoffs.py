@@ -259,15 +259,16 @@ def _begin(state: Any, groupchat: Any, args: tuple[Any, ...],
             scope = ctx.get(_SCOPE_KEY)
             if type(scope) is not Scope and scope is not None:  # None: not ours (an unsampled chat), no call
                 scope = scope_in(scope)  # a span's children's scope not built yet
-            span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
+            span = None
             if scope is not None:
-                if scope.owner is not None:
-                    span = scope.owner  # ours, even when another instrumentation's span is current inside it
+                span = scope.owner  # ours, even when another instrumentation's span is current inside it
                 if scope.cursor is not None:
                     # a turn of a cmbagent control chat: it belongs to the open plan step (opening one announced)
                     frame = scope.cursor.resolve()
                     if frame is not None:
                         scope, span = frame.scope, frame.span
+            if span is None:  # no span of ours owns the scope: the current span (read only then: one call less)
+                span = ctx.get(SPAN_KEY) if SPAN_KEY is not None else trace.get_current_span(ctx)
             if span is None or not (span._end_time is None if type(span) is END_TIME_SPAN else span.is_recording()):
                 span = from_name = facts = None  # unsampled: nothing to record it on
             else:

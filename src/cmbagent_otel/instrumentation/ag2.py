@@ -95,6 +95,7 @@ from .._spans import (
     start_of,
     workflow_tracers,
 )
+from .._specialise import specialise
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import (
     MAX_NAME,
@@ -104,6 +105,7 @@ from ..redaction import (
     learn_secrets_in,
     redact_id,
     redact_name,
+    redact_str_name,
     register_new_environment,
     register_sent_credentials,
     safe_text,
@@ -271,6 +273,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     ``original(instance, *args, **kwargs)`` (no bound method made per call). The context is read once;
     telemetry errors mean "call through"."""
     probe = state.probe
+    record = _MADE.get(record, record)  # type: ignore[arg-type]
     if record in _CONTENT_ONLY and not state.capture:
         record = None  # it records message content only: nothing to do with capture off
 
@@ -326,6 +329,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """:func:`_traced_sync` for coroutine methods: the same body, awaiting the call."""
     probe = state.probe
+    record = _MADE.get(record, record)  # type: ignore[arg-type]
     if record in _CONTENT_ONLY and not state.capture:
         record = None
 
@@ -707,8 +711,15 @@ _start_llm: Callable[..., Any] | None = None
 _start_tool: Callable[..., Any] | None = None
 
 
+# recorders generated with their helpers written in (one frame less per call), by the first instrument() too: the
+# wrappers take them in the written function's place (_traced_sync). Functions only, no state of a run
+_MADE: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
 def _generate_starts() -> None:
     global _start_agent, _start_llm, _start_tool
+    if _record_llm not in _MADE:  # every model call: its response's facts read in its own frame
+        _MADE[_record_llm] = specialise(_record_llm, "_record_llm", {}, inline=(_response_facts,))
     if _start_tool is None:  # two first instrument()s at once both generate: the same functions
         _start_agent = start_of(KIND_AGENT, _INTERNAL)
         _start_llm = start_of(KIND_LLM, _CLIENT, node=None)
@@ -890,14 +901,16 @@ class _ModelCall:
 
 def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | None]:
     """(response model, ``gen_ai.usage.*`` attributes, cost) of a model response: what its metrics
-    (:meth:`_ModelCall.response`) and its span's attributes (:func:`_record_llm`) read of it."""
+    (:meth:`_ModelCall.response`) and its span's attributes (:func:`_record_llm`, which has it written in: one
+    ``return``, at its end) read of it."""
     model = getattr(response, "model", None)
     usage = getattr(response, "usage", None)
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
-    return (redact_name(str.__str__(model)) if type(model) is str or isinstance(model, str) else None,
+    return (redact_str_name(model) if type(model) is str
+            else redact_name(str.__str__(model)) if isinstance(model, str) else None,
             _models.usage_attributes(usage), cost)
 
 
