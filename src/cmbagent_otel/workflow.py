@@ -168,7 +168,7 @@ class _Entry:
         # out of order): resetting it when this entry is left gives back the context from before it
         self.restore: Any = None
         # (error, stop): an error raised inside the block that restates a stop (see restated_stop); the block
-        # left by that very error ends with the stop
+        # left by that very error, or normally, ends with the stop
         self.restated: tuple[BaseException, BaseException] | None = None
 
 
@@ -296,8 +296,9 @@ class _Block:
                 if exc is not None and is_clean_exit(exc):
                     exc_type, exc, tb = None, None, None
                 restated, entry.restated = entry.restated, None
-                if exc is not None and restated is not None and restated[0] is exc:
-                    exc_type, exc, tb = _ending_with_stop(traced, exc, restated[1])
+                # left normally: the application caught the restating error inside; the stop still happened
+                if restated is not None and (exc is None or restated[0] is exc):
+                    exc_type, exc, tb = _ending_with_stop(traced, restated[0], restated[1])
                 try:
                     traced.__exit__(exc_type, exc, tb)
                 finally:  # a Ctrl-C out of the span's end (a span processor's on_end) ends the run too
@@ -393,8 +394,10 @@ def restated_stop(error: BaseException, stop: BaseException) -> None:
     """``error``, raised in the current context, restates ``stop`` (the user's cancel): MARS's executor raising
     its own ``RuntimeError("Phase control failed: Workflow cancelled by user")`` after its phase failed with
     the cancel. Each block open here that ``error`` leaves then ends with ``stop`` (its status, ``error.type``,
-    the DAG's ``cancelled``), ``error`` one more exception event of its span; a block left by anything else
-    (the application caught it, raised another) is unchanged. Never raises."""
+    the DAG's ``cancelled``), ``error`` one more exception event of its span; so does a block left normally (the
+    application caught ``error`` inside it: the cancel happened all the same, and cmbagent's cancel endpoint marks
+    the run cancelled whatever the application does next). A block left by another exception (the application
+    caught ``error`` and raised its own) ends with that exception, as before. Never raises."""
     try:
         for entry in _ENTRIES.get():
             if entry.traced is not None:

@@ -30,11 +30,12 @@ from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cm
 pytestmark = pytest.mark.cmbagent_autogen
 
 
-def _executor_in_the_apps_run(cancelled: bool) -> Any:
+def _executor_in_the_apps_run(cancelled: bool, caught_inside: bool = False) -> Any:
     """An entry function for ``run_cmbagent``: MARS's ``WorkflowExecutor`` running a one-phase workflow
     (``control`` on the preloaded plan) inside the application's own ``cmbagent_otel.workflow(...)`` block, with
-    the callbacks of a user who cancels from the UI when step 1 completes when ``cancelled``. Returns what the
-    executor raised (``None``: nothing) and the phases' results."""
+    the callbacks of a user who cancels from the UI when step 1 completes when ``cancelled``; the executor's
+    ``RuntimeError`` caught inside the block (which is then left normally) when ``caught_inside``, else outside
+    it. Returns what the executor raised (``None``: nothing) and the phases' results."""
 
     def run(task: str, work_dir: str, api_keys: dict[str, str], **_: Any) -> dict[str, Any]:
         from cmbagent.phases.control import ControlPhase
@@ -48,14 +49,19 @@ def _executor_in_the_apps_run(cancelled: bool) -> Any:
                                         phases=[{"type": "control", "config": MARS_CONTROL_CONFIG}])
         executor = WorkflowExecutor(definition, task, str(work_dir), api_keys,
                                     callbacks=_cancelled_after_step_1() if cancelled else None)
-        error = None
+        caught: list[str] = []
         with pypi_cmbagent_for_mars():
             try:
                 with cmbagent_otel.workflow("preloaded control", mode="planning-control", task=task):
-                    executor.run_sync()
+                    try:
+                        executor.run_sync()
+                    except RuntimeError as exc:
+                        if not caught_inside:
+                            raise
+                        caught.append(str(exc))
             except RuntimeError as exc:
-                error = str(exc)
-        return {"error": error, "phases": [r.status.value for r in executor.results]}
+                caught.append(str(exc))
+        return {"error": caught[0] if caught else None, "phases": [r.status.value for r in executor.results]}
 
     return run
 

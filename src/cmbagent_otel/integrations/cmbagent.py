@@ -30,7 +30,8 @@ tree of :mod:`cmbagent_otel.workflow`:
   a MARS phase's ``execute`` (every subclass of ``cmbagent.phases.base.Phase``, also those defined later)
   without its manager's ``fail()`` fails the phase and a run the manager opened;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
-  plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage.
+  plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage; so are a
+  LangChain chat model's ``invoke`` / ``stream`` inside a run (MARS's LangGraph phases; :mod:`._langchain`).
 
 Spans opened by one call and closed by another (the carryover loop's control phase, a
 MARS manager's phase/step/redo) are never attached to the context: they are frames of a
@@ -119,6 +120,7 @@ from ..workflow import (
     step,
     workflow,
 )
+from . import _langchain
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -1465,7 +1467,7 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         except (ImportError, ValueError):
             return
         for name in (*ENTRY_MODULES, PHASE_MANAGER_MODULE, WORKFLOW_EXECUTOR_MODULE, PHASE_BASE_MODULE,
-                     *EXTERNAL_MODEL_CALLS):
+                     *EXTERNAL_MODEL_CALLS, _langchain.CHAT_MODELS_MODULE):
             if name in self._hooked:
                 module = sys.modules.get(name)
                 if module is not None:
@@ -1536,6 +1538,11 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 for func_name, call in EXTERNAL_MODEL_CALLS.get(name, {}).items():
                     if func_name in vars(module):
                         self._wrap(state, module, func_name, _external_call_wrapper(state, *call))
+                if name == _langchain.CHAT_MODELS_MODULE:
+                    cls = getattr(module, _langchain.CHAT_MODEL_CLASS, None)
+                    for method in _langchain.CHAT_MODEL_METHODS:
+                        if isinstance(cls, type) and callable(vars(cls).get(method)):
+                            self._wrap(state, cls, method, _chat_model_wrapper(state, method))
         except Exception:
             logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
 
@@ -1762,20 +1769,130 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
         cost = getattr(completion, "total_cost", None)
         if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
             attrs[semconv.LLM_COST_USD] = float(cost)
-        attrs, _ = compose(scope, semconv.KIND_LLM, attrs, None, False, None, None)
-        span = workflow_tracers.current().start_span(f"chat {model}", kind=trace.SpanKind.CLIENT,
-                                                     attributes=attrs, start_time=started)
-        try:
-            if error is not None:
-                record_exception(span, error)
+
+        def extras(span: Any, attrs: Mapping[str, Any]) -> None:
             if call is not None:
                 _external_call_extras(span, attrs, time.perf_counter() if began is None else began, call,
                                       completion, result, error)
-        finally:
-            span.end()
-            _external_calls.ended, _external_calls.ended_at = time.time_ns(), time.perf_counter()
+
+        _record_chat(scope, model, attrs, started, error, extras)
     except Exception:
         logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
+
+
+def _record_chat(scope: Scope, model: str, attrs: dict[str, Any], started: int, error: BaseException | None,
+                 extras: Callable[[Any, Mapping[str, Any]], None] | None = None,
+                 parent: otel_context.Context | None = None) -> None:
+    """A model call made outside AG2, which has returned: a ``chat <model>`` span (kind ``llm``) at ``scope``
+    from ``started`` to now with ``attrs``, failed with ``error``, under ``parent`` (default: the current
+    context's span); ``extras(span, attrs)`` before it ends."""
+    attrs, _ = compose(scope, semconv.KIND_LLM, attrs, None, False, None, None)
+    span = workflow_tracers.current().start_span(f"chat {model}", context=parent, kind=trace.SpanKind.CLIENT,
+                                                 attributes=attrs, start_time=started)
+    try:
+        if error is not None:
+            record_exception(span, error)
+        if extras is not None:
+            extras(span, attrs)
+    finally:
+        span.end()
+        _external_calls.ended, _external_calls.ended_at = time.time_ns(), time.perf_counter()
+
+
+def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
+    """A LangChain chat model's ``invoke`` / ``stream`` (MARS's LangGraph phases' model calls) inside a run: a
+    ``chat <model>`` span of the node open where it was called, recorded when the call returned (a stream: when
+    it ended, was closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a
+    ``stream`` that falls back on ``invoke`` (one model call), it calls through untouched."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            place = None if _langchain.in_call() else _model_call_place(state)
+            if place is None:
+                return wrapped(*args, **kwargs)
+            started = time.time_ns()
+        except Exception:
+            logger.debug("cmbagent_otel: could not time a chat model's call", exc_info=True)
+            return wrapped(*args, **kwargs)
+        if method == "stream":
+            return _streamed_chat(place, instance, started, wrapped(*args, **kwargs))
+        answer = _langchain.Answer()
+        error: BaseException | None = None
+        token = _langchain.enter_call()
+        try:
+            result = wrapped(*args, **kwargs)
+            answer.read(result)
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _langchain.leave_call(token)
+            _record_chat_model_call(place, instance, started, answer, error)
+
+    return _ours(state, wrapper)
+
+
+def _model_call_place(state: _State) -> tuple[Scope, _ManagerSpans | None] | None:
+    """Where a model call made now outside AG2 belongs: the scope of the run it is in and the bare phase manager
+    whose run that is (a MARS phase awaited by hand outside any run, whose frames are never attached: see
+    :func:`_bare_manager_run`), or ``None`` outside any run."""
+    scope = current_scope()
+    if scope is not None and scope.in_workflow:
+        return scope, None
+    bare = _bare_manager_run(state)
+    if bare is None:
+        return None
+    with _in_bare_manager_run(bare):
+        scope = current_scope()
+    return (scope, bare) if scope is not None and scope.in_workflow else None
+
+
+def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+                   stream: Iterator[Any]) -> Iterator[Any]:
+    """``stream``'s chunks as they come, its usage summed, its call recorded when it ends: exhausted, raising,
+    or closed by the application (which stopped reading: not an error of the call); the stream is closed then."""
+    answer = _langchain.Answer()
+    error: BaseException | None = None
+    try:
+        while True:
+            token = _langchain.enter_call()
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                return
+            finally:
+                _langchain.leave_call(token)
+            answer.read(chunk)
+            yield chunk
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        try:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        finally:
+            _record_chat_model_call(place, model, started, answer, error)
+
+
+def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+                            answer: _langchain.Answer, error: BaseException | None) -> None:
+    try:
+        name, attrs = _langchain.request_attributes(model)
+        attrs.update(answer.attributes())
+        cost = _langchain.cost_of(attrs)
+        if cost:
+            attrs[semconv.LLM_COST_USD] = cost
+        scope, bare = place
+        with _in_bare_manager_run(bare) if bare is not None else contextlib.nullcontext():
+            # under the node the scope is (a frame of a manager's phase, step or redo: never attached)
+            _record_chat(scope, name, attrs, started, error, parent=trace.set_span_in_context(effective_parent()[1]))
+    except Exception:
+        logger.debug("cmbagent_otel: could not record a chat model's call", exc_info=True)
 
 
 #: the arguments of an external model call that are its prompt (``send_image_to_vlm``'s image is not)

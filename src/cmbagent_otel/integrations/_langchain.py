@@ -1,0 +1,174 @@
+"""What a LangChain chat model's call says about itself: the GenAI attributes of its ``chat`` span.
+
+MARS's LangGraph phases (``deepresearch_paper``, ``newspulse_report`` and the ``task_framework`` graphs) call their
+models through LangChain chat models (``ChatOpenAI``, ``AzureChatOpenAI``, ``ChatGoogleGenerativeAI``,
+``ChatAnthropic``: ``state['llm']['llm'].invoke(prompt)`` / ``.stream(prompt)``), not through AG2's
+``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke`` and ``.stream`` (every chat model
+inherits them) and records each call inside a run as a ``chat <model>`` span; this module reads the call: the
+request model and provider from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's
+tracers read), the agent from the LangGraph node running it, the usage and response model from the answer
+(``usage_metadata``, ``response_metadata``). Nothing here raises.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from .. import semconv
+
+logger = logging.getLogger("cmbagent_otel")
+
+#: Where LangChain's chat model base class lives, and the methods of it that are model calls MARS makes
+CHAT_MODELS_MODULE = "langchain_core.language_models.chat_models"
+CHAT_MODEL_CLASS = "BaseChatModel"
+CHAT_MODEL_METHODS = ("invoke", "stream")
+
+#: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
+_PROVIDERS: Mapping[str, str] = {
+    "openai": "openai",
+    "azure": "azure.ai.openai",
+    "anthropic": "anthropic",
+    "google_genai": "gcp.gemini",
+    "google_vertexai": "gcp.vertex_ai",
+    "google_anthropic_vertex": "gcp.vertex_ai",
+    "amazon_bedrock": "aws.bedrock",
+    "bedrock": "aws.bedrock",
+    "mistral": "mistral_ai",
+    "mistralai": "mistral_ai",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "xai": "x_ai",
+    "cohere": "cohere",
+    "perplexity": "perplexity",
+}
+
+# set while a chat model's call runs in this context: ``stream`` of a model without streaming calls ``invoke``,
+# which is the same model call (one span, not two)
+_IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("cmbagent_otel_langchain_call", default=False)
+
+
+def in_call() -> bool:
+    """Whether a chat model's call (already recorded) runs in this context."""
+    return _IN_CALL.get()
+
+
+def enter_call() -> contextvars.Token[bool]:
+    """Mark a chat model's call running in this context; hand the token to :func:`leave_call`."""
+    return _IN_CALL.set(True)
+
+
+def leave_call(token: contextvars.Token[bool]) -> None:
+    """Undo :func:`enter_call`."""
+    try:
+        _IN_CALL.reset(token)
+    except Exception:  # (a generator resumed from another context: nothing of ours there to undo)
+        logger.debug("cmbagent_otel: could not reset a chat model call's mark", exc_info=True)
+
+
+def request_attributes(model: Any) -> tuple[str, dict[str, Any]]:
+    """The request model's name and the ``chat`` span's attributes of a call of chat model ``model`` (operation,
+    request model, provider, agent)."""
+    params: Mapping[str, Any] = {}
+    try:
+        found = model._get_ls_params()
+        if isinstance(found, Mapping):
+            params = found
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a chat model's parameters", exc_info=True)
+    name = _text(params.get("ls_model_name")) or _text(getattr(model, "model_name", None)) or \
+        _text(getattr(model, "model", None)) or "unknown"
+    attrs: dict[str, Any] = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_CHAT, semconv.GEN_AI_REQUEST_MODEL: name,
+                             semconv.GEN_AI_AGENT_NAME: _node_name() or type(model).__name__}
+    provider = _text(params.get("ls_provider"))
+    if provider:
+        attrs[semconv.GEN_AI_PROVIDER_NAME] = _PROVIDERS.get(provider, provider)
+    return name, attrs
+
+
+def _node_name() -> str | None:
+    """The LangGraph node running now (the metadata LangGraph gives the config of each node's run), if any."""
+    config_module = sys.modules.get("langchain_core.runnables.config")
+    try:
+        config = config_module.var_child_runnable_config.get() if config_module is not None else None
+        metadata = config.get("metadata") if isinstance(config, Mapping) else None
+        return _text(metadata.get("langgraph_node")) if isinstance(metadata, Mapping) else None
+    except Exception:
+        logger.debug("cmbagent_otel: could not read the LangGraph node", exc_info=True)
+        return None
+
+
+class Answer:
+    """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
+
+    __slots__ = ("input_tokens", "output_tokens", "response_model")
+
+    def __init__(self) -> None:
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.response_model: str | None = None
+
+    def read(self, message: Any) -> None:
+        """Add what ``message`` (an ``AIMessage``, or one chunk of a stream) says."""
+        try:
+            usage = getattr(message, "usage_metadata", None)
+            if isinstance(usage, Mapping):
+                prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+                if prompt is not None and output is not None:
+                    self.input_tokens = (self.input_tokens or 0) + prompt
+                    self.output_tokens = (self.output_tokens or 0) + output
+            metadata = getattr(message, "response_metadata", None)
+            if isinstance(metadata, Mapping):
+                model = _text(metadata.get("model_name")) or _text(metadata.get("model"))
+                if model:
+                    self.response_model = model
+        except Exception:
+            logger.debug("cmbagent_otel: could not read a chat model's answer", exc_info=True)
+
+    def attributes(self) -> dict[str, Any]:
+        """The span's usage and response model attributes."""
+        attrs: dict[str, Any] = {}
+        if self.input_tokens is not None and self.output_tokens is not None:
+            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
+            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = self.output_tokens
+        if self.response_model:
+            attrs[semconv.GEN_AI_RESPONSE_MODEL] = self.response_model
+        return attrs
+
+
+#: providers whose models AG2's OpenAI price table prices (what AG2's own calls of the same models cost)
+_OPENAI_PRICED = frozenset({"openai", "azure.ai.openai"})
+
+
+def cost_of(attrs: Mapping[str, Any]) -> float | None:
+    """What a call with the span attributes ``attrs`` cost in USD, priced as AG2 prices the same answer (its
+    ``OAI_PRICE1K`` table, read from the ``autogen`` the application imported: the cost rows of the run's AG2
+    calls come from it); ``None`` when its provider is not OpenAI's, its model is not in the table, or it
+    reported no usage."""
+    try:
+        if attrs.get(semconv.GEN_AI_PROVIDER_NAME) not in _OPENAI_PRICED:
+            return None
+        prompt, output = attrs.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS)
+        table = getattr(sys.modules.get("autogen.oai.client"), "OAI_PRICE1K", None)
+        if prompt is None or output is None or not isinstance(table, Mapping):
+            return None
+        for model in (attrs.get(semconv.GEN_AI_RESPONSE_MODEL), attrs.get(semconv.GEN_AI_REQUEST_MODEL)):
+            price = table.get(model) if isinstance(model, str) else None
+            if isinstance(price, tuple) and len(price) == 2:
+                return float((price[0] * prompt + price[1] * output) / 1000)
+            if isinstance(price, (int, float)) and not isinstance(price, bool):
+                return float(price * (prompt + output) / 1000)
+    except Exception:
+        logger.debug("cmbagent_otel: could not price a chat model's call", exc_info=True)
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
