@@ -16,6 +16,7 @@ takes one of ``workers`` places only once the message is complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import itertools
@@ -303,7 +304,10 @@ class GrpcReceiver:
                 # stopped unstarted kept its port (and descriptor) for the life of the process, even
                 # once collected. Started and stopped at once, its port is free; a client connecting
                 # meanwhile is refused by the stop as any other
-                self.start()
+                # ValueError "Cannot start already-started server!": an interrupt cut grpcio's start short
+                # after it had started the server (its _serve thread, its port): the stop below ends it
+                with contextlib.suppress(ValueError):
+                    self.start()
             try:
                 self._stopped = self._server.stop(grace)
             except RuntimeError:
