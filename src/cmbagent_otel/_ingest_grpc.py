@@ -16,6 +16,7 @@ takes one of ``workers`` places only once the message is complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import itertools
@@ -23,12 +24,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 
 from ._ingest_core import IngestCore, IngestError
+from ._ingest_pool import CallPool, join_pool, seconds_left
 from .otlp_decode import encode_response
 
 logger = logging.getLogger("cmbagent_otel.ingest")
@@ -235,24 +236,6 @@ class TraceService:
         context.abort(_CODES.get(err.kind, grpc.StatusCode.UNKNOWN), err.message)
 
 
-class _Pool(futures.ThreadPoolExecutor):
-    """grpcio's call pool. grpcio submits each call from its one serving thread, and a ``submit()`` that
-    raised (``can't start new thread``: a pids or memory limit) ended that thread: the gRPC receiver
-    answered nothing more for the life of the process. The call is queued before the pool grows, so a
-    pool that cannot grow now leaves it to a worker it has or to the thread the next call starts."""
-
-    failed_starts = 0
-
-    def _adjust_thread_count(self) -> None:
-        try:
-            super()._adjust_thread_count()  # type: ignore[misc]
-        except RuntimeError:
-            self.failed_starts += 1
-            logger.log(logging.WARNING if self.failed_starts == 1 else logging.DEBUG,
-                       "cmbagent-otel ingest: no thread could be started for a gRPC call (%d so far); it waits "
-                       "for one", self.failed_starts, exc_info=True)
-
-
 class GrpcReceiver:
     """A grpcio server bound to ``host:port`` serving :class:`TraceService`: ``max_concurrent``
     calls at once (each a thread while its message arrives, at most ``timeout`` seconds),
@@ -262,7 +245,7 @@ class GrpcReceiver:
                  timeout: float = 30.0) -> None:
         self._settings = (core, host, port, workers, max_concurrent, timeout)
         self._watchdog = Watchdog()
-        self._pool: _Pool | None = None
+        self._pool: CallPool | None = None
         self._server: Any = None
         self._service: TraceService | None = None
         self.port: int | None = None
@@ -275,8 +258,8 @@ class GrpcReceiver:
         returns leaves the server where :meth:`begin_stop` finds it."""
         core, host, port, workers, max_concurrent, timeout = self._settings
         # grpcio never shuts down the pool it is given: its threads outlived the server (idle, for the
-        # life of the process) unless stop() does it
-        self._pool = _Pool(max_workers=max_concurrent, thread_name_prefix="cmbagent-otel-ingest-grpc")
+        # life of the process) unless stop() does it. A call no thread can take waits in its queue
+        self._pool = CallPool(max_concurrent, "cmbagent-otel-ingest-grpc")
         self._server = grpc.server(
             self._pool,
             maximum_concurrent_rpcs=max_concurrent,
@@ -321,7 +304,10 @@ class GrpcReceiver:
                 # stopped unstarted kept its port (and descriptor) for the life of the process, even
                 # once collected. Started and stopped at once, its port is free; a client connecting
                 # meanwhile is refused by the stop as any other
-                self.start()
+                # ValueError "Cannot start already-started server!": an interrupt cut grpcio's start short
+                # after it had started the server (its _serve thread, its port): the stop below ends it
+                with contextlib.suppress(ValueError):
+                    self.start()
             try:
                 self._stopped = self._server.stop(grace)
             except RuntimeError:
@@ -338,7 +324,7 @@ class GrpcReceiver:
         end = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
-            return None if end is None else max(0.0, end - time.monotonic())
+            return None if end is None else seconds_left(end)
 
         stopped = self._stopped
         done = stopped is None or stopped.wait(left())
@@ -350,12 +336,3 @@ class GrpcReceiver:
         self.begin_stop(grace)
         return self.finish_stop(timeout)
 
-
-def join_pool(pool: futures.ThreadPoolExecutor, left: Callable[[], float | None]) -> bool:
-    """Shut ``pool`` down (work not begun is dropped) and wait for its threads, each at most
-    ``left()`` seconds; whether they all ended. ``shutdown(wait=True)`` has no bound of its own."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    threads = list(getattr(pool, "_threads", ()))  # the pool's own set: no public way to wait with a bound
-    for thread in threads:
-        thread.join(left())
-    return not any(thread.is_alive() for thread in threads)

@@ -28,11 +28,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from http import HTTPStatus
 from typing import Any
 
@@ -179,45 +178,12 @@ def protocol_class(header_timeout: float, max_connections_per_client: int,
     return GuardedH11Protocol
 
 
-class Workers(ThreadPoolExecutor):
-    """The HTTP receiver's worker pool. ``ThreadPoolExecutor.submit`` queues the work item, then starts a
-    thread for it: when none can start (a pids or memory limit) it raised with the item left queued, and a
-    request answered 503 was stored anyway once a thread could start (after its admission was released,
-    its body held until then; twice with the client's retry). Here the item is cancelled before the error
-    is raised: a request refused is never stored. One a worker took meanwhile is served as usual."""
-
-    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "") -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        self._start_error = threading.local()  # set by _adjust_thread_count, in the submitting thread
-
-    def _adjust_thread_count(self) -> None:
-        try:
-            super()._adjust_thread_count()  # type: ignore[misc]
-        except RuntimeError as exc:
-            self._start_error.value = exc
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        self._start_error.value = None
-        call = [fn, args, kwargs]  # emptied when refused: the queued item then holds no body
-        future = super().submit(_call, call)
-        error, self._start_error.value = self._start_error.value, None
-        if error is not None and future.cancel():
-            call.clear()
-            raise error
-        return future
-
-
-def _call(call: list[Any]) -> Any:
-    fn, args, kwargs = call
-    return fn(*args, **kwargs)
-
-
 class OtlpHttpApp:
     """The ASGI application. ``max_requests`` bounds the requests handled at once (503
     with ``Retry-After`` beyond); a body must arrive within ``body_timeout`` seconds plus one
     per ``min_rate`` bytes received (else 408)."""
 
-    def __init__(self, core: IngestCore, executor: ThreadPoolExecutor, *, max_requests: int,
+    def __init__(self, core: IngestCore, executor: Executor, *, max_requests: int,
                  body_timeout: float = 30.0, min_rate: int = 16384, drain_timeout: float = 2.0) -> None:
         self.core = core
         self.executor = executor

@@ -37,12 +37,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import _forksafe
 from . import environment_variables as env
 from ._ingest_core import IngestCore, SpanWriter
+from ._ingest_pool import CallPool, join_pool, seconds_left
 from .otlp_decode import Limits
 
 logger = logging.getLogger("cmbagent_otel.ingest")
@@ -154,7 +154,7 @@ class IngestServer:
         self._uvicorn: Any = None
         self._app: Any = None
         self._http_thread: threading.Thread | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: CallPool | None = None
         self._grpc: Any = None
         self._http_port: int | None = None
         self._bound = False
@@ -295,10 +295,11 @@ class IngestServer:
         if self._sock is not None and self._http_thread is None:
             import uvicorn
 
-            from ._ingest_http import OtlpHttpApp, Workers, protocol_class
+            from ._ingest_http import OtlpHttpApp, protocol_class
 
             _quiet_uvicorn()
-            self._executor = Workers(max_workers=self.workers, thread_name_prefix="cmbagent-otel-ingest-http")
+            # a request no thread can take now is refused (503), never stored later behind its client's back
+            self._executor = CallPool(self.workers, "cmbagent-otel-ingest-http", refuse_without_thread=True)
             app = self._app = OtlpHttpApp(self.core, self._executor, max_requests=MAX_HTTP_REQUESTS,
                                           body_timeout=self.request_timeout, min_rate=self.min_rate)
             http = protocol_class(self.request_timeout, CONNECTIONS_PER_CLIENT_REQUEST * self.core.max_per_client,
@@ -398,7 +399,7 @@ class IngestServer:
         end = time.monotonic() + STOP_WAIT_S
 
         def left() -> float:
-            return max(0.0, end - time.monotonic())
+            return seconds_left(end)
 
         server, app, thread = self._uvicorn, self._app, self._http_thread
         executor, grpc_receiver, sock = self._executor, self._grpc, self._sock
@@ -419,8 +420,6 @@ class IngestServer:
         if grpc_receiver is not None:
             steps.append(lambda: ended.append(grpc_receiver.finish_stop(left())))
         if executor is not None:
-            from ._ingest_grpc import join_pool
-
             steps.append(lambda: ended.append(join_pool(executor, left)))
         interrupt: BaseException | None = None
         for step in steps:
@@ -528,27 +527,21 @@ class _Waker:
             self.writer.close()
 
 
-# Servers serving now, stopped when the interpreter exits: the call pools' threads are joined then
-# (concurrent.futures' exit hook), and a gRPC call waiting for its message held the exit for the
-# whole request timeout (30 s by default) when nothing stopped the server. Held strongly: a server
-# the application no longer references still serves (its threads do not reference it).
+# Servers serving now, stopped when the interpreter exits (an ordinary atexit function: the receivers'
+# threads are daemons, so neither concurrent.futures' exit hook nor the interpreter's join of threads
+# waits for them first; a gRPC call waiting for its message held the exit for the whole request timeout,
+# 30 s by default, when its thread was a ThreadPoolExecutor's). Stopping lets the requests being written
+# finish (a daemon thread is cut where it stands once atexit is over). Held strongly: a server the
+# application no longer references still serves (its threads do not reference it).
 _live: set[IngestServer] = set()
 _exit_hook: list[bool] = []
 
 
 def _stop_at_exit(server: IngestServer) -> None:
     _live.add(server)
-    if _exit_hook:
-        return
-    _exit_hook.append(True)
-    # threading's own exit hooks run before the interpreter joins threads (atexit's run after), and in
-    # the reverse order of registration: this one, registered after concurrent.futures' (imported above),
-    # runs first. Private API of CPython 3.9+; without it (another interpreter), atexit.
-    register = getattr(threading, "_register_atexit", atexit.register)
-    try:
-        register(_stop_all)
-    except RuntimeError:  # "can't register atexit after shutdown": a start during the exit itself
-        _exit_hook.clear()
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(_stop_all)
 
 
 _abandoned: list[object] = []  # a forked child's copies of its parent's receivers, never finalized there
