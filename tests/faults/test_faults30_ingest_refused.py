@@ -35,10 +35,10 @@ def test_a_request_refused_for_want_of_a_thread_is_never_stored(tmp_path: Path) 
         try:
             exhaust()
             refused = post(server.port, body)[0]
-            # what the pool keeps queued for the refused request (ThreadPoolExecutor's _WorkItem)
-            queue = server._executor._work_queue
+            # what the pool keeps queued for the refused request (CallPool's [future, fn, args, kwargs])
+            queue = server._executor._queue
             items = [queue.get_nowait() for _ in range(queue.qsize())]
-            queued = [[item.future.cancelled(), holds_bytes(item.args)] for item in items if item is not None]
+            queued = [[item[0].cancelled(), holds_bytes(item[1:])] for item in items if item is not None]
             for item in items:
                 queue.put(item)
             restore()
