@@ -375,10 +375,11 @@ class Cursor:
     it may push the frame that work belongs to (a plan step announced but not started yet).
     """
 
-    __slots__ = ("frames", "lock", "pending", "top")
+    __slots__ = ("__weakref__", "frames", "lock", "pending", "top")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        reset_in_child(self, "lock")
         self.frames: list[Frame] = []
         self.top: Frame | None = None
         self.pending: Callable[[], None] | None = None

@@ -29,6 +29,9 @@ from typing import Any
 
 _owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
 _owners_lock = threading.Lock()
+# the length at which _owners is pruned next: twice what the last pruning kept, so that many owners alive at
+# once (a cursor per group chat) cost one pass per doubling, not one per registration
+_prune_at = [64]
 # descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock), each with
 # the (device, inode) it is open on (None: not known), so that a child closes only a copy of that file
 _held_fds: dict[int, tuple[int, int] | None] = {}
@@ -37,8 +40,9 @@ _held_fds: dict[int, tuple[int, int] | None] = {}
 def reset_in_child(owner: Any, *names: str) -> None:
     """Reset the locks ``owner.<name>`` (an object or a module, held weakly) in a forked child."""
     with _owners_lock:
-        if len(_owners) >= 64:
+        if len(_owners) >= _prune_at[0]:
             _owners[:] = [(ref, kept) for ref, kept in _owners if ref() is not None]
+            _prune_at[0] = max(64, 2 * len(_owners))
         _owners.append((weakref.ref(owner), names))
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.sdk.trace import ReadableSpan
 
+from ._forksafe import reset_in_child
 from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
 from .redaction import register_secret
 
@@ -114,6 +115,7 @@ class Admission:
         self.budget = budget
         self._used = 0
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self.peak = 0
 
     @property
@@ -283,6 +285,7 @@ class IngestCore:
         self._writer_lock = threading.Lock()
         self._write_lock: threading.Lock | None = None
         self._count_lock = threading.Lock()
+        reset_in_child(self, "_writer_lock", "_write_lock", "_count_lock")
         self._db_down = False
         # set by the server's stop: a search for refused spans answers 503 at its next piece
         self.stopping = threading.Event()

@@ -11,6 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ._forksafe import reset_in_child
+
 
 @dataclass
 class Outage:
@@ -31,6 +33,7 @@ class OutageTally:
     def __init__(self) -> None:
         self._current: Outage | None = None
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
 
     @property
     def ongoing(self) -> bool:

@@ -201,6 +201,7 @@ class WorkflowTracers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         # (token, tracer, run metrics[, provider, meter provider, metrics on]): the latest wins
         self._bindings: list[tuple[Any, ...]] = []
         self._global: Tracer | None = None

@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._forksafe import reset_in_child
 from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
 from .metrics import histogram_buckets
@@ -224,6 +225,7 @@ class ProcessorSlot(SpanProcessor):
     def __init__(self) -> None:
         self._processors: tuple[SpanProcessor, ...] = ()
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
         self._kept: tuple[_Kept, ...] = ()  # oldest first, one per release_when_closed with runs open
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:

@@ -64,6 +64,7 @@ class _Script:
         self._responder = responder
         self._default = default
         self._lock = threading.Lock()
+        reset_in_child(self, "_lock")
 
     def next(self, messages: list[dict[str, Any]]) -> str | dict[str, Any]:
         if self._responder is not None:

@@ -150,8 +150,7 @@ class DagWriter:
         """The SQLAlchemy engine (created on first use, and again in a forked child)."""
         with self._lock:
             if self._engine is not None and self._pid != os.getpid():
-                # connections inherited from the parent process must not be used (nor closed) here
-                self._engine.dispose(close=False)
+                self._let_go(self._engine)  # connections inherited from the parent: neither used nor closed here
                 self._engine = None
             if self._engine is not None:
                 return self._engine
@@ -216,7 +215,7 @@ class DagWriter:
         logger.log(level if level > said else logging.DEBUG, "cmbagent_otel: database %s %s; reconnecting%s",
                    redacted(self.url), why, " and migrating again" if repair and self._migrate else "")
         if engine is not None:
-            engine.dispose()
+            self._let_go(engine)
         if self._file is not None:
             self._stale_files = True  # removed by the next attempt, before it connects
 
@@ -324,11 +323,25 @@ class DagWriter:
         return True
 
     def close(self) -> None:
-        """Dispose of the engine's connections (idempotent)."""
+        """Dispose of the engine's connections (idempotent). In a forked child the parent's connections
+        are left to the parent."""
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
+            self._let_go(engine)
+
+    def _let_go(self, engine: Engine) -> None:
+        if self._pid == os.getpid():
             engine.dispose()
+        else:
+            # A forked child shares the parent's connections (sockets, SQLite handles): closing them here
+            # ended the parent's PostgreSQL sessions (libpq's Terminate on the shared socket) and waited for
+            # ever on a SQLite mutex a parent thread held at the fork. SQLAlchemy's dispose(close=False) drops
+            # the pool, and a dropped sqlite3 connection closes itself: the child keeps them, untouched.
+            _inherited.append(engine)
+
+
+_inherited: list[Engine] = []  # a forked child's copies of its parent's engines (see DagWriter._let_go)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

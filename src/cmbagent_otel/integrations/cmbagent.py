@@ -81,7 +81,7 @@ from .. import environment_variables, semconv
 from .._context import Cursor, Frame, Scope, current_scope, get_current, raw_scope, with_scope
 from .._context import attach as attach_context
 from .._context import detach as detach_context
-from .._forksafe import closer, open_into
+from .._forksafe import closer, open_into, reset_in_child
 from .._framestack import call_with_headroom
 from .._spans import (
     NodeSpec,
@@ -1174,6 +1174,7 @@ class _CallerRuns:
         self._codes = codes
         self._runs: dict[FrameType, _CallerRun] = {}
         self._lock = threading.RLock()
+        reset_in_child(self, "_lock")
         self._tool: int | None = None
         self._watched: set[CodeType] = set()
         self._warned: set[str] = set()
@@ -1418,6 +1419,7 @@ class _State:
     def __init__(self) -> None:
         self.active = True
         self.lock = threading.RLock()
+        reset_in_child(self, "lock")
         self.patched: list[tuple[Any, str]] = []
         self.codes: dict[CodeType, tuple[str, str]] = {}
         self.callers = _CallerRuns(self.codes)
