@@ -27,6 +27,7 @@ tracer provider. With no exporter named there is no provider to build (``None``)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -35,13 +36,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._forkexport import PerProcess
 from ._forksafe import reset_in_child
 from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
@@ -128,16 +136,23 @@ class OutageReportingExporter(SpanExporter):
     before (the SDK's lines name the cause) with one line saying its spans are lost and that
     later failures are counted; those later batches log nothing; the first export that works
     again logs one line with the outage's length and the spans and batches lost in it (and
-    :meth:`shutdown` does, if the backend never came back). ``exporter`` is the wrapped one.
+    :meth:`shutdown` does, if the backend never came back). ``exporter`` is the wrapped one; ``make``
+    builds it again, for a forked child's exports (the parent's connection stays the parent's; see
+    :mod:`cmbagent_otel._forkexport`).
     """
 
-    def __init__(self, exporter: SpanExporter) -> None:
-        self.exporter = exporter
+    def __init__(self, exporter: SpanExporter, make: Callable[[], SpanExporter] | None = None) -> None:
+        self._own = PerProcess(exporter, make)
         self._outage = OutageTally()
         for name in _OTLP_LOGGERS:
             sdk_logger = logging.getLogger(name)
             if _QUIET not in sdk_logger.filters:
                 sdk_logger.addFilter(_QUIET)
+
+    @property
+    def exporter(self) -> SpanExporter:
+        """The wrapped exporter (in a forked child, the parent's until the child's first export made its own)."""
+        return self._own.exporter
 
     def _where(self) -> str:
         try:
@@ -148,7 +163,7 @@ class OutageReportingExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
         _quiet.on = self._outage.ongoing
         try:
-            result = self.exporter.export(spans)
+            result = self._own.send(lambda exporter: exporter.export(spans), SpanExportResult.FAILURE)
         finally:
             _quiet.on = False
         try:
@@ -165,11 +180,11 @@ class OutageReportingExporter(SpanExporter):
         return result
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return bool(self.exporter.force_flush(timeout_millis))
+        return self._own.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
         try:
-            self.exporter.shutdown()
+            self._own.shutdown()
         finally:
             self._report(self._outage.recovered(), "still failed at shutdown, after %.1f s: %d spans in %d "
                          "batches were lost meanwhile")
@@ -186,7 +201,8 @@ def create_exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        return OutageReportingExporter(_otlp_exporter(_otlp_protocol(), "trace", "OTLPSpanExporter"))
+        make = functools.partial(_otlp_exporter, _otlp_protocol(), "trace", "OTLPSpanExporter")
+        return OutageReportingExporter(make(), make)
     if name == "cmbagent_dag":
         from .exporters.dag import DagSpanExporter
 
@@ -466,10 +482,36 @@ def create_metric_exporter(name: str) -> MetricExporter:
 
         return ConsoleMetricExporter()
     if name == "otlp":
-        return _otlp_exporter(  # type: ignore[no-any-return]
-            str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter")
+        return PerProcessMetricExporter(functools.partial(
+            _otlp_exporter, str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter"))
     return _registered_exporter(  # type: ignore[no-any-return]
         "opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER", "otlp, console, none")
+
+
+class PerProcessMetricExporter(MetricExporter):
+    """The SDK's OTLP metric exporter, made again by ``make`` in a forked child for the child's exports (the
+    parent's gRPC channel or HTTP session is the parent's; see :mod:`cmbagent_otel._forkexport`)."""
+
+    def __init__(self, make: Callable[[], MetricExporter]) -> None:
+        exporter = make()
+        super().__init__(preferred_temporality=exporter._preferred_temporality,
+                         preferred_aggregation=exporter._preferred_aggregation)
+        self._own = PerProcess(exporter, make)
+
+    @property
+    def exporter(self) -> MetricExporter:
+        """The wrapped exporter (in a forked child, the parent's until the child's first export made its own)."""
+        return self._own.exporter
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        return self._own.send(lambda exporter: exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
+                              MetricExportResult.FAILURE)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._own.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._own.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 def build_meter_provider(
