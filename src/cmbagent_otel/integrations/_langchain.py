@@ -3,11 +3,12 @@
 MARS's LangGraph phases (``deepresearch_paper``, ``newspulse_report`` and the ``task_framework`` graphs) call their
 models through LangChain chat models (``ChatOpenAI``, ``AzureChatOpenAI``, ``ChatGoogleGenerativeAI``,
 ``ChatAnthropic``: ``state['llm']['llm'].invoke(prompt)`` / ``.stream(prompt)``), not through AG2's
-``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke`` and ``.stream`` (every chat model
-inherits them) and records each call inside a run as a ``chat <model>`` span; this module reads the call: the
-request model and provider from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's
-tracers read), the agent from the LangGraph node running it, the usage and response model from the answer
-(``usage_metadata``, ``response_metadata``). Nothing here raises.
+``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream`` and
+``.astream`` (every chat model inherits them; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke``) and records
+each call inside a run as a ``chat <model>`` span; this module reads the call: the request model and provider
+from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's tracers read), the agent from the
+LangGraph node running it, the usage and response model from the answer (``usage_metadata``,
+``response_metadata``). Nothing here raises.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from .. import semconv
 
 logger = logging.getLogger("cmbagent_otel")
 
-#: Where LangChain's chat model base class lives, and the methods of it that are model calls MARS makes
+#: Where LangChain's chat model base class lives, and the methods of it that are model calls
 CHAT_MODELS_MODULE = "langchain_core.language_models.chat_models"
 CHAT_MODEL_CLASS = "BaseChatModel"
-CHAT_MODEL_METHODS = ("invoke", "stream")
+CHAT_MODEL_METHODS = ("invoke", "ainvoke", "stream", "astream")
 
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {

@@ -1800,10 +1800,11 @@ def _record_chat(scope: Scope, model: str, attrs: dict[str, Any], started: int, 
 
 
 def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
-    """A LangChain chat model's ``invoke`` / ``stream`` (MARS's LangGraph phases' model calls) inside a run: a
-    ``chat <model>`` span of the node open where it was called, recorded when the call returned (a stream: when
-    it ended, was closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a
-    ``stream`` that falls back on ``invoke`` (one model call), it calls through untouched."""
+    """A LangChain chat model's ``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` (MARS's LangGraph phases'
+    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input) inside a run: a ``chat <model>``
+    span of the node open where it was called, recorded when the call returned (a stream: when it ended, was
+    closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a call a chat model
+    makes inside one of these (``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
@@ -1816,21 +1817,42 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         if method == "stream":
             return _streamed_chat(place, instance, started, wrapped(*args, **kwargs))
-        answer = _langchain.Answer()
-        error: BaseException | None = None
-        token = _langchain.enter_call()
-        try:
+        if method == "astream":
+            return _astreamed_chat(place, instance, started, wrapped(*args, **kwargs))
+        if method == "ainvoke":
+            work = wrapped(*args, **kwargs)
+            return _closes_unstarted(_awaited_chat(place, instance, started, work), work)
+        with _chat_model_call(place, instance, started) as answer:
             result = wrapped(*args, **kwargs)
             answer.read(result)
             return result
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _langchain.leave_call(token)
-            _record_chat_model_call(place, instance, started, answer, error)
 
     return _ours(state, wrapper)
+
+
+@contextmanager
+def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any,
+                     started: int) -> Iterator[_langchain.Answer]:
+    """One chat model call (``invoke``, an ``ainvoke``'s await) running in the block: marked running in this
+    context, recorded when the block is left (failed with what left it)."""
+    answer = _langchain.Answer()
+    error: BaseException | None = None
+    token = _langchain.enter_call()
+    try:
+        yield answer
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _langchain.leave_call(token)
+        _record_chat_model_call(place, model, started, answer, error)
+
+
+async def _awaited_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int, work: Any) -> Any:
+    with _chat_model_call(place, model, started) as answer:
+        result = await work
+        answer.read(result)
+        return result
 
 
 def _model_call_place(state: _State) -> tuple[Scope, _ManagerSpans | None] | None:
@@ -1875,6 +1897,37 @@ def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, starte
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+        finally:
+            _record_chat_model_call(place, model, started, answer, error)
+
+
+async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+                         stream: Any) -> Any:
+    """``astream``'s chunks as they come, as :func:`_streamed_chat` passes ``stream``'s: an async generator, the
+    application's ``stream`` closed (``aclose``) when it ends."""
+    answer = _langchain.Answer()
+    error: BaseException | None = None
+    try:
+        while True:
+            token = _langchain.enter_call()
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                _langchain.leave_call(token)
+            answer.read(chunk)
+            yield chunk
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        try:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
         finally:
             _record_chat_model_call(place, model, started, answer, error)
 

@@ -1,0 +1,158 @@
+"""What a user of the real cmbagent package sees, twentieth audit (session 45).
+
+The real PyPI cmbagent (Python 3.12) and MARS's own phases (``CMBAGENT_OTEL_MARS_SRC``, loaded by conftest's
+``mars_phases``) run offline against the scripted backend; spans read back, and the rows the DAG exporter writes
+read as cmbagent's backend reads them (``test_real_audit._final_rows``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+os.environ.setdefault("CMBAGENT_DISABLE_DISPLAY", "true")
+pytest.importorskip("cmbagent", reason="cmbagent is not installed (it needs Python >= 3.12; see docs/cmbagent.md)")
+
+from cmbagent_otel import semconv as sc
+
+from .test_cmbagent_runs import _exported, _one
+from .test_cmbreal19_audit import (
+    IDEA_USAGE,
+    METHODS_USAGE,
+    RESPONSE_MODEL,
+    _langchain_answers,
+    api_keys_absent,
+    run_paper_phase,
+    server_error,
+)
+from .test_real_audit import _final_rows, _nodes_of, _one_root_per_trace, run_cmbagent  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.cmbagent_autogen
+
+IDEA, METHODS = "Write an idea for a paper on the CMB", "Write the methods"
+
+
+# --- LangChain's async and batch calls of a chat model ---------------------------------------------------------
+def _async_paper_phase(case: str) -> Any:
+    """An entry function for ``run_cmbagent``: audit 19's LangGraph paper phase (``run_paper_phase``: MARS's real
+    ``PhaseExecutionManager``, a phase awaited by hand, a real ``StateGraph`` and ``ChatOpenAI``) whose nodes call
+    the model the other ways LangChain offers. ``case``: ``async`` (``idea`` awaits ``ainvoke``, ``methods`` reads
+    ``astream`` to its end); ``ainvoke_fails`` (the server answers ``ainvoke`` HTTP 500); ``astream_closed_early``
+    (``methods`` stops after the first chunk and closes the stream, ``contextlib.aclosing``); ``batches`` (``idea``
+    calls ``batch`` of two prompts, ``methods`` awaits ``abatch`` of two)."""
+    return functools.partial(_run_async_paper_phase, case)
+
+
+def _run_async_paper_phase(case: str, task: str, work_dir: str, api_keys: dict[str, str],
+                           **_: Any) -> dict[str, Any]:
+    def tokens_of(message: Any) -> tuple[int, int]:
+        usage = message.usage_metadata or {}
+        return usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+
+    async def idea(state: dict[str, Any]) -> dict[str, Any]:
+        if case == "batches":
+            messages = state["llm"].batch([IDEA, IDEA])
+        else:
+            messages = [await state["llm"].ainvoke(IDEA)]
+        return {"idea": " ".join(m.content for m in messages), "tokens": [tokens_of(m) for m in messages]}
+
+    async def methods(state: dict[str, Any]) -> dict[str, Any]:
+        if case == "batches":
+            messages = await state["llm"].abatch([METHODS, METHODS])
+            return {"methods": " ".join(m.content for m in messages),
+                    "tokens": [*state["tokens"], *(tokens_of(m) for m in messages)]}
+        text, tokens = "", (0, 0)
+        async with contextlib.aclosing(state["llm"].astream(METHODS)) as stream:
+            async for chunk in stream:
+                text += chunk.content
+                if case == "astream_closed_early":
+                    break
+                if chunk.usage_metadata:
+                    tokens = tokens_of(chunk)
+        return {"methods": text, "tokens": [*state["tokens"], tokens]}
+
+    def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if case == "ainvoke_fails":
+            return 500, {"Content-Type": "application/json"}, b'{"error": {"message": "overloaded"}}'
+        return _langchain_answers(body, headers)
+
+    return run_paper_phase((idea, methods), answer, task, work_dir, api_keys)
+
+
+# (the node calling, its usage) of each chat span the case records, in the order the calls start
+ASYNC_CALLS: dict[str, list[tuple[str, tuple[int, int] | None]]] = {
+    "async": [("idea", IDEA_USAGE), ("methods", METHODS_USAGE)],
+    "ainvoke_fails": [("idea", None)],
+    "astream_closed_early": [("idea", IDEA_USAGE), ("methods", None)],
+    "batches": [("idea", IDEA_USAGE)] * 2 + [("methods", IDEA_USAGE)] * 2,  # batches answer without streaming
+}
+
+
+@pytest.mark.parametrize("case", list(ASYNC_CALLS))
+def test_a_langgraph_phases_async_and_batch_model_calls_are_chat_spans_of_its_step(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, case: str) -> None:
+    """Audit 19's Left. Its ``chat`` spans covered a chat model's ``invoke`` and ``stream``; a graph whose async
+    nodes ``await llm.ainvoke(...)`` or read ``llm.astream(...)`` (LangGraph runs async nodes in the phase's
+    ``await graph.ainvoke``), and ``abatch`` (which calls ``ainvoke`` per input), made model calls with no span,
+    no LLM event and no cost row on main (``batch`` calls ``invoke`` in a worker thread of LangChain's: covered
+    already, held here). Now each is a ``chat <model>`` span of the open step, as audit 19's: the node its agent,
+    the usage and response model from the answer (an async stream's summed over the chunks read), priced; a failed
+    ``ainvoke`` fails its span with the error the application gets unchanged; an async stream the application
+    closes before its end ends unfailed with no usage. The application gets what it got without us."""
+    pytest.importorskip("langgraph", reason="langgraph / langchain_openai are not installed")
+    pytest.importorskip("langchain_openai", reason="langgraph / langchain_openai are not installed")
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_async_paper_phase(case))
+    assert run.error is None, run.error
+    assert run.results == {
+        "async": {"idea": "An idea.", "methods": "The methods.", "tokens": [IDEA_USAGE, METHODS_USAGE]},
+        "ainvoke_fails": {"error": server_error(run.results)},
+        "astream_closed_early": {"idea": "An idea.", "methods": "The ", "tokens": [IDEA_USAGE, (0, 0)]},
+        "batches": {"idea": "An idea. An idea.", "methods": "An idea. An idea.", "tokens": [IDEA_USAGE] * 4},
+    }[case]
+    _one_root_per_trace(run)
+    step_1 = _one(run, "step 1")
+    chats = sorted((s for s in run.spans if s.name.startswith("chat ")),
+                   key=lambda s: (s.attributes[sc.GEN_AI_AGENT_NAME] != "idea", s.start_time))
+    expected = ASYNC_CALLS[case]
+    assert [(s.name, s.attributes[sc.GEN_AI_AGENT_NAME]) for s in chats] == [
+        ("chat gpt-4o-mini", agent) for agent, _ in expected]
+    for span, (_, tokens) in zip(chats, expected, strict=True):
+        assert span.parent is not None and span.parent.span_id == step_1.context.span_id, span.name
+        attrs = span.attributes
+        assert (attrs[sc.GEN_AI_OPERATION_NAME], attrs[sc.GEN_AI_PROVIDER_NAME], attrs[sc.GEN_AI_REQUEST_MODEL]) == (
+            "chat", "openai", "gpt-4o-mini")
+        assert (attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS), attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS)) == (
+            tokens or (None, None))
+        assert attrs.get(sc.GEN_AI_RESPONSE_MODEL) == (RESPONSE_MODEL if tokens else None)
+        assert api_keys_absent(span)
+    failed = case == "ainvoke_fails"
+    assert [(s.status.status_code, s.attributes.get(sc.ERROR_TYPE)) for s in chats] == [
+        (StatusCode.ERROR, server_error(run.results)) if failed else (StatusCode.UNSET, None)] * len(chats)
+    rows = _final_rows(_exported(run, tmp_path))
+    (row,) = rows["runs"]
+    nodes = _nodes_of(rows)
+    assert (row["status"], nodes["step_1"]["status"]) == (("failed",) * 2 if failed else ("completed",) * 2)
+    llm_events = [e for e in rows["events"] if e["event_subtype"] == "llm"]
+    assert [e["node_id"] for e in llm_events] == [nodes["step_1"]["id"]] * len(chats)
+    from autogen.oai.client import OAI_PRICE1K
+
+    price_in, price_out = OAI_PRICE1K[RESPONSE_MODEL]
+    per_agent: dict[str, list[float]] = {}  # the DAG exporter's per_agent rows: one per agent and model
+    for agent, usage in expected:
+        if usage is not None:
+            total = per_agent.setdefault(agent, [0, 0, 0.0])
+            total[0], total[1] = total[0] + usage[0], total[1] + usage[1]
+            total[2] += (price_in * usage[0] + price_out * usage[1]) / 1000
+    assert sorted((c["agent_name"], c["model"], c["prompt_tokens"], c["completion_tokens"], float(c["cost_usd"]))
+                  for c in rows["costs"]) == [
+        (agent, RESPONSE_MODEL, p, o, round(cost, 6)) for agent, (p, o, cost) in sorted(per_agent.items())]
+    from langchain_core.language_models.chat_models import BaseChatModel
+
+    assert not any(hasattr(vars(BaseChatModel)[m], "__wrapped__") for m in ("invoke", "ainvoke", "stream", "astream"))
