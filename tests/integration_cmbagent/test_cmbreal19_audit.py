@@ -137,11 +137,12 @@ def _run_langgraph_paper_phase(case: str, task: str, work_dir: str, api_keys: di
 
 
 def run_paper_phase(nodes: tuple[Callable[..., Any], ...], answer: Callable[..., Any], task: str, work_dir: str,
-                    api_keys: dict[str, str]) -> dict[str, Any]:
+                    api_keys: dict[str, str], model: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """A phase of the shape of MARS's LangGraph phases (see :func:`_langgraph_paper_phase`) whose graph runs
     ``nodes`` in order (functions or coroutine functions of the state, named by their ``__name__``; the state's
-    ``llm`` a ``ChatOpenAI`` of a loopback server answering with ``answer``), awaited by hand after a call of the
-    model outside any run. Returns the final state's ``idea``, ``methods`` and ``tokens``, or the error's type."""
+    ``llm`` ``model(base_url)`` of a loopback server answering with ``answer``, by default a ``ChatOpenAI``),
+    awaited by hand after a call of the model outside any run. Returns the final state's ``idea``, ``methods`` and
+    ``tokens``, or the error's type."""
     from typing import TypedDict
 
     from cmbagent.phases.base import Phase, PhaseContext
@@ -174,15 +175,18 @@ def run_paper_phase(nodes: tuple[Callable[..., Any], ...], answer: Callable[...,
             manager.start()
             with FakeOpenAIServer(raw_responder=answer) as server:
                 manager.start_step(1, "Generating research paper")
-                llm = ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=server.base_url,
-                                 stream_usage=True, max_retries=0)
+                llm = (model or chat_openai)(server.base_url)
                 state = await graph.ainvoke({"llm": llm})
                 manager.complete_step(1, "Research paper generated")
             manager.complete()
             return state
 
-    with FakeOpenAIServer(raw_responder=_langchain_answers) as server:  # outside any run: no span
-        ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=server.base_url).invoke("Warm up")
+    def chat_openai(base_url: str) -> Any:
+        return ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=base_url, stream_usage=True,
+                          max_retries=0)
+
+    with FakeOpenAIServer(raw_responder=answer) as server:  # outside any run: no span
+        (model or chat_openai)(server.base_url).invoke("Warm up")
     context = PhaseContext(workflow_id="w", run_id="r", phase_id="paper", task=task, work_dir=str(work_dir),
                            api_keys=api_keys)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ def _async_paper_phase(case: str) -> Any:
     """An entry function for ``run_cmbagent``: audit 19's LangGraph paper phase (``run_paper_phase``: MARS's real
     ``PhaseExecutionManager``, a phase awaited by hand, a real ``StateGraph`` and ``ChatOpenAI``) whose nodes call
     the model the other ways LangChain offers. ``case``: ``async`` (``idea`` awaits ``ainvoke``, ``methods`` reads
-    ``astream`` to its end); ``ainvoke_fails`` (the server answers ``ainvoke`` HTTP 500); ``astream_closed_early``
-    (``methods`` stops after the first chunk and closes the stream, ``contextlib.aclosing``); ``batches`` (``idea``
-    calls ``batch`` of two prompts, ``methods`` awaits ``abatch`` of two)."""
+    ``astream`` to its end); ``ainvoke_fails`` (the server answers ``idea``'s ``ainvoke`` HTTP 500);
+    ``astream_closed_early`` (``methods`` stops after the first chunk and closes the stream,
+    ``contextlib.aclosing``); ``batches`` (``idea`` calls ``batch`` of two prompts, ``methods`` awaits ``abatch``
+    of two)."""
     return functools.partial(_run_async_paper_phase, case)
 
 
@@ -78,7 +80,7 @@ def _run_async_paper_phase(case: str, task: str, work_dir: str, api_keys: dict[s
         return {"methods": text, "tokens": [*state["tokens"], tokens]}
 
     def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        if case == "ainvoke_fails":
+        if case == "ainvoke_fails" and IDEA in json.dumps(body):
             return 500, {"Content-Type": "application/json"}, b'{"error": {"message": "overloaded"}}'
         return _langchain_answers(body, headers)
 
@@ -156,3 +158,93 @@ def test_a_langgraph_phases_async_and_batch_model_calls_are_chat_spans_of_its_st
     from langchain_core.language_models.chat_models import BaseChatModel
 
     assert not any(hasattr(vars(BaseChatModel)[m], "__wrapped__") for m in ("invoke", "ainvoke", "stream", "astream"))
+
+
+# --- Anthropic's and Gemini's LangChain chat models: priced as AG2 prices them ---------------------------------
+CLAUDE, GEMINI = "claude-3-5-sonnet-20241022", "gemini-2.5-pro"  # MARS's paper phase: its fallback and its default
+PROVIDER_USAGE = {"anthropic": (30, 7), "gemini": (40, 9)}
+
+
+def _provider_answers(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """Anthropic's Messages API (a body with ``messages``) or Gemini's ``generateContent`` as their LangChain chat
+    models read them: one answer with its usage."""
+    if "messages" in body:
+        prompt, output = PROVIDER_USAGE["anthropic"]
+        answer: dict[str, Any] = {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": CLAUDE, "stop_reason": "end_turn",
+            "stop_sequence": None, "content": [{"type": "text", "text": "An idea."}],
+            "usage": {"input_tokens": prompt, "output_tokens": output}}
+    else:
+        prompt, output = PROVIDER_USAGE["gemini"]
+        answer = {"candidates": [{"content": {"parts": [{"text": "An idea."}], "role": "model"},
+                                  "finishReason": "STOP", "index": 0}],
+                  "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": output,
+                                    "totalTokenCount": prompt + output}, "modelVersion": GEMINI}
+    return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+
+
+def _provider_paper_phase(provider: str) -> Any:
+    """An entry function for ``run_cmbagent``: audit 19's paper phase, its model the chat model MARS's
+    ``paper_agents.reader`` builds for ``provider`` (``ChatAnthropic``, ``ChatGoogleGenerativeAI``), of a loopback
+    server; its one node ``idea`` calls ``invoke``."""
+    return functools.partial(_run_provider_paper_phase, provider)
+
+
+def _run_provider_paper_phase(provider: str, task: str, work_dir: str, api_keys: dict[str, str],
+                              **_: Any) -> dict[str, Any]:
+    def model(base_url: str) -> Any:
+        root = base_url.removesuffix("/v1")
+        if provider == "anthropic":
+            from langchain_anthropic import ChatAnthropic
+
+            return ChatAnthropic(model=CLAUDE, api_key="sk-ant-scripted", base_url=root, max_retries=0)
+        from langchain_google_genai import ChatGoogleGenerativeAI
+
+        return ChatGoogleGenerativeAI(model=GEMINI, google_api_key=api_keys["GEMINI"], transport="rest",
+                                      client_options={"api_endpoint": root}, max_retries=0)
+
+    def idea(state: dict[str, Any]) -> dict[str, Any]:
+        message = state["llm"].invoke(IDEA)
+        usage = message.usage_metadata
+        return {"idea": message.content, "methods": "", "tokens": [(usage["input_tokens"], usage["output_tokens"])]}
+
+    return run_paper_phase((idea,), _provider_answers, task, work_dir, api_keys, model)
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "gemini"])
+def test_anthropic_and_gemini_chat_models_calls_are_priced_as_ag2_prices_them(
+        request: pytest.FixtureRequest, mars_phases: Path, tmp_path: Path, provider: str) -> None:
+    """Audit 19's Left. MARS's paper phases build a ``ChatGoogleGenerativeAI`` (their default model, Gemini), a
+    ``ChatAnthropic`` (the fallback) or an OpenAI one; only OpenAI's calls were priced: a Claude or Gemini call had
+    its tokens and no cost (cost row ``0``, the run's dollars short of what the calls cost). Now each is priced as
+    the application's AG2 prices its own calls of that provider: Anthropic's by ``ANTHROPIC_PRICING_1k``, Gemini's by
+    ``calculate_gemini_cost`` (Google AI's prices, ``use_vertexai`` for Vertex AI's)."""
+    pytest.importorskip("langgraph", reason="langgraph is not installed")
+    pytest.importorskip({"anthropic": "langchain_anthropic", "gemini": "langchain_google_genai"}[provider],
+                        reason="the provider's LangChain package is not installed")
+    run = request.getfixturevalue("run_cmbagent")("carryover", responder=lambda script: script,
+                                                  function=_provider_paper_phase(provider))
+    assert run.error is None, run.error
+    prompt, output = PROVIDER_USAGE[provider]
+    assert run.results == {"idea": "An idea.", "methods": "", "tokens": [(prompt, output)]}
+    model = {"anthropic": CLAUDE, "gemini": GEMINI}[provider]
+    (chat,) = [s for s in run.spans if s.name.startswith("chat ")]
+    assert chat.parent is not None and chat.parent.span_id == _one(run, "step 1").context.span_id
+    attrs = chat.attributes
+    assert (chat.name, attrs[sc.GEN_AI_PROVIDER_NAME], attrs[sc.GEN_AI_RESPONSE_MODEL],
+            attrs[sc.GEN_AI_USAGE_INPUT_TOKENS], attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS]) == (
+        f"chat {model}", {"anthropic": "anthropic", "gemini": "gcp.gemini"}[provider], model, prompt, output)
+    assert api_keys_absent(chat)
+    if provider == "anthropic":
+        from autogen.oai.anthropic import ANTHROPIC_PRICING_1k
+
+        price_in, price_out = ANTHROPIC_PRICING_1k[CLAUDE]
+        cost = (price_in * prompt + price_out * output) / 1000
+    else:
+        from autogen.oai.gemini import calculate_gemini_cost
+
+        cost = calculate_gemini_cost(False, prompt, output, GEMINI)
+    assert cost > 0 and attrs[sc.LLM_COST_USD] == pytest.approx(cost)
+    rows = _final_rows(_exported(run, tmp_path))
+    assert [(c["agent_name"], c["model"], c["prompt_tokens"], c["completion_tokens"], float(c["cost_usd"]))
+            for c in rows["costs"]] == [("idea", model, prompt, output, round(cost, 6))]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,30 +141,60 @@ class Answer:
         return attrs
 
 
-#: providers whose models AG2's OpenAI price table prices (what AG2's own calls of the same models cost)
-_OPENAI_PRICED = frozenset({"openai", "azure.ai.openai"})
+#: GenAI provider -> the module of the application's AG2 and its price table (model -> USD per 1K tokens in / out)
+#: AG2's own client of that provider prices its calls with
+_PRICE_TABLES: Mapping[str, tuple[str, str]] = {
+    "openai": ("autogen.oai.client", "OAI_PRICE1K"),
+    "azure.ai.openai": ("autogen.oai.client", "OAI_PRICE1K"),
+    "anthropic": ("autogen.oai.anthropic", "ANTHROPIC_PRICING_1k"),
+}
+#: Gemini's providers: AG2's Gemini client prices its calls with ``calculate_gemini_cost(use_vertexai, ...)``
+_GEMINI_PRICED: Mapping[str, bool] = {"gcp.gemini": False, "gcp.vertex_ai": True}
+_GEMINI_PRICES = ("autogen.oai.gemini", "calculate_gemini_cost")
 
 
 def cost_of(attrs: Mapping[str, Any]) -> float | None:
-    """What a call with the span attributes ``attrs`` cost in USD, priced as AG2 prices the same answer (its
-    ``OAI_PRICE1K`` table, read from the ``autogen`` the application imported: the cost rows of the run's AG2
-    calls come from it); ``None`` when its provider is not OpenAI's, its model is not in the table, or it
-    reported no usage."""
+    """What a call with the span attributes ``attrs`` cost in USD, priced as AG2 prices the same answer of the
+    same provider (read from the ``autogen`` the application imported: the cost rows of the run's AG2 calls come
+    from it): OpenAI's and Azure's models by ``OAI_PRICE1K``, Anthropic's by ``ANTHROPIC_PRICING_1k``, Gemini's
+    (Google AI or Vertex AI) by ``calculate_gemini_cost``. ``None`` when AG2 has no price for it (another
+    provider, a model not in the table, a price of 0) or it reported no usage."""
     try:
-        if attrs.get(semconv.GEN_AI_PROVIDER_NAME) not in _OPENAI_PRICED:
-            return None
+        provider = attrs.get(semconv.GEN_AI_PROVIDER_NAME)
         prompt, output = attrs.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS)
-        table = getattr(sys.modules.get("autogen.oai.client"), "OAI_PRICE1K", None)
-        if prompt is None or output is None or not isinstance(table, Mapping):
+        if not isinstance(provider, str) or prompt is None or output is None:
             return None
-        for model in (attrs.get(semconv.GEN_AI_RESPONSE_MODEL), attrs.get(semconv.GEN_AI_REQUEST_MODEL)):
-            price = table.get(model) if isinstance(model, str) else None
-            if isinstance(price, tuple) and len(price) == 2:
-                return float((price[0] * prompt + price[1] * output) / 1000)
+        models = [m for m in (attrs.get(semconv.GEN_AI_RESPONSE_MODEL), attrs.get(semconv.GEN_AI_REQUEST_MODEL))
+                  if isinstance(m, str)]
+        if provider in _GEMINI_PRICED:
+            return _gemini_cost(_GEMINI_PRICED[provider], prompt, output, models)
+        module, name = _PRICE_TABLES.get(provider, ("", ""))
+        table = getattr(sys.modules.get(module), name, None) if module else None
+        if not isinstance(table, Mapping):
+            return None
+        for model in models:
+            price = table.get(model)
+            if isinstance(price, (tuple, list)) and len(price) == 2:
+                return float((price[0] * prompt + price[1] * output) / 1000) or None
             if isinstance(price, (int, float)) and not isinstance(price, bool):
-                return float(price * (prompt + output) / 1000)
+                return float(price * (prompt + output) / 1000) or None
     except Exception:
         logger.debug("cmbagent_otel: could not price a chat model's call", exc_info=True)
+    return None
+
+
+def _gemini_cost(vertex: bool, prompt: int, output: int, models: list[str]) -> float | None:
+    module, name = _GEMINI_PRICES
+    price = getattr(sys.modules.get(module), name, None)
+    if not callable(price):
+        return None
+    for model in models:
+        # AG2 warns about a model it has no price for (its own call of that model would warn too): not ours to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cost = price(vertex, prompt, output, model)
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
+            return float(cost)
     return None
 
 
