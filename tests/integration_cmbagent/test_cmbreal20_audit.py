@@ -248,3 +248,109 @@ def test_anthropic_and_gemini_chat_models_calls_are_priced_as_ag2_prices_them(
     rows = _final_rows(_exported(run, tmp_path))
     assert [(c["agent_name"], c["model"], c["prompt_tokens"], c["completion_tokens"], float(c["cost_usd"]))
             for c in rows["costs"]] == [("idea", model, prompt, output, round(cost, 6))]
+
+
+# --- MARS's plot judge: its VLM calls live in cmbagent.functions.execution_control ------------------------------
+def _mars_execution_control(mars: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """MARS's ``cmbagent/functions/execution_control.py`` (its plot judge's and plot debugger's tools), imported as
+    the module MARS imports it as, ``cmbagent.functions.execution_control``, next to the PyPI package (whose
+    ``cmbagent.functions`` is a plain module: MARS's is a package, so the module and its sibling ``utils`` are
+    loaded from their files), before ``instrument()``, as an application's MARS has imported it."""
+    import importlib.util
+    import sys
+
+    loaded = None
+    for name in ("utils", "execution_control"):
+        path = mars / "cmbagent" / "functions" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"cmbagent.functions.{name}", path)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, loaded)
+        spec.loader.exec_module(loaded)
+    return loaded
+
+
+@pytest.mark.parametrize("where", ["workflow", "phase_by_hand"])
+def test_mars_plot_judges_vlm_call_is_a_chat_span_of_the_run(mars_phases: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """MARS's plot judge (``call_vlm_judge``, a tool of MARS's ``cmbagent.functions.execution_control``) calls the
+    VLM through ``send_image_to_vlm`` bound in that module; the integration patched the name only where the PyPI
+    package binds it (``cmbagent.functions``, a module there), so under MARS the VLM call had no ``chat`` span, no
+    LLM event and no tokens (the criteria call, looked up in ``cmbagent.vlm_utils``, had one). Now MARS's module is
+    patched too. ``where``: in a ``workflow`` block; or in a MARS phase awaited by hand (``PhaseExecutionManager``
+    started outside any run, step 1 open: the run it opens is never attached), where the external call looked
+    only at the current context (audit 19's Left) and now joins the step, as the phase's solves and LangChain
+    calls do."""
+    import asyncio
+
+    from autogen import ConversableAgent
+    from autogen.agentchat.group import ContextVariables
+
+    import cmbagent_otel
+    from cmbagent_otel.testing import FakeOpenAIServer
+
+    from .scripted_cmbagent import API_KEYS, GeminiServer, script_for
+    from .test_cmbagent_runs import Run, SpanCapture
+
+    execution_control = _mars_execution_control(mars_phases, monkeypatch)
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n")  # read and sent as it is: the scripted VLM does not decode it
+    agents = {name: ConversableAgent(name, llm_config=False) for name in ("plot_judge", "plot_debugger", "control")}
+    script = script_for("one_shot_plots")
+
+    def judge() -> Any:
+        context = ContextVariables(data={"latest_plot_path": str(plot), "improved_main_task": "Plot the CMB",
+                                         "n_plot_evals": 0, "max_n_plot_evals": 1})
+        execution_control.call_vlm_judge(context, None, agents["plot_judge"], agents["plot_debugger"],
+                                         agents["control"])
+        return context.get("vlm_verdict"), context.get("vlm_plot_analysis")
+
+    async def phase_by_hand() -> Any:
+        from cmbagent.phases.base import Phase, PhaseContext
+        from cmbagent.phases.execution_manager import PhaseExecutionManager
+
+        class JudgePhase(Phase):
+            phase_type, display_name = "plot_review", "Plot review"
+
+            async def execute(self, context: PhaseContext) -> Any:
+                manager = PhaseExecutionManager(context, self)
+                manager.start()
+                manager.start_step(1, "Judging the plot")
+                verdict = judge()
+                manager.complete_step(1, "Judged")
+                manager.complete()
+                return verdict
+
+        context = PhaseContext(workflow_id="w", run_id="r", phase_id="review", task="Plot the CMB",
+                               work_dir=str(tmp_path), api_keys=API_KEYS)
+        return await JudgePhase().execute(context)
+
+    capture = SpanCapture()
+    with FakeOpenAIServer(request_responder=script) as server, GeminiServer(script) as gemini:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", API_KEYS["OPENAI"])
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", gemini)
+        monkeypatch.setenv("GEMINI_API_KEY", API_KEYS["GEMINI"])
+        cmbagent_otel.instrument(tracer_provider=capture.provider, set_global=False, instrument_threading=False)
+        try:
+            if where == "workflow":
+                with cmbagent_otel.workflow("plot review"):
+                    verdict, analysis = judge()
+            else:
+                verdict, analysis = asyncio.run(phase_by_hand())
+        finally:
+            cmbagent_otel.uninstrument()
+    assert (verdict, script.sequence, script.unexpected) == ("continue", ["plot_criteria", "plot_judge_vlm"], []), \
+        analysis
+    run = Run({}, script.sequence, [], tmp_path, capture.spans)
+    _one_root_per_trace(run)
+    chats = [s for s in run.spans if s.name.startswith("chat ")]
+    assert [(s.name, s.attributes[sc.GEN_AI_AGENT_NAME]) for s in chats] == [
+        ("chat gpt-4o", "plot_judge"), ("chat gemini-2.5-pro", "plot_judge")]  # the criteria call, the VLM's
+    assert (chats[1].attributes.get(sc.GEN_AI_USAGE_INPUT_TOKENS), chats[1].attributes.get(
+        sc.GEN_AI_USAGE_OUTPUT_TOKENS)) == (300, 40)
+    parent = (_one(run, "workflow plot review") if where == "workflow" else _one(run, "step 1")).context.span_id
+    assert all(s.parent is not None and s.parent.span_id == parent for s in chats)
+    rows = _final_rows(_exported(run, tmp_path))
+    llm = [(e["agent_name"], e["meta"].get("tokens")) for e in rows["events"] if e["event_subtype"] == "llm"]
+    assert ("plot_judge", 340) in llm

@@ -179,6 +179,10 @@ EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | Non
     "cmbagent.vlm_utils": {"generate_llm_scientific_criteria": ("plot_judge", "gpt-4o", "openai")},
     "cmbagent.functions": {"send_image_to_vlm": ("plot_judge", None, None),
                            "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
+    # MARS: ``cmbagent.functions`` is a package, its plot judge's and debugger's tools in this module
+    "cmbagent.functions.execution_control": {
+        "send_image_to_vlm": ("plot_judge", None, None),
+        "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
 }
 VLM_MODULE = "cmbagent.vlm_utils"
 
@@ -1713,12 +1717,13 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
 def _external_call_wrapper(state: _State, agent: str, model: str | None, provider: str | None) -> Callable[..., Any]:
     """A model call cmbagent makes outside AG2 (:data:`EXTERNAL_MODEL_CALLS`): a ``chat <model>`` span
     (kind ``llm``) of ``agent`` with the usage the call returns, recorded when the call has returned
-    (a model call nested in it, the VLM's criteria call, is then its sibling, not its child)."""
+    (a model call nested in it, the VLM's criteria call, is then its sibling, not its child), in the run it is
+    in: a MARS phase awaited by hand's too (:func:`_model_call_place`)."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            scope = current_scope()
-            if scope is None or not scope.in_workflow:
+            place = _model_call_place(state)
+            if place is None:
                 return wrapped(*args, **kwargs)
             started, began = time.time_ns(), time.perf_counter()
             local = _external_calls
@@ -1735,7 +1740,7 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
             error = exc
             raise
         finally:
-            _record_external_call(scope, agent, model, provider, max(started, getattr(local, "ended", 0)),
+            _record_external_call(place, agent, model, provider, max(started, getattr(local, "ended", 0)),
                                   result, error, (wrapped, args, kwargs), max(began, getattr(local, "ended_at", 0.0)))
 
     return _ours(state, wrapper)
@@ -1746,7 +1751,8 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
 _external_calls = threading.local()
 
 
-def _record_external_call(scope: Scope, agent: str, model: str | None, provider: str | None, started: int,
+def _record_external_call(place: tuple[Scope, _ManagerSpans | None], agent: str, model: str | None,
+                          provider: str | None, started: int,
                           result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None,
                           began: float | None = None) -> None:
     try:
@@ -1775,7 +1781,7 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
                 _external_call_extras(span, attrs, time.perf_counter() if began is None else began, call,
                                       completion, result, error)
 
-        _record_chat(scope, model, attrs, started, error, extras)
+        _record_placed_chat(place, model, attrs, started, error, extras)
     except Exception:
         logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
 
@@ -1940,12 +1946,21 @@ def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: An
         cost = _langchain.cost_of(attrs)
         if cost:
             attrs[semconv.LLM_COST_USD] = cost
-        scope, bare = place
-        with _in_bare_manager_run(bare) if bare is not None else contextlib.nullcontext():
-            # under the node the scope is (a frame of a manager's phase, step or redo: never attached)
-            _record_chat(scope, name, attrs, started, error, parent=trace.set_span_in_context(effective_parent()[1]))
+        _record_placed_chat(place, name, attrs, started, error, in_frame=True)
     except Exception:
         logger.debug("cmbagent_otel: could not record a chat model's call", exc_info=True)
+
+
+def _record_placed_chat(place: tuple[Scope, _ManagerSpans | None], model: str, attrs: dict[str, Any], started: int,
+                        error: BaseException | None, extras: Callable[[Any, Mapping[str, Any]], None] | None = None,
+                        in_frame: bool = False) -> None:
+    """:func:`_record_chat` of a call :func:`_model_call_place` placed: under the node its scope is (a frame of a
+    manager's phase, step or redo: never attached) in the run of a bare phase manager, or with ``in_frame``;
+    otherwise under the current context's span (a tool's, when a tool made the call)."""
+    scope, bare = place
+    with _in_bare_manager_run(bare) if bare is not None else contextlib.nullcontext():
+        parent = trace.set_span_in_context(effective_parent()[1]) if in_frame or bare is not None else None
+        _record_chat(scope, model, attrs, started, error, extras, parent=parent)
 
 
 #: the arguments of an external model call that are its prompt (``send_image_to_vlm``'s image is not)
