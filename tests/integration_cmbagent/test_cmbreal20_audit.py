@@ -354,3 +354,34 @@ def test_mars_plot_judges_vlm_call_is_a_chat_span_of_the_run(mars_phases: Path, 
     rows = _final_rows(_exported(run, tmp_path))
     llm = [(e["agent_name"], e["meta"].get("tokens")) for e in rows["events"] if e["event_subtype"] == "llm"]
     assert ("plot_judge", 340) in llm
+
+
+# --- cmbagent's own cost report against our cost rows: an OpenAI VLM ---------------------------------------------
+def test_an_openai_vlms_cost_agrees_with_cmbagents_cost_report(request: pytest.FixtureRequest, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``one_shot(evaluate_plots=True)`` with cmbagent's VLM set to an OpenAI model (``cmbagent.vlm_utils.vlm_model
+    = "gpt-4o"``, one of the four it offers). cmbagent's cost report charges plot_judge's VLM call at its own VLM
+    prices (``account_for_external_api_calls``: $2.50 / $10 per 1M tokens in / out for ``gpt-4o``), but the VLM's
+    ``chat`` span had tokens and no cost: plot_judge's cost row, and the run's dollars, fell short of cmbagent's
+    report by the VLM's cost. Now the VLM call is priced as cmbagent prices it, and plot_judge's dollars, every
+    agent's and the total agree with the report (one_shot's agents call once each: per call and running totals
+    are the same)."""
+    import json
+
+    import cmbagent.vlm_utils
+
+    monkeypatch.setattr(cmbagent.vlm_utils, "vlm_model", "gpt-4o")
+    run = request.getfixturevalue("run_cmbagent")("one_shot_plots", responder=lambda script: script)
+    assert run.error is None, run.error
+    assert run.results["final_context"]["vlm_verdict"] == "continue"
+    assert "plot_judge_vlm" in run.sequence
+    rows = _final_rows(_exported(run, tmp_path))
+    (report,) = sorted(run.work_dir.rglob("cost_report_*.json"))
+    table = json.loads(report.read_text(encoding="utf-8"))
+    reported = {r["Agent"].replace(" ", "_"): float(str(r["Cost ($)"]).lstrip("$")) for r in table
+                if r["Agent"] != "Total"}
+    ours: dict[str, float] = {}
+    for c in rows["costs"]:
+        ours[c["agent_name"]] = ours.get(c["agent_name"], 0.0) + float(c["cost_usd"])
+    assert reported["plot_judge"] > 0
+    assert {a: round(v, 6) for a, v in ours.items()} == {a: round(v, 6) for a, v in reported.items()}

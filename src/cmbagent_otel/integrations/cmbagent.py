@@ -185,6 +185,10 @@ EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | Non
         "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
 }
 VLM_MODULE = "cmbagent.vlm_utils"
+#: USD per 1M tokens in / out of the VLM models cmbagent charges its VLM calls at (the table in
+#: ``cmbagent.vlm_utils.account_for_external_api_calls``, local to that function: its cost report's price of a
+#: VLM call; its Gemini models are free there)
+VLM_PRICES_PER_1M: Mapping[str, tuple[float, float]] = {"gpt-4o": (2.50, 10.00), "o3-2025-04-16": (2.00, 8.00)}
 
 #: get_keywords' ``kw_type`` -> the agent each of its solves starts with (cmbagent's ``initial_agent``)
 KEYWORD_FINDERS: Mapping[str, str] = {"unesco": "list_keywords_finder", "aaai": "aaai_keywords_finder",
@@ -1756,6 +1760,7 @@ def _record_external_call(place: tuple[Scope, _ManagerSpans | None], agent: str,
                           result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None,
                           began: float | None = None) -> None:
     try:
+        vlm = model is None
         if model is None:  # the VLM: cmbagent's module-level choice
             model = _text(getattr(sys.modules.get(VLM_MODULE), "vlm_model", None)) or "unknown"
             provider = "gcp.gemini" if model.startswith("gemini") else "openai"
@@ -1773,6 +1778,10 @@ def _record_external_call(place: tuple[Scope, _ManagerSpans | None], agent: str,
         if response_model and response_model != "unknown":
             attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
         cost = getattr(completion, "total_cost", None)
+        if vlm and prompt is not None and output is not None and model in VLM_PRICES_PER_1M:
+            # an OpenAI completion has no total_cost: priced as cmbagent's cost report prices the VLM's call
+            price_in, price_out = VLM_PRICES_PER_1M[model]
+            cost = (price_in * prompt + price_out * output) / 1_000_000
         if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
             attrs[semconv.LLM_COST_USD] = float(cost)
 
