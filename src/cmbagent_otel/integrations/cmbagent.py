@@ -1846,20 +1846,25 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
 
 
 @contextmanager
-def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any,
-                     started: int) -> Iterator[_langchain.Answer]:
-    """One chat model call (``invoke``, an ``ainvoke``'s await) running in the block: marked running in this
-    context, recorded when the block is left (failed with what left it)."""
+def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+                     mark: bool = True) -> Iterator[_langchain.Answer]:
+    """One chat model call running in the block (``invoke``, an ``ainvoke``'s await, a stream read to its end),
+    recorded when the block is left: failed with what left it, unless that is the application closing the stream
+    or coroutine (``GeneratorExit``: it stopped reading, no error of the call). ``mark``: marked a chat model's call
+    in this context all along (a stream marks its pulls only: the application runs between its chunks)."""
     answer = _langchain.Answer()
     error: BaseException | None = None
-    token = _langchain.enter_call()
+    token = _langchain.enter_call() if mark else None
     try:
         yield answer
+    except GeneratorExit:
+        raise
     except BaseException as exc:
         error = exc
         raise
     finally:
-        _langchain.leave_call(token)
+        if token is not None:
+            _langchain.leave_call(token)
         _record_chat_model_call(place, model, started, answer, error)
 
 
@@ -1885,66 +1890,60 @@ def _model_call_place(state: _State) -> tuple[Scope, _ManagerSpans | None] | Non
     return (scope, bare) if scope is not None and scope.in_workflow else None
 
 
+_END = object()  # a stream's end, for next() / anext()
+
+
+def _pull(answer: _langchain.Answer, stream: Iterator[Any]) -> Any:
+    """The next chunk of ``stream`` (``_END`` at its end), pulled marked a chat model's call (``stream`` falling
+    back on ``invoke`` is this one call), read into ``answer``."""
+    token = _langchain.enter_call()
+    try:
+        chunk = next(stream, _END)
+    finally:
+        _langchain.leave_call(token)
+    if chunk is not _END:
+        answer.read(chunk)
+    return chunk
+
+
+async def _apull(answer: _langchain.Answer, stream: Any) -> Any:
+    """:func:`_pull` of an async stream."""
+    token = _langchain.enter_call()
+    try:
+        chunk = await anext(stream, _END)
+    finally:
+        _langchain.leave_call(token)
+    if chunk is not _END:
+        answer.read(chunk)
+    return chunk
+
+
 def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
                    stream: Iterator[Any]) -> Iterator[Any]:
     """``stream``'s chunks as they come, its usage summed, its call recorded when it ends: exhausted, raising,
     or closed by the application (which stopped reading: not an error of the call); the stream is closed then."""
-    answer = _langchain.Answer()
-    error: BaseException | None = None
-    try:
-        while True:
-            token = _langchain.enter_call()
-            try:
-                chunk = next(stream)
-            except StopIteration:
-                return
-            finally:
-                _langchain.leave_call(token)
-            answer.read(chunk)
-            yield chunk
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
+    with _chat_model_call(place, model, started, mark=False) as answer:
         try:
+            while (chunk := _pull(answer, stream)) is not _END:
+                yield chunk
+        finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
-        finally:
-            _record_chat_model_call(place, model, started, answer, error)
 
 
 async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
                          stream: Any) -> Any:
-    """``astream``'s chunks as they come, as :func:`_streamed_chat` passes ``stream``'s: an async generator, the
-    application's ``stream`` closed (``aclose``) when it ends."""
-    answer = _langchain.Answer()
-    error: BaseException | None = None
-    try:
-        while True:
-            token = _langchain.enter_call()
-            try:
-                chunk = await stream.__anext__()
-            except StopAsyncIteration:
-                return
-            finally:
-                _langchain.leave_call(token)
-            answer.read(chunk)
-            yield chunk
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
+    """``astream``'s chunks as :func:`_streamed_chat` passes ``stream``'s: an async generator, the application's
+    stream closed (``aclose``) when it ends."""
+    with _chat_model_call(place, model, started, mark=False) as answer:
         try:
+            while (chunk := await _apull(answer, stream)) is not _END:
+                yield chunk
+        finally:
             close = getattr(stream, "aclose", None)
             if close is not None:
                 await close()
-        finally:
-            _record_chat_model_call(place, model, started, answer, error)
 
 
 def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
