@@ -385,3 +385,59 @@ def test_an_openai_vlms_cost_agrees_with_cmbagents_cost_report(request: pytest.F
         ours[c["agent_name"]] = ours.get(c["agent_name"], 0.0) + float(c["cost_usd"])
     assert reported["plot_judge"] > 0
     assert {a: round(v, 6) for a, v in ours.items()} == {a: round(v, 6) for a, v in reported.items()}
+
+
+# --- LangChain calls: the GenAI client metrics and, with capture on, the content AG2's own calls have ------------
+def test_langchain_calls_record_genai_metrics_and_captured_content(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit 19's Left. A LangChain chat model's call inside a run was a ``chat`` span with usage and cost, but
+    recorded none of the GenAI client metrics AG2's model calls and cmbagent's VLM calls record
+    (``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``, the cost counter: a dashboard of them
+    missed every LangGraph phase's calls), and with ``capture_content`` on no prompt and no answer. Now each call
+    records them as the VLM calls do (``_outside_call_extras``): an ``invoke`` and a ``stream`` (its answer the
+    chunks' text joined) of a ``ChatOpenAI`` in a ``workflow`` block; a system + human message prompt keeps its
+    roles; the API key in the model is in no attribute."""
+    pytest.importorskip("langchain_openai", reason="langchain_openai is not installed")
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    import cmbagent_otel
+    from cmbagent_otel import metrics as m
+    from cmbagent_otel.testing import FakeOpenAIServer
+
+    from .scripted_cmbagent import API_KEYS
+    from .test_cmbagent_runs import SpanCapture
+
+    capture, reader = SpanCapture(), InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    with FakeOpenAIServer(raw_responder=_langchain_answers) as server:
+        llm = ChatOpenAI(model="gpt-4o-mini", api_key=API_KEYS["OPENAI"], base_url=server.base_url,
+                         stream_usage=True, max_retries=0)
+        cmbagent_otel.instrument(tracer_provider=capture.provider, meter_provider=meters, set_global=False,
+                                 instrument_threading=False, capture_content=True)
+        try:
+            with cmbagent_otel.workflow("paper review"):
+                idea = llm.invoke([SystemMessage("You review CMB papers."), HumanMessage(IDEA)])
+                methods = "".join(chunk.content for chunk in llm.stream(METHODS))
+        finally:
+            cmbagent_otel.uninstrument()
+    assert (idea.content, methods) == ("An idea.", "The methods.")
+    chats = [s for s in capture.spans if s.name.startswith("chat ")]
+    assert [json.loads(s.attributes[sc.GEN_AI_INPUT_MESSAGES]) for s in chats] == [
+        [{"role": "system", "parts": [{"type": "text", "content": "You review CMB papers."}]},
+         {"role": "user", "parts": [{"type": "text", "content": IDEA}]}],
+        [{"role": "user", "parts": [{"type": "text", "content": METHODS}]}]]
+    assert [[p["content"] for p in json.loads(s.attributes[sc.GEN_AI_OUTPUT_MESSAGES])[0]["parts"]]
+            for s in chats] == [["An idea."], ["The methods."]]
+    assert all(api_keys_absent(s) for s in chats)
+    found = {metric.name: list(metric.data.data_points) for resource in reader.get_metrics_data().resource_metrics
+             for scope in resource.scope_metrics for metric in scope.metrics}
+    assert [(p.attributes.get(sc.GEN_AI_REQUEST_MODEL), p.count)
+            for p in found[m.GEN_AI_CLIENT_OPERATION_DURATION]] == [("gpt-4o-mini", 2)]
+    tokens = {p.attributes.get(m.GEN_AI_TOKEN_TYPE): p.sum for p in found[m.GEN_AI_CLIENT_TOKEN_USAGE]}
+    assert tokens == {m.TOKEN_INPUT: IDEA_USAGE[0] + METHODS_USAGE[0], m.TOKEN_OUTPUT: IDEA_USAGE[1] + METHODS_USAGE[1]}
+    assert sum(p.value for p in found[m.LLM_COST]) == pytest.approx(
+        sum(s.attributes[sc.LLM_COST_USD] for s in chats))
+    meters.shutdown()

@@ -103,19 +103,38 @@ def _node_name() -> str | None:
         return None
 
 
+#: LangChain's message types -> the roles of the GenAI messages
+_ROLES: Mapping[str, str] = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def prompt_messages(model: Any, value: Any) -> list[dict[str, Any]] | None:
+    """The messages chat model ``model`` sends for the input ``value`` of a call (a text, messages, a prompt
+    value: LangChain's own conversion), as role / content messages; ``None`` when it cannot say."""
+    try:
+        messages = model._convert_input(value).to_messages()
+        return [{"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content} for m in messages]
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a chat model call's prompt", exc_info=True)
+        return None
+
+
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("input_tokens", "output_tokens", "response_model")
+    __slots__ = ("input_tokens", "output_tokens", "response_model", "text")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.response_model: str | None = None
+        self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
 
     def read(self, message: Any) -> None:
         """Add what ``message`` (an ``AIMessage``, or one chunk of a stream) says."""
         try:
+            content = getattr(message, "content", None)
+            if isinstance(content, str):
+                self.text = (self.text or "") + content
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))

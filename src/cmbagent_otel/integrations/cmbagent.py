@@ -1826,7 +1826,7 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
             place = None if _langchain.in_call() else _model_call_place(state)
             if place is None:
                 return wrapped(*args, **kwargs)
-            started = time.time_ns()
+            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get("input"))
         except Exception:
             logger.debug("cmbagent_otel: could not time a chat model's call", exc_info=True)
             return wrapped(*args, **kwargs)
@@ -1845,8 +1845,13 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
     return _ours(state, wrapper)
 
 
+# a LangChain chat model's call's start: the wall clock's ns (its span's start), time.perf_counter() (its
+# duration's: the wall clock may step while it runs) and the input it was called with (its prompt)
+_Start = tuple[int, float, Any]
+
+
 @contextmanager
-def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                      mark: bool = True) -> Iterator[_langchain.Answer]:
     """One chat model call running in the block (``invoke``, an ``ainvoke``'s await, a stream read to its end),
     recorded when the block is left: failed with what left it, unless that is the application closing the stream
@@ -1868,7 +1873,7 @@ def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, star
         _record_chat_model_call(place, model, started, answer, error)
 
 
-async def _awaited_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int, work: Any) -> Any:
+async def _awaited_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start, work: Any) -> Any:
     with _chat_model_call(place, model, started) as answer:
         result = await work
         answer.read(result)
@@ -1918,7 +1923,7 @@ async def _apull(answer: _langchain.Answer, stream: Any) -> Any:
     return chunk
 
 
-def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                    stream: Iterator[Any]) -> Iterator[Any]:
     """``stream``'s chunks as they come, its usage summed, its call recorded when it ends: exhausted, raising,
     or closed by the application (which stopped reading: not an error of the call); the stream is closed then."""
@@ -1932,7 +1937,7 @@ def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, starte
                 close()
 
 
-async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                          stream: Any) -> Any:
     """``astream``'s chunks as :func:`_streamed_chat` passes ``stream``'s: an async generator, the application's
     stream closed (``aclose``) when it ends."""
@@ -1946,7 +1951,7 @@ async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any,
                 await close()
 
 
-def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                             answer: _langchain.Answer, error: BaseException | None) -> None:
     try:
         name, attrs = _langchain.request_attributes(model)
@@ -1954,7 +1959,13 @@ def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: An
         cost = _langchain.cost_of(attrs)
         if cost:
             attrs[semconv.LLM_COST_USD] = cost
-        _record_placed_chat(place, name, attrs, started, error, in_frame=True)
+        at, began, prompt = started
+
+        def extras(span: Any, attrs: Mapping[str, Any]) -> None:
+            _outside_call_extras(span, attrs, began, error, lambda: _langchain.prompt_messages(model, prompt),
+                                 lambda: answer.text)
+
+        _record_placed_chat(place, name, attrs, at, error, extras, in_frame=True)
     except Exception:
         logger.debug("cmbagent_otel: could not record a chat model's call", exc_info=True)
 
@@ -1978,9 +1989,32 @@ _EXTERNAL_PROMPT_ARGUMENTS = ("plot_description", "plot_type", "vlm_prompt", "ta
 
 def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, call: tuple[Any, ...],
                           completion: Any, result: Any, error: BaseException | None) -> None:
+    """:func:`_outside_call_extras` of cmbagent's external model call ``call`` (function, args, kwargs): its
+    prompt the call's prompt arguments, its answer the completion's text (the plot debugger's fixes, one per
+    line)."""
+
+    def prompt() -> list[dict[str, Any]] | None:
+        func, args, kwargs = call
+        bound = _bind(func, args, kwargs)
+        parts = [f"{name}: {bound[name]}" for name in _EXTERNAL_PROMPT_ARGUMENTS if bound.get(name) is not None]
+        return [{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}] if parts else None
+
+    def answer() -> str | None:
+        choices = getattr(completion, "choices", None)
+        text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+        if text is None and isinstance(result, list):  # the plot debugger's fixes
+            text = "\n".join(str(item) for item in result)
+        return text if isinstance(text, str) else None
+
+    _outside_call_extras(span, attrs, began, error, prompt, answer)
+
+
+def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, error: BaseException | None,
+                         prompt: Callable[[], list[dict[str, Any]] | None], answer: Callable[[], str | None]) -> None:
     """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
-    token usage, cost) when the instrumentor records metrics, and with content capture on its prompt and
-    answer (redacted and bounded like every message). ``began``: the call's start by ``time.perf_counter()``."""
+    token usage, cost) when the instrumentor records metrics, and with content capture on its prompt
+    (``prompt()``: its messages) and answer (``answer()``: its text), redacted and bounded like every message.
+    ``began``: the call's start by ``time.perf_counter()``."""
     try:
         from ..instrumentation._messages import message, output_message, render
         from ..instrumentation.ag2 import AG2Instrumentor
@@ -2000,23 +2034,14 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, cal
                 attrs.get(semconv.LLM_COST_USD))
         if not state.capture or not span.is_recording():
             return
-        func, args, kwargs = call
-        bound = _bind(func, args, kwargs)
-        parts = [f"{name}: {bound[name]}" for name in _EXTERNAL_PROMPT_ARGUMENTS if bound.get(name) is not None]
-        if parts:
-            span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES,
-                               render([{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}],
-                                      convert=message)[0])
-        if error is not None:
-            return
-        choices = getattr(completion, "choices", None)
-        answer = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
-        if answer is None and isinstance(result, list):  # the plot debugger's fixes
-            answer = "\n".join(str(item) for item in result)
-        if isinstance(answer, str):
-            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([answer], convert=output_message)[0])
+        messages = prompt()
+        if messages:
+            span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, render(messages, convert=message)[0])
+        text = answer() if error is None else None
+        if isinstance(text, str):
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([text], convert=output_message)[0])
     except Exception:
-        logger.debug("cmbagent_otel: could not record an external model call's metrics or content", exc_info=True)
+        logger.debug("cmbagent_otel: could not record a model call's metrics or content", exc_info=True)
 
 
 def _pm_enter(state: _State) -> Callable[..., Any]:
