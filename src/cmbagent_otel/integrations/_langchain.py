@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
-import warnings
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -202,16 +202,36 @@ def cost_of(attrs: Mapping[str, Any]) -> float | None:
     return None
 
 
+class _Unsaid:
+    """Stands for the ``warnings`` module in AG2's Gemini pricing: AG2 warns about a model it has no price
+    for, and that warning is not ours to give the application. ``warnings.catch_warnings()`` would silence
+    every thread's warnings meanwhile, and change the process's filters under them (not thread-safe)."""
+
+    @staticmethod
+    def warn(*args: object, **kwargs: object) -> None:
+        return None
+
+
+_quiet_prices: dict[Any, Any] = {}  # AG2's pricing function -> its copy that warns nothing
+
+
+def _quiet(price: Any) -> Any:
+    quiet = _quiet_prices.get(price)
+    if quiet is None:
+        quiet = _quiet_prices[price] = types.FunctionType(
+            price.__code__, {**price.__globals__, "warnings": _Unsaid}, price.__name__, price.__defaults__,
+            price.__closure__)
+    return quiet
+
+
 def _gemini_cost(vertex: bool, prompt: int, output: int, models: list[str]) -> float | None:
     module, name = _GEMINI_PRICES
     price = getattr(sys.modules.get(module), name, None)
-    if not callable(price):
+    if not isinstance(price, types.FunctionType):
         return None
+    price = _quiet(price)
     for model in models:
-        # AG2 warns about a model it has no price for (its own call of that model would warn too): not ours to say
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cost = price(vertex, prompt, output, model)
+        cost = price(vertex, prompt, output, model)
         if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
             return float(cost)
     return None
