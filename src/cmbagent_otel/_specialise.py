@@ -18,6 +18,7 @@ by the caller (read once, here: ``_GIL``, ``SPAN_KEY``...), a literal, or a name
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import functools
 import inspect
@@ -97,6 +98,14 @@ class _Rename(ast.NodeTransformer):
         return ast.copy_location(ast.Name(found.id, node.ctx), node)  # type: ignore[attr-defined]
 
 
+def _shared(name: str, caller: Mapping[str, Any], helper: Mapping[str, Any]) -> bool:
+    """Whether ``name`` read in a helper's module (globals ``helper``) is the same object read in the caller's:
+    the same module global in both, or a builtin neither module shadows."""
+    if name in caller:
+        return name in helper and caller[name] is helper[name]
+    return name not in helper and hasattr(builtins, name)
+
+
 class _Inline(ast.NodeTransformer):
     """Calls of the given helpers, as a statement or as the value of an assignment, written in.
 
@@ -142,7 +151,7 @@ class _Inline(ast.NodeTransformer):
             if helper.__globals__ is not globals_:
                 # written into the caller, its global reads would read the caller's module
                 read = _read(body) - _stored(body) - {a.arg for a in definition.args.args}
-                if any(name not in globals_ or globals_[name] is not helper.__globals__.get(name) for name in read):
+                if not all(_shared(name, globals_, helper.__globals__) for name in read):
                     raise ValueError(f"{helper.__qualname__} reads a global the caller's module does not share")
                 self.foreign.add(definition.name)
             self.helpers[key] = definition

@@ -76,8 +76,10 @@ from .._context import (
     _SUPPRESS,
     _SUPPRESS_PLAIN,
     SPAN_KEY,
+    Frame,  # noqa: F401  # read by TracedSpan.__exit__, written into _traced_method's copies
     Scope,
     current_scope,
+    detach,  # noqa: F401  # as Frame
     get_current,
     scope_in,
 )
@@ -89,13 +91,15 @@ from .._spans import (
     SharedAttributes,
     TracedSpan,
     TracedSpanShell,
+    _record_timing,  # noqa: F401  # as Frame
     end_interrupted,
     error_type,
     make_tracer,
     start_of,
     workflow_tracers,
 )
-from .._specialise import specialise
+from .._specialise import specialise, specialiser
+from .._termination import claim_duration  # noqa: F401  # as Frame
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import (
     MAX_NAME,
@@ -265,6 +269,57 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
     return result
 
 
+def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
+                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, original: Callable[..., Any],
+                   self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The body of :func:`_traced_sync`'s method wrappers: made per patched method with everything before
+    ``self`` bound (``_method_maker``), ``TracedSpan.__exit__`` written in for the plain span the hot
+    builders start (``TracedSpanShell``: one frame less per span). The decision and _run_traced written
+    out: this runs for most spans, one frame less each."""
+    if not state.active:
+        return original(self, *args, **kwargs)
+    try:
+        ctx = get_current()
+        # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+        if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+            traced = None
+        elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+              and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
+                or not (probe.drops_all or probe.drops(ctx)):
+            # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
+            # that drops every span (always_off, a no-op tracer)
+            traced = build(state, ctx, self, args, kwargs)
+        else:
+            traced = _FAST if fast is not None else None
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+        traced = None
+    if not traced:  # None or _FAST, never a span
+        if traced is None:
+            return original(self, *args, **kwargs)
+        return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
+    # `with traced:` written out (the builder started the span): a with statement calls __exit__
+    # from C (a nested interpreter, ~500 instructions per span more); same exception handling
+    try:
+        result = original(self, *args, **kwargs)
+        if record is not None:
+            try:
+                record(state, traced, self, args, kwargs, result)
+            except Exception:
+                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if type(traced) is TracedSpanShell:  # its own __exit__ is TracedSpan's: written in here when generated
+        TracedSpan.__exit__(traced, None, None, None)
+    else:  # a span type with an __exit__ of its own (_ChatSpan, _GroupChatSpan, _CodeSpan...)
+        traced.__exit__(None, None, None)
+    return result
+
+
+_method_maker: Callable[..., Callable[..., Any]] | None = None  # made by the first _traced_sync()
+
+
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
@@ -272,6 +327,11 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     straight through), called ``fast(state, ctx, original, instance, args, kwargs)``, which calls
     ``original(instance, *args, **kwargs)`` (no bound method made per call). The context is read once;
     telemetry errors mean "call through"."""
+    global _method_maker
+    if _method_maker is None:  # generated once per process (two instrument()s at once: the same code)
+        _method_maker = specialiser(_traced_method, "patched", ("state", "probe", "build", "record", "fast",
+                                                                "original"), inline=(TracedSpan.__exit__,))
+    maker = _method_maker
     probe = state.probe
     record = _MADE.get(record, record)  # type: ignore[arg-type]
     if record in _CONTENT_ONLY and not state.capture:
@@ -280,47 +340,8 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
         no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
-        the same body (:func:`._patching.wrapt_wrapper`). The decision and _run_traced written out: this
-        runs for most spans, one frame less each."""
-        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not state.active:
-                return original(self, *args, **kwargs)
-            try:
-                ctx = get_current()
-                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
-                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
-                    traced = None
-                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
-                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not (probe.drops_all or probe.drops(ctx)):
-                    # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
-                    # that drops every span (always_off, a no-op tracer)
-                    traced = build(state, ctx, self, args, kwargs)
-                else:
-                    traced = _FAST if fast is not None else None
-            except Exception:
-                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-                traced = None
-            if not traced:  # None or _FAST, never a span
-                if traced is None:
-                    return original(self, *args, **kwargs)
-                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
-            # `with traced:` written out (the builder started the span): a with statement calls __exit__
-            # from C (a nested interpreter, ~500 instructions per span more); same exception handling
-            try:
-                result = original(self, *args, **kwargs)
-                if record is not None:
-                    try:
-                        record(state, traced, self, args, kwargs, result)
-                    except Exception:
-                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-            except BaseException as exc:
-                traced.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            traced.__exit__(None, None, None)
-            return result
-
-        return patched
+        the same body (:func:`._patching.wrapt_wrapper`)."""
+        return maker(state, probe, build, record, fast, original)
 
     return wrapt_wrapper(method_for, state)
 
