@@ -10,6 +10,7 @@ no span left current (the last one is ``tests/faults/test_faults40_interrupted_e
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
+import cmbagent_otel
 from cmbagent_otel._spans import TracedSpan
 from cmbagent_otel.instrumentation import ag2
 from cmbagent_otel.testing import offline_agent
@@ -102,3 +104,41 @@ def test_a_ctrl_c_from_the_written_in_end_leaves_no_context(instrumented: SpanCa
         sender.initiate_chat(answerer, message="hi", max_turns=1, silent=True)
     assert interrupt.raised and caught.value is interrupt.raised[0]
     assert not trace.get_current_span().get_span_context().is_valid
+
+
+def _async_chat_shape(capture: SpanCapture) -> list[tuple[str, str | None, str]]:
+    """(name, parent's name, status) of every span of a two-turn async chat, instrumented into ``capture``."""
+    import asyncio
+
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        sender = offline_agent("asker", ["hello"] * 2)
+        answerer = offline_agent("answerer", ["one", "two"])
+        asyncio.run(sender.a_initiate_chat(answerer, message="hi", max_turns=2, silent=True))
+    finally:
+        cmbagent_otel.uninstrument()
+    spans = capture.spans
+    by_id = {s.context.span_id: s.name for s in spans}
+    assert len(spans) >= 5 and all(s.end_time is not None for s in spans)
+    return sorted((s.name, by_id.get(s.parent.span_id) if s.parent else None, s.status.status_code.name)
+                  for s in spans)
+
+
+def test_the_coroutine_wrappers_are_generated_from_the_same_source(capture: SpanCapture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a_generate_reply``'s wrapper is an ``async def`` generated from ``_traced_method`` (awaiting the call, with
+    ``__exit__`` written in); where it cannot be generated, the wrapper made of the same helpers
+    (``_composed_async``) records the same spans."""
+    from autogen import ConversableAgent
+
+    generated = _async_chat_shape(capture)
+    cmbagent_otel.instrument(tracer_provider=capture.provider, instrument_cmbagent=False)
+    try:
+        patched = vars(ConversableAgent)["a_generate_reply"]
+        assert inspect.iscoroutinefunction(patched)
+        assert {"end", "detach"} <= set(patched.__code__.co_names), patched.__code__.co_names
+    finally:
+        cmbagent_otel.uninstrument()
+    capture.exporter.clear()
+    monkeypatch.setattr(ag2, "_async_method_maker", ag2._composed_async)
+    assert _async_chat_shape(capture) == generated
