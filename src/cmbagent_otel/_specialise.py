@@ -375,6 +375,16 @@ class _Fold(ast.NodeTransformer):
             return node
         return node.body if value else node.orelse  # spliced in its place (nothing: removed)
 
+    def visit_Try(self, node: ast.Try) -> Any:
+        """A ``try`` whose body folded to nothing (``try: pass``) and has no ``else``: nothing in it can raise, so
+        no handler runs and its ``finally`` block runs as plain statements (spliced in its place)."""
+        self.generic_visit(node)
+        if node.orelse or not all(isinstance(statement, ast.Pass) for statement in node.body):
+            return node
+        return node.finalbody
+
+    visit_TryStar = visit_Try
+
     def generic_visit(self, node: ast.AST) -> ast.AST:
         node = super().generic_visit(node)
         body = getattr(node, "body", None)

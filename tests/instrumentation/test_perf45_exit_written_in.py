@@ -142,3 +142,28 @@ def test_the_coroutine_wrappers_are_generated_from_the_same_source(capture: Span
     capture.exporter.clear()
     monkeypatch.setattr(ag2, "_async_method_maker", ag2._composed_async)
     assert _async_chat_shape(capture) == generated
+
+
+def _ended_when(flag: bool, calls: list[str]) -> None:
+    try:
+        if flag:
+            calls.append("body")
+    except Exception:
+        calls.append("handler")
+    finally:
+        calls.append("finally")
+
+
+def test_a_try_folded_to_nothing_leaves_its_finally_block_alone() -> None:
+    """``TracedSpan.__exit__`` written in with no exception folds its recording away (``if exc is not None ...``):
+    the ``try`` around it, left with nothing that can raise, is dropped and its ``finally`` block runs as plain
+    statements (no exception table left). On main the empty ``try`` stayed."""
+    from cmbagent_otel._specialise import specialise
+
+    off, on = specialise(_ended_when, "_off", {"flag": False}), specialise(_ended_when, "_on", {"flag": True})
+    calls: list[str] = []
+    off(calls)
+    assert calls == ["finally"] and off.__code__.co_exceptiontable == b""
+    calls.clear()
+    on(calls)
+    assert calls == ["body", "finally"] and on.__code__.co_exceptiontable != b""
