@@ -110,9 +110,15 @@ def _names_data_key(name: str) -> bool:
     return len(words) < 3 or _SECRET_ENV_NAME.search(words[0]) is None
 
 
+# words joined by "-" or "." in a variable's name (``openai-api-key``, ``db.password``: set through ``env`` or a
+# process's environment dict, not a shell) are words as joined by "_": ``my-api-key`` was never registered
+_ENV_NAME_JOINERS = str.maketrans("-.", "__")
+
+
 def _is_secret_env_name(name: str) -> bool:
     """Whether the environment variable ``name`` holds a secret (its value is registered): by the environment's
     rule, or as a key of data would (``SENTRY_DSN``, ``PG_DSN``, ``OpenAIKey``: see :func:`_holder_secret_name`)."""
+    name = name.translate(_ENV_NAME_JOINERS)
     return (_SECRET_ENV_NAME.search(name) is not None and not _names_data_key(name)) or _holder_secret_name(name)
 
 
