@@ -2213,6 +2213,9 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if ("H4sI" in text or "LS0t" in text or "Qlpo" in text or "/Td6WFo" in text
             or _BLOB_E.search(text) is not None):
         text = _redact_blobs(text)
+    runs = text.encode("ascii", "replace").translate(_RUN_BYTES)  # (one byte a character: positions kept)
+    if _LONG_RUN in runs:
+        text = _redact_encoded_text(text, runs)
     if known is not None:
         text = _replace_known(known, text)
         if _pieced_max_len:
@@ -2317,6 +2320,12 @@ def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
         inner = raw[:_BLOB_OUT].decode("utf-8", "replace")
     except Exception:
         return False
+    return _holds_secret(inner, depth)
+
+
+def _holds_secret(inner: str, depth: int) -> bool:
+    """Whether ``inner``, decoded from a blob or an encoded text found at ``depth``, holds a secret (by name, shape
+    or as known; a value under a secret's name is learned on the way)."""
     if not inner:
         return False
     _blob_depth.value = depth + 1
@@ -2324,6 +2333,56 @@ def _blob_holds_secret(magic: str, blob: str, depth: int) -> bool:
         return (_redact_with(_known_pattern, inner) or "").count(REDACTED) > inner.count(REDACTED)
     finally:
         _blob_depth.value = depth
+
+
+# Base64 or hex of plain text, which no magic above opens: ``cGFzc3dvcmQ9...`` (``password=<v>``), an API key or
+# ``api_key: <k>`` a tool base64-encodes or hex-dumps. Only the forms of text are taken, the whole run between
+# characters of neither: each 4 characters of base64 of bytes 0x09-0x7e (tab, line breaks, printable ASCII) have a
+# first character of 26, a second of 28 and a third of 32 (see the classes), so a random base64 run of 16 or more
+# is taken about once in 40,000 and an English word of 16 letters rarely (every 4th letter among A-F, I-Z); hex of
+# such bytes has a first digit 2-7 (0 before a tab or a line break) in each pair. Decoded and searched as any text;
+# the run is replaced whole where that finds a secret (a value under a secret's name is learned there).
+_ENCODED_TEXT = re.compile(
+    r"(?<![A-Za-z0-9+/_\-])(?:"
+    r"(?P<b64>(?:[CDI-Za-f][A-HQ-Xg-nw-z0-3][ABEFIJMNQRUVYZcdghklopstwx014589][A-Za-z0-9+/_\-]){4,}"
+    r"(?:[A-Za-z0-9+/_\-]{2,3})?={0,2})"
+    r"|(?:[2-7][0-9a-f]|0[9ad]){12,}|(?:[2-7][0-9A-F]|0[9AD]){12,})(?![A-Za-z0-9+/=_\-])")
+_ENCODED_TEXT_MAX = 4 * (_BLOB_OUT // 3)  # characters of one run decoded (as a blob's)
+# Such a run starts with 16 letters or digits in a row ("+/-_" stand for 4 bytes only: ">", "?", "~" and DEL at a
+# group's third byte): found in the text's bytes mapped to "a" (a letter or digit) and " " (any other) by
+# bytes.translate and a substring search, the pattern tried there only. Searched for over the whole text, it cost half
+# as much again as the rest of the redaction of prose and code (each letter started an attempt)
+_RUN_BYTES = bytes(0x61 if chr(code).isascii() and chr(code).isalnum() else 0x20 for code in range(256))
+_LONG_RUN = b"a" * 16
+
+
+def _redact_encoded_text(text: str, runs: bytes) -> str:
+    """``text`` with each base64 or hex run of plain text (:data:`_ENCODED_TEXT`) that holds a secret replaced;
+    ``runs``: ``text`` mapped by :data:`_RUN_BYTES`."""
+    depth = getattr(_blob_depth, "value", 0)
+    if depth >= 2:
+        return text
+    spans = []
+    at = runs.find(_LONG_RUN)
+    while at >= 0:  # ``at`` starts a run of letters and digits (the first 16 in a row)
+        match = _ENCODED_TEXT.match(text, at)
+        end = runs.find(b" ", at)
+        at = runs.find(_LONG_RUN, end) if end >= 0 else -1
+        if match is None:
+            continue
+        run = match.group()[:_ENCODED_TEXT_MAX]
+        try:
+            if match.group("b64") is None:
+                raw = bytes.fromhex(run[:len(run) - len(run) % 2])
+            else:
+                run = run.translate(_B64_STANDARD).rstrip("=")
+                raw = base64.b64decode(run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
+                                       + "=" * (-len(run) % 4))
+        except ValueError:
+            continue
+        if _holds_secret(raw.decode("ascii", "replace"), depth):
+            spans.append(match.span())
+    return _replaced(text, spans, REDACTED) if spans else text
 
 
 def _redact_bare_credentials(text: str) -> str:
