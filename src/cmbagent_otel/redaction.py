@@ -1191,6 +1191,9 @@ def _learn_text(text: str, depth: int) -> None:
             _register_walk(parsed, depth + 1, False, learn_secret)
             return
     _kv_scan(text, learn=True)
+    # (content capture off, tool arguments are only learned from: base64 of ``password=<v>`` taught nothing, and
+    # the tool's error quoting <v> showed it)
+    _redact_encoded(text)
 
 
 def _register_value(value: Any, register: Any) -> None:
@@ -2210,12 +2213,7 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _known_pattern is not before:  # learned a value here: catch its other occurrences too
         known = _known_pattern
     # before known secrets: one replaced inside a blob (an encoded form) would cut the blob short
-    if ("H4sI" in text or "LS0t" in text or "Qlpo" in text or "/Td6WFo" in text
-            or _BLOB_E.search(text) is not None):
-        text = _redact_blobs(text)
-    runs = text.encode("ascii", "replace").translate(_RUN_BYTES)  # (one byte a character: positions kept)
-    if _LONG_RUN in runs:
-        text = _redact_encoded_text(text, runs)
+    text = _redact_encoded(text)
     if known is not None:
         text = _replace_known(known, text)
         if _pieced_max_len:
@@ -2242,6 +2240,16 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+def _redact_encoded(text: str) -> str:
+    """``text`` with each base64 blob (:data:`_BLOB`) and each base64 or hex run of plain text
+    (:data:`_ENCODED_TEXT`) that holds a secret replaced; a value under a secret's name in one is learned."""
+    if ("H4sI" in text or "LS0t" in text or "Qlpo" in text or "/Td6WFo" in text
+            or _BLOB_E.search(text) is not None):
+        text = _redact_blobs(text)
+    runs = text.encode("ascii", "replace").translate(_RUN_BYTES)  # (one byte a character: positions kept)
+    return _redact_encoded_text(text, runs) if _LONG_RUN in runs else text
 
 
 # base64 blobs a secret hides in with no fixed form: gzip (H4sI) or zlib (eJ., eN.) compressed data,

@@ -77,3 +77,13 @@ def test_a_run_inside_longer_words_or_paths_is_not_taken_apart() -> None:
     run = base64.b64encode(f"password={value}".encode()).decode()
     assert redaction.safe_text(f"id x_{run}") == f"id x_{run}"
     assert redaction.safe_text(f"id x_{run} then {run}") == f"id x_{run} then [REDACTED]"
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex"])
+def test_tool_arguments_teach_an_encoded_texts_value(encoding: str) -> None:
+    """Fails on main (2 of 2). With content capture off a tool's arguments are only learned from (never recorded):
+    their encoded text was not decoded, and the tool's error quoting the value alone showed it."""
+    value = unlearned_word("Ta") + "3"
+    run = ENCODINGS[encoding](f"password={value}".encode())
+    redaction.learn_secrets_in({"note": f"creds {run}"})
+    assert redaction.safe_text(f"login refused for {value}") == "login refused for [REDACTED]"
