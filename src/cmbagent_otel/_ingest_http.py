@@ -323,8 +323,8 @@ class OtlpHttpApp:
             try:
                 loop = asyncio.get_running_loop()
                 try:
-                    work = loop.run_in_executor(self.executor, core.process, body, kind, encoding == "gzip",
-                                                ticket, time.monotonic())
+                    work = loop.run_in_executor(self.executor, core.process, body, kind,
+                                                "gzip" if encoding == "gzip" else None, ticket, time.monotonic())
                 except RuntimeError:
                     # submit() could not start a worker thread (a pids or memory limit) or the pool is shut
                     # down: nothing was stored, the client keeps the spans (a 500 made OTLP clients drop them)
