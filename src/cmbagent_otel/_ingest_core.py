@@ -386,7 +386,7 @@ class IngestCore:
 
     # --- decoding and writing (worker threads) ----------------------------------------------
     def process(self, body: bytes, kind: str, encoding: str | None, ticket: Ticket,
-                admitted: float | None = None) -> Outcome:
+                admitted: float | None = None, gone: Callable[[], bool] | None = None) -> Outcome:
         """Decompress, decode and store one request body; raises :class:`IngestError`.
 
         ``encoding``: ``None`` (as it is), ``"gzip"`` or ``"deflate"`` (a zlib stream; one that does
@@ -394,7 +394,9 @@ class IngestCore:
         protobuf message can begin as a zlib header does). The output is reserved from the budget as
         it grows, before it is made. ``admitted``: the ``time.monotonic()`` when the request was
         admitted to writing; the first chunk's wait for the database counts from then
-        (:data:`WRITE_WAIT`)."""
+        (:data:`WRITE_WAIT`). ``gone()``: whether the client has gone (disconnected, or its gRPC
+        deadline passed), asked before each chunk is written: nobody is waiting for the rest, which its
+        client sends again or counts lost (``IngestError('unavailable')`` then)."""
         packed = len(body) if encoding else 0
         if encoding:
             base = ticket.held
@@ -425,6 +427,11 @@ class IngestCore:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
                 if batch.spans:
+                    if gone is not None and gone():
+                        self.count("disconnects")
+                        logger.debug("cmbagent-otel ingest: the client has gone; the rest of its request is not "
+                                     "written (%d span(s) were)", outcome.written)
+                        raise IngestError("unavailable", "the client has gone")
                     written = self._store(batch.spans, admitted, functools.partial(key, number))
                     admitted = None  # later chunks: from when they are ready
                     outcome.written += written

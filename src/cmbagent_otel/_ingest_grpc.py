@@ -235,7 +235,8 @@ class TraceService:
         ticket = core.admission.ticket()
         try:
             ticket.hold(len(request) * core.factor("protobuf"))
-            outcome = core.process(request, "protobuf", message_encoding(request), ticket, admitted)
+            outcome = core.process(request, "protobuf", message_encoding(request), ticket, admitted,
+                                   lambda: not context.is_active())
         except IngestError as err:
             self._abort(context, err)
         except Exception:

@@ -1,9 +1,11 @@
 """Hostile clients of the ingest server over real HTTP and gRPC (session 45), the server run as an operator
-runs it (a subprocess, default limits): compression bombs sent many at once. The gRPC side is spoken frame
-by frame (tests/ingest/h2wire.py): a message compressed by hand, from chosen client addresses."""
+runs it (a subprocess, default limits): compression bombs sent many at once, and requests whose client has
+gone while they are still being written. The gRPC side is spoken frame by frame (tests/ingest/h2wire.py): a
+message compressed by hand, from chosen client addresses."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from .conftest import IngestProcess
 from .h2wire import END_HEADERS, HEADERS, Connection, export_headers, frame, grpc_message, status_of
-from .test_ingest_limits import EXPORT, pb_request, stored_traces, varint
+from .test_ingest_limits import EXPORT, pb_request, post_head, stored_traces, varint
 
 MiB = 1 << 20
 WAIT = 60.0  # bound of every wait for the server (generous: the machine is shared)
@@ -110,3 +112,65 @@ def test_grpc_messages_compressed_or_not_are_stored(ingest: tuple[IngestProcess,
             export(b"\x0a" + b"\x00" * (32 * MiB), timeout=WAIT, compression=grpc.Compression.Deflate)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert {f"{t:032x}" for t in traces} <= stored_traces(db)
+
+
+def tiny_spans(count: int) -> bytes:
+    """One request of ``count`` small valid spans of one fresh trace (~44 bytes each, ~30 times smaller
+    gzipped): a few hundred kilobytes that take the server minutes to store."""
+    _, trace_id = pb_request(0)
+    tid = trace_id.to_bytes(16, "big")
+    spans = b"".join(b"\x12\x1f\x0a\x10" + tid + b"\x12\x08" + (n + 1).to_bytes(8, "big") + b"\x2a\x01s"
+                     for n in range(count))
+    scope_spans = b"\x12" + varint(len(spans)) + spans
+    return b"\x0a" + varint(len(scope_spans)) + scope_spans
+
+
+ABANDONED = 300_000  # spans: ~1.5 minutes of writing on this machine, far past the clients' deadlines
+
+
+def test_grpc_calls_past_their_deadline_stop_being_written(ingest: tuple[IngestProcess, Path]) -> None:
+    """Two calls (one per worker) of many small spans, each with a 3 s deadline. Past it their clients were
+    told DEADLINE_EXCEEDED, yet both workers wrote on for minutes, and every other client's call waited for
+    a worker until its own deadline. A call whose client has gone now stops at its next chunk."""
+    proc, _ = ingest
+    body = tiny_spans(ABANDONED)
+    failures: list[grpc.StatusCode] = []
+
+    def abandon(n: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel, pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(EXPORT)(body, timeout=3, compression=grpc.Compression.Gzip)
+        failures.append(info.value.code())
+
+    in_threads(abandon, 2)
+    assert failures == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    request, _ = pb_request()
+    with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+        channel.unary_unary(EXPORT)(request.SerializeToString(), timeout=WAIT)  # before: DEADLINE_EXCEEDED
+
+
+def test_http_requests_whose_client_hung_up_stop_being_written(ingest: tuple[IngestProcess, Path]) -> None:
+    """The same over HTTP: two clients (one per worker) post many small spans gzipped and hang up after
+    3 s without an answer (an OTLP exporter's timeout). Their workers wrote on for minutes and the next
+    request waited for one: a client giving up after 60 s had no answer yet."""
+    proc, db = ingest
+    body = gzipped(tiny_spans(ABANDONED))
+    unanswered: list[bool] = []
+
+    def hang_up(n: int) -> None:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=WAIT,
+                                      source_address=(f"127.0.0.{2 + n}", 0)) as sock:
+            sock.sendall(post_head(len(body), extra="Content-Encoding: gzip") + body)
+            sock.settimeout(3)
+            try:
+                unanswered.append(sock.recv(1) == b"")
+            except TimeoutError:
+                unanswered.append(True)
+
+    in_threads(hang_up, 2)
+    assert unanswered == [True, True]
+    request, trace_id = pb_request()
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=WAIT) as sock:  # before: timed out
+        raw = request.SerializeToString()
+        sock.sendall(post_head(len(raw)) + raw)
+        assert sock.recv(12) == b"HTTP/1.1 200"
+    assert f"{trace_id:032x}" in stored_traces(db)
