@@ -188,6 +188,8 @@ class TraceService:
         try:
             request = self._receive(requests, context)
             if request is None:
+                if context.is_active():  # reached the service once the stop had begun: sent again later
+                    self._abort(context, IngestError("unavailable", "ingest is stopping, retry later"))
                 return b""  # the call was cancelled (by the client, the watchdog or stop): nobody reads this
             if not core.enter():
                 self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
