@@ -336,8 +336,15 @@ class GrpcReceiver:
                 self._stopped = self._server.stop(grace)
             except RuntimeError:
                 # grpcio's grace is a thread of its own, and none can start: at interpreter exit (Python
-                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. Without
-                # it the calls are cancelled now (grpcio then waits for them to end: they are cancelled)
+                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. The grace
+                # is given here instead, in this thread: grpcio has begun its shutdown (no call accepted any
+                # more) before it failed to start the thread; the calls waiting for their message are
+                # cancelled, those being written are waited for until answered (grpcio's termination), then
+                # the rest cancelled. Cancelled at once, a call being written at exit was refused
+                # (UNAVAILABLE "Cancelling all calls") though its spans were stored
+                if self._service is not None and grace:
+                    self._service.cancel_waiting()
+                    self._server.wait_for_termination(grace)
                 self._stopped = self._server.stop(None)
         if self._service is not None:
             self._service.cancel_waiting()
