@@ -89,7 +89,11 @@ class Watchdog:
         self._heap: list[list[Any]] = []  # [deadline, key, callback or None once cancelled]
         self._entries: dict[int, list[Any]] = {}
         self._ids = itertools.count()
-        self._cond = threading.Condition()
+        # a plain lock under the condition, taken by stop() as ``with self._lock``: its __enter__ is C code,
+        # where Condition's is Python, and an interrupt landing as that returned (a stop from the main thread,
+        # a signal handler's KeyboardInterrupt) left the reentrant lock held: the thread never woke, left
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -126,7 +130,7 @@ class Watchdog:
 
     def stop(self, timeout: float | None = None) -> None:
         """End the thread, waiting for it at most ``timeout`` seconds (a callback running: a call's cancel)."""
-        with self._cond:
+        with self._lock:
             self._stopped = True
             self._cond.notify()
             thread = self._thread
