@@ -6,11 +6,8 @@ left), then raises the interrupt; cut before, the server serves on, whole, for t
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import grpc._server
 import pytest
@@ -21,9 +18,11 @@ from tests.ingest.test_ingest43_lifecycle import (  # noqa: F401  (baseline: the
     assert_nothing_left,
     baseline,
     grpc_export,
+    nth_step,
     post,
     server_for,
     spans,
+    steps_of,
     where,
 )
 
@@ -41,46 +40,19 @@ def _step(frame: FrameType, event: str) -> bool:
             and frame.f_code.co_name not in ("__del__", "_remove") and frame.f_back.f_code.co_name != "__del__")
 
 
-def _nth(n: int) -> Callable[[FrameType, str, Any], bool]:
-    seen = [0]
-
-    def hit(frame: FrameType, event: str, arg: Any) -> bool:
-        if not _step(frame, event):
-            return False
-        seen[0] += 1
-        return seen[0] == n + 1
-
-    return hit
-
-
-def _steps(action: Callable[[], object]) -> int:
-    count = [0]
-
-    def hook(frame: FrameType, event: str, arg: Any) -> None:
-        if _step(frame, event):
-            count[0] += 1
-
-    sys.setprofile(hook)
-    try:
-        action()
-    finally:
-        sys.setprofile(None)
-    return count[0]
-
-
 def test_keyboard_interrupt_at_each_deep_step_of_stop_leaves_nothing(
         sqlite_url: str, baseline: tuple[set[str], set[str]]) -> None:  # noqa: F811
     probe = server_for(sqlite_url).start()
     assert post(probe, spans()) == 200
     grpc_export(probe, spans())
-    count = _steps(probe.stop)
+    count = steps_of(probe.stop, _step)
     assert count > 30
     for n in range(count):
         server = server_for(sqlite_url).start()
         assert post(server, spans()) == 200
         grpc_export(server, spans())
         try:
-            with interrupt_at(_nth(n)) as raised:
+            with interrupt_at(nth_step(n, _step)) as raised:
                 server.stop()
         except pytest.fail.Exception:  # fewer steps this time (what the collector or a join ran): swept
             server.stop()
