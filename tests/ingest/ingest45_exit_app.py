@@ -3,13 +3,15 @@ request, run as a script by test_ingest45_exit.py.
 
 ``python ingest45_exit_app.py DB`` prints ``ports HTTP GRPC`` once serving; the first write then waits
 (at most 60 s) until the server is stopping, so the request is still being written when the exit's
-stop begins; ``writing`` is printed when it starts, after which the main thread returns.
+stop begins; ``writing`` is printed when it starts, after which the main thread returns, and ``written in
+S s`` when the write is done (S: seconds from the stop's beginning).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -30,7 +32,9 @@ class HeldUntilStopping:
         print("writing", flush=True)
         self.entered.set()
         self.server[0].core.stopping.wait(60)
+        began = time.monotonic()
         self.writer.write(spans)
+        print(f"written in {time.monotonic() - began:.3f} s", flush=True)
 
 
 def main(db: str) -> None:

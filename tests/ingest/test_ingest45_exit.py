@@ -1,8 +1,9 @@
 """A request being written when the application leaves the interpreter normally (session 45). The
 receivers' threads are daemons: only the exit's stop (an ``atexit`` function) gives the request its grace.
-It must be answered whole (and then stored), never cut off half-written. Python 3.12+ starts no thread in
-an ``atexit`` function, grpcio's grace thread among them: the gRPC call was cancelled at once (CANCELLED),
-its spans stored all the same; the receiver now gives the grace itself."""
+It must be answered whole (and then stored), never cut off half-written; refused only when its write
+outlasts the grace (a starved machine). Python 3.12+ starts no thread in an ``atexit`` function, grpcio's
+grace thread among them: the gRPC call was cancelled at once (UNAVAILABLE "Cancelling all calls"), its
+spans stored all the same; the receiver now gives the grace itself."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from cmbagent_otel.ingest import GRACE_S
 
 from .conftest import finished
 from .test_ingest_limits import EXPORT, pb_request, stored_traces
@@ -59,5 +62,8 @@ def test_a_request_being_written_at_exit_is_answered_whole(tmp_path: Path, recei
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and "writing" in out and "Traceback" not in err, err[-3000:]
-    assert refused is None, refused
+    if refused is not None:  # only a write that outlasted the grace (a starved machine) may be refused
+        took = [float(line.split()[2]) for line in out.splitlines() if line.startswith("written in ")]
+        assert not took or took[0] >= GRACE_S, (refused, out)
+        return
     assert f"{trace_id:032x}" in stored_traces(db)
