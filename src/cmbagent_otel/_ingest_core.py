@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.sdk.trace import ReadableSpan
 
 from ._forksafe import reset_in_child
+from ._ingest_pool import seconds_left
 from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
 from .redaction import register_secret
 
@@ -626,7 +627,7 @@ class IngestCore:
         start waited for it to its end, and reported nothing of it (its error is not ours to tell)."""
         thread = self._startup
         if thread is not None:
-            thread.join(max(0.0, self._startup_until - time.monotonic()))
+            thread.join(seconds_left(self._startup_until))
         return self._startup_error
 
     def startup_over(self, timeout: float) -> bool:
@@ -656,7 +657,7 @@ class IngestCore:
         try:
             writer = self._get_writer()
             lock = self._write_lock
-            if lock is not None and not lock.acquire(timeout=max(0.0, end - time.monotonic())):
+            if lock is not None and not lock.acquire(timeout=seconds_left(end)):
                 raise DatabaseUnavailable("database busy: this server's other writes took the time to wait")
             try:
                 if isinstance(writer, DagWriter):
