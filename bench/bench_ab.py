@@ -240,7 +240,7 @@ def prepare_ingest(tree: Tree, batches: list[list[Any]],
             for body in bodies:
                 ticket = core.admission.ticket()
                 try:
-                    outcome = core.process(body, "protobuf", False, ticket)
+                    outcome = core.process(body, "protobuf", None, ticket)
                 finally:
                     ticket.close()
                 if outcome.rejected:

@@ -118,7 +118,7 @@ def _process(core: Any, body: bytes) -> int:
     without HTTP; returns the spans written."""
     ticket = core.admission.ticket()
     try:
-        return core.process(body, "protobuf", False, ticket).written
+        return core.process(body, "protobuf", None, ticket).written
     finally:
         ticket.close()
 

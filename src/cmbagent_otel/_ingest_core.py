@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.sdk.trace import ReadableSpan
 
 from ._forksafe import reset_in_child
+from ._ingest_pool import seconds_left
 from .otlp_decode import Limits, MalformedPayload, iter_json, iter_protobuf, json_cost
 from .redaction import register_secret
 
@@ -212,37 +213,55 @@ def _digest(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=16).digest()
 
 
-def gunzip(body: bytes, limit: int) -> bytes:
+INFLATE_STEP = 1 << 20  # bytes of output inflated at a time, each step reserved from the budget first
+
+
+def gunzip(body: bytes, limit: int, reserve: Callable[[int], object] | None = None) -> bytes:
     """Every member of a gzip body, at most ``limit`` bytes in all.
 
     A gzip file may hold several members one after another (``cat a.gz b.gz``); each is
     decompressed in turn, so no span is silently lost. Anything that is not a complete
     member (truncated data, trailing garbage) raises ``IngestError('invalid')``; more than
     ``limit`` bytes raises ``IngestError('too_large')`` as soon as the output passes it.
+    ``reserve(n)`` is called before the output may reach ``n`` bytes (twice the output: it is
+    copied once at the end), and raises to stop (the memory budget has no room).
     """
+    return _inflate(body, limit, reserve, 16 + zlib.MAX_WBITS, "gzip")
+
+
+def unzlib(body: bytes, limit: int, reserve: Callable[[int], object] | None = None) -> bytes:
+    """One zlib stream (RFC 1950, gRPC's ``deflate``), bounded and reserved as :func:`gunzip`."""
+    return _inflate(body, limit, reserve, zlib.MAX_WBITS, "deflate")
+
+
+def _inflate(body: bytes, limit: int, reserve: Callable[[int], object] | None, wbits: int, name: str) -> bytes:
     out = bytearray()
     data = memoryview(body)
     while True:
-        decomp = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        decomp = zlib.decompressobj(wbits)
         try:
-            chunk = decomp.decompress(data, limit + 1 - len(out))
-            out += chunk
-            if len(out) > limit:
-                raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
-            while decomp.unconsumed_tail:
-                out += decomp.decompress(decomp.unconsumed_tail, limit + 1 - len(out))
+            while True:
+                room = min(INFLATE_STEP, limit + 1 - len(out))
+                if reserve is not None:
+                    reserve(2 * (len(out) + room))
+                out += decomp.decompress(data, room)
                 if len(out) > limit:
                     raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
+                data = memoryview(decomp.unconsumed_tail)
+                if not data:
+                    break
             out += decomp.flush()
         except zlib.error as exc:
-            raise IngestError("invalid", f"invalid gzip body: {exc}") from None
+            raise IngestError("invalid", f"invalid {name} body: {exc}") from None
         if len(out) > limit:
             raise IngestError("too_large", f"decompressed body exceeds {limit} bytes")
         if not decomp.eof:
-            raise IngestError("invalid", "truncated gzip body")
+            raise IngestError("invalid", f"truncated {name} body")
         rest = decomp.unused_data
         if not rest:
             return bytes(out)
+        if name != "gzip":  # one stream only: what follows it is not part of the message
+            raise IngestError("invalid", f"invalid {name} body: data after the end of its stream")
         data = memoryview(rest)
 
 
@@ -370,17 +389,30 @@ class IngestCore:
             setattr(self, what, getattr(self, what) + amount)
 
     # --- decoding and writing (worker threads) ----------------------------------------------
-    def process(self, body: bytes, kind: str, compressed: bool, ticket: Ticket,
-                admitted: float | None = None) -> Outcome:
+    def process(self, body: bytes, kind: str, encoding: str | None, ticket: Ticket,
+                admitted: float | None = None, gone: Callable[[], bool] | None = None) -> Outcome:
         """Decompress, decode and store one request body; raises :class:`IngestError`.
 
-        ``admitted``: the ``time.monotonic()`` when the request was admitted to writing; the
-        first chunk's wait for the database counts from then (:data:`WRITE_WAIT`)."""
-        if compressed:
-            ticket.hold(ticket.held + min(self.max_bytes, len(body) * 8))  # the output, before knowing it
-            body = gunzip(body, self.max_bytes)
+        ``encoding``: ``None`` (as it is), ``"gzip"`` or ``"deflate"`` (a zlib stream; one that does
+        not inflate is taken as it is: gRPC's receiver tells it from the message's first bytes, and a
+        protobuf message can begin as a zlib header does). The output is reserved from the budget as
+        it grows, before it is made. ``admitted``: the ``time.monotonic()`` when the request was
+        admitted to writing; the first chunk's wait for the database counts from then
+        (:data:`WRITE_WAIT`). ``gone()``: whether the client has gone (disconnected, or its gRPC
+        deadline passed), asked before each chunk is written: nobody is waiting for the rest, which its
+        client sends again or counts lost (``IngestError('unavailable')`` then)."""
+        packed = len(body) if encoding else 0
+        if encoding:
+            base = ticket.held
+            inflate = gunzip if encoding == "gzip" else unzlib
+            try:
+                body = inflate(body, self.max_bytes, lambda size: ticket.hold(base + size))
+            except IngestError as err:
+                if encoding == "gzip" or err.kind != "invalid":
+                    raise
+                packed = 0
         cost = json_cost(body) if kind == "json" else len(body) * PROTOBUF_FACTOR
-        ticket.hold(cost + (len(body) if compressed else 0))
+        ticket.hold(cost + packed)
         outcome = Outcome()
         digest: list[bytes] = []
 
@@ -399,6 +431,11 @@ class IngestCore:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
                 if batch.spans:
+                    if gone is not None and gone():
+                        self.count("disconnects")
+                        logger.debug("cmbagent-otel ingest: the client has gone; the rest of its request is not "
+                                     "written (%d span(s) were)", outcome.written)
+                        raise IngestError("unavailable", "the client has gone")
                     written = self._store(batch.spans, admitted, functools.partial(key, number))
                     admitted = None  # later chunks: from when they are ready
                     outcome.written += written
@@ -590,7 +627,7 @@ class IngestCore:
         start waited for it to its end, and reported nothing of it (its error is not ours to tell)."""
         thread = self._startup
         if thread is not None:
-            thread.join(max(0.0, self._startup_until - time.monotonic()))
+            thread.join(seconds_left(self._startup_until))
         return self._startup_error
 
     def startup_over(self, timeout: float) -> bool:
@@ -620,7 +657,7 @@ class IngestCore:
         try:
             writer = self._get_writer()
             lock = self._write_lock
-            if lock is not None and not lock.acquire(timeout=max(0.0, end - time.monotonic())):
+            if lock is not None and not lock.acquire(timeout=seconds_left(end)):
                 raise DatabaseUnavailable("database busy: this server's other writes took the time to wait")
             try:
                 if isinstance(writer, DagWriter):

@@ -1,9 +1,11 @@
 """OTLP/gRPC trace receiver of ``cmbagent-otel ingest``, on grpcio's server.
 
 grpcio does the transport work: HTTP/2, a cap on concurrent RPCs (RESOURCE_EXHAUSTED
-beyond it), ``grpc.max_receive_message_length`` (checked on the decompressed message) and
-gzip/deflate decompression. The service takes the raw request bytes (no deserializer), so
-decoding is the same bounded walk the HTTP receiver uses.
+beyond it) and ``grpc.max_receive_message_length`` (on the message as sent). The service takes
+the raw request bytes (no deserializer), still compressed when the client compressed them:
+they are inflated in a worker, bounded by the size limit and reserved from the memory budget
+as they grow (see :func:`message_encoding`), and decoded by the same bounded walk the HTTP
+receiver uses.
 
 grpcio's synchronous server gives each RPC a thread that waits for the request message
 without any limit of time, so a client that opens a call and never finishes its message
@@ -62,6 +64,24 @@ def client_address(peer: str | None) -> str:
     return peer
 
 
+def message_encoding(message: bytes) -> str | None:
+    """How a request message grpcio handed over still compressed is packed: ``"gzip"``, ``"deflate"`` (a
+    zlib header; a protobuf message may begin the same way, see :meth:`IngestCore.process`) or ``None``.
+
+    grpcio's own decompression (``grpc.per_message_decompression``, off here) inflates every call's message
+    in full (up to ``grpc.max_receive_message_length``) the moment it arrives, before the service sees it,
+    and outside the memory budget: 64 calls of 16 KiB each took the server to 770 MB. Inflated here, in a
+    worker, it is bounded and reserved as the HTTP receiver's gzip bodies are. grpcio says nothing of the
+    call's ``grpc-encoding`` or the message's compressed flag then; the bytes tell: a gzip member begins
+    ``1f 8b`` (a protobuf message never does: wire type 7), a zlib stream with its two-byte header."""
+    if message[:2] == b"\x1f\x8b":
+        return "gzip"
+    if len(message) >= 2 and message[0] & 0x0F == 8 and message[0] >> 4 <= 7 and not message[1] & 0x20 \
+            and int.from_bytes(message[:2], "big") % 31 == 0:
+        return "deflate"
+    return None
+
+
 class Watchdog:
     """Runs a callback at a deadline unless it is cancelled first: one thread for every call."""
 
@@ -69,7 +89,11 @@ class Watchdog:
         self._heap: list[list[Any]] = []  # [deadline, key, callback or None once cancelled]
         self._entries: dict[int, list[Any]] = {}
         self._ids = itertools.count()
-        self._cond = threading.Condition()
+        # a plain lock under the condition, taken by stop() as ``with self._lock``: its __enter__ is C code,
+        # where Condition's is Python, and an interrupt landing as that returned (a stop from the main thread,
+        # a signal handler's KeyboardInterrupt) left the reentrant lock held: the thread never woke, left
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -106,7 +130,7 @@ class Watchdog:
 
     def stop(self, timeout: float | None = None) -> None:
         """End the thread, waiting for it at most ``timeout`` seconds (a callback running: a call's cancel)."""
-        with self._cond:
+        with self._lock:
             self._stopped = True
             self._cond.notify()
             thread = self._thread
@@ -168,6 +192,8 @@ class TraceService:
         try:
             request = self._receive(requests, context)
             if request is None:
+                if context.is_active():  # reached the service once the stop had begun: sent again later
+                    self._abort(context, IngestError("unavailable", "ingest is stopping, retry later"))
                 return b""  # the call was cancelled (by the client, the watchdog or stop): nobody reads this
             if not core.enter():
                 self._abort(context, IngestError("unavailable", "ingest is busy (too many requests in flight)"))
@@ -215,7 +241,8 @@ class TraceService:
         ticket = core.admission.ticket()
         try:
             ticket.hold(len(request) * core.factor("protobuf"))
-            outcome = core.process(request, "protobuf", False, ticket, admitted)
+            outcome = core.process(request, "protobuf", message_encoding(request), ticket, admitted,
+                                   lambda: not context.is_active())
         except IngestError as err:
             self._abort(context, err)
         except Exception:
@@ -264,7 +291,8 @@ class GrpcReceiver:
             self._pool,
             maximum_concurrent_rpcs=max_concurrent,
             options=[
-                ("grpc.max_receive_message_length", core.max_bytes),
+                ("grpc.max_receive_message_length", core.max_bytes),  # compressed: inflated in a worker
+                ("grpc.per_message_decompression", 0),  # see message_encoding
                 ("grpc.max_send_message_length", 1 << 20),
                 ("grpc.so_reuseport", 0),  # a second ingest on the same port must fail, not share it
                 # a connection that never completes its HTTP/2 handshake is dropped
@@ -312,8 +340,15 @@ class GrpcReceiver:
                 self._stopped = self._server.stop(grace)
             except RuntimeError:
                 # grpcio's grace is a thread of its own, and none can start: at interpreter exit (Python
-                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. Without
-                # it the calls are cancelled now (grpcio then waits for them to end: they are cancelled)
+                # 3.12+: "can't create new thread at interpreter shutdown") or at a pids limit. The grace
+                # is given here instead, in this thread: grpcio has begun its shutdown (no call accepted any
+                # more) before it failed to start the thread; the calls waiting for their message are
+                # cancelled, those being written are waited for until answered (grpcio's termination), then
+                # the rest cancelled. Cancelled at once, a call being written at exit was refused
+                # (UNAVAILABLE "Cancelling all calls") though its spans were stored
+                if self._service is not None and grace:
+                    self._service.cancel_waiting()
+                    self._server.wait_for_termination(grace)
                 self._stopped = self._server.stop(None)
         if self._service is not None:
             self._service.cancel_waiting()

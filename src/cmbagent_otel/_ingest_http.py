@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -320,11 +321,14 @@ class OtlpHttpApp:
             body = await self._read_body(receive, ticket, factor, state)
             if not core.enter():
                 raise self._busy("too many requests in flight")
+            gone = threading.Event()
+            watch = asyncio.ensure_future(self._watch(receive, gone))
             try:
                 loop = asyncio.get_running_loop()
                 try:
-                    work = loop.run_in_executor(self.executor, core.process, body, kind, encoding == "gzip",
-                                                ticket, time.monotonic())
+                    work = loop.run_in_executor(self.executor, core.process, body, kind,
+                                                "gzip" if encoding == "gzip" else None, ticket, time.monotonic(),
+                                                gone.is_set)
                 except RuntimeError:
                     # submit() could not start a worker thread (a pids or memory limit) or the pool is shut
                     # down: nothing was stored, the client keeps the spans (a 500 made OTLP clients drop them)
@@ -337,6 +341,7 @@ class OtlpHttpApp:
             except IngestError as err:
                 raise self._from_error(err) from None
             finally:
+                watch.cancel()
                 core.leave()
             del body
             await self._respond(send, state, HTTPStatus.OK,
@@ -345,6 +350,14 @@ class OtlpHttpApp:
             ticket.close()
             core.close(client)
             self.active -= 1
+
+    @staticmethod
+    async def _watch(receive: Receive, gone: threading.Event) -> None:
+        """Set ``gone`` when the client disconnects while its request is written (the body has been read:
+        uvicorn's next message is the disconnect): the worker then writes no more of it."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
 
     def _busy(self, why: str) -> _Reject:
         return _Reject(HTTPStatus.SERVICE_UNAVAILABLE, f"ingest is busy ({why}), retry later",

@@ -18,6 +18,7 @@ by the caller (read once, here: ``_GIL``, ``SPAN_KEY``...), a literal, or a name
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import functools
 import inspect
@@ -97,6 +98,14 @@ class _Rename(ast.NodeTransformer):
         return ast.copy_location(ast.Name(found.id, node.ctx), node)  # type: ignore[attr-defined]
 
 
+def _shared(name: str, caller: Mapping[str, Any], helper: Mapping[str, Any]) -> bool:
+    """Whether ``name`` read in a helper's module (globals ``helper``) is the same object read in the caller's:
+    the same module global in both, or a builtin neither module shadows."""
+    if name in caller:
+        return name in helper and caller[name] is helper[name]
+    return name not in helper and hasattr(builtins, name)
+
+
 class _Inline(ast.NodeTransformer):
     """Calls of the given helpers, as a statement or as the value of an assignment, written in.
 
@@ -142,7 +151,7 @@ class _Inline(ast.NodeTransformer):
             if helper.__globals__ is not globals_:
                 # written into the caller, its global reads would read the caller's module
                 read = _read(body) - _stored(body) - {a.arg for a in definition.args.args}
-                if any(name not in globals_ or globals_[name] is not helper.__globals__.get(name) for name in read):
+                if not all(_shared(name, globals_, helper.__globals__) for name in read):
                     raise ValueError(f"{helper.__qualname__} reads a global the caller's module does not share")
                 self.foreign.add(definition.name)
             self.helpers[key] = definition
@@ -366,6 +375,16 @@ class _Fold(ast.NodeTransformer):
             return node
         return node.body if value else node.orelse  # spliced in its place (nothing: removed)
 
+    def visit_Try(self, node: ast.Try) -> Any:
+        """A ``try`` whose body folded to nothing (``try: pass``) and has no ``else``: nothing in it can raise, so
+        no handler runs and its ``finally`` block runs as plain statements (spliced in its place)."""
+        self.generic_visit(node)
+        if node.orelse or not all(isinstance(statement, ast.Pass) for statement in node.body):
+            return node
+        return node.finalbody
+
+    visit_TryStar = visit_Try
+
     def generic_visit(self, node: ast.AST) -> ast.AST:
         node = super().generic_visit(node)
         body = getattr(node, "body", None)
@@ -403,25 +422,60 @@ def specialise(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], *,
 
 def specialiser(func: Callable[..., Any], name: str, free: Iterable[str], *, fixed: Mapping[str, Any] | None = None,
                 not_none: Iterable[str] = (), constants: Iterable[str] = (),
-                inline: Iterable[Callable[..., Any]] = ()) -> Callable[..., Callable[..., Any]]:
+                inline: Iterable[Callable[..., Any]] = (),
+                awaiting: Iterable[str] = ()) -> Callable[..., Callable[..., Any]]:
     """What makes copies of ``func`` (as :func:`specialise` does) with the parameters ``free`` taken out of its
     signature too, each copy binding them to the values it is made with: ``make(*values)`` (in ``free``'s order).
     The source is read and compiled once, here; every copy is a new closure of the same code, its free
     parameters its closure variables (nothing is folded from their values). ``func`` may take ``*args`` and
-    ``**kwargs`` (kept as they are): a wrapper's body, made per wrapped method."""
+    ``**kwargs`` (kept as they are): a wrapper's body, made per wrapped method.
+
+    ``awaiting``: names (parameters of ``func``) whose calls in ``func``'s own statements are awaited, the copy an
+    ``async def``: a coroutine method's wrapper from the same source as the plain one's. With ``awaiting``, a copy
+    that cannot be generated raises (``func`` itself is no coroutine function to fall back on)."""
     free = list(free)
     fixed = dict(fixed or {})
+    awaiting = list(awaiting)
     try:
-        return _generate(func, name, fixed, free, set(not_none), list(constants), list(inline))
+        return _generate(func, name, fixed, free, set(not_none), list(constants), list(inline), awaiting)
     except Exception:
+        if awaiting:
+            raise
         logger.debug("cmbagent_otel: %s not generated; it calls %s", name, func.__qualname__, exc_info=True)
         return lambda *values: _calling(func, name, {**fixed, **dict(zip(free, values, strict=True))})
 
 
+class _Awaited(ast.NodeTransformer):
+    """Calls of the given names awaited (``original(self, *args)`` -> ``await original(self, *args)``)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = set(names)
+
+    def visit_Call(self, node: ast.Call) -> ast.expr:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id in self.names:
+            return ast.copy_location(ast.Await(node), node)
+        return node
+
+
+def _awaiting(definition: ast.FunctionDef, names: list[str]) -> ast.AsyncFunctionDef:
+    """``definition`` as an ``async def`` awaiting its own calls of ``names`` (before any helper is written in)."""
+    params = {a.arg for a in [*definition.args.args, *definition.args.kwonlyargs]}
+    if not set(names) <= params or _stored(definition.body) & set(names):
+        raise ValueError(f"{definition.name}: awaited names must be parameters it never assigns")
+    body = [_Awaited(names).visit(statement) for statement in definition.body]
+    fields = {field: getattr(definition, field) for field in definition._fields if hasattr(definition, field)}
+    fields["body"] = body
+    return ast.copy_location(ast.AsyncFunctionDef(**fields), definition)
+
+
 def _generate(func: Callable[..., Any], name: str, fixed: Mapping[str, Any], free: list[str], not_none: set[str],
-              constants: list[str], inline: list[Callable[..., Any]]) -> Callable[..., Callable[..., Any]]:
-    definition = _function_def(func)
+              constants: list[str], inline: list[Callable[..., Any]],
+              awaiting: list[str] | None = None) -> Callable[..., Callable[..., Any]]:
+    definition: Any = _function_def(func)
     globals_ = func.__globals__
+    if awaiting:
+        definition = _awaiting(definition, awaiting)
     if inline:
         definition = _Inline(inline, globals_, definition).visit(definition)
     args = definition.args

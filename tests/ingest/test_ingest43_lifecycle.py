@@ -345,11 +345,11 @@ def where(n: int, raised: list[BaseException]) -> str:
     return f"(step {n}: " + " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:])) + ")"
 
 
-def steps_of(action: Callable[[], object]) -> int:
+def steps_of(action: Callable[[], object], step: Callable[[FrameType, str], bool] = _step) -> int:
     count = [0]
 
     def hook(frame: FrameType, event: str, arg: Any) -> None:
-        if _step(frame, event):
+        if step(frame, event):
             count[0] += 1
 
     sys.setprofile(hook)
@@ -360,11 +360,11 @@ def steps_of(action: Callable[[], object]) -> int:
     return count[0]
 
 
-def nth_step(n: int) -> Callable[[FrameType, str, Any], bool]:
+def nth_step(n: int, step: Callable[[FrameType, str], bool] = _step) -> Callable[[FrameType, str, Any], bool]:
     seen = [0]
 
     def hit(frame: FrameType, event: str, arg: Any) -> bool:
-        if not _step(frame, event):
+        if not step(frame, event):
             return False
         seen[0] += 1
         return seen[0] == n + 1

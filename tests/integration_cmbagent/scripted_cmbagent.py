@@ -151,6 +151,8 @@ class CmbagentScript:
             return "engineer_response_formatter"
         if "markdown_block" in props:
             return "researcher_response_formatter"
+        if ((body.get("response_format") or {}).get("json_schema") or {}).get("name") == "vlm_analysis":
+            return "plot_judge_vlm"  # evaluate_plots with an OpenAI VLM (cmbagent.vlm_utils.vlm_model "gpt-4o")
         messages = body.get("messages") or []
         if messages and str(messages[0].get("content") or "").startswith(CRITERIA_PROMPT):
             return "plot_criteria"  # evaluate_plots: cmbagent's own OpenAI call, outside AG2 (no system prompt)
@@ -307,6 +309,9 @@ class CmbagentScript:
     # --- one_shot(evaluate_plots=True): plot_judge asks the VLM (Gemini, outside AG2), plot_debugger routes --
     VLM_VERDICT = {"verdict": "continue", "problems": [], "scientific_accuracy": "ok", "visual_clarity": "ok",
                    "completeness": "ok"}
+
+    def _plot_judge_vlm(self, body: dict[str, Any]) -> str:
+        return json.dumps(self.VLM_VERDICT)
 
     def _plot_judge(self, body: dict[str, Any]) -> dict[str, Any]:
         return _tool("call_vlm_judge")

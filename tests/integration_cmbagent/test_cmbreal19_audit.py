@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,36 @@ def _langgraph_paper_phase(case: str) -> Any:
 
 def _run_langgraph_paper_phase(case: str, task: str, work_dir: str, api_keys: dict[str, str],
                                **_: Any) -> dict[str, Any]:
+    def idea(state: dict[str, Any]) -> dict[str, Any]:
+        message = state["llm"].invoke("Write an idea for a paper on the CMB")
+        usage = message.usage_metadata
+        return {"idea": message.content, "tokens": [(usage["input_tokens"], usage["output_tokens"])]}
+
+    def methods(state: dict[str, Any]) -> dict[str, Any]:
+        text, tokens = "", (0, 0)
+        for chunk in state["llm"].stream("Write the methods"):
+            text += chunk.content
+            if case == "stream_left_early":
+                break
+            if chunk.usage_metadata:
+                tokens = (chunk.usage_metadata["input_tokens"], chunk.usage_metadata["output_tokens"])
+        return {"methods": text, "tokens": [*state["tokens"], tokens]}
+
+    def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if case == "stream_fails" and body.get("stream"):
+            return 500, {"Content-Type": "application/json"}, b'{"error": {"message": "overloaded"}}'
+        return _langchain_answers(body, headers)
+
+    return run_paper_phase((idea, methods), answer, task, work_dir, api_keys)
+
+
+def run_paper_phase(nodes: tuple[Callable[..., Any], ...], answer: Callable[..., Any], task: str, work_dir: str,
+                    api_keys: dict[str, str], model: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """A phase of the shape of MARS's LangGraph phases (see :func:`_langgraph_paper_phase`) whose graph runs
+    ``nodes`` in order (functions or coroutine functions of the state, named by their ``__name__``; the state's
+    ``llm`` ``model(base_url)`` of a loopback server answering with ``answer``, by default a ``ChatOpenAI``),
+    awaited by hand after a call of the model outside any run. Returns the final state's ``idea``, ``methods`` and
+    ``tokens``, or the error's type."""
     from typing import TypedDict
 
     from cmbagent.phases.base import Phase, PhaseContext
@@ -127,33 +158,14 @@ def _run_langgraph_paper_phase(case: str, task: str, work_dir: str, api_keys: di
         methods: str
         tokens: list[tuple[int, int]]
 
-    def idea(state: State) -> State:
-        message = state["llm"].invoke("Write an idea for a paper on the CMB")
-        usage = message.usage_metadata
-        return {"idea": message.content, "tokens": [(usage["input_tokens"], usage["output_tokens"])]}
-
-    def methods(state: State) -> State:
-        text, tokens = "", (0, 0)
-        for chunk in state["llm"].stream("Write the methods"):
-            text += chunk.content
-            if case == "stream_left_early":
-                break
-            if chunk.usage_metadata:
-                tokens = (chunk.usage_metadata["input_tokens"], chunk.usage_metadata["output_tokens"])
-        return {"methods": text, "tokens": [*state["tokens"], tokens]}
-
     builder = StateGraph(State)
-    builder.add_node("idea", idea)
-    builder.add_node("methods", methods)
-    builder.add_edge(START, "idea")
-    builder.add_edge("idea", "methods")
-    builder.add_edge("methods", END)
+    previous = START
+    for node in nodes:
+        builder.add_node(node.__name__, node)
+        builder.add_edge(previous, node.__name__)
+        previous = node.__name__
+    builder.add_edge(previous, END)
     graph = builder.compile()
-
-    def answer(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        if case == "stream_fails" and body.get("stream"):
-            return 500, {"Content-Type": "application/json"}, b'{"error": {"message": "overloaded"}}'
-        return _langchain_answers(body, headers)
 
     class PaperPhase(Phase):  # MARS's DeepresearchPaperPhase's calls, in its order
         phase_type, display_name = "deepresearch_paper", "Paper"
@@ -163,15 +175,18 @@ def _run_langgraph_paper_phase(case: str, task: str, work_dir: str, api_keys: di
             manager.start()
             with FakeOpenAIServer(raw_responder=answer) as server:
                 manager.start_step(1, "Generating research paper")
-                llm = ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=server.base_url,
-                                 stream_usage=True, max_retries=0)
+                llm = (model or chat_openai)(server.base_url)
                 state = await graph.ainvoke({"llm": llm})
                 manager.complete_step(1, "Research paper generated")
             manager.complete()
             return state
 
-    with FakeOpenAIServer(raw_responder=_langchain_answers) as server:  # outside any run: no span
-        ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=server.base_url).invoke("Warm up")
+    def chat_openai(base_url: str) -> Any:
+        return ChatOpenAI(model="gpt-4o-mini", api_key=api_keys["OPENAI"], base_url=base_url, stream_usage=True,
+                          max_retries=0)
+
+    with FakeOpenAIServer(raw_responder=answer) as server:  # outside any run: no span
+        (model or chat_openai)(server.base_url).invoke("Warm up")
     context = PhaseContext(workflow_id="w", run_id="r", phase_id="paper", task=task, work_dir=str(work_dir),
                            api_keys=api_keys)
     try:
@@ -202,7 +217,7 @@ def test_a_langgraph_phases_model_calls_are_chat_spans_of_its_step_with_usage_an
     assert run.error is None, run.error
     assert run.results == {
         "answered": {"idea": "An idea.", "methods": "The methods.", "tokens": [IDEA_USAGE, METHODS_USAGE]},
-        "stream_fails": {"error": "OpenAIAPIError"},  # langchain_openai's own InternalServerError subclass
+        "stream_fails": {"error": server_error(run.results)},
         "stream_left_early": {"idea": "An idea.", "methods": "The ", "tokens": [IDEA_USAGE, (0, 0)]}}[case]
     _one_root_per_trace(run)
     step_1 = _one(run, "step 1")
@@ -220,7 +235,7 @@ def test_a_langgraph_phases_model_calls_are_chat_spans_of_its_step_with_usage_an
         assert api_keys_absent(span)
     failed = case == "stream_fails"
     assert (chats[1].status.status_code, chats[1].attributes.get(sc.ERROR_TYPE)) == (
-        (StatusCode.ERROR, "OpenAIAPIError") if failed else (StatusCode.UNSET, None))
+        (StatusCode.ERROR, server_error(run.results)) if failed else (StatusCode.UNSET, None))
     rows = _final_rows(_exported(run, tmp_path))
     (row,) = rows["runs"]
     nodes = _nodes_of(rows)
@@ -239,6 +254,14 @@ def test_a_langgraph_phases_model_calls_are_chat_spans_of_its_step_with_usage_an
     from langchain_core.language_models.chat_models import BaseChatModel
 
     assert not any(hasattr(vars(BaseChatModel)[m], "__wrapped__") for m in ("invoke", "stream"))
+
+
+def server_error(results: Any) -> str:
+    """The error type the application got for the HTTP 500 (``results['error']``) if it is the one ``openai`` /
+    ``langchain_openai`` raise for it: langchain-openai 1.x raises its own ``InternalServerError`` subclass
+    ``OpenAIAPIError``, 0.3 (the one that installs next to cmbagent_autogen's ``openai==1.99.9``) ``openai``'s."""
+    error = results.get("error") if isinstance(results, dict) else None
+    return error if error in ("OpenAIAPIError", "InternalServerError") else "OpenAIAPIError"
 
 
 def api_keys_absent(span: Any) -> bool:

@@ -53,7 +53,8 @@ def test_a_learned_password_returned_or_printed_encoded_is_redacted(
 def test_encoded_forms_are_looked_for_only_in_tool_results_and_code_output() -> None:
     password = f"Pw{secrets.token_urlsafe(15)}"
     redaction.learn_secrets_in({"password": password})
-    blob = password.encode().hex()
+    # inside bytes that are no text (hex of text is decoded wherever it stands: test_attack45_encoded_text.py)
+    blob = (b"\x80\x81" + password.encode()).hex()
     assert redaction.redact(f"x {blob}") == f"x {blob}"  # not yet: a prose text pays nothing for it
     redaction.learn_encoded_in(f"dump {blob}")
     assert blob not in (redaction.redact(f"later: {blob}") or "")

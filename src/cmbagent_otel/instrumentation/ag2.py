@@ -76,8 +76,10 @@ from .._context import (
     _SUPPRESS,
     _SUPPRESS_PLAIN,
     SPAN_KEY,
+    Frame,  # noqa: F401  # read by TracedSpan.__exit__, written into _traced_method's copies
     Scope,
     current_scope,
+    detach,  # noqa: F401  # as Frame
     get_current,
     scope_in,
 )
@@ -89,13 +91,15 @@ from .._spans import (
     SharedAttributes,
     TracedSpan,
     TracedSpanShell,
+    _record_timing,  # noqa: F401  # as Frame
     end_interrupted,
     error_type,
     make_tracer,
     start_of,
     workflow_tracers,
 )
-from .._specialise import specialise
+from .._specialise import specialise, specialiser
+from .._termination import claim_duration  # noqa: F401  # as Frame
 from ..metrics import CallAttributes, ModelMetrics, model_metrics
 from ..redaction import (
     MAX_NAME,
@@ -265,6 +269,77 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
     return result
 
 
+def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
+            fast: Callable[..., Any] | None, self: Any, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> tuple[Any, TracedSpan | None]:
+    """A method wrapper's decision, ``(ctx, traced)``: the context read once, and the span ``build`` started
+    (``None``: straight through; ``_FAST``: not recorded, through ``fast``). Telemetry errors mean "call through".
+    One ``return``, at its end: written into the generated wrappers (:func:`_traced_method`)."""
+    try:
+        ctx = get_current()
+        # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
+        if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
+            traced = None
+        elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
+              and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
+                or not (probe.drops_all or probe.drops(ctx)):
+            # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
+            # that drops every span (always_off, a no-op tracer)
+            traced = build(state, ctx, self, args, kwargs)
+        else:
+            traced = _FAST if fast is not None else None
+    except Exception:
+        logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
+        ctx = traced = None
+    return ctx, traced
+
+
+def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
+                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, original: Callable[..., Any],
+                   self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The body of the method wrappers (:func:`_traced_sync`, and awaiting ``original`` and ``fast``,
+    :func:`_traced_async`): made per patched method with everything before ``self`` bound, :func:`_decide` and
+    ``TracedSpan.__exit__`` (for the plain span the hot builders start, ``TracedSpanShell``) written in. The
+    decision and _run_traced written out: this runs for most spans, one frame less each."""
+    if not state.active:
+        return original(self, *args, **kwargs)
+    ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+    if not traced:  # None or _FAST, never a span
+        if traced is None:
+            return original(self, *args, **kwargs)
+        return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
+    # `with traced:` written out (the builder started the span): a with statement calls __exit__
+    # from C (a nested interpreter, ~500 instructions per span more); same exception handling
+    try:
+        result = original(self, *args, **kwargs)
+        if record is not None:
+            try:
+                record(state, traced, self, args, kwargs, result)
+            except Exception:
+                logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
+    except BaseException as exc:
+        traced.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if type(traced) is TracedSpanShell:  # its own __exit__ is TracedSpan's: written in here when generated
+        TracedSpan.__exit__(traced, None, None, None)
+    else:  # a span type with an __exit__ of its own (_ChatSpan, _GroupChatSpan, _CodeSpan...)
+        traced.__exit__(None, None, None)
+    return result
+
+
+_METHOD_FREE = ("state", "probe", "build", "record", "fast", "original")
+# made by the first _traced_sync() / _traced_async() (two instrument()s at once: the same code)
+_method_maker: Callable[..., Callable[..., Any]] | None = None
+_async_method_maker: Callable[..., Callable[..., Any]] | None = None
+
+
+def _recorder(state: _State, record: Callable[..., None] | None) -> Callable[..., None] | None:
+    """What a wrapper calls to record its result: the generated copy of ``record`` (:data:`_MADE`), none for a
+    recorder of message content only with capture off."""
+    record = _MADE.get(record, record)  # type: ignore[arg-type]
+    return None if record in _CONTENT_ONLY and not state.capture else record
+
+
 def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
                  record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
     """A wrapt wrapper: the call in a span ``build`` starts (``record`` reads its result), or, when the
@@ -272,111 +347,60 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     straight through), called ``fast(state, ctx, original, instance, args, kwargs)``, which calls
     ``original(instance, *args, **kwargs)`` (no bound method made per call). The context is read once;
     telemetry errors mean "call through"."""
+    global _method_maker
+    if _method_maker is None:
+        _method_maker = specialiser(_traced_method, "patched", _METHOD_FREE, inline=(_decide, TracedSpan.__exit__))
+    maker = _method_maker
     probe = state.probe
-    record = _MADE.get(record, record)  # type: ignore[arg-type]
-    if record in _CONTENT_ONLY and not state.capture:
-        record = None  # it records message content only: nothing to do with capture off
+    record = _recorder(state, record)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
         no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
-        the same body (:func:`._patching.wrapt_wrapper`). The decision and _run_traced written out: this
-        runs for most spans, one frame less each."""
-        def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not state.active:
-                return original(self, *args, **kwargs)
-            try:
-                ctx = get_current()
-                # `in` first: the keys are nearly always absent, and a contains test costs less than .get()
-                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
-                    traced = None
-                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
-                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not (probe.drops_all or probe.drops(ctx)):
-                    # no call to drops() under a recording parent and a parent-based sampler, nor for a tracer
-                    # that drops every span (always_off, a no-op tracer)
-                    traced = build(state, ctx, self, args, kwargs)
-                else:
-                    traced = _FAST if fast is not None else None
-            except Exception:
-                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-                traced = None
-            if not traced:  # None or _FAST, never a span
-                if traced is None:
-                    return original(self, *args, **kwargs)
-                return fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
-            # `with traced:` written out (the builder started the span): a with statement calls __exit__
-            # from C (a nested interpreter, ~500 instructions per span more); same exception handling
-            try:
-                result = original(self, *args, **kwargs)
-                if record is not None:
-                    try:
-                        record(state, traced, self, args, kwargs, result)
-                    except Exception:
-                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-            except BaseException as exc:
-                traced.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            traced.__exit__(None, None, None)
-            return result
-
-        return patched
+        the same body (:func:`._patching.wrapt_wrapper`)."""
+        return maker(state, probe, build, record, fast, original)
 
     return wrapt_wrapper(method_for, state)
 
 
 def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
                   record: Callable[..., None] | None = None, fast: Callable[..., Any] | None = None) -> Any:
-    """:func:`_traced_sync` for coroutine methods: the same body, awaiting the call."""
+    """:func:`_traced_sync` for coroutine methods: the same body (:func:`_traced_method`), awaiting the call."""
+    global _async_method_maker
+    if _async_method_maker is None:
+        try:
+            _async_method_maker = specialiser(_traced_method, "patched", _METHOD_FREE,
+                                              inline=(_decide, TracedSpan.__exit__), awaiting=("original", "fast"))
+        except Exception:  # its source unreadable (no .py files): the wrapper composed of the same helpers
+            logger.debug("cmbagent_otel: the coroutine method wrapper is not generated", exc_info=True)
+            _async_method_maker = _composed_async
+    maker = _async_method_maker
     probe = state.probe
-    record = _MADE.get(record, record)  # type: ignore[arg-type]
-    if record in _CONTENT_ONLY and not state.capture:
-        record = None
+    record = _recorder(state, record)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The ``async def`` patched over ``original`` (an ``async def``, called ``original(self, ...)``): no
         trampoline coroutine and no bound method per call, as for :func:`_traced_sync`'s methods."""
-        async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not state.active:
-                return await original(self, *args, **kwargs)
-            # the decision and _run_traced_async written out as in _traced_sync's body, with its shortcut
-            # (no drops() call under a recording parent and a parent-based sampler): a frame, a coroutine
-            # and a drops() call less per span
-            try:
-                ctx = get_current()
-                if (_SUPPRESS in ctx and ctx[_SUPPRESS]) or (_SUPPRESS_PLAIN in ctx and ctx[_SUPPRESS_PLAIN]):  # noqa: RUF019
-                    traced = None
-                elif (probe.follows_parent and (parent := ctx.get(SPAN_KEY)) is not None
-                      and (parent._end_time is None if type(parent) is END_TIME_SPAN else parent.is_recording())) \
-                        or not (probe.drops_all or probe.drops(ctx)):
-                    traced = build(state, ctx, self, args, kwargs)
-                else:
-                    traced = _FAST if fast is not None else None
-            except Exception:
-                logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
-                traced = None
-            if not traced:  # None or _FAST, never a span
-                if traced is None:
-                    return await original(self, *args, **kwargs)
-                return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]  # not recorded
-            try:
-                result = await original(self, *args, **kwargs)
-                if record is not None:
-                    try:
-                        record(state, traced, self, args, kwargs, result)
-                    except Exception:
-                        logger.debug("cmbagent_otel: result recording failed in %s", record.__name__, exc_info=True)
-            except BaseException as exc:
-                traced.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            traced.__exit__(None, None, None)
-            return result
-
-        return patched
+        return maker(state, probe, build, record, fast, original)
 
     wrapper = wrapt_wrapper(method_for, state)
     wrapper._method_is_async = True  # type: ignore[attr-defined]  # its plain form patches coroutine methods
     return wrapper
+
+
+def _composed_async(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
+                    record: Callable[..., None] | None, fast: Callable[..., Any] | None,
+                    original: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_traced_method` awaiting the call, as calls of its helpers (when it cannot be generated)."""
+    async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not state.active:
+            return await original(self, *args, **kwargs)
+        ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+        if traced is _FAST:
+            return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
+        return await _run_traced_async(state, traced, record, original, self, args, kwargs)
+
+    return patched
 
 
 # --- conversation ---------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 MARS's LangGraph phases (``deepresearch_paper``, ``newspulse_report`` and the ``task_framework`` graphs) call their
 models through LangChain chat models (``ChatOpenAI``, ``AzureChatOpenAI``, ``ChatGoogleGenerativeAI``,
 ``ChatAnthropic``: ``state['llm']['llm'].invoke(prompt)`` / ``.stream(prompt)``), not through AG2's
-``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke`` and ``.stream`` (every chat model
-inherits them) and records each call inside a run as a ``chat <model>`` span; this module reads the call: the
-request model and provider from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's
-tracers read), the agent from the LangGraph node running it, the usage and response model from the answer
-(``usage_metadata``, ``response_metadata``). Nothing here raises.
+``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream`` and
+``.astream`` (every chat model inherits them; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke``) and records
+each call inside a run as a ``chat <model>`` span; this module reads the call: the request model and provider
+from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's tracers read), the agent from the
+LangGraph node running it, the usage and response model from the answer (``usage_metadata``,
+``response_metadata``). Nothing here raises.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +24,10 @@ from .. import semconv
 
 logger = logging.getLogger("cmbagent_otel")
 
-#: Where LangChain's chat model base class lives, and the methods of it that are model calls MARS makes
+#: Where LangChain's chat model base class lives, and the methods of it that are model calls
 CHAT_MODELS_MODULE = "langchain_core.language_models.chat_models"
 CHAT_MODEL_CLASS = "BaseChatModel"
-CHAT_MODEL_METHODS = ("invoke", "stream")
+CHAT_MODEL_METHODS = ("invoke", "ainvoke", "stream", "astream")
 
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {
@@ -101,19 +103,38 @@ def _node_name() -> str | None:
         return None
 
 
+#: LangChain's message types -> the roles of the GenAI messages
+_ROLES: Mapping[str, str] = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def prompt_messages(model: Any, value: Any) -> list[dict[str, Any]] | None:
+    """The messages chat model ``model`` sends for the input ``value`` of a call (a text, messages, a prompt
+    value: LangChain's own conversion), as role / content messages; ``None`` when it cannot say."""
+    try:
+        messages = model._convert_input(value).to_messages()
+        return [{"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content} for m in messages]
+    except Exception:
+        logger.debug("cmbagent_otel: could not read a chat model call's prompt", exc_info=True)
+        return None
+
+
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("input_tokens", "output_tokens", "response_model")
+    __slots__ = ("input_tokens", "output_tokens", "response_model", "text")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.response_model: str | None = None
+        self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
 
     def read(self, message: Any) -> None:
         """Add what ``message`` (an ``AIMessage``, or one chunk of a stream) says."""
         try:
+            content = getattr(message, "content", None)
+            if isinstance(content, str):
+                self.text = (self.text or "") + content
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
@@ -139,30 +160,80 @@ class Answer:
         return attrs
 
 
-#: providers whose models AG2's OpenAI price table prices (what AG2's own calls of the same models cost)
-_OPENAI_PRICED = frozenset({"openai", "azure.ai.openai"})
+#: GenAI provider -> the module of the application's AG2 and its price table (model -> USD per 1K tokens in / out)
+#: AG2's own client of that provider prices its calls with
+_PRICE_TABLES: Mapping[str, tuple[str, str]] = {
+    "openai": ("autogen.oai.client", "OAI_PRICE1K"),
+    "azure.ai.openai": ("autogen.oai.client", "OAI_PRICE1K"),
+    "anthropic": ("autogen.oai.anthropic", "ANTHROPIC_PRICING_1k"),
+}
+#: Gemini's providers: AG2's Gemini client prices its calls with ``calculate_gemini_cost(use_vertexai, ...)``
+_GEMINI_PRICED: Mapping[str, bool] = {"gcp.gemini": False, "gcp.vertex_ai": True}
+_GEMINI_PRICES = ("autogen.oai.gemini", "calculate_gemini_cost")
 
 
 def cost_of(attrs: Mapping[str, Any]) -> float | None:
-    """What a call with the span attributes ``attrs`` cost in USD, priced as AG2 prices the same answer (its
-    ``OAI_PRICE1K`` table, read from the ``autogen`` the application imported: the cost rows of the run's AG2
-    calls come from it); ``None`` when its provider is not OpenAI's, its model is not in the table, or it
-    reported no usage."""
+    """What a call with the span attributes ``attrs`` cost in USD, priced as AG2 prices the same answer of the
+    same provider (read from the ``autogen`` the application imported: the cost rows of the run's AG2 calls come
+    from it): OpenAI's and Azure's models by ``OAI_PRICE1K``, Anthropic's by ``ANTHROPIC_PRICING_1k``, Gemini's
+    (Google AI or Vertex AI) by ``calculate_gemini_cost``. ``None`` when AG2 has no price for it (another
+    provider, a model not in the table, a price of 0) or it reported no usage."""
     try:
-        if attrs.get(semconv.GEN_AI_PROVIDER_NAME) not in _OPENAI_PRICED:
-            return None
+        provider = attrs.get(semconv.GEN_AI_PROVIDER_NAME)
         prompt, output = attrs.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), attrs.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS)
-        table = getattr(sys.modules.get("autogen.oai.client"), "OAI_PRICE1K", None)
-        if prompt is None or output is None or not isinstance(table, Mapping):
+        if not isinstance(provider, str) or prompt is None or output is None:
             return None
-        for model in (attrs.get(semconv.GEN_AI_RESPONSE_MODEL), attrs.get(semconv.GEN_AI_REQUEST_MODEL)):
-            price = table.get(model) if isinstance(model, str) else None
-            if isinstance(price, tuple) and len(price) == 2:
-                return float((price[0] * prompt + price[1] * output) / 1000)
+        models = [m for m in (attrs.get(semconv.GEN_AI_RESPONSE_MODEL), attrs.get(semconv.GEN_AI_REQUEST_MODEL))
+                  if isinstance(m, str)]
+        if provider in _GEMINI_PRICED:
+            return _gemini_cost(_GEMINI_PRICED[provider], prompt, output, models)
+        module, name = _PRICE_TABLES.get(provider, ("", ""))
+        table = getattr(sys.modules.get(module), name, None) if module else None
+        if not isinstance(table, Mapping):
+            return None
+        for model in models:
+            price = table.get(model)
+            if isinstance(price, (tuple, list)) and len(price) == 2:
+                return float((price[0] * prompt + price[1] * output) / 1000) or None
             if isinstance(price, (int, float)) and not isinstance(price, bool):
-                return float(price * (prompt + output) / 1000)
+                return float(price * (prompt + output) / 1000) or None
     except Exception:
         logger.debug("cmbagent_otel: could not price a chat model's call", exc_info=True)
+    return None
+
+
+class _Unsaid:
+    """Stands for the ``warnings`` module in AG2's Gemini pricing: AG2 warns about a model it has no price
+    for, and that warning is not ours to give the application. ``warnings.catch_warnings()`` would silence
+    every thread's warnings meanwhile, and change the process's filters under them (not thread-safe)."""
+
+    @staticmethod
+    def warn(*args: object, **kwargs: object) -> None:
+        return None
+
+
+_quiet_prices: dict[Any, Any] = {}  # AG2's pricing function -> its copy that warns nothing
+
+
+def _quiet(price: Any) -> Any:
+    quiet = _quiet_prices.get(price)
+    if quiet is None:
+        quiet = _quiet_prices[price] = types.FunctionType(
+            price.__code__, {**price.__globals__, "warnings": _Unsaid}, price.__name__, price.__defaults__,
+            price.__closure__)
+    return quiet
+
+
+def _gemini_cost(vertex: bool, prompt: int, output: int, models: list[str]) -> float | None:
+    module, name = _GEMINI_PRICES
+    price = getattr(sys.modules.get(module), name, None)
+    if not isinstance(price, types.FunctionType):
+        return None
+    price = _quiet(price)
+    for model in models:
+        cost = price(vertex, prompt, output, model)
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
+            return float(cost)
     return None
 
 

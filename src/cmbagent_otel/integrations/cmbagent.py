@@ -179,8 +179,16 @@ EXTERNAL_MODEL_CALLS: Mapping[str, Mapping[str, tuple[str, str | None, str | Non
     "cmbagent.vlm_utils": {"generate_llm_scientific_criteria": ("plot_judge", "gpt-4o", "openai")},
     "cmbagent.functions": {"send_image_to_vlm": ("plot_judge", None, None),
                            "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
+    # MARS: ``cmbagent.functions`` is a package, its plot judge's and debugger's tools in this module
+    "cmbagent.functions.execution_control": {
+        "send_image_to_vlm": ("plot_judge", None, None),
+        "call_external_plot_debugger": ("plot_debugger", "gemini-2.5-pro", "gcp.gemini")},
 }
 VLM_MODULE = "cmbagent.vlm_utils"
+#: USD per 1M tokens in / out of the VLM models cmbagent charges its VLM calls at (the table in
+#: ``cmbagent.vlm_utils.account_for_external_api_calls``, local to that function: its cost report's price of a
+#: VLM call; its Gemini models are free there)
+VLM_PRICES_PER_1M: Mapping[str, tuple[float, float]] = {"gpt-4o": (2.50, 10.00), "o3-2025-04-16": (2.00, 8.00)}
 
 #: get_keywords' ``kw_type`` -> the agent each of its solves starts with (cmbagent's ``initial_agent``)
 KEYWORD_FINDERS: Mapping[str, str] = {"unesco": "list_keywords_finder", "aaai": "aaai_keywords_finder",
@@ -1715,12 +1723,13 @@ def _solve_wrapper(state: _State) -> Callable[..., Any]:
 def _external_call_wrapper(state: _State, agent: str, model: str | None, provider: str | None) -> Callable[..., Any]:
     """A model call cmbagent makes outside AG2 (:data:`EXTERNAL_MODEL_CALLS`): a ``chat <model>`` span
     (kind ``llm``) of ``agent`` with the usage the call returns, recorded when the call has returned
-    (a model call nested in it, the VLM's criteria call, is then its sibling, not its child)."""
+    (a model call nested in it, the VLM's criteria call, is then its sibling, not its child), in the run it is
+    in: a MARS phase awaited by hand's too (:func:`_model_call_place`)."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            scope = current_scope()
-            if scope is None or not scope.in_workflow:
+            place = _model_call_place(state)
+            if place is None:
                 return wrapped(*args, **kwargs)
             started, began = time.time_ns(), time.perf_counter()
             local = _external_calls
@@ -1737,7 +1746,7 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
             error = exc
             raise
         finally:
-            _record_external_call(scope, agent, model, provider, max(started, getattr(local, "ended", 0)),
+            _record_external_call(place, agent, model, provider, max(started, getattr(local, "ended", 0)),
                                   result, error, (wrapped, args, kwargs), max(began, getattr(local, "ended_at", 0.0)))
 
     return _ours(state, wrapper)
@@ -1748,10 +1757,12 @@ def _external_call_wrapper(state: _State, agent: str, model: str | None, provide
 _external_calls = threading.local()
 
 
-def _record_external_call(scope: Scope, agent: str, model: str | None, provider: str | None, started: int,
+def _record_external_call(place: tuple[Scope, _ManagerSpans | None], agent: str, model: str | None,
+                          provider: str | None, started: int,
                           result: Any, error: BaseException | None, call: tuple[Any, ...] | None = None,
                           began: float | None = None) -> None:
     try:
+        vlm = model is None
         if model is None:  # the VLM: cmbagent's module-level choice
             model = _text(getattr(sys.modules.get(VLM_MODULE), "vlm_model", None)) or "unknown"
             provider = "gcp.gemini" if model.startswith("gemini") else "openai"
@@ -1769,6 +1780,10 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
         if response_model and response_model != "unknown":
             attrs[semconv.GEN_AI_RESPONSE_MODEL] = response_model
         cost = getattr(completion, "total_cost", None)
+        if vlm and prompt is not None and output is not None and model in VLM_PRICES_PER_1M:
+            # an OpenAI completion has no total_cost: priced as cmbagent's cost report prices the VLM's call
+            price_in, price_out = VLM_PRICES_PER_1M[model]
+            cost = (price_in * prompt + price_out * output) / 1_000_000
         if isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost > 0:
             attrs[semconv.LLM_COST_USD] = float(cost)
 
@@ -1777,7 +1792,7 @@ def _record_external_call(scope: Scope, agent: str, model: str | None, provider:
                 _external_call_extras(span, attrs, time.perf_counter() if began is None else began, call,
                                       completion, result, error)
 
-        _record_chat(scope, model, attrs, started, error, extras)
+        _record_placed_chat(place, model, attrs, started, error, extras)
     except Exception:
         logger.debug("cmbagent_otel: could not record an external model call", exc_info=True)
 
@@ -1802,37 +1817,69 @@ def _record_chat(scope: Scope, model: str, attrs: dict[str, Any], started: int, 
 
 
 def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
-    """A LangChain chat model's ``invoke`` / ``stream`` (MARS's LangGraph phases' model calls) inside a run: a
-    ``chat <model>`` span of the node open where it was called, recorded when the call returned (a stream: when
-    it ended, was closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a
-    ``stream`` that falls back on ``invoke`` (one model call), it calls through untouched."""
+    """A LangChain chat model's ``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` (MARS's LangGraph phases'
+    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input) inside a run: a ``chat <model>``
+    span of the node open where it was called, recorded when the call returned (a stream: when it ended, was
+    closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a call a chat model
+    makes inside one of these (``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
             place = None if _langchain.in_call() else _model_call_place(state)
             if place is None:
                 return wrapped(*args, **kwargs)
-            started = time.time_ns()
+            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get("input"))
         except Exception:
             logger.debug("cmbagent_otel: could not time a chat model's call", exc_info=True)
             return wrapped(*args, **kwargs)
         if method == "stream":
             return _streamed_chat(place, instance, started, wrapped(*args, **kwargs))
-        answer = _langchain.Answer()
-        error: BaseException | None = None
-        token = _langchain.enter_call()
-        try:
+        if method == "astream":
+            return _astreamed_chat(place, instance, started, wrapped(*args, **kwargs))
+        if method == "ainvoke":
+            work = wrapped(*args, **kwargs)
+            return _closes_unstarted(_awaited_chat(place, instance, started, work), work)
+        with _chat_model_call(place, instance, started) as answer:
             result = wrapped(*args, **kwargs)
             answer.read(result)
             return result
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _langchain.leave_call(token)
-            _record_chat_model_call(place, instance, started, answer, error)
 
     return _ours(state, wrapper)
+
+
+# a LangChain chat model's call's start: the wall clock's ns (its span's start), time.perf_counter() (its
+# duration's: the wall clock may step while it runs) and the input it was called with (its prompt)
+_Start = tuple[int, float, Any]
+
+
+@contextmanager
+def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
+                     mark: bool = True) -> Iterator[_langchain.Answer]:
+    """One chat model call running in the block (``invoke``, an ``ainvoke``'s await, a stream read to its end),
+    recorded when the block is left: failed with what left it, unless that is the application closing the stream
+    or coroutine (``GeneratorExit``: it stopped reading, no error of the call). ``mark``: marked a chat model's call
+    in this context all along (a stream marks its pulls only: the application runs between its chunks)."""
+    answer = _langchain.Answer()
+    error: BaseException | None = None
+    token = _langchain.enter_call() if mark else None
+    try:
+        yield answer
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if token is not None:
+            _langchain.leave_call(token)
+        _record_chat_model_call(place, model, started, answer, error)
+
+
+async def _awaited_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start, work: Any) -> Any:
+    with _chat_model_call(place, model, started) as answer:
+        result = await work
+        answer.read(result)
+        return result
 
 
 def _model_call_place(state: _State) -> tuple[Scope, _ManagerSpans | None] | None:
@@ -1850,38 +1897,63 @@ def _model_call_place(state: _State) -> tuple[Scope, _ManagerSpans | None] | Non
     return (scope, bare) if scope is not None and scope.in_workflow else None
 
 
-def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+_END = object()  # a stream's end, for next() / anext()
+
+
+def _pull(answer: _langchain.Answer, stream: Iterator[Any]) -> Any:
+    """The next chunk of ``stream`` (``_END`` at its end), pulled marked a chat model's call (``stream`` falling
+    back on ``invoke`` is this one call), read into ``answer``."""
+    token = _langchain.enter_call()
+    try:
+        chunk = next(stream, _END)
+    finally:
+        _langchain.leave_call(token)
+    if chunk is not _END:
+        answer.read(chunk)
+    return chunk
+
+
+async def _apull(answer: _langchain.Answer, stream: Any) -> Any:
+    """:func:`_pull` of an async stream."""
+    token = _langchain.enter_call()
+    try:
+        chunk = await anext(stream, _END)
+    finally:
+        _langchain.leave_call(token)
+    if chunk is not _END:
+        answer.read(chunk)
+    return chunk
+
+
+def _streamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                    stream: Iterator[Any]) -> Iterator[Any]:
     """``stream``'s chunks as they come, its usage summed, its call recorded when it ends: exhausted, raising,
     or closed by the application (which stopped reading: not an error of the call); the stream is closed then."""
-    answer = _langchain.Answer()
-    error: BaseException | None = None
-    try:
-        while True:
-            token = _langchain.enter_call()
-            try:
-                chunk = next(stream)
-            except StopIteration:
-                return
-            finally:
-                _langchain.leave_call(token)
-            answer.read(chunk)
-            yield chunk
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
+    with _chat_model_call(place, model, started, mark=False) as answer:
         try:
+            while (chunk := _pull(answer, stream)) is not _END:
+                yield chunk
+        finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+
+
+async def _astreamed_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
+                         stream: Any) -> Any:
+    """``astream``'s chunks as :func:`_streamed_chat` passes ``stream``'s: an async generator, the application's
+    stream closed (``aclose``) when it ends."""
+    with _chat_model_call(place, model, started, mark=False) as answer:
+        try:
+            while (chunk := await _apull(answer, stream)) is not _END:
+                yield chunk
         finally:
-            _record_chat_model_call(place, model, started, answer, error)
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
 
 
-def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: int,
+def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start,
                             answer: _langchain.Answer, error: BaseException | None) -> None:
     try:
         name, attrs = _langchain.request_attributes(model)
@@ -1889,12 +1961,27 @@ def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: An
         cost = _langchain.cost_of(attrs)
         if cost:
             attrs[semconv.LLM_COST_USD] = cost
-        scope, bare = place
-        with _in_bare_manager_run(bare) if bare is not None else contextlib.nullcontext():
-            # under the node the scope is (a frame of a manager's phase, step or redo: never attached)
-            _record_chat(scope, name, attrs, started, error, parent=trace.set_span_in_context(effective_parent()[1]))
+        at, began, prompt = started
+
+        def extras(span: Any, attrs: Mapping[str, Any]) -> None:
+            _outside_call_extras(span, attrs, began, error, lambda: _langchain.prompt_messages(model, prompt),
+                                 lambda: answer.text)
+
+        _record_placed_chat(place, name, attrs, at, error, extras, in_frame=True)
     except Exception:
         logger.debug("cmbagent_otel: could not record a chat model's call", exc_info=True)
+
+
+def _record_placed_chat(place: tuple[Scope, _ManagerSpans | None], model: str, attrs: dict[str, Any], started: int,
+                        error: BaseException | None, extras: Callable[[Any, Mapping[str, Any]], None] | None = None,
+                        in_frame: bool = False) -> None:
+    """:func:`_record_chat` of a call :func:`_model_call_place` placed: under the node its scope is (a frame of a
+    manager's phase, step or redo: never attached) in the run of a bare phase manager, or with ``in_frame``;
+    otherwise under the current context's span (a tool's, when a tool made the call)."""
+    scope, bare = place
+    with _in_bare_manager_run(bare) if bare is not None else contextlib.nullcontext():
+        parent = trace.set_span_in_context(effective_parent()[1]) if in_frame or bare is not None else None
+        _record_chat(scope, model, attrs, started, error, extras, parent=parent)
 
 
 #: the arguments of an external model call that are its prompt (``send_image_to_vlm``'s image is not)
@@ -1904,9 +1991,32 @@ _EXTERNAL_PROMPT_ARGUMENTS = ("plot_description", "plot_type", "vlm_prompt", "ta
 
 def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, call: tuple[Any, ...],
                           completion: Any, result: Any, error: BaseException | None) -> None:
+    """:func:`_outside_call_extras` of cmbagent's external model call ``call`` (function, args, kwargs): its
+    prompt the call's prompt arguments, its answer the completion's text (the plot debugger's fixes, one per
+    line)."""
+
+    def prompt() -> list[dict[str, Any]] | None:
+        func, args, kwargs = call
+        bound = _bind(func, args, kwargs)
+        parts = [f"{name}: {bound[name]}" for name in _EXTERNAL_PROMPT_ARGUMENTS if bound.get(name) is not None]
+        return [{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}] if parts else None
+
+    def answer() -> str | None:
+        choices = getattr(completion, "choices", None)
+        text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+        if text is None and isinstance(result, list):  # the plot debugger's fixes
+            text = "\n".join(str(item) for item in result)
+        return text if isinstance(text, str) else None
+
+    _outside_call_extras(span, attrs, began, error, prompt, answer)
+
+
+def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, error: BaseException | None,
+                         prompt: Callable[[], list[dict[str, Any]] | None], answer: Callable[[], str | None]) -> None:
     """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
-    token usage, cost) when the instrumentor records metrics, and with content capture on its prompt and
-    answer (redacted and bounded like every message). ``began``: the call's start by ``time.perf_counter()``."""
+    token usage, cost) when the instrumentor records metrics, and with content capture on its prompt
+    (``prompt()``: its messages) and answer (``answer()``: its text), redacted and bounded like every message.
+    ``began``: the call's start by ``time.perf_counter()``."""
     try:
         from ..instrumentation._messages import message, output_message, render
         from ..instrumentation.ag2 import AG2Instrumentor
@@ -1926,23 +2036,14 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, cal
                 attrs.get(semconv.LLM_COST_USD))
         if not state.capture or not span.is_recording():
             return
-        func, args, kwargs = call
-        bound = _bind(func, args, kwargs)
-        parts = [f"{name}: {bound[name]}" for name in _EXTERNAL_PROMPT_ARGUMENTS if bound.get(name) is not None]
-        if parts:
-            span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES,
-                               render([{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}],
-                                      convert=message)[0])
-        if error is not None:
-            return
-        choices = getattr(completion, "choices", None)
-        answer = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
-        if answer is None and isinstance(result, list):  # the plot debugger's fixes
-            answer = "\n".join(str(item) for item in result)
-        if isinstance(answer, str):
-            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([answer], convert=output_message)[0])
+        messages = prompt()
+        if messages:
+            span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, render(messages, convert=message)[0])
+        text = answer() if error is None else None
+        if isinstance(text, str):
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([text], convert=output_message)[0])
     except Exception:
-        logger.debug("cmbagent_otel: could not record an external model call's metrics or content", exc_info=True)
+        logger.debug("cmbagent_otel: could not record a model call's metrics or content", exc_info=True)
 
 
 def _pm_enter(state: _State) -> Callable[..., Any]:
