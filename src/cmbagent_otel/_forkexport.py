@@ -1,33 +1,35 @@
 """OTLP exporters across ``fork()``: the child sends on connections of its own.
 
 The SDK's OTLP exporters keep one connection to the collector for their whole life (a gRPC channel, a
-``requests`` session's keep-alive sockets), and a forked child inherits it. A child forked while a thread of
-the parent was inside a gRPC call (the batch processor's worker exporting) got gRPC's state half-copied: gRPC
-skips its own fork handlers while a call is in flight, and the child's first export through the inherited
-channel never returned, past its deadline, so the child hung at its exit flush for ever. Over HTTP the child
-sent its requests on the parent's keep-alive socket, between the parent's: the collector read a corrupt body
-and refused a batch of one or the other.
+``requests`` session's keep-alive sockets), and a forked child inherits it. Over HTTP the child sent its
+requests on the parent's keep-alive socket, between the parent's: the collector read a corrupt body and refused
+a batch of one or the other. A child forked while a thread of the parent was inside a gRPC call got gRPC's
+state half-copied: gRPC's core skips its own fork handlers while another thread is calling into it ("Other
+threads are currently calling into gRPC, skipping fork() handlers"), and the child's first export never
+returned, past its deadline, so the child hung at its exit flush for ever.
 
-A fork now waits for the OTLP exports in flight in this process to end (at most the exporter's own timeout,
-which bounds an export), so gRPC runs its fork handlers; and a forked child's first export makes an exporter
-of its own (a new channel or session). The parent's stays in the child untouched: neither used nor closed
-(closing it there could wait on gRPC's copied state too, or end a session the parent still uses).
+A forked child's first export now makes an exporter of its own (a new channel or session). The parent's stays
+in the child untouched: neither used nor closed (closing it there could wait on gRPC's copied state too, or end
+a session the parent still uses). For gRPC, a fork also waits for the exports in flight in this process to end,
+so that gRPC runs its fork handlers; an HTTP exporter needs nothing more than the child's own session. The wait
+is bounded by each export's own deadline and by :data:`FORK_WAIT_CAP_S` in all, and is skipped for an exporter
+whose outage is ongoing (its exports are failing: the one in flight will fail too, and between its retries it
+is not inside gRPC).
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import itertools
 import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from ._forksafe import reset_in_child
+from ._outage import OutageTally
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -35,21 +37,32 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_EXPORT_TIMEOUT_S = 10.0  # the SDK exporters' default (OTEL_EXPORTER_OTLP_TIMEOUT)
-MAX_FORK_WAIT_S = 60.0  # however long an exporter's own timeout: a fork never waits longer for its export
+# however long the exporters' timeouts, a fork waits at most this long in all for their exports in flight; the
+# precedent is gRPC's own Python fork handler, which waits at most 5 s for gRPC's threads
+# (_AWAIT_THREADS_TIMEOUT_SECONDS in grpc/_cython/_cygrpc/fork_posix.pyx.pxi, grpcio 1.85)
+FORK_WAIT_CAP_S = 5.0
 
 
 class PerProcess(Generic[T]):
     """An exporter per process: ``exporter`` here, and in a forked child a new one from ``make()`` (at its first
-    use there), the parent's copy left alone. ``make`` None: the child uses the parent's (nothing to remake)."""
+    use there), the parent's copy left alone. ``make`` None: the child uses the parent's (nothing to remake).
 
-    def __init__(self, exporter: T, make: Callable[[], T] | None = None) -> None:
+    A fork waits for this process's exports through it when they go over gRPC (:func:`uses_grpc`), unless
+    ``outage`` (the exporter's failures) says they are failing."""
+
+    def __init__(self, exporter: T, make: Callable[[], T] | None = None, *,
+                 outage: OutageTally | None = None) -> None:
         self._exporter = exporter
         self._make = make
+        self._outage = outage
         self._pid = os.getpid()
-        self._sending = threading.Lock()  # held while an export is in flight: a fork waits for it
         self._making = threading.Lock()
-        reset_in_child(self, "_sending", "_making")
-        self._wait_s = _timeout_of(exporter) + 1.0
+        reset_in_child(self, "_making")
+        self._fork_waits = uses_grpc(exporter)
+        self._wait_s = _timeout_of(exporter) + 1.0  # an export ends by then: its deadline, and a margin
+        # the exports in flight: their end (set when it came), thread and start. A registration a KeyboardInterrupt
+        # left behind is never set: a fork waits for it no longer than an export lasts
+        self._flights: dict[threading.Event, tuple[int, float]] = {}
         with _all_lock:  # registration only: the fork hook reads the list without it (a thread may hold it then)
             if len(_all) >= _prune_at[0]:
                 _all[:] = [ref for ref in _all if ref() is not None]
@@ -73,19 +86,28 @@ class PerProcess(Generic[T]):
             if self._pid != os.getpid():
                 made = self._make()
                 _inherited.append(self._exporter)  # kept: a gRPC channel dropped here would close itself
+                self._flights = {}  # the parent's
                 self._exporter, self._pid = made, os.getpid()
         return self._exporter
 
     def send(self, send: Callable[[T], R], failed: R) -> R:
-        """``send(exporter)`` with this process's exporter, marked in flight for a fork to wait for; ``failed``
-        when a forked child's exporter could not be made (its exports fail, as when sending fails)."""
+        """``send(exporter)`` with this process's exporter, marked in flight for a fork to wait for (gRPC);
+        ``failed`` when a forked child's exporter could not be made (its exports fail, as when sending fails)."""
         try:
             exporter = self.own()
         except Exception:
             logger.debug("cmbagent_otel: could not make this process's OTLP exporter", exc_info=True)
             return failed
-        with self._sending:
+        if not self._fork_waits:
             return send(exporter)
+        ended = threading.Event()
+        flights = self._flights
+        try:
+            flights[ended] = (threading.get_ident(), time.monotonic())
+            return send(exporter)
+        finally:
+            ended.set()
+            flights.pop(ended, None)
 
     def force_flush(self, timeout_millis: float) -> bool:
         """Flush this process's exporter (a forked child has nothing to flush in its parent's)."""
@@ -98,11 +120,26 @@ class PerProcess(Generic[T]):
         if exporter is not None:
             exporter.shutdown(**kwargs)
 
+    def _exports_to_wait_for(self, me: int) -> list[tuple[threading.Event, float]]:
+        """The exports a fork now waits for, each with the time it is over by: none unless this process made
+        the exporter, it goes over gRPC and its outage is not ongoing; never the forking thread's own."""
+        if not self._fork_waits or self._pid != os.getpid() or (self._outage is not None and self._outage.ongoing):
+            return []
+        return [(ended, started + self._wait_s) for ended, (thread, started) in self._flights.copy().items()
+                if thread != me]
+
+
+def uses_grpc(exporter: Any) -> bool:
+    """Whether ``exporter`` is one of the SDK's OTLP/gRPC exporters."""
+    grpc_exporter = sys.modules.get("opentelemetry.exporter.otlp.proto.grpc.exporter")
+    mixin = getattr(grpc_exporter, "OTLPExporterMixin", None)
+    return isinstance(mixin, type) and isinstance(exporter, mixin)
+
 
 def _timeout_of(exporter: Any) -> float:
-    """The seconds an export of ``exporter`` may take (the SDK exporters' ``_timeout``), within bounds."""
+    """The seconds an export of ``exporter`` may take (the SDK exporters' ``_timeout``)."""
     try:
-        return min(MAX_FORK_WAIT_S, max(0.0, float(getattr(exporter, "_timeout", DEFAULT_EXPORT_TIMEOUT_S))))
+        return max(0.0, float(getattr(exporter, "_timeout", DEFAULT_EXPORT_TIMEOUT_S)))
     except (TypeError, ValueError):
         return DEFAULT_EXPORT_TIMEOUT_S
 
@@ -112,24 +149,21 @@ _all_lock = threading.Lock()
 _prune_at = [64]  # the length at which _all is pruned next (twice what the last pruning kept)
 reset_in_child(sys.modules[__name__], "_all_lock")
 _inherited: list[Any] = []  # a forked child's copies of its parent's exporters (see PerProcess.own)
-_acquire = type(_all_lock).acquire
-_release = type(_all_lock).release
 
 
 def _before_fork() -> None:
-    """Wait for the exports in flight (each exporter's lock taken, then given back at once)."""
+    """Wait for the gRPC exports in flight, each until it ends or its deadline, :data:`FORK_WAIT_CAP_S` in all."""
     try:
+        now = time.monotonic()
+        cap = now + FORK_WAIT_CAP_S
+        me = threading.get_ident()
         # no lock: the copy is one C call, and a thread of the application may hold _all_lock at the fork
-        owners = [owner for ref in _all[:] if (owner := ref()) is not None]
-        if not owners:
-            return
-        locks = [owner._sending for owner in owners]
-        wait = functools.partial(_acquire, timeout=max(owner._wait_s for owner in owners))
-        # one C call takes each lock and gives it back: no signal handler runs between the two (a Ctrl-C there
-        # would leave it held, and this process's exports waiting for it for ever). Nothing is held across the
-        # fork: an export starting after this (another thread given the GIL by a later fork hook) only makes
-        # the child's first export through its own new channel fail within its deadline, as without the wait
-        collections.deque(map(_release, itertools.compress(locks, map(wait, locks))), 0)
+        for ref in _all[:]:
+            owner = ref()
+            for ended, over_by in owner._exports_to_wait_for(me) if owner is not None else ():
+                # nothing is held across the fork: an export starting after this (another thread given the GIL
+                # by a later fork hook) is the case gRPC's core skips its fork handlers for, as without the wait
+                ended.wait(max(0.0, min(over_by, cap) - time.monotonic()))
     except Exception:  # never stop a fork
         logger.debug("cmbagent_otel: could not wait for the exports in flight before a fork", exc_info=True)
 

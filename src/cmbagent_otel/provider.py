@@ -82,15 +82,31 @@ def exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
     return _names(env.TRACES_EXPORTER, value)
 
 
-def _otlp_exporter(protocol: str, signal: str, class_name: str) -> Any:
-    """The OTLP exporter of ``signal`` (``trace``, ``metric``) for ``protocol``."""
+def _otlp_exporter(protocol: str, signal: str, class_name: str, *, in_child: bool = False) -> Any:
+    """The OTLP exporter of ``signal`` (``trace``, ``metric``) for ``protocol``; ``in_child``: a forked child's
+    own (over gRPC, on a connection of its own: see :data:`_CHILD_GRPC_OPTIONS`)."""
     if protocol == "grpc":
         module = f"opentelemetry.exporter.otlp.proto.grpc.{signal}_exporter"
+        if in_child:
+            return getattr(importlib.import_module(module), class_name)(channel_options=_CHILD_GRPC_OPTIONS)
     elif protocol in ("http/protobuf", "http"):
         module = f"opentelemetry.exporter.otlp.proto.http.{signal}_exporter"
     else:
         raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
     return getattr(importlib.import_module(module), class_name)()
+
+
+# A new channel takes its connection from gRPC's process-wide subchannel pool, which a forked child inherits: the
+# child's channel sent on the parent's HTTP/2 connection when gRPC had skipped its fork handlers (a call in flight
+# at the fork), its export answered SUCCESS and its spans never arrived. A pool of the channel's own gives it a
+# connection of its own.
+_CHILD_GRPC_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def _otlp_exporters(protocol: str, signal: str, class_name: str) -> tuple[Any, Callable[[], Any]]:
+    """The OTLP exporter of ``signal`` for ``protocol``, and how a forked child makes its own."""
+    return (_otlp_exporter(protocol, signal, class_name),
+            functools.partial(_otlp_exporter, protocol, signal, class_name, in_child=True))
 
 
 def _registered_exporter(group: str, name: str, variable: str, known: str) -> Any:
@@ -142,8 +158,8 @@ class OutageReportingExporter(SpanExporter):
     """
 
     def __init__(self, exporter: SpanExporter, make: Callable[[], SpanExporter] | None = None) -> None:
-        self._own = PerProcess(exporter, make)
         self._outage = OutageTally()
+        self._own = PerProcess(exporter, make, outage=self._outage)
         for name in _OTLP_LOGGERS:
             sdk_logger = logging.getLogger(name)
             if _QUIET not in sdk_logger.filters:
@@ -201,8 +217,7 @@ def create_exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        make = functools.partial(_otlp_exporter, _otlp_protocol(), "trace", "OTLPSpanExporter")
-        return OutageReportingExporter(make(), make)
+        return OutageReportingExporter(*_otlp_exporters(_otlp_protocol(), "trace", "OTLPSpanExporter"))
     if name == "cmbagent_dag":
         from .exporters.dag import DagSpanExporter
 
@@ -482,8 +497,8 @@ def create_metric_exporter(name: str) -> MetricExporter:
 
         return ConsoleMetricExporter()
     if name == "otlp":
-        return PerProcessMetricExporter(functools.partial(
-            _otlp_exporter, str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter"))
+        return PerProcessMetricExporter(
+            *_otlp_exporters(str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter"))
     return _registered_exporter(  # type: ignore[no-any-return]
         "opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER", "otlp, console, none")
 
@@ -492,11 +507,11 @@ class PerProcessMetricExporter(MetricExporter):
     """The SDK's OTLP metric exporter, made again by ``make`` in a forked child for the child's exports (the
     parent's gRPC channel or HTTP session is the parent's; see :mod:`cmbagent_otel._forkexport`)."""
 
-    def __init__(self, make: Callable[[], MetricExporter]) -> None:
-        exporter = make()
+    def __init__(self, exporter: MetricExporter, make: Callable[[], MetricExporter]) -> None:
         super().__init__(preferred_temporality=exporter._preferred_temporality,
                          preferred_aggregation=exporter._preferred_aggregation)
-        self._own = PerProcess(exporter, make)
+        self._outage = OutageTally()  # whether its exports are failing: a fork does not wait for them then
+        self._own = PerProcess(exporter, make, outage=self._outage)
 
     @property
     def exporter(self) -> MetricExporter:
@@ -504,8 +519,13 @@ class PerProcessMetricExporter(MetricExporter):
         return self._own.exporter
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        return self._own.send(lambda exporter: exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs),
-                              MetricExportResult.FAILURE)
+        result = self._own.send(lambda exporter: exporter.export(metrics_data, timeout_millis=timeout_millis,
+                                                                 **kwargs), MetricExportResult.FAILURE)
+        if result is not MetricExportResult.SUCCESS:
+            self._outage.failed(0)
+        elif self._outage.ongoing:
+            self._outage.recovered()
+        return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self._own.force_flush(timeout_millis)
