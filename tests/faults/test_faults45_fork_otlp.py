@@ -91,8 +91,10 @@ RECEIVER = textwrap.dedent('''
 ''')
 
 APP = textwrap.dedent('''
-    import os, select, sys, threading
+    import faulthandler, os, select, signal, sys, threading
     from cmbagent_otel.provider import build_meter_provider, build_tracer_provider
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung child's stacks, on stderr, before its kill
 
     mode, forks, bound = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     tracer_provider = build_tracer_provider("otlp")
@@ -145,8 +147,10 @@ APP = textwrap.dedent('''
             break
         waiting.difference_update(ended)
     for ended_r, pid in children.items():
-        if ended_r in waiting:
-            os.kill(pid, 9)  # hung
+        if ended_r in waiting:  # hung
+            os.kill(pid, signal.SIGUSR1)
+            select.select([ended_r], [], [], 5)  # its stacks written (or not: it is killed anyway)
+            os.kill(pid, 9)
         print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
     stop.set()
     if exporter.is_alive():
