@@ -26,6 +26,7 @@ import pytest
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 BOUND_S = 60  # a generous bound on every wait for the other processes: a hang fails the test, never stalls it
+START_S = 3 * BOUND_S  # a process starting (its imports): under heavy load (load average 25) 60 s was too short
 
 RECEIVER = textwrap.dedent('''
     import sys, threading, time
@@ -181,7 +182,7 @@ def _run(tmp_path: Path, protocol: str, mode: str, forks: int) -> tuple[list[str
     app = None
     try:
         threading.Thread(target=_lines, args=("receiver", receiver.stdout, lines), daemon=True).start()
-        _, line = lines.get(timeout=BOUND_S)
+        _, line = lines.get(timeout=START_S)
         assert line.startswith("port "), line
         port = line.split()[1]
         env = {**os.environ, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_INSECURE": "true",
@@ -194,7 +195,7 @@ def _run(tmp_path: Path, protocol: str, mode: str, forks: int) -> tuple[list[str
                                env=env)
         requests: list[tuple[str, list[str]]] = []
         if mode != "idle":  # the app forks once the receiver has its first export (held, or the busy thread's)
-            while (item := lines.get(timeout=BOUND_S))[1] not in ("held", "EOF"):
+            while (item := lines.get(timeout=START_S))[1] not in ("held", "EOF"):
                 if item[1].startswith("spans ") and "parent busy" in item[1]:
                     break
                 _add(requests, item[1])
