@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, set_value
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
+from .._context import attach, detach
 from .._forksafe import closer, hold_fd, open_into, reset_in_child
+from .._varblock import VarSet
 from ..redaction import is_secret_key
 from ._watchdog import WATCHED, watchdog
 
@@ -53,24 +55,20 @@ _SCHEME = re.compile(r"[A-Za-z][\w+.-]{0,40}")
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cmbagent_otel_db_deadline", default=None)
 
 
-@contextlib.contextmanager
-def deadline(seconds: float | None) -> Iterator[None]:
+def deadline(seconds: float | None) -> contextlib.AbstractContextManager[Any]:
     """Bound every database wait inside the block to ``seconds`` from now (``None``: no bound).
 
     Read when a connection is opened and when a transaction begins: SQLite's busy timeout,
     PostgreSQL's ``connect_timeout``, ``lock_timeout`` and ``statement_timeout`` are set to
-    the time left (a nested block never extends an outer one).
+    the time left (a nested block never extends an outer one). Reset however the block is left
+    (:class:`~cmbagent_otel._varblock.VarSet`: a Ctrl-C as it was entered or left kept a passed
+    deadline on the thread, every later write of ours there timed out at once).
     """
     if seconds is None:
-        yield
-        return
+        return contextlib.nullcontext()
     end = time.monotonic() + max(0.0, seconds)
     outer = _deadline.get()
-    token = _deadline.set(end if outer is None else min(outer, end))
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+    return VarSet(_deadline.set, _deadline.reset, end if outer is None else min(outer, end))
 
 
 def time_left_ms() -> int | None:
@@ -698,16 +696,13 @@ BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries wit
 logger = logging.getLogger("cmbagent_otel.dag")
 
 
-@contextlib.contextmanager
-def untraced() -> Iterator[None]:
+def untraced() -> VarSet:
     """Instrumentation suppressed (the OpenTelemetry context key every instrumentation checks)
     inside the block: our own statements must not come back as spans of the application's
-    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again."""
-    token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-    try:
-        yield
-    finally:
-        detach(token)
+    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again.
+    Undone however the block is left (:class:`~cmbagent_otel._varblock.VarSet`: a Ctrl-C as it
+    was entered or left kept the application's thread suppressed, none of its spans made)."""
+    return VarSet(attach, detach, set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
 
 
 def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engine | None = None) -> None:
