@@ -19,24 +19,30 @@ from __future__ import annotations
 import collections
 import functools
 import io
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
 class VarSet(io.IOBase):
-    """``with VarSet(set, reset, value):`` ``set(value)`` inside the block (``ContextVar.set`` or an equivalent
-    returning a token), ``reset(token)`` when the block is left, however it is left; the block's exception
-    propagates unchanged (the exit returns an empty, false, ``deque``). One entry per object."""
+    """``with VarSet(set, reset, value):`` ``set(value)`` inside the block (``ContextVar.set`` or another C
+    callable returning a token), ``reset(token)`` when the block is left, however it is left, then ``then(token)``
+    (Python code may run there: what must not be skipped goes into ``reset``); the block's exception propagates
+    unchanged (the exit returns an empty, false, ``deque``). One entry per object."""
 
-    def __init__(self, set_: Callable[[Any], Any], reset: Callable[[Any], Any], value: Any) -> None:
+    def __init__(self, set_: Callable[[Any], Any], reset: Callable[[Any], Any], value: Any,
+                 then: Callable[[Any], Any] | None = None) -> None:
         super().__init__()
         self._set = set_
         self._value = value
         tokens: list[Any] = []
         self._tokens = tokens
-        # io.IOBase.__exit__ (C) calls it; the map reads the list when it runs, once (a second call does nothing,
+        # io.IOBase.__exit__ (C) calls it; the maps read the list when they run, once (a second call does nothing,
         # the one the finaliser makes too)
-        self.close = functools.partial(collections.deque, map(reset, tokens), 0)  # type: ignore[method-assign]
+        undo: Iterator[Any] = map(reset, tokens)
+        if then is not None:
+            undo = itertools.chain(undo, map(then, tokens))
+        self.close = functools.partial(collections.deque, undo, 0)  # type: ignore[method-assign]
 
     def __enter__(self) -> VarSet:
         try:

@@ -1,0 +1,84 @@
+"""Ctrl-C as a deferral of our SIGTERM handler is entered or left (46th fault campaign).
+
+``_termination.signals_deferred()`` holds our SIGTERM/SIGHUP handler's work back while the main thread itself
+exports (``force_flush``: the application's, ``uninstrument()``'s); the handler notes the signal and the block's
+end acts on it. It was a ``contextlib`` context manager: a ``KeyboardInterrupt`` as its generator yielded to
+``__enter__`` (``next()``'s return) or as ``__exit__`` was entered left the deferral in place for as long as the
+interrupt's traceback was kept (an interactive session keeps the last one), and the next SIGTERM was noted and
+never acted on: the process went on. It is now a ``_varblock.VarSet``, whose exit is C code.
+
+The child interrupts the block at each of its signal points in turn (``conftest.interrupt_at``: a Python
+function's entry, a C call's return), keeps every interrupt, then sends itself SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+APP = textwrap.dedent('''
+    import itertools, os, signal, sys
+    import pytest
+    import cmbagent_otel
+    from cmbagent_otel import _termination
+    from tests.faults.conftest import interrupt_at
+
+    cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
+
+    def block():
+        with _termination.signals_deferred():
+            pass
+
+    def under_block(frame):
+        while frame is not None:
+            if frame.f_code is block.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
+    kept = []
+    for n in itertools.count(1):
+        seen = []
+
+        def nth(frame, event, _arg, n=n, seen=seen):
+            if event not in ("call", "c_return") or not under_block(frame):
+                return False
+            seen.append(event)
+            return len(seen) == n
+
+        try:
+            with interrupt_at(nth) as raised:
+                block()
+        except pytest.fail.Exception:  # no n-th point: every point was met
+            break
+        kept.append(raised)  # with its traceback, as an interactive session keeps the last one
+    print("POINTS", n - 1, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("WENT ON AFTER SIGTERM", flush=True)
+''')
+
+
+def test_sigterm_after_interrupted_deferrals_still_ends_the_process(tmp_path: Path) -> None:
+    """Fails on main 75098e5: the process went on after SIGTERM, then hung at its exit (the kept generators'
+    ``finally`` ran our stop there, which waits for a thread that never starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_SDK_DISABLED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen([sys.executable, "-c", APP], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # main: the kept generators' finally ran our stop at the exit, which hung
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the process went on after SIGTERM and never ended: {out!r}")
+    assert out.startswith("POINTS "), (out, err[-2000:])
+    assert int(out.split()[1]) >= 2, out
+    assert "WENT ON" not in out and proc.returncode == -signal.SIGTERM, (out, proc.returncode, err[-2000:])
