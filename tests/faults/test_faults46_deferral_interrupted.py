@@ -25,11 +25,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 APP = textwrap.dedent('''
-    import itertools, os, signal, sys
-    import pytest
+    import os, signal
     import cmbagent_otel
     from cmbagent_otel import _termination
-    from tests.faults.conftest import interrupt_at
+    from tests.faults.conftest import each_interrupt, runs_under
 
     cmbagent_otel.instrument(exporters="none", instrument_cmbagent=False, instrument_threading=False)
 
@@ -37,30 +36,9 @@ APP = textwrap.dedent('''
         with _termination.signals_deferred():
             pass
 
-    def under_block(frame):
-        while frame is not None:
-            if frame.f_code is block.__code__:
-                return True
-            frame = frame.f_back
-        return False
-
-    kept = []
-    for n in itertools.count(1):
-        seen = []
-
-        def nth(frame, event, _arg, n=n, seen=seen):
-            if event not in ("call", "c_return") or not under_block(frame):
-                return False
-            seen.append(event)
-            return len(seen) == n
-
-        try:
-            with interrupt_at(nth) as raised:
-                block()
-        except pytest.fail.Exception:  # no n-th point: every point was met
-            break
-        kept.append(raised)  # with its traceback, as an interactive session keeps the last one
-    print("POINTS", n - 1, flush=True)
+    kept = [raised for _, raised in each_interrupt(  # with their tracebacks
+        block, lambda frame, event: event in ("call", "c_return") and runs_under(frame, block.__code__))]
+    print("POINTS", len(kept), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
     print("WENT ON AFTER SIGTERM", flush=True)
 ''')

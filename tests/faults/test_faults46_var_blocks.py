@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import gc
-import itertools
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -29,55 +27,34 @@ from opentelemetry import trace
 
 from cmbagent_otel.dag import database
 
-from .conftest import interrupt_at
-
-
-def _under(frame: FrameType | None, code: Any) -> bool:
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+from .conftest import each_interrupt, runs_under
 
 
 def _left_changed(block: Callable[[], contextlib.AbstractContextManager[Any]],
                   state: Callable[[], object]) -> tuple[list[str], int]:
-    """The points after which ``state()`` differed from before (the function entered or the C call's caller), and
-    how many points there were."""
+    """The points after which ``state()`` differed from before, each run in a context of its own (a leak stays
+    there), and how many points there were."""
     def body() -> None:
         with block():
             pass
 
-    def run(n: int, seen: list[str]) -> bool | None:
-        before = state()
+    contexts: list[contextvars.Context] = []
 
-        def nth(frame: FrameType, event: str, _arg: Any) -> bool:
-            if event not in ("call", "c_return") or not _under(frame, body.__code__):
-                return False
-            seen.append(f"{event} {frame.f_code.co_name}")
-            return len(seen) == n
+    def run() -> None:
+        contexts.append(contextvars.copy_context())
+        contexts[-1].run(body)
 
-        try:
-            with interrupt_at(nth) as raised:
-                body()
-        except pytest.fail.Exception:  # no n-th point: every point was met
-            return None
-        assert raised  # kept, with its traceback, as an interactive session keeps the last one
-        changed = state() != before
-        raised.clear()
-        if changed:
-            gc.collect()  # a generator left suspended (main) is closed here, in its own context, not in a later test
-        return changed
-
+    before = state()
     left: list[str] = []
-    for n in itertools.count(1):
-        seen: list[str] = []
-        changed = contextvars.copy_context().run(run, n, seen)  # a leak stays in that run's context
-        if changed is None:
-            return left, n - 1
-        if changed:
-            left.append(seen[-1])
-    raise AssertionError("unreachable")
+    points = 0
+    for point, raised in each_interrupt(run, lambda frame, event: event in ("call", "c_return")
+                                        and runs_under(frame, body.__code__)):
+        points += 1
+        if contexts[-1].run(state) != before:
+            left.append(point)
+            raised.clear()
+            contexts[-1].run(gc.collect)  # the generator left suspended (main) closed in its own context
+    return left, points
 
 
 def test_ctrl_c_in_untraced_leaves_no_suppression() -> None:

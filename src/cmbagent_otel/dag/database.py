@@ -33,7 +33,7 @@ from sqlalchemy.pool import NullPool
 from .. import environment_variables
 from .._context import attach, detach
 from .._forksafe import closer, hold_fd, open_into, reset_in_child
-from .._varblock import VarSet
+from .._varblock import CExit, VarSet
 from ..redaction import is_secret_key
 from ._watchdog import WATCHED, watchdog
 
@@ -327,8 +327,7 @@ def _pg_begin(conn: Any) -> None:
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-@contextlib.contextmanager
-def creation_lock(path: Path) -> Iterator[None]:
+def creation_lock(path: Path) -> contextlib.AbstractContextManager[Any]:
     """Hold an exclusive ``flock`` on the folder of the SQLite file ``path`` (other processes and
     threads wait): creating the file and removing the ``-wal``/``-shm`` a deleted file left take
     turns. A writer that found the file gone and then removed those names removed the live files
@@ -341,26 +340,41 @@ def creation_lock(path: Path) -> Iterator[None]:
     SQLite busy timeout): past it ``TimeoutError`` (an ``OSError``: retryable, the batch is
     spilled). Reading a folder is enough to ``flock`` it, so any process that can list a shared
     folder held this wait, and with it the export thread and the application's exit, for as long
-    as it kept the lock."""
+    as it kept the lock.
+
+    Let go however the block is left (:class:`~cmbagent_otel._varblock.CExit`: a Ctrl-C as the block was
+    entered or left kept the descriptor and its lock while the interrupt's traceback was kept)."""
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    opened: list[int] = []
-    close = closer(opened)  # before the open: a cleanup entered after it had a Ctrl-C window (see closer)
-    try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
-        try:
-            fd: int | None = open_into(opened, path.parent,
-                                       os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            fd = None  # unlocked, as without flock
-        if fd is not None:
+        return contextlib.nullcontext()
+    return _FolderLock(path, fcntl)
+
+
+class _FolderLock(CExit):
+    """:func:`creation_lock`'s block: its exit closes the folder's descriptor (:func:`~cmbagent_otel._forksafe.closer`:
+    forgotten after the close, so a child forked before it closes its copy)."""
+
+    def __init__(self, path: Path, fcntl: Any) -> None:
+        super().__init__()
+        self._path = path
+        self._fcntl = fcntl
+        self._opened: list[int] = []
+        self.close = closer(self._opened)  # type: ignore[method-assign]
+
+    def __enter__(self) -> _FolderLock:
+        try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+            try:
+                fd = open_into(self._opened, self._path.parent,
+                               os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return self  # unlocked, as without flock
             hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
-            _flock_within(fd, path, fcntl)
-        yield
-    finally:
-        close()  # forgotten after the close: a child forked before it closes its copy
+            _flock_within(fd, self._path, self._fcntl)
+        except BaseException:  # the block is not entered: its exit never runs
+            self.close()
+            raise
+        return self
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
