@@ -14,6 +14,7 @@ function's entry, a C call's return), keeps every interrupt, then sends itself S
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+STARTED_WITHIN_S = 600
 
 APP = textwrap.dedent('''
     import os, signal
@@ -51,12 +53,19 @@ def test_sigterm_after_interrupted_deferrals_still_ends_the_process(tmp_path: Pa
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.Popen([sys.executable, "-c", APP], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    # the start (instrument(): AG2's import) gets a bound of its own: a loaded machine makes it minutes; the hang
+    # looked for comes after the signal
+    if not select.select([proc.stdout], [], [], STARTED_WITHIN_S)[0]:
+        proc.kill()
+        pytest.fail(f"the child did not start within {STARTED_WITHIN_S} s: {proc.communicate()}")
+    points = proc.stdout.readline()
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:  # main: the kept generators' finally ran our stop at the exit, which hung
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"the process went on after SIGTERM and never ended: {out!r}")
-    assert out.startswith("POINTS "), (out, err[-2000:])
-    assert int(out.split()[1]) >= 2, out
+        pytest.fail(f"the process went on after SIGTERM and never ended: {points + out!r}")
+    assert points.startswith("POINTS "), (points, out, err[-2000:])
+    assert int(points.split()[1]) >= 2, points
     assert "WENT ON" not in out and proc.returncode == -signal.SIGTERM, (out, proc.returncode, err[-2000:])
