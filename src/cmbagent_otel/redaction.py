@@ -1836,8 +1836,14 @@ def _command_credentials(text: str, learn: bool) -> str:
     return _replaced(text, spans, REDACTED) if spans else text
 
 
-def _kv_pairs(text: str, learn: bool) -> str:
-    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
+# a "value" opened by the quote that ends a serialised string (a message's text ending with ``api_key=``) and running
+# into the next item (``"}]}, {"role": ...``): replaced, the JSON broke and the whole history was left out
+_ITEMS_CLOSE = re.compile(r"[}\]]+, [{\[\"]")
+
+
+def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | None = None) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned); ``pairs``: also told
+    each replaced value's (name's start, value's start, value's end, whether it would be learned)."""
     lower = text.lower()
     if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
         lower = text.translate(_ASCII_LOWER)
@@ -1901,7 +1907,7 @@ def _kv_pairs(text: str, learn: bool) -> str:
         value = text[value_start:value_end]
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
-        if '", "' in text[start:match_end]:
+        if '", "' in text[start:match_end] or (quoted and _ITEMS_CLOSE.match(text, value_start) is not None):
             continue  # never across two serialised list items (see _redacted_json_list)
         if option is not None:
             if _OPTION_SPEC.match(value) is not None or (
@@ -1958,10 +1964,14 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
-        if learn and learns and len(value) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None \
-                and not (by_name and (_names_a_constant(key_name, core) or _names_what_is_no_secret(
-                    key_name, core, text[max(0, name_start - 64):name_start]))) \
-                and not _is_code_or_example(text, key, value, quoted, value_end, name_start):
+        teaches = (learn or pairs is not None) and learns and len(value) >= _MIN_SECRET_LEN \
+            and _STATE_WORD.fullmatch(core) is None \
+            and not (by_name and (_names_a_constant(key_name, core) or _names_what_is_no_secret(
+                key_name, core, text[max(0, name_start - 64):name_start]))) \
+            and not _is_code_or_example(text, key, value, quoted, value_end, name_start)
+        if pairs is not None:
+            pairs.append((name_start, value_start, value_end, teaches))
+        if learn and teaches:
             # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
             # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
             # then redacted in every later text, inside "unexpired" too; still replaced here)
@@ -3296,10 +3306,46 @@ def _learn_across(chain: list[tuple[str, bool]], after: str, window: int) -> Non
     for start, end in _secret_spans(both):
         if not any(start < joint < end for joint in joints):
             continue
-        for lo, hi, whole in bounds:
-            a, b = max(start, lo), min(end, hi)
-            if a < b:
-                _learn_piece(both, a, b, lo, hi, whole)
+        _learn_pieces(both, start, end, bounds)
+    _learn_pairs_across(both, len(head), joints, bounds)
+
+
+def _learn_pieces(text: str, start: int, end: int, bounds: list[tuple[int, int, bool]]) -> None:
+    """Learn the pieces of the secret at ``text[start:end]`` in each of the texts joined in ``text`` (``bounds``:
+    see :func:`_learn_across`)."""
+    for lo, hi, whole in bounds:
+        a, b = max(start, lo), min(end, hi)
+        if a < b:
+            _learn_piece(text, a, b, lo, hi, whole)
+
+
+# the end of a text that names a credential in prose, its value coming in the next text (``... the password is`` |
+# ``Zorb7xq``): searched with a blank between them
+_PROSE_VERB_AT_END = re.compile(r"[ \t](?:is|was|to|now)[ \t]*:?\Z", re.IGNORECASE)
+
+
+def _learn_pairs_across(both: str, joint: int, joints: list[int], bounds: list[tuple[int, int, bool]]) -> None:
+    """Learn the value of a secret-named ``key: value`` pair cut between two texts of one history: the name (and
+    perhaps part of the value) ending one text, the value (or its rest) starting the next (``... api_key=`` |
+    ``Zorb7xq ...``, ``password=Zorbq`` | ``7xkLmw``). Each text alone shows no pair or only its start: the value,
+    or its rest, was shown there and in every later text. ``both``: the texts joined, ``joint``: where the last
+    one starts."""
+    pairs: list[tuple[int, int, int, bool]] = []
+    if _PROSE_VERB_AT_END.search(both, max(0, joint - 8), joint) is None:
+        _kv_pairs(both, False, pairs)
+        for name_start, start, end, teaches in pairs:
+            cuts = [cut for cut in joints if name_start < cut < end]
+            # a value cut inside (``password=Zorbq`` | ``7xkLmw``) only when its rest looks random, as a key's does: a
+            # whole value and the next text glued (``password=Zorb7xq`` | ``Thanks, done``) would teach "Thanks"
+            if teaches and cuts and (cuts[0] <= start or _RANDOM_LOOKING.search(both, cuts[0], end) is not None):
+                learn_secret(both[start:end])
+                _learn_pieces(both, start, end, bounds)
+    else:  # ("is" | "Zorb7xq" joined as written read "isZorb7xq" as the value, and learned "ord is")
+        spaced = f"{both[:joint]} {both[joint:]}"
+        _kv_pairs(spaced, False, pairs)
+        for name_start, start, end, teaches in pairs:
+            if teaches and name_start < joint < start:
+                learn_secret(spaced[start:end])
 
 
 def _learn_piece(text: str, a: int, b: int, lo: int, hi: int, whole: bool) -> None:
