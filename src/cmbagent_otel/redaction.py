@@ -2234,6 +2234,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             for hint, shape in shapes:
                 if hint in text:
                     text = shape.sub(REDACTED, text)
+    if ".eyJ" in text:
+        text = _redact_glued_tokens(text)
     if "@" in text:
         if "://" in text:
             text = _URL_TOKEN_USER.sub(f"://{REDACTED}@", text)
@@ -2250,6 +2252,23 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+# A JSON Web Token glued after letters or digits (``tokeneyJ...``, ``x9eyJ...``), which the shape (at a run's start)
+# does not take: found by its second part, ``.eyJ`` (a literal: a fast scan), with the run before it taken once (an
+# atomic group, a lookahead's capture) from the run's start only; its first part is the run from its first ``eyJ``.
+# Tried from every ``eyJ`` of the run, the first part was scanned to the run's end from each (quadratic)
+_GLUED_TOKEN = re.compile(r"(?<![A-Za-z0-9_\-])(?=([A-Za-z0-9_\-]*))\1\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}")
+
+
+def _redact_glued_tokens(text: str) -> str:
+    """``text`` with each JSON Web Token glued after other characters of its alphabet replaced (from its ``eyJ``)."""
+    spans = []
+    for match in _GLUED_TOKEN.finditer(text):
+        at = text.find("eyJ", match.start(), match.end(1))
+        if at > match.start() and match.end(1) - at >= 11:
+            spans.append((at, match.end()))
+    return _replaced(text, spans, REDACTED) if spans else text
 
 
 def _redact_encoded(text: str) -> str:
@@ -2376,31 +2395,87 @@ _LONG_RUN = b"a" * 16
 
 def _redact_encoded_text(text: str, runs: bytes) -> str:
     """``text`` with each base64 or hex run of plain text (:data:`_ENCODED_TEXT`) that holds a secret replaced;
-    ``runs``: ``text`` mapped by :data:`_RUN_BYTES`."""
+    ``runs``: ``text`` mapped by :data:`_RUN_BYTES`. A run that is no such whole run is searched as one of UTF-8
+    text and for base64 of text glued to other characters of its alphabet (:func:`_other_encoded_spans`)."""
     depth = getattr(_blob_depth, "value", 0)
     if depth >= 2:
         return text
-    spans = []
+    spans: list[tuple[int, int]] = []
+    done = 0  # where the last run looked at ends (each character is in one run)
     at = runs.find(_LONG_RUN)
     while at >= 0:  # ``at`` starts a run of letters and digits (the first 16 in a row)
         match = _ENCODED_TEXT.match(text, at)
         end = runs.find(b" ", at)
-        at = runs.find(_LONG_RUN, end) if end >= 0 else -1
+        nxt = runs.find(_LONG_RUN, end) if end >= 0 else -1
+        if at < done:
+            at = nxt
+            continue
         if match is None:
+            done = _other_encoded_spans(text, at, done, depth, spans)
+            at = runs.find(_LONG_RUN, done) if nxt >= 0 else -1
             continue
-        run = match.group()[:_ENCODED_TEXT_MAX]
-        try:
-            if match.group("b64") is None:
-                raw = bytes.fromhex(run[:len(run) - len(run) % 2])
-            else:
-                run = run.translate(_B64_STANDARD).rstrip("=")
-                raw = base64.b64decode(run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
-                                       + "=" * (-len(run) % 4))
-        except ValueError:
-            continue
-        if _holds_secret(raw.decode("ascii", "replace"), depth):
+        at, done = nxt, match.end()
+        raw = _decoded_run(match.group()[:_ENCODED_TEXT_MAX], match.group("b64") is None)
+        if raw is not None and _holds_secret(raw.decode("ascii", "replace"), depth):
             spans.append(match.span())
-    return _replaced(text, spans, REDACTED) if spans else text
+    return _replaced(text, sorted(spans), REDACTED) if spans else text
+
+
+def _decoded_run(run: str, hexadecimal: bool) -> bytes | None:
+    """The bytes of a base64 (standard or URL-safe, padded or not) or hex ``run``; ``None`` if it is neither."""
+    try:
+        if hexadecimal:
+            return bytes.fromhex(run[:len(run) - len(run) % 2])
+        run = run.translate(_B64_STANDARD).rstrip("=")
+        return base64.b64decode(run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
+                                + "=" * (-len(run) % 4))
+    except ValueError:
+        return None
+
+
+_B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_\-]*={0,2}")
+_HEX_RUN = re.compile(r"(?:[0-9a-f]{2}){12,}|(?:[0-9A-F]{2}){12,}")
+# base64 of text, at any offset inside a longer run: 4 groups of 4 characters or more, each as _ENCODED_TEXT's (the
+# leftmost 4 in a row at an alignment start its text: a group before them would have made them start earlier)
+_TEXT_GROUPS = re.compile(r"(?:[CDI-Za-f][A-HQ-Xg-nw-z0-3][ABEFIJMNQRUVYZcdghklopstwx014589][A-Za-z0-9+/_\-]){4,}")
+_TEXT_GROUPS_LONG = 32  # characters: groups of text this many in a row are the run's text (searched on past them)
+_LINE_BREAKS = str.maketrans("", "", "\t\n\r")
+
+
+def _other_encoded_spans(text: str, at: int, done: int, depth: int, spans: list[tuple[int, int]]) -> int:
+    """Add to ``spans`` the base64 or hex holding a secret in the run of base64's alphabet around ``at`` (after
+    ``done``) that is no whole run of ASCII text: the whole run as UTF-8 text (``contraseña: ...``, a Cyrillic or
+    CJK message: its bytes beyond ASCII are no text's by _ENCODED_TEXT's classes), and base64 of text glued to
+    other characters of the alphabet (``x_<run>``, a path's segment after "/", ``<run>x9``, or a run whose first 16
+    characters hold "+/-_"): its start or end was not known and the run was not decoded. Returns the run's end."""
+    start = at
+    lowest = max(done, at - _ENCODED_TEXT_MAX)
+    while start > lowest and text[start - 1] in _B64_CHARS:
+        start -= 1
+    end = _B64_RUN.match(text, at).end()
+    run = text[start:min(end, start + _ENCODED_TEXT_MAX)]
+    raw = _decoded_run(run, _HEX_RUN.fullmatch(run) is not None)
+    if raw is not None and not raw.isascii():
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            decoded = ""
+        if decoded.translate(_LINE_BREAKS).isprintable() and _holds_secret(decoded, depth):
+            spans.append((start, end))
+            return end
+    pos = start
+    while (found := _TEXT_GROUPS.search(text, pos, end)) is not None:
+        stop = min(found.end() + 3, end)  # with the last group's 2 or 3 characters and its padding
+        raw = _decoded_run(text[found.start():stop], False)
+        if raw is not None and _holds_secret(raw.decode("ascii", "replace"), depth):
+            while stop < end and text[stop] == "=":
+                stop += 1
+            spans.append((found.start(), stop))
+            pos = stop
+        else:  # (a few short ones may be chance, at another alignment than the text's: the next position too)
+            pos = found.end() if found.end() - found.start() >= _TEXT_GROUPS_LONG else found.start() + 1
+    return end
 
 
 def _redact_bare_credentials(text: str) -> str:
