@@ -45,6 +45,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from . import environment_variables
 from ._forksafe import reset_in_child
@@ -1190,10 +1191,10 @@ def _learn_text(text: str, depth: int) -> None:
         if isinstance(parsed, (dict, list)):
             _register_walk(parsed, depth + 1, False, learn_secret)
             return
-    _kv_scan(text, learn=True)
-    # (content capture off, tool arguments are only learned from: base64 of ``password=<v>`` taught nothing, and
-    # the tool's error quoting <v> showed it)
-    _redact_encoded(text)
+    # as redact reads it: escaped, folded, form-encoded, encoded (content capture off, tool arguments are only learned
+    # from: base64 of ``password=<v>``, then ``my+password+is+<v>``, taught nothing, and the tool's error quoting <v>
+    # showed it)
+    _redact_with(_known_pattern, text)
 
 
 def _register_value(value: Any, register: Any) -> None:
@@ -1980,6 +1981,8 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
             _register_login_password(value, learn_secret)
             if core is not value:
                 learn_secret(core)
+            if "%" in value:
+                _learn_url_decoded(value)
         elif message and not learns and len(core) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None:
             only_here.add(core)
         out.append(text[last:value_start])
@@ -1991,6 +1994,15 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         return text
     out.append(text[last:])
     return _replace_in_the_rest("".join(out), only_here)
+
+
+def _learn_url_decoded(value: str) -> None:
+    """Learn what a percent-encoded ``value`` stands for: a form's ``password=Zorb%21q7`` is ``Zorb!q7`` in every
+    other text (learned as written, the password itself was shown there), and a value that ran on past an encoded
+    ``&`` (a query inside a query, ``password%3D<v>%26next%3D1`` decoded once) is ``<v>`` up to it."""
+    head = value.split("%26", 1)[0]
+    for form in {head, unquote(head)} - {value}:
+        learn_secret(form)
 
 
 def _replace_in_the_rest(text: str, words: set[str]) -> str:
@@ -2189,10 +2201,18 @@ def _unwrapped(text: str) -> str:
     return _WRAPPED_BASE64_ESCAPED.sub("", text) if "\\" in text else text
 
 
+# form-encoded prose (a query's or a form body's text, ``q=my+password+is+<v>``): "+" stands for a blank there, and
+# as written no name was followed by the blanks and the verb prose takes (the value was shown, there and later)
+_FORM_PROSE = re.compile(r"\+(?i:is|was|to|now|for|of)\+")
+
+
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     wrapped = _is_wrapped(text)
-    if "\\" in text or "%" in text or "&#" in text or wrapped:
+    form = "+" in text and _FORM_PROSE.search(text) is not None
+    if "\\" in text or "%" in text or "&#" in text or wrapped or form:
         decoded = _unwrapped(text) if wrapped else text
+        if form:  # before "%2B" is decoded: that one is a "+" (a known secret holding one replaced first)
+            decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("+", " ")
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
