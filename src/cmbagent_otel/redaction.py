@@ -71,9 +71,16 @@ _SECRET_ENV_NAME = re.compile(
 # last other character is matched once, as an atomic group (a lookahead's capture, taken back by reference), and the
 # run checked once. Written as ``.*(?:words)[\w.\-]*$``, every word's occurrence scanned the rest of the name again:
 # a dict key of "Secret" * 10,000 + "!" took 2 s to judge, 100 kB 12 s.
+# "password" in other languages, written with letters beyond ASCII (looked for in such texts only: each word is a
+# pass more over a text): ``contraseña: <v>``, ``пароль: <v>``, ``密码: <v>`` were read as no name (German's
+# "Passwort" and Norwegian's "passord" start with "pass": named so below)
+_FOREIGN_HINTS = ("contraseña", "пароль", "密码", "密碼", "口令", "パスワード", "비밀번호", "hasło", "şifre",
+                  "lösenord", "jelszó", "κωδικός", "סיסמה", "पासवर्ड")
+_FOREIGN_NAMES = "|".join(_FOREIGN_HINTS)
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:(?=((?:.*[^\w.\-\n])?))\1(?=[\w.\-]*$)[\w.\-]*?"
-    r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
+    r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passwort|passord|" + _FOREIGN_NAMES + "|passphrase|"
+    r"secret|credential|private[_.-]?key|access[_.-]?key|"
     r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string|"
     r"(?:auth|hmac|signing|encryption|master)[_.-]?key)[\w.\-]*|token|authorization|cookie)"
     r"|auth|pass|pwd|sig)$",
@@ -277,9 +284,24 @@ MAX_LEARNED = 256
 # (``the password is <v>``, ``set the API key to <v>``): group ``verb``; a command line's option by blanks
 # (``--api-key <v>``, ``--password '<v>'``): group ``flag``, taken after a name starting with "-" only
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
+# ("password" in other languages: see _FOREIGN_HINTS)
 _KV_KEY = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*)(?P<q>\\*["']?)"""
-    r"""(?:[ \t]*[:=][ \t]*"""
+    rf"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|{_FOREIGN_NAMES})[\w.\-]*)"""
+    r"""(?P<q>\\*["']?)"""
+    # (``=>``: a PHP array's, a Ruby or Perl hash's pair, ``'password' => '<v>'``: "=" then ">" was no value)
+    r"""(?:[ \t]*(?:(?P<arrow>=>)|[:=])[ \t]*"""
+    # an XML element's text (``<password><v></password>``, ``<apiKey><v></apiKey>``): checked to follow "<"
+    r"""|(?P<tag>>[ \t\r\n]*)(?=[^\s<>])"""
+    # a secret's name given as data, its value in the field after it (checked to follow a name's field): a list of
+    # environment variables (``{"name": "DB_PASSWORD", "value": "<v>"}``, Kubernetes' ``- name: DB_PASSWORD`` and
+    # ``value: <v>`` on the next line), .NET's ``<add key="DbPassword" value="<v>"/>``, OTLP/JSON's
+    # ``{"key": "password", "value": {"stringValue": "<v>"}}``
+    r"""|(?P<named>[ \t]*,?[ \t]*(?:\r?\n[ \t]*)?\\*["']?value\\*["']?[ \t]*[:=][ \t]*"""
+    r"""(?:\{[ \t]*\\*["'](?:stringValue|value)\\*["'][ \t]*:[ \t]*)?"""
+    r"""|</key>\s*<string>)"""  # (a property list's: <key>API_KEY</key><string><v></string>)
+    # a subscript's assignment (``os.environ["OPENAI_API_KEY"] = "<v>"``, ``headers['Authorization'] = '<v>'``) and
+    # an environment setter's arguments (``os.environ.setdefault("API_KEY", "<v>")``, ``monkeypatch.setenv(...)``)
+    r"""|(?P<subscript>(?<=["'])\][ \t]*=(?!=)[ \t]*)|(?P<argument>(?<=["'])[ \t]*,[ \t]*)"""
     # (``was changed to <v>``, ``has been reset to <v>``: read as "was" and a word of state, the value was shown)
     r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now[ \t]+)?(?:set|changed|updated|reset)[ \t]+to|[ \t]+now)?"""
     r"""|has[ \t]+been[ \t]+(?:set|changed|updated|reset)[ \t]+to|(?:set[ \t]+|changed[ \t]+|updated[ \t]+)?to)"""
@@ -1127,10 +1149,12 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
             _learn_text(value, depth)
         return
     if isinstance(value, dict):
+        pair = "value" in value and not secret and _names_a_secret(value)
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            named = not secret and is_secret_key(str(key)) and not _holds_no_secret(str(key), item)
+            named = not secret and ((pair and key == "value") or (
+                is_secret_key(str(key)) and not _holds_no_secret(str(key), item)))
             _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -1195,6 +1219,18 @@ def _learn_text(text: str, depth: int) -> None:
     # from: base64 of ``password=<v>``, then ``my+password+is+<v>``, taught nothing, and the tool's error quoting <v>
     # showed it)
     _redact_with(_known_pattern, text)
+
+
+def _names_a_secret(value: Mapping[Any, Any]) -> bool:
+    """Whether the dict ``value`` (holding a "value") is a name/value pair naming a secret: a list of environment
+    variables (``{"name": "DB_PASSWORD", "value": <v>}``: Kubernetes, ECS, a CI's API), OTLP/JSON's attribute
+    (``{"key": "password", "value": {"stringValue": <v>}}``). Each key alone names no secret, and the value was
+    recorded and never learned."""
+    for field in ("name", "key"):
+        name = value.get(field)
+        if type(name) is str and is_secret_key(name) and not _holds_no_secret(name, value["value"]):
+            return True
+    return False
 
 
 def _register_value(value: Any, register: Any) -> None:
@@ -1537,10 +1573,10 @@ def _word_before(text: str, at: int) -> int:
     end = at
     while end > 0 and text[end - 1] in " \t" and at - end < 8:
         end -= 1
-    if end == at or end == 0 or text[end - 1] not in _NAME_CHARS:
+    if end == at or end == 0 or not (text[end - 1] in _NAME_CHARS or text[end - 1].isalnum()):
         return -1
-    start = end
-    while start > 0 and text[start - 1] in _NAME_CHARS and end - start < 64:
+    start = end  # (a word of any script: "Забыли пароль: нажмите здесь" read no word before the name)
+    while start > 0 and (text[start - 1] in _NAME_CHARS or text[start - 1].isalnum()) and end - start < 64:
         start -= 1
     return start
 
@@ -1732,6 +1768,12 @@ def _hint_starts(text: str, lower: str) -> list[int]:
         while at >= 0:
             starts.append(at)
             at = lower.find(hint, at + 1)
+    if not lower.isascii():
+        for hint in _FOREIGN_HINTS:
+            at = lower.find(hint)
+            while at >= 0:
+                starts.append(at)
+                at = lower.find(hint, at + 1)
     at = lower.find("pat", 1)  # one pass more over every text (each costs ~1 ns a character)
     while at >= 0:
         before = lower[at - 1]
@@ -1800,9 +1842,21 @@ def _learn_login_passwords(text: str) -> None:
             password = match.group()[3:-1].partition(":")[2]
             if _learnable(password, _login_around(text, match.start(), match.end())):
                 learn_secret(password)
+                if "%" in password:  # (a URL's user information is percent-encoded: scheme://bob:p%40ss@host)
+                    _learn_url_decoded(password)
     for start, end in _bare_credential_spans(text):
         if _learnable(text[start:end], _login_around(text, start, end)):
             learn_secret(text[start:end])
+
+
+# a word of letters of any script (``нажмите``, ``olvidada``, ``请输入``): a word of the sentence as an ASCII one is
+_LETTERS_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+
+
+def _is_plain_letters(word: str) -> bool:
+    """Whether ``word`` (beyond ASCII) is an ordinary word, as :data:`_PLAIN_WORD` tells for ASCII: letters of any
+    script, no capital inside (``Забыли пароль: нажмите здесь`` taught "нажмите", redacted in every later text)."""
+    return _LETTERS_WORD.fullmatch(word) is not None and word[1:] == word[1:].lower()
 
 
 # Credentials a command line gives by position, after the command that reads them so: mysql's and MariaDB's
@@ -1837,6 +1891,14 @@ def _command_credentials(text: str, learn: bool) -> str:
     return _replaced(text, spans, REDACTED) if spans else text
 
 
+# what a secret's name given as data follows, by _KV_KEY's group (see there)
+_DATA_NAME_FIELDS = {
+    "named": re.compile(r"""(?i:name|key|variable|var|param|parameter|env)(?:\\*["']?[ \t]*[:=][ \t]*\\*["']?|>)\Z"""),
+    "subscript": re.compile(r"""\[[ \t]*\\*["']\Z"""),
+    "argument": re.compile(r"""(?:setdefault|setenv|putenv|__setitem__)\([ \t]*\\*["']\Z"""),
+}
+# the opening of an XML element just before its name: "<", or "<" and a namespace's prefix (``<ns:password>``)
+_XML_OPEN = re.compile(r"<(?:[A-Za-z_][\w.\-]{0,30}:)?\Z")
 # a "value" opened by the quote that ends a serialised string (a message's text ending with ``api_key=``) and running
 # into the next item (``"}]}, {"role": ...``): replaced, the JSON broke and the whole history was left out
 _ITEMS_CLOSE = re.compile(r"[}\]]+, [{\[\"]")
@@ -1880,6 +1942,11 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
         flag = key.group("flag") is not None
+        if key.group("tag") is not None and _XML_OPEN.search(text, max(0, name_start - 64), name_start) is None:
+            continue  # (a closing tag, "</password>", or a name before ">" that opens no element)
+        if key.lastgroup in _DATA_NAME_FIELDS and _DATA_NAME_FIELDS[key.lastgroup].search(
+                text, max(0, name_start - 64), name_start) is None:
+            continue  # (no name's field, subscript or setter before it: "password", "value": ... is a list of words)
         option = None
         if text[name_start] == "-" and (flag or "=" in key.group(0)[key.end("q") - start:]):
             # a command line's option (--password <v>, --api-key=<v>): judged by its last word, not as a key
@@ -1908,14 +1975,20 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         value = text[value_start:value_end]
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
-        if '", "' in text[start:match_end] or (quoted and _ITEMS_CLOSE.match(text, value_start) is not None):
-            continue  # never across two serialised list items (see _redacted_json_list)
+        # never across two serialised list items (see _redacted_json_list); the ", " between a name given as data
+        # and "value" is a dict's (an item's JSON escapes a quote inside it: '", "value": ' starts no string item)
+        if '", "' in text[key.end() if key.lastgroup == "named" else start:match_end] \
+                or (quoted and _ITEMS_CLOSE.match(text, value_start) is not None):
+            continue
         if option is not None:
             if _OPTION_SPEC.match(value) is not None or (
                     option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
                 continue  # docker build --secret id=npmrc,src=..., sort --key 2,2n, openssl -key server.key
         elif flag and not _loose_value(text, value, quoted, match_end):
             continue  # a name and a word in prose ("the token expired")
+        elif key.group("arrow") is not None \
+                and not (quoted and (key.group("q") or text[name_start - 1:name_start] == ":")):
+            continue  # a JavaScript arrow function's parameter (password => password.trim()), a value of code
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
         # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
@@ -1925,7 +1998,7 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         # <it>, the password: <it>, my token: hunter2 as before)
         # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
         core = value if quoted else value.rstrip(_SENTENCE_END) or value
-        plain = _PLAIN_WORD.fullmatch(core) is not None
+        plain = _PLAIN_WORD.fullmatch(core) is not None or (not core.isascii() and _is_plain_letters(core))
         by_name = message = False
         if key.group("verb") is not None:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
@@ -1978,6 +2051,8 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
             # then redacted in every later text, inside "unexpired" too; still replaced here)
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            if token and scheme.lower() == "basic":
+                _learn_basic_password(token.strip())
             _register_login_password(value, learn_secret)
             if core is not value:
                 learn_secret(core)
@@ -1994,6 +2069,16 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         return text
     out.append(text[last:])
     return _replace_in_the_rest("".join(out), only_here)
+
+
+def _learn_basic_password(token: str) -> None:
+    """Learn the password of an HTTP Basic credential (base64 of ``user:password``): learned as its base64 alone,
+    the password quoted later (a tool's error, the client's log of its login) was shown."""
+    with contextlib.suppress(ValueError):
+        login = base64.b64decode(token + "=" * (-len(token) % 4), validate=True).decode("utf-8")
+        _, colon, password = login.partition(":")
+        if colon and _learnable(password, login):
+            learn_secret(password)
 
 
 def _learn_url_decoded(value: str) -> None:
@@ -2216,6 +2301,8 @@ def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
+            if "%25" in decoded:  # encoded twice (pass%2577ord=<v>: "%" itself escaped, then "w")
+                decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("%25", "%")
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
         if "&#" in decoded:
             decoded = _unescaped(_HTML_ESCAPED, known, decoded)
@@ -2995,6 +3082,9 @@ def scrub(value: Any, _depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for key, item in value.items():
             _scrub_entry(out, key, item, _depth)
+        if "value" in value and _names_a_secret(value):
+            learn_secrets_in({"password": value["value"]})
+            out["value"] = REDACTED
         return out
     if isinstance(value, (list, tuple)):
         return [scrub(item, _depth + 1) for item in value]
@@ -3157,6 +3247,8 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
         if value not in memo:
             _scrub_cache.redact(value)
     elif isinstance(value, dict):
+        if "value" in value and _names_a_secret(value):
+            learn_secrets_in({"password": value["value"]})
         for key, item in value.items():
             skey = str(key)
             if is_secret_key(skey) and not _holds_no_secret(skey, item):
