@@ -2511,14 +2511,19 @@ def _redact_encoded_text(text: str, runs: bytes) -> str:
     done = 0  # where the last run looked at ends (each character is in one run)
     at = runs.find(_LONG_RUN)
     while at >= 0:  # ``at`` starts a run of letters and digits (the first 16 in a row)
-        match = _ENCODED_TEXT.match(text, at)
         end = runs.find(b" ", at)
         nxt = runs.find(_LONG_RUN, end) if end >= 0 else -1
         if at < done:
             at = nxt
             continue
+        match = _ENCODED_TEXT.match(text, at)
         if match is None:
-            done = _other_encoded_spans(text, at, done, depth, spans)
+            stop = _B64_RUN.match(text, at).end()
+            # (no digit: an identifier, AgentDescriptionGuard, some_long_identifier_name, most runs here; each looked
+            # at cost a sixth more of the redaction of source code. Base64 of 16 characters of text or more holds a
+            # digit but rarely: letters alone, each 4 characters' second and third among 54 and 26 of 64)
+            done = _other_encoded_spans(text, at, done, stop, depth, spans) \
+                if _DIGIT.search(text, at, stop) is not None else stop
             at = runs.find(_LONG_RUN, done) if nxt >= 0 else -1
             continue
         at, done = nxt, match.end()
@@ -2547,30 +2552,32 @@ _HEX_RUN = re.compile(r"(?:[0-9a-f]{2}){12,}|(?:[0-9A-F]{2}){12,}")
 # leftmost 4 in a row at an alignment start its text: a group before them would have made them start earlier)
 _TEXT_GROUPS = re.compile(r"(?:[CDI-Za-f][A-HQ-Xg-nw-z0-3][ABEFIJMNQRUVYZcdghklopstwx014589][A-Za-z0-9+/_\-]){4,}")
 _TEXT_GROUPS_LONG = 32  # characters: groups of text this many in a row are the run's text (searched on past them)
+# UTF-8 text: printable ASCII, tabs, line breaks and well-formed sequences (a first test without an exception; the
+# characters beyond ASCII are then checked to be printable once decoded)
+_UTF8_TEXT = re.compile(rb"(?:[\t\n\r\x20-\x7e]|[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}"
+                        rb"|[\xf0-\xf4][\x80-\xbf]{3})*")
 _LINE_BREAKS = str.maketrans("", "", "\t\n\r")
 
 
-def _other_encoded_spans(text: str, at: int, done: int, depth: int, spans: list[tuple[int, int]]) -> int:
+def _other_encoded_spans(text: str, at: int, done: int, end: int, depth: int, spans: list[tuple[int, int]]) -> int:
     """Add to ``spans`` the base64 or hex holding a secret in the run of base64's alphabet around ``at`` (after
     ``done``) that is no whole run of ASCII text: the whole run as UTF-8 text (``contraseña: ...``, a Cyrillic or
     CJK message: its bytes beyond ASCII are no text's by _ENCODED_TEXT's classes), and base64 of text glued to
     other characters of the alphabet (``x_<run>``, a path's segment after "/", ``<run>x9``, or a run whose first 16
-    characters hold "+/-_"): its start or end was not known and the run was not decoded. Returns the run's end."""
+    characters hold "+/-_"): its start or end was not known and the run was not decoded. ``end``: the run's end
+    (returned)."""
     start = at
     lowest = max(done, at - _ENCODED_TEXT_MAX)
     while start > lowest and text[start - 1] in _B64_CHARS:
         start -= 1
-    end = _B64_RUN.match(text, at).end()
     run = text[start:min(end, start + _ENCODED_TEXT_MAX)]
     raw = _decoded_run(run, _HEX_RUN.fullmatch(run) is not None)
-    if raw is not None and not raw.isascii():
-        try:
+    if raw is not None and not raw.isascii() and _UTF8_TEXT.fullmatch(raw) is not None:
+        with contextlib.suppress(UnicodeDecodeError):  # (an overlong form or a surrogate)
             decoded = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            decoded = ""
-        if decoded.translate(_LINE_BREAKS).isprintable() and _holds_secret(decoded, depth):
-            spans.append((start, end))
-            return end
+            if decoded.translate(_LINE_BREAKS).isprintable() and _holds_secret(decoded, depth):
+                spans.append((start, end))
+                return end
     pos = start
     while (found := _TEXT_GROUPS.search(text, pos, end)) is not None:
         stop = min(found.end() + 3, end)  # with the last group's 2 or 3 characters and its padding
@@ -3506,6 +3513,24 @@ def _learn_pieces(text: str, start: int, end: int, bounds: list[tuple[int, int, 
             _learn_piece(text, a, b, lo, hi, whole)
 
 
+# how far before a boundary a pair crossing it may start (its name, separator and the value's first part)
+_PAIR_REACH = 64
+
+
+def _holds_a_hint(lower: str) -> bool:
+    """Whether the lower-cased ``lower`` holds a word of :data:`_KV_HINTS` (or :data:`_FOREIGN_HINTS`): a first
+    test, substring searches (a pattern of the words cost twice as much on 64 characters)."""
+    for hint in _KV_HINTS:
+        if hint in lower:
+            return True
+    return not lower.isascii() and any(hint in lower for hint in _FOREIGN_HINTS)
+
+
+# a pair left open at a text's end: a name, its separator (or a verb of prose, or an XML element's ">") and at most
+# the start of a value, or the name alone (its separator starting the next text)
+_PAIR_OPEN_AT_END = re.compile(
+    rf"""(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|{_FOREIGN_NAMES})[\w.\-]*\\*["']?"""
+    r"""(?:[ \t]*(?:=>|[:=>])[ \t]*\\*["']?[^\s"'<>]*|[ \t]+(?:is|was|to|now)[ \t]*:?[ \t]*|)\Z""", re.IGNORECASE)
 # the end of a text that names a credential in prose, its value coming in the next text (``... the password is`` |
 # ``Zorb7xq``): searched with a blank between them
 _PROSE_VERB_AT_END = re.compile(r"[ \t](?:is|was|to|now)[ \t]*:?\Z", re.IGNORECASE)
@@ -3517,10 +3542,17 @@ def _learn_pairs_across(both: str, joint: int, joints: list[int], bounds: list[t
     ``Zorb7xq ...``, ``password=Zorbq`` | ``7xkLmw``). Each text alone shows no pair or only its start: the value,
     or its rest, was shown there and in every later text. ``both``: the texts joined, ``joint``: where the last
     one starts."""
+    lowest = max(0, joint - _PAIR_REACH)
+    if not _holds_a_hint(both[lowest:joint].lower()) or _PAIR_OPEN_AT_END.search(both, lowest, joint) is None:
+        return  # (no name and separator, and no more than a value's start, end the text: most boundaries)
+    floor = max(0, lowest - 64)
+    while lowest > floor and both[lowest - 1] in _NAME_CHARS:  # (not a name cut in two: "sort_key" read as "key")
+        lowest -= 1
     pairs: list[tuple[int, int, int, bool]] = []
     if _PROSE_VERB_AT_END.search(both, max(0, joint - 8), joint) is None:
-        _kv_pairs(both, False, pairs)
+        _kv_pairs(both[lowest:], False, pairs)
         for name_start, start, end, teaches in pairs:
+            name_start, start, end = name_start + lowest, start + lowest, end + lowest
             cuts = [cut for cut in joints if name_start < cut < end]
             # a value cut inside (``password=Zorbq`` | ``7xkLmw``) only when its rest looks random, as a key's does: a
             # whole value and the next text glued (``password=Zorb7xq`` | ``Thanks, done``) would teach "Thanks"
@@ -3528,10 +3560,10 @@ def _learn_pairs_across(both: str, joint: int, joints: list[int], bounds: list[t
                 learn_secret(both[start:end])
                 _learn_pieces(both, start, end, bounds)
     else:  # ("is" | "Zorb7xq" joined as written read "isZorb7xq" as the value, and learned "ord is")
-        spaced = f"{both[:joint]} {both[joint:]}"
+        spaced = f"{both[lowest:joint]} {both[joint:]}"
         _kv_pairs(spaced, False, pairs)
         for name_start, start, end, teaches in pairs:
-            if teaches and name_start < joint < start:
+            if teaches and name_start < joint - lowest < start:
                 learn_secret(spaced[start:end])
 
 
