@@ -1226,10 +1226,11 @@ def _names_a_secret(value: Mapping[Any, Any]) -> bool:
     variables (``{"name": "DB_PASSWORD", "value": <v>}``: Kubernetes, ECS, a CI's API), OTLP/JSON's attribute
     (``{"key": "password", "value": {"stringValue": <v>}}``). Each key alone names no secret, and the value was
     recorded and never learned."""
-    for field in ("name", "key"):
-        name = value.get(field)
-        if type(name) is str and is_secret_key(name) and not _holds_no_secret(name, value["value"]):
-            return True
+    with contextlib.suppress(Exception):  # (a mapping of the application's whose lookups raise: no pair)
+        for field in ("name", "key"):
+            name = value.get(field)
+            if type(name) is str and is_secret_key(name) and not _holds_no_secret(name, value["value"]):
+                return True
     return False
 
 
@@ -1897,6 +1898,8 @@ _DATA_NAME_FIELDS = {
     "subscript": re.compile(r"""\[[ \t]*\\*["']\Z"""),
     "argument": re.compile(r"""(?:setdefault|setenv|putenv|__setitem__)\([ \t]*\\*["']\Z"""),
 }
+# an XML element's end after its text (blanks, then "</")
+_XML_CLOSE = re.compile(r"\s*</")
 # the opening of an XML element just before its name: "<", or "<" and a namespace's prefix (``<ns:password>``)
 _XML_OPEN = re.compile(r"<(?:[A-Za-z_][\w.\-]{0,30}:)?\Z")
 # a "value" opened by the quote that ends a serialised string (a message's text ending with ``api_key=``) and running
@@ -1989,6 +1992,10 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         elif key.group("arrow") is not None \
                 and not (quoted and (key.group("q") or text[name_start - 1:name_start] == ":")):
             continue  # a JavaScript arrow function's parameter (password => password.trim()), a value of code
+        elif key.lastgroup in ("subscript", "argument") and not quoted:
+            continue  # env["HTTP_COOKIE"] = cookie_str: a variable of code
+        elif key.lastgroup == "tag" and _XML_CLOSE.match(text, value_end) is None:
+            continue  # the <auth> element, trailer.<token>.command: no element's text
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
         # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
@@ -2081,13 +2088,17 @@ def _learn_basic_password(token: str) -> None:
             learn_secret(password)
 
 
+_BLANK = re.compile(r"\s")
+
+
 def _learn_url_decoded(value: str) -> None:
     """Learn what a percent-encoded ``value`` stands for: a form's ``password=Zorb%21q7`` is ``Zorb!q7`` in every
     other text (learned as written, the password itself was shown there), and a value that ran on past an encoded
     ``&`` (a query inside a query, ``password%3D<v>%26next%3D1`` decoded once) is ``<v>`` up to it."""
     head = value.split("%26", 1)[0]
     for form in {head, unquote(head)} - {value}:
-        learn_secret(form)
+        if not _BLANK.search(form):  # (pkcs11:token=Root%20CA%20Certificates names a token: no words learned)
+            learn_secret(form)
 
 
 def _replace_in_the_rest(text: str, words: set[str]) -> str:

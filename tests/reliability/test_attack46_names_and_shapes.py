@@ -110,9 +110,15 @@ def test_the_password_a_login_encodes_is_learned(text: str) -> None:
     ("</password>notavalue7 here", "notavalue7"),
     ("Забыли пароль: нажмите здесь", "нажмите"),
     ("the keys are 'password', 'value': listed7 here", "listed7"),
-], ids=["arrow-function", "php-call", "plist-key-names", "no-secret-name", "closing-tag", "prose", "words"])
+    ("env['HTTP_COOKIE'] = cookie_str", "cookie_str"),
+    ("by commenting out the <auth> element. This is", "element"),
+    ("the trailer.<token>.command configuration", ".command"),
+    ("pkcs11:token=Root%20CA%20Certificates;serial=1", "Root CA Certificates"),
+], ids=["arrow-function", "php-call", "plist-key-names", "no-secret-name", "closing-tag", "prose", "words",
+        "subscript-variable", "element-in-prose", "placeholder", "decoded-words"])
 def test_code_and_ordinary_text_teach_nothing(text: str, word: str) -> None:
-    """Both directions (held up on main): nothing learned from these."""
+    """Both directions (held up on main): nothing learned from these (the last four were learned by this branch's
+    first rules: bench/learned_corpus.py found them in the stdlib's and Debian's documentation)."""
     value = unlearned_word("Nx") + "6"
     redaction.safe_text(text.format(v=value))
     later = f"later {word.format(v=value)} here"
