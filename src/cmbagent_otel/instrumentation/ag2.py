@@ -1072,9 +1072,12 @@ def _model_input(messages: Any) -> tuple[dict[str, str], int]:
     return found, dropped
 
 
-def _response_output(response: Any) -> str | None:
+def _response_output(response: Any, history: Any = None) -> str | None:
     out = _messages.response_messages(response)
-    return _messages.render(out)[0] if out else None
+    if not out:
+        return None
+    _messages.learn_reply_split(history, out)
+    return _messages.render(out)[0]
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
@@ -1108,7 +1111,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
         if reasons:
             attrs[GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
-            output = _content(_response_output, response)
+            output = _content(_response_output, response, kwargs.get("messages"))
             if output is not None and state.capture:
                 attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
     if attrs:
