@@ -66,6 +66,7 @@ from typing import Any
 
 import wrapt
 from opentelemetry import _logs
+from opentelemetry import metrics as otel_metrics  # noqa: F401  # read by ModelMetrics.live, written into _llm (_MADE)
 from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.trace import SpanKind, Tracer
@@ -137,12 +138,22 @@ from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
+    _register_entry,  # noqa: F401  # read by register_llm_config_secrets, written into _llm (_MADE)
+    _walked_entries,  # noqa: F401  # as _register_entry
     agent_name,
     cached_name,
     capture_from_env,
     content_mode,
     register_agent_secrets,
     register_llm_config_secrets,
+)
+from ._models import (  # the globals usage_attributes reads, written into the model call's recorder (_MADE)
+    _NOT_MAPPINGS,  # noqa: F401
+    _count,  # noqa: F401
+    _get,  # noqa: F401
+    _is_mapping,  # noqa: F401
+    get_cache_token,  # noqa: F401
+    usage_attributes,
 )
 from ._patching import defining_class, is_link, state_of, unwrap_ours, wrapt_wrapper
 
@@ -353,6 +364,7 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     maker = _method_maker
     probe = state.probe
     record = _recorder(state, record)
+    build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # generated copies
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
@@ -377,6 +389,7 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
     maker = _async_method_maker
     probe = state.probe
     record = _recorder(state, record)
+    build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # as _traced_sync's
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The ``async def`` patched over ``original`` (an ``async def``, called ``original(self, ...)``): no
@@ -743,7 +756,10 @@ _MADE: dict[Callable[..., Any], Callable[..., Any]] = {}
 def _generate_starts() -> None:
     global _start_agent, _start_llm, _start_tool
     if _record_llm not in _MADE:  # every model call: its response's facts read in its own frame
-        _MADE[_record_llm] = specialise(_record_llm, "_record_llm", {}, inline=(_response_facts,))
+        _MADE[_record_llm] = specialise(_record_llm, "_record_llm", {}, inline=(_response_facts, usage_attributes))
+    if _llm_fast not in _MADE:  # every model call, recorded or not: whether metrics are live, read in its frame
+        _MADE[_llm] = specialise(_llm, "_llm", {}, inline=(register_llm_config_secrets, ModelMetrics.live))
+        _MADE[_llm_fast] = specialise(_llm_fast, "_llm_fast", {}, inline=(ModelMetrics.live,))
     if _start_tool is None:  # two first instrument()s at once both generate: the same functions
         _start_agent = start_of(KIND_AGENT, _INTERNAL)
         _start_llm = start_of(KIND_LLM, _CLIENT, node=None)
@@ -932,10 +948,11 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    usage = usage_attributes(usage)  # an assignment: written in with this function (one frame less per call)
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
     return (redact_str_name(model) if type(model) is str
             else redact_name(str.__str__(model)) if isinstance(model, str) else None,
-            _models.usage_attributes(usage), cost)
+            usage, cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -1023,7 +1040,10 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
-    if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
+    live = False
+    if event is None and metrics is not None:  # an assignment: written in (_MADE), one frame less per call
+        live = ModelMetrics.live(metrics)
+    if event is None and not live:  # nothing to do when it ends but end
         return _start_llm(TracedSpanShell(), span_name, attrs, state.tracer, ctx)
     traced = _ChatSpan()  # its four fields set here: no __init__ (see TracedSpanShell), no keywords dict
     traced.state = state
@@ -1038,7 +1058,10 @@ def _llm_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: A
               kwargs: dict[str, Any]) -> Any:
     """An unrecorded model call: its metrics only (when a meter provider records them)."""
     metrics = state.metrics
-    if metrics is None or not metrics.live():
+    live = False
+    if metrics is not None:  # an assignment: written in (_MADE), one frame less per call
+        live = ModelMetrics.live(metrics)
+    if not live:
         return original(instance, *args, **kwargs)
     try:
         call = _model_call(instance, kwargs)
