@@ -105,3 +105,28 @@ def test_a_helper_of_another_module_is_written_in_only_under_its_own_name() -> N
         _config_list = [{"model": "gpt-4o", "api_type": "openai"}]
 
     assert made(Client(), {}).request_model == ag2._model_call(Client(), {}).request_model == "gpt-4o"
+
+
+def test_what_unsampled_means_is_bound_per_patched_method() -> None:
+    """The wrappers read what an unrecordable span means (``_FAST``: the method's fast path; ``None``: straight
+    through) from a value bound when the method is patched, not by testing ``fast`` per call: an unsampled chat
+    still takes the fast path of a turn and a model call, and calls a conversation (no fast path) straight
+    through."""
+    cmbagent_otel.instrument(tracer_provider=TracerProvider(sampler=ALWAYS_OFF), instrument_cmbagent=False)
+    try:
+        sender = offline_agent("asker", ["hello"] * 3)
+        answerer = offline_agent("answerer", ["one", "two", "three"])
+        patched = vars(type(sender))["generate_reply"]
+        assert "_FAST" not in patched.__code__.co_names and "unsampled" in patched.__code__.co_freevars
+        called: list[str] = []
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code.co_filename == ag2.__file__:
+                called.append(frame.f_code.co_name)
+
+        with _profiled(profile):
+            sender.initiate_chat(answerer, message="hi", max_turns=1, silent=True)
+    finally:
+        cmbagent_otel.uninstrument()
+    assert {"_agent_fast", "_llm_fast"} <= set(called), called
+    assert not {"_agent", "_llm", "_conversation"}.intersection(called), called

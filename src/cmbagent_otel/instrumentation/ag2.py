@@ -281,10 +281,11 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
 
 
 def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-            fast: Callable[..., Any] | None, self: Any, args: tuple[Any, ...],
+            unsampled: Any, self: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> tuple[Any, TracedSpan | None]:
     """A method wrapper's decision, ``(ctx, traced)``: the context read once, and the span ``build`` started
-    (``None``: straight through; ``_FAST``: not recorded, through ``fast``). Telemetry errors mean "call through".
+    (``None``: straight through; ``_FAST``: not recorded, through the wrapper's ``fast``; ``unsampled``: which of
+    the two a span that cannot be recorded means, :func:`_unsampled`). Telemetry errors mean "call through".
     One ``return``, at its end: written into the generated wrappers (:func:`_traced_method`)."""
     try:
         ctx = get_current()
@@ -298,7 +299,7 @@ def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan
             # that drops every span (always_off, a no-op tracer)
             traced = build(state, ctx, self, args, kwargs)
         else:
-            traced = _FAST if fast is not None else None
+            traced = unsampled
     except Exception:
         logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
         ctx = traced = None
@@ -306,15 +307,15 @@ def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan
 
 
 def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, original: Callable[..., Any],
-                   self: Any, *args: Any, **kwargs: Any) -> Any:
+                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, unsampled: Any,
+                   original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
     """The body of the method wrappers (:func:`_traced_sync`, and awaiting ``original`` and ``fast``,
     :func:`_traced_async`): made per patched method with everything before ``self`` bound, :func:`_decide` and
     ``TracedSpan.__exit__`` (for the plain span the hot builders start, ``TracedSpanShell``) written in. The
     decision and _run_traced written out: this runs for most spans, one frame less each."""
     if not state.active:
         return original(self, *args, **kwargs)
-    ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+    ctx, traced = _decide(state, probe, build, unsampled, self, args, kwargs)
     if not traced:  # None or _FAST, never a span
         if traced is None:
             return original(self, *args, **kwargs)
@@ -338,7 +339,13 @@ def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., Tra
     return result
 
 
-_METHOD_FREE = ("state", "probe", "build", "record", "fast", "original")
+def _unsampled(fast: Callable[..., Any] | None) -> Any:
+    """What a wrapper's span that cannot be recorded means, decided once per patched method rather than per call:
+    through its ``fast`` path (``_FAST``), or, without one, straight through (``None``)."""
+    return _FAST if fast is not None else None
+
+
+_METHOD_FREE = ("state", "probe", "build", "record", "fast", "unsampled", "original")
 # made by the first _traced_sync() / _traced_async() (two instrument()s at once: the same code)
 _method_maker: Callable[..., Callable[..., Any]] | None = None
 _async_method_maker: Callable[..., Callable[..., Any]] | None = None
@@ -365,12 +372,13 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     probe = state.probe
     record = _recorder(state, record)
     build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # generated copies
+    unsampled = _unsampled(fast)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
         no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
         the same body (:func:`._patching.wrapt_wrapper`)."""
-        return maker(state, probe, build, record, fast, original)
+        return maker(state, probe, build, record, fast, unsampled, original)
 
     return wrapt_wrapper(method_for, state)
 
@@ -390,11 +398,12 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
     probe = state.probe
     record = _recorder(state, record)
     build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # as _traced_sync's
+    unsampled = _unsampled(fast)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The ``async def`` patched over ``original`` (an ``async def``, called ``original(self, ...)``): no
         trampoline coroutine and no bound method per call, as for :func:`_traced_sync`'s methods."""
-        return maker(state, probe, build, record, fast, original)
+        return maker(state, probe, build, record, fast, unsampled, original)
 
     wrapper = wrapt_wrapper(method_for, state)
     wrapper._method_is_async = True  # type: ignore[attr-defined]  # its plain form patches coroutine methods
@@ -402,13 +411,13 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
 
 
 def _composed_async(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-                    record: Callable[..., None] | None, fast: Callable[..., Any] | None,
+                    record: Callable[..., None] | None, fast: Callable[..., Any] | None, unsampled: Any,
                     original: Callable[..., Any]) -> Callable[..., Any]:
     """:func:`_traced_method` awaiting the call, as calls of its helpers (when it cannot be generated)."""
     async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not state.active:
             return await original(self, *args, **kwargs)
-        ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+        ctx, traced = _decide(state, probe, build, unsampled, self, args, kwargs)
         if traced is _FAST:
             return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
         return await _run_traced_async(state, traced, record, original, self, args, kwargs)
