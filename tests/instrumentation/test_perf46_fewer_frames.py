@@ -130,3 +130,17 @@ def test_what_unsampled_means_is_bound_per_patched_method() -> None:
         cmbagent_otel.uninstrument()
     assert {"_agent_fast", "_llm_fast"} <= set(called), called
     assert not {"_agent", "_llm", "_conversation"}.intersection(called), called
+
+
+def test_a_calls_own_request_parameters_are_its_own(instrumented: SpanCapture) -> None:
+    """A model call passing a request parameter (``temperature``) gets it on its span, and the calls around it, which
+    pass none, get their config's attributes (the cached ones), not that call's."""
+    agent = offline_agent("caller", ["one", "two", "three"])
+    messages = [{"role": "user", "content": "hi"}]
+    agent.client.create(messages=messages)
+    agent.client.create(messages=messages, temperature=0.25)
+    agent.client.create(messages=messages)
+    plain, own, again = instrumented.named("chat ")
+    assert own.attributes["gen_ai.request.temperature"] == 0.25
+    assert "gen_ai.request.temperature" not in plain.attributes and "gen_ai.request.temperature" not in again.attributes
+    assert list(again.attributes) == list(plain.attributes)

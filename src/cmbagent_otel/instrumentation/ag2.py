@@ -149,6 +149,7 @@ from ._content import (
 )
 from ._models import (  # the globals usage_attributes reads, written into the model call's recorder (_MADE)
     _NOT_MAPPINGS,  # noqa: F401
+    REQUEST_KEYS,
     _count,  # noqa: F401
     _get,  # noqa: F401
     _is_mapping,  # noqa: F401
@@ -1022,7 +1023,7 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
         static = state.agents.get(id(agent))
         agent_label = static.name if static is not None and static.config is getattr(agent, "llm_config", None) \
             else _agent_label(state, agent)
-    own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
+    own_parameters = not REQUEST_KEYS.isdisjoint(kwargs)  # the set's method over the keywords: no keys view made
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
     if cached is None:
