@@ -77,6 +77,7 @@ _SECRET_ENV_NAME = re.compile(
 _FOREIGN_HINTS = ("contraseña", "пароль", "密码", "密碼", "口令", "パスワード", "비밀번호", "hasło", "şifre",
                   "lösenord", "jelszó", "κωδικός", "סיסמה", "पासवर्ड")
 _FOREIGN_NAMES = "|".join(_FOREIGN_HINTS)
+_UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"  # CJK, kana, hangul: scripts written without blanks
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:(?=((?:.*[^\w.\-\n])?))\1(?=[\w.\-]*$)[\w.\-]*?"
     r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passwort|passord|" + _FOREIGN_NAMES + "|passphrase|"
@@ -286,7 +287,11 @@ MAX_LEARNED = 256
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
 # ("password" in other languages: see _FOREIGN_HINTS)
 _KV_KEY = re.compile(
-    rf"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|{_FOREIGN_NAMES})[\w.\-]*)"""
+    # (a name in a script written without blanks goes on to the next punctuation, not through the sentence's
+    # next words: ``请使用以下密码登录数据库服务器: password=<v>`` read 密码登录数据库服务器 as the name, its
+    # value "password=<v>")
+    rf"""(?P<name>(?:(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*"""
+    rf"""|(?:{_FOREIGN_NAMES})(?:[^\W{_UNSPACED}]|[.\-])*))"""
     r"""(?P<q>\\*["']?)"""
     # (``=>``: a PHP array's, a Ruby or Perl hash's pair, ``'password' => '<v>'``: "=" then ">" was no value)
     r"""(?:[ \t]*(?:(?P<arrow>=>)|[:=])[ \t]*"""
