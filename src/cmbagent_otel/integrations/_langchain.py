@@ -3,12 +3,12 @@
 MARS's LangGraph phases (``deepresearch_paper``, ``newspulse_report`` and the ``task_framework`` graphs) call their
 models through LangChain chat models (``ChatOpenAI``, ``AzureChatOpenAI``, ``ChatGoogleGenerativeAI``,
 ``ChatAnthropic``: ``state['llm']['llm'].invoke(prompt)`` / ``.stream(prompt)``), not through AG2's
-``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream`` and
-``.astream`` (every chat model inherits them; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke``) and records
-each call inside a run as a ``chat <model>`` span; this module reads the call: the request model and provider
-from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's tracers read), the agent from the
-LangGraph node running it, the usage and response model from the answer (``usage_metadata``,
-``response_metadata``). Nothing here raises.
+``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream``,
+``.astream`` and the model call of the ``generate`` family (:data:`CHAT_MODEL_METHODS`; every chat model
+inherits them) and records each call inside a run as a ``chat <model>`` span; this module reads the call: the
+request model and provider from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's
+tracers read), the agent from the LangGraph node running it, the usage and response model from the answer
+(``usage_metadata``, ``response_metadata``). Nothing here raises.
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ from .. import semconv
 
 logger = logging.getLogger("cmbagent_otel")
 
-#: Where LangChain's chat model base class lives, and the methods of it that are model calls
+#: Where LangChain's chat model base class lives
 CHAT_MODELS_MODULE = "langchain_core.language_models.chat_models"
 CHAT_MODEL_CLASS = "BaseChatModel"
-CHAT_MODEL_METHODS = ("invoke", "ainvoke", "stream", "astream")
+#: The methods of it that are model calls -> the name of their input argument. ``invoke`` / ``ainvoke`` call
+#: ``generate_prompt`` -> ``generate`` -> ``_generate_with_cache`` (async: the ``a`` ones) once; the entry points
+#: that bypass ``invoke`` (``generate``, ``generate_prompt``, ``__call__``, ``predict``, ``predict_messages``,
+#: ``call_as_llm`` and their async ones) reach the model only through ``_generate_with_cache`` /
+#: ``_agenerate_with_cache``, once per prompt (``generate`` of several prompts is several model calls), in
+#: langchain-core 0.1 to 1.x. ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input.
+CHAT_MODEL_METHODS: Mapping[str, str] = {
+    "invoke": "input", "ainvoke": "input", "stream": "input", "astream": "input",
+    "_generate_with_cache": "messages", "_agenerate_with_cache": "messages"}
 
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {
@@ -118,6 +126,20 @@ def prompt_messages(model: Any, value: Any) -> list[dict[str, Any]] | None:
         return None
 
 
+def _content_text(content: Any) -> str | None:
+    """The text of a message's ``content``: a text, or a list of content blocks (Anthropic's ``text`` /
+    ``thinking`` / ``tool_use`` blocks, Gemini's texts and ``thinking`` / code blocks) whose texts are joined, as
+    LangChain's ``BaseMessage.text`` joins them (reasoning and tool calls are not the answer's text); ``None``
+    when it has none."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [block if isinstance(block, str) else block.get("text") for block in content
+             if isinstance(block, str) or (isinstance(block, Mapping) and block.get("type") == "text")]
+    return "".join(t for t in texts if isinstance(t, str)) if texts else None
+
+
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
@@ -130,11 +152,15 @@ class Answer:
         self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
 
     def read(self, message: Any) -> None:
-        """Add what ``message`` (an ``AIMessage``, or one chunk of a stream) says."""
+        """Add what ``message`` (an ``AIMessage``, one chunk of a stream, or the ``ChatResult`` of
+        ``_generate_with_cache``: its first generation's message) says."""
         try:
-            content = getattr(message, "content", None)
-            if isinstance(content, str):
-                self.text = (self.text or "") + content
+            generations = getattr(message, "generations", None)
+            if isinstance(generations, list) and generations:
+                message = getattr(generations[0], "message", None)
+            text = _content_text(getattr(message, "content", None))
+            if text is not None:
+                self.text = (self.text or "") + text
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))

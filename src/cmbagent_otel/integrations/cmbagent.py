@@ -31,7 +31,8 @@ tree of :mod:`cmbagent_otel.workflow`:
   without its manager's ``fail()`` fails the phase and a run the manager opened;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage; so are a
-  LangChain chat model's ``invoke`` / ``stream`` inside a run (MARS's LangGraph phases; :mod:`._langchain`).
+  LangChain chat model's calls (``invoke`` / ``stream``, their async ones, the ``generate`` family) inside a run
+  (MARS's LangGraph phases; :mod:`._langchain`).
 
 Spans opened by one call and closed by another (the carryover loop's control phase, a
 MARS manager's phase/step/redo) are never attached to the context: they are frames of a
@@ -1818,17 +1819,20 @@ def _record_chat(scope: Scope, model: str, attrs: dict[str, Any], started: int, 
 
 def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
     """A LangChain chat model's ``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` (MARS's LangGraph phases'
-    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input) inside a run: a ``chat <model>``
-    span of the node open where it was called, recorded when the call returned (a stream: when it ended, was
-    closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a call a chat model
-    makes inside one of these (``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
+    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input), or the model call of its
+    ``generate`` family (``_generate_with_cache`` / ``_agenerate_with_cache``: ``generate``, ``predict``,
+    ``__call__``, ... bypass ``invoke``) inside a run: a ``chat <model>`` span of the node open where it was called,
+    recorded when the call returned (a stream: when it ended, was closed or raised) with the usage its answer gave
+    (:mod:`._langchain`). Outside a run, and a call a chat model makes inside one of these (``invoke``'s own
+    ``_generate_with_cache``, ``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
+    argument = _langchain.CHAT_MODEL_METHODS.get(method, "input")
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
             place = None if _langchain.in_call() else _model_call_place(state)
             if place is None:
                 return wrapped(*args, **kwargs)
-            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get("input"))
+            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get(argument))
         except Exception:
             logger.debug("cmbagent_otel: could not time a chat model's call", exc_info=True)
             return wrapped(*args, **kwargs)
@@ -1836,7 +1840,7 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
             return _streamed_chat(place, instance, started, wrapped(*args, **kwargs))
         if method == "astream":
             return _astreamed_chat(place, instance, started, wrapped(*args, **kwargs))
-        if method == "ainvoke":
+        if method in ("ainvoke", "_agenerate_with_cache"):
             work = wrapped(*args, **kwargs)
             return _closes_unstarted(_awaited_chat(place, instance, started, work), work)
         with _chat_model_call(place, instance, started) as answer:
