@@ -53,7 +53,8 @@ def _chats(capture: SpanCapture) -> list[Any]:
 
 def _said(span: Any) -> list[str]:
     """The texts of the captured output message of ``span``."""
-    return [p["content"] for p in json.loads(span.attributes[sc.GEN_AI_OUTPUT_MESSAGES])[0]["parts"]]
+    return [p["content"] for p in json.loads(span.attributes[sc.GEN_AI_OUTPUT_MESSAGES])[0]["parts"]
+            if p["type"] == "text"]
 
 
 def _asked(span: Any) -> list[str]:
@@ -206,3 +207,53 @@ def test_an_answer_of_content_blocks_is_captured_as_its_text(traced: SpanCapture
     (chat,) = _chats(traced)
     assert _said(chat) == [BLOCKS[case][1]]
     assert _asked(chat) == [IDEA]
+    calls = [p for p in json.loads(chat.attributes[sc.GEN_AI_OUTPUT_MESSAGES])[0]["parts"] if p["type"] != "text"]
+    assert calls == ([{"type": "tool_call", "name": "search", "id": "toolu_1", "arguments": {"query": "CMB"}}]
+                     if case == "anthropic_tool_use" else [])
+
+
+# --- tool calls in the captured content -----------------------------------------------------------------------
+def _tool_answers(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """OpenAI's chat completions: a call of the ``search`` tool, then (the prompt holding its result) a text."""
+    answered = any(m.get("role") == "tool" for m in body.get("messages", ()))
+    message: dict[str, Any] = {"role": "assistant", "content": "The CMB is 13.8 Gyr old."} if answered else {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"query": "CMB age"}'}}]}
+    answer = {"id": "chatcmpl-lc", "object": "chat.completion", "created": 0, "model": RESPONSE_MODEL,
+              "choices": [{"index": 0, "message": message, "finish_reason": "stop" if answered else "tool_calls"}],
+              "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+    return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+
+
+def test_a_langchain_calls_tool_calls_are_in_its_captured_content(traced: SpanCapture) -> None:
+    """With capture on, a LangChain call answering with a tool call had an output message of one empty text (the
+    call, what a user looks for in Jaeger, was lost), and the next call's prompt lost the assistant's tool call
+    and the tool answer's call id. Now the output message holds the ``tool_call`` part (name, arguments, id;
+    finish reason ``tool_call``) and the prompt the ``tool_call`` and ``tool_call_response`` parts, as AG2's own
+    calls record them."""
+    pytest.importorskip("langchain_openai", reason="langchain_openai is not installed")
+    from langchain_core.messages import ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    def search(query: str) -> str:
+        """Search the literature."""
+        return "13.8 Gyr"
+
+    with FakeOpenAIServer(raw_responder=_tool_answers) as server:
+        llm = ChatOpenAI(model="gpt-4o-mini", api_key=API_KEYS["OPENAI"], base_url=server.base_url,
+                         max_retries=0).bind_tools([search])
+        with cmbagent_otel.workflow("paper review"):
+            asked = llm.invoke(IDEA)
+            answer = llm.invoke([_human(IDEA), asked, ToolMessage("13.8 Gyr", tool_call_id="call_1")])
+    assert asked.tool_calls[0]["name"] == "search" and answer.content == "The CMB is 13.8 Gyr old."
+    first, second = _chats(traced)
+    (said,) = json.loads(first.attributes[sc.GEN_AI_OUTPUT_MESSAGES])
+    assert said["finish_reason"] == "tool_call"
+    assert said["parts"] == [
+        {"type": "tool_call", "name": "search", "id": "call_1", "arguments": {"query": "CMB age"}}]
+    assert [(m["role"], [p["type"] for p in m["parts"]]) for m in json.loads(
+        second.attributes[sc.GEN_AI_INPUT_MESSAGES])] == [
+        ("user", ["text"]), ("assistant", ["tool_call"]), ("tool", ["tool_call_response"])]
+    assert json.loads(second.attributes[sc.GEN_AI_INPUT_MESSAGES])[2]["parts"] == [
+        {"type": "tool_call_response", "response": "13.8 Gyr", "id": "call_1"}]
+    assert _said(second) == ["The CMB is 13.8 Gyr old."]

@@ -120,10 +120,31 @@ def prompt_messages(model: Any, value: Any) -> list[dict[str, Any]] | None:
     value: LangChain's own conversion), as role / content messages; ``None`` when it cannot say."""
     try:
         messages = model._convert_input(value).to_messages()
-        return [{"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content} for m in messages]
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            said: dict[str, Any] = {"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content}
+            calls = _tool_calls(m)
+            if calls:  # (LangChain's "" where OpenAI's message of only tool calls has no content)
+                said.update(content=m.content or None, tool_calls=calls)
+            call_id = getattr(m, "tool_call_id", None)  # a tool's answer: the call it answers
+            if isinstance(call_id, str):
+                said["tool_call_id"] = call_id
+            out.append(said)
+        return out
     except Exception:
         logger.debug("cmbagent_otel: could not read a chat model call's prompt", exc_info=True)
         return None
+
+
+def _tool_calls(message: Any) -> list[dict[str, Any]]:
+    """The tool calls of a LangChain message (``AIMessage.tool_calls``: name, args, id) as the messages of AG2's
+    calls carry them (name, arguments, id); none for a stream's chunk (``tool_call_chunks``: each has a piece of a
+    call's arguments only)."""
+    calls = getattr(message, "tool_calls", None)
+    if not isinstance(calls, list) or hasattr(message, "tool_call_chunks"):
+        return []
+    return [{"id": c.get("id"), "name": c.get("name"), "arguments": c.get("args")} for c in calls
+            if isinstance(c, Mapping)]
 
 
 def _content_text(content: Any) -> str | None:
@@ -143,13 +164,14 @@ def _content_text(content: Any) -> str | None:
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("input_tokens", "output_tokens", "response_model", "text")
+    __slots__ = ("input_tokens", "output_tokens", "response_model", "text", "tool_calls")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.response_model: str | None = None
         self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
+        self.tool_calls: list[dict[str, Any]] = []  # the tools it calls (not read from a stream's chunks)
 
     def read(self, message: Any) -> None:
         """Add what ``message`` (an ``AIMessage``, one chunk of a stream, or the ``ChatResult`` of
@@ -161,6 +183,7 @@ class Answer:
             text = _content_text(getattr(message, "content", None))
             if text is not None:
                 self.text = (self.text or "") + text
+            self.tool_calls.extend(_tool_calls(message))
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
@@ -174,6 +197,13 @@ class Answer:
                     self.response_model = model
         except Exception:
             logger.debug("cmbagent_otel: could not read a chat model's answer", exc_info=True)
+
+    def output(self) -> str | dict[str, Any] | None:
+        """What the model answered, as the span's output message is made from: its text, or with the tools it
+        calls an assistant message of both."""
+        if not self.tool_calls:
+            return self.text
+        return {"role": "assistant", "content": self.text or None, "tool_calls": self.tool_calls}
 
     def attributes(self) -> dict[str, Any]:
         """The span's usage and response model attributes."""

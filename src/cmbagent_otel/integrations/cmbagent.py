@@ -1969,7 +1969,7 @@ def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: An
 
         def extras(span: Any, attrs: Mapping[str, Any]) -> None:
             _outside_call_extras(span, attrs, began, error, lambda: _langchain.prompt_messages(model, prompt),
-                                 lambda: answer.text)
+                                 answer.output)
 
         _record_placed_chat(place, name, attrs, at, error, extras, in_frame=True)
     except Exception:
@@ -2016,10 +2016,12 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, cal
 
 
 def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, error: BaseException | None,
-                         prompt: Callable[[], list[dict[str, Any]] | None], answer: Callable[[], str | None]) -> None:
+                         prompt: Callable[[], list[dict[str, Any]] | None],
+                         answer: Callable[[], str | Mapping[str, Any] | None]) -> None:
     """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
     token usage, cost) when the instrumentor records metrics, and with content capture on its prompt
-    (``prompt()``: its messages) and answer (``answer()``: its text), redacted and bounded like every message.
+    (``prompt()``: its messages) and answer (``answer()``: its text, or an assistant message with its tool
+    calls), redacted and bounded like every message.
     ``began``: the call's start by ``time.perf_counter()``."""
     try:
         from ..instrumentation._messages import message, output_message, render
@@ -2043,9 +2045,9 @@ def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, erro
         messages = prompt()
         if messages:
             span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, render(messages, convert=message)[0])
-        text = answer() if error is None else None
-        if isinstance(text, str):
-            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([text], convert=output_message)[0])
+        said = answer() if error is None else None
+        if isinstance(said, (str, Mapping)):
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([said], convert=output_message)[0])
     except Exception:
         logger.debug("cmbagent_otel: could not record a model call's metrics or content", exc_info=True)
 
