@@ -257,3 +257,35 @@ def test_a_langchain_calls_tool_calls_are_in_its_captured_content(traced: SpanCa
     assert json.loads(second.attributes[sc.GEN_AI_INPUT_MESSAGES])[2]["parts"] == [
         {"type": "tool_call_response", "response": "13.8 Gyr", "id": "call_1"}]
     assert _said(second) == ["The CMB is 13.8 Gyr old."]
+
+
+# --- LangChain's cache ----------------------------------------------------------------------------------------
+def test_an_answer_of_langchains_cache_is_a_cache_hit_without_tokens_or_cost(traced: SpanCapture) -> None:
+    """With LangChain's cache on (``set_llm_cache``), a prompt asked again is answered from the cache: no request
+    is sent, yet its span carried the cached call's tokens and was priced again, so the step's cost row and the
+    run's dollars counted a call that cost nothing. Now such a span says ``cmbagent.llm.cache_hit`` and has no
+    usage and no cost (LangChain marks the cached answer ``usage_metadata['total_cost'] = 0``); the first call
+    keeps its usage and cost."""
+    pytest.importorskip("langchain_openai", reason="langchain_openai is not installed")
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+    from langchain_openai import ChatOpenAI
+
+    before = get_llm_cache()
+    set_llm_cache(InMemoryCache())
+    try:
+        with FakeOpenAIServer(raw_responder=_langchain_answers) as server:
+            llm = ChatOpenAI(model="gpt-4o-mini", api_key=API_KEYS["OPENAI"], base_url=server.base_url,
+                             max_retries=0)
+            with cmbagent_otel.workflow("paper review"):
+                answers = [llm.invoke(IDEA).content for _ in range(2)]
+            sent = len(server.requests)
+    finally:
+        set_llm_cache(before)
+    assert answers == ["An idea."] * 2 and sent == 1
+    asked, cached = _chats(traced)
+    assert (asked.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS], asked.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS]) == \
+        IDEA_USAGE and asked.attributes[sc.LLM_COST_USD] > 0 and sc.LLM_CACHE_HIT not in asked.attributes
+    assert cached.attributes[sc.LLM_CACHE_HIT] is True
+    assert not {sc.GEN_AI_USAGE_INPUT_TOKENS, sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.LLM_COST_USD} & set(cached.attributes)
+    assert _said(cached) == ["An idea."]

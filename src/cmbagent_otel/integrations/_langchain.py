@@ -164,7 +164,7 @@ def _content_text(content: Any) -> str | None:
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("input_tokens", "output_tokens", "response_model", "text", "tool_calls")
+    __slots__ = ("cached", "input_tokens", "output_tokens", "response_model", "text", "tool_calls")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
@@ -172,6 +172,7 @@ class Answer:
         self.response_model: str | None = None
         self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
         self.tool_calls: list[dict[str, Any]] = []  # the tools it calls (not read from a stream's chunks)
+        self.cached = False  # LangChain's cache answered (``set_llm_cache``): no model call, no tokens used
 
     def read(self, message: Any) -> None:
         """Add what ``message`` (an ``AIMessage``, one chunk of a stream, or the ``ChatResult`` of
@@ -186,6 +187,10 @@ class Answer:
             self.tool_calls.extend(_tool_calls(message))
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
+                # LangChain's mark on an answer of its cache (``_convert_cached_generations``): the usage is the
+                # cached call's; no model usage carries a ``total_cost``
+                if usage.get("total_cost") == 0:
+                    self.cached = True
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
                 if prompt is not None and output is not None:
                     self.input_tokens = (self.input_tokens or 0) + prompt
@@ -206,9 +211,12 @@ class Answer:
         return {"role": "assistant", "content": self.text or None, "tool_calls": self.tool_calls}
 
     def attributes(self) -> dict[str, Any]:
-        """The span's usage and response model attributes."""
+        """The span's usage and response model attributes (an answer of LangChain's cache: no usage, the cache
+        hit marked)."""
         attrs: dict[str, Any] = {}
-        if self.input_tokens is not None and self.output_tokens is not None:
+        if self.cached:
+            attrs[semconv.LLM_CACHE_HIT] = True
+        elif self.input_tokens is not None and self.output_tokens is not None:
             attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
             attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = self.output_tokens
         if self.response_model:
