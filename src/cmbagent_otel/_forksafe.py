@@ -78,9 +78,17 @@ def closer(opened: list[int]) -> Callable[[], object]:
     a cleanup function (``close_opened``, ``close_held`` before) came before its ``try`` and left the
     descriptor open, a held one locked. Closed before forgotten, without ``LOCK_UN`` first: a child forked
     before the close finds it held and closes its copy; one forked after finds the number closed, or on
-    another file (reused meanwhile by another thread), which it leaves (the (device, inode) kept)."""
+    another file (reused meanwhile by another thread), which it leaves (the (device, inode) kept).
+
+    Every descriptor is closed and forgotten, and nothing is raised: each close is ``os.closerange(fd, fd + 1)``,
+    which ignores the close's error. ``os.close`` raised it and the cleanup stopped there: the descriptors after
+    it stayed open (a held one locked) and none was forgotten, and from a ``finally`` the error (``EBADF`` for a
+    number the application closed under us, ``EIO`` from a network file system) replaced the exception under
+    way, the spill write's or the application's. A close frees the number whatever it returns (Linux: with
+    ``EINTR`` and ``EIO`` too); what was written is ``fsync``'d, and its errors raised, before."""
     return functools.partial(collections.deque, itertools.chain(
-        map(os.close, opened), map(_held_fds.pop, opened, itertools.repeat(None))), 0)
+        map(os.closerange, opened, map((1).__add__, opened)),
+        map(_held_fds.pop, opened, itertools.repeat(None))), 0)
 
 
 def _after_in_child() -> None:

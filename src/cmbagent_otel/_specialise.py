@@ -111,8 +111,11 @@ class _Inline(ast.NodeTransformer):
 
     A helper of the caller's module is called by its name (``_name_node(...)``); a method is called through
     the class the caller's module names (``Scope.child_node(scope, ...)``: that function whatever the
-    receiver), and may come from another module when every global it reads is the same object in the
-    caller's: its statements then take the line of the call (its own lines are another file's)."""
+    receiver); a function of another module by the name the caller's module imports it under (the same
+    object). A helper of another module is written in when every global it reads is the same object in the
+    caller's: its statements then take the line of the call (its own lines are another file's). A helper's
+    own calls of the given helpers are written in too (nested: a recorder's ``_response_facts`` and the
+    ``usage_attributes`` it calls)."""
 
     def __init__(self, helpers: Iterable[Callable[..., Any]], globals_: Mapping[str, Any],
                  caller: ast.FunctionDef) -> None:
@@ -132,8 +135,8 @@ class _Inline(ast.NodeTransformer):
                 if "." in owner or globals_.get(owner) is None or vars(globals_[owner]).get(attribute) is not helper:
                     raise ValueError(f"{helper.__qualname__} is not called through a class of the caller's module")
                 key: str | tuple[str, str] = (owner, attribute)
-            elif helper.__globals__ is not globals_:
-                raise ValueError(f"{helper.__qualname__} is from another module")
+            elif helper.__globals__ is not globals_ and globals_.get(helper.__name__) is not helper:
+                raise ValueError(f"{helper.__qualname__} is from another module, not imported by its name")
             else:
                 key = helper.__name__
             definition = _function_def(helper)
@@ -266,7 +269,10 @@ class _Inline(ast.NodeTransformer):
                     definition = self._call(stmt.value)
                     target = stmt.targets[0]
                 if definition is not None:
-                    out.extend(self._written_in(definition, stmt.value, target))  # type: ignore[arg-type]
+                    written = self._written_in(definition, stmt.value, target)  # type: ignore[arg-type]
+                    holder = ast.Module(body=written, type_ignores=[])
+                    self._visit_blocks(holder)  # the helpers it calls at its own top level (nested ones: below)
+                    out.extend(holder.body)
                 else:
                     out.append(stmt)
             setattr(node, field, out)

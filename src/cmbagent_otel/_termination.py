@@ -46,13 +46,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
 from . import environment_variables as env
 from . import semconv
+from ._varblock import VarSet
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -156,7 +157,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     # (``elif previous == SIG_DFL:``, which ends the process): ended by the signal, as the default would
     with contextlib.suppress(Exception):
         _real["signal"](signum, signal.SIG_DFL)  # a second signal ends the process at once
-    if _deferral["depth"] and _deferral["pid"] == os.getpid():
+    if _deferring and _deferral["pid"] == os.getpid():
         # the main thread is exporting: signals_deferred() stops us after. Only in the process that
         # deferred: a child forked meanwhile may run this before its fork hook clears the deferral
         _deferral["pending"] = signum
@@ -197,31 +198,36 @@ def _stop(signum: int) -> None:
         os.kill(os.getpid(), signum)  # ends the process as the default would have
 
 
-_deferral: dict[str, Any] = {"depth": 0, "pending": None, "pid": 0}  # touched in the main thread only
+_deferral: dict[str, Any] = {"pending": None, "pid": 0}  # touched in the main thread only
+# one None per signals_deferred() block open in the main thread, appended and removed by C calls (see VarSet)
+_deferring: list[None] = []
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
+def signals_deferred() -> contextlib.AbstractContextManager[Any]:
     """In the main thread, let our SIGTERM/SIGHUP handler wait until the block ends. The handler
     runs in the main thread: one arriving while the main thread itself exported a batch (a
     ``force_flush``: the application's, ``uninstrument()``'s, a ``multiprocessing`` child's at its
     exit) stopped that export half-way, its own flush found the batch gone from the queue, and the
     process ended without it. Now the handler notes the signal and returns; the export goes on
     (no application code runs) and the handler's work runs when the block ends, bounded by the
-    flush's own timeout. A second signal meanwhile ends the process at once, as always."""
+    flush's own timeout. A second signal meanwhile ends the process at once, as always.
+
+    The deferral ends however the block is left (:class:`~cmbagent_otel._varblock.VarSet`): a Ctrl-C as the
+    block was entered or left kept it for good, and the next SIGTERM was noted, never acted on (the process went
+    on). One landing as the block's exit calls :func:`_stop_deferred` skips a signal noted meanwhile (the
+    interrupt ends the application or is handled by it)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return contextlib.nullcontext()
     _deferral["pid"] = os.getpid()
-    _deferral["depth"] += 1
-    try:
-        yield
-    finally:
-        _deferral["depth"] -= 1
-        signum = _deferral["pending"]
-        if signum is not None and not _deferral["depth"]:
-            _deferral["pending"] = None
-            _stop(signum)
+    return VarSet(_deferring.append, _deferring.remove, None, then=_stop_deferred)
+
+
+def _stop_deferred(_token: None) -> None:
+    """After a :func:`signals_deferred` block: our handler's work for a signal noted inside, once none is open."""
+    signum = _deferral["pending"]
+    if signum is not None and not _deferring:
+        _deferral["pending"] = None
+        _stop(signum)
 
 
 def _signal_name(signum: int) -> str:
@@ -371,7 +377,8 @@ def _flush_providers() -> None:
 def _after_fork_in_child() -> None:
     # forked from another thread while the main thread was in signals_deferred(): the child's main thread
     # is not, and a deferral left in place would keep our handler from ever ending the child
-    _deferral.update(depth=0, pending=None, pid=0)
+    _deferring.clear()
+    _deferral.update(pending=None, pid=0)
     util = sys.modules.get("multiprocessing.util")
     if util is not None and _target["provider"] is not None:
         with contextlib.suppress(Exception):

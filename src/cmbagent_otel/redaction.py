@@ -45,6 +45,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 from . import environment_variables
 from ._forksafe import reset_in_child
@@ -70,9 +71,17 @@ _SECRET_ENV_NAME = re.compile(
 # last other character is matched once, as an atomic group (a lookahead's capture, taken back by reference), and the
 # run checked once. Written as ``.*(?:words)[\w.\-]*$``, every word's occurrence scanned the rest of the name again:
 # a dict key of "Secret" * 10,000 + "!" took 2 s to judge, 100 kB 12 s.
+# "password" in other languages, written with letters beyond ASCII (looked for in such texts only: each word is a
+# pass more over a text): ``contraseña: <v>``, ``пароль: <v>``, ``密码: <v>`` were read as no name (German's
+# "Passwort" and Norwegian's "passord" start with "pass": named so below)
+_FOREIGN_HINTS = ("contraseña", "пароль", "密码", "密碼", "口令", "パスワード", "비밀번호", "hasło", "şifre",
+                  "lösenord", "jelszó", "κωδικός", "סיסמה", "पासवर्ड")
+_FOREIGN_NAMES = "|".join(_FOREIGN_HINTS)
+_UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"  # CJK, kana, hangul: scripts written without blanks
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:(?=((?:.*[^\w.\-\n])?))\1(?=[\w.\-]*$)[\w.\-]*?"
-    r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passphrase|secret|credential|private[_.-]?key|access[_.-]?key|"
+    r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passwort|passord|" + _FOREIGN_NAMES + "|passphrase|"
+    r"secret|credential|private[_.-]?key|access[_.-]?key|"
     r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string|"
     r"(?:auth|hmac|signing|encryption|master)[_.-]?key)[\w.\-]*|token|authorization|cookie)"
     r"|auth|pass|pwd|sig)$",
@@ -276,9 +285,28 @@ MAX_LEARNED = 256
 # (``the password is <v>``, ``set the API key to <v>``): group ``verb``; a command line's option by blanks
 # (``--api-key <v>``, ``--password '<v>'``): group ``flag``, taken after a name starting with "-" only
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
+# ("password" in other languages: see _FOREIGN_HINTS)
 _KV_KEY = re.compile(
-    r"""(?P<name>(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*)(?P<q>\\*["']?)"""
-    r"""(?:[ \t]*[:=][ \t]*"""
+    # (a name in a script written without blanks goes on to the next punctuation, not through the sentence's
+    # next words: ``请使用以下密码登录数据库服务器: password=<v>`` read 密码登录数据库服务器 as the name, its
+    # value "password=<v>")
+    rf"""(?P<name>(?:(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat)[\w.\-]*"""
+    rf"""|(?:{_FOREIGN_NAMES})(?:[^\W{_UNSPACED}]|[.\-])*))"""
+    r"""(?P<q>\\*["']?)"""
+    # (``=>``: a PHP array's, a Ruby or Perl hash's pair, ``'password' => '<v>'``: "=" then ">" was no value)
+    r"""(?:[ \t]*(?:(?P<arrow>=>)|[:=])[ \t]*"""
+    # an XML element's text (``<password><v></password>``, ``<apiKey><v></apiKey>``): checked to follow "<"
+    r"""|(?P<tag>>[ \t\r\n]*)(?=[^\s<>])"""
+    # a secret's name given as data, its value in the field after it (checked to follow a name's field): a list of
+    # environment variables (``{"name": "DB_PASSWORD", "value": "<v>"}``, Kubernetes' ``- name: DB_PASSWORD`` and
+    # ``value: <v>`` on the next line), .NET's ``<add key="DbPassword" value="<v>"/>``, OTLP/JSON's
+    # ``{"key": "password", "value": {"stringValue": "<v>"}}``
+    r"""|(?P<named>[ \t]*,?[ \t]*(?:\r?\n[ \t]*)?\\*["']?value\\*["']?[ \t]*[:=][ \t]*"""
+    r"""(?:\{[ \t]*\\*["'](?:stringValue|value)\\*["'][ \t]*:[ \t]*)?"""
+    r"""|</key>\s*<string>)"""  # (a property list's: <key>API_KEY</key><string><v></string>)
+    # a subscript's assignment (``os.environ["OPENAI_API_KEY"] = "<v>"``, ``headers['Authorization'] = '<v>'``) and
+    # an environment setter's arguments (``os.environ.setdefault("API_KEY", "<v>")``, ``monkeypatch.setenv(...)``)
+    r"""|(?P<subscript>(?<=["'])\][ \t]*=(?!=)[ \t]*)|(?P<argument>(?<=["'])[ \t]*,[ \t]*)"""
     # (``was changed to <v>``, ``has been reset to <v>``: read as "was" and a word of state, the value was shown)
     r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now[ \t]+)?(?:set|changed|updated|reset)[ \t]+to|[ \t]+now)?"""
     r"""|has[ \t]+been[ \t]+(?:set|changed|updated|reset)[ \t]+to|(?:set[ \t]+|changed[ \t]+|updated[ \t]+)?to)"""
@@ -1126,10 +1154,12 @@ def _register_walk(value: Any, depth: int, secret: bool, register: Any) -> None:
             _learn_text(value, depth)
         return
     if isinstance(value, dict):
+        pair = "value" in value and not secret and _names_a_secret(value)
         for key, item in value.items():
             if item is None or type(item) in _SCALARS:
                 continue  # what the call would return at once for (config objects are mostly these)
-            named = not secret and is_secret_key(str(key)) and not _holds_no_secret(str(key), item)
+            named = not secret and ((pair and key == "value") or (
+                is_secret_key(str(key)) and not _holds_no_secret(str(key), item)))
             _register_walk(item, depth + 1, secret or named, register)
         return
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -1190,10 +1220,23 @@ def _learn_text(text: str, depth: int) -> None:
         if isinstance(parsed, (dict, list)):
             _register_walk(parsed, depth + 1, False, learn_secret)
             return
-    _kv_scan(text, learn=True)
-    # (content capture off, tool arguments are only learned from: base64 of ``password=<v>`` taught nothing, and
-    # the tool's error quoting <v> showed it)
-    _redact_encoded(text)
+    # as redact reads it: escaped, folded, form-encoded, encoded (content capture off, tool arguments are only learned
+    # from: base64 of ``password=<v>``, then ``my+password+is+<v>``, taught nothing, and the tool's error quoting <v>
+    # showed it)
+    _redact_with(_known_pattern, text)
+
+
+def _names_a_secret(value: Mapping[Any, Any]) -> bool:
+    """Whether the dict ``value`` (holding a "value") is a name/value pair naming a secret: a list of environment
+    variables (``{"name": "DB_PASSWORD", "value": <v>}``: Kubernetes, ECS, a CI's API), OTLP/JSON's attribute
+    (``{"key": "password", "value": {"stringValue": <v>}}``). Each key alone names no secret, and the value was
+    recorded and never learned."""
+    with contextlib.suppress(Exception):  # (a mapping of the application's whose lookups raise: no pair)
+        for field in ("name", "key"):
+            name = value.get(field)
+            if type(name) is str and is_secret_key(name) and not _holds_no_secret(name, value["value"]):
+                return True
+    return False
 
 
 def _register_value(value: Any, register: Any) -> None:
@@ -1536,10 +1579,10 @@ def _word_before(text: str, at: int) -> int:
     end = at
     while end > 0 and text[end - 1] in " \t" and at - end < 8:
         end -= 1
-    if end == at or end == 0 or text[end - 1] not in _NAME_CHARS:
+    if end == at or end == 0 or not (text[end - 1] in _NAME_CHARS or text[end - 1].isalnum()):
         return -1
-    start = end
-    while start > 0 and text[start - 1] in _NAME_CHARS and end - start < 64:
+    start = end  # (a word of any script: "Забыли пароль: нажмите здесь" read no word before the name)
+    while start > 0 and (text[start - 1] in _NAME_CHARS or text[start - 1].isalnum()) and end - start < 64:
         start -= 1
     return start
 
@@ -1731,6 +1774,12 @@ def _hint_starts(text: str, lower: str) -> list[int]:
         while at >= 0:
             starts.append(at)
             at = lower.find(hint, at + 1)
+    if not lower.isascii():
+        for hint in _FOREIGN_HINTS:
+            at = lower.find(hint)
+            while at >= 0:
+                starts.append(at)
+                at = lower.find(hint, at + 1)
     at = lower.find("pat", 1)  # one pass more over every text (each costs ~1 ns a character)
     while at >= 0:
         before = lower[at - 1]
@@ -1799,9 +1848,21 @@ def _learn_login_passwords(text: str) -> None:
             password = match.group()[3:-1].partition(":")[2]
             if _learnable(password, _login_around(text, match.start(), match.end())):
                 learn_secret(password)
+                if "%" in password:  # (a URL's user information is percent-encoded: scheme://bob:p%40ss@host)
+                    _learn_url_decoded(password)
     for start, end in _bare_credential_spans(text):
         if _learnable(text[start:end], _login_around(text, start, end)):
             learn_secret(text[start:end])
+
+
+# a word of letters of any script (``нажмите``, ``olvidada``, ``请输入``): a word of the sentence as an ASCII one is
+_LETTERS_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+
+
+def _is_plain_letters(word: str) -> bool:
+    """Whether ``word`` (beyond ASCII) is an ordinary word, as :data:`_PLAIN_WORD` tells for ASCII: letters of any
+    script, no capital inside (``Забыли пароль: нажмите здесь`` taught "нажмите", redacted in every later text)."""
+    return _LETTERS_WORD.fullmatch(word) is not None and word[1:] == word[1:].lower()
 
 
 # Credentials a command line gives by position, after the command that reads them so: mysql's and MariaDB's
@@ -1836,8 +1897,24 @@ def _command_credentials(text: str, learn: bool) -> str:
     return _replaced(text, spans, REDACTED) if spans else text
 
 
-def _kv_pairs(text: str, learn: bool) -> str:
-    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned)."""
+# what a secret's name given as data follows, by _KV_KEY's group (see there)
+_DATA_NAME_FIELDS = {
+    "named": re.compile(r"""(?i:name|key|variable|var|param|parameter|env)(?:\\*["']?[ \t]*[:=][ \t]*\\*["']?|>)\Z"""),
+    "subscript": re.compile(r"""\[[ \t]*\\*["']\Z"""),
+    "argument": re.compile(r"""(?:setdefault|setenv|putenv|__setitem__)\([ \t]*\\*["']\Z"""),
+}
+# an XML element's end after its text (blanks, then "</")
+_XML_CLOSE = re.compile(r"\s*</")
+# the opening of an XML element just before its name: "<", or "<" and a namespace's prefix (``<ns:password>``)
+_XML_OPEN = re.compile(r"<(?:[A-Za-z_][\w.\-]{0,30}:)?\Z")
+# a "value" opened by the quote that ends a serialised string (a message's text ending with ``api_key=``) and running
+# into the next item (``"}]}, {"role": ...``): replaced, the JSON broke and the whole history was left out
+_ITEMS_CLOSE = re.compile(r"[}\]]+, [{\[\"]")
+
+
+def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | None = None) -> str:
+    """``text`` with the values of secret-named ``key: value`` pairs replaced (and learned); ``pairs``: also told
+    each replaced value's (name's start, value's start, value's end, whether it would be learned)."""
     lower = text.lower()
     if len(lower) != len(text):  # a character whose lower case is longer ("İ"): keep the offsets
         lower = text.translate(_ASCII_LOWER)
@@ -1873,6 +1950,11 @@ def _kv_pairs(text: str, learn: bool) -> str:
         while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
             name_start -= 1
         flag = key.group("flag") is not None
+        if key.group("tag") is not None and _XML_OPEN.search(text, max(0, name_start - 64), name_start) is None:
+            continue  # (a closing tag, "</password>", or a name before ">" that opens no element)
+        if key.lastgroup in _DATA_NAME_FIELDS and _DATA_NAME_FIELDS[key.lastgroup].search(
+                text, max(0, name_start - 64), name_start) is None:
+            continue  # (no name's field, subscript or setter before it: "password", "value": ... is a list of words)
         option = None
         if text[name_start] == "-" and (flag or "=" in key.group(0)[key.end("q") - start:]):
             # a command line's option (--password <v>, --api-key=<v>): judged by its last word, not as a key
@@ -1901,14 +1983,24 @@ def _kv_pairs(text: str, learn: bool) -> str:
         value = text[value_start:value_end]
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
-        if '", "' in text[start:match_end]:
-            continue  # never across two serialised list items (see _redacted_json_list)
+        # never across two serialised list items (see _redacted_json_list); the ", " between a name given as data
+        # and "value" is a dict's (an item's JSON escapes a quote inside it: '", "value": ' starts no string item)
+        if '", "' in text[key.end() if key.lastgroup == "named" else start:match_end] \
+                or (quoted and _ITEMS_CLOSE.match(text, value_start) is not None):
+            continue
         if option is not None:
             if _OPTION_SPEC.match(value) is not None or (
                     option == "key" and (quoted or _KEY_OPTION_VALUE.fullmatch(value) is None)):
                 continue  # docker build --secret id=npmrc,src=..., sort --key 2,2n, openssl -key server.key
         elif flag and not _loose_value(text, value, quoted, match_end):
             continue  # a name and a word in prose ("the token expired")
+        elif key.group("arrow") is not None \
+                and not (quoted and (key.group("q") or text[name_start - 1:name_start] == ":")):
+            continue  # a JavaScript arrow function's parameter (password => password.trim()), a value of code
+        elif key.lastgroup in ("subscript", "argument") and not quoted:
+            continue  # env["HTTP_COOKIE"] = cookie_str: a variable of code
+        elif key.lastgroup == "tag" and _XML_CLOSE.match(text, value_end) is None:
+            continue  # the <auth> element, trailer.<token>.command: no element's text
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
         # type, a key in prose (written as words, or a bare name after a word before ":") or a quoted label (a
         # span's or an attribute's name in a log line) is redacted here only; a value alone after such a name, or
@@ -1918,7 +2010,7 @@ def _kv_pairs(text: str, learn: bool) -> str:
         # <it>, the password: <it>, my token: hunter2 as before)
         # (a bare value's sentence end is not the value's: "my password: <v>." learns <v> too, and is judged without)
         core = value if quoted else value.rstrip(_SENTENCE_END) or value
-        plain = _PLAIN_WORD.fullmatch(core) is not None
+        plain = _PLAIN_WORD.fullmatch(core) is not None or (not core.isascii() and _is_plain_letters(core))
         by_name = message = False
         if key.group("verb") is not None:
             # "the password is <v>", "set the API key to <v>": a value only where it cannot be a word of the sentence
@@ -1958,18 +2050,26 @@ def _kv_pairs(text: str, learn: bool) -> str:
             continue  # SMTP_AUTH=CRAM-MD5: a method)
         if _is_reference(value) or (not quoted and value == "$" and _REFERENCE.match(text, value_start)):
             continue  # --token $OPENAI_TOKEN, password=${DB_PASS}: a variable's name, kept readable and not learned
-        if learn and learns and len(value) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None \
-                and not (by_name and (_names_a_constant(key_name, core) or _names_what_is_no_secret(
-                    key_name, core, text[max(0, name_start - 64):name_start]))) \
-                and not _is_code_or_example(text, key, value, quoted, value_end, name_start):
+        teaches = (learn or pairs is not None) and learns and len(value) >= _MIN_SECRET_LEN \
+            and _STATE_WORD.fullmatch(core) is None \
+            and not (by_name and (_names_a_constant(key_name, core) or _names_what_is_no_secret(
+                key_name, core, text[max(0, name_start - 64):name_start]))) \
+            and not _is_code_or_example(text, key, value, quoted, value_end, name_start)
+        if pairs is not None:
+            pairs.append((name_start, value_start, value_end, teaches))
+        if learn and teaches:
             # (a word of state is never learned, whatever the name's place: ``token: expired`` at a line's start,
             # ``password: required`` in YAML, ``{"api_key": "missing"}`` taught "expired", "required", "missing",
             # then redacted in every later text, inside "unexpired" too; still replaced here)
             scheme, _, token = value.partition(" ")
             learn_secret(token.strip() if token and scheme.lower() in ("bearer", "basic", "token") else value)
+            if token and scheme.lower() == "basic":
+                _learn_basic_password(token.strip())
             _register_login_password(value, learn_secret)
             if core is not value:
                 learn_secret(core)
+            if "%" in value:
+                _learn_url_decoded(value)
         elif message and not learns and len(core) >= _MIN_SECRET_LEN and _STATE_WORD.fullmatch(core) is None:
             only_here.add(core)
         out.append(text[last:value_start])
@@ -1981,6 +2081,29 @@ def _kv_pairs(text: str, learn: bool) -> str:
         return text
     out.append(text[last:])
     return _replace_in_the_rest("".join(out), only_here)
+
+
+def _learn_basic_password(token: str) -> None:
+    """Learn the password of an HTTP Basic credential (base64 of ``user:password``): learned as its base64 alone,
+    the password quoted later (a tool's error, the client's log of its login) was shown."""
+    with contextlib.suppress(ValueError):
+        login = base64.b64decode(token + "=" * (-len(token) % 4), validate=True).decode("utf-8")
+        _, colon, password = login.partition(":")
+        if colon and _learnable(password, login):
+            learn_secret(password)
+
+
+_BLANK = re.compile(r"\s")
+
+
+def _learn_url_decoded(value: str) -> None:
+    """Learn what a percent-encoded ``value`` stands for: a form's ``password=Zorb%21q7`` is ``Zorb!q7`` in every
+    other text (learned as written, the password itself was shown there), and a value that ran on past an encoded
+    ``&`` (a query inside a query, ``password%3D<v>%26next%3D1`` decoded once) is ``<v>`` up to it."""
+    head = value.split("%26", 1)[0]
+    for form in {head, unquote(head)} - {value}:
+        if not _BLANK.search(form):  # (pkcs11:token=Root%20CA%20Certificates names a token: no words learned)
+            learn_secret(form)
 
 
 def _replace_in_the_rest(text: str, words: set[str]) -> str:
@@ -2179,13 +2302,23 @@ def _unwrapped(text: str) -> str:
     return _WRAPPED_BASE64_ESCAPED.sub("", text) if "\\" in text else text
 
 
+# form-encoded prose (a query's or a form body's text, ``q=my+password+is+<v>``): "+" stands for a blank there, and
+# as written no name was followed by the blanks and the verb prose takes (the value was shown, there and later)
+_FORM_PROSE = re.compile(r"\+(?i:is|was|to|now|for|of)\+")
+
+
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     wrapped = _is_wrapped(text)
-    if "\\" in text or "%" in text or "&#" in text or wrapped:
+    form = "+" in text and _FORM_PROSE.search(text) is not None
+    if "\\" in text or "%" in text or "&#" in text or wrapped or form:
         decoded = _unwrapped(text) if wrapped else text
+        if form:  # before "%2B" is decoded: that one is a "+" (a known secret holding one replaced first)
+            decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("+", " ")
         if "\\" in decoded:
             decoded = _unescaped(_JSON_ESCAPED, known, decoded)
         if "%" in decoded:
+            if "%25" in decoded:  # encoded twice (pass%2577ord=<v>: "%" itself escaped, then "w")
+                decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("%25", "%")
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
         if "&#" in decoded:
             decoded = _unescaped(_HTML_ESCAPED, known, decoded)
@@ -2224,6 +2357,8 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
             for hint, shape in shapes:
                 if hint in text:
                     text = shape.sub(REDACTED, text)
+    if ".eyJ" in text:
+        text = _redact_glued_tokens(text)
     if "@" in text:
         if "://" in text:
             text = _URL_TOKEN_USER.sub(f"://{REDACTED}@", text)
@@ -2240,6 +2375,23 @@ def _redact_plain(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     if _context_pattern is not None:
         text = _context_pattern.sub(REDACTED, text)
     return text
+
+
+# A JSON Web Token glued after letters or digits (``tokeneyJ...``, ``x9eyJ...``), which the shape (at a run's start)
+# does not take: found by its second part, ``.eyJ`` (a literal: a fast scan), with the run before it taken once (an
+# atomic group, a lookahead's capture) from the run's start only; its first part is the run from its first ``eyJ``.
+# Tried from every ``eyJ`` of the run, the first part was scanned to the run's end from each (quadratic)
+_GLUED_TOKEN = re.compile(r"(?<![A-Za-z0-9_\-])(?=([A-Za-z0-9_\-]*))\1\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}")
+
+
+def _redact_glued_tokens(text: str) -> str:
+    """``text`` with each JSON Web Token glued after other characters of its alphabet replaced (from its ``eyJ``)."""
+    spans = []
+    for match in _GLUED_TOKEN.finditer(text):
+        at = text.find("eyJ", match.start(), match.end(1))
+        if at > match.start() and match.end(1) - at >= 11:
+            spans.append((at, match.end()))
+    return _replaced(text, spans, REDACTED) if spans else text
 
 
 def _redact_encoded(text: str) -> str:
@@ -2366,31 +2518,94 @@ _LONG_RUN = b"a" * 16
 
 def _redact_encoded_text(text: str, runs: bytes) -> str:
     """``text`` with each base64 or hex run of plain text (:data:`_ENCODED_TEXT`) that holds a secret replaced;
-    ``runs``: ``text`` mapped by :data:`_RUN_BYTES`."""
+    ``runs``: ``text`` mapped by :data:`_RUN_BYTES`. A run that is no such whole run is searched as one of UTF-8
+    text and for base64 of text glued to other characters of its alphabet (:func:`_other_encoded_spans`)."""
     depth = getattr(_blob_depth, "value", 0)
     if depth >= 2:
         return text
-    spans = []
+    spans: list[tuple[int, int]] = []
+    done = 0  # where the last run looked at ends (each character is in one run)
     at = runs.find(_LONG_RUN)
     while at >= 0:  # ``at`` starts a run of letters and digits (the first 16 in a row)
-        match = _ENCODED_TEXT.match(text, at)
         end = runs.find(b" ", at)
-        at = runs.find(_LONG_RUN, end) if end >= 0 else -1
+        nxt = runs.find(_LONG_RUN, end) if end >= 0 else -1
+        if at < done:
+            at = nxt
+            continue
+        match = _ENCODED_TEXT.match(text, at)
         if match is None:
+            stop = _B64_RUN.match(text, at).end()
+            # (no digit: an identifier, AgentDescriptionGuard, some_long_identifier_name, most runs here; each looked
+            # at cost a sixth more of the redaction of source code. Base64 of 16 characters of text or more holds a
+            # digit but rarely: letters alone, each 4 characters' second and third among 54 and 26 of 64)
+            done = _other_encoded_spans(text, at, done, stop, depth, spans) \
+                if _DIGIT.search(text, at, stop) is not None else stop
+            at = runs.find(_LONG_RUN, done) if nxt >= 0 else -1
             continue
-        run = match.group()[:_ENCODED_TEXT_MAX]
-        try:
-            if match.group("b64") is None:
-                raw = bytes.fromhex(run[:len(run) - len(run) % 2])
-            else:
-                run = run.translate(_B64_STANDARD).rstrip("=")
-                raw = base64.b64decode(run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
-                                       + "=" * (-len(run) % 4))
-        except ValueError:
-            continue
-        if _holds_secret(raw.decode("ascii", "replace"), depth):
+        at, done = nxt, match.end()
+        raw = _decoded_run(match.group()[:_ENCODED_TEXT_MAX], match.group("b64") is None)
+        if raw is not None and _holds_secret(raw.decode("ascii", "replace"), depth):
             spans.append(match.span())
-    return _replaced(text, spans, REDACTED) if spans else text
+    return _replaced(text, sorted(spans), REDACTED) if spans else text
+
+
+def _decoded_run(run: str, hexadecimal: bool) -> bytes | None:
+    """The bytes of a base64 (standard or URL-safe, padded or not) or hex ``run``; ``None`` if it is neither."""
+    try:
+        if hexadecimal:
+            return bytes.fromhex(run[:len(run) - len(run) % 2])
+        run = run.translate(_B64_STANDARD).rstrip("=")
+        return base64.b64decode(run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
+                                + "=" * (-len(run) % 4))
+    except ValueError:
+        return None
+
+
+_B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_\-]*={0,2}")
+_HEX_RUN = re.compile(r"(?:[0-9a-f]{2}){12,}|(?:[0-9A-F]{2}){12,}")
+# base64 of text, at any offset inside a longer run: 4 groups of 4 characters or more, each as _ENCODED_TEXT's (the
+# leftmost 4 in a row at an alignment start its text: a group before them would have made them start earlier)
+_TEXT_GROUPS = re.compile(r"(?:[CDI-Za-f][A-HQ-Xg-nw-z0-3][ABEFIJMNQRUVYZcdghklopstwx014589][A-Za-z0-9+/_\-]){4,}")
+_TEXT_GROUPS_LONG = 32  # characters: groups of text this many in a row are the run's text (searched on past them)
+# UTF-8 text: printable ASCII, tabs, line breaks and well-formed sequences (a first test without an exception; the
+# characters beyond ASCII are then checked to be printable once decoded)
+_UTF8_TEXT = re.compile(rb"(?:[\t\n\r\x20-\x7e]|[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}"
+                        rb"|[\xf0-\xf4][\x80-\xbf]{3})*")
+_LINE_BREAKS = str.maketrans("", "", "\t\n\r")
+
+
+def _other_encoded_spans(text: str, at: int, done: int, end: int, depth: int, spans: list[tuple[int, int]]) -> int:
+    """Add to ``spans`` the base64 or hex holding a secret in the run of base64's alphabet around ``at`` (after
+    ``done``) that is no whole run of ASCII text: the whole run as UTF-8 text (``contraseña: ...``, a Cyrillic or
+    CJK message: its bytes beyond ASCII are no text's by _ENCODED_TEXT's classes), and base64 of text glued to
+    other characters of the alphabet (``x_<run>``, a path's segment after "/", ``<run>x9``, or a run whose first 16
+    characters hold "+/-_"): its start or end was not known and the run was not decoded. ``end``: the run's end
+    (returned)."""
+    start = at
+    lowest = max(done, at - _ENCODED_TEXT_MAX)
+    while start > lowest and text[start - 1] in _B64_CHARS:
+        start -= 1
+    run = text[start:min(end, start + _ENCODED_TEXT_MAX)]
+    raw = _decoded_run(run, _HEX_RUN.fullmatch(run) is not None)
+    if raw is not None and not raw.isascii() and _UTF8_TEXT.fullmatch(raw) is not None:
+        with contextlib.suppress(UnicodeDecodeError):  # (an overlong form or a surrogate)
+            decoded = raw.decode("utf-8")
+            if decoded.translate(_LINE_BREAKS).isprintable() and _holds_secret(decoded, depth):
+                spans.append((start, end))
+                return end
+    pos = start
+    while (found := _TEXT_GROUPS.search(text, pos, end)) is not None:
+        stop = min(found.end() + 3, end)  # with the last group's 2 or 3 characters and its padding
+        raw = _decoded_run(text[found.start():stop], False)
+        if raw is not None and _holds_secret(raw.decode("ascii", "replace"), depth):
+            while stop < end and text[stop] == "=":
+                stop += 1
+            spans.append((found.start(), stop))
+            pos = stop
+        else:  # (a few short ones may be chance, at another alignment than the text's: the next position too)
+            pos = found.end() if found.end() - found.start() >= _TEXT_GROUPS_LONG else found.start() + 1
+    return end
 
 
 def _redact_bare_credentials(text: str) -> str:
@@ -2890,6 +3105,9 @@ def scrub(value: Any, _depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for key, item in value.items():
             _scrub_entry(out, key, item, _depth)
+        if "value" in value and _names_a_secret(value):
+            learn_secrets_in({"password": value["value"]})
+            out["value"] = REDACTED
         return out
     if isinstance(value, (list, tuple)):
         return [scrub(item, _depth + 1) for item in value]
@@ -3052,6 +3270,8 @@ def _learn_ahead(value: Any, depth: int, memo: dict[str, str]) -> None:
         if value not in memo:
             _scrub_cache.redact(value)
     elif isinstance(value, dict):
+        if "value" in value and _names_a_secret(value):
+            learn_secrets_in({"password": value["value"]})
         for key, item in value.items():
             skey = str(key)
             if is_secret_key(skey) and not _holds_no_secret(skey, item):
@@ -3296,10 +3516,71 @@ def _learn_across(chain: list[tuple[str, bool]], after: str, window: int) -> Non
     for start, end in _secret_spans(both):
         if not any(start < joint < end for joint in joints):
             continue
-        for lo, hi, whole in bounds:
-            a, b = max(start, lo), min(end, hi)
-            if a < b:
-                _learn_piece(both, a, b, lo, hi, whole)
+        _learn_pieces(both, start, end, bounds)
+    _learn_pairs_across(both, len(head), joints, bounds)
+
+
+def _learn_pieces(text: str, start: int, end: int, bounds: list[tuple[int, int, bool]]) -> None:
+    """Learn the pieces of the secret at ``text[start:end]`` in each of the texts joined in ``text`` (``bounds``:
+    see :func:`_learn_across`)."""
+    for lo, hi, whole in bounds:
+        a, b = max(start, lo), min(end, hi)
+        if a < b:
+            _learn_piece(text, a, b, lo, hi, whole)
+
+
+# how far before a boundary a pair crossing it may start (its name, separator and the value's first part)
+_PAIR_REACH = 64
+
+
+def _holds_a_hint(lower: str) -> bool:
+    """Whether the lower-cased ``lower`` holds a word of :data:`_KV_HINTS` (or :data:`_FOREIGN_HINTS`): a first
+    test, substring searches (a pattern of the words cost twice as much on 64 characters)."""
+    for hint in _KV_HINTS:
+        if hint in lower:
+            return True
+    return not lower.isascii() and any(hint in lower for hint in _FOREIGN_HINTS)
+
+
+# a pair left open at a text's end: a name, its separator (or a verb of prose, or an XML element's ">") and at most
+# the start of a value, or the name alone (its separator starting the next text)
+_PAIR_OPEN_AT_END = re.compile(
+    rf"""(?:key|token|secret|pass|pwd|auth|credential|cookie|sig|pat|{_FOREIGN_NAMES})[\w.\-]*\\*["']?"""
+    r"""(?:[ \t]*(?:=>|[:=>])[ \t]*\\*["']?[^\s"'<>]*|[ \t]+(?:is|was|to|now)[ \t]*:?[ \t]*|)\Z""", re.IGNORECASE)
+# the end of a text that names a credential in prose, its value coming in the next text (``... the password is`` |
+# ``Zorb7xq``): searched with a blank between them
+_PROSE_VERB_AT_END = re.compile(r"[ \t](?:is|was|to|now)[ \t]*:?\Z", re.IGNORECASE)
+
+
+def _learn_pairs_across(both: str, joint: int, joints: list[int], bounds: list[tuple[int, int, bool]]) -> None:
+    """Learn the value of a secret-named ``key: value`` pair cut between two texts of one history: the name (and
+    perhaps part of the value) ending one text, the value (or its rest) starting the next (``... api_key=`` |
+    ``Zorb7xq ...``, ``password=Zorbq`` | ``7xkLmw``). Each text alone shows no pair or only its start: the value,
+    or its rest, was shown there and in every later text. ``both``: the texts joined, ``joint``: where the last
+    one starts."""
+    lowest = max(0, joint - _PAIR_REACH)
+    if not _holds_a_hint(both[lowest:joint].lower()) or _PAIR_OPEN_AT_END.search(both, lowest, joint) is None:
+        return  # (no name and separator, and no more than a value's start, end the text: most boundaries)
+    floor = max(0, lowest - 64)
+    while lowest > floor and both[lowest - 1] in _NAME_CHARS:  # (not a name cut in two: "sort_key" read as "key")
+        lowest -= 1
+    pairs: list[tuple[int, int, int, bool]] = []
+    if _PROSE_VERB_AT_END.search(both, max(0, joint - 8), joint) is None:
+        _kv_pairs(both[lowest:], False, pairs)
+        for name_start, start, end, teaches in pairs:
+            name_start, start, end = name_start + lowest, start + lowest, end + lowest
+            cuts = [cut for cut in joints if name_start < cut < end]
+            # a value cut inside (``password=Zorbq`` | ``7xkLmw``) only when its rest looks random, as a key's does: a
+            # whole value and the next text glued (``password=Zorb7xq`` | ``Thanks, done``) would teach "Thanks"
+            if teaches and cuts and (cuts[0] <= start or _RANDOM_LOOKING.search(both, cuts[0], end) is not None):
+                learn_secret(both[start:end])
+                _learn_pieces(both, start, end, bounds)
+    else:  # ("is" | "Zorb7xq" joined as written read "isZorb7xq" as the value, and learned "ord is")
+        spaced = f"{both[lowest:joint]} {both[joint:]}"
+        _kv_pairs(spaced, False, pairs)
+        for name_start, start, end, teaches in pairs:
+            if teaches and name_start < joint - lowest < start:
+                learn_secret(spaced[start:end])
 
 
 def _learn_piece(text: str, a: int, b: int, lo: int, hi: int, whole: bool) -> None:

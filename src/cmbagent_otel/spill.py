@@ -46,6 +46,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from . import environment_variables, redaction
 from ._forksafe import closer, hold_fd, open_into
 from ._jsontext import loads
+from ._varblock import CExit
 from .semconv import SPAN_KIND
 
 try:
@@ -397,37 +398,50 @@ def _hold(fd: int) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file (O_EXCL): never held by another
 
 
-@contextlib.contextmanager
-def _abandoned(tmp: Path) -> Iterator[bool]:
+def _abandoned(tmp: Path) -> contextlib.AbstractContextManager[bool]:
     """Whether no live writer holds ``tmp`` (see :func:`_hold`); held by this recover() while the block runs,
-    so two processes recovering at once do not both take it. ``True`` without locks (the age rule decided)."""
+    so two processes recovering at once do not both take it. ``True`` without locks (the age rule decided).
+    Let go however the block is left (:class:`~cmbagent_otel._varblock.CExit`: a Ctrl-C as the block was
+    entered or left kept the ``.tmp`` locked while the interrupt's traceback was kept: a writer alive to
+    every recover())."""
     if fcntl is None:
-        yield True
-        return
-    opened: list[int] = []
-    close = closer(opened)
-    try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+        return contextlib.nullcontext(True)
+    return _Abandoned(tmp)
+
+
+class _Abandoned(CExit):
+    """:func:`_abandoned`'s block: its exit closes the ``.tmp``'s descriptor (:func:`~cmbagent_otel._forksafe.closer`:
+    forgotten after the close, so a child forked before it closes its copy: a writer alive to recover())."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__()
+        self._tmp = tmp
+        self._opened: list[int] = []
+        self.close = closer(self._opened)  # type: ignore[method-assign]
+
+    def __enter__(self) -> bool:  # type: ignore[override]
+        try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+            return self._held()
+        except BaseException:  # the block is not entered: its exit never runs
+            self.close()
+            raise
+
+    def _held(self) -> bool:
         try:
-            fd = open_into(opened, tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            fd = open_into(self._opened, self._tmp,
+                           os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError:
-            yield False  # renamed by its writer meanwhile, or not ours to open: left alone
-            return
+            return False  # renamed by its writer meanwhile, or not ours to open: left alone
         hold_fd(fd)  # a child forked meanwhile must not keep it: a writer alive, to every recover()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            return False
         except OSError:
             pass  # a filesystem without locks: the age rule decided
         # another recover() (or its writer) may have renamed it into place and let go between our
         # open and our lock: what we hold is then a complete file under another name, not ours
-        if not _same_file(fd, tmp):
-            yield False
-            return
-        yield True
-    finally:
-        close()  # forgotten after the close: a child forked before it closes its copy (a writer alive to recover())
+        return _same_file(fd, self._tmp)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -634,7 +634,23 @@ class workflow(_Block):
                 return None
             context = _outside_ended_run(parent.run, self.name)
         elif scope is None:
-            context, link = _trace_of_its_own(parent)
+            context, link = _trace_of_its_own(parent, taken)
+        return self._described(context, link)
+
+    def _taken_interrupted(self, taken: list[int], exc: BaseException) -> None:
+        """:meth:`_open` registered this run as the first of its trace (:func:`_trace_of_its_own`) and ``exc`` came
+        before its span started: the run is recorded there, failed, as one interrupted as its span started is
+        (before, it was in no span, and the next run in that trace was put into a trace of its own). Never
+        raises."""
+        try:
+            traced = self._described(None, None)
+        except Exception:
+            logger.debug("cmbagent_otel: could not record a run interrupted as it opened", exc_info=True)
+            return
+        self._start_interrupted(traced, traced._ctx, exc)
+
+    def _described(self, context: otel_context.Context | None, link: Any) -> TracedSpan:
+        """The run's span, started in ``context`` (``None``: the current one), linked to ``link`` (or not)."""
         attrs: dict[str, Any] = {
             semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
             semconv.GEN_AI_WORKFLOW_NAME: self.name,
@@ -696,7 +712,7 @@ _run_traces_lock = threading.Lock()
 reset_in_child(sys.modules[__name__], "_run_traces_lock")  # a forked child must not find it held
 
 
-def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None, Any]:
+def _trace_of_its_own(parent: Scope | None, taken: list[int] | None = None) -> tuple[otel_context.Context | None, Any]:
     """Where a run opened outside any run of ours starts: ``(None, None)``, the current context, for the first
     run in the trace of the span current here (another instrumentation's, a web request's, the application's
     own: it stays inside that span, as before); a context without that span, and the span's context to link
@@ -704,7 +720,8 @@ def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None
     span) or a run opened inside a plain AG2 program's run (``parent``, an implicit run: its trace is that
     run): they shared the trace, and so the run id, with the run before and were stored as one run (nodes
     overwritten, execution orders repeated). An unsampled span is kept as the parent (nothing is recorded
-    under it: no run to mix with). Never raises."""
+    under it: no run to mix with). ``taken``: gets an item when the trace is registered for this run (its first:
+    see ``workflow._taken_interrupted``). Never raises."""
     try:
         span_context = trace.get_current_span().get_span_context()
         if not span_context.is_valid or not span_context.trace_flags.sampled:
@@ -715,6 +732,8 @@ def _trace_of_its_own(parent: Scope | None) -> tuple[otel_context.Context | None
                     _RUN_TRACES.move_to_end(span_context.trace_id)
                 else:
                     _RUN_TRACES[span_context.trace_id] = None
+                    if taken is not None:
+                        taken.append(1)  # no signal-handler point between the store and this C call
                     if len(_RUN_TRACES) > _RUN_TRACES_MAX:
                         _RUN_TRACES.popitem(last=False)
                     return None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -237,6 +238,38 @@ def interrupt_at(hit: Hit, *, lines_of: CodeType | None = None) -> Iterator[list
     finally:
         sys.setprofile(None)
         sys.settrace(None)
+
+
+def each_interrupt(action: Callable[[], Any], counted: Callable[[FrameType, str], bool],
+                   ) -> Iterator[tuple[str, list[BaseException]]]:
+    """``action()`` run again and again, interrupted (:func:`interrupt_at`) at its n-th point that
+    ``counted(frame, event)`` names, n = 1, 2, ... until a run meets fewer (the iteration ends then). Yields each
+    run's point (the event and the function entered, or the C call's caller) and its interrupt, kept while the
+    caller looks (as an interactive session keeps the last one: ``sys.last_traceback``)."""
+    for n in itertools.count(1):
+        seen: list[str] = []
+
+        def nth(frame: FrameType, event: str, _arg: Any, n: int = n, seen: list[str] = seen) -> bool:
+            if not counted(frame, event):
+                return False
+            seen.append(f"{event} {frame.f_code.co_name}")
+            return len(seen) == n
+
+        try:
+            with interrupt_at(nth) as raised:
+                action()
+        except pytest.fail.Exception:  # no n-th point in this run: every point was met
+            return
+        yield seen[-1], raised
+
+
+def runs_under(frame: FrameType | None, code: CodeType | None) -> bool:
+    """Whether ``frame`` or a frame it was called from runs ``code``."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 FDS = Path("/proc/self/fd")  # Linux: this process's descriptors, each a link to what it is open on

@@ -21,7 +21,7 @@ import contextlib
 import linecache
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
@@ -63,14 +63,10 @@ def _interrupt_at_call(callee: CodeType, caller: CodeType) -> Iterator[list[Base
         sys.setprofile(None)
 
 
-def _code(function: Callable[..., Any]) -> CodeType:
-    return getattr(function, "__wrapped__", function).__code__  # a contextmanager's generator function
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_ctrl_c_at_creation_locks_hold_fd_leaks_no_descriptor(tmp_path: Path) -> None:
     """Fails on 3c387d5: the folder's descriptor stays open after the interrupt."""
-    with _interrupt_at_call(_forksafe.hold_fd.__code__, _code(database.creation_lock)) as raised, \
+    with _interrupt_at_call(_forksafe.hold_fd.__code__, database._FolderLock.__enter__.__code__) as raised, \
             pytest.raises(KeyboardInterrupt) as caught, database.creation_lock(tmp_path / "cmbagent.db"):
         pytest.fail("the block ran")
     assert raised and caught.value is raised[0]
@@ -96,7 +92,7 @@ def test_ctrl_c_at_a_spill_writes_hold_leaks_no_descriptor(tmp_path: Path) -> No
 def test_ctrl_c_at_recovers_hold_fd_leaks_no_descriptor(tmp_path: Path) -> None:
     """Fails on 3c387d5: the abandoned ``.tmp``'s descriptor stays open after the interrupt."""
     store, tmp = _abandoned_tmp(tmp_path)
-    with _interrupt_at_call(_forksafe.hold_fd.__code__, _code(spill._abandoned)) as raised, \
+    with _interrupt_at_call(_forksafe.hold_fd.__code__, spill._Abandoned._held.__code__) as raised, \
             pytest.raises(KeyboardInterrupt) as caught:
         store.recover()
     assert raised and caught.value is raised[0]
@@ -118,18 +114,19 @@ def _abandoned_tmp(tmp_path: Path) -> tuple[spill.SpillStore, Path]:
 
 
 @contextlib.contextmanager
-def _fork_at_close(where: set[CodeType]) -> Iterator[list[int]]:
+def _fork_at_close(where: set[CodeType], at: str = "close()") -> Iterator[list[int]]:
     """Fork (a child that lives until this block ends) when a frame whose code is in ``where`` is about to run
     its cleanup (the line ``close()`` of its ``finally``: since session 44 one C call that closes and then
     forgets, ``_forksafe.closer``; before, the ``os.close`` of a descriptor ``_forksafe`` no longer held, in the
-    helpers it called): what another thread's fork at that instant does. Yields the child's pid (once forked)."""
+    helpers it called), or the line starting with ``at`` (the last of a block whose exit is that call): what
+    another thread's fork at that instant does. Yields the child's pid (once forked)."""
     children: list[int] = []
     read_end, write_end = os.pipe()
     ready_read, ready_write = os.pipe()
 
     def line(frame: FrameType, event: str, arg: Any) -> Any:
         if not children and event == "line" \
-                and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith("close()"):
+                and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith(at):
             pid = os.fork()
             if pid == 0:  # the child: holds what it was forked with until told to end
                 sys.settrace(None)
@@ -171,7 +168,8 @@ def test_a_child_forked_as_recover_closes_a_tmp_keeps_no_lock(tmp_path: Path) ->
         os.chown(tmp, 65534, -1)  # another user's (SpillUnreadable): left for a later recover()
     else:
         tmp.chmod(0)  # cannot be read now (SpillUnreadable): left for a later recover()
-    with _fork_at_close({_code(spill._abandoned)}) as children:
+    # the block's exit (session 46: _varblock.CExit) is the closer's C call: forked at the block's last line
+    with _fork_at_close({spill.SpillStore.recover.__code__}, at="continue  # cannot tell now") as children:
         assert store.recover() == 0
         assert children, "no fork at the close"
         os.chown(tmp, owner, -1) if owner == 0 else tmp.chmod(0o600)

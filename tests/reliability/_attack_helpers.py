@@ -132,3 +132,26 @@ def rows_holding(path: Path, needle: str) -> list[str]:
         return found
     finally:
         conn.close()
+
+
+def chat_with_a_tool_note(sink: Any, work_dir: Path, *, capture: bool, fails: bool, note: str,
+                          values: Sequence[str], then: Sequence[Any] = (), order: Sequence[str] | None = None) -> None:
+    """A real AG2 group chat (``conftest.group_chat``) instrumented into ``sink`` (``test_secrets.Sink``): the
+    engineer's scripted model calls the tool with ``note`` and then says each of ``then``; the tool returns
+    ``values`` or (``fails``) raises :class:`LoginRejected` quoting them."""
+    import cmbagent_otel
+
+    from .conftest import group_chat
+
+    quoted = ", ".join(values)
+    script = [{"tool_calls": [{"id": "call_attack", "name": "peak_position", "arguments": {
+        "multipole": 2, "note": note}}]}, *then]
+
+    def tool(multipole: int, note: str = "") -> str:
+        if fails:
+            raise LoginRejected(f"login refused for {quoted}")
+        return f"rejected {quoted}"
+
+    cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=capture, instrument_cmbagent=False)
+    group_chat(work_dir, engineer_script=script, tool=tool,
+               order=order or ["engineer", "executor", "engineer", "executor", "researcher"])

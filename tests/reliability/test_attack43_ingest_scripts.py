@@ -29,7 +29,8 @@ TEXTS = {  # attribute -> (text holding {v}, the encoding it is sent in: no byte
                      " \u03b5\u03af\u03bd\u03b1\u03b9 password={v}", "utf-16-be"),  # escaped: ruff's look-alikes
     "custom.cjk": ("请勿外传。请使用以下密码登录数据库服务器\uff1apassword={v}", "utf-16-le"),
     "custom.japanese": ("データベースのパスワードは password={v} です", "utf-16-be"),
-    "custom.latin1": ("se\u00f1ora, la contrase\u00f1a: password={v}", "latin-1"),
+    # (not "la contraseña: password=<v>": since the 46th campaign that reads as contraseña's value, all redacted)
+    "custom.latin1": ("se\u00f1ora, el servidor: password={v}", "latin-1"),
 }
 PLAIN = {  # nothing secret, or no text: stored as sent
     "custom.plain_cyrillic": "спектр мощности реликтового излучения".encode("utf-16-le"),

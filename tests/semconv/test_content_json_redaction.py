@@ -79,15 +79,20 @@ def _across_parts(value: str) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": "password="}, {"type": "text", "text": value}]}
 
 
-def test_content_a_pair_from_two_text_parts_is_left_out() -> None:
+def test_content_a_pair_from_two_text_parts_is_kept_with_the_value_redacted() -> None:
     value = _value()
-    # the JSON text's key/value scan takes the next part for the value and breaks the JSON: the
-    # content is left out (valid, redacted, empty) rather than shown
-    assert _rendered([_across_parts(value)]) == "[]"
+    # the pair cut between two parts is learned (46th attack campaign): the content stays whole and
+    # valid, the value redacted in its own part (before, the key/value scan broke the JSON and the
+    # content was left out)
+    rendered = _rendered([_across_parts(value)])
+    assert value not in rendered
+    parts = json.loads(rendered)[0]["parts"]
+    assert [part["content"] for part in parts] == ["password=", "[REDACTED]"]
 
 
-@pytest.mark.parametrize("make", [*(lambda v, k=k: _call({k: v}) for k in DISGUISED_KEYS.values()), _across_parts],
-                         ids=[*DISGUISED_KEYS.keys(), "across-parts"])
+# (a pair cut across two parts is no longer among them: it is learned where it is cut, 46th attack campaign)
+@pytest.mark.parametrize("make", [lambda v, k=k: _call({k: v}) for k in DISGUISED_KEYS.values()],
+                         ids=list(DISGUISED_KEYS.keys()))
 def test_content_json_only_forms_leak_without_the_second_redaction(
         monkeypatch: pytest.MonkeyPatch, make: Any) -> None:
     value = _value()

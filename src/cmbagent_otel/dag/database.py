@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, set_value
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .. import environment_variables
+from .._context import attach, detach
 from .._forksafe import closer, hold_fd, open_into, reset_in_child
+from .._varblock import CExit, VarSet
 from ..redaction import is_secret_key
 from ._watchdog import WATCHED, watchdog
 
@@ -53,24 +55,20 @@ _SCHEME = re.compile(r"[A-Za-z][\w+.-]{0,40}")
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("cmbagent_otel_db_deadline", default=None)
 
 
-@contextlib.contextmanager
-def deadline(seconds: float | None) -> Iterator[None]:
+def deadline(seconds: float | None) -> contextlib.AbstractContextManager[Any]:
     """Bound every database wait inside the block to ``seconds`` from now (``None``: no bound).
 
     Read when a connection is opened and when a transaction begins: SQLite's busy timeout,
     PostgreSQL's ``connect_timeout``, ``lock_timeout`` and ``statement_timeout`` are set to
-    the time left (a nested block never extends an outer one).
+    the time left (a nested block never extends an outer one). Reset however the block is left
+    (:class:`~cmbagent_otel._varblock.VarSet`: a Ctrl-C as it was entered or left kept a passed
+    deadline on the thread, every later write of ours there timed out at once).
     """
     if seconds is None:
-        yield
-        return
+        return contextlib.nullcontext()
     end = time.monotonic() + max(0.0, seconds)
     outer = _deadline.get()
-    token = _deadline.set(end if outer is None else min(outer, end))
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+    return VarSet(_deadline.set, _deadline.reset, end if outer is None else min(outer, end))
 
 
 def time_left_ms() -> int | None:
@@ -329,8 +327,7 @@ def _pg_begin(conn: Any) -> None:
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-@contextlib.contextmanager
-def creation_lock(path: Path) -> Iterator[None]:
+def creation_lock(path: Path) -> contextlib.AbstractContextManager[Any]:
     """Hold an exclusive ``flock`` on the folder of the SQLite file ``path`` (other processes and
     threads wait): creating the file and removing the ``-wal``/``-shm`` a deleted file left take
     turns. A writer that found the file gone and then removed those names removed the live files
@@ -343,26 +340,41 @@ def creation_lock(path: Path) -> Iterator[None]:
     SQLite busy timeout): past it ``TimeoutError`` (an ``OSError``: retryable, the batch is
     spilled). Reading a folder is enough to ``flock`` it, so any process that can list a shared
     folder held this wait, and with it the export thread and the application's exit, for as long
-    as it kept the lock."""
+    as it kept the lock.
+
+    Let go however the block is left (:class:`~cmbagent_otel._varblock.CExit`: a Ctrl-C as the block was
+    entered or left kept the descriptor and its lock while the interrupt's traceback was kept)."""
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    opened: list[int] = []
-    close = closer(opened)  # before the open: a cleanup entered after it had a Ctrl-C window (see closer)
-    try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
-        try:
-            fd: int | None = open_into(opened, path.parent,
-                                       os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            fd = None  # unlocked, as without flock
-        if fd is not None:
+        return contextlib.nullcontext()
+    return _FolderLock(path, fcntl)
+
+
+class _FolderLock(CExit):
+    """:func:`creation_lock`'s block: its exit closes the folder's descriptor (:func:`~cmbagent_otel._forksafe.closer`:
+    forgotten after the close, so a child forked before it closes its copy)."""
+
+    def __init__(self, path: Path, fcntl: Any) -> None:
+        super().__init__()
+        self._path = path
+        self._fcntl = fcntl
+        self._opened: list[int] = []
+        self.close = closer(self._opened)  # type: ignore[method-assign]
+
+    def __enter__(self) -> _FolderLock:
+        try:  # from the descriptor's opening: a Ctrl-C as os.open returned (or at hold_fd's call) leaked it
+            try:
+                fd = open_into(self._opened, self._path.parent,
+                               os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return self  # unlocked, as without flock
             hold_fd(fd)  # a child forked meanwhile (another thread's multiprocessing worker) must not keep it
-            _flock_within(fd, path, fcntl)
-        yield
-    finally:
-        close()  # forgotten after the close: a child forked before it closes its copy
+            _flock_within(fd, self._path, self._fcntl)
+        except BaseException:  # the block is not entered: its exit never runs
+            self.close()
+            raise
+        return self
 
 
 def _flock_within(fd: int, path: Path, fcntl: Any) -> None:
@@ -698,16 +710,13 @@ BACKGROUND_PREPARE_S = 120.0  # then the export path takes over (and retries wit
 logger = logging.getLogger("cmbagent_otel.dag")
 
 
-@contextlib.contextmanager
-def untraced() -> Iterator[None]:
+def untraced() -> VarSet:
     """Instrumentation suppressed (the OpenTelemetry context key every instrumentation checks)
     inside the block: our own statements must not come back as spans of the application's
-    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again."""
-    token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
-    try:
-        yield
-    finally:
-        detach(token)
+    SQLAlchemy, sqlite3 or psycopg instrumentation, to be exported, stored and sent again.
+    Undone however the block is left (:class:`~cmbagent_otel._varblock.VarSet`: a Ctrl-C as it
+    was entered or left kept the application's thread suppressed, none of its spans made)."""
+    return VarSet(attach, detach, set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
 
 
 def ensure_schema(url: str | None = None, *, repair: bool = False, engine: Engine | None = None) -> None:

@@ -121,22 +121,22 @@ _walked_entries: OrderedDict[int, tuple[Any, frozenset[Any], tuple[tuple[Any, An
 def register_llm_config_secrets(config_list: Any) -> None:
     """Remember API keys of an OpenAIWrapper's config list so they are redacted everywhere. Checked
     on every call (an entry already walked costs a comparison of its key names and secret values):
-    a key replaced or added inside an entry is registered before the call that uses it."""
+    a key replaced or added inside an entry is registered before the call that uses it. No ``return``: written
+    into the model call's generated builder (``ag2._llm``)."""
     try:
-        if not config_list:
-            return
-        walked = _walked_entries
-        for config in config_list:
-            if type(config) is not dict and not isinstance(config, dict):
-                continue
-            seen = walked.get(id(config))
-            if seen is not None and seen[0] is config and seen[1] == config.keys():
-                for name, value in seen[2]:  # a loop, not all(<generator>): one object less per call
-                    if config.get(name) is not value:
-                        break
-                else:
+        if config_list:
+            walked = _walked_entries
+            for config in config_list:
+                if type(config) is not dict and not isinstance(config, dict):
                     continue
-            _register_entry(config)
+                seen = walked.get(id(config))
+                if seen is not None and seen[0] is config and seen[1] == config.keys():
+                    for name, value in seen[2]:  # a loop, not all(<generator>): one object less per call
+                        if config.get(name) is not value:
+                            break
+                    else:
+                        continue
+                _register_entry(config)
     except Exception:
         pass
 

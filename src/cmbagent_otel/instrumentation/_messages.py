@@ -430,6 +430,16 @@ def _split_texts(items: Iterable[Any]) -> list[str]:
     return [text for text in _message_texts(items) if isinstance(text, str) and text]
 
 
+def learn_reply_split(history: Any, replies: Sequence[dict[str, Any]]) -> None:
+    """Search the boundary between the last message of a model call's ``history`` and its ``replies`` (output
+    messages, as :func:`output_message` makes them) for a secret cut there (``Use this api_key=`` | ``<key> for the
+    next run``): the reply is recorded before any later history holds both."""
+    if isinstance(history, (list, tuple)) and history and replies:
+        texts = [part.get("content") for reply in replies for part in reply.get("parts", ())
+                 if part.get("type") == "text"]
+        learn_split_texts(_split_texts(history[-1:])[-1:] + [text for text in texts if isinstance(text, str) and text])
+
+
 def _render_history(items: Sequence[Any], bound: int) -> tuple[str, int] | bool:
     """:func:`render` of AG2 messages (every item a dict) with ``convert=message``, the same text,
     resumed from an earlier rendering of the same history. False: not such a list (or a long one

@@ -233,36 +233,36 @@ def _is_mapping(value: Any, cls: type) -> bool:
 
 
 def usage_attributes(usage: Any) -> dict[str, Any]:
-    """Token counts of a response's ``usage`` (OpenAI shape, object or dict), where present."""
+    """Token counts of a response's ``usage`` (OpenAI shape, object or dict), where present. One ``return``,
+    at its end: written into the model call's generated recorder (``ag2._record_llm``)."""
     attrs: dict[str, Any] = {}
-    if usage is None:
-        return attrs
-    cls = type(usage)
-    if cls is dict or (not (_NOT_MAPPINGS.get(cls) == get_cache_token() and usage.__class__ is cls)
-                       and _is_mapping(usage, cls)):
-        get = usage.get
-        prompt, completion = get("prompt_tokens"), get("completion_tokens")
-        prompt_details, completion_details = get("prompt_tokens_details"), get("completion_tokens_details")
-    else:  # OpenAI's CompletionUsage and the like: plain attributes
-        prompt = getattr(usage, "prompt_tokens", None)
-        completion = getattr(usage, "completion_tokens", None)
-        prompt_details = getattr(usage, "prompt_tokens_details", None)
-        completion_details = getattr(usage, "completion_tokens_details", None)
-    # both ints of 0 to 2**63 - 1 (the usual case): one test of their bits
-    if type(prompt) is int and type(completion) is int and not (prompt | completion) >> 63:
-        attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-        attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
-    else:
-        if _count(prompt) is not None:
+    if usage is not None:
+        cls = type(usage)
+        if cls is dict or (not (_NOT_MAPPINGS.get(cls) == get_cache_token() and usage.__class__ is cls)
+                           and _is_mapping(usage, cls)):
+            get = usage.get
+            prompt, completion = get("prompt_tokens"), get("completion_tokens")
+            prompt_details, completion_details = get("prompt_tokens_details"), get("completion_tokens_details")
+        else:  # OpenAI's CompletionUsage and the like: plain attributes
+            prompt = getattr(usage, "prompt_tokens", None)
+            completion = getattr(usage, "completion_tokens", None)
+            prompt_details = getattr(usage, "prompt_tokens_details", None)
+            completion_details = getattr(usage, "completion_tokens_details", None)
+        # both ints of 0 to 2**63 - 1 (the usual case): one test of their bits
+        if type(prompt) is int and type(completion) is int and not (prompt | completion) >> 63:
             attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
-        if _count(completion) is not None:
             attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
-    if prompt_details is not None:
-        cached = _count(_get(prompt_details, "cached_tokens"))
-        if cached is not None:
-            attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
-    if completion_details is not None:
-        reasoning = _count(_get(completion_details, "reasoning_tokens"))
-        if reasoning is not None:
-            attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
+        else:
+            if _count(prompt) is not None:
+                attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = prompt
+            if _count(completion) is not None:
+                attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+        if prompt_details is not None:
+            cached = _count(_get(prompt_details, "cached_tokens"))
+            if cached is not None:
+                attrs[semconv.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = cached
+        if completion_details is not None:
+            reasoning = _count(_get(completion_details, "reasoning_tokens"))
+            if reasoning is not None:
+                attrs[semconv.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = reasoning
     return attrs

@@ -66,6 +66,7 @@ from typing import Any
 
 import wrapt
 from opentelemetry import _logs
+from opentelemetry import metrics as otel_metrics  # noqa: F401  # read by ModelMetrics.live, written into _llm (_MADE)
 from opentelemetry import trace as otel_trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.trace import SpanKind, Tracer
@@ -137,12 +138,23 @@ from ..version import __version__
 from . import _handoffs, _messages, _models, _steps, _subprocess_context
 from ._content import (
     ContentMode,
+    _register_entry,  # noqa: F401  # read by register_llm_config_secrets, written into _llm (_MADE)
+    _walked_entries,  # noqa: F401  # as _register_entry
     agent_name,
     cached_name,
     capture_from_env,
     content_mode,
     register_agent_secrets,
     register_llm_config_secrets,
+)
+from ._models import (  # the globals usage_attributes reads, written into the model call's recorder (_MADE)
+    _NOT_MAPPINGS,  # noqa: F401
+    REQUEST_KEYS,
+    _count,  # noqa: F401
+    _get,  # noqa: F401
+    _is_mapping,  # noqa: F401
+    get_cache_token,  # noqa: F401
+    usage_attributes,
 )
 from ._patching import defining_class, is_link, state_of, unwrap_ours, wrapt_wrapper
 
@@ -270,10 +282,11 @@ async def _run_traced_async(state: _State, traced: TracedSpan | None, record: Ca
 
 
 def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-            fast: Callable[..., Any] | None, self: Any, args: tuple[Any, ...],
+            unsampled: Any, self: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> tuple[Any, TracedSpan | None]:
     """A method wrapper's decision, ``(ctx, traced)``: the context read once, and the span ``build`` started
-    (``None``: straight through; ``_FAST``: not recorded, through ``fast``). Telemetry errors mean "call through".
+    (``None``: straight through; ``_FAST``: not recorded, through the wrapper's ``fast``; ``unsampled``: which of
+    the two a span that cannot be recorded means, :func:`_unsampled`). Telemetry errors mean "call through".
     One ``return``, at its end: written into the generated wrappers (:func:`_traced_method`)."""
     try:
         ctx = get_current()
@@ -287,7 +300,7 @@ def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan
             # that drops every span (always_off, a no-op tracer)
             traced = build(state, ctx, self, args, kwargs)
         else:
-            traced = _FAST if fast is not None else None
+            traced = unsampled
     except Exception:
         logger.debug("cmbagent_otel: span setup failed in %s", build.__name__, exc_info=True)
         ctx = traced = None
@@ -295,15 +308,15 @@ def _decide(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan
 
 
 def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, original: Callable[..., Any],
-                   self: Any, *args: Any, **kwargs: Any) -> Any:
+                   record: Callable[..., None] | None, fast: Callable[..., Any] | None, unsampled: Any,
+                   original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
     """The body of the method wrappers (:func:`_traced_sync`, and awaiting ``original`` and ``fast``,
     :func:`_traced_async`): made per patched method with everything before ``self`` bound, :func:`_decide` and
     ``TracedSpan.__exit__`` (for the plain span the hot builders start, ``TracedSpanShell``) written in. The
     decision and _run_traced written out: this runs for most spans, one frame less each."""
     if not state.active:
         return original(self, *args, **kwargs)
-    ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+    ctx, traced = _decide(state, probe, build, unsampled, self, args, kwargs)
     if not traced:  # None or _FAST, never a span
         if traced is None:
             return original(self, *args, **kwargs)
@@ -327,7 +340,13 @@ def _traced_method(state: _State, probe: SamplingProbe, build: Callable[..., Tra
     return result
 
 
-_METHOD_FREE = ("state", "probe", "build", "record", "fast", "original")
+def _unsampled(fast: Callable[..., Any] | None) -> Any:
+    """What a wrapper's span that cannot be recorded means, decided once per patched method rather than per call:
+    through its ``fast`` path (``_FAST``), or, without one, straight through (``None``)."""
+    return _FAST if fast is not None else None
+
+
+_METHOD_FREE = ("state", "probe", "build", "record", "fast", "unsampled", "original")
 # made by the first _traced_sync() / _traced_async() (two instrument()s at once: the same code)
 _method_maker: Callable[..., Callable[..., Any]] | None = None
 _async_method_maker: Callable[..., Callable[..., Any]] | None = None
@@ -353,12 +372,14 @@ def _traced_sync(state: _State, build: Callable[..., TracedSpan | None],
     maker = _method_maker
     probe = state.probe
     record = _recorder(state, record)
+    build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # generated copies
+    unsampled = _unsampled(fast)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The plain function patched over ``original`` (a function, called ``original(self, ...)``:
         no trampoline frame and no bound method per call, :func:`_plain_method`); wrapt proxies run
         the same body (:func:`._patching.wrapt_wrapper`)."""
-        return maker(state, probe, build, record, fast, original)
+        return maker(state, probe, build, record, fast, unsampled, original)
 
     return wrapt_wrapper(method_for, state)
 
@@ -377,11 +398,13 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
     maker = _async_method_maker
     probe = state.probe
     record = _recorder(state, record)
+    build, fast = _MADE.get(build, build), _MADE.get(fast, fast)  # type: ignore[arg-type]  # as _traced_sync's
+    unsampled = _unsampled(fast)
 
     def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
         """The ``async def`` patched over ``original`` (an ``async def``, called ``original(self, ...)``): no
         trampoline coroutine and no bound method per call, as for :func:`_traced_sync`'s methods."""
-        return maker(state, probe, build, record, fast, original)
+        return maker(state, probe, build, record, fast, unsampled, original)
 
     wrapper = wrapt_wrapper(method_for, state)
     wrapper._method_is_async = True  # type: ignore[attr-defined]  # its plain form patches coroutine methods
@@ -389,13 +412,13 @@ def _traced_async(state: _State, build: Callable[..., TracedSpan | None],
 
 
 def _composed_async(state: _State, probe: SamplingProbe, build: Callable[..., TracedSpan | None],
-                    record: Callable[..., None] | None, fast: Callable[..., Any] | None,
+                    record: Callable[..., None] | None, fast: Callable[..., Any] | None, unsampled: Any,
                     original: Callable[..., Any]) -> Callable[..., Any]:
     """:func:`_traced_method` awaiting the call, as calls of its helpers (when it cannot be generated)."""
     async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not state.active:
             return await original(self, *args, **kwargs)
-        ctx, traced = _decide(state, probe, build, fast, self, args, kwargs)
+        ctx, traced = _decide(state, probe, build, unsampled, self, args, kwargs)
         if traced is _FAST:
             return await fast(state, ctx, original, self, args, kwargs)  # type: ignore[misc]
         return await _run_traced_async(state, traced, record, original, self, args, kwargs)
@@ -743,7 +766,10 @@ _MADE: dict[Callable[..., Any], Callable[..., Any]] = {}
 def _generate_starts() -> None:
     global _start_agent, _start_llm, _start_tool
     if _record_llm not in _MADE:  # every model call: its response's facts read in its own frame
-        _MADE[_record_llm] = specialise(_record_llm, "_record_llm", {}, inline=(_response_facts,))
+        _MADE[_record_llm] = specialise(_record_llm, "_record_llm", {}, inline=(_response_facts, usage_attributes))
+    if _llm_fast not in _MADE:  # every model call, recorded or not: whether metrics are live, read in its frame
+        _MADE[_llm] = specialise(_llm, "_llm", {}, inline=(register_llm_config_secrets, ModelMetrics.live))
+        _MADE[_llm_fast] = specialise(_llm_fast, "_llm_fast", {}, inline=(ModelMetrics.live,))
     if _start_tool is None:  # two first instrument()s at once both generate: the same functions
         _start_agent = start_of(KIND_AGENT, _INTERNAL)
         _start_llm = start_of(KIND_LLM, _CLIENT, node=None)
@@ -932,10 +958,11 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
     cost = getattr(response, "cost", None)
     if type(cost) is not float:
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    usage = usage_attributes(usage)  # an assignment: written in with this function (one frame less per call)
     # the server writes the model as it likes (a key it was sent, megabytes): redacted and bounded
     return (redact_str_name(model) if type(model) is str
             else redact_name(str.__str__(model)) if isinstance(model, str) else None,
-            _models.usage_attributes(usage), cost)
+            usage, cost)
 
 
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
@@ -996,7 +1023,7 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
         static = state.agents.get(id(agent))
         agent_label = static.name if static is not None and static.config is getattr(agent, "llm_config", None) \
             else _agent_label(state, agent)
-    own_parameters = not kwargs.keys().isdisjoint(_models.REQUEST_KEYS)
+    own_parameters = not REQUEST_KEYS.isdisjoint(kwargs)  # the set's method over the keywords: no keys view made
     key = (info, model, agent_label)
     cached = None if own_parameters else state.chat_attributes.get(key)
     if cached is None:
@@ -1023,7 +1050,10 @@ def _llm(state: _State, ctx: Any, instance: Any, args: tuple[Any, ...], kwargs: 
             if dropped:
                 attrs[semconv.CONTENT_DROPPED_MESSAGES] = dropped
     metrics = state.metrics
-    if event is None and (metrics is None or not metrics.live()):  # nothing to do when it ends but end
+    live = False
+    if event is None and metrics is not None:  # an assignment: written in (_MADE), one frame less per call
+        live = ModelMetrics.live(metrics)
+    if event is None and not live:  # nothing to do when it ends but end
         return _start_llm(TracedSpanShell(), span_name, attrs, state.tracer, ctx)
     traced = _ChatSpan()  # its four fields set here: no __init__ (see TracedSpanShell), no keywords dict
     traced.state = state
@@ -1038,7 +1068,10 @@ def _llm_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: A
               kwargs: dict[str, Any]) -> Any:
     """An unrecorded model call: its metrics only (when a meter provider records them)."""
     metrics = state.metrics
-    if metrics is None or not metrics.live():
+    live = False
+    if metrics is not None:  # an assignment: written in (_MADE), one frame less per call
+        live = ModelMetrics.live(metrics)
+    if not live:
         return original(instance, *args, **kwargs)
     try:
         call = _model_call(instance, kwargs)
@@ -1072,9 +1105,12 @@ def _model_input(messages: Any) -> tuple[dict[str, str], int]:
     return found, dropped
 
 
-def _response_output(response: Any) -> str | None:
+def _response_output(response: Any, history: Any = None) -> str | None:
     out = _messages.response_messages(response)
-    return _messages.render(out)[0] if out else None
+    if not out:
+        return None
+    _messages.learn_reply_split(history, out)
+    return _messages.render(out)[0]
 
 
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
@@ -1108,7 +1144,7 @@ def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwa
         if reasons:
             attrs[GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         if state.content is not ContentMode.NO_CONTENT:
-            output = _content(_response_output, response)
+            output = _content(_response_output, response, kwargs.get("messages"))
             if output is not None and state.capture:
                 attrs[semconv.GEN_AI_OUTPUT_MESSAGES] = output
     if attrs:

@@ -3,12 +3,12 @@
 MARS's LangGraph phases (``deepresearch_paper``, ``newspulse_report`` and the ``task_framework`` graphs) call their
 models through LangChain chat models (``ChatOpenAI``, ``AzureChatOpenAI``, ``ChatGoogleGenerativeAI``,
 ``ChatAnthropic``: ``state['llm']['llm'].invoke(prompt)`` / ``.stream(prompt)``), not through AG2's
-``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream`` and
-``.astream`` (every chat model inherits them; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke``) and records
-each call inside a run as a ``chat <model>`` span; this module reads the call: the request model and provider
-from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's tracers read), the agent from the
-LangGraph node running it, the usage and response model from the answer (``usage_metadata``,
-``response_metadata``). Nothing here raises.
+``OpenAIWrapper``. The cmbagent integration wraps ``BaseChatModel.invoke``, ``.ainvoke``, ``.stream``,
+``.astream`` and the model call of the ``generate`` family (:data:`CHAT_MODEL_METHODS`; every chat model
+inherits them) and records each call inside a run as a ``chat <model>`` span; this module reads the call: the
+request model and provider from the model's own LangSmith parameters (``_get_ls_params``, what LangChain's
+tracers read), the agent from the LangGraph node running it, the usage and response model from the answer
+(``usage_metadata``, ``response_metadata``). Nothing here raises.
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ from .. import semconv
 
 logger = logging.getLogger("cmbagent_otel")
 
-#: Where LangChain's chat model base class lives, and the methods of it that are model calls
+#: Where LangChain's chat model base class lives
 CHAT_MODELS_MODULE = "langchain_core.language_models.chat_models"
 CHAT_MODEL_CLASS = "BaseChatModel"
-CHAT_MODEL_METHODS = ("invoke", "ainvoke", "stream", "astream")
+#: The methods of it that are model calls -> the name of their input argument. ``invoke`` / ``ainvoke`` call
+#: ``generate_prompt`` -> ``generate`` -> ``_generate_with_cache`` (async: the ``a`` ones) once; the entry points
+#: that bypass ``invoke`` (``generate``, ``generate_prompt``, ``__call__``, ``predict``, ``predict_messages``,
+#: ``call_as_llm`` and their async ones) reach the model only through ``_generate_with_cache`` /
+#: ``_agenerate_with_cache``, once per prompt (``generate`` of several prompts is several model calls), in
+#: langchain-core 0.1 to 1.x. ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input.
+CHAT_MODEL_METHODS: Mapping[str, str] = {
+    "invoke": "input", "ainvoke": "input", "stream": "input", "astream": "input",
+    "_generate_with_cache": "messages", "_agenerate_with_cache": "messages"}
 
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {
@@ -112,31 +120,77 @@ def prompt_messages(model: Any, value: Any) -> list[dict[str, Any]] | None:
     value: LangChain's own conversion), as role / content messages; ``None`` when it cannot say."""
     try:
         messages = model._convert_input(value).to_messages()
-        return [{"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content} for m in messages]
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            said: dict[str, Any] = {"role": _ROLES.get(str(m.type), str(m.type)), "content": m.content}
+            calls = _tool_calls(m)
+            if calls:  # (LangChain's "" where OpenAI's message of only tool calls has no content)
+                said.update(content=m.content or None, tool_calls=calls)
+            call_id = getattr(m, "tool_call_id", None)  # a tool's answer: the call it answers
+            if isinstance(call_id, str):
+                said["tool_call_id"] = call_id
+            out.append(said)
+        return out
     except Exception:
         logger.debug("cmbagent_otel: could not read a chat model call's prompt", exc_info=True)
         return None
 
 
+def _tool_calls(message: Any) -> list[dict[str, Any]]:
+    """The tool calls of a LangChain message (``AIMessage.tool_calls``: name, args, id) as the messages of AG2's
+    calls carry them (name, arguments, id); none for a stream's chunk (``tool_call_chunks``: each has a piece of a
+    call's arguments only)."""
+    calls = getattr(message, "tool_calls", None)
+    if not isinstance(calls, list) or hasattr(message, "tool_call_chunks"):
+        return []
+    return [{"id": c.get("id"), "name": c.get("name"), "arguments": c.get("args")} for c in calls
+            if isinstance(c, Mapping)]
+
+
+def _content_text(content: Any) -> str | None:
+    """The text of a message's ``content``: a text, or a list of content blocks (Anthropic's ``text`` /
+    ``thinking`` / ``tool_use`` blocks, Gemini's texts and ``thinking`` / code blocks) whose texts are joined, as
+    LangChain's ``BaseMessage.text`` joins them (reasoning and tool calls are not the answer's text); ``None``
+    when it has none."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [block if isinstance(block, str) else block.get("text") for block in content
+             if isinstance(block, str) or (isinstance(block, Mapping) and block.get("type") == "text")]
+    return "".join(t for t in texts if isinstance(t, str)) if texts else None
+
+
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("input_tokens", "output_tokens", "response_model", "text")
+    __slots__ = ("cached", "input_tokens", "output_tokens", "response_model", "text", "tool_calls")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.response_model: str | None = None
         self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
+        self.tool_calls: list[dict[str, Any]] = []  # the tools it calls (not read from a stream's chunks)
+        self.cached = False  # LangChain's cache answered (``set_llm_cache``): no model call, no tokens used
 
     def read(self, message: Any) -> None:
-        """Add what ``message`` (an ``AIMessage``, or one chunk of a stream) says."""
+        """Add what ``message`` (an ``AIMessage``, one chunk of a stream, or the ``ChatResult`` of
+        ``_generate_with_cache``: its first generation's message) says."""
         try:
-            content = getattr(message, "content", None)
-            if isinstance(content, str):
-                self.text = (self.text or "") + content
+            generations = getattr(message, "generations", None)
+            if isinstance(generations, list) and generations:
+                message = getattr(generations[0], "message", None)
+            text = _content_text(getattr(message, "content", None))
+            if text is not None:
+                self.text = (self.text or "") + text
+            self.tool_calls.extend(_tool_calls(message))
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
+                # LangChain's mark on an answer of its cache (``_convert_cached_generations``): the usage is the
+                # cached call's; no model usage carries a ``total_cost``
+                if usage.get("total_cost") == 0:
+                    self.cached = True
                 prompt, output = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
                 if prompt is not None and output is not None:
                     self.input_tokens = (self.input_tokens or 0) + prompt
@@ -149,10 +203,20 @@ class Answer:
         except Exception:
             logger.debug("cmbagent_otel: could not read a chat model's answer", exc_info=True)
 
+    def output(self) -> str | dict[str, Any] | None:
+        """What the model answered, as the span's output message is made from: its text, or with the tools it
+        calls an assistant message of both."""
+        if not self.tool_calls:
+            return self.text
+        return {"role": "assistant", "content": self.text or None, "tool_calls": self.tool_calls}
+
     def attributes(self) -> dict[str, Any]:
-        """The span's usage and response model attributes."""
+        """The span's usage and response model attributes (an answer of LangChain's cache: no usage, the cache
+        hit marked)."""
         attrs: dict[str, Any] = {}
-        if self.input_tokens is not None and self.output_tokens is not None:
+        if self.cached:
+            attrs[semconv.LLM_CACHE_HIT] = True
+        elif self.input_tokens is not None and self.output_tokens is not None:
             attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
             attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = self.output_tokens
         if self.response_model:

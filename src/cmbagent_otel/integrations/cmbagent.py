@@ -31,7 +31,8 @@ tree of :mod:`cmbagent_otel.workflow`:
   without its manager's ``fail()`` fails the phase and a run the manager opened;
 * the model calls cmbagent makes outside AG2 (``evaluate_plots``: the plot criteria, the VLM, the
   plot debugger; :data:`EXTERNAL_MODEL_CALLS`) are ``chat <model>`` spans with their usage; so are a
-  LangChain chat model's ``invoke`` / ``stream`` inside a run (MARS's LangGraph phases; :mod:`._langchain`).
+  LangChain chat model's calls (``invoke`` / ``stream``, their async ones, the ``generate`` family) inside a run
+  (MARS's LangGraph phases; :mod:`._langchain`).
 
 Spans opened by one call and closed by another (the carryover loop's control phase, a
 MARS manager's phase/step/redo) are never attached to the context: they are frames of a
@@ -1818,17 +1819,20 @@ def _record_chat(scope: Scope, model: str, attrs: dict[str, Any], started: int, 
 
 def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
     """A LangChain chat model's ``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` (MARS's LangGraph phases'
-    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input) inside a run: a ``chat <model>``
-    span of the node open where it was called, recorded when the call returned (a stream: when it ended, was
-    closed or raised) with the usage its answer gave (:mod:`._langchain`). Outside a run, and a call a chat model
-    makes inside one of these (``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
+    model calls; ``batch`` / ``abatch`` call ``invoke`` / ``ainvoke`` per input), or the model call of its
+    ``generate`` family (``_generate_with_cache`` / ``_agenerate_with_cache``: ``generate``, ``predict``,
+    ``__call__``, ... bypass ``invoke``) inside a run: a ``chat <model>`` span of the node open where it was called,
+    recorded when the call returned (a stream: when it ended, was closed or raised) with the usage its answer gave
+    (:mod:`._langchain`). Outside a run, and a call a chat model makes inside one of these (``invoke``'s own
+    ``_generate_with_cache``, ``stream`` falling back on ``invoke``: one model call), it calls through untouched."""
+    argument = _langchain.CHAT_MODEL_METHODS.get(method, "input")
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
             place = None if _langchain.in_call() else _model_call_place(state)
             if place is None:
                 return wrapped(*args, **kwargs)
-            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get("input"))
+            started: _Start = (time.time_ns(), time.perf_counter(), args[0] if args else kwargs.get(argument))
         except Exception:
             logger.debug("cmbagent_otel: could not time a chat model's call", exc_info=True)
             return wrapped(*args, **kwargs)
@@ -1836,7 +1840,7 @@ def _chat_model_wrapper(state: _State, method: str) -> Callable[..., Any]:
             return _streamed_chat(place, instance, started, wrapped(*args, **kwargs))
         if method == "astream":
             return _astreamed_chat(place, instance, started, wrapped(*args, **kwargs))
-        if method == "ainvoke":
+        if method in ("ainvoke", "_agenerate_with_cache"):
             work = wrapped(*args, **kwargs)
             return _closes_unstarted(_awaited_chat(place, instance, started, work), work)
         with _chat_model_call(place, instance, started) as answer:
@@ -1965,7 +1969,7 @@ def _record_chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: An
 
         def extras(span: Any, attrs: Mapping[str, Any]) -> None:
             _outside_call_extras(span, attrs, began, error, lambda: _langchain.prompt_messages(model, prompt),
-                                 lambda: answer.text)
+                                 answer.output)
 
         _record_placed_chat(place, name, attrs, at, error, extras, in_frame=True)
     except Exception:
@@ -2012,10 +2016,12 @@ def _external_call_extras(span: Any, attrs: Mapping[str, Any], began: float, cal
 
 
 def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, error: BaseException | None,
-                         prompt: Callable[[], list[dict[str, Any]] | None], answer: Callable[[], str | None]) -> None:
+                         prompt: Callable[[], list[dict[str, Any]] | None],
+                         answer: Callable[[], str | Mapping[str, Any] | None]) -> None:
     """What AG2's own model calls have and a call outside AG2 lacked: the GenAI client metrics (duration,
     token usage, cost) when the instrumentor records metrics, and with content capture on its prompt
-    (``prompt()``: its messages) and answer (``answer()``: its text), redacted and bounded like every message.
+    (``prompt()``: its messages) and answer (``answer()``: its text, or an assistant message with its tool
+    calls), redacted and bounded like every message.
     ``began``: the call's start by ``time.perf_counter()``."""
     try:
         from ..instrumentation._messages import message, output_message, render
@@ -2039,9 +2045,9 @@ def _outside_call_extras(span: Any, attrs: Mapping[str, Any], began: float, erro
         messages = prompt()
         if messages:
             span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, render(messages, convert=message)[0])
-        text = answer() if error is None else None
-        if isinstance(text, str):
-            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([text], convert=output_message)[0])
+        said = answer() if error is None else None
+        if isinstance(said, (str, Mapping)):
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, render([said], convert=output_message)[0])
     except Exception:
         logger.debug("cmbagent_otel: could not record a model call's metrics or content", exc_info=True)
 
