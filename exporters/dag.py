@@ -274,7 +274,7 @@ class DagSpanExporter(SpanExporter):
             self._degraded_until = 0.0
             if self._outage.ongoing:
                 self._outage_over()
-            if self._replay_due and self.replay_after_export:
+            if self.replay_after_export and self._due():
                 self._replay(min(REPLAY_SLICE_S, self._timeout))
             return SpanExportResult.SUCCESS
 
@@ -412,7 +412,19 @@ class DagSpanExporter(SpanExporter):
 
     def replay_due(self) -> bool:
         """Whether spill files of this database may be waiting (the processor replays when idle)."""
-        return self._replay_due and self._spill is not None and not self._closed.is_set()
+        return self._spill is not None and not self._closed.is_set() and self._due()
+
+    def _due(self) -> bool:
+        """Whether spill files of this database may be waiting: this exporter's own, or, once this process has
+        forked, a child's (the folder is listed: a child's files come later, when its exports give up)."""
+        if self._replay_due or not _forked[0] or self._spill is None:
+            return self._replay_due
+        try:
+            if self._spill.pending():
+                self._replay_due = True  # never set back here: an export spilling meanwhile sets it too
+        except Exception:  # not now (a later look lists it again); never the export's result
+            logger.debug("cmbagent_otel: could not list the spill store", exc_info=True)
+        return self._replay_due
 
     def replay_slice(self, budget_s: float = REPLAY_SLICE_S) -> tuple[int, int]:
         """Replay for at most ``budget_s`` seconds: ``(spans replayed, files left)``. Never raises."""
@@ -457,6 +469,21 @@ class DagSpanExporter(SpanExporter):
         level = logging.WARNING if stats["spilled"] or stats["dropped"] else logging.INFO
         logger.log(level, "cmbagent_otel: DAG exporter shut down: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
 
+
+# Whether this process has forked. A child forked while this process was inside a SQLite transaction on the DAG
+# database cannot write that file (SQLite keeps the file's lock state in the process, and the child inherits it
+# held by a connection that is not there): its batches go to the spill store, later, and this process is the
+# one still writing that database. Its exporters then list the spill folder after each export and when idle,
+# not only after spilling themselves (DagSpanExporter._due).
+_forked = [False]
+
+
+def _after_fork_in_parent() -> None:
+    _forked[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_parent=_after_fork_in_parent)
 
 _is_started_record = StartedSpan.__instancecheck__  # isinstance(span, StartedSpan), as is_started asks
 

@@ -27,6 +27,7 @@ tracer provider. With no exporter named there is no provider to build (``None``)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import threading
@@ -35,13 +36,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 
 from . import environment_variables as env
+from ._forkexport import PerProcess
 from ._forksafe import reset_in_child
 from ._outage import Outage, OutageTally
 from ._termination import signals_deferred
@@ -74,15 +82,31 @@ def exporter_names(value: str | Sequence[str] | None = None) -> list[str]:
     return _names(env.TRACES_EXPORTER, value)
 
 
-def _otlp_exporter(protocol: str, signal: str, class_name: str) -> Any:
-    """The OTLP exporter of ``signal`` (``trace``, ``metric``) for ``protocol``."""
+def _otlp_exporter(protocol: str, signal: str, class_name: str, *, in_child: bool = False) -> Any:
+    """The OTLP exporter of ``signal`` (``trace``, ``metric``) for ``protocol``; ``in_child``: a forked child's
+    own (over gRPC, on a connection of its own: see :data:`_CHILD_GRPC_OPTIONS`)."""
     if protocol == "grpc":
         module = f"opentelemetry.exporter.otlp.proto.grpc.{signal}_exporter"
+        if in_child:
+            return getattr(importlib.import_module(module), class_name)(channel_options=_CHILD_GRPC_OPTIONS)
     elif protocol in ("http/protobuf", "http"):
         module = f"opentelemetry.exporter.otlp.proto.http.{signal}_exporter"
     else:
         raise ConfigurationError(f"unsupported OTLP protocol {protocol!r} (use grpc or http/protobuf)")
     return getattr(importlib.import_module(module), class_name)()
+
+
+# A new channel takes its connection from gRPC's process-wide subchannel pool, which a forked child inherits: the
+# child's channel sent on the parent's HTTP/2 connection when gRPC had skipped its fork handlers (a call in flight
+# at the fork), its export answered SUCCESS and its spans never arrived. A pool of the channel's own gives it a
+# connection of its own.
+_CHILD_GRPC_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def _otlp_exporters(protocol: str, signal: str, class_name: str) -> tuple[Any, Callable[[], Any]]:
+    """The OTLP exporter of ``signal`` for ``protocol``, and how a forked child makes its own."""
+    return (_otlp_exporter(protocol, signal, class_name),
+            functools.partial(_otlp_exporter, protocol, signal, class_name, in_child=True))
 
 
 def _registered_exporter(group: str, name: str, variable: str, known: str) -> Any:
@@ -128,16 +152,23 @@ class OutageReportingExporter(SpanExporter):
     before (the SDK's lines name the cause) with one line saying its spans are lost and that
     later failures are counted; those later batches log nothing; the first export that works
     again logs one line with the outage's length and the spans and batches lost in it (and
-    :meth:`shutdown` does, if the backend never came back). ``exporter`` is the wrapped one.
+    :meth:`shutdown` does, if the backend never came back). ``exporter`` is the wrapped one; ``make``
+    builds it again, for a forked child's exports (the parent's connection stays the parent's; see
+    :mod:`cmbagent_otel._forkexport`).
     """
 
-    def __init__(self, exporter: SpanExporter) -> None:
-        self.exporter = exporter
+    def __init__(self, exporter: SpanExporter, make: Callable[[], SpanExporter] | None = None) -> None:
         self._outage = OutageTally()
+        self._own = PerProcess(exporter, make, outage=self._outage)
         for name in _OTLP_LOGGERS:
             sdk_logger = logging.getLogger(name)
             if _QUIET not in sdk_logger.filters:
                 sdk_logger.addFilter(_QUIET)
+
+    @property
+    def exporter(self) -> SpanExporter:
+        """The wrapped exporter (in a forked child, the parent's until the child's first export made its own)."""
+        return self._own.exporter
 
     def _where(self) -> str:
         try:
@@ -148,7 +179,7 @@ class OutageReportingExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> Any:
         _quiet.on = self._outage.ongoing
         try:
-            result = self.exporter.export(spans)
+            result = self._own.send(lambda exporter: exporter.export(spans), SpanExportResult.FAILURE)
         finally:
             _quiet.on = False
         try:
@@ -165,11 +196,11 @@ class OutageReportingExporter(SpanExporter):
         return result
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return bool(self.exporter.force_flush(timeout_millis))
+        return self._own.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
         try:
-            self.exporter.shutdown()
+            self._own.shutdown()
         finally:
             self._report(self._outage.recovered(), "still failed at shutdown, after %.1f s: %d spans in %d "
                          "batches were lost meanwhile")
@@ -186,7 +217,7 @@ def create_exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        return OutageReportingExporter(_otlp_exporter(_otlp_protocol(), "trace", "OTLPSpanExporter"))
+        return OutageReportingExporter(*_otlp_exporters(_otlp_protocol(), "trace", "OTLPSpanExporter"))
     if name == "cmbagent_dag":
         from .exporters.dag import DagSpanExporter
 
@@ -466,10 +497,41 @@ def create_metric_exporter(name: str) -> MetricExporter:
 
         return ConsoleMetricExporter()
     if name == "otlp":
-        return _otlp_exporter(  # type: ignore[no-any-return]
-            str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter")
+        return PerProcessMetricExporter(
+            *_otlp_exporters(str(env.get(env.OTLP_METRICS_PROTOCOL)), "metric", "OTLPMetricExporter"))
     return _registered_exporter(  # type: ignore[no-any-return]
         "opentelemetry_metrics_exporter", name, "OTEL_METRICS_EXPORTER", "otlp, console, none")
+
+
+class PerProcessMetricExporter(MetricExporter):
+    """The SDK's OTLP metric exporter, made again by ``make`` in a forked child for the child's exports (the
+    parent's gRPC channel or HTTP session is the parent's; see :mod:`cmbagent_otel._forkexport`)."""
+
+    def __init__(self, exporter: MetricExporter, make: Callable[[], MetricExporter]) -> None:
+        super().__init__(preferred_temporality=exporter._preferred_temporality,
+                         preferred_aggregation=exporter._preferred_aggregation)
+        self._outage = OutageTally()  # whether its exports are failing: a fork does not wait for them then
+        self._own = PerProcess(exporter, make, outage=self._outage)
+
+    @property
+    def exporter(self) -> MetricExporter:
+        """The wrapped exporter (in a forked child, the parent's until the child's first export made its own)."""
+        return self._own.exporter
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        result = self._own.send(lambda exporter: exporter.export(metrics_data, timeout_millis=timeout_millis,
+                                                                 **kwargs), MetricExportResult.FAILURE)
+        if result is not MetricExportResult.SUCCESS:
+            self._outage.failed(0)
+        elif self._outage.ongoing:
+            self._outage.recovered()
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._own.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._own.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 def build_meter_provider(
