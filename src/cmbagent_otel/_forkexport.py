@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from ._forksafe import reset_in_child
+from ._forksafe import append_pruned, reset_in_child
 from ._outage import OutageTally
 
 logger = logging.getLogger("cmbagent_otel")
@@ -64,10 +64,7 @@ class PerProcess(Generic[T]):
         # left behind is never set: a fork waits for it no longer than an export lasts
         self._flights: dict[threading.Event, tuple[int, float]] = {}
         with _all_lock:  # registration only: the fork hook reads the list without it (a thread may hold it then)
-            if len(_all) >= _prune_at[0]:
-                _all[:] = [ref for ref in _all if ref() is not None]
-                _prune_at[0] = max(64, 2 * len(_all))
-            _all.append(weakref.ref(self))
+            append_pruned(_all, weakref.ref(self), _prune_at)
 
     @property
     def exporter(self) -> T:
@@ -146,7 +143,7 @@ def _timeout_of(exporter: Any) -> float:
 
 _all: list[weakref.ref[PerProcess[Any]]] = []
 _all_lock = threading.Lock()
-_prune_at = [64]  # the length at which _all is pruned next (twice what the last pruning kept)
+_prune_at = [64]  # the length at which _all is pruned next (see append_pruned)
 reset_in_child(sys.modules[__name__], "_all_lock")
 _inherited: list[Any] = []  # a forked child's copies of its parent's exporters (see PerProcess.own)
 

@@ -21,17 +21,18 @@ import collections
 import contextlib
 import functools
 import itertools
+import operator
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _owners: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []
 _owners_lock = threading.Lock()
-# the length at which _owners is pruned next: twice what the last pruning kept, so that many owners alive at
-# once (a cursor per group chat) cost one pass per doubling, not one per registration
-_prune_at = [64]
+_prune_at = [64]  # the length at which _owners is pruned next (see append_pruned; a cursor per group chat)
 # descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock), each with
 # the (device, inode) it is open on (None: not known), so that a child closes only a copy of that file
 _held_fds: dict[int, tuple[int, int] | None] = {}
@@ -40,10 +41,19 @@ _held_fds: dict[int, tuple[int, int] | None] = {}
 def reset_in_child(owner: Any, *names: str) -> None:
     """Reset the locks ``owner.<name>`` (an object or a module, held weakly) in a forked child."""
     with _owners_lock:
-        if len(_owners) >= _prune_at[0]:
-            _owners[:] = [(ref, kept) for ref, kept in _owners if ref() is not None]
-            _prune_at[0] = max(64, 2 * len(_owners))
-        _owners.append((weakref.ref(owner), names))
+        append_pruned(_owners, (weakref.ref(owner), names), _prune_at, operator.itemgetter(0))
+
+
+def append_pruned(items: list[T], item: T, prune_at: list[int],
+                  ref_of: Callable[[T], weakref.ref[Any]] | None = None) -> None:
+    """Append ``item`` to a registry of weakly held objects, first dropping the items whose object is gone
+    (``ref_of(item)``: the item's weak reference; None: the item is one) once the list has reached
+    ``prune_at[0]``, which becomes twice what was kept (64 at least): many objects alive at once cost one pass
+    per doubling, not one per registration. The caller holds the registry's lock."""
+    if len(items) >= prune_at[0]:
+        items[:] = [kept for kept in items if (kept if ref_of is None else ref_of(kept))() is not None]
+        prune_at[0] = max(64, 2 * len(items))
+    items.append(item)
 
 
 def hold_fd(fd: int) -> None:
