@@ -285,6 +285,7 @@ MAX_LEARNED = 256
 # (``the password is <v>``, ``set the API key to <v>``): group ``verb``; a command line's option by blanks
 # (``--api-key <v>``, ``--password '<v>'``): group ``flag``, taken after a name starting with "-" only
 _KV_HINTS = ("key", "token", "secret", "pass", "pwd", "auth", "credential", "cookie", "sig")
+_KV_AND_FOREIGN_HINTS = _KV_HINTS + _FOREIGN_HINTS
 # ("password" in other languages: see _FOREIGN_HINTS)
 _KV_KEY = re.compile(
     # (a name in a script written without blanks goes on to the next punctuation, not through the sentence's
@@ -1765,21 +1766,17 @@ def _loose_value(text: str, value: str, quoted: bool, match_end: int) -> bool:
 
 
 def _hint_starts(text: str, lower: str) -> list[int]:
-    """Where the words of :data:`_KV_HINTS` are in ``text`` (``lower``: it lower-cased), in order. "pat" counts
-    only as a name's last word after a first (``github_pat``, ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at
-    every "path" and "pattern" of a text the key pattern was tried, and prose cost 1.8 times as much to scan."""
+    """Where the words of :data:`_KV_HINTS` (and, in a text beyond ASCII, :data:`_FOREIGN_HINTS`) are in ``text``
+    (``lower``: it lower-cased), in order. "pat" counts only as a name's last word after a first (``github_pat``,
+    ``GITHUB_PAT``, ``githubPat``, ``GitHub PAT:``): at every "path" and "pattern" of a text the key pattern was
+    tried, and prose cost 1.8 times as much to scan."""
     starts: list[int] = []
-    for hint in _KV_HINTS:  # str.find runs at C speed; most texts hold none or few of these words
+    # str.find runs at C speed; most texts hold none or few of these words
+    for hint in _KV_HINTS if lower.isascii() else _KV_AND_FOREIGN_HINTS:
         at = lower.find(hint)
         while at >= 0:
             starts.append(at)
             at = lower.find(hint, at + 1)
-    if not lower.isascii():
-        for hint in _FOREIGN_HINTS:
-            at = lower.find(hint)
-            while at >= 0:
-                starts.append(at)
-                at = lower.find(hint, at + 1)
     at = lower.find("pat", 1)  # one pass more over every text (each costs ~1 ns a character)
     while at >= 0:
         before = lower[at - 1]
