@@ -34,8 +34,8 @@ from cmbagent_otel.testing import FakeOpenAIServer, ScriptedModelClient, offline
 
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
-# opentelemetry-api 1.27 (the oldest supported) takes no bucket advice: an application's own MeterProvider
-# then keeps its SDK's default boundaries (the one build_meter_provider() makes sets ours by View)
+# opentelemetry-api before 1.30 (1.28 is the oldest supported) takes no bucket advice: an application's own
+# MeterProvider then keeps its SDK's default boundaries (the one build_meter_provider() makes sets ours by View)
 BUCKET_ADVICE = ("explicit_bucket_boundaries_advisory"
                  in inspect.signature(otel_metrics.Meter.create_histogram).parameters)
 OUR_METRICS = {m.GEN_AI_CLIENT_TOKEN_USAGE, m.GEN_AI_CLIENT_OPERATION_DURATION, m.LLM_COST, m.CODE_EXECUTION_FAILURES,

@@ -122,13 +122,35 @@ def test_entry_points_are_registered():
 
 
 def test_distribution_declares_the_instruments_extra():
-    """opentelemetry-instrument 0.48b0 (the oldest pyproject allows) asks every instrumentor's
-    distribution for its ``instruments`` extra through pkg_resources; undeclared, it raised
-    UnknownExtra and no instrumentation at all was loaded ("Failed to auto initialize opentelemetry").
-    Checked on the installed metadata, which is what that version reads."""
+    """opentelemetry-instrument 0.48b0 and older ask every instrumentor's distribution for its
+    ``instruments`` extra through pkg_resources; undeclared, it raised UnknownExtra and no
+    instrumentation at all was loaded ("Failed to auto initialize opentelemetry"). pyproject no
+    longer allows those releases, but an environment may hold one anyway. Checked on the installed
+    metadata, which is what that version reads."""
     from importlib.metadata import metadata
 
     assert "instruments" in (metadata("cmbagent-otel").get_all("Provides-Extra") or [])
+
+
+def test_no_allowed_opentelemetry_release_needs_pkg_resources():
+    """opentelemetry-instrumentation before 0.49b0 imports pkg_resources with ``BaseInstrumentor``,
+    and setuptools 81+ has none. While pyproject allowed 0.48b0, pip paired it with SDK 1.45.2 in a
+    fresh Python 3.12/3.13 venv (no instrumentation release matched that SDK's semantic conventions)
+    and ``import cmbagent_otel`` failed there. The SDK and exporters floor is the release paired with
+    0.49b0. ``opentelemetry-instrumentation`` itself comes pinned by ``-threading``: named beside it,
+    pip 23.1-25.0 reported a false ResolutionImpossible in such a venv."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    required = {req.name: req.specifier for req in map(Requirement, project["dependencies"])}
+    threading_spec = required["opentelemetry-instrumentation-threading"]
+    assert not threading_spec.contains("0.48b0", prereleases=True)
+    assert threading_spec.contains("0.49b0", prereleases=True)
+    assert "opentelemetry-instrumentation" not in required
+    for name in ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-common",
+                 "opentelemetry-exporter-otlp-proto-grpc", "opentelemetry-exporter-otlp-proto-http"):
+        assert not required[name].contains("1.27.0") and required[name].contains("1.28.0"), name
 
 
 def test_app_provider_is_never_replaced():
