@@ -19,6 +19,11 @@ from typing import Any
 
 import wrapt
 
+# What every wrapt wrapper is an instance of. wrapt 2 moved the proxy machinery into BaseObjectProxy:
+# its FunctionWrapper is no longer a wrapt.ObjectProxy (which only adds iteration on top), so a test
+# against ObjectProxy missed every wrapper and uninstrument() left ours in place.
+PROXY: type = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
+
 
 class _BoundCall:
     """wrapt's ``wrapped`` (already bound) as the ``original`` a ``method_for`` body calls with
@@ -69,7 +74,7 @@ def state_of(node: Any) -> Any:
 
 def is_link(node: Any) -> bool:
     """Whether ``node`` is a link of a wrapper chain: a wrapt wrapper, or a plain-function wrapper of ours."""
-    return isinstance(node, wrapt.ObjectProxy) or (type(node) is types.FunctionType
+    return isinstance(node, PROXY) or (type(node) is types.FunctionType
                                                    and "_cmbagent_otel" in vars(node))
 
 
@@ -81,7 +86,7 @@ def unwrap_ours(owner: Any, attr: str, state: Any) -> None:
     parent = None
     node = current
     for _ in range(32):
-        if not is_link(node) or (parent is not None and not isinstance(parent, wrapt.ObjectProxy)):
+        if not is_link(node) or (parent is not None and not isinstance(parent, PROXY)):
             return  # not there any more (someone else restored the original): nothing of ours to remove
         if state_of(node) is state:
             if parent is None:

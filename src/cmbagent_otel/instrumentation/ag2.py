@@ -156,7 +156,7 @@ from ._models import (  # the globals usage_attributes reads, written into the m
     get_cache_token,  # noqa: F401
     usage_attributes,
 )
-from ._patching import defining_class, is_link, state_of, unwrap_ours, wrapt_wrapper
+from ._patching import PROXY, defining_class, is_link, state_of, unwrap_ours, wrapt_wrapper
 
 logger = logging.getLogger("cmbagent_otel")
 
@@ -1639,7 +1639,7 @@ def _plain_patchable(owner_name: str, current: Any) -> bool:
         return False
     node = current
     for _ in range(32):  # another instrumentation's proxies: what they end in decides (a staticmethod or
-        if not isinstance(node, wrapt.ObjectProxy):  # classmethod keeps a proxy: it binds differently)
+        if not isinstance(node, PROXY):  # classmethod keeps a proxy: it binds differently)
             break
         node = node.__wrapped__
     return type(node) is types.FunctionType

@@ -97,7 +97,7 @@ from .._spans import (
     record_exception,
     workflow_tracers,
 )
-from ..instrumentation._patching import defining_class, unwrap_ours
+from ..instrumentation._patching import PROXY, defining_class, unwrap_ours
 from ..instrumentation._steps import (
     STATUS_TOOLS,
     context_get,
@@ -1418,8 +1418,7 @@ def _ours(state: _State, wrapper: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _is_ours(value: Any) -> bool:
-    return isinstance(value, wrapt.ObjectProxy) and getattr(getattr(value, "_self_wrapper", None),
-                                                             "_cmbagent_otel", False)
+    return isinstance(value, PROXY) and getattr(getattr(value, "_self_wrapper", None), "_cmbagent_otel", False)
 
 
 class _State:
