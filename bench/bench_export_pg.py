@@ -68,7 +68,6 @@ from _stats import median_iqr
 
 HERE = Path(__file__).resolve().parent
 TARGET_RATE = 8_000
-DEFAULT_TIMEOUT_S = 10.0  # the exporter's default deadline per batch (CMBAGENT_OTEL_EXPORT_TIMEOUT)
 PG_ENV = "CMBAGENT_OTEL_TEST_PG_URL"
 Measure = tuple[float, float, float | None]  # wall s, client thread CPU s, server CPU s (None: unknown)
 
@@ -179,24 +178,17 @@ def run_writes(batches: list[list[Any]], base: str, keep: Callable[[Server], Non
     written as ``export`` writes it (one transaction, the export deadline's timeouts). The
     rate any scheme that maps a batch while the server works on another (in one export or
     across exports) could reach at best: the mapping hidden entirely, nothing added for it."""
-    from bench_export import clear_id_caches
+    from bench_export import timed_writes
 
-    from cmbagent_otel.dag.database import deadline, ensure_schema
-    from cmbagent_otel.dag.mapping import map_spans
+    from cmbagent_otel.dag.database import ensure_schema
     from cmbagent_otel.dag.writer import DagWriter
 
     with fresh_schema(base) as server:
         ensure_schema(server.url)
         writer = DagWriter(server.url)
         writer.write(batches[0][:1])  # connect (pool, session settings) outside the timer
-        clear_id_caches()
-        mapped = [map_spans(batch, **_as_writer(map_spans)) for batch in batches]
         before = server.cpu()
-        start, cpu = time.perf_counter(), time.thread_time()
-        for batch in mapped:
-            with deadline(DEFAULT_TIMEOUT_S):
-                writer._attempt(batch)  # what DagWriter.write does after map_spans
-        wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
+        wall, cpu = timed_writes(writer, batches)
         after = server.cpu()
         writer.close()
         if keep is not None:

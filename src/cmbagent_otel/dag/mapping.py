@@ -1912,7 +1912,8 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
         costs.append(cost)
         if at is not None:
             stamps.append(at)
-    totals: dict[str, tuple[list[int], list[float]]] = {}
+    # node id -> [prompt, completion, costs] of its subtree's calls, flat: one subscript per sum
+    totals: dict[str, list[Any]] = {}
     for start, ((prompt, completion), costs) in own.items():
         node_id = start
         seen: set[str] = set()
@@ -1920,15 +1921,16 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
             seen.add(node_id)
             found = totals.get(node_id)
             if found is None:
-                found = totals[node_id] = ([0, 0], [])
-            found[0][0] += prompt
-            found[0][1] += completion
-            found[1].extend(costs)
+                totals[node_id] = [prompt, completion, [*costs]]
+            else:
+                found[0] += prompt
+                found[1] += completion
+                found[2].extend(costs)
             node_id = every[node_id].get("parent_node_id")
 
     for node in out.nodes:
         found = totals.get(node["id"])
-        node["meta"].update(ZERO_USAGE if found is None else _usage_values(*found[0], found[1]))
+        node["meta"].update(ZERO_USAGE if found is None else _usage_values(*found))
     for node in real:
         node_id = node["id"]
         meta = node.get("meta")
@@ -1936,16 +1938,19 @@ def _derive_usage(out: DerivedRows, run: Mapping[str, Any], real: Sequence[Mappi
             meta = _meta(node)
         found = totals.get(node_id)
         if found is None:
-            wanted = ZERO_USAGE
+            tokens = prompt = completion = 0
+            cost = 0.0
         else:
-            (prompt, completion), costs = found
-            wanted = {"tokens": prompt + completion, "prompt_tokens": prompt, "completion_tokens": completion,
-                      "cost_usd": _cost_total(costs)}  # _usage_values
-        for key, value in wanted.items():
-            old = meta.get(key)
-            if type(old) is not type(value) or old != value:
-                out.node_updates.append({"id": node_id, "meta": {**meta, **wanted}})
-                break
+            prompt, completion, costs = found
+            tokens, cost = prompt + completion, _cost_total(costs)  # _usage_values
+        # stored as wanted: the same type (the sums are ints, the cost a float) and value, each key
+        get = meta.get
+        if not (type(old := get("tokens")) is int and old == tokens
+                and type(old := get("prompt_tokens")) is int and old == prompt
+                and type(old := get("completion_tokens")) is int and old == completion
+                and type(old := get("cost_usd")) is float and old == cost):
+            out.node_updates.append({"id": node_id, "meta": {
+                **meta, "tokens": tokens, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost}})
 
     fallback = run.get("started_at") or _EPOCH
     run_id, session_id = run["id"], run["session_id"]
