@@ -19,13 +19,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from sqlalchemy import create_engine, text
 
 import cmbagent_otel
 from cmbagent_otel import metrics as m
 from cmbagent_otel import semconv as sc
 from cmbagent_otel.testing import FakeOpenAIServer
 from tests.conftest import SpanCapture
+from tests.dag.test_mapping import _rows
 
 KEY = "sk-test-cache-0000000000000000"
 
@@ -90,15 +90,10 @@ def test_an_answer_of_ag2s_cache_is_a_cache_hit_without_tokens_or_cost(tmp_path:
 
     url = f"sqlite:///{tmp_path / 'dag.db'}"
     capture.write_dag(url)
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT prompt_tokens, completion_tokens, cost_usd FROM cost_records")).all()
-    finally:
-        engine.dispose()
-    assert [(p, c) for p, c, _ in rows] == [(asked.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS],
-                                             asked.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS])]
-    assert float(rows[0][2]) == pytest.approx(paid, abs=1e-6)
+    rows = _rows(url, "cost_records")
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (asked.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS], asked.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS])]
+    assert float(rows[0]["cost_usd"]) == pytest.approx(paid, abs=1e-6)
 
     (duration,) = _points(reader, m.GEN_AI_CLIENT_OPERATION_DURATION)
     assert duration.count == 2

@@ -187,3 +187,72 @@ def test_a_streams_tool_call_pieces_are_joined_within_a_bound(traced: SpanCaptur
     calls = [p for p in _output(chat)["parts"] if p["type"] == "tool_call"]
     assert [c["name"] for c in calls] == ["search", "plot"]
     assert calls != JOINED  # (the arguments past the bound were not joined)
+
+
+# --- LangChain's cache before langchain-core 0.3.73 -------------------------------------------------------------
+def _old_core_model(server: FakeOpenAIServer, **fields: Any) -> Any:
+    """A ``ChatOpenAI`` whose cache's answers are what langchain-core before 0.3.73 returned: the cached
+    generations as they are (``ChatResult(generations=cache_val)``), its cached call's usage with no
+    ``total_cost`` mark (0.3.73 added ``_convert_cached_generations``, which zeroes the cost and marks it)."""
+    pytest.importorskip("langchain_openai", reason="langchain_openai is not installed")
+    from langchain_openai import ChatOpenAI
+
+    class OldCoreChatOpenAI(ChatOpenAI):
+        def _convert_cached_generations(self, cache_val: list[Any]) -> list[Any]:
+            return cache_val
+
+    return OldCoreChatOpenAI(model="gpt-4o-mini", api_key=API_KEYS["OPENAI"], base_url=server.base_url,
+                             max_retries=0, **fields)
+
+
+# each way of asking twice: the model's calls -> whether the second is answered by the cache
+TWICE: dict[str, tuple[Any, bool]] = {
+    "invoke": (lambda llm: [llm.invoke(IDEA) for _ in range(2)], True),
+    "ainvoke": (lambda llm: asyncio.run(_twice_async(llm)), True),
+    "generate": (lambda llm: [llm.generate([[_human(IDEA)]]) for _ in range(2)], True),
+    "no_cache": (lambda llm: [llm.invoke(IDEA) for _ in range(2)], False),  # held: cache=False, both asked
+}
+
+
+async def _twice_async(llm: Any) -> list[Any]:
+    return [await llm.ainvoke(IDEA) for _ in range(2)]
+
+
+def _human(text: str) -> Any:
+    from langchain_core.messages import HumanMessage
+
+    return HumanMessage(text)
+
+
+@pytest.mark.parametrize("how", list(TWICE))
+def test_an_answer_of_an_older_langchain_cores_cache_is_a_cache_hit(traced: SpanCapture, how: str) -> None:
+    """Audit 21's Left. A langchain-core before 0.3.73 (MARS takes any with LangGraph 1.x: 0.3.67 and up) does
+    not mark an answer of its cache: its span carried the cached call's tokens and was priced again. Whether the
+    model was asked is now read from LangChain itself: ``_generate_with_cache`` calls ``_should_stream`` just
+    before asking the model, never for its cache's answer. A call that returns without asking is a cache hit, no
+    usage, no cost; a call asked (the first, or a model with ``cache=False``) keeps its usage."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+
+    from .test_cmbreal19_audit import IDEA_USAGE, _langchain_answers
+
+    call, cached = TWICE[how]
+    before = get_llm_cache()
+    set_llm_cache(InMemoryCache())
+    try:
+        with FakeOpenAIServer(raw_responder=_langchain_answers) as server:
+            llm = _old_core_model(server, **({"cache": False} if how == "no_cache" else {}))
+            with cmbagent_otel.workflow("paper review"):
+                call(llm)
+            sent = len(server.requests)
+    finally:
+        set_llm_cache(before)
+    assert sent == (1 if cached else 2)
+    first, second = audit21._chats(traced)
+    for span in (first, second) if not cached else (first,):
+        assert (span.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS], span.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS]) == \
+            IDEA_USAGE and span.attributes[sc.LLM_COST_USD] > 0 and sc.LLM_CACHE_HIT not in span.attributes
+    if cached:
+        assert second.attributes[sc.LLM_CACHE_HIT] is True
+        assert not {sc.GEN_AI_USAGE_INPUT_TOKENS, sc.LLM_COST_USD} & set(second.attributes)
+        assert audit21._said(second) == ["An idea."]

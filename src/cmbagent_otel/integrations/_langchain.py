@@ -37,6 +37,13 @@ CHAT_MODEL_METHODS: Mapping[str, str] = {
     "invoke": "input", "ainvoke": "input", "stream": "input", "astream": "input",
     "_generate_with_cache": "messages", "_agenerate_with_cache": "messages"}
 
+#: The method of it LangChain's ``_generate_with_cache`` / ``_agenerate_with_cache`` call just before asking the
+#: model, once its cache had no answer (langchain-core 0.3.67 to 1.x): a call that returns without calling it was
+#: answered by the cache (see :func:`watch_asking`)
+ASKING_METHOD = "_should_stream"
+#: ... and the methods that call it so, all LangChain's own for that to say anything
+ASKING_PATH = (ASKING_METHOD, "_generate_with_cache", "_agenerate_with_cache")
+
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {
     "openai": "openai",
@@ -77,6 +84,33 @@ def leave_call(token: contextvars.Token[bool]) -> None:
         _IN_CALL.reset(token)
     except Exception:  # (a generator resumed from another context: nothing of ours there to undo)
         logger.debug("cmbagent_otel: could not reset a chat model call's mark", exc_info=True)
+
+
+# while a chat model's call (not a stream) runs in this context: whether LangChain asked the model
+_ASKED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cmbagent_otel_langchain_asked",
+                                                                           default=None)
+
+
+def watch_asking() -> tuple[contextvars.Token[list[bool] | None], list[bool]]:
+    """Watch whether LangChain asks the model in the call about to run in this context: (the token for
+    :func:`leave_asking`, the cell :func:`model_asked` sets)."""
+    asked = [False]
+    return _ASKED.set(asked), asked
+
+
+def leave_asking(token: contextvars.Token[list[bool] | None]) -> None:
+    """Undo :func:`watch_asking`."""
+    try:
+        _ASKED.reset(token)
+    except Exception:
+        logger.debug("cmbagent_otel: could not reset a chat model call's watch", exc_info=True)
+
+
+def model_asked() -> None:
+    """LangChain is about to ask the model (its cache had no answer): noted for the call watched here."""
+    asked = _ASKED.get()
+    if asked is not None:
+        asked[0] = True
 
 
 def request_attributes(model: Any) -> tuple[str, dict[str, Any]]:
