@@ -476,8 +476,8 @@ def _record_chat_result(state: _State, traced: TracedSpan, instance: Any, args: 
     if isinstance(history, list):
         traced.set(semconv.CONVERSATION_CHAT_COUNT, len(history))
     cost = getattr(result, "cost", None)
-    if isinstance(cost, dict):
-        total = cost.get("usage_including_cached_inference", {})
+    if isinstance(cost, dict):  # what the models were paid: AG2's cache's answers cost nothing (as their spans)
+        total = cost.get("usage_excluding_cached_inference", {})
         if isinstance(total, dict) and isinstance(total.get("total_cost"), (int, float)):
             traced.set(LLM_COST_USD, float(total["total_cost"]))
     if state.capture:
@@ -965,6 +965,36 @@ def _response_facts(response: Any) -> tuple[str | None, dict[str, Any], float | 
             usage, cost)
 
 
+class _CacheAnswers(threading.local):
+    """Per thread: the ``OpenAIWrapper`` whose last answer (the one its ``create`` is returning) AG2's cache
+    gave, ``None`` when a model gave it (see :func:`_cache_answer_wrapper`)."""
+
+    wrapper: Any = None
+
+
+_cache_answered = _CacheAnswers()
+
+
+def _cache_answer_wrapper(state: _State) -> Callable[..., Any]:
+    """``OpenAIWrapper._update_usage``, which ``create`` calls once for the answer it is about to return (in
+    every AG2 from 0.9 to 0.14 and cmbagent_autogen): with no ``actual_usage`` and a ``total_usage`` when its
+    cache answered (``cache=`` of ``initiate_chat`` / ``create``, a ``Cache.disk()`` / ``Cache.redis()`` context,
+    ``cache_seed`` in llm_config), both a model's call's usage otherwise. The cached answer carries its first
+    call's usage and ``cost``: the call's span (:func:`_record_llm`) and metrics (:func:`_llm_fast`) read this
+    mark to record a cache hit with no tokens and no cost, as AG2 counts it in ``actual_usage_summary``."""
+    def method_for(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _update_usage(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if state.active:
+                actual = kwargs.get("actual_usage", args[0] if args else None)
+                total = kwargs.get("total_usage", args[1] if len(args) > 1 else None)
+                _cache_answered.wrapper = self if actual is None and total is not None else None
+            return original(self, *args, **kwargs)
+
+        return _update_usage
+
+    return wrapt_wrapper(method_for, state)
+
+
 def _model_call(instance: Any, kwargs: dict[str, Any]) -> _ModelCall:
     info = _models.config_info(_models.first_config(instance), instance)
     model = kwargs.get("model")
@@ -1085,6 +1115,9 @@ def _llm_fast(state: _State, ctx: Any, original: Callable[..., Any], instance: A
         raise
     try:
         call.response(response)
+        if _cache_answered.wrapper is instance:  # AG2's cache answered: no tokens used, nothing paid
+            _cache_answered.wrapper = None
+            call.usage, call.cost = _NO_USAGE, None
     except Exception:
         logger.debug("cmbagent_otel: could not read a model response", exc_info=True)
     call.ended(state, None)
@@ -1116,11 +1149,15 @@ def _response_output(response: Any, history: Any = None) -> str | None:
 def _record_llm(state: _State, traced: TracedSpan, instance: Any, args: Any, kwargs: Any, response: Any) -> None:
     # every model call: the response's facts read here, its attributes set in one call
     response_model, usage, cost = _response_facts(response)
+    attrs: dict[str, Any] = {}
+    if _cache_answered.wrapper is instance:  # AG2's cache answered (its first call's usage and cost): no call made
+        _cache_answered.wrapper = None
+        usage, cost = _NO_USAGE, None
+        attrs[semconv.LLM_CACHE_HIT] = True
     chat = type(traced) is _ChatSpan
     if chat:  # its metrics read the response when it ends
         call = traced.call  # type: ignore[attr-defined]
         call.response_model, call.usage, call.cost = response_model, usage, cost
-    attrs: dict[str, Any] = {}
     if response_model is not None:
         attrs[GEN_AI_RESPONSE_MODEL] = response_model
     response_id = getattr(response, "id", None)
@@ -1611,6 +1648,8 @@ TARGETS: tuple[tuple[str, str, str, Callable[[_State], Any]], ...] = (
     # what an azure_ad_token_provider or an httpx auth= put in a successful request (kept by neither)
     ("openai._base_client", "SyncAPIClient", "_process_response", _sent_credentials_wrapper),
     ("openai._base_client", "AsyncAPIClient", "_process_response", _sent_credentials_wrapper),
+    # whether AG2's cache gave the answer create() returns
+    (_CLIENT_MODULE, "OpenAIWrapper", "_update_usage", _cache_answer_wrapper),
 )
 
 

@@ -37,6 +37,13 @@ CHAT_MODEL_METHODS: Mapping[str, str] = {
     "invoke": "input", "ainvoke": "input", "stream": "input", "astream": "input",
     "_generate_with_cache": "messages", "_agenerate_with_cache": "messages"}
 
+#: The method of it LangChain's ``_generate_with_cache`` / ``_agenerate_with_cache`` call just before asking the
+#: model, once its cache had no answer (langchain-core 0.3.67 to 1.x): a call that returns without calling it was
+#: answered by the cache (see :func:`watch_asking`)
+ASKING_METHOD = "_should_stream"
+#: ... and the methods that call it so, all LangChain's own for that to say anything
+ASKING_PATH = (ASKING_METHOD, "_generate_with_cache", "_agenerate_with_cache")
+
 #: LangChain's ``ls_provider`` -> the GenAI ``gen_ai.provider.name`` (the rest are passed as they are)
 _PROVIDERS: Mapping[str, str] = {
     "openai": "openai",
@@ -77,6 +84,33 @@ def leave_call(token: contextvars.Token[bool]) -> None:
         _IN_CALL.reset(token)
     except Exception:  # (a generator resumed from another context: nothing of ours there to undo)
         logger.debug("cmbagent_otel: could not reset a chat model call's mark", exc_info=True)
+
+
+# while a chat model's call (not a stream) runs in this context: whether LangChain asked the model
+_ASKED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cmbagent_otel_langchain_asked",
+                                                                           default=None)
+
+
+def watch_asking() -> tuple[contextvars.Token[list[bool] | None], list[bool]]:
+    """Watch whether LangChain asks the model in the call about to run in this context: (the token for
+    :func:`leave_asking`, the cell :func:`model_asked` sets)."""
+    asked = [False]
+    return _ASKED.set(asked), asked
+
+
+def leave_asking(token: contextvars.Token[list[bool] | None]) -> None:
+    """Undo :func:`watch_asking`."""
+    try:
+        _ASKED.reset(token)
+    except Exception:
+        logger.debug("cmbagent_otel: could not reset a chat model call's watch", exc_info=True)
+
+
+def model_asked() -> None:
+    """LangChain is about to ask the model (its cache had no answer): noted for the call watched here."""
+    asked = _ASKED.get()
+    if asked is not None:
+        asked[0] = True
 
 
 def request_attributes(model: Any) -> tuple[str, dict[str, Any]]:
@@ -161,18 +195,35 @@ def _content_text(content: Any) -> str | None:
     return "".join(t for t in texts if isinstance(t, str)) if texts else None
 
 
+#: A stream's tool calls are joined from at most this many calls' pieces and this many characters of their
+#: arguments (a bound of memory: the captured message is bounded again when rendered)
+STREAMED_CALLS_MAX = 128
+STREAMED_ARGUMENTS_MAX = 1 << 20
+#: LangChain's addition of message chunks' lists (``AIMessageChunk.__add__`` joins ``tool_call_chunks`` with it)
+_MERGE_MODULE = "langchain_core.utils._merge"
+
+
 class Answer:
     """What the answer of one call says: its usage (summed over a stream's chunks) and the model that answered."""
 
-    __slots__ = ("cached", "input_tokens", "output_tokens", "response_model", "text", "tool_calls")
+    __slots__ = ("_chunk_type", "_pieces", "_pieces_chars", "_texts", "cached", "input_tokens", "output_tokens",
+                 "response_model", "tool_calls")
 
     def __init__(self) -> None:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.response_model: str | None = None
-        self.text: str | None = None  # its text content (a stream's joined), the span's output with capture on
-        self.tool_calls: list[dict[str, Any]] = []  # the tools it calls (not read from a stream's chunks)
+        self._texts: list[str] = []  # its text content (a stream's pieces), the span's output with capture on
+        self.tool_calls: list[dict[str, Any]] = []  # the tools it calls (an answer's, not a stream's)
+        self._pieces: list[Any] = []  # a stream's ``tool_call_chunks`` joined by index, as LangChain joins them
+        self._pieces_chars = 0
+        self._chunk_type: Any = None  # the class of the stream's chunks (it parses the joined pieces' arguments)
         self.cached = False  # LangChain's cache answered (``set_llm_cache``): no model call, no tokens used
+
+    @property
+    def text(self) -> str | None:
+        """Its text content (a stream's joined), ``None`` when it had none."""
+        return "".join(self._texts) if self._texts else None
 
     def read(self, message: Any) -> None:
         """Add what ``message`` (an ``AIMessage``, one chunk of a stream, or the ``ChatResult`` of
@@ -183,8 +234,9 @@ class Answer:
                 message = getattr(generations[0], "message", None)
             text = _content_text(getattr(message, "content", None))
             if text is not None:
-                self.text = (self.text or "") + text
+                self._texts.append(text)
             self.tool_calls.extend(_tool_calls(message))
+            self._join_pieces(message)
             usage = getattr(message, "usage_metadata", None)
             if isinstance(usage, Mapping):
                 # LangChain's mark on an answer of its cache (``_convert_cached_generations``): the usage is the
@@ -203,12 +255,42 @@ class Answer:
         except Exception:
             logger.debug("cmbagent_otel: could not read a chat model's answer", exc_info=True)
 
+    def _join_pieces(self, chunk: Any) -> None:
+        """Join a stream's chunk's pieces of tool calls (``tool_call_chunks``: a piece of one call's arguments,
+        its name and id in the first) to the earlier chunks' with LangChain's own list addition, bounded."""
+        pieces = getattr(chunk, "tool_call_chunks", None)
+        merge = getattr(sys.modules.get(_MERGE_MODULE), "merge_lists", None)
+        if not isinstance(pieces, list) or not pieces or merge is None or \
+                len(self._pieces) >= STREAMED_CALLS_MAX or self._pieces_chars >= STREAMED_ARGUMENTS_MAX:
+            return
+        self._pieces_chars += sum(len(p.get("args") or "") for p in pieces if isinstance(p, Mapping))
+        self._pieces = merge(self._pieces, [dict(p) for p in pieces if isinstance(p, Mapping)]) or []
+        self._chunk_type = type(chunk)
+
+    def _streamed_calls(self) -> list[dict[str, Any]]:
+        """The tool calls a stream's joined pieces make, their arguments parsed as LangChain parses a joined
+        chunk's (``AIMessageChunk``'s ``tool_calls``; arguments that do not parse are kept as their text)."""
+        if not self._pieces or self._chunk_type is None:
+            return []
+        try:
+            joined = self._chunk_type(content="", tool_call_chunks=self._pieces)
+            calls = [{"id": c.get("id"), "name": c.get("name"), "arguments": c.get("args")}
+                     for c in [*joined.tool_calls, *joined.invalid_tool_calls] if isinstance(c, Mapping)]
+            return sorted(calls, key=lambda c: self._order(c.get("id")))
+        except Exception:
+            logger.debug("cmbagent_otel: could not join a stream's tool calls", exc_info=True)
+            return []
+
+    def _order(self, call_id: Any) -> int:
+        return next((i for i, p in enumerate(self._pieces) if p.get("id") == call_id), len(self._pieces))
+
     def output(self) -> str | dict[str, Any] | None:
         """What the model answered, as the span's output message is made from: its text, or with the tools it
         calls an assistant message of both."""
-        if not self.tool_calls:
+        calls = self.tool_calls + self._streamed_calls()
+        if not calls:
             return self.text
-        return {"role": "assistant", "content": self.text or None, "tool_calls": self.tool_calls}
+        return {"role": "assistant", "content": self.text or None, "tool_calls": calls}
 
     def attributes(self) -> dict[str, Any]:
         """The span's usage and response model attributes (an answer of LangChain's cache: no usage, the cache

@@ -1553,6 +1553,8 @@ class CmbagentInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     for method in _langchain.CHAT_MODEL_METHODS:
                         if isinstance(cls, type) and callable(vars(cls).get(method)):
                             self._wrap(state, cls, method, _chat_model_wrapper(state, method))
+                    if isinstance(cls, type) and callable(vars(cls).get(_langchain.ASKING_METHOD)):
+                        self._wrap(state, cls, _langchain.ASKING_METHOD, _asking_wrapper(state))
         except Exception:
             logger.debug("cmbagent_otel: patching %s failed", name, exc_info=True)
 
@@ -1865,6 +1867,7 @@ def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, star
     answer = _langchain.Answer()
     error: BaseException | None = None
     token = _langchain.enter_call() if mark else None
+    watch, asked = _langchain.watch_asking() if mark else (None, [True])
     try:
         yield answer
     except GeneratorExit:
@@ -1875,7 +1878,36 @@ def _chat_model_call(place: tuple[Scope, _ManagerSpans | None], model: Any, star
     finally:
         if token is not None:
             _langchain.leave_call(token)
+        if watch is not None:
+            _langchain.leave_asking(watch)
+            if error is None and not asked[0] and _asks_through_us(model):
+                answer.cached = True  # LangChain's cache answered (a langchain-core without its own mark too)
         _record_chat_model_call(place, model, started, answer, error)
+
+
+def _asking_wrapper(state: _State) -> Callable[..., Any]:
+    """LangChain's ``BaseChatModel._should_stream``, which ``_generate_with_cache`` calls before asking the model
+    once its cache had no answer: noted for the call running (:func:`_langchain.model_asked`), also while
+    instrumentation is suppressed (a note of ours only); it calls through untouched."""
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if state.active:
+            _langchain.model_asked()
+        return wrapped(*args, **kwargs)
+
+    wrapper._cmbagent_otel = state  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _asks_through_us(model: Any) -> bool:
+    """Whether ``model`` asks its model as LangChain's ``BaseChatModel`` does: its ``_should_stream`` (with our
+    note, :func:`_asking_wrapper`) and its cache's ``_generate_with_cache`` / ``_agenerate_with_cache`` are
+    LangChain's. A model class with its own (or a langchain-core without them) says nothing by not calling it."""
+    try:
+        owners = [defining_class(type(model), method) for method in _langchain.ASKING_PATH]
+        return all(o is not None and o.__name__ == _langchain.CHAT_MODEL_CLASS for o in owners) and \
+            _is_ours(vars(owners[0])[_langchain.ASKING_METHOD])
+    except Exception:
+        return False
 
 
 async def _awaited_chat(place: tuple[Scope, _ManagerSpans | None], model: Any, started: _Start, work: Any) -> Any:
