@@ -3699,10 +3699,25 @@ def _learn_across(chain: list[tuple[str, bool]], after: str, window: int) -> Non
     both = head + tail
     joints = [start for start, _, _ in bounds[1:]]
     for start, end in _secret_spans(both):
-        if not any(start < joint < end for joint in joints):
+        crossed = [joint for joint in joints if start < joint < end]
+        if not crossed:
             continue
+        if both[start:end] not in _known and both[start:end] not in _learned:
+            # a key's shape runs on into the next text only where that text goes on as a key's random part does,
+            # not with a word (capitalised or not): ``sk-proj-<key>`` | ``Thanks`` taught "Thanks", redacted in every
+            # later text; the key itself, whole in its text, is found there (``AKIA<12>`` | ``KLMNOP`` still counts)
+            for at, joint in enumerate(crossed):
+                if _WORD_PIECE.fullmatch(both, joint, crossed[at + 1] if at + 1 < len(crossed) else end) is not None:
+                    end = joint
+                    break
+            if end == crossed[0]:
+                continue
         _learn_pieces(both, start, end, bounds)
     _learn_pairs_across(both, len(head), joints, bounds)
+
+
+# a piece of a key's shape that is a word (see _learn_across)
+_WORD_PIECE = re.compile(r"[A-Z]?[a-z]+")
 
 
 def _learn_pieces(text: str, start: int, end: int, bounds: list[tuple[int, int, bool]]) -> None:
