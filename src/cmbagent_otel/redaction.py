@@ -76,15 +76,23 @@ _SECRET_ENV_NAME = re.compile(
 # "Passwort" and Norwegian's "passord" start with "pass": named so below)
 _FOREIGN_HINTS = ("contraseña", "пароль", "密码", "密碼", "口令", "パスワード", "비밀번호", "hasło", "şifre",
                   "lösenord", "jelszó", "κωδικός", "סיסמה", "पासवर्ड")
+# ... and in ASCII letters (Portuguese, German, Dutch, Italian and Turkish, Polish and Finnish written without their
+# letters): looked for as the others, in texts beyond ASCII only (a text of these languages nearly always holds one
+# of their letters; each word a pass more over every ASCII text, ~0.5 ns a character); a name holding one is secret
+# as a whole word only (``hasLoaded`` holds "haslo")
+_FOREIGN_ASCII = ("senha", "kennwort", "wachtwoord", "parola", "haslo", "salasana")
+_FOREIGN_HINTS += _FOREIGN_ASCII
 _FOREIGN_NAMES = "|".join(_FOREIGN_HINTS)
+_FOREIGN_SCRIPT_NAMES = "|".join(hint for hint in _FOREIGN_HINTS if hint not in _FOREIGN_ASCII)
 _UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"  # CJK, kana, hangul: scripts written without blanks
 _SECRET_KEY_NAME = re.compile(
     r"^(?![\w.\-]*[._\-]arn$)(?:(?=((?:.*[^\w.\-\n])?))\1(?=[\w.\-]*$)[\w.\-]*?"
-    r"(?:(?:api[_.-]?key|apikey|passw(?:or)?d|passwort|passord|" + _FOREIGN_NAMES + "|passphrase|"
+    r"(?:(?<![a-z])(?:" + "|".join(_FOREIGN_ASCII) + r")(?![a-z])[\w.\-]*|"
+    r"(?:api[_.-]?key|apikey|passw(?:or)?d|passwort|passord|" + _FOREIGN_SCRIPT_NAMES + "|passphrase|"
     r"secret|credential|private[_.-]?key|access[_.-]?key|"
     r"auth[_.-]?token|subscription[_.-]?key|account[_.-]?key|functions[_.-]?key|connection[_.-]?string|"
     r"(?:auth|hmac|signing|encryption|master)[_.-]?key)[\w.\-]*|token|authorization|cookie)"
-    r"|auth|pass|pwd|sig)$",
+    r"|auth|pass|passe|pwd|sig)$",  # (French's "mot de passe")
     re.IGNORECASE,
 )
 # a name written as an environment variable's (upper case, words joined by "_") is secret by the rule for
@@ -268,8 +276,10 @@ _URL_PATH_SECRETS = re.compile(
 # and JSON's "\/" (PHP's json_encode and others escape every "/": a base64 key holds some)
 _JSON_ESCAPED = re.compile(r"\\(?:u00([2-7][0-9A-Fa-f])|/)")
 _URL_ESCAPED = re.compile(r"%([2-7][0-9A-Fa-f])")  # two patterns: each starts with a literal (fast scan)
-# HTML's numeric character references (&#45; &#x2d;), which an HTML page or a templating escape writes
-_HTML_ESCAPED = re.compile(r"&#(?:[xX]0*([2-7][0-9A-Fa-f])|0*(3[2-9]|[4-9][0-9]|1[01][0-9]|12[0-6]));")
+# HTML's numeric character references (&#45; &#x2d;), which an HTML page or a templating escape writes, and its
+# quotes' named ones (``{&quot;password&quot;: &quot;<v>&quot;}``: JSON in an HTML attribute or a template's output)
+_HTML_ESCAPED = re.compile(r"&(?:#(?:[xX]0*([2-7][0-9A-Fa-f])|0*(3[2-9]|[4-9][0-9]|1[01][0-9]|12[0-6]))|(quot|apos));")
+_HTML_QUOTES = {"quot": '"', "apos": "'"}
 _PLAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~+/=")
 _MIN_SECRET_LEN = 6
 MAX_LEARNED = 256
@@ -295,9 +305,20 @@ _KV_KEY = re.compile(
     rf"""|(?:{_FOREIGN_NAMES})(?:[^\W{_UNSPACED}]|[.\-])*))"""
     r"""(?P<q>\\*["']?)"""
     # (``=>``: a PHP array's, a Ruby or Perl hash's pair, ``'password' => '<v>'``: "=" then ">" was no value)
-    r"""(?:[ \t]*(?:(?P<arrow>=>)|[:=])[ \t]*"""
-    # an XML element's text (``<password><v></password>``, ``<apiKey><v></apiKey>``): checked to follow "<"
-    r"""|(?P<tag>>[ \t\r\n]*)(?=[^\s<>])"""
+    # (``->``, ``→`` after a blank: a Scala map's pair, ``"password" -> "<v>"``, a note's ``password -> <v>``; a
+    # YAML anchor after ":" is no value, ``password: &pw <v>``)
+    r"""(?:[ \t]*(?:(?P<arrow>=>)|(?P<pointer>(?<=[ \t"'])(?:->|\u2192))|=|:(?:[ \t]*&[\w.\-]{1,64}(?=[ \t]))?)"""
+    # (a value wrapped as pydantic's secret, ``api_key=SecretStr("<v>")``: read as a call, code, and shown)
+    r"""[ \t]*(?:Secret(?:Str|Bytes)\((?=\\*["']))?"""
+    # an XML element's text (``<password><v></password>``, ``<apiKey><v></apiKey>``): checked to follow "<"; the
+    # element may have attributes (``<password type="x">``) and be HTML-escaped (``&lt;password&gt;<v>&lt;/``)
+    r"""|(?P<tag>(?:[ \t]+[\w:.\-]{1,64}=(?:"[^"<>\n]{0,256}"|'[^'<>\n]{0,256}'))*[ \t]*(?:>|&gt;)[ \t\r\n]*)"""
+    r"""(?=[^\s<>&])"""
+    # a Markdown table's row, ``| password | <v> |`` (the value is the cell's: see _kv_pairs)
+    r"""|(?P<cell>[`*]{0,3}[ \t]*\|[ \t]*)(?=[^\s|])"""
+    # a setter's last argument after strings before it (``keyring.set_password("svc", "user", "<v>")``,
+    # ``user.set_password("<v>")``): checked to be named "set..." (see _kv_pairs)
+    r"""|(?P<call>\([ \t]*(?:\\*["'][^"'\\\n]{0,128}\\*["'][ \t]*,[ \t]*){0,3})(?=\\*["'])"""
     # a secret's name given as data, its value in the field after it (checked to follow a name's field): a list of
     # environment variables (``{"name": "DB_PASSWORD", "value": "<v>"}``, Kubernetes' ``- name: DB_PASSWORD`` and
     # ``value: <v>`` on the next line), .NET's ``<add key="DbPassword" value="<v>"/>``, OTLP/JSON's
@@ -310,7 +331,10 @@ _KV_KEY = re.compile(
     r"""|(?P<subscript>(?<=["'])\][ \t]*=(?!=)[ \t]*)|(?P<argument>(?<=["'])[ \t]*,[ \t]*)"""
     # (``was changed to <v>``, ``has been reset to <v>``: read as "was" and a word of state, the value was shown)
     r"""|(?P<verb>[ \t]+(?:(?:is|was)(?:[ \t]+(?:now[ \t]+)?(?:set|changed|updated|reset)[ \t]+to|[ \t]+now)?"""
-    r"""|has[ \t]+been[ \t]+(?:set|changed|updated|reset)[ \t]+to|(?:set[ \t]+|changed[ \t]+|updated[ \t]+)?to)"""
+    r"""|has[ \t]+been[ \t]+(?:set|changed|updated|reset)[ \t]+to|(?:set[ \t]+|changed[ \t]+|updated[ \t]+)?to"""
+    # (and "is" in Spanish and Portuguese, German, French, Italian, Swedish, Norwegian and Danish, Polish: ``la
+    # contraseña es <v>``, ``das Passwort ist <v>``, ``le mot de passe est <v>``)
+    r"""|es|ist|est|é|è|era|war|är|er|jest)"""
     r"""(?:[ \t]*:)?[ \t]+)"""
     # whose credential it is before ":" (``password for alice: <v>``, ``token for 'bob@x.org': <v>``): read as a name
     # in prose (a message's first word is not learned); before, neither a key nor a value: shown, there and later
@@ -1796,9 +1820,84 @@ def _kv_scan(text: str, learn: bool) -> str:
     text = _kv_pairs(text, learn)
     if learn and "@" in text and ":" in text:
         _learn_login_passwords(text)
-    if "mysql" in text or "mariadb" in text or "sshpass" in text or "curl" in text:  # commands are written so
+    if "---" in text and "|" in text:  # a Markdown table's rule under its header
+        text = _table_columns(text, learn)
+    if "setx" in text or (" -" in text and _COMMAND_OPTION_GATE.search(text) is not None):
         text = _command_credentials(text, learn)
     return text
+
+
+# a Markdown table's rule, the line under its header: ``|---|:---:|``, ``--- | ---``
+_TABLE_RULE = re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(?:\|[ \t]*:?-{3,}:?[ \t]*)+\|?[ \t]*$", re.MULTILINE)
+_TABLE_ROWS_MAX = 1024  # rows of one table read
+
+
+def _cells(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The cells of the Markdown table's row ``text[start:end]``: (start, end) of each one's text, without the blanks
+    and the marks of code or bold around it (the row's outer bars are no cells)."""
+    row = text[start:end]
+    lead = len(row) - len(row.lstrip(" \t"))
+    bounds = [start + lead - 1 if row[lead:lead + 1] == "|" else start - 1]
+    if row[lead:lead + 1] == "|":
+        bounds[0] = start + lead
+    at = bounds[0]
+    while (at := text.find("|", at + 1, end)) >= 0:
+        bounds.append(at)
+    if text[bounds[-1] + 1:end].strip(" \t\r"):
+        bounds.append(end)
+    cells = []
+    for left, right in itertools.pairwise(bounds):
+        left += 1
+        while left < right and text[left] in " \t":
+            left += 1
+        while right > left and text[right - 1] in " \t\r":
+            right -= 1
+        while left < right and text[left] in _CELL_MARKS and text[right - 1] in _CELL_MARKS:
+            left, right = left + 1, right - 1
+        cells.append((left, right))
+    return cells
+
+
+def _cell_holds_value(value: str) -> bool:
+    """Whether a Markdown table's cell under or beside a secret's name holds its value: one token, no ordinary word
+    and no code (a table of parameters gives each one's type and description: ``Optional[str]``, ``SecretStr``,
+    ``os.environ``, ``required``), no reference (``$DB_PASS``)."""
+    if not value or value == REDACTED or _BLANK.search(value) is not None or _PLAIN_WORD.fullmatch(value) is not None:
+        return False
+    if "[" in value or "(" in value or (_IDENTIFIER.fullmatch(value) is not None and _DIGIT.search(value) is None):
+        return False
+    return not _is_reference(value)
+
+
+def _table_columns(text: str, learn: bool) -> str:
+    """``text`` with the cells of a Markdown table's columns whose header names a secret (``| user | password |``,
+    its rule, then ``| bob | <v> |``) replaced, learned where ``learn``: read row by row, the key/value scan saw
+    no name before the value. A cell of an ordinary word (``| token | required |``) or of code is kept."""
+    spans = []
+    for rule in _TABLE_RULE.finditer(text):
+        head_end = rule.start() - 1
+        if head_end <= 0 or not _holds_a_hint(text[max(0, head_end - 1024):head_end].lower()):
+            continue
+        head = _cells(text, text.rfind("\n", 0, head_end) + 1, head_end)
+        columns = [index for index, (left, right) in enumerate(head) if is_secret_key(text[left:right])]
+        at = rule.end() + 1
+        for _ in range(_TABLE_ROWS_MAX if columns else 0):
+            end = text.find("\n", at)
+            end = len(text) if end < 0 else end
+            if at >= end or "|" not in text[at:end]:
+                break
+            cells = _cells(text, at, end)
+            for index in columns:
+                if index < len(cells):
+                    left, right = cells[index]
+                    value = text[left:right]
+                    if not _cell_holds_value(value):
+                        continue
+                    if learn and len(value) >= _MIN_SECRET_LEN:
+                        learn_secret(value)
+                    spans.append((left, right))
+            at = end + 1
+    return _replaced(text, sorted(spans), REDACTED) if spans else text
 
 
 def _learnable(value: str, login: str) -> bool:
@@ -1864,17 +1963,54 @@ def _is_plain_letters(word: str) -> bool:
 
 # Credentials a command line gives by position, after the command that reads them so: mysql's and MariaDB's
 # ``-p<v>`` (attached; ``-p <v>`` is the database to mysql, replaced there only: written as the password often),
-# sshpass's ``-p <v>`` / ``-p<v>``, curl's ``-u user:<v>`` / ``--user user:<v>`` / ``--proxy-user``. A command runs
-# to the end of its line or the next ``;``, ``|``, ``&``
+# sshpass's ``-p <v>`` / ``-p<v>``, curl's ``-u user:<v>`` / ``--user user:<v>`` / ``--proxy-user``, a registry's or
+# a cloud's login ``-p <v>`` (docker, podman, buildah, nerdctl, helm registry, az), GitHub's ``gh secret set NAME
+# --body <v>`` (``-b <v>``, ``--body=<v>``), Windows' ``setx NAME "<v>"`` (a secret's name: see
+# _command_credentials), SQL Server's ``sqlcmd -P <v>`` (bcp, osql), ``redis-cli -a <v>``, OpenLDAP's ``-w <v>``,
+# ``zip -P <v>``, 7-Zip's ``-p<v>`` and smbclient's ``-U user%<v>``. A command runs to the end of its line or the next
+# ``;``, ``|``, ``&``
 _COMMAND = re.compile(r"(?<![\w./\-])(?P<cmd>mysql(?:dump|admin|import|check|sh|binlog|slap)?|mariadb(?:-dump|-admin)?"
-                      r"|sshpass|curl)(?:\.exe)?(?=[ \t])[^\n;|&]{0,1024}")
+                      r"|sshpass|curl|setx|(?:docker|podman|buildah|nerdctl|az|helm[ \t]+registry)[ \t]+login"
+                      r"|gh[ \t]+secret[ \t]+set|sqlcmd|bcp|osql|(?:redis|valkey|keydb)-cli"
+                      r"|ldap(?:search|modify|add|delete|passwd|whoami|compare|modrdn|exop)|zip|unzip|zipcloak|7z[ar]?"
+                      r"|smbclient|ConvertTo-SecureString)(?:\.exe)?(?=[ \t])[^\n;|&]{0,1024}")
 _ARGUMENT = r"""(?P<q>['"]?)(?P<v>[^\s'"]+|(?<=['"])[^'"\n]+)(?P=q)"""
+
+
+def _user_and_password(options: str, separator: str) -> re.Pattern[str]:
+    """An option giving ``user<separator><v>`` (curl's ``-u bob:<v>``, smbclient's ``-U bob%<v>``), ``v`` the
+    password."""
+    return re.compile(rf"[ \t](?:{options})(?:[ \t]+|=)?(?P<q>['\"]?)[^\s{separator}'\"]*{separator}"
+                      r"(?P<v>[^\s'\"]+|(?<=['\"])[^'\"\n]+)(?P=q)")
+
+
 _COMMAND_OPTIONS = {
     "mysql": re.compile(r"[ \t]-p(?:" + _ARGUMENT + r"|[ \t]+(?P<db>[^\s\-'\"][^\s'\"]*))"),
     "sshpass": re.compile(r"[ \t]-p[ \t]*" + _ARGUMENT),
-    "curl": re.compile(r"[ \t](?:-u|-U|--user|--proxy-user)(?:[ \t]+|=)?(?P<q>['\"]?)[^\s:'\"]*:"
-                       r"(?P<v>[^\s'\"]+|(?<=['\"])[^'\"\n]+)(?P=q)"),
+    "curl": _user_and_password("-u|-U|--user|--proxy-user", ":"),
+    "login": re.compile(r"[ \t]-p(?:[ \t]+|=)" + _ARGUMENT),  # (--password <v>: any option named so, see _kv_pairs)
+    "gh": re.compile(r"[ \t](?:-b|--body)(?:[ \t]+|=)" + _ARGUMENT),
+    "setx": re.compile(r"[ \t]+(?P<name>[\w.\-]{1,128})[ \t]+" + _ARGUMENT),
+    "securestring": re.compile(r"[ \t]+(?:-String[ \t]+)?" + _ARGUMENT, re.IGNORECASE),
+    "sqlcmd": re.compile(r"[ \t]-P[ \t]*" + _ARGUMENT),
+    "redis": re.compile(r"[ \t]-a[ \t]+" + _ARGUMENT),
+    "ldap": re.compile(r"[ \t]-w[ \t]*" + _ARGUMENT),
+    "zip": re.compile(r"[ \t]-P[ \t]+" + _ARGUMENT),
+    "7z": re.compile(r"[ \t]-p" + _ARGUMENT),
+    "smbclient": _user_and_password("-U|--user", "%"),
 }
+# a command's kind by its first word's start (others: a login)
+_COMMAND_KINDS = (("mysql", "mysql"), ("mariadb", "mysql"), ("sshpass", "sshpass"), ("curl", "curl"), ("setx", "setx"),
+                  ("gh", "gh"), ("sqlcmd", "sqlcmd"), ("bcp", "sqlcmd"), ("osql", "sqlcmd"), ("redis", "redis"),
+                  ("valkey", "redis"), ("keydb", "redis"), ("ldap", "ldap"), ("zip", "zip"), ("unzip", "zip"),
+                  ("7z", "7z"), ("smbclient", "smbclient"), ("ConvertTo", "securestring"))
+# the kinds whose value follows the command (matched there, not searched for): setx's name and value, PowerShell's
+# ``ConvertTo-SecureString "<v>" -AsPlainText`` (without -AsPlainText the text is an encrypted string's, no secret)
+_VALUE_AFTER_COMMAND = frozenset(("setx", "securestring"))
+# the options above that give a credential (the commands all take theirs after a blank, " -", but setx): a text
+# holding none is not searched (a pattern with a literal start: 11 of 32,800 paragraphs of the corpus hold one; a
+# substring search per command's name cost 4 ns a character more)
+_COMMAND_OPTION_GATE = re.compile(r" -(?:[pPuUabw]|-body|-user|-proxy-user|AsPlainText)")
 
 
 def _command_credentials(text: str, learn: bool) -> str:
@@ -1882,11 +2018,16 @@ def _command_credentials(text: str, learn: bool) -> str:
     spans = []
     for command in _COMMAND.finditer(text):
         name = command.group("cmd")
-        kind = "mysql" if name.startswith(("mysql", "mariadb")) else name
-        for option in _COMMAND_OPTIONS[kind].finditer(text, command.end("cmd"), command.end()):
+        kind = next((kind for word, kind in _COMMAND_KINDS if name.startswith(word)), "login")
+        pattern, bounds = _COMMAND_OPTIONS[kind], (command.end("cmd"), command.end())
+        if kind == "securestring" and "-asplaintext" not in command.group().lower():
+            continue
+        options = filter(None, (pattern.match(text, *bounds),)) if kind in _VALUE_AFTER_COMMAND \
+            else pattern.finditer(text, *bounds)
+        for option in options:
             group = "v" if option.group("v") is not None else "db"
             value = option.group(group)
-            if value == REDACTED or _is_reference(value):
+            if value == REDACTED or _is_reference(value) or (kind == "setx" and not is_secret_key(option["name"])):
                 continue
             if learn and group == "v" and _learnable(value, command.group()):
                 learn_secret(value)
@@ -1898,12 +2039,23 @@ def _command_credentials(text: str, learn: bool) -> str:
 _DATA_NAME_FIELDS = {
     "named": re.compile(r"""(?i:name|key|variable|var|param|parameter|env)(?:\\*["']?[ \t]*[:=][ \t]*\\*["']?|>)\Z"""),
     "subscript": re.compile(r"""\[[ \t]*\\*["']\Z"""),
-    "argument": re.compile(r"""(?:setdefault|setenv|putenv|__setitem__)\([ \t]*\\*["']\Z"""),
+    # (and a configuration's setter, the name its second argument: ``config.set("db", "password", "<v>")``)
+    "argument": re.compile(r"""(?:(?:setdefault|setenv|putenv|__setitem__)\(|\bset\([ \t]*\\*["'][^"'\\\n]{0,64}"""
+                           r"""\\*["'][ \t]*,)[ \t]*\\*["']\Z"""),
+    # (a Markdown table's first cell, the name perhaps in code or bold: ``| `api_key` | <v> |``)
+    "cell": re.compile(r"""(?:^|\n)[ \t]*\|[ \t]*[`*]{0,3}\Z"""),
 }
+# _KV_KEY's groups whose ``", "`` between the name and the value is a dict's or a call's, no list's items
+_ARGUMENTS_BEFORE = frozenset(("named", "argument", "call"))
+# the end of a Markdown table's cell (its value is the text up to it, without code's or bold's marks)
+_CELL_END = re.compile(r"""[ \t]*\|""")
+_CELL_MARKS = "`*"
+# a setter's value is its last argument: a string, then the call's end
+_CALL_END = re.compile(r"""[ \t]*\)""")
 # an XML element's end after its text (blanks, then "</")
-_XML_CLOSE = re.compile(r"\s*</")
+_XML_CLOSE = re.compile(r"\s*(?:</|&lt;/)")
 # the opening of an XML element just before its name: "<", or "<" and a namespace's prefix (``<ns:password>``)
-_XML_OPEN = re.compile(r"<(?:[A-Za-z_][\w.\-]{0,30}:)?\Z")
+_XML_OPEN = re.compile(r"(?:<|&lt;)(?:[A-Za-z_][\w.\-]{0,30}:)?\Z")
 # a "value" opened by the quote that ends a serialised string (a message's text ending with ``api_key=``) and running
 # into the next item (``"}]}, {"role": ...``): replaced, the JSON broke and the whole history was left out
 _ITEMS_CLOSE = re.compile(r"[}\]]+, [{\[\"]")
@@ -1973,7 +2125,7 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
                 continue
             prose = True
         prose = prose or key.group("owner") is not None
-        found = _kv_value(text, key.end(), memo)
+        found = _kv_value(text, key.end(), memo) if key.lastgroup != "cell" else _cell_value(text, key.end())
         if found is None:
             continue
         quoted, value_start, value_end, match_end = found
@@ -1981,8 +2133,9 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         if not value or value == REDACTED or (not quoted and value in _JSON_LITERALS):
             continue
         # never across two serialised list items (see _redacted_json_list); the ", " between a name given as data
-        # and "value" is a dict's (an item's JSON escapes a quote inside it: '", "value": ' starts no string item)
-        if '", "' in text[key.end() if key.lastgroup == "named" else start:match_end] \
+        # and "value" is a dict's (an item's JSON escapes a quote inside it: '", "value": ' starts no string item),
+        # between a call's arguments the call's
+        if '", "' in text[key.end() if key.lastgroup in _ARGUMENTS_BEFORE else start:match_end] \
                 or (quoted and _ITEMS_CLOSE.match(text, value_start) is not None):
             continue
         if option is not None:
@@ -1996,6 +2149,13 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
             continue  # a JavaScript arrow function's parameter (password => password.trim()), a value of code
         elif key.lastgroup in ("subscript", "argument") and not quoted:
             continue  # env["HTTP_COOKIE"] = cookie_str: a variable of code
+        elif key.lastgroup == "call" and not (quoted and _CALL_END.match(text, match_end) is not None
+                                              and text[name_start:run_end].rpartition(".")[2][:3].lower() == "set"):
+            continue  # get_password("svc", "user"), a setter's argument before others, a variable's
+        elif key.group("pointer") is not None and not quoted and not _loose_value(text, value, quoted, match_end):
+            continue  # token -> next_token, password -> hashed: code or a sentence's words
+        elif key.lastgroup == "cell" and not _cell_holds_value(value):
+            continue  # | api_key | string | The key |: a table of parameters, their types and descriptions
         elif key.lastgroup == "tag" and _XML_CLOSE.match(text, value_end) is None:
             continue  # the <auth> element, trailer.<token>.command: no element's text
         # a message (more words after the value on its line, starting with an ordinary word) after an exception's
@@ -2078,6 +2238,19 @@ def _kv_pairs(text: str, learn: bool, pairs: list[tuple[int, int, int, bool]] | 
         return text
     out.append(text[last:])
     return _replace_in_the_rest("".join(out), only_here)
+
+
+def _cell_value(text: str, at: int) -> tuple[bool, int, int, int] | None:
+    """(quoted, value start, value end, end) of a Markdown table's cell starting at ``at``: its text up to the next
+    ``|`` on its line, without the marks of code or bold around it; ``None`` for an empty cell or a row's last."""
+    line_end = text.find("\n", at)
+    end = _CELL_END.search(text, at, len(text) if line_end < 0 else line_end)
+    if end is None:
+        return None
+    start, stop = at, end.start()
+    while start < stop and text[start] in _CELL_MARKS and text[stop - 1] in _CELL_MARKS:
+        start, stop = start + 1, stop - 1
+    return (False, start, stop, end.start()) if start < stop else None
 
 
 def _learn_basic_password(token: str) -> None:
@@ -2307,7 +2480,7 @@ _FORM_PROSE = re.compile(r"\+(?i:is|was|to|now|for|of)\+")
 def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str:
     wrapped = _is_wrapped(text)
     form = "+" in text and _FORM_PROSE.search(text) is not None
-    if "\\" in text or "%" in text or "&#" in text or wrapped or form:
+    if "\\" in text or "%" in text or "&" in text or wrapped or form:
         decoded = _unwrapped(text) if wrapped else text
         if form:  # before "%2B" is decoded: that one is a "+" (a known secret holding one replaced first)
             decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("+", " ")
@@ -2317,7 +2490,7 @@ def _redact_escaped(known: re.Pattern[str] | _Patterns | None, text: str) -> str
             if "%25" in decoded:  # encoded twice (pass%2577ord=<v>: "%" itself escaped, then "w")
                 decoded = (_replace_known(known, decoded) if known is not None else decoded).replace("%25", "%")
             decoded = _unescaped(_URL_ESCAPED, known, decoded)
-        if "&#" in decoded:
+        if "&#" in decoded or "&quot;" in decoded or "&apos;" in decoded:
             decoded = _unescaped(_HTML_ESCAPED, known, decoded)
         if decoded != text:
             # the decoded form only where it hides more (an escaped key): other escapes, as
@@ -2561,6 +2734,7 @@ def _decoded_run(run: str, hexadecimal: bool) -> bytes | None:
 _B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
 _B64_RUN = re.compile(r"[A-Za-z0-9+/_\-]*={0,2}")
 _HEX_RUN = re.compile(r"(?:[0-9a-f]{2}){12,}|(?:[0-9A-F]{2}){12,}")
+_HEX_TEXT = re.compile(r"(?:[2-7][0-9a-f]|0[9ad]){12,}|(?:[2-7][0-9A-F]|0[9AD]){12,}")  # (_ENCODED_TEXT's hex)
 # base64 of text, at any offset inside a longer run: 4 groups of 4 characters or more, each as _ENCODED_TEXT's (the
 # leftmost 4 in a row at an alignment start its text: a group before them would have made them start earlier)
 _TEXT_GROUPS = re.compile(r"(?:[CDI-Za-f][A-HQ-Xg-nw-z0-3][ABEFIJMNQRUVYZcdghklopstwx014589][A-Za-z0-9+/_\-]){4,}")
@@ -2602,6 +2776,17 @@ def _other_encoded_spans(text: str, at: int, done: int, end: int, depth: int, sp
             pos = stop
         else:  # (a few short ones may be chance, at another alignment than the text's: the next position too)
             pos = found.end() if found.end() - found.start() >= _TEXT_GROUPS_LONG else found.start() + 1
+    pos = start
+    # hex of text glued to other letters or digits (``id<hex>``, ``x_<hex>zz``, a path's segment): pairs of text's
+    # bytes from where they begin (the glue's last character may make one pair more at another alignment: the next
+    # position is tried when that one holds nothing)
+    while (found := _HEX_TEXT.search(text, pos, end)) is not None:
+        raw = _decoded_run(found.group(), True)
+        if raw is not None and _holds_secret(raw.decode("ascii", "replace"), depth):
+            spans.append(found.span())
+            pos = found.end()
+        else:
+            pos = found.start() + 1
     return end
 
 
@@ -2753,10 +2938,13 @@ def _unescaped(pattern: re.Pattern[str], known: re.Pattern[str] | _Patterns | No
 
 
 def _unescape_html(match: re.Match[str]) -> str:
-    """:func:`_unescape` for an HTML character reference, hexadecimal or decimal."""
+    """:func:`_unescape` for an HTML character reference, hexadecimal, decimal or a quote's name; a quote is decoded
+    too (HTML-escaped text holds no quote of its own: the decoded one is a key's or a value's)."""
+    if match.group(3):
+        return _HTML_QUOTES[match.group(3)]
     hexadecimal = match.group(1)
     char = chr(int(hexadecimal, 16) if hexadecimal else int(match.group(2)))
-    return char if char in _PLAIN_CHARS else match.group()
+    return char if char in _PLAIN_CHARS or char in "\"'" else match.group()
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -3374,7 +3562,7 @@ def _decoded(text: str) -> str:
         text = _JSON_ESCAPED.sub(_unescape, text)
     if "%" in text:
         text = _URL_ESCAPED.sub(_unescape, text)
-    if "&#" in text:
+    if "&#" in text or "&quot;" in text or "&apos;" in text:
         text = _HTML_ESCAPED.sub(_unescape_html, text)
     return text
 
@@ -3511,10 +3699,25 @@ def _learn_across(chain: list[tuple[str, bool]], after: str, window: int) -> Non
     both = head + tail
     joints = [start for start, _, _ in bounds[1:]]
     for start, end in _secret_spans(both):
-        if not any(start < joint < end for joint in joints):
+        crossed = [joint for joint in joints if start < joint < end]
+        if not crossed:
             continue
+        if both[start:end] not in _known and both[start:end] not in _learned:
+            # a key's shape runs on into the next text only where that text goes on as a key's random part does,
+            # not with a word (capitalised or not): ``sk-proj-<key>`` | ``Thanks`` taught "Thanks", redacted in every
+            # later text; the key itself, whole in its text, is found there (``AKIA<12>`` | ``KLMNOP`` still counts)
+            for at, joint in enumerate(crossed):
+                if _WORD_PIECE.fullmatch(both, joint, crossed[at + 1] if at + 1 < len(crossed) else end) is not None:
+                    end = joint
+                    break
+            if end == crossed[0]:
+                continue
         _learn_pieces(both, start, end, bounds)
     _learn_pairs_across(both, len(head), joints, bounds)
+
+
+# a piece of a key's shape that is a word (see _learn_across)
+_WORD_PIECE = re.compile(r"[A-Z]?[a-z]+")
 
 
 def _learn_pieces(text: str, start: int, end: int, bounds: list[tuple[int, int, bool]]) -> None:

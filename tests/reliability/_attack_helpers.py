@@ -155,3 +155,23 @@ def chat_with_a_tool_note(sink: Any, work_dir: Path, *, capture: bool, fails: bo
     cmbagent_otel.instrument(tracer_provider=sink.provider, capture_content=capture, instrument_cmbagent=False)
     group_chat(work_dir, engineer_script=script, tool=tool,
                order=order or ["engineer", "executor", "engineer", "executor", "researcher"])
+
+
+def assert_replaced_and_learned(template: str) -> None:
+    """``template`` with a fresh value of a password's shape for ``{v}``: ``safe_text`` replaces the value, and a
+    later text quoting it alone is redacted (it was learned). Run under ``isolated_secrets``."""
+    from cmbagent_otel import redaction
+    from tests.conftest import unlearned_word
+
+    value = unlearned_word("Sx") + "4"
+    out = redaction.safe_text(template.format(v=value)) or ""
+    assert value not in out and "[REDACTED]" in out
+    assert redaction.safe_text(f"later {value} again") == "later [REDACTED] again"
+
+
+def assert_kept(text: str) -> None:
+    """``safe_text`` keeps ``text`` as written and learns nothing from it. Run under ``isolated_secrets``."""
+    from cmbagent_otel import redaction
+
+    assert redaction.safe_text(text) == text
+    assert not redaction._learned
