@@ -20,11 +20,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cmbagent_otel.exporters.dag import DagSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from cmbagent_otel import _forksafe
 from cmbagent_otel.dag import writer
-from cmbagent_otel.exporters.dag import DagSpanExporter
 
 from .conftest import call_at
 from .test_faults46_fork_sqlite_spill import _run, _runs
