@@ -41,7 +41,7 @@ from cmbagent_otel.dag.database import (
     target_of,
 )
 from cmbagent_otel.dag.halving import write_in_halves
-from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable
+from cmbagent_otel.dag.writer import DagWriter, DatabaseUnavailable, ForkedInsideSqlite
 from cmbagent_otel.processor import StartedSpan, is_started
 from cmbagent_otel.spill import SPILL_DIR_ENV, SpillFailed, SpillStore, SpillUnreadable
 
@@ -259,7 +259,8 @@ class DagSpanExporter(SpanExporter):
             except DatabaseUnavailable as exc:
                 first = first or exc
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed.is_set():
+                # a child forked inside our SQLite calls never writes SQLite: its batches are spilled at once
+                if remaining <= 0 or self._closed.is_set() or isinstance(exc, ForkedInsideSqlite):
                     return self._give_up(spans, _why(first, exc))
                 self._count("retried", count)
                 # waits on the shutdown event so shutdown() cuts the backoff short

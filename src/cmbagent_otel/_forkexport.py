@@ -12,7 +12,7 @@ A forked child's first export now makes an exporter of its own (a new channel or
 in the child untouched: neither used nor closed (closing it there could wait on gRPC's copied state too, or end
 a session the parent still uses). For gRPC, a fork also waits for the exports in flight in this process to end,
 so that gRPC runs its fork handlers; an HTTP exporter needs nothing more than the child's own session. The wait
-is bounded by each export's own deadline and by :data:`FORK_WAIT_CAP_S` in all, and is skipped for an exporter
+is bounded by each export's own deadline and by ``_forksafe.FORK_WAIT_CAP_S`` in all, and is skipped for an exporter
 whose outage is ongoing (its exports are failing: the one in flight will fail too, and between its retries it
 is not inside gRPC).
 """
@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from ._forksafe import append_pruned, reset_in_child
+from ._forksafe import append_pruned, fork_wait_until, interrupt_after_fork, reset_in_child
 from ._outage import OutageTally
 
 logger = logging.getLogger("cmbagent_otel")
@@ -37,10 +37,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_EXPORT_TIMEOUT_S = 10.0  # the SDK exporters' default (OTEL_EXPORTER_OTLP_TIMEOUT)
-# however long the exporters' timeouts, a fork waits at most this long in all for their exports in flight; the
-# precedent is gRPC's own Python fork handler, which waits at most 5 s for gRPC's threads
-# (_AWAIT_THREADS_TIMEOUT_SECONDS in grpc/_cython/_cygrpc/fork_posix.pyx.pxi, grpcio 1.85)
-FORK_WAIT_CAP_S = 5.0
 
 
 class PerProcess(Generic[T]):
@@ -149,10 +145,10 @@ _inherited: list[Any] = []  # a forked child's copies of its parent's exporters 
 
 
 def _before_fork() -> None:
-    """Wait for the gRPC exports in flight, each until it ends or its deadline, :data:`FORK_WAIT_CAP_S` in all."""
+    """Wait for the gRPC exports in flight, each until it ends or its deadline, ``_forksafe.FORK_WAIT_CAP_S`` in
+    all with the wait for our SQLite calls (:mod:`cmbagent_otel._forksqlite`)."""
     try:
-        now = time.monotonic()
-        cap = now + FORK_WAIT_CAP_S
+        cap = fork_wait_until()
         me = threading.get_ident()
         # no lock: the copy is one C call, and a thread of the application may hold _all_lock at the fork
         for ref in _all[:]:
@@ -161,6 +157,8 @@ def _before_fork() -> None:
                 # nothing is held across the fork: an export starting after this (another thread given the GIL
                 # by a later fork hook) is the case gRPC's core skips its fork handlers for, as without the wait
                 ended.wait(max(0.0, min(over_by, cap) - time.monotonic()))
+    except KeyboardInterrupt:  # the application gets it after the fork (a fork hook's exception is lost)
+        interrupt_after_fork()
     except Exception:  # never stop a fork
         logger.debug("cmbagent_otel: could not wait for the exports in flight before a fork", exc_info=True)
 

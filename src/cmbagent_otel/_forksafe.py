@@ -17,13 +17,16 @@ descriptor of ours that held one (:func:`hold_fd`).
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import functools
 import itertools
 import operator
 import os
+import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,6 +39,14 @@ _prune_at = [64]  # the length at which _owners is pruned next (see append_prune
 # descriptors holding a flock of ours (spill files being written, the SQLite folder's creation lock), each with
 # the (device, inode) it is open on (None: not known), so that a child closes only a copy of that file
 _held_fds: dict[int, tuple[int, int] | None] = {}
+
+# however long the calls in flight may last, a fork waits at most this long in all for them (the gRPC exports,
+# our SQLite calls); the precedent is gRPC's own Python fork handler, which waits at most 5 s for gRPC's threads
+# (_AWAIT_THREADS_TIMEOUT_SECONDS in grpc/_cython/_cygrpc/fork_posix.pyx.pxi, grpcio 1.85)
+FORK_WAIT_CAP_S = 5.0
+_wait_until: list[float] = []  # when the waits of the fork being prepared end (set by the first to ask)
+_interrupts: list[int] = []  # SIGINT once a wait before the fork was interrupted: delivered after the fork
+_interrupt_hooked: list[bool] = []
 
 
 def reset_in_child(owner: Any, *names: str) -> None:
@@ -101,7 +112,38 @@ def closer(opened: list[int]) -> Callable[[], object]:
         map(_held_fds.pop, opened, itertools.repeat(None))), 0)
 
 
+def fork_wait_until() -> float:
+    """When the waits of the fork being prepared end: :data:`FORK_WAIT_CAP_S` after the first of our before-fork
+    hooks asked, all of them together."""
+    if not _wait_until:
+        _wait_until.append(time.monotonic() + FORK_WAIT_CAP_S)
+    return _wait_until[0]
+
+
+def interrupt_after_fork() -> None:
+    """Have the application get the ``KeyboardInterrupt`` that interrupted a before-fork hook's wait once the fork
+    is done: raised by ``os.fork()`` in the parent, its child made (an exception out of a fork hook is only
+    reported, "Exception ignored in"). Call from the hook's ``except KeyboardInterrupt``.
+
+    The interrupt is SIGINT simulated again (``_thread.interrupt_main``), by an after-fork hook of C calls only,
+    appended now, so that it runs after the after-fork hooks of Python registered so far: in a Python hook the
+    interrupt would be raised again, and lost again. SIGINT's handler runs a second time."""
+    if not _interrupts:
+        _interrupts.append(signal.SIGINT)
+    if not _interrupt_hooked:
+        _interrupt_hooked.append(True)
+        # sorting [SIGINT] by interrupt_main calls interrupt_main(SIGINT); sorting [] calls nothing
+        os.register_at_fork(after_in_parent=functools.partial(sorted, _interrupts, key=_thread.interrupt_main))
+        os.register_at_fork(after_in_parent=_interrupts.clear)
+
+
+def _after_in_parent() -> None:
+    _wait_until.clear()
+
+
 def _after_in_child() -> None:
+    _wait_until.clear()
+    _interrupts.clear()
     for fd, file in list(_held_fds.items()):
         with contextlib.suppress(OSError):  # closed in the parent before the fork (see closer)
             info = os.fstat(fd)
@@ -122,4 +164,4 @@ def _after_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_in_child)
+    os.register_at_fork(after_in_parent=_after_in_parent, after_in_child=_after_in_child)

@@ -30,6 +30,7 @@ from sqlalchemy import JSON, Connection, Engine, Integer, Table, make_url, selec
 from .. import environment_variables
 from .. import semconv as sc
 from .._forksafe import reset_in_child
+from .._forksqlite import forked_inside_sqlite, sqlite_calls
 from . import schema
 from .database import (
     creation_lock,
@@ -106,6 +107,11 @@ class DatabaseUnavailable(RuntimeError):
     batch may be retried later (classified by driver error codes, see :mod:`.errors`)."""
 
 
+class ForkedInsideSqlite(DatabaseUnavailable):
+    """This process was forked while its parent was inside our SQLite calls: it never calls SQLite (its mutexes
+    and the file's lock state may be held for good by a thread it does not have; see :mod:`.._forksqlite`)."""
+
+
 @dataclass(frozen=True)
 class WriteResult:
     """What one :meth:`DagWriter.write` call stored."""
@@ -143,11 +149,14 @@ class DagWriter:
         self._pid = os.getpid()
         # PostgreSQL takes the rows' times as datetimes: the mapping makes their SQLite text only
         # where a row needs it anyway (never wrong either way, only slower)
-        self._time_texts = (engine.dialect.name if engine is not None else _backend(self.url)) != "postgresql"
+        backend = engine.dialect.name if engine is not None else _backend(self.url)
+        self._time_texts = backend != "postgresql"
+        self._on_sqlite = backend == "sqlite"  # its calls are marked for a fork to wait for (_forksqlite)
 
     @property
     def engine(self) -> Engine:
         """The SQLAlchemy engine (created on first use, and again in a forked child)."""
+        self._may_call_sqlite()
         with self._lock:
             if self._engine is not None and self._pid != os.getpid():
                 self._let_go(self._engine)  # connections inherited from the parent: neither used nor closed here
@@ -165,6 +174,20 @@ class DagWriter:
             engine = self._engine  # another thread's came first
         made.dispose()
         return engine
+
+    def _may_call_sqlite(self) -> None:
+        if self._on_sqlite and forked_inside_sqlite():
+            raise ForkedInsideSqlite(f"database {redacted(self.url)} unavailable in this process: it was forked "
+                                     "while its parent was inside SQLite (SQLite is not fork-safe)")
+
+    def _calls(self) -> Any:
+        """The context of this writer's database calls: on SQLite, marked for a fork to wait for; raises
+        :class:`ForkedInsideSqlite` in a process that must not call SQLite."""
+        self._may_call_sqlite()
+        return self._marked()
+
+    def _marked(self) -> Any:
+        return sqlite_calls() if self._on_sqlite else contextlib.nullcontext()
 
     def _prepare(self) -> None:
         if self._ready:
@@ -197,7 +220,8 @@ class DagWriter:
     def prepare(self) -> None:
         """Connect and check (or migrate) the schema now rather than at the first write;
         raises what connecting or migrating raises. Thread-safe; a no-op once done."""
-        self._prepare()
+        with self._calls():
+            self._prepare()
 
     def _reopen(self, why: str, *, repair: bool, level: int = logging.WARNING) -> None:
         """Drop every connection and migrate again before the next write.
@@ -253,7 +277,7 @@ class DagWriter:
             return WriteResult(0, 0)
         batch = map_spans(spans, texts=self._time_texts)
         restored = False
-        with deadline(timeout), untraced():
+        with deadline(timeout), untraced(), self._calls():
             for attempt in range(_MAX_REPAIRS + 1):
                 last = attempt == _MAX_REPAIRS
                 try:
@@ -328,7 +352,8 @@ class DagWriter:
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
-            self._let_go(engine)
+            with self._marked():  # closing SQLite connections is a SQLite call (its VFS mutex)
+                self._let_go(engine)
 
     def _let_go(self, engine: Engine) -> None:
         if self._pid == os.getpid():
