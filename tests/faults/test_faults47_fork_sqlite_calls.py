@@ -140,6 +140,9 @@ INTERRUPTED = textwrap.dedent('''
     from cmbagent_otel import phase, step, workflow
     from cmbagent_otel.dag import writer
 
+    # an application with Python's own Ctrl-C: a process started in the background (CI's jobs, `cmd &`) inherits
+    # SIGINT ignored, and Python then installs no handler: the interrupt below would be dropped by the kernel
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     url, bound = sys.argv[1], float(sys.argv[2])
     memory = InMemorySpanExporter()
     provider = TracerProvider()
