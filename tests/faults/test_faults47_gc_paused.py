@@ -34,8 +34,8 @@ def test_ctrl_c_as_the_pause_is_entered_or_left_leaves_collection_on() -> None:
     generator's ``try``). Main also left it off, with the interrupt kept, after ``c_return __enter__``
     (``next()``) and ``call __exit__``, and the whole heap frozen (never looked at by a collection again) after
     ``gc.freeze()``'s return (seen with each point run in a fresh process; here the sweep stops at the first
-    leak: main's next run has its interrupt swallowed in a collected generator). Under 3.12 main left it off
-    after ``c_return __enter__``."""
+    leak: main's next run has its interrupt swallowed in a collected generator; under 3.12 the next block
+    pauses nothing, the heap left frozen)."""
     frozen = gc.get_freeze_count()
     assert gc.isenabled() and frozen <= _gcquiet._STARTUP_FROZEN  # else the block pauses nothing
     left: list[str] = []
