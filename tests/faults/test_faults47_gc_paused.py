@@ -13,7 +13,11 @@ function's entry, a C call's return), with the interrupt kept.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -24,9 +28,27 @@ from .conftest import each_interrupt, runs_under
 pytestmark = pytest.mark.skipif(not _gcquiet._GENERATIONAL, reason="the pause is made on CPython 3.10-3.13 only")
 
 
-def _body() -> None:
-    with _gcquiet.imports_settled():
-        assert not gc.isenabled()
+def points_left(block: Callable[[], contextlib.AbstractContextManager[Any]], leaked: Callable[[], bool],
+                after: Callable[[bool, int], object] = lambda leaked, n: None,
+                among: Callable[[FrameType], bool] = lambda frame: True) -> tuple[list[str], int]:
+    """``with block(): pass`` run again and again, interrupted at its n-th signal point (a Python function's entry,
+    a C call's return; those ``among`` accepts) with the interrupt kept: the points after which ``leaked()``, and
+    how many points there were. ``after(leaked, n)`` runs then, the interrupt still kept; then it is let go."""
+    def body() -> None:
+        with block():
+            pass
+
+    left: list[str] = []
+    points = 0
+    for point, raised in each_interrupt(body, lambda frame, event: event in ("call", "c_return")
+                                        and runs_under(frame, body.__code__) and among(frame)):
+        points += 1
+        now = leaked()
+        if now:
+            left.append(point)
+        after(now, points)
+        raised.clear()
+    return left, points
 
 
 def test_ctrl_c_as_the_pause_is_entered_or_left_leaves_collection_on() -> None:
@@ -38,18 +60,15 @@ def test_ctrl_c_as_the_pause_is_entered_or_left_leaves_collection_on() -> None:
     pauses nothing, the heap left frozen)."""
     frozen = gc.get_freeze_count()
     assert gc.isenabled() and frozen <= _gcquiet._STARTUP_FROZEN  # else the block pauses nothing
-    left: list[str] = []
-    points = 0
-    try:
-        for point, raised in each_interrupt(_body, lambda frame, event: event in ("call", "c_return")
-                                            and runs_under(frame, _body.__code__)):
-            points += 1
-            # (3.12's startup handful of frozen tuples is let go by the settling, as documented)
-            if not gc.isenabled() or gc.get_freeze_count() > frozen:
-                left.append(point)
-                raised.clear()
-                gc.enable()
-                gc.unfreeze()
+
+    def mend(leaked: bool, _n: int) -> None:
+        if leaked:
+            gc.enable()
+            gc.unfreeze()
+
+    try:  # (3.12's startup handful of frozen tuples is let go by the settling, as documented)
+        left, points = points_left(_gcquiet.imports_settled, lambda: not gc.isenabled()
+                                   or gc.get_freeze_count() > frozen, mend)
     finally:
         gc.enable()
     assert points >= 5

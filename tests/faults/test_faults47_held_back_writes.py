@@ -18,7 +18,7 @@ from cmbagent_otel.dag import statements
 from cmbagent_otel.dag.database import upgrade
 from cmbagent_otel.dag.statements import sql_for
 
-from .conftest import each_interrupt, runs_under
+from .test_faults47_gc_paused import points_left
 
 pytestmark = pytest.mark.postgres
 
@@ -35,23 +35,14 @@ def test_ctrl_c_as_a_batch_is_entered_or_left_holds_back_no_later_write(pg_url: 
             if not sql.pipelined:
                 pytest.skip("psycopg 3 with pipeline support only")
 
-            def body() -> None:
-                with sql.batch(conn):
-                    pass
-
-            left: list[str] = []
-            points = 0
-            for point, raised in each_interrupt(body, lambda frame, event: event in ("call", "c_return")
-                                                and runs_under(frame, body.__code__)):
-                points += 1
-                if statements._PENDING in conn.info:
-                    left.append(point)
+            def write(_leaked: bool, n: int) -> None:
                 # the application's next plain write on this connection, with the interrupt kept
                 sql.write(conn, "INSERT INTO sessions (id, name, created_at, last_active_at, status) "
-                                "VALUES (%(id)s, 'n', now(), now(), 'active')", {"id": f"after {points}"})
+                                "VALUES (%(id)s, 'n', now(), now(), 'active')", {"id": f"after {n}"})
                 conn.commit()
-                raised.clear()
                 conn.info.pop(statements._PENDING, None)
+
+            left, points = points_left(lambda: sql.batch(conn), lambda: statements._PENDING in conn.info, write)
         with engine.connect() as other:
             stored = other.execute(text("SELECT id FROM sessions")).scalars().all()
     finally:

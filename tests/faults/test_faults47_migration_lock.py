@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 
 from cmbagent_otel.dag import database
 
-from .conftest import each_interrupt, runs_under
+from .test_faults47_gc_paused import points_left
 
 pytestmark = pytest.mark.postgres
 
@@ -55,22 +55,10 @@ def test_ctrl_c_as_the_migration_lock_is_taken_or_let_go_leaves_it_free(pg_url: 
                                          digest_size=8).digest(), "big", signed=True)
     assert not hasattr(database, "_migration_key") or database._migration_key(pg_url) == key
 
-    def body() -> None:
-        with database._migration_lock(pg_url):
-            pass
-
-    left: list[str] = []
-    points = 0
-    for point, raised in each_interrupt(body, lambda frame, event: event in ("call", "c_return")
-                                        and runs_under(frame, body.__code__)
-                                        # SQLAlchemy's and psycopg's own work: their points are the same
-                                        # as their callers' (sampled: the sweep stays short)
-                                        and frame.f_code.co_filename.endswith(("database.py", "contextlib.py",
-                                                                               "_varblock.py", __file__))):
-        points += 1
-        if not _free(pg_url, key):
-            left.append(point)
-            raised.clear()  # main: the suspended generator lets it go now
+    # SQLAlchemy's and psycopg's own work: their points are the same as their callers' (sampled: the sweep stays short)
+    left, points = points_left(lambda: database._migration_lock(pg_url), lambda: not _free(pg_url, key),
+                               among=lambda frame: frame.f_code.co_filename.endswith(
+                                   ("database.py", "contextlib.py", "_varblock.py")))
     assert points >= 5
     assert left == []
     with database._migration_lock(pg_url):
