@@ -39,21 +39,25 @@ otherwise (3.14's incremental one, free-threaded builds, PyPy).
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import functools
 import gc
+import itertools
+import operator
 import sys
 import sysconfig
-from collections.abc import Iterator
+
+from ._varblock import CExit
 
 _GENERATIONAL = (sys.implementation.name == "cpython" and (3, 10) <= sys.version_info[:2] < (3, 14)
                  and not sysconfig.get_config_var("Py_GIL_DISABLED"))
 # CPython 3.12.1 starts with 375 objects frozen (immortal static tuples); an application that froze
 # its own heap (the pre-fork pattern) has tens of thousands
 _STARTUP_FROZEN = 1_000
+_CALL = operator.methodcaller("__call__")
 
 
-@contextlib.contextmanager
-def imports_settled(heap_imported: bool = True) -> Iterator[None]:
+def imports_settled(heap_imported: bool = True) -> CExit:
     """Run the block with automatic collection paused; afterwards its surviving objects sit in
     the oldest generation without counting toward the next full collection, and the
     collector's counts are the application's (see the module).
@@ -63,27 +67,57 @@ def imports_settled(heap_imported: bool = True) -> Iterator[None]:
     runs as is: the full collections during those imports are what tells the collector how
     large the long-lived heap is, and without them (the heap's size still the interpreter's at
     startup) the next full collection would come at the first chance, inside the run.
+
+    Automatic collection comes back however the block is left (:class:`~cmbagent_otel._varblock.CExit`:
+    ``gc.enable()`` is the exit's first call, C code; a ``contextlib`` generator here left it off
+    for as long as a Ctrl-C's traceback was kept when the interrupt landed as the block was entered
+    or left); the settling after it is Python, skipped by an interrupt at its entry (the block's
+    objects then count as any others do).
     """
-    if not (heap_imported and _GENERATIONAL and gc.isenabled()) or (frozen := gc.get_freeze_count()) > _STARTUP_FROZEN:
-        yield
-        return
-    collections = 0
-    gc.disable()
-    try:
-        # the application's young survivors are promoted (and counted) now, as its next
-        # generation-1 collection would have, rather than moved below uncounted
-        gc.collect(1)
-        collections = gc.get_count()[2]  # generation-1 collections since the last full one
-        yield
-    finally:
+    return _Paused(heap_imported)
+
+
+class _Paused(CExit):
+    """:func:`imports_settled`'s block. Its exit, when the entry paused collection: ``gc.enable()``,
+    then :meth:`_settle`."""
+
+    def __init__(self, heap_imported: bool) -> None:
+        super().__init__()
+        self._heap_imported = heap_imported
+        self._frozen = -1  # no freeze count: nothing to settle
+        self._collections = 0
+        paused: list[tuple[()]] = []  # one () once the entry pauses: the exit's calls' argument tuples
+        self._paused = paused
+        # the starmaps read the list when they run, once
+        self.close = functools.partial(  # type: ignore[method-assign]
+            collections.deque, itertools.chain(itertools.starmap(gc.enable, paused),
+                                               itertools.starmap(self._settle, paused)), 0)
+
+    def __enter__(self) -> _Paused:
+        if not (self._heap_imported and _GENERATIONAL and gc.isenabled()) \
+                or (frozen := gc.get_freeze_count()) > _STARTUP_FROZEN:
+            return self
         try:
-            if gc.get_freeze_count() == frozen:  # nobody froze objects meanwhile
-                # the block's own cyclic garbage (~15,000 objects) is freed by a young collection,
-                # which promotes survivors into the middle generation only: nothing is counted
-                gc.collect(0)
-                gc.freeze()
-                gc.unfreeze()  # every generation's count is 0 now, and the young ones empty
-                for _ in range(min(collections, gc.get_threshold()[2] + 1)):
-                    gc.collect(1)
-        finally:
-            gc.enable()
+            self._paused.append(())  # before the pause: an interrupt between the two enables what was enabled
+            gc.disable()
+            # the application's young survivors are promoted (and counted) now, as its next
+            # generation-1 collection would have, rather than moved below uncounted
+            gc.collect(1)
+            self._collections = gc.get_count()[2]  # generation-1 collections since the last full one
+            self._frozen = frozen  # last: an entry interrupted before it is not settled (only enabled)
+        except BaseException:  # Ctrl-C as a call returned: the block is not entered, its exit never runs
+            self.close()
+            raise
+        return self
+
+    def _settle(self) -> None:
+        if gc.get_freeze_count() != self._frozen:  # somebody froze objects meanwhile
+            return
+        # the block's own cyclic garbage (~15,000 objects) is freed by a young collection, which
+        # promotes survivors into the middle generation only: nothing is counted (an automatic
+        # one, collection enabled again, does the same)
+        gc.collect(0)
+        # one C call for both (a Ctrl-C as freeze() returned left the application's heap frozen for good)
+        collections.deque(map(_CALL, (gc.freeze, gc.unfreeze)), 0)  # every count is 0 now, the young ones empty
+        for _ in range(min(self._collections, gc.get_threshold()[2] + 1)):
+            gc.collect(1)

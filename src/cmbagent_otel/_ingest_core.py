@@ -109,6 +109,16 @@ class _Search:
     kept_at: float = 0.0  # time.monotonic() when last kept for a retry
 
 
+@dataclass
+class _Progress:
+    """A request cut at its attempt's span budget (``request_spans``): what its client's retry continues."""
+
+    chunks: int  # the chunks written (their spans stored, or refused by the database): the retry skips them
+    written: int  # spans stored by the attempts answered 503 (they counted none)
+    refused: int  # spans of those chunks the database refused
+    kept_at: float = 0.0  # time.monotonic() when last kept for a retry
+
+
 class Admission:
     """A byte budget shared by every request in flight on both receivers."""
 
@@ -199,6 +209,7 @@ def _reason(exc: BaseException) -> str:
 
 
 _REJECTED_LINES = 10  # per chunk, at WARNING
+_UNSTORED = "span(s) the database writer could not store (logged by the server)"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -281,8 +292,11 @@ class IngestCore:
         writer_factory: Callable[[], SpanWriter] | None,
         max_pending: int,
         max_per_client: int,
+        request_spans: int | None = None,
     ) -> None:
         self.db_url = db_url
+        # spans one attempt at a request writes before it is answered 503, its progress kept (None: no bound)
+        self.request_spans = request_spans
         self.max_pending = max_pending
         self._pending = 0
         self.max_per_client = max_per_client
@@ -309,6 +323,7 @@ class IngestCore:
         # set by the server's stop: a search for refused spans answers 503 at its next piece
         self.stopping = threading.Event()
         self._searches: OrderedDict[tuple[bytes, int], _Search] = OrderedDict()
+        self._progress: OrderedDict[bytes, _Progress] = OrderedDict()  # by body digest, as _searches
         # the start's schema check (prepare_soon) and what it raised
         self._startup: threading.Thread | None = None
         self._startup_error: BaseException | None = None
@@ -416,11 +431,22 @@ class IngestCore:
         outcome = Outcome()
         digest: list[bytes] = []
 
-        def key(number: int) -> tuple[bytes, int]:  # a kept search's: made once per request, when asked for
+        def digest_of() -> bytes:  # made once per request, when asked for
             if not digest:
                 digest.append(_digest(body))
-            return digest[0], number
+            return digest[0]
 
+        def key(number: int) -> tuple[bytes, int]:  # a kept search's
+            return digest_of(), number
+
+        resumed = self._resume_request(digest_of)
+        skip = resumed.chunks if resumed is not None else 0
+        refused = resumed.refused if resumed is not None else 0  # spans the database refused, in all
+        attempt = 0  # spans this attempt has written
+        if resumed is not None:
+            outcome.written, outcome.rejected = resumed.written, refused
+            if refused:
+                outcome.error_message = _UNSTORED
         try:
             batches = (iter_json if kind == "json" else iter_protobuf)(
                 body, json_safe=True, limits=self.limits, chunk=CHUNK_SPANS)
@@ -430,7 +456,17 @@ class IngestCore:
                     if len(outcome.error_message) < 1000 and reason not in outcome.error_message:
                         outcome.error_message = f"{outcome.error_message}; {reason}" if outcome.error_message \
                             else reason
+                if batch.spans and number < skip:
+                    continue  # written by an earlier attempt, answered 503 after it
                 if batch.spans:
+                    if self.request_spans is not None and attempt >= self.request_spans and self._keep(
+                            digest_of, _Progress(number, outcome.written, refused), self._progress):
+                        # the rest by the client's retry: a worker is not held for minutes by one request
+                        self.count("unavailable_responses")
+                        logger.info("cmbagent-otel ingest: a request holds more than %d span(s); %d are stored, "
+                                    "its client's retry continues after them", self.request_spans, outcome.written)
+                        raise IngestError("unavailable", f"a request writes at most {self.request_spans} span(s) "
+                                          f"at a time: {outcome.written} stored, send it again for the rest")
                     if gone is not None and gone():
                         self.count("disconnects")
                         logger.debug("cmbagent-otel ingest: the client has gone; the rest of its request is not "
@@ -439,12 +475,13 @@ class IngestCore:
                     written = self._store(batch.spans, admitted, functools.partial(key, number))
                     admitted = None  # later chunks: from when they are ready
                     outcome.written += written
+                    attempt += len(batch.spans)
                     if written < len(batch.spans):
                         outcome.rejected += len(batch.spans) - written
-                        reason = "span(s) the database writer could not store (logged by the server)"
-                        if reason not in outcome.error_message:
-                            outcome.error_message = f"{outcome.error_message}; {reason}" \
-                                if outcome.error_message else reason
+                        refused += len(batch.spans) - written
+                        if _UNSTORED not in outcome.error_message:
+                            outcome.error_message = f"{outcome.error_message}; {_UNSTORED}" \
+                                if outcome.error_message else _UNSTORED
         except MalformedPayload as exc:
             self.count("spans_written", outcome.written)  # stored, and a client does not send a 400 again
             raise IngestError("invalid", str(exc)[:1000]) from None
@@ -535,28 +572,43 @@ class IngestCore:
             search = self._searches.pop(wanted, None)
         return search if search is not None and search.size == size else None
 
-    def _keep(self, key: Callable[[], tuple[bytes, int]] | None, search: _Search) -> None:
-        """Keep ``search`` for its client's retry: at most :data:`KEPT_SEARCHES`, the least recently kept
-        forgotten to make room only once :data:`KEPT_SEARCH_AGE_S` old; else ``search`` is not kept."""
+    def _keep(self, key: Callable[[], Any] | None, search: _Search | _Progress,
+              into: OrderedDict[Any, Any] | None = None) -> bool:
+        """Keep ``search`` (or a request's progress, ``into`` :attr:`_progress`) for its client's retry, and say
+        whether it is kept: at most :data:`KEPT_SEARCHES`, the least recently kept forgotten to make room only
+        once :data:`KEPT_SEARCH_AGE_S` old; else ``search`` is not kept."""
         if key is None:
-            return
+            return False
         try:
             kept = key()
         except Exception:
-            return
+            return False
         now = time.monotonic()
         with self._count_lock:
-            searches = self._searches
+            searches = self._searches if into is None else into
             if kept not in searches and len(searches) >= KEPT_SEARCHES:
                 oldest = next(iter(searches))
                 if now - searches[oldest].kept_at < KEPT_SEARCH_AGE_S:
                     logger.debug("cmbagent-otel ingest: %d searches kept already; this one starts over at its retry",
                                  len(searches))
-                    return
+                    return False
                 del searches[oldest]
             search.kept_at = now
             searches[kept] = search
             searches.move_to_end(kept)
+        return True
+
+    def _resume_request(self, digest: Callable[[], bytes]) -> _Progress | None:
+        """The progress an attempt at this request answered 503 at its span budget left (taken: a retry sent
+        twice at once starts over), or None. The body's digest is made only while some are kept."""
+        if not self._progress:
+            return None
+        try:
+            wanted = digest()
+        except Exception:
+            return None
+        with self._count_lock:
+            return self._progress.pop(wanted, None)
 
     def _get_writer(self) -> SpanWriter:
         with self._writer_lock:

@@ -72,6 +72,7 @@ INGEST_WORKERS = "CMBAGENT_OTEL_INGEST_WORKERS"
 INGEST_REQUEST_TIMEOUT = "CMBAGENT_OTEL_INGEST_REQUEST_TIMEOUT"
 INGEST_MIN_RATE = "CMBAGENT_OTEL_INGEST_MIN_RATE"
 INGEST_MAX_REQUESTS_PER_CLIENT = "CMBAGENT_OTEL_INGEST_MAX_REQUESTS_PER_CLIENT"
+INGEST_REQUEST_SPANS = "CMBAGENT_OTEL_INGEST_REQUEST_SPANS"
 OFFLINE_BACKEND = "CMBAGENT_OTEL_OFFLINE_BACKEND"
 SDK_DISABLED = "OTEL_SDK_DISABLED"
 TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
@@ -390,6 +391,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(INGEST_MAX_REQUESTS_PER_CLIENT, 8,
             "Ingest requests one client address may have in flight (both receivers); more get 503/UNAVAILABLE, "
             "and HTTP connections beyond 8 times this are closed", _number(int, 1)),
+    Setting(INGEST_REQUEST_SPANS, 50_000,
+            "Spans one attempt at an ingest request writes (~15 s of a worker); a larger request is answered "
+            "503/UNAVAILABLE with a retry delay after them, and its client's retry continues after the spans stored",
+            _number(int, 1)),
     # tests and examples
     Setting(OFFLINE_BACKEND, None,
             "Offline model of `cmbagent_otel.testing`: `client` or `server` (unset: the first the AG2 line accepts)",

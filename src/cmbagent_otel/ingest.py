@@ -98,7 +98,10 @@ class IngestServer:
     more are answered 503/UNAVAILABLE with a retry delay at once rather than queued past their
     client's timeout. ``request_timeout`` (seconds) bounds the wait for a request's headers and
     again for its body (HTTP: plus one second per ``min_rate`` bytes received), and
-    ``max_requests_per_client`` the requests one client address may have in flight.
+    ``max_requests_per_client`` the requests one client address may have in flight. A request holding more
+    than ``request_spans`` spans is answered 503/UNAVAILABLE with a retry delay once that many are written (a
+    worker is not held for minutes by one client), its progress kept by the body's digest: the client's retry
+    of the same body continues after the spans stored.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class IngestServer:
         min_rate: int | None = None,
         max_requests_per_client: int | None = None,
         retry_after: int = DEFAULT_RETRY_AFTER,
+        request_spans: int | None = None,
         writer: SpanWriter | None = None,
         writer_factory: Callable[[], SpanWriter] | None = None,
         limits: Limits | None = None,
@@ -137,13 +141,15 @@ class IngestServer:
         self.request_timeout = float(env.get(env.INGEST_REQUEST_TIMEOUT, request_timeout))
         self.min_rate = int(env.get(env.INGEST_MIN_RATE, min_rate))
         per_client = int(env.get(env.INGEST_MAX_REQUESTS_PER_CLIENT, max_requests_per_client))
-        if min(self.max_bytes, budget, self.workers, self.request_timeout, self.min_rate, per_client) <= 0:
-            raise ValueError("max_bytes, max_inflight_bytes, workers, request_timeout, min_rate and "
-                             "max_requests_per_client must be positive")
+        spans_at_once = int(env.get(env.INGEST_REQUEST_SPANS, request_spans))
+        if min(self.max_bytes, budget, self.workers, self.request_timeout, self.min_rate, per_client,
+               spans_at_once) <= 0:
+            raise ValueError("max_bytes, max_inflight_bytes, workers, request_timeout, min_rate, "
+                             "max_requests_per_client and request_spans must be positive")
         self.core = IngestCore(db_url=db_url, token=token or None, max_bytes=self.max_bytes, budget=budget,
                                retry_after=retry_after, limits=limits or Limits.default(), writer=writer,
                                writer_factory=writer_factory, max_pending=2 * self.workers,
-                               max_per_client=per_client)
+                               max_per_client=per_client, request_spans=spans_at_once)
         self.retry_after = retry_after
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread in start(), bind() or stop() (holding _lock)

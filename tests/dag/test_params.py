@@ -131,6 +131,7 @@ def test_insert_new_returns_only_the_rows_it_created(pg_url: str) -> None:
                 sql.insert(conn, sessions, [row("held-back", "first")])  # held back until the next read
                 created = _insert_new(conn, sql, sessions, [row("a", "new"), row("held-back", "second"),
                                                             row("b", "new")])
+                sql.flush(conn)
             stored = conn.execute(text("SELECT id, name FROM sessions ORDER BY id")).all()
     finally:
         engine.dispose()

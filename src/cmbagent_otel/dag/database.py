@@ -7,18 +7,22 @@ URL precedence: explicit argument > ``CMBAGENT_OTEL_DATABASE_URL`` > ``CMBAGENT_
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
+import functools
 import hashlib
+import itertools
 import logging
 import math
+import operator
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -584,29 +588,69 @@ def create_if_empty(url: str | None = None) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _migration_lock(url: str) -> Iterator[None]:
+def _migration_lock(url: str) -> contextlib.AbstractContextManager[object]:
+    """PostgreSQL: a session-level advisory lock on ``url``'s schema held inside the block (concurrent
+    migrations take turns), let go however the block is left (:class:`_MigrationLock`)."""
     if make_url(url).get_backend_name() != "postgresql":
-        yield
-        return
-    key = int.from_bytes(hashlib.blake2b(f"cmbagent-otel migrate {target_of(url)}".encode(),
-                                         digest_size=8).digest(), "big", signed=True)
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            # session-level lock, released below even when the migration fails
+        return contextlib.nullcontext()
+    return _MigrationLock(url)
+
+
+def _migration_key(url: str) -> int:
+    """The advisory lock key concurrent migrations of ``url``'s schema take turns on."""
+    return int.from_bytes(hashlib.blake2b(f"cmbagent-otel migrate {target_of(url)}".encode(),
+                                          digest_size=8).digest(), "big", signed=True)
+
+
+_FINISH = operator.methodcaller("finish")  # libpq's PQfinish: C code with psycopg's C or binary implementation
+
+
+class _MigrationLock(CExit):
+    """:func:`_migration_lock`'s block. The lock is let go with its session: the exit ends the connection by
+    ``PQfinish`` (a C call: with a ``contextlib`` generator, a Ctrl-C as the block was entered or left kept the
+    lock, and every later migration of the schema, in any process, waited on it, for as long as the
+    interrupt's traceback was kept), and the server ends the session, its lock with it; then the engine is let go
+    (Python, after the lock). Ended within the block's deadline (``lock_timeout``)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+        self._engine: Engine | None = None
+        self._conn: Any = None
+        held: list[Any] = []  # the lock connection's libpq connection, once there is one
+        self._held = held
+        # the maps read the list when they run, once
+        self.close = functools.partial(  # type: ignore[method-assign]
+            collections.deque, itertools.chain(map(_FINISH, held), map(self._let_go, held)), 0)
+
+    def __enter__(self) -> _MigrationLock:
+        try:
+            self._engine = make_engine(self._url)
+            conn = self._conn = self._engine.connect()
+            self._held.append(conn.connection.driver_connection.pgconn)
             left = time_left_ms()
             if left is not None:
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %(w)s, false)", {"w": str(max(1, left))})
-            conn.exec_driver_sql("SELECT pg_advisory_lock(%(k)s)", {"k": key})
+            conn.exec_driver_sql("SELECT pg_advisory_lock(%(k)s)", {"k": _migration_key(self._url)})
             conn.commit()
-            try:
-                yield
-            finally:
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(%(k)s)", {"k": key})
-                conn.commit()
-    finally:
-        engine.dispose()
+        except BaseException:  # the block is not entered: its exit never runs
+            self.close()
+            if not self._held:  # Ctrl-C before the connection was held (or it failed): nothing to end
+                self._let_go(None)
+            raise
+        return self
+
+    def _let_go(self, _pgconn: Any) -> None:
+        """The ended connection invalidated (SQLAlchemy resets nothing on it) and the engine disposed."""
+        conn, self._conn = self._conn, None
+        engine, self._engine = self._engine, None
+        try:
+            if conn is not None:
+                conn.invalidate()
+                conn.close()
+        finally:
+            if engine is not None:
+                engine.dispose()
 
 
 def downgrade(url: str | None = None, revision: str = "-1") -> None:

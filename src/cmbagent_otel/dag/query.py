@@ -193,17 +193,17 @@ class DagReader:
     # --- connection -----------------------------------------------------------------------
     def __enter__(self) -> DagReader:
         try:
-            conn = self._engine.connect()
+            conn = self._conn = self._engine.connect()  # held at once: closed by close() on any failure
             # one snapshot for everything read inside the block: a run is read in several statements,
             # and a batch committed between two of them showed nodes from before it and edges from after
             if conn.dialect.name == "postgresql":
-                conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+                conn = self._conn = conn.execution_options(isolation_level="REPEATABLE READ",
+                                                           postgresql_readonly=True)
                 # local to the block's one transaction; the URL's own options stay as given
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %(w)s, true)",
                                      {"w": str(READ_LOCK_WAIT_MS)})
             else:
                 conn.exec_driver_sql("BEGIN")  # deferred: a read transaction (WAL: never blocks a writer)
-            self._conn = conn
             inspector = inspect(conn)
             has_runs = inspector.has_table("workflow_runs")
             # cmbagent's own databases (before our revision 0002) have no parent_node_id or depth
@@ -212,6 +212,9 @@ class DagReader:
         except SQLAlchemyError as exc:
             self.close()
             raise ReadError(f"cannot open database {self.where}: {_why(exc)}") from None
+        except BaseException:  # a Ctrl-C as a call returned: the block is not entered, its exit never runs
+            self.close()  # (kept, the open read transaction held a snapshot and the tables' shared locks)
+            raise
         if not has_runs:
             self.close()
             raise NothingThere(f"no tracking tables in {self.where} (nothing has been recorded there yet; "

@@ -23,7 +23,9 @@ driver's cursor, not through SQLAlchemy. Other drivers run each statement when i
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -40,6 +42,7 @@ from .._jsontext import (
     row_json_encoders,
     strict_iterencode,
 )
+from .._varblock import CExit
 from ._stamps import sqlite_text, text_of
 from .database import DEFER_TIMEOUTS, TIMEOUTS, TIMEOUTS_SQL
 
@@ -338,26 +341,21 @@ class Sql:
 
     # --- execution -----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def batch(self, conn: Connection) -> Iterator[None]:
+    def batch(self, conn: Connection) -> contextlib.AbstractContextManager[object]:
         """Hold back blind writes on ``conn`` inside the block (psycopg 3), sent with the next
-        read and, at the latest, when the block ends; an error discards what was held back.
+        read or :meth:`flush`; the block ends with :meth:`flush` (what is still held back when it
+        is left is discarded: an error's, or one the block forgot to send).
 
         A transaction begun with :meth:`defer_timeouts` set sends the deadline's lock and
-        statement timeouts as its first held-back statement (with ``BEGIN``: no round trip)."""
+        statement timeouts as its first held-back statement (with ``BEGIN``: no round trip).
+
+        Nothing stays held back however the block is left (:class:`~cmbagent_otel._varblock.CExit`: with a
+        ``contextlib`` generator, a Ctrl-C as the block was entered or left kept the list in the pooled
+        connection's ``info``, and every later write outside a block on that connection was held back, never
+        sent)."""
         if not self.pipelined:
-            yield
-            return
-        info = conn.info
-        info[_PENDING] = []
-        timeouts = info.pop(TIMEOUTS, None)  # the deadline's timeouts go first (see database._pg_begin)
-        if timeouts is not None:
-            info[_PENDING].append((TIMEOUTS_SQL, timeouts, False))
-        try:
-            yield
-            self.flush(conn)
-        finally:
-            info.pop(_PENDING, None)
+            return contextlib.nullcontext()
+        return _HeldBack(conn.info)
 
     def defer_timeouts(self, conn: Connection) -> None:
         """Call before ``conn.begin()``: that transaction's deadline timeouts wait for :meth:`batch`."""
@@ -584,6 +582,29 @@ class Sql:
                 row[name] = v
             out.append(row)
         return out
+
+
+class _HeldBack(CExit):
+    """:meth:`Sql.batch`'s block on a pipelined connection: its exit drops the held-back list from the
+    connection's ``info`` (a C call)."""
+
+    def __init__(self, info: dict[Any, Any]) -> None:
+        super().__init__()
+        self._info = info
+        self.close = functools.partial(  # type: ignore[method-assign]
+            collections.deque, map(info.pop, (_PENDING,), (None,)), 0)
+
+    def __enter__(self) -> _HeldBack:
+        info = self._info
+        try:
+            pending = info[_PENDING] = []
+            timeouts = info.pop(TIMEOUTS, None)  # the deadline's timeouts go first (see database._pg_begin)
+            if timeouts is not None:
+                pending.append((TIMEOUTS_SQL, timeouts, False))
+        except BaseException:  # Ctrl-C as a call returned: the block is not entered, its exit never runs
+            self.close()
+            raise
+        return self
 
 
 def _send(driver: Any, pending: list[tuple[str, Any, bool]]) -> None:

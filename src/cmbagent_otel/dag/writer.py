@@ -522,6 +522,7 @@ def _write_batch(conn: Connection, batch: MappedBatch, *, costs: bool = True) ->
     sql = sql_for(conn)
     with sql.batch(conn):
         _write_batch_statements(conn, sql, batch, costs=costs)
+        sql.flush(conn)
 
 
 def _write_batch_statements(conn: Connection, sql: Sql, batch: MappedBatch, *, costs: bool) -> None:
