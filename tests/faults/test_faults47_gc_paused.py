@@ -28,6 +28,18 @@ from .conftest import each_interrupt, runs_under
 pytestmark = pytest.mark.skipif(not _gcquiet._GENERATIONAL, reason="the pause is made on CPython 3.10-3.13 only")
 
 
+@pytest.fixture(autouse=True)
+def _heap_not_frozen() -> Any:
+    """The pause is made only while the heap is not frozen past ``_STARTUP_FROZEN``: an earlier test of the same
+    process (an ``instrument()`` after many imports) may have frozen it, as an application's first instrument()
+    would. Unfrozen for these tests, frozen again after them when it was."""
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    yield
+    if frozen:
+        gc.freeze()
+
+
 def points_left(block: Callable[[], contextlib.AbstractContextManager[Any]], leaked: Callable[[], bool],
                 after: Callable[[bool, int], object] = lambda leaked, n: None,
                 among: Callable[[FrameType], bool] = lambda frame: True) -> tuple[list[str], int]:

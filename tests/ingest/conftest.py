@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -69,8 +70,11 @@ def sigterm_onto_a_grpc_thread(pid: int) -> None:
     import ctypes
     import signal
 
-    threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-    names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
+    names: dict[int, str] = {}
+    for tid in (int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended since the listing
+            names[tid] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    threads = list(names)
     grpc_threads = [tid for tid in threads if names[tid] != "python"]  # grpcio's C threads live as long as it
     assert grpc_threads, names
     libc = ctypes.CDLL(None, use_errno=True)

@@ -602,7 +602,9 @@ def _migration_key(url: str) -> int:
                                           digest_size=8).digest(), "big", signed=True)
 
 
-_FINISH = operator.methodcaller("finish")  # libpq's PQfinish: C code with psycopg's C or binary implementation
+# the held connection-ending method called by C code: psycopg 3's ``pgconn.finish`` (libpq's PQfinish; C with
+# psycopg's C or binary implementation) or psycopg2's ``connection.close`` (C)
+_FINISH = operator.methodcaller("__call__")
 
 
 class _MigrationLock(CExit):
@@ -617,7 +619,7 @@ class _MigrationLock(CExit):
         self._url = url
         self._engine: Engine | None = None
         self._conn: Any = None
-        held: list[Any] = []  # the lock connection's libpq connection, once there is one
+        held: list[Any] = []  # the lock connection's C method that ends it, once there is one
         self._held = held
         # the maps read the list when they run, once
         self.close = functools.partial(  # type: ignore[method-assign]
@@ -627,7 +629,9 @@ class _MigrationLock(CExit):
         try:
             self._engine = make_engine(self._url)
             conn = self._conn = self._engine.connect()
-            self._held.append(conn.connection.driver_connection.pgconn)
+            driver = conn.connection.driver_connection
+            pgconn = getattr(driver, "pgconn", None)  # psycopg 3; psycopg2 has none
+            self._held.append(pgconn.finish if pgconn is not None else driver.close)
             left = time_left_ms()
             if left is not None:
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %(w)s, false)", {"w": str(max(1, left))})
