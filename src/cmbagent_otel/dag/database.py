@@ -644,7 +644,7 @@ class _MigrationLock(CExit):
             raise
         return self
 
-    def _let_go(self, _pgconn: Any) -> None:
+    def _let_go(self, _finished: Any) -> None:
         """The ended connection invalidated (SQLAlchemy resets nothing on it) and the engine disposed."""
         conn, self._conn = self._conn, None
         engine, self._engine = self._engine, None
